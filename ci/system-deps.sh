@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# System tools the tests use (never needed to build cbt): loop devices and
+# mkfs for the block-device and file-system tests, strace for the fsync-order
+# test.  Needs root; a no-op for what is already installed.
+set -euo pipefail
+pkgs=(util-linux strace xfsprogs btrfs-progs e2fsprogs)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
+fi

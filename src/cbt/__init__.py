@@ -1,0 +1,41 @@
+"""cbt: changed-block tracker and incremental disk-image backup engine.
+
+Python API (the command line calls exactly these)::
+
+    import cbt
+    m = cbt.scan("disk.img", block_size=64 * 1024)   # -> cbt.Manifest
+    m.write("disk.arrow")                            # Arrow IPC, durable
+    cs = cbt.diff("old.arrow", "disk.img")           # -> cbt.ChangeSet
+    cs.changed_blocks, cs.ranges                     # (offset, length) runs
+
+Importing cbt loads the compiled core and refuses a missing or stale build.
+"""
+
+from __future__ import annotations
+
+from cbt._core import fast as _fast
+from cbt.diff import ChangeSet, diff, diff_images, diff_manifests
+from cbt.errors import CbtError, CbtIOError, CbtValueError, CorruptManifestError
+from cbt.manifest import Manifest
+from cbt.scan import DEFAULT_BLOCK_SIZE, scan
+from cbt.sizes import parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "CbtError",
+    "CbtIOError",
+    "CbtValueError",
+    "ChangeSet",
+    "CorruptManifestError",
+    "Manifest",
+    "__version__",
+    "diff",
+    "diff_images",
+    "diff_manifests",
+    "parse_size",
+    "scan",
+]
+
+del _fast

@@ -1,0 +1,1 @@
+"""The ``cbt`` command line: one thin module per command, all work in the library."""

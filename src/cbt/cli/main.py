@@ -1,0 +1,79 @@
+"""Entry point of the ``cbt`` command: parse, dispatch, turn errors into exit codes.
+
+Command modules are imported only when they run, so ``cbt scan`` does not pay
+for what ``cbt demo`` needs (start-up time counts against whole-process speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from cbt.cli._common import EXIT_ERROR, fail
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "scan": ("cbt.cli.scan_cmd", "hash every block of a disk image or device"),
+    "diff": ("cbt.cli.diff_cmd", "list the blocks that differ between two images or manifests"),
+    "demo": ("cbt.cli.demo_cmd", "generate two disk images with realistic changes and diff them"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """One line, exit 2 (argparse's default prints the whole usage)."""
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cbt import __version__
+
+    parser = _Parser(
+        prog="cbt",
+        description="Changed-block tracker and incremental disk-image backup engine.",
+        epilog="Exit codes: 0 success, 1 differences found (diff), 2 error. "
+               "Run 'cbt COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"cbt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return EXIT_ERROR
+    from cbt.errors import CbtError
+
+    as_json = bool(getattr(args, "json", False))
+    try:
+        code: int = importlib.import_module(args._module).run(args)
+        return code
+    except KeyboardInterrupt:
+        return fail("interrupted", as_json)
+    except (CbtError, OSError) as exc:
+        return fail(_one_line(exc), as_json)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror if not exc.filename else f"{exc.strerror}: {exc.filename}"
+    else:
+        text = str(exc)
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Durable writes: the one way cbt makes a file exist.
+
+1. Write to a temporary name in the target's directory (``.NAME.tmp-PID``).
+2. fsync the file.
+3. rename it over the target: the rename is the commit.
+4. fsync the directory, so the rename itself survives a power cut.
+
+Each fsync is a *durable step*.  With ``CBT_CRASH_AT=N`` in the environment the
+run's whole process group is SIGKILLed at its N-th durable step, counted across
+every process of the run through a small counter file, so tests can crash a run
+at each step deterministically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+_COUNTER_ENV = "CBT_CRASH_COUNTER"
+
+
+def _crash_counter() -> str | None:
+    """Path of this run's step counter, created by the first process that needs it."""
+    if not os.environ.get("CBT_CRASH_AT"):
+        return None
+    path = os.environ.get(_COUNTER_ENV)
+    if not path:
+        fd, path = tempfile.mkstemp(prefix="cbt-crash-counter-")
+        os.close(fd)
+        os.environ[_COUNTER_ENV] = path  # inherited by every worker started later
+    return path
+
+
+def durable_step() -> None:
+    """Count one durable step; SIGKILL the process group when it is the chosen one."""
+    path = _crash_counter()
+    if path is None:
+        return
+    target = int(os.environ["CBT_CRASH_AT"])
+    with open(path, "r+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        raw = f.read().strip()
+        count = int(raw or b"0") + 1
+        f.seek(0)
+        f.write(str(count).encode())
+        f.truncate()
+        f.flush()
+    if count == target:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def fsync_file(fd: int) -> None:
+    os.fsync(fd)
+    durable_step()
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    durable_step()
+
+
+def temp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Open a temporary file that becomes ``target`` only if the block completes.
+
+    On any exception the temporary file is removed and ``target`` is untouched.
+    """
+    final = Path(target)
+    tmp = temp_name(final)
+    f = open(tmp, "xb")  # noqa: SIM115 (closed on both paths below)
+    try:
+        yield f
+        f.flush()
+        fsync_file(f.fileno())
+        f.close()
+        os.replace(tmp, final)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(final.parent)
+
+
+def atomic_write(target: str | os.PathLike[str], writer: Callable[[BinaryIO], None]) -> None:
+    """Durably create ``target`` with what ``writer`` writes to the file it is given."""
+    with atomic_file(target) as f:
+        writer(f)

@@ -1,0 +1,241 @@
+"""Manifest: the per-block digests of one disk, stored as an Arrow IPC file.
+
+One row per block, in block order::
+
+    block  uint64                 block index
+    digest fixed_size_binary(32)  BLAKE3 of the block; 32 zero bytes for ZERO and HOLE
+    flags  uint8                  0 DATA, 1 ZERO, 2 HOLE
+
+Schema metadata says what the file is (any Arrow tool can read it: pyarrow,
+DuckDB, polars)::
+
+    cbt.magic            "cbt-manifest"
+    cbt.format_version   "1"
+    cbt.disk_size        bytes
+    cbt.block_size       bytes
+    cbt.source           absolute path the disk was read from
+    cbt.created          RFC 3339 UTC
+    cbt.digest_checksum  BLAKE3 hex of the digest column's 32*n bytes
+
+Every reader checks all of it; a file that fails any check is a
+:class:`~cbt.errors.CorruptManifestError`, never a silently wrong manifest.
+Writes go through :mod:`cbt.durable` (temporary name, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import blake3
+import numpy as np
+import numpy.typing as npt
+
+from cbt._core import fast
+from cbt.durable import atomic_write
+from cbt.errors import CorruptManifestError
+
+# Do not modify: these identify every manifest ever written.
+MAGIC = "cbt-manifest"
+FORMAT_VERSION = 1
+ARROW_FILE_MAGIC = b"ARROW1"
+ROWS_PER_BATCH = 1 << 20
+
+DATA, ZERO, HOLE = fast.FLAG_DATA, fast.FLAG_ZERO, fast.FLAG_HOLE
+
+
+def utc_now() -> str:
+    """Now as RFC 3339 UTC with ``Z``, to the second."""
+    now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Manifest:
+    """Digests and flags of every block of one disk.
+
+    ``digests`` is an ``(n, 32) uint8`` array and ``flags`` an ``(n,) uint8``
+    array (numpy views; no copies are made when reading a file).
+    """
+
+    block_size: int
+    disk_size: int
+    digests: npt.NDArray[np.uint8]
+    flags: npt.NDArray[np.uint8]
+    source: str = ""
+    created: str = ""
+    bytes_read: int = 0
+    seconds: float = 0.0
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def blocks(self) -> int:
+        return int(self.flags.shape[0])
+
+    def count(self, flag: int) -> int:
+        return int(np.count_nonzero(self.flags == flag))
+
+    @property
+    def data_blocks(self) -> int:
+        return self.count(DATA)
+
+    @property
+    def zero_blocks(self) -> int:
+        return self.count(ZERO)
+
+    @property
+    def hole_blocks(self) -> int:
+        return self.count(HOLE)
+
+    def digest_checksum(self) -> str:
+        return blake3.blake3(np.ascontiguousarray(self.digests).data).hexdigest()
+
+    def summary(self) -> dict[str, Any]:
+        """The keys of ``cbt scan --json``."""
+        return {
+            "path": self.source,
+            "size": self.disk_size,
+            "block_size": self.block_size,
+            "blocks": self.blocks,
+            "data_blocks": self.data_blocks,
+            "zero_blocks": self.zero_blocks,
+            "hole_blocks": self.hole_blocks,
+            "bytes_read": self.bytes_read,
+            "seconds": round(self.seconds, 6),
+        }
+
+    # -- Arrow ---------------------------------------------------------------
+
+    def schema_metadata(self) -> dict[str, str]:
+        meta = {
+            "cbt.magic": MAGIC,
+            "cbt.format_version": str(FORMAT_VERSION),
+            "cbt.disk_size": str(self.disk_size),
+            "cbt.block_size": str(self.block_size),
+            "cbt.source": self.source,
+            "cbt.created": self.created,
+            "cbt.digest_checksum": self.digest_checksum(),
+        }
+        meta.update(self.metadata)
+        return meta
+
+    def to_arrow(self) -> Any:
+        """The manifest as a ``pyarrow.Table`` (digest and flags columns share memory)."""
+        import pyarrow as pa
+
+        n = self.blocks
+        digests = np.ascontiguousarray(self.digests)
+        digest_col = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(fast.DIGEST_SIZE), n, [None, pa.py_buffer(digests)]
+        )
+        table = pa.table(
+            {
+                "block": pa.array(np.arange(n, dtype=np.uint64)),
+                "digest": digest_col,
+                "flags": pa.array(np.asarray(self.flags, dtype=np.uint8)),
+            }
+        )
+        return table.replace_schema_metadata(self.schema_metadata())
+
+    def to_bytes(self) -> bytes:
+        import pyarrow as pa
+
+        table = self.to_arrow()
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=ROWS_PER_BATCH)
+        return sink.getvalue().to_pybytes()  # type: ignore[no-any-return]
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        """Durably write the manifest to ``path`` (temporary name, fsync, rename)."""
+        data = self.to_bytes()
+
+        def write_all(f: BinaryIO) -> None:
+            f.write(data)
+
+        atomic_write(path, write_all)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> Manifest:
+        """Read and fully check a manifest file."""
+        import pyarrow as pa
+
+        p = os.fspath(path)
+        try:
+            with pa.memory_map(p) as source:
+                table = pa.ipc.open_file(source).read_all()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such manifest: {p}") from None
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+            raise CorruptManifestError(f"corrupt manifest {p}: {exc}") from None
+        return cls.from_arrow(table, p)
+
+    @classmethod
+    def from_arrow(cls, table: Any, where: str = "manifest") -> Manifest:
+        import pyarrow as pa
+
+        def bad(why: str) -> CorruptManifestError:
+            return CorruptManifestError(f"corrupt manifest {where}: {why}")
+
+        raw = table.schema.metadata or {}
+        meta = {k.decode(): v.decode() for k, v in raw.items()}
+        if meta.get("cbt.magic") != MAGIC:
+            raise bad("not a cbt manifest (no cbt.magic)")
+        try:
+            version = int(meta["cbt.format_version"])
+            disk_size = int(meta["cbt.disk_size"])
+            block_size = int(meta["cbt.block_size"])
+            checksum = meta["cbt.digest_checksum"]
+        except (KeyError, ValueError) as exc:
+            raise bad(f"missing or malformed metadata {exc}") from None
+        if version > FORMAT_VERSION:
+            raise bad(f"format version {version} is newer than this cbt reads "
+                      f"({FORMAT_VERSION}); upgrade cbt")
+        try:
+            fast.check_block_size(block_size)
+        except ValueError:
+            raise bad(f"invalid block size {block_size}") from None
+        expected = {"block": pa.uint64(), "digest": pa.binary(fast.DIGEST_SIZE),
+                    "flags": pa.uint8()}
+        for name, typ in expected.items():
+            if name not in table.column_names or table.schema.field(name).type != typ:
+                raise bad(f"column {name!r} missing or not {typ}")
+        n = table.num_rows
+        if disk_size < 0 or n != fast.nblocks(disk_size, block_size):
+            raise bad(f"{n} rows for a disk of {disk_size} bytes in blocks of {block_size}")
+        blocks = table.column("block").to_numpy()
+        if n and not np.array_equal(blocks, np.arange(n, dtype=np.uint64)):
+            raise bad("block column is not 0..n-1 in order")
+        flags = np.asarray(table.column("flags").to_numpy(), dtype=np.uint8)
+        if n and int(flags.max()) > HOLE:
+            raise bad("unknown block flag")
+        digests = _digest_array(table.column("digest").combine_chunks(), n)
+        manifest = cls(block_size=block_size, disk_size=disk_size, digests=digests,
+                       flags=flags, source=meta.get("cbt.source", ""),
+                       created=meta.get("cbt.created", ""),
+                       metadata={k: v for k, v in meta.items() if k not in _CORE_KEYS})
+        if manifest.digest_checksum() != checksum:
+            raise bad("digest checksum mismatch (the file was altered or damaged)")
+        return manifest
+
+
+_CORE_KEYS = {"cbt.magic", "cbt.format_version", "cbt.disk_size", "cbt.block_size",
+              "cbt.source", "cbt.created", "cbt.digest_checksum"}
+
+
+def _digest_array(col: Any, n: int) -> npt.NDArray[np.uint8]:
+    """Zero-copy ``(n, 32)`` view of a fixed_size_binary(32) column."""
+    if n == 0:
+        return np.zeros((0, fast.DIGEST_SIZE), dtype=np.uint8)
+    buf = col.buffers()[1]
+    flat = np.frombuffer(buf, dtype=np.uint8)
+    start = col.offset * fast.DIGEST_SIZE
+    return flat[start:start + n * fast.DIGEST_SIZE].reshape(n, fast.DIGEST_SIZE)
+
+
+def is_manifest_file(path: str | os.PathLike[str]) -> bool:
+    """True when the file starts with Arrow's file magic (``ARROW1``)."""
+    with open(path, "rb") as f:
+        return f.read(len(ARROW_FILE_MAGIC)) == ARROW_FILE_MAGIC

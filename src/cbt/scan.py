@@ -1,0 +1,236 @@
+"""Scan: turn a disk (image file or block device) into per-block digests.
+
+1. Open the disk and find its size (``st_size`` for files, the device's own
+   size for block devices).
+2. Map its data extents with ``SEEK_DATA``/``SEEK_HOLE``.  A block lying wholly
+   in a hole is HOLE and never read; a block partly in a hole is read (the hole
+   reads as zeros).
+3. Split the blocks to read into one contiguous shard per worker, balanced by
+   bytes.  Each worker maps its shard in large aligned windows (``mmap`` with
+   ``MADV_SEQUENTIAL``/``MADV_WILLNEED``: no copy out of the page cache) and
+   feeds each window to the core, which writes digests and flags straight into
+   shared output arrays.
+4. The result is a :class:`~cbt.manifest.Manifest`.
+
+Reading through mmap assumes the disk does not shrink while it is read (a
+snapshot, or a quiesced disk): pages past a truncated end would fault.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cbt._core import fast
+from cbt.errors import CbtIOError
+from cbt.manifest import Manifest, utc_now
+from cbt.parallel import Report, fork_map, shared_array
+
+DEFAULT_BLOCK_SIZE = 64 << 10
+# Bytes mapped at once: large enough that the per-window cost vanishes, small
+# enough that a worker's mapped footprint stays bounded whatever the disk size.
+WINDOW = 64 << 20
+
+Progress = Callable[[int, int], None]
+BlockRange = tuple[int, int]  # [first block, end block)
+
+
+@dataclass(frozen=True)
+class Disk:
+    """An opened disk: a descriptor, its size and what kind of thing it is."""
+
+    path: str
+    fd: int
+    size: int
+    kind: str  # "file" | "block device"
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> Disk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_disk(path: str | os.PathLike[str]) -> Disk:
+    """Open an image file or block device read-only; clear errors for anything else."""
+    p = os.fspath(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CbtIOError(errno.ENOENT, f"no such disk or image: {p}") from None
+    except IsADirectoryError:
+        raise CbtIOError(errno.EISDIR, f"is a directory, not a disk or image: {p}") from None
+    except PermissionError:
+        raise CbtIOError(errno.EACCES, f"permission denied reading {p}") from None
+    except OSError as exc:
+        raise CbtIOError(exc.errno, f"cannot open {p}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return Disk(p, fd, st.st_size, "file")
+        if stat.S_ISBLK(st.st_mode):
+            return Disk(p, fd, os.lseek(fd, 0, os.SEEK_END), "block device")
+        if stat.S_ISDIR(st.st_mode):
+            raise CbtIOError(errno.EISDIR, f"is a directory, not a disk or image: {p}")
+        raise CbtIOError(errno.EINVAL, f"not a regular file or block device: {p}")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """Byte ranges ``[start, end)`` that may hold data, by SEEK_DATA/SEEK_HOLE.
+
+    Where the file system cannot say, the whole disk is data.
+    """
+    extents: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                break
+            return [(0, size)] if size else []  # EINVAL: no extent map here
+        if start >= size:
+            break
+        try:
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        except OSError:
+            end = size
+        extents.append((start, end))
+        pos = end
+    return extents
+
+
+def block_ranges(extents: list[tuple[int, int]], block_size: int) -> list[BlockRange]:
+    """Merged ranges of blocks touched by any extent (partly counts)."""
+    out: list[BlockRange] = []
+    for start, end in sorted(extents):
+        if end <= start:
+            continue
+        lo, hi = start // block_size, -(-end // block_size)
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def split_ranges(ranges: list[BlockRange], parts: int) -> list[list[BlockRange]]:
+    """Cut ``ranges`` into at most ``parts`` shards of nearly equal block counts."""
+    total = sum(hi - lo for lo, hi in ranges)
+    parts = max(1, min(parts, total))
+    if parts == 1:
+        return [ranges] if total else []
+    quota = -(-total // parts)
+    shards: list[list[BlockRange]] = [[]]
+    room = quota
+    for lo, hi in ranges:
+        while lo < hi:
+            if room == 0:
+                shards.append([])
+                room = quota
+            take = min(room, hi - lo)
+            shards[-1].append((lo, lo + take))
+            lo += take
+            room -= take
+    return shards
+
+
+def windows(fd: int, size: int, block_size: int, lo: int, hi: int,
+            window: int = WINDOW) -> Iterator[tuple[int, mmap.mmap]]:
+    """Map blocks ``[lo, hi)`` in windows; yields (first block, mapping)."""
+    step = max(window // block_size, 1)
+    for first in range(lo, hi, step):
+        last = min(first + step, hi)
+        offset = first * block_size
+        length = min(last * block_size, size) - offset
+        m = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ, offset=offset)
+        try:
+            m.madvise(mmap.MADV_SEQUENTIAL)
+            m.madvise(mmap.MADV_WILLNEED)
+            yield first, m
+        finally:
+            m.close()
+
+
+@dataclass(frozen=True)
+class _ScanTask:
+    path: str
+    fd: int
+    size: int
+    block_size: int
+    ranges: list[BlockRange]
+    digests: np.ndarray
+    flags: np.ndarray
+
+
+def _scan_shard(task: _ScanTask, report: Report) -> int:
+    """Hash one shard's blocks into the shared arrays; returns bytes read."""
+    read = 0
+    bs = task.block_size
+    for lo, hi in task.ranges:
+        for first, m in windows(task.fd, task.size, bs, lo, hi):
+            n = fast.nblocks(len(m), bs)
+            try:
+                fast.hash_blocks(m, bs, task.digests[first:first + n],
+                                 task.flags[first:first + n])
+            except OSError as exc:
+                raise CbtIOError(exc.errno, f"read error in {task.path} near byte "
+                                 f"{first * bs}: {exc.strerror}") from None
+            read += len(m)
+            report(len(m))
+    return read
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) or 1
+
+
+def scan(
+    path: str | os.PathLike[str],
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Scan a disk image or block device into a :class:`Manifest`.
+
+    ``workers`` processes share the disk (default: one per core).  ``progress``
+    is called with ``(bytes_done, bytes_to_read)`` a few times per second.
+    """
+    fast.check_block_size(block_size)
+    workers = workers or default_workers()
+    started = time.perf_counter()
+    with open_disk(path) as disk:
+        n = fast.nblocks(disk.size, block_size)
+        ranges = block_ranges(data_extents(disk.fd, disk.size), block_size)
+        to_read = sum(min(hi * block_size, disk.size) - lo * block_size for lo, hi in ranges)
+        digests = shared_array((n, fast.DIGEST_SIZE), np.uint8)
+        flags = shared_array((n,), np.uint8, fill=fast.FLAG_HOLE)
+        shards = split_ranges(ranges, workers)
+        tasks = [_ScanTask(disk.path, disk.fd, disk.size, block_size, s, digests, flags)
+                 for s in shards]
+        report = (lambda done: progress(done, to_read)) if progress else None
+        bytes_read = sum(fork_map(_scan_shard, tasks, report))
+    return Manifest(
+        block_size=block_size,
+        disk_size=disk.size,
+        digests=digests,
+        flags=flags,
+        source=str(Path(disk.path).absolute()),
+        created=utc_now(),
+        bytes_read=bytes_read,
+        seconds=time.perf_counter() - started,
+    )
