@@ -8,6 +8,10 @@ Python API (the command line calls exactly these)::
     cs = cbt.diff("old.arrow", "disk.img")           # -> cbt.ChangeSet
     cs.changed_blocks, cs.ranges                     # (offset, length) runs
 
+    vault = cbt.Vault.init("vault")                  # or cbt.Vault.open("vault")
+    point = vault.backup("web", ["os=disks/os.img", "disks/db.img"])
+    vault.points(vm="web"); vault.restore(point.id, "out/"); vault.verify(data=True)
+
 Importing cbt loads the compiled core and refuses a missing or stale build.
 """
 
@@ -19,6 +23,7 @@ from cbt.errors import CbtError, CbtIOError, CbtValueError, CorruptManifestError
 from cbt.manifest import Manifest
 from cbt.scan import DEFAULT_BLOCK_SIZE, scan
 from cbt.sizes import parse_size
+from cbt.vault import Vault
 
 __version__ = "0.1.0"
 
@@ -30,6 +35,7 @@ __all__ = [
     "ChangeSet",
     "CorruptManifestError",
     "Manifest",
+    "Vault",
     "__version__",
     "diff",
     "diff_images",

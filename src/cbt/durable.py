@@ -37,6 +37,11 @@ def _crash_counter() -> str | None:
     return path
 
 
+def prepare_crash_counter() -> None:
+    """Create the run's step counter before any worker starts (no-op without CBT_CRASH_AT)."""
+    _crash_counter()
+
+
 def durable_step() -> None:
     """Count one durable step; SIGKILL the process group when it is the chosen one."""
     path = _crash_counter()

@@ -112,6 +112,7 @@ class Manifest:
         meta = {
             "cbt.magic": MAGIC,
             "cbt.format_version": str(FORMAT_VERSION),
+            "cbt.kind": "full",
             "cbt.disk_size": str(self.disk_size),
             "cbt.block_size": str(self.block_size),
             "cbt.source": self.source,
@@ -123,30 +124,27 @@ class Manifest:
 
     def to_arrow(self) -> Any:
         """The manifest as a ``pyarrow.Table`` (digest and flags columns share memory)."""
-        import pyarrow as pa
-
-        n = self.blocks
-        digests = np.ascontiguousarray(self.digests)
-        digest_col = pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(fast.DIGEST_SIZE), n, [None, pa.py_buffer(digests)]
-        )
-        table = pa.table(
-            {
-                "block": pa.array(np.arange(n, dtype=np.uint64)),
-                "digest": digest_col,
-                "flags": pa.array(np.asarray(self.flags, dtype=np.uint8)),
-            }
-        )
-        return table.replace_schema_metadata(self.schema_metadata())
+        return _table(np.arange(self.blocks, dtype=np.uint64), self.digests, self.flags,
+                      self.schema_metadata())
 
     def to_bytes(self) -> bytes:
-        import pyarrow as pa
+        return _ipc_bytes(self.to_arrow())
 
-        table = self.to_arrow()
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table, max_chunksize=ROWS_PER_BATCH)
-        return sink.getvalue().to_pybytes()  # type: ignore[no-any-return]
+    def delta_from(self, base: Manifest) -> Delta:
+        """The rows where this manifest differs from ``base`` (a newer point's delta).
+
+        Blocks past the end of ``base`` are always included; blocks past this
+        manifest's end are implied by its size.
+        """
+        common = min(self.blocks, base.blocks)
+        differ = np.zeros(self.blocks, dtype=np.uint8)
+        if common:
+            fast.compare_digests(self.digests[:common], base.digests[:common], differ[:common])
+            differ[:common] |= (self.flags[:common] != base.flags[:common])
+        differ[common:] = 1
+        rows = np.nonzero(differ)[0].astype(np.uint64)
+        return Delta(self.block_size, self.disk_size, rows, self.digests[rows],
+                     self.flags[rows])
 
     def write(self, path: str | os.PathLike[str]) -> None:
         """Durably write the manifest to ``path`` (temporary name, fsync, rename)."""
@@ -221,7 +219,116 @@ class Manifest:
         return manifest
 
 
-_CORE_KEYS = {"cbt.magic", "cbt.format_version", "cbt.disk_size", "cbt.block_size",
+def _ipc_bytes(table: Any) -> bytes:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=ROWS_PER_BATCH)
+    return sink.getvalue().to_pybytes()  # type: ignore[no-any-return]
+
+
+def _table(blocks: npt.NDArray[np.uint64], digests: npt.NDArray[np.uint8],
+           flags: npt.NDArray[np.uint8], metadata: dict[str, str]) -> Any:
+    import pyarrow as pa
+
+    n = len(blocks)
+    digests = np.ascontiguousarray(digests, dtype=np.uint8)
+    table = pa.table({
+        "block": pa.array(np.asarray(blocks, dtype=np.uint64)),
+        "digest": pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(fast.DIGEST_SIZE), n, [None, pa.py_buffer(digests)]),
+        "flags": pa.array(np.asarray(flags, dtype=np.uint8)),
+    })
+    return table.replace_schema_metadata(metadata)
+
+
+@dataclass
+class Delta:
+    """The changed rows of a manifest relative to a base manifest.
+
+    Stored like a manifest (same columns, ``cbt.kind = "delta"``), with only the
+    rows that differ, so metadata grows with change, not with disk size.
+    """
+
+    block_size: int
+    disk_size: int
+    rows: npt.NDArray[np.uint64]
+    digests: npt.NDArray[np.uint8]
+    flags: npt.NDArray[np.uint8]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        meta = {
+            "cbt.magic": MAGIC,
+            "cbt.format_version": str(FORMAT_VERSION),
+            "cbt.kind": "delta",
+            "cbt.disk_size": str(self.disk_size),
+            "cbt.block_size": str(self.block_size),
+            "cbt.digest_checksum": blake3.blake3(
+                np.ascontiguousarray(self.digests).data).hexdigest(),
+            **self.metadata,
+        }
+        return _ipc_bytes(_table(self.rows, self.digests, self.flags, meta))
+
+    def apply(self, base: Manifest) -> Manifest:
+        """The full manifest this delta describes on top of ``base``."""
+        n = fast.nblocks(self.disk_size, self.block_size)
+        digests = np.zeros((n, fast.DIGEST_SIZE), dtype=np.uint8)
+        flags = np.full(n, HOLE, dtype=np.uint8)
+        common = min(n, base.blocks)
+        digests[:common] = base.digests[:common]
+        flags[:common] = base.flags[:common]
+        rows = self.rows.astype(np.int64)
+        digests[rows] = self.digests
+        flags[rows] = self.flags
+        return Manifest(self.block_size, self.disk_size, digests, flags,
+                        metadata=dict(self.metadata))
+
+    @classmethod
+    def from_arrow(cls, table: Any, where: str) -> Delta:
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+
+        def bad(why: str) -> CorruptManifestError:
+            return CorruptManifestError(f"corrupt manifest {where}: {why}")
+
+        if meta.get("cbt.magic") != MAGIC or meta.get("cbt.kind") != "delta":
+            raise bad("not a cbt delta manifest")
+        try:
+            disk_size = int(meta["cbt.disk_size"])
+            block_size = int(meta["cbt.block_size"])
+            checksum = meta["cbt.digest_checksum"]
+            rows = np.asarray(table.column("block").to_numpy(), dtype=np.uint64)
+            flags = np.asarray(table.column("flags").to_numpy(), dtype=np.uint8)
+            digests = _digest_array(table.column("digest").combine_chunks(), table.num_rows)
+        except (KeyError, ValueError) as exc:
+            raise bad(f"missing or malformed field {exc}") from None
+        n = fast.nblocks(disk_size, block_size)
+        if len(rows) and (int(rows.max()) >= n or np.any(np.diff(rows.astype(np.int64)) <= 0)):
+            raise bad("block rows out of range or not ascending")
+        if len(flags) and int(flags.max()) > HOLE:
+            raise bad("unknown block flag")
+        if blake3.blake3(np.ascontiguousarray(digests).data).hexdigest() != checksum:
+            raise bad("digest checksum mismatch (the file was altered or damaged)")
+        return cls(block_size, disk_size, rows, digests, flags,
+                   {k: v for k, v in meta.items() if k not in _CORE_KEYS})
+
+
+def read_manifest_bytes(data: bytes, where: str) -> Manifest | Delta:
+    """A full manifest or a delta, by its ``cbt.kind``, fully checked."""
+    import pyarrow as pa
+
+    try:
+        table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorruptManifestError(f"corrupt manifest {where}: {exc}") from None
+    kind = (table.schema.metadata or {}).get(b"cbt.kind", b"full")
+    if kind == b"delta":
+        return Delta.from_arrow(table, where)
+    return Manifest.from_arrow(table, where)
+
+
+_CORE_KEYS = {"cbt.kind", "cbt.magic", "cbt.format_version", "cbt.disk_size", "cbt.block_size",
               "cbt.source", "cbt.created", "cbt.digest_checksum"}
 
 

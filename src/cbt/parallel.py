@@ -8,8 +8,8 @@ Used where one disk is split across cores (``scan --workers N``, image diffs):
 2. :func:`fork_map` forks one child per task; each child runs ``fn(task,
    report)`` and sends back only a small picklable result (or its exception)
    through a pipe.
-3. ``report(nbytes)`` adds to a shared per-worker counter which the parent
-   sums for progress while it waits.
+3. ``report(nbytes)`` adds to a shared per-task counter which the parent
+   passes to ``progress`` a few times a second while it waits.
 
 fork, not spawn: children start in microseconds with the parent's imports and
 arrays already in place.  The children touch only numpy, mmap and the core.
@@ -34,7 +34,7 @@ from cbt.errors import CbtError
 T = TypeVar("T")
 R = TypeVar("R")
 Report = Callable[[int], None]
-Progress = Callable[[int], None]
+Progress = Callable[[npt.NDArray[np.uint64]], None]  # bytes done per task
 
 
 def shared_array(shape: tuple[int, ...], dtype: Any, fill: int = 0) -> npt.NDArray[Any]:
@@ -64,12 +64,12 @@ def fork_map(
     A single task runs in this process (no fork).
     """
     if len(tasks) <= 1:
-        done = [0]
+        done = np.zeros(1, dtype=np.uint64)
 
         def report_local(n: int) -> None:
             done[0] += n
             if progress:
-                progress(done[0])
+                progress(done)
 
         return [fn(t, report_local) for t in tasks]
 
@@ -141,5 +141,5 @@ def _collect(children: list[tuple[int, int]], counters: npt.NDArray[np.uint64],
                     sel.unregister(fd)
                     open_fds.discard(fd)
             if progress:
-                progress(int(counters.sum()))
+                progress(counters)
     return [b"".join(chunks[r]) for _, r in children]

@@ -222,7 +222,7 @@ def scan(
         shards = split_ranges(ranges, workers)
         tasks = [_ScanTask(disk.path, disk.fd, disk.size, block_size, s, digests, flags)
                  for s in shards]
-        report = (lambda done: progress(done, to_read)) if progress else None
+        report = (lambda done: progress(int(done.sum()), to_read)) if progress else None
         bytes_read = sum(fork_map(_scan_shard, tasks, report))
     return Manifest(
         block_size=block_size,

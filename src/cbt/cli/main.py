@@ -15,6 +15,12 @@ from cbt.cli._common import EXIT_ERROR, fail
 
 # name -> (module, one-line help)
 COMMANDS = {
+    "init": ("cbt.cli.init_cmd", "create a vault in a new or empty directory"),
+    "backup": ("cbt.cli.backup_cmd", "back up a VM's disks into a vault (a recovery point)"),
+    "list": ("cbt.cli.list_cmd", "list the recovery points of a vault"),
+    "show": ("cbt.cli.show_cmd", "show one recovery point"),
+    "restore": ("cbt.cli.restore_cmd", "restore every disk of a recovery point"),
+    "verify": ("cbt.cli.verify_cmd", "check that recovery points can be restored"),
     "scan": ("cbt.cli.scan_cmd", "hash every block of a disk image or device"),
     "diff": ("cbt.cli.diff_cmd", "list the blocks that differ between two images or manifests"),
     "demo": ("cbt.cli.demo_cmd", "generate two disk images with realistic changes and diff them"),

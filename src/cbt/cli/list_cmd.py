@@ -1,0 +1,35 @@
+"""List the recovery points of a vault, oldest first.
+
+--json prints {"points":[{"recovery_point","vm","created","consistency",
+"parent","disks":[{"label","size","block_size"}],"bytes_new","bytes_stored"}],
+"warnings"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cbt.cli._common import EXIT_OK, add_json, print_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("vault", metavar="VAULT", help="the vault")
+    p.add_argument("--vm", metavar="NAME", help="only this VM's points")
+    add_json(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cbt.sizes import human_bytes
+    from cbt.vault import Vault
+
+    points = Vault.open(args.vault).points(args.vm)
+    if args.json:
+        print_json({"points": [p.summary() for p in points], "warnings": []})
+        return EXIT_OK
+    if not points:
+        print("no recovery points")
+    for p in points:
+        disks = ", ".join(f"{d.label} {human_bytes(d.size)}" for d in p.disks)
+        print(f"{p.id:<40} {p.created}  {p.consistency:<12} new {human_bytes(p.bytes_new):>10}"
+              f"  [{disks}]")
+    return EXIT_OK

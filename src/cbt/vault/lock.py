@@ -1,0 +1,65 @@
+"""The vault's writer lock: flock, so a dead holder never blocks anyone.
+
+The lock file holds a line of JSON about the holder (pid, host, command,
+since) so a refused writer can say who holds it.  Readers take no lock: they
+see only committed points, whose records appear by rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+
+from cbt.errors import CbtError
+
+
+class VaultLockedError(CbtError, BlockingIOError):
+    """Another writer holds the vault."""
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path) as f:
+            info = json.loads(f.read() or "{}")
+    except (OSError, ValueError):
+        return "another process"
+    return (f"pid {info.get('pid')} on {info.get('host')} "
+            f"({info.get('command')}) since {info.get('since')}")
+
+
+@contextlib.contextmanager
+def writer_lock(vault_root: str, wait: float = 0.0) -> Iterator[None]:
+    """Hold the writer lock; fail at once (or after ``wait`` seconds) if held."""
+    from cbt.manifest import utc_now
+
+    path = os.path.join(vault_root, "lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise VaultLockedError(
+                        errno.EAGAIN,
+                        f"vault {vault_root} is locked by {_holder(path)}; "
+                        "retry later or pass --wait SECONDS") from None
+                time.sleep(0.1)
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "command": " ".join(["cbt", *sys.argv[1:]])[:200], "since": utc_now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock

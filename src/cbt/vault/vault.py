@@ -1,0 +1,236 @@
+"""The vault: a content-addressed store of blocks, recovery points and manifests.
+
+Layout of a vault directory::
+
+    config                 JSON: magic, format_version, encryption, id_key, id, created
+    lock                   writer lock (flock) and who holds it
+    points/<id>.json       recovery point records; the rename of one is its commit
+    manifests/<id>/<label>.arrow   full manifest or delta of each disk of a point
+    index/<run>.arrow      index segments (digest -> pack, offset, length)
+    packs/<xx>/<id>.pack   pack files of compressed blocks
+
+Format 1 stores blocks unencrypted (``encryption = "none"``) and names them by
+their plain BLAKE3 digest (``id_key = "none"``); every blob header names its
+codec and encryption so both can be added without a format break.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from cbt.errors import CbtError, CbtIOError
+from cbt.manifest import Delta, Manifest, read_manifest_bytes, utc_now
+from cbt.vault import index as index_mod
+from cbt.vault.points import (
+    NoSuchPointError,
+    PointRecord,
+    base_seq,
+    point_name,
+)
+from cbt.vault.storage import LocalStorage, Storage
+
+# Do not modify: identifies every vault ever made.
+VAULT_MAGIC = "cbt-vault"
+VAULT_VERSION = 1
+
+
+class NotAVaultError(CbtError, FileNotFoundError):
+    """The path is not a cbt vault."""
+
+
+class VaultVersionError(CbtError, ValueError):
+    """The vault was made by a newer cbt."""
+
+
+class Vault:
+    """A vault opened for reading and, under its writer lock, writing."""
+
+    def __init__(self, storage: Storage, config: dict[str, Any]) -> None:
+        self.storage = storage
+        self.config = config
+        self._manifest_cache: dict[tuple[str, str], Manifest] = {}
+
+    @property
+    def root(self) -> str:
+        return self.storage.root
+
+    # -- creation and opening ---------------------------------------------------
+
+    @classmethod
+    def init(cls, path: str | os.PathLike[str]) -> Vault:
+        """Create a vault in a new or empty directory."""
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise CbtIOError(errno.ENOTDIR, f"not a directory: {p}")
+        if p.is_dir() and any(p.iterdir()):
+            raise CbtIOError(errno.ENOTEMPTY, f"directory not empty: {p} (cbt init needs a "
+                             "new or empty directory)")
+        p.mkdir(parents=True, exist_ok=True)
+        for sub in ("points", "manifests", "index", "packs"):
+            (p / sub).mkdir(exist_ok=True)
+        config = {"magic": VAULT_MAGIC, "format_version": VAULT_VERSION,
+                  "encryption": "none", "id_key": "none", "id": uuid.uuid4().hex,
+                  "created": utc_now()}
+        storage = LocalStorage(p)
+        storage.put("config", (json.dumps(config, indent=1) + "\n").encode())
+        return cls(storage, config)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Vault:
+        p = Path(path)
+        cfg = p / "config"
+        try:
+            raw = cfg.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {p} (run cbt init)") from None
+        except OSError as exc:
+            raise CbtIOError(exc.errno, f"cannot read {cfg}: {exc.strerror}") from None
+        try:
+            config = json.loads(raw)
+            magic, version = config["magic"], int(config["format_version"])
+        except (ValueError, KeyError, TypeError):
+            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {p} (run cbt init)") from None
+        if magic != VAULT_MAGIC:
+            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {p} (run cbt init)")
+        if version > VAULT_VERSION:
+            raise VaultVersionError(f"vault {p} has format version {version}; this cbt reads "
+                                    f"up to {VAULT_VERSION} (upgrade cbt)")
+        if config.get("encryption") != "none" or config.get("id_key") != "none":
+            raise VaultVersionError(f"vault {p} uses encryption or keyed ids, which this cbt "
+                                    "does not support")
+        return cls(LocalStorage(p), config)
+
+    # -- points -------------------------------------------------------------------
+
+    def point_ids(self) -> list[str]:
+        return [os.path.basename(n)[:-5] for n in self.storage.list("points")
+                if n.endswith(".json") and not os.path.basename(n).startswith(".")]
+
+    def load_point(self, point_id: str) -> PointRecord:
+        name = point_name(point_id)
+        return PointRecord.from_json(self.storage.get(name), f"{self.root}/{name}")
+
+    def points(self, vm: str | None = None) -> list[PointRecord]:
+        """Committed points, oldest first (by creation time, then id)."""
+        records = [self.load_point(i) for i in self.point_ids()]
+        if vm is not None:
+            records = [r for r in records if r.vm == vm]
+        return sorted(records, key=_point_order)
+
+    def latest(self, vm: str) -> PointRecord | None:
+        pts = self.points(vm)
+        return pts[-1] if pts else None
+
+    def point(self, ref: str) -> PointRecord:
+        """A point by id, unique id prefix, or ``<vm>.latest``."""
+        if ref.endswith(".latest"):
+            latest = self.latest(ref[: -len(".latest")])
+            if latest is None:
+                raise NoSuchPointError(f"no recovery point of VM {ref[:-7]!r} in {self.root}")
+            return latest
+        ids = self.point_ids()
+        if ref in ids:
+            return self.load_point(ref)
+        matches = [i for i in ids if i.startswith(ref)]
+        if len(matches) == 1:
+            return self.load_point(matches[0])
+        if not matches:
+            raise NoSuchPointError(f"no recovery point {ref!r} in {self.root}")
+        raise NoSuchPointError(f"{ref!r} matches {len(matches)} points in {self.root}; "
+                               "give more of the id")
+
+    # -- manifests -----------------------------------------------------------------
+
+    def read_manifest_file(self, name: str) -> Manifest | Delta:
+        return read_manifest_bytes(self.storage.get(name), f"{self.root}/{name}")
+
+    def resolve(self, point: PointRecord, label: str, opened: list[str] | None = None) -> Manifest:
+        """The full manifest of one disk of a point (full file plus its deltas)."""
+        key = (point.id, label)
+        if key in self._manifest_cache:
+            return self._manifest_cache[key]
+        disk = point.disk(label)
+        if disk is None:
+            raise NoSuchPointError(f"point {point.id} has no disk {label!r}")
+        if opened is not None:
+            opened.append(disk.manifest)
+        m = self.read_manifest_file(disk.manifest)
+        if isinstance(m, Delta):
+            if disk.base is None:
+                raise NoSuchPointError(f"point {point.id} disk {label}: delta without a base")
+            base = self.resolve(self.load_point(disk.base), label, opened)
+            full = m.apply(base)
+        else:
+            full = m
+        full.source = disk.path
+        full.created = point.created
+        self._manifest_cache[key] = full
+        return full
+
+    def chain_base(self, vm: str, label: str, seq: int) -> PointRecord | None:
+        """The point holding ``label`` at ``base_seq(seq)`` in the VM's history."""
+        want = base_seq(seq)
+        for p in reversed(self.points(vm)):
+            d = p.disk(label)
+            if d is not None and d.seq == want:
+                return p
+        return None
+
+    # -- index -----------------------------------------------------------------------
+
+    def load_index(self, warnings: list[str] | None = None) -> index_mod.Index:
+        return index_mod.load(self.storage, warnings)
+
+    def leftovers(self) -> list[str]:
+        """Names of temporary files and manifest folders no committed point owns."""
+        committed = set(self.point_ids())
+        out = [n for n in self.storage.list("") if os.path.basename(n).startswith(".")
+               and ".tmp-" in n]
+        for name in self.storage.list("manifests"):
+            parts = name.split("/")
+            if len(parts) >= 3 and parts[1] not in committed and name not in out:
+                out.append(name)
+        return out
+
+    def clean_leftovers(self, names: Iterable[str]) -> None:
+        """Remove what a killed run left (call only under the writer lock)."""
+        for n in names:
+            self.storage.delete(n)
+
+    # -- operations (the CLI calls these) ----------------------------------------------
+
+    def backup(self, vm: str, disks: Any, **kwargs: Any) -> PointRecord:
+        """Back up ``disks`` (``DiskSpec``s, ``LABEL=PATH`` or ``PATH`` strings) of ``vm``.
+
+        See :func:`cbt.backup.backup` for the keyword arguments.
+        """
+        from cbt.backup import DiskSpec, backup, parse_disk_arg
+
+        specs = [d if isinstance(d, DiskSpec) else parse_disk_arg(os.fspath(d)) for d in disks]
+        return backup(self, vm, specs, **kwargs)
+
+    def restore(self, point: str, to: str | os.PathLike[str], **kwargs: Any) -> dict[str, Any]:
+        """Restore every disk of ``point`` into directory ``to`` (:func:`cbt.restore.restore`)."""
+        from cbt.restore import restore
+
+        return restore(self, point, to, **kwargs)
+
+    def verify(self, point: str | None = None, data: bool = False) -> dict[str, Any]:
+        """Check points (all, or one) and optionally every stored block; see :mod:`cbt.verify`."""
+        from cbt.verify import verify
+
+        return verify(self, point, data)
+
+
+def _point_order(r: PointRecord) -> tuple[str, str, int]:
+    """Creation time, then VM, then the ``-N`` suffix numerically (``-10`` after ``-9``)."""
+    stem, _, suffix = r.id.rpartition("-")
+    if stem and suffix.isdigit() and stem.endswith("Z"):
+        return (r.created, stem, int(suffix))
+    return (r.created, r.id, 0)

@@ -1,0 +1,231 @@
+"""The scanner on sparse files, odd sizes, several workers and a loop block device.
+
+Truth: the bytes written (mirrored in numpy) hashed with the ``blake3`` package,
+and the 4 KiB pages the test allocated, which say which blocks lie wholly in a
+hole.  Holes are made with ftruncate and FALLOC_FL_PUNCH_HOLE.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _util import (
+    DATA,
+    HOLE,
+    PAGE,
+    ZERO,
+    SparseImage,
+    fs_has_page_holes,
+    read_image,
+    truth_hash,
+)
+from conftest import need, need_root_tools
+
+import cbt
+from cbt.scan import open_disk
+from cbt.synth import make_db_file, make_fs_image
+
+KIB = 1024
+MIB = 1024 * KIB
+BLOCK_SIZES = [4 * KIB, 64 * KIB, MIB]
+
+
+@pytest.fixture
+def sparse_dir(tmp_path: Path) -> Path:
+    need(fs_has_page_holes(tmp_path),
+         f"the file system of {tmp_path} does not report 4 KiB holes via SEEK_HOLE")
+    return tmp_path
+
+
+def _hole_at_start(img: SparseImage) -> None:
+    img.write_random(MIB + 3 * PAGE, img.size - MIB - 3 * PAGE, seed=1)
+
+
+def _hole_in_middle(img: SparseImage) -> None:
+    img.write_random(0, img.size, seed=2)
+    img.punch(MIB, MIB + 5 * PAGE)  # [1M, 2M+20K): wholly covers 1 MiB block 1
+    img.punch(3 * MIB - 64 * KIB, 64 * KIB)  # exactly one 64K block
+
+
+def _hole_at_end(img: SparseImage) -> None:
+    img.write_random(0, 2 * MIB + 1000, seed=3)  # then never written: a hole to EOF
+
+
+def _partial_holes(img: SparseImage) -> None:
+    img.write_random(0, img.size, seed=4)
+    img.punch(64 * KIB + 8 * KIB, 8 * KIB)  # inside a 64K block
+    img.punch(128 * KIB, 60 * KIB)  # a 64K block but its last page
+    img.punch(MIB + 4 * KIB, MIB - 4 * KIB)  # a 1M block but its first page
+
+
+def _unaligned_writes(img: SparseImage) -> None:
+    img.write(70_000, b"\x01")  # one byte: one allocated page
+    img.write(MIB - 10, bytes(range(1, 21)))  # straddles a 1 MiB boundary
+    img.write(2 * MIB + 5, bytes(50 * KIB))  # zeros written: data, not a hole
+
+
+def _zeros_and_data(img: SparseImage) -> None:
+    img.write_random(0, MIB, seed=5)
+    img.write(MIB, bytes(MIB))  # written zeros: ZERO blocks, read, never HOLE
+    img.write_random(2 * MIB, img.size - 2 * MIB, seed=6)
+
+
+def _never_written(img: SparseImage) -> None:
+    pass
+
+
+def _dense(img: SparseImage) -> None:
+    img.write_random(0, img.size, seed=7)
+
+
+LAYOUTS: dict[str, Callable[[SparseImage], None]] = {
+    "hole-at-start": _hole_at_start,
+    "hole-in-middle": _hole_in_middle,
+    "hole-at-end": _hole_at_end,
+    "partial-holes": _partial_holes,
+    "unaligned-writes": _unaligned_writes,
+    "zeros-and-data": _zeros_and_data,
+    "never-written": _never_written,
+    "dense": _dense,
+}
+
+
+def check_scan(m: cbt.Manifest, img: SparseImage, bs: int) -> None:
+    digests, flags, read = img.expected(bs)
+    assert m.block_size == bs and m.disk_size == img.size
+    assert m.blocks == len(flags)
+    assert m.flags.tolist() == flags.tolist()
+    assert np.array_equal(m.digests, digests)
+    assert m.bytes_read == read
+    assert (m.data_blocks, m.zero_blocks, m.hole_blocks) == (
+        int((flags == DATA).sum()), int((flags == ZERO).sum()), int((flags == HOLE).sum()))
+
+
+@pytest.mark.parametrize("bs", BLOCK_SIZES, ids=["4K", "64K", "1M"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sparse_layouts(sparse_dir: Path, layout: str, bs: int) -> None:
+    img = SparseImage(sparse_dir / "disk.img", 3 * MIB + 777)
+    LAYOUTS[layout](img)
+    assert np.array_equal(read_image(img.path), img.content)  # the test's own mirror is right
+    has_holes = layout not in ("dense", "zeros-and-data")
+    assert bool(img.holes(PAGE).any()) == has_holes
+    for workers in (1, 2):
+        check_scan(cbt.scan(img.path, bs, workers=workers), img, bs)
+
+
+def test_partial_hole_block_is_read_with_zeros(sparse_dir: Path) -> None:
+    """A 64K block with an 8K hole inside is DATA, hashed over its bytes with zeros."""
+    import blake3
+
+    bs = 64 * KIB
+    img = SparseImage(sparse_dir / "disk.img", 4 * bs)
+    img.write_random(0, img.size, seed=11)
+    img.punch(bs + 8 * KIB, 8 * KIB)
+    m = cbt.scan(img.path, bs, workers=1)
+    block = bytearray(img.content[bs:2 * bs].tobytes())
+    assert block[8 * KIB:16 * KIB] == bytes(8 * KIB)
+    assert m.flags[1] == DATA
+    assert m.digests[1].tobytes() == blake3.blake3(bytes(block)).digest()
+    assert m.bytes_read == 4 * bs
+
+
+def test_hole_only_when_wholly_inside(sparse_dir: Path) -> None:
+    bs = 64 * KIB
+    img = SparseImage(sparse_dir / "disk.img", 4 * bs)
+    img.write_random(0, img.size, seed=12)
+    img.punch(bs + PAGE, 2 * bs - PAGE)  # block 1 but its first page, block 2 wholly
+    m = cbt.scan(img.path, bs, workers=2)
+    assert m.flags.tolist() == [DATA, DATA, HOLE, DATA]
+    assert m.bytes_read == 3 * bs
+    assert m.digests[2].tobytes() == bytes(32)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4097, 64 * KIB - 1, 64 * KIB, 64 * KIB + 1,
+                                  MIB + 12345])
+def test_sizes(tmp_path: Path, size: int) -> None:
+    path = tmp_path / "disk.img"
+    path.write_bytes(np.random.default_rng(size).integers(1, 256, size, np.uint8).tobytes())
+    for bs in (4 * KIB, 64 * KIB):
+        want_digests, want_flags = truth_hash(read_image(path), bs)
+        for workers in (1, 2):
+            m = cbt.scan(path, bs, workers=workers)
+            assert m.disk_size == size
+            assert m.blocks == -(-size // bs)
+            assert np.array_equal(m.flags, want_flags)
+            assert np.array_equal(m.digests, want_digests)
+            assert m.bytes_read == size
+
+
+@pytest.mark.parametrize("bs", [4 * KIB, 64 * KIB])
+def test_workers_agree_on_realistic_images(tmp_path: Path, bs: int) -> None:
+    for name, make in (("fs.img", make_fs_image), ("db.img", make_db_file)):
+        path = tmp_path / name
+        make(path, 6 * MIB + 3 * PAGE, seed=21)
+        data = read_image(path)
+        scans = [cbt.scan(path, bs, workers=w) for w in (1, 2, 3)]
+        for m in scans[1:]:
+            assert np.array_equal(m.digests, scans[0].digests)
+            assert np.array_equal(m.flags, scans[0].flags)
+            assert m.bytes_read == scans[0].bytes_read
+        m = scans[0]
+        want_digests, want_flags = truth_hash(data, bs)
+        # A HOLE block reads as zeros; every other block is exactly the truth.
+        assert np.array_equal(m.digests, want_digests)
+        holes = m.flags == HOLE
+        assert np.array_equal(m.flags[~holes], want_flags[~holes])
+        assert (want_flags[holes] == ZERO).all()
+        read = sum(min(bs, len(data) - i * bs) for i in np.flatnonzero(~holes))
+        assert m.bytes_read == read
+        if name == "db.img":  # its last eighth is never written
+            assert m.hole_blocks >= (len(data) // 8) // bs - 1
+
+
+def test_scan_errors(tmp_path: Path) -> None:
+    with pytest.raises(cbt.CbtIOError, match="no such"):
+        cbt.scan(tmp_path / "missing.img")
+    with pytest.raises(cbt.CbtIOError, match="directory"):
+        cbt.scan(tmp_path)
+    (tmp_path / "x.img").write_bytes(b"x")
+    with pytest.raises(cbt.CbtValueError):
+        cbt.scan(tmp_path / "x.img", block_size=5000)
+    with pytest.raises(OSError):  # CbtIOError is an OSError too
+        cbt.scan(tmp_path / "missing.img")
+
+
+# -- a loop block device --------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_loop_device(tmp_path: Path) -> None:
+    need_root_tools("losetup")
+    backing = tmp_path / "backing.img"
+    size = 64 * MIB
+    make_fs_image(backing, size, seed=31)  # data, text, zeros and holes
+    assert backing.stat().st_size == size
+    attach = subprocess.run(["losetup", "--find", "--show", str(backing)],
+                            capture_output=True, text=True, check=False)
+    need(attach.returncode == 0, f"losetup cannot attach a loop device: {attach.stderr.strip()}")
+    dev = attach.stdout.strip()
+    try:
+        with open_disk(dev) as disk:
+            assert disk.kind == "block device"
+            assert disk.size == size
+        m_dev = cbt.scan(dev, 64 * KIB, workers=2)
+        m_file = cbt.scan(backing, 64 * KIB, workers=2)
+        assert m_dev.disk_size == size
+        assert m_dev.source == dev
+        assert np.array_equal(m_dev.digests, m_file.digests)
+        # The device has no holes to report: the file's holes read as zero blocks.
+        file_holes = m_file.flags == HOLE
+        assert file_holes.any()
+        assert (m_dev.flags[file_holes] == ZERO).all()
+        assert np.array_equal(m_dev.flags[~file_holes], m_file.flags[~file_holes])
+        assert m_dev.bytes_read == size
+        assert cbt.diff(dev, backing, 64 * KIB).identical
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
