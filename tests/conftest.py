@@ -40,4 +40,5 @@ def need(condition: bool, why: str) -> None:
 def need_root_tools(*tools: str) -> None:
     need(os.geteuid() == 0, "needs root (loop devices, mkfs, mount)")
     for tool in tools:
-        need(shutil.which(tool) is not None, f"needs {tool} (apt-get install it; ci/system-deps.sh does)")
+        need(shutil.which(tool) is not None,
+             f"needs {tool} (apt-get install it; ci/system-deps.sh does)")

@@ -7,7 +7,7 @@ hole.  Holes are made with ftruncate and FALLOC_FL_PUNCH_HOLE.
 
 from __future__ import annotations
 
-import os
+import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +22,7 @@ from _util import (
     SparseImage,
     fs_has_page_holes,
     read_image,
+    run_cli,
     truth_hash,
 )
 from conftest import need, need_root_tools
@@ -227,5 +228,12 @@ def test_loop_device(tmp_path: Path) -> None:
         assert np.array_equal(m_dev.flags[~file_holes], m_file.flags[~file_holes])
         assert m_dev.bytes_read == size
         assert cbt.diff(dev, backing, 64 * KIB).identical
+        r = run_cli("scan", "--json", dev)  # the command line takes devices too
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert (out["path"], out["size"], out["bytes_read"]) == (dev, size, size)
+        assert out["hole_blocks"] == 0 and out["blocks"] == size // (64 * KIB)
+        r = run_cli("diff", "--json", dev, backing)
+        assert (r.returncode, json.loads(r.stdout)["changed_blocks"]) == (0, 0), r.stderr
     finally:
         subprocess.run(["losetup", "-d", dev], check=True)

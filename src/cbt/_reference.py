@@ -43,6 +43,21 @@ def _bytes(buf: Any) -> bytes:
     return view.tobytes()
 
 
+def _out(arr: Any, shape: tuple[int, ...], what: str) -> Any:
+    """A writable uint8 output array of exactly ``shape`` (the core's rule)."""
+    out = np.asarray(arr)
+    if out.dtype != np.uint8 or out.shape != shape:
+        raise CbtValueError(f"{what}: output array has the wrong shape")
+    return out
+
+
+def _digest_rows(arr: Any, what: str) -> Any:
+    x = np.asarray(arr)
+    if x.dtype != np.uint8 or x.ndim != 2 or (x.shape[0] and x.shape[1] != DIGEST_SIZE):
+        raise CbtValueError(f"{what}: output array has the wrong shape")
+    return x
+
+
 def _blocks(data: bytes, block_size: int) -> list[bytes]:
     return [data[i : i + block_size] for i in range(0, len(data), block_size)]
 
@@ -50,9 +65,7 @@ def _blocks(data: bytes, block_size: int) -> list[bytes]:
 def zero_flags(data: Any, block_size: int, flags: Any) -> int:
     check_block_size(block_size)
     blocks = _blocks(_bytes(data), block_size)
-    out = np.asarray(flags)
-    if out.shape != (len(blocks),):
-        raise CbtValueError("zero_flags: output array has the wrong shape")
+    out = _out(flags, (len(blocks),), "zero_flags")
     zeros = 0
     for i, block in enumerate(blocks):
         is_zero = block.count(0) == len(block)
@@ -64,9 +77,8 @@ def zero_flags(data: Any, block_size: int, flags: Any) -> int:
 def hash_blocks(data: Any, block_size: int, digests: Any, flags: Any) -> int:
     check_block_size(block_size)
     blocks = _blocks(_bytes(data), block_size)
-    dig = np.asarray(digests)
-    if dig.shape != (len(blocks), DIGEST_SIZE) or np.asarray(flags).shape != (len(blocks),):
-        raise CbtValueError("hash_blocks: output array has the wrong shape")
+    dig = _out(digests, (len(blocks), DIGEST_SIZE), "hash_blocks")
+    _out(flags, (len(blocks),), "hash_blocks")
     zero_flags(data, block_size, flags)
     hashed = 0
     for i, block in enumerate(blocks):
@@ -79,9 +91,10 @@ def hash_blocks(data: Any, block_size: int, digests: Any, flags: Any) -> int:
 
 
 def compare_digests(a: Any, b: Any, out: Any) -> int:
-    x, y, o = np.asarray(a), np.asarray(b), np.asarray(out)
-    if x.shape[0] != y.shape[0] or o.shape != (x.shape[0],):
+    x, y = _digest_rows(a, "compare_digests"), _digest_rows(b, "compare_digests")
+    if x.shape[0] != y.shape[0]:
         raise CbtValueError("compare_digests: output array has the wrong shape")
+    o = _out(out, (x.shape[0],), "compare_digests")
     changed = 0
     for i in range(x.shape[0]):
         o[i] = int(bytes(x[i]) != bytes(y[i]))
@@ -97,9 +110,7 @@ def compare_buffers(a: Any, b: Any, block_size: int, out: Any) -> int:
             f"compare_buffers: buffers differ in length ({len(x)} and {len(y)})"
         )
     xs, ys = _blocks(x, block_size), _blocks(y, block_size)
-    o = np.asarray(out)
-    if o.shape != (len(xs),):
-        raise CbtValueError("compare_buffers: output array has the wrong shape")
+    o = _out(out, (len(xs),), "compare_buffers")
     for i, (p, q) in enumerate(zip(xs, ys, strict=True)):
         o[i] = int(p != q)
     return int(o.sum())

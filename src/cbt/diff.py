@@ -125,6 +125,8 @@ def diff_manifests(a: Manifest, b: Manifest) -> ChangeSet:
 
 @dataclass(frozen=True)
 class _CompareTask:
+    path_a: str
+    path_b: str
     fd_a: int
     fd_b: int
     size: int  # compared bytes: the common blocks, clipped to the disk end
@@ -136,8 +138,8 @@ class _CompareTask:
 def _compare_shard(task: _CompareTask, report: Report) -> int:
     bs = task.block_size
     for lo, hi in task.ranges:
-        for (first, ma), (_, mb) in zip(windows(task.fd_a, task.size, bs, lo, hi),
-                                        windows(task.fd_b, task.size, bs, lo, hi),
+        for (first, ma), (_, mb) in zip(windows(task.fd_a, task.size, bs, lo, hi, task.path_a),
+                                        windows(task.fd_b, task.size, bs, lo, hi, task.path_b),
                                         strict=True):
             n = fast.nblocks(len(ma), bs)
             fast.compare_buffers(ma, mb, bs, task.bitmap[first:first + n])
@@ -159,7 +161,7 @@ def diff_images(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str],
         ranges = block_ranges(extents, block_size)
         bitmap = shared_array((n,), np.uint8)
         to_read = 2 * sum(min(hi * block_size, size) - lo * block_size for lo, hi in ranges)
-        tasks = [_CompareTask(da.fd, db.fd, size, block_size, shard, bitmap)
+        tasks = [_CompareTask(da.path, db.path, da.fd, db.fd, size, block_size, shard, bitmap)
                  for shard in split_ranges(ranges, workers)]
         report = (lambda done: progress(int(done.sum()), to_read)) if progress else None
         fork_map(_compare_shard, tasks, report)

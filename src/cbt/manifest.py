@@ -16,6 +16,8 @@ DuckDB, polars)::
     cbt.source           absolute path the disk was read from
     cbt.created          RFC 3339 UTC
     cbt.digest_checksum  BLAKE3 hex of the digest column's 32*n bytes
+    cbt.kind             "full" (or "delta" inside a vault: only changed rows)
+    cbt.checksum         BLAKE3 hex over kind, sizes and every column
 
 Every reader checks all of it; a file that fails any check is a
 :class:`~cbt.errors.CorruptManifestError`, never a silently wrong manifest.
@@ -118,6 +120,9 @@ class Manifest:
             "cbt.source": self.source,
             "cbt.created": self.created,
             "cbt.digest_checksum": self.digest_checksum(),
+            "cbt.checksum": content_checksum("full", self.disk_size, self.block_size,
+                                             np.arange(self.blocks, dtype=np.uint64),
+                                             self.digests, self.flags),
         }
         meta.update(self.metadata)
         return meta
@@ -166,57 +171,104 @@ class Manifest:
                 table = pa.ipc.open_file(source).read_all()
         except FileNotFoundError:
             raise FileNotFoundError(f"no such manifest: {p}") from None
-        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        except (pa.ArrowException, OSError) as exc:
             raise CorruptManifestError(f"corrupt manifest {p}: {exc}") from None
         return cls.from_arrow(table, p)
 
     @classmethod
     def from_arrow(cls, table: Any, where: str = "manifest") -> Manifest:
-        import pyarrow as pa
+        rows = _checked_rows(table, where, "full")
+        n = fast.nblocks(rows.disk_size, rows.block_size)
+        if len(rows.blocks) != n or (n and not np.array_equal(
+                rows.blocks, np.arange(n, dtype=np.uint64))):
+            raise CorruptManifestError(f"corrupt manifest {where}: rows are not blocks 0..{n - 1}"
+                                       f" of a {rows.disk_size}-byte disk")
+        return cls(block_size=rows.block_size, disk_size=rows.disk_size,
+                   digests=rows.digests, flags=rows.flags, source=rows.meta.get("cbt.source", ""),
+                   created=rows.meta.get("cbt.created", ""),
+                   metadata={k: v for k, v in rows.meta.items() if k not in _CORE_KEYS})
 
-        def bad(why: str) -> CorruptManifestError:
-            return CorruptManifestError(f"corrupt manifest {where}: {why}")
 
-        raw = table.schema.metadata or {}
-        meta = {k.decode(): v.decode() for k, v in raw.items()}
-        if meta.get("cbt.magic") != MAGIC:
-            raise bad("not a cbt manifest (no cbt.magic)")
-        try:
-            version = int(meta["cbt.format_version"])
-            disk_size = int(meta["cbt.disk_size"])
-            block_size = int(meta["cbt.block_size"])
-            checksum = meta["cbt.digest_checksum"]
-        except (KeyError, ValueError) as exc:
-            raise bad(f"missing or malformed metadata {exc}") from None
-        if version > FORMAT_VERSION:
-            raise bad(f"format version {version} is newer than this cbt reads "
-                      f"({FORMAT_VERSION}); upgrade cbt")
-        try:
-            fast.check_block_size(block_size)
-        except ValueError:
-            raise bad(f"invalid block size {block_size}") from None
-        expected = {"block": pa.uint64(), "digest": pa.binary(fast.DIGEST_SIZE),
-                    "flags": pa.uint8()}
-        for name, typ in expected.items():
-            if name not in table.column_names or table.schema.field(name).type != typ:
-                raise bad(f"column {name!r} missing or not {typ}")
-        n = table.num_rows
-        if disk_size < 0 or n != fast.nblocks(disk_size, block_size):
-            raise bad(f"{n} rows for a disk of {disk_size} bytes in blocks of {block_size}")
-        blocks = table.column("block").to_numpy()
-        if n and not np.array_equal(blocks, np.arange(n, dtype=np.uint64)):
-            raise bad("block column is not 0..n-1 in order")
+@dataclass
+class _Rows:
+    meta: dict[str, str]
+    disk_size: int
+    block_size: int
+    blocks: npt.NDArray[np.uint64]
+    digests: npt.NDArray[np.uint8]
+    flags: npt.NDArray[np.uint8]
+
+
+def content_checksum(kind: str, disk_size: int, block_size: int, blocks: npt.NDArray[Any],
+                     digests: npt.NDArray[np.uint8], flags: npt.NDArray[np.uint8]) -> str:
+    """BLAKE3 over everything a manifest says (``cbt.checksum``)."""
+    h = blake3.blake3(f"{kind}:{disk_size}:{block_size}:".encode())
+    h.update(np.ascontiguousarray(blocks, dtype="<u8").view(np.uint8).data)
+    h.update(np.ascontiguousarray(flags, dtype=np.uint8).data)
+    h.update(np.ascontiguousarray(digests, dtype=np.uint8).reshape(-1).data)
+    return h.hexdigest()
+
+
+def _checked_rows(table: Any, where: str, kind: str) -> _Rows:
+    """Every check a manifest or delta must pass before a single row is believed."""
+    import pyarrow as pa
+
+    def bad(why: str) -> CorruptManifestError:
+        return CorruptManifestError(f"corrupt manifest {where}: {why}")
+
+    meta = schema_metadata(table, where)
+    if meta.get("cbt.magic") != MAGIC:
+        raise bad("not a cbt manifest (no cbt.magic)")
+    try:
+        version = int(meta["cbt.format_version"])
+        disk_size = int(meta["cbt.disk_size"])
+        block_size = int(meta["cbt.block_size"])
+        digest_checksum = meta["cbt.digest_checksum"]
+    except (KeyError, ValueError) as exc:
+        raise bad(f"missing or malformed metadata {exc}") from None
+    if version > FORMAT_VERSION:
+        raise bad(f"format version {version} is newer than this cbt reads "
+                  f"({FORMAT_VERSION}); upgrade cbt")
+    if meta.get("cbt.kind", "full") != kind:
+        raise bad(f"a {meta.get('cbt.kind')} manifest where a {kind} one belongs")
+    if disk_size < 0:
+        raise bad(f"negative disk size {disk_size}")
+    try:
+        fast.check_block_size(block_size)
+    except ValueError:
+        raise bad(f"invalid block size {block_size}") from None
+    expected = {"block": pa.uint64(), "digest": pa.binary(fast.DIGEST_SIZE), "flags": pa.uint8()}
+    for name, typ in expected.items():
+        if name not in table.column_names or table.schema.field(name).type != typ:
+            raise bad(f"column {name!r} missing or not {typ}")
+        if table.column(name).null_count:
+            raise bad(f"column {name!r} has nulls")
+    n = table.num_rows
+    try:
+        blocks = np.asarray(table.column("block").to_numpy(), dtype=np.uint64)
         flags = np.asarray(table.column("flags").to_numpy(), dtype=np.uint8)
-        if n and int(flags.max()) > HOLE:
-            raise bad("unknown block flag")
         digests = _digest_array(table.column("digest").combine_chunks(), n)
-        manifest = cls(block_size=block_size, disk_size=disk_size, digests=digests,
-                       flags=flags, source=meta.get("cbt.source", ""),
-                       created=meta.get("cbt.created", ""),
-                       metadata={k: v for k, v in meta.items() if k not in _CORE_KEYS})
-        if manifest.digest_checksum() != checksum:
-            raise bad("digest checksum mismatch (the file was altered or damaged)")
-        return manifest
+    except (pa.ArrowException, ValueError) as exc:
+        raise bad(str(exc)) from None
+    if n and int(flags.max()) > HOLE:
+        raise bad("unknown block flag")
+    if blake3.blake3(np.ascontiguousarray(digests).data).hexdigest() != digest_checksum:
+        raise bad("digest checksum mismatch (the file was altered or damaged)")
+    checksum = meta.get("cbt.checksum")
+    if checksum is not None and checksum != content_checksum(kind, disk_size, block_size,
+                                                             blocks, digests, flags):
+        raise bad("checksum mismatch (the file was altered or damaged)")
+    if n and (digests[flags != DATA] != 0).any():
+        raise bad("a ZERO or HOLE block has a digest")
+    return _Rows(meta, disk_size, block_size, blocks, digests, flags)
+
+
+def schema_metadata(table: Any, where: str) -> dict[str, str]:
+    """An Arrow table's schema metadata as text; undecodable bytes mean a damaged file."""
+    try:
+        return {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    except UnicodeDecodeError:
+        raise CorruptManifestError(f"corrupt file {where}: metadata is not UTF-8") from None
 
 
 def _ipc_bytes(table: Any) -> bytes:
@@ -267,6 +319,8 @@ class Delta:
             "cbt.block_size": str(self.block_size),
             "cbt.digest_checksum": blake3.blake3(
                 np.ascontiguousarray(self.digests).data).hexdigest(),
+            "cbt.checksum": content_checksum("delta", self.disk_size, self.block_size,
+                                             self.rows, self.digests, self.flags),
             **self.metadata,
         }
         return _ipc_bytes(_table(self.rows, self.digests, self.flags, meta))
@@ -287,31 +341,14 @@ class Delta:
 
     @classmethod
     def from_arrow(cls, table: Any, where: str) -> Delta:
-        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-
-        def bad(why: str) -> CorruptManifestError:
-            return CorruptManifestError(f"corrupt manifest {where}: {why}")
-
-        if meta.get("cbt.magic") != MAGIC or meta.get("cbt.kind") != "delta":
-            raise bad("not a cbt delta manifest")
-        try:
-            disk_size = int(meta["cbt.disk_size"])
-            block_size = int(meta["cbt.block_size"])
-            checksum = meta["cbt.digest_checksum"]
-            rows = np.asarray(table.column("block").to_numpy(), dtype=np.uint64)
-            flags = np.asarray(table.column("flags").to_numpy(), dtype=np.uint8)
-            digests = _digest_array(table.column("digest").combine_chunks(), table.num_rows)
-        except (KeyError, ValueError) as exc:
-            raise bad(f"missing or malformed field {exc}") from None
-        n = fast.nblocks(disk_size, block_size)
-        if len(rows) and (int(rows.max()) >= n or np.any(np.diff(rows.astype(np.int64)) <= 0)):
-            raise bad("block rows out of range or not ascending")
-        if len(flags) and int(flags.max()) > HOLE:
-            raise bad("unknown block flag")
-        if blake3.blake3(np.ascontiguousarray(digests).data).hexdigest() != checksum:
-            raise bad("digest checksum mismatch (the file was altered or damaged)")
-        return cls(block_size, disk_size, rows, digests, flags,
-                   {k: v for k, v in meta.items() if k not in _CORE_KEYS})
+        rows = _checked_rows(table, where, "delta")
+        n = fast.nblocks(rows.disk_size, rows.block_size)
+        b = rows.blocks
+        if len(b) and (int(b.max()) >= n or np.any(np.diff(b.astype(np.int64)) <= 0)):
+            raise CorruptManifestError(f"corrupt manifest {where}: block rows out of range or "
+                                       "not ascending")
+        return cls(rows.block_size, rows.disk_size, b, rows.digests, rows.flags,
+                   {k: v for k, v in rows.meta.items() if k not in _CORE_KEYS})
 
 
 def read_manifest_bytes(data: bytes, where: str) -> Manifest | Delta:
@@ -320,7 +357,7 @@ def read_manifest_bytes(data: bytes, where: str) -> Manifest | Delta:
 
     try:
         table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise CorruptManifestError(f"corrupt manifest {where}: {exc}") from None
     kind = (table.schema.metadata or {}).get(b"cbt.kind", b"full")
     if kind == b"delta":
@@ -328,8 +365,8 @@ def read_manifest_bytes(data: bytes, where: str) -> Manifest | Delta:
     return Manifest.from_arrow(table, where)
 
 
-_CORE_KEYS = {"cbt.kind", "cbt.magic", "cbt.format_version", "cbt.disk_size", "cbt.block_size",
-              "cbt.source", "cbt.created", "cbt.digest_checksum"}
+_CORE_KEYS = {"cbt.kind", "cbt.checksum", "cbt.magic", "cbt.format_version", "cbt.disk_size",
+              "cbt.block_size", "cbt.source", "cbt.created", "cbt.digest_checksum"}
 
 
 def _digest_array(col: Any, n: int) -> npt.NDArray[np.uint8]:

@@ -66,7 +66,8 @@ def open_disk(path: str | os.PathLike[str]) -> Disk:
     """Open an image file or block device read-only; clear errors for anything else."""
     p = os.fspath(path)
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise CbtIOError(errno.ENOENT, f"no such disk or image: {p}") from None
     except IsADirectoryError:
@@ -149,7 +150,7 @@ def split_ranges(ranges: list[BlockRange], parts: int) -> list[list[BlockRange]]
     return shards
 
 
-def windows(fd: int, size: int, block_size: int, lo: int, hi: int,
+def windows(fd: int, size: int, block_size: int, lo: int, hi: int, path: str = "disk",
             window: int = WINDOW) -> Iterator[tuple[int, mmap.mmap]]:
     """Map blocks ``[lo, hi)`` in windows; yields (first block, mapping)."""
     step = max(window // block_size, 1)
@@ -157,7 +158,11 @@ def windows(fd: int, size: int, block_size: int, lo: int, hi: int,
         last = min(first + step, hi)
         offset = first * block_size
         length = min(last * block_size, size) - offset
-        m = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ, offset=offset)
+        try:
+            m = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ, offset=offset)
+        except OSError as exc:
+            raise CbtIOError(exc.errno, f"cannot read {path} at byte {offset}: "
+                             f"{exc.strerror}") from None
         try:
             m.madvise(mmap.MADV_SEQUENTIAL)
             m.madvise(mmap.MADV_WILLNEED)
@@ -182,7 +187,7 @@ def _scan_shard(task: _ScanTask, report: Report) -> int:
     read = 0
     bs = task.block_size
     for lo, hi in task.ranges:
-        for first, m in windows(task.fd, task.size, bs, lo, hi):
+        for first, m in windows(task.fd, task.size, bs, lo, hi, task.path):
             n = fast.nblocks(len(m), bs)
             try:
                 fast.hash_blocks(m, bs, task.digests[first:first + n],

@@ -13,6 +13,7 @@ Each problem names point, disk, block and pack where they are known.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -113,6 +114,9 @@ def verify(vault: Vault, ref: str | None = None, data: bool = False) -> dict[str
     if ref is None:
         dead = ~referenced
         unreferenced = int((index.stored[dead].astype(np.int64) + BLOB.size).sum())
+        for name in vault.leftovers():  # temporary files, manifests of uncommitted points
+            with contextlib.suppress(OSError):
+                unreferenced += vault.storage.size(name)
     return {
         "points": len(points),
         "blocks_checked": checked,

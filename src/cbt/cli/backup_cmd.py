@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vm", required=True, metavar="NAME", help="the VM these disks belong to")
     p.add_argument("disks", nargs="+", metavar="DISK", help="PATH or LABEL=PATH")
     p.add_argument("--block-size", type=size_arg, default=None, metavar="SIZE",
-                   help="block size of a disk's first backup (default 64K)")
+                   help="block size of a disk's first backup (default 16K)")
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N",
                    help="worker processes (default: number of cores)")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",

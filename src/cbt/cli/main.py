@@ -30,7 +30,7 @@ COMMANDS = {
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         """One line, exit 2 (argparse's default prints the whole usage)."""
-        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        fail(f"{message} (see {self.prog} --help)", "--json" in sys.argv[1:])
         sys.exit(EXIT_ERROR)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cbt.errors import CbtError
+from cbt.manifest import schema_metadata
 from cbt.vault.pack import (
     FOOTER,
     CorruptPackError,
@@ -178,9 +179,12 @@ def read_segment(data: bytes, where: str) -> dict[str, Any]:
 
     try:
         table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise CorruptIndexError(f"corrupt index segment {where}: {exc}") from None
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    try:
+        meta = schema_metadata(table, where)
+    except CbtError as exc:
+        raise CorruptIndexError(str(exc)) from None
     if meta.get("cbt.magic") != INDEX_MAGIC:
         raise CorruptIndexError(f"corrupt index segment {where}: not a cbt index")
     if int(meta.get("cbt.format_version", "0")) > INDEX_VERSION:
@@ -199,7 +203,7 @@ def read_segment(data: bytes, where: str) -> dict[str, Any]:
         offset = table.column("offset").to_numpy().astype(np.uint64)
         stored = table.column("stored").to_numpy().astype(np.uint32)
         raw = table.column("raw").to_numpy().astype(np.uint32)
-    except (KeyError, pa.ArrowInvalid) as exc:
+    except (KeyError, ValueError, pa.ArrowException) as exc:
         raise CorruptIndexError(f"corrupt index segment {where}: {exc}") from None
     if _checksum(digests, packs, offset, stored, raw) != meta.get("cbt.checksum"):
         raise CorruptIndexError(f"corrupt index segment {where}: checksum mismatch")

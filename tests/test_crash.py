@@ -1,0 +1,369 @@
+"""Crash safety: kill -9 of a backup at every durable step and at random times.
+
+``CBT_CRASH_AT=N`` SIGKILLs the run's whole process group at its N-th durable
+step (each fsync of a file or directory, counted across processes in the file
+named by ``CBT_CRASH_COUNTER``).  A clean run on an identical vault counts the
+steps and says what the run stores; then for every N a copy of a vault with
+earlier points sees its next backup killed at step N, and afterwards:
+
+- every earlier point restores bit-identical to the copy of its disks;
+- ``cbt verify`` exits 0 (the killed run's data is only *unreferenced*);
+- the next backup succeeds, restores bit-identical, and stores exactly what the
+  clean run stores minus the blocks the killed run had already put in complete
+  packs (resume, not restart); afterwards nothing is left unreferenced.
+
+A last test runs a backup and a restore under ``strace -f`` and checks the
+commit protocol: fsync of the temporary file, rename, fsync of its directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import need_root_tools
+from vault_helpers import (
+    KIB,
+    MIB,
+    assert_same_disk,
+    cbt,
+    cbt_argv,
+    clean_env,
+    distinct_raw,
+    json_lines,
+    keep_copy,
+    pack_files,
+    temp_files,
+    trailer_entries,
+)
+
+import cbt as cbt_api
+from cbt.synth import make_db_file, make_fs_image, mutate
+
+BS = 64 * KIB
+
+
+@dataclass
+class Scenario:
+    root: Path
+    base: Path  # a vault with earlier points; every iteration works on a copy
+    vm: str
+    disk_args: list[str]  # DISK arguments of the next backup
+    earlier: list[tuple[str, dict[str, Path]]]  # point id -> copies of its disks
+    today: dict[str, Path] = field(default_factory=dict)  # the disks the next backup reads
+    steps: int = 0  # durable steps of a clean run
+    clean_new: int = 0  # bytes_new of a clean run
+    work_seconds: float = 0.0  # from taking the lock to the end of a clean run
+
+
+def _backup_proc(scn: Scenario, vault: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(cbt_argv("backup", vault, "--vm", scn.vm, *scn.disk_args, "--json"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env(env), start_new_session=True)
+
+
+def _gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _wait_for_lock(vault: Path, pid: int, proc: subprocess.Popen[str]) -> bool:
+    """Wait until ``pid`` holds the writer lock (its line is in the lock file)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads((vault / "lock").read_text() or "{}").get("pid") == pid:
+                return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.002)
+    return False
+
+
+def _count_clean_run(scn: Scenario) -> None:
+    vault = scn.root / "clean"
+    shutil.copytree(scn.base, vault)
+    counter = scn.root / "clean.counter"
+    counter.write_text("")
+    proc = _backup_proc(scn, vault, {"CBT_CRASH_AT": str(10**9),
+                                     "CBT_CRASH_COUNTER": str(counter)})
+    assert _wait_for_lock(vault, proc.pid, proc)
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    scn.work_seconds = time.monotonic() - started
+    assert proc.returncode == 0, err
+    point = json_lines(out)[-1]
+    scn.steps = int(counter.read_text())
+    scn.clean_new = point["disks"] and sum(d["bytes_new"] for d in point["disks"])
+    assert scn.steps >= 6, "a point needs at least packs, manifests, index and record"
+    assert scn.clean_new > 0
+
+
+def _two_disk_scenario(root: Path) -> Scenario:
+    disks, copies = root / "disks", root / "copies"
+    disks.mkdir()
+    copies.mkdir()
+    os_img, db_img = disks / "os.img", disks / "db.img"
+    make_fs_image(os_img, 4 * MIB, seed=31)
+    make_db_file(db_img, 2 * MIB, seed=32)
+    vault = cbt_api.Vault.init(root / "base")
+    args = [f"os={os_img}", f"db={db_img}"]
+    scn = Scenario(root, root / "base", "web", args, [])
+    for day in range(3):
+        if day:
+            mutate(os_img, seed=40 + day, page_writes=8, runs=2, run_length=512 * KIB)
+            mutate(db_img, seed=50 + day, page_writes=60, runs=0, zero_runs=0, holes=0)
+        snap = {lb: keep_copy(disks / f"{lb}.img", copies / f"{lb}.{day}.img")
+                for lb in ("os", "db")}
+        if day < 2:
+            point = vault.backup(scn.vm, args, block_size=BS)
+            scn.earlier.append((point.id, snap))
+        else:
+            scn.today = snap
+    _count_clean_run(scn)
+    return scn
+
+
+def _many_segments_scenario(root: Path) -> Scenario:
+    """15 earlier points, each with an index segment: the next run merges the index."""
+    from cbt.vault.index import MERGE_AT
+
+    disks, copies = root / "disks", root / "copies"
+    disks.mkdir()
+    copies.mkdir()
+    img = disks / "small.img"
+    img.write_bytes(np.random.default_rng(60).integers(0, 256, 1 * MIB, np.uint8).tobytes())
+    vault = cbt_api.Vault.init(root / "base")
+    scn = Scenario(root, root / "base", "small", [str(img)], [])
+    for day in range(MERGE_AT):
+        if day:
+            mutate(img, seed=60 + day, page_writes=3, runs=0, zero_runs=0, holes=0)
+        snap = {"small": keep_copy(img, copies / f"small.{day}.img")}
+        if day < MERGE_AT - 1:
+            point = vault.backup(scn.vm, scn.disk_args, block_size=BS)
+            scn.earlier.append((point.id, snap))
+        else:
+            scn.today = snap
+    assert len(list((root / "base" / "index").glob("*.arrow"))) == MERGE_AT - 1
+    _count_clean_run(scn)
+    return scn
+
+
+@pytest.fixture(scope="module")
+def two_disks(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
+    return _two_disk_scenario(tmp_path_factory.mktemp("crash2"))
+
+
+@pytest.fixture(scope="module")
+def many_segments(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
+    return _many_segments_scenario(tmp_path_factory.mktemp("crash16"))
+
+
+def _check_after_kill(scn: Scenario, vault: Path, what: str) -> None:
+    """Everything that must hold after a backup of ``vault`` was killed (or finished)."""
+    base_packs = {p.name for p in pack_files(scn.base)}
+    left_packs = [p for p in pack_files(vault) if p.name not in base_packs]
+    reused = distinct_raw((d, raw) for p in left_packs for d, _o, _s, raw in trailer_entries(p))
+    v = cbt_api.Vault.open(vault)
+    earlier_ids = [pid for pid, _ in scn.earlier]
+    committed = [p for p in v.point_ids() if p not in earlier_ids]
+    assert len(committed) <= 1, f"{what}: points {committed}"
+    # every earlier point restores bit-identical (the last two, and the first)
+    for k in sorted({0, len(scn.earlier) - 2, len(scn.earlier) - 1} - {-1}):
+        pid, snap = scn.earlier[k]
+        out = vault.parent / f"r{k}"
+        v.restore(pid, out)
+        for lb, copy in snap.items():
+            assert_same_disk(out / f"{lb}.img", copy, BS)
+    if committed:  # killed after its commit: the point is whole
+        out = vault.parent / "r-killed"
+        v.restore(committed[0], out)
+        for lb, copy in scn.today.items():
+            assert_same_disk(out / f"{lb}.img", copy, BS)
+    r = cbt("verify", vault, "--json")
+    assert r.returncode == 0, f"{what}: cbt verify: {r.stdout} {r.stderr}"
+    report = json.loads(r.stdout)
+    assert report["problems"] == [], what
+    if left_packs and not committed:
+        assert report["unreferenced_bytes"] > 0, what
+    # the next backup resumes: what the killed run put in complete packs is not sent again
+    r = cbt("backup", vault, "--vm", scn.vm, *scn.disk_args, "--json")
+    assert r.returncode == 0, f"{what}: follow-up backup: {r.stderr}"
+    follow = json_lines(r.stdout)[-1]
+    expected_new = 0 if committed else scn.clean_new - reused
+    got_new = sum(d["bytes_new"] for d in follow["disks"])
+    assert got_new == expected_new, (f"{what}: follow-up stored {got_new} new bytes; a clean "
+                                     f"run stores {scn.clean_new}, the killed run left "
+                                     f"{reused} in complete packs")
+    out = vault.parent / "r-next"
+    v = cbt_api.Vault.open(vault)
+    v.restore(follow["recovery_point"], out)
+    for lb, copy in scn.today.items():
+        assert_same_disk(out / f"{lb}.img", copy, BS)
+    assert temp_files(vault) == [], f"{what}: temporary files left after the next backup"
+    after = v.verify()
+    assert after["problems"] == [], what
+    assert after["unreferenced_bytes"] == 0, f"{what}: the next backup did not reuse everything"
+
+
+def _kill_at_step(scn: Scenario, n: int, work: Path) -> str:
+    """Copy the base vault, run the next backup with CBT_CRASH_AT=n, check; returns a note."""
+    vault = work / "vault"
+    shutil.copytree(scn.base, vault)
+    counter = work / "counter"
+    counter.write_text("")
+    proc = _backup_proc(scn, vault, {"CBT_CRASH_AT": str(n), "CBT_CRASH_COUNTER": str(counter)})
+    out, err = proc.communicate(timeout=120)
+    steps_done = int(counter.read_text() or 0)
+    if proc.returncode == 0:  # this run had fewer durable steps (no new pack folder)
+        assert steps_done < n, f"step {n}: exit 0 after {steps_done} steps"
+    else:
+        assert proc.returncode == -signal.SIGKILL, f"step {n}: rc {proc.returncode}: {err}"
+        assert steps_done == n
+        assert '"type":"point"' not in out
+    assert _gone(proc.pid), f"step {n}: processes of the killed run survive"
+    _check_after_kill(scn, vault, f"crash at step {n} of {scn.steps}")
+    return "completed" if proc.returncode == 0 else "killed"
+
+
+def test_crash_at_every_durable_step(two_disks: Scenario, tmp_path: Path) -> None:
+    scn = two_disks
+    outcomes = []
+    for n in range(1, scn.steps + 1):
+        work = tmp_path / f"n{n}"
+        work.mkdir()
+        outcomes.append(_kill_at_step(scn, n, work))
+        shutil.rmtree(work)
+    assert outcomes.count("killed") >= scn.steps - 2, outcomes
+
+
+def test_crash_while_merging_the_index(many_segments: Scenario, tmp_path: Path) -> None:
+    """The run that brings the index to MERGE_AT segments merges them after its commit."""
+    scn = many_segments
+    for n in range(max(1, scn.steps - 5), scn.steps + 1):
+        work = tmp_path / f"n{n}"
+        work.mkdir()
+        _kill_at_step(scn, n, work)
+        shutil.rmtree(work)
+
+
+def test_kill_at_random_times(two_disks: Scenario, tmp_path: Path) -> None:
+    scn = two_disks
+    rng = np.random.default_rng(7)
+    killed = 0
+    for i, frac in enumerate([0.1, 0.3, 0.5, 0.7, 0.9]):
+        work = tmp_path / f"k{i}"
+        work.mkdir()
+        vault = work / "vault"
+        shutil.copytree(scn.base, vault)
+        proc = _backup_proc(scn, vault, {})
+        if _wait_for_lock(vault, proc.pid, proc):
+            time.sleep(scn.work_seconds * float(np.clip(frac + rng.uniform(-0.1, 0.1), 0, 1)))
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.communicate(timeout=120)
+        killed += proc.returncode == -signal.SIGKILL
+        _check_after_kill(scn, vault, f"kill at {frac:.0%} of the run")
+        shutil.rmtree(work)
+    assert killed >= 3, "the kills should mostly land while the backup runs"
+
+
+# -- strace: the commit protocol ---------------------------------------------------------
+
+_LINE = re.compile(r"^(\d+)\s+(.*)$")
+_FSYNC = re.compile(r"^f(?:data)?sync\(\d+<(.*)>")
+_RENAME = re.compile(r"^rename(?:at2?)?\(")
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+def _trace_events(path: Path, cwd: Path) -> dict[str, list[tuple[str, str, str]]]:
+    """Per pid, in order: ("fsync", path, "") and ("rename", old, new) that succeeded."""
+    events: dict[str, list[tuple[str, str, str]]] = {}
+    pending: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        m = _LINE.match(raw)
+        if not m:
+            continue
+        pid, rest = m.groups()
+        if rest.endswith("<unfinished ...>"):
+            pending[pid] = rest[: -len("<unfinished ...>")]
+            continue
+        if rest.startswith("<..."):
+            rest = pending.pop(pid, "") + rest.split("resumed>", 1)[1]
+        if not re.search(r"=\s*0\s*$", rest):
+            continue
+        f = _FSYNC.match(rest)
+        if f:
+            events.setdefault(pid, []).append(("fsync", f.group(1), ""))
+        elif _RENAME.match(rest):
+            old, new = _QUOTED.findall(rest)[-2:]
+            old, new = (str(cwd / p) if not p.startswith("/") else p for p in (old, new))
+            events.setdefault(pid, []).append(("rename", old, new))
+    return events
+
+
+def _check_protocol(events: dict[str, list[tuple[str, str, str]]]) -> int:
+    """Every rename of a temporary file follows its fsync and precedes its directory's."""
+    commits = 0
+    for pid, evs in events.items():
+        for i, (kind, old, new) in enumerate(evs):
+            if kind != "rename" or not re.fullmatch(r"\..+\.tmp-\d+", os.path.basename(old)):
+                continue
+            commits += 1
+            before = [e for e in evs[:i] if e[0] == "fsync"]
+            assert before and before[-1][1] == old, (
+                f"pid {pid}: rename {old} -> {new} without an fsync of {old} just before")
+            later = [e for e in evs[i + 1:] if e[0] in ("fsync", "rename")]
+            assert later and later[0] == ("fsync", os.path.dirname(new), ""), (
+                f"pid {pid}: rename {old} -> {new} not followed by an fsync of its directory")
+    return commits
+
+
+def test_commit_renames_follow_fsync_and_precede_directory_fsync(tmp_path: Path) -> None:
+    need_root_tools("strace")
+    disks = tmp_path / "disks"
+    disks.mkdir()
+    make_fs_image(disks / "os.img", 4 * MIB, seed=71)
+    make_db_file(disks / "db.img", 2 * MIB, seed=72)
+    vault = tmp_path / "vault"
+    cbt_api.Vault.init(vault).backup("web", [disks / "os.img"], block_size=BS)
+    mutate(disks / "os.img", seed=73)
+    trace = ["strace", "-f", "-y", "-qq", "-e",
+             "trace=fsync,fdatasync,rename,renameat,renameat2", "-o"]
+    log = tmp_path / "backup.trace"
+    r = subprocess.run([*trace, str(log), *cbt_argv("backup", vault, "--vm", "web",
+                                                     disks / "os.img", disks / "db.img")],
+                       capture_output=True, text=True, env=clean_env(), cwd=tmp_path,
+                       timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    events = _trace_events(log, tmp_path)
+    commits = _check_protocol(events)
+    renamed = [new for evs in events.values() for k, _o, new in evs if k == "rename"]
+    assert any("/points/" in n for n in renamed) and any("/manifests/" in n for n in renamed)
+    assert any("/packs/" in n for n in renamed) and any("/index/" in n for n in renamed)
+    assert commits == len(renamed), "every rename is a commit of a temporary file"
+    # the point record is renamed last: after every pack, manifest and segment
+    order = [new for evs in events.values() for k, _o, new in evs if k == "rename"]
+    assert "/points/" in max(order, key=lambda n: [i for i, x in enumerate(order) if x == n])
+
+    log = tmp_path / "restore.trace"
+    r = subprocess.run([*trace, str(log), *cbt_argv("restore", vault, "web.latest",
+                                                     "--to", tmp_path / "out")],
+                       capture_output=True, text=True, env=clean_env(), cwd=tmp_path,
+                       timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    assert _check_protocol(_trace_events(log, tmp_path)) == 2
