@@ -10,15 +10,19 @@ and BLAKE3 of every block (what the vault must newly hold, ``bytes_new``).
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import need, need_root_tools
 from vault_helpers import (
     KIB,
     MIB,
     assert_same_disk,
     block_digests,
+    fs_image,
     keep_copy,
     nblocks,
     pack_files,
@@ -28,14 +32,14 @@ from vault_helpers import (
 )
 
 import cbt
-from cbt.synth import make_db_file, make_fs_image, mutate
+from cbt.synth import make_db_file, mutate
 
 
 def _day_changes(day: int, disks: Path, fill_at: dict[str, int]) -> list[str]:
     """Apply day ``day``'s changes; returns the labels of the disks backed up that day."""
     os_img, db_img, logs_img = disks / "os.img", disks / "db.img", disks / "logs.img"
     if day == 0:
-        make_fs_image(os_img, 6 * MIB, seed=11)
+        fs_image(os_img, 6 * MIB, 11)
         make_db_file(db_img, 3 * MIB, seed=12)
         return ["os", "db"]
     if day == 1:  # file-system runs, a zeroed region and a punched hole; database pages
@@ -52,7 +56,7 @@ def _day_changes(day: int, disks: Path, fill_at: dict[str, int]) -> list[str]:
     if day == 3:  # a rewrite that shrinks os; db unchanged; a new disk appears
         mutate(os_img, seed=301, page_writes=0, runs=2, run_length=256 * KIB,
                zero_runs=0, holes=0, resize=-(2 * MIB + 777))
-        make_fs_image(logs_img, 2 * MIB + 4097, seed=13)
+        fs_image(logs_img, 2 * MIB + 4097, 13)
         return ["os", "db", "logs"]
     if day == 4:  # db is removed; the hole punched on day 1 fills with data again
         with open(os_img, "r+b") as f:
@@ -127,3 +131,82 @@ def test_daily_cycle_every_point_restores(tmp_path: Path, bs: int) -> None:
     # the packs hold exactly the distinct non-zero blocks, never a zero block
     held = {b.digest: b.raw for p in pack_files(Path(vault.root)) for b in walk_pack(p)}
     assert held == stored
+
+
+def test_empty_and_tiny_disks_grow_and_shrink(tmp_path: Path) -> None:
+    bs = 4 * KIB
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    vault = cbt.Vault.init(tmp_path / "vault")
+    states = [  # (content of a, content of b) per day; None = sparse 70000 bytes
+        (b"", b"xyz"),
+        (None, b""),
+        (None, b"\x00" * 5000 + b"q"),
+        (b"", b"\x00" * 5001),
+    ]
+    history = []
+    previous: dict[str, np.ndarray] = {}
+    for day, (ca, cb) in enumerate(states):
+        if ca is None:
+            with open(a, "wb") as f:
+                f.truncate(70000)
+                f.seek(65536 + 100)
+                f.write(b"tail data")
+        else:
+            a.write_bytes(ca)
+        b.write_bytes(cb)
+        point = vault.backup("vm", [a, b], block_size=bs)
+        copies = {lb: keep_copy(tmp_path / f"{lb}.img", tmp_path / f"{lb}.{day}.img")
+                  for lb in ("a", "b")}
+        for d in point.disks:
+            data = read(copies[d.label])
+            assert d.size == len(data) and d.blocks == nblocks(len(data), bs)
+            want = d.blocks if day == 0 else truth_changed(previous[d.label], data, bs)
+            assert d.changed_blocks == want, (day, d.label)
+            previous[d.label] = data
+        history.append((point.id, copies))
+    for i, (pid, copies) in enumerate(history):
+        vault.restore(pid, tmp_path / f"out{i}")
+        for lb, copy in copies.items():
+            assert_same_disk(tmp_path / f"out{i}" / f"{lb}.img", copy, bs)
+    assert vault.verify(data=True)["problems"] == []
+
+
+def test_a_block_device_disk(tmp_path: Path) -> None:
+    """A loop device as the disk: read through the device, restored to an image file."""
+    need_root_tools("losetup")
+    bs = 16 * KIB
+    backing = tmp_path / "backing.img"
+    fs_image(backing, 4 * MIB, 21)
+    attach = subprocess.run(["losetup", "--find", "--show", str(backing)],
+                            capture_output=True, text=True, check=False)
+    need(attach.returncode == 0, f"losetup cannot attach a loop device: {attach.stderr.strip()}")
+    dev = attach.stdout.strip()
+    try:
+        vault = cbt.Vault.init(tmp_path / "vault")
+        history = []
+        for day in range(3):
+            if day:
+                fd = os.open(dev, os.O_WRONLY)
+                try:
+                    rng = np.random.default_rng(day)
+                    for _ in range(20):
+                        off = int(rng.integers(0, 4 * MIB - 10000))
+                        os.pwrite(fd, rng.integers(0, 256, 5000, np.uint8).tobytes(), off)
+                    os.pwrite(fd, bytes(64 * KIB), MIB)  # a zeroed region
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            copy = tmp_path / f"day{day}.img"
+            with open(dev, "rb") as f:
+                copy.write_bytes(f.read())
+            point = vault.backup("vm", [dev], block_size=bs)
+            d = point.disks[0]
+            assert d.label == Path(dev).name and d.size == 4 * MIB
+            if history:
+                assert d.changed_blocks == truth_changed(read(history[-1][1]), read(copy), bs)
+            history.append((point.id, copy))
+        for i, (pid, copy) in enumerate(history):
+            vault.restore(pid, tmp_path / f"out{i}")
+            assert_same_disk(tmp_path / f"out{i}" / f"{Path(dev).name}.img", copy, bs)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)

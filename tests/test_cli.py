@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,6 +131,19 @@ def test_scan_json(image: SparseImage, bs: int | None) -> None:
     assert listing(d) == before  # without -o nothing is written
 
 
+@pytest.mark.parametrize(("text", "value"), [("4K", 4096), ("4096", 4096), ("64k", 65536),
+                                           ("65536", 65536), ("1M", MIB), ("4M", 4 * MIB)])
+def test_size_strings(text: str, value: int) -> None:
+    assert cbt.parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["65536", "1M"])
+def test_block_size_in_bytes_or_units(image: SparseImage, text: str) -> None:
+    r = run_cli("scan", "--json", "--block-size", text, image.path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["block_size"] == cbt.parse_size(text)
+
+
 def test_scan_json_counts_are_nontrivial(image: SparseImage) -> None:
     """The fixture exercises every flag at 4K, so the counts above mean something."""
     _, flags, _ = image.expected(4 * KIB)
@@ -234,6 +248,45 @@ def test_diff_manifest_and_image(image: SparseImage, tmp_path: Path) -> None:
     assert r.returncode == 0
     out = json.loads(r.stdout)
     assert out["block_size"] == 4 * KIB and len(out["warnings"]) == 1
+
+
+def test_diff_warning_is_one_line_on_stderr(image: SparseImage, tmp_path: Path) -> None:
+    a, b = _pair(image)
+    ma = tmp_path / "a.arrow"
+    cbt.scan(a, 4 * KIB).write(ma)
+    r = run_cli("diff", "--block-size", "1M", ma, b)
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and "warning" in lines[0] and "4K" in lines[0], r.stderr
+
+
+def test_progress_only_on_a_terminal(image: SparseImage) -> None:
+    """With stderr on a terminal a progress bar may go there; stdout stays clean JSON."""
+    import pty
+    import select
+
+    controller, terminal = pty.openpty()
+    try:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "cbt.cli.main", "scan", "--json",
+                                   image.path], stdout=subprocess.PIPE, stderr=terminal,
+                                  text=True, timeout=60, check=False)
+        finally:
+            os.close(terminal)
+        seen = b""
+        while select.select([controller], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(controller, 1 << 16)
+            except OSError:  # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(controller)
+    assert proc.returncode == 0
+    assert set(json.loads(proc.stdout)) == SCAN_KEYS
+    assert b"Traceback" not in seen
 
 
 # -- every bad input: exit 2, one line -------------------------------------------------------

@@ -98,6 +98,14 @@ def test_readable_with_plain_pyarrow(manifest_file: tuple[Manifest, Path],
     assert table.column("digest").null_count == 0
 
 
+def test_to_arrow_is_what_is_written(manifest_file: tuple[Manifest, Path]) -> None:
+    m, path = manifest_file
+    written = pa.ipc.open_file(str(path)).read_all()
+    table = m.to_arrow()
+    assert table.equals(written)
+    assert table.schema.metadata == written.schema.metadata
+
+
 def test_write_leaves_only_the_manifest(manifest_file: tuple[Manifest, Path]) -> None:
     m, path = manifest_file
     assert sorted(p.name for p in path.parent.iterdir()) == ["disk.arrow", "disk.img"]
@@ -209,6 +217,14 @@ def _flags(t: pa.Table, at: int, value: int | None) -> pa.Array:
     return pa.array(flags, pa.uint8())
 
 
+def _both(*steps: Callable[[pa.Table], pa.Table]) -> Callable[[pa.Table], pa.Table]:
+    def apply(t: pa.Table) -> pa.Table:
+        for step in steps:
+            t = step(t)
+        return t
+    return apply
+
+
 def _digest_variable(t: pa.Table) -> pa.Array:
     return pa.array(t.column("digest").to_pylist(), pa.binary())
 
@@ -226,6 +242,14 @@ ALTERATIONS: dict[str, Callable[[pa.Table], pa.Table]] = {
     "disk-size-same-block-count": _meta(disk_size=str(6 * PAGE + 99)),
     "checksum-changed": _meta(digest_checksum="0" * 64),
     "checksum-missing": _meta(digest_checksum=None),
+    "checksum-of-everything-changed": _meta(checksum="0" * 64),
+    "kind-delta": _meta(kind="delta"),
+    "kind-unknown": _meta(kind="partial"),
+    # Dropping the whole-content checksum must not switch its checks off.
+    "no-checksum-of-everything-and-disk-size-altered": _both(
+        _meta(checksum=None), _meta(disk_size=str(6 * PAGE + 99))),
+    "no-checksum-of-everything-and-flags-altered": _both(
+        _meta(checksum=None), _column("flags", lambda t: _flags(t, 1, DATA))),
     "source-not-utf8": _meta(source="\xff\xfe/disk.img"),
     "flags-data-to-zero": _column("flags", lambda t: _flags(t, 2, ZERO)),
     "flags-zero-to-data": _column("flags", lambda t: _flags(t, 1, DATA)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from _util import (
     truth_hash,
 )
 from conftest import need, need_root_tools
+from hypothesis import given
+from hypothesis import strategies as st
 
 import cbt
 from cbt.scan import open_disk
@@ -237,3 +240,76 @@ def test_loop_device(tmp_path: Path) -> None:
         assert (r.returncode, json.loads(r.stdout)["changed_blocks"]) == (0, 0), r.stderr
     finally:
         subprocess.run(["losetup", "-d", dev], check=True)
+
+
+def test_more_than_one_window(tmp_path: Path) -> None:
+    """One worker's shard longer than a mapping window (64 MiB): blocks at the seam.
+
+    Mostly written zeros (cheap to scan), with data straddling every MiB boundary
+    and a short tail; then the same image diffed against a copy changed at the seam.
+    """
+    from cbt.scan import WINDOW
+
+    size = WINDOW + 2 * MIB + 100
+    data = np.zeros(size, dtype=np.uint8)
+    rng = np.random.default_rng(41)
+    for off in range(MIB, size, MIB):
+        data[off - 8:off + 8] = rng.integers(1, 256, 16, dtype=np.uint8)
+    data[-50:] = 7
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    data.tofile(a)
+    changed = data.copy()
+    changed[WINDOW - 3:WINDOW + 3] ^= 0xFF  # across the window seam
+    changed[WINDOW + MIB + 1] ^= 0x01
+    changed.tofile(b)
+    try:
+        bs = 64 * KIB
+        want_digests, want_flags = truth_hash(data, bs)
+        m = cbt.scan(a, bs, workers=1)
+        assert np.array_equal(m.flags, want_flags)
+        assert np.array_equal(m.digests, want_digests)
+        assert m.bytes_read == size
+        for workers in (1, 2):
+            cs = cbt.diff_images(a, b, bs, workers=workers)
+            blocks = np.flatnonzero(cs.bitmap).tolist()
+            assert blocks == [WINDOW // bs - 1, WINDOW // bs, (WINDOW + MIB) // bs]
+        assert np.flatnonzero(cbt.diff(m, b).bitmap).tolist() == blocks
+    finally:
+        a.unlink()
+        b.unlink()
+
+
+# -- property-based: random sparse layouts ---------------------------------------------
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> tuple[int, list[tuple[str, int, int]], int, int]:
+    pages = draw(st.integers(1, 160))
+    size = pages * PAGE - draw(st.integers(0, PAGE - 1))
+    ops: list[tuple[str, int, int]] = []
+    for _ in range(draw(st.integers(0, 8))):
+        kind = draw(st.sampled_from(["data", "zeros", "punch"]))
+        if kind == "punch":
+            first = draw(st.integers(0, pages - 1))
+            ops.append((kind, first * PAGE, draw(st.integers(1, pages - first)) * PAGE))
+        else:
+            off = draw(st.integers(0, size - 1))
+            ops.append((kind, off, draw(st.integers(1, size - off))))
+    bs = 1 << draw(st.integers(12, 16))
+    return size, ops, bs, draw(st.integers(1, 4))
+
+
+@given(layouts())
+def test_property_sparse_scan(case: tuple[int, list[tuple[str, int, int]], int, int]) -> None:
+    size, ops, bs, workers = case
+    with tempfile.TemporaryDirectory() as d:
+        need(fs_has_page_holes(Path(d)), f"no 4 KiB holes on the file system of {d}")
+        img = SparseImage(Path(d) / "disk.img", size)
+        for i, (kind, off, length) in enumerate(ops):
+            if kind == "data":
+                img.write_random(off, length, seed=i)
+            elif kind == "zeros":
+                img.write(off, bytes(length))
+            else:
+                img.punch(off, min(length, -(-size // PAGE) * PAGE - off))
+        check_scan(cbt.scan(img.path, bs, workers=workers), img, bs)

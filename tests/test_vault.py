@@ -19,13 +19,14 @@ from vault_helpers import (
     assert_same_disk,
     block_digests,
     distinct_raw,
+    fs_image,
     pack_files,
     read,
     walk_pack,
 )
 
 import cbt
-from cbt.synth import make_db_file, make_fs_image, punch_hole
+from cbt.synth import make_db_file, punch_hole
 
 
 def _random_file(path: Path, size: int, seed: int) -> Path:
@@ -52,7 +53,7 @@ def test_config_records_format_and_no_encryption(tmp_path: Path) -> None:
 
 
 def test_two_vms_with_identical_disks_store_the_data_once(tmp_path: Path) -> None:
-    make_fs_image(tmp_path / "a.img", 4 * MIB, seed=1)
+    fs_image(tmp_path / "a.img", 4 * MIB, 1)
     shutil.copyfile(tmp_path / "a.img", tmp_path / "b.img")
     truth = block_digests(read(tmp_path / "a.img"), 64 * KIB)
     vault = cbt.Vault.init(tmp_path / "v")
@@ -113,7 +114,7 @@ def test_zero_blocks_and_holes_are_never_stored(tmp_path: Path) -> None:
 def test_parallel_identical_disks_keep_one_index_entry_per_digest(tmp_path: Path) -> None:
     """Two workers race to store the same blocks; the commit keeps one entry each."""
     bs = 64 * KIB
-    make_fs_image(tmp_path / "a.img", 8 * MIB, seed=4)
+    fs_image(tmp_path / "a.img", 8 * MIB, 4)
     shutil.copyfile(tmp_path / "a.img", tmp_path / "b.img")
     truth = block_digests(read(tmp_path / "a.img"), bs)
     vault = cbt.Vault.init(tmp_path / "v")
@@ -153,7 +154,7 @@ def test_parallel_duplicates_inside_one_disk(tmp_path: Path) -> None:
 def test_packs_are_self_describing_and_several_mib(tmp_path: Path) -> None:
     bs = 4 * KIB
     disk = tmp_path / "d.img"
-    make_fs_image(disk, 24 * MIB, seed=6)
+    fs_image(disk, 24 * MIB, 6)
     with open(disk, "r+b") as f:
         punch_hole(f.fileno(), 8 * MIB, 2 * MIB)
     truth = block_digests(read(disk), bs)

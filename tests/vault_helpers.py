@@ -27,7 +27,9 @@ KIB = 1024
 MIB = 1024 * KIB
 PAGE = 4096
 
-_CBT = shutil.which("cbt")
+# The console script beside this interpreter (no pyenv shim in between), else PATH.
+_CBT = (str(Path(sys.executable).with_name("cbt"))
+        if Path(sys.executable).with_name("cbt").exists() else shutil.which("cbt"))
 
 # The exact --json shapes of issue 3.
 POINT_LINE_KEYS = {"type", "recovery_point", "vm", "created", "consistency",
@@ -273,3 +275,24 @@ def distinct_raw(entries: Iterable[tuple[bytes, int]]) -> int:
     for d, raw in entries:
         seen.setdefault(d, raw)
     return sum(seen.values())
+
+
+def fs_image(path: str | os.PathLike[str], size: int, seed: int) -> Path:
+    """``cbt.synth.make_fs_image`` with a mix worth testing: data, zeros and holes.
+
+    Its extents are up to 4 MiB long, so a small image can come out all hole or
+    all data; the first seed from ``seed`` on (deterministic) with 30-90% data
+    and a hole is used.
+    """
+    from cbt.synth import make_fs_image
+
+    for s in range(seed, seed + 1000 * 200, 1000):
+        make_fs_image(path, size, seed=s)
+        data = read(path)
+        n = nblocks(len(data), PAGE)
+        pages = np.concatenate([data, np.zeros(n * PAGE - len(data), np.uint8)])
+        share = np.count_nonzero(pages.reshape(n, PAGE).any(axis=1)) / n
+        allocated = os.stat(path).st_blocks * 512
+        if 0.3 <= share <= 0.9 and allocated < 0.97 * size:
+            return Path(path)
+    raise AssertionError(f"no seed gives a mixed image of {size} bytes")

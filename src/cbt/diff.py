@@ -169,19 +169,104 @@ def diff_images(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str],
     return _finish(result, common, da.size, db.size, block_size, [])
 
 
-def _load(src: Source) -> Manifest | str:
+POINT_SEPARATOR = "::"
+
+
+def parse_point_ref(text: str) -> tuple[str, str, str | None] | None:
+    """``VAULT::POINT[/LABEL]`` -> (vault, point, label or None); anything else -> None."""
+    vault, sep, ref = text.rpartition(POINT_SEPARATOR)
+    if not sep or not vault or not ref:
+        return None
+    point, slash, label = ref.partition("/")
+    return vault, point, (label if slash else None)
+
+
+def _load(src: Source) -> Manifest | str | PointRef:
     if isinstance(src, Manifest):
         return src
     p = os.fspath(src)
+    ref = parse_point_ref(p)
+    if ref is not None:
+        from cbt.vault import Vault
+
+        vault = Vault.open(ref[0])
+        point = vault.point(ref[1])
+        if ref[2] is None:
+            return PointRef(vault, point)
+        return vault.resolve(point, ref[2])
     if os.path.isfile(p) and is_manifest_file(p):
         return Manifest.read(p)
     return p
 
 
+@dataclass
+class PointRef:
+    """A whole recovery point named as ``VAULT::POINT``."""
+
+    vault: Any
+    point: Any
+
+
+@dataclass
+class PointDiff:
+    """Disk-by-disk changes between two whole recovery points (metadata only)."""
+
+    a: str
+    b: str
+    disks: list[tuple[str, str, ChangeSet]]  # (label, status, change set)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def changed_blocks(self) -> int:
+        return sum(cs.changed_blocks for _, _, cs in self.disks)
+
+    @property
+    def changed_bytes(self) -> int:
+        return sum(cs.changed_bytes for _, _, cs in self.disks)
+
+    @property
+    def identical(self) -> bool:
+        return all(status == "same" for _, status, _ in self.disks)
+
+    def to_dict(self) -> dict[str, Any]:
+        disks = []
+        for label, status, cs in self.disks:
+            d = cs.to_dict()
+            d.pop("warnings")
+            disks.append({"label": label, "status": status, **d})
+        return {"a": self.a, "b": self.b, "disks": disks, "changed_blocks": self.changed_blocks,
+                "changed_bytes": self.changed_bytes, "warnings": list(self.warnings)}
+
+
+def _absent_like(m: Manifest) -> Manifest:
+    """An empty disk of ``m``'s block size: everything in ``m`` counts as changed."""
+    return Manifest(m.block_size, 0, np.zeros((0, fast.DIGEST_SIZE), dtype=np.uint8),
+                    np.zeros(0, dtype=np.uint8))
+
+
+def diff_points(a: PointRef, b: PointRef) -> PointDiff:
+    """Compare two whole points disk by disk, by label (reads only manifests)."""
+    labels_a = [d.label for d in a.point.disks]
+    labels_b = [d.label for d in b.point.disks]
+    out: list[tuple[str, str, ChangeSet]] = []
+    for label in labels_a + [lb for lb in labels_b if lb not in labels_a]:
+        ma = a.vault.resolve(a.point, label) if label in labels_a else None
+        mb = b.vault.resolve(b.point, label) if label in labels_b else None
+        if ma is not None and mb is not None:
+            cs = diff_manifests(ma, mb)
+            out.append((label, "same" if cs.identical else "changed", cs))
+        elif ma is not None:
+            out.append((label, "only_a", diff_manifests(ma, _absent_like(ma))))
+        elif mb is not None:
+            out.append((label, "only_b", diff_manifests(_absent_like(mb), mb)))
+    return PointDiff(a.point.id, b.point.id, out)
+
+
 def diff(a: Source, b: Source, block_size: int | None = None, workers: int | None = None,
-         progress: Progress | None = None) -> ChangeSet:
+         progress: Progress | None = None) -> Any:
     """Changed blocks between two sources, each an image, a device, a manifest
-    file or a :class:`Manifest`.
+    file, a :class:`Manifest`, or a point's disk ``VAULT::POINT/LABEL``: a
+    :class:`ChangeSet`.  Two whole points ``VAULT::POINT``: a :class:`PointDiff`.
 
     ``block_size`` applies to images; a manifest's own block size wins (with a
     warning when it differs from an explicit ``block_size``).
@@ -189,6 +274,11 @@ def diff(a: Source, b: Source, block_size: int | None = None, workers: int | Non
     if block_size is not None:
         fast.check_block_size(block_size)
     la, lb = _load(a), _load(b)
+    if isinstance(la, PointRef) or isinstance(lb, PointRef):
+        if not (isinstance(la, PointRef) and isinstance(lb, PointRef)):
+            raise CbtValueError("a whole point (VAULT::POINT) can only be compared with another "
+                                "whole point; name one disk as VAULT::POINT/LABEL")
+        return diff_points(la, lb)
     manifests = [m for m in (la, lb) if isinstance(m, Manifest)]
     warnings: list[str] = []
     if not manifests:

@@ -255,11 +255,16 @@ def _checked_rows(table: Any, where: str, kind: str) -> _Rows:
     if blake3.blake3(np.ascontiguousarray(digests).data).hexdigest() != digest_checksum:
         raise bad("digest checksum mismatch (the file was altered or damaged)")
     checksum = meta.get("cbt.checksum")
-    if checksum is not None and checksum != content_checksum(kind, disk_size, block_size,
-                                                             blocks, digests, flags):
+    if checksum is None:
+        raise bad("no cbt.checksum")
+    if checksum != content_checksum(kind, disk_size, block_size, blocks, digests, flags):
         raise bad("checksum mismatch (the file was altered or damaged)")
-    if n and (digests[flags != DATA] != 0).any():
-        raise bad("a ZERO or HOLE block has a digest")
+    if n:
+        is_data = flags == DATA
+        if (digests[~is_data] != 0).any():
+            raise bad("a ZERO or HOLE block has a digest")
+        if not digests[is_data].any(axis=1).all():
+            raise bad("a DATA block has no digest")
     return _Rows(meta, disk_size, block_size, blocks, digests, flags)
 
 

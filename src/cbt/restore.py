@@ -1,14 +1,23 @@
-"""Restore: write every disk of a recovery point back, bit for bit.
+"""Restore: write disks of a recovery point back, bit for bit.
 
 1. Resolve the point's manifests and look every DATA block up in the index
    (a block the index lacks is an error before anything is written).
-2. Create each target under a temporary name with the disk's size: holes and
-   zero blocks are simply never written, so they stay holes.
+2. Choose what to write for each target:
+   - a new file: created under a temporary name with the disk's size; holes
+     and zero blocks are never written, so they stay holes;
+   - a block device: every DATA block, and zero/hole ranges zeroed with
+     ``BLKZEROOUT`` (skipped with ``assume_zeroed``); the device must be at
+     least as large as the disk;
+   - ``in_place`` (an older restore or the damaged original, file or device):
+     the target is scanned first and only blocks whose digest differs are
+     written; blocks that must read as zeros are punched (file) or zeroed
+     (device).
 3. Order the blocks by (pack, offset) and give each worker whole packs; a
    worker reads each pack's needed span with large sequential reads, checks
    every blob against its digest, and writes it at its block's offset.
-4. fsync, rename to ``DIR/LABEL.img``, fsync the directory.  On any error the
-   temporary files are removed: no target is left half-written.
+4. fsync; a new file is then renamed into place and its directory fsynced.
+   On any error temporary files are removed: no new target is left
+   half-written.
 """
 
 from __future__ import annotations
@@ -22,14 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from cbt._core import fast
+from cbt.blockio import device_size, is_block_device, zero_range
 from cbt.durable import fsync_dir, fsync_file, temp_name
-from cbt.errors import CbtError, CbtIOError
+from cbt.errors import CbtError, CbtIOError, CbtValueError
+from cbt.manifest import Manifest
 from cbt.parallel import Report, fork_map
-from cbt.scan import default_workers
+from cbt.scan import default_workers, scan
 from cbt.vault.index import Index
 from cbt.vault.pack import BLOB, CorruptPackError, decode_blob, pack_name
+from cbt.vault.points import PointRecord
 from cbt.vault.vault import Vault
 
 # Read a pack's needed span in one go when at least this share of it is needed.
@@ -69,18 +82,22 @@ def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int
             name = pack_name(job.pack)
             lo = int(job.offsets[0])
             hi = int((job.offsets + job.lengths).max())
-            span = None
-            if int(job.lengths.sum()) >= DENSE * (hi - lo):
-                span = storage.read_range(name, lo, hi - lo)
+            where = f"point {job.point} disk {job.label} block {{}} pack {job.pack}"
+            try:
+                span = (storage.read_range(name, lo, hi - lo)
+                        if int(job.lengths.sum()) >= DENSE * (hi - lo) else None)
+            except OSError as exc:
+                raise DamagedPointError(f"{where.format(int(job.blocks[0]))}: {exc}") from None
             for blk, dig, off, ln in zip(job.blocks.tolist(), job.digests, job.offsets.tolist(),
                                          job.lengths.tolist(), strict=True):
-                where = (f"point {job.point} disk {job.label} block {blk} pack {job.pack}")
-                raw = (memoryview(span)[off - lo:off - lo + ln] if span is not None
-                       else storage.read_range(name, off, ln))
                 try:
-                    data = decode_blob(raw, dig.tobytes(), where)
+                    raw = (memoryview(span)[off - lo:off - lo + ln] if span is not None
+                           else storage.read_range(name, off, ln))
+                    data = decode_blob(raw, dig.tobytes(), where.format(blk))
                 except CorruptPackError as exc:
                     raise DamagedPointError(str(exc)) from None
+                except OSError as exc:
+                    raise DamagedPointError(f"{where.format(blk)}: {exc}") from None
                 os.pwrite(fd, data, blk * job.block_size)
                 w, v = stats.get(job.label, (0, 0))
                 stats[job.label] = (w + len(data), v + 1)
@@ -91,10 +108,11 @@ def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int
     return stats
 
 
-def plan_disk(vault: Vault, index: Index, point_id: str, label: str, manifest: Any,
-              target: str) -> list[_Job]:
-    """One job per pack holding blocks of this disk."""
-    rows = np.nonzero(manifest.flags == fast.FLAG_DATA)[0]
+def plan_disk(vault: Vault, index: Index, point_id: str, label: str, manifest: Manifest,
+              target: str, rows: npt.NDArray[np.int64] | None = None) -> list[_Job]:
+    """One job per pack holding the DATA blocks ``rows`` (default: all) of this disk."""
+    if rows is None:
+        rows = np.nonzero(manifest.flags == fast.FLAG_DATA)[0]
     digests = manifest.digests[rows]
     pos = index.lookup(digests)
     if (pos < 0).any():
@@ -117,63 +135,165 @@ def plan_disk(vault: Vault, index: Index, point_id: str, label: str, manifest: A
     return jobs
 
 
+@dataclass
+class _Target:
+    """Where one disk goes and how."""
+
+    label: str
+    final: Path
+    write_to: Path  # the temporary name for a new file, else ``final``
+    size: int
+    device: bool
+    in_place: bool
+    zero_rows: npt.NDArray[np.int64]  # blocks to make read as zeros
+    zeroed: int = 0
+
+
+def _zero_runs(rows: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
+    """Consecutive block numbers as (first, count) runs."""
+    if len(rows) == 0:
+        return []
+    breaks = np.nonzero(np.diff(rows) != 1)[0] + 1
+    starts = np.r_[0, breaks]
+    ends = np.r_[breaks, len(rows)]
+    return [(int(rows[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
+
+
+def _prepare(vault: Vault, index: Index, point: PointRecord, label: str, manifest: Manifest,
+             final: Path, force: bool, in_place: bool, assume_zeroed: bool,
+             workers: int | None) -> tuple[_Target, list[_Job]]:
+    size, bs = manifest.disk_size, manifest.block_size
+    device = is_block_device(final)
+    is_data = manifest.flags == fast.FLAG_DATA
+    data_rows = np.nonzero(is_data)[0]
+    empty = np.zeros(0, dtype=np.int64)
+    if device:
+        fd = os.open(final, os.O_RDONLY)
+        try:
+            have = device_size(fd)
+        finally:
+            os.close(fd)
+        if have < size:
+            raise CbtValueError(f"device {final} holds {have} bytes; disk {label} needs {size}")
+    elif final.exists() and not (force or in_place):
+        raise CbtIOError(errno.EEXIST, f"target exists: {final} (use --force to replace it, "
+                         "or --in-place to rewrite only the blocks that differ)")
+    elif in_place and not final.is_file():
+        raise CbtIOError(errno.ENOENT, f"--in-place needs an existing copy of the disk: {final}")
+    if in_place:
+        current = scan(final, bs, workers, limit=size)
+        common = min(current.blocks, manifest.blocks)
+        differs = np.ones(manifest.blocks, dtype=bool)
+        differs[:common] = (current.digests[:common] != manifest.digests[:common]).any(axis=1)
+        # a block past the target's old end reads as zeros once the file is extended
+        was_nonzero = np.zeros(manifest.blocks, dtype=bool)
+        was_nonzero[:common] = current.flags[:common] == fast.FLAG_DATA
+        rows = np.nonzero(is_data & differs)[0]
+        zero_rows = np.nonzero(~is_data & was_nonzero)[0]
+        target = _Target(label, final, final, size, device, True, zero_rows)
+    elif device:
+        rows = data_rows
+        zero_rows = empty if assume_zeroed else np.nonzero(~is_data)[0]
+        target = _Target(label, final, final, size, True, False, zero_rows)
+    else:
+        rows = data_rows
+        target = _Target(label, final, temp_name(final), size, False, False, empty)
+    jobs = plan_disk(vault, index, point.id, label, manifest, str(target.write_to), rows)
+    return target, jobs
+
+
 def restore(vault: Vault, ref: str, to: str | os.PathLike[str], force: bool = False,
-            workers: int | None = None, progress: Any = None) -> dict[str, Any]:
-    """Restore every disk of point ``ref`` as ``to/LABEL.img``."""
+            workers: int | None = None, progress: Any = None, disk: str | None = None,
+            in_place: bool = False, assume_zeroed: bool = False) -> dict[str, Any]:
+    """Restore point ``ref``: every disk as ``to/LABEL.img``, or one ``disk`` to ``to``.
+
+    ``to`` may be a block device when ``disk`` is given.  See the module doc for
+    ``in_place`` and ``assume_zeroed``.
+    """
     started = time.perf_counter()
     point = vault.point(ref)
-    out_dir = Path(to)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CbtIOError(errno.ENOTDIR, f"not a directory: {out_dir}")
-    targets = {d.label: out_dir / f"{d.label}.img" for d in point.disks}
-    for t in targets.values():
-        if t.exists() and not force:
-            raise CbtIOError(errno.EEXIST, f"target exists: {t} (use --force to replace it)")
+    if disk is not None:
+        if point.disk(disk) is None:
+            raise CbtValueError(f"point {point.id} has no disk {disk!r} (it has "
+                                f"{', '.join(d.label for d in point.disks)})")
+        finals = {disk: Path(to)}
+        out_dirs = {Path(to).parent}
+    else:
+        out_dir = Path(to)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise CbtIOError(errno.ENOTDIR, f"not a directory: {out_dir} (name one disk with "
+                             "--disk LABEL to restore it to a file or device)")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        finals = {d.label: out_dir / f"{d.label}.img" for d in point.disks}
+        out_dirs = {out_dir}
     warnings: list[str] = []
     index = vault.load_index(warnings)
-    manifests = {d.label: vault.resolve(point, d.label) for d in point.disks}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    temps = {label: temp_name(t) for label, t in targets.items()}
+    manifests = {label: vault.resolve(point, label) for label in finals}
+    targets: list[_Target] = []
     jobs: list[_Job] = []
     try:
-        for d in point.disks:
-            with open(temps[d.label], "wb") as f:
-                f.truncate(d.size)
-            jobs += plan_disk(vault, index, point.id, d.label, manifests[d.label],
-                              str(temps[d.label]))
-        n = max(1, min(workers or default_workers(), len(jobs)))
-        groups: list[list[_Job]] = [[] for _ in range(n)]
-        load = [0] * n
-        for job in sorted(jobs, key=lambda j: -int(j.lengths.sum())):
-            k = load.index(min(load))
-            groups[k].append(job)
-            load[k] += int(job.lengths.sum())
-        total = sum(load)
-        report = (lambda done: progress(int(done.sum()), total)) if progress else None
-        results = fork_map(_restore_packs, [g for g in groups if g], report)
-        per_disk = {label: [0, 0] for label in targets}
+        for label, final in finals.items():
+            target, disk_jobs = _prepare(vault, index, point, label, manifests[label], final,
+                                         force, in_place, assume_zeroed, workers)
+            targets.append(target)
+            jobs += disk_jobs
+            if not target.device:
+                if target.write_to != target.final:
+                    with open(target.write_to, "xb"):
+                        pass
+                os.truncate(target.write_to, target.size)
+        results = _run_jobs(jobs, workers, progress)
+        per_disk = {t.label: [0, 0] for t in targets}
         for stats in results:
             for label, (w, v) in stats.items():
                 per_disk[label][0] += w
                 per_disk[label][1] += v
-        for label, tmp in temps.items():
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                fsync_file(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, targets[label])
-        fsync_dir(out_dir)
+        for t in targets:
+            _zero_and_sync(t, manifests[t.label].block_size)
+        for t in targets:
+            if t.write_to != t.final:
+                os.replace(t.write_to, t.final)
+        for d in out_dirs:
+            fsync_dir(d)
     except BaseException:
-        for tmp in temps.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        for t in targets:
+            if t.write_to != t.final:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(t.write_to)
         raise
     return {
         "recovery_point": point.id,
-        "disks": [{"label": d.label, "to": str(targets[d.label]), "size": d.size,
-                   "bytes_written": per_disk[d.label][0],
-                   "blocks_verified": per_disk[d.label][1]} for d in point.disks],
+        "disks": [{"label": t.label, "to": str(t.final), "size": t.size,
+                   "bytes_written": per_disk[t.label][0] + t.zeroed,
+                   "blocks_verified": per_disk[t.label][1]} for t in targets],
         "seconds": round(time.perf_counter() - started, 6),
         "warnings": warnings,
     }
+
+
+def _run_jobs(jobs: list[_Job], workers: int | None, progress: Any) -> list[dict[str, Any]]:
+    """Spread pack jobs over the workers, largest first, by bytes to read."""
+    n = max(1, min(workers or default_workers(), len(jobs)))
+    groups: list[list[_Job]] = [[] for _ in range(n)]
+    load = [0] * n
+    for job in sorted(jobs, key=lambda j: -int(j.lengths.sum())):
+        k = load.index(min(load))
+        groups[k].append(job)
+        load[k] += int(job.lengths.sum())
+    total = sum(load)
+    report = (lambda done: progress(int(done.sum()), total)) if progress else None
+    return fork_map(_restore_packs, [g for g in groups if g], report)
+
+
+def _zero_and_sync(t: _Target, block_size: int) -> None:
+    """Zero what must read as zeros, fix a file's size, fsync."""
+    fd = os.open(t.write_to, os.O_WRONLY)
+    try:
+        for first, count in _zero_runs(t.zero_rows):
+            lo = first * block_size
+            hi = min((first + count) * block_size, t.size)
+            zero_range(fd, lo, hi - lo, t.device)
+            t.zeroed += hi - lo
+        fsync_file(fd)
+    finally:
+        os.close(fd)

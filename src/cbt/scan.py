@@ -209,16 +209,22 @@ def scan(
     block_size: int = DEFAULT_BLOCK_SIZE,
     workers: int | None = None,
     progress: Progress | None = None,
+    limit: int | None = None,
 ) -> Manifest:
     """Scan a disk image or block device into a :class:`Manifest`.
 
     ``workers`` processes share the disk (default: one per core).  ``progress``
     is called with ``(bytes_done, bytes_to_read)`` a few times per second.
+    ``limit`` scans only the first ``limit`` bytes (a disk restored onto a
+    larger device).
     """
     fast.check_block_size(block_size)
     workers = workers or default_workers()
     started = time.perf_counter()
-    with open_disk(path) as disk:
+    with open_disk(path) as opened:
+        disk = opened
+        if limit is not None and limit < disk.size:
+            disk = Disk(disk.path, disk.fd, limit, disk.kind)
         n = fast.nblocks(disk.size, block_size)
         ranges = block_ranges(data_extents(disk.fd, disk.size), block_size)
         to_read = sum(min(hi * block_size, disk.size) - lo * block_size for lo, hi in ranges)

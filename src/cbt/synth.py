@@ -15,28 +15,16 @@ Everything is deterministic in its seed.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from cbt.blockio import punch_hole
+
+__all__ = ["copy_sparse", "make_db_file", "make_fs_image", "mutate", "punch_hole"]
+
 PAGE = 4096
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate ``[offset, offset+length)``; it reads back as zeros."""
-    rc = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
-                         ctypes.c_long(offset), ctypes.c_long(length))
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 def random_bytes(rng: np.random.Generator, n: int) -> bytes:
     """Incompressible bytes."""
     return rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()

@@ -1,7 +1,9 @@
 """List the blocks that differ between A and B.
 
-A and B are image files, block devices or manifests written by 'cbt scan -o',
-in any mix (a file starting with Arrow's magic ARROW1 is a manifest).  Two
+A and B are image files, block devices, manifests written by 'cbt scan -o', or
+one disk of a recovery point as VAULT::POINT/LABEL, in any mix (a file starting
+with Arrow's magic ARROW1 is a manifest).  VAULT::POINT against another whole
+point compares them disk by disk, reading only metadata.  Two
 images are compared directly, without hashing; an image against a manifest is
 scanned with the manifest's block size.  Content decides: a hole equals a block
 of zeros.  When the sizes differ, the block holding the shorter input's end and
@@ -9,7 +11,9 @@ every block after it count as changed.
 
 Exit code 0 when identical, 1 when they differ, 2 on error (like cmp).
 --json prints {"block_size","size_a","size_b","blocks","changed_blocks",
-"changed_bytes","ranges":[[offset,length],...],"warnings"}.
+"changed_bytes","ranges":[[offset,length],...],"warnings"}; for two whole points
+{"a","b","disks":[{"label","status":"same|changed|only_a|only_b", ...the keys
+above}],"changed_blocks","changed_bytes","warnings"}.
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.diff import diff
+    from cbt.diff import PointDiff, diff
     from cbt.sizes import format_size, human_bytes
 
     with progress_bar("diff") as progress:
         cs = diff(args.a, args.b, args.block_size, args.workers, progress)
+    if isinstance(cs, PointDiff):
+        return _print_points(cs, args)
     code = EXIT_OK if cs.identical else EXIT_DIFFERENT
     if args.json:
         print_json(cs.to_dict())
@@ -61,4 +67,24 @@ def run(args: argparse.Namespace) -> int:
     if args.ranges:
         for off, length in cs.ranges.tolist():
             print(f"  {off:>16} {length:>12}")
+    return code
+
+
+def _print_points(pd: object, args: argparse.Namespace) -> int:
+    from cbt.diff import PointDiff
+    from cbt.sizes import human_bytes
+
+    assert isinstance(pd, PointDiff)
+    code = EXIT_OK if pd.identical else EXIT_DIFFERENT
+    if args.json:
+        print_json(pd.to_dict())
+        return code
+    emit_warnings(pd.warnings)
+    print(f"{pd.a} -> {pd.b}: {'identical' if pd.identical else 'differ'}")
+    for label, status, cs in pd.disks:
+        print(f"  {label:<16} {status:<8} {cs.changed_blocks:>10} of {cs.blocks} blocks, "
+              f"{human_bytes(cs.changed_bytes)}")
+        if args.ranges:
+            for off, length in cs.ranges.tolist():
+                print(f"    {off:>16} {length:>12}")
     return code

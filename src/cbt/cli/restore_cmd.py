@@ -1,9 +1,16 @@
-"""Restore every disk of a recovery point as DIR/LABEL.img, bit for bit.
+"""Restore a recovery point bit for bit: every disk as DIR/LABEL.img, or one
+disk (--disk LABEL) to a file or a block device.
 
 Every block is checked against its digest as it is read back; a mismatch stops
 the restore (exit 2) and leaves no target file behind.  Each file is written
 under a temporary name, fsynced and renamed; holes and zero blocks stay holes.
 An existing target is refused unless --force.
+
+On a block device every block is written: zero and hole blocks with BLKZEROOUT,
+or skipped with --assume-zeroed; a device smaller than the disk is an error.
+--in-place restores onto an existing copy of the disk (an older restore or the
+damaged original): it is read first and only the blocks that differ are
+rewritten; "bytes_written" says how much.
 
 --json prints {"recovery_point","disks":[{"label","to","size","bytes_written",
 "blocks_verified"}],"seconds","warnings"}.
@@ -19,7 +26,13 @@ from cbt.cli._common import EXIT_OK, add_json, emit_warnings, print_json, worker
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("vault", metavar="VAULT", help="the vault")
     p.add_argument("point", metavar="POINT", help="point id, unique prefix, or VM.latest")
-    p.add_argument("--to", required=True, metavar="DIR", help="directory for the disk images")
+    p.add_argument("--to", required=True, metavar="PATH",
+                   help="directory for the disk images; with --disk, a file or block device")
+    p.add_argument("--disk", metavar="LABEL", help="restore only this disk, to the --to path")
+    p.add_argument("--in-place", action="store_true",
+                   help="rewrite only the blocks that differ in an existing copy")
+    p.add_argument("--assume-zeroed", action="store_true",
+                   help="the target device reads as zeros: do not zero hole and zero blocks")
     p.add_argument("--force", action="store_true", help="replace existing target files")
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N",
                    help="worker processes (default: number of cores)")
@@ -34,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     vault = Vault.open(args.vault)
     with progress_bar("restore") as progress:
         result = vault.restore(args.point, args.to, force=args.force, workers=args.workers,
-                               progress=progress)
+                               progress=progress, disk=args.disk, in_place=args.in_place,
+                               assume_zeroed=args.assume_zeroed)
     if args.json:
         print_json(result)
         return EXIT_OK
@@ -42,5 +56,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"restored {result['recovery_point']} in {result['seconds']:.2f} s")
     for d in result["disks"]:
         print(f"  {d['label']} -> {d['to']}: {human_bytes(d['size'])}, "
-              f"{d['blocks_verified']} blocks verified")
+              f"{d['blocks_verified']} blocks verified, {human_bytes(d['bytes_written'])} "
+              "written")
     return EXIT_OK

@@ -6,8 +6,14 @@ With --data every stored block is also read, decompressed and re-hashed.
 Problems are listed with point, disk, block and pack (exit 2).  Data left by a
 killed backup is reported as unreferenced (not a problem, exit 0).
 
+--repair (takes the writer lock) rebuilds the index from the packs themselves,
+indexing only blobs whose content matches their digest, without touching
+healthy data, then verifies and reports which points remain damaged (blocks
+that no pack holds).
+
 --json prints {"points","blocks_checked","data","problems":[{"point","disk",
-"block","pack","problem"}],"unreferenced_bytes","warnings"}.
+"block","pack","problem"}],"unreferenced_bytes","warnings"}; with --repair also
+"repair":{"packs_read","blobs_indexed","blobs_damaged","damaged_points"}.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("point", nargs="?", metavar="POINT", help="only this point (default: all)")
     p.add_argument("--data", action="store_true",
                    help="also read and re-hash every stored block")
+    p.add_argument("--repair", action="store_true",
+                   help="rebuild the index from the packs, then verify")
     add_json(p)
 
 
@@ -31,7 +39,13 @@ def run(args: argparse.Namespace) -> int:
     from cbt.sizes import human_bytes
     from cbt.vault import Vault
 
-    result = Vault.open(args.vault).verify(args.point, data=args.data)
+    vault = Vault.open(args.vault)
+    if args.repair:
+        from cbt.verify import repair
+
+        result = repair(vault)
+    else:
+        result = vault.verify(args.point, data=args.data)
     code = EXIT_ERROR if result["problems"] else EXIT_OK
     if args.json:
         out = {k: v for k, v in result.items() if k != "seconds"}
@@ -42,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
         where = ", ".join(f"{k} {p[k]}" for k in ("point", "disk", "block", "pack")
                           if p[k] is not None)
         sys.stderr.write(f"cbt: problem: {where}: {p['problem']}\n")
+    if "repair" in result:
+        r = result["repair"]
+        print(f"repair: {r['packs_read']} packs read, {r['blobs_indexed']} blocks indexed, "
+              f"{r['blobs_damaged']} damaged; damaged points: "
+              f"{', '.join(r['damaged_points']) or 'none'}")
     status = "problems found" if result["problems"] else "ok"
     print(f"verify {status}: {result['points']} points, {result['blocks_checked']} blocks "
           f"checked{' with data' if args.data else ''}, "
