@@ -23,10 +23,10 @@
 from __future__ import annotations
 
 import errno
-import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from cbt.diff import diff_manifests
 from cbt.durable import prepare_crash_counter
 from cbt.errors import CbtIOError, CbtValueError
 from cbt.manifest import Manifest, utc_now
-from cbt.parallel import Report, fork_map, shared_array
+from cbt.parallel import Report, fork_map
 from cbt.scan import (
     BlockRange,
     block_ranges,
@@ -75,8 +75,15 @@ BackupProgress = Callable[[str, str, int, int], None]
 
 @dataclass(frozen=True)
 class DiskSpec:
+    """A disk to back up: its label, its path, and where to read it (a snapshot)."""
+
     label: str
     path: str
+    read_from: str | None = None  # a snapshot of ``path``; None reads ``path`` itself
+
+    @property
+    def source(self) -> str:
+        return self.read_from or self.path
 
 
 def parse_disk_arg(text: str) -> DiskSpec:
@@ -91,27 +98,44 @@ def parse_disk_arg(text: str) -> DiskSpec:
     return DiskSpec(check_name("disk label", stem), text)
 
 
-# The index of the run in progress: set before workers fork, so they share it.
-_RUN_INDEX: index_mod.Index | None = None
+# The index of the run in progress, set before workers start: forked workers and
+# threads share it; a worker elsewhere (another host, a spawned process) loads
+# the index itself and keeps it for the next shard of the same run.
+_RUN_INDEX: tuple[tuple[str, ...], index_mod.Index] | None = None
+
+
+def _index_for(vault_root: str, token: tuple[str, ...]) -> index_mod.Index:
+    global _RUN_INDEX
+    if _RUN_INDEX is None or _RUN_INDEX[0] != token:
+        from cbt.vault.storage import LocalStorage
+
+        _RUN_INDEX = (token, index_mod.load(LocalStorage(vault_root)))
+    return _RUN_INDEX[1]
+
+
+def _index_token(index: index_mod.Index) -> tuple[str, ...]:
+    return (*index.segments, "|", *index.orphans)
 
 
 @dataclass(frozen=True)
 class _Shard:
+    """One worker's share of one disk: picklable, so any Executor can run it."""
+
     disk: int  # position in the run's disk list
-    path: str
-    fd: int
+    path: str  # what to read (the snapshot, or the disk itself)
     size: int
     block_size: int
     ranges: list[BlockRange]
-    digests: np.ndarray
-    flags: np.ndarray
     vault_root: str
+    index_token: tuple[str, ...]
 
 
 @dataclass
 class _ShardResult:
     disk: int
     bytes_read: int
+    block_digests: npt.NDArray[np.uint8]  # the shard's blocks, in range order
+    block_flags: npt.NDArray[np.uint8]
     digests: npt.NDArray[np.uint8]
     pack_uuid: npt.NDArray[np.uint8]
     offset: npt.NDArray[np.uint64]
@@ -125,9 +149,16 @@ def _backup_shard(task: _Shard, report: Report) -> _ShardResult:
     from cbt.vault.storage import LocalStorage
 
     started = time.perf_counter()
-    index = _RUN_INDEX if _RUN_INDEX is not None else index_mod.Index.empty()
+    index = _index_for(task.vault_root, task.index_token)
     storage = LocalStorage(task.vault_root)
     bs = task.block_size
+    count = sum(hi - lo for lo, hi in task.ranges)
+    all_digests = np.zeros((count, fast.DIGEST_SIZE), dtype=np.uint8)
+    all_flags = np.zeros(count, dtype=np.uint8)
+    disk = open_disk(task.path)
+    if disk.size < task.size:
+        disk.close()
+        raise CbtIOError(errno.EIO, f"{task.path} shrank while it was read")
     stored_here: set[bytes] = set()
     entries: list[tuple[bytes, bytes, int, int, int]] = []
     writer = PackWriter()
@@ -141,11 +172,13 @@ def _backup_shard(task: _Shard, report: Report) -> _ShardResult:
             entries.extend((d, pid, off, st, raw) for d, off, st, raw in writer.entries)
         writer = PackWriter()
 
+    base = 0  # position of the current range's first block in all_digests
     for lo, hi in task.ranges:
-        for first, m in windows(task.fd, task.size, bs, lo, hi, task.path):
+        for first, m in windows(disk.fd, task.size, bs, lo, hi, task.path):
             n = fast.nblocks(len(m), bs)
-            digests = task.digests[first:first + n]
-            flags = task.flags[first:first + n]
+            at = base + first - lo
+            digests = all_digests[at:at + n]
+            flags = all_flags[at:at + n]
             try:
                 fast.hash_blocks(m, bs, digests, flags)
             except OSError as exc:
@@ -167,11 +200,15 @@ def _backup_shard(task: _Shard, report: Report) -> _ShardResult:
                 view.release()
             bytes_read += len(m)
             report(len(m))
+        base += hi - lo
+    disk.close()
     flush()
     k = len(entries)
     return _ShardResult(
         disk=task.disk,
         bytes_read=bytes_read,
+        block_digests=all_digests,
+        block_flags=all_flags,
         digests=np.frombuffer(b"".join(e[0] for e in entries), np.uint8).reshape(k, 32),
         pack_uuid=np.frombuffer(b"".join(e[1] for e in entries), np.uint8).reshape(k, 16),
         offset=np.array([e[2] for e in entries], dtype=np.uint64),
@@ -193,13 +230,11 @@ class _DiskPlan:
     flags: np.ndarray
 
 
-def _plan_disks(vault: Vault, prev: PointRecord | None, disks: Sequence[DiskSpec],
-                block_size: int | None) -> tuple[list[_DiskPlan], list[int]]:
-    plans, fds = [], []
-    try:
-        for spec in disks:
-            disk = open_disk(spec.path)
-            fds.append(disk.fd)
+def _plan_disks(prev: PointRecord | None, disks: Sequence[DiskSpec],
+                block_size: int | None) -> list[_DiskPlan]:
+    plans = []
+    for spec in disks:
+        with open_disk(spec.source) as disk:
             parent = prev.disk(spec.label) if prev else None
             bs = parent.block_size if parent else (block_size or DEFAULT_BACKUP_BLOCK_SIZE)
             if parent and block_size and block_size != parent.block_size:
@@ -211,34 +246,54 @@ def _plan_disks(vault: Vault, prev: PointRecord | None, disks: Sequence[DiskSpec
                 spec=spec, size=disk.size, block_size=bs, parent=parent,
                 seq=parent.seq + 1 if parent else 0,
                 ranges=block_ranges(data_extents(disk.fd, disk.size), bs),
-                digests=shared_array((n, fast.DIGEST_SIZE), np.uint8),
-                flags=shared_array((n,), np.uint8, fill=fast.FLAG_HOLE)))
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return plans, fds
+                digests=np.zeros((n, fast.DIGEST_SIZE), dtype=np.uint8),
+                flags=np.full(n, fast.FLAG_HOLE, dtype=np.uint8)))
+    return plans
 
 
-def _shards(plans: list[_DiskPlan], fds: list[int], workers: int,
-            vault_root: str) -> list[_Shard]:
+def _shards(plans: list[_DiskPlan], parts_total: int, vault_root: str,
+            token: tuple[str, ...]) -> list[_Shard]:
+    """Every disk at least one shard; the rest shared out by size."""
     total = sum(sum(hi - lo for lo, hi in p.ranges) for p in plans) or 1
     out: list[_Shard] = []
-    for i, (p, fd) in enumerate(zip(plans, fds, strict=True)):
+    for i, p in enumerate(plans):
         blocks = sum(hi - lo for lo, hi in p.ranges)
-        parts = max(1, round(workers * blocks / total))
+        parts = max(1, round(parts_total * blocks / total))
         pieces = split_ranges(p.ranges, parts) or [[]]
-        out.extend(_Shard(i, p.spec.path, fd, p.size, p.block_size, r, p.digests, p.flags,
-                          vault_root) for r in pieces)
+        out.extend(_Shard(i, p.spec.source, p.size, p.block_size, r, vault_root, token)
+                   for r in pieces)
     return out
 
 
-def backup(vault: Vault, vm: str, disks: Sequence[DiskSpec], block_size: int | None = None,
-           workers: int | None = None, progress: BackupProgress | None = None,
-           wait: float = 0.0, created: str | None = None,
-           consistency: tuple[str, str] = ("crash", "live read")) -> PointRecord:
-    """Back up ``disks`` of ``vm`` into ``vault``; returns the committed point."""
-    global _RUN_INDEX
+def _run_shard(task: _Shard) -> _ShardResult:
+    """Entry point for an Executor (no progress counter to report to)."""
+    return _backup_shard(task, lambda n: None)
+
+
+def _run_shards(tasks: list[_Shard], executor: Executor | None,
+                report: Callable[[list[int]], None] | None) -> list[_ShardResult]:
+    if executor is None:
+        return fork_map(_backup_shard, tasks,
+                        (lambda done: report(done.tolist())) if report else None)
+    done = [0] * len(tasks)
+    futures = {executor.submit(_run_shard, t): k for k, t in enumerate(tasks)}
+    results: list[_ShardResult | None] = [None] * len(tasks)
+    try:
+        for fut in as_completed(futures):
+            k = futures[fut]
+            results[k] = fut.result()
+            done[k] = results[k].bytes_read  # type: ignore[union-attr]
+            if report:
+                report(done)
+    except BaseException:
+        for fut in futures:
+            fut.cancel()
+        raise
+    return [r for r in results if r is not None]
+
+
+def check_disks(vm: str, disks: Sequence[DiskSpec], block_size: int | None) -> None:
+    """Names, labels and block size, before anything runs."""
     check_name("VM name", vm)
     if not disks:
         raise CbtValueError("no disks to back up")
@@ -249,44 +304,78 @@ def backup(vault: Vault, vm: str, disks: Sequence[DiskSpec], block_size: int | N
         raise CbtValueError(f"two disks share a label: {labels}")
     if block_size is not None:
         fast.check_block_size(block_size)
-    started = time.perf_counter()
+
+
+def backup(vault: Vault, vm: str, disks: Sequence[DiskSpec], block_size: int | None = None,
+           workers: int | None = None, progress: BackupProgress | None = None,
+           wait: float = 0.0, created: str | None = None,
+           consistency: tuple[str, str] = ("crash", "live read"),
+           executor: Executor | None = None) -> PointRecord:
+    """Back up ``disks`` of ``vm`` into ``vault``; returns the committed point.
+
+    Takes the vault's writer lock (waiting up to ``wait`` seconds).  The work
+    runs on forked workers (``workers``, default one per core), or on any
+    ``concurrent.futures.Executor`` given as ``executor``.
+    """
+    check_disks(vm, disks, block_size)
     prepare_crash_counter()
     with writer_lock(vault.root, wait):
-        vault.clean_leftovers(vault.leftovers())
-        warnings: list[str] = []
-        index = vault.load_index(warnings)
-        prev = vault.latest(vm)
-        plans, fds = _plan_disks(vault, prev, disks, block_size)
-        try:
-            tasks = _shards(plans, fds, workers or default_workers(), vault.root)
-            totals = [sum(min(hi * p.block_size, p.size) - lo * p.block_size
-                          for lo, hi in p.ranges) for p in plans]
-            report = None
-            if progress:
-                def report(done: npt.NDArray[np.uint64]) -> None:
-                    per_disk = [0] * len(plans)
-                    for t, d in zip(tasks, done.tolist(), strict=True):
-                        per_disk[t.disk] += int(d)
-                    for p, d, tot in zip(plans, per_disk, totals, strict=True):
-                        progress(vm, p.spec.label, d, tot)
-            _RUN_INDEX = index
-            try:
-                results = fork_map(_backup_shard, tasks, report)
-            finally:
-                _RUN_INDEX = None
-        finally:
-            for fd in fds:
-                os.close(fd)
-        return _commit(vault, vm, plans, results, index, prev, warnings, started, created,
-                       consistency)
+        return backup_locked(vault, vm, disks, block_size=block_size, workers=workers,
+                             progress=progress, created=created, consistency=consistency,
+                             executor=executor)
+
+
+def backup_locked(vault: Vault, vm: str, disks: Sequence[DiskSpec],
+                  block_size: int | None = None, workers: int | None = None,
+                  progress: BackupProgress | None = None, created: str | None = None,
+                  consistency: tuple[str, str] = ("crash", "live read"),
+                  executor: Executor | None = None, point_id: str | None = None,
+                  warnings: list[str] | None = None) -> PointRecord:
+    """:func:`backup` for a caller that already holds the writer lock (a job)."""
+    started = time.perf_counter()
+    check_disks(vm, disks, block_size)
+    vault.clean_leftovers(vault.leftovers())
+    warnings = list(warnings or [])
+    index = vault.load_index(warnings)
+    prev = vault.latest(vm)
+    plans = _plan_disks(prev, disks, block_size)
+    n_workers = workers or default_workers()
+    token = _index_token(index)
+    # more shards than workers on an Executor, so progress moves as shards finish
+    tasks = _shards(plans, n_workers if executor is None else 4 * n_workers, vault.root, token)
+    totals = [sum(min(hi * p.block_size, p.size) - lo * p.block_size for lo, hi in p.ranges)
+              for p in plans]
+    report = None
+    if progress:
+        def report(done: list[int]) -> None:
+            per_disk = [0] * len(plans)
+            for t, d in zip(tasks, done, strict=True):
+                per_disk[t.disk] += int(d)
+            for p, d, tot in zip(plans, per_disk, totals, strict=True):
+                progress(vm, p.spec.label, d, tot)
+    global _RUN_INDEX
+    _RUN_INDEX = (token, index)
+    try:
+        results = _run_shards(tasks, executor, report)
+    finally:
+        _RUN_INDEX = None
+    for t, r in zip(tasks, results, strict=True):
+        p = plans[t.disk]
+        at = 0
+        for lo, hi in t.ranges:
+            p.digests[lo:hi] = r.block_digests[at:at + hi - lo]
+            p.flags[lo:hi] = r.block_flags[at:at + hi - lo]
+            at += hi - lo
+    return _commit(vault, vm, plans, results, index, prev, warnings, started, created,
+                   consistency, point_id)
 
 
 def _commit(vault: Vault, vm: str, plans: list[_DiskPlan], results: list[_ShardResult],
             index: index_mod.Index, prev: PointRecord | None, warnings: list[str],
             started: float, created: str | None,
-            consistency: tuple[str, str]) -> PointRecord:
+            consistency: tuple[str, str], point_id: str | None = None) -> PointRecord:
     created = created or utc_now()
-    point_id = new_point_id(vm, created, set(vault.point_ids()))
+    point_id = point_id or new_point_id(vm, created, set(vault.point_ids()))
     # one entry per digest across all workers; bytes_new counts a digest once
     seen: set[bytes] = set()
     keep: list[tuple[int, int]] = []
@@ -304,7 +393,7 @@ def _commit(vault: Vault, vm: str, plans: list[_DiskPlan], results: list[_ShardR
     disk_records = []
     for i, p in enumerate(plans):
         rs = [r for r in results if r.disk == i]
-        manifest = Manifest(p.block_size, p.size, np.array(p.digests), np.array(p.flags),
+        manifest = Manifest(p.block_size, p.size, p.digests, p.flags,
                             source=str(Path(p.spec.path).absolute()), created=created)
         if p.parent is not None and prev is not None:
             parent_manifest = vault.resolve(prev, p.spec.label)
@@ -375,8 +464,3 @@ def _maybe_merge_segments(vault: Vault) -> None:
     for s in segments:
         vault.storage.delete(s)
 
-
-def require_disks_exist(disks: Sequence[DiskSpec]) -> None:
-    for d in disks:
-        if not os.path.exists(d.path):
-            raise CbtIOError(errno.ENOENT, f"no such disk or image: {d.path}")

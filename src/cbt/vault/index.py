@@ -14,6 +14,7 @@ fast and small (about 60 bytes an entry).
 
 from __future__ import annotations
 
+import errno
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -241,11 +242,23 @@ def trailer_part(storage: Storage, name: str) -> dict[str, Any]:
 
 
 def load(storage: Storage, warnings: list[str] | None = None) -> Index:
-    """Read every segment, then index packs no segment covers from their trailers."""
-    parts = []
-    segments = [s for s in storage.list("index") if s.endswith(".arrow")]
-    for name in segments:
-        parts.append(read_segment(storage.get(name), f"{storage.root}/{name}"))
+    """Read every segment, then index packs no segment covers from their trailers.
+
+    Readers take no lock: when a writer merges segments under our feet (the
+    merged one is written before the old ones go), a segment listed a moment
+    ago can vanish; then we list again.
+    """
+    for _attempt in range(20):
+        segments = [s for s in storage.list("index") if s.endswith(".arrow")]
+        try:
+            parts = [read_segment(storage.get(name), f"{storage.root}/{name}")
+                     for name in segments]
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+    else:
+        raise CorruptIndexError(f"index segments of {storage.root} keep changing; retry")
     covered = {p for part in parts for p in part["pack_ids"]}
     orphans = []
     for name in storage.list("packs"):
