@@ -37,7 +37,7 @@ import numpy.typing as npt
 from cbt._core import fast
 from cbt.diff import diff_manifests
 from cbt.durable import prepare_crash_counter
-from cbt.errors import CbtIOError, CbtValueError
+from cbt.errors import CbtError, CbtIOError, CbtValueError
 from cbt.manifest import Manifest, utc_now
 from cbt.parallel import Report, fork_map
 from cbt.scan import (
@@ -122,6 +122,7 @@ class _Shard:
     """One worker's share of one disk: picklable, so any Executor can run it."""
 
     disk: int  # position in the run's disk list
+    label: str
     path: str  # what to read (the snapshot, or the disk itself)
     size: int
     block_size: int
@@ -260,20 +261,30 @@ def _shards(plans: list[_DiskPlan], parts_total: int, vault_root: str,
         blocks = sum(hi - lo for lo, hi in p.ranges)
         parts = max(1, round(parts_total * blocks / total))
         pieces = split_ranges(p.ranges, parts) or [[]]
-        out.extend(_Shard(i, p.spec.source, p.size, p.block_size, r, vault_root, token)
-                   for r in pieces)
+        out.extend(_Shard(i, p.spec.label, p.spec.source, p.size, p.block_size, r, vault_root,
+                          token) for r in pieces)
     return out
 
 
 def _run_shard(task: _Shard) -> _ShardResult:
     """Entry point for an Executor (no progress counter to report to)."""
-    return _backup_shard(task, lambda n: None)
+    return _labelled_shard(task, lambda n: None)
+
+
+def _labelled_shard(task: _Shard, report: Report) -> _ShardResult:
+    """Run a shard; an error says which disk it concerns."""
+    try:
+        return _backup_shard(task, report)
+    except OSError as exc:
+        raise CbtIOError(exc.errno, f"disk {task.label}: {exc.strerror or exc}") from None
+    except CbtError as exc:
+        raise CbtIOError(errno.EIO, f"disk {task.label}: {exc}") from None
 
 
 def _run_shards(tasks: list[_Shard], executor: Executor | None,
                 report: Callable[[list[int]], None] | None) -> list[_ShardResult]:
     if executor is None:
-        return fork_map(_backup_shard, tasks,
+        return fork_map(_labelled_shard, tasks,
                         (lambda done: report(done.tolist())) if report else None)
     done = [0] * len(tasks)
     futures = {executor.submit(_run_shard, t): k for k, t in enumerate(tasks)}

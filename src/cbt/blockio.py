@@ -66,3 +66,27 @@ def zero_range(fd: int, offset: int, length: int, device: bool) -> None:
         except OSError:
             write_zeros(fd, offset, aligned)  # devices without the ioctl
     write_zeros(fd, offset + aligned, length - aligned)
+
+
+def write_all(fd: int, offset: int, data: bytes | memoryview) -> None:
+    """pwrite until every byte is written."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def copy_sparse(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Copy a file keeping its holes (only data extents are written)."""
+    from cbt.scan import data_extents
+
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        fo.truncate(size)
+        for start, end in data_extents(fi.fileno(), size):
+            pos = start
+            while pos < end:
+                chunk = os.pread(fi.fileno(), min(8 << 20, end - pos), pos)
+                write_all(fo.fileno(), pos, chunk)
+                pos += len(chunk)
+

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cbt.blockio import punch_hole
+from cbt.blockio import copy_sparse, punch_hole
+from cbt.blockio import write_all as _write
 
 __all__ = ["copy_sparse", "make_db_file", "make_fs_image", "mutate", "punch_hole"]
 
@@ -38,11 +39,6 @@ def text_bytes(rng: np.random.Generator, n: int) -> bytes:
     return out[:n]
 
 
-def _write(fd: int, offset: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 def make_fs_image(path: str | os.PathLike[str], size: int, seed: int = 0) -> None:
@@ -140,19 +136,3 @@ def mutate(path: str | os.PathLike[str], seed: int, page_writes: int = 64,
     finally:
         os.close(fd)
     return changes
-
-
-def copy_sparse(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Copy a file keeping its holes (only data extents are written)."""
-    from cbt.scan import data_extents
-
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        size = os.fstat(fi.fileno()).st_size
-        fo.truncate(size)
-        for start, end in data_extents(fi.fileno(), size):
-            pos = start
-            while pos < end:
-                chunk = os.pread(fi.fileno(), min(8 << 20, end - pos), pos)
-                _write(fo.fileno(), pos, chunk)
-                pos += len(chunk)
-

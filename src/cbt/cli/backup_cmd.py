@@ -1,5 +1,11 @@
 """Back up a VM's disks into a vault: a new recovery point.
 
+Two forms:
+  cbt backup VAULT --vm NAME DISK [DISK ...]   the disks named here, read live
+  cbt backup --config FILE [--vm NAME]         the job of each VM of a config (or
+                                               one) now: hooks, snapshots,
+                                               workers, consistency, job history
+
 DISK is PATH or LABEL=PATH; the default label is the file name without its
 last extension (disks/os.img -> os).  A disk's first backup is full; every
 later one stores only the blocks the vault does not hold yet.  A disk keeps
@@ -10,22 +16,29 @@ second writer fails at once (or waits with --wait).
 "bytes_total"} lines (a few per second at most), then one {"type":"point",
 "recovery_point","vm","created","consistency","consistency_reason","disks":[
 {"label","path","size","block_size","blocks","changed_blocks","bytes_read",
-"bytes_new","bytes_stored","seconds"}],"seconds","warnings"} line.
+"bytes_new","bytes_stored","seconds"}],"seconds","warnings"} line; with
+--config one such line per VM (each disk adds "snapshot", the provider used),
+or {"type":"error","vm","message","warnings"} for a VM whose job failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
+from typing import Any
 
-from cbt.cli._common import EXIT_OK, add_json, print_json, size_arg, workers_arg
+from cbt.cli._common import EXIT_ERROR, EXIT_OK, add_json, print_json, size_arg, workers_arg
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vault", metavar="VAULT", help="the vault (made with cbt init)")
-    p.add_argument("--vm", required=True, metavar="NAME", help="the VM these disks belong to")
-    p.add_argument("disks", nargs="+", metavar="DISK", help="PATH or LABEL=PATH")
+    p.add_argument("vault", nargs="?", metavar="VAULT", help="the vault (made with cbt init)")
+    p.add_argument("disks", nargs="*", metavar="DISK", help="PATH or LABEL=PATH")
+    p.add_argument("--vm", metavar="NAME",
+                   help="the VM these disks belong to (with --config: only this VM)")
+    p.add_argument("--config", metavar="FILE", help="run the jobs of this configuration")
     p.add_argument("--block-size", type=size_arg, default=None, metavar="SIZE",
                    help="block size of a disk's first backup (default 16K)")
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N",
@@ -35,30 +48,80 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_json(p)
 
 
-def point_json(point: object) -> dict[str, object]:
+def point_json(point: object, snapshots: dict[str, str] | None = None) -> dict[str, object]:
     from cbt.vault.points import PointRecord
 
     assert isinstance(point, PointRecord)
+    disks = [d.public() for d in point.disks]
+    if snapshots is not None:
+        for d in disks:
+            d["snapshot"] = snapshots.get(str(d["label"]), "none")
     return {"type": "point", "recovery_point": point.id, "vm": point.vm,
             "created": point.created, "consistency": point.consistency,
             "consistency_reason": point.consistency_reason,
-            "disks": [d.public() for d in point.disks], "seconds": point.seconds,
-            "warnings": point.warnings}
+            "disks": disks, "seconds": point.seconds, "warnings": point.warnings}
 
 
 def run(args: argparse.Namespace) -> int:
     from cbt.backup import parse_disk_arg
-    from cbt.sizes import human_bytes
+    from cbt.errors import CbtValueError
+
+    if args.config:
+        if args.vault or args.disks:
+            raise CbtValueError("with --config the vault and disks come from the config file")
+        return _run_config(args)
+    if not args.vault or not args.vm or not args.disks:
+        raise CbtValueError("give VAULT --vm NAME DISK [DISK ...], or --config FILE")
+    specs = [parse_disk_arg(d) for d in args.disks]
     from cbt.vault import Vault
 
     vault = Vault.open(args.vault)
-    specs = [parse_disk_arg(d) for d in args.disks]
-    progress = None
-    bars = None
+    with _progress(args, [s.label for s in specs]) as progress:
+        point = vault.backup(args.vm, specs, block_size=args.block_size,
+                             workers=args.workers, progress=progress, wait=args.wait)
+    if args.json:
+        print_json(point_json(point))
+        return EXIT_OK
+    _print_point(point)
+    return EXIT_OK
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    from cbt import jobs
+    from cbt.config import load
+
+    config = load(args.config)
+    if args.vm is not None and args.vm not in config.vms:
+        from cbt.errors import CbtValueError
+
+        raise CbtValueError(f"no VM named {args.vm!r} in {args.config}")
+    names = [args.vm] if args.vm else list(config.vms)
+    code = EXIT_OK
+    for name in names:
+        with _progress(args, list(config.vms[name].disks)) as progress:
+            result = jobs.run_vm(config, name, workers=args.workers, progress=progress,
+                                 wait=args.wait)
+        if result.point is None:
+            code = EXIT_ERROR
+            sys.stderr.write(f"cbt: error: VM {name}: {result.error}\n")
+            if args.json:
+                print_json({"type": "error", "vm": name, "message": result.error,
+                            "warnings": []})
+            continue
+        if args.json:
+            print_json(point_json(result.point, result.snapshots))
+        else:
+            _print_point(result.point, result.snapshots)
+    return code
+
+
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace, labels: list[str]) -> Iterator[Any]:
+    """JSON progress lines, or a bar per disk on a terminal, or nothing."""
     if args.json:
         last: dict[str, float] = {}
 
-        def progress(vm: str, disk: str, done: int, total: int) -> None:
+        def json_progress(vm: str, disk: str, done: int, total: int) -> None:
             now = time.monotonic()
             if now - last.get(disk, 0.0) >= 0.5 or done >= total:
                 if last.get(disk) == -1.0:
@@ -66,35 +129,37 @@ def run(args: argparse.Namespace) -> int:
                 last[disk] = -1.0 if done >= total else now
                 print_json({"type": "progress", "vm": vm, "disk": disk, "bytes_done": done,
                             "bytes_total": total})
+
+        yield json_progress
     elif sys.stderr.isatty():
         from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
         bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                         console=Console(stderr=True), transient=True)
-        ids = {s.label: bars.add_task(s.label, total=None) for s in specs}
+        ids = {label: bars.add_task(label, total=None) for label in labels}
 
-        def progress(vm: str, disk: str, done: int, total: int) -> None:
+        def bar_progress(vm: str, disk: str, done: int, total: int) -> None:
             bars.update(ids[disk], completed=done, total=total)
 
-        bars.start()
-    try:
-        point = vault.backup(args.vm, specs, block_size=args.block_size,
-                             workers=args.workers, progress=progress, wait=args.wait)
-    finally:
-        if bars is not None:
-            bars.stop()
-    if args.json:
-        print_json(point_json(point))
-        return EXIT_OK
+        with bars:
+            yield bar_progress
+    else:
+        yield None
+
+
+def _print_point(point: Any, snapshots: dict[str, str] | None = None) -> None:
+    from cbt.sizes import human_bytes
+
     for w in point.warnings:
         sys.stderr.write(f"cbt: warning: {w}\n")
     print(f"recovery point {point.id} ({point.consistency}: {point.consistency_reason})")
-    print(f"  {'disk':<12} {'size':>10} {'changed':>9} {'read':>10} {'new':>10} {'stored':>10}")
+    print(f"  {'disk':<12} {'size':>10} {'changed':>9} {'read':>10} {'new':>10} {'stored':>10}"
+          + ("  snapshot" if snapshots else ""))
     for d in point.disks:
         print(f"  {d.label:<12} {human_bytes(d.size):>10} {d.changed_blocks:>9} "
               f"{human_bytes(d.bytes_read):>10} {human_bytes(d.bytes_new):>10} "
-              f"{human_bytes(d.bytes_stored):>10}")
+              f"{human_bytes(d.bytes_stored):>10}"
+              + (f"  {snapshots.get(d.label, 'none')}" if snapshots else ""))
     print(f"  new data {human_bytes(point.bytes_new)}, stored {human_bytes(point.bytes_stored)}"
           f" in {point.seconds:.2f} s")
-    return EXIT_OK

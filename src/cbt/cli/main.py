@@ -21,6 +21,8 @@ COMMANDS = {
     "show": ("cbt.cli.show_cmd", "show one recovery point"),
     "restore": ("cbt.cli.restore_cmd", "restore every disk of a recovery point"),
     "verify": ("cbt.cli.verify_cmd", "check that recovery points can be restored"),
+    "jobs": ("cbt.cli.jobs_cmd", "list the backup jobs recorded in a vault"),
+    "config": ("cbt.cli.config_cmd", "check a configuration file and show its plan"),
     "scan": ("cbt.cli.scan_cmd", "hash every block of a disk image or device"),
     "diff": ("cbt.cli.diff_cmd", "list the blocks that differ between two images or manifests"),
     "demo": ("cbt.cli.demo_cmd", "generate two disk images with realistic changes and diff them"),

@@ -1,0 +1,48 @@
+"""Work with configuration files.
+
+  cbt config check FILE [--json]
+
+Validates FILE (unknown keys, types, schedules, time zones, hooks on PATH)
+and prints the resolved plan: the vault, and for each VM its policy and each
+disk with its path and the snapshot provider it will use ("auto" resolved by
+probing the file system).  Errors name the dotted key and the line.
+
+--json prints {"vault","vms":[{"name","policy","disks":[{"label","path",
+"snapshot"}]}],"warnings"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cbt.cli._common import EXIT_OK, add_json, print_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["check"], help="what to do: check")
+    p.add_argument("file", metavar="FILE", help="the configuration file (TOML)")
+    add_json(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cbt.config import load
+    from cbt.snapshot import resolve_provider
+
+    config = load(args.file)
+    vms = []
+    for vm in config.vms.values():
+        providers = resolve_provider(vm.snapshot, vm.name, vm.disks, vm.snapshot_dir)
+        vms.append({"name": vm.name, "policy": vm.policy,
+                    "disks": [{"label": label, "path": path, "snapshot": providers[label]}
+                              for label, path in vm.disks.items()]})
+    if args.json:
+        print_json({"vault": config.vault, "vms": vms, "warnings": config.warnings})
+        return EXIT_OK
+    print(f"{args.file}: ok; vault {config.vault}")
+    for name, policy in config.policies.items():
+        print(f"  policy {name}: {policy.schedule.text} ({policy.timezone})")
+    for plan in vms:
+        print(f"  vm {plan['name']} (policy {plan['policy']})")
+        for d in plan["disks"]:
+            print(f"    {d['label']:<12} {d['snapshot']:<8} {d['path']}")
+    return EXIT_OK

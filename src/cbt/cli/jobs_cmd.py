@@ -1,0 +1,38 @@
+"""List the backup jobs recorded in a vault's job history, oldest first.
+
+Every run of 'cbt backup --config' is recorded: its id, VM, policy, start and
+end, status (running, succeeded, failed, interrupted), consistency, the
+recovery point it made, per-disk bytes and seconds, and its error.
+
+--json prints {"jobs":[{"id","vm","policy","start","end","status",
+"consistency","recovery_point","disks","error"}],"warnings"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cbt.cli._common import EXIT_OK, add_json, print_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("vault", metavar="VAULT", help="the vault")
+    p.add_argument("--vm", metavar="NAME", help="only this VM's jobs")
+    add_json(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cbt.jobs import list_jobs, public_job
+    from cbt.vault import Vault
+
+    jobs = [public_job(j) for j in list_jobs(Vault.open(args.vault), args.vm)]
+    if args.json:
+        print_json({"jobs": jobs, "warnings": []})
+        return EXIT_OK
+    if not jobs:
+        print("no jobs")
+    for j in jobs:
+        what = j["recovery_point"] or j["error"] or ""
+        print(f"{j['start']}  {j['vm']:<16} {j['status']:<12} {j['consistency'] or '-':<12} "
+              f"{what}")
+    return EXIT_OK
