@@ -14,6 +14,7 @@ probing the file system).  Errors name the dotted key and the line.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from cbt.cli._common import EXIT_OK, add_json, print_json
 
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from cbt.snapshot import resolve_provider
 
     config = load(args.file)
-    vms = []
+    vms: list[dict[str, Any]] = []
     for vm in config.vms.values():
         providers = resolve_provider(vm.snapshot, vm.name, vm.disks, vm.snapshot_dir)
         vms.append({"name": vm.name, "policy": vm.policy,
