@@ -436,20 +436,33 @@ def test_demo(tmp_path: Path) -> None:
     report = json.loads(r.stdout)
     assert report["agrees_with_truth"] is True
     assert report["warnings"] == []
-    assert listing(d) == ["day0.arrow", "day0.img", "day1.img"]
-    assert (d / "day0.img").stat().st_size == 32 * MIB
-    # The demo's own check, repeated here independently.
-    want = truth_diff(read_image(d / "day0.img"), read_image(d / "day1.img"), 64 * KIB)
-    assert report["diff"] == want
-    assert report["truth_changed_blocks"] == want["changed_blocks"] > 0
-    assert set(report["day0_scan"]) | {"warnings"} == SCAN_KEYS
-    assert report["day0_scan"]["hole_blocks"] > 0  # the image really is sparse
+    days = report["days"]
+    assert [x["consistency"] for x in days] == ["application", "crash", "application"]
+    assert "pre hook failed (exit 3)" in days[1]["consistency_reason"]
+    assert days[0]["bytes_new"] > 0
+    # Independently: the restore equals the disks byte for byte ...
+    for label in ("os", "db"):
+        assert read_image(d / "restored" / f"{label}.img").tobytes() == \
+            read_image(d / "disks" / f"{label}.img").tobytes()
+    # ... and the diff of days 2 and 3 equals a numpy comparison of their contents.
+    by_label = {x["label"]: x for x in report["diff"]["disks"]}
+    for label in ("os", "db"):
+        bs = by_label[label]["block_size"]
+        want = truth_diff(read_image(d / f"day2-{label}.img"),
+                          read_image(d / "disks" / f"{label}.img"), bs)
+        assert by_label[label]["changed_blocks"] == want["changed_blocks"] > 0
+        assert by_label[label]["ranges"] == want["ranges"]
+    # The vault the demo leaves behind verifies clean, data included.
+    v = run_cli("verify", "--data", d / "vault", "--json")
+    assert v.returncode == 0, v.stderr
+    assert json.loads(v.stdout)["problems"] == []
 
 
 def test_demo_human_output(tmp_path: Path) -> None:
-    r = run_cli("demo", "--dir", tmp_path / "demo", "--size", "8M", "--block-size", "4K")
+    r = run_cli("demo", "--dir", tmp_path / "demo", "--size", "8M")
     assert r.returncode == 0, r.stderr
-    assert "agrees" in r.stdout
+    assert "all checks passed" in r.stdout
+    assert "crash (pre hook failed" in r.stdout
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["human", "json"])

@@ -68,7 +68,7 @@ class Scenario:
 
 
 def _backup_proc(scn: Scenario, vault: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(cbt_argv("backup", vault, "--vm", scn.vm, *scn.disk_args, "--json"),
+    return subprocess.Popen(cbt_argv("backup", vault, *scn.disk_args, "--json", "--vm", scn.vm),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=clean_env(env), start_new_session=True)
 
@@ -363,8 +363,8 @@ def test_commit_renames_follow_fsync_and_precede_directory_fsync(tmp_path: Path)
     trace = ["strace", "-f", "-y", "-qq", "-e",
              "trace=fsync,fdatasync,rename,renameat,renameat2", "-o"]
     log = tmp_path / "backup.trace"
-    r = subprocess.run([*trace, str(log), *cbt_argv("backup", vault, "--vm", "web",
-                                                     disks / "os.img", disks / "db.img")],
+    r = subprocess.run([*trace, str(log), *cbt_argv("backup", vault, disks / "os.img",
+                                                     disks / "db.img", "--vm", "web")],
                        capture_output=True, text=True, env=clean_env(), cwd=tmp_path,
                        timeout=300, check=False)
     assert r.returncode == 0, r.stderr

@@ -88,7 +88,7 @@ def test_every_command_on_a_non_vault(tmp_path: Path, disks: Path) -> None:
     path = tmp_path / "not-a-vault"
     path.mkdir()
     (path / "file.txt").write_text("hello")
-    for args in (["backup", path, "--vm", "vm", disks / "os.img"], ["list", path],
+    for args in (["backup", path, disks / "os.img", "--vm", "vm"], ["list", path],
                  ["show", path, "vm.latest"], ["restore", path, "vm.latest", "--to",
                                                 tmp_path / "out"],
                  ["verify", path], ["verify", path, "--data"]):
@@ -110,7 +110,7 @@ def test_a_newer_format_is_refused(vault: Path, disks: Path, tmp_path: Path) -> 
     config["format_version"] = 99
     (vault / "config").write_text(json.dumps(config))
     before = file_tree(vault)
-    for args in (["backup", vault, "--vm", "vm", disks / "os.img"], ["list", vault],
+    for args in (["backup", vault, disks / "os.img", "--vm", "vm"], ["list", vault],
                  ["show", vault, "vm.latest"], ["verify", vault],
                  ["restore", vault, "vm.latest", "--to", tmp_path / "out"]):
         line = one_error_line(cbt(*args))
@@ -123,7 +123,7 @@ def test_a_newer_format_is_refused(vault: Path, disks: Path, tmp_path: Path) -> 
 
 
 def test_backup_json_lines(vault: Path, disks: Path) -> None:
-    r = cbt("backup", vault, "--vm", "web", disks / "os.img", f"data={disks / 'db.img'}",
+    r = cbt("backup", vault, disks / "os.img", f"data={disks / 'db.img'}", "--vm", "web",
             "--block-size", "4K", "--json")
     assert r.returncode == 0, r.stderr
     lines = json_lines(r.stdout)
@@ -158,8 +158,16 @@ def test_backup_json_lines(vault: Path, disks: Path) -> None:
         assert last["bytes_done"] == last["bytes_total"] == d["bytes_read"]
 
 
+def test_backup_documented_argument_order(vault: Path, disks: Path) -> None:
+    """Issue 3's form, ``cbt backup VAULT --vm NAME DISK [DISK ...]``, as scripts write it."""
+    r = cbt("backup", vault, "--vm", "web", disks / "os.img", f"data={disks / 'db.img'}")
+    assert r.returncode == 0, r.stderr
+    point = cbt_api.Vault.open(vault).latest("web")
+    assert point is not None and [d.label for d in point.disks] == ["os", "data"]
+
+
 def test_backup_human_output(vault: Path, disks: Path) -> None:
-    r = cbt("backup", vault, "--vm", "web", disks / "os.img", disks / "db.img")
+    r = cbt("backup", vault, disks / "os.img", disks / "db.img", "--vm", "web")
     assert r.returncode == 0, r.stderr
     point = cbt_api.Vault.open(vault).latest("web")
     assert point is not None and point.id in r.stdout
@@ -298,13 +306,14 @@ def test_disk_labels(vault: Path, disks: Path, tmp_path: Path) -> None:
     paths = [Path(d["path"]).resolve() for d in point["disks"]]
     assert paths == [(disks / n).resolve() for n in ("os.img", "db.img", "noext", "a=b.img")]
     # 'disks/a=b.img': what precedes '=' is no label, so it is a path (and a=b no label)
-    line = one_error_line(cbt("backup", vault, "--vm", "vm2", disks / "a=b.img"))
+    line = one_error_line(cbt("backup", vault, disks / "a=b.img", "--vm", "vm2"))
     assert "label" in line
     # two disks with one label
-    line = one_error_line(cbt("backup", vault, "--vm", "vm3", disks / "os.img",
-                              f"os={disks / 'db.img'}"))
-    assert "os" in line
-    one_error_line(cbt("backup", vault, "--vm", "bad.name", disks / "os.img"))
+    line = one_error_line(cbt("backup", vault, disks / "os.img", f"os={disks / 'db.img'}",
+                              "--vm", "vm3"))
+    assert "label" in line and "os" in line
+    line = one_error_line(cbt("backup", vault, disks / "os.img", "--vm", "bad.name"))
+    assert "bad.name" in line
     assert [p.vm for p in cbt_api.Vault.open(vault).points()] == ["vm"]
 
 
@@ -312,7 +321,7 @@ def test_block_size_is_fixed_by_the_first_backup(vault: Path, disks: Path) -> No
     first = backup_cli(vault, "vm", disks / "os.img", "--block-size", "4K")
     assert first["disks"][0]["block_size"] == 4096
     before = file_tree(vault)
-    line = one_error_line(cbt("backup", vault, "--vm", "vm", disks / "os.img",
+    line = one_error_line(cbt("backup", vault, disks / "os.img", "--vm", "vm",
                               "--block-size", "64K"))
     assert "block size" in line and "os" in line
     assert {k: v for k, v in file_tree(vault).items() if k != "lock"} == \
@@ -321,7 +330,7 @@ def test_block_size_is_fixed_by_the_first_backup(vault: Path, disks: Path) -> No
     assert again["disks"][0]["block_size"] == 4096
     assert backup_cli(vault, "vm", disks / "os.img", "--block-size", "4096")["disks"][0][
         "block_size"] == 4096
-    one_error_line(cbt("backup", vault, "--vm", "vm2", disks / "os.img", "--block-size", "3K"))
+    one_error_line(cbt("backup", vault, disks / "os.img", "--block-size", "3K", "--vm", "vm2"))
     default = backup_cli(vault, "vm3", disks / "os.img")["disks"][0]["block_size"]
     assert default & (default - 1) == 0 and 4 * KIB <= default <= 4 * MIB
 
@@ -330,7 +339,7 @@ def test_missing_disk_makes_no_point(vault: Path, disks: Path, tmp_path: Path) -
     backup_cli(vault, "vm", disks / "os.img")
     before = {k: v for k, v in file_tree(vault).items() if k != "lock"}
     for bad in (tmp_path / "nope.img", tmp_path):
-        r = cbt("backup", vault, "--vm", "vm", disks / "os.img", bad, "--json")
+        r = cbt("backup", vault, disks / "os.img", bad, "--json", "--vm", "vm")
         line = one_error_line(r)
         assert str(bad) in line
         assert json_lines(r.stdout)[-1]["type"] == "error"

@@ -74,11 +74,11 @@ def _check_refusal(line: str, pid: int, command: str) -> None:
 def test_second_writer_fails_at_once_naming_the_holder(vault: Path, tmp_path: Path) -> None:
     holder = _hold(vault, 120)
     try:
-        r = cbt("backup", vault, "--vm", "vm", tmp_path / "os.img")
+        r = cbt("backup", vault, tmp_path / "os.img", "--vm", "vm")
         assert holder.poll() is None, "the second writer waited for the holder"
         line = one_error_line(r)
         _check_refusal(line, holder.pid, "cbt backup holder-of-the-lock")
-        r = cbt("backup", vault, "--vm", "vm", tmp_path / "os.img", "--json")
+        r = cbt("backup", vault, tmp_path / "os.img", "--json", "--vm", "vm")
         assert r.returncode == 2
         err = json_lines(r.stdout)[-1]
         assert err["type"] == "error" and f"pid {holder.pid}" in err["message"]
@@ -94,7 +94,7 @@ def test_second_writer_fails_at_once_naming_the_holder(vault: Path, tmp_path: Pa
         # a dead holder never blocks: flock dies with its process
         holder.kill()
         holder.wait()
-        r = cbt("backup", vault, "--vm", "vm", tmp_path / "os.img")
+        r = cbt("backup", vault, tmp_path / "os.img", "--vm", "vm")
         assert r.returncode == 0, r.stderr
     finally:
         holder.kill()
@@ -104,7 +104,7 @@ def test_second_writer_fails_at_once_naming_the_holder(vault: Path, tmp_path: Pa
 def test_wait_succeeds_once_the_holder_releases(vault: Path, tmp_path: Path) -> None:
     holder = _hold(vault, 1.0)
     try:
-        r = cbt("backup", vault, "--vm", "vm", tmp_path / "os.img", "--wait", "30", "--json")
+        r = cbt("backup", vault, tmp_path / "os.img", "--wait", "30", "--json", "--vm", "vm")
         assert r.returncode == 0, r.stderr
         assert holder.wait(timeout=30) == 0
         assert holder.stdout is not None and holder.stdout.read().strip() == "released"
@@ -115,7 +115,7 @@ def test_wait_succeeds_once_the_holder_releases(vault: Path, tmp_path: Path) -> 
     holder = _hold(vault, 120)
     try:
         started = time.monotonic()
-        r = cbt("backup", vault, "--vm", "vm", tmp_path / "os.img", "--wait", "1")
+        r = cbt("backup", vault, tmp_path / "os.img", "--wait", "1", "--vm", "vm")
         assert time.monotonic() - started >= 1.0, "gave up before --wait expired"
         _check_refusal(one_error_line(r), holder.pid, "holder-of-the-lock")
         assert holder.poll() is None
@@ -127,7 +127,7 @@ def test_wait_succeeds_once_the_holder_releases(vault: Path, tmp_path: Path) -> 
 def test_a_running_backup_holds_the_lock(vault: Path, tmp_path: Path) -> None:
     big = tmp_path / "big.img"
     big.write_bytes(np.random.default_rng(82).integers(0, 256, 64 * MIB, np.uint8).tobytes())
-    proc = subprocess.Popen(cbt_argv("backup", vault, "--vm", "other", big, "--block-size", "4K"),
+    proc = subprocess.Popen(cbt_argv("backup", vault, big, "--block-size", "4K", "--vm", "other"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=clean_env(), start_new_session=True)
     try:
@@ -141,7 +141,7 @@ def test_a_running_backup_holds_the_lock(vault: Path, tmp_path: Path) -> None:
             time.sleep(0.001)
         os.killpg(proc.pid, signal.SIGSTOP)
         assert proc.poll() is None, "the backup finished before the test could freeze it"
-        r = cbt("backup", vault, "--vm", "vm", tmp_path / "os.img")
+        r = cbt("backup", vault, tmp_path / "os.img", "--vm", "vm")
         _check_refusal(one_error_line(r), proc.pid, "backup")
         listed = json.loads(cbt("list", vault, "--json").stdout)
         assert [p["vm"] for p in listed["points"]] == ["vm"], "a point in flight is visible"

@@ -86,7 +86,7 @@ def cbt_json(*args: object, **kwargs: Any) -> dict[str, Any]:
 
 def backup_cli(vault: Path, vm: str, *disks: object, **kwargs: Any) -> dict[str, Any]:
     """``cbt backup --json`` that must succeed; the point line."""
-    line = cbt_json("backup", vault, "--vm", vm, *disks, **kwargs)
+    line = cbt_json("backup", vault, *disks, "--vm", vm, **kwargs)
     assert line["type"] == "point", line
     return line
 

@@ -5,7 +5,8 @@
    bad values are errors naming the dotted key (``vm.web.hooks.timeout``) and
    the line where it can be found.
 3. Resolve paths: ``vault``, disk paths and ``snapshot_dir`` against the
-   config file's folder; a hook's argv[0] without ``/`` on PATH.
+   config file's folder; a hook's argv[0] without ``/`` on PATH.  Hooks run
+   in the config file's folder.
 
 Shape (everything but ``vault``, ``policy.*.schedule``, ``vm.*.policy`` and
 ``vm.*.disks`` has the default shown)::
@@ -59,6 +60,7 @@ class Hooks:
     timeout: float = 60.0
     on_pre_failure: str = "fallback"
     provides: str = "application"
+    cwd: str | None = None  # hooks run in the config file's folder
 
 
 @dataclass(frozen=True)
@@ -283,5 +285,5 @@ def _vm(where: _Where, path: str, base: Path, name: str, table: Any,
         hooks = Hooks(
             pre=_argv(where, path, hp + "pre", h["pre"]) if "pre" in h else (),
             post=_argv(where, path, hp + "post", h["post"]) if "post" in h else (),
-            timeout=float(timeout), on_pre_failure=opf, provides=provides)
+            timeout=float(timeout), on_pre_failure=opf, provides=provides, cwd=str(base))
     return VMConfig(name, policy, disks, snapshot, snapshot_dir, block_size, hooks)

@@ -45,13 +45,13 @@ class HookResult:
 
 
 def run_hook(argv: Sequence[str], phase: str, vm: str, point: str,
-             timeout: float) -> HookResult:
+             timeout: float, cwd: str | None = None) -> HookResult:
     env = dict(os.environ, CBT_VM=vm, CBT_PHASE=phase, CBT_POINT=point)
     started = time.monotonic()
     try:
         proc = subprocess.Popen(list(argv), env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
+                                start_new_session=True, cwd=cwd)
     except OSError as exc:
         return HookResult(phase, False, None, False, "", 0.0, error=str(exc))
     timed_out = False

@@ -127,7 +127,7 @@ def _recover(vault: Vault, vmc: VMConfig) -> list[str]:
             continue
         if rec.get("hook_pending") and vmc.hooks and vmc.hooks.post:
             res = run_hook(vmc.hooks.post, "recover", vmc.name,
-                           rec.get("recovery_point") or "", vmc.hooks.timeout)
+                           rec.get("recovery_point") or "", vmc.hooks.timeout, vmc.hooks.cwd)
             if not res.ok:
                 warnings.append(f"recover hook of interrupted job {rec['id']}: {res.describe()}")
         rec.update(status="interrupted", end=utc_now(), hook_pending=False,
@@ -180,7 +180,7 @@ def run_vm(config: Config, vm: str, executor: Executor | None = None,
                 return
             post_done = True
             if hooks and hooks.post:
-                res = run_hook(hooks.post, "post", vm, point_id, hooks.timeout)
+                res = run_hook(hooks.post, "post", vm, point_id, hooks.timeout, hooks.cwd)
                 if not res.ok:
                     warnings.append(res.describe())
             rec["hook_pending"] = False
@@ -195,7 +195,7 @@ def run_vm(config: Config, vm: str, executor: Executor | None = None,
                 rec["hook_pending"] = True
                 save_job(vault, rec)
                 if hooks.pre:
-                    pre = run_hook(hooks.pre, "pre", vm, point_id, hooks.timeout)
+                    pre = run_hook(hooks.pre, "pre", vm, point_id, hooks.timeout, hooks.cwd)
                 else:
                     pre = HookResult("pre", True, 0, False, "", 0.0)
                 if not pre.ok and hooks.on_pre_failure == "fail":
