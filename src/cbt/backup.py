@@ -51,7 +51,7 @@ from cbt.scan import (
 )
 from cbt.sizes import format_size
 from cbt.vault import index as index_mod
-from cbt.vault.lock import writer_lock
+from cbt.vault.lock import gc_lock, writer_lock
 from cbt.vault.pack import TARGET_PACK_SIZE, PackWriter, pack_name
 from cbt.vault.points import (
     DiskRecord,
@@ -321,7 +321,7 @@ def backup(vault: Vault, vm: str, disks: Sequence[DiskSpec], block_size: int | N
            workers: int | None = None, progress: BackupProgress | None = None,
            wait: float = 0.0, created: str | None = None,
            consistency: tuple[str, str] = ("crash", "live read"),
-           executor: Executor | None = None) -> PointRecord:
+           executor: Executor | None = None, slot: str | None = None) -> PointRecord:
     """Back up ``disks`` of ``vm`` into ``vault``; returns the committed point.
 
     Takes the vault's writer lock (waiting up to ``wait`` seconds).  The work
@@ -333,7 +333,7 @@ def backup(vault: Vault, vm: str, disks: Sequence[DiskSpec], block_size: int | N
     with writer_lock(vault.root, wait):
         return backup_locked(vault, vm, disks, block_size=block_size, workers=workers,
                              progress=progress, created=created, consistency=consistency,
-                             executor=executor)
+                             executor=executor, slot=slot)
 
 
 def backup_locked(vault: Vault, vm: str, disks: Sequence[DiskSpec],
@@ -341,7 +341,7 @@ def backup_locked(vault: Vault, vm: str, disks: Sequence[DiskSpec],
                   progress: BackupProgress | None = None, created: str | None = None,
                   consistency: tuple[str, str] = ("crash", "live read"),
                   executor: Executor | None = None, point_id: str | None = None,
-                  warnings: list[str] | None = None) -> PointRecord:
+                  warnings: list[str] | None = None, slot: str | None = None) -> PointRecord:
     """:func:`backup` for a caller that already holds the writer lock (a job)."""
     started = time.perf_counter()
     check_disks(vm, disks, block_size)
@@ -378,13 +378,14 @@ def backup_locked(vault: Vault, vm: str, disks: Sequence[DiskSpec],
             p.flags[lo:hi] = r.block_flags[at:at + hi - lo]
             at += hi - lo
     return _commit(vault, vm, plans, results, index, prev, warnings, started, created,
-                   consistency, point_id)
+                   consistency, point_id, slot)
 
 
 def _commit(vault: Vault, vm: str, plans: list[_DiskPlan], results: list[_ShardResult],
             index: index_mod.Index, prev: PointRecord | None, warnings: list[str],
             started: float, created: str | None,
-            consistency: tuple[str, str], point_id: str | None = None) -> PointRecord:
+            consistency: tuple[str, str], point_id: str | None = None,
+            slot: str | None = None) -> PointRecord:
     created = created or utc_now()
     point_id = point_id or new_point_id(vm, created, set(vault.point_ids()))
     # one entry per digest across all workers; bytes_new counts a digest once
@@ -432,15 +433,48 @@ def _commit(vault: Vault, vm: str, plans: list[_DiskPlan], results: list[_ShardR
             manifest=name, manifest_checksum=blake3.blake3(data).hexdigest(),
             seq=p.seq if base_point is not None else 0,
             base=base_point.id if base_point is not None else None))
-    _write_segment(vault, point_id, results, keep, index)
     record = PointRecord(
         id=point_id, vm=vm, created=created, consistency=consistency[0],
         consistency_reason=consistency[1], parent=prev.id if prev else None,
         disks=disk_records, bytes_new=sum(per_disk_new), bytes_stored=sum(per_disk_stored),
-        seconds=round(time.perf_counter() - started, 6), warnings=warnings)
-    vault.storage.put(point_name(point_id), record.to_json())
+        seconds=round(time.perf_counter() - started, 6), warnings=warnings, slot=slot)
+    with gc_lock(vault.root, wait=None):  # a gc in progress finishes first
+        index = _after_gc(vault, index, plans, seen)
+        _write_segment(vault, point_id, results, keep, index)
+        record.seconds = round(time.perf_counter() - started, 6)
+        vault.storage.put(point_name(point_id), record.to_json())
     _maybe_merge_segments(vault)
     return record
+
+
+def _after_gc(vault: Vault, index: index_mod.Index, plans: list[_DiskPlan],
+              stored_now: set[bytes]) -> index_mod.Index:
+    """If a gc ran during this backup, make sure every block the point uses still exists.
+
+    gc rewrites the index whenever it removes anything, so unchanged segments
+    mean nothing moved.  Otherwise: blocks this run deduplicated against that
+    gc declared dead are brought back from the trash, and the fresh index
+    (not the stale one) decides which orphan packs this run's segment adopts.
+    """
+    from cbt.gc import rescue
+
+    current = {s for s in vault.storage.list("index") if s.endswith(".arrow")}
+    if current == set(index.segments):
+        return index
+    fresh = vault.load_index()
+    need: set[bytes] = set()
+    for p in plans:
+        data = p.digests[p.flags == fast.FLAG_DATA]
+        missing = data[fresh.lookup(data) < 0]
+        need.update(row.tobytes() for row in missing)
+    need -= stored_now
+    if need:
+        still = rescue(vault, need)
+        if still:
+            raise CbtIOError(errno.EIO, f"{len(still)} blocks this backup relies on vanished "
+                             "from the vault (removed by gc?); run the backup again")
+        fresh = vault.load_index()
+    return fresh
 
 
 def _write_segment(vault: Vault, point_id: str, results: list[_ShardResult],

@@ -99,6 +99,30 @@ def public_job(rec: dict[str, Any]) -> dict[str, Any]:
                                     "consistency", "recovery_point", "disks", "error")}
 
 
+def register_snapshots(vault: Vault, point: PointRecord, kept: dict[str, str],
+                       paths: list[str]) -> None:
+    """Record a point's kept snapshots (instant restore; expired by prune).
+
+    ``kept`` maps each disk to the file to read; ``paths`` are what to remove
+    when they expire (files, or one btrfs subvolume for all disks).
+    """
+    body = {"recovery_point": point.id, "vm": point.vm, "created": point.created,
+            "disks": kept, "paths": paths}
+    vault.storage.put(f"snapshots/{point.id}.json",
+                      (json.dumps(body, sort_keys=True, indent=1) + "\n").encode())
+
+
+def kept_snapshots(vault: Vault) -> dict[str, dict[str, Any]]:
+    """Point id -> its registry entry, for every point with kept snapshots."""
+    out = {}
+    for name in vault.storage.list("snapshots"):
+        if name.endswith(".json") and not os.path.basename(name).startswith("."):
+            with contextlib.suppress(ValueError, OSError):
+                body = json.loads(vault.storage.get(name))
+                out[body["recovery_point"]] = body
+    return out
+
+
 # -- signals ---------------------------------------------------------------------------
 
 
@@ -152,11 +176,13 @@ def _consistency(vmc: VMConfig, pre: HookResult | None, snaps: SnapshotSet) -> t
 
 def run_vm(config: Config, vm: str, executor: Executor | None = None,
            workers: int | None = None, progress: BackupProgress | None = None,
-           created: str | None = None, wait: float = 0.0) -> JobResult:
+           created: str | None = None, wait: float = 0.0, slot: str | None = None,
+           abort_on_signals: bool = True) -> JobResult:
     """Run the backup job of one VM now; the result carries the point or the error."""
     vmc = config.vms[vm]
     vault = Vault.open(config.vault)
-    with writer_lock(vault.root, wait), _abort_on_signals():
+    signals = _abort_on_signals() if abort_on_signals else contextlib.nullcontext()
+    with writer_lock(vault.root, wait), signals:
         warnings = _recover(vault, vmc)
         created = created or utc_now()
         point_id = new_point_id(vm, created, set(vault.point_ids()))
@@ -165,6 +191,7 @@ def run_vm(config: Config, vm: str, executor: Executor | None = None,
             "id": job_id, "vm": vm, "policy": vmc.policy, "start": utc_now(), "end": None,
             "status": "running", "consistency": None, "recovery_point": point_id,
             "disks": [], "error": None, "hook_pending": False, "pid": os.getpid(),
+            "slot": slot,
         }
         save_job(vault, rec)
         hooks = vmc.hooks
@@ -210,10 +237,14 @@ def run_vm(config: Config, vm: str, executor: Executor | None = None,
             point = backup_locked(vault, vm, specs, block_size=vmc.block_size,
                                   workers=workers, progress=progress, created=created,
                                   consistency=(level, reason), executor=executor,
-                                  point_id=point_id, warnings=warnings)
+                                  point_id=point_id, warnings=warnings, slot=slot)
             run_post()
-            snaps.commit()
+            days = config.policies[vmc.policy].instant_restore_days
+            created_paths = list(snaps.created)
+            kept = snaps.commit(keep=days > 0)
             snaps = None
+            if kept:
+                register_snapshots(vault, point, kept, created_paths)
             rec.update(status="succeeded", consistency=point.consistency)
             rec["disks"] = [{"label": d.label, "snapshot": providers[d.label],
                              "bytes_read": d.bytes_read, "bytes_new": d.bytes_new,

@@ -48,6 +48,11 @@ def shared_array(shape: tuple[int, ...], dtype: Any, fill: int = 0) -> npt.NDArr
     return arr
 
 
+# Set by the daemon: workers ignore SIGTERM/SIGINT sent to the whole process
+# group, so the job in flight finishes; the daemon itself decides when to stop.
+WORKERS_IGNORE_STOP_SIGNALS = False
+
+
 class WorkerError(CbtError, RuntimeError):
     """A forked worker died without reporting (killed by a signal, out of memory)."""
 
@@ -107,6 +112,10 @@ def _child(fn: Callable[[T, Report], R], task: T, index: int,
            counters: npt.NDArray[np.uint64], w: int) -> None:
     code = 0
     try:
+        if WORKERS_IGNORE_STOP_SIGNALS:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
         def report(n: int) -> None:
             counters[index] += n
 

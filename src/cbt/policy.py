@@ -12,7 +12,9 @@ newest point of that many most recent calendar buckets that have one.
 
 from __future__ import annotations
 
+import datetime as _dt
 import re
+import zoneinfo
 from dataclasses import dataclass, field
 
 from cbt.errors import CbtValueError
@@ -82,3 +84,143 @@ class Policy:
     timezone: str = "UTC"
     retention: Retention = field(default_factory=lambda: Retention(keep_all=True))
     instant_restore_days: int = 0
+
+
+# -- time ----------------------------------------------------------------------------
+
+UTC = _dt.UTC
+
+
+def parse_now(text: str) -> _dt.datetime:
+    """An ISO 8601 time with an offset (``2026-03-29T02:30:00+01:00``, ``...Z``), as UTC."""
+    try:
+        t = _dt.datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        raise CbtValueError(f"not an ISO 8601 time: {text!r}") from None
+    if t.tzinfo is None or t.utcoffset() is None:
+        raise CbtValueError(f"time {text!r} has no offset: add Z or +HH:MM")
+    return t.astimezone(UTC)
+
+
+def rfc3339(t: _dt.datetime) -> str:
+    """UTC, to the second, with ``Z``."""
+    return t.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def local_to_utc(day: _dt.date, hour: int, minute: int, tz: _dt.tzinfo) -> _dt.datetime:
+    """The UTC instant of a local wall time: a repeated time at its first occurrence, a
+    time that does not exist (a DST gap) at the first instant after the gap."""
+    naive = _dt.datetime(day.year, day.month, day.day, hour, minute)
+    first = naive.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    if first.astimezone(tz).replace(tzinfo=None) == naive:
+        other = naive.replace(tzinfo=tz, fold=1).astimezone(UTC)
+        return min(first, other)
+    # in a gap: the first UTC instant whose wall time is at or past ``naive``
+    lo = int(naive.replace(tzinfo=tz, fold=1).astimezone(UTC).timestamp())
+    hi = int(first.timestamp())
+    lo, hi = min(lo, hi), max(lo, hi)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        wall = _dt.datetime.fromtimestamp(mid, tz).replace(tzinfo=None)
+        if wall >= naive:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _dt.datetime.fromtimestamp(lo, UTC)
+
+
+def _day_times(schedule: Schedule, day: _dt.date) -> list[tuple[int, int]]:
+    if schedule.kind == "daily":
+        return list(schedule.times)
+    if schedule.kind == "weekly":
+        return list(schedule.times) if day.weekday() in schedule.days else []
+    return [(h, 0) for h in range(0, 24, schedule.hours)]
+
+
+def slots_between(schedule: Schedule, timezone: str, start: _dt.datetime,
+                  end: _dt.datetime) -> list[_dt.datetime]:
+    """Every slot (UTC) in ``[start, end]``, in order, each once."""
+    tz = zoneinfo.ZoneInfo(timezone)
+    day = start.astimezone(tz).date() - _dt.timedelta(days=1)
+    last = end.astimezone(tz).date() + _dt.timedelta(days=1)
+    out: set[_dt.datetime] = set()
+    while day <= last:
+        for h, m in _day_times(schedule, day):
+            t = local_to_utc(day, h, m, tz)
+            if start <= t <= end:
+                out.add(t)
+        day += _dt.timedelta(days=1)
+    return sorted(out)
+
+
+def latest_slot(schedule: Schedule, timezone: str, now: _dt.datetime) -> _dt.datetime | None:
+    """The latest slot at or before ``now`` (looking back up to two weeks)."""
+    slots = slots_between(schedule, timezone, now - _dt.timedelta(days=15), now)
+    return slots[-1] if slots else None
+
+
+def next_slot(schedule: Schedule, timezone: str, now: _dt.datetime) -> _dt.datetime:
+    """The first slot strictly after ``now``."""
+    slots = slots_between(schedule, timezone, now + _dt.timedelta(seconds=1),
+                          now + _dt.timedelta(days=15))
+    return slots[0]
+
+
+# -- retention -------------------------------------------------------------------------
+
+_BUCKETS = ("daily", "weekly", "monthly", "yearly")
+
+
+def _bucket(rule: str, t: _dt.datetime) -> tuple[int, ...]:
+    if rule == "daily":
+        return (t.year, t.month, t.day)
+    if rule == "weekly":
+        iso = t.isocalendar()
+        return (iso[0], iso[1])
+    if rule == "monthly":
+        return (t.year, t.month)
+    return (t.year,)
+
+
+def _bucket_label(rule: str, b: tuple[int, ...]) -> str:
+    if rule == "daily":
+        return f"{b[0]:04d}-{b[1]:02d}-{b[2]:02d}"
+    if rule == "weekly":
+        return f"{b[0]:04d}-W{b[1]:02d}"
+    if rule == "monthly":
+        return f"{b[0]:04d}-{b[1]:02d}"
+    return f"{b[0]:04d}"
+
+
+def apply_retention(created: list[tuple[str, _dt.datetime]], retention: Retention,
+                    timezone: str) -> dict[str, list[str]]:
+    """Point id -> reasons to keep it (empty: remove), restic's ``--keep-*`` semantics.
+
+    ``created`` lists (point id, creation time) of one VM.  Each count keeps the
+    newest point of that many most recent calendar buckets (in ``timezone``)
+    that have one; the newest point is always kept (``latest``); no retention
+    table keeps everything.
+    """
+    tz = zoneinfo.ZoneInfo(timezone)
+    newest_first = sorted(created, key=lambda p: (p[1], p[0]), reverse=True)
+    reasons: dict[str, list[str]] = {pid: [] for pid, _ in newest_first}
+    if not newest_first:
+        return reasons
+    reasons[newest_first[0][0]].append("latest")
+    if retention.keep_all:
+        for pid in reasons:
+            if "latest" not in reasons[pid]:
+                reasons[pid].append("no retention")
+        return reasons
+    for rule in _BUCKETS:
+        count = getattr(retention, rule)
+        seen: set[tuple[int, ...]] = set()
+        for pid, t in newest_first:
+            if len(seen) >= count:
+                break
+            b = _bucket(rule, t.astimezone(tz))
+            if b in seen:
+                continue
+            seen.add(b)
+            reasons[pid].append(f"{rule} {_bucket_label(rule, b)}")
+    return reasons

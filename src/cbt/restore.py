@@ -79,12 +79,11 @@ def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int
             if fd is None:
                 fd = fds[job.target] = os.open(job.target, os.O_WRONLY)
             storage = LocalStorage(job.vault_root)
-            name = pack_name(job.pack)
             lo = int(job.offsets[0])
             hi = int((job.offsets + job.lengths).max())
             where = f"point {job.point} disk {job.label} block {{}} pack {job.pack}"
             try:
-                span = (storage.read_range(name, lo, hi - lo)
+                span = (_read_pack(storage, job.pack, lo, hi - lo)
                         if int(job.lengths.sum()) >= DENSE * (hi - lo) else None)
             except OSError as exc:
                 raise DamagedPointError(f"{where.format(int(job.blocks[0]))}: {exc}") from None
@@ -92,7 +91,7 @@ def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int
                                          job.lengths.tolist(), strict=True):
                 try:
                     raw = (memoryview(span)[off - lo:off - lo + ln] if span is not None
-                           else storage.read_range(name, off, ln))
+                           else _read_pack(storage, job.pack, off, ln))
                     data = decode_blob(raw, dig.tobytes(), where.format(blk))
                 except CorruptPackError as exc:
                     raise DamagedPointError(str(exc)) from None
@@ -106,6 +105,20 @@ def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int
         for fd in fds.values():
             os.close(fd)
     return stats
+
+
+def _read_pack(storage: Any, pack: str, offset: int, length: int) -> bytes:
+    """Read from a pack, or from the trash where a gc moved it since we looked it up."""
+    try:
+        data: bytes = storage.read_range(pack_name(pack), offset, length)
+        return data
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+        from cbt.gc import trash_name
+
+        data = storage.read_range(trash_name(pack), offset, length)
+        return data
 
 
 def plan_disk(vault: Vault, index: Index, point_id: str, label: str, manifest: Manifest,
@@ -297,3 +310,81 @@ def _zero_and_sync(t: _Target, block_size: int) -> None:
         fsync_file(fd)
     finally:
         os.close(fd)
+
+
+def instant_restore(vault: Vault, ref: str, to: str | os.PathLike[str], force: bool = False,
+                    disk: str | None = None, verify: bool = True,
+                    workers: int | None = None) -> dict[str, Any]:
+    """Restore from the point's kept snapshot where there is one, else from the vault.
+
+    A snapshot is cloned (reflink where the target is on the same file system,
+    else copied) and re-hashed against the point's manifest unless ``verify``
+    is off; a snapshot that does not match is not used.  Each disk says which
+    source it came from.
+    """
+    from cbt.blockio import copy_sparse
+    from cbt.jobs import kept_snapshots
+    from cbt.snapshot import reflink
+
+    started = time.perf_counter()
+    point = vault.point(ref)
+    labels = [disk] if disk is not None else [d.label for d in point.disks]
+    if disk is not None and point.disk(disk) is None:
+        raise CbtValueError(f"point {point.id} has no disk {disk!r}")
+    kept = kept_snapshots(vault).get(point.id, {}).get("disks", {})
+    out_dir = Path(to).parent if disk is not None else Path(to)
+    if disk is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    disks_out = []
+    warnings: list[str] = []
+    for label in labels:
+        final = Path(to) if disk is not None else out_dir / f"{label}.img"
+        snap = kept.get(label)
+        source = "vault"
+        if snap and os.path.exists(snap):
+            if final.exists() and not force:
+                raise CbtIOError(errno.EEXIST, f"target exists: {final} (use --force)")
+            tmp = temp_name(final)
+            try:
+                try:
+                    reflink(snap, str(tmp))
+                    how = "reflink"
+                except OSError:
+                    copy_sparse(snap, tmp)
+                    how = "copy"
+                manifest = vault.resolve(point, label)
+                if verify:
+                    got = scan(tmp, manifest.block_size, workers)
+                    if got.disk_size != manifest.disk_size or not np.array_equal(
+                            got.digests, manifest.digests):
+                        raise DamagedPointError(f"kept snapshot {snap} does not match point "
+                                                f"{point.id} disk {label}")
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    fsync_file(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
+                source = f"snapshot ({how}{', verified' if verify else ', not verified'})"
+                disks_out.append({"label": label, "to": str(final), "size": manifest.disk_size,
+                                  "bytes_written": 0 if how == "reflink" else manifest.disk_size,
+                                  "blocks_verified": manifest.blocks if verify else 0,
+                                  "source": source})
+                continue
+            except (CbtError, OSError) as exc:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                warnings.append(f"disk {label}: instant restore from the snapshot failed "
+                                f"({exc}); restoring from the vault")
+        elif snap:
+            warnings.append(f"disk {label}: kept snapshot {snap} is gone; restoring from the "
+                            "vault")
+        target = final
+        r = restore(vault, point.id, target, force=force, workers=workers, disk=label)
+        d = r["disks"][0]
+        d["source"] = source
+        disks_out.append(d)
+        warnings += r["warnings"]
+    return {"recovery_point": point.id, "disks": disks_out,
+            "seconds": round(time.perf_counter() - started, 6), "warnings": warnings}

@@ -134,18 +134,33 @@ class SnapshotSet:
     def live(self) -> bool:
         return "none" in self.providers.values()
 
-    def commit(self) -> None:
-        """After the point is committed: keep tracking bases, remove the rest."""
-        kept = set()
+    def commit(self, keep: bool = False) -> dict[str, str]:
+        """After the point is committed: keep tracking bases, remove the rest.
+
+        With ``keep`` (instant restore) every snapshot stays where it is and the
+        tracking base becomes a second, free reference to it (a hard link, or
+        a btrfs snapshot of the snapshot); returns label -> kept path.
+        """
+        done = set()
         for snap, base in self.bases.values():
-            if snap in kept:
+            if snap in done:
                 continue
-            kept.add(snap)
+            done.add(snap)
             _remove(base)
-            os.rename(snap, base)
+            if not keep:
+                os.rename(snap, base)
+            elif os.path.isdir(snap):
+                subprocess.run(["btrfs", "subvolume", "snapshot", "-r", snap, base],
+                               capture_output=True, check=True)
+            else:
+                os.link(snap, base)
+        if keep:
+            return {label: self.read_paths[label] for label, p in self.providers.items()
+                    if p != "none"}
         for path in self.created:
-            if path not in kept:
+            if path not in done:
                 _remove(path)
+        return {}
 
     def discard(self) -> None:
         """After a failed or aborted job: remove every snapshot it took."""

@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vm", metavar="NAME",
                    help="the VM these disks belong to (with --config: only this VM)")
     p.add_argument("--config", metavar="FILE", help="run the jobs of this configuration")
+    p.add_argument("--now", metavar="ISO8601",
+                   help="the point's creation time, with an offset (default: now)")
     p.add_argument("--block-size", type=size_arg, default=None, metavar="SIZE",
                    help="block size of a disk's first backup (default 16K)")
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N",
@@ -78,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     vault = Vault.open(args.vault)
     with _progress(args, [s.label for s in specs]) as progress:
         point = vault.backup(args.vm, specs, block_size=args.block_size,
-                             workers=args.workers, progress=progress, wait=args.wait)
+                             workers=args.workers, progress=progress, wait=args.wait,
+                             created=_created(args))
     if args.json:
         print_json(point_json(point))
         return EXIT_OK
@@ -100,7 +103,7 @@ def _run_config(args: argparse.Namespace) -> int:
     for name in names:
         with _progress(args, list(config.vms[name].disks)) as progress:
             result = jobs.run_vm(config, name, workers=args.workers, progress=progress,
-                                 wait=args.wait)
+                                 wait=args.wait, created=_created(args))
         if result.point is None:
             code = EXIT_ERROR
             sys.stderr.write(f"cbt: error: VM {name}: {result.error}\n")
@@ -113,6 +116,12 @@ def _run_config(args: argparse.Namespace) -> int:
         else:
             _print_point(result.point, result.snapshots)
     return code
+
+
+def _created(args: argparse.Namespace) -> str | None:
+    from cbt.policy import parse_now, rfc3339
+
+    return rfc3339(parse_now(args.now)) if args.now else None
 
 
 @contextlib.contextmanager

@@ -13,7 +13,12 @@ damaged original): it is read first and only the blocks that differ are
 rewritten; "bytes_written" says how much.
 
 --json prints {"recovery_point","disks":[{"label","to","size","bytes_written",
-"blocks_verified"}],"seconds","warnings"}.
+"blocks_verified"}],"seconds","warnings"}; with --instant each disk adds
+"source" ("snapshot (reflink, verified)", "snapshot (copy, ...)" or "vault").
+
+--instant restores from the snapshot a job kept (the policy's
+instant_restore_days), re-hashing it against the point's manifest unless
+--no-verify, and falls back to the vault where there is none.
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk", metavar="LABEL", help="restore only this disk, to the --to path")
     p.add_argument("--in-place", action="store_true",
                    help="rewrite only the blocks that differ in an existing copy")
+    p.add_argument("--instant", action="store_true",
+                   help="restore from the point's kept snapshot when there is one (reflink "
+                        "clone on the same file system), else from the vault")
+    p.add_argument("--no-verify", action="store_true",
+                   help="with --instant: do not re-hash the snapshot against the manifest")
     p.add_argument("--assume-zeroed", action="store_true",
                    help="the target device reads as zeros: do not zero hole and zero blocks")
     p.add_argument("--force", action="store_true", help="replace existing target files")
@@ -45,10 +55,16 @@ def run(args: argparse.Namespace) -> int:
     from cbt.vault import Vault
 
     vault = Vault.open(args.vault)
-    with progress_bar("restore") as progress:
-        result = vault.restore(args.point, args.to, force=args.force, workers=args.workers,
-                               progress=progress, disk=args.disk, in_place=args.in_place,
-                               assume_zeroed=args.assume_zeroed)
+    if args.instant:
+        from cbt.restore import instant_restore
+
+        result = instant_restore(vault, args.point, args.to, force=args.force, disk=args.disk,
+                                 verify=not args.no_verify, workers=args.workers)
+    else:
+        with progress_bar("restore") as progress:
+            result = vault.restore(args.point, args.to, force=args.force, workers=args.workers,
+                                   progress=progress, disk=args.disk,
+                                   in_place=args.in_place, assume_zeroed=args.assume_zeroed)
     if args.json:
         print_json(result)
         return EXIT_OK
@@ -57,5 +73,5 @@ def run(args: argparse.Namespace) -> int:
     for d in result["disks"]:
         print(f"  {d['label']} -> {d['to']}: {human_bytes(d['size'])}, "
               f"{d['blocks_verified']} blocks verified, {human_bytes(d['bytes_written'])} "
-              "written")
+              f"written{', from ' + d['source'] if 'source' in d else ''}")
     return EXIT_OK

@@ -37,25 +37,62 @@ def _holder(path: str) -> str:
 @contextlib.contextmanager
 def writer_lock(vault_root: str, wait: float = 0.0) -> Iterator[None]:
     """Hold the writer lock; fail at once (or after ``wait`` seconds) if held."""
+    with _flock(os.path.join(vault_root, "lock"), vault_root, wait,
+               "retry later or pass --wait SECONDS"):
+        yield
+
+
+@contextlib.contextmanager
+def gc_lock(vault_root: str, wait: float | None = 0.0) -> Iterator[None]:
+    """Hold the gc lock (one gc at a time; a backup's commit waits for it: ``wait=None``)."""
+    with _flock(os.path.join(vault_root, "gc.lock"), vault_root, wait, "retry later"):
+        yield
+
+
+def writer_since(vault_root: str) -> str | None:
+    """When the running writer (a backup) started, or None when none runs."""
+    path = os.path.join(vault_root, "lock")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                return str(info.get("since")) if info.get("since") else "unknown"
+            except ValueError:
+                return "unknown"
+        return None
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _flock(path: str, vault_root: str, wait: float | None, hint: str) -> Iterator[None]:
     from cbt.manifest import utc_now
 
-    path = os.path.join(vault_root, "lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise VaultLockedError(
-                        errno.EAGAIN,
-                        f"vault {vault_root} is locked by {_holder(path)}; "
-                        "retry later or pass --wait SECONDS") from None
-                time.sleep(0.1)
+        if wait is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise VaultLockedError(
+                            errno.EAGAIN,
+                            f"vault {vault_root} is locked by {_holder(path)}; "
+                            f"{hint}") from None
+                    time.sleep(0.1)
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "command": " ".join(["cbt", *sys.argv[1:]])[:200], "since": utc_now()}
         os.ftruncate(fd, 0)

@@ -87,6 +87,8 @@ class PointRecord:
     bytes_stored: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    slot: str | None = None  # the schedule slot this point fulfils (RFC 3339 UTC)
+    hidden: bool = False  # pruned, kept only as the base of kept points' deltas
 
     def disk(self, label: str) -> DiskRecord | None:
         return next((d for d in self.disks if d.label == label), None)
@@ -101,6 +103,7 @@ class PointRecord:
             "disks": [vars(d) for d in self.disks],
             "bytes_new": self.bytes_new, "bytes_stored": self.bytes_stored,
             "seconds": self.seconds, "warnings": self.warnings,
+            "slot": self.slot, "hidden": self.hidden,
         }
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         body["checksum"] = blake3.blake3(canonical.encode()).hexdigest()
@@ -128,7 +131,8 @@ class PointRecord:
                 consistency_reason=body["consistency_reason"], parent=body["parent"],
                 disks=[DiskRecord(**d) for d in body["disks"]],
                 bytes_new=body["bytes_new"], bytes_stored=body["bytes_stored"],
-                seconds=body["seconds"], warnings=body.get("warnings", []))
+                seconds=body["seconds"], warnings=body.get("warnings", []),
+                slot=body.get("slot"), hidden=bool(body.get("hidden", False)))
         except (KeyError, TypeError) as exc:
             raise CorruptPointError(f"corrupt point record {where}: {exc}") from None
 

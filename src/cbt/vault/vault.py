@@ -116,12 +116,16 @@ class Vault:
         name = point_name(point_id)
         return PointRecord.from_json(self.storage.get(name), f"{self.root}/{name}")
 
-    def points(self, vm: str | None = None) -> list[PointRecord]:
-        """Committed points, oldest first (by creation time, then id)."""
+    def records(self, vm: str | None = None) -> list[PointRecord]:
+        """Every point record, hidden ones (pruned bases of kept deltas) included."""
         records = [self.load_point(i) for i in self.point_ids()]
         if vm is not None:
             records = [r for r in records if r.vm == vm]
         return sorted(records, key=_point_order)
+
+    def points(self, vm: str | None = None) -> list[PointRecord]:
+        """Committed points, oldest first (by creation time, then id)."""
+        return [r for r in self.records(vm) if not r.hidden]
 
     def latest(self, vm: str) -> PointRecord | None:
         pts = self.points(vm)
@@ -134,7 +138,7 @@ class Vault:
             if latest is None:
                 raise NoSuchPointError(f"no recovery point of VM {ref[:-7]!r} in {self.root}")
             return latest
-        ids = self.point_ids()
+        ids = [p.id for p in self.points()]
         if ref in ids:
             return self.load_point(ref)
         matches = [i for i in ids if i.startswith(ref)]
@@ -176,7 +180,7 @@ class Vault:
     def chain_base(self, vm: str, label: str, seq: int) -> PointRecord | None:
         """The point holding ``label`` at ``base_seq(seq)`` in the VM's history."""
         want = base_seq(seq)
-        for p in reversed(self.points(vm)):
+        for p in reversed(self.records(vm)):
             d = p.disk(label)
             if d is not None and d.seq == want:
                 return p

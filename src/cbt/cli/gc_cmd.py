@@ -1,0 +1,42 @@
+"""Free the blocks no recovery point references.
+
+Removes packs with no live block and rewrites packs that are mostly dead.  It
+takes its own lock and may run beside one backup: it only sweeps packs older
+than the start of the running backup, and moves dead packs to a trash area
+emptied after a grace period, so a restore reading at the time never fails
+and a backup that reused a block gc found dead brings it back at its commit.
+
+--json prints {"dry_run","packs_removed","packs_rewritten","bytes_freed",
+"trash_emptied","warnings"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cbt.cli._common import EXIT_OK, add_json, emit_warnings, print_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("vault", metavar="VAULT", help="the vault")
+    p.add_argument("--dry-run", action="store_true", help="say what would be freed")
+    p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+                   help="how long trashed packs stay readable (default 3600)")
+    add_json(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cbt.gc import gc
+    from cbt.sizes import human_bytes
+    from cbt.vault import Vault
+
+    result = gc(Vault.open(args.vault), args.dry_run, args.grace)
+    if args.json:
+        print_json(result)
+        return EXIT_OK
+    emit_warnings(result["warnings"])
+    verb = "would free" if args.dry_run else "freed"
+    print(f"gc: {result['packs_removed']} packs removed, {result['packs_rewritten']} rewritten, "
+          f"{verb} {human_bytes(result['bytes_freed'])}; {result['trash_emptied']} trashed "
+          "packs deleted")
+    return EXIT_OK

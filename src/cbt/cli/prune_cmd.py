@@ -1,0 +1,53 @@
+"""Remove the recovery points the policies no longer keep (the config's vault).
+
+Per VM, buckets are calendar days, ISO weeks, months and years in the policy's
+time zone; each count keeps the newest point of that many most recent buckets
+that have one; the newest point of each VM is always kept ("latest"); a
+missing count is 0; no retention table keeps everything; points of VMs not in
+the config are kept ("no policy").  A removed point that kept points are based
+on is hidden instead (it still resolves for them).  Kept snapshots older than
+instant_restore_days are removed (never a tracking base).  Blocks are freed
+by 'cbt gc'.
+
+--json prints {"dry_run","points":[{"recovery_point","vm","keep","reasons"}],
+"snapshots_expired","warnings"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cbt.cli._common import EXIT_OK, add_json, print_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, metavar="FILE", help="the configuration file")
+    p.add_argument("--now", metavar="ISO8601", help="the time to judge ages at (default: now)")
+    p.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for a running backup to finish (default: fail)")
+    add_json(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from cbt.config import load
+    from cbt.policy import parse_now
+    from cbt.prune import prune
+    from cbt.vault import Vault
+
+    config = load(args.config)
+    now = parse_now(args.now) if args.now else dt.datetime.now(dt.UTC)
+    result = prune(Vault.open(config.vault), config, now, args.dry_run, args.wait)
+    if args.json:
+        print_json(result)
+        return EXIT_OK
+    verb = "would remove" if args.dry_run else "removed"
+    for p in result["points"]:
+        print(f"{'keep  ' if p['keep'] else 'remove'} {p['recovery_point']:<40} "
+              f"{', '.join(p['reasons'])}")
+    gone = sum(not p["keep"] for p in result["points"])
+    print(f"{verb} {gone} of {len(result['points'])} points; "
+          f"{result['snapshots_expired']} kept snapshots expired")
+    return EXIT_OK

@@ -1,0 +1,274 @@
+"""Helpers for the restore, point-diff, damage/repair and ENOSPC tests.
+
+Ground truth here is plain numpy, ``blake3`` and what the kernel reports
+(``strace`` of the real ``cbt`` process, ``SEEK_DATA``): nothing is computed
+with cbt's own scan, diff or restore code.  Loop devices and mounts are always
+released in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import numpy as np
+import numpy.typing as npt
+from conftest import need, need_root_tools
+from vault_helpers import cbt_argv, clean_env, nblocks, read
+
+# -- block arithmetic ---------------------------------------------------------------
+
+
+def padded_blocks(data: npt.NDArray[np.uint8], bs: int) -> npt.NDArray[np.uint8]:
+    """``data`` zero-padded to whole blocks, as an (n, bs) array."""
+    n = nblocks(len(data), bs)
+    pad = np.zeros(n * bs - len(data), dtype=np.uint8)
+    return np.concatenate([data, pad]).reshape(n, bs)
+
+
+def nonzero_blocks(data: npt.NDArray[np.uint8], bs: int) -> npt.NDArray[np.bool_]:
+    """Blocks holding any non-zero byte (what a vault stores)."""
+    if len(data) == 0:
+        return np.zeros(0, dtype=bool)
+    return padded_blocks(data, bs).any(axis=1)
+
+
+def block_len(size: int, bs: int, i: int) -> int:
+    """Bytes of block ``i`` of a disk of ``size`` bytes (the tail block may be short)."""
+    return min(bs, size - i * bs)
+
+
+def data_bytes(data: npt.NDArray[np.uint8], bs: int) -> int:
+    """Raw bytes of the non-zero blocks."""
+    return sum(block_len(len(data), bs, int(i)) for i in np.flatnonzero(nonzero_blocks(data, bs)))
+
+
+def resized(old: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.uint8]:
+    """``old`` cut or zero-extended to ``size`` bytes (a file after ftruncate)."""
+    if len(old) >= size:
+        return old[:size]
+    return np.concatenate([old, np.zeros(size - len(old), dtype=np.uint8)])
+
+
+def differing_blocks(old: npt.NDArray[np.uint8], new: npt.NDArray[np.uint8],
+                     bs: int) -> npt.NDArray[np.bool_]:
+    """Blocks of ``new`` whose bytes differ from ``old`` once ``old`` has ``new``'s size."""
+    if len(new) == 0:
+        return np.zeros(0, dtype=bool)
+    return (padded_blocks(resized(old, len(new)), bs) != padded_blocks(new, bs)).any(axis=1)
+
+
+def runs(mask: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
+    """Set bits as (first, count) runs."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return [(int(s), int(e - s)) for s, e in zip(starts, ends, strict=True)]
+
+
+def blocks_holding(path: str | os.PathLike[str], digest: bytes, bs: int) -> set[int]:
+    """Blocks of an image whose BLAKE3 is ``digest``."""
+    data = read(path)
+    mv = memoryview(data)
+    return {i for i in range(nblocks(len(data), bs))
+            if blake3.blake3(mv[i * bs:(i + 1) * bs]).digest() == digest}
+
+
+def block_digest_set(path: str | os.PathLike[str], bs: int) -> set[bytes]:
+    data = read(path)
+    mv = memoryview(data)
+    keep = nonzero_blocks(data, bs)
+    return {blake3.blake3(mv[i * bs:(i + 1) * bs]).digest() for i in np.flatnonzero(keep)}
+
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_device(dev: str, length: int | None = None) -> npt.NDArray[np.uint8]:
+    with open(dev, "rb") as f:
+        raw = f.read() if length is None else f.read(length)
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+def write_at(path: str | os.PathLike[str], offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, data, offset) == len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- loop devices and mounts ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def loop_device(backing: Path) -> Iterator[str]:
+    """Attach ``backing`` to a free loop device; always detached afterwards."""
+    need_root_tools("losetup")
+    r = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True,
+                       text=True, check=False)
+    need(r.returncode == 0, f"losetup cannot attach a loop device: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@contextlib.contextmanager
+def small_fs(kind: str, size_mib: int, where: Path) -> Iterator[Path]:
+    """A small mounted file system: ``ext4`` on a loop device, or ``tmpfs``."""
+    mnt = where / f"mnt-{kind}"
+    mnt.mkdir()
+    if kind == "tmpfs":
+        need_root_tools("mount", "umount")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs",
+                            str(mnt)], capture_output=True, text=True, check=False)
+        need(r.returncode == 0, f"cannot mount a tmpfs: {r.stderr.strip()}")
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False)
+        return
+    need_root_tools("mkfs.ext4", "mount", "umount", "losetup")
+    backing = where / f"{kind}.fs"
+    with open(backing, "wb") as f:
+        f.truncate(size_mib << 20)
+    with loop_device(backing) as dev:
+        subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True, capture_output=True)
+        r = subprocess.run(["mount", dev, str(mnt)], capture_output=True, text=True,
+                           check=False)
+        need(r.returncode == 0, f"cannot mount ext4 on {dev}: {r.stderr.strip()}")
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False)
+
+
+def free_bytes(path: Path) -> int:
+    s = os.statvfs(path)
+    return s.f_bavail * s.f_frsize
+
+
+def fill(path: Path, leave: int) -> int:
+    """A ballast file taking all but ``leave`` bytes of the file system; returns its size."""
+    size = free_bytes(path.parent) - leave
+    assert size > 0, (free_bytes(path.parent), leave)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size
+
+
+# -- strace ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Write:
+    """One successful syscall that changed bytes of the traced target."""
+
+    call: str  # pwrite64, fallocate (punch), ioctl (BLKZEROOUT), write
+    offset: int
+    length: int
+
+
+_CALL = re.compile(r"^(\d+)\s+(pwrite64|pwritev2?|fallocate|ioctl|write|ftruncate)\((.*)$")
+_RESUMED = re.compile(r"^(\d+)\s+<\.\.\. (\w+) resumed>(.*)$")
+
+
+def _result(tail: str) -> int | None:
+    m = re.search(r"\)\s+=\s+(-?\d+)", tail)
+    return int(m.group(1)) if m else None
+
+
+def _first_int(text: str) -> int:
+    m = re.match(r"\s*(\d+)", text)
+    assert m, text
+    return int(m.group(1))
+
+
+def strace_cbt(log: Path, *args: object,
+               calls: str = "pwrite64,pwritev,pwritev2,fallocate,ioctl,write,ftruncate",
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``cbt ARGS`` under ``strace -f -y`` (fds shown with their paths)."""
+    need_root_tools("strace")
+    argv = ["strace", "-f", "-y", "-s", "0", "-e", f"trace={calls}", "-o", str(log),
+            *cbt_argv(*args)]
+    return subprocess.run(argv, capture_output=True, text=True, env=clean_env(),
+                          timeout=timeout, check=False)
+
+
+def traced_writes(log: Path, target: str | os.PathLike[str]) -> list[Write]:
+    """Every successful write-like syscall on a file descriptor open on ``target``."""
+    want = os.path.realpath(target)
+    pending: dict[str, tuple[str, str]] = {}
+    done: list[tuple[str, str, int | None]] = []
+    for line in log.read_text().splitlines():
+        m = _CALL.match(line)
+        if m:
+            pid, call, rest = m.groups()
+            if "<unfinished ...>" in rest:
+                pending[pid] = (call, rest.replace("<unfinished ...>", ""))
+            else:
+                done.append((call, rest, _result(rest)))
+            continue
+        m = _RESUMED.match(line)
+        if m and m.group(1) in pending:
+            call, rest = pending.pop(m.group(1))
+            done.append((call, rest, _result(m.group(3))))
+    out = []
+    for call, rest, result in done:
+        fd = re.match(r"\d+<([^>]*)>,\s*(.*)$", rest)
+        if not fd or os.path.realpath(fd.group(1)) != want:
+            continue
+        if result is None or result < 0:
+            continue
+        args = [a.strip() for a in fd.group(2).split(",")]
+        if call == "pwrite64":
+            out.append(Write(call, _first_int(args[2]), result))
+        elif call == "fallocate":
+            assert "PUNCH_HOLE" in args[0], rest
+            out.append(Write(call, _first_int(args[1]), _first_int(args[2])))
+        elif call == "ioctl":
+            if "BLKZEROOUT" in args[0]:
+                nums = re.findall(r"\d+", fd.group(2).split("BLKZEROOUT", 1)[1])
+                out.append(Write(call, int(nums[0]), int(nums[1])))
+        elif call == "ftruncate":
+            continue  # a size change, not a block write
+        else:
+            raise AssertionError(f"unexpected write to the target: {call}({rest}")
+    return out
+
+
+def touched_blocks(writes: list[Write], bs: int) -> set[int]:
+    """Blocks any of ``writes`` touched."""
+    out: set[int] = set()
+    for w in writes:
+        if w.length:
+            out.update(range(w.offset // bs, (w.offset + w.length - 1) // bs + 1))
+    return out
+
+
+def copy_file(src: Path, dst: Path) -> Path:
+    shutil.copyfile(src, dst)
+    return dst
