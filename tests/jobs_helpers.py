@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,10 @@ for w in watch:
 entry = {"phase": phase, "vm": os.environ.get("CBT_VM"), "point": os.environ.get("CBT_POINT"),
          "pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(), "time": time.time(),
          "observed": observed, "argv0": sys.argv[0]}
+counter = os.environ.get("CBT_CRASH_COUNTER")  # durable steps the run has taken so far
+if counter and os.path.exists(counter):
+    with open(counter) as f:
+        entry["steps"] = int(f.read().strip() or 0)
 if ctl.get("hang"):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     entry["child"] = child.pid
@@ -358,7 +362,3 @@ def is_readonly_subvolume(path: Path) -> bool:
     r = subprocess.run(["btrfs", "property", "get", "-ts", str(path), "ro"],
                        capture_output=True, text=True, check=False)
     return r.returncode == 0 and r.stdout.strip() == "ro=true"
-
-
-def spawn_ctx() -> Sequence[str]:
-    return ("spawn",)

@@ -237,7 +237,7 @@ BAD = [
      "weekly xyz"),
     ("every-5h", ('"daily 02:00"', '"every 5h"'), "policy.daily.schedule", "every 5h"),
     ("every-0h", ('"daily 02:00"', '"every 0h"'), "policy.daily.schedule", "every 0h"),
-    ("monthly", ('"daily 02:00"', '"monthly 1 02:00"'), "policy.daily.schedule", "monthly"),
+    ("monthly", ('"daily 02:00"', '"monthly 1 02:00"'), "policy.daily.schedule", "monthly 1"),
     ("timezone", ('"Europe/Madrid"', '"Mars/Olympus_Mons"'), "policy.daily.timezone",
      "Mars/Olympus_Mons"),
     ("instant-31", ("instant_restore_days = 2", "instant_restore_days = 31"),

@@ -27,6 +27,15 @@ from cbt.vault import Vault
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    """``cbt.jobs`` and friends load on first use (start-up time counts for ``cbt scan``)."""
+    if name in ("jobs", "config", "policy", "prune", "gc", "restore", "verify", "scheduler"):
+        import importlib
+
+        return importlib.import_module(f"cbt.{name}")
+    raise AttributeError(f"module 'cbt' has no attribute {name!r}")
+
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "CbtError",

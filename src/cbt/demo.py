@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ from cbt.blockio import copy_sparse
 from cbt.config import load as load_config
 from cbt.diff import PointRef, diff_points
 from cbt.errors import CbtValueError
+from cbt.policy import rfc3339
 from cbt.synth import make_db_file, make_fs_image, mutate
 from cbt.vault import Vault
 
@@ -94,7 +96,8 @@ def changed_blocks_truth(a: Path, b: Path, block_size: int) -> np.ndarray:
 
 
 def run_demo(directory: str | os.PathLike[str] | None = None,
-             size: int = 128 << 20) -> dict[str, Any]:
+             size: int = 128 << 20, now: _dt.datetime | None = None) -> dict[str, Any]:
+    """Run the demo; with ``now``, day d's point is created at ``now + (d - 1)`` days."""
     started = time.perf_counter()
     d = new_demo_dir(directory)
     (d / "disks").mkdir()
@@ -121,7 +124,8 @@ def run_demo(directory: str | os.PathLike[str] | None = None,
             refuse.write_text("the database will not quiesce today\n")
         elif refuse.exists():
             refuse.unlink()
-        (result,) = jobs.run(config, "web")
+        created = rfc3339(now + _dt.timedelta(days=day - 1)) if now else None
+        (result,) = jobs.run(config, "web", created=created)
         if result.point is None:
             raise CbtValueError(f"demo backup of day {day} failed: {result.error}")
         if day == 2:

@@ -19,6 +19,8 @@ from cbt.cli._common import EXIT_ERROR, EXIT_OK, add_json, print_json
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", metavar="D", help="new or empty directory (default: a fresh one)")
+    p.add_argument("--now", metavar="ISO8601",
+                   help="day 1's time (days 2 and 3 follow a day apart; default: now)")
     p.add_argument("--size", default="128M", metavar="SIZE",
                    help="size of the os disk (the db disk is half of it; default 128M)")
     add_json(p)
@@ -26,9 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cbt.demo import run_demo
+    from cbt.policy import parse_now
     from cbt.sizes import human_bytes, parse_size
 
-    report = run_demo(args.dir, parse_size(args.size))
+    report = run_demo(args.dir, parse_size(args.size), parse_now(args.now) if args.now else None)
     code = EXIT_OK if report["agrees_with_truth"] else EXIT_ERROR
     if args.json:
         print_json(report)

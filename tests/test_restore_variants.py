@@ -1,0 +1,371 @@
+"""Restore of one disk: to a new file, to a block device, and in place.
+
+A VM with two disks is backed up on three days (scattered page writes, longer
+runs, zeroed regions, punched holes; the os disk then grows and the db disk
+shrinks) and a sparse copy of each disk is kept for each day.  Truth is numpy
+over those copies; what cbt actually wrote is read back from the kernel:
+``SEEK_DATA`` for holes, and ``strace -f`` of the real ``cbt`` process for the
+offsets and lengths of every ``pwrite64``, hole punch and ``BLKZEROOUT``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from restore_helpers import (
+    block_len,
+    copy_file,
+    data_bytes,
+    differing_blocks,
+    loop_device,
+    nonzero_blocks,
+    read_device,
+    runs,
+    sha256,
+    strace_cbt,
+    touched_blocks,
+    traced_writes,
+    write_at,
+)
+from vault_helpers import (
+    KIB,
+    MIB,
+    RESTORE_DISK_KEYS,
+    RESTORE_KEYS,
+    assert_same_disk,
+    cbt,
+    data_block_mask,
+    fs_image,
+    keep_copy,
+    nblocks,
+    one_error_line,
+    read,
+    temp_files,
+)
+
+import cbt as cbt_api
+from cbt.synth import make_db_file, mutate
+
+BS = 16 * KIB
+LABELS = ("os", "db")
+
+
+@dataclass
+class History:
+    vault: Path
+    points: list[str]
+    copies: list[dict[str, Path]]  # per day: label -> sparse copy of the disk that day
+
+    def truth(self, day: int, label: str) -> np.ndarray:
+        return read(self.copies[day][label])
+
+
+@pytest.fixture(scope="module")
+def hist(tmp_path_factory: pytest.TempPathFactory) -> History:
+    root = tmp_path_factory.mktemp("restore-history")
+    disks = root / "disks"
+    disks.mkdir()
+    fs_image(disks / "os.img", 4 * MIB + 12345, 31)  # a short tail block
+    make_db_file(disks / "db.img", 2 * MIB, seed=32)
+    vault = cbt_api.Vault.init(root / "vault")
+    points, copies = [], []
+    for day in range(3):
+        if day == 1:
+            mutate(disks / "os.img", seed=33, page_writes=30, runs=2, run_length=256 * KIB,
+                   zero_runs=1, holes=1)
+            mutate(disks / "db.img", seed=34, page_writes=40, runs=0, zero_runs=1, holes=1)
+        if day == 2:
+            mutate(disks / "os.img", seed=35, page_writes=10, runs=0, zero_runs=0, holes=0,
+                   resize=MIB + 4321)
+            mutate(disks / "db.img", seed=36, page_writes=10, runs=0, zero_runs=0, holes=0,
+                   resize=-300000)
+        p = vault.backup("vm", [disks / "os.img", disks / "db.img"], block_size=BS)
+        points.append(p.id)
+        copies.append({lb: keep_copy(disks / f"{lb}.img", root / f"{lb}.day{day}.img")
+                       for lb in LABELS})
+    h = History(root / "vault", points, copies)
+    # the history means what the tests need it to mean
+    os1, os2 = h.truth(1, "os"), h.truth(2, "os")
+    assert len(os2) > len(os1) and len(h.truth(2, "db")) < len(h.truth(1, "db"))
+    assert len(os1) % BS, "a short tail block"
+    for day in range(3):
+        for lb in LABELS:
+            nz = nonzero_blocks(h.truth(day, lb), BS)
+            assert 0 < nz.sum() < len(nz), (day, lb, "needs data and zero blocks")
+    assert (~data_block_mask(h.copies[1]["os"], BS)).any(), "needs holes"
+    return h
+
+
+def _restore_json(*args: object) -> dict:
+    r = cbt("restore", *args, "--json")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    out = json.loads(r.stdout)
+    assert set(out) == RESTORE_KEYS
+    assert len(out["disks"]) == 1 and set(out["disks"][0]) == RESTORE_DISK_KEYS
+    return out
+
+
+# -- one disk to a new file ---------------------------------------------------------------
+
+
+def test_one_disk_to_a_new_file(hist: History, tmp_path: Path) -> None:
+    for day, pid in enumerate(hist.points):
+        for lb in LABELS:
+            out_dir = tmp_path / f"d{day}{lb}"
+            out_dir.mkdir()
+            target = out_dir / "restored.raw"
+            res = _restore_json(hist.vault, pid, "--disk", lb, "--to", target)
+            truth = hist.truth(day, lb)
+            d = res["disks"][0]
+            assert res["recovery_point"] == pid
+            assert d["label"] == lb and d["to"] == str(target) and d["size"] == len(truth)
+            assert d["blocks_verified"] == int(nonzero_blocks(truth, BS).sum())
+            assert d["bytes_written"] == data_bytes(truth, BS)
+            assert os.path.getsize(target) == len(truth)
+            assert_same_disk(target, hist.copies[day][lb], BS)  # zero blocks are holes
+            # nothing allocated beyond the data blocks (give or take file system metadata)
+            nz = int(nonzero_blocks(truth, BS).sum())
+            assert os.stat(target).st_blocks * 512 <= nz * BS + 64 * KIB
+            assert sorted(p.name for p in out_dir.iterdir()) == ["restored.raw"]
+
+
+def test_existing_target_needs_force(hist: History, tmp_path: Path) -> None:
+    target = tmp_path / "os.raw"
+    target.write_bytes(b"an older file")
+    r = cbt("restore", hist.vault, hist.points[1], "--disk", "os", "--to", target)
+    line = one_error_line(r)
+    assert str(target) in line and "--force" in line
+    assert target.read_bytes() == b"an older file"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["os.raw"]
+    res = _restore_json(hist.vault, hist.points[1], "--disk", "os", "--to", target, "--force")
+    assert res["disks"][0]["size"] == len(hist.truth(1, "os"))
+    assert_same_disk(target, hist.copies[1]["os"], BS)
+    assert temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_unknown_label(hist: History, tmp_path: Path, as_json: bool) -> None:
+    target = tmp_path / "x.raw"
+    args = ["restore", hist.vault, hist.points[0], "--disk", "nope", "--to", target]
+    r = cbt(*args, *(["--json"] if as_json else []))
+    line = one_error_line(r)
+    assert "nope" in line and hist.points[0] in line
+    assert not target.exists() and temp_files(tmp_path) == []
+    if as_json:
+        err = json.loads(r.stdout)
+        assert err["type"] == "error" and "nope" in err["message"]
+
+
+def test_in_place_needs_an_existing_copy(hist: History, tmp_path: Path) -> None:
+    target = tmp_path / "missing.raw"
+    line = one_error_line(cbt("restore", hist.vault, hist.points[0], "--disk", "os",
+                              "--to", target, "--in-place"))
+    assert str(target) in line
+    assert not target.exists() and temp_files(tmp_path) == []
+
+
+# -- to a block device ------------------------------------------------------------------------
+
+
+def _garbage(n: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(1, 256, n, dtype=np.uint8).tobytes()
+
+
+def _backing(path: Path, size: int, seed: int | None) -> Path:
+    """A device backing file of ``size`` bytes (a multiple of 512): garbage, or zeros."""
+    assert size % 512 == 0
+    if seed is None:
+        with open(path, "wb") as f:
+            f.truncate(size)
+    else:
+        path.write_bytes(_garbage(size, seed))
+    return path
+
+
+def _check_data_writes(writes: list, truth: np.ndarray) -> None:
+    """The pwrites of block data: one per DATA block, at its offset, of its length."""
+    data = [w for w in writes if w.call == "pwrite64" and w.length and w.offset % BS == 0
+            and w.length == block_len(len(truth), BS, w.offset // BS)
+            and nonzero_blocks(truth, BS)[w.offset // BS]]
+    assert sorted(w.offset // BS for w in data) == np.flatnonzero(
+        nonzero_blocks(truth, BS)).tolist()
+
+
+def test_to_a_block_device(hist: History, tmp_path: Path) -> None:
+    """Every block written: data with pwrite, zero and hole blocks with BLKZEROOUT."""
+    truth = hist.truth(1, "os")
+    size = len(truth)
+    backing = _backing(tmp_path / "dev.img", (size // 512 + 1) * 512 + MIB, seed=41)
+    before = read(backing)
+    with loop_device(backing) as dev:
+        log = tmp_path / "strace.log"
+        r = strace_cbt(log, "restore", hist.vault, hist.points[1], "--disk", "os", "--to",
+                       dev, "--json")
+        assert r.returncode == 0, r.stderr
+        d = json.loads(r.stdout)["disks"][0]
+        after = read_device(dev)
+        writes = traced_writes(log, dev)
+        zeroouts = [ln for ln in log.read_text().splitlines()
+                    if "BLKZEROOUT" in ln and f"<{dev}>" in ln]
+    assert d["to"] == dev and d["size"] == size
+    assert d["bytes_written"] == size, "data blocks plus zeroed blocks: the whole disk"
+    assert d["blocks_verified"] == int(nonzero_blocks(truth, BS).sum())
+    assert np.array_equal(after[:size], truth), "zero and hole blocks must read as zeros"
+    assert np.array_equal(after[size:], before[size:]), "bytes past the disk were touched"
+    _check_data_writes(writes, truth)
+    assert touched_blocks(writes, BS) == set(range(nblocks(size, BS)))
+    assert sum(w.length for w in writes) == size, "some block was written twice"
+    assert zeroouts, "zero blocks must be zeroed with BLKZEROOUT"
+    assert all(w.offset + w.length <= size for w in writes)
+
+
+def test_to_a_zeroed_block_device(hist: History, tmp_path: Path) -> None:
+    """--assume-zeroed: only the data blocks are written."""
+    truth = hist.truth(2, "db")
+    size = len(truth)
+    backing = _backing(tmp_path / "dev.img", (size // 512 + 1) * 512 + MIB, seed=None)
+    data = nonzero_blocks(truth, BS)
+    # garbage exactly where the disk has data (restore must overwrite it) and past its end
+    for first, count in runs(data):
+        lo, hi = first * BS, min((first + count) * BS, size)
+        write_at(backing, lo, _garbage(hi - lo, first))
+    write_at(backing, size, _garbage(os.path.getsize(backing) - size, 7))
+    before = read(backing)
+    with loop_device(backing) as dev:
+        log = tmp_path / "strace.log"
+        r = strace_cbt(log, "restore", hist.vault, hist.points[2], "--disk", "db", "--to",
+                       dev, "--assume-zeroed", "--json")
+        assert r.returncode == 0, r.stderr
+        d = json.loads(r.stdout)["disks"][0]
+        after = read_device(dev)
+        writes = traced_writes(log, dev)
+        zeroouts = [ln for ln in log.read_text().splitlines() if "BLKZEROOUT" in ln]
+    assert d["bytes_written"] == data_bytes(truth, BS)
+    assert np.array_equal(after[:size], truth)
+    assert np.array_equal(after[size:], before[size:])
+    _check_data_writes(writes, truth)
+    assert touched_blocks(writes, BS) == set(np.flatnonzero(data).tolist())
+    assert sum(w.length for w in writes) == data_bytes(truth, BS)
+    assert zeroouts == [], "--assume-zeroed must not zero anything"
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_device_smaller_than_the_disk(hist: History, tmp_path: Path, in_place: bool) -> None:
+    size = len(hist.truth(0, "os"))
+    backing = _backing(tmp_path / "dev.img", (size // 512 - 128) * 512, seed=43)
+    digest = sha256(backing)
+    with loop_device(backing) as dev:
+        r = cbt("restore", hist.vault, hist.points[0], "--disk", "os", "--to", dev,
+                *(["--in-place"] if in_place else []))
+        line = one_error_line(r)
+    assert dev in line and str(size) in line, line
+    assert sha256(backing) == digest, "a refused restore wrote to the device"
+
+
+# -- in place -------------------------------------------------------------------------------------
+
+
+def _damage(path: Path, truth: np.ndarray) -> None:
+    """Damage a copy of the disk every way a real one can differ from its backup."""
+    from cbt.synth import punch_hole
+
+    size = len(truth)
+    nz = np.flatnonzero(nonzero_blocks(truth, BS))
+    zero = np.flatnonzero(~nonzero_blocks(truth, BS))
+    rng = np.random.default_rng(44)
+    for b in rng.choice(nz[:-1], 5, replace=False).tolist():  # scribbled over
+        write_at(path, b * BS + int(rng.integers(0, BS - 100)), _garbage(100, b))
+    write_at(path, int(nz[1]) * BS, bytes(BS))  # a data block zeroed
+    fd = os.open(path, os.O_RDWR)
+    try:
+        punch_hole(fd, int(nz[2]) * BS, BS)  # a data block lost to a hole
+    finally:
+        os.close(fd)
+    write_at(path, int(zero[0]) * BS + 5, b"junk where zeros belong")
+    write_at(path, int(zero[-1]) * BS, _garbage(BS, 3) if (int(zero[-1]) + 1) * BS <= size
+             else _garbage(size - int(zero[-1]) * BS, 3))
+    write_at(path, size, _garbage(3 * BS + 77, 5))  # and it grew past the disk's end
+
+
+# (start from the copy of day, label; restore point of day)
+IN_PLACE = {
+    "older-restore": ((0, "os"), 1),
+    "grow": ((1, "os"), 2),
+    "shrink": ((2, "os"), 1),
+    "db-shrink": ((1, "db"), 2),
+    "db-grow": ((2, "db"), 0),
+    "damaged-original": ((1, "os"), 1),
+    "identical": ((2, "db"), 2),
+}
+
+
+@pytest.mark.parametrize("case", list(IN_PLACE))
+def test_in_place_rewrites_only_differing_blocks(hist: History, tmp_path: Path,
+                                                 case: str) -> None:
+    (start_day, lb), day = IN_PLACE[case]
+    truth = hist.truth(day, lb)
+    target = copy_file(hist.copies[start_day][lb], tmp_path / "copy.img")
+    if case == "damaged-original":
+        _damage(target, truth)
+    old = read(target)
+    differs = differing_blocks(old, truth, BS)
+    expect_bytes = sum(block_len(len(truth), BS, int(i)) for i in np.flatnonzero(differs))
+    made_zero = differs & ~nonzero_blocks(truth, BS)
+    if case == "identical":
+        assert not differs.any()
+    else:
+        assert differs.any() and not differs.all()
+    if case in ("older-restore", "damaged-original"):
+        assert made_zero.any(), "the case should also need blocks made zero"
+    log = tmp_path / "strace.log"
+    r = strace_cbt(log, "restore", hist.vault, hist.points[day], "--disk", lb, "--to", target,
+                   "--in-place", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)["disks"][0]
+    assert d["size"] == len(truth) and d["to"] == str(target)
+    assert d["bytes_written"] == expect_bytes
+    assert os.path.getsize(target) == len(truth)
+    assert np.array_equal(read(target), truth)
+    writes = traced_writes(log, target)
+    assert touched_blocks(writes, BS) == set(np.flatnonzero(differs).tolist()), \
+        "written blocks are not exactly the differing ones"
+    assert sum(w.length for w in writes) == expect_bytes
+    for w in writes:
+        assert w.offset % BS == 0, w
+    # blocks that had to become zero were punched (they are holes now), and only those
+    assert not (made_zero & data_block_mask(target, BS)).any()
+    punched = touched_blocks([w for w in writes if w.call == "fallocate"], BS)
+    assert punched == set(np.flatnonzero(made_zero).tolist())
+    assert temp_files(tmp_path) == []
+
+
+def test_in_place_onto_a_block_device(hist: History, tmp_path: Path) -> None:
+    """An older restore on a device, brought forward (grow) then back (shrink) in place."""
+    sizes = [len(hist.truth(d, "os")) for d in range(3)]
+    backing = _backing(tmp_path / "dev.img", (max(sizes) // 512 + 1) * 512 + MIB, seed=45)
+    write_at(backing, 0, hist.truth(0, "os").tobytes())  # the older restore
+    with loop_device(backing) as dev:
+        for step, day in enumerate((2, 1)):
+            truth = hist.truth(day, "os")
+            size = len(truth)
+            before = read_device(dev)
+            differs = differing_blocks(before[:size], truth, BS)
+            expect = sum(block_len(size, BS, int(i)) for i in np.flatnonzero(differs))
+            assert differs.any() and (differs & ~nonzero_blocks(truth, BS)).any()
+            log = tmp_path / f"strace{step}.log"
+            r = strace_cbt(log, "restore", hist.vault, hist.points[day], "--disk", "os",
+                           "--to", dev, "--in-place", "--json")
+            assert r.returncode == 0, r.stderr
+            d = json.loads(r.stdout)["disks"][0]
+            after = read_device(dev)
+            writes = traced_writes(log, dev)
+            assert d["bytes_written"] == expect, (day, d)
+            assert np.array_equal(after[:size], truth), day
+            assert np.array_equal(after[size:], before[size:]), "bytes past the disk touched"
+            assert touched_blocks(writes, BS) == set(np.flatnonzero(differs).tolist()), day
+            assert sum(w.length for w in writes) == expect
