@@ -73,14 +73,6 @@ def runs(mask: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
     return [(int(s), int(e - s)) for s, e in zip(starts, ends, strict=True)]
 
 
-def blocks_holding(path: str | os.PathLike[str], digest: bytes, bs: int) -> set[int]:
-    """Blocks of an image whose BLAKE3 is ``digest``."""
-    data = read(path)
-    mv = memoryview(data)
-    return {i for i in range(nblocks(len(data), bs))
-            if blake3.blake3(mv[i * bs:(i + 1) * bs]).digest() == digest}
-
-
 def block_digest_set(path: str | os.PathLike[str], bs: int) -> set[bytes]:
     data = read(path)
     mv = memoryview(data)
@@ -272,3 +264,86 @@ def touched_blocks(writes: list[Write], bs: int) -> set[int]:
 def copy_file(src: Path, dst: Path) -> Path:
     shutil.copyfile(src, dst)
     return dst
+
+
+# -- a small vault history to damage ---------------------------------------------------------
+
+
+@dataclass
+class History3:
+    """Three points of VM ``vm`` (disks os and db), each backup run on one worker.
+
+    Day 0 stores both disks in full; day 1 changes some pages and a run of os
+    and pages of db; day 2 changes a single block of os, so its run writes one
+    pack holding one blob.  ``packs[day]`` are the pack ids that day's run wrote.
+    """
+
+    vault: Path
+    points: list[str]
+    copies: list[dict[str, Path]]
+    packs: list[list[str]]
+    bs: int
+
+    def clone(self, dst: Path) -> History3:
+        shutil.copytree(self.vault, dst)
+        return History3(dst, self.points, self.copies, self.packs, self.bs)
+
+    def pack_path(self, pack_id: str) -> Path:
+        return self.vault / "packs" / pack_id[:2] / f"{pack_id}.pack"
+
+    def owners(self, digest: bytes) -> dict[tuple[str, str], set[int]]:
+        """(point, label) -> blocks of that disk whose content has ``digest``."""
+        out = {}
+        for key, digests in self.block_digests().items():
+            blocks = {i for i, d in enumerate(digests) if d == digest}
+            if blocks:
+                out[key] = blocks
+        return out
+
+    def block_digests(self) -> dict[tuple[str, str], list[bytes]]:
+        """(point, label) -> BLAKE3 of every block of that disk (computed once)."""
+        key = (str(self.copies[0]["os"]), self.bs)
+        if key not in _DIGESTS:
+            table = {}
+            for pid, copies in zip(self.points, self.copies, strict=True):
+                for lb, copy in copies.items():
+                    data = read(copy)
+                    mv = memoryview(data)
+                    table[(pid, lb)] = [blake3.blake3(mv[i * self.bs:(i + 1) * self.bs]).digest()
+                                        for i in range(nblocks(len(data), self.bs))]
+            _DIGESTS[key] = table
+        return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple[str, int], dict[tuple[str, str], list[bytes]]] = {}
+
+
+def build_history3(root: Path, bs: int) -> History3:
+    from vault_helpers import KIB, MIB, fs_image, keep_copy, pack_files
+
+    import cbt as cbt_api
+    from cbt.synth import make_db_file, mutate
+
+    disks = root / "disks"
+    disks.mkdir()
+    fs_image(disks / "os.img", 3 * MIB, 61)
+    make_db_file(disks / "db.img", 2 * MIB, seed=62)
+    vault = cbt_api.Vault.init(root / "vault")
+    points, copies, packs = [], [], []
+    for day in range(3):
+        if day == 1:
+            mutate(disks / "os.img", seed=63, page_writes=10, runs=1, run_length=256 * KIB,
+                   zero_runs=0, holes=0)
+            mutate(disks / "db.img", seed=64, page_writes=20, runs=0, zero_runs=0, holes=0)
+        if day == 2:
+            data = read(disks / "os.img")
+            block = int(np.flatnonzero(nonzero_blocks(data, bs))[0])
+            write_at(disks / "os.img", block * bs + 99,
+                     np.random.default_rng(65).integers(1, 256, 1000, np.uint8).tobytes())
+        before = {p.stem for p in pack_files(root / "vault")}
+        p = vault.backup("vm", [disks / "os.img", disks / "db.img"], block_size=bs, workers=1)
+        points.append(p.id)
+        packs.append(sorted({p.stem for p in pack_files(root / "vault")} - before))
+        copies.append({lb: keep_copy(disks / f"{lb}.img", root / f"{lb}.{day}.img")
+                       for lb in ("os", "db")})
+    return History3(root / "vault", points, copies, packs, bs)

@@ -178,6 +178,8 @@ def _many_segments_scenario(root: Path) -> Scenario:
             scn.today = snap
     assert len(list((root / "base" / "index").glob("*.arrow"))) == MERGE_AT - 1
     _count_clean_run(scn)
+    merged = list((root / "clean" / "index").glob("*.arrow"))
+    assert len(merged) < MERGE_AT - 1, "the clean run was to merge the index segments"
     return scn
 
 

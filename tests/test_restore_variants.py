@@ -369,3 +369,23 @@ def test_in_place_onto_a_block_device(hist: History, tmp_path: Path) -> None:
             assert np.array_equal(after[size:], before[size:]), "bytes past the disk touched"
             assert touched_blocks(writes, BS) == set(np.flatnonzero(differs).tolist()), day
             assert sum(w.length for w in writes) == expect
+
+
+def test_whole_point_in_place_into_a_directory(hist: History, tmp_path: Path) -> None:
+    """Without --disk, --in-place rewrites DIR/LABEL.img of every disk."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for lb in LABELS:
+        copy_file(hist.copies[0][lb], out / f"{lb}.img")
+    old = {lb: read(out / f"{lb}.img") for lb in LABELS}
+    r = cbt("restore", hist.vault, hist.points[2], "--to", out, "--in-place", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert sorted(d["label"] for d in res["disks"]) == sorted(LABELS)
+    for d in res["disks"]:
+        truth = hist.truth(2, d["label"])
+        differs = differing_blocks(old[d["label"]], truth, BS)
+        assert d["bytes_written"] == sum(block_len(len(truth), BS, int(i))
+                                         for i in np.flatnonzero(differs)), d
+        assert np.array_equal(read(out / f"{d['label']}.img"), truth)
+    assert sorted(p.name for p in out.iterdir()) == ["db.img", "os.img"]

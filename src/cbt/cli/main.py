@@ -41,6 +41,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: ``cbt --help`` lists the commands."""
     from cbt import __version__
 
     parser = _Parser(
@@ -48,25 +49,36 @@ def build_parser() -> argparse.ArgumentParser:
         description="Changed-block tracker and incremental disk-image backup engine.",
         epilog="Exit codes: 0 success, 1 differences found (diff), 2 error. "
                "Run 'cbt COMMAND --help' for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"cbt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, (module, help_text) in COMMANDS.items():
-        mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=help_text, description=mod.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        mod.add_arguments(p)
-        p.set_defaults(_module=module)
+    for name, (_module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def command_parser(name: str) -> tuple[argparse.ArgumentParser, str]:
+    """The parser of one command (only its module is imported)."""
+    module = COMMANDS[name][0]
+    mod = importlib.import_module(module)
+    p = _Parser(prog=f"cbt {name}", description=mod.__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mod.add_arguments(p)
+    return p, module
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "_module", None):
+    if not argv or argv[0].startswith("-") or argv[0] not in COMMANDS:
+        parser = build_parser()
+        parser.parse_args(argv)  # --help, --version, or an error for an unknown command
         parser.print_help()
         return EXIT_ERROR
+    parser, module = command_parser(argv[0])
+    # intermixed: options may stand between positionals (cbt backup VAULT --vm web DISK ...)
+    args = parser.parse_intermixed_args(argv[1:])
+    args._module = module
     from cbt.errors import CbtError
 
     as_json = bool(getattr(args, "json", False))

@@ -1,0 +1,608 @@
+"""Backup jobs through ``cbt backup --config``: hooks, honest consistency, kills, history.
+
+Hooks are real scripts (``jobs_helpers.HOOK``) that log every call (phase, VM,
+point, and what they saw in the vault and the snapshot folder at that moment)
+and behave as their control file says: succeed, fail with an exit code and
+stderr, hang with a child, SIGKILL the cbt run that started them.  Disks live
+on the ordinary file system, so ``snapshot`` is forced to ``copy`` or ``none``.
+
+Consistency rules (DESIGN.md, "Consistency, honestly recorded"):
+- pre hook succeeded -> ``application`` (``file-system`` with provides =
+  "file-system"); a failed post hook keeps the level and adds a warning;
+- otherwise ``crash`` with the reason: the pre hook's exit code / timeout and
+  stderr tail, or ``no hooks``; plus ``disks snapshotted sequentially`` (copy of
+  more than one disk) or ``live read`` (none).
+The post hook runs exactly once whenever the pre hook started; with ``none``
+it runs only after the transfer (the point is already committed when it runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from _util import truth_hash
+from jobs_helpers import (
+    ERROR_LINE_KEYS,
+    MIB,
+    backup_config,
+    hook_argv,
+    hook_log,
+    jobs_json,
+    make_disk,
+    one_point,
+    phases,
+    point_ids,
+    process_gone,
+    restore_point,
+    scribble,
+    set_ctl,
+    start_cbt,
+    wait_for,
+    write_config,
+    write_hook,
+    write_random,
+)
+from vault_helpers import (
+    POINT_DISK_KEYS,
+    POINT_LINE_KEYS,
+    assert_same_disk,
+    cbt,
+    json_lines,
+    keep_copy,
+    one_error_line,
+)
+
+from cbt import jobs as jobs_api
+from cbt.config import load as load_config
+from cbt.vault import Vault
+
+BS = 64 * 1024
+
+
+@dataclass
+class Site:
+    """A config folder with a vault, a VM ``web`` of two disks, and hook scripts."""
+
+    root: Path
+    vault: Path
+    state: Path
+    disks: dict[str, Path]
+
+    @property
+    def snapdir(self) -> Path:
+        return self.root / "disks" / ".cbt-snapshots" / "web"
+
+    def hooks(self, **extra: Any) -> dict[str, Any]:
+        watch = (self.vault / "points", self.snapdir)
+        h: dict[str, Any] = {"pre": hook_argv(self.state, *watch),
+                             "post": hook_argv(self.state, *watch), "timeout": 20}
+        h.update(extra)
+        return h
+
+    def config(self, snapshot: str = "copy", hooks: dict[str, Any] | None | bool = True,
+               disks: dict[str, str] | None = None, name: str = "cbt.toml",
+               **vm: Any) -> Path:
+        if hooks is True:
+            hooks = self.hooks()
+        spec: dict[str, Any] = {
+            "disks": disks or {label: f"disks/{p.name}" for label, p in self.disks.items()},
+            "snapshot": snapshot, "block_size": "64K", **vm}
+        if hooks:
+            spec["hooks"] = hooks
+        return write_config(self.root / name, {"web": spec})
+
+    def snapshot_files(self) -> list[str]:
+        if not self.snapdir.exists():
+            return []
+        return sorted(p.name for p in self.snapdir.iterdir())
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    root = (tmp_path / "site").resolve()
+    disks = {"os": make_disk(root / "disks" / "os.img", 3 * MIB + 5000, seed=1),
+             "db": make_disk(root / "disks" / "db.img", 2 * MIB, seed=2)}
+    Vault.init(root / "vault")
+    state = root / "state"
+    write_hook(state)
+    return Site(root, root / "vault", state, disks)
+
+
+def check_point_line(line: dict[str, Any], providers: dict[str, str]) -> None:
+    assert set(line) == POINT_LINE_KEYS, line
+    for d in line["disks"]:
+        assert set(d) == POINT_DISK_KEYS | {"snapshot"}, d
+    assert {d["label"]: d["snapshot"] for d in line["disks"]} == providers
+
+
+def check_restores(site: Site, point: str, copies: dict[str, Path] | None = None) -> None:
+    out = site.root / f"restored-{point}"
+    restore_point(site.vault, point, out)
+    for label, disk in (copies or site.disks).items():
+        assert_same_disk(out / f"{label}.img", disk, BS)
+
+
+def hook_points(site: Site) -> set[str]:
+    return {e["point"] for e in hook_log(site.state)}
+
+
+# -- hooks and consistency ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("snapshot", ["copy", "none"])
+@pytest.mark.parametrize("provides", ["application", "file-system"])
+def test_hooks_succeed(site: Site, snapshot: str, provides: str) -> None:
+    cfg = site.config(snapshot, hooks=site.hooks(provides=provides))
+    line = one_point(cfg)
+    check_point_line(line, {"os": snapshot, "db": snapshot})
+    point = line["recovery_point"]
+    assert line["consistency"] == provides
+    assert "pre hook succeeded" in line["consistency_reason"]
+    log = hook_log(site.state)
+    assert [e["phase"] for e in log] == ["pre", "post"]
+    assert {e["vm"] for e in log} == {"web"} and hook_points(site) == {point}
+    assert {e["cwd"] for e in log} == {str(site.root)}  # hooks run in the config's folder
+    pre, post = log
+    points_dir, snapdir = str(site.vault / "points"), str(site.snapdir)
+    assert f"{point}.json" not in (pre["observed"][points_dir] or [])
+    assert not [n for n in pre["observed"][snapdir] or [] if n.endswith(".img")]
+    if snapshot == "copy":
+        # every disk snapshotted before the post hook, and the transfer after it
+        snaps = [n for n in post["observed"][snapdir] if n.endswith(".img")]
+        assert sorted(n.split(".")[0] for n in snaps) == ["db", "os"], snaps
+        assert f"{point}.json" not in (post["observed"][points_dir] or [])
+        assert any("copy" in w for w in line["warnings"]), line["warnings"]
+    else:
+        # no snapshot: the application stays quiesced until the point is committed
+        assert f"{point}.json" in post["observed"][points_dir]
+    assert site.snapshot_files() == []
+    (job,) = jobs_json(site.vault)
+    assert job["status"] == "succeeded" and job["consistency"] == provides
+    assert job["recovery_point"] == point and job["vm"] == "web" and job["policy"] == "daily"
+    assert job["error"] is None
+    assert {d["label"]: d["snapshot"] for d in job["disks"]} == {"os": snapshot, "db": snapshot}
+    assert job["start"].endswith("Z") and job["end"].endswith("Z")
+    assert job["start"] <= job["end"]
+    check_restores(site, point)
+
+
+@pytest.mark.parametrize("snapshot,why", [("copy", "disks snapshotted sequentially"),
+                                          ("none", "live read")])
+def test_failing_pre_hook_falls_back_to_crash(site: Site, snapshot: str, why: str) -> None:
+    noise = "x" * 2000  # only the tail of a long stderr is kept
+    set_ctl(site.state, "pre", exit=7, stderr=f"{noise}\ndatabase busy: cannot flush\n")
+    line = one_point(site.config(snapshot))
+    assert line["consistency"] == "crash"
+    reason = line["consistency_reason"]
+    assert "exit 7" in reason and "database busy: cannot flush" in reason, reason
+    assert why in reason, reason
+    assert len(reason) < 1000, reason
+    assert phases(site.state) == ["pre", "post"]
+    assert hook_points(site) == {line["recovery_point"]}
+    (job,) = jobs_json(site.vault)
+    assert job["status"] == "succeeded" and job["consistency"] == "crash"
+    check_restores(site, line["recovery_point"])
+
+
+def test_hung_pre_hook_is_killed_with_its_child(site: Site) -> None:
+    set_ctl(site.state, "pre", hang=True)
+    started = time.monotonic()
+    line = one_point(site.config("copy", hooks=site.hooks(timeout=1)))
+    elapsed = time.monotonic() - started
+    assert elapsed < 30, elapsed
+    assert line["consistency"] == "crash"
+    assert "timed out" in line["consistency_reason"], line["consistency_reason"]
+    assert "disks snapshotted sequentially" in line["consistency_reason"]
+    log = hook_log(site.state)
+    assert [e["phase"] for e in log] == ["pre", "post"]
+    pre = log[0]
+    wait_for(lambda: process_gone(pre["child"]) and process_gone(pre["pid"]), timeout=5,
+             what="the hung hook and its child to be killed")
+    check_restores(site, line["recovery_point"])
+
+
+@pytest.mark.parametrize("snapshot", ["copy", "none"])
+def test_failing_post_hook_keeps_the_level_and_warns(site: Site, snapshot: str) -> None:
+    set_ctl(site.state, "post", exit=5, stderr="thaw failed: fs busy\n")
+    line = one_point(site.config(snapshot))
+    assert line["consistency"] == "application"
+    warnings = " ".join(line["warnings"])
+    assert "post hook" in warnings and "exit 5" in warnings and "thaw failed" in warnings, \
+        line["warnings"]
+    assert phases(site.state) == ["pre", "post"]
+    (job,) = jobs_json(site.vault)
+    assert job["status"] == "succeeded" and job["consistency"] == "application"
+
+
+def test_on_pre_failure_fail_fails_the_job(site: Site) -> None:
+    set_ctl(site.state, "pre", exit=3, stderr="cannot quiesce\n")
+    cfg = site.config("copy", hooks=site.hooks(on_pre_failure="fail"))
+    r, lines = backup_config(cfg)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    (err,) = lines
+    assert set(err) == ERROR_LINE_KEYS, err
+    assert err["type"] == "error" and err["vm"] == "web"
+    assert "exit 3" in err["message"] and "cannot quiesce" in err["message"], err
+    msg = one_error_line(r)
+    assert "web" in msg and "exit 3" in msg
+    assert point_ids(site.vault) == []
+    assert phases(site.state) == ["pre", "post"]
+    assert site.snapshot_files() == []
+    (job,) = jobs_json(site.vault)
+    assert job["status"] == "failed" and job["recovery_point"] is None
+    assert "exit 3" in job["error"]
+
+
+@pytest.mark.parametrize("snapshot,labels,reason", [
+    ("copy", ("os", "db"), "no hooks; disks snapshotted sequentially"),
+    ("copy", ("os",), "no hooks"),
+    ("none", ("os", "db"), "no hooks; live read"),
+    ("none", ("db",), "no hooks; live read"),
+])
+def test_no_hooks_is_crash_consistent(site: Site, snapshot: str, labels: tuple[str, ...],
+                                      reason: str) -> None:
+    disks = {lb: f"disks/{site.disks[lb].name}" for lb in labels}
+    line = one_point(site.config(snapshot, hooks=None, disks=disks))
+    assert line["consistency"] == "crash"
+    assert line["consistency_reason"] == reason
+    assert site.snapshot_files() == []
+    check_restores(site, line["recovery_point"], {lb: site.disks[lb] for lb in labels})
+
+
+def test_post_hook_alone_quiesces_nothing(site: Site) -> None:
+    """Without a pre hook nothing was quiesced: the point cannot claim more than crash."""
+    hooks = site.hooks()
+    del hooks["pre"]
+    line = one_point(site.config("copy", hooks=hooks))
+    assert phases(site.state) == ["post"]
+    assert line["consistency"] == "crash", line["consistency_reason"]
+    assert "pre hook succeeded" not in line["consistency_reason"]
+
+
+def test_hook_programs_from_path_and_the_config_folder(site: Site, tmp_path: Path) -> None:
+    """argv[0] without '/' is looked up on PATH; relative arguments work from the config's folder."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    prog = bindir / "cbt-test-quiesce"
+    prog.write_text(f"#!{sys.executable}\n" + (site.state / "hook.py").read_text())
+    prog.chmod(0o755)
+    (site.root / "hooks").mkdir()
+    (site.root / "hooks" / "thaw.py").write_text((site.state / "hook.py").read_text())
+    hooks = {"pre": ["cbt-test-quiesce", str(site.state)],
+             "post": [sys.executable, "hooks/thaw.py", str(site.state)], "timeout": 20}
+    cfg = site.config("none", hooks=hooks)
+    env = {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = cbt("backup", "--config", cfg, "--json", env=env, cwd=elsewhere)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    (line,) = [x for x in json_lines(r.stdout) if x["type"] == "point"]
+    assert line["consistency"] == "application"
+    log = hook_log(site.state)
+    assert [e["phase"] for e in log] == ["pre", "post"]
+    assert log[0]["argv0"] == str(prog)
+    assert {e["cwd"] for e in log} == {str(site.root)}
+
+
+# -- kill -9 and signals -----------------------------------------------------------------------
+
+
+def test_kill9_between_hooks_then_recover(site: Site) -> None:
+    cfg = site.config("copy")
+    first = one_point(cfg)
+    set_ctl(site.state, "pre", killgroup=True, once=True)
+    proc = start_cbt("backup", "--config", cfg, "--json")
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
+    log = hook_log(site.state)
+    assert [e["phase"] for e in log] == ["pre", "post", "pre"]
+    killed_point = log[-1]["point"]
+    running = jobs_json(site.vault)
+    assert [j["status"] for j in running] == ["succeeded", "running"]
+    assert running[1]["recovery_point"] == killed_point
+    assert point_ids(site.vault) == [first["recovery_point"]]
+
+    line = one_point(cfg)
+    log = hook_log(site.state)
+    assert [(e["phase"], e["point"]) for e in log[3:]] == [
+        ("recover", killed_point), ("pre", line["recovery_point"]),
+        ("post", line["recovery_point"])]
+    assert line["consistency"] == "application"
+    hist = jobs_json(site.vault)
+    assert [j["status"] for j in hist] == ["succeeded", "interrupted", "succeeded"]
+    assert hist[1]["end"] is not None and hist[1]["error"]
+    assert hist[2]["recovery_point"] == line["recovery_point"]
+    # a third run has nothing left to recover
+    third = one_point(cfg)
+    assert [e["phase"] for e in hook_log(site.state)[6:]] == ["pre", "post"]
+    assert [j["status"] for j in jobs_json(site.vault)][-1] == "succeeded"
+    assert site.snapshot_files() == []
+    check_restores(site, third["recovery_point"])
+
+
+def test_interrupted_job_names_no_point_that_does_not_exist(site: Site) -> None:
+    cfg = site.config("copy")
+    set_ctl(site.state, "pre", killgroup=True, once=True)
+    proc = start_cbt("backup", "--config", cfg, "--json")
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    one_point(cfg)
+    hist = jobs_json(site.vault)
+    assert [j["status"] for j in hist] == ["interrupted", "succeeded"]
+    existing = set(point_ids(site.vault))
+    assert hist[0]["recovery_point"] is None or hist[0]["recovery_point"] in existing, hist[0]
+
+
+def _counted_run(site: Site, cfg: Path) -> dict[str, int]:
+    """A clean run that counts durable steps; the count each hook saw."""
+    counter = site.root / "steps"
+    counter.write_text("0")
+    r, lines = backup_config(cfg, env={"CBT_CRASH_AT": str(10**9),
+                                       "CBT_CRASH_COUNTER": str(counter)})
+    assert r.returncode == 0, r.stderr
+    seen = {e["phase"]: e["steps"] for e in hook_log(site.state)[-2:]}
+    assert set(seen) == {"pre", "post"}, hook_log(site.state)
+    return seen
+
+
+def _crash_at(site: Site, cfg: Path, step: int) -> None:
+    proc = start_cbt("backup", "--config", cfg, "--json", env={"CBT_CRASH_AT": str(step)})
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, step)
+
+
+def test_crash_at_a_durable_step_between_hooks_then_recover(site: Site) -> None:
+    """Provider none: the transfer runs between the hooks; kill it at its first durable step."""
+    cfg = site.config("none")
+    seen = _counted_run(site, cfg)
+    assert seen["post"] > seen["pre"], seen  # durable steps happen while quiesced
+    before = len(hook_log(site.state))
+    _crash_at(site, cfg, seen["pre"] + 1)
+    log = hook_log(site.state)[before:]
+    assert [e["phase"] for e in log] == ["pre"], log
+    crashed = log[0]["point"]
+    assert crashed not in point_ids(site.vault)
+    line = one_point(cfg)
+    log = hook_log(site.state)[before:]
+    assert [(e["phase"], e["point"]) for e in log] == [
+        ("pre", crashed), ("recover", crashed), ("pre", line["recovery_point"]),
+        ("post", line["recovery_point"])]
+    assert [j["status"] for j in jobs_json(site.vault)] == ["succeeded", "interrupted",
+                                                           "succeeded"]
+    r = cbt("verify", site.vault, "--json")
+    assert r.returncode == 0, r.stdout
+    check_restores(site, line["recovery_point"])
+
+
+def test_crash_before_the_pre_hook_runs_no_recover_hook(site: Site) -> None:
+    cfg = site.config("copy")
+    one_point(cfg)
+    seen = _counted_run(site, cfg)
+    before = len(hook_log(site.state))
+    # the job's two records before the pre hook (running, then hook pending) take two
+    # durable steps each (file, folder): crash once the first is in place
+    _crash_at(site, cfg, seen["pre"] - 2)
+    assert len(hook_log(site.state)) == before
+    assert [j["status"] for j in jobs_json(site.vault)][-1] == "running"
+    line = one_point(cfg)
+    assert phases(site.state)[before:] == ["pre", "post"]
+    assert [j["status"] for j in jobs_json(site.vault)][-2:] == ["interrupted", "succeeded"]
+    assert line["consistency"] == "application"
+
+
+def test_crash_during_transfer_leaves_no_snapshots_behind(site: Site) -> None:
+    """kill -9 after the copy snapshots were taken: the next run removes them."""
+    cfg = site.config("copy")
+    one_point(cfg)
+    seen = _counted_run(site, cfg)
+    assert site.snapshot_files() == []
+    # the post hook's own bookkeeping takes two steps (file, folder); then the transfer
+    _crash_at(site, cfg, seen["post"] + 3)
+    leftovers = site.snapshot_files()
+    assert len(leftovers) == 2, leftovers  # precondition: killed while the snapshots existed
+    line = one_point(cfg)
+    assert site.snapshot_files() == [], site.snapshot_files()
+    check_restores(site, line["recovery_point"])
+
+
+@pytest.fixture(scope="module")
+def big_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("big") / "big.img"
+    write_random(path, 512 * MIB, seed=5)
+    return path
+
+
+def _big_site(site: Site, big: Path) -> Path:
+    link = site.root / "disks" / "big.img"
+    os.link(big, link)  # the same 512 MiB file, in this site's folder
+    return site.config("copy", disks={"big": "disks/big.img"})
+
+
+@pytest.mark.parametrize("sig,target", [(signal.SIGTERM, "pid"), (signal.SIGINT, "group")])
+def test_signal_during_transfer_aborts_cleanly(site: Site, big_disk: Path, sig: int,
+                                               target: str) -> None:
+    cfg = _big_site(site, big_disk)
+    proc = start_cbt("backup", "--config", cfg, "--json")
+    assert proc.stdout is not None
+    try:
+        # progress lines come only from the transfer, which starts after the post hook
+        for raw in proc.stdout:
+            if json.loads(raw).get("type") == "progress":
+                break
+        assert phases(site.state) == ["pre", "post"]
+        if target == "pid":
+            os.kill(proc.pid, sig)
+        else:
+            os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 2, (proc.returncode, err)
+    assert any(x.get("type") == "error" for x in json_lines(out)), out
+    assert phases(site.state) == ["pre", "post"]  # once, not again
+    assert site.snapshot_files() == []
+    assert point_ids(site.vault) == []
+    (job,) = jobs_json(site.vault)
+    assert job["status"] == "failed" and job["recovery_point"] is None, job
+    assert job["end"] is not None and job["error"]
+    # nothing left running in the run's process group
+    wait_for(lambda: subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True,
+                                    check=False).returncode != 0,
+             timeout=10, what="the run's workers to exit")
+
+
+def test_sigterm_during_the_pre_hook_still_runs_the_post_hook(site: Site) -> None:
+    set_ctl(site.state, "pre", sleep=30)
+    proc = start_cbt("backup", "--config", site.config("copy"), "--json")
+    try:
+        wait_for(lambda: phases(site.state) == ["pre"], what="the pre hook")
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 2
+    assert point_ids(site.vault) == []
+    (job,) = jobs_json(site.vault)
+    assert job["status"] == "failed"
+    # the pre hook started, so the application must be resumed
+    assert phases(site.state) == ["pre", "post"]
+
+
+# -- job history --------------------------------------------------------------------------------
+
+
+def test_job_history_records_every_run(site: Site) -> None:
+    cfg = write_config(site.root / "two.toml", {
+        "web": {"disks": {"os": "disks/os.img"}, "snapshot": "copy", "hooks": site.hooks()},
+        "db": {"disks": {"db": "disks/db.img", "logs": "disks/missing.img"},
+               "snapshot": "none"},
+    })
+    r, lines = backup_config(cfg)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    by_vm = {x["vm"]: x for x in lines}
+    assert by_vm["web"]["type"] == "point"
+    assert by_vm["db"]["type"] == "error" and set(by_vm["db"]) == ERROR_LINE_KEYS
+    assert "logs" in by_vm["db"]["message"] and "missing.img" in by_vm["db"]["message"]
+    assert "db" in one_error_line(r)
+
+    r2, lines2 = backup_config(cfg, "--vm", "web")
+    assert r2.returncode == 0 and [x["vm"] for x in lines2] == ["web"]
+    hist = jobs_json(site.vault)
+    assert [(j["vm"], j["status"]) for j in hist] == [("web", "succeeded"), ("db", "failed"),
+                                                      ("web", "succeeded")] or \
+        [(j["vm"], j["status"]) for j in hist] == [("db", "failed"), ("web", "succeeded"),
+                                                   ("web", "succeeded")]
+    assert len({j["id"] for j in hist}) == 3
+    web = jobs_json(site.vault, "web")
+    assert [j["recovery_point"] for j in web] == [by_vm["web"]["recovery_point"],
+                                                  lines2[0]["recovery_point"]]
+    assert sorted(point_ids(site.vault)) == sorted(j["recovery_point"] for j in web)
+    for j in web:
+        assert j["status"] == "succeeded" and j["consistency"] == "application"
+        (d,) = j["disks"]
+        assert d["label"] == "os" and d["snapshot"] == "copy"
+        assert d["bytes_read"] > 0 and isinstance(d["seconds"], float)
+    assert web[0]["disks"][0]["bytes_new"] > 0 and web[1]["disks"][0]["bytes_new"] == 0
+    (db,) = jobs_json(site.vault, "db")
+    assert db["status"] == "failed" and db["recovery_point"] is None
+    assert db["consistency"] is None and "missing.img" in db["error"]
+    assert jobs_json(site.vault, "nope") == []
+    human = cbt("jobs", site.vault, "--vm", "db")
+    assert human.returncode == 0 and "failed" in human.stdout and "web" not in human.stdout
+    bad = cbt("backup", "--config", cfg, "--vm", "nope")
+    assert "nope" in one_error_line(bad)
+
+
+# -- the executor seam ---------------------------------------------------------------------------
+
+
+EXECUTORS = ("default", "threads", "processes", "spawned")
+
+
+@contextlib.contextmanager
+def executor(name: str) -> Iterator[Executor | None]:
+    if name == "default":
+        yield None
+        return
+    ex: Executor
+    if name == "threads":
+        ex = ThreadPoolExecutor(max_workers=3)
+    elif name == "processes":
+        ex = ProcessPoolExecutor(max_workers=2)
+    else:
+        ex = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
+    with ex:
+        yield ex
+
+
+def test_same_point_on_any_executor(site: Site) -> None:
+    """The same job on forked workers, a thread pool and process pools, each into its own vault."""
+    cfg = load_config(site.config("none", hooks=None))
+    vaults = {}
+    for name in EXECUTORS:
+        v = site.root / f"vault-{name}"
+        Vault.init(v)
+        vaults[name] = v
+    results: dict[str, list[Any]] = {name: [] for name in EXECUTORS}
+    truths = []
+    for day in range(2):
+        if day:
+            scribble(site.disks["os"], seed=11, count=25)
+            scribble(site.disks["db"], seed=12, count=5)
+        truths.append({lb: truth_hash(np.fromfile(p, np.uint8), BS)
+                       for lb, p in site.disks.items()})
+        for name in EXECUTORS:
+            c = dataclasses.replace(cfg, vault=str(vaults[name]))
+            with executor(name) as ex:
+                (res,) = jobs_api.run(c, executor=ex)
+            assert res.error is None and res.point is not None, (name, res.error)
+            results[name].append(res.point)
+    for day in range(2):
+        ref = results["default"][day]
+        for name in EXECUTORS:
+            vault = Vault.open(vaults[name])
+            point = vault.point(results[name][day].id)
+            assert point.bytes_new == ref.bytes_new, name
+            assert [(d.label, d.bytes_new, d.changed_blocks) for d in point.disks] == \
+                [(d.label, d.bytes_new, d.changed_blocks) for d in ref.disks], name
+            for label in site.disks:
+                m = vault.resolve(point, label)
+                digests, flags = truths[day][label]
+                np.testing.assert_array_equal(m.flags, flags, err_msg=f"{name} {label}")
+                np.testing.assert_array_equal(m.digests, digests, err_msg=f"{name} {label}")
+        assert results["default"][day].consistency == "crash"
+    assert 0 < results["default"][1].bytes_new < results["default"][0].bytes_new
+
+
+@pytest.mark.parametrize("name", ["threads", "processes"])
+def test_one_pool_for_every_vm_of_a_config(site: Site, name: str) -> None:
+    """cbt.jobs.run(config, executor=pool): one pool serves the jobs of every VM, run after run."""
+    cfg = write_config(site.root / "two.toml", {
+        "web": {"disks": {"os": "disks/os.img"}, "snapshot": "none"},
+        "db": {"disks": {"db": "disks/db.img"}, "snapshot": "none"},
+    })
+    with executor(name) as ex:
+        for _ in range(2):
+            results = jobs_api.run(cfg, executor=ex)
+            assert [(r.vm, r.error) for r in results] == [("web", None), ("db", None)]
+    assert len(point_ids(site.vault)) == 4
+    assert [j["status"] for j in jobs_json(site.vault)] == ["succeeded"] * 4
