@@ -91,12 +91,15 @@ class Index:
             digests = np.zeros((0, 32), dtype=np.uint8)
             arrays = {"pack": np.zeros(0, np.uint32), "offset": np.zeros(0, np.uint64),
                       "stored": np.zeros(0, np.uint32), "raw": np.zeros(0, np.uint32)}
-        words = np.ascontiguousarray(digests).view(">u8").reshape(-1, 4).astype(np.uint64)
-        order = np.lexsort((words[:, 3], words[:, 2], words[:, 1], words[:, 0]))
-        words = words[order]
+        keys = prefix_keys(digests)
+        # Sorting by the 8-byte prefix is enough: copies of a digest share it, so they
+        # end up next to each other (a different digest with the same prefix between
+        # two copies would only leave a harmless duplicate entry).
+        order = np.argsort(keys, kind="stable")
+        sorted_digests = digests[order]
         keep = np.ones(len(order), dtype=bool)
         if len(order) > 1:
-            keep[1:] = (words[1:] != words[:-1]).any(axis=1)
+            keep[1:] = (sorted_digests[1:] != sorted_digests[:-1]).any(axis=1)
         order = order[keep]
         return cls(
             digests=np.ascontiguousarray(digests[order]),
@@ -105,7 +108,7 @@ class Index:
             stored=arrays["stored"][order].astype(np.uint32),
             raw=arrays["raw"][order].astype(np.uint32),
             pack_ids=pack_ids,
-            keys=words[keep][:, 0].copy(),
+            keys=keys[order],
             segments=segments,
             orphans=orphans,
         )
