@@ -246,6 +246,18 @@ def jobs_json(vault: Path, vm: str | None = None) -> list[dict[str, Any]]:
     return list(obj["jobs"])
 
 
+def statuses(jobs: list[dict[str, Any]]) -> list[str]:
+    """The jobs' statuses, sorted (jobs started in the same second may list in any order)."""
+    return sorted(j["status"] for j in jobs)
+
+
+def job_with(jobs: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
+    """The one job whose keys have these values."""
+    found = [j for j in jobs if all(j.get(k) == v for k, v in match.items())]
+    assert len(found) == 1, (match, jobs)
+    return found[0]
+
+
 def point_ids(vault: Path) -> list[str]:
     r = cbt("list", vault, "--json")
     assert r.returncode == 0, r.stderr

@@ -73,13 +73,6 @@ def runs(mask: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
     return [(int(s), int(e - s)) for s, e in zip(starts, ends, strict=True)]
 
 
-def block_digest_set(path: str | os.PathLike[str], bs: int) -> set[bytes]:
-    data = read(path)
-    mv = memoryview(data)
-    keep = nonzero_blocks(data, bs)
-    return {blake3.blake3(mv[i * bs:(i + 1) * bs]).digest() for i in np.flatnonzero(keep)}
-
-
 def sha256(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

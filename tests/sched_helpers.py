@@ -275,7 +275,7 @@ def prune(cfg: Path, now: str, dry_run: bool = False) -> dict[str, Any]:
 def gc(vault: Path, *args: object) -> dict[str, Any]:
     """``cbt gc VAULT ARGS --json``, its shape checked."""
     out = ok_json("gc", vault, *args)
-    assert GC_KEYS <= set(out), out
+    assert set(out) >= GC_KEYS, out
     for k in ("packs_removed", "packs_rewritten", "bytes_freed"):
         assert isinstance(out[k], int) and out[k] >= 0, out
     return out
@@ -402,3 +402,57 @@ def hook_argv(state: Path) -> list[str]:
 def hook_log(state: Path) -> list[str]:
     p = state / "log"
     return p.read_text().splitlines() if p.exists() else []
+
+
+# -- a loop-mounted XFS (reflink) ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def loop_xfs(tmp_path: Path, size: int = 512 * MIB) -> Iterator[Path]:
+    """A fresh XFS with reflink on a sparse file through a loop device, mounted (root).
+
+    mkfs.xfs refuses file systems under 300 MB, hence a sparse 512 MiB backing file.
+    """
+    from conftest import need, need_root_tools
+
+    need_root_tools("losetup", "mkfs.xfs", "mount", "umount")
+    backing = tmp_path / "xfs.backing"
+    with open(backing, "wb") as f:
+        f.truncate(size)
+    mnt = tmp_path / "mnt-xfs"
+    mnt.mkdir()
+    r = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
+                       text=True, check=False)
+    need(r.returncode == 0, f"losetup failed: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    mounted = False
+    try:
+        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", dev], check=True,
+                       capture_output=True)
+        subprocess.run(["mount", dev, str(mnt)], check=True, capture_output=True)
+        mounted = True
+        yield mnt
+    finally:
+        if mounted:
+            for _ in range(50):
+                if subprocess.run(["umount", str(mnt)], capture_output=True,
+                                  check=False).returncode == 0:
+                    break
+                time.sleep(0.1)
+            else:
+                subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+        subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+        backing.unlink()
+
+
+def files_equal_to(root: Path, truth: Path) -> list[Path]:
+    """Files under ``root`` whose bytes equal ``truth``'s (found by content, not by name)."""
+    want = file_digest(truth)
+    size = truth.stat().st_size
+    out = []
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath, f)
+            if p.is_file() and p.stat().st_size == size and file_digest(p) == want:
+                out.append(p)
+    return sorted(out)

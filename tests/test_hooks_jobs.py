@@ -42,6 +42,7 @@ from jobs_helpers import (
     backup_config,
     hook_argv,
     hook_log,
+    job_with,
     jobs_json,
     make_disk,
     one_point,
@@ -52,6 +53,7 @@ from jobs_helpers import (
     scribble,
     set_ctl,
     start_cbt,
+    statuses,
     wait_for,
     write_config,
     write_hook,
@@ -60,10 +62,10 @@ from jobs_helpers import (
 from vault_helpers import (
     POINT_DISK_KEYS,
     POINT_LINE_KEYS,
+    PROGRESS_KEYS,
     assert_same_disk,
     cbt,
     json_lines,
-    keep_copy,
     one_error_line,
 )
 
@@ -94,7 +96,7 @@ class Site:
         h.update(extra)
         return h
 
-    def config(self, snapshot: str = "copy", hooks: dict[str, Any] | None | bool = True,
+    def config(self, snapshot: str = "copy", hooks: dict[str, Any] | bool | None = True,
                disks: dict[str, str] | None = None, name: str = "cbt.toml",
                **vm: Any) -> Path:
         if hooks is True:
@@ -199,6 +201,15 @@ def test_failing_pre_hook_falls_back_to_crash(site: Site, snapshot: str, why: st
     check_restores(site, line["recovery_point"])
 
 
+def test_pre_hook_that_cannot_start_falls_back_to_crash(site: Site) -> None:
+    hooks = site.hooks(pre=[str(site.root / "no-such-quiesce")])
+    line = one_point(site.config("none", hooks=hooks))
+    assert line["consistency"] == "crash"
+    reason = line["consistency_reason"]
+    assert "pre hook" in reason and "no-such-quiesce" in reason and "live read" in reason, reason
+    check_restores(site, line["recovery_point"])
+
+
 def test_hung_pre_hook_is_killed_with_its_child(site: Site) -> None:
     set_ctl(site.state, "pre", hang=True)
     started = time.monotonic()
@@ -275,7 +286,7 @@ def test_post_hook_alone_quiesces_nothing(site: Site) -> None:
 
 
 def test_hook_programs_from_path_and_the_config_folder(site: Site, tmp_path: Path) -> None:
-    """argv[0] without '/' is looked up on PATH; relative arguments work from the config's folder."""
+    """argv[0] without '/' is found on PATH; relative arguments work from the config's folder."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     prog = bindir / "cbt-test-quiesce"
@@ -313,8 +324,9 @@ def test_kill9_between_hooks_then_recover(site: Site) -> None:
     assert [e["phase"] for e in log] == ["pre", "post", "pre"]
     killed_point = log[-1]["point"]
     running = jobs_json(site.vault)
-    assert [j["status"] for j in running] == ["succeeded", "running"]
-    assert running[1]["recovery_point"] == killed_point
+    assert statuses(running) == ["running", "succeeded"]
+    killed_job = job_with(running, status="running")
+    assert killed_job["recovery_point"] == killed_point and killed_job["end"] is None
     assert point_ids(site.vault) == [first["recovery_point"]]
 
     line = one_point(cfg)
@@ -324,13 +336,14 @@ def test_kill9_between_hooks_then_recover(site: Site) -> None:
         ("post", line["recovery_point"])]
     assert line["consistency"] == "application"
     hist = jobs_json(site.vault)
-    assert [j["status"] for j in hist] == ["succeeded", "interrupted", "succeeded"]
-    assert hist[1]["end"] is not None and hist[1]["error"]
-    assert hist[2]["recovery_point"] == line["recovery_point"]
+    assert statuses(hist) == ["interrupted", "succeeded", "succeeded"]
+    old = job_with(hist, id=killed_job["id"])
+    assert old["status"] == "interrupted" and old["end"] is not None and old["error"]
+    assert job_with(hist, recovery_point=line["recovery_point"])["status"] == "succeeded"
     # a third run has nothing left to recover
     third = one_point(cfg)
     assert [e["phase"] for e in hook_log(site.state)[6:]] == ["pre", "post"]
-    assert [j["status"] for j in jobs_json(site.vault)][-1] == "succeeded"
+    assert statuses(jobs_json(site.vault)) == ["interrupted"] + ["succeeded"] * 3
     assert site.snapshot_files() == []
     check_restores(site, third["recovery_point"])
 
@@ -343,17 +356,19 @@ def test_interrupted_job_names_no_point_that_does_not_exist(site: Site) -> None:
     assert proc.returncode == -signal.SIGKILL
     one_point(cfg)
     hist = jobs_json(site.vault)
-    assert [j["status"] for j in hist] == ["interrupted", "succeeded"]
-    existing = set(point_ids(site.vault))
-    assert hist[0]["recovery_point"] is None or hist[0]["recovery_point"] in existing, hist[0]
+    assert statuses(hist) == ["interrupted", "succeeded"]
+    # killed in its pre hook, the job made no point; the id it had planned may even be
+    # taken by the next run's point (same second), so it must not be reported as its point
+    old = job_with(hist, status="interrupted")
+    assert old["recovery_point"] is None, old
 
 
 def _counted_run(site: Site, cfg: Path) -> dict[str, int]:
     """A clean run that counts durable steps; the count each hook saw."""
     counter = site.root / "steps"
     counter.write_text("0")
-    r, lines = backup_config(cfg, env={"CBT_CRASH_AT": str(10**9),
-                                       "CBT_CRASH_COUNTER": str(counter)})
+    r, _ = backup_config(cfg, env={"CBT_CRASH_AT": str(10**9),
+                                   "CBT_CRASH_COUNTER": str(counter)})
     assert r.returncode == 0, r.stderr
     seen = {e["phase"]: e["steps"] for e in hook_log(site.state)[-2:]}
     assert set(seen) == {"pre", "post"}, hook_log(site.state)
@@ -382,8 +397,9 @@ def test_crash_at_a_durable_step_between_hooks_then_recover(site: Site) -> None:
     assert [(e["phase"], e["point"]) for e in log] == [
         ("pre", crashed), ("recover", crashed), ("pre", line["recovery_point"]),
         ("post", line["recovery_point"])]
-    assert [j["status"] for j in jobs_json(site.vault)] == ["succeeded", "interrupted",
-                                                           "succeeded"]
+    hist = jobs_json(site.vault)
+    assert statuses(hist) == ["interrupted", "succeeded", "succeeded"]
+    assert job_with(hist, status="interrupted")["end"] is not None
     r = cbt("verify", site.vault, "--json")
     assert r.returncode == 0, r.stdout
     check_restores(site, line["recovery_point"])
@@ -398,10 +414,10 @@ def test_crash_before_the_pre_hook_runs_no_recover_hook(site: Site) -> None:
     # durable steps each (file, folder): crash once the first is in place
     _crash_at(site, cfg, seen["pre"] - 2)
     assert len(hook_log(site.state)) == before
-    assert [j["status"] for j in jobs_json(site.vault)][-1] == "running"
+    assert statuses(jobs_json(site.vault)) == ["running", "succeeded", "succeeded"]
     line = one_point(cfg)
     assert phases(site.state)[before:] == ["pre", "post"]
-    assert [j["status"] for j in jobs_json(site.vault)][-2:] == ["interrupted", "succeeded"]
+    assert statuses(jobs_json(site.vault)) == ["interrupted"] + ["succeeded"] * 3
     assert line["consistency"] == "application"
 
 
@@ -437,7 +453,8 @@ def _big_site(site: Site, big: Path) -> Path:
 def test_signal_during_transfer_aborts_cleanly(site: Site, big_disk: Path, sig: int,
                                                target: str) -> None:
     cfg = _big_site(site, big_disk)
-    proc = start_cbt("backup", "--config", cfg, "--json")
+    # two workers: the transfer of 512 MiB of random data takes seconds on any machine
+    proc = start_cbt("backup", "--config", cfg, "--json", "--workers", "2")
     assert proc.stdout is not None
     try:
         # progress lines come only from the transfer, which starts after the post hook
@@ -496,8 +513,14 @@ def test_job_history_records_every_run(site: Site) -> None:
         "db": {"disks": {"db": "disks/db.img", "logs": "disks/missing.img"},
                "snapshot": "none"},
     })
+    assert jobs_json(site.vault) == []
     r, lines = backup_config(cfg)
     assert r.returncode == 2, (r.stdout, r.stderr)
+    progress = [x for x in json_lines(r.stdout) if x["type"] == "progress"]
+    assert progress and all(set(x) == PROGRESS_KEYS for x in progress), progress
+    last = [x for x in progress if x["vm"] == "web"][-1]
+    assert last["disk"] == "os"
+    assert last["bytes_done"] == last["bytes_total"] == site.disks["os"].stat().st_size
     by_vm = {x["vm"]: x for x in lines}
     assert by_vm["web"]["type"] == "point"
     assert by_vm["db"]["type"] == "error" and set(by_vm["db"]) == ERROR_LINE_KEYS
@@ -507,14 +530,13 @@ def test_job_history_records_every_run(site: Site) -> None:
     r2, lines2 = backup_config(cfg, "--vm", "web")
     assert r2.returncode == 0 and [x["vm"] for x in lines2] == ["web"]
     hist = jobs_json(site.vault)
-    assert [(j["vm"], j["status"]) for j in hist] == [("web", "succeeded"), ("db", "failed"),
-                                                      ("web", "succeeded")] or \
-        [(j["vm"], j["status"]) for j in hist] == [("db", "failed"), ("web", "succeeded"),
-                                                   ("web", "succeeded")]
+    assert sorted((j["vm"], j["status"]) for j in hist) == [
+        ("db", "failed"), ("web", "succeeded"), ("web", "succeeded")]
     assert len({j["id"] for j in hist}) == 3
     web = jobs_json(site.vault, "web")
-    assert [j["recovery_point"] for j in web] == [by_vm["web"]["recovery_point"],
-                                                  lines2[0]["recovery_point"]]
+    assert {j["recovery_point"] for j in web} == {by_vm["web"]["recovery_point"],
+                                                  lines2[0]["recovery_point"]}
+    web.sort(key=lambda j: j["recovery_point"])  # ids sort by time
     assert sorted(point_ids(site.vault)) == sorted(j["recovery_point"] for j in web)
     for j in web:
         assert j["status"] == "succeeded" and j["consistency"] == "application"
@@ -530,6 +552,17 @@ def test_job_history_records_every_run(site: Site) -> None:
     assert human.returncode == 0 and "failed" in human.stdout and "web" not in human.stdout
     bad = cbt("backup", "--config", cfg, "--vm", "nope")
     assert "nope" in one_error_line(bad)
+
+
+def test_jobs_are_listed_oldest_first(site: Site) -> None:
+    """``cbt jobs`` lists oldest first, also for jobs that start within the same second."""
+    cfg = load_config(site.config("none", hooks=None, disks={"db": "disks/db.img"}))
+    ran = []
+    for _ in range(6):
+        (res,) = jobs_api.run(cfg)
+        assert res.error is None
+        ran.append(res.job_id)
+    assert [j["id"] for j in jobs_json(site.vault)] == ran
 
 
 # -- the executor seam ---------------------------------------------------------------------------

@@ -28,7 +28,8 @@ import cbt as cbt_api
 from cbt.vault.index import read_segment
 
 BS = 64 * KIB
-REPAIR_KEYS = {"packs_read", "blobs_indexed", "blobs_damaged", "damaged_points"}
+REPAIR_KEYS = {"packs_read", "blobs_indexed", "blobs_damaged", "packs_quarantined",
+               "damaged_points"}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_repair_rebuilds_a_deleted_index(vh: History3, tmp_path: Path) -> None:
     assert code == 0 and out["problems"] == []
     assert out["repair"] == {"packs_read": len(pack_files(vh.vault)),
                              "blobs_indexed": len(entries), "blobs_damaged": 0,
-                             "damaged_points": []}
+                             "packs_quarantined": 0, "damaged_points": []}
     segments = sorted((vh.vault / "index").glob("*.arrow"))
     assert len(segments) == 1
     part = read_segment(segments[0].read_bytes(), str(segments[0]))
@@ -118,7 +119,8 @@ def test_repair_names_the_points_a_corrupt_blob_damages(vh: History3, tmp_path: 
     code, out = _repair(vh.vault)
     assert code == 2
     assert out["repair"] == {"packs_read": len(pack_files(vh.vault)), "blobs_indexed": total - 1,
-                             "blobs_damaged": 1, "damaged_points": damaged}
+                             "blobs_damaged": 1, "packs_quarantined": 0,
+                             "damaged_points": damaged}
     named = {(p["point"], p["disk"], p["block"]) for p in out["problems"]}
     assert named == {(pid, lb, b) for (pid, lb), blocks in owners.items() for b in blocks}
     assert tree_hashes(vh.vault / "packs") == packs, "repair rewrote a pack"

@@ -188,17 +188,17 @@ def _backup_shard(task: _Shard, report: Report) -> _ShardResult:
             data_rows = np.nonzero(flags == fast.FLAG_DATA)[0]
             if len(data_rows):
                 missing = data_rows[index.lookup(digests[data_rows]) < 0]
-                view = memoryview(m)
-                for row in missing.tolist():
-                    d = digests[row].tobytes()
-                    if d in stored_here:
-                        continue
-                    stored_here.add(d)
-                    off = row * bs
-                    writer.add(d, view[off:off + bs])
-                    if len(writer) >= TARGET_PACK_SIZE:
-                        flush()
-                view.release()
+                with memoryview(m) as view:  # released before the window is unmapped
+                    for row in missing.tolist():
+                        d = digests[row].tobytes()
+                        if d in stored_here:
+                            continue
+                        stored_here.add(d)
+                        off = row * bs
+                        with view[off:off + bs] as block:
+                            writer.add(d, block)
+                        if len(writer) >= TARGET_PACK_SIZE:
+                            flush()
             bytes_read += len(m)
             report(len(m))
         base += hi - lo

@@ -94,7 +94,8 @@ def atomic_file(target: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         f.close()
         os.replace(tmp, final)
     except BaseException:
-        f.close()
+        with contextlib.suppress(OSError):  # closing flushes, and may fail again (ENOSPC)
+            f.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise

@@ -231,6 +231,8 @@ def restore(vault: Vault, ref: str, to: str | os.PathLike[str], force: bool = Fa
                                 f"{', '.join(d.label for d in point.disks)})")
         finals = {disk: Path(to)}
         out_dirs = {Path(to).parent}
+        if not Path(to).parent.is_dir():
+            raise CbtIOError(errno.ENOENT, f"no such directory for {to}: {Path(to).parent}")
     else:
         out_dir = Path(to)
         if out_dir.exists() and not out_dir.is_dir():

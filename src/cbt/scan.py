@@ -18,6 +18,7 @@ snapshot, or a quiesced disk): pages past a truncated end would fault.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -168,7 +169,8 @@ def windows(fd: int, size: int, block_size: int, lo: int, hi: int, path: str = "
             m.madvise(mmap.MADV_WILLNEED)
             yield first, m
         finally:
-            m.close()
+            with contextlib.suppress(BufferError):  # a view still held: unmapped when freed
+                m.close()
 
 
 @dataclass(frozen=True)

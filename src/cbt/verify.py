@@ -21,6 +21,7 @@ their digest, then verifies again to say which points remain damaged.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import uuid
 from typing import Any
@@ -77,15 +78,15 @@ def _check_packs(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_],
         short = pos[ends > len(blob)]
         bad.update((int(p), "pack truncated before this block") for p in short)
         try:
-            trailer = read_trailer(blob, f"pack {pid}")
-            listed = {(bytes(t["digest"]), int(t["offset"]), int(t["stored"])) for t in trailer}
-            for p in pos.tolist():
-                key = (index.digests[p].tobytes(), int(index.offset[p]), int(index.stored[p]))
-                if key not in listed and p not in bad:
-                    bad[p] = "index disagrees with the pack (no such blob at this offset)"
-        except CorruptPackError as exc:
-            for p in pos.tolist():
-                bad.setdefault(p, str(exc))
+            listed = {(bytes(t["digest"]), int(t["offset"]), int(t["stored"]))
+                      for t in read_trailer(blob, f"pack {pid}")}
+        except CorruptPackError:
+            # trailer lost (a cut pack): the blob headers still say what is where
+            listed = {(d, off, stored) for d, off, stored, _raw in scan_blobs(blob)}
+        for p in pos.tolist():
+            key = (index.digests[p].tobytes(), int(index.offset[p]), int(index.stored[p]))
+            if key not in listed and p not in bad:
+                bad[p] = "index disagrees with the pack (no such blob at this offset)"
         if data:
             for p in pos.tolist():
                 if p in bad:
@@ -178,6 +179,7 @@ def repair(vault: Vault, wait: float = 0.0) -> dict[str, Any]:
     between leaves the vault readable (run repair again).
     """
     packs_read = blobs = damaged = 0
+    quarantined: list[str] = []
     parts: dict[str, list[Any]] = {k: [] for k in ("digests", "pack_uuid", "offset", "stored",
                                                    "raw")}
     with writer_lock(vault.root, wait):
@@ -195,6 +197,7 @@ def repair(vault: Vault, wait: float = 0.0) -> dict[str, Any]:
                             int(t["raw"])) for t in read_trailer(content, name)]
             except CorruptPackError:
                 entries = scan_blobs(content)
+            healthy = 0
             for digest, off, stored, raw in entries:
                 try:
                     decode_blob(memoryview(content)[off:off + BLOB.size + stored], digest, name)
@@ -202,12 +205,17 @@ def repair(vault: Vault, wait: float = 0.0) -> dict[str, Any]:
                     damaged += 1
                     continue
                 blobs += 1
+                healthy += 1
                 parts["digests"].append(np.frombuffer(digest, np.uint8).reshape(1, 32))
                 parts["pack_uuid"].append(np.frombuffer(uuid.UUID(hex=pid).bytes,
                                                         np.uint8).reshape(1, 16))
                 parts["offset"].append(np.array([off], np.uint64))
                 parts["stored"].append(np.array([stored], np.uint32))
                 parts["raw"].append(np.array([raw], np.uint32))
+            if not healthy:
+                # no segment will cover it, so the index would adopt it again from its
+                # trailer: set it aside (kept, not deleted) instead
+                quarantined.append(name)
         old = [s for s in vault.storage.list("index") if s.endswith(".arrow")]
         name = f"index/repaired-{uuid.uuid4().hex}.arrow"
         if blobs:
@@ -216,9 +224,13 @@ def repair(vault: Vault, wait: float = 0.0) -> dict[str, Any]:
         for s in old:
             if s != name:
                 vault.storage.delete(s)
+        for q in quarantined:
+            dst = os.path.join(vault.root, "quarantine", os.path.basename(q))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.rename(os.path.join(vault.root, q), dst)
     result = verify(vault)
     result["repair"] = {"packs_read": packs_read, "blobs_indexed": blobs,
-                        "blobs_damaged": damaged,
+                        "blobs_damaged": damaged, "packs_quarantined": len(quarantined),
                         "damaged_points": sorted({p["point"] for p in result["problems"]
                                                   if p["point"]})}
     return result

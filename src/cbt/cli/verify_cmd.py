@@ -13,7 +13,8 @@ that no pack holds).
 
 --json prints {"points","blocks_checked","data","problems":[{"point","disk",
 "block","pack","problem"}],"unreferenced_bytes","warnings"}; with --repair also
-"repair":{"packs_read","blobs_indexed","blobs_damaged","damaged_points"}.
+"repair":{"packs_read","blobs_indexed","blobs_damaged","packs_quarantined",
+"damaged_points"}.
 """
 
 from __future__ import annotations

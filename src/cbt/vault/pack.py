@@ -90,14 +90,17 @@ class PackWriter:
         """Append one block; returns (offset of its blob header, stored length)."""
         raw = len(data)
         packed = _zstd().compress(data, asbytes=True)  # type: ignore[attr-defined]
-        codec = CODEC_ZSTD
-        if len(packed) >= raw:
-            packed, codec = bytes(data), CODEC_NONE
         offset = len(self.buf)
-        self.buf += BLOB.pack(BLOB_MAGIC, digest, codec, ENCRYPTION_NONE, 0, raw, len(packed))
-        self.buf += packed
-        self.entries.append((digest, offset, len(packed), raw))
-        return offset, len(packed)
+        if len(packed) < raw:
+            stored = len(packed)
+            self.buf += BLOB.pack(BLOB_MAGIC, digest, CODEC_ZSTD, ENCRYPTION_NONE, 0, raw, stored)
+            self.buf += packed
+        else:  # incompressible: stored as it is
+            stored = raw
+            self.buf += BLOB.pack(BLOB_MAGIC, digest, CODEC_NONE, ENCRYPTION_NONE, 0, raw, stored)
+            self.buf += data
+        self.entries.append((digest, offset, stored, raw))
+        return offset, stored
 
     def __len__(self) -> int:
         return len(self.buf)

@@ -1,0 +1,140 @@
+"""`cbt daemon`: runs a due job at once, logs one line per job, finishes the job in
+flight on SIGTERM and exits 0; idle, it sleeps (no busy polling) and stops promptly
+(issue 6).  The daemon is a real process in its own session, on the real clock."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import time
+from pathlib import Path
+
+from sched_helpers import (
+    MIB,
+    assert_same_bytes,
+    cleanup_group,
+    copy_disk,
+    cpu_seconds,
+    hook_argv,
+    hook_log,
+    listed,
+    pack_set,
+    point_record,
+    restore,
+    run_due,
+    start_cbt,
+    wait_for,
+    write_config,
+    write_random_disk,
+)
+from vault_helpers import cbt
+
+
+def _log_lines(path: Path) -> list[str]:
+    return [ln for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def _hour_floor(t: dt.datetime) -> str:
+    return t.replace(minute=0, second=0, microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_daemon_runs_the_due_job_and_finishes_it_on_sigterm(tmp_path: Path) -> None:
+    """An hourly schedule with no point yet: a job is due at once.  SIGTERM goes to the
+    daemon's whole process group twice - while the pre hook sleeps, and again while
+    the disk is being transferred (its workers get it too).  The job in flight is
+    finished and committed, the daemon logs it and that it stopped, and exits 0."""
+    state = tmp_path / "hook"
+    argv = hook_argv(state)
+    (state / "sleep-pre").write_text("2")
+    disk = write_random_disk(tmp_path / "disks" / "os.img", 128 * MIB, seed=21)
+    truth = copy_disk(disk, tmp_path / "truth" / "os.img")
+    cfg = write_config(tmp_path / "cbt.toml", {"hourly": {"schedule": "every 1h"}},
+                       {"web": {"policy": "hourly", "disks": {"os": "disks/os.img"},
+                                "snapshot": "none",
+                                "hooks": {"pre": argv, "post": argv, "timeout": 60}}})
+    vault = tmp_path / "vault"
+    assert cbt("init", vault).returncode == 0
+    log = tmp_path / "daemon.log"
+    before = dt.datetime.now(dt.UTC)
+    with open(log, "w") as out:
+        proc = start_cbt("daemon", "--config", cfg, stdout=out)
+    with cleanup_group(proc):
+        wait_for(lambda: any(ln.startswith("pre web") for ln in hook_log(state))
+                 or proc.poll() is not None, what="the pre hook")
+        assert proc.poll() is None, log.read_text()
+        os.killpg(proc.pid, signal.SIGTERM)  # mid-job: the pre hook is sleeping
+        packs0 = pack_set(vault)
+        wait_for(lambda: pack_set(vault) - packs0 or proc.poll() is not None,
+                 what="the transfer")
+        transferring = proc.poll() is None
+        if transferring:
+            os.killpg(proc.pid, signal.SIGTERM)  # mid-transfer, workers included
+        rc = proc.wait(timeout=120)
+        after = dt.datetime.now(dt.UTC)
+        _, err = proc.communicate()
+    assert rc == 0, (log.read_text(), err)
+    assert transferring, "the job ended before the second SIGTERM (use a larger disk)"
+
+    points = listed(vault)
+    assert len(points) == 1, points
+    pid = points[0]["recovery_point"]
+    assert point_record(vault, pid)["slot"] in {_hour_floor(before), _hour_floor(after)}
+    restore(vault, pid, tmp_path / "r")
+    assert_same_bytes(tmp_path / "r" / "os.img", truth)
+    phases = [ln.split()[0] for ln in hook_log(state)]
+    assert phases == ["pre", "post"], phases
+
+    lines = _log_lines(log)
+    job_lines = [ln for ln in lines if pid in ln]
+    assert len(job_lines) == 1, lines  # one line for the one job
+    assert "web" in job_lines[0] and "succeeded" in job_lines[0], job_lines
+    assert "stopped" in lines[-1], lines
+    assert not any("failed" in ln for ln in lines), lines
+
+
+def test_idle_daemon_sleeps_without_polling_and_stops_promptly(tmp_path: Path) -> None:
+    """The latest slot already has its point: nothing is due.  The daemon uses (almost)
+    no CPU while it waits for the next slot, and stops at once on SIGTERM, exit 0."""
+    write_random_disk(tmp_path / "disks" / "os.img", 256 << 10, seed=22)
+    # a daily slot 6 hours ago (UTC): the latest slot stays the same for 18 hours
+    at = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=6)).strftime("%H:%M")
+    cfg = write_config(tmp_path / "cbt.toml", {"d": {"schedule": f"daily {at}"}},
+                       {"web": {"policy": "d", "disks": {"os": "disks/os.img"},
+                                "snapshot": "none"}})
+    vault = tmp_path / "vault"
+    assert cbt("init", vault).returncode == 0
+    rc, s, _, _ = run_due(cfg)  # fill the latest slot (real clock)
+    assert rc == 0 and len(s["ran"]) == 1
+    assert len(listed(vault)) == 1
+
+    log = tmp_path / "daemon.log"
+    with open(log, "w") as out:
+        proc = start_cbt("daemon", "--config", cfg, stdout=out)
+    with cleanup_group(proc):
+        # let it start up (imports, config, the due check): until its CPU time settles
+        last = [-1.0]
+
+        def settled() -> bool:
+            now = cpu_seconds(proc.pid)
+            done = now == last[0] and len(_log_lines(log)) >= 1
+            last[0] = now
+            return done
+
+        wait_for(settled, timeout=30, what="the daemon to settle", interval=0.3)
+        assert proc.poll() is None, log.read_text()
+        c0 = cpu_seconds(proc.pid)
+        time.sleep(2.0)
+        used = cpu_seconds(proc.pid) - c0
+        assert used <= 0.05, f"the idle daemon used {used:.2f} s of CPU in 2 s (polling?)"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=10)
+        took = time.monotonic() - t0
+        _, err = proc.communicate()
+    assert rc == 0, (log.read_text(), err)
+    assert took < 3.0, f"took {took:.1f} s to stop"
+    lines = _log_lines(log)
+    assert "stopped" in lines[-1], lines
+    assert not any("succeeded" in ln or "failed" in ln for ln in lines), lines
+    assert len(listed(vault)) == 1
