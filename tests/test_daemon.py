@@ -40,19 +40,23 @@ def _hour_floor(t: dt.datetime) -> str:
 
 
 def test_daemon_runs_the_due_job_and_finishes_it_on_sigterm(tmp_path: Path) -> None:
-    """An hourly schedule with no point yet: a job is due at once.  SIGTERM goes to the
-    daemon's whole process group twice - while the pre hook sleeps, and again while
-    the disk is being transferred (its workers get it too).  The job in flight is
-    finished and committed, the daemon logs it and that it stopped, and exits 0."""
+    """An hourly schedule with no point yet: jobs are due at once.  SIGTERM goes to the
+    daemon's whole process group twice - while web's pre hook sleeps, and again while
+    web's disk is being transferred (its workers get it too).  The job in flight is
+    finished and committed, no job starts after the signal, the daemon logs the job
+    and that it stopped, and exits 0."""
     state = tmp_path / "hook"
     argv = hook_argv(state)
     (state / "sleep-pre").write_text("2")
     disk = write_random_disk(tmp_path / "disks" / "os.img", 128 * MIB, seed=21)
+    write_random_disk(tmp_path / "disks" / "db.img", 256 << 10, seed=23)
     truth = copy_disk(disk, tmp_path / "truth" / "os.img")
+    hooks = {"pre": argv, "post": argv, "timeout": 60}
     cfg = write_config(tmp_path / "cbt.toml", {"hourly": {"schedule": "every 1h"}},
                        {"web": {"policy": "hourly", "disks": {"os": "disks/os.img"},
-                                "snapshot": "none",
-                                "hooks": {"pre": argv, "post": argv, "timeout": 60}}})
+                                "snapshot": "none", "hooks": hooks},
+                        "db": {"policy": "hourly", "disks": {"db": "disks/db.img"},
+                               "snapshot": "none", "hooks": hooks}})
     vault = tmp_path / "vault"
     assert cbt("init", vault).returncode == 0
     log = tmp_path / "daemon.log"
@@ -63,6 +67,7 @@ def test_daemon_runs_the_due_job_and_finishes_it_on_sigterm(tmp_path: Path) -> N
         wait_for(lambda: any(ln.startswith("pre web") for ln in hook_log(state))
                  or proc.poll() is not None, what="the pre hook")
         assert proc.poll() is None, log.read_text()
+        t_term = time.time()
         os.killpg(proc.pid, signal.SIGTERM)  # mid-job: the pre hook is sleeping
         packs0 = pack_set(vault)
         wait_for(lambda: pack_set(vault) - packs0 or proc.poll() is not None,
@@ -76,19 +81,25 @@ def test_daemon_runs_the_due_job_and_finishes_it_on_sigterm(tmp_path: Path) -> N
     assert rc == 0, (log.read_text(), err)
     assert transferring, "the job ended before the second SIGTERM (use a larger disk)"
 
+    # a job that had started before the signal may have finished; none started after it
+    hooks_seen = [ln.split() for ln in hook_log(state)]
+    assert not [h for h in hooks_seen if h[0] == "pre" and float(h[2]) > t_term], hooks_seen
+    started = {h[1] for h in hooks_seen if h[0] == "pre"}
+    assert "web" in started
     points = listed(vault)
-    assert len(points) == 1, points
-    pid = points[0]["recovery_point"]
+    assert {p["vm"] for p in points} == started, (points, hooks_seen)
+    pid = next(p["recovery_point"] for p in points if p["vm"] == "web")
     assert point_record(vault, pid)["slot"] in {_hour_floor(before), _hour_floor(after)}
     restore(vault, pid, tmp_path / "r")
     assert_same_bytes(tmp_path / "r" / "os.img", truth)
-    phases = [ln.split()[0] for ln in hook_log(state)]
-    assert phases == ["pre", "post"], phases
+    web_phases = [h[0] for h in hooks_seen if h[1] == "web"]
+    assert web_phases == ["pre", "post"], hooks_seen
 
     lines = _log_lines(log)
-    job_lines = [ln for ln in lines if pid in ln]
-    assert len(job_lines) == 1, lines  # one line for the one job
-    assert "web" in job_lines[0] and "succeeded" in job_lines[0], job_lines
+    for p in points:  # one line per job
+        job_lines = [ln for ln in lines if p["recovery_point"] in ln]
+        assert len(job_lines) == 1, lines
+        assert p["vm"] in job_lines[0] and "succeeded" in job_lines[0], job_lines
     assert "stopped" in lines[-1], lines
     assert not any("failed" in ln for ln in lines), lines
 

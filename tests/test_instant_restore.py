@@ -109,6 +109,10 @@ def test_instant_restore_from_kept_copy_snapshots(tmp_path: Path) -> None:
     assert_same_bytes(tmp_path / "o3" / "os.img", t2["os"])
 
     # prune at 08-03 18:00: P1 (08-01 12:00) is more than 2 days old, P2 is not
+    dry = prune(cfg, "2026-08-03T18:00:00Z", dry_run=True)
+    assert dry["snapshots_expired"] == 2, dry
+    for t in t1.values():
+        assert len(files_equal_to(snaps, t)) == 1, "--dry-run removed a snapshot"
     out = prune(cfg, "2026-08-03T18:00:00Z")
     assert all(p["keep"] for p in out["points"])  # no retention table: points stay
     assert out["snapshots_expired"] == 2, out  # P1's two disks

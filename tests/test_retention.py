@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -317,8 +318,6 @@ def test_prune_killed_at_every_durable_step(tmp_path: Path) -> None:
         truth[pid] = copy_disk(disk, tmp_path / "truth" / f"{pid}.img")
         order.append(pid)
     expected = set(order[-2:])
-    import shutil
-
     completed = False
     for n in range(1, 40):
         if vault_dir.exists():

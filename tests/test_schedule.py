@@ -19,6 +19,7 @@ Every expected instant below was worked out by hand from the time-zone rules
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,10 @@ DAY_TABLE = [
      ["2026-10-02T15:45Z", "2026-10-03T15:30Z", "2026-10-04T15:15Z"],
      "02:15 LHST (+10:30) = 15:45Z; on 10-04 02:00-02:29 is a gap: 02:30 LHDT = 15:30Z; "
      "then 02:15 LHDT (+11) = 15:15Z"),
+    ("every 6h", "America/Havana", "2026-03-08T05:00Z", "2026-03-09T03:59Z",
+     ["2026-03-08T05:00Z", "2026-03-08T10:00Z", "2026-03-08T16:00Z", "2026-03-08T22:00Z"],
+     "Cuba springs forward at midnight: 00:00 CST does not exist, the day starts at "
+     "01:00 CDT = 05:00Z; then 06, 12, 18 CDT (-04)"),
     ("daily 01:45", "Australia/Lord_Howe", "2026-04-03T13:00Z", "2026-04-05T13:29Z",
      ["2026-04-03T14:45Z", "2026-04-04T14:45Z"],
      "01:45 on 04-05 happens at 14:45Z (LHDT) and 15:15Z (LHST) on 04-04: the first"),
@@ -384,8 +389,6 @@ def test_run_due_timeline_table(tmp_path: Path) -> None:
 
 
 def json_point(vault: Path, point: str) -> dict[str, object]:
-    import json
-
     return dict(json.loads((vault / "points" / f"{point}.json").read_text()))
 
 

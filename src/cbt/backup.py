@@ -85,6 +85,11 @@ class DiskSpec:
     def source(self) -> str:
         return self.read_from or self.path
 
+    @property
+    def live(self) -> bool:
+        """Read while in use (no snapshot): a block may change between hash and copy."""
+        return self.read_from is None or self.read_from == self.path
+
 
 def parse_disk_arg(text: str) -> DiskSpec:
     """``PATH`` or ``LABEL=PATH`` (split at the first ``=`` only if a valid label precedes it)."""
@@ -129,6 +134,7 @@ class _Shard:
     ranges: list[BlockRange]
     vault_root: str
     index_token: tuple[str, ...]
+    live: bool = False
 
 
 @dataclass
@@ -195,8 +201,15 @@ def _backup_shard(task: _Shard, report: Report) -> _ShardResult:
                             continue
                         stored_here.add(d)
                         off = row * bs
-                        with view[off:off + bs] as block:
-                            writer.add(d, block)
+                        if task.live:
+                            actual = _add_live(writer, digests, flags, row,
+                                               view[off:off + bs], d)
+                            if actual != d:  # changed under us: d itself was not stored
+                                stored_here.discard(d)
+                                stored_here.add(actual)
+                        else:
+                            with view[off:off + bs] as block:
+                                writer.add(d, block)
                         if len(writer) >= TARGET_PACK_SIZE:
                             flush()
             bytes_read += len(m)
@@ -262,8 +275,31 @@ def _shards(plans: list[_DiskPlan], parts_total: int, vault_root: str,
         parts = max(1, round(parts_total * blocks / total))
         pieces = split_ranges(p.ranges, parts) or [[]]
         out.extend(_Shard(i, p.spec.label, p.spec.source, p.size, p.block_size, r, vault_root,
-                          token) for r in pieces)
+                          token, p.spec.live) for r in pieces)
     return out
+
+
+def _add_live(writer: PackWriter, digests: np.ndarray, flags: np.ndarray, row: int,
+              block_view: memoryview, digest: bytes) -> bytes:
+    """Store a block of a disk read live: copy it, and record what the copy holds.
+
+    The disk may have been written since the window was hashed; the point then
+    records the block as copied (a live read is crash-consistent at best), so
+    the stored bytes always match the manifest's digest.
+    """
+    import blake3
+
+    with block_view:
+        block = bytes(block_view)
+    actual = blake3.blake3(block).digest()
+    if actual != digest:
+        if block.count(0) == len(block):
+            digests[row] = 0
+            flags[row] = fast.FLAG_ZERO
+            return actual
+        digests[row] = np.frombuffer(actual, dtype=np.uint8)
+    writer.add(actual, block)
+    return actual
 
 
 def _run_shard(task: _Shard) -> _ShardResult:
@@ -341,8 +377,13 @@ def backup_locked(vault: Vault, vm: str, disks: Sequence[DiskSpec],
                   progress: BackupProgress | None = None, created: str | None = None,
                   consistency: tuple[str, str] = ("crash", "live read"),
                   executor: Executor | None = None, point_id: str | None = None,
-                  warnings: list[str] | None = None, slot: str | None = None) -> PointRecord:
-    """:func:`backup` for a caller that already holds the writer lock (a job)."""
+                  warnings: list[str] | None = None, slot: str | None = None,
+                  before_commit: Callable[[], list[str]] | None = None) -> PointRecord:
+    """:func:`backup` for a caller that already holds the writer lock (a job).
+
+    ``before_commit`` runs when every disk is read, before the commit; the
+    warnings it returns go into the point (a job's post hook after a live read).
+    """
     started = time.perf_counter()
     check_disks(vm, disks, block_size)
     vault.clean_leftovers(vault.leftovers())
@@ -370,6 +411,8 @@ def backup_locked(vault: Vault, vm: str, disks: Sequence[DiskSpec],
         results = _run_shards(tasks, executor, report)
     finally:
         _RUN_INDEX = None
+    if before_commit is not None:
+        warnings += before_commit()
     for t, r in zip(tasks, results, strict=True):
         p = plans[t.disk]
         at = 0

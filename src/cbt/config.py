@@ -98,7 +98,7 @@ class _Where:
             m = re.match(r"^\[\s*([^\]]+?)\s*\]$", line)
             if m:
                 table = [p.strip().strip('"') for p in m.group(1).split(".")]
-                if table == parts:
+                if table[:len(parts)] == parts:  # [vm.web] for vm.web, [vms.web] for vms
                     return no
                 continue
             m = re.match(r'^"?([A-Za-z0-9_-]+)"?\s*=', line)

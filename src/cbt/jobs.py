@@ -30,9 +30,11 @@ import json
 import os
 import secrets
 import signal
+import time
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cbt.backup import BackupProgress, DiskSpec, backup_locked
@@ -41,7 +43,15 @@ from cbt.config import load as load_config
 from cbt.errors import CbtError
 from cbt.hooks import HookResult, run_hook
 from cbt.manifest import utc_now
-from cbt.snapshot import SnapshotSet, resolve_provider, take
+from cbt.snapshot import (
+    SNAPSHOT_DIR,
+    SnapshotSet,
+    _remove,
+    btrfs_subvolume,
+    resolve_provider,
+    snapshot_dir_for,
+    take,
+)
 from cbt.vault.lock import writer_lock
 from cbt.vault.points import PointRecord, new_point_id
 from cbt.vault.vault import Vault
@@ -90,7 +100,7 @@ def list_jobs(vault: Vault, vm: str | None = None) -> list[dict[str, Any]]:
             continue
         if vm is None or rec.get("vm") == vm:
             out.append(rec)
-    return sorted(out, key=lambda r: (r.get("start", ""), r.get("id", "")))
+    return sorted(out, key=lambda r: (r.get("start", ""), r.get("start_ns", 0), r.get("id", "")))
 
 
 def public_job(rec: dict[str, Any]) -> dict[str, Any]:
@@ -154,10 +164,28 @@ def _recover(vault: Vault, vmc: VMConfig) -> list[str]:
                            rec.get("recovery_point") or "", vmc.hooks.timeout, vmc.hooks.cwd)
             if not res.ok:
                 warnings.append(f"recover hook of interrupted job {rec['id']}: {res.describe()}")
+        for path in _job_snapshots(vmc, rec["id"]):
+            _remove(path)
+        committed = rec.get("recovery_point") in set(vault.point_ids())
         rec.update(status="interrupted", end=utc_now(), hook_pending=False,
+                   recovery_point=rec.get("recovery_point") if committed else None,
                    error=rec.get("error") or "the job's process died before it finished")
         save_job(vault, rec)
     return warnings
+
+
+def _job_snapshots(vmc: VMConfig, job_id: str) -> list[str]:
+    """Snapshots a dead job left: files and subvolumes whose name carries its id."""
+    dirs = {snapshot_dir_for(p, vmc.name, vmc.snapshot_dir) for p in vmc.disks.values()}
+    for p in vmc.disks.values():
+        subvol = btrfs_subvolume(p) if os.path.exists(p) else None
+        if subvol and not vmc.snapshot_dir:
+            dirs.add(Path(subvol) / SNAPSHOT_DIR)
+    found = []
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            found += [str(e) for e in d.iterdir() if f".{job_id}" in e.name]
+    return found
 
 
 def _consistency(vmc: VMConfig, pre: HookResult | None, snaps: SnapshotSet) -> tuple[str, str]:
@@ -166,7 +194,10 @@ def _consistency(vmc: VMConfig, pre: HookResult | None, snaps: SnapshotSet) -> t
         level = vmc.hooks.provides if vmc.hooks else "application"
         how = ("disks read while quiesced" if snaps.live else "snapshots taken while quiesced")
         return level, f"pre hook succeeded; {how}"
-    reasons = [pre.describe() if pre is not None else "no hooks"]
+    if pre is not None:
+        reasons = [pre.describe()]
+    else:
+        reasons = ["no pre hook" if vmc.hooks and vmc.hooks.post else "no hooks"]
     if snaps.live:
         reasons.append("live read")
     elif not snaps.one_moment:
@@ -191,27 +222,32 @@ def run_vm(config: Config, vm: str, executor: Executor | None = None,
             "id": job_id, "vm": vm, "policy": vmc.policy, "start": utc_now(), "end": None,
             "status": "running", "consistency": None, "recovery_point": point_id,
             "disks": [], "error": None, "hook_pending": False, "pid": os.getpid(),
-            "slot": slot,
+            "slot": slot, "start_ns": time.time_ns(),
         }
         save_job(vault, rec)
         hooks = vmc.hooks
         pre: HookResult | None = None
+        hooks_started = False
         post_done = False
         snaps: SnapshotSet | None = None
         point: PointRecord | None = None
         providers: dict[str, str] = {}
 
-        def run_post() -> None:
+        def run_post() -> list[str]:
+            """The post hook, exactly once if the hooks started; returns new warnings."""
             nonlocal post_done
-            if post_done or pre is None:
-                return
+            if post_done or not hooks_started:
+                return []
             post_done = True
+            new = []
             if hooks and hooks.post:
                 res = run_hook(hooks.post, "post", vm, point_id, hooks.timeout, hooks.cwd)
                 if not res.ok:
-                    warnings.append(res.describe())
+                    new.append(res.describe())
             rec["hook_pending"] = False
             save_job(vault, rec)
+            warnings.extend(new)
+            return new
 
         try:
             for label, path in vmc.disks.items():
@@ -221,12 +257,11 @@ def run_vm(config: Config, vm: str, executor: Executor | None = None,
             if hooks and (hooks.pre or hooks.post):
                 rec["hook_pending"] = True
                 save_job(vault, rec)
+                hooks_started = True  # from here on the post hook runs, whatever happens
                 if hooks.pre:
                     pre = run_hook(hooks.pre, "pre", vm, point_id, hooks.timeout, hooks.cwd)
-                else:
-                    pre = HookResult("pre", True, 0, False, "", 0.0)
-                if not pre.ok and hooks.on_pre_failure == "fail":
-                    raise JobFailed(f"{pre.describe()} (on_pre_failure = \"fail\")")
+                    if not pre.ok and hooks.on_pre_failure == "fail":
+                        raise JobFailed(f"{pre.describe()} (on_pre_failure = \"fail\")")
             snaps = take(vm, job_id, vmc.disks, providers, vmc.snapshot_dir)
             warnings += snaps.warnings
             if not snaps.live:
@@ -234,10 +269,12 @@ def run_vm(config: Config, vm: str, executor: Executor | None = None,
             level, reason = _consistency(vmc, pre, snaps)
             specs = [DiskSpec(label, path, read_from=snaps.read_paths[label])
                      for label, path in vmc.disks.items()]
+            # with a live read the post hook runs after the transfer, before the commit
             point = backup_locked(vault, vm, specs, block_size=vmc.block_size,
                                   workers=workers, progress=progress, created=created,
                                   consistency=(level, reason), executor=executor,
-                                  point_id=point_id, warnings=warnings, slot=slot)
+                                  point_id=point_id, warnings=warnings, slot=slot,
+                                  before_commit=run_post)
             run_post()
             days = config.policies[vmc.policy].instant_restore_days
             created_paths = list(snaps.created)

@@ -151,7 +151,8 @@ def verify(vault: Vault, ref: str | None = None, data: bool = False) -> dict[str
         bad_mask[list(bad)] = True
         for point, label, rows, pos in resolved:
             hit = bad_mask[pos]
-            for r, p in zip(rows[hit][:MAX_PROBLEMS].tolist(), pos[hit].tolist(), strict=True):
+            for r, p in zip(rows[hit][:MAX_PROBLEMS].tolist(), pos[hit][:MAX_PROBLEMS].tolist(),
+                            strict=True):
                 problems.append(_problem(point.id, label, int(r),
                                          index.pack_ids[int(index.pack[p])], bad[p]))
     unreferenced = 0

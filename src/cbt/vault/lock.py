@@ -97,6 +97,27 @@ def _flock(path: str, vault_root: str, wait: float | None, hint: str) -> Iterato
                 "command": " ".join(["cbt", *sys.argv[1:]])[:200], "since": utc_now()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
+        _HELD.add(fd)
         yield
     finally:
-        os.close(fd)  # releases the flock
+        _HELD.discard(fd)
+        # Unlock explicitly: a process forked meanwhile (a worker pool) shares the open
+        # file, and closing our descriptor alone would leave the lock held through it.
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+# Lock descriptors held by this process; a forked child closes its copies, so the
+# lock never outlives the holder through a child.
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
