@@ -4,8 +4,8 @@ Runs under its own lock, beside at most one backup (which holds the writer
 lock).  Mark, then sweep with a margin covering the running backup:
 
 1. Cutoff = the start of the running backup (from its lock), else now.
-2. Mark: resolve every point record (hidden bases included) and mark the
-   index entries they reference.
+2. Mark: resolve every visible point (through hidden bases where its deltas
+   need them) and mark the index entries they reference.
 3. Per pack older than the cutoff (a newer one may hold blocks of the running
    backup's uncommitted point): no live entry -> dead; live bytes under half
    the pack -> rewritten (live blobs copied as they are into new packs).
@@ -29,8 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from cbt.errors import CbtError
-from cbt.policy import parse_now
 from cbt.vault import index as index_mod
 from cbt.vault.index import Index
 from cbt.vault.lock import gc_lock, writer_since
@@ -59,17 +57,14 @@ def trash_name(pack_id: str) -> str:
 
 def _cutoff(vault: Vault) -> float:
     since = writer_since(vault.root)
-    if since is None:
-        return time.time()
-    try:
-        return parse_now(since).timestamp()
-    except CbtError:
-        return 0.0  # a writer of unknown age: sweep nothing new
+    return time.time() if since is None else since  # 0.0, unknown age: sweep nothing
 
 
 def _referenced(vault: Vault, index: Index, warnings: list[str]) -> np.ndarray:
     live = np.zeros(len(index), dtype=bool)
-    for point in vault.records():
+    # hidden points (pruned bases) only lend their manifests to the resolution of
+    # visible ones; the blocks only they hold are dead
+    for point in vault.points():
         for disk in point.disks:
             m = vault.resolve(point, disk.label)
             pos = index.lookup(m.digests[m.flags == 0])
@@ -81,7 +76,9 @@ def _referenced(vault: Vault, index: Index, warnings: list[str]) -> np.ndarray:
 
 
 def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
-       wait: float = 0.0) -> dict[str, Any]:
+       wait: float = 600.0) -> dict[str, Any]:
+    """Mark and sweep (see the module doc).  Waits up to ``wait`` seconds for the gc lock,
+    which a backup holds only while it commits, or another gc while it runs."""
     warnings: list[str] = []
     removed = rewritten = 0
     freed = 0

@@ -201,8 +201,10 @@ def apply_retention(created: list[tuple[str, _dt.datetime]], retention: Retentio
     that have one; the newest point is always kept (``latest``); no retention
     table keeps everything.
     """
+    from cbt.vault.points import id_order
+
     tz = zoneinfo.ZoneInfo(timezone)
-    newest_first = sorted(created, key=lambda p: (p[1], p[0]), reverse=True)
+    newest_first = sorted(created, key=lambda p: (p[1], id_order(p[0])), reverse=True)
     reasons: dict[str, list[str]] = {pid: [] for pid, _ in newest_first}
     if not newest_first:
         return reasons

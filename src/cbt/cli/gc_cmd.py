@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="say what would be freed")
     p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
                    help="how long trashed packs stay readable (default 3600)")
+    p.add_argument("--wait", type=float, default=600.0, metavar="SECONDS",
+                   help="how long to wait for another gc, or a backup's commit (default 600)")
     add_json(p)
 
 
@@ -30,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from cbt.sizes import human_bytes
     from cbt.vault import Vault
 
-    result = gc(Vault.open(args.vault), args.dry_run, args.grace)
+    result = gc(Vault.open(args.vault), args.dry_run, args.grace, args.wait)
     if args.json:
         print_json(result)
         return EXIT_OK

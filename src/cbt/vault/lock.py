@@ -49,8 +49,9 @@ def gc_lock(vault_root: str, wait: float | None = 0.0) -> Iterator[None]:
         yield
 
 
-def writer_since(vault_root: str) -> str | None:
-    """When the running writer (a backup) started, or None when none runs."""
+def writer_since(vault_root: str) -> float | None:
+    """When the running writer (a backup) started (epoch seconds), or None when none runs;
+    0.0 when it runs but cannot say since when."""
     path = os.path.join(vault_root, "lock")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -62,9 +63,9 @@ def writer_since(vault_root: str) -> str | None:
         except OSError:
             try:
                 info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-                return str(info.get("since")) if info.get("since") else "unknown"
-            except ValueError:
-                return "unknown"
+                return float(info.get("since_ts", 0.0))
+            except (ValueError, TypeError):
+                return 0.0
         return None
     finally:
         os.close(fd)
@@ -94,7 +95,8 @@ def _flock(path: str, vault_root: str, wait: float | None, hint: str) -> Iterato
                             f"{hint}") from None
                     time.sleep(0.1)
         info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "command": " ".join(["cbt", *sys.argv[1:]])[:200], "since": utc_now()}
+                "command": " ".join(["cbt", *sys.argv[1:]])[:200], "since": utc_now(),
+                "since_ts": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         _HELD.add(fd)

@@ -147,6 +147,14 @@ class PointRecord:
         }
 
 
+def id_order(point_id: str) -> tuple[str, int]:
+    """Sort key of ids made in the same second: ``-10`` after ``-9``."""
+    stem, _, suffix = point_id.rpartition("-")
+    if stem and suffix.isdigit() and stem.endswith("Z"):
+        return (stem, int(suffix))
+    return (point_id, 0)
+
+
 def point_name(point_id: str) -> str:
     return f"points/{point_id}.json"
 

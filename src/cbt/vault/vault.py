@@ -31,6 +31,7 @@ from cbt.vault.points import (
     NoSuchPointError,
     PointRecord,
     base_seq,
+    id_order,
     point_name,
 )
 from cbt.vault.storage import LocalStorage, Storage
@@ -232,9 +233,6 @@ class Vault:
         return verify(self, point, data)
 
 
-def _point_order(r: PointRecord) -> tuple[str, str, int]:
-    """Creation time, then VM, then the ``-N`` suffix numerically (``-10`` after ``-9``)."""
-    stem, _, suffix = r.id.rpartition("-")
-    if stem and suffix.isdigit() and stem.endswith("Z"):
-        return (r.created, stem, int(suffix))
-    return (r.created, r.id, 0)
+def _point_order(r: PointRecord) -> tuple[str, tuple[str, int]]:
+    """Creation time, then the id with its ``-N`` suffix compared as a number."""
+    return (r.created, id_order(r.id))
