@@ -231,6 +231,11 @@ def traced_writes(log: Path, target: str | os.PathLike[str]) -> list[Write]:
         args = [a.strip() for a in fd.group(2).split(",")]
         if call == "pwrite64":
             out.append(Write(call, _first_int(args[2]), result))
+        elif call in ("pwritev", "pwritev2"):
+            # strace -s 0 prints the iovec array as "[...]": fd, iov, iovcnt, offset[, flags]
+            iov_end = fd.group(2).index("]") + 1
+            rest_args = [a.strip() for a in fd.group(2)[iov_end:].split(",") if a.strip()]
+            out.append(Write(call, _first_int(rest_args[1]), result))
         elif call == "fallocate":
             assert "PUNCH_HOLE" in args[0], rest
             out.append(Write(call, _first_int(args[1]), _first_int(args[2])))

@@ -422,3 +422,31 @@ def test_load_refuses_a_missing_core(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(CoreMissingError, match="missing") as info:
         cbt._core.load()
     assert isinstance(info.value, ImportError)
+
+
+# -- hash_each (restore checks scattered blocks in one call) ----------------------------
+
+
+@given(sizes=st.lists(st.integers(min_value=0, max_value=70_000), max_size=12),
+       seed=st.integers(min_value=0, max_value=2**32 - 1))
+def test_hash_each_equals_blake3_of_every_buffer(impl: ModuleType, sizes: list[int],
+                                                 seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    raw = [rng.integers(0, 256, size=n, dtype=np.uint8).tobytes() for n in sizes]
+    # as bytes, as memoryviews into one larger buffer, and as numpy arrays
+    joined = b"".join(raw)
+    views, at = [], 0
+    for r in raw:
+        views.append(memoryview(joined)[at:at + len(r)])
+        at += len(r)
+    for bufs in (raw, views, [np.frombuffer(r, dtype=np.uint8) for r in raw]):
+        out = np.full((len(raw), 32), 7, dtype=np.uint8)
+        assert impl.hash_each(list(bufs), out) == len(raw)
+        assert [bytes(row) for row in out] == [blake3.blake3(r).digest() for r in raw]
+
+
+def test_hash_each_refuses_a_wrong_output(impl: ModuleType) -> None:
+    with pytest.raises(ValueError):
+        impl.hash_each([b"a", b"b"], np.zeros((1, 32), dtype=np.uint8))
+    with pytest.raises(ValueError):
+        impl.hash_each([b"a"], np.zeros((1, 16), dtype=np.uint8))

@@ -188,12 +188,16 @@ def _backing(path: Path, size: int, seed: int | None) -> Path:
 
 
 def _check_data_writes(writes: list, truth: np.ndarray) -> None:
-    """The pwrites of block data: one per DATA block, at its offset, of its length."""
-    data = [w for w in writes if w.call == "pwrite64" and w.length and w.offset % BS == 0
-            and w.length == block_len(len(truth), BS, w.offset // BS)
-            and nonzero_blocks(truth, BS)[w.offset // BS]]
-    assert sorted(w.offset // BS for w in data) == np.flatnonzero(
-        nonzero_blocks(truth, BS)).tolist()
+    """The writes of block data (pwrite or coalesced pwritev runs) cover exactly the DATA
+    blocks, each once, on block boundaries."""
+    data = [w for w in writes if w.call in ("pwrite64", "pwritev", "pwritev2") and w.length]
+    covered: list[int] = []
+    for w in data:
+        assert w.offset % BS == 0, w
+        first, end = w.offset // BS, -(-(w.offset + w.length) // BS)
+        covered.extend(range(first, end))
+        assert w.length == sum(block_len(len(truth), BS, b) for b in range(first, end)), w
+    assert sorted(covered) == np.flatnonzero(nonzero_blocks(truth, BS)).tolist()
 
 
 def test_to_a_block_device(hist: History, tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ cdef extern from "Python.h":
 
 # Bumped whenever a signature or an output changes; cbt/__init__ refuses a
 # compiled core whose API_VERSION differs from the one it was written for.
-API_VERSION = 1
+API_VERSION = 2
 
 cdef enum:
     C_DIGEST_SIZE = 32
@@ -224,6 +224,28 @@ def hash_blocks(const uint8_t[::1] data, Py_ssize_t block_size,
         memcpy(&digests[i, 0], PyBytes_AS_STRING(d), C_DIGEST_SIZE)
         hashed += 1
     return hashed
+
+
+def hash_each(list buffers, uint8_t[:, ::1] digests):
+    """BLAKE3 of each buffer of a list (blocks scattered in memory) into ``digests[i]``.
+
+    Used by restore, which checks blocks where they lie (in a mapped pack, or
+    just decompressed) before writing them, without gathering them first.
+    """
+    cdef Py_ssize_t i, n = len(buffers)
+    cdef bytes d
+    if digests.shape[0] != n or (n and digests.shape[1] != C_DIGEST_SIZE):
+        _check(E_SHAPE, "hash_each")
+    h = _blake3()
+    upd = h.update
+    dig = h.digest
+    rst = h.reset
+    for i in range(n):
+        upd(buffers[i])
+        d = dig()
+        rst()
+        memcpy(&digests[i, 0], PyBytes_AS_STRING(d), C_DIGEST_SIZE)
+    return n
 
 
 def compare_digests(const uint8_t[:, ::1] a, const uint8_t[:, ::1] b, uint8_t[::1] out):

@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from cbt.errors import CbtValueError
 
-API_VERSION = 1
+API_VERSION = 2
 DIGEST_SIZE = 32
 FLAG_DATA = 0
 FLAG_ZERO = 1
@@ -88,6 +88,15 @@ def hash_blocks(data: Any, block_size: int, digests: Any, flags: Any) -> int:
             dig[i] = np.frombuffer(blake3.blake3(block).digest(), dtype=np.uint8)
             hashed += 1
     return hashed
+
+
+def hash_each(buffers: list[Any], digests: Any) -> int:
+    dig = np.asarray(digests)
+    if dig.dtype != np.uint8 or dig.shape != (len(buffers), DIGEST_SIZE):
+        raise CbtValueError("hash_each: output array has the wrong shape")
+    for i, b in enumerate(buffers):
+        dig[i] = np.frombuffer(blake3.blake3(bytes(b)).digest(), dtype=np.uint8)
+    return len(buffers)
 
 
 def compare_digests(a: Any, b: Any, out: Any) -> int:

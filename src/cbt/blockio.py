@@ -68,7 +68,7 @@ def zero_range(fd: int, offset: int, length: int, device: bool) -> None:
     write_zeros(fd, offset + aligned, length - aligned)
 
 
-def write_all(fd: int, offset: int, data: bytes | memoryview) -> None:
+def write_all(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
     """pwrite until every byte is written."""
     view = memoryview(data)
     while view:
@@ -89,4 +89,5 @@ def copy_sparse(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
                 chunk = os.pread(fi.fileno(), min(8 << 20, end - pos), pos)
                 write_all(fo.fileno(), pos, chunk)
                 pos += len(chunk)
+
 

@@ -34,7 +34,12 @@ import numpy as np
 import numpy.typing as npt
 
 from cbt._core import fast
-from cbt.blockio import device_size, is_block_device, zero_range
+from cbt.blockio import (
+    device_size,
+    is_block_device,
+    write_all,
+    zero_range,
+)
 from cbt.durable import fsync_dir, fsync_file, temp_name
 from cbt.errors import CbtError, CbtIOError, CbtValueError
 from cbt.manifest import Manifest
@@ -44,9 +49,6 @@ from cbt.vault.index import Index
 from cbt.vault.pack import BLOB, CorruptPackError, decode_blob, pack_name
 from cbt.vault.points import PointRecord
 from cbt.vault.vault import Vault
-
-# Read a pack's needed span in one go when at least this share of it is needed.
-DENSE = 0.25
 
 
 class DamagedPointError(CbtError, ValueError):
@@ -65,6 +67,58 @@ class _Job:
     digests: np.ndarray
     offsets: np.ndarray
     lengths: np.ndarray  # blob header + payload
+    disk_size: int
+
+
+# Consecutive blocks are gathered up to this many bytes, checked with one call
+# into the core and written with one pwritev, straight from where they lie (the
+# mapped pack, or the buffer a block was decompressed into): no copy of ours.
+RUN_BYTES = 8 << 20
+IOV_MAX = 1024
+
+
+class _Run:
+    """Consecutive blocks of one target on their way to disk."""
+
+    def __init__(self, fd: int, job: _Job) -> None:
+        self.fd, self.bs = fd, job.block_size
+        self.where = f"point {job.point} disk {job.label} block {{}} pack {{}}"
+        self.used = 0
+        self.views: list[bytes | memoryview] = []
+        self.blocks: list[int] = []
+        self.digests: list[np.ndarray] = []
+        self.packs: list[str] = []
+
+    def add(self, block: int, digest: np.ndarray, data: bytes | memoryview, pack: str) -> None:
+        if self.blocks and (block != self.blocks[-1] + 1 or self.used >= RUN_BYTES):
+            self.flush()
+        self.views.append(data)
+        self.used += len(data)
+        self.blocks.append(block)
+        self.digests.append(digest)
+        self.packs.append(pack)
+
+    def flush(self) -> None:
+        n = len(self.blocks)
+        if not n:
+            return
+        got = np.empty((n, fast.DIGEST_SIZE), dtype=np.uint8)
+        fast.hash_each(self.views, got)
+        bad = (got != np.stack(self.digests)).any(axis=1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DamagedPointError(self.where.format(self.blocks[i], self.packs[i])
+                                    + ": content does not match its digest")
+        offset = self.blocks[0] * self.bs
+        for k in range(0, n, IOV_MAX):
+            chunk = self.views[k:k + IOV_MAX]
+            want = sum(len(v) for v in chunk)
+            done = os.pwritev(self.fd, chunk, offset)
+            if done < want:  # a short write: finish it plainly
+                write_all(self.fd, offset + done, b"".join(bytes(v) for v in chunk)[done:])
+            offset += want
+        self.used = 0
+        self.views, self.blocks, self.digests, self.packs = [], [], [], []
 
 
 def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int]]:
@@ -73,52 +127,53 @@ def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int
 
     stats: dict[str, tuple[int, int]] = {}
     fds: dict[str, int] = {}
+    runs: dict[str, _Run] = {}
     try:
         for job in jobs:
             fd = fds.get(job.target)
             if fd is None:
                 fd = fds[job.target] = os.open(job.target, os.O_WRONLY)
+                runs[job.target] = _Run(fd, job)
+            run = runs[job.target]
             storage = LocalStorage(job.vault_root)
-            lo = int(job.offsets[0])
-            hi = int((job.offsets + job.lengths).max())
             where = f"point {job.point} disk {job.label} block {{}} pack {job.pack}"
             try:
-                span = (_read_pack(storage, job.pack, lo, hi - lo)
-                        if int(job.lengths.sum()) >= DENSE * (hi - lo) else None)
-            except OSError as exc:
+                pack = memoryview(_map_pack(storage, job.pack))  # unmapped when unused
+            except (OSError, ValueError) as exc:
                 raise DamagedPointError(f"{where.format(int(job.blocks[0]))}: {exc}") from None
             for blk, dig, off, ln in zip(job.blocks.tolist(), job.digests, job.offsets.tolist(),
                                          job.lengths.tolist(), strict=True):
                 try:
-                    raw = (memoryview(span)[off - lo:off - lo + ln] if span is not None
-                           else _read_pack(storage, job.pack, off, ln))
-                    data = decode_blob(raw, dig.tobytes(), where.format(blk))
+                    data = decode_blob(pack[off:off + ln], dig.tobytes(), where.format(blk),
+                                       check=False)
                 except CorruptPackError as exc:
                     raise DamagedPointError(str(exc)) from None
-                except OSError as exc:
-                    raise DamagedPointError(f"{where.format(blk)}: {exc}") from None
-                os.pwrite(fd, data, blk * job.block_size)
+                if len(data) != min(job.block_size, job.disk_size - blk * job.block_size):
+                    raise DamagedPointError(f"{where.format(blk)}: content has the wrong length")
+                run.add(blk, dig, data, job.pack)  # checked in bulk when the run is flushed
                 w, v = stats.get(job.label, (0, 0))
                 stats[job.label] = (w + len(data), v + 1)
+            del pack
             report(int(job.lengths.sum()))
+        for run in runs.values():
+            run.flush()
     finally:
         for fd in fds.values():
             os.close(fd)
     return stats
 
 
-def _read_pack(storage: Any, pack: str, offset: int, length: int) -> bytes:
-    """Read from a pack, or from the trash where a gc moved it since we looked it up."""
-    try:
-        data: bytes = storage.read_range(pack_name(pack), offset, length)
-        return data
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
-        from cbt.gc import trash_name
+def _map_pack(storage: Any, pack: str) -> Any:
+    """Map a pack (or read it, where storage cannot map), from the trash if a gc moved it."""
+    from cbt.gc import trash_name
 
-        data = storage.read_range(trash_name(pack), offset, length)
-        return data
+    for name in (pack_name(pack), trash_name(pack)):
+        try:
+            return storage.map(name)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT or name != pack_name(pack):
+                raise
+    raise AssertionError("unreachable")
 
 
 def plan_disk(vault: Vault, index: Index, point_id: str, label: str, manifest: Manifest,
@@ -144,7 +199,7 @@ def plan_disk(vault: Vault, index: Index, point_id: str, label: str, manifest: M
             continue
         jobs.append(_Job(vault.root, point_id, label, target, manifest.block_size,
                          index.pack_ids[int(packs[s])], rows[s:e], digests[s:e],
-                         offsets[s:e], lengths[s:e]))
+                         offsets[s:e], lengths[s:e], manifest.disk_size))
     return jobs
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -36,6 +37,10 @@ class Storage(ABC):
 
     @abstractmethod
     def read_range(self, name: str, offset: int, length: int) -> bytes: ...
+
+    def map(self, name: str) -> bytes | mmap.mmap:
+        """The whole object, mapped where the storage can (no copy), else read."""
+        return self.get(name)
 
     @abstractmethod
     def size(self, name: str) -> int: ...
@@ -78,6 +83,15 @@ class LocalStorage(Storage):
         try:
             with open(self.path(name), "rb") as f:
                 return os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            raise CbtIOError(errno.ENOENT, f"missing from vault: {self.path(name)}") from None
+
+    def map(self, name: str) -> bytes | mmap.mmap:
+        try:
+            with open(self.path(name), "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    return b""
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except FileNotFoundError:
             raise CbtIOError(errno.ENOENT, f"missing from vault: {self.path(name)}") from None
 
