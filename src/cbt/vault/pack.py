@@ -15,6 +15,9 @@ trailer alone, or rebuilt blob by blob from the headers if the trailer is lost.
 
 A block is compressed with zstd (level 3); when that does not make it smaller
 it is stored raw (codec none), so incompressible data costs no decompression.
+After a block that did not compress, the next few are stored raw without
+trying (1, 2, 4 ... up to 64 blocks, reset by the next block that compresses):
+a disk of random data then costs about one compression attempt in 65 blocks.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ ENCRYPTION_NONE = 0
 ZSTD_LEVEL = 3
 
 TARGET_PACK_SIZE = 8 << 20
+MAX_BACKOFF = 64
 
 ENTRY_DTYPE = np.dtype([("digest", "V32"), ("offset", "<u8"), ("stored", "<u4"),
                         ("raw", "<u4")])
@@ -82,6 +86,8 @@ class PackWriter:
     pack_id: str = field(default_factory=new_pack_id)
     buf: bytearray = field(default_factory=bytearray)
     entries: list[tuple[bytes, int, int, int]] = field(default_factory=list)
+    skip: int = 0  # blocks left to store raw without trying to compress
+    backoff: int = 0
 
     def __post_init__(self) -> None:
         self.buf += HEADER.pack(PACK_MAGIC, PACK_VERSION, 0)
@@ -89,9 +95,19 @@ class PackWriter:
     def add(self, digest: bytes, data: memoryview | bytes) -> tuple[int, int]:
         """Append one block; returns (offset of its blob header, stored length)."""
         raw = len(data)
-        packed = _zstd().compress(data, asbytes=True)  # type: ignore[attr-defined]
+        packed = b""
+        if self.skip:
+            self.skip -= 1
+        else:
+            packed = _zstd().compress(data, asbytes=True)  # type: ignore[attr-defined]
+            if len(packed) < raw:
+                self.backoff = 0
+            else:
+                self.backoff = min(2 * self.backoff or 1, MAX_BACKOFF)
+                self.skip = self.backoff
+                packed = b""
         offset = len(self.buf)
-        if len(packed) < raw:
+        if packed:
             stored = len(packed)
             self.buf += BLOB.pack(BLOB_MAGIC, digest, CODEC_ZSTD, ENCRYPTION_NONE, 0, raw, stored)
             self.buf += packed
@@ -105,10 +121,11 @@ class PackWriter:
     def __len__(self) -> int:
         return len(self.buf)
 
-    def finish(self) -> bytes:
+    def finish(self) -> list[bytes | bytearray]:
+        """The pack as buffers to write one after another (no copy of the blobs)."""
         trailer = b"".join(ENTRY.pack(*e) for e in self.entries)
         footer = FOOTER.pack(len(self.entries), blake3.blake3(trailer).digest(), END_MAGIC)
-        return bytes(self.buf) + trailer + footer
+        return [self.buf, trailer, footer]
 
 
 def blob_length(stored: int) -> int:

@@ -19,9 +19,12 @@ import mmap
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import BinaryIO
 
 from cbt.durable import atomic_write, fsync_dir
 from cbt.errors import CbtIOError
+
+Buffers = bytes | bytearray | memoryview | list[bytes | bytearray]
 
 
 class Storage(ABC):
@@ -30,7 +33,8 @@ class Storage(ABC):
     root: str
 
     @abstractmethod
-    def put(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
+    def put(self, name: str, data: Buffers) -> None:
+        """Durably create ``name`` holding ``data`` (a buffer, or buffers to concatenate)."""
 
     @abstractmethod
     def get(self, name: str) -> bytes: ...
@@ -65,11 +69,17 @@ class LocalStorage(Storage):
     def path(self, name: str) -> Path:
         return Path(self.root, name)
 
-    def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
+    def put(self, name: str, data: Buffers) -> None:
         p = self.path(name)
+        parts = data if isinstance(data, list) else [data]
+
+        def write(f: BinaryIO) -> None:
+            for part in parts:
+                f.write(part)
+
         try:
             _ensure_dir(p.parent)
-            atomic_write(p, lambda f: f.write(data))  # type: ignore[arg-type]
+            atomic_write(p, write)
         except OSError as exc:
             raise CbtIOError(exc.errno, f"cannot write {p}: {exc.strerror}") from None
 
