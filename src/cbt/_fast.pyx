@@ -19,7 +19,6 @@ from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
-import numpy as np
 from blake3 import blake3 as _blake3
 
 from cbt.errors import CbtValueError
@@ -286,6 +285,8 @@ def bitmap_runs(const uint8_t[::1] bitmap, Py_ssize_t block_size, uint64_t total
 
     The last run is clipped to ``total_size`` (a short tail block).
     """
+    import numpy as np  # here, not at import: `cbt --help` should not pay for numpy
+
     cdef Py_ssize_t n = bitmap.shape[0], runs = 0
     _check(_valid_block_size(block_size), "bitmap_runs")
     if n:
