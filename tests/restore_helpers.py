@@ -22,7 +22,7 @@ import blake3
 import numpy as np
 import numpy.typing as npt
 from conftest import need, need_root_tools
-from vault_helpers import cbt_argv, clean_env, nblocks, read
+from vault_helpers import cbt_argv, clean_env, nblocks, read, trailer_entries
 
 # -- block arithmetic ---------------------------------------------------------------
 
@@ -345,3 +345,13 @@ def build_history3(root: Path, bs: int) -> History3:
         copies.append({lb: keep_copy(disks / f"{lb}.img", root / f"{lb}.{day}.img")
                        for lb in ("os", "db")})
     return History3(root / "vault", points, copies, packs, bs)
+
+
+def day1_blob(vh: History3) -> tuple[Path, bytes, int, int]:
+    """A blob of day 1's run that point 1's os disk uses and point 0 does not."""
+    for pack in map(vh.pack_path, vh.packs[1]):
+        for digest, offset, stored, _raw in trailer_entries(pack):
+            owners = vh.owners(digest)
+            if (vh.points[1], "os") in owners and (vh.points[0], "os") not in owners:
+                return pack, digest, offset, stored
+    raise AssertionError("no such blob")

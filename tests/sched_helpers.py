@@ -413,36 +413,10 @@ def loop_xfs(tmp_path: Path, size: int = 512 * MIB) -> Iterator[Path]:
 
     mkfs.xfs refuses file systems under 300 MB, hence a sparse 512 MiB backing file.
     """
-    from conftest import need, need_root_tools
+    from jobs_helpers import loop_fs
 
-    need_root_tools("losetup", "mkfs.xfs", "mount", "umount")
-    backing = tmp_path / "xfs.backing"
-    with open(backing, "wb") as f:
-        f.truncate(size)
-    mnt = tmp_path / "mnt-xfs"
-    mnt.mkdir()
-    r = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
-                       text=True, check=False)
-    need(r.returncode == 0, f"losetup failed: {r.stderr.strip()}")
-    dev = r.stdout.strip()
-    mounted = False
-    try:
-        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", dev], check=True,
-                       capture_output=True)
-        subprocess.run(["mount", dev, str(mnt)], check=True, capture_output=True)
-        mounted = True
+    with loop_fs(tmp_path, "xfs", size) as mnt:
         yield mnt
-    finally:
-        if mounted:
-            for _ in range(50):
-                if subprocess.run(["umount", str(mnt)], capture_output=True,
-                                  check=False).returncode == 0:
-                    break
-                time.sleep(0.1)
-            else:
-                subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
-        subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
-        backing.unlink()
 
 
 def files_equal_to(root: Path, truth: Path) -> list[Path]:

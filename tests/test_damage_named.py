@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from restore_helpers import History3, build_history3, loop_device, read_device
+from restore_helpers import History3, build_history3, day1_blob, loop_device, read_device
 from vault_helpers import (
     KIB,
     MIB,
@@ -86,21 +86,11 @@ def _restores(vh: History3, day: int, label: str, out: Path) -> None:
     assert_same_disk(out, vh.copies[day][label], BS)
 
 
-def _day1_blob(vh: History3) -> tuple[Path, bytes, int, int]:
-    """A blob of day 1's run used by point 1's os disk (and not by point 0)."""
-    for pack in map(vh.pack_path, vh.packs[1]):
-        for digest, offset, stored, _raw in trailer_entries(pack):
-            owners = vh.owners(digest)
-            if (vh.points[1], "os") in owners and (vh.points[0], "os") not in owners:
-                return pack, digest, offset, stored
-    raise AssertionError("no such blob")
-
-
 # -- a flipped byte ------------------------------------------------------------------------
 
 
 def test_flipped_byte_in_a_pack(vh: History3, tmp_path: Path) -> None:
-    pack, digest, offset, stored = _day1_blob(vh)
+    pack, digest, offset, stored = day1_blob(vh)
     raw = bytearray(pack.read_bytes())
     raw[offset + 48 + stored // 2] ^= 0x10
     pack.write_bytes(bytes(raw))
@@ -134,7 +124,7 @@ def _blocks_each_old_or_new(after: np.ndarray, before: np.ndarray, truth: np.nda
 
 def test_flipped_byte_never_reaches_an_existing_copy_or_device(vh: History3,
                                                                tmp_path: Path) -> None:
-    pack, digest, offset, stored = _day1_blob(vh)
+    pack, digest, offset, stored = day1_blob(vh)
     raw = bytearray(pack.read_bytes())
     raw[offset + 48 + stored - 1] ^= 0x01
     pack.write_bytes(bytes(raw))
@@ -168,7 +158,7 @@ def test_flipped_byte_never_reaches_an_existing_copy_or_device(vh: History3,
 
 @pytest.mark.parametrize("how", ["truncated", "missing"])
 def test_truncated_or_missing_pack(vh: History3, tmp_path: Path, how: str) -> None:
-    pack = _day1_blob(vh)[0]  # the pack of day 1's changes to os
+    pack = day1_blob(vh)[0]  # the pack of day 1's changes to os
     entries = trailer_entries(pack)
     every = set().union(*(_expand(vh.owners(d)) for d, _o, _s, _r in entries))
     if how == "missing":
@@ -271,7 +261,7 @@ def _rewrite_entry(vh: History3, digest: bytes, how: str) -> str:
 
 @pytest.mark.parametrize("how", ["other-blob", "off-by-one", "other-pack"])
 def test_index_disagrees_with_the_packs(vh: History3, tmp_path: Path, how: str) -> None:
-    _pack, digest, _offset, _stored = _day1_blob(vh)
+    _pack, digest, _offset, _stored = day1_blob(vh)
     named_pack = _rewrite_entry(vh, digest, how)
     owners = vh.owners(digest)
     _code, problems = _verify(vh.vault)  # plain verify: the trailers tell

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from restore_helpers import History3, build_history3, sha256, tree_hashes
+from restore_helpers import History3, build_history3, day1_blob, sha256, tree_hashes
 from vault_helpers import (
     KIB,
     VERIFY_KEYS,
@@ -75,16 +75,6 @@ def _flip(pack: Path, offset: int, stored: int) -> None:
     pack.write_bytes(bytes(raw))
 
 
-def _day1_blob(vh: History3) -> tuple[Path, bytes, int, int]:
-    """A blob of day 1's run that point 1's os disk uses and point 0 does not."""
-    for pack in map(vh.pack_path, vh.packs[1]):
-        for digest, offset, stored, _raw in trailer_entries(pack):
-            owners = vh.owners(digest)
-            if (vh.points[1], "os") in owners and (vh.points[0], "os") not in owners:
-                return pack, digest, offset, stored
-    raise AssertionError("no such blob")
-
-
 def test_repair_rebuilds_a_deleted_index(vh: History3, tmp_path: Path) -> None:
     entries = _all_entries(vh.vault)
     packs = tree_hashes(vh.vault / "packs")
@@ -109,7 +99,7 @@ def test_repair_rebuilds_a_deleted_index(vh: History3, tmp_path: Path) -> None:
 
 
 def test_repair_names_the_points_a_corrupt_blob_damages(vh: History3, tmp_path: Path) -> None:
-    pack, digest, offset, stored = _day1_blob(vh)
+    pack, digest, offset, stored = day1_blob(vh)
     total = len(_all_entries(vh.vault))
     _flip(pack, offset, stored)
     packs = tree_hashes(vh.vault / "packs")
@@ -137,7 +127,7 @@ def test_repair_names_the_points_a_corrupt_blob_damages(vh: History3, tmp_path: 
 
 def test_a_backup_after_repair_heals_the_damaged_points(vh: History3, tmp_path: Path) -> None:
     """Repairable where the data allows: the block is stored again from a disk that has it."""
-    pack, _digest, offset, stored = _day1_blob(vh)
+    pack, _digest, offset, stored = day1_blob(vh)
     _flip(pack, offset, stored)
     assert _repair(vh.vault)[0] == 2
     vault = cbt_api.Vault.open(vh.vault)
@@ -180,7 +170,7 @@ def test_repair_indexes_a_pack_whose_trailer_is_lost(vh: History3, tmp_path: Pat
 
 
 def test_repair_of_a_truncated_pack_names_what_was_cut(vh: History3, tmp_path: Path) -> None:
-    pack = _day1_blob(vh)[0]
+    pack = day1_blob(vh)[0]
     entries = trailer_entries(pack)
     total = len(_all_entries(vh.vault))
     cut = entries[len(entries) // 2][1] + 30

@@ -16,8 +16,9 @@ trailer alone, or rebuilt blob by blob from the headers if the trailer is lost.
 A block is compressed with zstd (level 3); when that does not make it smaller
 it is stored raw (codec none), so incompressible data costs no decompression.
 After a block that did not compress, the next few are stored raw without
-trying (1, 2, 4 ... up to 64 blocks, reset by the next block that compresses):
-a disk of random data then costs about one compression attempt in 65 blocks.
+trying (1, 2, 4, then 8 blocks, reset by the next block that compresses):
+a disk of random data costs one compression attempt in 9 blocks, and a
+compressible region after an incompressible one loses at most 8 blocks.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ ENCRYPTION_NONE = 0
 ZSTD_LEVEL = 3
 
 TARGET_PACK_SIZE = 8 << 20
-MAX_BACKOFF = 64
+MAX_BACKOFF = 8
 
 ENTRY_DTYPE = np.dtype([("digest", "V32"), ("offset", "<u8"), ("stored", "<u4"),
                         ("raw", "<u4")])
