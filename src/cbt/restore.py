@@ -386,14 +386,23 @@ def restore(vault: Vault, ref: str, to: str | os.PathLike[str], force: bool = Fa
 
 
 def _run_jobs(jobs: list[_Job], workers: int | None, progress: Any) -> list[dict[str, Any]]:
-    """Spread pack jobs over the workers, largest first, by bytes to read."""
+    """Spread pack jobs over the workers, largest first, by bytes to read.
+
+    With at least as many targets as workers, each target goes whole to one
+    worker: the kernel serialises buffered writes to one file, so two workers
+    writing the same file mostly wait for each other.
+    """
     n = max(1, min(workers or default_workers(), len(jobs)))
+    by_target: dict[str, list[_Job]] = {}
+    for job in jobs:
+        by_target.setdefault(job.target, []).append(job)
+    units = (list(by_target.values()) if len(by_target) >= n else [[j] for j in jobs])
     groups: list[list[_Job]] = [[] for _ in range(n)]
     load = [0] * n
-    for job in sorted(jobs, key=lambda j: -int(j.lengths.sum())):
+    for unit in sorted(units, key=lambda u: -sum(int(j.lengths.sum()) for j in u)):
         k = load.index(min(load))
-        groups[k].append(job)
-        load[k] += int(job.lengths.sum())
+        groups[k].extend(unit)
+        load[k] += sum(int(j.lengths.sum()) for j in unit)
     total = sum(load)
     report = (lambda done: progress(int(done.sum()), total)) if progress else None
     return fork_map(_restore_packs, [g for g in groups if g], report)
