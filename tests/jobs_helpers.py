@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -312,6 +313,29 @@ def can_reflink(directory: Path) -> bool:
         src.unlink()
         with contextlib.suppress(FileNotFoundError):
             dst.unlink()
+
+
+@contextlib.contextmanager
+def no_clone_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a file system that cannot clone files.
+
+    ``tmp_path`` itself where it cannot; otherwise (a /tmp on XFS or btrfs) a small
+    tmpfs mounted for the test (root), so the test still runs instead of skipping.
+    """
+    if not can_reflink(tmp_path):
+        yield tmp_path
+        return
+    need(os.geteuid() == 0 and shutil.which("mount") is not None,
+         "tmp_path clones files and mounting a tmpfs without clones needs root")
+    mnt = tmp_path / "noclone"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mnt)], check=True,
+                   capture_output=True)
+    try:
+        assert not can_reflink(mnt)
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 def stamps(path: Path) -> np.ndarray:

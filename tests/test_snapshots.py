@@ -23,7 +23,6 @@ import pytest
 from jobs_helpers import (
     MIB,
     backup_config,
-    can_reflink,
     hook_argv,
     hook_log,
     is_readonly_subvolume,
@@ -31,6 +30,7 @@ from jobs_helpers import (
     jobs_json,
     loop_fs,
     make_disk,
+    no_clone_dir,
     one_point,
     phases,
     point_ids,
@@ -111,9 +111,11 @@ def test_copy_and_none_with_a_snapshot_dir(tmp_path: Path, provider: str) -> Non
 
 
 def test_auto_on_a_file_system_without_clones_reads_live(tmp_path: Path) -> None:
-    root = tmp_path.resolve()
-    if can_reflink(root):
-        pytest.skip("this file system clones files: auto resolves to reflink here")
+    with no_clone_dir(tmp_path.resolve()) as root:
+        _auto_reads_live(root)
+
+
+def _auto_reads_live(root: Path) -> None:
     make_disk(root / "a.img", MIB, seed=5)
     Vault.init(root / "vault")
     cfg = write_config(root / "cbt.toml", {"web": {"disks": {"a": "a.img"}}})
@@ -162,9 +164,11 @@ def test_live_read_of_a_disk_being_written_still_restores(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("provider", ["reflink", "btrfs"])
 def test_forced_provider_that_cannot_work_fails_the_job(tmp_path: Path, provider: str) -> None:
-    root = tmp_path.resolve()
-    if can_reflink(root):
-        pytest.skip("this file system clones files")
+    with no_clone_dir(tmp_path.resolve()) as root:
+        _forced_provider_fails(root, provider)
+
+
+def _forced_provider_fails(root: Path, provider: str) -> None:
     make_disk(root / "a.img", MIB, seed=6)
     Vault.init(root / "vault")
     state = root / "state"
