@@ -64,8 +64,8 @@ from cbt.vault.points import (
 from cbt.vault.vault import Vault
 
 # Default block size of a disk's first backup, chosen by bench/block_size.py: on a
-# database-like file with 1% of its 4 KiB pages rewritten, 16K blocks store 3.6x
-# less than 64K (and 4K only 4x less again, at 4x the metadata and twice the scan
+# database-like file with 1% of its 4 KiB pages rewritten, 16K blocks store 3.3x
+# less than 64K (and 4K only 3.5x less again, at 4x the metadata and twice the scan
 # time); on a file-system image changed in longer runs 16K stores the same as 64K.
 DEFAULT_BACKUP_BLOCK_SIZE = 16 << 10
 
@@ -431,20 +431,11 @@ def _commit(vault: Vault, vm: str, plans: list[_DiskPlan], results: list[_ShardR
             slot: str | None = None) -> PointRecord:
     created = created or utc_now()
     point_id = point_id or new_point_id(vm, created, set(vault.point_ids()))
-    # one entry per digest across all workers; bytes_new counts a digest once
-    seen: set[bytes] = set()
-    keep: list[tuple[int, int]] = []
-    per_disk_new = [0] * len(plans)
-    per_disk_stored = [0] * len(plans)
-    for ri, r in enumerate(results):
-        for j in range(len(r.offset)):
-            d = r.digests[j].tobytes()
-            if d in seen:
-                continue
-            seen.add(d)
-            keep.append((ri, j))
-            per_disk_new[r.disk] += int(r.raw[j])
-            per_disk_stored[r.disk] += int(r.stored[j])
+    new = _new_entries(results)
+    per_disk_new = np.bincount(new["disk"], weights=new["raw"],
+                               minlength=len(plans)).astype(np.int64).tolist()
+    per_disk_stored = np.bincount(new["disk"], weights=new["stored"],
+                                  minlength=len(plans)).astype(np.int64).tolist()
     disk_records = []
     for i, p in enumerate(plans):
         rs = [r for r in results if r.disk == i]
@@ -482,8 +473,8 @@ def _commit(vault: Vault, vm: str, plans: list[_DiskPlan], results: list[_ShardR
         disks=disk_records, bytes_new=sum(per_disk_new), bytes_stored=sum(per_disk_stored),
         seconds=round(time.perf_counter() - started, 6), warnings=warnings, slot=slot)
     with gc_lock(vault.root, wait=None):  # a gc in progress finishes first
-        index = _after_gc(vault, index, plans, seen)
-        _write_segment(vault, point_id, results, keep, index)
+        index = _after_gc(vault, index, plans, new["digests"])
+        _write_segment(vault, point_id, new, index)
         record.seconds = round(time.perf_counter() - started, 6)
         vault.storage.put(point_name(point_id), record.to_json())
     _maybe_merge_segments(vault)
@@ -491,7 +482,7 @@ def _commit(vault: Vault, vm: str, plans: list[_DiskPlan], results: list[_ShardR
 
 
 def _after_gc(vault: Vault, index: index_mod.Index, plans: list[_DiskPlan],
-              stored_now: set[bytes]) -> index_mod.Index:
+              stored_now: npt.NDArray[np.uint8]) -> index_mod.Index:
     """If a gc ran during this backup, make sure every block the point uses still exists.
 
     gc rewrites the index whenever it removes anything, so unchanged segments
@@ -510,7 +501,7 @@ def _after_gc(vault: Vault, index: index_mod.Index, plans: list[_DiskPlan],
         data = p.digests[p.flags == fast.FLAG_DATA]
         missing = data[fresh.lookup(data) < 0]
         need.update(row.tobytes() for row in missing)
-    need -= stored_now
+    need -= {row.tobytes() for row in stored_now}
     if need:
         still = rescue(vault, need)
         if still:
@@ -520,15 +511,29 @@ def _after_gc(vault: Vault, index: index_mod.Index, plans: list[_DiskPlan],
     return fresh
 
 
-def _write_segment(vault: Vault, point_id: str, results: list[_ShardResult],
-                   keep: list[tuple[int, int]], index: index_mod.Index) -> None:
+_ENTRY_KEYS = ("digests", "pack_uuid", "offset", "stored", "raw")
+
+
+def _new_entries(results: list[_ShardResult]) -> dict[str, Any]:
+    """The blocks this run stored, one entry per digest however many workers raced to
+    store it (the first wins; the spare copy is left for gc), with the disk of each."""
+    cols = {k: np.concatenate([getattr(r, k) for r in results]) if results else
+            np.zeros(0) for k in _ENTRY_KEYS}
+    disk = np.concatenate([np.full(len(r.offset), r.disk, dtype=np.int64) for r in results]) \
+        if results else np.zeros(0, dtype=np.int64)
+    digests = np.ascontiguousarray(cols["digests"], dtype=np.uint8).reshape(-1, 32)
+    _, first = np.unique(digests.view("V32").ravel(), return_index=True)
+    keep = np.sort(first)
+    out = {k: v[keep] for k, v in cols.items()}
+    out["digests"] = digests[keep]
+    out["disk"] = disk[keep]
+    return out
+
+
+def _write_segment(vault: Vault, point_id: str, new: dict[str, Any],
+                   index: index_mod.Index) -> None:
     """Index entries for this run's packs and the orphan packs it adopted."""
-    parts: dict[str, list[Any]] = {k: [] for k in ("digests", "pack_uuid", "offset", "stored",
-                                                   "raw")}
-    for ri, j in keep:
-        r = results[ri]
-        for k in parts:
-            parts[k].append(getattr(r, k)[j:j + 1])
+    parts: dict[str, list[Any]] = {k: [new[k]] for k in _ENTRY_KEYS}
     if index.orphans:
         from cbt.vault.pack import pack_id_of
 

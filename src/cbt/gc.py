@@ -34,12 +34,8 @@ from cbt.vault.index import Index
 from cbt.vault.lock import gc_lock, writer_since
 from cbt.vault.pack import (
     BLOB,
-    FOOTER,
-    HEADER,
-    PACK_MAGIC,
-    PACK_VERSION,
     CorruptPackError,
-    new_pack_id,
+    PackWriter,
     pack_id_of,
     pack_name,
     read_trailer,
@@ -130,23 +126,16 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
 
 def _rewrite(vault: Vault, index: Index, pid: str, live_entries: np.ndarray) -> dict[str, Any]:
     """Copy the live blobs of a pack, byte for byte, into a new pack."""
-    data = vault.storage.get(pack_name(pid))
-    new_id = new_pack_id()
-    buf = bytearray(HEADER.pack(PACK_MAGIC, PACK_VERSION, 0))
-    trailer = bytearray()
+    data = memoryview(vault.storage.get(pack_name(pid)))
+    writer = PackWriter()
     offsets = []
-    import blake3
-
-    from cbt.vault.pack import END_MAGIC, ENTRY
-
     for p in live_entries.tolist():
         off, stored = int(index.offset[p]), int(index.stored[p])
-        blob = data[off:off + BLOB.size + stored]
-        offsets.append(len(buf))
-        trailer += ENTRY.pack(index.digests[p].tobytes(), len(buf), stored, int(index.raw[p]))
-        buf += blob
-    footer = FOOTER.pack(len(offsets), blake3.blake3(bytes(trailer)).digest(), END_MAGIC)
-    vault.storage.put(pack_name(new_id), bytes(buf) + bytes(trailer) + footer)
+        offsets.append(writer.add_blob(index.digests[p].tobytes(),
+                                       data[off:off + BLOB.size + stored], stored,
+                                       int(index.raw[p])))
+    new_id = writer.pack_id
+    vault.storage.put(pack_name(new_id), writer.finish())
     n = len(live_entries)
     return {
         "digests": index.digests[live_entries],

@@ -46,8 +46,8 @@ from cbt.manifest import utc_now
 from cbt.snapshot import (
     SNAPSHOT_DIR,
     SnapshotSet,
-    _remove,
     btrfs_subvolume,
+    remove_snapshot,
     resolve_provider,
     snapshot_dir_for,
     take,
@@ -165,7 +165,7 @@ def _recover(vault: Vault, vmc: VMConfig) -> list[str]:
             if not res.ok:
                 warnings.append(f"recover hook of interrupted job {rec['id']}: {res.describe()}")
         for path in _job_snapshots(vmc, rec["id"]):
-            _remove(path)
+            remove_snapshot(path)
         committed = rec.get("recovery_point") in set(vault.point_ids())
         rec.update(status="interrupted", end=utc_now(), hook_pending=False,
                    recovery_point=rec.get("recovery_point") if committed else None,

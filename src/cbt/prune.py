@@ -25,6 +25,7 @@ from typing import Any
 from cbt.config import Config
 from cbt.durable import fsync_dir
 from cbt.policy import apply_retention, parse_now
+from cbt.snapshot import remove_snapshot
 from cbt.vault.lock import writer_lock
 from cbt.vault.points import PointRecord, point_name
 from cbt.vault.vault import Vault
@@ -106,7 +107,7 @@ def prune(vault: Vault, config: Config, now: _dt.datetime, dry_run: bool = False
                     vault.storage.delete(d.manifest)
             for pid, paths in expired:
                 for path in paths:
-                    _remove_snapshot(path)
+                    remove_snapshot(path)
                 vault.storage.delete(f"snapshots/{pid}.json")
     return {"dry_run": dry_run, "points": out,
             "snapshots_expired": sum(len(paths) for _, paths in expired),
@@ -128,8 +129,3 @@ def _expired_snapshots(vault: Vault, config: Config, now: _dt.datetime,
             out.append((pid, paths))
     return out
 
-
-def _remove_snapshot(path: str) -> None:
-    from cbt.snapshot import _remove
-
-    _remove(path)

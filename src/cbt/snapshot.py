@@ -146,7 +146,7 @@ class SnapshotSet:
             if snap in done:
                 continue
             done.add(snap)
-            _remove(base)
+            remove_snapshot(base)
             if not keep:
                 os.rename(snap, base)
             elif os.path.isdir(snap):
@@ -159,16 +159,17 @@ class SnapshotSet:
                     if p != "none"}
         for path in self.created:
             if path not in done:
-                _remove(path)
+                remove_snapshot(path)
         return {}
 
     def discard(self) -> None:
         """After a failed or aborted job: remove every snapshot it took."""
         for path in self.created:
-            _remove(path)
+            remove_snapshot(path)
 
 
-def _remove(path: str) -> None:
+def remove_snapshot(path: str) -> None:
+    """Remove a snapshot file, or a (btrfs subvolume) directory."""
     p = Path(path)
     if p.is_dir():
         if p.stat().st_ino == BTRFS_SUBVOL_INODE and shutil.which("btrfs"):

@@ -19,6 +19,7 @@ above}],"changed_blocks","changed_bytes","warnings"}.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from cbt.cli._common import (
     EXIT_DIFFERENT,
@@ -30,6 +31,9 @@ from cbt.cli._common import (
     size_arg,
     workers_arg,
 )
+
+if TYPE_CHECKING:
+    from cbt.diff import ChangeSet
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,9 +69,13 @@ def run(args: argparse.Namespace) -> int:
           f"changed, {human_bytes(cs.changed_bytes)} ({cs.changed_bytes} bytes) in "
           f"{len(cs.ranges)} runs{sizes}")
     if args.ranges:
-        for off, length in cs.ranges.tolist():
-            print(f"  {off:>16} {length:>12}")
+        _print_ranges(cs, "  ")
     return code
+
+
+def _print_ranges(cs: ChangeSet, indent: str) -> None:
+    for off, length in cs.ranges.tolist():
+        print(f"{indent}{off:>16} {length:>12}")
 
 
 def _print_points(pd: object, args: argparse.Namespace) -> int:
@@ -85,6 +93,5 @@ def _print_points(pd: object, args: argparse.Namespace) -> int:
         print(f"  {label:<16} {status:<8} {cs.changed_blocks:>10} of {cs.blocks} blocks, "
               f"{human_bytes(cs.changed_bytes)}")
         if args.ranges:
-            for off, length in cs.ranges.tolist():
-                print(f"    {off:>16} {length:>12}")
+            _print_ranges(cs, "    ")
     return code

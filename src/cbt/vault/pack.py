@@ -119,6 +119,16 @@ class PackWriter:
         self.entries.append((digest, offset, stored, raw))
         return offset, stored
 
+    def add_blob(self, digest: bytes, blob: bytes | memoryview, stored: int, raw: int) -> int:
+        """Append an existing blob (header and payload) as it is; returns its offset.
+
+        gc uses this to move live blobs into a new pack without touching them.
+        """
+        offset = len(self.buf)
+        self.buf += blob
+        self.entries.append((digest, offset, stored, raw))
+        return offset
+
     def __len__(self) -> int:
         return len(self.buf)
 
