@@ -22,6 +22,7 @@ from typing import Any
 
 import blake3
 import numpy as np
+from jobs_helpers import toml_value
 from vault_helpers import cbt, cbt_argv, clean_env, json_lines
 
 KIB = 1 << 10
@@ -38,21 +39,7 @@ GC_KEYS = {"dry_run", "packs_removed", "packs_rewritten", "bytes_freed", "warnin
 ERROR_LINE_KEYS = {"type", "vm", "message", "warnings"}
 
 
-# -- configs ---------------------------------------------------------------------------
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
+# -- configs (TOML values written by jobs_helpers.toml_value) -----------------------------
 
 
 def write_config(path: Path, policies: Mapping[str, Mapping[str, Any]],
