@@ -148,15 +148,6 @@ def test_many_rows_roundtrip(tmp_path: Path) -> None:
     assert r.digest_checksum() == blake3.blake3(digests.tobytes()).hexdigest()
 
 
-def test_summary_counts(manifest_file: tuple[Manifest, Path], image: SparseImage) -> None:
-    m, _ = manifest_file
-    s = m.summary()
-    assert s["path"] == str(image.path.absolute())
-    assert (s["size"], s["block_size"], s["blocks"]) == (image.size, PAGE, 7)
-    assert (s["data_blocks"], s["zero_blocks"], s["hole_blocks"]) == (5, 1, 1)
-    assert s["bytes_read"] == image.size - PAGE
-
-
 # -- damage -------------------------------------------------------------------------
 
 

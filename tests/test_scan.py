@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cbt
-from cbt.scan import open_disk
+from cbt.scan import open_disk, scan_blocks
 from cbt.synth import make_db_file, make_fs_image
 
 KIB = 1024
@@ -120,6 +121,45 @@ def test_sparse_layouts(sparse_dir: Path, layout: str, bs: int) -> None:
     assert bool(img.holes(PAGE).any()) == has_holes
     for workers in (1, 2):
         check_scan(cbt.scan(img.path, bs, workers=workers), img, bs)
+
+
+@pytest.mark.parametrize("layout", ["hole-at-start", "partial-holes", "zeros-and-data"])
+def test_block_scan_buffers_and_summary(sparse_dir: Path, layout: str) -> None:
+    """What ``cbt scan`` without -o reports comes from the raw buffers, not a Manifest."""
+    bs = 16 * KIB
+    img = SparseImage(sparse_dir / "disk.img", 3 * MIB + 777)
+    LAYOUTS[layout](img)
+    digests, flags, read = img.expected(bs)
+    n = len(flags)
+    for workers in (1, 2, 3):
+        r = scan_blocks(img.path, bs, workers=workers)
+        assert r.digests[:n * 32] == digests.tobytes() and r.flags[:n] == flags.tobytes()
+        s = r.summary()
+        del s["seconds"]
+        assert s == {"path": str(img.path.absolute()), "size": img.size, "block_size": bs,
+                     "blocks": n, "data_blocks": int((flags == DATA).sum()),
+                     "zero_blocks": int((flags == ZERO).sum()),
+                     "hole_blocks": int((flags == HOLE).sum()), "bytes_read": read}
+
+
+def test_empty_disk_summary(tmp_path: Path) -> None:
+    (tmp_path / "empty.img").write_bytes(b"")
+    s = scan_blocks(tmp_path / "empty.img", 4 * KIB).summary()
+    assert (s["blocks"], s["data_blocks"], s["zero_blocks"], s["hole_blocks"]) == (0, 0, 0, 0)
+
+
+def test_cli_scan_imports_neither_numpy_nor_pyarrow(tmp_path: Path) -> None:
+    """Start-up time is part of every whole-process race: ``cbt scan`` without -o
+    must not load the heavy modules (with -o it needs them and loads them)."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(np.random.default_rng(5).integers(0, 256, 3 * MIB, np.uint8).tobytes())
+    probe = ("import sys; from cbt.cli.main import main; code = main(sys.argv[1:]); "
+             "print(sorted(m for m in ('numpy', 'pyarrow', 'rich') if m in sys.modules))")
+    for extra, heavy in (([], "[]"), (["-o", str(tmp_path / "m.arrow")], "['numpy', 'pyarrow']")):
+        out = subprocess.run([sys.executable, "-c", probe, "scan", "--json", str(path), *extra],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+        assert json.loads(out[0])["data_blocks"] == 3 * MIB // (64 * KIB)
+        assert out[1] == heavy
 
 
 def test_partial_hole_block_is_read_with_zeros(sparse_dir: Path) -> None:

@@ -320,8 +320,7 @@ def _labelled_shard(task: _Shard, report: Report) -> _ShardResult:
 def _run_shards(tasks: list[_Shard], executor: Executor | None,
                 report: Callable[[list[int]], None] | None) -> list[_ShardResult]:
     if executor is None:
-        return fork_map(_labelled_shard, tasks,
-                        (lambda done: report(done.tolist())) if report else None)
+        return fork_map(_labelled_shard, tasks, report)
     done = [0] * len(tasks)
     futures = {executor.submit(_run_shard, t): k for k, t in enumerate(tasks)}
     results: list[_ShardResult | None] = [None] * len(tasks)

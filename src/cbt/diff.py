@@ -163,7 +163,7 @@ def diff_images(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str],
         to_read = 2 * sum(min(hi * block_size, size) - lo * block_size for lo, hi in ranges)
         tasks = [_CompareTask(da.path, db.path, da.fd, db.fd, size, block_size, shard, bitmap)
                  for shard in split_ranges(ranges, workers)]
-        report = (lambda done: progress(int(done.sum()), to_read)) if progress else None
+        report = (lambda done: progress(sum(done), to_read)) if progress else None
         fork_map(_compare_shard, tasks, report)
         result = np.array(bitmap)  # out of shared memory
     return _finish(result, common, da.size, db.size, block_size, [])

@@ -94,20 +94,6 @@ class Manifest:
     def digest_checksum(self) -> str:
         return blake3.blake3(np.ascontiguousarray(self.digests).data).hexdigest()
 
-    def summary(self) -> dict[str, Any]:
-        """The keys of ``cbt scan --json``."""
-        return {
-            "path": self.source,
-            "size": self.disk_size,
-            "block_size": self.block_size,
-            "blocks": self.blocks,
-            "data_blocks": self.data_blocks,
-            "zero_blocks": self.zero_blocks,
-            "hole_blocks": self.hole_blocks,
-            "bytes_read": self.bytes_read,
-            "seconds": round(self.seconds, 6),
-        }
-
     # -- Arrow ---------------------------------------------------------------
 
     def schema_metadata(self) -> dict[str, str]:

@@ -2,17 +2,18 @@
 
 Used where one disk is split across cores (``scan --workers N``, image diffs):
 
-1. The caller allocates its output arrays with :func:`shared_array` (anonymous
-   ``MAP_SHARED`` memory), so forked children write straight into them: no
-   pickling of digests, no copies.
+1. The caller allocates its outputs with :func:`shared_buffer` or
+   :func:`shared_array` (anonymous ``MAP_SHARED`` memory), so forked children
+   write straight into them: no pickling of digests, no copies.
 2. :func:`fork_map` forks one child per task; each child runs ``fn(task,
    report)`` and sends back only a small picklable result (or its exception)
    through a pipe.
 3. ``report(nbytes)`` adds to a shared per-task counter which the parent
-   passes to ``progress`` a few times a second while it waits.
+   passes to ``progress`` (as a list) a few times a second while it waits.
 
 fork, not spawn: children start in microseconds with the parent's imports and
-arrays already in place.  The children touch only numpy, mmap and the core.
+arrays already in place.  This module needs numpy only for :func:`shared_array`:
+``cbt scan`` without ``-o`` never imports it (start-up time counts).
 """
 
 from __future__ import annotations
@@ -24,24 +25,34 @@ import pickle
 import selectors
 import signal
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cbt.errors import CbtError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 T = TypeVar("T")
 R = TypeVar("R")
 Report = Callable[[int], None]
-Progress = Callable[[npt.NDArray[np.uint64]], None]  # bytes done per task
+Progress = Callable[[list[int]], None]  # bytes done per task
+
+
+def shared_buffer(nbytes: int, fill: int = 0) -> mmap.mmap:
+    """``nbytes`` of anonymous shared memory (zeros, or ``fill`` bytes) for forked children."""
+    buf = mmap.mmap(-1, max(1, nbytes))  # MAP_SHARED | MAP_ANONYMOUS
+    if fill:
+        buf[:] = bytes([fill]) * len(buf)
+    return buf
 
 
 def shared_array(shape: tuple[int, ...], dtype: Any, fill: int = 0) -> npt.NDArray[Any]:
     """A numpy array in anonymous shared memory, visible to forked children."""
-    nbytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    buf = mmap.mmap(-1, nbytes)  # MAP_SHARED | MAP_ANONYMOUS
-    arr: npt.NDArray[Any] = np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape)))
+    import numpy as np
+
+    count = int(np.prod(shape))
+    arr: npt.NDArray[Any] = np.frombuffer(
+        shared_buffer(count * np.dtype(dtype).itemsize), dtype=dtype, count=count)
     arr = arr.reshape(shape)
     if fill:
         arr.fill(fill)
@@ -69,7 +80,7 @@ def fork_map(
     A single task runs in this process (no fork).
     """
     if len(tasks) <= 1:
-        done = np.zeros(1, dtype=np.uint64)
+        done = [0]
 
         def report_local(n: int) -> None:
             done[0] += n
@@ -78,7 +89,7 @@ def fork_map(
 
         return [fn(t, report_local) for t in tasks]
 
-    counters = shared_array((len(tasks),), np.uint64)
+    counters = memoryview(shared_buffer(8 * len(tasks))).cast("Q")
     children: list[tuple[int, int]] = []  # (pid, read fd)
     try:
         for index, task in enumerate(tasks):
@@ -109,7 +120,7 @@ def fork_map(
 
 
 def _child(fn: Callable[[T, Report], R], task: T, index: int,
-           counters: npt.NDArray[np.uint64], w: int) -> None:
+           counters: memoryview, w: int) -> None:
     code = 0
     try:
         if WORKERS_IGNORE_STOP_SIGNALS:
@@ -133,7 +144,7 @@ def _child(fn: Callable[[T, Report], R], task: T, index: int,
         os._exit(code)
 
 
-def _collect(children: list[tuple[int, int]], counters: npt.NDArray[np.uint64],
+def _collect(children: list[tuple[int, int]], counters: memoryview,
              progress: Progress | None, interval: float) -> list[bytes]:
     chunks: dict[int, list[bytes]] = {r: [] for _, r in children}
     open_fds = set(chunks)
@@ -150,5 +161,5 @@ def _collect(children: list[tuple[int, int]], counters: npt.NDArray[np.uint64],
                     sel.unregister(fd)
                     open_fds.discard(fd)
             if progress:
-                progress(counters)
+                progress(counters.tolist())
     return [b"".join(chunks[r]) for _, r in children]

@@ -404,7 +404,7 @@ def _run_jobs(jobs: list[_Job], workers: int | None, progress: Any) -> list[dict
         groups[k].extend(unit)
         load[k] += sum(int(j.lengths.sum()) for j in unit)
     total = sum(load)
-    report = (lambda done: progress(int(done.sum()), total)) if progress else None
+    report = (lambda done: progress(sum(done), total)) if progress else None
     return fork_map(_restore_packs, [g for g in groups if g], report)
 
 

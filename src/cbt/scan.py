@@ -9,8 +9,13 @@
    bytes.  Each worker maps its shard in large aligned windows (``mmap`` with
    ``MADV_SEQUENTIAL``/``MADV_WILLNEED``: no copy out of the page cache) and
    feeds each window to the core, which writes digests and flags straight into
-   shared output arrays.
-4. The result is a :class:`~cbt.manifest.Manifest`.
+   shared output buffers.
+4. The result is a :class:`BlockScan` (plain buffers and counts);
+   :func:`scan` turns it into a :class:`~cbt.manifest.Manifest`.
+
+``cbt scan`` without ``-o`` stops at step 4's buffers and never imports numpy
+or pyarrow: a whole ``cbt`` process is timed against ``b3sum``, and those
+imports alone cost more than a tenth of a second.
 
 Reading through mmap assumes the disk does not shrink while it is read (a
 snapshot, or a quiesced disk): pages past a truncated end would fault.
@@ -25,15 +30,14 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cbt._core import fast
 from cbt.errors import CbtIOError
-from cbt.manifest import Manifest, utc_now
-from cbt.parallel import Report, fork_map, shared_array
+from cbt.parallel import Report, fork_map, shared_buffer
+
+if TYPE_CHECKING:
+    from cbt.manifest import Manifest
 
 DEFAULT_BLOCK_SIZE = 64 << 10
 # Bytes mapped at once: large enough that the per-window cost vanishes, small
@@ -44,8 +48,9 @@ Progress = Callable[[int, int], None]
 BlockRange = tuple[int, int]  # [first block, end block)
 
 
-@dataclass(frozen=True)
-class Disk:
+# NamedTuples, not dataclasses, in this module: importing dataclasses (and the
+# inspect module under it) alone costs ``cbt scan`` 5 ms of start-up.
+class Disk(NamedTuple):
     """An opened disk: a descriptor, its size and what kind of thing it is."""
 
     path: str
@@ -173,27 +178,28 @@ def windows(fd: int, size: int, block_size: int, lo: int, hi: int, path: str = "
                 m.close()
 
 
-@dataclass(frozen=True)
-class _ScanTask:
+class _ScanTask(NamedTuple):
     path: str
     fd: int
     size: int
     block_size: int
     ranges: list[BlockRange]
-    digests: np.ndarray
-    flags: np.ndarray
+    digests: memoryview  # flat: 32 bytes per block
+    flags: memoryview
 
 
 def _scan_shard(task: _ScanTask, report: Report) -> int:
-    """Hash one shard's blocks into the shared arrays; returns bytes read."""
+    """Hash one shard's blocks into the shared buffers; returns bytes read."""
     read = 0
     bs = task.block_size
+    size = fast.DIGEST_SIZE
     for lo, hi in task.ranges:
         for first, m in windows(task.fd, task.size, bs, lo, hi, task.path):
             n = fast.nblocks(len(m), bs)
+            # (a memoryview cannot slice two dimensions: slice flat, then shape)
+            rows = task.digests[first * size:(first + n) * size].cast("B", (n, size))
             try:
-                fast.hash_blocks(m, bs, task.digests[first:first + n],
-                                 task.flags[first:first + n])
+                fast.hash_blocks(m, bs, rows, task.flags[first:first + n])
             except OSError as exc:
                 raise CbtIOError(exc.errno, f"read error in {task.path} near byte "
                                  f"{first * bs}: {exc.strerror}") from None
@@ -204,6 +210,53 @@ def _scan_shard(task: _ScanTask, report: Report) -> int:
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) or 1
+
+
+class BlockScan(NamedTuple):
+    """What a scan found, as plain shared-memory buffers (no numpy needed)."""
+
+    source: str
+    disk_size: int
+    block_size: int
+    digests: mmap.mmap  # 32 bytes per block; zeros for ZERO and HOLE blocks
+    flags: mmap.mmap  # one FLAG_* byte per block
+    bytes_read: int
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        """The keys of ``cbt scan --json`` (but ``warnings``)."""
+        n = fast.nblocks(self.disk_size, self.block_size)
+        counts = self.flags[:n].count
+        return {
+            "path": self.source,
+            "size": self.disk_size,
+            "block_size": self.block_size,
+            "blocks": n,
+            "data_blocks": counts(fast.FLAG_DATA),
+            "zero_blocks": counts(fast.FLAG_ZERO),
+            "hole_blocks": counts(fast.FLAG_HOLE),
+            "bytes_read": self.bytes_read,
+            "seconds": round(self.seconds, 6),
+        }
+
+    def manifest(self) -> Manifest:
+        """The scan as a :class:`Manifest` (numpy views of the same memory)."""
+        import numpy as np
+
+        from cbt.manifest import Manifest, utc_now
+
+        n = fast.nblocks(self.disk_size, self.block_size)
+        return Manifest(
+            block_size=self.block_size,
+            disk_size=self.disk_size,
+            digests=np.frombuffer(self.digests, np.uint8, n * fast.DIGEST_SIZE)
+            .reshape(n, fast.DIGEST_SIZE),
+            flags=np.frombuffer(self.flags, np.uint8, n),
+            source=self.source,
+            created=utc_now(),
+            bytes_read=self.bytes_read,
+            seconds=self.seconds,
+        )
 
 
 def scan(
@@ -220,6 +273,17 @@ def scan(
     ``limit`` scans only the first ``limit`` bytes (a disk restored onto a
     larger device).
     """
+    return scan_blocks(path, block_size, workers, progress, limit).manifest()
+
+
+def scan_blocks(
+    path: str | os.PathLike[str],
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    workers: int | None = None,
+    progress: Progress | None = None,
+    limit: int | None = None,
+) -> BlockScan:
+    """:func:`scan` up to its buffers: what ``cbt scan`` without ``-o`` needs."""
     fast.check_block_size(block_size)
     workers = workers or default_workers()
     started = time.perf_counter()
@@ -230,20 +294,19 @@ def scan(
         n = fast.nblocks(disk.size, block_size)
         ranges = block_ranges(data_extents(disk.fd, disk.size), block_size)
         to_read = sum(min(hi * block_size, disk.size) - lo * block_size for lo, hi in ranges)
-        digests = shared_array((n, fast.DIGEST_SIZE), np.uint8)
-        flags = shared_array((n,), np.uint8, fill=fast.FLAG_HOLE)
+        digests = shared_buffer(n * fast.DIGEST_SIZE)
+        flags = shared_buffer(n, fill=fast.FLAG_HOLE)
         shards = split_ranges(ranges, workers)
-        tasks = [_ScanTask(disk.path, disk.fd, disk.size, block_size, s, digests, flags)
-                 for s in shards]
-        report = (lambda done: progress(int(done.sum()), to_read)) if progress else None
+        tasks = [_ScanTask(disk.path, disk.fd, disk.size, block_size, s,
+                           memoryview(digests), memoryview(flags)) for s in shards]
+        report = (lambda done: progress(sum(done), to_read)) if progress else None
         bytes_read = sum(fork_map(_scan_shard, tasks, report))
-    return Manifest(
-        block_size=block_size,
+    return BlockScan(
+        source=os.path.abspath(disk.path),
         disk_size=disk.size,
+        block_size=block_size,
         digests=digests,
         flags=flags,
-        source=str(Path(disk.path).absolute()),
-        created=utc_now(),
         bytes_read=bytes_read,
         seconds=time.perf_counter() - started,
     )

@@ -27,23 +27,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.scan import DEFAULT_BLOCK_SIZE, scan
+    # scan_blocks, not scan: without -o nothing needs numpy or pyarrow (start-up time)
+    from cbt.scan import DEFAULT_BLOCK_SIZE, scan_blocks
     from cbt.sizes import format_size, human_bytes
 
     bs = args.block_size or DEFAULT_BLOCK_SIZE
     with progress_bar(f"scan {args.image}") as progress:
-        manifest = scan(args.image, bs, args.workers, progress)
+        result = scan_blocks(args.image, bs, args.workers, progress)
     if args.output:
-        manifest.write(args.output)
+        result.manifest().write(args.output)
+    s = result.summary()
     if args.json:
-        print_json({**manifest.summary(), "warnings": []})
+        print_json({**s, "warnings": []})
         return EXIT_OK
-    m = manifest
-    rate = m.bytes_read / m.seconds / 1e9 if m.seconds else 0.0
-    print(f"{m.source}: {human_bytes(m.disk_size)} ({m.disk_size} bytes), {m.blocks} blocks "
-          f"of {format_size(m.block_size)}")
-    print(f"  data {m.data_blocks}, zero {m.zero_blocks}, hole {m.hole_blocks}")
-    print(f"  read {human_bytes(m.bytes_read)} in {m.seconds:.2f} s ({rate:.2f} GB/s)")
+    rate = s["bytes_read"] / s["seconds"] / 1e9 if s["seconds"] else 0.0
+    print(f"{s['path']}: {human_bytes(s['size'])} ({s['size']} bytes), {s['blocks']} blocks "
+          f"of {format_size(bs)}")
+    print(f"  data {s['data_blocks']}, zero {s['zero_blocks']}, hole {s['hole_blocks']}")
+    print(f"  read {human_bytes(s['bytes_read'])} in {s['seconds']:.2f} s ({rate:.2f} GB/s)")
     if args.output:
         print(f"  manifest written to {args.output}")
     return EXIT_OK
