@@ -35,6 +35,7 @@ import numpy.typing as npt
 
 from cbt._core import fast
 from cbt.blockio import (
+    Writeback,
     device_size,
     is_block_device,
     write_all,
@@ -89,8 +90,8 @@ IOV_MAX = 1024
 class _Run:
     """Consecutive blocks of one target on their way to disk."""
 
-    def __init__(self, fd: int, job: _Job) -> None:
-        self.fd, self.bs = fd, job.block_size
+    def __init__(self, fd: int, job: _Job, writeback: Writeback) -> None:
+        self.fd, self.bs, self.writeback = fd, job.block_size, writeback
         self.where = f"point {job.point} disk {job.label} block {{}} pack {{}}"
         self.used = 0
         self.views: list[bytes | memoryview] = []
@@ -125,6 +126,7 @@ class _Run:
             done = os.pwritev(self.fd, chunk, offset)
             if done < want:  # a short write: finish it plainly
                 write_all(self.fd, offset + done, b"".join(bytes(v) for v in chunk)[done:])
+            self.writeback.written(self.fd, offset, want)
             offset += want
         self.used = 0
         self.views, self.blocks, self.digests, self.packs = [], [], [], []
@@ -137,12 +139,13 @@ def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int
     stats: dict[str, tuple[int, int]] = {}
     fds: dict[str, int] = {}
     runs: dict[str, _Run] = {}
+    writeback = Writeback()  # the disk starts writing while this worker still works
     try:
         for job in jobs:
             fd = fds.get(job.target)
             if fd is None:
                 fd = fds[job.target] = os.open(job.target, os.O_WRONLY)
-                runs[job.target] = _Run(fd, job)
+                runs[job.target] = _Run(fd, job, writeback)
             run = runs[job.target]
             storage = LocalStorage(job.vault_root)
             where = f"point {job.point} disk {job.label} block {{}} pack {job.pack}"
@@ -161,7 +164,9 @@ def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int
             run.flush()
     finally:
         for fd in fds.values():
+            writeback.forget(fd)
             os.close(fd)
+        writeback.close()
     return stats
 
 
