@@ -40,7 +40,7 @@ from sched_helpers import (
     write_random_disk,
 )
 
-from cbt.backup import DiskSpec
+from cbt.disks import DiskSpec
 from cbt.vault import Vault
 
 BS = 16 << 10  # the default block size of a first backup

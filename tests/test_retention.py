@@ -34,7 +34,7 @@ from sched_helpers import (
     write_disk,
 )
 
-from cbt.backup import DiskSpec
+from cbt.disks import DiskSpec
 from cbt.policy import Retention, apply_retention
 from cbt.vault import Vault
 

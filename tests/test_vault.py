@@ -172,3 +172,31 @@ def test_packs_are_self_describing_and_several_mib(tmp_path: Path) -> None:
     # several MiB per pack, never one file per block
     assert len(packs) <= 1 + point.bytes_stored // (2 * MIB)
     assert len(blobs) > 100 * len(packs)
+
+
+def test_index_segment_round_trip_with_packs_sharing_uuid_prefixes() -> None:
+    """A segment read back maps every digest to its own pack, offset and lengths, also
+    when two pack uuids share their first 8 bytes (the fast path's key)."""
+    import uuid
+
+    from cbt.vault import index as index_mod
+
+    rng = np.random.default_rng(7)
+    n = 5000
+    uuids = rng.integers(0, 256, (4, 16), dtype=np.uint8)
+    uuids[1, :8] = uuids[0, :8]  # same first half, other pack
+    digests = rng.integers(0, 256, (n, 32), dtype=np.uint8)
+    which = rng.integers(0, 4, n)
+    entries = {"digests": digests, "pack_uuid": uuids[which],
+               "offset": rng.integers(0, 1 << 40, n, dtype=np.uint64),
+               "stored": rng.integers(0, 1 << 20, n, dtype=np.uint32),
+               "raw": rng.integers(0, 1 << 20, n, dtype=np.uint32)}
+    part = index_mod.read_segment(index_mod.segment_bytes(entries), "test")
+    got = {bytes(d): (part["pack_ids"][p], int(o), int(s), int(r)) for d, p, o, s, r in zip(
+        part["digests"], part["pack"], part["offset"], part["stored"], part["raw"], strict=True)}
+    want = {bytes(digests[i]): (uuid.UUID(bytes=uuids[which[i]].tobytes()).hex,
+                                int(entries["offset"][i]), int(entries["stored"][i]),
+                                int(entries["raw"][i])) for i in range(n)}
+    assert got == want
+    keys = index_mod.prefix_keys(part["digests"])
+    assert (keys[1:] >= keys[:-1]).all(), "segments are written sorted"

@@ -23,10 +23,12 @@
 from __future__ import annotations
 
 import errno
+import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, as_completed
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +38,15 @@ import numpy.typing as npt
 
 from cbt._core import fast
 from cbt.diff import diff_manifests
+from cbt.disks import DiskSpec
 from cbt.durable import prepare_crash_counter
 from cbt.errors import CbtError, CbtIOError, CbtValueError
 from cbt.manifest import Manifest, utc_now
 from cbt.parallel import Report, fork_map
 from cbt.scan import (
     BlockRange,
+    BlockScan,
+    PendingScan,
     block_ranges,
     data_extents,
     default_workers,
@@ -68,39 +73,10 @@ from cbt.vault.vault import Vault
 # less than 64K (and 4K only 3.5x less again, at 4x the metadata and twice the scan
 # time); on a file-system image changed in longer runs 16K stores the same as 64K.
 DEFAULT_BACKUP_BLOCK_SIZE = 16 << 10
+PACKS_IN_FLIGHT = 2  # full packs of a worker queued for its writing thread
 
 # (vm, label, bytes_done, bytes_total) a few times a second
 BackupProgress = Callable[[str, str, int, int], None]
-
-
-@dataclass(frozen=True)
-class DiskSpec:
-    """A disk to back up: its label, its path, and where to read it (a snapshot)."""
-
-    label: str
-    path: str
-    read_from: str | None = None  # a snapshot of ``path``; None reads ``path`` itself
-
-    @property
-    def source(self) -> str:
-        return self.read_from or self.path
-
-    @property
-    def live(self) -> bool:
-        """Read while in use (no snapshot): a block may change between hash and copy."""
-        return self.read_from is None or self.read_from == self.path
-
-
-def parse_disk_arg(text: str) -> DiskSpec:
-    """``PATH`` or ``LABEL=PATH`` (split at the first ``=`` only if a valid label precedes it)."""
-    from cbt.vault.points import NAME_RE
-
-    label, sep, rest = text.partition("=")
-    if sep and NAME_RE.match(label) and rest:
-        return DiskSpec(label, rest)
-    stem = Path(text).name
-    stem = stem.rsplit(".", 1)[0] if "." in stem[1:] else stem
-    return DiskSpec(check_name("disk label", stem), text)
 
 
 # The index of the run in progress, set before workers start: forked workers and
@@ -135,6 +111,9 @@ class _Shard:
     vault_root: str
     index_token: tuple[str, ...]
     live: bool = False
+    # the whole disk's digests and flags from an early scan (shared memory, so only
+    # for forked workers): the shard then hashes nothing and reads only new blocks
+    prehash: tuple[Any, Any] | None = None
 
 
 @dataclass
@@ -170,53 +149,74 @@ def _backup_shard(task: _Shard, report: Report) -> _ShardResult:
     entries: list[tuple[bytes, bytes, int, int, int]] = []
     writer = PackWriter()
     bytes_read = 0
+    # A full pack is written and fsynced by a thread of its own while this one goes
+    # on hashing and compressing; at most PACKS_IN_FLIGHT wait in memory for it.
+    putter = ThreadPoolExecutor(max_workers=1)
+    in_flight: deque[tuple[Future[None], PackWriter]] = deque()
+
+    def settle(keep: int) -> None:
+        while len(in_flight) > keep:
+            fut, done = in_flight.popleft()
+            fut.result()  # a failed write (ENOSPC...) fails the shard here
+            pid = uuid.UUID(hex=done.pack_id).bytes
+            entries.extend((d, pid, off, st, raw) for d, off, st, raw in done.entries)
 
     def flush() -> None:
         nonlocal writer
         if writer.entries:
-            storage.put(pack_name(writer.pack_id), writer.finish())
-            pid = uuid.UUID(hex=writer.pack_id).bytes
-            entries.extend((d, pid, off, st, raw) for d, off, st, raw in writer.entries)
+            settle(PACKS_IN_FLIGHT - 1)
+            in_flight.append((putter.submit(storage.put, pack_name(writer.pack_id),
+                                            writer.finish()), writer))
         writer = PackWriter()
 
-    base = 0  # position of the current range's first block in all_digests
-    for lo, hi in task.ranges:
-        for first, m in windows(disk.fd, task.size, bs, lo, hi, task.path):
-            n = fast.nblocks(len(m), bs)
-            at = base + first - lo
-            digests = all_digests[at:at + n]
-            flags = all_flags[at:at + n]
-            try:
-                fast.hash_blocks(m, bs, digests, flags)
-            except OSError as exc:
-                raise CbtIOError(exc.errno, f"read error in {task.path} near byte "
-                                 f"{first * bs}: {exc.strerror}") from None
-            data_rows = np.nonzero(flags == fast.FLAG_DATA)[0]
-            if len(data_rows):
-                missing = data_rows[index.lookup(digests[data_rows]) < 0]
-                with memoryview(m) as view:  # released before the window is unmapped
-                    for row in missing.tolist():
-                        d = digests[row].tobytes()
-                        if d in stored_here:
-                            continue
-                        stored_here.add(d)
-                        off = row * bs
-                        if task.live:
-                            actual = _add_live(writer, digests, flags, row,
-                                               view[off:off + bs], d)
-                            if actual != d:  # changed under us: d itself was not stored
-                                stored_here.discard(d)
-                                stored_here.add(actual)
-                        else:
-                            with view[off:off + bs] as block:
-                                writer.add(d, block)
-                        if len(writer) >= TARGET_PACK_SIZE:
-                            flush()
-            bytes_read += len(m)
-            report(len(m))
-        base += hi - lo
-    disk.close()
-    flush()
+    try:
+        base = 0  # position of the current range's first block in all_digests
+        for lo, hi in task.ranges:
+            for first, m in windows(disk.fd, task.size, bs, lo, hi, task.path,
+                                    read_ahead=task.prehash is None):
+                n = fast.nblocks(len(m), bs)
+                at = base + first - lo
+                digests = all_digests[at:at + n]
+                flags = all_flags[at:at + n]
+                if task.prehash is not None:
+                    digests[:] = np.frombuffer(task.prehash[0], np.uint8, n * fast.DIGEST_SIZE,
+                                               first * fast.DIGEST_SIZE).reshape(n, -1)
+                    flags[:] = np.frombuffer(task.prehash[1], np.uint8, n, first)
+                else:
+                    try:
+                        fast.hash_blocks(m, bs, digests, flags)
+                    except OSError as exc:
+                        raise CbtIOError(exc.errno, f"read error in {task.path} near byte "
+                                         f"{first * bs}: {exc.strerror}") from None
+                data_rows = np.nonzero(flags == fast.FLAG_DATA)[0]
+                if len(data_rows):
+                    missing = data_rows[index.lookup(digests[data_rows]) < 0]
+                    with memoryview(m) as view:  # released before the window is unmapped
+                        for row in missing.tolist():
+                            d = digests[row].tobytes()
+                            if d in stored_here:
+                                continue
+                            stored_here.add(d)
+                            off = row * bs
+                            if task.live:
+                                actual = _add_live(writer, digests, flags, row,
+                                                   view[off:off + bs], d)
+                                if actual != d:  # changed under us: d itself was not stored
+                                    stored_here.discard(d)
+                                    stored_here.add(actual)
+                            else:
+                                with view[off:off + bs] as block:
+                                    writer.add(d, block)
+                            if len(writer) >= TARGET_PACK_SIZE:
+                                flush()
+                bytes_read += len(m)
+                report(len(m))
+            base += hi - lo
+        flush()
+        settle(0)
+    finally:
+        disk.close()
+        putter.shutdown(wait=True, cancel_futures=True)
     k = len(entries)
     return _ShardResult(
         disk=task.disk,
@@ -242,6 +242,7 @@ class _DiskPlan:
     ranges: list[BlockRange]
     digests: np.ndarray
     flags: np.ndarray
+    early: BlockScan | None = None  # the disk's early scan, when one matches
 
 
 def _plan_disks(prev: PointRecord | None, disks: Sequence[DiskSpec],
@@ -267,16 +268,46 @@ def _plan_disks(prev: PointRecord | None, disks: Sequence[DiskSpec],
 
 def _shards(plans: list[_DiskPlan], parts_total: int, vault_root: str,
             token: tuple[str, ...]) -> list[_Shard]:
-    """Every disk at least one shard; the rest shared out by size."""
-    total = sum(sum(hi - lo for lo, hi in p.ranges) for p in plans) or 1
+    """Shards of about equal size: every disk at least one, a large disk several.
+
+    There may be a few more shards than workers (two disks of 1.7 and 0.9 GB on
+    two cores make three); the kernel shares the cores, and all finish together.
+    """
+    total = sum(sum(hi - lo for lo, hi in p.ranges) for p in plans)
+    quota = max(1, -(-total // parts_total))
     out: list[_Shard] = []
     for i, p in enumerate(plans):
         blocks = sum(hi - lo for lo, hi in p.ranges)
-        parts = max(1, round(parts_total * blocks / total))
-        pieces = split_ranges(p.ranges, parts) or [[]]
+        pieces = split_ranges(p.ranges, max(1, -(-blocks // quota))) or [[]]
+        prehash = (p.early.digests, p.early.flags) if p.early is not None else None
         out.extend(_Shard(i, p.spec.label, p.spec.source, p.size, p.block_size, r, vault_root,
-                          token, p.spec.live) for r in pieces)
+                          token, p.spec.live, prehash) for r in pieces)
     return out
+
+
+def _take_early_scan(early: PendingScan, plans: list[_DiskPlan], vm: str,
+                     progress: BackupProgress | None) -> None:
+    """Wait for the early scan; each disk it covers (same file, size, block size) takes its result.
+
+    Only disks with a previous point use it: a first backup stores every block,
+    and reads each once, hashing and storing it in the same pass.
+    """
+    match: dict[int, _DiskPlan] = {}
+    for k, (source, block_size, size) in enumerate(early.disks()):
+        for p in plans:
+            if (p.parent is not None and all(p is not q for q in match.values())
+                    and os.path.abspath(p.spec.source) == source
+                    and (p.block_size, p.size) == (block_size, size)):
+                match[k] = p
+                break
+
+    def report(k: int, done: int, total: int) -> None:
+        if progress and k in match:
+            progress(vm, match[k].spec.label, done, total)
+
+    scans = early.wait(disk_progress=report)
+    for k, p in match.items():
+        p.early = scans[k]
 
 
 def _add_live(writer: PackWriter, digests: np.ndarray, flags: np.ndarray, row: int,
@@ -356,19 +387,25 @@ def backup(vault: Vault, vm: str, disks: Sequence[DiskSpec], block_size: int | N
            workers: int | None = None, progress: BackupProgress | None = None,
            wait: float = 0.0, created: str | None = None,
            consistency: tuple[str, str] = ("crash", "live read"),
-           executor: Executor | None = None, slot: str | None = None) -> PointRecord:
+           executor: Executor | None = None, slot: str | None = None,
+           early: PendingScan | None = None) -> PointRecord:
     """Back up ``disks`` of ``vm`` into ``vault``; returns the committed point.
 
     Takes the vault's writer lock (waiting up to ``wait`` seconds).  The work
     runs on forked workers (``workers``, default one per core), or on any
-    ``concurrent.futures.Executor`` given as ``executor``.
+    ``concurrent.futures.Executor`` given as ``executor``.  ``early`` is a scan
+    of the disks started beforehand (:func:`cbt.disks.start_early_scan`).
     """
-    check_disks(vm, disks, block_size)
-    prepare_crash_counter()
-    with writer_lock(vault.root, wait):
-        return backup_locked(vault, vm, disks, block_size=block_size, workers=workers,
-                             progress=progress, created=created, consistency=consistency,
-                             executor=executor, slot=slot)
+    try:
+        check_disks(vm, disks, block_size)
+        prepare_crash_counter()
+        with writer_lock(vault.root, wait):
+            return backup_locked(vault, vm, disks, block_size=block_size, workers=workers,
+                                 progress=progress, created=created, consistency=consistency,
+                                 executor=executor, slot=slot, early=early)
+    finally:
+        if early is not None:
+            early.cancel()
 
 
 def backup_locked(vault: Vault, vm: str, disks: Sequence[DiskSpec],
@@ -377,6 +414,7 @@ def backup_locked(vault: Vault, vm: str, disks: Sequence[DiskSpec],
                   consistency: tuple[str, str] = ("crash", "live read"),
                   executor: Executor | None = None, point_id: str | None = None,
                   warnings: list[str] | None = None, slot: str | None = None,
+                  early: PendingScan | None = None,
                   before_commit: Callable[[], list[str]] | None = None) -> PointRecord:
     """:func:`backup` for a caller that already holds the writer lock (a job).
 
@@ -390,6 +428,10 @@ def backup_locked(vault: Vault, vm: str, disks: Sequence[DiskSpec],
     index = vault.load_index(warnings)
     prev = vault.latest(vm)
     plans = _plan_disks(prev, disks, block_size)
+    if early is not None:
+        if executor is None:  # (its results live in shared memory: forked workers only)
+            _take_early_scan(early, plans, vm, progress)
+        early.cancel()
     n_workers = workers or default_workers()
     token = _index_token(index)
     # more shards than workers on an Executor, so progress moves as shards finish
@@ -399,9 +441,11 @@ def backup_locked(vault: Vault, vm: str, disks: Sequence[DiskSpec],
     report = None
     if progress:
         def report(done: list[int]) -> None:
-            per_disk = [0] * len(plans)
+            # (a disk of the early scan counted its bytes then: it stays full)
+            per_disk = [tot if p.early else 0 for p, tot in zip(plans, totals, strict=True)]
             for t, d in zip(tasks, done, strict=True):
-                per_disk[t.disk] += int(d)
+                if not plans[t.disk].early:
+                    per_disk[t.disk] += int(d)
             for p, d, tot in zip(plans, per_disk, totals, strict=True):
                 progress(vm, p.spec.label, d, tot)
     global _RUN_INDEX
@@ -462,7 +506,8 @@ def _commit(vault: Vault, vm: str, plans: list[_DiskPlan], results: list[_ShardR
             block_size=p.block_size, blocks=manifest.blocks, changed_blocks=changed,
             bytes_read=sum(r.bytes_read for r in rs), bytes_new=per_disk_new[i],
             bytes_stored=per_disk_stored[i],
-            seconds=round(max((r.seconds for r in rs), default=0.0), 6),
+            seconds=round(max((r.seconds for r in rs), default=0.0)
+                          + (p.early.seconds if p.early else 0.0), 6),
             manifest=name, manifest_checksum=blake3.blake3(data).hexdigest(),
             seq=p.seq if base_point is not None else 0,
             base=base_point.id if base_point is not None else None))

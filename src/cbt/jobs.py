@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cbt.backup import BackupProgress, DiskSpec, backup_locked
+from cbt.backup import BackupProgress, backup_locked
 from cbt.config import Config, VMConfig
 from cbt.config import load as load_config
+from cbt.disks import DiskSpec
 from cbt.errors import CbtError
 from cbt.hooks import HookResult, run_hook
 from cbt.manifest import utc_now

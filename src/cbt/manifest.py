@@ -231,8 +231,8 @@ def _checked_rows(table: Any, where: str, kind: str) -> _Rows:
             raise bad(f"column {name!r} has nulls")
     n = table.num_rows
     try:
-        blocks = np.asarray(table.column("block").to_numpy(), dtype=np.uint64)
-        flags = np.asarray(table.column("flags").to_numpy(), dtype=np.uint8)
+        blocks = from_arrow(table.column("block"), np.uint64)
+        flags = from_arrow(table.column("flags"), np.uint8)
         digests = _digest_array(table.column("digest").combine_chunks(), n)
     except (pa.ArrowException, ValueError) as exc:
         raise bad(str(exc)) from None
@@ -252,6 +252,36 @@ def _checked_rows(table: Any, where: str, kind: str) -> _Rows:
         if not digests[is_data].any(axis=1).all():
             raise bad("a DATA block has no digest")
     return _Rows(meta, disk_size, block_size, blocks, digests, flags)
+
+
+def to_arrow(values: npt.NDArray[Any]) -> Any:
+    """A 1-D numpy array of unsigned integers as an Arrow array over the same memory.
+
+    (``pa.array`` would import numpy.ma to look for a mask: 10 ms of start-up.)
+    """
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values)
+    typ = {1: pa.uint8(), 2: pa.uint16(), 4: pa.uint32(), 8: pa.uint64()}[values.itemsize]
+    return pa.Array.from_buffers(typ, len(values), [None, pa.py_buffer(values)])
+
+
+def from_arrow(column: Any, dtype: Any) -> npt.NDArray[Any]:
+    """An Arrow column of ``dtype`` numbers (no nulls) as a numpy view of its memory.
+
+    Raises ``ValueError`` when the column holds another type (a damaged file).
+    (``to_numpy`` on a chunked column would try to import pandas.)
+    """
+    import pyarrow as pa
+
+    col = column.combine_chunks()
+    want = pa.from_numpy_dtype(np.dtype(dtype))
+    if col.type != want or col.null_count:
+        raise ValueError(f"column of {col.type}, expected {want} without nulls")
+    if len(col) == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.frombuffer(col.buffers()[1], dtype=dtype, count=len(col),
+                         offset=col.offset * np.dtype(dtype).itemsize)
 
 
 def schema_metadata(table: Any, where: str) -> dict[str, str]:
@@ -278,10 +308,10 @@ def _table(blocks: npt.NDArray[np.uint64], digests: npt.NDArray[np.uint8],
     n = len(blocks)
     digests = np.ascontiguousarray(digests, dtype=np.uint8)
     table = pa.table({
-        "block": pa.array(np.asarray(blocks, dtype=np.uint64)),
+        "block": to_arrow(np.asarray(blocks, dtype=np.uint64)),
         "digest": pa.FixedSizeBinaryArray.from_buffers(
             pa.binary(fast.DIGEST_SIZE), n, [None, pa.py_buffer(digests)]),
-        "flags": pa.array(np.asarray(flags, dtype=np.uint8)),
+        "flags": to_arrow(np.asarray(flags, dtype=np.uint8)),
     })
     return table.replace_schema_metadata(metadata)
 

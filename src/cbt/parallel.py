@@ -25,7 +25,7 @@ import pickle
 import selectors
 import signal
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from cbt.errors import CbtError
 
@@ -88,35 +88,61 @@ def fork_map(
                 progress(done)
 
         return [fn(t, report_local) for t in tasks]
+    return Forked(fn, tasks).wait(progress, interval)
 
-    counters = memoryview(shared_buffer(8 * len(tasks))).cast("Q")
-    children: list[tuple[int, int]] = []  # (pid, read fd)
-    try:
-        for index, task in enumerate(tasks):
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # child
-                os.close(r)
-                _child(fn, task, index, counters, w)
-            os.close(w)
-            children.append((pid, r))
-        payloads = _collect(children, counters, progress, interval)
-    finally:
-        for pid, r in children:
+
+class Forked(Generic[R]):
+    """Children started now, collected later: the caller works meanwhile.
+
+    ``Forked(fn, tasks)`` forks one child per task at once; :meth:`wait`
+    returns their results in task order (re-raising the first child's
+    exception); :meth:`cancel` kills whatever still runs.  Either one must be
+    called.
+    """
+
+    def __init__(self, fn: Callable[[T, Report], R], tasks: Sequence[T]) -> None:
+        self._counters = memoryview(shared_buffer(8 * max(1, len(tasks)))).cast("Q")
+        self._children: list[tuple[int, int]] = []  # (pid, read fd)
+        self._reaped = False
+        try:
+            for index, task in enumerate(tasks):
+                r, w = os.pipe()
+                pid = os.fork()
+                if pid == 0:  # child
+                    os.close(r)
+                    _child(fn, task, index, self._counters, w)
+                os.close(w)
+                self._children.append((pid, r))
+        except BaseException:
+            self.cancel()
+            raise
+
+    def wait(self, progress: Progress | None = None, interval: float = 0.2) -> list[R]:
+        try:
+            payloads = _collect(self._children, self._counters, progress, interval)
+        finally:
+            self.cancel()
+        results: list[R] = []
+        for (pid, _), payload in zip(self._children, payloads, strict=True):
+            if not payload:
+                raise WorkerError(f"worker process {pid} died without a result")
+            ok, value = pickle.loads(payload)
+            if not ok:
+                raise value
+            results.append(value)
+        return results
+
+    def cancel(self) -> None:
+        """Kill and reap every child still running (a no-op once :meth:`wait` returned)."""
+        if self._reaped:
+            return
+        self._reaped = True
+        for pid, r in self._children:
             with contextlib.suppress(OSError):
                 os.close(r)
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-    results: list[R] = []
-    for (pid, _), payload in zip(children, payloads, strict=True):
-        if not payload:
-            raise WorkerError(f"worker process {pid} died without a result")
-        ok, value = pickle.loads(payload)
-        if not ok:
-            raise value
-        results.append(value)
-    return results
 
 
 def _child(fn: Callable[[T, Report], R], task: T, index: int,

@@ -29,12 +29,12 @@ import mmap
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cbt._core import fast
 from cbt.errors import CbtIOError
-from cbt.parallel import Report, fork_map, shared_buffer
+from cbt.parallel import Forked, Report, shared_buffer
 
 if TYPE_CHECKING:
     from cbt.manifest import Manifest
@@ -157,8 +157,11 @@ def split_ranges(ranges: list[BlockRange], parts: int) -> list[list[BlockRange]]
 
 
 def windows(fd: int, size: int, block_size: int, lo: int, hi: int, path: str = "disk",
-            window: int = WINDOW) -> Iterator[tuple[int, mmap.mmap]]:
-    """Map blocks ``[lo, hi)`` in windows; yields (first block, mapping)."""
+            window: int = WINDOW, read_ahead: bool = True) -> Iterator[tuple[int, mmap.mmap]]:
+    """Map blocks ``[lo, hi)`` in windows; yields (first block, mapping).
+
+    ``read_ahead=False`` where only a few blocks of each window will be touched.
+    """
     step = max(window // block_size, 1)
     for first in range(lo, hi, step):
         last = min(first + step, hi)
@@ -170,8 +173,9 @@ def windows(fd: int, size: int, block_size: int, lo: int, hi: int, path: str = "
             raise CbtIOError(exc.errno, f"cannot read {path} at byte {offset}: "
                              f"{exc.strerror}") from None
         try:
-            m.madvise(mmap.MADV_SEQUENTIAL)
-            m.madvise(mmap.MADV_WILLNEED)
+            if read_ahead:
+                m.madvise(mmap.MADV_SEQUENTIAL)
+                m.madvise(mmap.MADV_WILLNEED)
             yield first, m
         finally:
             with contextlib.suppress(BufferError):  # a view still held: unmapped when freed
@@ -284,29 +288,112 @@ def scan_blocks(
     limit: int | None = None,
 ) -> BlockScan:
     """:func:`scan` up to its buffers: what ``cbt scan`` without ``-o`` needs."""
-    fast.check_block_size(block_size)
-    workers = workers or default_workers()
-    started = time.perf_counter()
-    with open_disk(path) as opened:
-        disk = opened
-        if limit is not None and limit < disk.size:
-            disk = Disk(disk.path, disk.fd, limit, disk.kind)
-        n = fast.nblocks(disk.size, block_size)
-        ranges = block_ranges(data_extents(disk.fd, disk.size), block_size)
-        to_read = sum(min(hi * block_size, disk.size) - lo * block_size for lo, hi in ranges)
-        digests = shared_buffer(n * fast.DIGEST_SIZE)
-        flags = shared_buffer(n, fill=fast.FLAG_HOLE)
-        shards = split_ranges(ranges, workers)
-        tasks = [_ScanTask(disk.path, disk.fd, disk.size, block_size, s,
-                           memoryview(digests), memoryview(flags)) for s in shards]
-        report = (lambda done: progress(sum(done), to_read)) if progress else None
-        bytes_read = sum(fork_map(_scan_shard, tasks, report))
-    return BlockScan(
-        source=os.path.abspath(disk.path),
-        disk_size=disk.size,
-        block_size=block_size,
-        digests=digests,
-        flags=flags,
-        bytes_read=bytes_read,
-        seconds=time.perf_counter() - started,
-    )
+    pending = start_scan([(path, block_size)], workers, limit)
+    return pending.wait(progress)[0]
+
+
+class PendingScan:
+    """Disks being scanned by forked workers while this process goes on.
+
+    An incremental ``cbt backup`` starts scanning its disks before it has even
+    imported numpy or loaded the vault's index, and collects the digests when
+    it needs them.  :meth:`wait` returns one :class:`BlockScan` per disk;
+    :meth:`cancel` stops the workers.
+    """
+
+    def __init__(self, disks: list[Disk], block_sizes: list[int], workers: int) -> None:
+        self.started = time.perf_counter()
+        self._disks = disks
+        self._block_sizes = block_sizes
+        self._forked: Forked[int] | None = None
+        self._tasks: list[tuple[int, _ScanTask]] = []  # (disk number, task)
+        self._to_read: list[int] = []
+        self._buffers: list[tuple[mmap.mmap, mmap.mmap]] = []
+        plans = []
+        for disk, bs in zip(disks, block_sizes, strict=True):
+            n = fast.nblocks(disk.size, bs)
+            ranges = block_ranges(data_extents(disk.fd, disk.size), bs)
+            self._to_read.append(sum(min(hi * bs, disk.size) - lo * bs for lo, hi in ranges))
+            self._buffers.append((shared_buffer(n * fast.DIGEST_SIZE),
+                                  shared_buffer(n, fill=fast.FLAG_HOLE)))
+            plans.append(ranges)
+        # Shards of about equal bytes (a small disk is one shard, a large one several),
+        # so that workers finish together; the kernel shares the cores between them.
+        quota = max(1, -(-sum(self._to_read) // workers))
+        for i, (disk, bs, ranges) in enumerate(zip(disks, block_sizes, plans, strict=True)):
+            digests, flags = self._buffers[i]
+            parts = max(1, -(-self._to_read[i] // quota))
+            for shard in split_ranges(ranges, parts):
+                self._tasks.append((i, _ScanTask(disk.path, disk.fd, disk.size, bs, shard,
+                                                 memoryview(digests), memoryview(flags))))
+        self._forked = Forked(_scan_shard, [t for _, t in self._tasks])
+
+    def disks(self) -> list[tuple[str, int, int]]:
+        """(absolute path, block size, size) of each disk, in order."""
+        return [(os.path.abspath(d.path), bs, d.size)
+                for d, bs in zip(self._disks, self._block_sizes, strict=True)]
+
+    def wait(self, progress: Progress | None = None,
+             disk_progress: Callable[[int, int, int], None] | None = None) -> list[BlockScan]:
+        """The scans, in the order of the disks.
+
+        ``progress(done, total)`` counts bytes over all disks; ``disk_progress(k,
+        done, total)`` for disk ``k``.
+        """
+        assert self._forked is not None
+        total = sum(self._to_read)
+
+        def report(done: list[int]) -> None:
+            if progress:
+                progress(sum(done), total)
+            if disk_progress:
+                per_disk = [0] * len(self._to_read)
+                for (i, _), n in zip(self._tasks, done, strict=True):
+                    per_disk[i] += n
+                for i, n in enumerate(per_disk):
+                    disk_progress(i, n, self._to_read[i])
+
+        try:
+            read = self._forked.wait(report if progress or disk_progress else None)
+        finally:
+            self.close()
+        per_disk = [0] * len(self._disks)
+        for (i, _), n in zip(self._tasks, read, strict=True):
+            per_disk[i] += n
+        seconds = time.perf_counter() - self.started
+        return [BlockScan(os.path.abspath(d.path), d.size, bs, buf[0], buf[1], got, seconds)
+                for d, bs, buf, got in zip(self._disks, self._block_sizes, self._buffers,
+                                           per_disk, strict=True)]
+
+    def cancel(self) -> None:
+        if self._forked is not None:
+            self._forked.cancel()
+        self.close()
+
+    def close(self) -> None:
+        for d in self._disks:
+            with contextlib.suppress(OSError):
+                d.close()
+        self._disks = [d._replace(fd=-1) for d in self._disks]
+
+
+def start_scan(disks: Sequence[tuple[str | os.PathLike[str], int]], workers: int | None = None,
+               limit: int | None = None) -> PendingScan:
+    """Start scanning ``(path, block_size)`` disks in forked workers; see :class:`PendingScan`.
+
+    ``limit`` scans only the first ``limit`` bytes of each (a disk restored
+    onto a larger device).
+    """
+    opened: list[Disk] = []
+    try:
+        for path, bs in disks:
+            fast.check_block_size(bs)
+            disk = open_disk(path)
+            opened.append(disk)
+            if limit is not None and limit < disk.size:
+                opened[-1] = Disk(disk.path, disk.fd, limit, disk.kind)
+        return PendingScan(opened, [bs for _, bs in disks], workers or default_workers())
+    except BaseException:
+        for d in opened:
+            d.close()
+        raise

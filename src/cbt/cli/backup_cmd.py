@@ -65,7 +65,7 @@ def point_json(point: object, snapshots: dict[str, str] | None = None) -> dict[s
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.backup import parse_disk_arg
+    from cbt.disks import parse_disk_arg, start_early_scan
     from cbt.errors import CbtValueError
 
     if args.config:
@@ -75,13 +75,19 @@ def run(args: argparse.Namespace) -> int:
     if not args.vault or not args.vm or not args.disks:
         raise CbtValueError("give VAULT --vm NAME DISK [DISK ...], or --config FILE")
     specs = [parse_disk_arg(d) for d in args.disks]
-    from cbt.vault import Vault
+    # first thing: hash the disks of an incremental backup while the rest loads
+    early = start_early_scan(args.vault, args.vm, specs, args.block_size, args.workers)
+    try:
+        from cbt.vault import Vault
 
-    vault = Vault.open(args.vault)
-    with _progress(args, [s.label for s in specs]) as progress:
-        point = vault.backup(args.vm, specs, block_size=args.block_size,
-                             workers=args.workers, progress=progress, wait=args.wait,
-                             created=_created(args))
+        vault = Vault.open(args.vault)
+        with _progress(args, [s.label for s in specs]) as progress:
+            point = vault.backup(args.vm, specs, block_size=args.block_size,
+                                 workers=args.workers, progress=progress, wait=args.wait,
+                                 created=_created(args), early=early)
+    finally:
+        if early is not None:
+            early.cancel()
     if args.json:
         print_json(point_json(point))
         return EXIT_OK
@@ -119,9 +125,11 @@ def _run_config(args: argparse.Namespace) -> int:
 
 
 def _created(args: argparse.Namespace) -> str | None:
+    if not args.now:
+        return None
     from cbt.policy import parse_now, rfc3339
 
-    return rfc3339(parse_now(args.now)) if args.now else None
+    return rfc3339(parse_now(args.now))
 
 
 @contextlib.contextmanager

@@ -22,11 +22,9 @@ import os
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cbt.errors import CbtError, CbtIOError
-from cbt.manifest import Delta, Manifest, read_manifest_bytes, utc_now
-from cbt.vault import index as index_mod
 from cbt.vault.points import (
     NoSuchPointError,
     PointRecord,
@@ -35,6 +33,14 @@ from cbt.vault.points import (
     point_name,
 )
 from cbt.vault.storage import LocalStorage, Storage
+
+if TYPE_CHECKING:
+    from cbt.manifest import Delta, Manifest
+    from cbt.vault.index import Index
+
+# The manifest and index modules (numpy, pyarrow) load when first needed: opening
+# a vault and reading its points must stay cheap (``cbt backup`` starts its early
+# scan from them before anything heavy is imported).
 
 # Do not modify: identifies every vault ever made.
 VAULT_MAGIC = "cbt-vault"
@@ -75,6 +81,8 @@ class Vault:
         p.mkdir(parents=True, exist_ok=True)
         for sub in ("points", "manifests", "index", "packs"):
             (p / sub).mkdir(exist_ok=True)
+        from cbt.manifest import utc_now
+
         config = {"magic": VAULT_MAGIC, "format_version": VAULT_VERSION,
                   "encryption": "none", "id_key": "none", "id": uuid.uuid4().hex,
                   "created": utc_now()}
@@ -153,6 +161,8 @@ class Vault:
     # -- manifests -----------------------------------------------------------------
 
     def read_manifest_file(self, name: str) -> Manifest | Delta:
+        from cbt.manifest import read_manifest_bytes
+
         return read_manifest_bytes(self.storage.get(name), f"{self.root}/{name}")
 
     def resolve(self, point: PointRecord, label: str, opened: list[str] | None = None) -> Manifest:
@@ -165,6 +175,8 @@ class Vault:
             raise NoSuchPointError(f"point {point.id} has no disk {label!r}")
         if opened is not None:
             opened.append(disk.manifest)
+        from cbt.manifest import Delta
+
         m = self.read_manifest_file(disk.manifest)
         if isinstance(m, Delta):
             if disk.base is None:
@@ -189,8 +201,10 @@ class Vault:
 
     # -- index -----------------------------------------------------------------------
 
-    def load_index(self, warnings: list[str] | None = None) -> index_mod.Index:
-        return index_mod.load(self.storage, warnings)
+    def load_index(self, warnings: list[str] | None = None) -> Index:
+        from cbt.vault.index import load
+
+        return load(self.storage, warnings)
 
     def leftovers(self) -> list[str]:
         """Names of temporary files and manifest folders no committed point owns."""
@@ -215,7 +229,8 @@ class Vault:
 
         See :func:`cbt.backup.backup` for the keyword arguments.
         """
-        from cbt.backup import DiskSpec, backup, parse_disk_arg
+        from cbt.backup import backup
+        from cbt.disks import DiskSpec, parse_disk_arg
 
         specs = [d if isinstance(d, DiskSpec) else parse_disk_arg(os.fspath(d)) for d in disks]
         return backup(self, vm, specs, **kwargs)
