@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -393,3 +394,37 @@ def test_whole_point_in_place_into_a_directory(hist: History, tmp_path: Path) ->
                                          for i in np.flatnonzero(differs)), d
         assert np.array_equal(read(out / f"{d['label']}.img"), truth)
     assert sorted(p.name for p in out.iterdir()) == ["db.img", "os.img"]
+
+
+def _pack_jobs(target: str, blocks_per_pack: list[int], bs: int = 16 * 1024) -> list[Any]:
+    from cbt.restore import _Job
+
+    jobs, first = [], 0
+    for k, count in enumerate(blocks_per_pack):
+        blocks = np.arange(first, first + count, dtype=np.uint64)
+        first += count
+        jobs.append(_Job("vault", "p", target, target, bs, f"{target}-{k}", blocks,
+                         np.zeros((count, 32), np.uint8), np.zeros(count, np.uint64),
+                         np.full(count, 100, np.uint64), first * bs))
+    return jobs
+
+
+@pytest.mark.parametrize("sizes", [[160, 90], [200, 200], [300], [50, 40, 30, 20, 10]])
+def test_restore_work_shared_out_evenly_files_split_least(sizes: list[int]) -> None:
+    """Two workers: every pack job exactly once; loads within one pack of equal; a file
+    that fits in a worker's share goes to one worker whole; at most one file is split
+    per worker beyond its share."""
+    from cbt.restore import _balance
+
+    jobs = [j for t, n in enumerate(sizes) for j in _pack_jobs(f"d{t}", [10] * n)]
+    groups = _balance(jobs, 2)
+    assert sorted(id(j) for g in groups for j in g) == sorted(id(j) for j in jobs)
+    loads = [sum(len(j.blocks) for j in g) for g in groups]
+    assert abs(loads[0] - loads[1]) <= 10 + sum(sizes) * 10 // 32, loads
+    holders = {t: {k for k, g in enumerate(groups) if any(j.target == t for j in g)}
+               for t in {j.target for j in jobs}}
+    share = sum(sizes) * 10 / 2
+    for t, n in enumerate(sizes):
+        if n * 10 <= share and len(sizes) <= 2:
+            assert len(holders[f"d{t}"]) == 1, (sizes, holders)
+    assert sum(len(h) > 1 for h in holders.values()) <= 1, holders
