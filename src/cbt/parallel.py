@@ -7,7 +7,8 @@ Used where one disk is split across cores (``scan --workers N``, image diffs):
    write straight into them: no pickling of digests, no copies.
 2. :func:`fork_map` forks one child per task; each child runs ``fn(task,
    report)`` and sends back only a small picklable result (or its exception)
-   through a pipe.
+   through a pipe.  :class:`Forked` is the same in two halves (fork now,
+   collect later), for a caller with other work to do meanwhile.
 3. ``report(nbytes)`` adds to a shared per-task counter which the parent
    passes to ``progress`` (as a list) a few times a second while it waits.
 
