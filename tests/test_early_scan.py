@@ -44,6 +44,15 @@ def _digests(data: np.ndarray, bs: int) -> np.ndarray:
                                    np.uint8) for i in range(n)])
 
 
+def _first_backup(tmp_path: Path, size: int, seed: int) -> tuple[cbt.Vault, Path, np.ndarray]:
+    """A vault holding one point of disk ``d``: the disk's next backup is incremental."""
+    vault = cbt.Vault.init(tmp_path / "v")
+    disk = tmp_path / "d.img"
+    data = _disk(disk, size, seed)
+    vault.backup("vm", [f"d={disk}"], block_size=BS)
+    return vault, disk, data
+
+
 class _Finished:
     """An early scan that has already finished (so a test can change the disk after it)."""
 
@@ -110,10 +119,7 @@ def test_disk_written_after_the_early_scan(tmp_path: Path) -> None:
     unchanged keeps what the scan saw (it is in the vault already); a block the vault
     lacks is read again when stored, and the point records what was stored.  Either way
     every block of the restore is a state the disk really had, and verify passes."""
-    vault = cbt.Vault.init(tmp_path / "v")
-    disk = tmp_path / "d.img"
-    data = _disk(disk, 4 * MIB, 5)
-    vault.backup("vm", [f"d={disk}"], block_size=BS)
+    vault, disk, data = _first_backup(tmp_path, 4 * MIB, 5)
     _write(disk, data, 0, 3 * BS, 30)  # day 1: blocks 0-2
     day1 = data.copy()
     scans = start_scan([(disk, BS)]).wait()
@@ -130,10 +136,7 @@ def test_disk_written_after_the_early_scan(tmp_path: Path) -> None:
 
 
 def test_disk_resized_after_the_early_scan_is_hashed_again(tmp_path: Path) -> None:
-    vault = cbt.Vault.init(tmp_path / "v")
-    disk = tmp_path / "d.img"
-    data = _disk(disk, 3 * MIB, 6)
-    vault.backup("vm", [f"d={disk}"], block_size=BS)
+    vault, disk, data = _first_backup(tmp_path, 3 * MIB, 6)
     scans = start_scan([(disk, BS)]).wait()
     grown = np.concatenate([data, np.random.default_rng(7).integers(0, 256, MIB, np.uint8)])
     grown.tofile(disk)
@@ -141,3 +144,64 @@ def test_disk_resized_after_the_early_scan_is_hashed_again(tmp_path: Path) -> No
                               early=_Finished(scans))  # type: ignore[arg-type]
     assert np.array_equal(vault.resolve(point, "d").digests, _digests(grown, BS))
     assert point.disks[0].changed_blocks == truth_changed(data, grown, BS)
+
+
+def test_snapshot_changed_after_the_early_scan(tmp_path: Path) -> None:
+    """A disk read from a snapshot is not re-hashed on the plain path, but an early scan's
+    digest is older than the bytes read at store time: those are hashed again too."""
+    vault = cbt.Vault.init(tmp_path / "v")
+    disk, snap = tmp_path / "d.img", tmp_path / "snap.img"
+    data = _disk(disk, 2 * MIB, 8)
+    vault.backup("vm", [f"d={disk}"], block_size=BS)
+    _write(disk, data, 5 * BS, 2 * BS, 40)
+    data.tofile(snap)
+    scans = start_scan([(snap, BS)]).wait()
+    _write(snap, data, 5 * BS, 2 * BS, 41)  # the snapshot changes after the scan
+    point = cbt.backup.backup(vault, "vm", [DiskSpec("d", str(disk), read_from=str(snap))],
+                              early=_Finished(scans))  # type: ignore[arg-type]
+    assert np.array_equal(vault.resolve(point, "d").digests, _digests(data, BS))
+    assert vault.verify(data=True)["problems"] == []
+
+
+def test_failed_early_scan_falls_back_to_hashing(tmp_path: Path) -> None:
+    vault, disk, data = _first_backup(tmp_path, 2 * MIB, 9)
+    _write(disk, data, 3 * BS, 5000, 50)
+    early = start_scan([(disk, BS)])
+    early.cancel()  # its workers are gone: waiting for it fails
+    point = cbt.backup.backup(vault, "vm", [DiskSpec("d", str(disk))], early=early)
+    assert np.array_equal(vault.resolve(point, "d").digests, _digests(data, BS))
+
+
+def test_early_scan_dropped_after_a_long_wait_for_the_lock(tmp_path: Path) -> None:
+    """Waiting long for the writer lock makes the early scan too old: the backup hashes
+    the disk again, so the point is the disk as it is when the lock is finally taken."""
+    import subprocess
+    import sys
+
+    vault, disk, data = _first_backup(tmp_path, 2 * MIB, 10)
+    scans = start_scan([(disk, BS)]).wait()
+    _write(disk, data, 0, 4 * BS, 60)  # after the scan, before the backup
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom cbt.vault.lock import writer_lock\n"
+         "with writer_lock(sys.argv[1], 0):\n    print('locked', flush=True)\n"
+         "    time.sleep(2.0)\n", vault.root], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        point = cbt.backup.backup(vault, "vm", [DiskSpec("d", str(disk))], wait=30,
+                                  early=_Finished(scans))  # type: ignore[arg-type]
+    finally:
+        holder.wait(timeout=30)
+    assert np.array_equal(vault.resolve(point, "d").digests, _digests(data, BS))
+
+
+def test_forked_workers_cannot_be_waited_for_twice() -> None:
+    from cbt.parallel import Forked, WorkerError
+
+    forked = Forked(lambda task, report: task * 2, [1, 2, 3])
+    assert forked.wait() == [2, 4, 6]
+    try:
+        forked.wait()
+    except WorkerError:
+        pass
+    else:
+        raise AssertionError("a second wait must fail, not read pipes it closed")

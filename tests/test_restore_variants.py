@@ -428,3 +428,13 @@ def test_restore_work_shared_out_evenly_files_split_least(sizes: list[int]) -> N
         if n * 10 <= share and len(sizes) <= 2:
             assert len(holders[f"d{t}"]) == 1, (sizes, holders)
     assert sum(len(h) > 1 for h in holders.values()) <= 1, holders
+
+
+def test_restore_split_target_fills_workers_evenly() -> None:
+    """One disk poured into three workers: a small pack must not push a worker past its
+    share so that another gets nothing."""
+    from cbt.restore import _balance
+
+    jobs = _pack_jobs("d0", [100, 2, 100, 100])
+    loads = sorted(sum(len(j.blocks) for j in g) for g in _balance(jobs, 3))
+    assert loads == [100, 100, 102]

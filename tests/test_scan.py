@@ -353,3 +353,16 @@ def test_property_sparse_scan(case: tuple[int, list[tuple[str, int, int]], int, 
             else:
                 img.punch(off, min(length, -(-size // PAGE) * PAGE - off))
         check_scan(cbt.scan(img.path, bs, workers=workers), img, bs)
+
+
+def test_package_api_names_after_any_import_order() -> None:
+    """``cbt.scan`` and ``cbt.diff`` are the API functions whichever module loaded first,
+    and the submodules stay reachable as attributes."""
+    probe = ("import cbt.manifest, cbt.scan, cbt.diff, cbt.backup, cbt\n"
+             "import types\n"
+             "assert callable(cbt.scan) and callable(cbt.diff), (cbt.scan, cbt.diff)\n"
+             "assert isinstance(cbt.manifest, types.ModuleType)\n"
+             "assert isinstance(cbt.vault, types.ModuleType)\n"
+             "from cbt import scan, diff, Manifest, Vault, ChangeSet\n"
+             "assert scan is cbt.scan and diff is cbt.diff\n")
+    subprocess.run([sys.executable, "-c", probe], check=True)

@@ -50,7 +50,7 @@ _API = {
     "parse_size": "cbt.sizes",
 }
 _SUBMODULES = ("jobs", "config", "policy", "prune", "gc", "restore", "verify", "scheduler",
-               "backup", "synth")
+               "backup", "synth", "manifest", "vault", "sizes", "parallel", "disks")
 
 
 def __getattr__(name: str) -> object:

@@ -74,6 +74,7 @@ from cbt.vault.vault import Vault
 # time); on a file-system image changed in longer runs 16K stores the same as 64K.
 DEFAULT_BACKUP_BLOCK_SIZE = 16 << 10
 PACKS_IN_FLIGHT = 2  # full packs of a worker queued for its writing thread
+EARLY_SCAN_MAX_WAIT = 1.0  # seconds waited for the lock after which an early scan is dropped
 
 # (vm, label, bytes_done, bytes_total) a few times a second
 BackupProgress = Callable[[str, str, int, int], None]
@@ -198,7 +199,9 @@ def _backup_shard(task: _Shard, report: Report) -> _ShardResult:
                                 continue
                             stored_here.add(d)
                             off = row * bs
-                            if task.live:
+                            # (an early scan's digest is older than the bytes read
+                            # now, snapshot or not: they are hashed again as copied)
+                            if task.live or task.prehash is not None:
                                 actual = _add_live(writer, digests, flags, row,
                                                    view[off:off + bs], d)
                                 if actual != d:  # changed under us: d itself was not stored
@@ -305,7 +308,12 @@ def _take_early_scan(early: PendingScan, plans: list[_DiskPlan], vm: str,
         if progress and k in match:
             progress(vm, match[k].spec.label, done, total)
 
-    scans = early.wait(disk_progress=report)
+    if not match:
+        return
+    try:
+        scans = early.wait(disk_progress=report)
+    except (CbtError, OSError):  # the early scan is only a head start: hash as usual
+        return
     for k, p in match.items():
         p.early = scans[k]
 
@@ -399,7 +407,11 @@ def backup(vault: Vault, vm: str, disks: Sequence[DiskSpec], block_size: int | N
     try:
         check_disks(vm, disks, block_size)
         prepare_crash_counter()
+        asked = time.monotonic()
         with writer_lock(vault.root, wait):
+            if early is not None and time.monotonic() - asked > EARLY_SCAN_MAX_WAIT:
+                early.cancel()  # it saw the disks too long before the point was taken
+                early = None
             return backup_locked(vault, vm, disks, block_size=block_size, workers=workers,
                                  progress=progress, created=created, consistency=consistency,
                                  executor=executor, slot=slot, early=early)

@@ -138,10 +138,12 @@ class Writeback:
                     return
                 fd, lo, hi = self._queue.pop(0)
                 self._busy = fd
-            _libc.sync_file_range(fd, lo, hi - lo, _SYNC_FILE_RANGE_WRITE)  # GIL released
-            with self._wake:
-                self._busy = -1
-                self._wake.notify_all()
+            try:
+                _libc.sync_file_range(fd, lo, hi - lo, _SYNC_FILE_RANGE_WRITE)  # GIL released
+            finally:
+                with self._wake:
+                    self._busy = -1
+                    self._wake.notify_all()
 
 
 def write_all(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:

@@ -7,9 +7,11 @@
    hashing them before it has imported numpy, taken the vault's lock or
    loaded its index (together about a third of a second).  The backup then
    takes the digests from the finished scan and reads only the blocks the
-   vault lacks.  A disk read live may change meanwhile, as it may during any
-   live read: each block is recorded as it was when it was read, and a block
-   that is stored is hashed again as it is copied.
+   vault lacks.  A disk (or a snapshot) may change meanwhile, as a live disk
+   may during any read: each block is recorded as it was when it was read, and
+   a block that is stored is hashed again as it is copied.  The backup drops
+   the early scan, and hashes as usual, when it waited more than a second for
+   the vault's lock (the scan would be too old) or when the scan failed.
 
 This module imports neither numpy nor pyarrow (start-up time counts).
 """

@@ -108,17 +108,24 @@ class Forked(Generic[R]):
         try:
             for index, task in enumerate(tasks):
                 r, w = os.pipe()
-                pid = os.fork()
+                try:
+                    pid = os.fork()
+                except BaseException:
+                    os.close(r)
+                    os.close(w)
+                    raise
                 if pid == 0:  # child
                     os.close(r)
                     _child(fn, task, index, self._counters, w)
+                self._children.append((pid, r))  # first: a cancel must find this child
                 os.close(w)
-                self._children.append((pid, r))
         except BaseException:
             self.cancel()
             raise
 
     def wait(self, progress: Progress | None = None, interval: float = 0.2) -> list[R]:
+        if self._reaped:  # (its pipes are closed; their numbers may belong to others now)
+            raise WorkerError("these workers were already collected or cancelled")
         try:
             payloads = _collect(self._children, self._counters, progress, interval)
         finally:

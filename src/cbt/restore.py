@@ -163,10 +163,12 @@ def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int
         for run in runs.values():
             run.flush()
     finally:
-        for fd in fds.values():
-            writeback.forget(fd)
-            os.close(fd)
-        writeback.close()
+        try:
+            for fd in fds.values():
+                writeback.forget(fd)
+                os.close(fd)
+        finally:
+            writeback.close()
     return stats
 
 
@@ -428,10 +430,11 @@ def _balance(jobs: list[_Job], n: int) -> list[list[_Job]]:
         order = sorted(range(n), key=load.__getitem__)  # most room first
         i = 0
         for job in target_jobs:
-            while i < n - 1 and load[order[i]] >= quota:
+            work = len(job.blocks) * job.block_size
+            while i < n - 1 and load[order[i]] + work / 2 > quota:  # (nearer the next one)
                 i += 1
             groups[order[i]].append(job)
-            load[order[i]] += len(job.blocks) * job.block_size
+            load[order[i]] += work
     return groups
 
 
