@@ -92,6 +92,7 @@ class Writeback:
         self._queue: list[tuple[int, int, int]] = []
         self._wake = threading.Condition()
         self._closed = False
+        self._busy = -1  # the descriptor the thread is working on
         self._thread = threading.Thread(target=self._run, name="cbt-writeback", daemon=True)
         self._thread.start()
 
@@ -120,8 +121,6 @@ class Writeback:
             self._queue.clear()
             self._wake.notify_all()
         self._thread.join()
-
-    _busy = -1
 
     def _hand_over(self, fd: int, lo: int, hi: int) -> None:
         if hi > lo:

@@ -305,7 +305,6 @@ class PendingScan:
         self.started = time.perf_counter()
         self._disks = disks
         self._block_sizes = block_sizes
-        self._forked: Forked[int] | None = None
         self._tasks: list[tuple[int, _ScanTask]] = []  # (disk number, task)
         self._to_read: list[int] = []
         self._buffers: list[tuple[mmap.mmap, mmap.mmap]] = []
@@ -326,7 +325,7 @@ class PendingScan:
             for shard in split_ranges(ranges, parts):
                 self._tasks.append((i, _ScanTask(disk.path, disk.fd, disk.size, bs, shard,
                                                  memoryview(digests), memoryview(flags))))
-        self._forked = Forked(_scan_shard, [t for _, t in self._tasks])
+        self._forked: Forked[int] = Forked(_scan_shard, [t for _, t in self._tasks])
 
     def disks(self) -> list[tuple[str, int, int]]:
         """(absolute path, block size, size) of each disk, in order."""
@@ -340,7 +339,6 @@ class PendingScan:
         ``progress(done, total)`` counts bytes over all disks; ``disk_progress(k,
         done, total)`` for disk ``k``.
         """
-        assert self._forked is not None
         total = sum(self._to_read)
 
         def report(done: list[int]) -> None:
@@ -366,8 +364,7 @@ class PendingScan:
                                            per_disk, strict=True)]
 
     def cancel(self) -> None:
-        if self._forked is not None:
-            self._forked.cancel()
+        self._forked.cancel()
         self.close()
 
     def close(self) -> None:
