@@ -202,15 +202,16 @@ def write_random(path: Path, size: int, seed: int) -> None:
             left -= n
 
 
-def scribble(path: Path, seed: int, count: int = 20) -> None:
-    """Overwrite ``count`` random 4 KiB pages in place."""
+def scribble(path: Path, seed: int, pages: int = 20) -> None:
+    """Overwrite ``pages`` random 4 KiB pages of a disk in place with random bytes (fsynced)."""
     rng = np.random.default_rng(seed)
     size = os.path.getsize(path)
     fd = os.open(path, os.O_WRONLY)
     try:
-        for _ in range(count):
-            off = int(rng.integers(0, max(1, size - 4096)))
-            os.pwrite(fd, rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), off)
+        for _ in range(pages):
+            page = int(rng.integers(0, max(1, size // 4096)))
+            os.pwrite(fd, rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), page * 4096)
+        os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -94,20 +94,6 @@ def write_random_disk(path: Path, size: int, seed: int) -> Path:
     return path
 
 
-def scribble(path: Path, seed: int, pages: int = 8) -> None:
-    """Overwrite ``pages`` random 4 KiB pages of a disk in place with random bytes."""
-    rng = np.random.default_rng(seed)
-    size = os.path.getsize(path)
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        for _ in range(pages):
-            page = int(rng.integers(0, size // PAGE))
-            os.pwrite(fd, rng.integers(0, 256, PAGE, dtype=np.uint8).tobytes(), page * PAGE)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def copy_disk(src: Path, dst: Path) -> Path:
     """The ground truth of a disk at this moment: a plain byte copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)

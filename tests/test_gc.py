@@ -9,12 +9,15 @@ backup time, and `cbt verify --data` is clean.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,16 @@ from cbt.disks import DiskSpec
 from cbt.vault import Vault
 
 BS = 16 << 10  # the default block size of a first backup
+
+
+@contextlib.contextmanager
+def _stopped(proc: subprocess.Popen[str]) -> Iterator[None]:
+    """Hold a cbt process group still (SIGSTOP) for the body, then let it go on."""
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
 
 
 def _pwrite(path: Path, offset: int, data: bytes) -> None:
@@ -217,14 +230,11 @@ def test_gc_started_while_a_backup_commits_does_not_fail(tmp_path: Path) -> None
     with cleanup_group(proc):
         wait_for(lambda: _gc_lock_held_by_other(vault_dir) or proc.poll() is not None,
                  what="the backup's commit", interval=0.0002)
-        os.killpg(proc.pid, signal.SIGSTOP)
-        try:
+        with _stopped(proc):
             assert proc.poll() is None and _gc_lock_held_by_other(vault_dir), \
                 "could not hold the backup inside its commit"
             gc_proc = start_cbt("gc", vault_dir, "--grace", "0", "--json")
             time.sleep(1.0)  # it may wait for the commit, or finish; it must not fail
-        finally:
-            os.killpg(proc.pid, signal.SIGCONT)
         with cleanup_group(gc_proc):
             _, gc_err = gc_proc.communicate(timeout=120)
         out, err = proc.communicate(timeout=300)
@@ -261,13 +271,10 @@ def test_gc_while_a_backup_reuses_blocks_of_a_pruned_point(tmp_path: Path) -> No
         wait_for(lambda: pack_set(vault_dir) - packs0 or proc.poll() is not None,
                  what="the backup's first pack")
         assert proc.poll() is None, "the backup finished before it could be held"
-        os.killpg(proc.pid, signal.SIGSTOP)
-        try:
+        with _stopped(proc):
             first = gc(vault_dir, "--grace", "0")
             assert first["packs_removed"] >= 1, first
             assert not (old_packs & pack_set(vault_dir)), "gc left the dead packs in place"
-        finally:
-            os.killpg(proc.pid, signal.SIGCONT)
         out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     point = _point_of(out)
@@ -322,13 +329,10 @@ def test_gc_with_no_grace_while_a_restore_reads(tmp_path: Path) -> None:
         wait_for(lambda: (to.is_dir() and any(to.iterdir())) or proc.poll() is not None,
                  what="the restore's target file", interval=0.0005)
         assert proc.poll() is None, "the restore finished before gc could run"
-        os.killpg(proc.pid, signal.SIGSTOP)
-        try:
+        with _stopped(proc):
             res = gc(vault_dir, "--grace", "0")
             assert res["packs_rewritten"] >= 1, res
             assert not (old_packs & pack_set(vault_dir)), "the old packs are still in place"
-        finally:
-            os.killpg(proc.pid, signal.SIGCONT)
         _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert_same_bytes(to / "y.img", truth)

@@ -605,8 +605,8 @@ def test_same_point_on_any_executor(site: Site) -> None:
     truths = []
     for day in range(2):
         if day:
-            scribble(site.disks["os"], seed=11, count=25)
-            scribble(site.disks["db"], seed=12, count=5)
+            scribble(site.disks["os"], seed=11, pages=25)
+            scribble(site.disks["db"], seed=12, pages=5)
         truths.append({lb: truth_hash(np.fromfile(p, np.uint8), BS)
                        for lb, p in site.disks.items()})
         for name in EXECUTORS:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from jobs_helpers import scribble
 from sched_helpers import (
     MIB,
     assert_same_bytes,
@@ -24,7 +25,6 @@ from sched_helpers import (
     loop_xfs,
     prune,
     restore,
-    scribble,
     write_config,
     write_random_disk,
 )

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from jobs_helpers import scribble
 from sched_helpers import (
     assert_same_bytes,
     copy_disk,
@@ -27,7 +28,6 @@ from sched_helpers import (
     restore,
     run_due,
     run_in_session,
-    scribble,
     vault_state,
     verify_data_clean,
     write_config,

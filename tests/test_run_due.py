@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jobs_helpers import scribble
 from sched_helpers import (
     assert_same_bytes,
     copy_disk,
@@ -15,7 +16,6 @@ from sched_helpers import (
     point_record,
     restore,
     run_due,
-    scribble,
     write_config,
     write_random_disk,
 )
