@@ -7,8 +7,8 @@ setup(
     ext_modules=cythonize(
         [
             Extension(
-                "cbt._fast",
-                ["src/cbt/_fast.pyx"],
+                "cbt.core._fast",
+                ["src/cbt/core/_fast.pyx"],
                 extra_compile_args=["-O3"],
             )
         ],

@@ -1,4 +1,4 @@
-"""Throughput of the Cython core (``cbt._core.fast``) on a 64 MiB buffer.
+"""Throughput of the Cython core (``cbt.core.native.fast``) on a 64 MiB buffer.
 
 Run (from the repository root)::
 
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cbt._core import fast
+from cbt.core.native import fast
 
 BUFFER = 64 << 20
 BLOCK_SIZES = [4 << 10, 64 << 10, 1 << 20]

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import cbt
-from cbt.sizes import format_size, parse_size
-from cbt.synth import copy_sparse, make_db_file, make_fs_image, mutate
+from cbt.core.sizes import format_size, parse_size
+from cbt.source.synth import copy_sparse, make_db_file, make_fs_image, mutate
 
 
 def main() -> None:

@@ -161,7 +161,7 @@ class SparseImage:
         self.write(offset, rng.integers(1, 256, size=length, dtype=np.uint8))
 
     def punch(self, offset: int, length: int) -> None:
-        from cbt.synth import punch_hole
+        from cbt.source.synth import punch_hole
 
         assert offset % PAGE == 0 and length % PAGE == 0
         fd = os.open(self.path, os.O_RDWR)

@@ -320,7 +320,7 @@ def build_history3(root: Path, bs: int) -> History3:
     from vault_helpers import KIB, MIB, fs_image, keep_copy, pack_files
 
     import cbt as cbt_api
-    from cbt.synth import make_db_file, mutate
+    from cbt.source.synth import make_db_file, mutate
 
     disks = root / "disks"
     disks.mkdir()

@@ -32,7 +32,7 @@ from vault_helpers import (
 )
 
 import cbt
-from cbt.synth import make_db_file, mutate
+from cbt.source.synth import make_db_file, mutate
 
 
 def _day_changes(day: int, disks: Path, fill_at: dict[str, int]) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cbt.blockio import Writeback
+from cbt.core.blockio import Writeback
 
 MIB = 1 << 20
 

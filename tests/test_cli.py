@@ -32,7 +32,7 @@ from _util import (
 from conftest import need
 
 import cbt
-from cbt.manifest import Manifest
+from cbt.format.manifest import Manifest
 
 KIB = 1024
 MIB = 1024 * KIB

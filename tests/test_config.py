@@ -22,7 +22,7 @@ from jobs_helpers import CHECK_DISK_KEYS, CHECK_KEYS, CHECK_VM_KEYS, can_reflink
 from vault_helpers import cbt, one_error_line
 
 from cbt.cli.main import main
-from cbt.config import ConfigError, load
+from cbt.jobs.config import ConfigError, load
 
 FULL = """\
 vault = "vault"                    # relative paths resolve against the config file's folder

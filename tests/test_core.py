@@ -1,7 +1,7 @@
 """The core, one test body against every implementation.
 
-``impl`` runs each test against the compiled core (``cbt._core.fast``) and the
-pure-Python reference (``cbt._reference``).  Expected values come from the
+``impl`` runs each test against the compiled core (``cbt.core.native.fast``) and the
+pure-Python reference (``cbt.core.reference``).  Expected values come from the
 ``blake3`` package and numpy directly, never from either implementation, so
 the two agree because both are right.
 """
@@ -21,12 +21,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cbt
-import cbt._core
-import cbt._reference
-from cbt._core import CoreMissingError
+import cbt.core.native
+import cbt.core.reference
+from cbt.core.native import CoreMissingError
 
 # ``import cbt._fast`` does not bind it: cbt/__init__ deletes its ``_fast`` name.
-FAST = importlib.import_module("cbt._fast")
+FAST = importlib.import_module("cbt.core._fast")
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -35,7 +35,7 @@ BLOCK_SIZES = [1 << s for s in range(12, 23)]  # 4 KiB .. 4 MiB
 
 @pytest.fixture(scope="module", params=["fast", "reference"])
 def impl(request: pytest.FixtureRequest) -> ModuleType:
-    return cbt._core.fast if request.param == "fast" else cbt._reference
+    return cbt.core.native.fast if request.param == "fast" else cbt.core.reference
 
 
 def outputs(length: int, bs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,7 +57,7 @@ _BIG = np.random.default_rng(7).integers(0, 256, size=3 * (4 * MIB) + 4 * MIB //
 
 
 def test_implementations_share_constants(impl: ModuleType) -> None:
-    assert impl.API_VERSION == cbt._core.EXPECTED_API_VERSION
+    assert impl.API_VERSION == cbt.core.native.EXPECTED_API_VERSION
     assert (impl.DIGEST_SIZE, impl.FLAG_DATA, impl.FLAG_ZERO, impl.FLAG_HOLE) == (32, 0, 1, 2)
     assert (impl.MIN_BLOCK, impl.MAX_BLOCK) == (4 * KIB, 4 * MIB)
     assert isinstance(impl.kernel, str) and impl.kernel
@@ -393,8 +393,8 @@ def test_property_bitmap_runs(impl: ModuleType, bits: list[bool], shift: int,
 @given(buffers())
 def test_property_native_equals_reference(case: tuple[np.ndarray, int]) -> None:
     data, bs = case
-    d1, f1, c1 = hashed(cbt._core.fast, data, bs)
-    d2, f2, c2 = hashed(cbt._reference, data, bs)
+    d1, f1, c1 = hashed(cbt.core.native.fast, data, bs)
+    d2, f2, c2 = hashed(cbt.core.reference, data, bs)
     assert c1 == c2
     assert np.array_equal(f1, f2) and np.array_equal(d1, d2)
 
@@ -403,24 +403,24 @@ def test_property_native_equals_reference(case: tuple[np.ndarray, int]) -> None:
 
 
 def test_load_returns_the_compiled_core() -> None:
-    core = cbt._core.load()
+    core = cbt.core.native.load()
     assert core is FAST
     assert core.__file__ is not None and not core.__file__.endswith(".py")
 
 
 def test_load_refuses_a_stale_core(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(FAST, "API_VERSION", cbt._core.EXPECTED_API_VERSION + 1)
+    monkeypatch.setattr(FAST, "API_VERSION", cbt.core.native.EXPECTED_API_VERSION + 1)
     with pytest.raises(CoreMissingError, match="stale") as info:
-        cbt._core.load()
+        cbt.core.native.load()
     assert isinstance(info.value, ImportError)
     assert isinstance(info.value, cbt.CbtError)
     assert "pip install" in str(info.value)
 
 
 def test_load_refuses_a_missing_core(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "cbt._fast", None)  # import cbt._fast now fails
+    monkeypatch.setitem(sys.modules, "cbt.core._fast", None)  # import cbt._fast now fails
     with pytest.raises(CoreMissingError, match="missing") as info:
-        cbt._core.load()
+        cbt.core.native.load()
     assert isinstance(info.value, ImportError)
 
 

@@ -49,7 +49,7 @@ from vault_helpers import (
 )
 
 import cbt as cbt_api
-from cbt.synth import make_db_file, mutate
+from cbt.source.synth import make_db_file, mutate
 
 BS = 64 * KIB
 
@@ -158,7 +158,7 @@ def _two_disk_scenario(root: Path) -> Scenario:
 
 def _many_segments_scenario(root: Path) -> Scenario:
     """15 earlier points, each with an index segment: the next run merges the index."""
-    from cbt.vault.index import MERGE_AT
+    from cbt.repo.index import MERGE_AT
 
     disks, copies = root / "disks", root / "copies"
     disks.mkdir()

@@ -33,7 +33,7 @@ from vault_helpers import (
 )
 
 import cbt as cbt_api
-from cbt.vault.index import read_segment, segment_bytes
+from cbt.repo.index import read_segment, segment_bytes
 
 BS = 64 * KIB
 

@@ -32,8 +32,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cbt
-from cbt.manifest import Manifest
-from cbt.synth import copy_sparse, make_db_file, make_fs_image, mutate
+from cbt.format.manifest import Manifest
+from cbt.source.synth import copy_sparse, make_db_file, make_fs_image, mutate
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -16,8 +16,10 @@ import numpy as np
 from vault_helpers import KIB, MIB, backup_cli, cbt_json, read, truth_changed
 
 import cbt
-from cbt.disks import DiskSpec, start_early_scan
-from cbt.scan import BlockScan, start_scan
+import cbt.ops.backup
+from cbt.ops.early_scan import start_early_scan
+from cbt.source.disks import DiskSpec
+from cbt.source.scan import BlockScan, start_scan
 
 BS = 16 * KIB
 
@@ -124,7 +126,7 @@ def test_disk_written_after_the_early_scan(tmp_path: Path) -> None:
     day1 = data.copy()
     scans = start_scan([(disk, BS)]).wait()
     _write(disk, data, BS, 3 * BS, 31)  # after the scan: blocks 1-3 (1, 2 new; 3 old)
-    point = cbt.backup.backup(vault, "vm", [DiskSpec("d", str(disk))],
+    point = cbt.ops.backup.backup(vault, "vm", [DiskSpec("d", str(disk))],
                               early=_Finished(scans))  # type: ignore[arg-type]
     want = day1.copy()
     want[BS:3 * BS] = data[BS:3 * BS]  # stored blocks: read again, as they are now
@@ -140,7 +142,7 @@ def test_disk_resized_after_the_early_scan_is_hashed_again(tmp_path: Path) -> No
     scans = start_scan([(disk, BS)]).wait()
     grown = np.concatenate([data, np.random.default_rng(7).integers(0, 256, MIB, np.uint8)])
     grown.tofile(disk)
-    point = cbt.backup.backup(vault, "vm", [DiskSpec("d", str(disk))],
+    point = cbt.ops.backup.backup(vault, "vm", [DiskSpec("d", str(disk))],
                               early=_Finished(scans))  # type: ignore[arg-type]
     assert np.array_equal(vault.resolve(point, "d").digests, _digests(grown, BS))
     assert point.disks[0].changed_blocks == truth_changed(data, grown, BS)
@@ -157,7 +159,7 @@ def test_snapshot_changed_after_the_early_scan(tmp_path: Path) -> None:
     data.tofile(snap)
     scans = start_scan([(snap, BS)]).wait()
     _write(snap, data, 5 * BS, 2 * BS, 41)  # the snapshot changes after the scan
-    point = cbt.backup.backup(vault, "vm", [DiskSpec("d", str(disk), read_from=str(snap))],
+    point = cbt.ops.backup.backup(vault, "vm", [DiskSpec("d", str(disk), read_from=str(snap))],
                               early=_Finished(scans))  # type: ignore[arg-type]
     assert np.array_equal(vault.resolve(point, "d").digests, _digests(data, BS))
     assert vault.verify(data=True)["problems"] == []
@@ -168,7 +170,7 @@ def test_failed_early_scan_falls_back_to_hashing(tmp_path: Path) -> None:
     _write(disk, data, 3 * BS, 5000, 50)
     early = start_scan([(disk, BS)])
     early.cancel()  # its workers are gone: waiting for it fails
-    point = cbt.backup.backup(vault, "vm", [DiskSpec("d", str(disk))], early=early)
+    point = cbt.ops.backup.backup(vault, "vm", [DiskSpec("d", str(disk))], early=early)
     assert np.array_equal(vault.resolve(point, "d").digests, _digests(data, BS))
 
 
@@ -182,12 +184,12 @@ def test_early_scan_dropped_after_a_long_wait_for_the_lock(tmp_path: Path) -> No
     scans = start_scan([(disk, BS)]).wait()
     _write(disk, data, 0, 4 * BS, 60)  # after the scan, before the backup
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom cbt.vault.lock import writer_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom cbt.repo.lock import writer_lock\n"
          "with writer_lock(sys.argv[1], 0):\n    print('locked', flush=True)\n"
          "    time.sleep(2.0)\n", vault.root], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        point = cbt.backup.backup(vault, "vm", [DiskSpec("d", str(disk))], wait=30,
+        point = cbt.ops.backup.backup(vault, "vm", [DiskSpec("d", str(disk))], wait=30,
                                   early=_Finished(scans))  # type: ignore[arg-type]
     finally:
         holder.wait(timeout=30)
@@ -195,7 +197,7 @@ def test_early_scan_dropped_after_a_long_wait_for_the_lock(tmp_path: Path) -> No
 
 
 def test_forked_workers_cannot_be_waited_for_twice() -> None:
-    from cbt.parallel import Forked, WorkerError
+    from cbt.core.parallel import Forked, WorkerError
 
     forked = Forked(lambda task, report: task * 2, [1, 2, 3])
     assert forked.wait() == [2, 4, 6]

@@ -43,8 +43,8 @@ from sched_helpers import (
     write_random_disk,
 )
 
-from cbt.disks import DiskSpec
-from cbt.vault import Vault
+from cbt.api import Vault
+from cbt.source.disks import DiskSpec
 
 BS = 16 << 10  # the default block size of a first backup
 

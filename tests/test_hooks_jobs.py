@@ -70,8 +70,8 @@ from vault_helpers import (
 )
 
 from cbt import jobs as jobs_api
-from cbt.config import load as load_config
-from cbt.vault import Vault
+from cbt.api import Vault
+from cbt.jobs.config import load as load_config
 
 BS = 64 * 1024
 

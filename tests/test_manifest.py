@@ -22,7 +22,7 @@ from _util import DATA, HOLE, PAGE, ZERO, SparseImage, fs_has_page_holes, truth_
 from conftest import need
 
 import cbt
-from cbt.manifest import Manifest
+from cbt.format.manifest import Manifest
 
 META_KEYS = {"cbt.magic", "cbt.format_version", "cbt.disk_size", "cbt.block_size",
              "cbt.source", "cbt.created", "cbt.digest_checksum"}

@@ -45,7 +45,7 @@ from jobs_helpers import (
     write_hook,
 )
 
-from cbt.vault import Vault
+from cbt.api import Vault
 
 DISK_SIZE = 2 * MIB  # 262143 slots of 8 bytes
 

@@ -20,7 +20,7 @@ from _util import DIFF_KEYS, truth_diff
 from vault_helpers import KIB, MIB, cbt, fs_image, keep_copy, one_error_line, read
 
 import cbt as cbt_api
-from cbt.synth import make_db_file, mutate
+from cbt.source.synth import make_db_file, mutate
 
 BS = 16 * KIB
 DAYS = ["2024-01-01T00:00:00Z", "2024-01-02T00:00:00Z", "2024-01-03T00:00:00Z"]

@@ -25,7 +25,7 @@ from vault_helpers import (
 )
 
 import cbt as cbt_api
-from cbt.vault.index import read_segment
+from cbt.repo.index import read_segment
 
 BS = 64 * KIB
 REPAIR_KEYS = {"packs_read", "blobs_indexed", "blobs_damaged", "packs_quarantined",

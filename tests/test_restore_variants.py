@@ -50,7 +50,7 @@ from vault_helpers import (
 )
 
 import cbt as cbt_api
-from cbt.synth import make_db_file, mutate
+from cbt.source.synth import make_db_file, mutate
 
 BS = 16 * KIB
 LABELS = ("os", "db")
@@ -277,7 +277,7 @@ def test_device_smaller_than_the_disk(hist: History, tmp_path: Path, in_place: b
 
 def _damage(path: Path, truth: np.ndarray) -> None:
     """Damage a copy of the disk every way a real one can differ from its backup."""
-    from cbt.synth import punch_hole
+    from cbt.source.synth import punch_hole
 
     size = len(truth)
     nz = np.flatnonzero(nonzero_blocks(truth, BS))
@@ -397,7 +397,7 @@ def test_whole_point_in_place_into_a_directory(hist: History, tmp_path: Path) ->
 
 
 def _pack_jobs(target: str, blocks_per_pack: list[int], bs: int = 16 * 1024) -> list[Any]:
-    from cbt.restore import _Job
+    from cbt.ops.restore import _Job
 
     jobs, first = [], 0
     for k, count in enumerate(blocks_per_pack):
@@ -414,7 +414,7 @@ def test_restore_work_shared_out_evenly_files_split_least(sizes: list[int]) -> N
     """Two workers: every pack job exactly once; loads within one pack of equal; a file
     that fits in a worker's share goes to one worker whole; at most one file is split
     per worker beyond its share."""
-    from cbt.restore import _balance
+    from cbt.ops.restore import _balance
 
     jobs = [j for t, n in enumerate(sizes) for j in _pack_jobs(f"d{t}", [10] * n)]
     groups = _balance(jobs, 2)
@@ -433,7 +433,7 @@ def test_restore_work_shared_out_evenly_files_split_least(sizes: list[int]) -> N
 def test_restore_split_target_fills_workers_evenly() -> None:
     """One disk poured into three workers: a small pack must not push a worker past its
     share so that another gets nothing."""
-    from cbt.restore import _balance
+    from cbt.ops.restore import _balance
 
     jobs = _pack_jobs("d0", [100, 2, 100, 100])
     loads = sorted(sum(len(j.blocks) for j in g) for g in _balance(jobs, 3))

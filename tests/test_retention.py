@@ -34,9 +34,9 @@ from sched_helpers import (
     write_disk,
 )
 
-from cbt.disks import DiskSpec
-from cbt.policy import Retention, apply_retention
-from cbt.vault import Vault
+from cbt.api import Vault
+from cbt.jobs.policy import Retention, apply_retention
+from cbt.source.disks import DiskSpec
 
 UTC = dt.UTC
 

@@ -32,8 +32,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cbt
-from cbt.scan import open_disk, scan_blocks
-from cbt.synth import make_db_file, make_fs_image
+from cbt.source.scan import open_disk, scan_blocks
+from cbt.source.synth import make_db_file, make_fs_image
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -288,7 +288,7 @@ def test_more_than_one_window(tmp_path: Path) -> None:
     Mostly written zeros (cheap to scan), with data straddling every MiB boundary
     and a short tail; then the same image diffed against a copy changed at the seam.
     """
-    from cbt.scan import WINDOW
+    from cbt.source.scan import WINDOW
 
     size = WINDOW + 2 * MIB + 100
     data = np.zeros(size, dtype=np.uint8)
@@ -357,12 +357,12 @@ def test_property_sparse_scan(case: tuple[int, list[tuple[str, int, int]], int, 
 
 def test_package_api_names_after_any_import_order() -> None:
     """``cbt.scan`` and ``cbt.diff`` are the API functions whichever module loaded first,
-    and the submodules stay reachable as attributes."""
-    probe = ("import cbt.manifest, cbt.scan, cbt.diff, cbt.backup, cbt\n"
+    and the layers stay reachable as attributes."""
+    probe = ("import cbt.format.manifest, cbt.source.scan, cbt.ops.diff, cbt.ops.backup, cbt\n"
              "import types\n"
              "assert callable(cbt.scan) and callable(cbt.diff), (cbt.scan, cbt.diff)\n"
-             "assert isinstance(cbt.manifest, types.ModuleType)\n"
-             "assert isinstance(cbt.vault, types.ModuleType)\n"
+             "assert isinstance(cbt.format, types.ModuleType)\n"
+             "assert isinstance(cbt.jobs, types.ModuleType)\n"
              "from cbt import scan, diff, Manifest, Vault, ChangeSet\n"
              "assert scan is cbt.scan and diff is cbt.diff\n")
     subprocess.run([sys.executable, "-c", probe], check=True)

@@ -26,8 +26,9 @@ import pytest
 from sched_helpers import random_bytes, run_due, write_config, write_disk
 from vault_helpers import cbt, json_lines
 
-from cbt.errors import CbtValueError
-from cbt.policy import latest_slot, next_slot, parse_now, parse_schedule, slots_between
+from cbt.core.errors import CbtValueError
+from cbt.core.timefmt import parse_now
+from cbt.jobs.policy import latest_slot, next_slot, parse_schedule, slots_between
 
 UTC = dt.UTC
 

@@ -42,7 +42,7 @@ from jobs_helpers import (
 )
 from vault_helpers import assert_same_disk, cbt, keep_copy, one_error_line, read
 
-from cbt.vault import Vault
+from cbt.api import Vault
 
 BS = 64 * 1024
 

@@ -26,7 +26,7 @@ from vault_helpers import (
 )
 
 import cbt
-from cbt.synth import make_db_file, punch_hole
+from cbt.source.synth import make_db_file, punch_hole
 
 
 def _random_file(path: Path, size: int, seed: int) -> Path:
@@ -179,7 +179,7 @@ def test_index_segment_round_trip_with_packs_sharing_uuid_prefixes() -> None:
     when two pack uuids share their first 8 bytes (the fast path's key)."""
     import uuid
 
-    from cbt.vault import index as index_mod
+    from cbt.repo import index as index_mod
 
     rng = np.random.default_rng(7)
     n = 5000

@@ -38,7 +38,7 @@ from vault_helpers import (
 )
 
 import cbt as cbt_api
-from cbt.synth import make_db_file
+from cbt.source.synth import make_db_file
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 POINT_ID = re.compile(r"^(?P<vm>[A-Za-z0-9][A-Za-z0-9_-]{0,63})\.(?P<stamp>\d{8}T\d{6}Z)(-\d+)?$")

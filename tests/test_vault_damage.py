@@ -33,7 +33,7 @@ from vault_helpers import (
 )
 
 import cbt as cbt_api
-from cbt.synth import make_db_file, mutate
+from cbt.source.synth import make_db_file, mutate
 
 BS = 64 * KIB
 

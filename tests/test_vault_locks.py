@@ -35,13 +35,13 @@ from vault_helpers import (
 )
 
 import cbt as cbt_api
-from cbt.synth import mutate
+from cbt.source.synth import mutate
 
 HOLDER = """
 import sys, time
 root, hold = sys.argv[1], float(sys.argv[2])
 sys.argv = ["cbt", "backup", "holder-of-the-lock"]
-from cbt.vault.lock import writer_lock
+from cbt.repo.lock import writer_lock
 with writer_lock(root):
     print("locked", flush=True)
     time.sleep(hold)
@@ -163,7 +163,7 @@ def test_readers_racing_an_index_merge(tmp_path: Path) -> None:
     deletes the old ones.  The reader must still succeed with a consistent view.
     """
     need_root_tools("strace")
-    from cbt.vault.index import MERGE_AT
+    from cbt.repo.index import MERGE_AT
 
     img = tmp_path / "d.img"
     img.write_bytes(np.random.default_rng(83).integers(0, 256, 1 * MIB, np.uint8).tobytes())

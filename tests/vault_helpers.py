@@ -113,7 +113,7 @@ def read(path: str | os.PathLike[str]) -> npt.NDArray[np.uint8]:
 
 def keep_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     """A sparse copy of the disk as it is now (holes stay holes)."""
-    from cbt.synth import copy_sparse
+    from cbt.source.synth import copy_sparse
 
     copy_sparse(src, dst)
     assert os.path.getsize(dst) == os.path.getsize(src)
@@ -284,7 +284,7 @@ def fs_image(path: str | os.PathLike[str], size: int, seed: int) -> Path:
     all data; the first seed from ``seed`` on (deterministic) with 30-90% data
     and a hole is used.
     """
-    from cbt.synth import make_fs_image
+    from cbt.source.synth import make_fs_image
 
     for s in range(seed, seed + 1000 * 200, 1000):
         make_fs_image(path, size, seed=s)

@@ -26,60 +26,41 @@ if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "cbt" and "numpy" not
     # program importing cbt as a library keeps its own BLAS settings.)
     _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import types as _types
 from typing import TYPE_CHECKING
 
-from cbt._core import fast as _fast  # refuses a missing or stale core at import
-from cbt.errors import CbtError, CbtIOError, CbtValueError, CorruptManifestError
+from cbt.core.errors import CbtError, CbtIOError, CbtValueError, CorruptManifestError
+from cbt.core.native import fast as _fast  # refuses a missing or stale core at import
 
 if TYPE_CHECKING:
-    from cbt.diff import ChangeSet, diff, diff_images, diff_manifests
-    from cbt.manifest import Manifest
-    from cbt.scan import DEFAULT_BLOCK_SIZE, scan
-    from cbt.sizes import parse_size
-    from cbt.vault import Vault
+    from cbt import jobs
+    from cbt.api import DEFAULT_BLOCK_SIZE, Vault, diff, scan
+    from cbt.core.sizes import parse_size
+    from cbt.format.manifest import Manifest
+    from cbt.ops.diff import ChangeSet, PointDiff, diff_images, diff_manifests
 
 __version__ = "0.1.0"
 
 # The API loads on first use: ``cbt scan`` must not pay for numpy, pyarrow or
 # the vault at start-up (a whole process is what races b3sum).
 _API = {
-    "scan": "cbt.scan", "DEFAULT_BLOCK_SIZE": "cbt.scan",
-    "diff": "cbt.diff", "diff_images": "cbt.diff", "diff_manifests": "cbt.diff",
-    "ChangeSet": "cbt.diff", "Manifest": "cbt.manifest", "Vault": "cbt.vault",
-    "parse_size": "cbt.sizes",
+    "scan": "cbt.api", "diff": "cbt.api", "Vault": "cbt.api", "DEFAULT_BLOCK_SIZE": "cbt.api",
+    "diff_images": "cbt.ops.diff", "diff_manifests": "cbt.ops.diff",
+    "ChangeSet": "cbt.ops.diff", "PointDiff": "cbt.ops.diff",
+    "Manifest": "cbt.format.manifest", "parse_size": "cbt.core.sizes",
 }
-_SUBMODULES = ("jobs", "config", "policy", "prune", "gc", "restore", "verify", "scheduler",
-               "backup", "synth", "manifest", "vault", "sizes", "parallel", "disks")
 
 
 def __getattr__(name: str) -> object:
-    """The API names and ``cbt.jobs`` (and the other modules) load on first use."""
+    """The API names and ``cbt.jobs`` load on first use."""
     import importlib
 
     if name in _API:
         value = getattr(importlib.import_module(_API[name]), name)
         globals()[name] = value
         return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"cbt.{name}")
+    if name == "jobs":
+        return importlib.import_module("cbt.jobs")
     raise AttributeError(f"module 'cbt' has no attribute {name!r}")
-
-
-class _Package(_types.ModuleType):
-    """The module object of ``cbt``: ``cbt.scan`` and ``cbt.diff`` stay functions.
-
-    Importing a submodule binds it as an attribute of its package, and the
-    functions share their modules' names: that binding gets the function.
-    """
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if name in ("scan", "diff") and isinstance(value, _types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-_sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [
@@ -90,11 +71,13 @@ __all__ = [
     "ChangeSet",
     "CorruptManifestError",
     "Manifest",
+    "PointDiff",
     "Vault",
     "__version__",
     "diff",
     "diff_images",
     "diff_manifests",
+    "jobs",
     "parse_size",
     "scan",
 ]

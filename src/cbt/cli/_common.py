@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from cbt.errors import CbtValueError
+from cbt.core.errors import CbtValueError
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1
@@ -24,8 +24,8 @@ EXIT_ERROR = 2
 
 def size_arg(text: str) -> int:
     """argparse type for sizes (``4K``, ``64K``, ``1M``, bytes); must be a block size."""
-    from cbt._core import fast
-    from cbt.sizes import parse_size
+    from cbt.core.native import fast
+    from cbt.core.sizes import parse_size
 
     try:
         value = parse_size(text)

@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def point_json(point: object, snapshots: dict[str, str] | None = None) -> dict[str, object]:
-    from cbt.vault.points import PointRecord
+    from cbt.format.records import PointRecord
 
     assert isinstance(point, PointRecord)
     disks = [d.public() for d in point.disks]
@@ -65,8 +65,9 @@ def point_json(point: object, snapshots: dict[str, str] | None = None) -> dict[s
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.disks import parse_disk_arg, start_early_scan
-    from cbt.errors import CbtValueError
+    from cbt.core.errors import CbtValueError
+    from cbt.ops.early_scan import start_early_scan
+    from cbt.source.disks import parse_disk_arg
 
     if args.config:
         if args.vault or args.disks:
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     # first thing: hash the disks of an incremental backup while the rest loads
     early = start_early_scan(args.vault, args.vm, specs, args.block_size, args.workers)
     try:
-        from cbt.vault import Vault
+        from cbt.api import Vault
 
         vault = Vault.open(args.vault)
         with _progress(args, [s.label for s in specs]) as progress:
@@ -96,20 +97,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace) -> int:
-    from cbt import jobs
-    from cbt.config import load
+    from cbt.jobs.config import load
+    from cbt.jobs.job import run_vm
 
     config = load(args.config)
     if args.vm is not None and args.vm not in config.vms:
-        from cbt.errors import CbtValueError
+        from cbt.core.errors import CbtValueError
 
         raise CbtValueError(f"no VM named {args.vm!r} in {args.config}")
     names = [args.vm] if args.vm else list(config.vms)
     code = EXIT_OK
     for name in names:
         with _progress(args, list(config.vms[name].disks)) as progress:
-            result = jobs.run_vm(config, name, workers=args.workers, progress=progress,
-                                 wait=args.wait, created=_created(args))
+            result = run_vm(config, name, workers=args.workers, progress=progress,
+                            wait=args.wait, created=_created(args))
         if result.point is None:
             code = EXIT_ERROR
             sys.stderr.write(f"cbt: error: VM {name}: {result.error}\n")
@@ -127,7 +128,7 @@ def _run_config(args: argparse.Namespace) -> int:
 def _created(args: argparse.Namespace) -> str | None:
     if not args.now:
         return None
-    from cbt.policy import parse_now, rfc3339
+    from cbt.core.timefmt import parse_now, rfc3339
 
     return rfc3339(parse_now(args.now))
 
@@ -166,7 +167,7 @@ def _progress(args: argparse.Namespace, labels: list[str]) -> Iterator[Any]:
 
 
 def _print_point(point: Any, snapshots: dict[str, str] | None = None) -> None:
-    from cbt.sizes import human_bytes
+    from cbt.core.sizes import human_bytes
 
     for w in point.warnings:
         sys.stderr.write(f"cbt: warning: {w}\n")

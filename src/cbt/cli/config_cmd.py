@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.config import load
-    from cbt.snapshot import resolve_provider
+    from cbt.jobs.config import load
+    from cbt.source.snapshot import resolve_provider
 
     config = load(args.file)
     vms: list[dict[str, Any]] = []

@@ -22,9 +22,9 @@ def run(args: argparse.Namespace) -> int:
     import datetime as dt
     import sys
 
-    from cbt.config import load
-    from cbt.policy import rfc3339
-    from cbt.scheduler import daemon
+    from cbt.core.timefmt import rfc3339
+    from cbt.jobs.config import load
+    from cbt.jobs.scheduler import daemon
 
     config = load(args.config)
 

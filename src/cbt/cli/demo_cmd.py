@@ -27,9 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.demo import run_demo
-    from cbt.policy import parse_now
-    from cbt.sizes import human_bytes, parse_size
+    from cbt.core.sizes import human_bytes, parse_size
+    from cbt.core.timefmt import parse_now
+    from cbt.jobs.demo import run_demo
 
     report = run_demo(args.dir, parse_size(args.size), parse_now(args.now) if args.now else None)
     code = EXIT_OK if report["agrees_with_truth"] else EXIT_ERROR

@@ -33,7 +33,7 @@ from cbt.cli._common import (
 )
 
 if TYPE_CHECKING:
-    from cbt.diff import ChangeSet
+    from cbt.ops.diff import ChangeSet
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.diff import PointDiff, diff
-    from cbt.sizes import format_size, human_bytes
+    from cbt.core.sizes import format_size, human_bytes
+    from cbt.ops.diff import PointDiff, diff
 
     with progress_bar("diff") as progress:
         cs = diff(args.a, args.b, args.block_size, args.workers, progress)
@@ -79,8 +79,8 @@ def _print_ranges(cs: ChangeSet, indent: str) -> None:
 
 
 def _print_points(pd: object, args: argparse.Namespace) -> int:
-    from cbt.diff import PointDiff
-    from cbt.sizes import human_bytes
+    from cbt.core.sizes import human_bytes
+    from cbt.ops.diff import PointDiff
 
     assert isinstance(pd, PointDiff)
     code = EXIT_OK if pd.identical else EXIT_DIFFERENT

@@ -28,9 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.gc import gc
-    from cbt.sizes import human_bytes
-    from cbt.vault import Vault
+    from cbt.api import Vault
+    from cbt.core.sizes import human_bytes
+    from cbt.ops.gc import gc
 
     result = gc(Vault.open(args.vault), args.dry_run, args.grace, args.wait)
     if args.json:

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.vault import Vault
+    from cbt.api import Vault
 
     v = Vault.init(args.vault)
     if args.json:

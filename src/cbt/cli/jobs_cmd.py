@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.jobs import list_jobs, public_job
-    from cbt.vault import Vault
+    from cbt.api import Vault
+    from cbt.repo.registry import list_jobs, public_job
 
     jobs = [public_job(j) for j in list_jobs(Vault.open(args.vault), args.vm)]
     if args.json:

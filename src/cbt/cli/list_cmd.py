@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.sizes import human_bytes
-    from cbt.vault import Vault
+    from cbt.api import Vault
+    from cbt.core.sizes import human_bytes
 
     points = Vault.open(args.vault).points(args.vm)
     if args.json:

@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # intermixed: options may stand between positionals (cbt backup VAULT --vm web DISK ...)
     args = parser.parse_intermixed_args(argv[1:])
     args._module = module
-    from cbt.errors import CbtError
+    from cbt.core.errors import CbtError
 
     as_json = bool(getattr(args, "json", False))
     try:

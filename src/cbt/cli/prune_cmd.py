@@ -32,10 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from cbt.config import load
-    from cbt.policy import parse_now
-    from cbt.prune import prune
-    from cbt.vault import Vault
+    from cbt.api import Vault
+    from cbt.core.timefmt import parse_now
+    from cbt.jobs.config import load
+    from cbt.jobs.retention import prune
 
     config = load(args.config)
     now = parse_now(args.now) if args.now else dt.datetime.now(dt.UTC)

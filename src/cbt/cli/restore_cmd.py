@@ -50,13 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cbt.api import Vault
     from cbt.cli._common import progress_bar
-    from cbt.sizes import human_bytes
-    from cbt.vault import Vault
+    from cbt.core.sizes import human_bytes
 
     vault = Vault.open(args.vault)
     if args.instant:
-        from cbt.restore import instant_restore
+        from cbt.ops.restore import instant_restore
 
         result = instant_restore(vault, args.point, args.to, force=args.force, disk=args.disk,
                                  verify=not args.no_verify, workers=args.workers)

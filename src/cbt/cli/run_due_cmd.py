@@ -31,15 +31,15 @@ def run(args: argparse.Namespace) -> int:
     import datetime as dt
 
     from cbt.cli.backup_cmd import _print_point, _progress, point_json
-    from cbt.config import load
-    from cbt.policy import parse_now
-    from cbt.scheduler import run_due
+    from cbt.core.timefmt import parse_now
+    from cbt.jobs.config import load
+    from cbt.jobs.scheduler import run_due
 
     config = load(args.config)
     now = parse_now(args.now) if args.now else dt.datetime.now(dt.UTC)
 
     def on_result(result: object, slot: str) -> None:
-        from cbt.jobs import JobResult
+        from cbt.jobs.job import JobResult
 
         assert isinstance(result, JobResult)
         if result.point is None:

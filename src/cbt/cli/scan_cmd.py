@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # scan_blocks, not scan: without -o nothing needs numpy or pyarrow (start-up time)
-    from cbt.scan import DEFAULT_BLOCK_SIZE, scan_blocks
-    from cbt.sizes import format_size, human_bytes
+    from cbt.core.sizes import format_size, human_bytes
+    from cbt.source.scan import DEFAULT_BLOCK_SIZE, scan_blocks
 
     bs = args.block_size or DEFAULT_BLOCK_SIZE
     with progress_bar(f"scan {args.image}") as progress:

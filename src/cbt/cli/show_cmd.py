@@ -20,8 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.sizes import format_size, human_bytes
-    from cbt.vault import Vault
+    from cbt.api import Vault
+    from cbt.core.sizes import format_size, human_bytes
 
     p = Vault.open(args.vault).point(args.point)
     out = p.summary()

@@ -37,12 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from cbt.sizes import human_bytes
-    from cbt.vault import Vault
+    from cbt.api import Vault
+    from cbt.core.sizes import human_bytes
 
     vault = Vault.open(args.vault)
     if args.repair:
-        from cbt.verify import repair
+        from cbt.ops.verify import repair
 
         result = repair(vault)
     else:

@@ -1,0 +1,87 @@
+"""The Python API: what other tools import, and what the command line calls.
+
+``cbt.Vault`` is the repository's vault (:class:`cbt.repo.vault.Vault`: open,
+points, manifests) with the operations on top: ``backup``, ``restore``,
+``verify``.  ``cbt.scan`` and ``cbt.diff`` are the scan and diff operations.
+Every name here is re-exported by ``cbt`` itself, loaded on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Any
+
+from cbt.repo.vault import NotAVaultError, VaultVersionError
+from cbt.repo.vault import Vault as _RepoVault
+from cbt.source.disks import DiskSpec, parse_disk_arg
+from cbt.source.scan import DEFAULT_BLOCK_SIZE
+
+if TYPE_CHECKING:
+    from cbt.format.manifest import Manifest
+    from cbt.format.records import PointRecord
+    from cbt.ops.backup import BackupProgress
+    from cbt.ops.diff import ChangeSet, PointDiff, Source
+    from cbt.source.scan import PendingScan
+
+
+class Vault(_RepoVault):
+    """A vault, with the backup, restore and verify operations."""
+
+    def backup(self, vm: str, disks: Sequence[DiskSpec | str | os.PathLike[str]],
+               block_size: int | None = None, workers: int | None = None,
+               progress: BackupProgress | None = None, wait: float = 0.0,
+               created: str | None = None,
+               consistency: tuple[str, str] = ("crash", "live read"),
+               executor: Executor | None = None, slot: str | None = None,
+               early: PendingScan | None = None) -> PointRecord:
+        """Back up ``disks`` (``DiskSpec``s, ``LABEL=PATH`` or ``PATH`` strings) of ``vm``.
+
+        See :func:`cbt.ops.backup.backup` for the arguments.
+        """
+        from cbt.ops.backup import backup
+
+        specs = [d if isinstance(d, DiskSpec) else parse_disk_arg(os.fspath(d)) for d in disks]
+        return backup(self, vm, specs, block_size=block_size, workers=workers,
+                      progress=progress, wait=wait, created=created, consistency=consistency,
+                      executor=executor, slot=slot, early=early)
+
+    def restore(self, point: str, to: str | os.PathLike[str], force: bool = False,
+                workers: int | None = None, progress: Callable[..., None] | None = None,
+                disk: str | None = None, in_place: bool = False,
+                assume_zeroed: bool = False) -> dict[str, Any]:
+        """Restore every disk of ``point`` into directory ``to`` (:mod:`cbt.ops.restore`)."""
+        from cbt.ops.restore import restore
+
+        return restore(self, point, to, force=force, workers=workers, progress=progress,
+                       disk=disk, in_place=in_place, assume_zeroed=assume_zeroed)
+
+    def verify(self, point: str | None = None, data: bool = False) -> dict[str, Any]:
+        """Check points (all, or one) and optionally every stored block (:mod:`cbt.ops.verify`)."""
+        from cbt.ops.verify import verify
+
+        return verify(self, point, data)
+
+
+def scan(path: str | os.PathLike[str], block_size: int = DEFAULT_BLOCK_SIZE,
+         workers: int | None = None,
+         progress: Callable[[int, int], None] | None = None) -> Manifest:
+    """Hash every block of a disk or image: a :class:`~cbt.format.manifest.Manifest`."""
+    from cbt.source.scan import scan as _scan
+
+    return _scan(path, block_size, workers, progress)
+
+
+def diff(a: Source, b: Source, block_size: int | None = None, workers: int | None = None,
+         progress: Callable[[int, int], None] | None = None) -> ChangeSet | PointDiff:
+    """Changed blocks between two images, devices, manifests or points.
+
+    See :func:`cbt.ops.diff.diff`.
+    """
+    from cbt.ops.diff import diff as _diff
+
+    return _diff(a, b, block_size, workers, progress)
+
+
+__all__ = ["DEFAULT_BLOCK_SIZE", "NotAVaultError", "Vault", "VaultVersionError", "diff", "scan"]

@@ -1,0 +1,170 @@
+"""Low-level writes a restore needs: punching holes, zeroing device ranges, early writeback.
+
+- Files: ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` deallocates a range, which then
+  reads as zeros (holes stay holes after a restore).
+- Block devices: ``ioctl(BLKZEROOUT)`` asks the device to zero a range (thin
+  devices unmap it); the unaligned tail of a range is written as zeros.
+- :class:`Writeback` starts the disk writing what a restore has written so far
+  (``sync_file_range(SYNC_FILE_RANGE_WRITE)`` from a thread of its own), so the
+  disk works while the restore still verifies and copies, instead of all at the
+  final fsync.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import stat
+import struct
+import threading
+
+from cbt.core.extents import data_extents
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+BLKZEROOUT = 0x127F  # _IO(0x12, 127)
+SECTOR = 512
+# dlopen(NULL): libc is already loaded (ctypes.util.find_library would run ldconfig)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate ``[offset, offset+length)`` of a file; it reads back as zeros."""
+    if length <= 0:
+        return
+    rc = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                         ctypes.c_long(offset), ctypes.c_long(length))
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def is_block_device(path: str | os.PathLike[str]) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def device_size(fd: int) -> int:
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def write_zeros(fd: int, offset: int, length: int) -> None:
+    zeros = bytes(min(length, 1 << 20))
+    while length > 0:
+        n = os.pwrite(fd, zeros[:length], offset)
+        offset += n
+        length -= n
+
+
+def zero_range(fd: int, offset: int, length: int, device: bool) -> None:
+    """Make ``[offset, offset+length)`` read as zeros: BLKZEROOUT on a device, a hole in a file."""
+    if length <= 0:
+        return
+    if not device:
+        punch_hole(fd, offset, length)
+        return
+    aligned = length - length % SECTOR if offset % SECTOR == 0 else 0
+    if aligned:
+        try:
+            fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, aligned))
+        except OSError:
+            write_zeros(fd, offset, aligned)  # devices without the ioctl
+    write_zeros(fd, offset + aligned, length - aligned)
+
+
+class Writeback:
+    """Start writeback of written ranges in the background, a batch at a time.
+
+    ``written(fd, offset, length)`` is called after each write; once ``batch``
+    bytes of a descriptor have piled up, a thread asks the kernel to start
+    writing them out.  Only a hint: errors are ignored here (the fsync that
+    makes the data durable reports them), and nothing waits for the disk but
+    the thread.  Measured on this project's machine: a 4 GiB restore with an
+    fsync at the end finishes 10-15% sooner than without it.
+    """
+
+    def __init__(self, batch: int = 32 << 20) -> None:
+        self.batch = batch
+        self._pending: dict[int, tuple[int, int]] = {}  # fd -> [lo, hi) not yet handed over
+        self._queue: list[tuple[int, int, int]] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._busy = -1  # the descriptor the thread is working on
+        self._thread = threading.Thread(target=self._run, name="cbt-writeback", daemon=True)
+        self._thread.start()
+
+    def written(self, fd: int, offset: int, length: int) -> None:
+        lo, hi = self._pending.get(fd, (offset, offset))
+        if offset != hi:  # not contiguous: hand over what there is, start anew
+            self._hand_over(fd, lo, hi)
+            lo = offset
+        hi = offset + length
+        if hi - lo >= self.batch:
+            self._hand_over(fd, lo, hi)
+            lo = hi
+        self._pending[fd] = (lo, hi)
+
+    def forget(self, fd: int) -> None:
+        """Before ``fd`` is closed: drop it, waiting until the thread is done with it."""
+        self._pending.pop(fd, None)
+        with self._wake:
+            self._queue = [q for q in self._queue if q[0] != fd]
+            while self._busy == fd:
+                self._wake.wait()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._queue.clear()
+            self._wake.notify_all()
+        self._thread.join()
+
+    def _hand_over(self, fd: int, lo: int, hi: int) -> None:
+        if hi > lo:
+            with self._wake:
+                self._queue.append((fd, lo, hi))
+                self._wake.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                fd, lo, hi = self._queue.pop(0)
+                self._busy = fd
+            try:
+                _libc.sync_file_range(fd, lo, hi - lo, _SYNC_FILE_RANGE_WRITE)  # GIL released
+            finally:
+                with self._wake:
+                    self._busy = -1
+                    self._wake.notify_all()
+
+
+def write_all(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+    """pwrite until every byte is written."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def copy_sparse(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Copy a file keeping its holes (only data extents are written)."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        fo.truncate(size)
+        for start, end in data_extents(fi.fileno(), size):
+            pos = start
+            while pos < end:
+                chunk = os.pread(fi.fileno(), min(8 << 20, end - pos), pos)
+                write_all(fo.fileno(), pos, chunk)
+                pos += len(chunk)
+
+

@@ -1,0 +1,199 @@
+"""Fork workers that write their results into shared memory.
+
+Used where one disk is split across cores (``scan --workers N``, image diffs):
+
+1. The caller allocates its outputs with :func:`shared_buffer` or
+   :func:`shared_array` (anonymous ``MAP_SHARED`` memory), so forked children
+   write straight into them: no pickling of digests, no copies.
+2. :func:`fork_map` forks one child per task; each child runs ``fn(task,
+   report)`` and sends back only a small picklable result (or its exception)
+   through a pipe.  :class:`Forked` is the same in two halves (fork now,
+   collect later), for a caller with other work to do meanwhile.
+3. ``report(nbytes)`` adds to a shared per-task counter which the parent
+   passes to ``progress`` (as a list) a few times a second while it waits.
+
+fork, not spawn: children start in microseconds with the parent's imports and
+arrays already in place.  This module needs numpy only for :func:`shared_array`:
+``cbt scan`` without ``-o`` never imports it (start-up time counts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import pickle
+import selectors
+import signal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from cbt.core.errors import CbtError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+T = TypeVar("T")
+R = TypeVar("R")
+Report = Callable[[int], None]
+Progress = Callable[[list[int]], None]  # bytes done per task
+
+
+def shared_buffer(nbytes: int, fill: int = 0) -> mmap.mmap:
+    """``nbytes`` of anonymous shared memory (zeros, or ``fill`` bytes) for forked children."""
+    buf = mmap.mmap(-1, max(1, nbytes))  # MAP_SHARED | MAP_ANONYMOUS
+    if fill:
+        buf[:] = bytes([fill]) * len(buf)
+    return buf
+
+
+def shared_array(shape: tuple[int, ...], dtype: Any, fill: int = 0) -> npt.NDArray[Any]:
+    """A numpy array in anonymous shared memory, visible to forked children."""
+    import numpy as np
+
+    count = int(np.prod(shape))
+    arr: npt.NDArray[Any] = np.frombuffer(
+        shared_buffer(count * np.dtype(dtype).itemsize), dtype=dtype, count=count)
+    arr = arr.reshape(shape)
+    if fill:
+        arr.fill(fill)
+    return arr
+
+
+# Set by the daemon: workers ignore SIGTERM/SIGINT sent to the whole process
+# group, so the job in flight finishes; the daemon itself decides when to stop.
+WORKERS_IGNORE_STOP_SIGNALS = False
+
+
+class WorkerError(CbtError, RuntimeError):
+    """A forked worker died without reporting (killed by a signal, out of memory)."""
+
+
+def fork_map(
+    fn: Callable[[T, Report], R],
+    tasks: Sequence[T],
+    progress: Progress | None = None,
+    interval: float = 0.2,
+) -> list[R]:
+    """Run ``fn(task, report)`` for every task, one forked child each.
+
+    Returns the results in task order; re-raises the first child's exception.
+    A single task runs in this process (no fork).
+    """
+    if len(tasks) <= 1:
+        done = [0]
+
+        def report_local(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(done)
+
+        return [fn(t, report_local) for t in tasks]
+    return Forked(fn, tasks).wait(progress, interval)
+
+
+class Forked(Generic[R]):
+    """Children started now, collected later: the caller works meanwhile.
+
+    ``Forked(fn, tasks)`` forks one child per task at once; :meth:`wait`
+    returns their results in task order (re-raising the first child's
+    exception); :meth:`cancel` kills whatever still runs.  Either one must be
+    called.
+    """
+
+    def __init__(self, fn: Callable[[T, Report], R], tasks: Sequence[T]) -> None:
+        self._counters = memoryview(shared_buffer(8 * max(1, len(tasks)))).cast("Q")
+        self._children: list[tuple[int, int]] = []  # (pid, read fd)
+        self._reaped = False
+        try:
+            for index, task in enumerate(tasks):
+                r, w = os.pipe()
+                try:
+                    pid = os.fork()
+                except BaseException:
+                    os.close(r)
+                    os.close(w)
+                    raise
+                if pid == 0:  # child
+                    os.close(r)
+                    _child(fn, task, index, self._counters, w)
+                self._children.append((pid, r))  # first: a cancel must find this child
+                os.close(w)
+        except BaseException:
+            self.cancel()
+            raise
+
+    def wait(self, progress: Progress | None = None, interval: float = 0.2) -> list[R]:
+        if self._reaped:  # (its pipes are closed; their numbers may belong to others now)
+            raise WorkerError("these workers were already collected or cancelled")
+        try:
+            payloads = _collect(self._children, self._counters, progress, interval)
+        finally:
+            self.cancel()
+        results: list[R] = []
+        for (pid, _), payload in zip(self._children, payloads, strict=True):
+            if not payload:
+                raise WorkerError(f"worker process {pid} died without a result")
+            ok, value = pickle.loads(payload)
+            if not ok:
+                raise value
+            results.append(value)
+        return results
+
+    def cancel(self) -> None:
+        """Kill and reap every child still running (a no-op once :meth:`wait` returned)."""
+        if self._reaped:
+            return
+        self._reaped = True
+        for pid, r in self._children:
+            with contextlib.suppress(OSError):
+                os.close(r)
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+
+
+def _child(fn: Callable[[T, Report], R], task: T, index: int,
+           counters: memoryview, w: int) -> None:
+    code = 0
+    try:
+        if WORKERS_IGNORE_STOP_SIGNALS:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+        def report(n: int) -> None:
+            counters[index] += n
+
+        try:
+            payload = pickle.dumps((True, fn(task, report)))
+        except BaseException as exc:  # sent to the parent, which re-raises it
+            code = 1
+            try:
+                payload = pickle.dumps((False, exc))
+            except Exception:
+                payload = pickle.dumps((False, CbtError(f"{type(exc).__name__}: {exc}")))
+        with os.fdopen(w, "wb") as out:
+            out.write(payload)
+    finally:
+        os._exit(code)
+
+
+def _collect(children: list[tuple[int, int]], counters: memoryview,
+             progress: Progress | None, interval: float) -> list[bytes]:
+    chunks: dict[int, list[bytes]] = {r: [] for _, r in children}
+    open_fds = set(chunks)
+    with selectors.DefaultSelector() as sel:
+        for fd in open_fds:
+            sel.register(fd, selectors.EVENT_READ)
+        while open_fds:
+            for key, _ in sel.select(timeout=interval):
+                fd = int(key.fd)
+                data = os.read(fd, 1 << 16)
+                if data:
+                    chunks[fd].append(data)
+                else:
+                    sel.unregister(fd)
+                    open_fds.discard(fd)
+            if progress:
+                progress(counters.tolist())
+    return [b"".join(chunks[r]) for _, r in children]

@@ -1,0 +1,219 @@
+"""Pack files: many compressed blocks in one self-describing file of a few MiB.
+
+Layout (all integers little-endian)::
+
+    header   16 B   b"CBTPACK\\0", u32 format version, u32 reserved
+    blob*           48 B blob header + payload
+        b"CBTB", digest[32], u8 codec, u8 encryption, u16 reserved,
+        u32 raw length, u32 stored length, then the stored bytes
+    trailer         one 48 B entry per blob: digest[32], u64 offset, u32 stored, u32 raw
+    footer   48 B   u64 entry count, BLAKE3 of the trailer entries [32], b"CBTPEND1"
+
+Every blob names its codec (0 none, 1 zstd) and encryption (0 none), so both
+can change later without a format break.  A pack can be indexed from its
+trailer alone, or rebuilt blob by blob from the headers if the trailer is lost.
+
+A block is compressed with zstd (level 3); when that does not make it smaller
+it is stored raw (codec none), so incompressible data costs no decompression.
+After a block that did not compress, the next few are stored raw without
+trying (1, 2, 4, then 8 blocks, reset by the next block that compresses):
+a disk of random data costs one compression attempt in 9 blocks, and a
+compressible region after an incompressible one loses at most 8 blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from dataclasses import dataclass, field
+
+import blake3
+import numpy as np
+import numpy.typing as npt
+
+from cbt.core.errors import CbtError
+
+# Do not modify: these identify every pack ever written.
+PACK_MAGIC = b"CBTPACK\0"
+PACK_VERSION = 1
+BLOB_MAGIC = b"CBTB"
+END_MAGIC = b"CBTPEND1"
+HEADER = struct.Struct("<8sII")
+BLOB = struct.Struct("<4s32sBBHII")
+ENTRY = struct.Struct("<32sQII")
+FOOTER = struct.Struct("<Q32s8s")
+
+CODEC_NONE = 0
+CODEC_ZSTD = 1
+ENCRYPTION_NONE = 0
+ZSTD_LEVEL = 3
+
+TARGET_PACK_SIZE = 8 << 20
+MAX_BACKOFF = 8
+
+ENTRY_DTYPE = np.dtype([("digest", "V32"), ("offset", "<u8"), ("stored", "<u4"),
+                        ("raw", "<u4")])
+
+
+class CorruptPackError(CbtError, ValueError):
+    """A pack or a blob in it fails its checks."""
+
+
+_codec = None
+
+
+def _zstd() -> object:
+    global _codec
+    if _codec is None:
+        import pyarrow as pa
+
+        _codec = pa.Codec("zstd", compression_level=ZSTD_LEVEL)
+    return _codec
+
+
+def pack_name(pack_id: str) -> str:
+    return f"packs/{pack_id[:2]}/{pack_id}.pack"
+
+
+def new_pack_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class PackWriter:
+    """Accumulates blobs in memory and writes the pack in one durable put."""
+
+    pack_id: str = field(default_factory=new_pack_id)
+    buf: bytearray = field(default_factory=bytearray)
+    entries: list[tuple[bytes, int, int, int]] = field(default_factory=list)
+    skip: int = 0  # blocks left to store raw without trying to compress
+    backoff: int = 0
+
+    def __post_init__(self) -> None:
+        self.buf += HEADER.pack(PACK_MAGIC, PACK_VERSION, 0)
+
+    def add(self, digest: bytes, data: memoryview | bytes) -> tuple[int, int]:
+        """Append one block; returns (offset of its blob header, stored length)."""
+        raw = len(data)
+        packed = b""
+        if self.skip:
+            self.skip -= 1
+        else:
+            packed = _zstd().compress(data, asbytes=True)  # type: ignore[attr-defined]
+            if len(packed) < raw:
+                self.backoff = 0
+            else:
+                self.backoff = min(2 * self.backoff or 1, MAX_BACKOFF)
+                self.skip = self.backoff
+                packed = b""
+        offset = len(self.buf)
+        if packed:
+            stored = len(packed)
+            self.buf += BLOB.pack(BLOB_MAGIC, digest, CODEC_ZSTD, ENCRYPTION_NONE, 0, raw, stored)
+            self.buf += packed
+        else:  # incompressible: stored as it is
+            stored = raw
+            self.buf += BLOB.pack(BLOB_MAGIC, digest, CODEC_NONE, ENCRYPTION_NONE, 0, raw, stored)
+            self.buf += data
+        self.entries.append((digest, offset, stored, raw))
+        return offset, stored
+
+    def add_blob(self, digest: bytes, blob: bytes | memoryview, stored: int, raw: int) -> int:
+        """Append an existing blob (header and payload) as it is; returns its offset.
+
+        gc uses this to move live blobs into a new pack without touching them.
+        """
+        offset = len(self.buf)
+        self.buf += blob
+        self.entries.append((digest, offset, stored, raw))
+        return offset
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+    def finish(self) -> list[bytes | bytearray]:
+        """The pack as buffers to write one after another (no copy of the blobs)."""
+        trailer = b"".join(ENTRY.pack(*e) for e in self.entries)
+        footer = FOOTER.pack(len(self.entries), blake3.blake3(trailer).digest(), END_MAGIC)
+        return [self.buf, trailer, footer]
+
+
+def blob_length(stored: int) -> int:
+    """Bytes to read for a blob: its header plus payload."""
+    return BLOB.size + stored
+
+
+def decode_blob(data: bytes | memoryview, digest: bytes, where: str,
+                check: bool = True) -> bytes | memoryview:
+    """Check a blob's header, decompress it and check its BLAKE3 against ``digest``.
+
+    With ``check=False`` the caller re-hashes the content itself (restore does it
+    for many blocks at once in the core); a raw blob then comes back as a view.
+    """
+    if len(data) < BLOB.size:
+        raise CorruptPackError(f"{where}: blob truncated")
+    magic, d, codec, enc, _, raw, stored = BLOB.unpack_from(data, 0)
+    if magic != BLOB_MAGIC:
+        raise CorruptPackError(f"{where}: no blob header at this offset")
+    if d != digest:
+        raise CorruptPackError(f"{where}: blob holds another block")
+    if enc != ENCRYPTION_NONE:
+        raise CorruptPackError(f"{where}: unknown encryption {enc}")
+    payload = memoryview(data)[BLOB.size:BLOB.size + stored]
+    if len(payload) != stored:
+        raise CorruptPackError(f"{where}: blob truncated")
+    out: bytes | memoryview
+    if codec == CODEC_NONE:
+        out = payload if not check else bytes(payload)
+    elif codec == CODEC_ZSTD:
+        try:
+            out = _zstd().decompress(payload, decompressed_size=raw,  # type: ignore[attr-defined]
+                                     asbytes=True)
+        except Exception as exc:
+            raise CorruptPackError(f"{where}: cannot decompress ({exc})") from None
+    else:
+        raise CorruptPackError(f"{where}: unknown codec {codec}")
+    if len(out) != raw or (check and blake3.blake3(out).digest() != digest):
+        raise CorruptPackError(f"{where}: content does not match its digest")
+    return out
+
+
+def read_trailer(data: bytes, where: str) -> npt.NDArray[np.void]:
+    """The entries of a whole pack's trailer as an ENTRY_DTYPE array (checked)."""
+    if len(data) < HEADER.size + FOOTER.size:
+        raise CorruptPackError(f"{where}: pack truncated")
+    magic, version, _ = HEADER.unpack_from(data, 0)
+    if magic != PACK_MAGIC:
+        raise CorruptPackError(f"{where}: not a cbt pack")
+    if version > PACK_VERSION:
+        raise CorruptPackError(f"{where}: pack format {version} is newer than this cbt")
+    count, checksum, end = FOOTER.unpack_from(data, len(data) - FOOTER.size)
+    start = len(data) - FOOTER.size - count * ENTRY.size
+    if end != END_MAGIC or start < HEADER.size:
+        raise CorruptPackError(f"{where}: pack truncated (no trailer)")
+    trailer = data[start:len(data) - FOOTER.size]
+    if blake3.blake3(trailer).digest() != checksum:
+        raise CorruptPackError(f"{where}: trailer checksum mismatch")
+    return np.frombuffer(trailer, dtype=ENTRY_DTYPE).copy()
+
+
+def scan_blobs(data: bytes) -> list[tuple[bytes, int, int, int]]:
+    """Walk blob headers from the start (repair path when the trailer is lost).
+
+    Returns (digest, offset, stored, raw) for every blob whose header parses;
+    stops at the first thing that is not a blob.
+    """
+    out = []
+    pos = HEADER.size
+    while pos + BLOB.size <= len(data):
+        magic, d, _codec, _enc, _, raw, stored = BLOB.unpack_from(data, pos)
+        if magic != BLOB_MAGIC or pos + BLOB.size + stored > len(data):
+            break
+        out.append((d, pos, stored, raw))
+        pos += BLOB.size + stored
+    return out
+
+
+def pack_id_of(name: str) -> str:
+    return os.path.basename(name).removesuffix(".pack")

@@ -1,0 +1,29 @@
+"""Layer 5: backup jobs as policies run them.
+
+``config`` (TOML), ``policy`` (schedules, retention), ``hooks``, ``job`` (one
+VM's job: hooks, snapshots, transfer, commit, history), ``scheduler`` (due
+slots, run-due, daemon) and ``demo``.
+
+``cbt.jobs.run`` and the job records load on first use, so that importing
+``cbt.jobs.config`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cbt.jobs.job import JobResult, run
+
+_JOB_NAMES = ("JobResult", "run")
+
+
+def __getattr__(name: str) -> object:
+    if name in _JOB_NAMES:
+        from cbt.jobs import job
+
+        return getattr(job, name)
+    raise AttributeError(f"module 'cbt.jobs' has no attribute {name!r}")
+
+
+__all__ = ["JobResult", "run"]

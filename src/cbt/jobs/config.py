@@ -1,0 +1,289 @@
+"""Configuration: a TOML file naming the vault, the policies and the VMs.
+
+1. Parse with ``tomllib``.
+2. Walk the document against the schema below: unknown keys, wrong types and
+   bad values are errors naming the dotted key (``vm.web.hooks.timeout``) and
+   the line where it can be found.
+3. Resolve paths: ``vault``, disk paths and ``snapshot_dir`` against the
+   config file's folder; a hook's argv[0] without ``/`` on PATH.  Hooks run
+   in the config file's folder.
+
+Shape (everything but ``vault``, ``policy.*.schedule``, ``vm.*.policy`` and
+``vm.*.disks`` has the default shown)::
+
+    vault = "vault"
+    [policy.daily]
+    schedule = "daily 02:00"
+    timezone = "UTC"
+    retention = { daily = 7, weekly = 4, monthly = 12, yearly = 3 }   # absent: keep all
+    instant_restore_days = 0
+    [vm.web]
+    policy = "daily"
+    disks = { os = "disks/os.img", db = "disks/db.img" }
+    snapshot = "auto"             # auto | reflink | btrfs | copy | none
+    snapshot_dir = ""             # default: beside each disk
+    block_size = "16K"
+    [vm.web.hooks]
+    pre = ["/usr/local/bin/quiesce"]
+    post = ["/usr/local/bin/resume"]
+    timeout = 60
+    on_pre_failure = "fallback"   # or "fail"
+    provides = "application"      # or "file-system"
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tomllib
+import zoneinfo
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cbt.core.errors import CbtError, CbtValueError
+from cbt.core.sizes import parse_size
+from cbt.jobs.policy import Policy, Retention, parse_schedule
+
+PROVIDERS = ("auto", "reflink", "btrfs", "copy", "none")
+
+
+class ConfigError(CbtError, ValueError):
+    """A configuration file is malformed: says which key and where."""
+
+
+@dataclass(frozen=True)
+class Hooks:
+    pre: tuple[str, ...] = ()
+    post: tuple[str, ...] = ()
+    timeout: float = 60.0
+    on_pre_failure: str = "fallback"
+    provides: str = "application"
+    cwd: str | None = None  # hooks run in the config file's folder
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    name: str
+    policy: str
+    disks: dict[str, str]  # label -> absolute path
+    snapshot: str = "auto"
+    snapshot_dir: str | None = None
+    block_size: int | None = None
+    hooks: Hooks | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    vault: str
+    policies: dict[str, Policy]
+    vms: dict[str, VMConfig]
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Where:
+    """Finds the line of a dotted key in the TOML text (for error messages)."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+
+    def line(self, dotted: str) -> int | None:
+        parts = dotted.split(".")
+        table: list[str] = []
+        best = None
+        for no, raw in enumerate(self.lines, 1):
+            line = raw.split("#", 1)[0].strip()
+            m = re.match(r"^\[\s*([^\]]+?)\s*\]$", line)
+            if m:
+                table = [p.strip().strip('"') for p in m.group(1).split(".")]
+                if table[:len(parts)] == parts:  # [vm.web] for vm.web, [vms.web] for vms
+                    return no
+                continue
+            m = re.match(r'^"?([A-Za-z0-9_-]+)"?\s*=', line)
+            if not m:
+                continue
+            full = [*table, m.group(1)]
+            if full == parts:
+                return no
+            # a key inside an inline table on this line (hooks = { timeout = 3 })
+            if parts[: len(full)] == full and len(parts) > len(full):
+                rest = parts[len(full):]
+                if re.search(r"[{,]\s*\"?" + re.escape(rest[-1]) + r"\"?\s*=", line):
+                    return no
+                best = best or no
+        return best
+
+
+def _err(where: _Where, path: str, dotted: str, message: str) -> ConfigError:
+    line = where.line(dotted)
+    at = f"{path}:{line}" if line else path
+    return ConfigError(f"{at}: {dotted}: {message}")
+
+
+def _check_keys(where: _Where, path: str, prefix: str, table: dict[str, Any],
+                allowed: set[str], required: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    for key in table:
+        if key not in allowed:
+            raise _err(where, path, f"{prefix}{key}", f"unknown key (allowed: "
+                       f"{', '.join(sorted(allowed))})")
+    for key in sorted(required):
+        if key not in table:
+            raise _err(where, path, prefix.rstrip(".") or key,
+                       f"missing required key {key!r}" if prefix else "missing required key")
+
+
+def _typed(where: _Where, path: str, dotted: str, value: Any, kind: type | tuple[type, ...],
+           what: str) -> Any:
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise _err(where, path, dotted, f"must be {what}")
+    if not isinstance(value, kind):
+        raise _err(where, path, dotted, f"must be {what}")
+    return value
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read, validate and resolve a configuration file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"no such config file: {p}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc}") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse(doc, text, str(p))
+
+
+def parse(doc: dict[str, Any], text: str, path: str) -> Config:
+    where = _Where(text)
+    base = Path(path).resolve().parent
+    _check_keys(where, path, "", doc, {"vault", "policy", "vm"}, {"vault"})
+    vault = _typed(where, path, "vault", doc["vault"], str, "a path (string)")
+    policies: dict[str, Policy] = {}
+    for name, table in _typed(where, path, "policy", doc.get("policy", {}), dict,
+                              "a table of policies").items():
+        policies[name] = _policy(where, path, name, table)
+    vms: dict[str, VMConfig] = {}
+    for name, table in _typed(where, path, "vm", doc.get("vm", {}), dict,
+                              "a table of VMs").items():
+        vms[name] = _vm(where, path, base, name, table, policies)
+    return Config(path=path, vault=str((base / vault).resolve()), policies=policies, vms=vms)
+
+
+def _policy(where: _Where, path: str, name: str, table: Any) -> Policy:
+    pre = f"policy.{name}."
+    _typed(where, path, pre[:-1], table, dict, "a table")
+    _check_keys(where, path, pre, table,
+                {"schedule", "timezone", "retention", "instant_restore_days"}, {"schedule"})
+    try:
+        schedule = parse_schedule(_typed(where, path, pre + "schedule", table["schedule"], str,
+                                         "a string"))
+    except CbtValueError as exc:
+        raise _err(where, path, pre + "schedule", str(exc)) from None
+    tz = _typed(where, path, pre + "timezone", table.get("timezone", "UTC"), str, "a string")
+    try:
+        zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise _err(where, path, pre + "timezone", f"unknown time zone {tz!r}") from None
+    retention = Retention(keep_all=True)
+    if "retention" in table:
+        r = _typed(where, path, pre + "retention", table["retention"], dict, "a table")
+        _check_keys(where, path, pre + "retention.", r, {"daily", "weekly", "monthly", "yearly"})
+        counts = {}
+        for k, v in r.items():
+            _typed(where, path, f"{pre}retention.{k}", v, int, "a whole number")
+            if v < 0:
+                raise _err(where, path, f"{pre}retention.{k}", "must not be negative")
+            counts[k] = v
+        retention = Retention(**counts)
+    days = _typed(where, path, pre + "instant_restore_days",
+                  table.get("instant_restore_days", 0), int, "a whole number")
+    if not 0 <= days <= 30:
+        raise _err(where, path, pre + "instant_restore_days", "must be from 0 to 30")
+    return Policy(name, schedule, tz, retention, days)
+
+
+def _argv(where: _Where, path: str, dotted: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise _err(where, path, dotted, "must be a non-empty list of strings (an argv, "
+                   "never a shell string)")
+    prog = value[0]
+    if "/" not in prog:
+        found = shutil.which(prog)
+        if found is None:
+            raise _err(where, path, dotted, f"{prog!r} not found on PATH")
+        prog = found
+    return (prog, *value[1:])
+
+
+def _vm(where: _Where, path: str, base: Path, name: str, table: Any,
+        policies: dict[str, Policy]) -> VMConfig:
+    from cbt.format.records import NAME_RE
+
+    pre = f"vm.{name}."
+    if not NAME_RE.match(name):
+        raise _err(where, path, pre[:-1], "invalid VM name (letters, digits, '_', '-')")
+    _typed(where, path, pre[:-1], table, dict, "a table")
+    _check_keys(where, path, pre, table, {"policy", "disks", "snapshot", "snapshot_dir",
+                                         "block_size", "hooks"}, {"policy", "disks"})
+    policy = _typed(where, path, pre + "policy", table["policy"], str, "a policy name")
+    if policy not in policies:
+        raise _err(where, path, pre + "policy", f"no policy named {policy!r}")
+    disks_t = _typed(where, path, pre + "disks", table["disks"], dict,
+                     "a table of label = path")
+    if not disks_t:
+        raise _err(where, path, pre + "disks", "needs at least one disk")
+    disks = {}
+    for label, dpath in disks_t.items():
+        if not NAME_RE.match(label):
+            raise _err(where, path, f"{pre}disks.{label}", "invalid disk label")
+        _typed(where, path, f"{pre}disks.{label}", dpath, str, "a path (string)")
+        disks[label] = str((base / dpath).absolute())
+    snapshot = _typed(where, path, pre + "snapshot", table.get("snapshot", "auto"), str,
+                      "a string")
+    if snapshot not in PROVIDERS:
+        raise _err(where, path, pre + "snapshot", f"must be one of {', '.join(PROVIDERS)}")
+    snapshot_dir = None
+    if "snapshot_dir" in table:
+        sd = _typed(where, path, pre + "snapshot_dir", table["snapshot_dir"], str, "a path")
+        snapshot_dir = str((base / sd).absolute())
+    block_size = None
+    if "block_size" in table:
+        v = table["block_size"]
+        try:
+            if isinstance(v, bool) or not isinstance(v, (int, str)):
+                raise CbtValueError("must be a size such as 16K or integer bytes")
+            block_size = parse_size(v)
+            from cbt.core.native import fast
+
+            fast.check_block_size(block_size)
+        except CbtValueError as exc:
+            raise _err(where, path, pre + "block_size", str(exc)) from None
+    hooks = None
+    if "hooks" in table:
+        h = _typed(where, path, pre + "hooks", table["hooks"], dict, "a table")
+        hp = pre + "hooks."
+        _check_keys(where, path, hp, h, {"pre", "post", "timeout", "on_pre_failure",
+                                         "provides"})
+        timeout = _typed(where, path, hp + "timeout", h.get("timeout", 60), (int, float),
+                         "a number of seconds")
+        if timeout <= 0:
+            raise _err(where, path, hp + "timeout", "must be positive")
+        opf = _typed(where, path, hp + "on_pre_failure", h.get("on_pre_failure", "fallback"),
+                     str, "a string")
+        if opf not in ("fallback", "fail"):
+            raise _err(where, path, hp + "on_pre_failure", "must be 'fallback' or 'fail'")
+        provides = _typed(where, path, hp + "provides", h.get("provides", "application"), str,
+                          "a string")
+        if provides not in ("application", "file-system"):
+            raise _err(where, path, hp + "provides", "must be 'application' or 'file-system'")
+        hooks = Hooks(
+            pre=_argv(where, path, hp + "pre", h["pre"]) if "pre" in h else (),
+            post=_argv(where, path, hp + "post", h["post"]) if "post" in h else (),
+            timeout=float(timeout), on_pre_failure=opf, provides=provides, cwd=str(base))
+    return VMConfig(name, policy, disks, snapshot, snapshot_dir, block_size, hooks)

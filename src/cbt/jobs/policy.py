@@ -1,0 +1,212 @@
+"""Policies: when backups run (schedule) and which points are kept (retention).
+
+Schedule grammar (times in the policy's time zone, default UTC)::
+
+    daily HH:MM[,HH:MM...]
+    weekly mon..sun[,...] HH:MM[,HH:MM...]
+    every Nh                 N divides 24: local 00:00 + k*N hours
+
+Retention counts (``daily``, ``weekly``, ``monthly``, ``yearly``) keep the
+newest point of that many most recent calendar buckets that have one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import zoneinfo
+from dataclasses import dataclass, field
+
+from cbt.core.errors import CbtValueError
+
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_TIME = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    kind: str  # "daily" | "weekly" | "every"
+    times: tuple[tuple[int, int], ...] = ()  # (hour, minute), sorted
+    days: tuple[int, ...] = ()  # weekday numbers, Monday = 0 (weekly)
+    hours: int = 0  # every N hours
+    text: str = ""
+
+
+def _times(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in text.split(","):
+        m = _TIME.match(part.strip())
+        if not m:
+            raise CbtValueError(f"not a time HH:MM: {part.strip()!r}")
+        out.append((int(m.group(1)), int(m.group(2))))
+    return tuple(sorted(set(out)))
+
+
+def parse_schedule(text: str) -> Schedule:
+    """Parse a schedule string; ``CbtValueError`` says what is wrong."""
+    words = text.split()
+    if not words:
+        raise CbtValueError("empty schedule")
+    kind = words[0].lower()
+    if kind == "daily" and len(words) == 2:
+        return Schedule("daily", times=_times(words[1]), text=text)
+    if kind == "weekly" and len(words) == 3:
+        days = []
+        for d in words[1].lower().split(","):
+            if d not in DAYS:
+                raise CbtValueError(f"not a weekday: {d!r} (use mon..sun)")
+            days.append(DAYS.index(d))
+        return Schedule("weekly", times=_times(words[2]), days=tuple(sorted(set(days))),
+                        text=text)
+    if kind == "every" and len(words) == 2:
+        m = re.match(r"^(\d+)h$", words[1].lower())
+        if not m or int(m.group(1)) < 1 or 24 % int(m.group(1)):
+            raise CbtValueError(f"not an interval that divides a day: {words[1]!r} "
+                                "(use every Nh with N in 1, 2, 3, 4, 6, 8, 12, 24)")
+        return Schedule("every", hours=int(m.group(1)), text=text)
+    raise CbtValueError(f"not a schedule: {text!r} (use 'daily HH:MM[,..]', "
+                        "'weekly mon..sun[,..] HH:MM[,..]' or 'every Nh')")
+
+
+@dataclass(frozen=True)
+class Retention:
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0
+    keep_all: bool = False  # no retention table: keep everything
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    schedule: Schedule
+    timezone: str = "UTC"
+    retention: Retention = field(default_factory=lambda: Retention(keep_all=True))
+    instant_restore_days: int = 0
+
+
+# -- time ----------------------------------------------------------------------------
+
+UTC = _dt.UTC
+
+
+def local_to_utc(day: _dt.date, hour: int, minute: int, tz: _dt.tzinfo) -> _dt.datetime:
+    """The UTC instant of a local wall time: a repeated time at its first occurrence, a
+    time that does not exist (a DST gap) at the first instant after the gap."""
+    naive = _dt.datetime(day.year, day.month, day.day, hour, minute)
+    first = naive.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    if first.astimezone(tz).replace(tzinfo=None) == naive:
+        other = naive.replace(tzinfo=tz, fold=1).astimezone(UTC)
+        return min(first, other)
+    # in a gap: the first UTC instant whose wall time is at or past ``naive``
+    lo = int(naive.replace(tzinfo=tz, fold=1).astimezone(UTC).timestamp())
+    hi = int(first.timestamp())
+    lo, hi = min(lo, hi), max(lo, hi)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        wall = _dt.datetime.fromtimestamp(mid, tz).replace(tzinfo=None)
+        if wall >= naive:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _dt.datetime.fromtimestamp(lo, UTC)
+
+
+def _day_times(schedule: Schedule, day: _dt.date) -> list[tuple[int, int]]:
+    if schedule.kind == "daily":
+        return list(schedule.times)
+    if schedule.kind == "weekly":
+        return list(schedule.times) if day.weekday() in schedule.days else []
+    return [(h, 0) for h in range(0, 24, schedule.hours)]
+
+
+def slots_between(schedule: Schedule, timezone: str, start: _dt.datetime,
+                  end: _dt.datetime) -> list[_dt.datetime]:
+    """Every slot (UTC) in ``[start, end]``, in order, each once."""
+    tz = zoneinfo.ZoneInfo(timezone)
+    day = start.astimezone(tz).date() - _dt.timedelta(days=1)
+    last = end.astimezone(tz).date() + _dt.timedelta(days=1)
+    out: set[_dt.datetime] = set()
+    while day <= last:
+        for h, m in _day_times(schedule, day):
+            t = local_to_utc(day, h, m, tz)
+            if start <= t <= end:
+                out.add(t)
+        day += _dt.timedelta(days=1)
+    return sorted(out)
+
+
+def latest_slot(schedule: Schedule, timezone: str, now: _dt.datetime) -> _dt.datetime | None:
+    """The latest slot at or before ``now`` (looking back up to two weeks)."""
+    slots = slots_between(schedule, timezone, now - _dt.timedelta(days=15), now)
+    return slots[-1] if slots else None
+
+
+def next_slot(schedule: Schedule, timezone: str, now: _dt.datetime) -> _dt.datetime:
+    """The first slot strictly after ``now``."""
+    slots = slots_between(schedule, timezone, now + _dt.timedelta(seconds=1),
+                          now + _dt.timedelta(days=15))
+    return slots[0]
+
+
+# -- retention -------------------------------------------------------------------------
+
+_BUCKETS = ("daily", "weekly", "monthly", "yearly")
+
+
+def _bucket(rule: str, t: _dt.datetime) -> tuple[int, ...]:
+    if rule == "daily":
+        return (t.year, t.month, t.day)
+    if rule == "weekly":
+        iso = t.isocalendar()
+        return (iso[0], iso[1])
+    if rule == "monthly":
+        return (t.year, t.month)
+    return (t.year,)
+
+
+def _bucket_label(rule: str, b: tuple[int, ...]) -> str:
+    if rule == "daily":
+        return f"{b[0]:04d}-{b[1]:02d}-{b[2]:02d}"
+    if rule == "weekly":
+        return f"{b[0]:04d}-W{b[1]:02d}"
+    if rule == "monthly":
+        return f"{b[0]:04d}-{b[1]:02d}"
+    return f"{b[0]:04d}"
+
+
+def apply_retention(created: list[tuple[str, _dt.datetime]], retention: Retention,
+                    timezone: str) -> dict[str, list[str]]:
+    """Point id -> reasons to keep it (empty: remove), restic's ``--keep-*`` semantics.
+
+    ``created`` lists (point id, creation time) of one VM.  Each count keeps the
+    newest point of that many most recent calendar buckets (in ``timezone``)
+    that have one; the newest point is always kept (``latest``); no retention
+    table keeps everything.
+    """
+    from cbt.format.records import id_order
+
+    tz = zoneinfo.ZoneInfo(timezone)
+    newest_first = sorted(created, key=lambda p: (p[1], id_order(p[0])), reverse=True)
+    reasons: dict[str, list[str]] = {pid: [] for pid, _ in newest_first}
+    if not newest_first:
+        return reasons
+    reasons[newest_first[0][0]].append("latest")
+    if retention.keep_all:
+        for pid in reasons:
+            if "latest" not in reasons[pid]:
+                reasons[pid].append("no retention")
+        return reasons
+    for rule in _BUCKETS:
+        count = getattr(retention, rule)
+        seen: set[tuple[int, ...]] = set()
+        for pid, t in newest_first:
+            if len(seen) >= count:
+                break
+            b = _bucket(rule, t.astimezone(tz))
+            if b in seen:
+                continue
+            seen.add(b)
+            reasons[pid].append(f"{rule} {_bucket_label(rule, b)}")
+    return reasons

@@ -1,0 +1,295 @@
+"""Diff: which blocks differ between two disks, images or manifests.
+
+Rules (content decides; a hole and a block of zeros are equal):
+
+1. Block i covers ``[i*bs, min((i+1)*bs, max(size_a, size_b)))``; there are
+   ``ceil(max(size_a, size_b) / bs)`` blocks.
+2. When the sizes differ, the block holding the shorter input's end (byte
+   ``min(size_a, size_b)``) and every block past it are changed: they are
+   present, wholly or partly, in only one input.
+3. Every block before that is changed when its bytes differ.
+
+How the bytes are compared depends on the inputs:
+
+- two images: compared directly, window by window with ``memcmp`` in the core,
+  no hashing, split over the workers; blocks that are holes in both are never read;
+- an image and a manifest: the image is scanned with the manifest's block size,
+  then digests are compared;
+- two manifests: digests only (same block size required).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cbt.core.errors import CbtValueError
+from cbt.core.extents import data_extents
+from cbt.core.native import fast
+from cbt.core.parallel import Report, fork_map, shared_array
+from cbt.core.sizes import format_size
+from cbt.format.manifest import Manifest, is_manifest_file
+from cbt.source.scan import (
+    DEFAULT_BLOCK_SIZE,
+    BlockRange,
+    Progress,
+    block_ranges,
+    default_workers,
+    open_disk,
+    scan,
+    split_ranges,
+    windows,
+)
+
+Source = str | os.PathLike[str] | Manifest
+
+
+@dataclass
+class ChangeSet:
+    """The changed blocks between A and B.
+
+    ``bitmap`` has one uint8 (0/1) per block; ``ranges`` is an ``(k, 2) uint64``
+    array of merged changed runs, ``[offset, length]`` in bytes, sorted.
+    """
+
+    block_size: int
+    size_a: int
+    size_b: int
+    bitmap: npt.NDArray[np.uint8]
+    ranges: npt.NDArray[np.uint64]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def blocks(self) -> int:
+        return int(self.bitmap.shape[0])
+
+    @property
+    def changed_blocks(self) -> int:
+        return int(np.count_nonzero(self.bitmap))
+
+    @property
+    def changed_bytes(self) -> int:
+        return int(self.ranges[:, 1].sum()) if len(self.ranges) else 0
+
+    @property
+    def identical(self) -> bool:
+        return self.changed_blocks == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The keys of ``cbt diff --json``."""
+        return {
+            "block_size": self.block_size,
+            "size_a": self.size_a,
+            "size_b": self.size_b,
+            "blocks": self.blocks,
+            "changed_blocks": self.changed_blocks,
+            "changed_bytes": self.changed_bytes,
+            "ranges": self.ranges.tolist(),
+            "warnings": list(self.warnings),
+        }
+
+
+def common_blocks(size_a: int, size_b: int, block_size: int) -> int:
+    """Blocks compared by content; every block from here on is changed (rule 2)."""
+    if size_a == size_b:
+        return int(fast.nblocks(size_a, block_size))
+    return min(size_a, size_b) // block_size
+
+
+def _finish(bitmap: npt.NDArray[np.uint8], common: int, size_a: int, size_b: int,
+            block_size: int, warnings: list[str]) -> ChangeSet:
+    bitmap[common:] = 1
+    ranges = fast.bitmap_runs(bitmap, block_size, max(size_a, size_b))
+    return ChangeSet(block_size, size_a, size_b, bitmap, ranges, warnings)
+
+
+def diff_manifests(a: Manifest, b: Manifest) -> ChangeSet:
+    """Changed blocks from two manifests of the same block size (metadata only)."""
+    if a.block_size != b.block_size:
+        raise CbtValueError(
+            f"manifests have different block sizes ({format_size(a.block_size)} and "
+            f"{format_size(b.block_size)}); rescan one with --block-size "
+            f"{format_size(a.block_size)}")
+    bs = a.block_size
+    n = fast.nblocks(max(a.disk_size, b.disk_size), bs)
+    common = common_blocks(a.disk_size, b.disk_size, bs)
+    bitmap = np.zeros(n, dtype=np.uint8)
+    if common:
+        fast.compare_digests(a.digests[:common], b.digests[:common], bitmap[:common])
+    return _finish(bitmap, common, a.disk_size, b.disk_size, bs, [])
+
+
+@dataclass(frozen=True)
+class _CompareTask:
+    path_a: str
+    path_b: str
+    fd_a: int
+    fd_b: int
+    size: int  # compared bytes: the common blocks, clipped to the disk end
+    block_size: int
+    ranges: list[BlockRange]
+    bitmap: np.ndarray
+
+
+def _compare_shard(task: _CompareTask, report: Report) -> int:
+    bs = task.block_size
+    for lo, hi in task.ranges:
+        for (first, ma), (_, mb) in zip(windows(task.fd_a, task.size, bs, lo, hi, task.path_a),
+                                        windows(task.fd_b, task.size, bs, lo, hi, task.path_b),
+                                        strict=True):
+            n = fast.nblocks(len(ma), bs)
+            fast.compare_buffers(ma, mb, bs, task.bitmap[first:first + n])
+            report(2 * len(ma))
+    return 0
+
+
+def diff_images(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str],
+                block_size: int = DEFAULT_BLOCK_SIZE, workers: int | None = None,
+                progress: Progress | None = None) -> ChangeSet:
+    """Compare two images or devices byte for byte, block by block, without hashing."""
+    fast.check_block_size(block_size)
+    workers = workers or default_workers()
+    with open_disk(path_a) as da, open_disk(path_b) as db:
+        n = fast.nblocks(max(da.size, db.size), block_size)
+        common = common_blocks(da.size, db.size, block_size)
+        size = min(common * block_size, da.size, db.size)
+        extents = data_extents(da.fd, size) + data_extents(db.fd, size)
+        ranges = block_ranges(extents, block_size)
+        bitmap = shared_array((n,), np.uint8)
+        to_read = 2 * sum(min(hi * block_size, size) - lo * block_size for lo, hi in ranges)
+        tasks = [_CompareTask(da.path, db.path, da.fd, db.fd, size, block_size, shard, bitmap)
+                 for shard in split_ranges(ranges, workers)]
+        report = (lambda done: progress(sum(done), to_read)) if progress else None
+        fork_map(_compare_shard, tasks, report)
+        result = np.array(bitmap)  # out of shared memory
+    return _finish(result, common, da.size, db.size, block_size, [])
+
+
+POINT_SEPARATOR = "::"
+
+
+def parse_point_ref(text: str) -> tuple[str, str, str | None] | None:
+    """``VAULT::POINT[/LABEL]`` -> (vault, point, label or None); anything else -> None."""
+    vault, sep, ref = text.rpartition(POINT_SEPARATOR)
+    if not sep or not vault or not ref:
+        return None
+    point, slash, label = ref.partition("/")
+    return vault, point, (label if slash else None)
+
+
+def _load(src: Source) -> Manifest | str | PointRef:
+    if isinstance(src, Manifest):
+        return src
+    p = os.fspath(src)
+    ref = parse_point_ref(p)
+    if ref is not None:
+        from cbt.repo.vault import Vault
+
+        vault = Vault.open(ref[0])
+        point = vault.point(ref[1])
+        if ref[2] is None:
+            return PointRef(vault, point)
+        return vault.resolve(point, ref[2])
+    if os.path.isfile(p) and is_manifest_file(p):
+        return Manifest.read(p)
+    return p
+
+
+@dataclass
+class PointRef:
+    """A whole recovery point named as ``VAULT::POINT``."""
+
+    vault: Any
+    point: Any
+
+
+@dataclass
+class PointDiff:
+    """Disk-by-disk changes between two whole recovery points (metadata only)."""
+
+    a: str
+    b: str
+    disks: list[tuple[str, str, ChangeSet]]  # (label, status, change set)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def changed_blocks(self) -> int:
+        return sum(cs.changed_blocks for _, _, cs in self.disks)
+
+    @property
+    def changed_bytes(self) -> int:
+        return sum(cs.changed_bytes for _, _, cs in self.disks)
+
+    @property
+    def identical(self) -> bool:
+        return all(status == "same" for _, status, _ in self.disks)
+
+    def to_dict(self) -> dict[str, Any]:
+        disks = []
+        for label, status, cs in self.disks:
+            d = cs.to_dict()
+            d.pop("warnings")
+            disks.append({"label": label, "status": status, **d})
+        return {"a": self.a, "b": self.b, "disks": disks, "changed_blocks": self.changed_blocks,
+                "changed_bytes": self.changed_bytes, "warnings": list(self.warnings)}
+
+
+def _absent_like(m: Manifest) -> Manifest:
+    """An empty disk of ``m``'s block size: everything in ``m`` counts as changed."""
+    return Manifest(m.block_size, 0, np.zeros((0, fast.DIGEST_SIZE), dtype=np.uint8),
+                    np.zeros(0, dtype=np.uint8))
+
+
+def diff_points(a: PointRef, b: PointRef) -> PointDiff:
+    """Compare two whole points disk by disk, by label (reads only manifests)."""
+    labels_a = [d.label for d in a.point.disks]
+    labels_b = [d.label for d in b.point.disks]
+    out: list[tuple[str, str, ChangeSet]] = []
+    for label in labels_a + [lb for lb in labels_b if lb not in labels_a]:
+        ma = a.vault.resolve(a.point, label) if label in labels_a else None
+        mb = b.vault.resolve(b.point, label) if label in labels_b else None
+        if ma is not None and mb is not None:
+            cs = diff_manifests(ma, mb)
+            out.append((label, "same" if cs.identical else "changed", cs))
+        elif ma is not None:
+            out.append((label, "only_a", diff_manifests(ma, _absent_like(ma))))
+        elif mb is not None:
+            out.append((label, "only_b", diff_manifests(_absent_like(mb), mb)))
+    return PointDiff(a.point.id, b.point.id, out)
+
+
+def diff(a: Source, b: Source, block_size: int | None = None, workers: int | None = None,
+         progress: Progress | None = None) -> ChangeSet | PointDiff:
+    """Changed blocks between two sources, each an image, a device, a manifest
+    file, a :class:`Manifest`, or a point's disk ``VAULT::POINT/LABEL``: a
+    :class:`ChangeSet`.  Two whole points ``VAULT::POINT``: a :class:`PointDiff`.
+
+    ``block_size`` applies to images; a manifest's own block size wins (with a
+    warning when it differs from an explicit ``block_size``).
+    """
+    if block_size is not None:
+        fast.check_block_size(block_size)
+    la, lb = _load(a), _load(b)
+    if isinstance(la, PointRef) or isinstance(lb, PointRef):
+        if not (isinstance(la, PointRef) and isinstance(lb, PointRef)):
+            raise CbtValueError("a whole point (VAULT::POINT) can only be compared with another "
+                                "whole point; name one disk as VAULT::POINT/LABEL")
+        return diff_points(la, lb)
+    manifests = [m for m in (la, lb) if isinstance(m, Manifest)]
+    warnings: list[str] = []
+    if not manifests:
+        assert isinstance(la, str) and isinstance(lb, str)
+        return diff_images(la, lb, block_size or DEFAULT_BLOCK_SIZE, workers, progress)
+    bs = manifests[0].block_size
+    if block_size is not None and any(m.block_size != block_size for m in manifests):
+        warnings.append(f"--block-size {format_size(block_size)} ignored: the manifest's "
+                        f"block size {format_size(bs)} wins")
+    ma = la if isinstance(la, Manifest) else scan(la, bs, workers, progress)
+    mb = lb if isinstance(lb, Manifest) else scan(lb, bs, workers, progress)
+    result = diff_manifests(ma, mb)
+    result.warnings[:0] = warnings
+    return result

@@ -1,0 +1,250 @@
+"""Snapshot providers: a point-in-time, read-only view of each disk of a VM.
+
+- ``reflink``: FICLONE clone of an image file (XFS, btrfs): instant, shares
+  blocks until the disk is written.  Disks are cloned one after another.
+- ``btrfs``: one read-only snapshot of the subvolume holding all the VM's
+  disks: a single moment for every disk.
+- ``copy``: a full sparse copy, for file systems with neither (slow; says so).
+- ``none``: read the live disk (consistency then comes from the hooks, which
+  keep the application quiesced through the transfer, else ``live read``).
+- ``auto``: ``btrfs`` when every disk lies in one btrfs subvolume, else
+  ``reflink`` per disk where the file system clones, else ``none``.  Not
+  ``copy``: a copy of a live disk takes as long as a read of it, so it buys no
+  consistency that a live read with hooks does not, at twice the I/O.
+
+``reflink`` and ``btrfs`` keep the last committed snapshot of each disk as its
+*tracking base* (``<label>.base`` beside the snapshots), replaced at the next
+commit; everything else is removed when the job ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cbt.core.blockio import copy_sparse
+from cbt.core.errors import CbtError, CbtIOError
+
+FICLONE = 0x40049409
+BTRFS_SUPER_MAGIC = 0x9123683E
+BTRFS_SUBVOL_INODE = 256
+SNAPSHOT_DIR = ".cbt-snapshots"
+
+
+class SnapshotError(CbtError, OSError):
+    """A snapshot could not be taken or removed."""
+
+
+def reflink(src: str, dst: str) -> None:
+    """Clone ``src`` to a new file ``dst`` (FICLONE); OSError where unsupported."""
+    with open(src, "rb") as fi:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.ioctl(fd, FICLONE, fi.fileno())
+        except OSError:
+            os.close(fd)
+            os.unlink(dst)
+            raise
+        os.close(fd)
+
+
+def _is_btrfs(path: str) -> bool:
+    try:
+        out = subprocess.run(["stat", "-f", "-c", "%t", path], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return int(out, 16) == BTRFS_SUPER_MAGIC
+
+
+def btrfs_subvolume(path: str) -> str | None:
+    """The root of the btrfs subvolume holding ``path`` (None off btrfs)."""
+    p = Path(path).absolute()
+    if not _is_btrfs(str(p)):
+        return None
+    d = p.parent if not p.is_dir() else p
+    dev = os.stat(d).st_dev
+    while True:
+        st = os.stat(d)
+        if st.st_ino == BTRFS_SUBVOL_INODE:
+            return str(d)
+        if d.parent == d or os.stat(d.parent).st_dev != dev:
+            return str(d)
+        d = d.parent
+
+
+def _can_reflink(path: str, snap_dir: Path) -> bool:
+    snap_dir.mkdir(parents=True, exist_ok=True)
+    probe = snap_dir / f".probe-{os.getpid()}"
+    try:
+        reflink(path, str(probe))
+    except OSError:
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        probe.unlink()
+    return True
+
+
+def snapshot_dir_for(disk: str, vm: str, configured: str | None) -> Path:
+    base = Path(configured) if configured else Path(disk).parent / SNAPSHOT_DIR
+    return base / vm
+
+
+def resolve_provider(requested: str, vm: str, disks: dict[str, str],
+                     snapshot_dir: str | None) -> dict[str, str]:
+    """The provider each disk will use (``auto`` resolved by probing)."""
+    if requested != "auto":
+        return dict.fromkeys(disks, requested)
+    subvols = {btrfs_subvolume(p) for p in disks.values()}
+    if len(subvols) == 1 and None not in subvols:
+        return dict.fromkeys(disks, "btrfs")
+    out = {}
+    for label, path in disks.items():
+        ok = os.path.isfile(path) and _can_reflink(path, snapshot_dir_for(path, vm,
+                                                                          snapshot_dir))
+        out[label] = "reflink" if ok else "none"
+    return out
+
+
+@dataclass
+class SnapshotSet:
+    """The snapshots of one job: what to read for each disk, and how to clean up."""
+
+    vm: str
+    job: str
+    providers: dict[str, str]
+    read_paths: dict[str, str]
+    created: list[str] = field(default_factory=list)  # files or subvolumes to remove
+    bases: dict[str, tuple[str, str]] = field(default_factory=dict)  # label -> (snap, base)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def one_moment(self) -> bool:
+        """All disks captured at one instant (a single btrfs snapshot, or a single disk)."""
+        kinds = set(self.providers.values())
+        return (len(self.providers) == 1 and kinds != {"none"}) or kinds == {"btrfs"}
+
+    @property
+    def live(self) -> bool:
+        return "none" in self.providers.values()
+
+    def commit(self, keep: bool = False) -> dict[str, str]:
+        """After the point is committed: keep tracking bases, remove the rest.
+
+        With ``keep`` (instant restore) every snapshot stays where it is and the
+        tracking base becomes a second, free reference to it (a hard link, or
+        a btrfs snapshot of the snapshot); returns label -> kept path.
+        """
+        done = set()
+        for snap, base in self.bases.values():
+            if snap in done:
+                continue
+            done.add(snap)
+            remove_snapshot(base)
+            if not keep:
+                os.rename(snap, base)
+            elif os.path.isdir(snap):
+                subprocess.run(["btrfs", "subvolume", "snapshot", "-r", snap, base],
+                               capture_output=True, check=True)
+            else:
+                os.link(snap, base)
+        if keep:
+            return {label: self.read_paths[label] for label, p in self.providers.items()
+                    if p != "none"}
+        for path in self.created:
+            if path not in done:
+                remove_snapshot(path)
+        return {}
+
+    def discard(self) -> None:
+        """After a failed or aborted job: remove every snapshot it took."""
+        for path in self.created:
+            remove_snapshot(path)
+
+
+def remove_snapshot(path: str) -> None:
+    """Remove a snapshot file, or a (btrfs subvolume) directory."""
+    p = Path(path)
+    if p.is_dir():
+        if p.stat().st_ino == BTRFS_SUBVOL_INODE and shutil.which("btrfs"):
+            subprocess.run(["btrfs", "subvolume", "delete", str(p)], capture_output=True,
+                           check=False)
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def take(vm: str, job: str, disks: dict[str, str], providers: dict[str, str],
+         snapshot_dir: str | None) -> SnapshotSet:
+    """Snapshot every disk; on any failure the ones already taken are removed."""
+    snaps = SnapshotSet(vm, job, dict(providers), {})
+    try:
+        btrfs_labels = [lb for lb, p in providers.items() if p == "btrfs"]
+        if btrfs_labels:
+            _take_btrfs(snaps, {lb: disks[lb] for lb in btrfs_labels}, snapshot_dir)
+        for label, path in disks.items():
+            provider = providers[label]
+            if provider == "btrfs":
+                continue
+            if provider == "none":
+                snaps.read_paths[label] = path
+                continue
+            d = snapshot_dir_for(path, vm, snapshot_dir)
+            d.mkdir(parents=True, exist_ok=True)
+            dst = d / f"{label}.{job}.img"
+            if provider == "reflink":
+                try:
+                    reflink(path, str(dst))
+                except OSError as exc:
+                    raise SnapshotError(exc.errno, f"reflink snapshot of {path} failed: "
+                                        f"{exc.strerror} (snapshot = \"reflink\" needs XFS or "
+                                        "btrfs; try \"auto\")") from None
+                snaps.bases[label] = (str(dst), str(d / f"{label}.base.img"))
+            else:  # copy
+                try:
+                    copy_sparse(path, dst)
+                except OSError as exc:
+                    raise SnapshotError(exc.errno, f"copy snapshot of {path} failed: "
+                                        f"{exc.strerror}") from None
+                snaps.warnings.append(f"disk {label}: copy snapshot of "
+                                      f"{os.path.getsize(path)} bytes (slow: every byte is "
+                                      "copied; use XFS or btrfs for reflink snapshots)")
+            snaps.created.append(str(dst))
+            snaps.read_paths[label] = str(dst)
+    except BaseException:
+        snaps.discard()
+        raise
+    return snaps
+
+
+def _take_btrfs(snaps: SnapshotSet, disks: dict[str, str], snapshot_dir: str | None) -> None:
+    subvols = {btrfs_subvolume(p) for p in disks.values()}
+    if len(subvols) != 1 or None in subvols:
+        raise SnapshotError(errno.EINVAL, "snapshot = \"btrfs\" needs every disk of the VM in "
+                            "one btrfs subvolume")
+    subvol = str(subvols.pop())
+    where = Path(snapshot_dir) / snaps.vm if snapshot_dir else Path(subvol) / SNAPSHOT_DIR
+    where.mkdir(parents=True, exist_ok=True)
+    dst = where / f"{snaps.vm}.{snaps.job}"
+    r = subprocess.run(["btrfs", "subvolume", "snapshot", "-r", subvol, str(dst)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise SnapshotError(errno.EIO, f"btrfs snapshot of {subvol} failed: "
+                            f"{r.stderr.strip() or r.returncode}")
+    snaps.created.append(str(dst))
+    for label, path in disks.items():
+        snaps.read_paths[label] = str(dst / os.path.relpath(path, subvol))
+        snaps.bases[label] = (str(dst), str(where / f"{snaps.vm}.base"))
+
+
+def check_disk_exists(path: str) -> None:
+    if not os.path.exists(path):
+        raise CbtIOError(errno.ENOENT, f"no such disk or image: {path}")
