@@ -9,6 +9,10 @@ Everything the vault stores goes through these few calls, so an object store
 - ``size(name)``, ``exists(name)``, ``list(prefix)``, ``delete(name)``.
 
 Names are ``/``-separated paths relative to the vault root.
+
+A worker process or thread never receives a Storage object: it receives the
+storage's :meth:`Storage.spec` (small and picklable) and reopens it with
+:func:`open_storage`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import mmap
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from cbt.core.durable import atomic_write, fsync_dir
 from cbt.core.errors import CbtIOError
@@ -27,10 +31,21 @@ from cbt.core.errors import CbtIOError
 Buffers = bytes | bytearray | memoryview | list[bytes | bytearray]
 
 
+class StorageSpec(NamedTuple):
+    """A picklable description of a storage: its kind and where it is."""
+
+    kind: str  # "local"
+    location: str
+
+
 class Storage(ABC):
     """Where a vault's objects live."""
 
     root: str
+
+    @abstractmethod
+    def spec(self) -> StorageSpec:
+        """What a worker needs to open this storage itself (:func:`open_storage`)."""
 
     @abstractmethod
     def put(self, name: str, data: Buffers) -> None:
@@ -65,6 +80,9 @@ class LocalStorage(Storage):
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.fspath(root)
+
+    def spec(self) -> StorageSpec:
+        return StorageSpec("local", self.root)
 
     def path(self, name: str) -> Path:
         return Path(self.root, name)
@@ -127,6 +145,13 @@ class LocalStorage(Storage):
     def delete(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(name))
+
+
+def open_storage(spec: StorageSpec) -> Storage:
+    """Reopen a storage from its :meth:`Storage.spec` (in a worker)."""
+    if spec.kind == "local":
+        return LocalStorage(spec.location)
+    raise CbtIOError(errno.EINVAL, f"unknown storage kind {spec.kind!r}")
 
 
 def _ensure_dir(d: Path) -> None:
