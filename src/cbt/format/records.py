@@ -1,4 +1,5 @@
-"""Recovery points: their records, ids, and how a disk's manifest is resolved.
+"""Recovery points: their records, ids, and how a disk's manifest is resolved;
+the magic and version of a vault's ``config`` record.
 
 A point is committed by the durable rename of its record,
 ``points/<id>.json``; everything it names (manifests, index segment, packs) is
