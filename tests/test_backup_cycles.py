@@ -122,7 +122,7 @@ def test_daily_cycle_every_point_restores(tmp_path: Path, bs: int) -> None:
     for i, (pid, copies_then) in enumerate(history):
         out = tmp_path / f"restore{i}"
         result = vault.restore(pid, out)
-        assert {d["label"] for d in result["disks"]} == set(copies_then)
+        assert {d.label for d in result.disks} == set(copies_then)
         for lb, copy in copies_then.items():
             assert_same_disk(out / f"{lb}.img", copy, bs)
     report = vault.verify(data=True)

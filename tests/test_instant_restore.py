@@ -143,6 +143,15 @@ def test_instant_restore_without_a_kept_snapshot_uses_the_vault(tmp_path: Path) 
     got = _instant(vault, point["recovery_point"], tmp_path / "o")
     assert got["os"]["source"] == "vault"
     assert_same_bytes(tmp_path / "o" / "os.img", truth)
+    # the API: the same restore, typed; one disk to a file of its own
+    import cbt as cbt_api
+
+    res = cbt_api.Vault.open(vault).restore(point["recovery_point"], tmp_path / "one.raw",
+                                            disk="os", instant=True)
+    assert [(d.label, d.to, d.source) for d in res.disks] == [("os", str(tmp_path / "one.raw"),
+                                                               "vault")]
+    assert set(res.to_dict()["disks"][0]) == INSTANT_DISK_KEYS and res.warnings == []
+    assert_same_bytes(tmp_path / "one.raw", truth)
 
 
 def test_instant_restore_reflink_on_xfs(tmp_path: Path) -> None:

@@ -396,14 +396,40 @@ def test_whole_point_in_place_into_a_directory(hist: History, tmp_path: Path) ->
     assert sorted(p.name for p in out.iterdir()) == ["db.img", "os.img"]
 
 
+def test_api_restore_returns_what_the_cli_prints(hist: History, tmp_path: Path) -> None:
+    """``Vault.restore`` returns a RestoreResult; its ``to_dict()`` is ``--json``'s shape
+    and values (the timing aside), and its fields are what was written."""
+    from cbt.ops.restore import RestoredDisk, RestoreResult
+
+    res = cbt_api.Vault.open(hist.vault).restore(hist.points[1], tmp_path / "api", workers=2)
+    assert isinstance(res, RestoreResult) and all(isinstance(d, RestoredDisk) for d in res.disks)
+    r = cbt("restore", hist.vault, hist.points[1], "--to", tmp_path / "cli", "--json")
+    assert r.returncode == 0, r.stderr
+    cli = json.loads(r.stdout)
+    api = res.to_dict()
+    assert json.loads(json.dumps(api)) == api  # plain JSON values
+    assert set(api) == RESTORE_KEYS and all(set(d) == RESTORE_DISK_KEYS for d in api["disks"])
+    for d in api["disks"] + cli["disks"]:
+        d["to"] = Path(d["to"]).name
+    del api["seconds"], cli["seconds"]
+    assert api == cli
+    for d in res.disks:
+        truth = hist.truth(1, d.label)
+        assert (d.size, d.bytes_written) == (len(truth), data_bytes(truth, BS))
+        assert d.source is None
+        assert np.array_equal(read(tmp_path / "api" / f"{d.label}.img"), truth)
+
+
 def _pack_jobs(target: str, blocks_per_pack: list[int], bs: int = 16 * 1024) -> list[Any]:
     from cbt.ops.restore import _Job
+    from cbt.repo.storage import StorageSpec
 
     jobs, first = [], 0
     for k, count in enumerate(blocks_per_pack):
         blocks = np.arange(first, first + count, dtype=np.uint64)
         first += count
-        jobs.append(_Job("vault", "p", target, target, bs, f"{target}-{k}", blocks,
+        jobs.append(_Job(StorageSpec("local", "vault"), "p", target, target, bs,
+                         f"{target}-{k}", blocks,
                          np.zeros((count, 32), np.uint8), np.zeros(count, np.uint64),
                          np.full(count, 100, np.uint64), first * bs))
     return jobs

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from cbt.format.records import PointRecord
     from cbt.ops.backup import BackupProgress
     from cbt.ops.diff import ChangeSet, PointDiff, Source
+    from cbt.ops.restore import RestoreResult
     from cbt.source.scan import PendingScan
 
 
@@ -48,14 +49,21 @@ class Vault(_RepoVault):
                       executor=executor, slot=slot, early=early)
 
     def restore(self, point: str, to: str | os.PathLike[str], force: bool = False,
-                workers: int | None = None, progress: Callable[..., None] | None = None,
+                workers: int | None = None, progress: Callable[[int, int], None] | None = None,
                 disk: str | None = None, in_place: bool = False,
-                assume_zeroed: bool = False) -> dict[str, Any]:
-        """Restore every disk of ``point`` into directory ``to`` (:mod:`cbt.ops.restore`)."""
-        from cbt.ops.restore import restore
+                assume_zeroed: bool = False, instant: bool = False,
+                verify_snapshot: bool = True) -> RestoreResult:
+        """Restore every disk of ``point`` into directory ``to``, or one ``disk`` to ``to``.
 
-        return restore(self, point, to, force=force, workers=workers, progress=progress,
-                       disk=disk, in_place=in_place, assume_zeroed=assume_zeroed)
+        See :class:`cbt.ops.restore.RestoreRequest` for the arguments;
+        ``.to_dict()`` of the result is ``cbt restore --json``.
+        """
+        from cbt.ops.restore import RestoreRequest, restore
+
+        return restore(self, RestoreRequest(
+            point, to, disk=disk, force=force, in_place=in_place, assume_zeroed=assume_zeroed,
+            workers=workers, progress=progress, instant=instant,
+            verify_snapshot=verify_snapshot))
 
     def verify(self, point: str | None = None, data: bool = False) -> dict[str, Any]:
         """Check points (all, or one) and optionally every stored block (:mod:`cbt.ops.verify`)."""

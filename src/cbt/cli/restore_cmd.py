@@ -24,6 +24,7 @@ instant_restore_days), re-hashing it against the point's manifest unless
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from cbt.cli._common import EXIT_OK, add_json, emit_warnings, print_json, workers_arg
 
@@ -55,23 +56,20 @@ def run(args: argparse.Namespace) -> int:
     from cbt.core.sizes import human_bytes
 
     vault = Vault.open(args.vault)
-    if args.instant:
-        from cbt.ops.restore import instant_restore
-
-        result = instant_restore(vault, args.point, args.to, force=args.force, disk=args.disk,
-                                 verify=not args.no_verify, workers=args.workers)
-    else:
-        with progress_bar("restore") as progress:
-            result = vault.restore(args.point, args.to, force=args.force, workers=args.workers,
-                                   progress=progress, disk=args.disk,
-                                   in_place=args.in_place, assume_zeroed=args.assume_zeroed)
+    # an instant restore has never shown a progress bar
+    bar = contextlib.nullcontext(None) if args.instant else progress_bar("restore")
+    with bar as progress:
+        result = vault.restore(args.point, args.to, force=args.force, workers=args.workers,
+                               progress=progress, disk=args.disk, in_place=args.in_place,
+                               assume_zeroed=args.assume_zeroed, instant=args.instant,
+                               verify_snapshot=not args.no_verify)
     if args.json:
-        print_json(result)
+        print_json(result.to_dict())
         return EXIT_OK
-    emit_warnings(result["warnings"])
-    print(f"restored {result['recovery_point']} in {result['seconds']:.2f} s")
-    for d in result["disks"]:
-        print(f"  {d['label']} -> {d['to']}: {human_bytes(d['size'])}, "
-              f"{d['blocks_verified']} blocks verified, {human_bytes(d['bytes_written'])} "
-              f"written{', from ' + d['source'] if 'source' in d else ''}")
+    emit_warnings(result.warnings)
+    print(f"restored {result.recovery_point} in {result.seconds:.2f} s")
+    for d in result.disks:
+        print(f"  {d.label} -> {d.to}: {human_bytes(d.size)}, "
+              f"{d.blocks_verified} blocks verified, {human_bytes(d.bytes_written)} "
+              f"written{', from ' + d.source if d.source is not None else ''}")
     return EXIT_OK

@@ -26,7 +26,9 @@ from __future__ import annotations
 import os
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import overload
 
 import blake3
 import numpy as np
@@ -34,7 +36,8 @@ import numpy.typing as npt
 
 from cbt.core.errors import CbtError
 
-# Do not modify: these identify every pack ever written.
+# Do not modify: these magics, versions, layouts and codes identify and decode
+# every pack ever written (vault format 1).
 PACK_MAGIC = b"CBTPACK\0"
 PACK_VERSION = 1
 BLOB_MAGIC = b"CBTB"
@@ -43,17 +46,22 @@ HEADER = struct.Struct("<8sII")
 BLOB = struct.Struct("<4s32sBBHII")
 ENTRY = struct.Struct("<32sQII")
 FOOTER = struct.Struct("<Q32s8s")
-
 CODEC_NONE = 0
 CODEC_ZSTD = 1
 ENCRYPTION_NONE = 0
-ZSTD_LEVEL = 3
+# The same layouts as numpy records, to read many at once (same bytes as BLOB, ENTRY).
+BLOB_DTYPE = np.dtype([("magic", np.uint8, (4,)), ("digest", np.uint8, (32,)),
+                       ("codec", "u1"), ("encryption", "u1"), ("reserved", "<u2"),
+                       ("raw", "<u4"), ("stored", "<u4")])
+ENTRY_DTYPE = np.dtype([("digest", "V32"), ("offset", "<u8"), ("stored", "<u4"),
+                        ("raw", "<u4")])
+assert BLOB_DTYPE.itemsize == BLOB.size and ENTRY_DTYPE.itemsize == ENTRY.size
 
+ZSTD_LEVEL = 3
 TARGET_PACK_SIZE = 8 << 20
 MAX_BACKOFF = 8
 
-ENTRY_DTYPE = np.dtype([("digest", "V32"), ("offset", "<u8"), ("stored", "<u4"),
-                        ("raw", "<u4")])
+_BLOB_MAGIC_U8 = np.frombuffer(BLOB_MAGIC, dtype=np.uint8)
 
 
 class CorruptPackError(CbtError, ValueError):
@@ -139,9 +147,52 @@ class PackWriter:
         return [self.buf, trailer, footer]
 
 
-def blob_length(stored: int) -> int:
-    """Bytes to read for a blob: its header plus payload."""
-    return BLOB.size + stored
+@overload
+def blob_length(stored: int) -> int: ...
+@overload
+def blob_length(stored: npt.NDArray[np.integer]) -> npt.NDArray[np.int64]: ...
+def blob_length(stored: int | npt.NDArray[np.integer]) -> int | npt.NDArray[np.int64]:
+    """Bytes to read for a blob (or for each of an array of them): header plus payload."""
+    if isinstance(stored, int):
+        return BLOB.size + stored
+    return stored.astype(np.int64) + BLOB.size
+
+
+def blob_headers(pack: bytes | memoryview, offsets: npt.NDArray[np.integer]
+                 ) -> npt.NDArray[np.void]:
+    """The headers of the blobs at ``offsets`` of a pack, as one BLOB_DTYPE array.
+
+    One gather for thousands of headers (restore reads every blob of a pack this
+    way): no Python per blob.  The headers are copied out of ``pack``; a header
+    that would lie past its end is a :class:`CorruptPackError`.
+    """
+    arr = np.frombuffer(pack, dtype=np.uint8)
+    offs = np.asarray(offsets, dtype=np.int64)
+    if len(offs) and (int(offs.max()) + BLOB.size > len(arr) or int(offs.min()) < 0):
+        raise CorruptPackError("blob header past the end of the pack")
+    rows = arr[offs[:, None] + np.arange(BLOB.size)]
+    headers: npt.NDArray[np.void] = rows.view(BLOB_DTYPE).reshape(len(offs))
+    return headers
+
+
+def blobs_match(headers: npt.NDArray[np.void], digests: npt.NDArray[np.uint8],
+                stored: npt.NDArray[np.integer], raw: npt.NDArray[np.integer]
+                ) -> npt.NDArray[np.bool_]:
+    """Which headers are sound blobs of ``digests`` with these lengths, all at once.
+
+    Sound: the blob magic, the expected digest, a known codec, no encryption,
+    and the stored and raw lengths expected.  A header that fails says nothing
+    of why; :func:`decode_blob` on that blob names the problem.
+    """
+    codec = headers["codec"]
+    ok: npt.NDArray[np.bool_] = (
+        (headers["magic"] == _BLOB_MAGIC_U8).all(axis=1)
+        & (headers["digest"] == digests).all(axis=1)
+        & (headers["encryption"] == ENCRYPTION_NONE)
+        & ((codec == CODEC_NONE) | (codec == CODEC_ZSTD))
+        & (headers["stored"].astype(np.int64) == np.asarray(stored, dtype=np.int64))
+        & (headers["raw"].astype(np.int64) == np.asarray(raw, dtype=np.int64)))
+    return ok
 
 
 def decode_blob(data: bytes | memoryview, digest: bytes, where: str,
@@ -196,6 +247,22 @@ def read_trailer(data: bytes, where: str) -> npt.NDArray[np.void]:
     if blake3.blake3(trailer).digest() != checksum:
         raise CorruptPackError(f"{where}: trailer checksum mismatch")
     return np.frombuffer(trailer, dtype=ENTRY_DTYPE).copy()
+
+
+def read_pack_trailer(read_range: Callable[[int, int], bytes], size: int,
+                      where: str) -> npt.NDArray[np.void]:
+    """The checked trailer entries of a pack of ``size`` bytes, without reading its blobs.
+
+    ``read_range(offset, length)`` reads from the pack: its header, its footer,
+    then the trailer the footer counts (indexing a pack from its trailer alone).
+    """
+    if size < HEADER.size + FOOTER.size:
+        raise CorruptPackError(f"{where}: pack truncated")
+    count, _checksum, _end = FOOTER.unpack(read_range(size - FOOTER.size, FOOTER.size))
+    tail = min(size - HEADER.size, FOOTER.size + count * ENTRY.size)
+    # read_trailer checks a whole pack; the blobs between do not matter to it
+    head = read_range(0, HEADER.size)
+    return read_trailer(head + read_range(size - tail, tail), where)
 
 
 def scan_blobs(data: bytes) -> list[tuple[bytes, int, int, int]]:

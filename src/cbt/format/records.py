@@ -1,4 +1,5 @@
-"""Recovery points: their records, ids, and how a disk's manifest is resolved.
+"""Recovery points: their records, ids, and how a disk's manifest is resolved;
+the magic and version of a vault's ``config`` record.
 
 A point is committed by the durable rename of its record,
 ``points/<id>.json``; everything it names (manifests, index segment, packs) is
@@ -28,6 +29,10 @@ from cbt.core.errors import CbtError, CbtValueError
 # Do not modify: identifies every point record ever written.
 POINT_MAGIC = "cbt-point"
 POINT_VERSION = 1
+# Do not modify: identifies every vault ever made (its ``config`` record; read
+# and written by :mod:`cbt.repo.vault`, which should take them from here).
+VAULT_MAGIC = "cbt-vault"
+VAULT_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 

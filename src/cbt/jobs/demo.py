@@ -31,7 +31,7 @@ from cbt.core.timefmt import rfc3339
 from cbt.jobs.config import load as load_config
 from cbt.jobs.job import run as run_jobs
 from cbt.ops.diff import PointRef, diff_points
-from cbt.ops.restore import restore
+from cbt.ops.restore import RestoreRequest, restore
 from cbt.repo.vault import Vault
 from cbt.source.synth import make_db_file, make_fs_image, mutate
 
@@ -140,7 +140,7 @@ def run_demo(directory: str | os.PathLike[str] | None = None,
                      "snapshots": result.snapshots, "changes": len(changes)})
     vault = Vault.open(d / "vault")
     restored = d / "restored"
-    restore(vault, days[-1]["recovery_point"], restored)
+    restore(vault, RestoreRequest(days[-1]["recovery_point"], restored))
     restore_ok = all(
         np.array_equal(np.fromfile(restored / f"{label}.img", np.uint8),
                        np.fromfile(path, np.uint8))

@@ -1,8 +1,11 @@
 """Restore: write disks of a recovery point back, bit for bit.
 
-1. Resolve the point's manifests and look every DATA block up in the index
-   (a block the index lacks is an error before anything is written).
-2. Choose what to write for each target:
+:func:`restore` takes a :class:`RestoreRequest` and returns a
+:class:`RestoreResult`; one function per step of the protocol:
+
+1. Plan (:func:`_plan_targets`, :func:`_plan_target`, :func:`plan_disk`):
+   resolve the point's manifests, check each disk's target, and choose what
+   to write to it:
    - a new file: created under a temporary name with the disk's size; holes
      and zero blocks are never written, so they stay holes;
    - a block device: every DATA block, and zero/hole ranges zeroed with
@@ -12,12 +15,33 @@
      the target is scanned first and only blocks whose digest differs are
      written; blocks that must read as zeros are punched (file) or zeroed
      (device).
-3. Order the blocks by (pack, offset) and give each worker whole packs; a
-   worker reads each pack's needed span with large sequential reads, checks
-   every blob against its digest, and writes it at its block's offset.
-4. fsync; a new file is then renamed into place and its directory fsynced.
-   On any error temporary files are removed: no new target is left
-   half-written.
+   Every DATA block to write is looked up in the index (a block the index
+   lacks is an error before anything is written) and the blocks are ordered
+   by (pack, offset): one job per pack.
+2. Create (:func:`_create_target`): a new file, at its temporary name.
+3. Write (:func:`_write`): each worker gets whole packs (:func:`_balance`),
+   reopens the vault's storage from its spec, maps each pack, checks all its
+   blob headers at once (:func:`cbt.format.pack.blob_headers`), and writes
+   runs of consecutive blocks with one ``pwritev`` each, straight from the
+   mapped pack.
+4. Verify, as it writes: every run is hashed in one call into the core and
+   checked against the manifest's digests before it is written.
+5. Finish (:func:`_finish_target`): zero what must read as zeros, fsync.
+6. Commit (:func:`_commit_targets`): a new file is renamed into place and its
+   directory fsynced.  On any error temporary files are removed
+   (:func:`_discard_targets`): no new target is left half-written.
+
+:func:`instant_restore` (``--instant``), for each disk:
+
+1. Plan: the point's kept snapshot of the disk, where the registry names one
+   and it still exists.
+2. Clone it to a temporary name: a reflink where the target is on the same
+   file system, else a sparse copy.
+3. Verify: re-hash the clone against the point's manifest (unless
+   ``verify_snapshot`` is off).
+4. Commit: fsync, rename into place, fsync the directory.
+   A disk without a snapshot, or whose snapshot fails 2-4, is restored from
+   the vault (:func:`restore`) with a warning; each disk says its source.
 """
 
 from __future__ import annotations
@@ -26,7 +50,8 @@ import contextlib
 import errno
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +60,7 @@ import numpy.typing as npt
 
 from cbt.core.blockio import (
     Writeback,
+    copy_sparse,
     device_size,
     is_block_device,
     write_all,
@@ -47,18 +73,22 @@ from cbt.core.parallel import Report, fork_map
 from cbt.format.manifest import Manifest
 from cbt.format.pack import (
     BLOB,
-    BLOB_MAGIC,
     CODEC_NONE,
-    CODEC_ZSTD,
-    ENCRYPTION_NONE,
     CorruptPackError,
+    blob_headers,
+    blob_length,
+    blobs_match,
     decode_blob,
     pack_name,
 )
 from cbt.format.records import PointRecord
 from cbt.repo.index import Index
+from cbt.repo.registry import kept_snapshots
+from cbt.repo.storage import Storage, StorageSpec, open_storage
+from cbt.repo.trash import trash_name
 from cbt.repo.vault import Vault
 from cbt.source.scan import default_workers, scan
+from cbt.source.snapshot import reflink
 
 
 class DamagedPointError(CbtError, ValueError):
@@ -66,8 +96,61 @@ class DamagedPointError(CbtError, ValueError):
 
 
 @dataclass(frozen=True)
+class RestoreRequest:
+    """What ``cbt restore`` is asked: which point, where to, and how."""
+
+    point: str  # point id, unique prefix, or VM.latest
+    to: str | os.PathLike[str]  # a directory; with ``disk``, a file or block device
+    disk: str | None = None  # restore only this disk
+    force: bool = False  # replace existing target files
+    in_place: bool = False  # rewrite only the blocks that differ in an existing copy
+    assume_zeroed: bool = False  # a target device reads as zeros already
+    workers: int | None = None
+    progress: Callable[[int, int], None] | None = None  # (bytes done, bytes in all)
+    instant: bool = False  # from the point's kept snapshots where there are some
+    verify_snapshot: bool = True  # instant: re-hash a snapshot against the manifest
+
+
+@dataclass(frozen=True)
+class RestoredDisk:
+    """One disk of a restore: where it went, how big, what it cost."""
+
+    label: str
+    to: str
+    size: int
+    bytes_written: int
+    blocks_verified: int
+    source: str | None = None  # instant restore only: "vault" or "snapshot (...)"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"label": self.label, "to": self.to, "size": self.size,
+                               "bytes_written": self.bytes_written,
+                               "blocks_verified": self.blocks_verified}
+        if self.source is not None:
+            out["source"] = self.source
+        return out
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What a restore did: ``to_dict()`` is ``cbt restore --json``."""
+
+    recovery_point: str
+    disks: list[RestoredDisk]
+    seconds: float
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recovery_point": self.recovery_point,
+                "disks": [d.to_dict() for d in self.disks],
+                "seconds": self.seconds, "warnings": list(self.warnings)}
+
+
+@dataclass(frozen=True)
 class _Job:
-    vault_root: str
+    """The blocks of one disk held by one pack: what a worker writes."""
+
+    storage: StorageSpec  # the worker opens the vault's storage from this
     point: str
     label: str
     target: str
@@ -132,75 +215,74 @@ class _Run:
         self.views, self.blocks, self.digests, self.packs = [], [], [], []
 
 
-def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int]]:
-    """Write the blocks of a list of packs; returns label -> (bytes written, blocks verified)."""
-    from cbt.repo.storage import LocalStorage
+# -- 3-4. write and verify (in the workers) -----------------------------------
 
+
+def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int]]:
+    """A worker: write the blocks of its packs; label -> (bytes written, blocks verified)."""
     stats: dict[str, tuple[int, int]] = {}
-    fds: dict[str, int] = {}
     runs: dict[str, _Run] = {}
+    storages: dict[StorageSpec, Storage] = {}
     writeback = Writeback()  # the disk starts writing while this worker still works
     try:
         for job in jobs:
-            fd = fds.get(job.target)
-            if fd is None:
-                fd = fds[job.target] = os.open(job.target, os.O_WRONLY)
-                runs[job.target] = _Run(fd, job, writeback)
-            run = runs[job.target]
-            storage = LocalStorage(job.vault_root)
-            where = f"point {job.point} disk {job.label} block {{}} pack {job.pack}"
-            try:
-                pack = memoryview(_map_pack(storage, job.pack))  # unmapped when unused
-            except (OSError, ValueError) as exc:
-                raise DamagedPointError(f"{where.format(int(job.blocks[0]))}: {exc}") from None
-            views = _job_data(job, pack, where)
+            run = runs.get(job.target)
+            if run is None:
+                run = runs[job.target] = _Run(os.open(job.target, os.O_WRONLY), job, writeback)
+            if job.storage not in storages:
+                storages[job.storage] = open_storage(job.storage)
+            views = _read_job(storages[job.storage], job)
             for blk, dig, data in zip(job.blocks.tolist(), job.digests, views, strict=True):
                 run.add(blk, dig, data, job.pack)  # content checked when the run is flushed
             w, v = stats.get(job.label, (0, 0))
             stats[job.label] = (w + sum(len(d) for d in views), v + len(views))
-            del pack, views
+            del views  # the pack is unmapped once its runs are flushed
             report(int(job.lengths.sum()))
         for run in runs.values():
             run.flush()
     finally:
         try:
-            for fd in fds.values():
-                writeback.forget(fd)
-                os.close(fd)
+            for run in runs.values():
+                writeback.forget(run.fd)
+                os.close(run.fd)
         finally:
             writeback.close()
     return stats
 
 
-_BLOB_MAGIC = np.frombuffer(BLOB_MAGIC, dtype=np.uint8)
+def _read_job(storage: Storage, job: _Job) -> list[bytes | memoryview]:
+    """The content of every block of a job, from its pack (mapped where storage can)."""
+    where = f"point {job.point} disk {job.label} block {{}} pack {job.pack}"
+    try:
+        pack = memoryview(_map_pack(storage, job.pack))
+    except (OSError, ValueError) as exc:
+        raise DamagedPointError(f"{where.format(int(job.blocks[0]))}: {exc}") from None
+    return _job_data(job, pack, where)
 
 
 def _job_data(job: _Job, pack: memoryview, where: str) -> list[bytes | memoryview]:
     """The content of every block of a job, from the mapped pack.
 
-    The blob headers are checked all at once (magic, digest, codec, encryption,
-    lengths); a raw blob comes back as a view into the pack, a compressed one
-    decompressed.  The content itself is checked later, run by run.  On any
-    doubt the block goes through :func:`decode_blob`, which names the problem.
+    The blob headers are checked all at once (:func:`blobs_match`); a sound raw
+    blob comes back as a view into the pack, anything else goes through
+    :func:`decode_blob` (which decompresses, or names the problem).  The
+    content itself is checked later, run by run.
     """
     n = len(job.blocks)
-    arr = np.frombuffer(pack, dtype=np.uint8)
     offs = job.offsets.astype(np.int64)
+    lengths = job.lengths.astype(np.int64)
     bs = job.block_size
     want = np.minimum(bs, job.disk_size - job.blocks.astype(np.int64) * bs)
-    ok = np.zeros(n, dtype=bool)
-    if n and int((offs + job.lengths.astype(np.int64)).max()) <= len(arr):
-        hdr = arr[offs[:, None] + np.arange(BLOB.size)]
-        codec, enc = hdr[:, 36], hdr[:, 37]
-        raw = np.ascontiguousarray(hdr[:, 40:44]).view("<u4").ravel().astype(np.int64)
-        stored = np.ascontiguousarray(hdr[:, 44:48]).view("<u4").ravel().astype(np.int64)
-        ok = ((hdr[:, :4] == _BLOB_MAGIC).all(axis=1) & (hdr[:, 4:36] == job.digests).all(axis=1)
-              & (enc == ENCRYPTION_NONE) & ((codec == CODEC_NONE) | (codec == CODEC_ZSTD))
-              & (stored + BLOB.size == job.lengths.astype(np.int64)) & (raw == want))
+    direct = np.zeros(n, dtype=bool)
+    if n and int((offs + lengths).max()) <= len(pack):
+        headers = blob_headers(pack, offs)
+        direct = (blobs_match(headers, job.digests, lengths - BLOB.size, want)
+                  & (headers["codec"] == CODEC_NONE))
     out: list[bytes | memoryview] = []
-    for i, (blk, off, ln) in enumerate(zip(job.blocks.tolist(), offs.tolist(),
-                                           job.lengths.tolist(), strict=True)):
-        if ok[i] and hdr[i, 36] == CODEC_NONE:
+    for i, (blk, off, ln, view) in enumerate(zip(job.blocks.tolist(), offs.tolist(),
+                                                 lengths.tolist(), direct.tolist(),
+                                                 strict=True)):
+        if view:
             out.append(pack[off + BLOB.size:off + ln])
             continue
         try:
@@ -214,10 +296,8 @@ def _job_data(job: _Job, pack: memoryview, where: str) -> list[bytes | memoryvie
     return out
 
 
-def _map_pack(storage: Any, pack: str) -> Any:
+def _map_pack(storage: Storage, pack: str) -> Any:
     """Map a pack (or read it, where storage cannot map), from the trash if a gc moved it."""
-    from cbt.repo.trash import trash_name
-
     for name in (pack_name(pack), trash_name(pack)):
         try:
             return storage.map(name)
@@ -227,8 +307,98 @@ def _map_pack(storage: Any, pack: str) -> Any:
     raise AssertionError("unreachable")
 
 
-def plan_disk(vault: Vault, index: Index, point_id: str, label: str, manifest: Manifest,
-              target: str, rows: npt.NDArray[np.int64] | None = None) -> list[_Job]:
+# -- 1. plan --------------------------------------------------------------------
+
+
+@dataclass
+class _Target:
+    """Where one disk goes and how."""
+
+    label: str
+    final: Path
+    write_to: Path  # the temporary name for a new file, else ``final``
+    size: int
+    block_size: int
+    device: bool
+    zero_rows: npt.NDArray[np.int64]  # blocks to make read as zeros
+    zeroed: int = 0
+
+
+def _plan_targets(point: PointRecord, request: RestoreRequest) -> tuple[dict[str, Path],
+                                                                         set[Path]]:
+    """Label -> target path of every disk to restore, and the directories they are in."""
+    to = Path(request.to)
+    if request.disk is not None:
+        if point.disk(request.disk) is None:
+            raise CbtValueError(f"point {point.id} has no disk {request.disk!r} (it has "
+                                f"{', '.join(d.label for d in point.disks)})")
+        if not to.parent.is_dir():
+            raise CbtIOError(errno.ENOENT, f"no such directory for {to}: {to.parent}")
+        return {request.disk: to}, {to.parent}
+    if to.exists() and not to.is_dir():
+        raise CbtIOError(errno.ENOTDIR, f"not a directory: {to} (name one disk with "
+                         "--disk LABEL to restore it to a file or device)")
+    to.mkdir(parents=True, exist_ok=True)
+    return {d.label: to / f"{d.label}.img" for d in point.disks}, {to}
+
+
+def _check_target(final: Path, label: str, size: int, device: bool,
+                  request: RestoreRequest) -> None:
+    """Refuse a target that is too small, exists unasked, or is not there to rewrite."""
+    if device:
+        fd = os.open(final, os.O_RDONLY)
+        try:
+            have = device_size(fd)
+        finally:
+            os.close(fd)
+        if have < size:
+            raise CbtValueError(f"device {final} holds {have} bytes; disk {label} needs {size}")
+    elif final.exists() and not (request.force or request.in_place):
+        raise CbtIOError(errno.EEXIST, f"target exists: {final} (use --force to replace it, "
+                         "or --in-place to rewrite only the blocks that differ)")
+    elif request.in_place and not final.is_file():
+        raise CbtIOError(errno.ENOENT, f"--in-place needs an existing copy of the disk: {final}")
+
+
+def _differing_blocks(final: Path, manifest: Manifest, workers: int | None
+                      ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """In place: the DATA blocks whose digest differs, and the blocks to zero."""
+    is_data = manifest.flags == fast.FLAG_DATA
+    current = scan(final, manifest.block_size, workers, limit=manifest.disk_size)
+    common = min(current.blocks, manifest.blocks)
+    differs = np.ones(manifest.blocks, dtype=bool)
+    differs[:common] = (current.digests[:common] != manifest.digests[:common]).any(axis=1)
+    # a block past the target's old end reads as zeros once the file is extended
+    was_nonzero = np.zeros(manifest.blocks, dtype=bool)
+    was_nonzero[:common] = current.flags[:common] == fast.FLAG_DATA
+    return np.nonzero(is_data & differs)[0], np.nonzero(~is_data & was_nonzero)[0]
+
+
+def _plan_target(vault: Vault, index: Index, point_id: str, label: str, manifest: Manifest,
+                 final: Path, request: RestoreRequest) -> tuple[_Target, list[_Job]]:
+    """Check one disk's target and plan the blocks to write to it and to zero."""
+    device = is_block_device(final)
+    _check_target(final, label, manifest.disk_size, device, request)
+    write_to = final
+    if request.in_place:
+        rows, zero_rows = _differing_blocks(final, manifest, request.workers)
+    else:
+        is_data = manifest.flags == fast.FLAG_DATA
+        rows = np.nonzero(is_data)[0]
+        zero_rows = np.zeros(0, dtype=np.int64)
+        if device and not request.assume_zeroed:
+            zero_rows = np.nonzero(~is_data)[0]
+        if not device:
+            write_to = temp_name(final)
+    target = _Target(label, final, write_to, manifest.disk_size, manifest.block_size, device,
+                     zero_rows)
+    jobs = plan_disk(vault.storage.spec(), index, point_id, label, manifest, str(write_to), rows)
+    return target, jobs
+
+
+def plan_disk(storage: StorageSpec, index: Index, point_id: str, label: str,
+              manifest: Manifest, target: str,
+              rows: npt.NDArray[np.int64] | None = None) -> list[_Job]:
     """One job per pack holding the DATA blocks ``rows`` (default: all) of this disk."""
     if rows is None:
         rows = np.nonzero(manifest.flags == fast.FLAG_DATA)[0]
@@ -242,163 +412,44 @@ def plan_disk(vault: Vault, index: Index, point_id: str, label: str, manifest: M
     offsets = index.offset[pos]
     order = np.lexsort((offsets, packs))
     rows, digests, packs, offsets = rows[order], digests[order], packs[order], offsets[order]
-    lengths = index.stored[pos][order].astype(np.uint64) + BLOB.size
+    lengths = blob_length(index.stored[pos][order])
     jobs = []
     bounds = np.nonzero(np.diff(packs.astype(np.int64)))[0] + 1
     for s, e in zip(np.r_[0, bounds], np.r_[bounds, len(rows)], strict=True):
         if s == e:
             continue
-        jobs.append(_Job(vault.root, point_id, label, target, manifest.block_size,
+        jobs.append(_Job(storage, point_id, label, target, manifest.block_size,
                          index.pack_ids[int(packs[s])], rows[s:e], digests[s:e],
                          offsets[s:e], lengths[s:e], manifest.disk_size))
     return jobs
 
 
-@dataclass
-class _Target:
-    """Where one disk goes and how."""
-
-    label: str
-    final: Path
-    write_to: Path  # the temporary name for a new file, else ``final``
-    size: int
-    device: bool
-    in_place: bool
-    zero_rows: npt.NDArray[np.int64]  # blocks to make read as zeros
-    zeroed: int = 0
+# -- 2. create, 3. write, 5. finish, 6. commit ----------------------------------
 
 
-def _zero_runs(rows: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
-    """Consecutive block numbers as (first, count) runs."""
-    if len(rows) == 0:
-        return []
-    breaks = np.nonzero(np.diff(rows) != 1)[0] + 1
-    starts = np.r_[0, breaks]
-    ends = np.r_[breaks, len(rows)]
-    return [(int(rows[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
+def _create_target(t: _Target) -> None:
+    """A new file is created (at its temporary name); a file gets the disk's size."""
+    if t.device:
+        return
+    if t.write_to != t.final:
+        with open(t.write_to, "xb"):
+            pass
+    os.truncate(t.write_to, t.size)
 
 
-def _prepare(vault: Vault, index: Index, point: PointRecord, label: str, manifest: Manifest,
-             final: Path, force: bool, in_place: bool, assume_zeroed: bool,
-             workers: int | None) -> tuple[_Target, list[_Job]]:
-    size, bs = manifest.disk_size, manifest.block_size
-    device = is_block_device(final)
-    is_data = manifest.flags == fast.FLAG_DATA
-    data_rows = np.nonzero(is_data)[0]
-    empty = np.zeros(0, dtype=np.int64)
-    if device:
-        fd = os.open(final, os.O_RDONLY)
-        try:
-            have = device_size(fd)
-        finally:
-            os.close(fd)
-        if have < size:
-            raise CbtValueError(f"device {final} holds {have} bytes; disk {label} needs {size}")
-    elif final.exists() and not (force or in_place):
-        raise CbtIOError(errno.EEXIST, f"target exists: {final} (use --force to replace it, "
-                         "or --in-place to rewrite only the blocks that differ)")
-    elif in_place and not final.is_file():
-        raise CbtIOError(errno.ENOENT, f"--in-place needs an existing copy of the disk: {final}")
-    if in_place:
-        current = scan(final, bs, workers, limit=size)
-        common = min(current.blocks, manifest.blocks)
-        differs = np.ones(manifest.blocks, dtype=bool)
-        differs[:common] = (current.digests[:common] != manifest.digests[:common]).any(axis=1)
-        # a block past the target's old end reads as zeros once the file is extended
-        was_nonzero = np.zeros(manifest.blocks, dtype=bool)
-        was_nonzero[:common] = current.flags[:common] == fast.FLAG_DATA
-        rows = np.nonzero(is_data & differs)[0]
-        zero_rows = np.nonzero(~is_data & was_nonzero)[0]
-        target = _Target(label, final, final, size, device, True, zero_rows)
-    elif device:
-        rows = data_rows
-        zero_rows = empty if assume_zeroed else np.nonzero(~is_data)[0]
-        target = _Target(label, final, final, size, True, False, zero_rows)
-    else:
-        rows = data_rows
-        target = _Target(label, final, temp_name(final), size, False, False, empty)
-    jobs = plan_disk(vault, index, point.id, label, manifest, str(target.write_to), rows)
-    return target, jobs
-
-
-def restore(vault: Vault, ref: str, to: str | os.PathLike[str], force: bool = False,
-            workers: int | None = None, progress: Any = None, disk: str | None = None,
-            in_place: bool = False, assume_zeroed: bool = False) -> dict[str, Any]:
-    """Restore point ``ref``: every disk as ``to/LABEL.img``, or one ``disk`` to ``to``.
-
-    ``to`` may be a block device when ``disk`` is given.  See the module doc for
-    ``in_place`` and ``assume_zeroed``.
-    """
-    started = time.perf_counter()
-    point = vault.point(ref)
-    if disk is not None:
-        if point.disk(disk) is None:
-            raise CbtValueError(f"point {point.id} has no disk {disk!r} (it has "
-                                f"{', '.join(d.label for d in point.disks)})")
-        finals = {disk: Path(to)}
-        out_dirs = {Path(to).parent}
-        if not Path(to).parent.is_dir():
-            raise CbtIOError(errno.ENOENT, f"no such directory for {to}: {Path(to).parent}")
-    else:
-        out_dir = Path(to)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise CbtIOError(errno.ENOTDIR, f"not a directory: {out_dir} (name one disk with "
-                             "--disk LABEL to restore it to a file or device)")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        finals = {d.label: out_dir / f"{d.label}.img" for d in point.disks}
-        out_dirs = {out_dir}
-    warnings: list[str] = []
-    index = vault.load_index(warnings)
-    manifests = {label: vault.resolve(point, label) for label in finals}
-    targets: list[_Target] = []
-    jobs: list[_Job] = []
-    try:
-        for label, final in finals.items():
-            target, disk_jobs = _prepare(vault, index, point, label, manifests[label], final,
-                                         force, in_place, assume_zeroed, workers)
-            targets.append(target)
-            jobs += disk_jobs
-            if not target.device:
-                if target.write_to != target.final:
-                    with open(target.write_to, "xb"):
-                        pass
-                os.truncate(target.write_to, target.size)
-        results = _run_jobs(jobs, workers, progress)
-        per_disk = {t.label: [0, 0] for t in targets}
-        for stats in results:
-            for label, (w, v) in stats.items():
-                per_disk[label][0] += w
-                per_disk[label][1] += v
-        for t in targets:
-            _zero_and_sync(t, manifests[t.label].block_size)
-        for t in targets:
-            if t.write_to != t.final:
-                os.replace(t.write_to, t.final)
-        for d in out_dirs:
-            fsync_dir(d)
-    except BaseException:
-        for t in targets:
-            if t.write_to != t.final:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(t.write_to)
-        raise
-    return {
-        "recovery_point": point.id,
-        "disks": [{"label": t.label, "to": str(t.final), "size": t.size,
-                   "bytes_written": per_disk[t.label][0] + t.zeroed,
-                   "blocks_verified": per_disk[t.label][1]} for t in targets],
-        "seconds": round(time.perf_counter() - started, 6),
-        "warnings": warnings,
-    }
-
-
-def _run_jobs(jobs: list[_Job], workers: int | None, progress: Any) -> list[dict[str, Any]]:
-    """Run the pack jobs on forked workers, shared out by :func:`_balance`."""
+def _write(jobs: list[_Job], workers: int | None,
+           progress: Callable[[int, int], None] | None) -> dict[str, tuple[int, int]]:
+    """Run the pack jobs on forked workers (:func:`_balance`); label -> (written, verified)."""
     groups = [g for g in _balance(jobs, max(1, min(workers or default_workers(), len(jobs))))
               if g]
     total = sum(int(j.lengths.sum()) for j in jobs)
     report = (lambda done: progress(sum(done), total)) if progress else None
-    return fork_map(_restore_packs, groups, report)
+    per_disk: dict[str, tuple[int, int]] = {}
+    for stats in fork_map(_restore_packs, groups, report):
+        for label, (w, v) in stats.items():
+            w0, v0 = per_disk.get(label, (0, 0))
+            per_disk[label] = (w0 + w, v0 + v)
+    return per_disk
 
 
 def _balance(jobs: list[_Job], n: int) -> list[list[_Job]]:
@@ -438,13 +489,23 @@ def _balance(jobs: list[_Job], n: int) -> list[list[_Job]]:
     return groups
 
 
-def _zero_and_sync(t: _Target, block_size: int) -> None:
-    """Zero what must read as zeros, fix a file's size, fsync."""
+def _zero_runs(rows: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
+    """Consecutive block numbers as (first, count) runs."""
+    if len(rows) == 0:
+        return []
+    breaks = np.nonzero(np.diff(rows) != 1)[0] + 1
+    starts = np.r_[0, breaks]
+    ends = np.r_[breaks, len(rows)]
+    return [(int(rows[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
+
+
+def _finish_target(t: _Target) -> None:
+    """Zero what must read as zeros (counted in ``t.zeroed``), fsync."""
     fd = os.open(t.write_to, os.O_WRONLY)
     try:
         for first, count in _zero_runs(t.zero_rows):
-            lo = first * block_size
-            hi = min((first + count) * block_size, t.size)
+            lo = first * t.block_size
+            hi = min((first + count) * t.block_size, t.size)
             zero_range(fd, lo, hi - lo, t.device)
             t.zeroed += hi - lo
         fsync_file(fd)
@@ -452,79 +513,140 @@ def _zero_and_sync(t: _Target, block_size: int) -> None:
         os.close(fd)
 
 
-def instant_restore(vault: Vault, ref: str, to: str | os.PathLike[str], force: bool = False,
-                    disk: str | None = None, verify: bool = True,
-                    workers: int | None = None) -> dict[str, Any]:
-    """Restore from the point's kept snapshot where there is one, else from the vault.
+def _commit_targets(targets: list[_Target], out_dirs: set[Path]) -> None:
+    """Rename new files into place, then make the renames durable."""
+    for t in targets:
+        if t.write_to != t.final:
+            os.replace(t.write_to, t.final)
+    for d in out_dirs:
+        fsync_dir(d)
 
-    A snapshot is cloned (reflink where the target is on the same file system,
-    else copied) and re-hashed against the point's manifest unless ``verify``
-    is off; a snapshot that does not match is not used.  Each disk says which
-    source it came from.
+
+def _discard_targets(targets: list[_Target]) -> None:
+    """After a failure: remove every new file not yet renamed into place."""
+    for t in targets:
+        if t.write_to != t.final:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(t.write_to)
+
+
+def restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
+    """Restore point ``request.point``: every disk as ``to/LABEL.img``, or one ``disk`` to ``to``.
+
+    ``to`` may be a block device when ``disk`` is given.  With ``instant`` this
+    is :func:`instant_restore`.  The steps are the module's.
     """
-    from cbt.core.blockio import copy_sparse
-    from cbt.repo.registry import kept_snapshots
-    from cbt.source.snapshot import reflink
-
+    if request.instant:
+        return instant_restore(vault, request)
     started = time.perf_counter()
-    point = vault.point(ref)
-    labels = [disk] if disk is not None else [d.label for d in point.disks]
+    point = vault.point(request.point)
+    finals, out_dirs = _plan_targets(point, request)
+    warnings: list[str] = []
+    index = vault.load_index(warnings)
+    manifests = {label: vault.resolve(point, label) for label in finals}
+    targets: list[_Target] = []
+    jobs: list[_Job] = []
+    try:
+        for label, final in finals.items():
+            target, disk_jobs = _plan_target(vault, index, point.id, label, manifests[label],
+                                             final, request)
+            targets.append(target)
+            jobs += disk_jobs
+            _create_target(target)
+        written = _write(jobs, request.workers, request.progress)
+        for t in targets:
+            _finish_target(t)
+        _commit_targets(targets, out_dirs)
+    except BaseException:
+        _discard_targets(targets)
+        raise
+    disks = []
+    for t in targets:
+        w, v = written.get(t.label, (0, 0))
+        disks.append(RestoredDisk(t.label, str(t.final), t.size, w + t.zeroed, v))
+    return RestoreResult(point.id, disks, round(time.perf_counter() - started, 6), warnings)
+
+
+# -- instant restore --------------------------------------------------------------
+
+
+def instant_restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
+    """Restore from the point's kept snapshots where there are some, else from the vault.
+
+    See the module doc; ``request.verify_snapshot`` off skips the re-hash.  Of
+    the request's options, a disk restored from the vault uses ``force`` and
+    ``workers``.
+    """
+    started = time.perf_counter()
+    point = vault.point(request.point)
+    disk = request.disk
     if disk is not None and point.disk(disk) is None:
         raise CbtValueError(f"point {point.id} has no disk {disk!r}")
     kept = kept_snapshots(vault).get(point.id, {}).get("disks", {})
-    out_dir = Path(to).parent if disk is not None else Path(to)
+    to = Path(request.to)
     if disk is None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    disks_out = []
+        to.mkdir(parents=True, exist_ok=True)
+    labels = [disk] if disk is not None else [d.label for d in point.disks]
+    disks: list[RestoredDisk] = []
     warnings: list[str] = []
     for label in labels:
-        final = Path(to) if disk is not None else out_dir / f"{label}.img"
-        snap = kept.get(label)
-        source = "vault"
-        if snap and os.path.exists(snap):
-            if final.exists() and not force:
-                raise CbtIOError(errno.EEXIST, f"target exists: {final} (use --force)")
-            tmp = temp_name(final)
-            try:
-                try:
-                    reflink(snap, str(tmp))
-                    how = "reflink"
-                except OSError:
-                    copy_sparse(snap, tmp)
-                    how = "copy"
-                manifest = vault.resolve(point, label)
-                if verify:
-                    got = scan(tmp, manifest.block_size, workers)
-                    if got.disk_size != manifest.disk_size or not np.array_equal(
-                            got.digests, manifest.digests):
-                        raise DamagedPointError(f"kept snapshot {snap} does not match point "
-                                                f"{point.id} disk {label}")
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    fsync_file(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, final)
-                fsync_dir(final.parent)
-                source = f"snapshot ({how}{', verified' if verify else ', not verified'})"
-                disks_out.append({"label": label, "to": str(final), "size": manifest.disk_size,
-                                  "bytes_written": 0 if how == "reflink" else manifest.disk_size,
-                                  "blocks_verified": manifest.blocks if verify else 0,
-                                  "source": source})
-                continue
-            except (CbtError, OSError) as exc:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                warnings.append(f"disk {label}: instant restore from the snapshot failed "
-                                f"({exc}); restoring from the vault")
-        elif snap:
-            warnings.append(f"disk {label}: kept snapshot {snap} is gone; restoring from the "
-                            "vault")
-        target = final
-        r = restore(vault, point.id, target, force=force, workers=workers, disk=label)
-        d = r["disks"][0]
-        d["source"] = source
-        disks_out.append(d)
-        warnings += r["warnings"]
-    return {"recovery_point": point.id, "disks": disks_out,
-            "seconds": round(time.perf_counter() - started, 6), "warnings": warnings}
+        final = to if disk is not None else to / f"{label}.img"
+        disks.append(_instant_disk(vault, point, label, kept.get(label), final, request,
+                                   warnings))
+    return RestoreResult(point.id, disks, round(time.perf_counter() - started, 6), warnings)
+
+
+def _instant_disk(vault: Vault, point: PointRecord, label: str, snap: str | None,
+                  final: Path, request: RestoreRequest, warnings: list[str]) -> RestoredDisk:
+    """One disk: from its kept snapshot (1. plan) when that works, else from the vault."""
+    if snap and os.path.exists(snap):
+        if final.exists() and not request.force:
+            raise CbtIOError(errno.EEXIST, f"target exists: {final} (use --force)")
+        try:
+            return _from_snapshot(vault, point, label, snap, final, request)
+        except (CbtError, OSError) as exc:
+            warnings.append(f"disk {label}: instant restore from the snapshot failed "
+                            f"({exc}); restoring from the vault")
+    elif snap:
+        warnings.append(f"disk {label}: kept snapshot {snap} is gone; restoring from the "
+                        "vault")
+    r = restore(vault, RestoreRequest(point.id, final, disk=label, force=request.force,
+                                      workers=request.workers))
+    warnings += r.warnings
+    return replace(r.disks[0], source="vault")
+
+
+def _from_snapshot(vault: Vault, point: PointRecord, label: str, snap: str, final: Path,
+                   request: RestoreRequest) -> RestoredDisk:
+    """2. clone, 3. verify, 4. commit one disk's snapshot; the clone is removed on failure."""
+    tmp = temp_name(final)
+    try:
+        try:
+            reflink(snap, str(tmp))
+            how = "reflink"
+        except OSError:
+            copy_sparse(snap, tmp)
+            how = "copy"
+        manifest = vault.resolve(point, label)
+        verify = request.verify_snapshot
+        if verify:
+            got = scan(tmp, manifest.block_size, request.workers)
+            if got.disk_size != manifest.disk_size or not np.array_equal(got.digests,
+                                                                         manifest.digests):
+                raise DamagedPointError(f"kept snapshot {snap} does not match point "
+                                        f"{point.id} disk {label}")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            fsync_file(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(final.parent)
+    return RestoredDisk(label, str(final), manifest.disk_size,
+                        0 if how == "reflink" else manifest.disk_size,
+                        manifest.blocks if verify else 0,
+                        f"snapshot ({how}{', verified' if verify else ', not verified'})")
