@@ -44,7 +44,7 @@ def main() -> None:
     for kind in ("db", "fs"):
         day1 = work / f"{kind}1.img"
         copy_sparse(base[kind], day1)
-        mutate(day1, seed=3, **days[kind])  # type: ignore[arg-type]
+        mutate(day1, seed=3, **days[kind])
         for bs in [parse_size(s) for s in args.sizes.split(",")]:
             vdir = work / f"vault-{kind}-{bs}"
             shutil.rmtree(vdir, ignore_errors=True)

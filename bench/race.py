@@ -3,8 +3,8 @@
 
 Usage (from anywhere; needs cbt importable and ``cbt`` installed)::
 
-    bench/race [--dir /var/tmp/cbt-race] [--size 2G] [--runs 3] [--block-size 16K]
-               [--json] [--keep]
+    python bench/race.py [--dir /var/tmp/cbt-race] [--size 2G] [--runs 3] [--block-size 16K]
+                          [--json] [--keep]
 
 1. Installs ``borg`` (borgbackup) and ``restic`` with ``apt-get install -y``
    if either is missing.
@@ -78,23 +78,19 @@ not in ``~/.cache``.
 
 The ``cbt`` measured is the one installed beside this Python (not a pyenv
 shim, whose own start-up would be charged to cbt); ``--cbt PATH`` picks
-another.  Only numpy and cbt are needed besides the standard library.
+another.  Only numpy and cbt are needed besides the standard library; what
+this script shares with ``bench/peers.py`` (options, page cache, timing,
+tables) is in ``bench/harness.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
 import json
-import mmap
 import os
-import platform
-import resource
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import threading
@@ -103,30 +99,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 
-import cbt
-from cbt.core.extents import data_extents
-from cbt.core.sizes import format_size, human_bytes, parse_size
+from cbt.core.sizes import format_size, human_bytes
 from cbt.source.synth import copy_sparse, make_db_file, make_fs_image, mutate
 
 FORMAT = 1  # bump when the way the data sets are made changes
-PAGE = 4096
 REF_BLOCK = 16 << 10  # "1% of blocks" is counted in these, whatever --block-size is
-CHUNK = 64 << 20
 RESTIC_PASSWORD = "cbt-race"  # restic 0.14 has no --insecure-no-password
 TOOLS = ("cbt", "borg", "restic", "cp")
 OPS = (("full", "full backup (day 0)"), ("incr", "incremental backup (day 1)"),
        ("restore", "restore (day 1) + sync"))
-NOISY = 0.25
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    pass
 
 
 # --------------------------------------------------------------------------- data sets
@@ -165,14 +149,6 @@ class DataSet:
         return [p for d in self.disks for p in (d.day0, d.day1)]
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _stamp(paths: list[Path]) -> dict[str, list[int]]:
     """{"day0/disk1.img": [size, mtime_ns], ...}"""
     return {f"{p.parent.name}/{p.name}": [p.stat().st_size, p.stat().st_mtime_ns]
@@ -182,7 +158,8 @@ def _stamp(paths: list[Path]) -> dict[str, list[int]]:
 def _is_current(ds: DataSet) -> bool:
     try:
         meta = json.loads((ds.root / "recipe.json").read_text())
-        return meta.get("recipe") == ds.recipe and meta.get("files") == _stamp(ds.files())
+        return bool(meta.get("recipe") == ds.recipe
+                    and meta.get("files") == _stamp(ds.files()))
     except (OSError, ValueError):
         return False
 
@@ -191,10 +168,8 @@ def write_random(path: Path, size: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        for pos in range(0, size, CHUNK):
-            view = memoryview(rng.bytes(min(CHUNK, size - pos)))
-            while view:
-                view = view[os.write(fd, view):]
+        for pos in range(0, size, harness.CHUNK):
+            harness.write_all(fd, rng.bytes(min(harness.CHUNK, size - pos)))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -214,7 +189,7 @@ def random_set(work: Path, size: int) -> DataSet:
 
 def realistic_set(work: Path, size: int) -> DataSet:
     root = work / "realistic"
-    db_size = max(size // 2 // PAGE * PAGE, PAGE)
+    db_size = max(size // 2 // harness.PAGE * harness.PAGE, harness.PAGE)
     disks = [Disk("fs", root / "day0" / "fs.img", root / "day1" / "fs.img"),
              Disk("db", root / "day0" / "db.img", root / "day1" / "db.img")]
     recipe = {
@@ -222,7 +197,7 @@ def realistic_set(work: Path, size: int) -> DataSet:
         "seeds": [21, 22], "change_seeds": [121, 122],
         "fs_changes": {"page_writes": max(1, size // REF_BLOCK // 100), "runs": 4,
                        "run_length": 1 << 20, "zero_runs": 1, "holes": 1},
-        "db_changes": {"page_writes": max(1, db_size // PAGE // 100), "runs": 2,
+        "db_changes": {"page_writes": max(1, db_size // harness.PAGE // 100), "runs": 2,
                        "run_length": 1 << 20, "zero_runs": 1, "holes": 1},
     }
     return DataSet("realistic", "realistic set: a file-system image and a database file "
@@ -231,9 +206,9 @@ def realistic_set(work: Path, size: int) -> DataSet:
 
 def build(ds: DataSet) -> None:
     if _is_current(ds):
-        log(f"reusing {ds.root}")
+        harness.log(f"reusing {ds.root}")
         return
-    log(f"making {ds.root} ...")
+    harness.log(f"making {ds.root} ...")
     started = time.perf_counter()
     shutil.rmtree(ds.root, ignore_errors=True)
     ds.day(0).mkdir(parents=True)
@@ -249,88 +224,12 @@ def build(ds: DataSet) -> None:
         else:
             make_db_file(d.day0, r["db_size"], seed=r["seeds"][i])
             changes = r["db_changes"]
-        _fsync(d.day0)
+        harness.fsync_path(d.day0)
         copy_sparse(d.day0, d.day1)
         mutate(d.day1, r["change_seeds"][i], **changes)  # fsyncs
     (ds.root / "recipe.json").write_text(
         json.dumps({"recipe": r, "files": _stamp(ds.files())}, indent=1) + "\n")
-    log(f"  done in {time.perf_counter() - started:.1f} s")
-
-
-def allocated(path: Path) -> int:
-    """Bytes in data extents (SEEK_DATA/SEEK_HOLE)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return sum(e - s for s, e in data_extents(fd, os.fstat(fd).st_size))
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------- page cache
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-
-
-def cached_fraction(path: Path) -> float | None:
-    """Share of the file's data pages in the page cache (mincore); holes are
-    not counted.  None when it cannot be told."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        extents = data_extents(fd, size)
-        total = sum(e - s for s, e in extents)
-        if not total:
-            return 1.0
-        resident = 0
-        for start, end in extents:
-            lo = start // mmap.PAGESIZE * mmap.PAGESIZE
-            length = end - lo
-            addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, lo)
-            if addr in (None, ctypes.c_void_p(-1).value):
-                return None
-            try:
-                vec = np.zeros(-(-length // mmap.PAGESIZE), dtype=np.uint8)
-                if _libc.mincore(addr, length, vec.ctypes.data) != 0:
-                    return None
-                resident += int(np.count_nonzero(vec & 1)) * mmap.PAGESIZE
-            finally:
-                _libc.munmap(addr, length)
-        return min(resident / total, 1.0)
-    finally:
-        os.close(fd)
-
-
-def preread(path: Path) -> None:
-    """Read every data extent once (holes are skipped, as every reader skips them)."""
-    buf = bytearray(8 << 20)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for start, end in data_extents(fd, os.fstat(fd).st_size):
-            pos = start
-            while pos < end:
-                n = os.preadv(fd, [memoryview(buf)[:min(len(buf), end - pos)]], pos)
-                if n <= 0:
-                    break
-                pos += n
-    finally:
-        os.close(fd)
-
-
-def ensure_cached(paths: list[Path]) -> float | None:
-    """Pre-read what is not in the page cache; returns the smallest cached share after."""
-    worst: float | None = 1.0
-    for p in paths:
-        frac = cached_fraction(p)
-        if frac is None or frac < 0.999:
-            preread(p)
-            frac = cached_fraction(p)
-        worst = None if frac is None or worst is None else min(worst, frac)
-    return worst
+    harness.log(f"  done in {time.perf_counter() - started:.1f} s")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -368,61 +267,7 @@ def rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def mem_total() -> int:
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def version_of(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-    except OSError:
-        return "unknown"
-    text = (out.stdout or out.stderr).strip()
-    return text.splitlines()[0] if out.returncode == 0 and text else "?"
-
-
-def ensure_tool(cmd: str, package: str) -> str:
-    found = shutil.which(cmd)
-    if found:
-        return found
-    log(f"{cmd} missing: apt-get install -y {package}")
-    for argv in (["apt-get", "install", "-y", package], ["apt-get", "update"],
-                 ["apt-get", "install", "-y", package]):
-        subprocess.run(argv, stdout=sys.stderr, check=False)
-        found = shutil.which(cmd)
-        if found:
-            return found
-    raise BenchError(f"{cmd} is not installed and 'apt-get install -y {package}' failed")
-
-
-def find_cbt() -> str:
-    beside = Path(sys.executable).parent / "cbt"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("cbt")
-    if not found:
-        raise BenchError("the cbt command is not installed (pip install .)")
-    return found
-
-
 # --------------------------------------------------------------------------- running
-
-def _children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
 
 class Runner:
     """Runs commands with the benchmark's environment and records their argv."""
@@ -451,17 +296,7 @@ class Runner:
             line = shlex.join(argv)
             self.commands[record] = (f"cd {shlex.quote(str(cwd))} && {line}" if cwd
                                      else line)
-        cpu = _children_cpu()
-        started = time.perf_counter()
-        proc = subprocess.run(argv, cwd=cwd, env=self.env, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, check=False)
-        seconds = time.perf_counter() - started
-        cpu = _children_cpu() - cpu
-        if proc.returncode != 0:
-            tail = proc.stderr.decode(errors="replace").strip()[-2000:]
-            raise BenchError(f"{shlex.join(argv)} exited {proc.returncode}: {tail}")
-        return seconds, cpu, (proc.stdout or b"").decode(errors="replace")
+        return harness.run_timed(argv, cwd=cwd, env=self.env, capture=capture)
 
     def restore(self, argv: list[str], out: Path, cwd: Path | None = None,
                 record: str | None = None) -> tuple[float, float, str]:
@@ -470,7 +305,7 @@ class Runner:
         started = time.perf_counter()
         files = regular_files(out)
         if not files:
-            raise BenchError(f"{shlex.join(argv)} wrote nothing into {out}")
+            raise harness.BenchError(f"{shlex.join(argv)} wrote nothing into {out}")
         _, cpu2, _ = self.run(["sync", *map(str, files)])
         t += time.perf_counter() - started  # the walk, then the sync
         if record:
@@ -491,22 +326,22 @@ class Sample:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _point_line(stdout: str) -> dict[str, Any]:
+def _last_json(stdout: str, key: str, value: str, missing: str) -> dict[str, Any]:
+    """The last line of ``stdout`` that is a JSON object with ``key`` = ``value``."""
     for line in reversed(stdout.splitlines()):
         with contextlib.suppress(ValueError):
             obj = json.loads(line)
-            if obj.get("type") == "point":
+            if obj.get(key) == value:
                 return obj  # type: ignore[no-any-return]
-    raise BenchError(f"cbt backup printed no point line: {stdout[-500:]}")
+    raise harness.BenchError(f"{missing}: {stdout[-500:]}")
+
+
+def _point_line(stdout: str) -> dict[str, Any]:
+    return _last_json(stdout, "type", "point", "cbt backup printed no point line")
 
 
 def _restic_summary(stdout: str) -> dict[str, Any]:
-    for line in reversed(stdout.splitlines()):
-        with contextlib.suppress(ValueError):
-            obj = json.loads(line)
-            if obj.get("message_type") == "summary":
-                return obj  # type: ignore[no-any-return]
-    raise BenchError(f"restic backup printed no summary: {stdout[-500:]}")
+    return _last_json(stdout, "message_type", "summary", "restic backup printed no summary")
 
 
 def verify_restore(ds: DataSet, out: Path, tool: str) -> dict[str, Any]:
@@ -516,11 +351,11 @@ def verify_restore(ds: DataSet, out: Path, tool: str) -> dict[str, Any]:
     for d in ds.disks:
         p = got.get(d.name)
         if p is None:
-            raise BenchError(f"{tool} restore: {d.name} missing from {out} "
+            raise harness.BenchError(f"{tool} restore: {d.name} missing from {out} "
                              f"(found {sorted(got)})")
         if not same_content(p, d.day1):
-            raise BenchError(f"{tool} restore: {p} differs from {d.day1}")
-        alloc += allocated(p)
+            raise harness.BenchError(f"{tool} restore: {p} differs from {d.day1}")
+        alloc += harness.allocated(p)
     return {"restored_allocated": alloc}
 
 
@@ -663,15 +498,17 @@ class Race:
             for tool in order:
                 rmtree(self.scratch)
                 self.scratch.mkdir(parents=True)
-                cached = ensure_cached(ds.files())
+                cached = harness.ensure_cached(ds.files())
                 if cached is not None and cached < 0.99:
-                    log(f"  warning: only {100 * cached:.0f}% of {ds.key} is in the page cache")
+                    harness.log(f"  warning: only {100 * cached:.0f}% of {ds.key} is in the "
+                                "page cache")
                 s = fn[tool](ds, rnd == 0, rnd == runs - 1)
                 s.extra["cached_before"] = cached
                 samples[tool].append(s)
                 line.append(f"{tool} " + "/".join(f"{s.seconds[o]:.2f}" for o, _ in OPS
                                                  if o in s.seconds))
-            log(f"  {ds.key} run {rnd + 1}/{runs} (full/incr/restore s): " + ", ".join(line))
+            harness.log(f"  {ds.key} run {rnd + 1}/{runs} (full/incr/restore s): "
+                        + ", ".join(line))
         rmtree(self.scratch)
         return samples
 
@@ -683,7 +520,7 @@ class Race:
         self.scratch.mkdir(parents=True)
         vault = self.scratch / "cbt-vault"
         self.runner.run([c, "init", str(vault)])
-        ensure_cached([disk.day0, disk.day1])
+        harness.ensure_cached([disk.day0, disk.day1])
         out: dict[str, Any] = {"disk": str(disk.day0), "size": disk.size}
         for day, op in ((0, "full"), (1, "incr")):
             argv = [c, "backup", "--vm", key, "--block-size", format_size(self.bs),
@@ -757,21 +594,17 @@ def measure_memory(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
     done.set()
     th.join()
     if proc.returncode != 0:
-        raise BenchError(f"{shlex.join(argv)} exited {proc.returncode}")
+        raise harness.BenchError(f"{shlex.join(argv)} exited {proc.returncode}")
     return {"seconds": round(seconds, 3), "max_rss": int(out.split()[-1]) * 1024,
             "peak_pss_sum": peak[0], "processes_at_peak": peak[1]}
 
 
 # --------------------------------------------------------------------------- report
 
-def med(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
 def summarize(ds: DataSet, samples: dict[str, list[Sample]]) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for op, title in OPS:
-        cbt_t = med([s.seconds[op] for s in samples["cbt"]])
+        cbt_t = harness.median([s.seconds[op] for s in samples["cbt"]])
         for tool in TOOLS:
             runs = [s for s in samples[tool] if op in s.seconds]
             if not runs:
@@ -779,16 +612,16 @@ def summarize(ds: DataSet, samples: dict[str, list[Sample]]) -> dict[str, Any]:
             times = [s.seconds[op] for s in runs]
             row: dict[str, Any] = {
                 "op": op, "operation": title, "tool": tool, "seconds": times,
-                "median": med(times), "min": min(times), "max": max(times),
-                "cpu_median": med([s.cpu[op] for s in runs]),
-                "gbps": ds.logical / med(times) / 1e9,
-                "ratio": med(times) / cbt_t,
-                "spread": (max(times) - min(times)) / med(times),
+                "median": harness.median(times), "min": min(times), "max": max(times),
+                "cpu_median": harness.median([s.cpu[op] for s in runs]),
+                "gbps": ds.logical / harness.median(times) / 1e9,
+                "ratio": harness.median(times) / cbt_t,
+                "spread": harness.spread(times),
             }
             if op in runs[0].growth:
-                row["stored"] = int(med([s.growth[op] for s in runs]))
-                row["reported"] = int(med([s.reported[op] for s in runs]))
-                row["total"] = int(med([s.total for s in runs]))
+                row["stored"] = int(harness.median([s.growth[op] for s in runs]))
+                row["reported"] = int(harness.median([s.reported[op] for s in runs]))
+                row["total"] = int(harness.median([s.total for s in runs]))
             rows.append(row)
     return {"rows": rows, "targets": targets(rows)}
 
@@ -811,18 +644,6 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def table(rows: list[list[str]], right: set[int]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for n, r in enumerate(rows):
-        cells = [c.rjust(w) if i in right else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
-        lines.append("  ".join(cells).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return lines
-
-
 def _hb(n: int | None) -> str:
     return "-" if n is None else human_bytes(n)
 
@@ -841,16 +662,16 @@ def set_lines(ds: DataSet, info: dict[str, Any], summary: dict[str, Any]) -> lis
                      f"{r['gbps']:.2f}", _hb(r.get("stored")), _hb(r.get("reported")),
                      _hb(r.get("total")) if r["op"] == "incr" else "",
                      "" if r["tool"] == "cbt" else f"{r['ratio']:.2f}x"])
-    out += table(rows, {2, 3, 4, 5, 6, 7, 8, 9})
-    noisy = [f"{r['tool']} {r['op']}" for r in summary["rows"] if r["spread"] > NOISY]
+    out += harness.table(rows, {2, 3, 4, 5, 6, 7, 8, 9})
+    noisy = [f"{r['tool']} {r['op']}" for r in summary["rows"] if r["spread"] > harness.NOISY]
     if noisy:
-        out.append(f"  noisy (max - min > {NOISY:.0%} of the median): " + ", ".join(noisy))
+        out.append(f"  noisy (max - min > {harness.NOISY:.0%} of the median): " + ", ".join(noisy))
     out += ["", "  targets:"]
     rows = [["", "measured", "want", "result"]]
     for t in summary["targets"]:
         v = t["value"] if isinstance(t["value"], str) else f"{t['value']:.2f}x"
         rows.append([t["what"], v, t["want"], "pass" if t["pass"] else "MISS"])
-    out += ["  " + x for x in table(rows, set())]
+    out += ["  " + x for x in harness.table(rows, set())]
     return out
 
 
@@ -859,8 +680,7 @@ def human_report(result: dict[str, Any], sets: list[DataSet]) -> str:
     out = [
         f"machine: {m['cpu_model']}, nproc {m['nproc']}, {human_bytes(m['memory'])} RAM, "
         f"Linux {m['kernel']}; load average before/after: "
-        f"{' '.join(f'{x:.2f}' for x in m['loadavg_before'])} / "
-        f"{' '.join(f'{x:.2f}' for x in m['loadavg_after'])}",
+        f"{harness.loadavg(m['loadavg_before'])} / {harness.loadavg(m['loadavg_after'])}",
         f"software: cbt {m['cbt']} (Python {m['python']}), {m['borg']}, {m['restic']}, "
         f"{m['cp']}",
         f"runs: median of {result['runs']}, interleaved run by run in rotating order; "
@@ -898,6 +718,27 @@ def human_report(result: dict[str, Any], sets: list[DataSet]) -> str:
     return "\n".join(out)
 
 
+def set_result(ds: DataSet, samples: dict[str, list[Sample]], block_size: int) -> dict[str, Any]:
+    """A set's part of the JSON: its disks as cbt saw them, every sample, the summary."""
+    first = {t: samples[t][0].extra for t in TOOLS}
+    return {
+        "disks": [{"label": d.label, "day0": str(d.day0), "day1": str(d.day1),
+                   "size": d.size, "allocated": harness.allocated(d.day1),
+                   "changed_blocks": first["cbt"]["changed"][d.label][0],
+                   "blocks": first["cbt"]["changed"][d.label][1],
+                   "block_size": block_size}
+                  for d in ds.disks],
+        "recipe": ds.recipe,
+        "restored_allocated": {t: first[t].get("restored_allocated") for t in TOOLS},
+        "cached_after": min((c for c in map(harness.cached_fraction, ds.files())
+                             if c is not None), default=None),
+        "summary": summarize(ds, samples),
+        "samples": {t: [{"seconds": s.seconds, "cpu": s.cpu, "growth": s.growth,
+                         "reported": s.reported, "total": s.total}
+                        for s in samples[t]] for t in TOOLS},
+    }
+
+
 # --------------------------------------------------------------------------- main
 
 def estimate_disk_use(size: int, keep: bool) -> int:
@@ -911,53 +752,40 @@ def estimate_disk_use(size: int, keep: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description="cbt against borg, restic and cp on the same data (see the module "
-                    "docstring)")
-    p.add_argument("--dir", default="/var/tmp/cbt-race", help="work directory")
-    p.add_argument("--size", default="2G", help="size of each random disk (default 2G)")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per command, >= 3")
+    p = harness.parser(
+        "cbt against borg, restic and cp on the same data (see the module docstring)",
+        "/var/tmp/cbt-race", "work directory",
+        "2G", "size of each random disk (default 2G)")
     p.add_argument("--block-size", default="16K",
                    help="cbt's block size, and borg's fixed chunk size (default 16K)")
-    p.add_argument("--cbt", default=None, metavar="PATH",
-                   help="cbt executable (default: the one beside this Python)")
-    p.add_argument("--json", action="store_true", help="machine output on stdout")
+    harness.add_output_options(p)
     p.add_argument("--keep", action="store_true",
                    help="keep the data sets (reused next time) and the last cbt vaults")
-    args = p.parse_args(argv)
-    if args.runs < 3:
-        p.error("--runs must be at least 3 (the median of fewer says little)")
-    try:
-        size = parse_size(args.size)
-        args.block_size = parse_size(args.block_size)
-    except cbt.CbtError as exc:
-        p.error(str(exc))
-    if size < (4 << 20) or size % PAGE:
+    args, size = harness.parse(p, argv)
+    args.block_size = harness.size_arg(p, args.block_size)
+    if size < (4 << 20) or size % harness.PAGE:
         p.error("--size must be a multiple of 4K, at least 4M")
 
     work = Path(args.dir).absolute()
     made_work = not work.exists()
     sets: list[DataSet] = []
     try:
-        exe = {"borg": ensure_tool("borg", "borgbackup"),
-               "restic": ensure_tool("restic", "restic"),
-               "cbt": os.path.abspath(args.cbt) if args.cbt else find_cbt()}
+        exe = {"borg": harness.ensure_tool("borg", "borgbackup"),
+               "restic": harness.ensure_tool("restic", "restic"),
+               "cbt": harness.find_cbt(args.cbt)}
         work.mkdir(parents=True, exist_ok=True)
         sets = [random_set(work, size), realistic_set(work, size)]
         need = estimate_disk_use(size, args.keep)
         have = shutil.disk_usage(work).free + sum(
             p.stat().st_size for ds in sets if _is_current(ds) for p in ds.files())
-        log(f"disk use at the peak: about {human_bytes(need)} ({human_bytes(have)} available)")
+        harness.log(f"disk use at the peak: about {human_bytes(need)} "
+                    f"({human_bytes(have)} available)")
         if need > have * 0.95:
-            raise BenchError(f"not enough space in {work}: need about {human_bytes(need)}, "
+            raise harness.BenchError(f"not enough space in {work}: need about {human_bytes(need)}, "
                              f"{human_bytes(have)} available (lower --size)")
-        host = {
-            "nproc": os.cpu_count(), "cpu_model": cpu_model(), "memory": mem_total(),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "cbt": cbt.__version__, "borg": version_of([exe["borg"], "--version"]),
-            "restic": version_of([exe["restic"], "version"]),
-            "cp": version_of(["cp", "--version"]), "loadavg_before": list(os.getloadavg()),
-        }
+        host = harness.machine({"borg": harness.version_of([exe["borg"], "--version"]),
+                        "restic": harness.version_of([exe["restic"], "version"]),
+                        "cp": harness.version_of(["cp", "--version"])})
         for ds in sets:
             build(ds)
         runner = Runner(work)
@@ -965,35 +793,18 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = {"dir": str(work), "runs": args.runs, "size": size,
                                   "block_size": args.block_size, "sets": {}}
         for ds in sets:
-            log(f"{ds.key}: reading into the page cache ...")
-            cached = ensure_cached(ds.files())
-            log(f"{ds.key}: {args.runs} runs of {', '.join(TOOLS)} (cached {cached}) ...")
-            samples = race.race(ds)
-            first = {t: samples[t][0].extra for t in TOOLS}
-            result["sets"][ds.key] = {
-                "disks": [{"label": d.label, "day0": str(d.day0), "day1": str(d.day1),
-                           "size": d.size, "allocated": allocated(d.day1),
-                           "changed_blocks": first["cbt"]["changed"][d.label][0],
-                           "blocks": first["cbt"]["changed"][d.label][1],
-                           "block_size": args.block_size}
-                          for d in ds.disks],
-                "recipe": ds.recipe,
-                "restored_allocated": {t: first[t].get("restored_allocated") for t in TOOLS},
-                "cached_after": min((c for c in map(cached_fraction, ds.files())
-                                     if c is not None), default=None),
-                "summary": summarize(ds, samples),
-                "samples": {t: [{"seconds": s.seconds, "cpu": s.cpu, "growth": s.growth,
-                                 "reported": s.reported, "total": s.total}
-                                for s in samples[t]] for t in TOOLS},
-            }
-        largest = max((d for ds in sets for d in ds.disks), key=lambda d: allocated(d.day0))
-        log(f"peak memory: cbt backup of {largest.day0} alone ...")
+            harness.log(f"{ds.key}: reading into the page cache ...")
+            cached = harness.ensure_cached(ds.files())
+            harness.log(f"{ds.key}: {args.runs} runs of {', '.join(TOOLS)} (cached {cached}) ...")
+            result["sets"][ds.key] = set_result(ds, race.race(ds), args.block_size)
+        largest = max((d for ds in sets for d in ds.disks), key=lambda d: harness.allocated(d.day0))
+        harness.log(f"peak memory: cbt backup of {largest.day0} alone ...")
         result["memory"] = race.memory(largest, "memory")
         result["commands"] = runner.commands
         host["loadavg_after"] = list(os.getloadavg())
         result["machine"] = host
-    except BenchError as exc:
-        log(f"bench/race: {exc}")
+    except harness.BenchError as exc:
+        harness.log(f"{harness.prog()}: {exc}")
         return 2
     finally:
         rmtree(work / "run")
@@ -1005,11 +816,7 @@ def main(argv: list[str] | None = None) -> int:
                 with contextlib.suppress(OSError):
                     work.rmdir()
 
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        print(human_report(result, sets))
-        print(f"\nreproduce: {shlex.join([sys.argv[0], *sys.argv[1:]])}")
+    harness.emit(args.json, lambda: result, lambda: human_report(result, sets))
     return 0
 
 

@@ -3,7 +3,7 @@
 
 Usage (from anywhere; needs cbt importable and ``cbt`` installed)::
 
-    bench/peers [--dir /var/tmp/cbt-bench] [--size 4G] [--runs 3] [--json]
+    python bench/peers.py [--dir /var/tmp/cbt-bench] [--size 4G] [--runs 3] [--json]
 
 1. Installs ``b3sum`` with ``apt-get install -y b3sum`` if it is missing.
 2. Makes, in ``--dir``, three files of ``--size`` bytes (kept for the next run;
@@ -39,55 +39,35 @@ reported separately, without targets.  Exit status: 0 when everything ran
 
 The ``cbt`` measured is the one installed beside this Python (not a pyenv
 shim, whose own start-up would be charged to cbt); ``--cbt PATH`` picks another.
-Only numpy and cbt are needed besides the standard library.
+Only numpy and cbt are needed besides the standard library; what this script
+shares with ``bench/race.py`` (options, page cache, timing, tables) is in
+``bench/harness.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import ctypes
-import ctypes.util
 import json
-import mmap
 import os
-import platform
-import resource
 import shlex
-import shutil
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 
-try:
-    import cbt
-    from cbt.core.extents import data_extents
-    from cbt.core.sizes import format_size, human_bytes, parse_size
-    from cbt.source.synth import make_fs_image
-except ImportError as exc:  # a missing or stale build: say so in one line
-    sys.exit(f"bench/peers: cannot import cbt: {exc}")
+from cbt.core.sizes import format_size, human_bytes
+from cbt.source.synth import make_fs_image
 
-CHUNK = 64 << 20
 BLOCK = 64 << 10
-PAGE = 4096
 CHANGED = 0.01
 FORMAT = 1  # bump when the way files are generated changes
 SEED_A, SEED_CHANGES, SEED_MIXED = 1, 2, 3
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    pass
 
 
 # --------------------------------------------------------------------------- data files
@@ -103,27 +83,17 @@ def _is_current(path: Path, recipe: dict[str, Any]) -> bool:
         st = path.stat()
     except (OSError, ValueError):
         return False
-    return (meta.get("recipe") == recipe and meta.get("st_size") == st.st_size
-            and meta.get("mtime_ns") == st.st_mtime_ns)
+    return bool(meta.get("recipe") == recipe and meta.get("st_size") == st.st_size
+                and meta.get("mtime_ns") == st.st_mtime_ns)
 
 
 def _commit(tmp: Path, path: Path, recipe: dict[str, Any]) -> None:
     """fsync, rename into place, then write the sidecar that vouches for it."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    harness.fsync_path(tmp)
     os.replace(tmp, path)
     st = path.stat()
     meta = {"recipe": recipe, "st_size": st.st_size, "mtime_ns": st.st_mtime_ns}
     _sidecar(path).write_text(json.dumps(meta, indent=1) + "\n")
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def make_random_pair(a: Path, b: Path, size: int) -> int:
@@ -135,9 +105,9 @@ def make_random_pair(a: Path, b: Path, size: int) -> int:
     recipe_b = {**recipe_a, "kind": "random-changed", "changed_blocks": k,
                 "block_size": BLOCK, "changes_seed": SEED_CHANGES}
     if _is_current(a, recipe_a) and _is_current(b, recipe_b):
-        log(f"reusing {a} and {b}")
+        harness.log(f"reusing {a} and {b}")
         return k
-    log(f"writing {a} and {b} ({human_bytes(size)} each, {k} blocks of 64K differ) ...")
+    harness.log(f"writing {a} and {b} ({human_bytes(size)} each, {k} blocks of 64K differ) ...")
     started = time.perf_counter()
     for p in (a, b):
         _sidecar(p).unlink(missing_ok=True)
@@ -148,47 +118,47 @@ def make_random_pair(a: Path, b: Path, size: int) -> int:
     fa = os.open(ta, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     fb = os.open(tb, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        for pos in range(0, size, CHUNK):
-            n = min(CHUNK, size - pos)
+        for pos in range(0, size, harness.CHUNK):
+            n = min(harness.CHUNK, size - pos)
             chunk = rng.bytes(n)
-            _write_all(fa, chunk)
+            harness.write_all(fa, chunk)
             lo, hi = np.searchsorted(picks, [pos // BLOCK, -(-(pos + n) // BLOCK)])
             if lo == hi:
-                _write_all(fb, chunk)
+                harness.write_all(fb, chunk)
                 continue
             other = bytearray(chunk)
             for blk in picks[lo:hi]:
                 start = int(blk) * BLOCK - pos
                 length = min(BLOCK, n - start)
-                page = int(changes.integers(0, -(-length // PAGE))) * PAGE
-                end = min(page + PAGE, length)
+                page = int(changes.integers(0, -(-length // harness.PAGE))) * harness.PAGE
+                end = min(page + harness.PAGE, length)
                 old = other[start + page:start + end]
                 new = changes.bytes(end - page)
                 while new == old:  # never "changed" to the same bytes
                     new = changes.bytes(end - page)
                 other[start + page:start + end] = new
-            _write_all(fb, other)
+            harness.write_all(fb, other)
     finally:
         os.close(fa)
         os.close(fb)
     _commit(ta, a, recipe_a)
     _commit(tb, b, recipe_b)
-    log(f"  done in {time.perf_counter() - started:.1f} s")
+    harness.log(f"  done in {time.perf_counter() - started:.1f} s")
     return k
 
 
 def make_mixed(path: Path, size: int) -> None:
     recipe = {"format": FORMAT, "kind": "make_fs_image", "size": size, "seed": SEED_MIXED}
     if _is_current(path, recipe):
-        log(f"reusing {path}")
+        harness.log(f"reusing {path}")
         return
-    log(f"writing {path} ({human_bytes(size)}, cbt.synth.make_fs_image) ...")
+    harness.log(f"writing {path} ({human_bytes(size)}, cbt.synth.make_fs_image) ...")
     started = time.perf_counter()
     _sidecar(path).unlink(missing_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     make_fs_image(tmp, size, seed=SEED_MIXED)
     _commit(tmp, path, recipe)
-    log(f"  done in {time.perf_counter() - started:.1f} s")
+    harness.log(f"  done in {time.perf_counter() - started:.1f} s")
 
 
 def make_tiny(path: Path) -> None:
@@ -200,71 +170,7 @@ def make_tiny(path: Path) -> None:
     _commit(tmp, path, recipe)
 
 
-def allocated(path: Path) -> int:
-    """Bytes in data extents (SEEK_DATA/SEEK_HOLE)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return sum(e - s for s, e in data_extents(fd, os.fstat(fd).st_size))
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------- page cache
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-
-
-def cached_fraction(path: Path) -> float | None:
-    """Share of the file's data pages in the page cache (mincore); holes are
-    not counted.  None when it cannot be told."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        extents = data_extents(fd, size)
-        total = sum(e - s for s, e in extents)
-        if not total:
-            return 1.0
-        resident = 0
-        for start, end in extents:
-            lo = start // mmap.PAGESIZE * mmap.PAGESIZE
-            length = end - lo
-            addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, lo)
-            if addr in (None, ctypes.c_void_p(-1).value):
-                return None
-            try:
-                pages = -(-length // mmap.PAGESIZE)
-                vec = np.zeros(pages, dtype=np.uint8)
-                if _libc.mincore(addr, length, vec.ctypes.data) != 0:
-                    return None
-                resident += int(np.count_nonzero(vec & 1)) * mmap.PAGESIZE
-            finally:
-                _libc.munmap(addr, length)
-        return min(resident / total, 1.0)
-    finally:
-        os.close(fd)
-
-
-def preread(path: Path) -> None:
-    """Read every data extent once (holes are skipped, as every reader skips them)."""
-    buf = bytearray(16 << 20)
-    view = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for start, end in data_extents(fd, os.fstat(fd).st_size):
-            pos = start
-            while pos < end:
-                n = os.preadv(fd, [view[:min(len(buf), end - pos)]], pos)
-                if n <= 0:
-                    break
-                pos += n
-    finally:
-        os.close(fd)
-
 
 class CacheKeeper:
     """Before each round, re-read any file the kernel has partly evicted.
@@ -278,86 +184,12 @@ class CacheKeeper:
         self.rereads: list[dict[str, Any]] = []
 
     def __call__(self, rnd: int) -> None:
-        for f in self.files:
-            frac = cached_fraction(f)
-            if frac is not None and frac < 0.999:
-                log(f"  {f.name} only {100 * frac:.1f}% in the page cache: reading it again")
-                self.rereads.append({"round": rnd, "file": str(f), "cached": round(frac, 4)})
-                preread(f)
+        harness.ensure_cached(self.files, partial(self._evicted, rnd))
 
-
-# --------------------------------------------------------------------------- machine
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def cpu_simd() -> list[str]:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [x for x in ("sse4_1", "avx2", "avx512f", "avx512vl") if x in flags]
-    return []
-
-
-def mem_total() -> int:
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def version_of(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    except OSError:
-        return "unknown"
-    return (out.stdout or out.stderr).strip().splitlines()[0] if out.returncode == 0 else "?"
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "nproc": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model(),
-        "simd": cpu_simd(),
-        "memory": mem_total(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "cbt": cbt.__version__,
-        "b3sum": version_of(["b3sum", "--version"]),
-        "loadavg_before": list(os.getloadavg()),
-    }
-
-
-def ensure_b3sum() -> str:
-    found = shutil.which("b3sum")
-    if found:
-        return found
-    log("b3sum missing: apt-get install -y b3sum")
-    for argv in (["apt-get", "install", "-y", "b3sum"], ["apt-get", "update"],
-                 ["apt-get", "install", "-y", "b3sum"]):
-        subprocess.run(argv, stdout=sys.stderr, check=False)
-        found = shutil.which("b3sum")
-        if found:
-            return found
-    raise BenchError("b3sum is not installed and 'apt-get install -y b3sum' failed")
-
-
-def find_cbt() -> str:
-    beside = Path(sys.executable).parent / "cbt"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("cbt")
-    if not found:
-        raise BenchError("the cbt command is not installed (pip install .)")
-    return found
+    def _evicted(self, rnd: int, f: Path, frac: float | None) -> None:
+        if frac is not None:  # None: mincore could not tell, nothing to report
+            harness.log(f"  {f.name} only {100 * frac:.1f}% in the page cache: reading it again")
+            self.rereads.append({"round": rnd, "file": str(f), "cached": round(frac, 4)})
 
 
 # --------------------------------------------------------------------------- timing
@@ -376,30 +208,11 @@ class Command:
 
     @property
     def median(self) -> float:
-        return statistics.median(self.times)
+        return harness.median(self.times)
 
     @property
     def gbps(self) -> float | None:
         return self.nbytes / self.median / 1e9 if self.nbytes and self.times else None
-
-
-def _children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
-def run_once(cmd: Command) -> tuple[float, float]:
-    """Wall-clock and CPU seconds (user + sys, forked workers included) of one run."""
-    cpu = _children_cpu()
-    started = time.perf_counter()
-    proc = subprocess.run(cmd.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, check=False)
-    seconds = time.perf_counter() - started
-    cpu = _children_cpu() - cpu
-    if proc.returncode not in cmd.ok_codes:
-        tail = proc.stderr.decode(errors="replace").strip()[-2000:]
-        raise BenchError(f"{shlex.join(cmd.argv)} exited {proc.returncode}: {tail}")
-    return seconds, cpu
 
 
 def measure(commands: list[Command], runs: int,
@@ -413,12 +226,12 @@ def measure(commands: list[Command], runs: int,
         what = "warm-up" if rnd == 0 else f"run {rnd}/{runs}"
         line = []
         for cmd in commands:
-            t, cpu = run_once(cmd)
+            t, cpu, _ = harness.run_timed(cmd.argv, cmd.ok_codes)
             if rnd:
                 cmd.times.append(t)
                 cmd.cpu.append(cpu)
             line.append(f"{cmd.key} {t:.2f}")
-        log(f"  {what}: " + ", ".join(line))
+        harness.log(f"  {what}: " + ", ".join(line))
 
 
 # --------------------------------------------------------------------------- report
@@ -433,13 +246,6 @@ TARGETS = [
     ("mixed_scanN", "mixed_b3sum1", None, False, "info"),
     ("mixed_scanN", "mixed_b3sumN", None, False, "info"),
 ]
-
-
-NOISY = 0.25
-
-
-def noise(cmd: Command) -> float:
-    return (max(cmd.times) - min(cmd.times)) / cmd.median
 
 
 def ratio(by_key: dict[str, Command], a: str, b: str) -> float:
@@ -463,18 +269,6 @@ def comparisons(by_key: dict[str, Command]) -> list[dict[str, Any]]:
     return out
 
 
-def table(rows: list[list[str]], right: set[int]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for n, r in enumerate(rows):
-        cells = [c.rjust(w) if i in right else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
-        lines.append("  ".join(cells).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return lines
-
-
 def human_report(info: dict[str, Any], commands: list[Command],
                  comps: list[dict[str, Any]], files: dict[str, Any]) -> str:
     by_key = {c.key: c for c in commands}
@@ -484,8 +278,8 @@ def human_report(info: dict[str, Any], commands: list[Command],
         f"{human_bytes(m['memory'])} RAM, SIMD {' '.join(m['simd']) or '-'}, "
         f"Linux {m['kernel']}",
         f"software: cbt {m['cbt']}, Python {m['python']}, {m['b3sum']}",
-        f"load average before/after: {' '.join(f'{x:.2f}' for x in m['loadavg_before'])}"
-        f" / {' '.join(f'{x:.2f}' for x in m['loadavg_after'])}",
+        f"load average before/after: {harness.loadavg(m['loadavg_before'])}"
+        f" / {harness.loadavg(m['loadavg_after'])}",
         f"runs: median of {info['runs']} (after 1 warm-up), interleaved; whole-process "
         "wall clock",
         "",
@@ -509,23 +303,23 @@ def human_report(info: dict[str, Any], commands: list[Command],
                 continue
             r = f"{ratio(by_key, c.key, c.peer):.2f}x" if c.peer else ""
             rows.append([c.label, f"{c.median:.3f}", f"{min(c.times):.3f}",
-                         f"{max(c.times):.3f}", f"{statistics.median(c.cpu):.3f}",
+                         f"{max(c.times):.3f}", f"{harness.median(c.cpu):.3f}",
                          f"{c.gbps:.2f}" if c.gbps is not None else "-",
                          by_key[c.peer].label if c.peer else "", r])
-        out += ["", title + ":", *table(rows, {1, 2, 3, 4, 5, 7})]
+        out += ["", title + ":", *harness.table(rows, {1, 2, 3, 4, 5, 7})]
     out += ["", "ratio = peer seconds / cbt seconds (> 1: cbt faster); GB/s = size of one "
             "input / median seconds; cpu s = median user + sys of the process and its workers"]
-    noisy = [c.label for c in commands if c.nbytes and noise(c) > NOISY]
+    noisy = [c.label for c in commands if c.nbytes and harness.spread(c.times) > harness.NOISY]
     if noisy:
-        out.append(f"noisy (max - min > {NOISY:.0%} of the median; rerun, or raise --runs): "
-                   + "; ".join(noisy))
+        out.append(f"noisy (max - min > {harness.NOISY:.0%} of the median; rerun, or raise "
+                   "--runs): " + "; ".join(noisy))
     out += ["", "targets:"]
     rows = [["", "cbt", "peer", "ratio", "want", "result", "ratio of mins"]]
-    for c in comps:
-        res = "-" if c["pass"] is None else ("pass" if c["pass"] else "MISS")
-        rows.append([c["kind"], c["cbt"], c["peer"], f"{c['ratio']:.2f}x", c["want"] or "-",
-                     res, f"{c['ratio_of_mins']:.2f}x"])
-    out += table(rows, {3, 6})
+    for comp in comps:
+        res = "-" if comp["pass"] is None else ("pass" if comp["pass"] else "MISS")
+        rows.append([comp["kind"], comp["cbt"], comp["peer"], f"{comp['ratio']:.2f}x",
+                     comp["want"] or "-", res, f"{comp['ratio_of_mins']:.2f}x"])
+    out += harness.table(rows, {3, 6})
     out.append("(result: from the ratio of medians; ratio of mins = fastest run against "
                "fastest run, for reference)")
     out += ["", "commands (exact argv; F = a.img, G = b.img, M = mixed.img):"]
@@ -533,40 +327,51 @@ def human_report(info: dict[str, Any], commands: list[Command],
     return "\n".join(out)
 
 
+def json_result(info: dict[str, Any], files: dict[str, Any], commands: list[Command],
+                comps: list[dict[str, Any]]) -> dict[str, Any]:
+    by_key = {cmd.key: cmd for cmd in commands}
+    return {
+        **info,
+        "files": files,
+        "commands": [{"key": cmd.key, "label": cmd.label, "argv": cmd.argv,
+                      "command": shlex.join(cmd.argv), "seconds": cmd.times,
+                      "median": round(cmd.median, 4),
+                      "spread": round(harness.spread(cmd.times), 3),
+                      "cpu_seconds": [round(x, 4) for x in cmd.cpu],
+                      "gbps": None if cmd.gbps is None else round(cmd.gbps, 3),
+                      "peer": cmd.peer,
+                      "ratio": (round(ratio(by_key, cmd.key, cmd.peer), 3)
+                                if cmd.peer else None)}
+                     for cmd in commands],
+        "comparisons": comps,
+    }
+
+
 # --------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description="cbt scan/diff against b3sum on the same files (see the module docstring)")
-    p.add_argument("--dir", default="/var/tmp/cbt-bench", help="work directory (kept)")
-    p.add_argument("--size", default="4G", help="size of each generated file (default 4G)")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per command, >= 3")
-    p.add_argument("--cbt", default=None, metavar="PATH",
-                   help="cbt executable (default: the one beside this Python)")
-    p.add_argument("--json", action="store_true", help="machine output on stdout")
-    args = p.parse_args(argv)
-    if args.runs < 3:
-        p.error("--runs must be at least 3 (the median of fewer says little)")
-    try:
-        size = parse_size(args.size)
-    except cbt.CbtError as exc:
-        p.error(str(exc))
+    p = harness.parser(
+        "cbt scan/diff against b3sum on the same files (see the module docstring)",
+        "/var/tmp/cbt-bench", "work directory (kept)",
+        "4G", "size of each generated file (default 4G)")
+    harness.add_output_options(p)
+    args, size = harness.parse(p, argv)
     if size < BLOCK:
         p.error("--size must be at least 64K")
 
     try:
-        b3sum = ensure_b3sum()
-        host = machine()
-        cbt_exe = os.path.abspath(args.cbt) if args.cbt else find_cbt()
+        b3sum = harness.ensure_tool("b3sum", "b3sum")
+        host = harness.machine({"b3sum": harness.version_of(["b3sum", "--version"])}, cpus=True)
+        cbt_exe = harness.find_cbt(args.cbt)
         work = Path(args.dir)
         work.mkdir(parents=True, exist_ok=True)
         fa, fb, fm, ft = (work / n for n in ("a.img", "b.img", "mixed.img", "tiny.img"))
         changed = make_random_pair(fa, fb, size)
         make_mixed(fm, size)
         make_tiny(ft)
-        log("reading the files into the page cache ...")
+        harness.log("reading the files into the page cache ...")
         for f in (fa, fb, fm, ft):
-            preread(f)
+            harness.preread(f)
 
         F, G, M, T = str(fa), str(fb), str(fm), str(ft)
         c = cbt_exe
@@ -601,26 +406,30 @@ def main(argv: list[str] | None = None) -> int:
         out = subprocess.run([c, "diff", "--json", F, G], capture_output=True, text=True,
                              check=False)
         if out.returncode != 1:
-            raise BenchError(f"cbt diff --json exited {out.returncode}: {out.stderr.strip()}")
+            raise harness.BenchError(f"cbt diff --json exited {out.returncode}: "
+                                     f"{out.stderr.strip()}")
         try:
             found = json.loads(out.stdout)["changed_blocks"]
         except (ValueError, KeyError, TypeError):
-            raise BenchError(f"{c} diff --json printed no changed_blocks: "
+            raise harness.BenchError(f"{c} diff --json printed no changed_blocks: "
                              f"{out.stdout[:200]!r}") from None
         if found != changed:
-            raise BenchError(f"cbt diff found {found} changed blocks, {changed} were made")
+            raise harness.BenchError(f"cbt diff found {found} changed blocks, "
+                                     f"{changed} were made")
 
-        log(f"timing {len(commands)} commands, 1 warm-up + {args.runs} runs, interleaved ...")
+        harness.log(f"timing {len(commands)} commands, 1 warm-up + {args.runs} runs, "
+                    "interleaved ...")
         keeper = CacheKeeper([fa, fb, fm, ft])
         measure(commands, args.runs, keeper)
         load_after = list(os.getloadavg())
         files: dict[str, Any] = {}
         for name, f in (("F", fa), ("G", fb), ("M", fm)):
-            files[name] = {"path": str(f), "size": f.stat().st_size, "allocated": allocated(f),
-                           "cached": cached_fraction(f)}
+            files[name] = {"path": str(f), "size": f.stat().st_size,
+                           "allocated": harness.allocated(f),
+                           "cached": harness.cached_fraction(f)}
         files["G"]["changed_blocks"] = changed
-    except (BenchError, OSError) as exc:  # a failed command, a full disk: one line, exit 2
-        log(f"bench/peers: {exc}")
+    except (harness.BenchError, OSError) as exc:  # a failed command, a full disk: one line, exit 2
+        harness.log(f"{harness.prog()}: {exc}")
         return 2
 
     by_key = {cmd.key: cmd for cmd in commands}
@@ -628,26 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     info: dict[str, Any] = {"machine": host | {"loadavg_after": load_after},
                             "runs": args.runs, "size": size, "dir": str(work),
                             "rereads": keeper.rereads}
-    if args.json:
-        result = {
-            **info,
-            "files": files,
-            "commands": [{"key": cmd.key, "label": cmd.label, "argv": cmd.argv,
-                          "command": shlex.join(cmd.argv), "seconds": cmd.times,
-                          "median": round(cmd.median, 4),
-                          "spread": round(noise(cmd), 3),
-                          "cpu_seconds": [round(x, 4) for x in cmd.cpu],
-                          "gbps": None if cmd.gbps is None else round(cmd.gbps, 3),
-                          "peer": cmd.peer,
-                          "ratio": (round(ratio(by_key, cmd.key, cmd.peer), 3)
-                                    if cmd.peer else None)}
-                         for cmd in commands],
-            "comparisons": comps,
-        }
-        print(json.dumps(result, indent=1))
-    else:
-        print(human_report(info, commands, comps, files))
-        print(f"\nsize {format_size(size)}; reproduce: {shlex.join(sys.argv)}")
+    harness.emit(args.json, lambda: json_result(info, files, commands, comps),
+         lambda: human_report(info, commands, comps, files), f"size {format_size(size)}; ")
     return 0
 
 
