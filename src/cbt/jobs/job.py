@@ -34,7 +34,6 @@ from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cbt.core.errors import CbtError
 from cbt.core.timefmt import utc_now
@@ -45,6 +44,9 @@ from cbt.jobs.hooks import HookResult, run_hook
 from cbt.ops.backup import BackupProgress, backup_locked
 from cbt.repo.lock import writer_lock
 from cbt.repo.registry import (
+    JobDisk,
+    JobRecord,
+    KeptSnapshots,
     list_jobs,
     register_snapshots,
     save_job,
@@ -103,19 +105,19 @@ def _recover(vault: Vault, vmc: VMConfig) -> list[str]:
     """Close jobs of this VM that died; run their pending post hook (recover)."""
     warnings = []
     for rec in list_jobs(vault, vmc.name):
-        if rec.get("status") != "running":
+        if rec.status != "running":
             continue
-        if rec.get("hook_pending") and vmc.hooks and vmc.hooks.post:
+        if rec.hook_pending and vmc.hooks and vmc.hooks.post:
             res = run_hook(vmc.hooks.post, "recover", vmc.name,
-                           rec.get("recovery_point") or "", vmc.hooks.timeout, vmc.hooks.cwd)
+                           rec.recovery_point or "", vmc.hooks.timeout, vmc.hooks.cwd)
             if not res.ok:
-                warnings.append(f"recover hook of interrupted job {rec['id']}: {res.describe()}")
-        for path in _job_snapshots(vmc, rec["id"]):
+                warnings.append(f"recover hook of interrupted job {rec.id}: {res.describe()}")
+        for path in _job_snapshots(vmc, rec.id):
             remove_snapshot(path)
-        committed = rec.get("recovery_point") in set(vault.point_ids())
-        rec.update(status="interrupted", end=utc_now(), hook_pending=False,
-                   recovery_point=rec.get("recovery_point") if committed else None,
-                   error=rec.get("error") or "the job's process died before it finished")
+        committed = rec.recovery_point in set(vault.point_ids())
+        rec.status, rec.end, rec.hook_pending = "interrupted", utc_now(), False
+        rec.recovery_point = rec.recovery_point if committed else None
+        rec.error = rec.error or "the job's process died before it finished"
         save_job(vault, rec)
     return warnings
 
@@ -164,12 +166,9 @@ def run_vm(config: Config, vm: str, executor: Executor | None = None,
         created = created or utc_now()
         point_id = new_point_id(vm, created, set(vault.point_ids()))
         job_id = f"{vm}.{created.replace('-', '').replace(':', '')}.{secrets.token_hex(3)}"
-        rec: dict[str, Any] = {
-            "id": job_id, "vm": vm, "policy": vmc.policy, "start": utc_now(), "end": None,
-            "status": "running", "consistency": None, "recovery_point": point_id,
-            "disks": [], "error": None, "hook_pending": False, "pid": os.getpid(),
-            "slot": slot, "start_ns": time.time_ns(),
-        }
+        rec = JobRecord(id=job_id, vm=vm, policy=vmc.policy, start=utc_now(),
+                        recovery_point=point_id, pid=os.getpid(), slot=slot,
+                        start_ns=time.time_ns())
         save_job(vault, rec)
         hooks = vmc.hooks
         pre: HookResult | None = None
@@ -190,7 +189,7 @@ def run_vm(config: Config, vm: str, executor: Executor | None = None,
                 res = run_hook(hooks.post, "post", vm, point_id, hooks.timeout, hooks.cwd)
                 if not res.ok:
                     new.append(res.describe())
-            rec["hook_pending"] = False
+            rec.hook_pending = False
             save_job(vault, rec)
             warnings.extend(new)
             return new
@@ -201,7 +200,7 @@ def run_vm(config: Config, vm: str, executor: Executor | None = None,
                     raise JobFailed(f"disk {label}: no such disk or image: {path}")
             providers = resolve_provider(vmc.snapshot, vm, vmc.disks, vmc.snapshot_dir)
             if hooks and (hooks.pre or hooks.post):
-                rec["hook_pending"] = True
+                rec.hook_pending = True
                 save_job(vault, rec)
                 hooks_started = True  # from here on the post hook runs, whatever happens
                 if hooks.pre:
@@ -227,30 +226,28 @@ def run_vm(config: Config, vm: str, executor: Executor | None = None,
             kept = snaps.commit(keep=days > 0)
             snaps = None
             if kept:
-                register_snapshots(vault, point, kept, created_paths)
-            rec.update(status="succeeded", consistency=point.consistency)
-            rec["disks"] = [{"label": d.label, "snapshot": providers[d.label],
-                             "bytes_read": d.bytes_read, "bytes_new": d.bytes_new,
-                             "bytes_stored": d.bytes_stored, "seconds": d.seconds}
-                            for d in point.disks]
+                register_snapshots(vault, KeptSnapshots.of(point, kept, created_paths))
+            rec.status, rec.consistency = "succeeded", point.consistency
+            rec.disks = [JobDisk(d.label, providers[d.label], d.bytes_read, d.bytes_new,
+                                 d.bytes_stored, d.seconds) for d in point.disks]
             return JobResult(vm, job_id, point, None, providers)
         except (CbtError, OSError) as exc:
-            rec.update(status="failed", error=" ".join(str(exc).split()),
-                       recovery_point=None)
+            rec.status, rec.error = "failed", " ".join(str(exc).split())
+            rec.recovery_point = None
             if isinstance(exc, JobAborted):
                 raise
-            return JobResult(vm, job_id, None, rec["error"], providers)
+            return JobResult(vm, job_id, None, rec.error, providers)
         finally:
             try:
                 run_post()
             finally:
                 if snaps is not None:
                     snaps.discard()
-                rec["end"] = utc_now()
-                if rec["status"] == "running":
-                    rec.update(status="failed", error=rec["error"] or "aborted",
-                               recovery_point=None)
-                rec["hook_pending"] = False
+                rec.end = utc_now()
+                if rec.status == "running":
+                    rec.status, rec.error = "failed", rec.error or "aborted"
+                    rec.recovery_point = None
+                rec.hook_pending = False
                 save_job(vault, rec)
 
 

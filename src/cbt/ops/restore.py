@@ -471,7 +471,8 @@ def instant_restore(vault: Vault, ref: str, to: str | os.PathLike[str], force: b
     labels = [disk] if disk is not None else [d.label for d in point.disks]
     if disk is not None and point.disk(disk) is None:
         raise CbtValueError(f"point {point.id} has no disk {disk!r}")
-    kept = kept_snapshots(vault).get(point.id, {}).get("disks", {})
+    entry = kept_snapshots(vault).get(point.id)
+    kept = entry.disks if entry is not None else {}
     out_dir = Path(to).parent if disk is not None else Path(to)
     if disk is None:
         out_dir.mkdir(parents=True, exist_ok=True)
