@@ -17,14 +17,18 @@ For each VM, under the vault's writer lock:
 6. Transfer: one worker per disk shard on the executor; commit the point with
    its consistency level and reason.
 7. Keep the last snapshot of each ``reflink``/``btrfs`` disk as its tracking
-   base, remove the rest, and record the job's end.
+   base (and, with ``instant_restore_days``, the others, registered for
+   ``restore --instant``); remove the rest.
+8. Record the job's end: ``succeeded``, or ``failed`` with the error.  Also on
+   failure or abort: the post hook runs if it is still due, and snapshots are
+   removed.
 
 SIGINT and SIGTERM abort a job cleanly: snapshots removed, post hook run,
 job recorded as ``failed`` (unless the caller keeps them, as the daemon does:
 then the job in flight and its workers finish).
 
-Step 1 is :func:`recover`; step 2 is :meth:`Job.start`, and :meth:`Job.run`
-runs steps 3 to 7, one method each, then records the end whatever happened.
+Step 1 is :func:`recover`, step 2 :meth:`Job.start`; :meth:`Job.run` runs
+steps 3 to 8, one method each.
 """
 
 from __future__ import annotations
@@ -155,11 +159,11 @@ def _job_snapshots(vmc: VMConfig, job_id: str) -> list[str]:
     return found
 
 
-# -- steps 2 to 7: the job ----------------------------------------------------------------
+# -- steps 2 to 8: the job ----------------------------------------------------------------
 
 
 class Job:
-    """One run of one VM's job, under the writer lock: steps 2 to 7 of the module docstring."""
+    """One run of one VM's job, under the writer lock: steps 2 to 8 of the module docstring."""
 
     def __init__(self, config: Config, vault: Vault, vm: str, request: JobRequest,
                  record: JobRecord, warnings: list[str]) -> None:
@@ -190,20 +194,15 @@ class Job:
         return cls(config, vault, vm, replace(request, created=created), record, warnings)
 
     def run(self) -> JobResult:
-        """Steps 3 to 7; the post hook and the job's end are recorded whatever happens."""
+        """Steps 3 to 8; the post hook runs and the job's end is recorded whatever happens."""
         try:
-            return self._steps()
+            return self.succeeded(self._steps())
         except (CbtError, OSError) as exc:
-            self.record.status, self.record.error = "failed", " ".join(str(exc).split())
-            self.record.recovery_point = None
-            if isinstance(exc, JobAborted):
-                raise
-            return JobResult(self.vmc.name, self.record.id, None, self.record.error,
-                             self.providers)
+            return self.failed(exc)
         finally:
             self.record_end()
 
-    def _steps(self) -> JobResult:
+    def _steps(self) -> PointRecord:
         self.providers = self.check_disks()
         self.pre_hook()
         snaps = self.snapshot()
@@ -212,11 +211,7 @@ class Job:
         point = self.transfer(snaps)  # with a live read the post hook runs before the commit
         self.post_hook()
         self.keep_snapshots(point, snaps)
-        self.record.status, self.record.consistency = "succeeded", point.consistency
-        self.record.disks = [JobDisk(d.label, self.providers[d.label], d.bytes_read,
-                                     d.bytes_new, d.bytes_stored, d.seconds)
-                             for d in point.disks]
-        return JobResult(self.vmc.name, self.record.id, point, None, self.providers)
+        return point
 
     def check_disks(self) -> dict[str, str]:
         """Before any hook: every disk exists; the snapshot provider of each."""
@@ -287,8 +282,25 @@ class Job:
         if kept:
             register_snapshots(self.vault, KeptSnapshots.of(point, kept, created_paths))
 
+    def succeeded(self, point: PointRecord) -> JobResult:
+        """Step 8, once the point is committed: the job's record says what each disk cost."""
+        self.record.status, self.record.consistency = "succeeded", point.consistency
+        self.record.disks = [JobDisk(d.label, self.providers[d.label], d.bytes_read,
+                                     d.bytes_new, d.bytes_stored, d.seconds)
+                             for d in point.disks]
+        return JobResult(self.vmc.name, self.record.id, point, None, self.providers)
+
+    def failed(self, exc: CbtError | OSError) -> JobResult:
+        """Step 8 after an error: no point; an abort (a signal) is raised on."""
+        self.record.status, self.record.error = "failed", " ".join(str(exc).split())
+        self.record.recovery_point = None
+        if isinstance(exc, JobAborted):
+            raise exc
+        return JobResult(self.vmc.name, self.record.id, None, self.record.error,
+                         self.providers)
+
     def record_end(self) -> None:
-        """Run a post hook still due, discard snapshots not kept, record the job's end."""
+        """Step 8: run a post hook still due, discard snapshots not kept, record the end."""
         try:
             self.post_hook()
         finally:
