@@ -40,13 +40,16 @@ import tomllib
 import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cbt.core.errors import CbtError, CbtValueError
 from cbt.core.sizes import parse_size
 from cbt.jobs.policy import Policy, Retention, parse_schedule
 
 PROVIDERS = ("auto", "reflink", "btrfs", "copy", "none")
+Provider = Literal["auto", "reflink", "btrfs", "copy", "none"]
+OnPreFailure = Literal["fallback", "fail"]
+Provides = Literal["application", "file-system"]  # the level a succeeded pre hook gives
 
 
 class ConfigError(CbtError, ValueError):
@@ -58,8 +61,8 @@ class Hooks:
     pre: tuple[str, ...] = ()
     post: tuple[str, ...] = ()
     timeout: float = 60.0
-    on_pre_failure: str = "fallback"
-    provides: str = "application"
+    on_pre_failure: OnPreFailure = "fallback"
+    provides: Provides = "application"
     cwd: str | None = None  # hooks run in the config file's folder
 
 
@@ -68,7 +71,7 @@ class VMConfig:
     name: str
     policy: str
     disks: dict[str, str]  # label -> absolute path
-    snapshot: str = "auto"
+    snapshot: Provider = "auto"
     snapshot_dir: str | None = None
     block_size: int | None = None
     hooks: Hooks | None = None
