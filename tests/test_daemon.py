@@ -8,8 +8,10 @@ import datetime as dt
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from sched_helpers import (
     MIB,
     assert_same_bytes,
@@ -29,6 +31,8 @@ from sched_helpers import (
     write_random_disk,
 )
 from vault_helpers import cbt
+
+from cbt.core.parallel import WorkerError, fork_map
 
 
 def _log_lines(path: Path) -> list[str]:
@@ -149,3 +153,24 @@ def test_idle_daemon_sleeps_without_polling_and_stops_promptly(tmp_path: Path) -
     assert "stopped" in lines[-1], lines
     assert not any("succeeded" in ln or "failed" in ln for ln in lines), lines
     assert len(listed(vault)) == 1
+
+
+
+def _terminate_self(task: int, report: Callable[[int], None]) -> int:
+    """A worker's task: SIGTERM to itself (as a daemon's stopped process group gets it),
+    then the answer."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    return task * 3
+
+
+def test_worker_signal_policy_is_passed_in_per_call() -> None:
+    """fork_map's workers ignore SIGTERM only when the call asks; a call that asked
+    leaves nothing behind for the next one (no module state) nor in this process."""
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what the workers inherit
+    try:
+        assert fork_map(_terminate_self, [1, 2, 3], ignore_stop_signals=True) == [3, 6, 9]
+        with pytest.raises(WorkerError, match="without a result"):
+            fork_map(_terminate_self, [1, 2, 3])
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, old)

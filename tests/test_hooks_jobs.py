@@ -38,6 +38,7 @@ import pytest
 from _util import truth_hash
 from jobs_helpers import (
     ERROR_LINE_KEYS,
+    JOB_KEYS,
     MIB,
     backup_config,
     hook_argv,
@@ -72,6 +73,7 @@ from vault_helpers import (
 from cbt import jobs as jobs_api
 from cbt.api import Vault
 from cbt.jobs.config import load as load_config
+from cbt.repo.registry import JobRecord, KeptSnapshots, kept_snapshots
 
 BS = 64 * 1024
 
@@ -558,6 +560,54 @@ def test_job_history_records_every_run(site: Site) -> None:
     assert human.returncode == 0 and "failed" in human.stdout and "web" not in human.stdout
     bad = cbt("backup", "--config", cfg, "--vm", "nope")
     assert "nope" in one_error_line(bad)
+
+
+# what a job record held when it was a dict (format 1): every key, written as below
+JOB_RECORD_KEYS = {"id", "vm", "policy", "start", "end", "status", "consistency",
+                   "recovery_point", "disks", "error", "hook_pending", "pid", "slot",
+                   "start_ns"}
+JOB_DISK_KEYS = {"label", "snapshot", "bytes_read", "bytes_new", "bytes_stored", "seconds"}
+
+
+def format_1(body: dict[str, Any]) -> bytes:
+    return (json.dumps(body, sort_keys=True, indent=1) + "\n").encode()
+
+
+def test_job_and_kept_snapshot_records_keep_format_1(site: Site) -> None:
+    """The registry's files are the JSON format 1 wrote, and round-trip byte for byte."""
+    cfg = site.config("copy", hooks=None, disks={"os": "disks/os.img"})
+    cfg.write_text(cfg.read_text().replace('schedule = "daily 02:00"',
+                                           'schedule = "daily 02:00"\ninstant_restore_days = 1'))
+    good = one_point(cfg)
+    bad = site.config("none", hooks=None, disks={"db": "disks/nope.img"}, name="bad.toml")
+    assert backup_config(bad)[0].returncode == 2
+    listed = {j["id"]: j for j in jobs_json(site.vault)}
+    files = sorted((site.vault / "jobs").glob("*.json"))
+    assert len(files) == len(listed) == 2
+    for f in files:
+        raw = f.read_bytes()
+        body = json.loads(raw)
+        assert set(body) == JOB_RECORD_KEYS and raw == format_1(body), raw
+        assert all(set(d) == JOB_DISK_KEYS for d in body["disks"])
+        rec = JobRecord.from_json(raw)
+        assert rec.to_json() == raw
+        assert rec.to_dict() == listed[body["id"]] == {k: body[k] for k in JOB_KEYS}
+        # a key another cbt wrote stays where it is when the record is rewritten
+        newer = {**body, "future": {"x": [1, 2]}}
+        assert JobRecord.from_json(format_1(newer)).to_json() == format_1(newer)
+    statuses_seen = sorted(json.loads(f.read_bytes())["status"] for f in files)
+    assert statuses_seen == ["failed", "succeeded"]
+
+    (kept_file,) = (site.vault / "snapshots").glob("*.json")
+    raw = kept_file.read_bytes()
+    body = json.loads(raw)
+    assert set(body) == {"recovery_point", "vm", "created", "disks", "paths"}
+    assert raw == format_1(body) and body["recovery_point"] == good["recovery_point"]
+    assert body["vm"] == "web" and set(body["disks"]) == {"os"}
+    assert Path(body["disks"]["os"]).is_file() and body["disks"]["os"] in body["paths"]
+    entry = KeptSnapshots.from_json(raw)
+    assert entry.to_json() == raw
+    assert kept_snapshots(Vault.open(site.vault)) == {good["recovery_point"]: entry}
 
 
 def test_jobs_are_listed_oldest_first(site: Site) -> None:

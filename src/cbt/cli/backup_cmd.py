@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_config(args: argparse.Namespace) -> int:
     from cbt.jobs.config import load
-    from cbt.jobs.job import run_vm
+    from cbt.jobs.job import JobRequest, run_vm
 
     config = load(args.config)
     if args.vm is not None and args.vm not in config.vms:
@@ -109,8 +109,8 @@ def _run_config(args: argparse.Namespace) -> int:
     code = EXIT_OK
     for name in names:
         with _progress(args, list(config.vms[name].disks)) as progress:
-            result = run_vm(config, name, workers=args.workers, progress=progress,
-                            wait=args.wait, created=_created(args))
+            result = run_vm(config, name, JobRequest(workers=args.workers, progress=progress,
+                                                     wait=args.wait, created=_created(args)))
         if result.point is None:
             code = EXIT_ERROR
             sys.stderr.write(f"cbt: error: VM {name}: {result.error}\n")

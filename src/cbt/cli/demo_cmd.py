@@ -32,27 +32,27 @@ def run(args: argparse.Namespace) -> int:
     from cbt.jobs.demo import run_demo
 
     report = run_demo(args.dir, parse_size(args.size), parse_now(args.now) if args.now else None)
-    code = EXIT_OK if report["agrees_with_truth"] else EXIT_ERROR
+    code = EXIT_OK if report.agrees_with_truth else EXIT_ERROR
     if args.json:
-        print_json(report)
+        print_json(report.to_dict())
         return code
-    print(f"cbt demo in {report['dir']}")
-    for day in report["days"]:
-        snaps = ", ".join(f"{k}: {v}" for k, v in day["snapshots"].items())
-        print(f"  day {day['day']}: {day['recovery_point']}  {day['consistency']} "
-              f"({day['consistency_reason']})")
-        print(f"         {day['changed_blocks']} blocks changed, {human_bytes(day['bytes_new'])}"
-              f" new, {human_bytes(day['bytes_stored'])} stored; snapshots {snaps}")
-    ok = "bit-identical" if report["restore_bit_identical"] else "DIFFERENT"
-    print(f"  restore of day 3 into {report['restored']}: {ok}")
-    for disk in report["diff"]["disks"]:
-        truth = report["diff_truth_changed_blocks"][disk["label"]]
-        print(f"  diff day 2 -> day 3, disk {disk['label']}: {disk['changed_blocks']} blocks "
-              f"changed ({human_bytes(disk['changed_bytes'])}); numpy comparison: {truth}")
+    print(f"cbt demo in {report.dir}")
+    for day in report.days:
+        snaps = ", ".join(f"{k}: {v}" for k, v in day.snapshots.items())
+        print(f"  day {day.day}: {day.recovery_point}  {day.consistency} "
+              f"({day.consistency_reason})")
+        print(f"         {day.changed_blocks} blocks changed, {human_bytes(day.bytes_new)}"
+              f" new, {human_bytes(day.bytes_stored)} stored; snapshots {snaps}")
+    ok = "bit-identical" if report.restore_bit_identical else "DIFFERENT"
+    print(f"  restore of day 3 into {report.restored}: {ok}")
+    for label, _, cs in report.diff.disks:
+        truth = report.diff_truth_changed_blocks[label]
+        print(f"  diff day 2 -> day 3, disk {label}: {cs.changed_blocks} blocks "
+              f"changed ({human_bytes(cs.changed_bytes)}); numpy comparison: {truth}")
     print(f"  {'all checks passed' if code == EXIT_OK else 'A CHECK FAILED'} in "
-          f"{report['seconds']:.1f} s.  Look around:")
-    v, c = report["vault"], report["config"]
+          f"{report.seconds:.1f} s.  Look around:")
+    v, c = report.vault, report.config
     print(f"    cbt list {v}\n    cbt jobs {v}\n    cbt verify --data {v}\n"
-          f"    cbt diff {v}::web.latest {v}::{report['days'][0]['recovery_point']}\n"
+          f"    cbt diff {v}::web.latest {v}::{report.days[0].recovery_point}\n"
           f"    cbt config check {c}")
     return code

@@ -23,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cbt.api import Vault
-    from cbt.repo.registry import list_jobs, public_job
+    from cbt.repo.registry import list_jobs
 
-    jobs = [public_job(j) for j in list_jobs(Vault.open(args.vault), args.vm)]
+    jobs = [j.to_dict() for j in list_jobs(Vault.open(args.vault), args.vm)]
     if args.json:
         print_json({"jobs": jobs, "warnings": []})
         return EXIT_OK

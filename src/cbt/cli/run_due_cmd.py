@@ -33,15 +33,13 @@ def run(args: argparse.Namespace) -> int:
     from cbt.cli.backup_cmd import _print_point, _progress, point_json
     from cbt.core.timefmt import parse_now
     from cbt.jobs.config import load
+    from cbt.jobs.job import JobRequest, JobResult
     from cbt.jobs.scheduler import run_due
 
     config = load(args.config)
     now = parse_now(args.now) if args.now else dt.datetime.now(dt.UTC)
 
-    def on_result(result: object, slot: str) -> None:
-        from cbt.jobs.job import JobResult
-
-        assert isinstance(result, JobResult)
+    def on_result(result: JobResult, slot: str) -> None:
         if result.point is None:
             sys.stderr.write(f"cbt: error: VM {result.vm} slot {slot}: {result.error}\n")
             if args.json:
@@ -53,14 +51,14 @@ def run(args: argparse.Namespace) -> int:
             _print_point(result.point, result.snapshots)
 
     with _progress(args, [label for v in config.vms.values() for label in v.disks]) as progress:
-        summary = run_due(config, now, workers=args.workers, progress=progress,
+        summary = run_due(config, now, JobRequest(workers=args.workers, progress=progress),
                           on_result=on_result)
-    code = EXIT_OK if all(r["status"] == "succeeded" for r in summary["ran"]) else EXIT_ERROR
+    code = EXIT_OK if summary.ok else EXIT_ERROR
     if args.json:
-        print_json(summary)
+        print_json(summary.to_dict())
         return code
-    for r in summary["ran"]:
-        print(f"{r['vm']}: slot {r['slot']} {r['status']} {r['recovery_point'] or ''}")
-    for s in summary["skipped"]:
-        print(f"{s['vm']}: skipped, {s['reason']}")
+    for r in summary.ran:
+        print(f"{r.vm}: slot {r.slot} {r.status} {r.recovery_point or ''}")
+    for s in summary.skipped:
+        print(f"{s.vm}: skipped, {s.reason}")
     return code

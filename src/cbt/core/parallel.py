@@ -12,6 +12,10 @@ Used where one disk is split across cores (``scan --workers N``, image diffs):
 3. ``report(nbytes)`` adds to a shared per-task counter which the parent
    passes to ``progress`` (as a list) a few times a second while it waits.
 
+With ``ignore_stop_signals`` the children ignore SIGTERM and SIGINT: a signal
+sent to the whole process group (a daemon being stopped) then leaves them to
+finish, and the parent alone decides what to do.  Without it they die of it.
+
 fork, not spawn: children start in microseconds with the parent's imports and
 arrays already in place.  This module needs numpy only for :func:`shared_array`:
 ``cbt scan`` without ``-o`` never imports it (start-up time counts).
@@ -60,11 +64,6 @@ def shared_array(shape: tuple[int, ...], dtype: Any, fill: int = 0) -> npt.NDArr
     return arr
 
 
-# Set by the daemon: workers ignore SIGTERM/SIGINT sent to the whole process
-# group, so the job in flight finishes; the daemon itself decides when to stop.
-WORKERS_IGNORE_STOP_SIGNALS = False
-
-
 class WorkerError(CbtError, RuntimeError):
     """A forked worker died without reporting (killed by a signal, out of memory)."""
 
@@ -74,11 +73,14 @@ def fork_map(
     tasks: Sequence[T],
     progress: Progress | None = None,
     interval: float = 0.2,
+    *,
+    ignore_stop_signals: bool = False,
 ) -> list[R]:
     """Run ``fn(task, report)`` for every task, one forked child each.
 
     Returns the results in task order; re-raises the first child's exception.
-    A single task runs in this process (no fork).
+    A single task runs in this process (no fork), whose signal handling is
+    its caller's.
     """
     if len(tasks) <= 1:
         done = [0]
@@ -89,7 +91,7 @@ def fork_map(
                 progress(done)
 
         return [fn(t, report_local) for t in tasks]
-    return Forked(fn, tasks).wait(progress, interval)
+    return Forked(fn, tasks, ignore_stop_signals=ignore_stop_signals).wait(progress, interval)
 
 
 class Forked(Generic[R]):
@@ -98,10 +100,11 @@ class Forked(Generic[R]):
     ``Forked(fn, tasks)`` forks one child per task at once; :meth:`wait`
     returns their results in task order (re-raising the first child's
     exception); :meth:`cancel` kills whatever still runs.  Either one must be
-    called.
+    called.  With ``ignore_stop_signals`` the children ignore SIGTERM and SIGINT.
     """
 
-    def __init__(self, fn: Callable[[T, Report], R], tasks: Sequence[T]) -> None:
+    def __init__(self, fn: Callable[[T, Report], R], tasks: Sequence[T], *,
+                 ignore_stop_signals: bool = False) -> None:
         self._counters = memoryview(shared_buffer(8 * max(1, len(tasks)))).cast("Q")
         self._children: list[tuple[int, int]] = []  # (pid, read fd)
         self._reaped = False
@@ -116,7 +119,7 @@ class Forked(Generic[R]):
                     raise
                 if pid == 0:  # child
                     os.close(r)
-                    _child(fn, task, index, self._counters, w)
+                    _child(fn, task, index, self._counters, w, ignore_stop_signals)
                 self._children.append((pid, r))  # first: a cancel must find this child
                 os.close(w)
         except BaseException:
@@ -154,10 +157,10 @@ class Forked(Generic[R]):
 
 
 def _child(fn: Callable[[T, Report], R], task: T, index: int,
-           counters: memoryview, w: int) -> None:
+           counters: memoryview, w: int, ignore_stop_signals: bool) -> None:
     code = 0
     try:
-        if WORKERS_IGNORE_STOP_SIGNALS:
+        if ignore_stop_signals:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 

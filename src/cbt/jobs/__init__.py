@@ -1,11 +1,12 @@
 """Layer 5: backup jobs as policies run them.
 
-``config`` (TOML), ``policy`` (schedules, retention), ``hooks``, ``job`` (one
-VM's job: hooks, snapshots, transfer, commit, history), ``scheduler`` (due
-slots, run-due, daemon) and ``demo``.
+``config`` (TOML), ``policy`` (schedules, retention), ``retention`` (a config's
+retention applied to a vault), ``hooks``, ``job`` (one VM's job: hooks,
+snapshots, transfer, commit, history), ``scheduler`` (due slots, run-due,
+daemon) and ``demo``.
 
-``cbt.jobs.run`` and the job records load on first use, so that importing
-``cbt.jobs.config`` stays cheap.
+``cbt.jobs.run`` (-> ``list[JobResult]``) and ``JobRequest`` load on first use,
+so that importing ``cbt.jobs.config`` stays cheap.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cbt.jobs.job import JobResult, run
+    from cbt.jobs.job import JobRequest, JobResult, run
 
-_JOB_NAMES = ("JobResult", "run")
+_JOB_NAMES = ("JobRequest", "JobResult", "run")
 
 
 def __getattr__(name: str) -> object:
@@ -26,4 +27,4 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'cbt.jobs' has no attribute {name!r}")
 
 
-__all__ = ["JobResult", "run"]
+__all__ = ["JobRequest", "JobResult", "run"]

@@ -40,13 +40,16 @@ import tomllib
 import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cbt.core.errors import CbtError, CbtValueError
 from cbt.core.sizes import parse_size
 from cbt.jobs.policy import Policy, Retention, parse_schedule
 
 PROVIDERS = ("auto", "reflink", "btrfs", "copy", "none")
+Provider = Literal["auto", "reflink", "btrfs", "copy", "none"]
+OnPreFailure = Literal["fallback", "fail"]
+Provides = Literal["application", "file-system"]  # the level a succeeded pre hook gives
 
 
 class ConfigError(CbtError, ValueError):
@@ -58,8 +61,8 @@ class Hooks:
     pre: tuple[str, ...] = ()
     post: tuple[str, ...] = ()
     timeout: float = 60.0
-    on_pre_failure: str = "fallback"
-    provides: str = "application"
+    on_pre_failure: OnPreFailure = "fallback"
+    provides: Provides = "application"
     cwd: str | None = None  # hooks run in the config file's folder
 
 
@@ -68,7 +71,7 @@ class VMConfig:
     name: str
     policy: str
     disks: dict[str, str]  # label -> absolute path
-    snapshot: str = "auto"
+    snapshot: Provider = "auto"
     snapshot_dir: str | None = None
     block_size: int | None = None
     hooks: Hooks | None = None
@@ -234,16 +237,7 @@ def _vm(where: _Where, path: str, base: Path, name: str, table: Any,
     policy = _typed(where, path, pre + "policy", table["policy"], str, "a policy name")
     if policy not in policies:
         raise _err(where, path, pre + "policy", f"no policy named {policy!r}")
-    disks_t = _typed(where, path, pre + "disks", table["disks"], dict,
-                     "a table of label = path")
-    if not disks_t:
-        raise _err(where, path, pre + "disks", "needs at least one disk")
-    disks = {}
-    for label, dpath in disks_t.items():
-        if not NAME_RE.match(label):
-            raise _err(where, path, f"{pre}disks.{label}", "invalid disk label")
-        _typed(where, path, f"{pre}disks.{label}", dpath, str, "a path (string)")
-        disks[label] = str((base / dpath).absolute())
+    disks = _disks(where, path, base, pre, table["disks"])
     snapshot = _typed(where, path, pre + "snapshot", table.get("snapshot", "auto"), str,
                       "a string")
     if snapshot not in PROVIDERS:
@@ -254,36 +248,58 @@ def _vm(where: _Where, path: str, base: Path, name: str, table: Any,
         snapshot_dir = str((base / sd).absolute())
     block_size = None
     if "block_size" in table:
-        v = table["block_size"]
-        try:
-            if isinstance(v, bool) or not isinstance(v, (int, str)):
-                raise CbtValueError("must be a size such as 16K or integer bytes")
-            block_size = parse_size(v)
-            from cbt.core.native import fast
-
-            fast.check_block_size(block_size)
-        except CbtValueError as exc:
-            raise _err(where, path, pre + "block_size", str(exc)) from None
+        block_size = _block_size(where, path, pre + "block_size", table["block_size"])
     hooks = None
     if "hooks" in table:
-        h = _typed(where, path, pre + "hooks", table["hooks"], dict, "a table")
-        hp = pre + "hooks."
-        _check_keys(where, path, hp, h, {"pre", "post", "timeout", "on_pre_failure",
-                                         "provides"})
-        timeout = _typed(where, path, hp + "timeout", h.get("timeout", 60), (int, float),
-                         "a number of seconds")
-        if timeout <= 0:
-            raise _err(where, path, hp + "timeout", "must be positive")
-        opf = _typed(where, path, hp + "on_pre_failure", h.get("on_pre_failure", "fallback"),
-                     str, "a string")
-        if opf not in ("fallback", "fail"):
-            raise _err(where, path, hp + "on_pre_failure", "must be 'fallback' or 'fail'")
-        provides = _typed(where, path, hp + "provides", h.get("provides", "application"), str,
-                          "a string")
-        if provides not in ("application", "file-system"):
-            raise _err(where, path, hp + "provides", "must be 'application' or 'file-system'")
-        hooks = Hooks(
-            pre=_argv(where, path, hp + "pre", h["pre"]) if "pre" in h else (),
-            post=_argv(where, path, hp + "post", h["post"]) if "post" in h else (),
-            timeout=float(timeout), on_pre_failure=opf, provides=provides, cwd=str(base))
+        hooks = _hooks(where, path, base, pre + "hooks", table["hooks"])
     return VMConfig(name, policy, disks, snapshot, snapshot_dir, block_size, hooks)
+
+
+def _disks(where: _Where, path: str, base: Path, pre: str, value: Any) -> dict[str, str]:
+    from cbt.format.records import NAME_RE
+
+    disks_t = _typed(where, path, pre + "disks", value, dict, "a table of label = path")
+    if not disks_t:
+        raise _err(where, path, pre + "disks", "needs at least one disk")
+    disks = {}
+    for label, dpath in disks_t.items():
+        if not NAME_RE.match(label):
+            raise _err(where, path, f"{pre}disks.{label}", "invalid disk label")
+        _typed(where, path, f"{pre}disks.{label}", dpath, str, "a path (string)")
+        disks[label] = str((base / dpath).absolute())
+    return disks
+
+
+def _block_size(where: _Where, path: str, dotted: str, value: Any) -> int:
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise CbtValueError("must be a size such as 16K or integer bytes")
+        block_size = parse_size(value)
+        from cbt.core.native import fast
+
+        fast.check_block_size(block_size)
+    except CbtValueError as exc:
+        raise _err(where, path, dotted, str(exc)) from None
+    return block_size
+
+
+def _hooks(where: _Where, path: str, base: Path, dotted: str, value: Any) -> Hooks:
+    h = _typed(where, path, dotted, value, dict, "a table")
+    hp = dotted + "."
+    _check_keys(where, path, hp, h, {"pre", "post", "timeout", "on_pre_failure", "provides"})
+    timeout = _typed(where, path, hp + "timeout", h.get("timeout", 60), (int, float),
+                     "a number of seconds")
+    if timeout <= 0:
+        raise _err(where, path, hp + "timeout", "must be positive")
+    opf = _typed(where, path, hp + "on_pre_failure", h.get("on_pre_failure", "fallback"),
+                 str, "a string")
+    if opf not in ("fallback", "fail"):
+        raise _err(where, path, hp + "on_pre_failure", "must be 'fallback' or 'fail'")
+    provides = _typed(where, path, hp + "provides", h.get("provides", "application"), str,
+                      "a string")
+    if provides not in ("application", "file-system"):
+        raise _err(where, path, hp + "provides", "must be 'application' or 'file-system'")
+    return Hooks(
+        pre=_argv(where, path, hp + "pre", h["pre"]) if "pre" in h else (),
+        post=_argv(where, path, hp + "post", h["post"]) if "post" in h else (),
+        timeout=float(timeout), on_pre_failure=opf, provides=provides, cwd=str(base))

@@ -20,6 +20,7 @@ import datetime as _dt
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,10 @@ import numpy as np
 from cbt.core.blockio import copy_sparse
 from cbt.core.errors import CbtValueError
 from cbt.core.timefmt import rfc3339
+from cbt.jobs.config import Config
 from cbt.jobs.config import load as load_config
 from cbt.jobs.job import run as run_jobs
-from cbt.ops.diff import PointRef, diff_points
+from cbt.ops.diff import PointDiff, PointRef, diff_points
 from cbt.ops.restore import RestoreRequest, restore
 from cbt.repo.vault import Vault
 from cbt.source.synth import make_db_file, make_fs_image, mutate
@@ -68,6 +70,54 @@ timeout = 30
 """
 
 
+@dataclass(frozen=True)
+class DemoDay:
+    """One day's job: its point, the consistency it got, what it cost."""
+
+    day: int
+    recovery_point: str
+    consistency: str
+    consistency_reason: str
+    changed_blocks: int
+    bytes_new: int
+    bytes_stored: int
+    snapshots: dict[str, str]  # label -> provider used
+    changes: int  # change operations applied to the disks that day
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"day": self.day, "recovery_point": self.recovery_point,
+                "consistency": self.consistency, "consistency_reason": self.consistency_reason,
+                "changed_blocks": self.changed_blocks, "bytes_new": self.bytes_new,
+                "bytes_stored": self.bytes_stored, "snapshots": self.snapshots,
+                "changes": self.changes}
+
+
+@dataclass
+class DemoReport:
+    """What the demo did and whether every check agreed (``cbt demo --json``)."""
+
+    dir: str
+    vault: str
+    config: str
+    days: list[DemoDay]
+    restored: str
+    restore_bit_identical: bool
+    diff: PointDiff  # days 2 -> 3
+    diff_truth_changed_blocks: dict[str, int]  # label -> blocks numpy finds changed
+    agrees_with_truth: bool  # the restore and the diff both
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dir": self.dir, "vault": self.vault, "config": self.config,
+                "days": [d.to_dict() for d in self.days], "restored": self.restored,
+                "restore_bit_identical": self.restore_bit_identical,
+                "diff": self.diff.to_dict(),
+                "diff_truth_changed_blocks": self.diff_truth_changed_blocks,
+                "agrees_with_truth": self.agrees_with_truth, "seconds": self.seconds,
+                "warnings": self.warnings}
+
+
 def new_demo_dir(directory: str | os.PathLike[str] | None) -> Path:
     """The demo's directory: a fresh one, or ``directory`` if new or empty."""
     if directory is None:
@@ -97,70 +147,76 @@ def changed_blocks_truth(a: Path, b: Path, block_size: int) -> np.ndarray:
 
 
 def run_demo(directory: str | os.PathLike[str] | None = None,
-             size: int = 128 << 20, now: _dt.datetime | None = None) -> dict[str, Any]:
+             size: int = 128 << 20, now: _dt.datetime | None = None) -> DemoReport:
     """Run the demo; with ``now``, day d's point is created at ``now + (d - 1)`` days."""
     started = time.perf_counter()
     d = new_demo_dir(directory)
+    config = _set_up(d, size)
+    disks = {"os": d / "disks" / "os.img", "db": d / "disks" / "db.img"}
+    day2_copies = {"os": d / "day2-os.img", "db": d / "day2-db.img"}
+    days: list[DemoDay] = []
+    for day in (1, 2, 3):
+        created = rfc3339(now + _dt.timedelta(days=day - 1)) if now else None
+        days.append(_run_day(d, config, day, size, disks, created))
+        if day == 2:
+            for label, path in disks.items():
+                copy_sparse(path, day2_copies[label])
+    report = _check(d, disks, day2_copies, days)
+    report.seconds = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _set_up(d: Path, size: int) -> Config:
+    """Step 1: the vault, the config, the hook scripts and the two disks."""
     (d / "disks").mkdir()
     (d / "hooks").mkdir()
     (d / "hooks" / "quiesce.py").write_text(QUIESCE)
     (d / "hooks" / "resume.py").write_text(RESUME)
     (d / "cbt.toml").write_text(CONFIG.format(python=f'"{sys.executable}"'))
     Vault.init(d / "vault")
-    config = load_config(d / "cbt.toml")
-    os_img, db_img = d / "disks" / "os.img", d / "disks" / "db.img"
-    make_fs_image(os_img, size, seed=1)
-    make_db_file(db_img, size // 2, seed=2)
-    days: list[dict[str, Any]] = []
-    day2_copies = {"os": d / "day2-os.img", "db": d / "day2-db.img"}
-    for day in (1, 2, 3):
-        changes = []
-        if day > 1:
-            changes += mutate(os_img, seed=10 + day, page_writes=50, runs=4,
-                              resize=(64 << 10) + 1000 if day == 2 else 0)
-            changes += mutate(db_img, seed=20 + day, page_writes=size // 2 // 4096 // 100,
-                              runs=0, zero_runs=1, holes=1)
-        refuse = d / "hooks" / "refuse"
-        if day == 2:
-            refuse.write_text("the database will not quiesce today\n")
-        elif refuse.exists():
-            refuse.unlink()
-        created = rfc3339(now + _dt.timedelta(days=day - 1)) if now else None
-        (result,) = run_jobs(config, "web", created=created)
-        if result.point is None:
-            raise CbtValueError(f"demo backup of day {day} failed: {result.error}")
-        if day == 2:
-            copy_sparse(os_img, day2_copies["os"])
-            copy_sparse(db_img, day2_copies["db"])
-        p = result.point
-        days.append({"day": day, "recovery_point": p.id, "consistency": p.consistency,
-                     "consistency_reason": p.consistency_reason,
-                     "changed_blocks": sum(x.changed_blocks for x in p.disks),
-                     "bytes_new": p.bytes_new, "bytes_stored": p.bytes_stored,
-                     "snapshots": result.snapshots, "changes": len(changes)})
+    make_fs_image(d / "disks" / "os.img", size, seed=1)
+    make_db_file(d / "disks" / "db.img", size // 2, seed=2)
+    return load_config(d / "cbt.toml")
+
+
+def _run_day(d: Path, config: Config, day: int, size: int, disks: dict[str, Path],
+             created: str | None) -> DemoDay:
+    """Steps 2 to 4: the day's changes, whether the pre hook refuses, the job."""
+    changes = []
+    if day > 1:
+        changes += mutate(disks["os"], seed=10 + day, page_writes=50, runs=4,
+                          resize=(64 << 10) + 1000 if day == 2 else 0)
+        changes += mutate(disks["db"], seed=20 + day, page_writes=size // 2 // 4096 // 100,
+                          runs=0, zero_runs=1, holes=1)
+    refuse = d / "hooks" / "refuse"
+    if day == 2:
+        refuse.write_text("the database will not quiesce today\n")
+    elif refuse.exists():
+        refuse.unlink()
+    (result,) = run_jobs(config, "web", created=created)
+    if result.point is None:
+        raise CbtValueError(f"demo backup of day {day} failed: {result.error}")
+    p = result.point
+    return DemoDay(day, p.id, p.consistency, p.consistency_reason,
+                   sum(x.changed_blocks for x in p.disks), p.bytes_new, p.bytes_stored,
+                   result.snapshots, len(changes))
+
+
+def _check(d: Path, disks: dict[str, Path], day2_copies: dict[str, Path],
+           days: list[DemoDay]) -> DemoReport:
+    """Step 5: restore the last point and compare; diff days 2 and 3 against numpy."""
+    points = [x.recovery_point for x in days]
     vault = Vault.open(d / "vault")
     restored = d / "restored"
-    restore(vault, RestoreRequest(days[-1]["recovery_point"], restored))
-    restore_ok = all(
-        np.array_equal(np.fromfile(restored / f"{label}.img", np.uint8),
-                       np.fromfile(path, np.uint8))
-        for label, path in (("os", os_img), ("db", db_img)))
-    pd = diff_points(PointRef(vault, vault.point(days[1]["recovery_point"])),
-                     PointRef(vault, vault.point(days[2]["recovery_point"])))
-    truth = {label: int(changed_blocks_truth(day2_copies[label], path, cs.block_size).sum())
-             for (label, path), (_, _, cs) in zip((("os", os_img), ("db", db_img)), pd.disks,
-                                                   strict=True)}
+    restore(vault, RestoreRequest(points[-1], restored))
+    restore_ok = all(np.array_equal(np.fromfile(restored / f"{label}.img", np.uint8),
+                                    np.fromfile(path, np.uint8))
+                     for label, path in disks.items())
+    pd = diff_points(PointRef(vault, vault.point(points[1])),
+                     PointRef(vault, vault.point(points[2])))
+    truth = {label: int(changed_blocks_truth(day2_copies[label], disks[label],
+                                             cs.block_size).sum())
+             for label, _, cs in pd.disks}
     agrees = all(cs.changed_blocks == truth[label] for label, _, cs in pd.disks)
-    return {
-        "dir": str(d),
-        "vault": str(d / "vault"),
-        "config": str(d / "cbt.toml"),
-        "days": days,
-        "restored": str(restored),
-        "restore_bit_identical": restore_ok,
-        "diff": pd.to_dict(),
-        "diff_truth_changed_blocks": truth,
-        "agrees_with_truth": bool(agrees and restore_ok),
-        "seconds": round(time.perf_counter() - started, 3),
-        "warnings": [],
-    }
+    return DemoReport(str(d), str(d / "vault"), str(d / "cbt.toml"), days, str(restored),
+                      restore_ok, pd, truth, bool(agrees and restore_ok))

@@ -17,10 +17,18 @@ For each VM, under the vault's writer lock:
 6. Transfer: one worker per disk shard on the executor; commit the point with
    its consistency level and reason.
 7. Keep the last snapshot of each ``reflink``/``btrfs`` disk as its tracking
-   base, remove the rest, and record the job's end.
+   base (and, with ``instant_restore_days``, the others, registered for
+   ``restore --instant``); remove the rest.
+8. Record the job's end: ``succeeded``, or ``failed`` with the error.  Also on
+   failure or abort: the post hook runs if it is still due, and snapshots are
+   removed.
 
 SIGINT and SIGTERM abort a job cleanly: snapshots removed, post hook run,
-job recorded as ``failed``.
+job recorded as ``failed`` (unless the caller keeps them, as the daemon does:
+then the job in flight and its workers finish).
+
+Step 1 is :func:`recover`, step 2 :meth:`Job.start`; :meth:`Job.run` runs
+steps 3 to 8, one method each.
 """
 
 from __future__ import annotations
@@ -32,9 +40,8 @@ import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from cbt.core.errors import CbtError
 from cbt.core.timefmt import utc_now
@@ -45,6 +52,9 @@ from cbt.jobs.hooks import HookResult, run_hook
 from cbt.ops.backup import BackupProgress, backup_locked
 from cbt.repo.lock import writer_lock
 from cbt.repo.registry import (
+    JobDisk,
+    JobRecord,
+    KeptSnapshots,
     list_jobs,
     register_snapshots,
     save_job,
@@ -79,6 +89,21 @@ class JobResult:
     snapshots: dict[str, str] = field(default_factory=dict)  # label -> provider used
 
 
+@dataclass(frozen=True)
+class JobRequest:
+    """How a job runs: on what, reporting to whom, for which time and slot."""
+
+    executor: Executor | None = None  # default: forked workers
+    workers: int | None = None  # default: one per core
+    progress: BackupProgress | None = None
+    created: str | None = None  # the point's creation time (default: when the job starts)
+    wait: float = 0.0  # seconds to wait for another writer (default: fail at once)
+    slot: str | None = None  # the schedule slot the point fulfils
+    # SIGINT and SIGTERM are the caller's (the daemon's): the job is not aborted and
+    # its forked workers ignore them, so the job in flight finishes
+    finish_on_stop_signal: bool = False
+
+
 # -- signals ---------------------------------------------------------------------------
 
 
@@ -96,26 +121,26 @@ def _abort_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
-# -- one VM ------------------------------------------------------------------------------
+# -- step 1: recover ----------------------------------------------------------------------
 
 
-def _recover(vault: Vault, vmc: VMConfig) -> list[str]:
+def recover(vault: Vault, vmc: VMConfig) -> list[str]:
     """Close jobs of this VM that died; run their pending post hook (recover)."""
     warnings = []
     for rec in list_jobs(vault, vmc.name):
-        if rec.get("status") != "running":
+        if rec.status != "running":
             continue
-        if rec.get("hook_pending") and vmc.hooks and vmc.hooks.post:
+        if rec.hook_pending and vmc.hooks and vmc.hooks.post:
             res = run_hook(vmc.hooks.post, "recover", vmc.name,
-                           rec.get("recovery_point") or "", vmc.hooks.timeout, vmc.hooks.cwd)
+                           rec.recovery_point or "", vmc.hooks.timeout, vmc.hooks.cwd)
             if not res.ok:
-                warnings.append(f"recover hook of interrupted job {rec['id']}: {res.describe()}")
-        for path in _job_snapshots(vmc, rec["id"]):
+                warnings.append(f"recover hook of interrupted job {rec.id}: {res.describe()}")
+        for path in _job_snapshots(vmc, rec.id):
             remove_snapshot(path)
-        committed = rec.get("recovery_point") in set(vault.point_ids())
-        rec.update(status="interrupted", end=utc_now(), hook_pending=False,
-                   recovery_point=rec.get("recovery_point") if committed else None,
-                   error=rec.get("error") or "the job's process died before it finished")
+        committed = rec.recovery_point in set(vault.point_ids())
+        rec.status, rec.end, rec.hook_pending = "interrupted", utc_now(), False
+        rec.recovery_point = rec.recovery_point if committed else None
+        rec.error = rec.error or "the job's process died before it finished"
         save_job(vault, rec)
     return warnings
 
@@ -132,6 +157,162 @@ def _job_snapshots(vmc: VMConfig, job_id: str) -> list[str]:
         with contextlib.suppress(OSError):
             found += [str(e) for e in d.iterdir() if f".{job_id}" in e.name]
     return found
+
+
+# -- steps 2 to 8: the job ----------------------------------------------------------------
+
+
+class Job:
+    """One run of one VM's job, under the writer lock: steps 2 to 8 of the module docstring."""
+
+    def __init__(self, config: Config, vault: Vault, vm: str, request: JobRequest,
+                 record: JobRecord, warnings: list[str]) -> None:
+        self.config = config
+        self.vault = vault
+        self.vmc = config.vms[vm]
+        self.request = request
+        self.record = record
+        self.point_id = record.recovery_point or ""
+        self.warnings = warnings  # recover's, the snapshots', failed post hooks'
+        self.providers: dict[str, str] = {}  # label -> snapshot provider
+        self.pre: HookResult | None = None
+        self.hooks_started = False  # from then on the post hook runs, whatever happens
+        self.post_done = False
+        self.snaps: SnapshotSet | None = None  # taken and not yet committed or discarded
+
+    @classmethod
+    def start(cls, config: Config, vault: Vault, vm: str, request: JobRequest,
+              warnings: list[str]) -> Job:
+        """Step 2: choose the point's id (hooks see it) and record the job as running."""
+        created = request.created or utc_now()
+        point_id = new_point_id(vm, created, set(vault.point_ids()))
+        job_id = f"{vm}.{created.replace('-', '').replace(':', '')}.{secrets.token_hex(3)}"
+        record = JobRecord(id=job_id, vm=vm, policy=config.vms[vm].policy, start=utc_now(),
+                           recovery_point=point_id, pid=os.getpid(), slot=request.slot,
+                           start_ns=time.time_ns())
+        save_job(vault, record)
+        return cls(config, vault, vm, replace(request, created=created), record, warnings)
+
+    def run(self) -> JobResult:
+        """Steps 3 to 8; the post hook runs and the job's end is recorded whatever happens."""
+        try:
+            return self.succeeded(self._steps())
+        except (CbtError, OSError) as exc:
+            return self.failed(exc)
+        finally:
+            self.record_end()
+
+    def _steps(self) -> PointRecord:
+        self.providers = self.check_disks()
+        self.pre_hook()
+        snaps = self.snapshot()
+        if not snaps.live:
+            self.post_hook()
+        point = self.transfer(snaps)  # with a live read the post hook runs before the commit
+        self.post_hook()
+        self.keep_snapshots(point, snaps)
+        return point
+
+    def check_disks(self) -> dict[str, str]:
+        """Before any hook: every disk exists; the snapshot provider of each."""
+        vmc = self.vmc
+        for label, path in vmc.disks.items():
+            if not os.path.exists(path):
+                raise JobFailed(f"disk {label}: no such disk or image: {path}")
+        return resolve_provider(vmc.snapshot, vmc.name, vmc.disks, vmc.snapshot_dir)
+
+    def pre_hook(self) -> None:
+        """Step 3: mark the hooks pending (durably), then run the pre hook."""
+        hooks = self.vmc.hooks
+        if not hooks or not (hooks.pre or hooks.post):
+            return
+        self.record.hook_pending = True
+        save_job(self.vault, self.record)
+        self.hooks_started = True
+        if hooks.pre:
+            self.pre = run_hook(hooks.pre, "pre", self.vmc.name, self.point_id, hooks.timeout,
+                                hooks.cwd)
+            if not self.pre.ok and hooks.on_pre_failure == "fail":
+                raise JobFailed(f"{self.pre.describe()} (on_pre_failure = \"fail\")")
+
+    def snapshot(self) -> SnapshotSet:
+        """Step 4: snapshot every disk with its provider."""
+        vmc = self.vmc
+        self.snaps = take(vmc.name, self.record.id, vmc.disks, self.providers, vmc.snapshot_dir)
+        self.warnings += self.snaps.warnings
+        return self.snaps
+
+    def post_hook(self) -> list[str]:
+        """Step 5: the post hook, exactly once if the hooks started; returns new warnings."""
+        if self.post_done or not self.hooks_started:
+            return []
+        self.post_done = True
+        hooks = self.vmc.hooks
+        new = []
+        if hooks and hooks.post:
+            res = run_hook(hooks.post, "post", self.vmc.name, self.point_id, hooks.timeout,
+                           hooks.cwd)
+            if not res.ok:
+                new.append(res.describe())
+        self.record.hook_pending = False
+        save_job(self.vault, self.record)
+        self.warnings.extend(new)
+        return new
+
+    def transfer(self, snaps: SnapshotSet) -> PointRecord:
+        """Step 6: one worker per disk shard; commit the point with its consistency."""
+        vmc, request = self.vmc, self.request
+        specs = [DiskSpec(label, path, read_from=snaps.read_paths[label])
+                 for label, path in vmc.disks.items()]
+        consistency = _consistency(vmc, self.pre, snaps)
+        return backup_locked(self.vault, vmc.name, specs, block_size=vmc.block_size,
+                             workers=request.workers, progress=request.progress,
+                             created=request.created, consistency=consistency,
+                             executor=request.executor, point_id=self.point_id,
+                             warnings=self.warnings, slot=request.slot,
+                             before_commit=self.post_hook,
+                             ignore_stop_signals=request.finish_on_stop_signal)
+
+    def keep_snapshots(self, point: PointRecord, snaps: SnapshotSet) -> None:
+        """Step 7: keep the tracking bases (and, for instant restore, the rest); register them."""
+        days = self.config.policies[self.vmc.policy].instant_restore_days
+        created_paths = list(snaps.created)
+        kept = snaps.commit(keep=days > 0)
+        self.snaps = None
+        if kept:
+            register_snapshots(self.vault, KeptSnapshots.of(point, kept, created_paths))
+
+    def succeeded(self, point: PointRecord) -> JobResult:
+        """Step 8, once the point is committed: the job's record says what each disk cost."""
+        self.record.status, self.record.consistency = "succeeded", point.consistency
+        self.record.disks = [JobDisk(d.label, self.providers[d.label], d.bytes_read,
+                                     d.bytes_new, d.bytes_stored, d.seconds)
+                             for d in point.disks]
+        return JobResult(self.vmc.name, self.record.id, point, None, self.providers)
+
+    def failed(self, exc: CbtError | OSError) -> JobResult:
+        """Step 8 after an error: no point; an abort (a signal) is raised on."""
+        self.record.status, self.record.error = "failed", " ".join(str(exc).split())
+        self.record.recovery_point = None
+        if isinstance(exc, JobAborted):
+            raise exc
+        return JobResult(self.vmc.name, self.record.id, None, self.record.error,
+                         self.providers)
+
+    def record_end(self) -> None:
+        """Step 8: run a post hook still due, discard snapshots not kept, record the end."""
+        try:
+            self.post_hook()
+        finally:
+            if self.snaps is not None:
+                self.snaps.discard()
+            rec = self.record
+            rec.end = utc_now()
+            if rec.status == "running":
+                rec.status, rec.error = "failed", rec.error or "aborted"
+                rec.recovery_point = None
+            rec.hook_pending = False
+            save_job(self.vault, rec)
 
 
 def _consistency(vmc: VMConfig, pre: HookResult | None, snaps: SnapshotSet) -> tuple[str, str]:
@@ -151,107 +332,18 @@ def _consistency(vmc: VMConfig, pre: HookResult | None, snaps: SnapshotSet) -> t
     return "crash", "; ".join(reasons)
 
 
-def run_vm(config: Config, vm: str, executor: Executor | None = None,
-           workers: int | None = None, progress: BackupProgress | None = None,
-           created: str | None = None, wait: float = 0.0, slot: str | None = None,
-           abort_on_signals: bool = True) -> JobResult:
+# -- entry points ----------------------------------------------------------------------
+
+
+def run_vm(config: Config, vm: str, request: JobRequest | None = None) -> JobResult:
     """Run the backup job of one VM now; the result carries the point or the error."""
-    vmc = config.vms[vm]
+    request = request or JobRequest()
     vault = Vault.open(config.vault)
-    signals = _abort_on_signals() if abort_on_signals else contextlib.nullcontext()
-    with writer_lock(vault.root, wait), signals:
-        warnings = _recover(vault, vmc)
-        created = created or utc_now()
-        point_id = new_point_id(vm, created, set(vault.point_ids()))
-        job_id = f"{vm}.{created.replace('-', '').replace(':', '')}.{secrets.token_hex(3)}"
-        rec: dict[str, Any] = {
-            "id": job_id, "vm": vm, "policy": vmc.policy, "start": utc_now(), "end": None,
-            "status": "running", "consistency": None, "recovery_point": point_id,
-            "disks": [], "error": None, "hook_pending": False, "pid": os.getpid(),
-            "slot": slot, "start_ns": time.time_ns(),
-        }
-        save_job(vault, rec)
-        hooks = vmc.hooks
-        pre: HookResult | None = None
-        hooks_started = False
-        post_done = False
-        snaps: SnapshotSet | None = None
-        point: PointRecord | None = None
-        providers: dict[str, str] = {}
-
-        def run_post() -> list[str]:
-            """The post hook, exactly once if the hooks started; returns new warnings."""
-            nonlocal post_done
-            if post_done or not hooks_started:
-                return []
-            post_done = True
-            new = []
-            if hooks and hooks.post:
-                res = run_hook(hooks.post, "post", vm, point_id, hooks.timeout, hooks.cwd)
-                if not res.ok:
-                    new.append(res.describe())
-            rec["hook_pending"] = False
-            save_job(vault, rec)
-            warnings.extend(new)
-            return new
-
-        try:
-            for label, path in vmc.disks.items():
-                if not os.path.exists(path):
-                    raise JobFailed(f"disk {label}: no such disk or image: {path}")
-            providers = resolve_provider(vmc.snapshot, vm, vmc.disks, vmc.snapshot_dir)
-            if hooks and (hooks.pre or hooks.post):
-                rec["hook_pending"] = True
-                save_job(vault, rec)
-                hooks_started = True  # from here on the post hook runs, whatever happens
-                if hooks.pre:
-                    pre = run_hook(hooks.pre, "pre", vm, point_id, hooks.timeout, hooks.cwd)
-                    if not pre.ok and hooks.on_pre_failure == "fail":
-                        raise JobFailed(f"{pre.describe()} (on_pre_failure = \"fail\")")
-            snaps = take(vm, job_id, vmc.disks, providers, vmc.snapshot_dir)
-            warnings += snaps.warnings
-            if not snaps.live:
-                run_post()
-            level, reason = _consistency(vmc, pre, snaps)
-            specs = [DiskSpec(label, path, read_from=snaps.read_paths[label])
-                     for label, path in vmc.disks.items()]
-            # with a live read the post hook runs after the transfer, before the commit
-            point = backup_locked(vault, vm, specs, block_size=vmc.block_size,
-                                  workers=workers, progress=progress, created=created,
-                                  consistency=(level, reason), executor=executor,
-                                  point_id=point_id, warnings=warnings, slot=slot,
-                                  before_commit=run_post)
-            run_post()
-            days = config.policies[vmc.policy].instant_restore_days
-            created_paths = list(snaps.created)
-            kept = snaps.commit(keep=days > 0)
-            snaps = None
-            if kept:
-                register_snapshots(vault, point, kept, created_paths)
-            rec.update(status="succeeded", consistency=point.consistency)
-            rec["disks"] = [{"label": d.label, "snapshot": providers[d.label],
-                             "bytes_read": d.bytes_read, "bytes_new": d.bytes_new,
-                             "bytes_stored": d.bytes_stored, "seconds": d.seconds}
-                            for d in point.disks]
-            return JobResult(vm, job_id, point, None, providers)
-        except (CbtError, OSError) as exc:
-            rec.update(status="failed", error=" ".join(str(exc).split()),
-                       recovery_point=None)
-            if isinstance(exc, JobAborted):
-                raise
-            return JobResult(vm, job_id, None, rec["error"], providers)
-        finally:
-            try:
-                run_post()
-            finally:
-                if snaps is not None:
-                    snaps.discard()
-                rec["end"] = utc_now()
-                if rec["status"] == "running":
-                    rec.update(status="failed", error=rec["error"] or "aborted",
-                               recovery_point=None)
-                rec["hook_pending"] = False
-                save_job(vault, rec)
+    signals = (contextlib.nullcontext() if request.finish_on_stop_signal
+               else _abort_on_signals())
+    with writer_lock(vault.root, request.wait), signals:
+        warnings = recover(vault, config.vms[vm])
+        return Job.start(config, vault, vm, request, warnings).run()
 
 
 def run(config: Config | str | os.PathLike[str], vm: str | None = None,
@@ -263,5 +355,6 @@ def run(config: Config | str | os.PathLike[str], vm: str | None = None,
     if vm is not None and vm not in cfg.vms:
         raise JobFailed(f"no VM named {vm!r} in {cfg.path}")
     names = [vm] if vm is not None else list(cfg.vms)
-    return [run_vm(cfg, name, executor, workers, progress, created, wait) for name in names]
-
+    request = JobRequest(executor=executor, workers=workers, progress=progress,
+                         created=created, wait=wait)
+    return [run_vm(cfg, name, request) for name in names]

@@ -16,6 +16,7 @@ import datetime as _dt
 import re
 import zoneinfo
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cbt.core.errors import CbtValueError
 
@@ -25,7 +26,7 @@ _TIME = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 
 @dataclass(frozen=True)
 class Schedule:
-    kind: str  # "daily" | "weekly" | "every"
+    kind: Literal["daily", "weekly", "every"]
     times: tuple[tuple[int, int], ...] = ()  # (hour, minute), sorted
     days: tuple[int, ...] = ()  # weekday numbers, Monday = 0 (weekly)
     hours: int = 0  # every N hours

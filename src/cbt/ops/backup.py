@@ -358,9 +358,10 @@ def _labelled_shard(task: _Shard, report: Report) -> _ShardResult:
 
 
 def _run_shards(tasks: list[_Shard], executor: Executor | None,
-                report: Callable[[list[int]], None] | None) -> list[_ShardResult]:
+                report: Callable[[list[int]], None] | None,
+                ignore_stop_signals: bool = False) -> list[_ShardResult]:
     if executor is None:
-        return fork_map(_labelled_shard, tasks, report)
+        return fork_map(_labelled_shard, tasks, report, ignore_stop_signals=ignore_stop_signals)
     done = [0] * len(tasks)
     futures = {executor.submit(_run_shard, t): k for k, t in enumerate(tasks)}
     results: list[_ShardResult | None] = [None] * len(tasks)
@@ -428,11 +429,14 @@ def backup_locked(vault: Vault, vm: str, disks: Sequence[DiskSpec],
                   executor: Executor | None = None, point_id: str | None = None,
                   warnings: list[str] | None = None, slot: str | None = None,
                   early: PendingScan | None = None,
-                  before_commit: Callable[[], list[str]] | None = None) -> PointRecord:
+                  before_commit: Callable[[], list[str]] | None = None,
+                  ignore_stop_signals: bool = False) -> PointRecord:
     """:func:`backup` for a caller that already holds the writer lock (a job).
 
     ``before_commit`` runs when every disk is read, before the commit; the
     warnings it returns go into the point (a job's post hook after a live read).
+    With ``ignore_stop_signals`` forked workers ignore SIGTERM and SIGINT (a
+    daemon's job in flight finishes).
     """
     started = time.perf_counter()
     check_disks(vm, disks, block_size)
@@ -464,7 +468,7 @@ def backup_locked(vault: Vault, vm: str, disks: Sequence[DiskSpec],
     global _RUN_INDEX
     _RUN_INDEX = (token, index)
     try:
-        results = _run_shards(tasks, executor, report)
+        results = _run_shards(tasks, executor, report, ignore_stop_signals)
     finally:
         _RUN_INDEX = None
     if before_commit is not None:

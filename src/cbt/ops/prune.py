@@ -25,7 +25,7 @@ from typing import Any
 from cbt.core.durable import fsync_dir
 from cbt.format.records import PointRecord, point_name
 from cbt.repo.lock import writer_lock
-from cbt.repo.registry import kept_snapshots
+from cbt.repo.registry import KeptSnapshots, kept_snapshots
 from cbt.repo.vault import Vault
 from cbt.source.snapshot import remove_snapshot
 
@@ -104,12 +104,12 @@ def prune(vault: Vault, request: PruneRequest) -> dict[str, Any]:
             "warnings": warnings}
 
 
-def _expired_snapshots(registry: dict[str, dict[str, Any]], expired: Callable[[str, str], bool],
+def _expired_snapshots(registry: dict[str, KeptSnapshots], expired: Callable[[str, str], bool],
                        removed: set[str]) -> list[tuple[str, list[str]]]:
     out = []
     for pid, entry in registry.items():
-        if pid in removed or expired(entry.get("vm", ""), entry["created"]):
-            paths = [p for p in entry.get("paths", [])
+        if pid in removed or expired(entry.vm, entry.created):
+            paths = [p for p in entry.paths
                      if not os.path.basename(p).startswith(".") and ".base" not in p]
             out.append((pid, paths))
     return out

@@ -582,7 +582,8 @@ def instant_restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
     disk = request.disk
     if disk is not None and point.disk(disk) is None:
         raise CbtValueError(f"point {point.id} has no disk {disk!r}")
-    kept = kept_snapshots(vault).get(point.id, {}).get("disks", {})
+    entry = kept_snapshots(vault).get(point.id)
+    kept = entry.disks if entry is not None else {}
     to = Path(request.to)
     if disk is None:
         to.mkdir(parents=True, exist_ok=True)
