@@ -159,7 +159,7 @@ def run_vm(config: Config, vm: str, executor: Executor | None = None,
     vmc = config.vms[vm]
     vault = Vault.open(config.vault)
     signals = _abort_on_signals() if abort_on_signals else contextlib.nullcontext()
-    with writer_lock(vault.root, wait), signals:
+    with writer_lock(vault.storage, wait), signals:
         warnings = _recover(vault, vmc)
         created = created or utc_now()
         point_id = new_point_id(vm, created, set(vault.point_ids()))

@@ -21,13 +21,14 @@ lock).  Mark, then sweep with a margin covering the running backup:
 
 from __future__ import annotations
 
-import os
+import errno
 import time
 import uuid
 from typing import Any
 
 import numpy as np
 
+from cbt.core.errors import CbtIOError
 from cbt.format.pack import (
     BLOB,
     PackWriter,
@@ -43,7 +44,7 @@ REWRITE_BELOW = 0.5  # rewrite a pack when less than this share of it is live
 
 
 def _cutoff(vault: Vault) -> float:
-    since = writer_since(vault.root)
+    since = writer_since(vault.storage)
     return time.time() if since is None else since  # 0.0, unknown age: sweep nothing
 
 
@@ -69,7 +70,7 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
     warnings: list[str] = []
     removed = rewritten = 0
     freed = 0
-    with gc_lock(vault.root, wait):
+    with gc_lock(vault.storage, wait):
         cutoff = _cutoff(vault)
         index = vault.load_index(warnings)
         live = _referenced(vault, index, warnings)
@@ -79,15 +80,17 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
         for k, pid in enumerate(index.pack_ids):
             name = pack_name(pid)
             try:
-                st = os.stat(os.path.join(vault.root, name))
-            except FileNotFoundError:
+                st = vault.storage.stat(name)
+            except CbtIOError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
                 continue
-            if st.st_mtime >= cutoff:
+            if st.mtime >= cutoff:
                 continue
             entries = np.nonzero(index.pack == k)[0]
             live_entries = entries[live[entries]]
             live_bytes = int((index.stored[live_entries].astype(np.int64) + BLOB.size).sum())
-            if len(live_entries) and live_bytes >= REWRITE_BELOW * st.st_size:
+            if len(live_entries) and live_bytes >= REWRITE_BELOW * st.size:
                 continue
             keep_mask[entries] = False
             to_trash.append(pid)
@@ -95,10 +98,10 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
                 rewritten += 1
                 if not dry_run:
                     new_parts.append(_rewrite(vault, index, pid, live_entries))
-                freed += st.st_size - live_bytes
+                freed += st.size - live_bytes
             else:
                 removed += 1
-                freed += st.st_size
+                freed += st.size
         if not dry_run and to_trash:
             everything = index_mod.entries_for_packs(index, set(index.pack_ids))  # index order
             merged = {k: v[keep_mask] for k, v in everything.items()}
@@ -109,8 +112,8 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
             for s in index.segments:
                 vault.storage.delete(s)
             for pid in to_trash:
-                move_to_trash(vault, pid)
-        emptied = 0 if dry_run else empty_trash(vault, min(cutoff, time.time() - grace))
+                move_to_trash(vault.storage, pid)
+        emptied = 0 if dry_run else empty_trash(vault.storage, min(cutoff, time.time() - grace))
     return {"dry_run": dry_run, "packs_removed": removed, "packs_rewritten": rewritten,
             "bytes_freed": freed, "trash_emptied": emptied, "warnings": warnings}
 

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cbt.core.durable import fsync_dir
 from cbt.format.records import PointRecord, point_name
 from cbt.repo.lock import writer_lock
 from cbt.repo.registry import kept_snapshots
@@ -59,7 +58,7 @@ class PruneRequest:
 def prune(vault: Vault, request: PruneRequest) -> dict[str, Any]:
     dry_run = request.dry_run
     warnings: list[str] = []
-    with writer_lock(vault.root, request.wait):
+    with writer_lock(vault.storage, request.wait):
         records = vault.records()
         by_id = {r.id: r for r in records}
         reasons = request.keep(vault.points())
@@ -91,7 +90,7 @@ def prune(vault: Vault, request: PruneRequest) -> dict[str, Any]:
             for r in delete:
                 vault.storage.delete(point_name(r.id))
             if delete:
-                fsync_dir(os.path.join(vault.root, "points"))
+                vault.storage.sync("points")
             for r in delete:
                 for d in r.disks:
                     vault.storage.delete(d.manifest)

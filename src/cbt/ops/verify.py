@@ -21,7 +21,6 @@ their digest, then verifies again to say which points remain damaged.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import uuid
 from typing import Any
@@ -185,7 +184,7 @@ def repair(vault: Vault, wait: float = 0.0) -> dict[str, Any]:
     quarantined: list[str] = []
     parts: dict[str, list[Any]] = {k: [] for k in ("digests", "pack_uuid", "offset", "stored",
                                                    "raw")}
-    with writer_lock(vault.root, wait):
+    with writer_lock(vault.storage, wait):
         for name in vault.storage.list("packs"):
             if not name.endswith(".pack"):
                 continue
@@ -228,9 +227,7 @@ def repair(vault: Vault, wait: float = 0.0) -> dict[str, Any]:
             if s != name:
                 vault.storage.delete(s)
         for q in quarantined:
-            dst = os.path.join(vault.root, "quarantine", os.path.basename(q))
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.rename(os.path.join(vault.root, q), dst)
+            vault.storage.rename(q, f"quarantine/{q.rsplit('/', 1)[-1]}")
     result = verify(vault)
     result["repair"] = {"packs_read": packs_read, "blobs_indexed": blobs,
                         "blobs_damaged": damaged, "packs_quarantined": len(quarantined),
