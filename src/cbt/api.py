@@ -61,7 +61,7 @@ class Vault(_RepoVault):
         """Check points (all, or one) and optionally every stored block (:mod:`cbt.ops.verify`)."""
         from cbt.ops.verify import verify
 
-        return verify(self, point, data)
+        return verify(self, point, data).to_dict()
 
 
 def scan(path: str | os.PathLike[str], block_size: int = DEFAULT_BLOCK_SIZE,
