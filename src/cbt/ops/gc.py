@@ -37,7 +37,7 @@ from cbt.format.pack import (
     pack_name,
 )
 from cbt.repo import index as index_mod
-from cbt.repo.index import Index
+from cbt.repo.index import Index, IndexEntry
 from cbt.repo.lock import gc_lock, writer_since
 from cbt.repo.trash import DEFAULT_GRACE, empty_trash, move_to_trash
 from cbt.repo.vault import Vault
@@ -145,10 +145,11 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
 
 def _write_index(vault: Vault, index: Index, sweep: _Sweep) -> None:
     """Step 4: rewrite the mostly dead packs, then one segment of every live entry."""
-    new_parts = [_rewrite(vault, index, pid, live) for pid, live in sweep.rewrite]
+    moved = [e for pid, live in sweep.rewrite for e in _rewrite(vault, index, pid, live)]
     everything = index_mod.entries_for_packs(index, set(index.pack_ids))  # index order
     merged = {k: v[sweep.keep] for k, v in everything.items()}
-    for part in new_parts:
+    if moved:
+        part = index_mod.segment_entries(moved)
         merged = {k: np.concatenate([merged[k], part[k]]) for k in merged}
     vault.storage.put(f"index/gc-{uuid.uuid4().hex}.arrow", index_mod.segment_bytes(merged))
     for s in index.segments:
@@ -156,23 +157,13 @@ def _write_index(vault: Vault, index: Index, sweep: _Sweep) -> None:
 
 
 def _rewrite(vault: Vault, index: Index, pid: str,
-             live_entries: npt.NDArray[np.int64]) -> dict[str, Any]:
-    """Copy the live blobs of a pack, byte for byte, into a new pack."""
+             live_entries: npt.NDArray[np.int64]) -> list[IndexEntry]:
+    """Copy the live blobs of a pack, byte for byte, into a new pack; their new entries."""
     data = memoryview(vault.storage.get(pack_name(pid)))
     writer = PackWriter()
-    offsets = []
-    for p in live_entries.tolist():
-        off, stored = int(index.offset[p]), int(index.stored[p])
-        offsets.append(writer.add_blob(index.digests[p].tobytes(),
-                                       data[off:off + BLOB.size + stored], stored,
-                                       int(index.raw[p])))
-    new_id = writer.pack_id
-    vault.storage.put(pack_name(new_id), writer.finish())
-    n = len(live_entries)
-    return {
-        "digests": index.digests[live_entries],
-        "pack_uuid": np.tile(np.frombuffer(uuid.UUID(hex=new_id).bytes, np.uint8), (n, 1)),
-        "offset": np.array(offsets, dtype=np.uint64),
-        "stored": index.stored[live_entries],
-        "raw": index.raw[live_entries],
-    }
+    old = [index.entry(p) for p in live_entries.tolist()]
+    offsets = [writer.add_blob(e.digest, data[e.offset:e.offset + BLOB.size + e.stored],
+                               e.stored, e.raw) for e in old]
+    vault.storage.put(pack_name(writer.pack_id), writer.finish())
+    return [e._replace(pack=writer.pack_id, offset=off) for e, off in zip(old, offsets,
+                                                                           strict=True)]

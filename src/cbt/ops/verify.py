@@ -42,7 +42,7 @@ from cbt.format.pack import (
 )
 from cbt.format.records import PointRecord
 from cbt.repo import index as index_mod
-from cbt.repo.index import Index
+from cbt.repo.index import Index, IndexEntry
 from cbt.repo.lock import writer_lock
 from cbt.repo.vault import Vault
 
@@ -236,19 +236,18 @@ def _check_pack(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64]
     except CorruptPackError:
         # trailer lost (a cut pack): the blob headers still say what is where
         listed = {(d, off, stored) for d, off, stored, _raw in scan_blobs(blob)}
-    for p in pos.tolist():
-        key = (index.digests[p].tobytes(), int(index.offset[p]), int(index.stored[p]))
-        if key not in listed and p not in bad:
+    entries = {p: index.entry(p) for p in pos.tolist()}
+    for p, e in entries.items():
+        if (e.digest, e.offset, e.stored) not in listed and p not in bad:
             bad[p] = "index disagrees with the pack (no such blob at this offset)"
     if not data:
         return
-    for p in pos.tolist():
+    for p, e in entries.items():
         if p in bad:
             continue
-        off = int(index.offset[p])
         try:
-            decode_blob(memoryview(blob)[off:off + BLOB.size + int(index.stored[p])],
-                        index.digests[p].tobytes(), f"pack {pid}")
+            decode_blob(memoryview(blob)[e.offset:e.offset + BLOB.size + e.stored], e.digest,
+                        f"pack {pid}")
         except CorruptPackError as exc:
             bad[p] = str(exc).removeprefix(f"pack {pid}: ")
 
@@ -279,9 +278,6 @@ def _unreferenced(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_])
 
 # -- repair ----------------------------------------------------------------------------------
 
-_ENTRY_KEYS = ("digests", "pack_uuid", "offset", "stored", "raw")
-
-
 def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
     """Rebuild the index from the packs, then verify; healthy data is not touched.
 
@@ -294,7 +290,7 @@ def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
     4. Verify, and name the points that remain damaged.
     """
     stats = RepairStats()
-    parts: dict[str, list[Any]] = {k: [] for k in _ENTRY_KEYS}
+    healthy: list[IndexEntry] = []
     quarantined: list[str] = []
     with writer_lock(vault.storage, wait):
         for name in vault.storage.list("packs"):
@@ -305,53 +301,47 @@ def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
             except OSError:
                 continue
             stats.packs_read += 1
-            if not _reindex_pack(content, name, parts, stats):
+            found = _healthy_blobs(content, name, stats)
+            if not found:
                 # no segment will cover it, so the index would adopt it again from its
                 # trailer: set it aside instead
                 quarantined.append(name)
-        _replace_segments(vault, parts)
+            healthy.extend(found)
+        _replace_segments(vault, healthy)
         for q in quarantined:
             vault.storage.rename(q, f"{QUARANTINE}/{q.rsplit('/', 1)[-1]}")
+    stats.blobs_indexed = len(healthy)
     stats.packs_quarantined = len(quarantined)
     result = verify(vault)
     stats.damaged_points = sorted({p.point for p in result.problems if p.point})
     return RepairResult(result, stats)
 
 
-def _reindex_pack(content: bytes, name: str, parts: dict[str, list[Any]],
-                  stats: RepairStats) -> int:
-    """Step 1 for one pack: its healthy blobs into ``parts``; returns how many."""
+def _healthy_blobs(content: bytes, name: str, stats: RepairStats) -> list[IndexEntry]:
+    """Step 1 for one pack: the entries of its blobs whose content matches their digest."""
     pid = pack_id_of(name)
     try:
-        entries = [(bytes(t["digest"]), int(t["offset"]), int(t["stored"]), int(t["raw"]))
-                   for t in read_trailer(content, name)]
+        listed = [(bytes(t["digest"]), int(t["offset"]), int(t["stored"]), int(t["raw"]))
+                  for t in read_trailer(content, name)]
     except CorruptPackError:
-        entries = scan_blobs(content)
-    healthy = 0
-    for digest, off, stored, raw in entries:
+        listed = scan_blobs(content)
+    out = []
+    for digest, off, stored, raw in listed:
         try:
             decode_blob(memoryview(content)[off:off + BLOB.size + stored], digest, name)
         except CorruptPackError:
             stats.blobs_damaged += 1
             continue
-        stats.blobs_indexed += 1
-        healthy += 1
-        parts["digests"].append(np.frombuffer(digest, np.uint8).reshape(1, 32))
-        parts["pack_uuid"].append(np.frombuffer(uuid.UUID(hex=pid).bytes,
-                                                np.uint8).reshape(1, 16))
-        parts["offset"].append(np.array([off], np.uint64))
-        parts["stored"].append(np.array([stored], np.uint32))
-        parts["raw"].append(np.array([raw], np.uint32))
-    return healthy
+        out.append(IndexEntry(digest, pid, off, stored, raw))
+    return out
 
 
-def _replace_segments(vault: Vault, parts: dict[str, list[Any]]) -> None:
+def _replace_segments(vault: Vault, healthy: list[IndexEntry]) -> None:
     """Step 2: the new segment first (when any blob is healthy), then the old ones go."""
     old = [s for s in vault.storage.list("index") if s.endswith(".arrow")]
     name = f"index/repaired-{uuid.uuid4().hex}.arrow"
-    if parts["offset"]:
-        entries_all = {k: np.concatenate(v) for k, v in parts.items()}
-        vault.storage.put(name, index_mod.segment_bytes(entries_all))
+    if healthy:
+        vault.storage.put(name, index_mod.segment_bytes(index_mod.segment_entries(healthy)))
     for s in old:
         if s != name:
             vault.storage.delete(s)
