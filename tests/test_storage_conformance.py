@@ -170,6 +170,10 @@ def test_make_prefix(storage: Storage) -> None:
     assert storage.list("index") == ["index/s.arrow"]
 
 
+def test_where_names_the_storage(storage: Storage) -> None:
+    assert storage.where("points/a.json") == f"{storage.root}/points/a.json"
+
+
 def test_spec_reopens_the_same_storage(storage: Storage) -> None:
     spec = storage.spec()
     assert isinstance(spec, StorageSpec) and StorageSpec(*tuple(spec)) == spec

@@ -306,13 +306,13 @@ def trailer_part(storage: Storage, name: str) -> dict[str, Any]:
     """Index entries of one pack, read from its trailer."""
     size = storage.size(name)
     if size < FOOTER.size:
-        raise CorruptPackError(f"{storage.root}/{name}: pack truncated")
+        raise CorruptPackError(f"{storage.where(name)}: pack truncated")
     count = int.from_bytes(storage.read_range(name, size - FOOTER.size, 8), "little")
     tail_len = min(size, FOOTER.size + count * 48 + 16)
     # read_trailer wants the whole pack for its header check; read header + tail
     head = storage.read_range(name, 0, 16)
     tail = storage.read_range(name, size - tail_len + 16, tail_len - 16) if tail_len > 16 else b""
-    entries = read_trailer(head + tail, f"{storage.root}/{name}")
+    entries = read_trailer(head + tail, storage.where(name))
     n = len(entries)
     return {
         "digests": np.frombuffer(entries["digest"].tobytes(), dtype=np.uint8).reshape(n, 32),
@@ -334,7 +334,7 @@ def load(storage: Storage, warnings: list[str] | None = None) -> Index:
     for _attempt in range(20):
         segments = [s for s in storage.list("index") if s.endswith(".arrow")]
         try:
-            parts = [read_segment(storage.get(name), f"{storage.root}/{name}")
+            parts = [read_segment(storage.get(name), storage.where(name))
                      for name in segments]
             break
         except OSError as exc:

@@ -136,6 +136,10 @@ class Storage(ABC):
     def spec(self) -> StorageSpec:
         """What a worker needs to open this storage itself (:func:`open_storage`)."""
 
+    def where(self, name: str) -> str:
+        """Where ``name`` is, for messages."""
+        return f"{self.root}/{name}"
+
     @abstractmethod
     def put(self, name: str, data: Buffers) -> None:
         """Durably create or replace ``name`` with ``data`` (a buffer, or buffers to join)."""

@@ -129,7 +129,7 @@ class Vault:
 
     def load_point(self, point_id: str) -> PointRecord:
         name = point_name(point_id)
-        return PointRecord.from_json(self.storage.get(name), f"{self.root}/{name}")
+        return PointRecord.from_json(self.storage.get(name), self.storage.where(name))
 
     def records(self, vm: str | None = None) -> list[PointRecord]:
         """Every point record, hidden ones (pruned bases of kept deltas) included."""
@@ -169,7 +169,7 @@ class Vault:
     def read_manifest_file(self, name: str) -> Manifest | Delta:
         from cbt.format.manifest import read_manifest_bytes
 
-        return read_manifest_bytes(self.storage.get(name), f"{self.root}/{name}")
+        return read_manifest_bytes(self.storage.get(name), self.storage.where(name))
 
     def resolve(self, point: PointRecord, label: str, opened: list[str] | None = None) -> Manifest:
         """The full manifest of one disk of a point (full file plus its deltas)."""
