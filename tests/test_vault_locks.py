@@ -1,7 +1,7 @@
 """The writer lock: one writer at a time, readers never blocked, a dead holder never blocks.
 
 The holder is a real process: either a small Python process holding
-``cbt.vault.lock.writer_lock`` while it sleeps, or a real ``cbt backup`` frozen
+``cbt.repo.lock.writer_lock`` while it sleeps, or a real ``cbt backup`` frozen
 with SIGSTOP while it holds the lock.
 """
 
@@ -42,7 +42,8 @@ import sys, time
 root, hold = sys.argv[1], float(sys.argv[2])
 sys.argv = ["cbt", "backup", "holder-of-the-lock"]
 from cbt.repo.lock import writer_lock
-with writer_lock(root):
+from cbt.repo.storage import LocalStorage
+with writer_lock(LocalStorage(root)):
     print("locked", flush=True)
     time.sleep(hold)
 print("released", flush=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cbt.repo.vault import NotAVaultError, VaultVersionError
 from cbt.repo.vault import Vault as _RepoVault
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from cbt.ops.backup import BackupProgress
     from cbt.ops.diff import ChangeSet, PointDiff, Source
     from cbt.ops.restore import RestoreResult
+    from cbt.ops.verify import VerifyResult
     from cbt.source.scan import PendingScan
 
 
@@ -65,7 +66,7 @@ class Vault(_RepoVault):
             workers=workers, progress=progress, instant=instant,
             verify_snapshot=verify_snapshot))
 
-    def verify(self, point: str | None = None, data: bool = False) -> dict[str, Any]:
+    def verify(self, point: str | None = None, data: bool = False) -> VerifyResult:
         """Check points (all, or one) and optionally every stored block (:mod:`cbt.ops.verify`)."""
         from cbt.ops.verify import verify
 

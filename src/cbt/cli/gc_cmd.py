@@ -34,11 +34,11 @@ def run(args: argparse.Namespace) -> int:
 
     result = gc(Vault.open(args.vault), args.dry_run, args.grace, args.wait)
     if args.json:
-        print_json(result)
+        print_json(result.to_dict())
         return EXIT_OK
-    emit_warnings(result["warnings"])
+    emit_warnings(result.warnings)
     verb = "would free" if args.dry_run else "freed"
-    print(f"gc: {result['packs_removed']} packs removed, {result['packs_rewritten']} rewritten, "
-          f"{verb} {human_bytes(result['bytes_freed'])}; {result['trash_emptied']} trashed "
+    print(f"gc: {result.packs_removed} packs removed, {result.packs_rewritten} rewritten, "
+          f"{verb} {human_bytes(result.bytes_freed)}; {result.trash_emptied} trashed "
           "packs deleted")
     return EXIT_OK

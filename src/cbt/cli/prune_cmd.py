@@ -41,13 +41,13 @@ def run(args: argparse.Namespace) -> int:
     now = parse_now(args.now) if args.now else dt.datetime.now(dt.UTC)
     result = prune(Vault.open(config.vault), config, now, args.dry_run, args.wait)
     if args.json:
-        print_json(result)
+        print_json(result.to_dict())
         return EXIT_OK
     verb = "would remove" if args.dry_run else "removed"
-    for p in result["points"]:
-        print(f"{'keep  ' if p['keep'] else 'remove'} {p['recovery_point']:<40} "
-              f"{', '.join(p['reasons'])}")
-    gone = sum(not p["keep"] for p in result["points"])
-    print(f"{verb} {gone} of {len(result['points'])} points; "
-          f"{result['snapshots_expired']} kept snapshots expired")
+    for p in result.points:
+        print(f"{'keep  ' if p.keep else 'remove'} {p.recovery_point:<40} "
+              f"{', '.join(p.reasons)}")
+    gone = sum(not p.keep for p in result.points)
+    print(f"{verb} {gone} of {len(result.points)} points; "
+          f"{result.snapshots_expired} kept snapshots expired")
     return EXIT_OK

@@ -39,31 +39,32 @@ def run(args: argparse.Namespace) -> int:
 
     from cbt.api import Vault
     from cbt.core.sizes import human_bytes
+    from cbt.ops.verify import RepairResult, VerifyResult, repair, verify
 
     vault = Vault.open(args.vault)
+    result: VerifyResult | RepairResult
     if args.repair:
-        from cbt.ops.verify import repair
-
         result = repair(vault)
+        checked = result.verify
     else:
-        result = vault.verify(args.point, data=args.data)
-    code = EXIT_ERROR if result["problems"] else EXIT_OK
+        result = checked = verify(vault, args.point, data=args.data)
+    code = EXIT_ERROR if checked.problems else EXIT_OK
     if args.json:
-        out = {k: v for k, v in result.items() if k != "seconds"}
-        print_json(out)
+        print_json({k: v for k, v in result.to_dict().items() if k != "seconds"})
         return code
-    emit_warnings(result["warnings"])
-    for p in result["problems"]:
-        where = ", ".join(f"{k} {p[k]}" for k in ("point", "disk", "block", "pack")
-                          if p[k] is not None)
-        sys.stderr.write(f"cbt: problem: {where}: {p['problem']}\n")
-    if "repair" in result:
-        r = result["repair"]
-        print(f"repair: {r['packs_read']} packs read, {r['blobs_indexed']} blocks indexed, "
-              f"{r['blobs_damaged']} damaged; damaged points: "
-              f"{', '.join(r['damaged_points']) or 'none'}")
-    status = "problems found" if result["problems"] else "ok"
-    print(f"verify {status}: {result['points']} points, {result['blocks_checked']} blocks "
+    emit_warnings(checked.warnings)
+    for p in checked.problems:
+        where = ", ".join(f"{k} {v}" for k, v in (("point", p.point), ("disk", p.disk),
+                                                  ("block", p.block), ("pack", p.pack))
+                          if v is not None)
+        sys.stderr.write(f"cbt: problem: {where}: {p.problem}\n")
+    if isinstance(result, RepairResult):
+        r = result.repair
+        print(f"repair: {r.packs_read} packs read, {r.blobs_indexed} blocks indexed, "
+              f"{r.blobs_damaged} damaged; damaged points: "
+              f"{', '.join(r.damaged_points) or 'none'}")
+    status = "problems found" if checked.problems else "ok"
+    print(f"verify {status}: {checked.points} points, {checked.blocks_checked} blocks "
           f"checked{' with data' if args.data else ''}, "
-          f"{human_bytes(result['unreferenced_bytes'])} unreferenced")
+          f"{human_bytes(checked.unreferenced_bytes)} unreferenced")
     return code

@@ -341,7 +341,7 @@ def run_vm(config: Config, vm: str, request: JobRequest | None = None) -> JobRes
     vault = Vault.open(config.vault)
     signals = (contextlib.nullcontext() if request.finish_on_stop_signal
                else _abort_on_signals())
-    with writer_lock(vault.root, request.wait), signals:
+    with writer_lock(vault.storage, request.wait), signals:
         warnings = recover(vault, config.vms[vm])
         return Job.start(config, vault, vm, request, warnings).run()
 

@@ -13,13 +13,12 @@
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any
 
 from cbt.core.timefmt import parse_now
 from cbt.format.records import PointRecord
 from cbt.jobs.config import Config
 from cbt.jobs.policy import apply_retention
-from cbt.ops.prune import PruneRequest
+from cbt.ops.prune import PruneRequest, PruneResult
 from cbt.ops.prune import prune as prune_points
 from cbt.repo.vault import Vault
 
@@ -59,6 +58,6 @@ def prune_request(config: Config, now: _dt.datetime, dry_run: bool = False,
 
 
 def prune(vault: Vault, config: Config, now: _dt.datetime, dry_run: bool = False,
-          wait: float = 0.0) -> dict[str, Any]:
+          wait: float = 0.0) -> PruneResult:
     """Remove the points ``config``'s retention no longer keeps (see :mod:`cbt.ops.prune`)."""
     return prune_points(vault, prune_request(config, now, dry_run, wait))

@@ -410,7 +410,7 @@ def backup(vault: Vault, vm: str, disks: Sequence[DiskSpec], block_size: int | N
         check_disks(vm, disks, block_size)
         prepare_crash_counter()
         asked = time.monotonic()
-        with writer_lock(vault.root, wait):
+        with writer_lock(vault.storage, wait):
             if early is not None and time.monotonic() - asked > EARLY_SCAN_MAX_WAIT:
                 early.cancel()  # it saw the disks too long before the point was taken
                 early = None
@@ -533,7 +533,7 @@ def _commit(vault: Vault, vm: str, plans: list[_DiskPlan], results: list[_ShardR
         consistency_reason=consistency[1], parent=prev.id if prev else None,
         disks=disk_records, bytes_new=sum(per_disk_new), bytes_stored=sum(per_disk_stored),
         seconds=round(time.perf_counter() - started, 6), warnings=warnings, slot=slot)
-    with gc_lock(vault.root, wait=None):  # a gc in progress finishes first
+    with gc_lock(vault.storage, wait=None):  # a gc in progress finishes first
         index = _after_gc(vault, index, plans, new["digests"])
         _write_segment(vault, point_id, new, index)
         record.seconds = round(time.perf_counter() - started, 6)
@@ -564,7 +564,7 @@ def _after_gc(vault: Vault, index: index_mod.Index, plans: list[_DiskPlan],
         need.update(row.tobytes() for row in missing)
     need -= {row.tobytes() for row in stored_now}
     if need:
-        still = rescue(vault, need)
+        still = rescue(vault.storage, need)
         if still:
             raise CbtIOError(errno.EIO, f"{len(still)} blocks this backup relies on vanished "
                              "from the vault (removed by gc?); run the backup again")

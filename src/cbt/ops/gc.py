@@ -21,20 +21,23 @@ lock).  Mark, then sweep with a margin covering the running backup:
 
 from __future__ import annotations
 
-import os
+import errno
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
+from cbt.core.errors import CbtIOError
 from cbt.format.pack import (
     BLOB,
     PackWriter,
     pack_name,
 )
 from cbt.repo import index as index_mod
-from cbt.repo.index import Index
+from cbt.repo.index import Index, IndexEntry
 from cbt.repo.lock import gc_lock, writer_since
 from cbt.repo.trash import DEFAULT_GRACE, empty_trash, move_to_trash
 from cbt.repo.vault import Vault
@@ -42,12 +45,60 @@ from cbt.repo.vault import Vault
 REWRITE_BELOW = 0.5  # rewrite a pack when less than this share of it is live
 
 
+@dataclass
+class GcResult:
+    """What a gc did (or, dry, would do)."""
+
+    dry_run: bool
+    packs_removed: int = 0
+    packs_rewritten: int = 0
+    bytes_freed: int = 0
+    trash_emptied: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of ``cbt gc --json``."""
+        return {"dry_run": self.dry_run, "packs_removed": self.packs_removed,
+                "packs_rewritten": self.packs_rewritten, "bytes_freed": self.bytes_freed,
+                "trash_emptied": self.trash_emptied, "warnings": list(self.warnings)}
+
+
+@dataclass
+class _Sweep:
+    """The packs step 3 takes away, and the index entries that go with them."""
+
+    keep: npt.NDArray[np.bool_]  # per index entry: still indexed where it is
+    trash: list[str] = field(default_factory=list)  # pack ids
+    rewrite: list[tuple[str, npt.NDArray[np.int64]]] = field(default_factory=list)
+
+
+def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
+       wait: float = 600.0) -> GcResult:
+    """Mark and sweep (see the module doc).  Waits up to ``wait`` seconds for the gc lock,
+    which a backup holds only while it commits, or another gc while it runs."""
+    result = GcResult(dry_run)
+    with gc_lock(vault.storage, wait):
+        cutoff = _cutoff(vault)
+        index = vault.load_index(result.warnings)
+        live = _referenced(vault, index, result.warnings)
+        sweep = _plan_sweep(vault, index, live, cutoff, result)
+        if not dry_run and sweep.trash:
+            _write_index(vault, index, sweep)
+            for pid in sweep.trash:
+                move_to_trash(vault.storage, pid)
+        if not dry_run:
+            result.trash_emptied = empty_trash(vault.storage, min(cutoff, time.time() - grace))
+    return result
+
+
 def _cutoff(vault: Vault) -> float:
-    since = writer_since(vault.root)
+    """Step 1: packs written since then may hold blocks of the running backup."""
+    since = writer_since(vault.storage)
     return time.time() if since is None else since  # 0.0, unknown age: sweep nothing
 
 
-def _referenced(vault: Vault, index: Index, warnings: list[str]) -> np.ndarray:
+def _referenced(vault: Vault, index: Index, warnings: list[str]) -> npt.NDArray[np.bool_]:
+    """Step 2: per index entry, whether a visible point references it."""
     live = np.zeros(len(index), dtype=bool)
     # hidden points (pruned bases) only lend their manifests to the resolution of
     # visible ones; the blocks only they hold are dead
@@ -62,76 +113,57 @@ def _referenced(vault: Vault, index: Index, warnings: list[str]) -> np.ndarray:
     return live
 
 
-def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
-       wait: float = 600.0) -> dict[str, Any]:
-    """Mark and sweep (see the module doc).  Waits up to ``wait`` seconds for the gc lock,
-    which a backup holds only while it commits, or another gc while it runs."""
-    warnings: list[str] = []
-    removed = rewritten = 0
-    freed = 0
-    with gc_lock(vault.root, wait):
-        cutoff = _cutoff(vault)
-        index = vault.load_index(warnings)
-        live = _referenced(vault, index, warnings)
-        new_parts: list[dict[str, Any]] = []
-        keep_mask = np.ones(len(index), dtype=bool)
-        to_trash: list[str] = []
-        for k, pid in enumerate(index.pack_ids):
-            name = pack_name(pid)
-            try:
-                st = os.stat(os.path.join(vault.root, name))
-            except FileNotFoundError:
-                continue
-            if st.st_mtime >= cutoff:
-                continue
-            entries = np.nonzero(index.pack == k)[0]
-            live_entries = entries[live[entries]]
-            live_bytes = int((index.stored[live_entries].astype(np.int64) + BLOB.size).sum())
-            if len(live_entries) and live_bytes >= REWRITE_BELOW * st.st_size:
-                continue
-            keep_mask[entries] = False
-            to_trash.append(pid)
-            if len(live_entries):
-                rewritten += 1
-                if not dry_run:
-                    new_parts.append(_rewrite(vault, index, pid, live_entries))
-                freed += st.st_size - live_bytes
-            else:
-                removed += 1
-                freed += st.st_size
-        if not dry_run and to_trash:
-            everything = index_mod.entries_for_packs(index, set(index.pack_ids))  # index order
-            merged = {k: v[keep_mask] for k, v in everything.items()}
-            for part in new_parts:
-                merged = {k: np.concatenate([merged[k], part[k]]) for k in merged}
-            vault.storage.put(f"index/gc-{uuid.uuid4().hex}.arrow",
-                              index_mod.segment_bytes(merged))
-            for s in index.segments:
-                vault.storage.delete(s)
-            for pid in to_trash:
-                move_to_trash(vault, pid)
-        emptied = 0 if dry_run else empty_trash(vault, min(cutoff, time.time() - grace))
-    return {"dry_run": dry_run, "packs_removed": removed, "packs_rewritten": rewritten,
-            "bytes_freed": freed, "trash_emptied": emptied, "warnings": warnings}
+def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff: float,
+                result: GcResult) -> _Sweep:
+    """Step 3: dead packs and mostly dead ones, counted into ``result``."""
+    sweep = _Sweep(keep=np.ones(len(index), dtype=bool))
+    for k, pid in enumerate(index.pack_ids):
+        try:
+            st = vault.storage.stat(pack_name(pid))
+        except CbtIOError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            continue
+        if st.mtime >= cutoff:
+            continue
+        entries = np.nonzero(index.pack == k)[0]
+        live_entries = entries[live[entries]]
+        live_bytes = int((index.stored[live_entries].astype(np.int64) + BLOB.size).sum())
+        if len(live_entries) and live_bytes >= REWRITE_BELOW * st.size:
+            continue
+        sweep.keep[entries] = False
+        sweep.trash.append(pid)
+        if len(live_entries):
+            result.packs_rewritten += 1
+            sweep.rewrite.append((pid, live_entries))
+            result.bytes_freed += st.size - live_bytes
+        else:
+            result.packs_removed += 1
+            result.bytes_freed += st.size
+    return sweep
 
 
-def _rewrite(vault: Vault, index: Index, pid: str, live_entries: np.ndarray) -> dict[str, Any]:
-    """Copy the live blobs of a pack, byte for byte, into a new pack."""
+def _write_index(vault: Vault, index: Index, sweep: _Sweep) -> None:
+    """Step 4: rewrite the mostly dead packs, then one segment of every live entry."""
+    moved = [e for pid, live in sweep.rewrite for e in _rewrite(vault, index, pid, live)]
+    everything = index_mod.entries_for_packs(index, set(index.pack_ids))  # index order
+    merged = {k: v[sweep.keep] for k, v in everything.items()}
+    if moved:
+        part = index_mod.segment_entries(moved)
+        merged = {k: np.concatenate([merged[k], part[k]]) for k in merged}
+    vault.storage.put(f"index/gc-{uuid.uuid4().hex}.arrow", index_mod.segment_bytes(merged))
+    for s in index.segments:
+        vault.storage.delete(s)
+
+
+def _rewrite(vault: Vault, index: Index, pid: str,
+             live_entries: npt.NDArray[np.int64]) -> list[IndexEntry]:
+    """Copy the live blobs of a pack, byte for byte, into a new pack; their new entries."""
     data = memoryview(vault.storage.get(pack_name(pid)))
     writer = PackWriter()
-    offsets = []
-    for p in live_entries.tolist():
-        off, stored = int(index.offset[p]), int(index.stored[p])
-        offsets.append(writer.add_blob(index.digests[p].tobytes(),
-                                       data[off:off + BLOB.size + stored], stored,
-                                       int(index.raw[p])))
-    new_id = writer.pack_id
-    vault.storage.put(pack_name(new_id), writer.finish())
-    n = len(live_entries)
-    return {
-        "digests": index.digests[live_entries],
-        "pack_uuid": np.tile(np.frombuffer(uuid.UUID(hex=new_id).bytes, np.uint8), (n, 1)),
-        "offset": np.array(offsets, dtype=np.uint64),
-        "stored": index.stored[live_entries],
-        "raw": index.raw[live_entries],
-    }
+    old = [index.entry(p) for p in live_entries.tolist()]
+    offsets = [writer.add_blob(e.digest, data[e.offset:e.offset + BLOB.size + e.stored],
+                               e.stored, e.raw) for e in old]
+    vault.storage.put(pack_name(writer.pack_id), writer.finish())
+    return [e._replace(pack=writer.pack_id, offset=off) for e, off in zip(old, offsets,
+                                                                           strict=True)]

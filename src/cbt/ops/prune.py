@@ -19,29 +19,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cbt.core.durable import fsync_dir
 from cbt.format.records import PointRecord, point_name
 from cbt.repo.lock import writer_lock
 from cbt.repo.registry import KeptSnapshots, kept_snapshots
 from cbt.repo.vault import Vault
 from cbt.source.snapshot import remove_snapshot
-
-
-def _needed_bases(vault: Vault, keep: list[PointRecord],
-                  by_id: dict[str, PointRecord]) -> set[str]:
-    """Every point whose manifests a kept point's manifests are based on."""
-    needed: set[str] = set()
-    todo = [d.base for p in keep for d in p.disks if d.base]
-    while todo:
-        pid = todo.pop()
-        if pid is None or pid in needed or pid not in by_id:
-            continue
-        needed.add(pid)
-        todo.extend(d.base for d in by_id[pid].disks if d.base)
-    return needed
 
 
 @dataclass(frozen=True)
@@ -56,56 +41,120 @@ class PruneRequest:
     wait: float = 0.0
 
 
-def prune(vault: Vault, request: PruneRequest) -> dict[str, Any]:
-    dry_run = request.dry_run
-    warnings: list[str] = []
-    with writer_lock(vault.root, request.wait):
-        records = vault.records()
-        by_id = {r.id: r for r in records}
-        reasons = request.keep(vault.points())
-        keep = [by_id[pid] for pid, why in reasons.items() if why]
-        needed = _needed_bases(vault, keep, by_id)
-        out = []
-        hide, delete = [], []
-        for r in records:
-            if r.hidden:
-                if r.id not in needed:
-                    delete.append(r)
-                continue
-            why = reasons.get(r.id, [])
-            if why:
-                out.append({"recovery_point": r.id, "vm": r.vm, "keep": True, "reasons": why})
-                continue
-            if r.id in needed:
-                hide.append(r)
-                why = ["not kept by any rule; hidden, as kept points are based on it"]
-            else:
-                delete.append(r)
-                why = ["not kept by any rule"]
-            out.append({"recovery_point": r.id, "vm": r.vm, "keep": False, "reasons": why})
-        expired = _expired_snapshots(kept_snapshots(vault), request.expired,
-                                     {r.id for r in delete} | {r.id for r in hide})
-        if not dry_run:
-            for r in hide:
-                vault.storage.put(point_name(r.id), replace(r, hidden=True).to_json())
-            for r in delete:
-                vault.storage.delete(point_name(r.id))
-            if delete:
-                fsync_dir(os.path.join(vault.root, "points"))
-            for r in delete:
-                for d in r.disks:
-                    vault.storage.delete(d.manifest)
-            for pid, paths in expired:
-                for path in paths:
-                    remove_snapshot(path)
-                vault.storage.delete(f"snapshots/{pid}.json")
-    return {"dry_run": dry_run, "points": out,
-            "snapshots_expired": sum(len(paths) for _, paths in expired),
-            "warnings": warnings}
+@dataclass(frozen=True)
+class PointVerdict:
+    """Whether a visible point stays, and why."""
+
+    recovery_point: str
+    vm: str
+    keep: bool
+    reasons: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recovery_point": self.recovery_point, "vm": self.vm, "keep": self.keep,
+                "reasons": list(self.reasons)}
+
+
+@dataclass
+class PruneResult:
+    dry_run: bool
+    points: list[PointVerdict]
+    snapshots_expired: int
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of ``cbt prune --json``."""
+        return {"dry_run": self.dry_run, "points": [p.to_dict() for p in self.points],
+                "snapshots_expired": self.snapshots_expired, "warnings": list(self.warnings)}
+
+
+@dataclass
+class _Plan:
+    """Steps 1 and 2: a verdict per visible point, and what changes on the vault."""
+
+    verdicts: list[PointVerdict] = field(default_factory=list)
+    hide: list[PointRecord] = field(default_factory=list)
+    delete: list[PointRecord] = field(default_factory=list)
+    expired: list[tuple[str, list[str]]] = field(default_factory=list)  # point id, paths
+
+
+def prune(vault: Vault, request: PruneRequest) -> PruneResult:
+    """Steps 1 to 4 of the module doc, under the writer lock."""
+    with writer_lock(vault.storage, request.wait):
+        plan = _plan(vault, request)
+        if not request.dry_run:
+            _apply(vault, plan)
+    return PruneResult(dry_run=request.dry_run, points=plan.verdicts,
+                       snapshots_expired=sum(len(paths) for _, paths in plan.expired))
+
+
+def _plan(vault: Vault, request: PruneRequest) -> _Plan:
+    """Steps 1 and 2: keep, hide (a base kept points need) or delete each point."""
+    records = vault.records()
+    by_id = {r.id: r for r in records}
+    reasons = request.keep(vault.points())
+    keep = [by_id[pid] for pid, why in reasons.items() if why]
+    needed = _needed_bases(keep, by_id)
+    plan = _Plan()
+    for r in records:
+        if r.hidden:
+            if r.id not in needed:
+                plan.delete.append(r)
+            continue
+        why = reasons.get(r.id, [])
+        if why:
+            plan.verdicts.append(PointVerdict(r.id, r.vm, True, why))
+            continue
+        if r.id in needed:
+            plan.hide.append(r)
+            why = ["not kept by any rule; hidden, as kept points are based on it"]
+        else:
+            plan.delete.append(r)
+            why = ["not kept by any rule"]
+        plan.verdicts.append(PointVerdict(r.id, r.vm, False, why))
+    plan.expired = _expired_snapshots(kept_snapshots(vault), request.expired,
+                                      {r.id for r in plan.delete} | {r.id for r in plan.hide})
+    return plan
+
+
+def _apply(vault: Vault, plan: _Plan) -> None:
+    """Steps 2 to 4: hide, delete records (the commit, made durable), then manifests,
+    then expired snapshots."""
+    for r in plan.hide:
+        vault.storage.put(point_name(r.id), replace(r, hidden=True).to_json())
+    for r in plan.delete:
+        vault.storage.delete(point_name(r.id))
+    if plan.delete:
+        vault.storage.sync("points")
+    for r in plan.delete:
+        for d in r.disks:
+            vault.storage.delete(d.manifest)
+    for pid, paths in plan.expired:
+        for path in paths:
+            remove_snapshot(path)
+        vault.storage.delete(f"snapshots/{pid}.json")
+
+
+def _needed_bases(keep: list[PointRecord], by_id: dict[str, PointRecord]) -> set[str]:
+    """Every point whose manifests a kept point's manifests are based on."""
+    needed: set[str] = set()
+    todo = [d.base for p in keep for d in p.disks if d.base]
+    while todo:
+        pid = todo.pop()
+        if pid is None or pid in needed or pid not in by_id:
+            continue
+        needed.add(pid)
+        todo.extend(d.base for d in by_id[pid].disks if d.base)
+    return needed
 
 
 def _expired_snapshots(registry: dict[str, KeptSnapshots], expired: Callable[[str, str], bool],
                        removed: set[str]) -> list[tuple[str, list[str]]]:
+    """Step 4: kept snapshots whose policy expired them or whose point goes.
+
+    ``paths`` are host paths of snapshots (outside the vault); a disk's tracking
+    base (``.base``) and hidden files are never removed.
+    """
     out = []
     for pid, entry in registry.items():
         if pid in removed or expired(entry.vm, entry.created):

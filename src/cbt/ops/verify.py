@@ -21,9 +21,9 @@ their digest, then verifies again to say which points remain damaged.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import blake3
@@ -42,21 +42,175 @@ from cbt.format.pack import (
 )
 from cbt.format.records import PointRecord
 from cbt.repo import index as index_mod
-from cbt.repo.index import Index
+from cbt.repo.index import Index, IndexEntry
 from cbt.repo.lock import writer_lock
 from cbt.repo.vault import Vault
 
 MAX_PROBLEMS = 1000
+QUARANTINE = "quarantine"
 
 
-def _problem(point: str | None, disk: str | None, block: int | None, pack: str | None,
-             what: str) -> dict[str, Any]:
-    return {"point": point, "disk": disk, "block": block, "pack": pack, "problem": what}
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong, with the point, disk, block and pack where they are known."""
+
+    point: str | None
+    disk: str | None
+    block: int | None
+    pack: str | None
+    problem: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"point": self.point, "disk": self.disk, "block": self.block, "pack": self.pack,
+                "problem": self.problem}
+
+
+@dataclass
+class VerifyResult:
+    points: int
+    blocks_checked: int
+    data: bool
+    problems: list[Problem]
+    unreferenced_bytes: int
+    seconds: float
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of ``cbt verify --json``, plus ``seconds`` (which the command drops)."""
+        return {"points": self.points, "blocks_checked": self.blocks_checked,
+                "data": self.data, "problems": [p.to_dict() for p in self.problems],
+                "unreferenced_bytes": self.unreferenced_bytes, "seconds": self.seconds,
+                "warnings": list(self.warnings)}
+
+    def __getitem__(self, key: str) -> Any:
+        """``result["problems"]``: the keys of :meth:`to_dict`, for scripts written when
+        ``Vault.verify`` returned that dict."""
+        return self.to_dict()[key]
+
+
+@dataclass
+class RepairStats:
+    """What the rebuild of the index found in the packs."""
+
+    packs_read: int = 0
+    blobs_indexed: int = 0
+    blobs_damaged: int = 0
+    packs_quarantined: int = 0
+    damaged_points: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"packs_read": self.packs_read, "blobs_indexed": self.blobs_indexed,
+                "blobs_damaged": self.blobs_damaged, "packs_quarantined": self.packs_quarantined,
+                "damaged_points": list(self.damaged_points)}
+
+
+@dataclass
+class RepairResult:
+    """The verify run after the repair, and what the repair did."""
+
+    verify: VerifyResult
+    repair: RepairStats
+
+    @property
+    def problems(self) -> list[Problem]:
+        return self.verify.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of ``cbt verify --repair --json`` (verify's, plus ``repair``)."""
+        return {**self.verify.to_dict(), "repair": self.repair.to_dict()}
+
+
+@dataclass
+class _Disk:
+    """A visible point's disk whose DATA blocks (manifest ``rows``) are indexed at ``pos``."""
+
+    point: str
+    label: str
+    rows: npt.NDArray[np.int64]
+    pos: npt.NDArray[np.int64]
+
+
+@dataclass
+class _Checked:
+    """Step 2's findings: the entries points reference, and where."""
+
+    referenced: npt.NDArray[np.bool_]
+    disks: list[_Disk] = field(default_factory=list)
+    blocks: int = 0
+
+
+def verify(vault: Vault, ref: str | None = None, data: bool = False) -> VerifyResult:
+    """Steps 1 to 5 of the module doc, over every point or the point ``ref``."""
+    started = time.perf_counter()
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    try:
+        index = vault.load_index(warnings)
+    except CbtError as exc:
+        problems.append(Problem(None, None, None, None, str(exc)))
+        index = Index.empty()
+    points = _load_points(vault, ref, problems)
+    checked = _check_manifests(vault, index, points, problems)
+    bad = _check_packs(vault, index, checked.referenced, data)
+    if bad:
+        problems.extend(_name_bad_blocks(index, bad, checked.disks))
+    unreferenced = 0 if ref is not None else _unreferenced(vault, index, checked.referenced)
+    return VerifyResult(
+        points=sum(not p.hidden for p in points), blocks_checked=checked.blocks, data=data,
+        problems=problems[:MAX_PROBLEMS], unreferenced_bytes=unreferenced,
+        seconds=round(time.perf_counter() - started, 6), warnings=warnings)
+
+
+def _load_points(vault: Vault, ref: str | None, problems: list[Problem]) -> list[PointRecord]:
+    """Step 1: the point records (each passes its checksum)."""
+    if ref is not None:
+        return [vault.point(ref)]
+    points = []
+    for pid in vault.point_ids():
+        try:
+            points.append(vault.load_point(pid))
+        except CbtError as exc:
+            problems.append(Problem(pid, None, None, None, str(exc)))
+    return points
+
+
+def _check_manifests(vault: Vault, index: Index, points: list[PointRecord],
+                     problems: list[Problem]) -> _Checked:
+    """Step 2: manifests match their records; every DATA block is in the index."""
+    checked = _Checked(referenced=np.zeros(len(index), dtype=bool))
+    for point in points:
+        for disk in point.disks:
+            try:
+                raw = vault.storage.get(disk.manifest)
+                if blake3.blake3(raw).hexdigest() != disk.manifest_checksum:
+                    problems.append(Problem(point.id, disk.label, None, None,
+                                            f"manifest {disk.manifest} differs from the one "
+                                            "the point recorded"))
+                    continue
+                manifest = vault.resolve(point, disk.label)
+            except CbtError as exc:
+                problems.append(Problem(point.id, disk.label, None, None, str(exc)))
+                continue
+            if manifest.disk_size != disk.size:
+                problems.append(Problem(point.id, disk.label, None, None,
+                                        "manifest size differs from the point record"))
+            if point.hidden:
+                continue  # a pruned base: its manifests must resolve, its blocks may be gone
+            rows = np.nonzero(manifest.flags == 0)[0]
+            pos = index.lookup(manifest.digests[rows])
+            for r in rows[pos < 0][:MAX_PROBLEMS].tolist():
+                problems.append(Problem(point.id, disk.label, int(r), None,
+                                        "block missing from the vault index"))
+            checked.referenced[pos[pos >= 0]] = True
+            checked.disks.append(_Disk(point.id, disk.label, rows[pos >= 0], pos[pos >= 0]))
+            checked.blocks += len(rows)
+    return checked
 
 
 def _check_packs(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_],
                  data: bool) -> dict[int, str]:
-    """Index position -> what is wrong with its blob, for every referenced entry."""
+    """Steps 3 and 4: index position -> what is wrong with its blob, for every referenced
+    entry, pack by pack."""
     bad: dict[int, str] = {}
     positions = np.nonzero(referenced)[0]
     if len(positions) == 0:
@@ -66,174 +220,133 @@ def _check_packs(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_],
     positions, packs = positions[order], packs[order]
     bounds = np.nonzero(np.diff(packs.astype(np.int64)))[0] + 1
     for s, e in zip(np.r_[0, bounds], np.r_[bounds, len(positions)], strict=True):
-        pos = positions[s:e]
-        pid = index.pack_ids[int(packs[s])]
-        name = pack_name(pid)
-        try:
-            blob = vault.storage.get(name)
-        except OSError:
-            bad.update((int(p), "pack missing") for p in pos)
-            continue
-        ends = index.offset[pos] + BLOB.size + index.stored[pos]
-        short = pos[ends > len(blob)]
-        bad.update((int(p), "pack truncated before this block") for p in short)
-        try:
-            listed = {(bytes(t["digest"]), int(t["offset"]), int(t["stored"]))
-                      for t in read_trailer(blob, f"pack {pid}")}
-        except CorruptPackError:
-            # trailer lost (a cut pack): the blob headers still say what is where
-            listed = {(d, off, stored) for d, off, stored, _raw in scan_blobs(blob)}
-        for p in pos.tolist():
-            key = (index.digests[p].tobytes(), int(index.offset[p]), int(index.stored[p]))
-            if key not in listed and p not in bad:
-                bad[p] = "index disagrees with the pack (no such blob at this offset)"
-        if data:
-            for p in pos.tolist():
-                if p in bad:
-                    continue
-                off = int(index.offset[p])
-                try:
-                    decode_blob(memoryview(blob)[off:off + BLOB.size + int(index.stored[p])],
-                                index.digests[p].tobytes(), f"pack {pid}")
-                except CorruptPackError as exc:
-                    bad[p] = str(exc).removeprefix(f"pack {pid}: ")
+        _check_pack(vault, index, index.pack_ids[int(packs[s])], positions[s:e], data, bad)
     return bad
 
 
-def verify(vault: Vault, ref: str | None = None, data: bool = False) -> dict[str, Any]:
-    started = time.perf_counter()
-    problems: list[dict[str, Any]] = []
-    warnings: list[str] = []
+def _check_pack(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64], data: bool,
+                bad: dict[int, str]) -> None:
+    """Steps 3 and 4 for the entries ``pos`` of one pack, into ``bad``."""
     try:
-        index = vault.load_index(warnings)
-    except CbtError as exc:
-        problems.append(_problem(None, None, None, None, str(exc)))
-        index = Index.empty()
-    points: list[PointRecord] = []
-    if ref is not None:
-        points = [vault.point(ref)]
-    else:
-        for pid in vault.point_ids():
-            try:
-                points.append(vault.load_point(pid))
-            except CbtError as exc:
-                problems.append(_problem(pid, None, None, None, str(exc)))
-    referenced = np.zeros(len(index), dtype=bool)
-    resolved: list[tuple[PointRecord, str, npt.NDArray[np.int64], npt.NDArray[np.int64]]] = []
-    checked = 0
-    for point in points:
-        for disk in point.disks:
-            try:
-                raw = vault.storage.get(disk.manifest)
-                if blake3.blake3(raw).hexdigest() != disk.manifest_checksum:
-                    problems.append(_problem(point.id, disk.label, None, None,
-                                             f"manifest {disk.manifest} differs from the one "
-                                             "the point recorded"))
-                    continue
-                manifest = vault.resolve(point, disk.label)
-            except CbtError as exc:
-                problems.append(_problem(point.id, disk.label, None, None, str(exc)))
-                continue
-            if manifest.disk_size != disk.size:
-                problems.append(_problem(point.id, disk.label, None, None,
-                                         "manifest size differs from the point record"))
-            if point.hidden:
-                continue  # a pruned base: its manifests must resolve, its blocks may be gone
-            rows = np.nonzero(manifest.flags == 0)[0]
-            pos = index.lookup(manifest.digests[rows])
-            for r in rows[pos < 0][:MAX_PROBLEMS].tolist():
-                problems.append(_problem(point.id, disk.label, int(r), None,
-                                         "block missing from the vault index"))
-            referenced[pos[pos >= 0]] = True
-            resolved.append((point, disk.label, rows[pos >= 0], pos[pos >= 0]))
-            checked += len(rows)
-    bad = _check_packs(vault, index, referenced, data)
-    if bad:
-        bad_mask = np.zeros(len(index), dtype=bool)
-        bad_mask[list(bad)] = True
-        for point, label, rows, pos in resolved:
-            hit = bad_mask[pos]
-            for r, p in zip(rows[hit][:MAX_PROBLEMS].tolist(), pos[hit][:MAX_PROBLEMS].tolist(),
-                            strict=True):
-                problems.append(_problem(point.id, label, int(r),
-                                         index.pack_ids[int(index.pack[p])], bad[p]))
-    unreferenced = 0
-    if ref is None:
-        dead = ~referenced
-        unreferenced = int((index.stored[dead].astype(np.int64) + BLOB.size).sum())
-        for name in vault.leftovers():  # temporary files, manifests of uncommitted points
-            with contextlib.suppress(OSError):
-                unreferenced += vault.storage.size(name)
-    return {
-        "points": sum(not p.hidden for p in points),
-        "blocks_checked": checked,
-        "data": data,
-        "problems": problems[:MAX_PROBLEMS],
-        "unreferenced_bytes": unreferenced,
-        "seconds": round(time.perf_counter() - started, 6),
-        "warnings": warnings,
-    }
+        blob = vault.storage.get(pack_name(pid))
+    except OSError:
+        bad.update((int(p), "pack missing") for p in pos)
+        return
+    ends = index.offset[pos] + BLOB.size + index.stored[pos]
+    short = pos[ends > len(blob)]
+    bad.update((int(p), "pack truncated before this block") for p in short)
+    try:
+        listed = {(bytes(t["digest"]), int(t["offset"]), int(t["stored"]))
+                  for t in read_trailer(blob, f"pack {pid}")}
+    except CorruptPackError:
+        # trailer lost (a cut pack): the blob headers still say what is where
+        listed = {(d, off, stored) for d, off, stored, _raw in scan_blobs(blob)}
+    entries = {p: index.entry(p) for p in pos.tolist()}
+    for p, e in entries.items():
+        if (e.digest, e.offset, e.stored) not in listed and p not in bad:
+            bad[p] = "index disagrees with the pack (no such blob at this offset)"
+    if not data:
+        return
+    for p, e in entries.items():
+        if p in bad:
+            continue
+        try:
+            decode_blob(memoryview(blob)[e.offset:e.offset + BLOB.size + e.stored], e.digest,
+                        f"pack {pid}")
+        except CorruptPackError as exc:
+            bad[p] = str(exc).removeprefix(f"pack {pid}: ")
 
 
-def repair(vault: Vault, wait: float = 0.0) -> dict[str, Any]:
+def _name_bad_blocks(index: Index, bad: dict[int, str], disks: list[_Disk]) -> list[Problem]:
+    """Each bad blob as a problem of every point, disk and block that uses it."""
+    bad_mask = np.zeros(len(index), dtype=bool)
+    bad_mask[list(bad)] = True
+    out = []
+    for d in disks:
+        hit = bad_mask[d.pos]
+        for r, p in zip(d.rows[hit][:MAX_PROBLEMS].tolist(), d.pos[hit][:MAX_PROBLEMS].tolist(),
+                        strict=True):
+            out.append(Problem(d.point, d.label, int(r), index.pack_ids[int(index.pack[p])],
+                               bad[p]))
+    return out
+
+
+def _unreferenced(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_]) -> int:
+    """Step 5: bytes of entries no point references, and of what killed runs left."""
+    dead = ~referenced
+    unreferenced = int((index.stored[dead].astype(np.int64) + BLOB.size).sum())
+    for name in vault.leftovers():  # temporary files, manifests of uncommitted points
+        with contextlib.suppress(OSError):
+            unreferenced += vault.storage.size(name)
+    return unreferenced
+
+
+# -- repair ----------------------------------------------------------------------------------
+
+def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
     """Rebuild the index from the packs, then verify; healthy data is not touched.
 
-    The new segment is written before the old ones are removed, so a crash in
-    between leaves the vault readable (run repair again).
+    1. Under the writer lock, read every pack; index each blob (from the
+       trailer, or the blob headers when it is lost) whose content matches
+       its digest.
+    2. Write the new segment, then remove the old ones: a crash in between
+       leaves the vault readable (run repair again).
+    3. Move packs with no healthy blob to ``quarantine/`` (kept, not deleted).
+    4. Verify, and name the points that remain damaged.
     """
-    packs_read = blobs = damaged = 0
+    stats = RepairStats()
+    healthy: list[IndexEntry] = []
     quarantined: list[str] = []
-    parts: dict[str, list[Any]] = {k: [] for k in ("digests", "pack_uuid", "offset", "stored",
-                                                   "raw")}
-    with writer_lock(vault.root, wait):
+    with writer_lock(vault.storage, wait):
         for name in vault.storage.list("packs"):
             if not name.endswith(".pack"):
                 continue
-            pid = pack_id_of(name)
             try:
                 content = vault.storage.get(name)
             except OSError:
                 continue
-            packs_read += 1
-            try:
-                entries = [(bytes(t["digest"]), int(t["offset"]), int(t["stored"]),
-                            int(t["raw"])) for t in read_trailer(content, name)]
-            except CorruptPackError:
-                entries = scan_blobs(content)
-            healthy = 0
-            for digest, off, stored, raw in entries:
-                try:
-                    decode_blob(memoryview(content)[off:off + BLOB.size + stored], digest, name)
-                except CorruptPackError:
-                    damaged += 1
-                    continue
-                blobs += 1
-                healthy += 1
-                parts["digests"].append(np.frombuffer(digest, np.uint8).reshape(1, 32))
-                parts["pack_uuid"].append(np.frombuffer(uuid.UUID(hex=pid).bytes,
-                                                        np.uint8).reshape(1, 16))
-                parts["offset"].append(np.array([off], np.uint64))
-                parts["stored"].append(np.array([stored], np.uint32))
-                parts["raw"].append(np.array([raw], np.uint32))
-            if not healthy:
+            stats.packs_read += 1
+            found = _healthy_blobs(content, name, stats)
+            if not found:
                 # no segment will cover it, so the index would adopt it again from its
-                # trailer: set it aside (kept, not deleted) instead
+                # trailer: set it aside instead
                 quarantined.append(name)
-        old = [s for s in vault.storage.list("index") if s.endswith(".arrow")]
-        name = f"index/repaired-{uuid.uuid4().hex}.arrow"
-        if blobs:
-            entries_all = {k: np.concatenate(v) for k, v in parts.items()}
-            vault.storage.put(name, index_mod.segment_bytes(entries_all))
-        for s in old:
-            if s != name:
-                vault.storage.delete(s)
+            healthy.extend(found)
+        _replace_segments(vault, healthy)
         for q in quarantined:
-            dst = os.path.join(vault.root, "quarantine", os.path.basename(q))
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.rename(os.path.join(vault.root, q), dst)
+            vault.storage.rename(q, f"{QUARANTINE}/{q.rsplit('/', 1)[-1]}")
+    stats.blobs_indexed = len(healthy)
+    stats.packs_quarantined = len(quarantined)
     result = verify(vault)
-    result["repair"] = {"packs_read": packs_read, "blobs_indexed": blobs,
-                        "blobs_damaged": damaged, "packs_quarantined": len(quarantined),
-                        "damaged_points": sorted({p["point"] for p in result["problems"]
-                                                  if p["point"]})}
-    return result
+    stats.damaged_points = sorted({p.point for p in result.problems if p.point})
+    return RepairResult(result, stats)
+
+
+def _healthy_blobs(content: bytes, name: str, stats: RepairStats) -> list[IndexEntry]:
+    """Step 1 for one pack: the entries of its blobs whose content matches their digest."""
+    pid = pack_id_of(name)
+    try:
+        listed = [(bytes(t["digest"]), int(t["offset"]), int(t["stored"]), int(t["raw"]))
+                  for t in read_trailer(content, name)]
+    except CorruptPackError:
+        listed = scan_blobs(content)
+    out = []
+    for digest, off, stored, raw in listed:
+        try:
+            decode_blob(memoryview(content)[off:off + BLOB.size + stored], digest, name)
+        except CorruptPackError:
+            stats.blobs_damaged += 1
+            continue
+        out.append(IndexEntry(digest, pid, off, stored, raw))
+    return out
+
+
+def _replace_segments(vault: Vault, healthy: list[IndexEntry]) -> None:
+    """Step 2: the new segment first (when any blob is healthy), then the old ones go."""
+    old = [s for s in vault.storage.list("index") if s.endswith(".arrow")]
+    name = f"index/repaired-{uuid.uuid4().hex}.arrow"
+    if healthy:
+        vault.storage.put(name, index_mod.segment_bytes(index_mod.segment_entries(healthy)))
+    for s in old:
+        if s != name:
+            vault.storage.delete(s)

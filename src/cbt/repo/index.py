@@ -9,15 +9,24 @@ next run reuses its blocks instead of sending them again.
 In memory the index is a set of numpy arrays sorted by the digest's first 8
 bytes; :meth:`Index.lookup` answers for a whole window of digests at once with
 ``searchsorted`` (no Python loop per block), which keeps millions of entries
-fast and small (about 60 bytes an entry).
+fast and small (about 60 bytes an entry).  Where one entry is handed around
+it is an :class:`IndexEntry` (:meth:`Index.entry`, :meth:`Index.find`).
+
+1. Load: every segment (retrying when a writer merges them meanwhile), then
+   the trailers of packs no segment covers (:func:`load`).
+2. Look up digests in bulk (:meth:`Index.lookup`) or one at a time.
+3. A run keeps its loaded index in an :class:`IndexCache` it hands to its
+   workers (no module state), keyed by the segments and orphans it saw.
 """
 
 from __future__ import annotations
 
 import errno
+import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import blake3
 import numpy as np
@@ -48,6 +57,17 @@ def prefix_keys(digests: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
     if len(digests) == 0:
         return np.zeros(0, dtype=np.uint64)
     return np.ascontiguousarray(digests[:, :8]).view(">u8").ravel().astype(np.uint64)
+
+
+class IndexEntry(NamedTuple):
+    """Where one block is stored: its blob is ``stored`` bytes after the blob header at
+    ``offset`` in pack ``pack`` (an id), ``raw`` bytes once decompressed."""
+
+    digest: bytes
+    pack: str
+    offset: int
+    stored: int
+    raw: int
 
 
 @dataclass
@@ -138,8 +158,42 @@ class Index:
                 j += 1
         return out
 
+    def entry(self, pos: int) -> IndexEntry:
+        """The entry at a position :meth:`lookup` returned."""
+        return IndexEntry(self.digests[pos].tobytes(), self.pack_ids[int(self.pack[pos])],
+                          int(self.offset[pos]), int(self.stored[pos]), int(self.raw[pos]))
+
+    def find(self, digest: bytes) -> IndexEntry | None:
+        """The entry of one digest, or None."""
+        pos = int(self.lookup(np.frombuffer(digest, dtype=np.uint8).reshape(1, 32))[0])
+        return None if pos < 0 else self.entry(pos)
+
     def covered_packs(self) -> set[str]:
         return set(self.pack_ids)
+
+    def token(self) -> tuple[str, ...]:
+        """What this index was loaded from: equal tokens, equal indexes."""
+        return (*self.segments, "|", *self.orphans)
+
+
+class IndexCache:
+    """The index a run loaded, for its workers; passed to them, never a global.
+
+    Threads share one cache; a forked worker inherits a copy with the index
+    already in it; a worker elsewhere starts with an empty cache and loads
+    the index once, for every shard of the same run (the same token).
+    """
+
+    def __init__(self, index: Index | None = None) -> None:
+        self._index = index
+        self._mutex = threading.Lock()
+
+    def get(self, storage: Storage, token: tuple[str, ...]) -> Index:
+        """The index with this token: the cached one, or loaded from ``storage``."""
+        with self._mutex:
+            if self._index is None or self._index.token() != token:
+                self._index = load(storage)
+            return self._index
 
 
 # -- segments on disk ----------------------------------------------------------
@@ -252,13 +306,13 @@ def trailer_part(storage: Storage, name: str) -> dict[str, Any]:
     """Index entries of one pack, read from its trailer."""
     size = storage.size(name)
     if size < FOOTER.size:
-        raise CorruptPackError(f"{storage.root}/{name}: pack truncated")
+        raise CorruptPackError(f"{storage.where(name)}: pack truncated")
     count = int.from_bytes(storage.read_range(name, size - FOOTER.size, 8), "little")
     tail_len = min(size, FOOTER.size + count * 48 + 16)
     # read_trailer wants the whole pack for its header check; read header + tail
     head = storage.read_range(name, 0, 16)
     tail = storage.read_range(name, size - tail_len + 16, tail_len - 16) if tail_len > 16 else b""
-    entries = read_trailer(head + tail, f"{storage.root}/{name}")
+    entries = read_trailer(head + tail, storage.where(name))
     n = len(entries)
     return {
         "digests": np.frombuffer(entries["digest"].tobytes(), dtype=np.uint8).reshape(n, 32),
@@ -280,7 +334,7 @@ def load(storage: Storage, warnings: list[str] | None = None) -> Index:
     for _attempt in range(20):
         segments = [s for s in storage.list("index") if s.endswith(".arrow")]
         try:
-            parts = [read_segment(storage.get(name), f"{storage.root}/{name}")
+            parts = [read_segment(storage.get(name), storage.where(name))
                      for name in segments]
             break
         except OSError as exc:
@@ -300,6 +354,20 @@ def load(storage: Storage, warnings: list[str] | None = None) -> Index:
             if warnings is not None:
                 warnings.append(f"ignoring unreadable pack: {exc}")
     return Index.build(parts, segments, orphans)
+
+
+def segment_entries(entries: Sequence[IndexEntry]) -> dict[str, Any]:
+    """Entries in segment form (:func:`segment_bytes`)."""
+    n = len(entries)
+    digests = np.frombuffer(b"".join(e.digest for e in entries), dtype=np.uint8)
+    packs = np.frombuffer(b"".join(uuid.UUID(hex=e.pack).bytes for e in entries), dtype=np.uint8)
+    return {
+        "digests": digests.reshape(n, 32),
+        "pack_uuid": packs.reshape(n, 16),
+        "offset": np.array([e.offset for e in entries], dtype=np.uint64),
+        "stored": np.array([e.stored for e in entries], dtype=np.uint32),
+        "raw": np.array([e.raw for e in entries], dtype=np.uint32),
+    }
 
 
 def entries_for_packs(index: Index, packs: set[str]) -> dict[str, Any]:

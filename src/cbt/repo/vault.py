@@ -1,6 +1,7 @@
 """The vault: a content-addressed store of blocks, recovery points and manifests.
 
-Layout of a vault directory::
+Layout of a vault (names in its :class:`~cbt.repo.storage.Storage`; a directory
+for :class:`~cbt.repo.storage.LocalStorage`)::
 
     config                 JSON: magic, format_version, encryption, id_key, id, created
     lock                   writer lock (flock) and who holds it
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 # Do not modify: identifies every vault ever made.
 VAULT_MAGIC = "cbt-vault"
 VAULT_VERSION = 1
+CONFIG = "config"
 
 
 class NotAVaultError(CbtError, FileNotFoundError):
@@ -72,58 +74,62 @@ class Vault:
     @classmethod
     def init(cls, path: str | os.PathLike[str]) -> Self:
         """Create a vault in a new or empty directory."""
-        p = Path(path)
-        if p.exists() and not p.is_dir():
-            raise CbtIOError(errno.ENOTDIR, f"not a directory: {p}")
-        if p.is_dir() and any(p.iterdir()):
-            raise CbtIOError(errno.ENOTEMPTY, f"directory not empty: {p} (cbt init needs a "
-                             "new or empty directory)")
-        p.mkdir(parents=True, exist_ok=True)
+        return cls.create(LocalStorage.create(path))
+
+    @classmethod
+    def create(cls, storage: Storage) -> Self:
+        """Create a vault on an empty storage (any kind: local, memory)."""
+        if storage.list(""):
+            raise CbtIOError(errno.ENOTEMPTY, f"storage not empty: {storage.root} (a new vault "
+                             "needs an empty one)")
         for sub in ("points", "manifests", "index", "packs"):
-            (p / sub).mkdir(exist_ok=True)
+            storage.make_prefix(sub)
         from cbt.core.timefmt import utc_now
 
         config = {"magic": VAULT_MAGIC, "format_version": VAULT_VERSION,
                   "encryption": "none", "id_key": "none", "id": uuid.uuid4().hex,
                   "created": utc_now()}
-        storage = LocalStorage(p)
-        storage.put("config", (json.dumps(config, indent=1) + "\n").encode())
+        storage.put(CONFIG, (json.dumps(config, indent=1) + "\n").encode())
         return cls(storage, config)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Self:
-        p = Path(path)
-        cfg = p / "config"
+        return cls.open_on(LocalStorage(Path(path)))
+
+    @classmethod
+    def open_on(cls, storage: Storage) -> Self:
+        """Open the vault on ``storage`` (any kind: local, memory)."""
+        where = storage.root
         try:
-            raw = cfg.read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {p} (run cbt init)") from None
-        except OSError as exc:
-            raise CbtIOError(exc.errno, f"cannot read {cfg}: {exc.strerror}") from None
+            raw = storage.get(CONFIG)
+        except CbtIOError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (run cbt init)") from None
         try:
             config = json.loads(raw)
             magic, version = config["magic"], int(config["format_version"])
         except (ValueError, KeyError, TypeError):
-            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {p} (run cbt init)") from None
+            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (run cbt init)") from None
         if magic != VAULT_MAGIC:
-            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {p} (run cbt init)")
+            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (run cbt init)")
         if version > VAULT_VERSION:
-            raise VaultVersionError(f"vault {p} has format version {version}; this cbt reads "
+            raise VaultVersionError(f"vault {where} has format version {version}; this cbt reads "
                                     f"up to {VAULT_VERSION} (upgrade cbt)")
         if config.get("encryption") != "none" or config.get("id_key") != "none":
-            raise VaultVersionError(f"vault {p} uses encryption or keyed ids, which this cbt "
+            raise VaultVersionError(f"vault {where} uses encryption or keyed ids, which this cbt "
                                     "does not support")
-        return cls(LocalStorage(p), config)
+        return cls(storage, config)
 
     # -- points -------------------------------------------------------------------
 
     def point_ids(self) -> list[str]:
-        return [os.path.basename(n)[:-5] for n in self.storage.list("points")
-                if n.endswith(".json") and not os.path.basename(n).startswith(".")]
+        return [_base(n)[:-5] for n in self.storage.list("points")
+                if n.endswith(".json") and not _base(n).startswith(".")]
 
     def load_point(self, point_id: str) -> PointRecord:
         name = point_name(point_id)
-        return PointRecord.from_json(self.storage.get(name), f"{self.root}/{name}")
+        return PointRecord.from_json(self.storage.get(name), self.storage.where(name))
 
     def records(self, vm: str | None = None) -> list[PointRecord]:
         """Every point record, hidden ones (pruned bases of kept deltas) included."""
@@ -163,7 +169,7 @@ class Vault:
     def read_manifest_file(self, name: str) -> Manifest | Delta:
         from cbt.format.manifest import read_manifest_bytes
 
-        return read_manifest_bytes(self.storage.get(name), f"{self.root}/{name}")
+        return read_manifest_bytes(self.storage.get(name), self.storage.where(name))
 
     def resolve(self, point: PointRecord, label: str, opened: list[str] | None = None) -> Manifest:
         """The full manifest of one disk of a point (full file plus its deltas)."""
@@ -209,8 +215,7 @@ class Vault:
     def leftovers(self) -> list[str]:
         """Names of temporary files and manifest folders no committed point owns."""
         committed = set(self.point_ids())
-        out = [n for n in self.storage.list("") if os.path.basename(n).startswith(".")
-               and ".tmp-" in n]
+        out = [n for n in self.storage.list("") if _base(n).startswith(".") and ".tmp-" in n]
         for name in self.storage.list("manifests"):
             parts = name.split("/")
             if len(parts) >= 3 and parts[1] not in committed and name not in out:
@@ -221,6 +226,11 @@ class Vault:
         """Remove what a killed run left (call only under the writer lock)."""
         for n in names:
             self.storage.delete(n)
+
+
+def _base(name: str) -> str:
+    """The last part of a storage name."""
+    return name.rsplit("/", 1)[-1]
 
 
 def _point_order(r: PointRecord) -> tuple[str, tuple[str, int]]:
