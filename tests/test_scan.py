@@ -32,7 +32,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cbt
-from cbt.source.scan import open_disk, scan_blocks
+from cbt.source.image import open_image
+from cbt.source.scan import scan_blocks
 from cbt.source.synth import make_db_file, make_fs_image
 
 KIB = 1024
@@ -256,7 +257,7 @@ def test_loop_device(tmp_path: Path) -> None:
     need(attach.returncode == 0, f"losetup cannot attach a loop device: {attach.stderr.strip()}")
     dev = attach.stdout.strip()
     try:
-        with open_disk(dev) as disk:
+        with open_image(dev) as disk:
             assert disk.kind == "block device"
             assert disk.size == size
         m_dev = cbt.scan(dev, 64 * KIB, workers=2)
@@ -288,7 +289,7 @@ def test_more_than_one_window(tmp_path: Path) -> None:
     Mostly written zeros (cheap to scan), with data straddling every MiB boundary
     and a short tail; then the same image diffed against a copy changed at the seam.
     """
-    from cbt.source.scan import WINDOW
+    from cbt.source.image import WINDOW
 
     size = WINDOW + 2 * MIB + 100
     data = np.zeros(size, dtype=np.uint8)

@@ -42,7 +42,7 @@ from cbt.format.records import PointRecord, new_point_id
 from cbt.jobs.config import Config, VMConfig
 from cbt.jobs.config import load as load_config
 from cbt.jobs.hooks import HookResult, run_hook
-from cbt.ops.backup import BackupProgress, backup_locked
+from cbt.ops.backup import BackupProgress, BackupRequest, backup_locked
 from cbt.repo.lock import writer_lock
 from cbt.repo.registry import (
     list_jobs,
@@ -216,11 +216,11 @@ def run_vm(config: Config, vm: str, executor: Executor | None = None,
             specs = [DiskSpec(label, path, read_from=snaps.read_paths[label])
                      for label, path in vmc.disks.items()]
             # with a live read the post hook runs after the transfer, before the commit
-            point = backup_locked(vault, vm, specs, block_size=vmc.block_size,
+            point = backup_locked(vault, BackupRequest(vm, specs, block_size=vmc.block_size,
                                   workers=workers, progress=progress, created=created,
                                   consistency=(level, reason), executor=executor,
                                   point_id=point_id, warnings=warnings, slot=slot,
-                                  before_commit=run_post)
+                                  before_commit=run_post))
             run_post()
             days = config.policies[vmc.policy].instant_restore_days
             created_paths = list(snaps.created)
