@@ -71,7 +71,7 @@ from cbt.repo.storage import Storage, StorageSpec, open_storage
 from cbt.repo.vault import Vault
 from cbt.source.base import SourceSpec
 from cbt.source.disks import DiskSpec
-from cbt.source.image import open_image, open_source
+from cbt.source.image import open_source
 from cbt.source.plan import BlockRange, DiskPlan, bytes_to_read, default_workers, plan_shards
 from cbt.source.read import hash_shard
 from cbt.source.scan import BlockScan, PendingScan
@@ -253,7 +253,7 @@ def plan(vault: Vault, request: BackupRequest) -> Plan:
 def _plan_disk(prev: PointRecord | None, spec: DiskSpec, block_size: int | None) -> _Disk:
     parent = prev.disk(spec.label) if prev else None
     bs = parent.block_size if parent else (block_size or DEFAULT_BACKUP_BLOCK_SIZE)
-    with open_image(spec.source, live=spec.live) as source:
+    with spec.open() as source:
         if parent and block_size and block_size != parent.block_size:
             raise CbtValueError(
                 f"disk {spec.label}: block size is fixed at {format_size(parent.block_size)} "
