@@ -174,7 +174,7 @@ def backup_locked(vault: Vault, request: BackupRequest) -> PointRecord:
 
 
 @dataclass
-class _Disk:
+class PlannedDisk:
     """One disk of the run: what is read, and (after the transfer) what was found."""
 
     spec: DiskSpec
@@ -201,7 +201,7 @@ class _Disk:
 
 
 @dataclass(frozen=True)
-class _Shard:
+class ShardTask:
     """One worker's share of one disk: picklable, so any Executor can run it."""
 
     disk: int  # position in the run's disk list
@@ -224,8 +224,8 @@ class Plan:
 
     index: index_mod.Index
     prev: PointRecord | None
-    disks: list[_Disk]
-    shards: list[_Shard]
+    disks: list[PlannedDisk]
+    shards: list[ShardTask]
     warnings: list[str] = field(default_factory=list)
 
 
@@ -244,13 +244,13 @@ def plan(vault: Vault, request: BackupRequest) -> Plan:
     if request.executor is not None:
         workers *= EXECUTOR_SHARDS_PER_WORKER
     planned = [DiskPlan(d.ranges, d.block_size, d.size) for d in disks]
-    shards = [_Shard(s.disk, disks[s.disk].spec.label, disks[s.disk].source,
+    shards = [ShardTask(s.disk, disks[s.disk].spec.label, disks[s.disk].source,
                      disks[s.disk].block_size, s.ranges, _prehash(disks[s.disk]))
               for s in plan_shards(planned, workers)]
     return Plan(index, prev, disks, shards, warnings)
 
 
-def _plan_disk(prev: PointRecord | None, spec: DiskSpec, block_size: int | None) -> _Disk:
+def _plan_disk(prev: PointRecord | None, spec: DiskSpec, block_size: int | None) -> PlannedDisk:
     parent = prev.disk(spec.label) if prev else None
     bs = parent.block_size if parent else (block_size or DEFAULT_BACKUP_BLOCK_SIZE)
     with spec.open() as source:
@@ -259,23 +259,23 @@ def _plan_disk(prev: PointRecord | None, spec: DiskSpec, block_size: int | None)
                 f"disk {spec.label}: block size is fixed at {format_size(parent.block_size)} "
                 f"by its first backup; --block-size {format_size(block_size)} differs")
         n = fast.nblocks(source.size, bs)
-        return _Disk(spec=spec, source=source.spec(), block_size=bs, parent=parent,
+        return PlannedDisk(spec=spec, source=source.spec(), block_size=bs, parent=parent,
                      seq=parent.seq + 1 if parent else 0, ranges=source.block_ranges(bs),
                      digests=np.zeros((n, fast.DIGEST_SIZE), dtype=np.uint8),
                      flags=np.full(n, fast.FLAG_HOLE, dtype=np.uint8))
 
 
-def _prehash(disk: _Disk) -> tuple[mmap.mmap, mmap.mmap] | None:
+def _prehash(disk: PlannedDisk) -> tuple[mmap.mmap, mmap.mmap] | None:
     return (disk.early.digests, disk.early.flags) if disk.early is not None else None
 
 
-def _take_early_scan(early: PendingScan, disks: list[_Disk], request: BackupRequest) -> None:
+def _take_early_scan(early: PendingScan, disks: list[PlannedDisk], request: BackupRequest) -> None:
     """Wait for the early scan; each disk it covers (same file, size, block size) takes its result.
 
     Only disks with a previous point use it: a first backup stores every block,
     and reads each once, hashing and storing it in the same pass.
     """
-    match: dict[int, _Disk] = {}
+    match: dict[int, PlannedDisk] = {}
     for k, (source, block_size, size) in enumerate(early.disks()):
         for d in disks:
             if (d.parent is not None and all(d is not e for e in match.values())
@@ -340,7 +340,7 @@ def _worker_vault(storage: StorageSpec, token: tuple[str, ...]) -> WorkerVault:
     return WorkerVault(storage, token)
 
 
-def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[_ShardResult]:
+def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardResult]:
     """Run every shard (forked workers, or the request's Executor); results in shard order."""
     worker_vault = WorkerVault.of(vault, planned.index)
     report = _progress_report(request, planned)
@@ -371,11 +371,11 @@ def _progress_report(request: BackupRequest,
     return report
 
 
-def _on_executor(executor: Executor, worker_vault: WorkerVault, shards: list[_Shard],
-                 report: Callable[[list[int]], None] | None) -> list[_ShardResult]:
+def _on_executor(executor: Executor, worker_vault: WorkerVault, shards: list[ShardTask],
+                 report: Callable[[list[int]], None] | None) -> list[ShardResult]:
     done = [0] * len(shards)
     futures = {executor.submit(_run_shard, worker_vault, s): k for k, s in enumerate(shards)}
-    results: list[_ShardResult | None] = [None] * len(shards)
+    results: list[ShardResult | None] = [None] * len(shards)
     try:
         for fut in as_completed(futures):
             k = futures[fut]
@@ -390,12 +390,12 @@ def _on_executor(executor: Executor, worker_vault: WorkerVault, shards: list[_Sh
     return [r for r in results if r is not None]
 
 
-def _run_shard(worker_vault: WorkerVault, shard: _Shard) -> _ShardResult:
+def _run_shard(worker_vault: WorkerVault, shard: ShardTask) -> ShardResult:
     """Entry point for an Executor (no progress counter to report to)."""
     return _labelled_shard(worker_vault, shard, lambda n: None)
 
 
-def _labelled_shard(worker_vault: WorkerVault, shard: _Shard, report: Report) -> _ShardResult:
+def _labelled_shard(worker_vault: WorkerVault, shard: ShardTask, report: Report) -> ShardResult:
     """Run a shard; an error says which disk it concerns."""
     try:
         return _transfer_shard(worker_vault, shard, report)
@@ -406,7 +406,9 @@ def _labelled_shard(worker_vault: WorkerVault, shard: _Shard, report: Report) ->
 
 
 @dataclass
-class _ShardResult:
+class ShardResult:
+    """What a worker sends back: its blocks' digests and flags, and the blocks it stored."""
+
     disk: int
     bytes_read: int
     block_digests: npt.NDArray[np.uint8]  # the shard's blocks, in range order
@@ -423,7 +425,7 @@ class _ShardResult:
 _Entry = tuple[bytes, bytes, int, int, int]
 
 
-def _transfer_shard(worker_vault: WorkerVault, shard: _Shard, report: Report) -> _ShardResult:
+def _transfer_shard(worker_vault: WorkerVault, shard: ShardTask, report: Report) -> ShardResult:
     """Hash a shard's blocks and store those the vault lacks (runs in a worker)."""
     started = time.perf_counter()
     bs = shard.block_size
@@ -443,7 +445,7 @@ def _transfer_shard(worker_vault: WorkerVault, shard: _Shard, report: Report) ->
                     store.missing(sink, digests[at:at + n], flags[at:at + n], view)
         entries = sink.finish()
     k = len(entries)
-    return _ShardResult(
+    return ShardResult(
         disk=shard.disk,
         bytes_read=bytes_to_read(shard.ranges, bs, shard.source.size),
         block_digests=digests,
@@ -562,7 +564,7 @@ class _PackSink:
 # -- 4. commit ---------------------------------------------------------------------------
 
 
-def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[_ShardResult],
+def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[ShardResult],
            started: float) -> PointRecord:
     """Write the manifests, then the index segment and the point record (the commit)."""
     created = request.created or utc_now()
@@ -587,7 +589,7 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[_S
     return record
 
 
-def _gather(planned: Plan, results: list[_ShardResult]) -> dict[str, Any]:
+def _gather(planned: Plan, results: list[ShardResult]) -> dict[str, Any]:
     """Each shard's rows into its disk's arrays and counts; the run's new index entries."""
     for s, r in zip(planned.shards, results, strict=True):
         d = planned.disks[s.disk]
@@ -606,7 +608,7 @@ def _gather(planned: Plan, results: list[_ShardResult]) -> dict[str, Any]:
     return new
 
 
-def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: _Disk, point_id: str,
+def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk, point_id: str,
                  created: str) -> DiskRecord:
     """Write one disk's manifest (full, or a delta against its chain base)."""
     import blake3
@@ -669,7 +671,7 @@ def _after_gc(vault: Vault, planned: Plan,
 _ENTRY_KEYS = ("digests", "pack_uuid", "offset", "stored", "raw")
 
 
-def _new_entries(results: list[_ShardResult]) -> dict[str, Any]:
+def _new_entries(results: list[ShardResult]) -> dict[str, Any]:
     """The blocks this run stored, one entry per digest however many workers raced to
     store it (the first wins; the spare copy is left for gc), with the disk of each."""
     cols = {k: np.concatenate([getattr(r, k) for r in results]) if results else
