@@ -72,7 +72,14 @@ from cbt.repo.vault import Vault
 from cbt.source.base import SourceSpec
 from cbt.source.disks import DiskSpec
 from cbt.source.image import open_source
-from cbt.source.plan import BlockRange, DiskPlan, bytes_to_read, default_workers, plan_shards
+from cbt.source.plan import (
+    BlockRange,
+    DiskPlan,
+    Shard,
+    bytes_to_read,
+    default_workers,
+    plan_shards,
+)
 from cbt.source.read import hash_shard
 from cbt.source.scan import BlockScan, PendingScan
 
@@ -243,11 +250,8 @@ def plan(vault: Vault, request: BackupRequest) -> Plan:
     workers = request.workers or default_workers()
     if request.executor is not None:
         workers *= EXECUTOR_SHARDS_PER_WORKER
-    planned = [DiskPlan(d.ranges, d.block_size, d.size) for d in disks]
-    shards = [ShardTask(s.disk, disks[s.disk].spec.label, disks[s.disk].source,
-                     disks[s.disk].block_size, s.ranges, _prehash(disks[s.disk]))
-              for s in plan_shards(planned, workers)]
-    return Plan(index, prev, disks, shards, warnings)
+    shards = plan_shards([DiskPlan(d.ranges, d.block_size, d.size) for d in disks], workers)
+    return Plan(index, prev, disks, [_shard_task(disks[s.disk], s) for s in shards], warnings)
 
 
 def _plan_disk(prev: PointRecord | None, spec: DiskSpec, block_size: int | None) -> PlannedDisk:
@@ -265,8 +269,10 @@ def _plan_disk(prev: PointRecord | None, spec: DiskSpec, block_size: int | None)
                      flags=np.full(n, fast.FLAG_HOLE, dtype=np.uint8))
 
 
-def _prehash(disk: PlannedDisk) -> tuple[mmap.mmap, mmap.mmap] | None:
-    return (disk.early.digests, disk.early.flags) if disk.early is not None else None
+def _shard_task(disk: PlannedDisk, shard: Shard) -> ShardTask:
+    early = (disk.early.digests, disk.early.flags) if disk.early is not None else None
+    return ShardTask(shard.disk, disk.spec.label, disk.source, disk.block_size, shard.ranges,
+                     early)
 
 
 def _take_early_scan(early: PendingScan, disks: list[PlannedDisk], request: BackupRequest) -> None:

@@ -92,6 +92,10 @@ class BlockScan(NamedTuple):
             "seconds": round(self.seconds, 6),
         }
 
+    def to_dict(self) -> dict[str, Any]:
+        """What ``cbt scan --json`` prints."""
+        return {**self.summary(), "warnings": []}
+
     def manifest(self) -> Manifest:
         """The scan as a :class:`Manifest` (numpy views of the same memory)."""
         import numpy as np
