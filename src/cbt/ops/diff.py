@@ -33,6 +33,8 @@ from cbt.core.native import fast
 from cbt.core.parallel import Report, fork_map, shared_array
 from cbt.core.sizes import format_size
 from cbt.format.manifest import Manifest, is_manifest_file
+from cbt.format.records import PointRecord
+from cbt.repo.vault import Vault
 from cbt.source.base import BlockSource
 from cbt.source.image import open_image
 from cbt.source.plan import BlockRange, DiskPlan, block_ranges, default_workers, plan_shards
@@ -171,8 +173,6 @@ def _load(src: Source) -> Manifest | str | PointRef:
     p = os.fspath(src)
     ref = parse_point_ref(p)
     if ref is not None:
-        from cbt.repo.vault import Vault
-
         vault = Vault.open(ref[0])
         point = vault.point(ref[1])
         if ref[2] is None:
@@ -187,8 +187,8 @@ def _load(src: Source) -> Manifest | str | PointRef:
 class PointRef:
     """A whole recovery point named as ``VAULT::POINT``."""
 
-    vault: Any
-    point: Any
+    vault: Vault
+    point: PointRecord
 
 
 @dataclass
