@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cbt.core.native import fast
 from cbt.core.parallel import Forked, Report, shared_buffer
-from cbt.source.image import ImageSource, open_image
+from cbt.source.base import BlockSource
+from cbt.source.image import open_image
 from cbt.source.plan import (
     BlockRange,
     DiskPlan,
@@ -50,7 +51,7 @@ __all__ = ["DEFAULT_BLOCK_SIZE", "BlockScan", "PendingScan", "Progress", "defaul
 # NamedTuples, not dataclasses, in this module: importing dataclasses (and the
 # inspect module under it) alone costs ``cbt scan`` 5 ms of start-up.
 class _ScanTask(NamedTuple):
-    source: ImageSource
+    source: BlockSource
     block_size: int
     ranges: list[BlockRange]
     digests: memoryview  # flat: 32 bytes per block
@@ -155,7 +156,7 @@ class PendingScan:
     :meth:`cancel` stops the workers.
     """
 
-    def __init__(self, sources: list[ImageSource], block_sizes: list[int],
+    def __init__(self, sources: list[BlockSource], block_sizes: list[int],
                  workers: int) -> None:
         self.started = time.perf_counter()
         self._sources = sources
@@ -225,7 +226,7 @@ def start_scan(disks: Sequence[tuple[str | os.PathLike[str], int]], workers: int
     ``limit`` scans only the first ``limit`` bytes of each (a disk restored
     onto a larger device).
     """
-    opened: list[ImageSource] = []
+    opened: list[BlockSource] = []
     try:
         for path, bs in disks:
             fast.check_block_size(bs)
