@@ -210,3 +210,50 @@ def test_a_block_device_disk(tmp_path: Path) -> None:
             assert_same_disk(tmp_path / f"out{i}" / f"{Path(dev).name}.img", copy, bs)
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.mark.parametrize("pool", ["forked", "threads", "fork processes", "spawn processes"])
+def test_backup_on_any_executor(tmp_path: Path, pool: str) -> None:
+    """The same two points on forked workers or any Executor.  A spawned process shares
+    nothing with this one: its workers open the vault from the storage's spec and load
+    the index themselves, so the second point stores only the day's new blocks."""
+    import multiprocessing
+    from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+
+    from cbt.core.native import fast
+
+    FLAG_DATA = fast.FLAG_DATA
+
+    bs = 16 * KIB
+    disks = {"os": tmp_path / "os.img", "db": tmp_path / "db.img"}
+    make_db_file(disks["db"], 3 * MIB, seed=5)
+    os_data = np.random.default_rng(6).integers(0, 256, 5 * MIB + 77, np.uint8)
+    os_data[MIB:2 * MIB] = 0
+    os_data.tofile(disks["os"])
+    vault = cbt.Vault.init(tmp_path / "vault")
+    executor: Executor | None = None
+    if pool == "threads":
+        executor = ThreadPoolExecutor(2)
+    elif pool.endswith("processes"):
+        executor = ProcessPoolExecutor(
+            2, mp_context=multiprocessing.get_context(pool.split()[0]))
+    try:
+        stored: dict[bytes, int] = {}
+        for day in range(2):
+            if day:
+                mutate(disks["db"], seed=7, page_writes=40, holes=0)
+            want = {lb: block_digests(read(p), bs) for lb, p in disks.items()}
+            point = vault.backup("vm", [f"{lb}={p}" for lb, p in disks.items()],
+                                 block_size=bs, workers=2, executor=executor)
+            new = {d: n for blocks in want.values() for d, n in blocks.items()
+                   if d not in stored}
+            assert point.bytes_new == sum(new.values()), (day, pool)
+            stored.update(new)
+            for d in point.disks:
+                m = vault.resolve(point, d.label)
+                data_rows = np.flatnonzero(m.flags == FLAG_DATA)
+                assert {m.digests[i].tobytes() for i in data_rows} == set(want[d.label])
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    assert vault.verify(data=True)["problems"] == []

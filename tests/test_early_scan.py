@@ -16,7 +16,8 @@ import numpy as np
 from vault_helpers import KIB, MIB, backup_cli, cbt_json, read, truth_changed
 
 import cbt
-import cbt.ops.backup
+from cbt.format.records import PointRecord
+from cbt.ops.backup import BackupRequest, backup
 from cbt.ops.early_scan import start_early_scan
 from cbt.source.disks import DiskSpec
 from cbt.source.scan import BlockScan, start_scan
@@ -53,6 +54,10 @@ def _first_backup(tmp_path: Path, size: int, seed: int) -> tuple[cbt.Vault, Path
     data = _disk(disk, size, seed)
     vault.backup("vm", [f"d={disk}"], block_size=BS)
     return vault, disk, data
+
+
+def _backup(vault: cbt.Vault, spec: DiskSpec, early: Any, wait: float = 0.0) -> PointRecord:
+    return backup(vault, BackupRequest("vm", [spec], wait=wait, early=early))
 
 
 class _Finished:
@@ -126,8 +131,7 @@ def test_disk_written_after_the_early_scan(tmp_path: Path) -> None:
     day1 = data.copy()
     scans = start_scan([(disk, BS)]).wait()
     _write(disk, data, BS, 3 * BS, 31)  # after the scan: blocks 1-3 (1, 2 new; 3 old)
-    point = cbt.ops.backup.backup(vault, "vm", [DiskSpec("d", str(disk))],
-                              early=_Finished(scans))  # type: ignore[arg-type]
+    point = _backup(vault, DiskSpec("d", str(disk)), _Finished(scans))
     want = day1.copy()
     want[BS:3 * BS] = data[BS:3 * BS]  # stored blocks: read again, as they are now
     got = vault.resolve(point, "d")
@@ -142,8 +146,7 @@ def test_disk_resized_after_the_early_scan_is_hashed_again(tmp_path: Path) -> No
     scans = start_scan([(disk, BS)]).wait()
     grown = np.concatenate([data, np.random.default_rng(7).integers(0, 256, MIB, np.uint8)])
     grown.tofile(disk)
-    point = cbt.ops.backup.backup(vault, "vm", [DiskSpec("d", str(disk))],
-                              early=_Finished(scans))  # type: ignore[arg-type]
+    point = _backup(vault, DiskSpec("d", str(disk)), _Finished(scans))
     assert np.array_equal(vault.resolve(point, "d").digests, _digests(grown, BS))
     assert point.disks[0].changed_blocks == truth_changed(data, grown, BS)
 
@@ -159,8 +162,7 @@ def test_snapshot_changed_after_the_early_scan(tmp_path: Path) -> None:
     data.tofile(snap)
     scans = start_scan([(snap, BS)]).wait()
     _write(snap, data, 5 * BS, 2 * BS, 41)  # the snapshot changes after the scan
-    point = cbt.ops.backup.backup(vault, "vm", [DiskSpec("d", str(disk), read_from=str(snap))],
-                              early=_Finished(scans))  # type: ignore[arg-type]
+    point = _backup(vault, DiskSpec("d", str(disk), read_from=str(snap)), _Finished(scans))
     assert np.array_equal(vault.resolve(point, "d").digests, _digests(data, BS))
     assert vault.verify(data=True)["problems"] == []
 
@@ -170,7 +172,7 @@ def test_failed_early_scan_falls_back_to_hashing(tmp_path: Path) -> None:
     _write(disk, data, 3 * BS, 5000, 50)
     early = start_scan([(disk, BS)])
     early.cancel()  # its workers are gone: waiting for it fails
-    point = cbt.ops.backup.backup(vault, "vm", [DiskSpec("d", str(disk))], early=early)
+    point = _backup(vault, DiskSpec("d", str(disk)), early)
     assert np.array_equal(vault.resolve(point, "d").digests, _digests(data, BS))
 
 
@@ -190,8 +192,7 @@ def test_early_scan_dropped_after_a_long_wait_for_the_lock(tmp_path: Path) -> No
          "    time.sleep(2.0)\n", vault.root], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        point = cbt.ops.backup.backup(vault, "vm", [DiskSpec("d", str(disk))], wait=30,
-                                  early=_Finished(scans))  # type: ignore[arg-type]
+        point = _backup(vault, DiskSpec("d", str(disk)), _Finished(scans), wait=30)
     finally:
         holder.wait(timeout=30)
     assert np.array_equal(vault.resolve(point, "d").digests, _digests(data, BS))

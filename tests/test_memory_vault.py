@@ -9,6 +9,7 @@ against the disk images themselves.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -126,8 +127,6 @@ def test_repair_on_memory_storage(tmp_path: Path) -> None:
     assert fixed.repair.damaged_points  # the zeroed pack held blocks of some point
 
 
-@pytest.mark.xfail(strict=False, reason="backup workers still build LocalStorage from a path "
-                   "(wt-backup moves them to open_storage(spec))")
 def test_backup_then_gc_verify_prune_on_memory_storage(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # whatever a worker writes by mistake lands here
@@ -144,6 +143,10 @@ def test_backup_then_gc_verify_prune_on_memory_storage(tmp_path: Path,
     assert gc(v, grace=0).bytes_freed > 0
     assert verify(v, data=True).problems == []
     _read_back(v, v.points()[-1], days[2])
+    # restore workers are forked: each inherits the process's memory storage to read from
+    v.restore(v.points()[-1].id, tmp_path / "out")
+    assert np.array_equal(np.fromfile(tmp_path / "out" / "os.img", np.uint8), days[2])
+    assert sorted(os.listdir(tmp_path)) == ["os.img", "out"], "nothing written beside the disk"
 
 
 def test_local_copy_is_untouched(tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cbt
-from cbt.source.scan import open_disk, scan_blocks
+from cbt.source.image import open_image
+from cbt.source.scan import scan_blocks
 from cbt.source.synth import make_db_file, make_fs_image
 
 KIB = 1024
@@ -256,7 +257,7 @@ def test_loop_device(tmp_path: Path) -> None:
     need(attach.returncode == 0, f"losetup cannot attach a loop device: {attach.stderr.strip()}")
     dev = attach.stdout.strip()
     try:
-        with open_disk(dev) as disk:
+        with open_image(dev) as disk:
             assert disk.kind == "block device"
             assert disk.size == size
         m_dev = cbt.scan(dev, 64 * KIB, workers=2)
@@ -288,7 +289,7 @@ def test_more_than_one_window(tmp_path: Path) -> None:
     Mostly written zeros (cheap to scan), with data straddling every MiB boundary
     and a short tail; then the same image diffed against a copy changed at the seam.
     """
-    from cbt.source.scan import WINDOW
+    from cbt.source.image import WINDOW
 
     size = WINDOW + 2 * MIB + 100
     data = np.zeros(size, dtype=np.uint8)
@@ -366,3 +367,64 @@ def test_package_api_names_after_any_import_order() -> None:
              "from cbt import scan, diff, Manifest, Vault, ChangeSet\n"
              "assert scan is cbt.scan and diff is cbt.diff\n")
     subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+# -- the shard planner and the block source ------------------------------------------------
+
+
+@st.composite
+def disk_plans(draw: st.DrawFn) -> tuple[list[tuple[list[tuple[int, int]], int, int]], int]:
+    disks = []
+    for _ in range(draw(st.integers(1, 4))):
+        bs = 1 << draw(st.integers(12, 16))
+        blocks = draw(st.integers(0, 200))
+        size = max(0, blocks * bs - draw(st.integers(0, bs - 1)))
+        marks = sorted(set(draw(st.lists(st.integers(0, blocks), max_size=8))))
+        ranges = [(lo, hi) for lo, hi in zip(marks[::2], marks[1::2], strict=False) if lo < hi]
+        disks.append((ranges, bs, size))
+    return disks, draw(st.integers(1, 8))
+
+
+@given(disk_plans())
+def test_plan_shards_cover_every_block_once(
+        case: tuple[list[tuple[list[tuple[int, int]], int, int]], int]) -> None:
+    """Shards, in disk order, cover each disk's ranges exactly; every disk has one at least;
+    bytes to read are counted block by block (the last block ends at the disk's end)."""
+    from cbt.source.plan import DiskPlan, bytes_to_read, plan_shards
+
+    disks, parts = case
+    plans = [DiskPlan(r, bs, size) for r, bs, size in disks]
+    shards = plan_shards(plans, parts)
+    assert [s.disk for s in shards] == sorted(s.disk for s in shards)
+    assert {s.disk for s in shards} == set(range(len(disks)))
+    for i, (ranges, bs, size) in enumerate(disks):
+        want = [b for lo, hi in ranges for b in range(lo, hi)]
+        got = [b for s in shards if s.disk == i for lo, hi in s.ranges for b in range(lo, hi)]
+        assert got == want
+        truth = sum(max(0, min(bs, size - b * bs)) for b in want)
+        assert bytes_to_read(ranges, bs, size) == plans[i].to_read == truth
+    total = sum(p.to_read for p in plans)
+    assert len(shards) <= parts + len(disks) or total == 0
+
+
+def test_image_source_reopened_from_its_spec(tmp_path: Path) -> None:
+    """A worker reopens a source from its spec: read up to the planned size (a disk that
+    grew since), refused when it shrank."""
+    from cbt.core.errors import CbtIOError
+    from cbt.source.image import open_source
+
+    img = tmp_path / "d.img"
+    img.write_bytes(b"a" * 10000)
+    with open_image(img, live=True) as src:
+        spec = src.spec()
+        assert (spec.kind, spec.size, spec.live, src.kind) == ("image", 10000, True, "file")
+        assert src.extents() == [(0, 10000)] and src.block_ranges(4096) == [(0, 3)]
+        assert src.change_hints("any base") is None
+    with open(img, "ab") as f:
+        f.write(b"b" * 5000)
+    with open_source(spec) as again:
+        assert again.size == 10000 and again.live
+        assert [len(w) for _, w in again.windows(4096, 0, 3)] == [10000]
+    img.write_bytes(b"a" * 9999)
+    with pytest.raises(CbtIOError, match="shrank"):
+        open_source(spec)

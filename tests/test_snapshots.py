@@ -319,3 +319,32 @@ def test_btrfs_snapshots_the_subvolume_once(tmp_path: Path) -> None:
         assert [ln.split()[-1] for ln in r.stdout.splitlines()] == \
             ["vms/.cbt-snapshots/web.base"], r.stdout
         assert os.path.exists(base)
+
+
+# -- snapshot sets produce block sources ------------------------------------------------------
+
+
+def test_snapshot_set_gives_block_sources(tmp_path: Path) -> None:
+    """``copy`` gives a source reading the copy as taken (not live: a later write to the
+    disk is not seen); ``none`` gives the live disk itself."""
+    from cbt.source.snapshot import take
+
+    disks = {"os": str(make_disk(tmp_path / "os.img", MIB + 5, seed=7)),
+             "db": str(make_disk(tmp_path / "db.img", MIB, seed=8))}
+    before = {lb: read(Path(p)) for lb, p in disks.items()}
+    snaps = take("web", "job1", disks, {"os": "copy", "db": "none"}, str(tmp_path / "snaps"))
+    try:
+        scribble(Path(disks["os"]), seed=9)
+        scribble(Path(disks["db"]), seed=10)
+        for label, live, want in (("os", False, before["os"]), ("db", True, read(tmp_path /
+                                                                             "db.img"))):
+            assert snaps.disk(label, disks[label]).live is live
+            with snaps.source(label, disks[label]) as src:
+                assert (src.live, src.size) == (live, len(want))
+                assert (src.path == disks[label]) is live
+                got = b"".join(bytes(w) for _, w in src.windows(BS, 0, -(-src.size // BS)))
+                assert got == want.tobytes(), label
+                assert src.change_hints(None) is None
+    finally:
+        snaps.discard()
+    assert files_in(tmp_path / "snaps" / "web") == []

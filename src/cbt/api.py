@@ -40,14 +40,15 @@ class Vault(_RepoVault):
                early: PendingScan | None = None) -> PointRecord:
         """Back up ``disks`` (``DiskSpec``s, ``LABEL=PATH`` or ``PATH`` strings) of ``vm``.
 
-        See :func:`cbt.ops.backup.backup` for the arguments.
+        See :class:`cbt.ops.backup.BackupRequest` for the arguments.
         """
-        from cbt.ops.backup import backup
+        from cbt.ops.backup import BackupRequest, backup
 
         specs = [d if isinstance(d, DiskSpec) else parse_disk_arg(os.fspath(d)) for d in disks]
-        return backup(self, vm, specs, block_size=block_size, workers=workers,
-                      progress=progress, wait=wait, created=created, consistency=consistency,
-                      executor=executor, slot=slot, early=early)
+        return backup(self, BackupRequest(
+            vm, specs, block_size=block_size, workers=workers, progress=progress, wait=wait,
+            created=created, consistency=consistency, executor=executor, slot=slot,
+            early=early))
 
     def restore(self, point: str, to: str | os.PathLike[str], force: bool = False,
                 workers: int | None = None, progress: Callable[[int, int], None] | None = None,

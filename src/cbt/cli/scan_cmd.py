@@ -36,10 +36,10 @@ def run(args: argparse.Namespace) -> int:
         result = scan_blocks(args.image, bs, args.workers, progress)
     if args.output:
         result.manifest().write(args.output)
-    s = result.summary()
     if args.json:
-        print_json({**s, "warnings": []})
+        print_json(result.to_dict())
         return EXIT_OK
+    s = result.summary()
     rate = s["bytes_read"] / s["seconds"] / 1e9 if s["seconds"] else 0.0
     print(f"{s['path']}: {human_bytes(s['size'])} ({s['size']} bytes), {s['blocks']} blocks "
           f"of {format_size(bs)}")

@@ -49,7 +49,7 @@ from cbt.format.records import PointRecord, new_point_id
 from cbt.jobs.config import Config, VMConfig
 from cbt.jobs.config import load as load_config
 from cbt.jobs.hooks import HookResult, run_hook
-from cbt.ops.backup import BackupProgress, backup_locked
+from cbt.ops.backup import BackupProgress, BackupRequest, backup_locked
 from cbt.repo.lock import writer_lock
 from cbt.repo.registry import (
     JobDisk,
@@ -265,13 +265,12 @@ class Job:
         specs = [DiskSpec(label, path, read_from=snaps.read_paths[label])
                  for label, path in vmc.disks.items()]
         consistency = _consistency(vmc, self.pre, snaps)
-        return backup_locked(self.vault, vmc.name, specs, block_size=vmc.block_size,
-                             workers=request.workers, progress=request.progress,
-                             created=request.created, consistency=consistency,
-                             executor=request.executor, point_id=self.point_id,
-                             warnings=self.warnings, slot=request.slot,
-                             before_commit=self.post_hook,
-                             ignore_stop_signals=request.finish_on_stop_signal)
+        return backup_locked(self.vault, BackupRequest(
+            vmc.name, specs, block_size=vmc.block_size, workers=request.workers,
+            progress=request.progress, created=request.created, consistency=consistency,
+            executor=request.executor, point_id=self.point_id, warnings=self.warnings,
+            slot=request.slot, before_commit=self.post_hook,
+            ignore_stop_signals=request.finish_on_stop_signal))
 
     def keep_snapshots(self, point: PointRecord, snaps: SnapshotSet) -> None:
         """Step 7: keep the tracking bases (and, for instant restore, the rest); register them."""

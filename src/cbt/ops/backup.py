@@ -1,35 +1,47 @@
 """Backup: one recovery point of a VM's disks, sending only blocks the vault lacks.
 
-1. Take the vault's writer lock; remove what a killed run left (temporary
+A :class:`BackupRequest` says what to back up and how; :func:`backup` runs it:
+
+1. Lock: take the vault's writer lock (:func:`backup`; a job holding it calls
+   :func:`backup_locked`) and remove what a killed run left (temporary
    files, manifests of points never committed).  Packs a killed run finished
    stay: the index picks them up from their trailers, so their blocks are not
    sent again (resume, not restart).
-2. Load the index.  Open every disk (errors now, before any work), fix its
-   block size (a disk keeps the block size of its first backup) and find its
-   previous point.
-3. Split the disks into shards (every disk at least one, all cores busy) and
-   run one forked worker per shard.  A worker maps its blocks in windows,
-   hashes them with the core into shared arrays, looks the window's digests up
-   in the index in one vectorised call, and appends the missing blocks,
-   compressed, to packs of a few MiB that it writes durably as they fill.
-4. Assemble each disk's manifest; count the blocks that differ from the
-   disk's previous point (``cbt diff`` rules); write a full manifest (first
-   backup) or a delta against the skip-chain base (see ``vault.points``).
-5. Write an index segment for the new packs (one entry per digest, however
-   many workers raced to store it), then the point record: its rename is the
-   commit.  A crash anywhere before leaves earlier points untouched.
+2. Plan (:func:`plan`): load the index; open every disk as a block source
+   (errors now, before any work), fix its block size (a disk keeps the block
+   size of its first backup), find its previous point and its data extents;
+   take the digests of an early scan that covers it; cut the disks into
+   shards of about equal bytes (:func:`cbt.source.plan.plan_shards`).
+3. Transfer (:func:`transfer`): one worker per shard, forked or on any
+   ``concurrent.futures.Executor``.  A worker is handed the storage's spec and
+   the run's index (:class:`WorkerVault`), reopens its disk from the source's
+   spec, runs the one hash loop (:func:`cbt.source.read.hash_shard`), looks
+   each window's digests up in the index in one vectorised call, and appends
+   the missing blocks, compressed, to packs of a few MiB that a thread of its
+   own writes durably as they fill.
+4. Commit (:func:`commit`): assemble each disk's manifest; count the blocks
+   that differ from the disk's previous point (``cbt diff`` rules); write a
+   full manifest (first backup) or a delta against the skip-chain base (see
+   ``vault.points``); then, under the gc lock, an index segment for the new
+   packs (one entry per digest, however many workers raced to store it) and
+   the point record: its rename is the commit.  A crash anywhere before
+   leaves earlier points untouched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import functools
+import mmap
 import os
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +50,6 @@ import numpy.typing as npt
 
 from cbt.core.durable import prepare_crash_counter
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
-from cbt.core.extents import data_extents
 from cbt.core.native import fast
 from cbt.core.parallel import Report, fork_map
 from cbt.core.sizes import format_size
@@ -56,18 +67,21 @@ from cbt.format.records import (
 from cbt.ops.diff import diff_manifests
 from cbt.repo import index as index_mod
 from cbt.repo.lock import gc_lock, writer_lock
+from cbt.repo.storage import Storage, StorageSpec, open_storage
 from cbt.repo.vault import Vault
+from cbt.source.base import SourceSpec
 from cbt.source.disks import DiskSpec
-from cbt.source.scan import (
+from cbt.source.image import open_source
+from cbt.source.plan import (
     BlockRange,
-    BlockScan,
-    PendingScan,
-    block_ranges,
+    DiskPlan,
+    Shard,
+    bytes_to_read,
     default_workers,
-    open_disk,
-    split_ranges,
-    windows,
+    plan_shards,
 )
+from cbt.source.read import hash_shard
+from cbt.source.scan import BlockScan, PendingScan
 
 # Default block size of a disk's first backup, chosen by bench/block_size.py: on a
 # database-like file with 1% of its 4 KiB pages rewritten, 16K blocks store 3.3x
@@ -76,55 +90,336 @@ from cbt.source.scan import (
 DEFAULT_BACKUP_BLOCK_SIZE = 16 << 10
 PACKS_IN_FLIGHT = 2  # full packs of a worker queued for its writing thread
 EARLY_SCAN_MAX_WAIT = 1.0  # seconds waited for the lock after which an early scan is dropped
+# shards per worker on an Executor: more shards than workers, so progress moves as they finish
+EXECUTOR_SHARDS_PER_WORKER = 4
 
 # (vm, label, bytes_done, bytes_total) a few times a second
 BackupProgress = Callable[[str, str, int, int], None]
 
 
-# The index of the run in progress, set before workers start: forked workers and
-# threads share it; a worker elsewhere (another host, a spawned process) loads
-# the index itself and keeps it for the next shard of the same run.
-_RUN_INDEX: tuple[tuple[str, ...], index_mod.Index] | None = None
+@dataclass(frozen=True)
+class BackupRequest:
+    """What to back up, and how: everything :func:`backup` needs to know.
+
+    ``block_size`` applies to a disk's first backup (later ones keep it);
+    ``workers`` defaults to one per core; ``wait`` is how long to wait for the
+    writer lock; ``executor`` runs the shards instead of forked workers;
+    ``early`` is a scan of the disks started beforehand
+    (:func:`cbt.ops.early_scan.start_early_scan`).  The last three fields are
+    for a caller that holds the writer lock (a job, :func:`backup_locked`):
+    the point's id, warnings so far, and ``before_commit``, run when every disk
+    is read, whose warnings go into the point (a job's post hook after a live
+    read).  With ``ignore_stop_signals`` forked workers ignore SIGTERM and
+    SIGINT, so a daemon's job in flight finishes.
+    """
+
+    vm: str
+    disks: Sequence[DiskSpec]
+    block_size: int | None = None
+    workers: int | None = None
+    progress: BackupProgress | None = None
+    wait: float = 0.0
+    created: str | None = None
+    consistency: tuple[str, str] = ("crash", "live read")
+    executor: Executor | None = None
+    slot: str | None = None
+    early: PendingScan | None = None
+    point_id: str | None = None
+    warnings: Sequence[str] = ()
+    before_commit: Callable[[], list[str]] | None = None
+    ignore_stop_signals: bool = False  # forked workers ignore SIGTERM/SIGINT (a daemon's job)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "disks", tuple(self.disks))
+        object.__setattr__(self, "warnings", tuple(self.warnings))
+
+    def check(self) -> None:
+        """Names, labels and block size, before anything runs."""
+        check_name("VM name", self.vm)
+        if not self.disks:
+            raise CbtValueError("no disks to back up")
+        labels = [d.label for d in self.disks]
+        for label in labels:
+            check_name("disk label", label)
+        if len(set(labels)) != len(labels):
+            raise CbtValueError(f"two disks share a label: {labels}")
+        if self.block_size is not None:
+            fast.check_block_size(self.block_size)
 
 
-def _index_for(vault_root: str, token: tuple[str, ...]) -> index_mod.Index:
-    global _RUN_INDEX
-    if _RUN_INDEX is None or _RUN_INDEX[0] != token:
-        from cbt.repo.storage import LocalStorage
+def backup(vault: Vault, request: BackupRequest) -> PointRecord:
+    """Back up the request's disks into ``vault``; returns the committed point.
 
-        _RUN_INDEX = (token, index_mod.load(LocalStorage(vault_root)))
-    return _RUN_INDEX[1]
+    Takes the vault's writer lock, waiting up to ``request.wait`` seconds.
+    """
+    early = request.early
+    try:
+        request.check()
+        prepare_crash_counter()
+        asked = time.monotonic()
+        with writer_lock(vault.storage, request.wait):
+            if early is not None and time.monotonic() - asked > EARLY_SCAN_MAX_WAIT:
+                early.cancel()  # it saw the disks too long before the point was taken
+                request = dataclasses.replace(request, early=None)
+            return backup_locked(vault, request)
+    finally:
+        if early is not None:
+            early.cancel()
 
 
-def _index_token(index: index_mod.Index) -> tuple[str, ...]:
-    return (*index.segments, "|", *index.orphans)
+def backup_locked(vault: Vault, request: BackupRequest) -> PointRecord:
+    """:func:`backup` for a caller that already holds the writer lock (a job)."""
+    started = time.perf_counter()
+    request.check()
+    vault.clean_leftovers(vault.leftovers())
+    planned = plan(vault, request)
+    results = transfer(vault, request, planned)
+    if request.before_commit is not None:
+        planned.warnings += request.before_commit()
+    return commit(vault, request, planned, results, started)
+
+
+# -- 2. plan ---------------------------------------------------------------------------
+
+
+@dataclass
+class PlannedDisk:
+    """One disk of the run: what is read, and (after the transfer) what was found."""
+
+    spec: DiskSpec
+    source: SourceSpec
+    block_size: int
+    parent: DiskRecord | None
+    seq: int
+    ranges: list[BlockRange]
+    digests: npt.NDArray[np.uint8]
+    flags: npt.NDArray[np.uint8]
+    early: BlockScan | None = None  # the disk's early scan, when one matches
+    bytes_read: int = 0
+    bytes_new: int = 0  # of the blocks this run stored: their raw and stored bytes
+    bytes_stored: int = 0
+    seconds: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return self.source.size
+
+    @property
+    def to_read(self) -> int:
+        return bytes_to_read(self.ranges, self.block_size, self.size)
 
 
 @dataclass(frozen=True)
-class _Shard:
+class ShardTask:
     """One worker's share of one disk: picklable, so any Executor can run it."""
 
     disk: int  # position in the run's disk list
     label: str
-    path: str  # what to read (the snapshot, or the disk itself)
-    size: int
+    source: SourceSpec  # what to read (the snapshot, or the disk itself)
     block_size: int
     ranges: list[BlockRange]
-    vault_root: str
-    index_token: tuple[str, ...]
-    live: bool = False
     # the whole disk's digests and flags from an early scan (shared memory, so only
     # for forked workers): the shard then hashes nothing and reads only new blocks
-    prehash: tuple[Any, Any] | None = None
+    prehash: tuple[mmap.mmap, mmap.mmap] | None = None
+
+    @property
+    def blocks(self) -> int:
+        return sum(hi - lo for lo, hi in self.ranges)
 
 
 @dataclass
-class _ShardResult:
+class Plan:
+    """The run's plan: the index it deduplicates against, its disks and shards."""
+
+    index: index_mod.Index
+    prev: PointRecord | None
+    disks: list[PlannedDisk]
+    shards: list[ShardTask]
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan(vault: Vault, request: BackupRequest) -> Plan:
+    """Load the index, open and map every disk, take the early scan, cut shards."""
+    warnings = list(request.warnings)
+    index = vault.load_index(warnings)
+    prev = vault.latest(request.vm)
+    disks = [_plan_disk(prev, spec, request.block_size) for spec in request.disks]
+    early = request.early
+    if early is not None:
+        if request.executor is None:  # (its results live in shared memory: forked workers only)
+            _take_early_scan(early, disks, request)
+        early.cancel()
+    workers = request.workers or default_workers()
+    if request.executor is not None:
+        workers *= EXECUTOR_SHARDS_PER_WORKER
+    shards = plan_shards([DiskPlan(d.ranges, d.block_size, d.size) for d in disks], workers)
+    return Plan(index, prev, disks, [_shard_task(disks[s.disk], s) for s in shards], warnings)
+
+
+def _plan_disk(prev: PointRecord | None, spec: DiskSpec, block_size: int | None) -> PlannedDisk:
+    parent = prev.disk(spec.label) if prev else None
+    bs = parent.block_size if parent else (block_size or DEFAULT_BACKUP_BLOCK_SIZE)
+    with spec.open() as source:
+        if parent and block_size and block_size != parent.block_size:
+            raise CbtValueError(
+                f"disk {spec.label}: block size is fixed at {format_size(parent.block_size)} "
+                f"by its first backup; --block-size {format_size(block_size)} differs")
+        n = fast.nblocks(source.size, bs)
+        return PlannedDisk(spec=spec, source=source.spec(), block_size=bs, parent=parent,
+                     seq=parent.seq + 1 if parent else 0, ranges=source.block_ranges(bs),
+                     digests=np.zeros((n, fast.DIGEST_SIZE), dtype=np.uint8),
+                     flags=np.full(n, fast.FLAG_HOLE, dtype=np.uint8))
+
+
+def _shard_task(disk: PlannedDisk, shard: Shard) -> ShardTask:
+    early = (disk.early.digests, disk.early.flags) if disk.early is not None else None
+    return ShardTask(shard.disk, disk.spec.label, disk.source, disk.block_size, shard.ranges,
+                     early)
+
+
+def _take_early_scan(early: PendingScan, disks: list[PlannedDisk], request: BackupRequest) -> None:
+    """Wait for the early scan; each disk it covers (same file, size, block size) takes its result.
+
+    Only disks with a previous point use it: a first backup stores every block,
+    and reads each once, hashing and storing it in the same pass.
+    """
+    match: dict[int, PlannedDisk] = {}
+    for k, (source, block_size, size) in enumerate(early.disks()):
+        for d in disks:
+            if (d.parent is not None and all(d is not e for e in match.values())
+                    and os.path.abspath(d.source.path) == source
+                    and (d.block_size, d.size) == (block_size, size)):
+                match[k] = d
+                break
+    progress = request.progress
+
+    def report(k: int, done: int, total: int) -> None:
+        if progress and k in match:
+            progress(request.vm, match[k].spec.label, done, total)
+
+    if not match:
+        return
+    try:
+        scans = early.wait(disk_progress=report)
+    except (CbtError, OSError):  # the early scan is only a head start: hash as usual
+        return
+    for k, d in match.items():
+        d.early = scans[k]
+
+
+# -- 3. transfer -------------------------------------------------------------------------
+
+
+class WorkerVault:
+    """What a worker is handed of the vault: its storage's spec and the run's index.
+
+    Made once per run.  Forked workers and threads share the parent's loaded
+    index; pickled for a worker process, it carries only the spec and the
+    index's identity (its segments), and the worker loads the index itself,
+    once per process and run (:func:`_worker_vault`).
+    """
+
+    def __init__(self, storage: StorageSpec, token: tuple[str, ...],
+                 cache: index_mod.IndexCache | None = None) -> None:
+        self.storage = storage
+        self.token = token
+        self._cache = cache or index_mod.IndexCache()
+
+    @classmethod
+    def of(cls, vault: Vault, index: index_mod.Index) -> WorkerVault:
+        return cls(vault.storage.spec(), index.token(), index_mod.IndexCache(index))
+
+    def open_storage(self) -> Storage:
+        return open_storage(self.storage)
+
+    def index(self) -> index_mod.Index:
+        return self._cache.get(self.open_storage(), self.token)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_worker_vault, (self.storage, self.token))
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_vault(storage: StorageSpec, token: tuple[str, ...]) -> WorkerVault:
+    """A worker process's copy of a run's WorkerVault: one per (storage, index), so the
+    shards of one run on one process load the index once."""
+    return WorkerVault(storage, token)
+
+
+def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardResult]:
+    """Run every shard (forked workers, or the request's Executor); results in shard order."""
+    worker_vault = WorkerVault.of(vault, planned.index)
+    report = _progress_report(request, planned)
+    if request.executor is None:
+        return fork_map(functools.partial(_labelled_shard, worker_vault), planned.shards,
+                        report, ignore_stop_signals=request.ignore_stop_signals)
+    return _on_executor(request.executor, worker_vault, planned.shards, report)
+
+
+def _progress_report(request: BackupRequest,
+                     planned: Plan) -> Callable[[list[int]], None] | None:
+    """Bytes done per disk from bytes done per shard, for the request's progress."""
+    progress = request.progress
+    if progress is None:
+        return None
+    disks, shards = planned.disks, planned.shards
+    totals = [d.to_read for d in disks]
+
+    def report(done: list[int]) -> None:
+        # (a disk of the early scan counted its bytes then: it stays full)
+        per_disk = [tot if d.early else 0 for d, tot in zip(disks, totals, strict=True)]
+        for s, n in zip(shards, done, strict=True):
+            if not disks[s.disk].early:
+                per_disk[s.disk] += int(n)
+        for d, n, tot in zip(disks, per_disk, totals, strict=True):
+            progress(request.vm, d.spec.label, n, tot)
+
+    return report
+
+
+def _on_executor(executor: Executor, worker_vault: WorkerVault, shards: list[ShardTask],
+                 report: Callable[[list[int]], None] | None) -> list[ShardResult]:
+    done = [0] * len(shards)
+    futures = {executor.submit(_run_shard, worker_vault, s): k for k, s in enumerate(shards)}
+    results: list[ShardResult | None] = [None] * len(shards)
+    try:
+        for fut in as_completed(futures):
+            k = futures[fut]
+            result = results[k] = fut.result()
+            done[k] = result.bytes_read
+            if report:
+                report(done)
+    except BaseException:
+        for fut in futures:
+            fut.cancel()
+        raise
+    return [r for r in results if r is not None]
+
+
+def _run_shard(worker_vault: WorkerVault, shard: ShardTask) -> ShardResult:
+    """Entry point for an Executor (no progress counter to report to)."""
+    return _labelled_shard(worker_vault, shard, lambda n: None)
+
+
+def _labelled_shard(worker_vault: WorkerVault, shard: ShardTask, report: Report) -> ShardResult:
+    """Run a shard; an error says which disk it concerns."""
+    try:
+        return _transfer_shard(worker_vault, shard, report)
+    except OSError as exc:
+        raise CbtIOError(exc.errno, f"disk {shard.label}: {exc.strerror or exc}") from None
+    except CbtError as exc:
+        raise CbtIOError(errno.EIO, f"disk {shard.label}: {exc}") from None
+
+
+@dataclass
+class ShardResult:
+    """What a worker sends back: its blocks' digests and flags, and the blocks it stored."""
+
     disk: int
     bytes_read: int
     block_digests: npt.NDArray[np.uint8]  # the shard's blocks, in range order
     block_flags: npt.NDArray[np.uint8]
-    digests: npt.NDArray[np.uint8]
+    digests: npt.NDArray[np.uint8]  # the blocks it stored, and where
     pack_uuid: npt.NDArray[np.uint8]
     offset: npt.NDArray[np.uint64]
     stored: npt.NDArray[np.uint32]
@@ -132,101 +427,35 @@ class _ShardResult:
     seconds: float
 
 
-def _backup_shard(task: _Shard, report: Report) -> _ShardResult:
+# (digest, pack uuid, offset, stored length, raw length) of a block a shard stored
+_Entry = tuple[bytes, bytes, int, int, int]
+
+
+def _transfer_shard(worker_vault: WorkerVault, shard: ShardTask, report: Report) -> ShardResult:
     """Hash a shard's blocks and store those the vault lacks (runs in a worker)."""
-    from cbt.repo.storage import LocalStorage
-
     started = time.perf_counter()
-    index = _index_for(task.vault_root, task.index_token)
-    storage = LocalStorage(task.vault_root)
-    bs = task.block_size
-    count = sum(hi - lo for lo, hi in task.ranges)
-    all_digests = np.zeros((count, fast.DIGEST_SIZE), dtype=np.uint8)
-    all_flags = np.zeros(count, dtype=np.uint8)
-    disk = open_disk(task.path)
-    if disk.size < task.size:
-        disk.close()
-        raise CbtIOError(errno.EIO, f"{task.path} shrank while it was read")
-    stored_here: set[bytes] = set()
-    entries: list[tuple[bytes, bytes, int, int, int]] = []
-    writer = PackWriter()
-    bytes_read = 0
-    # A full pack is written and fsynced by a thread of its own while this one goes
-    # on hashing and compressing; at most PACKS_IN_FLIGHT wait in memory for it.
-    putter = ThreadPoolExecutor(max_workers=1)
-    in_flight: deque[tuple[Future[None], PackWriter]] = deque()
-
-    def settle(keep: int) -> None:
-        while len(in_flight) > keep:
-            fut, done = in_flight.popleft()
-            fut.result()  # a failed write (ENOSPC...) fails the shard here
-            pid = uuid.UUID(hex=done.pack_id).bytes
-            entries.extend((d, pid, off, st, raw) for d, off, st, raw in done.entries)
-
-    def flush() -> None:
-        nonlocal writer
-        if writer.entries:
-            settle(PACKS_IN_FLIGHT - 1)
-            in_flight.append((putter.submit(storage.put, pack_name(writer.pack_id),
-                                            writer.finish()), writer))
-        writer = PackWriter()
-
-    try:
-        base = 0  # position of the current range's first block in all_digests
-        for lo, hi in task.ranges:
-            for first, m in windows(disk.fd, task.size, bs, lo, hi, task.path,
-                                    read_ahead=task.prehash is None):
-                n = fast.nblocks(len(m), bs)
-                at = base + first - lo
-                digests = all_digests[at:at + n]
-                flags = all_flags[at:at + n]
-                if task.prehash is not None:
-                    digests[:] = np.frombuffer(task.prehash[0], np.uint8, n * fast.DIGEST_SIZE,
-                                               first * fast.DIGEST_SIZE).reshape(n, -1)
-                    flags[:] = np.frombuffer(task.prehash[1], np.uint8, n, first)
-                else:
-                    try:
-                        fast.hash_blocks(m, bs, digests, flags)
-                    except OSError as exc:
-                        raise CbtIOError(exc.errno, f"read error in {task.path} near byte "
-                                         f"{first * bs}: {exc.strerror}") from None
-                data_rows = np.nonzero(flags == fast.FLAG_DATA)[0]
-                if len(data_rows):
-                    missing = data_rows[index.lookup(digests[data_rows]) < 0]
-                    with memoryview(m) as view:  # released before the window is unmapped
-                        for row in missing.tolist():
-                            d = digests[row].tobytes()
-                            if d in stored_here:
-                                continue
-                            stored_here.add(d)
-                            off = row * bs
-                            # (an early scan's digest is older than the bytes read
-                            # now, snapshot or not: they are hashed again as copied)
-                            if task.live or task.prehash is not None:
-                                actual = _add_live(writer, digests, flags, row,
-                                                   view[off:off + bs], d)
-                                if actual != d:  # changed under us: d itself was not stored
-                                    stored_here.discard(d)
-                                    stored_here.add(actual)
-                            else:
-                                with view[off:off + bs] as block:
-                                    writer.add(d, block)
-                            if len(writer) >= TARGET_PACK_SIZE:
-                                flush()
-                bytes_read += len(m)
-                report(len(m))
-            base += hi - lo
-        flush()
-        settle(0)
-    finally:
-        disk.close()
-        putter.shutdown(wait=True, cancel_futures=True)
+    bs = shard.block_size
+    index = worker_vault.index()
+    digests = np.zeros((shard.blocks, fast.DIGEST_SIZE), dtype=np.uint8)
+    flags = np.zeros(shard.blocks, dtype=np.uint8)
+    # (an early scan's digest is older than the bytes read now, snapshot or not: a
+    # stored block is hashed again as it is copied, as on a live disk)
+    store = _Store(index, bs, rehash=shard.source.live or shard.prehash is not None)
+    with open_source(shard.source) as source, _PackSink(worker_vault.open_storage()) as sink:
+        rows = hash_shard(source, bs, shard.ranges, digests.reshape(-1).data, flags.data, report,
+                          packed=True, prehashed=shard.prehash)
+        with closing(rows):
+            for at, window in rows:
+                n = fast.nblocks(len(window), bs)
+                with memoryview(window) as view:  # released before the window is unmapped
+                    store.missing(sink, digests[at:at + n], flags[at:at + n], view)
+        entries = sink.finish()
     k = len(entries)
-    return _ShardResult(
-        disk=task.disk,
-        bytes_read=bytes_read,
-        block_digests=all_digests,
-        block_flags=all_flags,
+    return ShardResult(
+        disk=shard.disk,
+        bytes_read=bytes_to_read(shard.ranges, bs, shard.source.size),
+        block_digests=digests,
+        block_flags=flags,
         digests=np.frombuffer(b"".join(e[0] for e in entries), np.uint8).reshape(k, 32),
         pack_uuid=np.frombuffer(b"".join(e[1] for e in entries), np.uint8).reshape(k, 16),
         offset=np.array([e[2] for e in entries], dtype=np.uint64),
@@ -236,91 +465,40 @@ def _backup_shard(task: _Shard, report: Report) -> _ShardResult:
     )
 
 
-@dataclass
-class _DiskPlan:
-    spec: DiskSpec
-    size: int
-    block_size: int
-    parent: DiskRecord | None
-    seq: int
-    ranges: list[BlockRange]
-    digests: np.ndarray
-    flags: np.ndarray
-    early: BlockScan | None = None  # the disk's early scan, when one matches
+class _Store:
+    """Which blocks of a window a shard stores: data blocks the index lacks, each once."""
+
+    def __init__(self, index: index_mod.Index, block_size: int, rehash: bool) -> None:
+        self.index = index
+        self.block_size = block_size
+        self.rehash = rehash
+        self.seen: set[bytes] = set()  # digests this shard stored
+
+    def missing(self, sink: _PackSink, digests: npt.NDArray[np.uint8],
+                flags: npt.NDArray[np.uint8], view: memoryview) -> None:
+        """Store the window's missing blocks (``digests``/``flags``: the window's rows)."""
+        data_rows = np.nonzero(flags == fast.FLAG_DATA)[0]
+        if not len(data_rows):
+            return
+        bs = self.block_size
+        for row in data_rows[self.index.lookup(digests[data_rows]) < 0].tolist():
+            d = digests[row].tobytes()
+            if d in self.seen:
+                continue
+            self.seen.add(d)
+            block = view[row * bs:(row + 1) * bs]
+            if not self.rehash:
+                with block:
+                    sink.add(d, block)
+                continue
+            actual = _add_live(sink, digests, flags, row, block, d)
+            if actual != d:  # changed under us: d itself was not stored
+                self.seen.discard(d)
+                self.seen.add(actual)
 
 
-def _plan_disks(prev: PointRecord | None, disks: Sequence[DiskSpec],
-                block_size: int | None) -> list[_DiskPlan]:
-    plans = []
-    for spec in disks:
-        with open_disk(spec.source) as disk:
-            parent = prev.disk(spec.label) if prev else None
-            bs = parent.block_size if parent else (block_size or DEFAULT_BACKUP_BLOCK_SIZE)
-            if parent and block_size and block_size != parent.block_size:
-                raise CbtValueError(
-                    f"disk {spec.label}: block size is fixed at {format_size(parent.block_size)} "
-                    f"by its first backup; --block-size {format_size(block_size)} differs")
-            n = fast.nblocks(disk.size, bs)
-            plans.append(_DiskPlan(
-                spec=spec, size=disk.size, block_size=bs, parent=parent,
-                seq=parent.seq + 1 if parent else 0,
-                ranges=block_ranges(data_extents(disk.fd, disk.size), bs),
-                digests=np.zeros((n, fast.DIGEST_SIZE), dtype=np.uint8),
-                flags=np.full(n, fast.FLAG_HOLE, dtype=np.uint8)))
-    return plans
-
-
-def _shards(plans: list[_DiskPlan], parts_total: int, vault_root: str,
-            token: tuple[str, ...]) -> list[_Shard]:
-    """Shards of about equal size: every disk at least one, a large disk several.
-
-    There may be a few more shards than workers (two disks of 1.7 and 0.9 GB on
-    two cores make three); the kernel shares the cores, and all finish together.
-    """
-    total = sum(sum(hi - lo for lo, hi in p.ranges) for p in plans)
-    quota = max(1, -(-total // parts_total))
-    out: list[_Shard] = []
-    for i, p in enumerate(plans):
-        blocks = sum(hi - lo for lo, hi in p.ranges)
-        pieces = split_ranges(p.ranges, max(1, -(-blocks // quota))) or [[]]
-        prehash = (p.early.digests, p.early.flags) if p.early is not None else None
-        out.extend(_Shard(i, p.spec.label, p.spec.source, p.size, p.block_size, r, vault_root,
-                          token, p.spec.live, prehash) for r in pieces)
-    return out
-
-
-def _take_early_scan(early: PendingScan, plans: list[_DiskPlan], vm: str,
-                     progress: BackupProgress | None) -> None:
-    """Wait for the early scan; each disk it covers (same file, size, block size) takes its result.
-
-    Only disks with a previous point use it: a first backup stores every block,
-    and reads each once, hashing and storing it in the same pass.
-    """
-    match: dict[int, _DiskPlan] = {}
-    for k, (source, block_size, size) in enumerate(early.disks()):
-        for p in plans:
-            if (p.parent is not None and all(p is not q for q in match.values())
-                    and os.path.abspath(p.spec.source) == source
-                    and (p.block_size, p.size) == (block_size, size)):
-                match[k] = p
-                break
-
-    def report(k: int, done: int, total: int) -> None:
-        if progress and k in match:
-            progress(vm, match[k].spec.label, done, total)
-
-    if not match:
-        return
-    try:
-        scans = early.wait(disk_progress=report)
-    except (CbtError, OSError):  # the early scan is only a head start: hash as usual
-        return
-    for k, p in match.items():
-        p.early = scans[k]
-
-
-def _add_live(writer: PackWriter, digests: np.ndarray, flags: np.ndarray, row: int,
-              block_view: memoryview, digest: bytes) -> bytes:
+def _add_live(sink: _PackSink, digests: npt.NDArray[np.uint8], flags: npt.NDArray[np.uint8],
+              row: int, block_view: memoryview, digest: bytes) -> bytes:
     """Store a block of a disk read live: copy it, and record what the copy holds.
 
     The disk may have been written since the window was hashed; the point then
@@ -338,203 +516,78 @@ def _add_live(writer: PackWriter, digests: np.ndarray, flags: np.ndarray, row: i
             flags[row] = fast.FLAG_ZERO
             return actual
         digests[row] = np.frombuffer(actual, dtype=np.uint8)
-    writer.add(actual, block)
+    sink.add(actual, block)
     return actual
 
 
-def _run_shard(task: _Shard) -> _ShardResult:
-    """Entry point for an Executor (no progress counter to report to)."""
-    return _labelled_shard(task, lambda n: None)
+class _PackSink:
+    """A shard's packs: filled here, each written durably by a thread of its own.
 
-
-def _labelled_shard(task: _Shard, report: Report) -> _ShardResult:
-    """Run a shard; an error says which disk it concerns."""
-    try:
-        return _backup_shard(task, report)
-    except OSError as exc:
-        raise CbtIOError(exc.errno, f"disk {task.label}: {exc.strerror or exc}") from None
-    except CbtError as exc:
-        raise CbtIOError(errno.EIO, f"disk {task.label}: {exc}") from None
-
-
-def _run_shards(tasks: list[_Shard], executor: Executor | None,
-                report: Callable[[list[int]], None] | None,
-                ignore_stop_signals: bool = False) -> list[_ShardResult]:
-    if executor is None:
-        return fork_map(_labelled_shard, tasks, report, ignore_stop_signals=ignore_stop_signals)
-    done = [0] * len(tasks)
-    futures = {executor.submit(_run_shard, t): k for k, t in enumerate(tasks)}
-    results: list[_ShardResult | None] = [None] * len(tasks)
-    try:
-        for fut in as_completed(futures):
-            k = futures[fut]
-            results[k] = fut.result()
-            done[k] = results[k].bytes_read  # type: ignore[union-attr]
-            if report:
-                report(done)
-    except BaseException:
-        for fut in futures:
-            fut.cancel()
-        raise
-    return [r for r in results if r is not None]
-
-
-def check_disks(vm: str, disks: Sequence[DiskSpec], block_size: int | None) -> None:
-    """Names, labels and block size, before anything runs."""
-    check_name("VM name", vm)
-    if not disks:
-        raise CbtValueError("no disks to back up")
-    labels = [d.label for d in disks]
-    for label in labels:
-        check_name("disk label", label)
-    if len(set(labels)) != len(labels):
-        raise CbtValueError(f"two disks share a label: {labels}")
-    if block_size is not None:
-        fast.check_block_size(block_size)
-
-
-def backup(vault: Vault, vm: str, disks: Sequence[DiskSpec], block_size: int | None = None,
-           workers: int | None = None, progress: BackupProgress | None = None,
-           wait: float = 0.0, created: str | None = None,
-           consistency: tuple[str, str] = ("crash", "live read"),
-           executor: Executor | None = None, slot: str | None = None,
-           early: PendingScan | None = None) -> PointRecord:
-    """Back up ``disks`` of ``vm`` into ``vault``; returns the committed point.
-
-    Takes the vault's writer lock (waiting up to ``wait`` seconds).  The work
-    runs on forked workers (``workers``, default one per core), or on any
-    ``concurrent.futures.Executor`` given as ``executor``.  ``early`` is a scan
-    of the disks started beforehand (:func:`cbt.ops.early_scan.start_early_scan`).
+    The writing thread works while this one goes on hashing and compressing;
+    at most PACKS_IN_FLIGHT full packs wait in memory for it.
     """
-    try:
-        check_disks(vm, disks, block_size)
-        prepare_crash_counter()
-        asked = time.monotonic()
-        with writer_lock(vault.storage, wait):
-            if early is not None and time.monotonic() - asked > EARLY_SCAN_MAX_WAIT:
-                early.cancel()  # it saw the disks too long before the point was taken
-                early = None
-            return backup_locked(vault, vm, disks, block_size=block_size, workers=workers,
-                                 progress=progress, created=created, consistency=consistency,
-                                 executor=executor, slot=slot, early=early)
-    finally:
-        if early is not None:
-            early.cancel()
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._writer = PackWriter()
+        self._putter = ThreadPoolExecutor(max_workers=1)
+        self._in_flight: deque[tuple[Future[None], PackWriter]] = deque()
+        self._entries: list[_Entry] = []
+
+    def add(self, digest: bytes, block: memoryview | bytes) -> None:
+        self._writer.add(digest, block)
+        if len(self._writer) >= TARGET_PACK_SIZE:
+            self._flush()
+
+    def finish(self) -> list[_Entry]:
+        """Write the last pack, wait for every write; the stored blocks' entries."""
+        self._flush()
+        self._settle(0)
+        return self._entries
+
+    def _flush(self) -> None:
+        writer, self._writer = self._writer, PackWriter()
+        if writer.entries:
+            self._settle(PACKS_IN_FLIGHT - 1)
+            put = self._putter.submit(self._storage.put, pack_name(writer.pack_id),
+                                      writer.finish())
+            self._in_flight.append((put, writer))
+
+    def _settle(self, keep: int) -> None:
+        while len(self._in_flight) > keep:
+            put, done = self._in_flight.popleft()
+            put.result()  # a failed write (ENOSPC...) fails the shard here
+            pid = uuid.UUID(hex=done.pack_id).bytes
+            self._entries.extend((d, pid, off, st, raw) for d, off, st, raw in done.entries)
+
+    def __enter__(self) -> _PackSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._putter.shutdown(wait=True, cancel_futures=True)
 
 
-def backup_locked(vault: Vault, vm: str, disks: Sequence[DiskSpec],
-                  block_size: int | None = None, workers: int | None = None,
-                  progress: BackupProgress | None = None, created: str | None = None,
-                  consistency: tuple[str, str] = ("crash", "live read"),
-                  executor: Executor | None = None, point_id: str | None = None,
-                  warnings: list[str] | None = None, slot: str | None = None,
-                  early: PendingScan | None = None,
-                  before_commit: Callable[[], list[str]] | None = None,
-                  ignore_stop_signals: bool = False) -> PointRecord:
-    """:func:`backup` for a caller that already holds the writer lock (a job).
-
-    ``before_commit`` runs when every disk is read, before the commit; the
-    warnings it returns go into the point (a job's post hook after a live read).
-    With ``ignore_stop_signals`` forked workers ignore SIGTERM and SIGINT (a
-    daemon's job in flight finishes).
-    """
-    started = time.perf_counter()
-    check_disks(vm, disks, block_size)
-    vault.clean_leftovers(vault.leftovers())
-    warnings = list(warnings or [])
-    index = vault.load_index(warnings)
-    prev = vault.latest(vm)
-    plans = _plan_disks(prev, disks, block_size)
-    if early is not None:
-        if executor is None:  # (its results live in shared memory: forked workers only)
-            _take_early_scan(early, plans, vm, progress)
-        early.cancel()
-    n_workers = workers or default_workers()
-    token = _index_token(index)
-    # more shards than workers on an Executor, so progress moves as shards finish
-    tasks = _shards(plans, n_workers if executor is None else 4 * n_workers, vault.root, token)
-    totals = [sum(min(hi * p.block_size, p.size) - lo * p.block_size for lo, hi in p.ranges)
-              for p in plans]
-    report = None
-    if progress:
-        def report(done: list[int]) -> None:
-            # (a disk of the early scan counted its bytes then: it stays full)
-            per_disk = [tot if p.early else 0 for p, tot in zip(plans, totals, strict=True)]
-            for t, d in zip(tasks, done, strict=True):
-                if not plans[t.disk].early:
-                    per_disk[t.disk] += int(d)
-            for p, d, tot in zip(plans, per_disk, totals, strict=True):
-                progress(vm, p.spec.label, d, tot)
-    global _RUN_INDEX
-    _RUN_INDEX = (token, index)
-    try:
-        results = _run_shards(tasks, executor, report, ignore_stop_signals)
-    finally:
-        _RUN_INDEX = None
-    if before_commit is not None:
-        warnings += before_commit()
-    for t, r in zip(tasks, results, strict=True):
-        p = plans[t.disk]
-        at = 0
-        for lo, hi in t.ranges:
-            p.digests[lo:hi] = r.block_digests[at:at + hi - lo]
-            p.flags[lo:hi] = r.block_flags[at:at + hi - lo]
-            at += hi - lo
-    return _commit(vault, vm, plans, results, index, prev, warnings, started, created,
-                   consistency, point_id, slot)
+# -- 4. commit ---------------------------------------------------------------------------
 
 
-def _commit(vault: Vault, vm: str, plans: list[_DiskPlan], results: list[_ShardResult],
-            index: index_mod.Index, prev: PointRecord | None, warnings: list[str],
-            started: float, created: str | None,
-            consistency: tuple[str, str], point_id: str | None = None,
-            slot: str | None = None) -> PointRecord:
-    created = created or utc_now()
-    point_id = point_id or new_point_id(vm, created, set(vault.point_ids()))
-    new = _new_entries(results)
-    per_disk_new = np.bincount(new["disk"], weights=new["raw"],
-                               minlength=len(plans)).astype(np.int64).tolist()
-    per_disk_stored = np.bincount(new["disk"], weights=new["stored"],
-                                  minlength=len(plans)).astype(np.int64).tolist()
-    disk_records = []
-    for i, p in enumerate(plans):
-        rs = [r for r in results if r.disk == i]
-        manifest = Manifest(p.block_size, p.size, p.digests, p.flags,
-                            source=str(Path(p.spec.path).absolute()), created=created)
-        if p.parent is not None and prev is not None:
-            parent_manifest = vault.resolve(prev, p.spec.label)
-            changed = diff_manifests(parent_manifest, manifest).changed_blocks
-            base_point = vault.chain_base(vm, p.spec.label, p.seq)
-        else:
-            changed, base_point = manifest.blocks, None
-        name = manifest_name(point_id, p.spec.label)
-        if base_point is not None:
-            base_manifest = vault.resolve(base_point, p.spec.label)
-            delta = manifest.delta_from(base_manifest)
-            delta.metadata = {"cbt.base": base_point.id, "cbt.seq": str(p.seq)}
-            data = delta.to_bytes()
-        else:
-            data = manifest.to_bytes()
-        vault.storage.put(name, data)
-        import blake3
-
-        disk_records.append(DiskRecord(
-            label=p.spec.label, path=str(Path(p.spec.path).absolute()), size=p.size,
-            block_size=p.block_size, blocks=manifest.blocks, changed_blocks=changed,
-            bytes_read=sum(r.bytes_read for r in rs), bytes_new=per_disk_new[i],
-            bytes_stored=per_disk_stored[i],
-            seconds=round(max((r.seconds for r in rs), default=0.0)
-                          + (p.early.seconds if p.early else 0.0), 6),
-            manifest=name, manifest_checksum=blake3.blake3(data).hexdigest(),
-            seq=p.seq if base_point is not None else 0,
-            base=base_point.id if base_point is not None else None))
+def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[ShardResult],
+           started: float) -> PointRecord:
+    """Write the manifests, then the index segment and the point record (the commit)."""
+    created = request.created or utc_now()
+    point_id = request.point_id or new_point_id(request.vm, created, set(vault.point_ids()))
+    new = _gather(planned, results)
+    disks = [_commit_disk(vault, request.vm, planned.prev, d, point_id, created)
+             for d in planned.disks]
     record = PointRecord(
-        id=point_id, vm=vm, created=created, consistency=consistency[0],
-        consistency_reason=consistency[1], parent=prev.id if prev else None,
-        disks=disk_records, bytes_new=sum(per_disk_new), bytes_stored=sum(per_disk_stored),
-        seconds=round(time.perf_counter() - started, 6), warnings=warnings, slot=slot)
+        id=point_id, vm=request.vm, created=created, consistency=request.consistency[0],
+        consistency_reason=request.consistency[1],
+        parent=planned.prev.id if planned.prev else None, disks=disks,
+        bytes_new=sum(d.bytes_new for d in disks),
+        bytes_stored=sum(d.bytes_stored for d in disks),
+        seconds=round(time.perf_counter() - started, 6), warnings=planned.warnings,
+        slot=request.slot)
     with gc_lock(vault.storage, wait=None):  # a gc in progress finishes first
-        index = _after_gc(vault, index, plans, new["digests"])
+        index = _after_gc(vault, planned, new["digests"])
         _write_segment(vault, point_id, new, index)
         record.seconds = round(time.perf_counter() - started, 6)
         vault.storage.put(point_name(point_id), record.to_json())
@@ -542,7 +595,56 @@ def _commit(vault: Vault, vm: str, plans: list[_DiskPlan], results: list[_ShardR
     return record
 
 
-def _after_gc(vault: Vault, index: index_mod.Index, plans: list[_DiskPlan],
+def _gather(planned: Plan, results: list[ShardResult]) -> dict[str, Any]:
+    """Each shard's rows into its disk's arrays and counts; the run's new index entries."""
+    for s, r in zip(planned.shards, results, strict=True):
+        d = planned.disks[s.disk]
+        at = 0
+        for lo, hi in s.ranges:
+            d.digests[lo:hi] = r.block_digests[at:at + hi - lo]
+            d.flags[lo:hi] = r.block_flags[at:at + hi - lo]
+            at += hi - lo
+        d.bytes_read += r.bytes_read
+        d.seconds = max(d.seconds, r.seconds)
+    new = _new_entries(results)
+    for key in ("raw", "stored"):
+        per_disk = np.bincount(new["disk"], weights=new[key], minlength=len(planned.disks))
+        for d, n in zip(planned.disks, per_disk.astype(np.int64).tolist(), strict=True):
+            setattr(d, "bytes_new" if key == "raw" else "bytes_stored", n)
+    return new
+
+
+def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk, point_id: str,
+                 created: str) -> DiskRecord:
+    """Write one disk's manifest (full, or a delta against its chain base)."""
+    import blake3
+
+    path = str(Path(d.spec.path).absolute())
+    manifest = Manifest(d.block_size, d.size, d.digests, d.flags, source=path, created=created)
+    if d.parent is not None and prev is not None:
+        changed = diff_manifests(vault.resolve(prev, d.spec.label), manifest).changed_blocks
+        base_point = vault.chain_base(vm, d.spec.label, d.seq)
+    else:
+        changed, base_point = manifest.blocks, None
+    name = manifest_name(point_id, d.spec.label)
+    if base_point is not None:
+        delta = manifest.delta_from(vault.resolve(base_point, d.spec.label))
+        delta.metadata = {"cbt.base": base_point.id, "cbt.seq": str(d.seq)}
+        data = delta.to_bytes()
+    else:
+        data = manifest.to_bytes()
+    vault.storage.put(name, data)
+    return DiskRecord(
+        label=d.spec.label, path=path, size=d.size, block_size=d.block_size,
+        blocks=manifest.blocks, changed_blocks=changed, bytes_read=d.bytes_read,
+        bytes_new=d.bytes_new, bytes_stored=d.bytes_stored,
+        seconds=round(d.seconds + (d.early.seconds if d.early else 0.0), 6),
+        manifest=name, manifest_checksum=blake3.blake3(data).hexdigest(),
+        seq=d.seq if base_point is not None else 0,
+        base=base_point.id if base_point is not None else None)
+
+
+def _after_gc(vault: Vault, planned: Plan,
               stored_now: npt.NDArray[np.uint8]) -> index_mod.Index:
     """If a gc ran during this backup, make sure every block the point uses still exists.
 
@@ -554,12 +656,12 @@ def _after_gc(vault: Vault, index: index_mod.Index, plans: list[_DiskPlan],
     from cbt.repo.trash import rescue
 
     current = {s for s in vault.storage.list("index") if s.endswith(".arrow")}
-    if current == set(index.segments):
-        return index
+    if current == set(planned.index.segments):
+        return planned.index
     fresh = vault.load_index()
     need: set[bytes] = set()
-    for p in plans:
-        data = p.digests[p.flags == fast.FLAG_DATA]
+    for d in planned.disks:
+        data = d.digests[d.flags == fast.FLAG_DATA]
         missing = data[fresh.lookup(data) < 0]
         need.update(row.tobytes() for row in missing)
     need -= {row.tobytes() for row in stored_now}
@@ -575,7 +677,7 @@ def _after_gc(vault: Vault, index: index_mod.Index, plans: list[_DiskPlan],
 _ENTRY_KEYS = ("digests", "pack_uuid", "offset", "stored", "raw")
 
 
-def _new_entries(results: list[_ShardResult]) -> dict[str, Any]:
+def _new_entries(results: list[ShardResult]) -> dict[str, Any]:
     """The blocks this run stored, one entry per digest however many workers raced to
     store it (the first wins; the spare copy is left for gc), with the disk of each."""
     cols = {k: np.concatenate([getattr(r, k) for r in results]) if results else
@@ -617,4 +719,3 @@ def _maybe_merge_segments(vault: Vault) -> None:
     vault.storage.put(f"index/merged-{uuid.uuid4().hex}.arrow", index_mod.segment_bytes(entries))
     for s in segments:
         vault.storage.delete(s)
-

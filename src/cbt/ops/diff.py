@@ -11,8 +11,9 @@ Rules (content decides; a hole and a block of zeros are equal):
 
 How the bytes are compared depends on the inputs:
 
-- two images: compared directly, window by window with ``memcmp`` in the core,
-  no hashing, split over the workers; blocks that are holes in both are never read;
+- two images: opened as block sources and compared directly, window by window
+  with ``memcmp`` in the core (:func:`cbt.source.read.compare_shard`), no
+  hashing, in shards over the workers; blocks that are holes in both are never read;
 - an image and a manifest: the image is scanned with the manifest's block size,
   then digests are compared;
 - two manifests: digests only (same block size required).
@@ -28,22 +29,17 @@ import numpy as np
 import numpy.typing as npt
 
 from cbt.core.errors import CbtValueError
-from cbt.core.extents import data_extents
 from cbt.core.native import fast
 from cbt.core.parallel import Report, fork_map, shared_array
 from cbt.core.sizes import format_size
 from cbt.format.manifest import Manifest, is_manifest_file
-from cbt.source.scan import (
-    DEFAULT_BLOCK_SIZE,
-    BlockRange,
-    Progress,
-    block_ranges,
-    default_workers,
-    open_disk,
-    scan,
-    split_ranges,
-    windows,
-)
+from cbt.format.records import PointRecord
+from cbt.repo.vault import Vault
+from cbt.source.base import BlockSource
+from cbt.source.image import open_image
+from cbt.source.plan import BlockRange, DiskPlan, block_ranges, default_workers, plan_shards
+from cbt.source.read import compare_shard
+from cbt.source.scan import DEFAULT_BLOCK_SIZE, Progress, scan
 
 Source = str | os.PathLike[str] | Manifest
 
@@ -125,26 +121,15 @@ def diff_manifests(a: Manifest, b: Manifest) -> ChangeSet:
 
 @dataclass(frozen=True)
 class _CompareTask:
-    path_a: str
-    path_b: str
-    fd_a: int
-    fd_b: int
-    size: int  # compared bytes: the common blocks, clipped to the disk end
+    a: BlockSource
+    b: BlockSource
     block_size: int
     ranges: list[BlockRange]
-    bitmap: np.ndarray
+    bitmap: memoryview  # shared: forked workers only
 
 
-def _compare_shard(task: _CompareTask, report: Report) -> int:
-    bs = task.block_size
-    for lo, hi in task.ranges:
-        for (first, ma), (_, mb) in zip(windows(task.fd_a, task.size, bs, lo, hi, task.path_a),
-                                        windows(task.fd_b, task.size, bs, lo, hi, task.path_b),
-                                        strict=True):
-            n = fast.nblocks(len(ma), bs)
-            fast.compare_buffers(ma, mb, bs, task.bitmap[first:first + n])
-            report(2 * len(ma))
-    return 0
+def _compare_shard(task: _CompareTask, report: Report) -> None:
+    compare_shard(task.a, task.b, task.block_size, task.ranges, task.bitmap, report)
 
 
 def diff_images(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str],
@@ -153,20 +138,21 @@ def diff_images(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str],
     """Compare two images or devices byte for byte, block by block, without hashing."""
     fast.check_block_size(block_size)
     workers = workers or default_workers()
-    with open_disk(path_a) as da, open_disk(path_b) as db:
-        n = fast.nblocks(max(da.size, db.size), block_size)
-        common = common_blocks(da.size, db.size, block_size)
-        size = min(common * block_size, da.size, db.size)
-        extents = data_extents(da.fd, size) + data_extents(db.fd, size)
-        ranges = block_ranges(extents, block_size)
+    with open_image(path_a) as a, open_image(path_b) as b:
+        n = fast.nblocks(max(a.size, b.size), block_size)
+        common = common_blocks(a.size, b.size, block_size)
+        # compared bytes: the common blocks, clipped to the disk end
+        size = min(common * block_size, a.size, b.size)
+        extents = [(lo, min(hi, size)) for lo, hi in a.extents() + b.extents() if lo < size]
+        plan = DiskPlan(block_ranges(extents, block_size), block_size, size)
         bitmap = shared_array((n,), np.uint8)
-        to_read = 2 * sum(min(hi * block_size, size) - lo * block_size for lo, hi in ranges)
-        tasks = [_CompareTask(da.path, db.path, da.fd, db.fd, size, block_size, shard, bitmap)
-                 for shard in split_ranges(ranges, workers)]
+        tasks = [_CompareTask(a, b, block_size, shard.ranges, bitmap.data)
+                 for shard in plan_shards([plan], workers) if shard.ranges]
+        to_read = 2 * plan.to_read
         report = (lambda done: progress(sum(done), to_read)) if progress else None
         fork_map(_compare_shard, tasks, report)
         result = np.array(bitmap)  # out of shared memory
-    return _finish(result, common, da.size, db.size, block_size, [])
+    return _finish(result, common, a.size, b.size, block_size, [])
 
 
 POINT_SEPARATOR = "::"
@@ -187,8 +173,6 @@ def _load(src: Source) -> Manifest | str | PointRef:
     p = os.fspath(src)
     ref = parse_point_ref(p)
     if ref is not None:
-        from cbt.repo.vault import Vault
-
         vault = Vault.open(ref[0])
         point = vault.point(ref[1])
         if ref[2] is None:
@@ -203,8 +187,8 @@ def _load(src: Source) -> Manifest | str | PointRef:
 class PointRef:
     """A whole recovery point named as ``VAULT::POINT``."""
 
-    vault: Any
-    point: Any
+    vault: Vault
+    point: PointRecord
 
 
 @dataclass

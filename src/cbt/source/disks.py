@@ -2,7 +2,9 @@
 
 1. :class:`DiskSpec` names a disk (label, path, and the snapshot to read it
    from); :func:`parse_disk_arg` reads ``LABEL=PATH`` or ``PATH``.
-2. The early scan of an incremental backup (:mod:`cbt.ops.early_scan`)
+2. :meth:`DiskSpec.open` makes it a block source: the snapshot, or the live
+   disk itself (:class:`cbt.source.image.ImageSource`).
+3. The early scan of an incremental backup (:mod:`cbt.ops.early_scan`)
    hashes these disks before numpy loads.
 
 This module imports neither numpy nor pyarrow (start-up time counts).
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cbt.format.records import check_name
+from cbt.source.image import ImageSource, open_image
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,10 @@ class DiskSpec:
     def live(self) -> bool:
         """Read while in use (no snapshot): a block may change between hash and copy."""
         return self.read_from is None or self.read_from == self.path
+
+    def open(self) -> ImageSource:
+        """The block source to read: the snapshot, or the disk itself (live)."""
+        return open_image(self.source, live=self.live)
 
 
 def parse_disk_arg(text: str) -> DiskSpec:

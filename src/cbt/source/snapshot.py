@@ -12,6 +12,10 @@
   ``copy``: a copy of a live disk takes as long as a read of it, so it buys no
   consistency that a live read with hooks does not, at twice the I/O.
 
+A :class:`SnapshotSet` is what a job reads: :meth:`SnapshotSet.disk` names
+each disk with the snapshot to read it from, :meth:`SnapshotSet.source` opens
+that as a block source (live where the provider is ``none``).
+
 ``reflink`` and ``btrfs`` keep the last committed snapshot of each disk as its
 *tracking base* (``<label>.base`` beside the snapshots), replaced at the next
 commit; everything else is removed when the job ends.
@@ -30,6 +34,8 @@ from pathlib import Path
 
 from cbt.core.blockio import copy_sparse
 from cbt.core.errors import CbtError, CbtIOError
+from cbt.source.disks import DiskSpec
+from cbt.source.image import ImageSource
 
 FICLONE = 0x40049409
 BTRFS_SUPER_MAGIC = 0x9123683E
@@ -133,6 +139,14 @@ class SnapshotSet:
     @property
     def live(self) -> bool:
         return "none" in self.providers.values()
+
+    def disk(self, label: str, path: str) -> DiskSpec:
+        """Disk ``label`` (at ``path``) as the backup reads it: from its snapshot."""
+        return DiskSpec(label, path, read_from=self.read_paths[label])
+
+    def source(self, label: str, path: str) -> ImageSource:
+        """Disk ``label``'s snapshot opened as a block source (live for provider ``none``)."""
+        return self.disk(label, path).open()
 
     def commit(self, keep: bool = False) -> dict[str, str]:
         """After the point is committed: keep tracking bases, remove the rest.

@@ -1,0 +1,103 @@
+"""BlockSource: where a disk's blocks come from, whatever holds them.
+
+Everything that reads a disk (scan, diff of images, backup) asks a source for
+the same few things, in this order:
+
+1. its ``size`` in bytes, and whether it is ``live`` (read while in use, no
+   snapshot: a block may change between being hashed and being copied);
+2. its allocated ``extents()``: byte ranges that may hold data (a hole is
+   never read: it is all zeros);
+3. ``windows(block_size, lo, hi)``: blocks ``[lo, hi)`` as large buffers, one
+   after another, each valid until the next is asked for;
+4. ``change_hints(base)``: what the source knows about which bytes changed
+   since ``base`` (a dirty bitmap, an extent map against a kept snapshot...).
+   None means "nothing": read and hash everything.  No source offers hints
+   yet; the hook is here so that change tracking plugs in without touching
+   the readers, which must treat hints as a plan to check, never as truth;
+5. ``spec()``: a small picklable description from which a worker process
+   reopens the source itself (:func:`cbt.source.image.open_source`).
+
+Implementations: :class:`cbt.source.image.ImageSource` (image files and block
+devices); snapshot providers (:mod:`cbt.source.snapshot`) produce those.
+"""
+
+from __future__ import annotations
+
+import mmap
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from cbt.source.plan import BlockRange, block_ranges
+
+# A window of blocks: a mapping of the disk where it can be mapped, else a buffer.
+Window = mmap.mmap | bytes | bytearray
+
+
+class SourceSpec(NamedTuple):
+    """What a worker needs to reopen a source (:func:`cbt.source.image.open_source`)."""
+
+    kind: str  # "image": an image file or a block device
+    path: str
+    size: int  # bytes to read: the size when it was planned
+    live: bool
+
+
+class ChangeHints(NamedTuple):
+    """Which bytes of a source may have changed since ``base`` (everything else did not).
+
+    Offered by no source yet (see :meth:`BlockSource.change_hints`).
+    """
+
+    base: str  # what the hints are relative to: a kept snapshot, a dirty bitmap's name
+    ranges: list[tuple[int, int]]  # byte ranges [start, end) that may have changed
+    reason: str  # where they come from, as recorded in a point
+
+
+class BlockSource(ABC):
+    """A disk to read: size, liveness, extents, windows, change hints."""
+
+    path: str  # what is read (an image, a device, a snapshot of either)
+    size: int
+    live: bool
+
+    @abstractmethod
+    def extents(self) -> list[tuple[int, int]]:
+        """Byte ranges ``[start, end)`` below ``size`` that may hold data, sorted."""
+
+    def block_ranges(self, block_size: int) -> list[BlockRange]:
+        """The blocks to read: every block touched by an extent."""
+        return block_ranges(self.extents(), block_size)
+
+    @abstractmethod
+    def windows(self, block_size: int, lo: int, hi: int,
+                read_ahead: bool = True) -> Iterator[tuple[int, Window]]:
+        """Blocks ``[lo, hi)`` in large windows: (first block, buffer), in order.
+
+        A window is valid until the next one is asked for; the last block of
+        the disk is short.  ``read_ahead=False`` where only a few blocks of
+        each window will be touched.
+        """
+
+    def change_hints(self, base: str | None) -> ChangeHints | None:
+        """What changed since ``base``, if this source can tell; None: read everything.
+
+        The hook for change tracking (dirty bitmaps, extent maps of a kept
+        snapshot): no source offers hints today.
+        """
+        del base
+        return None
+
+    @abstractmethod
+    def spec(self) -> SourceSpec:
+        """A picklable description from which a worker reopens this source."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> BlockSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
