@@ -72,8 +72,9 @@ from vault_helpers import (
 
 from cbt import jobs as jobs_api
 from cbt.api import Vault
+from cbt.format.records import JobRecord, KeptSnapshots
 from cbt.jobs.config import load as load_config
-from cbt.repo.registry import JobRecord, KeptSnapshots, kept_snapshots
+from cbt.repo.registry import kept_snapshots
 
 BS = 64 * 1024
 

@@ -45,20 +45,13 @@ from pathlib import Path
 
 from cbt.core.errors import CbtError
 from cbt.core.timefmt import utc_now
-from cbt.format.records import PointRecord, new_point_id
+from cbt.format.records import JobDisk, JobRecord, KeptSnapshots, PointRecord, new_point_id
 from cbt.jobs.config import Config, VMConfig
 from cbt.jobs.config import load as load_config
 from cbt.jobs.hooks import HookResult, run_hook
 from cbt.ops.backup import BackupProgress, BackupRequest, backup_locked
 from cbt.repo.lock import writer_lock
-from cbt.repo.registry import (
-    JobDisk,
-    JobRecord,
-    KeptSnapshots,
-    list_jobs,
-    register_snapshots,
-    save_job,
-)
+from cbt.repo.registry import list_jobs, register_snapshots, save_job
 from cbt.repo.vault import Vault
 from cbt.source.disks import DiskSpec
 from cbt.source.snapshot import (

@@ -54,6 +54,7 @@ from cbt.core.native import fast
 from cbt.core.parallel import Report, fork_map
 from cbt.core.sizes import format_size
 from cbt.core.timefmt import utc_now
+from cbt.format.index_segment import segment_bytes
 from cbt.format.manifest import Manifest
 from cbt.format.pack import TARGET_PACK_SIZE, PackWriter, pack_name
 from cbt.format.records import (
@@ -706,7 +707,7 @@ def _write_segment(vault: Vault, point_id: str, new: dict[str, Any],
     if not any(len(v) for v in parts["offset"]):
         return
     entries = {k: np.concatenate(v) for k, v in parts.items()}
-    vault.storage.put(f"index/{point_id}.arrow", index_mod.segment_bytes(entries))
+    vault.storage.put(f"index/{point_id}.arrow", segment_bytes(entries))
 
 
 def _maybe_merge_segments(vault: Vault) -> None:
@@ -716,6 +717,6 @@ def _maybe_merge_segments(vault: Vault) -> None:
         return
     index = vault.load_index()
     entries = index_mod.entries_for_packs(index, set(index.pack_ids))
-    vault.storage.put(f"index/merged-{uuid.uuid4().hex}.arrow", index_mod.segment_bytes(entries))
+    vault.storage.put(f"index/merged-{uuid.uuid4().hex}.arrow", segment_bytes(entries))
     for s in segments:
         vault.storage.delete(s)

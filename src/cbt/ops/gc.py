@@ -24,16 +24,18 @@ from __future__ import annotations
 import errno
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from cbt.core.errors import CbtIOError
+from cbt.format.index_segment import segment_bytes
 from cbt.format.pack import (
     BLOB,
     PackWriter,
+    blob_length,
     pack_name,
 )
 from cbt.repo import index as index_mod
@@ -57,10 +59,8 @@ class GcResult:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON of ``cbt gc --json``."""
-        return {"dry_run": self.dry_run, "packs_removed": self.packs_removed,
-                "packs_rewritten": self.packs_rewritten, "bytes_freed": self.bytes_freed,
-                "trash_emptied": self.trash_emptied, "warnings": list(self.warnings)}
+        """The JSON of ``cbt gc --json``: every field, by its name."""
+        return asdict(self)
 
 
 @dataclass
@@ -151,7 +151,7 @@ def _write_index(vault: Vault, index: Index, sweep: _Sweep) -> None:
     if moved:
         part = index_mod.segment_entries(moved)
         merged = {k: np.concatenate([merged[k], part[k]]) for k in merged}
-    vault.storage.put(f"index/gc-{uuid.uuid4().hex}.arrow", index_mod.segment_bytes(merged))
+    vault.storage.put(f"index/gc-{uuid.uuid4().hex}.arrow", segment_bytes(merged))
     for s in index.segments:
         vault.storage.delete(s)
 
@@ -162,7 +162,7 @@ def _rewrite(vault: Vault, index: Index, pid: str,
     data = memoryview(vault.storage.get(pack_name(pid)))
     writer = PackWriter()
     old = [index.entry(p) for p in live_entries.tolist()]
-    offsets = [writer.add_blob(e.digest, data[e.offset:e.offset + BLOB.size + e.stored],
+    offsets = [writer.add_blob(e.digest, data[e.offset:e.offset + blob_length(e.stored)],
                                e.stored, e.raw) for e in old]
     vault.storage.put(pack_name(writer.pack_id), writer.finish())
     return [e._replace(pack=writer.pack_id, offset=off) for e, off in zip(old, offsets,

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cbt.format.records import PointRecord, point_name
+from cbt.format.records import KeptSnapshots, PointRecord, point_name
 from cbt.repo.lock import writer_lock
-from cbt.repo.registry import KeptSnapshots, kept_snapshots
+from cbt.repo.registry import kept_name, kept_snapshots
 from cbt.repo.vault import Vault
 from cbt.source.snapshot import remove_snapshot
 
@@ -132,7 +132,7 @@ def _apply(vault: Vault, plan: _Plan) -> None:
     for pid, paths in plan.expired:
         for path in paths:
             remove_snapshot(path)
-        vault.storage.delete(f"snapshots/{pid}.json")
+        vault.storage.delete(kept_name(pid))
 
 
 def _needed_bases(keep: list[PointRecord], by_id: dict[str, PointRecord]) -> set[str]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import blake3
@@ -31,9 +31,11 @@ import numpy as np
 import numpy.typing as npt
 
 from cbt.core.errors import CbtError
+from cbt.format.index_segment import segment_bytes
 from cbt.format.pack import (
     BLOB,
     CorruptPackError,
+    blob_length,
     decode_blob,
     pack_id_of,
     pack_name,
@@ -99,9 +101,7 @@ class RepairStats:
     damaged_points: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"packs_read": self.packs_read, "blobs_indexed": self.blobs_indexed,
-                "blobs_damaged": self.blobs_damaged, "packs_quarantined": self.packs_quarantined,
-                "damaged_points": list(self.damaged_points)}
+        return asdict(self)
 
 
 @dataclass
@@ -232,7 +232,7 @@ def _check_pack(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64]
     except OSError:
         bad.update((int(p), "pack missing") for p in pos)
         return
-    ends = index.offset[pos] + BLOB.size + index.stored[pos]
+    ends = index.offset[pos].astype(np.int64) + blob_length(index.stored[pos])
     short = pos[ends > len(blob)]
     bad.update((int(p), "pack truncated before this block") for p in short)
     try:
@@ -251,7 +251,7 @@ def _check_pack(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64]
         if p in bad:
             continue
         try:
-            decode_blob(memoryview(blob)[e.offset:e.offset + BLOB.size + e.stored], e.digest,
+            decode_blob(memoryview(blob)[e.offset:e.offset + blob_length(e.stored)], e.digest,
                         f"pack {pid}")
         except CorruptPackError as exc:
             bad[p] = str(exc).removeprefix(f"pack {pid}: ")
@@ -333,7 +333,7 @@ def _healthy_blobs(content: bytes, name: str, stats: RepairStats) -> list[IndexE
     out = []
     for digest, off, stored, raw in listed:
         try:
-            decode_blob(memoryview(content)[off:off + BLOB.size + stored], digest, name)
+            decode_blob(memoryview(content)[off:off + blob_length(stored)], digest, name)
         except CorruptPackError:
             stats.blobs_damaged += 1
             continue
@@ -346,7 +346,7 @@ def _replace_segments(vault: Vault, healthy: list[IndexEntry]) -> None:
     old = [s for s in vault.storage.list("index") if s.endswith(".arrow")]
     name = f"index/repaired-{uuid.uuid4().hex}.arrow"
     if healthy:
-        vault.storage.put(name, index_mod.segment_bytes(index_mod.segment_entries(healthy)))
+        vault.storage.put(name, segment_bytes(index_mod.segment_entries(healthy)))
     for s in old:
         if s != name:
             vault.storage.delete(s)

@@ -28,35 +28,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import blake3
 import numpy as np
 import numpy.typing as npt
 
-from cbt.core.errors import CbtError
-from cbt.format.manifest import from_arrow, schema_metadata, to_arrow
-from cbt.format.pack import (
-    FOOTER,
-    CorruptPackError,
-    pack_id_of,
-    read_trailer,
-)
+from cbt.format import index_segment
+from cbt.format.index_segment import CorruptIndexError, prefix_keys
+from cbt.format.pack import CorruptPackError, pack_id_of, read_pack_trailer
 from cbt.repo.storage import Storage
 
-# Do not modify: identifies every index segment ever written.
-INDEX_MAGIC = "cbt-index"
-INDEX_VERSION = 1
 MERGE_AT = 16  # segments before a backup merges them into one
-
-
-class CorruptIndexError(CbtError, ValueError):
-    """An index segment fails its checks."""
-
-
-def prefix_keys(digests: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
-    """The first 8 bytes of each digest as a big-endian integer (sort order = byte order)."""
-    if len(digests) == 0:
-        return np.zeros(0, dtype=np.uint64)
-    return np.ascontiguousarray(digests[:, :8]).view(">u8").ravel().astype(np.uint64)
 
 
 class IndexEntry(NamedTuple):
@@ -199,84 +179,10 @@ class IndexCache:
 # -- segments on disk ----------------------------------------------------------
 
 
-def segment_bytes(entries: dict[str, Any]) -> bytes:
-    """Serialise entries (digests, pack uuid bytes, offset, stored, raw) as a segment."""
-    import pyarrow as pa
-
-    n = len(entries["offset"])
-    digests = np.ascontiguousarray(entries["digests"], dtype=np.uint8).reshape(n, 32)
-    # sorted by digest prefix, so that loading many segments is a merge, not a sort
-    order = np.argsort(prefix_keys(digests), kind="stable")
-    digests = digests[order]
-    packs = np.ascontiguousarray(entries["pack_uuid"], dtype=np.uint8).reshape(n, 16)[order]
-    offset = np.asarray(entries["offset"], dtype=np.uint64)[order]
-    stored = np.asarray(entries["stored"], dtype=np.uint32)[order]
-    raw = np.asarray(entries["raw"], dtype=np.uint32)[order]
-    table = pa.table({
-        "digest": pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), n,
-                                                       [None, pa.py_buffer(digests)]),
-        "pack": pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), n,
-                                                     [None, pa.py_buffer(packs)]),
-        "offset": to_arrow(offset),
-        "stored": to_arrow(stored),
-        "raw": to_arrow(raw),
-    })
-    meta = {"cbt.magic": INDEX_MAGIC, "cbt.format_version": str(INDEX_VERSION),
-            "cbt.checksum": _checksum(digests, packs, offset, stored, raw)}
-    table = table.replace_schema_metadata(meta)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes()  # type: ignore[no-any-return]
-
-
-def _checksum(*arrays: npt.NDArray[Any]) -> str:
-    h = blake3.blake3()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
-    return h.hexdigest()
-
-
 def read_segment(data: bytes, where: str) -> dict[str, Any]:
-    import pyarrow as pa
-
-    try:
-        table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
-    except (pa.ArrowException, OSError) as exc:
-        raise CorruptIndexError(f"corrupt index segment {where}: {exc}") from None
-    try:
-        meta = schema_metadata(table, where)
-    except CbtError as exc:
-        raise CorruptIndexError(str(exc)) from None
-    if meta.get("cbt.magic") != INDEX_MAGIC:
-        raise CorruptIndexError(f"corrupt index segment {where}: not a cbt index")
-    if int(meta.get("cbt.format_version", "0")) > INDEX_VERSION:
-        raise CorruptIndexError(f"index segment {where} is from a newer cbt")
-    n = table.num_rows
-
-    def fsb(name: str, width: int) -> npt.NDArray[np.uint8]:
-        col = table.column(name).combine_chunks()
-        if n == 0:
-            return np.zeros((0, width), dtype=np.uint8)
-        flat = np.frombuffer(col.buffers()[1], dtype=np.uint8)
-        return flat[col.offset * width:(col.offset + n) * width].reshape(n, width)
-
-    try:
-        digests, packs = fsb("digest", 32), fsb("pack", 16)
-        offset = from_arrow(table.column("offset"), np.uint64)
-        stored = from_arrow(table.column("stored"), np.uint32)
-        raw = from_arrow(table.column("raw"), np.uint32)
-    except (KeyError, ValueError, pa.ArrowException) as exc:
-        raise CorruptIndexError(f"corrupt index segment {where}: {exc}") from None
-    if _checksum(digests, packs, offset, stored, raw) != meta.get("cbt.checksum"):
-        raise CorruptIndexError(f"corrupt index segment {where}: checksum mismatch")
-    return {
-        "digests": digests,
-        **_pack_numbers(packs),
-        "offset": offset,
-        "stored": stored,
-        "raw": raw,
-    }
+    """A segment's checked entries, each row's pack as a number into ``pack_ids``."""
+    part = index_segment.read_segment(data, where)
+    return {**part, **_pack_numbers(part.pop("packs"))}
 
 
 def _pack_numbers(packs: npt.NDArray[np.uint8]) -> dict[str, Any]:
@@ -304,15 +210,8 @@ def _pack_numbers(packs: npt.NDArray[np.uint8]) -> dict[str, Any]:
 
 def trailer_part(storage: Storage, name: str) -> dict[str, Any]:
     """Index entries of one pack, read from its trailer."""
-    size = storage.size(name)
-    if size < FOOTER.size:
-        raise CorruptPackError(f"{storage.where(name)}: pack truncated")
-    count = int.from_bytes(storage.read_range(name, size - FOOTER.size, 8), "little")
-    tail_len = min(size, FOOTER.size + count * 48 + 16)
-    # read_trailer wants the whole pack for its header check; read header + tail
-    head = storage.read_range(name, 0, 16)
-    tail = storage.read_range(name, size - tail_len + 16, tail_len - 16) if tail_len > 16 else b""
-    entries = read_trailer(head + tail, storage.where(name))
+    entries = read_pack_trailer(lambda offset, length: storage.read_range(name, offset, length),
+                                storage.size(name), storage.where(name))
     n = len(entries)
     return {
         "digests": np.frombuffer(entries["digest"].tobytes(), dtype=np.uint8).reshape(n, 32),

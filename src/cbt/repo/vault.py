@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Self
 
 from cbt.core.errors import CbtError, CbtIOError
 from cbt.format.records import (
+    VAULT_MAGIC,
+    VAULT_VERSION,
     NoSuchPointError,
     PointRecord,
     base_seq,
@@ -43,9 +45,6 @@ if TYPE_CHECKING:
 # a vault and reading its points must stay cheap (``cbt backup`` starts its early
 # scan from them before anything heavy is imported).
 
-# Do not modify: identifies every vault ever made.
-VAULT_MAGIC = "cbt-vault"
-VAULT_VERSION = 1
 CONFIG = "config"
 
 
