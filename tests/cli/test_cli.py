@@ -18,18 +18,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from _util import (
-    DIFF_KEYS,
-    HOLE,
-    SCAN_KEYS,
-    ZERO,
-    SparseImage,
-    fs_has_page_holes,
-    read_image,
-    run_cli,
-    truth_diff,
-)
-from conftest import need
+from helpers.cli import cbt as run_cli
+from helpers.images import SparseImage
+from helpers.images import read as read_image
+from helpers.shapes import DIFF_KEYS, SCAN_KEYS
+from helpers.system import need
+from helpers.truth import HOLE, ZERO, fs_has_page_holes, truth_diff
 
 import cbt
 from cbt.format.manifest import Manifest

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from vault_helpers import (
-    KIB,
+from helpers import KIB, MIB
+from helpers.cli import backup_cli, cbt, cbt_json, json_lines, one_error_line
+from helpers.images import assert_same_disk, fs_image, read
+from helpers.shapes import (
     LIST_DISK_KEYS,
     LIST_KEYS,
     LIST_POINT_KEYS,
-    MIB,
     POINT_DISK_KEYS,
     POINT_LINE_KEYS,
     PROBLEM_KEYS,
@@ -24,18 +25,9 @@ from vault_helpers import (
     RESTORE_DISK_KEYS,
     RESTORE_KEYS,
     VERIFY_KEYS,
-    assert_same_disk,
-    backup_cli,
-    block_digests,
-    cbt,
-    cbt_json,
-    file_tree,
-    fs_image,
-    json_lines,
-    nblocks,
-    one_error_line,
-    read,
 )
+from helpers.truth import block_digests, nblocks
+from helpers.vaults import file_tree
 
 import cbt as cbt_api
 from cbt.source.synth import make_db_file

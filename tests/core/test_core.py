@@ -16,7 +16,7 @@ from types import ModuleType
 import blake3
 import numpy as np
 import pytest
-from _util import truth_hash, truth_ranges
+from helpers.truth import truth_hash, truth_ranges
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -18,8 +18,10 @@ import blake3
 import numpy as np
 import pyarrow as pa
 import pytest
-from _util import DATA, HOLE, PAGE, ZERO, SparseImage, fs_has_page_holes, truth_hash
-from conftest import need
+from helpers import PAGE
+from helpers.images import SparseImage
+from helpers.system import need
+from helpers.truth import DATA, HOLE, ZERO, fs_has_page_holes, truth_hash
 
 import cbt
 from cbt.format.manifest import Manifest

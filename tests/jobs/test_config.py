@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jobs_helpers import CHECK_DISK_KEYS, CHECK_KEYS, CHECK_VM_KEYS, can_reflink
-from vault_helpers import cbt, one_error_line
+from helpers.cli import cbt, one_error_line
+from helpers.shapes import CHECK_DISK_KEYS, CHECK_KEYS, CHECK_VM_KEYS
+from helpers.system import can_reflink
 
 from cbt.cli.main import main
 from cbt.jobs.config import ConfigError, load

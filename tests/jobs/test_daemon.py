@@ -10,25 +10,12 @@ import signal
 import time
 from pathlib import Path
 
-from sched_helpers import (
-    MIB,
-    assert_same_bytes,
-    cleanup_group,
-    copy_disk,
-    cpu_seconds,
-    hook_argv,
-    hook_log,
-    listed,
-    pack_set,
-    point_record,
-    restore,
-    run_due,
-    start_cbt,
-    wait_for,
-    write_config,
-    write_random_disk,
-)
-from vault_helpers import cbt
+from helpers import MIB
+from helpers.cli import cbt, cleanup_group, cpu_seconds, start_cbt, wait_for
+from helpers.images import assert_same_bytes, copy_disk, write_random_disk
+from helpers.jobs import hook_argv, hook_lines, run_due, set_ctl, write_config
+from helpers.packs import pack_set
+from helpers.vaults import listed, point_record, restore
 
 
 def _log_lines(path: Path) -> list[str]:
@@ -47,7 +34,7 @@ def test_daemon_runs_the_due_job_and_finishes_it_on_sigterm(tmp_path: Path) -> N
     and that it stopped, and exits 0."""
     state = tmp_path / "hook"
     argv = hook_argv(state)
-    (state / "sleep-pre").write_text("2")
+    set_ctl(state, "pre", sleep=2)
     disk = write_random_disk(tmp_path / "disks" / "os.img", 128 * MIB, seed=21)
     write_random_disk(tmp_path / "disks" / "db.img", 256 << 10, seed=23)
     truth = copy_disk(disk, tmp_path / "truth" / "os.img")
@@ -64,7 +51,7 @@ def test_daemon_runs_the_due_job_and_finishes_it_on_sigterm(tmp_path: Path) -> N
     with open(log, "w") as out:
         proc = start_cbt("daemon", "--config", cfg, stdout=out)
     with cleanup_group(proc):
-        wait_for(lambda: any(ln.startswith("pre web") for ln in hook_log(state))
+        wait_for(lambda: any(ln.startswith("pre web") for ln in hook_lines(state))
                  or proc.poll() is not None, what="the pre hook")
         assert proc.poll() is None, log.read_text()
         t_term = time.time()
@@ -82,7 +69,7 @@ def test_daemon_runs_the_due_job_and_finishes_it_on_sigterm(tmp_path: Path) -> N
     assert transferring, "the job ended before the second SIGTERM (use a larger disk)"
 
     # a job that had started before the signal may have finished; none started after it
-    hooks_seen = [ln.split() for ln in hook_log(state)]
+    hooks_seen = [ln.split() for ln in hook_lines(state)]
     assert not [h for h in hooks_seen if h[0] == "pre" and float(h[2]) > t_term], hooks_seen
     started = {h[1] for h in hooks_seen if h[0] == "pre"}
     assert "web" in started

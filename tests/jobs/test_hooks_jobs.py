@@ -1,6 +1,6 @@
 """Backup jobs through ``cbt backup --config``: hooks, honest consistency, kills, history.
 
-Hooks are real scripts (``jobs_helpers.HOOK``) that log every call (phase, VM,
+Hooks are real scripts (``helpers.jobs.HOOK``) that log every call (phase, VM,
 point, and what they saw in the vault and the snapshot folder at that moment)
 and behave as their control file says: succeed, fail with an exit code and
 stderr, hang with a child, SIGKILL the cbt run that started them.  Disks live
@@ -35,39 +35,35 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _util import truth_hash
-from jobs_helpers import (
-    ERROR_LINE_KEYS,
-    MIB,
+from helpers import MIB
+from helpers.cli import (
+    cbt,
+    crash_env,
+    json_lines,
+    one_error_line,
+    process_gone,
+    start_cbt,
+    wait_for,
+)
+from helpers.images import assert_same_disk, make_disk, scribble
+from helpers.images import write_random_disk as write_random
+from helpers.jobs import (
     backup_config,
     hook_argv,
     hook_log,
+    job_config,
     job_with,
     jobs_json,
-    make_disk,
     one_point,
     phases,
-    point_ids,
-    process_gone,
-    restore_point,
-    scribble,
     set_ctl,
-    start_cbt,
     statuses,
-    wait_for,
-    write_config,
     write_hook,
-    write_random,
 )
-from vault_helpers import (
-    POINT_DISK_KEYS,
-    POINT_LINE_KEYS,
-    PROGRESS_KEYS,
-    assert_same_disk,
-    cbt,
-    json_lines,
-    one_error_line,
-)
+from helpers.shapes import ERROR_LINE_KEYS, POINT_DISK_KEYS, POINT_LINE_KEYS, PROGRESS_KEYS
+from helpers.truth import truth_hash
+from helpers.vaults import listed_ids as point_ids
+from helpers.vaults import restore_point
 
 from cbt import jobs as jobs_api
 from cbt.api import Vault
@@ -106,7 +102,7 @@ class Site:
             "snapshot": snapshot, "block_size": "64K", **vm}
         if hooks:
             spec["hooks"] = hooks
-        return write_config(self.root / name, {"web": spec})
+        return job_config(self.root / name, {"web": spec})
 
     def snapshot_files(self) -> list[str]:
         if not self.snapdir.exists():
@@ -377,7 +373,7 @@ def _counted_run(site: Site, cfg: Path) -> dict[str, int]:
 
 
 def _crash_at(site: Site, cfg: Path, step: int) -> None:
-    proc = start_cbt("backup", "--config", cfg, "--json", env={"CBT_CRASH_AT": str(step)})
+    proc = start_cbt("backup", "--config", cfg, "--json", env=crash_env(step, site.root))
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, step)
 
@@ -514,7 +510,7 @@ def test_sigterm_during_the_pre_hook_still_runs_the_post_hook(site: Site) -> Non
 
 
 def test_job_history_records_every_run(site: Site) -> None:
-    cfg = write_config(site.root / "two.toml", {
+    cfg = job_config(site.root / "two.toml", {
         "web": {"disks": {"os": "disks/os.img"}, "snapshot": "copy", "hooks": site.hooks()},
         "db": {"disks": {"db": "disks/db.img", "logs": "disks/missing.img"},
                "snapshot": "none"},
@@ -635,7 +631,7 @@ def test_same_point_on_any_executor(site: Site) -> None:
 @pytest.mark.parametrize("name", ["threads", "processes"])
 def test_one_pool_for_every_vm_of_a_config(site: Site, name: str) -> None:
     """cbt.jobs.run(config, executor=pool): one pool serves the jobs of every VM, run after run."""
-    cfg = write_config(site.root / "two.toml", {
+    cfg = job_config(site.root / "two.toml", {
         "web": {"disks": {"os": "disks/os.img"}, "snapshot": "none"},
         "db": {"disks": {"db": "disks/db.img"}, "snapshot": "none"},
     })

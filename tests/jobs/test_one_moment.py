@@ -30,20 +30,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-from jobs_helpers import (
-    MIB,
+from helpers import MIB
+from helpers.cli import wait_for
+from helpers.images import prefix_length, stamps
+from helpers.jobs import (
     hook_argv,
     hook_log,
-    loop_fs,
+    job_config,
     one_point,
-    prefix_length,
-    restore_point,
     set_ctl,
-    stamps,
-    wait_for,
-    write_config,
     write_hook,
 )
+from helpers.system import loop_fs
+from helpers.vaults import restore_point
 
 from cbt.api import Vault
 
@@ -135,7 +134,7 @@ def run_case(root: Path, vault: Path, snapshot: str, hooks: bool,
                           "snapshot": snapshot, "block_size": "4K"}
     if hooks:
         vm["hooks"] = quiescing_hooks(state, ctl)
-    cfg = write_config(cfgdir / "cbt.toml", {"vm1": vm}, vault=str(vault))
+    cfg = job_config(cfgdir / "cbt.toml", {"vm1": vm}, vault=str(vault))
     with writer(disks["a"], disks["b"], ctl):
         line = one_point(cfg)
         restored = (restored_counts(vault, line["recovery_point"], root / "restored")

@@ -18,21 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from jobs_helpers import scribble
-from sched_helpers import (
-    assert_same_bytes,
-    copy_disk,
-    listed_ids,
-    prune,
-    random_bytes,
-    restore,
-    run_due,
-    run_in_session,
-    vault_state,
-    verify_data_clean,
-    write_config,
-    write_disk,
-)
+from helpers.cli import crash_env, run_in_session
+from helpers.images import assert_same_bytes, copy_disk, random_bytes, scribble, write_disk
+from helpers.jobs import run_due, write_config
+from helpers.vaults import listed_ids, prune, restore, vault_state, verify_data_clean
 
 from cbt.api import Vault
 from cbt.jobs.policy import Retention, apply_retention
@@ -324,7 +313,7 @@ def test_prune_killed_at_every_durable_step(tmp_path: Path) -> None:
             shutil.rmtree(vault_dir)
         shutil.copytree(pristine, vault_dir)
         r = run_in_session("prune", "--config", cfg, "--now", "2026-03-09T00:00:00Z",
-                           env={"CBT_CRASH_AT": str(n)})
+                           env=crash_env(n, tmp_path))
         v = Vault.open(vault_dir)
         for pid in [p.id for p in v.points()]:
             out = tmp_path / "r" / f"{n}-{pid}"

@@ -6,20 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs_helpers import scribble
-from sched_helpers import (
-    assert_same_bytes,
-    copy_disk,
-    hook_argv,
-    hook_log,
-    listed_ids,
-    point_record,
-    restore,
-    run_due,
-    write_config,
-    write_random_disk,
-)
-from vault_helpers import cbt
+from helpers.cli import cbt
+from helpers.images import assert_same_bytes, copy_disk, scribble, write_random_disk
+from helpers.jobs import hook_argv, hook_lines, run_due, set_ctl, write_config
+from helpers.vaults import listed_ids, point_record, restore
 
 
 def _setup(tmp_path: Path, policies: dict[str, dict[str, object]],
@@ -102,7 +92,7 @@ def test_failed_slot_is_retried_at_the_next_call(tmp_path: Path) -> None:
                 "hooks": {"pre": argv, "post": argv, "timeout": 30,
                           "on_pre_failure": "fail"}},
          "web": {"policy": "p", "disks": {"os": "disks/web.img"}, "snapshot": "none"}})
-    (state / "fail-once").write_text("")
+    set_ctl(state, "pre", exit=3, stderr="pre hook told to fail once\n", once=True)
     # db's pre hook fails: its job fails ("fail" mode); web's succeeds; exit 2
     rc, s, results, stderr = run_due(cfg, "2026-06-01T03:00:00Z")
     assert rc == 2
@@ -114,7 +104,7 @@ def test_failed_slot_is_retried_at_the_next_call(tmp_path: Path) -> None:
     assert error["type"] == "error" and error["message"]
     assert "error" in stderr and "db" in stderr
     assert listed_ids(vault, "db") == []
-    assert not (state / "fail-once").exists()  # the hook did run and fail
+    assert not (state / "ctl-pre").exists()  # the hook did run and fail
     # the next call, still in the same slot, retries db's slot (and only that)
     rc, s, results, _ = run_due(cfg, "2026-06-01T03:05:00Z")
     assert rc == 0
@@ -124,7 +114,7 @@ def test_failed_slot_is_retried_at_the_next_call(tmp_path: Path) -> None:
     point = s["ran"][0]["recovery_point"]
     assert point_record(vault, point)["slot"] == "2026-06-01T02:00:00Z"
     assert results[0]["created"] == "2026-06-01T03:05:00Z"
-    assert sum(line.startswith("pre db") for line in hook_log(state)) == 2
+    assert sum(line.startswith("pre db") for line in hook_lines(state)) == 2
     # then nothing is due until 14:30
     rc, s, _, _ = run_due(cfg, "2026-06-01T14:29:00Z")
     assert s["ran"] == [] and sorted(x["vm"] for x in s["skipped"]) == ["db", "web"]

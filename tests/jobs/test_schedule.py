@@ -23,8 +23,9 @@ import json
 from pathlib import Path
 
 import pytest
-from sched_helpers import random_bytes, run_due, write_config, write_disk
-from vault_helpers import cbt, json_lines
+from helpers.cli import cbt, json_lines
+from helpers.images import random_bytes, write_disk
+from helpers.jobs import run_due, write_config
 
 from cbt.core.errors import CbtValueError
 from cbt.core.timefmt import parse_now

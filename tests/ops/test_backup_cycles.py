@@ -16,20 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import need, need_root_tools
-from vault_helpers import (
-    KIB,
-    MIB,
-    assert_same_disk,
-    block_digests,
-    fs_image,
-    keep_copy,
-    nblocks,
-    pack_files,
-    read,
-    truth_changed,
-    walk_pack,
-)
+from helpers import KIB, MIB
+from helpers.images import assert_same_disk, fs_image, keep_copy, read
+from helpers.packs import pack_files, walk_pack
+from helpers.system import need, need_root_tools
+from helpers.truth import block_digests, nblocks, truth_changed
 
 import cbt
 from cbt.source.synth import make_db_file, mutate

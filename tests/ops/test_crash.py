@@ -31,22 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import need_root_tools
-from vault_helpers import (
-    KIB,
-    MIB,
-    assert_same_disk,
-    cbt,
-    cbt_argv,
-    clean_env,
-    distinct_raw,
-    fs_image,
-    json_lines,
-    keep_copy,
-    pack_files,
-    temp_files,
-    trailer_entries,
-)
+from helpers import KIB, MIB
+from helpers.cli import cbt, cbt_argv, clean_env, json_lines
+from helpers.images import assert_same_disk, fs_image, keep_copy
+from helpers.packs import pack_files, trailer_entries
+from helpers.system import need_root_tools
+from helpers.truth import distinct_raw
+from helpers.vaults import temp_files
 
 import cbt as cbt_api
 from cbt.source.synth import make_db_file, mutate

@@ -1,6 +1,6 @@
 """Every kind of damage is found, named (point, disk, block, pack), and never restored.
 
-A three-point history (``restore_helpers.build_history3``) is built once and
+A three-point history (``helpers.vaults.build_history3``) is built once and
 cloned for each test, then damaged: a flipped byte in a pack, a truncated pack,
 a missing pack, a truncated or altered manifest, an index that disagrees with
 the packs, a point record naming a missing manifest.  Which (point, disk,
@@ -18,39 +18,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from restore_helpers import History3, build_history3, day1_blob, loop_device, read_device
-from vault_helpers import (
-    KIB,
-    MIB,
-    PROBLEM_KEYS,
-    VERIFY_KEYS,
-    assert_same_disk,
-    cbt,
-    one_error_line,
-    read,
-    temp_files,
-    trailer_entries,
-)
+from helpers import KIB, MIB
+from helpers.cli import cbt, one_error_line
+from helpers.images import assert_same_disk, read, read_device
+from helpers.packs import trailer_entries
+from helpers.shapes import PROBLEM_KEYS, VERIFY_KEYS
+from helpers.system import loop_device
+from helpers.vaults import History3, day1_blob, temp_files
 
 import cbt as cbt_api
 from cbt.repo.index import read_segment, segment_bytes
 
 BS = 64 * KIB
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> History3:
-    h = build_history3(tmp_path_factory.mktemp("damage-history"), BS)
-    # one pack per disk and run; day 2 changed one block of one disk
-    assert [len(p) for p in h.packs] == [2, 2, 1]
-    assert len(trailer_entries(h.pack_path(h.packs[2][0]))) == 1
-    assert min(len(trailer_entries(h.pack_path(p))) for p in h.packs[1]) > 10
-    return h
-
-
-@pytest.fixture
-def vh(pristine: History3, tmp_path: Path) -> History3:
-    return pristine.clone(tmp_path / "vault")
 
 
 def _verify(vault: Path, *args: str) -> tuple[int, list[dict]]:

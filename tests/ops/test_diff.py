@@ -1,7 +1,7 @@
 """``cbt.diff`` and ``cbt diff`` against ground truth computed with numpy.
 
 Every case is a pair of image files; the truth compares their bytes block by
-block under issue 2's rules (``_util.truth_diff``).  Each case runs at 4 KiB,
+block under issue 2's rules (``helpers.truth.truth_diff``).  Each case runs at 4 KiB,
 64 KiB and 1 MiB blocks and in every mix of inputs: image/image,
 manifest/image, image/manifest, manifest/manifest.
 """
@@ -17,17 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _util import (
-    DIFF_KEYS,
-    PAGE,
-    SparseImage,
-    fs_has_page_holes,
-    read_image,
-    run_cli,
-    truth_bitmap,
-    truth_diff,
-)
-from conftest import need
+from helpers import PAGE
+from helpers.cli import cbt as run_cli
+from helpers.images import SparseImage
+from helpers.images import read as read_image
+from helpers.shapes import DIFF_KEYS
+from helpers.system import need
+from helpers.truth import fs_has_page_holes, truth_bitmap, truth_diff
 from hypothesis import given
 from hypothesis import strategies as st
 

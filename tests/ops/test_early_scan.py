@@ -13,7 +13,10 @@ from typing import Any
 
 import blake3
 import numpy as np
-from vault_helpers import KIB, MIB, backup_cli, cbt_json, read, truth_changed
+from helpers import KIB, MIB
+from helpers.cli import backup_cli, cbt_json
+from helpers.images import read
+from helpers.truth import truth_changed
 
 import cbt
 import cbt.ops.backup

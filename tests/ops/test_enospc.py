@@ -20,17 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from restore_helpers import fill, free_bytes, small_fs
-from vault_helpers import (
-    KIB,
-    MIB,
-    assert_same_disk,
-    backup_cli,
-    cbt,
-    keep_copy,
-    one_error_line,
-    temp_files,
-)
+from helpers import KIB, MIB
+from helpers.cli import backup_cli, cbt, one_error_line
+from helpers.images import assert_same_disk, keep_copy
+from helpers.system import fill, free_bytes, small_fs
+from helpers.vaults import temp_files
 
 import cbt as cbt_api
 

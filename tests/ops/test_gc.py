@@ -22,25 +22,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sched_helpers import (
-    MIB,
-    assert_same_bytes,
-    cleanup_group,
-    copy_disk,
+from helpers import MIB
+from helpers.cli import cleanup_group, crash_env, run_in_session, start_cbt, wait_for
+from helpers.images import assert_same_bytes, copy_disk, fast_random, write_random_disk
+from helpers.jobs import write_config
+from helpers.packs import pack_set
+from helpers.vaults import (
     dir_bytes,
-    fast_random,
     gc,
     listed_ids,
-    pack_set,
     prune,
     restore,
-    run_in_session,
-    start_cbt,
     vault_state,
     verify_data_clean,
-    wait_for,
-    write_config,
-    write_random_disk,
 )
 
 from cbt.api import Vault
@@ -383,7 +377,7 @@ def test_gc_killed_at_every_durable_step(tmp_path: Path) -> None:
             shutil.rmtree(work)
         shutil.copytree(pristine, work)
         r = run_in_session("gc", work, "--grace", "0", "--json",
-                           env={"CBT_CRASH_AT": str(n)})
+                           env=crash_env(n, tmp_path))
         check(f"{n}-crashed")
         if r.returncode == 0:  # N is past its last step: it ran to the end
             res = json.loads(r.stdout)

@@ -14,21 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from jobs_helpers import scribble
-from sched_helpers import (
-    MIB,
-    assert_same_bytes,
-    backup_config,
-    backup_point,
-    copy_disk,
-    files_equal_to,
-    loop_xfs,
-    prune,
-    restore,
-    write_config,
-    write_random_disk,
-)
-from vault_helpers import cbt
+from helpers import MIB
+from helpers.cli import backup_cli as backup_point
+from helpers.cli import cbt
+from helpers.images import assert_same_bytes, copy_disk, scribble, write_random_disk
+from helpers.jobs import one_point, write_config
+from helpers.system import loop_xfs
+from helpers.vaults import files_equal_to, prune, restore
 
 INSTANT_DISK_KEYS = {"label", "to", "size", "bytes_written", "blocks_verified", "source"}
 
@@ -68,13 +60,13 @@ def test_instant_restore_from_kept_copy_snapshots(tmp_path: Path) -> None:
     assert cbt("init", vault).returncode == 0
     snaps = tmp_path / "snaps"
 
-    p1 = backup_config(cfg, now="2026-08-01T12:00:00Z")
+    p1 = one_point(cfg, now="2026-08-01T12:00:00Z")
     assert {d["label"]: d["snapshot"] for d in p1["disks"]} == {"os": "copy", "db": "copy"}
     t1 = {lb: copy_disk(d, tmp_path / "truth" / f"1-{lb}.img")
           for lb, d in (("os", os_disk), ("db", db_disk))}
     scribble(os_disk, seed=1)
     scribble(db_disk, seed=2)
-    p2 = backup_config(cfg, now="2026-08-02T12:00:00Z")
+    p2 = one_point(cfg, now="2026-08-02T12:00:00Z")
     t2 = {lb: copy_disk(d, tmp_path / "truth" / f"2-{lb}.img")
           for lb, d in (("os", os_disk), ("db", db_disk))}
     scribble(os_disk, seed=3)  # the live disks move on
@@ -154,11 +146,11 @@ def test_instant_restore_reflink_on_xfs(tmp_path: Path) -> None:
             {"web": {"policy": "p", "disks": {"os": "disks/os.img"}, "snapshot": "reflink"}})
         vault = mnt / "vault"
         assert cbt("init", vault).returncode == 0
-        p1 = backup_config(cfg, now="2026-09-01T12:00:00Z")
+        p1 = one_point(cfg, now="2026-09-01T12:00:00Z")
         assert p1["disks"][0]["snapshot"] == "reflink"
         t1 = copy_disk(disk, tmp_path / "truth" / "1.img")
         scribble(disk, seed=6)
-        p2 = backup_config(cfg, now="2026-09-02T12:00:00Z")
+        p2 = one_point(cfg, now="2026-09-02T12:00:00Z")
         t2 = copy_disk(disk, tmp_path / "truth" / "2.img")
         scribble(disk, seed=7)
         id1, id2 = p1["recovery_point"], p2["recovery_point"]
@@ -194,7 +186,7 @@ def test_instant_restore_reflink_on_xfs(tmp_path: Path) -> None:
         assert_same_bytes(mnt / "o4" / "os.img", t2)
 
         # and the next job still works, its kept snapshot too
-        p3 = backup_config(cfg, now="2026-09-20T12:00:00Z")
+        p3 = one_point(cfg, now="2026-09-20T12:00:00Z")
         t3 = copy_disk(disk, tmp_path / "truth" / "3.img")
         scribble(disk, seed=8)
         got = _instant(vault, p3["recovery_point"], mnt / "o5")

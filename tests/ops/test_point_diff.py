@@ -3,7 +3,7 @@
 A VM ``web`` is backed up on three days: os and db on day 0; on day 1 both
 change (os grows) and a logs disk is added; on day 2 db is dropped, os is left
 as it was and logs changes.  Every expected diff is computed with numpy from
-copies of the disks as they were (``_util.truth_diff``, the diff rules of
+copies of the disks as they were (``helpers.truth.truth_diff``, the diff rules of
 issue 2).
 """
 
@@ -16,8 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _util import DIFF_KEYS, truth_diff
-from vault_helpers import KIB, MIB, cbt, fs_image, keep_copy, one_error_line, read
+from helpers import KIB, MIB
+from helpers.cli import cbt, one_error_line
+from helpers.images import fs_image, keep_copy, read
+from helpers.shapes import DIFF_KEYS
+from helpers.truth import truth_diff
 
 import cbt as cbt_api
 from cbt.source.synth import make_db_file, mutate

@@ -1,8 +1,8 @@
 """``cbt verify --repair``: the index is rebuilt from the packs alone.
 
-The three-point history of ``restore_helpers.build_history3`` is cloned for
+The three-point history of ``helpers.vaults.build_history3`` is cloned for
 each test and damaged.  Truth: the packs' own trailers read by the independent
-reader in ``vault_helpers`` (taken before the damage), BLAKE3 of the disk
+reader in ``helpers.packs`` (taken before the damage), BLAKE3 of the disk
 copies for which points use a block, and SHA-256 of every pack file before and
 after (repair must not touch healthy data).
 """
@@ -12,17 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-from restore_helpers import History3, build_history3, day1_blob, sha256, tree_hashes
-from vault_helpers import (
-    KIB,
-    VERIFY_KEYS,
-    assert_same_disk,
-    cbt,
-    one_error_line,
-    pack_files,
-    trailer_entries,
-)
+from helpers import KIB
+from helpers.cli import cbt, one_error_line
+from helpers.images import assert_same_disk
+from helpers.packs import pack_files, trailer_entries
+from helpers.shapes import VERIFY_KEYS
+from helpers.truth import sha256, tree_hashes
+from helpers.vaults import History3, day1_blob
 
 import cbt as cbt_api
 from cbt.repo.index import read_segment
@@ -30,19 +26,6 @@ from cbt.repo.index import read_segment
 BS = 64 * KIB
 REPAIR_KEYS = {"packs_read", "blobs_indexed", "blobs_damaged", "packs_quarantined",
                "damaged_points"}
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> History3:
-    h = build_history3(tmp_path_factory.mktemp("repair-history"), BS)
-    assert [len(p) for p in h.packs] == [2, 2, 1]
-    assert len(trailer_entries(h.pack_path(h.packs[2][0]))) == 1
-    return h
-
-
-@pytest.fixture
-def vh(pristine: History3, tmp_path: Path) -> History3:
-    return pristine.clone(tmp_path / "vault")
 
 
 def _all_entries(vault: Path) -> set[tuple[bytes, str, int, int, int]]:

@@ -18,36 +18,31 @@ from typing import Any
 
 import numpy as np
 import pytest
-from restore_helpers import (
-    block_len,
-    copy_file,
-    data_bytes,
-    differing_blocks,
-    loop_device,
-    nonzero_blocks,
-    read_device,
-    runs,
-    sha256,
-    strace_cbt,
-    touched_blocks,
-    traced_writes,
-    write_at,
-)
-from vault_helpers import (
-    KIB,
-    MIB,
-    RESTORE_DISK_KEYS,
-    RESTORE_KEYS,
+from helpers import KIB, MIB
+from helpers.cli import cbt, one_error_line
+from helpers.images import (
     assert_same_disk,
-    cbt,
-    data_block_mask,
     fs_image,
     keep_copy,
-    nblocks,
-    one_error_line,
     read,
-    temp_files,
+    read_device,
+    write_at,
 )
+from helpers.images import copy_disk as copy_file
+from helpers.shapes import RESTORE_DISK_KEYS, RESTORE_KEYS
+from helpers.strace import strace_cbt, touched_blocks, traced_writes
+from helpers.system import loop_device
+from helpers.truth import (
+    block_len,
+    data_block_mask,
+    data_bytes,
+    differing_blocks,
+    nblocks,
+    nonzero_blocks,
+    runs,
+    sha256,
+)
+from helpers.vaults import temp_files
 
 import cbt as cbt_api
 from cbt.source.synth import make_db_file, mutate

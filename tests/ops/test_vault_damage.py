@@ -17,20 +17,11 @@ import blake3
 import numpy as np
 import pyarrow as pa
 import pytest
-from vault_helpers import (
-    KIB,
-    MIB,
-    PROBLEM_KEYS,
-    VERIFY_KEYS,
-    assert_same_disk,
-    cbt,
-    fs_image,
-    keep_copy,
-    one_error_line,
-    pack_files,
-    read,
-    trailer_entries,
-)
+from helpers import KIB, MIB
+from helpers.cli import cbt, one_error_line
+from helpers.images import assert_same_disk, fs_image, keep_copy, read
+from helpers.packs import pack_files, trailer_entries
+from helpers.shapes import PROBLEM_KEYS, VERIFY_KEYS
 
 import cbt as cbt_api
 from cbt.source.synth import make_db_file, mutate

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import blake3
 import numpy as np
-from vault_helpers import MIB, PAGE
+from helpers import MIB, PAGE
 
 import cbt
 

@@ -1,7 +1,7 @@
 """The vault as a block store: dedup, zero blocks, packs, the index, the config.
 
 Truth: BLAKE3 of every block computed here, and an independent reader of the
-pack layout (``vault_helpers.walk_pack``).
+pack layout (``helpers.packs.walk_pack``).
 """
 
 from __future__ import annotations
@@ -12,18 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from vault_helpers import (
-    KIB,
-    MIB,
-    PAGE,
-    assert_same_disk,
-    block_digests,
-    distinct_raw,
-    fs_image,
-    pack_files,
-    read,
-    walk_pack,
-)
+from helpers import KIB, MIB, PAGE
+from helpers.images import assert_same_disk, fs_image, read
+from helpers.packs import pack_files, walk_pack
+from helpers.truth import block_digests, distinct_raw
 
 import cbt
 from cbt.source.synth import make_db_file, punch_hole

@@ -20,19 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import need_root_tools
-from vault_helpers import (
-    KIB,
-    MIB,
-    assert_same_disk,
-    cbt,
-    cbt_argv,
-    clean_env,
-    fs_image,
-    json_lines,
-    keep_copy,
-    one_error_line,
-)
+from helpers import KIB, MIB
+from helpers.cli import cbt, cbt_argv, clean_env, json_lines, one_error_line
+from helpers.images import assert_same_disk, fs_image, keep_copy
+from helpers.system import need_root_tools
 
 import cbt as cbt_api
 from cbt.source.synth import mutate

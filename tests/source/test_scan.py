@@ -16,18 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _util import (
-    DATA,
-    HOLE,
-    PAGE,
-    ZERO,
-    SparseImage,
-    fs_has_page_holes,
-    read_image,
-    run_cli,
-    truth_hash,
-)
-from conftest import need, need_root_tools
+from helpers import PAGE
+from helpers.cli import cbt as run_cli
+from helpers.images import SparseImage
+from helpers.images import read as read_image
+from helpers.system import need, need_root_tools
+from helpers.truth import DATA, HOLE, ZERO, fs_has_page_holes, truth_hash
 from hypothesis import given
 from hypothesis import strategies as st
 

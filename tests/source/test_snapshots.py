@@ -20,27 +20,23 @@ from typing import Any
 
 import numpy as np
 import pytest
-from jobs_helpers import (
-    MIB,
+from helpers import MIB
+from helpers.cli import cbt, one_error_line
+from helpers.images import assert_same_disk, keep_copy, make_disk, read, scribble
+from helpers.jobs import (
     backup_config,
     hook_argv,
     hook_log,
-    is_readonly_subvolume,
-    is_subvolume,
+    job_config,
     jobs_json,
-    loop_fs,
-    make_disk,
-    no_clone_dir,
     one_point,
     phases,
-    point_ids,
-    restore_point,
-    scribble,
     set_ctl,
-    write_config,
     write_hook,
 )
-from vault_helpers import assert_same_disk, cbt, keep_copy, one_error_line, read
+from helpers.system import is_readonly_subvolume, is_subvolume, loop_fs, no_clone_dir
+from helpers.vaults import listed_ids as point_ids
+from helpers.vaults import restore_point
 
 from cbt.api import Vault
 
@@ -81,7 +77,7 @@ def test_copy_and_none_with_a_snapshot_dir(tmp_path: Path, provider: str) -> Non
     write_hook(state)
     snaps = root / "snaps" / "web"
     hooks = {"pre": hook_argv(state, snaps), "post": hook_argv(state, snaps)}
-    cfg = write_config(root / "cbt.toml", {"web": {
+    cfg = job_config(root / "cbt.toml", {"web": {
         "disks": {"os": "disks/os.img", "db": "disks/db.img"}, "snapshot": provider,
         "snapshot_dir": "snaps", "block_size": 65536, "hooks": hooks}})
     assert check_plan(cfg) == {"web": {"os": provider, "db": provider}}
@@ -118,7 +114,7 @@ def test_auto_on_a_file_system_without_clones_reads_live(tmp_path: Path) -> None
 def _auto_reads_live(root: Path) -> None:
     make_disk(root / "a.img", MIB, seed=5)
     Vault.init(root / "vault")
-    cfg = write_config(root / "cbt.toml", {"web": {"disks": {"a": "a.img"}}})
+    cfg = job_config(root / "cbt.toml", {"web": {"disks": {"a": "a.img"}}})
     assert check_plan(cfg) == {"web": {"a": "none"}}
     line = one_point(cfg)
     assert line["disks"][0]["snapshot"] == "none"
@@ -142,7 +138,7 @@ def test_live_read_of_a_disk_being_written_still_restores(tmp_path: Path) -> Non
     root = tmp_path.resolve()
     disk = make_disk(root / "busy.img", 8 * MIB, seed=12)
     Vault.init(root / "vault")
-    cfg = write_config(root / "cbt.toml", {"web": {"disks": {"busy": "busy.img"},
+    cfg = job_config(root / "cbt.toml", {"web": {"disks": {"busy": "busy.img"},
                                                    "snapshot": "none", "block_size": "4K"}})
     (root / "hammer.py").write_text(HAMMER)
     proc = subprocess.Popen([sys.executable, str(root / "hammer.py"), str(disk),
@@ -173,7 +169,7 @@ def _forced_provider_fails(root: Path, provider: str) -> None:
     Vault.init(root / "vault")
     state = root / "state"
     write_hook(state)
-    cfg = write_config(root / "cbt.toml", {"web": {
+    cfg = job_config(root / "cbt.toml", {"web": {
         "disks": {"a": "a.img"}, "snapshot": provider,
         "hooks": {"pre": hook_argv(state), "post": hook_argv(state)}}})
     r, lines = backup_config(cfg)
@@ -204,7 +200,7 @@ def test_reflink_on_xfs_keeps_a_tracking_base(tmp_path: Path) -> None:
         app_snaps = root / "snaps" / "app"
         hooks = {"pre": hook_argv(state, web_snaps, app_snaps),
                  "post": hook_argv(state, web_snaps, app_snaps)}
-        cfg = write_config(root / "cbt.toml", {
+        cfg = job_config(root / "cbt.toml", {
             "web": {"disks": {"os": "disks/os.img", "db": "disks/db.img"}, "hooks": hooks},
             "app": {"disks": {"logs": "other/logs.img"}, "snapshot": "reflink",
                     "snapshot_dir": "snaps"},
@@ -282,9 +278,9 @@ def test_btrfs_snapshots_the_subvolume_once(tmp_path: Path) -> None:
         cfgdir = tmp_path / "etc"
         cfgdir.mkdir()
         vm: dict[str, Any] = {"disks": {lb: str(p) for lb, p in disks.items()}}
-        cfg = write_config(cfgdir / "cbt.toml", {"web": vm}, vault=str(vault))
+        cfg = job_config(cfgdir / "cbt.toml", {"web": vm}, vault=str(vault))
         assert check_plan(cfg) == {"web": {"os": "btrfs", "db": "btrfs"}}
-        hooked = write_config(cfgdir / "hooked.toml", {"web": {
+        hooked = job_config(cfgdir / "hooked.toml", {"web": {
             **vm, "hooks": {"pre": hook_argv(state, snaps), "post": hook_argv(state, snaps)}}},
             vault=str(vault))
         copies: list[dict[str, Path]] = []
