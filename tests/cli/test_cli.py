@@ -216,6 +216,7 @@ def test_diff_exit_codes_and_json(image: SparseImage) -> None:
     assert len(out["ranges"]) == 3
 
 
+@pytest.mark.slow
 def test_diff_human_output_and_ranges(image: SparseImage) -> None:
     a, b = _pair(image)
     want = truth_diff(read_image(a), read_image(b), 4 * KIB)
@@ -231,6 +232,7 @@ def test_diff_human_output_and_ranges(image: SparseImage) -> None:
     assert same.returncode == 0 and same.stdout.strip()
 
 
+@pytest.mark.slow
 def test_diff_manifest_and_image(image: SparseImage, tmp_path: Path) -> None:
     a, b = _pair(image)
     ma = tmp_path / "a.arrow"
@@ -422,6 +424,7 @@ def test_bare_command_is_a_usage_error() -> None:
 # -- demo -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo(tmp_path: Path) -> None:
     d = tmp_path / "demo"
     r = run_cli("demo", "--dir", d, "--size", "32M", "--json")
@@ -452,6 +455,7 @@ def test_demo(tmp_path: Path) -> None:
     assert json.loads(v.stdout)["problems"] == []
 
 
+@pytest.mark.slow
 def test_demo_human_output(tmp_path: Path) -> None:
     r = run_cli("demo", "--dir", tmp_path / "demo", "--size", "8M")
     assert r.returncode == 0, r.stderr

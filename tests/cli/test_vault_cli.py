@@ -96,6 +96,7 @@ def test_every_command_on_a_non_vault(tmp_path: Path, disks: Path) -> None:
     assert not missing.exists()
 
 
+@pytest.mark.slow
 def test_a_newer_format_is_refused(vault: Path, disks: Path, tmp_path: Path) -> None:
     backup_cli(vault, "vm", disks / "os.img")
     config = json.loads((vault / "config").read_text())
@@ -171,6 +172,7 @@ def test_backup_human_output(vault: Path, disks: Path) -> None:
 # -- list, show, restore, verify --json -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_list_show_restore_verify_json(vault: Path, disks: Path, tmp_path: Path) -> None:
     first = backup_cli(vault, "web", disks / "os.img", disks / "db.img", "--block-size", "64K")
     with open(disks / "db.img", "r+b") as f:
@@ -234,6 +236,7 @@ def test_list_show_restore_verify_json(vault: Path, disks: Path, tmp_path: Path)
     assert PROBLEM_KEYS  # the problem shape is checked in test_vault_damage
 
 
+@pytest.mark.slow
 def test_restore_target_rules(vault: Path, disks: Path, tmp_path: Path) -> None:
     bs = backup_cli(vault, "web", disks / "os.img")["disks"][0]["block_size"]
     out = tmp_path / "a" / "b"  # created if missing
@@ -255,6 +258,7 @@ def test_restore_target_rules(vault: Path, disks: Path, tmp_path: Path) -> None:
 # -- names and references ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_point_ids_same_second_latest_and_prefixes(tmp_path: Path, disks: Path) -> None:
     v = cbt_api.Vault.init(tmp_path / "v")
     made = [v.backup("vm", [disks / "db.img"], created="2030-01-02T03:04:05Z").id
@@ -280,6 +284,7 @@ def test_point_ids_same_second_latest_and_prefixes(tmp_path: Path, disks: Path) 
                      other_point.disks[0].block_size)
 
 
+@pytest.mark.slow
 def test_cli_point_ids(vault: Path, disks: Path) -> None:
     ids = [backup_cli(vault, "web", disks / "db.img")["recovery_point"] for _ in range(3)]
     assert len(set(ids)) == 3
@@ -309,6 +314,7 @@ def test_disk_labels(vault: Path, disks: Path, tmp_path: Path) -> None:
     assert [p.vm for p in cbt_api.Vault.open(vault).points()] == ["vm"]
 
 
+@pytest.mark.slow
 def test_block_size_is_fixed_by_the_first_backup(vault: Path, disks: Path) -> None:
     first = backup_cli(vault, "vm", disks / "os.img", "--block-size", "4K")
     assert first["disks"][0]["block_size"] == 4096

@@ -133,6 +133,7 @@ def test_empty_disk_roundtrip(tmp_path: Path) -> None:
     assert pa.ipc.open_file(str(tmp_path / "e.arrow")).read_all().num_rows == 0
 
 
+@pytest.mark.slow
 def test_many_rows_roundtrip(tmp_path: Path) -> None:
     """More rows than one record batch holds: several batches, read back whole."""
     n = (1 << 20) + 3
@@ -304,6 +305,7 @@ def flip_outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
     return outcomes
 
 
+@pytest.mark.slow
 def test_flipped_byte_raises_nothing_but_corrupt_manifest_error(
         flip_outcomes: dict[int, str]) -> None:
     others = {i: o for i, o in flip_outcomes.items()

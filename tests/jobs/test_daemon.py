@@ -10,6 +10,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from helpers import MIB
 from helpers.cli import cbt, cleanup_group, cpu_seconds, start_cbt, wait_for
 from helpers.images import assert_same_bytes, copy_disk, write_random_disk
@@ -26,6 +27,7 @@ def _hour_floor(t: dt.datetime) -> str:
     return t.replace(minute=0, second=0, microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@pytest.mark.slow
 def test_daemon_runs_the_due_job_and_finishes_it_on_sigterm(tmp_path: Path) -> None:
     """An hourly schedule with no point yet: jobs are due at once.  SIGTERM goes to the
     daemon's whole process group twice - while web's pre hook sleeps, and again while
@@ -91,6 +93,7 @@ def test_daemon_runs_the_due_job_and_finishes_it_on_sigterm(tmp_path: Path) -> N
     assert not any("failed" in ln for ln in lines), lines
 
 
+@pytest.mark.slow
 def test_idle_daemon_sleeps_without_polling_and_stops_promptly(tmp_path: Path) -> None:
     """The latest slot already has its point: nothing is due.  The daemon uses (almost)
     no CPU while it waits for the next slot, and stops at once on SIGTERM, exit 0."""

@@ -142,6 +142,7 @@ def hook_points(site: Site) -> set[str]:
 # -- hooks and consistency ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snapshot", ["copy", "none"])
 @pytest.mark.parametrize("provides", ["application", "file-system"])
 def test_hooks_succeed(site: Site, snapshot: str, provides: str) -> None:
@@ -180,6 +181,7 @@ def test_hooks_succeed(site: Site, snapshot: str, provides: str) -> None:
     check_restores(site, point)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snapshot,why", [("copy", "disks snapshotted sequentially"),
                                           ("none", "live read")])
 def test_failing_pre_hook_falls_back_to_crash(site: Site, snapshot: str, why: str) -> None:
@@ -198,6 +200,7 @@ def test_failing_pre_hook_falls_back_to_crash(site: Site, snapshot: str, why: st
     check_restores(site, line["recovery_point"])
 
 
+@pytest.mark.slow
 def test_pre_hook_that_cannot_start_falls_back_to_crash(site: Site) -> None:
     hooks = site.hooks(pre=[str(site.root / "no-such-quiesce")])
     line = one_point(site.config("none", hooks=hooks))
@@ -207,6 +210,7 @@ def test_pre_hook_that_cannot_start_falls_back_to_crash(site: Site) -> None:
     check_restores(site, line["recovery_point"])
 
 
+@pytest.mark.slow
 def test_hung_pre_hook_is_killed_with_its_child(site: Site) -> None:
     set_ctl(site.state, "pre", hang=True)
     started = time.monotonic()
@@ -224,6 +228,7 @@ def test_hung_pre_hook_is_killed_with_its_child(site: Site) -> None:
     check_restores(site, line["recovery_point"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snapshot", ["copy", "none"])
 def test_failing_post_hook_keeps_the_level_and_warns(site: Site, snapshot: str) -> None:
     set_ctl(site.state, "post", exit=5, stderr="thaw failed: fs busy\n")
@@ -237,6 +242,7 @@ def test_failing_post_hook_keeps_the_level_and_warns(site: Site, snapshot: str) 
     assert job["status"] == "succeeded" and job["consistency"] == "application"
 
 
+@pytest.mark.slow
 def test_on_pre_failure_fail_fails_the_job(site: Site) -> None:
     set_ctl(site.state, "pre", exit=3, stderr="cannot quiesce\n")
     cfg = site.config("copy", hooks=site.hooks(on_pre_failure="fail"))
@@ -256,6 +262,7 @@ def test_on_pre_failure_fail_fails_the_job(site: Site) -> None:
     assert "exit 3" in job["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snapshot,labels,reason", [
     ("copy", ("os", "db"), "no hooks; disks snapshotted sequentially"),
     ("copy", ("os",), "no hooks"),
@@ -282,6 +289,7 @@ def test_post_hook_alone_quiesces_nothing(site: Site) -> None:
     assert "pre hook succeeded" not in line["consistency_reason"]
 
 
+@pytest.mark.slow
 def test_hook_programs_from_path_and_the_config_folder(site: Site, tmp_path: Path) -> None:
     """argv[0] without '/' is found on PATH; relative arguments work from the config's folder."""
     bindir = tmp_path / "bin"
@@ -310,6 +318,7 @@ def test_hook_programs_from_path_and_the_config_folder(site: Site, tmp_path: Pat
 # -- kill -9 and signals -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kill9_between_hooks_then_recover(site: Site) -> None:
     cfg = site.config("copy")
     first = one_point(cfg)
@@ -345,6 +354,7 @@ def test_kill9_between_hooks_then_recover(site: Site) -> None:
     check_restores(site, third["recovery_point"])
 
 
+@pytest.mark.slow
 def test_interrupted_job_names_no_point_that_does_not_exist(site: Site) -> None:
     cfg = site.config("copy")
     set_ctl(site.state, "pre", killgroup=True, once=True)
@@ -378,6 +388,7 @@ def _crash_at(site: Site, cfg: Path, step: int) -> None:
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, step)
 
 
+@pytest.mark.slow
 def test_crash_at_a_durable_step_between_hooks_then_recover(site: Site) -> None:
     """Provider none: the transfer runs between the hooks; kill it at its first durable step."""
     cfg = site.config("none")
@@ -407,6 +418,7 @@ def test_crash_at_a_durable_step_between_hooks_then_recover(site: Site) -> None:
     check_restores(site, line["recovery_point"])
 
 
+@pytest.mark.slow
 def test_crash_before_the_pre_hook_runs_no_recover_hook(site: Site) -> None:
     cfg = site.config("copy")
     one_point(cfg)
@@ -423,6 +435,7 @@ def test_crash_before_the_pre_hook_runs_no_recover_hook(site: Site) -> None:
     assert line["consistency"] == "application"
 
 
+@pytest.mark.slow
 def test_crash_during_transfer_leaves_no_snapshots_behind(site: Site) -> None:
     """kill -9 after the copy snapshots were taken: the next run removes them."""
     cfg = site.config("copy")
@@ -451,6 +464,7 @@ def _big_site(site: Site, big: Path) -> Path:
     return site.config("copy", disks={"big": "disks/big.img"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,target", [(signal.SIGTERM, "pid"), (signal.SIGINT, "group")])
 def test_signal_during_transfer_aborts_cleanly(site: Site, big_disk: Path, sig: int,
                                                target: str) -> None:
@@ -487,6 +501,7 @@ def test_signal_during_transfer_aborts_cleanly(site: Site, big_disk: Path, sig: 
              timeout=10, what="the run's workers to exit")
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_pre_hook_still_runs_the_post_hook(site: Site) -> None:
     set_ctl(site.state, "pre", sleep=30)
     proc = start_cbt("backup", "--config", site.config("copy"), "--json")
@@ -509,6 +524,7 @@ def test_sigterm_during_the_pre_hook_still_runs_the_post_hook(site: Site) -> Non
 # -- job history --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_job_history_records_every_run(site: Site) -> None:
     cfg = job_config(site.root / "two.toml", {
         "web": {"disks": {"os": "disks/os.img"}, "snapshot": "copy", "hooks": site.hooks()},
@@ -589,6 +605,7 @@ def executor(name: str) -> Iterator[Executor | None]:
         yield ex
 
 
+@pytest.mark.slow
 def test_same_point_on_any_executor(site: Site) -> None:
     """The same job on forked workers, a thread pool and process pools, each into its own vault."""
     cfg = load_config(site.config("none", hooks=None))

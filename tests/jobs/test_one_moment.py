@@ -155,6 +155,7 @@ def assert_one_moment(counts: tuple[int, int]) -> None:
     assert na in (nb, nb + 1), f"a holds 1..{na}, b holds 1..{nb}: not one moment"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snapshot", ["none", "copy"])
 def test_hooks_give_one_moment_on_any_file_system(tmp_path: Path, snapshot: str) -> None:
     root = tmp_path.resolve()
@@ -165,6 +166,7 @@ def test_hooks_give_one_moment_on_any_file_system(tmp_path: Path, snapshot: str)
     assert got["counts"] == (got["paused_at"], got["paused_at"]), got
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snapshot,reason", [
     ("copy", "no hooks; disks snapshotted sequentially"),
     ("none", "no hooks; live read"),
@@ -181,6 +183,7 @@ def test_without_hooks_the_point_says_why_it_is_not_one_moment(tmp_path: Path, s
     assert got["line"]["consistency_reason"] == reason
 
 
+@pytest.mark.slow
 def test_reflink_with_hooks_is_one_moment(tmp_path: Path) -> None:
     with loop_fs(tmp_path, "xfs") as mnt:
         Vault.init(tmp_path / "vault")
@@ -192,6 +195,7 @@ def test_reflink_with_hooks_is_one_moment(tmp_path: Path) -> None:
         assert got["counts"] == (got["paused_at"], got["paused_at"]), got
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hooks", [False, True])
 def test_btrfs_is_one_moment_with_or_without_hooks(tmp_path: Path, hooks: bool) -> None:
     with loop_fs(tmp_path, "btrfs") as mnt:

@@ -154,6 +154,7 @@ def _backup(vault: Vault, vm: str, disk: Path, created: str) -> str:
     return vault.backup(vm, [DiskSpec("os", str(disk))], created=created, workers=1).id
 
 
+@pytest.mark.slow
 def test_prune_table_over_years(tmp_path: Path) -> None:
     disk = write_disk(tmp_path / "disks" / "os.img", random_bytes(64 << 10, seed=7))
     vms = {vm: {"policy": pol, "disks": {"os": "disks/os.img"}, "snapshot": "none"}
@@ -204,6 +205,7 @@ def test_prune_table_over_years(tmp_path: Path) -> None:
     assert {p["recovery_point"] for p in again["points"]} == kept
 
 
+@pytest.mark.slow
 def test_latest_is_kept_even_when_ten_points_share_a_second(tmp_path: Path) -> None:
     """Eleven points created in one second get ids ...Z, ...Z-2, ..., ...Z-11; the
     newest (the last one made, what VM.latest restores) must be the one kept."""
@@ -239,6 +241,7 @@ def _restore_all(vault: Path, truth: dict[str, Path], out: Path, cli: bool = Fal
         assert_same_bytes(out / pid / "os.img", truth[pid])
 
 
+@pytest.mark.slow
 def test_pruning_bases_keeps_dependants_restorable(tmp_path: Path) -> None:
     """20 daily points (the first the full baseline every later one builds on), pruned
     to 5; every kept point restores bit for bit; four more days through run-due,
@@ -286,6 +289,7 @@ def test_pruning_bases_keeps_dependants_restorable(tmp_path: Path) -> None:
     verify_data_clean(vault_dir)
 
 
+@pytest.mark.slow
 def test_prune_killed_at_every_durable_step(tmp_path: Path) -> None:
     """kill -9 of prune at its N-th durable step, for every N: every point still listed
     restores bit for bit and the vault verifies; a prune run to the end then leaves

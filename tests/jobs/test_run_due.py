@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from helpers.cli import cbt
 from helpers.images import assert_same_bytes, copy_disk, scribble, write_random_disk
 from helpers.jobs import hook_argv, hook_lines, run_due, set_ctl, write_config
@@ -22,6 +23,7 @@ def _setup(tmp_path: Path, policies: dict[str, dict[str, object]],
     return cfg, tmp_path / "vault"
 
 
+@pytest.mark.slow
 def test_twice_in_a_slot_backs_up_once(tmp_path: Path) -> None:
     cfg, vault = _setup(tmp_path, {"p": {"schedule": "daily 02:00"}},
                         {"web": {"policy": "p", "disks": {"os": "disks/os.img"},
@@ -59,6 +61,7 @@ def test_twice_in_a_slot_backs_up_once(tmp_path: Path) -> None:
     assert_same_bytes(tmp_path / "r2" / "os.img", disk)
 
 
+@pytest.mark.slow
 def test_after_downtime_only_the_latest_missed_slot_runs_once(tmp_path: Path) -> None:
     cfg, vault = _setup(
         tmp_path,
@@ -83,6 +86,7 @@ def test_after_downtime_only_the_latest_missed_slot_runs_once(tmp_path: Path) ->
     assert len(listed_ids(vault)) == 4
 
 
+@pytest.mark.slow
 def test_failed_slot_is_retried_at_the_next_call(tmp_path: Path) -> None:
     state = tmp_path / "hook"
     argv = hook_argv(state)
@@ -122,6 +126,7 @@ def test_failed_slot_is_retried_at_the_next_call(tmp_path: Path) -> None:
     assert_same_bytes(tmp_path / "r" / "data.img", tmp_path / "disks" / "db.img")
 
 
+@pytest.mark.slow
 def test_a_failing_job_exits_2_and_is_retried_once_fixed(tmp_path: Path) -> None:
     cfg, vault = _setup(tmp_path, {"p": {"schedule": "every 8h"}},
                         {"gone": {"policy": "p", "disks": {"d": "disks/gone.img"},

@@ -363,6 +363,7 @@ TIMELINE: list[tuple[str, dict[str, str | None]]] = [
 ]
 
 
+@pytest.mark.slow
 def test_run_due_timeline_table(tmp_path: Path) -> None:
     vms = {}
     for k, (vm, policy) in enumerate(VMS.items()):
@@ -394,6 +395,7 @@ def json_point(vault: Path, point: str) -> dict[str, object]:
     return dict(json.loads((vault / "points" / f"{point}.json").read_text()))
 
 
+@pytest.mark.slow
 def test_now_without_offset_or_garbage_is_an_error(tmp_path: Path) -> None:
     write_disk(tmp_path / "disks" / "d.img", random_bytes(64 << 10, seed=1))
     cfg = write_config(tmp_path / "cbt.toml", {"p": {"schedule": "daily 02:00"}},

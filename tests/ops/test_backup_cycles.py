@@ -64,6 +64,7 @@ def _day_changes(day: int, disks: Path, fill_at: dict[str, int]) -> list[str]:
     raise AssertionError(day)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bs", [4 * KIB, 64 * KIB], ids=["4K", "64K"])
 def test_daily_cycle_every_point_restores(tmp_path: Path, bs: int) -> None:
     disks = tmp_path / "disks"

@@ -249,6 +249,7 @@ def _kill_at_step(scn: Scenario, n: int, work: Path) -> str:
     return "completed" if proc.returncode == 0 else "killed"
 
 
+@pytest.mark.slow
 def test_crash_at_every_durable_step(two_disks: Scenario, tmp_path: Path) -> None:
     scn = two_disks
     outcomes = []
@@ -260,6 +261,7 @@ def test_crash_at_every_durable_step(two_disks: Scenario, tmp_path: Path) -> Non
     assert outcomes.count("killed") >= scn.steps - 2, outcomes
 
 
+@pytest.mark.slow
 def test_crash_while_merging_the_index(many_segments: Scenario, tmp_path: Path) -> None:
     """The run that brings the index to MERGE_AT segments merges them after its commit."""
     scn = many_segments
@@ -270,6 +272,7 @@ def test_crash_while_merging_the_index(many_segments: Scenario, tmp_path: Path) 
         shutil.rmtree(work)
 
 
+@pytest.mark.slow
 def test_kill_at_random_times(two_disks: Scenario, tmp_path: Path) -> None:
     scn = two_disks
     rng = np.random.default_rng(7)
@@ -345,6 +348,7 @@ def _check_protocol(events: list[Event]) -> dict[int, int]:
     return dir_synced
 
 
+@pytest.mark.slow
 def test_commit_renames_follow_fsync_and_precede_directory_fsync(tmp_path: Path) -> None:
     need_root_tools("strace")
     disks = tmp_path / "disks"

@@ -68,6 +68,7 @@ def _restores(vh: History3, day: int, label: str, out: Path) -> None:
 # -- a flipped byte ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_flipped_byte_in_a_pack(vh: History3, tmp_path: Path) -> None:
     pack, digest, offset, stored = day1_blob(vh)
     raw = bytearray(pack.read_bytes())

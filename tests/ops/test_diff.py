@@ -352,6 +352,7 @@ def image_pairs(draw: st.DrawFn) -> tuple[bytes, bytes, int]:
     return bytes(a), bytes(b), bs
 
 
+@pytest.mark.slow
 @given(image_pairs(), st.sampled_from(MIXES))
 def test_property_diff(case: tuple[bytes, bytes, int], mix: str) -> None:
     a_bytes, b_bytes, bs = case

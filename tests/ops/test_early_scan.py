@@ -13,6 +13,7 @@ from typing import Any
 
 import blake3
 import numpy as np
+import pytest
 from helpers import KIB, MIB
 from helpers.cli import backup_cli, cbt_json
 from helpers.images import read
@@ -93,6 +94,7 @@ def test_started_only_for_disks_with_a_previous_point(tmp_path: Path) -> None:
     assert start_early_scan(tmp_path / "nowhere", "vm", specs) is None
 
 
+@pytest.mark.slow
 def test_cli_incremental_with_early_scan_matches_the_disk(tmp_path: Path) -> None:
     """Two disks of different sizes (the early scan shards them by size), a real ``cbt
     backup``: the point's manifests equal the disks' BLAKE3 digests, the changed-block
@@ -177,6 +179,7 @@ def test_failed_early_scan_falls_back_to_hashing(tmp_path: Path) -> None:
     assert np.array_equal(vault.resolve(point, "d").digests, _digests(data, BS))
 
 
+@pytest.mark.slow
 def test_early_scan_dropped_after_a_long_wait_for_the_lock(tmp_path: Path) -> None:
     """Waiting long for the writer lock makes the early scan too old: the backup hashes
     the disk again, so the point is the disk as it is when the lock is finally taken."""

@@ -59,6 +59,7 @@ def _consistent(vault: Path, history: list[tuple[str, Path]], out: Path,
         shutil.rmtree(to)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ext4", "tmpfs"])
 def test_enospc_during_backup(tmp_path: Path, kind: str) -> None:
     disk = tmp_path / "d.img"
@@ -97,6 +98,7 @@ def test_enospc_during_backup(tmp_path: Path, kind: str) -> None:
         assert any(w in line for w in SPACE_WORDS), line
 
 
+@pytest.mark.slow
 def test_enospc_at_every_write_of_a_backup(tmp_path: Path) -> None:
     """Leave N-4..N pages free, N being what a small incremental backup takes: it runs
     out of space writing its pack, its manifest, its index segment, its point record."""

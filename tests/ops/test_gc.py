@@ -72,6 +72,7 @@ def _config(tmp_path: Path, retention: dict[str, int], disks: dict[str, str],
 # -- prune + gc ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dead_in", ["middle", "first"])
 def test_prune_then_gc_frees_the_dead_and_keeps_the_rest(tmp_path: Path, dead_in: str) -> None:
     """24 MiB of unique data lives in one point only and is overwritten the next day;
@@ -166,6 +167,7 @@ def _point_of(stdout: str) -> str:
     return str(points[0]["recovery_point"])
 
 
+@pytest.mark.slow
 def test_gc_beside_a_running_backup(tmp_path: Path) -> None:
     """gc, run while a 256 MiB backup is in progress, removes the dead point's packs
     but nothing the backup writes; the new point restores bit for bit."""
@@ -211,6 +213,7 @@ def _gc_lock_held_by_other(vault_dir: Path) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_gc_started_while_a_backup_commits_does_not_fail(tmp_path: Path) -> None:
     """gc "may run beside one backup": also when it starts in the moment that backup is
     committing (holding the gc lock).  The backup is held by SIGSTOP inside its commit;
@@ -242,6 +245,7 @@ def test_gc_started_while_a_backup_commits_does_not_fail(tmp_path: Path) -> None
     verify_data_clean(vault_dir)
 
 
+@pytest.mark.slow
 def test_gc_while_a_backup_reuses_blocks_of_a_pruned_point(tmp_path: Path) -> None:
     """The hard case.  A point is pruned; a backup starts whose disk holds that point's
     blocks again, so it deduplicates against them (they are still in the index it
@@ -289,6 +293,7 @@ def test_gc_while_a_backup_reuses_blocks_of_a_pruned_point(tmp_path: Path) -> No
 # -- gc beside a running restore ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gc_with_no_grace_while_a_restore_reads(tmp_path: Path) -> None:
     """A restore has loaded the index and started writing; gc (grace 0) rewrites the
     packs it is about to read (two thirds of each is dead) and moves the originals to
@@ -338,6 +343,7 @@ def test_gc_with_no_grace_while_a_restore_reads(tmp_path: Path) -> None:
 # -- crash safety ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gc_killed_at_every_durable_step(tmp_path: Path) -> None:
     """kill -9 of gc at its N-th durable step, for every N (it removes one pack and
     rewrites others): the remaining point restores bit for bit and verify --data is

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers import MIB
 from helpers.cli import backup_cli as backup_point
 from helpers.cli import cbt
@@ -48,6 +49,7 @@ def _flip_byte(path: Path, offset: int) -> None:
     del data
 
 
+@pytest.mark.slow
 def test_instant_restore_from_kept_copy_snapshots(tmp_path: Path) -> None:
     os_disk = write_random_disk(tmp_path / "disks" / "os.img", 4 * MIB, seed=31)
     db_disk = write_random_disk(tmp_path / "disks" / "db.img", 2 * MIB, seed=32)
@@ -125,6 +127,7 @@ def test_instant_restore_from_kept_copy_snapshots(tmp_path: Path) -> None:
     assert_same_bytes(tmp_path / "o5" / "db.img", t2["db"])
 
 
+@pytest.mark.slow
 def test_instant_restore_without_a_kept_snapshot_uses_the_vault(tmp_path: Path) -> None:
     disk = write_random_disk(tmp_path / "d.img", 1 * MIB, seed=33)
     vault = tmp_path / "vault"
@@ -137,6 +140,7 @@ def test_instant_restore_without_a_kept_snapshot_uses_the_vault(tmp_path: Path) 
     assert_same_bytes(tmp_path / "o" / "os.img", truth)
 
 
+@pytest.mark.slow
 def test_instant_restore_reflink_on_xfs(tmp_path: Path) -> None:
     with loop_xfs(tmp_path) as mnt:
         disk = write_random_disk(mnt / "disks" / "os.img", 8 * MIB, seed=34)

@@ -106,6 +106,7 @@ def _expected_points(pts: Points, a: int, b: int) -> dict:
 # -- one disk of a point against an image, a manifest, another point ------------------
 
 
+@pytest.mark.slow
 def test_point_disk_against_an_image(pts: Points) -> None:
     out = _diff(pts.ref(1, "os"), pts.copies[0]["os"], code=1)
     assert set(out) == DIFF_KEYS
@@ -117,6 +118,7 @@ def test_point_disk_against_an_image(pts: Points) -> None:
     assert out == truth_diff(pts.data(2, "logs"), pts.data(2, "logs"), BS)
 
 
+@pytest.mark.slow
 def test_point_disk_against_a_manifest(pts: Points, tmp_path: Path) -> None:
     manifest = tmp_path / "os0.arrow"
     r = cbt("scan", pts.copies[0]["os"], "--block-size", "16K", "-o", manifest)
@@ -132,6 +134,7 @@ def test_point_disk_against_a_manifest(pts: Points, tmp_path: Path) -> None:
     assert "block size" in line
 
 
+@pytest.mark.slow
 def test_point_disk_against_another_points_disk(pts: Points) -> None:
     out = _diff(pts.ref(0, "db"), pts.ref(1, "db"), code=1)
     assert out == truth_diff(pts.data(0, "db"), pts.data(1, "db"), BS)
@@ -185,6 +188,7 @@ def test_whole_points_human_output(pts: Points) -> None:
     assert r.returncode == 0 and "identical" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pair", ["point-image", "image-point", "point-disk", "disk-point"])
 def test_whole_point_against_one_disk_is_an_error(pts: Points, pair: str) -> None:
     image = str(pts.copies[0]["os"])

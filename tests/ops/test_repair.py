@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from helpers import KIB
 from helpers.cli import cbt, one_error_line
 from helpers.images import assert_same_disk
@@ -58,6 +59,7 @@ def _flip(pack: Path, offset: int, stored: int) -> None:
     pack.write_bytes(bytes(raw))
 
 
+@pytest.mark.slow
 def test_repair_rebuilds_a_deleted_index(vh: History3, tmp_path: Path) -> None:
     entries = _all_entries(vh.vault)
     packs = tree_hashes(vh.vault / "packs")

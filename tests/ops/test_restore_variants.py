@@ -109,6 +109,7 @@ def _restore_json(*args: object) -> dict:
 # -- one disk to a new file ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_disk_to_a_new_file(hist: History, tmp_path: Path) -> None:
     for day, pid in enumerate(hist.points):
         for lb in LABELS:
@@ -344,6 +345,7 @@ def test_in_place_rewrites_only_differing_blocks(hist: History, tmp_path: Path,
     assert temp_files(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_in_place_onto_a_block_device(hist: History, tmp_path: Path) -> None:
     """An older restore on a device, brought forward (grow) then back (shrink) in place."""
     sizes = [len(hist.truth(d, "os")) for d in range(3)]

@@ -78,6 +78,7 @@ def _restore_fails(dv: Damaged, point: str, to: Path) -> str:
     return line
 
 
+@pytest.mark.slow
 def test_flipped_byte_in_a_pack(dv: Damaged, tmp_path: Path) -> None:
     assert _verify(dv.vault, "--data")[0] == 0
     # the first blob of a pack holding a block of day 0's os disk

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import blake3
 import numpy as np
+import pytest
 from helpers import MIB, PAGE
 
 import cbt
@@ -42,6 +43,7 @@ def _manifest_bytes(vault: Path, point_id: str) -> int:
     return sum(f.stat().st_size for f in (vault / "manifests" / point_id).iterdir())
 
 
+@pytest.mark.slow
 def test_metadata_grows_with_change_not_disk_size(tmp_path: Path) -> None:
     disk, vault_dir = tmp_path / "big.img", tmp_path / "vault"
     rng = np.random.default_rng(2030)

@@ -62,6 +62,7 @@ def _check_refusal(line: str, pid: int, command: str) -> None:
     assert re.search(r"since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", line), line
 
 
+@pytest.mark.slow
 def test_second_writer_fails_at_once_naming_the_holder(vault: Path, tmp_path: Path) -> None:
     holder = _hold(vault, 120)
     try:
@@ -92,6 +93,7 @@ def test_second_writer_fails_at_once_naming_the_holder(vault: Path, tmp_path: Pa
         holder.wait()
 
 
+@pytest.mark.slow
 def test_wait_succeeds_once_the_holder_releases(vault: Path, tmp_path: Path) -> None:
     holder = _hold(vault, 1.0)
     try:
@@ -115,6 +117,7 @@ def test_wait_succeeds_once_the_holder_releases(vault: Path, tmp_path: Path) -> 
         holder.wait()
 
 
+@pytest.mark.slow
 def test_a_running_backup_holds_the_lock(vault: Path, tmp_path: Path) -> None:
     big = tmp_path / "big.img"
     big.write_bytes(np.random.default_rng(82).integers(0, 256, 64 * MIB, np.uint8).tobytes())
@@ -145,6 +148,7 @@ def test_a_running_backup_holds_the_lock(vault: Path, tmp_path: Path) -> None:
     assert sorted(p["vm"] for p in listed["points"]) == ["other", "vm"]
 
 
+@pytest.mark.slow
 def test_readers_racing_an_index_merge(tmp_path: Path) -> None:
     """A reader that listed the index segments just before a backup merged them.
 

@@ -67,6 +67,7 @@ def restore_matches(vault: Path, point: str, copies: dict[str, Path], out: Path)
 # -- copy and none, on any file system -------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("provider", ["copy", "none"])
 def test_copy_and_none_with_a_snapshot_dir(tmp_path: Path, provider: str) -> None:
     root = tmp_path.resolve()
@@ -132,6 +133,7 @@ while not os.path.exists(stop):
 '''
 
 
+@pytest.mark.slow
 def test_live_read_of_a_disk_being_written_still_restores(tmp_path: Path) -> None:
     """``none`` without quiescing reads a disk that changes under it: the point is torn
     (and says ``live read``), but everything it stored matches its digest and it restores."""
@@ -186,6 +188,7 @@ def _forced_provider_fails(root: Path, provider: str) -> None:
 # -- reflink on XFS -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reflink_on_xfs_keeps_a_tracking_base(tmp_path: Path) -> None:
     with loop_fs(tmp_path, "xfs") as mnt:
         root = mnt / "site"
@@ -263,6 +266,7 @@ def test_reflink_on_xfs_keeps_a_tracking_base(tmp_path: Path) -> None:
 # -- btrfs ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_btrfs_snapshots_the_subvolume_once(tmp_path: Path) -> None:
     with loop_fs(tmp_path, "btrfs") as mnt:
         subprocess.run(["btrfs", "subvolume", "create", str(mnt / "vms")], check=True,
