@@ -67,17 +67,24 @@ def _unmount(mnt: Path) -> None:
 
 
 @contextlib.contextmanager
-def tmpfs(mnt: Path, size_mib: int) -> Iterator[Path]:
-    """A tmpfs of ``size_mib`` MiB mounted on the new folder ``mnt`` (root)."""
-    need_root_tools("mount", "umount")
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
-    need(r.returncode == 0, f"cannot mount a tmpfs: {r.stderr.strip()}")
+def _mounted(mnt: Path, *source: str) -> Iterator[Path]:
+    """``mount SOURCE... MNT`` (skipped where it cannot), always unmounted afterwards."""
+    r = subprocess.run(["mount", *source, str(mnt)], capture_output=True, text=True,
+                       check=False)
+    need(r.returncode == 0, f"cannot mount {source[-1]} on {mnt}: {r.stderr.strip()}")
     try:
         yield mnt
     finally:
         _unmount(mnt)
+
+
+@contextlib.contextmanager
+def tmpfs(mnt: Path, size_mib: int) -> Iterator[Path]:
+    """A tmpfs of ``size_mib`` MiB mounted on the new folder ``mnt`` (root)."""
+    need_root_tools("mount", "umount")
+    mnt.mkdir()
+    with _mounted(mnt, "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs"):
+        yield mnt
 
 
 @contextlib.contextmanager
@@ -99,13 +106,8 @@ def loop_fs(tmp_path: Path, kind: str, size: int = 512 * MIB) -> Iterator[Path]:
                     "xfs": [mkfs, "-q", "-f", "-m", "reflink=1", dev],
                     "btrfs": [mkfs, "-q", "-f", dev]}[kind]
             subprocess.run(args, check=True, capture_output=True)
-            r = subprocess.run(["mount", dev, str(mnt)], capture_output=True, text=True,
-                               check=False)
-            need(r.returncode == 0, f"cannot mount {kind} on {dev}: {r.stderr.strip()}")
-            try:
+            with _mounted(mnt, dev):
                 yield mnt
-            finally:
-                _unmount(mnt)
     finally:
         backing.unlink()
 
