@@ -1,9 +1,21 @@
-"""Shared fixtures: a scrubbed environment and the root/loop-device gate."""
+"""Fixtures of every test: a scrubbed environment, and nothing left in the temp directory.
+
+The helpers the tests share live in ``tests/helpers`` (one module a subject);
+each folder's ``conftest.py`` holds the fixtures of its own tests.
+
+A test run keeps nothing: pytest removes each passing test's ``tmp_path`` at once
+and every base temp dir at the end (``tmp_path_retention_*`` in pyproject.toml).
+What a test, a helper or a ``cbt`` process puts in the system temp directory
+itself (``tempfile``, a crash-step counter, ...) goes to a temp directory of this
+session (``TMPDIR`` inherited by every process the tests start), which must be
+empty after each test: a test that leaves a file there fails, naming it.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +26,38 @@ settings.register_profile("ci", max_examples=200, deadline=None)
 settings.register_profile("dev", max_examples=30, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+@pytest.fixture(scope="session")
+def session_tempdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """This session's system temp directory: TMPDIR of the tests and of what they start."""
+    tmp = tmp_path_factory.getbasetemp() / "system-tmp"
+    tmp.mkdir()
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = str(tmp)
+    tempfile.tempdir = str(tmp)
+    try:
+        yield tmp
+    finally:
+        tempfile.tempdir = saved_tempdir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_in_tempdir(session_tempdir: Path) -> Iterator[None]:
+    """After each test, the session's temp directory is empty again (else the test fails)."""
+    yield
+    left = sorted(p.name for p in session_tempdir.iterdir())
+    for name in left:  # so that the next test starts clean and is judged alone
+        path = session_tempdir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    assert not left, f"the test left files in the temp directory: {left}"
 
 
 @pytest.fixture(autouse=True)
@@ -26,19 +69,3 @@ def _scrub_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     yield
-
-
-def need(condition: bool, why: str) -> None:
-    """Skip when the machine can't run a test; in CI (CI=true) fail instead."""
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"CI must be able to run this test: {why}")
-    pytest.skip(why)
-
-
-def need_root_tools(*tools: str) -> None:
-    need(os.geteuid() == 0, "needs root (loop devices, mkfs, mount)")
-    for tool in tools:
-        need(shutil.which(tool) is not None,
-             f"needs {tool} (apt-get install it; ci/system-deps.sh does)")

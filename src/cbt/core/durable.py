@@ -13,6 +13,7 @@ at each step deterministically.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import os
@@ -34,7 +35,16 @@ def _crash_counter() -> str | None:
         fd, path = tempfile.mkstemp(prefix="cbt-crash-counter-")
         os.close(fd)
         os.environ[_COUNTER_ENV] = path  # inherited by every worker started later
+        # the run that made it removes it when it ends (a killed run cannot: tests that
+        # kill pass their own CBT_CRASH_COUNTER)
+        atexit.register(_remove_counter, path, os.getpid())
     return path
+
+
+def _remove_counter(path: str, owner: int) -> None:
+    if os.getpid() == owner:  # not a forked worker exiting
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def prepare_crash_counter() -> None:

@@ -1,0 +1,128 @@
+"""Pack files: the blob-header view restore reads many headers with, and reading a
+pack's trailer alone.
+
+The truth is the test helpers' own walk of a pack (``vault_helpers.walk_pack``,
+``trailer_entries``: their own struct layouts, nothing of ``cbt.format.pack``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import blake3
+import numpy as np
+import pytest
+from helpers.packs import trailer_entries, walk_pack
+
+from cbt.format.pack import (
+    PackWriter,
+    blob_headers,
+    blob_length,
+    blobs_match,
+    read_pack_trailer,
+    read_trailer,
+)
+
+
+def _blocks() -> list[bytes]:
+    rng = np.random.default_rng(7)
+    out = []
+    for i in range(40):
+        if i % 3 == 0:  # incompressible: stored raw
+            out.append(rng.integers(0, 256, 4096 + i, dtype=np.uint8).tobytes())
+        else:  # compressible: stored with zstd
+            out.append(bytes([i]) * 1000 + rng.integers(0, 4, 3000, dtype=np.uint8).tobytes())
+    return out
+
+
+@pytest.fixture
+def pack(tmp_path: Path) -> Path:
+    w = PackWriter()
+    for data in _blocks():
+        w.add(blake3.blake3(data).digest(), data)
+    path = tmp_path / f"{w.pack_id}.pack"
+    path.write_bytes(b"".join(bytes(b) for b in w.finish()))
+    return path
+
+
+def test_blob_headers_read_every_field_as_written(pack: Path) -> None:
+    data = pack.read_bytes()
+    truth = walk_pack(pack)
+    assert {b.codec for b in truth} == {0, 1}, "needs raw and compressed blobs"
+    offsets = np.array([b.offset for b in truth], dtype=np.uint64)[::-1]  # any order
+    h = blob_headers(data, offsets)
+    assert len(h) == len(truth)
+    for got, want in zip(h, truth[::-1], strict=True):
+        assert bytes(got["magic"]) == b"CBTB"
+        assert bytes(got["digest"]) == want.digest
+        assert (int(got["codec"]), int(got["encryption"])) == (want.codec, want.encryption)
+        assert (int(got["raw"]), int(got["stored"])) == (want.raw, want.stored)
+    assert len(blob_headers(data, np.zeros(0, np.uint64))) == 0
+
+
+def test_blobs_match_flags_exactly_the_headers_that_disagree(pack: Path) -> None:
+    data = bytearray(pack.read_bytes())
+    truth = walk_pack(pack)
+    n = len(truth)
+    offsets = np.array([b.offset for b in truth], dtype=np.int64)
+    digests = np.array([np.frombuffer(b.digest, np.uint8) for b in truth])
+    stored = np.array([b.stored for b in truth])
+    raw = np.array([b.raw for b in truth])
+    assert blobs_match(blob_headers(data, offsets), digests, stored, raw).all()
+    assert (blob_length(stored) == stored + 48).all() and blob_length(5) == 53
+
+    other_digest = digests.copy()
+    other_digest[3, 0] ^= 1
+    short = raw.copy()
+    short[5] -= 1
+    data[truth[7].offset] ^= 0xFF  # magic
+    data[truth[9].offset + 37] = 1  # encryption
+    data[truth[11].offset + 36] = 9  # codec
+    got = blobs_match(blob_headers(data, offsets), other_digest, stored, short)
+    assert np.flatnonzero(~got).tolist() == [3, 5, 7, 9, 11]
+    # an offset that is not a blob's start
+    moved = offsets.copy()
+    moved[n - 1] += 1
+    assert np.flatnonzero(~blobs_match(blob_headers(data, moved), digests, stored,
+                                       raw)).tolist() == [7, 9, 11, n - 1]
+
+
+def test_blob_headers_refuse_a_header_past_the_end(pack: Path) -> None:
+    from cbt.format.pack import CorruptPackError
+
+    data = pack.read_bytes()
+    with pytest.raises(CorruptPackError):
+        blob_headers(data, np.array([0, len(data) - 47], dtype=np.int64))
+
+
+def test_read_pack_trailer_reads_only_header_footer_and_trailer(pack: Path) -> None:
+    data = pack.read_bytes()
+    reads: list[tuple[int, int]] = []
+
+    def read_range(offset: int, length: int) -> bytes:
+        reads.append((offset, length))
+        return data[offset:offset + length]
+
+    entries = read_pack_trailer(read_range, len(data), "p")
+    assert [(bytes(e["digest"]), int(e["offset"]), int(e["stored"]), int(e["raw"]))
+            for e in entries] == trailer_entries(pack)
+    assert np.array_equal(entries, read_trailer(data, "p"))
+    first_blob = min(b.offset for b in walk_pack(pack))
+    trailer_start = len(data) - 48 - 48 * len(entries)
+    for offset, length in reads:  # never a byte of a blob
+        assert offset + length <= first_blob or offset >= trailer_start, (offset, length)
+
+
+@pytest.mark.parametrize("cut", ["short", "footer", "trailer"])
+def test_read_pack_trailer_detects_damage(pack: Path, cut: str) -> None:
+    from cbt.format.pack import CorruptPackError
+
+    data = bytearray(pack.read_bytes())
+    if cut == "short":
+        data = data[:60]
+    elif cut == "footer":
+        data[-1] ^= 1
+    else:
+        data[-60] ^= 1
+    with pytest.raises(CorruptPackError):
+        read_pack_trailer(lambda o, n: bytes(data[o:o + n]), len(data), "p")
