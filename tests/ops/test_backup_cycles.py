@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -249,3 +250,31 @@ def test_backup_on_any_executor(tmp_path: Path, pool: str) -> None:
         if executor is not None:
             executor.shutdown()
     assert vault.verify(data=True)["problems"] == []
+
+
+def test_fork_pool_processes_reuse_the_runs_loaded_index(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pool processes forked from the backup's process find the index it loaded; they
+    do not load it again (on a large vault that is seconds per process)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from cbt.repo import index as index_mod
+
+    disk = tmp_path / "os.img"
+    disk.write_bytes(np.random.default_rng(8).integers(0, 256, 3 * MIB, np.uint8).tobytes())
+    vault = cbt.Vault.init(tmp_path / "vault")
+    vault.backup("vm", [disk], block_size=16 * KIB, workers=2)
+    loads = tmp_path / "loads"
+    real_load = index_mod.load
+
+    def counting_load(*args: Any, **kwargs: Any) -> index_mod.Index:
+        with open(loads, "a") as f:  # inherited by the forked pool processes
+            f.write(f"{os.getpid()}\n")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(index_mod, "load", counting_load)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        point = vault.backup("vm", [disk], block_size=16 * KIB, workers=2, executor=pool)
+    assert point.bytes_new == 0
+    assert loads.read_text().split() == [str(os.getpid())]

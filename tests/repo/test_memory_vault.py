@@ -9,6 +9,7 @@ against the disk images themselves.
 
 from __future__ import annotations
 
+import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -158,3 +159,36 @@ def test_local_copy_is_untouched(tmp_path: Path) -> None:
         mem.delete(n)
     assert {n: local.storage.get(n) for n in local.storage.list("")} == before
     assert isinstance(local.storage, LocalStorage)
+
+
+def test_default_workers_on_memory_storage_are_threads(tmp_path: Path) -> None:
+    """A backup with no executor forks its workers; on a memory storage their packs would
+    vanish with them, so it runs them as threads: every block is there afterwards."""
+    days = _images(tmp_path)
+    v = cbt_api.Vault.create(MemoryStorage())
+    disk = tmp_path / "os.img"
+    disk.write_bytes(days[0].tobytes())
+    point = v.backup("vm", [disk], block_size=BS, workers=2)
+    assert point.bytes_stored > 0
+    assert verify(v, data=True).problems == []
+    _read_back(v, point, days[0])
+
+
+def test_a_forked_process_cannot_write_a_memory_storage() -> None:
+    """A child's write would be lost with it: it is refused, and the parent's copy is
+    untouched."""
+    mem = MemoryStorage()
+    mem.put("a", b"parent")
+    pid = os.fork()
+    if pid == 0:  # the child: reading the inherited copy works, writing is refused
+        ok = mem.get("a") == b"parent"
+        try:
+            mem.put("a", b"child")
+        except OSError as exc:
+            ok = ok and exc.errno == errno.EPERM and "forked" in str(exc)
+        else:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert mem.get("a") == b"parent"

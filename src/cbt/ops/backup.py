@@ -37,6 +37,7 @@ import mmap
 import os
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
@@ -328,7 +329,9 @@ class WorkerVault:
 
     @classmethod
     def of(cls, vault: Vault, index: index_mod.Index) -> WorkerVault:
-        return cls(vault.storage.spec(), index.token(), index_mod.IndexCache(index))
+        made = cls(vault.storage.spec(), index.token(), index_mod.IndexCache(index))
+        _LOADED[(made.storage, made.token)] = made
+        return made
 
     def open_storage(self) -> Storage:
         return open_storage(self.storage)
@@ -340,17 +343,29 @@ class WorkerVault:
         return (_worker_vault, (self.storage, self.token))
 
 
+# The runs' WorkerVaults with their loaded index, by (storage, index): a pool process
+# forked from the run's process finds the index already loaded here.  A cache, never
+# an input: a worker that finds nothing loads the index itself.
+_LOADED: weakref.WeakValueDictionary[tuple[StorageSpec, tuple[str, ...]], WorkerVault] = (
+    weakref.WeakValueDictionary())
+
+
 @functools.lru_cache(maxsize=1)
 def _worker_vault(storage: StorageSpec, token: tuple[str, ...]) -> WorkerVault:
     """A worker process's copy of a run's WorkerVault: one per (storage, index), so the
-    shards of one run on one process load the index once."""
-    return WorkerVault(storage, token)
+    shards of one run on one process load the index once (none at all when the pool
+    process was forked from the run's, which had it loaded)."""
+    return _LOADED.get((storage, token)) or WorkerVault(storage, token)
 
 
 def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardResult]:
     """Run every shard (forked workers, or the request's Executor); results in shard order."""
     worker_vault = WorkerVault.of(vault, planned.index)
     report = _progress_report(request, planned)
+    if request.executor is None and not vault.storage.forkable:
+        # a forked worker's writes to this storage would be lost with it: threads share it
+        with ThreadPoolExecutor(request.workers or default_workers()) as pool:
+            return _on_executor(pool, worker_vault, planned.shards, report)
     if request.executor is None:
         return fork_map(functools.partial(_labelled_shard, worker_vault), planned.shards,
                         report, ignore_stop_signals=request.ignore_stop_signals)

@@ -145,6 +145,11 @@ class RestoreResult:
                 "disks": [d.to_dict() for d in self.disks],
                 "seconds": self.seconds, "warnings": list(self.warnings)}
 
+    def __getitem__(self, key: str) -> Any:
+        """``result["disks"]``: the keys of :meth:`to_dict`, for scripts written when
+        ``Vault.restore`` returned that dict."""
+        return self.to_dict()[key]
+
 
 @dataclass(frozen=True)
 class _Job:

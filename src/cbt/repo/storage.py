@@ -131,6 +131,8 @@ class Storage(ABC):
     """Where a vault's objects live (see the module doc)."""
 
     root: str  # where it is, for messages
+    # Whether a forked worker can write to it (a backup's default workers are forked).
+    forkable: bool = True
 
     @abstractmethod
     def spec(self) -> StorageSpec:
@@ -434,8 +436,12 @@ class MemoryStorage(Storage):
     """A vault in this process's memory: objects in a dict, locks as threading locks.
 
     Thread-safe.  :func:`open_storage` finds it again by its key while it lives,
-    in this process only: threads can share it, forked or spawned workers cannot.
+    in this process only: threads share it; a forked worker inherits a copy it may
+    read (a restore's workers) but never write: its writes would vanish with it,
+    so they are refused.
     """
+
+    forkable = False
 
     def __init__(self, key: str | None = None) -> None:
         self.key = key or uuid.uuid4().hex
@@ -443,10 +449,16 @@ class MemoryStorage(Storage):
         self._objects: dict[str, _Object] = {}
         self._locks: dict[str, _LockSlot] = {}
         self._mutex = threading.Lock()
+        self._owner = os.getpid()
         with _MEMORY_MUTEX:
             if self.key in _MEMORY:
                 raise CbtIOError(errno.EEXIST, f"memory storage {self.key} exists already")
             _MEMORY[self.key] = self
+
+    def _writable(self) -> None:
+        if os.getpid() != self._owner:
+            raise CbtIOError(errno.EPERM, f"{self.root}: a forked process cannot write to a "
+                             "memory storage (its writes would be lost); use threads")
 
     def spec(self) -> StorageSpec:
         return StorageSpec("memory", self.key)
@@ -459,6 +471,7 @@ class MemoryStorage(Storage):
         return obj
 
     def put(self, name: str, data: Buffers) -> None:
+        self._writable()
         parts = data if isinstance(data, list) else [data]
         obj = _Object(b"".join(parts), time.time())
         with self._mutex:
@@ -485,6 +498,7 @@ class MemoryStorage(Storage):
             return sorted(n for n in self._objects if n.startswith(head))
 
     def delete(self, name: str) -> None:
+        self._writable()
         with self._mutex:
             self._objects.pop(name, None)
 
@@ -492,9 +506,11 @@ class MemoryStorage(Storage):
         pass  # every change is as durable as it will ever be
 
     def make_prefix(self, prefix: str) -> None:
+        self._writable()
         pass  # a prefix exists by the names under it
 
     def rename(self, src: str, dst: str) -> None:
+        self._writable()
         with self._mutex:
             obj = self._objects.pop(src, None)
             if obj is not None:
@@ -503,6 +519,7 @@ class MemoryStorage(Storage):
             raise CbtIOError(errno.ENOENT, f"missing from vault: {self.root}/{src}")
 
     def touch(self, name: str) -> None:
+        self._writable()
         with self._mutex:
             obj = self._objects.get(name)
             if obj is not None:
@@ -511,6 +528,7 @@ class MemoryStorage(Storage):
             raise CbtIOError(errno.ENOENT, f"missing from vault: {self.root}/{name}")
 
     def lock(self, name: str) -> StorageLock:
+        self._writable()
         with self._mutex:
             slot = self._locks.setdefault(name, _LockSlot())
         return _MemoryLock(f"{self.root}/{name}", slot)

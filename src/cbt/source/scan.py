@@ -170,7 +170,7 @@ class PendingScan:
         self._tasks = [(sh.disk, _ScanTask(sources[sh.disk], block_sizes[sh.disk], sh.ranges,
                                            memoryview(self._buffers[sh.disk][0]),
                                            memoryview(self._buffers[sh.disk][1])))
-                       for sh in plan_shards(plans, workers)]
+                       for sh in plan_shards(plans, workers) if sh.ranges]
         self._forked: Forked[int] = Forked(_scan_shard, [t for _, t in self._tasks])
 
     def disks(self) -> list[tuple[str, int, int]]:
