@@ -268,9 +268,9 @@ def _plan_disk(prev: PointRecord | None, spec: DiskSpec, block_size: int | None)
                 f"by its first backup; --block-size {format_size(block_size)} differs")
         n = fast.nblocks(source.size, bs)
         return PlannedDisk(spec=spec, source=source.spec(), block_size=bs, parent=parent,
-                     seq=parent.seq + 1 if parent else 0, ranges=source.block_ranges(bs),
-                     digests=np.zeros((n, fast.DIGEST_SIZE), dtype=np.uint8),
-                     flags=np.full(n, fast.FLAG_HOLE, dtype=np.uint8))
+                           seq=parent.seq + 1 if parent else 0, ranges=source.block_ranges(bs),
+                           digests=np.zeros((n, fast.DIGEST_SIZE), dtype=np.uint8),
+                           flags=np.full(n, fast.FLAG_HOLE, dtype=np.uint8))
 
 
 def _shard_task(disk: PlannedDisk, shard: Shard) -> ShardTask:

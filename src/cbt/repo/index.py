@@ -148,9 +148,6 @@ class Index:
         pos = int(self.lookup(np.frombuffer(digest, dtype=np.uint8).reshape(1, 32))[0])
         return None if pos < 0 else self.entry(pos)
 
-    def covered_packs(self) -> set[str]:
-        return set(self.pack_ids)
-
     def token(self) -> tuple[str, ...]:
         """What this index was loaded from: equal tokens, equal indexes."""
         return (*self.segments, "|", *self.orphans)

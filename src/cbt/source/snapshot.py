@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbt.core.blockio import copy_sparse
-from cbt.core.errors import CbtError, CbtIOError
+from cbt.core.errors import CbtError
 from cbt.source.disks import DiskSpec
 from cbt.source.image import ImageSource
 
@@ -257,8 +257,3 @@ def _take_btrfs(snaps: SnapshotSet, disks: dict[str, str], snapshot_dir: str | N
     for label, path in disks.items():
         snaps.read_paths[label] = str(dst / os.path.relpath(path, subvol))
         snaps.bases[label] = (str(dst), str(where / f"{snaps.vm}.base"))
-
-
-def check_disk_exists(path: str) -> None:
-    if not os.path.exists(path):
-        raise CbtIOError(errno.ENOENT, f"no such disk or image: {path}")
