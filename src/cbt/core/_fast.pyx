@@ -29,7 +29,7 @@ cdef extern from "Python.h":
 
 # Bumped whenever a signature or an output changes; cbt/__init__ refuses a
 # compiled core whose API_VERSION differs from the one it was written for.
-API_VERSION = 2
+API_VERSION = 3
 
 cdef enum:
     C_DIGEST_SIZE = 32
@@ -186,14 +186,15 @@ def zero_flags(const uint8_t[::1] data, Py_ssize_t block_size, uint8_t[::1] flag
 
 
 def hash_blocks(const uint8_t[::1] data, Py_ssize_t block_size,
-                uint8_t[:, ::1] digests, uint8_t[::1] flags):
+                uint8_t[:, ::1] digests, uint8_t[::1] flags, key=None):
     """BLAKE3 every non-zero block of ``data`` into ``digests[i]``.
 
     ``digests`` is a caller-allocated ``(n, 32) uint8`` array and ``flags`` an
     ``(n,) uint8`` array, ``n = ceil(len(data) / block_size)``.  Zero blocks get
     FLAG_ZERO and 32 zero bytes; every other block FLAG_DATA and its digest,
-    equal to ``blake3.blake3(block).digest()``.  Returns the number of hashed
-    (DATA) blocks.
+    equal to ``blake3.blake3(block).digest()`` (with ``key``, 32 bytes:
+    ``blake3.blake3(block, key=key).digest()``, an encrypted vault's block ids).
+    Returns the number of hashed (DATA) blocks.
     """
     cdef Py_ssize_t length = data.shape[0], n, i, off, ln, zeros = 0, hashed = 0
     cdef const uint8_t *base
@@ -207,7 +208,7 @@ def hash_blocks(const uint8_t[::1] data, Py_ssize_t block_size,
     base = &data[0]
     with nogil:
         _zero_kernel(base, length, block_size, &flags[0], &zeros)
-    h = _blake3()
+    h = _blake3() if key is None else _blake3(key=key)
     upd = h.update
     dig = h.digest
     rst = h.reset
@@ -225,17 +226,18 @@ def hash_blocks(const uint8_t[::1] data, Py_ssize_t block_size,
     return hashed
 
 
-def hash_each(list buffers, uint8_t[:, ::1] digests):
+def hash_each(list buffers, uint8_t[:, ::1] digests, key=None):
     """BLAKE3 of each buffer of a list (blocks scattered in memory) into ``digests[i]``.
 
     Used by restore, which checks blocks where they lie (in a mapped pack, or
     just decompressed) before writing them, without gathering them first.
+    ``key`` as for :func:`hash_blocks`.
     """
     cdef Py_ssize_t i, n = len(buffers)
     cdef bytes d
     if digests.shape[0] != n or (n and digests.shape[1] != C_DIGEST_SIZE):
         _check(E_SHAPE, "hash_each")
-    h = _blake3()
+    h = _blake3() if key is None else _blake3(key=key)
     upd = h.update
     dig = h.digest
     rst = h.reset

@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from cbt.core.errors import CbtValueError
 
-API_VERSION = 2
+API_VERSION = 3
 DIGEST_SIZE = 32
 FLAG_DATA = 0
 FLAG_ZERO = 1
@@ -74,7 +74,12 @@ def zero_flags(data: Any, block_size: int, flags: Any) -> int:
     return zeros
 
 
-def hash_blocks(data: Any, block_size: int, digests: Any, flags: Any) -> int:
+def _hash(block: bytes, key: bytes | None) -> bytes:
+    return (blake3.blake3(block) if key is None else blake3.blake3(block, key=key)).digest()
+
+
+def hash_blocks(data: Any, block_size: int, digests: Any, flags: Any,
+                key: bytes | None = None) -> int:
     check_block_size(block_size)
     blocks = _blocks(_bytes(data), block_size)
     dig = _out(digests, (len(blocks), DIGEST_SIZE), "hash_blocks")
@@ -85,17 +90,17 @@ def hash_blocks(data: Any, block_size: int, digests: Any, flags: Any) -> int:
         if flags[i] == FLAG_ZERO:
             dig[i] = 0
         else:
-            dig[i] = np.frombuffer(blake3.blake3(block).digest(), dtype=np.uint8)
+            dig[i] = np.frombuffer(_hash(block, key), dtype=np.uint8)
             hashed += 1
     return hashed
 
 
-def hash_each(buffers: list[Any], digests: Any) -> int:
+def hash_each(buffers: list[Any], digests: Any, key: bytes | None = None) -> int:
     dig = np.asarray(digests)
     if dig.dtype != np.uint8 or dig.shape != (len(buffers), DIGEST_SIZE):
         raise CbtValueError("hash_each: output array has the wrong shape")
     for i, b in enumerate(buffers):
-        dig[i] = np.frombuffer(blake3.blake3(bytes(b)).digest(), dtype=np.uint8)
+        dig[i] = np.frombuffer(_hash(bytes(b), key), dtype=np.uint8)
     return len(buffers)
 
 
