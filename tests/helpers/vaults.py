@@ -231,3 +231,23 @@ def day1_blob(vh: History3) -> tuple[Path, bytes, int, int]:
             if (vh.points[1], "os") in owners and (vh.points[0], "os") not in owners:
                 return pack, digest, offset, stored
     raise AssertionError("no such blob")
+
+
+# -- encrypted vaults ------------------------------------------------------------------------
+
+PASSWORD = "test passphrase 11"
+
+
+def fast_kdf() -> Any:
+    """scrypt parameters cheap enough for tests (the default costs ~0.4 s and 128 MiB)."""
+    from cbt.core.crypto import KdfParams
+
+    return KdfParams(log_n=10)
+
+
+def encrypted_env(tmp_path: Path) -> dict[str, str]:
+    """An environment whose CBT_PASSWORD_FILE opens vaults made with :data:`PASSWORD`."""
+    pw = tmp_path / "password"
+    pw.write_text(PASSWORD + "\n")
+    pw.chmod(0o600)
+    return {**os.environ, "CBT_PASSWORD_FILE": str(pw)}

@@ -9,9 +9,13 @@ Layout (all integers little-endian)::
     trailer         one 48 B entry per blob: digest[32], u64 offset, u32 stored, u32 raw
     footer   48 B   u64 entry count, BLAKE3 of the trailer entries [32], b"CBTPEND1"
 
-Every blob names its codec (0 none, 1 zstd) and encryption (0 none), so both
-can change later without a format break.  A pack can be indexed from its
-trailer alone, or rebuilt blob by blob from the headers if the trailer is lost.
+Every blob names its codec (0 none, 1 zstd) and encryption (0 none, 1 sealed
+with the vault's AEAD: the stored bytes are ``nonce || ciphertext || tag`` of the
+coded payload, the associated data the blob's id, codec and raw length), so
+both can change without a format break.  In an encrypted vault (format 2) the
+digest is the block's keyed BLAKE3 id; the pack header and trailer are the same.
+A pack can be indexed from its trailer alone, or rebuilt blob by blob from the
+headers if the trailer is lost.
 
 A block is compressed with zstd (level 3); when that does not make it smaller
 it is stored raw (codec none), so incompressible data costs no decompression.
@@ -34,6 +38,7 @@ import blake3
 import numpy as np
 import numpy.typing as npt
 
+from cbt.core.crypto import AuthenticationError, Cipher
 from cbt.core.errors import CbtError
 
 # Do not modify: these magics, versions, layouts and codes identify and decode
@@ -49,6 +54,7 @@ FOOTER = struct.Struct("<Q32s8s")
 CODEC_NONE = 0
 CODEC_ZSTD = 1
 ENCRYPTION_NONE = 0
+ENCRYPTION_AEAD = 1  # format 2: sealed with the vault's AEAD (its config names it)
 # The same layouts as numpy records, to read many at once (same bytes as BLOB, ENTRY).
 BLOB_DTYPE = np.dtype([("magic", np.uint8, (4,)), ("digest", np.uint8, (32,)),
                        ("codec", "u1"), ("encryption", "u1"), ("reserved", "<u2"),
@@ -97,6 +103,7 @@ class PackWriter:
     entries: list[tuple[bytes, int, int, int]] = field(default_factory=list)
     skip: int = 0  # blocks left to store raw without trying to compress
     backoff: int = 0
+    cipher: Cipher | None = None  # an encrypted vault's blob cipher
 
     def __post_init__(self) -> None:
         self.buf += HEADER.pack(PACK_MAGIC, PACK_VERSION, 0)
@@ -116,14 +123,15 @@ class PackWriter:
                 self.skip = self.backoff
                 packed = b""
         offset = len(self.buf)
-        if packed:
-            stored = len(packed)
-            self.buf += BLOB.pack(BLOB_MAGIC, digest, CODEC_ZSTD, ENCRYPTION_NONE, 0, raw, stored)
-            self.buf += packed
-        else:  # incompressible: stored as it is
-            stored = raw
-            self.buf += BLOB.pack(BLOB_MAGIC, digest, CODEC_NONE, ENCRYPTION_NONE, 0, raw, stored)
-            self.buf += data
+        codec = CODEC_ZSTD if packed else CODEC_NONE  # incompressible: stored as it is
+        payload: bytes | memoryview = packed or data
+        encryption = ENCRYPTION_NONE
+        if self.cipher is not None:
+            payload = self.cipher.seal(payload, blob_aad(digest, codec, raw))
+            encryption = ENCRYPTION_AEAD
+        stored = len(payload)
+        self.buf += BLOB.pack(BLOB_MAGIC, digest, codec, encryption, 0, raw, stored)
+        self.buf += payload
         self.entries.append((digest, offset, stored, raw))
         return offset, stored
 
@@ -145,6 +153,11 @@ class PackWriter:
         trailer = b"".join(ENTRY.pack(*e) for e in self.entries)
         footer = FOOTER.pack(len(self.entries), blake3.blake3(trailer).digest(), END_MAGIC)
         return [self.buf, trailer, footer]
+
+
+def blob_aad(digest: bytes, codec: int, raw: int) -> bytes:
+    """A sealed blob's associated data: what its header claims, bound to its payload."""
+    return b"cbt-blob\0" + digest + bytes([codec]) + raw.to_bytes(4, "little")
 
 
 @overload
@@ -176,19 +189,19 @@ def blob_headers(pack: bytes | memoryview, offsets: npt.NDArray[np.integer]
 
 
 def blobs_match(headers: npt.NDArray[np.void], digests: npt.NDArray[np.uint8],
-                stored: npt.NDArray[np.integer], raw: npt.NDArray[np.integer]
-                ) -> npt.NDArray[np.bool_]:
+                stored: npt.NDArray[np.integer], raw: npt.NDArray[np.integer],
+                encryption: int = ENCRYPTION_NONE) -> npt.NDArray[np.bool_]:
     """Which headers are sound blobs of ``digests`` with these lengths, all at once.
 
-    Sound: the blob magic, the expected digest, a known codec, no encryption,
-    and the stored and raw lengths expected.  A header that fails says nothing
+    Sound: the blob magic, the expected digest, a known codec, the vault's
+    ``encryption``, and the stored and raw lengths expected.  A header that fails says nothing
     of why; :func:`decode_blob` on that blob names the problem.
     """
     codec = headers["codec"]
     ok: npt.NDArray[np.bool_] = (
         (headers["magic"] == _BLOB_MAGIC_U8).all(axis=1)
         & (headers["digest"] == digests).all(axis=1)
-        & (headers["encryption"] == ENCRYPTION_NONE)
+        & (headers["encryption"] == encryption)
         & ((codec == CODEC_NONE) | (codec == CODEC_ZSTD))
         & (headers["stored"].astype(np.int64) == np.asarray(stored, dtype=np.int64))
         & (headers["raw"].astype(np.int64) == np.asarray(raw, dtype=np.int64)))
@@ -196,11 +209,14 @@ def blobs_match(headers: npt.NDArray[np.void], digests: npt.NDArray[np.uint8],
 
 
 def decode_blob(data: bytes | memoryview, digest: bytes, where: str,
-                check: bool = True) -> bytes | memoryview:
-    """Check a blob's header, decompress it and check its BLAKE3 against ``digest``.
+                check: bool = True, cipher: Cipher | None = None,
+                id_key: bytes | None = None) -> bytes | memoryview:
+    """Check a blob's header, open (``cipher``) and decompress it, and check its
+    BLAKE3 (keyed with ``id_key`` in an encrypted vault) against ``digest``.
 
     With ``check=False`` the caller re-hashes the content itself (restore does it
     for many blocks at once in the core); a raw blob then comes back as a view.
+    A vault with a ``cipher`` accepts only sealed blobs, one without only plain.
     """
     if len(data) < BLOB.size:
         raise CorruptPackError(f"{where}: blob truncated")
@@ -209,11 +225,16 @@ def decode_blob(data: bytes | memoryview, digest: bytes, where: str,
         raise CorruptPackError(f"{where}: no blob header at this offset")
     if d != digest:
         raise CorruptPackError(f"{where}: blob holds another block")
-    if enc != ENCRYPTION_NONE:
-        raise CorruptPackError(f"{where}: unknown encryption {enc}")
     payload = memoryview(data)[BLOB.size:BLOB.size + stored]
     if len(payload) != stored:
         raise CorruptPackError(f"{where}: blob truncated")
+    if enc != (ENCRYPTION_NONE if cipher is None else ENCRYPTION_AEAD):
+        raise CorruptPackError(f"{where}: blob encryption {enc} is not this vault's")
+    if cipher is not None:
+        try:
+            payload = memoryview(cipher.open(payload, blob_aad(d, codec, raw)))
+        except AuthenticationError:
+            raise CorruptPackError(f"{where}: blob fails authentication") from None
     out: bytes | memoryview
     if codec == CODEC_NONE:
         out = payload if not check else bytes(payload)
@@ -225,9 +246,15 @@ def decode_blob(data: bytes | memoryview, digest: bytes, where: str,
             raise CorruptPackError(f"{where}: cannot decompress ({exc})") from None
     else:
         raise CorruptPackError(f"{where}: unknown codec {codec}")
-    if len(out) != raw or (check and blake3.blake3(out).digest() != digest):
+    if len(out) != raw or (check and _block_id(out, id_key) != digest):
         raise CorruptPackError(f"{where}: content does not match its digest")
     return out
+
+
+def _block_id(data: bytes | memoryview, id_key: bytes | None) -> bytes:
+    h = blake3.blake3() if id_key is None else blake3.blake3(key=id_key)
+    h.update(data)
+    return h.digest()
 
 
 def read_trailer(data: bytes, where: str) -> npt.NDArray[np.void]:

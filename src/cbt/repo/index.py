@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -220,18 +220,23 @@ def trailer_part(storage: Storage, name: str) -> dict[str, Any]:
     }
 
 
-def load(storage: Storage, warnings: list[str] | None = None) -> Index:
+def load(storage: Storage, warnings: list[str] | None = None,
+         segment_names: Callable[[], list[str]] | None = None,
+         read: Callable[[str], bytes] | None = None) -> Index:
     """Read every segment, then index packs no segment covers from their trailers.
 
+    ``segment_names`` lists the segments and ``read`` reads one (an encrypted
+    vault's unseal them); by default, plain ``index/*.arrow`` files.
     Readers take no lock: when a writer merges segments under our feet (the
     merged one is written before the old ones go), a segment listed a moment
     ago can vanish; then we list again.
     """
+    names = segment_names or (lambda: [s for s in storage.list("index") if s.endswith(".arrow")])
+    get = read or storage.get
     for _attempt in range(20):
-        segments = [s for s in storage.list("index") if s.endswith(".arrow")]
+        segments = names()
         try:
-            parts = [read_segment(storage.get(name), storage.where(name))
-                     for name in segments]
+            parts = [read_segment(get(name), storage.where(name)) for name in segments]
             break
         except OSError as exc:
             if exc.errno != errno.ENOENT:

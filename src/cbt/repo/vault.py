@@ -11,21 +11,40 @@ for :class:`~cbt.repo.storage.LocalStorage`)::
     packs/<xx>/<id>.pack   pack files of compressed blocks
 
 Format 1 stores blocks unencrypted (``encryption = "none"``) and names them by
-their plain BLAKE3 digest (``id_key = "none"``); every blob header names its
-codec and encryption so both can be added without a format break.
+their plain BLAKE3 digest (``id_key = "none"``).
+
+Format 2 is encrypted (:mod:`cbt.repo.keys` for the key model):
+
+1. ``config`` names the AEAD and ``id_key = "blake3-keyed"``; its ``check`` is
+   a sealed copy of its other fields, so a config altered to name another
+   cipher (or none) fails once the vault is unlocked.  A config that says
+   ``none`` beside a ``keys/`` folder is refused (a downgrade).
+2. ``keys/<slot>.json`` hold the master key wrapped by each passphrase.
+3. Blocks are named by their keyed BLAKE3 and their blobs sealed in the packs.
+4. Every other file is sealed whole (:mod:`cbt.format.sealed`) under an opaque
+   name: ``points/<tag>.sealed``, ``manifests/<tag>/<tag>.sealed``,
+   ``index/<tag>.sealed``, ``jobs/<tag>.sealed``, ``snapshots/<tag>.sealed``,
+   where a tag is the keyed BLAKE3 of what the plain name would say.  The
+   associated data of each is its kind and name, so none can be moved.
+
+Every name below comes from the vault's own layout (the ``*_name`` methods),
+never from a file's content.
 """
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import os
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
-from cbt.core.errors import CbtError, CbtIOError
+from cbt.core.crypto import ALGORITHMS, AuthenticationError, KdfParams
+from cbt.core.errors import CbtError, CbtIOError, CbtValueError
+from cbt.format import records
 from cbt.format.records import (
     VAULT_MAGIC,
     VAULT_VERSION,
@@ -33,9 +52,19 @@ from cbt.format.records import (
     PointRecord,
     base_seq,
     id_order,
-    point_name,
 )
-from cbt.repo.storage import LocalStorage, Storage
+from cbt.repo.keys import (
+    KEYS_DIR,
+    BadKeySlotError,
+    KeySlot,
+    Passphrase,
+    VaultKeys,
+    WrongPassphraseError,
+    new_master_key,
+    resolve_passphrase,
+    slot_name,
+)
+from cbt.repo.storage import LocalStorage, Storage, StorageSpec, open_storage
 
 if TYPE_CHECKING:
     from cbt.format.manifest import Delta, Manifest
@@ -46,6 +75,10 @@ if TYPE_CHECKING:
 # scan from them before anything heavy is imported).
 
 CONFIG = "config"
+ENCRYPTED_VERSION = 2  # config format_version of an encrypted vault
+ID_KEY = "blake3-keyed"
+SEALED = ".sealed"
+DEFAULT_ENCRYPTION = ALGORITHMS[0]
 
 
 class NotAVaultError(CbtError, FileNotFoundError):
@@ -56,13 +89,38 @@ class VaultVersionError(CbtError, ValueError):
     """The vault was made by a newer cbt."""
 
 
-class Vault:
-    """A vault opened for reading and, under its writer lock, writing."""
+class VaultSpec(NamedTuple):
+    """What a worker needs to reopen a vault without its passphrase (picklable)."""
 
-    def __init__(self, storage: Storage, config: dict[str, Any]) -> None:
+    storage: StorageSpec
+    config: dict[str, Any]
+    keys: VaultKeys | None
+
+
+class Vault:
+    """A vault opened for reading and, under its writer lock, writing.
+
+    ``keys`` is None for an unencrypted (format 1) vault, else its unlocked keys.
+    """
+
+    def __init__(self, storage: Storage, config: dict[str, Any],
+                 keys: VaultKeys | None = None) -> None:
         self.storage = storage
         self.config = config
+        self.keys = keys
         self._manifest_cache: dict[tuple[str, str], Manifest] = {}
+
+    @property
+    def encrypted(self) -> bool:
+        return self.keys is not None
+
+    def spec(self) -> VaultSpec:
+        return VaultSpec(self.storage.spec(), dict(self.config), self.keys)
+
+    @classmethod
+    def from_spec(cls, spec: VaultSpec) -> Self:
+        """The vault of a :meth:`spec` (a worker's reopening; no passphrase, no KDF)."""
+        return cls(open_storage(spec.storage), dict(spec.config), spec.keys)
 
     @property
     def root(self) -> str:
@@ -71,33 +129,74 @@ class Vault:
     # -- creation and opening ---------------------------------------------------
 
     @classmethod
-    def init(cls, path: str | os.PathLike[str]) -> Self:
-        """Create a vault in a new or empty directory."""
-        return cls.create(LocalStorage.create(path))
+    def init(cls, path: str | os.PathLike[str], encryption: str = "none",
+             passphrase: Passphrase | None = None, kdf: KdfParams | None = None) -> Self:
+        """Create a vault in a new or empty directory (see :meth:`create`)."""
+        if encryption != "none":
+            _check_algorithm(encryption)
+            passphrase = resolve_passphrase(passphrase, f"the new vault {os.fspath(path)}")
+        return cls.create(LocalStorage.create(path), encryption, passphrase, kdf)
 
     @classmethod
-    def create(cls, storage: Storage) -> Self:
-        """Create a vault on an empty storage (any kind: local, memory)."""
+    def create(cls, storage: Storage, encryption: str = "none",
+               passphrase: Passphrase | None = None, kdf: KdfParams | None = None) -> Self:
+        """Create a vault on an empty storage (any kind: local, memory).
+
+        ``encryption`` is ``"none"`` (format 1) or an AEAD of
+        :data:`cbt.core.crypto.ALGORITHMS` (format 2; then ``passphrase`` opens its
+        first key slot, stretched with ``kdf``).
+        """
+        if encryption != "none":
+            _check_algorithm(encryption)
+            secret = resolve_passphrase(passphrase, f"the new vault {storage.root}")
         if storage.list(""):
             raise CbtIOError(errno.ENOTEMPTY, f"storage not empty: {storage.root} (a new vault "
                              "needs an empty one)")
-        for sub in ("points", "manifests", "index", "packs"):
-            storage.make_prefix(sub)
         from cbt.core.timefmt import utc_now
 
-        config = {"magic": VAULT_MAGIC, "format_version": VAULT_VERSION,
-                  "encryption": "none", "id_key": "none", "id": uuid.uuid4().hex,
-                  "created": utc_now()}
+        config: dict[str, Any] = {
+            "magic": VAULT_MAGIC, "format_version": VAULT_VERSION, "encryption": "none",
+            "id_key": "none", "id": uuid.uuid4().hex, "created": utc_now()}
+        keys = None
+        if encryption != "none":
+            config.update(format_version=ENCRYPTED_VERSION, encryption=encryption,
+                          id_key=ID_KEY)
+            keys = VaultKeys(encryption, new_master_key())
+            config["check"] = _config_check(config, keys)
+            storage.make_prefix(KEYS_DIR)
+            slot = KeySlot.make(keys.master, secret, config["id"], kdf or KdfParams(),
+                                config["created"])
+            storage.put(slot_name(slot.id), slot.to_json())
+        for sub in ("points", "manifests", "index", "packs"):
+            storage.make_prefix(sub)
         storage.put(CONFIG, (json.dumps(config, indent=1) + "\n").encode())
-        return cls(storage, config)
+        return cls(storage, config, keys)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Self:
-        return cls.open_on(LocalStorage(Path(path)))
+    def open(cls, path: str | os.PathLike[str], passphrase: Passphrase | None = None) -> Self:
+        return cls.open_on(LocalStorage(Path(path)), passphrase)
 
     @classmethod
-    def open_on(cls, storage: Storage) -> Self:
-        """Open the vault on ``storage`` (any kind: local, memory)."""
+    def open_on(cls, storage: Storage, passphrase: Passphrase | None = None) -> Self:
+        """Open the vault on ``storage`` (any kind: local, memory).
+
+        An encrypted vault is unlocked with ``passphrase`` (a finder is called only
+        then; None: ``CBT_PASSWORD_FILE`` or ``CBT_PASSWORD``); an unencrypted one
+        ignores it.
+        """
+        config = cls._read_config(storage)
+        if config.get("encryption") == "none":
+            return cls(storage, config)
+        secret = resolve_passphrase(passphrase, f"vault {storage.root}")
+        return cls(storage, config, unlock(storage, config, secret))
+
+    @classmethod
+    def is_encrypted(cls, storage: Storage) -> bool:
+        """Whether the vault on ``storage`` is encrypted (reads its config only)."""
+        return cls._read_config(storage).get("encryption") != "none"
+
+    @staticmethod
+    def _read_config(storage: Storage) -> dict[str, Any]:
         where = storage.root
         try:
             raw = storage.get(CONFIG)
@@ -106,33 +205,162 @@ class Vault:
                 raise
             raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (run cbt init)") from None
         try:
-            config = json.loads(raw)
+            config: dict[str, Any] = json.loads(raw)
             magic, version = config["magic"], int(config["format_version"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (run cbt init)") from None
         if magic != VAULT_MAGIC:
             raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (run cbt init)")
-        if version > VAULT_VERSION:
+        if version > ENCRYPTED_VERSION:
             raise VaultVersionError(f"vault {where} has format version {version}; this cbt reads "
-                                    f"up to {VAULT_VERSION} (upgrade cbt)")
-        if config.get("encryption") != "none" or config.get("id_key") != "none":
-            raise VaultVersionError(f"vault {where} uses encryption or keyed ids, which this cbt "
-                                    "does not support")
-        return cls(storage, config)
+                                    f"up to {ENCRYPTED_VERSION} (upgrade cbt)")
+        plain = (version == VAULT_VERSION and config.get("encryption") == "none"
+                 and config.get("id_key") == "none")
+        sealed = (version == ENCRYPTED_VERSION and config.get("encryption") in ALGORITHMS
+                  and config.get("id_key") == ID_KEY)
+        if not (plain or sealed):
+            raise VaultVersionError(f"vault {where}: config names an unknown encryption "
+                                    f"{config.get('encryption')!r} or block ids "
+                                    f"{config.get('id_key')!r}")
+        if plain and storage.list(KEYS_DIR):
+            raise VaultVersionError(f"vault {where}: config says unencrypted but the vault holds "
+                                    "keys (altered config?); refusing to write plaintext into it")
+        if not isinstance(config.get("id"), str):
+            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (config has no id)")
+        return config
+
+    # -- names: every name in the vault comes from here -----------------------------
+
+    def _tag(self, kind: str, text: str) -> str:
+        assert self.keys is not None
+        return self.keys.name(kind, text)
+
+    def point_name(self, point_id: str) -> str:
+        if self.keys is None:
+            return records.point_name(point_id)
+        return f"points/{self._tag('point', point_id)}{SEALED}"
+
+    def manifest_dir(self, point_id: str) -> str:
+        """The folder of a point's manifests."""
+        return f"manifests/{point_id if self.keys is None else self._tag('point', point_id)}"
+
+    def manifest_name(self, point_id: str, label: str) -> str:
+        if self.keys is None:
+            return records.manifest_name(point_id, label)
+        leaf = self._tag("manifest", point_id + "/" + label)
+        return f"{self.manifest_dir(point_id)}/{leaf}{SEALED}"
+
+    def segment_name(self, run: str) -> str:
+        """An index segment's name for ``run`` (a point id, ``merged-<uuid>``...)."""
+        if self.keys is None:
+            return f"index/{run}.arrow"
+        return f"index/{self._tag('index', run)}{SEALED}"
+
+    def job_name(self, job_id: str) -> str:
+        if self.keys is None:
+            return f"jobs/{job_id}.json"
+        return f"jobs/{self._tag('job', job_id)}{SEALED}"
+
+    def kept_name(self, point_id: str) -> str:
+        if self.keys is None:
+            return f"snapshots/{point_id}.json"
+        return f"snapshots/{self._tag('snapshots', point_id)}{SEALED}"
+
+    @property
+    def record_suffix(self) -> str:
+        """The suffix of point, job and kept-snapshot records."""
+        return ".json" if self.keys is None else SEALED
+
+    def segment_names(self) -> list[str]:
+        suffix = ".arrow" if self.keys is None else SEALED
+        return [s for s in self.storage.list("index")
+                if s.endswith(suffix) and not _base(s).startswith(".")]
+
+    # -- sealed files: plain in an unencrypted vault ---------------------------------
+
+    def seal(self, kind: str, name: str, data: bytes | bytearray | memoryview
+             ) -> bytes | bytearray | memoryview:
+        return data if self.keys is None else self.keys.seal(kind, name, data)
+
+    def unseal(self, kind: str, name: str, data: bytes) -> bytes:
+        if self.keys is None:
+            return data
+        return self.keys.unseal(kind, name, data, self.storage.where(name))
+
+    def put_sealed(self, kind: str, name: str, data: bytes | bytearray | memoryview) -> None:
+        self.storage.put(name, self.seal(kind, name, data))
+
+    def get_sealed(self, kind: str, name: str) -> bytes:
+        return self.unseal(kind, name, self.storage.get(name))
+
+    @property
+    def id_key(self) -> bytes | None:
+        """The key of keyed BLAKE3 block ids (None: plain BLAKE3)."""
+        return None if self.keys is None else self.keys.id_key
+
+    # -- key slots ---------------------------------------------------------------------
+
+    def key_slots(self) -> list[KeySlot]:
+        return read_slots(self.storage)
+
+    def add_key(self, passphrase: bytes, kdf: KdfParams | None = None) -> KeySlot:
+        """A new key slot opened by ``passphrase`` (call under the writer lock)."""
+        from cbt.core.timefmt import utc_now
+
+        keys = self._require_keys()
+        slot = KeySlot.make(keys.master, passphrase, self.config["id"], kdf or KdfParams(),
+                            utc_now())
+        self.storage.put(slot_name(slot.id), slot.to_json())
+        return slot
+
+    def remove_key(self, slot_id: str) -> None:
+        """Remove a key slot; the last one cannot be (call under the writer lock)."""
+        self._require_keys()
+        ids = [k.id for k in self.key_slots()]
+        if slot_id not in ids:
+            raise CbtValueError(f"vault {self.root} has no key {slot_id!r}")
+        if len(ids) == 1:
+            raise CbtValueError("cannot remove the last key of a vault: it would lose every "
+                                "point (add another first)")
+        self.storage.delete(slot_name(slot_id))
+        self.storage.sync(KEYS_DIR)
+
+    def _require_keys(self) -> VaultKeys:
+        if self.keys is None:
+            raise CbtValueError(f"vault {self.root} is not encrypted: it has no keys")
+        return self.keys
 
     # -- points -------------------------------------------------------------------
 
+    def point_names(self) -> list[str]:
+        """The names of every point record (committed: temporary names are skipped)."""
+        return [n for n in self.storage.list("points")
+                if n.endswith(self.record_suffix) and not _base(n).startswith(".")]
+
     def point_ids(self) -> list[str]:
-        return [_base(n)[:-5] for n in self.storage.list("points")
-                if n.endswith(".json") and not _base(n).startswith(".")]
+        if self.keys is None:
+            return [_base(n)[:-5] for n in self.point_names()]
+        return [r.id for r in self._read_points()]
 
     def load_point(self, point_id: str) -> PointRecord:
-        name = point_name(point_id)
-        return PointRecord.from_json(self.storage.get(name), self.storage.where(name))
+        return self._read_point(self.point_name(point_id))
+
+    def _read_point(self, name: str) -> PointRecord:
+        record = PointRecord.from_json(self.get_sealed("point", name), self.storage.where(name))
+        if self.point_name(record.id) != name:
+            from cbt.format.records import CorruptPointError
+
+            raise CorruptPointError(f"corrupt point record {self.storage.where(name)}: it "
+                                    f"holds point {record.id}, which is not its name")
+        return record
+
+    def _read_points(self) -> list[PointRecord]:
+        return [self._read_point(n) for n in self.point_names()]
 
     def records(self, vm: str | None = None) -> list[PointRecord]:
         """Every point record, hidden ones (pruned bases of kept deltas) included."""
-        records = [self.load_point(i) for i in self.point_ids()]
+        records = (self._read_points() if self.keys is not None
+                   else [self.load_point(i) for i in self.point_ids()])
         if vm is not None:
             records = [r for r in records if r.vm == vm]
         return sorted(records, key=_point_order)
@@ -168,7 +396,7 @@ class Vault:
     def read_manifest_file(self, name: str) -> Manifest | Delta:
         from cbt.format.manifest import read_manifest_bytes
 
-        return read_manifest_bytes(self.storage.get(name), self.storage.where(name))
+        return read_manifest_bytes(self.get_sealed("manifest", name), self.storage.where(name))
 
     def resolve(self, point: PointRecord, label: str, opened: list[str] | None = None) -> Manifest:
         """The full manifest of one disk of a point (full file plus its deltas)."""
@@ -209,11 +437,12 @@ class Vault:
     def load_index(self, warnings: list[str] | None = None) -> Index:
         from cbt.repo.index import load
 
-        return load(self.storage, warnings)
+        return load(self.storage, warnings, self.segment_names,
+                    lambda name: self.get_sealed("index", name))
 
     def leftovers(self) -> list[str]:
         """Names of temporary files and manifest folders no committed point owns."""
-        committed = set(self.point_ids())
+        committed = {self.manifest_dir(i).split("/")[1] for i in self.point_ids()}
         out = [n for n in self.storage.list("") if _base(n).startswith(".") and ".tmp-" in n]
         for name in self.storage.list("manifests"):
             parts = name.split("/")
@@ -225,6 +454,52 @@ class Vault:
         """Remove what a killed run left (call only under the writer lock)."""
         for n in names:
             self.storage.delete(n)
+
+
+def _check_algorithm(encryption: str) -> None:
+    if encryption not in ALGORITHMS:
+        raise CbtValueError(f"unknown encryption {encryption!r}: use none or "
+                            f"{' or '.join(ALGORITHMS)}")
+
+
+def _config_check(config: dict[str, Any], keys: VaultKeys) -> str:
+    body = {k: v for k, v in config.items() if k != "check"}
+    aad = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return base64.b64encode(keys.cipher.seal(b"cbt-config", aad)).decode()
+
+
+def read_slots(storage: Storage) -> list[KeySlot]:
+    """Every key slot of the vault on ``storage``; a malformed one is an error naming it."""
+    out = []
+    for name in storage.list(KEYS_DIR):
+        if name.endswith(".json") and not _base(name).startswith("."):
+            out.append(KeySlot.from_json(storage.get(name), storage.where(name)))
+    return out
+
+
+def unlock(storage: Storage, config: dict[str, Any], passphrase: bytes) -> VaultKeys:
+    """The keys of the encrypted vault on ``storage``, opened by ``passphrase``."""
+    slots = read_slots(storage)
+    if not slots:
+        raise BadKeySlotError(f"vault {storage.root} is encrypted but has no key slots in "
+                              f"{KEYS_DIR}/ (the vault cannot be opened)")
+    for slot in slots:
+        master = slot.unwrap(passphrase, config["id"])
+        if master is None:
+            continue
+        keys = VaultKeys(config["encryption"], master, slot.id)
+        body = {k: v for k, v in config.items() if k != "check"}
+        aad = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        try:
+            ok = keys.cipher.open(base64.b64decode(str(config.get("check", "")), validate=True),
+                                  aad) == b"cbt-config"
+        except (AuthenticationError, ValueError):
+            ok = False
+        if not ok:
+            raise VaultVersionError(f"vault {storage.where(CONFIG)}: config fails "
+                                    "authentication (altered?)")
+        return keys
+    raise WrongPassphraseError("wrong passphrase")
 
 
 def _base(name: str) -> str:
