@@ -30,9 +30,14 @@ Usage (from anywhere; needs cbt importable and ``cbt`` installed)::
 4. Runs, ``--runs`` times (at least 3), interleaved run by run and in a
    rotating order (cbt borg restic cp, then borg restic cp cbt, ...), for
    each set:
-   - ``cbt``: a fresh vault (``cbt init``), full backup of day 0, incremental
-     backup of day 1 (``--block-size``), restore of day 1 followed by
-     ``sync`` of the restored files;
+   - ``cbt``: a fresh unencrypted vault (``cbt init --encryption none``, as
+     borg runs ``-e none``), full backup of day 0, incremental backup of day 1
+     (``--block-size``), restore of day 1 followed by ``sync`` of the restored
+     files;
+   - ``cbt-enc``: the same with an encrypted vault (``cbt init``'s default
+     AEAD and scrypt cost, the passphrase in ``CBT_PASSWORD``); its one-time
+     unlock is timed alone (``cbt list``) and not counted in the encryption
+     cost target (at most 15% on incremental backup and on restore);
    - ``borg``: a fresh repository (``borg init --encryption none``), ``borg
      create --chunker-params fixed,BS -C lz4`` of day 0 then of day 1 (BS =
      cbt's block size in bytes), ``borg extract --sparse`` of day 1 + sync;
@@ -108,7 +113,10 @@ from cbt.source.synth import copy_sparse, make_db_file, make_fs_image, mutate
 FORMAT = 1  # bump when the way the data sets are made changes
 REF_BLOCK = 16 << 10  # "1% of blocks" is counted in these, whatever --block-size is
 RESTIC_PASSWORD = "cbt-race"  # restic 0.14 has no --insecure-no-password
-TOOLS = ("cbt", "borg", "restic", "cp")
+TOOLS = ("cbt", "cbt-enc", "borg", "restic", "cp")
+CBT_PASSWORD = "race-passphrase"  # cbt-enc's vault, given as CBT_PASSWORD
+ENCRYPTION = "aes-256-gcm"  # cbt init's default; the scrypt cost is the default too
+MAX_ENCRYPTION_COST = 0.15  # encrypted / plain - 1, the unlock (scrypt) not counted
 OPS = (("full", "full backup (day 0)"), ("incr", "incremental backup (day 1)"),
        ("restore", "restore (day 1) + sync"))
 
@@ -280,6 +288,7 @@ class Runner:
             "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
             "BORG_CHECK_I_KNOW_WHAT_I_AM_DOING": "NO",
             "RESTIC_PASSWORD": RESTIC_PASSWORD,
+            "CBT_PASSWORD": CBT_PASSWORD,
         })
         self.commands: dict[str, str] = {}  # "set/tool/op" -> exact shell line
 
@@ -371,12 +380,20 @@ class Race:
 
     # Each tool: fresh repository, full backup of day 0, incremental of day 1, restore.
 
-    def run_cbt(self, ds: DataSet, first: bool, last: bool) -> Sample:
+    def run_cbt_enc(self, ds: DataSet, first: bool, last: bool) -> Sample:
+        return self.run_cbt(ds, first, last, encrypted=True)
+
+    def run_cbt(self, ds: DataSet, first: bool, last: bool, encrypted: bool = False) -> Sample:
         s = Sample()
         c = self.exe["cbt"]
         vault = self.scratch / "cbt-vault"
-        rec = f"{ds.key}/cbt"
-        self.runner.run([c, "init", str(vault)], record=f"{rec}/init")
+        tool = "cbt-enc" if encrypted else "cbt"
+        rec = f"{ds.key}/{tool}"
+        self.runner.run([c, "init", "--encryption", ENCRYPTION if encrypted else "none",
+                         str(vault)], record=f"{rec}/init")
+        if encrypted:  # the one-time unlock (scrypt), timed on its own: cbt list
+            s.extra["unlock"] = self.runner.run([c, "list", "--json", str(vault)],
+                                                capture=True, record=f"{rec}/list")[0]
         size0 = apparent(vault)
         points = []
         for day, op in ((0, "full"), (1, "incr")):
@@ -399,10 +416,10 @@ class Race:
         s.seconds["restore"], s.cpu["restore"], _ = self.runner.restore(
             argv, out_dir, record=f"{rec}/restore")
         if first:
-            s.extra.update(verify_restore(ds, out_dir, "cbt"))
+            s.extra.update(verify_restore(ds, out_dir, tool))
         rmtree(out_dir)
         if self.args.keep and last:
-            kept = self.work / "kept" / f"{ds.key}-cbt-vault"
+            kept = self.work / "kept" / f"{ds.key}-{tool}-vault"
             rmtree(kept)
             kept.parent.mkdir(exist_ok=True)
             vault.rename(kept)
@@ -490,8 +507,8 @@ class Race:
     def race(self, ds: DataSet) -> dict[str, list[Sample]]:
         runs = self.args.runs
         samples: dict[str, list[Sample]] = {t: [] for t in TOOLS}
-        fn = {"cbt": self.run_cbt, "borg": self.run_borg, "restic": self.run_restic,
-              "cp": self.run_cp}
+        fn = {"cbt": self.run_cbt, "cbt-enc": self.run_cbt_enc, "borg": self.run_borg,
+              "restic": self.run_restic, "cp": self.run_cp}
         for rnd in range(runs):
             order = TOOLS[rnd % len(TOOLS):] + TOOLS[:rnd % len(TOOLS)]
             line = []
@@ -519,7 +536,7 @@ class Race:
         rmtree(self.scratch)
         self.scratch.mkdir(parents=True)
         vault = self.scratch / "cbt-vault"
-        self.runner.run([c, "init", str(vault)])
+        self.runner.run([c, "init", "--encryption", "none", str(vault)])
         harness.ensure_cached([disk.day0, disk.day1])
         out: dict[str, Any] = {"disk": str(disk.day0), "size": disk.size}
         for day, op in ((0, "full"), (1, "incr")):
@@ -623,15 +640,23 @@ def summarize(ds: DataSet, samples: dict[str, list[Sample]]) -> dict[str, Any]:
                 row["reported"] = int(harness.median([s.reported[op] for s in runs]))
                 row["total"] = int(harness.median([s.total for s in runs]))
             rows.append(row)
-    return {"rows": rows, "targets": targets(rows)}
+    unlock = harness.median([s.extra["unlock"] for s in samples["cbt-enc"]])
+    return {"rows": rows, "unlock": unlock, "targets": targets(rows, unlock)}
 
 
 def _row(rows: list[dict[str, Any]], op: str, tool: str) -> dict[str, Any]:
     return next(r for r in rows if r["op"] == op and r["tool"] == tool)
 
 
-def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def targets(rows: list[dict[str, Any]], unlock: float) -> list[dict[str, Any]]:
     out = []
+    for op in ("incr", "restore"):
+        plain, enc = _row(rows, op, "cbt")["median"], _row(rows, op, "cbt-enc")["median"]
+        cost = (enc - unlock) / plain - 1
+        out.append({"what": f"{dict(OPS)[op]}: encryption cost (cbt-enc - unlock) / cbt - 1",
+                    "value": f"{100 * cost:+.1f}% (unlock {unlock:.2f} s not counted)",
+                    "want": f"<= {100 * MAX_ENCRYPTION_COST:.0f}%",
+                    "pass": cost <= MAX_ENCRYPTION_COST})
     for op, peer, want in (("incr", "borg", 5.0), ("restore", "cp", 0.8),
                            ("restore", "borg", 3.0)):
         r = _row(rows, op, peer)["ratio"]
@@ -686,6 +711,9 @@ def human_report(result: dict[str, Any], sets: list[DataSet]) -> str:
         f"runs: median of {result['runs']}, interleaved run by run in rotating order; "
         f"cbt block size {format_size(result['block_size'])}, borg fixed chunks of the "
         "same size; whole-process wall clock",
+        f"cbt: a vault made with --encryption none (as borg -e none); cbt-enc: an encrypted "
+        f"vault ({ENCRYPTION}, keyed BLAKE3 ids, default scrypt cost), its one-time unlock "
+        "timed alone as `cbt list` of the vault",
         "",
     ]
     for ds in sets:
@@ -710,7 +738,8 @@ def human_report(result: dict[str, Any], sets: list[DataSet]) -> str:
         f"commands (exact; W = {result['dir']}):",
         f"  env: BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes "
         f"BORG_RELOCATED_REPO_ACCESS_IS_OK=yes BORG_BASE_DIR=$W/run/borg-home (and its "
-        f"cache/, config/, security/) RESTIC_PASSWORD={RESTIC_PASSWORD}",
+        f"cache/, config/, security/) RESTIC_PASSWORD={RESTIC_PASSWORD} "
+        f"CBT_PASSWORD={CBT_PASSWORD}",
     ]
     w = result["dir"]
     for key, line in result["commands"].items():
