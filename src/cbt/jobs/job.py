@@ -29,6 +29,10 @@ then the job in flight and its workers finish).
 
 Step 1 is :func:`recover`, step 2 :meth:`Job.start`; :meth:`Job.run` runs
 steps 3 to 8, one method each.
+
+An encrypted vault is opened with ``JobRequest.passphrase`` (None:
+``CBT_PASSWORD_FILE``, then ``CBT_PASSWORD``); its job records are sealed, and
+its lock holder record names no command line.
 """
 
 from __future__ import annotations

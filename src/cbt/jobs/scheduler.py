@@ -14,6 +14,11 @@ The daemon:
    flag is set is skipped ("stopping").
 3. Sleeps until the next slot of any VM (no polling), waking for the stop
    flag; then again from 2, until stopped.
+
+An encrypted vault is opened with the passphrase given (a finder, such as a
+prompt, is asked once for all the jobs: :func:`cbt.jobs.job.asked_once`), else
+``CBT_PASSWORD_FILE`` or ``CBT_PASSWORD``; the daemon opens it before it starts,
+so a wrong passphrase stops it at once.
 """
 
 from __future__ import annotations
