@@ -449,8 +449,12 @@ def test_demo(tmp_path: Path) -> None:
                           read_image(d / "disks" / f"{label}.img"), bs)
         assert by_label[label]["changed_blocks"] == want["changed_blocks"] > 0
         assert by_label[label]["ranges"] == want["ranges"]
-    # The vault the demo leaves behind verifies clean, data included.
-    v = run_cli("verify", "--data", d / "vault", "--json")
+    # The vault the demo leaves behind is encrypted, its passphrase in a private file;
+    # opened with it, it verifies clean, data included.
+    assert report["password_file"] == str(d / "password")
+    assert (d / "password").stat().st_mode & 0o777 == 0o600
+    v = run_cli("verify", "--data", d / "vault", "--json",
+                env={"CBT_PASSWORD_FILE": report["password_file"]})
     assert v.returncode == 0, v.stderr
     assert json.loads(v.stdout)["problems"] == []
 

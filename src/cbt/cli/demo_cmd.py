@@ -51,8 +51,6 @@ def run(args: argparse.Namespace) -> int:
               f"changed ({human_bytes(cs.changed_bytes)}); numpy comparison: {truth}")
     print(f"  {'all checks passed' if code == EXIT_OK else 'A CHECK FAILED'} in "
           f"{report.seconds:.1f} s.  Look around:")
-    v, c = report.vault, report.config
-    print(f"    cbt list {v}\n    cbt jobs {v}\n    cbt verify --data {v}\n"
-          f"    cbt diff {v}::web.latest {v}::{report.days[0].recovery_point}\n"
-          f"    cbt config check {c}")
+    for command in report.suggested_commands():
+        print(f"    {command}")
     return code

@@ -1,8 +1,12 @@
 """The demo: three days of backups of a two-disk VM, then restore and diff.
 
-1. In a new directory: a vault, a config, and a VM ``web`` with a
+1. In a new directory: an encrypted vault, a config, and a VM ``web`` with a
    file-system-like image (``os``) and a database-like file (``db``), whose
-   hooks (two small scripts) quiesce and resume the "application".
+   hooks (two small scripts) quiesce and resume the "application".  The
+   vault's passphrase comes from ``CBT_PASSWORD_FILE`` or ``CBT_PASSWORD``
+   when set; otherwise the demo generates one and writes it to ``password``
+   in its directory (mode 0600), and the commands it suggests name that file
+   in ``CBT_PASSWORD_FILE``.
 2. Day 1: the job runs hooks -> snapshot -> transfer: an application-consistent
    full backup.
 3. Day 2: a day of realistic changes (scattered 4 KiB page writes in the
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import secrets
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from cbt.core.blockio import copy_sparse
+from cbt.core.crypto import KdfParams
 from cbt.core.errors import CbtValueError
 from cbt.core.timefmt import rfc3339
 from cbt.jobs.config import Config
@@ -34,7 +41,8 @@ from cbt.jobs.config import load as load_config
 from cbt.jobs.job import run as run_jobs
 from cbt.ops.diff import PointDiff, PointRef, diff_points
 from cbt.ops.restore import RestoreRequest, restore
-from cbt.repo.vault import Vault
+from cbt.repo.keys import ENV_FILE, Passphrase, passphrase_from_env
+from cbt.repo.vault import DEFAULT_ENCRYPTION, Vault
 from cbt.source.synth import make_db_file, make_fs_image, mutate
 
 QUIESCE = """\
@@ -107,9 +115,22 @@ class DemoReport:
     agrees_with_truth: bool  # the restore and the diff both
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # the vault's passphrase file: the one the demo wrote, or CBT_PASSWORD_FILE's
+    # (None: the passphrase came from CBT_PASSWORD)
+    password_file: str | None = None
+
+    def suggested_commands(self) -> list[str]:
+        """Commands to try on the demo's vault (naming the demo's passphrase file)."""
+        v, c = shlex.quote(self.vault), shlex.quote(self.config)
+        env = (f"{ENV_FILE}={shlex.quote(self.password_file)} " if self.password_file
+               else "")
+        return [f"{env}cbt list {v}", f"{env}cbt jobs {v}", f"{env}cbt verify --data {v}",
+                f"{env}cbt diff {v}::web.latest {v}::{self.days[0].recovery_point}",
+                f"cbt config check {c}"]
 
     def to_dict(self) -> dict[str, Any]:
         return {"dir": self.dir, "vault": self.vault, "config": self.config,
+                "password_file": self.password_file,
                 "days": [d.to_dict() for d in self.days], "restored": self.restored,
                 "restore_bit_identical": self.restore_bit_identical,
                 "diff": self.diff.to_dict(),
@@ -147,40 +168,59 @@ def changed_blocks_truth(a: Path, b: Path, block_size: int) -> np.ndarray:
 
 
 def run_demo(directory: str | os.PathLike[str] | None = None,
-             size: int = 128 << 20, now: _dt.datetime | None = None) -> DemoReport:
-    """Run the demo; with ``now``, day d's point is created at ``now + (d - 1)`` days."""
+             size: int = 128 << 20, now: _dt.datetime | None = None,
+             kdf: KdfParams | None = None) -> DemoReport:
+    """Run the demo; with ``now``, day d's point is created at ``now + (d - 1)`` days.
+    ``kdf``: the scrypt costs of the vault's key (default :class:`KdfParams`)."""
     started = time.perf_counter()
     d = new_demo_dir(directory)
-    config = _set_up(d, size)
+    passphrase, password_file = _passphrase(d)
+    config = _set_up(d, size, passphrase, kdf)
     disks = {"os": d / "disks" / "os.img", "db": d / "disks" / "db.img"}
     day2_copies = {"os": d / "day2-os.img", "db": d / "day2-db.img"}
     days: list[DemoDay] = []
     for day in (1, 2, 3):
         created = rfc3339(now + _dt.timedelta(days=day - 1)) if now else None
-        days.append(_run_day(d, config, day, size, disks, created))
+        days.append(_run_day(d, config, day, size, disks, created, passphrase))
         if day == 2:
             for label, path in disks.items():
                 copy_sparse(path, day2_copies[label])
-    report = _check(d, disks, day2_copies, days)
+    report = _check(d, disks, day2_copies, days, passphrase)
+    report.password_file = password_file
     report.seconds = round(time.perf_counter() - started, 3)
     return report
 
 
-def _set_up(d: Path, size: int) -> Config:
+def _passphrase(d: Path) -> tuple[Passphrase | None, str | None]:
+    """Step 1: the vault's passphrase (None: the environment's) and the file the demo
+    wrote it to (None when it came from the environment)."""
+    if passphrase_from_env() is not None:
+        return None, os.environ.get(ENV_FILE) or None
+    secret = secrets.token_urlsafe(24)
+    path = d / "password"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with open(fd, "w") as f:
+        f.write(secret + "\n")
+    os.chmod(path, 0o600)  # whatever the umask
+    return secret, str(path)
+
+
+def _set_up(d: Path, size: int, passphrase: Passphrase | None,
+            kdf: KdfParams | None) -> Config:
     """Step 1: the vault, the config, the hook scripts and the two disks."""
     (d / "disks").mkdir()
     (d / "hooks").mkdir()
     (d / "hooks" / "quiesce.py").write_text(QUIESCE)
     (d / "hooks" / "resume.py").write_text(RESUME)
     (d / "cbt.toml").write_text(CONFIG.format(python=f'"{sys.executable}"'))
-    Vault.init(d / "vault")
+    Vault.init(d / "vault", DEFAULT_ENCRYPTION, passphrase, kdf)
     make_fs_image(d / "disks" / "os.img", size, seed=1)
     make_db_file(d / "disks" / "db.img", size // 2, seed=2)
     return load_config(d / "cbt.toml")
 
 
 def _run_day(d: Path, config: Config, day: int, size: int, disks: dict[str, Path],
-             created: str | None) -> DemoDay:
+             created: str | None, passphrase: Passphrase | None) -> DemoDay:
     """Steps 2 to 4: the day's changes, whether the pre hook refuses, the job."""
     changes = []
     if day > 1:
@@ -193,7 +233,7 @@ def _run_day(d: Path, config: Config, day: int, size: int, disks: dict[str, Path
         refuse.write_text("the database will not quiesce today\n")
     elif refuse.exists():
         refuse.unlink()
-    (result,) = run_jobs(config, "web", created=created)
+    (result,) = run_jobs(config, "web", created=created, passphrase=passphrase)
     if result.point is None:
         raise CbtValueError(f"demo backup of day {day} failed: {result.error}")
     p = result.point
@@ -203,10 +243,10 @@ def _run_day(d: Path, config: Config, day: int, size: int, disks: dict[str, Path
 
 
 def _check(d: Path, disks: dict[str, Path], day2_copies: dict[str, Path],
-           days: list[DemoDay]) -> DemoReport:
+           days: list[DemoDay], passphrase: Passphrase | None) -> DemoReport:
     """Step 5: restore the last point and compare; diff days 2 and 3 against numpy."""
     points = [x.recovery_point for x in days]
-    vault = Vault.open(d / "vault")
+    vault = Vault.open(d / "vault", passphrase)
     restored = d / "restored"
     restore(vault, RestoreRequest(points[-1], restored))
     restore_ok = all(np.array_equal(np.fromfile(restored / f"{label}.img", np.uint8),

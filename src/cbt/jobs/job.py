@@ -29,6 +29,10 @@ then the job in flight and its workers finish).
 
 Step 1 is :func:`recover`, step 2 :meth:`Job.start`; :meth:`Job.run` runs
 steps 3 to 8, one method each.
+
+An encrypted vault is opened with ``JobRequest.passphrase`` (None:
+``CBT_PASSWORD_FILE``, then ``CBT_PASSWORD``); its job records are sealed, and
+its lock holder record names no command line.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from cbt.jobs.config import Config, VMConfig
 from cbt.jobs.config import load as load_config
 from cbt.jobs.hooks import HookResult, run_hook
 from cbt.ops.backup import BackupProgress, BackupRequest, backup_locked
+from cbt.repo.keys import Passphrase
 from cbt.repo.lock import writer_lock
 from cbt.repo.registry import list_jobs, register_snapshots, save_job
 from cbt.repo.vault import Vault
@@ -95,6 +100,9 @@ class JobRequest:
     # SIGINT and SIGTERM are the caller's (the daemon's): the job is not aborted and
     # its forked workers ignore them, so the job in flight finishes
     finish_on_stop_signal: bool = False
+    # opens an encrypted vault (a finder is asked only then; None: CBT_PASSWORD_FILE,
+    # then CBT_PASSWORD); an unencrypted vault ignores it
+    passphrase: Passphrase | None = field(default=None, repr=False)
 
 
 # -- signals ---------------------------------------------------------------------------
@@ -119,8 +127,8 @@ def _abort_on_signals() -> Iterator[None]:
 
 def recover(vault: Vault, vmc: VMConfig) -> list[str]:
     """Close jobs of this VM that died; run their pending post hook (recover)."""
-    warnings = []
-    for rec in list_jobs(vault, vmc.name):
+    warnings: list[str] = []
+    for rec in list_jobs(vault, vmc.name, warnings):
         if rec.status != "running":
             continue
         if rec.hook_pending and vmc.hooks and vmc.hooks.post:
@@ -330,10 +338,10 @@ def _consistency(vmc: VMConfig, pre: HookResult | None, snaps: SnapshotSet) -> t
 def run_vm(config: Config, vm: str, request: JobRequest | None = None) -> JobResult:
     """Run the backup job of one VM now; the result carries the point or the error."""
     request = request or JobRequest()
-    vault = Vault.open(config.vault)
+    vault = Vault.open(config.vault, request.passphrase)
     signals = (contextlib.nullcontext() if request.finish_on_stop_signal
                else _abort_on_signals())
-    with writer_lock(vault.storage, request.wait), signals:
+    with writer_lock(vault.storage, request.wait, not vault.encrypted), signals:
         warnings = recover(vault, config.vms[vm])
         return Job.start(config, vault, vm, request, warnings).run()
 
@@ -341,12 +349,29 @@ def run_vm(config: Config, vm: str, request: JobRequest | None = None) -> JobRes
 def run(config: Config | str | os.PathLike[str], vm: str | None = None,
         executor: Executor | None = None, workers: int | None = None,
         progress: BackupProgress | None = None, created: str | None = None,
-        wait: float = 0.0) -> list[JobResult]:
-    """Run the job of every VM of the config (or one) now, whatever the schedule."""
+        wait: float = 0.0, passphrase: Passphrase | None = None) -> list[JobResult]:
+    """Run the job of every VM of the config (or one) now, whatever the schedule;
+    ``passphrase`` opens an encrypted vault (see :class:`JobRequest`)."""
     cfg = config if isinstance(config, Config) else load_config(config)
     if vm is not None and vm not in cfg.vms:
         raise JobFailed(f"no VM named {vm!r} in {cfg.path}")
     names = [vm] if vm is not None else list(cfg.vms)
     request = JobRequest(executor=executor, workers=workers, progress=progress,
-                         created=created, wait=wait)
+                         created=created, wait=wait, passphrase=asked_once(passphrase))
     return [run_vm(cfg, name, request) for name in names]
+
+
+def asked_once(passphrase: Passphrase | None) -> Passphrase | None:
+    """``passphrase``, a finder (a prompt) asked at most once however many times the
+    vault is opened (one job per VM, a daemon's every slot)."""
+    if not callable(passphrase):
+        return passphrase
+    find = passphrase
+    found: list[bytes] = []
+
+    def once() -> bytes:
+        if not found:
+            found.append(find())
+        return found[0]
+
+    return once

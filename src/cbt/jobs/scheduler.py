@@ -14,6 +14,11 @@ The daemon:
    flag is set is skipped ("stopping").
 3. Sleeps until the next slot of any VM (no polling), waking for the stop
    flag; then again from 2, until stopped.
+
+An encrypted vault is opened with the passphrase given (a finder, such as a
+prompt, is asked once for all the jobs: :func:`cbt.jobs.job.asked_once`), else
+``CBT_PASSWORD_FILE`` or ``CBT_PASSWORD``; the daemon opens it before it starts,
+so a wrong passphrase stops it at once.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from typing import Any
 
 from cbt.core.timefmt import rfc3339
 from cbt.jobs.config import Config
-from cbt.jobs.job import JobRequest, JobResult, run_vm
+from cbt.jobs.job import JobRequest, JobResult, asked_once, run_vm
 from cbt.jobs.policy import latest_slot, next_slot
+from cbt.repo.keys import Passphrase
 from cbt.repo.vault import Vault
 
 
@@ -75,9 +81,11 @@ class RunDueSummary:
                 "skipped": [s.to_dict() for s in self.skipped], "warnings": self.warnings}
 
 
-def due(config: Config, now: _dt.datetime) -> tuple[list[tuple[str, str]], list[Skipped]]:
-    """(vm, slot) pairs to run now, and the VMs skipped with the reason."""
-    vault = Vault.open(config.vault)
+def due(config: Config, now: _dt.datetime, passphrase: Passphrase | None = None
+        ) -> tuple[list[tuple[str, str]], list[Skipped]]:
+    """(vm, slot) pairs to run now, and the VMs skipped with the reason; ``passphrase``
+    opens an encrypted vault (None: ``CBT_PASSWORD_FILE``, then ``CBT_PASSWORD``)."""
+    vault = Vault.open(config.vault, passphrase)
     run: list[tuple[str, str]] = []
     skipped: list[Skipped] = []
     for name, vmc in config.vms.items():
@@ -99,9 +107,11 @@ def run_due(config: Config, now: _dt.datetime, request: JobRequest | None = None
             on_result: Callable[[JobResult, str], None] | None = None,
             stop: threading.Event | None = None) -> RunDueSummary:
     """Run every due VM once, each job as ``request`` says (its created time and slot
-    set here); ``on_result`` sees each result as it comes; ``stop`` skips the rest."""
+    set here; its passphrase opens the vault); ``on_result`` sees each result as it
+    comes; ``stop`` skips the rest."""
     request = request or JobRequest()
-    todo, skipped = due(config, now)
+    request = replace(request, passphrase=asked_once(request.passphrase))
+    todo, skipped = due(config, now, request.passphrase)
     summary = RunDueSummary(rfc3339(now), skipped=skipped)
     for vm, slot in todo:
         if stop is not None and stop.is_set():
@@ -120,8 +130,10 @@ def next_wakeup(config: Config, now: _dt.datetime) -> _dt.datetime:
                          now) for v in config.vms.values())
 
 
-def daemon(config: Config, log: Callable[[str], None], workers: int | None = None) -> int:
-    """Run due jobs, sleep until the next slot, repeat; stop on SIGTERM/SIGINT."""
+def daemon(config: Config, log: Callable[[str], None], workers: int | None = None,
+           passphrase: Passphrase | None = None) -> int:
+    """Run due jobs, sleep until the next slot, repeat; stop on SIGTERM/SIGINT.
+    ``passphrase`` opens an encrypted vault (a finder is asked once, at the first slot)."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -136,7 +148,9 @@ def daemon(config: Config, log: Callable[[str], None], workers: int | None = Non
         else:
             log(f"{result.vm} slot {slot}: failed: {result.error}")
 
-    request = JobRequest(workers=workers, finish_on_stop_signal=True)
+    request = JobRequest(workers=workers, finish_on_stop_signal=True,
+                         passphrase=asked_once(passphrase))
+    Vault.open(config.vault, request.passphrase)  # a wrong passphrase fails now, not later
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         log(f"cbt daemon started: {len(config.vms)} VMs, vault {config.vault}")

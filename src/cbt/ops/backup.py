@@ -159,7 +159,7 @@ def backup(vault: Vault, request: BackupRequest) -> PointRecord:
         request.check()
         prepare_crash_counter()
         asked = time.monotonic()
-        with writer_lock(vault.storage, request.wait):
+        with writer_lock(vault.storage, request.wait, reveal_command=not vault.encrypted):
             if early is not None and time.monotonic() - asked > EARLY_SCAN_MAX_WAIT:
                 early.cancel()  # it saw the disks too long before the point was taken
                 request = dataclasses.replace(request, early=None)
@@ -602,7 +602,7 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
         bytes_stored=sum(d.bytes_stored for d in disks),
         seconds=round(time.perf_counter() - started, 6), warnings=planned.warnings,
         slot=request.slot)
-    with gc_lock(vault.storage, wait=None):  # a gc in progress finishes first
+    with gc_lock(vault.storage, None, not vault.encrypted):  # a gc in progress finishes first
         index = _after_gc(vault, planned, new["digests"])
         _write_segment(vault, point_id, new, index)
         record.seconds = round(time.perf_counter() - started, 6)

@@ -8,9 +8,12 @@ lock).  Mark, then sweep with a margin covering the running backup:
    need them) and mark the index entries they reference.
 3. Per pack older than the cutoff (a newer one may hold blocks of the running
    backup's uncommitted point): no live entry -> dead; live bytes under half
-   the pack -> rewritten (live blobs copied as they are into new packs).
+   the pack -> rewritten (live blobs copied as they are into new packs; a
+   sealed blob's associated data does not name its pack, so an encrypted
+   vault's blobs move without being opened).
 4. Write one merged index segment of every live entry (rewritten ones at
-   their new place), then remove the segments it replaces.
+   their new place; sealed in an encrypted vault), then remove the segments it
+   replaces.
 5. Move dead and rewritten packs to ``trash/`` instead of deleting them: a
    restore that loaded the index before gc reads them from there, and a
    backup that deduplicated against a block gc just declared dead moves its
@@ -77,7 +80,7 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
     """Mark and sweep (see the module doc).  Waits up to ``wait`` seconds for the gc lock,
     which a backup holds only while it commits, or another gc while it runs."""
     result = GcResult(dry_run)
-    with gc_lock(vault.storage, wait):
+    with gc_lock(vault.storage, wait, reveal_command=not vault.encrypted):
         cutoff = _cutoff(vault)
         index = vault.load_index(result.warnings)
         live = _referenced(vault, index, result.warnings)
@@ -151,7 +154,8 @@ def _write_index(vault: Vault, index: Index, sweep: _Sweep) -> None:
     if moved:
         part = index_mod.segment_entries(moved)
         merged = {k: np.concatenate([merged[k], part[k]]) for k in merged}
-    vault.storage.put(f"index/gc-{uuid.uuid4().hex}.arrow", segment_bytes(merged))
+    vault.put_sealed("index", vault.segment_name(f"gc-{uuid.uuid4().hex}"),
+                     segment_bytes(merged))
     for s in index.segments:
         vault.storage.delete(s)
 

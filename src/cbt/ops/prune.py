@@ -7,9 +7,10 @@
    of deltas, see ``vault.points``) is *hidden* instead: its record is
    rewritten with ``hidden = true`` (a durable rename), so it no longer lists
    but still resolves.  Hidden points no kept point needs any more are
-   deleted.
+   deleted.  In an encrypted vault the rewritten record is sealed again.
 3. A point is deleted by removing its record first (that is the commit), then
-   its manifests; a crash in between leaves manifests that the next backup
+   its manifests (named by the vault's layout from the point's id and disk
+   labels, never by what the record says); a crash in between leaves manifests that the next backup
    cleans up as leftovers.  The blocks are freed later by ``cbt gc``.
 4. Kept snapshots (instant restore) older than the policy's
    ``instant_restore_days`` are removed (never a disk's tracking base).
@@ -22,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cbt.format.records import KeptSnapshots, PointRecord, point_name
+from cbt.format.records import KeptSnapshots, PointRecord
 from cbt.repo.lock import writer_lock
-from cbt.repo.registry import kept_name, kept_snapshots
+from cbt.repo.registry import kept_snapshots, remove_kept
 from cbt.repo.vault import Vault
 from cbt.source.snapshot import remove_snapshot
 
@@ -80,15 +81,17 @@ class _Plan:
 
 def prune(vault: Vault, request: PruneRequest) -> PruneResult:
     """Steps 1 to 4 of the module doc, under the writer lock."""
-    with writer_lock(vault.storage, request.wait):
-        plan = _plan(vault, request)
+    warnings: list[str] = []
+    with writer_lock(vault.storage, request.wait, reveal_command=not vault.encrypted):
+        plan = _plan(vault, request, warnings)
         if not request.dry_run:
             _apply(vault, plan)
     return PruneResult(dry_run=request.dry_run, points=plan.verdicts,
-                       snapshots_expired=sum(len(paths) for _, paths in plan.expired))
+                       snapshots_expired=sum(len(paths) for _, paths in plan.expired),
+                       warnings=warnings)
 
 
-def _plan(vault: Vault, request: PruneRequest) -> _Plan:
+def _plan(vault: Vault, request: PruneRequest, warnings: list[str]) -> _Plan:
     """Steps 1 and 2: keep, hide (a base kept points need) or delete each point."""
     records = vault.records()
     by_id = {r.id: r for r in records}
@@ -112,7 +115,7 @@ def _plan(vault: Vault, request: PruneRequest) -> _Plan:
             plan.delete.append(r)
             why = ["not kept by any rule"]
         plan.verdicts.append(PointVerdict(r.id, r.vm, False, why))
-    plan.expired = _expired_snapshots(kept_snapshots(vault), request.expired,
+    plan.expired = _expired_snapshots(kept_snapshots(vault, warnings), request.expired,
                                       {r.id for r in plan.delete} | {r.id for r in plan.hide})
     return plan
 
@@ -121,18 +124,18 @@ def _apply(vault: Vault, plan: _Plan) -> None:
     """Steps 2 to 4: hide, delete records (the commit, made durable), then manifests,
     then expired snapshots."""
     for r in plan.hide:
-        vault.storage.put(point_name(r.id), replace(r, hidden=True).to_json())
+        vault.put_sealed("point", vault.point_name(r.id), replace(r, hidden=True).to_json())
     for r in plan.delete:
-        vault.storage.delete(point_name(r.id))
+        vault.storage.delete(vault.point_name(r.id))
     if plan.delete:
         vault.storage.sync("points")
     for r in plan.delete:
         for d in r.disks:
-            vault.storage.delete(d.manifest)
+            vault.storage.delete(vault.manifest_name(r.id, d.label))
     for pid, paths in plan.expired:
         for path in paths:
             remove_snapshot(path)
-        vault.storage.delete(kept_name(pid))
+        remove_kept(vault, pid)
 
 
 def _needed_bases(keep: list[PointRecord], by_id: dict[str, PointRecord]) -> set[str]:

@@ -1,6 +1,8 @@
 """Verify: prove that every point can be restored, or name what cannot.
 
-1. Every index segment and point record must pass its checksum.
+1. Every index segment and point record must pass its checksum (in an
+   encrypted vault: its authentication; a sealed file that fails it is a
+   problem naming the file).
 2. For each point and disk: the manifest files (full and deltas) pass their
    checksums and match the record; every DATA block is in the index.
 3. For each pack the index points into: the pack exists, is long enough for
@@ -8,7 +10,8 @@
    same offset and length), so an index that disagrees with the packs is
    found without reading any data.
 4. With ``data``: every referenced blob is read (pack by pack, sequentially),
-   decompressed and re-hashed.
+   opened (an encrypted vault's), decompressed and re-hashed (keyed BLAKE3 in
+   an encrypted vault).
 5. Index entries no point references (left by a killed run) and files a killed
    run left are *unreferenced*: reported in bytes, not a problem.
 
@@ -30,6 +33,7 @@ import blake3
 import numpy as np
 import numpy.typing as npt
 
+from cbt.core.crypto import Cipher
 from cbt.core.errors import CbtError
 from cbt.format.index_segment import segment_bytes
 from cbt.format.pack import (
@@ -165,6 +169,8 @@ def _load_points(vault: Vault, ref: str | None, problems: list[Problem]) -> list
     """Step 1: the point records (each passes its checksum)."""
     if ref is not None:
         return [vault.point(ref)]
+    if vault.encrypted:
+        return _load_sealed_points(vault, problems)
     points = []
     for pid in vault.point_ids():
         try:
@@ -174,17 +180,37 @@ def _load_points(vault: Vault, ref: str | None, problems: list[Problem]) -> list
     return points
 
 
+def _load_sealed_points(vault: Vault, problems: list[Problem]) -> list[PointRecord]:
+    """Step 1 in an encrypted vault: every sealed record opens and holds the point its
+    name says (the name is all a damaged one tells, so the problem names the file)."""
+    points = []
+    for name in vault.point_names():
+        where = vault.storage.where(name)
+        try:
+            point = PointRecord.from_json(vault.get_sealed("point", name), where)
+        except CbtError as exc:
+            problems.append(Problem(None, None, None, None, str(exc)))
+            continue
+        if vault.point_name(point.id) != name:
+            problems.append(Problem(None, None, None, None, f"corrupt point record {where}: "
+                                    f"it holds point {point.id}, which is not its name"))
+            continue
+        points.append(point)
+    return points
+
+
 def _check_manifests(vault: Vault, index: Index, points: list[PointRecord],
                      problems: list[Problem]) -> _Checked:
     """Step 2: manifests match their records; every DATA block is in the index."""
     checked = _Checked(referenced=np.zeros(len(index), dtype=bool))
     for point in points:
         for disk in point.disks:
+            name = vault.manifest_name(point.id, disk.label)
             try:
-                raw = vault.storage.get(disk.manifest)
+                raw = vault.storage.get(name)
                 if blake3.blake3(raw).hexdigest() != disk.manifest_checksum:
                     problems.append(Problem(point.id, disk.label, None, None,
-                                            f"manifest {disk.manifest} differs from the one "
+                                            f"manifest {name} differs from the one "
                                             "the point recorded"))
                     continue
                 manifest = vault.resolve(point, disk.label)
@@ -205,6 +231,10 @@ def _check_manifests(vault: Vault, index: Index, points: list[PointRecord],
             checked.disks.append(_Disk(point.id, disk.label, rows[pos >= 0], pos[pos >= 0]))
             checked.blocks += len(rows)
     return checked
+
+
+def _cipher(vault: Vault) -> Cipher | None:
+    return vault.keys.cipher if vault.keys is not None else None
 
 
 def _check_packs(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_],
@@ -247,12 +277,13 @@ def _check_pack(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64]
             bad[p] = "index disagrees with the pack (no such blob at this offset)"
     if not data:
         return
+    cipher = _cipher(vault)
     for p, e in entries.items():
         if p in bad:
             continue
         try:
             decode_blob(memoryview(blob)[e.offset:e.offset + blob_length(e.stored)], e.digest,
-                        f"pack {pid}")
+                        f"pack {pid}", cipher=cipher, id_key=vault.id_key)
         except CorruptPackError as exc:
             bad[p] = str(exc).removeprefix(f"pack {pid}: ")
 
@@ -275,7 +306,11 @@ def _unreferenced(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_])
     """Step 5: bytes of entries no point references, and of what killed runs left."""
     dead = ~referenced
     unreferenced = int((index.stored[dead].astype(np.int64) + BLOB.size).sum())
-    for name in vault.leftovers():  # temporary files, manifests of uncommitted points
+    try:
+        leftovers = vault.leftovers()  # temporary files, manifests of uncommitted points
+    except CbtError:
+        return unreferenced  # an unreadable point record: already a problem of step 1
+    for name in leftovers:
         with contextlib.suppress(OSError):
             unreferenced += vault.storage.size(name)
     return unreferenced
@@ -297,7 +332,7 @@ def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
     stats = RepairStats()
     healthy: list[IndexEntry] = []
     quarantined: list[str] = []
-    with writer_lock(vault.storage, wait):
+    with writer_lock(vault.storage, wait, reveal_command=not vault.encrypted):
         for name in vault.storage.list("packs"):
             if not name.endswith(".pack"):
                 continue
@@ -306,7 +341,7 @@ def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
             except OSError:
                 continue
             stats.packs_read += 1
-            found = _healthy_blobs(content, name, stats)
+            found = _healthy_blobs(vault, content, name, stats)
             if not found:
                 # no segment will cover it, so the index would adopt it again from its
                 # trailer: set it aside instead
@@ -322,9 +357,12 @@ def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
     return RepairResult(result, stats)
 
 
-def _healthy_blobs(content: bytes, name: str, stats: RepairStats) -> list[IndexEntry]:
-    """Step 1 for one pack: the entries of its blobs whose content matches their digest."""
+def _healthy_blobs(vault: Vault, content: bytes, name: str,
+                   stats: RepairStats) -> list[IndexEntry]:
+    """Step 1 for one pack: the entries of its blobs whose content matches their digest
+    (sealed blobs: that open under the vault's key and match their keyed id)."""
     pid = pack_id_of(name)
+    cipher = _cipher(vault)
     try:
         listed = [(bytes(t["digest"]), int(t["offset"]), int(t["stored"]), int(t["raw"]))
                   for t in read_trailer(content, name)]
@@ -333,7 +371,8 @@ def _healthy_blobs(content: bytes, name: str, stats: RepairStats) -> list[IndexE
     out = []
     for digest, off, stored, raw in listed:
         try:
-            decode_blob(memoryview(content)[off:off + blob_length(stored)], digest, name)
+            decode_blob(memoryview(content)[off:off + blob_length(stored)], digest, name,
+                        cipher=cipher, id_key=vault.id_key)
         except CorruptPackError:
             stats.blobs_damaged += 1
             continue
@@ -343,10 +382,10 @@ def _healthy_blobs(content: bytes, name: str, stats: RepairStats) -> list[IndexE
 
 def _replace_segments(vault: Vault, healthy: list[IndexEntry]) -> None:
     """Step 2: the new segment first (when any blob is healthy), then the old ones go."""
-    old = [s for s in vault.storage.list("index") if s.endswith(".arrow")]
-    name = f"index/repaired-{uuid.uuid4().hex}.arrow"
+    old = vault.segment_names()
+    name = vault.segment_name(f"repaired-{uuid.uuid4().hex}")
     if healthy:
-        vault.storage.put(name, segment_bytes(index_mod.segment_entries(healthy)))
+        vault.put_sealed("index", name, segment_bytes(index_mod.segment_entries(healthy)))
     for s in old:
         if s != name:
             vault.storage.delete(s)

@@ -4,7 +4,9 @@
    within ``wait`` seconds; a refused writer says who holds it.
 2. Having it, it records itself as the holder (pid, host, command, since) for
    others to read: gc sweeps nothing newer than the running writer's start
-   (:func:`writer_since`).
+   (:func:`writer_since`).  In an encrypted vault the holder record holds
+   nothing but pid, host and time (``reveal_command=False``): a command line
+   may name VMs and host paths.
 3. gc takes the gc lock for its whole run; a backup takes it only to commit.
 
 Both are :meth:`Storage.lock <cbt.repo.storage.Storage.lock>` locks (local:
@@ -34,16 +36,23 @@ class VaultLockedError(CbtError, BlockingIOError):
 
 
 @contextlib.contextmanager
-def writer_lock(storage: Storage, wait: float = 0.0) -> Iterator[None]:
-    """Hold the writer lock; fail at once (or after ``wait`` seconds) if held."""
-    with _hold(storage, WRITER_LOCK, wait, "retry later or pass --wait SECONDS"):
+def writer_lock(storage: Storage, wait: float = 0.0,
+                reveal_command: bool = True) -> Iterator[None]:
+    """Hold the writer lock; fail at once (or after ``wait`` seconds) if held.
+
+    ``reveal_command``: whether the holder record names this process's command
+    line (pass ``not vault.encrypted``)."""
+    with _hold(storage, WRITER_LOCK, wait, "retry later or pass --wait SECONDS",
+               reveal_command):
         yield
 
 
 @contextlib.contextmanager
-def gc_lock(storage: Storage, wait: float | None = 0.0) -> Iterator[None]:
-    """Hold the gc lock (one gc at a time; a backup's commit waits for it: ``wait=None``)."""
-    with _hold(storage, GC_LOCK, wait, "retry later"):
+def gc_lock(storage: Storage, wait: float | None = 0.0,
+            reveal_command: bool = True) -> Iterator[None]:
+    """Hold the gc lock (one gc at a time; a backup's commit waits for it: ``wait=None``);
+    ``reveal_command`` as for :func:`writer_lock`."""
+    with _hold(storage, GC_LOCK, wait, "retry later", reveal_command):
         yield
 
 
@@ -56,17 +65,19 @@ def writer_since(storage: Storage) -> float | None:
     return 0.0 if holder.since_ts is None else holder.since_ts
 
 
-def this_process() -> LockHolder:
-    """This process as a lock holder, since now."""
+def this_process(reveal_command: bool = True) -> LockHolder:
+    """This process as a lock holder, since now; without its command line unless
+    ``reveal_command``."""
     from cbt.core.timefmt import utc_now
 
-    return LockHolder(pid=os.getpid(), host=socket.gethostname(),
-                      command=" ".join(["cbt", *sys.argv[1:]])[:200], since=utc_now(),
-                      since_ts=time.time())
+    command = " ".join(["cbt", *sys.argv[1:]])[:200] if reveal_command else None
+    return LockHolder(pid=os.getpid(), host=socket.gethostname(), command=command,
+                      since=utc_now(), since_ts=time.time())
 
 
 @contextlib.contextmanager
-def _hold(storage: Storage, name: str, wait: float | None, hint: str) -> Iterator[None]:
+def _hold(storage: Storage, name: str, wait: float | None, hint: str,
+          reveal_command: bool) -> Iterator[None]:
     lock = storage.lock(name)
     try:
         lock.acquire(wait)
@@ -74,7 +85,7 @@ def _hold(storage: Storage, name: str, wait: float | None, hint: str) -> Iterato
         raise VaultLockedError(errno.EAGAIN, f"vault {storage.root} is locked by "
                                f"{exc.holder.describe()}; {hint}") from None
     try:
-        lock.record(this_process())  # since = when the lock was taken, not asked for
+        lock.record(this_process(reveal_command))  # since = when the lock was taken, not asked for
         yield
     finally:
         lock.release()

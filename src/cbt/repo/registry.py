@@ -6,13 +6,16 @@
 - ``snapshots/<point id>.json``: the :class:`KeptSnapshots` of a point (for
   instant restore), and what to remove when they expire.
 
+In an encrypted vault both are sealed (kinds ``job`` and ``snapshots``) under
+opaque names (:meth:`Vault.job_name <cbt.repo.vault.Vault.job_name>`,
+:meth:`Vault.kept_name <cbt.repo.vault.Vault.kept_name>`).  A record that cannot
+be read (damaged, or failing authentication) is skipped, and said so in
+``warnings`` when the caller gives a list.
+
 The records themselves (their JSON layout) are in :mod:`cbt.format.records`.
 """
 
 from __future__ import annotations
-
-import contextlib
-import os
 
 from cbt.format.records import JobRecord, KeptSnapshots
 from cbt.repo.vault import Vault
@@ -21,23 +24,33 @@ JOBS_DIR = "jobs"
 SNAPSHOTS_DIR = "snapshots"
 
 
-def job_name(job_id: str) -> str:
-    return f"{JOBS_DIR}/{job_id}.json"
+def _record_names(vault: Vault, folder: str) -> list[str]:
+    """The committed records in ``folder`` (temporary files skipped)."""
+    suffix = vault.record_suffix
+    return [n for n in vault.storage.list(folder)
+            if n.endswith(suffix) and not n.rsplit("/", 1)[-1].startswith(".")]
+
+
+def _skipped(warnings: list[str] | None, what: str, where: str, exc: Exception) -> None:
+    if warnings is not None:
+        reason = str(exc) if where in str(exc) else f"{where}: {exc}"
+        warnings.append(f"skipping unreadable {what} record: {reason}")
 
 
 def save_job(vault: Vault, record: JobRecord) -> None:
-    vault.storage.put(job_name(record.id), record.to_json())
+    vault.put_sealed("job", vault.job_name(record.id), record.to_json())
 
 
-def list_jobs(vault: Vault, vm: str | None = None) -> list[JobRecord]:
-    """Every recorded job (of ``vm``, or all), oldest first; unreadable records skipped."""
+def list_jobs(vault: Vault, vm: str | None = None,
+              warnings: list[str] | None = None) -> list[JobRecord]:
+    """Every recorded job (of ``vm``, or all), oldest first; unreadable records skipped
+    (and named in ``warnings``)."""
     out = []
-    for name in vault.storage.list(JOBS_DIR):
-        if not name.endswith(".json") or os.path.basename(name).startswith("."):
-            continue
+    for name in _record_names(vault, JOBS_DIR):
         try:
-            rec = JobRecord.from_json(vault.storage.get(name))
-        except (ValueError, OSError):
+            rec = JobRecord.from_json(vault.get_sealed("job", name))
+        except (ValueError, OSError) as exc:
+            _skipped(warnings, "job", vault.storage.where(name), exc)
             continue
         if vm is None or rec.vm == vm:
             out.append(rec)
@@ -47,21 +60,26 @@ def list_jobs(vault: Vault, vm: str | None = None) -> list[JobRecord]:
 # -- kept snapshots ----------------------------------------------------------------------
 
 
-def kept_name(point_id: str) -> str:
-    return f"{SNAPSHOTS_DIR}/{point_id}.json"
-
-
 def register_snapshots(vault: Vault, entry: KeptSnapshots) -> None:
     """Record a point's kept snapshots (instant restore; expired by prune)."""
-    vault.storage.put(kept_name(entry.recovery_point), entry.to_json())
+    vault.put_sealed("snapshots", vault.kept_name(entry.recovery_point), entry.to_json())
 
 
-def kept_snapshots(vault: Vault) -> dict[str, KeptSnapshots]:
-    """Point id -> its kept snapshots, for every point that keeps some."""
+def remove_kept(vault: Vault, point_id: str) -> None:
+    """Forget a point's kept snapshots (their files are the caller's to remove)."""
+    vault.storage.delete(vault.kept_name(point_id))
+
+
+def kept_snapshots(vault: Vault,
+                   warnings: list[str] | None = None) -> dict[str, KeptSnapshots]:
+    """Point id -> its kept snapshots, for every point that keeps some; unreadable
+    records skipped (and named in ``warnings``)."""
     out = {}
-    for name in vault.storage.list(SNAPSHOTS_DIR):
-        if name.endswith(".json") and not os.path.basename(name).startswith("."):
-            with contextlib.suppress(ValueError, OSError):
-                entry = KeptSnapshots.from_json(vault.storage.get(name))
-                out[entry.recovery_point] = entry
+    for name in _record_names(vault, SNAPSHOTS_DIR):
+        try:
+            entry = KeptSnapshots.from_json(vault.get_sealed("snapshots", name))
+        except (ValueError, OSError) as exc:
+            _skipped(warnings, "kept-snapshot", vault.storage.where(name), exc)
+            continue
+        out[entry.recovery_point] = entry
     return out

@@ -92,7 +92,8 @@ class LockHolder:
     def describe(self) -> str:
         if self == LockHolder():
             return "another process"
-        return f"pid {self.pid} on {self.host} ({self.command}) since {self.since}"
+        command = f" ({self.command})" if self.command is not None else ""
+        return f"pid {self.pid} on {self.host}{command} since {self.since}"
 
 
 class LockBusyError(CbtError, BlockingIOError):
