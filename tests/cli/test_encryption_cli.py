@@ -91,6 +91,7 @@ def sealed_backups(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 def test_init_is_encrypted_by_default(tmp_path: Path, pw: Path) -> None:
     out = init_encrypted(tmp_path / "v", pw)
+    assert set(out) == {"vault", "format_version", "encryption", "id_key", "key", "warnings"}
     assert out["encryption"] == "aes-256-gcm" and out["format_version"] == 2
     assert out["id_key"] == "blake3-keyed"
     config = json.loads((tmp_path / "v" / "config").read_text())
@@ -323,6 +324,9 @@ def test_init_on_a_terminal_asks_twice(tmp_path: Path) -> None:
 def test_init_on_a_terminal_refuses_an_empty_passphrase(tmp_path: Path) -> None:
     code, _, transcript = on_pty(["init", tmp_path / "v", "--kdf-log-n", 10], [""])
     assert code == 2 and "empty passphrase" in transcript
+    code, _, transcript = on_pty(["init", tmp_path / "v", "--kdf-log-n", 10], ["\x04"])
+    assert code == 2 and "no passphrase typed" in transcript, transcript  # Ctrl-D
+    assert "Traceback" not in transcript
     assert not (tmp_path / "v").exists()
 
 
@@ -361,6 +365,9 @@ def test_show_manifest_writes_a_plain_arrow_file(tmp_path: Path, pw: Path, disk:
     out = tmp_path / "os.arrow"
     line = cbt_json("show", vault, point, "--manifest", "os", "-o", out, env=env)
     kind = "blake3-keyed" if encrypted else "blake3"
+    assert set(line) == {"manifest", "recovery_point", "disk", "blocks", "block_size",
+                         "disk_size", "digest_kind", "vault_id", "warnings"}
+    assert line["manifest"] == str(out) and line["blocks"] == len(read(disk)) // BS
     assert (line["digest_kind"], line["recovery_point"], line["disk"]) == (kind, point, "os")
     table = read_arrow(out)
     meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}

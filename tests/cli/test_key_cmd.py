@@ -39,6 +39,8 @@ def test_list_add_remove(tmp_path: Path, vault: Path) -> None:
     a, b = tmp_path / "a", password_file(tmp_path / "b", "passphrase B")
     (first,) = slots(vault)
     out = cbt_json("key", "list", vault, "--password-file", a)
+    assert set(out) == {"vault", "encryption", "keys", "warnings"}
+    assert set(out["keys"][0]) == {"id", "created", "kdf", "log_n", "r", "p", "opened"}
     assert out["encryption"] == "aes-256-gcm"
     assert [(k["id"], k["kdf"], k["log_n"], k["r"], k["p"], k["opened"]) for k in out["keys"]] \
         == [(first, "scrypt", 10, 8, 1, True)]
@@ -49,6 +51,7 @@ def test_list_add_remove(tmp_path: Path, vault: Path) -> None:
 
     added = cbt_json("key", "add", vault, "--password-file", a, "--new-password-file", b,
                      "--kdf-log-n", 11)
+    assert set(added) == {"vault", "added", "removed", "warnings"}
     assert added["removed"] is None and slots(vault) == sorted([first, added["added"]])
     assert opens(vault, "passphrase A") and opens(vault, "passphrase B")
     assert not opens(vault, "passphrase C")

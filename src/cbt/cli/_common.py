@@ -76,11 +76,14 @@ def prompt_passphrase(prompt: str, confirm: bool) -> bytes:
 
     from cbt.core.errors import CbtValueError
 
-    first = getpass.getpass(prompt, stream=sys.stderr)
-    if not first:
-        raise CbtValueError("empty passphrase: refused")
-    if confirm and getpass.getpass("repeat it: ", stream=sys.stderr) != first:
-        raise CbtValueError("the passphrases do not match: nothing done")
+    try:
+        first = getpass.getpass(prompt, stream=sys.stderr)
+        if not first:
+            raise CbtValueError("empty passphrase: refused")
+        if confirm and getpass.getpass("repeat it: ", stream=sys.stderr) != first:
+            raise CbtValueError("the passphrases do not match: nothing done")
+    except EOFError:
+        raise CbtValueError("no passphrase typed (end of input)") from None
     return first.encode()
 
 
