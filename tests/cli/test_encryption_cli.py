@@ -427,3 +427,45 @@ def test_show_manifest_refuses_bad_requests(tmp_path: Path, pw: Path, disk: Path
     assert one_error_line(cbt("show", vault, point, "--manifest", "os", "-o", out)).endswith(
         "or run on a terminal to be asked")
     assert not out.exists()
+
+
+# -- the commands of a configuration ----------------------------------------------------------
+
+
+def _config(tmp_path: Path, disk: Path) -> Path:
+    from helpers.jobs import job_config
+
+    return job_config(tmp_path / "cbt.toml", {"web": {"disks": {"os": str(disk)},
+                                                      "snapshot": "none"}}, vault="v")
+
+
+def test_config_commands_refuse_a_wrong_passphrase(tmp_path: Path, pw: Path, disk: Path) -> None:
+    init_encrypted(tmp_path / "v", pw)
+    cfg = _config(tmp_path, disk)
+    before = tree_snapshot(tmp_path / "v")
+    wrong = password_file(tmp_path / "wrong", "not it")
+    env = {"CBT_PASSWORD_FILE": str(pw)}  # --password-file beats it
+    r = cbt("backup", "--config", cfg, "--password-file", wrong, env=env)
+    assert r.returncode == 2 and "wrong passphrase" in r.stderr, r.stderr
+    r = cbt("run-due", "--config", cfg, "--now", "2026-01-01T03:00:00Z", "--password-file",
+            wrong, env=env)
+    assert r.returncode == 2 and "wrong passphrase" in r.stderr, r.stderr
+    line = one_error_line(cbt("prune", "--config", cfg, "--password-file", wrong, env=env))
+    assert line == "cbt: error: wrong passphrase"
+    assert tree_snapshot(tmp_path / "v") == before
+
+
+@pytest.mark.usefixtures("sealed_backups")
+def test_config_commands_take_the_password_file(tmp_path: Path, pw: Path, disk: Path) -> None:
+    init_encrypted(tmp_path / "v", pw)
+    cfg = _config(tmp_path, disk)
+    r = cbt("backup", "--config", cfg, "--now", "2026-01-01T00:00:00Z", "--password-file", pw,
+            "--json")
+    assert r.returncode == 0, r.stderr
+    r = cbt("run-due", "--config", cfg, "--now", "2026-01-02T03:00:00Z", "--password-file", pw,
+            "--json")
+    assert r.returncode == 0, r.stderr
+    points = cbt_json("list", tmp_path / "v", "--password-file", pw)["points"]
+    assert len(points) == 2
+    assert cbt_json("prune", "--config", cfg, "--dry-run", "--password-file", pw,
+                    "--now", "2026-01-03T00:00:00Z")["points"]
