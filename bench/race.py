@@ -376,7 +376,7 @@ class Race:
         c = self.exe["cbt"]
         vault = self.scratch / "cbt-vault"
         rec = f"{ds.key}/cbt"
-        self.runner.run([c, "init", "--encryption", "none", str(vault)], record=f"{rec}/init")
+        self.runner.run([c, "init", str(vault)], record=f"{rec}/init")
         size0 = apparent(vault)
         points = []
         for day, op in ((0, "full"), (1, "incr")):
@@ -519,7 +519,7 @@ class Race:
         rmtree(self.scratch)
         self.scratch.mkdir(parents=True)
         vault = self.scratch / "cbt-vault"
-        self.runner.run([c, "init", "--encryption", "none", str(vault)])
+        self.runner.run([c, "init", str(vault)])
         harness.ensure_cached([disk.day0, disk.day1])
         out: dict[str, Any] = {"disk": str(disk.day0), "size": disk.size}
         for day, op in ((0, "full"), (1, "incr")):
