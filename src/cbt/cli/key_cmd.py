@@ -4,8 +4,9 @@ An encrypted vault has one random master key; each passphrase that opens it
 has a key slot (keys/<id>.json) holding the master key wrapped by a key scrypt
 derives from that passphrase.  Adding or removing a slot changes no block: a
 passphrase is changed, or shared and revoked, without re-encrypting anything.
-The master key exists only in the slots: back up the vault's keys/ folder with
-it, and keep one passphrase safe; the last key cannot be removed.
+The master key exists only in the slots: a copy of the vault must include
+keys/ (and config), and one passphrase must be kept safe; without both the
+vault cannot be read.  The last key cannot be removed.
 
   cbt key list VAULT          the slots: id, created, scrypt cost; * opened the vault
   cbt key add VAULT           a new slot for a new passphrase
