@@ -134,6 +134,18 @@ def test_init_refuses_bad_options(tmp_path: Path, pw: Path) -> None:
     assert not (tmp_path / "v").exists()
 
 
+def test_every_command_that_opens_a_vault_takes_a_password_file() -> None:
+    from cbt.cli.main import COMMANDS
+
+    opens = {"init", "backup", "list", "show", "restore", "verify", "jobs", "run-due", "daemon",
+             "prune", "gc", "diff", "key"}
+    assert opens <= set(COMMANDS)
+    for name in COMMANDS:
+        r = cbt(name, "--help")
+        assert r.returncode == 0, r.stderr
+        assert ("--password-file FILE" in r.stdout) == (name in opens), name
+
+
 # -- opening: wrong passphrase, precedence, unencrypted vaults ------------------------------
 
 
