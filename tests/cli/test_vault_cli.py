@@ -47,7 +47,7 @@ def disks(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def vault(tmp_path: Path) -> Path:
-    r = cbt("init", tmp_path / "v")
+    r = cbt("init", "--encryption", "none", tmp_path / "v")
     assert r.returncode == 0, r.stderr
     return tmp_path / "v"
 
@@ -62,15 +62,16 @@ def _stamp(created: str) -> str:
 def test_init_refuses_a_non_empty_directory(tmp_path: Path) -> None:
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "something").write_text("x")
-    line = one_error_line(cbt("init", tmp_path / "full"))
+    line = one_error_line(cbt("init", "--encryption", "none", tmp_path / "full"))
     assert str(tmp_path / "full") in line
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["something"]
     (tmp_path / "file").write_text("x")
-    one_error_line(cbt("init", tmp_path / "file"))
+    one_error_line(cbt("init", "--encryption", "none", tmp_path / "file"))
     (tmp_path / "empty").mkdir()
-    assert cbt("init", tmp_path / "empty").returncode == 0
-    one_error_line(cbt("init", tmp_path / "empty"))  # now a vault: not empty
-    assert cbt("init", tmp_path / "new" / "nested").returncode == 0
+    assert cbt("init", "--encryption", "none", tmp_path / "empty").returncode == 0
+    # now a vault: not empty
+    one_error_line(cbt("init", "--encryption", "none", tmp_path / "empty"))
+    assert cbt("init", "--encryption", "none", tmp_path / "new" / "nested").returncode == 0
     config = json.loads((tmp_path / "new" / "nested" / "config").read_text())
     assert (config["format_version"], config["encryption"], config["id_key"]) == (1, "none",
                                                                                  "none")

@@ -50,7 +50,7 @@ def test_daemon_runs_the_due_job_and_finishes_it_on_sigterm(tmp_path: Path) -> N
                         "db": {"policy": "hourly", "disks": {"db": "disks/db.img"},
                                "snapshot": "none", "hooks": hooks}})
     vault = tmp_path / "vault"
-    assert cbt("init", vault).returncode == 0
+    assert cbt("init", "--encryption", "none", vault).returncode == 0
     log = tmp_path / "daemon.log"
     before = dt.datetime.now(dt.UTC)
     with open(log, "w") as out:
@@ -107,7 +107,7 @@ def test_idle_daemon_sleeps_without_polling_and_stops_promptly(tmp_path: Path) -
                        {"web": {"policy": "d", "disks": {"os": "disks/os.img"},
                                 "snapshot": "none"}})
     vault = tmp_path / "vault"
-    assert cbt("init", vault).returncode == 0
+    assert cbt("init", "--encryption", "none", vault).returncode == 0
     rc, s, _, _ = run_due(cfg)  # fill the latest slot (real clock)
     assert rc == 0 and len(s["ran"]) == 1
     assert len(listed(vault)) == 1

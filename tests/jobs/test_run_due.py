@@ -19,7 +19,7 @@ def _setup(tmp_path: Path, policies: dict[str, dict[str, object]],
         for path in vm["disks"].values():  # type: ignore[attr-defined]
             write_random_disk(tmp_path / path, 256 << 10, seed=len(str(path)))
     cfg = write_config(tmp_path / "cbt.toml", policies, vms)
-    assert cbt("init", tmp_path / "vault").returncode == 0
+    assert cbt("init", "--encryption", "none", tmp_path / "vault").returncode == 0
     return cfg, tmp_path / "vault"
 
 

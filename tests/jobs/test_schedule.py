@@ -370,7 +370,7 @@ def test_run_due_timeline_table(tmp_path: Path) -> None:
         write_disk(tmp_path / "disks" / f"{vm}.img", random_bytes(64 << 10, seed=k))
         vms[vm] = {"policy": policy, "disks": {"d": f"disks/{vm}.img"}, "snapshot": "none"}
     cfg = write_config(tmp_path / "cbt.toml", POLICIES, vms)
-    assert cbt("init", tmp_path / "vault").returncode == 0
+    assert cbt("init", "--encryption", "none", tmp_path / "vault").returncode == 0
     made = 0
     for now, want in TIMELINE:
         rc, summary, results, _ = run_due(cfg, now)
@@ -401,7 +401,7 @@ def test_now_without_offset_or_garbage_is_an_error(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "cbt.toml", {"p": {"schedule": "daily 02:00"}},
                        {"vm1": {"policy": "p", "disks": {"d": "disks/d.img"},
                                 "snapshot": "none"}})
-    assert cbt("init", tmp_path / "vault").returncode == 0
+    assert cbt("init", "--encryption", "none", tmp_path / "vault").returncode == 0
     cases = [("run-due", "2026-03-29T01:00:00"),  # naive: which zone would it be in?
              ("run-due", "garbage"),
              ("run-due", "2026-03-29"),

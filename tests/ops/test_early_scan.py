@@ -105,7 +105,7 @@ def test_cli_incremental_with_early_scan_matches_the_disk(tmp_path: Path) -> Non
     backup``: the point's manifests equal the disks' BLAKE3 digests, the changed-block
     counts equal the truth, and a restore gives the disks back bit for bit."""
     vault = tmp_path / "v"
-    cbt_json("init", vault)
+    cbt_json("init", "--encryption", "none", vault)
     a, b = tmp_path / "a.img", tmp_path / "b.img"
     da, db = _disk(a, 5 * MIB + 4 * KIB, 3), _disk(b, 2 * MIB, 4)
     backup_cli(vault, "vm", f"a={a}", f"b={b}", "--block-size", "16K")

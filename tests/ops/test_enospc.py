@@ -65,7 +65,7 @@ def test_enospc_during_backup(tmp_path: Path, kind: str) -> None:
     disk = tmp_path / "d.img"
     with small_fs(kind, 64 if kind == "ext4" else 40, tmp_path) as mnt:
         vault = mnt / "vault"
-        assert cbt("init", vault).returncode == 0
+        assert cbt("init", "--encryption", "none", vault).returncode == 0
         _random(disk, 8 * MIB, 1)
         p0 = backup_cli(vault, "vm", disk, "--block-size", "64K")["recovery_point"]
         history = [(p0, keep_copy(disk, tmp_path / "day0.img"))]

@@ -59,7 +59,7 @@ def test_instant_restore_from_kept_copy_snapshots(tmp_path: Path) -> None:
         {"web": {"policy": "p", "disks": {"os": "disks/os.img", "db": "disks/db.img"},
                  "snapshot": "copy", "snapshot_dir": "snaps"}})
     vault = tmp_path / "vault"
-    assert cbt("init", vault).returncode == 0
+    assert cbt("init", "--encryption", "none", vault).returncode == 0
     snaps = tmp_path / "snaps"
 
     p1 = one_point(cfg, now="2026-08-01T12:00:00Z")
@@ -131,7 +131,7 @@ def test_instant_restore_from_kept_copy_snapshots(tmp_path: Path) -> None:
 def test_instant_restore_without_a_kept_snapshot_uses_the_vault(tmp_path: Path) -> None:
     disk = write_random_disk(tmp_path / "d.img", 1 * MIB, seed=33)
     vault = tmp_path / "vault"
-    assert cbt("init", vault).returncode == 0
+    assert cbt("init", "--encryption", "none", vault).returncode == 0
     point = backup_point(vault, "plain", f"os={disk}", now="2026-08-01T00:00:00Z")
     truth = copy_disk(disk, tmp_path / "truth.img")
     scribble(disk, seed=5)
@@ -158,7 +158,7 @@ def test_instant_restore_reflink_on_xfs(tmp_path: Path) -> None:
             {"p": {"schedule": "daily 12:00", "instant_restore_days": 2}},
             {"web": {"policy": "p", "disks": {"os": "disks/os.img"}, "snapshot": "reflink"}})
         vault = mnt / "vault"
-        assert cbt("init", vault).returncode == 0
+        assert cbt("init", "--encryption", "none", vault).returncode == 0
         p1 = one_point(cfg, now="2026-09-01T12:00:00Z")
         assert p1["disks"][0]["snapshot"] == "reflink"
         t1 = copy_disk(disk, tmp_path / "truth" / "1.img")

@@ -13,9 +13,12 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cbt.core.errors import CbtValueError
+
+if TYPE_CHECKING:
+    from cbt.api import Vault
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1
@@ -48,6 +51,110 @@ def workers_arg(text: str) -> int:
 def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="machine-readable output: one JSON object on stdout")
+
+
+# -- passphrases -------------------------------------------------------------------------
+
+PASSWORD_FILE_HELP = ("read the passphrase of an encrypted vault from the first line of FILE "
+                      "(else CBT_PASSWORD_FILE, CBT_PASSWORD, or a prompt on a terminal); "
+                      "an unencrypted vault needs none")
+
+
+def add_password_file(parser: argparse.ArgumentParser) -> None:
+    """``--password-file FILE``: every command that opens a vault takes it."""
+    parser.add_argument("--password-file", metavar="FILE", help=PASSWORD_FILE_HELP)
+
+
+def on_terminal() -> bool:
+    """Whether a prompt can be shown and answered (stdin and stderr are terminals)."""
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def prompt_passphrase(prompt: str, confirm: bool) -> bytes:
+    """Ask on the terminal (twice when ``confirm``); refuses an empty one or a mismatch."""
+    import getpass
+
+    from cbt.core.errors import CbtValueError
+
+    try:
+        first = getpass.getpass(prompt, stream=sys.stderr)
+        if not first:
+            raise CbtValueError("empty passphrase: refused")
+        if confirm and getpass.getpass("repeat it: ", stream=sys.stderr) != first:
+            raise CbtValueError("the passphrases do not match: nothing done")
+    except EOFError:
+        raise CbtValueError("no passphrase typed (end of input)") from None
+    return first.encode()
+
+
+class PassphraseFinder:
+    """The passphrase of one vault, found only when the vault turns out to be encrypted.
+
+    Passed to ``Vault.open(path, passphrase=finder)`` / ``Vault.init``: an
+    unencrypted vault never calls it (never prompts).  First found first:
+    ``--password-file``, ``CBT_PASSWORD_FILE``, ``CBT_PASSWORD``, a prompt when
+    stdin and stderr are terminals (twice with ``confirm``).  Found once, it is
+    kept: later openings in the same command do not ask again.
+    """
+
+    def __init__(self, vault: object, password_file: str | None = None,
+                 confirm: bool = False, hint: str = "", what: str = "") -> None:
+        self.vault = str(vault)
+        self.what = what or f"vault {self.vault} is encrypted"
+        self.password_file = password_file
+        self.confirm = confirm
+        self.hint = hint
+        self._found: bytes | None = None
+
+    def __call__(self) -> bytes:
+        if self._found is None:
+            self._found = self._find()
+        return self._found
+
+    def _find(self) -> bytes:
+        from cbt.repo.keys import (
+            HOW_TO_GIVE,
+            PassphraseRequiredError,
+            passphrase_from_env,
+            read_password_file,
+        )
+
+        if self.password_file:
+            return read_password_file(self.password_file)
+        found = passphrase_from_env()
+        if found:
+            return found
+        if on_terminal():
+            return prompt_passphrase(f"passphrase of {self.vault}: ", self.confirm)
+        raise PassphraseRequiredError(f"{self.what} and no passphrase was given: "
+                                      f"{HOW_TO_GIVE}{self.hint}")
+
+
+def finder(args: argparse.Namespace, vault: object | None = None) -> PassphraseFinder:
+    """The finder of a command's vault (``args.vault`` unless given) and ``--password-file``."""
+    return PassphraseFinder(args.vault if vault is None else vault,
+                            getattr(args, "password_file", None))
+
+
+def open_vault(args: argparse.Namespace, path: object | None = None) -> Vault:
+    """``cbt.api.Vault.open`` of ``path`` (default ``args.vault``) with the command's finder."""
+    from cbt.api import Vault
+
+    where = args.vault if path is None else path
+    return Vault.open(str(where), passphrase=finder(args, where))
+
+
+def password_file_to_env(args: argparse.Namespace) -> None:
+    """Hand ``--password-file`` to code that opens vaults by itself (from the environment).
+
+    For the commands whose vaults are opened below the command line (diff's
+    ``VAULT::POINT``, the jobs of a config) until those take a passphrase:
+    ``--password-file`` still beats ``CBT_PASSWORD_FILE`` and ``CBT_PASSWORD``.
+    """
+    import os
+
+    if getattr(args, "password_file", None):
+        os.environ["CBT_PASSWORD_FILE"] = os.path.abspath(args.password_file)
 
 
 def print_json(obj: dict[str, Any]) -> None:

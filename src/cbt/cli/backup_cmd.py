@@ -30,7 +30,17 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from cbt.cli._common import EXIT_ERROR, EXIT_OK, add_json, print_json, size_arg, workers_arg
+from cbt.cli._common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    add_json,
+    add_password_file,
+    open_vault,
+    password_file_to_env,
+    print_json,
+    size_arg,
+    workers_arg,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="worker processes (default: number of cores)")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait up to this long for another writer to finish (default: fail)")
+    add_password_file(p)
     add_json(p)
 
 
@@ -76,12 +87,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.vault or not args.vm or not args.disks:
         raise CbtValueError("give VAULT --vm NAME DISK [DISK ...], or --config FILE")
     specs = [parse_disk_arg(d) for d in args.disks]
+    vault = open_vault(args)
     # first thing: hash the disks of an incremental backup while the rest loads
     early = start_early_scan(args.vault, args.vm, specs, args.block_size, args.workers)
     try:
-        from cbt.api import Vault
-
-        vault = Vault.open(args.vault)
         with _progress(args, [s.label for s in specs]) as progress:
             point = vault.backup(args.vm, specs, block_size=args.block_size,
                                  workers=args.workers, progress=progress, wait=args.wait,
@@ -100,6 +109,7 @@ def _run_config(args: argparse.Namespace) -> int:
     from cbt.jobs.config import load
     from cbt.jobs.job import JobRequest, run_vm
 
+    password_file_to_env(args)  # the jobs open the vault (JobRequest takes no passphrase yet)
     config = load(args.config)
     if args.vm is not None and args.vm not in config.vms:
         from cbt.core.errors import CbtValueError

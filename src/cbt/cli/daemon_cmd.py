@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import workers_arg
+from cbt.cli._common import add_password_file, password_file_to_env, workers_arg
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, metavar="FILE", help="the configuration file")
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N",
                    help="worker processes (default: number of cores)")
+    add_password_file(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from cbt.jobs.config import load
     from cbt.jobs.scheduler import daemon
 
+    password_file_to_env(args)  # the jobs open the vault (the scheduler takes no passphrase yet)
     config = load(args.config)
 
     def log(line: str) -> None:

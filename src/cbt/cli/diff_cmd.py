@@ -19,13 +19,16 @@ above}],"changed_blocks","changed_bytes","warnings"}.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING
 
 from cbt.cli._common import (
     EXIT_DIFFERENT,
     EXIT_OK,
     add_json,
+    add_password_file,
     emit_warnings,
+    password_file_to_env,
     print_json,
     progress_bar,
     size_arg,
@@ -45,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="processes comparing in parallel (default: number of cores)")
     p.add_argument("--ranges", action="store_true",
                    help="list every changed run (offset, length) in the human output")
+    add_password_file(p)
     add_json(p)
 
 
@@ -52,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from cbt.core.sizes import format_size, human_bytes
     from cbt.ops.diff import PointDiff, diff
 
+    password_file_to_env(args)  # VAULT::POINT opens its vault below (diff takes no passphrase yet)
+    check_digest_kinds(args.a, args.b)
     with progress_bar("diff") as progress:
         cs = diff(args.a, args.b, args.block_size, args.workers, progress)
     if isinstance(cs, PointDiff):
@@ -95,3 +101,47 @@ def _print_points(pd: object, args: argparse.Namespace) -> int:
         if args.ranges:
             _print_ranges(cs, "    ")
     return code
+
+
+def _digest_kind(src: str) -> tuple[str, str] | None:
+    """(digest kind, vault id) of a manifest file; None for anything else."""
+    from cbt.format.manifest import (
+        DIGEST_KIND,
+        PLAIN_DIGESTS,
+        VAULT_ID,
+        is_manifest_file,
+        manifest_file_metadata,
+    )
+
+    if not os.path.isfile(src) or not is_manifest_file(src):
+        return None
+    meta = manifest_file_metadata(src)
+    return meta.get(DIGEST_KIND, PLAIN_DIGESTS), meta.get(VAULT_ID, "")
+
+
+def check_digest_kinds(a: str, b: str) -> None:
+    """Refuse to compare a vault's keyed ids (an exported manifest) with anything else.
+
+    A manifest written by ``cbt show --manifest -o`` from an encrypted vault
+    holds that vault's keyed BLAKE3 ids: it compares with another such export of
+    the same vault, or a point of it (``VAULT::POINT/LABEL``), never with plain
+    BLAKE3 digests (an image, a ``cbt scan -o`` manifest), where every block
+    would differ.
+    """
+    from cbt.core.errors import CbtValueError
+    from cbt.format.manifest import PLAIN_DIGESTS
+    from cbt.ops.diff import parse_point_ref
+
+    kinds = {src: _digest_kind(src) for src in (a, b)}
+    for src, other in ((a, b), (b, a)):
+        kind = kinds[src]
+        if kind is None or kind[0] == PLAIN_DIGESTS:
+            continue
+        theirs = kinds[other]
+        if theirs == kind or (theirs is None and parse_point_ref(other) is not None):
+            continue
+        what = ("plain BLAKE3 digests" if theirs is None or theirs[0] == PLAIN_DIGESTS
+                else f"the ids of vault {theirs[1] or '?'} ({theirs[0]})")
+        raise CbtValueError(f"{src} holds the {kind[0]} block ids of vault {kind[1] or '?'}; "
+                            f"{other} has {what}: they cannot be compared (compare with a "
+                            "point of that vault, VAULT::POINT/LABEL)")

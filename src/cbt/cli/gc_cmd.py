@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_OK, add_json, emit_warnings, print_json
+from cbt.cli._common import (
+    EXIT_OK,
+    add_json,
+    add_password_file,
+    emit_warnings,
+    open_vault,
+    print_json,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,15 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long trashed packs stay readable (default 3600)")
     p.add_argument("--wait", type=float, default=600.0, metavar="SECONDS",
                    help="how long to wait for another gc, or a backup's commit (default 600)")
+    add_password_file(p)
     add_json(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.api import Vault
     from cbt.core.sizes import human_bytes
     from cbt.ops.gc import gc
 
-    result = gc(Vault.open(args.vault), args.dry_run, args.grace, args.wait)
+    result = gc(open_vault(args), args.dry_run, args.grace, args.wait)
     if args.json:
         print_json(result.to_dict())
         return EXIT_OK

@@ -1,32 +1,82 @@
 """Create a vault in a new or empty directory.
 
-Format 1 stores blocks compressed but unencrypted (encryption = "none") and
-names them by their plain BLAKE3 digest (id_key = "none").
+A new vault is encrypted (format 2) unless --encryption none: every block and
+record is sealed with an AEAD under a random master key, and block ids are
+keyed BLAKE3.  The master key is stored only wrapped by the passphrase
+(scrypt); lose every passphrase and the vault is lost.  The passphrase comes
+from --password-file FILE, CBT_PASSWORD_FILE, CBT_PASSWORD, or a prompt
+(asked twice) on a terminal.  --encryption none makes a format 1 vault:
+blocks compressed but unencrypted, named by their plain BLAKE3.
 
---json prints {"vault","format_version","encryption","id_key","warnings"}.
+--json prints {"vault","format_version","encryption","id_key","key","warnings"}
+("key": the id of the first key slot, null when unencrypted).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_OK, add_json, print_json
+from cbt.cli._common import EXIT_OK, PassphraseFinder, add_json, print_json
+
+KDF_LOG_N_MIN, KDF_LOG_N_MAX = 10, 24
+
+
+def kdf_log_n_arg(text: str) -> int:
+    """argparse type of ``--kdf-log-n``: an integer in 10..24."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not KDF_LOG_N_MIN <= value <= KDF_LOG_N_MAX:
+        raise argparse.ArgumentTypeError(f"not a scrypt cost in {KDF_LOG_N_MIN}..{KDF_LOG_N_MAX}: "
+                                         f"{text!r}")
+    return value
+
+
+def add_kdf_log_n(p: argparse.ArgumentParser) -> None:
+    from cbt.core.crypto import KdfParams
+
+    p.add_argument("--kdf-log-n", type=kdf_log_n_arg, default=KdfParams().log_n, metavar="N",
+                   help="scrypt cost of the passphrase's key slot: 2^N iterations and "
+                        "2^N x 1 KiB of memory (default 17: 128 MiB, about half a second "
+                        "to open the vault; 10..24). Higher makes guessing a passphrase "
+                        "dearer and every opening slower")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from cbt.core.crypto import ALGORITHMS
+
     p.add_argument("vault", metavar="VAULT", help="directory for the new vault")
+    p.add_argument("--encryption", choices=["none", *ALGORITHMS], default=ALGORITHMS[0],
+                   help=f"the AEAD sealing blocks and records (default {ALGORITHMS[0]}, the "
+                        "faster here); none: an unencrypted vault, no passphrase")
+    add_kdf_log_n(p)
+    p.add_argument("--password-file", metavar="FILE",
+                   help="read the new vault's passphrase from the first line of FILE (else "
+                        "CBT_PASSWORD_FILE, CBT_PASSWORD, or a prompt on a terminal, "
+                        "asked twice)")
     add_json(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from cbt.api import Vault
+    from cbt.core.crypto import KdfParams
 
-    v = Vault.init(args.vault)
+    what = f"the new vault {args.vault} is to be encrypted ({args.encryption})"
+    find = PassphraseFinder(args.vault, args.password_file, confirm=True, what=what,
+                            hint="; or make an unencrypted vault with --encryption none")
+    v = Vault.init(args.vault, encryption=args.encryption, passphrase=find,
+                   kdf=KdfParams(log_n=args.kdf_log_n))
+    key = v.key_slots()[0].id if v.encrypted else None
     if args.json:
         print_json({"vault": v.root, "format_version": v.config["format_version"],
                     "encryption": v.config["encryption"], "id_key": v.config["id_key"],
-                    "warnings": []})
-    else:
+                    "key": key, "warnings": []})
+    elif key is None:
         print(f"initialised cbt vault (format {v.config['format_version']}, unencrypted) in "
               f"{v.root}")
+    else:
+        print(f"initialised cbt vault (format {v.config['format_version']}, encrypted with "
+              f"{v.config['encryption']}, key {key}) in {v.root}")
+        print("  keep the passphrase safe: without it the vault cannot be read")
     return EXIT_OK

@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_OK, add_json, print_json
+from cbt.cli._common import EXIT_OK, add_json, add_password_file, open_vault, print_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("vault", metavar="VAULT", help="the vault")
     p.add_argument("--vm", metavar="NAME", help="only this VM's jobs")
+    add_password_file(p)
     add_json(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.api import Vault
     from cbt.repo.registry import list_jobs
 
-    jobs = [j.to_dict() for j in list_jobs(Vault.open(args.vault), args.vm)]
+    jobs = [j.to_dict() for j in list_jobs(open_vault(args), args.vm)]
     if args.json:
         print_json({"jobs": jobs, "warnings": []})
         return EXIT_OK

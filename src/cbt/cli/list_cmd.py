@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_OK, add_json, print_json
+from cbt.cli._common import EXIT_OK, add_json, add_password_file, open_vault, print_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("vault", metavar="VAULT", help="the vault")
     p.add_argument("--vm", metavar="NAME", help="only this VM's points")
+    add_password_file(p)
     add_json(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.api import Vault
     from cbt.core.sizes import human_bytes
 
-    points = Vault.open(args.vault).points(args.vm)
+    points = open_vault(args).points(args.vm)
     if args.json:
         print_json({"points": [p.summary() for p in points], "warnings": []})
         return EXIT_OK

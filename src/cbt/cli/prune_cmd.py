@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_OK, add_json, print_json
+from cbt.cli._common import EXIT_OK, add_json, add_password_file, open_vault, print_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,20 +26,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for a running backup to finish (default: fail)")
+    add_password_file(p)
     add_json(p)
 
 
 def run(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from cbt.api import Vault
     from cbt.core.timefmt import parse_now
     from cbt.jobs.config import load
     from cbt.jobs.retention import prune
 
     config = load(args.config)
     now = parse_now(args.now) if args.now else dt.datetime.now(dt.UTC)
-    result = prune(Vault.open(config.vault), config, now, args.dry_run, args.wait)
+    result = prune(open_vault(args, config.vault), config, now, args.dry_run, args.wait)
     if args.json:
         print_json(result.to_dict())
         return EXIT_OK

@@ -26,7 +26,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from cbt.cli._common import EXIT_OK, add_json, emit_warnings, print_json, workers_arg
+from cbt.cli._common import (
+    EXIT_OK,
+    add_json,
+    add_password_file,
+    emit_warnings,
+    open_vault,
+    print_json,
+    workers_arg,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,15 +55,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace existing target files")
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N",
                    help="worker processes (default: number of cores)")
+    add_password_file(p)
     add_json(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.api import Vault
     from cbt.cli._common import progress_bar
     from cbt.core.sizes import human_bytes
 
-    vault = Vault.open(args.vault)
+    vault = open_vault(args)
     # an instant restore has never shown a progress bar
     bar = contextlib.nullcontext(None) if args.instant else progress_bar("restore")
     with bar as progress:

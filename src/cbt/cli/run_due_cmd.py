@@ -16,7 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cbt.cli._common import EXIT_ERROR, EXIT_OK, add_json, print_json, workers_arg
+from cbt.cli._common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    add_json,
+    add_password_file,
+    password_file_to_env,
+    print_json,
+    workers_arg,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--now", metavar="ISO8601", help="the time to act at (default: now)")
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N",
                    help="worker processes (default: number of cores)")
+    add_password_file(p)
     add_json(p)
 
 
@@ -36,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from cbt.jobs.job import JobRequest, JobResult
     from cbt.jobs.scheduler import run_due
 
+    password_file_to_env(args)  # the jobs open the vault (JobRequest takes no passphrase yet)
     config = load(args.config)
     now = parse_now(args.now) if args.now else dt.datetime.now(dt.UTC)
 

@@ -4,26 +4,55 @@ POINT is an id, a unique prefix of one, or VM.latest.
 --json prints the point as in 'cbt list --json' plus "consistency_reason",
 "seconds", and per disk "changed_blocks", "bytes_read", "bytes_new",
 "bytes_stored", "path" and "blocks".
+
+With --manifest LABEL -o FILE.arrow it writes that disk's resolved manifest
+(full, its deltas applied) as a plain Arrow IPC file any Arrow tool reads
+(pyarrow, DuckDB, polars): columns block, digest, flags.  The digests are the
+vault's block ids, as the schema metadata says: cbt.digest_kind "blake3"
+(plain BLAKE3, as cbt scan -o writes) or "blake3-keyed" (an encrypted vault's
+keyed ids, comparable only within that vault), and cbt.vault_id.  The file
+holds the disk's path and block digests in the clear.
+--json then prints {"manifest","recovery_point","disk","blocks","block_size",
+"disk_size","digest_kind","vault_id","warnings"}.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from typing import TYPE_CHECKING
 
-from cbt.cli._common import EXIT_OK, add_json, print_json
+from cbt.cli._common import EXIT_OK, add_json, add_password_file, open_vault, print_json
+
+if TYPE_CHECKING:
+    from cbt.api import Vault
+    from cbt.format.records import PointRecord
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("vault", metavar="VAULT", help="the vault")
     p.add_argument("point", metavar="POINT", help="point id, unique prefix, or VM.latest")
+    p.add_argument("--manifest", metavar="LABEL",
+                   help="write this disk's resolved manifest to the -o file")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="with --manifest: the Arrow IPC file to write")
+    p.add_argument("--force", action="store_true", help="replace an existing -o file")
+    add_password_file(p)
     add_json(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.api import Vault
+    from cbt.core.errors import CbtValueError
     from cbt.core.sizes import format_size, human_bytes
 
-    p = Vault.open(args.vault).point(args.point)
+    if (args.manifest is None) != (args.output is None):
+        raise CbtValueError("--manifest LABEL and -o FILE go together")
+    if args.output is not None and not args.force and os.path.lexists(args.output):
+        raise CbtValueError(f"{args.output} exists (pass --force to replace it)")
+    vault = open_vault(args)
+    p = vault.point(args.point)
+    if args.manifest is not None:
+        return _export(vault, p, args)
     out = p.summary()
     out.update({"consistency_reason": p.consistency_reason, "seconds": p.seconds,
                 "disks": [d.public() for d in p.disks], "warnings": p.warnings})
@@ -37,4 +66,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"  disk {d.label}: {human_bytes(d.size)} from {d.path}, {d.blocks} blocks of "
               f"{format_size(d.block_size)}, {d.changed_blocks} changed, "
               f"new {human_bytes(d.bytes_new)}, stored {human_bytes(d.bytes_stored)}")
+    return EXIT_OK
+
+
+def _export(vault: Vault, point: PointRecord, args: argparse.Namespace) -> int:
+    """Write one disk's resolved manifest, saying whose digests it holds."""
+    from cbt.format.manifest import DIGEST_KIND, PLAIN_DIGESTS, VAULT_ID, Manifest
+
+    m = vault.resolve(point, args.manifest)
+    kind = PLAIN_DIGESTS if vault.id_key is None else str(vault.config["id_key"])
+    out = Manifest(m.block_size, m.disk_size, m.digests, m.flags, source=m.source,
+                   created=m.created,
+                   metadata={DIGEST_KIND: kind, VAULT_ID: str(vault.config["id"]),
+                             "cbt.recovery_point": point.id, "cbt.disk": args.manifest})
+    out.write(args.output)
+    if args.json:
+        print_json({"manifest": os.path.abspath(args.output), "recovery_point": point.id,
+                    "disk": args.manifest, "blocks": out.blocks, "block_size": out.block_size,
+                    "disk_size": out.disk_size, "digest_kind": kind,
+                    "vault_id": vault.config["id"], "warnings": []})
+    else:
+        print(f"wrote the manifest of disk {args.manifest} of {point.id} to {args.output}: "
+              f"{out.blocks} blocks, digests {kind}")
     return EXIT_OK

@@ -21,7 +21,15 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_ERROR, EXIT_OK, add_json, emit_warnings, print_json
+from cbt.cli._common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    add_json,
+    add_password_file,
+    emit_warnings,
+    open_vault,
+    print_json,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,17 +39,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also read and re-hash every stored block")
     p.add_argument("--repair", action="store_true",
                    help="rebuild the index from the packs, then verify")
+    add_password_file(p)
     add_json(p)
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from cbt.api import Vault
     from cbt.core.sizes import human_bytes
     from cbt.ops.verify import RepairResult, VerifyResult, repair, verify
 
-    vault = Vault.open(args.vault)
+    vault = open_vault(args)
     result: VerifyResult | RepairResult
     if args.repair:
         result = repair(vault)

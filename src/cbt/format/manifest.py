@@ -19,6 +19,12 @@ DuckDB, polars)::
     cbt.kind             "full" (or "delta" inside a vault: only changed rows)
     cbt.checksum         BLAKE3 hex over kind, sizes and every column
 
+A manifest exported from an encrypted vault (``cbt show --manifest -o``) says
+whose ids its digests are: ``cbt.digest_kind`` "blake3-keyed" (the vault's
+keyed BLAKE3 block ids) and ``cbt.vault_id``; without it the digests are plain
+BLAKE3 ("blake3"), as every ``cbt scan -o`` manifest's.  Only manifests of one
+digest kind (and one vault) compare.
+
 Every reader checks all of it; a file that fails any check is a
 :class:`~cbt.errors.CorruptManifestError`, never a silently wrong manifest.
 Writes go through :mod:`cbt.durable` (temporary name, fsync, rename).
@@ -43,6 +49,10 @@ MAGIC = "cbt-manifest"
 FORMAT_VERSION = 1
 ARROW_FILE_MAGIC = b"ARROW1"
 ROWS_PER_BATCH = 1 << 20
+
+DIGEST_KIND = "cbt.digest_kind"
+VAULT_ID = "cbt.vault_id"
+PLAIN_DIGESTS = "blake3"
 
 DATA, ZERO, HOLE = fast.FLAG_DATA, fast.FLAG_ZERO, fast.FLAG_HOLE
 
@@ -83,6 +93,11 @@ class Manifest:
     @property
     def hole_blocks(self) -> int:
         return self.count(HOLE)
+
+    @property
+    def digest_kind(self) -> str:
+        """``blake3`` (plain digests) or the kind of a vault's keyed ids (``cbt.digest_kind``)."""
+        return self.metadata.get(DIGEST_KIND, PLAIN_DIGESTS)
 
     def digest_checksum(self) -> str:
         return blake3.blake3(np.ascontiguousarray(self.digests).data).hexdigest()
@@ -391,6 +406,19 @@ def _digest_array(col: Any, n: int) -> npt.NDArray[np.uint8]:
     flat = np.frombuffer(buf, dtype=np.uint8)
     start = col.offset * fast.DIGEST_SIZE
     return flat[start:start + n * fast.DIGEST_SIZE].reshape(n, fast.DIGEST_SIZE)
+
+
+def manifest_file_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """A manifest file's schema metadata only (no rows read, nothing checked)."""
+    import pyarrow as pa
+
+    p = os.fspath(path)
+    try:
+        with pa.memory_map(p) as source:
+            reader = pa.ipc.open_file(source)  # .schema: what schema_metadata reads
+    except (pa.ArrowException, OSError) as exc:
+        raise CorruptManifestError(f"corrupt manifest {p}: {exc}") from None
+    return schema_metadata(reader, p)
 
 
 def is_manifest_file(path: str | os.PathLike[str]) -> bool:
