@@ -35,8 +35,8 @@ from cbt.cli._common import (
     EXIT_OK,
     add_json,
     add_password_file,
+    finder,
     open_vault,
-    password_file_to_env,
     print_json,
     size_arg,
     workers_arg,
@@ -109,8 +109,8 @@ def _run_config(args: argparse.Namespace) -> int:
     from cbt.jobs.config import load
     from cbt.jobs.job import JobRequest, run_vm
 
-    password_file_to_env(args)  # the jobs open the vault (JobRequest takes no passphrase yet)
     config = load(args.config)
+    find = finder(args, config.vault)  # one finder: asked (or read) once for every VM
     if args.vm is not None and args.vm not in config.vms:
         from cbt.core.errors import CbtValueError
 
@@ -120,7 +120,8 @@ def _run_config(args: argparse.Namespace) -> int:
     for name in names:
         with _progress(args, list(config.vms[name].disks)) as progress:
             result = run_vm(config, name, JobRequest(workers=args.workers, progress=progress,
-                                                     wait=args.wait, created=_created(args)))
+                                                     wait=args.wait, created=_created(args),
+                                                     passphrase=find))
         if result.point is None:
             code = EXIT_ERROR
             sys.stderr.write(f"cbt: error: VM {name}: {result.error}\n")

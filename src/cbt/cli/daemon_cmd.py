@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import add_password_file, password_file_to_env, workers_arg
+from cbt.cli._common import add_password_file, finder, workers_arg
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,11 +27,10 @@ def run(args: argparse.Namespace) -> int:
     from cbt.jobs.config import load
     from cbt.jobs.scheduler import daemon
 
-    password_file_to_env(args)  # the jobs open the vault (the scheduler takes no passphrase yet)
     config = load(args.config)
 
     def log(line: str) -> None:
         sys.stdout.write(f"{rfc3339(dt.datetime.now(dt.UTC))} {line}\n")
         sys.stdout.flush()
 
-    return daemon(config, log, workers=args.workers)
+    return daemon(config, log, workers=args.workers, passphrase=finder(args, config.vault))

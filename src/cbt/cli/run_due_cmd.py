@@ -21,7 +21,7 @@ from cbt.cli._common import (
     EXIT_OK,
     add_json,
     add_password_file,
-    password_file_to_env,
+    finder,
     print_json,
     workers_arg,
 )
@@ -45,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
     from cbt.jobs.job import JobRequest, JobResult
     from cbt.jobs.scheduler import run_due
 
-    password_file_to_env(args)  # the jobs open the vault (JobRequest takes no passphrase yet)
     config = load(args.config)
     now = parse_now(args.now) if args.now else dt.datetime.now(dt.UTC)
 
@@ -61,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
             _print_point(result.point, result.snapshots)
 
     with _progress(args, [label for v in config.vms.values() for label in v.disks]) as progress:
-        summary = run_due(config, now, JobRequest(workers=args.workers, progress=progress),
+        summary = run_due(config, now, JobRequest(workers=args.workers, progress=progress,
+                                                passphrase=finder(args, config.vault)),
                           on_result=on_result)
     code = EXIT_OK if summary.ok else EXIT_ERROR
     if args.json:
