@@ -76,12 +76,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.vault or not args.vm or not args.disks:
         raise CbtValueError("give VAULT --vm NAME DISK [DISK ...], or --config FILE")
     specs = [parse_disk_arg(d) for d in args.disks]
-    # first thing: hash the disks of an incremental backup while the rest loads
-    early = start_early_scan(args.vault, args.vm, specs, args.block_size, args.workers)
-    try:
-        from cbt.api import Vault
+    from cbt.api import Vault
 
-        vault = Vault.open(args.vault)
+    vault = Vault.open(args.vault)  # (an encrypted vault's scan needs its id key)
+    # first thing: hash the disks of an incremental backup while the rest loads
+    early = start_early_scan(vault, args.vm, specs, args.block_size, args.workers)
+    try:
         with _progress(args, [s.label for s in specs]) as progress:
             point = vault.backup(args.vm, specs, block_size=args.block_size,
                                  workers=args.workers, progress=progress, wait=args.wait,
