@@ -281,3 +281,27 @@ def test_diff_point_against_scan_manifest_is_an_error_saying_why(
     with pytest.raises(ValueError, match="one vault is encrypted"):
         cbt_api.diff(f"{tmp_path / 'plain'}::{p.id}/os", f"{v.root}::{ids[1]}/os",
                      passphrase=PASSWORD)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_executor_workers_reopen_the_encrypted_vault_from_its_spec(tmp_path: Path,
+                                                                   context: str) -> None:
+    """Pool processes get the vault's spec (its keys included, no passphrase): a spawned
+    one shares nothing with this process, yet stores keyed ids and sealed blobs, and
+    deduplicates against the sealed index it loads itself."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    disk = fs_image(tmp_path / "os.img", SIZE, 71)
+    v = _encrypted(tmp_path / "v")
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(context)) as pool:
+        first = v.backup("vm", [disk], block_size=BS, workers=2, executor=pool)
+        copy0 = keep_copy(disk, tmp_path / "os.0.img")
+        _change(disk, 72)
+        second = v.backup("vm", [disk], block_size=BS, workers=2, executor=pool)
+    assert first.bytes_new == sum(_ids(read(copy0), BS, v.id_key).values())
+    assert second.bytes_new == 3 * BS
+    assert _stored(tmp_path / "v") == {**_ids(read(copy0), BS, v.id_key),
+                                       **_ids(read(disk), BS, v.id_key)}
+    v.restore(second.id, tmp_path / "out")
+    assert sha256(tmp_path / "out" / "os.img") == sha256(disk)
