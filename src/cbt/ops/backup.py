@@ -13,12 +13,13 @@ A :class:`BackupRequest` says what to back up and how; :func:`backup` runs it:
    take the digests of an early scan that covers it; cut the disks into
    shards of about equal bytes (:func:`cbt.source.plan.plan_shards`).
 3. Transfer (:func:`transfer`): one worker per shard, forked or on any
-   ``concurrent.futures.Executor``.  A worker is handed the storage's spec and
-   the run's index (:class:`WorkerVault`), reopens its disk from the source's
-   spec, runs the one hash loop (:func:`cbt.source.read.hash_shard`), looks
-   each window's digests up in the index in one vectorised call, and appends
-   the missing blocks, compressed, to packs of a few MiB that a thread of its
-   own writes durably as they fill.
+   ``concurrent.futures.Executor``.  A worker is handed the vault's spec (its
+   keys included: no passphrase, no key derivation) and the run's index
+   (:class:`WorkerVault`), reopens its disk from the source's spec, runs the
+   one hash loop (:func:`cbt.source.read.hash_shard`), looks each window's
+   digests up in the index in one vectorised call, and appends the missing
+   blocks, compressed, to packs of a few MiB that a thread of its own writes
+   durably as they fill.
 4. Commit (:func:`commit`): assemble each disk's manifest; count the blocks
    that differ from the disk's previous point (``cbt diff`` rules); write a
    full manifest (first backup) or a delta against the skip-chain base (see
@@ -26,6 +27,14 @@ A :class:`BackupRequest` says what to back up and how; :func:`backup` runs it:
    packs (one entry per digest, however many workers raced to store it) and
    the point record: its rename is the commit.  A crash anywhere before
    leaves earlier points untouched.
+
+In an encrypted vault a block's id (its digest everywhere: manifests, index,
+packs) is its keyed BLAKE3 under the vault's id key, also when a block read
+live is hashed again as it is copied; every blob is sealed as it is packed
+(:class:`~cbt.format.pack.PackWriter` with the vault's cipher), and the
+manifests, index segments and point record are sealed under the vault's
+names (``vault.manifest_name``, ``segment_name``, ``point_name``).  A
+manifest's checksum in the point record is of the bytes stored.
 """
 
 from __future__ import annotations
