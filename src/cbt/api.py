@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
+from cbt.repo.keys import Passphrase
 from cbt.repo.vault import NotAVaultError, VaultVersionError
 from cbt.repo.vault import Vault as _RepoVault
 from cbt.source.disks import DiskSpec, parse_disk_arg
@@ -84,14 +85,16 @@ def scan(path: str | os.PathLike[str], block_size: int = DEFAULT_BLOCK_SIZE,
 
 
 def diff(a: Source, b: Source, block_size: int | None = None, workers: int | None = None,
-         progress: Callable[[int, int], None] | None = None) -> ChangeSet | PointDiff:
+         progress: Callable[[int, int], None] | None = None,
+         passphrase: Passphrase | None = None) -> ChangeSet | PointDiff:
     """Changed blocks between two images, devices, manifests or points.
 
-    See :func:`cbt.ops.diff.diff`.
+    ``passphrase`` unlocks an encrypted vault named as ``VAULT::POINT`` (None:
+    from ``CBT_PASSWORD_FILE`` or ``CBT_PASSWORD``).  See :func:`cbt.ops.diff.diff`.
     """
     from cbt.ops.diff import diff as _diff
 
-    return _diff(a, b, block_size, workers, progress)
+    return _diff(a, b, block_size, workers, progress, passphrase)
 
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "NotAVaultError", "Vault", "VaultVersionError", "diff", "scan"]

@@ -67,6 +67,8 @@ def _backup(vault: cbt.Vault, spec: DiskSpec, early: Any, wait: float = 0.0) -> 
 class _Finished:
     """An early scan that has already finished (so a test can change the disk after it)."""
 
+    key = None  # plain BLAKE3 digests, as the unencrypted vaults here name blocks
+
     def __init__(self, scans: list[BlockScan]) -> None:
         self.scans = scans
 

@@ -87,9 +87,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.vault or not args.vm or not args.disks:
         raise CbtValueError("give VAULT --vm NAME DISK [DISK ...], or --config FILE")
     specs = [parse_disk_arg(d) for d in args.disks]
-    vault = open_vault(args)
+    vault = open_vault(args)  # (an encrypted vault's scan needs its id key)
     # first thing: hash the disks of an incremental backup while the rest loads
-    early = start_early_scan(args.vault, args.vm, specs, args.block_size, args.workers)
+    early = start_early_scan(vault, args.vm, specs, args.block_size, args.workers)
     try:
         with _progress(args, [s.label for s in specs]) as progress:
             point = vault.backup(args.vm, specs, block_size=args.block_size,

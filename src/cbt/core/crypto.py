@@ -58,6 +58,9 @@ class Cipher:
         self.algorithm = algorithm
         self._key = key
         self._aead = _aead(algorithm, key)
+        from cryptography.exceptions import InvalidTag
+
+        self._invalid_tag = InvalidTag  # (imported once: open runs for every block restored)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Cipher, (self.algorithm, self._key))
@@ -70,12 +73,10 @@ class Cipher:
         view = memoryview(sealed)
         if len(view) < OVERHEAD:
             raise AuthenticationError("sealed data truncated")
-        from cryptography.exceptions import InvalidTag
-
         try:
             return self._aead.decrypt(  # type: ignore[no-any-return]
                 bytes(view[:NONCE_SIZE]), view[NONCE_SIZE:], aad)
-        except InvalidTag:
+        except self._invalid_tag:
             raise AuthenticationError("authentication failed") from None
 
 

@@ -13,12 +13,13 @@ A :class:`BackupRequest` says what to back up and how; :func:`backup` runs it:
    take the digests of an early scan that covers it; cut the disks into
    shards of about equal bytes (:func:`cbt.source.plan.plan_shards`).
 3. Transfer (:func:`transfer`): one worker per shard, forked or on any
-   ``concurrent.futures.Executor``.  A worker is handed the storage's spec and
-   the run's index (:class:`WorkerVault`), reopens its disk from the source's
-   spec, runs the one hash loop (:func:`cbt.source.read.hash_shard`), looks
-   each window's digests up in the index in one vectorised call, and appends
-   the missing blocks, compressed, to packs of a few MiB that a thread of its
-   own writes durably as they fill.
+   ``concurrent.futures.Executor``.  A worker is handed the vault's spec (its
+   keys included: no passphrase, no key derivation) and the run's index
+   (:class:`WorkerVault`), reopens its disk from the source's spec, runs the
+   one hash loop (:func:`cbt.source.read.hash_shard`), looks each window's
+   digests up in the index in one vectorised call, and appends the missing
+   blocks, compressed, to packs of a few MiB that a thread of its own writes
+   durably as they fill.
 4. Commit (:func:`commit`): assemble each disk's manifest; count the blocks
    that differ from the disk's previous point (``cbt diff`` rules); write a
    full manifest (first backup) or a delta against the skip-chain base (see
@@ -26,6 +27,14 @@ A :class:`BackupRequest` says what to back up and how; :func:`backup` runs it:
    packs (one entry per digest, however many workers raced to store it) and
    the point record: its rename is the commit.  A crash anywhere before
    leaves earlier points untouched.
+
+In an encrypted vault a block's id (its digest everywhere: manifests, index,
+packs) is its keyed BLAKE3 under the vault's id key, also when a block read
+live is hashed again as it is copied; every blob is sealed as it is packed
+(:class:`~cbt.format.pack.PackWriter` with the vault's cipher), and the
+manifests, index segments and point record are sealed under the vault's
+names (``vault.manifest_name``, ``segment_name``, ``point_name``).  A
+manifest's checksum in the point record is of the bytes stored.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import errno
 import functools
 import mmap
 import os
+import threading
 import time
 import uuid
 import weakref
@@ -49,6 +59,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cbt.core.crypto import Cipher
 from cbt.core.durable import prepare_crash_counter
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 from cbt.core.native import fast
@@ -58,19 +69,12 @@ from cbt.core.timefmt import utc_now
 from cbt.format.index_segment import segment_bytes
 from cbt.format.manifest import Manifest
 from cbt.format.pack import TARGET_PACK_SIZE, PackWriter, pack_name
-from cbt.format.records import (
-    DiskRecord,
-    PointRecord,
-    check_name,
-    manifest_name,
-    new_point_id,
-    point_name,
-)
+from cbt.format.records import DiskRecord, PointRecord, check_name, new_point_id
 from cbt.ops.diff import diff_manifests
 from cbt.repo import index as index_mod
 from cbt.repo.lock import gc_lock, writer_lock
-from cbt.repo.storage import Storage, StorageSpec, open_storage
-from cbt.repo.vault import Vault
+from cbt.repo.storage import Storage, StorageSpec
+from cbt.repo.vault import Vault, VaultSpec
 from cbt.source.base import SourceSpec
 from cbt.source.disks import DiskSpec
 from cbt.source.image import open_source
@@ -248,7 +252,9 @@ def plan(vault: Vault, request: BackupRequest) -> Plan:
     disks = [_plan_disk(prev, spec, request.block_size) for spec in request.disks]
     early = request.early
     if early is not None:
-        if request.executor is None:  # (its results live in shared memory: forked workers only)
+        # (its results live in shared memory: forked workers only; and its digests must
+        # be the vault's block ids: keyed BLAKE3 in an encrypted vault)
+        if request.executor is None and early.key == vault.id_key:
             _take_early_scan(early, disks, request)
         early.cancel()
     workers = request.workers or default_workers()
@@ -313,34 +319,41 @@ def _take_early_scan(early: PendingScan, disks: list[PlannedDisk], request: Back
 
 
 class WorkerVault:
-    """What a worker is handed of the vault: its storage's spec and the run's index.
+    """What a worker is handed of the vault: its spec (keys included) and the run's index.
 
     Made once per run.  Forked workers and threads share the parent's loaded
-    index; pickled for a worker process, it carries only the spec and the
-    index's identity (its segments), and the worker loads the index itself,
-    once per process and run (:func:`_worker_vault`).
+    index; pickled for a worker process, it carries only the vault's spec and
+    the index's identity (its segments), and the worker reopens the vault from
+    the spec (no passphrase, no key derivation) and loads the index through it
+    (unsealing an encrypted vault's segments), once per process and run
+    (:func:`_worker_vault`).
     """
 
-    def __init__(self, storage: StorageSpec, token: tuple[str, ...],
+    def __init__(self, spec: VaultSpec, token: tuple[str, ...],
                  cache: index_mod.IndexCache | None = None) -> None:
-        self.storage = storage
+        self.spec = spec
         self.token = token
         self._cache = cache or index_mod.IndexCache()
+        self._vault: Vault | None = None
 
     @classmethod
     def of(cls, vault: Vault, index: index_mod.Index) -> WorkerVault:
-        made = cls(vault.storage.spec(), index.token(), index_mod.IndexCache(index))
-        _LOADED[(made.storage, made.token)] = made
+        made = cls(vault.spec(), index.token(), index_mod.IndexCache(index))
+        _LOADED[(made.spec.storage, made.token)] = made
         return made
 
-    def open_storage(self) -> Storage:
-        return open_storage(self.storage)
+    def vault(self) -> Vault:
+        """The vault, reopened from its spec (once per WorkerVault)."""
+        if self._vault is None:
+            self._vault = Vault.from_spec(self.spec)
+        return self._vault
 
     def index(self) -> index_mod.Index:
-        return self._cache.get(self.open_storage(), self.token)
+        vault = self.vault()
+        return self._cache.get(vault.storage, self.token, vault.load_index)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_worker_vault, (self.storage, self.token))
+        return (_worker_vault, (self.spec, self.token))
 
 
 # The runs' WorkerVaults with their loaded index, by (storage, index): a pool process
@@ -348,14 +361,23 @@ class WorkerVault:
 # an input: a worker that finds nothing loads the index itself.
 _LOADED: weakref.WeakValueDictionary[tuple[StorageSpec, tuple[str, ...]], WorkerVault] = (
     weakref.WeakValueDictionary())
+# A worker process's last unpickled WorkerVault (see _worker_vault)
+_LAST: dict[tuple[StorageSpec, tuple[str, ...]], WorkerVault] = {}
+_LAST_MUTEX = threading.Lock()
 
 
-@functools.lru_cache(maxsize=1)
-def _worker_vault(storage: StorageSpec, token: tuple[str, ...]) -> WorkerVault:
-    """A worker process's copy of a run's WorkerVault: one per (storage, index), so the
+def _worker_vault(spec: VaultSpec, token: tuple[str, ...]) -> WorkerVault:
+    """A worker process's copy of a run's WorkerVault: one per (vault, index), so the
     shards of one run on one process load the index once (none at all when the pool
     process was forked from the run's, which had it loaded)."""
-    return _LOADED.get((storage, token)) or WorkerVault(storage, token)
+    key = (spec.storage, token)
+    with _LAST_MUTEX:
+        found = _LAST.get(key)
+        if found is None:
+            found = _LOADED.get(key) or WorkerVault(spec, token)
+            _LAST.clear()
+            _LAST[key] = found
+        return found
 
 
 def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardResult]:
@@ -451,15 +473,18 @@ def _transfer_shard(worker_vault: WorkerVault, shard: ShardTask, report: Report)
     """Hash a shard's blocks and store those the vault lacks (runs in a worker)."""
     started = time.perf_counter()
     bs = shard.block_size
+    vault = worker_vault.vault()
     index = worker_vault.index()
+    cipher = vault.keys.cipher if vault.keys is not None else None
     digests = np.zeros((shard.blocks, fast.DIGEST_SIZE), dtype=np.uint8)
     flags = np.zeros(shard.blocks, dtype=np.uint8)
     # (an early scan's digest is older than the bytes read now, snapshot or not: a
     # stored block is hashed again as it is copied, as on a live disk)
-    store = _Store(index, bs, rehash=shard.source.live or shard.prehash is not None)
-    with open_source(shard.source) as source, _PackSink(worker_vault.open_storage()) as sink:
+    store = _Store(index, bs, rehash=shard.source.live or shard.prehash is not None,
+                   id_key=vault.id_key)
+    with open_source(shard.source) as source, _PackSink(vault.storage, cipher) as sink:
         rows = hash_shard(source, bs, shard.ranges, digests.reshape(-1).data, flags.data, report,
-                          packed=True, prehashed=shard.prehash)
+                          packed=True, prehashed=shard.prehash, key=vault.id_key)
         with closing(rows):
             for at, window in rows:
                 n = fast.nblocks(len(window), bs)
@@ -484,10 +509,12 @@ def _transfer_shard(worker_vault: WorkerVault, shard: ShardTask, report: Report)
 class _Store:
     """Which blocks of a window a shard stores: data blocks the index lacks, each once."""
 
-    def __init__(self, index: index_mod.Index, block_size: int, rehash: bool) -> None:
+    def __init__(self, index: index_mod.Index, block_size: int, rehash: bool,
+                 id_key: bytes | None = None) -> None:
         self.index = index
         self.block_size = block_size
         self.rehash = rehash
+        self.id_key = id_key  # an encrypted vault's block ids are keyed BLAKE3
         self.seen: set[bytes] = set()  # digests this shard stored
 
     def missing(self, sink: _PackSink, digests: npt.NDArray[np.uint8],
@@ -507,25 +534,29 @@ class _Store:
                 with block:
                     sink.add(d, block)
                 continue
-            actual = _add_live(sink, digests, flags, row, block, d)
+            actual = _add_live(sink, digests, flags, row, block, d, self.id_key)
             if actual != d:  # changed under us: d itself was not stored
                 self.seen.discard(d)
                 self.seen.add(actual)
 
 
 def _add_live(sink: _PackSink, digests: npt.NDArray[np.uint8], flags: npt.NDArray[np.uint8],
-              row: int, block_view: memoryview, digest: bytes) -> bytes:
+              row: int, block_view: memoryview, digest: bytes,
+              id_key: bytes | None = None) -> bytes:
     """Store a block of a disk read live: copy it, and record what the copy holds.
 
     The disk may have been written since the window was hashed; the point then
     records the block as copied (a live read is crash-consistent at best), so
-    the stored bytes always match the manifest's digest.
+    the stored bytes always match the manifest's digest (the block's id: keyed
+    with ``id_key`` in an encrypted vault).
     """
     import blake3
 
     with block_view:
         block = bytes(block_view)
-    actual = blake3.blake3(block).digest()
+    hasher = blake3.blake3() if id_key is None else blake3.blake3(key=id_key)
+    hasher.update(block)
+    actual = hasher.digest()
     if actual != digest:
         if block.count(0) == len(block):
             digests[row] = 0
@@ -543,9 +574,10 @@ class _PackSink:
     at most PACKS_IN_FLIGHT full packs wait in memory for it.
     """
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, cipher: Cipher | None = None) -> None:
         self._storage = storage
-        self._writer = PackWriter()
+        self._cipher = cipher  # an encrypted vault's: every blob sealed
+        self._writer = PackWriter(cipher=cipher)
         self._putter = ThreadPoolExecutor(max_workers=1)
         self._in_flight: deque[tuple[Future[None], PackWriter]] = deque()
         self._entries: list[_Entry] = []
@@ -562,7 +594,7 @@ class _PackSink:
         return self._entries
 
     def _flush(self) -> None:
-        writer, self._writer = self._writer, PackWriter()
+        writer, self._writer = self._writer, PackWriter(cipher=self._cipher)
         if writer.entries:
             self._settle(PACKS_IN_FLIGHT - 1)
             put = self._putter.submit(self._storage.put, pack_name(writer.pack_id),
@@ -606,7 +638,7 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
         index = _after_gc(vault, planned, new["digests"])
         _write_segment(vault, point_id, new, index)
         record.seconds = round(time.perf_counter() - started, 6)
-        vault.storage.put(point_name(point_id), record.to_json())
+        vault.put_sealed("point", vault.point_name(point_id), record.to_json())
     _maybe_merge_segments(vault)
     return record
 
@@ -642,20 +674,21 @@ def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk
         base_point = vault.chain_base(vm, d.spec.label, d.seq)
     else:
         changed, base_point = manifest.blocks, None
-    name = manifest_name(point_id, d.spec.label)
+    name = vault.manifest_name(point_id, d.spec.label)
     if base_point is not None:
         delta = manifest.delta_from(vault.resolve(base_point, d.spec.label))
         delta.metadata = {"cbt.base": base_point.id, "cbt.seq": str(d.seq)}
         data = delta.to_bytes()
     else:
         data = manifest.to_bytes()
-    vault.storage.put(name, data)
+    stored = vault.seal("manifest", name, data)  # (the checksum is of what is stored)
+    vault.storage.put(name, stored)
     return DiskRecord(
         label=d.spec.label, path=path, size=d.size, block_size=d.block_size,
         blocks=manifest.blocks, changed_blocks=changed, bytes_read=d.bytes_read,
         bytes_new=d.bytes_new, bytes_stored=d.bytes_stored,
         seconds=round(d.seconds + (d.early.seconds if d.early else 0.0), 6),
-        manifest=name, manifest_checksum=blake3.blake3(data).hexdigest(),
+        manifest=name, manifest_checksum=blake3.blake3(stored).hexdigest(),
         seq=d.seq if base_point is not None else 0,
         base=base_point.id if base_point is not None else None)
 
@@ -671,7 +704,7 @@ def _after_gc(vault: Vault, planned: Plan,
     """
     from cbt.repo.trash import rescue
 
-    current = {s for s in vault.storage.list("index") if s.endswith(".arrow")}
+    current = set(vault.segment_names())
     if current == set(planned.index.segments):
         return planned.index
     fresh = vault.load_index()
@@ -722,16 +755,17 @@ def _write_segment(vault: Vault, point_id: str, new: dict[str, Any],
     if not any(len(v) for v in parts["offset"]):
         return
     entries = {k: np.concatenate(v) for k, v in parts.items()}
-    vault.storage.put(f"index/{point_id}.arrow", segment_bytes(entries))
+    vault.put_sealed("index", vault.segment_name(point_id), segment_bytes(entries))
 
 
 def _maybe_merge_segments(vault: Vault) -> None:
     """Merge many segments into one (after the commit; duplicates are harmless)."""
-    segments = [s for s in vault.storage.list("index") if s.endswith(".arrow")]
+    segments = vault.segment_names()
     if len(segments) < index_mod.MERGE_AT:
         return
     index = vault.load_index()
     entries = index_mod.entries_for_packs(index, set(index.pack_ids))
-    vault.storage.put(f"index/merged-{uuid.uuid4().hex}.arrow", segment_bytes(entries))
+    vault.put_sealed("index", vault.segment_name(f"merged-{uuid.uuid4().hex}"),
+                     segment_bytes(entries))
     for s in segments:
         vault.storage.delete(s)

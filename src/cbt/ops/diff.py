@@ -17,6 +17,13 @@ How the bytes are compared depends on the inputs:
 - an image and a manifest: the image is scanned with the manifest's block size,
   then digests are compared;
 - two manifests: digests only (same block size required).
+
+Digests must be of one kind to be compared.  An encrypted vault's block ids
+are keyed BLAKE3 (the vault's secret id key): its points compare with each
+other, and an image compared with one of its points is hashed with the same
+key; a manifest written by ``cbt scan -o`` holds plain BLAKE3, which no keyed
+id can match, so comparing it with an encrypted vault's point is an error
+that says why (as is comparing points of two vaults keyed differently).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from cbt.core.parallel import Report, fork_map, shared_array
 from cbt.core.sizes import format_size
 from cbt.format.manifest import Manifest, is_manifest_file
 from cbt.format.records import PointRecord
+from cbt.repo.keys import Passphrase
 from cbt.repo.vault import Vault
 from cbt.source.base import BlockSource
 from cbt.source.image import open_image
@@ -167,20 +175,52 @@ def parse_point_ref(text: str) -> tuple[str, str, str | None] | None:
     return vault, point, (label if slash else None)
 
 
-def _load(src: Source) -> Manifest | str | PointRef:
+@dataclass
+class _Side:
+    """One side of a diff as loaded: a manifest, an image's path, or a whole point."""
+
+    value: Manifest | str | PointRef
+    name: str  # as the user named it, for messages
+    key: bytes | None = None  # the key of its digests (an encrypted vault's ids); None: plain
+    vault: str | None = None  # the vault it comes from, if any
+
+
+def _load(src: Source, passphrase: Passphrase | None, opened: dict[str, Vault]) -> _Side:
+    """Load one side; a vault named twice is opened (and unlocked) once, in ``opened``."""
     if isinstance(src, Manifest):
-        return src
+        return _Side(src, "the manifest given")
     p = os.fspath(src)
     ref = parse_point_ref(p)
     if ref is not None:
-        vault = Vault.open(ref[0])
+        vault = opened.get(ref[0])
+        if vault is None:
+            vault = opened[ref[0]] = Vault.open(ref[0], passphrase)
         point = vault.point(ref[1])
-        if ref[2] is None:
-            return PointRef(vault, point)
-        return vault.resolve(point, ref[2])
+        value: Manifest | PointRef = (PointRef(vault, point) if ref[2] is None
+                                      else vault.resolve(point, ref[2]))
+        return _Side(value, p, vault.id_key, ref[0])
     if os.path.isfile(p) and is_manifest_file(p):
-        return Manifest.read(p)
-    return p
+        return _Side(Manifest.read(p), p)
+    return _Side(p, p)
+
+
+def _common_key(a: _Side, b: _Side) -> bytes | None:
+    """The key both sides' digests are keyed with (None: plain BLAKE3), to hash an image
+    with; an error when their digests cannot be compared."""
+    sides = [s for s in (a, b) if not isinstance(s.value, str)]  # (an image: hashed to fit)
+    if len({s.key for s in sides}) <= 1:
+        return sides[0].key if sides else None
+    plain = [s for s in sides if s.key is None]
+    if plain and plain[0].vault is None:
+        raise CbtValueError(f"{plain[0].name} holds plain BLAKE3 digests; the encrypted "
+                            "vault's ids are keyed: diff the point against the image instead")
+    if plain:
+        raise CbtValueError(f"{a.name} and {b.name}: one vault is encrypted (its block ids "
+                            "are keyed), the other not, so their digests cannot be compared: "
+                            "diff a point against an image instead")
+    raise CbtValueError(f"{a.name} and {b.name} are points of two encrypted vaults whose block "
+                        "ids are keyed differently, so their digests cannot be compared: diff "
+                        "a point against an image instead")
 
 
 @dataclass
@@ -247,17 +287,24 @@ def diff_points(a: PointRef, b: PointRef) -> PointDiff:
 
 
 def diff(a: Source, b: Source, block_size: int | None = None, workers: int | None = None,
-         progress: Progress | None = None) -> ChangeSet | PointDiff:
+         progress: Progress | None = None,
+         passphrase: Passphrase | None = None) -> ChangeSet | PointDiff:
     """Changed blocks between two sources, each an image, a device, a manifest
     file, a :class:`Manifest`, or a point's disk ``VAULT::POINT/LABEL``: a
     :class:`ChangeSet`.  Two whole points ``VAULT::POINT``: a :class:`PointDiff`.
 
     ``block_size`` applies to images; a manifest's own block size wins (with a
-    warning when it differs from an explicit ``block_size``).
+    warning when it differs from an explicit ``block_size``).  ``passphrase``
+    unlocks an encrypted vault named (None: from the environment); an image
+    compared with its point is hashed with the vault's keyed block ids.  A
+    :class:`Manifest` given as such is taken to hold plain BLAKE3 digests.
     """
     if block_size is not None:
         fast.check_block_size(block_size)
-    la, lb = _load(a), _load(b)
+    opened: dict[str, Vault] = {}
+    sa, sb = _load(a, passphrase, opened), _load(b, passphrase, opened)
+    key = _common_key(sa, sb)
+    la, lb = sa.value, sb.value
     if isinstance(la, PointRef) or isinstance(lb, PointRef):
         if not (isinstance(la, PointRef) and isinstance(lb, PointRef)):
             raise CbtValueError("a whole point (VAULT::POINT) can only be compared with another "
@@ -272,8 +319,8 @@ def diff(a: Source, b: Source, block_size: int | None = None, workers: int | Non
     if block_size is not None and any(m.block_size != block_size for m in manifests):
         warnings.append(f"--block-size {format_size(block_size)} ignored: the manifest's "
                         f"block size {format_size(bs)} wins")
-    ma = la if isinstance(la, Manifest) else scan(la, bs, workers, progress)
-    mb = lb if isinstance(lb, Manifest) else scan(lb, bs, workers, progress)
+    ma = la if isinstance(la, Manifest) else scan(la, bs, workers, progress, key=key)
+    mb = lb if isinstance(lb, Manifest) else scan(lb, bs, workers, progress, key=key)
     result = diff_manifests(ma, mb)
     result.warnings[:0] = warnings
     return result

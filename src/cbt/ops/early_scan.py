@@ -8,8 +8,12 @@ only the blocks the vault lacks.  A disk (or a snapshot) may change meanwhile,
 as a live disk may during any read: each block is recorded as it was when it
 was read, and a block that is stored is hashed again as it is copied.  The
 backup drops the early scan, and hashes as usual, when it waited more than a
-second for the vault's lock (the scan would be too old) or when the scan
-failed.
+second for the vault's lock (the scan would be too old), when the scan failed,
+or when its digests are not keyed as the vault's block ids are.
+
+An encrypted vault's block ids are keyed BLAKE3: the scan hashes with the
+vault's id key, so it needs the vault unlocked (pass the opened vault, which
+the backup then uses too: one passphrase, one key derivation).
 
 This module imports neither numpy nor pyarrow (start-up time counts).
 """
@@ -20,21 +24,25 @@ import os
 from collections.abc import Sequence
 
 from cbt.core.errors import CbtError
+from cbt.repo.keys import Passphrase
 from cbt.repo.vault import Vault
 from cbt.source.disks import DiskSpec
 from cbt.source.scan import PendingScan, start_scan
 
 
-def start_early_scan(vault_root: str | os.PathLike[str], vm: str, disks: Sequence[DiskSpec],
-                     block_size: int | None = None,
-                     workers: int | None = None) -> PendingScan | None:
+def start_early_scan(vault: Vault | str | os.PathLike[str], vm: str, disks: Sequence[DiskSpec],
+                     block_size: int | None = None, workers: int | None = None,
+                     passphrase: Passphrase | None = None) -> PendingScan | None:
     """Start scanning the disks that have a previous point (None: nothing to start).
 
-    Anything unexpected (no vault, an unreadable disk, a block size the backup
-    will refuse) starts nothing: the backup itself then reports it properly.
+    ``vault`` is the opened vault, or its path (opened here; an encrypted one
+    with ``passphrase``, else from the environment).  Anything unexpected (no
+    vault, no passphrase, an unreadable disk, a block size the backup will
+    refuse) starts nothing: the backup itself then reports it properly.
     """
     try:
-        prev = Vault.open(vault_root).latest(vm)
+        opened = vault if isinstance(vault, Vault) else Vault.open(vault, passphrase)
+        prev = opened.latest(vm)
         if prev is None:
             return None
         wanted = []
@@ -43,6 +51,6 @@ def start_early_scan(vault_root: str | os.PathLike[str], vm: str, disks: Sequenc
             if parent is None or (block_size and block_size != parent.block_size):
                 continue
             wanted.append((spec.source, parent.block_size))
-        return start_scan(wanted, workers) if wanted else None
+        return start_scan(wanted, workers, key=opened.id_key) if wanted else None
     except (CbtError, OSError, ValueError):
         return None

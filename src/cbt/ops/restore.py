@@ -20,12 +20,15 @@
    by (pack, offset): one job per pack.
 2. Create (:func:`_create_target`): a new file, at its temporary name.
 3. Write (:func:`_write`): each worker gets whole packs (:func:`_balance`),
-   reopens the vault's storage from its spec, maps each pack, checks all its
-   blob headers at once (:func:`cbt.format.pack.blob_headers`), and writes
-   runs of consecutive blocks with one ``pwritev`` each, straight from the
-   mapped pack.
-4. Verify, as it writes: every run is hashed in one call into the core and
-   checked against the manifest's digests before it is written.
+   reopens the vault from its spec (storage and keys: no passphrase asked),
+   maps each pack, checks all its blob headers at once
+   (:func:`cbt.format.pack.blob_headers`), and writes runs of consecutive
+   blocks with one ``pwritev`` each, straight from the mapped pack.  An
+   encrypted vault's blobs are each opened (authenticated) first: a blob that
+   fails is an error naming its pack, before its block is written.
+4. Verify, as it writes: every run is hashed in one call into the core (keyed
+   BLAKE3 with the vault's id key in an encrypted vault) and checked against
+   the manifest's digests before it is written.
 5. Finish (:func:`_finish_target`): zero what must read as zeros, fsync.
 6. Commit (:func:`_commit_targets`): a new file is renamed into place and its
    directory fsynced.  On any error temporary files are removed
@@ -66,6 +69,7 @@ from cbt.core.blockio import (
     write_all,
     zero_range,
 )
+from cbt.core.crypto import AuthenticationError, Cipher
 from cbt.core.durable import fsync_dir, fsync_file, temp_name
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 from cbt.core.native import fast
@@ -74,7 +78,10 @@ from cbt.format.manifest import Manifest
 from cbt.format.pack import (
     BLOB,
     CODEC_NONE,
+    ENCRYPTION_AEAD,
+    ENCRYPTION_NONE,
     CorruptPackError,
+    blob_aad,
     blob_headers,
     blob_length,
     blobs_match,
@@ -84,9 +91,9 @@ from cbt.format.pack import (
 from cbt.format.records import PointRecord
 from cbt.repo.index import Index
 from cbt.repo.registry import kept_snapshots
-from cbt.repo.storage import Storage, StorageSpec, open_storage
+from cbt.repo.storage import Storage, StorageSpec
 from cbt.repo.trash import trash_name
-from cbt.repo.vault import Vault
+from cbt.repo.vault import Vault, VaultSpec
 from cbt.source.scan import default_workers, scan
 from cbt.source.snapshot import reflink
 
@@ -155,7 +162,7 @@ class RestoreResult:
 class _Job:
     """The blocks of one disk held by one pack: what a worker writes."""
 
-    storage: StorageSpec  # the worker opens the vault's storage from this
+    vault: VaultSpec  # the worker reopens the vault (its storage, its keys) from this
     point: str
     label: str
     target: str
@@ -178,8 +185,10 @@ IOV_MAX = 1024
 class _Run:
     """Consecutive blocks of one target on their way to disk."""
 
-    def __init__(self, fd: int, job: _Job, writeback: Writeback) -> None:
+    def __init__(self, fd: int, job: _Job, writeback: Writeback,
+                 id_key: bytes | None = None) -> None:
         self.fd, self.bs, self.writeback = fd, job.block_size, writeback
+        self.id_key = id_key  # an encrypted vault's block ids are keyed BLAKE3
         self.where = f"point {job.point} disk {job.label} block {{}} pack {{}}"
         self.used = 0
         self.views: list[bytes | memoryview] = []
@@ -201,7 +210,7 @@ class _Run:
         if not n:
             return
         got = np.empty((n, fast.DIGEST_SIZE), dtype=np.uint8)
-        fast.hash_each(self.views, got)
+        fast.hash_each(self.views, got, self.id_key)
         bad = (got != np.stack(self.digests)).any(axis=1)
         if bad.any():
             i = int(np.argmax(bad))
@@ -227,16 +236,18 @@ def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int
     """A worker: write the blocks of its packs; label -> (bytes written, blocks verified)."""
     stats: dict[str, tuple[int, int]] = {}
     runs: dict[str, _Run] = {}
-    storages: dict[StorageSpec, Storage] = {}
+    vaults: dict[StorageSpec, Vault] = {}
     writeback = Writeback()  # the disk starts writing while this worker still works
     try:
         for job in jobs:
+            vault = vaults.get(job.vault.storage)
+            if vault is None:
+                vault = vaults[job.vault.storage] = Vault.from_spec(job.vault)
             run = runs.get(job.target)
             if run is None:
-                run = runs[job.target] = _Run(os.open(job.target, os.O_WRONLY), job, writeback)
-            if job.storage not in storages:
-                storages[job.storage] = open_storage(job.storage)
-            views = _read_job(storages[job.storage], job)
+                run = runs[job.target] = _Run(os.open(job.target, os.O_WRONLY), job, writeback,
+                                              vault.id_key)
+            views = _read_job(vault, job)
             for blk, dig, data in zip(job.blocks.tolist(), job.digests, views, strict=True):
                 run.add(blk, dig, data, job.pack)  # content checked when the run is flushed
             w, v = stats.get(job.label, (0, 0))
@@ -255,23 +266,26 @@ def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int
     return stats
 
 
-def _read_job(storage: Storage, job: _Job) -> list[bytes | memoryview]:
+def _read_job(vault: Vault, job: _Job) -> list[bytes | memoryview]:
     """The content of every block of a job, from its pack (mapped where storage can)."""
     where = f"point {job.point} disk {job.label} block {{}} pack {job.pack}"
     try:
-        pack = memoryview(_map_pack(storage, job.pack))
+        pack = memoryview(_map_pack(vault.storage, job.pack))
     except (OSError, ValueError) as exc:
         raise DamagedPointError(f"{where.format(int(job.blocks[0]))}: {exc}") from None
-    return _job_data(job, pack, where)
+    return _job_data(job, pack, where, vault.keys.cipher if vault.keys is not None else None)
 
 
-def _job_data(job: _Job, pack: memoryview, where: str) -> list[bytes | memoryview]:
+def _job_data(job: _Job, pack: memoryview, where: str,
+              cipher: Cipher | None = None) -> list[bytes | memoryview]:
     """The content of every block of a job, from the mapped pack.
 
     The blob headers are checked all at once (:func:`blobs_match`); a sound raw
     blob comes back as a view into the pack, anything else goes through
-    :func:`decode_blob` (which decompresses, or names the problem).  The
-    content itself is checked later, run by run.
+    :func:`decode_blob` (which decompresses, or names the problem).  An
+    encrypted vault's blobs (``cipher``) are all sealed, never viewed raw: a
+    sound one stored raw is opened (authenticated) here, at once; any other
+    by :func:`decode_blob`.  The content itself is checked later, run by run.
     """
     n = len(job.blocks)
     offs = job.offsets.astype(np.int64)
@@ -281,24 +295,40 @@ def _job_data(job: _Job, pack: memoryview, where: str) -> list[bytes | memoryvie
     direct = np.zeros(n, dtype=bool)
     if n and int((offs + lengths).max()) <= len(pack):
         headers = blob_headers(pack, offs)
-        direct = (blobs_match(headers, job.digests, lengths - BLOB.size, want)
+        direct = (blobs_match(headers, job.digests, lengths - BLOB.size, want,
+                              ENCRYPTION_NONE if cipher is None else ENCRYPTION_AEAD)
                   & (headers["codec"] == CODEC_NONE))
     out: list[bytes | memoryview] = []
     for i, (blk, off, ln, view) in enumerate(zip(job.blocks.tolist(), offs.tolist(),
                                                  lengths.tolist(), direct.tolist(),
                                                  strict=True)):
-        if view:
+        if view and cipher is None:
             out.append(pack[off + BLOB.size:off + ln])
+            continue
+        if view:
+            out.append(_open_raw(cipher, pack[off + BLOB.size:off + ln], job.digests[i],
+                                 int(want[i]), where.format(blk)))
             continue
         try:
             data = decode_blob(pack[off:off + ln], job.digests[i].tobytes(), where.format(blk),
-                               check=False)
+                               check=False, cipher=cipher)
         except CorruptPackError as exc:
             raise DamagedPointError(str(exc)) from None
         if len(data) != int(want[i]):
             raise DamagedPointError(f"{where.format(blk)}: content has the wrong length")
         out.append(data)
     return out
+
+
+def _open_raw(cipher: Cipher | None, sealed: memoryview, digest: np.ndarray, raw: int,
+              where: str) -> bytes:
+    """A sealed blob stored raw (its header checked): :func:`decode_blob`'s work without
+    its per-blob checks, the one that costs when every block of a restore is opened."""
+    assert cipher is not None
+    try:
+        return cipher.open(sealed, blob_aad(digest.tobytes(), CODEC_NONE, raw))
+    except AuthenticationError:
+        raise DamagedPointError(f"{where}: blob fails authentication") from None
 
 
 def _map_pack(storage: Storage, pack: str) -> Any:
@@ -365,11 +395,13 @@ def _check_target(final: Path, label: str, size: int, device: bool,
         raise CbtIOError(errno.ENOENT, f"--in-place needs an existing copy of the disk: {final}")
 
 
-def _differing_blocks(final: Path, manifest: Manifest, workers: int | None
+def _differing_blocks(final: Path, manifest: Manifest, workers: int | None,
+                      id_key: bytes | None = None
                       ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """In place: the DATA blocks whose digest differs, and the blocks to zero."""
+    """In place: the DATA blocks whose digest (the vault's block id) differs, and the
+    blocks to zero."""
     is_data = manifest.flags == fast.FLAG_DATA
-    current = scan(final, manifest.block_size, workers, limit=manifest.disk_size)
+    current = scan(final, manifest.block_size, workers, limit=manifest.disk_size, key=id_key)
     common = min(current.blocks, manifest.blocks)
     differs = np.ones(manifest.blocks, dtype=bool)
     differs[:common] = (current.digests[:common] != manifest.digests[:common]).any(axis=1)
@@ -386,7 +418,7 @@ def _plan_target(vault: Vault, index: Index, point_id: str, label: str, manifest
     _check_target(final, label, manifest.disk_size, device, request)
     write_to = final
     if request.in_place:
-        rows, zero_rows = _differing_blocks(final, manifest, request.workers)
+        rows, zero_rows = _differing_blocks(final, manifest, request.workers, vault.id_key)
     else:
         is_data = manifest.flags == fast.FLAG_DATA
         rows = np.nonzero(is_data)[0]
@@ -397,11 +429,11 @@ def _plan_target(vault: Vault, index: Index, point_id: str, label: str, manifest
             write_to = temp_name(final)
     target = _Target(label, final, write_to, manifest.disk_size, manifest.block_size, device,
                      zero_rows)
-    jobs = plan_disk(vault.storage.spec(), index, point_id, label, manifest, str(write_to), rows)
+    jobs = plan_disk(vault.spec(), index, point_id, label, manifest, str(write_to), rows)
     return target, jobs
 
 
-def plan_disk(storage: StorageSpec, index: Index, point_id: str, label: str,
+def plan_disk(vault: VaultSpec, index: Index, point_id: str, label: str,
               manifest: Manifest, target: str,
               rows: npt.NDArray[np.int64] | None = None) -> list[_Job]:
     """One job per pack holding the DATA blocks ``rows`` (default: all) of this disk."""
@@ -423,7 +455,7 @@ def plan_disk(storage: StorageSpec, index: Index, point_id: str, label: str,
     for s, e in zip(np.r_[0, bounds], np.r_[bounds, len(rows)], strict=True):
         if s == e:
             continue
-        jobs.append(_Job(storage, point_id, label, target, manifest.block_size,
+        jobs.append(_Job(vault, point_id, label, target, manifest.block_size,
                          index.pack_ids[int(packs[s])], rows[s:e], digests[s:e],
                          offsets[s:e], lengths[s:e], manifest.disk_size))
     return jobs
@@ -636,7 +668,7 @@ def _from_snapshot(vault: Vault, point: PointRecord, label: str, snap: str, fina
         manifest = vault.resolve(point, label)
         verify = request.verify_snapshot
         if verify:
-            got = scan(tmp, manifest.block_size, request.workers)
+            got = scan(tmp, manifest.block_size, request.workers, key=vault.id_key)
             if got.disk_size != manifest.disk_size or not np.array_equal(got.digests,
                                                                          manifest.digests):
                 raise DamagedPointError(f"kept snapshot {snap} does not match point "

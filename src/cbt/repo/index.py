@@ -17,6 +17,10 @@ it is an :class:`IndexEntry` (:meth:`Index.entry`, :meth:`Index.find`).
 2. Look up digests in bulk (:meth:`Index.lookup`) or one at a time.
 3. A run keeps its loaded index in an :class:`IndexCache` it hands to its
    workers (no module state), keyed by the segments and orphans it saw.
+
+An encrypted vault's segments are sealed under opaque names: the vault lists
+and reads them (``Vault.load_index`` passes ``segment_names`` and ``read``);
+the digests in them are the vault's keyed block ids.
 """
 
 from __future__ import annotations
@@ -165,11 +169,13 @@ class IndexCache:
         self._index = index
         self._mutex = threading.Lock()
 
-    def get(self, storage: Storage, token: tuple[str, ...]) -> Index:
-        """The index with this token: the cached one, or loaded from ``storage``."""
+    def get(self, storage: Storage, token: tuple[str, ...],
+            loader: Callable[[], Index] | None = None) -> Index:
+        """The index with this token: the cached one, or loaded from ``storage``
+        (by ``loader`` when given: an encrypted vault's unseals its segments)."""
         with self._mutex:
             if self._index is None or self._index.token() != token:
-                self._index = load(storage)
+                self._index = loader() if loader is not None else load(storage)
             return self._index
 
 

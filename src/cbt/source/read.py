@@ -34,13 +34,15 @@ if TYPE_CHECKING:
 
 def hash_shard(source: BlockSource, block_size: int, ranges: Sequence[BlockRange],
                digests: memoryview, flags: memoryview, report: Report, packed: bool = False,
-               prehashed: tuple[Window, Window] | None = None,
+               prehashed: tuple[Window, Window] | None = None, key: bytes | None = None,
                ) -> Generator[tuple[int, Window], None, None]:
     """Hash ``ranges`` of ``source`` into ``digests`` (flat, 32 bytes a block) and ``flags``.
 
     Yields ``(row, window)`` after hashing each window: ``row`` is where the
     window's first block went in the buffers.  ``prehashed`` is the whole
     disk's digests and flags from an earlier scan, copied instead of hashed.
+    ``key`` (32 bytes) makes the digests keyed BLAKE3 (an encrypted vault's
+    block ids); None: plain BLAKE3.
     """
     size = fast.DIGEST_SIZE
     copied = None if prehashed is None else (memoryview(prehashed[0]), memoryview(prehashed[1]))
@@ -55,7 +57,7 @@ def hash_shard(source: BlockSource, block_size: int, ranges: Sequence[BlockRange
                 try:
                     # (a memoryview cannot slice two dimensions: slice flat, then shape)
                     fast.hash_blocks(window, block_size, rows.cast("B", (n, size)),
-                                     flags[at:at + n])
+                                     flags[at:at + n], key)
                 except OSError as exc:
                     raise CbtIOError(exc.errno, f"read error in {source.path} near byte "
                                      f"{first * block_size}: {exc.strerror}") from None

@@ -56,12 +56,13 @@ class _ScanTask(NamedTuple):
     ranges: list[BlockRange]
     digests: memoryview  # flat: 32 bytes per block
     flags: memoryview
+    key: bytes | None  # keyed BLAKE3 (an encrypted vault's block ids), or plain
 
 
 def _scan_shard(task: _ScanTask, report: Report) -> int:
     """Hash one shard's blocks into the shared buffers; returns bytes read."""
     for _ in hash_shard(task.source, task.block_size, task.ranges, task.digests, task.flags,
-                        report):
+                        report, key=task.key):
         pass
     return bytes_to_read(task.ranges, task.block_size, task.source.size)
 
@@ -124,15 +125,17 @@ def scan(
     workers: int | None = None,
     progress: Progress | None = None,
     limit: int | None = None,
+    key: bytes | None = None,
 ) -> Manifest:
     """Scan a disk image or block device into a :class:`Manifest`.
 
     ``workers`` processes share the disk (default: one per core).  ``progress``
     is called with ``(bytes_done, bytes_to_read)`` a few times per second.
     ``limit`` scans only the first ``limit`` bytes (a disk restored onto a
-    larger device).
+    larger device).  ``key`` (32 bytes) gives keyed BLAKE3 digests, the block
+    ids of an encrypted vault; without it they are plain BLAKE3.
     """
-    return scan_blocks(path, block_size, workers, progress, limit).manifest()
+    return scan_blocks(path, block_size, workers, progress, limit, key).manifest()
 
 
 def scan_blocks(
@@ -141,9 +144,10 @@ def scan_blocks(
     workers: int | None = None,
     progress: Progress | None = None,
     limit: int | None = None,
+    key: bytes | None = None,
 ) -> BlockScan:
     """:func:`scan` up to its buffers: what ``cbt scan`` without ``-o`` needs."""
-    pending = start_scan([(path, block_size)], workers, limit)
+    pending = start_scan([(path, block_size)], workers, limit, key)
     return pending.wait(progress)[0]
 
 
@@ -157,8 +161,9 @@ class PendingScan:
     """
 
     def __init__(self, sources: list[BlockSource], block_sizes: list[int],
-                 workers: int) -> None:
+                 workers: int, key: bytes | None = None) -> None:
         self.started = time.perf_counter()
+        self.key = key  # what the digests are keyed with (a backup checks it is its vault's)
         self._sources = sources
         self._block_sizes = block_sizes
         plans = [DiskPlan(s.block_ranges(bs), bs, s.size)
@@ -169,7 +174,7 @@ class PendingScan:
                          for s, bs in zip(sources, block_sizes, strict=True)]
         self._tasks = [(sh.disk, _ScanTask(sources[sh.disk], block_sizes[sh.disk], sh.ranges,
                                            memoryview(self._buffers[sh.disk][0]),
-                                           memoryview(self._buffers[sh.disk][1])))
+                                           memoryview(self._buffers[sh.disk][1]), key))
                        for sh in plan_shards(plans, workers) if sh.ranges]
         self._forked: Forked[int] = Forked(_scan_shard, [t for _, t in self._tasks])
 
@@ -220,18 +225,18 @@ class PendingScan:
 
 
 def start_scan(disks: Sequence[tuple[str | os.PathLike[str], int]], workers: int | None = None,
-               limit: int | None = None) -> PendingScan:
+               limit: int | None = None, key: bytes | None = None) -> PendingScan:
     """Start scanning ``(path, block_size)`` disks in forked workers; see :class:`PendingScan`.
 
     ``limit`` scans only the first ``limit`` bytes of each (a disk restored
-    onto a larger device).
+    onto a larger device).  ``key``: keyed BLAKE3 digests (see :func:`scan`).
     """
     opened: list[BlockSource] = []
     try:
         for path, bs in disks:
             fast.check_block_size(bs)
             opened.append(open_image(path, limit=limit))
-        return PendingScan(opened, [bs for _, bs in disks], workers or default_workers())
+        return PendingScan(opened, [bs for _, bs in disks], workers or default_workers(), key)
     except BaseException:
         for s in opened:
             s.close()
