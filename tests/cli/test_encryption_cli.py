@@ -64,28 +64,6 @@ def disk(tmp_path: Path) -> Path:
     return fs_image(tmp_path / "os.img", 2 * MIB, 1101)
 
 
-@pytest.fixture(scope="module")
-def sealed_backups(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Skip unless a backup into an encrypted vault makes a point its list shows.
-
-    The command line's part (passphrases, keys, export) is tested regardless; the
-    tests with points in an encrypted vault need the backup to write sealed records.
-    """
-    from helpers.vaults import fast_kdf
-
-    d = tmp_path_factory.mktemp("probe")
-    (d / "disk").write_bytes(os.urandom(64 * 1024))
-    try:
-        v = cbt_api.Vault.init(d / "v", encryption="aes-256-gcm", passphrase=PASSWORD,
-                               kdf=fast_kdf())
-        v.backup("probe", [d / "disk"], workers=1)
-        ok = len(cbt_api.Vault.open(d / "v", passphrase=PASSWORD).points()) == 1
-    except Exception:  # any failure means: not there yet
-        ok = False
-    if not ok:
-        pytest.skip("backup does not write sealed points into an encrypted vault yet")
-
-
 # -- init ------------------------------------------------------------------------------------
 
 
@@ -150,14 +128,13 @@ def test_every_command_that_opens_a_vault_takes_a_password_file() -> None:
 
 
 @pytest.mark.parametrize("points", [False, True])
-def test_a_wrong_passphrase_touches_nothing(tmp_path: Path, pw: Path, disk: Path, points: bool,
-                                            request: pytest.FixtureRequest) -> None:
+def test_a_wrong_passphrase_touches_nothing(tmp_path: Path, pw: Path, disk: Path, points: bool
+                                            ) -> None:
     vault = tmp_path / "v"
     init_encrypted(vault, pw)
     env = {"CBT_PASSWORD_FILE": str(pw)}
     point = "web.20260101T000000Z"
     if points:
-        request.getfixturevalue("sealed_backups")
         backup_cli(vault, "web", disk, now="2026-01-01T00:00:00Z", env=env)
         write_at(disk, 0, b"changed" * 1000)
     before = tree_snapshot(vault)
@@ -234,7 +211,6 @@ def test_an_unencrypted_vault_never_asks(tmp_path: Path, disk: Path) -> None:
     assert code == 0 and point in stdout and "passphrase" not in transcript
 
 
-@pytest.mark.usefixtures("sealed_backups")
 def test_the_whole_cycle_with_a_password_file(tmp_path: Path, pw: Path, disk: Path) -> None:
     vault = tmp_path / "v"
     init_encrypted(vault, pw)
@@ -361,11 +337,9 @@ def read_arrow(path: Path) -> pa.Table:
 
 @pytest.mark.parametrize("encrypted", [False, True])
 def test_show_manifest_writes_a_plain_arrow_file(tmp_path: Path, pw: Path, disk: Path,
-                                                 encrypted: bool,
-                                                 request: pytest.FixtureRequest) -> None:
+                                                 encrypted: bool) -> None:
     vault = tmp_path / "v"
     if encrypted:
-        request.getfixturevalue("sealed_backups")
         init_encrypted(vault, pw)
     else:
         cbt_json("init", vault, "--encryption", "none")
@@ -425,7 +399,6 @@ def test_show_manifest_writes_a_plain_arrow_file(tmp_path: Path, pw: Path, disk:
         assert r.returncode == 0 and "identical" in r.stdout, r.stderr
 
 
-@pytest.mark.usefixtures("sealed_backups")
 def test_show_manifest_refuses_bad_requests(tmp_path: Path, pw: Path, disk: Path) -> None:
     vault = tmp_path / "v"
     init_encrypted(vault, pw)
@@ -467,7 +440,6 @@ def test_config_commands_refuse_a_wrong_passphrase(tmp_path: Path, pw: Path, dis
     assert tree_snapshot(tmp_path / "v") == before
 
 
-@pytest.mark.usefixtures("sealed_backups")
 def test_config_commands_take_the_password_file(tmp_path: Path, pw: Path, disk: Path) -> None:
     init_encrypted(tmp_path / "v", pw)
     cfg = _config(tmp_path, disk)

@@ -35,11 +35,6 @@ from cbt.repo.registry import list_jobs
 ENC = "aes-256-gcm"
 VM = "zebravm"
 
-# Backing up into an encrypted vault is helper wt-data's part of issue 11, merged
-# separately: until then a job cannot commit a point here.
-needs_sealed_backup = pytest.mark.xfail(
-    strict=True, reason="backup into an encrypted vault is sealed by the wt-data branch; "
-    "remove this mark once it is merged")
 
 
 @pytest.fixture
@@ -68,7 +63,6 @@ def _password_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return pw
 
 
-@needs_sealed_backup
 def test_a_job_from_a_config_file_with_CBT_PASSWORD_FILE(tmp_path: Path,
                                                           no_env: pytest.MonkeyPatch) -> None:
     cfg, v = _setup(tmp_path)
@@ -102,7 +96,6 @@ def test_a_job_from_a_config_file_with_CBT_PASSWORD_FILE(tmp_path: Path,
         assert_same_bytes(tmp_path / f"r{day}" / "os.img", copies[day])
 
 
-@needs_sealed_backup
 def test_the_passphrase_of_a_job_request_and_what_happens_without_one(
         tmp_path: Path, no_env: pytest.MonkeyPatch) -> None:
     cfg, v = _setup(tmp_path)
@@ -116,7 +109,6 @@ def test_the_passphrase_of_a_job_request_and_what_happens_without_one(
     assert result.point is not None and [p.id for p in v.points()] == [result.point.id]
 
 
-@needs_sealed_backup
 def test_run_due_asks_a_passphrase_finder_once(tmp_path: Path,
                                                no_env: pytest.MonkeyPatch) -> None:
     cfg, v = _setup(tmp_path, (VM, "zebrasecond"))
@@ -161,7 +153,6 @@ DEMO_KEYS = {"dir", "vault", "config", "password_file", "days", "restored",
              "seconds", "warnings"}
 
 
-@needs_sealed_backup
 def test_the_demo_generates_its_passphrase_into_a_private_file(
         tmp_path: Path, no_env: pytest.MonkeyPatch) -> None:
     d = tmp_path / "demo"
@@ -181,7 +172,6 @@ def test_the_demo_generates_its_passphrase_into_a_private_file(
         Vault.open(d / "vault", "not it")
 
 
-@needs_sealed_backup
 def test_the_demo_uses_the_passphrase_of_the_environment(
         tmp_path: Path, no_env: pytest.MonkeyPatch) -> None:
     no_env.setenv(ENV_PASSWORD, PASSWORD)

@@ -37,11 +37,6 @@ VM = "zebravm"
 LABELS = ("zebralabel", "zebrasecond")
 MARKER = b"ZEBRA-MARKER-6f1c2a9e-do-not-leak"
 
-# Backing up into an encrypted vault (sealed records, manifests and segments) is helper
-# wt-data's part of issue 11, merged separately: until then these tests cannot pass here.
-needs_sealed_backup = pytest.mark.xfail(
-    strict=True, reason="backup into an encrypted vault is sealed by the wt-data branch; "
-    "remove this mark once it is merged")
 
 
 def _new(path: Path, encryption: str = ENC) -> Vault:
@@ -108,7 +103,6 @@ def _flip(path: Path, at: int) -> None:
 # -- the cycle -----------------------------------------------------------------------------
 
 
-@needs_sealed_backup
 def test_verify_and_verify_data_are_clean_and_restore_agrees(tmp_path: Path) -> None:
     v, ids, copies = _history(tmp_path)
     assert v.encrypted
@@ -121,7 +115,6 @@ def test_verify_and_verify_data_are_clean_and_restore_agrees(tmp_path: Path) -> 
         _restores(v, pid, copies[day], tmp_path / f"r{day}")
 
 
-@needs_sealed_backup
 def test_verify_data_names_a_sealed_blob_that_fails_authentication(tmp_path: Path) -> None:
     v, _ids, _ = _history(tmp_path)
     index = v.load_index()
@@ -140,7 +133,6 @@ def test_verify_data_names_a_sealed_blob_that_fails_authentication(tmp_path: Pat
     assert set(out.repair.damaged_points) == {p.point for p in problems}
 
 
-@needs_sealed_backup
 def test_repair_after_losing_an_index_segment(tmp_path: Path) -> None:
     v, ids, copies = _history(tmp_path)
     before = v.load_index()
@@ -159,7 +151,6 @@ def test_repair_after_losing_an_index_segment(tmp_path: Path) -> None:
     _restores(v, ids[1], copies[1], tmp_path / "r")
 
 
-@needs_sealed_backup
 @pytest.mark.parametrize("kind", ["point", "manifest", "segment"])
 def test_a_sealed_file_failing_authentication_is_a_problem_naming_it(tmp_path: Path,
                                                                       kind: str) -> None:
@@ -174,7 +165,6 @@ def test_a_sealed_file_failing_authentication_is_a_problem_naming_it(tmp_path: P
         assert any(p.point == ids[1] and p.disk == LABELS[0] for p in r.problems)
 
 
-@needs_sealed_backup
 def test_a_sealed_point_record_moved_to_another_name_fails(tmp_path: Path) -> None:
     """Swapping two sealed records (each valid where it was written) is found."""
     v, ids, _ = _history(tmp_path)
@@ -188,7 +178,6 @@ def test_a_sealed_point_record_moved_to_another_name_fails(tmp_path: Path) -> No
                    for x in problems), problems
 
 
-@needs_sealed_backup
 def test_prune_hides_and_deletes_then_gc_frees_and_restore_still_works(tmp_path: Path) -> None:
     """Three points; the middle one goes.  Day 2's delta is based on day 1 (not on day
     1's successor), so pruning day 1 would hide it; pruning day 2 deletes it, records
@@ -384,7 +373,6 @@ def _leaks(tmp_path: Path, encryption: str, monkeypatch: pytest.MonkeyPatch) -> 
     }
 
 
-@needs_sealed_backup
 @pytest.mark.parametrize("encryption", ["aes-256-gcm", "chacha20-poly1305"])
 def test_an_encrypted_vault_reveals_nothing_it_holds(tmp_path: Path, encryption: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:

@@ -144,19 +144,6 @@ def open_vault(args: argparse.Namespace, path: object | None = None) -> Vault:
     return Vault.open(str(where), passphrase=finder(args, where))
 
 
-def password_file_to_env(args: argparse.Namespace) -> None:
-    """Hand ``--password-file`` to code that opens vaults by itself (from the environment).
-
-    For the commands whose vaults are opened below the command line (diff's
-    ``VAULT::POINT``, the jobs of a config) until those take a passphrase:
-    ``--password-file`` still beats ``CBT_PASSWORD_FILE`` and ``CBT_PASSWORD``.
-    """
-    import os
-
-    if getattr(args, "password_file", None):
-        os.environ["CBT_PASSWORD_FILE"] = os.path.abspath(args.password_file)
-
-
 def print_json(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
     sys.stdout.flush()

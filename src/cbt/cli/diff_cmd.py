@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 from cbt.cli._common import (
     EXIT_DIFFERENT,
     EXIT_OK,
+    PassphraseFinder,
     add_json,
     add_password_file,
     emit_warnings,
-    password_file_to_env,
     print_json,
     progress_bar,
     size_arg,
@@ -56,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
     from cbt.core.sizes import format_size, human_bytes
     from cbt.ops.diff import PointDiff, diff
 
-    password_file_to_env(args)  # VAULT::POINT opens its vault below (diff takes no passphrase yet)
     check_digest_kinds(args.a, args.b)
     with progress_bar("diff") as progress:
-        cs = diff(args.a, args.b, args.block_size, args.workers, progress)
+        cs = diff(args.a, args.b, args.block_size, args.workers, progress,
+                  passphrase=PassphraseFinder(_vault_of(args), args.password_file))
     if isinstance(cs, PointDiff):
         return _print_points(cs, args)
     code = EXIT_OK if cs.identical else EXIT_DIFFERENT
@@ -145,3 +145,14 @@ def check_digest_kinds(a: str, b: str) -> None:
         raise CbtValueError(f"{src} holds the {kind[0]} block ids of vault {kind[1] or '?'}; "
                             f"{other} has {what}: they cannot be compared (compare with a "
                             "point of that vault, VAULT::POINT/LABEL)")
+
+
+def _vault_of(args: argparse.Namespace) -> str:
+    """The vault a ``VAULT::POINT`` argument names (for the prompt and messages)."""
+    from cbt.ops.diff import parse_point_ref
+
+    for src in (args.a, args.b):
+        ref = parse_point_ref(src)
+        if ref is not None:
+            return ref[0]
+    return "the vault"
