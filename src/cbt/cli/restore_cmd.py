@@ -4,7 +4,9 @@ disk (--disk LABEL) to a file or a block device.
 Every block is checked against its digest as it is read back; a mismatch stops
 the restore (exit 2) and leaves no target file behind.  Each file is written
 under a temporary name, fsynced and renamed; holes and zero blocks stay holes.
-An existing target is refused unless --force.
+An existing target is refused unless --force.  New image files are made 0600 (only
+their owner reads them: they hold a whole disk); --mode 640 widens that.  A target
+restored --in-place keeps its mode.
 
 On a block device every block is written: zero and hole blocks with BLKZEROOUT,
 or skipped with --assume-zeroed; a device smaller than the disk is an error.
@@ -53,10 +55,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assume-zeroed", action="store_true",
                    help="the target device reads as zeros: do not zero hole and zero blocks")
     p.add_argument("--force", action="store_true", help="replace existing target files")
+    p.add_argument("--mode", type=_mode_arg, default=0o600, metavar="OCTAL",
+                   help="permissions of new image files, in octal (default 600: owner only)")
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N",
                    help="worker processes (default: number of cores)")
     add_password_file(p)
     add_json(p)
+
+
+def _mode_arg(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"invalid mode {text!r}: octal permission bits, "
+                                         "e.g. 600 or 640")
+    return mode
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         result = vault.restore(args.point, args.to, force=args.force, workers=args.workers,
                                progress=progress, disk=args.disk, in_place=args.in_place,
                                assume_zeroed=args.assume_zeroed, instant=args.instant,
-                               verify_snapshot=not args.no_verify)
+                               verify_snapshot=not args.no_verify, mode=args.mode)
     if args.json:
         print_json(result.to_dict())
         return EXIT_OK

@@ -28,6 +28,7 @@ compressible region after an incompressible one loses at most 8 blocks.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import uuid
 from collections.abc import Callable
@@ -88,6 +89,14 @@ def _zstd() -> object:
 
 def pack_name(pack_id: str) -> str:
     return f"packs/{pack_id[:2]}/{pack_id}.pack"
+
+
+_PACK_NAME = re.compile(r"^packs/([0-9a-f]{2})/\1[0-9a-f]{30}\.pack$")
+
+
+def is_pack_name(name: str) -> bool:
+    """Whether ``name`` is where :func:`pack_name` puts a pack (32 hex digits)."""
+    return _PACK_NAME.match(name) is not None
 
 
 def new_pack_id() -> str:

@@ -18,6 +18,7 @@ in about log2(n) deltas at most).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,15 @@ POINT_VERSION = 1
 VAULT_MAGIC = "cbt-vault"
 VAULT_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# ``<vm>.<YYYYMMDDTHHMMSSZ>``, with ``-N`` (N >= 2) when that second was taken.
+POINT_ID_RE = re.compile(r"^(?P<vm>[A-Za-z0-9][A-Za-z0-9_-]{0,63})\.[0-9]{8}T[0-9]{6}Z"
+                         r"(?:-[1-9][0-9]{0,8})?$")
+# Bounds a record read from a vault must keep (the core's block sizes: a test checks
+# them against ``cbt.core.native.fast``; this module stays free of the compiled core).
+MIN_BLOCK = 4096
+MAX_BLOCK = 4 << 20
+MAX_SIZE = 2**63
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CorruptPointError(CbtError, ValueError):
@@ -49,6 +59,11 @@ def check_name(kind: str, name: str) -> str:
         raise CbtValueError(f"invalid {kind} {name!r}: use letters, digits, '_' and '-', "
                             "starting with a letter or digit, at most 64 characters")
     return name
+
+
+def is_point_id(value: object) -> bool:
+    """Whether ``value`` is a point id: ``<vm>.<YYYYMMDDTHHMMSSZ>`` with an optional ``-N``."""
+    return isinstance(value, str) and POINT_ID_RE.match(value) is not None
 
 
 def base_seq(seq: int) -> int:
@@ -72,6 +87,31 @@ class DiskRecord:
     manifest_checksum: str
     seq: int
     base: str | None  # point id holding the base of this delta (None for a full manifest)
+
+    def problem(self) -> str | None:
+        """What breaks the rules of :meth:`PointRecord.problem` in this disk (None: nothing)."""
+        if not isinstance(self.label, str) or not NAME_RE.match(self.label):
+            return f"invalid disk label {self.label!r}"
+        where = f"disk {self.label}"
+        for key in ("path", "manifest", "manifest_checksum"):
+            if not isinstance(getattr(self, key), str):
+                return f"{where}: {key} is not a string"
+        if not _HEX64.match(self.manifest_checksum):
+            return f"{where}: manifest_checksum is not 64 hex digits"
+        bad = _bad_numbers(self, ("size", "block_size", "blocks", "changed_blocks",
+                                  "bytes_read", "bytes_new", "bytes_stored", "seq"))
+        if bad:
+            return f"{where}: {bad}"
+        bs = self.block_size
+        if not MIN_BLOCK <= bs <= MAX_BLOCK or bs & (bs - 1):
+            return f"{where}: block_size {bs} is not a power of two from 4K to 4M"
+        if self.blocks != -(-self.size // bs):
+            return f"{where}: {self.blocks} blocks do not make {self.size} bytes"
+        if self.changed_blocks > self.blocks:
+            return f"{where}: more changed blocks than blocks"
+        if self.base is not None and not is_point_id(self.base):
+            return f"{where}: base {self.base!r} is not a point id"
+        return None
 
     def public(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
@@ -119,7 +159,7 @@ class PointRecord:
         try:
             body = json.loads(data)
             checksum = body.pop("checksum")
-        except (ValueError, KeyError, AttributeError):
+        except (ValueError, KeyError, AttributeError, TypeError):
             raise CorruptPointError(f"corrupt point record {where}: not JSON with a checksum") \
                 from None
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
@@ -127,19 +167,71 @@ class PointRecord:
             raise CorruptPointError(f"corrupt point record {where}: checksum mismatch")
         if body.get("magic") != POINT_MAGIC:
             raise CorruptPointError(f"corrupt point record {where}: not a cbt point")
-        if int(body.get("format_version", 0)) > POINT_VERSION:
+        version = body.get("format_version", 0)
+        if type(version) is not int:
+            raise CorruptPointError(f"corrupt point record {where}: format_version is not an "
+                                    "integer")
+        if version > POINT_VERSION:
             raise CorruptPointError(f"point record {where} is from a newer cbt; upgrade cbt")
         try:
-            return cls(
+            if not isinstance(body["disks"], list):
+                raise TypeError("disks is not a list")
+            record = cls(
                 id=body["id"], vm=body["vm"], created=body["created"],
                 consistency=body["consistency"],
                 consistency_reason=body["consistency_reason"], parent=body["parent"],
                 disks=[DiskRecord(**d) for d in body["disks"]],
                 bytes_new=body["bytes_new"], bytes_stored=body["bytes_stored"],
                 seconds=body["seconds"], warnings=body.get("warnings", []),
-                slot=body.get("slot"), hidden=bool(body.get("hidden", False)))
-        except (KeyError, TypeError) as exc:
+                slot=body.get("slot"), hidden=body.get("hidden", False))
+        except (KeyError, TypeError, AttributeError) as exc:
             raise CorruptPointError(f"corrupt point record {where}: {exc}") from None
+        problem = record.problem()
+        if problem is not None:
+            raise CorruptPointError(f"corrupt point record {where}: {problem}")
+        return record
+
+    def problem(self) -> str | None:
+        """What makes this record unusable (None: it keeps every rule cbt writes by).
+
+        The rules: ``id`` is ``<vm>.<YYYYMMDDTHHMMSSZ>[-N]`` and its vm part is ``vm``;
+        ``vm`` and every disk label pass :data:`NAME_RE`, labels unique; ``parent``
+        and each disk's ``base`` are point ids or None; strings are strings; integers
+        are integers (not bool, not float), from 0 to 2**63; ``block_size`` is a power
+        of two from :data:`MIN_BLOCK` to :data:`MAX_BLOCK`; ``blocks`` is
+        ``ceil(size / block_size)``; ``changed_blocks <= blocks``; ``seq >= 0``;
+        ``manifest_checksum`` is 64 hex digits; seconds are finite numbers >= 0.
+        """
+        m = POINT_ID_RE.match(self.id) if isinstance(self.id, str) else None
+        if m is None:
+            return f"id {self.id!r} is not <vm>.<YYYYMMDDTHHMMSSZ>[-N]"
+        if not isinstance(self.vm, str) or not NAME_RE.match(self.vm):
+            return f"invalid vm name {self.vm!r}"
+        if m.group("vm") != self.vm:
+            return f"id {self.id!r} is not a point of vm {self.vm!r}"
+        for key in ("created", "consistency", "consistency_reason"):
+            if not isinstance(getattr(self, key), str):
+                return f"{key} is not a string"
+        if self.slot is not None and not isinstance(self.slot, str):
+            return "slot is not a string"
+        if self.parent is not None and not is_point_id(self.parent):
+            return f"parent {self.parent!r} is not a point id"
+        if not isinstance(self.hidden, bool):
+            return "hidden is not true or false"
+        if not isinstance(self.warnings, list) or not all(isinstance(w, str)
+                                                          for w in self.warnings):
+            return "warnings are not a list of strings"
+        bad = _bad_numbers(self, ("bytes_new", "bytes_stored"))
+        if bad:
+            return bad
+        labels = [d.label for d in self.disks]
+        if len(set(map(repr, labels))) != len(labels):
+            return "a disk label appears twice"
+        for d in self.disks:
+            bad = d.problem()
+            if bad:
+                return bad
+        return None
 
     def summary(self) -> dict[str, Any]:
         """The keys of ``cbt list --json`` for one point."""
@@ -150,6 +242,19 @@ class PointRecord:
                       for d in self.disks],
             "bytes_new": self.bytes_new, "bytes_stored": self.bytes_stored,
         }
+
+
+def _bad_numbers(obj: DiskRecord | PointRecord, ints: tuple[str, ...]) -> str | None:
+    """The first of ``ints`` that is not an int from 0 to :data:`MAX_SIZE`, or a bad
+    ``seconds``; None when all are fine."""
+    for key in ints:
+        v = getattr(obj, key)
+        if type(v) is not int or not 0 <= v <= MAX_SIZE:
+            return f"{key} {v!r} is not an integer from 0 to 2**63"
+    v = obj.seconds
+    if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
+        return f"seconds {v!r} is not a number >= 0"
+    return None
 
 
 def id_order(point_id: str) -> tuple[str, int]:

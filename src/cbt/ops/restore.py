@@ -88,7 +88,7 @@ from cbt.format.pack import (
     decode_blob,
     pack_name,
 )
-from cbt.format.records import PointRecord
+from cbt.format.records import NAME_RE, PointRecord
 from cbt.repo.index import Index
 from cbt.repo.registry import kept_snapshots
 from cbt.repo.storage import Storage, StorageSpec
@@ -116,6 +116,7 @@ class RestoreRequest:
     progress: Callable[[int, int], None] | None = None  # (bytes done, bytes in all)
     instant: bool = False  # from the point's kept snapshots where there are some
     verify_snapshot: bool = True  # instant: re-hash a snapshot against the manifest
+    mode: int = 0o600  # permission bits of a new image file (one restored in place keeps its)
 
 
 @dataclass(frozen=True)
@@ -356,13 +357,31 @@ class _Target:
     block_size: int
     device: bool
     zero_rows: npt.NDArray[np.int64]  # blocks to make read as zeros
+    mode: int = 0o600  # of a new file
     zeroed: int = 0
+
+
+def image_name(point: PointRecord, label: str) -> str:
+    """``LABEL.img``, the file a disk restores to in the ``--to`` directory; a label that
+    is no plain name (a separator, ``..``, what :data:`NAME_RE` refuses) is an error."""
+    if not isinstance(label, str) or not NAME_RE.match(label) or "/" in label:
+        raise CbtValueError(f"point {point.id} has a disk label that is not a plain name: "
+                            f"{label!r}; refusing to restore it")
+    return f"{label}.img"
+
+
+def _check_mode(mode: int) -> int:
+    if type(mode) is not int or not 0 <= mode <= 0o777:
+        raise CbtValueError(f"invalid mode {mode!r}: give permission bits, 0 to 0o777")
+    return mode
 
 
 def _plan_targets(point: PointRecord, request: RestoreRequest) -> tuple[dict[str, Path],
                                                                          set[Path]]:
     """Label -> target path of every disk to restore, and the directories they are in."""
     to = Path(request.to)
+    _check_mode(request.mode)
+    names = {d.label: image_name(point, d.label) for d in point.disks}
     if request.disk is not None:
         if point.disk(request.disk) is None:
             raise CbtValueError(f"point {point.id} has no disk {request.disk!r} (it has "
@@ -374,7 +393,7 @@ def _plan_targets(point: PointRecord, request: RestoreRequest) -> tuple[dict[str
         raise CbtIOError(errno.ENOTDIR, f"not a directory: {to} (name one disk with "
                          "--disk LABEL to restore it to a file or device)")
     to.mkdir(parents=True, exist_ok=True)
-    return {d.label: to / f"{d.label}.img" for d in point.disks}, {to}
+    return {label: to / name for label, name in names.items()}, {to}
 
 
 def _check_target(final: Path, label: str, size: int, device: bool,
@@ -428,7 +447,7 @@ def _plan_target(vault: Vault, index: Index, point_id: str, label: str, manifest
         if not device:
             write_to = temp_name(final)
     target = _Target(label, final, write_to, manifest.disk_size, manifest.block_size, device,
-                     zero_rows)
+                     zero_rows, request.mode)
     jobs = plan_disk(vault.spec(), index, point_id, label, manifest, str(write_to), rows)
     return target, jobs
 
@@ -469,8 +488,12 @@ def _create_target(t: _Target) -> None:
     if t.device:
         return
     if t.write_to != t.final:
-        with open(t.write_to, "xb"):
-            pass
+        fd = os.open(t.write_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, t.mode)  # exactly the mode asked, whatever the umask
+        finally:
+            os.close(fd)
     os.truncate(t.write_to, t.size)
 
 
@@ -619,6 +642,8 @@ def instant_restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
     disk = request.disk
     if disk is not None and point.disk(disk) is None:
         raise CbtValueError(f"point {point.id} has no disk {disk!r}")
+    _check_mode(request.mode)
+    names = {d.label: image_name(point, d.label) for d in point.disks}
     entry = kept_snapshots(vault).get(point.id)
     kept = entry.disks if entry is not None else {}
     to = Path(request.to)
@@ -628,7 +653,7 @@ def instant_restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
     disks: list[RestoredDisk] = []
     warnings: list[str] = []
     for label in labels:
-        final = to if disk is not None else to / f"{label}.img"
+        final = to if disk is not None else to / names[label]
         disks.append(_instant_disk(vault, point, label, kept.get(label), final, request,
                                    warnings))
     return RestoreResult(point.id, disks, round(time.perf_counter() - started, 6), warnings)
@@ -649,7 +674,7 @@ def _instant_disk(vault: Vault, point: PointRecord, label: str, snap: str | None
         warnings.append(f"disk {label}: kept snapshot {snap} is gone; restoring from the "
                         "vault")
     r = restore(vault, RestoreRequest(point.id, final, disk=label, force=request.force,
-                                      workers=request.workers))
+                                      workers=request.workers, mode=request.mode))
     warnings += r.warnings
     return replace(r.disks[0], source="vault")
 
@@ -663,8 +688,10 @@ def _from_snapshot(vault: Vault, point: PointRecord, label: str, snap: str, fina
             reflink(snap, str(tmp))
             how = "reflink"
         except OSError:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
             copy_sparse(snap, tmp)
             how = "copy"
+        os.chmod(tmp, request.mode)
         manifest = vault.resolve(point, label)
         verify = request.verify_snapshot
         if verify:

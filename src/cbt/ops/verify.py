@@ -41,6 +41,7 @@ from cbt.format.pack import (
     CorruptPackError,
     blob_length,
     decode_blob,
+    is_pack_name,
     pack_id_of,
     pack_name,
     read_trailer,
@@ -334,8 +335,8 @@ def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
     quarantined: list[str] = []
     with writer_lock(vault.storage, wait, reveal_command=not vault.encrypted):
         for name in vault.storage.list("packs"):
-            if not name.endswith(".pack"):
-                continue
+            if not is_pack_name(name):
+                continue  # not laid out as a pack: neither read nor moved
             try:
                 content = vault.storage.get(name)
             except OSError:

@@ -37,7 +37,7 @@ import numpy.typing as npt
 
 from cbt.format import index_segment
 from cbt.format.index_segment import CorruptIndexError, prefix_keys
-from cbt.format.pack import CorruptPackError, pack_id_of, read_pack_trailer
+from cbt.format.pack import CorruptPackError, is_pack_name, pack_id_of, read_pack_trailer
 from cbt.repo.storage import Storage
 
 MERGE_AT = 16  # segments before a backup merges them into one
@@ -252,7 +252,7 @@ def load(storage: Storage, warnings: list[str] | None = None,
     covered = {p for part in parts for p in part["pack_ids"]}
     orphans = []
     for name in storage.list("packs"):
-        if not name.endswith(".pack") or pack_id_of(name) in covered:
+        if not is_pack_name(name) or pack_id_of(name) in covered:
             continue
         try:
             parts.append(trailer_part(storage, name))

@@ -33,17 +33,19 @@ import fcntl
 import json
 import mmap
 import os
+import stat
 import threading
 import time
 import uuid
 import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
-from cbt.core.durable import atomic_write, fsync_dir
-from cbt.core.errors import CbtError, CbtIOError
+from cbt.core.durable import durable_step, fsync_file
+from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 
 Buffers = bytes | bytearray | memoryview | list[bytes | bytearray]
 
@@ -196,139 +198,328 @@ class Storage(ABC):
         """A new handle on the exclusive lock ``name`` (not acquired yet)."""
 
 
+# -- names -----------------------------------------------------------------------------
+
+
+def name_parts(name: str, prefix: bool = False) -> list[str]:
+    """The ``/``-separated parts of a storage name, checked: relative, no empty, ``.`` or
+    ``..`` part, no NUL; else :class:`~cbt.core.errors.CbtValueError` (never a path outside
+    the root).  A ``prefix`` may be empty (the root) or end with ``/``."""
+    if not isinstance(name, str) or "\0" in name or name.startswith("/"):
+        raise CbtValueError(f"invalid name in a vault: {name!r}")
+    if prefix:
+        name = name.rstrip("/")
+        if not name:
+            return []
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise CbtValueError(f"invalid name in a vault: {name!r}")
+    return parts
+
+
 # -- a local directory ------------------------------------------------------------------
+
+_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # the root itself may be a link
+_DIR_FLAGS = _ROOT_FLAGS | os.O_NOFOLLOW
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # (a FIFO: no wait)
+FILE_MODE = 0o600  # files and directories a vault creates: its owner's only
+DIR_MODE = 0o700
 
 
 class LocalStorage(Storage):
-    """A vault in a local directory."""
+    """A vault in a local directory.
+
+    Nothing inside the root is trusted: every name is checked (:func:`name_parts`)
+    and opened component by component from the root with ``O_NOFOLLOW``, so a
+    symbolic link inside the vault is never followed (a link met on the way is an
+    ``ELOOP`` error; :meth:`list` skips links).  Only regular files are read.  The
+    root itself may be a link.  New directories are made 0700, files 0600.
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.fspath(root)
 
     @classmethod
     def create(cls, path: str | os.PathLike[str]) -> LocalStorage:
-        """A storage in a new or empty directory (made here, with its parents)."""
+        """A storage in a new or empty directory (made here, 0700, with its parents)."""
         p = Path(path)
         if p.exists() and not p.is_dir():
             raise CbtIOError(errno.ENOTDIR, f"not a directory: {p}")
         if p.is_dir() and any(p.iterdir()):
             raise CbtIOError(errno.ENOTEMPTY, f"directory not empty: {p} (cbt init needs a "
                              "new or empty directory)")
-        p.mkdir(parents=True, exist_ok=True)
+        if not p.is_dir():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.mkdir(DIR_MODE)
+            os.chmod(p, DIR_MODE)  # whatever the umask
         return cls(p)
 
     def spec(self) -> StorageSpec:
         return StorageSpec("local", self.root)
 
     def path(self, name: str) -> Path:
-        return Path(self.root, name)
+        """Where ``name`` is (for messages: cbt opens nothing by this path)."""
+        return Path(self.root, *name_parts(name, prefix=True))
 
     def _missing(self, name: str) -> CbtIOError:
         return CbtIOError(errno.ENOENT, f"missing from vault: {self.path(name)}")
 
-    def put(self, name: str, data: Buffers) -> None:
-        p = self.path(name)
-        parts = data if isinstance(data, list) else [data]
+    def _link(self, where: str | Path) -> CbtIOError:
+        return CbtIOError(errno.ELOOP, f"refusing a symbolic link inside the vault: {where} "
+                          "(cbt never follows links in a vault)")
 
-        def write(f: BinaryIO) -> None:
-            for part in parts:
-                f.write(part)
+    def _error(self, name: str, exc: OSError, verb: str) -> CbtIOError:
+        """An OSError met on ``name`` as cbt says it: missing, a link, or what failed."""
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return self._missing(name)
+        if exc.errno == errno.ELOOP:
+            return self._link(self.path(name))
+        return CbtIOError(exc.errno, f"cannot {verb} {self.path(name)}: {exc.strerror}")
 
+    @contextlib.contextmanager
+    def _dir(self, parts: list[str], create: bool = False,
+             durable: bool = True) -> Iterator[int]:
+        """A descriptor of the directory ``parts`` (from the root, never through a link);
+        ``create`` makes missing ones (0700), each new entry made durable if ``durable``."""
+        fd = os.open(self.root, _ROOT_FLAGS)
         try:
-            _ensure_dir(p.parent)
-            atomic_write(p, write)
+            for i, part in enumerate(parts):
+                try:
+                    sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    try:
+                        os.mkdir(part, DIR_MODE, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    else:
+                        if durable:
+                            os.fsync(fd)
+                            durable_step()
+                    sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(part, fd):
+                        raise self._link(Path(self.root, *parts[:i + 1])) from None
+                    raise
+                os.close(fd)
+                fd = sub
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open(self, name: str, flags: int = _READ_FLAGS, mode: int = FILE_MODE) -> int:
+        """A descriptor of the regular file ``name`` (never through a link), else OSError."""
+        parts = name_parts(name)
+        with self._dir(parts[:-1]) as dfd:
+            fd = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CbtIOError(errno.EINVAL, f"not a regular file: {self.path(name)}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def put(self, name: str, data: Buffers) -> None:
+        parts = name_parts(name)
+        chunks = data if isinstance(data, list) else [data]
+        base, tmp = parts[-1], f".{parts[-1]}.tmp-{os.getpid()}"
+        try:
+            with self._dir(parts[:-1], create=True) as dfd:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, FILE_MODE, dir_fd=dfd)
+                try:
+                    with open(fd, "wb") as f:
+                        for chunk in chunks:
+                            f.write(chunk)
+                        f.flush()
+                        fsync_file(f.fileno())
+                    os.replace(tmp, base, src_dir_fd=dfd, dst_dir_fd=dfd)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=dfd)
+                    raise
+                os.fsync(dfd)
+                durable_step()
+        except CbtIOError:
+            raise
         except OSError as exc:
-            raise CbtIOError(exc.errno, f"cannot write {p}: {exc.strerror}") from None
+            raise self._error(name, exc, "write") from None
 
     def get(self, name: str) -> bytes:
         try:
-            return self.path(name).read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            raise self._missing(name) from None
+            fd = self._open(name)
+        except CbtIOError:
+            raise
         except OSError as exc:
-            raise CbtIOError(exc.errno, f"cannot read {self.path(name)}: "
-                             f"{exc.strerror}") from None
+            raise self._error(name, exc, "read") from None
+        with open(fd, "rb") as f:
+            return f.read()
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         try:
-            with open(self.path(name), "rb") as f:
-                return os.pread(f.fileno(), length, offset)
-        except FileNotFoundError:
-            raise self._missing(name) from None
+            fd = self._open(name)
+        except CbtIOError:
+            raise
+        except OSError as exc:
+            raise self._error(name, exc, "read") from None
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
 
     def map(self, name: str) -> bytes | mmap.mmap:
         try:
-            with open(self.path(name), "rb") as f:
-                if os.fstat(f.fileno()).st_size == 0:
-                    return b""
-                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except FileNotFoundError:
-            raise self._missing(name) from None
+            fd = self._open(name)
+        except CbtIOError:
+            raise
+        except OSError as exc:
+            raise self._error(name, exc, "read") from None
+        try:
+            if os.fstat(fd).st_size == 0:
+                return b""
+            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+
+    def _lstat(self, name: str) -> os.stat_result:
+        parts = name_parts(name)
+        with self._dir(parts[:-1]) as dfd:
+            st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            raise self._link(self.path(name))
+        return st
 
     def stat(self, name: str) -> ObjectStat:
         try:
-            st = self.path(name).stat()
-        except FileNotFoundError:
-            raise self._missing(name) from None
+            st = self._lstat(name)
+        except CbtIOError:
+            raise
+        except OSError as exc:
+            raise self._error(name, exc, "stat") from None
         return ObjectStat(st.st_size, st.st_mtime)
 
     def exists(self, name: str) -> bool:
-        return self.path(name).is_file()
+        try:
+            return stat.S_ISREG(self._lstat(name).st_mode)
+        except OSError:
+            return False
 
     def list(self, prefix: str) -> list[str]:
-        base = self.path(prefix)
-        if not base.is_dir():
-            return []
+        parts = name_parts(prefix, prefix=True)
         out: list[str] = []
-        for dirpath, _dirs, files in os.walk(base):
-            rel = os.path.relpath(dirpath, self.root)
-            out.extend(f"{rel}/{f}" if rel != "." else f for f in files)
+        try:
+            with self._dir(parts) as fd:
+                _walk(fd, "".join(f"{p}/" for p in parts), out)
+        except CbtIOError:
+            raise
+        except (FileNotFoundError, NotADirectoryError):
+            return []
         return sorted(out)
 
     def delete(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path(name))
+        parts = name_parts(name)
+        try:
+            with self._dir(parts[:-1]) as dfd:
+                os.unlink(parts[-1], dir_fd=dfd)  # a link itself goes, never what it names
+        except (FileNotFoundError, NotADirectoryError):
+            pass
 
     def sync(self, prefix: str) -> None:
-        fsync_dir(self.path(prefix))
+        with self._dir(name_parts(prefix, prefix=True)) as fd:
+            os.fsync(fd)
+            durable_step()
 
     def rename(self, src: str, dst: str) -> None:
-        s, d = self.path(src), self.path(dst)
-        if not s.is_file():
-            raise self._missing(src)
+        s, d = name_parts(src), name_parts(dst)
         try:
-            _ensure_dir(d.parent)
-            os.rename(s, d)
-        except FileNotFoundError:
-            raise self._missing(src) from None
+            with self._dir(s[:-1]) as sfd:
+                if not stat.S_ISREG(os.stat(s[-1], dir_fd=sfd, follow_symlinks=False).st_mode):
+                    raise self._missing(src)
+                with self._dir(d[:-1], create=True) as dfd:
+                    os.rename(s[-1], d[-1], src_dir_fd=sfd, dst_dir_fd=dfd)
+                    os.fsync(dfd)
+                    durable_step()
+                if s[:-1] != d[:-1]:
+                    os.fsync(sfd)
+                    durable_step()
+        except CbtIOError:
+            raise
         except OSError as exc:
-            raise CbtIOError(exc.errno, f"cannot rename {s} to {d}: {exc.strerror}") from None
-        fsync_dir(d.parent)
-        if s.parent != d.parent:
-            fsync_dir(s.parent)
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise self._error(src, exc, "rename") from None
+            raise CbtIOError(exc.errno, f"cannot rename {self.path(src)} to {self.path(dst)}: "
+                             f"{exc.strerror}") from None
 
     def touch(self, name: str) -> None:
+        parts = name_parts(name)
         try:
-            os.utime(self.path(name))
-        except FileNotFoundError:
-            raise self._missing(name) from None
+            with self._dir(parts[:-1]) as dfd:
+                if stat.S_ISLNK(os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False).st_mode):
+                    raise self._link(self.path(name))
+                os.utime(parts[-1], dir_fd=dfd, follow_symlinks=False)
+        except CbtIOError:
+            raise
+        except OSError as exc:
+            raise self._error(name, exc, "touch") from None
 
     def make_prefix(self, prefix: str) -> None:
-        self.path(prefix).mkdir(exist_ok=True)
+        with self._dir(name_parts(prefix, prefix=True), create=True, durable=False):
+            pass
 
     def lock(self, name: str) -> StorageLock:
-        return _FileLock(os.fspath(self.path(name)))
+        name_parts(name)
+        return _FileLock(self, name)
+
+
+def _is_link(part: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(part, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _walk(fd: int, rel: str, out: list[str]) -> None:
+    """Append the regular files under the directory ``fd`` (named ``rel``) to ``out``,
+    descending into real directories only: a link is neither listed nor followed."""
+    with os.scandir(fd) as it:
+        entries = list(it)
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            try:
+                sub = os.open(e.name, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                continue  # gone, or replaced by a link meanwhile
+            try:
+                _walk(sub, f"{rel}{e.name}/", out)
+            finally:
+                os.close(sub)
+        elif e.is_file(follow_symlinks=False):
+            out.append(f"{rel}{e.name}")
 
 
 class _FileLock(StorageLock):
     """``flock`` on a file holding a line of JSON about the holder."""
 
-    def __init__(self, path: str) -> None:
-        self._path = path
+    def __init__(self, storage: LocalStorage, name: str) -> None:
+        self._storage = storage
+        self._name = name
+        self._path = storage.where(name)
         self._fd: int | None = None
 
+    def _open(self, flags: int) -> int:
+        try:
+            return self._storage._open(self._name, flags)
+        except CbtIOError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise
+            raise self._storage._error(self._name, exc, "open") from None
+
     def acquire(self, wait: float | None) -> None:
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = self._open(os.O_RDWR | os.O_CREAT)
         try:
             if wait is None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -356,10 +547,13 @@ class _FileLock(StorageLock):
 
     def _read(self) -> LockHolder:
         try:
-            with open(self._path, "rb") as f:
-                return LockHolder.from_json(f.read())
+            fd = self._open(os.O_RDONLY)
         except OSError:
             return LockHolder()
+        try:
+            return LockHolder.from_json(os.pread(fd, 4096, 0))
+        finally:
+            os.close(fd)
 
     def record(self, holder: LockHolder) -> None:
         assert self._fd is not None, "record() before acquire()"
@@ -379,7 +573,7 @@ class _FileLock(StorageLock):
 
     def holder(self) -> LockHolder | None:
         try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = self._open(_READ_FLAGS)
         except FileNotFoundError:
             return None
         try:
@@ -405,18 +599,6 @@ def _close_held_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_close_held_in_child)
-
-
-def _ensure_dir(d: Path) -> None:
-    """Create ``d`` and missing parents, fsyncing each new entry's parent directory."""
-    if d.is_dir():
-        return
-    _ensure_dir(d.parent)
-    try:
-        d.mkdir()
-    except FileExistsError:
-        return
-    fsync_dir(d.parent)
 
 
 # -- in memory ------------------------------------------------------------------------------
@@ -465,6 +647,7 @@ class MemoryStorage(Storage):
         return StorageSpec("memory", self.key)
 
     def _object(self, name: str) -> _Object:
+        name_parts(name)
         with self._mutex:
             obj = self._objects.get(name)
         if obj is None:
@@ -472,6 +655,7 @@ class MemoryStorage(Storage):
         return obj
 
     def put(self, name: str, data: Buffers) -> None:
+        name_parts(name)
         self._writable()
         parts = data if isinstance(data, list) else [data]
         obj = _Object(b"".join(parts), time.time())
@@ -489,16 +673,17 @@ class MemoryStorage(Storage):
         return ObjectStat(len(obj.data), obj.mtime)
 
     def exists(self, name: str) -> bool:
+        name_parts(name)
         with self._mutex:
             return name in self._objects
 
     def list(self, prefix: str) -> list[str]:
-        head = prefix.strip("/")
-        head = f"{head}/" if head else ""
+        head = "".join(f"{p}/" for p in name_parts(prefix, prefix=True))
         with self._mutex:
             return sorted(n for n in self._objects if n.startswith(head))
 
     def delete(self, name: str) -> None:
+        name_parts(name)
         self._writable()
         with self._mutex:
             self._objects.pop(name, None)
@@ -511,6 +696,8 @@ class MemoryStorage(Storage):
         pass  # a prefix exists by the names under it
 
     def rename(self, src: str, dst: str) -> None:
+        name_parts(src)
+        name_parts(dst)
         self._writable()
         with self._mutex:
             obj = self._objects.pop(src, None)
@@ -520,6 +707,7 @@ class MemoryStorage(Storage):
             raise CbtIOError(errno.ENOENT, f"missing from vault: {self.root}/{src}")
 
     def touch(self, name: str) -> None:
+        name_parts(name)
         self._writable()
         with self._mutex:
             obj = self._objects.get(name)
@@ -529,6 +717,7 @@ class MemoryStorage(Storage):
             raise CbtIOError(errno.ENOENT, f"missing from vault: {self.root}/{name}")
 
     def lock(self, name: str) -> StorageLock:
+        name_parts(name)
         self._writable()
         with self._mutex:
             slot = self._locks.setdefault(name, _LockSlot())
@@ -585,5 +774,6 @@ def open_storage(spec: StorageSpec) -> Storage:
     raise CbtIOError(errno.EINVAL, f"unknown storage kind {spec.kind!r}")
 
 
-__all__ = ["Buffers", "LocalStorage", "LockBusyError", "LockHolder", "MemoryStorage",
-           "ObjectStat", "Storage", "StorageLock", "StorageSpec", "open_storage"]
+__all__ = ["DIR_MODE", "FILE_MODE", "Buffers", "LocalStorage", "LockBusyError", "LockHolder",
+           "MemoryStorage", "ObjectStat", "Storage", "StorageLock", "StorageSpec", "name_parts",
+           "open_storage"]

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import errno
+import re
 
 from cbt.core.errors import CbtIOError
 from cbt.format.pack import CorruptPackError, pack_id_of, pack_name, read_trailer
@@ -22,6 +23,14 @@ TRASH = "trash"
 
 def trash_name(pack_id: str) -> str:
     return f"{TRASH}/{pack_id}.pack"
+
+
+_TRASHED = re.compile(r"^trash/[0-9a-f]{32}\.pack$")
+
+
+def is_trash_name(name: str) -> bool:
+    """Whether ``name`` is where :func:`trash_name` puts a pack (the only names gc removes)."""
+    return _TRASHED.match(name) is not None
 
 
 def move_to_trash(storage: Storage, pid: str) -> None:
@@ -38,6 +47,8 @@ def empty_trash(storage: Storage, before: float) -> int:
     """Delete the packs trashed before ``before`` (epoch seconds); returns how many."""
     n = 0
     for name in storage.list(TRASH):
+        if not is_trash_name(name):
+            continue  # not a pack gc trashed: never removed
         try:
             old = storage.stat(name).mtime < before
         except CbtIOError as exc:
@@ -58,7 +69,7 @@ def rescue(storage: Storage, missing: set[bytes]) -> set[bytes]:
     """
     still = set(missing)
     for name in storage.list(TRASH):
-        if not still or not name.endswith(".pack"):
+        if not still or not is_trash_name(name):
             continue
         try:
             entries = read_trailer(storage.get(name), name)

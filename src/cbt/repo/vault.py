@@ -48,10 +48,12 @@ from cbt.format import records
 from cbt.format.records import (
     VAULT_MAGIC,
     VAULT_VERSION,
+    CorruptPointError,
     NoSuchPointError,
     PointRecord,
     base_seq,
     id_order,
+    is_point_id,
 )
 from cbt.repo.keys import (
     KEYS_DIR,
@@ -334,24 +336,38 @@ class Vault:
 
     def point_names(self) -> list[str]:
         """The names of every point record (committed: temporary names are skipped)."""
-        return [n for n in self.storage.list("points")
-                if n.endswith(self.record_suffix) and not _base(n).startswith(".")]
+        return [n for n in self.storage.list("points") if n.count("/") == 1
+                and n.endswith(self.record_suffix) and not _base(n).startswith(".")]
 
     def point_ids(self) -> list[str]:
+        """The ids of every point record (by file name in an unencrypted vault: a name that
+        is no point id is still listed, and :meth:`load_point` says what is wrong with it)."""
         if self.keys is None:
-            return [_base(n)[:-5] for n in self.point_names()]
+            return [n[len("points/"):-5] for n in self.point_names()]
         return [r.id for r in self._read_points()]
 
     def load_point(self, point_id: str) -> PointRecord:
+        """The record of ``point_id``, checked (:meth:`_read_point`)."""
+        if self.keys is None and not is_point_id(point_id):
+            raise CorruptPointError(f"corrupt point record "
+                                    f"{self.storage.where(self.point_name(point_id))}: the "
+                                    "file name is not <point id>.json")
         return self._read_point(self.point_name(point_id))
 
     def _read_point(self, name: str) -> PointRecord:
-        record = PointRecord.from_json(self.get_sealed("point", name), self.storage.where(name))
+        """The record in ``name``, checked: it keeps the rules of :meth:`PointRecord.problem`,
+        it is the point ``name`` is the name of, and each disk names the manifest
+        :meth:`manifest_name` gives; else :class:`CorruptPointError` naming the file."""
+        where = self.storage.where(name)
+        record = PointRecord.from_json(self.get_sealed("point", name), where)
         if self.point_name(record.id) != name:
-            from cbt.format.records import CorruptPointError
-
-            raise CorruptPointError(f"corrupt point record {self.storage.where(name)}: it "
-                                    f"holds point {record.id}, which is not its name")
+            raise CorruptPointError(f"corrupt point record {where}: it holds point "
+                                    f"{record.id}, which is not its name")
+        for d in record.disks:
+            if d.manifest != self.manifest_name(record.id, d.label):
+                raise CorruptPointError(f"corrupt point record {where}: disk {d.label} names "
+                                        f"manifest {d.manifest!r}, not "
+                                        f"{self.manifest_name(record.id, d.label)!r}")
         return record
 
     def _read_points(self) -> list[PointRecord]:
@@ -406,15 +422,22 @@ class Vault:
         disk = point.disk(label)
         if disk is None:
             raise NoSuchPointError(f"point {point.id} has no disk {label!r}")
+        name = self.manifest_name(point.id, label)
         if opened is not None:
-            opened.append(disk.manifest)
+            opened.append(name)
         from cbt.format.manifest import Delta
 
-        m = self.read_manifest_file(disk.manifest)
+        m = self.read_manifest_file(name)
         if isinstance(m, Delta):
             if disk.base is None:
                 raise NoSuchPointError(f"point {point.id} disk {label}: delta without a base")
-            base = self.resolve(self.load_point(disk.base), label, opened)
+            base_point = self.load_point(disk.base)
+            base_disk = base_point.disk(label)
+            if base_disk is not None and base_disk.seq >= disk.seq:
+                # a chain goes down to seq 0: this one would loop
+                raise CorruptPointError(f"point {point.id} disk {label}: its base "
+                                        f"{base_point.id} is not earlier in the chain")
+            base = self.resolve(base_point, label, opened)
             full = m.apply(base)
         else:
             full = m

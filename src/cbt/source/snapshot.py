@@ -28,6 +28,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +215,7 @@ def take(vm: str, job: str, disks: dict[str, str], providers: dict[str, str],
             d = snapshot_dir_for(path, vm, snapshot_dir)
             d.mkdir(parents=True, exist_ok=True)
             dst = d / f"{label}.{job}.img"
+            mode = stat.S_IMODE(os.stat(path).st_mode)  # the snapshot keeps the disk's mode
             if provider == "reflink":
                 try:
                     reflink(path, str(dst))
@@ -224,6 +226,11 @@ def take(vm: str, job: str, disks: dict[str, str], providers: dict[str, str],
                 snaps.bases[label] = (str(dst), str(d / f"{label}.base.img"))
             else:  # copy
                 try:
+                    # made 0600 first: never readable by more than the disk, even briefly
+                    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                    os.fchmod(fd, 0o600)
+                    os.close(fd)
+                    snaps.created.append(str(dst))
                     copy_sparse(path, dst)
                 except OSError as exc:
                     raise SnapshotError(exc.errno, f"copy snapshot of {path} failed: "
@@ -231,7 +238,9 @@ def take(vm: str, job: str, disks: dict[str, str], providers: dict[str, str],
                 snaps.warnings.append(f"disk {label}: copy snapshot of "
                                       f"{os.path.getsize(path)} bytes (slow: every byte is "
                                       "copied; use XFS or btrfs for reflink snapshots)")
-            snaps.created.append(str(dst))
+            if str(dst) not in snaps.created:
+                snaps.created.append(str(dst))
+            os.chmod(dst, mode)
             snaps.read_paths[label] = str(dst)
     except BaseException:
         snaps.discard()
