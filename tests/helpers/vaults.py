@@ -233,6 +233,40 @@ def day1_blob(vh: History3) -> tuple[Path, bytes, int, int]:
     raise AssertionError("no such blob")
 
 
+# -- a vault as an attacker writes it (issue 11) ---------------------------------------------
+
+
+def forge_record(vault: Path, point: str, change: Any, name: str | None = None) -> Path:
+    """Rewrite ``points/<point>.json`` of an unencrypted vault with ``change(body)`` applied
+    and its checksum recomputed, as anyone can (an unkeyed BLAKE3 of the canonical JSON);
+    written as ``points/<name>.json`` when ``name`` is given."""
+    path = vault / "points" / f"{point}.json"
+    body = json.loads(path.read_text())
+    del body["checksum"]
+    change(body)
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    body["checksum"] = blake3.blake3(canonical.encode()).hexdigest()
+    out = vault / "points" / f"{name or point}.json"
+    out.write_text(json.dumps(body, sort_keys=True, indent=1) + "\n")
+    return out
+
+
+def two_point_vault(root: Path) -> tuple[Path, list[str]]:
+    """``root/vault``: two points of VM ``web`` (disks os and db, 64 KiB blocks), the
+    second's db a delta on the first's; returns the vault and the point ids."""
+    import cbt as cbt_api
+
+    fs_image(root / "os.img", MIB, 1)
+    vault = cbt_api.Vault.init(root / "vault")
+    ids = []
+    for day, seed in ((1, 3), (2, 4)):
+        fs_image(root / "db.img", 512 * KIB, seed)
+        p = vault.backup("web", [f"os={root / 'os.img'}", f"db={root / 'db.img'}"],
+                         block_size=64 * KIB, workers=1, created=f"2026-01-0{day}T02:00:00Z")
+        ids.append(p.id)
+    return root / "vault", ids
+
+
 # -- encrypted vaults ------------------------------------------------------------------------
 
 PASSWORD = "test passphrase 11"

@@ -300,6 +300,7 @@ _LINE = re.compile(r"^(\d+)\s+(.*)$")
 _FSYNC = re.compile(r"^f(?:data)?sync\(\d+<(.*)>")
 _RENAME = re.compile(r"^rename(?:at2?)?\(")
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_AT_DIR = re.compile(r'\d+<([^>]*)>, "((?:[^"\\]|\\.)*)"')
 Event = tuple[str, str, str, str]  # pid, "fsync" or "rename", path or old name, new name
 
 
@@ -323,7 +324,11 @@ def _trace_events(path: Path, cwd: Path) -> list[Event]:
         if f:
             events.append((pid, "fsync", f.group(1), ""))
         elif _RENAME.match(rest):
-            old, new = _QUOTED.findall(rest)[-2:]
+            at = _AT_DIR.findall(rest)  # renameat(dirfd<dir>, "name", dirfd<dir>, "name")
+            if len(at) == 2:
+                old, new = (os.path.join(d, n) for d, n in at)
+            else:
+                old, new = _QUOTED.findall(rest)[-2:]
             old, new = (p if p.startswith("/") else str(cwd / p) for p in (old, new))
             events.append((pid, "rename", old, new))
     return events

@@ -269,7 +269,7 @@ def test_local_lock_file_holds_the_holder_json(tmp_path: Path) -> None:
     assert list(info) == ["pid", "host", "command", "since", "since_ts"]
     assert info["pid"] == os.getpid()
     assert (tmp_path / "lock").read_bytes() == LockHolder(**info).to_json()
-    assert oct((tmp_path / "lock").stat().st_mode & 0o777) == oct(0o644 & ~_umask())
+    assert oct((tmp_path / "lock").stat().st_mode & 0o777) == oct(0o600 & ~_umask())
 
 
 def _umask() -> int:
