@@ -249,7 +249,7 @@ BAD_RECORDS: dict[str, Callable[[dict[str, Any]], None]] = {
     "block size too small": set_disk("block_size", 2048),
     "block size too large": set_disk("block_size", 8 << 20),
     "blocks disagree with size": set_disk("blocks", 3),
-    "more changed blocks than blocks": set_disk("changed_blocks", 10**6),
+    "changed blocks negative": set_disk("changed_blocks", -1),
     "seq negative": set_disk("seq", -2),
     "base not a point id": set_disk("base", "/etc/passwd"),
     "parent not a point id": set_key("parent", "../../x"),

@@ -107,8 +107,6 @@ class DiskRecord:
             return f"{where}: block_size {bs} is not a power of two from 4K to 4M"
         if self.blocks != -(-self.size // bs):
             return f"{where}: {self.blocks} blocks do not make {self.size} bytes"
-        if self.changed_blocks > self.blocks:
-            return f"{where}: more changed blocks than blocks"
         if self.base is not None and not is_point_id(self.base):
             return f"{where}: base {self.base!r} is not a point id"
         return None
@@ -199,7 +197,8 @@ class PointRecord:
         and each disk's ``base`` are point ids or None; strings are strings; integers
         are integers (not bool, not float), from 0 to 2**63; ``block_size`` is a power
         of two from :data:`MIN_BLOCK` to :data:`MAX_BLOCK`; ``blocks`` is
-        ``ceil(size / block_size)``; ``changed_blocks <= blocks``; ``seq >= 0``;
+        ``ceil(size / block_size)`` (``changed_blocks`` may exceed it: a disk that shrank
+        counts the blocks it lost); ``seq >= 0``;
         ``manifest_checksum`` is 64 hex digits; seconds are finite numbers >= 0.
         """
         m = POINT_ID_RE.match(self.id) if isinstance(self.id, str) else None
