@@ -18,11 +18,11 @@ import argparse
 
 from cbt.cli._common import EXIT_OK, PassphraseFinder, add_json, print_json
 
-KDF_LOG_N_MIN, KDF_LOG_N_MAX = 10, 24
+KDF_LOG_N_MIN, KDF_LOG_N_MAX = 10, 20  # 20: 1 GiB, the most a key slot may ask
 
 
 def kdf_log_n_arg(text: str) -> int:
-    """argparse type of ``--kdf-log-n``: an integer in 10..24."""
+    """argparse type of ``--kdf-log-n``: an integer in 10..20."""
     try:
         value = int(text)
     except ValueError:
@@ -39,7 +39,7 @@ def add_kdf_log_n(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kdf-log-n", type=kdf_log_n_arg, default=KdfParams().log_n, metavar="N",
                    help="scrypt cost of the passphrase's key slot: 2^N iterations and "
                         "2^N x 1 KiB of memory (default 17: 128 MiB, about half a second "
-                        "to open the vault; 10..24). Higher makes guessing a passphrase "
+                        "to open the vault; 10..20). Higher makes guessing a passphrase "
                         "dearer and every opening slower")
 
 

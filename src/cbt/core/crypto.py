@@ -98,17 +98,40 @@ class KdfParams(NamedTuple):
     p: int = 1
 
     def check(self) -> None:
-        if not (10 <= self.log_n <= 24 and 1 <= self.r <= 32 and 1 <= self.p <= 16):
-            raise CbtValueError(f"scrypt parameters out of range: log_n {self.log_n} (10-24), "
+        """Refuse costs out of bounds (a key slot is vault input: an attacker's slot must
+        not make every opening allocate gigabytes or run for minutes)."""
+        if not (10 <= self.log_n <= 20 and 1 <= self.r <= 32 and 1 <= self.p <= 16):
+            raise CbtValueError(f"scrypt parameters out of range: log_n {self.log_n} (10-20), "
                                 f"r {self.r} (1-32), p {self.p} (1-16)")
+        if self.memory > MAX_KDF_MEMORY or self.work > MAX_KDF_WORK:
+            raise CbtValueError(f"scrypt cost too high: log_n {self.log_n}, r {self.r}, "
+                                f"p {self.p} (at most {MAX_KDF_MEMORY >> 20} MiB and "
+                                f"{MAX_KDF_WORK // KdfParams().work} times the default work)")
 
     @property
     def memory(self) -> int:
-        return 128 * self.r * (1 << self.log_n) * self.p
+        """Bytes scrypt allocates: 128 * r * (N + p + 2)."""
+        return 128 * self.r * ((1 << self.log_n) + self.p + 2)
+
+    @property
+    def work(self) -> int:
+        """scrypt's work, N * r * p (the time it takes grows with it)."""
+        return (1 << self.log_n) * self.r * self.p
+
+    @property
+    def maxmem(self) -> int:
+        """The memory limit given to scrypt (below 2 GiB, OpenSSL's bound)."""
+        return self.memory + (1 << 20)
+
+
+# The highest scrypt costs a key slot may ask for: 1 GiB (N = 2**20 at r = 8, what
+# ``cbt init --kdf-log-n 20`` makes) and 16 times the default's work.
+MAX_KDF_MEMORY = (1 << 30) + (1 << 16)
+MAX_KDF_WORK = 16 * (1 << 17) * 8
 
 
 def stretch(passphrase: bytes, salt: bytes, params: KdfParams) -> bytes:
     """The 32-byte key-encryption key of ``passphrase`` (scrypt with ``params``)."""
     params.check()
     return hashlib.scrypt(passphrase, salt=salt, n=1 << params.log_n, r=params.r, p=params.p,
-                          maxmem=2 * params.memory + (1 << 20), dklen=KEY_SIZE)
+                          maxmem=params.maxmem, dklen=KEY_SIZE)

@@ -224,9 +224,10 @@ class Vault:
             raise VaultVersionError(f"vault {where}: config names an unknown encryption "
                                     f"{config.get('encryption')!r} or block ids "
                                     f"{config.get('id_key')!r}")
-        if plain and storage.list(KEYS_DIR):
+        if plain and (storage.list(KEYS_DIR) or _holds_sealed(storage)):
             raise VaultVersionError(f"vault {where}: config says unencrypted but the vault holds "
-                                    "keys (altered config?); refusing to write plaintext into it")
+                                    "keys or sealed files (altered config?); refusing to write "
+                                    "plaintext into it")
         if not isinstance(config.get("id"), str):
             raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (config has no id)")
         return config
@@ -523,6 +524,11 @@ def unlock(storage: Storage, config: dict[str, Any], passphrase: bytes) -> Vault
                                     "authentication (altered?)")
         return keys
     raise WrongPassphraseError("wrong passphrase")
+
+
+def _holds_sealed(storage: Storage) -> bool:
+    """Whether any point record or index segment is a sealed file (an encrypted vault's)."""
+    return any(n.endswith(SEALED) for sub in ("points", "index") for n in storage.list(sub))
 
 
 def _base(name: str) -> str:
