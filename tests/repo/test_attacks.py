@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 from helpers import KIB
-from helpers.cli import cbt
+from helpers.cli import cbt, cbt_argv, clean_env
 from helpers.images import fs_image
 from helpers.vaults import PASSWORD, encrypted_env, fast_kdf, vault_state
 
 import cbt as cbt_api
 from cbt.core.crypto import KdfParams
+from cbt.format.records import CorruptPointError
 from cbt.repo.keys import BadKeySlotError, KeySlot
 
 
@@ -91,3 +93,105 @@ def test_the_costliest_scrypt_allowed_runs(tmp_path: Path) -> None:
     top.check()
     assert top.maxmem < 2**31 - 1
 
+
+
+# -- crafted files of an unencrypted vault (anyone can recompute their checksums) -----------
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from helpers.vaults import two_point_vault
+
+    return two_point_vault(tmp_path_factory.mktemp("plain"))[0]
+
+
+def _rewrite_arrow(path: Path, meta_key: bytes, value: bytes) -> None:
+    import pyarrow as pa
+
+    table = pa.ipc.open_file(path.read_bytes()).read_all()
+    meta = dict(table.schema.metadata)
+    meta[meta_key] = value
+    table = table.replace_schema_metadata(meta)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    path.write_bytes(sink.getvalue().to_pybytes())
+
+
+def test_a_segment_whose_version_is_no_number_is_named_not_a_traceback(plain: Path,
+                                                                       tmp_path: Path) -> None:
+    vault = tmp_path / "vault"
+    shutil.copytree(plain, vault)
+    segment = sorted((vault / "index").glob("*.arrow"))[0]
+    _rewrite_arrow(segment, b"cbt.format_version", b"x")
+    for argv in (("restore", vault, "web.latest", "--to", tmp_path / "out"),
+                 ("verify", vault, "--data")):
+        r = cbt(*argv)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and str(segment) in r.stderr
+
+
+def _huge_delta(vault: Path, point: str, record_too: bool) -> Path:
+    """The db delta of ``point`` rewritten to describe a 1 PiB disk (a few rows: the file
+    stays small), its checksums recomputed; with ``record_too`` the record says so too."""
+    import blake3
+    from helpers.vaults import forge_record
+
+    from cbt.format.manifest import Delta, read_manifest_bytes
+
+    path = vault / "manifests" / point / "db.arrow"
+    delta = read_manifest_bytes(path.read_bytes(), str(path))
+    assert isinstance(delta, Delta)
+    delta.disk_size = 1 << 50
+    path.write_bytes(delta.to_bytes())
+    digest = blake3.blake3(path.read_bytes()).hexdigest()
+
+    def change(body: dict[str, object]) -> None:
+        disks = body["disks"]
+        assert isinstance(disks, list)
+        db = next(d for d in disks if d["label"] == "db")
+        db["manifest_checksum"] = digest
+        if record_too:
+            db.update(size=1 << 50, blocks=(1 << 50) // db["block_size"])
+
+    forge_record(vault, point, change)
+    return path
+
+
+@pytest.mark.parametrize("record_too", [False, True])
+def test_a_delta_claiming_a_huge_disk_is_refused_not_allocated(plain: Path, tmp_path: Path,
+                                                               record_too: bool) -> None:
+    import resource
+
+    vault = tmp_path / "vault"
+    shutil.copytree(plain, vault)
+    points = sorted(p.stem for p in (vault / "points").glob("*.json"))
+    path = _huge_delta(vault, points[1], record_too)
+    before = vault_state(vault)
+    limit = (4 << 30, 4 << 30)  # a 1 PiB disk's digests would be 256 GiB: fail, not swap
+    for argv in (("restore", vault, points[1], "--to", tmp_path / "out"), ("verify", vault),
+                 ("gc", vault), ("show", vault, points[1], "--manifest", "db", "-o",
+                                 tmp_path / "m.arrow")):
+        r = subprocess.run(cbt_argv(*argv), capture_output=True, text=True, check=False,
+                           env=clean_env(None), timeout=60,
+                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, limit))
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and str(path) in r.stderr
+    assert vault_state(vault) == before
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_record_whose_time_is_no_time_is_corrupt_naming_its_file(plain: Path,
+                                                                    tmp_path: Path) -> None:
+    from helpers.vaults import forge_record
+
+    vault = tmp_path / "vault"
+    shutil.copytree(plain, vault)
+    point = sorted(p.stem for p in (vault / "points").glob("*.json"))[0]
+    path = forge_record(vault, point, lambda body: body.update(created="garbage"))
+    with pytest.raises(CorruptPointError, match=str(path)):
+        cbt_api.Vault.open(vault).load_point(point)
+    path = forge_record(vault, point, lambda body: body.update(created="2026-01-01T02:00:00Z",
+                                                             slot="soon"))
+    with pytest.raises(CorruptPointError, match="slot 'soon'"):
+        cbt_api.Vault.open(vault).load_point(point)

@@ -86,7 +86,12 @@ def read_segment(data: bytes, where: str) -> dict[str, Any]:
         raise CorruptIndexError(str(exc)) from None
     if meta.get("cbt.magic") != INDEX_MAGIC:
         raise CorruptIndexError(f"corrupt index segment {where}: not a cbt index")
-    if int(meta.get("cbt.format_version", "0")) > INDEX_VERSION:
+    try:
+        version = int(meta.get("cbt.format_version", "0"))
+    except ValueError:
+        raise CorruptIndexError(f"corrupt index segment {where}: format version is not an "
+                                "integer") from None
+    if version > INDEX_VERSION:
         raise CorruptIndexError(f"index segment {where} is from a newer cbt")
     n = table.num_rows
 

@@ -26,6 +26,7 @@ from typing import Any
 import blake3
 
 from cbt.core.errors import CbtError, CbtValueError
+from cbt.core.timefmt import parse_now
 
 # Do not modify: identifies every point record ever written.
 POINT_MAGIC = "cbt-point"
@@ -211,8 +212,10 @@ class PointRecord:
         for key in ("created", "consistency", "consistency_reason"):
             if not isinstance(getattr(self, key), str):
                 return f"{key} is not a string"
-        if self.slot is not None and not isinstance(self.slot, str):
-            return "slot is not a string"
+        if _bad_time(self.created):
+            return f"created {self.created!r} is not an ISO 8601 time with an offset"
+        if self.slot is not None and (not isinstance(self.slot, str) or _bad_time(self.slot)):
+            return f"slot {self.slot!r} is not an ISO 8601 time with an offset"
         if self.parent is not None and not is_point_id(self.parent):
             return f"parent {self.parent!r} is not a point id"
         if not isinstance(self.hidden, bool):
@@ -241,6 +244,15 @@ class PointRecord:
                       for d in self.disks],
             "bytes_new": self.bytes_new, "bytes_stored": self.bytes_stored,
         }
+
+
+def _bad_time(text: str) -> bool:
+    """Whether ``text`` is no time cbt can read back (prune and the scheduler parse them)."""
+    try:
+        parse_now(text)
+    except CbtError:
+        return True
+    return False
 
 
 def _bad_numbers(obj: DiskRecord | PointRecord, ints: tuple[str, ...]) -> str | None:

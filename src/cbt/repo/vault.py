@@ -429,6 +429,10 @@ class Vault:
         from cbt.format.manifest import Delta
 
         m = self.read_manifest_file(name)
+        if (m.disk_size, m.block_size) != (disk.size, disk.block_size):
+            raise CorruptPointError(f"corrupt manifest {self.storage.where(name)}: "
+                                    f"{m.disk_size} bytes in blocks of {m.block_size}, where "
+                                    f"point {point.id} says {disk.size} in {disk.block_size}")
         if isinstance(m, Delta):
             if disk.base is None:
                 raise NoSuchPointError(f"point {point.id} disk {label}: delta without a base")
@@ -439,7 +443,11 @@ class Vault:
                 raise CorruptPointError(f"point {point.id} disk {label}: its base "
                                         f"{base_point.id} is not earlier in the chain")
             base = self.resolve(base_point, label, opened)
-            full = m.apply(base)
+            try:
+                full = m.apply(base)
+            except MemoryError:
+                raise CorruptPointError(f"manifest {self.storage.where(name)}: its "
+                                        f"{disk.blocks} blocks do not fit in memory") from None
         else:
             full = m
         full.source = disk.path
