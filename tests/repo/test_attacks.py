@@ -195,3 +195,21 @@ def test_a_record_whose_time_is_no_time_is_corrupt_naming_its_file(plain: Path,
                                                              slot="soon"))
     with pytest.raises(CorruptPointError, match="slot 'soon'"):
         cbt_api.Vault.open(vault).load_point(point)
+
+
+# -- permissions of what a vault command writes outside the vault ---------------------------
+
+
+def test_show_manifest_output_is_0600_even_under_umask_0(vault: Path, tmp_path: Path) -> None:
+    """The exported manifest holds the disk's path, label and the vault's block ids, which
+    the encrypted vault hides: it is created 0600, like a restored image."""
+    import os
+    import stat
+
+    out = tmp_path / "m.arrow"
+    r = subprocess.run(cbt_argv("show", vault, "web.latest", "--manifest", "os", "-o", out),
+                       capture_output=True, text=True, check=False,
+                       env=clean_env(encrypted_env(tmp_path)), timeout=60,
+                       preexec_fn=lambda: os.umask(0))
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", metavar="LABEL",
                    help="write this disk's resolved manifest to the -o file")
     p.add_argument("-o", "--output", metavar="FILE",
-                   help="with --manifest: the Arrow IPC file to write")
+                   help="with --manifest: the Arrow IPC file to write (created 0600)")
     p.add_argument("--force", action="store_true", help="replace an existing -o file")
     add_password_file(p)
     add_json(p)
@@ -79,7 +79,7 @@ def _export(vault: Vault, point: PointRecord, args: argparse.Namespace) -> int:
                    created=m.created,
                    metadata={DIGEST_KIND: kind, VAULT_ID: str(vault.config["id"]),
                              "cbt.recovery_point": point.id, "cbt.disk": args.manifest})
-    out.write(args.output)
+    out.write(args.output, 0o600)  # what the vault holds: as private as a restored image
     if args.json:
         print_json({"manifest": os.path.abspath(args.output), "recovery_point": point.id,
                     "disk": args.manifest, "blocks": out.blocks, "block_size": out.block_size,

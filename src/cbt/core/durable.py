@@ -89,14 +89,15 @@ def temp_name(target: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(target: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+def atomic_file(target: str | os.PathLike[str], mode: int = 0o666) -> Iterator[BinaryIO]:
     """Open a temporary file that becomes ``target`` only if the block completes.
 
-    On any exception the temporary file is removed and ``target`` is untouched.
+    The file is created with ``mode`` (less the umask).  On any exception the
+    temporary file is removed and ``target`` is untouched.
     """
     final = Path(target)
     tmp = temp_name(final)
-    f = open(tmp, "xb")  # noqa: SIM115 (closed on both paths below)
+    f = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), "wb")
     try:
         yield f
         f.flush()
@@ -112,7 +113,9 @@ def atomic_file(target: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     fsync_dir(final.parent)
 
 
-def atomic_write(target: str | os.PathLike[str], writer: Callable[[BinaryIO], None]) -> None:
-    """Durably create ``target`` with what ``writer`` writes to the file it is given."""
-    with atomic_file(target) as f:
+def atomic_write(target: str | os.PathLike[str], writer: Callable[[BinaryIO], None],
+                 mode: int = 0o666) -> None:
+    """Durably create ``target`` (``mode`` less the umask) with what ``writer`` writes to the
+    file it is given."""
+    with atomic_file(target, mode) as f:
         writer(f)

@@ -145,14 +145,15 @@ class Manifest:
         return Delta(self.block_size, self.disk_size, rows, self.digests[rows],
                      self.flags[rows])
 
-    def write(self, path: str | os.PathLike[str]) -> None:
-        """Durably write the manifest to ``path`` (temporary name, fsync, rename)."""
+    def write(self, path: str | os.PathLike[str], mode: int = 0o666) -> None:
+        """Durably write the manifest to ``path`` (temporary name, fsync, rename), created
+        with ``mode`` less the umask."""
         data = self.to_bytes()
 
         def write_all(f: BinaryIO) -> None:
             f.write(data)
 
-        atomic_write(path, write_all)
+        atomic_write(path, write_all, mode)
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> Manifest:
