@@ -213,3 +213,42 @@ def test_show_manifest_output_is_0600_even_under_umask_0(vault: Path, tmp_path: 
                        preexec_fn=lambda: os.umask(0))
     assert r.returncode == 0, r.stderr
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+# -- job records: what the next job of a VM does with a dead job's leftovers ---------------
+
+
+def _job_config(root: Path, disk: Path) -> Path:
+    cfg = root / "cbt.toml"
+    cfg.write_text(f'vault = "vault"\n[policy.daily]\nschedule = "daily 02:00"\n'
+                   f'instant_restore_days = 2\n[vm.web]\npolicy = "daily"\n'
+                   f'disks = {{ os = "{disk}" }}\nsnapshot = "copy"\nsnapshot_dir = "snaps"\n')
+    return cfg
+
+
+@pytest.mark.parametrize("job_id", ["", "web", "web.2", "web.20200101T000000Z.000000"])
+def test_a_forged_running_job_cannot_make_recovery_delete_other_snapshots(
+        tmp_path: Path, job_id: str) -> None:
+    """Recovery removes the snapshots a dead job left, found by the job's id in their names:
+    a forged record of a ``running`` job whose id is short (``""`` is in every name) made
+    it delete every kept snapshot of the VM, files on the host the vault does not own."""
+    disk = tmp_path / "os.img"
+    fs_image(disk, 512 * KIB, 1)
+    cbt_api.Vault.init(tmp_path / "vault")
+    cfg = _job_config(tmp_path, disk)
+    r = cbt("backup", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    snaps = tmp_path / "snaps" / "web"
+    kept = sorted(p.name for p in snaps.iterdir())
+    assert kept  # the first job's snapshot, kept for instant restore
+    (snaps / "other.2.img").write_bytes(b"not cbt's")
+    record = {"id": job_id, "vm": "web", "policy": "daily", "start": "2026-01-01T00:00:00Z",
+              "status": "running", "hook_pending": False}
+    (tmp_path / "vault" / "jobs" / "web.20260101T000000Z.abcdef.json").write_text(
+        json.dumps(record))
+    fs_image(disk, 512 * KIB, 2)
+    r = cbt("backup", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    left = {p.name for p in snaps.iterdir()}
+    assert set(kept) <= left and "other.2.img" in left

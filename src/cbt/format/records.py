@@ -39,6 +39,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # ``<vm>.<YYYYMMDDTHHMMSSZ>``, with ``-N`` (N >= 2) when that second was taken.
 POINT_ID_RE = re.compile(r"^(?P<vm>[A-Za-z0-9][A-Za-z0-9_-]{0,63})\.[0-9]{8}T[0-9]{6}Z"
                          r"(?:-[1-9][0-9]{0,8})?$")
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.[0-9]{8}T[0-9]{6}Z\.[0-9a-f]{6}$")
 # Bounds a record read from a vault must keep (the core's block sizes: a test checks
 # them against ``cbt.core.native.fast``; this module stays free of the compiled core).
 MIN_BLOCK = 4096
@@ -60,6 +61,13 @@ def check_name(kind: str, name: str) -> str:
         raise CbtValueError(f"invalid {kind} {name!r}: use letters, digits, '_' and '-', "
                             "starting with a letter or digit, at most 64 characters")
     return name
+
+
+def is_job_id(value: object, vm: str) -> bool:
+    """Whether ``value`` is the id of a job of ``vm``: ``<vm>.<YYYYMMDDTHHMMSSZ>.<6 hex>``
+    (recovery finds a dead job's snapshots by it: anything shorter would match others')."""
+    return isinstance(value, str) and JOB_ID_RE.match(value) is not None \
+        and value.rsplit(".", 2)[0] == vm
 
 
 def is_point_id(value: object) -> bool:

@@ -17,7 +17,7 @@ The records themselves (their JSON layout) are in :mod:`cbt.format.records`.
 
 from __future__ import annotations
 
-from cbt.format.records import JobRecord, KeptSnapshots
+from cbt.format.records import JobRecord, KeptSnapshots, is_job_id
 from cbt.repo.vault import Vault
 
 JOBS_DIR = "jobs"
@@ -51,6 +51,11 @@ def list_jobs(vault: Vault, vm: str | None = None,
             rec = JobRecord.from_json(vault.get_sealed("job", name))
         except (ValueError, OSError) as exc:
             _skipped(warnings, "job", vault.storage.where(name), exc)
+            continue
+        if not is_job_id(rec.id, rec.vm) or vault.job_name(rec.id) != name:
+            _skipped(warnings, "job", vault.storage.where(name),
+                     ValueError(f"job id {rec.id!r} is not a job of VM {rec.vm!r} named "
+                                "by its file"))
             continue
         if vm is None or rec.vm == vm:
             out.append(rec)
