@@ -273,6 +273,9 @@ def _check_pack(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64]
         # trailer lost (a cut pack): the blob headers still say what is where
         listed = {(d, off, stored) for d, off, stored, _raw in scan_blobs(blob)}
     entries = {p: index.entry(p) for p in pos.tolist()}
+    if any((e.digest, e.offset, e.stored) not in listed for e in entries.values()):
+        # a trailer can lie (its checksum is unkeyed): the blob headers are the truth
+        listed |= {(d, off, stored) for d, off, stored, _raw in scan_blobs(blob)}
     for p, e in entries.items():
         if (e.digest, e.offset, e.stored) not in listed and p not in bad:
             bad[p] = "index disagrees with the pack (no such blob at this offset)"
@@ -361,21 +364,35 @@ def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
 def _healthy_blobs(vault: Vault, content: bytes, name: str,
                    stats: RepairStats) -> list[IndexEntry]:
     """Step 1 for one pack: the entries of its blobs whose content matches their digest
-    (sealed blobs: that open under the vault's key and match their keyed id)."""
-    pid = pack_id_of(name)
-    cipher = _cipher(vault)
+    (sealed blobs: that open under the vault's key and match their keyed id).
+
+    The trailer says where the blobs are, but its checksum is unkeyed (anyone can rewrite
+    it, in an encrypted vault too): when some of its entries are not sound blobs, the
+    blob headers are walked as well, so a lying trailer costs no healthy blob."""
     try:
         listed = [(bytes(t["digest"]), int(t["offset"]), int(t["stored"]), int(t["raw"]))
                   for t in read_trailer(content, name)]
     except CorruptPackError:
         listed = scan_blobs(content)
+    out = _sound_blobs(vault, content, name, listed)
+    if len(out) < len(listed):
+        seen = {e.offset for e in out} | {e.digest for e in out}
+        out += _sound_blobs(vault, content, name, [b for b in scan_blobs(content)
+                                                   if b[0] not in seen and b[1] not in seen])
+    healthy = {e.digest for e in out}
+    stats.blobs_damaged += sum(1 for b in listed if b[0] not in healthy)
+    return out
+
+
+def _sound_blobs(vault: Vault, content: bytes, name: str,
+                 listed: list[tuple[bytes, int, int, int]]) -> list[IndexEntry]:
+    pid, cipher = pack_id_of(name), _cipher(vault)
     out = []
     for digest, off, stored, raw in listed:
         try:
             decode_blob(memoryview(content)[off:off + blob_length(stored)], digest, name,
                         cipher=cipher, id_key=vault.id_key)
         except CorruptPackError:
-            stats.blobs_damaged += 1
             continue
         out.append(IndexEntry(digest, pid, off, stored, raw))
     return out
