@@ -292,3 +292,24 @@ def test_repair_after_a_lying_trailer_keeps_every_blob(vault: Path, tmp_path: Pa
     assert r.returncode == 0, r.stderr
     fs_image(tmp_path / "truth.img", 512 * KIB, 2)
     assert (tmp_path / "out" / "os.img").read_bytes() == (tmp_path / "truth.img").read_bytes()
+
+
+def test_a_job_record_of_wrong_types_is_skipped_not_a_traceback(tmp_path: Path) -> None:
+    """``start`` a number among strings made sorting the history raise (cbt jobs, run-due
+    and every job of the VM failed with a traceback): such a record is skipped, named."""
+    disk = tmp_path / "os.img"
+    fs_image(disk, 512 * KIB, 1)
+    cbt_api.Vault.init(tmp_path / "vault")
+    cfg = _job_config(tmp_path, disk)
+    assert cbt("backup", "--config", cfg).returncode == 0
+    job_id = "web.20260101T000000Z.abcdef"
+    forged = tmp_path / "vault" / "jobs" / f"{job_id}.json"
+    forged.write_text(json.dumps({"id": job_id, "vm": "web", "start": 5, "status": "running",
+                                  "start_ns": "x", "pid": -1}))
+    r = cbt("jobs", tmp_path / "vault", "--json")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    listed = json.loads(r.stdout)
+    assert listed["jobs"] and job_id not in [j["id"] for j in listed["jobs"]]
+    assert any(str(forged) in w for w in listed["warnings"])
+    r = cbt("backup", "--config", cfg)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_OK, add_json, add_password_file, open_vault, print_json
+from cbt.cli._common import EXIT_OK, add_json, add_password_file, open_vault, print_json, warn
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,10 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cbt.repo.registry import list_jobs
 
-    jobs = [j.to_dict() for j in list_jobs(open_vault(args), args.vm)]
+    warnings: list[str] = []
+    jobs = [j.to_dict() for j in list_jobs(open_vault(args), args.vm, warnings)]
     if args.json:
-        print_json({"jobs": jobs, "warnings": []})
+        print_json({"jobs": jobs, "warnings": warnings})
         return EXIT_OK
+    for w in warnings:
+        warn(w)
     if not jobs:
         print("no jobs")
     for j in jobs:

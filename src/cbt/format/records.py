@@ -263,7 +263,7 @@ def _bad_time(text: str) -> bool:
     return False
 
 
-def _bad_numbers(obj: DiskRecord | PointRecord, ints: tuple[str, ...]) -> str | None:
+def _bad_numbers(obj: DiskRecord | PointRecord | JobDisk, ints: tuple[str, ...]) -> str | None:
     """The first of ``ints`` that is not an int from 0 to :data:`MAX_SIZE`, or a bad
     ``seconds``; None when all are fine."""
     for key in ints:
@@ -394,7 +394,7 @@ class JobRecord:
         """Parse a record; ``ValueError`` if it is not one (a key missing, a wrong type)."""
         body = _object(data)
         try:
-            return cls(
+            rec = cls(
                 id=body["id"], vm=body["vm"], policy=body.get("policy"),
                 start=body.get("start", ""), start_ns=body.get("start_ns", 0),
                 status=body.get("status", "running"), end=body.get("end"),
@@ -406,6 +406,30 @@ class JobRecord:
                 extra={k: v for k, v in body.items() if k not in _JOB_KEYS})
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"not a job record: {exc!r}") from None
+        bad = rec.problem()
+        if bad:
+            raise ValueError(f"not a job record: {bad}")
+        return rec
+
+    def problem(self) -> str | None:
+        """The first value of a wrong type (a record is vault input; None: all fine)."""
+        text = ("id", "vm", "start", "status")
+        optional = ("policy", "end", "consistency", "recovery_point", "error", "slot")
+        for key in text + optional:
+            v = getattr(self, key)
+            if not (isinstance(v, str) or (v is None and key in optional)):
+                return f"{key} {v!r} is not a string"
+        for key in ("start_ns", "pid"):
+            v = getattr(self, key)
+            if not (type(v) is int or (v is None and key == "pid")):
+                return f"{key} {v!r} is not an integer"
+        for d in self.disks:
+            if not isinstance(d.label, str) or not isinstance(d.snapshot, (str, type(None))):
+                return "a disk's label or snapshot is not a string"
+            bad = _bad_numbers(d, ("bytes_read", "bytes_new", "bytes_stored"))
+            if bad:
+                return f"disk {d.label}: {bad}"
+        return None
 
 
 @dataclass(frozen=True)
