@@ -313,3 +313,21 @@ def test_a_job_record_of_wrong_types_is_skipped_not_a_traceback(tmp_path: Path) 
     assert any(str(forged) in w for w in listed["warnings"])
     r = cbt("backup", "--config", cfg)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_kept_snapshot_record_whose_time_is_no_time_is_skipped_and_named(
+        tmp_path: Path) -> None:
+    """prune failed on it with 'not an ISO 8601 time', naming no file."""
+    disk = tmp_path / "os.img"
+    fs_image(disk, 512 * KIB, 1)
+    cbt_api.Vault.init(tmp_path / "vault")
+    cfg = _job_config(tmp_path, disk)
+    assert cbt("backup", "--config", cfg).returncode == 0
+    record = next((tmp_path / "vault" / "snapshots").glob("*.json"))
+    body = json.loads(record.read_text())
+    record.write_text(json.dumps({**body, "created": "garbage"}))
+    kept = sorted((tmp_path / "snaps" / "web").iterdir())
+    r = cbt("prune", "--config", cfg, "--json")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert any(str(record) in w for w in json.loads(r.stdout)["warnings"])
+    assert sorted((tmp_path / "snaps" / "web").iterdir()) == kept

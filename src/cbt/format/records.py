@@ -459,8 +459,13 @@ class KeptSnapshots:
         """Parse an entry; ``ValueError`` if it is not one."""
         body = _object(data)
         try:
-            return cls(recovery_point=body["recovery_point"], vm=body.get("vm", ""),
-                       created=body["created"], disks=dict(body.get("disks") or {}),
-                       paths=list(body.get("paths") or []))
+            entry = cls(recovery_point=body["recovery_point"], vm=body.get("vm", ""),
+                        created=body["created"], disks=dict(body.get("disks") or {}),
+                        paths=list(body.get("paths") or []))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a kept-snapshots entry: {exc!r}") from None
+        if not is_point_id(entry.recovery_point) or not isinstance(entry.created, str) \
+                or _bad_time(entry.created):
+            raise ValueError("not a kept-snapshots entry: its point id or created time is "
+                             "malformed")
+        return entry

@@ -86,5 +86,9 @@ def kept_snapshots(vault: Vault,
         except (ValueError, OSError) as exc:
             _skipped(warnings, "kept-snapshot", vault.storage.where(name), exc)
             continue
+        if vault.kept_name(entry.recovery_point) != name:
+            _skipped(warnings, "kept-snapshot", vault.storage.where(name),
+                     ValueError(f"it names point {entry.recovery_point}, not its file's"))
+            continue
         out[entry.recovery_point] = entry
     return out
