@@ -331,3 +331,38 @@ def test_a_kept_snapshot_record_whose_time_is_no_time_is_skipped_and_named(
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert any(str(record) in w for w in json.loads(r.stdout)["warnings"])
     assert sorted((tmp_path / "snaps" / "web").iterdir()) == kept
+
+
+# -- key slots someone added -------------------------------------------------------------
+
+
+def _junk_slot(vault: Path, slot_id: str, params: KdfParams) -> None:
+    import base64
+    import os
+
+    body = {"magic": "cbt-key", "id": slot_id, "created": "", "kdf": "scrypt",
+            "log_n": params.log_n, "r": params.r, "p": params.p, "wrap": "aes-256-gcm",
+            "salt": base64.b64encode(os.urandom(16)).decode(),
+            "wrapped": base64.b64encode(os.urandom(60)).decode()}
+    (vault / "keys" / f"{slot_id}.json").write_text(json.dumps(body))
+
+
+def test_a_costly_slot_someone_added_is_tried_after_the_cheap_ones(vault: Path) -> None:
+    """Unlocking tries every slot; one at the highest cost allowed (16 times the default's
+    work), named to be listed first, cost every opening seconds before the real slot."""
+    import time
+
+    _junk_slot(vault, "0" * 16, KdfParams(log_n=17, r=8, p=16))
+    start = time.monotonic()
+    cbt_api.Vault.open(vault, passphrase=PASSWORD)
+    assert time.monotonic() - start < 1.5
+
+
+def test_a_vault_with_too_many_key_slots_is_refused(vault: Path, tmp_path: Path) -> None:
+    from cbt.repo.vault import MAX_KEY_SLOTS
+
+    for i in range(MAX_KEY_SLOTS):
+        _junk_slot(vault, f"{i:016x}", KdfParams(log_n=10))
+    r = cbt("list", vault, env=encrypted_env(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"more than {MAX_KEY_SLOTS}" in r.stderr and str(vault / "keys") in r.stderr

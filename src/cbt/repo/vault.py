@@ -81,6 +81,7 @@ ENCRYPTED_VERSION = 2  # config format_version of an encrypted vault
 ID_KEY = "blake3-keyed"
 SEALED = ".sealed"
 DEFAULT_ENCRYPTION = ALGORITHMS[0]
+MAX_KEY_SLOTS = 32  # unlocking tries each: a vault has a few
 
 
 class NotAVaultError(CbtError, FileNotFoundError):
@@ -311,6 +312,9 @@ class Vault:
         from cbt.core.timefmt import utc_now
 
         keys = self._require_keys()
+        if len(self.key_slots()) >= MAX_KEY_SLOTS:
+            raise CbtValueError(f"vault {self.root} has {MAX_KEY_SLOTS} key slots already, "
+                                "the most it may have (remove one first)")
         slot = KeySlot.make(keys.master, passphrase, self.config["id"], kdf or KdfParams(),
                             utc_now())
         self.storage.put(slot_name(slot.id), slot.to_json())
@@ -502,11 +506,12 @@ def _config_check(config: dict[str, Any], keys: VaultKeys) -> str:
 
 def read_slots(storage: Storage) -> list[KeySlot]:
     """Every key slot of the vault on ``storage``; a malformed one is an error naming it."""
-    out = []
-    for name in storage.list(KEYS_DIR):
-        if name.endswith(".json") and not _base(name).startswith("."):
-            out.append(KeySlot.from_json(storage.get(name), storage.where(name)))
-    return out
+    names = [n for n in storage.list(KEYS_DIR) if n.endswith(".json")
+             and not _base(n).startswith(".")]
+    if len(names) > MAX_KEY_SLOTS:
+        raise BadKeySlotError(f"vault {storage.where(KEYS_DIR)} holds {len(names)} key slots, "
+                              f"more than {MAX_KEY_SLOTS} (each costs a key derivation to try)")
+    return [KeySlot.from_json(storage.get(n), storage.where(n)) for n in names]
 
 
 def unlock(storage: Storage, config: dict[str, Any], passphrase: bytes) -> VaultKeys:
@@ -515,7 +520,8 @@ def unlock(storage: Storage, config: dict[str, Any], passphrase: bytes) -> Vault
     if not slots:
         raise BadKeySlotError(f"vault {storage.root} is encrypted but has no key slots in "
                               f"{KEYS_DIR}/ (the vault cannot be opened)")
-    for slot in slots:
+    # cheapest first: a slot someone added at the highest cost allowed is tried last
+    for slot in sorted(slots, key=lambda s: (s.params.work, s.params.memory)):
         master = slot.unwrap(passphrase, config["id"])
         if master is None:
             continue
