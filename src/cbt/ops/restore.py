@@ -95,7 +95,7 @@ from cbt.repo.storage import Storage, StorageSpec
 from cbt.repo.trash import trash_name
 from cbt.repo.vault import Vault, VaultSpec
 from cbt.source.scan import default_workers, scan
-from cbt.source.snapshot import reflink
+from cbt.source.snapshot import is_snapshot_file, reflink
 
 
 class DamagedPointError(CbtError, ValueError):
@@ -645,7 +645,7 @@ def instant_restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
     _check_mode(request.mode)
     names = {d.label: image_name(point, d.label) for d in point.disks}
     entry = kept_snapshots(vault).get(point.id)
-    kept = entry.disks if entry is not None else {}
+    kept = entry.disks if entry is not None and entry.vm == point.vm else {}
     to = Path(request.to)
     if disk is None:
         to.mkdir(parents=True, exist_ok=True)
@@ -662,6 +662,12 @@ def instant_restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
 def _instant_disk(vault: Vault, point: PointRecord, label: str, snap: str | None,
                   final: Path, request: RestoreRequest, warnings: list[str]) -> RestoredDisk:
     """One disk: from its kept snapshot (1. plan) when that works, else from the vault."""
+    if snap and not is_snapshot_file(snap, point.vm):
+        # the registry is read from the vault: a path that is no snapshot of this VM
+        # (a crafted entry naming any host file) is never read
+        warnings.append(f"disk {label}: the kept snapshot's path {snap!r} is not a snapshot "
+                        "of this VM; restoring from the vault")
+        snap = None
     if snap and os.path.exists(snap):
         if final.exists() and not request.force:
             raise CbtIOError(errno.EEXIST, f"target exists: {final} (use --force)")
