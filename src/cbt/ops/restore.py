@@ -300,6 +300,9 @@ def _job_data(job: _Job, pack: memoryview, where: str,
                               ENCRYPTION_NONE if cipher is None else ENCRYPTION_AEAD)
                   & (headers["codec"] == CODEC_NONE))
     out: list[bytes | memoryview] = []
+    # sealed raw blobs are opened into one buffer, written from there as one run
+    opened = memoryview(bytearray(int(want[direct].sum()) if cipher is not None else 0))
+    pos = 0
     for i, (blk, off, ln, view) in enumerate(zip(job.blocks.tolist(), offs.tolist(),
                                                  lengths.tolist(), direct.tolist(),
                                                  strict=True)):
@@ -307,8 +310,11 @@ def _job_data(job: _Job, pack: memoryview, where: str,
             out.append(pack[off + BLOB.size:off + ln])
             continue
         if view:
-            out.append(_open_raw(cipher, pack[off + BLOB.size:off + ln], job.digests[i],
-                                 int(want[i]), where.format(blk)))
+            dst = opened[pos:pos + int(want[i])]
+            _open_raw(cipher, pack[off + BLOB.size:off + ln], job.digests[i], dst,
+                      where.format(blk))
+            out.append(dst)
+            pos += len(dst)
             continue
         try:
             data = decode_blob(pack[off:off + ln], job.digests[i].tobytes(), where.format(blk),
@@ -321,13 +327,13 @@ def _job_data(job: _Job, pack: memoryview, where: str,
     return out
 
 
-def _open_raw(cipher: Cipher | None, sealed: memoryview, digest: np.ndarray, raw: int,
-              where: str) -> bytes:
-    """A sealed blob stored raw (its header checked): :func:`decode_blob`'s work without
-    its per-blob checks, the one that costs when every block of a restore is opened."""
+def _open_raw(cipher: Cipher | None, sealed: memoryview, digest: np.ndarray, out: memoryview,
+              where: str) -> None:
+    """Open a sealed blob stored raw (its header checked) into ``out``: :func:`decode_blob`'s
+    work without its per-blob checks, the one that costs when every block is opened."""
     assert cipher is not None
     try:
-        return cipher.open(sealed, blob_aad(digest.tobytes(), CODEC_NONE, raw))
+        cipher.open_into(sealed, blob_aad(digest.tobytes(), CODEC_NONE, len(out)), out)
     except AuthenticationError:
         raise DamagedPointError(f"{where}: blob fails authentication") from None
 
