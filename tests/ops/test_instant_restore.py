@@ -207,3 +207,33 @@ def test_instant_restore_reflink_on_xfs(tmp_path: Path) -> None:
         assert_same_bytes(mnt / "o5" / "os.img", t3)
         restore(vault, id2, mnt / "o6")
         assert_same_bytes(mnt / "o6" / "os.img", t2)
+
+
+def test_instant_restore_never_reads_a_host_file_a_crafted_registry_names(tmp_path: Path) -> None:
+    # the kept-snapshots registry is read from the vault: an entry rewritten to name
+    # any host file (here a "secret" of the disk's size) must not be copied into the
+    # restore, even with --no-verify; the disk comes from the vault, with a warning
+    import json
+
+    disk = write_random_disk(tmp_path / "disks" / "os.img", 1 * MIB, seed=41)
+    cfg = write_config(
+        tmp_path / "cbt.toml", {"p": {"schedule": "daily 12:00", "instant_restore_days": 2}},
+        {"web": {"policy": "p", "disks": {"os": "disks/os.img"}, "snapshot": "copy",
+                 "snapshot_dir": "snaps"}})
+    vault = tmp_path / "vault"
+    assert cbt("init", "--encryption", "none", vault).returncode == 0
+    point = one_point(cfg, now="2026-08-01T12:00:00Z")["recovery_point"]
+    truth = copy_disk(disk, tmp_path / "truth.img")
+    secret = write_random_disk(tmp_path / "secret.img", 1 * MIB, seed=42)
+    entry_path = vault / "snapshots" / f"{point}.json"
+    entry = json.loads(entry_path.read_text())
+    assert entry["disks"]["os"].startswith(str(tmp_path / "snaps"))  # a real kept snapshot
+    for forged in (str(secret), str(tmp_path / "snaps" / "web" / ".." / ".." / "secret.img")):
+        entry["disks"]["os"] = forged
+        entry_path.write_text(json.dumps(entry))
+        warnings: list[str] = []
+        out = tmp_path / f"o{len(forged)}"
+        got = _instant(vault, point, out, "--no-verify", warnings=warnings)
+        assert got["os"]["source"] == "vault", got
+        assert any("not a snapshot" in w for w in warnings), warnings
+        assert_same_bytes(out / "os.img", truth)

@@ -18,17 +18,15 @@
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cbt.format.records import NAME_RE, KeptSnapshots, PointRecord
+from cbt.format.records import KeptSnapshots, PointRecord
 from cbt.repo.lock import writer_lock
 from cbt.repo.registry import kept_snapshots, remove_kept
 from cbt.repo.vault import Vault
-from cbt.source.snapshot import SNAPSHOT_DIR, remove_snapshot
+from cbt.source.snapshot import is_snapshot_path, remove_snapshot
 
 
 @dataclass(frozen=True)
@@ -162,22 +160,6 @@ def _expired_snapshots(registry: dict[str, KeptSnapshots], expired: Callable[[st
     out = []
     for pid, entry in registry.items():
         if pid in removed or expired(entry.vm, entry.created):
-            paths = [p for p in entry.paths if _snapshot_shaped(p, entry.vm)]
+            paths = [p for p in entry.paths if is_snapshot_path(p, entry.vm)]
             out.append((pid, paths))
     return out
-
-
-def _snapshot_shaped(path: object, vm: str) -> bool:
-    """Whether a path read from the registry (untrusted) names a snapshot a job of ``vm``
-    took: absolute and normal, in a folder ``<vm>`` or ``.cbt-snapshots``, named
-    ``<label>.<job id>.img`` (``<vm>.<job id>`` for btrfs), the job id ``<vm>.<time>.<hex>``;
-    not a tracking base nor a hidden file.  Anything else is never removed."""
-    if not isinstance(path, str) or not os.path.isabs(path) or os.path.normpath(path) != path:
-        return False
-    if not isinstance(vm, str) or not NAME_RE.match(vm):
-        return False
-    parent, base = os.path.split(path)
-    if os.path.basename(parent) not in (vm, SNAPSHOT_DIR) or ".base" in base:
-        return False
-    job = rf"{re.escape(vm)}\.[0-9]{{8}}T[0-9]{{6}}Z\.[0-9a-f]+"
-    return re.fullmatch(rf"[A-Za-z0-9][A-Za-z0-9_-]{{0,63}}\.{job}(?:\.img)?", base) is not None

@@ -95,7 +95,7 @@ from cbt.repo.storage import Storage, StorageSpec
 from cbt.repo.trash import trash_name
 from cbt.repo.vault import Vault, VaultSpec
 from cbt.source.scan import default_workers, scan
-from cbt.source.snapshot import reflink
+from cbt.source.snapshot import is_snapshot_file, reflink
 
 
 class DamagedPointError(CbtError, ValueError):
@@ -300,6 +300,9 @@ def _job_data(job: _Job, pack: memoryview, where: str,
                               ENCRYPTION_NONE if cipher is None else ENCRYPTION_AEAD)
                   & (headers["codec"] == CODEC_NONE))
     out: list[bytes | memoryview] = []
+    # sealed raw blobs are opened into one buffer, written from there as one run
+    opened = memoryview(bytearray(int(want[direct].sum()) if cipher is not None else 0))
+    pos = 0
     for i, (blk, off, ln, view) in enumerate(zip(job.blocks.tolist(), offs.tolist(),
                                                  lengths.tolist(), direct.tolist(),
                                                  strict=True)):
@@ -307,8 +310,11 @@ def _job_data(job: _Job, pack: memoryview, where: str,
             out.append(pack[off + BLOB.size:off + ln])
             continue
         if view:
-            out.append(_open_raw(cipher, pack[off + BLOB.size:off + ln], job.digests[i],
-                                 int(want[i]), where.format(blk)))
+            dst = opened[pos:pos + int(want[i])]
+            _open_raw(cipher, pack[off + BLOB.size:off + ln], job.digests[i], dst,
+                      where.format(blk))
+            out.append(dst)
+            pos += len(dst)
             continue
         try:
             data = decode_blob(pack[off:off + ln], job.digests[i].tobytes(), where.format(blk),
@@ -321,13 +327,13 @@ def _job_data(job: _Job, pack: memoryview, where: str,
     return out
 
 
-def _open_raw(cipher: Cipher | None, sealed: memoryview, digest: np.ndarray, raw: int,
-              where: str) -> bytes:
-    """A sealed blob stored raw (its header checked): :func:`decode_blob`'s work without
-    its per-blob checks, the one that costs when every block of a restore is opened."""
+def _open_raw(cipher: Cipher | None, sealed: memoryview, digest: np.ndarray, out: memoryview,
+              where: str) -> None:
+    """Open a sealed blob stored raw (its header checked) into ``out``: :func:`decode_blob`'s
+    work without its per-blob checks, the one that costs when every block is opened."""
     assert cipher is not None
     try:
-        return cipher.open(sealed, blob_aad(digest.tobytes(), CODEC_NONE, raw))
+        cipher.open_into(sealed, blob_aad(digest.tobytes(), CODEC_NONE, len(out)), out)
     except AuthenticationError:
         raise DamagedPointError(f"{where}: blob fails authentication") from None
 
@@ -645,7 +651,7 @@ def instant_restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
     _check_mode(request.mode)
     names = {d.label: image_name(point, d.label) for d in point.disks}
     entry = kept_snapshots(vault).get(point.id)
-    kept = entry.disks if entry is not None else {}
+    kept = entry.disks if entry is not None and entry.vm == point.vm else {}
     to = Path(request.to)
     if disk is None:
         to.mkdir(parents=True, exist_ok=True)
@@ -662,6 +668,12 @@ def instant_restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
 def _instant_disk(vault: Vault, point: PointRecord, label: str, snap: str | None,
                   final: Path, request: RestoreRequest, warnings: list[str]) -> RestoredDisk:
     """One disk: from its kept snapshot (1. plan) when that works, else from the vault."""
+    if snap and not is_snapshot_file(snap, point.vm):
+        # the registry is read from the vault: a path that is no snapshot of this VM
+        # (a crafted entry naming any host file) is never read
+        warnings.append(f"disk {label}: the kept snapshot's path {snap!r} is not a snapshot "
+                        "of this VM; restoring from the vault")
+        snap = None
     if snap and os.path.exists(snap):
         if final.exists() and not request.force:
             raise CbtIOError(errno.EEXIST, f"target exists: {final} (use --force)")

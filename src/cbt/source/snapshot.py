@@ -27,6 +27,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -181,6 +182,44 @@ class SnapshotSet:
         """After a failed or aborted job: remove every snapshot it took."""
         for path in self.created:
             remove_snapshot(path)
+
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+
+
+def is_snapshot_path(path: object, vm: str) -> bool:
+    """Whether a path read from a vault's registry (untrusted) names a snapshot a job of
+    ``vm`` took: absolute and normal, in a folder ``<vm>`` or ``.cbt-snapshots``, named
+    ``<label>.<job id>.img`` (``<vm>.<job id>`` for btrfs), the job id
+    ``<vm>.<time>.<hex>``; not a tracking base nor a hidden file.  cbt removes or
+    reads nothing else a registry names."""
+    if not isinstance(path, str) or not os.path.isabs(path) or os.path.normpath(path) != path:
+        return False
+    if not isinstance(vm, str) or not re.fullmatch(_NAME, vm):
+        return False
+    parent, base = os.path.split(path)
+    if os.path.basename(parent) not in (vm, SNAPSHOT_DIR) or ".base" in base:
+        return False
+    job = rf"{re.escape(vm)}\.[0-9]{{8}}T[0-9]{{6}}Z\.[0-9a-f]+"
+    return re.fullmatch(rf"{_NAME}\.{job}(?:\.img)?", base) is not None
+
+
+def is_snapshot_file(path: object, vm: str) -> bool:
+    """Whether a registry's disk path lies in a snapshot of ``vm`` (the snapshot file itself,
+    or a file inside a btrfs snapshot subvolume) and is a regular file, not a link."""
+    if not isinstance(path, str) or not os.path.isabs(path) or os.path.normpath(path) != path:
+        return False
+    here = path
+    while here != os.path.dirname(here):
+        if is_snapshot_path(here, vm):
+            break
+        here = os.path.dirname(here)
+    else:
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def remove_snapshot(path: str) -> None:
