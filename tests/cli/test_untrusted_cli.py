@@ -10,38 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers.cli import cbt, one_error_line
 from helpers.truth import file_digest
-from helpers.vaults import forge_record, two_point_vault
+from helpers.vaults import (
+    clone_two_points,
+    forge_record,
+    make_two_points,
+    set_disk,
+)
 
-
-@pytest.fixture(scope="module")
-def two_points(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    return two_point_vault(tmp_path_factory.mktemp("untrusted-cli"))
-
-
-@pytest.fixture
-def vault(two_points: tuple[Path, list[str]], tmp_path: Path) -> tuple[Path, list[str]]:
-    src, ids = two_points
-    shutil.copytree(src, tmp_path / "vault", symlinks=True)
-    return tmp_path / "vault", ids
-
-
+two_points = pytest.fixture(scope="module")(make_two_points)
+vault = pytest.fixture(clone_two_points)
 forge = forge_record
-
-
-def set_disk(key: str, value: object, disk: int = 0) -> Callable[[dict[str, Any]], None]:
-    def change(body: dict[str, Any]) -> None:
-        body["disks"][disk][key] = value
-    return change
 
 
 def tree(root: Path) -> dict[str, str]:

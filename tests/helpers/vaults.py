@@ -11,12 +11,14 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import blake3
 import numpy as np
+import pytest
 
 from helpers import KIB, MIB
 from helpers.cli import cbt_json
@@ -285,3 +287,28 @@ def encrypted_env(tmp_path: Path) -> dict[str, str]:
     pw.write_text(PASSWORD + "\n")
     pw.chmod(0o600)
     return {**os.environ, "CBT_PASSWORD_FILE": str(pw)}
+
+
+# -- a vault to attack ------------------------------------------------------------------------
+
+
+def make_two_points(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A vault with two points of VM ``web`` (disks os and db), to build once per module:
+    ``two_points = pytest.fixture(scope="module")(make_two_points)``."""
+    return two_point_vault(tmp_path_factory.mktemp("two-points"))
+
+
+def clone_two_points(two_points: tuple[Path, list[str]], tmp_path: Path
+                     ) -> tuple[Path, list[str]]:
+    """A test's own copy of ``two_points``, to craft files in: ``vault =
+    pytest.fixture(clone_two_points)``."""
+    src, ids = two_points
+    shutil.copytree(src, tmp_path / "vault", symlinks=True)
+    return tmp_path / "vault", ids
+
+
+def set_disk(key: str, value: object, disk: int = 0) -> Callable[[dict[str, Any]], None]:
+    """A :func:`forge_record` change: one key of one disk of a point record."""
+    def change(body: dict[str, Any]) -> None:
+        body["disks"][disk][key] = value
+    return change

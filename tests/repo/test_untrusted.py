@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,14 @@ from typing import Any
 import pytest
 from helpers import KIB
 from helpers.images import fs_image
-from helpers.vaults import forge_record, two_point_vault, vault_state
+from helpers.system import loop_xfs, need_root_tools
+from helpers.vaults import (
+    clone_two_points,
+    forge_record,
+    make_two_points,
+    set_disk,
+    vault_state,
+)
 
 import cbt as cbt_api
 from cbt.core.errors import CbtError
@@ -39,26 +45,9 @@ BS = 64 * KIB
 # -- a small vault, and the attacker's tools ------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def two_points(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """A vault with two points of VM ``web`` (disks os and db): built once, cloned per test."""
-    return two_point_vault(tmp_path_factory.mktemp("untrusted"))
-
-
-@pytest.fixture
-def vault(two_points: tuple[Path, list[str]], tmp_path: Path) -> tuple[Path, list[str]]:
-    src, ids = two_points
-    shutil.copytree(src, tmp_path / "vault", symlinks=True)
-    return tmp_path / "vault", ids
-
-
+two_points = pytest.fixture(scope="module")(make_two_points)
+vault = pytest.fixture(clone_two_points)
 forge = forge_record
-
-
-def set_disk(key: str, value: object, disk: int = 0) -> Callable[[dict[str, Any]], None]:
-    def change(body: dict[str, Any]) -> None:
-        body["disks"][disk][key] = value
-    return change
 
 
 def set_key(key: str, value: object) -> Callable[[dict[str, Any]], None]:
@@ -346,11 +335,18 @@ def test_vault_folders_are_0700_and_files_0600(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("umask0")
 @pytest.mark.parametrize("provider", ["copy", "reflink"])
 def test_snapshots_keep_the_mode_of_their_disk(tmp_path: Path, provider: str) -> None:
-    from cbt.source.snapshot import _can_reflink, take
+    if provider == "reflink":  # on a file system that clones: a loop-mounted XFS
+        need_root_tools("mkfs.xfs", "losetup")
+        with loop_xfs(tmp_path) as mnt:
+            _snapshot_modes(mnt, provider)
+    else:
+        _snapshot_modes(tmp_path, provider)
+
+
+def _snapshot_modes(tmp_path: Path, provider: str) -> None:
+    from cbt.source.snapshot import take
 
     disk = fs_image(tmp_path / "os.img", 1 << 20, 6)
-    if provider == "reflink" and not _can_reflink(str(disk), tmp_path / "probe"):
-        pytest.skip("this file system does not clone")
     for mode in (0o600, 0o640):
         os.chmod(disk, mode)
         snaps = take("web", f"j{mode}", {"os": str(disk)}, {"os": provider},

@@ -347,35 +347,29 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise self._error(name, exc, "write") from None
 
-    def get(self, name: str) -> bytes:
+    def _open_read(self, name: str) -> int:
+        """A descriptor of the regular file ``name`` (no link followed), errors named."""
         try:
-            fd = self._open(name)
+            return self._open(name)
         except CbtIOError:
             raise
         except OSError as exc:
             raise self._error(name, exc, "read") from None
+
+    def get(self, name: str) -> bytes:
+        fd = self._open_read(name)
         with open(fd, "rb") as f:
             return f.read()
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
-        try:
-            fd = self._open(name)
-        except CbtIOError:
-            raise
-        except OSError as exc:
-            raise self._error(name, exc, "read") from None
+        fd = self._open_read(name)
         try:
             return os.pread(fd, length, offset)
         finally:
             os.close(fd)
 
     def map(self, name: str) -> bytes | mmap.mmap:
-        try:
-            fd = self._open(name)
-        except CbtIOError:
-            raise
-        except OSError as exc:
-            raise self._error(name, exc, "read") from None
+        fd = self._open_read(name)
         try:
             if os.fstat(fd).st_size == 0:
                 return b""
