@@ -65,3 +65,15 @@ def test_subkeys_and_tags() -> None:
     assert tag(k, "point", "web.1") == blake3.blake3(b"point\0web.1", key=k).hexdigest(16)
     assert tag(k, "point", "web.1") != tag(k, "manifest", "web.1")
     assert len(tag(k, "point", "web.1")) == 32
+
+
+def test_open_each_into_names_the_first_failure() -> None:
+    c = Cipher("aes-256-gcm", os.urandom(32))
+    blocks = [os.urandom(100 + i) for i in range(4)]
+    aads = [memoryview(b"aad%d" % i) for i in range(4)]
+    sealed = [memoryview(c.seal(b, a)) for b, a in zip(blocks, aads, strict=True)]
+    outs = [memoryview(bytearray(len(b))) for b in blocks]
+    assert c.open_each_into(sealed, aads, outs) == -1
+    assert [o.tobytes() for o in outs] == blocks
+    assert c.open_each_into(sealed, aads[:2] + aads[3:] + aads[2:3], outs) == 2
+    assert c.open_each_into(sealed, aads, [*outs[:1], memoryview(bytearray(5)), *outs[2:]]) == 1

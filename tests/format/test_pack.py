@@ -126,3 +126,15 @@ def test_read_pack_trailer_detects_damage(pack: Path, cut: str) -> None:
         data[-60] ^= 1
     with pytest.raises(CorruptPackError):
         read_pack_trailer(lambda o, n: bytes(data[o:o + n]), len(data), "p")
+
+
+def test_blob_aads_are_blob_aad_row_by_row() -> None:
+    from cbt.format.pack import BLOB_AAD_SIZE, blob_aad, blob_aads
+
+    rng = np.random.default_rng(5)
+    digests = rng.integers(0, 256, size=(5, 32), dtype=np.uint8)
+    raw = np.array([4096, 16384, 1, 0, 2**32 - 1], dtype=np.int64)
+    rows = blob_aads(digests, 1, raw)
+    assert rows.shape == (5, BLOB_AAD_SIZE)
+    for i in range(5):
+        assert rows[i].tobytes() == blob_aad(digests[i].tobytes(), 1, int(raw[i]))

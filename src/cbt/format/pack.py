@@ -164,9 +164,25 @@ class PackWriter:
         return [self.buf, trailer, footer]
 
 
+BLOB_AAD_PREFIX = b"cbt-blob\0"
+BLOB_AAD_SIZE = len(BLOB_AAD_PREFIX) + 32 + 1 + 4
+
+
 def blob_aad(digest: bytes, codec: int, raw: int) -> bytes:
     """A sealed blob's associated data: what its header claims, bound to its payload."""
-    return b"cbt-blob\0" + digest + bytes([codec]) + raw.to_bytes(4, "little")
+    return BLOB_AAD_PREFIX + digest + bytes([codec]) + raw.to_bytes(4, "little")
+
+
+def blob_aads(digests: npt.NDArray[np.uint8], codec: int,
+              raw: npt.NDArray[np.integer]) -> npt.NDArray[np.uint8]:
+    """:func:`blob_aad` of many blobs of one codec at once: one row each."""
+    n = len(digests)
+    out = np.empty((n, BLOB_AAD_SIZE), dtype=np.uint8)
+    out[:, :len(BLOB_AAD_PREFIX)] = np.frombuffer(BLOB_AAD_PREFIX, dtype=np.uint8)
+    out[:, len(BLOB_AAD_PREFIX):-5] = digests
+    out[:, -5] = codec
+    out[:, -4:] = np.asarray(raw, dtype="<u4").reshape(n, 1).view(np.uint8)
+    return out
 
 
 @overload
