@@ -329,7 +329,7 @@ def _open_sealed_raw(cipher: Cipher, job: _Job, pack: memoryview, direct: npt.ND
         return {}
     sizes = want[idx]
     ends = np.cumsum(sizes)
-    buf = memoryview(bytearray(int(ends[-1])))
+    buf = np.empty(int(ends[-1]), dtype=np.uint8).data  # not zeroed: all overwritten
     outs = [buf[e - n:e] for e, n in zip(ends.tolist(), sizes.tolist(), strict=True)]
     starts = job.offsets[idx].astype(np.int64) + BLOB.size
     stops = job.offsets[idx].astype(np.int64) + job.lengths[idx].astype(np.int64)
