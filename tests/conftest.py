@@ -69,3 +69,14 @@ def _scrub_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     yield
+
+
+@pytest.fixture
+def umask0() -> Iterator[None]:
+    """umask 0 for the test: the modes seen are the ones cbt set itself (tests of
+    permissions in repo/ and cli/)."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)

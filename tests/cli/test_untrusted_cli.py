@@ -12,7 +12,6 @@ import json
 import os
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,16 +37,6 @@ def tree(root: Path) -> dict[str, str]:
             p = Path(dirpath, f)
             out[str(p.relative_to(root))] = "link" if p.is_symlink() else file_digest(p)
     return out
-
-
-@pytest.fixture
-def umask0() -> Iterator[None]:
-    """umask 0 for the test: modes seen are the ones cbt set itself."""
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 # -- attack 1: restore writes outside --to --------------------------------------------------

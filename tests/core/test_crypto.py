@@ -33,7 +33,7 @@ def test_seal_is_the_aead_with_a_fresh_nonce(algorithm: str) -> None:
     assert c.seal(data, aad)[:NONCE_SIZE] != sealed[:NONCE_SIZE]
     assert c.open(sealed, aad) == data
     out = memoryview(bytearray(len(data)))
-    c.open_into(memoryview(sealed), aad, out)
+    assert c.open_each_into([memoryview(sealed)], [memoryview(aad)], [out]) == -1
     assert out.tobytes() == data
 
 
@@ -52,8 +52,6 @@ def test_any_change_fails_authentication(algorithm: str) -> None:
         Cipher(algorithm, os.urandom(32)).open(sealed, b"aad")
     with pytest.raises(AuthenticationError):
         c.open(sealed[:OVERHEAD - 1], b"aad")
-    with pytest.raises(AuthenticationError):
-        c.open_into(sealed, b"aad", memoryview(bytearray(99)))
 
 
 def test_subkeys_and_tags() -> None:

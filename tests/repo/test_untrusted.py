@@ -13,7 +13,7 @@ import errno
 import json
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +54,6 @@ def set_key(key: str, value: object) -> Callable[[dict[str, Any]], None]:
     def change(body: dict[str, Any]) -> None:
         body[key] = value
     return change
-
-
-@pytest.fixture
-def umask0() -> Iterator[None]:
-    """umask 0 for the test: modes seen are the ones cbt set itself."""
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 # -- attack 1: restore writes outside --to --------------------------------------------------

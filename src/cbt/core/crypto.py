@@ -81,25 +81,6 @@ class Cipher:
             raise AuthenticationError("authentication failed") from None
 
 
-    def open_into(self, sealed: bytes | bytearray | memoryview, aad: bytes,
-                  out: memoryview) -> None:
-        """Open ``sealed`` into ``out`` (exactly its plaintext's length): no new buffer.
-
-        Restore opens every raw block of a run into one buffer this way and writes it
-        from there."""
-        view = memoryview(sealed)
-        if len(view) != len(out) + OVERHEAD:
-            raise AuthenticationError("sealed data has the wrong length")
-        into = getattr(self._aead, "decrypt_into", None)  # cryptography >= 45
-        try:
-            if into is not None:
-                into(bytes(view[:NONCE_SIZE]), view[NONCE_SIZE:], aad, out)
-            else:
-                out[:] = self._aead.decrypt(bytes(view[:NONCE_SIZE]), view[NONCE_SIZE:], aad)
-        except self._invalid_tag:
-            raise AuthenticationError("authentication failed") from None
-
-
     def open_each_into(self, sealed: Sequence[memoryview], aads: Sequence[memoryview],
                        outs: Sequence[memoryview]) -> int:
         """Open each ``sealed[i]`` into ``outs[i]`` (its plaintext's exact length); the

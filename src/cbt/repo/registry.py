@@ -17,11 +17,15 @@ The records themselves (their JSON layout) are in :mod:`cbt.format.records`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from cbt.format.records import JobRecord, KeptSnapshots, is_job_id
 from cbt.repo.vault import Vault
 
 JOBS_DIR = "jobs"
 SNAPSHOTS_DIR = "snapshots"
+R = TypeVar("R")
 
 
 def _record_names(vault: Vault, folder: str) -> list[str]:
@@ -29,6 +33,26 @@ def _record_names(vault: Vault, folder: str) -> list[str]:
     suffix = vault.record_suffix
     return [n for n in vault.storage.list(folder)
             if n.endswith(suffix) and not n.rsplit("/", 1)[-1].startswith(".")]
+
+
+def _read_records(vault: Vault, folder: str, what: str, parse: Callable[[bytes], R],
+                  own_name: Callable[[R], str | None], warnings: list[str] | None) -> list[R]:
+    """Every record of ``folder`` that parses and lies under the name the vault gives
+    it (``own_name``: None when its id is malformed); others skipped and named."""
+    kind = {JOBS_DIR: "job", SNAPSHOTS_DIR: "snapshots"}[folder]  # its sealed-file kind
+    out = []
+    for name in _record_names(vault, folder):
+        try:
+            rec = parse(vault.get_sealed(kind, name))
+        except (ValueError, OSError) as exc:
+            _skipped(warnings, what, vault.storage.where(name), exc)
+            continue
+        if own_name(rec) != name:
+            _skipped(warnings, what, vault.storage.where(name),
+                     ValueError("its id is malformed or not the one its file name says"))
+            continue
+        out.append(rec)
+    return out
 
 
 def _skipped(warnings: list[str] | None, what: str, where: str, exc: Exception) -> None:
@@ -45,20 +69,10 @@ def list_jobs(vault: Vault, vm: str | None = None,
               warnings: list[str] | None = None) -> list[JobRecord]:
     """Every recorded job (of ``vm``, or all), oldest first; unreadable records skipped
     (and named in ``warnings``)."""
-    out = []
-    for name in _record_names(vault, JOBS_DIR):
-        try:
-            rec = JobRecord.from_json(vault.get_sealed("job", name))
-        except (ValueError, OSError) as exc:
-            _skipped(warnings, "job", vault.storage.where(name), exc)
-            continue
-        if not is_job_id(rec.id, rec.vm) or vault.job_name(rec.id) != name:
-            _skipped(warnings, "job", vault.storage.where(name),
-                     ValueError(f"job id {rec.id!r} is not a job of VM {rec.vm!r} named "
-                                "by its file"))
-            continue
-        if vm is None or rec.vm == vm:
-            out.append(rec)
+    jobs = _read_records(vault, JOBS_DIR, "job", JobRecord.from_json,
+                         lambda r: vault.job_name(r.id) if is_job_id(r.id, r.vm) else None,
+                         warnings)
+    out = [r for r in jobs if vm is None or r.vm == vm]
     return sorted(out, key=lambda r: (r.start, r.start_ns, r.id))
 
 
@@ -79,16 +93,6 @@ def kept_snapshots(vault: Vault,
                    warnings: list[str] | None = None) -> dict[str, KeptSnapshots]:
     """Point id -> its kept snapshots, for every point that keeps some; unreadable
     records skipped (and named in ``warnings``)."""
-    out = {}
-    for name in _record_names(vault, SNAPSHOTS_DIR):
-        try:
-            entry = KeptSnapshots.from_json(vault.get_sealed("snapshots", name))
-        except (ValueError, OSError) as exc:
-            _skipped(warnings, "kept-snapshot", vault.storage.where(name), exc)
-            continue
-        if vault.kept_name(entry.recovery_point) != name:
-            _skipped(warnings, "kept-snapshot", vault.storage.where(name),
-                     ValueError(f"it names point {entry.recovery_point}, not its file's"))
-            continue
-        out[entry.recovery_point] = entry
-    return out
+    entries = _read_records(vault, SNAPSHOTS_DIR, "kept-snapshot", KeptSnapshots.from_json,
+                            lambda e: vault.kept_name(e.recovery_point), warnings)
+    return {e.recovery_point: e for e in entries}

@@ -498,10 +498,14 @@ def _check_algorithm(encryption: str) -> None:
                             f"{' or '.join(ALGORITHMS)}")
 
 
-def _config_check(config: dict[str, Any], keys: VaultKeys) -> str:
+def _config_aad(config: dict[str, Any]) -> bytes:
+    """What the config's ``check`` authenticates: every other field, canonical JSON."""
     body = {k: v for k, v in config.items() if k != "check"}
-    aad = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return base64.b64encode(keys.cipher.seal(b"cbt-config", aad)).decode()
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _config_check(config: dict[str, Any], keys: VaultKeys) -> str:
+    return base64.b64encode(keys.cipher.seal(b"cbt-config", _config_aad(config))).decode()
 
 
 def read_slots(storage: Storage) -> list[KeySlot]:
@@ -526,11 +530,9 @@ def unlock(storage: Storage, config: dict[str, Any], passphrase: bytes) -> Vault
         if master is None:
             continue
         keys = VaultKeys(config["encryption"], master, slot.id)
-        body = {k: v for k, v in config.items() if k != "check"}
-        aad = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
         try:
             ok = keys.cipher.open(base64.b64decode(str(config.get("check", "")), validate=True),
-                                  aad) == b"cbt-config"
+                                  _config_aad(config)) == b"cbt-config"
         except (AuthenticationError, ValueError):
             ok = False
         if not ok:
