@@ -271,12 +271,14 @@ def decode_blob(data: bytes | memoryview, digest: bytes, where: str,
             raise CorruptPackError(f"{where}: cannot decompress ({exc})") from None
     else:
         raise CorruptPackError(f"{where}: unknown codec {codec}")
-    if len(out) != raw or (check and _block_id(out, id_key) != digest):
+    if len(out) != raw or (check and block_id(out, id_key) != digest):
         raise CorruptPackError(f"{where}: content does not match its digest")
     return out
 
 
-def _block_id(data: bytes | memoryview, id_key: bytes | None) -> bytes:
+def block_id(data: bytes | memoryview, id_key: bytes | None) -> bytes:
+    """A block's id: its BLAKE3, keyed with ``id_key`` in an encrypted vault (as the
+    core's ``hash_blocks``, one block at a time)."""
     h = blake3.blake3() if id_key is None else blake3.blake3(key=id_key)
     h.update(data)
     return h.digest()

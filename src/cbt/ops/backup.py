@@ -44,7 +44,6 @@ import errno
 import functools
 import mmap
 import os
-import threading
 import time
 import uuid
 import weakref
@@ -68,7 +67,7 @@ from cbt.core.sizes import format_size
 from cbt.core.timefmt import utc_now
 from cbt.format.index_segment import segment_bytes
 from cbt.format.manifest import Manifest
-from cbt.format.pack import TARGET_PACK_SIZE, PackWriter, pack_name
+from cbt.format.pack import TARGET_PACK_SIZE, PackWriter, block_id, pack_name
 from cbt.format.records import DiskRecord, PointRecord, check_name, new_point_id
 from cbt.ops.diff import diff_manifests
 from cbt.repo import index as index_mod
@@ -361,23 +360,12 @@ class WorkerVault:
 # an input: a worker that finds nothing loads the index itself.
 _LOADED: weakref.WeakValueDictionary[tuple[StorageSpec, tuple[str, ...]], WorkerVault] = (
     weakref.WeakValueDictionary())
-# A worker process's last unpickled WorkerVault (see _worker_vault)
-_LAST: dict[tuple[StorageSpec, tuple[str, ...]], WorkerVault] = {}
-_LAST_MUTEX = threading.Lock()
-
-
+@functools.lru_cache(maxsize=1)
 def _worker_vault(spec: VaultSpec, token: tuple[str, ...]) -> WorkerVault:
     """A worker process's copy of a run's WorkerVault: one per (vault, index), so the
     shards of one run on one process load the index once (none at all when the pool
     process was forked from the run's, which had it loaded)."""
-    key = (spec.storage, token)
-    with _LAST_MUTEX:
-        found = _LAST.get(key)
-        if found is None:
-            found = _LOADED.get(key) or WorkerVault(spec, token)
-            _LAST.clear()
-            _LAST[key] = found
-        return found
+    return _LOADED.get((spec.storage, token)) or WorkerVault(spec, token)
 
 
 def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardResult]:
@@ -550,13 +538,9 @@ def _add_live(sink: _PackSink, digests: npt.NDArray[np.uint8], flags: npt.NDArra
     the stored bytes always match the manifest's digest (the block's id: keyed
     with ``id_key`` in an encrypted vault).
     """
-    import blake3
-
     with block_view:
         block = bytes(block_view)
-    hasher = blake3.blake3() if id_key is None else blake3.blake3(key=id_key)
-    hasher.update(block)
-    actual = hasher.digest()
+    actual = block_id(block, id_key)
     if actual != digest:
         if block.count(0) == len(block):
             digests[row] = 0

@@ -93,10 +93,11 @@ class VaultVersionError(CbtError, ValueError):
 
 
 class VaultSpec(NamedTuple):
-    """What a worker needs to reopen a vault without its passphrase (picklable)."""
+    """What a worker needs to reopen a vault without its passphrase (picklable and
+    hashable: a worker process keys its cache of the run's index by it)."""
 
     storage: StorageSpec
-    config: dict[str, Any]
+    config: str  # the config as JSON
     keys: VaultKeys | None
 
 
@@ -118,12 +119,12 @@ class Vault:
         return self.keys is not None
 
     def spec(self) -> VaultSpec:
-        return VaultSpec(self.storage.spec(), dict(self.config), self.keys)
+        return VaultSpec(self.storage.spec(), json.dumps(self.config, sort_keys=True), self.keys)
 
     @classmethod
     def from_spec(cls, spec: VaultSpec) -> Self:
         """The vault of a :meth:`spec` (a worker's reopening; no passphrase, no KDF)."""
-        return cls(open_storage(spec.storage), dict(spec.config), spec.keys)
+        return cls(open_storage(spec.storage), json.loads(spec.config), spec.keys)
 
     @property
     def root(self) -> str:
