@@ -23,6 +23,7 @@ from helpers.truth import nblocks, nonzero_blocks, sha256, truth_changed
 from helpers.vaults import PASSWORD, encrypted_env, fast_kdf, file_tree
 
 import cbt as cbt_api
+from cbt.format.pack import CODEC_NONE, blob_aad
 from cbt.ops.backup import BackupRequest, backup
 from cbt.ops.early_scan import start_early_scan
 from cbt.ops.restore import DamagedPointError
@@ -305,3 +306,26 @@ def test_executor_workers_reopen_the_encrypted_vault_from_its_spec(tmp_path: Pat
                                        **_ids(read(disk), BS, v.id_key)}
     v.restore(second.id, tmp_path / "out")
     assert sha256(tmp_path / "out" / "os.img") == sha256(disk)
+
+
+def test_a_blob_sealed_by_a_key_holder_over_other_content_fails_restore(tmp_path: Path) -> None:
+    """Authentication is not enough: a blob that a key holder sealed with the right
+    associated data (its id) over other content still fails restore, because every
+    opened block is hashed against its id before it is written."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(np.random.default_rng(5).bytes(SIZE))  # incompressible: stored raw
+    v = _encrypted(tmp_path / "v")
+    point = v.backup("vm", [disk], block_size=BS, workers=1).id
+    pack = pack_files(Path(v.root))[0]
+    digest, offset, stored, raw = trailer_entries(pack)[3]
+    assert v.keys is not None
+    with open(pack, "r+b") as f:
+        f.seek(offset)
+        header = f.read(48)
+        assert header[36] == CODEC_NONE and stored == raw + 28
+        forged = v.keys.cipher.seal(b"\x5a" * raw, blob_aad(digest, CODEC_NONE, raw))
+        f.seek(offset + 48)
+        f.write(forged)
+    with pytest.raises(DamagedPointError, match=f"pack {pack.stem}.*does not match its digest"):
+        v.restore(point, tmp_path / "out", workers=1)
+    assert file_tree(tmp_path / "out") == {}
