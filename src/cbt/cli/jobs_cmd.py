@@ -12,11 +12,19 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_OK, add_json, add_password_file, open_vault, print_json, warn
+from cbt.cli._common import (
+    EXIT_OK,
+    add_json,
+    add_password_file,
+    open_vault,
+    print_json,
+    vault_arg,
+    warn,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vault", metavar="VAULT", help="the vault")
+    p.add_argument("vault", type=vault_arg, metavar="VAULT", help="the vault")
     p.add_argument("--vm", metavar="NAME", help="only this VM's jobs")
     add_password_file(p)
     add_json(p)

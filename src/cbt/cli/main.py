@@ -7,11 +7,18 @@ for what ``cbt demo`` needs (start-up time counts against whole-process speed).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
+import select
 import sys
 from collections.abc import Sequence
 
 from cbt.cli._common import EXIT_ERROR, fail
+
+# A command whose reader went away (``cbt list | head``) stops quietly with this code:
+# 128 + SIGPIPE, what a shell reports for a C program killed by the broken pipe.
+EXIT_PIPE = 141
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -70,6 +77,18 @@ def command_parser(name: str) -> tuple[argparse.ArgumentParser, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code.  A closed stdout ends it quietly (:data:`EXIT_PIPE`)."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit, where a broken pipe would print a traceback
+        return code
+    except OSError as exc:
+        if _stdout_gone(exc):
+            return _quiet_exit()
+        raise
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") or argv[0] not in COMMANDS:
         parser = build_parser()
@@ -89,7 +108,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return fail("interrupted", as_json)
     except (CbtError, OSError) as exc:
+        if isinstance(exc, OSError) and _stdout_gone(exc):
+            return _quiet_exit()
         return fail(_one_line(exc), as_json)
+
+
+def _stdout_gone(exc: OSError) -> bool:
+    """Whether ``exc`` is a write to a stdout whose reader closed it (not another pipe's)."""
+    if exc.errno != errno.EPIPE:
+        return False
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poll.poll(0))  # a pipe with no reader
+    except (OSError, ValueError):
+        return False
+
+
+def _quiet_exit() -> int:
+    """Nothing more to say to a reader that left: stdout to /dev/null (so the last flush
+    at exit cannot fail again), no message; exit :data:`EXIT_PIPE`."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+    return EXIT_PIPE
 
 
 def _one_line(exc: BaseException) -> str:

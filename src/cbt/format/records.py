@@ -292,9 +292,27 @@ def manifest_name(point_id: str, label: str) -> str:
     return f"manifests/{point_id}/{label}.arrow"
 
 
+# The times a point may carry: ids sort by time only with a 4-digit year, and
+# times before the epoch are no backup's (a mistyped --now).
+FIRST_YEAR, LAST_YEAR = 1970, 9999
+_CREATED_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
+
+
+def check_point_time(created: str) -> str:
+    """``created`` if a point may carry it (RFC 3339 UTC with ``Z``, years 1970 to 9999);
+    else :class:`CbtValueError` naming it."""
+    if not _CREATED_RE.match(created) or _bad_time(created):
+        raise CbtValueError(f"not a point time: {created!r} (want YYYY-MM-DDTHH:MM:SSZ)")
+    if not FIRST_YEAR <= int(created[:4]) <= LAST_YEAR:
+        raise CbtValueError(f"time {created} is out of range: a point's time must be from "
+                            f"{FIRST_YEAR} to {LAST_YEAR}")
+    return created
+
+
 def new_point_id(vm: str, created: str, existing: set[str]) -> str:
-    """``<vm>.<YYYYMMDDTHHMMSSZ>``, with ``-N`` when that second is taken."""
-    stamp = created.replace("-", "").replace(":", "")
+    """``<vm>.<YYYYMMDDTHHMMSSZ>``, with ``-N`` when that second is taken; ``created``
+    must pass :func:`check_point_time` (so ids sort by time)."""
+    stamp = check_point_time(created).replace("-", "").replace(":", "")
     base = f"{vm}.{stamp}"
     if base not in existing:
         return base
