@@ -339,3 +339,16 @@ def test_encrypted_vault_restore_removes_temp_files(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert not stale.exists()
     assert_same_bytes(out / "os.img", tmp_path / "os.img")
+
+
+def test_instant_restore_removes_temp_files_too(site: Path) -> None:
+    """``--instant`` (here from the vault: the point kept no snapshot) cleans up as well."""
+    out = site / "out"
+    out.mkdir()
+    stale = out / f".db.img.tmp-{_dead_pid()}"
+    stale.write_bytes(b"z")
+    r = cbt("restore", site / "vault", "web.latest", "--to", out, "--instant")
+    assert r.returncode == 0, r.stderr
+    assert not stale.exists()
+    assert str(stale) in r.stderr  # the warning names it
+    assert_same_bytes(out / "db.img", site / "db.img")

@@ -1,5 +1,8 @@
 """Entry point of the ``cbt`` command: parse, dispatch, turn errors into exit codes.
 
+Exit codes: 0 success, 1 differences found (diff), 2 error, 141 stdout closed by its
+reader (``cbt list | head``: the command stops quietly, no message, no traceback).
+
 Command modules are imported only when they run, so ``cbt scan`` does not pay
 for what ``cbt demo`` needs (start-up time counts against whole-process speed).
 """
@@ -55,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cbt",
         description="Changed-block tracker and incremental disk-image backup engine.",
-        epilog="Exit codes: 0 success, 1 differences found (diff), 2 error. "
+        epilog="Exit codes: 0 success, 1 differences found (diff), 2 error, 141 stdout "
+               "closed by its reader (cbt ... | head). "
                "Run 'cbt COMMAND --help' for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -703,10 +703,10 @@ def instant_restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
     if disk is None:
         to.mkdir(parents=True, exist_ok=True)
     labels = [disk] if disk is not None else [d.label for d in point.disks]
+    finals = {label: to if disk is not None else to / names[label] for label in labels}
     disks: list[RestoredDisk] = []
-    warnings: list[str] = []
-    for label in labels:
-        final = to if disk is not None else to / names[label]
+    warnings = remove_stale_temps(finals, disk is not None)
+    for label, final in finals.items():
         disks.append(_instant_disk(vault, point, label, kept.get(label), final, request,
                                    warnings))
     return RestoreResult(point.id, disks, round(time.perf_counter() - started, 6), warnings)
