@@ -124,7 +124,8 @@ def _stdout_gone(exc: OSError) -> bool:
     try:
         poll = select.poll()
         poll.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(ev & select.POLLERR for _, ev in poll.poll(0))  # a pipe with no reader
+        # a pipe with no reader (POLLERR), a socket whose peer shut down (POLLHUP)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
     except (OSError, ValueError):
         return False
 
