@@ -128,9 +128,13 @@ def test_api_refuses_a_point_time_before_1970(tmp_path: Path) -> None:
 
     write_random_disk(tmp_path / "d.img", 64 * 1024, seed=3)
     v = Vault.init(tmp_path / "vault")
+    before = sorted(p.name for p in (tmp_path / "vault").rglob("*"))
     with pytest.raises(CbtValueError, match="from 1970 to 9999"):
         v.backup("web", [str(tmp_path / "d.img")], created="1969-07-20T20:17:00Z")
+    with pytest.raises(CbtValueError, match="not a point time"):
+        v.backup("web", [str(tmp_path / "d.img")], created="999-07-20T20:17:00Z")
     assert v.point_ids() == []
+    assert sorted(p.name for p in (tmp_path / "vault").rglob("*")) == before  # no pack
 
 
 # -- numbers in config files ---------------------------------------------------------------
