@@ -150,3 +150,22 @@ def test_a_signal_during_a_hook_kills_it(tmp_path: Path) -> None:
                        timeout=30, check=False)
     assert r.returncode == 7, r.stderr
     wait_for(lambda: process_gone(int(pidfile.read_text())), 10, "the hook killed")
+
+
+def test_hook_runs_round_trip_through_the_job_record(tmp_path: Path) -> None:
+    """Each kind of run (failed to start, failed, timed out, succeeded) is a valid entry of
+    a job record's ``hooks``; a malformed entry makes the record not one."""
+    from cbt.format.records import JobRecord
+
+    runs = [run_hook([str(tmp_path / "missing")], "pre", "web", "web.x", timeout=5),
+            run_hook(["sh", "-c", "echo é; exit 4"], "post", "web", "web.x", timeout=5),
+            run_hook(["sleep", "5"], "recover", "web", "web.x", timeout=0.2)]
+    assert runs[0].error and runs[1].exit_code == 4 and runs[2].timed_out
+    rec = JobRecord(id="web.20260101T000000Z.abcdef", vm="web", policy="p",
+                    start="2026-01-01T00:00:00Z", hooks=[r.to_record() for r in runs])
+    back = JobRecord.from_json(rec.to_json())
+    assert back.hooks == rec.hooks and back.hooks[1]["stdout"] == "é\n"
+    assert back.to_dict()["hooks"][2]["exit_code"] is None
+    bad = rec.to_json().replace(b'"timed_out": true', b'"timed_out": 1')
+    with pytest.raises(ValueError, match="hook run"):
+        JobRecord.from_json(bad)

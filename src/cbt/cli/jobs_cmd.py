@@ -2,10 +2,14 @@
 
 Every run of 'cbt backup --config' is recorded: its id, VM, policy, start and
 end, status (running, succeeded, failed, interrupted), consistency, the
-recovery point it made, per-disk bytes and seconds, and its error.
+recovery point it made, per-disk bytes and seconds, its error, and the hooks
+it ran.
 
 --json prints {"jobs":[{"id","vm","policy","start","end","status",
-"consistency","recovery_point","disks","error"}],"warnings"}.
+"consistency","recovery_point","disks","error","hooks"}],"warnings"}; each of
+"hooks" is {"phase","ok","exit_code","timed_out","seconds","error","stdout",
+"stderr"} (phase pre, post or recover; the last 4 KiB of the hook's stdout and
+stderr; exit_code null when it timed out or could not start).
 """
 
 from __future__ import annotations
