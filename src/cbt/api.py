@@ -43,8 +43,11 @@ class Vault(_RepoVault):
 
         See :class:`cbt.ops.backup.BackupRequest` for the arguments.
         """
+        from cbt.format.records import check_point_time
         from cbt.ops.backup import BackupRequest, backup
 
+        if created is not None:  # before any work: the point's id carries its time
+            check_point_time(created)
         specs = [d if isinstance(d, DiskSpec) else parse_disk_arg(os.fspath(d)) for d in disks]
         return backup(self, BackupRequest(
             vm, specs, block_size=block_size, workers=workers, progress=progress, wait=wait,

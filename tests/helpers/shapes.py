@@ -33,7 +33,7 @@ CHECK_VM_KEYS = {"name", "policy", "disks"}
 CHECK_DISK_KEYS = {"label", "path", "snapshot"}
 JOBS_KEYS = {"jobs", "warnings"}
 JOB_KEYS = {"id", "vm", "policy", "start", "end", "status", "consistency", "recovery_point",
-            "disks", "error"}
+            "disks", "error", "hooks"}
 ERROR_LINE_KEYS = {"type", "vm", "message", "warnings"}
 
 # issue 6: run-due and prune are exact; gc names at least these

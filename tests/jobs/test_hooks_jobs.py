@@ -354,6 +354,10 @@ def test_kill9_between_hooks_then_recover(site: Site) -> None:
     old = job_with(hist, id=killed_job["id"])
     assert old["status"] == "interrupted" and old["end"] is not None and old["error"]
     assert job_with(hist, recovery_point=line["recovery_point"])["status"] == "succeeded"
+    # each job's record lists the hooks run for it (issue 12): the killed one's recovery
+    assert [h["phase"] for h in old["hooks"]] == ["recover"] and old["hooks"][0]["ok"]
+    new = job_with(hist, recovery_point=line["recovery_point"])
+    assert [(h["phase"], h["exit_code"]) for h in new["hooks"]] == [("pre", 0), ("post", 0)]
     # a third run has nothing left to recover
     third = one_point(cfg)
     assert [e["phase"] for e in hook_log(site.state)[6:]] == ["pre", "post"]
@@ -609,7 +613,8 @@ def test_job_and_kept_snapshot_records_keep_format_1(site: Site) -> None:
         assert all(set(d) == JOB_DISK_KEYS for d in body["disks"])
         rec = JobRecord.from_json(raw)
         assert rec.to_json() == raw
-        assert rec.to_dict() == listed[body["id"]] == {k: body[k] for k in JOB_KEYS}
+        # ``hooks`` (issue 12) is in the file only when a hook ran: [] when none did
+        assert rec.to_dict() == listed[body["id"]] == {k: body.get(k, []) for k in JOB_KEYS}
         # a key another cbt wrote stays where it is when the record is rewritten
         newer = {**body, "future": {"x": [1, 2]}}
         assert JobRecord.from_json(format_1(newer)).to_json() == format_1(newer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,8 +26,15 @@ EXIT_DIFFERENT = 1
 EXIT_ERROR = 2
 
 
+MAX_WORKERS = 256  # --workers: 1..256 processes
+MAX_WAIT = 7 * 86400.0  # --wait: up to a week
+MAX_GRACE = 10 * 366 * 86400.0  # gc --grace: up to ten years
+MAX_DEMO_SIZE = 1 << 40  # demo --size: up to 1T
+
+
 def size_arg(text: str) -> int:
-    """argparse type for sizes (``4K``, ``64K``, ``1M``, bytes); must be a block size."""
+    """argparse type for sizes (``4K``, ``64K``, ``1M``, bytes); must be a block size
+    (a power of two from 4K to 4M)."""
     from cbt.core.native import fast
     from cbt.core.sizes import parse_size
 
@@ -35,17 +43,73 @@ def size_arg(text: str) -> int:
         fast.check_block_size(value)
     except CbtValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    except OverflowError:  # beyond the core's integers: no block size either
+        raise argparse.ArgumentTypeError(f"block size {text}: block size must be a power of "
+                                         "two from 4K to 4M") from None
+    return value
+
+
+def demo_size_arg(text: str) -> int:
+    """argparse type of ``demo --size``: a size from 1 byte to 1T."""
+    from cbt.core.sizes import parse_size
+
+    try:
+        value = parse_size(text)
+    except CbtValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not 1 <= value <= MAX_DEMO_SIZE:
+        raise argparse.ArgumentTypeError(f"size {text} is out of range (1 byte to 1T)")
     return value
 
 
 def workers_arg(text: str) -> int:
+    """argparse type of ``--workers``: a whole number from 1 to :data:`MAX_WORKERS`."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"not a positive number of workers: {text!r}")
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"not a number of workers from 1 to {MAX_WORKERS}: "
+                                         f"{text!r}")
     return value
+
+
+def seconds_arg(most: float) -> Callable[[str], float]:
+    """argparse type of a duration (``--wait``, ``--grace``): finite seconds, 0 to ``most``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 <= value <= most:  # nan, inf, negative, too large
+            raise argparse.ArgumentTypeError(f"not a number of seconds from 0 to {most:.0f}: "
+                                             f"{text!r}")
+        return value
+
+    return parse
+
+
+def now_arg(text: str) -> str:
+    """argparse type of ``--now``: an ISO 8601 time with an offset, from 1970 to 9999
+    (returned as given; a point's id carries its time, ids sort by it)."""
+    from cbt.core.timefmt import parse_now, rfc3339
+    from cbt.format.records import check_point_time
+
+    try:
+        check_point_time(rfc3339(parse_now(text)))
+    except CbtValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def vault_arg(text: str) -> str:
+    """argparse type of a VAULT: a local directory (an unknown ``scheme://`` is refused)."""
+    from cbt.repo.storage import check_location
+
+    try:
+        return check_location(text)
+    except CbtValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:

@@ -33,29 +33,34 @@ from typing import Any
 from cbt.cli._common import (
     EXIT_ERROR,
     EXIT_OK,
+    MAX_WAIT,
     add_json,
     add_password_file,
     finder,
+    now_arg,
     open_vault,
     print_json,
+    seconds_arg,
     size_arg,
+    vault_arg,
     workers_arg,
 )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vault", nargs="?", metavar="VAULT", help="the vault (made with cbt init)")
+    p.add_argument("vault", nargs="?", type=vault_arg, metavar="VAULT",
+                   help="the vault (made with cbt init)")
     p.add_argument("disks", nargs="*", metavar="DISK", help="PATH or LABEL=PATH")
     p.add_argument("--vm", metavar="NAME",
                    help="the VM these disks belong to (with --config: only this VM)")
     p.add_argument("--config", metavar="FILE", help="run the jobs of this configuration")
-    p.add_argument("--now", metavar="ISO8601",
+    p.add_argument("--now", type=now_arg, metavar="ISO8601",
                    help="the point's creation time, with an offset (default: now)")
     p.add_argument("--block-size", type=size_arg, default=None, metavar="SIZE",
                    help="block size of a disk's first backup (default 16K)")
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N",
                    help="worker processes (default: number of cores)")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
                    help="wait up to this long for another writer to finish (default: fail)")
     add_password_file(p)
     add_json(p)

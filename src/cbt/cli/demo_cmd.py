@@ -14,24 +14,24 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_ERROR, EXIT_OK, add_json, print_json
+from cbt.cli._common import EXIT_ERROR, EXIT_OK, add_json, demo_size_arg, now_arg, print_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", metavar="D", help="new or empty directory (default: a fresh one)")
-    p.add_argument("--now", metavar="ISO8601",
+    p.add_argument("--now", type=now_arg, metavar="ISO8601",
                    help="day 1's time (days 2 and 3 follow a day apart; default: now)")
-    p.add_argument("--size", default="128M", metavar="SIZE",
+    p.add_argument("--size", type=demo_size_arg, default="128M", metavar="SIZE",
                    help="size of the os disk (the db disk is half of it; default 128M)")
     add_json(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.core.sizes import human_bytes, parse_size
+    from cbt.core.sizes import human_bytes
     from cbt.core.timefmt import parse_now
     from cbt.jobs.demo import run_demo
 
-    report = run_demo(args.dir, parse_size(args.size), parse_now(args.now) if args.now else None)
+    report = run_demo(args.dir, args.size, parse_now(args.now) if args.now else None)
     code = EXIT_OK if report.agrees_with_truth else EXIT_ERROR
     if args.json:
         print_json(report.to_dict())

@@ -16,20 +16,24 @@ import argparse
 
 from cbt.cli._common import (
     EXIT_OK,
+    MAX_GRACE,
+    MAX_WAIT,
     add_json,
     add_password_file,
     emit_warnings,
     open_vault,
     print_json,
+    seconds_arg,
+    vault_arg,
 )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vault", metavar="VAULT", help="the vault")
+    p.add_argument("vault", type=vault_arg, metavar="VAULT", help="the vault")
     p.add_argument("--dry-run", action="store_true", help="say what would be freed")
-    p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+    p.add_argument("--grace", type=seconds_arg(MAX_GRACE), default=3600.0, metavar="SECONDS",
                    help="how long trashed packs stay readable (default 3600)")
-    p.add_argument("--wait", type=float, default=600.0, metavar="SECONDS",
+    p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=600.0, metavar="SECONDS",
                    help="how long to wait for another gc, or a backup's commit (default 600)")
     add_password_file(p)
     add_json(p)

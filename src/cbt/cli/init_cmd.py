@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_OK, PassphraseFinder, add_json, print_json
+from cbt.cli._common import EXIT_OK, PassphraseFinder, add_json, print_json, vault_arg
 
 KDF_LOG_N_MIN, KDF_LOG_N_MAX = 10, 20  # 20: 1 GiB, the most a key slot may ask
 
@@ -46,7 +46,7 @@ def add_kdf_log_n(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from cbt.core.crypto import ALGORITHMS
 
-    p.add_argument("vault", metavar="VAULT", help="directory for the new vault")
+    p.add_argument("vault", type=vault_arg, metavar="VAULT", help="directory for the new vault")
     p.add_argument("--encryption", choices=["none", *ALGORITHMS], default=ALGORITHMS[0],
                    help=f"the AEAD sealing blocks and records (default {ALGORITHMS[0]}, the "
                         "faster here); none: an unencrypted vault, no passphrase")

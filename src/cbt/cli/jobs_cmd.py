@@ -2,21 +2,33 @@
 
 Every run of 'cbt backup --config' is recorded: its id, VM, policy, start and
 end, status (running, succeeded, failed, interrupted), consistency, the
-recovery point it made, per-disk bytes and seconds, and its error.
+recovery point it made, per-disk bytes and seconds, its error, and the hooks
+it ran.
 
 --json prints {"jobs":[{"id","vm","policy","start","end","status",
-"consistency","recovery_point","disks","error"}],"warnings"}.
+"consistency","recovery_point","disks","error","hooks"}],"warnings"}; each of
+"hooks" is {"phase","ok","exit_code","timed_out","seconds","error","stdout",
+"stderr"} (phase pre, post or recover; the last 4 KiB of the hook's stdout and
+stderr; exit_code null when it timed out or could not start).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_OK, add_json, add_password_file, open_vault, print_json, warn
+from cbt.cli._common import (
+    EXIT_OK,
+    add_json,
+    add_password_file,
+    open_vault,
+    print_json,
+    vault_arg,
+    warn,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vault", metavar="VAULT", help="the vault")
+    p.add_argument("vault", type=vault_arg, metavar="VAULT", help="the vault")
     p.add_argument("--vm", metavar="NAME", help="only this VM's jobs")
     add_password_file(p)
     add_json(p)

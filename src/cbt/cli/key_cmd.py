@@ -30,12 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 from cbt.cli._common import (
     EXIT_OK,
+    MAX_WAIT,
     add_json,
     add_password_file,
     on_terminal,
     open_vault,
     print_json,
     prompt_passphrase,
+    seconds_arg,
+    vault_arg,
 )
 
 if TYPE_CHECKING:
@@ -49,14 +52,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("action", choices=ACTIONS, metavar="ACTION",
                    help="list, add, remove or passwd")
-    p.add_argument("vault", metavar="VAULT", help="the vault")
+    p.add_argument("vault", type=vault_arg, metavar="VAULT", help="the vault")
     p.add_argument("id", nargs="?", metavar="ID", help="remove: the key slot to remove")
     add_password_file(p)
     p.add_argument("--new-password-file", metavar="FILE",
                    help="add, passwd: read the new passphrase from the first line of FILE "
                         "(else a prompt on a terminal, asked twice)")
     add_kdf_log_n(p)
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
                    help="wait up to this long for another writer to finish (default: fail)")
     add_json(p)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_OK, add_json, add_password_file, open_vault, print_json
+from cbt.cli._common import EXIT_OK, add_json, add_password_file, open_vault, print_json, vault_arg
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vault", metavar="VAULT", help="the vault")
+    p.add_argument("vault", type=vault_arg, metavar="VAULT", help="the vault")
     p.add_argument("--vm", metavar="NAME", help="only this VM's points")
     add_password_file(p)
     add_json(p)

@@ -1,5 +1,8 @@
 """Entry point of the ``cbt`` command: parse, dispatch, turn errors into exit codes.
 
+Exit codes: 0 success, 1 differences found (diff), 2 error, 141 stdout closed by its
+reader (``cbt list | head``: the command stops quietly, no message, no traceback).
+
 Command modules are imported only when they run, so ``cbt scan`` does not pay
 for what ``cbt demo`` needs (start-up time counts against whole-process speed).
 """
@@ -7,11 +10,18 @@ for what ``cbt demo`` needs (start-up time counts against whole-process speed).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
+import select
 import sys
 from collections.abc import Sequence
 
 from cbt.cli._common import EXIT_ERROR, fail
+
+# A command whose reader went away (``cbt list | head``) stops quietly with this code:
+# 128 + SIGPIPE, what a shell reports for a C program killed by the broken pipe.
+EXIT_PIPE = 141
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -48,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cbt",
         description="Changed-block tracker and incremental disk-image backup engine.",
-        epilog="Exit codes: 0 success, 1 differences found (diff), 2 error. "
+        epilog="Exit codes: 0 success, 1 differences found (diff), 2 error, 141 stdout "
+               "closed by its reader (cbt ... | head). "
                "Run 'cbt COMMAND --help' for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -70,6 +81,18 @@ def command_parser(name: str) -> tuple[argparse.ArgumentParser, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code.  A closed stdout ends it quietly (:data:`EXIT_PIPE`)."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit, where a broken pipe would print a traceback
+        return code
+    except OSError as exc:
+        if _stdout_gone(exc):
+            return _quiet_exit()
+        raise
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") or argv[0] not in COMMANDS:
         parser = build_parser()
@@ -89,7 +112,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return fail("interrupted", as_json)
     except (CbtError, OSError) as exc:
+        if isinstance(exc, OSError) and _stdout_gone(exc):
+            return _quiet_exit()
         return fail(_one_line(exc), as_json)
+
+
+def _stdout_gone(exc: OSError) -> bool:
+    """Whether ``exc`` is a write to a stdout whose reader closed it (not another pipe's)."""
+    if exc.errno != errno.EPIPE:
+        return False
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        # a pipe with no reader (POLLERR), a socket whose peer shut down (POLLHUP)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _quiet_exit() -> int:
+    """Nothing more to say to a reader that left: stdout to /dev/null (so the last flush
+    at exit cannot fail again), no message; exit :data:`EXIT_PIPE`."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+    return EXIT_PIPE
 
 
 def _one_line(exc: BaseException) -> str:

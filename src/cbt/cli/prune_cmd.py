@@ -17,14 +17,24 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_OK, add_json, add_password_file, open_vault, print_json
+from cbt.cli._common import (
+    EXIT_OK,
+    MAX_WAIT,
+    add_json,
+    add_password_file,
+    now_arg,
+    open_vault,
+    print_json,
+    seconds_arg,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, metavar="FILE", help="the configuration file")
-    p.add_argument("--now", metavar="ISO8601", help="the time to judge ages at (default: now)")
+    p.add_argument("--now", type=now_arg, metavar="ISO8601",
+                   help="the time to judge ages at (default: now)")
     p.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
                    help="wait this long for a running backup to finish (default: fail)")
     add_password_file(p)
     add_json(p)

@@ -35,12 +35,13 @@ from cbt.cli._common import (
     emit_warnings,
     open_vault,
     print_json,
+    vault_arg,
     workers_arg,
 )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vault", metavar="VAULT", help="the vault")
+    p.add_argument("vault", type=vault_arg, metavar="VAULT", help="the vault")
     p.add_argument("point", metavar="POINT", help="point id, unique prefix, or VM.latest")
     p.add_argument("--to", required=True, metavar="PATH",
                    help="directory for the disk images; with --disk, a file or block device")

@@ -22,6 +22,7 @@ from cbt.cli._common import (
     add_json,
     add_password_file,
     finder,
+    now_arg,
     print_json,
     workers_arg,
 )
@@ -29,7 +30,8 @@ from cbt.cli._common import (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, metavar="FILE", help="the configuration file")
-    p.add_argument("--now", metavar="ISO8601", help="the time to act at (default: now)")
+    p.add_argument("--now", type=now_arg, metavar="ISO8601",
+                   help="the time to act at (default: now)")
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N",
                    help="worker processes (default: number of cores)")
     add_password_file(p)

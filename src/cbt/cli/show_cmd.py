@@ -22,7 +22,7 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from cbt.cli._common import EXIT_OK, add_json, add_password_file, open_vault, print_json
+from cbt.cli._common import EXIT_OK, add_json, add_password_file, open_vault, print_json, vault_arg
 
 if TYPE_CHECKING:
     from cbt.api import Vault
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vault", metavar="VAULT", help="the vault")
+    p.add_argument("vault", type=vault_arg, metavar="VAULT", help="the vault")
     p.add_argument("point", metavar="POINT", help="point id, unique prefix, or VM.latest")
     p.add_argument("--manifest", metavar="LABEL",
                    help="write this disk's resolved manifest to the -o file")

@@ -14,7 +14,8 @@ def utc_now() -> str:
 
 def rfc3339(t: _dt.datetime) -> str:
     """UTC, to the second, with ``Z``."""
-    return t.astimezone(_dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    u = t.astimezone(_dt.UTC)
+    return f"{u.year:04d}-{u:%m-%dT%H:%M:%S}Z"  # 4-digit year always (strftime's %Y: 999)
 
 
 def parse_now(text: str) -> _dt.datetime:
@@ -25,4 +26,7 @@ def parse_now(text: str) -> _dt.datetime:
         raise CbtValueError(f"not an ISO 8601 time: {text!r}") from None
     if t.tzinfo is None or t.utcoffset() is None:
         raise CbtValueError(f"time {text!r} has no offset: add Z or +HH:MM")
-    return t.astimezone(_dt.UTC)
+    try:
+        return t.astimezone(_dt.UTC)
+    except OverflowError:  # 9999-12-31T23:00:00-05:00
+        raise CbtValueError(f"time {text!r} is out of range") from None

@@ -292,9 +292,27 @@ def manifest_name(point_id: str, label: str) -> str:
     return f"manifests/{point_id}/{label}.arrow"
 
 
+# The times a point may carry: ids sort by time only with a 4-digit year, and
+# times before the epoch are no backup's (a mistyped --now).
+FIRST_YEAR, LAST_YEAR = 1970, 9999
+_CREATED_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
+
+
+def check_point_time(created: str) -> str:
+    """``created`` if a point may carry it (RFC 3339 UTC with ``Z``, years 1970 to 9999);
+    else :class:`CbtValueError` naming it."""
+    if not _CREATED_RE.match(created) or _bad_time(created):
+        raise CbtValueError(f"not a point time: {created!r} (want YYYY-MM-DDTHH:MM:SSZ)")
+    if not FIRST_YEAR <= int(created[:4]) <= LAST_YEAR:
+        raise CbtValueError(f"time {created} is out of range: a point's time must be from "
+                            f"{FIRST_YEAR} to {LAST_YEAR}")
+    return created
+
+
 def new_point_id(vm: str, created: str, existing: set[str]) -> str:
-    """``<vm>.<YYYYMMDDTHHMMSSZ>``, with ``-N`` when that second is taken."""
-    stamp = created.replace("-", "").replace(":", "")
+    """``<vm>.<YYYYMMDDTHHMMSSZ>``, with ``-N`` when that second is taken; ``created``
+    must pass :func:`check_point_time` (so ids sort by time)."""
+    stamp = check_point_time(created).replace("-", "").replace(":", "")
     base = f"{vm}.{stamp}"
     if base not in existing:
         return base
@@ -348,8 +366,12 @@ class JobDisk:
 
 
 _JOB_KEYS = ("id", "vm", "policy", "start", "end", "status", "consistency", "recovery_point",
-             "disks", "error", "hook_pending", "pid", "slot", "start_ns")
-_PUBLIC_JOB_KEYS = _JOB_KEYS[:10]
+             "disks", "error", "hooks", "hook_pending", "pid", "slot", "start_ns")
+_PUBLIC_JOB_KEYS = _JOB_KEYS[:11]
+# one entry of a job's ``hooks``: a hook run and the tails of its output
+_HOOK_RUN_KEYS: dict[str, type | tuple[type, ...]] = {
+    "phase": str, "ok": bool, "exit_code": (int, type(None)), "timed_out": bool,
+    "seconds": (int, float), "error": (str, type(None)), "stdout": str, "stderr": str}
 
 
 @dataclass
@@ -368,6 +390,9 @@ class JobRecord:
     recovery_point: str | None = None  # the point's id, chosen when the job starts
     disks: list[JobDisk] = field(default_factory=list)
     error: str | None = None
+    # the hooks it ran, in order: phase, ok, exit_code, timed_out, seconds, error, and
+    # the tails of their stdout and stderr (cbt.jobs.hooks.HookResult.to_record)
+    hooks: list[dict[str, Any]] = field(default_factory=list)
     hook_pending: bool = False  # between the pre hook's start and the post hook's end
     pid: int | None = None
     slot: str | None = None
@@ -379,15 +404,19 @@ class JobRecord:
         return {k: body[k] for k in _PUBLIC_JOB_KEYS}
 
     def to_json(self) -> bytes:
-        return _dump({**self.extra, **self._body()})
+        """The record's file; ``hooks`` only when some ran (else as format 1 wrote it)."""
+        body = self._body()
+        if not body["hooks"]:
+            del body["hooks"]
+        return _dump({**self.extra, **body})
 
     def _body(self) -> dict[str, Any]:
         return {"id": self.id, "vm": self.vm, "policy": self.policy, "start": self.start,
                 "end": self.end, "status": self.status, "consistency": self.consistency,
                 "recovery_point": self.recovery_point,
                 "disks": [d.to_dict() for d in self.disks], "error": self.error,
-                "hook_pending": self.hook_pending, "pid": self.pid, "slot": self.slot,
-                "start_ns": self.start_ns}
+                "hooks": [dict(h) for h in self.hooks], "hook_pending": self.hook_pending,
+                "pid": self.pid, "slot": self.slot, "start_ns": self.start_ns}
 
     @classmethod
     def from_json(cls, data: bytes) -> JobRecord:
@@ -401,7 +430,8 @@ class JobRecord:
                 consistency=body.get("consistency"),
                 recovery_point=body.get("recovery_point"),
                 disks=[JobDisk.from_dict(d) for d in body.get("disks") or []],
-                error=body.get("error"), hook_pending=bool(body.get("hook_pending")),
+                error=body.get("error"), hooks=list(body.get("hooks") or []),
+                hook_pending=bool(body.get("hook_pending")),
                 pid=body.get("pid"), slot=body.get("slot"),
                 extra={k: v for k, v in body.items() if k not in _JOB_KEYS})
         except (KeyError, TypeError, AttributeError) as exc:
@@ -429,6 +459,11 @@ class JobRecord:
             bad = _bad_numbers(d, ("bytes_read", "bytes_new", "bytes_stored"))
             if bad:
                 return f"disk {d.label}: {bad}"
+        for h in self.hooks:
+            if not isinstance(h, dict) or not all(
+                    isinstance(h.get(k), t) and (t is not bool or type(h.get(k)) is bool)
+                    for k, t in _HOOK_RUN_KEYS.items()):
+                return f"a hook run {h!r} is not one"
         return None
 
 

@@ -45,11 +45,16 @@ from typing import Any, Literal
 from cbt.core.errors import CbtError, CbtValueError
 from cbt.core.sizes import parse_size
 from cbt.jobs.policy import Policy, Retention, parse_schedule
+from cbt.repo.storage import check_location
 
 PROVIDERS = ("auto", "reflink", "btrfs", "copy", "none")
 Provider = Literal["auto", "reflink", "btrfs", "copy", "none"]
 OnPreFailure = Literal["fallback", "fail"]
 Provides = Literal["application", "file-system"]  # the level a succeeded pre hook gives
+
+
+MAX_HOOK_TIMEOUT = 86400.0  # hooks.timeout: seconds, above 0, at most a day
+MAX_KEEP = 100_000  # each retention count
 
 
 class ConfigError(CbtError, ValueError):
@@ -167,6 +172,10 @@ def parse(doc: dict[str, Any], text: str, path: str) -> Config:
     base = Path(path).resolve().parent
     _check_keys(where, path, "", doc, {"vault", "policy", "vm"}, {"vault"})
     vault = _typed(where, path, "vault", doc["vault"], str, "a path (string)")
+    try:
+        check_location(vault)
+    except CbtValueError as exc:
+        raise _err(where, path, "vault", str(exc)) from None
     policies: dict[str, Policy] = {}
     for name, table in _typed(where, path, "policy", doc.get("policy", {}), dict,
                               "a table of policies").items():
@@ -200,8 +209,8 @@ def _policy(where: _Where, path: str, name: str, table: Any) -> Policy:
         counts = {}
         for k, v in r.items():
             _typed(where, path, f"{pre}retention.{k}", v, int, "a whole number")
-            if v < 0:
-                raise _err(where, path, f"{pre}retention.{k}", "must not be negative")
+            if not 0 <= v <= MAX_KEEP:
+                raise _err(where, path, f"{pre}retention.{k}", f"must be from 0 to {MAX_KEEP}")
             counts[k] = v
         retention = Retention(**counts)
     days = _typed(where, path, pre + "instant_restore_days",
@@ -280,6 +289,9 @@ def _block_size(where: _Where, path: str, dotted: str, value: Any) -> int:
         fast.check_block_size(block_size)
     except CbtValueError as exc:
         raise _err(where, path, dotted, str(exc)) from None
+    except OverflowError:  # beyond the core's integers
+        raise _err(where, path, dotted, "block size must be a power of two from 4K to 4M"
+                   ) from None
     return block_size
 
 
@@ -289,8 +301,9 @@ def _hooks(where: _Where, path: str, base: Path, dotted: str, value: Any) -> Hoo
     _check_keys(where, path, hp, h, {"pre", "post", "timeout", "on_pre_failure", "provides"})
     timeout = _typed(where, path, hp + "timeout", h.get("timeout", 60), (int, float),
                      "a number of seconds")
-    if timeout <= 0:
-        raise _err(where, path, hp + "timeout", "must be positive")
+    if not 0 < timeout <= MAX_HOOK_TIMEOUT:  # nan, inf, zero, negative, too large
+        raise _err(where, path, hp + "timeout", f"must be a number of seconds above 0 and at "
+                   f"most {MAX_HOOK_TIMEOUT:.0f} (a day)")
     opf = _typed(where, path, hp + "on_pre_failure", h.get("on_pre_failure", "fallback"),
                  str, "a string")
     if opf not in ("fallback", "fail"):

@@ -1,23 +1,36 @@
 """Pre- and post-snapshot hooks: argv lists (never shell strings) with a timeout.
 
-A hook runs in its own session, so at the timeout its whole process group is
-killed, children included.  Its stdout is discarded (cbt's own stdout may be
-JSON); the tail of its stderr is kept for the consistency reason.  The
-environment carries ``CBT_VM``, ``CBT_PHASE`` (pre, post or recover) and
-``CBT_POINT`` (the id the recovery point will have).
+A hook runs in its own session.  Its result is its exit status: cbt reads its
+stdout and stderr only while the hook process lives (and for
+:data:`DRAIN_SECONDS` after it exits, for what is still in the pipes), so a hook
+that leaves a child running (``sleep 600 & exit 0``, to hold a lock until the
+post hook) succeeds when it exits, and that child is left alone (it should not
+write to the hook's stdout or stderr any more: cbt has stopped reading them).
+A hook still running at its timeout is killed with its whole process group,
+children included.  Of each stream only the last :data:`TAIL_BYTES` are kept
+while reading (a flood costs no memory); the stderr tail gives the consistency
+reason, and both tails (their last :data:`RECORD_TAIL` bytes) go into the job's
+record (``hooks``).  The environment carries ``CBT_VM``, ``CBT_PHASE`` (pre,
+post or recover) and ``CBT_POINT`` (the id the recovery point will have).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import selectors
 import signal
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import IO, Any
 
-STDERR_TAIL = 300
+STDERR_TAIL = 300  # characters of stderr in a failure's description
+TAIL_BYTES = 64 << 10  # kept of each stream while reading
+RECORD_TAIL = 4 << 10  # of each kept tail, what the job record stores
+DRAIN_SECONDS = 0.5  # reading on after the hook exited (a child may hold its pipes)
+_CHUNK = 1 << 16
 
 
 @dataclass
@@ -29,6 +42,7 @@ class HookResult:
     stderr_tail: str
     seconds: float
     error: str | None = None  # could not be started
+    stdout_tail: str = ""
 
     def describe(self) -> str:
         """``pre hook failed (exit 3): <stderr tail>`` and the like."""
@@ -40,8 +54,15 @@ class HookResult:
             what = f"{self.phase} hook timed out after {self.seconds:.0f} s"
         else:
             what = f"{self.phase} hook failed (exit {self.exit_code})"
-        tail = " ".join(self.stderr_tail.split())
+        tail = " ".join(self.stderr_tail[-STDERR_TAIL:].split())
         return f"{what}: {tail}" if tail else what
+
+    def to_record(self) -> dict[str, Any]:
+        """The entry of the job record's ``hooks`` list (tails cut to :data:`RECORD_TAIL`)."""
+        return {"phase": self.phase, "ok": self.ok, "exit_code": self.exit_code,
+                "timed_out": self.timed_out, "seconds": round(self.seconds, 3),
+                "error": self.error, "stdout": _last(self.stdout_tail, RECORD_TAIL),
+                "stderr": _last(self.stderr_tail, RECORD_TAIL)}
 
 
 def run_hook(argv: Sequence[str], phase: str, vm: str, point: str,
@@ -50,30 +71,103 @@ def run_hook(argv: Sequence[str], phase: str, vm: str, point: str,
     started = time.monotonic()
     try:
         proc = subprocess.Popen(list(argv), env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True, cwd=cwd)
     except OSError as exc:
         return HookResult(phase, False, None, False, "", 0.0, error=str(exc))
-    timed_out = False
+    tails = _Tails(proc)
     try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _kill_group(proc.pid)
-        try:
-            _, err = proc.communicate(timeout=5)
-        except subprocess.TimeoutExpired:  # a grandchild left its own session holding stderr
+        timed_out = not tails.read_until_exit(started + timeout)
+        if timed_out:
+            _kill_group(proc.pid)
             proc.kill()
-            err = b""
+            proc.wait()
+        tails.drain(time.monotonic() + DRAIN_SECONDS)
     except BaseException:
         _kill_group(proc.pid)
+        proc.kill()
         proc.wait()
         raise
+    finally:
+        tails.close()
     seconds = time.monotonic() - started
-    tail = err.decode(errors="replace")[-STDERR_TAIL:]
     ok = not timed_out and proc.returncode == 0
-    return HookResult(phase, ok, proc.returncode if not timed_out else None, timed_out, tail,
-                      seconds)
+    return HookResult(phase, ok, None if timed_out else proc.returncode, timed_out,
+                      tails.text("stderr"), seconds, stdout_tail=tails.text("stdout"))
+
+
+class _Tails:
+    """Reads a process's stdout and stderr, keeping the last :data:`TAIL_BYTES` of each."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.sel = selectors.DefaultSelector()
+        self.kept = {"stdout": bytearray(), "stderr": bytearray()}
+        for name in self.kept:
+            pipe: IO[bytes] | None = getattr(proc, name)
+            if pipe is not None:
+                os.set_blocking(pipe.fileno(), False)
+                self.sel.register(pipe, selectors.EVENT_READ, name)
+        self.pidfd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):  # Linux >= 5.3: woken at its exit
+            self.pidfd = os.pidfd_open(proc.pid)
+            self.sel.register(self.pidfd, selectors.EVENT_READ, None)
+
+    def read_until_exit(self, deadline: float) -> bool:
+        """Read until the process exits (True) or ``deadline`` passes (False)."""
+        while self.proc.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._read_once(min(left, 0.05 if self.pidfd is None else left))
+        return True
+
+    def drain(self, deadline: float) -> None:
+        """What is left in the pipes, until both are closed or ``deadline`` passes."""
+        if self.pidfd is not None:
+            self.sel.unregister(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+        while self.sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._read_once(left)
+
+    def _read_once(self, wait: float) -> None:
+        for key, _ in self.sel.select(wait):
+            if key.data is None:  # the pidfd: the process exited
+                continue
+            try:
+                chunk = os.read(key.fd, _CHUNK)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                self.sel.unregister(key.fileobj)
+                continue
+            kept = self.kept[key.data]
+            kept += chunk
+            if len(kept) > 2 * TAIL_BYTES:
+                del kept[:-TAIL_BYTES]
+
+    def text(self, name: str) -> str:
+        return bytes(self.kept[name][-TAIL_BYTES:]).decode(errors="replace")
+
+    def close(self) -> None:
+        """Stop reading: our ends of the pipes closed (a child left behind keeps its own)."""
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        self.sel.close()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _last(text: str, limit: int) -> str:
+    """The end of ``text``: at most ``limit`` bytes of its UTF-8."""
+    data = text.encode(errors="replace")
+    return data[-limit:].decode(errors="ignore") if len(data) > limit else text
 
 
 def _kill_group(pid: int) -> None:

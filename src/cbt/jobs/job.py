@@ -134,6 +134,7 @@ def recover(vault: Vault, vmc: VMConfig) -> list[str]:
         if rec.hook_pending and vmc.hooks and vmc.hooks.post:
             res = run_hook(vmc.hooks.post, "recover", vmc.name,
                            rec.recovery_point or "", vmc.hooks.timeout, vmc.hooks.cwd)
+            rec.hooks.append(res.to_record())
             if not res.ok:
                 warnings.append(f"recover hook of interrupted job {rec.id}: {res.describe()}")
         for path in _job_snapshots(vmc, rec.id):
@@ -233,6 +234,7 @@ class Job:
         if hooks.pre:
             self.pre = run_hook(hooks.pre, "pre", self.vmc.name, self.point_id, hooks.timeout,
                                 hooks.cwd)
+            self.record.hooks.append(self.pre.to_record())
             if not self.pre.ok and hooks.on_pre_failure == "fail":
                 raise JobFailed(f"{self.pre.describe()} (on_pre_failure = \"fail\")")
 
@@ -253,6 +255,7 @@ class Job:
         if hooks and hooks.post:
             res = run_hook(hooks.post, "post", self.vmc.name, self.point_id, hooks.timeout,
                            hooks.cwd)
+            self.record.hooks.append(res.to_record())
             if not res.ok:
                 new.append(res.describe())
         self.record.hook_pending = False

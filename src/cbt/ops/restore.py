@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -628,6 +629,46 @@ def _commit_targets(targets: list[_Target], out_dirs: set[Path]) -> None:
         fsync_dir(d)
 
 
+# ``.LABEL.img.tmp-PID``: the temporary name (core.durable.temp_name) of a disk restored
+# into a directory.
+_IMAGE_TEMP_RE = re.compile(r"^\.[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.img\.tmp-([1-9][0-9]{0,9})$")
+
+
+def remove_stale_temps(finals: dict[str, Path], one_disk: bool) -> list[str]:
+    """Remove what restores killed before their rename left beside these targets: regular
+    files (never links) named as cbt names a target's temporary file (in a ``--to``
+    directory any ``.LABEL.img.tmp-PID``; beside one ``--disk`` file only its own
+    ``.NAME.tmp-PID``) whose process is gone.  Returns a warning per file removed."""
+    removed = []
+    for final in finals.values():
+        pattern = (re.compile(rf"^\.{re.escape(final.name)}\.tmp-([1-9][0-9]{{0,9}})$")
+                   if one_disk else _IMAGE_TEMP_RE)
+        with contextlib.suppress(OSError), os.scandir(final.parent) as entries:
+            for entry in entries:
+                m = pattern.match(entry.name)
+                if m and entry.is_file(follow_symlinks=False) and _gone(int(m.group(1))):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed.append(f"removed {entry.path}, left by a restore (process "
+                                       f"{m.group(1)}) that did not finish")
+        if not one_disk:
+            break  # one directory, every name matched at once
+    return removed
+
+
+def _gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs (never this one)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
 def _discard_targets(targets: list[_Target]) -> None:
     """After a failure: remove every new file not yet renamed into place."""
     for t in targets:
@@ -647,7 +688,7 @@ def restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
     started = time.perf_counter()
     point = vault.point(request.point)
     finals, out_dirs = _plan_targets(point, request)
-    warnings: list[str] = []
+    warnings = remove_stale_temps(finals, request.disk is not None)
     index = vault.load_index(warnings)
     manifests = {label: vault.resolve(point, label) for label in finals}
     targets: list[_Target] = []
@@ -696,10 +737,10 @@ def instant_restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
     if disk is None:
         to.mkdir(parents=True, exist_ok=True)
     labels = [disk] if disk is not None else [d.label for d in point.disks]
+    finals = {label: to if disk is not None else to / names[label] for label in labels}
     disks: list[RestoredDisk] = []
-    warnings: list[str] = []
-    for label in labels:
-        final = to if disk is not None else to / names[label]
+    warnings = remove_stale_temps(finals, disk is not None)
+    for label, final in finals.items():
         disks.append(_instant_disk(vault, point, label, kept.get(label), final, request,
                                    warnings))
     return RestoreResult(point.id, disks, round(time.perf_counter() - started, 6), warnings)

@@ -33,6 +33,7 @@ import fcntl
 import json
 import mmap
 import os
+import re
 import stat
 import threading
 import time
@@ -226,6 +227,21 @@ FILE_MODE = 0o600  # files and directories a vault creates: its owner's only
 DIR_MODE = 0o700
 
 
+# URL schemes a vault location may have (none yet: a vault is a local directory).
+LOCATION_SCHEMES: frozenset[str] = frozenset()
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def check_location(location: str) -> str:
+    """``location`` if cbt knows where it is: a local path, not an unknown ``scheme://``
+    (``s3://bucket/x`` would otherwise be a folder named ``s3:``); else CbtValueError."""
+    m = _SCHEME_RE.match(location)
+    if m and m.group(1).lower() not in LOCATION_SCHEMES:
+        raise CbtValueError(f"unknown vault location scheme {m.group(1)!r} in "
+                            f"{location!r}: a vault is a local directory")
+    return location
+
+
 class LocalStorage(Storage):
     """A vault in a local directory.
 
@@ -237,12 +253,12 @@ class LocalStorage(Storage):
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = os.fspath(root)
+        self.root = check_location(os.fspath(root))
 
     @classmethod
     def create(cls, path: str | os.PathLike[str]) -> LocalStorage:
         """A storage in a new or empty directory (made here, 0700, with its parents)."""
-        p = Path(path)
+        p = Path(check_location(os.fspath(path)))
         if p.exists() and not p.is_dir():
             raise CbtIOError(errno.ENOTDIR, f"not a directory: {p}")
         if p.is_dir() and any(p.iterdir()):
@@ -769,5 +785,5 @@ def open_storage(spec: StorageSpec) -> Storage:
 
 
 __all__ = ["DIR_MODE", "FILE_MODE", "Buffers", "LocalStorage", "LockBusyError", "LockHolder",
-           "MemoryStorage", "ObjectStat", "Storage", "StorageLock", "StorageSpec", "name_parts",
-           "open_storage"]
+           "MemoryStorage", "ObjectStat", "Storage", "StorageLock", "StorageSpec", "check_location",
+           "name_parts", "open_storage"]
