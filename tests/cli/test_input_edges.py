@@ -254,6 +254,8 @@ def test_api_refuses_an_unknown_scheme(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CbtValueError, match="scheme"):
         Vault.init("s3://bucket/x")
+    with pytest.raises(CbtValueError, match="scheme"):
+        Vault.open("s3://bucket/x")
     assert list(tmp_path.iterdir()) == []
 
 

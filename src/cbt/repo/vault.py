@@ -66,7 +66,7 @@ from cbt.repo.keys import (
     resolve_passphrase,
     slot_name,
 )
-from cbt.repo.storage import LocalStorage, Storage, StorageSpec, open_storage
+from cbt.repo.storage import LocalStorage, Storage, StorageSpec, check_location, open_storage
 
 if TYPE_CHECKING:
     from cbt.format.manifest import Delta, Manifest
@@ -178,7 +178,7 @@ class Vault:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], passphrase: Passphrase | None = None) -> Self:
-        return cls.open_on(LocalStorage(Path(path)), passphrase)
+        return cls.open_on(LocalStorage(Path(check_location(os.fspath(path)))), passphrase)
 
     @classmethod
     def open_on(cls, storage: Storage, passphrase: Passphrase | None = None) -> Self:
