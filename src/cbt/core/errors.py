@@ -23,3 +23,19 @@ class CbtIOError(OSError, CbtError):
 
 class CorruptManifestError(ValueError, CbtError):
     """A manifest file is truncated, altered or not a cbt manifest at all."""
+
+
+class SourceReadError(CbtIOError):
+    """A disk (image file or block device) failed to read, or shrank while it was read.
+
+    ``path`` is the disk, ``offset`` the first byte that could not be read; the
+    message names both and the error.
+    """
+
+    def __init__(self, err: int, message: str, path: str, offset: int) -> None:
+        super().__init__(err, message)
+        self.path = path
+        self.offset = offset
+
+    def __reduce__(self) -> tuple[object, ...]:  # (sent back from a forked worker)
+        return (type(self), (self.errno, self.strerror, self.path, self.offset))

@@ -62,7 +62,7 @@ from cbt.core.crypto import Cipher
 from cbt.core.durable import prepare_crash_counter
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 from cbt.core.native import fast
-from cbt.core.parallel import Report, fork_map
+from cbt.core.parallel import Report, WorkerError, fork_map
 from cbt.core.sizes import format_size
 from cbt.core.timefmt import utc_now
 from cbt.format.index_segment import segment_bytes
@@ -76,7 +76,7 @@ from cbt.repo.storage import Storage, StorageSpec
 from cbt.repo.vault import Vault, VaultSpec
 from cbt.source.base import SourceSpec
 from cbt.source.disks import DiskSpec
-from cbt.source.image import open_source
+from cbt.source.image import explain_death, open_source
 from cbt.source.plan import (
     BlockRange,
     DiskPlan,
@@ -377,8 +377,16 @@ def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardR
         with ThreadPoolExecutor(request.workers or default_workers()) as pool:
             return _on_executor(pool, worker_vault, planned.shards, report)
     if request.executor is None:
-        return fork_map(functools.partial(_labelled_shard, worker_vault), planned.shards,
-                        report, ignore_stop_signals=request.ignore_stop_signals)
+        try:  # (isolated: a disk page that cannot be read kills the reader, not cbt)
+            return fork_map(functools.partial(_labelled_shard, worker_vault), planned.shards,
+                            report, ignore_stop_signals=request.ignore_stop_signals,
+                            isolate=True)
+        except WorkerError as exc:
+            if exc.task is None:
+                raise
+            shard = planned.shards[exc.task]
+            err = explain_death(exc, (shard.source.path, shard.source.size))
+            raise CbtIOError(err.errno, f"disk {shard.label}: {err.strerror}") from None
     return _on_executor(request.executor, worker_vault, planned.shards, report)
 
 
