@@ -149,3 +149,31 @@ def test_disk_truncated_while_a_backup_reads_it(tmp_path: Path) -> None:
     assert caught == 1
     assert _points(vault, env) == []
     _verify_clean(vault, env)
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_unreadable_pack_is_unreadable_not_missing(tmp_path: Path, encrypted: bool) -> None:
+    """A vault on a disk with a read error: verify and restore say the pack is
+    unreadable, with the error; not that it is missing (nor a SIGBUS)."""
+    disk = tmp_path / "disk.img"
+    random_file(disk, DISK)
+    with bad_btrfs(tmp_path) as fs:
+        vault = fs.mnt / "vault"
+        env = encrypted_env(tmp_path) if encrypted else None
+        r = cbt("init", vault, *(["--kdf-log-n", "10"] if encrypted
+                                 else ["--encryption", "none"]), env=env)
+        assert r.returncode == 0, r.stderr
+        point = json.loads(cbt("backup", vault, f"vda={disk}", "--vm", "vm", "--json",
+                               env=env).stdout.splitlines()[-1])["recovery_point"]
+        pack = max((vault / "packs").rglob("*.pack"), key=lambda p: p.stat().st_size)
+        page = fs.corrupt(pack, pack.stat().st_size // 2)
+        r = cbt("verify", vault, "--json", env=env)
+        problems = json.loads(r.stdout.splitlines()[-1])["problems"]
+        restored = cbt("restore", vault, point, "--to", tmp_path / "out", env=env)
+    assert r.returncode != 0 and problems, (r.stdout, r.stderr)
+    reasons = {p["problem"] for p in problems}
+    want = f"pack unreadable: unreadable in vault: {pack} at byte {page}: Input/output error"
+    assert reasons == {want}, reasons
+    line = one_error_line(restored)
+    assert f"unreadable in vault: {pack} at byte {page}: Input/output error" in line, line
+    assert "missing" not in line

@@ -120,12 +120,12 @@ def open_source(spec: SourceSpec) -> ImageSource:
     source = open_image(spec.path, spec.live)
     if source.size < spec.size:
         source.close()
-        raise shrank(spec.path, source.size, spec.size)
+        raise _shrank(spec.path, source.size, spec.size)
     source.size = spec.size
     return source
 
 
-def shrank(path: str, now: int, size: int) -> SourceReadError:
+def _shrank(path: str, now: int, size: int) -> SourceReadError:
     """The error of a disk that ends at ``now`` though it was read as ``size`` bytes."""
     return SourceReadError(errno.EIO, f"{path} shrank while it was read: it ends at byte "
                            f"{now}, it had {size} bytes", path, now)
@@ -136,7 +136,7 @@ def _current_size(fd: int) -> int:
     return st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
 
 
-def read_error(fd: int, path: str, offset: int, length: int, size: int) -> SourceReadError:
+def _read_error(fd: int, path: str, offset: int, length: int, size: int) -> SourceReadError:
     """What keeps ``[offset, offset+length)`` of a disk of ``size`` bytes from being read."""
     return _unreadable(fd, path, offset, length, size) or SourceReadError(
         errno.EIO, f"cannot read {path} in bytes {offset}..{offset + length}", path, offset)
@@ -150,7 +150,7 @@ def _unreadable(fd: int, path: str, offset: int, length: int,
         return None
     at, exc = found
     if exc is None:
-        return shrank(path, min(at, _current_size(fd)), size)
+        return _shrank(path, min(at, _current_size(fd)), size)
     return SourceReadError(exc.errno or errno.EIO, f"read error on {path} at byte {at}: "
                            f"{exc.strerror or exc}", path, at)
 
@@ -180,7 +180,7 @@ def _why_died(exc: WorkerError, path: str, size: int) -> SourceReadError | None:
     try:
         now = _current_size(fd)
         if now < size:
-            return shrank(path, now, size)
+            return _shrank(path, now, size)
         if exc.span is None:
             return None
         return _unreadable(fd, path, exc.span[0], exc.span[1] - exc.span[0], size)
@@ -199,7 +199,7 @@ def map_windows(fd: int, size: int, block_size: int, lo: int, hi: int, path: str
         try:
             m = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ, offset=offset)
         except ValueError:  # "mmap length is greater than file size": it shrank
-            raise shrank(path, _current_size(fd), size) from None
+            raise _shrank(path, _current_size(fd), size) from None
         except OSError as exc:
             raise SourceReadError(exc.errno or errno.EIO, f"cannot read {path} at byte "
                                   f"{offset}: {exc.strerror}", path, offset) from None
@@ -209,7 +209,7 @@ def map_windows(fd: int, size: int, block_size: int, lo: int, hi: int, path: str
                 m.madvise(mmap.MADV_SEQUENTIAL)
                 m.madvise(mmap.MADV_WILLNEED)
                 if not populate(m):  # touched, a page it could not read would be a SIGBUS
-                    raise read_error(fd, path, offset, length, size)
+                    raise _read_error(fd, path, offset, length, size)
             yield first, m
         finally:
             with contextlib.suppress(BufferError):  # a view still held: unmapped when freed
