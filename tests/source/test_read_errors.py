@@ -138,3 +138,32 @@ def test_unexplained_death_still_names_the_disk(tmp_path: Path) -> None:
     err = explain_death(exc, (str(img), MIB))
     assert str(err.strerror) == (f"reading {img} near byte 0 failed: worker process 9 "
                                  "died without a result (killed by SIGKILL)")
+
+
+def _touch_all(task: tuple[str, int], report: Report) -> int:
+    """In a worker: map the disk without faulting it in (as a backup does for the few
+    blocks it stores after an early scan), then touch every page."""
+    path, size = task
+    faulthandler.disable()  # (pytest's, inherited: no traceback dump of the expected death)
+    total = 0
+    with open_image(path) as src:
+        for _, w in map_windows(src.fd, size, 4096, 0, size // 4096, src.path,
+                                read_ahead=False):
+            total += sum(w[i] for i in range(0, len(w), 4096))
+    return total
+
+
+def test_worker_killed_by_an_unreadable_page_is_explained(tmp_path: Path) -> None:
+    """A worker that touches an unreadable page of an unpopulated window dies of SIGBUS;
+    the explanation is the page and EIO, found by reading the noted window again."""
+    with bad_btrfs(tmp_path) as fs:
+        img = fs.mnt / "disk.img"
+        random_file(img, 4 * MIB)
+        page = fs.corrupt(img, 3 * MIB + 99)
+        with pytest.raises(WorkerError) as info:
+            fork_map(_touch_all, [(str(img), 4 * MIB)], isolate=True)
+        exc = info.value
+        assert exc.signum == signal.SIGBUS and exc.span == (0, 4 * MIB)
+        err = explain_death(exc, (str(img), 4 * MIB))
+    assert err.errno == errno.EIO and err.offset == page
+    assert str(err.strerror) == f"read error on {img} at byte {page}: Input/output error"
