@@ -97,7 +97,7 @@ def test_config_job_of_an_unreadable_disk(tmp_path: Path) -> None:
     errors = [ln for ln in lines if ln["type"] == "error"]
     assert len(errors) == 1, lines
     message = errors[0]["message"]
-    assert message.startswith(f"disk vda: read error on {fs.mnt}/"), message
+    assert message.startswith(f"disk vda ({img}): read error on {fs.mnt}/"), message
     assert message.endswith(f"disk.img at byte {page}: Input/output error"), message
     assert r.stderr == f"cbt: error: VM web: {message}\n", r.stderr
     assert _points(vault, env) == []

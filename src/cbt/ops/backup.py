@@ -226,10 +226,17 @@ class ShardTask:
     # the whole disk's digests and flags from an early scan (shared memory, so only
     # for forked workers): the shard then hashes nothing and reads only new blocks
     prehash: tuple[mmap.mmap, mmap.mmap] | None = None
+    disk_path: str = ""  # the disk itself (``source`` may be a snapshot of it)
 
     @property
     def blocks(self) -> int:
         return sum(hi - lo for lo, hi in self.ranges)
+
+    @property
+    def name(self) -> str:
+        """The disk in messages: its label, and its path where a snapshot of it is read."""
+        path = self.disk_path
+        return self.label if not path or path == self.source.path else f"{self.label} ({path})"
 
 
 @dataclass
@@ -281,7 +288,7 @@ def _plan_disk(prev: PointRecord | None, spec: DiskSpec, block_size: int | None)
 def _shard_task(disk: PlannedDisk, shard: Shard) -> ShardTask:
     early = (disk.early.digests, disk.early.flags) if disk.early is not None else None
     return ShardTask(shard.disk, disk.spec.label, disk.source, disk.block_size, shard.ranges,
-                     early)
+                     early, disk.spec.path)
 
 
 def _take_early_scan(early: PendingScan, disks: list[PlannedDisk], request: BackupRequest) -> None:
@@ -386,7 +393,7 @@ def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardR
                 raise
             shard = planned.shards[exc.task]
             err = explain_death(exc, (shard.source.path, shard.source.size))
-            raise CbtIOError(err.errno, f"disk {shard.label}: {err.strerror}") from None
+            raise CbtIOError(err.errno, f"disk {shard.name}: {err.strerror}") from None
     return _on_executor(request.executor, worker_vault, planned.shards, report)
 
 
@@ -440,9 +447,9 @@ def _labelled_shard(worker_vault: WorkerVault, shard: ShardTask, report: Report)
     try:
         return _transfer_shard(worker_vault, shard, report)
     except OSError as exc:
-        raise CbtIOError(exc.errno, f"disk {shard.label}: {exc.strerror or exc}") from None
+        raise CbtIOError(exc.errno, f"disk {shard.name}: {exc.strerror or exc}") from None
     except CbtError as exc:
-        raise CbtIOError(errno.EIO, f"disk {shard.label}: {exc}") from None
+        raise CbtIOError(errno.EIO, f"disk {shard.name}: {exc}") from None
 
 
 @dataclass
