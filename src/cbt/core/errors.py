@@ -18,7 +18,16 @@ class CbtValueError(ValueError, CbtError):
 
 
 class CbtIOError(OSError, CbtError):
-    """A disk, image or file could not be opened, read or written."""
+    """A disk, image or file could not be opened, read or written.
+
+    ``str()`` is the message alone, as the command line prints it (not
+    ``[Errno 5] ...``), also where it is quoted inside another error's message.
+    """
+
+    def __str__(self) -> str:
+        if self.strerror and self.filename is None:
+            return str(self.strerror)
+        return super().__str__()
 
 
 class CorruptManifestError(ValueError, CbtError):
