@@ -4,6 +4,10 @@
   reads as zeros (holes stay holes after a restore).
 - Block devices: ``ioctl(BLKZEROOUT)`` asks the device to zero a range (thin
   devices unmap it); the unaligned tail of a range is written as zeros.
+- :func:`populate` faults a mapped range in and says whether every page could
+  be read, and :func:`first_unreadable` finds the first byte that cannot be:
+  a mapping's page that cannot be read is a SIGBUS when touched, which no
+  Python code survives, so readers check first.
 - :class:`Writeback` starts the disk writing what a restore has written so far
   (``sync_file_range(SYNC_FILE_RANGE_WRITE)`` from a thread of its own), so the
   disk works while the restore still verifies and copies, instead of all at the
@@ -13,7 +17,9 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
+import mmap
 import os
 import stat
 import struct
@@ -40,6 +46,47 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+# madvise(MADV_POPULATE_READ), Linux 5.14: fault pages in, an error instead of a SIGBUS
+MADV_POPULATE_READ = 22
+PAGE = mmap.PAGESIZE
+
+
+def populate(m: mmap.mmap, start: int = 0, length: int | None = None) -> bool:
+    """Fault in ``[start, start+length)`` of a mapping; False where a page cannot be read.
+
+    A page that cannot be read (a read error, a file truncated below it) would
+    kill the process with SIGBUS when touched; here it is only False.  True
+    also where the kernel lacks the advice (then nothing is checked).
+    """
+    end = len(m) if length is None else min(len(m), start + length)
+    start -= start % PAGE
+    if end <= start:
+        return True
+    try:
+        m.madvise(MADV_POPULATE_READ, start, end - start)
+    except OSError as exc:
+        return exc.errno in (errno.EINVAL, errno.ENOSYS)  # (an older kernel)
+    return True
+
+
+def first_unreadable(fd: int, offset: int, length: int,
+                     chunk: int = 1 << 20) -> tuple[int, OSError | None] | None:
+    """The first byte of ``[offset, offset+length)`` that ``pread`` cannot read, with its
+    error (None: the file ends there); None when all of it reads."""
+    pos, end = offset, offset + length
+    while pos < end:
+        try:
+            got = os.pread(fd, min(chunk, end - pos), pos)
+        except OSError as exc:
+            if chunk > PAGE:  # narrow down to the page
+                return first_unreadable(fd, pos, min(chunk, end - pos), PAGE) or (pos, exc)
+            return pos, exc
+        if not got:
+            return pos, None
+        pos += len(got)
+    return None
 
 
 def is_block_device(path: str | os.PathLike[str]) -> bool:

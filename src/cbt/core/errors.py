@@ -18,8 +18,33 @@ class CbtValueError(ValueError, CbtError):
 
 
 class CbtIOError(OSError, CbtError):
-    """A disk, image or file could not be opened, read or written."""
+    """A disk, image or file could not be opened, read or written.
+
+    ``str()`` is the message alone, as the command line prints it (not
+    ``[Errno 5] ...``), also where it is quoted inside another error's message.
+    """
+
+    def __str__(self) -> str:
+        if self.strerror and self.filename is None:
+            return str(self.strerror)
+        return super().__str__()
 
 
 class CorruptManifestError(ValueError, CbtError):
     """A manifest file is truncated, altered or not a cbt manifest at all."""
+
+
+class SourceReadError(CbtIOError):
+    """A disk (image file or block device) failed to read, or shrank while it was read.
+
+    ``path`` is the disk, ``offset`` the first byte that could not be read; the
+    message names both and the error.
+    """
+
+    def __init__(self, err: int, message: str, path: str, offset: int) -> None:
+        super().__init__(err, message)
+        self.path = path
+        self.offset = offset
+
+    def __reduce__(self) -> tuple[object, ...]:  # (sent back from a forked worker)
+        return (type(self), (self.errno, self.strerror, self.path, self.offset))

@@ -11,6 +11,10 @@ Used where one disk is split across cores (``scan --workers N``, image diffs):
    collect later), for a caller with other work to do meanwhile.
 3. ``report(nbytes)`` adds to a shared per-task counter which the parent
    passes to ``progress`` (as a list) a few times a second while it waits.
+4. A child that dies without a result (a signal: SIGBUS on a mapped file
+   that cannot be read, SIGKILL of the OOM killer) is a :class:`WorkerError`
+   naming the signal, its task, and the byte range the child last noted with
+   :func:`working_on`, so the caller can say what it was reading.
 
 With ``ignore_stop_signals`` the children ignore SIGTERM and SIGINT: a signal
 sent to the whole process group (a daemon being stopped) then leaves them to
@@ -65,7 +69,34 @@ def shared_array(shape: tuple[int, ...], dtype: Any, fill: int = 0) -> npt.NDArr
 
 
 class WorkerError(CbtError, RuntimeError):
-    """A forked worker died without reporting (killed by a signal, out of memory)."""
+    """A forked worker died without reporting (killed by a signal, out of memory).
+
+    ``task`` is its position in the task list, ``signum`` what killed it (None:
+    it exited), ``span`` the byte range ``[start, end)`` it last noted with
+    :func:`working_on` (None: none).
+    """
+
+    def __init__(self, message: str, task: int | None = None, signum: int | None = None,
+                 span: tuple[int, int] | None = None) -> None:
+        super().__init__(message)
+        self.task = task
+        self.signum = signum
+        self.span = span
+
+
+# In a forked child: its slot (start, end, set) in the shared "working on" memory.
+_WHERE: tuple[memoryview, int] | None = None
+
+
+def working_on(start: int, end: int) -> None:
+    """Note the byte range ``[start, end)`` this worker is about to touch.
+
+    Read by the parent only when the worker dies of a signal (a mapped page
+    that cannot be read), to say where; a no-op outside a forked worker.
+    """
+    if _WHERE is not None:
+        slots, at = _WHERE
+        slots[at], slots[at + 1], slots[at + 2] = start, end, 1
 
 
 def fork_map(
@@ -75,14 +106,17 @@ def fork_map(
     interval: float = 0.2,
     *,
     ignore_stop_signals: bool = False,
+    isolate: bool = False,
 ) -> list[R]:
     """Run ``fn(task, report)`` for every task, one forked child each.
 
     Returns the results in task order; re-raises the first child's exception.
     A single task runs in this process (no fork), whose signal handling is
-    its caller's.
+    its caller's; but with ``isolate`` (tasks that map files, where a page
+    that cannot be read is a SIGBUS) it too runs in a child, whose death is
+    a :class:`WorkerError`.
     """
-    if len(tasks) <= 1:
+    if len(tasks) == 0 or (len(tasks) == 1 and not isolate):
         done = [0]
 
         def report_local(n: int) -> None:
@@ -106,7 +140,9 @@ class Forked(Generic[R]):
     def __init__(self, fn: Callable[[T, Report], R], tasks: Sequence[T], *,
                  ignore_stop_signals: bool = False) -> None:
         self._counters = memoryview(shared_buffer(8 * max(1, len(tasks)))).cast("Q")
+        self._where = memoryview(shared_buffer(24 * max(1, len(tasks)))).cast("Q")
         self._children: list[tuple[int, int]] = []  # (pid, read fd)
+        self._status: dict[int, int] = {}  # pid -> wait status, once reaped
         self._reaped = False
         try:
             for index, task in enumerate(tasks):
@@ -119,7 +155,8 @@ class Forked(Generic[R]):
                     raise
                 if pid == 0:  # child
                     os.close(r)
-                    _child(fn, task, index, self._counters, w, ignore_stop_signals)
+                    _child(fn, task, index, (self._counters, self._where), w,
+                           ignore_stop_signals)
                 self._children.append((pid, r))  # first: a cancel must find this child
                 os.close(w)
         except BaseException:
@@ -134,14 +171,24 @@ class Forked(Generic[R]):
         finally:
             self.cancel()
         results: list[R] = []
-        for (pid, _), payload in zip(self._children, payloads, strict=True):
+        for index, ((pid, _), payload) in enumerate(zip(self._children, payloads, strict=True)):
             if not payload:
-                raise WorkerError(f"worker process {pid} died without a result")
+                raise self._died(index, pid)
             ok, value = pickle.loads(payload)
             if not ok:
                 raise value
             results.append(value)
         return results
+
+    def _died(self, index: int, pid: int) -> WorkerError:
+        """The error of a child that sent no result: the signal that killed it, and where."""
+        status = self._status.get(pid)
+        sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
+        at = 3 * index
+        span = ((int(self._where[at]), int(self._where[at + 1]))
+                if self._where[at + 2] else None)
+        how = "" if sig is None else f" (killed by {signal.Signals(sig).name})"
+        return WorkerError(f"worker process {pid} died without a result{how}", index, sig, span)
 
     def cancel(self) -> None:
         """Kill and reap every child still running (a no-op once :meth:`wait` returned)."""
@@ -152,13 +199,15 @@ class Forked(Generic[R]):
             with contextlib.suppress(OSError):
                 os.close(r)
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+                os.kill(pid, signal.SIGKILL)  # (a child already dead keeps its own status)
+                self._status[pid] = os.waitpid(pid, 0)[1]
 
 
 def _child(fn: Callable[[T, Report], R], task: T, index: int,
-           counters: memoryview, w: int, ignore_stop_signals: bool) -> None:
+           shared: tuple[memoryview, memoryview], w: int, ignore_stop_signals: bool) -> None:
+    global _WHERE
     code = 0
+    counters, _WHERE = shared[0], (shared[1], 3 * index)
     try:
         if ignore_stop_signals:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

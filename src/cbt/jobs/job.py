@@ -295,7 +295,10 @@ class Job:
 
     def failed(self, exc: CbtError | OSError) -> JobResult:
         """Step 8 after an error: no point; an abort (a signal) is raised on."""
-        self.record.status, self.record.error = "failed", " ".join(str(exc).split())
+        text = str(exc)
+        if isinstance(exc, OSError) and exc.strerror:  # (as the command line says it)
+            text = exc.strerror if not exc.filename else f"{exc.strerror}: {exc.filename}"
+        self.record.status, self.record.error = "failed", " ".join(text.split())
         self.record.recovery_point = None
         if isinstance(exc, JobAborted):
             raise exc

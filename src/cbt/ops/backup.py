@@ -62,7 +62,7 @@ from cbt.core.crypto import Cipher
 from cbt.core.durable import prepare_crash_counter
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 from cbt.core.native import fast
-from cbt.core.parallel import Report, fork_map
+from cbt.core.parallel import Report, WorkerError, fork_map
 from cbt.core.sizes import format_size
 from cbt.core.timefmt import utc_now
 from cbt.format.index_segment import segment_bytes
@@ -76,7 +76,7 @@ from cbt.repo.storage import Storage, StorageSpec
 from cbt.repo.vault import Vault, VaultSpec
 from cbt.source.base import SourceSpec
 from cbt.source.disks import DiskSpec
-from cbt.source.image import open_source
+from cbt.source.image import explain_death, open_source
 from cbt.source.plan import (
     BlockRange,
     DiskPlan,
@@ -226,10 +226,17 @@ class ShardTask:
     # the whole disk's digests and flags from an early scan (shared memory, so only
     # for forked workers): the shard then hashes nothing and reads only new blocks
     prehash: tuple[mmap.mmap, mmap.mmap] | None = None
+    disk_path: str = ""  # the disk itself (``source`` may be a snapshot of it)
 
     @property
     def blocks(self) -> int:
         return sum(hi - lo for lo, hi in self.ranges)
+
+    @property
+    def name(self) -> str:
+        """The disk in messages: its label, and its path where a snapshot of it is read."""
+        path = self.disk_path
+        return self.label if not path or path == self.source.path else f"{self.label} ({path})"
 
 
 @dataclass
@@ -281,7 +288,7 @@ def _plan_disk(prev: PointRecord | None, spec: DiskSpec, block_size: int | None)
 def _shard_task(disk: PlannedDisk, shard: Shard) -> ShardTask:
     early = (disk.early.digests, disk.early.flags) if disk.early is not None else None
     return ShardTask(shard.disk, disk.spec.label, disk.source, disk.block_size, shard.ranges,
-                     early)
+                     early, disk.spec.path)
 
 
 def _take_early_scan(early: PendingScan, disks: list[PlannedDisk], request: BackupRequest) -> None:
@@ -377,8 +384,16 @@ def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardR
         with ThreadPoolExecutor(request.workers or default_workers()) as pool:
             return _on_executor(pool, worker_vault, planned.shards, report)
     if request.executor is None:
-        return fork_map(functools.partial(_labelled_shard, worker_vault), planned.shards,
-                        report, ignore_stop_signals=request.ignore_stop_signals)
+        try:  # (isolated: a disk page that cannot be read kills the reader, not cbt)
+            return fork_map(functools.partial(_labelled_shard, worker_vault), planned.shards,
+                            report, ignore_stop_signals=request.ignore_stop_signals,
+                            isolate=True)
+        except WorkerError as exc:
+            if exc.task is None:
+                raise
+            shard = planned.shards[exc.task]
+            err = explain_death(exc, (shard.source.path, shard.source.size))
+            raise CbtIOError(err.errno, f"disk {shard.name}: {err.strerror}") from None
     return _on_executor(request.executor, worker_vault, planned.shards, report)
 
 
@@ -432,9 +447,9 @@ def _labelled_shard(worker_vault: WorkerVault, shard: ShardTask, report: Report)
     try:
         return _transfer_shard(worker_vault, shard, report)
     except OSError as exc:
-        raise CbtIOError(exc.errno, f"disk {shard.label}: {exc.strerror or exc}") from None
+        raise CbtIOError(exc.errno, f"disk {shard.name}: {exc.strerror or exc}") from None
     except CbtError as exc:
-        raise CbtIOError(errno.EIO, f"disk {shard.label}: {exc}") from None
+        raise CbtIOError(errno.EIO, f"disk {shard.name}: {exc}") from None
 
 
 @dataclass

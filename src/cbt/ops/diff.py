@@ -37,14 +37,14 @@ import numpy.typing as npt
 
 from cbt.core.errors import CbtValueError
 from cbt.core.native import fast
-from cbt.core.parallel import Report, fork_map, shared_array
+from cbt.core.parallel import Report, WorkerError, fork_map, shared_array
 from cbt.core.sizes import format_size
 from cbt.format.manifest import Manifest, is_manifest_file
 from cbt.format.records import PointRecord
 from cbt.repo.keys import Passphrase
 from cbt.repo.vault import Vault
 from cbt.source.base import BlockSource
-from cbt.source.image import open_image
+from cbt.source.image import explain_death, open_image
 from cbt.source.plan import BlockRange, DiskPlan, block_ranges, default_workers, plan_shards
 from cbt.source.read import compare_shard
 from cbt.source.scan import DEFAULT_BLOCK_SIZE, Progress, scan
@@ -158,7 +158,10 @@ def diff_images(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str],
                  for shard in plan_shards([plan], workers) if shard.ranges]
         to_read = 2 * plan.to_read
         report = (lambda done: progress(sum(done), to_read)) if progress else None
-        fork_map(_compare_shard, tasks, report)
+        try:  # (isolated: a page that cannot be read kills the reader, not cbt)
+            fork_map(_compare_shard, tasks, report, isolate=True)
+        except WorkerError as exc:
+            raise explain_death(exc, (a.path, a.size), (b.path, b.size)) from None
         result = np.array(bitmap)  # out of shared memory
     return _finish(result, common, a.size, b.size, block_size, [])
 

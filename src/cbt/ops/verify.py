@@ -24,6 +24,7 @@ their digest, then verifies again to say which points remain damaged.
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -260,8 +261,10 @@ def _check_pack(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64]
     """Steps 3 and 4 for the entries ``pos`` of one pack, into ``bad``."""
     try:
         blob = vault.storage.get(pack_name(pid))
-    except OSError:
-        bad.update((int(p), "pack missing") for p in pos)
+    except OSError as exc:  # (there but unreadable is not missing: the error says what)
+        why = ("pack missing" if exc.errno in (errno.ENOENT, None)
+               else f"pack unreadable: {exc.strerror or exc}")
+        bad.update((int(p), why) for p in pos)
         return
     ends = index.offset[pos].astype(np.int64) + blob_length(index.stored[pos])
     short = pos[ends > len(blob)]

@@ -19,7 +19,11 @@ builds a path inside a vault.
    :class:`LockHolder` (pid, host, command, since) readable by others.
 
 Reading a missing object raises :class:`~cbt.core.errors.CbtIOError` with
-``ENOENT``.  A worker process or thread never receives a Storage object: it
+``ENOENT``; an object that is there but cannot be read (a read error of the
+disk under the vault) raises it with that error (``EIO``), saying
+"unreadable", the byte and the error: never "missing".  A mapping is faulted
+in before it is handed out, so a page that cannot be read is that error too,
+not a SIGBUS when touched.  A worker process or thread never receives a Storage object: it
 receives the storage's :meth:`Storage.spec` (small and picklable) and reopens
 it with :func:`open_storage`.  A :class:`MemoryStorage` is found again only
 within its own process (threads, not forked or spawned processes).
@@ -45,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from cbt.core.blockio import first_unreadable, populate
 from cbt.core.durable import durable_step, fsync_file
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 
@@ -372,24 +377,43 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise self._error(name, exc, "read") from None
 
+    def _unreadable(self, name: str, fd: int, offset: int, length: int,
+                    exc: OSError | None) -> CbtIOError:
+        """The error of an object that is there but cannot be read: which byte, what error."""
+        found = first_unreadable(fd, offset, length)
+        at, err = found if found is not None and found[1] is not None else (offset, exc)
+        code = (err.errno if err is not None else None) or errno.EIO
+        why = (err.strerror if err is not None else None) or os.strerror(code)
+        return CbtIOError(code, f"unreadable in vault: {self.path(name)} at byte {at}: {why}")
+
     def get(self, name: str) -> bytes:
         fd = self._open_read(name)
         with open(fd, "rb") as f:
-            return f.read()
+            try:
+                return f.read()
+            except OSError as exc:
+                raise self._unreadable(name, fd, 0, os.fstat(fd).st_size, exc) from None
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         fd = self._open_read(name)
         try:
             return os.pread(fd, length, offset)
+        except OSError as exc:
+            raise self._unreadable(name, fd, offset, length, exc) from None
         finally:
             os.close(fd)
 
     def map(self, name: str) -> bytes | mmap.mmap:
         fd = self._open_read(name)
         try:
-            if os.fstat(fd).st_size == 0:
+            size = os.fstat(fd).st_size
+            if size == 0:
                 return b""
-            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            if not populate(m):  # touched, a page it could not read would be a SIGBUS
+                m.close()
+                raise self._unreadable(name, fd, 0, size, None)
+            return m
         finally:
             os.close(fd)
 

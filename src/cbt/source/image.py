@@ -10,8 +10,15 @@
 4. A worker reopens the source from its :class:`SourceSpec`
    (:func:`open_source`), and refuses a disk that shrank since it was planned.
 
-Reading through mmap assumes the disk does not shrink while it is read (a
-snapshot, or a quiesced disk): pages past a truncated end would fault.
+A page of a mapping that cannot be read (a read error, or a disk that shrank
+below it) kills the process that touches it with SIGBUS.  So each window is
+faulted in before it is handed out (:func:`~cbt.core.blockio.populate`, which
+reports instead of faulting), and where that fails ``pread`` finds the first
+byte that cannot be read: a :class:`~cbt.core.errors.SourceReadError` names the
+disk, that byte and the error ("shrank" where the disk now ends before it).
+A disk that shrinks while a window is being hashed still faults: the worker
+dies of SIGBUS, and :func:`explain_death` says afterwards what happened, from
+the byte range the worker noted (:func:`cbt.core.parallel.working_on`).
 No numpy here (``cbt scan`` start-up time counts).
 """
 
@@ -24,8 +31,10 @@ import os
 import stat
 from collections.abc import Iterator
 
-from cbt.core.errors import CbtIOError
+from cbt.core.blockio import first_unreadable, populate
+from cbt.core.errors import CbtIOError, SourceReadError
 from cbt.core.extents import data_extents
+from cbt.core.parallel import WorkerError, working_on
 from cbt.source.base import BlockSource, SourceSpec, Window
 
 # Bytes mapped at once: large enough that the per-window cost vanishes, small
@@ -111,9 +120,72 @@ def open_source(spec: SourceSpec) -> ImageSource:
     source = open_image(spec.path, spec.live)
     if source.size < spec.size:
         source.close()
-        raise CbtIOError(errno.EIO, f"{spec.path} shrank while it was read")
+        raise _shrank(spec.path, source.size, spec.size)
     source.size = spec.size
     return source
+
+
+def _shrank(path: str, now: int, size: int) -> SourceReadError:
+    """The error of a disk that ends at ``now`` though it was read as ``size`` bytes."""
+    return SourceReadError(errno.EIO, f"{path} shrank while it was read: it ends at byte "
+                           f"{now}, it had {size} bytes", path, now)
+
+
+def _current_size(fd: int) -> int:
+    st = os.fstat(fd)
+    return st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
+
+
+def _read_error(fd: int, path: str, offset: int, length: int, size: int) -> SourceReadError:
+    """What keeps ``[offset, offset+length)`` of a disk of ``size`` bytes from being read."""
+    return _unreadable(fd, path, offset, length, size) or SourceReadError(
+        errno.EIO, f"cannot read {path} in bytes {offset}..{offset + length}", path, offset)
+
+
+def _unreadable(fd: int, path: str, offset: int, length: int,
+                size: int) -> SourceReadError | None:
+    """The first byte of the range ``pread`` cannot read, as an error; None: all of it reads."""
+    found = first_unreadable(fd, offset, length)
+    if found is None:
+        return None
+    at, exc = found
+    if exc is None:
+        return _shrank(path, min(at, _current_size(fd)), size)
+    return SourceReadError(exc.errno or errno.EIO, f"read error on {path} at byte {at}: "
+                           f"{exc.strerror or exc}", path, at)
+
+
+def explain_death(exc: WorkerError, *disks: tuple[str, int]) -> SourceReadError:
+    """Why a worker reading ``disks`` ((path, size when planned) each) died of a signal.
+
+    A disk that now ends early shrank; else the byte range the worker noted is
+    read again with ``pread`` to name the byte and the error; else the death
+    itself is the error.
+    """
+    for path, size in disks:
+        found = _why_died(exc, path, size)
+        if found is not None:
+            return found
+    where = "" if exc.span is None else f" near byte {exc.span[0]}"
+    return SourceReadError(errno.EIO, f"reading {' or '.join(p for p, _ in disks)}{where} "
+                           f"failed: {exc}", disks[0][0], exc.span[0] if exc.span else 0)
+
+
+def _why_died(exc: WorkerError, path: str, size: int) -> SourceReadError | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as err:
+        return SourceReadError(err.errno or errno.EIO, f"cannot open {path} again after a "
+                               f"reader of it died: {err.strerror}", path, 0)
+    try:
+        now = _current_size(fd)
+        if now < size:
+            return _shrank(path, now, size)
+        if exc.span is None:
+            return None
+        return _unreadable(fd, path, exc.span[0], exc.span[1] - exc.span[0], size)
+    finally:
+        os.close(fd)
 
 
 def map_windows(fd: int, size: int, block_size: int, lo: int, hi: int, path: str = "disk",
@@ -126,13 +198,18 @@ def map_windows(fd: int, size: int, block_size: int, lo: int, hi: int, path: str
         length = min(last * block_size, size) - offset
         try:
             m = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ, offset=offset)
+        except ValueError:  # "mmap length is greater than file size": it shrank
+            raise _shrank(path, _current_size(fd), size) from None
         except OSError as exc:
-            raise CbtIOError(exc.errno, f"cannot read {path} at byte {offset}: "
-                             f"{exc.strerror}") from None
+            raise SourceReadError(exc.errno or errno.EIO, f"cannot read {path} at byte "
+                                  f"{offset}: {exc.strerror}", path, offset) from None
         try:
+            working_on(offset, offset + length)
             if read_ahead:
                 m.madvise(mmap.MADV_SEQUENTIAL)
                 m.madvise(mmap.MADV_WILLNEED)
+                if not populate(m):  # touched, a page it could not read would be a SIGBUS
+                    raise _read_error(fd, path, offset, length, size)
             yield first, m
         finally:
             with contextlib.suppress(BufferError):  # a view still held: unmapped when freed

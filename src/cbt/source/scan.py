@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cbt.core.native import fast
-from cbt.core.parallel import Forked, Report, shared_buffer
+from cbt.core.parallel import Forked, Report, WorkerError, shared_buffer
 from cbt.source.base import BlockSource
-from cbt.source.image import open_image
+from cbt.source.image import explain_death, open_image
 from cbt.source.plan import (
     BlockRange,
     DiskPlan,
@@ -204,6 +204,11 @@ class PendingScan:
 
         try:
             read = self._forked.wait(report if progress or disk_progress else None)
+        except WorkerError as exc:  # died of a signal: a page it could not read, say which
+            if exc.task is None:
+                raise
+            s = self._sources[self._tasks[exc.task][0]]
+            raise explain_death(exc, (s.path, s.size)) from None
         finally:
             self.close()
         per_disk = [0] * len(self._sources)
