@@ -14,6 +14,11 @@
    cleans up as leftovers.  The blocks are freed later by ``cbt gc``.
 4. Kept snapshots (instant restore) older than the policy's
    ``instant_restore_days`` are removed (never a disk's tracking base).
+
+A point record that cannot be read (damaged) is left where it is, and so is
+every point based on it and every base those need; each is named in a warning
+(``cbt verify --repair`` sets a damaged record aside).  The others are pruned
+as usual.
 """
 
 from __future__ import annotations
@@ -94,11 +99,15 @@ def _plan(vault: Vault, request: PruneRequest, warnings: list[str]) -> _Plan:
     """Steps 1 and 2: keep, hide (a base kept points need) or delete each point."""
     records = vault.records()
     by_id = {r.id: r for r in records}
-    reasons = request.keep(vault.points())
-    keep = [by_id[pid] for pid, why in reasons.items() if why]
+    reasons = request.keep(vault.points(warnings=warnings))
+    # a point based on a damaged record is left as it is, and so are its bases
+    lost = {pid for pid in vault.unavailable(records) if not by_id[pid].hidden}
+    keep = [by_id[pid] for pid, why in reasons.items() if why] + [by_id[p] for p in lost]
     needed = _needed_bases(keep, by_id)
     plan = _Plan()
     for r in records:
+        if r.id in lost:
+            continue
         if r.hidden:
             if r.id not in needed:
                 plan.delete.append(r)
