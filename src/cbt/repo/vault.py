@@ -29,6 +29,15 @@ Format 2 is encrypted (:mod:`cbt.repo.keys` for the key model):
 
 Every name below comes from the vault's own layout (the ``*_name`` methods),
 never from a file's content.
+
+Damage stays local: a point record that cannot be read (a flipped byte, cut
+JSON, a checksum or authentication that fails) is a :class:`DamagedRecord`
+(:meth:`Vault.scan_records`).  It makes its own point unavailable, and every
+point whose deltas resolve through it (:meth:`Vault.unavailable`); listing,
+``latest`` and the rest of the vault go on without them, naming them in
+warnings.  Its manifest folder is known from its record's name alone
+(:meth:`Vault.manifest_dir_of`), so it is never taken for a killed run's
+leftovers, and its name is never given to a new point.
 """
 
 from __future__ import annotations
