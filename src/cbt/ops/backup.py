@@ -249,7 +249,6 @@ def plan(vault: Vault, request: BackupRequest) -> Plan:
     index = vault.load_index(warnings)
     prev = _latest_healthy(vault, request.vm, warnings)
     disks = [_plan_disk(prev, spec, request.block_size) for spec in request.disks]
-    _check_parents(vault, prev, disks, warnings)
     early = request.early
     if early is not None:
         # (its results live in shared memory: forked workers only; and its digests must
@@ -275,23 +274,6 @@ def _latest_healthy(vault: Vault, vm: str, warnings: list[str]) -> PointRecord |
                         "be read" if prev is not None else
                         f"no point of VM {vm} can be read: taking a full baseline")
     return prev
-
-
-def _check_parents(vault: Vault, prev: PointRecord | None, disks: list[PlannedDisk],
-                   warnings: list[str]) -> None:
-    """A disk whose previous manifest cannot be resolved (damaged) starts a new full
-    baseline, keeping its block size; said so."""
-    if prev is None:
-        return
-    for d in disks:
-        if d.parent is None:
-            continue
-        try:
-            vault.resolve(prev, d.spec.label)
-        except (CbtError, OSError) as exc:
-            warnings.append(f"disk {d.spec.label}: the manifest of point {prev.id} cannot be "
-                            f"read ({exc}); taking a full baseline of this disk")
-            d.parent, d.seq = None, 0
 
 
 def _plan_disk(prev: PointRecord | None, spec: DiskSpec, block_size: int | None) -> PlannedDisk:
@@ -639,8 +621,8 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
     created = request.created or utc_now()
     point_id = request.point_id or vault.unused_point_id(request.vm, created)
     new = _gather(planned, results)
-    disks = [_commit_disk(vault, request.vm, planned.prev, d, point_id, created)
-             for d in planned.disks]
+    disks = [_commit_disk(vault, request.vm, planned.prev, d, point_id, created,
+                          planned.warnings) for d in planned.disks]
     record = PointRecord(
         id=point_id, vm=request.vm, created=created, consistency=request.consistency[0],
         consistency_reason=request.consistency[1],
@@ -678,14 +660,15 @@ def _gather(planned: Plan, results: list[ShardResult]) -> dict[str, Any]:
 
 
 def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk, point_id: str,
-                 created: str) -> DiskRecord:
+                 created: str, warnings: list[str]) -> DiskRecord:
     """Write one disk's manifest (full, or a delta against its chain base)."""
     import blake3
 
     path = str(Path(d.spec.path).absolute())
     manifest = Manifest(d.block_size, d.size, d.digests, d.flags, source=path, created=created)
-    if d.parent is not None and prev is not None:
-        changed = diff_manifests(vault.resolve(prev, d.spec.label), manifest).changed_blocks
+    previous = _previous_manifest(vault, prev, d, warnings)
+    if previous is not None and prev is not None:
+        changed = diff_manifests(previous, manifest).changed_blocks
         base_point = vault.chain_base(vm, d.spec.label, d.seq, prev)
     else:
         changed, base_point = manifest.blocks, None
@@ -706,6 +689,21 @@ def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk
         manifest=name, manifest_checksum=blake3.blake3(stored).hexdigest(),
         seq=d.seq if base_point is not None else 0,
         base=base_point.id if base_point is not None else None)
+
+
+def _previous_manifest(vault: Vault, prev: PointRecord | None, d: PlannedDisk,
+                       warnings: list[str]) -> Manifest | None:
+    """The disk's manifest at the point this run follows; None: a first backup, or one that
+    cannot be resolved (damaged), after which the disk takes a new full baseline (said so,
+    keeping its block size)."""
+    if d.parent is None or prev is None:
+        return None
+    try:
+        return vault.resolve(prev, d.spec.label)
+    except (CbtError, OSError) as exc:
+        warnings.append(f"disk {d.spec.label}: the manifest of point {prev.id} cannot be read "
+                        f"({exc}); taking a full baseline of this disk")
+        return None
 
 
 def _after_gc(vault: Vault, planned: Plan,
