@@ -231,6 +231,12 @@ def test_verify_names_it_and_repair_sets_it_aside(h: History, tmp_path: Path) ->
     ids, warnings, _ = _list(h, tmp_path)
     assert ids == [h.web[0], h.db, h.web[1]]
     assert any(h.web[3] in w for w in warnings)
+    # gc frees again what only the lost points held; the others restore bit for bit
+    out = cbt_json("gc", h.vault, "--grace", "0", env=h.env(tmp_path))
+    assert not any("frees nothing" in w for w in out["warnings"]), out["warnings"]
+    assert out["bytes_freed"] > 0, out
+    for pid in (h.web[0], h.web[1], h.db):
+        _restores(h, pid, tmp_path / f"after-gc-{pid}", tmp_path)
     # the human form says which points are lost
     path = damage_record(h, h.web[1], "flip")
     r = cbt("verify", h.vault, "--repair", env=h.env(tmp_path))
@@ -256,3 +262,24 @@ def test_repair_never_follows_a_link_to_quarantine(h: History, tmp_path: Path) -
     assert list(outside.iterdir()) == []
     assert path.exists()
     assert cbt_json("list", h.vault, env=h.env(tmp_path))["points"]
+
+
+def test_repair_sets_aside_a_point_whose_manifest_is_damaged(h: History,
+                                                             tmp_path: Path) -> None:
+    """Its record and manifests go to quarantine/ (the point is lost: nothing resolves it);
+    gc is no longer held back by it, and every other point restores bit for bit."""
+    record = h.record(h.web[3])
+    flip_byte(h.manifest(h.web[3], "os"))
+    out = cbt_json("gc", h.vault, "--grace", "0", env=h.env(tmp_path))
+    assert any("frees nothing" in w for w in out["warnings"]), out["warnings"]
+    r = cbt("verify", h.vault, "--repair", "--json", env=h.env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    repair = json.loads(r.stdout)["repair"]
+    assert repair["records_quarantined"] == [str(record.relative_to(h.vault))]
+    assert repair["lost_points"] == [h.web[3]]
+    assert not record.exists() and (h.vault / "quarantine" / record.relative_to(h.vault)).is_file()
+    out = cbt_json("gc", h.vault, "--grace", "0", env=h.env(tmp_path))
+    assert not any("frees nothing" in w for w in out["warnings"]), out["warnings"]
+    assert out["bytes_freed"] > 0, out
+    for pid in (*h.web[:3], h.db):
+        _restores(h, pid, tmp_path / f"out-{pid}", tmp_path)

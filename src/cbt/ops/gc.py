@@ -10,9 +10,10 @@ lock).  Mark, then sweep with a margin covering the running backup:
    manifest, a base whose record is damaged), is treated conservatively: every
    block named by any manifest in its folder, and in the folders of the points
    its deltas are based on, is marked live (a superset of what it holds); when
-   even that cannot be read (a damaged manifest), gc frees nothing at all and
-   says why.  So a damaged record costs space until ``verify --repair`` sets it
-   aside, never a block it might reference.
+   even that cannot be read (a damaged manifest, or a damaged record with no
+   manifest left), gc frees nothing at all and says why.  So a damaged record
+   or manifest costs space until ``verify --repair`` sets its point aside,
+   never a block it might reference.
 3. Per pack older than the cutoff (a newer one may hold blocks of the running
    backup's uncommitted point): no live entry -> dead; live bytes under half
    the pack -> rewritten (live blobs copied as they are into new packs; a
@@ -133,7 +134,7 @@ def _referenced(vault: Vault, index: Index, warnings: list[str]
             except (CbtError, OSError) as exc:
                 warnings.append(f"point {point.id} disk {disk.label}: {exc}; gc keeps every "
                                 "block its manifests name")
-                sure &= _mark_folders(vault, index, vault.manifest_dir(point.id), live)
+                sure &= _mark_folders(vault, index, vault.manifest_dir(point.id), live, False)
                 continue
             pos = index.lookup(m.digests[m.flags == 0])
             if (pos < 0).any():
@@ -142,15 +143,18 @@ def _referenced(vault: Vault, index: Index, warnings: list[str]
             live[pos[pos >= 0]] = True
     for d in damaged:
         warnings.append(f"{d.warning()}; gc keeps every block its manifests name")
-        sure &= _mark_folders(vault, index, vault.manifest_dir_of(d.name), live)
+        sure &= _mark_folders(vault, index, vault.manifest_dir_of(d.name), live, True)
     return live, sure
 
 
-def _mark_folders(vault: Vault, index: Index, folder: str, live: npt.NDArray[np.bool_]) -> bool:
+def _mark_folders(vault: Vault, index: Index, folder: str, live: npt.NDArray[np.bool_],
+                  damaged: bool) -> bool:
     """Mark every DATA block that any manifest in ``folder`` names, and those of the
     folders of the points its deltas are based on (a superset of what the point holds,
     for a point whose record or manifests cannot be resolved).  False when some
-    manifest on the way cannot be read: then the point's blocks are not all known."""
+    manifest on the way cannot be read, or (``damaged``: a damaged record's) the folder
+    is empty: then the point's blocks are not all known.  A folder that is gone (a
+    base ``verify --repair`` set aside) holds nothing to keep."""
     todo, seen, ok = [folder], set(), True
     while todo:
         f = todo.pop()
@@ -158,7 +162,8 @@ def _mark_folders(vault: Vault, index: Index, folder: str, live: npt.NDArray[np.
             continue
         seen.add(f)
         names = vault.storage.list(f)
-        ok &= bool(names)
+        if damaged and f == folder:
+            ok &= bool(names)
         for name in names:
             try:
                 m = vault.read_manifest_file(name)

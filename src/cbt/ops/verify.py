@@ -328,8 +328,9 @@ def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
     2. Write the new segment, then remove the old ones: a crash in between
        leaves the vault readable (run repair again).
     3. Move packs with no healthy blob to ``quarantine/`` (kept, not deleted).
-    4. Move damaged point records (and their manifests) to ``quarantine/``:
-       their points, and those based on them, are lost (``lost_points``).
+    4. Move damaged point records, and those whose own manifests are damaged,
+       with their manifests to ``quarantine/``: their points, and those based
+       on them, are lost (``lost_points``); gc can free what only they held.
     5. Verify, and name the points that remain damaged.
     """
     stats = RepairStats()
@@ -362,24 +363,44 @@ def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
 
 
 def _quarantine_records(vault: Vault) -> tuple[list[str], list[str]]:
-    """Step 4: move each damaged point record to ``quarantine/`` (its manifests first, so a
-    crash leaves nothing a backup would take for a killed run's leftovers); the names
-    moved, and the points lost: theirs where the name or a point based on them tells,
-    and every visible point based on one."""
+    """Step 4: move each damaged point record, and the record of each point whose own
+    manifest is damaged or gone, to ``quarantine/`` with its manifests (those first, so a
+    crash leaves nothing a backup would take for a killed run's leftovers); the record
+    names moved, and the points lost: theirs where known (a sealed record's name hides
+    it, unless a point based on it names it), and every visible point based on one."""
     records, damaged = vault.scan_records()
-    if not damaged:
+    bad: dict[str, str | None] = {d.name: d.point for d in damaged}
+    bad.update((vault.point_name(r.id), r.id) for r in records if _manifest_damaged(vault, r))
+    if not bad:
         return [], []
-    names = {d.name for d in damaged}
-    lost = {d.point for d in damaged if d.point is not None}
-    lost |= {disk.base for r in records for disk in r.disks
-             if disk.base is not None and vault.point_name(disk.base) in names}
-    hidden = {r.id for r in records if r.hidden}
-    lost |= set(vault.unavailable(records, names)) - hidden
-    for d in damaged:
-        for m in vault.storage.list(vault.manifest_dir_of(d.name)):
+    names = set(bad)
+    by_id = {r.id: r for r in records}
+    visible = {r.id for r in records if not r.hidden}
+    lost = {pid for pid in bad.values() if pid is not None and (pid in visible
+                                                                  or pid not in by_id)}
+    lost |= {disk.base for r in records for disk in r.disks if disk.base is not None
+             and disk.base not in by_id and vault.point_name(disk.base) in names}
+    left = [r for r in records if vault.point_name(r.id) not in names]
+    lost |= set(vault.unavailable(left, names)) & visible
+    for name in sorted(names):
+        for m in vault.storage.list(vault.manifest_dir_of(name)):
             _set_aside(vault, m)
-        _set_aside(vault, d.name)
+        _set_aside(vault, name)
     return sorted(names), sorted(lost)
+
+
+def _manifest_damaged(vault: Vault, point: PointRecord) -> bool:
+    """Whether a manifest of the point is gone, or differs from what its record says."""
+    for disk in point.disks:
+        name = vault.manifest_name(point.id, disk.label)
+        try:
+            raw = vault.storage.get(name)
+            if blake3.blake3(raw).hexdigest() != disk.manifest_checksum:
+                return True
+            vault.read_manifest_file(name)
+        except (CbtError, OSError):
+            return True
+    return False
 
 
 def _set_aside(vault: Vault, name: str) -> None:
