@@ -499,8 +499,7 @@ class Vault:
             return self.load_point(ref)
         for d in damaged:
             if d.point == ref or (is_point_id(ref) and d.name == self.point_name(ref)):
-                raise CorruptPointError(d.error if d.where in d.error
-                                        else f"point {ref}: {d.where}: {d.error}")
+                raise CorruptPointError(f"point {ref} is unavailable: {d.message}")
         matches = [i for i in ids if i.startswith(ref)]
         if len(matches) == 1:
             return self.load_point(matches[0])
