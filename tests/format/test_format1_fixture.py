@@ -455,3 +455,28 @@ def test_new_backup_extends_the_old_vault(vault: Path, tmp_path: Path) -> None:
     out = cbt_json("verify", vault, "--data")
     assert out["problems"] == [] and out["points"] == len(POINTS) + 1
     assert out["unreferenced_bytes"] == 0
+
+
+# -- 7. damage stays local (issue 12) --------------------------------------------------------
+
+
+def test_a_damaged_record_of_the_old_vault_hides_only_its_point(vault: Path,
+                                                                 tmp_path: Path) -> None:
+    """A flipped byte in one point record of the format 1 vault: list shows the others and
+    names the file, and every other point still restores to the truth."""
+    from helpers.cli import cbt
+
+    leaf = POINTS[1]  # web day 2: seq 1, no point is based on it
+    record = vault / "points" / f"{leaf['id']}.json"
+    raw = bytearray(record.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    record.write_bytes(bytes(raw))
+    r = cbt("list", vault, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [p["recovery_point"] for p in out["points"]] == sorted(
+        (p["id"] for p in POINTS if p is not leaf), key=lambda i: (i.split(".")[1], i))
+    assert any(str(record) in w for w in out["warnings"]) and str(record) in r.stderr
+    for p in POINTS:
+        if p is not leaf:
+            restore_and_compare(vault, p, tmp_path)

@@ -25,7 +25,8 @@ RESTORE_KEYS = {"recovery_point", "disks", "seconds", "warnings"}
 RESTORE_DISK_KEYS = {"label", "to", "size", "bytes_written", "blocks_verified"}
 VERIFY_KEYS = {"points", "blocks_checked", "data", "problems", "unreferenced_bytes",
                "warnings"}
-PROBLEM_KEYS = {"point", "disk", "block", "pack", "problem"}
+# issue 12: problems grouped per damaged file, each counting the blocks it affects
+PROBLEM_KEYS = {"point", "disk", "block", "pack", "problem", "count"}
 
 # issue 5: config check, jobs, and a job's error line
 CHECK_KEYS = {"vault", "vms", "warnings"}

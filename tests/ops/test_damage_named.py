@@ -43,8 +43,26 @@ def _verify(vault: Path, *args: str) -> tuple[int, list[dict]]:
     return r.returncode, out["problems"]
 
 
-def _named(problems: list[dict]) -> set[tuple[str, str, int]]:
-    return {(p["point"], p["disk"], p["block"]) for p in problems}
+def _counted(problems: list[dict]) -> dict[tuple[str, str], int]:
+    """(point, disk) -> blocks the problems count (grouped per damaged file, issue 12)."""
+    out: dict[tuple[str, str], int] = {}
+    for p in problems:
+        assert isinstance(p["count"], int) and p["count"] >= 1, p
+        out[(p["point"], p["disk"])] = out.get((p["point"], p["disk"]), 0) + p["count"]
+    return out
+
+
+def _per_disk(blocks: set[tuple[str, str, int]]) -> dict[tuple[str, str], int]:
+    out: dict[tuple[str, str], int] = {}
+    for pid, lb, _b in blocks:
+        out[(pid, lb)] = out.get((pid, lb), 0) + 1
+    return out
+
+
+def _first_blocks_named(problems: list[dict], blocks: set[tuple[str, str, int]]) -> None:
+    """Each problem names a block it counts: the first of its disk's damaged ones."""
+    for p in problems:
+        assert (p["point"], p["disk"], p["block"]) in blocks, p
 
 
 def _expand(owners: dict[tuple[str, str], set[int]]) -> set[tuple[str, str, int]]:
@@ -78,7 +96,8 @@ def test_flipped_byte_in_a_pack(vh: History3, tmp_path: Path) -> None:
     owners = vh.owners(digest)
     assert _verify(vh.vault)[0] == 0, "a flipped payload byte needs --data to be seen"
     _code, problems = _verify(vh.vault, "--data")
-    assert _named(problems) == _expand(owners)
+    assert _counted(problems) == _per_disk(_expand(owners))
+    _first_blocks_named(problems, _expand(owners))
     assert {p["pack"] for p in problems} == {pack.stem}
     p1 = vh.points[1]
     line = _restore_fails(vh, p1, "os", tmp_path / "out")
@@ -154,7 +173,10 @@ def test_truncated_or_missing_pack(vh: History3, tmp_path: Path, how: str) -> No
     assert lost
     _code, problems = _verify(vh.vault)  # no --data: the pack's size and trailer tell
     assert {p["pack"] for p in problems} == {pack.stem}
-    assert lost <= _named(problems) <= every
+    counted, low, high = _counted(problems), _per_disk(lost), _per_disk(every)
+    assert set(low) <= set(counted) <= set(high)
+    assert all(low.get(k, 0) <= n <= high[k] for k, n in counted.items()), (counted, low)
+    _first_blocks_named(problems, every)
     if how == "missing":
         assert all(p["problem"] == "pack missing" for p in problems)
     point, label, _block = min(lost)
@@ -246,7 +268,8 @@ def test_index_disagrees_with_the_packs(vh: History3, tmp_path: Path, how: str) 
     named_pack = _rewrite_entry(vh, digest, how)
     owners = vh.owners(digest)
     _code, problems = _verify(vh.vault)  # plain verify: the trailers tell
-    assert _named(problems) == _expand(owners)
+    assert _counted(problems) == _per_disk(_expand(owners))
+    _first_blocks_named(problems, _expand(owners))
     assert {p["pack"] for p in problems} == {named_pack}
     p1 = vh.points[1]
     line = _restore_fails(vh, p1, "os", tmp_path / "out")

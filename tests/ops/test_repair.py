@@ -26,7 +26,7 @@ from cbt.repo.index import read_segment
 
 BS = 64 * KIB
 REPAIR_KEYS = {"packs_read", "blobs_indexed", "blobs_damaged", "packs_quarantined",
-               "damaged_points"}
+               "damaged_points", "records_quarantined", "lost_points"}
 
 
 def _all_entries(vault: Path) -> set[tuple[bytes, str, int, int, int]]:
@@ -40,6 +40,17 @@ def _repair(vault: Path) -> tuple[int, dict]:
     assert set(out["repair"]) == REPAIR_KEYS
     assert r.returncode == (2 if out["problems"] else 0), (r.returncode, out, r.stderr)
     return r.returncode, out
+
+
+def _grouped_as(problems: list[dict], owners: dict[tuple[str, str], set[int]]) -> None:
+    """Problems are grouped per damaged file (issue 12): per point and disk they count the
+    damaged blocks, each naming the first of its group."""
+    counted: dict[tuple[str, str], int] = {}
+    for p in problems:
+        key = (p["point"], p["disk"])
+        assert p["block"] in owners[key], p
+        counted[key] = counted.get(key, 0) + p["count"]
+    assert counted == {k: len(v) for k, v in owners.items()}
 
 
 def _verify_code(vault: Path, *args: str) -> int:
@@ -69,7 +80,8 @@ def test_repair_rebuilds_a_deleted_index(vh: History3, tmp_path: Path) -> None:
     assert code == 0 and out["problems"] == []
     assert out["repair"] == {"packs_read": len(pack_files(vh.vault)),
                              "blobs_indexed": len(entries), "blobs_damaged": 0,
-                             "packs_quarantined": 0, "damaged_points": []}
+                             "packs_quarantined": 0, "damaged_points": [],
+                             "records_quarantined": [], "lost_points": []}
     segments = sorted((vh.vault / "index").glob("*.arrow"))
     assert len(segments) == 1
     part = read_segment(segments[0].read_bytes(), str(segments[0]))
@@ -95,9 +107,9 @@ def test_repair_names_the_points_a_corrupt_blob_damages(vh: History3, tmp_path: 
     assert code == 2
     assert out["repair"] == {"packs_read": len(pack_files(vh.vault)), "blobs_indexed": total - 1,
                              "blobs_damaged": 1, "packs_quarantined": 0,
-                             "damaged_points": damaged}
-    named = {(p["point"], p["disk"], p["block"]) for p in out["problems"]}
-    assert named == {(pid, lb, b) for (pid, lb), blocks in owners.items() for b in blocks}
+                             "damaged_points": damaged, "records_quarantined": [],
+                             "lost_points": []}
+    _grouped_as(out["problems"], owners)
     assert tree_hashes(vh.vault / "packs") == packs, "repair rewrote a pack"
     # the undamaged point restores; a damaged one stops without leaving anything
     _restores(vh, 0, tmp_path / "out0")
@@ -170,6 +182,5 @@ def test_repair_of_a_truncated_pack_names_what_was_cut(vh: History3, tmp_path: P
     assert code == 2
     assert out["repair"]["blobs_indexed"] == total - len(lost)
     assert out["repair"]["damaged_points"] == sorted({pid for pid, _lb in owners})
-    named = {(p["point"], p["disk"], p["block"]) for p in out["problems"]}
-    assert named == {(pid, lb, b) for (pid, lb), blocks in owners.items() for b in blocks}
+    _grouped_as(out["problems"], owners)
     _restores(vh, 0, tmp_path / "out0")

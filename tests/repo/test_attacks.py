@@ -124,11 +124,13 @@ def test_a_segment_whose_version_is_no_number_is_named_not_a_traceback(plain: Pa
     shutil.copytree(plain, vault)
     segment = sorted((vault / "index").glob("*.arrow"))[0]
     _rewrite_arrow(segment, b"cbt.format_version", b"x")
-    for argv in (("restore", vault, "web.latest", "--to", tmp_path / "out"),
-                 ("verify", vault, "--data")):
-        r = cbt(*argv)
-        assert r.returncode == 2, r.stderr
-        assert "Traceback" not in r.stderr and str(segment) in r.stderr
+    # issue 12: a damaged segment is named, and restore reads the packs' trailers instead
+    r = cbt("restore", vault, "web.latest", "--to", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and str(segment) in r.stderr
+    r = cbt("verify", vault, "--data")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and str(segment) in r.stderr
 
 
 def _huge_delta(vault: Path, point: str, record_too: bool) -> Path:
@@ -175,7 +177,8 @@ def test_a_delta_claiming_a_huge_disk_is_refused_not_allocated(plain: Path, tmp_
         r = subprocess.run(cbt_argv(*argv), capture_output=True, text=True, check=False,
                            env=clean_env(None), timeout=60,
                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, limit))
-        assert r.returncode == 2, r.stderr
+        # issue 12: gc works beside a damaged point, keeping what its manifests name
+        assert r.returncode == (0 if argv[0] == "gc" else 2), r.stderr
         assert "Traceback" not in r.stderr and str(path) in r.stderr
     assert vault_state(vault) == before
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

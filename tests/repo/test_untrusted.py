@@ -85,9 +85,11 @@ def test_attack2_prune_never_deletes_a_manifest_named_by_a_record(
     victim.write_text("not yours")
     forge(v, ids[0], set_disk("manifest", str(victim)))
     state = vault_state(v)
-    with pytest.raises(CorruptPointError, match=f"points/{ids[0]}.json"):
-        prune(cbt_api.Vault.open(v), PruneRequest(keep=_keep_latest,
-                                                  expired=lambda vm, created: False))
+    # issue 12: the bad record is damage that stays local: prune leaves it (and the point
+    # based on it) where it is, names it, and deletes nothing it names
+    result = prune(cbt_api.Vault.open(v), PruneRequest(keep=_keep_latest,
+                                                       expired=lambda vm, created: False))
+    assert any(f"points/{ids[0]}.json" in w for w in result.warnings), result.warnings
     assert victim.read_text() == "not yours"
     assert vault_state(v) == state, "prune changed nothing"
 
@@ -263,8 +265,11 @@ def test_a_record_whose_name_is_not_its_id_is_corrupt(vault: tuple[Path, list[st
     with pytest.raises(CorruptPointError, match=f"points/{other}.json.*{ids[1]}"):
         opened.load_point(other)
     (v / "points" / f"{other}.json").rename(v / "points" / "evil name.json")
-    with pytest.raises(CorruptPointError, match=r"points/evil name\.json"):
-        opened.records()
+    # issue 12: skipped and named, the other records still read
+    warnings: list[str] = []
+    assert [r.id for r in opened.records(warnings=warnings)] == ids
+    assert len(warnings) == 1 and "points/evil name.json" in warnings[0], warnings
+    assert [d.name for d in opened.damaged_records()] == ["points/evil name.json"]
 
 
 def test_good_records_still_read(vault: tuple[Path, list[str]]) -> None:

@@ -3,13 +3,25 @@
 --json prints {"points":[{"recovery_point","vm","created","consistency",
 "parent","disks":[{"label","size","block_size"}],"bytes_new","bytes_stored"}],
 "warnings"}.
+
+A point record that cannot be read (damaged, failing authentication) hides only
+its own point and the points based on it: each is named in a warning (stderr,
+and the JSON's "warnings"), and the rest are listed (exit 0).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_OK, add_json, add_password_file, open_vault, print_json, vault_arg
+from cbt.cli._common import (
+    EXIT_OK,
+    add_json,
+    add_password_file,
+    emit_warnings,
+    open_vault,
+    print_json,
+    vault_arg,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,9 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cbt.core.sizes import human_bytes
 
-    points = open_vault(args).points(args.vm)
+    warnings: list[str] = []
+    points = open_vault(args).points(args.vm, warnings)
+    emit_warnings(warnings)
     if args.json:
-        print_json({"points": [p.summary() for p in points], "warnings": []})
+        print_json({"points": [p.summary() for p in points], "warnings": warnings})
         return EXIT_OK
     if not points:
         print("no recovery points")

@@ -3,18 +3,22 @@
 Every index segment, point record and manifest must pass its checksum and
 every referenced block must be in the index and inside an existing pack.
 With --data every stored block is also read, decompressed and re-hashed.
-Problems are listed with point, disk, block and pack (exit 2).  Data left by a
-killed backup is reported as unreferenced (not a problem, exit 0).
+Problems are listed with point, disk, block and pack (exit 2), one per damaged
+file: the blocks of a disk one pack fails are one problem, naming the first
+block and counting them all.  A damaged index segment is a problem, but what it
+indexed is read from the packs' trailers meanwhile.  Data left by a killed
+backup is reported as unreferenced (not a problem, exit 0).
 
 --repair (takes the writer lock) rebuilds the index from the packs themselves,
 indexing only blobs whose content matches their digest, without touching
-healthy data, then verifies and reports which points remain damaged (blocks
-that no pack holds).
+healthy data, moves damaged point records (with their manifests) to
+quarantine/ naming the points lost with them, then verifies and reports which
+points remain damaged (blocks that no pack holds).
 
 --json prints {"points","blocks_checked","data","problems":[{"point","disk",
-"block","pack","problem"}],"unreferenced_bytes","warnings"}; with --repair also
-"repair":{"packs_read","blobs_indexed","blobs_damaged","packs_quarantined",
-"damaged_points"}.
+"block","pack","problem","count"}],"unreferenced_bytes","warnings"}; with --repair
+also "repair":{"packs_read","blobs_indexed","blobs_damaged","packs_quarantined",
+"damaged_points","records_quarantined","lost_points"}.
 """
 
 from __future__ import annotations
@@ -66,12 +70,17 @@ def run(args: argparse.Namespace) -> int:
         where = ", ".join(f"{k} {v}" for k, v in (("point", p.point), ("disk", p.disk),
                                                   ("block", p.block), ("pack", p.pack))
                           if v is not None)
-        sys.stderr.write(f"cbt: problem: {where}: {p.problem}\n")
+        many = f" ({p.count} blocks)" if p.count is not None and p.count > 1 else ""
+        sys.stderr.write(f"cbt: problem: {where}: {p.problem}{many}\n")
     if isinstance(result, RepairResult):
         r = result.repair
         print(f"repair: {r.packs_read} packs read, {r.blobs_indexed} blocks indexed, "
               f"{r.blobs_damaged} damaged; damaged points: "
               f"{', '.join(r.damaged_points) or 'none'}")
+        if r.records_quarantined:
+            print(f"repair: moved {len(r.records_quarantined)} damaged point records to "
+                  f"quarantine/ ({', '.join(r.records_quarantined)}); points lost: "
+                  f"{', '.join(r.lost_points) or 'unknown (their records name them only)'}")
     status = "problems found" if checked.problems else "ok"
     print(f"verify {status}: {checked.points} points, {checked.blocks_checked} blocks "
           f"checked{' with data' if args.data else ''}, "

@@ -49,7 +49,7 @@ from pathlib import Path
 
 from cbt.core.errors import CbtError
 from cbt.core.timefmt import utc_now
-from cbt.format.records import JobDisk, JobRecord, KeptSnapshots, PointRecord, new_point_id
+from cbt.format.records import JobDisk, JobRecord, KeptSnapshots, PointRecord
 from cbt.jobs.config import Config, VMConfig
 from cbt.jobs.config import load as load_config
 from cbt.jobs.hooks import HookResult, run_hook
@@ -187,7 +187,7 @@ class Job:
               warnings: list[str]) -> Job:
         """Step 2: choose the point's id (hooks see it) and record the job as running."""
         created = request.created or utc_now()
-        point_id = new_point_id(vm, created, set(vault.point_ids()))
+        point_id = vault.unused_point_id(vm, created)
         job_id = f"{vm}.{created.replace('-', '').replace(':', '')}.{secrets.token_hex(3)}"
         record = JobRecord(id=job_id, vm=vm, policy=config.vms[vm].policy, start=utc_now(),
                            recovery_point=point_id, pid=os.getpid(), slot=request.slot,

@@ -68,7 +68,7 @@ from cbt.core.timefmt import utc_now
 from cbt.format.index_segment import segment_bytes
 from cbt.format.manifest import Manifest
 from cbt.format.pack import TARGET_PACK_SIZE, PackWriter, block_id, pack_name
-from cbt.format.records import DiskRecord, PointRecord, check_name, new_point_id
+from cbt.format.records import DiskRecord, PointRecord, check_name
 from cbt.ops.diff import diff_manifests
 from cbt.repo import index as index_mod
 from cbt.repo.lock import gc_lock, writer_lock
@@ -254,7 +254,7 @@ def plan(vault: Vault, request: BackupRequest) -> Plan:
     """Load the index, open and map every disk, take the early scan, cut shards."""
     warnings = list(request.warnings)
     index = vault.load_index(warnings)
-    prev = vault.latest(request.vm)
+    prev = _latest_healthy(vault, request.vm, warnings)
     disks = [_plan_disk(prev, spec, request.block_size) for spec in request.disks]
     early = request.early
     if early is not None:
@@ -268,6 +268,19 @@ def plan(vault: Vault, request: BackupRequest) -> Plan:
         workers *= EXECUTOR_SHARDS_PER_WORKER
     shards = plan_shards([DiskPlan(d.ranges, d.block_size, d.size) for d in disks], workers)
     return Plan(index, prev, disks, [_shard_task(disks[s.disk], s) for s in shards], warnings)
+
+
+def _latest_healthy(vault: Vault, vm: str, warnings: list[str]) -> PointRecord | None:
+    """The VM's latest point that can be read; damaged records (and points based on them)
+    are passed over, and said so."""
+    damage: list[str] = []
+    prev = vault.latest(vm, damage)
+    if damage:
+        warnings += damage
+        warnings.append(f"backing up against {prev.id}, the latest point of VM {vm} that can "
+                        "be read" if prev is not None else
+                        f"no point of VM {vm} can be read: taking a full baseline")
+    return prev
 
 
 def _plan_disk(prev: PointRecord | None, spec: DiskSpec, block_size: int | None) -> PlannedDisk:
@@ -621,10 +634,10 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
            started: float) -> PointRecord:
     """Write the manifests, then the index segment and the point record (the commit)."""
     created = request.created or utc_now()
-    point_id = request.point_id or new_point_id(request.vm, created, set(vault.point_ids()))
+    point_id = request.point_id or vault.unused_point_id(request.vm, created)
     new = _gather(planned, results)
-    disks = [_commit_disk(vault, request.vm, planned.prev, d, point_id, created)
-             for d in planned.disks]
+    disks = [_commit_disk(vault, request.vm, planned.prev, d, point_id, created,
+                          planned.warnings) for d in planned.disks]
     record = PointRecord(
         id=point_id, vm=request.vm, created=created, consistency=request.consistency[0],
         consistency_reason=request.consistency[1],
@@ -662,15 +675,16 @@ def _gather(planned: Plan, results: list[ShardResult]) -> dict[str, Any]:
 
 
 def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk, point_id: str,
-                 created: str) -> DiskRecord:
+                 created: str, warnings: list[str]) -> DiskRecord:
     """Write one disk's manifest (full, or a delta against its chain base)."""
     import blake3
 
     path = str(Path(d.spec.path).absolute())
     manifest = Manifest(d.block_size, d.size, d.digests, d.flags, source=path, created=created)
-    if d.parent is not None and prev is not None:
-        changed = diff_manifests(vault.resolve(prev, d.spec.label), manifest).changed_blocks
-        base_point = vault.chain_base(vm, d.spec.label, d.seq)
+    previous = _previous_manifest(vault, prev, d, warnings)
+    if previous is not None and prev is not None:
+        changed = diff_manifests(previous, manifest).changed_blocks
+        base_point = vault.chain_base(vm, d.spec.label, d.seq, prev)
     else:
         changed, base_point = manifest.blocks, None
     name = vault.manifest_name(point_id, d.spec.label)
@@ -692,6 +706,21 @@ def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk
         base=base_point.id if base_point is not None else None)
 
 
+def _previous_manifest(vault: Vault, prev: PointRecord | None, d: PlannedDisk,
+                       warnings: list[str]) -> Manifest | None:
+    """The disk's manifest at the point this run follows; None: a first backup, or one that
+    cannot be resolved (damaged), after which the disk takes a new full baseline (said so,
+    keeping its block size)."""
+    if d.parent is None or prev is None:
+        return None
+    try:
+        return vault.resolve(prev, d.spec.label)
+    except (CbtError, OSError) as exc:
+        warnings.append(f"disk {d.spec.label}: the manifest of point {prev.id} cannot be read "
+                        f"({exc}); taking a full baseline of this disk")
+        return None
+
+
 def _after_gc(vault: Vault, planned: Plan,
               stored_now: npt.NDArray[np.uint8]) -> index_mod.Index:
     """If a gc ran during this backup, make sure every block the point uses still exists.
@@ -704,7 +733,7 @@ def _after_gc(vault: Vault, planned: Plan,
     from cbt.repo.trash import rescue
 
     current = set(vault.segment_names())
-    if current == set(planned.index.segments):
+    if current == set(planned.index.segments) | set(planned.index.damaged):
         return planned.index
     fresh = vault.load_index()
     need: set[bytes] = set()

@@ -5,7 +5,15 @@ lock).  Mark, then sweep with a margin covering the running backup:
 
 1. Cutoff = the start of the running backup (from its lock), else now.
 2. Mark: resolve every visible point (through hidden bases where its deltas
-   need them) and mark the index entries they reference.
+   need them) and mark the index entries they reference.  A point whose record
+   cannot be read (damaged), or whose manifests cannot be resolved (a damaged
+   manifest, a base whose record is damaged), is treated conservatively: every
+   block named by any manifest in its folder, and in the folders of the points
+   its deltas are based on, is marked live (a superset of what it holds); when
+   even that cannot be read (a damaged manifest, or a damaged record with no
+   manifest left), gc frees nothing at all and says why.  So a damaged record
+   or manifest costs space until ``verify --repair`` sets its point aside,
+   never a block it might reference.
 3. Per pack older than the cutoff (a newer one may hold blocks of the running
    backup's uncommitted point): no live entry -> dead; live bytes under half
    the pack -> rewritten (live blobs copied as they are into new packs; a
@@ -33,7 +41,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cbt.core.errors import CbtIOError
+from cbt.core.errors import CbtError, CbtIOError
 from cbt.format.index_segment import segment_bytes
 from cbt.format.pack import (
     BLOB,
@@ -41,6 +49,7 @@ from cbt.format.pack import (
     blob_length,
     pack_name,
 )
+from cbt.format.records import CorruptPointError, is_point_id
 from cbt.repo import index as index_mod
 from cbt.repo.index import Index, IndexEntry
 from cbt.repo.lock import gc_lock, writer_since
@@ -83,7 +92,11 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
     with gc_lock(vault.storage, wait, reveal_command=not vault.encrypted):
         cutoff = _cutoff(vault)
         index = vault.load_index(result.warnings)
-        live = _referenced(vault, index, result.warnings)
+        live, sure = _referenced(vault, index, result.warnings)
+        if not sure:
+            result.warnings.append("gc frees nothing this time: the blocks of a damaged point "
+                                   "cannot all be named (run cbt verify)")
+            cutoff = 0.0  # sweep nothing, empty nothing from the trash
         sweep = _plan_sweep(vault, index, live, cutoff, result)
         if not dry_run and sweep.trash:
             _write_index(vault, index, sweep)
@@ -100,20 +113,72 @@ def _cutoff(vault: Vault) -> float:
     return time.time() if since is None else since  # 0.0, unknown age: sweep nothing
 
 
-def _referenced(vault: Vault, index: Index, warnings: list[str]) -> npt.NDArray[np.bool_]:
-    """Step 2: per index entry, whether a visible point references it."""
+def _referenced(vault: Vault, index: Index, warnings: list[str]
+                ) -> tuple[npt.NDArray[np.bool_], bool]:
+    """Step 2: per index entry, whether a point references it; and whether every point's
+    blocks could be named (False: sweep nothing)."""
     live = np.zeros(len(index), dtype=bool)
+    records, damaged = vault.scan_records()
+    lost = vault.unavailable(records)
+    sure = True
     # hidden points (pruned bases) only lend their manifests to the resolution of
     # visible ones; the blocks only they hold are dead
-    for point in vault.points():
+    for point in records:
+        if point.hidden:
+            continue
         for disk in point.disks:
-            m = vault.resolve(point, disk.label)
+            try:
+                if point.id in lost:
+                    raise CorruptPointError(lost[point.id])
+                m = vault.resolve(point, disk.label)
+            except (CbtError, OSError) as exc:
+                warnings.append(f"point {point.id} disk {disk.label}: {exc}; gc keeps every "
+                                "block its manifests name")
+                sure &= _mark_folders(vault, index, vault.manifest_dir(point.id), live, False)
+                continue
             pos = index.lookup(m.digests[m.flags == 0])
             if (pos < 0).any():
                 warnings.append(f"point {point.id} disk {disk.label}: "
                                 f"{int((pos < 0).sum())} blocks not in the index (run verify)")
             live[pos[pos >= 0]] = True
-    return live
+    for d in damaged:
+        warnings.append(f"{d.warning()}; gc keeps every block its manifests name")
+        sure &= _mark_folders(vault, index, vault.manifest_dir_of(d.name), live, True)
+    return live, sure
+
+
+def _mark_folders(vault: Vault, index: Index, folder: str, live: npt.NDArray[np.bool_],
+                  damaged: bool) -> bool:
+    """Mark every DATA block that any manifest in ``folder`` names, and those of the
+    folders of the points its deltas are based on (a superset of what the point holds,
+    for a point whose record or manifests cannot be resolved).  False when some
+    manifest on the way cannot be read, or (``damaged``: a damaged record's) the folder
+    is empty: then the point's blocks are not all known.  A folder that is gone (a
+    base ``verify --repair`` set aside) holds nothing to keep."""
+    todo, seen, ok = [folder], set(), True
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        names = vault.storage.list(f)
+        if damaged and f == folder:
+            ok &= bool(names)
+        for name in names:
+            try:
+                m = vault.read_manifest_file(name)
+            except (CbtError, OSError):
+                ok = False
+                continue
+            pos = index.lookup(m.digests[m.flags == 0])
+            live[pos[pos >= 0]] = True
+            base = m.metadata.get("cbt.base")
+            if base is not None:
+                if not is_point_id(base):
+                    ok = False
+                    continue
+                todo.append(vault.manifest_dir(base))
+    return ok
 
 
 def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff: float,

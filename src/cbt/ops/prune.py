@@ -14,6 +14,13 @@
    cleans up as leftovers.  The blocks are freed later by ``cbt gc``.
 4. Kept snapshots (instant restore) older than the policy's
    ``instant_restore_days`` are removed (never a disk's tracking base).
+
+A point record that cannot be read (damaged) is left where it is, and so is
+every point based on it and every base those need, and the points its own
+deltas are based on (its manifests name them); each is named in a warning
+(``cbt verify --repair`` sets a damaged record aside).  When those manifests
+cannot be read either, prune hides what it would delete.  The others are
+pruned as usual.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cbt.format.records import KeptSnapshots, PointRecord
+from cbt.core.errors import CbtError
+from cbt.format.records import KeptSnapshots, PointRecord, is_point_id
 from cbt.repo.lock import writer_lock
 from cbt.repo.registry import kept_snapshots, remove_kept
 from cbt.repo.vault import Vault
@@ -94,20 +102,28 @@ def _plan(vault: Vault, request: PruneRequest, warnings: list[str]) -> _Plan:
     """Steps 1 and 2: keep, hide (a base kept points need) or delete each point."""
     records = vault.records()
     by_id = {r.id: r for r in records}
-    reasons = request.keep(vault.points())
-    keep = [by_id[pid] for pid, why in reasons.items() if why]
-    needed = _needed_bases(keep, by_id)
+    reasons = request.keep(vault.points(warnings=warnings))
+    # a point based on a damaged record is left as it is, and so are its bases
+    lost = {pid for pid in vault.unavailable(records) if not by_id[pid].hidden}
+    keep = [by_id[pid] for pid, why in reasons.items() if why] + [by_id[p] for p in lost]
+    bases, known = _damaged_bases(vault)
+    needed = _needed_bases(keep, by_id, bases)
+    if not known:
+        warnings.append("a damaged point record's manifests cannot be read, so the points it "
+                        "is based on are not known: prune hides what it would delete")
     plan = _Plan()
     for r in records:
+        if r.id in lost:
+            continue
         if r.hidden:
-            if r.id not in needed:
+            if r.id not in needed and known:
                 plan.delete.append(r)
             continue
         why = reasons.get(r.id, [])
         if why:
             plan.verdicts.append(PointVerdict(r.id, r.vm, True, why))
             continue
-        if r.id in needed:
+        if r.id in needed or not known:
             plan.hide.append(r)
             why = ["not kept by any rule; hidden, as kept points are based on it"]
         else:
@@ -137,10 +153,29 @@ def _apply(vault: Vault, plan: _Plan) -> None:
         remove_kept(vault, pid)
 
 
-def _needed_bases(keep: list[PointRecord], by_id: dict[str, PointRecord]) -> set[str]:
-    """Every point whose manifests a kept point's manifests are based on."""
+def _damaged_bases(vault: Vault) -> tuple[list[str], bool]:
+    """The points the deltas of damaged records are based on (their manifests say it), and
+    whether every such manifest could be read (else those bases are not known)."""
+    bases: list[str] = []
+    known = True
+    for d in vault.damaged_records():
+        for name in vault.storage.list(vault.manifest_dir_of(d.name)):
+            try:
+                base = vault.read_manifest_file(name).metadata.get("cbt.base")
+            except (CbtError, OSError):
+                known = False
+                continue
+            if base is not None:
+                known &= is_point_id(base)
+                bases.append(base)
+    return bases, known
+
+
+def _needed_bases(keep: list[PointRecord], by_id: dict[str, PointRecord],
+                  more: list[str] | None = None) -> set[str]:
+    """Every point whose manifests a kept point's manifests are based on (and ``more``'s)."""
     needed: set[str] = set()
-    todo = [d.base for p in keep for d in p.disks if d.base]
+    todo = [d.base for p in keep for d in p.disks if d.base] + list(more or [])
     while todo:
         pid = todo.pop()
         if pid is None or pid in needed or pid not in by_id:

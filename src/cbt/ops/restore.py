@@ -17,7 +17,10 @@
      (device).
    Every DATA block to write is looked up in the index (a block the index
    lacks is an error before anything is written) and the blocks are ordered
-   by (pack, offset): one job per pack.
+   by (pack, offset): one job per pack.  A damaged index segment costs
+   nothing: the packs it covered are indexed from their own trailers, or
+   their blob headers where a trailer is lost too (each block is checked as
+   it is written anyway).
 2. Create (:func:`_create_target`): a new file, at its temporary name.
 3. Write (:func:`_write`): each worker gets whole packs (:func:`_balance`),
    reopens the vault from its spec (storage and keys: no passphrase asked),
@@ -689,7 +692,7 @@ def restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
     point = vault.point(request.point)
     finals, out_dirs = _plan_targets(point, request)
     warnings = remove_stale_temps(finals, request.disk is not None)
-    index = vault.load_index(warnings)
+    index = vault.load_index(warnings, headers=True)  # (every block read is checked)
     manifests = {label: vault.resolve(point, label) for label in finals}
     targets: list[_Target] = []
     jobs: list[_Job] = []

@@ -15,7 +15,12 @@
 5. Index entries no point references (left by a killed run) and files a killed
    run left are *unreferenced*: reported in bytes, not a problem.
 
-Each problem names point, disk, block and pack where they are known.
+Each problem names point, disk, block and pack where they are known, one per
+damaged file: the blocks of one disk of one point that one pack fails (or that
+the index lacks) are one problem naming the first and counting them all
+(``count``).  A damaged point record is a problem of its own point (and of the
+points based on it) only; a damaged index segment is a problem, while the
+packs it covered are indexed from their trailers or blob headers.
 ``repair`` rebuilds the index from the packs themselves (trailers, or blob
 headers when a trailer is lost), indexing only blobs whose content matches
 their digest, then verifies again to say which points remain damaged.
@@ -60,17 +65,23 @@ QUARANTINE = "quarantine"
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong, with the point, disk, block and pack where they are known."""
+    """One thing wrong, with the point, disk, block and pack where they are known.
+
+    Problems are grouped per damaged file: the blocks of one disk of one point that one
+    pack fails (or the index lacks) are one problem, ``block`` the first of them and
+    ``count`` how many; a manifest that cannot be resolved counts the disk's blocks; a
+    damaged point record or index segment counts None (not known block by block)."""
 
     point: str | None
     disk: str | None
     block: int | None
     pack: str | None
     problem: str
+    count: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"point": self.point, "disk": self.disk, "block": self.block, "pack": self.pack,
-                "problem": self.problem}
+                "problem": self.problem, "count": self.count}
 
 
 @dataclass
@@ -105,6 +116,10 @@ class RepairStats:
     blobs_damaged: int = 0
     packs_quarantined: int = 0
     damaged_points: list[str] = field(default_factory=list)
+    # damaged point records moved to quarantine/ (their names in the vault), and the
+    # points lost with them (theirs where known, and every point based on one)
+    records_quarantined: list[str] = field(default_factory=list)
+    lost_points: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,10 +166,12 @@ def verify(vault: Vault, ref: str | None = None, data: bool = False) -> VerifyRe
     problems: list[Problem] = []
     warnings: list[str] = []
     try:
-        index = vault.load_index(warnings)
+        index = vault.load_index(warnings, headers=True)
     except CbtError as exc:
         problems.append(Problem(None, None, None, None, str(exc)))
         index = Index.empty()
+    problems += [Problem(None, None, None, None, f"damaged index segment: {why}")
+                 for why in index.damaged.values()]
     points = _load_points(vault, ref, problems)
     checked = _check_manifests(vault, index, points, problems)
     bad = _check_packs(vault, index, checked.referenced, data)
@@ -168,36 +185,12 @@ def verify(vault: Vault, ref: str | None = None, data: bool = False) -> VerifyRe
 
 
 def _load_points(vault: Vault, ref: str | None, problems: list[Problem]) -> list[PointRecord]:
-    """Step 1: the point records (each passes its checksum)."""
+    """Step 1: the point records (each passes its checksum, or its authentication); a
+    damaged one is a problem naming its file (and its point, where the name says it)."""
     if ref is not None:
         return [vault.point(ref)]
-    if vault.encrypted:
-        return _load_sealed_points(vault, problems)
-    points = []
-    for pid in vault.point_ids():
-        try:
-            points.append(vault.load_point(pid))
-        except CbtError as exc:
-            problems.append(Problem(pid, None, None, None, str(exc)))
-    return points
-
-
-def _load_sealed_points(vault: Vault, problems: list[Problem]) -> list[PointRecord]:
-    """Step 1 in an encrypted vault: every sealed record opens and holds the point its
-    name says (the name is all a damaged one tells, so the problem names the file)."""
-    points = []
-    for name in vault.point_names():
-        where = vault.storage.where(name)
-        try:
-            point = PointRecord.from_json(vault.get_sealed("point", name), where)
-        except CbtError as exc:
-            problems.append(Problem(None, None, None, None, str(exc)))
-            continue
-        if vault.point_name(point.id) != name:
-            problems.append(Problem(None, None, None, None, f"corrupt point record {where}: "
-                                    f"it holds point {point.id}, which is not its name"))
-            continue
-        points.append(point)
+    points, damaged = vault.scan_records()
+    problems += [Problem(d.point, None, None, None, d.message) for d in damaged]
     return points
 
 
@@ -213,22 +206,24 @@ def _check_manifests(vault: Vault, index: Index, points: list[PointRecord],
                 if blake3.blake3(raw).hexdigest() != disk.manifest_checksum:
                     problems.append(Problem(point.id, disk.label, None, None,
                                             f"manifest {name} differs from the one "
-                                            "the point recorded"))
+                                            "the point recorded", disk.blocks))
                     continue
                 manifest = vault.resolve(point, disk.label)
-            except CbtError as exc:
-                problems.append(Problem(point.id, disk.label, None, None, str(exc)))
+            except (CbtError, OSError) as exc:
+                problems.append(Problem(point.id, disk.label, None, None, str(exc), disk.blocks))
                 continue
             if manifest.disk_size != disk.size:
                 problems.append(Problem(point.id, disk.label, None, None,
-                                        "manifest size differs from the point record"))
+                                        "manifest size differs from the point record",
+                                        disk.blocks))
             if point.hidden:
                 continue  # a pruned base: its manifests must resolve, its blocks may be gone
             rows = np.nonzero(manifest.flags == 0)[0]
             pos = index.lookup(manifest.digests[rows])
-            for r in rows[pos < 0][:MAX_PROBLEMS].tolist():
-                problems.append(Problem(point.id, disk.label, int(r), None,
-                                        "block missing from the vault index"))
+            absent = rows[pos < 0]
+            if len(absent):
+                problems.append(Problem(point.id, disk.label, int(absent[0]), None,
+                                        "block missing from the vault index", len(absent)))
             checked.referenced[pos[pos >= 0]] = True
             checked.disks.append(_Disk(point.id, disk.label, rows[pos >= 0], pos[pos >= 0]))
             checked.blocks += len(rows)
@@ -296,16 +291,18 @@ def _check_pack(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64]
 
 
 def _name_bad_blocks(index: Index, bad: dict[int, str], disks: list[_Disk]) -> list[Problem]:
-    """Each bad blob as a problem of every point, disk and block that uses it."""
-    bad_mask = np.zeros(len(index), dtype=bool)
-    bad_mask[list(bad)] = True
+    """The bad blobs as problems of the points, disks and blocks that use them: one per
+    point, disk, pack and kind of damage, naming its first block and counting them all."""
+    where = np.fromiter(bad, dtype=np.int64, count=len(bad))
     out = []
     for d in disks:
-        hit = bad_mask[d.pos]
-        for r, p in zip(d.rows[hit][:MAX_PROBLEMS].tolist(), d.pos[hit][:MAX_PROBLEMS].tolist(),
-                        strict=True):
-            out.append(Problem(d.point, d.label, int(r), index.pack_ids[int(index.pack[p])],
-                               bad[p]))
+        hit = np.isin(d.pos, where)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for r, p in zip(d.rows[hit].tolist(), d.pos[hit].tolist(), strict=True):
+            key = (index.pack_ids[int(index.pack[p])], bad[p])
+            groups.setdefault(key, []).append(int(r))
+        out += [Problem(d.point, d.label, min(rows), pack, problem, len(rows))
+                for (pack, problem), rows in groups.items()]
     return out
 
 
@@ -334,7 +331,10 @@ def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
     2. Write the new segment, then remove the old ones: a crash in between
        leaves the vault readable (run repair again).
     3. Move packs with no healthy blob to ``quarantine/`` (kept, not deleted).
-    4. Verify, and name the points that remain damaged.
+    4. Move damaged point records, and those whose own manifests are damaged,
+       with their manifests to ``quarantine/``: their points, and those based
+       on them, are lost (``lost_points``); gc can free what only they held.
+    5. Verify, and name the points that remain damaged.
     """
     stats = RepairStats()
     healthy: list[IndexEntry] = []
@@ -357,11 +357,62 @@ def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
         _replace_segments(vault, healthy)
         for q in quarantined:
             vault.storage.rename(q, f"{QUARANTINE}/{q.rsplit('/', 1)[-1]}")
+        stats.records_quarantined, stats.lost_points = _quarantine_records(vault)
     stats.blobs_indexed = len(healthy)
     stats.packs_quarantined = len(quarantined)
     result = verify(vault)
     stats.damaged_points = sorted({p.point for p in result.problems if p.point})
     return RepairResult(result, stats)
+
+
+def _quarantine_records(vault: Vault) -> tuple[list[str], list[str]]:
+    """Step 4: move each damaged point record, and the record of each point whose own
+    manifest is damaged or gone, to ``quarantine/`` with its manifests (those first, so a
+    crash leaves nothing a backup would take for a killed run's leftovers); the record
+    names moved, and the points lost: theirs where known (a sealed record's name hides
+    it, unless a point based on it names it), and every visible point based on one."""
+    records, damaged = vault.scan_records()
+    bad: dict[str, str | None] = {d.name: d.point for d in damaged}
+    bad.update((vault.point_name(r.id), r.id) for r in records if _manifest_damaged(vault, r))
+    if not bad:
+        return [], []
+    names = set(bad)
+    by_id = {r.id: r for r in records}
+    visible = {r.id for r in records if not r.hidden}
+    lost = {pid for pid in bad.values() if pid is not None and (pid in visible
+                                                                  or pid not in by_id)}
+    lost |= {disk.base for r in records for disk in r.disks if disk.base is not None
+             and disk.base not in by_id and vault.point_name(disk.base) in names}
+    left = [r for r in records if vault.point_name(r.id) not in names]
+    lost |= set(vault.unavailable(left, names)) & visible
+    for name in sorted(names):
+        for m in vault.storage.list(vault.manifest_dir_of(name)):
+            _set_aside(vault, m)
+        _set_aside(vault, name)
+    return sorted(names), sorted(lost)
+
+
+def _manifest_damaged(vault: Vault, point: PointRecord) -> bool:
+    """Whether a manifest of the point is gone, or differs from what its record says."""
+    for disk in point.disks:
+        name = vault.manifest_name(point.id, disk.label)
+        try:
+            raw = vault.storage.get(name)
+            if blake3.blake3(raw).hexdigest() != disk.manifest_checksum:
+                return True
+            vault.read_manifest_file(name)
+        except (CbtError, OSError):
+            return True
+    return False
+
+
+def _set_aside(vault: Vault, name: str) -> None:
+    """Move ``name`` under ``quarantine/`` (the same path below it; an earlier one of the
+    same name is kept: a number is added)."""
+    dst, n = f"{QUARANTINE}/{name}", 1
+    while vault.storage.exists(dst):
+        dst, n = f"{QUARANTINE}/{name}.{n}", n + 1
+    vault.storage.rename(name, dst)
 
 
 def _healthy_blobs(vault: Vault, content: bytes, name: str,

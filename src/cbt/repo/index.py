@@ -29,15 +29,22 @@ import errno
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
+from cbt.core.errors import CbtError
 from cbt.format import index_segment
 from cbt.format.index_segment import CorruptIndexError, prefix_keys
-from cbt.format.pack import CorruptPackError, is_pack_name, pack_id_of, read_pack_trailer
+from cbt.format.pack import (
+    CorruptPackError,
+    is_pack_name,
+    pack_id_of,
+    read_pack_trailer,
+    scan_blobs,
+)
 from cbt.repo.storage import Storage
 
 MERGE_AT = 16  # segments before a backup merges them into one
@@ -65,6 +72,9 @@ class Index:
     keys: npt.NDArray[np.uint64]
     segments: list[str]
     orphans: list[str]  # packs indexed from their trailers (no segment yet)
+    # segments that could not be read (damaged): name -> what is wrong; the packs they
+    # covered are indexed from their own trailers (or blob headers) instead
+    damaged: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
@@ -154,7 +164,7 @@ class Index:
 
     def token(self) -> tuple[str, ...]:
         """What this index was loaded from: equal tokens, equal indexes."""
-        return (*self.segments, "|", *self.orphans)
+        return (*self.segments, "|", *self.orphans, "|", *sorted(self.damaged))
 
 
 class IndexCache:
@@ -228,7 +238,7 @@ def trailer_part(storage: Storage, name: str) -> dict[str, Any]:
 
 def load(storage: Storage, warnings: list[str] | None = None,
          segment_names: Callable[[], list[str]] | None = None,
-         read: Callable[[str], bytes] | None = None) -> Index:
+         read: Callable[[str], bytes] | None = None, headers: bool = False) -> Index:
     """Read every segment, then index packs no segment covers from their trailers.
 
     ``segment_names`` lists the segments and ``read`` reads one (an encrypted
@@ -236,19 +246,28 @@ def load(storage: Storage, warnings: list[str] | None = None,
     Readers take no lock: when a writer merges segments under our feet (the
     merged one is written before the old ones go), a segment listed a moment
     ago can vanish; then we list again.
+
+    A damaged segment is skipped (named in ``warnings`` and ``Index.damaged``):
+    the packs it covered are indexed from their own trailers like any pack no
+    segment covers, and with ``headers`` a pack whose trailer is lost too from
+    its blob headers (a reader that checks every block it reads: restore,
+    verify), as repair does.
     """
     names = segment_names or (lambda: [s for s in storage.list("index") if s.endswith(".arrow")])
     get = read or storage.get
     for _attempt in range(20):
-        segments = names()
         try:
-            parts = [read_segment(get(name), storage.where(name)) for name in segments]
+            segments, parts, damaged = _read_segments(storage, names(), get)
             break
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
     else:
         raise CorruptIndexError(f"index segments of {storage.root} keep changing; retry")
+    for why in damaged.values():
+        if warnings is not None:
+            warnings.append(f"ignoring damaged index segment: {why}; its packs are indexed "
+                            "from their own trailers")
     covered = {p for part in parts for p in part["pack_ids"]}
     orphans = []
     for name in storage.list("packs"):
@@ -258,9 +277,53 @@ def load(storage: Storage, warnings: list[str] | None = None,
             parts.append(trailer_part(storage, name))
             orphans.append(name)
         except CorruptPackError as exc:
-            if warnings is not None:
+            part = header_part(storage, name) if headers else None
+            if part is not None:
+                parts.append(part)
+                orphans.append(name)
+            elif warnings is not None:
                 warnings.append(f"ignoring unreadable pack: {exc}")
-    return Index.build(parts, segments, orphans)
+    index = Index.build(parts, segments, orphans)
+    index.damaged = damaged
+    return index
+
+
+def _read_segments(storage: Storage, names: list[str], get: Callable[[str], bytes]
+                   ) -> tuple[list[str], list[dict[str, Any]], dict[str, str]]:
+    """The segments that read, their parts, and the damaged ones (name -> why); a segment
+    gone meanwhile raises ENOENT (the caller lists again)."""
+    segments, parts, damaged = [], [], {}
+    for name in names:
+        try:
+            parts.append(read_segment(get(name), storage.where(name)))
+            segments.append(name)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise
+            damaged[name] = str(exc)
+        except CbtError as exc:
+            damaged[name] = str(exc)
+    return segments, parts, damaged
+
+
+def header_part(storage: Storage, name: str) -> dict[str, Any] | None:
+    """Index entries of one pack whose trailer is lost, from its blob headers (None when
+    none parses).  Unchecked: only for readers that check each block they read."""
+    try:
+        blobs = scan_blobs(storage.get(name))
+    except OSError:
+        return None
+    if not blobs:
+        return None
+    n = len(blobs)
+    return {
+        "digests": np.frombuffer(b"".join(b[0] for b in blobs), dtype=np.uint8).reshape(n, 32),
+        "pack": np.zeros(n, dtype=np.uint32),
+        "pack_ids": [pack_id_of(name)],
+        "offset": np.array([b[1] for b in blobs], dtype=np.uint64),
+        "stored": np.array([b[2] for b in blobs], dtype=np.uint32),
+        "raw": np.array([b[3] for b in blobs], dtype=np.uint32),
+    }
 
 
 def segment_entries(entries: Sequence[IndexEntry]) -> dict[str, Any]:

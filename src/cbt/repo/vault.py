@@ -29,6 +29,15 @@ Format 2 is encrypted (:mod:`cbt.repo.keys` for the key model):
 
 Every name below comes from the vault's own layout (the ``*_name`` methods),
 never from a file's content.
+
+Damage stays local: a point record that cannot be read (a flipped byte, cut
+JSON, a checksum or authentication that fails) is a :class:`DamagedRecord`
+(:meth:`Vault.scan_records`).  It makes its own point unavailable, and every
+point whose deltas resolve through it (:meth:`Vault.unavailable`); listing,
+``latest`` and the rest of the vault go on without them, naming them in
+warnings.  Its manifest folder is known from its record's name alone
+(:meth:`Vault.manifest_dir_of`), so it is never taken for a killed run's
+leftovers, and its name is never given to a new point.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from cbt.format.records import (
     base_seq,
     id_order,
     is_point_id,
+    new_point_id,
 )
 from cbt.repo.keys import (
     KEYS_DIR,
@@ -90,6 +100,25 @@ class NotAVaultError(CbtError, FileNotFoundError):
 
 class VaultVersionError(CbtError, ValueError):
     """The vault was made by a newer cbt."""
+
+
+class DamagedRecord(NamedTuple):
+    """A point record that cannot be read: its point (and every point whose manifests
+    resolve through it) is unavailable; the rest of the vault is not."""
+
+    name: str  # its name in the storage
+    where: str  # where it is, for messages
+    point: str | None  # the point id its file name says (unencrypted vault), else None
+    error: str
+
+    @property
+    def message(self) -> str:
+        """What is wrong, naming the file."""
+        return self.error if self.where in self.error else f"{self.where}: {self.error}"
+
+    def warning(self) -> str:
+        what = f"point {self.point}" if self.point else "its point"
+        return f"damaged point record, {what} is unavailable: {self.message}"
 
 
 class VaultSpec(NamedTuple):
@@ -347,10 +376,11 @@ class Vault:
 
     def point_ids(self) -> list[str]:
         """The ids of every point record (by file name in an unencrypted vault: a name that
-        is no point id is still listed, and :meth:`load_point` says what is wrong with it)."""
+        is no point id is still listed, and :meth:`load_point` says what is wrong with it;
+        in an encrypted vault the ids of the records that can be read)."""
         if self.keys is None:
             return [n[len("points/"):-5] for n in self.point_names()]
-        return [r.id for r in self._read_points()]
+        return [r.id for r in self.scan_records()[0]]
 
     def load_point(self, point_id: str) -> PointRecord:
         """The record of ``point_id``, checked (:meth:`_read_point`)."""
@@ -376,35 +406,100 @@ class Vault:
                                         f"{self.manifest_name(record.id, d.label)!r}")
         return record
 
-    def _read_points(self) -> list[PointRecord]:
-        return [self._read_point(n) for n in self.point_names()]
+    def scan_records(self) -> tuple[list[PointRecord], list[DamagedRecord]]:
+        """Every point record that can be read, and every one that cannot (damaged, failing
+        authentication, unreadable): damage stays with its own point.  A record removed
+        while this runs (a prune) is neither."""
+        good: list[PointRecord] = []
+        damaged: list[DamagedRecord] = []
+        for name in self.point_names():
+            pid = name[len("points/"):-5] if self.keys is None else None
+            try:
+                if pid is not None and not is_point_id(pid):
+                    raise CorruptPointError(f"corrupt point record {self.storage.where(name)}: "
+                                            "the file name is not <point id>.json")
+                good.append(self._read_point(name))
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    continue
+                damaged.append(DamagedRecord(name, self.storage.where(name), pid, str(exc)))
+            except CbtError as exc:
+                damaged.append(DamagedRecord(name, self.storage.where(name), pid, str(exc)))
+        return good, damaged
 
-    def records(self, vm: str | None = None) -> list[PointRecord]:
-        """Every point record, hidden ones (pruned bases of kept deltas) included."""
-        records = (self._read_points() if self.keys is not None
-                   else [self.load_point(i) for i in self.point_ids()])
-        if vm is not None:
-            records = [r for r in records if r.vm == vm]
+    def damaged_records(self) -> list[DamagedRecord]:
+        """The point records that cannot be read (:meth:`scan_records`)."""
+        return self.scan_records()[1]
+
+    def records(self, vm: str | None = None, warnings: list[str] | None = None
+                ) -> list[PointRecord]:
+        """Every point record that can be read, hidden ones (pruned bases of kept deltas)
+        included; a damaged one is skipped and named in ``warnings`` (those of ``vm`` only,
+        where the file name tells)."""
+        good, damaged = self.scan_records()
+        if warnings is not None:
+            warnings += [d.warning() for d in damaged
+                         if vm is None or d.point is None or d.point.startswith(vm + ".")]
+        records = good if vm is None else [r for r in good if r.vm == vm]
         return sorted(records, key=_point_order)
 
-    def points(self, vm: str | None = None) -> list[PointRecord]:
-        """Committed points, oldest first (by creation time, then id)."""
-        return [r for r in self.records(vm) if not r.hidden]
+    def unavailable(self, records: list[PointRecord],
+                    only: set[str] | None = None) -> dict[str, str]:
+        """Point id -> why it cannot be resolved, for each of ``records`` whose manifests are
+        based (through any number of deltas) on a point whose record is damaged or gone
+        (with ``only``: one whose record has one of these names)."""
+        by_id = {r.id: r for r in records}
+        out: dict[str, str] = {}
+        for r in records:
+            for d in r.disks:
+                base, seen = d.base, {r.id}
+                while base is not None and base not in seen:
+                    seen.add(base)
+                    held = by_id.get(base)
+                    below = held.disk(d.label) if held is not None else None
+                    if below is None:
+                        if only is not None and self.point_name(base) not in only:
+                            break
+                        out[r.id] = (f"point {r.id} is unavailable: its disk {d.label} is "
+                                     f"based on point {base}, whose record is damaged or gone "
+                                     f"({self.storage.where(self.point_name(base))})")
+                        break
+                    base = below.base
+                if r.id in out:
+                    break
+        return out
 
-    def latest(self, vm: str) -> PointRecord | None:
-        pts = self.points(vm)
+    def points(self, vm: str | None = None, warnings: list[str] | None = None
+               ) -> list[PointRecord]:
+        """Committed points that can be restored, oldest first (by creation time, then id):
+        a point whose record is damaged, or that is based on one, is left out (and named in
+        ``warnings``)."""
+        records = self.records(vm, warnings)
+        lost = self.unavailable(records)
+        if warnings is not None:
+            warnings += [why for r in records if not r.hidden and (why := lost.get(r.id))]
+        return [r for r in records if not r.hidden and r.id not in lost]
+
+    def latest(self, vm: str, warnings: list[str] | None = None) -> PointRecord | None:
+        """The VM's latest point that can be restored (see :meth:`points`)."""
+        pts = self.points(vm, warnings)
         return pts[-1] if pts else None
 
     def point(self, ref: str) -> PointRecord:
-        """A point by id, unique id prefix, or ``<vm>.latest``."""
+        """A point by id, unique id prefix, or ``<vm>.latest``; a point whose record is
+        damaged is an error naming the file."""
         if ref.endswith(".latest"):
             latest = self.latest(ref[: -len(".latest")])
             if latest is None:
                 raise NoSuchPointError(f"no recovery point of VM {ref[:-7]!r} in {self.root}")
             return latest
-        ids = [p.id for p in self.points()]
+        good, damaged = self.scan_records()
+        ids = [p.id for p in good if not p.hidden]
         if ref in ids:
             return self.load_point(ref)
+        for d in damaged:
+            if d.point == ref or (is_point_id(ref) and d.name == self.point_name(ref)):
+                raise CorruptPointError(f"point {ref} is unavailable: {d.message}")
         matches = [i for i in ids if i.startswith(ref)]
         if len(matches) == 1:
             return self.load_point(matches[0])
@@ -412,6 +507,17 @@ class Vault:
             raise NoSuchPointError(f"no recovery point {ref!r} in {self.root}")
         raise NoSuchPointError(f"{ref!r} matches {len(matches)} points in {self.root}; "
                                "give more of the id")
+
+    def unused_point_id(self, vm: str, created: str) -> str:
+        """A new point id for ``vm`` at ``created``, taken by no record (a damaged one
+        included: in an encrypted vault its id is known only by its name)."""
+        names = set(self.point_names())
+        existing = set(self.point_ids())
+        while True:
+            pid = new_point_id(vm, created, existing)
+            if self.point_name(pid) not in names:
+                return pid
+            existing.add(pid)
 
     # -- manifests -----------------------------------------------------------------
 
@@ -441,7 +547,11 @@ class Vault:
         if isinstance(m, Delta):
             if disk.base is None:
                 raise NoSuchPointError(f"point {point.id} disk {label}: delta without a base")
-            base_point = self.load_point(disk.base)
+            try:
+                base_point = self.load_point(disk.base)
+            except (CbtError, OSError) as exc:
+                raise CorruptPointError(f"point {point.id} disk {label} is unavailable: it is "
+                                        f"based on point {disk.base}: {exc}") from None
             base_disk = base_point.disk(label)
             if base_disk is not None and base_disk.seq >= disk.seq:
                 # a chain goes down to seq 0: this one would loop
@@ -460,9 +570,22 @@ class Vault:
         self._manifest_cache[key] = full
         return full
 
-    def chain_base(self, vm: str, label: str, seq: int) -> PointRecord | None:
-        """The point holding ``label`` at ``base_seq(seq)`` in the VM's history."""
+    def chain_base(self, vm: str, label: str, seq: int,
+                   prev: PointRecord | None = None) -> PointRecord | None:
+        """The point holding ``label`` at ``base_seq(seq)`` in the VM's history: on the
+        chain of ``prev`` (the point the new one follows) when given, so a damaged record
+        or a point based on one is never picked."""
         want = base_seq(seq)
+        if prev is not None:
+            point: PointRecord | None = prev
+            while point is not None:
+                d = point.disk(label)
+                if d is None or d.seq < want:
+                    return None
+                if d.seq == want:
+                    return point
+                point = self.load_point(d.base) if d.base is not None else None
+            return None
         for p in reversed(self.records(vm)):
             d = p.disk(label)
             if d is not None and d.seq == want:
@@ -471,15 +594,24 @@ class Vault:
 
     # -- index -----------------------------------------------------------------------
 
-    def load_index(self, warnings: list[str] | None = None) -> Index:
+    def load_index(self, warnings: list[str] | None = None, headers: bool = False) -> Index:
+        """The index (:func:`cbt.repo.index.load`: a damaged segment's packs are indexed from
+        their trailers, and with ``headers`` from their blob headers when that is lost)."""
         from cbt.repo.index import load
 
         return load(self.storage, warnings, self.segment_names,
-                    lambda name: self.get_sealed("index", name))
+                    lambda name: self.get_sealed("index", name), headers)
+
+    def manifest_dir_of(self, record_name: str) -> str:
+        """The folder of the manifests of the point whose record is ``record_name`` (known
+        from the name alone, so a damaged record keeps its manifests)."""
+        leaf = _base(record_name)[: -len(self.record_suffix)]
+        return f"manifests/{leaf}"
 
     def leftovers(self) -> list[str]:
-        """Names of temporary files and manifest folders no committed point owns."""
-        committed = {self.manifest_dir(i).split("/")[1] for i in self.point_ids()}
+        """Names of temporary files and manifest folders no committed point owns (a damaged
+        record still owns its folder: its name says which)."""
+        committed = {self.manifest_dir_of(n).split("/")[1] for n in self.point_names()}
         out = [n for n in self.storage.list("") if _base(n).startswith(".") and ".tmp-" in n]
         for name in self.storage.list("manifests"):
             parts = name.split("/")
