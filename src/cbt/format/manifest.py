@@ -1,6 +1,6 @@
 """Manifest: the per-block digests of one disk, stored as an Arrow IPC file.
 
-One row per block, in block order::
+Rows in block order::
 
     block  uint64                 block index
     digest fixed_size_binary(32)  BLAKE3 of the block; 32 zero bytes for ZERO and HOLE
@@ -10,7 +10,7 @@ Schema metadata says what the file is (any Arrow tool can read it: pyarrow,
 DuckDB, polars)::
 
     cbt.magic            "cbt-manifest"
-    cbt.format_version   "1"
+    cbt.format_version   "1": one row per block; "2": no row for a HOLE block
     cbt.disk_size        bytes
     cbt.block_size       bytes
     cbt.source           absolute path the disk was read from
@@ -24,6 +24,14 @@ whose ids its digests are: ``cbt.digest_kind`` "blake3-keyed" (the vault's
 keyed BLAKE3 block ids) and ``cbt.vault_id``; without it the digests are plain
 BLAKE3 ("blake3"), as every ``cbt scan -o`` manifest's.  Only manifests of one
 digest kind (and one vault) compare.
+
+Format 1 (``cbt scan -o``, ``cbt show --manifest -o``, and a vault's full
+manifest of a disk without holes, byte for byte as ever) has one row per
+block.  Format 2, a vault's full manifest of a disk with holes, has rows only
+for DATA and ZERO blocks: a block without a row is a HOLE, so a 1 TiB thin
+disk's manifest is as small as its data.  A delta (format 1 still: its rows
+mean the same to both) lists the blocks that differ from its base; a block
+past the base's end without a row is a hole.  Both versions are read.
 
 Every reader checks all of it; a file that fails any check is a
 :class:`~cbt.errors.CorruptManifestError`, never a silently wrong manifest.
@@ -46,7 +54,8 @@ from cbt.core.native import fast
 
 # Do not modify: these identify every manifest ever written.
 MAGIC = "cbt-manifest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this cbt reads and writes
+DENSE_VERSION = 1  # one row per block (``cbt scan -o``, exports, a full manifest without holes)
 ARROW_FILE_MAGIC = b"ARROW1"
 ROWS_PER_BATCH = 1 << 20
 
@@ -56,31 +65,69 @@ PLAIN_DIGESTS = "blake3"
 
 DATA, ZERO, HOLE = fast.FLAG_DATA, fast.FLAG_ZERO, fast.FLAG_HOLE
 
+U64 = npt.NDArray[np.uint64]
 
-@dataclass
+
 class Manifest:
-    """Digests and flags of every block of one disk.
+    """Digests and flags of the blocks of one disk: holes take no memory.
 
-    ``digests`` is an ``(n, 32) uint8`` array and ``flags`` an ``(n,) uint8``
-    array (numpy views; no copies are made when reading a file).
+    Held sparse: ``rows`` (sorted ``uint64`` block numbers), ``row_digests``
+    (``(k, 32) uint8``) and ``row_flags`` (DATA or ZERO) of the blocks that are
+    not holes; every other block of the disk is a HOLE.  So a 1 TiB thin disk
+    costs what its data costs.  ``digests`` and ``flags`` are the dense
+    ``(n, 32)`` and ``(n,)`` arrays (one row per block, made on first use: for
+    small disks and tests; cbt itself never asks for them).
+
+    ``Manifest(block_size, disk_size, digests, flags)`` takes dense arrays;
+    :meth:`sparse` takes rows.
     """
 
-    block_size: int
-    disk_size: int
-    digests: npt.NDArray[np.uint8]
-    flags: npt.NDArray[np.uint8]
-    source: str = ""
-    created: str = ""
-    bytes_read: int = 0
-    seconds: float = 0.0
-    metadata: dict[str, str] = field(default_factory=dict)
+    def __init__(self, block_size: int, disk_size: int,
+                 digests: npt.NDArray[np.uint8] | None = None,
+                 flags: npt.NDArray[np.uint8] | None = None, source: str = "",
+                 created: str = "", bytes_read: int = 0, seconds: float = 0.0,
+                 metadata: dict[str, str] | None = None) -> None:
+        self.block_size = block_size
+        self.disk_size = disk_size
+        self.source = source
+        self.created = created
+        self.bytes_read = bytes_read
+        self.seconds = seconds
+        self.metadata: dict[str, str] = dict(metadata or {})
+        n = fast.nblocks(disk_size, block_size)
+        if flags is None or digests is None:
+            flags = np.full(n, HOLE, dtype=np.uint8)
+            digests = np.zeros((n, fast.DIGEST_SIZE), dtype=np.uint8)
+        if len(flags) != n or len(digests) != n:
+            raise ValueError(f"{len(flags)} rows for a disk of {n} blocks")
+        rows = np.nonzero(flags != HOLE)[0].astype(np.uint64)
+        self.rows: U64 = rows
+        self.row_digests: npt.NDArray[np.uint8] = np.ascontiguousarray(digests[rows])
+        self.row_flags: npt.NDArray[np.uint8] = np.ascontiguousarray(flags[rows])
+        self._dense: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]] | None = None
+
+    @classmethod
+    def sparse(cls, block_size: int, disk_size: int, rows: npt.NDArray[Any],
+               digests: npt.NDArray[np.uint8], flags: npt.NDArray[np.uint8], source: str = "",
+               created: str = "", metadata: dict[str, str] | None = None) -> Manifest:
+        """A manifest from the rows of its non-hole blocks (ascending; HOLE rows dropped)."""
+        m = cls(block_size, 0, source=source, created=created, metadata=metadata)
+        m.disk_size = disk_size
+        keep = np.asarray(flags) != HOLE
+        m.rows = np.ascontiguousarray(np.asarray(rows, dtype=np.uint64)[keep])
+        m.row_digests = np.ascontiguousarray(digests[keep], dtype=np.uint8)
+        m.row_flags = np.ascontiguousarray(flags[keep], dtype=np.uint8)
+        return m
 
     @property
     def blocks(self) -> int:
-        return int(self.flags.shape[0])
+        """Blocks of the disk (holes included)."""
+        return int(fast.nblocks(self.disk_size, self.block_size))
 
     def count(self, flag: int) -> int:
-        return int(np.count_nonzero(self.flags == flag))
+        if flag == HOLE:
+            return self.blocks - len(self.rows)
+        return int(np.count_nonzero(self.row_flags == flag))
 
     @property
     def data_blocks(self) -> int:
@@ -94,64 +141,160 @@ class Manifest:
     def hole_blocks(self) -> int:
         return self.count(HOLE)
 
+    def data_rows(self) -> tuple[U64, npt.NDArray[np.uint8]]:
+        """Block numbers and digests of the DATA blocks."""
+        is_data = self.row_flags == DATA
+        return self.rows[is_data], self.row_digests[is_data]
+
+    def at(self, blocks: npt.NDArray[Any]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+        """Digests and flags of any block numbers (HOLE with a zero digest where none is held)."""
+        want = np.asarray(blocks, dtype=np.uint64)
+        digests = np.zeros((len(want), fast.DIGEST_SIZE), dtype=np.uint8)
+        flags = np.full(len(want), HOLE, dtype=np.uint8)
+        if len(self.rows) and len(want):
+            pos = np.minimum(np.searchsorted(self.rows, want), len(self.rows) - 1)
+            hit = self.rows[pos] == want
+            digests[hit] = self.row_digests[pos[hit]]
+            flags[hit] = self.row_flags[pos[hit]]
+        return digests, flags
+
+    @property
+    def digests(self) -> npt.NDArray[np.uint8]:
+        """Dense ``(n, 32)`` digests, one row per block (allocated per block: small disks)."""
+        return self._dense_arrays()[0]
+
+    @property
+    def flags(self) -> npt.NDArray[np.uint8]:
+        """Dense ``(n,)`` flags, one per block (allocated per block: small disks)."""
+        return self._dense_arrays()[1]
+
+    def _dense_arrays(self) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+        if self._dense is None:
+            self._dense = self._dense_window(0, self.blocks)
+        return self._dense
+
+    def _dense_window(self, lo: int, hi: int) -> tuple[npt.NDArray[np.uint8],
+                                                        npt.NDArray[np.uint8]]:
+        """Dense digests and flags of blocks ``[lo, hi)``."""
+        digests = np.zeros((hi - lo, fast.DIGEST_SIZE), dtype=np.uint8)
+        flags = np.full(hi - lo, HOLE, dtype=np.uint8)
+        a, b = np.searchsorted(self.rows, [lo, hi])
+        at = self.rows[a:b].astype(np.int64) - lo
+        digests[at] = self.row_digests[a:b]
+        flags[at] = self.row_flags[a:b]
+        return digests, flags
+
     @property
     def digest_kind(self) -> str:
         """``blake3`` (plain digests) or the kind of a vault's keyed ids (``cbt.digest_kind``)."""
         return self.metadata.get(DIGEST_KIND, PLAIN_DIGESTS)
 
     def digest_checksum(self) -> str:
-        return blake3.blake3(np.ascontiguousarray(self.digests).data).hexdigest()
+        """BLAKE3 of the dense digest column (one row per block), computed in windows."""
+        h = blake3.blake3()
+        for lo, hi in self._windows():
+            h.update(self._dense_window(lo, hi)[0].data)
+        return h.hexdigest()
+
+    def _windows(self) -> list[tuple[int, int]]:
+        n = self.blocks
+        return [(lo, min(n, lo + ROWS_PER_BATCH)) for lo in range(0, n, ROWS_PER_BATCH)]
 
     # -- Arrow ---------------------------------------------------------------
 
-    def schema_metadata(self) -> dict[str, str]:
+    def _dense_metadata(self) -> dict[str, str]:
+        """Schema metadata of the dense (one row per block, format 1) file."""
+        h = blake3.blake3(f"full:{self.disk_size}:{self.block_size}:".encode())
+        for lo, hi in self._windows():
+            h.update(np.arange(lo, hi, dtype="<u8").view(np.uint8).data)
+        for lo, hi in self._windows():
+            h.update(self._dense_window(lo, hi)[1].data)
+        for lo, hi in self._windows():
+            h.update(self._dense_window(lo, hi)[0].data)
         meta = {
             "cbt.magic": MAGIC,
-            "cbt.format_version": str(FORMAT_VERSION),
+            "cbt.format_version": str(DENSE_VERSION),
             "cbt.kind": "full",
             "cbt.disk_size": str(self.disk_size),
             "cbt.block_size": str(self.block_size),
             "cbt.source": self.source,
             "cbt.created": self.created,
             "cbt.digest_checksum": self.digest_checksum(),
-            "cbt.checksum": content_checksum("full", self.disk_size, self.block_size,
-                                             np.arange(self.blocks, dtype=np.uint64),
-                                             self.digests, self.flags),
+            "cbt.checksum": h.hexdigest(),
         }
         meta.update(self.metadata)
         return meta
 
+    def schema_metadata(self) -> dict[str, str]:
+        return self._dense_metadata()
+
     def to_arrow(self) -> Any:
-        """The manifest as a ``pyarrow.Table`` (digest and flags columns share memory)."""
-        return _table(np.arange(self.blocks, dtype=np.uint64), self.digests, self.flags,
-                      self.schema_metadata())
+        """The manifest as a ``pyarrow.Table``, one row per block (the documented export)."""
+        digests, flags = self._dense_arrays()
+        return _table(np.arange(self.blocks, dtype=np.uint64), digests, flags,
+                      self._dense_metadata())
 
     def to_bytes(self) -> bytes:
-        return _ipc_bytes(self.to_arrow())
+        """The vault's file: rows of the non-hole blocks only (format 2; format 1, byte for
+        byte as before, when the disk has no hole)."""
+        version = DENSE_VERSION if len(self.rows) == self.blocks else FORMAT_VERSION
+        meta = {
+            "cbt.magic": MAGIC,
+            "cbt.format_version": str(version),
+            "cbt.kind": "full",
+            "cbt.disk_size": str(self.disk_size),
+            "cbt.block_size": str(self.block_size),
+            "cbt.source": self.source,
+            "cbt.created": self.created,
+            "cbt.digest_checksum": blake3.blake3(self.row_digests.data).hexdigest(),
+            "cbt.checksum": content_checksum("full", self.disk_size, self.block_size,
+                                             self.rows, self.row_digests, self.row_flags),
+        }
+        meta.update(self.metadata)
+        return _ipc_bytes(_table(self.rows, self.row_digests, self.row_flags, meta))
 
     def delta_from(self, base: Manifest) -> Delta:
         """The rows where this manifest differs from ``base`` (a newer point's delta).
 
-        Blocks past the end of ``base`` are always included; blocks past this
-        manifest's end are implied by its size.
+        Only blocks either holds are compared (both holes: equal); a block this
+        one holds past the end of ``base`` is included; a hole past it is implied.
         """
-        common = min(self.blocks, base.blocks)
-        differ = np.zeros(self.blocks, dtype=np.uint8)
-        if common:
-            fast.compare_digests(self.digests[:common], base.digests[:common], differ[:common])
-            differ[:common] |= (self.flags[:common] != base.flags[:common])
-        differ[common:] = 1
-        rows = np.nonzero(differ)[0].astype(np.uint64)
-        return Delta(self.block_size, self.disk_size, rows, self.digests[rows],
-                     self.flags[rows])
+        n = self.blocks
+        base_rows = base.rows[base.rows < n]
+        union = np.union1d(self.rows, base_rows).astype(np.uint64)
+        new_d, new_f = self.at(union)
+        old_d, old_f = base.at(union)
+        differ = np.zeros(len(union), dtype=np.uint8)
+        if len(union):
+            fast.compare_digests(new_d, old_d, differ)
+        rows = np.nonzero(differ.astype(bool) | (new_f != old_f))[0]
+        return Delta(self.block_size, self.disk_size, union[rows], new_d[rows], new_f[rows])
 
-    def write(self, path: str | os.PathLike[str], mode: int = 0o666) -> None:
+    def write(self, path: str | os.PathLike[str], mode: int = 0o666, dense: bool = True) -> None:
         """Durably write the manifest to ``path`` (temporary name, fsync, rename), created
-        with ``mode`` less the umask."""
-        data = self.to_bytes()
+        with ``mode`` less the umask: one row per block, as documented (format 1), written
+        in batches (memory follows the batch, not the disk); ``dense=False``: no row for
+        a hole (format 2 where there are holes), as a vault keeps it."""
+        import pyarrow as pa
+
+        if not dense:
+            data = self.to_bytes()
+
+            def write_bytes(f: BinaryIO) -> None:
+                f.write(data)
+
+            atomic_write(path, write_bytes, mode)
+            return
+        meta = self._dense_metadata()
 
         def write_all(f: BinaryIO) -> None:
-            f.write(data)
+            schema = _table(np.zeros(0, np.uint64), np.zeros((0, 32), np.uint8),
+                            np.zeros(0, np.uint8), meta).schema
+            with pa.ipc.new_file(f, schema) as writer:
+                for lo, hi in self._windows():
+                    digests, flags = self._dense_window(lo, hi)
+                    t = _table(np.arange(lo, hi, dtype=np.uint64), digests, flags, meta)
+                    writer.write_table(t, max_chunksize=ROWS_PER_BATCH)
 
         atomic_write(path, write_all, mode)
 
@@ -174,19 +317,32 @@ class Manifest:
     def from_arrow(cls, table: Any, where: str = "manifest") -> Manifest:
         rows = _checked_rows(table, where, "full")
         n = fast.nblocks(rows.disk_size, rows.block_size)
-        if len(rows.blocks) != n or (n and not np.array_equal(
-                rows.blocks, np.arange(n, dtype=np.uint64))):
-            raise CorruptManifestError(f"corrupt manifest {where}: rows are not blocks 0..{n - 1}"
-                                       f" of a {rows.disk_size}-byte disk")
-        return cls(block_size=rows.block_size, disk_size=rows.disk_size,
-                   digests=rows.digests, flags=rows.flags, source=rows.meta.get("cbt.source", ""),
-                   created=rows.meta.get("cbt.created", ""),
-                   metadata={k: v for k, v in rows.meta.items() if k not in _CORE_KEYS})
+        if rows.version == DENSE_VERSION:
+            if len(rows.blocks) != n or (n and not np.array_equal(
+                    rows.blocks, np.arange(n, dtype=np.uint64))):
+                raise CorruptManifestError(f"corrupt manifest {where}: rows are not blocks "
+                                           f"0..{n - 1} of a {rows.disk_size}-byte disk")
+        else:
+            _check_ascending(rows.blocks, n, where)
+            if len(rows.flags) and (rows.flags == HOLE).any():
+                raise CorruptManifestError(f"corrupt manifest {where}: a HOLE row in a "
+                                           "manifest of format 2 (holes have no rows)")
+        return cls.sparse(rows.block_size, rows.disk_size, rows.blocks, rows.digests,
+                          rows.flags, source=rows.meta.get("cbt.source", ""),
+                          created=rows.meta.get("cbt.created", ""),
+                          metadata={k: v for k, v in rows.meta.items() if k not in _CORE_KEYS})
+
+
+def _check_ascending(blocks: U64, n: int, where: str) -> None:
+    if len(blocks) and (int(blocks.max()) >= n or np.any(np.diff(blocks.astype(np.int64)) <= 0)):
+        raise CorruptManifestError(f"corrupt manifest {where}: block rows out of range or "
+                                   "not ascending")
 
 
 @dataclass
 class _Rows:
     meta: dict[str, str]
+    version: int
     disk_size: int
     block_size: int
     blocks: npt.NDArray[np.uint64]
@@ -221,6 +377,8 @@ def _checked_rows(table: Any, where: str, kind: str) -> _Rows:
         digest_checksum = meta["cbt.digest_checksum"]
     except (KeyError, ValueError) as exc:
         raise bad(f"missing or malformed metadata {exc}") from None
+    if version < DENSE_VERSION:
+        raise bad(f"format version {version} is not one cbt ever wrote")
     if version > FORMAT_VERSION:
         raise bad(f"format version {version} is newer than this cbt reads "
                   f"({FORMAT_VERSION}); upgrade cbt")
@@ -260,7 +418,7 @@ def _checked_rows(table: Any, where: str, kind: str) -> _Rows:
             raise bad("a ZERO or HOLE block has a digest")
         if not digests[is_data].any(axis=1).all():
             raise bad("a DATA block has no digest")
-    return _Rows(meta, disk_size, block_size, blocks, digests, flags)
+    return _Rows(meta, version, disk_size, block_size, blocks, digests, flags)
 
 
 def to_arrow(values: npt.NDArray[Any]) -> Any:
@@ -341,9 +499,11 @@ class Delta:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
+        # (format 1: a delta's rows mean the same in both; a hole past the base's end
+        # it omits is a hole to format 1's reader too)
         meta = {
             "cbt.magic": MAGIC,
-            "cbt.format_version": str(FORMAT_VERSION),
+            "cbt.format_version": str(DENSE_VERSION),
             "cbt.kind": "delta",
             "cbt.disk_size": str(self.disk_size),
             "cbt.block_size": str(self.block_size),
@@ -356,27 +516,28 @@ class Delta:
         return _ipc_bytes(_table(self.rows, self.digests, self.flags, meta))
 
     def apply(self, base: Manifest) -> Manifest:
-        """The full manifest this delta describes on top of ``base``."""
+        """The full manifest this delta describes on top of ``base``: the delta's rows
+        replace the base's; a block past the base's end that the delta omits is a hole."""
         n = fast.nblocks(self.disk_size, self.block_size)
-        digests = np.zeros((n, fast.DIGEST_SIZE), dtype=np.uint8)
-        flags = np.full(n, HOLE, dtype=np.uint8)
-        common = min(n, base.blocks)
-        digests[:common] = base.digests[:common]
-        flags[:common] = base.flags[:common]
-        rows = self.rows.astype(np.int64)
-        digests[rows] = self.digests
-        flags[rows] = self.flags
-        return Manifest(self.block_size, self.disk_size, digests, flags,
-                        metadata=dict(self.metadata))
+        keep = base.rows < n
+        b_rows = base.rows[keep]
+        if len(self.rows) and len(b_rows):
+            pos = np.minimum(np.searchsorted(self.rows, b_rows), len(self.rows) - 1)
+            keep_base = self.rows[pos] != b_rows
+        else:
+            keep_base = np.ones(len(b_rows), dtype=bool)
+        rows = np.concatenate([b_rows[keep_base], self.rows])
+        digests = np.concatenate([base.row_digests[keep][keep_base], self.digests])
+        flags = np.concatenate([base.row_flags[keep][keep_base], self.flags])
+        order = np.argsort(rows, kind="stable")
+        return Manifest.sparse(self.block_size, self.disk_size, rows[order], digests[order],
+                               flags[order], metadata=dict(self.metadata))
 
     @classmethod
     def from_arrow(cls, table: Any, where: str) -> Delta:
         rows = _checked_rows(table, where, "delta")
-        n = fast.nblocks(rows.disk_size, rows.block_size)
         b = rows.blocks
-        if len(b) and (int(b.max()) >= n or np.any(np.diff(b.astype(np.int64)) <= 0)):
-            raise CorruptManifestError(f"corrupt manifest {where}: block rows out of range or "
-                                       "not ascending")
+        _check_ascending(b, fast.nblocks(rows.disk_size, rows.block_size), where)
         return cls(rows.block_size, rows.disk_size, b, rows.digests, rows.flags,
                    {k: v for k, v in rows.meta.items() if k not in _CORE_KEYS})
 

@@ -111,19 +111,44 @@ def _finish(bitmap: npt.NDArray[np.uint8], common: int, size_a: int, size_b: int
     return ChangeSet(block_size, size_a, size_b, bitmap, ranges, warnings)
 
 
-def diff_manifests(a: Manifest, b: Manifest) -> ChangeSet:
-    """Changed blocks from two manifests of the same block size (metadata only)."""
+def _check_same_block_size(a: Manifest, b: Manifest) -> None:
     if a.block_size != b.block_size:
         raise CbtValueError(
             f"manifests have different block sizes ({format_size(a.block_size)} and "
             f"{format_size(b.block_size)}); rescan one with --block-size "
             f"{format_size(a.block_size)}")
+
+
+def _changed_common(a: Manifest, b: Manifest, common: int) -> npt.NDArray[np.uint64]:
+    """Blocks below ``common`` whose content differs: only blocks either manifest holds
+    are compared (a hole and a zero block both have the zero digest: equal)."""
+    union: npt.NDArray[np.uint64] = np.union1d(a.rows[a.rows < common],
+                                               b.rows[b.rows < common]).astype(np.uint64)
+    differ = np.zeros(len(union), dtype=np.uint8)
+    if len(union):
+        fast.compare_digests(a.at(union)[0], b.at(union)[0], differ)
+    changed: npt.NDArray[np.uint64] = union[differ.astype(bool)]
+    return changed
+
+
+def changed_blocks(a: Manifest, b: Manifest) -> int:
+    """How many blocks :func:`diff_manifests` would count changed, without its bitmap
+    (memory follows the blocks the manifests hold, not the disks' size)."""
+    _check_same_block_size(a, b)
+    bs = a.block_size
+    n = fast.nblocks(max(a.disk_size, b.disk_size), bs)
+    common = common_blocks(a.disk_size, b.disk_size, bs)
+    return len(_changed_common(a, b, common)) + int(n) - common
+
+
+def diff_manifests(a: Manifest, b: Manifest) -> ChangeSet:
+    """Changed blocks from two manifests of the same block size (metadata only)."""
+    _check_same_block_size(a, b)
     bs = a.block_size
     n = fast.nblocks(max(a.disk_size, b.disk_size), bs)
     common = common_blocks(a.disk_size, b.disk_size, bs)
     bitmap = np.zeros(n, dtype=np.uint8)
-    if common:
-        fast.compare_digests(a.digests[:common], b.digests[:common], bitmap[:common])
+    bitmap[_changed_common(a, b, common).astype(np.int64)] = 1
     return _finish(bitmap, common, a.disk_size, b.disk_size, bs, [])
 
 
@@ -264,8 +289,7 @@ class PointDiff:
 
 def _absent_like(m: Manifest) -> Manifest:
     """An empty disk of ``m``'s block size: everything in ``m`` counts as changed."""
-    return Manifest(m.block_size, 0, np.zeros((0, fast.DIGEST_SIZE), dtype=np.uint8),
-                    np.zeros(0, dtype=np.uint8))
+    return Manifest(m.block_size, 0)
 
 
 def diff_points(a: PointRef, b: PointRef) -> PointDiff:

@@ -108,7 +108,7 @@ def _referenced(vault: Vault, index: Index, warnings: list[str]) -> npt.NDArray[
     for point in vault.points():
         for disk in point.disks:
             m = vault.resolve(point, disk.label)
-            pos = index.lookup(m.digests[m.flags == 0])
+            pos = index.lookup(m.data_rows()[1])
             if (pos < 0).any():
                 warnings.append(f"point {point.id} disk {disk.label}: "
                                 f"{int((pos < 0).sum())} blocks not in the index (run verify)")

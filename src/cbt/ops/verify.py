@@ -223,8 +223,9 @@ def _check_manifests(vault: Vault, index: Index, points: list[PointRecord],
                                         "manifest size differs from the point record"))
             if point.hidden:
                 continue  # a pruned base: its manifests must resolve, its blocks may be gone
-            rows = np.nonzero(manifest.flags == 0)[0]
-            pos = index.lookup(manifest.digests[rows])
+            blocks, digests = manifest.data_rows()
+            rows = blocks.astype(np.int64)
+            pos = index.lookup(digests)
             for r in rows[pos < 0][:MAX_PROBLEMS].tolist():
                 problems.append(Problem(point.id, disk.label, int(r), None,
                                         "block missing from the vault index"))
