@@ -74,7 +74,7 @@ from cbt.core.durable import fsync_dir, fsync_file, temp_name
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 from cbt.core.native import fast
 from cbt.core.parallel import Report, fork_map
-from cbt.format.manifest import Manifest
+from cbt.format.manifest import Manifest, union_rows
 from cbt.format.pack import (
     BLOB,
     BLOB_AAD_SIZE,
@@ -435,7 +435,7 @@ def _differing_blocks(final: Path, manifest: Manifest, workers: int | None,
     current = scan(final, manifest.block_size, workers, limit=manifest.disk_size, key=id_key)
     # a block past the target's old end reads as zeros once the file is extended: a hole
     held = current.rows[current.rows < manifest.blocks]
-    blocks = np.union1d(manifest.rows, held).astype(np.uint64)
+    blocks = union_rows(manifest.rows, held)
     want_digests, want_flags = manifest.at(blocks)
     have_digests, have_flags = current.at(blocks)
     differs = (have_digests != want_digests).any(axis=1)
