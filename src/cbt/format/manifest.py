@@ -78,7 +78,8 @@ class Manifest:
     ``(n, 32)`` and ``(n,)`` arrays (one row per block, made on first use: for
     small disks and tests; cbt itself never asks for them).
 
-    ``Manifest(block_size, disk_size, digests, flags)`` takes dense arrays;
+    ``Manifest(block_size, disk_size, digests, flags)`` takes dense arrays (none: every
+    block a hole);
     :meth:`sparse` takes rows.
     """
 
@@ -94,17 +95,19 @@ class Manifest:
         self.bytes_read = bytes_read
         self.seconds = seconds
         self.metadata: dict[str, str] = dict(metadata or {})
+        self._dense: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]] | None = None
+        if flags is None or digests is None:  # all holes
+            self.rows: U64 = np.zeros(0, dtype=np.uint64)
+            self.row_digests: npt.NDArray[np.uint8] = np.zeros((0, fast.DIGEST_SIZE), np.uint8)
+            self.row_flags: npt.NDArray[np.uint8] = np.zeros(0, dtype=np.uint8)
+            return
         n = fast.nblocks(disk_size, block_size)
-        if flags is None or digests is None:
-            flags = np.full(n, HOLE, dtype=np.uint8)
-            digests = np.zeros((n, fast.DIGEST_SIZE), dtype=np.uint8)
         if len(flags) != n or len(digests) != n:
             raise ValueError(f"{len(flags)} rows for a disk of {n} blocks")
-        rows = np.nonzero(flags != HOLE)[0].astype(np.uint64)
-        self.rows: U64 = rows
-        self.row_digests: npt.NDArray[np.uint8] = np.ascontiguousarray(digests[rows])
-        self.row_flags: npt.NDArray[np.uint8] = np.ascontiguousarray(flags[rows])
-        self._dense: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]] | None = None
+        rows = np.nonzero(flags != HOLE)[0]
+        self.rows = rows.astype(np.uint64)
+        self.row_digests = np.ascontiguousarray(digests[rows])
+        self.row_flags = np.ascontiguousarray(flags[rows])
 
     @classmethod
     def sparse(cls, block_size: int, disk_size: int, rows: npt.NDArray[Any],
