@@ -200,8 +200,7 @@ class Manifest:
         return h.hexdigest()
 
     def _windows(self) -> list[tuple[int, int]]:
-        n = self.blocks
-        return [(lo, min(n, lo + ROWS_PER_BATCH)) for lo in range(0, n, ROWS_PER_BATCH)]
+        return _windows(self.blocks)
 
     # -- Arrow ---------------------------------------------------------------
 
@@ -325,8 +324,9 @@ class Manifest:
         rows = _checked_rows(table, where, "full")
         n = fast.nblocks(rows.disk_size, rows.block_size)
         if rows.version == DENSE_VERSION:
-            if len(rows.blocks) != n or (n and not np.array_equal(
-                    rows.blocks, np.arange(n, dtype=np.uint64))):
+            if len(rows.blocks) != n or not all(
+                    np.array_equal(rows.blocks[lo:hi], np.arange(lo, hi, dtype=np.uint64))
+                    for lo, hi in _windows(n)):
                 raise CorruptManifestError(f"corrupt manifest {where}: rows are not blocks "
                                            f"0..{n - 1} of a {rows.disk_size}-byte disk")
         else:
@@ -338,6 +338,11 @@ class Manifest:
                           rows.flags, source=rows.meta.get("cbt.source", ""),
                           created=rows.meta.get("cbt.created", ""),
                           metadata={k: v for k, v in rows.meta.items() if k not in _CORE_KEYS})
+
+
+def _windows(n: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` windows of ROWS_PER_BATCH rows over ``n``."""
+    return [(lo, min(n, lo + ROWS_PER_BATCH)) for lo in range(0, n, ROWS_PER_BATCH)]
 
 
 def union_rows(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> U64:
@@ -432,11 +437,12 @@ def _checked_rows(table: Any, where: str, kind: str) -> _Rows:
         raise bad("no cbt.checksum")
     if checksum != content_checksum(kind, disk_size, block_size, blocks, digests, flags):
         raise bad("checksum mismatch (the file was altered or damaged)")
-    if n:
-        is_data = flags == DATA
-        if (digests[~is_data] != 0).any():
+    for lo in range(0, n, ROWS_PER_BATCH):  # (in windows: no copy of a whole column)
+        is_data = flags[lo:lo + ROWS_PER_BATCH] == DATA
+        has_digest = digests[lo:lo + ROWS_PER_BATCH].any(axis=1)
+        if (has_digest & ~is_data).any():
             raise bad("a ZERO or HOLE block has a digest")
-        if not digests[is_data].any(axis=1).all():
+        if (is_data & ~has_digest).any():
             raise bad("a DATA block has no digest")
     return _Rows(meta, version, disk_size, block_size, blocks, digests, flags)
 
