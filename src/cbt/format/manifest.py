@@ -41,8 +41,9 @@ Writes go through :mod:`cbt.durable` (temporary name, fsync, rename).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import blake3
 import numpy as np
@@ -311,29 +312,17 @@ class Manifest:
 
         p = os.fspath(path)
         try:
-            with pa.memory_map(p) as source:
-                table = pa.ipc.open_file(source).read_all()
+            with pa.OSFile(p) as source:  # (batch by batch: not the whole file in memory)
+                return cls.from_arrow(pa.ipc.open_file(source), p)
         except FileNotFoundError:
             raise FileNotFoundError(f"no such manifest: {p}") from None
         except (pa.ArrowException, OSError) as exc:
             raise CorruptManifestError(f"corrupt manifest {p}: {exc}") from None
-        return cls.from_arrow(table, p)
 
     @classmethod
     def from_arrow(cls, table: Any, where: str = "manifest") -> Manifest:
+        """A table (or an open Arrow file, read batch by batch), fully checked."""
         rows = _checked_rows(table, where, "full")
-        n = fast.nblocks(rows.disk_size, rows.block_size)
-        if rows.version == DENSE_VERSION:
-            if len(rows.blocks) != n or not all(
-                    np.array_equal(rows.blocks[lo:hi], np.arange(lo, hi, dtype=np.uint64))
-                    for lo, hi in _windows(n)):
-                raise CorruptManifestError(f"corrupt manifest {where}: rows are not blocks "
-                                           f"0..{n - 1} of a {rows.disk_size}-byte disk")
-        else:
-            _check_ascending(rows.blocks, n, where)
-            if len(rows.flags) and (rows.flags == HOLE).any():
-                raise CorruptManifestError(f"corrupt manifest {where}: a HOLE row in a "
-                                           "manifest of format 2 (holes have no rows)")
         return cls.sparse(rows.block_size, rows.disk_size, rows.blocks, rows.digests,
                           rows.flags, source=rows.meta.get("cbt.source", ""),
                           created=rows.meta.get("cbt.created", ""),
@@ -358,12 +347,6 @@ def union_rows(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> U64:
     return out
 
 
-def _check_ascending(blocks: U64, n: int, where: str) -> None:
-    if len(blocks) and (int(blocks.max()) >= n or np.any(np.diff(blocks.astype(np.int64)) <= 0)):
-        raise CorruptManifestError(f"corrupt manifest {where}: block rows out of range or "
-                                   "not ascending")
-
-
 @dataclass
 class _Rows:
     meta: dict[str, str]
@@ -385,21 +368,60 @@ def content_checksum(kind: str, disk_size: int, block_size: int, blocks: npt.NDA
     return h.hexdigest()
 
 
-def _checked_rows(table: Any, where: str, kind: str) -> _Rows:
-    """Every check a manifest or delta must pass before a single row is believed."""
+class _Batches(NamedTuple):
+    """The record batches of an Arrow file (read one at a time) or table."""
+
+    schema: Any
+    batches: int
+    get: Callable[[int], Any]
+
+
+def _batches(source: Any) -> _Batches:
+    """A ``RecordBatchFileReader`` (each batch read when asked) or a table's batches."""
+    if hasattr(source, "get_batch"):
+        return _Batches(source.schema, source.num_record_batches, source.get_batch)
+    batches = source.to_batches()
+    return _Batches(source.schema, len(batches), batches.__getitem__)
+
+
+def _checked_rows(source: Any, where: str, kind: str) -> _Rows:
+    """Every check a manifest or delta must pass before a single row is believed.
+
+    Batch by batch: memory follows one batch and the rows kept (a full
+    manifest's HOLE rows, which only format 1 has, are dropped), not the file.
+    """
     import pyarrow as pa
 
     def bad(why: str) -> CorruptManifestError:
         return CorruptManifestError(f"corrupt manifest {where}: {why}")
 
-    meta = schema_metadata(table, where)
+    src = _batches(source)
+    meta, version, disk_size, block_size = _checked_meta(src, where, kind)
+    try:
+        rows = _checked_batches(src, version, kind, disk_size, block_size, meta, bad)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise bad(str(exc)) from None
+    return rows
+
+
+def _checked_meta(src: _Batches, where: str, kind: str
+                  ) -> tuple[dict[str, str], int, int, int]:
+    """The schema's metadata and columns: (metadata, version, disk size, block size)."""
+    import pyarrow as pa
+
+    schema = src.schema
+    def bad(why: str) -> CorruptManifestError:
+        return CorruptManifestError(f"corrupt manifest {where}: {why}")
+
+    meta = schema_metadata(src, where)
     if meta.get("cbt.magic") != MAGIC:
         raise bad("not a cbt manifest (no cbt.magic)")
     try:
         version = int(meta["cbt.format_version"])
         disk_size = int(meta["cbt.disk_size"])
         block_size = int(meta["cbt.block_size"])
-        digest_checksum = meta["cbt.digest_checksum"]
+        if "cbt.digest_checksum" not in meta:
+            raise KeyError("cbt.digest_checksum")
     except (KeyError, ValueError) as exc:
         raise bad(f"missing or malformed metadata {exc}") from None
     if version < DENSE_VERSION:
@@ -417,34 +439,77 @@ def _checked_rows(table: Any, where: str, kind: str) -> _Rows:
         raise bad(f"invalid block size {block_size}") from None
     expected = {"block": pa.uint64(), "digest": pa.binary(fast.DIGEST_SIZE), "flags": pa.uint8()}
     for name, typ in expected.items():
-        if name not in table.column_names or table.schema.field(name).type != typ:
+        if name not in schema.names or schema.field(name).type != typ:
             raise bad(f"column {name!r} missing or not {typ}")
-        if table.column(name).null_count:
-            raise bad(f"column {name!r} has nulls")
-    n = table.num_rows
-    try:
-        blocks = from_arrow(table.column("block"), np.uint64)
-        flags = from_arrow(table.column("flags"), np.uint8)
-        digests = _digest_array(table.column("digest").combine_chunks(), n)
-    except (pa.ArrowException, ValueError) as exc:
-        raise bad(str(exc)) from None
-    if n and int(flags.max()) > HOLE:
-        raise bad("unknown block flag")
-    if blake3.blake3(np.ascontiguousarray(digests).data).hexdigest() != digest_checksum:
-        raise bad("digest checksum mismatch (the file was altered or damaged)")
-    checksum = meta.get("cbt.checksum")
-    if checksum is None:
+    if "cbt.checksum" not in meta:
         raise bad("no cbt.checksum")
-    if checksum != content_checksum(kind, disk_size, block_size, blocks, digests, flags):
-        raise bad("checksum mismatch (the file was altered or damaged)")
-    for lo in range(0, n, ROWS_PER_BATCH):  # (in windows: no copy of a whole column)
-        is_data = flags[lo:lo + ROWS_PER_BATCH] == DATA
-        has_digest = digests[lo:lo + ROWS_PER_BATCH].any(axis=1)
+    return meta, version, disk_size, block_size
+
+
+def _batch_columns(batch: Any) -> tuple[U64, npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """A batch's block, flags and digest columns as numpy views (nulls: ValueError)."""
+    for name in ("block", "digest", "flags"):
+        if batch.column(name).null_count:
+            raise ValueError(f"column {name!r} has nulls")
+    n = batch.num_rows
+    return (from_arrow(batch.column("block"), np.uint64),
+            from_arrow(batch.column("flags"), np.uint8),
+            _digest_array(batch.column("digest"), n))
+
+
+def _checked_batches(src: _Batches, version: int, kind: str, disk_size: int, block_size: int,
+                     meta: dict[str, str],
+                     bad: Callable[[str], CorruptManifestError]) -> _Rows:
+    """The rows of every batch, checked; then both checksums (three passes: the content
+    checksum is of every block number, then every flag, then every digest)."""
+    n = fast.nblocks(disk_size, block_size)
+    dense = version == DENSE_VERSION and kind == "full"
+    drop_holes = kind == "full"
+    digest_sum = blake3.blake3()
+    content = blake3.blake3(f"{kind}:{disk_size}:{block_size}:".encode())
+    kept: list[tuple[U64, npt.NDArray[np.uint8], npt.NDArray[np.uint8]]] = []
+    pos, last = 0, -1
+    for i in range(src.batches):
+        blocks, flags, digests = _batch_columns(src.get(i))
+        k = len(blocks)
+        if k == 0:
+            continue
+        if int(flags.max()) > HOLE:
+            raise bad("unknown block flag")
+        is_data, has_digest = flags == DATA, digests.any(axis=1)
         if (has_digest & ~is_data).any():
             raise bad("a ZERO or HOLE block has a digest")
         if (is_data & ~has_digest).any():
             raise bad("a DATA block has no digest")
-    return _Rows(meta, version, disk_size, block_size, blocks, digests, flags)
+        if dense:
+            if pos + k > n or not np.array_equal(blocks, np.arange(pos, pos + k,
+                                                                     dtype=np.uint64)):
+                raise bad(f"rows are not blocks 0..{n - 1} of a {disk_size}-byte disk")
+        elif (int(blocks[0]) <= last or int(blocks[-1]) >= n
+              or (k > 1 and bool((blocks[1:] <= blocks[:-1]).any()))):
+            raise bad("block rows out of range or not ascending")
+        elif drop_holes and (flags == HOLE).any():
+            raise bad("a HOLE row in a manifest of format 2 (holes have no rows)")
+        digest_sum.update(np.ascontiguousarray(digests).data)
+        content.update(np.ascontiguousarray(blocks, dtype="<u8").view(np.uint8).data)
+        keep = flags != HOLE if drop_holes else slice(None)
+        kept.append((blocks[keep].copy(), digests[keep].copy(), flags[keep].copy()))
+        pos, last = pos + k, int(blocks[-1])
+    if dense and pos != n:
+        raise bad(f"rows are not blocks 0..{n - 1} of a {disk_size}-byte disk")
+    if digest_sum.hexdigest() != meta["cbt.digest_checksum"]:
+        raise bad("digest checksum mismatch (the file was altered or damaged)")
+    for column in (1, 2):  # every flag, then every digest
+        for i in range(src.batches):
+            part = _batch_columns(src.get(i))[column]
+            content.update(np.ascontiguousarray(part).data)
+    if content.hexdigest() != meta["cbt.checksum"]:
+        raise bad("checksum mismatch (the file was altered or damaged)")
+    return _Rows(meta, version, disk_size, block_size,
+                 np.concatenate([b for b, _, _ in kept]) if kept else np.zeros(0, np.uint64),
+                 np.concatenate([d for _, d, _ in kept]) if kept
+                 else np.zeros((0, fast.DIGEST_SIZE), np.uint8),
+                 np.concatenate([f for _, _, f in kept]) if kept else np.zeros(0, np.uint8))
 
 
 def to_arrow(values: npt.NDArray[Any]) -> Any:
@@ -467,7 +532,7 @@ def from_arrow(column: Any, dtype: Any) -> npt.NDArray[Any]:
     """
     import pyarrow as pa
 
-    col = column.combine_chunks()
+    col = column.combine_chunks() if hasattr(column, "combine_chunks") else column
     want = pa.from_numpy_dtype(np.dtype(dtype))
     if col.type != want or col.null_count:
         raise ValueError(f"column of {col.type}, expected {want} without nulls")
@@ -562,9 +627,7 @@ class Delta:
     @classmethod
     def from_arrow(cls, table: Any, where: str) -> Delta:
         rows = _checked_rows(table, where, "delta")
-        b = rows.blocks
-        _check_ascending(b, fast.nblocks(rows.disk_size, rows.block_size), where)
-        return cls(rows.block_size, rows.disk_size, b, rows.digests, rows.flags,
+        return cls(rows.block_size, rows.disk_size, rows.blocks, rows.digests, rows.flags,
                    {k: v for k, v in rows.meta.items() if k not in _CORE_KEYS})
 
 
@@ -573,13 +636,13 @@ def read_manifest_bytes(data: bytes, where: str) -> Manifest | Delta:
     import pyarrow as pa
 
     try:
-        table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+        reader = pa.ipc.open_file(pa.py_buffer(data))
     except (pa.ArrowException, OSError) as exc:
         raise CorruptManifestError(f"corrupt manifest {where}: {exc}") from None
-    kind = (table.schema.metadata or {}).get(b"cbt.kind", b"full")
+    kind = (reader.schema.metadata or {}).get(b"cbt.kind", b"full")
     if kind == b"delta":
-        return Delta.from_arrow(table, where)
-    return Manifest.from_arrow(table, where)
+        return Delta.from_arrow(reader, where)
+    return Manifest.from_arrow(reader, where)
 
 
 _CORE_KEYS = {"cbt.kind", "cbt.checksum", "cbt.magic", "cbt.format_version", "cbt.disk_size",
