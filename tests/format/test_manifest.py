@@ -226,7 +226,8 @@ def _digest_variable(t: pa.Table) -> pa.Array:
 ALTERATIONS: dict[str, Callable[[pa.Table], pa.Table]] = {
     "magic-changed": _meta(magic="cbt-manifesto"),
     "magic-missing": _meta(magic=None),
-    "newer-format": _meta(format_version="2"),
+    "newer-format": _meta(format_version="3"),
+    "format-zero": _meta(format_version="0"),
     "format-garbage": _meta(format_version="one"),
     "block-size-not-power-of-two": _meta(block_size="5000"),
     "block-size-other": _meta(block_size="8192"),

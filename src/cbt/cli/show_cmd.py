@@ -75,11 +75,13 @@ def _export(vault: Vault, point: PointRecord, args: argparse.Namespace) -> int:
 
     m = vault.resolve(point, args.manifest)
     kind = PLAIN_DIGESTS if vault.id_key is None else str(vault.config["id_key"])
-    out = Manifest(m.block_size, m.disk_size, m.digests, m.flags, source=m.source,
-                   created=m.created,
-                   metadata={DIGEST_KIND: kind, VAULT_ID: str(vault.config["id"]),
-                             "cbt.recovery_point": point.id, "cbt.disk": args.manifest})
-    out.write(args.output, 0o600)  # what the vault holds: as private as a restored image
+    out = Manifest.sparse(m.block_size, m.disk_size, m.rows, m.row_digests, m.row_flags,
+                          source=m.source, created=m.created,
+                          metadata={DIGEST_KIND: kind, VAULT_ID: str(vault.config["id"]),
+                                    "cbt.recovery_point": point.id, "cbt.disk": args.manifest})
+    # what the vault holds: as private as a restored image; no row for a hole (format 2
+    # where there are holes), so a thin disk's export is as small as its data
+    out.write(args.output, 0o600, dense=False)
     if args.json:
         print_json({"manifest": os.path.abspath(args.output), "recovery_point": point.id,
                     "disk": args.manifest, "blocks": out.blocks, "block_size": out.block_size,

@@ -1,6 +1,6 @@
 """Manifest: the per-block digests of one disk, stored as an Arrow IPC file.
 
-One row per block, in block order::
+Rows in block order::
 
     block  uint64                 block index
     digest fixed_size_binary(32)  BLAKE3 of the block; 32 zero bytes for ZERO and HOLE
@@ -10,7 +10,7 @@ Schema metadata says what the file is (any Arrow tool can read it: pyarrow,
 DuckDB, polars)::
 
     cbt.magic            "cbt-manifest"
-    cbt.format_version   "1"
+    cbt.format_version   "1": one row per block; "2": no row for a HOLE block
     cbt.disk_size        bytes
     cbt.block_size       bytes
     cbt.source           absolute path the disk was read from
@@ -25,6 +25,14 @@ keyed BLAKE3 block ids) and ``cbt.vault_id``; without it the digests are plain
 BLAKE3 ("blake3"), as every ``cbt scan -o`` manifest's.  Only manifests of one
 digest kind (and one vault) compare.
 
+Format 1 (``cbt scan -o``, ``cbt show --manifest -o``, and a vault's full
+manifest of a disk without holes, byte for byte as ever) has one row per
+block.  Format 2, a vault's full manifest of a disk with holes, has rows only
+for DATA and ZERO blocks: a block without a row is a HOLE, so a 1 TiB thin
+disk's manifest is as small as its data.  A delta (format 1 still: its rows
+mean the same to both) lists the blocks that differ from its base; a block
+past the base's end without a row is a hole.  Both versions are read.
+
 Every reader checks all of it; a file that fails any check is a
 :class:`~cbt.errors.CorruptManifestError`, never a silently wrong manifest.
 Writes go through :mod:`cbt.durable` (temporary name, fsync, rename).
@@ -33,8 +41,9 @@ Writes go through :mod:`cbt.durable` (temporary name, fsync, rename).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import blake3
 import numpy as np
@@ -46,7 +55,8 @@ from cbt.core.native import fast
 
 # Do not modify: these identify every manifest ever written.
 MAGIC = "cbt-manifest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this cbt reads and writes
+DENSE_VERSION = 1  # one row per block (``cbt scan -o``, exports, a full manifest without holes)
 ARROW_FILE_MAGIC = b"ARROW1"
 ROWS_PER_BATCH = 1 << 20
 
@@ -56,31 +66,72 @@ PLAIN_DIGESTS = "blake3"
 
 DATA, ZERO, HOLE = fast.FLAG_DATA, fast.FLAG_ZERO, fast.FLAG_HOLE
 
+U64 = npt.NDArray[np.uint64]
 
-@dataclass
+
 class Manifest:
-    """Digests and flags of every block of one disk.
+    """Digests and flags of the blocks of one disk: holes take no memory.
 
-    ``digests`` is an ``(n, 32) uint8`` array and ``flags`` an ``(n,) uint8``
-    array (numpy views; no copies are made when reading a file).
+    Held sparse: ``rows`` (sorted ``uint64`` block numbers), ``row_digests``
+    (``(k, 32) uint8``) and ``row_flags`` (DATA or ZERO) of the blocks that are
+    not holes; every other block of the disk is a HOLE.  So a 1 TiB thin disk
+    costs what its data costs.  ``digests`` and ``flags`` are the dense
+    ``(n, 32)`` and ``(n,)`` arrays (one row per block, made on first use: for
+    small disks and tests; cbt itself never asks for them).
+
+    ``Manifest(block_size, disk_size, digests, flags)`` takes dense arrays (none: every
+    block a hole);
+    :meth:`sparse` takes rows.
     """
 
-    block_size: int
-    disk_size: int
-    digests: npt.NDArray[np.uint8]
-    flags: npt.NDArray[np.uint8]
-    source: str = ""
-    created: str = ""
-    bytes_read: int = 0
-    seconds: float = 0.0
-    metadata: dict[str, str] = field(default_factory=dict)
+    def __init__(self, block_size: int, disk_size: int,
+                 digests: npt.NDArray[np.uint8] | None = None,
+                 flags: npt.NDArray[np.uint8] | None = None, source: str = "",
+                 created: str = "", bytes_read: int = 0, seconds: float = 0.0,
+                 metadata: dict[str, str] | None = None) -> None:
+        self.block_size = block_size
+        self.disk_size = disk_size
+        self.source = source
+        self.created = created
+        self.bytes_read = bytes_read
+        self.seconds = seconds
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self._dense: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]] | None = None
+        if flags is None or digests is None:  # all holes
+            self.rows: U64 = np.zeros(0, dtype=np.uint64)
+            self.row_digests: npt.NDArray[np.uint8] = np.zeros((0, fast.DIGEST_SIZE), np.uint8)
+            self.row_flags: npt.NDArray[np.uint8] = np.zeros(0, dtype=np.uint8)
+            return
+        n = fast.nblocks(disk_size, block_size)
+        if len(flags) != n or len(digests) != n:
+            raise ValueError(f"{len(flags)} rows for a disk of {n} blocks")
+        rows = np.nonzero(flags != HOLE)[0]
+        self.rows = rows.astype(np.uint64)
+        self.row_digests = np.ascontiguousarray(digests[rows])
+        self.row_flags = np.ascontiguousarray(flags[rows])
+
+    @classmethod
+    def sparse(cls, block_size: int, disk_size: int, rows: npt.NDArray[Any],
+               digests: npt.NDArray[np.uint8], flags: npt.NDArray[np.uint8], source: str = "",
+               created: str = "", metadata: dict[str, str] | None = None) -> Manifest:
+        """A manifest from the rows of its non-hole blocks (ascending; HOLE rows dropped)."""
+        m = cls(block_size, 0, source=source, created=created, metadata=metadata)
+        m.disk_size = disk_size
+        keep = np.asarray(flags) != HOLE
+        m.rows = np.ascontiguousarray(np.asarray(rows, dtype=np.uint64)[keep])
+        m.row_digests = np.ascontiguousarray(digests[keep], dtype=np.uint8)
+        m.row_flags = np.ascontiguousarray(flags[keep], dtype=np.uint8)
+        return m
 
     @property
     def blocks(self) -> int:
-        return int(self.flags.shape[0])
+        """Blocks of the disk (holes included)."""
+        return int(fast.nblocks(self.disk_size, self.block_size))
 
     def count(self, flag: int) -> int:
-        return int(np.count_nonzero(self.flags == flag))
+        if flag == HOLE:
+            return self.blocks - len(self.rows)
+        return int(np.count_nonzero(self.row_flags == flag))
 
     @property
     def data_blocks(self) -> int:
@@ -94,64 +145,163 @@ class Manifest:
     def hole_blocks(self) -> int:
         return self.count(HOLE)
 
+    def data_rows(self) -> tuple[U64, npt.NDArray[np.uint8]]:
+        """Block numbers and digests of the DATA blocks."""
+        is_data = self.row_flags == DATA
+        return self.rows[is_data], self.row_digests[is_data]
+
+    def at(self, blocks: npt.NDArray[Any]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+        """Digests and flags of any block numbers (HOLE with a zero digest where none is held)."""
+        want = np.asarray(blocks, dtype=np.uint64)
+        digests = np.zeros((len(want), fast.DIGEST_SIZE), dtype=np.uint8)
+        flags = np.full(len(want), HOLE, dtype=np.uint8)
+        if len(self.rows) and len(want):
+            pos = np.minimum(np.searchsorted(self.rows, want), len(self.rows) - 1)
+            hit = self.rows[pos] == want
+            digests[hit] = self.row_digests[pos[hit]]
+            flags[hit] = self.row_flags[pos[hit]]
+        return digests, flags
+
+    @property
+    def digests(self) -> npt.NDArray[np.uint8]:
+        """Dense ``(n, 32)`` digests, one row per block (allocated per block: small disks)."""
+        return self._dense_arrays()[0]
+
+    @property
+    def flags(self) -> npt.NDArray[np.uint8]:
+        """Dense ``(n,)`` flags, one per block (allocated per block: small disks)."""
+        return self._dense_arrays()[1]
+
+    def _dense_arrays(self) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+        if self._dense is None:
+            self._dense = self._dense_window(0, self.blocks)
+        return self._dense
+
+    def _dense_window(self, lo: int, hi: int) -> tuple[npt.NDArray[np.uint8],
+                                                        npt.NDArray[np.uint8]]:
+        """Dense digests and flags of blocks ``[lo, hi)``."""
+        digests = np.zeros((hi - lo, fast.DIGEST_SIZE), dtype=np.uint8)
+        flags = np.full(hi - lo, HOLE, dtype=np.uint8)
+        a, b = np.searchsorted(self.rows, [lo, hi])
+        at = self.rows[a:b].astype(np.int64) - lo
+        digests[at] = self.row_digests[a:b]
+        flags[at] = self.row_flags[a:b]
+        return digests, flags
+
     @property
     def digest_kind(self) -> str:
         """``blake3`` (plain digests) or the kind of a vault's keyed ids (``cbt.digest_kind``)."""
         return self.metadata.get(DIGEST_KIND, PLAIN_DIGESTS)
 
     def digest_checksum(self) -> str:
-        return blake3.blake3(np.ascontiguousarray(self.digests).data).hexdigest()
+        """BLAKE3 of the dense digest column (one row per block), computed in windows."""
+        h = blake3.blake3()
+        for lo, hi in self._windows():
+            h.update(self._dense_window(lo, hi)[0].data)
+        return h.hexdigest()
+
+    def _windows(self) -> list[tuple[int, int]]:
+        return _windows(self.blocks)
 
     # -- Arrow ---------------------------------------------------------------
 
-    def schema_metadata(self) -> dict[str, str]:
+    def _dense_metadata(self) -> dict[str, str]:
+        """Schema metadata of the dense (one row per block, format 1) file."""
+        h = blake3.blake3(f"full:{self.disk_size}:{self.block_size}:".encode())
+        for lo, hi in self._windows():
+            h.update(np.arange(lo, hi, dtype="<u8").view(np.uint8).data)
+        for lo, hi in self._windows():
+            h.update(self._dense_window(lo, hi)[1].data)
+        for lo, hi in self._windows():
+            h.update(self._dense_window(lo, hi)[0].data)
         meta = {
             "cbt.magic": MAGIC,
-            "cbt.format_version": str(FORMAT_VERSION),
+            "cbt.format_version": str(DENSE_VERSION),
             "cbt.kind": "full",
             "cbt.disk_size": str(self.disk_size),
             "cbt.block_size": str(self.block_size),
             "cbt.source": self.source,
             "cbt.created": self.created,
             "cbt.digest_checksum": self.digest_checksum(),
-            "cbt.checksum": content_checksum("full", self.disk_size, self.block_size,
-                                             np.arange(self.blocks, dtype=np.uint64),
-                                             self.digests, self.flags),
+            "cbt.checksum": h.hexdigest(),
         }
         meta.update(self.metadata)
         return meta
 
+    def schema_metadata(self) -> dict[str, str]:
+        return self._dense_metadata()
+
     def to_arrow(self) -> Any:
-        """The manifest as a ``pyarrow.Table`` (digest and flags columns share memory)."""
-        return _table(np.arange(self.blocks, dtype=np.uint64), self.digests, self.flags,
-                      self.schema_metadata())
+        """The manifest as a ``pyarrow.Table``, one row per block (the documented export)."""
+        digests, flags = self._dense_arrays()
+        return _table(np.arange(self.blocks, dtype=np.uint64), digests, flags,
+                      self._dense_metadata())
 
     def to_bytes(self) -> bytes:
-        return _ipc_bytes(self.to_arrow())
+        """The vault's file: rows of the non-hole blocks only (format 2; format 1, byte for
+        byte as before, when the disk has no hole)."""
+        version = DENSE_VERSION if len(self.rows) == self.blocks else FORMAT_VERSION
+        meta = {
+            "cbt.magic": MAGIC,
+            "cbt.format_version": str(version),
+            "cbt.kind": "full",
+            "cbt.disk_size": str(self.disk_size),
+            "cbt.block_size": str(self.block_size),
+            "cbt.source": self.source,
+            "cbt.created": self.created,
+            "cbt.digest_checksum": blake3.blake3(self.row_digests.data).hexdigest(),
+            "cbt.checksum": content_checksum("full", self.disk_size, self.block_size,
+                                             self.rows, self.row_digests, self.row_flags),
+        }
+        meta.update(self.metadata)
+        return _ipc_bytes(_table(self.rows, self.row_digests, self.row_flags, meta))
 
     def delta_from(self, base: Manifest) -> Delta:
         """The rows where this manifest differs from ``base`` (a newer point's delta).
 
-        Blocks past the end of ``base`` are always included; blocks past this
-        manifest's end are implied by its size.
+        Only blocks either holds are compared (both holes: equal); a block this
+        one holds past the end of ``base`` is included; a hole past it is implied.
         """
-        common = min(self.blocks, base.blocks)
-        differ = np.zeros(self.blocks, dtype=np.uint8)
-        if common:
-            fast.compare_digests(self.digests[:common], base.digests[:common], differ[:common])
-            differ[:common] |= (self.flags[:common] != base.flags[:common])
-        differ[common:] = 1
-        rows = np.nonzero(differ)[0].astype(np.uint64)
-        return Delta(self.block_size, self.disk_size, rows, self.digests[rows],
-                     self.flags[rows])
+        n = self.blocks
+        k = int(np.searchsorted(base.rows, n))  # base rows below this disk's end
+        if np.array_equal(self.rows, base.rows[:k]):  # the same blocks held (no lookups)
+            union, new_d, new_f = self.rows, self.row_digests, self.row_flags
+            old_d, old_f = base.row_digests[:k], base.row_flags[:k]
+        else:
+            union = union_rows(self.rows, base.rows[:k])
+            new_d, new_f = self.at(union)
+            old_d, old_f = base.at(union)
+        differ = np.zeros(len(union), dtype=np.uint8)
+        if len(union):
+            fast.compare_digests(new_d, old_d, differ)
+        rows = np.nonzero(differ.astype(bool) | (new_f != old_f))[0]
+        return Delta(self.block_size, self.disk_size, union[rows], new_d[rows], new_f[rows])
 
-    def write(self, path: str | os.PathLike[str], mode: int = 0o666) -> None:
+    def write(self, path: str | os.PathLike[str], mode: int = 0o666, dense: bool = True) -> None:
         """Durably write the manifest to ``path`` (temporary name, fsync, rename), created
-        with ``mode`` less the umask."""
-        data = self.to_bytes()
+        with ``mode`` less the umask: one row per block, as documented (format 1), written
+        in batches (memory follows the batch, not the disk); ``dense=False``: no row for
+        a hole (format 2 where there are holes), as a vault keeps it."""
+        import pyarrow as pa
+
+        if not dense:
+            data = self.to_bytes()
+
+            def write_bytes(f: BinaryIO) -> None:
+                f.write(data)
+
+            atomic_write(path, write_bytes, mode)
+            return
+        meta = self._dense_metadata()
 
         def write_all(f: BinaryIO) -> None:
-            f.write(data)
+            schema = _table(np.zeros(0, np.uint64), np.zeros((0, 32), np.uint8),
+                            np.zeros(0, np.uint8), meta).schema
+            with pa.ipc.new_file(f, schema) as writer:
+                for lo, hi in self._windows():
+                    digests, flags = self._dense_window(lo, hi)
+                    t = _table(np.arange(lo, hi, dtype=np.uint64), digests, flags, meta)
+                    writer.write_table(t, max_chunksize=ROWS_PER_BATCH)
 
         atomic_write(path, write_all, mode)
 
@@ -162,31 +312,45 @@ class Manifest:
 
         p = os.fspath(path)
         try:
-            with pa.memory_map(p) as source:
-                table = pa.ipc.open_file(source).read_all()
+            with pa.OSFile(p) as source:  # (batch by batch: not the whole file in memory)
+                return cls.from_arrow(pa.ipc.open_file(source), p)
         except FileNotFoundError:
             raise FileNotFoundError(f"no such manifest: {p}") from None
         except (pa.ArrowException, OSError) as exc:
             raise CorruptManifestError(f"corrupt manifest {p}: {exc}") from None
-        return cls.from_arrow(table, p)
 
     @classmethod
     def from_arrow(cls, table: Any, where: str = "manifest") -> Manifest:
+        """A table (or an open Arrow file, read batch by batch), fully checked."""
         rows = _checked_rows(table, where, "full")
-        n = fast.nblocks(rows.disk_size, rows.block_size)
-        if len(rows.blocks) != n or (n and not np.array_equal(
-                rows.blocks, np.arange(n, dtype=np.uint64))):
-            raise CorruptManifestError(f"corrupt manifest {where}: rows are not blocks 0..{n - 1}"
-                                       f" of a {rows.disk_size}-byte disk")
-        return cls(block_size=rows.block_size, disk_size=rows.disk_size,
-                   digests=rows.digests, flags=rows.flags, source=rows.meta.get("cbt.source", ""),
-                   created=rows.meta.get("cbt.created", ""),
-                   metadata={k: v for k, v in rows.meta.items() if k not in _CORE_KEYS})
+        return cls.sparse(rows.block_size, rows.disk_size, rows.blocks, rows.digests,
+                          rows.flags, source=rows.meta.get("cbt.source", ""),
+                          created=rows.meta.get("cbt.created", ""),
+                          metadata={k: v for k, v in rows.meta.items() if k not in _CORE_KEYS})
+
+
+def _windows(n: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` windows of ROWS_PER_BATCH rows over ``n``."""
+    return [(lo, min(n, lo + ROWS_PER_BATCH)) for lo in range(0, n, ROWS_PER_BATCH)]
+
+
+def union_rows(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> U64:
+    """The sorted union of two ascending arrays of block numbers (a merge, not a hash:
+    ``np.union1d`` takes a second for a million rows)."""
+    both = np.concatenate([np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64)])
+    if len(a) == 0 or len(b) == 0:
+        return both
+    both.sort(kind="stable")  # two sorted runs: merged in one pass
+    keep = np.ones(len(both), dtype=bool)
+    keep[1:] = both[1:] != both[:-1]
+    out: U64 = both[keep]
+    return out
 
 
 @dataclass
 class _Rows:
     meta: dict[str, str]
+    version: int
     disk_size: int
     block_size: int
     blocks: npt.NDArray[np.uint64]
@@ -204,23 +368,64 @@ def content_checksum(kind: str, disk_size: int, block_size: int, blocks: npt.NDA
     return h.hexdigest()
 
 
-def _checked_rows(table: Any, where: str, kind: str) -> _Rows:
-    """Every check a manifest or delta must pass before a single row is believed."""
+class _Batches(NamedTuple):
+    """The record batches of an Arrow file (read one at a time) or table."""
+
+    schema: Any
+    batches: int
+    get: Callable[[int], Any]
+
+
+def _batches(source: Any) -> _Batches:
+    """A ``RecordBatchFileReader`` (each batch read when asked) or a table's batches."""
+    if hasattr(source, "get_batch"):
+        return _Batches(source.schema, source.num_record_batches, source.get_batch)
+    batches = source.to_batches()
+    return _Batches(source.schema, len(batches), batches.__getitem__)
+
+
+def _checked_rows(source: Any, where: str, kind: str) -> _Rows:
+    """Every check a manifest or delta must pass before a single row is believed.
+
+    Batch by batch: memory follows one batch and the rows kept (a full
+    manifest's HOLE rows, which only format 1 has, are dropped), not the file.
+    """
     import pyarrow as pa
 
     def bad(why: str) -> CorruptManifestError:
         return CorruptManifestError(f"corrupt manifest {where}: {why}")
 
-    meta = schema_metadata(table, where)
+    src = _batches(source)
+    meta, version, disk_size, block_size = _checked_meta(src, where, kind)
+    try:
+        rows = _checked_batches(src, version, kind, disk_size, block_size, meta, bad)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise bad(str(exc)) from None
+    return rows
+
+
+def _checked_meta(src: _Batches, where: str, kind: str
+                  ) -> tuple[dict[str, str], int, int, int]:
+    """The schema's metadata and columns: (metadata, version, disk size, block size)."""
+    import pyarrow as pa
+
+    schema = src.schema
+    def bad(why: str) -> CorruptManifestError:
+        return CorruptManifestError(f"corrupt manifest {where}: {why}")
+
+    meta = schema_metadata(src, where)
     if meta.get("cbt.magic") != MAGIC:
         raise bad("not a cbt manifest (no cbt.magic)")
     try:
         version = int(meta["cbt.format_version"])
         disk_size = int(meta["cbt.disk_size"])
         block_size = int(meta["cbt.block_size"])
-        digest_checksum = meta["cbt.digest_checksum"]
+        if "cbt.digest_checksum" not in meta:
+            raise KeyError("cbt.digest_checksum")
     except (KeyError, ValueError) as exc:
         raise bad(f"missing or malformed metadata {exc}") from None
+    if version < DENSE_VERSION:
+        raise bad(f"format version {version} is not one cbt ever wrote")
     if version > FORMAT_VERSION:
         raise bad(f"format version {version} is newer than this cbt reads "
                   f"({FORMAT_VERSION}); upgrade cbt")
@@ -234,33 +439,77 @@ def _checked_rows(table: Any, where: str, kind: str) -> _Rows:
         raise bad(f"invalid block size {block_size}") from None
     expected = {"block": pa.uint64(), "digest": pa.binary(fast.DIGEST_SIZE), "flags": pa.uint8()}
     for name, typ in expected.items():
-        if name not in table.column_names or table.schema.field(name).type != typ:
+        if name not in schema.names or schema.field(name).type != typ:
             raise bad(f"column {name!r} missing or not {typ}")
-        if table.column(name).null_count:
-            raise bad(f"column {name!r} has nulls")
-    n = table.num_rows
-    try:
-        blocks = from_arrow(table.column("block"), np.uint64)
-        flags = from_arrow(table.column("flags"), np.uint8)
-        digests = _digest_array(table.column("digest").combine_chunks(), n)
-    except (pa.ArrowException, ValueError) as exc:
-        raise bad(str(exc)) from None
-    if n and int(flags.max()) > HOLE:
-        raise bad("unknown block flag")
-    if blake3.blake3(np.ascontiguousarray(digests).data).hexdigest() != digest_checksum:
-        raise bad("digest checksum mismatch (the file was altered or damaged)")
-    checksum = meta.get("cbt.checksum")
-    if checksum is None:
+    if "cbt.checksum" not in meta:
         raise bad("no cbt.checksum")
-    if checksum != content_checksum(kind, disk_size, block_size, blocks, digests, flags):
-        raise bad("checksum mismatch (the file was altered or damaged)")
-    if n:
-        is_data = flags == DATA
-        if (digests[~is_data] != 0).any():
+    return meta, version, disk_size, block_size
+
+
+def _batch_columns(batch: Any) -> tuple[U64, npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """A batch's block, flags and digest columns as numpy views (nulls: ValueError)."""
+    for name in ("block", "digest", "flags"):
+        if batch.column(name).null_count:
+            raise ValueError(f"column {name!r} has nulls")
+    n = batch.num_rows
+    return (from_arrow(batch.column("block"), np.uint64),
+            from_arrow(batch.column("flags"), np.uint8),
+            _digest_array(batch.column("digest"), n))
+
+
+def _checked_batches(src: _Batches, version: int, kind: str, disk_size: int, block_size: int,
+                     meta: dict[str, str],
+                     bad: Callable[[str], CorruptManifestError]) -> _Rows:
+    """The rows of every batch, checked; then both checksums (three passes: the content
+    checksum is of every block number, then every flag, then every digest)."""
+    n = fast.nblocks(disk_size, block_size)
+    dense = version == DENSE_VERSION and kind == "full"
+    drop_holes = kind == "full"
+    digest_sum = blake3.blake3()
+    content = blake3.blake3(f"{kind}:{disk_size}:{block_size}:".encode())
+    kept: list[tuple[U64, npt.NDArray[np.uint8], npt.NDArray[np.uint8]]] = []
+    pos, last = 0, -1
+    for i in range(src.batches):
+        blocks, flags, digests = _batch_columns(src.get(i))
+        k = len(blocks)
+        if k == 0:
+            continue
+        if int(flags.max()) > HOLE:
+            raise bad("unknown block flag")
+        is_data, has_digest = flags == DATA, digests.any(axis=1)
+        if (has_digest & ~is_data).any():
             raise bad("a ZERO or HOLE block has a digest")
-        if not digests[is_data].any(axis=1).all():
+        if (is_data & ~has_digest).any():
             raise bad("a DATA block has no digest")
-    return _Rows(meta, disk_size, block_size, blocks, digests, flags)
+        if dense:
+            if pos + k > n or not np.array_equal(blocks, np.arange(pos, pos + k,
+                                                                     dtype=np.uint64)):
+                raise bad(f"rows are not blocks 0..{n - 1} of a {disk_size}-byte disk")
+        elif (int(blocks[0]) <= last or int(blocks[-1]) >= n
+              or (k > 1 and bool((blocks[1:] <= blocks[:-1]).any()))):
+            raise bad("block rows out of range or not ascending")
+        elif drop_holes and (flags == HOLE).any():
+            raise bad("a HOLE row in a manifest of format 2 (holes have no rows)")
+        digest_sum.update(np.ascontiguousarray(digests).data)
+        content.update(np.ascontiguousarray(blocks, dtype="<u8").view(np.uint8).data)
+        keep = flags != HOLE if drop_holes else slice(None)
+        kept.append((blocks[keep].copy(), digests[keep].copy(), flags[keep].copy()))
+        pos, last = pos + k, int(blocks[-1])
+    if dense and pos != n:
+        raise bad(f"rows are not blocks 0..{n - 1} of a {disk_size}-byte disk")
+    if digest_sum.hexdigest() != meta["cbt.digest_checksum"]:
+        raise bad("digest checksum mismatch (the file was altered or damaged)")
+    for column in (1, 2):  # every flag, then every digest
+        for i in range(src.batches):
+            part = _batch_columns(src.get(i))[column]
+            content.update(np.ascontiguousarray(part).data)
+    if content.hexdigest() != meta["cbt.checksum"]:
+        raise bad("checksum mismatch (the file was altered or damaged)")
+    return _Rows(meta, version, disk_size, block_size,
+                 np.concatenate([b for b, _, _ in kept]) if kept else np.zeros(0, np.uint64),
+                 np.concatenate([d for _, d, _ in kept]) if kept
+                 else np.zeros((0, fast.DIGEST_SIZE), np.uint8),
+                 np.concatenate([f for _, _, f in kept]) if kept else np.zeros(0, np.uint8))
 
 
 def to_arrow(values: npt.NDArray[Any]) -> Any:
@@ -283,7 +532,7 @@ def from_arrow(column: Any, dtype: Any) -> npt.NDArray[Any]:
     """
     import pyarrow as pa
 
-    col = column.combine_chunks()
+    col = column.combine_chunks() if hasattr(column, "combine_chunks") else column
     want = pa.from_numpy_dtype(np.dtype(dtype))
     if col.type != want or col.null_count:
         raise ValueError(f"column of {col.type}, expected {want} without nulls")
@@ -341,9 +590,11 @@ class Delta:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
+        # (format 1: a delta's rows mean the same in both; a hole past the base's end
+        # it omits is a hole to format 1's reader too)
         meta = {
             "cbt.magic": MAGIC,
-            "cbt.format_version": str(FORMAT_VERSION),
+            "cbt.format_version": str(DENSE_VERSION),
             "cbt.kind": "delta",
             "cbt.disk_size": str(self.disk_size),
             "cbt.block_size": str(self.block_size),
@@ -356,28 +607,27 @@ class Delta:
         return _ipc_bytes(_table(self.rows, self.digests, self.flags, meta))
 
     def apply(self, base: Manifest) -> Manifest:
-        """The full manifest this delta describes on top of ``base``."""
+        """The full manifest this delta describes on top of ``base``: the delta's rows
+        replace the base's; a block past the base's end that the delta omits is a hole."""
         n = fast.nblocks(self.disk_size, self.block_size)
-        digests = np.zeros((n, fast.DIGEST_SIZE), dtype=np.uint8)
-        flags = np.full(n, HOLE, dtype=np.uint8)
-        common = min(n, base.blocks)
-        digests[:common] = base.digests[:common]
-        flags[:common] = base.flags[:common]
-        rows = self.rows.astype(np.int64)
-        digests[rows] = self.digests
-        flags[rows] = self.flags
-        return Manifest(self.block_size, self.disk_size, digests, flags,
-                        metadata=dict(self.metadata))
+        keep = base.rows < n
+        b_rows = base.rows[keep]
+        if len(self.rows) and len(b_rows):
+            pos = np.minimum(np.searchsorted(self.rows, b_rows), len(self.rows) - 1)
+            keep_base = self.rows[pos] != b_rows
+        else:
+            keep_base = np.ones(len(b_rows), dtype=bool)
+        rows = np.concatenate([b_rows[keep_base], self.rows])
+        digests = np.concatenate([base.row_digests[keep][keep_base], self.digests])
+        flags = np.concatenate([base.row_flags[keep][keep_base], self.flags])
+        order = np.argsort(rows, kind="stable")
+        return Manifest.sparse(self.block_size, self.disk_size, rows[order], digests[order],
+                               flags[order], metadata=dict(self.metadata))
 
     @classmethod
     def from_arrow(cls, table: Any, where: str) -> Delta:
         rows = _checked_rows(table, where, "delta")
-        n = fast.nblocks(rows.disk_size, rows.block_size)
-        b = rows.blocks
-        if len(b) and (int(b.max()) >= n or np.any(np.diff(b.astype(np.int64)) <= 0)):
-            raise CorruptManifestError(f"corrupt manifest {where}: block rows out of range or "
-                                       "not ascending")
-        return cls(rows.block_size, rows.disk_size, b, rows.digests, rows.flags,
+        return cls(rows.block_size, rows.disk_size, rows.blocks, rows.digests, rows.flags,
                    {k: v for k, v in rows.meta.items() if k not in _CORE_KEYS})
 
 
@@ -386,13 +636,13 @@ def read_manifest_bytes(data: bytes, where: str) -> Manifest | Delta:
     import pyarrow as pa
 
     try:
-        table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+        reader = pa.ipc.open_file(pa.py_buffer(data))
     except (pa.ArrowException, OSError) as exc:
         raise CorruptManifestError(f"corrupt manifest {where}: {exc}") from None
-    kind = (table.schema.metadata or {}).get(b"cbt.kind", b"full")
+    kind = (reader.schema.metadata or {}).get(b"cbt.kind", b"full")
     if kind == b"delta":
-        return Delta.from_arrow(table, where)
-    return Manifest.from_arrow(table, where)
+        return Delta.from_arrow(reader, where)
+    return Manifest.from_arrow(reader, where)
 
 
 _CORE_KEYS = {"cbt.kind", "cbt.checksum", "cbt.magic", "cbt.format_version", "cbt.disk_size",

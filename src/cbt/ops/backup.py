@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
-import mmap
 import os
 import time
 import uuid
@@ -69,7 +68,7 @@ from cbt.format.index_segment import segment_bytes
 from cbt.format.manifest import Manifest
 from cbt.format.pack import TARGET_PACK_SIZE, PackWriter, block_id, pack_name
 from cbt.format.records import DiskRecord, PointRecord, check_name
-from cbt.ops.diff import diff_manifests
+from cbt.ops.diff import changed_blocks
 from cbt.repo import index as index_mod
 from cbt.repo.lock import gc_lock, writer_lock
 from cbt.repo.storage import Storage, StorageSpec
@@ -197,6 +196,8 @@ class PlannedDisk:
     parent: DiskRecord | None
     seq: int
     ranges: list[BlockRange]
+    # one row per block of ``ranges`` (the blocks read), in block order: holes cost nothing
+    rows: npt.NDArray[np.uint64]
     digests: npt.NDArray[np.uint8]
     flags: npt.NDArray[np.uint8]
     early: BlockScan | None = None  # the disk's early scan, when one matches
@@ -223,9 +224,9 @@ class ShardTask:
     source: SourceSpec  # what to read (the snapshot, or the disk itself)
     block_size: int
     ranges: list[BlockRange]
-    # the whole disk's digests and flags from an early scan (shared memory, so only
-    # for forked workers): the shard then hashes nothing and reads only new blocks
-    prehash: tuple[mmap.mmap, mmap.mmap] | None = None
+    # the shard's rows of the digests and flags of an early scan (shared memory, so
+    # only for forked workers): the shard then hashes nothing and reads only new blocks
+    prehash: tuple[memoryview, memoryview] | None = None
     disk_path: str = ""  # the disk itself (``source`` may be a snapshot of it)
 
     @property
@@ -291,15 +292,21 @@ def _plan_disk(prev: PointRecord | None, spec: DiskSpec, block_size: int | None)
             raise CbtValueError(
                 f"disk {spec.label}: block size is fixed at {format_size(parent.block_size)} "
                 f"by its first backup; --block-size {format_size(block_size)} differs")
-        n = fast.nblocks(source.size, bs)
+        ranges = source.block_ranges(bs)
+        rows = (np.concatenate([np.arange(lo, hi, dtype=np.uint64) for lo, hi in ranges])
+                if ranges else np.zeros(0, dtype=np.uint64))
         return PlannedDisk(spec=spec, source=source.spec(), block_size=bs, parent=parent,
-                           seq=parent.seq + 1 if parent else 0, ranges=source.block_ranges(bs),
-                           digests=np.zeros((n, fast.DIGEST_SIZE), dtype=np.uint8),
-                           flags=np.full(n, fast.FLAG_HOLE, dtype=np.uint8))
+                           seq=parent.seq + 1 if parent else 0, ranges=ranges, rows=rows,
+                           digests=np.zeros((len(rows), fast.DIGEST_SIZE), dtype=np.uint8),
+                           flags=np.zeros(len(rows), dtype=np.uint8))
 
 
 def _shard_task(disk: PlannedDisk, shard: Shard) -> ShardTask:
-    early = (disk.early.digests, disk.early.flags) if disk.early is not None else None
+    early = None
+    if disk.early is not None and shard.ranges:
+        at = int(np.searchsorted(disk.rows, shard.ranges[0][0]))  # the shard's first row
+        early = (memoryview(disk.early.digests)[at * fast.DIGEST_SIZE:],
+                 memoryview(disk.early.flags)[at:])
     return ShardTask(shard.disk, disk.spec.label, disk.source, disk.block_size, shard.ranges,
                      early, disk.spec.path)
 
@@ -331,7 +338,8 @@ def _take_early_scan(early: PendingScan, disks: list[PlannedDisk], request: Back
     except (CbtError, OSError):  # the early scan is only a head start: hash as usual
         return
     for k, d in match.items():
-        d.early = scans[k]
+        if scans[k].ranges == d.ranges:  # (its rows are the same blocks: extents unchanged)
+            d.early = scans[k]
 
 
 # -- 3. transfer -------------------------------------------------------------------------
@@ -659,11 +667,10 @@ def _gather(planned: Plan, results: list[ShardResult]) -> dict[str, Any]:
     """Each shard's rows into its disk's arrays and counts; the run's new index entries."""
     for s, r in zip(planned.shards, results, strict=True):
         d = planned.disks[s.disk]
-        at = 0
-        for lo, hi in s.ranges:
-            d.digests[lo:hi] = r.block_digests[at:at + hi - lo]
-            d.flags[lo:hi] = r.block_flags[at:at + hi - lo]
-            at += hi - lo
+        if s.ranges:  # (a shard's ranges are consecutive rows of its disk)
+            lo = int(np.searchsorted(d.rows, s.ranges[0][0]))
+            d.digests[lo:lo + s.blocks] = r.block_digests
+            d.flags[lo:lo + s.blocks] = r.block_flags
         d.bytes_read += r.bytes_read
         d.seconds = max(d.seconds, r.seconds)
     new = _new_entries(results)
@@ -680,10 +687,11 @@ def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk
     import blake3
 
     path = str(Path(d.spec.path).absolute())
-    manifest = Manifest(d.block_size, d.size, d.digests, d.flags, source=path, created=created)
+    manifest = Manifest.sparse(d.block_size, d.size, d.rows, d.digests, d.flags, source=path,
+                               created=created)
     previous = _previous_manifest(vault, prev, d, warnings)
     if previous is not None and prev is not None:
-        changed = diff_manifests(previous, manifest).changed_blocks
+        changed = changed_blocks(previous, manifest)
         base_point = vault.chain_base(vm, d.spec.label, d.seq, prev)
     else:
         changed, base_point = manifest.blocks, None

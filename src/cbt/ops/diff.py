@@ -39,7 +39,7 @@ from cbt.core.errors import CbtValueError
 from cbt.core.native import fast
 from cbt.core.parallel import Report, WorkerError, fork_map, shared_array
 from cbt.core.sizes import format_size
-from cbt.format.manifest import Manifest, is_manifest_file
+from cbt.format.manifest import Manifest, is_manifest_file, union_rows
 from cbt.format.records import PointRecord
 from cbt.repo.keys import Passphrase
 from cbt.repo.vault import Vault
@@ -52,27 +52,48 @@ from cbt.source.scan import DEFAULT_BLOCK_SIZE, Progress, scan
 Source = str | os.PathLike[str] | Manifest
 
 
-@dataclass
 class ChangeSet:
     """The changed blocks between A and B.
 
     ``bitmap`` has one uint8 (0/1) per block; ``ranges`` is an ``(k, 2) uint64``
-    array of merged changed runs, ``[offset, length]`` in bytes, sorted.
+    array of merged changed runs, ``[offset, length]`` in bytes, sorted.  A diff
+    of manifests or points is held sparse (the changed blocks below ``common``,
+    and every block from ``common`` on): its ``bitmap`` is made on first use.
     """
 
-    block_size: int
-    size_a: int
-    size_b: int
-    bitmap: npt.NDArray[np.uint8]
-    ranges: npt.NDArray[np.uint64]
-    warnings: list[str] = field(default_factory=list)
+    def __init__(self, block_size: int, size_a: int, size_b: int,
+                 bitmap: npt.NDArray[np.uint8] | None, ranges: npt.NDArray[np.uint64],
+                 warnings: list[str] | None = None, *,
+                 changed: tuple[npt.NDArray[np.uint64], int] | None = None) -> None:
+        self.block_size = block_size
+        self.size_a = size_a
+        self.size_b = size_b
+        self.ranges = ranges
+        self.warnings: list[str] = list(warnings or [])
+        self._bitmap = bitmap
+        self._changed = changed  # (changed blocks below common, common)
+        if bitmap is None and changed is None:
+            raise ValueError("a ChangeSet needs its bitmap or its changed blocks")
 
     @property
     def blocks(self) -> int:
-        return int(self.bitmap.shape[0])
+        return int(fast.nblocks(max(self.size_a, self.size_b), self.block_size))
+
+    @property
+    def bitmap(self) -> npt.NDArray[np.uint8]:
+        if self._bitmap is None:
+            assert self._changed is not None
+            rows, common = self._changed
+            bitmap = np.zeros(self.blocks, dtype=np.uint8)
+            bitmap[rows.astype(np.int64)] = 1
+            bitmap[common:] = 1
+            self._bitmap = bitmap
+        return self._bitmap
 
     @property
     def changed_blocks(self) -> int:
+        if self._changed is not None:
+            return len(self._changed[0]) + self.blocks - self._changed[1]
         return int(np.count_nonzero(self.bitmap))
 
     @property
@@ -111,20 +132,64 @@ def _finish(bitmap: npt.NDArray[np.uint8], common: int, size_a: int, size_b: int
     return ChangeSet(block_size, size_a, size_b, bitmap, ranges, warnings)
 
 
-def diff_manifests(a: Manifest, b: Manifest) -> ChangeSet:
-    """Changed blocks from two manifests of the same block size (metadata only)."""
+def _check_same_block_size(a: Manifest, b: Manifest) -> None:
     if a.block_size != b.block_size:
         raise CbtValueError(
             f"manifests have different block sizes ({format_size(a.block_size)} and "
             f"{format_size(b.block_size)}); rescan one with --block-size "
             f"{format_size(a.block_size)}")
+
+
+def _changed_common(a: Manifest, b: Manifest, common: int) -> npt.NDArray[np.uint64]:
+    """Blocks below ``common`` whose content differs: only blocks either manifest holds
+    are compared (a hole and a zero block both have the zero digest: equal)."""
+    ka, kb = np.searchsorted(a.rows, common), np.searchsorted(b.rows, common)
+    if np.array_equal(a.rows[:ka], b.rows[:kb]):  # the same blocks held (no lookups)
+        union, da, db = a.rows[:ka], a.row_digests[:ka], b.row_digests[:kb]
+    else:
+        union = union_rows(a.rows[:ka], b.rows[:kb])
+        da, db = a.at(union)[0], b.at(union)[0]
+    differ = np.zeros(len(union), dtype=np.uint8)
+    if len(union):
+        fast.compare_digests(da, db, differ)
+    changed: npt.NDArray[np.uint64] = union[differ.astype(bool)]
+    return changed
+
+
+def changed_blocks(a: Manifest, b: Manifest) -> int:
+    """How many blocks :func:`diff_manifests` counts changed."""
+    return diff_manifests(a, b).changed_blocks
+
+
+def _runs(rows: npt.NDArray[np.uint64], common: int, n: int, block_size: int,
+          total: int) -> npt.NDArray[np.uint64]:
+    """:func:`fast.bitmap_runs` of the bitmap of ``rows`` and every block from ``common``
+    to ``n``, without making that bitmap."""
+    r = rows.astype(np.int64)
+    breaks = np.nonzero(np.diff(r) != 1)[0] + 1
+    starts = r[np.r_[0, breaks]] if len(r) else r
+    ends = r[np.r_[breaks - 1, len(r) - 1]] + 1 if len(r) else r
+    if n > common:
+        if len(ends) and ends[-1] == common:
+            ends[-1] = n
+        else:
+            starts, ends = np.r_[starts, common], np.r_[ends, n]
+    out = np.zeros((len(starts), 2), dtype=np.uint64)
+    out[:, 0] = starts * block_size
+    out[:, 1] = np.minimum(ends * block_size, total) - starts * block_size
+    return out
+
+
+def diff_manifests(a: Manifest, b: Manifest) -> ChangeSet:
+    """Changed blocks from two manifests of the same block size (metadata only; memory
+    follows the blocks they hold, not the disks' size)."""
+    _check_same_block_size(a, b)
     bs = a.block_size
     n = fast.nblocks(max(a.disk_size, b.disk_size), bs)
     common = common_blocks(a.disk_size, b.disk_size, bs)
-    bitmap = np.zeros(n, dtype=np.uint8)
-    if common:
-        fast.compare_digests(a.digests[:common], b.digests[:common], bitmap[:common])
-    return _finish(bitmap, common, a.disk_size, b.disk_size, bs, [])
+    rows = _changed_common(a, b, common)
+    ranges = _runs(rows, common, n, bs, max(a.disk_size, b.disk_size))
+    return ChangeSet(bs, a.disk_size, b.disk_size, None, ranges, [], changed=(rows, common))
 
 
 @dataclass(frozen=True)
@@ -267,8 +332,7 @@ class PointDiff:
 
 def _absent_like(m: Manifest) -> Manifest:
     """An empty disk of ``m``'s block size: everything in ``m`` counts as changed."""
-    return Manifest(m.block_size, 0, np.zeros((0, fast.DIGEST_SIZE), dtype=np.uint8),
-                    np.zeros(0, dtype=np.uint8))
+    return Manifest(m.block_size, 0)
 
 
 def diff_points(a: PointRef, b: PointRef) -> PointDiff:

@@ -43,6 +43,7 @@ import numpy.typing as npt
 
 from cbt.core.errors import CbtError, CbtIOError
 from cbt.format.index_segment import segment_bytes
+from cbt.format.manifest import DATA, Manifest
 from cbt.format.pack import (
     BLOB,
     PackWriter,
@@ -136,7 +137,7 @@ def _referenced(vault: Vault, index: Index, warnings: list[str]
                                 "block its manifests name")
                 sure &= _mark_folders(vault, index, vault.manifest_dir(point.id), live, False)
                 continue
-            pos = index.lookup(m.digests[m.flags == 0])
+            pos = index.lookup(m.data_rows()[1])
             if (pos < 0).any():
                 warnings.append(f"point {point.id} disk {disk.label}: "
                                 f"{int((pos < 0).sum())} blocks not in the index (run verify)")
@@ -170,7 +171,8 @@ def _mark_folders(vault: Vault, index: Index, folder: str, live: npt.NDArray[np.
             except (CbtError, OSError):
                 ok = False
                 continue
-            pos = index.lookup(m.digests[m.flags == 0])
+            data = m.data_rows()[1] if isinstance(m, Manifest) else m.digests[m.flags == DATA]
+            pos = index.lookup(data)
             live[pos[pos >= 0]] = True
             base = m.metadata.get("cbt.base")
             if base is not None:

@@ -78,7 +78,7 @@ from cbt.core.durable import fsync_dir, fsync_file, temp_name
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 from cbt.core.native import fast
 from cbt.core.parallel import Report, fork_map
-from cbt.format.manifest import Manifest
+from cbt.format.manifest import Manifest, union_rows
 from cbt.format.pack import (
     BLOB,
     BLOB_AAD_SIZE,
@@ -94,6 +94,7 @@ from cbt.format.pack import (
     pack_name,
 )
 from cbt.format.records import NAME_RE, PointRecord
+from cbt.ops.diff import changed_blocks
 from cbt.repo.index import Index
 from cbt.repo.registry import kept_snapshots
 from cbt.repo.storage import Storage, StorageSpec
@@ -406,7 +407,7 @@ class _Target:
     size: int
     block_size: int
     device: bool
-    zero_rows: npt.NDArray[np.int64]  # blocks to make read as zeros
+    zero_runs: list[tuple[int, int]]  # (first block, count): runs to make read as zeros
     mode: int = 0o600  # of a new file
     zeroed: int = 0
 
@@ -468,16 +469,18 @@ def _differing_blocks(final: Path, manifest: Manifest, workers: int | None,
                       id_key: bytes | None = None
                       ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """In place: the DATA blocks whose digest (the vault's block id) differs, and the
-    blocks to zero."""
-    is_data = manifest.flags == fast.FLAG_DATA
+    blocks to zero (only blocks the target or the manifest holds are looked at)."""
     current = scan(final, manifest.block_size, workers, limit=manifest.disk_size, key=id_key)
-    common = min(current.blocks, manifest.blocks)
-    differs = np.ones(manifest.blocks, dtype=bool)
-    differs[:common] = (current.digests[:common] != manifest.digests[:common]).any(axis=1)
-    # a block past the target's old end reads as zeros once the file is extended
-    was_nonzero = np.zeros(manifest.blocks, dtype=bool)
-    was_nonzero[:common] = current.flags[:common] == fast.FLAG_DATA
-    return np.nonzero(is_data & differs)[0], np.nonzero(~is_data & was_nonzero)[0]
+    # a block past the target's old end reads as zeros once the file is extended: a hole
+    held = current.rows[current.rows < manifest.blocks]
+    blocks = union_rows(manifest.rows, held)
+    want_digests, want_flags = manifest.at(blocks)
+    have_digests, have_flags = current.at(blocks)
+    differs = (have_digests != want_digests).any(axis=1)
+    is_data = want_flags == fast.FLAG_DATA
+    was_nonzero = have_flags == fast.FLAG_DATA
+    rows = blocks.astype(np.int64)
+    return rows[is_data & differs], rows[~is_data & was_nonzero]
 
 
 def _plan_target(vault: Vault, index: Index, point_id: str, label: str, manifest: Manifest,
@@ -488,16 +491,16 @@ def _plan_target(vault: Vault, index: Index, point_id: str, label: str, manifest
     write_to = final
     if request.in_place:
         rows, zero_rows = _differing_blocks(final, manifest, request.workers, vault.id_key)
+        zero_runs = _zero_runs(zero_rows)
     else:
-        is_data = manifest.flags == fast.FLAG_DATA
-        rows = np.nonzero(is_data)[0]
-        zero_rows = np.zeros(0, dtype=np.int64)
+        rows = manifest.data_rows()[0].astype(np.int64)
+        zero_runs = []
         if device and not request.assume_zeroed:
-            zero_rows = np.nonzero(~is_data)[0]
+            zero_runs = _gaps(rows, manifest.blocks)
         if not device:
             write_to = temp_name(final)
     target = _Target(label, final, write_to, manifest.disk_size, manifest.block_size, device,
-                     zero_rows, request.mode)
+                     zero_runs, request.mode)
     jobs = plan_disk(vault.spec(), index, point_id, label, manifest, str(write_to), rows)
     return target, jobs
 
@@ -507,8 +510,8 @@ def plan_disk(vault: VaultSpec, index: Index, point_id: str, label: str,
               rows: npt.NDArray[np.int64] | None = None) -> list[_Job]:
     """One job per pack holding the DATA blocks ``rows`` (default: all) of this disk."""
     if rows is None:
-        rows = np.nonzero(manifest.flags == fast.FLAG_DATA)[0]
-    digests = manifest.digests[rows]
+        rows = manifest.data_rows()[0].astype(np.int64)
+    digests = manifest.at(rows)[0]
     pos = index.lookup(digests)
     if (pos < 0).any():
         blk = int(rows[np.argmax(pos < 0)])
@@ -609,11 +612,19 @@ def _zero_runs(rows: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
     return [(int(rows[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
 
 
+def _gaps(rows: npt.NDArray[np.int64], n: int) -> list[tuple[int, int]]:
+    """The (first, count) runs of blocks in ``[0, n)`` that are not in sorted ``rows``."""
+    starts = np.r_[0, rows + 1]
+    ends = np.r_[rows, n]
+    keep = ends > starts
+    return [(int(a), int(b - a)) for a, b in zip(starts[keep], ends[keep], strict=True)]
+
+
 def _finish_target(t: _Target) -> None:
     """Zero what must read as zeros (counted in ``t.zeroed``), fsync."""
     fd = os.open(t.write_to, os.O_WRONLY)
     try:
-        for first, count in _zero_runs(t.zero_rows):
+        for first, count in t.zero_runs:
             lo = first * t.block_size
             hi = min((first + count) * t.block_size, t.size)
             zero_range(fd, lo, hi - lo, t.device)
@@ -792,8 +803,7 @@ def _from_snapshot(vault: Vault, point: PointRecord, label: str, snap: str, fina
         verify = request.verify_snapshot
         if verify:
             got = scan(tmp, manifest.block_size, request.workers, key=vault.id_key)
-            if got.disk_size != manifest.disk_size or not np.array_equal(got.digests,
-                                                                         manifest.digests):
+            if got.disk_size != manifest.disk_size or changed_blocks(got, manifest):
                 raise DamagedPointError(f"kept snapshot {snap} does not match point "
                                         f"{point.id} disk {label}")
         fd = os.open(tmp, os.O_RDONLY)

@@ -218,8 +218,9 @@ def _check_manifests(vault: Vault, index: Index, points: list[PointRecord],
                                         disk.blocks))
             if point.hidden:
                 continue  # a pruned base: its manifests must resolve, its blocks may be gone
-            rows = np.nonzero(manifest.flags == 0)[0]
-            pos = index.lookup(manifest.digests[rows])
+            blocks, digests = manifest.data_rows()
+            rows = blocks.astype(np.int64)
+            pos = index.lookup(digests)
             absent = rows[pos < 0]
             if len(absent):
                 problems.append(Problem(point.id, disk.label, int(absent[0]), None,

@@ -34,13 +34,15 @@ if TYPE_CHECKING:
 
 def hash_shard(source: BlockSource, block_size: int, ranges: Sequence[BlockRange],
                digests: memoryview, flags: memoryview, report: Report, packed: bool = False,
-               prehashed: tuple[Window, Window] | None = None, key: bytes | None = None,
+               prehashed: tuple[Window | memoryview, Window | memoryview] | None = None,
+               key: bytes | None = None,
                ) -> Generator[tuple[int, Window], None, None]:
     """Hash ``ranges`` of ``source`` into ``digests`` (flat, 32 bytes a block) and ``flags``.
 
     Yields ``(row, window)`` after hashing each window: ``row`` is where the
-    window's first block went in the buffers.  ``prehashed`` is the whole
-    disk's digests and flags from an earlier scan, copied instead of hashed.
+    window's first block went in the buffers.  ``prehashed`` is the digests and
+    flags of an earlier scan, in the same rows as ``digests`` and ``flags``,
+    copied instead of hashed.
     ``key`` (32 bytes) makes the digests keyed BLAKE3 (an encrypted vault's
     block ids); None: plain BLAKE3.
     """
@@ -62,8 +64,8 @@ def hash_shard(source: BlockSource, block_size: int, ranges: Sequence[BlockRange
                     raise CbtIOError(exc.errno, f"read error in {source.path} near byte "
                                      f"{first * block_size}: {exc.strerror}") from None
             else:
-                rows[:] = copied[0][first * size:(first + n) * size]
-                flags[at:at + n] = copied[1][first:first + n]
+                rows[:] = copied[0][at * size:(at + n) * size]
+                flags[at:at + n] = copied[1][at:at + n]
             yield at, window
             report(len(window))
         base += hi - lo

@@ -6,7 +6,9 @@
    (:mod:`cbt.source.plan`), and fork one worker per shard.
 3. Each worker runs the one hash loop (:func:`cbt.source.read.hash_shard`):
    windows of the disk go to the core, which writes digests and flags
-   straight into shared output buffers (no pickling, no copies).
+   straight into shared output buffers (no pickling, no copies).  The
+   buffers hold one row per block read, in block order (``packed``): a
+   hole costs nothing, so memory follows the data, not the disk's size.
 4. The result is a :class:`BlockScan` (plain buffers and counts);
    :func:`scan` turns it into a :class:`~cbt.manifest.Manifest`.
 
@@ -54,7 +56,7 @@ class _ScanTask(NamedTuple):
     source: BlockSource
     block_size: int
     ranges: list[BlockRange]
-    digests: memoryview  # flat: 32 bytes per block
+    digests: memoryview  # flat: 32 bytes per block of ``ranges``, from the shard's first row
     flags: memoryview
     key: bytes | None  # keyed BLAKE3 (an encrypted vault's block ids), or plain
 
@@ -62,26 +64,36 @@ class _ScanTask(NamedTuple):
 def _scan_shard(task: _ScanTask, report: Report) -> int:
     """Hash one shard's blocks into the shared buffers; returns bytes read."""
     for _ in hash_shard(task.source, task.block_size, task.ranges, task.digests, task.flags,
-                        report, key=task.key):
+                        report, packed=True, key=task.key):
         pass
     return bytes_to_read(task.ranges, task.block_size, task.source.size)
 
 
 class BlockScan(NamedTuple):
-    """What a scan found, as plain shared-memory buffers (no numpy needed)."""
+    """What a scan found, as plain shared-memory buffers (no numpy needed).
+
+    One row per block of ``ranges`` (the blocks read), in block order; every
+    other block of the disk lies wholly in a hole.
+    """
 
     source: str
     disk_size: int
     block_size: int
-    digests: mmap.mmap  # 32 bytes per block; zeros for ZERO and HOLE blocks
-    flags: mmap.mmap  # one FLAG_* byte per block
+    digests: mmap.mmap  # 32 bytes per row; zeros for ZERO blocks
+    flags: mmap.mmap  # one FLAG_* byte per row (DATA or ZERO)
     bytes_read: int
     seconds: float
+    ranges: list[BlockRange]  # [first, end) block ranges the rows are, in order
+
+    @property
+    def rows(self) -> int:
+        return sum(hi - lo for lo, hi in self.ranges)
 
     def summary(self) -> dict[str, Any]:
         """The keys of ``cbt scan --json`` (but ``warnings``)."""
         n = fast.nblocks(self.disk_size, self.block_size)
-        counts = self.flags[:n].count
+        k = self.rows
+        counts = self.flags[:k].count
         return {
             "path": self.source,
             "size": self.disk_size,
@@ -89,7 +101,7 @@ class BlockScan(NamedTuple):
             "blocks": n,
             "data_blocks": counts(fast.FLAG_DATA),
             "zero_blocks": counts(fast.FLAG_ZERO),
-            "hole_blocks": counts(fast.FLAG_HOLE),
+            "hole_blocks": n - k,
             "bytes_read": self.bytes_read,
             "seconds": round(self.seconds, 6),
         }
@@ -98,25 +110,30 @@ class BlockScan(NamedTuple):
         """What ``cbt scan --json`` prints."""
         return {**self.summary(), "warnings": []}
 
+    def block_numbers(self) -> Any:
+        """The block number of each row (a numpy ``uint64`` array)."""
+        import numpy as np
+
+        if not self.ranges:
+            return np.zeros(0, dtype=np.uint64)
+        return np.concatenate([np.arange(lo, hi, dtype=np.uint64) for lo, hi in self.ranges])
+
     def manifest(self) -> Manifest:
-        """The scan as a :class:`Manifest` (numpy views of the same memory)."""
+        """The scan as a (sparse) :class:`Manifest`."""
         import numpy as np
 
         from cbt.core.timefmt import utc_now
         from cbt.format.manifest import Manifest
 
-        n = fast.nblocks(self.disk_size, self.block_size)
-        return Manifest(
-            block_size=self.block_size,
-            disk_size=self.disk_size,
-            digests=np.frombuffer(self.digests, np.uint8, n * fast.DIGEST_SIZE)
-            .reshape(n, fast.DIGEST_SIZE),
-            flags=np.frombuffer(self.flags, np.uint8, n),
-            source=self.source,
-            created=utc_now(),
-            bytes_read=self.bytes_read,
-            seconds=self.seconds,
-        )
+        k = self.rows
+        m = Manifest.sparse(
+            self.block_size, self.disk_size, self.block_numbers(),
+            np.frombuffer(self.digests, np.uint8, k * fast.DIGEST_SIZE)
+            .reshape(k, fast.DIGEST_SIZE),
+            np.frombuffer(self.flags, np.uint8, k),
+            source=self.source, created=utc_now())
+        m.bytes_read, m.seconds = self.bytes_read, self.seconds
+        return m
 
 
 def scan(
@@ -168,14 +185,22 @@ class PendingScan:
         self._block_sizes = block_sizes
         plans = [DiskPlan(s.block_ranges(bs), bs, s.size)
                  for s, bs in zip(sources, block_sizes, strict=True)]
+        self._plans = plans
         self._to_read = [p.to_read for p in plans]
-        self._buffers = [(shared_buffer(fast.nblocks(s.size, bs) * fast.DIGEST_SIZE),
-                          shared_buffer(fast.nblocks(s.size, bs), fill=fast.FLAG_HOLE))
-                         for s, bs in zip(sources, block_sizes, strict=True)]
-        self._tasks = [(sh.disk, _ScanTask(sources[sh.disk], block_sizes[sh.disk], sh.ranges,
-                                           memoryview(self._buffers[sh.disk][0]),
-                                           memoryview(self._buffers[sh.disk][1]), key))
-                       for sh in plan_shards(plans, workers) if sh.ranges]
+        # one row per block read (packed): holes take no memory
+        rows = [sum(hi - lo for lo, hi in p.ranges) for p in plans]
+        self._buffers = [(shared_buffer(k * fast.DIGEST_SIZE), shared_buffer(k)) for k in rows]
+        self._tasks: list[tuple[int, _ScanTask]] = []
+        first = [0] * len(plans)  # the next shard's first row, per disk
+        for sh in plan_shards(plans, workers):
+            if not sh.ranges:
+                continue
+            at = first[sh.disk]
+            first[sh.disk] += sh.blocks
+            digests, flags = self._buffers[sh.disk]
+            self._tasks.append((sh.disk, _ScanTask(
+                sources[sh.disk], block_sizes[sh.disk], sh.ranges,
+                memoryview(digests)[at * fast.DIGEST_SIZE:], memoryview(flags)[at:], key)))
         self._forked: Forked[int] = Forked(_scan_shard, [t for _, t in self._tasks])
 
     def disks(self) -> list[tuple[str, int, int]]:
@@ -215,9 +240,11 @@ class PendingScan:
         for (i, _), n in zip(self._tasks, read, strict=True):
             per_disk[i] += n
         seconds = time.perf_counter() - self.started
-        return [BlockScan(os.path.abspath(s.path), s.size, bs, buf[0], buf[1], got, seconds)
-                for s, bs, buf, got in zip(self._sources, self._block_sizes, self._buffers,
-                                           per_disk, strict=True)]
+        return [BlockScan(os.path.abspath(s.path), s.size, bs, buf[0], buf[1], got, seconds,
+                          plan.ranges)
+                for s, bs, buf, got, plan in zip(self._sources, self._block_sizes,
+                                                 self._buffers, per_disk, self._plans,
+                                                 strict=True)]
 
     def cancel(self) -> None:
         self._forked.cancel()
