@@ -1,0 +1,135 @@
+"""Input edges found by the review of issue 12's part C: a command started with stdout or
+stderr closed (``>&-``, ``2>&-``, as cron and daemons can) runs as with ``/dev/null`` there
+and keeps its exit codes; a vault location that reads as another host's (``host:path``,
+``s3:bucket``: a ``:`` before the first ``/``) is refused, ``./host:path`` is local.
+
+Every command runs as a real ``cbt`` process; the streams are closed by ``sh``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import MIB
+from helpers.cli import backup_cli, cbt, cbt_argv, clean_env, one_error_line
+from helpers.images import assert_same_bytes, write_random_disk
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A plain vault ``vault`` with one point of VM ``web`` (disk os), and the disk."""
+    write_random_disk(tmp_path / "os.img", 1 * MIB + 5000, seed=3)
+    assert cbt("init", tmp_path / "vault", "--encryption", "none").returncode == 0
+    backup_cli(tmp_path / "vault", "web", f"os={tmp_path / 'os.img'}", "--block-size", "64K")
+    return tmp_path
+
+
+def _closed(redirect: str, *args: object) -> subprocess.CompletedProcess[str]:
+    """``cbt ARGS... REDIRECT`` (``>&-`` or ``2>&-``) run by sh; the other stream captured."""
+    return subprocess.run(["sh", "-c", f'exec "$@" {redirect}', "sh", *cbt_argv(*args)],
+                          capture_output=True, text=True, env=clean_env(), timeout=120,
+                          check=False)
+
+
+# -- stdout closed ---------------------------------------------------------------------------
+
+CLOSED_STDOUT = [("list", "{vault}"), ("list", "{vault}", "--json"),
+                 ("show", "{vault}", "web.latest", "--json"), ("verify", "{vault}", "--json"),
+                 ("verify", "{vault}"), ("jobs", "{vault}", "--json"),
+                 ("scan", "{os}", "--json"), ("diff", "{os}", "{os}"),
+                 ("gc", "{vault}", "--dry-run", "--json"), ("--help",)]
+
+
+@pytest.mark.parametrize("argv", CLOSED_STDOUT, ids=" ".join)
+def test_a_closed_stdout_is_as_dev_null(site: Path, argv: tuple[str, ...]) -> None:
+    paths = {"os": site / "os.img", "vault": site / "vault"}
+    r = _closed(">&-", *(a.format(**paths) for a in argv))
+    assert r.stderr == "", r.stderr
+    assert r.returncode == 0, r.returncode
+
+
+def test_restore_and_backup_with_stdout_closed_do_their_work(site: Path) -> None:
+    out = site / "out"
+    r = _closed(">&-", "restore", site / "vault", "web.latest", "--to", out, "--json")
+    assert (r.returncode, r.stderr) == (0, "")
+    assert_same_bytes(out / "os.img", site / "os.img")
+    r = _closed(">&-", "backup", site / "vault", "--vm", "web", f"os={site / 'os.img'}",
+                "--json")
+    assert (r.returncode, r.stderr) == (0, "")
+    points = json.loads(cbt("list", site / "vault", "--json").stdout)["points"]
+    assert len(points) == 2
+
+
+def test_an_error_with_stdout_closed_is_still_one_line_exit_2(site: Path) -> None:
+    r = _closed(">&-", "list", site / "missing", "--json")
+    one_error_line(r)
+
+
+# -- stderr closed ---------------------------------------------------------------------------
+
+def test_an_error_with_stderr_closed_still_exits_2(site: Path) -> None:
+    for argv in (("list", site / "missing"), ("restore", site / "vault", "nope", "--to",
+                                              site / "out"),
+                 ("backup", site / "vault", "--vm", "web", site / "absent.img"),
+                 ("scan", site / "os.img", "--block-size", "3K")):
+        r = _closed("2>&-", *argv)
+        assert r.returncode == 2, (argv, r.returncode, r.stdout)
+        assert "Traceback" not in r.stdout
+    assert not (site / "out").exists()
+
+
+def test_warnings_with_stderr_closed_do_not_fail_a_command(site: Path) -> None:
+    """``verify`` of a vault with a problem writes its problems to stderr: still exit 2
+    (a problem), never 1 (a crash)."""
+    pack = next((site / "vault" / "packs").rglob("*.pack"))
+    data = bytearray(pack.read_bytes())
+    data[100] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    r = _closed("2>&-", "verify", site / "vault", "--data")
+    assert r.returncode == 2, (r.returncode, r.stdout)
+    assert "Traceback" not in r.stdout
+
+
+# -- vault locations -------------------------------------------------------------------------
+
+REMOTE_LOOKING = ["s3:bucket/x", "sftp:host:/srv/vault", "backup-host:vaults/web",
+                  "user@host:vault", "C:\\vault", "s3:/x", "1s3://x"]
+
+
+@pytest.mark.parametrize("location", REMOTE_LOOKING)
+@pytest.mark.parametrize("command", ["init", "list"])
+def test_a_location_with_a_colon_before_its_first_slash_is_refused(
+        tmp_path: Path, location: str, command: str) -> None:
+    args = ("init", location, "--encryption", "none") if command == "init" else (
+        "list", location)
+    r = cbt(*args, cwd=tmp_path)
+    msg = one_error_line(r)
+    assert location in msg and f"./{location}" in msg, msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_local_path_with_a_colon_is_named_so(tmp_path: Path) -> None:
+    """``./a:b`` and ``/abs/a:b`` are local directories, kept as they are."""
+    assert cbt("init", "./web:2026", "--encryption", "none", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "web:2026" / "config").is_file()
+    assert cbt("list", "./web:2026", cwd=tmp_path).returncode == 0
+    absolute = tmp_path / "x:y"
+    assert cbt("init", absolute, "--encryption", "none").returncode == 0
+    assert cbt("list", absolute).returncode == 0
+
+
+def test_config_and_api_refuse_a_remote_looking_location(tmp_path: Path) -> None:
+    from cbt.api import Vault
+    from cbt.core.errors import CbtValueError
+
+    cfg = tmp_path / "cbt.toml"
+    cfg.write_text('vault = "backup-host:vaults/web"\n[policy.p]\nschedule = "daily 02:00"\n'
+                   '[vm.web]\npolicy = "p"\ndisks = { os = "os.img" }\n')
+    msg = one_error_line(cbt("config", "check", cfg, cwd=tmp_path))
+    assert f"{cfg}:1: vault:" in msg, msg
+    with pytest.raises(CbtValueError, match="host:"):
+        Vault.init("backup-host:vaults/web")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cbt.toml"]
