@@ -9,13 +9,15 @@ Every command runs as a real ``cbt`` process; the streams are closed by ``sh``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 from helpers import MIB
-from helpers.cli import backup_cli, cbt, cbt_argv, clean_env, one_error_line
+from helpers.cli import backup_cli, cbt, cbt_argv, clean_env, crash_env, one_error_line
 from helpers.images import assert_same_bytes, write_random_disk
+from helpers.system import need_root_tools
 
 
 @pytest.fixture
@@ -133,3 +135,67 @@ def test_config_and_api_refuse_a_remote_looking_location(tmp_path: Path) -> None
     with pytest.raises(CbtValueError, match="host:"):
         Vault.init("backup-host:vaults/web")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cbt.toml"]
+
+
+# -- what killed restores left ---------------------------------------------------------------
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_a_temp_file_a_live_restore_holds_is_kept(site: Path) -> None:
+    """A restore whose process this one cannot see (another PID namespace: a container;
+    another host on a shared directory) holds its temporary file locked: the name's PID
+    is no process here, yet the file stays."""
+    import fcntl
+
+    out = site / "out"
+    out.mkdir()
+    live = out / f".os.img.tmp-{_dead_pid()}"
+    live.write_bytes(b"a live restore's half disk")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        r = cbt("restore", site / "vault", "web.latest", "--to", out)
+        assert r.returncode == 0, r.stderr
+        assert live.read_bytes() == b"a live restore's half disk"
+    finally:
+        os.close(fd)
+    assert_same_bytes(out / "os.img", site / "os.img")
+
+
+def test_a_temp_file_under_this_processs_pid_left_by_a_dead_one(site: Path) -> None:
+    """In a container every run can have the same PID: a killed restore's
+    ``.os.img.tmp-PID`` has this restore's PID, and is removed (was: 'File exists' on every
+    later restore)."""
+    from cbt.api import Vault
+    from cbt.ops.restore import RestoreRequest, restore
+
+    out = site / "out"
+    out.mkdir()
+    stale = out / f".os.img.tmp-{os.getpid()}"
+    stale.write_bytes(b"half a disk")
+    result = restore(Vault.open(site / "vault"), RestoreRequest("web.latest", out))
+    assert any(str(stale) in w for w in result.warnings), result.warnings
+    assert sorted(p.name for p in out.iterdir()) == ["os.img"]
+    assert_same_bytes(out / "os.img", site / "os.img")
+
+
+def test_a_container_restore_after_a_killed_one(site: Path) -> None:
+    """The same, for real: each ``cbt restore`` is PID 2 of a new PID namespace (its
+    shell is PID 1)."""
+    need_root_tools("unshare")
+    out = site / "out"
+    argv = ["unshare", "--pid", "--fork", "--kill-child", "sh", "-c", '"$@"; exit $?', "sh",
+            *cbt_argv("restore", site / "vault", "web.latest", "--to", out)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
+                       env=clean_env(crash_env(1, site)), start_new_session=True)
+    assert r.returncode != 0
+    assert [p.name for p in out.iterdir()] == [".os.img.tmp-2"], r.stderr
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
+                       env=clean_env())
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["os.img"]
+    assert_same_bytes(out / "os.img", site / "os.img")
