@@ -199,3 +199,27 @@ def test_a_container_restore_after_a_killed_one(site: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["os.img"]
     assert_same_bytes(out / "os.img", site / "os.img")
+
+
+def test_a_target_made_meanwhile_is_not_replaced_without_force(site: Path) -> None:
+    """Two restores into one directory: the target is checked when the restore starts,
+    and another restore can commit the same name before this one's rename; without
+    ``--force`` this one then fails and the other's file stays (was: silently replaced)."""
+    from cbt.api import Vault
+    from cbt.core.errors import CbtError
+    from cbt.ops.restore import RestoreRequest, restore
+
+    out = site / "out"
+    theirs = b"another restore's disk"
+
+    def meanwhile(done: int, total: int) -> None:
+        if not (out / "os.img").exists():
+            (out / "os.img").write_bytes(theirs)
+
+    with pytest.raises(CbtError, match="exists"):
+        restore(Vault.open(site / "vault"),
+                RestoreRequest("web.latest", out, progress=meanwhile))
+    assert (out / "os.img").read_bytes() == theirs
+    assert sorted(p.name for p in out.iterdir()) == ["os.img"]  # no temporary file left
+    restore(Vault.open(site / "vault"), RestoreRequest("web.latest", out, force=True))
+    assert_same_bytes(out / "os.img", site / "os.img")

@@ -69,6 +69,7 @@ from cbt.core.blockio import (
     copy_sparse,
     device_size,
     is_block_device,
+    rename_noreplace,
     write_all,
     zero_range,
 )
@@ -641,14 +642,29 @@ def _finish_target(t: _Target) -> None:
         os.close(fd)
 
 
-def _commit_targets(targets: list[_Target], out_dirs: set[Path]) -> None:
-    """Rename new files into place, then make the renames durable."""
+def _commit_targets(targets: list[_Target], out_dirs: set[Path], force: bool) -> None:
+    """Rename new files into place (replacing a file there only with ``force``), then make
+    the renames durable."""
     for t in targets:
         if t.write_to != t.final:
-            os.replace(t.write_to, t.final)
+            _rename_into_place(t.write_to, t.final, force)
         _unlock(t)
     for d in out_dirs:
         fsync_dir(d)
+
+
+def _rename_into_place(tmp: Path, final: Path, force: bool) -> None:
+    """``tmp`` becomes ``final``.  Without ``force`` a ``final`` that appeared since the
+    target was checked (another restore into this directory committed it) is kept and
+    this is an error (the rename never replaces: :func:`rename_noreplace`)."""
+    if force:
+        os.replace(tmp, final)
+        return
+    try:
+        rename_noreplace(tmp, final)
+    except FileExistsError:
+        raise CbtIOError(errno.EEXIST, f"target exists: {final} (made by another process "
+                         "while this restore ran; use --force to replace it)") from None
 
 
 # ``.LABEL.img.tmp-PID``: the temporary name (core.durable.temp_name) of a disk restored
@@ -753,7 +769,7 @@ def restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
         written = _write(jobs, request.workers, request.progress)
         for t in targets:
             _finish_target(t)
-        _commit_targets(targets, out_dirs)
+        _commit_targets(targets, out_dirs, request.force)
     except BaseException:
         _discard_targets(targets)
         raise
@@ -851,7 +867,7 @@ def _from_snapshot(vault: Vault, point: PointRecord, label: str, snap: str, fina
             fsync_file(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, final)
+        _rename_into_place(tmp, final, request.force)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
