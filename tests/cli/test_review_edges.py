@@ -223,3 +223,21 @@ def test_a_target_made_meanwhile_is_not_replaced_without_force(site: Path) -> No
     assert sorted(p.name for p in out.iterdir()) == ["os.img"]  # no temporary file left
     restore(Vault.open(site / "vault"), RestoreRequest("web.latest", out, force=True))
     assert_same_bytes(out / "os.img", site / "os.img")
+
+
+# -- times at the ends of the range -------------------------------------------------------
+
+@pytest.mark.parametrize("timezone", ["UTC", "Pacific/Kiritimati", "Pacific/Pago_Pago"])
+@pytest.mark.parametrize("now", ["9999-12-31T23:59:59Z", "9999-12-31T01:59:00Z",
+                                 "1970-01-01T00:00:00Z"])
+def test_run_due_at_the_ends_of_time(site: Path, timezone: str, now: str) -> None:
+    """``run-due --now`` takes every time a point may carry (was: 9999-12-31 at any hour
+    an OverflowError traceback, exit 1): the slot due then runs."""
+    cfg = site / "cbt.toml"
+    cfg.write_text(f'vault = "{site / "vault"}"\n[policy.p]\nschedule = "daily 00:30"\n'
+                   f'timezone = "{timezone}"\n[vm.web]\npolicy = "p"\n'
+                   f'disks = {{ os = "{site / "os.img"}" }}\n')
+    r = cbt("run-due", "--config", cfg, "--now", now, "--json")
+    assert r.returncode == 0, r.stderr
+    points = json.loads(cbt("list", site / "vault", "--json").stdout)["points"]
+    assert now[:19] + "Z" in [p["created"] for p in points]
