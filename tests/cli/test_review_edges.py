@@ -241,3 +241,12 @@ def test_run_due_at_the_ends_of_time(site: Path, timezone: str, now: str) -> Non
     assert r.returncode == 0, r.stderr
     points = json.loads(cbt("list", site / "vault", "--json").stdout)["points"]
     assert now[:19] + "Z" in [p["created"] for p in points]
+
+
+@pytest.mark.parametrize("now", ["9999-12-31T00:00:00Z", "9999-12-30T12:00:00Z"])
+def test_demo_whose_third_day_is_past_9999_is_refused(tmp_path: Path, now: str) -> None:
+    """The demo's days 2 and 3 follow ``--now`` a day apart: a day past 9999-12-31 is
+    one error line before anything is made (was: a traceback, its vault half made)."""
+    msg = one_error_line(cbt("demo", "--dir", tmp_path / "d", "--size", "1M", "--now", now))
+    assert "9999" in msg, msg
+    assert not (tmp_path / "d").exists()
