@@ -1,0 +1,34 @@
+"""Hooks, found by the review of issue 12's part C: a child a hook leaves running (to
+hold a lock until the post hook) may still write to the hook's stdout and stderr after
+the hook exited, and lives on (was: killed by SIGPIPE at its first write, its lock gone).
+
+Hooks are real ``sh`` scripts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+from cbt.jobs.hooks import run_hook
+
+
+def test_a_child_left_by_a_hook_may_write_and_lives_on(tmp_path: Path) -> None:
+    alive, pid_file = tmp_path / "alive", tmp_path / "pid"
+    script = ('sh -c \'echo $$ > "$0"; sleep 1.5; echo held; echo held >&2; sleep 0.5; '
+              'touch "$1"; sleep 30\' "$1" "$2" & exit 0')
+    started = time.monotonic()
+    res = run_hook(["sh", "-c", script, "hook", str(pid_file), str(alive)], "pre", "web",
+                   "web.x", 20)
+    assert res.ok and time.monotonic() - started < 1.4, res
+    deadline = time.monotonic() + 10
+    while not alive.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert alive.exists(), "the hook's child died when it wrote"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgid(int(pid_file.read_text())), signal.SIGKILL)
