@@ -33,6 +33,7 @@ TAIL_BYTES = 64 << 10  # kept of each stream while reading
 RECORD_TAIL = 4 << 10  # of each kept tail, what the job record stores
 DRAIN_SECONDS = 0.5  # reading on after the hook exited (a child may hold its pipes)
 _CHUNK = 1 << 16
+DISCARD_PAUSE = 0.01  # after each chunk read from what a hook's child left writing
 
 
 @dataclass
@@ -180,7 +181,9 @@ class _Tails:
 
 
 def _discard(pipes: list[Any]) -> None:
-    """Read ``pipes`` until each is closed at its other end, keeping nothing."""
+    """Read ``pipes`` until each is closed at its other end, keeping nothing; at most
+    :data:`_CHUNK` per :data:`DISCARD_PAUSE` (a child that floods them waits on the full
+    pipe instead of keeping a core busy here)."""
     with selectors.DefaultSelector() as sel:
         for pipe in pipes:
             sel.register(pipe, selectors.EVENT_READ)
@@ -195,6 +198,8 @@ def _discard(pipes: list[Any]) -> None:
                 if not chunk:
                     sel.unregister(key.fileobj)
                     key.fileobj.close()  # type: ignore[union-attr]
+                else:
+                    time.sleep(DISCARD_PAUSE)
 
 
 def _last(text: str, limit: int) -> str:
