@@ -32,3 +32,16 @@ def test_a_child_left_by_a_hook_may_write_and_lives_on(tmp_path: Path) -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(os.getpgid(int(pid_file.read_text())), signal.SIGKILL)
+
+
+def test_a_hooks_stderr_in_a_message_has_no_control_characters() -> None:
+    """The stderr tail in a failure's one line is printed to a terminal and to logs:
+    escape sequences (a title change, colours, a cursor move), other control characters
+    and invalid UTF-8 show as printable text, never as what they would do."""
+    noise = r"printf 'bad \033]0;pwned\007 \033[2J\033[31mred\r\bx\177\302\233y\377 end' >&2"
+    res = run_hook(["sh", "-c", noise + "; exit 3"], "pre", "web", "web.x", 10)
+    line = res.describe()
+    assert line.startswith("pre hook failed (exit 3): bad"), line
+    assert line.endswith("end"), line
+    assert all(ch.isprintable() for ch in line), repr(line)
+    assert "pwned" in line and "red" in line  # the text itself is kept

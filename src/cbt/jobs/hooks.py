@@ -58,6 +58,8 @@ class HookResult:
         else:
             what = f"{self.phase} hook failed (exit {self.exit_code})"
         tail = " ".join(self.stderr_tail[-STDERR_TAIL:].split())
+        tail = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 256
+                       else "?" for ch in tail)  # printed to terminals and logs: no escapes
         return f"{what}: {tail}" if tail else what
 
     def to_record(self) -> dict[str, Any]:
