@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -45,3 +46,37 @@ def test_a_hooks_stderr_in_a_message_has_no_control_characters() -> None:
     assert line.endswith("end"), line
     assert all(ch.isprintable() for ch in line), repr(line)
     assert "pwned" in line and "red" in line  # the text itself is kept
+
+
+def test_a_pre_hook_cut_short_by_sigterm_is_in_the_job_record(tmp_path: Path) -> None:
+    """SIGTERM while the pre hook runs: the job fails, the hook's group is killed, the
+    post hook runs, and the pre hook's run is in the record too (was: only the post's)."""
+    from helpers.cli import cbt_argv, clean_env, process_gone, wait_for
+    from helpers.images import make_disk
+    from helpers.jobs import job_config, jobs_json
+
+    from cbt.api import Vault
+
+    root = tmp_path.resolve()
+    make_disk(root / "disks" / "os.img", 1 << 20, seed=1)
+    Vault.init(root / "vault")
+    started = root / "pre.pid"
+    cfg = job_config(root / "cbt.toml", {"web": {
+        "disks": {"os": "disks/os.img"}, "snapshot": "copy", "block_size": "64K",
+        "hooks": {"pre": ["sh", "-c", f"echo $$ > {started}; echo freezing; sleep 60"],
+                  "post": ["sh", "-c", "echo thawed"], "timeout": 120}}})
+    proc = subprocess.Popen(cbt_argv("backup", "--config", cfg), env=clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: started.exists() and started.read_text().strip(), 30, "the pre hook")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, err
+    wait_for(lambda: process_gone(int(started.read_text())), 10, "the hook killed")
+    (job,) = jobs_json(root / "vault")
+    assert job["status"] == "failed" and "SIGTERM" in job["error"]
+    assert [(h["phase"], h["ok"]) for h in job["hooks"]] == [("pre", False), ("post", True)]
+    pre = job["hooks"][0]
+    assert "SIGTERM" in pre["error"] and pre["exit_code"] is None and not pre["timed_out"]
