@@ -250,3 +250,13 @@ def test_demo_whose_third_day_is_past_9999_is_refused(tmp_path: Path, now: str) 
     msg = one_error_line(cbt("demo", "--dir", tmp_path / "d", "--size", "1M", "--now", now))
     assert "9999" in msg, msg
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("command", ["init", "list", "gc"])
+def test_an_empty_vault_location_is_refused(tmp_path: Path, command: str) -> None:
+    """``cbt init "$VAULT"`` with VAULT unset: an error (was: a vault made in the current
+    directory, and every later command on it)."""
+    r = cbt(command, "", *(("--encryption", "none") if command == "init" else ()),
+            cwd=tmp_path)
+    assert "empty" in one_error_line(r)
+    assert list(tmp_path.iterdir()) == []

@@ -238,6 +238,8 @@ def check_location(location: str) -> str:
     host's (a ``:`` before the first ``/``, as git, scp and rsync read it: ``host:path``,
     ``s3:bucket``, ``sftp:host:/x``; ``./host:path`` names the local one); else
     CbtValueError."""
+    if not location:  # "$VAULT" unset: not the current directory
+        raise CbtValueError("the vault location is empty")
     m = _SCHEME_RE.match(location)
     if m and m.group(1).lower() in LOCATION_SCHEMES:
         return location
