@@ -2,6 +2,7 @@
 
 Exit codes: 0 success, 1 differences found (diff), 2 error, 141 stdout closed by its
 reader (``cbt list | head``: the command stops quietly, no message, no traceback).
+A standard stream closed before the start (``>&-``, ``2>&-``) is as ``/dev/null``.
 
 Command modules are imported only when they run, so ``cbt scan`` does not pay
 for what ``cbt demo`` needs (start-up time counts against whole-process speed).
