@@ -2,6 +2,7 @@
 
 Exit codes: 0 success, 1 differences found (diff), 2 error, 141 stdout closed by its
 reader (``cbt list | head``: the command stops quietly, no message, no traceback).
+A standard stream closed before the start (``>&-``, ``2>&-``) is as ``/dev/null``.
 
 Command modules are imported only when they run, so ``cbt scan`` does not pay
 for what ``cbt demo`` needs (start-up time counts against whole-process speed).
@@ -82,6 +83,7 @@ def command_parser(name: str) -> tuple[argparse.ArgumentParser, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; its exit code.  A closed stdout ends it quietly (:data:`EXIT_PIPE`)."""
+    _open_std_streams()
     try:
         code = _main(argv)
         sys.stdout.flush()  # here, not at exit, where a broken pipe would print a traceback
@@ -90,6 +92,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _stdout_gone(exc):
             return _quiet_exit()
         raise
+
+
+def _open_std_streams() -> None:
+    """A standard stream the caller closed (``>&-``, ``2>&-``: cron, daemons) is opened on
+    /dev/null: the command runs as with its output thrown away, keeps its exit codes, and
+    no file cbt opens gets fd 0, 1 or 2 (where a stray write would land in it)."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        got = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+        if got != fd:  # the lowest free fd: fd itself, as the ones below it are open
+            os.dup2(got, fd)
+            os.close(got)
+        if getattr(sys, name) is None:  # Python found the stream closed at start-up
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
 
 
 def _main(argv: Sequence[str] | None) -> int:

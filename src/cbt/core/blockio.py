@@ -35,6 +35,37 @@ SECTOR = 512
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_WRITE = 2
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (FileExistsError), atomically:
+    ``renameat2(RENAME_NOREPLACE)``; where the kernel or file system lacks it, a hard
+    link then an unlink (as atomic); where hard links are refused too, a rename after a
+    last look."""
+    rename2 = getattr(_libc, "renameat2", None)
+    if rename2 is not None:
+        rc = rename2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                     ctypes.c_uint(_RENAME_NOREPLACE))
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), os.fspath(dst))
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(dst)
+                                  ) from None
+        os.replace(src, dst)
+        return
+    os.unlink(src)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

@@ -36,6 +36,7 @@ from cbt.core.blockio import copy_sparse
 from cbt.core.crypto import KdfParams
 from cbt.core.errors import CbtValueError
 from cbt.core.timefmt import rfc3339
+from cbt.format.records import check_point_time
 from cbt.jobs.config import Config
 from cbt.jobs.config import load as load_config
 from cbt.jobs.job import run as run_jobs
@@ -173,6 +174,7 @@ def run_demo(directory: str | os.PathLike[str] | None = None,
     """Run the demo; with ``now``, day d's point is created at ``now + (d - 1)`` days.
     ``kdf``: the scrypt costs of the vault's key (default :class:`KdfParams`)."""
     started = time.perf_counter()
+    times = _day_times(now)  # before anything is made
     d = new_demo_dir(directory)
     passphrase, password_file = _passphrase(d)
     config = _set_up(d, size, passphrase, kdf)
@@ -180,8 +182,7 @@ def run_demo(directory: str | os.PathLike[str] | None = None,
     day2_copies = {"os": d / "day2-os.img", "db": d / "day2-db.img"}
     days: list[DemoDay] = []
     for day in (1, 2, 3):
-        created = rfc3339(now + _dt.timedelta(days=day - 1)) if now else None
-        days.append(_run_day(d, config, day, size, disks, created, passphrase))
+        days.append(_run_day(d, config, day, size, disks, times[day - 1], passphrase))
         if day == 2:
             for label, path in disks.items():
                 copy_sparse(path, day2_copies[label])
@@ -189,6 +190,18 @@ def run_demo(directory: str | os.PathLike[str] | None = None,
     report.password_file = password_file
     report.seconds = round(time.perf_counter() - started, 3)
     return report
+
+
+def _day_times(now: _dt.datetime | None) -> list[str | None]:
+    """The creation times of days 1, 2 and 3 (None: the clock's); each one a point may
+    carry (:func:`check_point_time`), else CbtValueError."""
+    if now is None:
+        return [None, None, None]
+    try:
+        return [check_point_time(rfc3339(now + _dt.timedelta(days=k))) for k in range(3)]
+    except OverflowError:
+        raise CbtValueError(f"demo day 3 ({rfc3339(now)} + 2 days) is past 9999-12-31: "
+                            "a point's time must be from 1970 to 9999") from None
 
 
 def _passphrase(d: Path) -> tuple[Passphrase | None, str | None]:

@@ -4,8 +4,9 @@ A hook runs in its own session.  Its result is its exit status: cbt reads its
 stdout and stderr only while the hook process lives (and for
 :data:`DRAIN_SECONDS` after it exits, for what is still in the pipes), so a hook
 that leaves a child running (``sleep 600 & exit 0``, to hold a lock until the
-post hook) succeeds when it exits, and that child is left alone (it should not
-write to the hook's stdout or stderr any more: cbt has stopped reading them).
+post hook) succeeds when it exits, and that child is left alone: what it still
+writes to the hook's stdout and stderr is read by a thread and thrown away (its
+writes neither fail nor block, no SIGPIPE ends it) until it closes them.
 A hook still running at its timeout is killed with its whole process group,
 children included.  Of each stream only the last :data:`TAIL_BYTES` are kept
 while reading (a flood costs no memory); the stderr tail gives the consistency
@@ -21,6 +22,7 @@ import os
 import selectors
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ TAIL_BYTES = 64 << 10  # kept of each stream while reading
 RECORD_TAIL = 4 << 10  # of each kept tail, what the job record stores
 DRAIN_SECONDS = 0.5  # reading on after the hook exited (a child may hold its pipes)
 _CHUNK = 1 << 16
+DISCARD_PAUSE = 0.01  # after each chunk read from what a hook's child left writing
 
 
 @dataclass
@@ -55,6 +58,8 @@ class HookResult:
         else:
             what = f"{self.phase} hook failed (exit {self.exit_code})"
         tail = " ".join(self.stderr_tail[-STDERR_TAIL:].split())
+        tail = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 256
+                       else "?" for ch in tail)  # printed to terminals and logs: no escapes
         return f"{what}: {tail}" if tail else what
 
     def to_record(self) -> dict[str, Any]:
@@ -83,6 +88,7 @@ def run_hook(argv: Sequence[str], phase: str, vm: str, point: str,
             proc.kill()
             proc.wait()
         tails.drain(time.monotonic() + DRAIN_SECONDS)
+        tails.hand_off()
     except BaseException:
         _kill_group(proc.pid)
         proc.kill()
@@ -108,6 +114,7 @@ class _Tails:
             if pipe is not None:
                 os.set_blocking(pipe.fileno(), False)
                 self.sel.register(pipe, selectors.EVENT_READ, name)
+        self.handed: list[Any] = []  # pipes :meth:`hand_off` gave to a thread
         self.pidfd: int | None = None
         with contextlib.suppress(AttributeError, OSError):  # Linux >= 5.3: woken at its exit
             self.pidfd = os.pidfd_open(proc.pid)
@@ -133,6 +140,17 @@ class _Tails:
             if left <= 0:
                 return
             self._read_once(left)
+
+    def hand_off(self) -> None:
+        """The pipes a child the hook left still holds go to a thread that reads them,
+        throwing the data away, until that child closes them (:func:`_discard`)."""
+        left = [key.fileobj for key in list(self.sel.get_map().values())]
+        for pipe in left:
+            self.sel.unregister(pipe)
+        if left:
+            self.handed = left
+            threading.Thread(target=_discard, args=(self.handed,), name="cbt-hook-output",
+                             daemon=True).start()
 
     def _read_once(self, wait: float) -> None:
         for key, _ in self.sel.select(wait):
@@ -160,8 +178,30 @@ class _Tails:
             self.pidfd = None
         self.sel.close()
         for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
+            if pipe is not None and pipe not in self.handed:
                 pipe.close()
+
+
+def _discard(pipes: list[Any]) -> None:
+    """Read ``pipes`` until each is closed at its other end, keeping nothing; at most
+    :data:`_CHUNK` per :data:`DISCARD_PAUSE` (a child that floods them waits on the full
+    pipe instead of keeping a core busy here)."""
+    with selectors.DefaultSelector() as sel:
+        for pipe in pipes:
+            sel.register(pipe, selectors.EVENT_READ)
+        while sel.get_map():
+            for key, _ in sel.select():
+                try:
+                    chunk = os.read(key.fd, _CHUNK)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    key.fileobj.close()  # type: ignore[union-attr]
+                else:
+                    time.sleep(DISCARD_PAUSE)
 
 
 def _last(text: str, limit: int) -> str:

@@ -232,8 +232,15 @@ class Job:
         save_job(self.vault, self.record)
         self.hooks_started = True
         if hooks.pre:
-            self.pre = run_hook(hooks.pre, "pre", self.vmc.name, self.point_id, hooks.timeout,
-                                hooks.cwd)
+            started = time.monotonic()
+            try:
+                self.pre = run_hook(hooks.pre, "pre", self.vmc.name, self.point_id,
+                                    hooks.timeout, hooks.cwd)
+            except JobAborted as exc:  # the hook's group was killed: its run is recorded
+                self.record.hooks.append(HookResult(
+                    "pre", False, None, False, "", time.monotonic() - started,
+                    error=f"{exc} while it ran").to_record())
+                raise
             self.record.hooks.append(self.pre.to_record())
             if not self.pre.ok and hooks.on_pre_failure == "fail":
                 raise JobFailed(f"{self.pre.describe()} (on_pre_failure = \"fail\")")

@@ -124,18 +124,37 @@ def _day_times(schedule: Schedule, day: _dt.date) -> list[tuple[int, int]]:
 
 def slots_between(schedule: Schedule, timezone: str, start: _dt.datetime,
                   end: _dt.datetime) -> list[_dt.datetime]:
-    """Every slot (UTC) in ``[start, end]``, in order, each once."""
+    """Every slot (UTC) in ``[start, end]``, in order, each once (at the ends of the
+    calendar, years 1 and 9999, no day past them)."""
     tz = zoneinfo.ZoneInfo(timezone)
-    day = start.astimezone(tz).date() - _dt.timedelta(days=1)
-    last = end.astimezone(tz).date() + _dt.timedelta(days=1)
+    day = _add_days(_local_date(start, tz), -1)
+    last = _add_days(_local_date(end, tz), 1)
     out: set[_dt.datetime] = set()
-    while day <= last:
+    while True:
         for h, m in _day_times(schedule, day):
-            t = local_to_utc(day, h, m, tz)
+            try:
+                t = local_to_utc(day, h, m, tz)
+            except OverflowError:  # a wall time whose UTC instant is past year 9999
+                continue
             if start <= t <= end:
                 out.add(t)
+        if day >= last:
+            return sorted(out)
         day += _dt.timedelta(days=1)
-    return sorted(out)
+
+
+def _local_date(t: _dt.datetime, tz: _dt.tzinfo) -> _dt.date:
+    try:
+        return t.astimezone(tz).date()
+    except OverflowError:  # 9999-12-31T23:00Z is in year 10000 east of UTC
+        return _dt.date.max if t.year > 1 else _dt.date.min
+
+
+def _add_days(day: _dt.date, n: int) -> _dt.date:
+    try:
+        return day + _dt.timedelta(days=n)
+    except OverflowError:
+        return day
 
 
 def latest_slot(schedule: Schedule, timezone: str, now: _dt.datetime) -> _dt.datetime | None:

@@ -54,8 +54,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -70,6 +72,7 @@ from cbt.core.blockio import (
     copy_sparse,
     device_size,
     is_block_device,
+    rename_noreplace,
     write_all,
     zero_range,
 )
@@ -410,6 +413,7 @@ class _Target:
     zero_runs: list[tuple[int, int]]  # (first block, count): runs to make read as zeros
     mode: int = 0o600  # of a new file
     zeroed: int = 0
+    lock: int | None = None  # an fd holding the temporary file locked while it is written
 
 
 def image_name(point: PointRecord, label: str) -> str:
@@ -537,7 +541,8 @@ def plan_disk(vault: VaultSpec, index: Index, point_id: str, label: str,
 
 
 def _create_target(t: _Target) -> None:
-    """A new file is created (at its temporary name); a file gets the disk's size."""
+    """A new file is created (at its temporary name, held locked: :func:`lock_temp`);
+    a file gets the disk's size."""
     if t.device:
         return
     if t.write_to != t.final:
@@ -545,9 +550,26 @@ def _create_target(t: _Target) -> None:
                      | os.O_CLOEXEC, 0o600)
         try:
             os.fchmod(fd, t.mode)  # exactly the mode asked, whatever the umask
-        finally:
+            t.lock = lock_temp(fd)
+        except BaseException:
             os.close(fd)
+            raise
     os.truncate(t.write_to, t.size)
+
+
+def lock_temp(fd: int) -> int:
+    """Hold a temporary file locked (flock) through ``fd`` while it is written: what
+    :func:`remove_stale_temps` of another restore checks, whatever its PID namespace or
+    host (the name's PID alone cannot say); the lock goes when ``fd`` is closed.  (It
+    waits for a cleaner that is looking at the new file: it holds the lock a moment.)"""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _unlock(t: _Target) -> None:
+    if t.lock is not None:
+        os.close(t.lock)
+        t.lock = None
 
 
 def _write(jobs: list[_Job], workers: int | None,
@@ -634,13 +656,29 @@ def _finish_target(t: _Target) -> None:
         os.close(fd)
 
 
-def _commit_targets(targets: list[_Target], out_dirs: set[Path]) -> None:
-    """Rename new files into place, then make the renames durable."""
+def _commit_targets(targets: list[_Target], out_dirs: set[Path], force: bool) -> None:
+    """Rename new files into place (replacing a file there only with ``force``), then make
+    the renames durable."""
     for t in targets:
         if t.write_to != t.final:
-            os.replace(t.write_to, t.final)
+            _rename_into_place(t.write_to, t.final, force)
+        _unlock(t)
     for d in out_dirs:
         fsync_dir(d)
+
+
+def _rename_into_place(tmp: Path, final: Path, force: bool) -> None:
+    """``tmp`` becomes ``final``.  Without ``force`` a ``final`` that appeared since the
+    target was checked (another restore into this directory committed it) is kept and
+    this is an error (the rename never replaces: :func:`rename_noreplace`)."""
+    if force:
+        os.replace(tmp, final)
+        return
+    try:
+        rename_noreplace(tmp, final)
+    except FileExistsError:
+        raise CbtIOError(errno.EEXIST, f"target exists: {final} (made by another process "
+                         "while this restore ran; use --force to replace it)") from None
 
 
 # ``.LABEL.img.tmp-PID``: the temporary name (core.durable.temp_name) of a disk restored
@@ -652,22 +690,49 @@ def remove_stale_temps(finals: dict[str, Path], one_disk: bool) -> list[str]:
     """Remove what restores killed before their rename left beside these targets: regular
     files (never links) named as cbt names a target's temporary file (in a ``--to``
     directory any ``.LABEL.img.tmp-PID``; beside one ``--disk`` file only its own
-    ``.NAME.tmp-PID``) whose process is gone.  Returns a warning per file removed."""
+    ``.NAME.tmp-PID``) that no restore holds locked (:func:`lock_temp`) and whose process
+    is gone, or is this one (in a container each run can have the same PID: the name is
+    one of this restore's own, not made yet).  Returns a warning per file removed."""
     removed = []
+    own = {temp_name(final).name for final in finals.values()}
     for final in finals.values():
         pattern = (re.compile(rf"^\.{re.escape(final.name)}\.tmp-([1-9][0-9]{{0,9}})$")
                    if one_disk else _IMAGE_TEMP_RE)
         with contextlib.suppress(OSError), os.scandir(final.parent) as entries:
             for entry in entries:
                 m = pattern.match(entry.name)
-                if m and entry.is_file(follow_symlinks=False) and _gone(int(m.group(1))):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
-                        removed.append(f"removed {entry.path}, left by a restore (process "
-                                       f"{m.group(1)}) that did not finish")
+                if m and entry.is_file(follow_symlinks=False) and _remove_if_stale(
+                        entry.path, int(m.group(1)), entry.name in own):
+                    removed.append(f"removed {entry.path}, left by a restore (process "
+                                   f"{m.group(1)}) that did not finish")
         if not one_disk:
             break  # one directory, every name matched at once
     return removed
+
+
+def _remove_if_stale(path: str, pid: int, own: bool) -> bool:
+    """Unlink the temporary file ``path`` (named with ``pid``) if no restore holds it
+    locked and its process is gone (or it is ``own``); whether it was."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a live restore's (OSError)
+        if not (own and pid == os.getpid()) and not _gone(pid):
+            return False
+        now = os.stat(path, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return False  # replaced meanwhile
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _gone(pid: int) -> bool:
@@ -689,6 +754,7 @@ def _discard_targets(targets: list[_Target]) -> None:
         if t.write_to != t.final:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(t.write_to)
+        _unlock(t)
 
 
 def restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
@@ -717,7 +783,7 @@ def restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
         written = _write(jobs, request.workers, request.progress)
         for t in targets:
             _finish_target(t)
-        _commit_targets(targets, out_dirs)
+        _commit_targets(targets, out_dirs, request.force)
     except BaseException:
         _discard_targets(targets)
         raise
@@ -790,14 +856,17 @@ def _from_snapshot(vault: Vault, point: PointRecord, label: str, snap: str, fina
                    request: RestoreRequest) -> RestoredDisk:
     """2. clone, 3. verify, 4. commit one disk's snapshot; the clone is removed on failure."""
     tmp = temp_name(final)
+    lock: int | None = None
     try:
         try:
             reflink(snap, str(tmp))
             how = "reflink"
         except OSError:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-            copy_sparse(snap, tmp)
             how = "copy"
+        lock = lock_temp(os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+        if how == "copy":
+            copy_sparse(snap, tmp)
         os.chmod(tmp, request.mode)
         manifest = vault.resolve(point, label)
         verify = request.verify_snapshot
@@ -811,11 +880,14 @@ def _from_snapshot(vault: Vault, point: PointRecord, label: str, snap: str, fina
             fsync_file(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, final)
+        _rename_into_place(tmp, final, request.force)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     fsync_dir(final.parent)
     return RestoredDisk(label, str(final), manifest.disk_size,
                         0 if how == "reflink" else manifest.disk_size,

@@ -239,12 +239,30 @@ _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 def check_location(location: str) -> str:
     """``location`` if cbt knows where it is: a local path, not an unknown ``scheme://``
-    (``s3://bucket/x`` would otherwise be a folder named ``s3:``); else CbtValueError."""
+    (``s3://bucket/x`` would otherwise be a folder named ``s3:``), nor what reads as another
+    host's (a ``:`` before the first ``/``, as git, scp and rsync read it: ``host:path``,
+    ``s3:bucket``, ``sftp:host:/x``; ``./host:path`` names the local one); else
+    CbtValueError."""
+    if not location:  # "$VAULT" unset: not the current directory
+        raise CbtValueError("the vault location is empty")
     m = _SCHEME_RE.match(location)
-    if m and m.group(1).lower() not in LOCATION_SCHEMES:
+    if m and m.group(1).lower() in LOCATION_SCHEMES:
+        return location
+    if m:
         raise CbtValueError(f"unknown vault location scheme {m.group(1)!r} in "
-                            f"{location!r}: a vault is a local directory")
+                            f"{location!r}: a vault is a local directory (write "
+                            f"./{location} for a local one)")
+    if ":" in location.split("/", 1)[0]:
+        raise CbtValueError(f"vault location {location!r} reads as another host's or a URL "
+                            f"(a ':' before the first '/'): a vault is a local directory "
+                            f"(write ./{location} for a local one)")
     return location
+
+
+def _local_path(root: str | os.PathLike[str]) -> str:
+    """A text location checked (:func:`check_location`); a path object is a local path
+    already (``Path("./a:b")`` is ``a:b``: no longer marked local)."""
+    return check_location(root) if isinstance(root, str) else os.fspath(root)
 
 
 class LocalStorage(Storage):
@@ -258,12 +276,12 @@ class LocalStorage(Storage):
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = check_location(os.fspath(root))
+        self.root = _local_path(root)
 
     @classmethod
     def create(cls, path: str | os.PathLike[str]) -> LocalStorage:
         """A storage in a new or empty directory (made here, 0700, with its parents)."""
-        p = Path(check_location(os.fspath(path)))
+        p = Path(_local_path(path))
         if p.exists() and not p.is_dir():
             raise CbtIOError(errno.ENOTDIR, f"not a directory: {p}")
         if p.is_dir() and any(p.iterdir()):
@@ -797,7 +815,7 @@ _MEMORY_MUTEX = threading.Lock()
 def open_storage(spec: StorageSpec) -> Storage:
     """Reopen a storage from its :meth:`Storage.spec` (in a worker)."""
     if spec.kind == "local":
-        return LocalStorage(spec.location)
+        return LocalStorage(Path(spec.location))  # checked when the vault was opened
     if spec.kind == "memory":
         with _MEMORY_MUTEX:
             found = _MEMORY.get(spec.location)

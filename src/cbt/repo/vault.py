@@ -207,7 +207,8 @@ class Vault:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], passphrase: Passphrase | None = None) -> Self:
-        return cls.open_on(LocalStorage(Path(check_location(os.fspath(path)))), passphrase)
+        where = Path(check_location(path) if isinstance(path, str) else path)
+        return cls.open_on(LocalStorage(where), passphrase)
 
     @classmethod
     def open_on(cls, storage: Storage, passphrase: Passphrase | None = None) -> Self:
