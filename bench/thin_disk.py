@@ -31,6 +31,7 @@ from typing import Any
 
 import harness
 
+from cbt.core.extents import data_extents
 from cbt.core.sizes import human_bytes
 
 PIECES = 300
@@ -74,22 +75,16 @@ def timed(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
 
 def same_data(a: Path, b: Path, chunk: int = 8 << 20) -> bool:
     """Equal apparent sizes, and equal bytes wherever either file holds data."""
-    if a.stat().st_size != b.stat().st_size:
+    size = a.stat().st_size
+    if b.stat().st_size != size:
         return False
     with open(a, "rb") as fa, open(b, "rb") as fb:
         for f in (fa, fb):
-            pos = 0
-            while True:
-                try:
-                    start = os.lseek(f.fileno(), pos, os.SEEK_DATA)
-                except OSError:
-                    break
-                end = os.lseek(f.fileno(), start, os.SEEK_HOLE)
+            for start, end in data_extents(f.fileno(), size):
                 for at in range(start, end, chunk):
                     n = min(chunk, end - at)
                     if os.pread(fa.fileno(), n, at) != os.pread(fb.fileno(), n, at):
                         return False
-                pos = end
     return True
 
 
