@@ -283,7 +283,7 @@ def _read_job(vault: Vault, job: _Job) -> tuple[list[bytes | memoryview], npt.ND
     and which of them were already checked against their digests."""
     where = f"point {job.point} disk {job.label} block {{}} pack {job.pack}"
     try:
-        pack = memoryview(_map_pack(vault.storage, job.pack))
+        pack = memoryview(_map_pack(vault.storage, job.pack, _spans(job)))
     except (OSError, ValueError) as exc:
         raise DamagedPointError(f"{where.format(int(job.blocks[0]))}: {exc}") from None
     if vault.keys is None:
@@ -379,11 +379,27 @@ def _open_sealed_raw(cipher: Cipher, id_key: bytes | None, job: _Job, pack: memo
     return dict(zip(idx.tolist(), outs, strict=True))
 
 
-def _map_pack(storage: Storage, pack: str) -> Any:
-    """Map a pack (or read it, where storage cannot map), from the trash if a gc moved it."""
+# Blobs of a job less than this apart are faulted in as one span (one madvise call);
+# farther apart, the bytes between them are not read.
+SPAN_GAP = 256 << 10
+
+
+def _spans(job: _Job) -> list[tuple[int, int]]:
+    """The byte ranges of the pack holding the job's blobs (sorted by offset), gaps
+    under :data:`SPAN_GAP` closed: what a restore reads of the pack."""
+    starts = job.offsets.astype(np.int64)
+    ends = starts + job.lengths.astype(np.int64)
+    cut = np.flatnonzero(starts[1:] - np.maximum.accumulate(ends)[:-1] >= SPAN_GAP) + 1
+    firsts, lasts = np.split(starts, cut), np.split(ends, cut)
+    return [(int(a.min()), int(b.max())) for a, b in zip(firsts, lasts, strict=True) if len(a)]
+
+
+def _map_pack(storage: Storage, pack: str, spans: list[tuple[int, int]]) -> Any:
+    """Map a pack (or read it, where storage cannot map), from the trash if a gc moved it;
+    only ``spans`` of it are read (faulted in) now."""
     for name in (pack_name(pack), trash_name(pack)):
         try:
-            return storage.map(name)
+            return storage.map(name, spans)
         except OSError as exc:
             if exc.errno != errno.ENOENT or name != pack_name(pack):
                 raise
