@@ -9,6 +9,8 @@ The read errors are real (``helpers.badblocks``).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,36 @@ def test_restore_reads_only_the_blocks_it_needs_of_a_pack(tmp_path: Path,
         line = one_error_line(bad)
     assert f"unreadable in vault: {pack} at byte {page}: Input/output error" in line, line
     assert not (tmp_path / "x" / "vda.img").exists()
+
+
+# cbt on a kernel without MADV_POPULATE_READ (before Linux 5.14): the advice
+# number replaced by one no kernel knows, so madvise fails with EINVAL as there.
+OLD_KERNEL = ("import sys, cbt.core.blockio as b; b.MADV_POPULATE_READ = 0x7fff; "
+              "from cbt.cli.main import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _old_kernel_cbt(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", OLD_KERNEL, *map(str, args)],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_unreadable_pack_and_target_without_populate_advice(tmp_path: Path) -> None:
+    """Without the advice, what a restore maps is checked with ``pread`` instead: an
+    unreadable pack or ``--in-place`` target is the one line, not a SIGBUS of cbt."""
+    disk = tmp_path / "disk.img"
+    random_file(disk, 4 * MIB)
+    with bad_btrfs(tmp_path) as fs:
+        vault, target = fs.mnt / "vault", fs.mnt / "target.img"
+        random_file(target, 4 * MIB, seed=5)
+        assert cbt("init", "--encryption", "none", vault).returncode == 0
+        assert cbt("backup", vault, f"vda={disk}", "--vm", "vm",
+                   "--workers", "1").returncode == 0
+        (pack,) = (vault / "packs").rglob("*.pack")
+        page = fs.corrupt(pack, pack.stat().st_size // 2)
+        tpage = fs.corrupt(target, 3 * MIB)
+        restored = _old_kernel_cbt("restore", vault, "vm.latest", "--to", tmp_path / "out")
+        in_place = _old_kernel_cbt("restore", vault, "vm.latest", "--disk", "vda",
+                                   "--to", target, "--in-place")
+    line = one_error_line(restored)
+    assert f"unreadable in vault: {pack} at byte {page}: Input/output error" in line, line
+    assert one_error_line(in_place).endswith(_eio(target, tpage)), in_place.stderr

@@ -53,12 +53,16 @@ MADV_POPULATE_READ = 22
 PAGE = mmap.PAGESIZE
 
 
-def populate(m: mmap.mmap, start: int = 0, length: int | None = None) -> bool:
+def populate(m: mmap.mmap, start: int = 0, length: int | None = None, *,
+             fd: int | None = None, offset: int = 0) -> bool:
     """Fault in ``[start, start+length)`` of a mapping; False where a page cannot be read.
 
     A page that cannot be read (a read error, a file truncated below it) would
-    kill the process with SIGBUS when touched; here it is only False.  True
-    also where the kernel lacks the advice (then nothing is checked).
+    kill the process with SIGBUS when touched; here it is only False.  Where the
+    kernel lacks the advice (before Linux 5.14: EINVAL) the range is read with
+    ``pread`` from ``fd``, the mapped file (mapped from its byte ``offset``),
+    instead: into the page cache the mapping then finds it in.  Without ``fd``
+    nothing is checked there (True).
     """
     end = len(m) if length is None else min(len(m), start + length)
     start -= start % PAGE
@@ -67,7 +71,10 @@ def populate(m: mmap.mmap, start: int = 0, length: int | None = None) -> bool:
     try:
         m.madvise(MADV_POPULATE_READ, start, end - start)
     except OSError as exc:
-        return exc.errno in (errno.EINVAL, errno.ENOSYS)  # (an older kernel)
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+            return False
+        # (an older kernel) read it; a file that ends early is not readable either
+        return fd is None or first_unreadable(fd, offset + start, end - start) is None
     return True
 
 

@@ -419,7 +419,7 @@ class LocalStorage(Storage):
                 return b""
             m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             for start, end in [(0, size)] if spans is None else spans:
-                if not populate(m, start, end - start):  # (else a SIGBUS when touched)
+                if not populate(m, start, end - start, fd=fd):  # (else a SIGBUS when touched)
                     m.close()
                     raise self._unreadable(name, fd, start, min(end, size) - start, None)
             return m

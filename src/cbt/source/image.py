@@ -208,7 +208,7 @@ def map_windows(fd: int, size: int, block_size: int, lo: int, hi: int, path: str
             if read_ahead:
                 m.madvise(mmap.MADV_SEQUENTIAL)
                 m.madvise(mmap.MADV_WILLNEED)
-                if not populate(m):  # touched, a page it could not read would be a SIGBUS
+                if not populate(m, fd=fd, offset=offset):  # (else a SIGBUS when touched)
                     raise _read_error(fd, path, offset, length, size)
             yield first, m
         finally:
