@@ -19,7 +19,7 @@ from helpers.badblocks import bad_btrfs, random_file
 
 from cbt.core.errors import CbtError, SourceReadError
 from cbt.core.parallel import Report, WorkerError, fork_map
-from cbt.source.image import explain_death, map_windows, open_image
+from cbt.source.image import explain_death, map_windows, open_image, open_source
 from cbt.source.scan import scan_blocks
 
 
@@ -167,3 +167,31 @@ def test_worker_killed_by_an_unreadable_page_is_explained(tmp_path: Path) -> Non
         err = explain_death(exc, (str(img), 4 * MIB))
     assert err.errno == errno.EIO and err.offset == page
     assert str(err.strerror) == f"read error on {img} at byte {page}: Input/output error"
+
+
+def test_worker_refuses_a_disk_replaced_since_it_was_planned(tmp_path: Path) -> None:
+    """A worker reopens the disk by its path: another file renamed over it, a link turned
+    to another disk, or a directory or FIFO there now is refused (the point would mix
+    two disks); the same file, grown or rewritten, is read."""
+    img, other = tmp_path / "disk.img", tmp_path / "other.img"
+    img.write_bytes(b"a" * 8192)
+    other.write_bytes(b"b" * 8192)
+    link = tmp_path / "link.img"
+    link.symlink_to(img)
+    specs = [open_image(p).spec() for p in (img, link)]
+    with open(img, "ab") as f:  # the same file, grown: fine
+        f.write(b"c" * 4096)
+    for spec in specs:
+        open_source(spec).close()
+    os.rename(other, img)
+    for spec in specs:
+        with pytest.raises(SourceReadError, match=r"was replaced while it was read"):
+            open_source(spec)
+    img.unlink()
+    os.mkfifo(img)
+    with pytest.raises(SourceReadError, match=r"not a regular file .*replaced or removed"):
+        open_source(specs[0])
+    img.unlink()
+    img.mkdir()
+    with pytest.raises(SourceReadError, match=r"is a directory.*replaced or removed"):
+        open_source(specs[0])
