@@ -25,6 +25,7 @@ import stat
 import struct
 import threading
 
+from cbt.core.errors import CbtIOError
 from cbt.core.extents import data_extents
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -210,14 +211,28 @@ def write_all(fd: int, offset: int, data: bytes | bytearray | memoryview) -> Non
 
 
 def copy_sparse(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Copy a file keeping its holes (only data extents are written)."""
+    """Copy a file keeping its holes (only data extents are written).
+
+    A read error is a CbtIOError naming ``src``, the first byte (of its page) that
+    cannot be read and the error; a ``src`` that shrinks under the copy is one too.
+    """
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         size = os.fstat(fi.fileno()).st_size
         fo.truncate(size)
         for start, end in data_extents(fi.fileno(), size):
             pos = start
             while pos < end:
-                chunk = os.pread(fi.fileno(), min(8 << 20, end - pos), pos)
+                try:
+                    chunk = os.pread(fi.fileno(), min(8 << 20, end - pos), pos)
+                except OSError as exc:
+                    at, err = first_unreadable(fi.fileno(), pos, end - pos) or (pos, exc)
+                    err = err or exc
+                    raise CbtIOError(err.errno or errno.EIO, f"read error on {os.fspath(src)} "
+                                     f"at byte {at}: {err.strerror or err}") from None
+                if not chunk:  # (else read at the new end for ever)
+                    raise CbtIOError(errno.EIO, f"{os.fspath(src)} shrank while it was copied: "
+                                     f"it ends at byte {os.fstat(fi.fileno()).st_size}, it "
+                                     f"had {size} bytes")
                 write_all(fo.fileno(), pos, chunk)
                 pos += len(chunk)
 
