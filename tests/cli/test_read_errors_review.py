@@ -9,6 +9,7 @@ The read errors are real (``helpers.badblocks``).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from helpers import MIB
 from helpers.badblocks import bad_btrfs, random_file
 from helpers.cli import cbt, one_error_line
+from helpers.jobs import job_config, jobs_json, statuses
 from helpers.vaults import encrypted_env
 
 
@@ -117,3 +119,27 @@ def test_unreadable_pack_and_target_without_populate_advice(tmp_path: Path) -> N
     line = one_error_line(restored)
     assert f"unreadable in vault: {pack} at byte {page}: Input/output error" in line, line
     assert one_error_line(in_place).endswith(_eio(target, tpage)), in_place.stderr
+
+
+def test_run_due_job_of_a_disk_unreadable_after_a_hole(tmp_path: Path) -> None:
+    """``cbt run-due`` of a config job whose disk has an unreadable page just after a
+    hole (the first page of a data extent): exit 2, the one line, and the job record
+    says failed with that line."""
+    vault = tmp_path / "vault"
+    assert cbt("init", "--encryption", "none", vault).returncode == 0
+    with bad_btrfs(tmp_path) as fs:
+        img = fs.mnt / "disk.img"
+        random_file(img, 6 * MIB)
+        with open(img, "r+b") as f:  # a hole of 1 MiB at 2 MiB
+            os.truncate(img, 2 * MIB)
+            f.seek(3 * MIB)
+            f.write(os.urandom(3 * MIB))
+        page = fs.corrupt(img, 3 * MIB)
+        cfg = job_config(tmp_path / "cbt.toml", {"web": {"disks": {"vda": str(img)}}},
+                         vault=str(vault))
+        r = cbt("run-due", "--config", cfg, "--now", "2026-01-01T00:00:00Z")
+        jobs = jobs_json(vault)
+    line = one_error_line(r)
+    assert line.endswith(f"disk.img at byte {page}: Input/output error"), line
+    assert statuses(jobs) == ["failed"], jobs
+    assert line.endswith(jobs[0]["error"]), (line, jobs[0]["error"])
