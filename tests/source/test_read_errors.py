@@ -195,3 +195,37 @@ def test_worker_refuses_a_disk_replaced_since_it_was_planned(tmp_path: Path) -> 
     img.mkdir()
     with pytest.raises(SourceReadError, match=r"is a directory.*replaced or removed"):
         open_source(specs[0])
+
+
+@pytest.mark.parametrize("how", ["shrank", "replaced"])
+def test_in_place_target_that_changes_while_it_is_restored(tmp_path: Path, how: str) -> None:
+    """``restore --in-place`` compares the target, then rewrites only the blocks that
+    differ: a target truncated (or renamed over) after the comparison would keep zeros
+    (or another file's blocks) where the blocks compared equal, and the restore said
+    it succeeded.  Now it is an error naming the target."""
+    import cbt as cbt_api
+    from cbt.core.errors import CbtIOError
+
+    disk, target = tmp_path / "disk.img", tmp_path / "target.img"
+    data = random_file(disk, 16 * MIB)
+    v = cbt_api.Vault.init(tmp_path / "vault")
+    point = v.backup("vm", [disk], workers=1).id
+    target.write_bytes(data)
+    with open(target, "r+b") as f:  # one block in the middle differs
+        f.seek(8 * MIB)
+        f.write(b"x" * 4096)
+    other = tmp_path / "other.img"
+    other.write_bytes(data[:12 * MIB])
+    done = []
+
+    def meddle(_done: int, _total: int) -> None:
+        if not done:
+            done.append(1)
+            if how == "shrank":
+                os.truncate(target, 12 * MIB)
+            else:
+                os.rename(other, target)
+
+    with pytest.raises(CbtIOError, match=f"{target} {how} while it was restored in place"):
+        v.restore(point, target, disk="disk", in_place=True, progress=meddle, workers=1)
+    assert done

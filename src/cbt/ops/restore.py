@@ -422,6 +422,9 @@ class _Target:
     zero_rows: npt.NDArray[np.int64]  # blocks to make read as zeros
     mode: int = 0o600  # of a new file
     zeroed: int = 0
+    # in place, a file: (st_dev, st_ino, size) when it was compared; the blocks that
+    # compared equal are not written, so it must be that file, no shorter, to the end
+    compared: tuple[int, int, int] | None = None
 
 
 def image_name(point: PointRecord, label: str) -> str:
@@ -499,7 +502,11 @@ def _plan_target(vault: Vault, index: Index, point_id: str, label: str, manifest
     device = is_block_device(final)
     _check_target(final, label, manifest.disk_size, device, request)
     write_to = final
+    compared = None
     if request.in_place:
+        if not device:
+            st = os.stat(final)
+            compared = (st.st_dev, st.st_ino, st.st_size)
         rows, zero_rows = _differing_blocks(final, manifest, request.workers, vault.id_key)
     else:
         is_data = manifest.flags == fast.FLAG_DATA
@@ -510,7 +517,7 @@ def _plan_target(vault: Vault, index: Index, point_id: str, label: str, manifest
         if not device:
             write_to = temp_name(final)
     target = _Target(label, final, write_to, manifest.disk_size, manifest.block_size, device,
-                     zero_rows, request.mode)
+                     zero_rows, request.mode, compared=compared)
     jobs = plan_disk(vault.spec(), index, point_id, label, manifest, str(write_to), rows)
     return target, jobs
 
@@ -550,6 +557,12 @@ def _create_target(t: _Target) -> None:
     """A new file is created (at its temporary name); a file gets the disk's size."""
     if t.device:
         return
+    if t.compared is not None:
+        fd = os.open(t.write_to, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _check_compared(t, fd, min(t.compared[2], t.size))
+        finally:
+            os.close(fd)
     if t.write_to != t.final:
         fd = os.open(t.write_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)
@@ -622,10 +635,25 @@ def _zero_runs(rows: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
     return [(int(rows[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
 
 
+def _check_compared(t: _Target, fd: int, size: int) -> None:
+    """An in-place target is still the file compared (``fd`` opened by its path now), and
+    at least ``size`` bytes long: else the blocks that compared equal are not there."""
+    assert t.compared is not None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != t.compared[:2]:
+        raise CbtIOError(errno.ESTALE, f"{t.final} replaced while it was restored in place: "
+                         "another file is there now; restore again")
+    if st.st_size < size:
+        raise CbtIOError(errno.EIO, f"{t.final} shrank while it was restored in place: it "
+                         f"ends at byte {st.st_size}, it had {size} bytes; restore again")
+
+
 def _finish_target(t: _Target) -> None:
     """Zero what must read as zeros (counted in ``t.zeroed``), fsync."""
     fd = os.open(t.write_to, os.O_WRONLY)
     try:
+        if t.compared is not None:
+            _check_compared(t, fd, t.size)
         for first, count in _zero_runs(t.zero_rows):
             lo = first * t.block_size
             hi = min((first + count) * t.block_size, t.size)
