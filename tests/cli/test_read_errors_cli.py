@@ -172,8 +172,10 @@ def test_unreadable_pack_is_unreadable_not_missing(tmp_path: Path, encrypted: bo
         restored = cbt("restore", vault, point, "--to", tmp_path / "out", env=env)
     assert r.returncode != 0 and problems, (r.stdout, r.stderr)
     reasons = {p["problem"] for p in problems}
-    want = f"pack unreadable: unreadable in vault: {pack} at byte {page}: Input/output error"
-    assert reasons == {want}, reasons
+    want = f"pack unreadable in vault: {pack} at byte {page}: Input/output error"
+    assert reasons == {want}, reasons  # ("unreadable" said once)
+    assert all(set(p) >= {"point", "disk", "block", "pack", "problem"} for p in problems)
     line = one_error_line(restored)
     assert f"unreadable in vault: {pack} at byte {page}: Input/output error" in line, line
     assert "missing" not in line and "Errno" not in line, line
+    assert line.replace(str(tmp_path), "").count("unreadable") == 1, line

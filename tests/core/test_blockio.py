@@ -60,3 +60,65 @@ def test_data_written_with_writeback_reads_back(tmp_path: Path) -> None:
         os.close(fd)
         wb.close()
     assert path.read_bytes() == data
+
+
+# copy_sparse of a source truncated under it, once the first chunk is written (a
+# thread watches the copy's allocated blocks); run apart, so a copy that never ends
+# is a timeout, not a test run that hangs.
+SHRINK = r"""
+import os, sys, threading
+from cbt.core.blockio import copy_sparse
+from cbt.core.errors import CbtIOError
+src, dst = sys.argv[1], sys.argv[2]
+with open(src, "wb") as f:
+    f.write(os.urandom(256 << 20))
+def shrink():
+    while True:
+        try:
+            if os.stat(dst).st_blocks > 0:
+                break
+        except FileNotFoundError:
+            pass
+    os.truncate(src, 12345)
+threading.Thread(target=shrink, daemon=True).start()
+try:
+    copy_sparse(src, dst)
+except CbtIOError as exc:
+    print(exc)
+else:
+    print("copied", os.path.getsize(dst))
+"""
+
+
+def test_copy_sparse_of_a_source_that_shrinks(tmp_path: Path) -> None:
+    """Instant restore copies a kept snapshot where it cannot reflink it: a snapshot that
+    shrinks under the copy is an error naming it, not a copy that never ends (a read
+    at the new end returns nothing)."""
+    import subprocess
+    import sys
+
+    src, dst = tmp_path / "snap.img", tmp_path / "copy.img"
+    r = subprocess.run([sys.executable, "-c", SHRINK, str(src), str(dst)],
+                       capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{src} shrank while it was copied: it ends at byte "), r.stdout
+
+
+def test_copy_sparse_of_an_unreadable_source(tmp_path: Path) -> None:
+    """A read error in the source names the file, the byte (its page) and the error."""
+    from helpers.badblocks import bad_btrfs, random_file
+
+    from cbt.core.blockio import copy_sparse
+    from cbt.core.errors import CbtIOError
+
+    with bad_btrfs(tmp_path) as fs:
+        src = fs.mnt / "snap.img"
+        random_file(src, 4 * MIB)
+        page = fs.corrupt(src, 3 * MIB + 5)
+        try:
+            copy_sparse(src, tmp_path / "copy.img")
+        except CbtIOError as exc:
+            got = str(exc)
+        else:
+            got = "copied"
+    assert got == f"read error on {src} at byte {page}: Input/output error", got

@@ -19,7 +19,7 @@ from helpers.badblocks import bad_btrfs, random_file
 
 from cbt.core.errors import CbtError, SourceReadError
 from cbt.core.parallel import Report, WorkerError, fork_map
-from cbt.source.image import explain_death, map_windows, open_image
+from cbt.source.image import explain_death, map_windows, open_image, open_source
 from cbt.source.scan import scan_blocks
 
 
@@ -167,3 +167,65 @@ def test_worker_killed_by_an_unreadable_page_is_explained(tmp_path: Path) -> Non
         err = explain_death(exc, (str(img), 4 * MIB))
     assert err.errno == errno.EIO and err.offset == page
     assert str(err.strerror) == f"read error on {img} at byte {page}: Input/output error"
+
+
+def test_worker_refuses_a_disk_replaced_since_it_was_planned(tmp_path: Path) -> None:
+    """A worker reopens the disk by its path: another file renamed over it, a link turned
+    to another disk, or a directory or FIFO there now is refused (the point would mix
+    two disks); the same file, grown or rewritten, is read."""
+    img, other = tmp_path / "disk.img", tmp_path / "other.img"
+    img.write_bytes(b"a" * 8192)
+    other.write_bytes(b"b" * 8192)
+    link = tmp_path / "link.img"
+    link.symlink_to(img)
+    specs = [open_image(p).spec() for p in (img, link)]
+    with open(img, "ab") as f:  # the same file, grown: fine
+        f.write(b"c" * 4096)
+    for spec in specs:
+        open_source(spec).close()
+    os.rename(other, img)
+    for spec in specs:
+        with pytest.raises(SourceReadError, match=r"was replaced while it was read"):
+            open_source(spec)
+    img.unlink()
+    os.mkfifo(img)
+    with pytest.raises(SourceReadError, match=r"not a regular file .*replaced or removed"):
+        open_source(specs[0])
+    img.unlink()
+    img.mkdir()
+    with pytest.raises(SourceReadError, match=r"is a directory.*replaced or removed"):
+        open_source(specs[0])
+
+
+@pytest.mark.parametrize("how", ["shrank", "replaced"])
+def test_in_place_target_that_changes_while_it_is_restored(tmp_path: Path, how: str) -> None:
+    """``restore --in-place`` compares the target, then rewrites only the blocks that
+    differ: a target truncated (or renamed over) after the comparison would keep zeros
+    (or another file's blocks) where the blocks compared equal, and the restore said
+    it succeeded.  Now it is an error naming the target."""
+    import cbt as cbt_api
+    from cbt.core.errors import CbtIOError
+
+    disk, target = tmp_path / "disk.img", tmp_path / "target.img"
+    data = random_file(disk, 16 * MIB)
+    v = cbt_api.Vault.init(tmp_path / "vault")
+    point = v.backup("vm", [disk], workers=1).id
+    target.write_bytes(data)
+    with open(target, "r+b") as f:  # one block in the middle differs
+        f.seek(8 * MIB)
+        f.write(b"x" * 4096)
+    other = tmp_path / "other.img"
+    other.write_bytes(data[:12 * MIB])
+    done = []
+
+    def meddle(_done: int, _total: int) -> None:
+        if not done:
+            done.append(1)
+            if how == "shrank":
+                os.truncate(target, 12 * MIB)
+            else:
+                os.rename(other, target)
+
+    with pytest.raises(CbtIOError, match=f"{target} {how} while it was restored in place"):
+        v.restore(point, target, disk="disk", in_place=True, progress=meddle, workers=1)
+    assert done

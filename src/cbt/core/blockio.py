@@ -25,6 +25,7 @@ import stat
 import struct
 import threading
 
+from cbt.core.errors import CbtIOError
 from cbt.core.extents import data_extents
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -84,12 +85,16 @@ MADV_POPULATE_READ = 22
 PAGE = mmap.PAGESIZE
 
 
-def populate(m: mmap.mmap, start: int = 0, length: int | None = None) -> bool:
+def populate(m: mmap.mmap, start: int = 0, length: int | None = None, *,
+             fd: int | None = None, offset: int = 0) -> bool:
     """Fault in ``[start, start+length)`` of a mapping; False where a page cannot be read.
 
     A page that cannot be read (a read error, a file truncated below it) would
-    kill the process with SIGBUS when touched; here it is only False.  True
-    also where the kernel lacks the advice (then nothing is checked).
+    kill the process with SIGBUS when touched; here it is only False.  Where the
+    kernel lacks the advice (before Linux 5.14: EINVAL) the range is read with
+    ``pread`` from ``fd``, the mapped file (mapped from its byte ``offset``),
+    instead: into the page cache the mapping then finds it in.  Without ``fd``
+    nothing is checked there (True).
     """
     end = len(m) if length is None else min(len(m), start + length)
     start -= start % PAGE
@@ -98,7 +103,10 @@ def populate(m: mmap.mmap, start: int = 0, length: int | None = None) -> bool:
     try:
         m.madvise(MADV_POPULATE_READ, start, end - start)
     except OSError as exc:
-        return exc.errno in (errno.EINVAL, errno.ENOSYS)  # (an older kernel)
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+            return False
+        # (an older kernel) read it; a file that ends early is not readable either
+        return fd is None or first_unreadable(fd, offset + start, end - start) is None
     return True
 
 
@@ -234,14 +242,28 @@ def write_all(fd: int, offset: int, data: bytes | bytearray | memoryview) -> Non
 
 
 def copy_sparse(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Copy a file keeping its holes (only data extents are written)."""
+    """Copy a file keeping its holes (only data extents are written).
+
+    A read error is a CbtIOError naming ``src``, the first byte (of its page) that
+    cannot be read and the error; a ``src`` that shrinks under the copy is one too.
+    """
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         size = os.fstat(fi.fileno()).st_size
         fo.truncate(size)
         for start, end in data_extents(fi.fileno(), size):
             pos = start
             while pos < end:
-                chunk = os.pread(fi.fileno(), min(8 << 20, end - pos), pos)
+                try:
+                    chunk = os.pread(fi.fileno(), min(8 << 20, end - pos), pos)
+                except OSError as exc:
+                    at, err = first_unreadable(fi.fileno(), pos, end - pos) or (pos, exc)
+                    err = err or exc
+                    raise CbtIOError(err.errno or errno.EIO, f"read error on {os.fspath(src)} "
+                                     f"at byte {at}: {err.strerror or err}") from None
+                if not chunk:  # (else read at the new end for ever)
+                    raise CbtIOError(errno.EIO, f"{os.fspath(src)} shrank while it was copied: "
+                                     f"it ends at byte {os.fstat(fi.fileno()).st_size}, it "
+                                     f"had {size} bytes")
                 write_all(fo.fileno(), pos, chunk)
                 pos += len(chunk)
 

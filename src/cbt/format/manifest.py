@@ -40,6 +40,7 @@ Writes go through :mod:`cbt.durable` (temporary name, fsync, rename).
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cbt.core.durable import atomic_write
-from cbt.core.errors import CorruptManifestError
+from cbt.core.errors import CbtIOError, CorruptManifestError
 from cbt.core.native import fast
 
 # Do not modify: these identify every manifest ever written.
@@ -673,6 +674,14 @@ def manifest_file_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def is_manifest_file(path: str | os.PathLike[str]) -> bool:
-    """True when the file starts with Arrow's file magic (``ARROW1``)."""
+    """True when the file starts with Arrow's file magic (``ARROW1``).
+
+    A first page that cannot be read (a disk image with a read error) is a
+    :class:`CbtIOError` naming the file, the byte and the error, as a disk read names it.
+    """
     with open(path, "rb") as f:
-        return f.read(len(ARROW_FILE_MAGIC)) == ARROW_FILE_MAGIC
+        try:
+            return f.read(len(ARROW_FILE_MAGIC)) == ARROW_FILE_MAGIC
+        except OSError as exc:
+            raise CbtIOError(exc.errno or errno.EIO, f"read error on {os.fspath(path)} at "
+                             f"byte 0: {exc.strerror or exc}") from None

@@ -290,7 +290,7 @@ def _read_job(vault: Vault, job: _Job) -> tuple[list[bytes | memoryview], npt.ND
     and which of them were already checked against their digests."""
     where = f"point {job.point} disk {job.label} block {{}} pack {job.pack}"
     try:
-        pack = memoryview(_map_pack(vault.storage, job.pack))
+        pack = memoryview(_map_pack(vault.storage, job.pack, _spans(job)))
     except (OSError, ValueError) as exc:
         raise DamagedPointError(f"{where.format(int(job.blocks[0]))}: {exc}") from None
     if vault.keys is None:
@@ -386,11 +386,27 @@ def _open_sealed_raw(cipher: Cipher, id_key: bytes | None, job: _Job, pack: memo
     return dict(zip(idx.tolist(), outs, strict=True))
 
 
-def _map_pack(storage: Storage, pack: str) -> Any:
-    """Map a pack (or read it, where storage cannot map), from the trash if a gc moved it."""
+# Blobs of a job less than this apart are faulted in as one span (one madvise call);
+# farther apart, the bytes between them are not read.
+SPAN_GAP = 256 << 10
+
+
+def _spans(job: _Job) -> list[tuple[int, int]]:
+    """The byte ranges of the pack holding the job's blobs (sorted by offset), gaps
+    under :data:`SPAN_GAP` closed: what a restore reads of the pack."""
+    starts = job.offsets.astype(np.int64)
+    ends = starts + job.lengths.astype(np.int64)
+    cut = np.flatnonzero(starts[1:] - np.maximum.accumulate(ends)[:-1] >= SPAN_GAP) + 1
+    firsts, lasts = np.split(starts, cut), np.split(ends, cut)
+    return [(int(a.min()), int(b.max())) for a, b in zip(firsts, lasts, strict=True) if len(a)]
+
+
+def _map_pack(storage: Storage, pack: str, spans: list[tuple[int, int]]) -> Any:
+    """Map a pack (or read it, where storage cannot map), from the trash if a gc moved it;
+    only ``spans`` of it are read (faulted in) now."""
     for name in (pack_name(pack), trash_name(pack)):
         try:
-            return storage.map(name)
+            return storage.map(name, spans)
         except OSError as exc:
             if exc.errno != errno.ENOENT or name != pack_name(pack):
                 raise
@@ -414,6 +430,9 @@ class _Target:
     mode: int = 0o600  # of a new file
     zeroed: int = 0
     lock: int | None = None  # an fd holding the temporary file locked while it is written
+    # in place, a file: (st_dev, st_ino, size) when it was compared; the blocks that
+    # compared equal are not written, so it must be that file, no shorter, to the end
+    compared: tuple[int, int, int] | None = None
 
 
 def image_name(point: PointRecord, label: str) -> str:
@@ -493,7 +512,11 @@ def _plan_target(vault: Vault, index: Index, point_id: str, label: str, manifest
     device = is_block_device(final)
     _check_target(final, label, manifest.disk_size, device, request)
     write_to = final
+    compared = None
     if request.in_place:
+        if not device:
+            st = os.stat(final)
+            compared = (st.st_dev, st.st_ino, st.st_size)
         rows, zero_rows = _differing_blocks(final, manifest, request.workers, vault.id_key)
         zero_runs = _zero_runs(zero_rows)
     else:
@@ -504,7 +527,7 @@ def _plan_target(vault: Vault, index: Index, point_id: str, label: str, manifest
         if not device:
             write_to = temp_name(final)
     target = _Target(label, final, write_to, manifest.disk_size, manifest.block_size, device,
-                     zero_runs, request.mode)
+                     zero_runs, request.mode, compared=compared)
     jobs = plan_disk(vault.spec(), index, point_id, label, manifest, str(write_to), rows)
     return target, jobs
 
@@ -545,6 +568,12 @@ def _create_target(t: _Target) -> None:
     a file gets the disk's size."""
     if t.device:
         return
+    if t.compared is not None:
+        fd = os.open(t.write_to, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _check_compared(t, fd, min(t.compared[2], t.size))
+        finally:
+            os.close(fd)
     if t.write_to != t.final:
         fd = os.open(t.write_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)
@@ -642,10 +671,25 @@ def _gaps(rows: npt.NDArray[np.int64], n: int) -> list[tuple[int, int]]:
     return [(int(a), int(b - a)) for a, b in zip(starts[keep], ends[keep], strict=True)]
 
 
+def _check_compared(t: _Target, fd: int, size: int) -> None:
+    """An in-place target is still the file compared (``fd`` opened by its path now), and
+    at least ``size`` bytes long: else the blocks that compared equal are not there."""
+    assert t.compared is not None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != t.compared[:2]:
+        raise CbtIOError(errno.ESTALE, f"{t.final} replaced while it was restored in place: "
+                         "another file is there now; restore again")
+    if st.st_size < size:
+        raise CbtIOError(errno.EIO, f"{t.final} shrank while it was restored in place: it "
+                         f"ends at byte {st.st_size}, it had {size} bytes; restore again")
+
+
 def _finish_target(t: _Target) -> None:
     """Zero what must read as zeros (counted in ``t.zeroed``), fsync."""
     fd = os.open(t.write_to, os.O_WRONLY)
     try:
+        if t.compared is not None:
+            _check_compared(t, fd, t.size)
         for first, count in t.zero_runs:
             lo = first * t.block_size
             hi = min((first + count) * t.block_size, t.size)

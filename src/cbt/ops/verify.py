@@ -258,8 +258,10 @@ def _check_pack(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64]
     try:
         blob = vault.storage.get(pack_name(pid))
     except OSError as exc:  # (there but unreadable is not missing: the error says what)
+        said = str(exc.strerror or exc)  # (storage's own line starts "unreadable in vault")
         why = ("pack missing" if exc.errno in (errno.ENOENT, None)
-               else f"pack unreadable: {exc.strerror or exc}")
+               else f"pack {said}" if said.startswith("unreadable")
+               else f"pack unreadable: {said}")
         bad.update((int(p), why) for p in pos)
         return
     ends = index.offset[pos].astype(np.int64) + blob_length(index.stored[pos])

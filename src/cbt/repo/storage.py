@@ -44,7 +44,7 @@ import time
 import uuid
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -162,8 +162,15 @@ class Storage(ABC):
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset`` (fewer at the end of the object)."""
 
-    def map(self, name: str) -> bytes | mmap.mmap:
-        """The whole object, mapped where the storage can (no copy), else read."""
+    def map(self, name: str, spans: Sequence[tuple[int, int]] | None = None
+            ) -> bytes | mmap.mmap:
+        """The whole object, mapped where the storage can (no copy), else read.
+
+        ``spans``: the byte ranges ``[start, end)`` the caller will touch, sorted; only
+        those are faulted in and checked (a restore that needs a few blocks of a pack
+        reads those, not the pack).  None: all of it.  Touching a mapping outside
+        them is the caller's risk (a page that cannot be read there is a SIGBUS).
+        """
         return self.get(name)
 
     @abstractmethod
@@ -421,16 +428,18 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
 
-    def map(self, name: str) -> bytes | mmap.mmap:
+    def map(self, name: str, spans: Sequence[tuple[int, int]] | None = None
+            ) -> bytes | mmap.mmap:
         fd = self._open_read(name)
         try:
             size = os.fstat(fd).st_size
             if size == 0:
                 return b""
             m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-            if not populate(m):  # touched, a page it could not read would be a SIGBUS
-                m.close()
-                raise self._unreadable(name, fd, 0, size, None)
+            for start, end in [(0, size)] if spans is None else spans:
+                if not populate(m, start, end - start, fd=fd):  # (else a SIGBUS when touched)
+                    m.close()
+                    raise self._unreadable(name, fd, start, min(end, size) - start, None)
             return m
         finally:
             os.close(fd)

@@ -41,6 +41,9 @@ class SourceSpec(NamedTuple):
     path: str
     size: int  # bytes to read: the size when it was planned
     live: bool
+    # which file or device it was when planned: (st_dev, st_ino) of a file, (0, st_rdev)
+    # of a block device; a worker refuses another one found at the path (None: unchecked)
+    ident: tuple[int, int] | None = None
 
 
 class ChangeHints(NamedTuple):

@@ -45,14 +45,16 @@ WINDOW = 64 << 20
 class ImageSource(BlockSource):
     """An opened image file or block device: a descriptor, its size and its kind."""
 
-    __slots__ = ("fd", "kind", "live", "path", "size")
+    __slots__ = ("fd", "ident", "kind", "live", "path", "size")
 
-    def __init__(self, path: str, fd: int, size: int, kind: str, live: bool = False) -> None:
+    def __init__(self, path: str, fd: int, size: int, kind: str, live: bool = False,
+                 ident: tuple[int, int] | None = None) -> None:
         self.path = path
         self.fd = fd
         self.size = size
         self.kind = kind  # "file" | "block device"
         self.live = live
+        self.ident = ident  # (see SourceSpec.ident)
 
     def extents(self) -> list[tuple[int, int]]:
         return data_extents(self.fd, self.size)
@@ -63,7 +65,7 @@ class ImageSource(BlockSource):
                            read_ahead=read_ahead)
 
     def spec(self) -> SourceSpec:
-        return SourceSpec("image", self.path, self.size, self.live)
+        return SourceSpec("image", self.path, self.size, self.live, self.ident)
 
     def close(self) -> None:
         """Close the descriptor (again is harmless)."""
@@ -97,9 +99,9 @@ def open_image(path: str | os.PathLike[str], live: bool = False,
     try:
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode):
-            size, kind = st.st_size, "file"
+            size, kind, ident = st.st_size, "file", (st.st_dev, st.st_ino)
         elif stat.S_ISBLK(st.st_mode):
-            size, kind = os.lseek(fd, 0, os.SEEK_END), "block device"
+            size, kind, ident = os.lseek(fd, 0, os.SEEK_END), "block device", (0, st.st_rdev)
         elif stat.S_ISDIR(st.st_mode):
             raise CbtIOError(errno.EISDIR, f"is a directory, not a disk or image: {p}")
         else:
@@ -107,17 +109,27 @@ def open_image(path: str | os.PathLike[str], live: bool = False,
     except BaseException:
         os.close(fd)
         raise
-    return ImageSource(p, fd, size if limit is None else min(size, limit), kind, live)
+    return ImageSource(p, fd, size if limit is None else min(size, limit), kind, live, ident)
 
 
 def open_source(spec: SourceSpec) -> ImageSource:
     """Reopen a source from its :meth:`~BlockSource.spec` (in a worker).
 
-    It is read up to the size it had when planned; a disk now shorter is refused.
+    It is read up to the size it had when planned; a disk now shorter is refused,
+    and so is another file or device found at its path (renamed over it, a link
+    turned elsewhere): a point would mix two disks.
     """
     if spec.kind != "image":
         raise CbtIOError(errno.EINVAL, f"unknown block source kind {spec.kind!r}")
-    source = open_image(spec.path, spec.live)
+    try:
+        source = open_image(spec.path, spec.live)
+    except CbtIOError as exc:  # (gone, or a directory or a FIFO there now)
+        raise SourceReadError(exc.errno or errno.EIO, f"{exc.strerror or exc} (it was "
+                              "replaced or removed while it was read)", spec.path, 0) from None
+    if spec.ident is not None and source.ident != spec.ident:
+        source.close()
+        raise SourceReadError(errno.ESTALE, f"{spec.path} was replaced while it was read: "
+                              "another file or device is there now", spec.path, 0)
     if source.size < spec.size:
         source.close()
         raise _shrank(spec.path, source.size, spec.size)
@@ -208,7 +220,7 @@ def map_windows(fd: int, size: int, block_size: int, lo: int, hi: int, path: str
             if read_ahead:
                 m.madvise(mmap.MADV_SEQUENTIAL)
                 m.madvise(mmap.MADV_WILLNEED)
-                if not populate(m):  # touched, a page it could not read would be a SIGBUS
+                if not populate(m, fd=fd, offset=offset):  # (else a SIGBUS when touched)
                     raise _read_error(fd, path, offset, length, size)
             yield first, m
         finally:
