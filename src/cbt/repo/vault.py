@@ -510,9 +510,15 @@ class Vault:
 
     def unused_point_id(self, vm: str, created: str) -> str:
         """A new point id for ``vm`` at ``created``, taken by no record (a damaged one
-        included: in an encrypted vault its id is known only by its name)."""
+        included: in an encrypted vault its id is known only by its name), nor named as a
+        base by one (a base set aside or gone: reused, its id would resolve the deltas
+        based on it through other manifests)."""
         names = set(self.point_names())
-        existing = set(self.point_ids())
+        good, _damaged = self.scan_records()
+        existing = {r.id for r in good} | {d.base for r in good for d in r.disks
+                                           if d.base is not None}
+        if self.keys is None:
+            existing |= set(self.point_ids())
         while True:
             pid = new_point_id(vm, created, existing)
             if self.point_name(pid) not in names:
