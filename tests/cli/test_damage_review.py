@@ -64,3 +64,37 @@ def test_a_new_point_never_takes_the_id_of_a_set_aside_base(h: History, tmp_path
     assert _restore_is_true_or_refused(h, new, tmp_path / "out-new", tmp_path)
     assert not _restore_is_true_or_refused(h, h.web[3], tmp_path / "out3", tmp_path)
     assert new != h.web[2], new
+
+
+def test_repair_keeps_a_damaged_point_whose_healthy_manifests_others_need(
+        h: History, tmp_path: Path) -> None:
+    """web[0]'s os manifest is damaged: the next backup takes a new os baseline, but its data
+    disk is still a delta whose chain goes down to web[0]'s (healthy) data manifest.  Repair
+    must not set web[0] aside with that manifest: the new point does not need the damaged
+    file, restored bit for bit before repair, and must after it (and after gc)."""
+    manifest = h.manifest(h.web[0], "os")
+    manifest.write_bytes(manifest.read_bytes()[:100])
+    scribble(h.disks / "os.img", 180, pages=4)
+    scribble(h.disks / "data.img", 181, pages=2)
+    r = _ok(cbt("backup", h.vault, "--vm", "web", f"os={h.disks / 'os.img'}",
+                f"data={h.disks / 'data.img'}", "--json", env=h.env(tmp_path)))
+    (line,) = result_lines(r.stdout)
+    new = line["recovery_point"]
+    record = h.opened().load_point(new)
+    assert record.disk("os").base is None
+    assert record.disk("data").base is not None  # the data chain is healthy: kept
+    h.copies = {**h.copies, new: {lb: keep_copy(h.disks / f"{lb}.img", tmp_path / f"{lb}.new")
+                                  for lb in ("os", "data")}}
+    assert _restore_is_true_or_refused(h, new, tmp_path / "before", tmp_path)
+    r = cbt("verify", h.vault, "--repair", "--json", env=h.env(tmp_path))
+    assert "Traceback" not in r.stderr
+    repair = json.loads(r.stdout)["repair"]
+    assert new not in repair["lost_points"], repair
+    assert set(repair["lost_points"]) == set(h.web), repair
+    # gc is not held back for ever by the damaged manifest: repair set that file aside
+    r = _ok(cbt("gc", h.vault, "--grace", "0", "--json", env=h.env(tmp_path)))
+    (out,) = result_lines(r.stdout)
+    assert not any("frees nothing" in w for w in out["warnings"]), out["warnings"]
+    assert not manifest.exists()
+    assert _restore_is_true_or_refused(h, new, tmp_path / "after", tmp_path)
+    assert _restore_is_true_or_refused(h, h.db, tmp_path / "db", tmp_path)
