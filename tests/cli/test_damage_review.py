@@ -98,3 +98,38 @@ def test_repair_keeps_a_damaged_point_whose_healthy_manifests_others_need(
     assert not manifest.exists()
     assert _restore_is_true_or_refused(h, new, tmp_path / "after", tmp_path)
     assert _restore_is_true_or_refused(h, h.db, tmp_path / "db", tmp_path)
+
+
+@pytest.mark.parametrize("how", ["flip", "empty"])
+def test_a_damaged_key_slot_locks_out_only_its_own_passphrase(tmp_path: Path, how: str) -> None:
+    """Two passphrases, two key slots; one slot damaged.  The other passphrase still opens
+    the vault (every command: it was 'bad key slot' for both); the damaged one's passphrase
+    gets one line naming the file; the damaged slot can be removed."""
+    from helpers.images import fs_image
+    from helpers.vaults import PASSWORD, encrypted_env
+
+    env = encrypted_env(tmp_path)
+    second = tmp_path / "second"
+    second.write_text("another passphrase\n")
+    env2 = {**env, "CBT_PASSWORD_FILE": str(second)}
+    vault = tmp_path / "vault"
+    _ok(cbt("init", vault, "--kdf-log-n", "10", env=env))
+    r = _ok(cbt("key", "add", vault, "--new-password-file", second, "--kdf-log-n", "10",
+                "--json", env=env))
+    (added,) = result_lines(r.stdout)
+    slot = vault / "keys" / f"{added['added']}.json"
+    assert slot.is_file() and PASSWORD
+    fs_image(tmp_path / "os.img", 256 * 1024, 5)
+    _ok(cbt("backup", vault, "--vm", "web", f"os={tmp_path / 'os.img'}", "--json", env=env))
+    raw = bytearray(slot.read_bytes())
+    if how == "flip":
+        raw[len(raw) // 2] ^= 0xFF
+    slot.write_bytes(bytes(raw) if how == "flip" else b"")
+    r = _ok(cbt("list", vault, "--json", env=env))
+    assert [p["vm"] for p in json.loads(r.stdout)["points"]] == ["web"]
+    _ok(cbt("restore", vault, "web.latest", "--to", tmp_path / "out", "--json", env=env))
+    r = cbt("list", vault, env=env2)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert str(slot) in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    _ok(cbt("key", "remove", vault, added["added"], "--json", env=env))
+    assert not slot.exists()

@@ -72,6 +72,7 @@ from cbt.repo.keys import (
     Passphrase,
     VaultKeys,
     WrongPassphraseError,
+    is_slot_id,
     new_master_key,
     resolve_passphrase,
     slot_name,
@@ -353,7 +354,10 @@ class Vault:
     def remove_key(self, slot_id: str) -> None:
         """Remove a key slot; the last one cannot be (call under the writer lock)."""
         self._require_keys()
-        ids = [k.id for k in self.key_slots()]
+        slots, damaged = scan_slots(self.storage)
+        ids = [k.id for k in slots]
+        if damaged and is_slot_id(slot_id) and self.storage.exists(slot_name(slot_id)):
+            ids.append(slot_id)  # (a damaged one, by its file name)
         if slot_id not in ids:
             raise CbtValueError(f"vault {self.root} has no key {slot_id!r}")
         if len(ids) == 1:
@@ -649,17 +653,39 @@ def _config_check(config: dict[str, Any], keys: VaultKeys) -> str:
 
 def read_slots(storage: Storage) -> list[KeySlot]:
     """Every key slot of the vault on ``storage``; a malformed one is an error naming it."""
+    slots, damaged = scan_slots(storage)
+    if damaged:
+        raise damaged[0]
+    return slots
+
+
+def scan_slots(storage: Storage) -> tuple[list[KeySlot], list[BadKeySlotError]]:
+    """The key slots that can be read, and the errors of those that cannot (damage to one
+    slot locks out its own passphrase only)."""
     names = [n for n in storage.list(KEYS_DIR) if n.endswith(".json")
              and not _base(n).startswith(".")]
     if len(names) > MAX_KEY_SLOTS:
         raise BadKeySlotError(f"vault {storage.where(KEYS_DIR)} holds {len(names)} key slots, "
                               f"more than {MAX_KEY_SLOTS} (each costs a key derivation to try)")
-    return [KeySlot.from_json(storage.get(n), storage.where(n)) for n in names]
+    slots: list[KeySlot] = []
+    damaged: list[BadKeySlotError] = []
+    for n in names:
+        try:
+            slots.append(KeySlot.from_json(storage.get(n), storage.where(n)))
+        except BadKeySlotError as exc:
+            damaged.append(exc)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # (removed meanwhile: not a slot any more)
+                damaged.append(BadKeySlotError(f"bad key slot {storage.where(n)}: {exc}"))
+    return slots, damaged
 
 
 def unlock(storage: Storage, config: dict[str, Any], passphrase: bytes) -> VaultKeys:
-    """The keys of the encrypted vault on ``storage``, opened by ``passphrase``."""
-    slots = read_slots(storage)
+    """The keys of the encrypted vault on ``storage``, opened by ``passphrase`` (from any
+    slot that can be read: a damaged one is skipped, and named if none opens)."""
+    slots, damaged = scan_slots(storage)
+    if not slots and damaged:
+        raise damaged[0]
     if not slots:
         raise BadKeySlotError(f"vault {storage.root} is encrypted but has no key slots in "
                               f"{KEYS_DIR}/ (the vault cannot be opened)")
@@ -678,6 +704,8 @@ def unlock(storage: Storage, config: dict[str, Any], passphrase: bytes) -> Vault
             raise VaultVersionError(f"vault {storage.where(CONFIG)}: config fails "
                                     "authentication (altered?)")
         return keys
+    if damaged:
+        raise WrongPassphraseError(f"wrong passphrase, or its key slot is damaged: {damaged[0]}")
     raise WrongPassphraseError("wrong passphrase")
 
 
