@@ -133,3 +133,19 @@ def test_a_damaged_key_slot_locks_out_only_its_own_passphrase(tmp_path: Path, ho
     assert str(slot) in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     _ok(cbt("key", "remove", vault, added["added"], "--json", env=env))
     assert not slot.exists()
+
+
+@pytest.mark.parametrize("how", ["flip", "empty", "other-json"])
+def test_a_damaged_config_is_named_not_taken_for_no_vault(h: History, tmp_path: Path,
+                                                          how: str) -> None:
+    """The vault's config damaged: every command fails with one line naming the file as
+    damaged, not 'not a cbt vault ... (run cbt init)' (init refuses a folder that holds one)."""
+    config = h.vault / "config"
+    raw = bytearray(config.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    config.write_bytes({"flip": bytes(raw), "empty": b"", "other-json": b"[1, 2]\n"}[how])
+    for args in (["list", h.vault], ["restore", h.vault, h.web[0], "--to", tmp_path / "o"]):
+        r = cbt(*args, env=h.env(tmp_path))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert str(config) in r.stderr and "run cbt init" not in r.stderr, r.stderr

@@ -238,13 +238,15 @@ class Vault:
             if exc.errno != errno.ENOENT:
                 raise
             raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (run cbt init)") from None
+        damaged = f"not a cbt vault: {where}: its config {storage.where(CONFIG)} is damaged"
         try:
             config: dict[str, Any] = json.loads(raw)
             magic, version = config["magic"], int(config["format_version"])
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (run cbt init)") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            why = "empty" if not raw else f"not a cbt config ({type(exc).__name__}: {exc})"
+            raise NotAVaultError(errno.ENOENT, f"{damaged}: {why}") from None
         if magic != VAULT_MAGIC:
-            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (run cbt init)")
+            raise NotAVaultError(errno.ENOENT, f"{damaged}: its magic is not cbt's")
         if version > ENCRYPTED_VERSION:
             raise VaultVersionError(f"vault {where} has format version {version}; this cbt reads "
                                     f"up to {ENCRYPTED_VERSION} (upgrade cbt)")
