@@ -9,6 +9,7 @@ of the disk taken at its backup.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -149,3 +150,49 @@ def test_a_damaged_config_is_named_not_taken_for_no_vault(h: History, tmp_path: 
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert str(config) in r.stderr and "run cbt init" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("what", ["link", "folder"])
+def test_a_record_replaced_by_a_link_or_a_folder_is_damage_not_absence(
+        h: History, tmp_path: Path, what: str) -> None:
+    """web[3]'s record replaced by a symbolic link (to another record) or a folder: the
+    point is named damaged (list warns, verify names it), and a backup does not take its
+    manifests for a killed run's leftovers and delete them (the record put back, the point
+    restores); repair removes a link (its manifests to quarantine/), leaves a folder."""
+    record = h.record(h.web[3])
+    saved = record.read_bytes()
+    record.unlink()
+    if what == "link":
+        record.symlink_to(h.record(h.web[1]))
+    else:
+        record.mkdir()
+    manifests = sorted((h.vault / h.opened().manifest_dir(h.web[3])).iterdir())
+    r = _ok(cbt("list", h.vault, "--json", env=h.env(tmp_path)))
+    out = json.loads(r.stdout)
+    assert h.web[3] not in [p["recovery_point"] for p in out["points"]]
+    assert any(str(record) in w for w in out["warnings"]), out["warnings"]
+    r = cbt("verify", h.vault, "--json", env=h.env(tmp_path))
+    assert r.returncode == 2 and str(record) in r.stdout, r.stdout
+    _ok(cbt("backup", h.vault, "--vm", "db", f"db={h.disks / 'db.img'}", "--json",
+            env=h.env(tmp_path)))
+    assert all(m.is_file() for m in manifests)
+    if what == "link":
+        record.unlink()
+    else:
+        record.rmdir()
+    record.write_bytes(saved)
+    assert _restore_is_true_or_refused(h, h.web[3], tmp_path / "back", tmp_path)
+    # repair: a link goes, with the point's manifests to quarantine/; a folder stays
+    record.unlink()
+    if what == "link":
+        record.symlink_to(h.record(h.web[1]))
+    else:
+        record.mkdir()
+    r = cbt("verify", h.vault, "--repair", "--json", env=h.env(tmp_path))
+    assert "Traceback" not in r.stderr and r.returncode in (0, 2), r.stderr
+    assert json.loads(r.stdout)["repair"]["lost_points"] == [h.web[3]] or h.encrypted
+    assert os.path.lexists(record) == (what == "folder")
+    assert all(m.is_file() for m in manifests) == (what == "folder")
+    _ok(cbt("gc", h.vault, "--grace", "0", "--json", env=h.env(tmp_path)))
+    for pid in (h.web[0], h.web[1], h.web[2], h.db):
+        assert _restore_is_true_or_refused(h, pid, tmp_path / f"o-{pid}", tmp_path)

@@ -402,11 +402,29 @@ def _quarantine_records(vault: Vault) -> tuple[list[str], list[str]]:
              and disk.base not in by_id and vault.point_name(disk.base) in names}
     left = [r for r in records if vault.point_name(r.id) not in names]
     lost |= set(vault.unavailable(left, names)) & visible
+    moved = []
     for name in sorted(names):
+        link = not vault.storage.exists(name)  # (a link or a folder where a record was)
+        if link and not _is_link(vault, name):
+            continue  # a folder stays (its point stays lost), and so do its manifests
         for m in vault.storage.list(vault.manifest_dir_of(name)):
             _set_aside(vault, m)
-        _set_aside(vault, name)
-    return sorted(names), sorted(lost)
+        if link:
+            vault.storage.delete(name)  # a link itself holds nothing to keep
+            vault.storage.sync("points")
+        else:
+            _set_aside(vault, name)
+        moved.append(name)
+    return moved, sorted(lost)
+
+
+def _is_link(vault: Vault, name: str) -> bool:
+    """Whether ``name`` is a symbolic link (which the storage refuses to stat)."""
+    try:
+        vault.storage.stat(name)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
 
 
 def _chain(point: PointRecord, by_id: dict[str, PointRecord]) -> set[tuple[str, str]]:

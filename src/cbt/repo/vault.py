@@ -431,7 +431,34 @@ class Vault:
                 damaged.append(DamagedRecord(name, self.storage.where(name), pid, str(exc)))
             except CbtError as exc:
                 damaged.append(DamagedRecord(name, self.storage.where(name), pid, str(exc)))
+        for name, why in self._odd_records():
+            pid = name[len("points/"):-5] if self.keys is None else None
+            damaged.append(DamagedRecord(name, self.storage.where(name),
+                                         pid if pid is not None and is_point_id(pid) else None,
+                                         why))
         return good, damaged
+
+    def _odd_records(self) -> list[tuple[str, str]]:
+        """Point records that are there but are no regular file (a link, a folder in the
+        place of one), found by their manifest folders: (name, what is wrong).  Listing
+        names regular files only; without this, such a point vanished unnamed, and its
+        manifests looked like a killed run's leftovers."""
+        names = set(self.point_names())
+        out = []
+        for leaf in sorted({n.split("/")[1] for n in self.storage.list("manifests")
+                            if n.count("/") >= 2}):
+            name = f"points/{leaf}{self.record_suffix}"
+            if name in names:
+                continue
+            try:
+                self.storage.stat(name)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    out.append((name, str(exc)))
+                continue
+            if not self.storage.exists(name):
+                out.append((name, f"not a regular file: {self.storage.where(name)}"))
+        return out
 
     def damaged_records(self) -> list[DamagedRecord]:
         """The point records that cannot be read (:meth:`scan_records`)."""
@@ -623,7 +650,8 @@ class Vault:
     def leftovers(self) -> list[str]:
         """Names of temporary files and manifest folders no committed point owns (a damaged
         record still owns its folder: its name says which)."""
-        committed = {self.manifest_dir_of(n).split("/")[1] for n in self.point_names()}
+        committed = {self.manifest_dir_of(n).split("/")[1]
+                     for n in [*self.point_names(), *(n for n, _ in self._odd_records())]}
         out = [n for n in self.storage.list("") if _base(n).startswith(".") and ".tmp-" in n]
         for name in self.storage.list("manifests"):
             parts = name.split("/")
