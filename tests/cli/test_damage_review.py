@@ -196,3 +196,25 @@ def test_a_record_replaced_by_a_link_or_a_folder_is_damage_not_absence(
     _ok(cbt("gc", h.vault, "--grace", "0", "--json", env=h.env(tmp_path)))
     for pid in (h.web[0], h.web[1], h.web[2], h.db):
         assert _restore_is_true_or_refused(h, pid, tmp_path / f"o-{pid}", tmp_path)
+
+
+def test_a_manifest_swapped_for_another_points_is_refused_not_restored(
+        h: History, tmp_path: Path) -> None:
+    """web[2]'s os manifest replaced by web[1]'s (a whole, valid manifest of the wrong
+    point): restore of web[2] and of web[3] (a delta on it) wrote web[1]'s disk, exit 0.
+    The record's manifest checksum says which file it committed."""
+    h.manifest(h.web[2], "os").write_bytes(h.manifest(h.web[1], "os").read_bytes())
+    for pid in (h.web[2], h.web[3]):
+        assert not _restore_is_true_or_refused(h, pid, tmp_path / f"o-{pid}", tmp_path)
+    for pid in (h.web[0], h.web[1], h.db):
+        assert _restore_is_true_or_refused(h, pid, tmp_path / f"o-{pid}", tmp_path)
+    # the next backup of web does not diff against the wrong manifest: it takes a new
+    # baseline of os (said so), and restores bit for bit
+    scribble(h.disks / "os.img", 190, pages=3)
+    r = _ok(cbt("backup", h.vault, "--vm", "web", f"os={h.disks / 'os.img'}",
+                f"data={h.disks / 'data.img'}", "--json", env=h.env(tmp_path)))
+    (line,) = result_lines(r.stdout)
+    new = line["recovery_point"]
+    h.copies = {**h.copies, new: {lb: keep_copy(h.disks / f"{lb}.img", tmp_path / f"{lb}.new")
+                                  for lb in ("os", "data")}}
+    assert _restore_is_true_or_refused(h, new, tmp_path / "o-new", tmp_path)

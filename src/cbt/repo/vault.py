@@ -58,6 +58,7 @@ from cbt.format.records import (
     VAULT_MAGIC,
     VAULT_VERSION,
     CorruptPointError,
+    DiskRecord,
     NoSuchPointError,
     PointRecord,
     base_seq,
@@ -565,6 +566,22 @@ class Vault:
 
         return read_manifest_bytes(self.get_sealed("manifest", name), self.storage.where(name))
 
+    def _read_committed_manifest(self, name: str, disk: DiskRecord) -> Manifest | Delta:
+        """The manifest file ``name`` of ``disk``, checked against the checksum its point
+        recorded (in an unencrypted vault: a whole manifest of another point copied over
+        it reads fine, and would restore that point's data; sealed ones name their file)."""
+        if self.keys is not None or not disk.manifest_checksum:
+            return self.read_manifest_file(name)
+        import blake3
+
+        from cbt.format.manifest import read_manifest_bytes
+
+        raw = self.storage.get(name)
+        if blake3.blake3(raw).hexdigest() != disk.manifest_checksum:
+            raise CorruptPointError(f"corrupt manifest {self.storage.where(name)}: it differs "
+                                    "from the one its point recorded (checksum)")
+        return read_manifest_bytes(raw, self.storage.where(name))
+
     def resolve(self, point: PointRecord, label: str, opened: list[str] | None = None) -> Manifest:
         """The full manifest of one disk of a point (full file plus its deltas)."""
         key = (point.id, label)
@@ -578,7 +595,7 @@ class Vault:
             opened.append(name)
         from cbt.format.manifest import Delta
 
-        m = self.read_manifest_file(name)
+        m = self._read_committed_manifest(name, disk)
         if (m.disk_size, m.block_size) != (disk.size, disk.block_size):
             raise CorruptPointError(f"corrupt manifest {self.storage.where(name)}: "
                                     f"{m.disk_size} bytes in blocks of {m.block_size}, where "
