@@ -373,40 +373,89 @@ def _quarantine_records(vault: Vault) -> tuple[list[str], list[str]]:
     manifest is damaged or gone, to ``quarantine/`` with its manifests (those first, so a
     crash leaves nothing a backup would take for a killed run's leftovers); the record
     names moved, and the points lost: theirs where known (a sealed record's name hides
-    it, unless a point based on it names it), and every visible point based on one."""
+    it, unless a point based on it names it), and every visible point based on one.
+    A point whose damaged manifest is of one disk stays where a point that needs none
+    of the damaged files is based on its other, healthy manifests (lost, not moved):
+    only its damaged manifests are moved (so gc can name its blocks again)."""
     records, damaged = vault.scan_records()
     bad: dict[str, str | None] = {d.name: d.point for d in damaged}
-    bad.update((vault.point_name(r.id), r.id) for r in records if _manifest_damaged(vault, r))
-    if not bad:
-        return [], []
-    names = set(bad)
     by_id = {r.id: r for r in records}
     visible = {r.id for r in records if not r.hidden}
-    lost = {pid for pid in bad.values() if pid is not None and (pid in visible
-                                                                  or pid not in by_id)}
+    broken = {r.id: labels for r in records if (labels := _damaged_labels(vault, r))}
+    needs = {r.id: _chain(r, by_id) for r in records}
+    lost = {q for q, need in needs.items() if any(lb in broken.get(p, ()) for p, lb in need)}
+    gone = lost | set(vault.unavailable(records))  # (or based on a damaged record)
+    for pid, labels in broken.items():
+        if not any(p == pid for q, need in needs.items() if q not in gone for p, _lb in need):
+            bad[vault.point_name(pid)] = pid
+            continue
+        for label in sorted(labels):
+            try:
+                _set_aside(vault, vault.manifest_name(pid, label))
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:  # (gone, or no file: nothing to move)
+                    raise
+    lost &= visible
+    if not bad:
+        return [], sorted(lost)
+    names = set(bad)
+    lost |= {pid for pid in bad.values() if pid is not None and (pid in visible
+                                                                   or pid not in by_id)}
     lost |= {disk.base for r in records for disk in r.disks if disk.base is not None
              and disk.base not in by_id and vault.point_name(disk.base) in names}
     left = [r for r in records if vault.point_name(r.id) not in names]
     lost |= set(vault.unavailable(left, names)) & visible
+    moved = []
     for name in sorted(names):
+        link = not vault.storage.exists(name)  # (a link or a folder where a record was)
+        if link and not _is_link(vault, name):
+            continue  # a folder stays (its point stays lost), and so do its manifests
         for m in vault.storage.list(vault.manifest_dir_of(name)):
             _set_aside(vault, m)
-        _set_aside(vault, name)
-    return sorted(names), sorted(lost)
+        if link:
+            vault.storage.delete(name)  # a link itself holds nothing to keep
+            vault.storage.sync("points")
+        else:
+            _set_aside(vault, name)
+        moved.append(name)
+    return moved, sorted(lost)
 
 
-def _manifest_damaged(vault: Vault, point: PointRecord) -> bool:
-    """Whether a manifest of the point is gone, or differs from what its record says."""
+def _is_link(vault: Vault, name: str) -> bool:
+    """Whether ``name`` is a symbolic link (which the storage refuses to stat)."""
+    try:
+        vault.storage.stat(name)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
+def _chain(point: PointRecord, by_id: dict[str, PointRecord]) -> set[tuple[str, str]]:
+    """(point, disk) of every manifest resolving ``point`` reads: its own and its bases'."""
+    out: set[tuple[str, str]] = set()
+    for disk in point.disks:
+        pid: str | None = point.id
+        while pid is not None and (pid, disk.label) not in out:
+            out.add((pid, disk.label))
+            below = by_id[pid].disk(disk.label) if pid in by_id else None
+            pid = below.base if below is not None else None
+    return out
+
+
+def _damaged_labels(vault: Vault, point: PointRecord) -> set[str]:
+    """The disks of the point whose manifest is gone, or differs from what its record says."""
+    out = set()
     for disk in point.disks:
         name = vault.manifest_name(point.id, disk.label)
         try:
             raw = vault.storage.get(name)
             if blake3.blake3(raw).hexdigest() != disk.manifest_checksum:
-                return True
+                out.add(disk.label)
+                continue
             vault.read_manifest_file(name)
         except (CbtError, OSError):
-            return True
-    return False
+            out.add(disk.label)
+    return out
 
 
 def _set_aside(vault: Vault, name: str) -> None:

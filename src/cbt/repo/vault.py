@@ -58,6 +58,7 @@ from cbt.format.records import (
     VAULT_MAGIC,
     VAULT_VERSION,
     CorruptPointError,
+    DiskRecord,
     NoSuchPointError,
     PointRecord,
     base_seq,
@@ -72,6 +73,7 @@ from cbt.repo.keys import (
     Passphrase,
     VaultKeys,
     WrongPassphraseError,
+    is_slot_id,
     new_master_key,
     resolve_passphrase,
     slot_name,
@@ -238,13 +240,15 @@ class Vault:
             if exc.errno != errno.ENOENT:
                 raise
             raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (run cbt init)") from None
+        damaged = f"not a cbt vault: {where}: its config {storage.where(CONFIG)} is damaged"
         try:
             config: dict[str, Any] = json.loads(raw)
             magic, version = config["magic"], int(config["format_version"])
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (run cbt init)") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            why = "empty" if not raw else f"not a cbt config ({type(exc).__name__}: {exc})"
+            raise NotAVaultError(errno.ENOENT, f"{damaged}: {why}") from None
         if magic != VAULT_MAGIC:
-            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (run cbt init)")
+            raise NotAVaultError(errno.ENOENT, f"{damaged}: its magic is not cbt's")
         if version > ENCRYPTED_VERSION:
             raise VaultVersionError(f"vault {where} has format version {version}; this cbt reads "
                                     f"up to {ENCRYPTED_VERSION} (upgrade cbt)")
@@ -354,7 +358,10 @@ class Vault:
     def remove_key(self, slot_id: str) -> None:
         """Remove a key slot; the last one cannot be (call under the writer lock)."""
         self._require_keys()
-        ids = [k.id for k in self.key_slots()]
+        slots, damaged = scan_slots(self.storage)
+        ids = [k.id for k in slots]
+        if damaged and is_slot_id(slot_id) and self.storage.exists(slot_name(slot_id)):
+            ids.append(slot_id)  # (a damaged one, by its file name)
         if slot_id not in ids:
             raise CbtValueError(f"vault {self.root} has no key {slot_id!r}")
         if len(ids) == 1:
@@ -426,7 +433,34 @@ class Vault:
                 damaged.append(DamagedRecord(name, self.storage.where(name), pid, str(exc)))
             except CbtError as exc:
                 damaged.append(DamagedRecord(name, self.storage.where(name), pid, str(exc)))
+        for name, why in self._odd_records():
+            pid = name[len("points/"):-5] if self.keys is None else None
+            damaged.append(DamagedRecord(name, self.storage.where(name),
+                                         pid if pid is not None and is_point_id(pid) else None,
+                                         why))
         return good, damaged
+
+    def _odd_records(self) -> list[tuple[str, str]]:
+        """Point records that are there but are no regular file (a link, a folder in the
+        place of one), found by their manifest folders: (name, what is wrong).  Listing
+        names regular files only; without this, such a point vanished unnamed, and its
+        manifests looked like a killed run's leftovers."""
+        names = set(self.point_names())
+        out = []
+        for leaf in sorted({n.split("/")[1] for n in self.storage.list("manifests")
+                            if n.count("/") >= 2}):
+            name = f"points/{leaf}{self.record_suffix}"
+            if name in names:
+                continue
+            try:
+                self.storage.stat(name)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    out.append((name, str(exc)))
+                continue
+            if not self.storage.exists(name):
+                out.append((name, f"not a regular file: {self.storage.where(name)}"))
+        return out
 
     def damaged_records(self) -> list[DamagedRecord]:
         """The point records that cannot be read (:meth:`scan_records`)."""
@@ -511,9 +545,15 @@ class Vault:
 
     def unused_point_id(self, vm: str, created: str) -> str:
         """A new point id for ``vm`` at ``created``, taken by no record (a damaged one
-        included: in an encrypted vault its id is known only by its name)."""
+        included: in an encrypted vault its id is known only by its name), nor named as a
+        base by one (a base set aside or gone: reused, its id would resolve the deltas
+        based on it through other manifests)."""
         names = set(self.point_names())
-        existing = set(self.point_ids())
+        good, _damaged = self.scan_records()
+        existing = {r.id for r in good} | {d.base for r in good for d in r.disks
+                                           if d.base is not None}
+        if self.keys is None:
+            existing |= set(self.point_ids())
         while True:
             pid = new_point_id(vm, created, existing)
             if self.point_name(pid) not in names:
@@ -526,6 +566,22 @@ class Vault:
         from cbt.format.manifest import read_manifest_bytes
 
         return read_manifest_bytes(self.get_sealed("manifest", name), self.storage.where(name))
+
+    def _read_committed_manifest(self, name: str, disk: DiskRecord) -> Manifest | Delta:
+        """The manifest file ``name`` of ``disk``, checked against the checksum its point
+        recorded (in an unencrypted vault: a whole manifest of another point copied over
+        it reads fine, and would restore that point's data; sealed ones name their file)."""
+        if self.keys is not None or not disk.manifest_checksum:
+            return self.read_manifest_file(name)
+        import blake3
+
+        from cbt.format.manifest import read_manifest_bytes
+
+        raw = self.storage.get(name)
+        if blake3.blake3(raw).hexdigest() != disk.manifest_checksum:
+            raise CorruptPointError(f"corrupt manifest {self.storage.where(name)}: it differs "
+                                    "from the one its point recorded (checksum)")
+        return read_manifest_bytes(raw, self.storage.where(name))
 
     def resolve(self, point: PointRecord, label: str, opened: list[str] | None = None) -> Manifest:
         """The full manifest of one disk of a point (full file plus its deltas)."""
@@ -540,7 +596,7 @@ class Vault:
             opened.append(name)
         from cbt.format.manifest import Delta
 
-        m = self.read_manifest_file(name)
+        m = self._read_committed_manifest(name, disk)
         if (m.disk_size, m.block_size) != (disk.size, disk.block_size):
             raise CorruptPointError(f"corrupt manifest {self.storage.where(name)}: "
                                     f"{m.disk_size} bytes in blocks of {m.block_size}, where "
@@ -612,7 +668,8 @@ class Vault:
     def leftovers(self) -> list[str]:
         """Names of temporary files and manifest folders no committed point owns (a damaged
         record still owns its folder: its name says which)."""
-        committed = {self.manifest_dir_of(n).split("/")[1] for n in self.point_names()}
+        committed = {self.manifest_dir_of(n).split("/")[1]
+                     for n in [*self.point_names(), *(n for n, _ in self._odd_records())]}
         out = [n for n in self.storage.list("") if _base(n).startswith(".") and ".tmp-" in n]
         for name in self.storage.list("manifests"):
             parts = name.split("/")
@@ -644,17 +701,39 @@ def _config_check(config: dict[str, Any], keys: VaultKeys) -> str:
 
 def read_slots(storage: Storage) -> list[KeySlot]:
     """Every key slot of the vault on ``storage``; a malformed one is an error naming it."""
+    slots, damaged = scan_slots(storage)
+    if damaged:
+        raise damaged[0]
+    return slots
+
+
+def scan_slots(storage: Storage) -> tuple[list[KeySlot], list[BadKeySlotError]]:
+    """The key slots that can be read, and the errors of those that cannot (damage to one
+    slot locks out its own passphrase only)."""
     names = [n for n in storage.list(KEYS_DIR) if n.endswith(".json")
              and not _base(n).startswith(".")]
     if len(names) > MAX_KEY_SLOTS:
         raise BadKeySlotError(f"vault {storage.where(KEYS_DIR)} holds {len(names)} key slots, "
                               f"more than {MAX_KEY_SLOTS} (each costs a key derivation to try)")
-    return [KeySlot.from_json(storage.get(n), storage.where(n)) for n in names]
+    slots: list[KeySlot] = []
+    damaged: list[BadKeySlotError] = []
+    for n in names:
+        try:
+            slots.append(KeySlot.from_json(storage.get(n), storage.where(n)))
+        except BadKeySlotError as exc:
+            damaged.append(exc)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # (removed meanwhile: not a slot any more)
+                damaged.append(BadKeySlotError(f"bad key slot {storage.where(n)}: {exc}"))
+    return slots, damaged
 
 
 def unlock(storage: Storage, config: dict[str, Any], passphrase: bytes) -> VaultKeys:
-    """The keys of the encrypted vault on ``storage``, opened by ``passphrase``."""
-    slots = read_slots(storage)
+    """The keys of the encrypted vault on ``storage``, opened by ``passphrase`` (from any
+    slot that can be read: a damaged one is skipped, and named if none opens)."""
+    slots, damaged = scan_slots(storage)
+    if not slots and damaged:
+        raise damaged[0]
     if not slots:
         raise BadKeySlotError(f"vault {storage.root} is encrypted but has no key slots in "
                               f"{KEYS_DIR}/ (the vault cannot be opened)")
@@ -673,6 +752,8 @@ def unlock(storage: Storage, config: dict[str, Any], passphrase: bytes) -> Vault
             raise VaultVersionError(f"vault {storage.where(CONFIG)}: config fails "
                                     "authentication (altered?)")
         return keys
+    if damaged:
+        raise WrongPassphraseError(f"wrong passphrase, or its key slot is damaged: {damaged[0]}")
     raise WrongPassphraseError("wrong passphrase")
 
 
