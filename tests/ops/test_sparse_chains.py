@@ -6,7 +6,8 @@ punched (``fallocate`` PUNCH_HOLE), holes filled with data or with zeros, the di
 going all-hole, a dense disk becoming thin and back.  After each backup every point
 so far is restored and compared with numpy against the copy kept of the disk at that
 point (every third case on an encrypted vault); ``diff`` of each consecutive pair of
-points is compared with a truth computed by numpy from the two copies (a hole reads as zeros: equal to a zero block).
+points is compared with a truth computed by numpy from the two copies (a hole reads
+as zeros: equal to a zero block).
 """
 
 from __future__ import annotations
