@@ -59,6 +59,7 @@ FORMAT_VERSION = 2  # the newest this cbt reads and writes
 DENSE_VERSION = 1  # one row per block (``cbt scan -o``, exports, a full manifest without holes)
 ARROW_FILE_MAGIC = b"ARROW1"
 ROWS_PER_BATCH = 1 << 20
+MAX_DISK_SIZE = 2**63  # bytes, exclusive: as a point record's sizes
 
 DIGEST_KIND = "cbt.digest_kind"
 VAULT_ID = "cbt.vault_id"
@@ -399,6 +400,8 @@ def _checked_rows(source: Any, where: str, kind: str) -> _Rows:
     meta, version, disk_size, block_size = _checked_meta(src, where, kind)
     try:
         rows = _checked_batches(src, version, kind, disk_size, block_size, meta, bad)
+    except CorruptManifestError:  # (a ValueError already naming the file: not named twice)
+        raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise bad(str(exc)) from None
     return rows
@@ -431,8 +434,8 @@ def _checked_meta(src: _Batches, where: str, kind: str
                   f"({FORMAT_VERSION}); upgrade cbt")
     if meta.get("cbt.kind", "full") != kind:
         raise bad(f"a {meta.get('cbt.kind')} manifest where a {kind} one belongs")
-    if disk_size < 0:
-        raise bad(f"negative disk size {disk_size}")
+    if not 0 <= disk_size < MAX_DISK_SIZE:  # (a point record's bound: nblocks is an ssize_t)
+        raise bad(f"disk size {disk_size} is not from 0 to 2**63")
     try:
         fast.check_block_size(block_size)
     except ValueError:
