@@ -20,6 +20,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from helpers.vaults import PASSWORD, fast_kdf
 
@@ -145,3 +146,48 @@ def test_random_thin_chains_restore_bit_for_bit_and_diff_as_numpy(chunk: int,
                                                                    tmp_path: Path) -> None:
     for seed in range(chunk * PER_TEST, (chunk + 1) * PER_TEST):
         _one_case(seed, tmp_path / f"case{seed}")
+
+
+FIXTURE = Path(__file__).parent.parent / "fixtures"
+
+
+def test_the_format1_fixture_extended_with_thin_disks(tmp_path: Path) -> None:
+    """The committed format-1 vault takes thin points (format-2 manifests) of a new VM and a
+    fixture disk gone thin on its own chain; every old and new point restores as it was."""
+    import hashlib
+    import json
+    import shutil
+
+    shutil.copytree(FIXTURE / "vault-format1", tmp_path / "vault")
+    vault = cbt.Vault.open(tmp_path / "vault")
+    truth = json.loads((FIXTURE / "vault-format1.json").read_text())
+    first = truth["points"][0]
+    vault.restore(first["id"], tmp_path / "os.img", disk="os", workers=1)
+    rng = random.Random(7)
+    kept: list[tuple[str, str, np.ndarray]] = []
+    thin = tmp_path / "thin.img"
+    with open(thin, "wb") as f:
+        f.truncate(300 * BS + 11)
+    for step in range(4):
+        os_img = tmp_path / "os.img"
+        ops = [_mutate(rng, os_img), _mutate(rng, thin)]
+        if step == 0:
+            _punch(os_img, BS, 40 * BS)  # the dense fixture disk goes thin
+        for vm, label, disk in (("web", "os", os_img), ("thin", "t", thin)):
+            p = vault.backup(vm, [f"{label}={disk}"], block_size=4096, workers=1,
+                             created=f"2027-01-01T00:00:{step:02d}Z")
+            kept.append((p.id, label, np.fromfile(disk, dtype=np.uint8)))
+        for pid, label, want in kept:
+            out = tmp_path / "r.img"
+            vault.restore(pid, out, disk=label, workers=1, force=True)
+            assert np.array_equal(np.fromfile(out, dtype=np.uint8), want), (pid, ops)
+    for point in truth["points"]:
+        for label, d in point["disks"].items():
+            out = tmp_path / "old.img"
+            vault.restore(point["id"], out, disk=label, workers=1, force=True)
+            assert hashlib.sha256(out.read_bytes()).hexdigest() == d["sha256"]
+    assert vault.verify(data=True).problems == []
+    versions = {pa.ipc.open_file(str(f)).schema.metadata[b"cbt.format_version"]
+                for f in (tmp_path / "vault" / "manifests").glob("*.2027*/*.arrow")}
+    assert b"2" in versions  # a thin full manifest (deltas stay format 1)
+    assert json.loads((tmp_path / "vault" / "config").read_text())["format_version"] == 1
