@@ -25,10 +25,10 @@ keyed BLAKE3 block ids) and ``cbt.vault_id``; without it the digests are plain
 BLAKE3 ("blake3"), as every ``cbt scan -o`` manifest's.  Only manifests of one
 digest kind (and one vault) compare.
 
-Format 1 (``cbt scan -o``, ``cbt show --manifest -o``, and a vault's full
-manifest of a disk without holes, byte for byte as ever) has one row per
-block.  Format 2, a vault's full manifest of a disk with holes, has rows only
-for DATA and ZERO blocks: a block without a row is a HOLE, so a 1 TiB thin
+Format 1 (``cbt scan -o``, and any full manifest of a disk without holes,
+byte for byte as ever) has one row per block.  Format 2, a vault's full
+manifest of a disk with holes (and ``cbt show --manifest -o`` of one), has rows
+only for DATA and ZERO blocks: a block without a row is a HOLE, so a 1 TiB thin
 disk's manifest is as small as its data.  A delta (format 1 still: its rows
 mean the same to both) lists the blocks that differ from its base; a block
 past the base's end without a row is a hole.  Both versions are read.
