@@ -17,6 +17,7 @@ import ctypes.util
 import itertools
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,15 @@ def _one_case(seed: int, root: Path) -> None:
             got = np.fromfile(out, dtype=np.uint8)
             assert len(got) == len(truth) and np.array_equal(got, truth), (seed, ops, pid)
             out.unlink()
+        # in place onto the disk as it is now (other data, holes, size): the latest point
+        # written over each older one's restore, and each older one over the disk
+        for pid, truth in kept:
+            target = root / "inplace.img"
+            shutil.copyfile(disk, target)
+            vault.restore(pid, target, disk="d", workers=1, in_place=True)
+            got = np.fromfile(target, dtype=np.uint8)
+            assert len(got) == len(truth) and np.array_equal(got, truth), (seed, ops, pid)
+            target.unlink()
     for (ia, a), (ib, b) in itertools.pairwise(kept):
         cs = cbt.diff(f"{root / 'vault'}::{ia}/d", f"{root / 'vault'}::{ib}/d",
                       passphrase=PASSWORD if encrypted else None)
