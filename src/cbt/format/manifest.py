@@ -25,10 +25,10 @@ keyed BLAKE3 block ids) and ``cbt.vault_id``; without it the digests are plain
 BLAKE3 ("blake3"), as every ``cbt scan -o`` manifest's.  Only manifests of one
 digest kind (and one vault) compare.
 
-Format 1 (``cbt scan -o``, ``cbt show --manifest -o``, and a vault's full
-manifest of a disk without holes, byte for byte as ever) has one row per
-block.  Format 2, a vault's full manifest of a disk with holes, has rows only
-for DATA and ZERO blocks: a block without a row is a HOLE, so a 1 TiB thin
+Format 1 (``cbt scan -o``, and any full manifest of a disk without holes,
+byte for byte as ever) has one row per block.  Format 2, a vault's full
+manifest of a disk with holes (and ``cbt show --manifest -o`` of one), has rows
+only for DATA and ZERO blocks: a block without a row is a HOLE, so a 1 TiB thin
 disk's manifest is as small as its data.  A delta (format 1 still: its rows
 mean the same to both) lists the blocks that differ from its base; a block
 past the base's end without a row is a hole.  Both versions are read.
@@ -60,6 +60,7 @@ FORMAT_VERSION = 2  # the newest this cbt reads and writes
 DENSE_VERSION = 1  # one row per block (``cbt scan -o``, exports, a full manifest without holes)
 ARROW_FILE_MAGIC = b"ARROW1"
 ROWS_PER_BATCH = 1 << 20
+MAX_DISK_SIZE = 2**63  # bytes, exclusive: as a point record's sizes
 
 DIGEST_KIND = "cbt.digest_kind"
 VAULT_ID = "cbt.vault_id"
@@ -400,6 +401,8 @@ def _checked_rows(source: Any, where: str, kind: str) -> _Rows:
     meta, version, disk_size, block_size = _checked_meta(src, where, kind)
     try:
         rows = _checked_batches(src, version, kind, disk_size, block_size, meta, bad)
+    except CorruptManifestError:  # (a ValueError already naming the file: not named twice)
+        raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise bad(str(exc)) from None
     return rows
@@ -432,8 +435,8 @@ def _checked_meta(src: _Batches, where: str, kind: str
                   f"({FORMAT_VERSION}); upgrade cbt")
     if meta.get("cbt.kind", "full") != kind:
         raise bad(f"a {meta.get('cbt.kind')} manifest where a {kind} one belongs")
-    if disk_size < 0:
-        raise bad(f"negative disk size {disk_size}")
+    if not 0 <= disk_size < MAX_DISK_SIZE:  # (a point record's bound: nblocks is an ssize_t)
+        raise bad(f"disk size {disk_size} is not from 0 to 2**63")
     try:
         fast.check_block_size(block_size)
     except ValueError:
