@@ -256,6 +256,7 @@ def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int
     runs: dict[str, _Run] = {}
     vaults: dict[StorageSpec, Vault] = {}
     writeback = Writeback()  # the disk starts writing while this worker still works
+    scratch = _Scratch()  # where an encrypted vault's blocks are opened, job after job
     try:
         for job in jobs:
             vault = vaults.get(job.vault.storage)
@@ -265,10 +266,12 @@ def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int
             if run is None:
                 run = runs[job.target] = _Run(os.open(job.target, os.O_WRONLY), job, writeback,
                                               vault.id_key)
-            views, checked = _read_job(vault, job)
+            views, checked = _read_job(vault, job, scratch)
             for blk, dig, data, ok in zip(job.blocks.tolist(), job.digests, views,
                                           checked.tolist(), strict=True):
                 run.add(blk, dig, data, job.pack, ok)  # the rest checked when flushed
+            if vault.keys is not None:
+                run.flush()  # no view of the scratch buffer outlives its job
             w, v = stats.get(job.label, (0, 0))
             stats[job.label] = (w + sum(len(d) for d in views), v + len(views))
             del views  # the pack is unmapped once its runs are flushed
@@ -285,7 +288,21 @@ def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int
     return stats
 
 
-def _read_job(vault: Vault, job: _Job) -> tuple[list[bytes | memoryview], npt.NDArray[np.bool_]]:
+class _Scratch:
+    """One worker's buffer for opened blocks, reused by every job (a new one each
+    time would be fresh memory, faulted in and zeroed by the kernel page by page)."""
+
+    def __init__(self) -> None:
+        self.buf = np.empty(0, dtype=np.uint8)
+
+    def take(self, nbytes: int) -> memoryview:
+        if len(self.buf) < nbytes:
+            self.buf = np.empty(nbytes, dtype=np.uint8)  # not zeroed: all overwritten
+        return self.buf[:nbytes].data
+
+
+def _read_job(vault: Vault, job: _Job, scratch: _Scratch | None = None
+              ) -> tuple[list[bytes | memoryview], npt.NDArray[np.bool_]]:
     """The content of every block of a job, from its pack (mapped where storage can),
     and which of them were already checked against their digests."""
     where = f"point {job.point} disk {job.label} block {{}} pack {job.pack}"
@@ -295,11 +312,11 @@ def _read_job(vault: Vault, job: _Job) -> tuple[list[bytes | memoryview], npt.ND
         raise DamagedPointError(f"{where.format(int(job.blocks[0]))}: {exc}") from None
     if vault.keys is None:
         return _job_data(job, pack, where)
-    return _job_data(job, pack, where, vault.keys.cipher, vault.id_key)
+    return _job_data(job, pack, where, vault.keys.cipher, vault.id_key, scratch)
 
 
 def _job_data(job: _Job, pack: memoryview, where: str, cipher: Cipher | None = None,
-              id_key: bytes | None = None
+              id_key: bytes | None = None, scratch: _Scratch | None = None
               ) -> tuple[list[bytes | memoryview], npt.NDArray[np.bool_]]:
     """The content of every block of a job, from the mapped pack.
 
@@ -325,7 +342,7 @@ def _job_data(job: _Job, pack: memoryview, where: str, cipher: Cipher | None = N
                   & (headers["codec"] == CODEC_NONE))
     out: list[bytes | memoryview] = []
     opened = {} if cipher is None else _open_sealed_raw(cipher, id_key, job, pack, direct,
-                                                        want, where)
+                                                        want, where, scratch or _Scratch())
     for i, (blk, off, ln, view) in enumerate(zip(job.blocks.tolist(), offs.tolist(),
                                                  lengths.tolist(), direct.tolist(),
                                                  strict=True)):
@@ -350,10 +367,11 @@ OPEN_BATCH = 32
 
 def _open_sealed_raw(cipher: Cipher, id_key: bytes | None, job: _Job, pack: memoryview,
                      direct: npt.NDArray[np.bool_], want: npt.NDArray[np.int64],
-                     where: str) -> dict[int, memoryview]:
-    """Open every sealed blob stored raw whose header checked (``direct``) into one buffer,
-    written from there as one run: :func:`decode_blob`'s work without its per-blob
-    checks, the one that costs when every block of a restore is opened.  Each
+                     where: str, scratch: _Scratch) -> dict[int, memoryview]:
+    """Open every sealed blob stored raw whose header checked (``direct``) into the
+    worker's ``scratch`` buffer, written from there as one run: :func:`decode_blob`'s
+    work without its per-blob checks, the one that costs when every block of a restore
+    is opened.  Each
     batch of :data:`OPEN_BATCH` is hashed against its digests as soon as it is
     opened (keyed with ``id_key``), while it is in cache."""
     idx = np.flatnonzero(direct)
@@ -361,7 +379,7 @@ def _open_sealed_raw(cipher: Cipher, id_key: bytes | None, job: _Job, pack: memo
         return {}
     sizes = want[idx]
     ends = np.cumsum(sizes)
-    buf = np.empty(int(ends[-1]), dtype=np.uint8).data  # not zeroed: all overwritten
+    buf = scratch.take(int(ends[-1]))
     outs = [buf[e - n:e] for e, n in zip(ends.tolist(), sizes.tolist(), strict=True)]
     starts = job.offsets[idx].astype(np.int64) + BLOB.size
     stops = job.offsets[idx].astype(np.int64) + job.lengths[idx].astype(np.int64)
