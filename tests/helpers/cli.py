@@ -173,3 +173,25 @@ def cpu_seconds(pid: int) -> float:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+_MEASURE = """
+import json, resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], capture_output=True, text=True, check=False)
+print(json.dumps({"rc": r.returncode, "out": r.stdout, "err": r.stderr,
+                  "maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+
+def run_measured(argv: list[str], env: Mapping[str, str] | None = None,
+                 timeout: float = 600) -> tuple[int, str, str, int]:
+    """Run ``argv`` under a fresh small wrapper process: its exit code, stdout, stderr and
+    peak RSS in bytes (of the largest of it and its forked workers, as
+    ``getrusage(RUSAGE_CHILDREN)`` reports).  Not measured from the test process itself:
+    a child forked from a large process (pytest with the whole suite loaded) starts
+    with that process's RSS, and ``ru_maxrss`` would report it."""
+    r = subprocess.run([sys.executable, "-c", _MEASURE, *argv], capture_output=True, text=True,
+                       env=dict(env) if env is not None else clean_env(), timeout=timeout,
+                       check=True)
+    got = json.loads(r.stdout)
+    return int(got["rc"]), str(got["out"]), str(got["err"]), int(got["maxrss_kib"]) * 1024

@@ -4,7 +4,7 @@ killed), its stdout goes into the job record, a hook that runs too long is still
 killed with its process group.
 
 Hooks here are real ``sh`` scripts; jobs run as real ``cbt backup --config``
-processes, their peak RSS taken from the kernel (``wait4``).
+processes, their peak RSS taken from the kernel (``getrusage`` in a fresh wrapper).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from helpers import MIB
-from helpers.cli import cbt_argv, clean_env, kill_if_alive, process_gone, wait_for
+from helpers.cli import cbt_argv, kill_if_alive, process_gone, run_measured, wait_for
 from helpers.images import make_disk
 from helpers.jobs import backup_config, job_config, jobs_json
 
@@ -46,24 +46,12 @@ def _config(root: Path, pre: str, post: str | None = None, timeout: float = 30) 
         "hooks": hooks}})
 
 
-def _peak_rss_run(argv: list[str]) -> tuple[int, int, str]:
-    """Run ``argv``; its exit code, its peak RSS in bytes (largest of it and its
-    waited-for descendants, as ``wait4`` reports), its stderr."""
-    proc = subprocess.Popen(argv, env=clean_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss * 1024, err
-
-
 def test_a_flooding_hook_costs_no_memory(site: Path) -> None:
     """260 MiB on stderr and 260 MiB on stdout: the job's peak RSS stays far below."""
     script = (f"yes stderr-flood | head -c {FLOOD} >&2; yes stdout-flood | head -c {FLOOD}; "
               "echo last-out; echo last-err >&2")
     cfg = _config(site, script)
-    code, rss, err = _peak_rss_run(cbt_argv("backup", "--config", cfg, "--json"))
+    code, _, err, rss = run_measured(cbt_argv("backup", "--config", cfg, "--json"))
     assert code == 0, err
     assert rss < 200 * MIB, f"peak RSS {rss / MIB:.0f} MiB"
     (job,) = jobs_json(site / "vault")

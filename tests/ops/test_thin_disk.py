@@ -16,11 +16,10 @@ import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers.cli import cbt_argv, clean_env
+from helpers.cli import cbt_argv, clean_env, run_measured
 from helpers.vaults import PASSWORD
 
 TIB = 1 << 40
@@ -29,21 +28,11 @@ PEAK_RSS_BOUND = 200 * MIB  # measured: 70-80 MiB; one byte per block alone woul
 MANIFESTS_BOUND = 1 * MIB
 PAGE = 64 << 10  # of the expected content
 
-_MEASURE = """
-import json, resource, subprocess, sys
-r = subprocess.run(sys.argv[1:], capture_output=True, text=True, check=False)
-print(json.dumps({"rc": r.returncode, "out": r.stdout, "err": r.stderr,
-                  "maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
-"""
-
-
 def _run_measured(*args: object, env: dict[str, str]) -> tuple[str, int]:
     """Run ``cbt ARGS`` under a fresh wrapper: (stdout, peak RSS in bytes)."""
-    r = subprocess.run([sys.executable, "-c", _MEASURE, *cbt_argv(*args)], capture_output=True,
-                       text=True, env=env, timeout=600, check=True)
-    got = json.loads(r.stdout)
-    assert got["rc"] == 0, (args, got["err"])
-    return got["out"], int(got["maxrss_kib"]) * 1024
+    rc, out, err, peak = run_measured(cbt_argv(*args), env=env)
+    assert rc == 0, (args, err)
+    return out, peak
 
 
 def _write_scattered(path: Path, seed: int, places: int, each: int) -> list[tuple[int, bytes]]:
