@@ -17,7 +17,7 @@ from helpers import MIB
 from helpers.badblocks import bad_btrfs, random_file
 from helpers.cli import backup_cli, cbt, one_error_line, start_cbt
 from helpers.jobs import backup_config, job_config
-from helpers.vaults import encrypted_env
+from helpers.vaults import encrypted_env, init_cli_vault
 
 DISK = 6 * MIB
 BAD = 5 * MIB + 4321  # a byte of the page made unreadable
@@ -159,10 +159,7 @@ def test_unreadable_pack_is_unreadable_not_missing(tmp_path: Path, encrypted: bo
     random_file(disk, DISK)
     with bad_btrfs(tmp_path) as fs:
         vault = fs.mnt / "vault"
-        env = encrypted_env(tmp_path) if encrypted else None
-        r = cbt("init", vault, *(["--kdf-log-n", "10"] if encrypted
-                                 else ["--encryption", "none"]), env=env)
-        assert r.returncode == 0, r.stderr
+        env = init_cli_vault(vault, encrypted, tmp_path)
         point = json.loads(cbt("backup", vault, f"vda={disk}", "--vm", "vm", "--json",
                                env=env).stdout.splitlines()[-1])["recovery_point"]
         pack = max((vault / "packs").rglob("*.pack"), key=lambda p: p.stat().st_size)

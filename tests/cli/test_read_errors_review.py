@@ -19,7 +19,7 @@ from helpers import MIB
 from helpers.badblocks import bad_btrfs, random_file
 from helpers.cli import cbt, one_error_line
 from helpers.jobs import job_config, jobs_json, statuses
-from helpers.vaults import encrypted_env
+from helpers.vaults import init_cli_vault
 
 
 def _eio(img: Path, page: int) -> str:
@@ -70,10 +70,7 @@ def test_restore_reads_only_the_blocks_it_needs_of_a_pack(tmp_path: Path,
     head.write_bytes(data[:MIB])
     with bad_btrfs(tmp_path) as fs:
         vault = fs.mnt / "vault"
-        env = encrypted_env(tmp_path) if encrypted else None
-        r = cbt("init", vault, *(["--kdf-log-n", "10"] if encrypted
-                                 else ["--encryption", "none"]), env=env)
-        assert r.returncode == 0, r.stderr
+        env = init_cli_vault(vault, encrypted, tmp_path)
         for vm, img in (("x", disk), ("y", head)):
             r = cbt("backup", vault, f"vda={img}", "--vm", vm, "--workers", "1", env=env)
             assert r.returncode == 0, r.stderr

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from helpers import KIB, MIB
-from helpers.cli import cbt_json
+from helpers.cli import cbt, cbt_json
 from helpers.images import fs_image, keep_copy, read, write_at
 from helpers.packs import pack_files, trailer_entries
 from helpers.shapes import GC_KEYS, PRUNE_KEYS, PRUNE_POINT_KEYS
@@ -287,6 +287,16 @@ def encrypted_env(tmp_path: Path) -> dict[str, str]:
     pw.write_text(PASSWORD + "\n")
     pw.chmod(0o600)
     return {**os.environ, "CBT_PASSWORD_FILE": str(pw)}
+
+
+def init_cli_vault(vault: Path, encrypted: bool, tmp_path: Path) -> dict[str, str] | None:
+    """``cbt init`` a plain or an encrypted vault (cheap scrypt); the environment that
+    opens it (None for a plain one)."""
+    env = encrypted_env(tmp_path) if encrypted else None
+    r = cbt("init", vault, *(["--kdf-log-n", "10"] if encrypted else ["--encryption", "none"]),
+            env=env)
+    assert r.returncode == 0, r.stderr
+    return env
 
 
 # -- a vault to attack ------------------------------------------------------------------------
