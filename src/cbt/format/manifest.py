@@ -593,6 +593,11 @@ class Delta:
     flags: npt.NDArray[np.uint8]
     metadata: dict[str, str] = field(default_factory=dict)
 
+    def data_rows(self) -> tuple[U64, npt.NDArray[np.uint8]]:
+        """Block numbers and digests of the DATA rows (as :meth:`Manifest.data_rows`)."""
+        is_data = self.flags == DATA
+        return self.rows[is_data], self.digests[is_data]
+
     def to_bytes(self) -> bytes:
         # (format 1: a delta's rows mean the same in both; a hole past the base's end
         # it omits is a hole to format 1's reader too)

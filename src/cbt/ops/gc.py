@@ -43,7 +43,6 @@ import numpy.typing as npt
 
 from cbt.core.errors import CbtError, CbtIOError
 from cbt.format.index_segment import segment_bytes
-from cbt.format.manifest import DATA, Manifest
 from cbt.format.pack import (
     BLOB,
     PackWriter,
@@ -171,8 +170,7 @@ def _mark_folders(vault: Vault, index: Index, folder: str, live: npt.NDArray[np.
             except (CbtError, OSError):
                 ok = False
                 continue
-            data = m.data_rows()[1] if isinstance(m, Manifest) else m.digests[m.flags == DATA]
-            pos = index.lookup(data)
+            pos = index.lookup(m.data_rows()[1])
             live[pos[pos >= 0]] = True
             base = m.metadata.get("cbt.base")
             if base is not None:
