@@ -15,7 +15,8 @@ DIFF_KEYS = {"block_size", "size_a", "size_b", "blocks", "changed_blocks", "chan
 POINT_LINE_KEYS = {"type", "recovery_point", "vm", "created", "consistency",
                    "consistency_reason", "disks", "seconds", "warnings"}
 POINT_DISK_KEYS = {"label", "path", "size", "block_size", "blocks", "changed_blocks",
-                   "bytes_read", "bytes_new", "bytes_stored", "seconds"}
+                   "bytes_read", "bytes_new", "bytes_stored", "seconds", "change_source",
+                   "change_source_reason", "verified_blocks", "hint_mismatches"}
 PROGRESS_KEYS = {"type", "vm", "disk", "bytes_done", "bytes_total"}
 LIST_KEYS = {"points", "warnings"}
 LIST_POINT_KEYS = {"recovery_point", "vm", "created", "consistency", "parent", "disks",

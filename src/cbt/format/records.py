@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import blake3
@@ -80,6 +81,48 @@ def base_seq(seq: int) -> int:
     return seq & (seq - 1)
 
 
+CHANGE_SOURCES = ("fiemap", "btrfs-send", "hint-file", "hash")  # see cbt.source.changes
+_KINDS = ("file", "subvolume")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+@dataclass(frozen=True)
+class TrackingBase:
+    """What identifies a kept tracking base, recorded in the point made from it.
+
+    ``kind`` ``file``: the ``<label>.base.img`` clone (device, inode, size, and
+    change and modification times in ns: a rename, rewrite or replacement
+    changes them).  ``subvolume``: the disk's file inside the base subvolume,
+    plus the subvolume's UUID.
+    """
+
+    kind: str
+    dev: int
+    ino: int
+    size: int
+    ctime_ns: int
+    mtime_ns: int
+    subvolume_uuid: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: object) -> TrackingBase | None:
+        """Read from a point record (untrusted): None when it is not a valid identity."""
+        if not isinstance(data, Mapping) or set(data) != set(cls.__dataclass_fields__):
+            return None
+        ints = ("dev", "ino", "size", "ctime_ns", "mtime_ns")
+        if data["kind"] not in _KINDS or any(
+                type(data[k]) is not int or not 0 <= data[k] < 2**64 for k in ints):
+            return None
+        u = data["subvolume_uuid"]
+        if (data["kind"] == "subvolume") != isinstance(u, str) or (
+                isinstance(u, str) and not _UUID.fullmatch(u)):
+            return None
+        return cls(**data)
+
+
 @dataclass
 class DiskRecord:
     label: str
@@ -96,6 +139,13 @@ class DiskRecord:
     manifest_checksum: str
     seq: int
     base: str | None  # point id holding the base of this delta (None for a full manifest)
+    # how the run found the changed blocks (cbt.source.changes); points made before
+    # change tracking existed read as hash scans
+    change_source: str = "hash"
+    change_source_reason: str | None = None  # why it fell back to ``hash`` (None: it did not)
+    verified_blocks: int = 0  # blocks the source called unchanged, re-hashed as a check
+    hint_mismatches: int = 0  # of those, blocks that had changed: the source lied
+    tracking_base: dict[str, Any] | None = None  # TrackingBase.to_json of the kept base
 
     def problem(self) -> str | None:
         """What breaks the rules of :meth:`PointRecord.problem` in this disk (None: nothing)."""
@@ -118,12 +168,26 @@ class DiskRecord:
             return f"{where}: {self.blocks} blocks do not make {self.size} bytes"
         if self.base is not None and not is_point_id(self.base):
             return f"{where}: base {self.base!r} is not a point id"
+        return self._tracking_problem(where)
+
+    def _tracking_problem(self, where: str) -> str | None:
+        if self.change_source not in CHANGE_SOURCES:
+            return f"{where}: unknown change_source {self.change_source!r}"
+        reason = self.change_source_reason
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
+            return f"{where}: change_source_reason is not a short string"
+        bad = _bad_numbers(self, ("verified_blocks", "hint_mismatches"))
+        if bad:
+            return f"{where}: {bad}"
+        if self.tracking_base is not None and TrackingBase.from_json(self.tracking_base) is None:
+            return f"{where}: tracking_base is not a valid base identity"
         return None
 
     def public(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
             "label", "path", "size", "block_size", "blocks", "changed_blocks", "bytes_read",
-            "bytes_new", "bytes_stored", "seconds")}
+            "bytes_new", "bytes_stored", "seconds", "change_source", "change_source_reason",
+            "verified_blocks", "hint_mismatches")}
 
 
 @dataclass

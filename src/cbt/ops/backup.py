@@ -47,7 +47,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -74,6 +74,7 @@ from cbt.repo.lock import gc_lock, writer_lock
 from cbt.repo.storage import Storage, StorageSpec
 from cbt.repo.vault import Vault, VaultSpec
 from cbt.source.base import SourceSpec
+from cbt.source.changes import DEFAULT_VERIFY_FRACTION, ChangeHint, TrackingBase
 from cbt.source.disks import DiskSpec
 from cbt.source.image import explain_death, open_source
 from cbt.source.plan import (
@@ -132,6 +133,15 @@ class BackupRequest:
     warnings: Sequence[str] = ()
     before_commit: Callable[[], list[str]] | None = None
     ignore_stop_signals: bool = False  # forked workers ignore SIGTERM/SIGINT (a daemon's job)
+    # change tracking (cbt.source.changes): ``full_scan`` hashes every allocated block;
+    # ``hints`` are hint files by disk label (``--changed-ranges``); ``changes`` asks the
+    # snapshots what changed in a disk (label, its previous record or None, block size,
+    # size now); ``settle`` runs after ``before_commit`` and names each kept tracking base
+    full_scan: bool = False
+    verify_fraction: float = DEFAULT_VERIFY_FRACTION
+    hints: Mapping[str, str] = field(default_factory=dict)
+    changes: Callable[[str, DiskRecord | None, int, int], ChangeHint] | None = None
+    settle: Callable[[], Mapping[str, TrackingBase]] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disks", tuple(self.disks))

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from cbt.core.blockio import copy_sparse
 from cbt.core.errors import CbtError
+from cbt.source.changes import ChangeHint, TrackingBase
 from cbt.source.disks import DiskSpec
 from cbt.source.image import ImageSource
 
@@ -149,6 +150,19 @@ class SnapshotSet:
     def source(self, label: str, path: str) -> ImageSource:
         """Disk ``label``'s snapshot opened as a block source (live for provider ``none``)."""
         return self.disk(label, path).open()
+
+    def changes(self, label: str, block_size: int, size: int,
+                recorded: TrackingBase | None) -> ChangeHint:
+        """What changed in disk ``label`` (``size`` bytes now, in blocks of ``block_size``)
+        since the point whose tracking base ``recorded`` identifies (None: none recorded).
+        A hash scan, with the reason, wherever the base cannot be trusted."""
+        return ChangeHint.hash("no tracking base" if label in self.bases else None)
+
+    def settle(self, keep: bool = False) -> dict[str, TrackingBase]:
+        """Once every disk is read, before the point's commit: make each snapshot its
+        disk's tracking base (``keep``: a second reference to it); label -> its identity,
+        which the point records."""
+        return {}
 
     def commit(self, keep: bool = False) -> dict[str, str]:
         """After the point is committed: keep tracking bases, remove the rest.
