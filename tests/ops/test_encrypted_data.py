@@ -23,7 +23,7 @@ from helpers.truth import nblocks, nonzero_blocks, sha256, truth_changed
 from helpers.vaults import PASSWORD, encrypted_env, fast_kdf, file_tree
 
 import cbt as cbt_api
-from cbt.format.pack import CODEC_NONE, blob_aad
+from cbt.format.pack import CODEC_NONE, CODEC_ZSTD, blob_aad
 from cbt.ops.backup import BackupRequest, backup
 from cbt.ops.early_scan import start_early_scan
 from cbt.ops.restore import DamagedPointError
@@ -327,5 +327,50 @@ def test_a_blob_sealed_by_a_key_holder_over_other_content_fails_restore(tmp_path
         f.seek(offset + 48)
         f.write(forged)
     with pytest.raises(DamagedPointError, match=f"pack {pack.stem}.*does not match its digest"):
+        v.restore(point, tmp_path / "out", workers=1)
+    assert file_tree(tmp_path / "out") == {}
+
+
+@pytest.mark.parametrize("forgery", ["flipped byte", "not zstd", "other content"])
+def test_a_compressed_sealed_blob_forged_or_altered_fails_restore(tmp_path: Path,
+                                                                 forgery: str) -> None:
+    """Compressed blobs are opened in batches too: a flipped byte fails authentication; a
+    key holder's seal (right associated data) over bytes that are not zstd, or over
+    another block compressed, fails decompression or the digest check; nothing is written."""
+    import pyarrow as pa
+
+    disk = tmp_path / "disk.img"
+    text = b"".join(b"line %d of a compressible disk\n" % i for i in range(SIZE // 16))
+    disk.write_bytes(text[:SIZE])
+    v = _encrypted(tmp_path / "v")
+    point = v.backup("vm", [disk], block_size=BS, workers=1).id
+    pack = pack_files(Path(v.root))[0]
+    digest, offset, stored, raw = trailer_entries(pack)[2]
+    assert v.keys is not None
+    with open(pack, "r+b") as f:
+        f.seek(offset)
+        assert f.read(48)[36] == CODEC_ZSTD and stored < raw  # (compressed)
+        aad = blob_aad(digest, CODEC_ZSTD, raw)
+        if forgery == "flipped byte":
+            f.seek(offset + 48 + 12 + stored // 3)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0x20]))
+            problem = "fails authentication"
+        else:
+            size = stored - 28
+            if forgery == "not zstd":
+                payload = b"\x01" * size
+            else:  # another block, compressed, then a skippable frame to fill the length
+                frame = pa.Codec("zstd").compress(b"\x5a" * raw, asbytes=True)
+                pad = size - len(frame) - 8
+                assert pad >= 0
+                payload = frame + (0x184D2A50).to_bytes(4, "little") + pad.to_bytes(
+                    4, "little") + b"\0" * pad
+            f.seek(offset + 48)
+            f.write(v.keys.cipher.seal(payload, aad))
+            problem = ("cannot decompress" if forgery == "not zstd" else
+                       "does not match its digest")
+    with pytest.raises(DamagedPointError, match=f"pack {pack.stem}.*({problem})"):
         v.restore(point, tmp_path / "out", workers=1)
     assert file_tree(tmp_path / "out") == {}

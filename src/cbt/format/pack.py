@@ -173,9 +173,9 @@ def blob_aad(digest: bytes, codec: int, raw: int) -> bytes:
     return BLOB_AAD_PREFIX + digest + bytes([codec]) + raw.to_bytes(4, "little")
 
 
-def blob_aads(digests: npt.NDArray[np.uint8], codec: int,
+def blob_aads(digests: npt.NDArray[np.uint8], codec: int | npt.NDArray[np.integer],
               raw: npt.NDArray[np.integer]) -> npt.NDArray[np.uint8]:
-    """:func:`blob_aad` of many blobs of one codec at once: one row each."""
+    """:func:`blob_aad` of many blobs at once (one codec, or one each): one row each."""
     n = len(digests)
     out = np.empty((n, BLOB_AAD_SIZE), dtype=np.uint8)
     out[:, :len(BLOB_AAD_PREFIX)] = np.frombuffer(BLOB_AAD_PREFIX, dtype=np.uint8)
@@ -264,16 +264,21 @@ def decode_blob(data: bytes | memoryview, digest: bytes, where: str,
     if codec == CODEC_NONE:
         out = payload if not check else bytes(payload)
     elif codec == CODEC_ZSTD:
-        try:
-            out = _zstd().decompress(payload, decompressed_size=raw,  # type: ignore[attr-defined]
-                                     asbytes=True)
-        except Exception as exc:
-            raise CorruptPackError(f"{where}: cannot decompress ({exc})") from None
+        out = decompress(payload, raw, where)
     else:
         raise CorruptPackError(f"{where}: unknown codec {codec}")
     if len(out) != raw or (check and block_id(out, id_key) != digest):
         raise CorruptPackError(f"{where}: content does not match its digest")
     return out
+
+
+def decompress(payload: bytes | memoryview, raw: int, where: str) -> bytes:
+    """A zstd blob's content (``raw`` bytes expected; the caller checks the length)."""
+    try:
+        return _zstd().decompress(payload, decompressed_size=raw,  # type: ignore[attr-defined,no-any-return]
+                                  asbytes=True)
+    except Exception as exc:
+        raise CorruptPackError(f"{where}: cannot decompress ({exc})") from None
 
 
 def block_id(data: bytes | memoryview, id_key: bytes | None) -> bytes:

@@ -76,7 +76,7 @@ from cbt.core.blockio import (
     write_all,
     zero_range,
 )
-from cbt.core.crypto import Cipher
+from cbt.core.crypto import OVERHEAD, Cipher
 from cbt.core.durable import fsync_dir, fsync_file, temp_name
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 from cbt.core.native import fast
@@ -94,6 +94,7 @@ from cbt.format.pack import (
     blob_length,
     blobs_match,
     decode_blob,
+    decompress,
     pack_name,
 )
 from cbt.format.records import NAME_RE, PointRecord
@@ -210,7 +211,7 @@ class _Run:
     def add(self, block: int, digest: np.ndarray, data: bytes | memoryview, pack: str,
             checked: bool = False) -> None:
         """Queue a block; ``checked``: its content was already hashed against
-        ``digest`` (:func:`_open_sealed_raw` does it while the block is in cache)."""
+        ``digest`` (:func:`_open_sealed` does it for raw blobs, while they are in cache)."""
         if self.blocks and (block != self.blocks[-1] + 1 or self.used >= RUN_BYTES):
             self.flush()
         self.views.append(data)
@@ -323,30 +324,36 @@ def _job_data(job: _Job, pack: memoryview, where: str, cipher: Cipher | None = N
     The blob headers are checked all at once (:func:`blobs_match`); a sound raw
     blob comes back as a view into the pack, anything else goes through
     :func:`decode_blob` (which decompresses, or names the problem).  An
-    encrypted vault's blobs (``cipher``) are all sealed, never viewed raw: a
-    sound one stored raw is opened (authenticated) here, at once; any other
-    by :func:`decode_blob`.  The content itself is checked later, run by run,
-    except what :func:`_open_sealed_raw` opened: it is checked as it is opened
-    (the second array says which blocks).
+    encrypted vault's blobs (``cipher``) are all sealed, never viewed raw: every
+    sound one is opened (authenticated) at once by :func:`_open_sealed`, and
+    decompressed if it is compressed; any other goes through :func:`decode_blob`.
+    The content itself is checked later, run by run, except the raw blobs
+    :func:`_open_sealed` opened: it checks them as it opens them (the second
+    array says which blocks).
     """
     n = len(job.blocks)
     offs = job.offsets.astype(np.int64)
     lengths = job.lengths.astype(np.int64)
     bs = job.block_size
     want = np.minimum(bs, job.disk_size - job.blocks.astype(np.int64) * bs)
-    direct = np.zeros(n, dtype=bool)
+    sound = np.zeros(n, dtype=bool)
+    codecs = np.zeros(n, dtype=np.uint8)
     if n and int((offs + lengths).max()) <= len(pack):
         headers = blob_headers(pack, offs)
-        direct = (blobs_match(headers, job.digests, lengths - BLOB.size, want,
-                              ENCRYPTION_NONE if cipher is None else ENCRYPTION_AEAD)
-                  & (headers["codec"] == CODEC_NONE))
+        codecs = headers["codec"]
+        sound = blobs_match(headers, job.digests, lengths - BLOB.size, want,
+                            ENCRYPTION_NONE if cipher is None else ENCRYPTION_AEAD)
+    checked = np.zeros(n, dtype=bool)
+    opened: dict[int, bytes | memoryview] = {}
+    if cipher is not None:
+        opened, checked = _open_sealed(cipher, id_key, job, pack, sound, codecs, want, where,
+                                       scratch or _Scratch())
+    direct = sound & (codecs == CODEC_NONE) if cipher is None else checked
     out: list[bytes | memoryview] = []
-    opened = {} if cipher is None else _open_sealed_raw(cipher, id_key, job, pack, direct,
-                                                        want, where, scratch or _Scratch())
     for i, (blk, off, ln, view) in enumerate(zip(job.blocks.tolist(), offs.tolist(),
                                                  lengths.tolist(), direct.tolist(),
                                                  strict=True)):
-        if view:
+        if view or i in opened:
             out.append(pack[off + BLOB.size:off + ln] if cipher is None else opened[i])
             continue
         try:
@@ -357,7 +364,7 @@ def _job_data(job: _Job, pack: memoryview, where: str, cipher: Cipher | None = N
         if len(data) != int(want[i]):
             raise DamagedPointError(f"{where.format(blk)}: content has the wrong length")
         out.append(data)
-    return out, direct if cipher is not None else np.zeros(n, dtype=bool)
+    return out, checked
 
 
 # Blocks opened, then hashed, at a time: small enough that the plaintext is
@@ -365,29 +372,36 @@ def _job_data(job: _Job, pack: memoryview, where: str, cipher: Cipher | None = N
 OPEN_BATCH = 32
 
 
-def _open_sealed_raw(cipher: Cipher, id_key: bytes | None, job: _Job, pack: memoryview,
-                     direct: npt.NDArray[np.bool_], want: npt.NDArray[np.int64],
-                     where: str, scratch: _Scratch) -> dict[int, memoryview]:
-    """Open every sealed blob stored raw whose header checked (``direct``) into the
-    worker's ``scratch`` buffer, written from there as one run: :func:`decode_blob`'s
-    work without its per-blob checks, the one that costs when every block of a restore
-    is opened.  Each
-    batch of :data:`OPEN_BATCH` is hashed against its digests as soon as it is
-    opened (keyed with ``id_key``), while it is in cache."""
-    idx = np.flatnonzero(direct)
+def _open_sealed(cipher: Cipher, id_key: bytes | None, job: _Job, pack: memoryview,
+                 sound: npt.NDArray[np.bool_], codecs: npt.NDArray[np.uint8],
+                 want: npt.NDArray[np.int64], where: str, scratch: _Scratch
+                 ) -> tuple[dict[int, bytes | memoryview], npt.NDArray[np.bool_]]:
+    """Open every sealed blob whose header checked (``sound``) into the worker's
+    ``scratch`` buffer, and decompress the compressed ones: :func:`decode_blob`'s
+    work without its per-blob checks and copies, the one that costs when every
+    block of a restore is opened.  Each batch of :data:`OPEN_BATCH` raw blocks is
+    hashed against its digests as soon as it is opened (keyed with ``id_key``),
+    while it is in cache.  Returns the blocks opened (by position in the job) and
+    which of them were checked."""
+    payload = job.lengths.astype(np.int64) - BLOB.size - OVERHEAD  # plaintext sizes
+    raw = codecs == CODEC_NONE
+    # (a raw blob's plaintext is the block: another size fails, named by decode_blob)
+    idx = np.flatnonzero(sound & (payload >= 0) & (~raw | (payload == want)))
+    checked = np.zeros(len(sound), dtype=bool)
     if not len(idx):
-        return {}
-    sizes = want[idx]
+        return {}, checked
+    sizes = payload[idx]
     ends = np.cumsum(sizes)
     buf = scratch.take(int(ends[-1]))
     outs = [buf[e - n:e] for e, n in zip(ends.tolist(), sizes.tolist(), strict=True)]
     starts = job.offsets[idx].astype(np.int64) + BLOB.size
-    stops = job.offsets[idx].astype(np.int64) + job.lengths[idx].astype(np.int64)
-    sealed = [pack[a:b] for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
+    sealed = [pack[a:a + n + OVERHEAD]
+              for a, n in zip(starts.tolist(), sizes.tolist(), strict=True)]
     digests = job.digests[idx]
-    aads = memoryview(blob_aads(digests, CODEC_NONE, sizes).tobytes())
+    aads = memoryview(blob_aads(digests, codecs[idx], want[idx]).tobytes())
     k = BLOB_AAD_SIZE
-    got = np.empty((len(idx), fast.DIGEST_SIZE), dtype=np.uint8)
+    is_raw = raw[idx]
+    got = np.zeros((len(idx), fast.DIGEST_SIZE), dtype=np.uint8)
     for a in range(0, len(idx), OPEN_BATCH):
         b = min(a + OPEN_BATCH, len(idx))
         bad = cipher.open_each_into(sealed[a:b], [aads[j * k:(j + 1) * k] for j in range(a, b)],
@@ -395,13 +409,33 @@ def _open_sealed_raw(cipher: Cipher, id_key: bytes | None, job: _Job, pack: memo
         if bad >= 0:
             raise DamagedPointError(f"{where.format(int(job.blocks[idx[a + bad]]))}: blob "
                                     "fails authentication")
-        fast.hash_each(outs[a:b], got[a:b], id_key)
-    wrong = (got != digests).any(axis=1)
+        hot = np.flatnonzero(is_raw[a:b]) + a
+        if len(hot) == b - a:
+            fast.hash_each(outs[a:b], got[a:b], id_key)
+        elif len(hot):
+            part = np.empty((len(hot), fast.DIGEST_SIZE), dtype=np.uint8)
+            fast.hash_each([outs[j] for j in hot.tolist()], part, id_key)
+            got[hot] = part
+    wrong = is_raw & (got != digests).any(axis=1)
     if wrong.any():
         i = int(idx[int(np.argmax(wrong))])
         raise DamagedPointError(f"{where.format(int(job.blocks[i]))}: content does not match "
                                 "its digest")
-    return dict(zip(idx.tolist(), outs, strict=True))
+    checked[idx[is_raw]] = True
+    opened: dict[int, bytes | memoryview] = {}
+    for j, i in enumerate(idx.tolist()):
+        if is_raw[j]:
+            opened[i] = outs[j]
+            continue
+        try:  # (the message names the block only when there is one to give)
+            data = decompress(outs[j], int(want[i]), "")
+        except CorruptPackError as exc:
+            raise DamagedPointError(f"{where.format(int(job.blocks[i]))}{exc}") from None
+        if len(data) != int(want[i]):
+            raise DamagedPointError(f"{where.format(int(job.blocks[i]))}: content has the "
+                                    "wrong length")
+        opened[i] = data
+    return opened, checked
 
 
 # Blobs of a job less than this apart are faulted in as one span (one madvise call);
