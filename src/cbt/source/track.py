@@ -6,8 +6,9 @@ every block the guest did not write since the base was taken is still the *same
 physical block* in both.  :func:`changed_ranges` compares the logical -> physical maps
 of the two files (``FS_IOC_FIEMAP``, always with ``FIEMAP_FLAG_SYNC``: without it a
 file's fresh writes sit in delayed allocation and are missing from its map) and calls a
-block unchanged only when both map it to the same physical address with the same
-``UNWRITTEN`` flag, or both have a hole there.  Data on one side and a hole on the
+block unchanged only when both map it to the same physical address, or both read as
+zeros without data there: a hole, or an ``UNWRITTEN`` (preallocated) extent, which a
+clone may turn into a hole.  Data on one side and a hole on the
 other is a change (a punched hole is the guest's TRIM); an extent whose physical
 address means nothing (``UNKNOWN``, ``DELALLOC``, ``ENCODED``, ``DATA_ENCRYPTED``,
 ``NOT_ALIGNED``, ``DATA_INLINE``, ``DATA_TAIL``) is changed.
@@ -165,25 +166,32 @@ def _changed_segments(a: Extents, b: Extents) -> tuple[U64, U64]:
         # within an extent physical - logical is constant: compare the two offsets
         pa = a.physical[ia].astype(np.int64) - a.start[ia].astype(np.int64)
         pb = b.physical[ib].astype(np.int64) - b.start[ib].astype(np.int64)
-        fa, fb = a.flags[ia], b.flags[ib]
-        differ = (pa != pb) | ((fa ^ fb) & FIEMAP_EXTENT_UNWRITTEN != 0)
-        opaque = ((fa | fb) & FIEMAP_EXTENT_OPAQUE) != 0
-        changed |= both & (differ | opaque)
+        opaque = ((a.flags[ia] | b.flags[ib]) & FIEMAP_EXTENT_OPAQUE) != 0
+        changed |= both & ((pa != pb) | opaque)
     return seg_start[changed], seg_end[changed]
 
 
+def _data_only(ext: Extents) -> Extents:
+    """``ext`` without its unwritten extents: they read as zeros, as a hole does."""
+    unwritten = (ext.flags & FIEMAP_EXTENT_UNWRITTEN) != 0
+    keep = ~unwritten | ((ext.flags & FIEMAP_EXTENT_OPAQUE) != 0)
+    return Extents(ext.size, ext.start[keep], ext.end[keep], ext.physical[keep],
+                   ext.flags[keep])
+
+
 def changed_ranges(base: str, new: str, block_size: int) -> list[BlockRange]:
-    """The blocks of ``block_size`` bytes of ``new`` that may differ from ``base``: any
-    part of the block maps to a different physical place (or flag, or hole) than in
-    ``base``, as merged, sorted ``(first, end)`` block ranges.  Both files must have the
-    same size (the caller handles a resize); FiemapError where a map cannot be read."""
+    """The blocks of ``block_size`` bytes of ``new`` that may differ from ``base``, as
+    merged, sorted ``(first, end)`` block ranges: any part of the block maps to another
+    physical place than in ``base`` (or to a meaningless one, or to data where the
+    other reads zeros).  Both files must have the same size (the caller handles a
+    resize); FiemapError where a map cannot be read."""
     if block_size <= 0:
         raise ValueError(f"block size {block_size} is not positive")
     a, b = extents(base), extents(new)
     if a.size != b.size:
         raise FiemapError(errno.EINVAL, f"{base} has {a.size} bytes and {new} {b.size}: "
                           "sizes differ")
-    s, e = _changed_segments(a, b)
+    s, e = _changed_segments(_data_only(a), _data_only(b))
     if len(s) == 0:
         return []
     bs = np.uint64(block_size)
