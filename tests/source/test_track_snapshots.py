@@ -294,7 +294,7 @@ def test_a_kill_between_snapshot_and_commit_never_leaves_a_wrong_base(
     the committed point's (its changes are then exact) or its identity tells it is not."""
     recorded, copy = site.run(keep)
     outcomes = []
-    for step in (None, 1, 2, 3):
+    for step in (None, 1, 2, 3, 4):
         mutate(site.disk, 10 + (step or 0))
         killed = job_id(7)
         try:
@@ -304,6 +304,7 @@ def test_a_kill_between_snapshot_and_commit_never_leaves_a_wrong_base(
                 break  # settle has fewer durable steps: it finished
             raise
         _recover(site, killed)
+        assert [p.name for p in site.snapdir.iterdir() if killed in p.name] == []
         snaps = site.take()
         hint = site.changes(snaps, recorded)
         if hint.tracked:

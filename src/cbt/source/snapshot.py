@@ -220,7 +220,7 @@ class SnapshotSet:
             if snap in done:
                 continue
             done.add(snap)
-            _make_base(snap, base, keep)
+            _make_base(snap, base, keep, self.job)
         self.settled = {}
         for label in self.bases:
             base_file, subvolume = self._base_file(label)
@@ -266,9 +266,10 @@ def _short(text: str) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _make_base(snap: str, base: str, keep: bool) -> None:
+def _make_base(snap: str, base: str, keep: bool, job: str) -> None:
     """Make snapshot ``snap`` (a file, or a btrfs subvolume) the tracking base ``base``,
-    durably (see :meth:`SnapshotSet.settle`)."""
+    durably (see :meth:`SnapshotSet.settle`); a clone is made under a temporary name
+    carrying the job's id, so that ``recover`` removes it after a crash."""
     parent = os.path.dirname(base)
     if os.path.isdir(snap):
         remove_snapshot(base)
@@ -280,20 +281,20 @@ def _make_base(snap: str, base: str, keep: bool) -> None:
                                     f"{r.stderr.strip() or r.returncode}")
         else:
             os.rename(snap, base)
-    else:
-        if keep:
-            tmp = os.path.join(parent, f".{os.path.basename(base)}.tmp-{os.getpid()}")
-            remove_snapshot(tmp)
-            reflink(snap, tmp)
-            os.chmod(tmp, stat.S_IMODE(os.lstat(snap).st_mode))
-            os.rename(tmp, base)
-        else:
-            os.rename(snap, base)
-        fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            fsync_file(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(parent)
+        return
+    source = snap
+    if keep:
+        source = os.path.join(parent, f".{os.path.basename(base)}.{job}.tmp")
+        remove_snapshot(source)
+        reflink(snap, source)
+        os.chmod(source, stat.S_IMODE(os.lstat(snap).st_mode))
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fsync_file(fd)  # (a rename keeps the inode: this is the base's fsync too)
+    finally:
+        os.close(fd)
+    os.rename(source, base)
     fsync_dir(parent)
 
 
