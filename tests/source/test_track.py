@@ -259,3 +259,24 @@ def test_btrfs_compressed_extents_are_read(tmp_path: Path) -> None:
             want |= set(range(lo // PAGE, -(-hi // PAGE)))
         new = clone("btrfs", disk, "new.img")
         assert blocks_of(changed_ranges(str(base), str(new), PAGE)) == want
+
+
+@pytest.mark.root
+def test_a_file_system_without_fiemap_is_an_error_then_a_hash_scan(tmp_path: Path) -> None:
+    """tmpfs maps no extents: changed_ranges fails naming the file; a SnapshotSet whose
+    base lies there falls back to a hash scan with that error as the reason."""
+    from helpers.system import tmpfs
+
+    from cbt.source.snapshot import SnapshotSet
+
+    with tmpfs(tmp_path / "t", 64) as mnt:
+        base, new = mnt / "os.base.img", mnt / "os.job.img"
+        for p in (base, new):
+            p.write_bytes(b"x" * 3 * PAGE)
+        with pytest.raises(FiemapError, match=r"os\.base\.img.*FIEMAP"):
+            changed_ranges(str(base), str(new), PAGE)
+        snaps = SnapshotSet("web", "job", {"os": "reflink"}, {"os": str(new)},
+                            bases={"os": (str(new), str(base))})
+        hint = snaps.changes("os", PAGE, 3 * PAGE, identify(str(base)))
+        assert hint.source == "hash" and "FIEMAP" in str(hint.reason), hint
+        assert str(base) in str(hint.reason)
