@@ -13,6 +13,8 @@
   run-due).
 - ``system``: what the machine offers (root, loop devices, mounts, reflink, strace).
 - ``strace``: what a traced ``cbt`` process wrote, as the kernel saw it.
+- ``tracking``: disks written in known patterns (writes, 1-byte writes, punched holes,
+  a truncated tail) and the blocks that really changed between two files.
 
 Sizes used everywhere are here.
 """

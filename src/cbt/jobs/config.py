@@ -23,6 +23,8 @@ Shape (everything but ``vault``, ``policy.*.schedule``, ``vm.*.policy`` and
     snapshot = "auto"             # auto | reflink | btrfs | copy | none
     snapshot_dir = ""             # default: beside each disk
     block_size = "16K"
+    change_tracking = "auto"      # or "hash": always read every allocated block
+    verify_fraction = 0.03125     # 0 to 1: the unchanged blocks re-hashed each run (1/32)
     [vm.web.hooks]
     pre = ["/usr/local/bin/quiesce"]
     post = ["/usr/local/bin/resume"]
@@ -46,11 +48,13 @@ from cbt.core.errors import CbtError, CbtValueError
 from cbt.core.sizes import parse_size
 from cbt.jobs.policy import Policy, Retention, parse_schedule
 from cbt.repo.storage import check_location
+from cbt.source.changes import DEFAULT_VERIFY_FRACTION, TRACKING_MODES
 
 PROVIDERS = ("auto", "reflink", "btrfs", "copy", "none")
 Provider = Literal["auto", "reflink", "btrfs", "copy", "none"]
 OnPreFailure = Literal["fallback", "fail"]
 Provides = Literal["application", "file-system"]  # the level a succeeded pre hook gives
+ChangeTracking = Literal["auto", "hash"]  # cbt.source.changes.TRACKING_MODES
 
 
 MAX_HOOK_TIMEOUT = 86400.0  # hooks.timeout: seconds, above 0, at most a day
@@ -80,6 +84,9 @@ class VMConfig:
     snapshot_dir: str | None = None
     block_size: int | None = None
     hooks: Hooks | None = None
+    # ``auto``: the cheapest change source that can be trusted; ``hash``: read every block
+    change_tracking: ChangeTracking = "auto"
+    verify_fraction: float = DEFAULT_VERIFY_FRACTION  # of the unchanged blocks, re-hashed
 
 
 @dataclass(frozen=True)
@@ -242,7 +249,8 @@ def _vm(where: _Where, path: str, base: Path, name: str, table: Any,
         raise _err(where, path, pre[:-1], "invalid VM name (letters, digits, '_', '-')")
     _typed(where, path, pre[:-1], table, dict, "a table")
     _check_keys(where, path, pre, table, {"policy", "disks", "snapshot", "snapshot_dir",
-                                         "block_size", "hooks"}, {"policy", "disks"})
+                                         "block_size", "hooks", "change_tracking",
+                                         "verify_fraction"}, {"policy", "disks"})
     policy = _typed(where, path, pre + "policy", table["policy"], str, "a policy name")
     if policy not in policies:
         raise _err(where, path, pre + "policy", f"no policy named {policy!r}")
@@ -261,7 +269,25 @@ def _vm(where: _Where, path: str, base: Path, name: str, table: Any,
     hooks = None
     if "hooks" in table:
         hooks = _hooks(where, path, base, pre + "hooks", table["hooks"])
-    return VMConfig(name, policy, disks, snapshot, snapshot_dir, block_size, hooks)
+    tracking, fraction = _tracking(where, path, pre, table)
+    return VMConfig(name, policy, disks, snapshot, snapshot_dir, block_size, hooks, tracking,
+                    fraction)
+
+
+def _tracking(where: _Where, path: str, pre: str, table: dict[str, Any]
+              ) -> tuple[ChangeTracking, float]:
+    """A VM's ``change_tracking`` and ``verify_fraction``."""
+    mode = _typed(where, path, pre + "change_tracking", table.get("change_tracking", "auto"),
+                  str, "a string")
+    if mode not in TRACKING_MODES:
+        raise _err(where, path, pre + "change_tracking",
+                   f"must be one of {', '.join(TRACKING_MODES)}")
+    fraction = _typed(where, path, pre + "verify_fraction",
+                      table.get("verify_fraction", DEFAULT_VERIFY_FRACTION), (int, float),
+                      "a number from 0 to 1")
+    if not 0 <= fraction <= 1:  # nan too
+        raise _err(where, path, pre + "verify_fraction", "must be a number from 0 to 1")
+    return ("hash" if mode == "hash" else "auto"), float(fraction)
 
 
 def _disks(where: _Where, path: str, base: Path, pre: str, value: Any) -> dict[str, str]:

@@ -18,7 +18,10 @@ For each VM, under the vault's writer lock:
    its consistency level and reason.
 7. Keep the last snapshot of each ``reflink``/``btrfs`` disk as its tracking
    base (and, with ``instant_restore_days``, the others, registered for
-   ``restore --instant``); remove the rest.
+   ``restore --instant``); remove the rest.  The base is made just before the
+   commit (``SnapshotSet.settle``, whose identities the point records), and the
+   next job's transfer asks ``SnapshotSet.changes`` what changed since it
+   (``change_tracking = "hash"`` or ``JobRequest.full_scan`` force a hash scan).
 8. Record the job's end: ``succeeded``, or ``failed`` with the error.  Also on
    failure or abort: the post hook runs if it is still due, and snapshots are
    removed.
@@ -45,11 +48,12 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from cbt.core.errors import CbtError
 from cbt.core.timefmt import utc_now
-from cbt.format.records import JobDisk, JobRecord, KeptSnapshots, PointRecord
+from cbt.format.records import DiskRecord, JobDisk, JobRecord, KeptSnapshots, PointRecord
 from cbt.jobs.config import Config, VMConfig
 from cbt.jobs.config import load as load_config
 from cbt.jobs.hooks import HookResult, run_hook
@@ -58,6 +62,7 @@ from cbt.repo.keys import Passphrase
 from cbt.repo.lock import writer_lock
 from cbt.repo.registry import list_jobs, register_snapshots, save_job
 from cbt.repo.vault import Vault
+from cbt.source.changes import ChangeHint, TrackingBase
 from cbt.source.disks import DiskSpec
 from cbt.source.snapshot import (
     SNAPSHOT_DIR,
@@ -103,6 +108,8 @@ class JobRequest:
     # opens an encrypted vault (a finder is asked only then; None: CBT_PASSWORD_FILE,
     # then CBT_PASSWORD); an unencrypted vault ignores it
     passphrase: Passphrase | None = field(default=None, repr=False)
+    # hash every allocated block, whatever the change sources say (``--full-scan``)
+    full_scan: bool = False
 
 
 # -- signals ---------------------------------------------------------------------------
@@ -281,13 +288,20 @@ class Job:
             progress=request.progress, created=request.created, consistency=consistency,
             executor=request.executor, point_id=self.point_id, warnings=self.warnings,
             slot=request.slot, before_commit=self.post_hook,
-            ignore_stop_signals=request.finish_on_stop_signal))
+            ignore_stop_signals=request.finish_on_stop_signal,
+            full_scan=request.full_scan or vmc.change_tracking == "hash",
+            verify_fraction=vmc.verify_fraction, changes=partial(_changes, snaps),
+            settle=partial(snaps.settle, keep=self.keep)))
+
+    @property
+    def keep(self) -> bool:
+        """Whether the policy keeps every snapshot for instant restore."""
+        return self.config.policies[self.vmc.policy].instant_restore_days > 0
 
     def keep_snapshots(self, point: PointRecord, snaps: SnapshotSet) -> None:
         """Step 7: keep the tracking bases (and, for instant restore, the rest); register them."""
-        days = self.config.policies[self.vmc.policy].instant_restore_days
         created_paths = list(snaps.created)
-        kept = snaps.commit(keep=days > 0)
+        kept = snaps.commit(keep=self.keep)
         self.snaps = None
         if kept:
             register_snapshots(self.vault, KeptSnapshots.of(point, kept, created_paths))
@@ -326,6 +340,14 @@ class Job:
                 rec.recovery_point = None
             rec.hook_pending = False
             save_job(self.vault, rec)
+
+
+def _changes(snaps: SnapshotSet, label: str, parent: DiskRecord | None, block_size: int,
+             size: int) -> ChangeHint:
+    """What the snapshots say changed in disk ``label`` since its previous point ``parent``
+    (the tracking base that point recorded; None: no previous point)."""
+    recorded = TrackingBase.from_json(parent.tracking_base) if parent is not None else None
+    return snaps.changes(label, block_size, size, recorded)
 
 
 def _consistency(vmc: VMConfig, pre: HookResult | None, snaps: SnapshotSet) -> tuple[str, str]:

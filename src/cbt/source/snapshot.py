@@ -16,9 +16,13 @@ A :class:`SnapshotSet` is what a job reads: :meth:`SnapshotSet.disk` names
 each disk with the snapshot to read it from, :meth:`SnapshotSet.source` opens
 that as a block source (live where the provider is ``none``).
 
-``reflink`` and ``btrfs`` keep the last committed snapshot of each disk as its
-*tracking base* (``<label>.base`` beside the snapshots), replaced at the next
-commit; everything else is removed when the job ends.
+``reflink`` and ``btrfs`` keep the last snapshot of each disk as its *tracking
+base* (``<label>.base.img``, or the subvolume ``<vm>.base``, beside the
+snapshots): :meth:`SnapshotSet.settle` makes it, once every disk is read and
+before the point is committed, and returns what identifies it; the point records
+that, and :meth:`SnapshotSet.changes` at the next run compares the new snapshot
+with the base only while the base is still the one recorded (``cbt.source.track``).
+Everything else is removed when the job ends.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbt.core.blockio import copy_sparse
+from cbt.core.durable import fsync_dir, fsync_file
 from cbt.core.errors import CbtError
 from cbt.source.changes import ChangeHint, TrackingBase
 from cbt.source.disks import DiskSpec
 from cbt.source.image import ImageSource
+from cbt.source.track import changed_ranges, identify
 
 FICLONE = 0x40049409
 BTRFS_SUPER_MAGIC = 0x9123683E
@@ -132,6 +138,7 @@ class SnapshotSet:
     created: list[str] = field(default_factory=list)  # files or subvolumes to remove
     bases: dict[str, tuple[str, str]] = field(default_factory=dict)  # label -> (snap, base)
     warnings: list[str] = field(default_factory=list)
+    settled: dict[str, TrackingBase] | None = None  # what settle() made, once it ran
 
     @property
     def one_moment(self) -> bool:
@@ -155,40 +162,85 @@ class SnapshotSet:
                 recorded: TrackingBase | None) -> ChangeHint:
         """What changed in disk ``label`` (``size`` bytes now, in blocks of ``block_size``)
         since the point whose tracking base ``recorded`` identifies (None: none recorded).
-        A hash scan, with the reason, wherever the base cannot be trusted."""
-        return ChangeHint.hash("no tracking base" if label in self.bases else None)
+        A hash scan, with the reason, wherever the base cannot be trusted:
+
+        - ``no tracking base``: nothing recorded, or no base on disk;
+        - ``base replaced``: another file (or subvolume) than the one recorded;
+        - ``base changed``: the recorded file, rewritten since (size or times differ);
+        - ``disk resized``: the disk's size is no longer the base's;
+        - the error, where the file system cannot map either file.
+
+        Otherwise ``fiemap``: the blocks whose extents the new snapshot does not share
+        with the base (for ``btrfs`` too: measured faster than ``btrfs send --no-data``).
+        Providers without a base (``copy``, ``none``): a hash scan, no reason."""
+        if label not in self.bases:
+            return ChangeHint.hash(None)
+        base_file, subvolume = self._base_file(label)
+        if recorded is None or not os.path.lexists(base_file):
+            return ChangeHint.hash("no tracking base")
+        try:
+            now = identify(base_file, subvolume)
+        except OSError as exc:
+            return ChangeHint.hash(_short(f"tracking base unusable: {exc}"))
+        reason = base_mismatch(recorded, now)
+        if reason is not None:
+            return ChangeHint.hash(reason)
+        if now.size != size:
+            return ChangeHint.hash("disk resized")
+        try:
+            ranges = changed_ranges(base_file, self.read_paths[label], block_size)
+            again = identify(base_file, subvolume)  # not swapped while it was mapped
+        except OSError as exc:
+            return ChangeHint.hash(_short(str(exc)))
+        if again != now:
+            return ChangeHint.hash("base changed")
+        return ChangeHint("fiemap", tuple(ranges))
+
+    def _base_file(self, label: str) -> tuple[str, str | None]:
+        """Disk ``label``'s tracking base file, and its subvolume (btrfs; else None)."""
+        snap, base = self.bases[label]
+        if self.providers[label] != "btrfs":
+            return base, None
+        return os.path.join(base, os.path.relpath(self.read_paths[label], snap)), base
 
     def settle(self, keep: bool = False) -> dict[str, TrackingBase]:
         """Once every disk is read, before the point's commit: make each snapshot its
-        disk's tracking base (``keep``: a second reference to it); label -> its identity,
-        which the point records."""
-        return {}
+        disk's tracking base, durably; label -> its identity, which the point records.
 
-    def commit(self, keep: bool = False) -> dict[str, str]:
-        """After the point is committed: keep tracking bases, remove the rest.
-
-        With ``keep`` (instant restore) every snapshot stays where it is and the
-        tracking base becomes a second, free reference to it (a hard link, or
-        a btrfs snapshot of the snapshot); returns label -> kept path.
-        """
+        Without ``keep`` the snapshot is renamed to the base.  With ``keep`` (instant
+        restore) the snapshot stays and the base is a second, free reference to it: a
+        FICLONE clone (its own inode: removing the kept snapshot later leaves the base's
+        identity alone), or a read-only btrfs snapshot of the snapshot.  A crash at any
+        step leaves the base of the last committed point, or none, or one whose identity
+        is not the recorded one: the next run hashes."""
+        if self.settled is not None:
+            return dict(self.settled)
         done = set()
         for snap, base in self.bases.values():
             if snap in done:
                 continue
             done.add(snap)
-            remove_snapshot(base)
-            if not keep:
-                os.rename(snap, base)
-            elif os.path.isdir(snap):
-                subprocess.run(["btrfs", "subvolume", "snapshot", "-r", snap, base],
-                               capture_output=True, check=True)
-            else:
-                os.link(snap, base)
+            _make_base(snap, base, keep, self.job)
+        self.settled = {}
+        for label in self.bases:
+            base_file, subvolume = self._base_file(label)
+            self.settled[label] = identify(base_file, subvolume)
+        return dict(self.settled)
+
+    def commit(self, keep: bool = False) -> dict[str, str]:
+        """After the point is committed: keep tracking bases (:meth:`settle`, unless it
+        ran), remove the rest.
+
+        With ``keep`` (instant restore) every snapshot stays where it is, beside its
+        tracking base; returns label -> kept path.
+        """
+        self.settle(keep)
         if keep:
             return {label: self.read_paths[label] for label, p in self.providers.items()
                     if p != "none"}
+        moved = {snap for snap, _ in self.bases.values()}
         for path in self.created:
-            if path not in done:
+            if path not in moved:
                 remove_snapshot(path)
         return {}
 
@@ -196,6 +248,54 @@ class SnapshotSet:
         """After a failed or aborted job: remove every snapshot it took."""
         for path in self.created:
             remove_snapshot(path)
+
+
+def base_mismatch(recorded: TrackingBase, now: TrackingBase) -> str | None:
+    """Why the base found (``now``) is not the one a point recorded (None: it is)."""
+    if (recorded.kind, recorded.dev, recorded.ino, recorded.subvolume_uuid) != (
+            now.kind, now.dev, now.ino, now.subvolume_uuid):
+        return "base replaced"
+    if (recorded.size, recorded.ctime_ns, recorded.mtime_ns) != (
+            now.size, now.ctime_ns, now.mtime_ns):
+        return "base changed"
+    return None
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _make_base(snap: str, base: str, keep: bool, job: str) -> None:
+    """Make snapshot ``snap`` (a file, or a btrfs subvolume) the tracking base ``base``,
+    durably (see :meth:`SnapshotSet.settle`); a clone is made under a temporary name
+    carrying the job's id, so that ``recover`` removes it after a crash."""
+    parent = os.path.dirname(base)
+    if os.path.isdir(snap):
+        remove_snapshot(base)
+        if keep:
+            r = subprocess.run(["btrfs", "subvolume", "snapshot", "-r", snap, base],
+                               capture_output=True, text=True, check=False)
+            if r.returncode != 0:
+                raise SnapshotError(errno.EIO, f"btrfs snapshot of {snap} failed: "
+                                    f"{r.stderr.strip() or r.returncode}")
+        else:
+            os.rename(snap, base)
+        fsync_dir(parent)
+        return
+    source = snap
+    if keep:
+        source = os.path.join(parent, f".{os.path.basename(base)}.{job}.tmp")
+        remove_snapshot(source)
+        reflink(snap, source)
+        os.chmod(source, stat.S_IMODE(os.lstat(snap).st_mode))
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fsync_file(fd)  # (a rename keeps the inode: this is the base's fsync too)
+    finally:
+        os.close(fd)
+    os.rename(source, base)
+    fsync_dir(parent)
 
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
