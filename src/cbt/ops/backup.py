@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import math
 import os
 import time
 import uuid
@@ -74,7 +75,12 @@ from cbt.repo.lock import gc_lock, writer_lock
 from cbt.repo.storage import Storage, StorageSpec
 from cbt.repo.vault import Vault, VaultSpec
 from cbt.source.base import SourceSpec
-from cbt.source.changes import DEFAULT_VERIFY_FRACTION, ChangeHint, TrackingBase
+from cbt.source.changes import (
+    DEFAULT_VERIFY_FRACTION,
+    ChangeHint,
+    TrackingBase,
+    read_hint_file,
+)
 from cbt.source.disks import DiskSpec
 from cbt.source.image import explain_death, open_source
 from cbt.source.plan import (
@@ -159,6 +165,12 @@ class BackupRequest:
             raise CbtValueError(f"two disks share a label: {labels}")
         if self.block_size is not None:
             fast.check_block_size(self.block_size)
+        unknown = sorted(set(self.hints) - set(labels))
+        if unknown:
+            raise CbtValueError(f"changed ranges for {unknown[0]!r}, which is not a disk of "
+                                f"this backup ({', '.join(labels)})")
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise CbtValueError(f"verify fraction {self.verify_fraction} is not between 0 and 1")
 
 
 def backup(vault: Vault, request: BackupRequest) -> PointRecord:
@@ -188,9 +200,13 @@ def backup_locked(vault: Vault, request: BackupRequest) -> PointRecord:
     vault.clean_leftovers(vault.leftovers())
     planned = plan(vault, request)
     results = transfer(vault, request, planned)
+    _fill(planned.disks, planned.shards, results)
+    results += verify_hints(vault, request, planned)
     if request.before_commit is not None:
         planned.warnings += request.before_commit()
-    return commit(vault, request, planned, results, started)
+    # (last before the commit: a base kept now names what this point was made from)
+    tracking = dict(request.settle()) if request.settle is not None else {}
+    return commit(vault, request, planned, results, started, tracking)
 
 
 # -- 2. plan ---------------------------------------------------------------------------
@@ -211,6 +227,13 @@ class PlannedDisk:
     digests: npt.NDArray[np.uint8]
     flags: npt.NDArray[np.uint8]
     early: BlockScan | None = None  # the disk's early scan, when one matches
+    # change tracking: what the source said, and what the run found of it
+    hint: ChangeHint = field(default_factory=ChangeHint.hash)
+    previous: Manifest | None = None  # the disk's manifest at the point this run follows
+    tracked: TrackedRows | None = None  # a tracked disk's rows (None: every block read)
+    verified_blocks: int = 0
+    hint_mismatches: int = 0
+    read_before: int = 0  # bytes read by an earlier pass of this run (a hint that lied)
     bytes_read: int = 0
     bytes_new: int = 0  # of the blocks this run stored: their raw and stored bytes
     bytes_stored: int = 0
@@ -223,6 +246,27 @@ class PlannedDisk:
     @property
     def to_read(self) -> int:
         return bytes_to_read(self.ranges, self.block_size, self.size)
+
+    @property
+    def change_source(self) -> str:
+        return self.hint.source
+
+
+@dataclass
+class TrackedRows:
+    """A tracked disk's allocated blocks: those read, and where the rest come from.
+
+    ``alloc``: every allocated block (the manifest's rows); ``read``: which of them
+    this run reads (the hint's ranges, the verification sample, and any block the
+    previous point holds no row for); ``prev_pos``: each block's row in the
+    previous manifest (meaningful where it holds one); ``sample``: positions in
+    the rows read of the blocks the source called unchanged, re-hashed as a check.
+    """
+
+    alloc: npt.NDArray[np.uint64]
+    read: npt.NDArray[np.bool_]
+    prev_pos: npt.NDArray[np.intp]
+    sample: npt.NDArray[np.intp]
 
 
 @dataclass(frozen=True)
@@ -266,7 +310,7 @@ def plan(vault: Vault, request: BackupRequest) -> Plan:
     warnings = list(request.warnings)
     index = vault.load_index(warnings)
     prev = _latest_healthy(vault, request.vm, warnings)
-    disks = [_plan_disk(prev, spec, request.block_size) for spec in request.disks]
+    disks = [_plan_disk(vault, request, prev, spec, warnings) for spec in request.disks]
     early = request.early
     if early is not None:
         # (its results live in shared memory: forked workers only; and its digests must
@@ -294,21 +338,132 @@ def _latest_healthy(vault: Vault, vm: str, warnings: list[str]) -> PointRecord |
     return prev
 
 
-def _plan_disk(prev: PointRecord | None, spec: DiskSpec, block_size: int | None) -> PlannedDisk:
+def _plan_disk(vault: Vault, request: BackupRequest, prev: PointRecord | None, spec: DiskSpec,
+               warnings: list[str]) -> PlannedDisk:
     parent = prev.disk(spec.label) if prev else None
+    block_size = request.block_size
     bs = parent.block_size if parent else (block_size or DEFAULT_BACKUP_BLOCK_SIZE)
     with spec.open() as source:
         if parent and block_size and block_size != parent.block_size:
             raise CbtValueError(
                 f"disk {spec.label}: block size is fixed at {format_size(parent.block_size)} "
                 f"by its first backup; --block-size {format_size(block_size)} differs")
+        hint = _choose_hint(request, spec.label, parent, bs, source.size)
         ranges = source.block_ranges(bs)
         rows = (np.concatenate([np.arange(lo, hi, dtype=np.uint64) for lo, hi in ranges])
                 if ranges else np.zeros(0, dtype=np.uint64))
-        return PlannedDisk(spec=spec, source=source.spec(), block_size=bs, parent=parent,
-                           seq=parent.seq + 1 if parent else 0, ranges=ranges, rows=rows,
-                           digests=np.zeros((len(rows), fast.DIGEST_SIZE), dtype=np.uint8),
-                           flags=np.zeros(len(rows), dtype=np.uint8))
+        d = PlannedDisk(spec=spec, source=source.spec(), block_size=bs, parent=parent,
+                        seq=parent.seq + 1 if parent else 0, ranges=ranges, rows=rows,
+                        digests=np.zeros(0, dtype=np.uint8), flags=np.zeros(0, dtype=np.uint8),
+                        hint=hint)
+    d.previous = _previous_manifest(vault, prev, d, warnings)
+    if hint.tracked and d.previous is None:  # (said so: a full baseline of this disk)
+        d.hint = ChangeHint.hash("previous point unreadable")
+    if d.hint.tracked and d.previous is not None:
+        d.tracked = _tracked_rows(d, d.previous, request.verify_fraction)
+        d.rows = d.tracked.alloc[d.tracked.read]
+        d.ranges = row_runs(d.rows)
+    d.digests = np.zeros((len(d.rows), fast.DIGEST_SIZE), dtype=np.uint8)
+    d.flags = np.zeros(len(d.rows), dtype=np.uint8)
+    return d
+
+
+def _choose_hint(request: BackupRequest, label: str, parent: DiskRecord | None,
+                 block_size: int, size: int) -> ChangeHint:
+    """What changed in the disk since its previous point, as its change source says.
+
+    A hint file is read and checked first (bad input fails the run before it
+    writes anything, a first backup too); then the first that applies: no
+    previous point (a hash scan, no reason), ``--full-scan``, the hint file,
+    the snapshots' change source, else a hash scan.  A disk whose size changed
+    is hash-scanned whatever its source said.
+    """
+    path = request.hints.get(label)
+    hint_file = read_hint_file(path, block_size, size) if path is not None else None
+    if parent is None:
+        return ChangeHint.hash()
+    if request.full_scan:
+        return ChangeHint.hash("--full-scan")
+    if hint_file is not None:
+        hint = (hint_file.hint() if hint_file.size_a == parent.size else
+                ChangeHint.hash("disk resized"))
+    elif request.changes is not None:
+        hint = request.changes(label, parent, block_size, size)
+    else:
+        hint = ChangeHint.hash()
+    if parent.size != size:
+        return ChangeHint.hash("disk resized")
+    return hint
+
+
+def _tracked_rows(d: PlannedDisk, previous: Manifest, fraction: float) -> TrackedRows:
+    """Which allocated blocks a tracked disk reads (vectorised: no per-block Python).
+
+    The hint's ranges, every block the previous point holds no row for (a hole
+    then), and the verification sample: of the blocks the source calls
+    unchanged that were DATA, those of this run's turn in the rotation.
+    """
+    alloc = d.rows
+    prev_rows = previous.rows
+    if len(prev_rows):
+        pos = np.minimum(np.searchsorted(prev_rows, alloc), len(prev_rows) - 1)
+        held = prev_rows[pos] == alloc
+        was_data = held & (previous.row_flags[pos] == fast.FLAG_DATA)
+    else:
+        pos = np.zeros(len(alloc), dtype=np.intp)
+        held = was_data = np.zeros(len(alloc), dtype=bool)
+    changed = _in_ranges(alloc, d.hint.ranges or ())
+    sample = was_data & ~changed & sample_mask(alloc, d.seq, fraction)
+    read = changed | ~held | sample
+    return TrackedRows(alloc=alloc, read=read, prev_pos=pos.astype(np.intp),
+                       sample=np.nonzero(sample[read])[0])
+
+
+def _in_ranges(blocks: npt.NDArray[np.uint64],
+               ranges: Sequence[BlockRange]) -> npt.NDArray[np.bool_]:
+    """Which of the (sorted) ``blocks`` fall in the merged, sorted ``ranges``."""
+    if not ranges or not len(blocks):
+        return np.zeros(len(blocks), dtype=bool)
+    r = np.array(ranges, dtype=np.uint64).reshape(-1, 2)
+    k = np.searchsorted(r[:, 1], blocks, side="right")  # the first range ending past it
+    inside = k < len(r)
+    inside[inside] = r[k[inside], 0] <= blocks[inside]
+    return inside
+
+
+def sample_mask(blocks: npt.NDArray[np.uint64], seq: int,
+                fraction: float) -> npt.NDArray[np.bool_]:
+    """The blocks whose turn it is to be verified in the run of chain position ``seq``.
+
+    A rotation of period ``p = ceil(1 / fraction)``: block ``b`` is verified
+    when ``(b + seq) % p == 0``, so each run checks about ``fraction`` of them
+    and every block is checked once in any ``p`` consecutive runs; a fraction
+    of 1 checks all, 0 none.
+    """
+    if fraction <= 0:
+        return np.zeros(len(blocks), dtype=bool)
+    period = max(1, math.ceil(1 / fraction - 1e-9))
+    if period == 1:
+        return np.ones(len(blocks), dtype=bool)
+    turn: npt.NDArray[np.bool_] = (blocks + np.uint64(seq % period)) % np.uint64(period) == 0
+    return turn
+
+
+def row_runs(rows: npt.NDArray[np.uint64]) -> list[BlockRange]:
+    """The runs of consecutive block numbers in the sorted ``rows``."""
+    if not len(rows):
+        return []
+    r = rows.astype(np.int64)
+    breaks = np.nonzero(np.diff(r) != 1)[0] + 1
+    starts = r[np.r_[0, breaks]]
+    ends = r[np.r_[breaks - 1, len(r) - 1]] + 1
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+def _range_rows(ranges: Sequence[BlockRange]) -> npt.NDArray[np.uint64]:
+    if not ranges:
+        return np.zeros(0, dtype=np.uint64)
+    return np.concatenate([np.arange(lo, hi, dtype=np.uint64) for lo, hi in ranges])
 
 
 def _shard_task(disk: PlannedDisk, shard: Shard) -> ShardTask:
@@ -325,12 +480,14 @@ def _take_early_scan(early: PendingScan, disks: list[PlannedDisk], request: Back
     """Wait for the early scan; each disk it covers (same file, size, block size) takes its result.
 
     Only disks with a previous point use it: a first backup stores every block,
-    and reads each once, hashing and storing it in the same pass.
+    and reads each once, hashing and storing it in the same pass; a tracked disk
+    reads only what changed.
     """
     match: dict[int, PlannedDisk] = {}
     for k, (source, block_size, size) in enumerate(early.disks()):
-        for d in disks:
-            if (d.parent is not None and all(d is not e for e in match.values())
+        for d in disks:  # (a tracked disk reads only what changed: no early scan)
+            if (d.parent is not None and d.tracked is None
+                    and all(d is not e for e in match.values())
                     and os.path.abspath(d.source.path) == source
                     and (d.block_size, d.size) == (block_size, size)):
                 match[k] = d
@@ -435,16 +592,20 @@ def _progress_report(request: BackupRequest,
     if progress is None:
         return None
     disks, shards = planned.disks, planned.shards
-    totals = [d.to_read for d in disks]
+    # bytes read: a tracked disk counts what it reads; a second pass (a hint that lied)
+    # goes on from the first, for the disks it reads
+    totals = [d.read_before + d.to_read for d in disks]
+    active = sorted({s.disk for s in shards})
 
     def report(done: list[int]) -> None:
         # (a disk of the early scan counted its bytes then: it stays full)
-        per_disk = [tot if d.early else 0 for d, tot in zip(disks, totals, strict=True)]
+        per_disk = [tot if d.early else d.read_before
+                    for d, tot in zip(disks, totals, strict=True)]
         for s, n in zip(shards, done, strict=True):
             if not disks[s.disk].early:
                 per_disk[s.disk] += int(n)
-        for d, n, tot in zip(disks, per_disk, totals, strict=True):
-            progress(request.vm, d.spec.label, n, tot)
+        for k in active:
+            progress(request.vm, disks[k].spec.label, per_disk[k], totals[k])
 
     return report
 
@@ -645,17 +806,88 @@ class _PackSink:
         self._putter.shutdown(wait=True, cancel_futures=True)
 
 
+# -- 3b. verify what the change sources said ------------------------------------------
+
+
+def verify_hints(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardResult]:
+    """Check each tracked disk's sample against its previous point; hash-scan a disk whose
+    source lied (in this run: the rest of its allocated blocks), and warn.
+
+    Run after the transfer's results are filled in; returns the second pass's results.
+    """
+    lied: list[int] = []
+    for k, d in enumerate(planned.disks):
+        source = d.hint.source
+        if d.tracked is not None and d.previous is not None and _sample_lied(d, d.previous):
+            lied.append(k)
+            planned.warnings.append(
+                f"disk {d.spec.label}: change source {source} missed changes "
+                f"({d.hint.reason}; {d.hint_mismatches} of {d.verified_blocks} verified "
+                "blocks differ): hash-scanned the disk")
+            _read_the_rest(d)
+    if not lied:
+        return []
+    workers = request.workers or default_workers()
+    if request.executor is not None:
+        workers *= EXECUTOR_SHARDS_PER_WORKER
+    cut = plan_shards([DiskPlan(planned.disks[k].ranges, planned.disks[k].block_size,
+                                planned.disks[k].size) for k in lied], workers)
+    tasks = [_shard_task(planned.disks[lied[s.disk]], s._replace(disk=lied[s.disk]))
+             for s in cut]
+    second = Plan(planned.index, planned.prev, planned.disks, tasks, planned.warnings)
+    results = transfer(vault, request, second)
+    _fill(planned.disks, tasks, results)
+    planned.shards += tasks
+    return results
+
+
+def _sample_lied(d: PlannedDisk, previous: Manifest) -> bool:
+    """Compare the sample's digests and flags with the previous point's; record the count."""
+    t = d.tracked
+    assert t is not None
+    pos = t.prev_pos[t.read][t.sample]
+    differ = ((d.digests[t.sample] != previous.row_digests[pos]).any(axis=1)
+              | (d.flags[t.sample] != previous.row_flags[pos]))
+    d.verified_blocks = len(t.sample)
+    d.hint_mismatches = int(np.count_nonzero(differ))
+    if not d.hint_mismatches:
+        return False
+    first = int(d.rows[t.sample[int(np.argmax(differ))]])
+    d.hint = ChangeHint.hash(f"hint mismatch at block {first}")
+    return True
+
+
+def _read_the_rest(d: PlannedDisk) -> None:
+    """Make a tracked disk a hash-scanned one: its rows every allocated block, those read
+    kept, the rest to read now."""
+    t = d.tracked
+    assert t is not None
+    digests = np.zeros((len(t.alloc), fast.DIGEST_SIZE), dtype=np.uint8)
+    flags = np.zeros(len(t.alloc), dtype=np.uint8)
+    digests[t.read], flags[t.read] = d.digests, d.flags
+    d.rows, d.digests, d.flags, d.tracked = t.alloc, digests, flags, None
+    d.ranges = row_runs(t.alloc[~t.read])
+    d.read_before = d.bytes_read
+
+
 # -- 4. commit ---------------------------------------------------------------------------
 
 
 def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[ShardResult],
-           started: float) -> PointRecord:
-    """Write the manifests, then the index segment and the point record (the commit)."""
+           started: float, tracking: Mapping[str, TrackingBase] | None = None) -> PointRecord:
+    """Write the manifests, then the index segment and the point record (the commit).
+
+    ``results`` are every shard's, filled into the disks already (:func:`_fill`);
+    ``tracking``: the tracking base kept of each disk (its identity is recorded).
+    """
     created = request.created or utc_now()
     point_id = request.point_id or vault.unused_point_id(request.vm, created)
+    for d in planned.disks:
+        _manifest_rows(d)
     new = _gather(planned, results)
+    tracking = tracking or {}
     disks = [_commit_disk(vault, request.vm, planned.prev, d, point_id, created,
-                          planned.warnings) for d in planned.disks]
+                          tracking.get(d.spec.label)) for d in planned.disks]
     record = PointRecord(
         id=point_id, vm=request.vm, created=created, consistency=request.consistency[0],
         consistency_reason=request.consistency[1],
@@ -673,16 +905,26 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
     return record
 
 
-def _gather(planned: Plan, results: list[ShardResult]) -> dict[str, Any]:
-    """Each shard's rows into its disk's arrays and counts; the run's new index entries."""
-    for s, r in zip(planned.shards, results, strict=True):
-        d = planned.disks[s.disk]
-        if s.ranges:  # (a shard's ranges are consecutive rows of its disk)
+def _fill(disks: list[PlannedDisk], shards: list[ShardTask],
+          results: list[ShardResult]) -> None:
+    """Each shard's digests and flags into its disk's rows; bytes read and time."""
+    for s, r in zip(shards, results, strict=True):
+        d = disks[s.disk]
+        if s.ranges:
             lo = int(np.searchsorted(d.rows, s.ranges[0][0]))
-            d.digests[lo:lo + s.blocks] = r.block_digests
-            d.flags[lo:lo + s.blocks] = r.block_flags
+            if lo + s.blocks <= len(d.rows) and int(d.rows[lo + s.blocks - 1]) == \
+                    s.ranges[-1][1] - 1:  # consecutive rows of its disk (a first pass)
+                at: Any = slice(lo, lo + s.blocks)
+            else:
+                at = np.searchsorted(d.rows, _range_rows(s.ranges))
+            d.digests[at] = r.block_digests
+            d.flags[at] = r.block_flags
         d.bytes_read += r.bytes_read
         d.seconds = max(d.seconds, r.seconds)
+
+
+def _gather(planned: Plan, results: list[ShardResult]) -> dict[str, Any]:
+    """The run's new index entries, and each disk's bytes new and stored."""
     new = _new_entries(results)
     for key in ("raw", "stored"):
         per_disk = np.bincount(new["disk"], weights=new[key], minlength=len(planned.disks))
@@ -691,15 +933,30 @@ def _gather(planned: Plan, results: list[ShardResult]) -> dict[str, Any]:
     return new
 
 
+def _manifest_rows(d: PlannedDisk) -> None:
+    """A tracked disk's rows become every allocated block: those read, and the rest
+    with the previous point's digest and flag (vectorised)."""
+    t, previous = d.tracked, d.previous
+    if t is None or previous is None:
+        return
+    digests = np.zeros((len(t.alloc), fast.DIGEST_SIZE), dtype=np.uint8)
+    flags = np.zeros(len(t.alloc), dtype=np.uint8)
+    digests[t.read], flags[t.read] = d.digests, d.flags
+    kept = ~t.read
+    pos = t.prev_pos[kept]
+    digests[kept], flags[kept] = previous.row_digests[pos], previous.row_flags[pos]
+    d.rows, d.digests, d.flags, d.tracked = t.alloc, digests, flags, None
+
+
 def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk, point_id: str,
-                 created: str, warnings: list[str]) -> DiskRecord:
+                 created: str, base: TrackingBase | None = None) -> DiskRecord:
     """Write one disk's manifest (full, or a delta against its chain base)."""
     import blake3
 
     path = str(Path(d.spec.path).absolute())
     manifest = Manifest.sparse(d.block_size, d.size, d.rows, d.digests, d.flags, source=path,
                                created=created)
-    previous = _previous_manifest(vault, prev, d, warnings)
+    previous = d.previous
     if previous is not None and prev is not None:
         changed = changed_blocks(previous, manifest)
         base_point = vault.chain_base(vm, d.spec.label, d.seq, prev)
@@ -707,7 +964,9 @@ def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk
         changed, base_point = manifest.blocks, None
     name = vault.manifest_name(point_id, d.spec.label)
     if base_point is not None:
-        delta = manifest.delta_from(vault.resolve(base_point, d.spec.label))
+        based_on_prev = previous is not None and prev is not None and base_point.id == prev.id
+        delta = manifest.delta_from(previous if based_on_prev and previous is not None else
+                                    vault.resolve(base_point, d.spec.label))
         delta.metadata = {"cbt.base": base_point.id, "cbt.seq": str(d.seq)}
         data = delta.to_bytes()
     else:
@@ -721,7 +980,10 @@ def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk
         seconds=round(d.seconds + (d.early.seconds if d.early else 0.0), 6),
         manifest=name, manifest_checksum=blake3.blake3(stored).hexdigest(),
         seq=d.seq if base_point is not None else 0,
-        base=base_point.id if base_point is not None else None)
+        base=base_point.id if base_point is not None else None,
+        change_source=d.change_source, change_source_reason=d.hint.reason,
+        verified_blocks=d.verified_blocks, hint_mismatches=d.hint_mismatches,
+        tracking_base=base.to_json() if base is not None else None)
 
 
 def _previous_manifest(vault: Vault, prev: PointRecord | None, d: PlannedDisk,
