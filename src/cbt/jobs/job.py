@@ -103,6 +103,7 @@ class JobRequest:
     # opens an encrypted vault (a finder is asked only then; None: CBT_PASSWORD_FILE,
     # then CBT_PASSWORD); an unencrypted vault ignores it
     passphrase: Passphrase | None = field(default=None, repr=False)
+    full_scan: bool = False
 
 
 # -- signals ---------------------------------------------------------------------------

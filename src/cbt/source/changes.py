@@ -19,6 +19,8 @@ run can refuse a base that was replaced, rewritten or resized.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 
 from cbt.core.errors import CbtValueError
@@ -57,7 +59,7 @@ class ChangeHint:
 
 # -- hint files (``cbt backup --changed-ranges LABEL=FILE``) ------------------------------
 
-MAX_HINT_FILE_BYTES = 1 << 30  # a hint file larger than this is refused unread
+MAX_HINT_FILE_BYTES = 256 << 20  # a hint file larger than this is refused unread
 MAX_HINT_RANGES = 1 << 26  # ranges in one hint file
 
 
@@ -81,16 +83,20 @@ def read_hint_file(path: str, block_size: int, size: int) -> HintFile:
     The shape of ``cbt diff --json``: ``block_size``, ``size_a``, ``size_b`` and
     ``ranges`` (``[[offset, length], ...]`` in bytes, sorted, not overlapping, any
     alignment: a block is changed when any part of a range touches it); other
-    keys are ignored.  Anything wrong (unreadable, not JSON, wrong types, ranges
-    negative, overlapping, out of order or past ``size_b``, absurdly many,
-    ``size_b`` not the disk's size now) raises :class:`CbtValueError`: one line
+    keys are ignored.  Anything wrong (unreadable, not a regular file, not JSON,
+    wrong types, ranges empty, negative, overlapping, out of order or past
+    ``size_b``, more than the disk can hold, ``size_b`` not the disk's size
+    now) raises :class:`CbtValueError`: one line
     naming the file.
     """
     import json
 
     where = f"hint file {path}"
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CbtValueError(f"{where}: not a regular file")
             data = f.read(MAX_HINT_FILE_BYTES + 1)
     except OSError as exc:
         raise CbtValueError(f"{where}: cannot read it ({exc.strerror or exc})") from None
@@ -121,14 +127,16 @@ def _hint_ranges(raw: object, size: int, block_size: int, where: str) -> tuple[B
 
     if not isinstance(raw, list):
         raise CbtValueError(f"{where}: ranges is not a list")
-    if len(raw) > MAX_HINT_RANGES:
-        raise CbtValueError(f"{where}: {len(raw)} ranges (at most {MAX_HINT_RANGES})")
+    most = min(MAX_HINT_RANGES, size)  # (ranges that do not overlap, none empty)
+    if len(raw) > most:
+        raise CbtValueError(f"{where}: {len(raw)} ranges, more than a disk of {size} bytes "
+                            f"can hold (at most {most})")
     for k, r in enumerate(raw):
         if (type(r) is not list or len(r) != 2 or type(r[0]) is not int
                 or type(r[1]) is not int):
             raise CbtValueError(f"{where}: range {k} is not [offset, length] in integers")
-        if not (0 <= r[0] < 2**63 and 0 <= r[1] < 2**63):
-            raise CbtValueError(f"{where}: range {k} {r} is negative or too large")
+        if not (0 <= r[0] < 2**63 and 0 < r[1] < 2**63):
+            raise CbtValueError(f"{where}: range {k} {r} is empty, negative or too large")
     if not raw:
         return ()
     arr = np.array(raw, dtype=np.int64).reshape(-1, 2)
@@ -143,10 +151,6 @@ def _hint_ranges(raw: object, size: int, block_size: int, where: str) -> tuple[B
     if len(bad):
         k = int(bad[0]) + 1
         raise CbtValueError(f"{where}: range {k} {raw[k]} overlaps or precedes range {k - 1}")
-    keep = arr[:, 1] > 0
-    off, end = off[keep], end[keep]
-    if not len(off):
-        return ()
     lo, hi = off // block_size, -(-end // block_size)
     # merged: a new run starts where a range begins past every block before it
     starts = np.r_[True, lo[1:] > np.maximum.accumulate(hi)[:-1]]
