@@ -14,6 +14,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,11 @@ from helpers.vaults import PASSWORD, fast_kdf
 
 import cbt
 from cbt.core.errors import CbtValueError
+from cbt.format.records import DiskRecord
+from cbt.ops.backup import BackupRequest, backup
+from cbt.source.changes import ChangeHint, TrackingBase
+from cbt.source.disks import DiskSpec
+from cbt.source.scan import start_scan
 
 BS = 4096
 BLOCKS = 256
@@ -269,3 +275,87 @@ def test_hint_for_an_unknown_disk_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CbtValueError, match="'nope'"):
         h.backup(hints={"nope": _hint(tmp_path / "h.json", [])})
     assert h.vault.points() == []
+
+
+class _Finished:
+    """An early scan that finished before the backup (plain BLAKE3 digests)."""
+
+    key = None
+
+    def __init__(self, scans: list[Any]) -> None:
+        self.scans = scans
+
+    def disks(self) -> list[tuple[str, int, int]]:
+        return [(s.source, s.block_size, s.disk_size) for s in self.scans]
+
+    def wait(self, **_: Any) -> list[Any]:
+        return self.scans
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_early_scan_is_not_taken_for_a_tracked_disk(tmp_path: Path) -> None:
+    h = History(tmp_path, False)
+    h.backup()
+    scans = start_scan([(h.disk, BS)]).wait()  # (the disk as it is before the change)
+    _write(h.disk, 12 * BS, os.urandom(2 * BS))
+    req = BackupRequest("vm", [DiskSpec("d", str(h.disk))], workers=1,
+                        early=_Finished(scans),  # type: ignore[arg-type]
+                        hints={"d": str(_hint(tmp_path / "h.json", [(12 * BS, 2 * BS)]))},
+                        verify_fraction=0)
+    p = backup(h.vault, req)
+    h.kept.append((p.id, h.disk.read_bytes()))
+    d = p.disks[0]
+    assert (d.change_source, d.bytes_read, d.changed_blocks) == ("hint-file", 2 * BS, 2)
+    h.check_all()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_source_changes_and_settle(tmp_path: Path, encrypted: bool) -> None:
+    h = History(tmp_path, encrypted)
+    calls: list[object] = []
+    base = TrackingBase("file", dev=1, ino=2, size=SIZE, ctime_ns=3, mtime_ns=4)
+
+    def changes(label: str, parent: DiskRecord | None, bs: int, size: int) -> ChangeHint:
+        calls.append(("changes", label, parent.seq if parent else None, bs, size))
+        return ChangeHint("fiemap", ((30, 32),))
+
+    def before() -> list[str]:
+        calls.append("before_commit")
+        return []
+
+    def settle() -> dict[str, TrackingBase]:
+        calls.append("settle")
+        return {"d": base}
+
+    def run(n: int) -> DiskRecord:
+        req = BackupRequest("vm", [DiskSpec("d", str(h.disk))], block_size=BS, workers=1,
+                            created=f"2024-01-02T00:00:0{n}Z", changes=changes, settle=settle,
+                            before_commit=before, verify_fraction=0.5)
+        p = backup(h.vault, req)
+        h.kept.append((p.id, h.disk.read_bytes()))
+        return h.vault.load_point(p.id).disks[0]  # (as recorded)
+
+    first = run(0)
+    assert calls == ["before_commit", "settle"]  # a first backup asks no source
+    assert (first.change_source, first.tracking_base) == ("hash", base.to_json())
+    _write(h.disk, 30 * BS + 5, b"x" * (BS + 1))  # blocks 30, 31
+    calls.clear()
+    d = run(1)
+    assert calls == [("changes", "d", 0, BS, SIZE), "before_commit", "settle"]
+    assert (d.change_source, d.change_source_reason, d.hint_mismatches) == ("fiemap", None, 0)
+    assert d.tracking_base == base.to_json()
+    assert d.changed_blocks == 2
+    h.check_all()
+
+
+def test_a_source_that_falls_back_says_why(tmp_path: Path) -> None:
+    h = History(tmp_path, False)
+    h.backup()
+    req = BackupRequest("vm", [DiskSpec("d", str(h.disk))], workers=1,
+                        changes=lambda *_: ChangeHint.hash("base replaced"))
+    d = backup(h.vault, req).disks[0]
+    assert (d.change_source, d.change_source_reason, d.tracking_base) == \
+        ("hash", "base replaced", None)
+    assert d.bytes_read == _alloc_bytes(h.disk)
