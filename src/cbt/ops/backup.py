@@ -39,10 +39,12 @@ manifest's checksum in the point record is of the bytes stored.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import errno
 import functools
 import math
+import mmap
 import os
 import time
 import uuid
@@ -74,7 +76,7 @@ from cbt.repo import index as index_mod
 from cbt.repo.lock import gc_lock, writer_lock
 from cbt.repo.storage import Storage, StorageSpec
 from cbt.repo.vault import Vault, VaultSpec
-from cbt.source.base import SourceSpec
+from cbt.source.base import SourceSpec, Window
 from cbt.source.changes import (
     DEFAULT_VERIFY_FRACTION,
     ChangeHint,
@@ -103,6 +105,8 @@ PACKS_IN_FLIGHT = 2  # full packs of a worker queued for its writing thread
 EARLY_SCAN_MAX_WAIT = 1.0  # seconds waited for the lock after which an early scan is dropped
 # shards per worker on an Executor: more shards than workers, so progress moves as they finish
 EXECUTOR_SHARDS_PER_WORKER = 4
+PREFETCH_AHEAD = 32 << 20  # bytes of a shard asked of the kernel ahead of its reader
+BATCH_BLOCKS, BATCH_BYTES = 4096, 32 << 20  # windows a shard looks up in one call
 
 # (vm, label, bytes_done, bytes_total) a few times a second
 BackupProgress = Callable[[str, str, int, int], None]
@@ -678,13 +682,16 @@ def _transfer_shard(worker_vault: WorkerVault, shard: ShardTask, report: Report)
     store = _Store(index, bs, rehash=shard.source.live or shard.prehash is not None,
                    id_key=vault.id_key)
     with open_source(shard.source) as source, _PackSink(vault.storage, cipher) as sink:
+        ahead = _Prefetch(getattr(source, "fd", -1) if shard.prehash is None else -1,
+                          shard.ranges, bs)
         rows = hash_shard(source, bs, shard.ranges, digests.reshape(-1).data, flags.data, report,
                           packed=True, prehashed=shard.prehash, key=vault.id_key)
-        with closing(rows):
+        batch = _Batch(store, sink, digests, flags)
+        with closing(rows), batch:
             for at, window in rows:
                 n = fast.nblocks(len(window), bs)
-                with memoryview(window) as view:  # released before the window is unmapped
-                    store.missing(sink, digests[at:at + n], flags[at:at + n], view)
+                ahead.advance(at + n)
+                batch.add(at, n, window)
         entries = sink.finish()
     k = len(entries)
     return ShardResult(
@@ -701,6 +708,90 @@ def _transfer_shard(worker_vault: WorkerVault, shard: ShardTask, report: Report)
     )
 
 
+class _Batch:
+    """Consecutive windows of a shard, kept mapped until :data:`BATCH_BLOCKS` blocks or
+    :data:`BATCH_BYTES` bytes: their index lookups are one call, not one a window (a
+    tracked disk's windows are often a single block).  Only a mapping outlives the
+    next window (a held view keeps it mapped); any other buffer is done at once
+    (a window is valid until the next is asked for).
+    """
+
+    def __init__(self, store: _Store, sink: _PackSink, digests: npt.NDArray[np.uint8],
+                 flags: npt.NDArray[np.uint8]) -> None:
+        self.store, self.sink, self.digests, self.flags = store, sink, digests, flags
+        self.windows: list[tuple[int, memoryview]] = []
+        self.lo = self.hi = 0  # the rows held
+        self.bytes = 0
+
+    def add(self, at: int, n: int, window: Window) -> None:
+        if not self.windows:
+            self.lo = self.hi = at
+        self.windows.append((at - self.lo, memoryview(window)))  # (keeps it mapped)
+        self.hi = at + n
+        self.bytes += len(window)
+        if (self.hi - self.lo >= BATCH_BLOCKS or self.bytes >= BATCH_BYTES
+                or not isinstance(window, mmap.mmap)):
+            self.flush()
+
+    def flush(self) -> None:
+        try:
+            if self.windows:
+                lo, hi = self.lo, self.hi
+                self.store.missing(self.sink, self.digests[lo:hi], self.flags[lo:hi],
+                                   self.windows)
+        finally:
+            for _, view in self.windows:
+                view.release()  # (the window is unmapped now)
+            self.windows, self.bytes = [], 0
+
+    def __enter__(self) -> _Batch:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.flush()
+        else:
+            for _, view in self.windows:
+                view.release()
+            self.windows = []
+
+
+class _Prefetch:
+    """Ask the kernel for a shard's blocks a few MiB ahead of its reader.
+
+    The blocks a tracked disk reads are scattered (its changes and the sample):
+    mapped one range at a time each costs a round trip to the disk.  Asked for
+    ahead (``POSIX_FADV_WILLNEED``, at most :data:`PREFETCH_AHEAD` bytes beyond
+    the reader) they are read with a deep queue: measured on a cold 32 GiB
+    image, 21,000 scattered 16 KiB blocks took 0.8 s instead of 54.
+    """
+
+    def __init__(self, fd: int, ranges: Sequence[BlockRange], block_size: int) -> None:
+        self.fd = fd if len(ranges) > 1 else -1  # (one range: the kernel's read-ahead)
+        self.ranges = ranges
+        self.block_size = block_size
+        self.k = 0  # the next range to ask for, from its block ``lo``
+        self.lo = ranges[0][0] if ranges else 0
+        self.asked = 0  # rows asked for so far
+        self.advance(0)
+
+    def advance(self, done: int) -> None:
+        """The reader is past ``done`` rows: ask for what lies ahead of it."""
+        most = max(1, PREFETCH_AHEAD // self.block_size)
+        while self.fd >= 0 and self.k < len(self.ranges) and self.asked - done < most:
+            hi = min(self.ranges[self.k][1], self.lo + most)
+            try:
+                os.posix_fadvise(self.fd, self.lo * self.block_size,
+                                 (hi - self.lo) * self.block_size, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                self.fd = -1  # (only a hint: read as usual)
+            self.asked += hi - self.lo
+            self.lo = hi
+            if hi == self.ranges[self.k][1]:
+                self.k += 1
+                self.lo = self.ranges[self.k][0] if self.k < len(self.ranges) else 0
+
+
 class _Store:
     """Which blocks of a window a shard stores: data blocks the index lacks, each once."""
 
@@ -713,18 +804,21 @@ class _Store:
         self.seen: set[bytes] = set()  # digests this shard stored
 
     def missing(self, sink: _PackSink, digests: npt.NDArray[np.uint8],
-                flags: npt.NDArray[np.uint8], view: memoryview) -> None:
-        """Store the window's missing blocks (``digests``/``flags``: the window's rows)."""
+                flags: npt.NDArray[np.uint8], windows: Sequence[tuple[int, memoryview]]) -> None:
+        """Store the missing blocks of consecutive windows, looked up in one call
+        (``digests``/``flags``: their rows; each window: its first row, and its bytes)."""
         data_rows = np.nonzero(flags == fast.FLAG_DATA)[0]
         if not len(data_rows):
             return
         bs = self.block_size
+        starts = [first for first, _ in windows]
         for row in data_rows[self.index.lookup(digests[data_rows]) < 0].tolist():
             d = digests[row].tobytes()
             if d in self.seen:
                 continue
             self.seen.add(d)
-            block = view[row * bs:(row + 1) * bs]
+            first, view = windows[bisect.bisect_right(starts, row) - 1]
+            block = view[(row - first) * bs:(row - first + 1) * bs]
             if not self.rehash:
                 with block:
                     sink.add(d, block)
