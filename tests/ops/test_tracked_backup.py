@@ -30,7 +30,7 @@ from cbt.source.disks import DiskSpec
 from cbt.source.scan import start_scan
 
 BS = 4096
-BLOCKS = 256
+BLOCKS = 2048
 SIZE = BLOCKS * BS
 
 
@@ -96,14 +96,30 @@ class History:
             assert self.restored(pid) == truth, pid
 
 
+M64 = (1 << 64) - 1
+RUN = (256 << 10) // BS  # blocks in a run of the sample (SAMPLE_RUN, 256 KiB)
+
+
+def _splitmix(x: int) -> int:
+    """SplitMix64's finaliser, in Python integers (the documented scramble)."""
+    z = (x * 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def _turn(block: int, seq: int, period: int) -> bool:
+    return (_splitmix(block // RUN) % period + seq) % period == 0
+
+
 def _sample(prev_data: np.ndarray, alloc: np.ndarray, changed: np.ndarray, seq: int,
             fraction: float) -> np.ndarray:
     """The documented sample: previously-DATA, allocated now, not called changed, and the
-    block's turn: (block + seq) % ceil(1/fraction) == 0."""
+    block's turn: (scramble(block // RUN) % p + seq) % p == 0, p = ceil(1/fraction)."""
     if fraction == 0:
         return np.zeros(len(alloc), dtype=bool)
     period = math.ceil(1 / fraction)
-    turn = (np.arange(len(alloc)) + seq) % period == 0
+    turn = np.array([_turn(b, seq, period) for b in range(len(alloc))])
     return prev_data & alloc & ~changed & turn
 
 
@@ -139,13 +155,13 @@ def test_exact_hint_reads_changed_blocks_plus_sample(tmp_path: Path, encrypted: 
     writes = [(3 * BS + 100, 2 * BS), (100 * BS + 4095, 2), (150 * BS + 7, 1), (10 * BS, BS)]
     for k, (off, n) in enumerate(writes):
         _write(h.disk, off, bytes(n) if k == 3 else os.urandom(n))
-    p = h.backup(hints={"d": _hint(tmp_path / "h1.json", writes)})
+    p = h.backup(hints={"d": _hint(tmp_path / "h1.json", writes)}, verify_fraction=0.25)
     d = p.disks[0]
     changed = np.zeros(BLOCKS, dtype=bool)
     for off, n in writes:
         changed[off // BS:-(-(off + n) // BS)] = True
     alloc = data_block_mask(h.disk, BS)
-    sample = _sample(prev_data, alloc, changed, 1, 1 / 32)
+    sample = _sample(prev_data, alloc, changed, 1, 0.25)
     assert (d.change_source, d.change_source_reason) == ("hint-file", None)
     assert d.verified_blocks == int(sample.sum()) > 0
     assert d.hint_mismatches == 0
@@ -193,7 +209,7 @@ def test_lying_hint_caught_within_the_rotation_at_the_default(tmp_path: Path) ->
         # the lie is in the point until caught (what a lying source costs)
         assert h.restored(h.kept[-1][0]) != h.kept[-1][1]
     assert caught_at is not None and caught_at <= 32
-    assert caught_at == (-77) % 32 or caught_at == 32  # (77 + seq) % 32 == 0
+    assert caught_at == min(k for k in range(1, 33) if _turn(77, k, 32))  # its turn
     pid, truth = h.kept[-1]
     assert h.restored(pid) == truth
     # and the run after is tracked again, and reads only its sample
@@ -359,3 +375,22 @@ def test_a_source_that_falls_back_says_why(tmp_path: Path) -> None:
     assert (d.change_source, d.change_source_reason, d.tracking_base) == \
         ("hash", "base replaced", None)
     assert d.bytes_read == _alloc_bytes(h.disk)
+
+
+@pytest.mark.parametrize("fraction", [1 / 32, 0.1, 0.5, 1.0])
+def test_sample_rotation_covers_every_block_and_does_not_alias(fraction: float) -> None:
+    from cbt.ops.backup import sample_mask
+
+    bs = 16 << 10
+    # allocated like a striped file system: 1 MiB of every 4 MiB, over 8 GiB
+    blocks = np.concatenate([np.arange(o, o + 64, dtype=np.uint64)
+                             for o in range(0, (8 << 30) // bs, 256)])
+    period = math.ceil(1 / fraction)
+    hits = np.zeros(len(blocks), dtype=np.int64)
+    for seq in range(100, 100 + period):
+        m = sample_mask(blocks, seq, fraction, bs)
+        hits += m
+        # about the fraction in every run, whatever the layout's own period
+        assert abs(m.mean() - 1 / period) < 0.25 / period, (seq, m.mean())
+    assert (hits == 1).all()  # each block exactly once in any `period` runs
+    assert not sample_mask(blocks, 7, 0.0, bs).any()

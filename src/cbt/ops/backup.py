@@ -107,6 +107,7 @@ EARLY_SCAN_MAX_WAIT = 1.0  # seconds waited for the lock after which an early sc
 EXECUTOR_SHARDS_PER_WORKER = 4
 PREFETCH_AHEAD = 32 << 20  # bytes of a shard asked of the kernel ahead of its reader
 BATCH_BLOCKS, BATCH_BYTES = 4096, 32 << 20  # windows a shard looks up in one call
+SAMPLE_RUN = 256 << 10  # bytes: the verification sample is taken in runs this long
 
 # (vm, label, bytes_done, bytes_total) a few times a second
 BackupProgress = Callable[[str, str, int, int], None]
@@ -417,7 +418,7 @@ def _tracked_rows(d: PlannedDisk, previous: Manifest, fraction: float) -> Tracke
         pos = np.zeros(len(alloc), dtype=np.intp)
         held = was_data = np.zeros(len(alloc), dtype=bool)
     changed = _in_ranges(alloc, d.hint.ranges or ())
-    sample = was_data & ~changed & sample_mask(alloc, d.seq, fraction)
+    sample = was_data & ~changed & sample_mask(alloc, d.seq, fraction, d.block_size)
     read = changed | ~held | sample
     return TrackedRows(alloc=alloc, read=read, prev_pos=pos.astype(np.intp),
                        sample=np.nonzero(sample[read])[0])
@@ -435,22 +436,39 @@ def _in_ranges(blocks: npt.NDArray[np.uint64],
     return inside
 
 
-def sample_mask(blocks: npt.NDArray[np.uint64], seq: int,
-                fraction: float) -> npt.NDArray[np.bool_]:
+def sample_mask(blocks: npt.NDArray[np.uint64], seq: int, fraction: float,
+                block_size: int = 1) -> npt.NDArray[np.bool_]:
     """The blocks whose turn it is to be verified in the run of chain position ``seq``.
 
-    A rotation of period ``p = ceil(1 / fraction)``: block ``b`` is verified
-    when ``(b + seq) % p == 0``, so each run checks about ``fraction`` of them
-    and every block is checked once in any ``p`` consecutive runs; a fraction
-    of 1 checks all, 0 none.
+    A rotation of period ``p = ceil(1 / fraction)`` over runs of
+    :data:`SAMPLE_RUN` bytes (``r`` blocks; runs, not single blocks: the sample
+    is read in a few long reads, not a seek a block): block ``b`` is verified
+    when ``(turn(b // r) + seq) % p == 0``, where ``turn`` is the run's number
+    scrambled (:func:`scramble`) so no pattern of the disk's layout lines up
+    with the rotation.  Each run checks about ``fraction`` of the blocks, and
+    every block is checked once in any ``p`` consecutive runs; a fraction of 1
+    checks all, 0 none.
     """
     if fraction <= 0:
         return np.zeros(len(blocks), dtype=bool)
     period = max(1, math.ceil(1 / fraction - 1e-9))
     if period == 1:
         return np.ones(len(blocks), dtype=bool)
-    turn: npt.NDArray[np.bool_] = (blocks + np.uint64(seq % period)) % np.uint64(period) == 0
+    run = np.uint64(max(1, SAMPLE_RUN // block_size))
+    p = np.uint64(period)
+    turn: npt.NDArray[np.bool_] = (scramble(blocks // run) % p + np.uint64(seq % period)) % p == 0
     return turn
+
+
+def scramble(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """SplitMix64's finaliser: a fixed pseudo-random bijection of 64-bit numbers."""
+    z = x.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
 
 
 def row_runs(rows: npt.NDArray[np.uint64]) -> list[BlockRange]:
