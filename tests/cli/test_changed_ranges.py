@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers.cli import backup_cli, cbt, cbt_json, one_error_line
+from helpers.cli import backup_cli, cbt, cbt_json, json_lines, one_error_line
+from helpers.jobs import job_config, one_point
 from helpers.shapes import POINT_DISK_KEYS
 from helpers.vaults import init_cli_vault, vault_state
 
@@ -190,3 +191,30 @@ def test_help_explains(tmp_path: Path) -> None:
     assert r.returncode == 0
     for word in ("--changed-ranges", "--full-scan", "--verify-fraction", "hint file"):
         assert word in r.stdout, word
+
+
+def test_progress_counts_the_bytes_read(tmp_path: Path) -> None:
+    vault, disk, _ = _setup(tmp_path, False)
+    backup_cli(vault, "vm", f"d={disk}", "--block-size", "4K")
+    _write(disk, 20 * BS, b"abc")
+    hint = _hint(tmp_path / "h.json", [[20 * BS, 3]])
+    r = cbt("backup", vault, "--vm", "vm", f"d={disk}", "--changed-ranges", f"d={hint}",
+            "--verify-fraction", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    lines = json_lines(r.stdout)
+    progress = [x for x in lines if x["type"] == "progress"]
+    assert progress and progress[-1]["bytes_done"] == progress[-1]["bytes_total"] == BS
+    assert lines[-1]["disks"][0]["bytes_read"] == BS
+
+
+def test_config_backup_takes_full_scan_and_refuses_hint_files(tmp_path: Path) -> None:
+    vault, disk, _ = _setup(tmp_path, False)
+    cfg = job_config(tmp_path / "cbt.toml", {"web": {"disks": {"d": str(disk)},
+                                                     "snapshot": "none"}}, vault=str(vault))
+    first = one_point(cfg)
+    assert first["disks"][0]["change_source"] == "hash"
+    again = one_point(cfg, "--full-scan")  # (the job passes it on: part A's wiring)
+    assert again["disks"][0]["change_source"] == "hash"
+    for args in (["--changed-ranges", f"d={tmp_path / 'h.json'}"], ["--verify-fraction", "1"]):
+        line = one_error_line(cbt("backup", "--config", cfg, *args))
+        assert "direct backup" in line, line
