@@ -394,3 +394,39 @@ def test_sample_rotation_covers_every_block_and_does_not_alias(fraction: float) 
         assert abs(m.mean() - 1 / period) < 0.25 / period, (seq, m.mean())
     assert (hits == 1).all()  # each block exactly once in any `period` runs
     assert not sample_mask(blocks, 7, 0.0, bs).any()
+
+
+def test_tracked_backup_extends_a_format1_vault_with_a_diff_as_hint(tmp_path: Path) -> None:
+    """The committed format-1 vault: restore a disk of its latest point, change it, and back
+    it up with ``cbt diff --json`` of the two images as the hint file."""
+    import shutil
+
+    from helpers.cli import cbt as run_cbt
+
+    fixture = Path(__file__).parents[1] / "fixtures" / "vault-format1"
+    vault_dir = Path(shutil.copytree(fixture, tmp_path / "vault"))
+    v = cbt.Vault.open(vault_dir)
+    latest = v.latest("web")
+    assert latest is not None
+    label = latest.disks[0].label
+    old_img = tmp_path / "old.img"
+    v.restore(latest.id, old_img, disk=label, workers=1)
+    disk = tmp_path / "disk.img"
+    shutil.copyfile(old_img, disk)
+    size = disk.stat().st_size
+    _write(disk, size // 3, b"tracked!" * 700)  # ~5.5 KiB straddling blocks
+    _write(disk, size - 1, b"\x07")  # the last byte
+    r = run_cbt("diff", old_img, disk, "--block-size", "4K", "--json")
+    assert r.returncode == 1, r.stderr  # (1: they differ)
+    hint = tmp_path / "hint.json"
+    hint.write_text(r.stdout)
+    p = v.backup("web", [f"{label}={disk}"], workers=1, hints={label: hint},
+                 verify_fraction=1.0)
+    d = p.disks[0]
+    assert (d.change_source, d.change_source_reason, d.hint_mismatches) == \
+        ("hint-file", None, 0)
+    record = json.loads((vault_dir / "points" / f"{p.id}.json").read_text())
+    assert record["format_version"] == 1
+    out = tmp_path / "restored.img"
+    v.restore(p.id, out, disk=label, workers=1)
+    assert out.read_bytes() == disk.read_bytes()
