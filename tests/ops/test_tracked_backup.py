@@ -430,3 +430,18 @@ def test_tracked_backup_extends_a_format1_vault_with_a_diff_as_hint(tmp_path: Pa
     out = tmp_path / "restored.img"
     v.restore(p.id, out, disk=label, workers=1)
     assert out.read_bytes() == disk.read_bytes()
+
+
+def test_a_source_ranges_unsorted_and_overlapping_lose_nothing(tmp_path: Path) -> None:
+    h = History(tmp_path, False)
+    h.backup()
+    for b in (5, 6, 7, 90, 300, 301):
+        _write(h.disk, b * BS + 11, os.urandom(7))
+    req = BackupRequest("vm", [DiskSpec("d", str(h.disk))], workers=1, verify_fraction=0,
+                        changes=lambda *_: ChangeHint("fiemap", ((300, 302), (5, 7), (6, 8),
+                                                                 (90, 91), (2, 4))))
+    p = backup(h.vault, req)
+    h.kept.append((p.id, h.disk.read_bytes()))
+    d = p.disks[0]
+    assert (d.change_source, d.changed_blocks, d.bytes_read) == ("fiemap", 6, 8 * BS)
+    h.check_all()

@@ -426,10 +426,16 @@ def _tracked_rows(d: PlannedDisk, previous: Manifest, fraction: float) -> Tracke
 
 def _in_ranges(blocks: npt.NDArray[np.uint64],
                ranges: Sequence[BlockRange]) -> npt.NDArray[np.bool_]:
-    """Which of the (sorted) ``blocks`` fall in the merged, sorted ``ranges``."""
+    """Which of the (sorted) ``blocks`` fall in any of ``ranges`` (as a source gave them:
+    sorted and merged here, so a source's unsorted or overlapping ranges lose nothing)."""
     if not ranges or not len(blocks):
         return np.zeros(len(blocks), dtype=bool)
     r = np.array(ranges, dtype=np.uint64).reshape(-1, 2)
+    r = r[np.argsort(r[:, 0], kind="stable")]
+    ends = np.maximum.accumulate(r[:, 1])
+    first = np.r_[True, r[1:, 0] > ends[:-1]]  # a range past every end before it
+    starts_at = np.nonzero(first)[0]
+    r = np.stack([r[starts_at, 0], np.maximum.reduceat(r[:, 1], starts_at)], axis=1)
     k = np.searchsorted(r[:, 1], blocks, side="right")  # the first range ending past it
     inside = k < len(r)
     inside[inside] = r[k[inside], 0] <= blocks[inside]
