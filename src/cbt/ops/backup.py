@@ -10,8 +10,17 @@ A :class:`BackupRequest` says what to back up and how; :func:`backup` runs it:
 2. Plan (:func:`plan`): load the index; open every disk as a block source
    (errors now, before any work), fix its block size (a disk keeps the block
    size of its first backup), find its previous point and its data extents;
-   take the digests of an early scan that covers it; cut the disks into
+   choose its change hint (:func:`_choose_hint`: ``--full-scan``, a hint
+   file, the snapshots' change source, else a hash scan; a first backup or a
+   resized disk is always hash-scanned).  A hash-scanned disk reads every
+   allocated block (taking the digests of an early scan that covers it); a
+   tracked disk reads only the hint's blocks, those its previous point held
+   as holes, and a rotating sample of the rest (:func:`sample_mask`); its
+   other blocks keep their previous digests.  Cut the blocks read into
    shards of about equal bytes (:func:`cbt.source.plan.plan_shards`).
+3b. Verify (:func:`verify_hints`): a sample block that differs from the
+   previous point means the source lied: the disk is hash-scanned in the
+   same run (the rest of its blocks read now), and the point says so.
 3. Transfer (:func:`transfer`): one worker per shard, forked or on any
    ``concurrent.futures.Executor``.  A worker is handed the vault's spec (its
    keys included: no passphrase, no key derivation) and the run's index
