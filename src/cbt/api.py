@@ -9,7 +9,7 @@ Every name here is re-exported by ``cbt`` itself, loaded on first use.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
@@ -38,13 +38,20 @@ class Vault(_RepoVault):
                created: str | None = None,
                consistency: tuple[str, str] = ("crash", "live read"),
                executor: Executor | None = None, slot: str | None = None,
-               early: PendingScan | None = None) -> PointRecord:
+               early: PendingScan | None = None, full_scan: bool = False,
+               verify_fraction: float | None = None,
+               hints: Mapping[str, str | os.PathLike[str]] | None = None) -> PointRecord:
         """Back up ``disks`` (``DiskSpec``s, ``LABEL=PATH`` or ``PATH`` strings) of ``vm``.
 
-        See :class:`cbt.ops.backup.BackupRequest` for the arguments.
+        ``hints``: a hint file (``cbt backup --changed-ranges``) by disk label;
+        ``full_scan`` hashes every allocated block whatever a source says;
+        ``verify_fraction`` (0 to 1, default 1/32) of the blocks a source calls
+        unchanged is re-hashed as a check.  See :class:`cbt.ops.backup.BackupRequest`
+        for the arguments.
         """
         from cbt.format.records import check_point_time
         from cbt.ops.backup import BackupRequest, backup
+        from cbt.source.changes import DEFAULT_VERIFY_FRACTION
 
         if created is not None:  # before any work: the point's id carries its time
             check_point_time(created)
@@ -52,7 +59,9 @@ class Vault(_RepoVault):
         return backup(self, BackupRequest(
             vm, specs, block_size=block_size, workers=workers, progress=progress, wait=wait,
             created=created, consistency=consistency, executor=executor, slot=slot,
-            early=early))
+            early=early, full_scan=full_scan,
+            verify_fraction=DEFAULT_VERIFY_FRACTION if verify_fraction is None else verify_fraction,
+            hints={k: os.fspath(v) for k, v in (hints or {}).items()}))
 
     def restore(self, point: str, to: str | os.PathLike[str], force: bool = False,
                 workers: int | None = None, progress: Callable[[int, int], None] | None = None,

@@ -208,6 +208,16 @@ def open_vault(args: argparse.Namespace, path: object | None = None) -> Vault:
     return Vault.open(str(where), passphrase=finder(args, where))
 
 
+def change_source_text(d: Any) -> str:
+    """How a disk's point found its changed blocks, in words (backup and show)."""
+    text = str(d.change_source)
+    if d.change_source_reason:
+        text += f" ({d.change_source_reason})"
+    if d.verified_blocks or d.hint_mismatches:
+        text += f", verified {d.verified_blocks} blocks, {d.hint_mismatches} mismatched"
+    return text
+
+
 def print_json(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
     sys.stdout.flush()

@@ -12,11 +12,24 @@ later one stores only the blocks the vault does not hold yet.  A disk keeps
 the block size of its first backup.  The vault's writer lock is taken: a
 second writer fails at once (or waits with --wait).
 
+Change tracking: an incremental reads only what changed where a change source
+says what did: --changed-ranges LABEL=FILE (one per disk) names a hint file
+of a tool that tracks writes itself, in the shape of 'cbt diff --json'
+({"block_size","size_a","size_b","ranges":[[offset,length],...]} in bytes,
+other keys ignored): "disk LABEL changed only in these ranges since its
+previous point".  Each run re-hashes a rotating sample of the blocks the
+source calls unchanged (--verify-fraction, default 1/32: every block once in
+32 runs); a mismatch hash-scans the disk in the same run, with a warning.
+A disk whose size changed, a first backup, or --full-scan: every allocated
+block is read (change_source "hash").  Each disk of the point records
+change_source, change_source_reason, verified_blocks and hint_mismatches.
+
 --json prints JSON Lines: {"type":"progress","vm","disk","bytes_done",
 "bytes_total"} lines (a few per second at most), then one {"type":"point",
 "recovery_point","vm","created","consistency","consistency_reason","disks":[
 {"label","path","size","block_size","blocks","changed_blocks","bytes_read",
-"bytes_new","bytes_stored","seconds"}],"seconds","warnings"} line; with
+"bytes_new","bytes_stored","seconds","change_source","change_source_reason",
+"verified_blocks","hint_mismatches"}],"seconds","warnings"} line; with
 --config one such line per VM (each disk adds "snapshot", the provider used),
 or {"type":"error","vm","message","warnings"} for a VM whose job failed.
 """
@@ -25,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -36,6 +50,7 @@ from cbt.cli._common import (
     MAX_WAIT,
     add_json,
     add_password_file,
+    change_source_text,
     finder,
     now_arg,
     open_vault,
@@ -62,6 +77,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="worker processes (default: number of cores)")
     p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
                    help="wait up to this long for another writer to finish (default: fail)")
+    p.add_argument("--full-scan", action="store_true",
+                   help="read and hash every allocated block, whatever a change source says")
+    p.add_argument("--changed-ranges", action="append", default=[], metavar="LABEL=FILE",
+                   help="a hint file: disk LABEL changed only in these byte ranges since its "
+                        "previous point (JSON as 'cbt diff --json' prints; one per disk)")
+    p.add_argument("--verify-fraction", type=fraction_arg, default=None, metavar="F",
+                   help="share of the blocks a change source calls unchanged re-hashed as a "
+                        "check, 0 to 1 (default 1/32: each block once in 32 runs)")
     add_password_file(p)
     add_json(p)
 
@@ -88,18 +111,26 @@ def run(args: argparse.Namespace) -> int:
     if args.config:
         if args.vault or args.disks:
             raise CbtValueError("with --config the vault and disks come from the config file")
+        if args.changed_ranges or args.verify_fraction is not None:
+            raise CbtValueError("--changed-ranges and --verify-fraction are for a direct "
+                                "backup (VAULT --vm NAME DISK ...), not --config")
         return _run_config(args)
     if not args.vault or not args.vm or not args.disks:
         raise CbtValueError("give VAULT --vm NAME DISK [DISK ...], or --config FILE")
     specs = [parse_disk_arg(d) for d in args.disks]
+    hints = _hint_files(args.changed_ranges, [s.label for s in specs])
     vault = open_vault(args)  # (an encrypted vault's scan needs its id key)
-    # first thing: hash the disks of an incremental backup while the rest loads
-    early = start_early_scan(vault, args.vm, specs, args.block_size, args.workers)
+    # first thing: hash the disks of an incremental backup while the rest loads (not
+    # those a hint file tracks: they read only what changed)
+    early = start_early_scan(vault, args.vm, specs, args.block_size, args.workers,
+                             skip=set(hints))
     try:
         with _progress(args, [s.label for s in specs]) as progress:
             point = vault.backup(args.vm, specs, block_size=args.block_size,
                                  workers=args.workers, progress=progress, wait=args.wait,
-                                 created=_created(args), early=early)
+                                 created=_created(args), early=early,
+                                 full_scan=args.full_scan, verify_fraction=args.verify_fraction,
+                                 hints=hints)
     finally:
         if early is not None:
             early.cancel()
@@ -108,6 +139,35 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     _print_point(point)
     return EXIT_OK
+
+
+def fraction_arg(text: str) -> float:
+    """argparse type of ``--verify-fraction``: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # nan, inf, out of range
+        raise argparse.ArgumentTypeError(f"not a fraction from 0 to 1: {text!r}")
+    return value
+
+
+def _hint_files(items: list[str], labels: list[str]) -> dict[str, str]:
+    """``--changed-ranges LABEL=FILE`` arguments by label: each a disk of this backup, once."""
+    from cbt.core.errors import CbtValueError
+
+    out: dict[str, str] = {}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise CbtValueError(f"--changed-ranges {item!r}: give LABEL=FILE")
+        if label not in labels:
+            raise CbtValueError(f"--changed-ranges {item!r}: no disk labelled {label!r} in "
+                                f"this backup ({', '.join(labels)})")
+        if label in out:
+            raise CbtValueError(f"--changed-ranges: two hint files for disk {label!r}")
+        out[label] = path
+    return out
 
 
 def _run_config(args: argparse.Namespace) -> int:
@@ -126,7 +186,8 @@ def _run_config(args: argparse.Namespace) -> int:
         with _progress(args, list(config.vms[name].disks)) as progress:
             result = run_vm(config, name, JobRequest(workers=args.workers, progress=progress,
                                                      wait=args.wait, created=_created(args),
-                                                     passphrase=find))
+                                                     passphrase=find,
+                                                     full_scan=args.full_scan))
         if result.point is None:
             code = EXIT_ERROR
             sys.stderr.write(f"cbt: error: VM {name}: {result.error}\n")
@@ -189,11 +250,14 @@ def _print_point(point: Any, snapshots: dict[str, str] | None = None) -> None:
         sys.stderr.write(f"cbt: warning: {w}\n")
     print(f"recovery point {point.id} ({point.consistency}: {point.consistency_reason})")
     print(f"  {'disk':<12} {'size':>10} {'changed':>9} {'read':>10} {'new':>10} {'stored':>10}"
-          + ("  snapshot" if snapshots else ""))
+          f"  {'source':<9}" + ("  snapshot" if snapshots else ""))
     for d in point.disks:
         print(f"  {d.label:<12} {human_bytes(d.size):>10} {d.changed_blocks:>9} "
               f"{human_bytes(d.bytes_read):>10} {human_bytes(d.bytes_new):>10} "
-              f"{human_bytes(d.bytes_stored):>10}"
+              f"{human_bytes(d.bytes_stored):>10}  {d.change_source:<9}"
               + (f"  {snapshots.get(d.label, 'none')}" if snapshots else ""))
+    for d in point.disks:
+        if d.change_source_reason or d.verified_blocks:
+            print(f"  {d.label}: {change_source_text(d)}")
     print(f"  new data {human_bytes(point.bytes_new)}, stored {human_bytes(point.bytes_stored)}"
           f" in {point.seconds:.2f} s")

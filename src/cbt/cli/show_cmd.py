@@ -3,7 +3,12 @@
 POINT is an id, a unique prefix of one, or VM.latest.
 --json prints the point as in 'cbt list --json' plus "consistency_reason",
 "seconds", and per disk "changed_blocks", "bytes_read", "bytes_new",
-"bytes_stored", "path" and "blocks".
+"bytes_stored", "path", "blocks", and how the run found the changed blocks:
+"change_source" (fiemap, btrfs-send, hint-file or hash), "change_source_reason"
+(why it fell back to hash: "--full-scan", "disk resized", "hint mismatch at
+block N"...; null when it did not), "verified_blocks" (blocks the source called
+unchanged, re-hashed as a check) and "hint_mismatches" (of those, how many had
+changed).
 
 With --manifest LABEL -o FILE.arrow it writes that disk's resolved manifest
 (full, its deltas applied) as a plain Arrow IPC file any Arrow tool reads
@@ -22,7 +27,15 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from cbt.cli._common import EXIT_OK, add_json, add_password_file, open_vault, print_json, vault_arg
+from cbt.cli._common import (
+    EXIT_OK,
+    add_json,
+    add_password_file,
+    change_source_text,
+    open_vault,
+    print_json,
+    vault_arg,
+)
 
 if TYPE_CHECKING:
     from cbt.api import Vault
@@ -66,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  disk {d.label}: {human_bytes(d.size)} from {d.path}, {d.blocks} blocks of "
               f"{format_size(d.block_size)}, {d.changed_blocks} changed, "
               f"new {human_bytes(d.bytes_new)}, stored {human_bytes(d.bytes_stored)}")
+        print(f"    change source {change_source_text(d)}, read {human_bytes(d.bytes_read)}")
     return EXIT_OK
 
 

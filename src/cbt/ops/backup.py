@@ -10,8 +10,17 @@ A :class:`BackupRequest` says what to back up and how; :func:`backup` runs it:
 2. Plan (:func:`plan`): load the index; open every disk as a block source
    (errors now, before any work), fix its block size (a disk keeps the block
    size of its first backup), find its previous point and its data extents;
-   take the digests of an early scan that covers it; cut the disks into
+   choose its change hint (:func:`_choose_hint`: ``--full-scan``, a hint
+   file, the snapshots' change source, else a hash scan; a first backup or a
+   resized disk is always hash-scanned).  A hash-scanned disk reads every
+   allocated block (taking the digests of an early scan that covers it); a
+   tracked disk reads only the hint's blocks, those its previous point held
+   as holes, and a rotating sample of the rest (:func:`sample_mask`); its
+   other blocks keep their previous digests.  Cut the blocks read into
    shards of about equal bytes (:func:`cbt.source.plan.plan_shards`).
+3b. Verify (:func:`verify_hints`): a sample block that differs from the
+   previous point means the source lied: the disk is hash-scanned in the
+   same run (the rest of its blocks read now), and the point says so.
 3. Transfer (:func:`transfer`): one worker per shard, forked or on any
    ``concurrent.futures.Executor``.  A worker is handed the vault's spec (its
    keys included: no passphrase, no key derivation) and the run's index
@@ -39,9 +48,12 @@ manifest's checksum in the point record is of the bytes stored.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import errno
 import functools
+import math
+import mmap
 import os
 import time
 import uuid
@@ -73,8 +85,13 @@ from cbt.repo import index as index_mod
 from cbt.repo.lock import gc_lock, writer_lock
 from cbt.repo.storage import Storage, StorageSpec
 from cbt.repo.vault import Vault, VaultSpec
-from cbt.source.base import SourceSpec
-from cbt.source.changes import DEFAULT_VERIFY_FRACTION, ChangeHint, TrackingBase
+from cbt.source.base import SourceSpec, Window
+from cbt.source.changes import (
+    DEFAULT_VERIFY_FRACTION,
+    ChangeHint,
+    TrackingBase,
+    read_hint_file,
+)
 from cbt.source.disks import DiskSpec
 from cbt.source.image import explain_death, open_source
 from cbt.source.plan import (
@@ -97,6 +114,9 @@ PACKS_IN_FLIGHT = 2  # full packs of a worker queued for its writing thread
 EARLY_SCAN_MAX_WAIT = 1.0  # seconds waited for the lock after which an early scan is dropped
 # shards per worker on an Executor: more shards than workers, so progress moves as they finish
 EXECUTOR_SHARDS_PER_WORKER = 4
+PREFETCH_AHEAD = 32 << 20  # bytes of a shard asked of the kernel ahead of its reader
+BATCH_BLOCKS, BATCH_BYTES = 4096, 32 << 20  # windows a shard looks up in one call
+SAMPLE_RUN = 256 << 10  # bytes: the verification sample is taken in runs this long
 
 # (vm, label, bytes_done, bytes_total) a few times a second
 BackupProgress = Callable[[str, str, int, int], None]
@@ -159,6 +179,12 @@ class BackupRequest:
             raise CbtValueError(f"two disks share a label: {labels}")
         if self.block_size is not None:
             fast.check_block_size(self.block_size)
+        unknown = sorted(set(self.hints) - set(labels))
+        if unknown:
+            raise CbtValueError(f"changed ranges for {unknown[0]!r}, which is not a disk of "
+                                f"this backup ({', '.join(labels)})")
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise CbtValueError(f"verify fraction {self.verify_fraction} is not between 0 and 1")
 
 
 def backup(vault: Vault, request: BackupRequest) -> PointRecord:
@@ -188,9 +214,13 @@ def backup_locked(vault: Vault, request: BackupRequest) -> PointRecord:
     vault.clean_leftovers(vault.leftovers())
     planned = plan(vault, request)
     results = transfer(vault, request, planned)
+    _fill(planned.disks, planned.shards, results)
+    results += verify_hints(vault, request, planned)
     if request.before_commit is not None:
         planned.warnings += request.before_commit()
-    return commit(vault, request, planned, results, started)
+    # (last before the commit: a base kept now names what this point was made from)
+    tracking = dict(request.settle()) if request.settle is not None else {}
+    return commit(vault, request, planned, results, started, tracking)
 
 
 # -- 2. plan ---------------------------------------------------------------------------
@@ -211,6 +241,13 @@ class PlannedDisk:
     digests: npt.NDArray[np.uint8]
     flags: npt.NDArray[np.uint8]
     early: BlockScan | None = None  # the disk's early scan, when one matches
+    # change tracking: what the source said, and what the run found of it
+    hint: ChangeHint = field(default_factory=ChangeHint.hash)
+    previous: Manifest | None = None  # the disk's manifest at the point this run follows
+    tracked: TrackedRows | None = None  # a tracked disk's rows (None: every block read)
+    verified_blocks: int = 0
+    hint_mismatches: int = 0
+    read_before: int = 0  # bytes read by an earlier pass of this run (a hint that lied)
     bytes_read: int = 0
     bytes_new: int = 0  # of the blocks this run stored: their raw and stored bytes
     bytes_stored: int = 0
@@ -223,6 +260,27 @@ class PlannedDisk:
     @property
     def to_read(self) -> int:
         return bytes_to_read(self.ranges, self.block_size, self.size)
+
+    @property
+    def change_source(self) -> str:
+        return self.hint.source
+
+
+@dataclass
+class TrackedRows:
+    """A tracked disk's allocated blocks: those read, and where the rest come from.
+
+    ``alloc``: every allocated block (the manifest's rows); ``read``: which of them
+    this run reads (the hint's ranges, the verification sample, and any block the
+    previous point holds no row for); ``prev_pos``: each block's row in the
+    previous manifest (meaningful where it holds one); ``sample``: positions in
+    the rows read of the blocks the source called unchanged, re-hashed as a check.
+    """
+
+    alloc: npt.NDArray[np.uint64]
+    read: npt.NDArray[np.bool_]
+    prev_pos: npt.NDArray[np.intp]
+    sample: npt.NDArray[np.intp]
 
 
 @dataclass(frozen=True)
@@ -266,7 +324,7 @@ def plan(vault: Vault, request: BackupRequest) -> Plan:
     warnings = list(request.warnings)
     index = vault.load_index(warnings)
     prev = _latest_healthy(vault, request.vm, warnings)
-    disks = [_plan_disk(prev, spec, request.block_size) for spec in request.disks]
+    disks = [_plan_disk(vault, request, prev, spec, warnings) for spec in request.disks]
     early = request.early
     if early is not None:
         # (its results live in shared memory: forked workers only; and its digests must
@@ -294,21 +352,155 @@ def _latest_healthy(vault: Vault, vm: str, warnings: list[str]) -> PointRecord |
     return prev
 
 
-def _plan_disk(prev: PointRecord | None, spec: DiskSpec, block_size: int | None) -> PlannedDisk:
+def _plan_disk(vault: Vault, request: BackupRequest, prev: PointRecord | None, spec: DiskSpec,
+               warnings: list[str]) -> PlannedDisk:
     parent = prev.disk(spec.label) if prev else None
+    block_size = request.block_size
     bs = parent.block_size if parent else (block_size or DEFAULT_BACKUP_BLOCK_SIZE)
     with spec.open() as source:
         if parent and block_size and block_size != parent.block_size:
             raise CbtValueError(
                 f"disk {spec.label}: block size is fixed at {format_size(parent.block_size)} "
                 f"by its first backup; --block-size {format_size(block_size)} differs")
+        hint = _choose_hint(request, spec.label, parent, bs, source.size)
         ranges = source.block_ranges(bs)
         rows = (np.concatenate([np.arange(lo, hi, dtype=np.uint64) for lo, hi in ranges])
                 if ranges else np.zeros(0, dtype=np.uint64))
-        return PlannedDisk(spec=spec, source=source.spec(), block_size=bs, parent=parent,
-                           seq=parent.seq + 1 if parent else 0, ranges=ranges, rows=rows,
-                           digests=np.zeros((len(rows), fast.DIGEST_SIZE), dtype=np.uint8),
-                           flags=np.zeros(len(rows), dtype=np.uint8))
+        d = PlannedDisk(spec=spec, source=source.spec(), block_size=bs, parent=parent,
+                        seq=parent.seq + 1 if parent else 0, ranges=ranges, rows=rows,
+                        digests=np.zeros(0, dtype=np.uint8), flags=np.zeros(0, dtype=np.uint8),
+                        hint=hint)
+    d.previous = _previous_manifest(vault, prev, d, warnings)
+    if hint.tracked and d.previous is None:  # (said so: a full baseline of this disk)
+        d.hint = ChangeHint.hash("previous point unreadable")
+    if d.hint.tracked and d.previous is not None:
+        d.tracked = _tracked_rows(d, d.previous, request.verify_fraction)
+        d.rows = d.tracked.alloc[d.tracked.read]
+        d.ranges = row_runs(d.rows)
+    d.digests = np.zeros((len(d.rows), fast.DIGEST_SIZE), dtype=np.uint8)
+    d.flags = np.zeros(len(d.rows), dtype=np.uint8)
+    return d
+
+
+def _choose_hint(request: BackupRequest, label: str, parent: DiskRecord | None,
+                 block_size: int, size: int) -> ChangeHint:
+    """What changed in the disk since its previous point, as its change source says.
+
+    A hint file is read and checked first (bad input fails the run before it
+    writes anything, a first backup too); then the first that applies: no
+    previous point (a hash scan, no reason), ``--full-scan``, the hint file,
+    the snapshots' change source, else a hash scan.  A disk whose size changed
+    is hash-scanned whatever its source said.
+    """
+    path = request.hints.get(label)
+    hint_file = read_hint_file(path, block_size, size) if path is not None else None
+    if parent is None:
+        return ChangeHint.hash()
+    if request.full_scan:
+        return ChangeHint.hash("--full-scan")
+    if hint_file is not None:
+        hint = (hint_file.hint() if hint_file.size_a == parent.size else
+                ChangeHint.hash("disk resized"))
+    elif request.changes is not None:
+        hint = request.changes(label, parent, block_size, size)
+    else:
+        hint = ChangeHint.hash()
+    if parent.size != size:
+        return ChangeHint.hash("disk resized")
+    return hint
+
+
+def _tracked_rows(d: PlannedDisk, previous: Manifest, fraction: float) -> TrackedRows:
+    """Which allocated blocks a tracked disk reads (vectorised: no per-block Python).
+
+    The hint's ranges, every block the previous point holds no row for (a hole
+    then), and the verification sample: of the blocks the source calls
+    unchanged that were DATA, those of this run's turn in the rotation.
+    """
+    alloc = d.rows
+    prev_rows = previous.rows
+    if len(prev_rows):
+        pos = np.minimum(np.searchsorted(prev_rows, alloc), len(prev_rows) - 1)
+        held = prev_rows[pos] == alloc
+        was_data = held & (previous.row_flags[pos] == fast.FLAG_DATA)
+    else:
+        pos = np.zeros(len(alloc), dtype=np.intp)
+        held = was_data = np.zeros(len(alloc), dtype=bool)
+    changed = _in_ranges(alloc, d.hint.ranges or ())
+    sample = was_data & ~changed & sample_mask(alloc, d.seq, fraction, d.block_size)
+    read = changed | ~held | sample
+    return TrackedRows(alloc=alloc, read=read, prev_pos=pos.astype(np.intp),
+                       sample=np.nonzero(sample[read])[0])
+
+
+def _in_ranges(blocks: npt.NDArray[np.uint64],
+               ranges: Sequence[BlockRange]) -> npt.NDArray[np.bool_]:
+    """Which of the (sorted) ``blocks`` fall in any of ``ranges`` (as a source gave them:
+    sorted and merged here, so a source's unsorted or overlapping ranges lose nothing)."""
+    if not ranges or not len(blocks):
+        return np.zeros(len(blocks), dtype=bool)
+    r = np.array(ranges, dtype=np.uint64).reshape(-1, 2)
+    r = r[np.argsort(r[:, 0], kind="stable")]
+    ends = np.maximum.accumulate(r[:, 1])
+    first = np.r_[True, r[1:, 0] > ends[:-1]]  # a range past every end before it
+    starts_at = np.nonzero(first)[0]
+    r = np.stack([r[starts_at, 0], np.maximum.reduceat(r[:, 1], starts_at)], axis=1)
+    k = np.searchsorted(r[:, 1], blocks, side="right")  # the first range ending past it
+    inside = k < len(r)
+    inside[inside] = r[k[inside], 0] <= blocks[inside]
+    return inside
+
+
+def sample_mask(blocks: npt.NDArray[np.uint64], seq: int, fraction: float,
+                block_size: int = 1) -> npt.NDArray[np.bool_]:
+    """The blocks whose turn it is to be verified in the run of chain position ``seq``.
+
+    A rotation of period ``p = ceil(1 / fraction)`` over runs of
+    :data:`SAMPLE_RUN` bytes (``r`` blocks; runs, not single blocks: the sample
+    is read in a few long reads, not a seek a block): block ``b`` is verified
+    when ``(turn(b // r) + seq) % p == 0``, where ``turn`` is the run's number
+    scrambled (:func:`scramble`) so no pattern of the disk's layout lines up
+    with the rotation.  Each run checks about ``fraction`` of the blocks, and
+    every block is checked once in any ``p`` consecutive runs; a fraction of 1
+    checks all, 0 none.
+    """
+    if fraction <= 0:
+        return np.zeros(len(blocks), dtype=bool)
+    period = max(1, math.ceil(1 / fraction - 1e-9))
+    if period == 1:
+        return np.ones(len(blocks), dtype=bool)
+    run = np.uint64(max(1, SAMPLE_RUN // block_size))
+    p = np.uint64(period)
+    turn: npt.NDArray[np.bool_] = (scramble(blocks // run) % p + np.uint64(seq % period)) % p == 0
+    return turn
+
+
+def scramble(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """SplitMix64's finaliser: a fixed pseudo-random bijection of 64-bit numbers."""
+    z = x.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def row_runs(rows: npt.NDArray[np.uint64]) -> list[BlockRange]:
+    """The runs of consecutive block numbers in the sorted ``rows``."""
+    if not len(rows):
+        return []
+    r = rows.astype(np.int64)
+    breaks = np.nonzero(np.diff(r) != 1)[0] + 1
+    starts = r[np.r_[0, breaks]]
+    ends = r[np.r_[breaks - 1, len(r) - 1]] + 1
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+def _range_rows(ranges: Sequence[BlockRange]) -> npt.NDArray[np.uint64]:
+    if not ranges:
+        return np.zeros(0, dtype=np.uint64)
+    return np.concatenate([np.arange(lo, hi, dtype=np.uint64) for lo, hi in ranges])
 
 
 def _shard_task(disk: PlannedDisk, shard: Shard) -> ShardTask:
@@ -325,12 +517,14 @@ def _take_early_scan(early: PendingScan, disks: list[PlannedDisk], request: Back
     """Wait for the early scan; each disk it covers (same file, size, block size) takes its result.
 
     Only disks with a previous point use it: a first backup stores every block,
-    and reads each once, hashing and storing it in the same pass.
+    and reads each once, hashing and storing it in the same pass; a tracked disk
+    reads only what changed.
     """
     match: dict[int, PlannedDisk] = {}
     for k, (source, block_size, size) in enumerate(early.disks()):
-        for d in disks:
-            if (d.parent is not None and all(d is not e for e in match.values())
+        for d in disks:  # (a tracked disk reads only what changed: no early scan)
+            if (d.parent is not None and d.tracked is None
+                    and all(d is not e for e in match.values())
                     and os.path.abspath(d.source.path) == source
                     and (d.block_size, d.size) == (block_size, size)):
                 match[k] = d
@@ -435,16 +629,20 @@ def _progress_report(request: BackupRequest,
     if progress is None:
         return None
     disks, shards = planned.disks, planned.shards
-    totals = [d.to_read for d in disks]
+    # bytes read: a tracked disk counts what it reads; a second pass (a hint that lied)
+    # goes on from the first, for the disks it reads
+    totals = [d.read_before + d.to_read for d in disks]
+    active = sorted({s.disk for s in shards})
 
     def report(done: list[int]) -> None:
         # (a disk of the early scan counted its bytes then: it stays full)
-        per_disk = [tot if d.early else 0 for d, tot in zip(disks, totals, strict=True)]
+        per_disk = [tot if d.early else d.read_before
+                    for d, tot in zip(disks, totals, strict=True)]
         for s, n in zip(shards, done, strict=True):
             if not disks[s.disk].early:
                 per_disk[s.disk] += int(n)
-        for d, n, tot in zip(disks, per_disk, totals, strict=True):
-            progress(request.vm, d.spec.label, n, tot)
+        for k in active:
+            progress(request.vm, disks[k].spec.label, per_disk[k], totals[k])
 
     return report
 
@@ -517,13 +715,16 @@ def _transfer_shard(worker_vault: WorkerVault, shard: ShardTask, report: Report)
     store = _Store(index, bs, rehash=shard.source.live or shard.prehash is not None,
                    id_key=vault.id_key)
     with open_source(shard.source) as source, _PackSink(vault.storage, cipher) as sink:
+        ahead = _Prefetch(getattr(source, "fd", -1) if shard.prehash is None else -1,
+                          shard.ranges, bs)
         rows = hash_shard(source, bs, shard.ranges, digests.reshape(-1).data, flags.data, report,
                           packed=True, prehashed=shard.prehash, key=vault.id_key)
-        with closing(rows):
+        batch = _Batch(store, sink, digests, flags)
+        with closing(rows), batch:
             for at, window in rows:
                 n = fast.nblocks(len(window), bs)
-                with memoryview(window) as view:  # released before the window is unmapped
-                    store.missing(sink, digests[at:at + n], flags[at:at + n], view)
+                ahead.advance(at + n)
+                batch.add(at, n, window)
         entries = sink.finish()
     k = len(entries)
     return ShardResult(
@@ -540,6 +741,90 @@ def _transfer_shard(worker_vault: WorkerVault, shard: ShardTask, report: Report)
     )
 
 
+class _Batch:
+    """Consecutive windows of a shard, kept mapped until :data:`BATCH_BLOCKS` blocks or
+    :data:`BATCH_BYTES` bytes: their index lookups are one call, not one a window (a
+    tracked disk's windows are often a single block).  Only a mapping outlives the
+    next window (a held view keeps it mapped); any other buffer is done at once
+    (a window is valid until the next is asked for).
+    """
+
+    def __init__(self, store: _Store, sink: _PackSink, digests: npt.NDArray[np.uint8],
+                 flags: npt.NDArray[np.uint8]) -> None:
+        self.store, self.sink, self.digests, self.flags = store, sink, digests, flags
+        self.windows: list[tuple[int, memoryview]] = []
+        self.lo = self.hi = 0  # the rows held
+        self.bytes = 0
+
+    def add(self, at: int, n: int, window: Window) -> None:
+        if not self.windows:
+            self.lo = self.hi = at
+        self.windows.append((at - self.lo, memoryview(window)))  # (keeps it mapped)
+        self.hi = at + n
+        self.bytes += len(window)
+        if (self.hi - self.lo >= BATCH_BLOCKS or self.bytes >= BATCH_BYTES
+                or not isinstance(window, mmap.mmap)):
+            self.flush()
+
+    def flush(self) -> None:
+        try:
+            if self.windows:
+                lo, hi = self.lo, self.hi
+                self.store.missing(self.sink, self.digests[lo:hi], self.flags[lo:hi],
+                                   self.windows)
+        finally:
+            for _, view in self.windows:
+                view.release()  # (the window is unmapped now)
+            self.windows, self.bytes = [], 0
+
+    def __enter__(self) -> _Batch:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.flush()
+        else:
+            for _, view in self.windows:
+                view.release()
+            self.windows = []
+
+
+class _Prefetch:
+    """Ask the kernel for a shard's blocks a few MiB ahead of its reader.
+
+    The blocks a tracked disk reads are scattered (its changes and the sample):
+    mapped one range at a time each costs a round trip to the disk.  Asked for
+    ahead (``POSIX_FADV_WILLNEED``, at most :data:`PREFETCH_AHEAD` bytes beyond
+    the reader) they are read with a deep queue: measured on a cold 32 GiB
+    image, 21,000 scattered 16 KiB blocks took 0.8 s instead of 54.
+    """
+
+    def __init__(self, fd: int, ranges: Sequence[BlockRange], block_size: int) -> None:
+        self.fd = fd if len(ranges) > 1 else -1  # (one range: the kernel's read-ahead)
+        self.ranges = ranges
+        self.block_size = block_size
+        self.k = 0  # the next range to ask for, from its block ``lo``
+        self.lo = ranges[0][0] if ranges else 0
+        self.asked = 0  # rows asked for so far
+        self.advance(0)
+
+    def advance(self, done: int) -> None:
+        """The reader is past ``done`` rows: ask for what lies ahead of it."""
+        most = max(1, PREFETCH_AHEAD // self.block_size)
+        while self.fd >= 0 and self.k < len(self.ranges) and self.asked - done < most:
+            hi = min(self.ranges[self.k][1], self.lo + most)
+            try:
+                os.posix_fadvise(self.fd, self.lo * self.block_size,
+                                 (hi - self.lo) * self.block_size, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                self.fd = -1  # (only a hint: read as usual)
+            self.asked += hi - self.lo
+            self.lo = hi
+            if hi == self.ranges[self.k][1]:
+                self.k += 1
+                self.lo = self.ranges[self.k][0] if self.k < len(self.ranges) else 0
+
+
 class _Store:
     """Which blocks of a window a shard stores: data blocks the index lacks, each once."""
 
@@ -552,18 +837,21 @@ class _Store:
         self.seen: set[bytes] = set()  # digests this shard stored
 
     def missing(self, sink: _PackSink, digests: npt.NDArray[np.uint8],
-                flags: npt.NDArray[np.uint8], view: memoryview) -> None:
-        """Store the window's missing blocks (``digests``/``flags``: the window's rows)."""
+                flags: npt.NDArray[np.uint8], windows: Sequence[tuple[int, memoryview]]) -> None:
+        """Store the missing blocks of consecutive windows, looked up in one call
+        (``digests``/``flags``: their rows; each window: its first row, and its bytes)."""
         data_rows = np.nonzero(flags == fast.FLAG_DATA)[0]
         if not len(data_rows):
             return
         bs = self.block_size
+        starts = [first for first, _ in windows]
         for row in data_rows[self.index.lookup(digests[data_rows]) < 0].tolist():
             d = digests[row].tobytes()
             if d in self.seen:
                 continue
             self.seen.add(d)
-            block = view[row * bs:(row + 1) * bs]
+            first, view = windows[bisect.bisect_right(starts, row) - 1]
+            block = view[(row - first) * bs:(row - first + 1) * bs]
             if not self.rehash:
                 with block:
                     sink.add(d, block)
@@ -645,17 +933,88 @@ class _PackSink:
         self._putter.shutdown(wait=True, cancel_futures=True)
 
 
+# -- 3b. verify what the change sources said ------------------------------------------
+
+
+def verify_hints(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardResult]:
+    """Check each tracked disk's sample against its previous point; hash-scan a disk whose
+    source lied (in this run: the rest of its allocated blocks), and warn.
+
+    Run after the transfer's results are filled in; returns the second pass's results.
+    """
+    lied: list[int] = []
+    for k, d in enumerate(planned.disks):
+        source = d.hint.source
+        if d.tracked is not None and d.previous is not None and _sample_lied(d, d.previous):
+            lied.append(k)
+            planned.warnings.append(
+                f"disk {d.spec.label}: change source {source} missed changes "
+                f"({d.hint.reason}; {d.hint_mismatches} of {d.verified_blocks} verified "
+                "blocks differ): hash-scanned the disk")
+            _read_the_rest(d)
+    if not lied:
+        return []
+    workers = request.workers or default_workers()
+    if request.executor is not None:
+        workers *= EXECUTOR_SHARDS_PER_WORKER
+    cut = plan_shards([DiskPlan(planned.disks[k].ranges, planned.disks[k].block_size,
+                                planned.disks[k].size) for k in lied], workers)
+    tasks = [_shard_task(planned.disks[lied[s.disk]], s._replace(disk=lied[s.disk]))
+             for s in cut]
+    second = Plan(planned.index, planned.prev, planned.disks, tasks, planned.warnings)
+    results = transfer(vault, request, second)
+    _fill(planned.disks, tasks, results)
+    planned.shards += tasks
+    return results
+
+
+def _sample_lied(d: PlannedDisk, previous: Manifest) -> bool:
+    """Compare the sample's digests and flags with the previous point's; record the count."""
+    t = d.tracked
+    assert t is not None
+    pos = t.prev_pos[t.read][t.sample]
+    differ = ((d.digests[t.sample] != previous.row_digests[pos]).any(axis=1)
+              | (d.flags[t.sample] != previous.row_flags[pos]))
+    d.verified_blocks = len(t.sample)
+    d.hint_mismatches = int(np.count_nonzero(differ))
+    if not d.hint_mismatches:
+        return False
+    first = int(d.rows[t.sample[int(np.argmax(differ))]])
+    d.hint = ChangeHint.hash(f"hint mismatch at block {first}")
+    return True
+
+
+def _read_the_rest(d: PlannedDisk) -> None:
+    """Make a tracked disk a hash-scanned one: its rows every allocated block, those read
+    kept, the rest to read now."""
+    t = d.tracked
+    assert t is not None
+    digests = np.zeros((len(t.alloc), fast.DIGEST_SIZE), dtype=np.uint8)
+    flags = np.zeros(len(t.alloc), dtype=np.uint8)
+    digests[t.read], flags[t.read] = d.digests, d.flags
+    d.rows, d.digests, d.flags, d.tracked = t.alloc, digests, flags, None
+    d.ranges = row_runs(t.alloc[~t.read])
+    d.read_before = d.bytes_read
+
+
 # -- 4. commit ---------------------------------------------------------------------------
 
 
 def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[ShardResult],
-           started: float) -> PointRecord:
-    """Write the manifests, then the index segment and the point record (the commit)."""
+           started: float, tracking: Mapping[str, TrackingBase] | None = None) -> PointRecord:
+    """Write the manifests, then the index segment and the point record (the commit).
+
+    ``results`` are every shard's, filled into the disks already (:func:`_fill`);
+    ``tracking``: the tracking base kept of each disk (its identity is recorded).
+    """
     created = request.created or utc_now()
     point_id = request.point_id or vault.unused_point_id(request.vm, created)
+    for d in planned.disks:
+        _manifest_rows(d)
     new = _gather(planned, results)
+    tracking = tracking or {}
     disks = [_commit_disk(vault, request.vm, planned.prev, d, point_id, created,
-                          planned.warnings) for d in planned.disks]
+                          tracking.get(d.spec.label)) for d in planned.disks]
     record = PointRecord(
         id=point_id, vm=request.vm, created=created, consistency=request.consistency[0],
         consistency_reason=request.consistency[1],
@@ -673,16 +1032,26 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
     return record
 
 
-def _gather(planned: Plan, results: list[ShardResult]) -> dict[str, Any]:
-    """Each shard's rows into its disk's arrays and counts; the run's new index entries."""
-    for s, r in zip(planned.shards, results, strict=True):
-        d = planned.disks[s.disk]
-        if s.ranges:  # (a shard's ranges are consecutive rows of its disk)
+def _fill(disks: list[PlannedDisk], shards: list[ShardTask],
+          results: list[ShardResult]) -> None:
+    """Each shard's digests and flags into its disk's rows; bytes read and time."""
+    for s, r in zip(shards, results, strict=True):
+        d = disks[s.disk]
+        if s.ranges:
             lo = int(np.searchsorted(d.rows, s.ranges[0][0]))
-            d.digests[lo:lo + s.blocks] = r.block_digests
-            d.flags[lo:lo + s.blocks] = r.block_flags
+            if lo + s.blocks <= len(d.rows) and int(d.rows[lo + s.blocks - 1]) == \
+                    s.ranges[-1][1] - 1:  # consecutive rows of its disk (a first pass)
+                at: Any = slice(lo, lo + s.blocks)
+            else:
+                at = np.searchsorted(d.rows, _range_rows(s.ranges))
+            d.digests[at] = r.block_digests
+            d.flags[at] = r.block_flags
         d.bytes_read += r.bytes_read
         d.seconds = max(d.seconds, r.seconds)
+
+
+def _gather(planned: Plan, results: list[ShardResult]) -> dict[str, Any]:
+    """The run's new index entries, and each disk's bytes new and stored."""
     new = _new_entries(results)
     for key in ("raw", "stored"):
         per_disk = np.bincount(new["disk"], weights=new[key], minlength=len(planned.disks))
@@ -691,15 +1060,30 @@ def _gather(planned: Plan, results: list[ShardResult]) -> dict[str, Any]:
     return new
 
 
+def _manifest_rows(d: PlannedDisk) -> None:
+    """A tracked disk's rows become every allocated block: those read, and the rest
+    with the previous point's digest and flag (vectorised)."""
+    t, previous = d.tracked, d.previous
+    if t is None or previous is None:
+        return
+    digests = np.zeros((len(t.alloc), fast.DIGEST_SIZE), dtype=np.uint8)
+    flags = np.zeros(len(t.alloc), dtype=np.uint8)
+    digests[t.read], flags[t.read] = d.digests, d.flags
+    kept = ~t.read
+    pos = t.prev_pos[kept]
+    digests[kept], flags[kept] = previous.row_digests[pos], previous.row_flags[pos]
+    d.rows, d.digests, d.flags, d.tracked = t.alloc, digests, flags, None
+
+
 def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk, point_id: str,
-                 created: str, warnings: list[str]) -> DiskRecord:
+                 created: str, base: TrackingBase | None = None) -> DiskRecord:
     """Write one disk's manifest (full, or a delta against its chain base)."""
     import blake3
 
     path = str(Path(d.spec.path).absolute())
     manifest = Manifest.sparse(d.block_size, d.size, d.rows, d.digests, d.flags, source=path,
                                created=created)
-    previous = _previous_manifest(vault, prev, d, warnings)
+    previous = d.previous
     if previous is not None and prev is not None:
         changed = changed_blocks(previous, manifest)
         base_point = vault.chain_base(vm, d.spec.label, d.seq, prev)
@@ -707,7 +1091,9 @@ def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk
         changed, base_point = manifest.blocks, None
     name = vault.manifest_name(point_id, d.spec.label)
     if base_point is not None:
-        delta = manifest.delta_from(vault.resolve(base_point, d.spec.label))
+        based_on_prev = previous is not None and prev is not None and base_point.id == prev.id
+        delta = manifest.delta_from(previous if based_on_prev and previous is not None else
+                                    vault.resolve(base_point, d.spec.label))
         delta.metadata = {"cbt.base": base_point.id, "cbt.seq": str(d.seq)}
         data = delta.to_bytes()
     else:
@@ -721,7 +1107,10 @@ def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk
         seconds=round(d.seconds + (d.early.seconds if d.early else 0.0), 6),
         manifest=name, manifest_checksum=blake3.blake3(stored).hexdigest(),
         seq=d.seq if base_point is not None else 0,
-        base=base_point.id if base_point is not None else None)
+        base=base_point.id if base_point is not None else None,
+        change_source=d.change_source, change_source_reason=d.hint.reason,
+        verified_blocks=d.verified_blocks, hint_mismatches=d.hint_mismatches,
+        tracking_base=base.to_json() if base is not None else None)
 
 
 def _previous_manifest(vault: Vault, prev: PointRecord | None, d: PlannedDisk,

@@ -21,7 +21,7 @@ This module imports neither numpy nor pyarrow (start-up time counts).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from cbt.core.errors import CbtError
 from cbt.repo.keys import Passphrase
@@ -32,8 +32,12 @@ from cbt.source.scan import PendingScan, start_scan
 
 def start_early_scan(vault: Vault | str | os.PathLike[str], vm: str, disks: Sequence[DiskSpec],
                      block_size: int | None = None, workers: int | None = None,
-                     passphrase: Passphrase | None = None) -> PendingScan | None:
+                     passphrase: Passphrase | None = None,
+                     skip: Collection[str] = ()) -> PendingScan | None:
     """Start scanning the disks that have a previous point (None: nothing to start).
+
+    ``skip``: labels of disks not to scan: those a change source tracks (a hint
+    file), which read only what changed.
 
     ``vault`` is the opened vault, or its path (opened here; an encrypted one
     with ``passphrase``, else from the environment).  Anything unexpected (no
@@ -48,7 +52,8 @@ def start_early_scan(vault: Vault | str | os.PathLike[str], vm: str, disks: Sequ
         wanted = []
         for spec in disks:
             parent = prev.disk(spec.label)
-            if parent is None or (block_size and block_size != parent.block_size):
+            if spec.label in skip or parent is None or (
+                    block_size and block_size != parent.block_size):
                 continue
             wanted.append((spec.source, parent.block_size))
         return start_scan(wanted, workers, key=opened.id_key) if wanted else None
