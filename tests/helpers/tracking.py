@@ -117,11 +117,3 @@ def coarser(blocks: set[int], factor: int) -> set[int]:
 
 def btrfs(*args: str) -> None:
     subprocess.run(["btrfs", *args], check=True, capture_output=True)
-
-
-def backup_tracks() -> bool:
-    """Whether the backup side of change tracking is in (part B of issue 13: it reads only
-    the hinted blocks and has ``--full-scan``); end-to-end tracking tests need it."""
-    from helpers.cli import cbt
-
-    return "--full-scan" in cbt("backup", "--help").stdout

@@ -19,14 +19,11 @@ from helpers.cli import cbt_json, crash_env, start_cbt
 from helpers.images import assert_same_disk
 from helpers.jobs import backup_config, job_config
 from helpers.system import loop_fs
-from helpers.tracking import backup_tracks, btrfs, make_tracked_disk, mutate
+from helpers.tracking import btrfs, make_tracked_disk, mutate
 from helpers.vaults import init_cli_vault
 
 BS = 16 * 1024
 SIZE = 8 * MIB + 5000
-needs_backup_side = pytest.mark.xfail(
-    not backup_tracks(), strict=True,
-    reason="needs the backup side of issue 13 (part B: ops/backup.py reads the hinted blocks)")
 
 
 class Site:
@@ -70,7 +67,6 @@ def _clear_btrfs(mnt: Path) -> None:
 
 
 @pytest.mark.root
-@needs_backup_side
 @pytest.mark.parametrize(("kind", "encrypted"), [("xfs", True), ("btrfs", False)])
 def test_an_incremental_reads_only_what_changed(tmp_path: Path, kind: str,
                                                 encrypted: bool) -> None:
