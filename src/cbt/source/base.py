@@ -9,16 +9,13 @@ the same few things, in this order:
    never read: it is all zeros);
 3. ``windows(block_size, lo, hi)``: blocks ``[lo, hi)`` as large buffers, one
    after another, each valid until the next is asked for;
-4. ``change_hints(base)``: what the source knows about which bytes changed
-   since ``base`` (a dirty bitmap, an extent map against a kept snapshot...).
-   None means "nothing": read and hash everything.  No source offers hints
-   yet; the hook is here so that change tracking plugs in without touching
-   the readers, which must treat hints as a plan to check, never as truth;
-5. ``spec()``: a small picklable description from which a worker process
+4. ``spec()``: a small picklable description from which a worker process
    reopens the source itself (:func:`cbt.source.image.open_source`).
 
 Implementations: :class:`cbt.source.image.ImageSource` (image files and block
 devices); snapshot providers (:mod:`cbt.source.snapshot`) produce those.
+What changed since a disk's previous point is not the source's to say but its
+snapshot's (:mod:`cbt.source.changes`: a hint against a kept tracking base).
 """
 
 from __future__ import annotations
@@ -46,19 +43,8 @@ class SourceSpec(NamedTuple):
     ident: tuple[int, int] | None = None
 
 
-class ChangeHints(NamedTuple):
-    """Which bytes of a source may have changed since ``base`` (everything else did not).
-
-    Offered by no source yet (see :meth:`BlockSource.change_hints`).
-    """
-
-    base: str  # what the hints are relative to: a kept snapshot, a dirty bitmap's name
-    ranges: list[tuple[int, int]]  # byte ranges [start, end) that may have changed
-    reason: str  # where they come from, as recorded in a point
-
-
 class BlockSource(ABC):
-    """A disk to read: size, liveness, extents, windows, change hints."""
+    """A disk to read: size, liveness, extents, windows."""
 
     path: str  # what is read (an image, a device, a snapshot of either)
     size: int
@@ -81,15 +67,6 @@ class BlockSource(ABC):
         the disk is short.  ``read_ahead=False`` where only a few blocks of
         each window will be touched.
         """
-
-    def change_hints(self, base: str | None) -> ChangeHints | None:
-        """What changed since ``base``, if this source can tell; None: read everything.
-
-        The hook for change tracking (dirty bitmaps, extent maps of a kept
-        snapshot): no source offers hints today.
-        """
-        del base
-        return None
 
     @abstractmethod
     def spec(self) -> SourceSpec:
