@@ -422,6 +422,14 @@ def _open_sealed(cipher: Cipher, id_key: bytes | None, job: _Job, pack: memoryvi
         raise DamagedPointError(f"{where.format(int(job.blocks[i]))}: content does not match "
                                 "its digest")
     checked[idx[is_raw]] = True
+    return _decompress_opened(job, idx, is_raw, outs, want, where), checked
+
+
+def _decompress_opened(job: _Job, idx: npt.NDArray[np.intp], is_raw: npt.NDArray[np.bool_],
+                       outs: list[memoryview], want: npt.NDArray[np.int64],
+                       where: str) -> dict[int, bytes | memoryview]:
+    """The opened blocks by position in the job: raw ones as they are, compressed ones
+    decompressed (checked against their digests later, run by run)."""
     opened: dict[int, bytes | memoryview] = {}
     for j, i in enumerate(idx.tolist()):
         if is_raw[j]:
@@ -435,7 +443,7 @@ def _open_sealed(cipher: Cipher, id_key: bytes | None, job: _Job, pack: memoryvi
             raise DamagedPointError(f"{where.format(int(job.blocks[i]))}: content has the "
                                     "wrong length")
         opened[i] = data
-    return opened, checked
+    return opened
 
 
 # Blobs of a job less than this apart are faulted in as one span (one madvise call);
