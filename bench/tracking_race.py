@@ -5,7 +5,8 @@ Usage (as root: it makes a loop device, mounts file systems and drops the
 page cache)::
 
     python bench/tracking_race.py [--dir /var/tmp/cbt-tracking] [--size 8G] [--runs 3]
-                                  [--no-borg] [--check] [--seed 13] [--cbt PATH] [--json]
+                                  [--no-borg] [--check] [--fill 0.7] [--seed 13]
+                                  [--cbt PATH] [--json]
 
 1. Makes an XFS file system (``mkfs.xfs -m reflink=1``) on a loop device
    (``losetup --direct-io=on``, so the backing file is not cached twice)
@@ -15,9 +16,9 @@ page cache)::
 2. Makes the VM's disk there: a thin ``--size`` image holding an ext4 file
    system (``mke2fs -t ext4``, loop-mounted) filled with real files: copies of
    ``/usr``, each a seeded random selection (4 in 5) of its second-level
-   directories in a seeded order, until 70% of the disk is used, plus one file
-   of random bytes (10% of the disk); the rest is free space, holes in the
-   image.  What it holds is printed.
+   directories in a seeded order, until ``--fill`` (default 70%) of the disk
+   is used, plus one file of random bytes (10% of the disk); the rest is free
+   space, holes in the image.  What it holds is printed.
 3. Two encrypted vaults (``cbt init``'s default cipher, the passphrase in a
    0600 file given as ``--password-file``), each with a config of one VM with
    that one disk, ``snapshot = "reflink"``, its own ``snapshot_dir`` (so each
@@ -51,11 +52,16 @@ growth of the vault or repository (apparent size of its files).  ratio =
 seconds of the run / seconds of the tracked run.  Target (issue 13): tracked
 at least 10x faster than ``--full-scan`` at 8 GiB.
 
-Disk space: the image (~80% of ``--size`` allocated), two vaults and the borg
-repository (each, with the files compressed, some share of that), a restore
-with ``--check``; checked against the free space in ``--dir`` before
-starting.  Exit status: 0 when everything ran (target met or not, restores
-equal), 2 on an error or a restore that differs.
+Disk space: the image (``--fill`` + 14% of ``--size`` allocated), two vaults
+and the borg repository (each 40-60% of the image's allocated bytes: the
+files compress), a restore with ``--check`` (the borg repository is removed
+first); checked against the free space in ``--dir`` before starting, with a
+margin (the vaults counted at 60%).  At 8G with ``--check``: about 22 GiB
+and 10 minutes; at 32G the default needs about 78 GiB (62 GiB with
+``--no-borg``): lower ``--fill`` or run it where there is room.
+
+Exit status: 0 when everything ran (target met or not, restores equal), 2 on
+an error or a restore that differs, 130 when interrupted (after the cleanup).
 """
 
 from __future__ import annotations
@@ -83,13 +89,13 @@ BLOCK = 16 << 10  # cbt's default block size; "1% of blocks" is counted in these
 WRITE = 4 << 10  # each change is one write of this many bytes
 SECTOR = 512  # changes start on a sector boundary, as a guest's writes do
 CHANGED = 0.01
-FILL = 0.70  # share of the disk the copies of the tree fill
+FILL = 0.70  # share of the disk the copies of the tree fill (--fill)
 RANDOM = 0.10  # share of the disk in one file of random bytes
 TREE = Path("/usr")
 PASSPHRASE = "tracking-race-passphrase"
 TARGET = 10.0  # --full-scan seconds / tracked seconds
 TOOLS = ("tracked", "full-scan", "borg")
-VAULT_SHARE = 0.5  # a vault or borg repository, as a share of the image's allocated bytes
+VAULT_SHARE = 0.6  # a vault or borg repository, as a share of the image's allocated bytes
 
 
 # --------------------------------------------------------------------------- scratch
@@ -102,14 +108,33 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(f"signal {signal.Signals(signum).name}")
 
 
-def sh(argv: list[str], capture: bool = False) -> str:
-    """Run an untimed helper command; an error raises :class:`harness.BenchError`."""
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          check=False)
+def run(argv: list[str], env: dict[str, str] | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run ``argv``, its output captured.  Interrupted (Ctrl-C, SIGTERM), the command
+    gets SIGTERM and up to 30 s to abort cleanly (cbt removes its snapshots) before
+    SIGKILL, so that nothing of it holds the mounts the cleanup removes."""
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def sh(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+    """Run an untimed helper command, its stdout; an error raises :class:`harness.BenchError`."""
+    proc = run(argv, env, cwd)
     if proc.returncode:
         raise harness.BenchError(f"{shlex.join(argv)} exited {proc.returncode}: "
-                                 f"{proc.stderr.strip()[-1000:]}")
-    return proc.stdout if capture else ""
+                                 f"{proc.stderr.decode(errors='replace').strip()[-1000:]}")
+    return proc.stdout.decode(errors="replace")
 
 
 class Scratch:
@@ -127,8 +152,7 @@ class Scratch:
         self.undo.append(("rm", str(self.work)))
 
     def loop(self, backing: Path) -> str:
-        dev = sh(["losetup", "--find", "--show", "--direct-io=on", str(backing)],
-                 capture=True).strip()
+        dev = sh(["losetup", "--find", "--show", "--direct-io=on", str(backing)]).strip()
         self.undo.append(("detach", dev))
         return dev
 
@@ -208,10 +232,10 @@ def tree_units(root: Path) -> list[tuple[str, int]]:
     return units
 
 
-def fill_tree(guest: Path, size: int, seed: int) -> dict[str, Any]:
-    """Copies of :data:`TREE` into ``guest`` until :data:`FILL` of ``size`` is used."""
+def fill_tree(guest: Path, size: int, fill: float, seed: int) -> dict[str, Any]:
+    """Copies of :data:`TREE` into ``guest`` until ``fill`` of ``size`` is used."""
     units = tree_units(TREE)
-    target = int(size * FILL)
+    target = int(size * fill)
     copies, files_bytes = 0, 0
     while True:
         st = os.statvfs(guest)
@@ -229,12 +253,7 @@ def fill_tree(guest: Path, size: int, seed: int) -> dict[str, Any]:
         dest = guest / f"copy{copies}"
         dest.mkdir()
         harness.log(f"  copy {copies}: {len(picked)} directories of {TREE} ...")
-        proc = subprocess.run(["cp", "-a", "--parents", *picked, str(dest)], cwd=TREE,
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              check=False)
-        if proc.returncode:
-            raise harness.BenchError(f"cp -a --parents ... {dest} exited {proc.returncode}: "
-                                     f"{proc.stderr.strip()[-500:]}")
+        sh(["cp", "-a", "--parents", *picked, str(dest)], cwd=TREE)
         copies += 1
         files_bytes = apparent(guest)
         if budget < target // 50:
@@ -253,7 +272,8 @@ def write_random(path: Path, nbytes: int, seed: int) -> None:
         os.close(fd)
 
 
-def make_disk(scratch: Scratch, disk: Path, size: int, seed: int) -> dict[str, Any]:
+def make_disk(scratch: Scratch, disk: Path, size: int, fill: float,
+              seed: int) -> dict[str, Any]:
     """A thin image of ``size`` holding an ext4 file system of real files and random data."""
     disk.parent.mkdir(parents=True, exist_ok=True)
     with open(disk, "wb") as f:
@@ -262,8 +282,8 @@ def make_disk(scratch: Scratch, disk: Path, size: int, seed: int) -> dict[str, A
         "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", str(disk)])
     guest = scratch.work / "guest"
     scratch.mount(str(disk), guest, "-o", "loop")
-    info = fill_tree(guest, size, seed)
-    rnd = size * 10 // 100 // harness.PAGE * harness.PAGE
+    info = fill_tree(guest, size, fill, seed)
+    rnd = int(size * RANDOM) // harness.PAGE * harness.PAGE
     harness.log(f"  random.bin: {human_bytes(rnd)} of random bytes ...")
     write_random(guest / "random.bin", rnd, seed)
     st = os.statvfs(guest)
@@ -312,8 +332,7 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, int, str]
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                          check=False)
+    proc = run(argv, env)
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
@@ -353,7 +372,7 @@ class Race:
                         BORG_SECURITY_DIR=str(home / "security"))
         self.env.pop("CBT_PASSWORD", None)
         self.env.pop("CBT_PASSWORD_FILE", None)
-        self.full_scan = "--full-scan" in sh([cbt, "backup", "--help"], capture=True)
+        self.full_scan = "--full-scan" in sh([cbt, "backup", "--help"])
         self.commands: dict[str, str] = {}
 
     def vault(self, kind: str) -> Path:
@@ -401,12 +420,7 @@ class Race:
         return first
 
     def _borg_init(self) -> None:
-        proc = subprocess.run(["borg", "init", "-e", "repokey-blake2", str(self.borg_repo)],
-                              env=self.env, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, check=False)
-        if proc.returncode:
-            raise harness.BenchError(f"borg init exited {proc.returncode}: "
-                                     f"{proc.stderr.strip()[-500:]}")
+        sh(["borg", "init", "-e", "repokey-blake2", str(self.borg_repo)], self.env)
 
     def measure(self, tool: str, rnd: int) -> Run:
         repo = self.borg_repo if tool == "borg" else self.vault(
@@ -466,6 +480,12 @@ def _cmp(a: Path, b: Path) -> bool:
 
 # --------------------------------------------------------------------------- report
 
+def _source(said: dict[str, Any]) -> str:
+    """``fiemap``, or ``hash (--full-scan)`` with the reason of a fallback."""
+    reason = said.get("change_source_reason")
+    return str(said["change_source"]) + (f" ({reason})" if reason else "")
+
+
 def summarize(runs: list[Run]) -> list[dict[str, Any]]:
     rows = []
     tracked = harness.median([r.seconds for r in runs if r.tool == "tracked"])
@@ -474,8 +494,9 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
         if not mine:
             continue
         secs = [r.seconds for r in mine]
-        sources = sorted({str(r.said.get("change_source")) for r in mine
-                          if r.said.get("change_source")})
+        sources = sorted({_source(r.said) for r in mine if r.said.get("change_source")})
+        verified = [r.said["verified_blocks"] for r in mine
+                    if r.said.get("verified_blocks") is not None]
         said_read = [r.said["bytes_read"] for r in mine if r.said.get("bytes_read") is not None]
         rows.append({
             "tool": tool, "seconds": secs, "median": harness.median(secs),
@@ -485,6 +506,8 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
             "bytes_read_median": int(harness.median(said_read)) if said_read else None,
             "stored_median": int(harness.median([r.stored for r in mine])),
             "change_sources": sources,
+            "verified_median": int(harness.median(verified)) if verified else None,
+            "hint_mismatches": sum(r.said.get("hint_mismatches") or 0 for r in mine),
             "ratio": harness.median(secs) / tracked,
         })
     return rows
@@ -496,11 +519,13 @@ def human_report(res: dict[str, Any]) -> str:
         f"machine: {m['cpu_model']}, nproc {m['nproc']}, {human_bytes(m['memory'])} RAM, "
         f"Linux {m['kernel']}; load average before/after: "
         f"{harness.loadavg(m['loadavg_before'])} / {harness.loadavg(m['loadavg_after'])}",
-        f"software: cbt {m['cbt']} (Python {m['python']}), {m['borg']}",
+        f"software: cbt {m['cbt']} (Python {m['python']})"
+        + (f", {m['borg']}" if res["borg"] else "; borg not run (--no-borg)"),
         f"file system: XFS (reflink=1) on a loop device (direct I/O) backed by a sparse file "
         f"in {res['dir']}",
         f"disk: {human_bytes(d['size'])} thin image of an ext4 file system: {d['copies']} "
-        f"varied copies of {TREE} ({human_bytes(d['files_bytes'])} of files) and "
+        f"varied cop{'y' if d['copies'] == 1 else 'ies'} of {TREE} "
+        f"({human_bytes(d['files_bytes'])} of files) and "
         f"{human_bytes(d['random_bytes'])} of random bytes; {human_bytes(d['fs_used'])} used "
         f"in the guest, {human_bytes(d['allocated'])} allocated in the image",
         f"each round: {res['changed'][0]} of {d['size'] // BLOCK} blocks of "
@@ -508,23 +533,29 @@ def human_report(res: dict[str, Any]) -> str:
         f"each at a {SECTOR}-byte aligned offset (seed {res['seed']} + round); page cache "
         "dropped before every timed run; order rotating round by round",
         f"cbt: encrypted vaults ({res['encryption']}), snapshot reflink, default "
-        f"verify_fraction; borg: -e repokey-blake2, fixed {BLOCK}-byte chunks, --sparse, -C lz4",
+        "verify_fraction" + (f"; borg: -e repokey-blake2, fixed {BLOCK}-byte chunks, --sparse, "
+                             "-C lz4" if res["borg"] else ""),
         f"runs: median of {res['runs']}; whole-process wall clock",
     ]
     if not res["full_scan_flag"]:
         out.append("NOTE: this cbt has no --full-scan (change tracking not in it): the "
                    "'full-scan' run is the same command as the tracked one")
     rows = [["run", "median s", "min-max s", "cpu s", "GB/s", "cbt says read",
-             "read from storage", "stored", "change source", "ratio"]]
+             "read from storage", "stored", "change source", "verified", "ratio"]]
     for r in res["summary"]:
         rows.append([r["tool"], f"{r['median']:.2f}", f"{r['min']:.2f}-{r['max']:.2f}",
                      f"{r['cpu_median']:.2f}", f"{d['size'] / r['median'] / 1e9:.2f}",
                      "-" if r["bytes_read_median"] is None else
                      human_bytes(r["bytes_read_median"]),
                      human_bytes(r["inblock_median"]), human_bytes(r["stored_median"]),
-                     ",".join(r["change_sources"]) or "-",
+                     ", ".join(r["change_sources"]) or "-",
+                     "-" if r["verified_median"] is None else str(r["verified_median"]),
                      "" if r["tool"] == "tracked" else f"{r['ratio']:.2f}x"])
-    out += ["", *harness.table(rows, {1, 2, 3, 4, 5, 6, 7, 9})]
+    out += ["", *harness.table(rows, {1, 2, 3, 4, 5, 6, 7, 9, 10})]
+    lied = [r["tool"] for r in res["summary"] if r["hint_mismatches"]]
+    if lied:
+        out.append("hint mismatches (the change source missed a change: hash-scanned): "
+                   + ", ".join(lied))
     noisy = [r["tool"] for r in res["summary"] if r["spread"] > harness.NOISY]
     if noisy:
         out.append(f"noisy (max - min > {harness.NOISY:.0%} of the median): " + ", ".join(noisy))
@@ -541,19 +572,24 @@ def human_report(res: dict[str, Any]) -> str:
             f"vaults after the rounds: tracked {human_bytes(res['sizes']['tracked'])}, "
             f"full {human_bytes(res['sizes']['full'])}"
             + (f", borg {human_bytes(res['sizes']['borg'])}" if "borg" in res["sizes"] else ""),
+            "first backups (untimed in the table): " + ", ".join(
+                f"{k} {v:.1f} s" for k, v in res["first_backup_seconds"].items()),
             "", "ratio = run seconds / tracked seconds (> 1: tracked faster); GB/s = disk size "
             "/ median seconds; cbt says read = bytes_read; read from storage = ru_inblock of "
-            "the process and its workers; stored = growth of the vault/repository",
-            "", "commands (M = the XFS mount):"]
-    out += [f"  {k:<10} {v.replace(res['mnt'], 'M')}" for k, v in res["commands"].items()]
+            "the process and its workers; stored = growth of the vault/repository (median); "
+            "verified = verified_blocks (the sample of blocks the change source called "
+            "unchanged, re-hashed)",
+            "", f"commands (W = {res['dir']}, M = W/mnt, the XFS mount):"]
+    out += [f"  {k:<10} {v.replace(res['mnt'], 'M').replace(res['dir'], 'W')}"
+            for k, v in res["commands"].items()]
     return "\n".join(out)
 
 
 # --------------------------------------------------------------------------- main
 
-def need_bytes(size: int, borg: bool, check: bool) -> int:
+def need_bytes(size: int, fill: float, borg: bool, check: bool) -> int:
     """Host bytes at the peak: the image, the vaults and repository, a restore."""
-    alloc = int(size * (FILL + RANDOM + 0.04))
+    alloc = int(size * (fill + RANDOM + 0.04))
     repo = int(alloc * VAULT_SHARE)
     cow = 4 * size * CHANGED  # old and new extents of changed blocks, bases and rounds
     peak = alloc + 2 * repo + (repo if borg else 0) + int(cow)
@@ -571,10 +607,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true",
                    help="restore the last point of each vault and cmp it with its snapshot")
     p.add_argument("--seed", type=int, default=13, help="seed of the content and the changes")
+    p.add_argument("--fill", type=float, default=FILL,
+                   help=f"share of the disk filled with copies of {TREE} (default {FILL}; "
+                        f"{RANDOM} more is random bytes)")
     harness.add_output_options(p)
     args, size = harness.parse(p, argv)
     if size < (256 << 20) or size % BLOCK:
         p.error("--size must be a multiple of 16K, at least 256M")
+    if not 0.05 <= args.fill <= 0.8:
+        p.error("--fill must be from 0.05 to 0.8")
     if os.geteuid() != 0:
         p.error("run as root: it makes a loop device, mounts and drops the page cache")
     work = Path(args.dir).absolute()
@@ -592,13 +633,14 @@ def main(argv: list[str] | None = None) -> int:
                                      "or use --no-borg")
         cbt = harness.find_cbt(args.cbt)
         probe = work if work.exists() else work.parent
-        need, have = need_bytes(size, not args.no_borg, args.check), shutil.disk_usage(probe).free
+        need = need_bytes(size, args.fill, not args.no_borg, args.check)
+        have = shutil.disk_usage(probe).free
         harness.log(f"disk space at the peak: about {human_bytes(need)} "
                     f"({human_bytes(have)} free in {probe})")
         if need > have:
             raise harness.BenchError(
                 f"not enough space in {probe}: need about {human_bytes(need)}, "
-                f"{human_bytes(have)} free (lower --size, or --no-borg)")
+                f"{human_bytes(have)} free (lower --size or --fill, or --no-borg)")
         host = harness.machine({"borg": "-" if args.no_borg
                                 else harness.version_of(["borg", "--version"])})
         scratch.make_dir()
@@ -610,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         race = Race(args, scratch, cbt)
         scratch.mount(dev, race.mnt)
         harness.log(f"making the disk ({human_bytes(size)}) ...")
-        disk_info = make_disk(scratch, race.disk, size, args.seed)
+        disk_info = make_disk(scratch, race.disk, size, args.fill, args.seed)
         phases["make disk"] = time.perf_counter() - started
         t0 = time.perf_counter()
         first = race.setup()
@@ -632,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
         host["loadavg_after"] = list(os.getloadavg())
         result: dict[str, Any] = {
             "dir": str(work), "mnt": str(race.mnt), "size": size, "runs": args.runs,
-            "seed": args.seed, "encryption": "aes-256-gcm", "machine": host,
+            "seed": args.seed, "fill": args.fill, "borg": not args.no_borg,
+            "encryption": "aes-256-gcm", "machine": host,
             "full_scan_flag": race.full_scan, "disk": disk_info, "changed": changed,
             "first_backup_seconds": first, "summary": summary,
             "target": {"ratio": full["ratio"], "want": TARGET, "pass": full["ratio"] >= TARGET},
@@ -644,9 +687,11 @@ def main(argv: list[str] | None = None) -> int:
         harness.log(f"{harness.prog()}: {exc}")
         return 2
     except (KeyboardInterrupt, Interrupted) as exc:
-        harness.log(f"{harness.prog()}: interrupted ({exc or 'Ctrl-C'}); cleaning up")
+        harness.log(f"{harness.prog()}: interrupted ({str(exc) or 'Ctrl-C'}); cleaning up")
         return 130
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # let the cleanup finish
+            signal.signal(sig, signal.SIG_IGN)
         harness.log("cleaning up (unmount, detach the loop device, remove the files) ...")
         scratch.cleanup()
 
