@@ -229,6 +229,38 @@ def test_untrusted_bases_fall_back_to_a_hash_scan(site: Site) -> None:
     snaps.discard()
 
 
+
+@pytest.mark.root
+@pytest.mark.parametrize("absolute", [False, True])
+def test_a_disk_named_by_a_symbolic_link_is_snapshotted_and_tracked(site: Site,
+                                                                    absolute: bool) -> None:
+    """A VM's disk given as a link to its image (``vm.img -> images/os.img``): the
+    snapshot holds the image itself (a btrfs snapshot holds the link, which an
+    absolute link would lead back to the live disk), settle names its base, and the
+    next run is tracked against it."""
+    (site.dir / "images").mkdir()
+    real = site.dir / "images" / "os.img"
+    os.rename(site.disk, real)
+    link = site.dir / "vm.img"
+    os.symlink(real if absolute else Path("images") / "os.img", link)
+    site.disk = link
+    snaps = site.take()
+    assert not os.path.islink(snaps.read_paths["os"])
+    copy = site.dir.parent / f"{site.dir.name}.point"
+    shutil.copyfile(snaps.read_paths["os"], copy)
+    mutate(real, 1)  # the live disk, after the snapshot: the snapshot does not see it
+    assert changed_blocks(copy, snaps.read_paths["os"], PAGE) == set()
+    recorded = snaps.settle()["os"]
+    snaps.commit()
+    mutate(real, 2)
+    snaps = site.take()
+    assert_exact(site.changes(snaps, recorded), copy, snaps)
+    snaps.discard()
+    os.unlink(link)
+    os.rename(real, site.dir / "os.img")
+    (site.dir / "images").rmdir()
+
+
 @pytest.mark.root
 def test_a_resized_disk_is_hashed(site: Site) -> None:
     recorded, _ = site.run()

@@ -79,8 +79,9 @@ def _is_btrfs(path: str) -> bool:
 
 
 def btrfs_subvolume(path: str) -> str | None:
-    """The root of the btrfs subvolume holding ``path`` (None off btrfs)."""
-    p = Path(path).absolute()
+    """The root of the btrfs subvolume holding ``path`` (None off btrfs); a symbolic
+    link is followed: the subvolume is the one holding the image itself."""
+    p = Path(os.path.realpath(path))
     if not _is_btrfs(str(p)):
         return None
     d = p.parent if not p.is_dir() else p
@@ -417,5 +418,7 @@ def _take_btrfs(snaps: SnapshotSet, disks: dict[str, str], snapshot_dir: str | N
                             f"{r.stderr.strip() or r.returncode}")
     snaps.created.append(str(dst))
     for label, path in disks.items():
-        snaps.read_paths[label] = str(dst / os.path.relpath(path, subvol))
+        # the image itself, not a link to it: in the snapshot, a link (an absolute one
+        # leads back to the live disk) is neither a snapshot to read nor a base to identify
+        snaps.read_paths[label] = str(dst / os.path.relpath(os.path.realpath(path), subvol))
         snaps.bases[label] = (str(dst), str(where / f"{snaps.vm}.base"))
