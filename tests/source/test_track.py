@@ -280,3 +280,4 @@ def test_a_file_system_without_fiemap_is_an_error_then_a_hash_scan(tmp_path: Pat
         hint = snaps.changes("os", PAGE, 3 * PAGE, identify(str(base)))
         assert hint.source == "hash" and "FIEMAP" in str(hint.reason), hint
         assert str(base) in str(hint.reason)
+        assert "Errno" not in str(hint.reason), hint  # read in show and backup: words only

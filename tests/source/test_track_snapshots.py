@@ -226,6 +226,7 @@ def test_untrusted_bases_fall_back_to_a_hash_scan(site: Site) -> None:
     os.symlink(snaps.read_paths["os"], base)  # never followed
     hint = site.changes(snaps, recorded)
     assert hint.source == "hash" and "not a regular file" in str(hint.reason), hint
+    assert hint.reason == f"tracking base unusable: {base} is not a regular file", hint
     snaps.discard()
 
 

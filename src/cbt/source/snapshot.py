@@ -182,7 +182,7 @@ class SnapshotSet:
         try:
             now = identify(base_file, subvolume)
         except OSError as exc:
-            return ChangeHint.hash(_short(f"tracking base unusable: {exc}"))
+            return ChangeHint.hash(_short(f"tracking base unusable: {_words(exc)}"))
         reason = base_mismatch(recorded, now)
         if reason is not None:
             return ChangeHint.hash(reason)
@@ -192,7 +192,7 @@ class SnapshotSet:
             ranges = changed_ranges(base_file, self.read_paths[label], block_size)
             again = identify(base_file, subvolume)  # not swapped while it was mapped
         except OSError as exc:
-            return ChangeHint.hash(_short(str(exc)))
+            return ChangeHint.hash(_short(_words(exc)))
         if again != now:
             return ChangeHint.hash("base changed")
         return ChangeHint("fiemap", tuple(ranges))
@@ -260,6 +260,13 @@ def base_mismatch(recorded: TrackingBase, now: TrackingBase) -> str | None:
             now.size, now.ctime_ns, now.mtime_ns):
         return "base changed"
     return None
+
+
+def _words(exc: OSError) -> str:
+    """An error as a reason reads in ``show``: its words and file, no ``[Errno N]``."""
+    if not exc.strerror:
+        return str(exc)
+    return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
 
 
 def _short(text: str) -> str:
