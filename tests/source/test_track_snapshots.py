@@ -262,6 +262,35 @@ def test_a_disk_named_by_a_symbolic_link_is_snapshotted_and_tracked(site: Site,
     (site.dir / "images").rmdir()
 
 
+
+@pytest.mark.root
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_link_planted_at_the_base_is_replaced_never_followed(site: Site, keep: bool) -> None:
+    """A symbolic link where the base goes, to a folder (on btrfs a subvolume): settle
+    replaces the link; what it leads to stays whole (removing the base followed the
+    link and deleted the subvolume it named)."""
+    victim = site.dir / "victim"
+    if site.kind == "btrfs":
+        btrfs("subvolume", "create", str(victim))
+    else:
+        victim.mkdir()
+    (victim / "data").write_bytes(b"precious")
+    base = site.base_file() if site.kind != "btrfs" else site.base_file().parent
+    base.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(victim, base)
+    try:
+        recorded, copy = site.run(keep)
+        assert (victim / "data").read_bytes() == b"precious"
+        assert not base.is_symlink()
+        mutate(site.disk, 3)
+        snaps = site.take()
+        assert_exact(site.changes(snaps, recorded), copy, snaps)
+        snaps.discard()
+    finally:
+        if site.kind == "btrfs" and victim.exists():
+            btrfs("subvolume", "delete", str(victim))
+
+
 @pytest.mark.root
 def test_a_resized_disk_is_hashed(site: Site) -> None:
     recorded, _ = site.run()

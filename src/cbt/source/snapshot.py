@@ -345,10 +345,15 @@ def is_snapshot_file(path: object, vm: str) -> bool:
 
 
 def remove_snapshot(path: str) -> None:
-    """Remove a snapshot file, or a (btrfs subvolume) directory."""
+    """Remove a snapshot file, or a (btrfs subvolume) directory.  A symbolic link is
+    removed itself, never followed (to a subvolume it would delete, or a folder)."""
     p = Path(path)
-    if p.is_dir():
-        if p.stat().st_ino == BTRFS_SUBVOL_INODE and shutil.which("btrfs"):
+    try:
+        st = p.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if st.st_ino == BTRFS_SUBVOL_INODE and shutil.which("btrfs"):
             subprocess.run(["btrfs", "subvolume", "delete", str(p)], capture_output=True,
                            check=False)
         if p.exists():
