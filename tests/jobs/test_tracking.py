@@ -99,6 +99,8 @@ def test_change_tracking_hash_scans(tmp_path: Path) -> None:
         mutate(site.disk, 1)
         line, copy = site.point()
         assert line["disks"][0]["change_source"] == "hash"
+        # why, in the words of the config (no --full-scan was given)
+        assert line["disks"][0]["change_source_reason"] == 'change_tracking = "hash"'
         assert line["disks"][0]["bytes_read"] >= SIZE - MIB  # all but the hole
         site.restores(line, copy)
 
