@@ -259,7 +259,7 @@ def test_a_disk_named_by_a_symbolic_link_is_snapshotted_and_tracked(site: Site,
     snaps.discard()
     os.unlink(link)
     os.rename(real, site.dir / "os.img")
-    (site.dir / "images").rmdir()
+    shutil.rmtree(site.dir / "images")  # (on XFS the snapshots and base went beside the image)
 
 
 
@@ -289,6 +289,30 @@ def test_a_link_planted_at_the_base_is_replaced_never_followed(site: Site, keep:
     finally:
         if site.kind == "btrfs" and victim.exists():
             btrfs("subvolume", "delete", str(victim))
+
+
+
+@pytest.mark.root
+def test_a_link_from_another_file_system_snapshots_where_the_image_lies(
+        site: Site, tmp_path: Path) -> None:
+    """A disk named by a link on a file system that cannot clone (here ext4 or the like),
+    leading to an image on XFS or btrfs: ``auto`` snapshots the image where it lies, as
+    it would the image named directly (it read the live disk: the clone was tried beside
+    the link)."""
+    from cbt.source.snapshot import resolve_provider
+
+    link = tmp_path / "os.img"
+    os.symlink(site.disk, link)
+    providers = resolve_provider("auto", VM, {"os": str(link)}, None)
+    assert providers == {"os": site.provider}
+    snaps = take(VM, job_id(1), {"os": str(link)}, providers, None)
+    try:
+        assert Path(snaps.read_paths["os"]).parent == site.snapdir / (
+            f"{VM}.{job_id(1)}" if site.kind == "btrfs" else "")
+    finally:
+        snaps.discard()
+    assert not (tmp_path / ".cbt-snapshots" / VM).exists() or not any(
+        (tmp_path / ".cbt-snapshots" / VM).iterdir())
 
 
 @pytest.mark.root

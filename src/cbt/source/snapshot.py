@@ -108,7 +108,10 @@ def _can_reflink(path: str, snap_dir: Path) -> bool:
 
 
 def snapshot_dir_for(disk: str, vm: str, configured: str | None) -> Path:
-    base = Path(configured) if configured else Path(disk).parent / SNAPSHOT_DIR
+    """Where a VM's snapshots of ``disk`` go: the configured folder, else beside the
+    image (a link followed: a clone can only be made on the image's file system)."""
+    base = (Path(configured) if configured else
+            Path(os.path.realpath(disk)).parent / SNAPSHOT_DIR)
     return base / vm
 
 
