@@ -17,7 +17,7 @@ import pytest
 from helpers import MIB
 from helpers.cli import cbt_json, crash_env, start_cbt
 from helpers.images import assert_same_disk
-from helpers.jobs import backup_config, job_config
+from helpers.jobs import backup_config, job_config, write_config
 from helpers.system import loop_fs
 from helpers.tracking import btrfs, make_tracked_disk, mutate
 from helpers.vaults import init_cli_vault
@@ -99,6 +99,8 @@ def test_change_tracking_hash_scans(tmp_path: Path) -> None:
         mutate(site.disk, 1)
         line, copy = site.point()
         assert line["disks"][0]["change_source"] == "hash"
+        # why, in the words of the config (no --full-scan was given)
+        assert line["disks"][0]["change_source_reason"] == 'change_tracking = "hash"'
         assert line["disks"][0]["bytes_read"] >= SIZE - MIB  # all but the hole
         site.restores(line, copy)
 
@@ -122,6 +124,47 @@ def test_kills_at_every_durable_step_lose_no_change(tmp_path: Path, kind: str) -
     with loop_fs(tmp_path, kind) as mnt:
         try:
             site = Site(kind, mnt, tmp_path)
+            site.point()
+            steps = _count_steps(site)
+            assert steps > 3
+            for step in range(1, steps + 1):
+                mutate(site.disk, 100 + step, writes=10, punches=1)
+                proc = start_cbt("backup", "--config", site.cfg, "--json",
+                                 env={**(site.env or {}), **crash_env(step, tmp_path)})
+                proc.communicate(timeout=120)
+                assert proc.returncode == -signal.SIGKILL, (step, proc.returncode)
+                mutate(site.disk, 200 + step, writes=3, punches=0)
+                line, copy = site.point()
+                site.restores(line, copy)
+                copy.unlink()
+        finally:
+            if kind == "btrfs":
+                _clear_btrfs(mnt)
+
+
+class KeptSite(Site):
+    """A site whose policy keeps every snapshot (instant restore), its vault encrypted."""
+
+    def __init__(self, kind: str, mnt: Path, root: Path) -> None:
+        super().__init__(kind, mnt, root, encrypted=True)
+        write_config(self.cfg, {"daily": {"schedule": "daily 02:00",
+                                          "instant_restore_days": 2}},
+                     {"web": {"policy": "daily", "disks": {"os": str(self.disk)},
+                              "block_size": "16K",
+                              "snapshot": "btrfs" if self.kind == "btrfs" else "reflink"}},
+                     vault=str(self.vault))
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["xfs", "btrfs"])
+def test_kills_with_kept_snapshots_and_encryption_lose_no_change(tmp_path: Path,
+                                                                 kind: str) -> None:
+    """The same with an encrypted vault and instant restore: the base is then a second
+    clone of the kept snapshot, made under a temporary name (recover removes it)."""
+    with loop_fs(tmp_path, kind) as mnt:
+        try:
+            site = KeptSite(kind, mnt, tmp_path)
             site.point()
             steps = _count_steps(site)
             assert steps > 3

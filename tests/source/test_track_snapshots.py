@@ -226,7 +226,93 @@ def test_untrusted_bases_fall_back_to_a_hash_scan(site: Site) -> None:
     os.symlink(snaps.read_paths["os"], base)  # never followed
     hint = site.changes(snaps, recorded)
     assert hint.source == "hash" and "not a regular file" in str(hint.reason), hint
+    assert hint.reason == f"tracking base unusable: {base} is not a regular file", hint
     snaps.discard()
+
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("absolute", [False, True])
+def test_a_disk_named_by_a_symbolic_link_is_snapshotted_and_tracked(site: Site,
+                                                                    absolute: bool) -> None:
+    """A VM's disk given as a link to its image (``vm.img -> images/os.img``): the
+    snapshot holds the image itself (a btrfs snapshot holds the link, which an
+    absolute link would lead back to the live disk), settle names its base, and the
+    next run is tracked against it."""
+    (site.dir / "images").mkdir()
+    real = site.dir / "images" / "os.img"
+    os.rename(site.disk, real)
+    link = site.dir / "vm.img"
+    os.symlink(real if absolute else Path("images") / "os.img", link)
+    site.disk = link
+    snaps = site.take()
+    assert not os.path.islink(snaps.read_paths["os"])
+    copy = site.dir.parent / f"{site.dir.name}.point"
+    shutil.copyfile(snaps.read_paths["os"], copy)
+    mutate(real, 1)  # the live disk, after the snapshot: the snapshot does not see it
+    assert changed_blocks(copy, snaps.read_paths["os"], PAGE) == set()
+    recorded = snaps.settle()["os"]
+    snaps.commit()
+    mutate(real, 2)
+    snaps = site.take()
+    assert_exact(site.changes(snaps, recorded), copy, snaps)
+    snaps.discard()
+    os.unlink(link)
+    os.rename(real, site.dir / "os.img")
+    shutil.rmtree(site.dir / "images")  # (on XFS the snapshots and base went beside the image)
+
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_link_planted_at_the_base_is_replaced_never_followed(site: Site, keep: bool) -> None:
+    """A symbolic link where the base goes, to a folder (on btrfs a subvolume): settle
+    replaces the link; what it leads to stays whole (removing the base followed the
+    link and deleted the subvolume it named)."""
+    victim = site.dir / "victim"
+    if site.kind == "btrfs":
+        btrfs("subvolume", "create", str(victim))
+    else:
+        victim.mkdir()
+    (victim / "data").write_bytes(b"precious")
+    base = site.base_file() if site.kind != "btrfs" else site.base_file().parent
+    base.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(victim, base)
+    try:
+        recorded, copy = site.run(keep)
+        assert (victim / "data").read_bytes() == b"precious"
+        assert not base.is_symlink()
+        mutate(site.disk, 3)
+        snaps = site.take()
+        assert_exact(site.changes(snaps, recorded), copy, snaps)
+        snaps.discard()
+    finally:
+        if site.kind == "btrfs" and victim.exists():
+            btrfs("subvolume", "delete", str(victim))
+
+
+
+@pytest.mark.root
+def test_a_link_from_another_file_system_snapshots_where_the_image_lies(
+        site: Site, tmp_path: Path) -> None:
+    """A disk named by a link on a file system that cannot clone (here ext4 or the like),
+    leading to an image on XFS or btrfs: ``auto`` snapshots the image where it lies, as
+    it would the image named directly (it read the live disk: the clone was tried beside
+    the link)."""
+    from cbt.source.snapshot import resolve_provider
+
+    link = tmp_path / "os.img"
+    os.symlink(site.disk, link)
+    providers = resolve_provider("auto", VM, {"os": str(link)}, None)
+    assert providers == {"os": site.provider}
+    snaps = take(VM, job_id(1), {"os": str(link)}, providers, None)
+    try:
+        assert Path(snaps.read_paths["os"]).parent == site.snapdir / (
+            f"{VM}.{job_id(1)}" if site.kind == "btrfs" else "")
+    finally:
+        snaps.discard()
+    assert not (tmp_path / ".cbt-snapshots" / VM).exists() or not any(
+        (tmp_path / ".cbt-snapshots" / VM).iterdir())
 
 
 @pytest.mark.root

@@ -289,8 +289,8 @@ class Job:
             executor=request.executor, point_id=self.point_id, warnings=self.warnings,
             slot=request.slot, before_commit=self.post_hook,
             ignore_stop_signals=request.finish_on_stop_signal,
-            full_scan=request.full_scan or vmc.change_tracking == "hash",
-            verify_fraction=vmc.verify_fraction, changes=partial(_changes, snaps),
+            full_scan=request.full_scan, verify_fraction=vmc.verify_fraction,
+            changes=partial(_changes, snaps, vmc.change_tracking == "hash"),
             settle=partial(snaps.settle, keep=self.keep)))
 
     @property
@@ -342,10 +342,13 @@ class Job:
             save_job(self.vault, rec)
 
 
-def _changes(snaps: SnapshotSet, label: str, parent: DiskRecord | None, block_size: int,
-             size: int) -> ChangeHint:
+def _changes(snaps: SnapshotSet, hash_only: bool, label: str, parent: DiskRecord | None,
+             block_size: int, size: int) -> ChangeHint:
     """What the snapshots say changed in disk ``label`` since its previous point ``parent``
-    (the tracking base that point recorded; None: no previous point)."""
+    (the tracking base that point recorded; None: no previous point); every block, said
+    so, for a VM whose config says ``change_tracking = "hash"``."""
+    if hash_only:
+        return ChangeHint.hash('change_tracking = "hash"')
     recorded = TrackingBase.from_json(parent.tracking_base) if parent is not None else None
     return snaps.changes(label, block_size, size, recorded)
 

@@ -79,8 +79,9 @@ def _is_btrfs(path: str) -> bool:
 
 
 def btrfs_subvolume(path: str) -> str | None:
-    """The root of the btrfs subvolume holding ``path`` (None off btrfs)."""
-    p = Path(path).absolute()
+    """The root of the btrfs subvolume holding ``path`` (None off btrfs); a symbolic
+    link is followed: the subvolume is the one holding the image itself."""
+    p = Path(os.path.realpath(path))
     if not _is_btrfs(str(p)):
         return None
     d = p.parent if not p.is_dir() else p
@@ -107,7 +108,10 @@ def _can_reflink(path: str, snap_dir: Path) -> bool:
 
 
 def snapshot_dir_for(disk: str, vm: str, configured: str | None) -> Path:
-    base = Path(configured) if configured else Path(disk).parent / SNAPSHOT_DIR
+    """Where a VM's snapshots of ``disk`` go: the configured folder, else beside the
+    image (a link followed: a clone can only be made on the image's file system)."""
+    base = (Path(configured) if configured else
+            Path(os.path.realpath(disk)).parent / SNAPSHOT_DIR)
     return base / vm
 
 
@@ -181,7 +185,7 @@ class SnapshotSet:
         try:
             now = identify(base_file, subvolume)
         except OSError as exc:
-            return ChangeHint.hash(_short(f"tracking base unusable: {exc}"))
+            return ChangeHint.hash(_short(f"tracking base unusable: {_words(exc)}"))
         reason = base_mismatch(recorded, now)
         if reason is not None:
             return ChangeHint.hash(reason)
@@ -191,7 +195,7 @@ class SnapshotSet:
             ranges = changed_ranges(base_file, self.read_paths[label], block_size)
             again = identify(base_file, subvolume)  # not swapped while it was mapped
         except OSError as exc:
-            return ChangeHint.hash(_short(str(exc)))
+            return ChangeHint.hash(_short(_words(exc)))
         if again != now:
             return ChangeHint.hash("base changed")
         return ChangeHint("fiemap", tuple(ranges))
@@ -259,6 +263,13 @@ def base_mismatch(recorded: TrackingBase, now: TrackingBase) -> str | None:
             now.size, now.ctime_ns, now.mtime_ns):
         return "base changed"
     return None
+
+
+def _words(exc: OSError) -> str:
+    """An error as a reason reads in ``show``: its words and file, no ``[Errno N]``."""
+    if not exc.strerror:
+        return str(exc)
+    return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
 
 
 def _short(text: str) -> str:
@@ -337,10 +348,15 @@ def is_snapshot_file(path: object, vm: str) -> bool:
 
 
 def remove_snapshot(path: str) -> None:
-    """Remove a snapshot file, or a (btrfs subvolume) directory."""
+    """Remove a snapshot file, or a (btrfs subvolume) directory.  A symbolic link is
+    removed itself, never followed (to a subvolume it would delete, or a folder)."""
     p = Path(path)
-    if p.is_dir():
-        if p.stat().st_ino == BTRFS_SUBVOL_INODE and shutil.which("btrfs"):
+    try:
+        st = p.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if st.st_ino == BTRFS_SUBVOL_INODE and shutil.which("btrfs"):
             subprocess.run(["btrfs", "subvolume", "delete", str(p)], capture_output=True,
                            check=False)
         if p.exists():
@@ -417,5 +433,7 @@ def _take_btrfs(snaps: SnapshotSet, disks: dict[str, str], snapshot_dir: str | N
                             f"{r.stderr.strip() or r.returncode}")
     snaps.created.append(str(dst))
     for label, path in disks.items():
-        snaps.read_paths[label] = str(dst / os.path.relpath(path, subvol))
+        # the image itself, not a link to it: in the snapshot, a link (an absolute one
+        # leads back to the live disk) is neither a snapshot to read nor a base to identify
+        snaps.read_paths[label] = str(dst / os.path.relpath(os.path.realpath(path), subvol))
         snaps.bases[label] = (str(dst), str(where / f"{snaps.vm}.base"))
