@@ -4,8 +4,8 @@ Driven by hint files (``--changed-ranges``; the API's ``hints``): real sparse
 files on the test's file system, plain and encrypted vaults, every point
 restored and compared byte for byte with the copy kept of the disk when it was
 backed up.  The expected bytes read are computed here from the documented
-rules (hint ranges, the rotating sample of previously-DATA blocks, holes of the
-previous point), with numpy and SEEK_DATA, never with cbt.
+rules (hint ranges, the rotating sample of blocks the previous point held as
+DATA or ZERO, holes of the previous point), with numpy and SEEK_DATA, never with cbt.
 """
 
 from __future__ import annotations
@@ -114,8 +114,9 @@ def _turn(block: int, seq: int, period: int) -> bool:
 
 def _sample(prev_data: np.ndarray, alloc: np.ndarray, changed: np.ndarray, seq: int,
             fraction: float) -> np.ndarray:
-    """The documented sample: previously-DATA, allocated now, not called changed, and the
-    block's turn: (scramble(block // RUN) % p + seq) % p == 0, p = ceil(1/fraction)."""
+    """The documented sample: held by the previous point (DATA or ZERO), allocated now, not
+    called changed, and the block's turn: (scramble(block // RUN) % p + seq) % p == 0,
+    p = ceil(1/fraction)."""
     if fraction == 0:
         return np.zeros(len(alloc), dtype=bool)
     period = math.ceil(1 / fraction)
@@ -444,4 +445,23 @@ def test_a_source_ranges_unsorted_and_overlapping_lose_nothing(tmp_path: Path) -
     h.kept.append((p.id, h.disk.read_bytes()))
     d = p.disks[0]
     assert (d.change_source, d.changed_blocks, d.bytes_read) == ("fiemap", 6, 8 * BS)
+    h.check_all()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_lie_over_allocated_zero_blocks_is_caught(tmp_path: Path, encrypted: bool) -> None:
+    """A thick disk: blocks written with zeros are allocated ZERO blocks, not holes.  A write
+    into one that the hint omits is caught by the sample like any other (it is read)."""
+    h = History(tmp_path, encrypted)
+    _write(h.disk, 0, bytes(30 * BS))  # blocks 0-29: allocated, all zeros
+    first = h.backup()
+    assert first.disks[0].bytes_read == int(data_block_mask(h.disk, BS).sum()) * BS
+    _write(h.disk, 12 * BS + 3, b"secret")  # into a ZERO block; the hint names block 100
+    _write(h.disk, 100 * BS, os.urandom(BS))
+    p = h.backup(hints={"d": _hint(tmp_path / "lie.json", [(100 * BS, BS)])},
+                 verify_fraction=1.0)
+    d = p.disks[0]
+    assert (d.change_source, d.change_source_reason) == ("hash", "hint mismatch at block 12")
+    assert d.hint_mismatches == 1
+    assert d.verified_blocks == int(data_block_mask(h.disk, BS).sum()) - 1  # all but block 100
     h.check_all()

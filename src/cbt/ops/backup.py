@@ -415,19 +415,20 @@ def _tracked_rows(d: PlannedDisk, previous: Manifest, fraction: float) -> Tracke
 
     The hint's ranges, every block the previous point holds no row for (a hole
     then), and the verification sample: of the blocks the source calls
-    unchanged that were DATA, those of this run's turn in the rotation.
+    unchanged that the previous point held (DATA or ZERO: an allocated block of
+    zeros is read like any other, so a write into it cannot hide), those of
+    this run's turn in the rotation.
     """
     alloc = d.rows
     prev_rows = previous.rows
     if len(prev_rows):
         pos = np.minimum(np.searchsorted(prev_rows, alloc), len(prev_rows) - 1)
         held = prev_rows[pos] == alloc
-        was_data = held & (previous.row_flags[pos] == fast.FLAG_DATA)
     else:
         pos = np.zeros(len(alloc), dtype=np.intp)
-        held = was_data = np.zeros(len(alloc), dtype=bool)
+        held = np.zeros(len(alloc), dtype=bool)
     changed = _in_ranges(alloc, d.hint.ranges or ())
-    sample = was_data & ~changed & sample_mask(alloc, d.seq, fraction, d.block_size)
+    sample = held & ~changed & sample_mask(alloc, d.seq, fraction, d.block_size)
     read = changed | ~held | sample
     return TrackedRows(alloc=alloc, read=read, prev_pos=pos.astype(np.intp),
                        sample=np.nonzero(sample[read])[0])
