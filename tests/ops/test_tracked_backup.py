@@ -465,3 +465,42 @@ def test_a_lie_over_allocated_zero_blocks_is_caught(tmp_path: Path, encrypted: b
     assert d.hint_mismatches == 1
     assert d.verified_blocks == int(data_block_mask(h.disk, BS).sum()) - 1  # all but block 100
     h.check_all()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+@pytest.mark.parametrize("repaired", [False, True])
+def test_a_hint_is_not_applied_to_an_older_point_when_the_latest_is_lost(
+        tmp_path: Path, encrypted: bool, repaired: bool) -> None:
+    """A hint says what changed since the disk's latest point.  When that point's record is
+    damaged (or set aside by ``verify --repair``), the run follows an older point: the
+    hint, which knows nothing of the changes in between, must not be used."""
+    from cbt.ops.verify import repair
+
+    h = History(tmp_path, encrypted)
+    h.backup()
+    before = set(h.vault.storage.list("points"))
+    _write(h.disk, 50 * BS, os.urandom(BS))
+    h.backup(hints={"d": _hint(tmp_path / "h2.json", [(50 * BS, BS)])}, verify_fraction=0)
+    (latest,) = set(h.vault.storage.list("points")) - before
+    record = tmp_path / "vault" / latest
+    raw = bytearray(record.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    record.write_bytes(raw)
+    if repaired:
+        assert repair(h.vault).repair.records_quarantined == [latest]
+        assert h.vault.storage.list("points") == sorted(before)
+    _write(h.disk, 60 * BS, os.urandom(BS))
+    p = h.backup(hints={"d": _hint(tmp_path / "h3.json", [(60 * BS, BS)])}, verify_fraction=0)
+    d = p.disks[0]
+    assert d.change_source == "hash"
+    assert d.change_source_reason is not None and "is lost" in d.change_source_reason
+    assert d.bytes_read == int(data_block_mask(h.disk, BS).sum()) * BS
+    pid, truth = h.kept[-1]
+    assert h.restored(pid) == truth
+    # and the run after is tracked again: its previous point is the latest
+    _write(h.disk, 70 * BS, os.urandom(BS))
+    d = h.backup(hints={"d": _hint(tmp_path / "h4.json", [(70 * BS, BS)])},
+                 verify_fraction=0).disks[0]
+    assert (d.change_source, d.bytes_read) == ("hint-file", BS)
+    pid, truth = h.kept[-1]
+    assert h.restored(pid) == truth

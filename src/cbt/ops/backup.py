@@ -324,7 +324,8 @@ def plan(vault: Vault, request: BackupRequest) -> Plan:
     warnings = list(request.warnings)
     index = vault.load_index(warnings)
     prev = _latest_healthy(vault, request.vm, warnings)
-    disks = [_plan_disk(vault, request, prev, spec, warnings) for spec in request.disks]
+    lost = _newer_point_lost(vault, request.vm, prev, len(warnings) > len(request.warnings))
+    disks = [_plan_disk(vault, request, prev, spec, warnings, lost) for spec in request.disks]
     early = request.early
     if early is not None:
         # (its results live in shared memory: forked workers only; and its digests must
@@ -352,8 +353,46 @@ def _latest_healthy(vault: Vault, vm: str, warnings: list[str]) -> PointRecord |
     return prev
 
 
+def _newer_point_lost(vault: Vault, vm: str, prev: PointRecord | None,
+                      damage: bool) -> str | None:
+    """Why no change hint may be used against ``prev``: a point of the VM newer than it
+    was committed and is lost (its record damaged, or moved to ``quarantine/`` by
+    ``verify --repair``), so what a source says changed since the disk's latest point
+    says nothing of the changes between ``prev`` and that one.  None: ``prev`` is the
+    latest.  A record's point is known by its name (unencrypted vault), else by its
+    file's time against ``prev``'s record.  Costs nothing unless there is damage or
+    quarantine."""
+    import re
+
+    from cbt.format.records import id_order, is_point_id
+
+    quarantined = vault.storage.list("quarantine/points")
+    if prev is None or not (damage or quarantined):
+        return None
+    records, damaged = vault.scan_records()
+    since = vault.storage.stat(vault.point_name(prev.id)).mtime
+    newer = [r.id for r in records if r.vm == vm and not r.hidden
+             and (r.created, id_order(r.id)) > (prev.created, id_order(prev.id))]
+    for name in [d.name for d in damaged] + quarantined:
+        leaf = re.sub(r"\.json(\.[0-9]+)?$", "", name.rsplit("/", 1)[-1])  # (set aside: .N)
+        if vault.keys is None and is_point_id(leaf):
+            if leaf.startswith(vm + ".") and id_order(leaf) > id_order(prev.id):
+                newer.append(leaf)
+            continue
+        try:  # (a name that hides its point: by the file's time)
+            later = vault.storage.stat(name).mtime >= since
+        except OSError:
+            later = True
+        if later:
+            newer.append(name)
+    if not newer:
+        return None
+    return (f"a point newer than {prev.id} is lost ({newer[0]}): what the change source "
+            "says changed since the disk's latest point cannot be used")
+
+
 def _plan_disk(vault: Vault, request: BackupRequest, prev: PointRecord | None, spec: DiskSpec,
-               warnings: list[str]) -> PlannedDisk:
+               warnings: list[str], lost: str | None = None) -> PlannedDisk:
     parent = prev.disk(spec.label) if prev else None
     block_size = request.block_size
     bs = parent.block_size if parent else (block_size or DEFAULT_BACKUP_BLOCK_SIZE)
@@ -363,6 +402,8 @@ def _plan_disk(vault: Vault, request: BackupRequest, prev: PointRecord | None, s
                 f"disk {spec.label}: block size is fixed at {format_size(parent.block_size)} "
                 f"by its first backup; --block-size {format_size(block_size)} differs")
         hint = _choose_hint(request, spec.label, parent, bs, source.size)
+        if hint.tracked and lost is not None:
+            hint = ChangeHint.hash(lost)
         ranges = source.block_ranges(bs)
         rows = (np.concatenate([np.arange(lo, hi, dtype=np.uint64) for lo, hi in ranges])
                 if ranges else np.zeros(0, dtype=np.uint64))
