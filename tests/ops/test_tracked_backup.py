@@ -504,3 +504,16 @@ def test_a_hint_is_not_applied_to_an_older_point_when_the_latest_is_lost(
     assert (d.change_source, d.bytes_read) == ("hint-file", BS)
     pid, truth = h.kept[-1]
     assert h.restored(pid) == truth
+
+
+@pytest.mark.parametrize("fraction", [1e-19, 1e-300, 5e-324])
+def test_a_tiny_verify_fraction_checks_next_to_nothing(tmp_path: Path, fraction: float) -> None:
+    """Any fraction from 0 to 1 is valid: one too small for a period of 64 bits verifies
+    (next to) nothing, it does not crash the run."""
+    h = History(tmp_path, False)
+    h.backup()
+    _write(h.disk, 7 * BS, os.urandom(BS))
+    d = h.backup(hints={"d": _hint(tmp_path / "h.json", [(7 * BS, BS)])},
+                 verify_fraction=fraction).disks[0]
+    assert (d.change_source, d.verified_blocks, d.bytes_read) == ("hint-file", 0, BS)
+    h.check_all()

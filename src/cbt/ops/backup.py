@@ -508,7 +508,8 @@ def sample_mask(blocks: npt.NDArray[np.uint64], seq: int, fraction: float,
     """
     if fraction <= 0:
         return np.zeros(len(blocks), dtype=bool)
-    period = max(1, math.ceil(1 / fraction - 1e-9))
+    # (a fraction below 2**-62 is a period of 2**62: its turn comes next to never)
+    period = max(1, math.ceil(1 / fraction - 1e-9)) if fraction >= 2.0**-62 else 1 << 62
     if period == 1:
         return np.ones(len(blocks), dtype=bool)
     run = np.uint64(max(1, SAMPLE_RUN // block_size))
