@@ -517,3 +517,30 @@ def test_a_tiny_verify_fraction_checks_next_to_nothing(tmp_path: Path, fraction:
                  verify_fraction=fraction).disks[0]
     assert (d.change_source, d.verified_blocks, d.bytes_read) == ("hint-file", 0, BS)
     h.check_all()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_hint_is_not_applied_when_the_last_point_committed_is_not_the_latest(
+        tmp_path: Path, encrypted: bool) -> None:
+    """A point committed with a time before the VM's latest (``--now``, a clock set back)
+    is not the run's previous point, though its hint was since that one: no hint is used
+    until the previous point is the one committed last."""
+    h = History(tmp_path, encrypted)
+
+    def run(at: str, write: int) -> DiskRecord:
+        _write(h.disk, write * BS, os.urandom(BS))
+        hint = _hint(tmp_path / f"h{write}.json", [(write * BS, BS)])
+        p = h.vault.backup("vm", [f"d={h.disk}"], block_size=BS, workers=1, created=at,
+                           hints={"d": hint}, verify_fraction=0)
+        h.kept.append((p.id, h.disk.read_bytes()))
+        return p.disks[0]
+
+    run("2024-01-01T00:00:01Z", 10)
+    assert run("2024-01-01T00:00:09Z", 50).change_source == "hint-file"
+    back = run("2024-01-01T00:00:05Z", 60)  # (its previous point: the one at :09)
+    assert (back.change_source, back.bytes_read) == ("hint-file", BS)
+    d = run("2024-01-01T00:00:10Z", 70)  # follows :09 (the latest), its hint is since :05
+    assert d.change_source == "hash"
+    assert d.change_source_reason is not None and "committed after" in d.change_source_reason
+    assert run("2024-01-01T00:00:11Z", 80).change_source == "hint-file"
+    h.check_all()

@@ -324,7 +324,9 @@ def plan(vault: Vault, request: BackupRequest) -> Plan:
     warnings = list(request.warnings)
     index = vault.load_index(warnings)
     prev = _latest_healthy(vault, request.vm, warnings)
-    lost = _newer_point_lost(vault, request.vm, prev, len(warnings) > len(request.warnings))
+    lost = (_newer_point_lost(vault, request.vm, prev, len(warnings) > len(request.warnings))
+            if (request.hints or request.changes is not None) and not request.full_scan
+            else None)
     disks = [_plan_disk(vault, request, prev, spec, warnings, lost) for spec in request.disks]
     early = request.early
     if early is not None:
@@ -355,21 +357,27 @@ def _latest_healthy(vault: Vault, vm: str, warnings: list[str]) -> PointRecord |
 
 def _newer_point_lost(vault: Vault, vm: str, prev: PointRecord | None,
                       damage: bool) -> str | None:
-    """Why no change hint may be used against ``prev``: a point of the VM newer than it
-    was committed and is lost (its record damaged, or moved to ``quarantine/`` by
-    ``verify --repair``), so what a source says changed since the disk's latest point
-    says nothing of the changes between ``prev`` and that one.  None: ``prev`` is the
-    latest.  A record's point is known by its name (unencrypted vault), else by its
-    file's time against ``prev``'s record.  Costs nothing unless there is damage or
-    quarantine."""
+    """Why no change hint may be used against ``prev``: a point of the VM was committed
+    after it, so what a source says changed since the disk's latest point says nothing
+    of the changes between ``prev`` and that one.  That point is based on ``prev`` but
+    created before it (``--now``, a clock set back), or is lost (its record damaged, or
+    moved to ``quarantine/`` by ``verify --repair``).  None: ``prev`` is the last point
+    committed.  A lost record's point is known by its name (unencrypted vault), else by
+    its file's time against ``prev``'s record."""
     import re
 
     from cbt.format.records import id_order, is_point_id
 
-    quarantined = vault.storage.list("quarantine/points")
-    if prev is None or not (damage or quarantined):
+    if prev is None:
         return None
     records, damaged = vault.scan_records()
+    after = [r.id for r in records if r.parent == prev.id]
+    if after:
+        return (f"point {after[0]} was committed after {prev.id} (created before it): what "
+                "the change source says changed since the disk's latest point cannot be used")
+    quarantined = vault.storage.list("quarantine/points")
+    if not (damage or quarantined):
+        return None
     since = vault.storage.stat(vault.point_name(prev.id)).mtime
     newer = [r.id for r in records if r.vm == vm and not r.hidden
              and (r.created, id_order(r.id)) > (prev.created, id_order(prev.id))]
