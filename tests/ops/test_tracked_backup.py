@@ -544,3 +544,22 @@ def test_a_hint_is_not_applied_when_the_last_point_committed_is_not_the_latest(
     assert d.change_source_reason is not None and "committed after" in d.change_source_reason
     assert run("2024-01-01T00:00:11Z", 80).change_source == "hint-file"
     h.check_all()
+
+
+@pytest.mark.xfail(strict=True, reason="open (issue 13 review): a tracked disk copies the "
+                   "previous point's digests without looking them up in the index, so a block "
+                   "repair found damaged is not stored again as a hash scan would store it")
+def test_a_block_the_vault_lost_is_stored_again_by_a_tracked_run(tmp_path: Path) -> None:
+    from cbt.ops.verify import repair
+
+    h = History(tmp_path, False)
+    h.backup()
+    (pack,) = [p for p in (tmp_path / "vault" / "packs").rglob("*") if p.is_file()]
+    raw = bytearray(pack.read_bytes())
+    raw[200] ^= 1  # inside the first blob: repair drops that block from the index
+    pack.write_bytes(raw)
+    assert repair(h.vault).repair.blobs_damaged == 1
+    _write(h.disk, 7 * BS, os.urandom(BS))
+    h.backup(hints={"d": _hint(tmp_path / "h.json", [(7 * BS, BS)])}, verify_fraction=0)
+    pid, truth = h.kept[-1]
+    assert h.restored(pid) == truth  # the disk was readable: the new point must restore
