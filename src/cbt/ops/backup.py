@@ -392,7 +392,7 @@ def _newer_point_lost(vault: Vault, vm: str, prev: PointRecord | None,
         except OSError:
             later = True
         if later:
-            newer.append(name)
+            newer.append("a point record set aside or damaged")
     if not newer:
         return None
     return (f"a point newer than {prev.id} is lost ({newer[0]}): what the change source "
