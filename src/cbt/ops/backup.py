@@ -378,7 +378,10 @@ def _newer_point_lost(vault: Vault, vm: str, prev: PointRecord | None,
     quarantined = vault.storage.list("quarantine/points")
     if not (damage or quarantined):
         return None
-    since = vault.storage.stat(vault.point_name(prev.id)).mtime
+    try:
+        since = vault.storage.stat(vault.point_name(prev.id)).mtime
+    except OSError:
+        since = -math.inf  # (every record that hides its point counts as newer)
     newer = [r.id for r in records if r.vm == vm and not r.hidden
              and (r.created, id_order(r.id)) > (prev.created, id_order(prev.id))]
     for name in [d.name for d in damaged] + quarantined:
