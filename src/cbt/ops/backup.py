@@ -1006,6 +1006,12 @@ def verify_hints(vault: Vault, request: BackupRequest, planned: Plan) -> list[Sh
                 f"({d.hint.reason}; {d.hint_mismatches} of {d.verified_blocks} verified "
                 "blocks differ): hash-scanned the disk")
             _read_the_rest(d)
+        elif d.tracked is not None and _sample_lost(d, planned.index):
+            lied.append(k)
+            planned.warnings.append(
+                f"disk {d.spec.label}: {d.hint.reason} (damaged, set aside by repair?): "
+                "hash-scanned the disk, so every block the vault lacks is stored again")
+            _read_the_rest(d)
     if not lied:
         return []
     workers = request.workers or default_workers()
@@ -1035,6 +1041,23 @@ def _sample_lied(d: PlannedDisk, previous: Manifest) -> bool:
         return False
     first = int(d.rows[t.sample[int(np.argmax(differ))]])
     d.hint = ChangeHint.hash(f"hint mismatch at block {first}")
+    return True
+
+
+def _sample_lost(d: PlannedDisk, index: index_mod.Index) -> bool:
+    """Whether a DATA block of the sample (unchanged: the previous point holds it) is
+    missing from the vault's index: the vault lost blocks of the previous point, which a
+    tracked disk would copy, unseen, into the new one (a hash scan stores them again)."""
+    t = d.tracked
+    assert t is not None
+    at = t.sample[d.flags[t.sample] == fast.FLAG_DATA]
+    if not len(at):
+        return False
+    missing = index.lookup(np.ascontiguousarray(d.digests[at])) < 0
+    if not missing.any():
+        return False
+    first = int(d.rows[at[int(np.argmax(missing))]])
+    d.hint = ChangeHint.hash(f"block {first} of the previous point missing from the vault")
     return True
 
 
