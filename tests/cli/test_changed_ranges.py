@@ -162,6 +162,9 @@ def test_hint_file_arguments(tmp_path: Path) -> None:
     missing = tmp_path / "missing.json"
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
+    huge = tmp_path / "huge.json"  # sparse: refused by its size, never read
+    with open(huge, "wb") as f:
+        f.truncate(2 << 40)
     for args, what in [
         (["--changed-ranges", f"x={hint}"], "'x'"),
         (["--changed-ranges", f"d={hint}", "--changed-ranges", f"d={hint}"], "two hint files"),
@@ -169,6 +172,7 @@ def test_hint_file_arguments(tmp_path: Path) -> None:
         (["--changed-ranges", f"d={missing}"], str(missing)),
         (["--changed-ranges", f"d={fifo}"], "not a regular file"),
         (["--changed-ranges", f"d={tmp_path}"], str(tmp_path)),
+        (["--changed-ranges", f"d={huge}"], "larger than"),
     ]:
         line = one_error_line(cbt("backup", vault, "--vm", "vm", f"d={disk}", *args))
         assert what in line, (args, line)

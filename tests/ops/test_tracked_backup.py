@@ -4,8 +4,8 @@ Driven by hint files (``--changed-ranges``; the API's ``hints``): real sparse
 files on the test's file system, plain and encrypted vaults, every point
 restored and compared byte for byte with the copy kept of the disk when it was
 backed up.  The expected bytes read are computed here from the documented
-rules (hint ranges, the rotating sample of previously-DATA blocks, holes of the
-previous point), with numpy and SEEK_DATA, never with cbt.
+rules (hint ranges, the rotating sample of blocks the previous point held as
+DATA or ZERO, holes of the previous point), with numpy and SEEK_DATA, never with cbt.
 """
 
 from __future__ import annotations
@@ -114,8 +114,9 @@ def _turn(block: int, seq: int, period: int) -> bool:
 
 def _sample(prev_data: np.ndarray, alloc: np.ndarray, changed: np.ndarray, seq: int,
             fraction: float) -> np.ndarray:
-    """The documented sample: previously-DATA, allocated now, not called changed, and the
-    block's turn: (scramble(block // RUN) % p + seq) % p == 0, p = ceil(1/fraction)."""
+    """The documented sample: held by the previous point (DATA or ZERO), allocated now, not
+    called changed, and the block's turn: (scramble(block // RUN) % p + seq) % p == 0,
+    p = ceil(1/fraction)."""
     if fraction == 0:
         return np.zeros(len(alloc), dtype=bool)
     period = math.ceil(1 / fraction)
@@ -445,3 +446,129 @@ def test_a_source_ranges_unsorted_and_overlapping_lose_nothing(tmp_path: Path) -
     d = p.disks[0]
     assert (d.change_source, d.changed_blocks, d.bytes_read) == ("fiemap", 6, 8 * BS)
     h.check_all()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_lie_over_allocated_zero_blocks_is_caught(tmp_path: Path, encrypted: bool) -> None:
+    """A thick disk: blocks written with zeros are allocated ZERO blocks, not holes.  A write
+    into one that the hint omits is caught by the sample like any other (it is read)."""
+    h = History(tmp_path, encrypted)
+    _write(h.disk, 0, bytes(30 * BS))  # blocks 0-29: allocated, all zeros
+    first = h.backup()
+    assert first.disks[0].bytes_read == int(data_block_mask(h.disk, BS).sum()) * BS
+    _write(h.disk, 12 * BS + 3, b"secret")  # into a ZERO block; the hint names block 100
+    _write(h.disk, 100 * BS, os.urandom(BS))
+    p = h.backup(hints={"d": _hint(tmp_path / "lie.json", [(100 * BS, BS)])},
+                 verify_fraction=1.0)
+    d = p.disks[0]
+    assert (d.change_source, d.change_source_reason) == ("hash", "hint mismatch at block 12")
+    assert d.hint_mismatches == 1
+    assert d.verified_blocks == int(data_block_mask(h.disk, BS).sum()) - 1  # all but block 100
+    h.check_all()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+@pytest.mark.parametrize("repaired", [False, True])
+def test_a_hint_is_not_applied_to_an_older_point_when_the_latest_is_lost(
+        tmp_path: Path, encrypted: bool, repaired: bool) -> None:
+    """A hint says what changed since the disk's latest point.  When that point's record is
+    damaged (or set aside by ``verify --repair``), the run follows an older point: the
+    hint, which knows nothing of the changes in between, must not be used."""
+    from cbt.ops.verify import repair
+
+    h = History(tmp_path, encrypted)
+    h.backup()
+    before = set(h.vault.storage.list("points"))
+    _write(h.disk, 50 * BS, os.urandom(BS))
+    h.backup(hints={"d": _hint(tmp_path / "h2.json", [(50 * BS, BS)])}, verify_fraction=0)
+    (latest,) = set(h.vault.storage.list("points")) - before
+    record = tmp_path / "vault" / latest
+    raw = bytearray(record.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    record.write_bytes(raw)
+    if repaired:
+        assert repair(h.vault).repair.records_quarantined == [latest]
+        assert h.vault.storage.list("points") == sorted(before)
+    _write(h.disk, 60 * BS, os.urandom(BS))
+    p = h.backup(hints={"d": _hint(tmp_path / "h3.json", [(60 * BS, BS)])}, verify_fraction=0)
+    d = p.disks[0]
+    assert d.change_source == "hash"
+    assert d.change_source_reason is not None and "is lost" in d.change_source_reason
+    assert d.bytes_read == int(data_block_mask(h.disk, BS).sum()) * BS
+    pid, truth = h.kept[-1]
+    assert h.restored(pid) == truth
+    # and the run after is tracked again: its previous point is the latest
+    _write(h.disk, 70 * BS, os.urandom(BS))
+    d = h.backup(hints={"d": _hint(tmp_path / "h4.json", [(70 * BS, BS)])},
+                 verify_fraction=0).disks[0]
+    assert (d.change_source, d.bytes_read) == ("hint-file", BS)
+    pid, truth = h.kept[-1]
+    assert h.restored(pid) == truth
+
+
+@pytest.mark.parametrize("fraction", [1e-19, 1e-300, 5e-324])
+def test_a_tiny_verify_fraction_checks_next_to_nothing(tmp_path: Path, fraction: float) -> None:
+    """Any fraction from 0 to 1 is valid: one too small for a period of 64 bits verifies
+    (next to) nothing, it does not crash the run."""
+    h = History(tmp_path, False)
+    h.backup()
+    _write(h.disk, 7 * BS, os.urandom(BS))
+    d = h.backup(hints={"d": _hint(tmp_path / "h.json", [(7 * BS, BS)])},
+                 verify_fraction=fraction).disks[0]
+    assert (d.change_source, d.verified_blocks, d.bytes_read) == ("hint-file", 0, BS)
+    h.check_all()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_hint_is_not_applied_when_the_last_point_committed_is_not_the_latest(
+        tmp_path: Path, encrypted: bool) -> None:
+    """A point committed with a time before the VM's latest (``--now``, a clock set back)
+    is not the run's previous point, though its hint was since that one: no hint is used
+    until the previous point is the one committed last."""
+    h = History(tmp_path, encrypted)
+
+    def run(at: str, write: int) -> DiskRecord:
+        _write(h.disk, write * BS, os.urandom(BS))
+        hint = _hint(tmp_path / f"h{write}.json", [(write * BS, BS)])
+        p = h.vault.backup("vm", [f"d={h.disk}"], block_size=BS, workers=1, created=at,
+                           hints={"d": hint}, verify_fraction=0)
+        h.kept.append((p.id, h.disk.read_bytes()))
+        return p.disks[0]
+
+    run("2024-01-01T00:00:01Z", 10)
+    assert run("2024-01-01T00:00:09Z", 50).change_source == "hint-file"
+    back = run("2024-01-01T00:00:05Z", 60)  # (its previous point: the one at :09)
+    assert (back.change_source, back.bytes_read) == ("hint-file", BS)
+    d = run("2024-01-01T00:00:10Z", 70)  # follows :09 (the latest), its hint is since :05
+    assert d.change_source == "hash"
+    assert d.change_source_reason is not None and "committed after" in d.change_source_reason
+    assert run("2024-01-01T00:00:11Z", 80).change_source == "hint-file"
+    h.check_all()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_block_the_vault_lost_is_stored_again_by_a_tracked_run(tmp_path: Path,
+                                                                 encrypted: bool) -> None:
+    """A tracked disk copies its unchanged blocks' digests from the previous point.  A
+    block of it that the vault lost (damaged, dropped from the index by repair) would be
+    copied unseen into the new point, which a hash scan would have stored again: a sample
+    block missing from the index hash-scans the disk (at fraction 1 in the same run)."""
+    from cbt.ops.verify import repair
+
+    h = History(tmp_path, encrypted)
+    h.backup()
+    (pack,) = [p for p in (tmp_path / "vault" / "packs").rglob("*") if p.is_file()]
+    raw = bytearray(pack.read_bytes())
+    raw[200] ^= 1  # inside the first blob: repair drops that block from the index
+    pack.write_bytes(raw)
+    assert repair(h.vault).repair.blobs_damaged == 1
+    _write(h.disk, 7 * BS, os.urandom(BS))
+    p = h.backup(hints={"d": _hint(tmp_path / "h.json", [(7 * BS, BS)])}, verify_fraction=1)
+    d = p.disks[0]
+    assert (d.change_source, d.change_source_reason) == (
+        "hash", "block 0 of the previous point missing from the vault")
+    assert d.hint_mismatches == 0
+    assert any("hash-scanned the disk" in w for w in p.warnings)
+    pid, truth = h.kept[-1]
+    assert h.restored(pid) == truth  # the disk was readable: the new point must restore
+    assert not h.vault.verify(pid, data=True).problems

@@ -324,7 +324,10 @@ def plan(vault: Vault, request: BackupRequest) -> Plan:
     warnings = list(request.warnings)
     index = vault.load_index(warnings)
     prev = _latest_healthy(vault, request.vm, warnings)
-    disks = [_plan_disk(vault, request, prev, spec, warnings) for spec in request.disks]
+    lost = (_newer_point_lost(vault, request.vm, prev, len(warnings) > len(request.warnings))
+            if (request.hints or request.changes is not None) and not request.full_scan
+            else None)
+    disks = [_plan_disk(vault, request, prev, spec, warnings, lost) for spec in request.disks]
     early = request.early
     if early is not None:
         # (its results live in shared memory: forked workers only; and its digests must
@@ -352,8 +355,55 @@ def _latest_healthy(vault: Vault, vm: str, warnings: list[str]) -> PointRecord |
     return prev
 
 
+def _newer_point_lost(vault: Vault, vm: str, prev: PointRecord | None,
+                      damage: bool) -> str | None:
+    """Why no change hint may be used against ``prev``: a point of the VM was committed
+    after it, so what a source says changed since the disk's latest point says nothing
+    of the changes between ``prev`` and that one.  That point is based on ``prev`` but
+    created before it (``--now``, a clock set back), or is lost (its record damaged, or
+    moved to ``quarantine/`` by ``verify --repair``).  None: ``prev`` is the last point
+    committed.  A lost record's point is known by its name (unencrypted vault), else by
+    its file's time against ``prev``'s record."""
+    import re
+
+    from cbt.format.records import id_order, is_point_id
+
+    if prev is None:
+        return None
+    records, damaged = vault.scan_records()
+    after = [r.id for r in records if r.parent == prev.id]
+    if after:
+        return (f"point {after[0]} was committed after {prev.id} (created before it): what "
+                "the change source says changed since the disk's latest point cannot be used")
+    quarantined = vault.storage.list("quarantine/points")
+    if not (damage or quarantined):
+        return None
+    try:
+        since = vault.storage.stat(vault.point_name(prev.id)).mtime
+    except OSError:
+        since = -math.inf  # (every record that hides its point counts as newer)
+    newer = [r.id for r in records if r.vm == vm and not r.hidden
+             and (r.created, id_order(r.id)) > (prev.created, id_order(prev.id))]
+    for name in [d.name for d in damaged] + quarantined:
+        leaf = re.sub(r"\.json(\.[0-9]+)?$", "", name.rsplit("/", 1)[-1])  # (set aside: .N)
+        if vault.keys is None and is_point_id(leaf):
+            if leaf.startswith(vm + ".") and id_order(leaf) > id_order(prev.id):
+                newer.append(leaf)
+            continue
+        try:  # (a name that hides its point: by the file's time)
+            later = vault.storage.stat(name).mtime >= since
+        except OSError:
+            later = True
+        if later:
+            newer.append("a point record set aside or damaged")
+    if not newer:
+        return None
+    return (f"a point newer than {prev.id} is lost ({newer[0]}): what the change source "
+            "says changed since the disk's latest point cannot be used")
+
+
 def _plan_disk(vault: Vault, request: BackupRequest, prev: PointRecord | None, spec: DiskSpec,
-               warnings: list[str]) -> PlannedDisk:
+               warnings: list[str], lost: str | None = None) -> PlannedDisk:
     parent = prev.disk(spec.label) if prev else None
     block_size = request.block_size
     bs = parent.block_size if parent else (block_size or DEFAULT_BACKUP_BLOCK_SIZE)
@@ -363,6 +413,8 @@ def _plan_disk(vault: Vault, request: BackupRequest, prev: PointRecord | None, s
                 f"disk {spec.label}: block size is fixed at {format_size(parent.block_size)} "
                 f"by its first backup; --block-size {format_size(block_size)} differs")
         hint = _choose_hint(request, spec.label, parent, bs, source.size)
+        if hint.tracked and lost is not None:
+            hint = ChangeHint.hash(lost)
         ranges = source.block_ranges(bs)
         rows = (np.concatenate([np.arange(lo, hi, dtype=np.uint64) for lo, hi in ranges])
                 if ranges else np.zeros(0, dtype=np.uint64))
@@ -415,19 +467,20 @@ def _tracked_rows(d: PlannedDisk, previous: Manifest, fraction: float) -> Tracke
 
     The hint's ranges, every block the previous point holds no row for (a hole
     then), and the verification sample: of the blocks the source calls
-    unchanged that were DATA, those of this run's turn in the rotation.
+    unchanged that the previous point held (DATA or ZERO: an allocated block of
+    zeros is read like any other, so a write into it cannot hide), those of
+    this run's turn in the rotation.
     """
     alloc = d.rows
     prev_rows = previous.rows
     if len(prev_rows):
         pos = np.minimum(np.searchsorted(prev_rows, alloc), len(prev_rows) - 1)
         held = prev_rows[pos] == alloc
-        was_data = held & (previous.row_flags[pos] == fast.FLAG_DATA)
     else:
         pos = np.zeros(len(alloc), dtype=np.intp)
-        held = was_data = np.zeros(len(alloc), dtype=bool)
+        held = np.zeros(len(alloc), dtype=bool)
     changed = _in_ranges(alloc, d.hint.ranges or ())
-    sample = was_data & ~changed & sample_mask(alloc, d.seq, fraction, d.block_size)
+    sample = held & ~changed & sample_mask(alloc, d.seq, fraction, d.block_size)
     read = changed | ~held | sample
     return TrackedRows(alloc=alloc, read=read, prev_pos=pos.astype(np.intp),
                        sample=np.nonzero(sample[read])[0])
@@ -466,7 +519,8 @@ def sample_mask(blocks: npt.NDArray[np.uint64], seq: int, fraction: float,
     """
     if fraction <= 0:
         return np.zeros(len(blocks), dtype=bool)
-    period = max(1, math.ceil(1 / fraction - 1e-9))
+    # (a fraction below 2**-62 is a period of 2**62: its turn comes next to never)
+    period = max(1, math.ceil(1 / fraction - 1e-9)) if fraction >= 2.0**-62 else 1 << 62
     if period == 1:
         return np.ones(len(blocks), dtype=bool)
     run = np.uint64(max(1, SAMPLE_RUN // block_size))
@@ -952,6 +1006,12 @@ def verify_hints(vault: Vault, request: BackupRequest, planned: Plan) -> list[Sh
                 f"({d.hint.reason}; {d.hint_mismatches} of {d.verified_blocks} verified "
                 "blocks differ): hash-scanned the disk")
             _read_the_rest(d)
+        elif d.tracked is not None and _sample_lost(d, planned.index):
+            lied.append(k)
+            planned.warnings.append(
+                f"disk {d.spec.label}: {d.hint.reason} (damaged, set aside by repair?): "
+                "hash-scanned the disk, so every block the vault lacks is stored again")
+            _read_the_rest(d)
     if not lied:
         return []
     workers = request.workers or default_workers()
@@ -981,6 +1041,23 @@ def _sample_lied(d: PlannedDisk, previous: Manifest) -> bool:
         return False
     first = int(d.rows[t.sample[int(np.argmax(differ))]])
     d.hint = ChangeHint.hash(f"hint mismatch at block {first}")
+    return True
+
+
+def _sample_lost(d: PlannedDisk, index: index_mod.Index) -> bool:
+    """Whether a DATA block of the sample (unchanged: the previous point holds it) is
+    missing from the vault's index: the vault lost blocks of the previous point, which a
+    tracked disk would copy, unseen, into the new one (a hash scan stores them again)."""
+    t = d.tracked
+    assert t is not None
+    at = t.sample[d.flags[t.sample] == fast.FLAG_DATA]
+    if not len(at):
+        return False
+    missing = index.lookup(np.ascontiguousarray(d.digests[at])) < 0
+    if not missing.any():
+        return False
+    first = int(d.rows[at[int(np.argmax(missing))]])
+    d.hint = ChangeHint.hash(f"block {first} of the previous point missing from the vault")
     return True
 
 

@@ -59,8 +59,11 @@ class ChangeHint:
 
 # -- hint files (``cbt backup --changed-ranges LABEL=FILE``) ------------------------------
 
-MAX_HINT_FILE_BYTES = 256 << 20  # a hint file larger than this is refused unread
-MAX_HINT_RANGES = 1 << 26  # ranges in one hint file
+# A hint file larger than this is refused unread: parsed JSON costs about 230 bytes of
+# memory per range, so 16 MiB (some 700,000 ranges of realistic offsets, at most 2.8
+# million of the shortest) bounds what a hint can cost
+MAX_HINT_FILE_BYTES = 16 << 20
+MAX_HINT_RANGES = 1 << 22  # ranges in one hint file
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,11 @@ def read_hint_file(path: str, block_size: int, size: int) -> HintFile:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise CbtValueError(f"{where}: not a regular file")
+            if st.st_size > MAX_HINT_FILE_BYTES:
+                raise CbtValueError(f"{where}: larger than {MAX_HINT_FILE_BYTES} bytes")
             data = f.read(MAX_HINT_FILE_BYTES + 1)
     except OSError as exc:
         raise CbtValueError(f"{where}: cannot read it ({exc.strerror or exc})") from None
