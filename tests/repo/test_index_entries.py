@@ -48,3 +48,27 @@ def test_index_cache_loads_once_per_token() -> None:
     again = fresh.get(storage, newer.token())  # another run's token: loaded again
     assert again is not got and len(again) == 8
     assert {again.find(e.digest) for e in entries + more} == set(entries + more)
+
+
+def _grouped(n: int, packs: list[str]) -> list[IndexEntry]:
+    per = -(-n // len(packs))
+    return [IndexEntry(os.urandom(32), packs[i // per], 64 * i, 100 + i, 4096) for i in range(n)]
+
+
+def test_segment_pack_numbers_for_every_layout_of_its_rows() -> None:
+    """A segment's rows name their packs as numbers: the one-run-per-pack way (what a backup
+    writes), packs in several runs, and packs whose uuids share their first 8 bytes all give
+    each row its own pack back."""
+    head = os.urandom(8)
+    layouts = {
+        "grouped": _grouped(60, [uuid.uuid4().hex for _ in range(4)]),
+        "interleaved": _entries(60, [uuid.uuid4().hex for _ in range(4)]),
+        "a pack in two runs": _grouped(30, ["a" * 32, "b" * 32]) + _grouped(10, ["a" * 32]),
+        "same head": _grouped(40, [(head + os.urandom(8)).hex() for _ in range(4)]),
+    }
+    for name, entries in layouts.items():
+        part = read_segment(segment_bytes(segment_entries(entries)), "test")
+        assert len(set(part["pack_ids"])) == len(part["pack_ids"]), name
+        got = {d.tobytes(): part["pack_ids"][int(k)]
+               for d, k in zip(part["digests"], part["pack"], strict=True)}
+        assert got == {e.digest: e.pack for e in entries}, name

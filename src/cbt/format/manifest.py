@@ -160,8 +160,10 @@ class Manifest:
         if len(self.rows) and len(want):
             pos = np.minimum(np.searchsorted(self.rows, want), len(self.rows) - 1)
             hit = self.rows[pos] == want
-            digests[hit] = self.row_digests[pos[hit]]
-            flags[hit] = self.row_flags[pos[hit]]
+            held = pos[hit]
+            # (moved as 32-byte records: numpy copies an (n, 32) uint8 row byte by byte)
+            digests.view("V32").ravel()[hit] = digest_records(self.row_digests)[held]
+            flags[hit] = self.row_flags[held]
         return digests, flags
 
     @property
@@ -265,7 +267,7 @@ class Manifest:
         one holds past the end of ``base`` is included; a hole past it is implied.
         """
         n = self.blocks
-        k = int(np.searchsorted(base.rows, n))  # base rows below this disk's end
+        k = int(np.searchsorted(base.rows, np.uint64(n)))  # base rows below this disk's end
         if np.array_equal(self.rows, base.rows[:k]):  # the same blocks held (no lookups)
             union, new_d, new_f = self.rows, self.row_digests, self.row_flags
             old_d, old_f = base.row_digests[:k], base.row_flags[:k]
@@ -334,6 +336,11 @@ class Manifest:
 def _windows(n: int) -> list[tuple[int, int]]:
     """``[lo, hi)`` windows of ROWS_PER_BATCH rows over ``n``."""
     return [(lo, min(n, lo + ROWS_PER_BATCH)) for lo in range(0, n, ROWS_PER_BATCH)]
+
+
+def digest_records(digests: npt.NDArray[np.uint8]) -> npt.NDArray[np.void]:
+    """An ``(n, 32)`` digest array as ``n`` 32-byte records (a view where it can be)."""
+    return np.ascontiguousarray(digests, dtype=np.uint8).view("V32").ravel()
 
 
 def union_rows(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> U64:

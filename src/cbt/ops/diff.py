@@ -39,7 +39,7 @@ from cbt.core.errors import CbtValueError
 from cbt.core.native import fast
 from cbt.core.parallel import Report, WorkerError, fork_map, shared_array
 from cbt.core.sizes import format_size
-from cbt.format.manifest import Manifest, is_manifest_file, union_rows
+from cbt.format.manifest import Manifest, digest_records, is_manifest_file, union_rows
 from cbt.format.records import PointRecord
 from cbt.repo.keys import Passphrase
 from cbt.repo.vault import Vault
@@ -143,17 +143,28 @@ def _check_same_block_size(a: Manifest, b: Manifest) -> None:
 def _changed_common(a: Manifest, b: Manifest, common: int) -> npt.NDArray[np.uint64]:
     """Blocks below ``common`` whose content differs: only blocks either manifest holds
     are compared (a hole and a zero block both have the zero digest: equal)."""
-    ka, kb = np.searchsorted(a.rows, common), np.searchsorted(b.rows, common)
+    end = np.uint64(common)  # (a Python int would make numpy compare the rows as floats)
+    ka, kb = int(np.searchsorted(a.rows, end)), int(np.searchsorted(b.rows, end))
     if np.array_equal(a.rows[:ka], b.rows[:kb]):  # the same blocks held (no lookups)
         union, da, db = a.rows[:ka], a.row_digests[:ka], b.row_digests[:kb]
-    else:
+    else:  # each side's digests spread over the union (zero where it holds nothing)
         union = union_rows(a.rows[:ka], b.rows[:kb])
-        da, db = a.at(union)[0], b.at(union)[0]
+        da, db = _spread(a, ka, union), _spread(b, kb, union)
     differ = np.zeros(len(union), dtype=np.uint8)
     if len(union):
         fast.compare_digests(da, db, differ)
     changed: npt.NDArray[np.uint64] = union[differ.astype(bool)]
     return changed
+
+
+def _spread(m: Manifest, k: int, union: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
+    """The digests of ``m``'s first ``k`` rows at their places in ``union`` (a superset of
+    them), zero elsewhere: one scatter of 32-byte records (not a lookup per row)."""
+    out = np.zeros((len(union), fast.DIGEST_SIZE), dtype=np.uint8)
+    if k:
+        at = np.searchsorted(union, m.rows[:k])
+        out.view("V32").ravel()[at] = digest_records(m.row_digests[:k])
+    return out
 
 
 def changed_blocks(a: Manifest, b: Manifest) -> int:
