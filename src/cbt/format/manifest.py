@@ -120,8 +120,14 @@ class Manifest:
         m = cls(block_size, 0, source=source, created=created, metadata=metadata)
         m.disk_size = disk_size
         keep = np.asarray(flags) != HOLE
-        m.rows = np.ascontiguousarray(np.asarray(rows, dtype=np.uint64)[keep])
-        m.row_digests = np.ascontiguousarray(digests[keep], dtype=np.uint8)
+        rows = np.asarray(rows, dtype=np.uint64)
+        if keep.all():  # (no hole row: nothing to drop, nothing to copy)
+            m.rows = np.ascontiguousarray(rows)
+            m.row_digests = np.ascontiguousarray(digests, dtype=np.uint8)
+            m.row_flags = np.ascontiguousarray(flags, dtype=np.uint8)
+            return m
+        m.rows = np.ascontiguousarray(rows[keep])
+        m.row_digests = digest_records(digests)[keep].view(np.uint8).reshape(-1, fast.DIGEST_SIZE)
         m.row_flags = np.ascontiguousarray(flags[keep], dtype=np.uint8)
         return m
 
@@ -634,10 +640,13 @@ class Delta:
         else:
             keep_base = np.ones(len(b_rows), dtype=bool)
         rows = np.concatenate([b_rows[keep_base], self.rows])
-        digests = np.concatenate([base.row_digests[keep][keep_base], self.digests])
-        flags = np.concatenate([base.row_flags[keep][keep_base], self.flags])
+        taken = np.flatnonzero(keep)[keep_base]  # (digests moved as 32-byte records)
+        digests = np.concatenate([digest_records(base.row_digests)[taken],
+                                  digest_records(self.digests)])
+        flags = np.concatenate([base.row_flags[taken], self.flags])
         order = np.argsort(rows, kind="stable")
-        return Manifest.sparse(self.block_size, self.disk_size, rows[order], digests[order],
+        return Manifest.sparse(self.block_size, self.disk_size, rows[order],
+                               digests[order].view(np.uint8).reshape(-1, fast.DIGEST_SIZE),
                                flags[order], metadata=dict(self.metadata))
 
     @classmethod
