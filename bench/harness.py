@@ -199,6 +199,18 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
+def write_random(path: Path, size: int, seed: int) -> None:
+    """``size`` seeded random bytes into a new file ``path``, fsynced."""
+    rng = np.random.default_rng(seed)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for pos in range(0, size, CHUNK):
+            write_all(fd, rng.bytes(min(CHUNK, size - pos)))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -110,7 +110,6 @@ from pathlib import Path
 from typing import Any
 
 import harness
-import numpy as np
 
 from cbt.core.sizes import format_size, human_bytes
 from cbt.source.synth import copy_sparse, make_db_file, make_fs_image, mutate
@@ -177,17 +176,6 @@ def _is_current(ds: DataSet) -> bool:
         return False
 
 
-def write_random(path: Path, size: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for pos in range(0, size, harness.CHUNK):
-            harness.write_all(fd, rng.bytes(min(harness.CHUNK, size - pos)))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def random_set(work: Path, size: int) -> DataSet:
     root = work / "random"
     disks = [Disk(f"disk{i}", root / "day0" / f"disk{i}.img", root / "day1" / f"disk{i}.img")
@@ -229,7 +217,7 @@ def build(ds: DataSet) -> None:
     r = ds.recipe
     for i, d in enumerate(ds.disks):
         if r["kind"] == "random":
-            write_random(d.day0, r["size"], r["seeds"][i])
+            harness.write_random(d.day0, r["size"], r["seeds"][i])
             changes = r["changes"]
         elif d.label == "fs":
             make_fs_image(d.day0, r["fs_size"], seed=r["seeds"][i])

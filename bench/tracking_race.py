@@ -261,17 +261,6 @@ def fill_tree(guest: Path, size: int, fill: float, seed: int) -> dict[str, Any]:
     return {"copies": copies, "files_bytes": files_bytes}
 
 
-def write_random(path: Path, nbytes: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for pos in range(0, nbytes, harness.CHUNK):
-            harness.write_all(fd, rng.bytes(min(harness.CHUNK, nbytes - pos)))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def make_disk(scratch: Scratch, disk: Path, size: int, fill: float,
               seed: int) -> dict[str, Any]:
     """A thin image of ``size`` holding an ext4 file system of real files and random data."""
@@ -285,7 +274,7 @@ def make_disk(scratch: Scratch, disk: Path, size: int, fill: float,
     info = fill_tree(guest, size, fill, seed)
     rnd = int(size * RANDOM) // harness.PAGE * harness.PAGE
     harness.log(f"  random.bin: {human_bytes(rnd)} of random bytes ...")
-    write_random(guest / "random.bin", rnd, seed)
+    harness.write_random(guest / "random.bin", rnd, seed)
     st = os.statvfs(guest)
     info["fs_used"] = (st.f_blocks - st.f_bfree) * st.f_frsize
     scratch.umount(guest)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +122,14 @@ def test_kills_at_every_durable_step_lose_no_change(tmp_path: Path, kind: str) -
     """SIGKILL a job at each of its durable steps (between its snapshot and its commit,
     among others: the base is made then); the next job's point restores to the disk as
     it was.  A base trusted wrongly would lose the changes the killed job saw."""
+    _kill_sweep(tmp_path, kind, Site)
+
+
+def _kill_sweep(tmp_path: Path, kind: str, make: Callable[[str, Path, Path], Site]) -> None:
+    """Kill a job of the site at each durable step, change the disk, check the next point."""
     with loop_fs(tmp_path, kind) as mnt:
         try:
-            site = Site(kind, mnt, tmp_path)
+            site = make(kind, mnt, tmp_path)
             site.point()
             steps = _count_steps(site)
             assert steps > 3
@@ -162,22 +168,4 @@ def test_kills_with_kept_snapshots_and_encryption_lose_no_change(tmp_path: Path,
                                                                  kind: str) -> None:
     """The same with an encrypted vault and instant restore: the base is then a second
     clone of the kept snapshot, made under a temporary name (recover removes it)."""
-    with loop_fs(tmp_path, kind) as mnt:
-        try:
-            site = KeptSite(kind, mnt, tmp_path)
-            site.point()
-            steps = _count_steps(site)
-            assert steps > 3
-            for step in range(1, steps + 1):
-                mutate(site.disk, 100 + step, writes=10, punches=1)
-                proc = start_cbt("backup", "--config", site.cfg, "--json",
-                                 env={**(site.env or {}), **crash_env(step, tmp_path)})
-                proc.communicate(timeout=120)
-                assert proc.returncode == -signal.SIGKILL, (step, proc.returncode)
-                mutate(site.disk, 200 + step, writes=3, punches=0)
-                line, copy = site.point()
-                site.restores(line, copy)
-                copy.unlink()
-        finally:
-            if kind == "btrfs":
-                _clear_btrfs(mnt)
+    _kill_sweep(tmp_path, kind, KeptSite)
