@@ -1,0 +1,168 @@
+"""QMP session against a real qemu-storage-daemon: disks, one-moment views, bitmaps, teardown."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+from helpers.qmp_daemon import Daemon, dirty_extents, read_nbd, storage_daemon
+
+from cbt.core.errors import CbtValueError
+from cbt.source.qemu import QemuError, QmpSession, bitmap_name, cut, recover, resolve_disks
+
+MIB = 1 << 20
+GRAN = 64 * 1024  # QEMU's default bitmap granularity
+
+
+def _pattern(byte: int, n: int) -> bytes:
+    return bytes([byte]) * n
+
+
+def _state(s: QmpSession) -> tuple[set[str], set[str], set[str]]:
+    nodes = {n["node-name"] for n in s.command("query-named-block-nodes", {"flat": True})}
+    exports = {e["id"] for e in s.command("query-block-exports")}
+    jobs = {j["id"] for j in s.command("query-jobs")}
+    return nodes, exports, jobs
+
+
+def _bitmaps(s: QmpSession, node: str) -> dict[str, dict[str, object]]:
+    for n in s.command("query-named-block-nodes", {"flat": True}):
+        if n["node-name"] == node:
+            return {b["name"]: b for b in n.get("dirty-bitmaps", [])}
+    raise AssertionError(node)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    with storage_daemon(tmp_path, {"os": 4 * MIB, "db": 2 * MIB}) as d:
+        yield d
+
+
+def test_resolves_disks_default_and_mapping(daemon: Daemon) -> None:
+    with QmpSession(daemon.qmp) as s:
+        disks = resolve_disks(s)
+        assert sorted(disks) == ["db", "os"]
+        assert (disks["os"].size, disks["os"].format) == (4 * MIB, "qcow2")
+        assert disks["db"].size == 2 * MIB
+        mapped = resolve_disks(s, {"root": "os"})
+        assert list(mapped) == ["root"] and mapped["root"].node == "os"
+        with pytest.raises(CbtValueError, match="nope"):
+            resolve_disks(s, {"x": "nope"})
+
+
+def test_unreachable_socket_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(QemuError, match="cannot connect"):
+        QmpSession(tmp_path / "none.sock", timeout=2)
+
+
+def test_two_disks_cut_at_one_moment_and_bitmap_records_later_writes(
+        daemon: Daemon, tmp_path: Path) -> None:
+    daemon.write("os", 0, _pattern(1, 4 * MIB))
+    daemon.write("db", 0, _pattern(2, 2 * MIB))
+    work = tmp_path / "work"
+    work.mkdir()
+    with QmpSession(daemon.qmp) as s:
+        disks = resolve_disks(s)
+        before = _state(s)
+        with cut(s, disks, "p1", work) as m1:
+            assert m1.reasons == {"db": "first backup: no previous bitmap",
+                                  "os": "first backup: no previous bitmap"}
+            truth_os, truth_db = daemon.read("os"), daemon.read("db")
+            # the guest writes after the moment: not in the view
+            daemon.write("os", 3 * GRAN, _pattern(9, GRAN))
+            daemon.write("db", 5 * GRAN + 7, b"late")
+            assert read_nbd(m1.uri("os"), tmp_path / "v-os") == truth_os
+            assert read_nbd(m1.uri("db"), tmp_path / "v-db") == truth_db
+            m1.commit()
+        assert _state(s) == before  # no node, export or job left
+        assert not list(work.iterdir())  # overlay files and the NBD socket gone
+        bm = bitmap_name("p1")
+        assert set(_bitmaps(s, "os")) == {bm} and set(_bitmaps(s, "db")) == {bm}
+        disks = resolve_disks(s)
+        daemon.write("os", 10 * GRAN, _pattern(7, 2 * GRAN))
+        with cut(s, disks, "p2", work, previous=bm) as m2:
+            assert m2.reasons == {}
+            daemon.write("os", 40 * GRAN, b"after p2")  # lands in p2's bitmap only
+            assert m2.views["os"].bitmap_context == f"qemu:dirty-bitmap:{bm}"
+            assert dirty_extents(m2.nbd_socket, m2.views["os"].export, bm) == [
+                (3 * GRAN, GRAN), (10 * GRAN, 2 * GRAN)]
+            assert dirty_extents(m2.nbd_socket, m2.views["db"].export, bm) == [(5 * GRAN, GRAN)]
+            assert read_nbd(m2.uri("os"), tmp_path / "v2-os") != daemon.read("os")
+            m2.commit()
+        assert set(_bitmaps(s, "os")) == {bitmap_name("p2")}
+        assert _bitmaps(s, "os")[bitmap_name("p2")]["count"] == GRAN
+        assert _state(s) == before
+
+
+def test_failure_merges_new_bitmap_back(daemon: Daemon, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    with QmpSession(daemon.qmp) as s:
+        with cut(s, resolve_disks(s), "p1", work) as m:
+            m.commit()
+        daemon.write("os", 2 * GRAN, b"x")
+        with pytest.raises(RuntimeError), cut(s, resolve_disks(s), "p2", work,
+                                              previous=bitmap_name("p1")):
+            daemon.write("os", 8 * GRAN, b"y")  # after the moment: in p2's bitmap
+            raise RuntimeError("backup failed")
+        bms = _bitmaps(s, "os")
+        assert set(bms) == {bitmap_name("p1")}
+        assert bms[bitmap_name("p1")]["recording"] is True
+        assert bms[bitmap_name("p1")]["count"] == 2 * GRAN  # both writes kept
+        assert not list(work.iterdir())
+
+
+def test_killed_run_bitmap_is_merged_back_by_recover(daemon: Daemon, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    with QmpSession(daemon.qmp) as s:
+        with cut(s, resolve_disks(s), "p1", work) as m:
+            m.commit()
+        daemon.write("os", 0, b"a")
+        p1 = bitmap_name("p1")
+        # what a run killed after its transaction leaves: p1 disabled, p2 recording
+        s.command("transaction", {"actions": [
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "os", "name": p1}},
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "os", "name": bitmap_name("p2"), "persistent": True}}]})
+        daemon.write("os", 6 * GRAN, b"b")
+        assert recover(s, resolve_disks(s), p1) == {"os": [bitmap_name("p2")]}
+        bms = _bitmaps(s, "os")
+        assert set(bms) == {p1} and bms[p1]["recording"] is True and bms[p1]["count"] == 2 * GRAN
+
+
+def test_sigkill_leaves_inconsistent_bitmap_detected(daemon: Daemon, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    with QmpSession(daemon.qmp) as s, cut(s, resolve_disks(s), "p1", work) as m:
+        m.commit()
+    daemon.stop()  # a clean stop stores the bitmap in the qcow2
+    daemon.start()  # reopened: QEMU marks it in use in the image
+    daemon.write("os", 0, b"z")
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    with QmpSession(daemon.qmp) as s:
+        disks = resolve_disks(s)
+        assert disks["os"].bitmap(bitmap_name("p1")).inconsistent  # type: ignore[union-attr]
+        with cut(s, disks, "p2", work, previous=bitmap_name("p1")) as m:
+            assert "inconsistent" in m.reasons["os"] and m.views["os"].bitmap is None
+            m.commit()
+        assert set(_bitmaps(s, "os")) == {bitmap_name("p2")}
+
+
+def test_missing_foreign_and_resized_are_reported(daemon: Daemon, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    with QmpSession(daemon.qmp) as s:
+        with cut(s, resolve_disks(s), "p1", work) as m:
+            m.commit()
+        p1 = bitmap_name("p1")
+        s.command("block-dirty-bitmap-remove", {"node": "db", "name": p1})
+        s.command("block_resize", {"node-name": "os", "size": 8 * MIB})
+        sizes = {"os": 4 * MIB, "db": 2 * MIB}
+        with cut(s, resolve_disks(s), "p2", work, previous=p1, previous_sizes=sizes) as m:
+            assert m.reasons["os"] == f"disk resized from {4 * MIB} to {8 * MIB} bytes"
+            assert m.reasons["db"] == f"bitmap {p1} missing on node db"
+        with cut(s, resolve_disks(s), "p3", work, previous="theirs") as m:
+            assert "not cbt's" in m.reasons["os"]
