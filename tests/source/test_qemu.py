@@ -164,5 +164,41 @@ def test_missing_foreign_and_resized_are_reported(daemon: Daemon, tmp_path: Path
         with cut(s, resolve_disks(s), "p2", work, previous=p1, previous_sizes=sizes) as m:
             assert m.reasons["os"] == f"disk resized from {4 * MIB} to {8 * MIB} bytes"
             assert m.reasons["db"] == f"bitmap {p1} missing on node db"
+            m.commit()
+        # the stale bitmap of the resized disk goes too: only the new point's is left
+        assert set(_bitmaps(s, "os")) == {bitmap_name("p2")}
+        assert set(_bitmaps(s, "db")) == {bitmap_name("p2")}
+        p2 = bitmap_name("p2")
+        s.command("block-dirty-bitmap-add", {"node": "os", "name": "theirs", "persistent": True})
         with cut(s, resolve_disks(s), "p3", work, previous="theirs") as m:
             assert "not cbt's" in m.reasons["os"]
+        # not committed: p3 folded away, p2 kept, and a bitmap that is not cbt's never touched
+        assert set(_bitmaps(s, "os")) == {p2, "theirs"}
+
+
+def test_failed_transaction_leaves_nothing(daemon: Daemon, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    with QmpSession(daemon.qmp) as s:
+        before = _state(s)
+        # a bitmap of that name already exists on db: the transaction refuses as a whole
+        s.command("block-dirty-bitmap-add", {"node": "db", "name": bitmap_name("p1")})
+        with pytest.raises(QemuError, match="transaction"), cut(s, resolve_disks(s), "p1", work):
+            pass
+        assert _state(s) == before and not list(work.iterdir())
+        assert set(_bitmaps(s, "os")) == set()  # os's part of the transaction rolled back
+
+
+def test_reuses_a_running_nbd_server(daemon: Daemon, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    sock = tmp_path / "their-nbd.sock"
+    daemon.write("db", 0, b"hello")
+    with QmpSession(daemon.qmp) as s:
+        s.command("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
+        with cut(s, resolve_disks(s), "p1", work, nbd_socket=sock) as m:
+            assert m.nbd_socket == sock and not m.started_server
+            assert read_nbd(m.uri("db"), tmp_path / "v")[:5] == b"hello"
+            m.commit()
+        # the server is theirs: still running after the backup
+        s.command("nbd-server-stop")  # refused when no server runs

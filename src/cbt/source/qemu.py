@@ -306,6 +306,7 @@ class Moment:
     nbd_socket: Path
     views: dict[str, View]
     reasons: dict[str, str]  # label -> why the bitmap cannot be used (hash scan)
+    previous: str | None = None  # the previous point's bitmap name, as the caller gave it
     started_server: bool = False
     committed: bool = False
     _steps: list[tuple[str, Mapping[str, object]]] = field(default_factory=list)
@@ -439,9 +440,12 @@ def _settle_bitmaps(session: QmpSession, moment: Moment, added: bool) -> None:
     for v in moment.views.values():
         node = v.disk.node
         if moment.committed:
-            prev = v.disk.bitmap(v.bitmap) if v.bitmap else None
-            if prev is not None:
-                session.command("block-dirty-bitmap-remove", {"node": node, "name": prev.name})
+            # the previous cbt bitmap goes even when unusable (resized disk); an
+            # inconsistent one was removed before the moment
+            stale = v.disk.bitmap(moment.previous) if moment.previous else None
+            if stale is not None and stale.name.startswith(BITMAP_PREFIX) \
+                    and not stale.inconsistent and stale.name != v.new_bitmap:
+                session.command("block-dirty-bitmap-remove", {"node": node, "name": stale.name})
             continue
         if v.bitmap is not None:
             session.command("block-dirty-bitmap-merge", {
@@ -465,7 +469,8 @@ def cut(session: QmpSession, disks: Mapping[str, QemuDisk], point_id: str, workd
     """
     _remove_inconsistent(session, disks)
     views, reasons = _prepare(session, disks, point_id, previous, previous_sizes or {}, workdir)
-    moment = Moment(nbd_socket=nbd_socket or workdir / "nbd.sock", views=views, reasons=reasons)
+    moment = Moment(nbd_socket=nbd_socket or workdir / "nbd.sock", views=views, reasons=reasons,
+                    previous=previous)
     added = False
     try:
         for v in views.values():
