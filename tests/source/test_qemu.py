@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -202,3 +205,57 @@ def test_reuses_a_running_nbd_server(daemon: Daemon, tmp_path: Path) -> None:
             m.commit()
         # the server is theirs: still running after the backup
         s.command("nbd-server-stop")  # refused when no server runs
+
+
+def test_teardown_with_a_client_still_connected(daemon: Daemon, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    with QmpSession(daemon.qmp, timeout=5) as s:
+        before = _state(s)
+        reader: subprocess.Popen[str] | None = None
+        try:
+            with cut(s, resolve_disks(s), "p1", work) as m:
+                # a reader that never lets go: connected, handshake done, idle
+                reader = subprocess.Popen(["qemu-io", "-r", "-f", "raw", m.uri("os")],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          text=True)
+                assert reader.stdin is not None and reader.stdout is not None
+                reader.stdin.write("read 0 512\n")
+                reader.stdin.flush()
+                assert "read 512/512" in reader.stdout.readline()
+                m.commit()
+        finally:
+            if reader is not None:
+                reader.kill()
+                reader.wait()
+        assert _state(s) == before and not list(work.iterdir())
+
+
+def test_qmp_that_never_answers_times_out(tmp_path: Path) -> None:
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "mute.sock"))
+    listener.listen(1)
+    try:
+        t = time.monotonic()
+        with pytest.raises(QemuError, match=r"cannot connect.*timed out"):
+            QmpSession(tmp_path / "mute.sock", timeout=1)
+        assert time.monotonic() - t < 10
+    finally:
+        listener.close()
+
+
+def test_daemon_gone_mid_session_is_a_clear_error(daemon: Daemon) -> None:
+    with QmpSession(daemon.qmp, timeout=5) as s:
+        daemon.stop(signal.SIGKILL)
+        t = time.monotonic()
+        with pytest.raises(QemuError, match="query-block"):
+            s.command("query-block")
+        assert time.monotonic() - t < 10
+
+
+def test_recover_without_a_usable_previous_drops_leftovers(daemon: Daemon) -> None:
+    with QmpSession(daemon.qmp) as s:
+        s.command("block-dirty-bitmap-add", {"node": "os", "name": "cbt-old", "persistent": True})
+        s.command("block-dirty-bitmap-add", {"node": "os", "name": "theirs"})
+        assert recover(s, resolve_disks(s), "cbt-gone") == {"os": ["cbt-old"]}
+        assert set(_bitmaps(s, "os")) == {"theirs"}  # never touched

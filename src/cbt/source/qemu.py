@@ -417,7 +417,7 @@ def _teardown(session: QmpSession, moment: Moment) -> None:
     exports = {e["id"] for e in session.command("query-block-exports")}
     for v in moment.views.values():
         if v.export in exports:
-            _quiet(session, "block-export-del", {"id": v.export})
+            _quiet(session, "block-export-del", {"id": v.export, "mode": "hard"})
     session.wait_until("NBD exports to close", lambda: not (
         {e["id"] for e in session.command("query-block-exports")}
         & {v.export for v in moment.views.values()}))
