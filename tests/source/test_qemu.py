@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import subprocess
@@ -9,7 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.qmp_daemon import Daemon, dirty_extents, read_nbd, storage_daemon
+from helpers.qmp_daemon import (
+    Daemon,
+    dirty_extents,
+    make_qcow2,
+    need_qemu,
+    read_nbd,
+    storage_daemon,
+)
+from helpers.system import need
 
 from cbt.core.errors import CbtValueError
 from cbt.source.qemu import QemuError, QmpSession, bitmap_name, cut, recover, resolve_disks
@@ -259,3 +268,39 @@ def test_recover_without_a_usable_previous_drops_leftovers(daemon: Daemon) -> No
         s.command("block-dirty-bitmap-add", {"node": "os", "name": "theirs"})
         assert recover(s, resolve_disks(s), "cbt-gone") == {"os": ["cbt-old"]}
         assert set(_bitmaps(s, "os")) == {"theirs"}  # never touched
+
+
+def test_default_disks_of_a_real_vm_are_its_writable_fixed_devices(tmp_path: Path) -> None:
+    """A (stopped, never booted) qemu-system VM: a writable disk, a read-only one, a CD-ROM."""
+    need_qemu()
+    need(shutil.which("qemu-system-x86_64") is not None,
+         "needs qemu-system-x86_64 (apt-get install qemu-system-x86)")
+    a = make_qcow2(tmp_path / "a.qcow2", 8 * MIB)
+    b = make_qcow2(tmp_path / "b.qcow2", 4 * MIB)
+    c = tmp_path / "c.iso"
+    c.write_bytes(bytes(MIB))
+    qmp = tmp_path / "vm.qmp"
+    args = ["qemu-system-x86_64", "-M", "pc", "-S", "-nodefaults", "-display", "none",
+            "-accel", "tcg", "-qmp", f"unix:{qmp},server=on,wait=off"]
+    for node, path, drv, ro, dev in (("an", a, "qcow2", "off", "virtio-blk-pci,id=vda"),
+                                     ("bn", b, "qcow2", "on", "virtio-blk-pci,id=vdb"),
+                                     ("cn", c, "raw", "on", "ide-cd,id=cd0")):
+        args += ["-blockdev", f"driver=file,node-name={node}f,filename={path},read-only={ro}",
+                 "-blockdev", f"driver={drv},node-name={node},file={node}f,read-only={ro}",
+                 "-device", f"{dev},drive={node}"]
+    vm = subprocess.Popen(args, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not qmp.exists():
+            assert vm.poll() is None and time.monotonic() < deadline, vm.stderr
+            time.sleep(0.05)
+        with QmpSession(qmp) as s:
+            disks = resolve_disks(s)
+            assert list(disks) == ["vda"]
+            assert (disks["vda"].node, disks["vda"].device, disks["vda"].size) == (
+                "an", "vda", 8 * MIB)
+            assert resolve_disks(s, {"data": "vdb"})["data"].node == "bn"
+            assert resolve_disks(s, {"os": "an"})["os"].device is None
+    finally:
+        vm.kill()
+        vm.wait()

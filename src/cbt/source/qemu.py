@@ -189,11 +189,19 @@ def _devices(session: QmpSession) -> dict[str, tuple[str, bool, bool]]:
     out: dict[str, tuple[str, bool, bool]] = {}
     for b in session.command("query-block"):
         inserted = b.get("inserted")
-        dev = b.get("qdev") or b.get("device")
+        dev = _device_id(b.get("qdev") or "") or b.get("device")
         if inserted and dev:
             out[dev] = (inserted["node-name"], not inserted.get("ro", False),
                         bool(b.get("removable")))
     return out
+
+
+def _device_id(qdev: str) -> str:
+    """``-device ...,id=vda`` -> ``vda``: query-block gives a QOM path for virtio devices."""
+    parts = qdev.split("/")
+    if qdev.startswith("/machine/peripheral/") and len(parts) > 3:
+        return parts[3]
+    return qdev
 
 
 def _top_nodes(session: QmpSession, nodes: Mapping[str, Mapping[str, Any]]) -> list[str]:
