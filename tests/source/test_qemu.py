@@ -6,6 +6,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,15 @@ from helpers.qmp_daemon import (
 from helpers.system import need
 
 from cbt.core.errors import CbtValueError
-from cbt.source.qemu import QemuError, QmpSession, bitmap_name, cut, recover, resolve_disks
+from cbt.source.qemu import (
+    QemuError,
+    QmpSession,
+    bitmap_name,
+    cut,
+    recover,
+    release_leftovers,
+    resolve_disks,
+)
 
 MIB = 1 << 20
 GRAN = 64 * 1024  # QEMU's default bitmap granularity
@@ -304,3 +313,48 @@ def test_default_disks_of_a_real_vm_are_its_writable_fixed_devices(tmp_path: Pat
     finally:
         vm.kill()
         vm.wait()
+
+
+_KILLED_RUN = """
+import os, signal, sys
+from pathlib import Path
+from cbt.source.qemu import QmpSession, cut, resolve_disks
+s = QmpSession(sys.argv[1])
+with cut(s, resolve_disks(s), "p2", Path(sys.argv[2]), previous="cbt-p1") as m:
+    print("cut", flush=True)
+    sys.stdin.readline()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_run_is_released_and_merged_back_next_time(
+        daemon: Daemon, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    with QmpSession(daemon.qmp) as s:
+        before = _state(s)
+        with cut(s, resolve_disks(s), "p1", work) as m:
+            m.commit()
+    daemon.write("os", 1 * GRAN, b"before the killed run")
+    # QEMU's monitor takes one client at a time: the run has it to itself
+    run = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(daemon.qmp), str(work)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert run.stdout is not None and run.stdin is not None
+    assert run.stdout.readline() == "cut\n"
+    daemon.write("os", 9 * GRAN, b"during the killed run")
+    run.stdin.write("die\n")
+    run.stdin.flush()
+    assert run.wait() == -signal.SIGKILL
+    with QmpSession(daemon.qmp) as s:
+        assert _state(s) != before and list(work.iterdir())  # it left its views behind
+        released = release_leftovers(s, work)
+        assert "cbt-fleece-p2-0" in released and "cbt-export-p2-0" in released
+        assert _state(s) == before and not list(work.iterdir())
+        assert recover(s, resolve_disks(s), bitmap_name("p1")) == {
+            "db": [bitmap_name("p2")], "os": [bitmap_name("p2")]}
+        daemon.write("os", 20 * GRAN, b"after")
+        with cut(s, resolve_disks(s), "p3", work, previous=bitmap_name("p1")) as m:
+            assert dirty_extents(m.nbd_socket, m.views["os"].export, bitmap_name("p1")) == [
+                (1 * GRAN, GRAN), (9 * GRAN, GRAN), (20 * GRAN, GRAN)]  # nothing missed
+            m.commit()
+        assert _state(s) == before

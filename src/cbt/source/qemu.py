@@ -44,7 +44,7 @@ from cbt.core.errors import CbtError, CbtValueError
 
 __all__ = [
     "BITMAP_PREFIX", "Bitmap", "Moment", "QemuDisk", "QemuError", "QmpSession", "View",
-    "bitmap_name", "cut", "recover", "resolve_disks",
+    "bitmap_name", "cut", "recover", "release_leftovers", "resolve_disks",
 ]
 
 BITMAP_PREFIX = "cbt-"
@@ -420,30 +420,53 @@ def _quiet(session: QmpSession, name: str, args: Mapping[str, object]) -> None:
         session.command(name, args)
 
 
-def _teardown(session: QmpSession, moment: Moment) -> None:
-    """Exports, jobs, overlay nodes and files, the NBD server we started: all gone."""
-    exports = {e["id"] for e in session.command("query-block-exports")}
-    for v in moment.views.values():
-        if v.export in exports:
-            _quiet(session, "block-export-del", {"id": v.export, "mode": "hard"})
+def _release(session: QmpSession, exports: set[str], jobs: set[str], nodes: set[str],
+             files: list[Path], stop_server: bool) -> None:
+    """Exports (clients cut off), jobs, nodes, overlay files, the NBD server: all gone."""
+    for export in exports & {e["id"] for e in session.command("query-block-exports")}:
+        _quiet(session, "block-export-del", {"id": export, "mode": "hard"})
     session.wait_until("NBD exports to close", lambda: not (
-        {e["id"] for e in session.command("query-block-exports")}
-        & {v.export for v in moment.views.values()}))
-    jobs = {j["id"] for j in session.command("query-jobs")}
-    for v in moment.views.values():
-        if v.job in jobs:
-            _quiet(session, "block-job-cancel", {"device": v.job, "force": True})
-    for v in moment.views.values():
-        _wait_job_gone(session, v.job, dismiss=True)
-    nodes = _nodes(session)
-    for v in moment.views.values():
-        for node in (v.node, v.node + "-f"):
-            if node in nodes:
-                _quiet(session, "blockdev-del", {"node-name": node})
+        {e["id"] for e in session.command("query-block-exports")} & exports))
+    running = {j["id"] for j in session.command("query-jobs")}
+    for job in sorted(jobs & running):
+        _quiet(session, "block-job-cancel", {"device": job, "force": True})
+    for job in sorted(jobs):
+        _wait_job_gone(session, job, dismiss=True)
+    present = set(_nodes(session))
+    for node in sorted(nodes & present):  # "X" before "X-f": the overlay before its file
+        _quiet(session, "blockdev-del", {"node-name": node})
+    for path in files:
         with contextlib.suppress(FileNotFoundError):
-            v.overlay.unlink()
-    if moment.started_server:
+            path.unlink()
+    if stop_server:
         _quiet(session, "nbd-server-stop", {})
+
+
+def _teardown(session: QmpSession, moment: Moment) -> None:
+    views = moment.views.values()
+    _release(session, {v.export for v in views}, {v.job for v in views} | {
+        v.job + "-c" for v in views}, {v.node for v in views} | {v.node + "-f" for v in views},
+        [v.overlay for v in views], moment.started_server)
+
+
+def release_leftovers(session: QmpSession, workdir: Path) -> list[str]:
+    """What a killed run left in QEMU and ``workdir``: exports, jobs, overlays, our NBD server.
+
+    A killed run leaves copy-before-write in the VM's write path and its
+    overlay growing: this removes everything named ``cbt-...`` and stops the
+    NBD server when its socket is cbt's private one (``workdir/nbd.sock``).
+    Returns the names released.
+    """
+    exports = {e["id"] for e in session.command("query-block-exports")
+               if e["id"].startswith(_EXPORT_PREFIX)}
+    jobs = {j["id"] for j in session.command("query-jobs") if j["id"].startswith(_JOB_PREFIX)}
+    nodes = {n for n in _nodes(session) if n.startswith(_NODE_PREFIX)}
+    files = sorted(workdir.glob(f"{_NODE_PREFIX}*.qcow2"))
+    ours = workdir / "nbd.sock"
+    _release(session, exports, jobs, nodes, files, stop_server=ours.exists())
+    with contextlib.suppress(FileNotFoundError):
+        ours.unlink()
+    return sorted(exports | jobs | nodes | {f.name for f in files})
 
 
 def _settle_bitmaps(session: QmpSession, moment: Moment, added: bool) -> None:
