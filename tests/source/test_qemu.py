@@ -358,3 +358,8 @@ def test_a_killed_run_is_released_and_merged_back_next_time(
                 (1 * GRAN, GRAN), (9 * GRAN, GRAN), (20 * GRAN, GRAN)]  # nothing missed
             m.commit()
         assert _state(s) == before
+
+
+def test_a_monitor_held_by_another_client_is_named(daemon: Daemon) -> None:
+    with QmpSession(daemon.qmp), pytest.raises(QemuError, match="one client at a time"):
+        QmpSession(daemon.qmp, timeout=1)

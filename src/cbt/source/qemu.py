@@ -89,7 +89,12 @@ class QmpSession:
         self._client = QMPClient("cbt")
         try:
             self._run(self._client.connect(self.socket))
-        except BaseException as exc:
+        except QemuError as exc:  # connected, no greeting: someone else has the monitor
+            self._stop_loop()
+            raise QemuError(f"{self.socket}: cannot connect to QMP: {exc}; a QEMU monitor "
+                            "serves one client at a time (libvirt keeps its VMs' monitors: "
+                            "give QEMU a second -qmp socket for cbt)") from None
+        except Exception as exc:
             self._stop_loop()
             raise QemuError(f"{self.socket}: cannot connect to QMP: {exc}") from None
 
