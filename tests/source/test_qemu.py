@@ -363,3 +363,19 @@ def test_a_killed_run_is_released_and_merged_back_next_time(
 def test_a_monitor_held_by_another_client_is_named(daemon: Daemon) -> None:
     with QmpSession(daemon.qmp), pytest.raises(QemuError, match="one client at a time"):
         QmpSession(daemon.qmp, timeout=1)
+
+
+def test_a_running_nbd_server_not_named_is_said_and_left_alone(
+        daemon: Daemon, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    sock = tmp_path / "their-nbd.sock"
+    with QmpSession(daemon.qmp) as s:
+        before = _state(s)
+        s.command("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
+        with pytest.raises(QemuError, match="already runs an NBD server"), \
+                cut(s, resolve_disks(s), "p1", work):
+            pass
+        assert _state(s) == before and not list(work.iterdir())
+        assert _bitmaps(s, "os") == {}  # the first run's bitmap is folded away
+        s.command("nbd-server-stop")  # theirs: still running

@@ -409,8 +409,14 @@ def _export(session: QmpSession, moment: Moment, nbd_socket: Path | None,
             workdir: Path) -> None:
     if nbd_socket is None:
         moment.nbd_socket = workdir / "nbd.sock"
-        session.command("nbd-server-start", {"addr": {"type": "unix", "data": {
-            "path": str(moment.nbd_socket)}}})
+        try:
+            session.command("nbd-server-start", {"addr": {"type": "unix", "data": {
+                "path": str(moment.nbd_socket)}}})
+        except QemuError as exc:
+            if "already running" not in str(exc):
+                raise
+            raise QemuError(f"{session.socket}: this QEMU already runs an NBD server (one at "
+                            "a time): give its socket as the VM's nbd") from None
         moment.started_server = True
     for v in moment.views.values():
         args: dict[str, object] = {"type": "nbd", "id": v.export, "node-name": v.node,
