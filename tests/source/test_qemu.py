@@ -379,3 +379,9 @@ def test_a_running_nbd_server_not_named_is_said_and_left_alone(
         assert _state(s) == before and not list(work.iterdir())
         assert _bitmaps(s, "os") == {}  # the first run's bitmap is folded away
         s.command("nbd-server-stop")  # theirs: still running
+
+
+def test_bitmap_names_come_from_point_ids() -> None:
+    assert bitmap_name("web.20261130T034400Z-2") == "cbt-web.20261130T034400Z-2"
+    with pytest.raises(CbtValueError, match="point id"):
+        bitmap_name("../x y")

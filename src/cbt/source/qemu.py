@@ -8,7 +8,7 @@ timed API, so callers (jobs) stay synchronous.
 The backup moment (:func:`cut`) is ONE QMP ``transaction`` over all disks: per
 disk it disables the previous point's bitmap (freezing "what changed since the
 previous point"), adds a new persistent bitmap named from the point id
-(``cbt-<hex>``) and starts ``blockdev-backup sync=none`` into a temporary qcow2
+(``cbt-<point id>``) and starts ``blockdev-backup sync=none`` into a temporary qcow2
 fleecing overlay (QEMU 7.2's copy-before-write: the overlay keeps the old data
 of every block the guest writes afterwards, so reading the overlay gives the
 disk as it was at the moment).  QEMU 7.2 has the ``snapshot-access`` driver,
@@ -36,7 +36,7 @@ import re
 import threading
 import time
 from collections.abc import Coroutine, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,7 +65,11 @@ class QemuError(CbtError):
 
 
 def bitmap_name(point_id: str) -> str:
-    """The persistent bitmap a point leaves on each disk: ``cbt-<point id in hex>``."""
+    """The persistent bitmap a point leaves on each disk: ``cbt-<point id>``.
+
+    A point id (``web.20261130T034400Z-2``) is unique and tells an administrator
+    looking at ``query-block`` which point the bitmap belongs to.
+    """
     if not re.fullmatch(r"[0-9A-Za-z_.-]{1,64}", point_id):
         raise CbtValueError(f"point id {point_id!r}: not usable in a bitmap name")
     return BITMAP_PREFIX + point_id
@@ -327,7 +331,6 @@ class Moment:
     previous: str | None = None  # the previous point's bitmap name, as the caller gave it
     started_server: bool = False
     committed: bool = False
-    _steps: list[tuple[str, Mapping[str, object]]] = field(default_factory=list)
 
     def uri(self, label: str) -> str:
         return f"nbd+unix:///{self.views[label].export}?socket={self.nbd_socket}"
