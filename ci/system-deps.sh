@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # System tools the tests use (never needed to build cbt): loop devices and
 # mkfs for the block-device and file-system tests, strace for the fsync-order
-# test.  Needs root; a no-op for what is already installed.
+# test, qemu-utils, qemu-system-common (qemu-storage-daemon) and
+# qemu-system-x86 for the QMP tests.  Needs root; a no-op for what is already installed.
 set -euo pipefail
-pkgs=(util-linux strace xfsprogs btrfs-progs e2fsprogs)
+pkgs=(util-linux strace xfsprogs btrfs-progs e2fsprogs qemu-utils qemu-system-common
+      qemu-system-x86)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

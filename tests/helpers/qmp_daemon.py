@@ -1,0 +1,126 @@
+"""A real ``qemu-storage-daemon`` for QMP tests: qcow2 disks, a QMP socket, FUSE guest views.
+
+Each disk ``NAME`` is a qcow2 file under the test's directory served as node
+``NAME`` and exported writable through FUSE on the regular file ``NAME.guest``:
+the test writes there as a guest would (the NBD server is left to cbt).  The
+daemon is always stopped (and the FUSE mounts released) when the context ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from helpers.system import need
+
+
+def need_qemu() -> None:
+    for tool in ("qemu-storage-daemon", "qemu-img", "qemu-io"):
+        need(shutil.which(tool) is not None,
+             f"needs {tool} (apt-get install qemu-utils qemu-system-common)")
+    need(os.path.exists("/dev/fuse"), "needs /dev/fuse for qemu-storage-daemon's FUSE export")
+
+
+def make_qcow2(path: Path, size: int) -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
+    return path
+
+
+@dataclass
+class Daemon:
+    root: Path
+    disks: list[str]
+    qmp: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def image(self, name: str) -> Path:
+        return self.root / f"{name}.qcow2"
+
+    def guest(self, name: str) -> Path:
+        return self.root / f"{name}.guest"
+
+    def write(self, name: str, offset: int, data: bytes) -> None:
+        """Write as the guest would (through the FUSE export), flushed."""
+        fd = os.open(self.guest(name), os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self, name: str) -> bytes:
+        return self.guest(name).read_bytes()
+
+    def start(self) -> None:
+        args = ["qemu-storage-daemon"]
+        for name in self.disks:
+            self.guest(name).touch(exist_ok=True)
+            args += ["--blockdev", f"driver=file,node-name={name}-file,filename={self.image(name)}",
+                     "--blockdev", f"driver=qcow2,node-name={name},file={name}-file",
+                     "--export", f"type=fuse,id={name}-fuse,node-name={name},"
+                     f"mountpoint={self.guest(name)},writable=on"]
+        args += ["--chardev", f"socket,id=qmp,path={self.qmp},server=on,wait=off",
+                 "--monitor", "chardev=qmp"]
+        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while not (self.qmp.exists() and all(os.path.ismount(self.guest(n)) for n in self.disks)):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                self.stop()
+                raise RuntimeError(f"qemu-storage-daemon did not start: {err}")
+            time.sleep(0.02)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        mounted = Path("/proc/mounts").read_text().split()
+        for name in self.disks:
+            if str(self.guest(name)) in mounted:  # a killed daemon leaves its FUSE mount
+                subprocess.run(["umount", "-l", str(self.guest(name))], check=False,
+                               capture_output=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.qmp.unlink()
+
+
+@contextlib.contextmanager
+def storage_daemon(root: Path, disks: dict[str, int]) -> Iterator[Daemon]:
+    """A started daemon serving fresh qcow2 disks ``name -> size``; always stopped."""
+    need_qemu()
+    for name, size in disks.items():
+        make_qcow2(root / f"{name}.qcow2", size)
+    d = Daemon(root=root, disks=list(disks), qmp=root / "qmp.sock")
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def read_nbd(uri: str, dest: Path) -> bytes:
+    """The export's whole content, read by qemu-img (independent of cbt's NBD client)."""
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(dest)], check=True)
+    return dest.read_bytes()
+
+
+def dirty_extents(nbd_socket: Path, export: str, bitmap: str) -> list[tuple[int, int]]:
+    """``(offset, length)`` of the regions the exported bitmap calls dirty, by qemu-img map."""
+    import json
+    opts = (f"driver=nbd,server.type=unix,server.path={nbd_socket},export={export},"
+            f"x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}")
+    r = subprocess.run(["qemu-img", "map", "--output=json", "--image-opts", opts],
+                       check=True, capture_output=True, text=True)
+    # with x-dirty-bitmap, qemu-img reports dirty regions as data=false (inverted)
+    return [(e["start"], e["length"]) for e in json.loads(r.stdout) if not e["data"]]
