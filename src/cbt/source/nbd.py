@@ -480,8 +480,9 @@ class NbdSource(BlockSource):
     """A disk read through an NBD export (a running VM's disk served by QEMU)."""
 
     def __init__(self, socket_path: str, export: str = "", live: bool = False,
-                 timeout: float = TIMEOUT) -> None:
+                 timeout: float = TIMEOUT, window: int = WINDOW) -> None:
         self.socket_path = socket_path
+        self.window = window
         self.export = export
         self.timeout = timeout
         self.client = NbdClient(socket_path, export, [BASE_ALLOCATION], timeout)
@@ -503,7 +504,7 @@ class NbdSource(BlockSource):
 
     def windows(self, block_size: int, lo: int, hi: int,
                 read_ahead: bool = True) -> Iterator[tuple[int, Window]]:
-        step = max(WINDOW // block_size, 1)
+        step = max(self.window // block_size, 1)
         buf = bytearray(step * block_size)
         for first in range(lo, hi, step):
             last = min(first + step, hi)
