@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # System tools the tests use (never needed to build cbt): loop devices and
 # mkfs for the block-device and file-system tests, strace for the fsync-order
-# test.  Needs root; a no-op for what is already installed.
+# test, qemu-img/qemu-nbd/qemu-io (qemu-utils) and qemu-storage-daemon
+# (qemu-system-common) for the NBD tests.  Needs root; a no-op for what is
+# already installed.
 set -euo pipefail
-pkgs=(util-linux strace xfsprogs btrfs-progs e2fsprogs)
+pkgs=(util-linux strace xfsprogs btrfs-progs e2fsprogs qemu-utils qemu-system-common)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
