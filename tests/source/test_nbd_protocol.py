@@ -196,6 +196,22 @@ def _status_other_context(s: socket.socket, cmd: int, cookie: int, off: int, n: 
     chunk(s, 1, 5, cookie, struct.pack(">III", 9, n, 0))
 
 
+def _status_twice(s: socket.socket, cmd: int, cookie: int, off: int, n: int) -> None:
+    chunk(s, 0, 5, cookie, struct.pack(">III", 1, n, 0))
+    chunk(s, 1, 5, cookie, struct.pack(">III", 1, n, 0))
+
+
+def _overlap_below(s: socket.socket, cmd: int, cookie: int, off: int, n: int) -> None:
+    chunk(s, 0, 1, cookie, struct.pack(">Q", off + 500) + b"y" * (n - 500))
+    chunk(s, 1, 2, cookie, struct.pack(">QI", off, 501))
+
+
+def _two_contexts(s: socket.socket, cmd: int, cookie: int, off: int, n: int) -> None:
+    # one chunk per negotiated context (ids 1 and 2, in the order asked), the other first
+    chunk(s, 0, 5, cookie, struct.pack(">IIIII", 2, 4096, 1, n, 0))
+    chunk(s, 1, 5, cookie, struct.pack(">III", 1, n, 3))
+
+
 def _huge_status(s: socket.socket, cmd: int, cookie: int, off: int, n: int) -> None:
     s.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 5, cookie, 0xFFFFFFF4))
 
@@ -209,6 +225,7 @@ READ_ATTACKS: dict[str, tuple[Reply, str]] = {
     "more data than asked": (_data(extra=1), "a data chunk of 1009 bytes"),
     "bytes left unsent": (_short, "left bytes from 1009 unsent"),
     "the same bytes twice": (_twice, "sent twice"),
+    "overlapping bytes": (_overlap_below, r"a chunk for bytes \[10, 511\) sent twice"),
     "stall": (_stall, "no reply from the server within 1 s"),
     "closed mid-reply": (_close_mid_reply, "closed the connection|connection failed"),
     "error chunk": (_error_chunk, "read failed at byte 522: .*medium on fire"),
@@ -232,7 +249,8 @@ def test_a_bad_read_reply_is_a_clean_error(tmp_path: Path, attack: str) -> None:
 STATUS_ATTACKS: dict[str, tuple[Reply, str]] = {
     "zero-length extent": (_zero_extent, "an empty extent at byte 0"),
     "no extent": (_no_extent, "no extents for byte 0"),
-    "another context": (_status_other_context, "a context never asked for"),
+    "another context": (_status_other_context, "context 9, never asked for"),
+    "the same context twice": (_status_twice, "context 1, never asked for or already"),
     "oversize chunk": (_huge_status, "a bad block status chunk"),
     "wrong handle": (_wrong_cookie, "not in flight"),
 }
@@ -266,3 +284,11 @@ def test_an_oversize_option_reply_is_refused(tmp_path: Path) -> None:
     with fake_server(tmp_path, greeting=greeting_and_reply) as sock, \
             pytest.raises(NbdError, match="an option reply of 4294967295 bytes"):
         NbdClient(sock, "vm", timeout=TIMEOUT)
+
+
+def test_block_status_with_two_contexts_takes_the_one_asked(tmp_path: Path) -> None:
+    with fake_server(tmp_path, _two_contexts) as sock, \
+            NbdClient(sock, "vm", [BASE_ALLOCATION, "qemu:dirty-bitmap:bm"],
+                      timeout=TIMEOUT) as c:
+        assert c.contexts == {BASE_ALLOCATION: 1, "qemu:dirty-bitmap:bm": 2}
+        assert c.block_status(BASE_ALLOCATION, 0, 8192) == [(0, 8192, 3)]

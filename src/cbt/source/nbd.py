@@ -28,6 +28,7 @@ persistent dirty bitmap.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import itertools
@@ -123,7 +124,8 @@ class _Read:
 
     offset: int
     view: memoryview  # the request's bytes in the caller's buffer
-    got: list[tuple[int, int]] = field(default_factory=list)  # byte ranges received
+    starts: list[int] = field(default_factory=list)  # byte ranges received, sorted:
+    ends: list[int] = field(default_factory=list)  # [starts[i], ends[i])
 
 
 class NbdClient:
@@ -353,8 +355,8 @@ class NbdClient:
             raise self._error(f"a reply to request {cookie}, which is not in flight")
         end = req.offset + len(req.view)
         if rtype == -1:  # a simple reply without error: the data follows
+            self._check_in(req, req.offset, len(req.view))
             self._recv_into(req.view)
-            req.got.append((req.offset, end))
         elif rtype == REPLY_OFFSET_DATA:
             if length < 8 or length - 8 > len(req.view):
                 raise self._error(f"a data chunk of {length} bytes for a read of "
@@ -375,8 +377,8 @@ class NbdClient:
             raise self._error(f"a reply chunk of type {rtype} to a read", offset=req.offset)
         if flags & REPLY_FLAG_DONE:
             del pending[cookie]
-            covered = req.offset
-            for a, b in sorted(req.got):
+            covered = req.offset  # (the ranges never overlap: where the first gap starts)
+            for a, b in zip(req.starts, req.ends, strict=True):
                 if a != covered:
                     break
                 covered = b
@@ -390,10 +392,12 @@ class NbdClient:
         if n == 0 or at < req.offset or at + n > end:
             raise self._error(f"a chunk for bytes [{at}, {at + n}) in reply to a read of "
                               f"[{req.offset}, {end})", offset=req.offset)
-        if any(a < at + n and at < b for a, b in req.got):
+        i = bisect.bisect_right(req.starts, at)
+        if (i and req.ends[i - 1] > at) or (i < len(req.starts) and req.starts[i] < at + n):
             raise self._error(f"a chunk for bytes [{at}, {at + n}) sent twice",
                               offset=req.offset)
-        req.got.append((at, at + n))
+        req.starts.insert(i, at)
+        req.ends.insert(i, at + n)
 
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
@@ -426,31 +430,42 @@ class NbdClient:
                       stop: int) -> list[tuple[int, int, int]]:
         """The extents one block status reply gives, from ``at``, clipped to ``stop``."""
         got: list[tuple[int, int, int]] = []
+        seen: set[int] = set()  # contexts answered (one chunk each)
         while True:
             flags, rtype, c, length = self._chunk_header()
             if c != cookie:
                 raise self._error(f"a reply to request {c}, which is not in flight")
             if rtype == REPLY_BLOCK_STATUS:
-                if got or length < 12 or (length - 4) % 8 or length > MAX_STATUS_CHUNK:
+                if length < 12 or (length - 4) % 8 or length > MAX_STATUS_CHUNK:
                     raise self._error(f"a bad block status chunk ({length} bytes)", offset=at)
                 body = self._recv(length)
-                if struct.unpack_from(">I", body)[0] != cid:
-                    raise self._error("block status for a context never asked for", offset=at)
-                pos = at
-                for i in range(4, length, 8):
-                    n, f = struct.unpack_from(">II", body, i)
-                    if n == 0:
-                        raise self._error(f"an empty extent at byte {pos}", offset=pos)
-                    got.append((pos, min(pos + n, stop), f))
-                    pos += n
-                    if pos >= stop:
-                        break
+                (bid,) = struct.unpack_from(">I", body)
+                if bid not in self.contexts.values() or bid in seen:
+                    raise self._error(f"block status for context {bid}, never asked for or "
+                                      "already answered", offset=at)
+                seen.add(bid)
+                if bid == cid:  # (else another negotiated context: not what was asked)
+                    got = self._extents(body, at, stop)
             elif rtype & REPLY_TYPE_ERROR_BIT:
                 raise self._chunk_error(rtype, length, at)
             elif rtype != REPLY_NONE or length:
                 raise self._error(f"a reply chunk of type {rtype} to block status", offset=at)
             if flags & REPLY_FLAG_DONE:
                 return got
+
+    def _extents(self, body: bytes, at: int, stop: int) -> list[tuple[int, int, int]]:
+        """The extents of a block status chunk's body, from ``at``, clipped to ``stop``."""
+        got: list[tuple[int, int, int]] = []
+        pos = at
+        for i in range(4, len(body), 8):
+            n, f = struct.unpack_from(">II", body, i)
+            if n == 0:
+                raise self._error(f"an empty extent at byte {pos}", offset=pos)
+            got.append((pos, min(pos + n, stop), f))
+            pos += n
+            if pos >= stop:
+                break
+        return got
 
     def close(self) -> None:
         """Say goodbye (``NBD_CMD_DISC``) and close; again is harmless."""
