@@ -46,6 +46,9 @@ def _image(tmp_path: Path, fmt: str = "qcow2") -> Path:
     (tmp_path / "rand").write_bytes(rnd.randbytes(MIB))
     run("qemu-io", "-f", fmt, "-c", f"write -s {tmp_path / 'rand'} {15 * MIB} {MIB}", str(img))
     (tmp_path / "rand").unlink()
+    # zeroed and discarded again inside written data: holes between data extents
+    run("qemu-io", "-f", fmt, "-c", f"write -z {5 * MIB + 256 * KIB} {128 * KIB}",
+        "-c", f"discard {6 * MIB} {256 * KIB}", str(img))
     return img
 
 
@@ -168,3 +171,21 @@ def test_a_server_killed_mid_read_is_a_clean_error(tmp_path: Path) -> None:
             for _ in windows:
                 pass
         assert time.monotonic() - t < 5
+
+
+def test_an_export_past_4_gib(tmp_path: Path) -> None:
+    """Block status lengths are 32 bits: a large disk is asked about in pieces."""
+    need_qemu("qemu-img", "qemu-io", "qemu-nbd")
+    size = 6 * 1024 * MIB + 4096
+    img = create(tmp_path / "big.qcow2", size)
+    at = [(4096, 4096), (4 * 1024 * MIB - 4096, 8192), (5 * 1024 * MIB + 3 * MIB, MIB),
+          (size - 4096, 4096)]
+    write(str(img), "qcow2", [(o, n, 0x70 + i) for i, (o, n) in enumerate(at)])
+    with socket_path(tmp_path) as sock, qemu_nbd(img, sock), NbdSource(sock, "disk") as src:
+        assert src.size == size
+        assert src.extents() == allocated(img, "qcow2")
+        assert len(src.extents()) == 4
+        for i, (o, n) in enumerate(at):
+            assert src.client.read(o - 512, n + 512) == bytes(512) + bytes([0x70 + i]) * n
+        with pytest.raises(NbdError, match="outside the export"):
+            src.client.block_status(BASE_ALLOCATION, 0, size + 1)

@@ -411,6 +411,9 @@ class NbdClient:
         if cid is None:
             raise self._error(f"metadata context {context!r} was not negotiated", errno.EINVAL)
         stop = self.size if end is None else end
+        if not 0 <= start <= stop <= self.size:
+            raise self._error(f"block status of bytes [{start}, {stop}) asked outside the "
+                              f"export ({self.size} bytes)", errno.EINVAL, start)
         out: list[tuple[int, int, int]] = []
         at = start
         while at < stop:
