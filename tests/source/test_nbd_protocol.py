@@ -212,6 +212,14 @@ def _two_contexts(s: socket.socket, cmd: int, cookie: int, off: int, n: int) -> 
     chunk(s, 1, 5, cookie, struct.pack(">III", 1, n, 3))
 
 
+def _simple_ok(s: socket.socket, cmd: int, cookie: int, off: int, n: int) -> None:
+    s.sendall(struct.pack(">IIQ", 0x67446698, 0, cookie))
+
+
+def _simple_error(s: socket.socket, cmd: int, cookie: int, off: int, n: int) -> None:
+    s.sendall(struct.pack(">IIQ", 0x67446698, 5, cookie))
+
+
 def _huge_status(s: socket.socket, cmd: int, cookie: int, off: int, n: int) -> None:
     s.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 5, cookie, 0xFFFFFFF4))
 
@@ -230,6 +238,7 @@ READ_ATTACKS: dict[str, tuple[Reply, str]] = {
     "closed mid-reply": (_close_mid_reply, "closed the connection|connection failed"),
     "error chunk": (_error_chunk, "read failed at byte 522: .*medium on fire"),
     "unknown chunk type": (_unknown_type, "a reply chunk of type 77"),
+    "a simple error": (_simple_error, "the server failed a request: Input/output error"),
 }
 
 
@@ -253,6 +262,8 @@ STATUS_ATTACKS: dict[str, tuple[Reply, str]] = {
     "the same context twice": (_status_twice, "context 1, never asked for or already"),
     "oversize chunk": (_huge_status, "a bad block status chunk"),
     "wrong handle": (_wrong_cookie, "not in flight"),
+    "a simple reply": (_simple_ok, "a simple reply without extents"),
+    "a simple error": (_simple_error, "the server failed a request: Input/output error"),
 }
 
 
@@ -292,3 +303,13 @@ def test_block_status_with_two_contexts_takes_the_one_asked(tmp_path: Path) -> N
                       timeout=TIMEOUT) as c:
         assert c.contexts == {BASE_ALLOCATION: 1, "qemu:dirty-bitmap:bm": 2}
         assert c.block_status(BASE_ALLOCATION, 0, 8192) == [(0, 8192, 3)]
+
+
+def test_a_simple_reply_to_a_read_is_read(tmp_path: Path) -> None:
+    def reply(s: socket.socket, cmd: int, cookie: int, off: int, n: int) -> None:
+        s.sendall(struct.pack(">IIQ", 0x67446698, 0, cookie) + bytes([off % 251]) * n)
+
+    with fake_server(tmp_path, reply) as sock, NbdClient(sock, "vm", timeout=TIMEOUT) as c:
+        buf = bytearray(3000)
+        c.read_into(100, buf, in_flight=4, request=1024)
+        assert buf == bytes([100]) * 1024 + bytes([1124 % 251]) * 1024 + bytes([2148 % 251]) * 952

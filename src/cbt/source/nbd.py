@@ -82,6 +82,7 @@ REPLY_BLOCK_STATUS = 5
 REPLY_ERROR = (1 << 15) | 1
 REPLY_ERROR_OFFSET = (1 << 15) | 2
 REPLY_TYPE_ERROR_BIT = 1 << 15
+REPLY_SIMPLE = -1  # (ours: a simple reply without error, where the header says the type)
 
 STATE_HOLE = 1 << 0  # base:allocation
 STATE_DIRTY = 1 << 0  # qemu:dirty-bitmap:NAME
@@ -303,7 +304,7 @@ class NbdClient:
             if err:
                 raise self._error(f"the server failed a request: {_strerror(err)}",
                                   _ERRNO.get(err, errno.EIO))
-            return REPLY_FLAG_DONE, -1, cookie, 0
+            return REPLY_FLAG_DONE, REPLY_SIMPLE, cookie, 0
         if magic != STRUCTURED_REPLY_MAGIC:
             raise self._error(f"bad reply magic {magic:#x}")
         flags, rtype, cookie, length = struct.unpack(">HHQI", self._recv(16))
@@ -354,7 +355,7 @@ class NbdClient:
         if req is None:
             raise self._error(f"a reply to request {cookie}, which is not in flight")
         end = req.offset + len(req.view)
-        if rtype == -1:  # a simple reply without error: the data follows
+        if rtype == REPLY_SIMPLE:  # without error: the data follows
             self._check_in(req, req.offset, len(req.view))
             self._recv_into(req.view)
         elif rtype == REPLY_OFFSET_DATA:
@@ -449,6 +450,8 @@ class NbdClient:
                 seen.add(bid)
                 if bid == cid:  # (else another negotiated context: not what was asked)
                     got = self._extents(body, at, stop)
+            elif rtype == REPLY_SIMPLE:
+                raise self._error("a simple reply without extents to block status", offset=at)
             elif rtype & REPLY_TYPE_ERROR_BIT:
                 raise self._chunk_error(rtype, length, at)
             elif rtype != REPLY_NONE or length:
