@@ -123,10 +123,11 @@ def server(args: list[str], sock: str) -> Iterator[subprocess.Popen[bytes]]:
 
 @contextlib.contextmanager
 def qemu_nbd(image: Path, sock: str, fmt: str = "qcow2", export: str = "disk",
-             bitmap: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """``qemu-nbd`` serving ``image`` read-only to any number of clients."""
+             bitmap: str | None = None,
+             shared: int = 16) -> Iterator[subprocess.Popen[bytes]]:
+    """``qemu-nbd`` serving ``image`` read-only to ``shared`` clients at a time."""
     need_qemu("qemu-nbd")
-    args = ["qemu-nbd", "--read-only", "--persistent", "--shared=16", f"--socket={sock}",
+    args = ["qemu-nbd", "--read-only", "--persistent", f"--shared={shared}", f"--socket={sock}",
             f"--format={fmt}", f"--export-name={export}", str(image)]
     if bitmap is not None:
         args[1:1] = [f"--bitmap={bitmap}"]

@@ -189,3 +189,18 @@ def test_an_export_past_4_gib(tmp_path: Path) -> None:
             assert src.client.read(o - 512, n + 512) == bytes(512) + bytes([0x70 + i]) * n
         with pytest.raises(NbdError, match="outside the export"):
             src.client.block_status(BASE_ALLOCATION, 0, size + 1)
+
+
+def test_dirty_ranges_on_the_one_connection_qemu_nbd_allows(tmp_path: Path) -> None:
+    """``qemu-nbd --bitmap`` of an offline qcow2, one client at a time: the bitmap is
+    negotiated with the source's own connection, no second one is needed."""
+    need_qemu("qemu-img", "qemu-io", "qemu-nbd")
+    img = _image(tmp_path)
+    run("qemu-img", "bitmap", "--add", "-g", str(64 * KIB), str(img), "bm")
+    writes = [(2 * MIB + 5, 70 * KIB, 0x71), (SIZE - 100, 100, 0x72)]
+    write(str(img), "qcow2", writes)  # (qemu-io keeps the persistent bitmap up to date)
+    with socket_path(tmp_path) as sock, qemu_nbd(img, sock, bitmap="bm", shared=1), \
+            NbdSource(sock, "disk", timeout=3, bitmaps=("bm",)) as src:
+        assert src.dirty_ranges("bm") == _rounded([(o, n) for o, n, _p in writes], 64 * KIB,
+                                                  SIZE)
+        assert src.extents() == allocated(img, "qcow2")

@@ -498,30 +498,30 @@ def _strerror(err: int) -> str:
 
 
 class NbdSource(BlockSource):
-    """A disk read through an NBD export (a running VM's disk served by QEMU)."""
+    """A disk read through an NBD export (a running VM's disk served by QEMU).
+
+    ``bitmaps``: dirty bitmaps negotiated on this connection already (a server
+    that takes one client at a time, ``qemu-nbd`` without ``--shared``); any
+    other one asked of :meth:`dirty_ranges` takes a connection of its own.
+    """
 
     def __init__(self, socket_path: str, export: str = "", live: bool = False,
-                 timeout: float = TIMEOUT, window: int = WINDOW) -> None:
+                 timeout: float = TIMEOUT, window: int = WINDOW,
+                 bitmaps: tuple[str, ...] = ()) -> None:
         self.socket_path = socket_path
         self.window = window
         self.export = export
         self.timeout = timeout
-        self.client = NbdClient(socket_path, export, [BASE_ALLOCATION], timeout)
+        self.client = NbdClient(socket_path, export,
+                                [BASE_ALLOCATION, *(DIRTY_BITMAP + b for b in bitmaps)], timeout)
         self.path = self.client.name
         self.size = self.client.size
         self.live = live
 
     def extents(self) -> list[tuple[int, int]]:
         """Byte ranges that may hold data: everything ``base:allocation`` calls no hole."""
-        out: list[tuple[int, int]] = []
-        for a, b, f in self.client.block_status(BASE_ALLOCATION, 0, self.size):
-            if f & STATE_HOLE:
-                continue
-            if out and out[-1][1] == a:
-                out[-1] = (out[-1][0], b)
-            else:
-                out.append((a, b))
-        return out
+        return _merged(self.client.block_status(BASE_ALLOCATION, 0, self.size), STATE_HOLE,
+                       STATE_HOLE)
 
     def windows(self, block_size: int, lo: int, hi: int,
                 read_ahead: bool = True) -> Iterator[tuple[int, Window]]:
@@ -537,17 +537,11 @@ class NbdSource(BlockSource):
 
     def dirty_ranges(self, bitmap: str) -> list[tuple[int, int]]:
         """Byte ranges ``[start, end)`` the QEMU dirty bitmap ``bitmap`` marks, merged."""
-        with NbdClient(self.socket_path, self.export, [DIRTY_BITMAP + bitmap],
-                       self.timeout) as c:
-            out: list[tuple[int, int]] = []
-            for a, b, f in c.block_status(DIRTY_BITMAP + bitmap, 0, min(c.size, self.size)):
-                if not f & STATE_DIRTY:
-                    continue
-                if out and out[-1][1] == a:
-                    out[-1] = (out[-1][0], b)
-                else:
-                    out.append((a, b))
-            return out
+        context = DIRTY_BITMAP + bitmap
+        if context in self.client.contexts:
+            return _merged(self.client.block_status(context, 0, self.size), STATE_DIRTY, 0)
+        with NbdClient(self.socket_path, self.export, [context], self.timeout) as c:
+            return _merged(c.block_status(context, 0, min(c.size, self.size)), STATE_DIRTY, 0)
 
     def spec(self) -> SourceSpec:
         return SourceSpec("nbd", self.socket_path, self.size, self.live, None, self.export)
@@ -557,6 +551,20 @@ class NbdSource(BlockSource):
 
     def __enter__(self) -> NbdSource:
         return self
+
+
+def _merged(extents: list[tuple[int, int, int]], bit: int,
+            skip: int) -> list[tuple[int, int]]:
+    """The byte ranges of the extents whose flag ``bit`` is not ``skip``, adjacent ones merged."""
+    out: list[tuple[int, int]] = []
+    for a, b, f in extents:
+        if f & bit == skip:
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
 
 
 def open_nbd(spec: SourceSpec) -> NbdSource:
