@@ -167,6 +167,14 @@ def _stall(s: socket.socket, cmd: int, cookie: int, off: int, n: int) -> None:
     time.sleep(3 * TIMEOUT)
 
 
+def _trickle(s: socket.socket, cmd: int, cookie: int, off: int, n: int) -> None:
+    s.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 1, cookie, n + 8)
+              + struct.pack(">Q", off))
+    for _ in range(n):  # a byte now and then, each well within the timeout
+        time.sleep(TIMEOUT / 4)
+        s.sendall(b"y")
+
+
 def _close_mid_reply(s: socket.socket, cmd: int, cookie: int, off: int, n: int) -> None:
     s.sendall(struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 1, cookie, n + 8)
               + struct.pack(">Q", off) + b"y" * (n // 2))
@@ -235,6 +243,7 @@ READ_ATTACKS: dict[str, tuple[Reply, str]] = {
     "the same bytes twice": (_twice, "sent twice"),
     "overlapping bytes": (_overlap_below, r"a chunk for bytes \[10, 511\) sent twice"),
     "stall": (_stall, "no reply from the server within 1 s"),
+    "trickle": (_trickle, "no reply from the server within 1 s"),
     "closed mid-reply": (_close_mid_reply, "closed the connection|connection failed"),
     "error chunk": (_error_chunk, "read failed at byte 522: .*medium on fire"),
     "unknown chunk type": (_unknown_type, "a reply chunk of type 77"),

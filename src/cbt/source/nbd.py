@@ -35,6 +35,7 @@ import itertools
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -167,10 +168,17 @@ class NbdClient:
         return NbdError(err, f"NBD export {self.name}: {what}", self.name, offset)
 
     def _recv_into(self, view: memoryview) -> None:
-        """Fill ``view`` from the socket: the server closing or stalling is an error."""
+        """Fill ``view`` from the socket: the server closing or stalling is an error.
+
+        The whole of ``view`` (a header, or a chunk's data: at most one request)
+        must come within the timeout, not each piece of it: a server sending a
+        byte now and then is as stuck as a silent one.
+        """
         done = 0
+        deadline = time.monotonic() + self.timeout
         while done < len(view):
             try:
+                self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 n = self._sock.recv_into(view[done:])
             except TimeoutError:
                 raise self._error(f"no reply from the server within {self.timeout:g} s",
