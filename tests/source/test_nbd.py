@@ -189,6 +189,9 @@ def test_an_export_past_4_gib(tmp_path: Path) -> None:
             assert src.client.read(o - 512, n + 512) == bytes(512) + bytes([0x70 + i]) * n
         with pytest.raises(NbdError, match="outside the export"):
             src.client.block_status(BASE_ALLOCATION, 0, size + 1)
+        with pytest.raises(NbdError, match="past the end"):
+            src.client.read(size - 10, 11)
+        assert src.client.read(size - 10, 10) == bytes([0x73]) * 10  # still usable
 
 
 def test_dirty_ranges_on_the_one_connection_qemu_nbd_allows(tmp_path: Path) -> None:

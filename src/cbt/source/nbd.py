@@ -100,7 +100,7 @@ MAX_OPTION_REPLY = 64 << 10  # an option reply carries a few names and numbers
 MAX_STATUS_CHUNK = 16 << 20  # extents of one block status chunk (2 Mi extents)
 MAX_STATUS_LENGTH = 1 << 30  # bytes of disk one block status request asks about
 MAX_STRING = 4096
-TIMEOUT = 60.0  # seconds without a byte from the server: it is stuck
+TIMEOUT = 60.0  # seconds for a reply header or a chunk's data to come: the server is stuck
 WINDOW = 64 << 20  # bytes of one window of NbdSource.windows
 
 _ERRNO = {1: errno.EPERM, 5: errno.EIO, 12: errno.ENOMEM, 22: errno.EINVAL, 28: errno.ENOSPC,
@@ -147,6 +147,7 @@ class NbdClient:
         self.flags = 0
         self.max_request = MAX_REQUEST
         self.contexts: dict[str, int] = {}  # granted context name -> id
+        self._broken: NbdError | None = None  # the error that left the connection unusable
         self._cookies = itertools.count(1)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
@@ -333,14 +334,29 @@ class NbdClient:
                            + (f" ({text})" if text else ""), _ERRNO.get(err, errno.EIO),
                            offset)
 
+    def _usable(self) -> None:
+        """After an error the stream is out of step (replies still due): refuse."""
+        if self._broken is not None:
+            raise self._error(f"the connection is unusable after an earlier error "
+                              f"({self._broken.strerror})", self._broken.errno or errno.EIO,
+                              self._broken.offset)
+
     def read_into(self, offset: int, buf: memoryview | bytearray,
                   in_flight: int = IN_FLIGHT, request: int = READ_REQUEST) -> None:
         """Fill ``buf`` with the export's bytes from ``offset``, ``in_flight`` requests at once."""
+        self._usable()
         view = memoryview(buf).cast("B")
+        if offset < 0 or offset + len(view) > self.size:
+            raise self._error(f"bytes [{offset}, {offset + len(view)}) asked past the end "
+                              f"({self.size})", errno.EINVAL, offset)
+        try:
+            self._read_into(offset, view, in_flight, request)
+        except NbdError as exc:
+            self._broken = exc
+            raise
+
+    def _read_into(self, offset: int, view: memoryview, in_flight: int, request: int) -> None:
         end = offset + len(view)
-        if offset < 0 or end > self.size:
-            raise self._error(f"bytes [{offset}, {end}) asked past the end ({self.size})",
-                              errno.EINVAL, offset)
         step = max(min(request, self.max_request), 512)
         starts = iter(range(offset, end, step))
         pending: dict[int, _Read] = {}
@@ -416,6 +432,7 @@ class NbdClient:
     def block_status(self, context: str, start: int = 0,
                      end: int | None = None) -> list[tuple[int, int, int]]:
         """Extents ``(start, end, flags)`` of ``context`` covering ``[start, end)``, in order."""
+        self._usable()
         cid = self.contexts.get(context)
         if cid is None:
             raise self._error(f"metadata context {context!r} was not negotiated", errno.EINVAL)
@@ -423,6 +440,14 @@ class NbdClient:
         if not 0 <= start <= stop <= self.size:
             raise self._error(f"block status of bytes [{start}, {stop}) asked outside the "
                               f"export ({self.size} bytes)", errno.EINVAL, start)
+        try:
+            return self._block_status(cid, context, start, stop)
+        except NbdError as exc:
+            self._broken = exc
+            raise
+
+    def _block_status(self, cid: int, context: str, start: int,
+                      stop: int) -> list[tuple[int, int, int]]:
         out: list[tuple[int, int, int]] = []
         at = start
         while at < stop:
