@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # System tools the tests use (never needed to build cbt): loop devices and
 # mkfs for the block-device and file-system tests, strace for the fsync-order
-# test, qemu-utils, qemu-system-common (qemu-storage-daemon) and
-# qemu-system-x86 for the QMP tests.  Needs root; a no-op for what is already installed.
+# test, qemu-img/qemu-nbd/qemu-io (qemu-utils), qemu-storage-daemon
+# (qemu-system-common) and qemu-system-x86 for the NBD and QMP tests.  Needs
+# root; a no-op for what is already installed.
 set -euo pipefail
 pkgs=(util-linux strace xfsprogs btrfs-progs e2fsprogs qemu-utils qemu-system-common
       qemu-system-x86)

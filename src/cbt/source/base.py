@@ -34,13 +34,14 @@ Window = mmap.mmap | bytes | bytearray
 class SourceSpec(NamedTuple):
     """What a worker needs to reopen a source (:func:`cbt.source.image.open_source`)."""
 
-    kind: str  # "image": an image file or a block device
-    path: str
+    kind: str  # "image": an image file or a block device; "nbd": an NBD export
+    path: str  # the image or device; the NBD server's unix socket
     size: int  # bytes to read: the size when it was planned
     live: bool
     # which file or device it was when planned: (st_dev, st_ino) of a file, (0, st_rdev)
     # of a block device; a worker refuses another one found at the path (None: unchecked)
     ident: tuple[int, int] | None = None
+    export: str = ""  # the NBD export's name (kind "nbd")
 
 
 class BlockSource(ABC):

@@ -36,6 +36,7 @@ from cbt.core.errors import CbtIOError, SourceReadError
 from cbt.core.extents import data_extents
 from cbt.core.parallel import WorkerError, working_on
 from cbt.source.base import BlockSource, SourceSpec, Window
+from cbt.source.nbd import open_nbd
 
 # Bytes mapped at once: large enough that the per-window cost vanishes, small
 # enough that a worker's mapped footprint stays bounded whatever the disk size.
@@ -112,13 +113,15 @@ def open_image(path: str | os.PathLike[str], live: bool = False,
     return ImageSource(p, fd, size if limit is None else min(size, limit), kind, live, ident)
 
 
-def open_source(spec: SourceSpec) -> ImageSource:
+def open_source(spec: SourceSpec) -> BlockSource:
     """Reopen a source from its :meth:`~BlockSource.spec` (in a worker).
 
     It is read up to the size it had when planned; a disk now shorter is refused,
     and so is another file or device found at its path (renamed over it, a link
     turned elsewhere): a point would mix two disks.
     """
+    if spec.kind == "nbd":
+        return open_nbd(spec)
     if spec.kind != "image":
         raise CbtIOError(errno.EINVAL, f"unknown block source kind {spec.kind!r}")
     try:
