@@ -35,6 +35,7 @@ import platform
 import resource
 import shlex
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -209,6 +210,19 @@ def write_random(path: Path, size: int, seed: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def apparent(path: Path) -> int:
+    """Sum of the sizes of the regular files under ``path`` (``du -sb`` without directories
+    or links)."""
+    total = 0
+    for dirpath, _dirs, names in os.walk(path):
+        for n in names:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(os.path.join(dirpath, n))
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+    return total
 
 
 def fsync_path(path: Path) -> None:

@@ -235,18 +235,6 @@ def build(ds: DataSet) -> None:
 
 # --------------------------------------------------------------------------- helpers
 
-def apparent(path: Path) -> int:
-    """Sum of the sizes of the regular files under ``path`` (``du -sb`` without directories)."""
-    total = 0
-    for dirpath, _dirs, names in os.walk(path):
-        for n in names:
-            with contextlib.suppress(FileNotFoundError):
-                st = os.lstat(os.path.join(dirpath, n))
-                if not os.path.islink(os.path.join(dirpath, n)):
-                    total += st.st_size
-    return total
-
-
 def regular_files(path: Path) -> list[Path]:
     return sorted(Path(d) / n for d, _dirs, names in os.walk(path) for n in names
                   if (Path(d) / n).is_file())
@@ -388,7 +376,7 @@ class Race:
         # vaults; the difference is what unlocking costs (start-up is in both).
         s.extra["list"] = self.runner.run([c, "list", "--json", str(vault)],
                                           capture=True, record=f"{rec}/list")[0]
-        size0 = apparent(vault)
+        size0 = harness.apparent(vault)
         points = []
         for day, op in ((0, "full"), (1, "incr")):
             disks = [f"{d.label}={d.day1 if day else d.day0}" for d in ds.disks]
@@ -397,11 +385,11 @@ class Race:
             t, cpu, out = self.runner.run(argv, capture=True, record=f"{rec}/{op}")
             point = _point_line(out)
             points.append(point)
-            size1 = apparent(vault)
+            size1 = harness.apparent(vault)
             s.seconds[op], s.cpu[op] = t, cpu
             s.growth[op], size0 = size1 - size0, size1
             s.reported[op] = sum(d["bytes_stored"] for d in point["disks"])
-        s.total = apparent(vault)
+        s.total = harness.apparent(vault)
         s.extra["changed"] = {d["label"]: [d["changed_blocks"], d["blocks"]]
                               for d in points[1]["disks"]}
         out_dir = self.scratch / "restore"
@@ -428,18 +416,18 @@ class Race:
         rec = f"{ds.key}/borg"
         names = [d.name for d in ds.disks]
         self.runner.run([b, "init", "--encryption", "none", str(repo)], record=f"{rec}/init")
-        size0 = apparent(repo)
+        size0 = harness.apparent(repo)
         for day, op in ((0, "full"), (1, "incr")):
             argv = [b, "create", "--chunker-params", f"fixed,{self.bs}", "-C", "lz4",
                     f"{repo}::day{day}", *names]
             t, cpu, _ = self.runner.run(argv, cwd=ds.day(day), record=f"{rec}/{op}")
-            size1 = apparent(repo)
+            size1 = harness.apparent(repo)
             s.seconds[op], s.cpu[op] = t, cpu
             s.growth[op], size0 = size1 - size0, size1
             _, _, info = self.runner.run([b, "info", "--json", f"{repo}::day{day}"],
                                          capture=True, record=f"{rec}/info" if day else None)
             s.reported[op] = int(json.loads(info)["archives"][0]["stats"]["deduplicated_size"])
-        s.total = apparent(repo)
+        s.total = harness.apparent(repo)
         out_dir = self.scratch / "restore"
         out_dir.mkdir()
         argv = [b, "extract", "--sparse", f"{repo}::day1"]
@@ -461,7 +449,7 @@ class Race:
         rec = f"{ds.key}/restic"
         names = [d.name for d in ds.disks]
         self.runner.run([*base, "init"], record=f"{rec}/init")
-        size0 = apparent(repo)
+        size0 = harness.apparent(repo)
         snap = ""
         for day, op in ((0, "full"), (1, "incr")):
             argv = [*base, "backup", "-q", "--json", *names]
@@ -469,11 +457,11 @@ class Race:
                                           record=f"{rec}/{op}")
             summary = _restic_summary(out)
             snap = summary["snapshot_id"]
-            size1 = apparent(repo)
+            size1 = harness.apparent(repo)
             s.seconds[op], s.cpu[op] = t, cpu
             s.growth[op], size0 = size1 - size0, size1
             s.reported[op] = int(summary.get("data_added", 0))
-        s.total = apparent(repo)
+        s.total = harness.apparent(repo)
         out_dir = self.scratch / "restore"
         argv = [*base, "restore", snap, "--target", str(out_dir)]
         s.seconds["restore"], s.cpu["restore"], _ = self.runner.restore(

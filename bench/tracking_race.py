@@ -196,19 +196,6 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def apparent(path: Path) -> int:
-    """Sum of the sizes of the regular files under ``path`` (``du -sb`` without directories)."""
-    total = 0
-    for dirpath, _dirs, names in os.walk(path):
-        for n in names:
-            with contextlib.suppress(FileNotFoundError):
-                st = os.lstat(os.path.join(dirpath, n))
-                if os.path.isfile(os.path.join(dirpath, n)) and not os.path.islink(
-                        os.path.join(dirpath, n)):
-                    total += st.st_size
-    return total
-
-
 # --------------------------------------------------------------------------- the disk
 
 def tree_units(root: Path) -> list[tuple[str, int]]:
@@ -255,7 +242,7 @@ def fill_tree(guest: Path, size: int, fill: float, seed: int) -> dict[str, Any]:
         harness.log(f"  copy {copies}: {len(picked)} directories of {TREE} ...")
         sh(["cp", "-a", "--parents", *picked, str(dest)], cwd=TREE)
         copies += 1
-        files_bytes = apparent(guest)
+        files_bytes = harness.apparent(guest)
         if budget < target // 50:
             break
     return {"copies": copies, "files_bytes": files_bytes}
@@ -414,7 +401,7 @@ class Race:
     def measure(self, tool: str, rnd: int) -> Run:
         repo = self.borg_repo if tool == "borg" else self.vault(
             "tracked" if tool == "tracked" else "full")
-        before = apparent(repo)
+        before = harness.apparent(repo)
         argv = self.argv(tool, f"r{rnd}")
         self.commands[tool] = shlex.join(argv)
         drop_caches()
@@ -425,7 +412,7 @@ class Race:
             said = {"deduplicated_size": stats.get("deduplicated_size")}
         else:
             said = cbt_point(out)
-        return Run(tool, rnd, round(t, 3), round(cpu, 3), inblock, apparent(repo) - before,
+        return Run(tool, rnd, round(t, 3), round(cpu, 3), inblock, harness.apparent(repo) - before,
                    said)
 
     def rounds(self) -> tuple[list[Run], list[int]]:
@@ -649,9 +636,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         runs, changed = race.rounds()
         phases["rounds"] = time.perf_counter() - t0
-        sizes = {k: apparent(race.vault(k)) for k in ("tracked", "full")}
+        sizes = {k: harness.apparent(race.vault(k)) for k in ("tracked", "full")}
         if not args.no_borg:
-            sizes["borg"] = apparent(race.borg_repo)
+            sizes["borg"] = harness.apparent(race.borg_repo)
         check = None
         if args.check:
             t0 = time.perf_counter()

@@ -11,10 +11,13 @@ byte for byte with numpy, never from cbt.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +120,29 @@ def coarser(blocks: set[int], factor: int) -> set[int]:
 
 def btrfs(*args: str) -> None:
     subprocess.run(["btrfs", *args], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def fs_area(kind: str, mnt: Path, name: str) -> Iterator[Path]:
+    """A fresh folder ``name`` on a loop-mounted file system (a subvolume on btrfs), removed
+    afterwards with every subvolume made in or beside it (snapshots, tracking bases)."""
+    d = mnt / name.replace("[", "-").replace("]", "")
+    if kind == "btrfs":
+        btrfs("subvolume", "create", str(d))
+    else:
+        d.mkdir()
+    try:
+        yield d
+    finally:
+        if kind == "btrfs":  # deepest first: a subvolume holding others is deleted last
+            found = [p for p in (*d.rglob("*"), *mnt.glob(f"{d.name}*"))
+                     if p.is_dir() and not p.is_symlink() and p.stat().st_ino == 256]
+            for p in sorted(set(found), key=lambda p: -len(p.parts)):
+                if p != d:
+                    btrfs("subvolume", "delete", str(p))
+            if d.exists():
+                for p in d.iterdir():
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                btrfs("subvolume", "delete", str(d))
+        else:
+            shutil.rmtree(d, ignore_errors=True)

@@ -24,6 +24,7 @@ from helpers.tracking import (
     btrfs,
     changed_blocks,
     coarser,
+    fs_area,
     make_tracked_disk,
     mutate,
     punch_hole,
@@ -49,22 +50,8 @@ def fs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture
 def area(fs: tuple[str, Path], request: pytest.FixtureRequest) -> Iterator[Path]:
     """A fresh folder of the test on the shared file system (a subvolume on btrfs)."""
-    kind, mnt = fs
-    d = mnt / request.node.name.replace("[", "-").replace("]", "")
-    if kind == "btrfs":
-        btrfs("subvolume", "create", str(d))
-    else:
-        d.mkdir()
-    try:
+    with fs_area(*fs, request.node.name) as d:
         yield d
-    finally:
-        for p in sorted(mnt.iterdir()):
-            if p.name.startswith(d.name) and p.is_dir() and p.stat().st_ino == 256:
-                btrfs("subvolume", "delete", str(p))
-        if d.exists():
-            for p in d.iterdir():
-                p.unlink()
-            d.rmdir()
 
 
 def clone(kind: str, disk: Path, name: str) -> Path:

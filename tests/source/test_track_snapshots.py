@@ -26,6 +26,7 @@ from helpers.tracking import (
     btrfs,
     changed_blocks,
     coarser,
+    fs_area,
     make_tracked_disk,
     mutate,
     xor_write,
@@ -55,30 +56,8 @@ def fs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture
 def site(fs: tuple[str, Path], request: pytest.FixtureRequest) -> Iterator[Site]:
-    kind, mnt = fs
-    d = mnt / request.node.name.replace("[", "-").replace("]", "")
-    if kind == "btrfs":
-        btrfs("subvolume", "create", str(d))
-    else:
-        d.mkdir()
-    try:
-        yield Site(kind, d)
-    finally:
-        _clear(kind, d)
-
-
-def _clear(kind: str, d: Path) -> None:
-    snaps = d / ".cbt-snapshots"
-    if kind == "btrfs" and snaps.exists():
-        for sv in snaps.iterdir():
-            if sv.is_dir() and sv.stat().st_ino == 256:
-                btrfs("subvolume", "delete", str(sv))
-    if kind == "btrfs":
-        for p in d.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        btrfs("subvolume", "delete", str(d))
-    else:
-        shutil.rmtree(d)
+    with fs_area(*fs, request.node.name) as d:
+        yield Site(fs[0], d)
 
 
 class Site:
