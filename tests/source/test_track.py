@@ -38,15 +38,6 @@ SIZE = 24 * MIB + 5000  # a short last block
 HOLES = ((3 * MIB, MIB), (10 * MIB + 8 * PAGE, 5 * PAGE))
 
 
-@pytest.fixture(scope="module", params=["xfs", "btrfs"])
-def fs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-       ) -> Iterator[tuple[str, Path]]:
-    """A loop-mounted file system of the kind, shared by the module's tests."""
-    kind = str(request.param)
-    with loop_fs(tmp_path_factory.mktemp(kind), kind) as mnt:
-        yield kind, mnt
-
-
 @pytest.fixture
 def area(fs: tuple[str, Path], request: pytest.FixtureRequest) -> Iterator[Path]:
     """A fresh folder of the test on the shared file system (a subvolume on btrfs)."""

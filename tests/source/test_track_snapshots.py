@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import MIB, PAGE
-from helpers.system import loop_fs
 from helpers.tracking import (
     blocks_of,
     btrfs,
@@ -44,14 +43,6 @@ VM = "web"
 
 def job_id(n: int) -> str:
     return f"{VM}.20260101T00000{n}Z.abc{n:03d}"
-
-
-@pytest.fixture(scope="module", params=["xfs", "btrfs"])
-def fs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-       ) -> Iterator[tuple[str, Path]]:
-    kind = str(request.param)
-    with loop_fs(tmp_path_factory.mktemp(kind), kind) as mnt:
-        yield kind, mnt
 
 
 @pytest.fixture
