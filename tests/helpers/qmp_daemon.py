@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -18,19 +17,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers.qemu import create, need_qemu
 from helpers.system import need
 
 
-def need_qemu() -> None:
-    for tool in ("qemu-storage-daemon", "qemu-img", "qemu-io"):
-        need(shutil.which(tool) is not None,
-             f"needs {tool} (apt-get install qemu-utils qemu-system-common)")
+def need_fuse_qemu() -> None:
+    """The QEMU tools, and /dev/fuse for qemu-storage-daemon's FUSE exports."""
+    need_qemu("qemu-storage-daemon", "qemu-img", "qemu-io")
     need(os.path.exists("/dev/fuse"), "needs /dev/fuse for qemu-storage-daemon's FUSE export")
-
-
-def make_qcow2(path: Path, size: int) -> Path:
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
-    return path
 
 
 @dataclass
@@ -98,9 +92,9 @@ class Daemon:
 @contextlib.contextmanager
 def storage_daemon(root: Path, disks: dict[str, int]) -> Iterator[Daemon]:
     """A started daemon serving fresh qcow2 disks ``name -> size``; always stopped."""
-    need_qemu()
+    need_fuse_qemu()
     for name, size in disks.items():
-        make_qcow2(root / f"{name}.qcow2", size)
+        create(root / f"{name}.qcow2", size)
     d = Daemon(root=root, disks=list(disks), qmp=root / "qmp.sock")
     d.start()
     try:

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.qemu import create
 from helpers.qmp_daemon import (
     Daemon,
     dirty_extents,
-    make_qcow2,
-    need_qemu,
+    need_fuse_qemu,
     read_nbd,
     storage_daemon,
 )
@@ -281,11 +281,11 @@ def test_recover_without_a_usable_previous_drops_leftovers(daemon: Daemon) -> No
 
 def test_default_disks_of_a_real_vm_are_its_writable_fixed_devices(tmp_path: Path) -> None:
     """A (stopped, never booted) qemu-system VM: a writable disk, a read-only one, a CD-ROM."""
-    need_qemu()
+    need_fuse_qemu()
     need(shutil.which("qemu-system-x86_64") is not None,
          "needs qemu-system-x86_64 (apt-get install qemu-system-x86)")
-    a = make_qcow2(tmp_path / "a.qcow2", 8 * MIB)
-    b = make_qcow2(tmp_path / "b.qcow2", 4 * MIB)
+    a = create(tmp_path / "a.qcow2", 8 * MIB)
+    b = create(tmp_path / "b.qcow2", 4 * MIB)
     c = tmp_path / "c.iso"
     c.write_bytes(bytes(MIB))
     qmp = tmp_path / "vm.qmp"
