@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, NamedTuple
 
@@ -347,6 +347,26 @@ def _windows(n: int) -> list[tuple[int, int]]:
 def digest_records(digests: npt.NDArray[np.uint8]) -> npt.NDArray[np.void]:
     """An ``(n, 32)`` digest array as ``n`` 32-byte records (a view where it can be)."""
     return np.ascontiguousarray(digests, dtype=np.uint8).view("V32").ravel()
+
+
+def range_rows(ranges: Sequence[tuple[int, int]]) -> U64:
+    """The block numbers of ``[first, end)`` ranges, in order, as one array (no loop per
+    range: a tracked disk's reads are thousands of short ranges)."""
+    r = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+    lengths = np.maximum(r[:, 1] - r[:, 0], 0)
+    before = np.cumsum(lengths) - lengths  # where each range starts in the output
+    out: U64 = (np.repeat(r[:, 0] - before, lengths)
+                + np.arange(int(lengths.sum()), dtype=np.int64)).astype(np.uint64)
+    return out
+
+
+def row_runs(rows: npt.NDArray[Any]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The runs of consecutive numbers in the sorted ``rows``: (first of each, end of each)."""
+    r = np.asarray(rows).astype(np.int64)
+    if not len(r):
+        return r, r
+    breaks = np.flatnonzero(np.diff(r) != 1) + 1
+    return r[np.r_[0, breaks]], r[np.r_[breaks - 1, len(r) - 1]] + 1
 
 
 def union_rows(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> U64:

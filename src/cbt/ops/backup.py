@@ -77,7 +77,8 @@ from cbt.core.parallel import Report, WorkerError, fork_map
 from cbt.core.sizes import format_size
 from cbt.core.timefmt import utc_now
 from cbt.format.index_segment import segment_bytes
-from cbt.format.manifest import Manifest
+from cbt.format.manifest import Manifest, range_rows
+from cbt.format.manifest import row_runs as manifest_row_runs
 from cbt.format.pack import TARGET_PACK_SIZE, PackWriter, block_id, pack_name
 from cbt.format.records import DiskRecord, PointRecord, check_name
 from cbt.ops.diff import changed_blocks
@@ -416,8 +417,7 @@ def _plan_disk(vault: Vault, request: BackupRequest, prev: PointRecord | None, s
         if hint.tracked and lost is not None:
             hint = ChangeHint.hash(lost)
         ranges = source.block_ranges(bs)
-        rows = (np.concatenate([np.arange(lo, hi, dtype=np.uint64) for lo, hi in ranges])
-                if ranges else np.zeros(0, dtype=np.uint64))
+        rows = range_rows(ranges)
         d = PlannedDisk(spec=spec, source=source.spec(), block_size=bs, parent=parent,
                         seq=parent.seq + 1 if parent else 0, ranges=ranges, rows=rows,
                         digests=np.zeros(0, dtype=np.uint8), flags=np.zeros(0, dtype=np.uint8),
@@ -542,19 +542,8 @@ def scramble(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
 
 def row_runs(rows: npt.NDArray[np.uint64]) -> list[BlockRange]:
     """The runs of consecutive block numbers in the sorted ``rows``."""
-    if not len(rows):
-        return []
-    r = rows.astype(np.int64)
-    breaks = np.nonzero(np.diff(r) != 1)[0] + 1
-    starts = r[np.r_[0, breaks]]
-    ends = r[np.r_[breaks - 1, len(r) - 1]] + 1
+    starts, ends = manifest_row_runs(rows)
     return list(zip(starts.tolist(), ends.tolist(), strict=True))
-
-
-def _range_rows(ranges: Sequence[BlockRange]) -> npt.NDArray[np.uint64]:
-    if not ranges:
-        return np.zeros(0, dtype=np.uint64)
-    return np.concatenate([np.arange(lo, hi, dtype=np.uint64) for lo, hi in ranges])
 
 
 def _shard_task(disk: PlannedDisk, shard: Shard) -> ShardTask:
@@ -1120,7 +1109,7 @@ def _fill(disks: list[PlannedDisk], shards: list[ShardTask],
                     s.ranges[-1][1] - 1:  # consecutive rows of its disk (a first pass)
                 at: Any = slice(lo, lo + s.blocks)
             else:
-                at = np.searchsorted(d.rows, _range_rows(s.ranges))
+                at = np.searchsorted(d.rows, range_rows(s.ranges))
             d.digests[at] = r.block_digests
             d.flags[at] = r.block_flags
         d.bytes_read += r.bytes_read

@@ -39,7 +39,13 @@ from cbt.core.errors import CbtValueError
 from cbt.core.native import fast
 from cbt.core.parallel import Report, WorkerError, fork_map, shared_array
 from cbt.core.sizes import format_size
-from cbt.format.manifest import Manifest, digest_records, is_manifest_file, union_rows
+from cbt.format.manifest import (
+    Manifest,
+    digest_records,
+    is_manifest_file,
+    row_runs,
+    union_rows,
+)
 from cbt.format.records import PointRecord
 from cbt.repo.keys import Passphrase
 from cbt.repo.vault import Vault
@@ -176,10 +182,7 @@ def _runs(rows: npt.NDArray[np.uint64], common: int, n: int, block_size: int,
           total: int) -> npt.NDArray[np.uint64]:
     """:func:`fast.bitmap_runs` of the bitmap of ``rows`` and every block from ``common``
     to ``n``, without making that bitmap."""
-    r = rows.astype(np.int64)
-    breaks = np.nonzero(np.diff(r) != 1)[0] + 1
-    starts = r[np.r_[0, breaks]] if len(r) else r
-    ends = r[np.r_[breaks - 1, len(r) - 1]] + 1 if len(r) else r
+    starts, ends = row_runs(rows)
     if n > common:
         if len(ends) and ends[-1] == common:
             ends[-1] = n

@@ -112,11 +112,9 @@ class BlockScan(NamedTuple):
 
     def block_numbers(self) -> Any:
         """The block number of each row (a numpy ``uint64`` array)."""
-        import numpy as np
+        from cbt.format.manifest import range_rows
 
-        if not self.ranges:
-            return np.zeros(0, dtype=np.uint64)
-        return np.concatenate([np.arange(lo, hi, dtype=np.uint64) for lo, hi in self.ranges])
+        return range_rows(self.ranges)
 
     def manifest(self) -> Manifest:
         """The scan as a (sparse) :class:`Manifest`."""
