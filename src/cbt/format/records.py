@@ -81,7 +81,8 @@ def base_seq(seq: int) -> int:
     return seq & (seq - 1)
 
 
-CHANGE_SOURCES = ("fiemap", "btrfs-send", "hint-file", "hash")  # see cbt.source.changes
+# see cbt.source.changes
+CHANGE_SOURCES = ("fiemap", "btrfs-send", "hint-file", "qemu-bitmap", "hash")
 _KINDS = ("file", "subvolume")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 

@@ -31,6 +31,18 @@ Shape (everything but ``vault``, ``policy.*.schedule``, ``vm.*.policy`` and
     timeout = 60
     on_pre_failure = "fallback"   # or "fail"
     provides = "application"      # or "file-system"
+
+A running QEMU VM (:mod:`cbt.jobs.qemu`) names its QMP socket instead of disk
+paths; ``snapshot`` and ``snapshot_dir`` are not allowed then (QEMU makes the
+point-in-time view)::
+
+    [vm.web]
+    policy = "daily"
+    qmp = "/run/qemu/web.qmp"       # QMP socket of the QEMU (or qemu-storage-daemon)
+    guest_agent = "/run/qemu/web.qga"   # optional: freeze/thaw through the guest agent
+    disks = { os = "os", db = "db" }    # optional: label -> block node name or device id
+                                        # (default: every writable, non-removable disk)
+    nbd = "/run/qemu/web.nbd"       # optional: socket of an NBD server QEMU already runs
 """
 
 from __future__ import annotations
@@ -87,6 +99,16 @@ class VMConfig:
     # ``auto``: the cheapest change source that can be trusted; ``hash``: read every block
     change_tracking: ChangeTracking = "auto"
     verify_fraction: float = DEFAULT_VERIFY_FRACTION  # of the unchanged blocks, re-hashed
+    # a running QEMU VM: its QMP socket (absolute); ``disks`` then maps label -> block
+    # node name or device id (empty: every writable, non-removable disk of the VM)
+    qmp: str | None = None
+    guest_agent: str | None = None  # the QEMU guest agent's socket (absolute): freeze/thaw
+    nbd: str | None = None  # an NBD server the QEMU already runs (absolute socket path)
+
+    @property
+    def qemu(self) -> bool:
+        """Whether this VM is a running QEMU (``qmp`` set)."""
+        return self.qmp is not None
 
 
 @dataclass(frozen=True)
@@ -248,13 +270,17 @@ def _vm(where: _Where, path: str, base: Path, name: str, table: Any,
     if not NAME_RE.match(name):
         raise _err(where, path, pre[:-1], "invalid VM name (letters, digits, '_', '-')")
     _typed(where, path, pre[:-1], table, dict, "a table")
+    qemu = "qmp" in table
     _check_keys(where, path, pre, table, {"policy", "disks", "snapshot", "snapshot_dir",
                                          "block_size", "hooks", "change_tracking",
-                                         "verify_fraction"}, {"policy", "disks"})
+                                         "verify_fraction", "qmp", "guest_agent", "nbd"},
+                {"policy"} if qemu else {"policy", "disks"})
     policy = _typed(where, path, pre + "policy", table["policy"], str, "a policy name")
     if policy not in policies:
         raise _err(where, path, pre + "policy", f"no policy named {policy!r}")
-    disks = _disks(where, path, base, pre, table["disks"])
+    sockets = _qemu_sockets(where, path, base, pre, table)
+    disks = (_qemu_disks(where, path, pre, table.get("disks", {})) if qemu
+             else _disks(where, path, base, pre, table["disks"]))
     snapshot = _typed(where, path, pre + "snapshot", table.get("snapshot", "auto"), str,
                       "a string")
     if snapshot not in PROVIDERS:
@@ -271,7 +297,48 @@ def _vm(where: _Where, path: str, base: Path, name: str, table: Any,
         hooks = _hooks(where, path, base, pre + "hooks", table["hooks"])
     tracking, fraction = _tracking(where, path, pre, table)
     return VMConfig(name, policy, disks, snapshot, snapshot_dir, block_size, hooks, tracking,
-                    fraction)
+                    fraction, *sockets)
+
+
+def _qemu_sockets(where: _Where, path: str, base: Path, pre: str, table: dict[str, Any]
+                  ) -> tuple[str | None, str | None, str | None]:
+    """A QEMU VM's ``qmp``, ``guest_agent`` and ``nbd`` sockets (absolute), all None for
+    a VM of image files; ``snapshot`` and ``snapshot_dir`` are refused beside ``qmp``."""
+    found: dict[str, str] = {}
+    for key in ("qmp", "guest_agent", "nbd"):
+        if key in table:
+            value = _typed(where, path, pre + key, table[key], str, "a socket path (string)")
+            if not value or "\0" in value:
+                raise _err(where, path, pre + key, "must be a socket path")
+            found[key] = str((base / value).absolute())
+    if "qmp" not in found:
+        for key in found:
+            raise _err(where, path, pre + key, "needs qmp (the QMP socket of the VM's QEMU)")
+        return None, None, None
+    for key in ("snapshot", "snapshot_dir"):
+        if key in table:
+            raise _err(where, path, pre + key, "not allowed with qmp: QEMU makes the "
+                       "point-in-time view of a running VM's disks")
+    return found["qmp"], found.get("guest_agent"), found.get("nbd")
+
+
+def _qemu_disks(where: _Where, path: str, pre: str, value: Any) -> dict[str, str]:
+    """A QEMU VM's ``disks``: label -> block node name or device id (may be empty)."""
+    from cbt.format.records import NAME_RE
+
+    disks_t = _typed(where, path, pre + "disks", value, dict,
+                     "a table of label = block node name or device id")
+    disks = {}
+    for label, name in disks_t.items():
+        if not NAME_RE.match(label):
+            raise _err(where, path, f"{pre}disks.{label}", "invalid disk label")
+        _typed(where, path, f"{pre}disks.{label}", name, str,
+               "a block node name or device id (string)")
+        if not re.fullmatch(r"[A-Za-z0-9_.#/+-]{1,128}", name):
+            raise _err(where, path, f"{pre}disks.{label}",
+                       f"{name!r} is not a block node name or device id")
+        disks[label] = name
+    return disks
 
 
 def _tracking(where: _Where, path: str, pre: str, table: dict[str, Any]

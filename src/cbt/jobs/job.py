@@ -155,7 +155,10 @@ def recover(vault: Vault, vmc: VMConfig) -> list[str]:
 
 
 def _job_snapshots(vmc: VMConfig, job_id: str) -> list[str]:
-    """Snapshots a dead job left: files and subvolumes whose name carries its id."""
+    """Snapshots a dead job left: files and subvolumes whose name carries its id (a QEMU
+    VM has none: QEMU's leftovers are released by :mod:`cbt.jobs.qemu`)."""
+    if vmc.qemu:
+        return []
     dirs = {snapshot_dir_for(p, vmc.name, vmc.snapshot_dir) for p in vmc.disks.values()}
     for p in vmc.disks.values():
         subvol = btrfs_subvolume(p) if os.path.exists(p) else None

@@ -52,7 +52,7 @@ def start_early_scan(vault: Vault | str | os.PathLike[str], vm: str, disks: Sequ
         wanted = []
         for spec in disks:
             parent = prev.disk(spec.label)
-            if spec.label in skip or parent is None or (
+            if spec.label in skip or spec.nbd is not None or parent is None or (
                     block_size and block_size != parent.block_size):
                 continue
             wanted.append((spec.source, parent.block_size))

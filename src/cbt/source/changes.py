@@ -10,6 +10,8 @@ scan of every allocated block stays the always-correct fallback.
 - ``btrfs-send``: a ``btrfs`` snapshot against the kept base subvolume.
 - ``hint-file``: ranges given by a tool that tracks writes itself
   (``cbt backup --changed-ranges LABEL=FILE``).
+- ``qemu-bitmap``: a QEMU disk's persistent dirty bitmap of the previous point
+  (``cbt-<point id>``), read over NBD (:mod:`cbt.source.qemu`, :mod:`cbt.source.nbd`).
 - ``hash``: no hint: every allocated block is read and hashed.
 
 A :class:`ChangeHint` is what a source says about one disk; a

@@ -43,7 +43,7 @@ from cbt.core.durable import fsync_dir, fsync_file
 from cbt.core.errors import CbtError
 from cbt.source.changes import ChangeHint, TrackingBase
 from cbt.source.disks import DiskSpec
-from cbt.source.image import ImageSource
+from cbt.source.image import ImageSource, open_image
 from cbt.source.track import changed_ranges, identify
 
 FICLONE = 0x40049409
@@ -160,7 +160,7 @@ class SnapshotSet:
 
     def source(self, label: str, path: str) -> ImageSource:
         """Disk ``label``'s snapshot opened as a block source (live for provider ``none``)."""
-        return self.disk(label, path).open()
+        return open_image(self.read_paths[label], live=self.disk(label, path).live)
 
     def changes(self, label: str, block_size: int, size: int,
                 recorded: TrackingBase | None) -> ChangeHint:
