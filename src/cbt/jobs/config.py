@@ -85,6 +85,9 @@ class Hooks:
     on_pre_failure: OnPreFailure = "fallback"
     provides: Provides = "application"
     cwd: str | None = None  # hooks run in the config file's folder
+    # ``provides`` was written in the file (a QEMU VM's agent freeze alone then counts as
+    # ``application``: the guest's fsfreeze hook scripts quiesce its applications)
+    provides_given: bool = False
 
 
 @dataclass(frozen=True)
@@ -408,4 +411,5 @@ def _hooks(where: _Where, path: str, base: Path, dotted: str, value: Any) -> Hoo
     return Hooks(
         pre=_argv(where, path, hp + "pre", h["pre"]) if "pre" in h else (),
         post=_argv(where, path, hp + "post", h["post"]) if "post" in h else (),
-        timeout=float(timeout), on_pre_failure=opf, provides=provides, cwd=str(base))
+        timeout=float(timeout), on_pre_failure=opf, provides=provides, cwd=str(base),
+        provides_given="provides" in h)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import threading
@@ -169,6 +170,7 @@ class QemuDisk:
     size: int
     format: str
     bitmaps: tuple[Bitmap, ...] = ()
+    filename: str | None = None  # the image file QEMU reports (None: not a plain path)
 
     def bitmap(self, name: str) -> Bitmap | None:
         return next((b for b in self.bitmaps if b.name == name), None)
@@ -190,7 +192,15 @@ def _disk(label: str, info: Mapping[str, Any], device: str | None) -> QemuDisk:
     image = info.get("image", {})
     return QemuDisk(label=label, node=info["node-name"], device=device,
                     size=int(image.get("virtual-size", 0)), format=str(info.get("drv")),
-                    bitmaps=_bitmaps(info))
+                    bitmaps=_bitmaps(info), filename=_filename(info.get("file")))
+
+
+def _filename(value: object) -> str | None:
+    """A node's image file as QEMU reports it, if it is a plain absolute path."""
+    if isinstance(value, str) and value.startswith("/") and "\0" not in value \
+            and len(value) < 4096 and value.isprintable():
+        return value
+    return None
 
 
 def _devices(session: QmpSession) -> dict[str, tuple[str, bool, bool]]:
@@ -353,21 +363,29 @@ def _prepare(session: QmpSession, disks: Mapping[str, QemuDisk], point_id: str,
     views: dict[str, View] = {}
     reasons: dict[str, str] = {}
     new = bitmap_name(point_id)
+    # QEMU node names hold at most 31 characters (a point id alone may be longer): the
+    # overlays, jobs and exports are named by a short digest of the point id
+    tag = hashlib.sha256(point_id.encode()).hexdigest()[:10]
     for i, (label, disk) in enumerate(sorted(disks.items())):
         why = _unusable(disk, previous, previous_sizes.get(label))
         if why is not None:
             reasons[label] = why
-        views[label] = View(label=label, disk=disk, export=f"{_EXPORT_PREFIX}{point_id}-{i}",
-                            node=f"{_NODE_PREFIX}{point_id}-{i}",
-                            overlay=workdir / f"{_NODE_PREFIX}{point_id}-{i}.qcow2",
-                            job=f"{_JOB_PREFIX}{point_id}-{i}",
+        views[label] = View(label=label, disk=disk, export=f"{_EXPORT_PREFIX}{tag}-{i}",
+                            node=f"{_NODE_PREFIX}{tag}-{i}",
+                            overlay=workdir / f"{_NODE_PREFIX}{tag}-{i}.qcow2",
+                            job=f"{_JOB_PREFIX}{tag}-{i}",
                             bitmap=None if why else previous, new_bitmap=new)
     return views, reasons
 
 
 def _add_overlay(session: QmpSession, view: View) -> None:
     fd = os.open(view.overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.close(fd)
+    try:  # QEMU may run as another user: the file is the owner's of the work folder
+        owner = os.stat(view.overlay.parent)
+        if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+    finally:
+        os.close(fd)
     session.command("blockdev-add", {"driver": "file", "node-name": view.node + "-f",
                                      "filename": str(view.overlay)})
     try:

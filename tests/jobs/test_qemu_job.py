@@ -1,0 +1,242 @@
+"""The job of a running QEMU VM against a real qemu-storage-daemon (QMP socket, qcow2 disks,
+writable FUSE exports the test writes through as a guest would).
+
+Truth is the guest's view read back through the FUSE export at the moment of the cut
+(nothing writes between the cut and the read, or the test says what it wrote after), the
+point restored by cbt, and QEMU's own answers over QMP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers.jobs import write_config
+from helpers.qmp_daemon import Daemon, storage_daemon
+from helpers.vaults import PASSWORD, fast_kdf
+
+from cbt.api import Vault
+from cbt.jobs.config import load
+from cbt.jobs.job import JobRequest, JobResult, run_vm
+from cbt.repo.registry import list_jobs
+from cbt.source.qemu import QmpSession
+
+MIB = 1 << 20
+KIB = 1 << 10
+VM = "web"
+
+
+def _config(root: Path, d: Daemon, **vm: Any) -> Path:
+    return write_config(root / "cbt.toml", {"p": {"schedule": "daily 02:00"}},
+                        {VM: {"policy": "p", "qmp": str(d.qmp), **vm}})
+
+
+def _vault(root: Path, encrypted: bool) -> Vault:
+    if encrypted:
+        return Vault.init(root / "vault", encryption="aes-256-gcm", passphrase=PASSWORD,
+                          kdf=fast_kdf())
+    return Vault.init(root / "vault", encryption="none")
+
+
+def _run(cfg: Path, encrypted: bool = False, **request: Any) -> JobResult:
+    return run_vm(load(cfg), VM, JobRequest(passphrase=PASSWORD.encode() if encrypted else None,
+                                            **request))
+
+
+def _restored(root: Path, vault: Vault, point: str, label: str) -> bytes:
+    out = root / f"r-{point}-{label}"
+    vault.restore(point, out, disk=label)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def _bitmaps(d: Daemon, node: str) -> dict[str, dict[str, Any]]:
+    with QmpSession(d.qmp) as s:
+        for n in s.command("query-named-block-nodes", {"flat": True}):
+            if n["node-name"] == node:
+                return {b["name"]: b for b in n.get("dirty-bitmaps", [])}
+    raise AssertionError(node)
+
+
+def _leftovers(d: Daemon) -> tuple[set[str], set[str], set[str]]:
+    with QmpSession(d.qmp) as s:
+        nodes = {n["node-name"] for n in s.command("query-named-block-nodes", {"flat": True})}
+        exports = {e["id"] for e in s.command("query-block-exports")}
+        jobs = {j["id"] for j in s.command("query-jobs")}
+    return ({n for n in nodes if n.startswith("cbt-")},
+            {e for e in exports if e.startswith("cbt-")}, jobs)
+
+
+def _disk(point: Any, label: str) -> Any:
+    return next(x for x in point.disks if x.label == label)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    with storage_daemon(tmp_path, {"os": 4 * MIB, "db": 2 * MIB}) as d:
+        yield d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_full_then_incremental_equal_the_guest_view(tmp_path: Path, daemon: Daemon,
+                                                    encrypted: bool) -> None:
+    vault = _vault(tmp_path, encrypted)
+    daemon.write("os", 0, os.urandom(300 * KIB))
+    daemon.write("db", 1 * MIB, os.urandom(100 * KIB))
+    cfg = _config(tmp_path, daemon)
+    first = _run(cfg, encrypted)
+    assert first.error is None and first.point is not None
+    assert first.snapshots == {"db": "qemu", "os": "qemu"}
+    for label in ("os", "db"):
+        assert _restored(tmp_path, vault, first.point.id, label) == daemon.read(label)
+        assert _disk(first.point, label).change_source == "hash"
+        assert _disk(first.point, label).path == str(daemon.image(label))
+    assert first.point.consistency == "crash"
+    assert "one QMP transaction" in first.point.consistency_reason
+    assert set(_bitmaps(daemon, "os")) == {f"cbt-{first.point.id}"}
+
+    daemon.write("os", 2 * MIB + 5000, b"\x11" * 3000)  # 2 blocks of 16K touched
+    second = _run(cfg, encrypted)
+    assert second.point is not None, second.error
+    os_rec, db_rec = _disk(second.point, "os"), _disk(second.point, "db")
+    assert (os_rec.change_source, db_rec.change_source) == ("qemu-bitmap", "qemu-bitmap")
+    assert os_rec.change_source_reason is None
+    for label in ("os", "db"):
+        assert _restored(tmp_path, vault, second.point.id, label) == daemon.read(label)
+    # read: the changed blocks (one 64K granule = 4 blocks) and the verification sample
+    assert os_rec.changed_blocks >= 1 and os_rec.bytes_read < 400 * KIB
+    assert set(_bitmaps(daemon, "os")) == {f"cbt-{second.point.id}"}
+    assert _leftovers(daemon) == (set(), set(), set())
+    assert not any((tmp_path / "qmp.sock.cbt").iterdir())
+    jobs = list_jobs(vault, VM)
+    assert [j.status for j in jobs] == ["succeeded", "succeeded"]
+    assert {d.label: d.snapshot for d in jobs[-1].disks} == {"db": "qemu", "os": "qemu"}
+
+
+@pytest.mark.slow
+def test_writes_after_the_cut_go_to_the_next_point_on_both_disks(tmp_path: Path,
+                                                                  daemon: Daemon) -> None:
+    vault = _vault(tmp_path, False)
+    daemon.write("os", 0, b"\x01" * (128 * KIB))
+    daemon.write("db", 0, b"\x02" * (128 * KIB))
+    cfg = _config(tmp_path, daemon)
+    at_cut: dict[str, bytes] = {}
+
+    def progress(*_: object) -> None:  # during the transfer, after the cut: the guest writes
+        if not at_cut:
+            at_cut.update(os=daemon.read("os"), db=daemon.read("db"))
+            daemon.write("os", 64 * KIB, b"\xaa" * (200 * KIB))
+            daemon.write("db", 1 * MIB, b"\xbb" * (10 * KIB))
+
+    first = _run(cfg, progress=progress)
+    assert first.point is not None, first.error
+    assert at_cut
+    for label in ("os", "db"):
+        got = _restored(tmp_path, vault, first.point.id, label)
+        assert got == at_cut[label], label  # both disks as they were at the one moment
+        assert got != daemon.read(label)
+    second = _run(cfg)
+    assert second.point is not None, second.error
+    for label in ("os", "db"):
+        assert _disk(second.point, label).change_source == "qemu-bitmap"
+        assert _restored(tmp_path, vault, second.point.id, label) == daemon.read(label)
+
+
+@pytest.mark.slow
+def test_sigkill_of_qemu_makes_the_bitmap_inconsistent_full_read(tmp_path: Path,
+                                                                  daemon: Daemon) -> None:
+    vault = _vault(tmp_path, False)
+    cfg = _config(tmp_path, daemon, disks={"os": "os"})
+    daemon.write("os", 0, os.urandom(64 * KIB))
+    first = _run(cfg)
+    assert first.point is not None, first.error
+    daemon.stop()  # a clean stop stores the bitmap in the qcow2; a restart loads it in use
+    daemon.start()
+    daemon.write("os", 3 * MIB, b"\x33" * 4096)
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    assert _bitmaps(daemon, "os")[f"cbt-{first.point.id}"]["inconsistent"] is True
+    second = _run(cfg)
+    assert second.point is not None, second.error
+    rec = _disk(second.point, "os")
+    assert rec.change_source == "hash"
+    assert rec.change_source_reason == (f"bitmap cbt-{first.point.id} on node os is "
+                                        "inconsistent (QEMU stopped uncleanly)")
+    assert _restored(tmp_path, vault, second.point.id, "os") == daemon.read("os")
+    assert set(_bitmaps(daemon, "os")) == {f"cbt-{second.point.id}"}
+    daemon.write("os", 1 * MIB, b"\x34" * 4096)  # and the new bitmap is used next time
+    third = _run(cfg)
+    assert third.point is not None, third.error
+    assert _disk(third.point, "os").change_source == "qemu-bitmap"
+    assert _restored(tmp_path, vault, third.point.id, "os") == daemon.read("os")
+
+
+@pytest.mark.slow
+def test_a_bitmap_qemu_never_stored_is_missing_after_sigkill(tmp_path: Path,
+                                                             daemon: Daemon) -> None:
+    vault = _vault(tmp_path, False)
+    cfg = _config(tmp_path, daemon, disks={"os": "os"})
+    first = _run(cfg)
+    assert first.point is not None, first.error
+    daemon.write("os", 3 * MIB, b"\x35" * 4096)
+    daemon.stop(signal.SIGKILL)  # QEMU writes persistent bitmaps at close: this one is lost
+    daemon.start()
+    second = _run(cfg)
+    assert second.point is not None, second.error
+    rec = _disk(second.point, "os")
+    assert (rec.change_source, rec.change_source_reason) == (
+        "hash", f"bitmap cbt-{first.point.id} missing on node os")
+    assert _restored(tmp_path, vault, second.point.id, "os") == daemon.read("os")
+
+
+@pytest.mark.slow
+def test_deleted_bitmap_and_resized_disk_fall_back_to_hash(tmp_path: Path,
+                                                           daemon: Daemon) -> None:
+    vault = _vault(tmp_path, False)
+    cfg = _config(tmp_path, daemon)
+    first = _run(cfg)
+    assert first.point is not None, first.error
+    with QmpSession(daemon.qmp) as s:
+        s.command("block-dirty-bitmap-remove", {"node": "db", "name": f"cbt-{first.point.id}"})
+        s.command("block_resize", {"node-name": "os", "size": 6 * MIB})
+    daemon.write("db", 0, b"\x44" * 5000)
+    daemon.write("os", 5 * MIB, b"\x55" * 5000)
+    second = _run(cfg)
+    assert second.point is not None, second.error
+    db, os_ = _disk(second.point, "db"), _disk(second.point, "os")
+    assert (db.change_source, db.change_source_reason) == (
+        "hash", f"bitmap cbt-{first.point.id} missing on node db")
+    assert os_.change_source == "hash" and "resized" in (os_.change_source_reason or "")
+    assert os_.size == 6 * MIB
+    for label in ("os", "db"):
+        assert _restored(tmp_path, vault, second.point.id, label) == daemon.read(label)
+
+
+@pytest.mark.slow
+def test_a_failing_transfer_merges_the_bitmap_back_and_misses_nothing(tmp_path: Path,
+                                                                      daemon: Daemon) -> None:
+    vault = _vault(tmp_path, False)
+    cfg = _config(tmp_path, daemon)
+    first = _run(cfg)
+    assert first.point is not None, first.error
+    daemon.write("os", 1 * MIB, b"\x66" * 5000)  # before the failing run's cut
+
+    def fail(*_: object) -> None:
+        daemon.write("os", 2 * MIB, b"\x77" * 5000)  # after its cut
+        raise OSError(5, "injected transfer failure")
+
+    failed = _run(cfg, progress=fail)
+    assert failed.point is None and "injected transfer failure" in (failed.error or "")
+    assert set(_bitmaps(daemon, "os")) == {f"cbt-{first.point.id}"}  # merged back
+    assert _bitmaps(daemon, "os")[f"cbt-{first.point.id}"]["recording"] is True
+    assert _leftovers(daemon) == (set(), set(), set())
+    third = _run(cfg)
+    assert third.point is not None, third.error
+    assert _disk(third.point, "os").change_source == "qemu-bitmap"
+    assert _restored(tmp_path, vault, third.point.id, "os") == daemon.read("os")
+    assert [j.status for j in list_jobs(vault, VM)] == ["succeeded", "failed", "succeeded"]
