@@ -87,7 +87,7 @@ class Hooks:
     cwd: str | None = None  # hooks run in the config file's folder
     # ``provides`` was written in the file (a QEMU VM's agent freeze alone then counts as
     # ``application``: the guest's fsfreeze hook scripts quiesce its applications)
-    provides_given: bool = False
+    provides_given: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,8 @@ class GuestAgent:
             if at >= 0:
                 if at > MAX_LINE:
                     break
-                line = bytes(self._buf[:at])
+                # a stale delimited reply of an earlier client carries its own 0xFF
+                line = bytes(self._buf[:at]).lstrip(_DELIMITER)
                 del self._buf[:at + 1]
                 if line.strip():
                     return line

@@ -181,7 +181,8 @@ def _bitmaps(info: Mapping[str, Any]) -> tuple[Bitmap, ...]:
                         recording=bool(b.get("recording")),
                         inconsistent=bool(b.get("inconsistent")),
                         granularity=int(b.get("granularity", 0)), count=int(b.get("count", 0)))
-                 for b in info.get("dirty-bitmaps", ()))
+                 for b in info.get("dirty-bitmaps", ())
+                 if isinstance(b.get("name"), str))  # a running backup job's has none
 
 
 def _nodes(session: QmpSession) -> dict[str, Mapping[str, Any]]:
