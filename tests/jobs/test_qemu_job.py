@@ -240,3 +240,81 @@ def test_a_failing_transfer_merges_the_bitmap_back_and_misses_nothing(tmp_path: 
     assert _disk(third.point, "os").change_source == "qemu-bitmap"
     assert _restored(tmp_path, vault, third.point.id, "os") == daemon.read("os")
     assert [j.status for j in list_jobs(vault, VM)] == ["succeeded", "failed", "succeeded"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_transfer_merges_the_bitmap_back(tmp_path: Path,
+                                                            daemon: Daemon) -> None:
+    from cbt.jobs.job import JobAborted
+
+    vault = _vault(tmp_path, False)
+    cfg = _config(tmp_path, daemon)
+    first = _run(cfg)
+    assert first.point is not None, first.error
+    daemon.write("db", 0, b"\x91" * 5000)
+
+    def term(*_: object) -> None:
+        daemon.write("db", 1 * MIB, b"\x92" * 5000)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(JobAborted, match="SIGTERM"):
+        _run(cfg, progress=term)
+    assert set(_bitmaps(daemon, "db")) == {f"cbt-{first.point.id}"}
+    assert _leftovers(daemon) == (set(), set(), set())
+    assert [j.status for j in list_jobs(vault, VM)] == ["succeeded", "failed"]
+    again = _run(cfg)
+    assert again.point is not None, again.error
+    assert _disk(again.point, "db").change_source == "qemu-bitmap"
+    assert _restored(tmp_path, vault, again.point.id, "db") == daemon.read("db")
+
+
+@pytest.mark.slow
+def test_change_tracking_hash_and_full_scan_read_everything(tmp_path: Path,
+                                                            daemon: Daemon) -> None:
+    vault = _vault(tmp_path, False)
+    cfg = _config(tmp_path, daemon, change_tracking="hash", disks={"os": "os"})
+    assert _run(cfg).point is not None
+    daemon.write("os", 0, b"\xa1" * 5000)
+    second = _run(cfg)
+    assert second.point is not None, second.error
+    assert (_disk(second.point, "os").change_source,
+            _disk(second.point, "os").change_source_reason) == ("hash", 'change_tracking = "hash"')
+    cfg = _config(tmp_path, daemon, disks={"os": "os"})
+    daemon.write("os", 8192, b"\xa2" * 5000)
+    third = _run(cfg, full_scan=True)
+    assert third.point is not None, third.error
+    assert _disk(third.point, "os").change_source_reason == "--full-scan"
+    assert _restored(tmp_path, vault, third.point.id, "os") == daemon.read("os")
+    assert set(_bitmaps(daemon, "os")) == {f"cbt-{third.point.id}"}  # the bitmap goes on
+
+
+DEAD = "web.20261130T010000Z.dead01"  # a job that died with its guest frozen
+
+
+@pytest.mark.slow
+def test_recover_thaws_the_guest_a_dead_job_froze(tmp_path: Path, daemon: Daemon) -> None:
+    from helpers.qmp_daemon import host_guest_agent
+
+    from cbt.format.records import JobRecord
+    from cbt.repo.registry import save_job
+
+    vault = _vault(tmp_path, False)
+    (tmp_path / "ga").mkdir()
+    with host_guest_agent(tmp_path / "ga") as ga:
+        cfg = _config(tmp_path, daemon, guest_agent=str(ga))
+        dead = JobRecord(id=DEAD, vm=VM, policy="p", start="2026-11-30T01:00:00Z",
+                         hook_pending=True, pid=2 ** 22 + 1, hooks=[{
+                             "phase": "guest-freeze", "ok": False, "exit_code": None,
+                             "timed_out": False, "seconds": 0.0, "error": "running",
+                             "stdout": "", "stderr": "", "file_systems": None}])
+        save_job(vault, dead)
+        res = _run(cfg)
+        assert res.point is not None, res.error
+        warned = [w for w in res.point.warnings if "thaw of interrupted job" in w]
+        assert len(warned) == 1 and DEAD in warned[0]
+        assert "guest-fsfreeze-thaw" in warned[0]  # this host's agent refuses it
+        rec = next(j for j in list_jobs(vault, VM) if j.id == DEAD)
+        assert rec.status == "interrupted"
+        assert [h["phase"] for h in rec.hooks] == ["guest-freeze", "guest-thaw"]
+        ours = next(j for j in list_jobs(vault, VM) if j.id != DEAD)
+        assert [h["phase"] for h in ours.hooks] == ["guest-freeze", "guest-thaw"]

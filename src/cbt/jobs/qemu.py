@@ -113,8 +113,9 @@ def _agent_timeout(vmc: VMConfig) -> float:
 
 def thaw_interrupted(vmc: VMConfig, rec: JobRecord, warnings: list[str]) -> None:
     """A dead job of this VM may have left its guest frozen: thaw it (recover)."""
-    if not vmc.guest_agent or not any(h.get("phase") == "guest-freeze" for h in rec.hooks
-                                      if isinstance(h, dict)):
+    agent = [h.get("phase") for h in rec.hooks
+             if isinstance(h, dict) and h.get("phase") in ("guest-freeze", "guest-thaw")]
+    if not vmc.guest_agent or not agent or agent[-1] != "guest-freeze":
         return
     res = agent_call(vmc.guest_agent, "guest-thaw", _agent_timeout(vmc))
     rec.hooks.append(res.to_record())
@@ -238,6 +239,7 @@ class QemuJob(Job):
         assert self.vmc.guest_agent is not None
         res = agent_call(self.vmc.guest_agent, "guest-thaw", _agent_timeout(self.vmc))
         self.record.hooks.append(res.to_record())
+        save_job(self.vault, self.record)  # a dead job's recover need not thaw again
         if not res.ok and self.agent is not None and self.agent.ok:
             self.warnings.append(res.describe())
 
