@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from helpers.jobs import write_config
 from helpers.qmp_daemon import Daemon, storage_daemon
+from helpers.system import need
 from helpers.vaults import PASSWORD, fast_kdf
 
 from cbt.api import Vault
@@ -318,3 +319,49 @@ def test_recover_thaws_the_guest_a_dead_job_froze(tmp_path: Path, daemon: Daemon
         assert [h["phase"] for h in rec.hooks] == ["guest-freeze", "guest-thaw"]
         ours = next(j for j in list_jobs(vault, VM) if j.id != DEAD)
         assert [h["phase"] for h in ours.hooks] == ["guest-freeze", "guest-thaw"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block_size", ["4K", "1M"])
+def test_dirty_granules_map_to_every_block_they_touch(tmp_path: Path, daemon: Daemon,
+                                                      block_size: str) -> None:
+    vault = _vault(tmp_path, False)
+    cfg = _config(tmp_path, daemon, disks={"os": "os"}, block_size=block_size,
+                  verify_fraction=0)
+    daemon.write("os", 0, os.urandom(4 * MIB))
+    assert _run(cfg).point is not None
+    # a write across the 1 MiB boundary, and one in the last byte of the disk
+    daemon.write("os", 1 * MIB - 10, b"\xc1" * 20)
+    daemon.write("os", 4 * MIB - 1, b"\xc2")
+    second = _run(cfg)
+    assert second.point is not None, second.error
+    rec = _disk(second.point, "os")
+    assert rec.change_source == "qemu-bitmap"
+    bs = 4 * KIB if block_size == "4K" else MIB
+    assert rec.changed_blocks == 3  # both sides of 1 MiB, and the last block
+    granule = 64 * KIB  # QEMU's default: the bitmap marks whole granules (3 of them here)
+    assert rec.bytes_read == 3 * max(bs, granule)
+    assert _restored(tmp_path, vault, second.point.id, "os") == daemon.read("os")
+
+
+@pytest.mark.slow
+def test_the_work_folder_belongs_to_the_qmp_socket_owner(tmp_path: Path,
+                                                         daemon: Daemon) -> None:
+    need(os.geteuid() == 0, "needs root (cbt changes owners only when it runs as root)")
+    _vault(tmp_path, False)
+    os.chown(daemon.qmp, 65534, 65534)  # as if QEMU ran as nobody
+    cfg = _config(tmp_path, daemon, disks={"os": "os"})
+    work = tmp_path / "qmp.sock.cbt"
+    seen: list[tuple[str, int, int]] = []
+
+    def look(*_: object) -> None:
+        if not seen:
+            seen.extend((p.name, p.stat().st_uid, p.stat().st_mode & 0o777)
+                        for p in work.iterdir() if p.suffix == ".qcow2")
+
+    res = _run(cfg, progress=look)
+    assert res.point is not None, res.error
+    st = work.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o700)
+    assert len(seen) == 1 and seen[0][1:] == (65534, 0o600)  # the overlay QEMU writes
+    assert not any(work.iterdir())

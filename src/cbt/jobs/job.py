@@ -31,7 +31,9 @@ job recorded as ``failed`` (unless the caller keeps them, as the daemon does:
 then the job in flight and its workers finish).
 
 Step 1 is :func:`recover`, step 2 :meth:`Job.start`; :meth:`Job.run` runs
-steps 3 to 8, one method each.
+steps 3 to 8, one method each.  A running QEMU VM (``qmp``) runs
+:class:`cbt.jobs.qemu.QemuJob` instead, whose steps differ where QEMU makes the
+point-in-time view (and :func:`recover` also thaws a guest a dead job froze).
 
 An encrypted vault is opened with ``JobRequest.passphrase`` (None:
 ``CBT_PASSWORD_FILE``, then ``CBT_PASSWORD``); its job records are sealed, and

@@ -142,6 +142,8 @@ def workdir_for(vmc: VMConfig) -> Path:
             raise JobFailed(f"vm {vmc.name}: work folder {work} is not a folder")
         if os.geteuid() == 0 and (here.st_uid, here.st_gid) != (owner.st_uid, owner.st_gid):
             os.chown(work, owner.st_uid, owner.st_gid)
+        if stat.S_IMODE(here.st_mode) != 0o700:
+            os.chmod(work, 0o700)
     except FileNotFoundError:
         raise JobFailed(f"vm {vmc.name}: no QMP socket {qmp} (is the VM running?)") from None
     return work
