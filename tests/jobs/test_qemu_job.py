@@ -365,3 +365,18 @@ def test_the_work_folder_belongs_to_the_qmp_socket_owner(tmp_path: Path,
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o700)
     assert len(seen) == 1 and seen[0][1:] == (65534, 0o600)  # the overlay QEMU writes
     assert not any(work.iterdir())
+
+
+@pytest.mark.slow
+def test_a_vm_of_the_longest_name(tmp_path: Path, daemon: Daemon) -> None:
+    vm = "v" * 64  # its point ids are longer than QEMU's node names may be
+    vault = _vault(tmp_path, False)
+    cfg = write_config(tmp_path / "cbt.toml", {"p": {"schedule": "daily 02:00"}},
+                       {vm: {"policy": "p", "qmp": str(daemon.qmp), "disks": {"os": "os"}}})
+    for _ in range(2):
+        daemon.write("os", 12345, os.urandom(3000))
+        res = run_vm(load(cfg), vm, JobRequest())
+        assert res.point is not None, res.error
+        assert _restored(tmp_path, vault, res.point.id, "os") == daemon.read("os")
+    assert _disk(res.point, "os").change_source == "qemu-bitmap"
+    assert set(_bitmaps(daemon, "os")) == {f"cbt-{res.point.id}"}

@@ -189,15 +189,19 @@ class QemuJob(Job):
                 with cut(session, self.disks, self.point_id, workdir, previous=previous,
                          previous_sizes={d.label: d.size for d in parent.disks}
                          if parent is not None else {},
-                         nbd_socket=Path(vmc.nbd) if vmc.nbd else None) as moment:
-                    self.thaw()
-                    self.post_hook()
+                         nbd_socket=Path(vmc.nbd) if vmc.nbd else None,
+                         on_cut=self.after_cut) as moment:
                     point = self.transfer_views(moment)
                     moment.commit()
             finally:
                 self.thaw()
                 self.post_hook()
         return point
+
+    def after_cut(self) -> None:
+        """Step 3: thaw and the post hook, right after the transaction."""
+        self.thaw()
+        self.post_hook()
 
     def open_qemu(self, session: QmpSession, workdir: Path, previous: str | None) -> None:
         """Step 1: leftovers released, disks resolved, a killed run's bitmaps folded back."""

@@ -36,7 +36,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -71,7 +71,9 @@ def bitmap_name(point_id: str) -> str:
     A point id (``web.20261130T034400Z-2``) is unique and tells an administrator
     looking at ``query-block`` which point the bitmap belongs to.
     """
-    if not re.fullmatch(r"[0-9A-Za-z_.-]{1,64}", point_id):
+    # a point id is a VM name (up to 64 characters), a time and a suffix; QEMU takes
+    # bitmap names of up to 1023 bytes
+    if not re.fullmatch(r"[0-9A-Za-z_.-]{1,200}", point_id):
         raise CbtValueError(f"point id {point_id!r}: not usable in a bitmap name")
     return BITMAP_PREFIX + point_id
 
@@ -526,8 +528,12 @@ def _settle_bitmaps(session: QmpSession, moment: Moment, added: bool) -> None:
 @contextlib.contextmanager
 def cut(session: QmpSession, disks: Mapping[str, QemuDisk], point_id: str, workdir: Path, *,
         previous: str | None = None, previous_sizes: Mapping[str, int] | None = None,
-        nbd_socket: Path | None = None) -> Iterator[Moment]:
+        nbd_socket: Path | None = None,
+        on_cut: Callable[[], object] | None = None) -> Iterator[Moment]:
     """Every disk at one moment, exported read-only over NBD, for the ``with`` block.
+
+    ``on_cut`` runs right after the transaction, before the exports (a job
+    thaws its guest there: frozen no longer than the moment needs).
 
     ``previous``: the previous point's bitmap name; ``previous_sizes``: label ->
     the disk's size at that point (a resized disk is hash-scanned).
@@ -546,6 +552,8 @@ def cut(session: QmpSession, disks: Mapping[str, QemuDisk], point_id: str, workd
             _add_overlay(session, v)
         _transaction(session, views)
         added = True
+        if on_cut is not None:
+            on_cut()
         _export(session, moment, nbd_socket, workdir)
         yield moment
     finally:
