@@ -29,6 +29,7 @@ from helpers.vaults import init_cli_vault
 
 from cbt.api import Vault
 from cbt.jobs.config import ConfigError, load
+from cbt.jobs.hooks import HookResult
 from cbt.jobs.job import JobRequest, run_vm
 from cbt.jobs.qemu import AgentResult, qemu_consistency
 from cbt.source.qemu import QmpSession
@@ -254,6 +255,18 @@ def test_consistency_levels_of_a_qemu_vm(tmp_path: Path) -> None:
     assert qemu_consistency(app, None, froze)[0] == "application"
     level, reason = qemu_consistency(app, None, refused)
     assert (level, reason.split(";")[0]) == ("crash", "guest agent freeze failed: refused")
+    ok_pre = HookResult("pre", True, 0, False, "", 0.1)
+    bad_pre = HookResult("pre", False, 3, False, "busy", 0.1)
+    assert qemu_consistency(vm(""), ok_pre, None)[0] == "application"
+    assert qemu_consistency(vm(""), ok_pre, froze) == (
+        "application", "pre hook succeeded; guest agent freeze succeeded (2 file systems); "
+        "every disk cut at one moment (one QMP transaction)")
+    fs = vm('[vm.web.hooks]\nprovides = "file-system"\n')
+    assert qemu_consistency(fs, ok_pre, froze)[0] == "file-system"
+    assert qemu_consistency(fs, None, froze)[0] == "file-system"
+    assert qemu_consistency(app, bad_pre, froze) == (
+        "crash", "pre hook failed (exit 3): busy; "
+        "every disk cut at one moment (one QMP transaction)")
     assert qemu_consistency(vm(""), None, None) == (
         "crash", "no hooks, no guest agent; every disk cut at one moment (one QMP transaction)")
 
@@ -317,3 +330,25 @@ def test_a_run_killed_at_each_durable_step_loses_no_change(tmp_path: Path,
             assert _bitmap_names(daemon, node) == {f"cbt-{res.point.id}"}, step
         step += 1
     assert killed >= 10
+
+
+@pytest.mark.slow
+def test_host_hooks_around_the_cut_give_application_consistency(tmp_path: Path,
+                                                                 daemon: Daemon) -> None:
+    state = tmp_path / "state"
+    write_hook(state)
+    Vault.init(tmp_path / "vault", encryption="none")
+    cfg = _config(tmp_path, daemon, hooks={"pre": hook_argv(state), "post": hook_argv(state)})
+    res = run_vm(load(cfg), VM, JobRequest())
+    assert res.point is not None, res.error
+    assert (res.point.consistency, res.point.consistency_reason) == (
+        "application", "pre hook succeeded; every disk cut at one moment (one QMP transaction)")
+    log = hook_log(state)
+    assert [(e["phase"], e["point"]) for e in log] == [("pre", res.point.id),
+                                                       ("post", res.point.id)]
+    set_ctl(state, "pre", exit=4, stderr="no quiesce")
+    res = run_vm(load(cfg), VM, JobRequest())
+    assert res.point is not None, res.error
+    assert res.point.consistency == "crash"
+    assert res.point.consistency_reason.startswith("pre hook failed (exit 4): no quiesce")
+    assert [e["phase"] for e in hook_log(state)][2:] == ["pre", "post"]
