@@ -104,6 +104,9 @@ def test_cbt_backup_killed_after_the_cut_then_the_next_run_misses_nothing(
 
     line = one_point(cfg) if env is None else _one_point_env(cfg, env)
     assert _cbt_leftovers(daemon) == set()
+    said = " ".join(line["warnings"])
+    assert "released what an earlier run left in QEMU: cbt-fleece-" in said
+    assert f"bitmaps an earlier run left folded into cbt-{first}: db: cbt-" in said
     assert [e["phase"] for e in hook_log(state)] == ["post", "post", "recover", "post"]
     rec = json.loads(cbt("show", vault, line["recovery_point"], "--json", env=env).stdout)
     disks = {d["label"]: d for d in rec["disks"]}

@@ -212,7 +212,12 @@ class QemuJob(Job):
                                  f"{', '.join(released)}")
         mapping = vmc.disks or None
         disks = resolve_disks(session, mapping)
-        if recover(session, disks, previous):
+        folded = recover(session, disks, previous)
+        if folded:
+            self.warnings.append("bitmaps an earlier run left folded into "
+                                 f"{previous or 'nothing (removed)'}: " + ", ".join(
+                                     f"{label}: {' '.join(names)}"
+                                     for label, names in sorted(folded.items())))
             disks = resolve_disks(session, mapping)
         if not disks:
             raise JobFailed(f"vm {vmc.name}: QEMU at {vmc.qmp} has no writable disk to back up")
