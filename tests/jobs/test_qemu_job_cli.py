@@ -355,3 +355,19 @@ def test_host_hooks_around_the_cut_give_application_consistency(tmp_path: Path,
     assert res.point.consistency == "crash"
     assert res.point.consistency_reason.startswith("pre hook failed (exit 4): no quiesce")
     assert [e["phase"] for e in hook_log(state)][2:] == ["pre", "post"]
+
+
+def test_a_qmp_socket_nobody_serves_fails_the_job_in_one_line(tmp_path: Path) -> None:
+    import socket
+
+    stale = tmp_path / "stale.qmp"  # what a QEMU that died leaves
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))
+    cfg = write_config(tmp_path / "cbt.toml", {"p": {"schedule": "daily 02:00"}},
+                       {VM: {"policy": "p", "qmp": str(stale)}})
+    vault = Vault.init(tmp_path / "vault", encryption="none")
+    res = run_vm(load(cfg), VM, JobRequest())
+    assert res.point is None and res.error is not None
+    assert res.error.startswith(f"{stale}: cannot connect to QMP: ") and "\n" not in res.error
+    assert "refused" in res.error.lower()
+    assert vault.point_ids() == []
