@@ -43,6 +43,12 @@ point-in-time view)::
     disks = { os = "os", db = "db" }    # optional: label -> block node name or device id
                                         # (default: every writable, non-removable disk)
     nbd = "/run/qemu/web.nbd"       # optional: socket of an NBD server QEMU already runs
+
+Its ``hooks`` run around the guest agent's freeze (pre hook, freeze, the cut,
+thaw, post hook); the freeze's timeout is ``hooks.timeout``.  An agent freeze
+alone gives ``file-system`` consistency, ``application`` when ``provides =
+"application"`` is written in ``hooks`` (the guest's own fsfreeze hook scripts
+quiesce its applications).
 """
 
 from __future__ import annotations
