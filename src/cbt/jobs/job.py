@@ -64,6 +64,7 @@ from cbt.repo.registry import list_jobs, register_snapshots, save_job
 from cbt.repo.vault import Vault
 from cbt.source.changes import ChangeHint, TrackingBase
 from cbt.source.disks import DiskSpec
+from cbt.source.qcow2 import ChangesFn, OfflineSet, is_qcow2, open_offline
 from cbt.source.snapshot import (
     SNAPSHOT_DIR,
     SnapshotSet,
@@ -191,6 +192,9 @@ class Job:
         self.hooks_started = False  # from then on the post hook runs, whatever happens
         self.post_done = False
         self.snaps: SnapshotSet | None = None  # taken and not yet committed or discarded
+        self.images: dict[str, str] = {}  # label -> offline qcow2 image (read via qemu-nbd)
+        self.offline = contextlib.ExitStack()  # their qemu-nbd and bitmaps, until the end
+        self.offline_set: OfflineSet | None = None
 
     @classmethod
     def start(cls, config: Config, vault: Vault, vm: str, request: JobRequest,
@@ -221,6 +225,8 @@ class Job:
         if not snaps.live:
             self.post_hook()
         point = self.transfer(snaps)  # with a live read the post hook runs before the commit
+        if self.offline_set is not None:
+            self.offline_set.commit()
         self.post_hook()
         self.keep_snapshots(point, snaps)
         return point
@@ -231,7 +237,12 @@ class Job:
         for label, path in vmc.disks.items():
             if not os.path.exists(path):
                 raise JobFailed(f"disk {label}: no such disk or image: {path}")
-        return resolve_provider(vmc.snapshot, vmc.name, vmc.disks, vmc.snapshot_dir)
+        # a qcow2 image is never snapshotted (a clone would take its bitmaps): it is read
+        # through qemu-nbd as the guest sees it, the VM stopped
+        self.images = {lb: p for lb, p in vmc.disks.items() if not vmc.qemu and is_qcow2(p)}
+        rest = {lb: p for lb, p in vmc.disks.items() if lb not in self.images}
+        return {**resolve_provider(vmc.snapshot, vmc.name, rest, vmc.snapshot_dir),
+                **dict.fromkeys(self.images, "qemu-nbd")}
 
     def pre_hook(self) -> None:
         """Step 3: mark the hooks pending (durably), then run the pre hook."""
@@ -258,8 +269,14 @@ class Job:
     def snapshot(self) -> SnapshotSet:
         """Step 4: snapshot every disk with its provider."""
         vmc = self.vmc
-        self.snaps = take(vmc.name, self.record.id, vmc.disks, self.providers, vmc.snapshot_dir)
+        rest = {lb: p for lb, p in vmc.disks.items() if lb not in self.images}
+        self.snaps = take(vmc.name, self.record.id, rest,
+                          {lb: self.providers[lb] for lb in rest}, vmc.snapshot_dir)
         self.warnings += self.snaps.warnings
+        if self.images:
+            prev = self.vault.latest(vmc.name)
+            self.offline_set = self.offline.enter_context(open_offline(
+                self.images, self.point_id, prev.id if prev else None))
         return self.snaps
 
     def post_hook(self) -> list[str]:
@@ -283,8 +300,13 @@ class Job:
     def transfer(self, snaps: SnapshotSet) -> PointRecord:
         """Step 6: one worker per disk shard; commit the point with its consistency."""
         vmc, request = self.vmc, self.request
-        specs = [DiskSpec(label, path, read_from=snaps.read_paths[label])
+        specs = [DiskSpec(label, path, read_from=snaps.read_paths.get(label))
                  for label, path in vmc.disks.items()]
+        changes: ChangesFn = partial(_changes, snaps, vmc.change_tracking == "hash")
+        if self.offline_set is not None:
+            specs = self.offline_set.specs(specs)
+            if vmc.change_tracking != "hash":
+                changes = self.offline_set.changes(changes)
         consistency = _consistency(vmc, self.pre, snaps)
         return backup_locked(self.vault, BackupRequest(
             vmc.name, specs, block_size=vmc.block_size, workers=request.workers,
@@ -293,7 +315,7 @@ class Job:
             slot=request.slot, before_commit=self.post_hook,
             ignore_stop_signals=request.finish_on_stop_signal,
             full_scan=request.full_scan, verify_fraction=vmc.verify_fraction,
-            changes=partial(_changes, snaps, vmc.change_tracking == "hash"),
+            changes=changes,
             settle=partial(snaps.settle, keep=self.keep)))
 
     @property
@@ -336,6 +358,7 @@ class Job:
         finally:
             if self.snaps is not None:
                 self.snaps.discard()
+            self.offline.close()  # qemu-nbd stopped; bitmaps settled (or merged back)
             rec = self.record
             rec.end = utc_now()
             if rec.status == "running":
@@ -368,6 +391,8 @@ def _consistency(vmc: VMConfig, pre: HookResult | None, snaps: SnapshotSet) -> t
         reasons = ["no pre hook" if vmc.hooks and vmc.hooks.post else "no hooks"]
     if snaps.live:
         reasons.append("live read")
+    elif not snaps.providers:  # (every disk an offline qcow2 image)
+        reasons.append("offline qcow2 image")
     elif not snaps.one_moment:
         reasons.append("disks snapshotted sequentially")
     return "crash", "; ".join(reasons)

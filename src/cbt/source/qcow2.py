@@ -48,8 +48,8 @@ from cbt.source.plan import BlockRange
 from cbt.source.qemu import BITMAP_PREFIX, bitmap_name
 
 __all__ = [
-    "QCOW2_MAGIC", "ImageBitmap", "OfflineDisk", "OfflineSet", "Qcow2Error", "Qcow2Info",
-    "inspect", "is_qcow2", "open_offline", "stop_signals",
+    "QCOW2_MAGIC", "ChangesFn", "ImageBitmap", "OfflineDisk", "OfflineSet", "Qcow2Error",
+    "Qcow2Info",    "inspect", "is_qcow2", "open_offline", "qemu_img", "stop_signals", "tool",
 ]
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -84,7 +84,7 @@ def is_qcow2(path: str) -> bool:
         os.close(fd)
 
 
-def _tool(name: str) -> str:
+def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         raise Qcow2Error(f"{name} not found: reading a qcow2 image needs QEMU's tools "
@@ -99,15 +99,16 @@ def _first_line(text: str) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def _qemu_img(path: str, *args: str) -> str:
-    """Run ``qemu-img ARGS`` (bounded in time); its stdout, or one line naming the image."""
-    cmd = [_tool("qemu-img"), *args]
+def qemu_img(path: str, *args: str, timeout: float | None = TOOL_TIMEOUT) -> str:
+    """Run ``qemu-img ARGS`` (bounded in time unless ``timeout`` is None); its stdout, or
+    :class:`Qcow2Error`: one line naming the image ``path``."""
+    cmd = [tool("qemu-img"), *args]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                           timeout=TOOL_TIMEOUT, stdin=subprocess.DEVNULL)
+                           timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise Qcow2Error(f"{path}: qemu-img {args[0]} did not finish in "
-                         f"{TOOL_TIMEOUT:g} s") from None
+                         f"{timeout:g} s") from None
     if r.returncode != 0:
         raise _img_error(path, args[0], r.stderr)
     return r.stdout
@@ -152,7 +153,7 @@ def inspect(path: str) -> Qcow2Info:
     it: a raw backing file could pass itself off as an image naming any host file),
     an external data file, sizes or bitmaps that do not parse.
     """
-    out = _qemu_img(path, "info", "--output=json", "-f", "qcow2", path)
+    out = qemu_img(path, "info", "--output=json", "-f", "qcow2", path)
     if len(out) > _MAX_INFO:
         raise Qcow2Error(f"{path}: qemu-img info said too much")
     try:
@@ -192,7 +193,7 @@ def _parse_bitmaps(path: str, raw: object) -> tuple[ImageBitmap, ...]:
 
 def _bitmap(path: str, name: str, *ops: str) -> None:
     """``qemu-img bitmap OPS -f qcow2 PATH NAME`` (the image must not be in use)."""
-    _qemu_img(path, "bitmap", *ops, "-f", "qcow2", path, name)
+    qemu_img(path, "bitmap", *ops, "-f", "qcow2", path, name)
 
 
 def _unusable(info: Qcow2Info, previous: str | None) -> str | None:
@@ -347,7 +348,7 @@ def _die_with_parent() -> None:  # (in the forked child, before exec)
 def _start(d: OfflineDisk, workdir: str) -> None:
     """``qemu-nbd``: the image read-only, any number of clients, the previous bitmap."""
     d.socket = os.path.join(workdir, f"{len(os.listdir(workdir))}.sock")
-    args = [_tool("qemu-nbd"), "--read-only", "--persistent", "--shared=0", "--format=qcow2",
+    args = [tool("qemu-nbd"), "--read-only", "--persistent", "--shared=0", "--format=qcow2",
             f"--socket={d.socket}", f"--export-name={EXPORT}"]
     if d.previous is not None:
         args.append(f"--bitmap={d.previous}")
