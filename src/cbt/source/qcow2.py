@@ -400,11 +400,41 @@ def _prepare(label: str, path: str, point_id: str, previous_point: str | None) -
 
 
 def _short_dir() -> str:
-    """A private folder for the sockets, short enough for a unix socket path."""
+    """A private folder for the sockets, short enough for a unix socket path
+    (``cbt-q-<pid>-XXXX``); those a killed run left are removed first."""
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     if not os.path.isdir(base) or len(base) > 60:
         base = "/tmp"
-    return tempfile.mkdtemp(prefix="cbt-q-", dir=base)
+    _sweep(base)
+    return tempfile.mkdtemp(prefix=f"cbt-q-{os.getpid()}-", dir=base)
+
+
+def _sweep(base: str) -> None:
+    """Remove socket folders of runs that are gone (ours: our uid, sockets only)."""
+    import re
+
+    with contextlib.suppress(OSError), os.scandir(base) as entries:
+        for e in entries:
+            m = re.fullmatch(r"cbt-q-([1-9][0-9]{0,9})-[A-Za-z0-9_]{1,16}", e.name)
+            if not m or not e.is_dir(follow_symlinks=False) or int(m.group(1)) == os.getpid():
+                continue
+            if e.stat(follow_symlinks=False).st_uid != os.getuid() or _alive(int(m.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                for f in os.scandir(e.path):
+                    if f.name.endswith(".sock") and not f.is_dir(follow_symlinks=False):
+                        os.unlink(f.path)
+                os.rmdir(e.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 @contextlib.contextmanager
