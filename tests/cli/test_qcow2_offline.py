@@ -9,6 +9,7 @@ Plain and encrypted vaults.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import tempfile
@@ -258,3 +259,20 @@ def test_a_raw_disk_is_read_as_today(tmp_path: Path) -> None:
     line = cbt_json("backup", vault, f"d={disk}", "--vm", "web")
     assert line["consistency_reason"] == "live read"
     assert line["disks"][0]["size"] == 65536
+
+
+@pytest.mark.slow
+def test_a_relative_name_is_never_a_qemu_protocol(tmp_path: Path) -> None:
+    vault = tmp_path / "vault"
+    init_cli_vault(vault, False, tmp_path)
+    image = create(tmp_path / "nbd:os.qcow2", SIZE)  # relative, QEMU would read "nbd:"
+    guest_writes(image, 1, 4, SIZE)
+    r = cbt("backup", vault, "os=nbd:os.qcow2", "--vm", "web", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    point = json.loads(r.stdout.splitlines()[-1])["recovery_point"]
+    assert _restored(vault, point, tmp_path) == raw_bytes(image, "qcow2", tmp_path)
+    out = tmp_path / "nbd:r.qcow2"
+    r = cbt("restore", vault, point, "--disk", "os", "--to", "nbd:r.qcow2", "--format",
+            "qcow2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert raw_bytes(out, "qcow2", tmp_path) == raw_bytes(image, "qcow2", tmp_path)

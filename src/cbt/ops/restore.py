@@ -832,10 +832,11 @@ def _convert_qcow2(t: _Target) -> None:
     raw = t.write_to
     t.write_to = out  # (from now on, what a failure removes, beside the raw file)
     try:
-        qemu_img(str(t.final), "convert", "-f", "raw", "-O", "qcow2", str(raw), str(out),
+        raw_at, out_at = os.path.abspath(raw), os.path.abspath(out)  # (never a protocol)
+        qemu_img(str(t.final), "convert", "-f", "raw", "-O", "qcow2", raw_at, out_at,
                  timeout=None)
-        qemu_img(str(t.final), "compare", "-q", "-f", "raw", "-F", "qcow2", str(raw),
-                 str(out), timeout=None)
+        qemu_img(str(t.final), "compare", "-q", "-f", "raw", "-F", "qcow2", raw_at, out_at,
+                 timeout=None)
         os.chmod(out, t.mode)
         fd = os.open(out, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:

@@ -153,7 +153,7 @@ def inspect(path: str) -> Qcow2Info:
     it: a raw backing file could pass itself off as an image naming any host file),
     an external data file, sizes or bitmaps that do not parse.
     """
-    out = qemu_img(path, "info", "--output=json", "-f", "qcow2", path)
+    out = qemu_img(path, "info", "--output=json", "-f", "qcow2", _plain(path))
     if len(out) > _MAX_INFO:
         raise Qcow2Error(f"{path}: qemu-img info said too much")
     try:
@@ -193,7 +193,13 @@ def _parse_bitmaps(path: str, raw: object) -> tuple[ImageBitmap, ...]:
 
 def _bitmap(path: str, name: str, *ops: str) -> None:
     """``qemu-img bitmap OPS -f qcow2 PATH NAME`` (the image must not be in use)."""
-    qemu_img(path, "bitmap", *ops, "-f", "qcow2", path, name)
+    qemu_img(path, "bitmap", *ops, "-f", "qcow2", _plain(path), name)
+
+
+def _plain(path: str) -> str:
+    """``path`` as QEMU must take it: absolute, so that no ``json:`` or ``nbd:`` prefix
+    of a relative name can make it a protocol."""
+    return os.path.abspath(path)
 
 
 def _unusable(info: Qcow2Info, previous: str | None) -> str | None:
@@ -352,7 +358,7 @@ def _start(d: OfflineDisk, workdir: str) -> None:
             f"--socket={d.socket}", f"--export-name={EXPORT}"]
     if d.previous is not None:
         args.append(f"--bitmap={d.previous}")
-    args.append(d.path)
+    args.append(_plain(d.path))
     d.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
     deadline = time.monotonic() + START_TIMEOUT
