@@ -276,3 +276,26 @@ def test_a_relative_name_is_never_a_qemu_protocol(tmp_path: Path) -> None:
             "qcow2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert raw_bytes(out, "qcow2", tmp_path) == raw_bytes(image, "qcow2", tmp_path)
+
+
+@pytest.mark.slow
+def test_the_post_hook_runs_after_the_image_is_read(tmp_path: Path) -> None:
+    vault, image, _ = _setup(tmp_path)
+    before = raw_bytes(image, "qcow2", tmp_path)
+    # the post hook "starts the VM", which writes: it must find the image free, and the
+    # point must be the image as it was before
+    post = ["qemu-io", "-f", "qcow2", "-c", "write -P 85 0 4096", str(image)]
+    cfg = job_config(tmp_path / "cbt.toml", {"web": {
+        "disks": {"os": str(image)}, "hooks": {"pre": ["true"], "post": post}}},
+        vault=str(vault))
+    line = _job_point(cfg, None)
+    assert line["warnings"] == []  # the post hook succeeded
+    assert (line["consistency"], line["consistency_reason"]) == (
+        "application", "pre hook succeeded; disks read while quiesced")
+    assert _restored(vault, line["recovery_point"], tmp_path) == before
+    assert raw_bytes(image, "qcow2", tmp_path)[:4096] == b"\x55" * 4096
+    # the hook's write was recorded by the new bitmap: the next job reads it
+    second = _job_point(cfg, None)
+    assert _source(second) == ("qemu-bitmap", None)
+    assert _restored(vault, second["recovery_point"], tmp_path) == raw_bytes(image, "qcow2",
+                                                                             tmp_path)

@@ -11,7 +11,8 @@ For each VM, under the vault's writer lock:
    crash-consistent snapshot and records why (or fails, with
    ``on_pre_failure = "fail"``).
 4. Snapshot every disk (``snapshot`` provider, ``auto`` by default).
-5. Run the post hook (with provider ``none``: only after the transfer, so the
+5. Run the post hook (with provider ``none`` or an offline qcow2 disk, read through
+   qemu-nbd with the image locked: only after the transfer, so the
    application stays quiesced while its disks are read).  The post hook runs
    exactly once whenever the pre hook started, also on failure or abort.
 6. Transfer: one worker per disk shard on the executor; commit the point with
@@ -222,8 +223,8 @@ class Job:
         self.providers = self.check_disks()
         self.pre_hook()
         snaps = self.snapshot()
-        if not snaps.live:
-            self.post_hook()
+        if not snaps.live and not self.images:  # (an offline image is read while quiesced:
+            self.post_hook()                    # a post hook may start its VM)
         point = self.transfer(snaps)  # with a live read the post hook runs before the commit
         if self.offline_set is not None:
             self.offline_set.commit()
@@ -312,11 +313,18 @@ class Job:
             vmc.name, specs, block_size=vmc.block_size, workers=request.workers,
             progress=request.progress, created=request.created, consistency=consistency,
             executor=request.executor, point_id=self.point_id, warnings=self.warnings,
-            slot=request.slot, before_commit=self.post_hook,
+            slot=request.slot, before_commit=self.read_done,
             ignore_stop_signals=request.finish_on_stop_signal,
             full_scan=request.full_scan, verify_fraction=vmc.verify_fraction,
             changes=changes,
             settle=partial(snaps.settle, keep=self.keep)))
+
+    def read_done(self) -> list[str]:
+        """Every disk read: offline images are released (qemu-nbd stopped), then the post
+        hook runs if still due; its warnings go into the point."""
+        if self.offline_set is not None:
+            self.offline_set.stop()
+        return self.post_hook()
 
     @property
     def keep(self) -> bool:
@@ -383,7 +391,8 @@ def _consistency(vmc: VMConfig, pre: HookResult | None, snaps: SnapshotSet) -> t
     """Level and reason, as DESIGN.md's "Consistency, honestly recorded" says."""
     if pre is not None and pre.ok:
         level = vmc.hooks.provides if vmc.hooks else "application"
-        how = ("disks read while quiesced" if snaps.live else "snapshots taken while quiesced")
+        how = ("disks read while quiesced" if snaps.live or not snaps.providers
+               else "snapshots taken while quiesced")
         return level, f"pre hook succeeded; {how}"
     if pre is not None:
         reasons = [pre.describe()]

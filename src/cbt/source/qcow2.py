@@ -303,6 +303,14 @@ class OfflineSet:
     def commit(self) -> None:
         self.committed = True
 
+    def stop(self) -> None:
+        """Stop every ``qemu-nbd`` once every disk is read (the images are free again: a
+        post hook may start the VM); :meth:`close` does it anyway."""
+        for d in self.disks.values():
+            _stop(d)
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
     def close(self) -> list[str]:
         """Stop every ``qemu-nbd``, then settle the bitmaps (see the module's step 5).
 
@@ -312,9 +320,7 @@ class OfflineSet:
             return []
         self.closed = True
         errors: list[str] = []
-        for d in self.disks.values():
-            _stop(d)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.stop()
         for d in self.disks.values():
             try:
                 _settle(d, self.committed)
