@@ -118,3 +118,24 @@ def test_sigterm_stops_qemu_nbd_and_merges_back(tmp_path: Path) -> None:
     assert nbd_servers_of(q) == []
     assert image_bitmaps(q) == {"cbt-p1": ["auto"]}
     assert raw_bytes(q, "qcow2", tmp_path)[MIB:MIB + 4] == b"\3" * 4
+
+
+def test_a_short_range_costs_a_short_buffer(tmp_path: Path) -> None:
+    """A tracked disk reads many short ranges over NBD: each must not cost a zeroed 64 MiB
+    window (it made a 1% incremental of a 1 GiB image take 8 s instead of 0.1 s)."""
+    import tracemalloc
+
+    from cbt.source.nbd import NbdSource
+
+    q = create(tmp_path / "a.qcow2", SIZE)
+    write(str(q), "qcow2", [(BS, BS, 9)])
+    with open_offline({"os": str(q)}, "p1", None) as off, \
+            NbdSource(off.disks["os"].socket, "disk") as src:
+        tracemalloc.start()
+        try:
+            got = [bytes(w) for _, w in src.windows(BS, 1, 2)]
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert got == [b"\x09" * BS]
+    assert peak < 4 * BS
