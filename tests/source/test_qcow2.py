@@ -61,36 +61,37 @@ def test_inspect_checks_what_the_header_says(tmp_path: Path) -> None:
 
 def test_leftover_bitmaps_are_merged_into_the_previous_one(tmp_path: Path) -> None:
     q = create(tmp_path / "a.qcow2", SIZE)
-    for name in ("cbt-p1", "cbt-killed"):
+    for name in ("cbt-web.p1", "cbt-web.killed", "cbt-db.1"):
         run("qemu-img", "bitmap", "--add", "-f", "qcow2", str(q), name)
     # a write only the killed run's bitmap saw (the previous one disabled meanwhile)
-    run("qemu-img", "bitmap", "--disable", "-f", "qcow2", str(q), "cbt-p1")
+    run("qemu-img", "bitmap", "--disable", "-f", "qcow2", str(q), "cbt-web.p1")
     write(str(q), "qcow2", [(3 * MIB, 4096, 7)])
-    run("qemu-img", "bitmap", "--enable", "-f", "qcow2", str(q), "cbt-p1")
+    run("qemu-img", "bitmap", "--enable", "-f", "qcow2", str(q), "cbt-web.p1")
     run("qemu-img", "bitmap", "--add", "-f", "qcow2", str(q), "other")  # not cbt's: kept
-    with open_offline({"os": str(q)}, "p2", "p1") as off:
+    with open_offline({"os": str(q)}, "web.p2", "web.p1") as off:
         hint = off.hint("os", BS)
         assert hint == ChangeHint("qemu-bitmap", ((3 * MIB // BS, 3 * MIB // BS + 4),))
-        assert set(image_bitmaps(q)) == {"cbt-p1", "cbt-p2", "other"}
+        # (another VM's bitmap on the same image is left alone)
+        assert set(image_bitmaps(q)) == {"cbt-web.p1", "cbt-web.p2", "cbt-db.1", "other"}
         assert nbd_servers_of(q) != []
         off.commit()
-    assert set(image_bitmaps(q)) == {"cbt-p2", "other"}
+    assert set(image_bitmaps(q)) == {"cbt-web.p2", "cbt-db.1", "other"}
     assert nbd_servers_of(q) == []
 
 
 def test_a_failed_run_merges_its_bitmap_back(tmp_path: Path) -> None:
     q = create(tmp_path / "a.qcow2", SIZE)
-    run("qemu-img", "bitmap", "--add", "-f", "qcow2", str(q), "cbt-p1")
-    with pytest.raises(RuntimeError), open_offline({"os": str(q)}, "p2", "p1") as off:
-        assert off.disks["os"].previous == "cbt-p1"
+    run("qemu-img", "bitmap", "--add", "-f", "qcow2", str(q), "cbt-web.p1")
+    with pytest.raises(RuntimeError), open_offline({"os": str(q)}, "web.p2", "web.p1") as off:
+        assert off.disks["os"].previous == "cbt-web.p1"
         raise RuntimeError("the backup failed")
-    assert image_bitmaps(q) == {"cbt-p1": ["auto"]}
+    assert image_bitmaps(q) == {"cbt-web.p1": ["auto"]}
     assert nbd_servers_of(q) == []
     # first backup: no previous bitmap, a hash scan that says so; raw disks pass through
-    with open_offline({"os": str(q)}, "p3", None) as off:
+    with open_offline({"os": str(q)}, "web.p3", None) as off:
         assert off.hint("os", BS) == ChangeHint.hash("first backup: no previous bitmap")
         assert off.changes()("raw", None, BS, SIZE) == ChangeHint.hash()
-        assert image_bitmaps(q) == {"cbt-p3": ["auto"]}  # (p1 was no longer the previous)
+        assert image_bitmaps(q) == {"cbt-web.p3": ["auto"]}  # (p1 was no longer the previous)
     assert image_bitmaps(q) == {}
 
 
@@ -98,12 +99,12 @@ def test_a_failed_run_merges_its_bitmap_back(tmp_path: Path) -> None:
 def test_sigterm_stops_qemu_nbd_and_merges_back(tmp_path: Path) -> None:
     q = create(tmp_path / "a.qcow2", SIZE)
     write(str(q), "qcow2", [(MIB, 65536, 3)])
-    run("qemu-img", "bitmap", "--add", "-f", "qcow2", str(q), "cbt-p1")
+    run("qemu-img", "bitmap", "--add", "-f", "qcow2", str(q), "cbt-web.p1")
     script = textwrap.dedent(f"""
         import os, signal, sys
         from cbt.source.nbd import NbdSource
         from cbt.source.qcow2 import open_offline
-        with open_offline({{"os": {str(q)!r}}}, "p2", "p1") as off:
+        with open_offline({{"os": {str(q)!r}}}, "web.p2", "web.p1") as off:
             with NbdSource(off.disks["os"].socket, "disk") as src:
                 assert src.size == {SIZE}
                 sys.stdout.write(src.client.read({MIB}, 4).hex() + "\\n")
@@ -116,7 +117,7 @@ def test_sigterm_stops_qemu_nbd_and_merges_back(tmp_path: Path) -> None:
     assert r.stdout == "03030303\n"
     assert r.returncode != 0 and "stopped by SIGTERM" in r.stderr
     assert nbd_servers_of(q) == []
-    assert image_bitmaps(q) == {"cbt-p1": ["auto"]}
+    assert image_bitmaps(q) == {"cbt-web.p1": ["auto"]}
     assert raw_bytes(q, "qcow2", tmp_path)[MIB:MIB + 4] == b"\3" * 4
 
 
@@ -129,7 +130,7 @@ def test_a_short_range_costs_a_short_buffer(tmp_path: Path) -> None:
 
     q = create(tmp_path / "a.qcow2", SIZE)
     write(str(q), "qcow2", [(BS, BS, 9)])
-    with open_offline({"os": str(q)}, "p1", None) as off, \
+    with open_offline({"os": str(q)}, "web.p1", None) as off, \
             NbdSource(off.disks["os"].socket, "disk") as src:
         tracemalloc.start()
         try:

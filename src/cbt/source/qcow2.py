@@ -7,7 +7,7 @@ holes), never its container file.  For each run (:func:`open_offline`):
 1. :func:`inspect` the image with ``qemu-img info`` (its answer is untrusted
    input: checked).  An image a running QEMU has open is locked: that disk
    fails with QEMU's one-line lock error.
-2. Recover: every other ``cbt-`` bitmap (a run killed before it could settle)
+2. Recover: every other ``cbt-<vm>.`` bitmap (a run killed before it could settle)
    is merged into the previous point's bitmap ``cbt-<previous point id>`` when that
    one is usable, then removed; an unusable previous bitmap (in use after QEMU
    was killed: inconsistent; disabled) is removed too.
@@ -45,7 +45,7 @@ from cbt.format.records import DiskRecord
 from cbt.source.changes import ChangeHint
 from cbt.source.disks import DiskSpec, NbdExport
 from cbt.source.plan import BlockRange
-from cbt.source.qemu import BITMAP_PREFIX, bitmap_name
+from cbt.source.qemu import bitmap_name
 
 __all__ = [
     "QCOW2_MAGIC", "ChangesFn", "ImageBitmap", "OfflineDisk", "OfflineSet", "Qcow2Error",
@@ -217,12 +217,13 @@ def _unusable(info: Qcow2Info, previous: str | None) -> str | None:
     return None
 
 
-def _recover(info: Qcow2Info, previous: str | None, usable: bool) -> list[str]:
-    """Fold other ``cbt-`` bitmaps (a killed run's) into the previous one; remove them and
-    an unusable previous one.  Returns the names removed."""
+def _recover(info: Qcow2Info, previous: str | None, usable: bool, ours: str) -> list[str]:
+    """Fold this VM's other bitmaps (``ours``: ``cbt-<vm>.``; a killed run's) into the
+    previous one; remove them and an unusable previous one.  Returns the names removed.
+    Another VM's bitmaps (the same image backed up under another name) are left alone."""
     removed = []
     for bm in info.bitmaps:
-        if not bm.name.startswith(BITMAP_PREFIX) or (usable and bm.name == previous):
+        if not bm.name.startswith(ours) or (usable and bm.name == previous):
             continue
         if usable and previous is not None and not bm.in_use and bm.name != previous:
             _bitmap(info.path, previous, "--merge", bm.name)
@@ -406,8 +407,8 @@ def _prepare(label: str, path: str, point_id: str, previous_point: str | None) -
     info = inspect(path)
     previous = bitmap_name(previous_point) if previous_point else None
     why = _unusable(info, previous)
-    _recover(info, previous, why is None)
     new = bitmap_name(point_id)
+    _recover(info, previous, why is None, new.split(".", 1)[0] + ".")
     return OfflineDisk(label, path, info.size, new, None if why else previous, why)
 
 
