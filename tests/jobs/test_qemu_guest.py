@@ -23,8 +23,12 @@ from helpers.guest import (
     running_guest,
 )
 from helpers.qemu import run
+from helpers.qmp_daemon import dirty_extents, read_nbd
+
+from cbt.source.qemu import QmpSession, bitmap_name, cut, resolve_disks
 
 pytestmark = pytest.mark.slow
+BS = 64 * 1024  # QEMU's default bitmap granularity
 
 
 def disk_now(g: Guest, dest: Path) -> Path:
@@ -99,4 +103,47 @@ def test_an_agent_refusing_to_freeze_leaves_the_guest_writing(tmp_path: Path) ->
             g.agent("guest-fsfreeze-freeze")
         assert g.agent("guest-fsfreeze-status") == "thawed"
         g.wait_wrote(2, timeout=60)
+        stop_writer(g, writer)
+
+
+def changed_blocks(a: bytes, b: bytes) -> set[int]:
+    return {i // BS for i in range(0, max(len(a), len(b)), BS) if a[i:i + BS] != b[i:i + BS]}
+
+
+def test_cut_of_a_frozen_guest_is_its_disk_at_the_freeze(tmp_path: Path) -> None:
+    """cbt's QMP moment (cbt.source.qemu.cut) on a real VM: agent freeze, cut, thaw at
+    once; the view read over NBD while the guest goes on writing is the disk at the
+    freeze; the next cut's bitmap covers every block the guest changed in between."""
+    with running_guest(tmp_path) as g, QmpSession(g.qmp) as s:
+        writer = start_writer(g)
+        g.wait_wrote(3)
+        disks = resolve_disks(s)
+        assert list(disks) == ["vda-dev"] and disks["vda-dev"].node == "vda", disks
+        points: list[bytes] = []
+        for i, previous in enumerate((None, bitmap_name("p1")), 1):
+            assert g.agent("guest-fsfreeze-freeze") == 1
+            try:
+                before = g.wrote()
+                with cut(s, resolve_disks(s), f"p{i}", g.sockets, previous=previous) as m:
+                    assert g.agent("guest-fsfreeze-thaw") == 1
+                    g.wait_wrote(3)  # the guest writes on while the view is read
+                    view = m.views["vda-dev"]
+                    assert (view.bitmap is None) == (previous is None), m.reasons
+                    dirty = (dirty_extents(m.nbd_socket, view.export, previous)
+                             if previous else [])
+                    data = read_nbd(m.uri("vda-dev"), tmp_path / f"p{i}.raw")
+                    m.commit()
+            finally:
+                g.agent("guest-fsfreeze-thaw")
+            image = tmp_path / f"p{i}.raw"
+            assert not needs_recovery(image)
+            fsck_clean(image)
+            logged = check_writer_files(image)
+            # what the guest had finished before the freeze, and at most the one file
+            # it was finishing as the freeze came
+            assert logged[: len(before)] == before and len(logged) <= len(before) + 1
+            points.append(data)
+        blocks = {o // BS + k for o, n in dirty for k in range((n + BS - 1) // BS)}
+        changed = changed_blocks(points[0], points[1])
+        assert changed and changed <= blocks, sorted(changed - blocks)
         stop_writer(g, writer)
