@@ -13,7 +13,9 @@ in the temp directory, and only the finished kernel and initramfs stay:
   with the shared libraries it needs (found by ``ldd``) and their loader;
 - an ``init`` script that loads the modules, mounts the virtio disk's ext4 on
   ``/mnt``, starts ``qemu-ga`` on the virtio-serial port
-  ``org.qemu.guest_agent.0`` and says ``cbt-guest-ready`` on the console.
+  ``org.qemu.guest_agent.0`` (with an fsfreeze hook that says ``cbt-fsfreeze
+  freeze|thaw`` on the console and can be made slow or failing) and says
+  ``cbt-guest-ready`` on the console.
 
 A test boots it with ``qemu-system-x86_64 -accel tcg`` (KVM hangs on this
 machine: never used), a qcow2 virtio disk (an ext4 made by ``mkfs.ext4`` on the
@@ -79,6 +81,7 @@ block=$(sed -n 's/.*cbt_qga_block=\([^ ]*\).*/\1/p' /proc/cmdline)
 mkdir -p /run/qga
 LD_LIBRARY_PATH=/lib/qga /usr/sbin/qemu-ga -m virtio-serial \
     -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run/qga ${block:+-b $block} \
+    --fsfreeze-hook=/etc/qemu/fsfreeze-hook \
     </dev/null >/dev/console 2>&1 &
 echo "cbt-guest-ready"
 while true; do sleep 60; done
@@ -99,6 +102,19 @@ while [ ! -e "$dir/stop" ]; do
 done
 echo "cbt-writer-done $n" > /dev/console
 """.replace("FILE_SIZE", str(FILE_SIZE))
+
+
+# what qemu-ga runs before a freeze and after a thaw (where a guest quiesces its
+# applications): says so on the console; /run/freeze-sleep (seconds) makes the
+# freeze slow, /run/freeze-fail makes it fail, as an application refusing would
+HOOK = r"""#!/bin/sh
+echo "cbt-fsfreeze $1" > /dev/console
+if [ "$1" = freeze ]; then
+    [ -e /run/freeze-sleep ] && sleep "$(cat /run/freeze-sleep)"
+    [ -e /run/freeze-fail ] && { echo "application refused to quiesce" >&2; exit 3; }
+fi
+exit 0
+"""
 
 
 def file_content(n: int) -> bytes:
@@ -183,6 +199,7 @@ def _initramfs(tree: Path, kernel_release: str) -> bytes:
                                  "lib/modules", "lib/qga", "lib64", "usr", "usr/sbin", "etc")]
     entries += [("dev/console", stat.S_IFCHR | 0o600, b"", os.makedev(5, 1)),
                 ("init", x, INIT.encode(), 0), ("bin/cbt-writer", x, WRITER.encode(), 0),
+                ("etc/qemu", d, b"", 0), ("etc/qemu/fsfreeze-hook", x, HOOK.encode(), 0),
                 ("bin/busybox", x, (tree / "bin/busybox").read_bytes(), 0),
                 ("usr/sbin/qemu-ga", x, qga.read_bytes(), 0),
                 ("lib/modules/order", f, "\n".join(order).encode() + b"\n", 0)]
@@ -219,7 +236,7 @@ def guest_image() -> tuple[Path, Path]:
     """``(kernel, initramfs)`` of the test guest, built once per package versions."""
     need_guest_tools()
     packages = _packages()
-    recipe = json.dumps([packages, INIT, WRITER, MODULES], sort_keys=True)
+    recipe = json.dumps([packages, INIT, WRITER, HOOK, MODULES], sort_keys=True)
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     cache = CACHE_ROOT / f"cbt-guest-{key}"
     with open(CACHE_ROOT / "cbt-guest.lock", "a") as lock:
@@ -340,6 +357,10 @@ class Guest:
         """The files ``cbt-writer`` has finished (synced and logged), in order."""
         return [int(n) for n in re.findall(r"^cbt-wrote (\d+)", self.log(), re.M)]
 
+    def freeze_hooks(self) -> list[str]:
+        """The guest's fsfreeze hook calls so far (``freeze``, ``thaw``), in order."""
+        return re.findall(r"^cbt-fsfreeze (\w+)", self.log(), re.M)
+
     def wait_console(self, pattern: str, timeout: float = 120) -> re.Match[str]:
         deadline = time.monotonic() + timeout
         while True:
@@ -392,8 +413,9 @@ def running_guest(tmp_path: Path, disk_size: int = 64 << 20,
               console=tmp_path / "console.log", sockets=sockets)
     append = f"cbt_qga_block={','.join(agent_block)}" if agent_block else ""
     start = time.monotonic()
-    g.proc = subprocess.Popen(_qemu_args(g, kernel, initrd, append), stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=(tmp_path / "qemu.err").open("wb"))
+    with (tmp_path / "qemu.err").open("wb") as err:
+        g.proc = subprocess.Popen(_qemu_args(g, kernel, initrd, append),
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     try:
         g.wait_console(r"cbt-guest-ready")
         while True:  # qemu-ga opens its port a moment after init said ready

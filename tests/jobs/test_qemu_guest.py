@@ -89,6 +89,7 @@ def test_freeze_stops_the_guest_writing_until_thaw(tmp_path: Path) -> None:
 
         assert g.agent("guest-fsfreeze-thaw") == 1
         assert g.agent("guest-fsfreeze-status") == "thawed"
+        assert g.freeze_hooks() == ["freeze", "thaw"]  # the guest's own hook ran around it
         after = g.wait_wrote(2, timeout=60)
         assert after[: len(frozen)] == frozen
         stop_writer(g, writer)
@@ -104,6 +105,20 @@ def test_an_agent_refusing_to_freeze_leaves_the_guest_writing(tmp_path: Path) ->
         assert g.agent("guest-fsfreeze-status") == "thawed"
         g.wait_wrote(2, timeout=60)
         stop_writer(g, writer)
+
+
+def test_the_guest_fsfreeze_hook_can_refuse_or_delay_the_freeze(tmp_path: Path) -> None:
+    with running_guest(tmp_path) as g:
+        g.sh("touch /run/freeze-fail")
+        with pytest.raises(AgentError, match="hook"):
+            g.agent("guest-fsfreeze-freeze")
+        assert g.agent("guest-fsfreeze-status") == "thawed"
+        g.sh("rm /run/freeze-fail; echo 3 > /run/freeze-sleep")
+        start = time.monotonic()
+        assert g.agent("guest-fsfreeze-freeze") == 1
+        assert time.monotonic() - start >= 3
+        assert g.agent("guest-fsfreeze-thaw") == 1
+        assert g.freeze_hooks() == ["freeze", "freeze", "thaw"]
 
 
 def changed_blocks(a: bytes, b: bytes) -> set[int]:
