@@ -361,6 +361,23 @@ class Guest:
         """The guest's fsfreeze hook calls so far (``freeze``, ``thaw``), in order."""
         return re.findall(r"^cbt-fsfreeze (\w+)", self.log(), re.M)
 
+    def around_freeze(self, k: int) -> tuple[int, int]:
+        """Files the writer had finished when the ``k``-th freeze (1-based) began, and
+        when the thaw after it began: a point cut between them holds 1..n, from the
+        first to at most one more than the second (one finished but not yet said)."""
+        events = re.findall(r"^cbt-(wrote \d+|fsfreeze \w+)", self.log(), re.M)
+        wrote, freezes, at = 0, 0, None
+        for e in events:
+            if e.startswith("wrote"):
+                wrote = int(e.split()[1])
+            elif e == "fsfreeze freeze":
+                freezes += 1
+                if freezes == k:
+                    at = wrote
+            elif e == "fsfreeze thaw" and at is not None:
+                return at, wrote
+        raise AssertionError(f"no freeze {k} and thaw on the console:\n{self.log()[-3000:]}")
+
     def wait_console(self, pattern: str, timeout: float = 120) -> re.Match[str]:
         deadline = time.monotonic() + timeout
         while True:
