@@ -221,7 +221,8 @@ def _build(dest: Path, packages: dict[str, str]) -> None:
         specs = [f"{p}={v}" for p, v in packages.items()]
         r = subprocess.run(["apt-get", "download", *specs], cwd=work, capture_output=True,
                            text=True, check=False, timeout=600)
-        assert r.returncode == 0, f"apt-get download {' '.join(specs)}: {r.stderr.strip()}"
+        assert r.returncode == 0, (f"apt-get download {' '.join(specs)}: {r.stderr.strip()} "
+                                   "(stale package lists? run apt-get update)")
         tree = work / "root"
         for deb in sorted(work.glob("*.deb")):
             run("dpkg-deb", "-x", str(deb), str(tree))
