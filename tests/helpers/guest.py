@@ -419,19 +419,22 @@ def _qemu_args(g: Guest, kernel: Path, initrd: Path, append: str) -> list[str]:
 
 @contextlib.contextmanager
 def running_guest(tmp_path: Path, disk_size: int = 64 << 20,
-                  agent_block: tuple[str, ...] = ()) -> Iterator[Guest]:
+                  agent_block: tuple[str, ...] = (), disk: Path | None = None,
+                  name: str = "vda") -> Iterator[Guest]:
     """A booted guest with a fresh ext4 disk on ``/mnt`` and its agent answering.
 
     ``agent_block``: agent commands ``qemu-ga`` refuses (``-b``), e.g. to make a
-    freeze fail.  Killed and reaped when the block ends.
+    freeze fail.  ``disk``: boot with this qcow2 (an ext4) instead of a fresh
+    one.  ``name``: of its files in ``tmp_path`` (a second guest in one test).
+    Killed and reaped when the block ends.
     """
     kernel, initrd = guest_image()
     sockets = Path(tempfile.mkdtemp(prefix="cbt-g-", dir="/tmp"))
-    g = Guest(disk=ext4_disk(tmp_path / "vda.qcow2", disk_size),
-              console=tmp_path / "console.log", sockets=sockets)
+    g = Guest(disk=disk or ext4_disk(tmp_path / f"{name}.qcow2", disk_size),
+              console=tmp_path / f"{name}-console.log", sockets=sockets)
     append = f"cbt_qga_block={','.join(agent_block)}" if agent_block else ""
     start = time.monotonic()
-    with (tmp_path / "qemu.err").open("wb") as err:
+    with (tmp_path / f"{name}-qemu.err").open("wb") as err:
         g.proc = subprocess.Popen(_qemu_args(g, kernel, initrd, append),
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     try:
