@@ -18,13 +18,15 @@ in the temp directory, and only the finished kernel and initramfs stay:
   ``cbt-guest-ready`` on the console.
 
 A test boots it with ``qemu-system-x86_64 -accel tcg`` (KVM hangs on this
-machine: never used), a qcow2 virtio disk (an ext4 made by ``mkfs.ext4`` on the
-host), a QMP socket, the agent's chardev socket and the serial console in a log
-file.  ``cbt-writer`` (in the guest, started through the agent's
-``guest-exec``) writes files ``/mnt/w/N`` of a known pattern, each synced, then
-appends ``N`` to ``/mnt/w/log`` (synced) and prints ``cbt-wrote N`` on the
-console: so a frozen file system is visible from the host (no new marker), and
-a point of the disk is checked against what the guest had written.
+machine: never used), one or two qcow2 virtio disks (each an ext4 made by
+``mkfs.ext4`` on the host; nodes ``vda``/``vdb``, devices ``vda-dev``/``vdb-dev``,
+mounted on ``/mnt`` and ``/mnt2``), a QMP socket, the agent's chardev socket and
+the serial console in a log file.  ``cbt-writer`` (in the guest, started through
+the agent's ``guest-exec``) writes files ``DIR/N`` of a known pattern, each
+synced, then appends ``N`` to ``DIR/log`` (synced), for each of its folders in
+turn, and prints ``cbt-wrote N`` on the console: so a frozen file system is
+visible from the host (no new marker), and a point of the disks is checked
+against what the guest had written (with two disks, in one global order).
 
 The guest always dies with its context (QEMU killed and reaped); its sockets
 live in a short folder under ``/tmp`` removed afterwards.
@@ -73,6 +75,10 @@ done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 mount -t ext4 /dev/vda /mnt || echo "cbt-guest-error: cannot mount /dev/vda"
+if [ -b /dev/vdb ]; then
+    mkdir -p /mnt2
+    mount -t ext4 /dev/vdb /mnt2 || echo "cbt-guest-error: cannot mount /dev/vdb"
+fi
 mkdir -p /dev/virtio-ports
 for p in /sys/class/virtio-ports/*; do
     ln -s "/dev/${p##*/}" "/dev/virtio-ports/$(cat "$p/name")"
@@ -87,18 +93,20 @@ echo "cbt-guest-ready"
 while true; do sleep 60; done
 """
 
-# cbt-writer DIR [COUNT]: files DIR/1, DIR/2, ... (forever without COUNT) until DIR/stop
+# cbt-writer DIR...: file N to every DIR in turn (each synced, then logged in DIR/log,
+# synced), for N = 1, 2, ... until the first DIR holds "stop"
 WRITER = r"""#!/bin/sh
-dir=$1; count=${2:-0}; n=0
-mkdir -p "$dir"
-while [ ! -e "$dir/stop" ]; do
+n=0
+for d in "$@"; do mkdir -p "$d"; done
+while [ ! -e "$1/stop" ]; do
     n=$((n+1))
-    yes "cbt-file-$n" | head -c FILE_SIZE > "$dir/$n"
-    sync
-    echo "$n" >> "$dir/log"
-    sync
+    for d in "$@"; do
+        yes "cbt-file-$n" | head -c FILE_SIZE > "$d/$n"
+        sync
+        echo "$n" >> "$d/log"
+        sync
+    done
     echo "cbt-wrote $n" > /dev/console
-    [ "$count" -gt 0 ] && [ "$n" -ge "$count" ] && break
 done
 echo "cbt-writer-done $n" > /dev/console
 """.replace("FILE_SIZE", str(FILE_SIZE))
@@ -308,12 +316,16 @@ def agent_call(sock: Path, command: str, arguments: dict[str, Any] | None = None
 
 @dataclass
 class Guest:
-    disk: Path
+    disks: list[Path]  # vda (on /mnt), vdb (on /mnt2): devices vda-dev, vdb-dev
     console: Path
     sockets: Path
     proc: subprocess.Popen[bytes] | None = None
     boot_seconds: float = 0.0
     execs: list[int] = field(default_factory=list)
+
+    @property
+    def disk(self) -> Path:
+        return self.disks[0]
 
     @property
     def qmp(self) -> Path:
@@ -401,15 +413,20 @@ class Guest:
         return done
 
 
+def _disk_args(node: str, path: Path) -> list[str]:
+    return ["-blockdev", f"driver=file,node-name={node}-file,filename={path}",
+            "-blockdev", f"driver=qcow2,node-name={node},file={node}-file",
+            "-device", f"virtio-blk-pci,drive={node},id={node}-dev"]
+
+
 def _qemu_args(g: Guest, kernel: Path, initrd: Path, append: str) -> list[str]:
+    disks = [a for i, d in enumerate(g.disks) for a in _disk_args(f"vd{'ab'[i]}", d)]
     return ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-smp", "1",
             "-nographic", "-nodefaults", "-no-reboot", "-monitor", "none",
             "-serial", f"file:{g.console}",
             "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", f"console=ttyS0 panic=-1 loglevel=4 {append}".strip(),
-            "-blockdev", f"driver=file,node-name=vda-file,filename={g.disk}",
-            "-blockdev", "driver=qcow2,node-name=vda,file=vda-file",
-            "-device", "virtio-blk-pci,drive=vda,id=vda-dev",
+            *disks,
             "-chardev", f"socket,id=qmp,path={g.qmp},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
             "-device", "virtio-serial-pci",
@@ -420,18 +437,21 @@ def _qemu_args(g: Guest, kernel: Path, initrd: Path, append: str) -> list[str]:
 @contextlib.contextmanager
 def running_guest(tmp_path: Path, disk_size: int = 64 << 20,
                   agent_block: tuple[str, ...] = (), disk: Path | None = None,
-                  name: str = "vda") -> Iterator[Guest]:
+                  name: str = "vda", two_disks: bool = False) -> Iterator[Guest]:
     """A booted guest with a fresh ext4 disk on ``/mnt`` and its agent answering.
 
     ``agent_block``: agent commands ``qemu-ga`` refuses (``-b``), e.g. to make a
     freeze fail.  ``disk``: boot with this qcow2 (an ext4) instead of a fresh
     one.  ``name``: of its files in ``tmp_path`` (a second guest in one test).
-    Killed and reaped when the block ends.
+    ``two_disks``: a second fresh ext4 disk, on ``/mnt2``.  Killed and reaped
+    when the block ends.
     """
     kernel, initrd = guest_image()
+    disks = [disk or ext4_disk(tmp_path / f"{name}.qcow2", disk_size)]
+    if two_disks:
+        disks.append(ext4_disk(tmp_path / f"{name}-b.qcow2", disk_size))
     sockets = Path(tempfile.mkdtemp(prefix="cbt-g-", dir="/tmp"))
-    g = Guest(disk=disk or ext4_disk(tmp_path / f"{name}.qcow2", disk_size),
-              console=tmp_path / f"{name}-console.log", sockets=sockets)
+    g = Guest(disks=disks, console=tmp_path / f"{name}-console.log", sockets=sockets)
     append = f"cbt_qga_block={','.join(agent_block)}" if agent_block else ""
     start = time.monotonic()
     with (tmp_path / f"{name}-qemu.err").open("wb") as err:
