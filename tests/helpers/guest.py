@@ -1,9 +1,10 @@
 """A real Linux guest under TCG, built from Debian packages: kernel, busybox, ``qemu-ga``.
 
 The guest (a kernel and an initramfs) is built once per set of package versions
-and cached under ``/var/tmp`` (``cbt-guest-<key>``), under a lock so parallel
-test workers do not race; the build happens in a folder beside the cache, never
-in the temp directory, and only the finished kernel and initramfs stay:
+(and version of this module) and cached under ``/var/tmp`` (``cbt-guest-<key>``),
+under a lock so parallel test workers do not race; the build happens in a folder
+beside the cache, never in the temp directory, and only the finished kernel and
+initramfs stay:
 
 - the kernel from ``apt-get download`` of the Debian cloud kernel (what
   ``linux-image-cloud-amd64`` depends on), unpacked with ``dpkg-deb -x``; the
@@ -245,8 +246,8 @@ def guest_image() -> tuple[Path, Path]:
     """``(kernel, initramfs)`` of the test guest, built once per package versions."""
     need_guest_tools()
     packages = _packages()
-    recipe = json.dumps([packages, INIT, WRITER, HOOK, MODULES], sort_keys=True)
-    key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
+    recipe = json.dumps(packages, sort_keys=True).encode() + Path(__file__).read_bytes()
+    key = hashlib.sha256(recipe).hexdigest()[:16]  # the packages, and how it is built
     cache = CACHE_ROOT / f"cbt-guest-{key}"
     with open(CACHE_ROOT / "cbt-guest.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
