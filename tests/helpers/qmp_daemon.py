@@ -118,3 +118,65 @@ def dirty_extents(nbd_socket: Path, export: str, bitmap: str) -> list[tuple[int,
                        check=True, capture_output=True, text=True)
     # with x-dirty-bitmap, qemu-img reports dirty regions as data=false (inverted)
     return [(e["start"], e["length"]) for e in json.loads(r.stdout) if not e["data"]]
+
+
+# -- the guest agent, on this host, unable to touch it ---------------------------------------
+
+# the only rpcs a host-side qemu-ga may run in the tests: everything else (freeze and
+# thaw of THIS machine's file systems, files, exec, shutdown, users...) is blocked
+GA_ALLOWED = ("guest-sync-delimited", "guest-sync", "guest-ping", "guest-info",
+              "guest-fsfreeze-status")
+
+
+def qemu_ga_path() -> str:
+    """qemu-ga (package qemu-guest-agent; in /usr/sbin, often not on a user's PATH)."""
+    import shutil
+
+    found = shutil.which("qemu-ga") or next(
+        (p for p in ("/usr/sbin/qemu-ga", "/usr/bin/qemu-ga") if os.access(p, os.X_OK)), None)
+    need(found is not None, "needs qemu-ga (apt-get install qemu-guest-agent)")
+    assert found is not None
+    return found
+
+
+def ga_blocked(qemu_ga: str) -> list[str]:
+    """Every rpc this qemu-ga knows but :data:`GA_ALLOWED` (checked: freeze/thaw are in)."""
+    r = subprocess.run([qemu_ga, "-b", "?"], capture_output=True, text=True, timeout=20)
+    rpcs = (r.stdout + r.stderr).split()
+    blocked = [x for x in rpcs if x.startswith("guest-") and x not in GA_ALLOWED]
+    for must in ("guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list", "guest-fsfreeze-thaw",
+                 "guest-shutdown", "guest-exec", "guest-file-open"):
+        assert must in blocked, (must, rpcs)
+    return blocked
+
+
+@contextlib.contextmanager
+def host_guest_agent(root: Path) -> Iterator[Path]:
+    """A real qemu-ga on this host listening on ``root/ga.sock`` (unix-listen), with every
+    rpc that could touch the host blocked (``-b``: it can never freeze this machine's file
+    systems); its socket path.  Always stopped."""
+    qemu_ga = qemu_ga_path()
+    sock = root / "ga.sock"
+    args = [qemu_ga, "-m", "unix-listen", "-p", str(sock), "-f", str(root / "ga.pid"),
+            "-t", str(root), "-b", ",".join(ga_blocked(qemu_ga))]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode() if proc.stderr and proc.poll() else ""
+                raise RuntimeError(f"qemu-ga did not start: {err}")
+            time.sleep(0.02)
+        yield sock
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+        for leftover in (sock, root / "ga.pid"):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()

@@ -104,7 +104,8 @@ def test_full_example_resolves_against_the_config_folder(tmp_path: Path) -> None
         "vault": str(cfgdir / "vault"),
         "vms": [{"name": "web", "policy": "daily", "disks": [
             {"label": "os", "path": str(cfgdir / "disks" / "os.img"), "snapshot": auto},
-            {"label": "db", "path": str(cfgdir / "disks" / "db.img"), "snapshot": auto}]}],
+            {"label": "db", "path": str(cfgdir / "disks" / "db.img"), "snapshot": auto}],
+            "qmp": None, "guest_agent": None, "nbd": None}],
         "warnings": [],
     }
     # human output too
@@ -157,7 +158,8 @@ def test_inline_hooks_and_programs_on_path(tmp_path: Path,
     assert vm.hooks.on_pre_failure == "fallback" and vm.hooks.provides == "application"
     obj = check_json(cfg, env={"PATH": os.environ["PATH"]})
     assert obj["vms"] == [{"name": "db", "policy": "nightly", "disks": [
-        {"label": "data", "path": str(cfgdir / "images" / "data.raw"), "snapshot": "copy"}]}]
+        {"label": "data", "path": str(cfgdir / "images" / "data.raw"), "snapshot": "copy"}],
+        "qmp": None, "guest_agent": None, "nbd": None}]
 
     # the same hooks as a table mean the same thing
     table = INLINE.replace(

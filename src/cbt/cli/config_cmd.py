@@ -7,8 +7,16 @@ and prints the resolved plan: the vault, and for each VM its policy and each
 disk with its path and the snapshot provider it will use ("auto" resolved by
 probing the file system).  Errors name the dotted key and the line.
 
+A running QEMU VM (``qmp``) shows its QMP socket, guest agent and NBD socket,
+and each disk as the block node name or device id it names, with provider
+"qemu" (QEMU makes the point-in-time view); without ``disks``, one line says
+every writable, non-removable disk of the VM is backed up.  Nothing connects to
+QEMU here.
+
 --json prints {"vault","vms":[{"name","policy","disks":[{"label","path",
-"snapshot"}]}],"warnings"}.
+"snapshot"}],"qmp","guest_agent","nbd"}],"warnings"}; "qmp", "guest_agent" and
+"nbd" are null for a VM of image files; a QEMU disk's "path" is its node name or
+device id.
 """
 
 from __future__ import annotations
@@ -32,10 +40,12 @@ def run(args: argparse.Namespace) -> int:
     config = load(args.file)
     vms: list[dict[str, Any]] = []
     for vm in config.vms.values():
-        providers = resolve_provider(vm.snapshot, vm.name, vm.disks, vm.snapshot_dir)
+        providers = ({label: "qemu" for label in vm.disks} if vm.qemu else
+                     resolve_provider(vm.snapshot, vm.name, vm.disks, vm.snapshot_dir))
         vms.append({"name": vm.name, "policy": vm.policy,
                     "disks": [{"label": label, "path": path, "snapshot": providers[label]}
-                              for label, path in vm.disks.items()]})
+                              for label, path in vm.disks.items()],
+                    "qmp": vm.qmp, "guest_agent": vm.guest_agent, "nbd": vm.nbd})
     if args.json:
         print_json({"vault": config.vault, "vms": vms, "warnings": config.warnings})
         return EXIT_OK
@@ -44,6 +54,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"  policy {name}: {policy.schedule.text} ({policy.timezone})")
     for plan in vms:
         print(f"  vm {plan['name']} (policy {plan['policy']})")
+        _print_qemu(plan)
         for d in plan["disks"]:
             print(f"    {d['label']:<12} {d['snapshot']:<8} {d['path']}")
     return EXIT_OK
+
+
+def _print_qemu(plan: dict[str, Any]) -> None:
+    """A QEMU VM's sockets, and what its disks are when none are named."""
+    if plan["qmp"] is None:
+        return
+    print(f"    qmp          {plan['qmp']}")
+    for key in ("guest_agent", "nbd"):
+        if plan[key] is not None:
+            print(f"    {key:<12} {plan[key]}")
+    if not plan["disks"]:
+        print(f"    {'(all)':<12} {'qemu':<8} every writable, non-removable disk of the VM")

@@ -9,7 +9,10 @@ it ran.
 "consistency","recovery_point","disks","error","hooks"}],"warnings"}; each of
 "hooks" is {"phase","ok","exit_code","timed_out","seconds","error","stdout",
 "stderr"} (phase pre, post or recover; the last 4 KiB of the hook's stdout and
-stderr; exit_code null when it timed out or could not start).
+stderr; exit_code null when it timed out or could not start).  A QEMU VM's guest
+agent calls are listed there too, phase guest-freeze or guest-thaw, with
+"file_systems" (how many it froze or thawed; null when it failed) and the
+agent's error in "error".
 """
 
 from __future__ import annotations

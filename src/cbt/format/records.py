@@ -456,7 +456,9 @@ class JobRecord:
     disks: list[JobDisk] = field(default_factory=list)
     error: str | None = None
     # the hooks it ran, in order: phase, ok, exit_code, timed_out, seconds, error, and
-    # the tails of their stdout and stderr (cbt.jobs.hooks.HookResult.to_record)
+    # the tails of their stdout and stderr (cbt.jobs.hooks.HookResult.to_record); a QEMU
+    # VM's guest agent calls too, with the same keys and ``file_systems`` (phase
+    # ``guest-freeze`` or ``guest-thaw``: cbt.jobs.qemu.AgentResult.to_record)
     hooks: list[dict[str, Any]] = field(default_factory=list)
     hook_pending: bool = False  # between the pre hook's start and the post hook's end
     pid: int | None = None

@@ -43,6 +43,12 @@ point-in-time view)::
     disks = { os = "os", db = "db" }    # optional: label -> block node name or device id
                                         # (default: every writable, non-removable disk)
     nbd = "/run/qemu/web.nbd"       # optional: socket of an NBD server QEMU already runs
+
+Its ``hooks`` run around the guest agent's freeze (pre hook, freeze, the cut,
+thaw, post hook); the freeze's timeout is ``hooks.timeout``.  An agent freeze
+alone gives ``file-system`` consistency, ``application`` when ``provides =
+"application"`` is written in ``hooks`` (the guest's own fsfreeze hook scripts
+quiesce its applications).
 """
 
 from __future__ import annotations
@@ -85,6 +91,9 @@ class Hooks:
     on_pre_failure: OnPreFailure = "fallback"
     provides: Provides = "application"
     cwd: str | None = None  # hooks run in the config file's folder
+    # ``provides`` was written in the file (a QEMU VM's agent freeze alone then counts as
+    # ``application``: the guest's fsfreeze hook scripts quiesce its applications)
+    provides_given: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -408,4 +417,5 @@ def _hooks(where: _Where, path: str, base: Path, dotted: str, value: Any) -> Hoo
     return Hooks(
         pre=_argv(where, path, hp + "pre", h["pre"]) if "pre" in h else (),
         post=_argv(where, path, hp + "post", h["post"]) if "post" in h else (),
-        timeout=float(timeout), on_pre_failure=opf, provides=provides, cwd=str(base))
+        timeout=float(timeout), on_pre_failure=opf, provides=provides, cwd=str(base),
+        provides_given="provides" in h)

@@ -31,7 +31,9 @@ job recorded as ``failed`` (unless the caller keeps them, as the daemon does:
 then the job in flight and its workers finish).
 
 Step 1 is :func:`recover`, step 2 :meth:`Job.start`; :meth:`Job.run` runs
-steps 3 to 8, one method each.
+steps 3 to 8, one method each.  A running QEMU VM (``qmp``) runs
+:class:`cbt.jobs.qemu.QemuJob` instead, whose steps differ where QEMU makes the
+point-in-time view (and :func:`recover` also thaws a guest a dead job froze).
 
 An encrypted vault is opened with ``JobRequest.passphrase`` (None:
 ``CBT_PASSWORD_FILE``, then ``CBT_PASSWORD``); its job records are sealed, and
@@ -138,6 +140,10 @@ def recover(vault: Vault, vmc: VMConfig) -> list[str]:
     for rec in list_jobs(vault, vmc.name, warnings):
         if rec.status != "running":
             continue
+        if rec.hook_pending and vmc.qemu:
+            from cbt.jobs.qemu import thaw_interrupted
+
+            thaw_interrupted(vmc, rec, warnings)
         if rec.hook_pending and vmc.hooks and vmc.hooks.post:
             res = run_hook(vmc.hooks.post, "recover", vmc.name,
                            rec.recovery_point or "", vmc.hooks.timeout, vmc.hooks.cwd)
@@ -384,7 +390,16 @@ def run_vm(config: Config, vm: str, request: JobRequest | None = None) -> JobRes
                else _abort_on_signals())
     with writer_lock(vault.storage, request.wait, not vault.encrypted), signals:
         warnings = recover(vault, config.vms[vm])
-        return Job.start(config, vault, vm, request, warnings).run()
+        return _job_class(config.vms[vm]).start(config, vault, vm, request, warnings).run()
+
+
+def _job_class(vmc: VMConfig) -> type[Job]:
+    """:class:`Job`, or for a running QEMU VM :class:`cbt.jobs.qemu.QemuJob`."""
+    if vmc.qemu:
+        from cbt.jobs.qemu import QemuJob
+
+        return QemuJob
+    return Job
 
 
 def run(config: Config | str | os.PathLike[str], vm: str | None = None,

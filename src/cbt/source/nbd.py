@@ -559,7 +559,9 @@ class NbdSource(BlockSource):
     def windows(self, block_size: int, lo: int, hi: int,
                 read_ahead: bool = True) -> Iterator[tuple[int, Window]]:
         step = max(self.window // block_size, 1)
-        buf = bytearray(step * block_size)
+        # no bigger than the range: a tracked disk reads many short ranges, and a zeroed
+        # 64 MiB buffer each cost 30 ms (a 1% incremental took seconds)
+        buf = bytearray(min(step, max(hi - lo, 0)) * block_size)
         for first in range(lo, hi, step):
             last = min(first + step, hi)
             offset = first * block_size

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import threading
 import time
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,7 +71,9 @@ def bitmap_name(point_id: str) -> str:
     A point id (``web.20261130T034400Z-2``) is unique and tells an administrator
     looking at ``query-block`` which point the bitmap belongs to.
     """
-    if not re.fullmatch(r"[0-9A-Za-z_.-]{1,64}", point_id):
+    # a point id is a VM name (up to 64 characters), a time and a suffix; QEMU takes
+    # bitmap names of up to 1023 bytes
+    if not re.fullmatch(r"[0-9A-Za-z_.-]{1,200}", point_id):
         raise CbtValueError(f"point id {point_id!r}: not usable in a bitmap name")
     return BITMAP_PREFIX + point_id
 
@@ -169,6 +172,7 @@ class QemuDisk:
     size: int
     format: str
     bitmaps: tuple[Bitmap, ...] = ()
+    filename: str | None = None  # the image file QEMU reports (None: not a plain path)
 
     def bitmap(self, name: str) -> Bitmap | None:
         return next((b for b in self.bitmaps if b.name == name), None)
@@ -179,7 +183,8 @@ def _bitmaps(info: Mapping[str, Any]) -> tuple[Bitmap, ...]:
                         recording=bool(b.get("recording")),
                         inconsistent=bool(b.get("inconsistent")),
                         granularity=int(b.get("granularity", 0)), count=int(b.get("count", 0)))
-                 for b in info.get("dirty-bitmaps", ()))
+                 for b in info.get("dirty-bitmaps", ())
+                 if isinstance(b.get("name"), str))  # a running backup job's has none
 
 
 def _nodes(session: QmpSession) -> dict[str, Mapping[str, Any]]:
@@ -190,7 +195,15 @@ def _disk(label: str, info: Mapping[str, Any], device: str | None) -> QemuDisk:
     image = info.get("image", {})
     return QemuDisk(label=label, node=info["node-name"], device=device,
                     size=int(image.get("virtual-size", 0)), format=str(info.get("drv")),
-                    bitmaps=_bitmaps(info))
+                    bitmaps=_bitmaps(info), filename=_filename(info.get("file")))
+
+
+def _filename(value: object) -> str | None:
+    """A node's image file as QEMU reports it, if it is a plain absolute path."""
+    if isinstance(value, str) and value.startswith("/") and "\0" not in value \
+            and len(value) < 4096 and value.isprintable():
+        return value
+    return None
 
 
 def _devices(session: QmpSession) -> dict[str, tuple[str, bool, bool]]:
@@ -353,21 +366,29 @@ def _prepare(session: QmpSession, disks: Mapping[str, QemuDisk], point_id: str,
     views: dict[str, View] = {}
     reasons: dict[str, str] = {}
     new = bitmap_name(point_id)
+    # QEMU node names hold at most 31 characters (a point id alone may be longer): the
+    # overlays, jobs and exports are named by a short digest of the point id
+    tag = hashlib.sha256(point_id.encode()).hexdigest()[:10]
     for i, (label, disk) in enumerate(sorted(disks.items())):
         why = _unusable(disk, previous, previous_sizes.get(label))
         if why is not None:
             reasons[label] = why
-        views[label] = View(label=label, disk=disk, export=f"{_EXPORT_PREFIX}{point_id}-{i}",
-                            node=f"{_NODE_PREFIX}{point_id}-{i}",
-                            overlay=workdir / f"{_NODE_PREFIX}{point_id}-{i}.qcow2",
-                            job=f"{_JOB_PREFIX}{point_id}-{i}",
+        views[label] = View(label=label, disk=disk, export=f"{_EXPORT_PREFIX}{tag}-{i}",
+                            node=f"{_NODE_PREFIX}{tag}-{i}",
+                            overlay=workdir / f"{_NODE_PREFIX}{tag}-{i}.qcow2",
+                            job=f"{_JOB_PREFIX}{tag}-{i}",
                             bitmap=None if why else previous, new_bitmap=new)
     return views, reasons
 
 
 def _add_overlay(session: QmpSession, view: View) -> None:
     fd = os.open(view.overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.close(fd)
+    try:  # QEMU may run as another user: the file is the owner's of the work folder
+        owner = os.stat(view.overlay.parent)
+        if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+    finally:
+        os.close(fd)
     session.command("blockdev-add", {"driver": "file", "node-name": view.node + "-f",
                                      "filename": str(view.overlay)})
     try:
@@ -507,8 +528,12 @@ def _settle_bitmaps(session: QmpSession, moment: Moment, added: bool) -> None:
 @contextlib.contextmanager
 def cut(session: QmpSession, disks: Mapping[str, QemuDisk], point_id: str, workdir: Path, *,
         previous: str | None = None, previous_sizes: Mapping[str, int] | None = None,
-        nbd_socket: Path | None = None) -> Iterator[Moment]:
+        nbd_socket: Path | None = None,
+        on_cut: Callable[[], object] | None = None) -> Iterator[Moment]:
     """Every disk at one moment, exported read-only over NBD, for the ``with`` block.
+
+    ``on_cut`` runs right after the transaction, before the exports (a job
+    thaws its guest there: frozen no longer than the moment needs).
 
     ``previous``: the previous point's bitmap name; ``previous_sizes``: label ->
     the disk's size at that point (a resized disk is hash-scanned).
@@ -527,6 +552,8 @@ def cut(session: QmpSession, disks: Mapping[str, QemuDisk], point_id: str, workd
             _add_overlay(session, v)
         _transaction(session, views)
         added = True
+        if on_cut is not None:
+            on_cut()
         _export(session, moment, nbd_socket, workdir)
         yield moment
     finally:
