@@ -262,19 +262,22 @@ def test_two_disks_are_cut_at_one_moment(tmp_path: Path, frozen: bool) -> None:
     """The guest writes file N to its first disk, then to its second, each synced, in
     one global order: a point of both disks from one moment holds 1..n on the first and
     1..n or 1..n-1 on the second, frozen by the agent or not (crash-consistent: the
-    same after the journals' replay)."""
+    same after the journals' replay).  Frozen: every disk of the VM by default (labels
+    are device ids); crash: ``disks`` names one by node name, one by device id."""
     vault = init_vault(tmp_path)
+    labels = ["vda-dev", "vdb-dev"] if frozen else ["os", "data"]  # in the writer's order
+    vm: dict[str, Any] = {} if frozen else {"disks": {"os": "vda", "data": "vdb-dev"}}
     with running_guest(tmp_path, two_disks=True,
                        agent_block=() if frozen else ("guest-fsfreeze-freeze",)) as g:
         g.spawn("exec cbt-writer /mnt/w /mnt2/w")
         g.wait_wrote(3)
-        line = one_point(config(tmp_path, g, vault))
+        line = one_point(config(tmp_path, g, vault, **vm))
         after_job(g)
-        assert sorted(d["label"] for d in line["disks"]) == ["vda-dev", "vdb-dev"], line
+        assert sorted(d["label"] for d in line["disks"]) == sorted(labels), line
         assert line["consistency"] == ("file-system" if frozen else "crash"), line
         assert "one moment" in line["consistency_reason"], line
         logs = []
-        for label in ("vda-dev", "vdb-dev"):
+        for label in labels:
             image = restored(vault, line["recovery_point"], tmp_path, label)
             assert needs_recovery(image) != frozen
             if not frozen:
