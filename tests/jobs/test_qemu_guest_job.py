@@ -33,7 +33,7 @@ from helpers.guest import (
 )
 from helpers.jobs import hook_argv, hook_log, job_config, jobs_json, one_point
 from helpers.qemu import run
-from helpers.vaults import restore_point
+from helpers.vaults import restore, restore_point
 
 from cbt.source.qemu import QmpSession
 
@@ -140,9 +140,13 @@ def test_full_then_incremental_of_a_writing_guest(tmp_path: Path) -> None:
         assert len(logged[1]) > len(logged[0])  # the guest wrote on between the points
         jobs = jobs_json(vault)
         assert sorted(j["consistency"] for j in jobs) == ["file-system"] * 2
-    # the incremental point boots again: a new guest on it (as qcow2) reads every file
-    again = tmp_path / "again.qcow2"
-    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(image), str(again))
+    # the incremental point, restored as a qcow2 (restore --format qcow2), boots again: a
+    # new guest on it reads every file
+    res = restore(vault, incr["recovery_point"], tmp_path / "again", "--format", "qcow2")
+    again = tmp_path / "again" / f"{LABEL}.qcow2"
+    assert [d["to"] for d in res["disks"]] == [str(again)]
+    assert run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(again),
+               str(image)).startswith("Images are identical")
     with running_guest(tmp_path, disk=again, name="again") as g2:
         assert g2.sh("cat /mnt/w/log").split() == [str(n) for n in logged[1]]
         sums = g2.sh("cd /mnt/w && md5sum $(cat log)").split("\n")
