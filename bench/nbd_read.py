@@ -36,9 +36,12 @@ Usage::
    - ``qemu-io`` (scattered only): ``qemu-io -c "read OFF LEN"`` per range (C,
      one at a time).
 
-The Python readers time their reads only (connection and start-up excluded:
-the ``open_s`` column); ``qemu-img``/``qemu-io`` are whole processes.  CPU is
-user + sys of the reader's process; ``server_cpu`` is the server's.
+The ranges are worked out once, untimed (the extents by cbt's
+``NbdSource.extents``), and given to every reader in a JSON file.  The
+Python readers time their reads only: wall clock and CPU (user + sys) of the
+read loop, connection and start-up excluded (``open_s`` in the JSON);
+``qemu-img``/``qemu-io`` are whole processes.  ``server cpu`` is what the
+server process spent meanwhile (``/proc/PID/stat``).
 Medians of ``--runs``; noisy figures (spread > 25%) are flagged.
 """
 
