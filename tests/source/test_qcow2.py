@@ -4,17 +4,20 @@ bitmaps added with ``qemu-img bitmap``.  Real ``qemu-img``, ``qemu-io`` and ``qe
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import MIB
 from helpers.qemu import create, image_bitmaps, nbd_servers_of, need_qemu, raw_bytes, run, write
+from helpers.system import need
 
 from cbt.source.changes import ChangeHint
-from cbt.source.qcow2 import Qcow2Error, inspect, is_qcow2, open_offline
+from cbt.source.qcow2 import OfflineSet, Qcow2Error, inspect, is_qcow2, open_offline
 
 SIZE = 8 * MIB
 BS = 16384
@@ -140,3 +143,101 @@ def test_a_short_range_costs_a_short_buffer(tmp_path: Path) -> None:
             tracemalloc.stop()
     assert got == [b"\x09" * BS]
     assert peak < 4 * BS
+
+
+def _guest_view(off: OfflineSet, label: str, n: int) -> bytes:
+    from cbt.source.nbd import NbdSource
+
+    with NbdSource(off.disks[label].socket, "disk") as src:
+        return src.client.read(0, n)
+
+
+def test_a_backing_file_the_image_owner_cannot_read_is_refused(tmp_path: Path) -> None:
+    """A header is its owner's word: an image of uid 1000 naming root's 0600 file as its
+    raw backing file must not make cbt (root) read that file into the backup."""
+    need(os.geteuid() == 0, "needs root (files of another owner)")
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"root-only secret\n")
+    secret.chmod(0o600)
+    q = tmp_path / "evil.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(q),
+        str(SIZE))
+    os.chown(q, 1000, 1000)
+    with pytest.raises(Qcow2Error, match=r"evil\.qcow2: its backing file .*shadow is not "
+                                         r"readable by the image's owner \(uid 1000\)"):
+        open_offline({"os": str(q)}, "web.p1", None).__enter__()
+    assert image_bitmaps(q) == {} and nbd_servers_of(q) == []
+    secret.chmod(0o644)  # readable by all: part of the guest's view
+    with open_offline({"os": str(q)}, "web.p1", None) as off:
+        assert _guest_view(off, "os", 17) == b"root-only secret\n"
+    os.chown(q, 0, 0)  # root's own image: root's word
+    secret.chmod(0o600)
+    with open_offline({"os": str(q)}, "web.p2", None) as off:
+        assert _guest_view(off, "os", 4) == b"root"
+
+
+@pytest.mark.parametrize(("backing", "fmt", "error"), [
+    ("nbd:unix:/nonexistent.sock", "raw", "is not a file name (a QEMU protocol)"),
+    ('json:{"driver": "file", "filename": "/etc/hostname"}', "raw", "a QEMU protocol"),
+    ("/dev/zero", "raw", "/dev/zero is not a regular file"),
+    ("fifo", "raw", "fifo is not a regular file"),
+    ("base.vmdk", "vmdk", "has format 'vmdk' (cbt reads only qcow2 or raw ones)"),
+    ("loop.qcow2", "qcow2", "its backing chain loops at"),
+])
+def test_a_backing_name_that_is_no_plain_file_is_refused(tmp_path: Path, backing: str,
+                                                         fmt: str, error: str) -> None:
+    os.mkfifo(tmp_path / "fifo")  # (a reader opening it would hang)
+    q = tmp_path / "evil.qcow2"
+    target = "loop.qcow2" if fmt == "qcow2" else "evil.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", fmt,
+        str(tmp_path / target), str(SIZE))
+    if fmt == "qcow2":  # evil -> loop -> evil
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "evil.qcow2", "-F",
+            "qcow2", str(tmp_path / "loop.qcow2"), str(SIZE))
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "loop.qcow2", "-F",
+            "qcow2", str(q), str(SIZE))
+    with pytest.raises(Qcow2Error) as exc:
+        open_offline({"os": str(q)}, "web.p1", None).__enter__()
+    assert str(exc.value).startswith(f"{q}: ") and error in str(exc.value)
+    assert image_bitmaps(q) == {} and nbd_servers_of(q) == []
+
+
+def test_qemu_reads_the_image_cbt_inspected(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image replaced by another (its name renamed over) after cbt inspected it: the
+    bitmaps and qemu-nbd still work on the file inspected, never on the newcomer."""
+    from cbt.source import qcow2
+
+    q = create(tmp_path / "a.qcow2", SIZE)
+    write(str(q), "qcow2", [(0, 4096, 1)])
+    other = create(tmp_path / "other.qcow2", 2 * SIZE)
+    write(str(other), "qcow2", [(0, 4096, 2)])
+    kept = tmp_path / "kept.qcow2"
+    os.link(q, kept)
+    recover = qcow2._recover
+
+    def swap(*args: Any) -> list[str]:
+        out = recover(*args)
+        os.replace(other, q)  # between the inspection and the bitmap and qemu-nbd
+        return out
+
+    monkeypatch.setattr(qcow2, "_recover", swap)
+    with open_offline({"os": str(q)}, "web.p1", None) as off:
+        assert off.disks["os"].size == SIZE
+        assert _guest_view(off, "os", 4) == b"\1" * 4
+        assert image_bitmaps(kept) == {"cbt-web.p1": ["auto"]} and image_bitmaps(q) == {}
+        off.commit()
+    assert image_bitmaps(kept) == {"cbt-web.p1": ["auto"]} and image_bitmaps(q) == {}
+
+
+def test_one_image_under_two_labels_is_refused(tmp_path: Path) -> None:
+    q = create(tmp_path / "a.qcow2", SIZE)
+    link = tmp_path / "b.qcow2"
+    link.symlink_to(q)
+    with pytest.raises(Qcow2Error, match=r"disks os and again are the same qcow2 image"):
+        open_offline({"os": str(q), "again": str(link)}, "web.p1", None).__enter__()
+    assert image_bitmaps(q) == {} and nbd_servers_of(q) == []
+    with open_offline({"os": str(link)}, "web.p1", None) as off:  # a symlink: its target
+        assert _guest_view(off, "os", 4) == b"\0" * 4
+        off.commit()
+    assert image_bitmaps(q) == {"cbt-web.p1": ["auto"]}

@@ -4,8 +4,12 @@ A qcow2 image (known by its magic ``QFI\\xfb``, whatever its name) of a VM that 
 not running is read through ``qemu-nbd``: its virtual disk (guest data, holes as
 holes), never its container file.  For each run (:func:`open_offline`):
 
-1. :func:`inspect` the image with ``qemu-img info`` (its answer is untrusted
-   input: checked).  An image a running QEMU has open is locked: that disk
+1. :func:`pin` the image: it and its backing chain are opened once by cbt and
+   checked (:class:`Pinned`: no protocol names, devices, FIFOs, loops, probed
+   formats, external data files, nor a backing file the image's owner could not
+   read); every QEMU tool is given these open files (``/dev/fd/N``), so an image
+   replaced meanwhile is never what is read.  ``qemu-img info``'s answer is
+   untrusted input: checked.  An image a running QEMU has open is locked: that disk
    fails with QEMU's one-line lock error.
 2. Recover: every other ``cbt-<vm>.`` bitmap (a run killed before it could settle)
    is merged into the previous point's bitmap ``cbt-<previous point id>`` when that
@@ -34,6 +38,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -48,8 +53,9 @@ from cbt.source.plan import BlockRange
 from cbt.source.qemu import bitmap_name
 
 __all__ = [
-    "QCOW2_MAGIC", "ChangesFn", "ImageBitmap", "OfflineDisk", "OfflineSet", "Qcow2Error",
-    "Qcow2Info",    "inspect", "is_qcow2", "open_offline", "qemu_img", "stop_signals", "tool",
+    "QCOW2_MAGIC", "ChangesFn", "ImageBitmap", "OfflineDisk", "OfflineSet", "Pinned",
+    "Qcow2Error", "Qcow2Info", "inspect", "is_qcow2", "open_offline", "pin", "qemu_img",
+    "stop_signals", "tool",
 ]
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -99,13 +105,14 @@ def _first_line(text: str) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def qemu_img(path: str, *args: str, timeout: float | None = TOOL_TIMEOUT) -> str:
-    """Run ``qemu-img ARGS`` (bounded in time unless ``timeout`` is None); its stdout, or
-    :class:`Qcow2Error`: one line naming the image ``path``."""
+def qemu_img(path: str, *args: str, timeout: float | None = TOOL_TIMEOUT,
+             fds: tuple[int, ...] = ()) -> str:
+    """Run ``qemu-img ARGS`` (bounded in time unless ``timeout`` is None; given the open
+    files ``fds``); its stdout, or :class:`Qcow2Error`: one line naming the image ``path``."""
     cmd = [tool("qemu-img"), *args]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                           timeout=timeout, stdin=subprocess.DEVNULL)
+                           timeout=timeout, stdin=subprocess.DEVNULL, pass_fds=fds)
     except subprocess.TimeoutExpired:
         raise Qcow2Error(f"{path}: qemu-img {args[0]} did not finish in "
                          f"{timeout:g} s") from None
@@ -147,13 +154,88 @@ class Qcow2Info:
 
 
 def inspect(path: str) -> Qcow2Info:
-    """``qemu-img info`` of the qcow2 ``path``, checked (it describes an untrusted header).
+    """``qemu-img info`` of the qcow2 ``path``, checked (it describes an untrusted header),
+    and its backing chain checked (:class:`Pinned`)."""
+    info, pinned = pin(path)
+    pinned.close()
+    return info
 
-    Refused: a backing file whose format the image does not name (QEMU would probe
-    it: a raw backing file could pass itself off as an image naming any host file),
-    an external data file, sizes or bitmaps that do not parse.
-    """
-    out = qemu_img(path, "info", "--output=json", "-f", "qcow2", _plain(path))
+
+MAX_CHAIN = 16  # backing files followed at most
+BACKING_FORMATS = ("qcow2", "raw")
+
+
+@dataclass
+class Pinned:
+    """An image and its backing chain, each file opened once by cbt and checked; QEMU's
+    tools are given these open files (``/dev/fd/N`` in a ``json:`` name), never a name
+    it would resolve again: an image swapped after it was inspected, or a backing name
+    the header changed meanwhile, is never what QEMU reads.
+
+    Refused in the chain: a file that is not a regular file (a device, a FIFO), a
+    backing name that is a QEMU protocol (``json:``, ``nbd:``...), a backing format
+    other than qcow2 or raw or none named (QEMU would probe it), an external data file,
+    more than :data:`MAX_CHAIN` files, and a backing file the image's owner could not
+    read (a header is the image owner's word: cbt, often root, must not read
+    ``/etc/shadow`` into the backup for them)."""
+
+    path: str
+    fds: list[int] = field(default_factory=list)
+    top: dict[str, object] = field(default_factory=dict)  # for qemu-img (no backing)
+    chain: dict[str, object] = field(default_factory=dict)  # for qemu-nbd: every file
+    ident: tuple[int, int] = (0, 0)  # the image file's (st_dev, st_ino)
+
+    def name(self, whole: bool = False) -> str:
+        return "json:" + json.dumps(self.chain if whole else self.top)
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def pin(path: str) -> tuple[Qcow2Info, Pinned]:
+    """Open the qcow2 ``path`` and its backing chain once, check them (:class:`Pinned`);
+    the caller closes the :class:`Pinned`."""
+    pinned = Pinned(path)
+    try:
+        fd, top = _open_file(path, path)
+        pinned.fds.append(fd)
+        pinned.ident = (top.st_dev, top.st_ino)
+        if os.pread(fd, 4, 0) != QCOW2_MAGIC:
+            raise Qcow2Error(f"{path}: no longer a qcow2 image")
+        node: dict[str, object] = _node("qcow2", fd)
+        pinned.top, pinned.chain = dict(node), node
+        doc = _info(path, fd, "qcow2", pinned)
+        info = Qcow2Info(path, _size(path, doc), _parse_bitmaps(path, _data(path, doc)
+                                                                .get("bitmaps", [])))
+        _follow(pinned, node, doc, top)
+        return info, pinned
+    except BaseException:
+        pinned.close()
+        raise
+
+
+def _node(fmt: str, fd: int) -> dict[str, object]:
+    return {"driver": fmt, "file": {"driver": "file", "filename": f"/dev/fd/{fd}"}}
+
+
+def _open_file(path: str, image: str) -> tuple[int, os.stat_result]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Qcow2Error(f"{image}: cannot open {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise Qcow2Error(f"{image}: {path} is not a regular file: refusing to read it")
+    return fd, st
+
+
+def _info(path: str, fd: int, fmt: str, pinned: Pinned) -> dict[str, object]:
+    out = qemu_img(path, "info", "--output=json", "-f", fmt, f"/dev/fd/{fd}",
+                   fds=tuple(pinned.fds))
     if len(out) > _MAX_INFO:
         raise Qcow2Error(f"{path}: qemu-img info said too much")
     try:
@@ -162,18 +244,75 @@ def inspect(path: str) -> Qcow2Info:
         raise Qcow2Error(f"{path}: qemu-img info is not JSON") from None
     if not isinstance(doc, dict):
         raise Qcow2Error(f"{path}: qemu-img info is not a JSON object")
+    return doc
+
+
+def _size(path: str, doc: dict[str, object]) -> int:
     size = doc.get("virtual-size")
     if type(size) is not int or not 0 < size < 2**63:
         raise Qcow2Error(f"{path}: qcow2 virtual size {size!r} is not a positive integer")
-    if "backing-filename" in doc and "backing-filename-format" not in doc:
-        raise Qcow2Error(f"{path}: its backing file {str(doc['backing-filename'])[:200]!r} has "
-                         "no format in the image (qemu-img rebase -u -F FORMAT names it)")
+    return size
+
+
+def _data(path: str, doc: dict[str, object]) -> dict[str, object]:
     spec = doc.get("format-specific")
     data = spec.get("data") if isinstance(spec, dict) else None
     data = data if isinstance(data, dict) else {}
     if data.get("data-file") is not None:
         raise Qcow2Error(f"{path}: a qcow2 image with an external data file is not supported")
-    return Qcow2Info(path, size, _parse_bitmaps(path, data.get("bitmaps", [])))
+    return data
+
+
+def _follow(pinned: Pinned, node: dict[str, object], doc: dict[str, object],
+            top: os.stat_result) -> None:
+    """Pin the backing chain the header ``doc`` names below ``node`` (see :class:`Pinned`)."""
+    where, seen = pinned.path, {(top.st_dev, top.st_ino)}
+    while (backing := doc.get("backing-filename")) is not None:
+        fmt = doc.get("backing-filename-format")
+        shown = str(backing)[:200]
+        if fmt is None:
+            raise Qcow2Error(f"{pinned.path}: its backing file {shown!r} has no format in "
+                             "the image (qemu-img rebase -u -F FORMAT names it)")
+        if fmt not in BACKING_FORMATS:
+            raise Qcow2Error(f"{pinned.path}: its backing file {shown!r} has format "
+                             f"{str(fmt)[:40]!r} (cbt reads only qcow2 or raw ones)")
+        if not isinstance(backing, str) or not backing or _has_protocol(backing):
+            raise Qcow2Error(f"{pinned.path}: its backing file {shown!r} is not a file "
+                             "name (a QEMU protocol): refusing to follow it")
+        if len(pinned.fds) > MAX_CHAIN:
+            raise Qcow2Error(f"{pinned.path}: its backing chain is longer than {MAX_CHAIN}")
+        where = os.path.join(os.path.dirname(_plain(where)), backing)
+        fd, st = _open_file(where, pinned.path)
+        pinned.fds.append(fd)
+        if (st.st_dev, st.st_ino) in seen:
+            raise Qcow2Error(f"{pinned.path}: its backing chain loops at {where}")
+        seen.add((st.st_dev, st.st_ino))
+        if not _owner_may_read(top, st):
+            raise Qcow2Error(f"{pinned.path}: its backing file {where} is not readable by the "
+                             f"image's owner (uid {top.st_uid}): refusing to read it")
+        child = _node(str(fmt), fd)
+        node["backing"] = child
+        if fmt == "raw":
+            return
+        node, doc = child, _info(where, fd, "qcow2", pinned)
+        _data(where, doc)
+    node["backing"] = None
+
+
+def _has_protocol(name: str) -> bool:
+    """QEMU's ``path_has_protocol``: a ``:`` before any ``/`` makes a protocol name."""
+    head = name.split("/", 1)[0]
+    return ":" in head
+
+
+def _owner_may_read(top: os.stat_result, st: os.stat_result) -> bool:
+    """Whether the owner of the image ``top`` could read the backing file ``st`` (or owns
+    it, or is cbt's own user or root, who could anyway)."""
+    if top.st_uid in (0, os.geteuid()) or st.st_uid == top.st_uid:
+        return True
+    if st.st_gid == top.st_gid and st.st_mode & stat.S_IRGRP:
+        return True
+    return bool(st.st_mode & stat.S_IROTH)
 
 
 def _parse_bitmaps(path: str, raw: object) -> tuple[ImageBitmap, ...]:
@@ -191,9 +330,9 @@ def _parse_bitmaps(path: str, raw: object) -> tuple[ImageBitmap, ...]:
     return tuple(out)
 
 
-def _bitmap(path: str, name: str, *ops: str) -> None:
-    """``qemu-img bitmap OPS -f qcow2 PATH NAME`` (the image must not be in use)."""
-    qemu_img(path, "bitmap", *ops, "-f", "qcow2", _plain(path), name)
+def _bitmap(image: Pinned, name: str, *ops: str) -> None:
+    """``qemu-img bitmap OPS IMAGE NAME`` (the image must not be in use)."""
+    qemu_img(image.path, "bitmap", *ops, image.name(), name, fds=tuple(image.fds))
 
 
 def _plain(path: str) -> str:
@@ -217,7 +356,8 @@ def _unusable(info: Qcow2Info, previous: str | None) -> str | None:
     return None
 
 
-def _recover(info: Qcow2Info, previous: str | None, usable: bool, ours: str) -> list[str]:
+def _recover(image: Pinned, info: Qcow2Info, previous: str | None, usable: bool,
+             ours: str) -> list[str]:
     """Fold this VM's other bitmaps (``ours``: ``cbt-<vm>.``; a killed run's) into the
     previous one; remove them and an unusable previous one.  Returns the names removed.
     Another VM's bitmaps (the same image backed up under another name) are left alone."""
@@ -226,8 +366,8 @@ def _recover(info: Qcow2Info, previous: str | None, usable: bool, ours: str) -> 
         if not bm.name.startswith(ours) or (usable and bm.name == previous):
             continue
         if usable and previous is not None and not bm.in_use and bm.name != previous:
-            _bitmap(info.path, previous, "--merge", bm.name)
-        _bitmap(info.path, bm.name, "--remove")
+            _bitmap(image, previous, "--merge", bm.name)
+        _bitmap(image, bm.name, "--remove")
         removed.append(bm.name)
     return removed
 
@@ -245,6 +385,7 @@ class OfflineDisk:
     new_bitmap: str
     previous: str | None  # the previous point's bitmap when usable (published over NBD)
     reason: str | None  # why not (a hash scan)
+    image: Pinned  # the image and its backing chain, opened once
     socket: str = ""
     proc: subprocess.Popen[bytes] | None = None
     added: bool = False
@@ -327,6 +468,8 @@ class OfflineSet:
                 _settle(d, self.committed)
             except (Qcow2Error, OSError) as exc:
                 errors.append(f"disk {d.label}: bitmaps left for the next run: {exc}")
+            finally:
+                d.image.close()
         return errors
 
 
@@ -346,11 +489,11 @@ def _settle(d: OfflineDisk, committed: bool) -> None:
         return
     if committed:
         if d.previous is not None:
-            _bitmap(d.path, d.previous, "--remove")
+            _bitmap(d.image, d.previous, "--remove")
         return
     if d.previous is not None:
-        _bitmap(d.path, d.previous, "--merge", d.new_bitmap)
-    _bitmap(d.path, d.new_bitmap, "--remove")
+        _bitmap(d.image, d.previous, "--merge", d.new_bitmap)
+    _bitmap(d.image, d.new_bitmap, "--remove")
 
 
 def _die_with_parent() -> None:  # (in the forked child, before exec)
@@ -361,13 +504,14 @@ def _die_with_parent() -> None:  # (in the forked child, before exec)
 def _start(d: OfflineDisk, workdir: str) -> None:
     """``qemu-nbd``: the image read-only, any number of clients, the previous bitmap."""
     d.socket = os.path.join(workdir, f"{len(os.listdir(workdir))}.sock")
-    args = [tool("qemu-nbd"), "--read-only", "--persistent", "--shared=0", "--format=qcow2",
+    args = [tool("qemu-nbd"), "--read-only", "--persistent", "--shared=0",
             f"--socket={d.socket}", f"--export-name={EXPORT}"]
     if d.previous is not None:
         args.append(f"--bitmap={d.previous}")
-    args.append(_plain(d.path))
+    args.append(d.image.name(whole=True))
     d.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+                              stderr=subprocess.PIPE, preexec_fn=_die_with_parent,
+                              pass_fds=tuple(d.image.fds))
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         if d.proc.poll() is not None:
@@ -404,12 +548,16 @@ def _stop(d: OfflineDisk) -> None:
 
 
 def _prepare(label: str, path: str, point_id: str, previous_point: str | None) -> OfflineDisk:
-    info = inspect(path)
-    previous = bitmap_name(previous_point) if previous_point else None
-    why = _unusable(info, previous)
-    new = bitmap_name(point_id)
-    _recover(info, previous, why is None, new.split(".", 1)[0] + ".")
-    return OfflineDisk(label, path, info.size, new, None if why else previous, why)
+    info, image = pin(path)
+    try:
+        previous = bitmap_name(previous_point) if previous_point else None
+        why = _unusable(info, previous)
+        new = bitmap_name(point_id)
+        _recover(image, info, previous, why is None, new.split(".", 1)[0] + ".")
+    except BaseException:
+        image.close()
+        raise
+    return OfflineDisk(label, path, info.size, new, None if why else previous, why, image)
 
 
 def _short_dir() -> str:
@@ -465,7 +613,8 @@ def open_offline(disks: Mapping[str, str], point_id: str,
                 if is_qcow2(path):
                     d = _prepare(label, path, point_id, previous_point)
                     offline.disks[label] = d
-                    _bitmap(path, d.new_bitmap, "--add")
+                    _check_unique(offline, d)
+                    _bitmap(d.image, d.new_bitmap, "--add")
                     d.added = True
             if offline.disks:
                 offline.workdir = _short_dir()
@@ -474,6 +623,14 @@ def open_offline(disks: Mapping[str, str], point_id: str,
             yield offline
         finally:
             offline.close()
+
+
+def _check_unique(offline: OfflineSet, d: OfflineDisk) -> None:
+    """One image under two labels would get the same bitmap twice: refused."""
+    for other in offline.disks.values():
+        if other is not d and other.image.ident == d.image.ident:
+            raise Qcow2Error(f"disks {other.label} and {d.label} are the same qcow2 image "
+                             f"({d.path}): name it once")
 
 
 class Stopped(CbtError, KeyboardInterrupt):
