@@ -20,6 +20,8 @@ from helpers.qemu import allocated, create, guest_writes, need_qemu, raw_bytes, 
 from helpers.system import fill, loop_device, small_fs
 from helpers.vaults import init_cli_vault
 
+from cbt.core.errors import CbtError
+
 SIZE = 16 * MIB
 
 
@@ -180,3 +182,28 @@ def test_a_killed_qcow2_restore_is_cleaned_by_the_next(tmp_path: Path) -> None:
     assert len(res["warnings"]) == 2 and all("left by a restore" in w for w in res["warnings"])
     assert sorted(f.name for f in out.iterdir()) == ["os.qcow2"]
     assert raw_bytes(out / "os.qcow2", "qcow2", tmp_path) == raw_bytes(image, "qcow2", tmp_path)
+
+
+def test_restore_qcow2_never_writes_through_a_planted_link(tmp_path: Path) -> None:
+    """In a shared directory someone links the conversion's temporary name to another
+    file: qemu-img must not write the qcow2 through it (cbt creates the file itself,
+    O_EXCL, and hands qemu-img the open file)."""
+    from cbt.api import Vault
+    from cbt.ops.restore import qcow2_temp
+
+    vault, _image, point, _ = _point(tmp_path)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    final = shared / "os.qcow2"
+    planted = qcow2_temp(final)  # (this process restores: its pid names the temp file)
+    planted.symlink_to(victim)
+    with pytest.raises(CbtError, match=r"cannot convert .*os\.qcow2 to qcow2: .*exists"):
+        Vault.open(vault).restore(point, final, disk="os", format="qcow2")
+    assert victim.read_bytes() == b"precious\n"
+    assert sorted(p.name for p in shared.iterdir()) == [planted.name]  # (raw temp gone)
+    planted.unlink()
+    Vault.open(vault).restore(point, final, disk="os", format="qcow2")
+    assert final.read_bytes()[:4] == b"QFI\xfb"
+    assert sorted(p.name for p in shared.iterdir()) == ["os.qcow2"]
