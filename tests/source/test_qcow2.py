@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from helpers import MIB
 from helpers.qemu import create, image_bitmaps, nbd_servers_of, need_qemu, raw_bytes, run, write
-from helpers.system import need
+from helpers.system import fill, need, tmpfs
 
 from cbt.source.changes import ChangeHint
 from cbt.source.qcow2 import OfflineSet, Qcow2Error, inspect, is_qcow2, open_offline
@@ -241,3 +241,51 @@ def test_one_image_under_two_labels_is_refused(tmp_path: Path) -> None:
         assert _guest_view(off, "os", 4) == b"\0" * 4
         off.commit()
     assert image_bitmaps(q) == {"cbt-web.p1": ["auto"]}
+
+
+def _settled(image: Path) -> dict[str, list[str]]:
+    return image_bitmaps(image)
+
+
+def test_no_room_for_a_bitmap_hashes_and_leaves_the_image_alone(tmp_path: Path) -> None:
+    """On a full file system ``qemu-img bitmap --add`` exits 0 yet leaves every bitmap of
+    the image marked inconsistent ("Lost persistent bitmaps"): cbt must not try; the disk
+    is read through qemu-nbd and hashed, saying why, its bitmaps untouched."""
+    with tmpfs(tmp_path / "m", 8) as mnt:
+        q = create(mnt / "a.qcow2", SIZE)
+        write(str(q), "qcow2", [(MIB, 4096, 4)])
+        run("qemu-img", "bitmap", "--add", "-f", "qcow2", str(q), "cbt-web.p1")
+        run("qemu-img", "bitmap", "--add", "-f", "qcow2", str(q), "theirs")
+        fill(mnt / "ballast", 0)
+        with open_offline({"os": str(q)}, "web.p2", "web.p1") as off:
+            hint = off.hint("os", BS)
+            assert hint.source == "hash" and hint.reason is not None
+            assert "bytes free on its file system" in hint.reason and str(q) in hint.reason
+            assert _guest_view(off, "os", MIB + 4)[MIB:] == b"\4" * 4
+            off.commit()
+        assert _settled(q) == {"cbt-web.p1": ["auto"], "theirs": ["auto"]}
+        assert nbd_servers_of(q) == []
+        # and a bitmap operation that says it lost the bitmaps is an error, not a success
+        from cbt.source import qcow2
+
+        _info, pinned = qcow2.pin(str(q))
+        try:
+            with pytest.raises(Qcow2Error, match=r"a\.qcow2: qemu-img bitmap failed: Lost "
+                                                 r"persistent bitmaps"):
+                qcow2._bitmap(pinned, "cbt-web.x", "--add")
+        finally:
+            pinned.close()
+
+
+def test_a_read_only_image_is_hashed_saying_why(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "m", 32) as mnt:
+        q = create(mnt / "a.qcow2", SIZE)
+        write(str(q), "qcow2", [(0, 4096, 8)])
+        run("qemu-img", "bitmap", "--add", "-f", "qcow2", str(q), "cbt-web.p1")
+        run("mount", "-o", "remount,ro", str(mnt))
+        with open_offline({"os": str(q)}, "web.p2", "web.p1") as off:
+            assert off.hint("os", BS) == ChangeHint.hash(
+                f"no bitmap can be added to {q}: Read-only file system (hash scan)")
+            assert _guest_view(off, "os", 4) == b"\x08" * 4
+            off.commit()
+        assert _settled(q) == {"cbt-web.p1": ["auto"]} and nbd_servers_of(q) == []

@@ -15,7 +15,10 @@ holes), never its container file.  For each run (:func:`open_offline`):
    is merged into the previous point's bitmap ``cbt-<previous point id>`` when that
    one is usable, then removed; an unusable previous bitmap (in use after QEMU
    was killed: inconsistent; disabled) is removed too.
-3. ``qemu-img bitmap --add`` the new persistent, enabled bitmap ``cbt-<point id>``
+3. Where no bitmap can be added (the image read-only, or too little room on its
+   file system: QEMU would exit 0 having left every bitmap inconsistent), the image
+   is left untouched and the disk is hashed, saying why.  Otherwise
+   ``qemu-img bitmap --add`` the new persistent, enabled bitmap ``cbt-<point id>``
    (:func:`cbt.source.qemu.bitmap_name`): QEMU keeps it up to date the next time
    the VM runs, and the next run reads what it marks.
 4. ``qemu-nbd`` serves the image read-only on a private unix socket (shared by
@@ -116,9 +119,22 @@ def qemu_img(path: str, *args: str, timeout: float | None = TOOL_TIMEOUT,
     except subprocess.TimeoutExpired:
         raise Qcow2Error(f"{path}: qemu-img {args[0]} did not finish in "
                          f"{timeout:g} s") from None
+    stderr = _named(r.stderr, cmd, path)
     if r.returncode != 0:
-        raise _img_error(path, args[0], r.stderr)
+        raise _img_error(path, args[0], stderr)
+    if args[0] == "bitmap" and stderr.strip():
+        # (qemu-img exits 0 when it could not store the bitmaps on close, a full disk:
+        # "Lost persistent bitmaps ...", every one of them left marked in use)
+        raise Qcow2Error(f"{path}: qemu-img bitmap failed: {_first_line(stderr)}")
     return r.stdout
+
+
+def _named(text: str, cmd: list[str], path: str) -> str:
+    """QEMU's message with cbt's ``json:`` and ``/dev/fd/N`` names shown as ``path``."""
+    for arg in cmd:
+        if arg.startswith(("json:", "/dev/fd/")):
+            text = text.replace(arg, path)
+    return text
 
 
 def _img_error(path: str, what: str, stderr: str) -> Qcow2Error:
@@ -148,6 +164,7 @@ class Qcow2Info:
     path: str
     size: int
     bitmaps: tuple[ImageBitmap, ...] = ()
+    cluster: int = 65536
 
     def bitmap(self, name: str) -> ImageBitmap | None:
         return next((b for b in self.bitmaps if b.name == name), None)
@@ -208,8 +225,11 @@ def pin(path: str) -> tuple[Qcow2Info, Pinned]:
         node: dict[str, object] = _node("qcow2", fd)
         pinned.top, pinned.chain = dict(node), node
         doc = _info(path, fd, "qcow2", pinned)
+        cluster = doc.get("cluster-size")
         info = Qcow2Info(path, _size(path, doc), _parse_bitmaps(path, _data(path, doc)
-                                                                .get("bitmaps", [])))
+                                                                .get("bitmaps", [])),
+                         cluster if type(cluster) is int and 0 < cluster <= 2 << 20
+                         else 2 << 20)
         _follow(pinned, node, doc, top)
         return info, pinned
     except BaseException:
@@ -389,6 +409,7 @@ class OfflineDisk:
     socket: str = ""
     proc: subprocess.Popen[bytes] | None = None
     added: bool = False
+    tracked: bool = True  # False: no bitmap can be added (read-only, no room): hashed
 
     @property
     def spec(self) -> DiskSpec:
@@ -550,14 +571,47 @@ def _stop(d: OfflineDisk) -> None:
 def _prepare(label: str, path: str, point_id: str, previous_point: str | None) -> OfflineDisk:
     info, image = pin(path)
     try:
+        new = bitmap_name(point_id)
+        untracked = _cannot_add(image, info)
+        if untracked is not None:  # (the image is left as it is: read, never written)
+            return OfflineDisk(label, path, info.size, new, None, untracked, image,
+                               tracked=False)
         previous = bitmap_name(previous_point) if previous_point else None
         why = _unusable(info, previous)
-        new = bitmap_name(point_id)
         _recover(image, info, previous, why is None, new.split(".", 1)[0] + ".")
     except BaseException:
         image.close()
         raise
     return OfflineDisk(label, path, info.size, new, None if why else previous, why, image)
+
+
+def _cannot_add(image: Pinned, info: Qcow2Info) -> str | None:
+    """Why no bitmap can be added to the image (None: it can): it cannot be opened for
+    writing (a read-only file system or file), or its file system has too little room
+    to store the bitmaps again (QEMU rewrites them all when it closes the image; where
+    it cannot, it leaves every one marked inconsistent and still exits 0)."""
+    fd = image.fds[0]
+    try:
+        os.close(os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        return f"no bitmap can be added to {info.path}: {exc.strerror} (hash scan)"
+    vfs = os.fstatvfs(fd)
+    free, need = vfs.f_bavail * vfs.f_frsize, _room(info)
+    if free < need:
+        return (f"no bitmap can be added to {info.path}: {free} bytes free on its file "
+                f"system, {need} needed to store its bitmaps (hash scan)")
+    return None
+
+
+def _room(info: Qcow2Info) -> int:
+    """Bytes QEMU may need to store the image's bitmaps and a new one (twice: the new
+    copies are written before the old ones are freed), plus a margin."""
+    c = info.cluster
+    need = 4 * c  # the bitmap directory, refcount blocks
+    for gran in [b.granularity for b in info.bitmaps] + [65536]:
+        data = -(-info.size // gran) // 8 + 1
+        need += (-(-data // c) + 1) * c + c  # its data clusters, its table
+    return 2 * need + (1 << 20)
 
 
 def _short_dir() -> str:
@@ -614,8 +668,9 @@ def open_offline(disks: Mapping[str, str], point_id: str,
                     d = _prepare(label, path, point_id, previous_point)
                     offline.disks[label] = d
                     _check_unique(offline, d)
-                    _bitmap(d.image, d.new_bitmap, "--add")
-                    d.added = True
+                    if d.tracked:
+                        _bitmap(d.image, d.new_bitmap, "--add")
+                        d.added = True
             if offline.disks:
                 offline.workdir = _short_dir()
                 for d in offline.disks.values():
