@@ -289,3 +289,31 @@ def test_a_read_only_image_is_hashed_saying_why(tmp_path: Path) -> None:
             assert _guest_view(off, "os", 4) == b"\x08" * 4
             off.commit()
         assert _settled(q) == {"cbt-web.p1": ["auto"]} and nbd_servers_of(q) == []
+
+
+def test_qemu_nbd_dies_if_cbt_died_before_it_could_ask() -> None:
+    """``PR_SET_PDEATHSIG`` is set in the child after the fork: if cbt died in between no
+    signal would ever come, so the child checks its parent is still cbt's process."""
+    from functools import partial
+
+    from cbt.source import qcow2
+
+    gone = subprocess.Popen(["sleep", "30"], preexec_fn=partial(qcow2._die_with_parent, 1))
+    assert gone.wait(timeout=10) == 1
+    ours = subprocess.Popen(["sleep", "0"],
+                            preexec_fn=partial(qcow2._die_with_parent, os.getpid()))
+    assert ours.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize("granularity", [512, 1 << 20])
+def test_any_bitmap_granularity_marks_every_changed_block(tmp_path: Path,
+                                                         granularity: int) -> None:
+    q = create(tmp_path / "a.qcow2", SIZE)
+    run("qemu-img", "bitmap", "--add", "-g", str(granularity), "-f", "qcow2", str(q),
+        "cbt-web.p1")
+    write(str(q), "qcow2", [(BS + 512, 512, 1), (5 * MIB - 512, 1024, 2)])
+    with open_offline({"os": str(q)}, "web.p2", "web.p1") as off:
+        hint = off.hint("os", BS)
+    per = granularity // BS
+    assert hint == ChangeHint("qemu-bitmap", ((1, 2), (5 * MIB // BS - 1, 5 * MIB // BS + 1))
+                              if granularity == 512 else ((0, per), (4 * per, 6 * per)))

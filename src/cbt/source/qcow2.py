@@ -47,6 +47,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 from cbt.core.errors import CbtError
 from cbt.format.records import DiskRecord
@@ -517,9 +518,11 @@ def _settle(d: OfflineDisk, committed: bool) -> None:
     _bitmap(d.image, d.new_bitmap, "--remove")
 
 
-def _die_with_parent() -> None:  # (in the forked child, before exec)
+def _die_with_parent(parent: int) -> None:  # (in the forked child, before exec)
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # (cbt died before the prctl: no signal would come)
+        os._exit(1)
 
 
 def _start(d: OfflineDisk, workdir: str) -> None:
@@ -531,8 +534,8 @@ def _start(d: OfflineDisk, workdir: str) -> None:
         args.append(f"--bitmap={d.previous}")
     args.append(d.image.name(whole=True))
     d.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, preexec_fn=_die_with_parent,
-                              pass_fds=tuple(d.image.fds))
+                              stderr=subprocess.PIPE, pass_fds=tuple(d.image.fds),
+                              preexec_fn=partial(_die_with_parent, os.getpid()))
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         if d.proc.poll() is not None:
