@@ -64,7 +64,7 @@ def test_inspect_checks_what_the_header_says(tmp_path: Path) -> None:
 
 def test_leftover_bitmaps_are_merged_into_the_previous_one(tmp_path: Path) -> None:
     q = create(tmp_path / "a.qcow2", SIZE)
-    for name in ("cbt-web.p1", "cbt-web.killed", "cbt-db.1"):
+    for name in ("cbt-web.p1", "cbt-web.20261130T000000Z-2", "cbt-web.mine", "cbt-db.1"):
         run("qemu-img", "bitmap", "--add", "-f", "qcow2", str(q), name)
     # a write only the killed run's bitmap saw (the previous one disabled meanwhile)
     run("qemu-img", "bitmap", "--disable", "-f", "qcow2", str(q), "cbt-web.p1")
@@ -75,26 +75,29 @@ def test_leftover_bitmaps_are_merged_into_the_previous_one(tmp_path: Path) -> No
         hint = off.hint("os", BS)
         assert hint == ChangeHint("qemu-bitmap", ((3 * MIB // BS, 3 * MIB // BS + 4),))
         # (another VM's bitmap on the same image is left alone)
-        assert set(image_bitmaps(q)) == {"cbt-web.p1", "cbt-web.p2", "cbt-db.1", "other"}
+        assert set(image_bitmaps(q)) == {"cbt-web.p1", "cbt-web.p2", "cbt-db.1", "other",
+                                         "cbt-web.mine"}  # (not named as cbt names them)
         assert nbd_servers_of(q) != []
         off.commit()
-    assert set(image_bitmaps(q)) == {"cbt-web.p2", "cbt-db.1", "other"}
+    assert set(image_bitmaps(q)) == {"cbt-web.p2", "cbt-db.1", "other", "cbt-web.mine"}
     assert nbd_servers_of(q) == []
 
 
 def test_a_failed_run_merges_its_bitmap_back(tmp_path: Path) -> None:
     q = create(tmp_path / "a.qcow2", SIZE)
-    run("qemu-img", "bitmap", "--add", "-f", "qcow2", str(q), "cbt-web.p1")
-    with pytest.raises(RuntimeError), open_offline({"os": str(q)}, "web.p2", "web.p1") as off:
-        assert off.disks["os"].previous == "cbt-web.p1"
+    run("qemu-img", "bitmap", "--add", "-f", "qcow2", str(q), "cbt-web.20261130T000001Z")
+    with pytest.raises(RuntimeError), open_offline(
+            {"os": str(q)}, "web.20261130T000002Z", "web.20261130T000001Z") as off:
+        assert off.disks["os"].previous == "cbt-web.20261130T000001Z"
         raise RuntimeError("the backup failed")
-    assert image_bitmaps(q) == {"cbt-web.p1": ["auto"]}
+    assert image_bitmaps(q) == {"cbt-web.20261130T000001Z": ["auto"]}
     assert nbd_servers_of(q) == []
     # first backup: no previous bitmap, a hash scan that says so; raw disks pass through
-    with open_offline({"os": str(q)}, "web.p3", None) as off:
+    with open_offline({"os": str(q)}, "web.20261130T000003Z", None) as off:
         assert off.hint("os", BS) == ChangeHint.hash("first backup: no previous bitmap")
         assert off.changes()("raw", None, BS, SIZE) == ChangeHint.hash()
-        assert image_bitmaps(q) == {"cbt-web.p3": ["auto"]}  # (p1 was no longer the previous)
+        # (p1 was no longer the previous)
+        assert image_bitmaps(q) == {"cbt-web.20261130T000003Z": ["auto"]}
     assert image_bitmaps(q) == {}
 
 

@@ -38,6 +38,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -377,6 +378,18 @@ def _unusable(info: Qcow2Info, previous: str | None) -> str | None:
     return None
 
 
+_STAMP = re.compile(r"[0-9]{8}T[0-9]{6}Z(?:-[1-9][0-9]{0,8})?")
+
+
+def _ours(name: str, prefix: str, previous: str | None) -> bool:
+    """Whether the bitmap ``name`` is one of this VM's runs' (``prefix`` then a point id's
+    time, as :func:`cbt.source.qemu.bitmap_name` makes them): a user's ``cbt-web.mine``
+    is not cbt's to merge or remove."""
+    if name == previous:
+        return True
+    return name.startswith(prefix) and _STAMP.fullmatch(name[len(prefix):]) is not None
+
+
 def _recover(image: Pinned, info: Qcow2Info, previous: str | None, usable: bool,
              ours: str) -> list[str]:
     """Fold this VM's other bitmaps (``ours``: ``cbt-<vm>.``; a killed run's) into the
@@ -384,7 +397,7 @@ def _recover(image: Pinned, info: Qcow2Info, previous: str | None, usable: bool,
     Another VM's bitmaps (the same image backed up under another name) are left alone."""
     removed = []
     for bm in info.bitmaps:
-        if not bm.name.startswith(ours) or (usable and bm.name == previous):
+        if not _ours(bm.name, ours, previous) or (usable and bm.name == previous):
             continue
         if usable and previous is not None and not bm.in_use and bm.name != previous:
             _bitmap(image, previous, "--merge", bm.name)
@@ -629,8 +642,6 @@ def _short_dir() -> str:
 
 def _sweep(base: str) -> None:
     """Remove socket folders of runs that are gone (ours: our uid, sockets only)."""
-    import re
-
     with contextlib.suppress(OSError), os.scandir(base) as entries:
         for e in entries:
             m = re.fullmatch(r"cbt-q-([1-9][0-9]{0,9})-[A-Za-z0-9_]{1,16}", e.name)
