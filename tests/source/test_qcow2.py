@@ -320,3 +320,16 @@ def test_any_bitmap_granularity_marks_every_changed_block(tmp_path: Path,
     per = granularity // BS
     assert hint == ChangeHint("qemu-bitmap", ((1, 2), (5 * MIB // BS - 1, 5 * MIB // BS + 1))
                               if granularity == 512 else ((0, per), (4 * per, 6 * per)))
+
+
+@pytest.mark.slow
+def test_a_huge_disk_gets_a_coarser_bitmap(tmp_path: Path) -> None:
+    """A 1 PiB image: at 64 KiB QEMU refuses the bitmap ("Too much space will be occupied
+    ... '#block12'", which is no lock error either); cbt picks a granularity that keeps
+    the bitmap at 64 MiB at most."""
+    q = create(tmp_path / "huge.qcow2", 1 << 50)
+    with open_offline({"os": str(q)}, "web.p1", None) as off:
+        assert off.disks["os"].size == 1 << 50
+        off.commit()
+    assert inspect(str(q)).bitmaps[0].granularity == 2 << 20
+    assert nbd_servers_of(q) == []

@@ -139,8 +139,14 @@ def _named(text: str, cmd: list[str], path: str) -> str:
     return text
 
 
+def _locked(stderr: str) -> bool:
+    """QEMU's image locking refused it (``Failed to get "write" lock``; not any message
+    that merely names a node ``#block12``)."""
+    return re.search(r'Failed to get (shared )?"[a-z ]+" lock', stderr) is not None
+
+
 def _img_error(path: str, what: str, stderr: str) -> Qcow2Error:
-    if "lock" in stderr:
+    if _locked(stderr):
         return Qcow2Error(f"{path}: in use by a running QEMU ({_first_line(stderr)}): back it "
                           "up through the VM's qmp, or when the VM is stopped")
     return Qcow2Error(f"{path}: qemu-img {what} failed: {_first_line(stderr)}")
@@ -554,7 +560,7 @@ def _start(d: OfflineDisk, workdir: str) -> None:
         if d.proc.poll() is not None:
             err = d.proc.stderr.read().decode(errors="replace") if d.proc.stderr else ""
             _stop(d)
-            if "lock" in err:
+            if _locked(err):
                 raise Qcow2Error(f"{d.path}: in use by a running QEMU ({_first_line(err)})")
             raise Qcow2Error(f"{d.path}: qemu-nbd failed: {_first_line(err)}")
         with socket.socket(socket.AF_UNIX) as s:
@@ -619,12 +625,24 @@ def _cannot_add(image: Pinned, info: Qcow2Info) -> str | None:
     return None
 
 
+MAX_BITMAP = 64 << 20  # bytes a new bitmap may take in memory and in the image
+
+
+def granularity(size: int) -> int:
+    """The new bitmap's granularity: QEMU's default 64 KiB, or larger for a disk so big
+    its bitmap would take more than :data:`MAX_BITMAP` (QEMU refuses past 512 MiB)."""
+    gran = 65536
+    while -(-size // gran) > MAX_BITMAP * 8:
+        gran *= 2
+    return gran
+
+
 def _room(info: Qcow2Info) -> int:
     """Bytes QEMU may need to store the image's bitmaps and a new one (twice: the new
     copies are written before the old ones are freed), plus a margin."""
     c = info.cluster
     need = 4 * c  # the bitmap directory, refcount blocks
-    for gran in [b.granularity for b in info.bitmaps] + [65536]:
+    for gran in [b.granularity for b in info.bitmaps] + [granularity(info.size)]:
         data = -(-info.size // gran) // 8 + 1
         need += (-(-data // c) + 1) * c + c  # its data clusters, its table
     return 2 * need + (1 << 20)
@@ -683,7 +701,8 @@ def open_offline(disks: Mapping[str, str], point_id: str,
                     offline.disks[label] = d
                     _check_unique(offline, d)
                     if d.tracked:
-                        _bitmap(d.image, d.new_bitmap, "--add")
+                        _bitmap(d.image, d.new_bitmap, "--add", "-g",
+                                str(granularity(d.size)))
                         d.added = True
             if offline.disks:
                 offline.workdir = _short_dir()
