@@ -638,14 +638,15 @@ def granularity(size: int) -> int:
 
 
 def _room(info: Qcow2Info) -> int:
-    """Bytes QEMU may need to store the image's bitmaps and a new one (twice: the new
-    copies are written before the old ones are freed), plus a margin."""
+    """Bytes QEMU may need to store the image's bitmaps and a new one when it closes it
+    (new copies are written before the old ones, already counted as used, are freed):
+    each one's data (as if every bit were set) and table, the directory, a margin."""
     c = info.cluster
-    need = 4 * c  # the bitmap directory, refcount blocks
+    need = 4 * c + len(info.bitmaps) * 1100  # (a directory entry: name up to 1023 bytes)
     for gran in [b.granularity for b in info.bitmaps] + [granularity(info.size)]:
         data = -(-info.size // gran) // 8 + 1
-        need += (-(-data // c) + 1) * c + c  # its data clusters, its table
-    return 2 * need + (1 << 20)
+        need += (-(-data // c) + 1) * c  # its data clusters, its table
+    return need + (1 << 20)
 
 
 def _short_dir() -> str:
