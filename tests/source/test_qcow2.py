@@ -333,3 +333,21 @@ def test_a_huge_disk_gets_a_coarser_bitmap(tmp_path: Path) -> None:
         off.commit()
     assert inspect(str(q)).bitmaps[0].granularity == 2 << 20
     assert nbd_servers_of(q) == []
+
+
+def test_an_image_with_many_bitmaps_needs_room_for_them_once(tmp_path: Path) -> None:
+    """20 bitmaps on a file system with 6 MiB free: room enough to store them again (each
+    a table cluster and a data cluster), so the disk is tracked, not hashed."""
+    with tmpfs(tmp_path / "m", 32) as mnt:
+        q = create(mnt / "a.qcow2", SIZE)
+        for i in range(20):
+            run("qemu-img", "bitmap", "--add", "-f", "qcow2", str(q), f"other{i}")
+        run("qemu-img", "bitmap", "--add", "-f", "qcow2", str(q), "cbt-web.p1")
+        write(str(q), "qcow2", [(0, 4096, 1)])
+        fill(mnt / "ballast", 6 * MIB)
+        with open_offline({"os": str(q)}, "web.p2", "web.p1") as off:
+            assert off.hint("os", BS) == ChangeHint("qemu-bitmap", ((0, 65536 // BS),))
+            off.commit()
+        left = image_bitmaps(q)
+        assert len(left) == 21 and left["cbt-web.p2"] == ["auto"]
+        assert all(flags == ["auto"] for flags in left.values())
