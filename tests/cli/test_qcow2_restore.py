@@ -7,7 +7,9 @@ Real ``qemu-img``; plain and encrypted vaults.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import stat
 import time
 from pathlib import Path
@@ -227,3 +229,48 @@ def test_a_raw_point_restored_as_qcow2_backs_up_the_same(tmp_path: Path) -> None
     out = tmp_path / "back.img"
     cbt_json("restore", vault, again["recovery_point"], "--disk", "os", "--to", out)
     assert out.read_bytes() == raw.read_bytes()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def test_qemu_img_dies_with_a_killed_restore(tmp_path: Path) -> None:
+    """cbt SIGKILLed (alone, not its process group) while qemu-img converts: qemu-img
+    must not keep running (PR_SET_PDEATHSIG)."""
+    vault, _image, point, _ = _point(tmp_path)
+    real = run("sh", "-c", "command -v qemu-img").strip()
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "qemu-img").write_text(
+        f'#!/bin/sh\nif [ "$1" = convert ]; then touch "{tmp_path}/hung"; exec sleep 600; '
+        f'fi\nexec "{real}" "$@"\n')
+    (shim / "qemu-img").chmod(0o755)
+    p = start_cbt("restore", vault, point, "--to", tmp_path / "out", "--format", "qcow2",
+                  env={"PATH": f"{shim}:{os.environ['PATH']}"})
+    kids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "hung").exists() and p.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        kids = _children(p.pid)
+        assert kids, p.communicate()
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(30)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{k}").exists() for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(Path(f"/proc/{k}").exists() for k in kids)
+    finally:
+        kill_group(p)
+        for k in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(k, signal.SIGKILL)
+        for f in (p.stdout, p.stderr):
+            if f is not None:
+                f.close()

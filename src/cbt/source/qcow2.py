@@ -113,11 +113,13 @@ def _first_line(text: str) -> str:
 def qemu_img(path: str, *args: str, timeout: float | None = TOOL_TIMEOUT,
              fds: tuple[int, ...] = ()) -> str:
     """Run ``qemu-img ARGS`` (bounded in time unless ``timeout`` is None; given the open
-    files ``fds``); its stdout, or :class:`Qcow2Error`: one line naming the image ``path``."""
+    files ``fds``; it dies with cbt, as ``qemu-nbd`` does); its stdout, or
+    :class:`Qcow2Error`: one line naming the image ``path``."""
     cmd = [tool("qemu-img"), *args]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                           timeout=timeout, stdin=subprocess.DEVNULL, pass_fds=fds)
+                           timeout=timeout, stdin=subprocess.DEVNULL, pass_fds=fds,
+                           preexec_fn=partial(_die_with_parent, os.getpid()))
     except subprocess.TimeoutExpired:
         raise Qcow2Error(f"{path}: qemu-img {args[0]} did not finish in "
                          f"{timeout:g} s") from None
