@@ -239,6 +239,7 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in text.split()]
 
 
+@pytest.mark.slow
 def test_qemu_img_dies_with_a_killed_restore(tmp_path: Path) -> None:
     """cbt SIGKILLed (alone, not its process group) while qemu-img converts: qemu-img
     must not keep running (PR_SET_PDEATHSIG)."""
