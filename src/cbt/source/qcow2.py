@@ -79,16 +79,20 @@ class Qcow2Error(CbtError):
 
 
 def is_qcow2(path: str) -> bool:
-    """Whether ``path`` holds a qcow2 image: its first four bytes are ``QFI\\xfb``.
+    """Whether ``path`` holds a qcow2 image: a regular file whose first four bytes are
+    ``QFI\\xfb``.
 
-    Unreadable or shorter: not qcow2 (the backup then reports the path itself).
+    Unreadable or shorter: not qcow2 (the backup then reports the path itself).  A block
+    device is a raw disk whatever it starts with: a guest writing a qcow2 header at the
+    start of its raw disk must not make cbt read the header's backing file, nor write
+    bitmaps into the guest's data.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        return os.pread(fd, 4, 0) == QCOW2_MAGIC
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 4, 0) == QCOW2_MAGIC
     except OSError:
         return False
     finally:
