@@ -114,16 +114,21 @@ def _first_line(text: str) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
+_LONG = ("convert", "compare")  # qemu-img commands that copy a disk
+
+
 def qemu_img(path: str, *args: str, timeout: float | None = TOOL_TIMEOUT,
              fds: tuple[int, ...] = ()) -> str:
     """Run ``qemu-img ARGS`` (bounded in time unless ``timeout`` is None; given the open
-    files ``fds``; it dies with cbt, as ``qemu-nbd`` does); its stdout, or
-    :class:`Qcow2Error`: one line naming the image ``path``."""
+    files ``fds``; a long one, :data:`_LONG`, dies with cbt as ``qemu-nbd`` does, a short
+    one that rewrites metadata finishes: killed, it would leave every bitmap of the image
+    inconsistent); its stdout, or :class:`Qcow2Error`: one line naming the image ``path``."""
     cmd = [tool("qemu-img"), *args]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, check=False,
                            timeout=timeout, stdin=subprocess.DEVNULL, pass_fds=fds,
-                           preexec_fn=partial(_die_with_parent, os.getpid()))
+                           preexec_fn=partial(_die_with_parent, os.getpid())
+                           if args[0] in _LONG else None)
     except subprocess.TimeoutExpired:
         raise Qcow2Error(f"{path}: qemu-img {args[0]} did not finish in "
                          f"{timeout:g} s") from None
