@@ -351,3 +351,18 @@ def test_an_image_with_many_bitmaps_needs_room_for_them_once(tmp_path: Path) -> 
         left = image_bitmaps(q)
         assert len(left) == 21 and left["cbt-web.p2"] == ["auto"]
         assert all(flags == ["auto"] for flags in left.values())
+
+
+def test_a_backing_image_with_an_external_data_file_is_refused(tmp_path: Path) -> None:
+    """The data file a backing image's header names is any host file QEMU would read as
+    guest data: refused down the chain as at the top."""
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o",
+        f"data_file={tmp_path / 'base.data'}", str(base), str(SIZE))
+    q = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", str(base), "-F", "qcow2",
+        str(q), str(SIZE))
+    with pytest.raises(Qcow2Error, match=r"base\.qcow2: a qcow2 image with an external data "
+                                         r"file is not supported"):
+        open_offline({"os": str(q)}, "web.p1", None).__enter__()
+    assert image_bitmaps(q) == {} and nbd_servers_of(q) == []
