@@ -4,6 +4,7 @@ bitmaps added with ``qemu-img bitmap``.  Real ``qemu-img``, ``qemu-io`` and ``qe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,7 +14,16 @@ from typing import Any
 
 import pytest
 from helpers import MIB
-from helpers.qemu import create, image_bitmaps, nbd_servers_of, need_qemu, raw_bytes, run, write
+from helpers.qemu import (
+    create,
+    held_open,
+    image_bitmaps,
+    nbd_servers_of,
+    need_qemu,
+    raw_bytes,
+    run,
+    write,
+)
 from helpers.system import fill, need, tmpfs
 
 from cbt.source.changes import ChangeHint
@@ -366,3 +376,29 @@ def test_a_backing_image_with_an_external_data_file_is_refused(tmp_path: Path) -
                                          r"file is not supported"):
         open_offline({"os": str(q)}, "web.p1", None).__enter__()
     assert image_bitmaps(q) == {} and nbd_servers_of(q) == []
+
+
+def test_a_vm_started_before_qemu_nbd_fails_in_one_line(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VM starts after the bitmap was added, before qemu-nbd opens the image: one line
+    naming the image (not cbt's json:/dev/fd name for it); the bitmaps settle later."""
+    from cbt.source import qcow2
+
+    q = create(tmp_path / "a.qcow2", SIZE)
+    start = qcow2._start
+    with contextlib.ExitStack() as vm:
+        def late(d: Any, workdir: str) -> None:
+            vm.enter_context(held_open(q))
+            start(d, workdir)
+
+        monkeypatch.setattr(qcow2, "_start", late)
+        with pytest.raises(Qcow2Error) as exc:
+            open_offline({"os": str(q)}, "web.20261130T000001Z", None).__enter__()
+    line = str(exc.value)
+    assert line.startswith(f"{q}: in use by a running QEMU (") and "lock" in line
+    assert "json:" not in line and "/dev/fd/" not in line and "\n" not in line
+    assert nbd_servers_of(q) == []
+    monkeypatch.setattr(qcow2, "_start", start)
+    with open_offline({"os": str(q)}, "web.20261130T000002Z", None) as off:  # (settles)
+        off.commit()
+    assert image_bitmaps(q) == {"cbt-web.20261130T000002Z": ["auto"]}

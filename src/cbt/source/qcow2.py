@@ -570,6 +570,7 @@ def _start(d: OfflineDisk, workdir: str) -> None:
     while True:
         if d.proc.poll() is not None:
             err = d.proc.stderr.read().decode(errors="replace") if d.proc.stderr else ""
+            err = _named(err, args, d.path)
             _stop(d)
             if _locked(err):
                 raise Qcow2Error(f"{d.path}: in use by a running QEMU ({_first_line(err)})")
