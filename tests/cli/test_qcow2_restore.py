@@ -275,3 +275,18 @@ def test_qemu_img_dies_with_a_killed_restore(tmp_path: Path) -> None:
         for f in (p.stdout, p.stderr):
             if f is not None:
                 f.close()
+
+
+def test_restore_qcow2_refuses_a_pipe_or_stdout(tmp_path: Path) -> None:
+    """A qcow2 cannot be streamed: a FIFO (or /dev/stdout, a terminal) as --to is refused,
+    even with --force (which would make the file beside it and rename it over it)."""
+    vault, _image, point, _ = _point(tmp_path)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    r = cbt("restore", vault, point, "--to", fifo, "--disk", "os", "--format", "qcow2",
+            "--force")
+    assert r.returncode == 2
+    assert one_error_line(r) == (f"cbt: error: --format qcow2 makes an image file: {fifo} is "
+                                 "not a regular file (a qcow2 image cannot be streamed)")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -587,13 +587,26 @@ def _differing_blocks(final: Path, manifest: Manifest, workers: int | None,
     return rows[is_data & differs], rows[~is_data & was_nonzero]
 
 
+def _check_qcow2_target(final: Path, device: bool) -> None:
+    """``--format qcow2`` makes a file: not onto a device, nor onto a pipe, a terminal or
+    ``/dev/stdout`` (a qcow2 cannot be streamed; with --force the temporary file would be
+    made beside it, in /dev, and renamed over it)."""
+    if device:
+        raise CbtValueError(f"--format qcow2 makes an image file: {final} is a block device "
+                            "(restore it raw)")
+    with contextlib.suppress(OSError):
+        mode = os.stat(final).st_mode
+        if not stat.S_ISREG(mode):
+            raise CbtValueError(f"--format qcow2 makes an image file: {final} is not a "
+                                "regular file (a qcow2 image cannot be streamed)")
+
+
 def _plan_target(vault: Vault, index: Index, point_id: str, label: str, manifest: Manifest,
                  final: Path, request: RestoreRequest) -> tuple[_Target, list[_Job]]:
     """Check one disk's target and plan the blocks to write to it and to zero."""
     device = is_block_device(final)
-    if device and request.format == "qcow2":
-        raise CbtValueError(f"--format qcow2 makes an image file: {final} is a block device "
-                            "(restore it raw)")
+    if request.format == "qcow2":
+        _check_qcow2_target(final, device)
     _check_target(final, label, manifest.disk_size, device, request)
     write_to = final
     compared = None
