@@ -31,6 +31,7 @@ from helpers.qemu import (
     raw_bytes,
     run,
 )
+from helpers.system import loop_device
 from helpers.vaults import init_cli_vault
 
 SIZE = 16 * MIB
@@ -209,6 +210,7 @@ def test_an_image_in_use_fails_in_one_line(tmp_path: Path) -> None:
     assert r.returncode != 0
     line = one_error_line(r)
     assert f"{image}: in use by a running QEMU" in line and "lock" in line
+    assert "json:" not in line and "/dev/fd/" not in line  # (cbt's names for QEMU)
     assert image_bitmaps(image) == {f"cbt-{p1}": ["auto"]}  # untouched
     listed = cbt_json("list", vault)
     assert [p["recovery_point"] for p in listed["points"]] == [p1]
@@ -299,3 +301,24 @@ def test_the_post_hook_runs_after_the_image_is_read(tmp_path: Path) -> None:
     assert _source(second) == ("qemu-bitmap", None)
     assert _restored(vault, second["recovery_point"], tmp_path) == raw_bytes(image, "qcow2",
                                                                              tmp_path)
+
+
+def test_a_raw_device_starting_like_a_qcow2_is_read_raw(tmp_path: Path) -> None:
+    """A guest wrote a qcow2 header (naming a backing file of the host) at the start of
+    its raw disk, a block device: cbt reads the device raw, as it is, and writes nothing
+    into it (no bitmap in the guest's data, no backing file followed)."""
+    vault = tmp_path / "vault"
+    init_cli_vault(vault, False, tmp_path)
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"host only\n")
+    inner = tmp_path / "inner.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(inner),
+        str(SIZE))
+    backing = tmp_path / "dev.img"
+    data = inner.read_bytes().ljust(4 * MIB, b"\0")
+    backing.write_bytes(data)
+    with loop_device(backing) as dev:
+        line = cbt_json("backup", vault, f"os={dev}", "--vm", "web")
+        assert line["disks"][0]["size"] == 4 * MIB
+        assert _restored(vault, line["recovery_point"], tmp_path) == data
+    assert backing.read_bytes() == data

@@ -7,7 +7,9 @@ Real ``qemu-img``; plain and encrypted vaults.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import stat
 import time
 from pathlib import Path
@@ -19,6 +21,8 @@ from helpers.cli import cbt, cbt_json, kill_group, one_error_line, start_cbt
 from helpers.qemu import allocated, create, guest_writes, need_qemu, raw_bytes, run
 from helpers.system import fill, loop_device, small_fs
 from helpers.vaults import init_cli_vault
+
+from cbt.core.errors import CbtError
 
 SIZE = 16 * MIB
 
@@ -180,3 +184,109 @@ def test_a_killed_qcow2_restore_is_cleaned_by_the_next(tmp_path: Path) -> None:
     assert len(res["warnings"]) == 2 and all("left by a restore" in w for w in res["warnings"])
     assert sorted(f.name for f in out.iterdir()) == ["os.qcow2"]
     assert raw_bytes(out / "os.qcow2", "qcow2", tmp_path) == raw_bytes(image, "qcow2", tmp_path)
+
+
+def test_restore_qcow2_never_writes_through_a_planted_link(tmp_path: Path) -> None:
+    """In a shared directory someone links the conversion's temporary name to another
+    file: qemu-img must not write the qcow2 through it (cbt creates the file itself,
+    O_EXCL, and hands qemu-img the open file)."""
+    from cbt.api import Vault
+    from cbt.ops.restore import qcow2_temp
+
+    vault, _image, point, _ = _point(tmp_path)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    final = shared / "os.qcow2"
+    planted = qcow2_temp(final)  # (this process restores: its pid names the temp file)
+    planted.symlink_to(victim)
+    with pytest.raises(CbtError, match=r"cannot convert .*os\.qcow2 to qcow2: .*exists"):
+        Vault.open(vault).restore(point, final, disk="os", format="qcow2")
+    assert victim.read_bytes() == b"precious\n"
+    assert sorted(p.name for p in shared.iterdir()) == [planted.name]  # (raw temp gone)
+    planted.unlink()
+    Vault.open(vault).restore(point, final, disk="os", format="qcow2")
+    assert final.read_bytes()[:4] == b"QFI\xfb"
+    assert sorted(p.name for p in shared.iterdir()) == ["os.qcow2"]
+
+
+@pytest.mark.slow
+def test_a_raw_point_restored_as_qcow2_backs_up_the_same(tmp_path: Path) -> None:
+    """A point of a raw image, restored as qcow2 and backed up again: the same disk,
+    block for block (nothing new stored), and the same bytes restored raw."""
+    vault = tmp_path / "vault"
+    init_cli_vault(vault, False, tmp_path)
+    raw = create(tmp_path / "os.img", SIZE, fmt="raw")
+    guest_writes(raw, 21, 10, SIZE, fmt="raw")
+    p1 = cbt_json("backup", vault, f"os={raw}", "--vm", "web")["recovery_point"]
+    q = tmp_path / "os.qcow2"
+    _restore(vault, p1, q, "--disk", "os")
+    again = cbt_json("backup", vault, f"os={q}", "--vm", "web")
+    d = again["disks"][0]
+    assert (d["size"], d["changed_blocks"], d["bytes_new"]) == (SIZE, 0, 0)
+    assert d["change_source"] == "hash"  # (the image has no bitmap of p1: said why)
+    out = tmp_path / "back.img"
+    cbt_json("restore", vault, again["recovery_point"], "--disk", "os", "--to", out)
+    assert out.read_bytes() == raw.read_bytes()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+@pytest.mark.slow
+def test_qemu_img_dies_with_a_killed_restore(tmp_path: Path) -> None:
+    """cbt SIGKILLed (alone, not its process group) while qemu-img converts: qemu-img
+    must not keep running (PR_SET_PDEATHSIG)."""
+    vault, _image, point, _ = _point(tmp_path)
+    real = run("sh", "-c", "command -v qemu-img").strip()
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "qemu-img").write_text(
+        f'#!/bin/sh\nif [ "$1" = convert ]; then touch "{tmp_path}/hung"; exec sleep 600; '
+        f'fi\nexec "{real}" "$@"\n')
+    (shim / "qemu-img").chmod(0o755)
+    p = start_cbt("restore", vault, point, "--to", tmp_path / "out", "--format", "qcow2",
+                  env={"PATH": f"{shim}:{os.environ['PATH']}"})
+    kids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "hung").exists() and p.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        kids = _children(p.pid)
+        assert kids, p.communicate()
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(30)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{k}").exists() for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(Path(f"/proc/{k}").exists() for k in kids)
+    finally:
+        kill_group(p)
+        for k in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(k, signal.SIGKILL)
+        for f in (p.stdout, p.stderr):
+            if f is not None:
+                f.close()
+
+
+def test_restore_qcow2_refuses_a_pipe_or_stdout(tmp_path: Path) -> None:
+    """A qcow2 cannot be streamed: a FIFO (or /dev/stdout, a terminal) as --to is refused,
+    even with --force (which would make the file beside it and rename it over it)."""
+    vault, _image, point, _ = _point(tmp_path)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    r = cbt("restore", vault, point, "--to", fifo, "--disk", "os", "--format", "qcow2",
+            "--force")
+    assert r.returncode == 2
+    assert one_error_line(r) == (f"cbt: error: --format qcow2 makes an image file: {fifo} is "
+                                 "not a regular file (a qcow2 image cannot be streamed)")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

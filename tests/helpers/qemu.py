@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -237,6 +238,17 @@ def nbd_servers_of(image: Path) -> list[int]:
             argv = (d / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"qemu-nbd") and str(image).encode() in argv:
+        if argv and argv[0].endswith(b"qemu-nbd") and (str(image).encode() in argv
+                                                       or _holds(d, image)):
             found.append(int(d.name))
     return found
+
+
+def _holds(proc: Path, image: Path) -> bool:
+    """Whether the process ``proc`` (its /proc folder) has ``image`` open (cbt passes
+    qemu-nbd the image as an open file, ``/dev/fd/N``)."""
+    want = os.path.realpath(image)
+    try:
+        return any(os.path.realpath(fd) == want for fd in (proc / "fd").iterdir())
+    except OSError:
+        return False

@@ -9,11 +9,15 @@ Two forms:
 DISK is PATH or LABEL=PATH; the default label is the file name without its
 last extension (disks/os.img -> os).  A disk's first backup is full; every
 later one stores only the blocks the vault does not hold yet.  A qcow2 image
-(known by its magic, not its name) is read through qemu-nbd as the guest sees
-it, never as its container file; a persistent dirty bitmap cbt-<point id> in
-the image (qemu-img bitmap, kept up to date by QEMU while the VM runs) says
-what changed by the next backup (change_source "qemu-bitmap").  An image a
-running QEMU holds is locked: that backup fails, saying so.  A disk keeps
+(a regular file known by its magic, not its name; a block device is always
+raw) is read through qemu-nbd as the guest sees it, never as its container
+file; a persistent dirty bitmap cbt-<point id> in the image (qemu-img bitmap,
+kept up to date by QEMU while the VM runs) says what changed by the next
+backup (change_source "qemu-bitmap").  Its backing chain is opened once and
+checked (plain files only, formats qcow2 and raw named in the image, none its
+owner could not read).  An image no bitmap can be added to (read-only, or its
+file system too full) is hashed, saying why.  An image a running QEMU holds
+is locked: that backup fails, saying so.  A disk keeps
 the block size of its first backup.  The vault's writer lock is taken: a
 second writer fails at once (or waits with --wait).
 

@@ -587,13 +587,26 @@ def _differing_blocks(final: Path, manifest: Manifest, workers: int | None,
     return rows[is_data & differs], rows[~is_data & was_nonzero]
 
 
+def _check_qcow2_target(final: Path, device: bool) -> None:
+    """``--format qcow2`` makes a file: not onto a device, nor onto a pipe, a terminal or
+    ``/dev/stdout`` (a qcow2 cannot be streamed; with --force the temporary file would be
+    made beside it, in /dev, and renamed over it)."""
+    if device:
+        raise CbtValueError(f"--format qcow2 makes an image file: {final} is a block device "
+                            "(restore it raw)")
+    with contextlib.suppress(OSError):
+        mode = os.stat(final).st_mode
+        if not stat.S_ISREG(mode):
+            raise CbtValueError(f"--format qcow2 makes an image file: {final} is not a "
+                                "regular file (a qcow2 image cannot be streamed)")
+
+
 def _plan_target(vault: Vault, index: Index, point_id: str, label: str, manifest: Manifest,
                  final: Path, request: RestoreRequest) -> tuple[_Target, list[_Job]]:
     """Check one disk's target and plan the blocks to write to it and to zero."""
     device = is_block_device(final)
-    if device and request.format == "qcow2":
-        raise CbtValueError(f"--format qcow2 makes an image file: {final} is a block device "
-                            "(restore it raw)")
+    if request.format == "qcow2":
+        _check_qcow2_target(final, device)
     _check_target(final, label, manifest.disk_size, device, request)
     write_to = final
     compared = None
@@ -825,25 +838,36 @@ def qcow2_temp(final: Path) -> Path:
 def _convert_qcow2(t: _Target) -> None:
     """The raw file written and verified becomes a sparse qcow2 (``qemu-img convert``),
     compared with it (``qemu-img compare``), fsynced; the raw file is removed and the
-    qcow2 is what is renamed into place."""
+    qcow2 is what is renamed into place.  cbt creates the qcow2 file itself (``O_EXCL``,
+    never through a link) and gives ``qemu-img`` both files open (``/dev/fd/N``): a link
+    planted under the temporary name (in a shared directory) never makes it write
+    elsewhere."""
     from cbt.source.qcow2 import qemu_img
 
     out = qcow2_temp(t.final)
     raw = t.write_to
-    t.write_to = out  # (from now on, what a failure removes, beside the raw file)
+    src = os.open(raw, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        raw_at, out_at = os.path.abspath(raw), os.path.abspath(out)  # (never a protocol)
+        dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600)
+    except BaseException as exc:
+        os.close(src)  # (the raw file is still what a failure removes)
+        if isinstance(exc, FileExistsError):
+            raise CbtError(f"cannot convert {t.final} to qcow2: {out} exists (not made by "
+                           "this restore); remove it") from None
+        raise
+    t.write_to = out  # (from now on, what a failure removes; the raw file goes anyway)
+    try:
+        fds, raw_at, out_at = (src, dst), f"/dev/fd/{src}", f"/dev/fd/{dst}"
         qemu_img(str(t.final), "convert", "-f", "raw", "-O", "qcow2", raw_at, out_at,
-                 timeout=None)
+                 timeout=None, fds=fds)
         qemu_img(str(t.final), "compare", "-q", "-f", "raw", "-F", "qcow2", raw_at, out_at,
-                 timeout=None)
-        os.chmod(out, t.mode)
-        fd = os.open(out, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            fsync_file(fd)
-        finally:
-            os.close(fd)
+                 timeout=None, fds=fds)
+        os.fchmod(dst, t.mode)
+        fsync_file(dst)
     finally:
+        os.close(src)
+        os.close(dst)
         os.unlink(raw)
 
 

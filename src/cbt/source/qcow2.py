@@ -4,14 +4,21 @@ A qcow2 image (known by its magic ``QFI\\xfb``, whatever its name) of a VM that 
 not running is read through ``qemu-nbd``: its virtual disk (guest data, holes as
 holes), never its container file.  For each run (:func:`open_offline`):
 
-1. :func:`inspect` the image with ``qemu-img info`` (its answer is untrusted
-   input: checked).  An image a running QEMU has open is locked: that disk
+1. :func:`pin` the image: it and its backing chain are opened once by cbt and
+   checked (:class:`Pinned`: no protocol names, devices, FIFOs, loops, probed
+   formats, external data files, nor a backing file the image's owner could not
+   read); every QEMU tool is given these open files (``/dev/fd/N``), so an image
+   replaced meanwhile is never what is read.  ``qemu-img info``'s answer is
+   untrusted input: checked.  An image a running QEMU has open is locked: that disk
    fails with QEMU's one-line lock error.
 2. Recover: every other ``cbt-<vm>.`` bitmap (a run killed before it could settle)
    is merged into the previous point's bitmap ``cbt-<previous point id>`` when that
    one is usable, then removed; an unusable previous bitmap (in use after QEMU
    was killed: inconsistent; disabled) is removed too.
-3. ``qemu-img bitmap --add`` the new persistent, enabled bitmap ``cbt-<point id>``
+3. Where no bitmap can be added (the image read-only, or too little room on its
+   file system: QEMU would exit 0 having left every bitmap inconsistent), the image
+   is left untouched and the disk is hashed, saying why.  Otherwise
+   ``qemu-img bitmap --add`` the new persistent, enabled bitmap ``cbt-<point id>``
    (:func:`cbt.source.qemu.bitmap_name`): QEMU keeps it up to date the next time
    the VM runs, and the next run reads what it marks.
 4. ``qemu-nbd`` serves the image read-only on a private unix socket (shared by
@@ -31,14 +38,17 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 from cbt.core.errors import CbtError
 from cbt.format.records import DiskRecord
@@ -48,8 +58,9 @@ from cbt.source.plan import BlockRange
 from cbt.source.qemu import bitmap_name
 
 __all__ = [
-    "QCOW2_MAGIC", "ChangesFn", "ImageBitmap", "OfflineDisk", "OfflineSet", "Qcow2Error",
-    "Qcow2Info",    "inspect", "is_qcow2", "open_offline", "qemu_img", "stop_signals", "tool",
+    "QCOW2_MAGIC", "ChangesFn", "ImageBitmap", "OfflineDisk", "OfflineSet", "Pinned",
+    "Qcow2Error", "Qcow2Info", "inspect", "is_qcow2", "open_offline", "pin", "qemu_img",
+    "stop_signals", "tool",
 ]
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -68,16 +79,20 @@ class Qcow2Error(CbtError):
 
 
 def is_qcow2(path: str) -> bool:
-    """Whether ``path`` holds a qcow2 image: its first four bytes are ``QFI\\xfb``.
+    """Whether ``path`` holds a qcow2 image: a regular file whose first four bytes are
+    ``QFI\\xfb``.
 
-    Unreadable or shorter: not qcow2 (the backup then reports the path itself).
+    Unreadable or shorter: not qcow2 (the backup then reports the path itself).  A block
+    device is a raw disk whatever it starts with: a guest writing a qcow2 header at the
+    start of its raw disk must not make cbt read the header's backing file, nor write
+    bitmaps into the guest's data.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        return os.pread(fd, 4, 0) == QCOW2_MAGIC
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 4, 0) == QCOW2_MAGIC
     except OSError:
         return False
     finally:
@@ -99,23 +114,50 @@ def _first_line(text: str) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def qemu_img(path: str, *args: str, timeout: float | None = TOOL_TIMEOUT) -> str:
-    """Run ``qemu-img ARGS`` (bounded in time unless ``timeout`` is None); its stdout, or
-    :class:`Qcow2Error`: one line naming the image ``path``."""
+_LONG = ("convert", "compare")  # qemu-img commands that copy a disk
+
+
+def qemu_img(path: str, *args: str, timeout: float | None = TOOL_TIMEOUT,
+             fds: tuple[int, ...] = ()) -> str:
+    """Run ``qemu-img ARGS`` (bounded in time unless ``timeout`` is None; given the open
+    files ``fds``; a long one, :data:`_LONG`, dies with cbt as ``qemu-nbd`` does, a short
+    one that rewrites metadata finishes: killed, it would leave every bitmap of the image
+    inconsistent); its stdout, or :class:`Qcow2Error`: one line naming the image ``path``."""
     cmd = [tool("qemu-img"), *args]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                           timeout=timeout, stdin=subprocess.DEVNULL)
+                           timeout=timeout, stdin=subprocess.DEVNULL, pass_fds=fds,
+                           preexec_fn=partial(_die_with_parent, os.getpid())
+                           if args[0] in _LONG else None)
     except subprocess.TimeoutExpired:
         raise Qcow2Error(f"{path}: qemu-img {args[0]} did not finish in "
                          f"{timeout:g} s") from None
+    stderr = _named(r.stderr, cmd, path)
     if r.returncode != 0:
-        raise _img_error(path, args[0], r.stderr)
+        raise _img_error(path, args[0], stderr)
+    if args[0] == "bitmap" and stderr.strip():
+        # (qemu-img exits 0 when it could not store the bitmaps on close, a full disk:
+        # "Lost persistent bitmaps ...", every one of them left marked in use)
+        raise Qcow2Error(f"{path}: qemu-img bitmap failed: {_first_line(stderr)}")
     return r.stdout
 
 
+def _named(text: str, cmd: list[str], path: str) -> str:
+    """QEMU's message with cbt's ``json:`` and ``/dev/fd/N`` names shown as ``path``."""
+    for arg in cmd:
+        if arg.startswith(("json:", "/dev/fd/")):
+            text = text.replace(arg, path)
+    return text
+
+
+def _locked(stderr: str) -> bool:
+    """QEMU's image locking refused it (``Failed to get "write" lock``; not any message
+    that merely names a node ``#block12``)."""
+    return re.search(r'Failed to get (shared )?"[a-z ]+" lock', stderr) is not None
+
+
 def _img_error(path: str, what: str, stderr: str) -> Qcow2Error:
-    if "lock" in stderr:
+    if _locked(stderr):
         return Qcow2Error(f"{path}: in use by a running QEMU ({_first_line(stderr)}): back it "
                           "up through the VM's qmp, or when the VM is stopped")
     return Qcow2Error(f"{path}: qemu-img {what} failed: {_first_line(stderr)}")
@@ -141,19 +183,98 @@ class Qcow2Info:
     path: str
     size: int
     bitmaps: tuple[ImageBitmap, ...] = ()
+    cluster: int = 65536
 
     def bitmap(self, name: str) -> ImageBitmap | None:
         return next((b for b in self.bitmaps if b.name == name), None)
 
 
 def inspect(path: str) -> Qcow2Info:
-    """``qemu-img info`` of the qcow2 ``path``, checked (it describes an untrusted header).
+    """``qemu-img info`` of the qcow2 ``path``, checked (it describes an untrusted header),
+    and its backing chain checked (:class:`Pinned`)."""
+    info, pinned = pin(path)
+    pinned.close()
+    return info
 
-    Refused: a backing file whose format the image does not name (QEMU would probe
-    it: a raw backing file could pass itself off as an image naming any host file),
-    an external data file, sizes or bitmaps that do not parse.
-    """
-    out = qemu_img(path, "info", "--output=json", "-f", "qcow2", _plain(path))
+
+MAX_CHAIN = 16  # backing files followed at most
+BACKING_FORMATS = ("qcow2", "raw")
+
+
+@dataclass
+class Pinned:
+    """An image and its backing chain, each file opened once by cbt and checked; QEMU's
+    tools are given these open files (``/dev/fd/N`` in a ``json:`` name), never a name
+    it would resolve again: an image swapped after it was inspected, or a backing name
+    the header changed meanwhile, is never what QEMU reads.
+
+    Refused in the chain: a file that is not a regular file (a device, a FIFO), a
+    backing name that is a QEMU protocol (``json:``, ``nbd:``...), a backing format
+    other than qcow2 or raw or none named (QEMU would probe it), an external data file,
+    more than :data:`MAX_CHAIN` files, and a backing file the image's owner could not
+    read (a header is the image owner's word: cbt, often root, must not read
+    ``/etc/shadow`` into the backup for them)."""
+
+    path: str
+    fds: list[int] = field(default_factory=list)
+    top: dict[str, object] = field(default_factory=dict)  # for qemu-img (no backing)
+    chain: dict[str, object] = field(default_factory=dict)  # for qemu-nbd: every file
+    ident: tuple[int, int] = (0, 0)  # the image file's (st_dev, st_ino)
+
+    def name(self, whole: bool = False) -> str:
+        return "json:" + json.dumps(self.chain if whole else self.top)
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def pin(path: str) -> tuple[Qcow2Info, Pinned]:
+    """Open the qcow2 ``path`` and its backing chain once, check them (:class:`Pinned`);
+    the caller closes the :class:`Pinned`."""
+    pinned = Pinned(path)
+    try:
+        fd, top = _open_file(path, path)
+        pinned.fds.append(fd)
+        pinned.ident = (top.st_dev, top.st_ino)
+        if os.pread(fd, 4, 0) != QCOW2_MAGIC:
+            raise Qcow2Error(f"{path}: no longer a qcow2 image")
+        node: dict[str, object] = _node("qcow2", fd)
+        pinned.top, pinned.chain = dict(node), node
+        doc = _info(path, fd, "qcow2", pinned)
+        cluster = doc.get("cluster-size")
+        info = Qcow2Info(path, _size(path, doc), _parse_bitmaps(path, _data(path, doc)
+                                                                .get("bitmaps", [])),
+                         cluster if type(cluster) is int and 0 < cluster <= 2 << 20
+                         else 2 << 20)
+        _follow(pinned, node, doc, top)
+        return info, pinned
+    except BaseException:
+        pinned.close()
+        raise
+
+
+def _node(fmt: str, fd: int) -> dict[str, object]:
+    return {"driver": fmt, "file": {"driver": "file", "filename": f"/dev/fd/{fd}"}}
+
+
+def _open_file(path: str, image: str) -> tuple[int, os.stat_result]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Qcow2Error(f"{image}: cannot open {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise Qcow2Error(f"{image}: {path} is not a regular file: refusing to read it")
+    return fd, st
+
+
+def _info(path: str, fd: int, fmt: str, pinned: Pinned) -> dict[str, object]:
+    out = qemu_img(path, "info", "--output=json", "-f", fmt, f"/dev/fd/{fd}",
+                   fds=tuple(pinned.fds))
     if len(out) > _MAX_INFO:
         raise Qcow2Error(f"{path}: qemu-img info said too much")
     try:
@@ -162,18 +283,75 @@ def inspect(path: str) -> Qcow2Info:
         raise Qcow2Error(f"{path}: qemu-img info is not JSON") from None
     if not isinstance(doc, dict):
         raise Qcow2Error(f"{path}: qemu-img info is not a JSON object")
+    return doc
+
+
+def _size(path: str, doc: dict[str, object]) -> int:
     size = doc.get("virtual-size")
     if type(size) is not int or not 0 < size < 2**63:
         raise Qcow2Error(f"{path}: qcow2 virtual size {size!r} is not a positive integer")
-    if "backing-filename" in doc and "backing-filename-format" not in doc:
-        raise Qcow2Error(f"{path}: its backing file {str(doc['backing-filename'])[:200]!r} has "
-                         "no format in the image (qemu-img rebase -u -F FORMAT names it)")
+    return size
+
+
+def _data(path: str, doc: dict[str, object]) -> dict[str, object]:
     spec = doc.get("format-specific")
     data = spec.get("data") if isinstance(spec, dict) else None
     data = data if isinstance(data, dict) else {}
     if data.get("data-file") is not None:
         raise Qcow2Error(f"{path}: a qcow2 image with an external data file is not supported")
-    return Qcow2Info(path, size, _parse_bitmaps(path, data.get("bitmaps", [])))
+    return data
+
+
+def _follow(pinned: Pinned, node: dict[str, object], doc: dict[str, object],
+            top: os.stat_result) -> None:
+    """Pin the backing chain the header ``doc`` names below ``node`` (see :class:`Pinned`)."""
+    where, seen = pinned.path, {(top.st_dev, top.st_ino)}
+    while (backing := doc.get("backing-filename")) is not None:
+        fmt = doc.get("backing-filename-format")
+        shown = str(backing)[:200]
+        if fmt is None:
+            raise Qcow2Error(f"{pinned.path}: its backing file {shown!r} has no format in "
+                             "the image (qemu-img rebase -u -F FORMAT names it)")
+        if fmt not in BACKING_FORMATS:
+            raise Qcow2Error(f"{pinned.path}: its backing file {shown!r} has format "
+                             f"{str(fmt)[:40]!r} (cbt reads only qcow2 or raw ones)")
+        if not isinstance(backing, str) or not backing or _has_protocol(backing):
+            raise Qcow2Error(f"{pinned.path}: its backing file {shown!r} is not a file "
+                             "name (a QEMU protocol): refusing to follow it")
+        if len(pinned.fds) > MAX_CHAIN:
+            raise Qcow2Error(f"{pinned.path}: its backing chain is longer than {MAX_CHAIN}")
+        where = os.path.join(os.path.dirname(_plain(where)), backing)
+        fd, st = _open_file(where, pinned.path)
+        pinned.fds.append(fd)
+        if (st.st_dev, st.st_ino) in seen:
+            raise Qcow2Error(f"{pinned.path}: its backing chain loops at {where}")
+        seen.add((st.st_dev, st.st_ino))
+        if not _owner_may_read(top, st):
+            raise Qcow2Error(f"{pinned.path}: its backing file {where} is not readable by the "
+                             f"image's owner (uid {top.st_uid}): refusing to read it")
+        child = _node(str(fmt), fd)
+        node["backing"] = child
+        if fmt == "raw":
+            return
+        node, doc = child, _info(where, fd, "qcow2", pinned)
+        _data(where, doc)
+    node["backing"] = None
+
+
+def _has_protocol(name: str) -> bool:
+    """QEMU's ``path_has_protocol``: a ``:`` before any ``/`` makes a protocol name."""
+    head = name.split("/", 1)[0]
+    return ":" in head
+
+
+def _owner_may_read(top: os.stat_result, st: os.stat_result) -> bool:
+    """Whether the owner of the image ``top`` could read the backing file ``st`` (or owns
+    it, or is cbt's own user or root, who could anyway)."""
+    if top.st_uid in (0, os.geteuid()) or st.st_uid == top.st_uid:
+        return True
+    if st.st_gid == top.st_gid and st.st_mode & stat.S_IRGRP:
+        return True
+    return bool(st.st_mode & stat.S_IROTH)
 
 
 def _parse_bitmaps(path: str, raw: object) -> tuple[ImageBitmap, ...]:
@@ -191,9 +369,9 @@ def _parse_bitmaps(path: str, raw: object) -> tuple[ImageBitmap, ...]:
     return tuple(out)
 
 
-def _bitmap(path: str, name: str, *ops: str) -> None:
-    """``qemu-img bitmap OPS -f qcow2 PATH NAME`` (the image must not be in use)."""
-    qemu_img(path, "bitmap", *ops, "-f", "qcow2", _plain(path), name)
+def _bitmap(image: Pinned, name: str, *ops: str) -> None:
+    """``qemu-img bitmap OPS IMAGE NAME`` (the image must not be in use)."""
+    qemu_img(image.path, "bitmap", *ops, image.name(), name, fds=tuple(image.fds))
 
 
 def _plain(path: str) -> str:
@@ -217,17 +395,30 @@ def _unusable(info: Qcow2Info, previous: str | None) -> str | None:
     return None
 
 
-def _recover(info: Qcow2Info, previous: str | None, usable: bool, ours: str) -> list[str]:
+_STAMP = re.compile(r"[0-9]{8}T[0-9]{6}Z(?:-[1-9][0-9]{0,8})?")
+
+
+def _ours(name: str, prefix: str, previous: str | None) -> bool:
+    """Whether the bitmap ``name`` is one of this VM's runs' (``prefix`` then a point id's
+    time, as :func:`cbt.source.qemu.bitmap_name` makes them): a user's ``cbt-web.mine``
+    is not cbt's to merge or remove."""
+    if name == previous:
+        return True
+    return name.startswith(prefix) and _STAMP.fullmatch(name[len(prefix):]) is not None
+
+
+def _recover(image: Pinned, info: Qcow2Info, previous: str | None, usable: bool,
+             ours: str) -> list[str]:
     """Fold this VM's other bitmaps (``ours``: ``cbt-<vm>.``; a killed run's) into the
     previous one; remove them and an unusable previous one.  Returns the names removed.
     Another VM's bitmaps (the same image backed up under another name) are left alone."""
     removed = []
     for bm in info.bitmaps:
-        if not bm.name.startswith(ours) or (usable and bm.name == previous):
+        if not _ours(bm.name, ours, previous) or (usable and bm.name == previous):
             continue
         if usable and previous is not None and not bm.in_use and bm.name != previous:
-            _bitmap(info.path, previous, "--merge", bm.name)
-        _bitmap(info.path, bm.name, "--remove")
+            _bitmap(image, previous, "--merge", bm.name)
+        _bitmap(image, bm.name, "--remove")
         removed.append(bm.name)
     return removed
 
@@ -245,9 +436,11 @@ class OfflineDisk:
     new_bitmap: str
     previous: str | None  # the previous point's bitmap when usable (published over NBD)
     reason: str | None  # why not (a hash scan)
+    image: Pinned  # the image and its backing chain, opened once
     socket: str = ""
     proc: subprocess.Popen[bytes] | None = None
     added: bool = False
+    tracked: bool = True  # False: no bitmap can be added (read-only, no room): hashed
 
     @property
     def spec(self) -> DiskSpec:
@@ -327,6 +520,8 @@ class OfflineSet:
                 _settle(d, self.committed)
             except (Qcow2Error, OSError) as exc:
                 errors.append(f"disk {d.label}: bitmaps left for the next run: {exc}")
+            finally:
+                d.image.close()
         return errors
 
 
@@ -346,34 +541,38 @@ def _settle(d: OfflineDisk, committed: bool) -> None:
         return
     if committed:
         if d.previous is not None:
-            _bitmap(d.path, d.previous, "--remove")
+            _bitmap(d.image, d.previous, "--remove")
         return
     if d.previous is not None:
-        _bitmap(d.path, d.previous, "--merge", d.new_bitmap)
-    _bitmap(d.path, d.new_bitmap, "--remove")
+        _bitmap(d.image, d.previous, "--merge", d.new_bitmap)
+    _bitmap(d.image, d.new_bitmap, "--remove")
 
 
-def _die_with_parent() -> None:  # (in the forked child, before exec)
+def _die_with_parent(parent: int) -> None:  # (in the forked child, before exec)
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # (cbt died before the prctl: no signal would come)
+        os._exit(1)
 
 
 def _start(d: OfflineDisk, workdir: str) -> None:
     """``qemu-nbd``: the image read-only, any number of clients, the previous bitmap."""
     d.socket = os.path.join(workdir, f"{len(os.listdir(workdir))}.sock")
-    args = [tool("qemu-nbd"), "--read-only", "--persistent", "--shared=0", "--format=qcow2",
+    args = [tool("qemu-nbd"), "--read-only", "--persistent", "--shared=0",
             f"--socket={d.socket}", f"--export-name={EXPORT}"]
     if d.previous is not None:
         args.append(f"--bitmap={d.previous}")
-    args.append(_plain(d.path))
+    args.append(d.image.name(whole=True))
     d.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+                              stderr=subprocess.PIPE, pass_fds=tuple(d.image.fds),
+                              preexec_fn=partial(_die_with_parent, os.getpid()))
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         if d.proc.poll() is not None:
             err = d.proc.stderr.read().decode(errors="replace") if d.proc.stderr else ""
+            err = _named(err, args, d.path)
             _stop(d)
-            if "lock" in err:
+            if _locked(err):
                 raise Qcow2Error(f"{d.path}: in use by a running QEMU ({_first_line(err)})")
             raise Qcow2Error(f"{d.path}: qemu-nbd failed: {_first_line(err)}")
         with socket.socket(socket.AF_UNIX) as s:
@@ -404,12 +603,62 @@ def _stop(d: OfflineDisk) -> None:
 
 
 def _prepare(label: str, path: str, point_id: str, previous_point: str | None) -> OfflineDisk:
-    info = inspect(path)
-    previous = bitmap_name(previous_point) if previous_point else None
-    why = _unusable(info, previous)
-    new = bitmap_name(point_id)
-    _recover(info, previous, why is None, new.split(".", 1)[0] + ".")
-    return OfflineDisk(label, path, info.size, new, None if why else previous, why)
+    info, image = pin(path)
+    try:
+        new = bitmap_name(point_id)
+        untracked = _cannot_add(image, info)
+        if untracked is not None:  # (the image is left as it is: read, never written)
+            return OfflineDisk(label, path, info.size, new, None, untracked, image,
+                               tracked=False)
+        previous = bitmap_name(previous_point) if previous_point else None
+        why = _unusable(info, previous)
+        _recover(image, info, previous, why is None, new.split(".", 1)[0] + ".")
+    except BaseException:
+        image.close()
+        raise
+    return OfflineDisk(label, path, info.size, new, None if why else previous, why, image)
+
+
+def _cannot_add(image: Pinned, info: Qcow2Info) -> str | None:
+    """Why no bitmap can be added to the image (None: it can): it cannot be opened for
+    writing (a read-only file system or file), or its file system has too little room
+    to store the bitmaps again (QEMU rewrites them all when it closes the image; where
+    it cannot, it leaves every one marked inconsistent and still exits 0)."""
+    fd = image.fds[0]
+    try:
+        os.close(os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        return f"no bitmap can be added to {info.path}: {exc.strerror} (hash scan)"
+    vfs = os.fstatvfs(fd)
+    free, need = vfs.f_bavail * vfs.f_frsize, _room(info)
+    if free < need:
+        return (f"no bitmap can be added to {info.path}: {free} bytes free on its file "
+                f"system, {need} needed to store its bitmaps (hash scan)")
+    return None
+
+
+MAX_BITMAP = 64 << 20  # bytes a new bitmap may take in memory and in the image
+
+
+def granularity(size: int) -> int:
+    """The new bitmap's granularity: QEMU's default 64 KiB, or larger for a disk so big
+    its bitmap would take more than :data:`MAX_BITMAP` (QEMU refuses past 512 MiB)."""
+    gran = 65536
+    while -(-size // gran) > MAX_BITMAP * 8:
+        gran *= 2
+    return gran
+
+
+def _room(info: Qcow2Info) -> int:
+    """Bytes QEMU may need to store the image's bitmaps and a new one when it closes it
+    (new copies are written before the old ones, already counted as used, are freed):
+    each one's data (as if every bit were set) and table, the directory, a margin."""
+    c = info.cluster
+    need = 4 * c + len(info.bitmaps) * 1100  # (a directory entry: name up to 1023 bytes)
+    for gran in [b.granularity for b in info.bitmaps] + [granularity(info.size)]:
+        data = -(-info.size // gran) // 8 + 1
+        need += (-(-data // c) + 1) * c  # its data clusters, its table
+    return need + (1 << 20)
 
 
 def _short_dir() -> str:
@@ -424,8 +673,6 @@ def _short_dir() -> str:
 
 def _sweep(base: str) -> None:
     """Remove socket folders of runs that are gone (ours: our uid, sockets only)."""
-    import re
-
     with contextlib.suppress(OSError), os.scandir(base) as entries:
         for e in entries:
             m = re.fullmatch(r"cbt-q-([1-9][0-9]{0,9})-[A-Za-z0-9_]{1,16}", e.name)
@@ -465,8 +712,11 @@ def open_offline(disks: Mapping[str, str], point_id: str,
                 if is_qcow2(path):
                     d = _prepare(label, path, point_id, previous_point)
                     offline.disks[label] = d
-                    _bitmap(path, d.new_bitmap, "--add")
-                    d.added = True
+                    _check_unique(offline, d)
+                    if d.tracked:
+                        _bitmap(d.image, d.new_bitmap, "--add", "-g",
+                                str(granularity(d.size)))
+                        d.added = True
             if offline.disks:
                 offline.workdir = _short_dir()
                 for d in offline.disks.values():
@@ -474,6 +724,14 @@ def open_offline(disks: Mapping[str, str], point_id: str,
             yield offline
         finally:
             offline.close()
+
+
+def _check_unique(offline: OfflineSet, d: OfflineDisk) -> None:
+    """One image under two labels would get the same bitmap twice: refused."""
+    for other in offline.disks.values():
+        if other is not d and other.image.ident == d.image.ident:
+            raise Qcow2Error(f"disks {other.label} and {d.label} are the same qcow2 image "
+                             f"({d.path}): name it once")
 
 
 class Stopped(CbtError, KeyboardInterrupt):
