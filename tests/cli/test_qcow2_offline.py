@@ -99,17 +99,53 @@ def test_full_then_incremental_read_the_guest_view(tmp_path: Path, encrypted: bo
 
 
 @pytest.mark.slow
-def test_a_qcow2_is_known_by_its_magic_not_its_name(tmp_path: Path) -> None:
-    vault, image, _ = _setup(tmp_path, name="disk.img")  # a qcow2 named .img
+def test_a_qcow2_is_known_by_its_name_and_its_magic_together(tmp_path: Path) -> None:
+    """Named .qcow2 and starting with the magic: the guest's view.  Either alone: a raw
+    image, read as it lies (a qcow2 named .img with a warning saying how to name it)."""
+    vault, image, _ = _setup(tmp_path)
+    unnamed = create(tmp_path / "disk.img", SIZE)  # a qcow2 named .img
     fake = tmp_path / "raw.qcow2"  # a raw file named .qcow2
     fake.write_bytes(b"x" * 65536)
-    line = cbt_json("backup", vault, f"os={image}", f"fake={fake}", "--vm", "web")
+    line = cbt_json("backup", vault, f"os={image}", f"fake={fake}", f"other={unnamed}",
+                    "--vm", "web")
     sizes = {d["label"]: d["size"] for d in line["disks"]}
-    assert sizes == {"os": SIZE, "fake": 65536}
+    assert sizes == {"os": SIZE, "fake": 65536, "other": unnamed.stat().st_size}
     assert line["consistency_reason"] == "live read"  # (a raw disk read live beside it)
     assert _restored(vault, line["recovery_point"], tmp_path) == raw_bytes(image, "qcow2",
                                                                            tmp_path)
     assert list(image_bitmaps(image)) == [f"cbt-{line['recovery_point']}"]
+    assert image_bitmaps(unnamed) == {}  # (never touched)
+    assert [w for w in line["warnings"] if "qcow2 header" in w] == [
+        f"disk other: {unnamed} starts with a qcow2 header but is not named .qcow2: backed "
+        "up as a raw image (its container file, not the guest's view); name a qcow2 image "
+        ".qcow2 to back up what its guest sees"]
+
+
+@pytest.mark.slow
+def test_a_guest_writing_a_qcow2_header_into_its_raw_disk_cannot_make_cbt_follow_it(
+        tmp_path: Path) -> None:
+    """A raw VM image (root's, as VM images are) whose guest wrote a qcow2 header naming a
+    host file as its backing file: backed up raw, byte for byte; the host file is never
+    read into the vault, no bitmap is written into the guest's data."""
+    vault = tmp_path / "vault"
+    init_cli_vault(vault, False, tmp_path)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"host secret " * 5000)
+    secret.chmod(0o600)
+    crafted = create(tmp_path / "crafted.qcow2", SIZE)
+    run("qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "raw", "-b", str(secret),
+        str(crafted))
+    disk = tmp_path / "vm.img"  # the raw disk: the guest's header first, then its data
+    disk.write_bytes(crafted.read_bytes().ljust(SIZE, b"\0"))
+    before = disk.read_bytes()
+    line = cbt_json("backup", vault, f"os={disk}", "--vm", "web")
+    assert line["disks"][0]["size"] == SIZE
+    assert disk.read_bytes() == before  # no bitmap added to the guest's data
+    out = tmp_path / "restored.img"
+    cbt("restore", vault, line["recovery_point"], "--disk", "os", "--to", out)
+    assert out.read_bytes() == before
+    assert b"host secret" not in b"".join(p.read_bytes() for p in vault.rglob("*")
+                                           if p.is_file())
 
 
 @pytest.mark.slow

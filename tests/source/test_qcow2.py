@@ -38,13 +38,15 @@ def _qemu() -> None:
     need_qemu("qemu-img", "qemu-io", "qemu-nbd")
 
 
-def test_is_qcow2_reads_the_magic(tmp_path: Path) -> None:
-    q = create(tmp_path / "disk.img", SIZE)
+def test_is_qcow2_reads_the_magic_of_a_file_named_qcow2(tmp_path: Path) -> None:
+    q = create(tmp_path / "disk.QCOW2", SIZE)
+    unnamed = create(tmp_path / "disk.img", SIZE)
     raw = tmp_path / "disk.qcow2"
     raw.write_bytes(b"QFI" + b"\0" * 100)
-    short = tmp_path / "short"
+    short = tmp_path / "short.qcow2"
     short.write_bytes(b"QF")
     assert is_qcow2(str(q))
+    assert not is_qcow2(str(unnamed))
     assert not is_qcow2(str(raw)) and not is_qcow2(str(short))
     assert not is_qcow2(str(tmp_path)) and not is_qcow2(str(tmp_path / "none"))
 

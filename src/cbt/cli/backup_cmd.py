@@ -9,8 +9,9 @@ Two forms:
 DISK is PATH or LABEL=PATH; the default label is the file name without its
 last extension (disks/os.img -> os).  A disk's first backup is full; every
 later one stores only the blocks the vault does not hold yet.  A qcow2 image
-(a regular file known by its magic, not its name; a block device is always
-raw) is read through qemu-nbd as the guest sees it, never as its container
+(a regular file named *.qcow2 that starts with the qcow2 magic: never the
+header alone, which a guest can write into its raw disk; a block device is
+always raw) is read through qemu-nbd as the guest sees it, never as its container
 file; a persistent dirty bitmap cbt-<point id> in the image (qemu-img bitmap,
 kept up to date by QEMU while the VM runs) says what changed by the next
 backup (change_source "qemu-bitmap").  Its backing chain is opened once and

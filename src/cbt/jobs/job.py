@@ -67,7 +67,13 @@ from cbt.repo.registry import list_jobs, register_snapshots, save_job
 from cbt.repo.vault import Vault
 from cbt.source.changes import ChangeHint, TrackingBase
 from cbt.source.disks import DiskSpec
-from cbt.source.qcow2 import ChangesFn, OfflineSet, is_qcow2, open_offline
+from cbt.source.qcow2 import (
+    ChangesFn,
+    OfflineSet,
+    is_qcow2,
+    open_offline,
+    unnamed_qcow2_warnings,
+)
 from cbt.source.snapshot import (
     SNAPSHOT_DIR,
     SnapshotSet,
@@ -247,6 +253,8 @@ class Job:
         # a qcow2 image is never snapshotted (a clone would take its bitmaps): it is read
         # through qemu-nbd as the guest sees it, the VM stopped
         self.images = {lb: p for lb, p in vmc.disks.items() if not vmc.qemu and is_qcow2(p)}
+        if not vmc.qemu:
+            self.warnings += unnamed_qcow2_warnings(vmc.disks)
         rest = {lb: p for lb, p in vmc.disks.items() if lb not in self.images}
         return {**resolve_provider(vmc.snapshot, vmc.name, rest, vmc.snapshot_dir),
                 **dict.fromkeys(self.images, "qemu-nbd")}

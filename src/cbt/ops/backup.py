@@ -202,7 +202,8 @@ def backup(vault: Vault, request: BackupRequest) -> PointRecord:
             if early is not None and time.monotonic() - asked > EARLY_SCAN_MAX_WAIT:
                 early.cancel()  # it saw the disks too long before the point was taken
                 request = dataclasses.replace(request, early=None)
-            images = _offline_images(request)
+            images, warnings = _offline_images(request)
+            request = dataclasses.replace(request, warnings=(*request.warnings, *warnings))
             if images:
                 return _backup_offline(vault, request, images)
             return backup_locked(vault, request)
@@ -211,13 +212,15 @@ def backup(vault: Vault, request: BackupRequest) -> PointRecord:
             early.cancel()
 
 
-def _offline_images(request: BackupRequest) -> dict[str, str]:
+def _offline_images(request: BackupRequest) -> tuple[dict[str, str], list[str]]:
     """The disks that are qcow2 images read where they lie (label -> path): each is read
-    through ``qemu-nbd`` as the guest sees it (:mod:`cbt.source.qcow2`)."""
-    from cbt.source.qcow2 import is_qcow2
+    through ``qemu-nbd`` as the guest sees it (:mod:`cbt.source.qcow2`); and a warning for
+    each disk that starts with a qcow2 header but is not named so (read raw)."""
+    from cbt.source.qcow2 import is_qcow2, unnamed_qcow2_warnings
 
-    return {d.label: d.path for d in request.disks
-            if d.nbd is None and d.read_from is None and is_qcow2(d.path)}
+    files = {d.label: d.path for d in request.disks if d.nbd is None and d.read_from is None}
+    return ({lb: p for lb, p in files.items() if is_qcow2(p)},
+            unnamed_qcow2_warnings(files))
 
 
 def _backup_offline(vault: Vault, request: BackupRequest,

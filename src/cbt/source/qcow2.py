@@ -60,10 +60,11 @@ from cbt.source.qemu import bitmap_name
 __all__ = [
     "QCOW2_MAGIC", "ChangesFn", "ImageBitmap", "OfflineDisk", "OfflineSet", "Pinned",
     "Qcow2Error", "Qcow2Info", "inspect", "is_qcow2", "open_offline", "pin", "qemu_img",
-    "stop_signals", "tool",
+    "stop_signals", "tool", "unnamed_qcow2_warnings",
 ]
 
 QCOW2_MAGIC = b"QFI\xfb"
+QCOW2_SUFFIX = ".qcow2"  # a qcow2 image is named so (and has the magic): see is_qcow2
 EXPORT = "disk"
 TOOL_TIMEOUT = 60.0  # seconds for one qemu-img call
 START_TIMEOUT = 30.0  # seconds for qemu-nbd to listen
@@ -79,14 +80,21 @@ class Qcow2Error(CbtError):
 
 
 def is_qcow2(path: str) -> bool:
-    """Whether ``path`` holds a qcow2 image: a regular file whose first four bytes are
-    ``QFI\\xfb``.
+    """Whether ``path`` is a qcow2 image to read as the guest sees it: a regular file named
+    ``*.qcow2`` whose first four bytes are ``QFI\\xfb``.
 
-    Unreadable or shorter: not qcow2 (the backup then reports the path itself).  A block
-    device is a raw disk whatever it starts with: a guest writing a qcow2 header at the
-    start of its raw disk must not make cbt read the header's backing file, nor write
-    bitmaps into the guest's data.
+    Unreadable or shorter: not qcow2 (the backup then reports the path itself).  The
+    name and the header together, never the header alone: a guest writes what it likes at
+    the start of its raw disk, and a qcow2 header there must not make cbt (as root) read
+    the header's backing file into the backup, nor write bitmaps into the guest's data
+    (QEMU's own lesson: never probe the format of a raw image).  So a block device is a
+    raw disk whatever it starts with, and so is an image not named ``.qcow2``
+    (:func:`unnamed_qcow2_warnings` says so).
     """
+    return path.lower().endswith(QCOW2_SUFFIX) and _has_magic(path)
+
+
+def _has_magic(path: str) -> bool:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -97,6 +105,16 @@ def is_qcow2(path: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def unnamed_qcow2_warnings(disks: Mapping[str, str]) -> list[str]:
+    """A warning for each disk (label -> path) that starts with a qcow2 header but is not
+    named ``.qcow2``: it is backed up as a raw image (its container file)."""
+    return [f"disk {label}: {path} starts with a qcow2 header but is not named "
+            f"{QCOW2_SUFFIX}: backed up as a raw image (its container file, not the guest's "
+            f"view); name a qcow2 image {QCOW2_SUFFIX} to back up what its guest sees"
+            for label, path in disks.items()
+            if not path.lower().endswith(QCOW2_SUFFIX) and _has_magic(path)]
 
 
 def tool(name: str) -> str:
