@@ -8,6 +8,7 @@ point restored by cbt, and QEMU's own answers over QMP.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -23,11 +24,18 @@ from cbt.api import Vault
 from cbt.jobs.config import load
 from cbt.jobs.job import JobRequest, JobResult, run_vm
 from cbt.repo.registry import list_jobs
-from cbt.source.qemu import QmpSession
+from cbt.source.qemu import QmpSession, bitmap_name, scope_of
 
 MIB = 1 << 20
 KIB = 1 << 10
 VM = "web"
+
+
+def _bm(root: Path, point: str, vm: str = VM) -> str:
+    """The bitmap a point of ``vm`` in the vault ``root/vault`` leaves (scoped by vault and
+    VM)."""
+    vault_id = json.loads((root / "vault" / "config").read_text())["id"]
+    return bitmap_name(point, scope_of(vault_id, vm))
 
 
 def _config(root: Path, d: Daemon, **vm: Any) -> Path:
@@ -99,7 +107,7 @@ def test_full_then_incremental_equal_the_guest_view(tmp_path: Path, daemon: Daem
         assert _disk(first.point, label).path == str(daemon.image(label))
     assert first.point.consistency == "crash"
     assert "one QMP transaction" in first.point.consistency_reason
-    assert set(_bitmaps(daemon, "os")) == {f"cbt-{first.point.id}"}
+    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, first.point.id)}
 
     daemon.write("os", 2 * MIB + 5000, b"\x11" * 3000)  # 2 blocks of 16K touched
     second = _run(cfg, encrypted)
@@ -111,7 +119,7 @@ def test_full_then_incremental_equal_the_guest_view(tmp_path: Path, daemon: Daem
         assert _restored(tmp_path, vault, second.point.id, label) == daemon.read(label)
     # read: the changed blocks (one 64K granule = 4 blocks) and the verification sample
     assert os_rec.changed_blocks >= 1 and os_rec.bytes_read < 400 * KIB
-    assert set(_bitmaps(daemon, "os")) == {f"cbt-{second.point.id}"}
+    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, second.point.id)}
     assert _leftovers(daemon) == (set(), set(), set())
     assert not any((tmp_path / "qmp.sock.cbt").iterdir())
     jobs = list_jobs(vault, VM)
@@ -161,15 +169,15 @@ def test_sigkill_of_qemu_makes_the_bitmap_inconsistent_full_read(tmp_path: Path,
     daemon.write("os", 3 * MIB, b"\x33" * 4096)
     daemon.stop(signal.SIGKILL)
     daemon.start()
-    assert _bitmaps(daemon, "os")[f"cbt-{first.point.id}"]["inconsistent"] is True
+    assert _bitmaps(daemon, "os")[_bm(tmp_path, first.point.id)]["inconsistent"] is True
     second = _run(cfg)
     assert second.point is not None, second.error
     rec = _disk(second.point, "os")
     assert rec.change_source == "hash"
-    assert rec.change_source_reason == (f"bitmap cbt-{first.point.id} on node os is "
-                                        "inconsistent (QEMU stopped uncleanly)")
+    assert rec.change_source_reason == (f"bitmap {_bm(tmp_path, first.point.id)} on node os "
+                                        "is inconsistent (QEMU stopped uncleanly)")
     assert _restored(tmp_path, vault, second.point.id, "os") == daemon.read("os")
-    assert set(_bitmaps(daemon, "os")) == {f"cbt-{second.point.id}"}
+    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, second.point.id)}
     daemon.write("os", 1 * MIB, b"\x34" * 4096)  # and the new bitmap is used next time
     third = _run(cfg)
     assert third.point is not None, third.error
@@ -191,7 +199,7 @@ def test_a_bitmap_qemu_never_stored_is_missing_after_sigkill(tmp_path: Path,
     assert second.point is not None, second.error
     rec = _disk(second.point, "os")
     assert (rec.change_source, rec.change_source_reason) == (
-        "hash", f"bitmap cbt-{first.point.id} missing on node os")
+        "hash", f"bitmap {_bm(tmp_path, first.point.id)} missing on node os")
     assert _restored(tmp_path, vault, second.point.id, "os") == daemon.read("os")
 
 
@@ -203,7 +211,8 @@ def test_deleted_bitmap_and_resized_disk_fall_back_to_hash(tmp_path: Path,
     first = _run(cfg)
     assert first.point is not None, first.error
     with QmpSession(daemon.qmp) as s:
-        s.command("block-dirty-bitmap-remove", {"node": "db", "name": f"cbt-{first.point.id}"})
+        s.command("block-dirty-bitmap-remove",
+                  {"node": "db", "name": _bm(tmp_path, first.point.id)})
         s.command("block_resize", {"node-name": "os", "size": 6 * MIB})
     daemon.write("db", 0, b"\x44" * 5000)
     daemon.write("os", 5 * MIB, b"\x55" * 5000)
@@ -211,7 +220,7 @@ def test_deleted_bitmap_and_resized_disk_fall_back_to_hash(tmp_path: Path,
     assert second.point is not None, second.error
     db, os_ = _disk(second.point, "db"), _disk(second.point, "os")
     assert (db.change_source, db.change_source_reason) == (
-        "hash", f"bitmap cbt-{first.point.id} missing on node db")
+        "hash", f"bitmap {_bm(tmp_path, first.point.id)} missing on node db")
     assert os_.change_source == "hash" and "resized" in (os_.change_source_reason or "")
     assert os_.size == 6 * MIB
     for label in ("os", "db"):
@@ -233,8 +242,8 @@ def test_a_failing_transfer_merges_the_bitmap_back_and_misses_nothing(tmp_path: 
 
     failed = _run(cfg, progress=fail)
     assert failed.point is None and "injected transfer failure" in (failed.error or "")
-    assert set(_bitmaps(daemon, "os")) == {f"cbt-{first.point.id}"}  # merged back
-    assert _bitmaps(daemon, "os")[f"cbt-{first.point.id}"]["recording"] is True
+    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, first.point.id)}  # merged back
+    assert _bitmaps(daemon, "os")[_bm(tmp_path, first.point.id)]["recording"] is True
     assert _leftovers(daemon) == (set(), set(), set())
     third = _run(cfg)
     assert third.point is not None, third.error
@@ -260,7 +269,7 @@ def test_sigterm_during_the_transfer_merges_the_bitmap_back(tmp_path: Path,
 
     with pytest.raises(JobAborted, match="SIGTERM"):
         _run(cfg, progress=term)
-    assert set(_bitmaps(daemon, "db")) == {f"cbt-{first.point.id}"}
+    assert set(_bitmaps(daemon, "db")) == {_bm(tmp_path, first.point.id)}
     assert _leftovers(daemon) == (set(), set(), set())
     assert [j.status for j in list_jobs(vault, VM)] == ["succeeded", "failed"]
     again = _run(cfg)
@@ -286,7 +295,7 @@ def test_change_tracking_hash_and_full_scan_read_everything(tmp_path: Path,
     assert third.point is not None, third.error
     assert _disk(third.point, "os").change_source_reason == "--full-scan"
     assert _restored(tmp_path, vault, third.point.id, "os") == daemon.read("os")
-    assert set(_bitmaps(daemon, "os")) == {f"cbt-{third.point.id}"}  # the bitmap goes on
+    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, third.point.id)}  # the bitmap goes on
 
 
 DEAD = "web.20261130T010000Z.dead01"  # a job that died with its guest frozen
@@ -379,7 +388,7 @@ def test_a_vm_of_the_longest_name(tmp_path: Path, daemon: Daemon) -> None:
         assert res.point is not None, res.error
         assert _restored(tmp_path, vault, res.point.id, "os") == daemon.read("os")
     assert _disk(res.point, "os").change_source == "qemu-bitmap"
-    assert set(_bitmaps(daemon, "os")) == {f"cbt-{res.point.id}"}
+    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, res.point.id, vm)}
 
 
 def test_a_short_range_of_a_view_costs_no_big_buffer(tmp_path: Path, daemon: Daemon) -> None:

@@ -60,9 +60,11 @@ from cbt.source.qemu import (
     QmpSession,
     bitmap_name,
     cut,
+    nbd_socket_name,
     recover,
     release_leftovers,
     resolve_disks,
+    scope_of,
 )
 
 __all__ = ["PROVIDER", "AgentResult", "QemuJob", "thaw_interrupted", "workdir_for"]
@@ -123,29 +125,45 @@ def thaw_interrupted(vmc: VMConfig, rec: JobRecord, warnings: list[str]) -> None
         warnings.append(f"thaw of interrupted job {rec.id}: {res.describe()}")
 
 
-def workdir_for(vmc: VMConfig) -> Path:
-    """``<QMP socket>.cbt``: created (0700), owned by the QMP socket's owner when we are root."""
+def workdir_for(vmc: VMConfig, scope: str = "") -> Path:
+    """``<QMP socket>.cbt``: created (0700), owned by the QMP socket's owner when we are root.
+
+    The socket may sit in a folder others can write (``/tmp``): a folder already
+    there must be a real folder (not a symlink) owned by us or by the socket's
+    owner; it is changed through a descriptor opened without following links,
+    so nothing outside it is ever chowned or chmodded.
+    """
     assert vmc.qmp is not None
     qmp = Path(vmc.qmp)
     work = qmp.with_name(qmp.name + ".cbt")
-    if vmc.nbd is None and len(os.fsencode(work / "nbd.sock")) > MAX_SOCKET_PATH:
+    sock = work / nbd_socket_name(scope)
+    if vmc.nbd is None and len(os.fsencode(sock)) > MAX_SOCKET_PATH:
         raise JobFailed(f"vm {vmc.name}: the QMP socket's path is too long for cbt's NBD "
-                        f"socket beside it ({work / 'nbd.sock'}): give the VM's nbd")
+                        f"socket beside it ({sock}): give the VM's nbd")
     try:
-        owner = os.stat(qmp)
-        if not stat.S_ISSOCK(owner.st_mode):
-            raise JobFailed(f"vm {vmc.name}: qmp {qmp} is not a socket")
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(work, 0o700)
-        here = os.lstat(work)
-        if not stat.S_ISDIR(here.st_mode):
-            raise JobFailed(f"vm {vmc.name}: work folder {work} is not a folder")
-        if os.geteuid() == 0 and (here.st_uid, here.st_gid) != (owner.st_uid, owner.st_gid):
-            os.chown(work, owner.st_uid, owner.st_gid)
-        if stat.S_IMODE(here.st_mode) != 0o700:
-            os.chmod(work, 0o700)
+        owner = os.stat(qmp)  # (a link to the socket is fine: its owner counts)
     except FileNotFoundError:
         raise JobFailed(f"vm {vmc.name}: no QMP socket {qmp} (is the VM running?)") from None
+    if not stat.S_ISSOCK(owner.st_mode):
+        raise JobFailed(f"vm {vmc.name}: qmp {qmp} is not a socket")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(work, 0o700)
+    try:
+        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        raise JobFailed(f"vm {vmc.name}: work folder {work} is not a folder (a symlink or "
+                        "another file is there): remove it") from None
+    try:
+        here = os.fstat(fd)
+        if here.st_uid not in (os.geteuid(), owner.st_uid):
+            raise JobFailed(f"vm {vmc.name}: work folder {work} belongs to uid {here.st_uid}, "
+                            f"not to us nor to the QMP socket's owner: remove it")
+        if os.geteuid() == 0 and (here.st_uid, here.st_gid) != (owner.st_uid, owner.st_gid):
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        if stat.S_IMODE(here.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
     return work
 
 
@@ -173,14 +191,16 @@ class QemuJob(Job):
     """The job of a running QEMU VM: steps 1 to 5 of the module docstring."""
 
     disks: dict[str, QemuDisk]
+    scope = ""  # scope_of(the vault's id, the VM): names what this job makes in QEMU
     agent: AgentResult | None = None  # the freeze
     freezing = False  # a freeze was attempted: thaw is due
 
     def _steps(self) -> PointRecord:
         vmc = self.vmc
-        workdir = workdir_for(vmc)
+        self.scope = scope_of(str(self.vault.config["id"]), vmc.name)
+        workdir = workdir_for(vmc, self.scope)
         parent = self.vault.latest(vmc.name)
-        previous = bitmap_name(parent.id) if parent is not None else None
+        previous = bitmap_name(parent.id, self.scope) if parent is not None else None
         with QmpSession(str(vmc.qmp)) as session:
             self.open_qemu(session, workdir, previous)
             self.pre_hook()
@@ -190,7 +210,7 @@ class QemuJob(Job):
                          previous_sizes={d.label: d.size for d in parent.disks}
                          if parent is not None else {},
                          nbd_socket=Path(vmc.nbd) if vmc.nbd else None,
-                         on_cut=self.after_cut) as moment:
+                         on_cut=self.after_cut, scope=self.scope) as moment:
                     point = self.transfer_views(moment)
                     moment.commit()
             finally:
@@ -206,13 +226,13 @@ class QemuJob(Job):
     def open_qemu(self, session: QmpSession, workdir: Path, previous: str | None) -> None:
         """Step 1: leftovers released, disks resolved, a killed run's bitmaps folded back."""
         vmc = self.vmc
-        released = release_leftovers(session, workdir)
+        released = release_leftovers(session, workdir, self.scope)
         if released:
             self.warnings.append(f"released what an earlier run left in QEMU: "
                                  f"{', '.join(released)}")
         mapping = vmc.disks or None
         disks = resolve_disks(session, mapping)
-        folded = recover(session, disks, previous)
+        folded = recover(session, disks, previous, self.scope)
         if folded:
             self.warnings.append("bitmaps an earlier run left folded into "
                                  f"{previous or 'nothing (removed)'}: " + ", ".join(
