@@ -413,3 +413,34 @@ def test_a_short_range_of_a_view_costs_no_big_buffer(tmp_path: Path, daemon: Dae
                 tracemalloc.stop()
     assert got == [b"\xd1" * 4096]
     assert peak < 1 * MIB, peak
+
+
+@pytest.mark.slow
+def test_labels_moved_to_other_disks_are_read_whole(tmp_path: Path) -> None:
+    """Every disk carries the same bitmap name (one per point): a label given another
+    disk between runs must not take that disk's bitmap as its own changes."""
+    with storage_daemon(tmp_path, {"one": 2 * MIB, "two": 2 * MIB}) as d:
+        vault = _vault(tmp_path, False)
+        d.write("one", 0, os.urandom(200 * KIB))
+        d.write("two", 0, os.urandom(300 * KIB))
+        cfg = _config(tmp_path, d, verify_fraction=0, disks={"a": "one", "b": "two"})
+        assert _run(cfg).point is not None
+        d.write("two", 1 * MIB, b"\x01" * 5000)
+        cfg = _config(tmp_path, d, verify_fraction=0, disks={"a": "two", "b": "one"})
+        res = _run(cfg)
+        assert res.point is not None, res.error
+        for label, node in (("a", "two"), ("b", "one")):
+            rec = _disk(res.point, label)
+            assert rec.change_source == "hash", rec
+            assert "was " in (rec.change_source_reason or ""), rec
+            assert _restored(tmp_path, vault, res.point.id, label) == d.read(node)
+
+
+def test_disks_naming_one_node_twice_fail_in_one_line(tmp_path: Path, daemon: Daemon) -> None:
+    _vault(tmp_path, False)
+    cfg = _config(tmp_path, daemon, disks={"a": "os", "b": "os"})
+    res = _run(cfg)
+    assert res.point is None
+    assert res.error == (f"{daemon.qmp}: disks 'a' and 'b' are the same block node 'os'")
+    assert _leftovers(daemon) == (set(), set(), set())
+    assert _bitmaps(daemon, "os") == {}

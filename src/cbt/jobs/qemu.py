@@ -102,8 +102,11 @@ def agent_call(socket: str, phase: str, timeout: float) -> AgentResult:
     started = time.monotonic()
     try:
         with GuestAgent(socket, timeout) as ga:
-            ga.sync()
-            n = ga.freeze() if phase == "guest-freeze" else ga.thaw()
+            if phase == "guest-freeze":
+                ga.sync()
+                n = ga.freeze()
+            else:
+                n = ga.sync_and_thaw()
     except GuestAgentError as exc:
         return AgentResult(phase, False, None, time.monotonic() - started, str(exc))
     return AgentResult(phase, True, n, time.monotonic() - started)
@@ -180,6 +183,9 @@ def qemu_changes(moment: Moment, hash_only: bool, label: str, parent: DiskRecord
         return ChangeHint.hash('change_tracking = "hash"')
     why = moment.reasons.get(label)
     view = moment.views[label]
+    if why is None and parent is not None and parent.path != disk_path(view.disk):
+        # every disk carries the point's bitmap name: another disk's is not this label's
+        why = f"disk {label} was {parent.path}, now {disk_path(view.disk)}"
     if why is not None or view.bitmap is None:
         return ChangeHint.hash(why or "no previous bitmap")
     with NbdSource(str(moment.nbd_socket), view.export, bitmaps=(view.bitmap,)) as src:

@@ -352,6 +352,12 @@ def resolve_disks(session: QmpSession,
         else:
             raise CbtValueError(f"{session.socket}: disk {label!r}: no block node or device "
                                 f"named {name!r}")
+    seen: dict[str, str] = {}
+    for label, disk in out.items():  # one node read twice: two bitmaps of one name on it
+        if disk.node in seen:
+            raise CbtValueError(f"{session.socket}: disks {seen[disk.node]!r} and {label!r} "
+                                f"are the same block node {disk.node!r}")
+        seen[disk.node] = label
     return out
 
 
