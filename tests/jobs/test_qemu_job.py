@@ -444,3 +444,36 @@ def test_disks_naming_one_node_twice_fail_in_one_line(tmp_path: Path, daemon: Da
     assert res.error == (f"{daemon.qmp}: disks 'a' and 'b' are the same block node 'os'")
     assert _leftovers(daemon) == (set(), set(), set())
     assert _bitmaps(daemon, "os") == {}
+
+
+@pytest.mark.slow
+def test_qemu_dying_mid_transfer_fails_clearly_and_the_next_run_reads_whole(
+        tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with storage_daemon(tmp_path, {"os": 2 * MIB, "db": 64 * MIB}) as daemon:
+        _dying_mid_transfer(tmp_path, daemon, ThreadPoolExecutor(1))
+
+
+def _dying_mid_transfer(tmp_path: Path, daemon: Daemon, executor: Any) -> None:
+    vault = _vault(tmp_path, False)
+    cfg = _config(tmp_path, daemon)
+    assert _run(cfg).point is not None
+    daemon.write("os", 1 * MIB, os.urandom(5000))
+    daemon.write("db", 0, os.urandom(48 * MIB))
+
+    def die(*_: object) -> None:  # a shard read, the others not yet
+        if daemon.proc is not None:
+            daemon.stop(signal.SIGKILL)
+
+    res = _run(cfg, progress=die, executor=executor, workers=1)
+    executor.shutdown()
+    assert res.point is None and res.error is not None
+    assert "\n" not in res.error and "QMP" not in res.error  # the read's error, not cleanup's
+    daemon.start()
+    again = _run(cfg)
+    assert again.point is not None, again.error
+    for label in ("os", "db"):
+        assert _disk(again.point, label).change_source == "hash"
+        assert _restored(tmp_path, vault, again.point.id, label) == daemon.read(label)
+    assert [j.status for j in list_jobs(vault, VM)] == ["succeeded", "failed", "succeeded"]

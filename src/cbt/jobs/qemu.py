@@ -219,6 +219,9 @@ class QemuJob(Job):
                          on_cut=self.after_cut, scope=self.scope) as moment:
                     point = self.transfer_views(moment)
                     moment.commit()
+                if moment.left:  # (said, not stored: the point is)
+                    point.warnings.append(f"the point is stored, but QEMU could not be "
+                                          f"cleaned up after it: {moment.left}")
             finally:
                 self.thaw()
                 self.post_hook()

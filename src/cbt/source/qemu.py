@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import os
 import re
+import sys
 import threading
 import time
 import weakref
@@ -123,6 +124,10 @@ def nbd_socket_name(scope: str = "") -> str:
 # -- the synchronous session ---------------------------------------------------------------
 
 
+def _first_line(text: str) -> str:
+    return (text.splitlines() or [""])[0][:200]
+
+
 _SESSIONS: weakref.WeakSet[QmpSession] = weakref.WeakSet()
 
 
@@ -192,12 +197,15 @@ class QmpSession:
 
     def command(self, name: str, args: Mapping[str, object] | None = None) -> Any:
         """Run one QMP command; its ``return`` value, or :class:`QemuError` naming it."""
-        from qemu.qmp import QMPError
+        from qemu.qmp import ExecuteError, QMPError
 
         try:
             return self._run(self._client.execute(name, dict(args) if args else None))
-        except QMPError as exc:
+        except ExecuteError as exc:
             raise QemuError(f"{self.socket}: QMP {name} failed: {exc}") from None
+        except QMPError as exc:  # the connection, not the command: QEMU stopped?
+            raise QemuError(f"{self.socket}: QMP {name}: connection to QEMU lost (did it "
+                            f"stop?): {_first_line(str(exc))}") from None
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -442,6 +450,7 @@ class Moment:
     started_server: bool = False
     committed: bool = False
     scope: str = ""
+    left: str | None = None  # committed, then tearing down or settling the bitmaps failed
 
     def uri(self, label: str) -> str:
         return f"nbd+unix:///{self.views[label].export}?socket={self.nbd_socket}"
@@ -678,7 +687,19 @@ def cut(session: QmpSession, disks: Mapping[str, QemuDisk], point_id: str, workd
         _export(session, moment, nbd_socket, workdir, scope)
         yield moment
     finally:
+        failing = sys.exc_info()[1]
         try:
-            _teardown(session, moment)
-        finally:
-            _settle_bitmaps(session, moment, added)
+            try:
+                _teardown(session, moment)
+            finally:
+                _settle_bitmaps(session, moment, added)
+        except QemuError as exc:
+            # what went wrong first stays the error (QEMU gone: the teardown fails too);
+            # a stored point stays stored; what is left in QEMU the next run releases
+            # and folds back
+            if failing is not None:
+                failing.add_note(f"then: {exc}")
+            elif moment.committed:
+                moment.left = str(exc)
+            else:
+                raise
