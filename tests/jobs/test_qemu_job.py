@@ -477,3 +477,51 @@ def _dying_mid_transfer(tmp_path: Path, daemon: Daemon, executor: Any) -> None:
         assert _disk(again.point, label).change_source == "hash"
         assert _restored(tmp_path, vault, again.point.id, label) == daemon.read(label)
     assert [j.status for j in list_jobs(vault, VM)] == ["succeeded", "failed", "succeeded"]
+
+
+@pytest.mark.slow
+def test_a_storm_of_sigterms_still_tears_down_and_merges_back(tmp_path: Path,
+                                                              daemon: Daemon) -> None:
+    """An impatient supervisor sends SIGTERM again and again from the transfer on: the
+    job aborts, but QEMU's teardown and the bitmap's merge-back still run whole (a
+    copy-before-write filter left in the VM's write path would grow its overlay)."""
+    import threading
+    import time
+
+    from cbt.jobs.job import JobAborted
+
+    _vault(tmp_path, False)
+    cfg = _config(tmp_path, daemon)
+    first = _run(cfg)
+    assert first.point is not None, first.error
+    daemon.write("db", 0, os.urandom(5000))
+    stop = threading.Event()
+    storms: list[threading.Thread] = []
+
+    def storm() -> None:
+        while not stop.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.001)
+
+    def start(*_: object) -> None:
+        if not storms:
+            storms.append(threading.Thread(target=storm))
+            storms[0].start()
+
+    old = signal.signal(signal.SIGTERM, lambda *_: None)  # once the job has returned
+    try:
+        with pytest.raises(JobAborted):
+            _run(cfg, progress=start)
+    finally:
+        stop.set()
+        for t in storms:
+            t.join()
+        signal.signal(signal.SIGTERM, old)
+    assert storms
+    assert _leftovers(daemon) == (set(), set(), set())
+    for node in ("os", "db"):
+        assert set(_bitmaps(daemon, node)) == {_bm(tmp_path, first.point.id)}
+        assert _bitmaps(daemon, node)[_bm(tmp_path, first.point.id)]["recording"] is True
+    again = _run(cfg)
+    assert again.point is not None, again.error
+    assert _disk(again.point, "db").change_source == "qemu-bitmap"

@@ -84,3 +84,20 @@ def test_the_parent_keeps_its_session_after_a_fork(daemon: Daemon) -> None:
     with pytest.raises(QemuError, match="forked"), QmpSession(daemon.qmp) as s:
         s._pid = -1  # as a child sees it
         s.command("query-version")
+
+
+def test_a_disk_resized_between_resolve_and_cut(tmp_path: Path, daemon: Daemon) -> None:
+    """The view must cover the disk as it is at the moment: a size QEMU changed after
+    resolve_disks fails the cut in one line, and nothing is left in QEMU."""
+    from cbt.source.qemu import cut, resolve_disks
+
+    with QmpSession(daemon.qmp) as s:
+        disks = resolve_disks(s)
+        s.command("block_resize", {"node-name": "os", "size": 2 * MIB})
+        with pytest.raises(QemuError, match="transaction failed: Source and target image "
+                           "have different sizes"), cut(s, disks, "p1", tmp_path):
+            pass
+        nodes = s.command("query-named-block-nodes", {"flat": True})
+        assert {n["node-name"] for n in nodes} == {"os", "os-file"}
+        assert [n.get("dirty-bitmaps", []) for n in nodes] == [[], []]
+        assert s.command("query-jobs") == [] and not list(tmp_path.glob("cbt-*"))

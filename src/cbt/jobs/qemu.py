@@ -41,12 +41,12 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cbt.format.records import DiskRecord, JobRecord, PointRecord
 from cbt.jobs.config import VMConfig
 from cbt.jobs.hooks import HookResult
-from cbt.jobs.job import Job, JobFailed
+from cbt.jobs.job import Job, JobFailed, signals_deferred
 from cbt.ops.backup import BackupRequest, backup_locked
 from cbt.repo.registry import save_job
 from cbt.source.changes import ChangeHint
@@ -72,6 +72,7 @@ __all__ = ["PROVIDER", "AgentResult", "QemuJob", "thaw_interrupted", "workdir_fo
 PROVIDER = "qemu"  # what a QEMU disk's snapshot provider is called (jobs, config check)
 AGENT_TIMEOUT = 60.0  # freeze/thaw without hooks.timeout
 MAX_SOCKET_PATH = 107  # bytes of a unix socket path
+T = TypeVar("T")
 
 
 @dataclass
@@ -170,6 +171,21 @@ def workdir_for(vmc: VMConfig, scope: str = "") -> Path:
     return work
 
 
+class _ExitWhole(contextlib.AbstractContextManager[T]):
+    """A context whose exit (``cut``'s teardown and bitmaps, the QMP session's close: a
+    monitor left connected serves nobody else) runs under :func:`signals_deferred`."""
+
+    def __init__(self, inner: contextlib.AbstractContextManager[T]) -> None:
+        self.inner = inner
+
+    def __enter__(self) -> T:
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        with signals_deferred():
+            return self.inner.__exit__(*exc)
+
+
 def disk_path(disk: QemuDisk) -> str:
     """How a point names a QEMU disk: its image file, else ``qemu:<node>``."""
     return disk.filename or f"{PROVIDER}:{disk.node}"
@@ -207,16 +223,17 @@ class QemuJob(Job):
         workdir = workdir_for(vmc, self.scope)
         parent = self.vault.latest(vmc.name)
         previous = bitmap_name(parent.id, self.scope) if parent is not None else None
-        with QmpSession(str(vmc.qmp)) as session:
+        with _ExitWhole(QmpSession(str(vmc.qmp))) as session:
             self.open_qemu(session, workdir, previous)
             self.pre_hook()
             try:
                 self.freeze()
-                with cut(session, self.disks, self.point_id, workdir, previous=previous,
-                         previous_sizes={d.label: d.size for d in parent.disks}
-                         if parent is not None else {},
-                         nbd_socket=Path(vmc.nbd) if vmc.nbd else None,
-                         on_cut=self.after_cut, scope=self.scope) as moment:
+                with _ExitWhole(cut(
+                        session, self.disks, self.point_id, workdir, previous=previous,
+                        previous_sizes={d.label: d.size for d in parent.disks}
+                        if parent is not None else {},
+                        nbd_socket=Path(vmc.nbd) if vmc.nbd else None,
+                        on_cut=self.after_cut, scope=self.scope)) as moment:
                     point = self.transfer_views(moment)
                     moment.commit()
                 if moment.left:  # (said, not stored: the point is)
@@ -275,11 +292,12 @@ class QemuJob(Job):
         """Step 3: thaw once, whenever a freeze was attempted (even one that failed)."""
         if not self.freezing:
             return
-        self.freezing = False
         assert self.vmc.guest_agent is not None
-        res = agent_call(self.vmc.guest_agent, "guest-thaw", _agent_timeout(self.vmc))
-        self.record.hooks.append(res.to_record())
-        save_job(self.vault, self.record)  # a dead job's recover need not thaw again
+        with signals_deferred():  # a signal now would leave the guest frozen
+            res = agent_call(self.vmc.guest_agent, "guest-thaw", _agent_timeout(self.vmc))
+            self.freezing = False
+            self.record.hooks.append(res.to_record())
+            save_job(self.vault, self.record)  # a dead job's recover need not thaw again
         if not res.ok and self.agent is not None and self.agent.ok:
             self.warnings.append(res.describe())
 
