@@ -525,3 +525,19 @@ def test_a_storm_of_sigterms_still_tears_down_and_merges_back(tmp_path: Path,
     again = _run(cfg)
     assert again.point is not None, again.error
     assert _disk(again.point, "db").change_source == "qemu-bitmap"
+
+
+def test_a_disk_qemu_names_unlike_a_label_is_named_in_disks(tmp_path: Path) -> None:
+    """QEMU names nodes and devices with dots (``drive.0``); a point's labels cannot:
+    without ``disks`` the job fails at once saying how to name it; with, it runs."""
+    with storage_daemon(tmp_path, {"drive.0": 1 * MIB}) as d:
+        vault = _vault(tmp_path, False)
+        d.write("drive.0", 0, os.urandom(5000))
+        res = _run(_config(tmp_path, d))
+        assert res.point is None
+        assert res.error == ("vm web: QEMU's disk 'drive.0' (node 'drive.0') is no usable "
+                             'label: name it in disks, e.g. disks = { drive_0 = "drive.0" }')
+        assert _leftovers(d) == (set(), set(), set())
+        res = _run(_config(tmp_path, d, disks={"drive_0": "drive.0"}))
+        assert res.point is not None, res.error
+        assert _restored(tmp_path, vault, res.point.id, "drive_0") == d.read("drive.0")

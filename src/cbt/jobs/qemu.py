@@ -35,7 +35,9 @@ they hold.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cbt.format.records import DiskRecord, JobRecord, PointRecord
+from cbt.format.records import NAME_RE, DiskRecord, JobRecord, PointRecord
 from cbt.jobs.config import VMConfig
 from cbt.jobs.hooks import HookResult
 from cbt.jobs.job import Job, JobFailed, signals_deferred
@@ -258,6 +260,12 @@ class QemuJob(Job):
                                  f"{', '.join(released)}")
         mapping = vmc.disks or None
         disks = resolve_disks(session, mapping)
+        for label, disk in disks.items():  # (a label QEMU chose: its device id or node)
+            if not NAME_RE.match(label):
+                raise JobFailed(f"vm {vmc.name}: QEMU's disk {label!r} (node {disk.node!r}) "
+                                f"is no usable label: name it in disks, e.g. disks = "
+                                f"{{ {re.sub(r'[^A-Za-z0-9_-]', '_', label)[:64] or 'disk'} = "
+                                f"{json.dumps(label)} }}")
         folded = recover(session, disks, previous, self.scope)
         if folded:
             self.warnings.append("bitmaps an earlier run left folded into "

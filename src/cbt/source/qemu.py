@@ -340,8 +340,20 @@ def resolve_disks(session: QmpSession,
 
     Without a mapping: every writable, non-removable disk of the VM, labelled by
     its device id (a ``qemu-storage-daemon`` has no devices: its writable top
-    format nodes, labelled by node name).
+    format nodes, labelled by node name).  QEMU's replies are untrusted: one of an
+    unexpected shape is a :class:`QemuError` naming the command.
     """
+    try:
+        return _resolve(session, mapping)
+    except CbtError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise QemuError(f"{session.socket}: unexpected reply while resolving the disks "
+                        f"(query-block, query-named-block-nodes, x-debug-query-block-graph): "
+                        f"{type(exc).__name__}: {_first_line(str(exc))[:100]}") from None
+
+
+def _resolve(session: QmpSession, mapping: Mapping[str, str] | None) -> dict[str, QemuDisk]:
     nodes = _nodes(session)
     devices = _devices(session)
     if mapping is None:
