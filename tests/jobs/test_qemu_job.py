@@ -541,3 +541,33 @@ def test_a_disk_qemu_names_unlike_a_label_is_named_in_disks(tmp_path: Path) -> N
         res = _run(_config(tmp_path, d, disks={"drive_0": "drive.0"}))
         assert res.point is not None, res.error
         assert _restored(tmp_path, vault, res.point.id, "drive_0") == d.read("drive.0")
+
+
+@pytest.mark.slow
+def test_an_nbd_socket_that_is_not_qemus(tmp_path: Path, daemon: Daemon) -> None:
+    """``nbd`` names a socket QEMU does not serve (no server, or another program's): one
+    line, nothing left in QEMU, the bitmap folded back."""
+    import subprocess
+
+    from helpers.qemu import create
+
+    _vault(tmp_path, False)
+    first = _run(_config(tmp_path, daemon, disks={"os": "os"}))
+    assert first.point is not None
+    other = tmp_path / "other.sock"
+    create(tmp_path / "other.qcow2", MIB)
+    proc = subprocess.Popen(["qemu-nbd", "--socket", str(other), "--persistent", "--shared=4",
+                             "-f", "qcow2", str(tmp_path / "other.qcow2")])
+    try:
+        while not other.exists():
+            assert proc.poll() is None
+        for nbd in (other, tmp_path / "none.sock"):
+            res = _run(_config(tmp_path, daemon, disks={"os": "os"}, nbd=str(nbd)))
+            assert res.point is None and res.error is not None
+            assert res.error == (f"{daemon.qmp}: nbd {nbd} is given, but this QEMU runs no "
+                                 "NBD server (leave nbd out: cbt starts its own)")
+            assert _leftovers(daemon) == (set(), set(), set())
+            assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, first.point.id)}
+    finally:
+        proc.terminate()
+        proc.wait()

@@ -397,3 +397,34 @@ def test_the_text_table_fits_qemu_bitmap(tmp_path: Path, daemon: Daemon) -> None
     assert "qemu-bitmap" in row
     assert row.index("qemu-bitmap") == head.index("source")
     assert row.index("  qemu", row.index("qemu-bitmap") + 11) == head.index("  snapshot")
+
+
+@pytest.mark.slow
+def test_a_second_backup_of_the_vm_while_one_runs_fails_at_once(tmp_path: Path,
+                                                                 daemon: Daemon) -> None:
+    """The vault's writer lock: the second run fails at once naming the holder, and
+    touches nothing of the first's in QEMU (its overlays, exports, bitmaps)."""
+    import time
+
+    state = tmp_path / "state"
+    write_hook(state)
+    vault = tmp_path / "vault"
+    init_cli_vault(vault, False, tmp_path)
+    cfg = _config(tmp_path, daemon, hooks={"post": hook_argv(state)}, disks={"os": "os"})
+    set_ctl(state, "post", sleep=4)  # right after the cut: the first run holds its view
+    first = start_cbt("backup", "--config", cfg, "--json")
+    deadline = time.monotonic() + 60
+    work = tmp_path / "qmp.sock.cbt"  # (QMP is the first run's: one client at a time)
+    while not (work.exists() and any(work.glob("cbt-*.qcow2"))):  # its cut is made
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.05)
+    held = sorted(work.iterdir())
+    started = time.monotonic()
+    r, lines = backup_config(cfg)
+    assert time.monotonic() - started < 10
+    assert r.returncode != 0 and lines and lines[0]["type"] == "error", (r.stdout, r.stderr)
+    assert "lock" in lines[0]["message"] and str(first.pid) in lines[0]["message"], lines
+    assert sorted(work.iterdir()) == held
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out
+    assert _cbt_leftovers(daemon) == set()

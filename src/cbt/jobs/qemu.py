@@ -29,7 +29,17 @@ that file system is one QEMU can reach, and the path stays short enough for a
 unix socket.  When cbt runs as root and the QMP socket is another user's (QEMU
 dropped its privileges), the folder (mode 0700) and the overlays belong to that
 user, so QEMU can create and write them and nobody else can read the old data
-they hold.
+they hold.  A folder found there must be a folder (not a link) of ours or of the
+socket's owner; it is changed only through a descriptor opened without following
+links, and the overlays are made new in it (never an existing file, FIFO or link).
+The overlays hold the old data of every block the guest writes while the disks
+are read: on a tmpfs (``/run``) that is RAM (and swap), so a busy guest and a long
+transfer cost memory there; put the QMP socket on a disk-backed file system for
+big, busy VMs.
+
+Two vaults may back up one VM: what each makes in QEMU is scoped by the vault and
+the VM (:func:`cbt.source.qemu.scope_of`).  SIGTERM and SIGINT wait while the thaw,
+QEMU's teardown and the session's close run (:func:`cbt.jobs.job.signals_deferred`).
 """
 
 from __future__ import annotations

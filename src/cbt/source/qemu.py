@@ -8,7 +8,7 @@ timed API, so callers (jobs) stay synchronous.
 The backup moment (:func:`cut`) is ONE QMP ``transaction`` over all disks: per
 disk it disables the previous point's bitmap (freezing "what changed since the
 previous point"), adds a new persistent bitmap named from the point id
-(``cbt-<point id>``) and starts ``blockdev-backup sync=none`` into a temporary qcow2
+(``cbt-<scope>-<point id>``) and starts ``blockdev-backup sync=none`` into a temporary qcow2
 fleecing overlay (QEMU 7.2's copy-before-write: the overlay keeps the old data
 of every block the guest writes afterwards, so reading the overlay gives the
 disk as it was at the moment).  QEMU 7.2 has the ``snapshot-access`` driver,
@@ -25,6 +25,16 @@ the new bitmap is merged back into the previous one, so no change is ever lost.
 A bitmap left by a killed run is merged back by :func:`recover` before a run.
 A previous bitmap that is missing, inconsistent (QEMU was killed), not ours or
 a resized disk is reported in :attr:`Moment.reasons`: the caller hash-scans.
+
+Scope: two cbt instances (two vaults) may back up the same VM, even at once.
+Everything made in QEMU and in the work folder carries a scope (:func:`scope_of`:
+8 hex digits of the vault's id and the VM's name): bitmaps
+``cbt-<scope>-<point id>``, overlay nodes ``cbt-<scope>-n<tag>-<i>`` (and
+``-f``, their file nodes; 31 characters at most), exports ``...-e...``, jobs
+``...-j...``, cbt's NBD socket ``nbd-<scope>.sock``.  :func:`release_leftovers`,
+:func:`recover` and the bitmaps' settling touch only their own scope's names.
+QEMU runs one NBD server: two instances share it only through ``nbd``.
+A forked process (a transfer worker) lets go of the QMP connection it inherits.
 """
 
 from __future__ import annotations
@@ -585,7 +595,13 @@ def _export(session: QmpSession, moment: Moment, nbd_socket: Path | None,
                                    "name": v.export, "writable": False}
         if v.bitmap is not None:
             args["bitmaps"] = [{"node": v.disk.node, "name": v.bitmap}]
-        session.command("block-export-add", args)
+        try:
+            session.command("block-export-add", args)
+        except QemuError as exc:
+            if nbd_socket is None or "NBD server not running" not in str(exc):
+                raise
+            raise QemuError(f"{session.socket}: nbd {nbd_socket} is given, but this QEMU "
+                            "runs no NBD server (leave nbd out: cbt starts its own)") from None
 
 
 def _quiet(session: QmpSession, name: str, args: Mapping[str, object]) -> None:
