@@ -571,3 +571,54 @@ def test_an_nbd_socket_that_is_not_qemus(tmp_path: Path, daemon: Daemon) -> None
     finally:
         proc.terminate()
         proc.wait()
+
+
+_STORM = """
+import os, sys, time
+if os.fork() == 0:  # the hook returns at once; its child sends SIGTERM to cbt
+    time.sleep(float(sys.argv[2]))
+    end = time.monotonic() + 0.4
+    while time.monotonic() < end:
+        try:
+            os.kill(int(sys.argv[1]), 15)
+        except ProcessLookupError:
+            break
+        time.sleep(0.0005)
+    os._exit(0)
+"""
+
+
+@pytest.mark.slow
+def test_a_sigterm_at_every_step_leaves_nothing_and_loses_nothing(
+        tmp_path: Path, daemon: Daemon) -> None:
+    """A SIGTERM from the pre hook on, a little later each time, lands in every step
+    (overlays, the transaction, exports, transfer; the abort kills the hook's group, so
+    one lands): each aborted run leaves nothing in QEMU, and the next run's point
+    equals the guest."""
+    import sys
+    import time
+
+    from cbt.jobs.job import JobAborted
+
+    vault = _vault(tmp_path, False)
+    script = tmp_path / "storm.py"
+    script.write_text(_STORM)
+    assert _run(_config(tmp_path, daemon)).point is not None
+    old = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        for i in range(12):
+            daemon.write("os", (i % 50) * 64 * KIB, os.urandom(3000))
+            cfg = _config(tmp_path, daemon, hooks={"pre": [
+                sys.executable, str(script), str(os.getpid()), str(i * 0.004)]})
+            with pytest.raises(JobAborted):
+                _run(cfg)
+            time.sleep(0.5)  # the storm is over
+            assert _leftovers(daemon) == (set(), set(), set()), i
+            daemon.write("db", (i % 30) * 64 * KIB, os.urandom(3000))
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    res = _run(_config(tmp_path, daemon))
+    assert res.point is not None, res.error
+    for label in ("os", "db"):
+        assert _disk(res.point, label).change_source == "qemu-bitmap"
+        assert _restored(tmp_path, vault, res.point.id, label) == daemon.read(label)

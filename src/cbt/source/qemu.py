@@ -204,6 +204,10 @@ class QmpSession:
         except TimeoutError:
             fut.cancel()
             raise QemuError(f"{self.socket}: QMP timed out after {self.timeout:g} s") from None
+        except BaseException:  # a signal's abort: the command QEMU runs finishes first, so
+            with contextlib.suppress(BaseException):  # the teardown sees what it made
+                fut.result(self.timeout + 5)
+            raise
 
     def command(self, name: str, args: Mapping[str, object] | None = None) -> Any:
         """Run one QMP command; its ``return`` value, or :class:`QemuError` naming it."""
