@@ -4,16 +4,22 @@
 # test, qemu-img/qemu-nbd/qemu-io (qemu-utils), qemu-storage-daemon
 # (qemu-system-common) and qemu-system-x86 for the NBD and QMP tests, qemu-ga
 # (qemu-guest-agent, run on the host with every rpc that could touch it blocked) for
-# the guest agent protocol tests.  Needs
-# root; a no-op for what is already installed.
+# the guest agent protocol tests.  The TCG guest of the VM tests
+# (tests/helpers/guest.py) is built from .debs that `apt-get download` fetches (so
+# apt's package lists must be there) plus the host's copies of the libraries qemu-ga
+# loads (libglib2.0-0, libnuma1, liburing2, libudev1).  Needs root; a no-op for what
+# is already installed.
 set -euo pipefail
 pkgs=(util-linux strace xfsprogs btrfs-progs e2fsprogs qemu-utils qemu-system-common
-      qemu-system-x86 qemu-guest-agent)
+      qemu-system-x86 qemu-guest-agent libglib2.0-0 libnuma1 liburing2 libudev1)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
-if ((${#missing[@]})); then
+lists=(/var/lib/apt/lists/*_Packages*)
+if ((${#missing[@]})) || [[ ! -e ${lists[0]} ]]; then
     apt-get update
+fi
+if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
 fi

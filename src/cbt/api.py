@@ -67,7 +67,8 @@ class Vault(_RepoVault):
                 workers: int | None = None, progress: Callable[[int, int], None] | None = None,
                 disk: str | None = None, in_place: bool = False,
                 assume_zeroed: bool = False, instant: bool = False,
-                verify_snapshot: bool = True, mode: int = 0o600) -> RestoreResult:
+                verify_snapshot: bool = True, mode: int = 0o600,
+                format: str = "raw") -> RestoreResult:
         """Restore every disk of ``point`` into directory ``to``, or one ``disk`` to ``to``.
 
         See :class:`cbt.ops.restore.RestoreRequest` for the arguments;
@@ -78,7 +79,7 @@ class Vault(_RepoVault):
         return restore(self, RestoreRequest(
             point, to, disk=disk, force=force, in_place=in_place, assume_zeroed=assume_zeroed,
             workers=workers, progress=progress, instant=instant,
-            verify_snapshot=verify_snapshot, mode=mode))
+            verify_snapshot=verify_snapshot, mode=mode, format=format))
 
     def verify(self, point: str | None = None, data: bool = False) -> VerifyResult:
         """Check points (all, or one) and optionally every stored block (:mod:`cbt.ops.verify`)."""

@@ -153,3 +153,90 @@ def storage_daemon(image: Path, sock: str, export: str = "disk",
 
 def uri(sock: str, export: str = "disk") -> str:
     return f"nbd+unix:///{export}?socket={sock}"
+
+
+# -- offline qcow2 images (issue 14 part O) ---------------------------------------------------
+
+
+def image_bitmaps(image: Path) -> dict[str, list[str]]:
+    """The image's persistent bitmaps: name -> flags (``auto``, ``in-use``), as
+    ``qemu-img info`` says."""
+    doc = json.loads(run("qemu-img", "info", "-U", "--output=json", str(image)))
+    bitmaps = doc.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+    return {b["name"]: sorted(b["flags"]) for b in bitmaps}
+
+
+def guest_writes(image: Path, seed: int, count: int, size: int,
+                 fmt: str = "qcow2") -> list[tuple[int, int, int]]:
+    """``count`` writes at random offsets (4 KiB to 200 KiB, 512-byte aligned, random
+    pattern bytes) made with ``qemu-io``, as a guest would; returns them."""
+    import random
+
+    rnd = random.Random(seed)
+    writes = []
+    for _ in range(count):
+        n = rnd.randrange(8, 400) * 512
+        off = rnd.randrange(0, (size - n) // 512) * 512
+        writes.append((off, n, rnd.randrange(1, 256)))
+    write(str(image), fmt, writes)
+    return writes
+
+
+@contextlib.contextmanager
+def held_open(image: Path, fmt: str = "qcow2",
+              kill: bool = False) -> Iterator[subprocess.Popen[bytes]]:
+    """``qemu-io`` holding ``image`` open for writing (locked, as a running QEMU holds it)
+    until the block ends; then it quits (closing the image cleanly), or with ``kill``
+    is SIGKILLed; reaped either way."""
+    proc = subprocess.Popen(["qemu-io", "-f", fmt, str(image)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"write -P 77 0 512\n")
+        proc.stdin.flush()
+        _wrote(proc)
+        yield proc
+        if not kill:
+            proc.stdin.write(b"quit\n")
+            proc.stdin.flush()
+            proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        for f in (proc.stdin, proc.stdout):
+            if f is not None:
+                f.close()
+
+
+def kill_while_writing(image: Path, writes: list[tuple[int, int, int]]) -> None:
+    """Write to ``image`` through ``qemu-io`` and SIGKILL it with the image open: its
+    persistent bitmaps stay marked in use (inconsistent), as after QEMU was killed."""
+    with held_open(image, kill=True) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        for off, n, pattern in writes:
+            proc.stdin.write(f"write -P {pattern} {off} {n}\n".encode())
+            proc.stdin.flush()
+            _wrote(proc)
+
+
+def _wrote(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for ``qemu-io``'s answer to a write (its lines up to ``wrote ...``)."""
+    assert proc.stdout is not None
+    while b"wrote" not in (line := proc.stdout.readline()):
+        assert line, "qemu-io exited"
+
+
+def nbd_servers_of(image: Path) -> list[int]:
+    """PIDs of ``qemu-nbd`` processes serving ``image`` (none must outlive a backup)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"qemu-nbd") and str(image).encode() in argv:
+            found.append(int(d.name))
+    return found

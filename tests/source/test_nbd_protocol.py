@@ -324,3 +324,73 @@ def test_a_simple_reply_to_a_read_is_read(tmp_path: Path) -> None:
         buf = bytearray(3000)
         c.read_into(100, buf, in_flight=4, request=1024)
         assert buf == bytes([100]) * 1024 + bytes([1124 % 251]) * 1024 + bytes([2148 % 251]) * 952
+
+
+def test_short_ranges_are_read_with_requests_in_flight_across_them(tmp_path: Path) -> None:
+    """A tracked disk reads many short ranges: the source keeps several requests out
+    across ranges (one at a time, each cost a round trip to the server and its disk), and
+    hands the windows back in order however the server orders its replies."""
+    import select
+
+    from cbt.source.nbd import NbdSource
+
+    queued: list[tuple[int, int, int]] = []
+    batches: list[int] = []
+
+    def reply(s: socket.socket, cmd: int, cookie: int, off: int, n: int) -> None:
+        queued.append((cookie, off, n))
+        if select.select([s], [], [], 0.05)[0]:  # more requests came: answer them together
+            return
+        batches.append(len(queued))
+        for c, o, k in reversed(queued):  # last asked, first answered
+            body = b"".join(bytes([(o + i) // 4096 % 251]) * 4096 for i in range(0, k, 4096))
+            chunk(s, 1, 1, c, struct.pack(">Q", o) + body)
+        queued.clear()
+
+    ranges = [(b, b + 1) for b in range(0, 64, 3)] + [(70, 75)]
+    with fake_server(tmp_path, reply) as sock:
+        source = NbdSource(sock, "vm", timeout=TIMEOUT)
+        try:
+            got = [(first, bytes(w)) for first, w in source.windows_of(4096, ranges)]
+        finally:
+            source.close()
+    want = [(lo, b"".join(bytes([b % 251]) * 4096 for b in range(lo, hi)))
+            for lo, hi in ranges]
+    assert got == want
+    assert max(batches) >= 4, batches  # (one request at a time: every batch is 1)
+
+
+def test_windows_of_reuses_a_window_only_once_the_next_is_asked_for(tmp_path: Path) -> None:
+    """Each window keeps its bytes until the caller asks for the next one."""
+    from cbt.source.nbd import NbdSource
+
+    def reply(s: socket.socket, cmd: int, cookie: int, off: int, n: int) -> None:
+        chunk(s, 1, 1, cookie, struct.pack(">Q", off) + bytes([off // 8192 % 251]) * n)
+
+    with fake_server(tmp_path, reply) as sock:
+        source = NbdSource(sock, "vm", timeout=TIMEOUT, window=8192)
+        try:
+            for first, w in source.windows_of(4096, [(0, 40), (50, 60)]):
+                assert bytes(w) == bytes([first // 2 % 251]) * len(w)
+        finally:
+            source.close()
+
+
+def test_reads_abandoned_with_replies_due_leave_the_connection_refused(tmp_path: Path) -> None:
+    """A caller that stops taking windows leaves replies due on the stream: the next
+    request on that connection is refused (it would read another request's bytes)."""
+    from cbt.source.nbd import NbdSource
+
+    def reply(s: socket.socket, cmd: int, cookie: int, off: int, n: int) -> None:
+        chunk(s, 1, 1, cookie, struct.pack(">Q", off) + b"z" * n)
+
+    with fake_server(tmp_path, reply) as sock:
+        source = NbdSource(sock, "vm", timeout=TIMEOUT)
+        try:
+            windows = source.windows_of(4096, [(b, b + 1) for b in range(0, 60, 2)])
+            next(windows)
+            windows.close()
+            with pytest.raises(NbdError, match="abandoned"):
+                source.client.read(0, 4096)
+        finally:
+            source.close()

@@ -8,7 +8,12 @@ Two forms:
 
 DISK is PATH or LABEL=PATH; the default label is the file name without its
 last extension (disks/os.img -> os).  A disk's first backup is full; every
-later one stores only the blocks the vault does not hold yet.  A disk keeps
+later one stores only the blocks the vault does not hold yet.  A qcow2 image
+(known by its magic, not its name) is read through qemu-nbd as the guest sees
+it, never as its container file; a persistent dirty bitmap cbt-<point id> in
+the image (qemu-img bitmap, kept up to date by QEMU while the VM runs) says
+what changed by the next backup (change_source "qemu-bitmap").  An image a
+running QEMU holds is locked: that backup fails, saying so.  A disk keeps
 the block size of its first backup.  The vault's writer lock is taken: a
 second writer fails at once (or waits with --wait).
 
@@ -107,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from cbt.core.errors import CbtValueError
     from cbt.ops.early_scan import start_early_scan
     from cbt.source.disks import parse_disk_arg
+    from cbt.source.qcow2 import is_qcow2
 
     if args.config:
         if args.vault or args.disks:
@@ -122,8 +128,9 @@ def run(args: argparse.Namespace) -> int:
     vault = open_vault(args)  # (an encrypted vault's scan needs its id key)
     # first thing: hash the disks of an incremental backup while the rest loads (not
     # those a hint file tracks: they read only what changed)
+    # (nor qcow2 images: read through qemu-nbd as the guest sees them, tracked by bitmaps)
     early = start_early_scan(vault, args.vm, specs, args.block_size, args.workers,
-                             skip=set(hints))
+                             skip=set(hints) | {s.label for s in specs if is_qcow2(s.path)})
     try:
         with _progress(args, [s.label for s in specs]) as progress:
             point = vault.backup(args.vm, specs, block_size=args.block_size,

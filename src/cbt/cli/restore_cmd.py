@@ -18,6 +18,13 @@ rewritten; "bytes_written" says how much.
 "blocks_verified"}],"seconds","warnings"}; with --instant each disk adds
 "source" ("snapshot (reflink, verified)", "snapshot (copy, ...)" or "vault").
 
+--format qcow2 makes each disk a sparse qcow2 file instead (LABEL.qcow2 in a
+--to directory), for QEMU to boot again: the disk is restored and verified as
+a raw file under a temporary name, converted with qemu-img convert, compared
+with qemu-img compare, then renamed into place (nothing is left on failure; it
+needs room for both files a moment).  Not onto a block device, nor with
+--in-place, --instant or --assume-zeroed.
+
 --instant restores from the snapshot a job kept (the policy's
 instant_restore_days), re-hashing it against the point's manifest unless
 --no-verify, and falls back to the vault where there is none.
@@ -55,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --instant: do not re-hash the snapshot against the manifest")
     p.add_argument("--assume-zeroed", action="store_true",
                    help="the target device reads as zeros: do not zero hole and zero blocks")
+    p.add_argument("--format", choices=("raw", "qcow2"), default="raw",
+                   help="raw image files (default), or sparse qcow2 files made with qemu-img "
+                        "(LABEL.qcow2 in a --to directory): a disk for QEMU to boot again")
     p.add_argument("--force", action="store_true", help="replace existing target files")
     p.add_argument("--mode", type=_mode_arg, default=0o600, metavar="OCTAL",
                    help="permissions of new image files, in octal (default 600: owner only)")
@@ -86,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         result = vault.restore(args.point, args.to, force=args.force, workers=args.workers,
                                progress=progress, disk=args.disk, in_place=args.in_place,
                                assume_zeroed=args.assume_zeroed, instant=args.instant,
-                               verify_snapshot=not args.no_verify, mode=args.mode)
+                               verify_snapshot=not args.no_verify, mode=args.mode,
+                               format=args.format)
     if args.json:
         print_json(result.to_dict())
         return EXIT_OK

@@ -11,7 +11,8 @@ For each VM, under the vault's writer lock:
    crash-consistent snapshot and records why (or fails, with
    ``on_pre_failure = "fail"``).
 4. Snapshot every disk (``snapshot`` provider, ``auto`` by default).
-5. Run the post hook (with provider ``none``: only after the transfer, so the
+5. Run the post hook (with provider ``none`` or an offline qcow2 disk, read through
+   qemu-nbd with the image locked: only after the transfer, so the
    application stays quiesced while its disks are read).  The post hook runs
    exactly once whenever the pre hook started, also on failure or abort.
 6. Transfer: one worker per disk shard on the executor; commit the point with
@@ -67,6 +68,7 @@ from cbt.repo.registry import list_jobs, register_snapshots, save_job
 from cbt.repo.vault import Vault
 from cbt.source.changes import ChangeHint, TrackingBase
 from cbt.source.disks import DiskSpec
+from cbt.source.qcow2 import ChangesFn, OfflineSet, is_qcow2, open_offline
 from cbt.source.snapshot import (
     SNAPSHOT_DIR,
     SnapshotSet,
@@ -223,6 +225,9 @@ class Job:
         self.hooks_started = False  # from then on the post hook runs, whatever happens
         self.post_done = False
         self.snaps: SnapshotSet | None = None  # taken and not yet committed or discarded
+        self.images: dict[str, str] = {}  # label -> offline qcow2 image (read via qemu-nbd)
+        self.offline = contextlib.ExitStack()  # their qemu-nbd and bitmaps, until the end
+        self.offline_set: OfflineSet | None = None
 
     @classmethod
     def start(cls, config: Config, vault: Vault, vm: str, request: JobRequest,
@@ -250,9 +255,11 @@ class Job:
         self.providers = self.check_disks()
         self.pre_hook()
         snaps = self.snapshot()
-        if not snaps.live:
-            self.post_hook()
+        if not snaps.live and not self.images:  # (an offline image is read while quiesced:
+            self.post_hook()                    # a post hook may start its VM)
         point = self.transfer(snaps)  # with a live read the post hook runs before the commit
+        if self.offline_set is not None:
+            self.offline_set.commit()
         self.post_hook()
         self.keep_snapshots(point, snaps)
         return point
@@ -263,7 +270,12 @@ class Job:
         for label, path in vmc.disks.items():
             if not os.path.exists(path):
                 raise JobFailed(f"disk {label}: no such disk or image: {path}")
-        return resolve_provider(vmc.snapshot, vmc.name, vmc.disks, vmc.snapshot_dir)
+        # a qcow2 image is never snapshotted (a clone would take its bitmaps): it is read
+        # through qemu-nbd as the guest sees it, the VM stopped
+        self.images = {lb: p for lb, p in vmc.disks.items() if not vmc.qemu and is_qcow2(p)}
+        rest = {lb: p for lb, p in vmc.disks.items() if lb not in self.images}
+        return {**resolve_provider(vmc.snapshot, vmc.name, rest, vmc.snapshot_dir),
+                **dict.fromkeys(self.images, "qemu-nbd")}
 
     def pre_hook(self) -> None:
         """Step 3: mark the hooks pending (durably), then run the pre hook."""
@@ -290,8 +302,14 @@ class Job:
     def snapshot(self) -> SnapshotSet:
         """Step 4: snapshot every disk with its provider."""
         vmc = self.vmc
-        self.snaps = take(vmc.name, self.record.id, vmc.disks, self.providers, vmc.snapshot_dir)
+        rest = {lb: p for lb, p in vmc.disks.items() if lb not in self.images}
+        self.snaps = take(vmc.name, self.record.id, rest,
+                          {lb: self.providers[lb] for lb in rest}, vmc.snapshot_dir)
         self.warnings += self.snaps.warnings
+        if self.images:
+            prev = self.vault.latest(vmc.name)
+            self.offline_set = self.offline.enter_context(open_offline(
+                self.images, self.point_id, prev.id if prev else None))
         return self.snaps
 
     def post_hook(self) -> list[str]:
@@ -315,18 +333,30 @@ class Job:
     def transfer(self, snaps: SnapshotSet) -> PointRecord:
         """Step 6: one worker per disk shard; commit the point with its consistency."""
         vmc, request = self.vmc, self.request
-        specs = [DiskSpec(label, path, read_from=snaps.read_paths[label])
+        specs = [DiskSpec(label, path, read_from=snaps.read_paths.get(label))
                  for label, path in vmc.disks.items()]
+        changes: ChangesFn = partial(_changes, snaps, vmc.change_tracking == "hash")
+        if self.offline_set is not None:
+            specs = self.offline_set.specs(specs)
+            if vmc.change_tracking != "hash":
+                changes = self.offline_set.changes(changes)
         consistency = _consistency(vmc, self.pre, snaps)
         return backup_locked(self.vault, BackupRequest(
             vmc.name, specs, block_size=vmc.block_size, workers=request.workers,
             progress=request.progress, created=request.created, consistency=consistency,
             executor=request.executor, point_id=self.point_id, warnings=self.warnings,
-            slot=request.slot, before_commit=self.post_hook,
+            slot=request.slot, before_commit=self.read_done,
             ignore_stop_signals=request.finish_on_stop_signal,
             full_scan=request.full_scan, verify_fraction=vmc.verify_fraction,
-            changes=partial(_changes, snaps, vmc.change_tracking == "hash"),
+            changes=changes,
             settle=partial(snaps.settle, keep=self.keep)))
+
+    def read_done(self) -> list[str]:
+        """Every disk read: offline images are released (qemu-nbd stopped), then the post
+        hook runs if still due; its warnings go into the point."""
+        if self.offline_set is not None:
+            self.offline_set.stop()
+        return self.post_hook()
 
     @property
     def keep(self) -> bool:
@@ -368,6 +398,7 @@ class Job:
         finally:
             if self.snaps is not None:
                 self.snaps.discard()
+            self.offline.close()  # qemu-nbd stopped; bitmaps settled (or merged back)
             rec = self.record
             rec.end = utc_now()
             if rec.status == "running":
@@ -393,7 +424,8 @@ def _consistency(vmc: VMConfig, pre: HookResult | None, snaps: SnapshotSet) -> t
     """Level and reason, as DESIGN.md's "Consistency, honestly recorded" says."""
     if pre is not None and pre.ok:
         level = vmc.hooks.provides if vmc.hooks else "application"
-        how = ("disks read while quiesced" if snaps.live else "snapshots taken while quiesced")
+        how = ("disks read while quiesced" if snaps.live or not snaps.providers
+               else "snapshots taken while quiesced")
         return level, f"pre hook succeeded; {how}"
     if pre is not None:
         reasons = [pre.describe()]
@@ -401,6 +433,8 @@ def _consistency(vmc: VMConfig, pre: HookResult | None, snaps: SnapshotSet) -> t
         reasons = ["no pre hook" if vmc.hooks and vmc.hooks.post else "no hooks"]
     if snaps.live:
         reasons.append("live read")
+    elif not snaps.providers:  # (every disk an offline qcow2 image)
+        reasons.append("offline qcow2 image")
     elif not snaps.one_moment:
         reasons.append("disks snapshotted sequentially")
     return "crash", "; ".join(reasons)

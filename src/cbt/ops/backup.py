@@ -202,10 +202,44 @@ def backup(vault: Vault, request: BackupRequest) -> PointRecord:
             if early is not None and time.monotonic() - asked > EARLY_SCAN_MAX_WAIT:
                 early.cancel()  # it saw the disks too long before the point was taken
                 request = dataclasses.replace(request, early=None)
+            images = _offline_images(request)
+            if images:
+                return _backup_offline(vault, request, images)
             return backup_locked(vault, request)
     finally:
         if early is not None:
             early.cancel()
+
+
+def _offline_images(request: BackupRequest) -> dict[str, str]:
+    """The disks that are qcow2 images read where they lie (label -> path): each is read
+    through ``qemu-nbd`` as the guest sees it (:mod:`cbt.source.qcow2`)."""
+    from cbt.source.qcow2 import is_qcow2
+
+    return {d.label: d.path for d in request.disks
+            if d.nbd is None and d.read_from is None and is_qcow2(d.path)}
+
+
+def _backup_offline(vault: Vault, request: BackupRequest,
+                    images: Mapping[str, str]) -> PointRecord:
+    """:func:`backup_locked` with the offline qcow2 ``images`` served by ``qemu-nbd`` and
+    tracked by their bitmaps: the point's id is chosen first (it names the new bitmap);
+    the bitmaps settle after the commit (or are merged back on failure)."""
+    from cbt.source.qcow2 import open_offline
+
+    created = request.created or utc_now()
+    point_id = request.point_id or vault.unused_point_id(request.vm, created)
+    prev = vault.latest(request.vm)
+    with open_offline(images, point_id, prev.id if prev else None) as offline:
+        consistency = request.consistency
+        if len(images) == len(request.disks) and consistency == ("crash", "live read"):
+            consistency = offline.consistency
+        point = backup_locked(vault, dataclasses.replace(
+            request, disks=offline.specs(list(request.disks)), created=created,
+            point_id=point_id, consistency=consistency,
+            changes=offline.changes(request.changes)))
+        offline.commit()
+    return point
 
 
 def backup_locked(vault: Vault, request: BackupRequest) -> PointRecord:

@@ -107,6 +107,8 @@ from cbt.repo.vault import Vault, VaultSpec
 from cbt.source.scan import default_workers, scan
 from cbt.source.snapshot import is_snapshot_file, reflink
 
+FORMATS = ("raw", "qcow2")
+
 
 class DamagedPointError(CbtError, ValueError):
     """A block of a point is missing from the vault or fails its digest."""
@@ -127,6 +129,23 @@ class RestoreRequest:
     instant: bool = False  # from the point's kept snapshots where there are some
     verify_snapshot: bool = True  # instant: re-hash a snapshot against the manifest
     mode: int = 0o600  # permission bits of a new image file (one restored in place keeps its)
+    # "raw", or "qcow2": a new sparse qcow2 file made with qemu-img (a disk to boot again)
+    format: str = "raw"
+
+    def check_format(self) -> None:
+        """``qcow2`` only where a new file is made: not onto a device, in place, instant."""
+        if self.format not in FORMATS:
+            raise CbtValueError(f"unknown restore format {self.format!r} (give "
+                                f"{' or '.join(FORMATS)})")
+        if self.format == "raw":
+            return
+        for flag, why in ((self.in_place, "--in-place"), (self.instant, "--instant"),
+                          (self.assume_zeroed, "--assume-zeroed")):
+            if flag:
+                raise CbtValueError(f"--format qcow2 makes a new image file: not with {why}")
+        from cbt.source.qcow2 import tool
+
+        tool("qemu-img")
 
 
 @dataclass(frozen=True)
@@ -493,15 +512,16 @@ class _Target:
     # in place, a file: (st_dev, st_ino, size) when it was compared; the blocks that
     # compared equal are not written, so it must be that file, no shorter, to the end
     compared: tuple[int, int, int] | None = None
+    qcow2: bool = False  # converted into a new qcow2 file once written and verified
 
 
-def image_name(point: PointRecord, label: str) -> str:
+def image_name(point: PointRecord, label: str, ext: str = "img") -> str:
     """``LABEL.img``, the file a disk restores to in the ``--to`` directory; a label that
     is no plain name (a separator, ``..``, what :data:`NAME_RE` refuses) is an error."""
     if not isinstance(label, str) or not NAME_RE.match(label) or "/" in label:
         raise CbtValueError(f"point {point.id} has a disk label that is not a plain name: "
                             f"{label!r}; refusing to restore it")
-    return f"{label}.img"
+    return f"{label}.{ext}"
 
 
 def _check_mode(mode: int) -> int:
@@ -515,7 +535,8 @@ def _plan_targets(point: PointRecord, request: RestoreRequest) -> tuple[dict[str
     """Label -> target path of every disk to restore, and the directories they are in."""
     to = Path(request.to)
     _check_mode(request.mode)
-    names = {d.label: image_name(point, d.label) for d in point.disks}
+    ext = "qcow2" if request.format == "qcow2" else "img"
+    names = {d.label: image_name(point, d.label, ext) for d in point.disks}
     if request.disk is not None:
         if point.disk(request.disk) is None:
             raise CbtValueError(f"point {point.id} has no disk {request.disk!r} (it has "
@@ -570,6 +591,9 @@ def _plan_target(vault: Vault, index: Index, point_id: str, label: str, manifest
                  final: Path, request: RestoreRequest) -> tuple[_Target, list[_Job]]:
     """Check one disk's target and plan the blocks to write to it and to zero."""
     device = is_block_device(final)
+    if device and request.format == "qcow2":
+        raise CbtValueError(f"--format qcow2 makes an image file: {final} is a block device "
+                            "(restore it raw)")
     _check_target(final, label, manifest.disk_size, device, request)
     write_to = final
     compared = None
@@ -587,7 +611,8 @@ def _plan_target(vault: Vault, index: Index, point_id: str, label: str, manifest
         if not device:
             write_to = temp_name(final)
     target = _Target(label, final, write_to, manifest.disk_size, manifest.block_size, device,
-                     zero_runs, request.mode, compared=compared)
+                     zero_runs, request.mode, compared=compared,
+                     qcow2=request.format == "qcow2")
     jobs = plan_disk(vault.spec(), index, point_id, label, manifest, str(write_to), rows)
     return target, jobs
 
@@ -786,8 +811,40 @@ def _rename_into_place(tmp: Path, final: Path, force: bool) -> None:
 
 
 # ``.LABEL.img.tmp-PID``: the temporary name (core.durable.temp_name) of a disk restored
-# into a directory.
-_IMAGE_TEMP_RE = re.compile(r"^\.[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.img\.tmp-([1-9][0-9]{0,9})$")
+# into a directory (``.LABEL.qcow2.tmp-PID`` and its qcow2 ``.LABEL.qcow2.q.tmp-PID``
+# with --format qcow2).
+_IMAGE_TEMP_RE = re.compile(
+    r"^\.[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.(?:img|qcow2(?:\.q)?)\.tmp-([1-9][0-9]{0,9})$")
+
+
+def qcow2_temp(final: Path) -> Path:
+    """Where ``--format qcow2`` converts a disk before its rename: ``.NAME.q.tmp-PID``."""
+    return temp_name(final.with_name(final.name + ".q"))
+
+
+def _convert_qcow2(t: _Target) -> None:
+    """The raw file written and verified becomes a sparse qcow2 (``qemu-img convert``),
+    compared with it (``qemu-img compare``), fsynced; the raw file is removed and the
+    qcow2 is what is renamed into place."""
+    from cbt.source.qcow2 import qemu_img
+
+    out = qcow2_temp(t.final)
+    raw = t.write_to
+    t.write_to = out  # (from now on, what a failure removes, beside the raw file)
+    try:
+        raw_at, out_at = os.path.abspath(raw), os.path.abspath(out)  # (never a protocol)
+        qemu_img(str(t.final), "convert", "-f", "raw", "-O", "qcow2", raw_at, out_at,
+                 timeout=None)
+        qemu_img(str(t.final), "compare", "-q", "-f", "raw", "-F", "qcow2", raw_at, out_at,
+                 timeout=None)
+        os.chmod(out, t.mode)
+        fd = os.open(out, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fsync_file(fd)
+        finally:
+            os.close(fd)
+    finally:
+        os.unlink(raw)
 
 
 def remove_stale_temps(finals: dict[str, Path], one_disk: bool) -> list[str]:
@@ -798,9 +855,10 @@ def remove_stale_temps(finals: dict[str, Path], one_disk: bool) -> list[str]:
     is gone, or is this one (in a container each run can have the same PID: the name is
     one of this restore's own, not made yet).  Returns a warning per file removed."""
     removed = []
-    own = {temp_name(final).name for final in finals.values()}
+    own = ({temp_name(final).name for final in finals.values()}
+           | {qcow2_temp(final).name for final in finals.values()})
     for final in finals.values():
-        pattern = (re.compile(rf"^\.{re.escape(final.name)}\.tmp-([1-9][0-9]{{0,9}})$")
+        pattern = (re.compile(rf"^\.{re.escape(final.name)}(?:\.q)?\.tmp-([1-9][0-9]{{0,9}})$")
                    if one_disk else _IMAGE_TEMP_RE)
         with contextlib.suppress(OSError), os.scandir(final.parent) as entries:
             for entry in entries:
@@ -867,6 +925,7 @@ def restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
     ``to`` may be a block device when ``disk`` is given.  With ``instant`` this
     is :func:`instant_restore`.  The steps are the module's.
     """
+    request.check_format()
     if request.instant:
         return instant_restore(vault, request)
     started = time.perf_counter()
@@ -887,6 +946,8 @@ def restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
         written = _write(jobs, request.workers, request.progress)
         for t in targets:
             _finish_target(t)
+            if t.qcow2:
+                _convert_qcow2(t)
         _commit_targets(targets, out_dirs, request.force)
     except BaseException:
         _discard_targets(targets)

@@ -8,7 +8,8 @@ the same few things, in this order:
 2. its allocated ``extents()``: byte ranges that may hold data (a hole is
    never read: it is all zeros);
 3. ``windows(block_size, lo, hi)``: blocks ``[lo, hi)`` as large buffers, one
-   after another, each valid until the next is asked for;
+   after another, each valid until the next is asked for (``windows_of``: the
+   windows of many ranges, which a source may read ahead across);
 4. ``spec()``: a small picklable description from which a worker process
    reopens the source itself (:func:`cbt.source.image.open_source`).
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import mmap
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from cbt.source.plan import BlockRange, block_ranges
@@ -68,6 +69,14 @@ class BlockSource(ABC):
         the disk is short.  ``read_ahead=False`` where only a few blocks of
         each window will be touched.
         """
+
+    def windows_of(self, block_size: int, ranges: Sequence[BlockRange],
+                   read_ahead: bool = True) -> Iterator[tuple[int, Window]]:
+        """The windows of every range of ``ranges`` (sorted, apart), in order, as
+        :meth:`windows` gives them; a window never spans two ranges.  A source may
+        read ahead across ranges (NBD keeps requests of the next ranges in flight)."""
+        for lo, hi in ranges:
+            yield from self.windows(block_size, lo, hi, read_ahead)
 
     @abstractmethod
     def spec(self) -> SourceSpec:

@@ -2,7 +2,8 @@
 
 Hash (scan, backup):
 
-1. For each block range of the shard, ask the source for windows.
+1. Ask the source for the windows of the shard's block ranges (an NBD source
+   keeps reads of the next ranges in flight meanwhile).
 2. Hash each window with the core straight into the caller's digest and flag
    buffers (``packed``: rows in shard order, for a worker that sends its rows
    back; else rows are block numbers, for whole-disk shared buffers).  Blocks
@@ -48,27 +49,28 @@ def hash_shard(source: BlockSource, block_size: int, ranges: Sequence[BlockRange
     """
     size = fast.DIGEST_SIZE
     copied = None if prehashed is None else (memoryview(prehashed[0]), memoryview(prehashed[1]))
-    base = 0  # row of the current range's first block (packed)
-    for lo, hi in ranges:
-        shift = base - lo if packed else 0
-        for first, window in source.windows(block_size, lo, hi, read_ahead=copied is None):
-            n = fast.nblocks(len(window), block_size)
-            at = first + shift
-            rows = digests[at * size:(at + n) * size]
-            if copied is None:
-                try:
-                    # (a memoryview cannot slice two dimensions: slice flat, then shape)
-                    fast.hash_blocks(window, block_size, rows.cast("B", (n, size)),
-                                     flags[at:at + n], key)
-                except OSError as exc:
-                    raise CbtIOError(exc.errno, f"read error in {source.path} near byte "
-                                     f"{first * block_size}: {exc.strerror}") from None
-            else:
-                rows[:] = copied[0][at * size:(at + n) * size]
-                flags[at:at + n] = copied[1][at:at + n]
-            yield at, window
-            report(len(window))
-        base += hi - lo
+    todo = iter(ranges)
+    base, (lo, hi) = 0, (0, 0)  # base: row of the current range's first block (packed)
+    for first, window in source.windows_of(block_size, ranges, read_ahead=copied is None):
+        while first >= hi:  # (windows come in order and never span two ranges)
+            base += hi - lo
+            lo, hi = next(todo)
+        n = fast.nblocks(len(window), block_size)
+        at = first + (base - lo if packed else 0)
+        rows = digests[at * size:(at + n) * size]
+        if copied is None:
+            try:
+                # (a memoryview cannot slice two dimensions: slice flat, then shape)
+                fast.hash_blocks(window, block_size, rows.cast("B", (n, size)),
+                                 flags[at:at + n], key)
+            except OSError as exc:
+                raise CbtIOError(exc.errno, f"read error in {source.path} near byte "
+                                 f"{first * block_size}: {exc.strerror}") from None
+        else:
+            rows[:] = copied[0][at * size:(at + n) * size]
+            flags[at:at + n] = copied[1][at:at + n]
+        yield at, window
+        report(len(window))
 
 
 def compare_shard(a: BlockSource, b: BlockSource, block_size: int,
