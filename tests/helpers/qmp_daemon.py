@@ -33,6 +33,7 @@ class Daemon:
     disks: list[str]
     qmp: Path
     proc: subprocess.Popen[bytes] | None = None
+    qmp2: Path | None = None  # a second monitor (a second cbt instance's)
 
     def image(self, name: str) -> Path:
         return self.root / f"{name}.qcow2"
@@ -62,9 +63,13 @@ class Daemon:
                      f"mountpoint={self.guest(name)},writable=on"]
         args += ["--chardev", f"socket,id=qmp,path={self.qmp},server=on,wait=off",
                  "--monitor", "chardev=qmp"]
+        if self.qmp2 is not None:
+            args += ["--chardev", f"socket,id=qmp2,path={self.qmp2},server=on,wait=off",
+                     "--monitor", "chardev=qmp2"]
         self.proc = subprocess.Popen(args, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
-        while not (self.qmp.exists() and all(os.path.ismount(self.guest(n)) for n in self.disks)):
+        while not (self.qmp.exists() and (self.qmp2 is None or self.qmp2.exists())
+                   and all(os.path.ismount(self.guest(n)) for n in self.disks)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 self.stop()
@@ -85,17 +90,23 @@ class Daemon:
             if str(self.guest(name)) in mounted:  # a killed daemon leaves its FUSE mount
                 subprocess.run(["umount", "-l", str(self.guest(name))], check=False,
                                capture_output=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.qmp.unlink()
+        for sock in (self.qmp, self.qmp2):
+            if sock is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    sock.unlink()
 
 
 @contextlib.contextmanager
-def storage_daemon(root: Path, disks: dict[str, int]) -> Iterator[Daemon]:
-    """A started daemon serving fresh qcow2 disks ``name -> size``; always stopped."""
+def storage_daemon(root: Path, disks: dict[str, int], *,
+                   second_monitor: bool = False) -> Iterator[Daemon]:
+    """A started daemon serving fresh qcow2 disks ``name -> size``; always stopped.
+    ``second_monitor``: a second QMP socket ``qmp2.sock`` (QEMU serves one client per
+    monitor: two cbt instances reading the VM at once need one each)."""
     need_fuse_qemu()
     for name, size in disks.items():
         create(root / f"{name}.qcow2", size)
-    d = Daemon(root=root, disks=list(disks), qmp=root / "qmp.sock")
+    d = Daemon(root=root, disks=list(disks), qmp=root / "qmp.sock",
+               qmp2=root / "qmp2.sock" if second_monitor else None)
     d.start()
     try:
         yield d

@@ -14,6 +14,7 @@ journal is replayed.  After every job the guest is thawed and writing again.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import time
@@ -35,7 +36,7 @@ from helpers.jobs import hook_argv, hook_log, job_config, jobs_json, one_point
 from helpers.qemu import run
 from helpers.vaults import restore, restore_point
 
-from cbt.source.qemu import QmpSession
+from cbt.source.qemu import QmpSession, bitmap_name, scope_of
 
 pytestmark = pytest.mark.slow
 LABEL = "vda-dev"  # every disk of the VM by default, labelled by its device id
@@ -123,7 +124,9 @@ def test_full_then_incremental_of_a_writing_guest(tmp_path: Path) -> None:
             points.append((line, before))
             left, bitmaps = cbt_leftovers(g)
             assert left == [], left
-            assert bitmaps == [f"cbt-{line['recovery_point']}"], bitmaps
+            vault_id = json.loads((vault / "config").read_text())["id"]  # (scoped names)
+            assert bitmaps == [bitmap_name(line["recovery_point"], scope_of(vault_id, "web"))
+                               ], bitmaps
         (full, _), (incr, _) = points
         d1, d2 = disk_line(full), disk_line(incr)
         assert d1["change_source"] == "hash", d1  # a first point reads everything

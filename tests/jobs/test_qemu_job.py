@@ -8,6 +8,7 @@ point restored by cbt, and QEMU's own answers over QMP.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -23,11 +24,18 @@ from cbt.api import Vault
 from cbt.jobs.config import load
 from cbt.jobs.job import JobRequest, JobResult, run_vm
 from cbt.repo.registry import list_jobs
-from cbt.source.qemu import QmpSession
+from cbt.source.qemu import QmpSession, bitmap_name, scope_of
 
 MIB = 1 << 20
 KIB = 1 << 10
 VM = "web"
+
+
+def _bm(root: Path, point: str, vm: str = VM) -> str:
+    """The bitmap a point of ``vm`` in the vault ``root/vault`` leaves (scoped by vault and
+    VM)."""
+    vault_id = json.loads((root / "vault" / "config").read_text())["id"]
+    return bitmap_name(point, scope_of(vault_id, vm))
 
 
 def _config(root: Path, d: Daemon, **vm: Any) -> Path:
@@ -99,7 +107,7 @@ def test_full_then_incremental_equal_the_guest_view(tmp_path: Path, daemon: Daem
         assert _disk(first.point, label).path == str(daemon.image(label))
     assert first.point.consistency == "crash"
     assert "one QMP transaction" in first.point.consistency_reason
-    assert set(_bitmaps(daemon, "os")) == {f"cbt-{first.point.id}"}
+    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, first.point.id)}
 
     daemon.write("os", 2 * MIB + 5000, b"\x11" * 3000)  # 2 blocks of 16K touched
     second = _run(cfg, encrypted)
@@ -111,7 +119,7 @@ def test_full_then_incremental_equal_the_guest_view(tmp_path: Path, daemon: Daem
         assert _restored(tmp_path, vault, second.point.id, label) == daemon.read(label)
     # read: the changed blocks (one 64K granule = 4 blocks) and the verification sample
     assert os_rec.changed_blocks >= 1 and os_rec.bytes_read < 400 * KIB
-    assert set(_bitmaps(daemon, "os")) == {f"cbt-{second.point.id}"}
+    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, second.point.id)}
     assert _leftovers(daemon) == (set(), set(), set())
     assert not any((tmp_path / "qmp.sock.cbt").iterdir())
     jobs = list_jobs(vault, VM)
@@ -161,15 +169,15 @@ def test_sigkill_of_qemu_makes_the_bitmap_inconsistent_full_read(tmp_path: Path,
     daemon.write("os", 3 * MIB, b"\x33" * 4096)
     daemon.stop(signal.SIGKILL)
     daemon.start()
-    assert _bitmaps(daemon, "os")[f"cbt-{first.point.id}"]["inconsistent"] is True
+    assert _bitmaps(daemon, "os")[_bm(tmp_path, first.point.id)]["inconsistent"] is True
     second = _run(cfg)
     assert second.point is not None, second.error
     rec = _disk(second.point, "os")
     assert rec.change_source == "hash"
-    assert rec.change_source_reason == (f"bitmap cbt-{first.point.id} on node os is "
-                                        "inconsistent (QEMU stopped uncleanly)")
+    assert rec.change_source_reason == (f"bitmap {_bm(tmp_path, first.point.id)} on node os "
+                                        "is inconsistent (QEMU stopped uncleanly)")
     assert _restored(tmp_path, vault, second.point.id, "os") == daemon.read("os")
-    assert set(_bitmaps(daemon, "os")) == {f"cbt-{second.point.id}"}
+    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, second.point.id)}
     daemon.write("os", 1 * MIB, b"\x34" * 4096)  # and the new bitmap is used next time
     third = _run(cfg)
     assert third.point is not None, third.error
@@ -191,7 +199,7 @@ def test_a_bitmap_qemu_never_stored_is_missing_after_sigkill(tmp_path: Path,
     assert second.point is not None, second.error
     rec = _disk(second.point, "os")
     assert (rec.change_source, rec.change_source_reason) == (
-        "hash", f"bitmap cbt-{first.point.id} missing on node os")
+        "hash", f"bitmap {_bm(tmp_path, first.point.id)} missing on node os")
     assert _restored(tmp_path, vault, second.point.id, "os") == daemon.read("os")
 
 
@@ -203,7 +211,8 @@ def test_deleted_bitmap_and_resized_disk_fall_back_to_hash(tmp_path: Path,
     first = _run(cfg)
     assert first.point is not None, first.error
     with QmpSession(daemon.qmp) as s:
-        s.command("block-dirty-bitmap-remove", {"node": "db", "name": f"cbt-{first.point.id}"})
+        s.command("block-dirty-bitmap-remove",
+                  {"node": "db", "name": _bm(tmp_path, first.point.id)})
         s.command("block_resize", {"node-name": "os", "size": 6 * MIB})
     daemon.write("db", 0, b"\x44" * 5000)
     daemon.write("os", 5 * MIB, b"\x55" * 5000)
@@ -211,7 +220,7 @@ def test_deleted_bitmap_and_resized_disk_fall_back_to_hash(tmp_path: Path,
     assert second.point is not None, second.error
     db, os_ = _disk(second.point, "db"), _disk(second.point, "os")
     assert (db.change_source, db.change_source_reason) == (
-        "hash", f"bitmap cbt-{first.point.id} missing on node db")
+        "hash", f"bitmap {_bm(tmp_path, first.point.id)} missing on node db")
     assert os_.change_source == "hash" and "resized" in (os_.change_source_reason or "")
     assert os_.size == 6 * MIB
     for label in ("os", "db"):
@@ -233,8 +242,8 @@ def test_a_failing_transfer_merges_the_bitmap_back_and_misses_nothing(tmp_path: 
 
     failed = _run(cfg, progress=fail)
     assert failed.point is None and "injected transfer failure" in (failed.error or "")
-    assert set(_bitmaps(daemon, "os")) == {f"cbt-{first.point.id}"}  # merged back
-    assert _bitmaps(daemon, "os")[f"cbt-{first.point.id}"]["recording"] is True
+    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, first.point.id)}  # merged back
+    assert _bitmaps(daemon, "os")[_bm(tmp_path, first.point.id)]["recording"] is True
     assert _leftovers(daemon) == (set(), set(), set())
     third = _run(cfg)
     assert third.point is not None, third.error
@@ -260,7 +269,7 @@ def test_sigterm_during_the_transfer_merges_the_bitmap_back(tmp_path: Path,
 
     with pytest.raises(JobAborted, match="SIGTERM"):
         _run(cfg, progress=term)
-    assert set(_bitmaps(daemon, "db")) == {f"cbt-{first.point.id}"}
+    assert set(_bitmaps(daemon, "db")) == {_bm(tmp_path, first.point.id)}
     assert _leftovers(daemon) == (set(), set(), set())
     assert [j.status for j in list_jobs(vault, VM)] == ["succeeded", "failed"]
     again = _run(cfg)
@@ -286,7 +295,7 @@ def test_change_tracking_hash_and_full_scan_read_everything(tmp_path: Path,
     assert third.point is not None, third.error
     assert _disk(third.point, "os").change_source_reason == "--full-scan"
     assert _restored(tmp_path, vault, third.point.id, "os") == daemon.read("os")
-    assert set(_bitmaps(daemon, "os")) == {f"cbt-{third.point.id}"}  # the bitmap goes on
+    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, third.point.id)}  # the bitmap goes on
 
 
 DEAD = "web.20261130T010000Z.dead01"  # a job that died with its guest frozen
@@ -379,7 +388,7 @@ def test_a_vm_of_the_longest_name(tmp_path: Path, daemon: Daemon) -> None:
         assert res.point is not None, res.error
         assert _restored(tmp_path, vault, res.point.id, "os") == daemon.read("os")
     assert _disk(res.point, "os").change_source == "qemu-bitmap"
-    assert set(_bitmaps(daemon, "os")) == {f"cbt-{res.point.id}"}
+    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, res.point.id, vm)}
 
 
 def test_a_short_range_of_a_view_costs_no_big_buffer(tmp_path: Path, daemon: Daemon) -> None:
@@ -404,3 +413,212 @@ def test_a_short_range_of_a_view_costs_no_big_buffer(tmp_path: Path, daemon: Dae
                 tracemalloc.stop()
     assert got == [b"\xd1" * 4096]
     assert peak < 1 * MIB, peak
+
+
+@pytest.mark.slow
+def test_labels_moved_to_other_disks_are_read_whole(tmp_path: Path) -> None:
+    """Every disk carries the same bitmap name (one per point): a label given another
+    disk between runs must not take that disk's bitmap as its own changes."""
+    with storage_daemon(tmp_path, {"one": 2 * MIB, "two": 2 * MIB}) as d:
+        vault = _vault(tmp_path, False)
+        d.write("one", 0, os.urandom(200 * KIB))
+        d.write("two", 0, os.urandom(300 * KIB))
+        cfg = _config(tmp_path, d, verify_fraction=0, disks={"a": "one", "b": "two"})
+        assert _run(cfg).point is not None
+        d.write("two", 1 * MIB, b"\x01" * 5000)
+        cfg = _config(tmp_path, d, verify_fraction=0, disks={"a": "two", "b": "one"})
+        res = _run(cfg)
+        assert res.point is not None, res.error
+        for label, node in (("a", "two"), ("b", "one")):
+            rec = _disk(res.point, label)
+            assert rec.change_source == "hash", rec
+            assert "was " in (rec.change_source_reason or ""), rec
+            assert _restored(tmp_path, vault, res.point.id, label) == d.read(node)
+
+
+def test_disks_naming_one_node_twice_fail_in_one_line(tmp_path: Path, daemon: Daemon) -> None:
+    _vault(tmp_path, False)
+    cfg = _config(tmp_path, daemon, disks={"a": "os", "b": "os"})
+    res = _run(cfg)
+    assert res.point is None
+    assert res.error == (f"{daemon.qmp}: disks 'a' and 'b' are the same block node 'os'")
+    assert _leftovers(daemon) == (set(), set(), set())
+    assert _bitmaps(daemon, "os") == {}
+
+
+@pytest.mark.slow
+def test_qemu_dying_mid_transfer_fails_clearly_and_the_next_run_reads_whole(
+        tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with storage_daemon(tmp_path, {"os": 2 * MIB, "db": 64 * MIB}) as daemon:
+        _dying_mid_transfer(tmp_path, daemon, ThreadPoolExecutor(1))
+
+
+def _dying_mid_transfer(tmp_path: Path, daemon: Daemon, executor: Any) -> None:
+    vault = _vault(tmp_path, False)
+    cfg = _config(tmp_path, daemon)
+    assert _run(cfg).point is not None
+    daemon.write("os", 1 * MIB, os.urandom(5000))
+    daemon.write("db", 0, os.urandom(48 * MIB))
+
+    def die(*_: object) -> None:  # a shard read, the others not yet
+        if daemon.proc is not None:
+            daemon.stop(signal.SIGKILL)
+
+    res = _run(cfg, progress=die, executor=executor, workers=1)
+    executor.shutdown()
+    assert res.point is None and res.error is not None
+    assert "\n" not in res.error and "QMP" not in res.error  # the read's error, not cleanup's
+    daemon.start()
+    again = _run(cfg)
+    assert again.point is not None, again.error
+    for label in ("os", "db"):
+        assert _disk(again.point, label).change_source == "hash"
+        assert _restored(tmp_path, vault, again.point.id, label) == daemon.read(label)
+    assert [j.status for j in list_jobs(vault, VM)] == ["succeeded", "failed", "succeeded"]
+
+
+@pytest.mark.slow
+def test_a_storm_of_sigterms_still_tears_down_and_merges_back(tmp_path: Path,
+                                                              daemon: Daemon) -> None:
+    """An impatient supervisor sends SIGTERM again and again from the transfer on: the
+    job aborts, but QEMU's teardown and the bitmap's merge-back still run whole (a
+    copy-before-write filter left in the VM's write path would grow its overlay)."""
+    import threading
+    import time
+
+    from cbt.jobs.job import JobAborted
+
+    _vault(tmp_path, False)
+    cfg = _config(tmp_path, daemon)
+    first = _run(cfg)
+    assert first.point is not None, first.error
+    daemon.write("db", 0, os.urandom(5000))
+    stop = threading.Event()
+    storms: list[threading.Thread] = []
+
+    def storm() -> None:
+        while not stop.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.001)
+
+    def start(*_: object) -> None:
+        if not storms:
+            storms.append(threading.Thread(target=storm))
+            storms[0].start()
+
+    old = signal.signal(signal.SIGTERM, lambda *_: None)  # once the job has returned
+    try:
+        with pytest.raises(JobAborted):
+            _run(cfg, progress=start)
+    finally:
+        stop.set()
+        for t in storms:
+            t.join()
+        signal.signal(signal.SIGTERM, old)
+    assert storms
+    assert _leftovers(daemon) == (set(), set(), set())
+    for node in ("os", "db"):
+        assert set(_bitmaps(daemon, node)) == {_bm(tmp_path, first.point.id)}
+        assert _bitmaps(daemon, node)[_bm(tmp_path, first.point.id)]["recording"] is True
+    again = _run(cfg)
+    assert again.point is not None, again.error
+    assert _disk(again.point, "db").change_source == "qemu-bitmap"
+
+
+def test_a_disk_qemu_names_unlike_a_label_is_named_in_disks(tmp_path: Path) -> None:
+    """QEMU names nodes and devices with dots (``drive.0``); a point's labels cannot:
+    without ``disks`` the job fails at once saying how to name it; with, it runs."""
+    with storage_daemon(tmp_path, {"drive.0": 1 * MIB}) as d:
+        vault = _vault(tmp_path, False)
+        d.write("drive.0", 0, os.urandom(5000))
+        res = _run(_config(tmp_path, d))
+        assert res.point is None
+        assert res.error == ("vm web: QEMU's disk 'drive.0' (node 'drive.0') is no usable "
+                             'label: name it in disks, e.g. disks = { drive_0 = "drive.0" }')
+        assert _leftovers(d) == (set(), set(), set())
+        res = _run(_config(tmp_path, d, disks={"drive_0": "drive.0"}))
+        assert res.point is not None, res.error
+        assert _restored(tmp_path, vault, res.point.id, "drive_0") == d.read("drive.0")
+
+
+@pytest.mark.slow
+def test_an_nbd_socket_that_is_not_qemus(tmp_path: Path, daemon: Daemon) -> None:
+    """``nbd`` names a socket QEMU does not serve (no server, or another program's): one
+    line, nothing left in QEMU, the bitmap folded back."""
+    import subprocess
+
+    from helpers.qemu import create
+
+    _vault(tmp_path, False)
+    first = _run(_config(tmp_path, daemon, disks={"os": "os"}))
+    assert first.point is not None
+    other = tmp_path / "other.sock"
+    create(tmp_path / "other.qcow2", MIB)
+    proc = subprocess.Popen(["qemu-nbd", "--socket", str(other), "--persistent", "--shared=4",
+                             "-f", "qcow2", str(tmp_path / "other.qcow2")])
+    try:
+        while not other.exists():
+            assert proc.poll() is None
+        for nbd in (other, tmp_path / "none.sock"):
+            res = _run(_config(tmp_path, daemon, disks={"os": "os"}, nbd=str(nbd)))
+            assert res.point is None and res.error is not None
+            assert res.error == (f"{daemon.qmp}: nbd {nbd} is given, but this QEMU runs no "
+                                 "NBD server (leave nbd out: cbt starts its own)")
+            assert _leftovers(daemon) == (set(), set(), set())
+            assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, first.point.id)}
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+_STORM = """
+import os, sys, time
+if os.fork() == 0:  # the hook returns at once; its child sends SIGTERM to cbt
+    time.sleep(float(sys.argv[2]))
+    end = time.monotonic() + 0.4
+    while time.monotonic() < end:
+        try:
+            os.kill(int(sys.argv[1]), 15)
+        except ProcessLookupError:
+            break
+        time.sleep(0.0005)
+    os._exit(0)
+"""
+
+
+@pytest.mark.slow
+def test_a_sigterm_at_every_step_leaves_nothing_and_loses_nothing(
+        tmp_path: Path, daemon: Daemon) -> None:
+    """A SIGTERM from the pre hook on, a little later each time, lands in every step
+    (overlays, the transaction, exports, transfer; the abort kills the hook's group, so
+    one lands): each aborted run leaves nothing in QEMU, and the next run's point
+    equals the guest."""
+    import sys
+    import time
+
+    from cbt.jobs.job import JobAborted
+
+    vault = _vault(tmp_path, False)
+    script = tmp_path / "storm.py"
+    script.write_text(_STORM)
+    assert _run(_config(tmp_path, daemon)).point is not None
+    old = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        for i in range(12):
+            daemon.write("os", (i % 50) * 64 * KIB, os.urandom(3000))
+            cfg = _config(tmp_path, daemon, hooks={"pre": [
+                sys.executable, str(script), str(os.getpid()), str(i * 0.004)]})
+            with pytest.raises(JobAborted):
+                _run(cfg)
+            time.sleep(0.5)  # the storm is over
+            assert _leftovers(daemon) == (set(), set(), set()), i
+            daemon.write("db", (i % 30) * 64 * KIB, os.urandom(3000))
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    res = _run(_config(tmp_path, daemon))
+    assert res.point is not None, res.error
+    for label in ("os", "db"):
+        assert _disk(res.point, label).change_source == "qemu-bitmap"
+        assert _restored(tmp_path, vault, res.point.id, label) == daemon.read(label)

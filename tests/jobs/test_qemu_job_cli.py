@@ -32,11 +32,18 @@ from cbt.jobs.config import ConfigError, load
 from cbt.jobs.hooks import HookResult
 from cbt.jobs.job import JobRequest, run_vm
 from cbt.jobs.qemu import AgentResult, qemu_consistency
-from cbt.source.qemu import QmpSession
+from cbt.source.qemu import QmpSession, bitmap_name, scope_of
 
 MIB = 1 << 20
 KIB = 1 << 10
 VM = "web"
+
+
+def _bm(root: Path, point: str, vm: str = VM) -> str:
+    """The bitmap a point of ``vm`` in the vault ``root/vault`` leaves (scoped by vault and
+    VM)."""
+    vault_id = json.loads((root / "vault" / "config").read_text())["id"]
+    return bitmap_name(point, scope_of(vault_id, vm))
 
 
 @pytest.fixture
@@ -97,16 +104,18 @@ def test_cbt_backup_killed_after_the_cut_then_the_next_run_misses_nothing(
     proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL
     left = _cbt_leftovers(daemon)  # the post hook runs right after the transaction
-    assert any(n.startswith("cbt-fleece-") for n in left)
-    assert any(n.startswith("cbt-job-") for n in left)
+    scope = _bm(tmp_path, "x")[len("cbt-"):-len("-x")]
+    assert any(n.startswith(f"cbt-{scope}-n") for n in left)  # overlays
+    assert any(n.startswith(f"cbt-{scope}-j") for n in left)  # backup jobs
     assert len(_bitmap_names(daemon, "os")) == 2  # the killed run's new bitmap is left
     daemon.write("os", 3 * MIB, b"\x62" * 5000)  # after it: recorded by both bitmaps
 
     line = one_point(cfg) if env is None else _one_point_env(cfg, env)
     assert _cbt_leftovers(daemon) == set()
     said = " ".join(line["warnings"])
-    assert "released what an earlier run left in QEMU: cbt-fleece-" in said
-    assert f"bitmaps an earlier run left folded into cbt-{first}: db: cbt-" in said
+    assert f"released what an earlier run left in QEMU: cbt-{scope}-" in said
+    assert f"bitmaps an earlier run left folded into {_bm(tmp_path, first)}: db: cbt-{scope}-" \
+        in said
     assert [e["phase"] for e in hook_log(state)] == ["post", "post", "recover", "post"]
     rec = json.loads(cbt("show", vault, line["recovery_point"], "--json", env=env).stdout)
     disks = {d["label"]: d for d in rec["disks"]}
@@ -115,7 +124,7 @@ def test_cbt_backup_killed_after_the_cut_then_the_next_run_misses_nothing(
     for label in ("os", "db"):
         assert _restored(tmp_path, vault, line["recovery_point"], label, env) == \
             daemon.read(label)
-    assert _bitmap_names(daemon, "os") == {f"cbt-{line['recovery_point']}"}
+    assert _bitmap_names(daemon, "os") == {_bm(tmp_path, line['recovery_point'])}
     assert first != line["recovery_point"]
     assert sorted(j["status"] for j in jobs_json_env(vault, env)) == [
         "interrupted", "succeeded", "succeeded"]
@@ -330,7 +339,7 @@ def test_a_run_killed_at_each_durable_step_loses_no_change(tmp_path: Path,
             assert out.read_bytes() == daemon.read(d.label), (step, d.label)
             out.unlink()
         for node in ("os", "db"):
-            assert _bitmap_names(daemon, node) == {f"cbt-{res.point.id}"}, step
+            assert _bitmap_names(daemon, node) == {_bm(tmp_path, res.point.id)}, step
         step += 1
     assert killed >= 10
 
@@ -371,3 +380,51 @@ def test_a_qmp_socket_nobody_serves_fails_the_job_in_one_line(tmp_path: Path) ->
     assert res.error.startswith(f"{stale}: cannot connect to QMP: ") and "\n" not in res.error
     assert "refused" in res.error.lower()
     assert vault.point_ids() == []
+
+
+@pytest.mark.slow
+def test_the_text_table_fits_qemu_bitmap(tmp_path: Path, daemon: Daemon) -> None:
+    """``qemu-bitmap`` (11 characters) in the source column: the columns stay aligned."""
+    init_cli_vault(tmp_path / "vault", False, tmp_path)
+    cfg = _config(tmp_path, daemon, disks={"os": "os"})
+    assert cbt("backup", "--config", cfg).returncode == 0
+    daemon.write("os", 0, b"\x01" * 5000)
+    r = cbt("backup", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    head = next(x for x in lines if x.lstrip().startswith("disk "))
+    row = next(x for x in lines if x.lstrip().startswith("os "))
+    assert "qemu-bitmap" in row
+    assert row.index("qemu-bitmap") == head.index("source")
+    assert row.index("  qemu", row.index("qemu-bitmap") + 11) == head.index("  snapshot")
+
+
+@pytest.mark.slow
+def test_a_second_backup_of_the_vm_while_one_runs_fails_at_once(tmp_path: Path,
+                                                                 daemon: Daemon) -> None:
+    """The vault's writer lock: the second run fails at once naming the holder, and
+    touches nothing of the first's in QEMU (its overlays, exports, bitmaps)."""
+    import time
+
+    state = tmp_path / "state"
+    write_hook(state)
+    vault = tmp_path / "vault"
+    init_cli_vault(vault, False, tmp_path)
+    cfg = _config(tmp_path, daemon, hooks={"post": hook_argv(state)}, disks={"os": "os"})
+    set_ctl(state, "post", sleep=4)  # right after the cut: the first run holds its view
+    first = start_cbt("backup", "--config", cfg, "--json")
+    deadline = time.monotonic() + 60
+    work = tmp_path / "qmp.sock.cbt"  # (QMP is the first run's: one client at a time)
+    while not (work.exists() and any(work.glob("cbt-*.qcow2"))):  # its cut is made
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.05)
+    held = sorted(work.iterdir())
+    started = time.monotonic()
+    r, lines = backup_config(cfg)
+    assert time.monotonic() - started < 10
+    assert r.returncode != 0 and lines and lines[0]["type"] == "error", (r.stdout, r.stderr)
+    assert "lock" in lines[0]["message"] and str(first.pid) in lines[0]["message"], lines
+    assert sorted(work.iterdir()) == held
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out
+    assert _cbt_leftovers(daemon) == set()

@@ -134,3 +134,77 @@ def test_freeze_and_status_replies_are_shape_checked(tmp_path: Path) -> None:
     with (_server(sock, b'{"return": "melting"}\n'), GuestAgent(sock, timeout=2) as ga,
           pytest.raises(GuestAgentError, match="guest-fsfreeze-status: unexpected reply")):
         ga.status()
+
+
+@contextlib.contextmanager
+def _hung_freeze_agent(path: Path, hang: float) -> Iterator[list[str]]:
+    """An agent as qemu-ga serves its one channel: commands run in order, one client at a
+    time; its freeze takes ``hang`` seconds (a guest file system stuck).  Yields the
+    commands it ran, in order."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(4)
+    srv.settimeout(0.2)
+    ran: list[str] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                _serve_in_order(conn, ran, hang)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield ran
+    finally:
+        stop.set()
+        thread.join(10)
+        srv.close()
+        path.unlink()
+
+
+def _serve_in_order(conn: socket.socket, ran: list[str], hang: float) -> None:
+    """Every command the client sent runs, whether or not its reply can still be sent
+    (the client gave up waiting): qemu-ga reads its channel in order."""
+    buf = b""
+    while True:
+        try:
+            chunk = conn.recv(4096)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            msg = json.loads(line.lstrip(b"\xff"))
+            ran.append(msg["execute"])
+            reply = b'{"return": 1}\n'
+            if msg["execute"] == "guest-fsfreeze-freeze":
+                time.sleep(hang)
+            elif msg["execute"] == "guest-sync-delimited":
+                reply = b"\xff" + json.dumps({"return": msg["arguments"]["id"]}).encode() + b"\n"
+            with contextlib.suppress(OSError):
+                conn.sendall(reply)
+
+
+def test_a_thaw_after_a_freeze_that_hung_still_reaches_the_agent(tmp_path: Path) -> None:
+    """The freeze outlives its timeout and the thaw's own: the thaw was sent all the same,
+    so the agent thaws the guest as soon as the freeze returns."""
+    from cbt.jobs.qemu import agent_call
+
+    with _hung_freeze_agent(tmp_path / "hung.sock", hang=2.5) as ran:
+        freeze = agent_call(str(tmp_path / "hung.sock"), "guest-freeze", 1.0)
+        assert not freeze.ok and "no reply within 1 s" in (freeze.error or "")
+        thaw = agent_call(str(tmp_path / "hung.sock"), "guest-thaw", 1.0)
+        assert not thaw.ok  # busy in the freeze: no reply in time, but sent
+        deadline = time.monotonic() + 10
+        while "guest-fsfreeze-thaw" not in ran and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ran[-1] == "guest-fsfreeze-thaw", ran
+        assert ran.index("guest-fsfreeze-freeze") < ran.index("guest-fsfreeze-thaw")

@@ -349,8 +349,8 @@ def test_a_killed_run_is_released_and_merged_back_next_time(
     with QmpSession(daemon.qmp) as s:
         assert _state(s) != before and list(work.iterdir())  # it left its views behind
         released = release_leftovers(s, work)
-        tag = hashlib.sha256(b"p2").hexdigest()[:10]  # views are named by the point's digest
-        assert f"cbt-fleece-{tag}-0" in released and f"cbt-export-{tag}-0" in released
+        tag = hashlib.sha256(b"p2").hexdigest()[:8]  # views are named by the point's digest
+        assert f"cbt-n{tag}-0" in released and f"cbt-e{tag}-0" in released
         assert _state(s) == before and not list(work.iterdir())
         assert recover(s, resolve_disks(s), bitmap_name("p1")) == {
             "db": [bitmap_name("p2")], "os": [bitmap_name("p2")]}

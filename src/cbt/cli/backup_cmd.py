@@ -261,12 +261,15 @@ def _print_point(point: Any, snapshots: dict[str, str] | None = None) -> None:
     for w in point.warnings:
         sys.stderr.write(f"cbt: warning: {w}\n")
     print(f"recovery point {point.id} ({point.consistency}: {point.consistency_reason})")
+    from cbt.format.records import CHANGE_SOURCES
+
+    wide = max(map(len, CHANGE_SOURCES))  # qemu-bitmap: 11
     print(f"  {'disk':<12} {'size':>10} {'changed':>9} {'read':>10} {'new':>10} {'stored':>10}"
-          f"  {'source':<9}" + ("  snapshot" if snapshots else ""))
+          f"  {'source':<{wide}}" + ("  snapshot" if snapshots else ""))
     for d in point.disks:
         print(f"  {d.label:<12} {human_bytes(d.size):>10} {d.changed_blocks:>9} "
               f"{human_bytes(d.bytes_read):>10} {human_bytes(d.bytes_new):>10} "
-              f"{human_bytes(d.bytes_stored):>10}  {d.change_source:<9}"
+              f"{human_bytes(d.bytes_stored):>10}  {d.change_source:<{wide}}"
               + (f"  {snapshots.get(d.label, 'none')}" if snapshots else ""))
     for d in point.disks:
         if d.change_source_reason or d.verified_blocks:

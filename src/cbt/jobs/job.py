@@ -47,6 +47,7 @@ import contextlib
 import os
 import secrets
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Executor
@@ -137,6 +138,31 @@ def _abort_on_signals() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT wait until the block is done, then are delivered (to the
+    handler in place then: the job's abort).  For what must finish once begun: the
+    job's end record (a write cut short fails the next), a QEMU VM's thaw and QEMU's
+    teardown (a copy-before-write filter left in the VM's write path, its overlay
+    growing, until the next run).  Each step inside is bounded by its timeout."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+
+    def defer(signum: int, _frame: object) -> None:
+        got.append(signum)
+
+    old = {s: signal.signal(s, defer) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if got:
+            signal.raise_signal(got[0])
 
 
 # -- step 1: recover ----------------------------------------------------------------------
@@ -387,7 +413,8 @@ class Job:
                 rec.status, rec.error = "failed", rec.error or "aborted"
                 rec.recovery_point = None
             rec.hook_pending = False
-            save_job(self.vault, rec)
+            with signals_deferred():
+                save_job(self.vault, rec)
 
 
 def _changes(snaps: SnapshotSet, hash_only: bool, label: str, parent: DiskRecord | None,

@@ -29,24 +29,36 @@ that file system is one QEMU can reach, and the path stays short enough for a
 unix socket.  When cbt runs as root and the QMP socket is another user's (QEMU
 dropped its privileges), the folder (mode 0700) and the overlays belong to that
 user, so QEMU can create and write them and nobody else can read the old data
-they hold.
+they hold.  A folder found there must be a folder (not a link) of ours or of the
+socket's owner; it is changed only through a descriptor opened without following
+links, and the overlays are made new in it (never an existing file, FIFO or link).
+The overlays hold the old data of every block the guest writes while the disks
+are read: on a tmpfs (``/run``) that is RAM (and swap), so a busy guest and a long
+transfer cost memory there; put the QMP socket on a disk-backed file system for
+big, busy VMs.
+
+Two vaults may back up one VM: what each makes in QEMU is scoped by the vault and
+the VM (:func:`cbt.source.qemu.scope_of`).  SIGTERM and SIGINT wait while the thaw,
+QEMU's teardown and the session's close run (:func:`cbt.jobs.job.signals_deferred`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from cbt.format.records import DiskRecord, JobRecord, PointRecord
+from cbt.format.records import NAME_RE, DiskRecord, JobRecord, PointRecord
 from cbt.jobs.config import VMConfig
 from cbt.jobs.hooks import HookResult
-from cbt.jobs.job import Job, JobFailed
+from cbt.jobs.job import Job, JobFailed, signals_deferred
 from cbt.ops.backup import BackupRequest, backup_locked
 from cbt.repo.registry import save_job
 from cbt.source.changes import ChangeHint
@@ -60,9 +72,11 @@ from cbt.source.qemu import (
     QmpSession,
     bitmap_name,
     cut,
+    nbd_socket_name,
     recover,
     release_leftovers,
     resolve_disks,
+    scope_of,
 )
 
 __all__ = ["PROVIDER", "AgentResult", "QemuJob", "thaw_interrupted", "workdir_for"]
@@ -70,6 +84,7 @@ __all__ = ["PROVIDER", "AgentResult", "QemuJob", "thaw_interrupted", "workdir_fo
 PROVIDER = "qemu"  # what a QEMU disk's snapshot provider is called (jobs, config check)
 AGENT_TIMEOUT = 60.0  # freeze/thaw without hooks.timeout
 MAX_SOCKET_PATH = 107  # bytes of a unix socket path
+T = TypeVar("T")
 
 
 @dataclass
@@ -100,8 +115,11 @@ def agent_call(socket: str, phase: str, timeout: float) -> AgentResult:
     started = time.monotonic()
     try:
         with GuestAgent(socket, timeout) as ga:
-            ga.sync()
-            n = ga.freeze() if phase == "guest-freeze" else ga.thaw()
+            if phase == "guest-freeze":
+                ga.sync()
+                n = ga.freeze()
+            else:
+                n = ga.sync_and_thaw()
     except GuestAgentError as exc:
         return AgentResult(phase, False, None, time.monotonic() - started, str(exc))
     return AgentResult(phase, True, n, time.monotonic() - started)
@@ -123,30 +141,61 @@ def thaw_interrupted(vmc: VMConfig, rec: JobRecord, warnings: list[str]) -> None
         warnings.append(f"thaw of interrupted job {rec.id}: {res.describe()}")
 
 
-def workdir_for(vmc: VMConfig) -> Path:
-    """``<QMP socket>.cbt``: created (0700), owned by the QMP socket's owner when we are root."""
+def workdir_for(vmc: VMConfig, scope: str = "") -> Path:
+    """``<QMP socket>.cbt``: created (0700), owned by the QMP socket's owner when we are root.
+
+    The socket may sit in a folder others can write (``/tmp``): a folder already
+    there must be a real folder (not a symlink) owned by us or by the socket's
+    owner; it is changed through a descriptor opened without following links,
+    so nothing outside it is ever chowned or chmodded.
+    """
     assert vmc.qmp is not None
     qmp = Path(vmc.qmp)
     work = qmp.with_name(qmp.name + ".cbt")
-    if vmc.nbd is None and len(os.fsencode(work / "nbd.sock")) > MAX_SOCKET_PATH:
+    sock = work / nbd_socket_name(scope)
+    if vmc.nbd is None and len(os.fsencode(sock)) > MAX_SOCKET_PATH:
         raise JobFailed(f"vm {vmc.name}: the QMP socket's path is too long for cbt's NBD "
-                        f"socket beside it ({work / 'nbd.sock'}): give the VM's nbd")
+                        f"socket beside it ({sock}): give the VM's nbd")
     try:
-        owner = os.stat(qmp)
-        if not stat.S_ISSOCK(owner.st_mode):
-            raise JobFailed(f"vm {vmc.name}: qmp {qmp} is not a socket")
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(work, 0o700)
-        here = os.lstat(work)
-        if not stat.S_ISDIR(here.st_mode):
-            raise JobFailed(f"vm {vmc.name}: work folder {work} is not a folder")
-        if os.geteuid() == 0 and (here.st_uid, here.st_gid) != (owner.st_uid, owner.st_gid):
-            os.chown(work, owner.st_uid, owner.st_gid)
-        if stat.S_IMODE(here.st_mode) != 0o700:
-            os.chmod(work, 0o700)
+        owner = os.stat(qmp)  # (a link to the socket is fine: its owner counts)
     except FileNotFoundError:
         raise JobFailed(f"vm {vmc.name}: no QMP socket {qmp} (is the VM running?)") from None
+    if not stat.S_ISSOCK(owner.st_mode):
+        raise JobFailed(f"vm {vmc.name}: qmp {qmp} is not a socket")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(work, 0o700)
+    try:
+        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        raise JobFailed(f"vm {vmc.name}: work folder {work} is not a folder (a symlink or "
+                        "another file is there): remove it") from None
+    try:
+        here = os.fstat(fd)
+        if here.st_uid not in (os.geteuid(), owner.st_uid):
+            raise JobFailed(f"vm {vmc.name}: work folder {work} belongs to uid {here.st_uid}, "
+                            f"not to us nor to the QMP socket's owner: remove it")
+        if os.geteuid() == 0 and (here.st_uid, here.st_gid) != (owner.st_uid, owner.st_gid):
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        if stat.S_IMODE(here.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
     return work
+
+
+class _ExitWhole(contextlib.AbstractContextManager[T]):
+    """A context whose exit (``cut``'s teardown and bitmaps, the QMP session's close: a
+    monitor left connected serves nobody else) runs under :func:`signals_deferred`."""
+
+    def __init__(self, inner: contextlib.AbstractContextManager[T]) -> None:
+        self.inner = inner
+
+    def __enter__(self) -> T:
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        with signals_deferred():
+            return self.inner.__exit__(*exc)
 
 
 def disk_path(disk: QemuDisk) -> str:
@@ -162,6 +211,9 @@ def qemu_changes(moment: Moment, hash_only: bool, label: str, parent: DiskRecord
         return ChangeHint.hash('change_tracking = "hash"')
     why = moment.reasons.get(label)
     view = moment.views[label]
+    if why is None and parent is not None and parent.path != disk_path(view.disk):
+        # every disk carries the point's bitmap name: another disk's is not this label's
+        why = f"disk {label} was {parent.path}, now {disk_path(view.disk)}"
     if why is not None or view.bitmap is None:
         return ChangeHint.hash(why or "no previous bitmap")
     with NbdSource(str(moment.nbd_socket), view.export, bitmaps=(view.bitmap,)) as src:
@@ -173,26 +225,32 @@ class QemuJob(Job):
     """The job of a running QEMU VM: steps 1 to 5 of the module docstring."""
 
     disks: dict[str, QemuDisk]
+    scope = ""  # scope_of(the vault's id, the VM): names what this job makes in QEMU
     agent: AgentResult | None = None  # the freeze
     freezing = False  # a freeze was attempted: thaw is due
 
     def _steps(self) -> PointRecord:
         vmc = self.vmc
-        workdir = workdir_for(vmc)
+        self.scope = scope_of(str(self.vault.config["id"]), vmc.name)
+        workdir = workdir_for(vmc, self.scope)
         parent = self.vault.latest(vmc.name)
-        previous = bitmap_name(parent.id) if parent is not None else None
-        with QmpSession(str(vmc.qmp)) as session:
+        previous = bitmap_name(parent.id, self.scope) if parent is not None else None
+        with _ExitWhole(QmpSession(str(vmc.qmp))) as session:
             self.open_qemu(session, workdir, previous)
             self.pre_hook()
             try:
                 self.freeze()
-                with cut(session, self.disks, self.point_id, workdir, previous=previous,
-                         previous_sizes={d.label: d.size for d in parent.disks}
-                         if parent is not None else {},
-                         nbd_socket=Path(vmc.nbd) if vmc.nbd else None,
-                         on_cut=self.after_cut) as moment:
+                with _ExitWhole(cut(
+                        session, self.disks, self.point_id, workdir, previous=previous,
+                        previous_sizes={d.label: d.size for d in parent.disks}
+                        if parent is not None else {},
+                        nbd_socket=Path(vmc.nbd) if vmc.nbd else None,
+                        on_cut=self.after_cut, scope=self.scope)) as moment:
                     point = self.transfer_views(moment)
                     moment.commit()
+                if moment.left:  # (said, not stored: the point is)
+                    point.warnings.append(f"the point is stored, but QEMU could not be "
+                                          f"cleaned up after it: {moment.left}")
             finally:
                 self.thaw()
                 self.post_hook()
@@ -206,13 +264,19 @@ class QemuJob(Job):
     def open_qemu(self, session: QmpSession, workdir: Path, previous: str | None) -> None:
         """Step 1: leftovers released, disks resolved, a killed run's bitmaps folded back."""
         vmc = self.vmc
-        released = release_leftovers(session, workdir)
+        released = release_leftovers(session, workdir, self.scope)
         if released:
             self.warnings.append(f"released what an earlier run left in QEMU: "
                                  f"{', '.join(released)}")
         mapping = vmc.disks or None
         disks = resolve_disks(session, mapping)
-        folded = recover(session, disks, previous)
+        for label, disk in disks.items():  # (a label QEMU chose: its device id or node)
+            if not NAME_RE.match(label):
+                raise JobFailed(f"vm {vmc.name}: QEMU's disk {label!r} (node {disk.node!r}) "
+                                f"is no usable label: name it in disks, e.g. disks = "
+                                f"{{ {re.sub(r'[^A-Za-z0-9_-]', '_', label)[:64] or 'disk'} = "
+                                f"{json.dumps(label)} }}")
+        folded = recover(session, disks, previous, self.scope)
         if folded:
             self.warnings.append("bitmaps an earlier run left folded into "
                                  f"{previous or 'nothing (removed)'}: " + ", ".join(
@@ -246,11 +310,12 @@ class QemuJob(Job):
         """Step 3: thaw once, whenever a freeze was attempted (even one that failed)."""
         if not self.freezing:
             return
-        self.freezing = False
         assert self.vmc.guest_agent is not None
-        res = agent_call(self.vmc.guest_agent, "guest-thaw", _agent_timeout(self.vmc))
-        self.record.hooks.append(res.to_record())
-        save_job(self.vault, self.record)  # a dead job's recover need not thaw again
+        with signals_deferred():  # a signal now would leave the guest frozen
+            res = agent_call(self.vmc.guest_agent, "guest-thaw", _agent_timeout(self.vmc))
+            self.freezing = False
+            self.record.hooks.append(res.to_record())
+            save_job(self.vault, self.record)  # a dead job's recover need not thaw again
         if not res.ok and self.agent is not None and self.agent.ok:
             self.warnings.append(res.describe())
 

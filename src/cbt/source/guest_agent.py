@@ -78,6 +78,20 @@ class GuestAgent:
                 return
         raise self._error("guest-sync-delimited", "no reply with this session's id")
 
+    def sync_and_thaw(self) -> int:
+        """``guest-sync-delimited`` and ``guest-fsfreeze-thaw`` sent at once, then their
+        replies: an agent still busy in a freeze that outlived its timeout runs the thaw
+        as soon as the freeze returns, whether or not cbt still waits (a thaw that waited
+        for the sync's reply first would never be sent, and the guest stay frozen)."""
+        token = secrets.randbelow(1 << 31)
+        self._send(b"\xff" + self._encode("guest-sync-delimited", {"id": token})
+                   + self._encode("guest-fsfreeze-thaw", None), "guest-fsfreeze-thaw")
+        self._skip_to_delimiter()
+        for _ in range(_MAX_SKIPPED):
+            if self._reply("guest-sync-delimited") == token:
+                return self._int(self._reply("guest-fsfreeze-thaw"), "guest-fsfreeze-thaw")
+        raise self._error("guest-sync-delimited", "no reply with this session's id")
+
     def freeze(self) -> int:
         """``guest-fsfreeze-freeze``: the number of file systems frozen."""
         return self._int(self.command("guest-fsfreeze-freeze"), "guest-fsfreeze-freeze")
