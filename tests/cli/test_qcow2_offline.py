@@ -21,6 +21,7 @@ from helpers import MIB
 from helpers.cli import cbt, cbt_json, crash_env, one_error_line, run_in_session
 from helpers.jobs import backup_config, job_config
 from helpers.qemu import (
+    cbt_bitmap,
     create,
     guest_writes,
     held_open,
@@ -84,7 +85,7 @@ def test_full_then_incremental_read_the_guest_view(tmp_path: Path, encrypted: bo
     assert (first["consistency"], first["consistency_reason"]) == ("crash",
                                                                    "offline qcow2 image")
     assert _restored(vault, p1, tmp_path, env) == raw_bytes(image, "qcow2", tmp_path)
-    assert image_bitmaps(image) == {f"cbt-{p1}": ["auto"]}
+    assert image_bitmaps(image) == {cbt_bitmap(vault, p1): ["auto"]}
 
     guest_writes(image, 2, 5, SIZE)
     second = _backup(vault, image, env)
@@ -93,7 +94,7 @@ def test_full_then_incremental_read_the_guest_view(tmp_path: Path, encrypted: bo
     # only what the bitmap marked (64 KiB granularity) and the sample were read
     assert second["disks"][0]["bytes_read"] < SIZE // 4
     assert _restored(vault, p2, tmp_path, env) == raw_bytes(image, "qcow2", tmp_path)
-    assert image_bitmaps(image) == {f"cbt-{p2}": ["auto"]}  # left for the next run
+    assert image_bitmaps(image) == {cbt_bitmap(vault, p2): ["auto"]}  # left for the next run
     assert nbd_servers_of(image) == []
     assert not list(tmp_path.glob("**/*.sock"))
 
@@ -113,7 +114,7 @@ def test_a_qcow2_is_known_by_its_name_and_its_magic_together(tmp_path: Path) -> 
     assert line["consistency_reason"] == "live read"  # (a raw disk read live beside it)
     assert _restored(vault, line["recovery_point"], tmp_path) == raw_bytes(image, "qcow2",
                                                                            tmp_path)
-    assert list(image_bitmaps(image)) == [f"cbt-{line['recovery_point']}"]
+    assert list(image_bitmaps(image)) == [cbt_bitmap(vault, line['recovery_point'])]
     assert image_bitmaps(unnamed) == {}  # (never touched)
     assert [w for w in line["warnings"] if "qcow2 header" in w] == [
         f"disk other: {unnamed} starts with a qcow2 header but is not named .qcow2: backed "
@@ -178,22 +179,22 @@ def test_a_backing_file_is_part_of_the_guest_view(tmp_path: Path) -> None:
     assert "has no format in the image" in one_error_line(r)
 
 
-def _removed(image: Path, p1: str) -> str:
-    run("qemu-img", "bitmap", "--remove", "-f", "qcow2", str(image), f"cbt-{p1}")
+def _removed(image: Path, bitmap: str) -> str:
+    run("qemu-img", "bitmap", "--remove", "-f", "qcow2", str(image), bitmap)
     guest_writes(image, 3, 4, SIZE)
-    return f"bitmap cbt-{p1} missing in {image}"
+    return f"bitmap {bitmap} missing in {image}"
 
 
-def _resized(image: Path, p1: str) -> str:
+def _resized(image: Path, bitmap: str) -> str:
     guest_writes(image, 3, 4, SIZE)
     run("qemu-img", "resize", "-q", "-f", "qcow2", str(image), str(SIZE + MIB))
     return "disk resized"
 
 
-def _inconsistent(image: Path, p1: str) -> str:
+def _inconsistent(image: Path, bitmap: str) -> str:
     kill_while_writing(image, [(5 * MIB, 65536, 9), (SIZE - 4096, 4096, 10)])
-    assert image_bitmaps(image) == {f"cbt-{p1}": ["auto", "in-use"]}
-    return f"bitmap cbt-{p1} in {image} is inconsistent (QEMU stopped uncleanly)"
+    assert image_bitmaps(image) == {bitmap: ["auto", "in-use"]}
+    return f"bitmap {bitmap} in {image} is inconsistent (QEMU stopped uncleanly)"
 
 
 @pytest.mark.slow
@@ -202,12 +203,12 @@ def _inconsistent(image: Path, p1: str) -> str:
 def test_an_unusable_bitmap_hashes_with_the_reason(tmp_path: Path, damage: Any) -> None:
     vault, image, _ = _setup(tmp_path)
     p1 = _backup(vault, image)["recovery_point"]
-    reason = damage(image, p1)
+    reason = damage(image, cbt_bitmap(vault, p1))
     second = _backup(vault, image)
     p2 = second["recovery_point"]
     assert _source(second) == ("hash", reason)
     assert _restored(vault, p2, tmp_path) == raw_bytes(image, "qcow2", tmp_path)
-    assert image_bitmaps(image) == {f"cbt-{p2}": ["auto"]}  # the broken one is gone
+    assert image_bitmaps(image) == {cbt_bitmap(vault, p2): ["auto"]}  # the broken one is gone
     guest_writes(image, 4, 3, SIZE)
     third = _backup(vault, image)
     assert _source(third) == ("qemu-bitmap", None)  # tracked again from there
@@ -224,7 +225,7 @@ def test_a_killed_backup_leaves_its_bitmap_and_the_next_misses_nothing(tmp_path:
                        env=crash_env(1, tmp_path))
     assert r.returncode == -signal.SIGKILL
     left = image_bitmaps(image)
-    assert f"cbt-{p1}" in left and len(left) == 2  # the killed run's bitmap stayed
+    assert cbt_bitmap(vault, p1) in left and len(left) == 2  # the killed run's bitmap stayed
     assert nbd_servers_of(image) == []  # (it died with the run)
     left_dirs = list(Path(tempfile.gettempdir()).glob("cbt-q-*"))
     assert left_dirs  # its socket folder (removed by the next run)
@@ -233,7 +234,7 @@ def test_a_killed_backup_leaves_its_bitmap_and_the_next_misses_nothing(tmp_path:
     assert _source(second) == ("qemu-bitmap", None)
     assert _restored(vault, second["recovery_point"], tmp_path) == raw_bytes(image, "qcow2",
                                                                              tmp_path)
-    assert image_bitmaps(image) == {f"cbt-{second['recovery_point']}": ["auto"]}
+    assert image_bitmaps(image) == {cbt_bitmap(vault, second['recovery_point']): ["auto"]}
     assert not any(d.exists() for d in left_dirs)
 
 
@@ -247,7 +248,7 @@ def test_an_image_in_use_fails_in_one_line(tmp_path: Path) -> None:
     line = one_error_line(r)
     assert f"{image}: in use by a running QEMU" in line and "lock" in line
     assert "json:" not in line and "/dev/fd/" not in line  # (cbt's names for QEMU)
-    assert image_bitmaps(image) == {f"cbt-{p1}": ["auto"]}  # untouched
+    assert image_bitmaps(image) == {cbt_bitmap(vault, p1): ["auto"]}  # untouched
     listed = cbt_json("list", vault)
     assert [p["recovery_point"] for p in listed["points"]] == [p1]
 
@@ -285,7 +286,7 @@ def test_a_config_job_reads_a_qcow2_through_its_bitmap(tmp_path: Path, encrypted
     assert _source(second) == ("qemu-bitmap", None)
     assert _restored(vault, second["recovery_point"], tmp_path, env) == raw_bytes(
         image, "qcow2", tmp_path)
-    assert image_bitmaps(image) == {f"cbt-{second['recovery_point']}": ["auto"]}
+    assert image_bitmaps(image) == {cbt_bitmap(vault, second['recovery_point']): ["auto"]}
     assert nbd_servers_of(image) == []
 
 
@@ -358,3 +359,22 @@ def test_a_raw_device_starting_like_a_qcow2_is_read_raw(tmp_path: Path) -> None:
         assert line["disks"][0]["size"] == 4 * MIB
         assert _restored(vault, line["recovery_point"], tmp_path) == data
     assert backing.read_bytes() == data
+
+
+@pytest.mark.slow
+def test_two_vaults_backing_up_one_image_keep_their_own_bitmaps(tmp_path: Path) -> None:
+    """The same image into a local and a second vault under one VM name: each vault's
+    bitmaps are named by its own scope, so neither run removes or merges the other's."""
+    vault, image, _ = _setup(tmp_path)
+    other = tmp_path / "other"
+    init_cli_vault(other, False, tmp_path)
+    a1 = _backup(vault, image)["recovery_point"]
+    b1 = _backup(other, image)["recovery_point"]
+    assert set(image_bitmaps(image)) == {cbt_bitmap(vault, a1), cbt_bitmap(other, b1)}
+    guest_writes(image, 5, 6, SIZE)
+    for v in (vault, other):
+        line = _backup(v, image)
+        assert _source(line) == ("qemu-bitmap", None)
+        assert _restored(v, line["recovery_point"], tmp_path) == raw_bytes(image, "qcow2",
+                                                                           tmp_path)
+    assert len(image_bitmaps(image)) == 2

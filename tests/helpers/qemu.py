@@ -252,3 +252,12 @@ def _holds(proc: Path, image: Path) -> bool:
         return any(os.path.realpath(fd) == want for fd in (proc / "fd").iterdir())
     except OSError:
         return False
+
+
+def cbt_bitmap(vault: str | os.PathLike[str], point: str) -> str:
+    """The bitmap point ``point`` of ``vault`` leaves on its disks: ``cbt-<scope>-<point>``,
+    the scope from the vault's id and the point's VM (as the jobs name them)."""
+    from cbt.source.qemu import bitmap_name, scope_of
+
+    vault_id = json.loads((Path(vault) / "config").read_text())["id"]
+    return bitmap_name(point, scope_of(vault_id, point.split(".", 1)[0]))

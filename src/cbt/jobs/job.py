@@ -75,6 +75,7 @@ from cbt.source.qcow2 import (
     open_offline,
     unnamed_qcow2_warnings,
 )
+from cbt.source.qemu import scope_of
 from cbt.source.snapshot import (
     SNAPSHOT_DIR,
     SnapshotSet,
@@ -317,7 +318,8 @@ class Job:
         if self.images:
             prev = self.vault.latest(vmc.name)
             self.offline_set = self.offline.enter_context(open_offline(
-                self.images, self.point_id, prev.id if prev else None))
+                self.images, self.point_id, prev.id if prev else None,
+                scope_of(str(self.vault.config["id"]), vmc.name)))
         return self.snaps
 
     def post_hook(self) -> list[str]:

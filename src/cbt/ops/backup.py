@@ -229,11 +229,13 @@ def _backup_offline(vault: Vault, request: BackupRequest,
     tracked by their bitmaps: the point's id is chosen first (it names the new bitmap);
     the bitmaps settle after the commit (or are merged back on failure)."""
     from cbt.source.qcow2 import open_offline
+    from cbt.source.qemu import scope_of
 
     created = request.created or utc_now()
     point_id = request.point_id or vault.unused_point_id(request.vm, created)
     prev = vault.latest(request.vm)
-    with open_offline(images, point_id, prev.id if prev else None) as offline:
+    scope = scope_of(str(vault.config["id"]), request.vm)
+    with open_offline(images, point_id, prev.id if prev else None, scope) as offline:
         consistency = request.consistency
         if len(images) == len(request.disks) and consistency == ("crash", "live read"):
             consistency = offline.consistency

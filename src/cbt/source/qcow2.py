@@ -620,15 +620,16 @@ def _stop(d: OfflineDisk) -> None:
         proc.stderr.close()
 
 
-def _prepare(label: str, path: str, point_id: str, previous_point: str | None) -> OfflineDisk:
+def _prepare(label: str, path: str, point_id: str, previous_point: str | None,
+             scope: str) -> OfflineDisk:
     info, image = pin(path)
     try:
-        new = bitmap_name(point_id)
+        new = bitmap_name(point_id, scope)
         untracked = _cannot_add(image, info)
         if untracked is not None:  # (the image is left as it is: read, never written)
             return OfflineDisk(label, path, info.size, new, None, untracked, image,
                                tracked=False)
-        previous = bitmap_name(previous_point) if previous_point else None
+        previous = bitmap_name(previous_point, scope) if previous_point else None
         why = _unusable(info, previous)
         _recover(image, info, previous, why is None, new.split(".", 1)[0] + ".")
     except BaseException:
@@ -716,19 +717,22 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def open_offline(disks: Mapping[str, str], point_id: str,
-                 previous_point: str | None) -> Iterator[OfflineSet]:
+def open_offline(disks: Mapping[str, str], point_id: str, previous_point: str | None,
+                 scope: str = "") -> Iterator[OfflineSet]:
     """The qcow2 disks among ``disks`` (label -> path) served for one run (see the module).
 
     ``previous_point``: the id of the VM's point this run follows (its bitmaps say
-    what changed).  Call :meth:`OfflineSet.commit` once the point is committed.
+    what changed); ``scope``: the vault's and VM's (:func:`cbt.source.qemu.scope_of`),
+    in every bitmap name, as a running VM's job names them (an image backed up into two
+    vaults keeps a bitmap for each, and a VM's bitmaps serve it stopped or running).
+    Call :meth:`OfflineSet.commit` once the point is committed.
     """
     with stop_signals():
         offline = OfflineSet(point_id)
         try:
             for label, path in disks.items():
                 if is_qcow2(path):
-                    d = _prepare(label, path, point_id, previous_point)
+                    d = _prepare(label, path, point_id, previous_point, scope)
                     offline.disks[label] = d
                     _check_unique(offline, d)
                     if d.tracked:
