@@ -24,8 +24,9 @@ from helpers.vaults import PASSWORD, fast_kdf
 from cbt.api import Vault
 from cbt.jobs.config import load
 from cbt.jobs.demo import run_demo
-from cbt.jobs.job import JobRequest, run, run_vm
+from cbt.jobs.job import JobRequest
 from cbt.jobs.retention import prune
+from cbt.jobs.runner import run, run_vm
 from cbt.jobs.scheduler import daemon, run_due
 from cbt.ops.gc import gc
 from cbt.ops.verify import verify

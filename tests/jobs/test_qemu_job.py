@@ -22,7 +22,8 @@ from helpers.vaults import PASSWORD, fast_kdf
 
 from cbt.api import Vault
 from cbt.jobs.config import load
-from cbt.jobs.job import JobRequest, JobResult, run_vm
+from cbt.jobs.job import JobRequest, JobResult
+from cbt.jobs.runner import run_vm
 from cbt.repo.registry import list_jobs
 from cbt.source.qemu import QmpSession, bitmap_name, scope_of
 

@@ -30,8 +30,9 @@ from helpers.vaults import init_cli_vault
 from cbt.api import Vault
 from cbt.jobs.config import ConfigError, load
 from cbt.jobs.hooks import HookResult
-from cbt.jobs.job import JobRequest, run_vm
+from cbt.jobs.job import JobRequest
 from cbt.jobs.qemu import AgentResult, qemu_consistency
+from cbt.jobs.runner import run_vm
 from cbt.source.qemu import QmpSession, bitmap_name, scope_of
 
 MIB = 1 << 20

@@ -18,7 +18,8 @@ from helpers.qmp_daemon import Daemon, storage_daemon
 
 from cbt.api import Vault
 from cbt.jobs.config import load
-from cbt.jobs.job import JobRequest, JobResult, run_vm
+from cbt.jobs.job import JobRequest, JobResult
+from cbt.jobs.runner import run_vm
 from cbt.source.qemu import QmpSession, bitmap_name, scope_of
 
 MIB = 1 << 20
@@ -104,7 +105,8 @@ def test_two_vaults_interleaved_never_touch_each_others_bitmaps(tmp_path: Path,
 _OTHER_RUN = """
 import json, sys
 from cbt.jobs.config import load
-from cbt.jobs.job import JobRequest, run_vm
+from cbt.jobs.job import JobRequest
+from cbt.jobs.runner import run_vm
 res = run_vm(load(sys.argv[1]), "web", JobRequest(workers=1))
 print(json.dumps({"error": res.error, "point": res.point.id if res.point else None}))
 """

@@ -17,7 +17,8 @@ from helpers.system import need
 
 from cbt.api import Vault
 from cbt.jobs.config import load
-from cbt.jobs.job import JobRequest, JobResult, run_vm
+from cbt.jobs.job import JobRequest, JobResult
+from cbt.jobs.runner import run_vm
 from cbt.source.qemu import scope_of
 
 MIB = 1 << 20

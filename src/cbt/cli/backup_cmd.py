@@ -184,7 +184,8 @@ def _hint_files(items: list[str], labels: list[str]) -> dict[str, str]:
 
 def _run_config(args: argparse.Namespace) -> int:
     from cbt.jobs.config import load
-    from cbt.jobs.job import JobRequest, run_vm
+    from cbt.jobs.job import JobRequest
+    from cbt.jobs.runner import run_vm
 
     config = load(args.config)
     find = finder(args, config.vault)  # one finder: asked (or read) once for every VM

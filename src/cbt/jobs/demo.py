@@ -39,7 +39,7 @@ from cbt.core.timefmt import rfc3339
 from cbt.format.records import check_point_time
 from cbt.jobs.config import Config
 from cbt.jobs.config import load as load_config
-from cbt.jobs.job import run as run_jobs
+from cbt.jobs.runner import run as run_jobs
 from cbt.ops.diff import PointDiff, PointRef, diff_points
 from cbt.ops.restore import RestoreRequest, restore
 from cbt.repo.keys import ENV_FILE, Passphrase, passphrase_from_env

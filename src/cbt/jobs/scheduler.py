@@ -16,7 +16,7 @@ The daemon:
    flag; then again from 2, until stopped.
 
 An encrypted vault is opened with the passphrase given (a finder, such as a
-prompt, is asked once for all the jobs: :func:`cbt.jobs.job.asked_once`), else
+prompt, is asked once for all the jobs: :func:`cbt.jobs.runner.asked_once`), else
 ``CBT_PASSWORD_FILE`` or ``CBT_PASSWORD``; the daemon opens it before it starts,
 so a wrong passphrase stops it at once.
 """
@@ -32,8 +32,9 @@ from typing import Any
 
 from cbt.core.timefmt import rfc3339
 from cbt.jobs.config import Config
-from cbt.jobs.job import JobRequest, JobResult, asked_once, run_vm
+from cbt.jobs.job import JobRequest, JobResult
 from cbt.jobs.policy import latest_slot, next_slot
+from cbt.jobs.runner import asked_once, run_vm
 from cbt.repo.keys import Passphrase
 from cbt.repo.vault import Vault
 
