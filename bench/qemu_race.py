@@ -90,24 +90,10 @@ class Vm:
                 "--export", "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
                 "--chardev", f"socket,id=qmp0,path={self.qmp},server=on,wait=off",
                 "--monitor", "chardev=qmp0"]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while not (self.qmp.exists() and self.nbd.exists()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                self.stop()
-                raise harness.BenchError(f"qemu-storage-daemon did not start: {err.strip()}")
-            time.sleep(0.05)
+        self.proc = harness.start_server(argv, [self.qmp, self.nbd], "qemu-storage-daemon")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        harness.stop_server(self.proc)
         self.proc = None
 
     def rewrite(self, share: float, write: int, seed: int) -> int:
