@@ -206,21 +206,9 @@ def summarize(runs: list[tr.Run]) -> list[dict[str, Any]]:
     hashed = harness.median([r.seconds for r in runs if r.tool == "hash"])
     rows = []
     for tool in TOOLS:
-        mine = [r for r in runs if r.tool == tool]
-        secs = [r.seconds for r in mine]
-        rows.append({
-            "tool": tool, "seconds": secs, "median": harness.median(secs), "min": min(secs),
-            "max": max(secs), "spread": harness.spread(secs),
-            "cpu_median": harness.median([r.cpu for r in mine]),
-            "bytes_read_median": int(harness.median([r.said["bytes_read"] or 0
-                                                     for r in mine])),
-            "stored_median": int(harness.median([r.stored for r in mine])),
-            "change_sources": sorted({tr._source(r.said) for r in mine}),
-            "verified_median": int(harness.median([r.said.get("verified_blocks") or 0
-                                                   for r in mine])),
-            "hint_mismatches": sum(r.said.get("hint_mismatches") or 0 for r in mine),
-            "ratio": hashed / harness.median(secs),  # how much faster than the hash read
-        })
+        summary = tr.row(tool, [r for r in runs if r.tool == tool])
+        # how much faster than the hash read
+        rows.append({**summary, "ratio": hashed / summary["median"]})
     return rows
 
 
