@@ -55,7 +55,7 @@ def prog() -> str:
 try:
     import cbt
     from cbt.core.extents import data_extents
-    from cbt.core.sizes import parse_size
+    from cbt.core.sizes import human_bytes, parse_size
 except ImportError as exc:  # a missing or stale build: say so in one line
     sys.exit(f"{prog()}: cannot import cbt: {exc}")
 
@@ -193,6 +193,13 @@ def loadavg(values: Iterable[float]) -> str:
 
 
 # --------------------------------------------------------------------------- files
+
+def machine_line(m: dict[str, Any]) -> str:
+    """A report's first line: the machine of :func:`machine` and its load before and after."""
+    return (f"machine: {m['cpu_model']}, nproc {m['nproc']}, {human_bytes(m['memory'])} RAM, "
+            f"Linux {m['kernel']}; load average before/after: "
+            f"{loadavg(m['loadavg_before'])} / {loadavg(m['loadavg_after'])}")
+
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)

@@ -215,9 +215,7 @@ def summarize(runs: list[tr.Run]) -> list[dict[str, Any]]:
 def human_report(res: dict[str, Any]) -> str:
     m, d = res["machine"], res["disk"]
     out = [
-        f"machine: {m['cpu_model']}, nproc {m['nproc']}, {human_bytes(m['memory'])} RAM, "
-        f"Linux {m['kernel']}; load average before/after: "
-        f"{harness.loadavg(m['loadavg_before'])} / {harness.loadavg(m['loadavg_after'])}",
+        harness.machine_line(m),
         f"software: cbt {m['cbt']} (Python {m['python']}), {m['qemu']}",
         f"disk: {human_bytes(d['size'])} qcow2 of an ext4 file system: {d['copies']} "
         f"varied copies of {tr.TREE} ({human_bytes(d['files_bytes'])} of files) and "

@@ -497,9 +497,7 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
 def human_report(res: dict[str, Any]) -> str:
     m, d = res["machine"], res["disk"]
     out = [
-        f"machine: {m['cpu_model']}, nproc {m['nproc']}, {human_bytes(m['memory'])} RAM, "
-        f"Linux {m['kernel']}; load average before/after: "
-        f"{harness.loadavg(m['loadavg_before'])} / {harness.loadavg(m['loadavg_after'])}",
+        harness.machine_line(m),
         f"software: cbt {m['cbt']} (Python {m['python']})"
         + (f", {m['borg']}" if res["borg"] else "; borg not run (--no-borg)"),
         f"file system: XFS (reflink=1) on a loop device (direct I/O) backed by a sparse file "
