@@ -55,7 +55,7 @@ def prog() -> str:
 try:
     import cbt
     from cbt.core.extents import data_extents
-    from cbt.core.sizes import parse_size
+    from cbt.core.sizes import human_bytes, parse_size
 except ImportError as exc:  # a missing or stale build: say so in one line
     sys.exit(f"{prog()}: cannot import cbt: {exc}")
 
@@ -193,6 +193,13 @@ def loadavg(values: Iterable[float]) -> str:
 
 
 # --------------------------------------------------------------------------- files
+
+def machine_line(m: dict[str, Any]) -> str:
+    """A report's first line: the machine of :func:`machine` and its load before and after."""
+    return (f"machine: {m['cpu_model']}, nproc {m['nproc']}, {human_bytes(m['memory'])} RAM, "
+            f"Linux {m['kernel']}; load average before/after: "
+            f"{loadavg(m['loadavg_before'])} / {loadavg(m['loadavg_after'])}")
+
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
@@ -339,6 +346,35 @@ def run_timed(argv: list[str], ok_codes: tuple[int, ...] = (0,), cwd: Path | Non
         tail = proc.stderr.decode(errors="replace").strip()[-2000:]
         raise BenchError(f"{shlex.join(argv)} exited {proc.returncode}: {tail}")
     return seconds, cpu, (proc.stdout or b"").decode(errors="replace")
+
+
+def start_server(argv: list[str], ready: Iterable[Path], name: str,
+                 timeout: float = 30) -> subprocess.Popen[bytes]:
+    """Start a server (qemu-nbd, qemu-storage-daemon) and wait until every path of
+    ``ready`` (its sockets) exists.  One that exits first or takes over ``timeout``
+    seconds is stopped and raises, with its stderr."""
+    paths = list(ready)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() for p in paths):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise BenchError(f"{name} did not start: {err.strip()}")
+        time.sleep(0.05)
+    return proc
+
+
+def stop_server(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL after 30 s; reaped either way (None: nothing to stop)."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def median(xs: list[float]) -> float:

@@ -221,15 +221,7 @@ class Server:
                     "--blockdev", "driver=qcow2,node-name=disk0,file=file0,read-only=on",
                     "--nbd-server", f"addr.type=unix,addr.path={self.sock},max-connections=16",
                     "--export", "type=nbd,id=disk,node-name=disk0,name=disk"]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while not self.sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                self.stop()
-                raise harness.BenchError(f"{self.name} did not start: {err.strip()}")
-            time.sleep(0.05)
+        self.proc = harness.start_server(argv, [self.sock], self.name)
 
     def cpu(self) -> float:
         assert self.proc is not None
@@ -241,13 +233,7 @@ class Server:
         return f"nbd+unix:///disk?socket={self.sock}"
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        harness.stop_server(self.proc)
         self.proc = None
 
 

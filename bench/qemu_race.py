@@ -90,24 +90,10 @@ class Vm:
                 "--export", "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
                 "--chardev", f"socket,id=qmp0,path={self.qmp},server=on,wait=off",
                 "--monitor", "chardev=qmp0"]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while not (self.qmp.exists() and self.nbd.exists()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                self.stop()
-                raise harness.BenchError(f"qemu-storage-daemon did not start: {err.strip()}")
-            time.sleep(0.05)
+        self.proc = harness.start_server(argv, [self.qmp, self.nbd], "qemu-storage-daemon")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        harness.stop_server(self.proc)
         self.proc = None
 
     def rewrite(self, share: float, write: int, seed: int) -> int:
@@ -220,30 +206,16 @@ def summarize(runs: list[tr.Run]) -> list[dict[str, Any]]:
     hashed = harness.median([r.seconds for r in runs if r.tool == "hash"])
     rows = []
     for tool in TOOLS:
-        mine = [r for r in runs if r.tool == tool]
-        secs = [r.seconds for r in mine]
-        rows.append({
-            "tool": tool, "seconds": secs, "median": harness.median(secs), "min": min(secs),
-            "max": max(secs), "spread": harness.spread(secs),
-            "cpu_median": harness.median([r.cpu for r in mine]),
-            "bytes_read_median": int(harness.median([r.said["bytes_read"] or 0
-                                                     for r in mine])),
-            "stored_median": int(harness.median([r.stored for r in mine])),
-            "change_sources": sorted({tr._source(r.said) for r in mine}),
-            "verified_median": int(harness.median([r.said.get("verified_blocks") or 0
-                                                   for r in mine])),
-            "hint_mismatches": sum(r.said.get("hint_mismatches") or 0 for r in mine),
-            "ratio": hashed / harness.median(secs),  # how much faster than the hash read
-        })
+        summary = tr.row(tool, [r for r in runs if r.tool == tool])
+        # how much faster than the hash read
+        rows.append({**summary, "ratio": hashed / summary["median"]})
     return rows
 
 
 def human_report(res: dict[str, Any]) -> str:
     m, d = res["machine"], res["disk"]
     out = [
-        f"machine: {m['cpu_model']}, nproc {m['nproc']}, {human_bytes(m['memory'])} RAM, "
-        f"Linux {m['kernel']}; load average before/after: "
-        f"{harness.loadavg(m['loadavg_before'])} / {harness.loadavg(m['loadavg_after'])}",
+        harness.machine_line(m),
         f"software: cbt {m['cbt']} (Python {m['python']}), {m['qemu']}",
         f"disk: {human_bytes(d['size'])} qcow2 of an ext4 file system: {d['copies']} "
         f"varied copies of {tr.TREE} ({human_bytes(d['files_bytes'])} of files) and "

@@ -698,9 +698,7 @@ def set_lines(ds: DataSet, info: dict[str, Any], summary: dict[str, Any]) -> lis
 def human_report(result: dict[str, Any], sets: list[DataSet]) -> str:
     m = result["machine"]
     out = [
-        f"machine: {m['cpu_model']}, nproc {m['nproc']}, {human_bytes(m['memory'])} RAM, "
-        f"Linux {m['kernel']}; load average before/after: "
-        f"{harness.loadavg(m['loadavg_before'])} / {harness.loadavg(m['loadavg_after'])}",
+        harness.machine_line(m),
         f"software: cbt {m['cbt']} (Python {m['python']}), {m['borg']}, {m['restic']}, "
         f"{m['cp']}",
         f"runs: median of {result['runs']}, interleaved run by run in rotating order; "

@@ -462,39 +462,42 @@ def _source(said: dict[str, Any]) -> str:
     return str(said["change_source"]) + (f" ({reason})" if reason else "")
 
 
+def row(tool: str, mine: list[Run]) -> dict[str, Any]:
+    """One tool's summary over its runs ``mine``: times, CPU, reads, growth and what the tool
+    said (None where it said nothing); the caller adds its ``ratio``."""
+    secs = [r.seconds for r in mine]
+    sources = sorted({_source(r.said) for r in mine if r.said.get("change_source")})
+    verified = [r.said["verified_blocks"] for r in mine
+                if r.said.get("verified_blocks") is not None]
+    said_read = [r.said["bytes_read"] for r in mine if r.said.get("bytes_read") is not None]
+    return {
+        "tool": tool, "seconds": secs, "median": harness.median(secs),
+        "min": min(secs), "max": max(secs), "spread": harness.spread(secs),
+        "cpu_median": harness.median([r.cpu for r in mine]),
+        "inblock_median": int(harness.median([r.inblock for r in mine])),
+        "bytes_read_median": int(harness.median(said_read)) if said_read else None,
+        "stored_median": int(harness.median([r.stored for r in mine])),
+        "change_sources": sources,
+        "verified_median": int(harness.median(verified)) if verified else None,
+        "hint_mismatches": sum(r.said.get("hint_mismatches") or 0 for r in mine),
+    }
+
+
 def summarize(runs: list[Run]) -> list[dict[str, Any]]:
     rows = []
     tracked = harness.median([r.seconds for r in runs if r.tool == "tracked"])
     for tool in TOOLS:
         mine = [r for r in runs if r.tool == tool]
-        if not mine:
-            continue
-        secs = [r.seconds for r in mine]
-        sources = sorted({_source(r.said) for r in mine if r.said.get("change_source")})
-        verified = [r.said["verified_blocks"] for r in mine
-                    if r.said.get("verified_blocks") is not None]
-        said_read = [r.said["bytes_read"] for r in mine if r.said.get("bytes_read") is not None]
-        rows.append({
-            "tool": tool, "seconds": secs, "median": harness.median(secs),
-            "min": min(secs), "max": max(secs), "spread": harness.spread(secs),
-            "cpu_median": harness.median([r.cpu for r in mine]),
-            "inblock_median": int(harness.median([r.inblock for r in mine])),
-            "bytes_read_median": int(harness.median(said_read)) if said_read else None,
-            "stored_median": int(harness.median([r.stored for r in mine])),
-            "change_sources": sources,
-            "verified_median": int(harness.median(verified)) if verified else None,
-            "hint_mismatches": sum(r.said.get("hint_mismatches") or 0 for r in mine),
-            "ratio": harness.median(secs) / tracked,
-        })
+        if mine:
+            summary = row(tool, mine)
+            rows.append({**summary, "ratio": summary["median"] / tracked})
     return rows
 
 
 def human_report(res: dict[str, Any]) -> str:
     m, d = res["machine"], res["disk"]
     out = [
-        f"machine: {m['cpu_model']}, nproc {m['nproc']}, {human_bytes(m['memory'])} RAM, "
-        f"Linux {m['kernel']}; load average before/after: "
-        f"{harness.loadavg(m['loadavg_before'])} / {harness.loadavg(m['loadavg_after'])}",
+        harness.machine_line(m),
         f"software: cbt {m['cbt']} (Python {m['python']})"
         + (f", {m['borg']}" if res["borg"] else "; borg not run (--no-borg)"),
         f"file system: XFS (reflink=1) on a loop device (direct I/O) backed by a sparse file "

@@ -49,6 +49,20 @@ def _restore(vault: Path, point: str, to: Path, *extra: object,
     return cbt_json("restore", vault, point, "--to", to, "--format", "qcow2", *extra, env=env)
 
 
+def _hanging_convert(tmp_path: Path, convert_first: bool) -> dict[str, str]:
+    """The environment of a cbt whose qemu-img, in ``convert``, touches ``tmp_path/hung`` and
+    hangs (with ``convert_first``, after converting: the target is written)."""
+    real = run("sh", "-c", "command -v qemu-img").strip()
+    convert = f'"{real}" "$@"; ' if convert_first else ""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "qemu-img").write_text(
+        f'#!/bin/sh\nif [ "$1" = convert ]; then {convert}touch "{tmp_path}/hung"; '
+        f'exec sleep 600; fi\nexec "{real}" "$@"\n')
+    (shim / "qemu-img").chmod(0o755)
+    return {"PATH": f"{shim}:{os.environ['PATH']}"}
+
+
 def _within(inner: list[tuple[int, int]], outer: list[tuple[int, int]]) -> bool:
     return all(any(a <= lo and hi <= b for a, b in outer) for lo, hi in inner)
 
@@ -157,16 +171,9 @@ def test_restore_qcow2_on_a_full_disk_leaves_nothing(tmp_path: Path) -> None:
 def test_a_killed_qcow2_restore_is_cleaned_by_the_next(tmp_path: Path) -> None:
     vault, image, point, _ = _point(tmp_path)
     # qemu-img that hangs in convert (after it began writing): the restore is killed there
-    real = run("sh", "-c", "command -v qemu-img").strip()
-    shim = tmp_path / "bin"
-    shim.mkdir()
-    (shim / "qemu-img").write_text(
-        f'#!/bin/sh\nif [ "$1" = convert ]; then "{real}" "$@"; touch "{tmp_path}/hung"; '
-        f'exec sleep 600; fi\nexec "{real}" "$@"\n')
-    (shim / "qemu-img").chmod(0o755)
     out = tmp_path / "out"
     p = start_cbt("restore", vault, point, "--to", out, "--format", "qcow2",
-                  env={"PATH": f"{shim}:{os.environ['PATH']}"})
+                  env=_hanging_convert(tmp_path, convert_first=True))
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / "hung").exists() and p.poll() is None:
@@ -244,15 +251,8 @@ def test_qemu_img_dies_with_a_killed_restore(tmp_path: Path) -> None:
     """cbt SIGKILLed (alone, not its process group) while qemu-img converts: qemu-img
     must not keep running (PR_SET_PDEATHSIG)."""
     vault, _image, point, _ = _point(tmp_path)
-    real = run("sh", "-c", "command -v qemu-img").strip()
-    shim = tmp_path / "bin"
-    shim.mkdir()
-    (shim / "qemu-img").write_text(
-        f'#!/bin/sh\nif [ "$1" = convert ]; then touch "{tmp_path}/hung"; exec sleep 600; '
-        f'fi\nexec "{real}" "$@"\n')
-    (shim / "qemu-img").chmod(0o755)
     p = start_cbt("restore", vault, point, "--to", tmp_path / "out", "--format", "qcow2",
-                  env={"PATH": f"{shim}:{os.environ['PATH']}"})
+                  env=_hanging_convert(tmp_path, convert_first=False))
     kids: list[int] = []
     try:
         deadline = time.monotonic() + 60

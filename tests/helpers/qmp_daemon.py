@@ -9,6 +9,7 @@ daemon is always stopped (and the FUSE mounts released) when the context ends.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from cbt.source.qemu import QmpSession, bitmap_name, scope_of
 from helpers.qemu import create, need_qemu
 from helpers.system import need
 
@@ -52,6 +55,23 @@ class Daemon:
 
     def read(self, name: str) -> bytes:
         return self.guest(name).read_bytes()
+
+    def bitmaps(self, node: str) -> dict[str, dict[str, Any]]:
+        """The named dirty bitmaps of ``node``: name -> what QEMU says of it."""
+        with QmpSession(self.qmp) as s:
+            for n in s.command("query-named-block-nodes", {"flat": True}):
+                if n["node-name"] == node:
+                    return {b["name"]: b for b in n.get("dirty-bitmaps", []) if "name" in b}
+        raise AssertionError(f"no node {node}")
+
+    def leftovers(self) -> set[str]:
+        """What no cbt run may leave in QEMU once done: nodes and exports named ``cbt-...``,
+        and any block job."""
+        with QmpSession(self.qmp) as s:
+            names = {n["node-name"] for n in s.command("query-named-block-nodes", {"flat": True})}
+            names |= {e["id"] for e in s.command("query-block-exports")}
+            jobs = {j["id"] for j in s.command("query-jobs")}
+        return {n for n in names if n.startswith("cbt-")} | jobs
 
     def start(self) -> None:
         args = ["qemu-storage-daemon"]
@@ -94,6 +114,12 @@ class Daemon:
             if sock is not None:
                 with contextlib.suppress(FileNotFoundError):
                     sock.unlink()
+
+
+def vault_bitmap(vault: Path, point: str, vm: str) -> str:
+    """The bitmap a point of ``vm`` in the vault at ``vault`` leaves (scoped by vault and VM)."""
+    vault_id = json.loads((vault / "config").read_text())["id"]
+    return bitmap_name(point, scope_of(vault_id, vm))
 
 
 @contextlib.contextmanager

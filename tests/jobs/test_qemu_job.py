@@ -8,7 +8,6 @@ point restored by cbt, and QEMU's own answers over QMP.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 from helpers.jobs import write_config
-from helpers.qmp_daemon import Daemon, storage_daemon
+from helpers.qmp_daemon import Daemon, storage_daemon, vault_bitmap
 from helpers.system import need
 from helpers.vaults import PASSWORD, fast_kdf
 
@@ -25,7 +24,7 @@ from cbt.jobs.config import load
 from cbt.jobs.job import JobRequest, JobResult
 from cbt.jobs.runner import run_vm
 from cbt.repo.registry import list_jobs
-from cbt.source.qemu import QmpSession, bitmap_name, scope_of
+from cbt.source.qemu import QmpSession
 
 MIB = 1 << 20
 KIB = 1 << 10
@@ -35,8 +34,7 @@ VM = "web"
 def _bm(root: Path, point: str, vm: str = VM) -> str:
     """The bitmap a point of ``vm`` in the vault ``root/vault`` leaves (scoped by vault and
     VM)."""
-    vault_id = json.loads((root / "vault" / "config").read_text())["id"]
-    return bitmap_name(point, scope_of(vault_id, vm))
+    return vault_bitmap(root / "vault", point, vm)
 
 
 def _config(root: Path, d: Daemon, **vm: Any) -> Path:
@@ -64,31 +62,8 @@ def _restored(root: Path, vault: Vault, point: str, label: str) -> bytes:
     return data
 
 
-def _bitmaps(d: Daemon, node: str) -> dict[str, dict[str, Any]]:
-    with QmpSession(d.qmp) as s:
-        for n in s.command("query-named-block-nodes", {"flat": True}):
-            if n["node-name"] == node:
-                return {b["name"]: b for b in n.get("dirty-bitmaps", [])}
-    raise AssertionError(node)
-
-
-def _leftovers(d: Daemon) -> tuple[set[str], set[str], set[str]]:
-    with QmpSession(d.qmp) as s:
-        nodes = {n["node-name"] for n in s.command("query-named-block-nodes", {"flat": True})}
-        exports = {e["id"] for e in s.command("query-block-exports")}
-        jobs = {j["id"] for j in s.command("query-jobs")}
-    return ({n for n in nodes if n.startswith("cbt-")},
-            {e for e in exports if e.startswith("cbt-")}, jobs)
-
-
 def _disk(point: Any, label: str) -> Any:
     return next(x for x in point.disks if x.label == label)
-
-
-@pytest.fixture
-def daemon(tmp_path: Path):
-    with storage_daemon(tmp_path, {"os": 4 * MIB, "db": 2 * MIB}) as d:
-        yield d
 
 
 @pytest.mark.slow
@@ -108,7 +83,7 @@ def test_full_then_incremental_equal_the_guest_view(tmp_path: Path, daemon: Daem
         assert _disk(first.point, label).path == str(daemon.image(label))
     assert first.point.consistency == "crash"
     assert "one QMP transaction" in first.point.consistency_reason
-    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, first.point.id)}
+    assert set(daemon.bitmaps("os")) == {_bm(tmp_path, first.point.id)}
 
     daemon.write("os", 2 * MIB + 5000, b"\x11" * 3000)  # 2 blocks of 16K touched
     second = _run(cfg, encrypted)
@@ -120,8 +95,8 @@ def test_full_then_incremental_equal_the_guest_view(tmp_path: Path, daemon: Daem
         assert _restored(tmp_path, vault, second.point.id, label) == daemon.read(label)
     # read: the changed blocks (one 64K granule = 4 blocks) and the verification sample
     assert os_rec.changed_blocks >= 1 and os_rec.bytes_read < 400 * KIB
-    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, second.point.id)}
-    assert _leftovers(daemon) == (set(), set(), set())
+    assert set(daemon.bitmaps("os")) == {_bm(tmp_path, second.point.id)}
+    assert daemon.leftovers() == set()
     assert not any((tmp_path / "qmp.sock.cbt").iterdir())
     jobs = list_jobs(vault, VM)
     assert [j.status for j in jobs] == ["succeeded", "succeeded"]
@@ -170,7 +145,7 @@ def test_sigkill_of_qemu_makes_the_bitmap_inconsistent_full_read(tmp_path: Path,
     daemon.write("os", 3 * MIB, b"\x33" * 4096)
     daemon.stop(signal.SIGKILL)
     daemon.start()
-    assert _bitmaps(daemon, "os")[_bm(tmp_path, first.point.id)]["inconsistent"] is True
+    assert daemon.bitmaps("os")[_bm(tmp_path, first.point.id)]["inconsistent"] is True
     second = _run(cfg)
     assert second.point is not None, second.error
     rec = _disk(second.point, "os")
@@ -178,7 +153,7 @@ def test_sigkill_of_qemu_makes_the_bitmap_inconsistent_full_read(tmp_path: Path,
     assert rec.change_source_reason == (f"bitmap {_bm(tmp_path, first.point.id)} on node os "
                                         "is inconsistent (QEMU stopped uncleanly)")
     assert _restored(tmp_path, vault, second.point.id, "os") == daemon.read("os")
-    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, second.point.id)}
+    assert set(daemon.bitmaps("os")) == {_bm(tmp_path, second.point.id)}
     daemon.write("os", 1 * MIB, b"\x34" * 4096)  # and the new bitmap is used next time
     third = _run(cfg)
     assert third.point is not None, third.error
@@ -243,9 +218,9 @@ def test_a_failing_transfer_merges_the_bitmap_back_and_misses_nothing(tmp_path: 
 
     failed = _run(cfg, progress=fail)
     assert failed.point is None and "injected transfer failure" in (failed.error or "")
-    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, first.point.id)}  # merged back
-    assert _bitmaps(daemon, "os")[_bm(tmp_path, first.point.id)]["recording"] is True
-    assert _leftovers(daemon) == (set(), set(), set())
+    assert set(daemon.bitmaps("os")) == {_bm(tmp_path, first.point.id)}  # merged back
+    assert daemon.bitmaps("os")[_bm(tmp_path, first.point.id)]["recording"] is True
+    assert daemon.leftovers() == set()
     third = _run(cfg)
     assert third.point is not None, third.error
     assert _disk(third.point, "os").change_source == "qemu-bitmap"
@@ -270,8 +245,8 @@ def test_sigterm_during_the_transfer_merges_the_bitmap_back(tmp_path: Path,
 
     with pytest.raises(JobAborted, match="SIGTERM"):
         _run(cfg, progress=term)
-    assert set(_bitmaps(daemon, "db")) == {_bm(tmp_path, first.point.id)}
-    assert _leftovers(daemon) == (set(), set(), set())
+    assert set(daemon.bitmaps("db")) == {_bm(tmp_path, first.point.id)}
+    assert daemon.leftovers() == set()
     assert [j.status for j in list_jobs(vault, VM)] == ["succeeded", "failed"]
     again = _run(cfg)
     assert again.point is not None, again.error
@@ -296,7 +271,7 @@ def test_change_tracking_hash_and_full_scan_read_everything(tmp_path: Path,
     assert third.point is not None, third.error
     assert _disk(third.point, "os").change_source_reason == "--full-scan"
     assert _restored(tmp_path, vault, third.point.id, "os") == daemon.read("os")
-    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, third.point.id)}  # the bitmap goes on
+    assert set(daemon.bitmaps("os")) == {_bm(tmp_path, third.point.id)}  # the bitmap goes on
 
 
 DEAD = "web.20261130T010000Z.dead01"  # a job that died with its guest frozen
@@ -389,7 +364,7 @@ def test_a_vm_of_the_longest_name(tmp_path: Path, daemon: Daemon) -> None:
         assert res.point is not None, res.error
         assert _restored(tmp_path, vault, res.point.id, "os") == daemon.read("os")
     assert _disk(res.point, "os").change_source == "qemu-bitmap"
-    assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, res.point.id, vm)}
+    assert set(daemon.bitmaps("os")) == {_bm(tmp_path, res.point.id, vm)}
 
 
 def test_a_short_range_of_a_view_costs_no_big_buffer(tmp_path: Path, daemon: Daemon) -> None:
@@ -443,8 +418,8 @@ def test_disks_naming_one_node_twice_fail_in_one_line(tmp_path: Path, daemon: Da
     res = _run(cfg)
     assert res.point is None
     assert res.error == (f"{daemon.qmp}: disks 'a' and 'b' are the same block node 'os'")
-    assert _leftovers(daemon) == (set(), set(), set())
-    assert _bitmaps(daemon, "os") == {}
+    assert daemon.leftovers() == set()
+    assert daemon.bitmaps("os") == {}
 
 
 @pytest.mark.slow
@@ -519,10 +494,10 @@ def test_a_storm_of_sigterms_still_tears_down_and_merges_back(tmp_path: Path,
             t.join()
         signal.signal(signal.SIGTERM, old)
     assert storms
-    assert _leftovers(daemon) == (set(), set(), set())
+    assert daemon.leftovers() == set()
     for node in ("os", "db"):
-        assert set(_bitmaps(daemon, node)) == {_bm(tmp_path, first.point.id)}
-        assert _bitmaps(daemon, node)[_bm(tmp_path, first.point.id)]["recording"] is True
+        assert set(daemon.bitmaps(node)) == {_bm(tmp_path, first.point.id)}
+        assert daemon.bitmaps(node)[_bm(tmp_path, first.point.id)]["recording"] is True
     again = _run(cfg)
     assert again.point is not None, again.error
     assert _disk(again.point, "db").change_source == "qemu-bitmap"
@@ -538,7 +513,7 @@ def test_a_disk_qemu_names_unlike_a_label_is_named_in_disks(tmp_path: Path) -> N
         assert res.point is None
         assert res.error == ("vm web: QEMU's disk 'drive.0' (node 'drive.0') is no usable "
                              'label: name it in disks, e.g. disks = { drive_0 = "drive.0" }')
-        assert _leftovers(d) == (set(), set(), set())
+        assert d.leftovers() == set()
         res = _run(_config(tmp_path, d, disks={"drive_0": "drive.0"}))
         assert res.point is not None, res.error
         assert _restored(tmp_path, vault, res.point.id, "drive_0") == d.read("drive.0")
@@ -567,8 +542,8 @@ def test_an_nbd_socket_that_is_not_qemus(tmp_path: Path, daemon: Daemon) -> None
             assert res.point is None and res.error is not None
             assert res.error == (f"{daemon.qmp}: nbd {nbd} is given, but this QEMU runs no "
                                  "NBD server (leave nbd out: cbt starts its own)")
-            assert _leftovers(daemon) == (set(), set(), set())
-            assert set(_bitmaps(daemon, "os")) == {_bm(tmp_path, first.point.id)}
+            assert daemon.leftovers() == set()
+            assert set(daemon.bitmaps("os")) == {_bm(tmp_path, first.point.id)}
     finally:
         proc.terminate()
         proc.wait()
@@ -614,7 +589,7 @@ def test_a_sigterm_at_every_step_leaves_nothing_and_loses_nothing(
             with pytest.raises(JobAborted):
                 _run(cfg)
             time.sleep(0.5)  # the storm is over
-            assert _leftovers(daemon) == (set(), set(), set()), i
+            assert daemon.leftovers() == set(), i
             daemon.write("db", (i % 30) * 64 * KIB, os.urandom(3000))
     finally:
         signal.signal(signal.SIGTERM, old)

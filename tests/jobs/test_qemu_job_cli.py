@@ -23,7 +23,7 @@ from helpers.jobs import (
     write_config,
     write_hook,
 )
-from helpers.qmp_daemon import Daemon, host_guest_agent, storage_daemon
+from helpers.qmp_daemon import Daemon, host_guest_agent, vault_bitmap
 from helpers.shapes import CHECK_VM_KEYS
 from helpers.vaults import init_cli_vault
 
@@ -33,7 +33,7 @@ from cbt.jobs.hooks import HookResult
 from cbt.jobs.job import JobRequest
 from cbt.jobs.qemu import AgentResult, qemu_consistency
 from cbt.jobs.runner import run_vm
-from cbt.source.qemu import QmpSession, bitmap_name, scope_of
+from cbt.source.qemu import QmpSession
 
 MIB = 1 << 20
 KIB = 1 << 10
@@ -43,35 +43,12 @@ VM = "web"
 def _bm(root: Path, point: str, vm: str = VM) -> str:
     """The bitmap a point of ``vm`` in the vault ``root/vault`` leaves (scoped by vault and
     VM)."""
-    vault_id = json.loads((root / "vault" / "config").read_text())["id"]
-    return bitmap_name(point, scope_of(vault_id, vm))
-
-
-@pytest.fixture
-def daemon(tmp_path: Path):
-    with storage_daemon(tmp_path, {"os": 4 * MIB, "db": 2 * MIB}) as d:
-        yield d
+    return vault_bitmap(root / "vault", point, vm)
 
 
 def _config(root: Path, d: Daemon, schedule: str = "daily 02:00", **vm: Any) -> Path:
     return write_config(root / "cbt.toml", {"p": {"schedule": schedule}},
                         {VM: {"policy": "p", "qmp": str(d.qmp), **vm}})
-
-
-def _cbt_leftovers(d: Daemon) -> set[str]:
-    with QmpSession(d.qmp) as s:
-        names = {n["node-name"] for n in s.command("query-named-block-nodes", {"flat": True})}
-        names |= {e["id"] for e in s.command("query-block-exports")}
-        names |= {j["id"] for j in s.command("query-jobs")}
-    return {n for n in names if n.startswith("cbt-")}
-
-
-def _bitmap_names(d: Daemon, node: str) -> set[str]:
-    with QmpSession(d.qmp) as s:
-        for n in s.command("query-named-block-nodes", {"flat": True}):
-            if n["node-name"] == node:
-                return {b["name"] for b in n.get("dirty-bitmaps", []) if "name" in b}
-    raise AssertionError(node)
 
 
 def _restored(root: Path, vault: Path, point: str, label: str,
@@ -104,15 +81,15 @@ def test_cbt_backup_killed_after_the_cut_then_the_next_run_misses_nothing(
     proc = start_cbt("backup", "--config", cfg, "--json", env=env)
     proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL
-    left = _cbt_leftovers(daemon)  # the post hook runs right after the transaction
+    left = daemon.leftovers()  # the post hook runs right after the transaction
     scope = _bm(tmp_path, "x")[len("cbt-"):-len("-x")]
     assert any(n.startswith(f"cbt-{scope}-n") for n in left)  # overlays
     assert any(n.startswith(f"cbt-{scope}-j") for n in left)  # backup jobs
-    assert len(_bitmap_names(daemon, "os")) == 2  # the killed run's new bitmap is left
+    assert len(daemon.bitmaps("os")) == 2  # the killed run's new bitmap is left
     daemon.write("os", 3 * MIB, b"\x62" * 5000)  # after it: recorded by both bitmaps
 
     line = one_point(cfg) if env is None else _one_point_env(cfg, env)
-    assert _cbt_leftovers(daemon) == set()
+    assert daemon.leftovers() == set()
     said = " ".join(line["warnings"])
     assert f"released what an earlier run left in QEMU: cbt-{scope}-" in said
     assert f"bitmaps an earlier run left folded into {_bm(tmp_path, first)}: db: cbt-{scope}-" \
@@ -125,7 +102,7 @@ def test_cbt_backup_killed_after_the_cut_then_the_next_run_misses_nothing(
     for label in ("os", "db"):
         assert _restored(tmp_path, vault, line["recovery_point"], label, env) == \
             daemon.read(label)
-    assert _bitmap_names(daemon, "os") == {_bm(tmp_path, line['recovery_point'])}
+    assert set(daemon.bitmaps("os")) == {_bm(tmp_path, line['recovery_point'])}
     assert first != line["recovery_point"]
     assert sorted(j["status"] for j in jobs_json_env(vault, env)) == [
         "interrupted", "succeeded", "succeeded"]
@@ -248,8 +225,8 @@ def test_a_blocked_guest_freeze_falls_back_or_fails_and_is_recorded(
         assert res.point is None
         assert res.error is not None and res.error.startswith("guest agent freeze failed")
         assert res.error.endswith('(on_pre_failure = "fail")')
-        assert _cbt_leftovers(daemon) == set()
-        assert len(_bitmap_names(daemon, "os")) == 1  # no new bitmap
+        assert daemon.leftovers() == set()
+        assert len(daemon.bitmaps("os")) == 1  # no new bitmap
 
 
 def test_consistency_levels_of_a_qemu_vm(tmp_path: Path) -> None:
@@ -295,7 +272,7 @@ def test_an_nbd_server_qemu_already_runs(tmp_path: Path, daemon: Daemon) -> None
     assert res.point is None and res.error is not None
     assert "already runs an NBD server" in res.error and "nbd" in res.error
     assert "\n" not in res.error
-    assert _cbt_leftovers(daemon) == set()
+    assert daemon.leftovers() == set()
     daemon.write("db", 0, b"\x81" * 7000)
     cfg = _config(tmp_path, daemon, nbd=str(theirs))
     res = run_vm(load(cfg), VM, JobRequest())
@@ -304,7 +281,7 @@ def test_an_nbd_server_qemu_already_runs(tmp_path: Path, daemon: Daemon) -> None
     vault.restore(res.point.id, out, disk="db")
     assert out.read_bytes() == daemon.read("db")
     assert theirs.exists()  # their server still runs: cbt only added and removed exports
-    assert _cbt_leftovers(daemon) == set()
+    assert daemon.leftovers() == set()
 
 
 @pytest.mark.slow
@@ -331,7 +308,7 @@ def test_a_run_killed_at_each_durable_step_loses_no_change(tmp_path: Path,
         daemon.write("os", (step * 13 % 60) * 64 * KIB + 100, os.urandom(2000))  # after it
         res = run_vm(load(cfg), VM, JobRequest())  # in this process: cheaper
         assert res.point is not None, (step, res.error)
-        assert _cbt_leftovers(daemon) == set(), step
+        assert daemon.leftovers() == set(), step
         v = Vault.open(vault)
         for d in res.point.disks:
             assert d.change_source == "qemu-bitmap", (step, d)
@@ -340,7 +317,7 @@ def test_a_run_killed_at_each_durable_step_loses_no_change(tmp_path: Path,
             assert out.read_bytes() == daemon.read(d.label), (step, d.label)
             out.unlink()
         for node in ("os", "db"):
-            assert _bitmap_names(daemon, node) == {_bm(tmp_path, res.point.id)}, step
+            assert set(daemon.bitmaps(node)) == {_bm(tmp_path, res.point.id)}, step
         step += 1
     assert killed >= 10
 
@@ -428,4 +405,4 @@ def test_a_second_backup_of_the_vm_while_one_runs_fails_at_once(tmp_path: Path,
     assert sorted(work.iterdir()) == held
     out, _ = first.communicate(timeout=120)
     assert first.returncode == 0, out
-    assert _cbt_leftovers(daemon) == set()
+    assert daemon.leftovers() == set()

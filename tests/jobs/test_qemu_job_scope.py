@@ -48,14 +48,6 @@ def _bm(vault: Vault, point: str) -> str:
     return bitmap_name(point, scope_of(str(vault.config["id"]), VM))
 
 
-def _bitmaps(d: Daemon, node: str) -> set[str]:
-    with QmpSession(d.qmp) as s:
-        for n in s.command("query-named-block-nodes", {"flat": True}):
-            if n["node-name"] == node:
-                return {b["name"] for b in n.get("dirty-bitmaps", []) if "name" in b}
-    raise AssertionError(node)
-
-
 def _exact(root: Path, vault: Vault, res: JobResult, d: Daemon, source: str) -> None:
     assert res.point is not None, res.error
     for rec in res.point.disks:
@@ -76,13 +68,13 @@ def test_two_vaults_interleaved_never_touch_each_others_bitmaps(tmp_path: Path,
     _exact(tmp_path, va, a1, daemon, "hash")
     _exact(tmp_path, vb, b1, daemon, "hash")
     assert a1.point is not None and b1.point is not None
-    assert _bitmaps(daemon, "os") == {_bm(va, a1.point.id), _bm(vb, b1.point.id)}
+    assert set(daemon.bitmaps("os")) == {_bm(va, a1.point.id), _bm(vb, b1.point.id)}
 
     daemon.write("os", 1 * MIB, b"\x01" * 5000)
     a2 = _run(cfg_a)
     _exact(tmp_path, va, a2, daemon, "qemu-bitmap")
     assert a2.point is not None
-    assert _bitmaps(daemon, "os") == {_bm(va, a2.point.id), _bm(vb, b1.point.id)}
+    assert set(daemon.bitmaps("os")) == {_bm(va, a2.point.id), _bm(vb, b1.point.id)}
     # a bitmap A's killed run left (A's scope): B leaves it alone, A folds it back
     left = _bm(va, "web.20261130T000000Z-dead")
     with QmpSession(daemon.qmp) as s:
@@ -91,13 +83,13 @@ def test_two_vaults_interleaved_never_touch_each_others_bitmaps(tmp_path: Path,
     b2 = _run(cfg_b)
     _exact(tmp_path, vb, b2, daemon, "qemu-bitmap")  # saw the write A already took
     assert b2.point is not None and not any("earlier run" in w for w in b2.point.warnings)
-    assert left in _bitmaps(daemon, "db")
+    assert left in daemon.bitmaps("db")
     daemon.write("os", 3 * MIB, b"\x03" * 5000)
     a3 = _run(cfg_a)
     _exact(tmp_path, va, a3, daemon, "qemu-bitmap")
     assert a3.point is not None
     assert any(left in w for w in a3.point.warnings)
-    assert _bitmaps(daemon, "db") == {_bm(va, a3.point.id), _bm(vb, b2.point.id)}
+    assert set(daemon.bitmaps("db")) == {_bm(va, a3.point.id), _bm(vb, b2.point.id)}
     b3 = _run(cfg_b)
     _exact(tmp_path, vb, b3, daemon, "qemu-bitmap")
 
@@ -163,18 +155,10 @@ def test_a_second_vault_starting_in_the_middle_of_a_transfer(tmp_path: Path, dae
     else:  # QEMU runs one NBD server, A's: B fails at once, in one line
         assert "already runs an NBD server" in b_said["error"]
         assert "\n" not in b_said["error"]
-    assert {n for n in _names(daemon) if n.startswith("cbt-")} == set()
+    assert daemon.leftovers() == set()
     daemon.write("os", 2 * MIB, os.urandom(5000))
     _exact(tmp_path, va, _run(cfg_a), daemon, "qemu-bitmap")
     _exact(tmp_path, vb, _run(cfg_b), daemon, "qemu-bitmap")
     if shared_nbd:
         with QmpSession(daemon.qmp) as s:
             s.command("nbd-server-stop")
-
-
-def _names(d: Daemon) -> set[str]:
-    with QmpSession(d.qmp) as s:
-        names = {n["node-name"] for n in s.command("query-named-block-nodes", {"flat": True})}
-        names |= {e["id"] for e in s.command("query-block-exports")}
-        names |= {j["id"] for j in s.command("query-jobs")}
-    return names

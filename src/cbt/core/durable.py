@@ -88,6 +88,18 @@ def temp_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.tmp-{os.getpid()}")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs (this one does; one of another user's counts): the
+    owner of a leftover named by its pid, such as a ``.NAME.tmp-PID``, may still be at work."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_file(target: str | os.PathLike[str], mode: int = 0o666) -> Iterator[BinaryIO]:
     """Open a temporary file that becomes ``target`` only if the block completes.

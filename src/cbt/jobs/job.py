@@ -49,10 +49,11 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from functools import partial
+from types import FrameType
 
 from cbt.core.errors import CbtError
 from cbt.core.timefmt import utc_now
@@ -126,12 +127,8 @@ def abort_on_signals() -> Iterator[None]:
     def handler(signum: int, _frame: object) -> None:
         raise JobAborted(f"aborted by {signal.Signals(signum).name}")
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with _handling(handler):
         yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 @contextlib.contextmanager
@@ -149,14 +146,23 @@ def signals_deferred() -> Iterator[None]:
     def defer(signum: int, _frame: object) -> None:
         got.append(signum)
 
-    old = {s: signal.signal(s, defer) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with _handling(defer):
+            yield
+    finally:
+        if got:
+            signal.raise_signal(got[0])
+
+
+@contextlib.contextmanager
+def _handling(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """``handler`` for SIGTERM and SIGINT while the block runs; the previous ones after."""
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        if got:
-            signal.raise_signal(got[0])
 
 
 # -- steps 2 to 8: the job ----------------------------------------------------------------

@@ -77,7 +77,7 @@ from cbt.core.blockio import (
     zero_range,
 )
 from cbt.core.crypto import OVERHEAD, Cipher
-from cbt.core.durable import fsync_dir, fsync_file, temp_name
+from cbt.core.durable import fsync_dir, fsync_file, pid_alive, temp_name
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 from cbt.core.native import fast
 from cbt.core.parallel import Report, fork_map
@@ -908,7 +908,7 @@ def _remove_if_stale(path: str, pid: int, own: bool) -> bool:
         if not stat.S_ISREG(st.st_mode):
             return False
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a live restore's (OSError)
-        if not (own and pid == os.getpid()) and not _gone(pid):
+        if not (own and pid == os.getpid()) and pid_alive(pid):
             return False
         now = os.stat(path, follow_symlinks=False)
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
@@ -919,19 +919,6 @@ def _remove_if_stale(path: str, pid: int, own: bool) -> bool:
         return False
     finally:
         os.close(fd)
-
-
-def _gone(pid: int) -> bool:
-    """Whether no process ``pid`` runs (never this one)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):
-        return False
-    return False
 
 
 def _discard_targets(targets: list[_Target]) -> None:

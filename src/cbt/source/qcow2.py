@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
+from cbt.core.durable import pid_alive
 from cbt.core.errors import CbtError
 from cbt.format.records import DiskRecord
 from cbt.source.changes import ChangeHint
@@ -697,23 +698,13 @@ def _sweep(base: str) -> None:
             m = re.fullmatch(r"cbt-q-([1-9][0-9]{0,9})-[A-Za-z0-9_]{1,16}", e.name)
             if not m or not e.is_dir(follow_symlinks=False) or int(m.group(1)) == os.getpid():
                 continue
-            if e.stat(follow_symlinks=False).st_uid != os.getuid() or _alive(int(m.group(1))):
+            if e.stat(follow_symlinks=False).st_uid != os.getuid() or pid_alive(int(m.group(1))):
                 continue
             with contextlib.suppress(OSError):
                 for f in os.scandir(e.path):
                     if f.name.endswith(".sock") and not f.is_dir(follow_symlinks=False):
                         os.unlink(f.path)
                 os.rmdir(e.path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 @contextlib.contextmanager

@@ -1,0 +1,17 @@
+"""Fixtures of the job tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers.qmp_daemon import Daemon, storage_daemon
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A running VM's disks: a qemu-storage-daemon serving ``os`` (4 MiB) and ``db`` (2 MiB)
+    (a test module needing others defines its own ``daemon``)."""
+    with storage_daemon(tmp_path, {"os": 4 << 20, "db": 2 << 20}) as d:
+        yield d
