@@ -206,14 +206,7 @@ def test_a_refused_freeze_falls_back_to_crash_with_the_reason(tmp_path: Path) ->
         assert left == [], left
 
 
-SLOW_FREEZE_LEFT_FROZEN = pytest.mark.xfail(strict=True, reason=(
-    "cbt.jobs.qemu: after a freeze that timed out, the thaw's own guest-sync times out too "
-    "(the agent is still in the freeze) and is not retried; the freeze then completes in "
-    "the guest and nothing thaws it"))
-
-
-@pytest.mark.parametrize("how", ["guest hook fails", pytest.param(
-    "freeze slower than the timeout", marks=SLOW_FREEZE_LEFT_FROZEN)])
+@pytest.mark.parametrize("how", ["guest hook fails", "freeze slower than the timeout"])
 def test_a_failed_freeze_is_thawed_and_recorded(tmp_path: Path, how: str) -> None:
     """The guest's own fsfreeze hook refuses (an application that cannot quiesce), or
     the freeze outlasts the hook timeout (and completes later, in the guest): crash
