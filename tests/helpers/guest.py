@@ -1,10 +1,12 @@
 """A real Linux guest under TCG, built from Debian packages: kernel, busybox, ``qemu-ga``.
 
-The guest (a kernel and an initramfs) is built once per set of package versions
-(and version of this module) and cached under ``/var/tmp`` (``cbt-guest-<key>``),
-under a lock so parallel test workers do not race; the build happens in a folder
-beside the cache, never in the temp directory, and only the finished kernel and
-initramfs stay:
+The guest (a kernel and an initramfs) is built once per test session (per set
+of package versions and version of this module) into :data:`CACHE_ROOT`, a
+folder of the session's base temp dir that the session fixture
+(``tests/jobs/conftest.py``) sets and pytest removes at the session's end
+(``cbt-guest-<key>``, under a lock so parallel test workers do not race); the
+build happens in a folder beside it, never in the system temp directory, and
+nothing of it outlives the session:
 
 - the kernel from ``apt-get download`` of the Debian cloud kernel (what
   ``linux-image-cloud-amd64`` depends on), unpacked with ``dpkg-deb -x``; the
@@ -57,7 +59,7 @@ from typing import Any
 from helpers.qemu import need_qemu, run
 from helpers.system import need
 
-CACHE_ROOT = Path("/var/tmp")
+CACHE_ROOT: Path | None = None  # set by the session fixture (tests/jobs/conftest.py)
 KERNEL_META = "linux-image-cloud-amd64"
 PACKAGES = ("busybox-static", "qemu-guest-agent")
 MODULES = ("virtio_blk", "virtio_console", "virtio_pci")
@@ -248,15 +250,17 @@ def guest_image() -> tuple[Path, Path]:
     packages = _packages()
     recipe = json.dumps(packages, sort_keys=True).encode() + Path(__file__).read_bytes()
     key = hashlib.sha256(recipe).hexdigest()[:16]  # the packages, and how it is built
-    cache = CACHE_ROOT / f"cbt-guest-{key}"
-    with open(CACHE_ROOT / "cbt-guest.lock", "a") as lock:
+    root = CACHE_ROOT
+    assert root is not None, "helpers.guest.CACHE_ROOT: set by the guest_cache fixture"
+    cache = root / f"cbt-guest-{key}"
+    with open(root / "cbt-guest.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (cache / "initrd.gz").exists():
-            for old in CACHE_ROOT.glob("cbt-guest-*"):  # half-built, or versions unused a day
+            for old in root.glob("cbt-guest-*"):  # half-built, or versions unused a day
                 if old.is_dir() and (old.suffix == ".part"
                                      or time.time() - old.stat().st_mtime > 86400):
                     shutil.rmtree(old, ignore_errors=True)
-            part = CACHE_ROOT / f"cbt-guest-{key}.part"
+            part = root / f"cbt-guest-{key}.part"
             part.mkdir()
             try:
                 _build(part, packages)

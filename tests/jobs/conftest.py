@@ -6,7 +6,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import guest
 from helpers.qmp_daemon import Daemon, storage_daemon
+
+
+@pytest.fixture(scope="session", autouse=True)
+def guest_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the test guest is built, once a session (a folder of the session's base temp
+    dir: nothing of it outlives the session)."""
+    guest.CACHE_ROOT = tmp_path_factory.mktemp("guest-cache")
+    return guest.CACHE_ROOT
 
 
 @pytest.fixture
