@@ -23,7 +23,6 @@ _GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "
 @contextlib.contextmanager
 def _fake_qmp(path: Path, answers: dict[str, Any]) -> Iterator[None]:
     """A unix socket speaking QMP's framing, answering each command from ``answers``."""
-    pytest.importorskip("qemu.qmp")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(str(path))
     srv.listen(1)
