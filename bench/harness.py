@@ -329,15 +329,27 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def tool_env(**extra: str) -> dict[str, str]:
+    """The environment of a timed tool: this one, without cbt's passphrase variables, and
+    without ``PYTHONDONTWRITEBYTECODE`` (with it, every run of an editable cbt compiles its
+    modules again, a start-up cost a pip-installed cbt, whose bytecode pip wrote, does not
+    pay), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CBT_PASSWORD", "CBT_PASSWORD_FILE", "PYTHONDONTWRITEBYTECODE")}
+    return env | extra
+
+
 def run_timed(argv: list[str], ok_codes: tuple[int, ...] = (0,), cwd: Path | None = None,
               env: dict[str, str] | None = None,
               capture: bool = False) -> tuple[float, float, str]:
-    """(wall seconds, CPU seconds, stdout) of one whole process: CPU is user +
-    sys, forked workers included; stdout is kept only with ``capture``.  An
-    exit status outside ``ok_codes`` raises, with the end of its stderr."""
+    """(wall seconds, CPU seconds, stdout) of one whole process (in ``env``, default
+    :func:`tool_env`): CPU is user + sys, forked workers included; stdout is kept only
+    with ``capture``.  An exit status outside ``ok_codes`` raises, with the end of its
+    stderr."""
     cpu = _children_cpu()
     started = time.perf_counter()
-    proc = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+    proc = subprocess.run(argv, cwd=cwd, env=tool_env() if env is None else env,
+                          stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
                           stderr=subprocess.PIPE, check=False)
     seconds = time.perf_counter() - started

@@ -133,11 +133,7 @@ class Race:
         self.config = work / "vm.toml"
         self.config_0 = work / "vm-0.toml"  # the same VM and vault, verify_fraction = 0
         self.password = work / "password"
-        self.env = dict(os.environ)
-        # PYTHONDONTWRITEBYTECODE would make every run compile cbt's modules again (an
-        # installed cbt has its bytecode from pip): a fixed cost that is not the backup's
-        for k in ("CBT_PASSWORD", "CBT_PASSWORD_FILE", "PYTHONDONTWRITEBYTECODE"):
-            self.env.pop(k, None)
+        self.env = harness.tool_env()
         self.commands: dict[str, str] = {}
 
     def argv(self, tool: str) -> list[str]:

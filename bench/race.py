@@ -263,7 +263,7 @@ class Runner:
 
     def __init__(self, work: Path) -> None:
         self.work = work
-        self.env = dict(os.environ)
+        self.env = harness.tool_env()
         self.env.update({
             "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
             "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     data = harness.size_arg(p, args.data)
     work = Path(args.dir).absolute()
     cbt = harness.find_cbt(args.cbt)
-    env = dict(os.environ, CBT_PASSWORD="thin-disk-bench")
+    env = harness.tool_env(CBT_PASSWORD="thin-disk-bench")
     result: dict[str, Any] = {"size": size, "data": data, "encryption": args.encryption,
                               "commands": {}}
     try:

@@ -343,11 +343,10 @@ class Race:
         self.password = scratch.work / "password"
         self.borg_repo = self.mnt / "borg"
         home = self.mnt / "borg-home"
-        self.env = dict(os.environ, BORG_PASSPHRASE=PASSPHRASE, BORG_BASE_DIR=str(home),
-                        BORG_CACHE_DIR=str(home / "cache"), BORG_CONFIG_DIR=str(home / "config"),
-                        BORG_SECURITY_DIR=str(home / "security"))
-        self.env.pop("CBT_PASSWORD", None)
-        self.env.pop("CBT_PASSWORD_FILE", None)
+        self.env = harness.tool_env(
+            BORG_PASSPHRASE=PASSPHRASE, BORG_BASE_DIR=str(home),
+            BORG_CACHE_DIR=str(home / "cache"), BORG_CONFIG_DIR=str(home / "config"),
+            BORG_SECURITY_DIR=str(home / "security"))
         self.full_scan = "--full-scan" in sh([cbt, "backup", "--help"])
         self.commands: dict[str, str] = {}
 
