@@ -245,8 +245,8 @@ class _BlockStore:
     def run(self, manifests: dict[str, Manifest], progress: CopyProgress | None) -> None:
         digests = [_data(m) for m in manifests.values()]
         every = np.concatenate(digests) if digests else np.zeros((0, 32), np.uint8)
-        unique = np.unique(np.ascontiguousarray(every).view("V32").ravel())
-        todo = [s for s in (bytes(u) for u in unique) if not self._held(self.ids.get(s))]
+        unique = [bytes(u) for u in np.unique(np.ascontiguousarray(every).view("V32").ravel())]
+        todo = self._lacking(unique)
         src_index = self.src.load_index(headers=True)
         found = src_index.lookup(np.frombuffer(b"".join(todo), np.uint8).reshape(-1, 32))
         if (found < 0).any():
@@ -260,6 +260,16 @@ class _BlockStore:
             if progress is not None:
                 progress(n, len(entries))
         self._flush()
+
+    def _lacking(self, unique: list[bytes]) -> list[bytes]:
+        """The SRC ids whose DST id is unknown, or known and not in DST (one index lookup)."""
+        mapped = [self.ids.get(s) for s in unique]
+        known = [i for i, m in enumerate(mapped) if m is not None]
+        held = np.zeros(len(unique), dtype=bool)
+        if known:
+            ids = np.frombuffer(b"".join(mapped[i] or b"" for i in known), np.uint8)
+            held[known] = self.index.lookup(ids.reshape(-1, 32)) >= 0
+        return [unique[i] for i in np.nonzero(~held)[0].tolist()]
 
     def _held(self, dst_id: bytes | None) -> bool:
         if dst_id is None:
