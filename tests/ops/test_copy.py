@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 from helpers.packs import pack_files, trailer_entries
-from helpers.vaults import PASSWORD, History3, fast_kdf
+from helpers.vaults import PASSWORD, History3, fast_kdf, vault_state
 
 import cbt as cbt_api
 from cbt.core.errors import CbtValueError
 from cbt.ops.copy import CopyError, copy
 from cbt.ops.gc import gc
+from cbt.repo.lock import VaultLockedError, writer_lock
 
 OTHER = "another passphrase 22"
 FORMAT1 = Path(__file__).parent.parent / "fixtures" / "vault-format1"
@@ -156,3 +157,14 @@ def test_format1_fixture_as_source(tmp_path: Path) -> None:
         for f in (tmp_path / "a" / pid).iterdir():
             assert (tmp_path / "b" / pid / f.name).read_bytes() == f.read_bytes()
     assert not dst.verify(data=True).problems
+
+
+def test_dst_writer_lock_held_and_src_untouched(pristine: History3, tmp_path: Path) -> None:
+    src = cbt_api.Vault.open(pristine.vault)
+    dst = _plain(tmp_path / "dst")
+    before = vault_state(pristine.vault)
+    with writer_lock(dst.storage), pytest.raises(VaultLockedError, match="is locked by"):
+        copy(src, dst)
+    assert dst.point_ids() == []
+    copy(src, dst, progress=lambda done, total: None)
+    assert vault_state(pristine.vault) == before  # SRC only read
