@@ -166,5 +166,7 @@ def test_dst_writer_lock_held_and_src_untouched(pristine: History3, tmp_path: Pa
     with writer_lock(dst.storage), pytest.raises(VaultLockedError, match="is locked by"):
         copy(src, dst)
     assert dst.point_ids() == []
-    copy(src, dst, progress=lambda done, total: None)
+    seen: list[tuple[int, int]] = []
+    copy(src, dst, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1][0] == seen[-1][1] == pristine.bs  # point 2: one block read
     assert vault_state(pristine.vault) == before  # SRC only read

@@ -50,7 +50,7 @@ from cbt.repo.index import Index
 from cbt.repo.lock import gc_lock, writer_lock
 from cbt.repo.vault import Vault
 
-CopyProgress = Callable[[int, int], None]
+CopyProgress = Callable[[int, int], None]  # (bytes done, bytes to read) of the point
 
 
 class CopyError(CbtError, ValueError):
@@ -255,10 +255,12 @@ class _BlockStore:
                             f"{self.src.root} (run cbt verify there)")
         entries = sorted((src_index.entry(int(p)) for p in found),
                          key=lambda e: (e.pack, e.offset))
-        for n, e in enumerate(entries, 1):
+        total, done = sum(e.raw for e in entries), 0
+        for e in entries:
             self._copy_block(e)
+            done += e.raw
             if progress is not None:
-                progress(n, len(entries))
+                progress(done, total)  # bytes read from SRC, of this point's
         self._flush()
 
     def _lacking(self, unique: list[bytes]) -> list[bytes]:
