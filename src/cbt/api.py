@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from cbt.format.manifest import Manifest
     from cbt.format.records import PointRecord
     from cbt.ops.backup import BackupProgress
+    from cbt.ops.copy import CopyResult
     from cbt.ops.diff import ChangeSet, PointDiff, Source
     from cbt.ops.restore import RestoreResult
     from cbt.ops.verify import VerifyResult
@@ -80,6 +81,15 @@ class Vault(_RepoVault):
             point, to, disk=disk, force=force, in_place=in_place, assume_zeroed=assume_zeroed,
             workers=workers, progress=progress, instant=instant,
             verify_snapshot=verify_snapshot, mode=mode, format=format))
+
+    def copy(self, to: _RepoVault, vm: str | None = None, points: Sequence[str] = (),
+             wait: float = 0.0, progress: Callable[[int, int], None] | None = None
+             ) -> CopyResult:
+        """Copy points of this vault (``points``, else all, of ``vm`` if given) into vault
+        ``to``, sending only the blocks it lacks (:mod:`cbt.ops.copy`)."""
+        from cbt.ops.copy import copy
+
+        return copy(self, to, vm, points, wait, progress)
 
     def verify(self, point: str | None = None, data: bool = False) -> VerifyResult:
         """Check points (all, or one) and optionally every stored block (:mod:`cbt.ops.verify`)."""

@@ -40,6 +40,7 @@ COMMANDS = {
     "gc": ("cbt.cli.gc_cmd", "free the blocks no recovery point references"),
     "scan": ("cbt.cli.scan_cmd", "hash every block of a disk image or device"),
     "diff": ("cbt.cli.diff_cmd", "list the blocks that differ between two images or manifests"),
+    "copy": ("cbt.cli.copy_cmd", "copy recovery points to another vault (only missing blocks)"),
     "key": ("cbt.cli.key_cmd", "list, add or remove the passphrases of an encrypted vault"),
     "demo": ("cbt.cli.demo_cmd", "generate two disk images with realistic changes and diff them"),
 }

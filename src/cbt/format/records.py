@@ -206,6 +206,7 @@ class PointRecord:
     warnings: list[str] = field(default_factory=list)
     slot: str | None = None  # the schedule slot this point fulfils (RFC 3339 UTC)
     hidden: bool = False  # pruned, kept only as the base of kept points' deltas
+    copied_from: str | None = None  # the id of the vault ``cbt copy`` copied it from
 
     def disk(self, label: str) -> DiskRecord | None:
         return next((d for d in self.disks if d.label == label), None)
@@ -222,6 +223,8 @@ class PointRecord:
             "seconds": self.seconds, "warnings": self.warnings,
             "slot": self.slot, "hidden": self.hidden,
         }
+        if self.copied_from is not None:  # (absent otherwise: older records stay as they were)
+            body["copied_from"] = self.copied_from
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         body["checksum"] = blake3.blake3(canonical.encode()).hexdigest()
         return (json.dumps(body, sort_keys=True, indent=1) + "\n").encode()
@@ -255,7 +258,8 @@ class PointRecord:
                 disks=[DiskRecord(**d) for d in body["disks"]],
                 bytes_new=body["bytes_new"], bytes_stored=body["bytes_stored"],
                 seconds=body["seconds"], warnings=body.get("warnings", []),
-                slot=body.get("slot"), hidden=body.get("hidden", False))
+                slot=body.get("slot"), hidden=body.get("hidden", False),
+                copied_from=body.get("copied_from"))
         except (KeyError, TypeError, AttributeError) as exc:
             raise CorruptPointError(f"corrupt point record {where}: {exc}") from None
         problem = record.problem()
@@ -293,6 +297,8 @@ class PointRecord:
             return f"parent {self.parent!r} is not a point id"
         if not isinstance(self.hidden, bool):
             return "hidden is not true or false"
+        if self.copied_from is not None and not isinstance(self.copied_from, str):
+            return "copied_from is not a string"
         if not isinstance(self.warnings, list) or not all(isinstance(w, str)
                                                           for w in self.warnings):
             return "warnings are not a list of strings"
