@@ -118,7 +118,9 @@ def s3_server(base: Path) -> Iterator[S3Server]:
     config = base / "s3-identity.json"
     _identity(config, secret)
     (master, volume, filer, s3, admin, webdav, debug, metrics) = _free_ports(8)
-    args = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    logs = base / "logs"
+    logs.mkdir(exist_ok=True)
+    args = [weed, f"-logdir={logs}", "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false", f"-master.port={master}", f"-volume.port={volume}",
             f"-filer.port={filer}", f"-s3.port={s3}", f"-admin.port={admin}",
             f"-webdav.port={webdav}", "-webdav=false", "-admin.ui=false",
@@ -129,7 +131,7 @@ def s3_server(base: Path) -> Iterator[S3Server]:
     started = time.monotonic()
     proc = subprocess.Popen(args, cwd=base, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "HOME": str(base)})
+                            env={**os.environ, "HOME": str(base), "TMPDIR": str(base)})
     try:
         endpoint = f"http://127.0.0.1:{s3}"
         while not _ready(endpoint, secret):
