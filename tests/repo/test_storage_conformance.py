@@ -458,3 +458,14 @@ def test_s3_credentials_from_a_profile(s3_env: S3Server, tmp_path: Path,
     monkeypatch.setenv("AWS_PROFILE", "nobody")
     with pytest.raises(CbtValueError, match="'nobody'"):
         S3Storage(f"s3://{fresh_bucket()}/p")
+
+
+def test_list_of_more_than_a_page(storage: Storage) -> None:
+    """S3 lists 1,000 keys a reply: every page is followed, each name once."""
+    from concurrent.futures import ThreadPoolExecutor
+    names = [f"index/{i:05d}.seg" for i in range(1234)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: storage.put(n, b"s"), names))
+    storage.put("other/x", b"o")
+    assert storage.list("index") == names
+    assert len(storage.list("")) == 1235
