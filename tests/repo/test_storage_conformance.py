@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -469,3 +470,62 @@ def test_list_of_more_than_a_page(storage: Storage) -> None:
     storage.put("other/x", b"o")
     assert storage.list("index") == names
     assert len(storage.list("")) == 1235
+
+
+# -- S3 replies are untrusted: a server that lies ------------------------------------------------
+
+
+class _Liar(BaseHTTPRequestHandler):
+    """Answers as S3 would, but with keys outside the prefix, too-long ranges, bad sizes."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for k, v in {"Content-Length": str(len(body)), **headers}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if "list-type=2" in self.path:
+            body = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult>"
+                    b"<Name>b</Name><Prefix>v/</Prefix><KeyCount>2</KeyCount>"
+                    b"<IsTruncated>false</IsTruncated>"
+                    b"<Contents><Key>v/packs/a</Key><Size>1</Size>"
+                    b"<LastModified>2026-01-01T00:00:00.000Z</LastModified></Contents>"
+                    b"<Contents><Key>elsewhere/secret</Key><Size>1</Size>"
+                    b"<LastModified>2026-01-01T00:00:00.000Z</LastModified></Contents>"
+                    b"</ListBucketResult>")
+            self._send(200, body, {"Content-Type": "application/xml"})
+        elif self.headers.get("Range"):
+            self._send(206, b"x" * 100, {"Content-Range": "bytes 0-99/1000",
+                                         "Last-Modified": "Thu, 01 Jan 2026 00:00:00 GMT"})
+        else:
+            self._send(200, b"x" * 10, {"Last-Modified": "Thu, 01 Jan 2026 00:00:00 GMT"})
+
+    do_HEAD = do_GET
+
+
+def test_s3_replies_are_not_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cbt.repo.s3 import S3Storage
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Liar)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}",
+                           "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                           "AWS_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        s = S3Storage("s3://bucket/v")
+        with pytest.raises(CbtIOError, match="outside the prefix"):
+            s.list("packs")
+        with pytest.raises(CbtIOError) as info:
+            s.read_range("packs/a", 0, 10)  # 100 bytes sent for 10 asked
+        assert "s3://bucket/v/packs/a" in str(info.value) and "\n" not in str(info.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
