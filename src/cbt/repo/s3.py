@@ -27,16 +27,19 @@ What object storage gives, and what it costs:
 - ``rename`` is a server-side copy then a delete: two requests, the copy's
   time grows with the object's size, and it is not atomic (a crash between
   them leaves both names; a reader may see both meanwhile).  The mtime is not
-  kept.  The vault's commit is to stop renaming (a protocol of immutable,
-  uniquely named objects whose last one is the commit).
+  kept.  Measured here: 71 ms for 8 MiB, 323 ms for 64 MiB (a put of the
+  same bytes: 87 and 713 ms).  The vault's commit is to stop renaming (a
+  protocol of immutable, uniquely named objects whose last one is the commit).
 - ``touch`` copies the object onto itself (the server sets a new mtime).
 - ``map`` reads (nothing to map); ``map`` with spans reads the whole object.
 
-Every reply is untrusted: an object longer than its ``Content-Length`` or a
-range reply longer than asked is an error, and a listed key outside the
-prefix or not a valid name is an error naming it.  Errors are one
-:class:`~cbt.core.errors.CbtIOError` line naming ``s3://bucket/key``;
-requests time out (:data:`TIMEOUT`) after obstore's retries.
+Every reply is untrusted: a body of another length than the size the reply
+gives, a range reply other than asked, a listed key outside the prefix or
+not a valid name is an error naming it; listings follow every page.  Errors
+are one :class:`~cbt.core.errors.CbtIOError` line naming ``s3://bucket/key``.
+A request times out after :data:`TIMEOUT` (connecting: :data:`CONNECT_TIMEOUT`)
+and is retried 3 times within 120 s.  Not :attr:`Storage.forkable`: obstore's
+threads do not survive a fork (workers reopen it by :meth:`S3Storage.spec`).
 
 Locks: the lock ``name`` is the object ``name``, created only when missing
 (``If-None-Match: *``); its content is the holder (:class:`LockHolder` JSON)
