@@ -59,8 +59,8 @@ Buffers = bytes | bytearray | memoryview | list[bytes | bytearray]
 class StorageSpec(NamedTuple):
     """A picklable description of a storage: its kind and where it is."""
 
-    kind: str  # "local" or "memory"
-    location: str  # a directory, or the key of a MemoryStorage in this process
+    kind: str  # "local", "memory" or "s3"
+    location: str  # a directory, the key of a MemoryStorage in this process, s3://B/P
 
 
 class ObjectStat(NamedTuple):
@@ -239,22 +239,33 @@ FILE_MODE = 0o600  # files and directories a vault creates: its owner's only
 DIR_MODE = 0o700
 
 
-# URL schemes a vault location may have (none yet: a vault is a local directory).
+# URL schemes a storage can be opened at (cbt.repo.s3: s3://BUCKET/PREFIX), and those
+# cbt's commands and Vault.init/open take as a vault location yet (none: not wired).
+STORAGE_SCHEMES: frozenset[str] = frozenset({"s3"})
 LOCATION_SCHEMES: frozenset[str] = frozenset()
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-def check_location(location: str) -> str:
+def check_location(location: str, schemes: frozenset[str] = LOCATION_SCHEMES) -> str:
     """``location`` if cbt knows where it is: a local path, not an unknown ``scheme://``
     (``s3://bucket/x`` would otherwise be a folder named ``s3:``), nor what reads as another
     host's (a ``:`` before the first ``/``, as git, scp and rsync read it: ``host:path``,
     ``s3:bucket``, ``sftp:host:/x``; ``./host:path`` names the local one); else
-    CbtValueError."""
+    CbtValueError.  ``schemes``: the URL schemes taken (:data:`STORAGE_SCHEMES` for
+    every storage cbt has; a ``s3://`` location is checked by
+    :func:`cbt.repo.s3.parse_location`)."""
     if not location:  # "$VAULT" unset: not the current directory
         raise CbtValueError("the vault location is empty")
     m = _SCHEME_RE.match(location)
-    if m and m.group(1).lower() in LOCATION_SCHEMES:
+    if m and m.group(1).lower() in schemes:
+        if m.group(1).lower() == "s3":
+            from cbt.repo.s3 import parse_location
+            parse_location(location)  # a valid bucket and prefix
         return location
+    if m and m.group(1).lower() in STORAGE_SCHEMES:
+        raise CbtValueError(f"vault location scheme {m.group(1)!r} in {location!r} is not "
+                            f"taken here yet: a vault is a local directory (write "
+                            f"./{location} for a local one)")
     if m:
         raise CbtValueError(f"unknown vault location scheme {m.group(1)!r} in "
                             f"{location!r}: a vault is a local directory (write "
@@ -825,6 +836,9 @@ def open_storage(spec: StorageSpec) -> Storage:
     """Reopen a storage from its :meth:`Storage.spec` (in a worker)."""
     if spec.kind == "local":
         return LocalStorage(Path(spec.location))  # checked when the vault was opened
+    if spec.kind == "s3":
+        from cbt.repo.s3 import S3Storage
+        return S3Storage(spec.location)
     if spec.kind == "memory":
         with _MEMORY_MUTEX:
             found = _MEMORY.get(spec.location)
@@ -835,6 +849,20 @@ def open_storage(spec: StorageSpec) -> Storage:
     raise CbtIOError(errno.EINVAL, f"unknown storage kind {spec.kind!r}")
 
 
-__all__ = ["DIR_MODE", "FILE_MODE", "Buffers", "LocalStorage", "LockBusyError", "LockHolder",
-           "MemoryStorage", "ObjectStat", "Storage", "StorageLock", "StorageSpec", "check_location",
-           "name_parts", "open_storage"]
+__all__ = [
+    "DIR_MODE",
+    "FILE_MODE",
+    "STORAGE_SCHEMES",
+    "Buffers",
+    "LocalStorage",
+    "LockBusyError",
+    "LockHolder",
+    "MemoryStorage",
+    "ObjectStat",
+    "Storage",
+    "StorageLock",
+    "StorageSpec",
+    "check_location",
+    "name_parts",
+    "open_storage",
+]
