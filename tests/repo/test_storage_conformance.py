@@ -33,8 +33,8 @@ from cbt.repo.storage import (
     MemoryStorage,
     Storage,
     StorageSpec,
-    open_storage,
 )
+from cbt.repo.stores import open_storage
 from cbt.repo.vault import NotAVaultError, Vault
 
 KINDS = ["local", "memory", "s3"]
@@ -391,8 +391,8 @@ def test_list_stays_under_the_storage_root(storage: Storage, tmp_path: Path,
 
 
 def test_s3_location_is_checked(s3_env: S3Server) -> None:
-    from cbt.repo.s3 import S3Storage, parse_location
-    from cbt.repo.storage import STORAGE_SCHEMES, check_location
+    from cbt.repo.s3 import S3Storage
+    from cbt.repo.storage import STORAGE_SCHEMES, check_location, parse_location
     assert parse_location("s3://my-bucket/a/b/") == ("my-bucket", "a/b")
     assert parse_location("s3://my-bucket") == ("my-bucket", "")
     assert check_location("s3://my-bucket/x", STORAGE_SCHEMES) == "s3://my-bucket/x"

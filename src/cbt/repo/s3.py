@@ -59,7 +59,6 @@ import configparser
 import errno
 import json
 import os
-import re
 import secrets
 import time
 from collections.abc import Callable
@@ -84,28 +83,14 @@ from cbt.repo.storage import (
     StorageLock,
     StorageSpec,
     name_parts,
+    parse_location,
 )
 
 TIMEOUT = "60s"  # one request, after which obstore retries, then gives up
 CONNECT_TIMEOUT = "5s"
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _T = TypeVar("_T")
 # obstore says "not found" with its own error or with FileNotFoundError
 _NOT_FOUND = (obx.NotFoundError, FileNotFoundError)
-
-
-def parse_location(location: str) -> tuple[str, str]:
-    """``s3://BUCKET/PREFIX`` as (bucket, prefix without its slashes); else CbtValueError."""
-    if not location[:5].lower() == "s3://":
-        raise CbtValueError(f"not an S3 location: {location!r}")
-    bucket, _, prefix = location[5:].partition("/")
-    if not _BUCKET_RE.match(bucket) or ".." in bucket:
-        raise CbtValueError(f"invalid S3 bucket name {bucket!r} in {location!r} (3-63 "
-                            "characters: lower-case letters, digits, '.' and '-')")
-    prefix = prefix.strip("/")
-    if prefix:
-        name_parts(prefix)  # no empty, "." or ".." part
-    return bucket, prefix
 
 
 def aws_settings(env: dict[str, str] | None = None) -> dict[str, str]:

@@ -25,7 +25,7 @@ disk under the vault) raises it with that error (``EIO``), saying
 in before it is handed out, so a page that cannot be read is that error too,
 not a SIGBUS when touched.  A worker process or thread never receives a Storage object: it
 receives the storage's :meth:`Storage.spec` (small and picklable) and reopens
-it with :func:`open_storage`.  A :class:`MemoryStorage` is found again only
+it with :func:`cbt.repo.stores.open_storage`.  A :class:`MemoryStorage` is found again only
 within its own process (threads, not forked or spawned processes).
 """
 
@@ -145,7 +145,8 @@ class Storage(ABC):
 
     @abstractmethod
     def spec(self) -> StorageSpec:
-        """What a worker needs to open this storage itself (:func:`open_storage`)."""
+        """What a worker needs to open this storage itself
+        (:func:`cbt.repo.stores.open_storage`)."""
 
     def where(self, name: str) -> str:
         """Where ``name`` is, for messages."""
@@ -246,6 +247,23 @@ LOCATION_SCHEMES: frozenset[str] = frozenset()
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def parse_location(location: str) -> tuple[str, str]:
+    """``s3://BUCKET/PREFIX`` as (bucket, prefix without its slashes); else CbtValueError."""
+    if not location[:5].lower() == "s3://":
+        raise CbtValueError(f"not an S3 location: {location!r}")
+    bucket, _, prefix = location[5:].partition("/")
+    if not _BUCKET_RE.match(bucket) or ".." in bucket:
+        raise CbtValueError(f"invalid S3 bucket name {bucket!r} in {location!r} (3-63 "
+                            "characters: lower-case letters, digits, '.' and '-')")
+    prefix = prefix.strip("/")
+    if prefix:
+        name_parts(prefix)  # no empty, "." or ".." part
+    return bucket, prefix
+
+
 def check_location(location: str, schemes: frozenset[str] = LOCATION_SCHEMES) -> str:
     """``location`` if cbt knows where it is: a local path, not an unknown ``scheme://``
     (``s3://bucket/x`` would otherwise be a folder named ``s3:``), nor what reads as another
@@ -253,13 +271,12 @@ def check_location(location: str, schemes: frozenset[str] = LOCATION_SCHEMES) ->
     ``s3:bucket``, ``sftp:host:/x``; ``./host:path`` names the local one); else
     CbtValueError.  ``schemes``: the URL schemes taken (:data:`STORAGE_SCHEMES` for
     every storage cbt has; a ``s3://`` location is checked by
-    :func:`cbt.repo.s3.parse_location`)."""
+    :func:`parse_location`)."""
     if not location:  # "$VAULT" unset: not the current directory
         raise CbtValueError("the vault location is empty")
     m = _SCHEME_RE.match(location)
     if m and m.group(1).lower() in schemes:
         if m.group(1).lower() == "s3":
-            from cbt.repo.s3 import parse_location
             parse_location(location)  # a valid bucket and prefix
         return location
     if m and m.group(1).lower() in STORAGE_SCHEMES:
@@ -690,7 +707,7 @@ class _LockSlot:
 class MemoryStorage(Storage):
     """A vault in this process's memory: objects in a dict, locks as threading locks.
 
-    Thread-safe.  :func:`open_storage` finds it again by its key while it lives,
+    Thread-safe.  :func:`cbt.repo.stores.open_storage` finds it again by its key while it lives,
     in this process only: threads share it; a forked worker inherits a copy it may
     read (a restore's workers) but never write: its writes would vanish with it,
     so they are refused.
@@ -832,21 +849,10 @@ _MEMORY: weakref.WeakValueDictionary[str, MemoryStorage] = weakref.WeakValueDict
 _MEMORY_MUTEX = threading.Lock()
 
 
-def open_storage(spec: StorageSpec) -> Storage:
-    """Reopen a storage from its :meth:`Storage.spec` (in a worker)."""
-    if spec.kind == "local":
-        return LocalStorage(Path(spec.location))  # checked when the vault was opened
-    if spec.kind == "s3":
-        from cbt.repo.s3 import S3Storage
-        return S3Storage(spec.location)
-    if spec.kind == "memory":
-        with _MEMORY_MUTEX:
-            found = _MEMORY.get(spec.location)
-        if found is None:
-            raise CbtIOError(errno.ENOENT, f"no memory storage {spec.location} in this process "
-                             "(memory storage is shared with threads only)")
-        return found
-    raise CbtIOError(errno.EINVAL, f"unknown storage kind {spec.kind!r}")
+def find_memory_storage(key: str) -> MemoryStorage | None:
+    """The :class:`MemoryStorage` of ``key`` while it lives in this process, else None."""
+    with _MEMORY_MUTEX:
+        return _MEMORY.get(key)
 
 
 __all__ = [
@@ -863,6 +869,7 @@ __all__ = [
     "StorageLock",
     "StorageSpec",
     "check_location",
+    "find_memory_storage",
     "name_parts",
-    "open_storage",
+    "parse_location",
 ]

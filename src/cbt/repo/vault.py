@@ -78,7 +78,8 @@ from cbt.repo.keys import (
     resolve_passphrase,
     slot_name,
 )
-from cbt.repo.storage import LocalStorage, Storage, StorageSpec, check_location, open_storage
+from cbt.repo.storage import LocalStorage, Storage, StorageSpec, check_location
+from cbt.repo.stores import open_storage
 
 if TYPE_CHECKING:
     from cbt.format.manifest import Delta, Manifest
