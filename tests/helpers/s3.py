@@ -146,6 +146,17 @@ def s3_server(base: Path) -> Iterator[S3Server]:
     finally:
         _stop(proc)
         log.close()
+        _remove_grpc_sockets((master, volume, filer, s3, admin))
+
+
+def _remove_grpc_sockets(ports: tuple[int, ...]) -> None:
+    """weed makes a unix socket for each gRPC port in /tmp whatever TMPDIR says
+    (``seaweedfs-<service>-grpc-<port>.sock``, the port being the service's + 10000) and
+    leaves it: those of this server's ports go with it."""
+    for port in {p + d for p in ports for d in (0, 10000)}:
+        for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
+            if sock.is_socket():
+                sock.unlink(missing_ok=True)
 
 
 def _ready(endpoint: str, secret: str) -> bool:
