@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,11 +12,16 @@ from helpers.qmp_daemon import Daemon, storage_daemon
 
 
 @pytest.fixture(scope="session", autouse=True)
-def guest_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def guest_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Where the test guest is built, once a session (a folder of the session's base temp
-    dir: nothing of it outlives the session)."""
-    guest.CACHE_ROOT = tmp_path_factory.mktemp("guest-cache")
-    return guest.CACHE_ROOT
+    dir, removed when the session ends: pytest keeps the last base temp dir's folders)."""
+    root = tmp_path_factory.mktemp("guest-cache")
+    guest.CACHE_ROOT = root
+    try:
+        yield root
+    finally:
+        guest.CACHE_ROOT = None
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
