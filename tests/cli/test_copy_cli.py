@@ -143,3 +143,36 @@ def test_copy_killed_at_each_step_then_resumed(two_points: tuple[Path, list[str]
             _restored(src, ids[1], tmp_path / f"s{step}", None)
         step += 3
     assert killed >= 3
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["every point", "the child alone"])
+def test_another_point_under_the_same_id_in_dst_is_never_taken_for_srcs(
+        tmp_path: Path, named: bool) -> None:
+    """Two vaults backing up one VM in the same second hold two different points under one
+    id. Where the vaults name blocks differently (an encrypted SRC) their digests cannot be
+    compared: DST's point was taken for SRC's, and its blocks for SRC's blocks (the copied
+    child restored DST's data; verify said ok).  Now: an error naming the id, or (the
+    child alone) nothing learned from DST's point: the copy restores SRC's bytes."""
+    src_env, _ = _envs(tmp_path)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _init(src, src_env)
+    _init(dst, None)
+    x, y, x2 = (tmp_path / n for n in ("x.img", "y.img", "x2.img"))
+    x.write_bytes(os.urandom(256 << 10))
+    y.write_bytes(os.urandom(256 << 10))
+    x2.write_bytes(x.read_bytes()[:100] + b"changed" + x.read_bytes()[107:])
+    for vault, disk, when, env in ((src, x, "03", src_env), (dst, y, "03", None),
+                                   (src, x2, "04", src_env)):
+        r = cbt("backup", vault, "--vm", "web", "--now", f"2026-11-30T{when}:00:00Z",
+                f"disk={disk}", env=env)
+        assert r.returncode == 0, r.stderr
+    child = "web.20261130T040000Z"
+    env = {**src_env, "CBT_TO_PASSWORD": ""}
+    r = cbt("copy", src, dst, *([child] if named else []), env=env)
+    if not named:
+        assert r.returncode != 0
+        assert "holds another point under the id web.20261130T030000Z" in one_error_line(r)
+        return
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert _restored(dst, child, out, None) == {"disk.img": x2.read_bytes()}

@@ -195,6 +195,8 @@ def _learn_from(src: Vault, dst: Vault, point_id: str, ids: IdMap) -> None:
         return
     try:
         theirs, ours = src.load_point(point_id), dst.load_point(point_id)
+        if ours.copied_from != str(src.config["id"]):  # (another point of that id)
+            return
         for d in theirs.disks:
             a, b = src.resolve(theirs, d.label), dst.resolve(ours, d.label)
             if np.array_equal(a.rows, b.rows) and np.array_equal(a.row_flags, b.row_flags):
@@ -211,8 +213,12 @@ def _check_same(src: Vault, dst: Vault, point: PointRecord, manifests: dict[str,
     except (CbtError, OSError) as exc:
         raise CopyError(f"point {point.id} exists in {dst.root} but cannot be read: "
                         f"{exc}") from None
+    # where the vaults name blocks differently, digests cannot be compared: DST's point
+    # is this one only if it was copied from this SRC (two vaults backing up one VM in
+    # the same second hold two different points under one id)
     same = ((held.vm, held.created, held.consistency) ==
             (point.vm, point.created, point.consistency)
+            and (ids.same or held.copied_from == str(src.config["id"]))
             and [(d.label, d.size, d.block_size) for d in held.disks] ==
             [(d.label, d.size, d.block_size) for d in point.disks])
     pairs = []
