@@ -211,6 +211,11 @@ class Storage(ABC):
     def lock(self, name: str) -> StorageLock:
         """A new handle on the exclusive lock ``name`` (not acquired yet)."""
 
+    def missing(self) -> str | None:
+        """Why nothing at all is here, where the storage can tell (an S3 bucket that does
+        not exist), for messages; else None."""
+        return None
+
 
 # -- names -----------------------------------------------------------------------------
 
@@ -241,9 +246,11 @@ DIR_MODE = 0o700
 
 
 # URL schemes a storage can be opened at (cbt.repo.s3: s3://BUCKET/PREFIX), and those
-# cbt's commands and Vault.init/open take as a vault location yet (none: not wired).
+# cbt's commands and Vault.init/open take as a vault location (every one of them).
 STORAGE_SCHEMES: frozenset[str] = frozenset({"s3"})
-LOCATION_SCHEMES: frozenset[str] = frozenset()
+LOCATION_SCHEMES: frozenset[str] = STORAGE_SCHEMES
+# What a vault location may be, for messages.
+WHERE_A_VAULT_IS = "a vault is a local directory or s3://BUCKET/PREFIX"
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -260,7 +267,11 @@ def parse_location(location: str) -> tuple[str, str]:
                             "characters: lower-case letters, digits, '.' and '-')")
     prefix = prefix.strip("/")
     if prefix:
-        name_parts(prefix)  # no empty, "." or ".." part
+        try:
+            name_parts(prefix)  # no empty, "." or ".." part
+        except CbtValueError:
+            raise CbtValueError(f"invalid S3 prefix {prefix!r} in {location!r} (no empty, "
+                                "'.' or '..' part)") from None
     return bucket, prefix
 
 
@@ -281,23 +292,40 @@ def check_location(location: str, schemes: frozenset[str] = LOCATION_SCHEMES) ->
         return location
     if m and m.group(1).lower() in STORAGE_SCHEMES:
         raise CbtValueError(f"vault location scheme {m.group(1)!r} in {location!r} is not "
-                            f"taken here yet: a vault is a local directory (write "
+                            f"taken here: a vault is a local directory (write "
                             f"./{location} for a local one)")
     if m:
         raise CbtValueError(f"unknown vault location scheme {m.group(1)!r} in "
-                            f"{location!r}: a vault is a local directory (write "
-                            f"./{location} for a local one)")
+                            f"{location!r}: {_where(schemes)} (write ./{location} for a "
+                            "local one)")
     if ":" in location.split("/", 1)[0]:
         raise CbtValueError(f"vault location {location!r} reads as another host's or a URL "
-                            f"(a ':' before the first '/'): a vault is a local directory "
+                            f"(a ':' before the first '/'): {_where(schemes)} "
                             f"(write ./{location} for a local one)")
     return location
 
 
+def _where(schemes: frozenset[str]) -> str:
+    return WHERE_A_VAULT_IS if "s3" in schemes else "a vault is a local directory"
+
+
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """Whether ``location`` is a URL of a storage cbt has (``s3://...``), not a path."""
+    if not isinstance(location, str):
+        return False
+    m = _SCHEME_RE.match(location)
+    return m is not None and m.group(1).lower() in STORAGE_SCHEMES
+
+
 def _local_path(root: str | os.PathLike[str]) -> str:
-    """A text location checked (:func:`check_location`); a path object is a local path
-    already (``Path("./a:b")`` is ``a:b``: no longer marked local)."""
-    return check_location(root) if isinstance(root, str) else os.fspath(root)
+    """A text location checked (:func:`check_location`) and local; a path object is a
+    local path already (``Path("./a:b")`` is ``a:b``: no longer marked local)."""
+    if not isinstance(root, str):
+        return os.fspath(root)
+    if is_url(root):
+        raise CbtValueError(f"vault location scheme {root.split(':', 1)[0]!r} in {root!r}: "
+                            "not a local directory")
+    return check_location(root)
 
 
 class LocalStorage(Storage):
@@ -870,6 +898,7 @@ __all__ = [
     "StorageSpec",
     "check_location",
     "find_memory_storage",
+    "is_url",
     "name_parts",
     "parse_location",
 ]
