@@ -193,6 +193,7 @@ class S3Storage(Storage):
 
     # obstore runs its requests on a runtime of threads a forked child would not have.
     forkable = False
+    rename_keeps_mtime = False  # (a copy then a delete: see cbt.repo.trash)
 
     def __init__(self, location: str) -> None:
         self.bucket, self.prefix = parse_location(location)

@@ -142,6 +142,9 @@ class Storage(ABC):
     root: str  # where it is, for messages
     # Whether a forked worker can write to it (a backup's default workers are forked).
     forkable: bool = True
+    # Whether rename is atomic and keeps the mtime (a directory), or a copy then a delete
+    # that sets a new one (S3): see cbt.repo.trash for what relies on it.
+    rename_keeps_mtime: bool = True
 
     @abstractmethod
     def spec(self) -> StorageSpec:
