@@ -7,6 +7,7 @@ variables the server gives.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,3 +148,47 @@ def test_half_a_set_of_credentials_is_refused(env: dict[str, str]) -> None:
     half = {k: v for k, v in env.items() if k != "AWS_SECRET_ACCESS_KEY"}
     msg = one_error_line(cbt("list", f"s3://{fresh_bucket()}/v", env=half))
     assert "AWS_ACCESS_KEY_ID is set without AWS_SECRET_ACCESS_KEY" in msg, msg
+
+
+def test_copy_both_ways_and_between_buckets(env: dict[str, str], tmp_path: Path) -> None:
+    """directory -> S3, S3 -> another bucket, S3 -> directory: each restores bit for bit,
+    sends only what DST lacks, and says where the point came from (show, list --json)."""
+    local = tmp_path / "local"
+    run_json("init", local, "--kdf-log-n", "10", env=env)
+    disk = write_random_disk(tmp_path / "os.img", 3 * MIB, seed=5)
+    point = run_json("backup", local, "--vm", "web", f"os={disk}", env=env)["recovery_point"]
+    one, two = f"s3://{fresh_bucket()}/one", f"s3://{fresh_bucket()}/two/x"
+    back = tmp_path / "back"
+    for vault in (one, two, back):
+        run_json("init", vault, "--kdf-log-n", "10", env=env)
+    pw = env["CBT_PASSWORD_FILE"]
+    for src, dst in ((local, one), (one, two), (two, back)):
+        r = cbt("copy", src, dst, "--to-password-file", pw, "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        summary = result_lines(r.stdout)[-1]
+        assert summary["points_copied"] == 1 and summary["bytes_sent"] > 0, summary
+        again = result_lines(cbt("copy", src, dst, "--to-password-file", pw, "--json",
+                                 env=env).stdout)[-1]
+        assert again["points_skipped"] == 1 and again["bytes_sent"] == 0, again
+        shown = run_json("show", dst, point, env=env)
+        listed = run_json("list", dst, env=env)["points"]
+        assert shown["copied_from"] == listed[0]["copied_from"] == _vault_id(src, env), shown
+        text = cbt("show", dst, point, env=env).stdout
+        assert f"copied from vault {shown['copied_from']}" in text, text
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        run_json("restore", dst, point, "--to", out, env=env)
+        assert_same_bytes(out / "os.img", disk)
+    assert run_json("list", local, env=env)["points"][0]["copied_from"] is None
+
+
+def _vault_id(vault: object, env: dict[str, str]) -> str:
+    """The id in a vault's config (the one copies name), read through the API."""
+    from cbt.repo.vault import Vault
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        return str(Vault.open(str(vault), PASSWORD.encode()).config["id"])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
