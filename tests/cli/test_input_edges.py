@@ -381,3 +381,12 @@ def test_instant_restore_removes_temp_files_too(site: Path) -> None:
     assert not stale.exists()
     assert str(stale) in r.stderr  # the warning names it
     assert_same_bytes(out / "db.img", site / "db.img")
+
+
+@pytest.mark.parametrize("where", ["s3://bucket/x", "host:demo"])
+def test_demo_refuses_a_directory_that_is_not_local(tmp_path: Path, where: str) -> None:
+    """The demo's vault, disks and hooks are made in --dir: an s3:// location (or another
+    host's) is one line, and no folder named s3: is made."""
+    msg = one_error_line(cbt("demo", "--dir", where, "--size", "1M", cwd=tmp_path))
+    assert where in msg and "local directory" in msg, msg
+    assert list(tmp_path.iterdir()) == []

@@ -10,8 +10,10 @@ builds a path inside a vault.
    (local: temporary name, fsync, rename, fsync of the directory).
 2. ``get``, ``read_range``, ``map`` read one; ``stat``/``size``/``exists``
    describe one; ``list(prefix)`` names the objects under a prefix, sorted.
-3. ``rename(src, dst)`` moves an object atomically and durably (replacing
-   ``dst``), keeping its modification time; ``touch`` sets that time to now.
+3. ``rename(src, dst)`` moves an object durably (replacing ``dst``): locally
+   atomically, keeping its modification time; on S3 a copy then a delete
+   (:attr:`Storage.rename_keeps_mtime` says which; the vault's commit protocol
+   without rename is in :mod:`cbt.repo.trash`); ``touch`` sets the time to now.
 4. ``delete`` removes an object (a missing one is no error); ``sync(prefix)``
    makes the deletes under ``prefix`` durable, one step for many deletes.
 5. ``lock(name)`` is an exclusive lock of that name (local: ``flock`` on the
@@ -200,7 +202,9 @@ class Storage(ABC):
 
     @abstractmethod
     def rename(self, src: str, dst: str) -> None:
-        """Durably and atomically move ``src`` to ``dst``, replacing it, keeping the mtime."""
+        """Durably move ``src`` to ``dst``, replacing it: atomically and keeping the mtime
+        where :attr:`rename_keeps_mtime` (a directory); else a copy then a delete (S3: a
+        crash between them leaves both names, see :mod:`cbt.repo.trash`)."""
 
     @abstractmethod
     def touch(self, name: str) -> None:
