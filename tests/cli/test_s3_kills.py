@@ -29,7 +29,8 @@ from helpers.system import need
 from helpers.vaults import PASSWORD
 
 ROUNDS = 4
-DISK = 40 * MIB  # five packs of 8 MiB: a kill lands between finished packs
+MAX_ROUNDS = 8  # the backup test goes on until a kill has landed after a finished pack
+DISK = 24 * MIB  # three packs of 8 MiB: a kill lands between finished packs
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +54,20 @@ def ok(*args: object, env: dict[str, str]) -> list[dict[str, Any]]:
     return result_lines(r.stdout)
 
 
-def killed(args: list[object], env: dict[str, str], after: float, vault: str) -> bool:
-    """Run cbt ARGS, SIGKILL its process group ``after`` seconds in; whether it finished
-    first (then it must have succeeded).  The locks the killed run held on ``vault`` are
-    removed, as an operator (or an expired lease) would."""
+def killed(args: list[object], env: dict[str, str], after: float, vault: str,
+           packs_first: bool = False) -> bool:
+    """Run cbt ARGS, SIGKILL its process group ``after`` seconds in (with
+    ``packs_first``: ``after`` seconds after a new pack has appeared in ``vault``);
+    whether it finished first (then it must have succeeded).  The locks the killed run
+    held are removed, as an operator (or an expired lease) would."""
+    before = _pack_count(vault, env) if packs_first else 0
     proc = start_cbt(*args, env=env)
     try:
+        if packs_first:
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and _pack_count(vault, env) <= before:
+                assert time.monotonic() < deadline, "no pack appeared"
+                time.sleep(0.01)
         proc.wait(timeout=after)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -68,6 +77,13 @@ def killed(args: list[object], env: dict[str, str], after: float, vault: str) ->
     out, err = proc.communicate()
     assert proc.returncode == 0, (args, out, err)
     return True
+
+
+def _pack_count(vault: str, env: dict[str, str]) -> int:
+    from cbt.repo.stores import storage_at
+
+    with _aws(env):
+        return len(storage_at(vault).list("packs"))
 
 
 @contextlib.contextmanager
@@ -138,17 +154,20 @@ def test_backup_killed_at_random_moments(env: dict[str, str], tmp_path: Path) ->
     rng = random.Random(15)
     full, _ = timed(["backup", vault, "--vm", "probe", f"os={disk}"], env)
     reused = 0
-    for i in range(ROUNDS):
+    for i in range(MAX_ROUNDS):
+        if i >= ROUNDS and reused:
+            break
         # new data each round: a fresh backup of it would store DISK bytes
         disk = write_random_disk(tmp_path / "os.img", DISK, seed=100 + i)
-        now = f"2026-01-0{i + 1}T00:00:00Z"
-        pid = f"web.2026010{i + 1}T000000Z"
+        now = f"2026-01-{i + 1:02d}T00:00:00Z"
+        pid = f"web.202601{i + 1:02d}T000000Z"
         truth = tmp_path / f"truth-{i}.img"
         truth.write_bytes(disk.read_bytes())
         truths[pid] = truth
-        after = rng.uniform(0.2, 1.0) * full
+        # every other round: just after a pack is finished (the reuse is checked then)
+        after = rng.uniform(0.0, 0.1 if i % 2 else 1.0) * full
         finished = killed(["backup", vault, "--vm", "web", "--now", now, f"os={disk}"], env,
-                          after, vault)
+                          after, vault, packs_first=bool(i % 2))
         ids = check_vault(vault, truths, env, tmp_path)
         if finished or pid in ids:
             continue
