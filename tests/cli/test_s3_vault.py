@@ -93,15 +93,19 @@ def test_a_config_file_naming_s3(env: dict[str, str], tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         ids += [ln["recovery_point"] for ln in result_lines(r.stdout) if ln.get("type") == "point"]
     assert len(ids) == 2, ids
+    r = cbt("run-due", "--config", cfg, "--now", "2026-01-03T03:00:00Z", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    ids += [ln["recovery_point"] for ln in result_lines(r.stdout) if ln.get("type") == "point"]
+    assert len(ids) == 3, (ids, r.stdout)
     jobs = run_json("jobs", vault, env=env)
-    assert len(jobs["jobs"]) == 2, jobs
-    pruned = run_json("prune", "--config", cfg, "--now", "2026-01-02T03:00:00Z", env=env)
-    assert [p["recovery_point"] for p in pruned["points"] if not p["keep"]] == [ids[0]], pruned
+    assert len(jobs["jobs"]) == 3, jobs
+    pruned = run_json("prune", "--config", cfg, "--now", "2026-01-03T04:00:00Z", env=env)
+    assert [p["recovery_point"] for p in pruned["points"] if not p["keep"]] == ids[:2], pruned
     listed = run_json("list", vault, env=env)
-    assert [p["recovery_point"] for p in listed["points"]] == [ids[1]], listed
+    assert [p["recovery_point"] for p in listed["points"]] == [ids[2]], listed
     run_json("gc", vault, "--grace", "0", env=env)
     out = tmp_path / "out"
-    run_json("restore", vault, ids[1], "--to", out, env=env)
+    run_json("restore", vault, ids[2], "--to", out, env=env)
     assert_same_bytes(out / "os.img", disk)
 
 
