@@ -131,6 +131,18 @@ def test_a_missing_bucket_is_named(env: dict[str, str]) -> None:
         assert f"bucket s3://{bucket} does not exist" in msg, msg
 
 
+def test_credentials_that_may_not_make_the_bucket_are_named(env: dict[str, str],
+                                                            s3: S3Server) -> None:
+    bucket = fresh_bucket()
+    msg = one_error_line(cbt("init", f"s3://{bucket}/v", "--encryption", "none",
+                             env={**env, **s3.limited_env}))
+    assert f"cannot create bucket s3://{bucket}: the credentials do not allow it" in msg, msg
+    run_json("init", f"s3://{bucket}/v", "--encryption", "none", env=env)  # an admin's
+    made = run_json("init", f"s3://{bucket}/w", "--encryption", "none",
+                    env={**env, **s3.limited_env})  # the bucket is there: no need to make it
+    assert made["vault"] == f"s3://{bucket}/w", made
+
+
 def test_wrong_credentials_are_named(env: dict[str, str]) -> None:
     vault = f"s3://{fresh_bucket()}/v"
     run_json("init", vault, "--encryption", "none", env=env)
