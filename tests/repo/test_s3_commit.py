@@ -141,3 +141,32 @@ def test_copy_reads_packs_a_gc_on_src_trashed_meanwhile(s3_env: S3Server,
     assert fired and [p.id for p in result.points] == [point.id]
     dst.restore(point.id, tmp_path / "out")
     assert_same_bytes(tmp_path / "out" / "os.img", disk)
+
+
+def test_repair_quarantines_on_s3_and_again_after_a_kill(s3_env: S3Server,
+                                                         tmp_path: Path) -> None:
+    """verify --repair's moves into quarantine/ on S3 (copy, then delete): a pack that
+    is all damage is set aside; left under both names (a kill after the copy), the next
+    repair sets it aside again, and the vault's other point still restores."""
+    from cbt.ops.verify import QUARANTINE, repair
+
+    v = _vault(f"s3://{fresh_bucket()}/q")
+    bad_disk = write_random_disk(tmp_path / "bad.img", MIB, seed=5)
+    v.backup("bad", [f"os={bad_disk}"])
+    bad = _packs(v.storage)
+    disk = write_random_disk(tmp_path / "os.img", MIB, seed=6)
+    good = v.backup("web", [f"os={disk}"])
+    for name in bad:  # every blob of the first point's packs damaged
+        raw = bytearray(v.storage.get(name))
+        for at in range(64, len(raw) - 4096, 4096):
+            raw[at] ^= 0xFF
+        v.storage.put(name, bytes(raw))
+    repair(v)
+    assert not set(bad) & set(_packs(v.storage))
+    assert {f"{QUARANTINE}/{n.rsplit('/', 1)[-1]}" for n in bad} <= set(v.storage.list(QUARANTINE))
+    for name in bad:  # as if the move had been killed after its copy
+        v.storage.put(name, v.storage.get(f"{QUARANTINE}/{name.rsplit('/', 1)[-1]}"))
+    repair(v)
+    assert not set(bad) & set(_packs(v.storage))
+    v.restore(good.id, tmp_path / "out")
+    assert_same_bytes(tmp_path / "out" / "os.img", disk)
