@@ -136,9 +136,10 @@ _CREDENTIALS = (("access_key_id", "AWS_ACCESS_KEY_ID", "aws_access_key_id"),
 
 def _credentials(env: dict[str, str], files: dict[str, str], profile: str) -> dict[str, str]:
     """One set of credentials, never half of each: the variables' (key id and secret, with
-    the token if set) when both are set, else the profile's (key id, secret and token from
-    its files); none at all (anonymous) when neither has any.  A key id without its secret
-    (or the other way round) in either is an error naming what is missing."""
+    the token if set) when a key id or secret is set there, else the profile's (key id,
+    secret and token from its files); none at all (anonymous) when neither has any.  A
+    key id without its secret (or the other way round) is an error naming what is
+    missing, as boto3 would not mix them either."""
     if env.get("AWS_ACCESS_KEY_ID") or env.get("AWS_SECRET_ACCESS_KEY"):
         source, col = "the environment", 1
         picked = {key: env.get(var, "") for key, var, _ in _CREDENTIALS}
