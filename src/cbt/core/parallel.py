@@ -128,6 +128,33 @@ def fork_map(
     return Forked(fn, tasks, ignore_stop_signals=ignore_stop_signals).wait(progress, interval)
 
 
+def thread_map(fn: Callable[[T, Report], R], tasks: Sequence[T],
+               progress: Progress | None = None) -> list[R]:
+    """:func:`fork_map` on threads of this process: for work on storage a forked
+    child cannot use (its client's threads do not survive a fork).  Results in
+    task order; the first task's exception (in task order) is raised once every
+    task has ended."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = [0] * len(tasks)
+    mutex = threading.Lock()
+
+    def reporter(k: int) -> Report:
+        def report(n: int) -> None:
+            with mutex:
+                done[k] += n
+                if progress:
+                    progress(list(done))
+        return report
+
+    if len(tasks) <= 1:
+        return [fn(t, reporter(k)) for k, t in enumerate(tasks)]
+    with ThreadPoolExecutor(len(tasks), thread_name_prefix="cbt-worker") as pool:
+        futures = [pool.submit(fn, t, reporter(k)) for k, t in enumerate(tasks)]
+        return [f.result() for f in futures]
+
+
 class Forked(Generic[R]):
     """Children started now, collected later: the caller works meanwhile.
 
