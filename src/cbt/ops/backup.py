@@ -1011,7 +1011,9 @@ class _PackSink:
             self._in_flight.append((put, writer))
 
     def _settle(self, keep: int) -> None:
-        while len(self._in_flight) > keep:
+        """Wait until at most ``keep`` puts are pending; those done already are settled
+        too (a done pack's memory goes now)."""
+        while len(self._in_flight) > keep or (self._in_flight and self._in_flight[0][0].done()):
             put, done = self._in_flight.popleft()
             put.result()  # a failed write (ENOSPC...) fails the shard here
             pid = uuid.UUID(hex=done.pack_id).bytes
