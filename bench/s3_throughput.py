@@ -26,6 +26,9 @@ imports included, CPU of the process and its children counted):
   process opens it with ``Vault.open_on`` and runs ``Vault.backup``);
 - ``raw get``: the same objects got back, ``--in-flight`` at once (kept in
   memory, then dropped);
+- ``raw get+write``: the same, each written at its place in a new file,
+  fsynced at the end (what a restore must do at least: it also checks every
+  block against its digest);
 - ``cbt restore``: the point restored from the vault into a new file
   (``Vault.restore``, which fsyncs it), checked against the image after the
   first run (untimed).
@@ -61,7 +64,7 @@ OBJECT = 8 * MIB  # cbt's pack size (cbt.format.pack.TARGET_PACK_SIZE)
 TARGET = 0.8
 PASSWORD = "s3-throughput-passphrase"
 TREES = ("/usr/lib", "/usr/share")
-OPS = ("raw put", "cbt backup", "raw get", "cbt restore")
+OPS = ("raw put", "cbt backup", "raw get", "raw get+write", "cbt restore")
 
 
 # --------------------------------------------------------------------------- images
@@ -115,7 +118,7 @@ def _store(bucket: str) -> Any:
 
 def child(op: str, a: dict[str, Any]) -> None:
     """One timed operation, in its own process (``--child OP JSON``)."""
-    if op in ("put", "get"):
+    if op in ("put", "get", "get+write"):
         import obstore
 
         store = _store(a["bucket"])
@@ -127,12 +130,20 @@ def child(op: str, a: dict[str, Any]) -> None:
             def put(k: int) -> None:
                 obstore.put(store, keys[k], os.pread(fd, OBJECT, k * OBJECT))
         else:
+            out = os.open(a["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) \
+                if op == "get+write" else -1
+
             def put(k: int) -> None:
                 got = obstore.get(store, keys[k]).bytes()
                 if len(got) != min(OBJECT, size - k * OBJECT):
                     raise SystemExit(f"{keys[k]}: {len(got)} bytes")
+                if out >= 0:
+                    os.pwrite(out, memoryview(got), k * OBJECT)
         with ThreadPoolExecutor(a["in_flight"]) as pool:
             list(pool.map(put, range(len(keys))))
+        if op == "get+write":
+            os.fsync(out)
+            os.close(out)
         return
     from cbt import Vault
     from cbt.repo.s3 import S3Storage
@@ -186,6 +197,7 @@ def one_image(name: str, image: Path, work: Path, args: argparse.Namespace,
             prof("backup")))
         times["raw get"].append(run_child("get", raw, env))
         out = work / "restored.img"
+        times["raw get+write"].append(run_child("get+write", raw | {"out": str(out)}, env))
         out.unlink(missing_ok=True)
         times["cbt restore"].append(run_child(
             "restore", {"location": location, "point": id_file.read_text(), "out": str(out)},
