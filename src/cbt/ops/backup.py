@@ -986,7 +986,8 @@ class _PackSink:
         self._cipher = cipher  # an encrypted vault's: every blob sealed
         self._writer = PackWriter(cipher=cipher)
         shared = storage.in_flight > 1
-        self._uploader = shared_uploader(storage.in_flight) if shared else Uploader(1)
+        self._uploader = (shared_uploader(storage.in_flight) if shared
+                          else Uploader(PACKS_IN_FLIGHT, threads=1))
         self._own = not shared
         self._pending = storage.in_flight if shared else PACKS_IN_FLIGHT
         self._in_flight: deque[tuple[Future[None], PackWriter]] = deque()

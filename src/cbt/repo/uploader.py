@@ -32,11 +32,13 @@ _R = TypeVar("_R")
 
 
 class Uploader:
-    """Puts on ``limit`` threads, at most ``limit`` in flight (see the module doc)."""
+    """Puts on ``threads`` threads (default ``limit``), at most ``limit`` handed over
+    (in flight, or queued for a thread) at once (see the module doc)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, threads: int | None = None) -> None:
         self.limit = max(1, limit)
-        self._pool = ThreadPoolExecutor(self.limit, thread_name_prefix="cbt-upload")
+        self._pool = ThreadPoolExecutor(max(1, min(threads or self.limit, self.limit)),
+                                        thread_name_prefix="cbt-upload")
         self._slots = threading.BoundedSemaphore(self.limit)
 
     def put(self, storage: Storage, name: str, data: Buffers) -> Future[None]:
