@@ -130,23 +130,27 @@ def fork_map(
 
 def thread_map(fn: Callable[[T, Report], R], tasks: Sequence[T],
                progress: Progress | None = None) -> list[R]:
-    """:func:`fork_map` on threads of this process (for what a forked child cannot use:
-    an S3 client's threads); results in task order, the first exception re-raised."""
+    """:func:`fork_map` on threads of this process: for work on storage a forked
+    child cannot use (its client's threads do not survive a fork).  Results in
+    task order; the first task's exception (in task order) is raised once every
+    task has ended."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     done = [0] * len(tasks)
-    guard = threading.Lock()
+    mutex = threading.Lock()
 
     def reporter(k: int) -> Report:
         def report(n: int) -> None:
-            with guard:
+            with mutex:
                 done[k] += n
                 if progress:
                     progress(list(done))
         return report
 
-    with ThreadPoolExecutor(max(1, len(tasks))) as pool:
+    if len(tasks) <= 1:
+        return [fn(t, reporter(k)) for k, t in enumerate(tasks)]
+    with ThreadPoolExecutor(len(tasks), thread_name_prefix="cbt-worker") as pool:
         futures = [pool.submit(fn, t, reporter(k)) for k, t in enumerate(tasks)]
         return [f.result() for f in futures]
 

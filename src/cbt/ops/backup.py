@@ -85,6 +85,7 @@ from cbt.ops.diff import changed_blocks
 from cbt.repo import index as index_mod
 from cbt.repo.lock import gc_lock, writer_lock
 from cbt.repo.storage import Storage, StorageSpec
+from cbt.repo.uploader import Uploader, shared_uploader
 from cbt.repo.vault import Vault, VaultSpec
 from cbt.source.base import SourceSpec, Window
 from cbt.source.changes import (
@@ -968,17 +969,27 @@ def _add_live(sink: _PackSink, digests: npt.NDArray[np.uint8], flags: npt.NDArra
 
 
 class _PackSink:
-    """A shard's packs: filled here, each written durably by a thread of its own.
+    """A shard's packs: filled here, each written durably by a thread.
 
-    The writing thread works while this one goes on hashing and compressing;
-    at most PACKS_IN_FLIGHT full packs wait in memory for it.
+    The writing threads work while this one goes on hashing and compressing.
+    Storage with one request in flight (a disk): one thread of this sink's,
+    at most PACKS_IN_FLIGHT full packs waiting in memory for it.  Storage worth
+    more (S3: :attr:`Storage.in_flight`): the process's shared uploader, whose
+    ``in_flight`` puts are shared by every shard of the process; this sink
+    waits when they are all busy, and keeps at most ``in_flight`` packs of its
+    own pending.  A failed put fails the shard when its pack is settled: its
+    error is the shard's, and nothing is committed.
     """
 
     def __init__(self, storage: Storage, cipher: Cipher | None = None) -> None:
         self._storage = storage
         self._cipher = cipher  # an encrypted vault's: every blob sealed
         self._writer = PackWriter(cipher=cipher)
-        self._putter = ThreadPoolExecutor(max_workers=1)
+        shared = storage.in_flight > 1
+        self._uploader = (shared_uploader(storage.in_flight) if shared
+                          else Uploader(PACKS_IN_FLIGHT, threads=1))
+        self._own = not shared
+        self._pending = storage.in_flight if shared else PACKS_IN_FLIGHT
         self._in_flight: deque[tuple[Future[None], PackWriter]] = deque()
         self._entries: list[_Entry] = []
 
@@ -996,13 +1007,14 @@ class _PackSink:
     def _flush(self) -> None:
         writer, self._writer = self._writer, PackWriter(cipher=self._cipher)
         if writer.entries:
-            self._settle(PACKS_IN_FLIGHT - 1)
-            put = self._putter.submit(self._storage.put, pack_name(writer.pack_id),
-                                      writer.finish())
+            self._settle(self._pending - 1)
+            put = self._uploader.put(self._storage, pack_name(writer.pack_id), writer.finish())
             self._in_flight.append((put, writer))
 
     def _settle(self, keep: int) -> None:
-        while len(self._in_flight) > keep:
+        """Wait until at most ``keep`` puts are pending; those done already are settled
+        too (a done pack's memory goes now)."""
+        while len(self._in_flight) > keep or (self._in_flight and self._in_flight[0][0].done()):
             put, done = self._in_flight.popleft()
             put.result()  # a failed write (ENOSPC...) fails the shard here
             pid = uuid.UUID(hex=done.pack_id).bytes
@@ -1012,7 +1024,15 @@ class _PackSink:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._putter.shutdown(wait=True, cancel_futures=True)
+        for put, _ in self._in_flight:
+            put.cancel()
+        if self._own:
+            self._uploader.close()
+        else:  # (the shared uploader lives on: wait for this sink's puts only)
+            for put, _ in self._in_flight:
+                if not put.cancelled():
+                    put.exception()
+        self._in_flight.clear()
 
 
 # -- 3b. verify what the change sources said ------------------------------------------

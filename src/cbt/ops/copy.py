@@ -32,7 +32,10 @@ import dataclasses
 import errno
 import os
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +52,7 @@ from cbt.repo import index as index_mod
 from cbt.repo.index import Index
 from cbt.repo.lock import gc_lock, writer_lock
 from cbt.repo.trash import read_pack_range
+from cbt.repo.uploader import read_ahead, shared_uploader
 from cbt.repo.vault import Vault
 
 CopyProgress = Callable[[int, int], None]  # (bytes done, bytes to read) of the point
@@ -248,6 +252,7 @@ class _BlockStore:
         self.new: set[bytes] = set()
         self.entries: list[index_mod.IndexEntry] = []
         self.writer = PackWriter(cipher=dst.keys.cipher if dst.keys is not None else None)
+        self.puts: deque[Future[None]] = deque()  # packs on their way to DST
 
     def run(self, manifests: dict[str, Manifest], progress: CopyProgress | None) -> None:
         digests = [_data(m) for m in manifests.values()]
@@ -263,12 +268,34 @@ class _BlockStore:
         entries = sorted((src_index.entry(int(p)) for p in found),
                          key=lambda e: (e.pack, e.offset))
         total, done = sum(e.raw for e in entries), 0
-        for e in entries:
-            self._copy_block(e)
-            done += e.raw
-            if progress is not None:
-                progress(done, total)  # bytes read from SRC, of this point's
-        self._flush()
+        reads = read_ahead(self._read, read_batches(entries), self.src.storage.in_flight)
+        with closing(reads):
+            for batch, data in reads:
+                for e in batch.entries:
+                    at = e.offset - batch.start
+                    self._copy_block(e, data[at:at + BLOB.size + e.stored])
+                    done += e.raw
+                if progress is not None:
+                    progress(done, total)  # bytes read from SRC, of this point's
+            self._flush()
+            while self.puts:
+                self.puts.popleft().result()  # (a failed put fails the copy: no record)
+
+    def _read(self, batch: ReadBatch) -> memoryview:
+        """A batch's bytes from SRC (one ranged read; a short one is an error)."""
+        name = pack_name(batch.pack)
+        want = batch.end - batch.start
+        try:  # (from the trash when a gc on SRC moved the pack meanwhile)
+            data = read_pack_range(self.src.storage, batch.pack, batch.start, want)
+        except (CbtError, OSError) as exc:
+            raise CopyError(f"point {self.point.id}: block {batch.entries[0].digest.hex()} "
+                            f"cannot be read from {self.src.root}: {exc}") from None
+        if len(data) != want:
+            raise CopyError(f"point {self.point.id}: block {batch.entries[-1].digest.hex()} "
+                            f"cannot be read from {self.src.root}: "
+                            f"{self.src.storage.where(name)} ends at {batch.start + len(data)}, "
+                            f"before {batch.end}")
+        return memoryview(data)
 
     def _lacking(self, unique: list[bytes]) -> list[bytes]:
         """The SRC ids whose DST id is unknown, or known and not in DST (one index lookup)."""
@@ -285,12 +312,11 @@ class _BlockStore:
             return False
         return dst_id in self.new or self.index.find(dst_id) is not None
 
-    def _copy_block(self, e: index_mod.IndexEntry) -> None:
+    def _copy_block(self, e: index_mod.IndexEntry, blob: memoryview) -> None:
+        """Store a block read from SRC (its blob, checked here against its id)."""
         name = pack_name(e.pack)
         where = f"{self.src.storage.where(name)} at {e.offset}"
         try:
-            # (from the trash when a gc on SRC moved the pack meanwhile)
-            blob = read_pack_range(self.src.storage, e.pack, e.offset, BLOB.size + e.stored)
             cipher = self.src.keys.cipher if self.src.keys is not None else None
             plain = decode_blob(blob, e.digest, where, cipher=cipher, id_key=self.src.id_key)
         except (CbtError, OSError) as exc:
@@ -313,7 +339,14 @@ class _BlockStore:
             return
         self.writer = PackWriter(cipher=writer.cipher)
         data = writer.finish()
-        self.dst.storage.put(pack_name(writer.pack_id), data)
+        storage = self.dst.storage
+        if storage.in_flight > 1:  # (several puts in flight, settled before the index)
+            while len(self.puts) >= storage.in_flight:
+                self.puts.popleft().result()
+            self.puts.append(shared_uploader(storage.in_flight).put(
+                storage, pack_name(writer.pack_id), data))
+        else:
+            storage.put(pack_name(writer.pack_id), data)
         self.done.bytes_sent += sum(len(b) for b in data)
         self.done.blocks_new += len(writer.entries)
         self.entries += [index_mod.IndexEntry(d, writer.pack_id, off, st, raw)
@@ -321,6 +354,41 @@ class _BlockStore:
 
     def stored_digests(self) -> set[bytes]:
         return set(self.new)
+
+
+@dataclass(frozen=True)
+class ReadBatch:
+    """Blobs of one SRC pack read with one request: bytes ``[start, end)`` of it."""
+
+    pack: str
+    start: int
+    end: int
+    entries: list[index_mod.IndexEntry]
+
+
+READ_GAP = 256 << 10  # blobs of a pack closer than this are read in one request
+READ_MOST = 8 << 20  # a request's bytes, at most (more only for one blob larger still)
+
+
+def read_batches(entries: Sequence[index_mod.IndexEntry]) -> list[ReadBatch]:
+    """Entries sorted by (pack, offset) as ranged reads: each pack's blobs less than
+    :data:`READ_GAP` apart coalesced, up to :data:`READ_MOST` bytes a read."""
+    out: list[ReadBatch] = []
+    cur: list[index_mod.IndexEntry] = []
+    start = end = 0
+    for e in entries:
+        e_end = e.offset + BLOB.size + e.stored
+        if cur and (e.pack != cur[0].pack or e.offset - end >= READ_GAP
+                    or max(end, e_end) - start > READ_MOST):
+            out.append(ReadBatch(cur[0].pack, start, end, cur))
+            cur = []
+        if not cur:
+            start, end = e.offset, e_end
+        cur.append(e)
+        end = max(end, e_end)
+    if cur:
+        out.append(ReadBatch(cur[0].pack, start, end, cur))
+    return out
 
 
 def _write_manifest(dst: Vault, point: PointRecord, d: DiskRecord, m: Manifest,

@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import re
 import stat
@@ -103,6 +104,7 @@ from cbt.repo.index import Index
 from cbt.repo.registry import kept_snapshots
 from cbt.repo.storage import Storage, StorageSpec
 from cbt.repo.trash import trash_name
+from cbt.repo.uploader import read_ahead
 from cbt.repo.vault import Vault, VaultSpec
 from cbt.source.scan import default_workers, scan
 from cbt.source.snapshot import is_snapshot_file, reflink
@@ -270,23 +272,31 @@ class _Run:
 # -- 3-4. write and verify (in the workers) -----------------------------------
 
 
-def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int]]:
-    """A worker: write the blocks of its packs; label -> (bytes written, blocks verified)."""
+def _restore_packs(jobs: list[_Job], report: Report, ahead: int = 1
+                   ) -> dict[str, tuple[int, int]]:
+    """A worker: write the blocks of its packs; label -> (bytes written, blocks verified).
+
+    ``ahead``: packs fetched ahead of the one being written, on threads (storage
+    worth several requests in flight: :attr:`Storage.in_flight`); written in order,
+    each pack's memory let go once written."""
     stats: dict[str, tuple[int, int]] = {}
     runs: dict[str, _Run] = {}
     vaults: dict[StorageSpec, Vault] = {}
+    for job in jobs:
+        if job.vault.storage not in vaults:
+            vaults[job.vault.storage] = Vault.from_spec(job.vault)
     writeback = Writeback()  # the disk starts writing while this worker still works
     scratch = _Scratch()  # where an encrypted vault's blocks are opened, job after job
+    packs = read_ahead(lambda j: _fetch_pack(vaults[j.vault.storage], j), jobs, ahead)
     try:
-        for job in jobs:
-            vault = vaults.get(job.vault.storage)
-            if vault is None:
-                vault = vaults[job.vault.storage] = Vault.from_spec(job.vault)
+        for job, pack in packs:
+            vault = vaults[job.vault.storage]
             run = runs.get(job.target)
             if run is None:
                 run = runs[job.target] = _Run(os.open(job.target, os.O_WRONLY), job, writeback,
                                               vault.id_key)
-            views, checked = _read_job(vault, job, scratch)
+            views, checked = _read_job(vault, job, scratch, pack)
+            del pack
             for blk, dig, data, ok in zip(job.blocks.tolist(), job.digests, views,
                                           checked.tolist(), strict=True):
                 run.add(blk, dig, data, job.pack, ok)  # the rest checked when flushed
@@ -299,6 +309,7 @@ def _restore_packs(jobs: list[_Job], report: Report) -> dict[str, tuple[int, int
         for run in runs.values():
             run.flush()
     finally:
+        packs.close()  # (an error: the packs fetched ahead are dropped)
         try:
             for run in runs.values():
                 writeback.forget(run.fd)
@@ -321,15 +332,23 @@ class _Scratch:
         return self.buf[:nbytes].data
 
 
-def _read_job(vault: Vault, job: _Job, scratch: _Scratch | None = None
+def _fetch_pack(vault: Vault, job: _Job) -> memoryview:
+    """The pack of a job (mapped where storage can; else the spans it needs, read)."""
+    try:
+        return memoryview(_map_pack(vault.storage, job.pack, _spans(job)))
+    except (OSError, ValueError) as exc:
+        raise DamagedPointError(f"point {job.point} disk {job.label} block "
+                                f"{int(job.blocks[0])} pack {job.pack}: {exc}") from None
+
+
+def _read_job(vault: Vault, job: _Job, scratch: _Scratch | None = None,
+              pack: memoryview | None = None
               ) -> tuple[list[bytes | memoryview], npt.NDArray[np.bool_]]:
-    """The content of every block of a job, from its pack (mapped where storage can),
+    """The content of every block of a job, from its pack (``pack``: fetched already),
     and which of them were already checked against their digests."""
     where = f"point {job.point} disk {job.label} block {{}} pack {job.pack}"
-    try:
-        pack = memoryview(_map_pack(vault.storage, job.pack, _spans(job)))
-    except (OSError, ValueError) as exc:
-        raise DamagedPointError(f"{where.format(int(job.blocks[0]))}: {exc}") from None
+    if pack is None:
+        pack = _fetch_pack(vault, job)
     if vault.keys is None:
         return _job_data(job, pack, where)
     return _job_data(job, pack, where, vault.keys.cipher, vault.id_key, scratch)
@@ -701,17 +720,23 @@ def _unlock(t: _Target) -> None:
 
 def _write(jobs: list[_Job], workers: int | None,
            progress: Callable[[int, int], None] | None,
-           forkable: bool = True) -> dict[str, tuple[int, int]]:
+           storage: Storage | None = None) -> dict[str, tuple[int, int]]:
     """Run the pack jobs on forked workers (:func:`_balance`); label -> (written, verified).
-    A storage that is not ``forkable`` (S3: its client's threads do not survive a fork)
-    is read by threads instead."""
+
+    Storage a forked child cannot use (S3: :attr:`Storage.forkable`) gets threads
+    instead; storage worth several requests in flight has them shared out to the
+    workers, each reading its packs that far ahead."""
     groups = [g for g in _balance(jobs, max(1, min(workers or default_workers(), len(jobs))))
               if g]
     total = sum(int(j.lengths.sum()) for j in jobs)
     report = (lambda done: progress(sum(done), total)) if progress else None
+    in_flight = storage.in_flight if storage is not None else 1
+    ahead = -(-in_flight // max(1, len(groups))) if in_flight > 1 else 1
+    work = functools.partial(_restore_packs, ahead=ahead)
+    threads = storage is not None and not storage.forkable
     per_disk: dict[str, tuple[int, int]] = {}
-    run = fork_map if forkable else thread_map
-    for stats in run(_restore_packs, groups, report):
+    for stats in (thread_map(work, groups, report) if threads else
+                  fork_map(work, groups, report)):
         for label, (w, v) in stats.items():
             w0, v0 = per_disk.get(label, (0, 0))
             per_disk[label] = (w0 + w, v0 + v)
@@ -958,7 +983,7 @@ def restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
             targets.append(target)
             jobs += disk_jobs
             _create_target(target)
-        written = _write(jobs, request.workers, request.progress, vault.storage.forkable)
+        written = _write(jobs, request.workers, request.progress, vault.storage)
         for t in targets:
             _finish_target(t)
             if t.qcow2:

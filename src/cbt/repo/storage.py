@@ -147,6 +147,11 @@ class Storage(ABC):
     # Whether rename is atomic and keeps the mtime (a directory), or a copy then a delete
     # that sets a new one (S3): see cbt.repo.trash for what relies on it.
     rename_keeps_mtime: bool = True
+    # Requests worth having in flight at once by one process (uploads, reads ahead): 1
+    # where a request costs what its bytes cost (a disk), more where each one waits on a
+    # server (S3).  Above 1, a backup's packs go up and a restore's come down that many
+    # at a time; each in flight holds a pack (8 MiB) in memory.
+    in_flight: int = 1
 
     @abstractmethod
     def spec(self) -> StorageSpec:
@@ -169,7 +174,7 @@ class Storage(ABC):
         """Up to ``length`` bytes at ``offset`` (fewer at the end of the object)."""
 
     def map(self, name: str, spans: Sequence[tuple[int, int]] | None = None
-            ) -> bytes | mmap.mmap:
+            ) -> bytes | mmap.mmap | memoryview:
         """The whole object, mapped where the storage can (no copy), else read.
 
         ``spans``: the byte ranges ``[start, end)`` the caller will touch, sorted; only
