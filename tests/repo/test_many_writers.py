@@ -568,3 +568,49 @@ def test_prune_and_repair_refused_while_a_backup_runs(place: Place, gates: Path,
     with exclusive_lock(place.storage()):
         rc, _out, err = _end(_start(place, "c", disk, gates))
     assert rc == 2 and f"is locked by pid {os.getpid()} on " in err, err
+
+
+RACER = r"""
+import os, random, sys, time
+from cbt.repo.lock import exclusive_lock, shared_lock
+kind, loc, rounds, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+if kind == "dir":
+    from cbt.repo.storage import LocalStorage
+    storage = LocalStorage(loc)
+else:
+    from cbt.repo.s3 import S3Storage
+    storage = S3Storage(loc)
+sys.argv = ["cbt", "racer"]
+rng = random.Random(os.getpid())
+fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+for _ in range(rounds):
+    alone = rng.random() < 0.3
+    with (exclusive_lock if alone else shared_lock)(storage, 60):
+        t0 = time.monotonic()  # (after taking it: each interval lies inside the hold)
+        time.sleep(rng.random() * 0.02)
+        os.write(fd, f"{int(alone)} {os.getpid()} {t0} {time.monotonic()}\n".encode())
+"""
+
+
+@pytest.mark.slow
+def test_shared_and_alone_holders_never_overlap(place: Place, tmp_path: Path) -> None:
+    """Processes racing for the vault, some alone, some shared, each logging when it held
+    it: a lone hold overlaps no other hold, and every process gets all its turns."""
+    log = tmp_path / "holds.log"
+    log.write_text("")
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, place.kind, place.loc, "30",
+                               str(log)], stderr=subprocess.PIPE, text=True,
+                              env=clean_env(place.env), start_new_session=True)
+             for _ in range(4)]
+    with _reaped(*procs):
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errs
+    holds = [(ln.split()[0] == "1", float(ln.split()[2]), float(ln.split()[3]))
+             for ln in log.read_text().splitlines()]
+    assert len(holds) == 4 * 30
+    alone = [h for h in holds if h[0]]
+    assert alone and len(alone) < len(holds)
+    overlaps = [(a, h) for a in alone for h in holds
+                if h is not a and h[1] < a[2] and a[1] < h[2]]
+    assert overlaps == []
+    assert place.storage().list_locks("locks") == []

@@ -232,7 +232,7 @@ def _vault_lock(storage: Storage, kind: str, wait: float | None,
     while True:
         name = f"{LOCKS}/{kind}-{secrets.token_hex(8)}"
         mine = storage.lock(name, remove=True)
-        mine.acquire(0)  # a new name: nobody else takes it
+        mine.acquire(10.0)  # a new name: only another's look at it (a moment) can be in the way
         try:
             mine.record(holder)
             others = [h for _n, h in _live(storage, name, blocks)]

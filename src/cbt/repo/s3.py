@@ -527,8 +527,10 @@ class _ObjectLock(StorageLock):
             etag, self._etag = self._etag, None
         if etag is None or self._lost is not None:
             return
-        # mark it released only if it still is ours, then remove it
-        if self._storage.put_if(self._name, b'{"released": true}', {"e_tag": etag}) is not None:
+        # remove it if it still is ours: nobody else takes a live lock between the two
+        # (a tombstone written first would look like a lock to break, and be taken)
+        seen = self._storage.read_lock(self._name)
+        if seen is not None and seen.etag == etag:
             self._storage.delete(self._name)
 
     def holder(self) -> LockHolder | None:

@@ -47,7 +47,7 @@ import time
 import uuid
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -881,7 +881,13 @@ class MemoryStorage(Storage):
         self._writable()
         with self._mutex:
             slot = self._locks.setdefault(name, _LockSlot())
-        return _MemoryLock(f"{self.root}/{name}", slot)
+        return _MemoryLock(f"{self.root}/{name}", slot,
+                           (lambda: self._drop_lock(name, slot)) if remove else None)
+
+    def _drop_lock(self, name: str, slot: _LockSlot) -> None:
+        with self._mutex:
+            if self._locks.get(name) is slot and not slot.mutex.locked():
+                del self._locks[name]
 
     def list_locks(self, prefix: str) -> builtins.list[str]:
         head = "".join(f"{p}/" for p in name_parts(prefix, prefix=True))
@@ -891,10 +897,12 @@ class MemoryStorage(Storage):
 
 
 class _MemoryLock(StorageLock):
-    def __init__(self, where: str, slot: _LockSlot) -> None:
+    def __init__(self, where: str, slot: _LockSlot,
+                 drop: Callable[[], None] | None = None) -> None:
         self._where = where
         self._slot = slot
         self._held = False
+        self._drop = drop  # forget the slot when released (a lock of a unique name)
 
     def acquire(self, wait: float | None) -> None:
         mutex = self._slot.mutex
@@ -916,6 +924,8 @@ class _MemoryLock(StorageLock):
         if self._held:
             self._held = False
             self._slot.mutex.release()
+            if self._drop is not None:
+                self._drop()
 
     def holder(self) -> LockHolder | None:
         return self._slot.holder if self._slot.mutex.locked() else None
