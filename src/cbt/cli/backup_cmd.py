@@ -88,7 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N",
                    help="worker processes (default: number of cores)")
     p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
-                   help="wait up to this long for another writer to finish (default: fail)")
+                   help="wait up to this long for a running backup of the VM, or a prune, "
+                        "repair or key change, to finish (default: fail)")
     p.add_argument("--full-scan", action="store_true",
                    help="read and hash every allocated block, whatever a change source says")
     p.add_argument("--changed-ranges", action="append", default=[], metavar="LABEL=FILE",

@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(else a prompt on a terminal, asked twice)")
     add_kdf_log_n(p)
     p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
-                   help="wait up to this long for another writer to finish (default: fail)")
+                   help="wait up to this long for running backups (and the like) to finish "
+                        "(default: fail)")
     add_json(p)
 
 
