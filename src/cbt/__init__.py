@@ -9,6 +9,7 @@ Python API (the command line calls exactly these)::
     cs.changed_blocks, cs.ranges                     # (offset, length) runs
 
     vault = cbt.Vault.init("vault")                  # or cbt.Vault.open("vault")
+    # or at "s3://bucket/prefix" (AWS_* settings; init makes a missing bucket)
     point = vault.backup("web", ["os=disks/os.img", "disks/db.img"])
     vault.points(vm="web"); vault.restore(point.id, "out/"); vault.verify(data=True)
 

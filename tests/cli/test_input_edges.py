@@ -215,7 +215,7 @@ def test_a_closed_stdout_ends_quietly(site: Path, argv: tuple[str, ...]) -> None
 
 # -- vault locations ------------------------------------------------------------------------
 
-SCHEMES = ["s3://bucket/x", "http://example.com/vault", "foo://", "S3://b"]
+SCHEMES = ["http://example.com/vault", "foo://", "S3://b", "s3://Bucket/x", "s3://bucket/../x"]
 VAULT_COMMANDS = [("init", "{v}", "--encryption", "none"), ("init", "{v}"),
                   ("backup", "{v}", "--vm", "web", "{os}"), ("list", "{v}"),
                   ("show", "{v}", "web.latest"), ("restore", "{v}", "web.latest", "--to", "out"),
@@ -224,26 +224,48 @@ VAULT_COMMANDS = [("init", "{v}", "--encryption", "none"), ("init", "{v}"),
 
 @pytest.mark.parametrize("location", SCHEMES)
 @pytest.mark.parametrize("argv", VAULT_COMMANDS, ids=lambda a: " ".join(a[:2]))
-def test_unknown_vault_scheme_is_refused(tmp_path: Path, location: str,
-                                         argv: tuple[str, ...]) -> None:
+def test_unknown_vault_scheme_or_bad_s3_location_is_refused(tmp_path: Path, location: str,
+                                                            argv: tuple[str, ...]) -> None:
+    """An unknown scheme, or an s3:// location whose bucket or prefix is not valid: one
+    line naming it (no request sent: the bucket name is checked first), nothing made."""
     (tmp_path / "os.img").write_bytes(b"\1" * 8192)
     before = _tree(tmp_path)
     r = cbt(*(a.format(v=location, os=tmp_path / "os.img") for a in argv), "--json",
-            env={"CBT_PASSWORD": PASSWORD}, cwd=tmp_path)
+            env={"CBT_PASSWORD": PASSWORD, **NO_AWS}, cwd=tmp_path)
     msg = one_error_line(r)
-    assert location in msg and "scheme" in msg, msg
+    assert location in msg, msg
+    assert ("scheme" in msg) != location.lower().startswith("s3://"), msg
+    assert location.lower().startswith("s3://") <= ("bucket" in msg or "name" in msg), msg
     assert _tree(tmp_path) == before  # no folder named s3: or http:
+
+
+# an S3 endpoint nobody answers at (a request, if one were sent, would fail at once)
+NO_AWS = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
+          "AWS_SECRET_ACCESS_KEY": "y", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 def test_unknown_vault_scheme_in_a_config_file(tmp_path: Path) -> None:
     cfg = tmp_path / "cbt.toml"
-    cfg.write_text('vault = "s3://bucket/x"\n[policy.p]\nschedule = "daily 02:00"\n'
+    cfg.write_text('vault = "ftp://bucket/x"\n[policy.p]\nschedule = "daily 02:00"\n'
                    '[vm.web]\npolicy = "p"\ndisks = { os = "os.img" }\n')
     (tmp_path / "os.img").write_bytes(b"\1" * 8192)
     for argv in (("config", "check", cfg), ("backup", "--config", cfg), ("prune", "--config", cfg)):
         msg = one_error_line(cbt(*argv, cwd=tmp_path))
-        assert f"{cfg}:1: vault:" in msg and "s3://bucket/x" in msg, msg
+        assert f"{cfg}:1: vault:" in msg and "ftp://bucket/x" in msg, msg
     assert _tree(tmp_path) == ["cbt.toml", "os.img"]
+
+
+def test_a_config_file_keeps_an_s3_vault_as_it_is(tmp_path: Path) -> None:
+    """``vault = "s3://..."`` is not resolved against the file's folder."""
+    from cbt.jobs.config import load
+
+    cfg = tmp_path / "cbt.toml"
+    cfg.write_text('vault = "s3://bucket/x/y"\n[policy.p]\nschedule = "daily 02:00"\n'
+                   '[vm.web]\npolicy = "p"\ndisks = { os = "os.img" }\n')
+    assert load(cfg).vault == "s3://bucket/x/y"
+    r = cbt("config", "check", cfg, "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert '"vault":"s3://bucket/x/y"' in r.stdout, r.stdout
 
 
 def test_api_refuses_an_unknown_scheme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -252,10 +274,11 @@ def test_api_refuses_an_unknown_scheme(tmp_path: Path, monkeypatch: pytest.Monke
     from cbt.core.errors import CbtValueError
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CbtValueError, match="scheme"):
-        Vault.init("s3://bucket/x")
-    with pytest.raises(CbtValueError, match="scheme"):
-        Vault.open("s3://bucket/x")
+    for location in ("gs://bucket/x", "s3://B/x"):
+        with pytest.raises(CbtValueError, match=r"scheme|bucket"):
+            Vault.init(location)
+        with pytest.raises(CbtValueError, match=r"scheme|bucket"):
+            Vault.open(location)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -358,3 +381,12 @@ def test_instant_restore_removes_temp_files_too(site: Path) -> None:
     assert not stale.exists()
     assert str(stale) in r.stderr  # the warning names it
     assert_same_bytes(out / "db.img", site / "db.img")
+
+
+@pytest.mark.parametrize("where", ["s3://bucket/x", "host:demo"])
+def test_demo_refuses_a_directory_that_is_not_local(tmp_path: Path, where: str) -> None:
+    """The demo's vault, disks and hooks are made in --dir: an s3:// location (or another
+    host's) is one line, and no folder named s3: is made."""
+    msg = one_error_line(cbt("demo", "--dir", where, "--size", "1M", cwd=tmp_path))
+    assert where in msg and "local directory" in msg, msg
+    assert list(tmp_path.iterdir()) == []

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ACCESS_KEY = "cbttestaccess"
+LIMITED_KEY = "cbttestlimited"  # may read, list and write objects, not make buckets
 REGION = "us-east-1"
 START_TIMEOUT = 60.0
 
@@ -42,6 +43,11 @@ class S3Server:
     access_key: str
     secret_key: str
     startup_s: float  # how long it took to answer
+
+    @property
+    def limited_env(self) -> dict[str, str]:
+        """:attr:`env` of credentials that may use buckets but not make them."""
+        return {**self.env, "AWS_ACCESS_KEY_ID": LIMITED_KEY}
 
     @property
     def env(self) -> dict[str, str]:
@@ -80,7 +86,9 @@ def _free_ports(n: int) -> list[int]:
 def _identity(path: Path, secret: str) -> None:
     path.write_text(json.dumps({"identities": [{
         "name": "cbt", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": secret}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"]}, {
+        "name": "limited", "credentials": [{"accessKey": LIMITED_KEY, "secretKey": secret}],
+        "actions": ["Read", "List", "Write"]}]}))
     os.chmod(path, 0o600)
 
 

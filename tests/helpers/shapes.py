@@ -20,7 +20,7 @@ POINT_DISK_KEYS = {"label", "path", "size", "block_size", "blocks", "changed_blo
 PROGRESS_KEYS = {"type", "vm", "disk", "bytes_done", "bytes_total"}
 LIST_KEYS = {"points", "warnings"}
 LIST_POINT_KEYS = {"recovery_point", "vm", "created", "consistency", "parent", "disks",
-                   "bytes_new", "bytes_stored"}
+                   "bytes_new", "bytes_stored", "copied_from"}
 LIST_DISK_KEYS = {"label", "size", "block_size"}
 RESTORE_KEYS = {"recovery_point", "disks", "seconds", "warnings"}
 RESTORE_DISK_KEYS = {"label", "to", "size", "bytes_written", "blocks_verified"}

@@ -400,8 +400,9 @@ def test_s3_location_is_checked(s3_env: S3Server) -> None:
     assert parse_location("s3://my-bucket/a/b/") == ("my-bucket", "a/b")
     assert parse_location("s3://my-bucket") == ("my-bucket", "")
     assert check_location("s3://my-bucket/x", STORAGE_SCHEMES) == "s3://my-bucket/x"
-    with pytest.raises(CbtValueError, match=r"scheme 's3' .* not taken here yet"):
-        check_location("s3://my-bucket/x")  # by the commands: not wired yet
+    assert check_location("s3://my-bucket/x") == "s3://my-bucket/x"  # by the commands too
+    with pytest.raises(CbtValueError, match=r"scheme 's3' .* not taken here"):
+        check_location("s3://my-bucket/x", frozenset())
     for bad in ("s3://", "s3://B/x", "s3://a/x", "s3://bucket/../x", "s3://bucket/a//b",
                 "s3://bu_cket/x"):
         with pytest.raises(CbtValueError):

@@ -103,7 +103,8 @@ def now_arg(text: str) -> str:
 
 
 def vault_arg(text: str) -> str:
-    """argparse type of a VAULT: a local directory (an unknown ``scheme://`` is refused)."""
+    """argparse type of a VAULT: a local directory or ``s3://BUCKET/PREFIX`` (an unknown
+    ``scheme://``, or what reads as another host's, is refused)."""
     from cbt.repo.storage import check_location
 
     try:

@@ -17,8 +17,22 @@ import argparse
 from cbt.cli._common import EXIT_ERROR, EXIT_OK, add_json, demo_size_arg, now_arg, print_json
 
 
+def dir_arg(text: str) -> str:
+    """argparse type of ``--dir``: a local directory (the demo's disks, hooks and vault are
+    made in it: an ``s3://`` location, or what reads as another host's, is refused)."""
+    from cbt.core.errors import CbtValueError
+    from cbt.repo.storage import check_location
+
+    try:
+        return check_location(text, frozenset())
+    except CbtValueError as exc:
+        raise argparse.ArgumentTypeError(f"the demo runs in a local directory: "
+                                         f"{exc}") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dir", metavar="D", help="new or empty directory (default: a fresh one)")
+    p.add_argument("--dir", metavar="D", type=dir_arg,
+                   help="new or empty local directory (default: a fresh one)")
     p.add_argument("--now", type=now_arg, metavar="ISO8601",
                    help="day 1's time (days 2 and 3 follow a day apart; default: now)")
     p.add_argument("--size", type=demo_size_arg, default="128M", metavar="SIZE",

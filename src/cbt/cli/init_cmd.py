@@ -1,4 +1,9 @@
-"""Create a vault in a new or empty directory.
+"""Create a vault in a new or empty directory, or at a new or empty s3://BUCKET/PREFIX.
+
+An S3 location's bucket is made when missing (when the credentials allow it);
+where the server is and who cbt is come from the standard AWS settings
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ENDPOINT_URL,
+AWS_REGION, AWS_PROFILE and ~/.aws).
 
 A new vault is encrypted (format 2) unless --encryption none: every block and
 record is sealed with an AEAD under a random master key, and block ids are
@@ -46,7 +51,8 @@ def add_kdf_log_n(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from cbt.core.crypto import ALGORITHMS
 
-    p.add_argument("vault", type=vault_arg, metavar="VAULT", help="directory for the new vault")
+    p.add_argument("vault", type=vault_arg, metavar="VAULT",
+                   help="directory or s3://BUCKET/PREFIX for the new vault")
     p.add_argument("--encryption", choices=["none", *ALGORITHMS], default=ALGORITHMS[0],
                    help=f"the AEAD sealing blocks and records (default {ALGORITHMS[0]}, the "
                         "faster here); none: an unencrypted vault, no passphrase")

@@ -1,8 +1,9 @@
 """List the recovery points of a vault, oldest first.
 
 --json prints {"points":[{"recovery_point","vm","created","consistency",
-"parent","disks":[{"label","size","block_size"}],"bytes_new","bytes_stored"}],
-"warnings"}.
+"parent","disks":[{"label","size","block_size"}],"bytes_new","bytes_stored",
+"copied_from"}],"warnings"} ("copied_from": the id of the vault `cbt copy` copied
+the point from, null for a point backed up here).
 
 A point record that cannot be read (damaged, failing authentication) hides only
 its own point and the points based on it: each is named in a warning (stderr,
@@ -38,12 +39,14 @@ def run(args: argparse.Namespace) -> int:
     points = open_vault(args).points(args.vm, warnings)
     emit_warnings(warnings)
     if args.json:
-        print_json({"points": [p.summary() for p in points], "warnings": warnings})
+        print_json({"points": [{**p.summary(), "copied_from": p.copied_from} for p in points],
+                    "warnings": warnings})
         return EXIT_OK
     if not points:
         print("no recovery points")
     for p in points:
         disks = ", ".join(f"{d.label} {human_bytes(d.size)}" for d in p.disks)
+        copied = f"  (copied from vault {p.copied_from})" if p.copied_from else ""
         print(f"{p.id:<40} {p.created}  {p.consistency:<12} new {human_bytes(p.bytes_new):>10}"
-              f"  [{disks}]")
+              f"  [{disks}]{copied}")
     return EXIT_OK

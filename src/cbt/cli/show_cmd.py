@@ -1,7 +1,8 @@
 """Show one recovery point: its disks, what changed, and its consistency.
 
 POINT is an id, a unique prefix of one, or VM.latest.
---json prints the point as in 'cbt list --json' plus "consistency_reason",
+--json prints the point as in 'cbt list --json' (with "copied_from") plus
+"consistency_reason",
 "seconds", and per disk "changed_blocks", "bytes_read", "bytes_new",
 "bytes_stored", "path", "blocks", and how the run found the changed blocks:
 "change_source" (fiemap, btrfs-send, hint-file or hash), "change_source_reason"
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         return _export(vault, p, args)
     out = p.summary()
     out.update({"consistency_reason": p.consistency_reason, "seconds": p.seconds,
+                "copied_from": p.copied_from,
                 "disks": [d.public() for d in p.disks], "warnings": p.warnings})
     if args.json:
         print_json(out)
@@ -75,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"recovery point {p.id}")
     print(f"  vm {p.vm}, created {p.created}, parent {p.parent or '-'}")
     print(f"  consistency {p.consistency} ({p.consistency_reason})")
+    if p.copied_from:
+        print(f"  copied from vault {p.copied_from} (cbt copy)")
     for d in p.disks:
         print(f"  disk {d.label}: {human_bytes(d.size)} from {d.path}, {d.blocks} blocks of "
               f"{format_size(d.block_size)}, {d.changed_blocks} changed, "

@@ -128,6 +128,29 @@ def fork_map(
     return Forked(fn, tasks, ignore_stop_signals=ignore_stop_signals).wait(progress, interval)
 
 
+def thread_map(fn: Callable[[T, Report], R], tasks: Sequence[T],
+               progress: Progress | None = None) -> list[R]:
+    """:func:`fork_map` on threads of this process (for what a forked child cannot use:
+    an S3 client's threads); results in task order, the first exception re-raised."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = [0] * len(tasks)
+    guard = threading.Lock()
+
+    def reporter(k: int) -> Report:
+        def report(n: int) -> None:
+            with guard:
+                done[k] += n
+                if progress:
+                    progress(list(done))
+        return report
+
+    with ThreadPoolExecutor(max(1, len(tasks))) as pool:
+        futures = [pool.submit(fn, t, reporter(k)) for k, t in enumerate(tasks)]
+        return [f.result() for f in futures]
+
+
 class Forked(Generic[R]):
     """Children started now, collected later: the caller works meanwhile.
 

@@ -4,9 +4,9 @@
 2. Walk the document against the schema below: unknown keys, wrong types and
    bad values are errors naming the dotted key (``vm.web.hooks.timeout``) and
    the line where it can be found.
-3. Resolve paths: ``vault``, disk paths and ``snapshot_dir`` against the
-   config file's folder; a hook's argv[0] without ``/`` on PATH.  Hooks run
-   in the config file's folder.
+3. Resolve paths: ``vault`` (an ``s3://BUCKET/PREFIX`` is kept as it is), disk
+   paths and ``snapshot_dir`` against the config file's folder; a hook's
+   argv[0] without ``/`` on PATH.  Hooks run in the config file's folder.
 
 Shape (everything but ``vault``, ``policy.*.schedule``, ``vm.*.policy`` and
 ``vm.*.disks`` has the default shown)::
@@ -65,7 +65,7 @@ from typing import Any, Literal
 from cbt.core.errors import CbtError, CbtValueError
 from cbt.core.sizes import parse_size
 from cbt.jobs.policy import Policy, Retention, parse_schedule
-from cbt.repo.storage import check_location
+from cbt.repo.storage import check_location, is_url
 from cbt.source.changes import DEFAULT_VERIFY_FRACTION, TRACKING_MODES
 
 PROVIDERS = ("auto", "reflink", "btrfs", "copy", "none")
@@ -209,7 +209,8 @@ def parse(doc: dict[str, Any], text: str, path: str) -> Config:
     where = _Where(text)
     base = Path(path).resolve().parent
     _check_keys(where, path, "", doc, {"vault", "policy", "vm"}, {"vault"})
-    vault = _typed(where, path, "vault", doc["vault"], str, "a path (string)")
+    vault = _typed(where, path, "vault", doc["vault"], str,
+                   "a path or s3://BUCKET/PREFIX (string)")
     try:
         check_location(vault)
     except CbtValueError as exc:
@@ -222,7 +223,9 @@ def parse(doc: dict[str, Any], text: str, path: str) -> Config:
     for name, table in _typed(where, path, "vm", doc.get("vm", {}), dict,
                               "a table of VMs").items():
         vms[name] = _vm(where, path, base, name, table, policies)
-    return Config(path=path, vault=str((base / vault).resolve()), policies=policies, vms=vms)
+    if not is_url(vault):  # (an s3:// location is where it says, not under the file's folder)
+        vault = str((base / vault).resolve())
+    return Config(path=path, vault=vault, policies=policies, vms=vms)
 
 
 def _policy(where: _Where, path: str, name: str, table: Any) -> Policy:

@@ -49,6 +49,7 @@ from cbt.format.records import DiskRecord, PointRecord, id_order
 from cbt.repo import index as index_mod
 from cbt.repo.index import Index
 from cbt.repo.lock import commit_point, gc_lock, shared_lock
+from cbt.repo.trash import read_pack_range
 from cbt.repo.vault import Vault
 
 CopyProgress = Callable[[int, int], None]  # (bytes done, bytes to read) of the point
@@ -289,7 +290,8 @@ class _BlockStore:
         name = pack_name(e.pack)
         where = f"{self.src.storage.where(name)} at {e.offset}"
         try:
-            blob = self.src.storage.read_range(name, e.offset, BLOB.size + e.stored)
+            # (from the trash when a gc on SRC moved the pack meanwhile)
+            blob = read_pack_range(self.src.storage, e.pack, e.offset, BLOB.size + e.stored)
             cipher = self.src.keys.cipher if self.src.keys is not None else None
             plain = decode_blob(blob, e.digest, where, cipher=cipher, id_key=self.src.id_key)
         except (CbtError, OSError) as exc:

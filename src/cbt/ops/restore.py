@@ -80,7 +80,7 @@ from cbt.core.crypto import OVERHEAD, Cipher
 from cbt.core.durable import fsync_dir, fsync_file, pid_alive, temp_name
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 from cbt.core.native import fast
-from cbt.core.parallel import Report, fork_map
+from cbt.core.parallel import Report, fork_map, thread_map
 from cbt.format.manifest import Manifest, union_rows
 from cbt.format.pack import (
     BLOB,
@@ -700,14 +700,18 @@ def _unlock(t: _Target) -> None:
 
 
 def _write(jobs: list[_Job], workers: int | None,
-           progress: Callable[[int, int], None] | None) -> dict[str, tuple[int, int]]:
-    """Run the pack jobs on forked workers (:func:`_balance`); label -> (written, verified)."""
+           progress: Callable[[int, int], None] | None,
+           forkable: bool = True) -> dict[str, tuple[int, int]]:
+    """Run the pack jobs on forked workers (:func:`_balance`); label -> (written, verified).
+    A storage that is not ``forkable`` (S3: its client's threads do not survive a fork)
+    is read by threads instead."""
     groups = [g for g in _balance(jobs, max(1, min(workers or default_workers(), len(jobs))))
               if g]
     total = sum(int(j.lengths.sum()) for j in jobs)
     report = (lambda done: progress(sum(done), total)) if progress else None
     per_disk: dict[str, tuple[int, int]] = {}
-    for stats in fork_map(_restore_packs, groups, report):
+    run = fork_map if forkable else thread_map
+    for stats in run(_restore_packs, groups, report):
         for label, (w, v) in stats.items():
             w0, v0 = per_disk.get(label, (0, 0))
             per_disk[label] = (w0 + w, v0 + v)
@@ -954,7 +958,7 @@ def restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
             targets.append(target)
             jobs += disk_jobs
             _create_target(target)
-        written = _write(jobs, request.workers, request.progress)
+        written = _write(jobs, request.workers, request.progress, vault.storage.forkable)
         for t in targets:
             _finish_target(t)
             if t.qcow2:

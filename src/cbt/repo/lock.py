@@ -140,9 +140,10 @@ def clock_margin(storage: Storage) -> float:
 
 def objects_before(storage: Storage) -> float:
     """Objects last written before this time (epoch seconds) belong to no live holder of
-    the vault: the earliest start of the live holders (or now), less the clock margin."""
+    the vault: the earliest start of the live holders less the clock margin; now when
+    none runs."""
     since = writers_since(storage)
-    return (time.time() if since is None else since) - clock_margin(storage)
+    return time.time() if since is None else since - clock_margin(storage)
 
 
 def vault_holders(storage: Storage) -> list[LockHolder]:

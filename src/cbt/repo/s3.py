@@ -6,7 +6,9 @@ Where the server is and who cbt is come only from the standard AWS settings:
 ``AWS_ENDPOINT_URL``, ``AWS_REGION`` (or ``AWS_DEFAULT_REGION``), and
 ``AWS_PROFILE``'s section of ``~/.aws/credentials`` and ``~/.aws/config``
 (``AWS_SHARED_CREDENTIALS_FILE``, ``AWS_CONFIG_FILE``); a variable wins over
-a file.  Nothing cbt-specific.
+a file, but the credentials are one set, never half of each: the variables'
+(key id, secret and token) when a key id or secret is set there, else the
+profile's.  Nothing cbt-specific.
 
 Why obstore (``bench/s3_clients.py --runs 3 --size 128M`` against SeaweedFS
 here, medians): gets of 8 MiB objects at 306/489 MiB/s (1/8 in flight) where
@@ -67,6 +69,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import socket
 import threading
@@ -107,7 +110,8 @@ _NOT_FOUND = (obx.NotFoundError, FileNotFoundError)
 
 
 def aws_settings(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The standard AWS settings: variables first, then ``AWS_PROFILE``'s files."""
+    """The standard AWS settings: variables first, then ``AWS_PROFILE``'s files; the
+    credentials as one set from either (:func:`_credentials`)."""
     env = dict(os.environ) if env is None else env
     profile = env.get("AWS_PROFILE") or "default"
     home = Path(env.get("HOME") or Path.home())
@@ -127,18 +131,39 @@ def aws_settings(env: dict[str, str] | None = None) -> dict[str, str]:
     if env.get("AWS_PROFILE") and not files:
         raise CbtValueError(f"AWS profile {profile!r} is in neither ~/.aws/config nor "
                             "~/.aws/credentials")
-    out: dict[str, str] = {}
-    for key, var, file_key in (
-            ("access_key_id", "AWS_ACCESS_KEY_ID", "aws_access_key_id"),
-            ("secret_access_key", "AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
-            ("session_token", "AWS_SESSION_TOKEN", "aws_session_token"),
-            ("endpoint", "AWS_ENDPOINT_URL", "endpoint_url"),
-            ("region", "AWS_REGION", "region")):
+    out = _credentials(env, files, profile)
+    for key, var, file_key in (("endpoint", "AWS_ENDPOINT_URL", "endpoint_url"),
+                               ("region", "AWS_REGION", "region")):
         value = env.get(var) or (env.get("AWS_DEFAULT_REGION") if key == "region" else None) \
             or files.get(file_key)
         if value:
             out[key] = value
     out.setdefault("region", "us-east-1")
+    return out
+
+
+_CREDENTIALS = (("access_key_id", "AWS_ACCESS_KEY_ID", "aws_access_key_id"),
+                ("secret_access_key", "AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
+                ("session_token", "AWS_SESSION_TOKEN", "aws_session_token"))
+
+
+def _credentials(env: dict[str, str], files: dict[str, str], profile: str) -> dict[str, str]:
+    """One set of credentials, never half of each: the variables' (key id and secret, with
+    the token if set) when a key id or secret is set there, else the profile's (key id,
+    secret and token from its files); none at all (anonymous) when neither has any.  A
+    key id without its secret (or the other way round) is an error naming what is
+    missing, as boto3 would not mix them either."""
+    if env.get("AWS_ACCESS_KEY_ID") or env.get("AWS_SECRET_ACCESS_KEY"):
+        source, col = "the environment", 1
+        picked = {key: env.get(var, "") for key, var, _ in _CREDENTIALS}
+    else:
+        source, col = f"AWS profile {profile!r}", 2
+        picked = {key: files.get(file_key, "") for key, _, file_key in _CREDENTIALS}
+    out = {key: value for key, value in picked.items() if value}
+    if out and not ("access_key_id" in out and "secret_access_key" in out):
+        key_id, secret = _CREDENTIALS[0][col], _CREDENTIALS[1][col]
+        have, lack = (key_id, secret) if "access_key_id" in out else (secret, key_id)
+        raise CbtValueError(f"AWS credentials from {source}: {have} is set without {lack}")
     return out
 
 
@@ -154,11 +179,35 @@ def _store(bucket: str, settings: dict[str, str]) -> S3Store:
                    retry_config={"max_retries": 3, "retry_timeout": timedelta(seconds=120)})
 
 
+_STATUS = re.compile(r"status code: (\d{3}[^:<]*)")
+_S3_CODE = re.compile(r"<Code>([^<]{1,80})</Code>")
+
+
+def _reason(exc: BaseException, endpoint: str | None) -> str:
+    """One line saying why a request failed: the HTTP status and S3's error code when the
+    server answered (a refused one: check the credentials), the endpoint when it could not
+    be reached, else the client's first line."""
+    text = str(exc)
+    if "error sending request" in text or ("connection" in text.lower() and "status" not in text):
+        return (f"cannot reach the S3 endpoint {endpoint or '(the AWS default)'} (retried; "
+                "check AWS_ENDPOINT_URL and the network)")
+    status, s3_code = _STATUS.search(text), _S3_CODE.search(text)
+    if status is not None:
+        why = status.group(1).strip() + (f" ({s3_code.group(1)})" if s3_code else "")
+        if status.group(1).startswith(("401", "403")):
+            why += ": check the AWS credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, " \
+                   "AWS_PROFILE)"
+        return why
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    return first[:300]
+
+
 class S3Storage(Storage):
     """A vault under ``s3://BUCKET/PREFIX`` (see the module doc)."""
 
     # obstore runs its requests on a runtime of threads a forked child would not have.
     forkable = False
+    rename_keeps_mtime = False  # (a copy then a delete: see cbt.repo.trash)
 
     def __init__(self, location: str) -> None:
         self.bucket, self.prefix = parse_location(location)
@@ -177,7 +226,11 @@ class S3Storage(Storage):
         return storage
 
     def _make_bucket(self) -> None:
-        """Make the bucket when it is missing (pyarrow asks whether it is there first)."""
+        """Make the bucket when it is missing (obstore makes none: ``pyarrow.fs`` does).
+        A bucket that is there is left alone; any other error is named by the listing
+        that follows."""
+        if self.missing() is None:
+            return
         import pyarrow.fs as pafs
 
         s = self._settings
@@ -191,8 +244,13 @@ class S3Storage(Storage):
                 allow_bucket_creation=True, connect_timeout=5, request_timeout=60)
             fs.create_dir(self.bucket)
         except OSError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "ACCESS_DENIED" in first or "AccessDenied" in first:
+                raise CbtIOError(errno.EACCES, f"cannot create bucket s3://{self.bucket}: the "
+                                 "credentials do not allow it (make the bucket by hand, or "
+                                 "use credentials that may)") from None
             raise CbtIOError(errno.EIO, f"cannot create bucket s3://{self.bucket}: "
-                             f"{str(exc).splitlines()[0]}") from None
+                             f"{first[:300]}") from None
 
     def spec(self) -> StorageSpec:
         return StorageSpec("s3", self.root)
@@ -212,10 +270,25 @@ class S3Storage(Storage):
         where = self.where(name) if name else self.root
         if isinstance(exc, _NOT_FOUND):
             raise CbtIOError(errno.ENOENT, f"missing from vault: {where}") from None
-        code = errno.EACCES if isinstance(exc, (obx.PermissionDeniedError,
-                                                obx.UnauthenticatedError)) else errno.EIO
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise CbtIOError(code, f"cannot {verb} {where}: {first[:300]}") from None
+        text = str(exc)
+        if "NoSuchBucket" in text or (verb == "list" and "status code: 404" in text):
+            raise CbtIOError(errno.ENOENT, f"cannot {verb} {where}: "
+                             f"{self._no_bucket()}") from None
+        denied = isinstance(exc, (obx.PermissionDeniedError, obx.UnauthenticatedError))
+        code = errno.EACCES if denied else errno.EIO
+        raise CbtIOError(code, f"cannot {verb} {where}: "
+                         f"{_reason(exc, self._settings.get('endpoint'))}") from None
+
+    def _no_bucket(self) -> str:
+        return f"bucket s3://{self.bucket} does not exist (cbt init makes it)"
+
+    def missing(self) -> str | None:
+        """Why nothing is here at all: the bucket does not exist (else None)."""
+        try:
+            self._list_keys("", limit=1)
+        except CbtIOError as exc:
+            return self._no_bucket() if self._no_bucket() in str(exc) else None
+        return None
 
     def _call(self, verb: str, name: str, fn: Callable[[], _T]) -> _T:
         try:
@@ -280,7 +353,9 @@ class S3Storage(Storage):
             self._fail(exc, "stat", name)
         return True
 
-    def _list_keys(self, head: str, limit: int | None = None) -> list[str]:
+    def _list_keys(self, head: str, limit: int | None = None, name: str = "") -> list[str]:
+        """The keys under the key prefix ``head``; ``name``: the storage prefix it is, for
+        messages (the root when empty)."""
         def run() -> list[str]:
             out: list[str] = []
             for batch in obstore.list(self._s, head or None, chunk_size=1000):
@@ -288,13 +363,13 @@ class S3Storage(Storage):
                 if limit is not None and len(out) >= limit:
                     break
             return out
-        return self._call("list", head.rstrip("/"), run) if head else self._call("list", "", run)
+        return self._call("list", name.rstrip("/"), run)
 
     def list(self, prefix: str) -> list[str]:
         head = self._key_prefix(prefix)
         mine = self._key_prefix("")
         names: list[str] = []
-        for key in self._list_keys(head):
+        for key in self._list_keys(head, name=prefix):
             if not key.startswith(head):
                 raise CbtIOError(errno.EIO, f"cannot list {self.root}/{prefix}: the server "
                                  f"listed {key!r}, outside the prefix")

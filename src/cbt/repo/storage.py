@@ -10,8 +10,10 @@ builds a path inside a vault.
    (local: temporary name, fsync, rename, fsync of the directory).
 2. ``get``, ``read_range``, ``map`` read one; ``stat``/``size``/``exists``
    describe one; ``list(prefix)`` names the objects under a prefix, sorted.
-3. ``rename(src, dst)`` moves an object atomically and durably (replacing
-   ``dst``), keeping its modification time; ``touch`` sets that time to now.
+3. ``rename(src, dst)`` moves an object durably (replacing ``dst``): locally
+   atomically, keeping its modification time; on S3 a copy then a delete
+   (:attr:`Storage.rename_keeps_mtime` says which; the vault's commit protocol
+   without rename is in :mod:`cbt.repo.trash`); ``touch`` sets the time to now.
 4. ``delete`` removes an object (a missing one is no error); ``sync(prefix)``
    makes the deletes under ``prefix`` durable, one step for many deletes.
 5. ``lock(name)`` is an exclusive lock of that name (local: ``flock`` on the
@@ -157,6 +159,9 @@ class Storage(ABC):
     root: str  # where it is, for messages
     # Whether a forked worker can write to it (a backup's default workers are forked).
     forkable: bool = True
+    # Whether rename is atomic and keeps the mtime (a directory), or a copy then a delete
+    # that sets a new one (S3): see cbt.repo.trash for what relies on it.
+    rename_keeps_mtime: bool = True
 
     @abstractmethod
     def spec(self) -> StorageSpec:
@@ -212,7 +217,9 @@ class Storage(ABC):
 
     @abstractmethod
     def rename(self, src: str, dst: str) -> None:
-        """Durably and atomically move ``src`` to ``dst``, replacing it, keeping the mtime."""
+        """Durably move ``src`` to ``dst``, replacing it: atomically and keeping the mtime
+        where :attr:`rename_keeps_mtime` (a directory); else a copy then a delete (S3: a
+        crash between them leaves both names, see :mod:`cbt.repo.trash`)."""
 
     @abstractmethod
     def touch(self, name: str) -> None:
@@ -230,6 +237,11 @@ class Storage(ABC):
     def list_locks(self, prefix: str) -> builtins.list[str]:
         """The names of the locks under ``prefix`` (live or dead), sorted."""
         return self.list(prefix)
+
+    def missing(self) -> str | None:
+        """Why nothing at all is here, where the storage can tell (an S3 bucket that does
+        not exist), for messages; else None."""
+        return None
 
 
 # -- names -----------------------------------------------------------------------------
@@ -261,9 +273,11 @@ DIR_MODE = 0o700
 
 
 # URL schemes a storage can be opened at (cbt.repo.s3: s3://BUCKET/PREFIX), and those
-# cbt's commands and Vault.init/open take as a vault location yet (none: not wired).
+# cbt's commands and Vault.init/open take as a vault location (every one of them).
 STORAGE_SCHEMES: frozenset[str] = frozenset({"s3"})
-LOCATION_SCHEMES: frozenset[str] = frozenset()
+LOCATION_SCHEMES: frozenset[str] = STORAGE_SCHEMES
+# What a vault location may be, for messages.
+WHERE_A_VAULT_IS = "a vault is a local directory or s3://BUCKET/PREFIX"
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -280,7 +294,11 @@ def parse_location(location: str) -> tuple[str, str]:
                             "characters: lower-case letters, digits, '.' and '-')")
     prefix = prefix.strip("/")
     if prefix:
-        name_parts(prefix)  # no empty, "." or ".." part
+        try:
+            name_parts(prefix)  # no empty, "." or ".." part
+        except CbtValueError:
+            raise CbtValueError(f"invalid S3 prefix {prefix!r} in {location!r} (no empty, "
+                                "'.' or '..' part)") from None
     return bucket, prefix
 
 
@@ -301,23 +319,40 @@ def check_location(location: str, schemes: frozenset[str] = LOCATION_SCHEMES) ->
         return location
     if m and m.group(1).lower() in STORAGE_SCHEMES:
         raise CbtValueError(f"vault location scheme {m.group(1)!r} in {location!r} is not "
-                            f"taken here yet: a vault is a local directory (write "
+                            f"taken here: a vault is a local directory (write "
                             f"./{location} for a local one)")
     if m:
         raise CbtValueError(f"unknown vault location scheme {m.group(1)!r} in "
-                            f"{location!r}: a vault is a local directory (write "
-                            f"./{location} for a local one)")
+                            f"{location!r}: {_where(schemes)} (write ./{location} for a "
+                            "local one)")
     if ":" in location.split("/", 1)[0]:
         raise CbtValueError(f"vault location {location!r} reads as another host's or a URL "
-                            f"(a ':' before the first '/'): a vault is a local directory "
+                            f"(a ':' before the first '/'): {_where(schemes)} "
                             f"(write ./{location} for a local one)")
     return location
 
 
+def _where(schemes: frozenset[str]) -> str:
+    return WHERE_A_VAULT_IS if "s3" in schemes else "a vault is a local directory"
+
+
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """Whether ``location`` is a URL of a storage cbt has (``s3://...``), not a path."""
+    if not isinstance(location, str):
+        return False
+    m = _SCHEME_RE.match(location)
+    return m is not None and m.group(1).lower() in STORAGE_SCHEMES
+
+
 def _local_path(root: str | os.PathLike[str]) -> str:
-    """A text location checked (:func:`check_location`); a path object is a local path
-    already (``Path("./a:b")`` is ``a:b``: no longer marked local)."""
-    return check_location(root) if isinstance(root, str) else os.fspath(root)
+    """A text location checked (:func:`check_location`) and local; a path object is a
+    local path already (``Path("./a:b")`` is ``a:b``: no longer marked local)."""
+    if not isinstance(root, str):
+        return os.fspath(root)
+    if is_url(root):
+        raise CbtValueError(f"vault location scheme {root.split(':', 1)[0]!r} in {root!r}: "
+                            "not a local directory")
+    return check_location(root)
 
 
 class LocalStorage(Storage):
@@ -957,6 +992,7 @@ __all__ = [
     "StorageSpec",
     "check_location",
     "find_memory_storage",
+    "is_url",
     "name_parts",
     "parse_location",
 ]

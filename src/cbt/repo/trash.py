@@ -1,11 +1,40 @@
 """The trash of a vault: packs gc has declared dead, kept readable for a while.
 
-1. gc moves a dead or rewritten pack to ``trash/<pack id>.pack`` (a durable
-   rename) and touches it: its mtime is when it was trashed.
-2. A restore that loaded the index before a gc still finds its packs here.
-3. A backup that deduplicated against a block gc just declared dead moves
-   the pack back at its commit (:func:`rescue`).
+1. gc moves a dead or rewritten pack to ``trash/<pack id>.pack``; its mtime
+   there is when it was trashed (set before a move that keeps it, by the
+   move itself where the storage's rename is a copy).
+2. A restore or copy that loaded the index before a gc still finds its packs
+   here (:func:`read_pack_range`; restore's ``_map_pack``).
+3. A backup (or copy) that deduplicated against a block gc just declared dead
+   moves the pack back at its commit (:func:`rescue`).
 4. gc deletes what was trashed before a given time (:func:`empty_trash`).
+
+A commit without rename (S3, where :meth:`Storage.rename` is a copy then a
+delete: not atomic, and a crash between them leaves both names):
+
+- Packs, manifests and index segments are immutable objects under unique
+  names, written whole by ``put`` (atomic on S3: a reader sees all or
+  nothing).  The point record is written last; its existence is the commit.
+  Readers follow committed records only; what a killed run left is reused
+  (a pack no segment covers is indexed from its own trailer: the next
+  backup or copy adopts it in its segment and deduplicates against it) or
+  collected (manifests no record owns: ``Vault.leftovers``; packs no point
+  uses: gc).
+- The only moves are between ``packs/`` and ``trash/`` here, and verify
+  --repair's moves into ``quarantine/``.  Each copies before it deletes, so
+  at every moment the pack is under at least one of its names, and a pack
+  under both is harmless: readers try ``packs/`` then ``trash/`` and find
+  the same bytes; the index adopts the ``packs/`` copy as an orphan (its
+  blocks are valid; if dead, the next gc trashes it again, overwriting the
+  trash copy); :func:`empty_trash` deleting the ``trash/`` copy leaves the
+  ``packs/`` one; :func:`rescue` copies over an equal ``packs/`` copy.  A
+  quarantined pack or record left in place by a crash is set aside again by
+  the next repair (a record under a new number).
+- The trash time is an mtime: where a rename keeps it (a directory) the pack
+  is touched before the move, so a crash between them leaves it in ``packs/``
+  (newer than gc's cutoff: kept this time) and never in the trash with its
+  old time (deleted at the next gc, inside the grace period).  On S3 the
+  copy sets it (the server's clock: the grace period absorbs a skew).
 """
 
 from __future__ import annotations
@@ -34,13 +63,31 @@ def is_trash_name(name: str) -> bool:
 
 
 def move_to_trash(storage: Storage, pid: str) -> None:
+    """Move a pack to the trash, its mtime then being now (see the module doc)."""
     try:
+        if storage.rename_keeps_mtime:
+            storage.touch(pack_name(pid))  # (first: a crash then leaves it in packs/)
         storage.rename(pack_name(pid), trash_name(pid))
     except CbtIOError as exc:
         if exc.errno != errno.ENOENT:
             raise
-        return
-    storage.touch(trash_name(pid))  # mtime = when it was trashed
+
+
+def read_pack_range(storage: Storage, pack_id: str, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` of a pack: in ``packs/``, else in the trash where a
+    gc running meanwhile moved it (a reader that loaded the index before that gc)."""
+    try:
+        return storage.read_range(pack_name(pack_id), offset, length)
+    except CbtIOError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+    try:
+        return storage.read_range(trash_name(pack_id), offset, length)
+    except CbtIOError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+        raise CbtIOError(errno.ENOENT, f"missing from vault: "
+                         f"{storage.where(pack_name(pack_id))} (nor in its trash)") from None
 
 
 def empty_trash(storage: Storage, before: float) -> int:

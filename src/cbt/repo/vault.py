@@ -49,7 +49,6 @@ import json
 import os
 import uuid
 from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from cbt.core.crypto import ALGORITHMS, AuthenticationError, KdfParams
@@ -79,8 +78,8 @@ from cbt.repo.keys import (
     resolve_passphrase,
     slot_name,
 )
-from cbt.repo.storage import LocalStorage, Storage, StorageSpec, check_location
-from cbt.repo.stores import open_storage
+from cbt.repo.storage import Storage, StorageSpec
+from cbt.repo.stores import open_storage, storage_at
 
 if TYPE_CHECKING:
     from cbt.format.manifest import Delta, Manifest
@@ -168,11 +167,12 @@ class Vault:
     @classmethod
     def init(cls, path: str | os.PathLike[str], encryption: str = "none",
              passphrase: Passphrase | None = None, kdf: KdfParams | None = None) -> Self:
-        """Create a vault in a new or empty directory (see :meth:`create`)."""
+        """Create a vault in a new or empty directory, or at a new or empty
+        ``s3://BUCKET/PREFIX`` (its bucket made when missing), see :meth:`create`."""
         if encryption != "none":
             _check_algorithm(encryption)
             passphrase = resolve_passphrase(passphrase, f"the new vault {os.fspath(path)}")
-        return cls.create(LocalStorage.create(path), encryption, passphrase, kdf)
+        return cls.create(storage_at(path, create=True), encryption, passphrase, kdf)
 
     @classmethod
     def create(cls, storage: Storage, encryption: str = "none",
@@ -211,8 +211,8 @@ class Vault:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], passphrase: Passphrase | None = None) -> Self:
-        where = Path(check_location(path) if isinstance(path, str) else path)
-        return cls.open_on(LocalStorage(where), passphrase)
+        """Open the vault in a local directory or at ``s3://BUCKET/PREFIX``."""
+        return cls.open_on(storage_at(path), passphrase)
 
     @classmethod
     def open_on(cls, storage: Storage, passphrase: Passphrase | None = None) -> Self:
@@ -241,7 +241,9 @@ class Vault:
         except CbtIOError as exc:
             if exc.errno != errno.ENOENT:
                 raise
-            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (run cbt init)") from None
+            gone = storage.missing()
+            why = f": {gone}" if gone else " (run cbt init)"
+            raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where}{why}") from None
         damaged = f"not a cbt vault: {where}: its config {storage.where(CONFIG)} is damaged"
         try:
             config: dict[str, Any] = json.loads(raw)
