@@ -59,7 +59,8 @@ def killed(args: list[object], env: dict[str, str], after: float, vault: str,
     """Run cbt ARGS, SIGKILL its process group ``after`` seconds in (with
     ``packs_first``: ``after`` seconds after a new pack has appeared in ``vault``);
     whether it finished first (then it must have succeeded).  The locks the killed run
-    held are removed, as an operator (or an expired lease) would."""
+    held are left: the next run breaks them (their holder is a dead process of this
+    host)."""
     before = _pack_count(vault, env) if packs_first else 0
     proc = start_cbt(*args, env=env)
     try:
@@ -72,7 +73,6 @@ def killed(args: list[object], env: dict[str, str], after: float, vault: str,
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        _break_locks(vault, env)
         return False
     out, err = proc.communicate()
     assert proc.returncode == 0, (args, out, err)
@@ -98,16 +98,6 @@ def _aws(env: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = val
-
-
-def _break_locks(vault: str, env: dict[str, str]) -> None:
-    from cbt.repo.lock import GC_LOCK, WRITER_LOCK
-    from cbt.repo.stores import storage_at
-
-    with _aws(env):
-        storage = storage_at(vault)
-        for name in (WRITER_LOCK, GC_LOCK):
-            storage.delete(name)
 
 
 def timed(args: list[object], env: dict[str, str]) -> tuple[float, list[dict[str, Any]]]:

@@ -56,7 +56,7 @@ def vault_state(vault: Path) -> dict[str, str]:
         for f in files:
             p = Path(dirpath, f)
             rel = str(p.relative_to(vault))
-            if rel in LOCK_FILES:
+            if rel in LOCK_FILES or rel.startswith("locks/"):  # (locks/: each holder's)
                 continue
             out[rel] = file_digest(p)
     return out

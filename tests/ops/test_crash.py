@@ -91,14 +91,15 @@ def _gone(pgid: int) -> bool:
 
 
 def _wait_for_lock(vault: Path, pid: int, proc: subprocess.Popen[str]) -> bool:
-    """Wait until ``pid`` holds the writer lock (its line is in the lock file)."""
+    """Wait until ``pid`` shares the vault (its line is in a ``locks/shared-*`` file)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if json.loads((vault / "lock").read_text() or "{}").get("pid") == pid:
-                return True
-        except (OSError, ValueError):
-            pass
+        for f in (vault / "locks").glob("shared-*"):
+            try:
+                if json.loads(f.read_text() or "{}").get("pid") == pid:
+                    return True
+            except (OSError, ValueError):
+                pass
         time.sleep(0.002)
     return False
 

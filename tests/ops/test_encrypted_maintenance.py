@@ -230,14 +230,16 @@ def test_lock_holder_names_no_command_in_an_encrypted_vault(tmp_path: Path,
     for enc in ("none", ENC):
         v = _new(tmp_path / enc, enc)
         v.backup(VM, [f"{LABELS[0]}={disk}"], block_size=BS, workers=1)
-        holder = json.loads(Path(v.root, "lock").read_bytes())
+        [vm_lock] = Path(v.root, "locks").iterdir()  # the VM's lock, left with its holder
+        holder = json.loads(vm_lock.read_bytes())
         assert holder["pid"] == os.getpid() and holder["host"] and holder["since"]
         if enc == "none":
+            assert vm_lock.name == f"vm-{VM}"
             assert VM in holder["command"] and str(disk) in holder["command"]
         else:
-            assert holder["command"] is None
-            for lock in ("lock", "gc.lock"):
-                raw = Path(v.root, lock).read_bytes()
+            assert holder["command"] is None and VM not in vm_lock.name
+            for lock in (vm_lock, Path(v.root, "gc.lock")):
+                raw = lock.read_bytes()
                 assert VM.encode() not in raw and b"zebrahost" not in raw
 
 

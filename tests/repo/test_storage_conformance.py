@@ -301,15 +301,19 @@ def test_vault_locks_on_any_storage(storage: Storage) -> None:
 
 
 def test_local_lock_file_holds_the_holder_json(tmp_path: Path) -> None:
-    """On disk as ever: the file ``lock`` with one JSON object (pid, host, command, since,
-    since_ts), left in place after release."""
+    """On disk: one file per holder of the vault, ``locks/alone-<random>`` (a backup's:
+    ``locks/shared-<random>``), with one JSON object (pid, host, command, since,
+    since_ts); removed on release.  (Before many writers: the file ``lock``, kept.)"""
     s = LocalStorage(tmp_path)
     with writer_lock(s):
-        info = json.loads((tmp_path / "lock").read_bytes())
-    assert list(info) == ["pid", "host", "command", "since", "since_ts"]
-    assert info["pid"] == os.getpid()
-    assert (tmp_path / "lock").read_bytes() == LockHolder(**info).to_json()
-    assert oct((tmp_path / "lock").stat().st_mode & 0o777) == oct(0o600 & ~_umask())
+        [f] = (tmp_path / "locks").iterdir()
+        assert f.name.startswith("alone-")
+        info = json.loads(f.read_bytes())
+        assert list(info) == ["pid", "host", "command", "since", "since_ts"]
+        assert info["pid"] == os.getpid()
+        assert f.read_bytes() == LockHolder(**info).to_json()
+        assert oct(f.stat().st_mode & 0o777) == oct(0o600 & ~_umask())
+    assert list((tmp_path / "locks").iterdir()) == []
 
 
 def _umask() -> int:

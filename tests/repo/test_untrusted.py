@@ -324,7 +324,7 @@ def test_vault_folders_are_0700_and_files_0600(tmp_path: Path) -> None:
     dirs, files = _modes(tmp_path / "deep" / "vault")
     assert dirs == {"0o700"}, dirs
     assert files == {"0o600"}, files
-    assert {"lock", "gc.lock", "config"} <= set(os.listdir(tmp_path / "deep" / "vault"))
+    assert {"locks", "gc.lock", "config"} <= set(os.listdir(tmp_path / "deep" / "vault"))
 
 
 @pytest.mark.usefixtures("umask0")

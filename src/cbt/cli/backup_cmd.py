@@ -19,8 +19,10 @@ checked (plain files only, formats qcow2 and raw named in the image, none its
 owner could not read).  An image no bitmap can be added to (read-only, or its
 file system too full) is hashed, saying why.  An image a running QEMU holds
 is locked: that backup fails, saying so.  A disk keeps
-the block size of its first backup.  The vault's writer lock is taken: a
-second writer fails at once (or waits with --wait).
+the block size of its first backup.  Backups of different VMs run into one vault
+at once; a second backup of the same VM fails at once naming the running one (or
+waits with --wait), and so does any backup while prune, verify --repair or a key
+change runs.
 
 Change tracking: an incremental reads only what changed where a change source
 says what did: --changed-ranges LABEL=FILE (one per disk) names a hint file
@@ -86,7 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N",
                    help="worker processes (default: number of cores)")
     p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
-                   help="wait up to this long for another writer to finish (default: fail)")
+                   help="wait up to this long for a running backup of the VM, or a prune, "
+                        "repair or key change, to finish (default: fail)")
     p.add_argument("--full-scan", action="store_true",
                    help="read and hash every allocated block, whatever a change source says")
     p.add_argument("--changed-ranges", action="append", default=[], metavar="LABEL=FILE",

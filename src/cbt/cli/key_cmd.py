@@ -16,7 +16,7 @@ vault cannot be read.  The last key cannot be removed.
 
 The vault opens with --password-file, CBT_PASSWORD_FILE, CBT_PASSWORD or a
 prompt; the new passphrase comes from --new-password-file FILE or a prompt
-(asked twice).  Key edits take the vault's writer lock.
+(asked twice).  Key edits need the vault alone (no backup running).
 
 --json: list prints {"vault","encryption","keys":[{"id","created","kdf","log_n",
 "r","p","opened"}],"warnings"}; add and passwd print {"vault","added","removed",
@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(else a prompt on a terminal, asked twice)")
     add_kdf_log_n(p)
     p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
-                   help="wait up to this long for another writer to finish (default: fail)")
+                   help="wait up to this long for running backups (and the like) to finish "
+                        "(default: fail)")
     add_json(p)
 
 
@@ -76,11 +77,11 @@ def run(args: argparse.Namespace) -> int:
         return _list(vault, args)
     new = _new_passphrase(args) if args.action in ("add", "passwd") else None
     from cbt.core.crypto import KdfParams
-    from cbt.repo.lock import writer_lock
+    from cbt.repo.lock import exclusive_lock
 
     assert vault.keys is not None
     added = removed = None
-    with writer_lock(vault.storage, args.wait):
+    with exclusive_lock(vault.storage, args.wait, reveal_command=False):
         if new is not None:
             added = vault.add_key(new, KdfParams(log_n=args.kdf_log_n)).id
         if args.action == "passwd":

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the time to judge ages at (default: now)")
     p.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
     p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
-                   help="wait this long for a running backup to finish (default: fail)")
+                   help="wait this long for running backups to finish (default: fail)")
     add_password_file(p)
     add_json(p)
 

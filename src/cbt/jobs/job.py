@@ -1,6 +1,6 @@
 """Jobs: the backup flow of one VM, run from its configuration.
 
-For each VM, under the vault's writer lock:
+For each VM, under its lock and sharing the vault (:mod:`cbt.repo.lock`):
 
 1. Recover: a job of this VM still marked ``running`` died (we hold the lock,
    so nothing else runs); if it died between its pre and post hook, run the
@@ -169,7 +169,7 @@ def _handling(handler: Callable[[int, FrameType | None], None]) -> Iterator[None
 
 
 class Job:
-    """One run of one VM's job, under the writer lock: steps 2 to 8 of the module docstring."""
+    """One run of one VM's job, under its locks: steps 2 to 8 of the module docstring."""
 
     def __init__(self, config: Config, vault: Vault, vm: str, request: JobRequest,
                  record: JobRecord, warnings: list[str]) -> None:

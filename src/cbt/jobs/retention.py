@@ -7,7 +7,7 @@
 2. A kept snapshot (instant restore) expires when it is older than its VM's
    policy's ``instant_restore_days``.
 3. :func:`prune` hands both to :func:`cbt.ops.prune.prune`, which hides or
-   removes points under the writer lock.
+   removes points with the vault alone (no backup running).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Running jobs: one VM's job now (:func:`run_vm`), every VM of a config (:func:`run`).
 
-Under the vault's writer lock: step 1 of :mod:`cbt.jobs.job` (:func:`recover`:
-close this VM's jobs that died, run their pending post hook, thaw a guest a
-dead QEMU job left frozen), then the job itself: :class:`cbt.jobs.job.Job`, or
-for a VM with ``qmp`` :class:`cbt.jobs.qemu.QemuJob`.  This module sits above
+Under the VM's lock, sharing the vault with other backups: step 1 of
+:mod:`cbt.jobs.job` (:func:`recover`: close this VM's jobs that died, run their
+pending post hook, thaw a guest a dead QEMU job left frozen), then the job
+itself: :class:`cbt.jobs.job.Job`, or for a VM with ``qmp``
+:class:`cbt.jobs.qemu.QemuJob`.  This module sits above
 both, so neither imports the other's caller.
 """
 
@@ -22,7 +23,7 @@ from cbt.jobs.job import Job, JobFailed, JobRequest, JobResult, abort_on_signals
 from cbt.jobs.qemu import QemuJob, thaw_interrupted
 from cbt.ops.backup import BackupProgress
 from cbt.repo.keys import Passphrase
-from cbt.repo.lock import writer_lock
+from cbt.repo.lock import shared_lock, vm_lock
 from cbt.repo.registry import list_jobs, save_job
 from cbt.repo.vault import Vault
 from cbt.source.snapshot import SNAPSHOT_DIR, btrfs_subvolume, remove_snapshot, snapshot_dir_for
@@ -83,7 +84,9 @@ def run_vm(config: Config, vm: str, request: JobRequest | None = None) -> JobRes
     vault = Vault.open(config.vault, request.passphrase)
     signals = (contextlib.nullcontext() if request.finish_on_stop_signal
                else abort_on_signals())
-    with writer_lock(vault.storage, request.wait, not vault.encrypted), signals:
+    # the VM's lock first: recovery touches that VM's job records only
+    with vm_lock(vault, vm, request.wait), \
+            shared_lock(vault.storage, request.wait, not vault.encrypted), signals:
         warnings = recover(vault, config.vms[vm])
         return _job_class(config.vms[vm]).start(config, vault, vm, request, warnings).run()
 

@@ -2,11 +2,13 @@
 
 A :class:`BackupRequest` says what to back up and how; :func:`backup` runs it:
 
-1. Lock: take the vault's writer lock (:func:`backup`; a job holding it calls
+1. Lock: take the VM's lock and share the vault with other backups
+   (:func:`backup`, :mod:`cbt.repo.lock`; a job holding them calls
    :func:`backup_locked`) and remove what a killed run left (temporary
-   files, manifests of points never committed).  Packs a killed run finished
-   stay: the index picks them up from their trailers, so their blocks are not
-   sent again (resume, not restart).
+   files, manifests of points never committed) when it is older than every
+   live holder of the vault (so never what another running backup writes).
+   Packs a killed run finished stay: the index picks them up from their
+   trailers, so their blocks are not sent again (resume, not restart).
 2. Plan (:func:`plan`): load the index; open every disk as a block source
    (errors now, before any work), fix its block size (a disk keeps the block
    size of its first backup), find its previous point and its data extents;
@@ -83,7 +85,7 @@ from cbt.format.pack import TARGET_PACK_SIZE, PackWriter, block_id, pack_name
 from cbt.format.records import DiskRecord, PointRecord, check_name
 from cbt.ops.diff import changed_blocks
 from cbt.repo import index as index_mod
-from cbt.repo.lock import gc_lock, writer_lock
+from cbt.repo.lock import commit_point, gc_lock, objects_before, shared_lock, vm_lock
 from cbt.repo.storage import Storage, StorageSpec
 from cbt.repo.uploader import Uploader, shared_uploader
 from cbt.repo.vault import Vault, VaultSpec
@@ -130,10 +132,10 @@ class BackupRequest:
 
     ``block_size`` applies to a disk's first backup (later ones keep it);
     ``workers`` defaults to one per core; ``wait`` is how long to wait for the
-    writer lock; ``executor`` runs the shards instead of forked workers;
+    VM's lock and for the vault (each); ``executor`` runs the shards instead of forked workers;
     ``early`` is a scan of the disks started beforehand
     (:func:`cbt.ops.early_scan.start_early_scan`).  The last three fields are
-    for a caller that holds the writer lock (a job, :func:`backup_locked`):
+    for a caller that holds the locks (a job, :func:`backup_locked`):
     the point's id, warnings so far, and ``before_commit``, run when every disk
     is read, whose warnings go into the point (a job's post hook after a live
     read).  With ``ignore_stop_signals`` forked workers ignore SIGTERM and
@@ -192,14 +194,16 @@ class BackupRequest:
 def backup(vault: Vault, request: BackupRequest) -> PointRecord:
     """Back up the request's disks into ``vault``; returns the committed point.
 
-    Takes the vault's writer lock, waiting up to ``request.wait`` seconds.
+    Takes the VM's lock, then shares the vault with other backups
+    (:mod:`cbt.repo.lock`), waiting up to ``request.wait`` seconds for each.
     """
     early = request.early
     try:
         request.check()
         prepare_crash_counter()
         asked = time.monotonic()
-        with writer_lock(vault.storage, request.wait, reveal_command=not vault.encrypted):
+        with vm_lock(vault, request.vm, request.wait), \
+                shared_lock(vault.storage, request.wait, reveal_command=not vault.encrypted):
             if early is not None and time.monotonic() - asked > EARLY_SCAN_MAX_WAIT:
                 early.cancel()  # it saw the disks too long before the point was taken
                 request = dataclasses.replace(request, early=None)
@@ -249,10 +253,11 @@ def _backup_offline(vault: Vault, request: BackupRequest,
 
 
 def backup_locked(vault: Vault, request: BackupRequest) -> PointRecord:
-    """:func:`backup` for a caller that already holds the writer lock (a job)."""
+    """:func:`backup` for a caller that already holds the VM's lock and shares the vault
+    (a job)."""
     started = time.perf_counter()
     request.check()
-    vault.clean_leftovers(vault.leftovers())
+    _clean_leftovers(vault)
     planned = plan(vault, request)
     results = transfer(vault, request, planned)
     _fill(planned.disks, planned.shards, results)
@@ -262,6 +267,12 @@ def backup_locked(vault: Vault, request: BackupRequest) -> PointRecord:
     # (last before the commit: a base kept now names what this point was made from)
     tracking = dict(request.settle()) if request.settle is not None else {}
     return commit(vault, request, planned, results, started, tracking)
+
+
+def _clean_leftovers(vault: Vault) -> None:
+    """Remove what killed runs left: only what is older than every live holder of the
+    vault (this run among them), so never what another running backup is writing."""
+    vault.clean_leftovers(vault.leftovers(before=objects_before(vault.storage)))
 
 
 # -- 2. plan ---------------------------------------------------------------------------
@@ -1148,12 +1159,13 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
         bytes_stored=sum(d.bytes_stored for d in disks),
         seconds=round(time.perf_counter() - started, 6), warnings=planned.warnings,
         slot=request.slot)
-    with gc_lock(vault.storage, None, not vault.encrypted):  # a gc in progress finishes first
+    # a gc in progress (or another run's commit) finishes first
+    with gc_lock(vault.storage, None, not vault.encrypted):
         index = _after_gc(vault, planned, new["digests"])
         _write_segment(vault, point_id, new, index)
         record.seconds = round(time.perf_counter() - started, 6)
-        vault.put_sealed("point", vault.point_name(point_id), record.to_json())
-    _maybe_merge_segments(vault)
+        commit_point(vault, point_id, record.to_json())
+        _maybe_merge_segments(vault)
     return record
 
 
@@ -1319,7 +1331,8 @@ def _write_segment(vault: Vault, point_id: str, new: dict[str, Any],
 
 
 def _maybe_merge_segments(vault: Vault) -> None:
-    """Merge many segments into one (after the commit; duplicates are harmless)."""
+    """Merge many segments into one (after the commit, under the gc lock: two merges never
+    overlap, nor a merge and gc's rewrite; duplicates are harmless)."""
     segments = vault.segment_names()
     if len(segments) < index_mod.MERGE_AT:
         return

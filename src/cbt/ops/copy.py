@@ -23,7 +23,8 @@ either side.  For each point, parents first:
    written last: a copy killed at any moment leaves no half point, and running it
    again reuses the packs already written (they are indexed from their trailers).
 
-DST's writer lock is held throughout; SRC is only read.
+DST is shared with backups (:func:`cbt.repo.lock.shared_lock`) throughout; SRC is
+only read.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from cbt.format.pack import BLOB, TARGET_PACK_SIZE, PackWriter, block_id, decode
 from cbt.format.records import DiskRecord, PointRecord, id_order
 from cbt.repo import index as index_mod
 from cbt.repo.index import Index
-from cbt.repo.lock import gc_lock, writer_lock
+from cbt.repo.lock import commit_point, gc_lock, shared_lock
 from cbt.repo.trash import read_pack_range
 from cbt.repo.uploader import read_ahead, shared_uploader
 from cbt.repo.vault import Vault
@@ -98,7 +99,7 @@ def copy(src: Vault, dst: Vault, vm: str | None = None, refs: Sequence[str] = ()
         raise CbtValueError(f"source and destination are the same vault ({src.root})")
     result = CopyResult()
     points = select_points(src, vm, refs, result.warnings)
-    with writer_lock(dst.storage, wait, not dst.encrypted):
+    with shared_lock(dst.storage, wait, not dst.encrypted):  # beside backups
         ids = IdMap(src, dst)
         for point in points:
             done = _copy_point(src, dst, point, ids, progress)
@@ -177,7 +178,7 @@ def _copy_point(src: Vault, dst: Vault, point: PointRecord, ids: IdMap,
     with gc_lock(dst.storage, None, not dst.encrypted):  # a gc in progress finishes first
         fresh = _after_gc(dst, index, manifests, ids, store.stored_digests())
         _write_segment(dst, store.entries, fresh)
-        dst.put_sealed("point", dst.point_name(point.id), record.to_json())
+        commit_point(dst, point.id, record.to_json())
     return done
 
 

@@ -1,9 +1,10 @@
 """Garbage collection: free the blocks no recovery point references.
 
-Runs under its own lock, beside at most one backup (which holds the writer
-lock).  Mark, then sweep with a margin covering the running backup:
+Runs under its own lock, beside any number of backups (which share the vault:
+:mod:`cbt.repo.lock`).  Mark, then sweep with a margin covering the running ones:
 
-1. Cutoff = the start of the running backup (from its lock), else now.
+1. Cutoff = the earliest start of the live holders of the vault (from their locks),
+   else now; on S3 less a clock margin (the server's times are whole seconds).
 2. Mark: resolve every visible point (through hidden bases where its deltas
    need them) and mark the index entries they reference.  A point whose record
    cannot be read (damaged), or whose manifests cannot be resolved (a damaged
@@ -14,7 +15,7 @@ lock).  Mark, then sweep with a margin covering the running backup:
    manifest left), gc frees nothing at all and says why.  So a damaged record
    or manifest costs space until ``verify --repair`` sets its point aside,
    never a block it might reference.
-3. Per pack older than the cutoff (a newer one may hold blocks of the running
+3. Per pack older than the cutoff (a newer one may hold blocks of a running
    backup's uncommitted point): no live entry -> dead; live bytes under half
    the pack -> rewritten (live blobs copied as they are into new packs; a
    sealed blob's associated data does not name its pack, so an encrypted
@@ -52,7 +53,7 @@ from cbt.format.pack import (
 from cbt.format.records import CorruptPointError, is_point_id
 from cbt.repo import index as index_mod
 from cbt.repo.index import Index, IndexEntry
-from cbt.repo.lock import gc_lock, writer_since
+from cbt.repo.lock import check_held, gc_lock, objects_before
 from cbt.repo.trash import DEFAULT_GRACE, empty_trash, move_to_trash
 from cbt.repo.vault import Vault
 
@@ -99,6 +100,7 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
             cutoff = 0.0  # sweep nothing, empty nothing from the trash
         sweep = _plan_sweep(vault, index, live, cutoff, result)
         if not dry_run and sweep.trash:
+            check_held(vault.storage)  # (an S3 lease renewed in time)
             _write_index(vault, index, sweep)
             for pid in sweep.trash:
                 move_to_trash(vault.storage, pid)
@@ -108,9 +110,9 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
 
 
 def _cutoff(vault: Vault) -> float:
-    """Step 1: packs written since then may hold blocks of the running backup."""
-    since = writer_since(vault.storage)
-    return time.time() if since is None else since  # 0.0, unknown age: sweep nothing
+    """Step 1: packs written since then may hold blocks of a running backup (a holder
+    that cannot say since when: sweep nothing)."""
+    return max(0.0, objects_before(vault.storage))
 
 
 def _referenced(vault: Vault, index: Index, warnings: list[str]

@@ -31,7 +31,7 @@ from typing import Any
 
 from cbt.core.errors import CbtError
 from cbt.format.records import KeptSnapshots, PointRecord, is_point_id
-from cbt.repo.lock import writer_lock
+from cbt.repo.lock import exclusive_lock
 from cbt.repo.registry import kept_snapshots, remove_kept
 from cbt.repo.vault import Vault
 from cbt.source.snapshot import is_snapshot_path, remove_snapshot
@@ -87,9 +87,9 @@ class _Plan:
 
 
 def prune(vault: Vault, request: PruneRequest) -> PruneResult:
-    """Steps 1 to 4 of the module doc, under the writer lock."""
+    """Steps 1 to 4 of the module doc, with the vault alone (no backup runs)."""
     warnings: list[str] = []
-    with writer_lock(vault.storage, request.wait, reveal_command=not vault.encrypted):
+    with exclusive_lock(vault.storage, request.wait, reveal_command=not vault.encrypted):
         plan = _plan(vault, request, warnings)
         if not request.dry_run:
             _apply(vault, plan)

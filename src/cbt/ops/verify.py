@@ -56,7 +56,7 @@ from cbt.format.pack import (
 from cbt.format.records import PointRecord
 from cbt.repo import index as index_mod
 from cbt.repo.index import Index, IndexEntry
-from cbt.repo.lock import writer_lock
+from cbt.repo.lock import exclusive_lock
 from cbt.repo.vault import Vault
 
 MAX_PROBLEMS = 1000
@@ -328,7 +328,7 @@ def _unreferenced(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_])
 def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
     """Rebuild the index from the packs, then verify; healthy data is not touched.
 
-    1. Under the writer lock, read every pack; index each blob (from the
+    1. With the vault alone (no backup runs), read every pack; index each blob (from the
        trailer, or the blob headers when it is lost) whose content matches
        its digest.
     2. Write the new segment, then remove the old ones: a crash in between
@@ -342,7 +342,7 @@ def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
     stats = RepairStats()
     healthy: list[IndexEntry] = []
     quarantined: list[str] = []
-    with writer_lock(vault.storage, wait, reveal_command=not vault.encrypted):
+    with exclusive_lock(vault.storage, wait, reveal_command=not vault.encrypted):
         for name in vault.storage.list("packs"):
             if not is_pack_name(name):
                 continue  # not laid out as a pack: neither read nor moved

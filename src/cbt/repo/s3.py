@@ -43,38 +43,49 @@ A request times out after :data:`TIMEOUT` (connecting: :data:`CONNECT_TIMEOUT`)
 and is retried 3 times within 120 s.  Not :attr:`Storage.forkable`: obstore's
 threads do not survive a fork (workers reopen it by :meth:`S3Storage.spec`).
 
-Locks: the lock ``name`` is the object ``name``, created only when missing
-(``If-None-Match: *``); its content is the holder (:class:`LockHolder` JSON)
-and a random token of the handle that made it; release deletes it when it
-still holds that token.  Design of what comes next (leases): a holder
-rewrites its lock object every ``lease/3`` seconds with a new ``since_ts``;
-a lock whose ``since_ts`` is older than the lease is expired and may be
-broken by deleting it conditionally on its ETag (``If-Match``), then created
-again; a waiter reports the holder it read.  Until then, a lock left by a
-killed process stays until deleted by hand, and the holder is told in the
-:class:`LockBusyError` message.
+Locks (:class:`_ObjectLock`): the lock ``name`` is the object ``name``, created
+only when missing (``If-None-Match: *``), holding its holder (:class:`LockHolder`
+JSON), the handle's random token and its lease.  The holder renews it from a
+background thread every ``lease/3`` seconds, each time conditionally on the
+ETag it wrote last (``If-Match``; SeaweedFS honours both, as a test against it
+shows), so a renewal never overwrites a lock someone else took.  A lock is dead
+when its object was last written (the server's ``Last-Modified``) more than its
+lease ago, or when its holder is a process of this host that is gone (restic's
+rule); a dead lock is broken by overwriting it conditionally on the ETag read,
+so of two breakers one wins, and a holder that renews late finds its lock gone.
+The lease is :data:`LEASE` seconds, ``CBT_LOCK_LEASE`` overriding it (tests).
+A holder stops before its lease can be broken: :meth:`_ObjectLock.check` (called
+right before a commit) fails when the last renewal that succeeded began more
+than half a lease ago, leaving half a lease for the commit's one request
+(obstore gives up on a request after 120 s of retries; the lease is 300 s).
+Clocks: a breaker compares the server's ``Last-Modified`` with its own clock,
+so hosts' clocks must agree with the server's to well within the lease.
 """
 
 from __future__ import annotations
 
 import configparser
+import contextlib
 import errno
 import json
 import mmap
 import os
 import re
 import secrets
+import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 
 import obstore
 from obstore import exceptions as obx
 from obstore.store import S3Store
 
 if TYPE_CHECKING:
+    from obstore import PutMode
     from obstore.store import S3Config
 
 from cbt.core.errors import CbtIOError, CbtValueError
@@ -90,6 +101,8 @@ from cbt.repo.storage import (
     parse_location,
 )
 
+LEASE = 300.0  # seconds a lock object lives without renewal (CBT_LOCK_LEASE overrides)
+MAX_LEASE = 86400.0
 TIMEOUT = "60s"  # one request, after which obstore retries, then gives up
 CONNECT_TIMEOUT = "5s"
 _T = TypeVar("_T")
@@ -416,71 +429,217 @@ class S3Storage(Storage):
         except (obx.BaseError, OSError, ValueError, RuntimeError):
             self.put(name, self.get(name))  # a server refusing a copy onto itself
 
-    def lock(self, name: str) -> StorageLock:
+    def lock(self, name: str, remove: bool = False) -> StorageLock:
         name_parts(name)
-        return _ObjectLock(self, name)
+        return _ObjectLock(self, name)  # (a lock object always goes when released)
 
     def create_only(self, name: str, data: bytes) -> bool:
         """Create ``name`` when it is missing (``If-None-Match: *``): whether it was made."""
+        return self.put_if(name, data, "create") is not None
+
+    def put_if(self, name: str, data: bytes, mode: PutMode) -> str | None:
+        """Put ``data`` at ``name`` under a condition (``"create"``: when missing;
+        ``{"e_tag": E}``: when its ETag is E): its new ETag, or None when the condition
+        failed."""
         key = self._key(name)
         try:
-            obstore.put(self._s, key, data, mode="create")
-        except (obx.AlreadyExistsError, obx.PreconditionError):
-            return False
+            result = obstore.put(self._s, key, data, mode=mode)
+        except (obx.AlreadyExistsError, obx.PreconditionError, *_NOT_FOUND):
+            return None
         except (obx.BaseError, OSError, ValueError, RuntimeError) as exc:
-            self._fail(exc, "create", name)
-        return True
+            self._fail(exc, "write", name)
+        return str(result.get("e_tag") or "")
+
+    def read_lock(self, name: str) -> _Seen | None:
+        """A lock object as it is now, or None when there is none."""
+        key = self._key(name)
+
+        def fetch() -> _Seen:
+            result = obstore.get(self._s, key)
+            meta = result.meta
+            data = bytes(result.bytes())
+            modified = meta.get("last_modified")
+            return _Seen(data[:4096], str(meta.get("e_tag") or ""),
+                         modified.timestamp() if modified is not None else 0.0)
+        try:
+            return fetch()
+        except _NOT_FOUND:
+            return None
+        except (obx.BaseError, OSError, ValueError, RuntimeError) as exc:
+            self._fail(exc, "read", name)
+
+
+def lease_seconds() -> float:
+    """The lease of the locks this process makes: :data:`LEASE`, or ``CBT_LOCK_LEASE``."""
+    raw = os.environ.get("CBT_LOCK_LEASE")
+    if not raw:
+        return LEASE
+    try:
+        lease = float(raw)
+    except ValueError:
+        lease = -1.0
+    if not 0.0 < lease <= MAX_LEASE:
+        raise CbtValueError(f"CBT_LOCK_LEASE={raw!r}: give seconds, above 0 and at most "
+                            f"{MAX_LEASE:.0f}")
+    return lease
+
+
+class _Seen(NamedTuple):
+    """A lock object as read: its body (the first 4 KiB), ETag and ``Last-Modified``."""
+
+    body: bytes
+    etag: str
+    modified: float
+
+    def info(self) -> dict[str, Any]:
+        try:
+            info = json.loads(self.body or b"{}")
+        except ValueError:
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def holder(self) -> LockHolder:
+        return LockHolder.from_json(self.body)
+
+    def dead(self) -> bool:
+        """Its lease ran out (by the server's time of its last write), or its holder is a
+        process of this host that is gone."""
+        info = self.info()
+        lease = info.get("lease")
+        if not isinstance(lease, (int, float)) or not 0 < lease <= MAX_LEASE:
+            lease = LEASE
+        if time.time() - self.modified > lease:
+            return True
+        pid = info.get("pid")
+        return (info.get("host") == socket.gethostname() and isinstance(pid, int)
+                and pid > 0 and not _alive(pid))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's: alive
+    return True
 
 
 class _ObjectLock(StorageLock):
-    """An object made only when missing, holding its holder and this handle's token."""
+    """A lock object with a lease this handle renews while it holds it (module doc)."""
 
     def __init__(self, storage: S3Storage, name: str) -> None:
         self._storage = storage
         self._name = name
         self._token = secrets.token_hex(16)
-        self._held = False
+        self._lease = lease_seconds()
+        self._holder = LockHolder()
+        self._etag: str | None = None  # what this handle wrote last, while it holds it
+        self._renewed = 0.0  # monotonic time the last write that succeeded began
+        self._lost: str | None = None
+        self._count = 0
+        self._mutex = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def _body(self, holder: LockHolder) -> bytes:
-        info = json.loads(holder.to_json())
-        info["token"] = self._token
+    def _body(self) -> bytes:
+        info = json.loads(self._holder.to_json())
+        self._count += 1
+        info.update(token=self._token, lease=self._lease, renewal=self._count,
+                    renewed_ts=time.time())  # (a new body: a new ETag each renewal)
         return json.dumps(info).encode()
 
     def acquire(self, wait: float | None) -> None:
+        from cbt.core.timefmt import utc_now
+
         deadline = None if wait is None else time.monotonic() + wait
-        while not self._storage.create_only(self._name, self._body(LockHolder())):
+        self._holder = LockHolder(pid=os.getpid(), host=socket.gethostname(),
+                                  since=utc_now(), since_ts=time.time())
+        while True:
+            started = time.monotonic()
+            etag = self._storage.put_if(self._name, self._body(), "create")
+            seen = None
+            if etag is None:
+                seen = self._storage.read_lock(self._name)
+                if seen is None:
+                    continue  # gone meanwhile: create it again
+                if seen.dead():  # break it: of two breakers, one wins
+                    etag = self._storage.put_if(self._name, self._body(), {"e_tag": seen.etag})
+            if etag is not None:
+                break
             if deadline is not None and time.monotonic() >= deadline:
                 raise LockBusyError(self._storage.where(self._name),
-                                    self.holder() or LockHolder())
+                                    seen.holder() if seen is not None else LockHolder())
             time.sleep(0.2)
-        self._held = True
+        self._etag, self._renewed, self._lost = etag, started, None
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._renew_loop, daemon=True,
+                                        name=f"cbt-lease {self._name}")
+        self._thread.start()
+
+    def _write(self) -> None:
+        """Renew: rewrite the object if it still is the one this handle wrote."""
+        with self._mutex:
+            if self._etag is None or self._lost is not None:
+                return
+            started = time.monotonic()
+            etag = self._storage.put_if(self._name, self._body(), {"e_tag": self._etag})
+            if etag is None:
+                self._lost = "another process took it (its lease had run out)"
+                return
+            self._etag, self._renewed = etag, started
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self._lease / 3):
+            with contextlib.suppress(CbtIOError):  # the server is away: again in lease/3
+                self._write()
 
     def record(self, holder: LockHolder) -> None:
-        assert self._held, "record() before acquire()"
-        self._storage.put(self._name, self._body(holder))
+        assert self._etag is not None, "record() before acquire()"
+        self._holder = holder
+        self._write()
+        self.check()
 
-    def _token_of(self) -> str | None:
-        try:
-            info = json.loads(self._storage.get(self._name)[:4096])
-        except (CbtIOError, ValueError):
-            return None
-        return info.get("token") if isinstance(info, dict) else None
+    def check(self) -> None:
+        where = self._storage.where(self._name)
+        if self._etag is None:
+            raise CbtIOError(errno.ENOLCK, f"the lock {where} is not held")
+        if self._lost is not None:
+            raise CbtIOError(errno.ENOLCK, f"lost the lock {where}: {self._lost}")
+        age = time.monotonic() - self._renewed
+        if age > self._lease / 2:
+            raise CbtIOError(errno.ENOLCK, f"lost the lock {where}: its lease could not be "
+                             f"renewed for {age:.0f} s (lease {self._lease:.0f} s)")
 
     def release(self) -> None:
-        if not self._held:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._mutex:
+            etag, self._etag = self._etag, None
+        if etag is None or self._lost is not None:
             return
-        self._held = False
-        if self._token_of() == self._token:  # (read then delete: no conditional delete yet)
+        # remove it if it still is ours: nobody else takes a live lock between the two
+        # (a tombstone written first would look like a lock to break, and be taken)
+        seen = self._storage.read_lock(self._name)
+        if seen is not None and seen.etag == etag:
             self._storage.delete(self._name)
 
     def holder(self) -> LockHolder | None:
-        try:
-            raw = self._storage.get(self._name)
-        except CbtIOError as exc:
-            if exc.errno == errno.ENOENT:
-                return None
-            raise
-        return LockHolder.from_json(raw[:4096])
+        seen = self._storage.read_lock(self._name)
+        if seen is None or seen.dead():
+            return None
+        return seen.holder()
+
+    def clear_dead(self) -> bool:
+        seen = self._storage.read_lock(self._name)
+        if seen is None or not seen.dead():
+            return False
+        if self._storage.put_if(self._name, b'{"broken": true}', {"e_tag": seen.etag}) is None:
+            return False  # renewed or broken meanwhile
+        self._storage.delete(self._name)
+        return True
 
 
-__all__ = ["S3Storage", "aws_settings", "parse_location"]
+__all__ = ["LEASE", "S3Storage", "aws_settings", "lease_seconds", "parse_location"]

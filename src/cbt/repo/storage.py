@@ -17,8 +17,10 @@ builds a path inside a vault.
 4. ``delete`` removes an object (a missing one is no error); ``sync(prefix)``
    makes the deletes under ``prefix`` durable, one step for many deletes.
 5. ``lock(name)`` is an exclusive lock of that name (local: ``flock`` on the
-   file ``name``, so a dead holder never blocks anyone), with the holder's
-   :class:`LockHolder` (pid, host, command, since) readable by others.
+   file ``name``, so a dead holder never blocks anyone; S3: an object with a
+   lease), with the holder's :class:`LockHolder` (pid, host, command, since)
+   readable by others; ``list_locks(prefix)`` names the locks under a prefix (the
+   vault's many-writer locks, :mod:`cbt.repo.lock`, are built of these).
 
 Reading a missing object raises :class:`~cbt.core.errors.CbtIOError` with
 ``ENOENT``; an object that is there but cannot be read (a read error of the
@@ -33,6 +35,7 @@ within its own process (threads, not forked or spawned processes).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -46,7 +49,7 @@ import time
 import uuid
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -135,7 +138,19 @@ class StorageLock(ABC):
 
     @abstractmethod
     def holder(self) -> LockHolder | None:
-        """Who holds the lock now (any handle), or None when nobody does."""
+        """Who holds the lock now (any handle), or None when nobody does (or only a dead
+        holder, whose lock :meth:`clear_dead` may remove)."""
+
+    def clear_dead(self) -> bool:
+        """Remove the lock when its holder is dead (never a live holder's): whether it
+        went.  Storages whose locks die with their holder have nothing to do."""
+        return False
+
+    def check(self) -> None:
+        """Raise :class:`~cbt.core.errors.CbtIOError` when this handle no longer surely
+        holds the lock (a lease it could not renew in time, a lock removed meanwhile);
+        a holder calls it right before a step that must not run without the lock."""
+        return None
 
 
 class Storage(ABC):
@@ -220,8 +235,13 @@ class Storage(ABC):
         """Make an empty ``prefix`` exist where the storage has directories."""
 
     @abstractmethod
-    def lock(self, name: str) -> StorageLock:
-        """A new handle on the exclusive lock ``name`` (not acquired yet)."""
+    def lock(self, name: str, remove: bool = False) -> StorageLock:
+        """A new handle on the exclusive lock ``name`` (not acquired yet); ``remove``: the
+        lock goes when released (a lock of a unique name, made by one holder once)."""
+
+    def list_locks(self, prefix: str) -> builtins.list[str]:
+        """The names of the locks under ``prefix`` (live or dead), sorted."""
+        return self.list(prefix)
 
     def missing(self) -> str | None:
         """Why nothing at all is here, where the storage can tell (an S3 bucket that does
@@ -597,9 +617,9 @@ class LocalStorage(Storage):
         with self._dir(name_parts(prefix, prefix=True), create=True, durable=False):
             pass
 
-    def lock(self, name: str) -> StorageLock:
+    def lock(self, name: str, remove: bool = False) -> StorageLock:
         name_parts(name)
-        return _FileLock(self, name)
+        return _FileLock(self, name, remove)
 
 
 def _is_link(part: str, dir_fd: int) -> bool:
@@ -629,11 +649,17 @@ def _walk(fd: int, rel: str, out: list[str]) -> None:
 
 
 class _FileLock(StorageLock):
-    """``flock`` on a file holding a line of JSON about the holder."""
+    """``flock`` on a file holding a line of JSON about the holder.
 
-    def __init__(self, storage: LocalStorage, name: str) -> None:
+    A file is removed (a ``remove`` lock's release, :meth:`clear_dead`) only by whoever
+    holds its ``flock``, and whoever takes the ``flock`` checks that the name still is
+    that file (else it locked a removed file: it tries again), so removing the lock file
+    of a dead holder never races a new one."""
+
+    def __init__(self, storage: LocalStorage, name: str, remove: bool = False) -> None:
         self._storage = storage
         self._name = name
+        self._remove = remove
         self._path = storage.where(name)
         self._fd: int | None = None
 
@@ -647,18 +673,36 @@ class _FileLock(StorageLock):
                 raise
             raise self._storage._error(self._name, exc, "open") from None
 
-    def acquire(self, wait: float | None) -> None:
-        fd = self._open(os.O_RDWR | os.O_CREAT)
+    def _is_named(self, fd: int) -> bool:
+        """Whether the name still is the file of ``fd`` (not removed or replaced)."""
         try:
-            if wait is None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            else:
-                self._poll(fd, time.monotonic() + wait)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            st = self._storage._lstat(self._name)
+        except OSError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def acquire(self, wait: float | None) -> None:
+        deadline = None if wait is None else time.monotonic() + wait
+        parent = self._name.rpartition("/")[0]
+        while True:
+            if parent:
+                self._storage.make_prefix(parent)
+            fd = self._open(os.O_RDWR | os.O_CREAT)
+            try:
+                if deadline is None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                else:
+                    self._poll(fd, deadline)
+                if self._is_named(fd):
+                    break
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+                raise
+            fcntl.flock(fd, fcntl.LOCK_UN)  # removed (a dead holder's) before we locked it
             os.close(fd)
-            raise
         self._fd = fd
         _HELD.add(fd)
 
@@ -694,6 +738,9 @@ class _FileLock(StorageLock):
         if fd is None:
             return
         _HELD.discard(fd)
+        if self._remove and self._is_named(fd):
+            with contextlib.suppress(OSError):
+                self._storage.delete(self._name)  # still holding it: nobody else removes it
         # Unlock explicitly: a process forked meanwhile (a worker pool) shares the open
         # file, and closing our descriptor alone would leave the lock held through it.
         with contextlib.suppress(OSError):
@@ -713,6 +760,30 @@ class _FileLock(StorageLock):
             return None
         finally:
             os.close(fd)
+
+    def clear_dead(self) -> bool:
+        try:
+            fd = self._open(os.O_RDWR)
+        except OSError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False  # held: alive
+            if not self._is_named(fd):
+                return False
+            self._storage.delete(self._name)
+            return True
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def check(self) -> None:
+        fd = self._fd
+        if fd is None or not self._is_named(fd):
+            raise CbtIOError(errno.ENOLCK, f"lost the lock {self._path} (its file was removed)")
 
 
 # Lock descriptors held by this process; a forked child closes its copies, so the
@@ -845,19 +916,33 @@ class MemoryStorage(Storage):
         if obj is None:
             raise CbtIOError(errno.ENOENT, f"missing from vault: {self.root}/{name}")
 
-    def lock(self, name: str) -> StorageLock:
+    def lock(self, name: str, remove: bool = False) -> StorageLock:
         name_parts(name)
         self._writable()
         with self._mutex:
             slot = self._locks.setdefault(name, _LockSlot())
-        return _MemoryLock(f"{self.root}/{name}", slot)
+        return _MemoryLock(f"{self.root}/{name}", slot,
+                           (lambda: self._drop_lock(name, slot)) if remove else None)
+
+    def _drop_lock(self, name: str, slot: _LockSlot) -> None:
+        with self._mutex:
+            if self._locks.get(name) is slot and not slot.mutex.locked():
+                del self._locks[name]
+
+    def list_locks(self, prefix: str) -> builtins.list[str]:
+        head = "".join(f"{p}/" for p in name_parts(prefix, prefix=True))
+        with self._mutex:
+            return sorted(n for n, slot in self._locks.items()
+                          if n.startswith(head) and slot.mutex.locked())
 
 
 class _MemoryLock(StorageLock):
-    def __init__(self, where: str, slot: _LockSlot) -> None:
+    def __init__(self, where: str, slot: _LockSlot,
+                 drop: Callable[[], None] | None = None) -> None:
         self._where = where
         self._slot = slot
         self._held = False
+        self._drop = drop  # forget the slot when released (a lock of a unique name)
 
     def acquire(self, wait: float | None) -> None:
         mutex = self._slot.mutex
@@ -879,6 +964,8 @@ class _MemoryLock(StorageLock):
         if self._held:
             self._held = False
             self._slot.mutex.release()
+            if self._drop is not None:
+                self._drop()
 
     def holder(self) -> LockHolder | None:
         return self._slot.holder if self._slot.mutex.locked() else None

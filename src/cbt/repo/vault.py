@@ -4,7 +4,8 @@ Layout of a vault (names in its :class:`~cbt.repo.storage.Storage`; a directory
 for :class:`~cbt.repo.storage.LocalStorage`)::
 
     config                 JSON: magic, format_version, encryption, id_key, id, created
-    lock                   writer lock (flock) and who holds it
+    locks/                 the holders of the vault, of each VM's runs (cbt.repo.lock)
+    gc.lock                gc's lock (and each commit's)
     points/<id>.json       recovery point records; the rename of one is its commit
     manifests/<id>/<label>.arrow   full manifest or delta of each disk of a point
     index/<run>.arrow      index segments (digest -> pack, offset, length)
@@ -133,7 +134,7 @@ class VaultSpec(NamedTuple):
 
 
 class Vault:
-    """A vault opened for reading and, under its writer lock, writing.
+    """A vault opened for reading and, under its locks (cbt.repo.lock), writing.
 
     ``keys`` is None for an unencrypted (format 1) vault, else its unlocked keys.
     """
@@ -346,7 +347,7 @@ class Vault:
         return read_slots(self.storage)
 
     def add_key(self, passphrase: bytes, kdf: KdfParams | None = None) -> KeySlot:
-        """A new key slot opened by ``passphrase`` (call under the writer lock)."""
+        """A new key slot opened by ``passphrase`` (call with the vault alone)."""
         from cbt.core.timefmt import utc_now
 
         keys = self._require_keys()
@@ -359,7 +360,7 @@ class Vault:
         return slot
 
     def remove_key(self, slot_id: str) -> None:
-        """Remove a key slot; the last one cannot be (call under the writer lock)."""
+        """Remove a key slot; the last one cannot be (call with the vault alone)."""
         self._require_keys()
         slots, damaged = scan_slots(self.storage)
         ids = [k.id for k in slots]
@@ -668,9 +669,11 @@ class Vault:
         leaf = _base(record_name)[: -len(self.record_suffix)]
         return f"manifests/{leaf}"
 
-    def leftovers(self) -> list[str]:
+    def leftovers(self, before: float | None = None) -> list[str]:
         """Names of temporary files and manifest folders no committed point owns (a damaged
-        record still owns its folder: its name says which)."""
+        record still owns its folder: its name says which); with ``before`` (epoch
+        seconds), only those last written before then (what no running backup can own:
+        :func:`cbt.repo.lock.objects_before`)."""
         committed = {self.manifest_dir_of(n).split("/")[1]
                      for n in [*self.point_names(), *(n for n, _ in self._odd_records())]}
         out = [n for n in self.storage.list("") if _base(n).startswith(".") and ".tmp-" in n]
@@ -678,10 +681,23 @@ class Vault:
             parts = name.split("/")
             if len(parts) >= 3 and parts[1] not in committed and name not in out:
                 out.append(name)
-        return out
+        if before is None:
+            return out
+        return [n for n in out if self._written_before(n, before)]
+
+    def _written_before(self, name: str, before: float) -> bool:
+        try:
+            return self.storage.stat(name).mtime < before
+        except OSError:
+            return False  # gone meanwhile (or unreadable: not ours to remove)
+
+    def vm_lock_name(self, vm: str) -> str:
+        """The leaf of the lock of one VM's runs (opaque in an encrypted vault)."""
+        return vm if self.keys is None else self._tag("lock", vm)
 
     def clean_leftovers(self, names: Iterable[str]) -> None:
-        """Remove what a killed run left (call only under the writer lock)."""
+        """Remove what a killed run left (only what no running backup can own:
+        :meth:`leftovers` with ``before``)."""
         for n in names:
             self.storage.delete(n)
 
