@@ -20,7 +20,7 @@ from typing import Any
 
 import distributed
 import pytest
-from helpers.cli import cbt_argv, clean_env
+from helpers.cli import cbt, cbt_argv, clean_env, one_error_line
 from helpers.images import assert_same_bytes, fs_image, make_disk
 from helpers.jobs import job_config
 from helpers.s3 import S3Server, fresh_bucket, s3_server, weed_binary
@@ -28,6 +28,7 @@ from helpers.system import need
 
 from cbt.api import Vault
 from cbt.core.errors import CbtError
+from cbt.jobs.config import ConfigError, VMConfig, load
 from cbt.repo.s3 import S3Storage
 from cbt.repo.storage import LocalStorage
 
@@ -284,3 +285,50 @@ def test_a_worker_killed_mid_backup_fails_the_run_and_the_next_succeeds(
     assert v.point_ids() == [point.id]
     assert point.disks[0].bytes_read == 48 << 20
     assert not v.verify(data=True).problems
+
+
+# -- without a cluster ---------------------------------------------------------------------
+
+
+def test_without_distributed_one_line_says_what_to_install(tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "a.img", 1 << 20, seed=1)
+    Vault.create(LocalStorage.create(tmp_path / "v"))
+    code = ("import sys; sys.modules['distributed'] = None\n"
+            "from cbt.cli.main import main\n"
+            f"sys.exit(main(['backup', {str(tmp_path / 'v')!r}, '--vm', 'vm', {str(disk)!r}, "
+            "'--executor', 'dask://127.0.0.1:9']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=clean_env(), timeout=60)
+    assert one_error_line(r) == ("cbt: error: the Dask executor needs the distributed "
+                                 "package: pip install 'cbt[dask]'")
+    assert Vault.open(tmp_path / "v").point_ids() == []
+
+
+def test_bad_executor_address_is_one_line(tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "a.img", 1 << 20, seed=1)
+    Vault.create(LocalStorage.create(tmp_path / "v"))
+    r = cbt("backup", tmp_path / "v", "--vm", "vm", disk, "--executor", "http://x:1")
+    assert one_error_line(r) == "cbt: error: --executor 'http://x:1': give dask://HOST:PORT"
+
+
+def test_config_host_key(tmp_path: Path) -> None:
+    """``host``: the VM is read live (snapshot "none" by default, nothing else allowed),
+    never with qmp; a host name."""
+    def vm(**keys: Any) -> VMConfig:
+        cfg = job_config(tmp_path / "c.toml", {"web": {"disks": {"os": "/srv/os.img"},
+                                                         **keys}})
+        return load(cfg).vms["web"]
+
+    assert vm(host="hv1").host == "hv1"
+    assert vm(host="hv1").snapshot == "none"
+    assert vm(host="hv1", snapshot="none").host == "hv1"
+    assert vm().host is None and vm().snapshot == "auto"
+    with pytest.raises(ConfigError, match=r"vm\.web\.snapshot.*read live"):
+        vm(host="hv1", snapshot="reflink")
+    with pytest.raises(ConfigError, match=r"vm\.web\.host.*not a host name"):
+        vm(host="a b")
+    with pytest.raises(ConfigError, match=r"vm\.web\.host.*string"):
+        vm(host=3)
+    cfg = job_config(tmp_path / "q.toml", {"q": {"qmp": "/run/q.qmp", "host": "hv1"}})
+    with pytest.raises(ConfigError, match=r"vm\.q\.host.*not allowed with qmp"):
+        load(cfg)
