@@ -332,3 +332,45 @@ def test_config_host_key(tmp_path: Path) -> None:
     cfg = job_config(tmp_path / "q.toml", {"q": {"qmp": "/run/q.qmp", "host": "hv1"}})
     with pytest.raises(ConfigError, match=r"vm\.q\.host.*not allowed with qmp"):
         load(cfg)
+
+
+# (source, made a function by exec: a dynamic function, which cloudpickle sends by value;
+# the workers cannot import this module)
+MMAP_PROBE = """
+def probe():
+    import ctypes
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+                    "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Mallinfo2
+    before = libc.mallinfo2().hblks
+    buf = bytearray(1 << 20)
+    during = libc.mallinfo2().hblks
+    del buf
+    return int(during - before)
+"""
+
+
+def test_a_workers_malloc_is_tuned_for_cbt(cluster: Cluster) -> None:
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which pins glibc's mmap threshold at
+    128 KiB (every larger buffer a fresh mmap: 1.5-1.7x the CPU); a cbt task on a worker
+    gives the thresholds back first: a 1 MiB buffer is no mmap of its own there."""
+    from cbt.jobs.dask_executor import DaskExecutor
+
+    need(hasattr(__import__("ctypes").CDLL("libc.so.6"), "mallinfo2"), "needs glibc 2.33+")
+    ns: dict[str, Any] = {}
+    exec(MMAP_PROBE, ns)
+    probe = ns["probe"]
+    (worker,) = cluster.local_workers()[:1]
+    client = cluster.client
+    assert client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+                      workers=[worker])[worker] is not None
+    assert client.submit(probe, pure=False, workers=[worker]).result(timeout=60) in (0, 1)
+    executor = DaskExecutor(client)
+    try:
+        assert executor.submit(probe).result(timeout=60) == 0
+    finally:
+        executor.shutdown()
