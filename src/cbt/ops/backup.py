@@ -28,7 +28,12 @@ A :class:`BackupRequest` says what to back up and how; :func:`backup` runs it:
    one hash loop (:func:`cbt.source.read.hash_shard`), looks each window's
    digests up in the index in one vectorised call, and appends the missing
    blocks, compressed, to packs of a few MiB that a thread of its own writes
-   durably as they fill.
+   durably as they fill.  On a :class:`PlacedExecutor` (a Dask cluster) each
+   disk's shards run on the workers of its host (``BackupRequest.hosts``; none:
+   the coordinator's), which also open and map a disk of another host for the
+   plan; a host no worker serves fails the run before anything is written.  The
+   early scan is not used there: its digests live in the coordinator's shared
+   memory, which only forked workers see.
 4. Commit (:func:`commit`): assemble each disk's manifest; count the blocks
    that differ from the disk's previous point (``cbt diff`` rules); write a
    full manifest (first backup) or a delta against the skip-chain base (see
