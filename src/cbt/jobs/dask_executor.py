@@ -49,7 +49,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
@@ -223,13 +223,15 @@ class DaskExecutor(PlacedExecutor):
         try:
             if task.status == "finished":
                 done.set_result(task.result())
-            elif task.status == "cancelled":
-                done.cancel()
-                done.set_running_or_notify_cancel()
+            elif task.status == "cancelled":  # (not by us: ours were done first)
+                done.set_exception(CbtIOError(0, "Dask cancelled a shard (its worker or the "
+                                                 "scheduler went away?): nothing committed"))
             else:
                 done.set_exception(_worker_error(task.exception()))
+        except InvalidStateError:  # (settled meanwhile: the watcher's error, a cancel)
+            pass
         except BaseException as exc:  # (the result could not be fetched)
-            if not done.done():
+            with contextlib.suppress(InvalidStateError):
                 done.set_exception(_worker_error(exc))
 
     def _start_watch(self) -> None:
@@ -262,10 +264,11 @@ class DaskExecutor(PlacedExecutor):
             with self._lock:
                 pending = list(self._pending.items())
                 self._pending.clear()
-            for f, (_, task) in pending:
-                task.cancel()  # (Dask would run it again on another worker)
-                if not f.done():
+            for f, _ in pending:
+                with contextlib.suppress(InvalidStateError):
                     f.set_exception(CbtIOError(0, message))
+            for _, (_, task) in pending:
+                task.cancel()  # (Dask would run it again on another worker)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._closed.set()

@@ -121,6 +121,11 @@ PACKS_IN_FLIGHT = 2  # full packs of a worker queued for its writing thread
 EARLY_SCAN_MAX_WAIT = 1.0  # seconds waited for the lock after which an early scan is dropped
 # shards per worker on an Executor: more shards than workers, so progress moves as they finish
 EXECUTOR_SHARDS_PER_WORKER = 4
+# shards per worker of a cluster (a PlacedExecutor): one, as bench/dask_backup.py found
+# (2 worker processes, 128 MiB to an S3 vault, Dask over the built-in workers: 0.93-1.06x
+# with one shard a worker, 1.04-1.19x with two, 1.16-1.34x with four: each shard ends
+# with a part-filled pack, one more PUT, and waits on its own round trips)
+CLUSTER_SHARDS_PER_WORKER = 1
 PREFETCH_AHEAD = 32 << 20  # bytes of a shard asked of the kernel ahead of its reader
 BATCH_BLOCKS, BATCH_BYTES = 4096, 32 << 20  # windows a shard looks up in one call
 SAMPLE_RUN = 256 << 10  # bytes: the verification sample is taken in runs this long
@@ -443,7 +448,7 @@ def plan(vault: Vault, request: BackupRequest,
 def _cut(disks: list[PlannedDisk], which: Sequence[int], request: BackupRequest,
          placed: list[tuple[Executor, int]]) -> list[Shard]:
     """Shards of about equal bytes of the disks ``which``: as many as the workers (forked),
-    a few per worker on an Executor, and on a PlacedExecutor a few per worker of each
+    a few per worker on an Executor, and on a PlacedExecutor one per worker of each
     disk's host; in disk order."""
     groups: dict[int, list[int]] = {}
     for k in which:
@@ -453,7 +458,7 @@ def _cut(disks: list[PlannedDisk], which: Sequence[int], request: BackupRequest,
         workers *= EXECUTOR_SHARDS_PER_WORKER
     out: list[Shard] = []
     for ks in groups.values():
-        parts = placed[ks[0]][1] * EXECUTOR_SHARDS_PER_WORKER if placed else workers
+        parts = placed[ks[0]][1] * CLUSTER_SHARDS_PER_WORKER if placed else workers
         cut = plan_shards([DiskPlan(disks[k].ranges, disks[k].block_size, disks[k].size)
                            for k in ks], parts)
         out += [s._replace(disk=ks[s.disk]) for s in cut]
