@@ -20,6 +20,8 @@ from cbt.source.disks import DiskSpec, parse_disk_arg
 from cbt.source.scan import DEFAULT_BLOCK_SIZE
 
 if TYPE_CHECKING:
+    from distributed import Client
+
     from cbt.format.manifest import Manifest
     from cbt.format.records import PointRecord
     from cbt.ops.backup import BackupProgress
@@ -38,19 +40,23 @@ class Vault(_RepoVault):
                progress: BackupProgress | None = None, wait: float = 0.0,
                created: str | None = None,
                consistency: tuple[str, str] = ("crash", "live read"),
-               executor: Executor | None = None, slot: str | None = None,
+               executor: Executor | Client | None = None, slot: str | None = None,
                early: PendingScan | None = None, full_scan: bool = False,
                verify_fraction: float | None = None,
-               hints: Mapping[str, str | os.PathLike[str]] | None = None) -> PointRecord:
+               hints: Mapping[str, str | os.PathLike[str]] | None = None,
+               hosts: Mapping[str, str] | None = None) -> PointRecord:
         """Back up ``disks`` (``DiskSpec``s, ``LABEL=PATH`` or ``PATH`` strings) of ``vm``.
 
         ``hints``: a hint file (``cbt backup --changed-ranges``) by disk label;
         ``full_scan`` hashes every allocated block whatever a source says;
         ``verify_fraction`` (0 to 1, default 1/32) of the blocks a source calls
-        unchanged is re-hashed as a check.  See :class:`cbt.ops.backup.BackupRequest`
-        for the arguments.
+        unchanged is re-hashed as a check.  ``executor`` runs the shards: any Executor,
+        or a ``distributed.Client`` (:mod:`cbt.jobs.dask_executor`), whose workers on
+        each disk's host (``hosts``: label -> host; default the caller's own host) read
+        it.  See :class:`cbt.ops.backup.BackupRequest` for the arguments.
         """
         from cbt.format.records import check_point_time
+        from cbt.jobs.dask_executor import as_executor
         from cbt.ops.backup import BackupRequest, backup
         from cbt.source.changes import DEFAULT_VERIFY_FRACTION
 
@@ -59,10 +65,10 @@ class Vault(_RepoVault):
         specs = [d if isinstance(d, DiskSpec) else parse_disk_arg(os.fspath(d)) for d in disks]
         return backup(self, BackupRequest(
             vm, specs, block_size=block_size, workers=workers, progress=progress, wait=wait,
-            created=created, consistency=consistency, executor=executor, slot=slot,
+            created=created, consistency=consistency, executor=as_executor(executor), slot=slot,
             early=early, full_scan=full_scan,
             verify_fraction=DEFAULT_VERIFY_FRACTION if verify_fraction is None else verify_fraction,
-            hints={k: os.fspath(v) for k, v in (hints or {}).items()}))
+            hints={k: os.fspath(v) for k, v in (hints or {}).items()}, hosts=hosts or {}))
 
     def restore(self, point: str, to: str | os.PathLike[str], force: bool = False,
                 workers: int | None = None, progress: Callable[[int, int], None] | None = None,

@@ -44,6 +44,12 @@ change_source, change_source_reason, verified_blocks and hint_mismatches.
 "verified_blocks","hint_mismatches"}],"seconds","warnings"} line; with
 --config one such line per VM (each disk adds "snapshot", the provider used),
 or {"type":"error","vm","message","warnings"} for a VM whose job failed.
+
+--executor dask://HOST:PORT runs the shards on a Dask cluster's workers
+(pip install 'cbt[dask]'): a disk's on the workers of its VM's host (config key
+host; workers started with --resources host-NAME=1), else on those of this
+host; each writes its packs to the vault itself (an s3:// vault needs no shared
+file system); this command plans and commits.
 """
 
 from __future__ import annotations
@@ -98,6 +104,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-fraction", type=fraction_arg, default=None, metavar="F",
                    help="share of the blocks a change source calls unchanged re-hashed as a "
                         "check, 0 to 1 (default 1/32: each block once in 32 runs)")
+    p.add_argument("--executor", metavar="dask://HOST:PORT", default=None,
+                   help="run the shards on the workers of this Dask scheduler "
+                        "(pip install 'cbt[dask]')")
     add_password_file(p)
     add_json(p)
 
@@ -137,23 +146,40 @@ def run(args: argparse.Namespace) -> int:
     # first thing: hash the disks of an incremental backup while the rest loads (not
     # those a hint file tracks: they read only what changed)
     # (nor qcow2 images: read through qemu-nbd as the guest sees them, tracked by bitmaps)
-    early = start_early_scan(vault, args.vm, specs, args.block_size, args.workers,
-                             skip=set(hints) | {s.label for s in specs if is_qcow2(s.path)})
-    try:
-        with _progress(args, [s.label for s in specs]) as progress:
-            point = vault.backup(args.vm, specs, block_size=args.block_size,
-                                 workers=args.workers, progress=progress, wait=args.wait,
-                                 created=_created(args), early=early,
-                                 full_scan=args.full_scan, verify_fraction=args.verify_fraction,
-                                 hints=hints)
-    finally:
-        if early is not None:
-            early.cancel()
+    with _executor(args) as executor:
+        early = None if executor is not None else start_early_scan(
+            vault, args.vm, specs, args.block_size, args.workers,
+            skip=set(hints) | {s.label for s in specs if is_qcow2(s.path)})
+        try:
+            with _progress(args, [s.label for s in specs]) as progress:
+                point = vault.backup(args.vm, specs, block_size=args.block_size,
+                                     workers=args.workers, progress=progress, wait=args.wait,
+                                     created=_created(args), early=early, executor=executor,
+                                     full_scan=args.full_scan,
+                                     verify_fraction=args.verify_fraction, hints=hints)
+        finally:
+            if early is not None:
+                early.cancel()
     if args.json:
         print_json(point_json(point))
         return EXIT_OK
     _print_point(point)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _executor(args: argparse.Namespace) -> Iterator[Any]:
+    """The Dask executor of ``--executor`` (None: forked workers), closed after."""
+    if args.executor is None:
+        yield None
+        return
+    from cbt.jobs.dask_executor import connect
+
+    executor = connect(args.executor)
+    try:
+        yield executor
+    finally:
+        executor.shutdown(cancel_futures=True)
 
 
 def fraction_arg(text: str) -> float:
@@ -187,8 +213,6 @@ def _hint_files(items: list[str], labels: list[str]) -> dict[str, str]:
 
 def _run_config(args: argparse.Namespace) -> int:
     from cbt.jobs.config import load
-    from cbt.jobs.job import JobRequest
-    from cbt.jobs.runner import run_vm
 
     config = load(args.config)
     find = finder(args, config.vault)  # one finder: asked (or read) once for every VM
@@ -198,24 +222,34 @@ def _run_config(args: argparse.Namespace) -> int:
         raise CbtValueError(f"no VM named {args.vm!r} in {args.config}")
     names = [args.vm] if args.vm else list(config.vms)
     code = EXIT_OK
-    for name in names:
-        with _progress(args, list(config.vms[name].disks)) as progress:
-            result = run_vm(config, name, JobRequest(workers=args.workers, progress=progress,
-                                                     wait=args.wait, created=_created(args),
-                                                     passphrase=find,
-                                                     full_scan=args.full_scan))
-        if result.point is None:
-            code = EXIT_ERROR
-            sys.stderr.write(f"cbt: error: VM {name}: {result.error}\n")
-            if args.json:
-                print_json({"type": "error", "vm": name, "message": result.error,
-                            "warnings": []})
-            continue
-        if args.json:
-            print_json(point_json(result.point, result.snapshots))
-        else:
-            _print_point(result.point, result.snapshots)
+    with _executor(args) as executor:
+        for name in names:
+            code = max(code, _run_config_vm(args, config, name, find, executor))
     return code
+
+
+def _run_config_vm(args: argparse.Namespace, config: Any, name: str, find: Any,
+                   executor: Any) -> int:
+    """One VM's job of ``--config``: its point printed, or its error."""
+    from cbt.jobs.job import JobRequest
+    from cbt.jobs.runner import run_vm
+
+    with _progress(args, list(config.vms[name].disks)) as progress:
+        result = run_vm(config, name, JobRequest(workers=args.workers, progress=progress,
+                                                 wait=args.wait, created=_created(args),
+                                                 passphrase=find, executor=executor,
+                                                 full_scan=args.full_scan))
+    if result.point is None:
+        sys.stderr.write(f"cbt: error: VM {name}: {result.error}\n")
+        if args.json:
+            print_json({"type": "error", "vm": name, "message": result.error,
+                        "warnings": []})
+        return EXIT_ERROR
+    if args.json:
+        print_json(point_json(result.point, result.snapshots))
+    else:
+        _print_point(result.point, result.snapshots)
+    return EXIT_OK
 
 
 def _created(args: argparse.Namespace) -> str | None:

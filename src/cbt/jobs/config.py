@@ -25,12 +25,20 @@ Shape (everything but ``vault``, ``policy.*.schedule``, ``vm.*.policy`` and
     block_size = "16K"
     change_tracking = "auto"      # or "hash": always read every allocated block
     verify_fraction = 0.03125     # 0 to 1: the unchanged blocks re-hashed each run (1/32)
+    host = ""                     # the host that holds the disks (default: this one)
     [vm.web.hooks]
     pre = ["/usr/local/bin/quiesce"]
     post = ["/usr/local/bin/resume"]
     timeout = 60
     on_pre_failure = "fallback"   # or "fail"
     provides = "application"      # or "file-system"
+
+A VM whose disks lie on another host names it (``host = "hv1"``): its backup runs on a
+Dask cluster (``cbt backup --config F --executor dask://HOST:PORT``), each disk opened,
+mapped and read by the workers that serve that host (started with ``--resources
+host-hv1=1``; :mod:`cbt.jobs.dask_executor`).  The coordinator cannot snapshot a disk
+it does not see: such a VM is read live (``snapshot = "none"``, the default with
+``host``; a pre hook may quiesce it), and ``qmp`` is not allowed with it.
 
 A running QEMU VM (:mod:`cbt.jobs.qemu`) names its QMP socket instead of disk
 paths; ``snapshot`` and ``snapshot_dir`` are not allowed then (QEMU makes the
@@ -113,6 +121,7 @@ class VMConfig:
     qmp: str | None = None
     guest_agent: str | None = None  # the QEMU guest agent's socket (absolute): freeze/thaw
     nbd: str | None = None  # an NBD server the QEMU already runs (absolute socket path)
+    host: str | None = None  # the host that holds the disks (a Dask cluster's workers read them)
 
     @property
     def qemu(self) -> bool:
@@ -285,7 +294,8 @@ def _vm(where: _Where, path: str, base: Path, name: str, table: Any,
     qemu = "qmp" in table
     _check_keys(where, path, pre, table, {"policy", "disks", "snapshot", "snapshot_dir",
                                          "block_size", "hooks", "change_tracking",
-                                         "verify_fraction", "qmp", "guest_agent", "nbd"},
+                                         "verify_fraction", "qmp", "guest_agent", "nbd",
+                                         "host"},
                 {"policy"} if qemu else {"policy", "disks"})
     policy = _typed(where, path, pre + "policy", table["policy"], str, "a policy name")
     if policy not in policies:
@@ -293,7 +303,9 @@ def _vm(where: _Where, path: str, base: Path, name: str, table: Any,
     sockets = _qemu_sockets(where, path, base, pre, table)
     disks = (_qemu_disks(where, path, pre, table.get("disks", {})) if qemu
              else _disks(where, path, base, pre, table["disks"]))
-    snapshot = _typed(where, path, pre + "snapshot", table.get("snapshot", "auto"), str,
+    host = _host(where, path, pre, table)
+    snapshot = _typed(where, path, pre + "snapshot",
+                      table.get("snapshot", "auto" if host is None else "none"), str,
                       "a string")
     if snapshot not in PROVIDERS:
         raise _err(where, path, pre + "snapshot", f"must be one of {', '.join(PROVIDERS)}")
@@ -309,7 +321,28 @@ def _vm(where: _Where, path: str, base: Path, name: str, table: Any,
         hooks = _hooks(where, path, base, pre + "hooks", table["hooks"])
     tracking, fraction = _tracking(where, path, pre, table)
     return VMConfig(name, policy, disks, snapshot, snapshot_dir, block_size, hooks, tracking,
-                    fraction, *sockets)
+                    fraction, *sockets, host=host)
+
+
+HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\[\]-]{0,252}")
+
+
+def _host(where: _Where, path: str, pre: str, table: dict[str, Any]) -> str | None:
+    """A VM's ``host`` (None: this one); such a VM is read live, never from QEMU."""
+    if "host" not in table:
+        return None
+    host: str = _typed(where, path, pre + "host", table["host"], str, "a host name (string)")
+    if not HOST_RE.fullmatch(host):
+        raise _err(where, path, pre + "host", f"{host!r} is not a host name")
+    if "qmp" in table:
+        raise _err(where, path, pre + "host", "not allowed with qmp (a QEMU VM is backed up "
+                   "from its own host)")
+    if table.get("snapshot", "none") != "none" or "snapshot_dir" in table:
+        raise _err(where, path, pre + "snapshot" if "snapshot" in table else
+                   pre + "snapshot_dir", "a VM on another host is read live (snapshot = "
+                   "\"none\"): cbt cannot snapshot a disk it does not see (a pre hook may "
+                   "quiesce the VM)")
+    return host
 
 
 def _qemu_sockets(where: _Where, path: str, base: Path, pre: str, table: dict[str, Any]

@@ -227,6 +227,8 @@ class Job:
     def check_disks(self) -> dict[str, str]:
         """Before any hook: every disk exists; the snapshot provider of each."""
         vmc = self.vmc
+        if vmc.host is not None:  # (opened where they lie: by the workers of that host)
+            return resolve_provider("none", vmc.name, vmc.disks, None)
         for label, path in vmc.disks.items():
             if not os.path.exists(path):
                 raise JobFailed(f"disk {label}: no such disk or image: {path}")
@@ -312,7 +314,8 @@ class Job:
             ignore_stop_signals=request.finish_on_stop_signal,
             full_scan=request.full_scan, verify_fraction=vmc.verify_fraction,
             changes=changes,
-            settle=partial(snaps.settle, keep=self.keep)))
+            settle=partial(snaps.settle, keep=self.keep),
+            hosts=dict.fromkeys(vmc.disks, vmc.host) if vmc.host is not None else {}))
 
     def read_done(self) -> list[str]:
         """Every disk read: offline images are released (qemu-nbd stopped), then the post

@@ -14,10 +14,12 @@ import contextlib
 import os
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cbt.core.timefmt import utc_now
 from cbt.jobs.config import Config, VMConfig
 from cbt.jobs.config import load as load_config
+from cbt.jobs.dask_executor import as_executor
 from cbt.jobs.hooks import run_hook
 from cbt.jobs.job import Job, JobFailed, JobRequest, JobResult, abort_on_signals
 from cbt.jobs.qemu import QemuJob, thaw_interrupted
@@ -27,6 +29,9 @@ from cbt.repo.lock import shared_lock, vm_lock
 from cbt.repo.registry import list_jobs, save_job
 from cbt.repo.vault import Vault
 from cbt.source.snapshot import SNAPSHOT_DIR, btrfs_subvolume, remove_snapshot, snapshot_dir_for
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 __all__ = ["asked_once", "recover", "run", "run_vm"]
 
@@ -97,16 +102,18 @@ def _job_class(vmc: VMConfig) -> type[Job]:
 
 
 def run(config: Config | str | os.PathLike[str], vm: str | None = None,
-        executor: Executor | None = None, workers: int | None = None,
+        executor: Executor | Client | None = None, workers: int | None = None,
         progress: BackupProgress | None = None, created: str | None = None,
         wait: float = 0.0, passphrase: Passphrase | None = None) -> list[JobResult]:
     """Run the job of every VM of the config (or one) now, whatever the schedule;
-    ``passphrase`` opens an encrypted vault (see :class:`JobRequest`)."""
+    ``passphrase`` opens an encrypted vault (see :class:`JobRequest`); ``executor`` runs
+    the shards (default: forked workers): any Executor, or a ``distributed.Client``
+    (:mod:`cbt.jobs.dask_executor`: each VM's disks read on its ``host``)."""
     cfg = config if isinstance(config, Config) else load_config(config)
     if vm is not None and vm not in cfg.vms:
         raise JobFailed(f"no VM named {vm!r} in {cfg.path}")
     names = [vm] if vm is not None else list(cfg.vms)
-    request = JobRequest(executor=executor, workers=workers, progress=progress,
+    request = JobRequest(executor=as_executor(executor), workers=workers, progress=progress,
                          created=created, wait=wait, passphrase=asked_once(passphrase))
     return [run_vm(cfg, name, request) for name in names]
 

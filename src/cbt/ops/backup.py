@@ -30,7 +30,12 @@ A :class:`BackupRequest` says what to back up and how; :func:`backup` runs it:
    one hash loop (:func:`cbt.source.read.hash_shard`), looks each window's
    digests up in the index in one vectorised call, and appends the missing
    blocks, compressed, to packs of a few MiB that a thread of its own writes
-   durably as they fill.
+   durably as they fill.  On a :class:`PlacedExecutor` (a Dask cluster) each
+   disk's shards run on the workers of its host (``BackupRequest.hosts``; none:
+   the coordinator's), which also open and map a disk of another host for the
+   plan; a host no worker serves fails the run before anything is written.  The
+   early scan is not used there: its digests live in the coordinator's shared
+   memory, which only forked workers see.
 4. Commit (:func:`commit`): assemble each disk's manifest; count the blocks
    that differ from the disk's previous point (``cbt diff`` rules); write a
    full manifest (first backup) or a delta against the skip-chain base (see
@@ -50,6 +55,7 @@ manifest's checksum in the point record is of the bytes stored.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import dataclasses
 import errno
@@ -66,7 +72,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_complete
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -118,12 +124,34 @@ PACKS_IN_FLIGHT = 2  # full packs of a worker queued for its writing thread
 EARLY_SCAN_MAX_WAIT = 1.0  # seconds waited for the lock after which an early scan is dropped
 # shards per worker on an Executor: more shards than workers, so progress moves as they finish
 EXECUTOR_SHARDS_PER_WORKER = 4
+# shards per worker of a cluster (a PlacedExecutor): one, as bench/dask_backup.py found
+# (2 worker processes, 128 MiB to an S3 vault, Dask over the built-in workers: 0.93-1.06x
+# with one shard a worker, 1.04-1.19x with two, 1.16-1.34x with four: each shard ends
+# with a part-filled pack, one more PUT, and waits on its own round trips)
+CLUSTER_SHARDS_PER_WORKER = 1
 PREFETCH_AHEAD = 32 << 20  # bytes of a shard asked of the kernel ahead of its reader
 BATCH_BLOCKS, BATCH_BYTES = 4096, 32 << 20  # windows a shard looks up in one call
 SAMPLE_RUN = 256 << 10  # bytes: the verification sample is taken in runs this long
 
+_T = TypeVar("_T")
+
 # (vm, label, bytes_done, bytes_total) a few times a second
 BackupProgress = Callable[[str, str, int, int], None]
+
+
+class PlacedExecutor(Executor):
+    """An Executor whose tasks can be pinned to a host: a cluster's (a Dask client's,
+    :mod:`cbt.jobs.dask_executor`).
+
+    A disk's shards run where its host is served (``BackupRequest.hosts``; no host: the
+    coordinator's own host).  Such a worker reopens the disk there, and writes its packs
+    straight to the vault's storage; what comes back is its digests and index entries.
+    """
+
+    @abc.abstractmethod
+    def on(self, host: str | None) -> tuple[Executor, int]:
+        """The executor whose tasks run on ``host`` (None: the coordinator's host), and
+        how many workers serve it; :class:`CbtValueError` naming the host when none does."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +194,9 @@ class BackupRequest:
     hints: Mapping[str, str] = field(default_factory=dict)
     changes: Callable[[str, DiskRecord | None, int, int], ChangeHint] | None = None
     settle: Callable[[], Mapping[str, TrackingBase]] | None = None
+    # the host of each disk (label -> host; absent: the coordinator's): its shards run
+    # there, on a PlacedExecutor's workers
+    hosts: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disks", tuple(self.disks))
@@ -189,6 +220,14 @@ class BackupRequest:
                                 f"this backup ({', '.join(labels)})")
         if not 0.0 <= self.verify_fraction <= 1.0:
             raise CbtValueError(f"verify fraction {self.verify_fraction} is not between 0 and 1")
+        unknown = sorted(set(self.hosts) - set(labels))
+        if unknown:
+            raise CbtValueError(f"a host for {unknown[0]!r}, which is not a disk of this "
+                                f"backup ({', '.join(labels)})")
+        if self.hosts and not isinstance(self.executor, PlacedExecutor):
+            label, host = next(iter(self.hosts.items()))
+            raise CbtValueError(f"disk {label} is on host {host}: its backup runs on a Dask "
+                                "cluster's workers there (--executor dask://HOST:PORT)")
 
 
 def backup(vault: Vault, request: BackupRequest) -> PointRecord:
@@ -257,8 +296,9 @@ def backup_locked(vault: Vault, request: BackupRequest) -> PointRecord:
     (a job)."""
     started = time.perf_counter()
     request.check()
+    placed = placements(request)  # (before anything is written: a disk no worker serves)
     _clean_leftovers(vault)
-    planned = plan(vault, request)
+    planned = plan(vault, request, placed)
     results = transfer(vault, request, planned)
     _fill(planned.disks, planned.shards, results)
     results += verify_hints(vault, request, planned)
@@ -369,17 +409,42 @@ class Plan:
     disks: list[PlannedDisk]
     shards: list[ShardTask]
     warnings: list[str] = field(default_factory=list)
+    # each disk's executor and its worker count, on a PlacedExecutor (else empty)
+    placed: list[tuple[Executor, int]] = field(default_factory=list)
 
 
-def plan(vault: Vault, request: BackupRequest) -> Plan:
+def placements(request: BackupRequest) -> list[tuple[Executor, int]]:
+    """On a PlacedExecutor, each disk's executor (the workers of its host) and how many
+    workers it has; a host no worker serves fails here, before anything is written."""
+    executor = request.executor
+    if not isinstance(executor, PlacedExecutor):
+        return []
+    on: dict[str | None, tuple[Executor, int]] = {}
+    out = []
+    for spec in request.disks:
+        host = request.hosts.get(spec.label)
+        if host not in on:
+            try:
+                on[host] = executor.on(host)
+            except CbtValueError as exc:
+                raise CbtValueError(f"disk {spec.label}: {exc}") from None
+        out.append(on[host])
+    return out
+
+
+def plan(vault: Vault, request: BackupRequest,
+         placed: list[tuple[Executor, int]] | None = None) -> Plan:
     """Load the index, open and map every disk, take the early scan, cut shards."""
+    placed = placements(request) if placed is None else placed
     warnings = list(request.warnings)
     index = vault.load_index(warnings)
     prev = _latest_healthy(vault, request.vm, warnings)
     lost = (_newer_point_lost(vault, request.vm, prev, len(warnings) > len(request.warnings))
             if (request.hints or request.changes is not None) and not request.full_scan
             else None)
-    disks = [_plan_disk(vault, request, prev, spec, warnings, lost) for spec in request.disks]
+    disks = [_plan_disk(vault, request, prev, spec, warnings, lost,
+                        placed[k][0] if placed and spec.label in request.hosts else None)
+             for k, spec in enumerate(request.disks)]
     early = request.early
     if early is not None:
         # (its results live in shared memory: forked workers only; and its digests must
@@ -387,11 +452,29 @@ def plan(vault: Vault, request: BackupRequest) -> Plan:
         if request.executor is None and early.key == vault.id_key:
             _take_early_scan(early, disks, request)
         early.cancel()
+    shards = _cut(disks, range(len(disks)), request, placed)
+    return Plan(index, prev, disks, [_shard_task(disks[s.disk], s) for s in shards], warnings,
+                placed)
+
+
+def _cut(disks: list[PlannedDisk], which: Sequence[int], request: BackupRequest,
+         placed: list[tuple[Executor, int]]) -> list[Shard]:
+    """Shards of about equal bytes of the disks ``which``: as many as the workers (forked),
+    a few per worker on an Executor, and on a PlacedExecutor one per worker of each
+    disk's host; in disk order."""
+    groups: dict[int, list[int]] = {}
+    for k in which:
+        groups.setdefault(id(placed[k][0]) if placed else 0, []).append(k)
     workers = request.workers or default_workers()
     if request.executor is not None:
         workers *= EXECUTOR_SHARDS_PER_WORKER
-    shards = plan_shards([DiskPlan(d.ranges, d.block_size, d.size) for d in disks], workers)
-    return Plan(index, prev, disks, [_shard_task(disks[s.disk], s) for s in shards], warnings)
+    out: list[Shard] = []
+    for ks in groups.values():
+        parts = placed[ks[0]][1] * CLUSTER_SHARDS_PER_WORKER if placed else workers
+        cut = plan_shards([DiskPlan(disks[k].ranges, disks[k].block_size, disks[k].size)
+                           for k in ks], parts)
+        out += [s._replace(disk=ks[s.disk]) for s in cut]
+    return sorted(out, key=lambda s: s.disk)
 
 
 def _latest_healthy(vault: Vault, vm: str, warnings: list[str]) -> PointRecord | None:
@@ -455,24 +538,26 @@ def _newer_point_lost(vault: Vault, vm: str, prev: PointRecord | None,
 
 
 def _plan_disk(vault: Vault, request: BackupRequest, prev: PointRecord | None, spec: DiskSpec,
-               warnings: list[str], lost: str | None = None) -> PlannedDisk:
+               warnings: list[str], lost: str | None = None,
+               remote: Executor | None = None) -> PlannedDisk:
+    """One disk's plan; a disk on another host (``remote``: its workers) is opened and
+    mapped there."""
     parent = prev.disk(spec.label) if prev else None
     block_size = request.block_size
     bs = parent.block_size if parent else (block_size or DEFAULT_BACKUP_BLOCK_SIZE)
-    with spec.open() as source:
-        if parent and block_size and block_size != parent.block_size:
-            raise CbtValueError(
-                f"disk {spec.label}: block size is fixed at {format_size(parent.block_size)} "
-                f"by its first backup; --block-size {format_size(block_size)} differs")
-        hint = _choose_hint(request, spec.label, parent, bs, source.size)
-        if hint.tracked and lost is not None:
-            hint = ChangeHint.hash(lost)
-        ranges = source.block_ranges(bs)
-        rows = range_rows(ranges)
-        d = PlannedDisk(spec=spec, source=source.spec(), block_size=bs, parent=parent,
-                        seq=parent.seq + 1 if parent else 0, ranges=ranges, rows=rows,
-                        digests=np.zeros(0, dtype=np.uint8), flags=np.zeros(0, dtype=np.uint8),
-                        hint=hint)
+    source, ranges = (_open_disk(spec, bs) if remote is None else
+                      _labelled(remote.submit(_open_disk, spec, bs).result, spec.label))
+    if parent and block_size and block_size != parent.block_size:
+        raise CbtValueError(
+            f"disk {spec.label}: block size is fixed at {format_size(parent.block_size)} "
+            f"by its first backup; --block-size {format_size(block_size)} differs")
+    hint = _choose_hint(request, spec.label, parent, bs, source.size)
+    if hint.tracked and lost is not None:
+        hint = ChangeHint.hash(lost)
+    d = PlannedDisk(spec=spec, source=source, block_size=bs, parent=parent,
+                    seq=parent.seq + 1 if parent else 0, ranges=ranges, rows=range_rows(ranges),
+                    digests=np.zeros(0, dtype=np.uint8), flags=np.zeros(0, dtype=np.uint8),
+                    hint=hint)
     d.previous = _previous_manifest(vault, prev, d, warnings)
     if hint.tracked and d.previous is None:  # (said so: a full baseline of this disk)
         d.hint = ChangeHint.hash("previous point unreadable")
@@ -483,6 +568,20 @@ def _plan_disk(vault: Vault, request: BackupRequest, prev: PointRecord | None, s
     d.digests = np.zeros((len(d.rows), fast.DIGEST_SIZE), dtype=np.uint8)
     d.flags = np.zeros(len(d.rows), dtype=np.uint8)
     return d
+
+
+def _open_disk(spec: DiskSpec, block_size: int) -> tuple[SourceSpec, list[BlockRange]]:
+    """Open a disk where it lies: its source's spec, and its data's block ranges."""
+    with spec.open() as source:
+        return source.spec(), source.block_ranges(block_size)
+
+
+def _labelled(call: Callable[[], _T], label: str) -> _T:
+    """``call()``, an OSError of a worker's saying which disk it concerns."""
+    try:
+        return call()
+    except OSError as exc:
+        raise CbtIOError(exc.errno, f"disk {label}: {exc.strerror or exc}") from None
 
 
 def _choose_hint(request: BackupRequest, label: str, parent: DiskRecord | None,
@@ -701,7 +800,8 @@ def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardR
     if request.executor is None and not vault.storage.forkable:
         # a forked worker's writes to this storage would be lost with it: threads share it
         with ThreadPoolExecutor(request.workers or default_workers()) as pool:
-            return _on_executor(pool, worker_vault, planned.shards, report)
+            return _on_executor([pool] * len(planned.shards), worker_vault, planned.shards,
+                                report)
     if request.executor is None:
         try:  # (isolated: a disk page that cannot be read kills the reader, not cbt)
             return fork_map(functools.partial(_labelled_shard, worker_vault), planned.shards,
@@ -713,7 +813,9 @@ def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardR
             shard = planned.shards[exc.task]
             err = explain_death(exc, (shard.source.path, shard.source.size))
             raise CbtIOError(err.errno, f"disk {shard.name}: {err.strerror}") from None
-    return _on_executor(request.executor, worker_vault, planned.shards, report)
+    executors = ([planned.placed[s.disk][0] for s in planned.shards] if planned.placed
+                 else [request.executor] * len(planned.shards))
+    return _on_executor(executors, worker_vault, planned.shards, report)
 
 
 def _progress_report(request: BackupRequest,
@@ -741,10 +843,12 @@ def _progress_report(request: BackupRequest,
     return report
 
 
-def _on_executor(executor: Executor, worker_vault: WorkerVault, shards: list[ShardTask],
+def _on_executor(executors: list[Executor], worker_vault: WorkerVault, shards: list[ShardTask],
                  report: Callable[[list[int]], None] | None) -> list[ShardResult]:
+    """Each shard on its executor; results in shard order."""
     done = [0] * len(shards)
-    futures = {executor.submit(_run_shard, worker_vault, s): k for k, s in enumerate(shards)}
+    futures = {ex.submit(_run_shard, worker_vault, s): k
+               for k, (ex, s) in enumerate(zip(executors, shards, strict=True))}
     results: list[ShardResult | None] = [None] * len(shards)
     try:
         for fut in as_completed(futures):
@@ -1073,14 +1177,10 @@ def verify_hints(vault: Vault, request: BackupRequest, planned: Plan) -> list[Sh
             _read_the_rest(d)
     if not lied:
         return []
-    workers = request.workers or default_workers()
-    if request.executor is not None:
-        workers *= EXECUTOR_SHARDS_PER_WORKER
-    cut = plan_shards([DiskPlan(planned.disks[k].ranges, planned.disks[k].block_size,
-                                planned.disks[k].size) for k in lied], workers)
-    tasks = [_shard_task(planned.disks[lied[s.disk]], s._replace(disk=lied[s.disk]))
-             for s in cut]
-    second = Plan(planned.index, planned.prev, planned.disks, tasks, planned.warnings)
+    cut = _cut(planned.disks, lied, request, planned.placed)
+    tasks = [_shard_task(planned.disks[s.disk], s) for s in cut]
+    second = Plan(planned.index, planned.prev, planned.disks, tasks, planned.warnings,
+                  planned.placed)
     results = transfer(vault, request, second)
     _fill(planned.disks, tasks, results)
     planned.shards += tasks
