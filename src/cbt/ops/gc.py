@@ -3,7 +3,9 @@
 Runs under its own lock, beside at most one backup (which holds the writer
 lock).  Mark, then sweep with a margin covering the running backup:
 
-1. Cutoff = the start of the running backup (from its lock), else now.
+1. Cutoff = the start of the running backup (from its lock), else now; moved
+   into the storage's clock (an S3 server's may be behind this host's, and its
+   mtimes are whole seconds: ``Storage.clock_offset``).
 2. Mark: resolve every visible point (through hidden bases where its deltas
    need them) and mark the index entries they reference.  A point whose record
    cannot be read (damaged), or whose manifests cannot be resolved (a damaged
@@ -15,8 +17,8 @@ lock).  Mark, then sweep with a margin covering the running backup:
    or manifest costs space until ``verify --repair`` sets its point aside,
    never a block it might reference.
 3. Per pack older than the cutoff (a newer one may hold blocks of the running
-   backup's uncommitted point): no live entry -> dead; live bytes under half
-   the pack -> rewritten (live blobs copied as they are into new packs; a
+   backup's uncommitted point): no live entry -> dead; some dead, and live
+   bytes under half the pack -> rewritten (live blobs copied as they are into new packs; a
    sealed blob's associated data does not name its pack, so an encrypted
    vault's blobs move without being opened).
 4. Write one merged index segment of every live entry (rewritten ones at
@@ -27,7 +29,7 @@ lock).  Mark, then sweep with a margin covering the running backup:
    backup that deduplicated against a block gc just declared dead moves its
    pack back when it commits (see ``rescue``).
 6. Empty the trash of what was put there before the cutoff and longer ago
-   than the grace period.
+   than the grace period (so never what this run trashed: the next run's).
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
     which a backup holds only while it commits, or another gc while it runs."""
     result = GcResult(dry_run)
     with gc_lock(vault.storage, wait, reveal_command=not vault.encrypted):
-        cutoff = _cutoff(vault)
+        offset = vault.storage.clock_offset()  # (an S3 server's clock, whole seconds)
+        cutoff = _cutoff(vault, offset)
         index = vault.load_index(result.warnings)
         live, sure = _referenced(vault, index, result.warnings)
         if not sure:
@@ -103,14 +106,20 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
             for pid in sweep.trash:
                 move_to_trash(vault.storage, pid)
         if not dry_run:
-            result.trash_emptied = empty_trash(vault.storage, min(cutoff, time.time() - grace))
+            result.trash_emptied = empty_trash(vault.storage,
+                                               min(cutoff, time.time() + offset - grace))
     return result
 
 
-def _cutoff(vault: Vault) -> float:
-    """Step 1: packs written since then may hold blocks of the running backup."""
+def _cutoff(vault: Vault, offset: float) -> float:
+    """Step 1: packs written since then may hold blocks of the running backup; in the
+    storage's mtimes (``offset``: :meth:`~cbt.repo.storage.Storage.clock_offset`, so a
+    server whose clock is behind, or whose mtimes are whole seconds, never has the
+    running backup's first packs look older than its start)."""
     since = writer_since(vault.storage)
-    return time.time() if since is None else since  # 0.0, unknown age: sweep nothing
+    if since == 0.0:
+        return 0.0  # unknown age: sweep nothing
+    return (time.time() if since is None else since) + offset
 
 
 def _referenced(vault: Vault, index: Index, warnings: list[str]
@@ -197,8 +206,9 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
         entries = np.nonzero(index.pack == k)[0]
         live_entries = entries[live[entries]]
         live_bytes = int((index.stored[live_entries].astype(np.int64) + BLOB.size).sum())
-        if len(live_entries) and live_bytes >= REWRITE_BELOW * st.size:
-            continue
+        if len(live_entries) and (len(live_entries) == len(entries)
+                                  or live_bytes >= REWRITE_BELOW * st.size):
+            continue  # (all live: a rewrite would give the same pack, gc after gc)
         sweep.keep[entries] = False
         sweep.trash.append(pid)
         if len(live_entries):

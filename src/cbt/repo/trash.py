@@ -34,7 +34,10 @@ delete: not atomic, and a crash between them leaves both names):
   is touched before the move, so a crash between them leaves it in ``packs/``
   (newer than gc's cutoff: kept this time) and never in the trash with its
   old time (deleted at the next gc, inside the grace period).  On S3 the
-  copy sets it (the server's clock: the grace period absorbs a skew).
+  copy sets it, in the server's clock, in whole seconds: gc compares it with
+  its own times through ``Storage.clock_offset`` (measured each run), so a
+  server behind this host never has a pack look trashed, or written, earlier
+  than it was.
 """
 
 from __future__ import annotations
