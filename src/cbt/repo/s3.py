@@ -8,7 +8,12 @@ Where the server is and who cbt is come only from the standard AWS settings:
 (``AWS_SHARED_CREDENTIALS_FILE``, ``AWS_CONFIG_FILE``); a variable wins over
 a file, but the credentials are one set, never half of each: the variables'
 (key id, secret and token) when a key id or secret is set there, else the
-profile's.  Nothing cbt-specific.
+profile's.  Nothing cbt-specific, and nothing else: obstore's own reading of
+every ``AWS_*`` variable is overridden (:func:`_store`), so no other variable
+changes a request (a stale ``AWS_SESSION_TOKEN`` beside a profile's keys,
+``AWS_SKIP_SIGNATURE``, ``AWS_CONDITIONAL_PUT``, ``AWS_ENDPOINT_URL_S3``...);
+no credentials at all are unsigned requests, never a question to the instance
+metadata service.  An endpoint must be an ASCII ``http(s)://`` URL.
 
 Why obstore (``bench/s3_clients.py --runs 3 --size 128M`` against SeaweedFS
 here, medians): gets of 8 MiB objects at 306/489 MiB/s (1/8 in flight) where
@@ -74,7 +79,7 @@ from obstore import exceptions as obx
 from obstore.store import S3Store
 
 if TYPE_CHECKING:
-    from obstore.store import S3Config
+    from obstore.store import S3Config, S3Credential
 
 from cbt.core.errors import CbtIOError, CbtValueError
 from cbt.repo.storage import (
@@ -125,8 +130,29 @@ def aws_settings(env: dict[str, str] | None = None) -> dict[str, str]:
             or files.get(file_key)
         if value:
             out[key] = value
+    if "endpoint" in out:
+        _check_endpoint(out["endpoint"])
     out.setdefault("region", "us-east-1")
     return out
+
+
+def _check_endpoint(url: str) -> None:
+    """An endpoint is ``http(s)://HOST[:PORT][/PATH]`` (the client panics at the first
+    request on anything else)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        parts, port_ok = None, False
+    if (parts is None or not port_ok or parts.scheme not in ("http", "https")
+            or not url.isascii() or not parts.hostname or parts.query or parts.fragment
+            or parts.username
+            or any(c.isspace() or not c.isprintable() or c in "\\\"<>^`{|}" for c in url)):
+        raise CbtValueError(f"the S3 endpoint {url!r} (AWS_ENDPOINT_URL, or endpoint_url in "
+                            "the AWS profile) is not an http:// or https:// URL of a host "
+                            "(in ASCII: an IDN host in its xn-- form)")
 
 
 _CREDENTIALS = (("access_key_id", "AWS_ACCESS_KEY_ID", "aws_access_key_id"),
@@ -154,16 +180,55 @@ def _credentials(env: dict[str, str], files: dict[str, str], profile: str) -> di
     return out
 
 
+# obstore reads every AWS_* variable itself (object_store's from_env) and lets a given
+# setting override it: these are set here, so that no variable cbt does not take
+# changes what a request is (unsigned, S3 Express, no conditional put: no lock)
+_PINNED: S3Config = {
+    "virtual_hosted_style_request": False, "skip_signature": False, "s3_express": False,
+    "conditional_put": "etag", "request_payer": False, "unsigned_payload": False}
+
+
 def _store(bucket: str, settings: dict[str, str]) -> S3Store:
+    """The client: the settings :func:`aws_settings` took and nothing else.  The
+    credentials come through a provider, which obstore prefers to any it would find
+    itself (a variable's session token beside a profile's keys: half of each; the
+    instance metadata service, off this host, when there are none): no credentials at
+    all are anonymous (unsigned) requests.  A client that cannot be made (an endpoint
+    that is no URL) is one line."""
     endpoint = settings.get("endpoint", "")
-    config: S3Config = {"virtual_hosted_style_request": False, "region": settings["region"]}
-    for key in ("access_key_id", "secret_access_key", "session_token", "endpoint"):
-        if key in settings:
-            config[key] = settings[key]
-    return S3Store(bucket, config=config,
-                   client_options={"timeout": TIMEOUT, "connect_timeout": CONNECT_TIMEOUT,
-                                   "allow_http": endpoint.startswith("http://")},
-                   retry_config={"max_retries": 3, "retry_timeout": timedelta(seconds=120)})
+    config: S3Config = {**_PINNED, "region": settings["region"]}
+    if endpoint:
+        config["endpoint"] = endpoint
+        config["aws_endpoint_url_s3"] = endpoint  # (else AWS_ENDPOINT_URL_S3 would win)
+    provider = None
+    if "access_key_id" in settings:
+        credential: S3Credential = {
+            "access_key_id": settings["access_key_id"],
+            "secret_access_key": settings["secret_access_key"],
+            "token": settings.get("session_token"), "expires_at": None}
+        provider = _Static(credential)
+    else:
+        config["skip_signature"] = True
+    try:
+        return S3Store(bucket, config=config, credential_provider=provider,
+                       client_options={"timeout": TIMEOUT, "connect_timeout": CONNECT_TIMEOUT,
+                                       "allow_http": endpoint.startswith("http://")},
+                       retry_config={"max_retries": 3, "retry_timeout": timedelta(seconds=120)})
+    except (obx.BaseError, ValueError, RuntimeError) as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        raise CbtValueError(f"cannot use s3://{bucket} with these AWS settings "
+                            f"(endpoint {endpoint or 'the AWS default'}): {first[:300]}"
+                            ) from None
+
+
+class _Static:
+    """A credential provider of one set that never expires."""
+
+    def __init__(self, credential: S3Credential) -> None:
+        self._credential = credential
+
+    def __call__(self) -> S3Credential:
+        return self._credential
 
 
 _STATUS = re.compile(r"status code: (\d{3}[^:<]*)")
