@@ -42,7 +42,11 @@ What object storage gives, and what it costs:
 
 Every reply is untrusted: a body of another length than the size the reply
 gives, a range reply other than asked, a listed key outside the prefix or
-not a valid name is an error naming it; listings follow every page.  Errors
+not a valid name is an error naming it; listings follow every page.  Folder
+markers (``p/packs/``, as a console's "create folder", ``pyarrow.fs`` or a
+file-system view of the bucket make them; the client lists them without
+their ``/``) are no objects: the prefix's own, and those of names under them,
+are left out of a listing.  Errors
 are one :class:`~cbt.core.errors.CbtIOError` line naming ``s3://bucket/key``.
 A request times out after :data:`TIMEOUT` (connecting: :data:`CONNECT_TIMEOUT`)
 and is retried 3 times within 120 s.  Not :attr:`Storage.forkable`: obstore's
@@ -272,7 +276,8 @@ class S3Storage(Storage):
         """A storage at an empty location, its bucket made when missing."""
         storage = cls(location)
         storage._make_bucket()
-        if storage._list_keys(storage._key_prefix(""), limit=1):
+        head = storage._key_prefix("")
+        if [k for k in storage._list_keys(head, limit=2) if k + "/" != head]:  # (a marker)
             raise CbtIOError(errno.ENOTEMPTY, f"not empty: {storage.root} (cbt init needs a "
                              "new or empty location)")
         return storage
@@ -445,6 +450,8 @@ class S3Storage(Storage):
         mine = self._key_prefix("")
         names: list[str] = []
         for key in self._list_keys(head, name=prefix):
+            if key + "/" == head:
+                continue  # the prefix's own folder marker
             if not key.startswith(head):
                 raise CbtIOError(errno.EIO, f"cannot list {self.root}/{prefix}: the server "
                                  f"listed {key!r}, outside the prefix")
@@ -455,7 +462,8 @@ class S3Storage(Storage):
                 raise CbtIOError(errno.EIO, f"cannot list {self.root}/{prefix}: the server "
                                  f"listed an invalid name {key!r}") from None
             names.append(name)
-        return sorted(set(names))
+        folders = {n[:i] for n in names for i, c in enumerate(n) if c == "/"}
+        return sorted(set(names) - folders)  # (folder markers of the names under them)
 
     def delete(self, name: str) -> None:
         key = self._key(name)
