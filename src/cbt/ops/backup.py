@@ -1133,7 +1133,7 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
         _write_segment(vault, point_id, new, index)
         record.seconds = round(time.perf_counter() - started, 6)
         vault.put_sealed("point", vault.point_name(point_id), record.to_json())
-    _maybe_merge_segments(vault)
+        _maybe_merge_segments(vault)  # (under the gc lock: see there)
     return record
 
 
@@ -1299,7 +1299,10 @@ def _write_segment(vault: Vault, point_id: str, new: dict[str, Any],
 
 
 def _maybe_merge_segments(vault: Vault) -> None:
-    """Merge many segments into one (after the commit; duplicates are harmless)."""
+    """Merge many segments into one (after the commit; duplicates are harmless).  Under
+    the gc lock: a gc between its reading the index and its writing the merged segment
+    would trash a dead pack that segment then names again (a later backup would
+    deduplicate against it, and a later gc empty the trash under it)."""
     segments = vault.segment_names()
     if len(segments) < index_mod.MERGE_AT:
         return
