@@ -102,3 +102,26 @@ def test_a_gc_never_runs_inside_a_merge(location: str, tmp_path: Path,
     v.restore(again.id, tmp_path / "out")
     assert_same_bytes(tmp_path / "out" / "os.img", old)
     assert v.verify(data=True).problems == []
+
+
+def test_gc_brings_back_a_pack_in_use_found_in_the_trash(location: str, tmp_path: Path) -> None:
+    """What such a race leaves (the index naming a pack that is in the trash only, a
+    committed point using it): gc moves it back rather than empty the trash under it."""
+    from cbt.format.pack import pack_id_of
+    from cbt.repo.trash import move_to_trash
+
+    v = cbt_api.Vault.init(location)
+    disk = write_random_disk(tmp_path / "os.img", MIB, seed=33)
+    point = v.backup("web", [f"os={disk}"])
+    for name in [n for n in v.storage.list("packs") if n.endswith(".pack")]:
+        move_to_trash(v.storage, pack_id_of(name))  # (the index still names them)
+    time.sleep(2.2)
+    dry = gc(v, grace=0, dry_run=True)
+    assert any("it would be moved back" in w for w in dry.warnings), dry
+    for _ in range(2):
+        result = gc(v, grace=0)
+        time.sleep(2.2)
+    assert result.trash_emptied == 0 and v.storage.list("trash") == [], result
+    v.restore(point.id, tmp_path / "out")
+    assert_same_bytes(tmp_path / "out" / "os.img", disk)
+    assert v.verify(data=True).problems == []

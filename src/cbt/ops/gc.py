@@ -16,11 +16,13 @@ lock).  Mark, then sweep with a margin covering the running backup:
    manifest left), gc frees nothing at all and says why.  So a damaged record
    or manifest costs space until ``verify --repair`` sets its point aside,
    never a block it might reference.
-3. Per pack older than the cutoff (a newer one may hold blocks of the running
-   backup's uncommitted point): no live entry -> dead; some dead, and live
-   bytes under half the pack -> rewritten (live blobs copied as they are into new packs; a
-   sealed blob's associated data does not name its pack, so an encrypted
-   vault's blobs move without being opened).
+3. A pack a point uses that is in the trash only (named again by a writer
+   that read the index before a gc trashed it) is moved back.  Per pack older
+   than the cutoff (a newer one may hold blocks of the running backup's
+   uncommitted point): no live entry -> dead; some dead, and live bytes
+   under half the pack -> rewritten (live blobs copied as they are into new
+   packs; a sealed blob's associated data does not name its pack, so an
+   encrypted vault's blobs move without being opened).
 4. Write one merged index segment of every live entry (rewritten ones at
    their new place; sealed in an encrypted vault), then remove the segments it
    replaces.
@@ -55,7 +57,7 @@ from cbt.format.records import CorruptPointError, is_point_id
 from cbt.repo import index as index_mod
 from cbt.repo.index import Index, IndexEntry
 from cbt.repo.lock import gc_lock, writer_since
-from cbt.repo.trash import DEFAULT_GRACE, empty_trash, move_to_trash
+from cbt.repo.trash import DEFAULT_GRACE, empty_trash, move_to_trash, trash_name
 from cbt.repo.vault import Vault
 
 REWRITE_BELOW = 0.5  # rewrite a pack when less than this share of it is live
@@ -200,6 +202,8 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
         except CbtIOError as exc:
             if exc.errno != errno.ENOENT:
                 raise
+            if live[index.pack == k].any():
+                _bring_back(vault, pid, result)
             continue
         if st.mtime >= cutoff:
             continue
@@ -219,6 +223,19 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
             result.packs_removed += 1
             result.bytes_freed += st.size
     return sweep
+
+
+def _bring_back(vault: Vault, pid: str, result: GcResult) -> None:
+    """A pack a point uses found in the trash only (the index named it again after a gc
+    had trashed it: a writer that read the index before that gc): moved back to
+    ``packs/``, never emptied from under its point.  (Missing altogether: verify says
+    so.)"""
+    if not vault.storage.exists(trash_name(pid)):
+        return
+    result.warnings.append(f"pack {pid} is in use but was in the trash: "
+                           + ("it would be moved back" if result.dry_run else "moved back"))
+    if not result.dry_run:
+        vault.storage.rename(trash_name(pid), pack_name(pid))
 
 
 def _write_index(vault: Vault, index: Index, sweep: _Sweep) -> None:
