@@ -113,9 +113,10 @@ def aws_settings(env: dict[str, str] | None = None) -> dict[str, str]:
     home = Path(env.get("HOME") or Path.home())
     files: dict[str, str] = {}
     for path, section in (
-            (env.get("AWS_CONFIG_FILE") or home / ".aws/config",
+            (_in_home(env.get("AWS_CONFIG_FILE"), home, ".aws/config"),
              profile if profile == "default" else f"profile {profile}"),
-            (env.get("AWS_SHARED_CREDENTIALS_FILE") or home / ".aws/credentials", profile)):
+            (_in_home(env.get("AWS_SHARED_CREDENTIALS_FILE"), home, ".aws/credentials"),
+             profile)):
         parser = configparser.RawConfigParser()
         try:
             parser.read(path)
@@ -138,6 +139,14 @@ def aws_settings(env: dict[str, str] | None = None) -> dict[str, str]:
         _check_endpoint(out["endpoint"])
     out.setdefault("region", "us-east-1")
     return out
+
+
+def _in_home(value: str | None, home: Path, default: str) -> Path:
+    """A settings file: the variable's (``~/`` is the home folder, as the AWS tools read
+    it), else the default in the home folder."""
+    if not value:
+        return home / default
+    return home / value[2:] if value.startswith("~/") else Path(value)
 
 
 def _check_endpoint(url: str) -> None:
