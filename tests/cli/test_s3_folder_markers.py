@@ -2,7 +2,8 @@
 ends with ``/``), as a console's "create folder", ``pyarrow.fs``, a file-system view
 of the bucket or a tool copying a directory vault in make them.  The client lists
 them without their ``/``: the prefix's own marker was "a key outside the prefix",
-and every command on the vault failed.  Against the real server.
+and every command on the vault failed.  And prefixes inside a vault's own: no new
+vault there.  Against the real server.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 from helpers import MIB
-from helpers.cli import cbt_json
+from helpers.cli import cbt, cbt_json, one_error_line
 from helpers.images import assert_same_bytes, write_random_disk
 from helpers.s3 import REGION, S3Server, fresh_bucket, s3_server, weed_binary
 from helpers.system import need
@@ -64,3 +65,16 @@ def test_folder_markers_are_no_objects(s3: S3Server, env: dict[str, str],
     out = tmp_path / "out"
     cbt_json("restore", vault, p2["recovery_point"], "--to", out, env=env)
     assert_same_bytes(out / "os.img", disk)
+
+
+def test_no_vault_inside_another(env: dict[str, str], tmp_path: Path) -> None:
+    """A vault at s3://b/manifests/x inside the vault at s3://b: the outer one's next
+    backup removed the inner one's objects (manifests no point of its owns)."""
+    bucket = fresh_bucket()
+    cbt_json("init", f"s3://{bucket}", "--kdf-log-n", "10", env=env)
+    cbt_json("init", f"s3://{bucket}-2/a/v", "--kdf-log-n", "10", env=env)
+    for inner, outer in ((f"s3://{bucket}/manifests/x", f"s3://{bucket}"),
+                         (f"s3://{bucket}-2/a/v/inner", f"s3://{bucket}-2/a/v")):
+        line = one_error_line(cbt("init", inner, "--kdf-log-n", "10", env=env))
+        assert f"is inside the vault {outer} " in line, line
+    cbt_json("init", f"s3://{bucket}-2/a/w", "--kdf-log-n", "10", env=env)  # (beside it)

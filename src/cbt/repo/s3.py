@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import configparser
 import errno
+import functools
 import json
 import os
 import re
@@ -267,6 +268,14 @@ def _reason(exc: BaseException, endpoint: str | None) -> str:
     return first[:300]
 
 
+def _exists(store: S3Store, key: str) -> bool:
+    try:
+        obstore.head(store, key)
+    except _NOT_FOUND:
+        return False
+    return True
+
+
 class S3Storage(Storage):
     """A vault under ``s3://BUCKET/PREFIX`` (see the module doc)."""
 
@@ -281,14 +290,24 @@ class S3Storage(Storage):
         self._s = _store(self.bucket, self._settings)
 
     @classmethod
-    def create(cls, location: str) -> S3Storage:
-        """A storage at an empty location, its bucket made when missing."""
+    def create(cls, location: str, marker: str = "config") -> S3Storage:
+        """A storage at an empty location, its bucket made when missing.  Not inside
+        another vault (an enclosing prefix holding ``marker``, a vault's config): that
+        vault would take the new one's objects for its own (a backup there removes
+        ``manifests/...`` no point of its owns)."""
         storage = cls(location)
         storage._make_bucket()
         head = storage._key_prefix("")
         if [k for k in storage._list_keys(head, limit=2) if k + "/" != head]:  # (a marker)
             raise CbtIOError(errno.ENOTEMPTY, f"not empty: {storage.root} (cbt init needs a "
                              "new or empty location)")
+        parts = storage.prefix.split("/") if storage.prefix else []
+        for n in range(len(parts)):
+            outer = "/".join([*parts[:n], marker])
+            if storage._call("stat", "", functools.partial(_exists, storage._s, outer)):
+                where = f"s3://{storage.bucket}" + "".join(f"/{p}" for p in parts[:n])
+                raise CbtIOError(errno.EEXIST, f"{storage.root} is inside the vault {where} "
+                                 "(a vault cannot hold another: choose a prefix beside it)")
         return storage
 
     def _make_bucket(self) -> None:
