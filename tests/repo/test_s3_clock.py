@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -114,3 +115,20 @@ def test_a_pack_trashed_now_stays_for_the_grace_period_whatever_the_skew(
     time.sleep(2.2)
     assert gc(v, grace=1.0).trash_emptied == 1
     assert not v.storage.exists(trash_name(pid))
+
+
+def test_a_dry_run_writes_nothing(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc --dry-run measures no clock (a probe is a write).  (Its gc lock is one still:
+    the lock's object, part of the locks' own design.)"""
+    from cbt.repo.s3 import S3Storage
+
+    v = _vault()
+    _write_pack(v)
+    real = S3Storage.put
+
+    def refused(self: S3Storage, name: str, data: Any) -> None:
+        if name != "gc.lock":
+            raise AssertionError(f"a dry run wrote {name}")
+        real(self, name, data)
+    monkeypatch.setattr(S3Storage, "put", refused)
+    assert gc(v, dry_run=True).dry_run

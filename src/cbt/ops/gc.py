@@ -94,7 +94,8 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
     which a backup holds only while it commits, or another gc while it runs."""
     result = GcResult(dry_run)
     with gc_lock(vault.storage, wait, reveal_command=not vault.encrypted):
-        offset = vault.storage.clock_offset()  # (an S3 server's clock, whole seconds)
+        # (an S3 server's clock, whole seconds; measured by a write: not in a dry run)
+        offset = vault.storage.clock_offset(measure=not dry_run)
         cutoff = _cutoff(vault, offset)
         index = vault.load_index(result.warnings)
         live, sure = _referenced(vault, index, result.warnings)

@@ -375,13 +375,17 @@ class S3Storage(Storage):
             return self._no_bucket() if self._no_bucket() in str(exc) else None
         return None
 
-    def clock_offset(self) -> float:
+    def clock_offset(self, measure: bool = True) -> float:
         """The server's clock against this host's, measured: a probe object written (and
         removed) here, its mtime taken.  The server gives whole seconds, truncated: an
         mtime ``m`` of a probe written between host times ``t0`` and ``t1`` bounds the
         server's lead from below by ``m - t1``, and an object written later has an mtime
         more than its server time - 1 s: so ``m - t1 - 1``.  (A probe some other process's
-        leftovers clean removed meanwhile: measured again.)"""
+        leftovers clean removed meanwhile: measured again.)  Not ``measure`` (nothing
+        written: a dry run, maybe with credentials that may only read): -1 s, the whole
+        seconds alone."""
+        if not measure:
+            return -1.0
         for _attempt in range(3):
             probe = f".clock.tmp-{secrets.token_hex(8)}"  # (a killed run's: Vault.leftovers)
             self.put(probe, b"")

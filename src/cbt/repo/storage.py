@@ -223,13 +223,14 @@ class Storage(ABC):
         not exist), for messages; else None."""
         return None
 
-    def clock_offset(self) -> float:
+    def clock_offset(self, measure: bool = True) -> float:
         """How far the mtimes this storage gives are ahead of this host's ``time.time()``,
         at least (negative: behind): an object written at this host's time ``t`` or later
         has an mtime of ``t + clock_offset()`` or more.  0.0 where the mtimes are this
         host's clock (a directory, memory); an S3 server's clock is its own, and its mtimes
-        are whole seconds (:meth:`cbt.repo.s3.S3Storage.clock_offset` measures it).  gc
-        compares mtimes with this host's times through it."""
+        are whole seconds (:meth:`cbt.repo.s3.S3Storage.clock_offset` measures it, by a
+        write: not ``measure``, as if the clocks agreed).  gc compares mtimes with this
+        host's times through it."""
         return 0.0
 
 
