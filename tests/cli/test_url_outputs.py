@@ -27,3 +27,14 @@ def test_a_url_is_no_local_output(tmp_path: Path, args: tuple[str, ...]) -> None
     r = cbt(*[a.format(v=v, disk=disk) for a in args], cwd=tmp_path)
     assert "is a URL" in one_error_line(r)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # (no folder s3: made)
+
+
+@pytest.mark.parametrize("prefix", ["x\x1b]0;title\x07y", "a\u200bb\u0085", "p" * 600])
+def test_an_s3_prefix_with_control_characters_or_too_long(tmp_path: Path, prefix: str) -> None:
+    """Refused before any request, quoted (a config file's vault is untrusted: its
+    control characters reached the terminal raw in the client's error line)."""
+    r = cbt("list", f"s3://bucket/{prefix}", cwd=tmp_path,
+            env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
+                 "AWS_SECRET_ACCESS_KEY": "s"})
+    line = one_error_line(r)
+    assert "invalid S3 prefix" in line and "\x1b" not in line and "\x85" not in line, line

@@ -289,6 +289,9 @@ def parse_location(location: str) -> tuple[str, str]:
         except CbtValueError:
             raise CbtValueError(f"invalid S3 prefix {prefix!r} in {location!r} (no empty, "
                                 "'.' or '..' part)") from None
+        if not prefix.isprintable() or len(prefix.encode("utf-8", "replace")) > 512:
+            raise CbtValueError(f"invalid S3 prefix {prefix!r} in {location!r} (no control "
+                                "character, at most 512 bytes: a key is at most 1024)")
     return bucket, prefix
 
 
