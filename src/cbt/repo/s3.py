@@ -231,7 +231,8 @@ def _store(bucket: str, settings: dict[str, str]) -> S3Store:
     except (obx.BaseError, ValueError, RuntimeError) as exc:
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
         raise CbtValueError(f"cannot use s3://{bucket} with these AWS settings "
-                            f"(endpoint {endpoint or 'the AWS default'}): {first[:300]}"
+                            f"(endpoint {endpoint or 'the AWS default'}): "
+                            f"{_printable(first[:300])}"
                             ) from None
 
 
@@ -249,10 +250,20 @@ _STATUS = re.compile(r"status code: (\d{3}[^:<]*)")
 _S3_CODE = re.compile(r"<Code>([^<]{1,80})</Code>")
 
 
+def _printable(text: str) -> str:
+    """``text`` with what a terminal would act on (escape sequences, control characters)
+    spelt out: what a server says is untrusted."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _reason(exc: BaseException, endpoint: str | None) -> str:
     """One line saying why a request failed: the HTTP status and S3's error code when the
     server answered (a refused one: check the credentials), the endpoint when it could not
-    be reached, else the client's first line."""
+    be reached, else the client's first line; printable (:func:`_printable`)."""
+    return _printable(_why(exc, endpoint))
+
+
+def _why(exc: BaseException, endpoint: str | None) -> str:
     text = str(exc)
     if "error sending request" in text or ("connection" in text.lower() and "status" not in text):
         return (f"cannot reach the S3 endpoint {endpoint or '(the AWS default)'} (retried; "
@@ -335,7 +346,7 @@ class S3Storage(Storage):
                                  "credentials do not allow it (make the bucket by hand, or "
                                  "use credentials that may)") from None
             raise CbtIOError(errno.EIO, f"cannot create bucket s3://{self.bucket}: "
-                             f"{first[:300]}") from None
+                             f"{_printable(first[:300])}") from None
 
     def spec(self) -> StorageSpec:
         return StorageSpec("s3", self.root)
@@ -490,6 +501,8 @@ class S3Storage(Storage):
             name = key[len(mine):]
             try:
                 name_parts(name)
+                if not name.isprintable():
+                    raise CbtValueError(name)
             except CbtValueError:
                 raise CbtIOError(errno.EIO, f"cannot list {self.root}/{prefix}: the server "
                                  f"listed an invalid name {key!r}") from None
