@@ -103,6 +103,7 @@ from cbt.repo.storage import (
 
 LEASE = 300.0  # seconds a lock object lives without renewal (CBT_LOCK_LEASE overrides)
 MAX_LEASE = 86400.0
+LOCK_READ = 4096  # bytes of a lock object read (a holder's record is far smaller)
 TIMEOUT = "60s"  # one request, after which obstore retries, then gives up
 CONNECT_TIMEOUT = "5s"
 _T = TypeVar("_T")
@@ -457,9 +458,13 @@ class S3Storage(Storage):
         def fetch() -> _Seen:
             result = obstore.get(self._s, key)
             meta = result.meta
-            data = bytes(result.bytes())
+            data = bytearray()
+            for chunk in result.stream(min_chunk_size=LOCK_READ):  # a huge one: its head
+                data += bytes(chunk)
+                if len(data) >= LOCK_READ:
+                    break
             modified = meta.get("last_modified")
-            return _Seen(data[:4096], str(meta.get("e_tag") or ""),
+            return _Seen(bytes(data[:LOCK_READ]), str(meta.get("e_tag") or ""),
                          modified.timestamp() if modified is not None else 0.0)
         try:
             return fetch()
@@ -518,8 +523,8 @@ class _Seen(NamedTuple):
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+    except (ProcessLookupError, OverflowError):
+        return False  # (a pid too large for any process)
     except OSError:
         return True  # another user's: alive
     return True

