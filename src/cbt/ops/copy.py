@@ -53,7 +53,7 @@ from cbt.format.pack import BLOB, TARGET_PACK_SIZE, PackWriter, block_id, decode
 from cbt.format.records import DiskRecord, PointRecord, id_order
 from cbt.repo import index as index_mod
 from cbt.repo.index import Index
-from cbt.repo.lock import commit_point, gc_lock, shared_lock, vm_lock
+from cbt.repo.lock import check_held, commit_point, gc_lock, shared_lock, vm_lock
 from cbt.repo.trash import read_pack_range
 from cbt.repo.uploader import read_ahead, shared_uploader
 from cbt.repo.vault import Vault
@@ -181,6 +181,7 @@ def _copy_point(src: Vault, dst: Vault, point: PointRecord, ids: IdMap,
     record = dataclasses.replace(point, disks=disks, hidden=False,
                                  copied_from=str(src.config["id"]))
     with gc_lock(dst.storage, None, not dst.encrypted):  # a gc in progress finishes first
+        check_held(dst.storage)  # (a holder that lost its lease writes no segment)
         fresh = _after_gc(dst, index, manifests, ids, store.stored_digests())
         _write_segment(dst, store.entries, fresh)
         commit_point(dst, point.id, record.to_json())
