@@ -177,3 +177,33 @@ def test_s3_a_holder_renewing_as_it_is_broken_stays_a_holder(
     finally:
         held.release()
     assert storage.list_locks("locks") == []
+
+
+def test_s3_gc_that_lost_its_lease_empties_no_trash(s3: S3Server,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc frozen past its lease (a commit may have broken its gc lock and rescued blocks
+    from the trash meanwhile): thawed, it stops, emptying no trash either."""
+    import cbt as cbt_api
+    from cbt.core.errors import CbtIOError
+    from cbt.ops import gc as gc_mod
+    from cbt.repo import lock as lock_mod
+
+    storage = _s3_storage(s3, monkeypatch)
+    vault = cbt_api.Vault.create(storage)
+    monkeypatch.setenv("CBT_LOCK_LEASE", "1")
+    plan = gc_mod._plan_sweep
+    emptied: list[float] = []
+
+    def frozen(*args: object) -> object:
+        for _spec, held in list(lock_mod._HELD):  # its renewals stop, as under SIGSTOP
+            held._stop.set()  # type: ignore[attr-defined]
+            thread = held._thread  # type: ignore[attr-defined]
+            if thread is not None:
+                thread.join()
+        time.sleep(0.8)  # more than half its lease since the last renewal
+        return plan(*args)  # type: ignore[arg-type]
+    monkeypatch.setattr(gc_mod, "_plan_sweep", frozen)
+    monkeypatch.setattr(gc_mod, "empty_trash", lambda *a: emptied.append(1) or 0)
+    with pytest.raises(CbtIOError, match="lost the lock"):
+        gc_mod.gc(vault)
+    assert emptied == []
