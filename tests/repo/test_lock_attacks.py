@@ -111,17 +111,19 @@ def test_s3_holder_of_this_host_with_an_impossible_pid_is_dead(
         s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pid of this host is checked with kill(pid, 0): one too large for any process
     (an OverflowError there) is a dead holder, not a traceback of every backup."""
+    from cbt.repo.s3 import node_id
+
     storage = _s3_storage(s3, monkeypatch)
+    here = {"host": socket.gethostname(), "node": node_id()}
     for pid in (10**30, 2**63, -(10**30)):
         storage.put("locks/alone-hostile", json.dumps(
-            {"pid": pid, "host": socket.gethostname(), "since_ts": 1.0}).encode())
+            {"pid": pid, **here, "since_ts": 1.0}).encode())
         assert writers_since(storage) is None or pid < 0
         with contextlib.suppress(VaultLockedError), exclusive_lock(storage):
             assert pid > 0, "a huge pid is no live holder"
         storage.delete("locks/alone-hostile")
     lock = storage.lock("locks/vm-x")
-    storage.put("locks/vm-x", json.dumps({"pid": 10**30,
-                                          "host": socket.gethostname()}).encode())
+    storage.put("locks/vm-x", json.dumps({"pid": 10**30, **here}).encode())
     lock.acquire(0)  # broken: its holder is no process of this host
     lock.release()
 
@@ -207,3 +209,28 @@ def test_s3_gc_that_lost_its_lease_empties_no_trash(s3: S3Server,
     with pytest.raises(CbtIOError, match="lost the lock"):
         gc_mod.gc(vault)
     assert emptied == []
+
+
+def test_s3_a_dead_pid_of_another_machine_of_the_same_name_is_no_dead_holder(
+        s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host names repeat (two clones named alike, two containers given one name): a pid
+    is judged only where the lock says it was taken on this boot and pid namespace;
+    another's lock waits for its lease."""
+    import subprocess
+    import sys
+
+    from cbt.repo.s3 import node_id
+    from cbt.repo.storage import LockBusyError
+
+    storage = _s3_storage(s3, monkeypatch)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process of this host has now
+    mine = {"pid": gone.pid, "host": socket.gethostname(), "since_ts": 1.0}
+    lock = storage.lock("locks/vm-x")
+    for node in ("another-machine", None):
+        storage.put("locks/vm-x", json.dumps({**mine, "node": node}).encode())
+        with pytest.raises(LockBusyError, match=f"held by pid {gone.pid} on "):
+            lock.acquire(0)
+    storage.put("locks/vm-x", json.dumps({**mine, "node": node_id()}).encode())
+    lock.acquire(0)  # this machine's dead process: broken at once
+    lock.release()

@@ -51,8 +51,9 @@ ETag it wrote last (``If-Match``; SeaweedFS honours both, as a test against it
 shows), so a renewal never overwrites a lock someone else took.  A lock is dead
 when its object was last written (the server's ``Last-Modified``) more than its
 lease ago, or when its holder is a process of this host that is gone (restic's
-rule); a dead lock is broken by overwriting it conditionally on the ETag read,
-so of two breakers one wins, and a holder that renews late finds its lock gone.
+rule; and of this boot and pid namespace, :func:`node_id`: host names repeat); a
+dead lock is broken by overwriting it conditionally on the ETag read, so of two
+breakers one wins, and a holder that renews late finds its lock gone.
 The lease is :data:`LEASE` seconds, ``CBT_LOCK_LEASE`` overriding it (tests).
 A holder stops before its lease can be broken: :meth:`_ObjectLock.check` (called
 right before a commit) fails when the last renewal that succeeded began more
@@ -67,6 +68,8 @@ from __future__ import annotations
 import configparser
 import contextlib
 import errno
+import functools
+import hashlib
 import json
 import mmap
 import os
@@ -516,8 +519,26 @@ class _Seen(NamedTuple):
         if time.time() - self.modified > lease:
             return True
         pid = info.get("pid")
-        return (info.get("host") == socket.gethostname() and isinstance(pid, int)
-                and pid > 0 and not _alive(pid))
+        return (info.get("host") == socket.gethostname() and info.get("node") == node_id()
+                and isinstance(pid, int) and pid > 0 and not _alive(pid))
+
+
+@functools.cache
+def node_id() -> str:
+    """Where this process's pids mean something: this boot of this machine and this pid
+    namespace (hashed).  Two machines (or containers) may well share a host name, and a
+    pid of one says nothing of the other: a lock's pid is checked only where its node is
+    this one, else its lease decides."""
+    parts = []
+    for path, read in (("/proc/sys/kernel/random/boot_id", Path.read_text),
+                       ("/proc/self/ns/pid", lambda p: os.readlink(p))):
+        try:
+            parts.append(str(read(Path(path))).strip())
+        except OSError:
+            parts.append("?")
+    if "?" in parts:  # cannot tell: a pid is never taken for dead
+        return "unknown-" + secrets.token_hex(8)
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
 def _alive(pid: int) -> bool:
@@ -550,7 +571,7 @@ class _ObjectLock(StorageLock):
     def _body(self) -> bytes:
         info = json.loads(self._holder.to_json())
         self._count += 1
-        info.update(token=self._token, lease=self._lease, renewal=self._count,
+        info.update(token=self._token, lease=self._lease, renewal=self._count, node=node_id(),
                     renewed_ts=time.time())  # (a new body: a new ETag each renewal)
         return json.dumps(info).encode()
 
