@@ -234,3 +234,56 @@ def test_s3_a_dead_pid_of_another_machine_of_the_same_name_is_no_dead_holder(
     storage.put("locks/vm-x", json.dumps({**mine, "node": node_id()}).encode())
     lock.acquire(0)  # this machine's dead process: broken at once
     lock.release()
+
+
+def _freeze_held_locks() -> None:
+    """Stop this process's lease renewals, as SIGSTOP would (the lease runs out)."""
+    from cbt.repo import lock as lock_mod
+
+    for _spec, held in list(lock_mod._HELD):
+        held._stop.set()  # type: ignore[attr-defined]
+        thread = held._thread  # type: ignore[attr-defined]
+        if thread is not None:
+            thread.join()
+
+
+def test_s3_prune_and_repair_that_lost_their_lease_change_nothing(
+        s3: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A prune (or repair) frozen past its lease: a backup may have broken its lock and
+    be running on a parent it would delete; thawed, it deletes, hides and moves nothing."""
+    import cbt as cbt_api
+    from cbt.core.errors import CbtIOError
+    from cbt.ops import prune as prune_mod
+    from cbt.ops import verify as verify_mod
+
+    storage = _s3_storage(s3, monkeypatch)
+    vault = cbt_api.Vault.create(storage)
+    disk = tmp_path / "d.img"
+    disk.write_bytes(os.urandom(256 * 1024))
+    ids = [vault.backup("vm", [f"os={disk}"], block_size=65536, workers=1).id
+           for _ in range(2)]
+    monkeypatch.setenv("CBT_LOCK_LEASE", "1")
+    plan = prune_mod._plan
+
+    def frozen_plan(*args: object) -> object:
+        _freeze_held_locks()
+        time.sleep(0.8)  # more than half its lease since the last renewal
+        return plan(*args)  # type: ignore[arg-type]
+    monkeypatch.setattr(prune_mod, "_plan", frozen_plan)
+    request = prune_mod.PruneRequest(keep=lambda pts: {p.id: [] for p in pts},
+                                     expired=lambda vm, created: False)
+    with pytest.raises(CbtIOError, match="lost the lock"):
+        prune_mod.prune(vault, request)
+    assert sorted(vault.point_ids()) == sorted(ids)
+
+    segments = sorted(vault.segment_names())
+    healthy = verify_mod._healthy_blobs
+
+    def frozen_read(*args: object) -> object:
+        _freeze_held_locks()  # while it reads the packs
+        time.sleep(0.8)
+        return healthy(*args)  # type: ignore[arg-type]
+    monkeypatch.setattr(verify_mod, "_healthy_blobs", frozen_read)
+    with pytest.raises(CbtIOError, match="lost the lock"):
+        verify_mod.repair(vault)
+    assert sorted(vault.segment_names()) == segments
