@@ -287,3 +287,36 @@ def test_s3_prune_and_repair_that_lost_their_lease_change_nothing(
     with pytest.raises(CbtIOError, match="lost the lock"):
         verify_mod.repair(vault)
     assert sorted(vault.segment_names()) == segments
+
+
+def test_s3_a_breaker_killed_midway_blocks_for_moments_only(
+        s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Breaking a dead lock is two steps (overwrite it conditionally, then delete it): a
+    breaker killed between them leaves its overwrite, which must not hold the lock for a
+    whole lease (prune refused for 5 minutes, a VM's backups too)."""
+    import subprocess
+    import sys
+
+    from cbt.repo.lock import shared_lock
+    from cbt.repo.s3 import S3Storage, node_id
+
+    storage = _s3_storage(s3, monkeypatch)
+    assert isinstance(storage, S3Storage)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    storage.put("locks/alone-dead", json.dumps(
+        {"pid": gone.pid, "host": socket.gethostname(), "node": node_id()}).encode())
+    breaker = S3Storage(storage.root)
+
+    def killed_after_put(name: str, data: bytes, mode: object) -> str | None:
+        S3Storage.put_if(breaker, name, data, mode)  # type: ignore[arg-type]
+        raise SystemExit("killed")  # (the delete never comes)
+    monkeypatch.setattr(breaker, "put_if", killed_after_put)
+    with pytest.raises(SystemExit):
+        breaker.lock("locks/alone-dead").clear_dead()
+    assert storage.list_locks("locks") == ["locks/alone-dead"]
+    t0 = time.monotonic()
+    with shared_lock(storage, wait=30):
+        pass
+    assert time.monotonic() - t0 < 15
+    assert storage.list_locks("locks") == []

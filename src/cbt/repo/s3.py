@@ -106,6 +106,11 @@ from cbt.repo.storage import (
 
 LEASE = 300.0  # seconds a lock object lives without renewal (CBT_LOCK_LEASE overrides)
 MAX_LEASE = 86400.0
+# What a breaker writes over a dead lock before it deletes it: of two breakers one wins
+# (If-Match).  Its short lease: a breaker killed in between leaves it in the way for
+# moments, not a whole lease (one that stalls longer may delete a lock taken meanwhile,
+# whose holder then finds it lost at its next renewal and commits nothing).
+_BROKEN = b'{"broken": true, "lease": 5}'
 LOCK_READ = 4096  # bytes of a lock object read (a holder's record is far smaller)
 TIMEOUT = "60s"  # one request, after which obstore retries, then gives up
 CONNECT_TIMEOUT = "5s"
@@ -662,7 +667,7 @@ class _ObjectLock(StorageLock):
         seen = self._storage.read_lock(self._name)
         if seen is None or not seen.dead():
             return False
-        if self._storage.put_if(self._name, b'{"broken": true}', {"e_tag": seen.etag}) is None:
+        if self._storage.put_if(self._name, _BROKEN, {"e_tag": seen.etag}) is None:
             return False  # renewed or broken meanwhile
         self._storage.delete(self._name)
         return True

@@ -101,7 +101,7 @@ class LockHolder:
         if not isinstance(info, dict):
             return cls()
         try:
-            since_ts: float | None = float(info.get("since_ts", 0.0))
+            since_ts: float | None = float(info["since_ts"]) if "since_ts" in info else None
         except (ValueError, TypeError, OverflowError):
             since_ts = None
         if since_ts is not None:
