@@ -1,0 +1,98 @@
+"""A plain vault's compressed blocks, restored: decompressed straight from the pack by
+a context each thread reuses (``zstandard``), checked against their digests batch by
+batch, and refused with the block named when a frame is not what its header says."""
+
+from __future__ import annotations
+
+import os
+
+import blake3
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from cbt.format.pack import (
+    BLOB,
+    BLOB_MAGIC,
+    CODEC_NONE,
+    CODEC_ZSTD,
+    ENCRYPTION_NONE,
+    CorruptPackError,
+)
+from cbt.ops.restore import OPEN_BATCH, DamagedPointError, _inflate, _Job, _job_data
+
+BS = 16 << 10
+ZSTD = pa.Codec("zstd", compression_level=3)
+WHERE = "point p disk d block {} pack k"
+
+
+def _block(i: int) -> bytes:
+    return (f"block {i} ".encode() * BS)[:BS]
+
+
+def _pack(blobs: list[tuple[bytes, int, bytes]], size: int
+          ) -> tuple[memoryview, _Job]:
+    """A pack of ``(digest, codec, payload)`` blobs of blocks 0.. and its job."""
+    out, offsets, lengths = bytearray(), [], []
+    for digest, codec, payload in blobs:
+        offsets.append(len(out))
+        out += BLOB.pack(BLOB_MAGIC, digest, codec, ENCRYPTION_NONE, 0, BS, len(payload))
+        out += payload
+        lengths.append(BLOB.size + len(payload))
+    n = len(blobs)
+    job = _Job(vault=None, point="p", label="d", target="t", block_size=BS,  # type: ignore[arg-type]
+               pack="k", blocks=np.arange(n, dtype=np.int64),
+               digests=np.frombuffer(b"".join(b[0] for b in blobs), np.uint8).reshape(n, 32),
+               offsets=np.array(offsets, np.int64), lengths=np.array(lengths, np.int64),
+               disk_size=size)
+    return memoryview(bytes(out)), job
+
+
+def test_inflate_reads_a_frame_and_refuses_what_is_not_the_block() -> None:
+    data = _block(1)
+    frame = ZSTD.compress(data, asbytes=True)
+    assert _inflate(memoryview(frame), BS) == data
+    with pytest.raises(CorruptPackError, match="cannot decompress"):
+        _inflate(frame + b"more", BS)  # bytes after the frame
+    with pytest.raises(CorruptPackError, match="cannot decompress"):
+        _inflate(frame[:-4], BS)  # a frame cut short
+    with pytest.raises(CorruptPackError, match="cannot decompress"):
+        _inflate(os.urandom(64), BS)  # no frame at all
+    big = ZSTD.compress(bytes(64 << 20), asbytes=True)  # says 64 MiB: refused unread
+    with pytest.raises(CorruptPackError, match="wrong length"):
+        _inflate(big, BS)
+
+
+def test_compressed_and_raw_blocks_of_a_job_come_back_in_order_all_checked() -> None:
+    n = 2 * OPEN_BATCH + 5  # batches, and a short one
+    blobs = []
+    for i in range(n):
+        data = _block(i) if i % 3 else os.urandom(BS)  # every third one raw
+        codec, payload = ((CODEC_ZSTD, ZSTD.compress(data, asbytes=True)) if i % 3
+                          else (CODEC_NONE, data))
+        blobs.append((blake3.blake3(data).digest(), codec, payload))
+    pack, job = _pack(blobs, n * BS)
+    views, checked = _job_data(job, pack, WHERE)
+    assert [bytes(v) for v in views] == [
+        ZSTD.decompress(p, decompressed_size=BS, asbytes=True) if c == CODEC_ZSTD else p
+        for _, c, p in blobs]
+    # the compressed ones are checked as they are decompressed; raw ones when written
+    assert checked.tolist() == [bool(i % 3) for i in range(n)]
+
+
+@pytest.mark.parametrize("how", ["other content", "longer", "shorter", "not a frame"])
+def test_a_frame_that_is_not_its_block_is_named(how: str) -> None:
+    blobs = [(blake3.blake3(_block(i)).digest(), CODEC_ZSTD,
+              ZSTD.compress(_block(i), asbytes=True)) for i in range(OPEN_BATCH + 3)]
+    bad = OPEN_BATCH + 1
+    payload = {"other content": ZSTD.compress(_block(999), asbytes=True),
+               "longer": ZSTD.compress(_block(bad) + b"x", asbytes=True),
+               "shorter": ZSTD.compress(_block(bad)[:-1], asbytes=True),
+               "not a frame": os.urandom(200)}[how]
+    blobs[bad] = (blobs[bad][0], CODEC_ZSTD, payload)
+    pack, job = _pack(blobs, len(blobs) * BS)
+    with pytest.raises(DamagedPointError) as exc:
+        _job_data(job, pack, WHERE)
+    msg = str(exc.value)
+    assert msg.startswith(f"point p disk d block {bad} pack k: "), msg
+    assert "\n" not in msg
