@@ -9,6 +9,7 @@ worker reopens the vault from its spec and writes its packs to the bucket itself
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from helpers.images import assert_same_bytes, fs_image, make_disk
 from helpers.jobs import job_config
 from helpers.s3 import S3Server, fresh_bucket
 from helpers.system import need
+from helpers.vaults import PASSWORD, encrypted_env
 
 from cbt.api import Vault
 from cbt.core.errors import CbtError
@@ -134,30 +136,42 @@ def _task_workers(ts: Any, prefix: str) -> set[str]:
 
 
 def test_dask_job_into_s3_equals_a_local_job(cluster: Cluster, tmp_path: Path) -> None:
-    """Two disks (random data; a file system image with zeros and holes), backed up twice
-    (a change between) by the cluster into S3, and by forked workers into a directory:
-    the manifests are equal, every block of the S3 vault reads back to its digest, and
-    the directory's restored images are identical to the disks.  (Restore from S3 runs
-    forked readers, which obstore's runtime does not survive yet: part S/T's.)"""
+    """The same job (two disks: a file system image with zeros and holes, random data;
+    run twice, a few blocks changed between) run by the cluster into an S3 vault
+    (``cbt.jobs.run(config, executor=client)``) and by forked workers into a directory:
+    the manifests are equal, each point restored from S3 is bit for bit the local
+    job's restore of it, and both are the disks; every block of S3 reads back to its
+    digest."""
+    from cbt import jobs
+
     disks = {"os": fs_image(tmp_path / "os.img", 12 << 20, seed=3),
              "data": make_disk(tmp_path / "data.img", 9 << 20, seed=4)}
-    args = [f"{k}={p}" for k, p in disks.items()]
-    remote, local = _s3_vault("eq"), Vault.create(LocalStorage.create(tmp_path / "vault"))
+    vm = {"vm": {"disks": {k: str(p) for k, p in disks.items()}, "block_size": "16K"}}
+    bucket = f"s3://{fresh_bucket()}/eq"
+    remote, local = Vault.create(S3Storage.create(bucket)), \
+        Vault.create(LocalStorage.create(tmp_path / "vault"))
+    remote_cfg = job_config(tmp_path / "remote.toml", vm, vault=bucket)
+    local_cfg = job_config(tmp_path / "local.toml", vm, vault=str(tmp_path / "vault"))
     for run in range(2):
         if run:
             with open(disks["data"], "r+b") as f:  # a few blocks change
                 for at in (0, 5 << 20, (9 << 20) - BS):
                     f.seek(at)
                     f.write(os.urandom(BS))
-        a = remote.backup("vm", args, block_size=BS, executor=cluster.client)
-        b = local.backup("vm", args, block_size=BS, workers=2)
+        (ra,) = jobs.run(remote_cfg, executor=cluster.client)
+        (rb,) = jobs.run(local_cfg, workers=2)
+        a, b = ra.point, rb.point
+        assert a is not None and b is not None, (ra.error, rb.error)
         assert _manifests(remote, a.id) == _manifests(local, b.id)
         assert [(d.blocks, d.changed_blocks, d.bytes_new) for d in a.disks] == \
             [(d.blocks, d.changed_blocks, d.bytes_new) for d in b.disks]
         for label, path in disks.items():
-            out = tmp_path / f"restored-{run}-{label}.img"
-            local.restore(b.id, out, disk=label)
-            assert_same_bytes(out, path)
+            from_s3, from_dir = (tmp_path / f"s3-{run}-{label}.img",
+                                 tmp_path / f"dir-{run}-{label}.img")
+            remote.restore(a.id, from_s3, disk=label)
+            local.restore(b.id, from_dir, disk=label)
+            assert_same_bytes(from_s3, from_dir)
+            assert_same_bytes(from_s3, path)
     assert not remote.verify(data=True).problems
 
 
@@ -208,38 +222,61 @@ def test_a_pinned_host_needs_a_cluster(tmp_path: Path) -> None:
 
 
 def test_cli_backup_config_on_a_dask_scheduler(cluster: Cluster, tmp_path: Path) -> None:
-    """cbt backup --config F --executor dask://127.0.0.1:PORT; a VM with host = "hv1" is
-    opened and read by that host's worker; an unreachable scheduler is one line.  (A
-    directory vault: every worker of this test runs on this host.)"""
+    """cbt backup --config F --executor dask://127.0.0.1:PORT, F naming an encrypted
+    s3:// vault (cbt init's default); a VM with host = "hv1" is opened and read by that
+    host's worker, which writes its packs to the bucket itself; the points restore from
+    S3 to the disks; an unreachable scheduler is one line, nothing written."""
     from distributed import get_task_stream
 
     far = make_disk(cluster.hv1_dir / "far.img", 3 << 20, seed=11)
     near = make_disk(tmp_path / "near.img", 3 << 20, seed=12)
-    Vault.create(LocalStorage.create(tmp_path / "vault"))
+    bucket = f"s3://{fresh_bucket()}/cli"
+    env = encrypted_env(tmp_path)
+    r = cbt("init", bucket, "--kdf-log-n", "10", env=env)
+    assert r.returncode == 0, r.stderr
     cfg = job_config(tmp_path / "cbt.toml", {
         "near": {"disks": {"os": str(near)}, "snapshot": "none"},
-        "far": {"disks": {"os": str(far)}, "host": "hv1"}})
+        "far": {"disks": {"os": str(far)}, "host": "hv1"}}, vault=bucket)
     port = cluster.address.rsplit(":", 1)[1]
     with get_task_stream(cluster.client) as ts:
         res = subprocess.run(cbt_argv("backup", "--config", cfg, "--executor",
                                       f"dask://127.0.0.1:{port}", "--json"),
-                             capture_output=True, text=True, env=clean_env(), timeout=300)
+                             capture_output=True, text=True, env=clean_env(env), timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count('"type":"point"') == 2, res.stdout
     assert _task_workers(ts, "_open_disk") == {cluster.hv1_worker()}
     assert len(_task_workers(ts, "_run_shard")) >= 2
-    v = Vault.open(tmp_path / "vault")
-    assert len(v.point_ids()) == 2
-    out = tmp_path / "far-restored.img"
-    v.restore(v.latest("far").id, out, disk="os")  # type: ignore[union-attr]
-    assert_same_bytes(out, far)
+    v = Vault.open(bucket, PASSWORD)
+    assert v.encrypted and len(v.point_ids()) == 2
+    for vm, disk in (("far", far), ("near", near)):
+        out = tmp_path / f"{vm}-restored.img"
+        v.restore(v.latest(vm).id, out, disk="os")  # type: ignore[union-attr]
+        assert_same_bytes(out, disk)
+    assert not v.verify(data=True).problems
     dead = subprocess.run(cbt_argv("backup", "--config", cfg, "--executor",
                                    "dask://127.0.0.1:9"), capture_output=True, text=True,
-                          env=clean_env(), timeout=120)
+                          env=clean_env(env), timeout=120)
     assert dead.returncode != 0
     (line,) = dead.stderr.strip().splitlines()
     assert line.startswith("cbt: error: cannot reach the Dask scheduler at 127.0.0.1:9: ")
-    assert len(Vault.open(tmp_path / "vault").point_ids()) == 2
+    assert len(Vault.open(bucket, PASSWORD).point_ids()) == 2
+
+
+def test_config_check_json_shows_each_vms_host(tmp_path: Path) -> None:
+    """cbt config check --json: each VM's "host" (null: this one); the text form names it."""
+    cfg = job_config(tmp_path / "cbt.toml", {
+        "near": {"disks": {"os": str(tmp_path / "near.img")}, "snapshot": "none"},
+        "far": {"disks": {"os": "/srv/far.img"}, "host": "hv1"}},
+        vault="s3://bucket/prefix")
+    r = cbt("config", "check", cfg, "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["vault"] == "s3://bucket/prefix"
+    assert {vm["name"]: vm["host"] for vm in plan["vms"]} == {"near": None, "far": "hv1"}
+    text = cbt("config", "check", cfg)
+    assert text.returncode == 0, text.stderr
+    assert "vm far (policy daily) on host hv1" in text.stdout
+    assert "vm near (policy daily)\n" in text.stdout
 
 
 # -- a worker killed mid-backup ------------------------------------------------------------
@@ -316,6 +353,7 @@ def test_config_host_key(tmp_path: Path) -> None:
     assert vm(host="hv1").snapshot == "none"
     assert vm(host="hv1", snapshot="none").host == "hv1"
     assert vm().host is None and vm().snapshot == "auto"
+    assert vm(host="").host is None and vm(host="").snapshot == "auto"  # (the shown default)
     with pytest.raises(ConfigError, match=r"vm\.web\.snapshot.*read live"):
         vm(host="hv1", snapshot="reflink")
     with pytest.raises(ConfigError, match=r"vm\.web\.host.*not a host name"):
