@@ -9,17 +9,20 @@ worker reopens the vault from its spec and writes its packs to the bucket itself
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import distributed
+import numpy as np
 import pytest
 from helpers.cli import cbt, cbt_argv, clean_env, one_error_line
 from helpers.images import assert_same_bytes, fs_image, make_disk
@@ -405,3 +408,94 @@ def test_a_workers_malloc_is_tuned_for_cbt(cluster: Cluster) -> None:
         assert executor.submit(probe).result(timeout=60) == 0
     finally:
         executor.shutdown()
+
+
+# -- a worker's crafted result ---------------------------------------------------------------
+
+
+class _Tampering(ThreadPoolExecutor):
+    """An executor whose 'workers' hand back a shard's result altered by ``tamper``."""
+
+    def __init__(self, tamper: Callable[[Any, Any, list[Any]], Any]) -> None:
+        super().__init__(2)
+        self.tamper = tamper
+        self.seen: list[Any] = []
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        def run() -> Any:
+            r = fn(*args, **kwargs)
+            if getattr(fn, "__name__", "") != "_run_shard":
+                return r
+            out = self.tamper(args[-1], r, self.seen)
+            self.seen.append(r)
+            return out
+        return super().submit(run)
+
+
+def _first_data(r: Any) -> int:
+    from cbt.core.native import fast
+
+    return int(np.flatnonzero(r.block_flags == fast.FLAG_DATA)[0])
+
+
+def _unread_digest(shard: Any, r: Any, seen: list[Any]) -> Any:
+    """A block said to hold data of another digest, which nobody stored."""
+    row = _first_data(r)
+    keep = ~(r.digests == r.block_digests[row]).all(axis=1)  # (its entry goes)
+    digests = r.block_digests.copy()
+    digests[row] = np.frombuffer(os.urandom(32), np.uint8)
+    return dataclasses.replace(r, block_digests=digests, digests=r.digests[keep],
+                               pack_uuid=r.pack_uuid[keep], offset=r.offset[keep],
+                               stored=r.stored[keep], raw=r.raw[keep])
+
+
+def _fake_entry(pack: bytes | None, offset: int) -> Callable[[Any, Any, list[Any]], Any]:
+    """The first block stored said to lie elsewhere: in another pack, or past its end."""
+    def tamper(shard: Any, r: Any, seen: list[Any]) -> Any:
+        uuids, offsets = r.pack_uuid.copy(), r.offset.copy()
+        if pack is not None:
+            uuids[0] = np.frombuffer(pack, np.uint8)
+        offsets[0] = offset
+        return dataclasses.replace(r, pack_uuid=uuids, offset=offsets)
+    return tamper
+
+
+CRAFTED: dict[str, tuple[Callable[[Any, Any, list[Any]], Any], str]] = {
+    "short digests": (lambda s, r, seen: dataclasses.replace(
+        r, block_digests=r.block_digests[:-1]), "block_digests of the wrong shape"),
+    "flags": (lambda s, r, seen: dataclasses.replace(
+        r, block_flags=np.full_like(r.block_flags, 7)), "unknown block flags"),
+    "not a result": (lambda s, r, seen: None, "is a NoneType, not a shard's"),
+    "another shard's": (lambda s, r, seen: seen[0] if seen else r, "is another shard's"),
+    "bytes read": (lambda s, r, seen: dataclasses.replace(r, bytes_read=r.bytes_read + 1),
+                   "bytes read"),
+    "an entry it did not read": (lambda s, r, seen: dataclasses.replace(
+        r, digests=np.vstack([r.digests, np.frombuffer(os.urandom(32), np.uint8)[None]]),
+        pack_uuid=np.vstack([r.pack_uuid, r.pack_uuid[:1]]),
+        offset=np.append(r.offset, np.uint64(0)), stored=np.append(r.stored, np.uint32(1)),
+        raw=np.append(r.raw, np.uint32(1))), "stored blocks the shard did not read"),
+    "a digest of a block not stored": (_unread_digest,
+                                       "neither in the vault nor stored by its workers"),
+    "an entry in a pack never written": (_fake_entry(os.urandom(16), 0), "which the vault "
+                                                                        "lacks"),
+    "an entry past its pack's end": (_fake_entry(None, 1 << 30), "holds shorter"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_a_crafted_result_is_never_committed(case: str, tmp_path: Path) -> None:
+    """A worker's result that is not the shard's (wrong lengths, unknown flags, another
+    shard's, digests of blocks nobody stored, entries in packs that are not there) fails
+    the backup, one line naming it; no point names a block the vault lacks; the next
+    backup succeeds."""
+    tamper, why = CRAFTED[case]
+    disk = make_disk(tmp_path / "a.img", 4 << 20, seed=21)
+    v = Vault.create(LocalStorage.create(tmp_path / "v"))
+    with _Tampering(tamper) as ex, pytest.raises(CbtError, match=why) as err:
+        v.backup("vm", [disk], block_size=BS, executor=ex)
+    assert "nothing committed" in str(err.value) and "\n" not in str(err.value)
+    assert v.point_ids() == []
+    with ThreadPoolExecutor(2) as ex:
+        point = v.backup("vm", [disk], block_size=BS, executor=ex)
+    assert v.point_ids() == [point.id]
+    assert not v.verify(data=True).problems

@@ -394,6 +394,14 @@ class ShardTask:
         return sum(hi - lo for lo, hi in self.ranges)
 
     @property
+    def key(self) -> str:
+        """The shard's identity, echoed by its result (one for another shard is refused)."""
+        import blake3
+
+        return blake3.blake3(repr((self.disk, self.label, self.block_size,
+                                   self.ranges)).encode()).hexdigest()[:32]
+
+    @property
     def name(self) -> str:
         """The disk in messages: its label, and its path where a snapshot of it is read."""
         path = self.disk_path
@@ -794,7 +802,8 @@ def _worker_vault(spec: VaultSpec, token: tuple[str, ...]) -> WorkerVault:
 
 
 def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardResult]:
-    """Run every shard (forked workers, or the request's Executor); results in shard order."""
+    """Run every shard (forked workers, or the request's Executor); results in shard order,
+    each checked (:func:`check_result`)."""
     worker_vault = WorkerVault.of(vault, planned.index)
     report = _progress_report(request, planned)
     if request.executor is None and not vault.storage.forkable:
@@ -804,9 +813,10 @@ def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardR
                                 report)
     if request.executor is None:
         try:  # (isolated: a disk page that cannot be read kills the reader, not cbt)
-            return fork_map(functools.partial(_labelled_shard, worker_vault), planned.shards,
-                            report, ignore_stop_signals=request.ignore_stop_signals,
-                            isolate=True)
+            results = fork_map(functools.partial(_labelled_shard, worker_vault),
+                               planned.shards, report,
+                               ignore_stop_signals=request.ignore_stop_signals, isolate=True)
+            return [check_result(s, r) for s, r in zip(planned.shards, results, strict=True)]
         except WorkerError as exc:
             if exc.task is None:
                 raise
@@ -853,7 +863,7 @@ def _on_executor(executors: list[Executor], worker_vault: WorkerVault, shards: l
     try:
         for fut in as_completed(futures):
             k = futures[fut]
-            result = results[k] = fut.result()
+            result = results[k] = check_result(shards[k], fut.result())
             done[k] = result.bytes_read
             if report:
                 report(done)
@@ -893,6 +903,46 @@ class ShardResult:
     stored: npt.NDArray[np.uint32]
     raw: npt.NDArray[np.uint32]
     seconds: float
+    shard: str = ""  # the shard's key (:attr:`ShardTask.key`)
+
+
+_RESULT_SHAPES = {"block_digests": (np.uint8, 32), "block_flags": (np.uint8, 0),
+                  "digests": (np.uint8, 32), "pack_uuid": (np.uint8, 16),
+                  "offset": (np.uint64, 0), "stored": (np.uint32, 0), "raw": (np.uint32, 0)}
+
+
+def check_result(shard: ShardTask, r: object) -> ShardResult:
+    """A worker's result as the coordinator takes it: the shard's own (its key and disk),
+    one digest and flag per block of it, entries of equal lengths, each a block of at most
+    the block size that the shard found DATA.  A worker elsewhere (an Executor, a
+    cluster) is not cbt's own process: what it sends is input, and nothing it got wrong
+    reaches a point (:func:`_check_packs` and :func:`_check_held` at the commit)."""
+    def bad(why: str) -> CbtIOError:
+        return CbtIOError(errno.EIO, f"disk {shard.name}: a worker's result {why}: "
+                                     "nothing committed")
+
+    if not isinstance(r, ShardResult):
+        raise bad(f"is a {type(r).__name__}, not a shard's")
+    if r.shard != shard.key or r.disk != shard.disk:
+        raise bad("is another shard's")
+    k = len(r.offset) if isinstance(r.offset, np.ndarray) else -1
+    for name, (dtype, width) in _RESULT_SHAPES.items():
+        a = getattr(r, name)
+        rows = shard.blocks if name.startswith("block_") else k
+        if not isinstance(a, np.ndarray) or a.dtype != dtype or \
+                a.shape != ((rows, width) if width else (rows,)):
+            raise bad(f"has {name} of the wrong shape or type")
+    if (r.block_flags > fast.FLAG_HOLE).any():
+        raise bad("has unknown block flags")
+    if k and ((r.raw == 0) | (r.raw > shard.block_size) | (r.stored == 0)).any():
+        raise bad("has impossible block lengths")
+    if r.bytes_read != bytes_to_read(shard.ranges, shard.block_size, shard.source.size):
+        raise bad(f"says {r.bytes_read} bytes read")
+    data = r.block_digests[r.block_flags == fast.FLAG_DATA]
+    if k and not np.isin(np.ascontiguousarray(r.digests).view("V32").ravel(),
+                         data.view("V32").ravel()).all():
+        raise bad("stored blocks the shard did not read")
+    return r
 
 
 # (digest, pack uuid, offset, stored length, raw length) of a block a shard stored
@@ -936,6 +986,7 @@ def _transfer_shard(worker_vault: WorkerVault, shard: ShardTask, report: Report)
         stored=np.array([e[3] for e in entries], dtype=np.uint32),
         raw=np.array([e[4] for e in entries], dtype=np.uint32),
         seconds=time.perf_counter() - started,
+        shard=shard.key,
     )
 
 
@@ -1245,9 +1296,12 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
     """
     created = request.created or utc_now()
     point_id = request.point_id or vault.unused_point_id(request.vm, created)
+    # (the DATA blocks read this run, before the rows the previous point holds join them)
+    read = _read_data(planned.disks)
     for d in planned.disks:
         _manifest_rows(d)
     new = _gather(planned, results)
+    _check_packs(vault.storage, new)
     tracking = tracking or {}
     disks = [_commit_disk(vault, request.vm, planned.prev, d, point_id, created,
                           tracking.get(d.spec.label)) for d in planned.disks]
@@ -1262,11 +1316,63 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
     # a gc in progress (or another run's commit) finishes first
     with gc_lock(vault.storage, None, not vault.encrypted):
         index = _after_gc(vault, planned, new["digests"])
+        _check_held(index, read, new["digests"])
         _write_segment(vault, point_id, new, index)
         record.seconds = round(time.perf_counter() - started, 6)
         commit_point(vault, point_id, record.to_json())
         _maybe_merge_segments(vault)
     return record
+
+
+def _read_data(disks: list[PlannedDisk]) -> npt.NDArray[np.uint8]:
+    """The distinct digests of the DATA blocks the run's workers read."""
+    parts = [d.digests[d.flags == fast.FLAG_DATA] for d in disks]
+    read = np.concatenate(parts) if parts else np.zeros((0, fast.DIGEST_SIZE), np.uint8)
+    return np.unique(np.ascontiguousarray(read).view("V32").ravel()).view(np.uint8) \
+        .reshape(-1, fast.DIGEST_SIZE)
+
+
+def _check_packs(storage: Storage, new: dict[str, Any]) -> None:
+    """Each pack the run's new index entries name is in the vault and long enough for its
+    entries' blobs: a worker's claim of a pack it never wrote is never committed."""
+    if not len(new["offset"]):
+        return
+    ids, where = np.unique(np.ascontiguousarray(new["pack_uuid"]).view("V16").ravel(),
+                           return_inverse=True)
+    ends = np.zeros(len(ids), dtype=np.uint64)
+    np.maximum.at(ends, where.ravel(), new["offset"] + new["stored"].astype(np.uint64))
+    names = [pack_name(uuid.UUID(bytes=i.tobytes()).hex) for i in ids]
+
+    def size(name: str) -> int:
+        try:
+            return storage.stat(name).size
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            return -1
+
+    with ThreadPoolExecutor(max(1, min(16, storage.in_flight))) as pool:
+        sizes = list(pool.map(size, names))
+    for name, got, end in zip(names, sizes, ends.tolist(), strict=True):
+        if got < end:
+            raise CbtIOError(errno.EIO, f"a worker's result names blocks in {name}, which the "
+                             "vault " + ("lacks" if got < 0 else f"holds shorter ({got} "
+                             f"bytes, not {end})") + ": nothing committed")
+
+
+def _check_held(index: index_mod.Index, read: npt.NDArray[np.uint8],
+                stored: npt.NDArray[np.uint8]) -> None:
+    """Every DATA block read this run is in the vault: in its index, or stored by a worker
+    now (a worker's digest of a block it neither found nor stored fails the commit)."""
+    missing = read[index.lookup(read) < 0]
+    if not len(missing):
+        return
+    lost = ~np.isin(missing.view("V32").ravel(),
+                    np.ascontiguousarray(stored).view("V32").ravel())
+    if lost.any():
+        raise CbtIOError(errno.EIO, f"{int(lost.sum())} blocks of the point are neither in the "
+                         "vault nor stored by its workers (a worker's result names blocks it "
+                         "did not store?): nothing committed")
 
 
 def _fill(disks: list[PlannedDisk], shards: list[ShardTask],
