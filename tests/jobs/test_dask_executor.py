@@ -29,13 +29,14 @@ from helpers.images import assert_same_bytes, fs_image, make_disk
 from helpers.jobs import job_config
 from helpers.s3 import S3Server, fresh_bucket
 from helpers.system import need
-from helpers.vaults import PASSWORD, encrypted_env
+from helpers.vaults import PASSWORD, encrypted_env, fast_kdf
 
 from cbt.api import Vault
 from cbt.core.errors import CbtError
 from cbt.jobs.config import ConfigError, VMConfig, load
 from cbt.repo.s3 import S3Storage
 from cbt.repo.storage import LocalStorage
+from cbt.source.disks import DiskSpec
 
 BS = 16 << 10
 HV1_RESOURCE = "host-hv1"
@@ -499,3 +500,58 @@ def test_a_crafted_result_is_never_committed(case: str, tmp_path: Path) -> None:
         point = v.backup("vm", [disk], block_size=BS, executor=ex)
     assert v.point_ids() == [point.id]
     assert not v.verify(data=True).problems
+
+
+# -- an encrypted vault: what a worker holds and logs -----------------------------------------
+
+# (source, made a function by exec: sent by value; the workers cannot import this module)
+KEYS_PROBE = """
+def probe():
+    import gc
+    from cbt.repo.keys import VaultKeys
+    gc.collect()
+    return sum(isinstance(o, VaultKeys) for o in gc.get_objects())
+"""
+
+
+def test_workers_hold_no_keys_after_an_encrypted_run_and_log_none(cluster: Cluster,
+                                                                 tmp_path: Path) -> None:
+    """The vault's keys go to the workers with each shard (no passphrase there); after the
+    run no worker holds them (none of its objects is the vault's keys), and a shard that
+    fails logs no key on its worker."""
+    from cbt.core.crypto import ALGORITHMS
+
+    ns: dict[str, Any] = {}
+    exec(KEYS_PROBE, ns)
+    probe = ns["probe"]
+    client = cluster.client
+    v = Vault.create(S3Storage.create(f"s3://{fresh_bucket()}/keys"),
+                     encryption=next(iter(ALGORITHMS)), passphrase=PASSWORD, kdf=fast_kdf())
+    assert v.keys is not None
+    good = make_disk(tmp_path / "a.img", 4 << 20, seed=31)
+    point = v.backup("vm", [good], block_size=BS, executor=client)
+    assert not v.verify(data=True).problems
+    assert set(client.run(probe).values()) == {0}, "a worker holds the vault's keys"
+    # a shard that fails on hv1's worker (its disk gone after the plan), keys in hand
+    from cbt.jobs.dask_executor import DaskExecutor
+    from cbt.ops.backup import BackupRequest, WorkerVault, _run_shard, plan
+
+    far = make_disk(tmp_path / "far.img", 2 << 20, seed=32)
+    planned = plan(v, BackupRequest("vm2", [DiskSpec("far", str(far))], block_size=BS))
+    far.unlink()
+    executor = DaskExecutor(client)
+    try:
+        on_hv1, _ = executor.on("hv1")
+        with pytest.raises(CbtError, match="far"):
+            on_hv1.submit(_run_shard, WorkerVault.of(v, planned.index),
+                          planned.shards[0]).result(timeout=60)
+    finally:
+        executor.release()
+        executor.shutdown()
+    assert set(client.run(probe).values()) == {0}
+    log = (cluster.hv1_dir / "worker.log").read_bytes()
+    assert b"Compute Failed" in log and b"far" in log
+    keys = v.keys
+    for secret in (keys.master, keys.id_key):
+        assert secret not in log and secret.hex().encode() not in log
+    assert v.point_ids() == [point.id]

@@ -6,7 +6,13 @@ the cluster's workers instead of forked ones.  The coordinator (the command) pla
 takes the locks and commits; each worker reopens the vault from its spec (its keys
 included: use ``tls://`` between hosts), reads its shard of the disk where the disk
 lies, and writes its packs straight to the vault's storage.  What comes back is
-small: the shard's digests and flags and the index entries of the blocks it stored.
+small: the shard's digests and flags and the index entries of the blocks it stored,
+checked by the coordinator as input (:func:`cbt.ops.backup.check_result`; at the
+commit, every pack they name is stat'ed and every block read must be in the vault).
+When the run ends, done or failed, every worker drops the vault's spec it was handed
+(:meth:`DaskExecutor.release`): a long-lived worker keeps no vault's keys.  A shard
+that fails is logged by its worker with the task's repr (the shard: its disk and
+ranges; never a key).
 
 Where a disk's shards run (pinning): a disk with a host (the VM's ``host`` config
 key, ``BackupRequest.hosts``) runs on the workers that serve that host: those
@@ -270,6 +276,13 @@ class DaskExecutor(PlacedExecutor):
             for _, (_, task) in pending:
                 task.cancel()  # (Dask would run it again on another worker)
 
+    def release(self) -> None:
+        """Every worker drops what the run handed it (:func:`_forget`): the vault's
+        spec, its keys among them, are not left in long-lived workers.  A worker that
+        cannot be reached is passed over (gone, it holds nothing)."""
+        with contextlib.suppress(Exception):
+            self.client.run(_forget, on_error="ignore")
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._closed.set()
         if cancel_futures:
@@ -303,6 +316,16 @@ def _on_worker(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         _TUNED.append(True)
         _tune_malloc()
     return fn(*args, **kwargs)
+
+
+def _forget() -> None:
+    """On a worker: drop the WorkerVaults of cbt's runs (keys included), and collect."""
+    import gc
+
+    from cbt.ops.backup import forget_runs
+
+    forget_runs()
+    gc.collect()
 
 
 def _tune_malloc() -> None:

@@ -153,6 +153,10 @@ class PlacedExecutor(Executor):
         """The executor whose tasks run on ``host`` (None: the coordinator's host), and
         how many workers serve it; :class:`CbtValueError` naming the host when none does."""
 
+    def release(self) -> None:  # (a hook: nothing to release by default)
+        """The run is over (done or failed): its workers drop what it handed them (the
+        vault's spec, its keys among them: :func:`forget_runs`)."""
+
 
 @dataclass(frozen=True)
 class BackupRequest:
@@ -298,10 +302,14 @@ def backup_locked(vault: Vault, request: BackupRequest) -> PointRecord:
     request.check()
     placed = placements(request)  # (before anything is written: a disk no worker serves)
     _clean_leftovers(vault)
-    planned = plan(vault, request, placed)
-    results = transfer(vault, request, planned)
-    _fill(planned.disks, planned.shards, results)
-    results += verify_hints(vault, request, planned)
+    try:
+        planned = plan(vault, request, placed)
+        results = transfer(vault, request, planned)
+        _fill(planned.disks, planned.shards, results)
+        results += verify_hints(vault, request, planned)
+    finally:
+        if isinstance(request.executor, PlacedExecutor):
+            request.executor.release()
     if request.before_commit is not None:
         planned.warnings += request.before_commit()
     # (last before the commit: a base kept now names what this point was made from)
@@ -793,6 +801,15 @@ class WorkerVault:
 # an input: a worker that finds nothing loads the index itself.
 _LOADED: weakref.WeakValueDictionary[tuple[StorageSpec, tuple[str, ...]], WorkerVault] = (
     weakref.WeakValueDictionary())
+
+
+def forget_runs() -> None:
+    """Drop the runs' WorkerVaults this process keeps (a cluster's worker, after a run:
+    their vaults' keys go with them)."""
+    _worker_vault.cache_clear()
+    _LOADED.clear()
+
+
 @functools.lru_cache(maxsize=1)
 def _worker_vault(spec: VaultSpec, token: tuple[str, ...]) -> WorkerVault:
     """A worker process's copy of a run's WorkerVault: one per (vault, index), so the
