@@ -555,3 +555,32 @@ def test_workers_hold_no_keys_after_an_encrypted_run_and_log_none(cluster: Clust
     for secret in (keys.master, keys.id_key):
         assert secret not in log and secret.hex().encode() not in log
     assert v.point_ids() == [point.id]
+
+
+def test_a_disk_of_another_host_is_never_opened_here(cluster: Cluster, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk of host hv1 is looked at only there: a file this host has at the same path
+    (here a qcow2 image) is never read, nor taken for the disk; a qcow2 image on hv1 is
+    refused in one line (cbt runs qemu-nbd on its own host only), nothing written."""
+    monkeypatch.chdir(tmp_path)
+    decoy = tmp_path / "far.qcow2"
+    decoy.write_bytes(b"QFI\xfb" + os.urandom((1 << 20) - 4))
+    far = make_disk(cluster.hv1_dir / "far.qcow2", 2 << 20, seed=41)  # (raw: no header)
+    try:
+        v = _s3_vault("decoy")
+        point = v.backup("vm", ["far=far.qcow2"], block_size=BS, executor=cluster.client,
+                         hosts={"far": "hv1"})
+        assert point.disk("far").size == 2 << 20 and not point.warnings
+        out = tmp_path / "restored.img"
+        v.restore(point.id, out, disk="far")
+        assert_same_bytes(out, far)
+        with open(far, "r+b") as f:
+            f.write(b"QFI\xfb")
+        with pytest.raises(CbtError, match=r"^disk far: far\.qcow2 is a qcow2 image on "
+                                           r"another host: .*qemu-nbd") as err:
+            v.backup("vm", ["far=far.qcow2"], block_size=BS, executor=cluster.client,
+                     hosts={"far": "hv1"})
+        assert "\n" not in str(err.value)
+        assert v.point_ids() == [point.id]
+    finally:
+        far.unlink()

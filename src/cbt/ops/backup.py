@@ -263,10 +263,13 @@ def backup(vault: Vault, request: BackupRequest) -> PointRecord:
 def _offline_images(request: BackupRequest) -> tuple[dict[str, str], list[str]]:
     """The disks that are qcow2 images read where they lie (label -> path): each is read
     through ``qemu-nbd`` as the guest sees it (:mod:`cbt.source.qcow2`); and a warning for
-    each disk that starts with a qcow2 header but is not named so (read raw)."""
+    each disk that starts with a qcow2 header but is not named so (read raw).  A disk of
+    another host (``request.hosts``) is never looked at here: its path names a file there,
+    not the one this host may have at that path (:func:`_open_disk_there`)."""
     from cbt.source.qcow2 import is_qcow2, unnamed_qcow2_warnings
 
-    files = {d.label: d.path for d in request.disks if d.nbd is None and d.read_from is None}
+    files = {d.label: d.path for d in request.disks
+             if d.nbd is None and d.read_from is None and d.label not in request.hosts}
     return ({lb: p for lb, p in files.items() if is_qcow2(p)},
             unnamed_qcow2_warnings(files))
 
@@ -562,7 +565,7 @@ def _plan_disk(vault: Vault, request: BackupRequest, prev: PointRecord | None, s
     block_size = request.block_size
     bs = parent.block_size if parent else (block_size or DEFAULT_BACKUP_BLOCK_SIZE)
     source, ranges = (_open_disk(spec, bs) if remote is None else
-                      _labelled(remote.submit(_open_disk, spec, bs).result, spec.label))
+                      _labelled(remote.submit(_open_disk_there, spec, bs).result, spec.label))
     if parent and block_size and block_size != parent.block_size:
         raise CbtValueError(
             f"disk {spec.label}: block size is fixed at {format_size(parent.block_size)} "
@@ -590,6 +593,19 @@ def _open_disk(spec: DiskSpec, block_size: int) -> tuple[SourceSpec, list[BlockR
     """Open a disk where it lies: its source's spec, and its data's block ranges."""
     with spec.open() as source:
         return source.spec(), source.block_ranges(block_size)
+
+
+def _open_disk_there(spec: DiskSpec, block_size: int) -> tuple[SourceSpec, list[BlockRange]]:
+    """:func:`_open_disk` on the disk's host (a cluster's worker there).  A qcow2 image
+    there is refused: it is read through ``qemu-nbd``, which cbt runs on the coordinator's
+    host only (read raw, its container file would be backed up, not the guest's disk)."""
+    from cbt.source.qcow2 import is_qcow2
+
+    if spec.nbd is None and spec.read_from is None and is_qcow2(spec.path):
+        raise CbtValueError(f"disk {spec.label}: {spec.path} is a qcow2 image on another "
+                            "host: cbt reads qcow2 images through qemu-nbd on its own host "
+                            "only (run the backup there)")
+    return _open_disk(spec, block_size)
 
 
 def _labelled(call: Callable[[], _T], label: str) -> _T:
