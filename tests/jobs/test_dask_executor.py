@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from helpers.vaults import PASSWORD, encrypted_env, fast_kdf
 from cbt.api import Vault
 from cbt.core.errors import CbtError
 from cbt.jobs.config import ConfigError, VMConfig, load
+from cbt.ops.backup import PlacedExecutor
 from cbt.repo.s3 import S3Storage
 from cbt.repo.storage import LocalStorage
 from cbt.source.disks import DiskSpec
@@ -584,3 +585,53 @@ def test_a_disk_of_another_host_is_never_opened_here(cluster: Cluster, tmp_path:
         assert v.point_ids() == [point.id]
     finally:
         far.unlink()
+
+
+class _Placed(PlacedExecutor):
+    """A cluster of threads: every host served, what a worker says of a disk altered."""
+
+    def __init__(self, tamper: Callable[[Any], Any]) -> None:
+        self.pool = ThreadPoolExecutor(2)
+        self.tamper = tamper
+
+    def on(self, host: str | None) -> tuple[Executor, int]:
+        return self, 2
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if getattr(fn, "__name__", "") == "_open_disk_there":
+            return self.pool.submit(lambda: self.tamper(fn(*args, **kwargs)))
+        return self.pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.pool.shutdown(wait, cancel_futures=cancel_futures)
+
+
+BAD_DISKS: dict[str, Callable[[Any], Any]] = {
+    "past the end": lambda g: (g[0], [(0, 10**6)]),
+    "overlapping": lambda g: (g[0], [(0, 10), (5, 20)]),
+    "empty range": lambda g: (g[0], [(3, 3)]),
+    "negative size": lambda g: (g[0]._replace(size=-1), []),
+    "no source": lambda g: None,
+    "unknown kind": lambda g: (g[0]._replace(kind="pipe"), g[1]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DISKS))
+def test_what_a_hosts_worker_says_of_its_disk_is_checked(case: str, tmp_path: Path) -> None:
+    """A disk's ranges and size come from its host's worker: ranges past the disk's end,
+    overlapping or empty, a size below zero, or no source fail the run in one line,
+    before anything is written."""
+    disk = make_disk(tmp_path / "a.img", 1 << 20, seed=51)
+    v = Vault.create(LocalStorage.create(tmp_path / "v"))
+    def written() -> list[str]:
+        return sorted(n for n in v.storage.list("") if not n.startswith("locks/"))
+
+    before = written()
+    with _Placed(BAD_DISKS[case]) as ex, \
+            pytest.raises(CbtError, match=r"^disk a: its host's worker sent ") as err:
+        v.backup("vm", [disk], block_size=BS, executor=ex, hosts={"a": "hv1"})
+    assert "\n" not in str(err.value)
+    assert written() == before
+    with _Placed(lambda g: g) as ex:
+        v.backup("vm", [disk], block_size=BS, executor=ex, hosts={"a": "hv1"})
+    assert not v.verify(data=True).problems

@@ -564,8 +564,9 @@ def _plan_disk(vault: Vault, request: BackupRequest, prev: PointRecord | None, s
     parent = prev.disk(spec.label) if prev else None
     block_size = request.block_size
     bs = parent.block_size if parent else (block_size or DEFAULT_BACKUP_BLOCK_SIZE)
-    source, ranges = (_open_disk(spec, bs) if remote is None else
-                      _labelled(remote.submit(_open_disk_there, spec, bs).result, spec.label))
+    source, ranges = (_open_disk(spec, bs) if remote is None else _checked_disk(
+        spec.label, bs, _labelled(remote.submit(_open_disk_there, spec, bs).result,
+                                  spec.label)))
     if parent and block_size and block_size != parent.block_size:
         raise CbtValueError(
             f"disk {spec.label}: block size is fixed at {format_size(parent.block_size)} "
@@ -606,6 +607,31 @@ def _open_disk_there(spec: DiskSpec, block_size: int) -> tuple[SourceSpec, list[
                             "host: cbt reads qcow2 images through qemu-nbd on its own host "
                             "only (run the backup there)")
     return _open_disk(spec, block_size)
+
+
+def _checked_disk(label: str, block_size: int,
+                  got: object) -> tuple[SourceSpec, list[BlockRange]]:
+    """What a worker of another host says of a disk, taken as input: a source of a known
+    kind and a size, and block ranges sorted, apart and inside the disk."""
+    def bad(why: str) -> CbtIOError:
+        return CbtIOError(errno.EIO, f"disk {label}: its host's worker sent {why}")
+
+    if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], SourceSpec)
+            and isinstance(got[1], list)):
+        raise bad("no source and ranges")
+    source, ranges = got
+    if source.kind not in ("image", "nbd") or not isinstance(source.size, int) \
+            or isinstance(source.size, bool) or not 0 <= source.size < 1 << 62:
+        raise bad(f"a source of kind {source.kind!r}, size {source.size!r}")
+    end, last, out = -(-source.size // block_size), 0, []
+    for r in ranges:
+        if not (isinstance(r, tuple) and len(r) == 2
+                and all(isinstance(x, int | np.integer) and not isinstance(x, bool)
+                        for x in r) and last <= r[0] < r[1] <= end):
+            raise bad(f"block range {r!r}, not sorted, apart and inside its {end} blocks")
+        last = int(r[1])
+        out.append((int(r[0]), last))
+    return source, out
 
 
 def _labelled(call: Callable[[], _T], label: str) -> _T:
