@@ -635,3 +635,67 @@ def test_what_a_hosts_worker_says_of_its_disk_is_checked(case: str, tmp_path: Pa
     with _Placed(lambda g: g) as ex:
         v.backup("vm", [disk], block_size=BS, executor=ex, hosts={"a": "hv1"})
     assert not v.verify(data=True).problems
+
+
+# -- the scheduler gone mid-run ------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_scheduler_killed_mid_backup_is_one_line_nothing_committed(tmp_path: Path) -> None:
+    """cbt backup --executor against a scheduler SIGKILLed while the shards run: one
+    error line (none of Dask's tracebacks), soon, nothing committed, no lock left; the
+    next backup (forked workers) succeeds."""
+    port = _free_port()
+    dask = str(Path(sys.executable).parent / "dask")
+    env = clean_env({"DASK_TEMPORARY_DIRECTORY": str(tmp_path)})
+    procs = [subprocess.Popen(
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+         "--dashboard-address", "127.0.0.1:0", "--no-show"],
+        cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True, env=env)]
+    try:
+        procs.append(subprocess.Popen(
+            [dask, "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--no-nanny",
+             "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0",
+             "--local-directory", str(tmp_path)],
+            cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True, env=env))
+        with distributed.Client(f"tcp://127.0.0.1:{port}", timeout=30,
+                                set_as_default=False) as c:
+            c.wait_for_workers(1, timeout=60)
+        disks = [str(make_disk(tmp_path / f"d{k}.img", 16 << 20, seed=60 + k))
+                 for k in range(3)]
+        Vault.create(LocalStorage.create(tmp_path / "v"))
+        run = subprocess.Popen(cbt_argv("backup", tmp_path / "v", "--vm", "vm", *disks,
+                                        "--block-size", "16K",
+                                        "--executor", f"dask://127.0.0.1:{port}"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+        packs = tmp_path / "v" / "packs"
+        deadline = time.monotonic() + 120
+        while not (packs.exists() and any(packs.rglob("*.pack"))) and run.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        out, err = run.communicate(timeout=120)
+        took = time.monotonic() - killed
+    finally:
+        for p in procs:
+            _stop(p)
+    assert run.returncode != 0, (out, err)
+    (line,) = err.strip().splitlines()
+    assert line.startswith("cbt: error: ") and "nothing committed" in line, line
+    assert took < 30
+    v = Vault.open(tmp_path / "v")
+    assert v.point_ids() == []
+    point = v.backup("vm", disks, block_size=BS, workers=2)
+    assert v.point_ids() == [point.id]
+    assert not v.verify(data=True).problems

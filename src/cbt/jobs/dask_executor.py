@@ -69,6 +69,8 @@ __all__ = ["DASK_SCHEME", "DaskExecutor", "as_executor", "connect", "host_resour
 DASK_SCHEME = "dask://"
 CONNECT_TIMEOUT = 10.0  # seconds to reach the scheduler
 WATCH_EVERY = 0.25  # seconds between looks at the cluster's workers while shards run
+RELEASE_WAIT = 10.0  # seconds the end of a run waits for the workers to drop its vault
+LIVE_CLIENT = frozenset({"running", "newly-created"})  # a Client's status while connected
 HOST_RESOURCE = "host-"  # a worker serves host NAME when it has the resource host-NAME
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 # glibc's mallopt: the thresholds a worker process is given (see the module doc)
@@ -255,13 +257,15 @@ class DaskExecutor(PlacedExecutor):
                     self._watcher = None
                     return
                 eligible = set().union(*(w for w, _ in self._pending.values()))
-            try:
-                alive = set(self._workers())
+            gone_text = ("the Dask scheduler went away during the backup (connection "
+                         "lost): nothing committed; run it again")
+            try:  # (the client's view: lost at once when the scheduler's connection is)
+                alive = (set(self._workers()) if self.client.status in LIVE_CLIENT
+                         else set())
             except Exception:  # (the scheduler itself is gone: say so)
                 alive = set()
-                gone_text = "the Dask scheduler stopped answering during the backup"
             else:
-                gone_text = ""
+                gone_text = "" if alive else gone_text
             gone = sorted(eligible - alive)
             if not gone:
                 continue
@@ -280,8 +284,16 @@ class DaskExecutor(PlacedExecutor):
         """Every worker drops what the run handed it (:func:`_forget`): the vault's
         spec, its keys among them, are not left in long-lived workers.  A worker that
         cannot be reached is passed over (gone, it holds nothing)."""
-        with contextlib.suppress(Exception):
-            self.client.run(_forget, on_error="ignore")
+        if self.client.status not in LIVE_CLIENT:  # (the scheduler is gone: nothing to ask)
+            return
+
+        def forget() -> None:
+            with contextlib.suppress(Exception):
+                self.client.run(_forget, on_error="ignore")
+
+        asking = threading.Thread(target=forget, name="cbt-dask-release", daemon=True)
+        asking.start()
+        asking.join(RELEASE_WAIT)  # (a worker that does not answer holds up no command)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._closed.set()
