@@ -234,6 +234,7 @@ def test_cli_backup_config_on_a_dask_scheduler(cluster: Cluster, tmp_path: Path)
     from distributed import get_task_stream
 
     far = make_disk(cluster.hv1_dir / "far.img", 3 << 20, seed=11)
+    far2 = make_disk(cluster.hv1_dir / "far2.img", 2 << 20, seed=13)  # (hv1 holds two VMs)
     near = make_disk(tmp_path / "near.img", 3 << 20, seed=12)
     bucket = f"s3://{fresh_bucket()}/cli"
     env = encrypted_env(tmp_path)
@@ -241,21 +242,23 @@ def test_cli_backup_config_on_a_dask_scheduler(cluster: Cluster, tmp_path: Path)
     assert r.returncode == 0, r.stderr
     cfg = job_config(tmp_path / "cbt.toml", {
         "near": {"disks": {"os": str(near)}, "snapshot": "none"},
-        "far": {"disks": {"os": str(far)}, "host": "hv1"}}, vault=bucket)
+        "far": {"disks": {"os": str(far)}, "host": "hv1"},
+        "far2": {"disks": {"os": str(far2), "data": str(far)}, "host": "hv1"}}, vault=bucket)
     port = cluster.address.rsplit(":", 1)[1]
     with get_task_stream(cluster.client) as ts:
         res = subprocess.run(cbt_argv("backup", "--config", cfg, "--executor",
                                       f"dask://127.0.0.1:{port}", "--json"),
                              capture_output=True, text=True, env=clean_env(env), timeout=300)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.count('"type":"point"') == 2, res.stdout
+    assert res.stdout.count('"type":"point"') == 3, res.stdout
     assert _task_workers(ts, "_open_disk") == {cluster.hv1_worker()}
     assert len(_task_workers(ts, "_run_shard")) >= 2
     v = Vault.open(bucket, PASSWORD)
-    assert v.encrypted and len(v.point_ids()) == 2
-    for vm, disk in (("far", far), ("near", near)):
-        out = tmp_path / f"{vm}-restored.img"
-        v.restore(v.latest(vm).id, out, disk="os")  # type: ignore[union-attr]
+    assert v.encrypted and len(v.point_ids()) == 3
+    for vm, label, disk in (("far", "os", far), ("near", "os", near), ("far2", "os", far2),
+                            ("far2", "data", far)):
+        out = tmp_path / f"{vm}-{label}-restored.img"
+        v.restore(v.latest(vm).id, out, disk=label)  # type: ignore[union-attr]
         assert_same_bytes(out, disk)
     assert not v.verify(data=True).problems
     dead = subprocess.run(cbt_argv("backup", "--config", cfg, "--executor",
@@ -264,7 +267,8 @@ def test_cli_backup_config_on_a_dask_scheduler(cluster: Cluster, tmp_path: Path)
     assert dead.returncode != 0
     (line,) = dead.stderr.strip().splitlines()
     assert line.startswith("cbt: error: cannot reach the Dask scheduler at 127.0.0.1:9: ")
-    assert len(Vault.open(bucket, PASSWORD).point_ids()) == 2
+    assert len(Vault.open(bucket, PASSWORD).point_ids()) == 3
+    far2.unlink()
 
 
 def test_config_check_json_shows_each_vms_host(tmp_path: Path) -> None:
@@ -699,3 +703,38 @@ def test_the_scheduler_killed_mid_backup_is_one_line_nothing_committed(tmp_path:
     point = v.backup("vm", disks, block_size=BS, workers=2)
     assert v.point_ids() == [point.id]
     assert not v.verify(data=True).problems
+
+
+# -- gc beside a cluster's backup --------------------------------------------------------------
+
+
+def test_gc_while_the_workers_write_packs_frees_none_of_them(cluster: Cluster,
+                                                            tmp_path: Path) -> None:
+    """The coordinator holds the VM's lock and shares the vault for the whole run: a gc
+    run while the cluster's workers write packs (seven disks on three workers; S3: the
+    server's clock) sweeps none of them; the point commits, verifies and restores; a gc
+    after frees nothing it uses."""
+    disks = [make_disk(tmp_path / f"g{k}.img", 6 << 20, seed=70 + k) for k in range(7)]
+    bucket = f"s3://{fresh_bucket()}/gc"
+    v = Vault.create(S3Storage.create(bucket))
+    runs: list[subprocess.CompletedProcess[str]] = []
+    packs: list[int] = []
+
+    def gc_now(vm: str, label: str, done: int, total: int) -> None:
+        if not runs:  # (the coordinator waits; the workers go on writing)
+            packs.append(len(v.storage.list("packs")))
+            runs.append(cbt("gc", bucket, "--json"))
+
+    point = v.backup("vm", [str(p) for p in disks], block_size=BS, executor=cluster.client,
+                     progress=gc_now)
+    assert runs and runs[0].returncode == 0, runs[0].stderr
+    assert packs[0] > 0  # (packs of no point yet, and no other holder: only the cutoff)
+    assert json.loads(runs[0].stdout)["packs_removed"] == 0
+    assert not v.verify(data=True).problems
+    after = cbt("gc", bucket, "--json")
+    assert after.returncode == 0, after.stderr
+    assert not v.verify(data=True).problems
+    for k, disk in enumerate(disks):
+        out = tmp_path / f"r{k}.img"
+        v.restore(point.id, out, disk=disk.stem)
+        assert_same_bytes(out, disk)
