@@ -201,6 +201,8 @@ def test_a_pinned_disk_runs_only_on_its_hosts_workers(cluster: Cluster, tmp_path
     assert len(ran) >= 2
     assert {w for w, k in ran} >= {hv1}
     assert point.disk("far").bytes_read == 6 << 20  # (read by hv1's worker: it is nowhere else)
+    assert point.disk("far").path == "far.img"  # (as given: this host's folder means nothing)
+    assert point.disk("near").path == str(near)
     assert not v.verify(data=True).problems
 
 

@@ -344,6 +344,7 @@ class PlannedDisk:
     digests: npt.NDArray[np.uint8]
     flags: npt.NDArray[np.uint8]
     early: BlockScan | None = None  # the disk's early scan, when one matches
+    host: str | None = None  # the host that holds it (None: this one)
     # change tracking: what the source said, and what the run found of it
     hint: ChangeHint = field(default_factory=ChangeHint.hash)
     previous: Manifest | None = None  # the disk's manifest at the point this run follows
@@ -577,7 +578,7 @@ def _plan_disk(vault: Vault, request: BackupRequest, prev: PointRecord | None, s
     d = PlannedDisk(spec=spec, source=source, block_size=bs, parent=parent,
                     seq=parent.seq + 1 if parent else 0, ranges=ranges, rows=range_rows(ranges),
                     digests=np.zeros(0, dtype=np.uint8), flags=np.zeros(0, dtype=np.uint8),
-                    hint=hint)
+                    hint=hint, host=request.hosts.get(spec.label) if remote else None)
     d.previous = _previous_manifest(vault, prev, d, warnings)
     if hint.tracked and d.previous is None:  # (said so: a full baseline of this disk)
         d.hint = ChangeHint.hash("previous point unreadable")
@@ -1482,7 +1483,8 @@ def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk
     """Write one disk's manifest (full, or a delta against its chain base)."""
     import blake3
 
-    path = str(Path(d.spec.path).absolute())
+    # (a path of another host is recorded as given: this host's directory means nothing there)
+    path = d.spec.path if d.host is not None else str(Path(d.spec.path).absolute())
     manifest = Manifest.sparse(d.block_size, d.size, d.rows, d.digests, d.flags, source=path,
                                created=created)
     previous = d.previous
