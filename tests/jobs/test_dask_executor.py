@@ -740,3 +740,33 @@ def test_gc_while_the_workers_write_packs_frees_none_of_them(cluster: Cluster,
         out = tmp_path / f"r{k}.img"
         v.restore(point.id, out, disk=disk.stem)
         assert_same_bytes(out, disk)
+
+
+# (made a function by exec: sent by value)
+RAISER = """
+def value_error():
+    raise ValueError("bad\\n" + "x" * 5000)
+"""
+
+
+def test_a_workers_odd_exception_is_one_line_here(cluster: Cluster) -> None:
+    """Whatever a task raises on a worker (a ValueError of 5000 characters over two lines;
+    a KeyboardInterrupt or SystemExit, which would pass for this process's own) is one
+    line of cbt's here."""
+    from cbt.jobs.dask_executor import DaskExecutor, _worker_error
+
+    ns: dict[str, Any] = {}
+    exec(RAISER, ns)
+    executor = DaskExecutor(cluster.client)
+    try:
+        with pytest.raises(CbtError, match=r"^a Dask worker failed: ValueError: bad x+: "
+                                           r"nothing committed$") as err:
+            executor.submit(ns["value_error"]).result(timeout=60)
+        assert len(str(err.value)) < 300
+    finally:
+        executor.shutdown()
+    for exc in (KeyboardInterrupt(), SystemExit(0)):
+        got = _worker_error(exc)
+        assert isinstance(got, CbtError)
+        assert str(got) == f"a Dask worker failed: {type(exc).__name__}" + \
+            (": 0" if isinstance(exc, SystemExit) else "") + ": nothing committed"

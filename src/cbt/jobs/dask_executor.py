@@ -260,12 +260,12 @@ class DaskExecutor(PlacedExecutor):
             gone_text = ("the Dask scheduler went away during the backup (connection "
                          "lost): nothing committed; run it again")
             try:  # (the client's view: lost at once when the scheduler's connection is)
-                alive = (set(self._workers()) if self.client.status in LIVE_CLIENT
-                         else set())
+                connected = self.client.status in LIVE_CLIENT
+                alive = set(self._workers()) if connected else set()
             except Exception:  # (the scheduler itself is gone: say so)
                 alive = set()
             else:
-                gone_text = "" if alive else gone_text
+                gone_text = "" if connected else gone_text
             gone = sorted(eligible - alive)
             if not gone:
                 continue
@@ -352,11 +352,12 @@ def _tune_malloc() -> None:
 
 
 def _worker_error(exc: BaseException | None) -> BaseException:
-    """A worker's failure as cbt reports it: cbt's own errors as they are; a worker that
-    died under a task (KilledWorker) or a lost connection as one line."""
+    """A worker's failure as cbt reports it: cbt's own errors (and OSErrors) as they are;
+    a worker that died under a task (KilledWorker), a lost connection, or anything else
+    as one line."""
     if exc is None:
         return CbtIOError(0, "a Dask task failed without an error")
-    if isinstance(exc, CbtError | OSError | KeyboardInterrupt):
+    if isinstance(exc, CbtError | OSError):
         return exc
     name = type(exc).__name__
     if name == "KilledWorker":
@@ -364,5 +365,10 @@ def _worker_error(exc: BaseException | None) -> BaseException:
                              "run the backup again")
     if name == "FutureCancelledError" or "cancel" in name.lower():
         return CbtIOError(0, f"Dask cancelled a shard ({' '.join(str(exc).split())})")
-    return exc
+    # anything else a worker raised (its traceback is in the worker's log): one line here,
+    # never the worker's exception itself (a KeyboardInterrupt or SystemExit would pass
+    # for this process's own)
+    text = " ".join(str(exc).split())
+    return CbtIOError(0, f"a Dask worker failed: {name}"
+                         f"{': ' + text[:200] if text else ''}: nothing committed")
 
