@@ -770,3 +770,19 @@ def test_a_workers_odd_exception_is_one_line_here(cluster: Cluster) -> None:
         assert isinstance(got, CbtError)
         assert str(got) == f"a Dask worker failed: {type(exc).__name__}" + \
             (": 0" if isinstance(exc, SystemExit) else "") + ": nothing committed"
+
+
+def test_the_workers_are_asked_of_the_scheduler_not_of_a_cache(cluster: Cluster) -> None:
+    """The client refreshes its cached scheduler info every few seconds with no worker in
+    it; the executor's view of the workers (the watcher's, the placement's) is the
+    scheduler's answer itself, so a refresh meanwhile never makes every worker 'gone'."""
+    import dask
+
+    from cbt.jobs.dask_executor import DaskExecutor
+
+    with dask.config.set({"distributed.client.scheduler-info-interval": "2ms"}), \
+            distributed.Client(cluster.address, set_as_default=False) as client:
+        executor = DaskExecutor(client)
+        seen = {len(executor._workers()) for _ in range(300)}
+        executor.shutdown()
+    assert seen == {3}

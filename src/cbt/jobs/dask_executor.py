@@ -144,7 +144,11 @@ class DaskExecutor(PlacedExecutor):
     # -- where -------------------------------------------------------------------------
 
     def _workers(self) -> dict[str, dict[str, Any]]:
-        info: dict[str, Any] = self.client.scheduler_info(n_workers=-1)
+        """Every worker of the cluster, asked of the scheduler now (not
+        ``client.scheduler_info()``, whose answer the client's periodic refresh may
+        replace meanwhile with one of no worker at all: every worker 'gone')."""
+        client = self.client
+        info: dict[str, Any] = client.sync(client.scheduler.identity, n_workers=-1)
         workers: dict[str, dict[str, Any]] = info.get("workers", {})
         return workers
 

@@ -999,10 +999,31 @@ def check_result(shard: ShardTask, r: object) -> ShardResult:
     if r.bytes_read != bytes_to_read(shard.ranges, shard.block_size, shard.source.size):
         raise bad(f"says {r.bytes_read} bytes read")
     data = r.block_digests[r.block_flags == fast.FLAG_DATA]
-    if k and not np.isin(np.ascontiguousarray(r.digests).view("V32").ravel(),
-                         data.view("V32").ravel()).all():
+    if k and not _among(r.digests, data).all():
         raise bad("stored blocks the shard did not read")
     return r
+
+
+def _among(needles: npt.NDArray[np.uint8], hay: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    """Which digests (rows) of ``needles`` are rows of ``hay``: by their first 8 bytes,
+    sorted and searched, then the whole digest (several times faster than ``np.isin`` of
+    32-byte rows); a prefix that two rows of ``hay`` share is settled by ``np.isin``."""
+    out = np.zeros(len(needles), dtype=bool)
+    if not len(needles) or not len(hay):
+        return out
+    hay = np.ascontiguousarray(hay)
+    needles = np.ascontiguousarray(needles)
+    keys = hay[:, :8].copy().view(np.uint64).ravel()
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    want = needles[:, :8].copy().view(np.uint64).ravel()
+    pos = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+    cand = keys[pos] == want
+    out[cand] = (hay[order[pos[cand]]] == needles[cand]).all(axis=1)
+    shared = cand & ~out  # (the prefix is there but not this digest at its first row)
+    if shared.any():
+        out[shared] = np.isin(needles[shared].view("V32").ravel(), hay.view("V32").ravel())
+    return out
 
 
 # (digest, pack uuid, offset, stored length, raw length) of a block a shard stored
@@ -1385,11 +1406,10 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
 
 
 def _read_data(disks: list[PlannedDisk]) -> npt.NDArray[np.uint8]:
-    """The distinct digests of the DATA blocks the run's workers read."""
+    """The digests of the DATA blocks the run's workers read."""
     parts = [d.digests[d.flags == fast.FLAG_DATA] for d in disks]
-    read = np.concatenate(parts) if parts else np.zeros((0, fast.DIGEST_SIZE), np.uint8)
-    return np.unique(np.ascontiguousarray(read).view("V32").ravel()).view(np.uint8) \
-        .reshape(-1, fast.DIGEST_SIZE)
+    return np.ascontiguousarray(np.concatenate(parts) if parts else
+                                np.zeros((0, fast.DIGEST_SIZE), np.uint8))
 
 
 def _check_packs(storage: Storage, new: dict[str, Any]) -> None:
@@ -1427,8 +1447,7 @@ def _check_held(index: index_mod.Index, read: npt.NDArray[np.uint8],
     missing = read[index.lookup(read) < 0]
     if not len(missing):
         return
-    lost = ~np.isin(missing.view("V32").ravel(),
-                    np.ascontiguousarray(stored).view("V32").ravel())
+    lost = ~_among(missing, stored)
     if lost.any():
         raise CbtIOError(errno.EIO, f"{int(lost.sum())} blocks of the point are neither in the "
                          "vault nor stored by its workers (a worker's result names blocks it "
