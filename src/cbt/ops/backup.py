@@ -35,14 +35,20 @@ A :class:`BackupRequest` says what to back up and how; :func:`backup` runs it:
    the coordinator's), which also open and map a disk of another host for the
    plan; a host no worker serves fails the run before anything is written.  The
    early scan is not used there: its digests live in the coordinator's shared
-   memory, which only forked workers see.
+   memory, which only forked workers see.  What a worker sends back is input
+   (:func:`check_result`): the shard's own, one digest and flag per block, only
+   blocks it read stored; what a worker of another host says of its disk too
+   (:func:`_checked_disk`).
 4. Commit (:func:`commit`): assemble each disk's manifest; count the blocks
    that differ from the disk's previous point (``cbt diff`` rules); write a
    full manifest (first backup) or a delta against the skip-chain base (see
    ``vault.points``); then, under the gc lock, an index segment for the new
    packs (one entry per digest, however many workers raced to store it) and
-   the point record: its rename is the commit.  A crash anywhere before
-   leaves earlier points untouched.
+   the point record: its rename is the commit.  Before it, every pack the new
+   entries name is stat'ed (there, and long enough: :func:`_check_packs`) and
+   every DATA block read must be in the index or stored now (:func:`_check_held`):
+   no point names a block the vault lacks, whatever a worker claimed.  A crash
+   anywhere before leaves earlier points untouched.
 
 In an encrypted vault a block's id (its digest everywhere: manifests, index,
 packs) is its keyed BLAKE3 under the vault's id key, also when a block read
