@@ -85,3 +85,14 @@ def test_errors_name_the_prefix_once(s3: S3Server, monkeypatch: pytest.MonkeyPat
     assert info.value.errno == errno.ENOENT and "does not exist" in str(info.value)
     assert S3Storage(gone).missing() is not None
     assert S3Storage(f"s3://{bucket}/v").missing() is None
+
+
+def test_a_settings_file_under_the_home_folder_as_tilde(tmp_path: Path) -> None:
+    """AWS_SHARED_CREDENTIALS_FILE=~/x (quoted, so no shell expanded it) is read there,
+    as the AWS tools read it (it was taken as a folder named ~: no credentials)."""
+    (tmp_path / "creds").write_text(PROFILE)
+    (tmp_path / "conf").write_text("[profile other]\nregion = eu-west-3\n"
+                                   "[default]\nregion = eu-north-1\n")
+    got = aws_settings({"HOME": str(tmp_path), "AWS_SHARED_CREDENTIALS_FILE": "~/creds",
+                        "AWS_CONFIG_FILE": "~/conf"})
+    assert (got["access_key_id"], got["region"]) == ("FILEKEY", "eu-north-1"), got

@@ -113,6 +113,19 @@ def vault_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def local_path_arg(text: str) -> str:
+    """argparse type of a local file or folder cbt writes (restore's ``--to``, ``-o``): a
+    URL (``s3://b/x``: a folder ``s3:`` made here, silently) is refused."""
+    import re
+
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    if m:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a URL ({m.group(1)}://): cbt writes this to a local path only "
+            f"(write ./{text} for a local one)")
+    return text
+
+
 def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="machine-readable output: one JSON object on stdout")

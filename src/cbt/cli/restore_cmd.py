@@ -40,6 +40,7 @@ from cbt.cli._common import (
     add_json,
     add_password_file,
     emit_warnings,
+    local_path_arg,
     open_vault,
     print_json,
     vault_arg,
@@ -50,7 +51,7 @@ from cbt.cli._common import (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("vault", type=vault_arg, metavar="VAULT", help="the vault")
     p.add_argument("point", metavar="POINT", help="point id, unique prefix, or VM.latest")
-    p.add_argument("--to", required=True, metavar="PATH",
+    p.add_argument("--to", required=True, type=local_path_arg, metavar="PATH",
                    help="directory for the disk images; with --disk, a file or block device")
     p.add_argument("--disk", metavar="LABEL", help="restore only this disk, to the --to path")
     p.add_argument("--in-place", action="store_true",

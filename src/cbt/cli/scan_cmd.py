@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_OK, add_json, print_json, progress_bar, size_arg, workers_arg
+from cbt.cli._common import (
+    EXIT_OK,
+    add_json,
+    local_path_arg,
+    print_json,
+    progress_bar,
+    size_arg,
+    workers_arg,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="block size: a power of two from 4K to 4M (default 64K)")
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N",
                    help="processes reading the disk in parallel (default: number of cores)")
-    p.add_argument("-o", "--output", metavar="FILE.arrow",
+    p.add_argument("-o", "--output", type=local_path_arg, metavar="FILE.arrow",
                    help="write the block manifest here (nothing is written without -o)")
     add_json(p)
 

@@ -33,6 +33,7 @@ from cbt.cli._common import (
     add_json,
     add_password_file,
     change_source_text,
+    local_path_arg,
     open_vault,
     print_json,
     vault_arg,
@@ -48,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("point", metavar="POINT", help="point id, unique prefix, or VM.latest")
     p.add_argument("--manifest", metavar="LABEL",
                    help="write this disk's resolved manifest to the -o file")
-    p.add_argument("-o", "--output", metavar="FILE",
+    p.add_argument("-o", "--output", type=local_path_arg, metavar="FILE",
                    help="with --manifest: the Arrow IPC file to write (created 0600)")
     p.add_argument("--force", action="store_true", help="replace an existing -o file")
     add_password_file(p)

@@ -128,31 +128,54 @@ def fork_map(
     return Forked(fn, tasks, ignore_stop_signals=ignore_stop_signals).wait(progress, interval)
 
 
+class Stopped(CbtError, RuntimeError):
+    """A :func:`thread_map` worker told to stop: another one failed, or the caller was
+    interrupted."""
+
+
 def thread_map(fn: Callable[[T, Report], R], tasks: Sequence[T],
                progress: Progress | None = None) -> list[R]:
-    """:func:`fork_map` on threads of this process: for work on storage a forked
-    child cannot use (its client's threads do not survive a fork).  Results in
-    task order; the first task's exception (in task order) is raised once every
-    task has ended."""
+    """:func:`fork_map` on threads of this process (for what a forked child cannot use:
+    an S3 client's threads); results in task order, the first exception re-raised.
+
+    A thread cannot be killed: the first failure (or an interrupt of the caller, a
+    Ctrl-C) makes every other worker's next ``report`` raise :class:`Stopped`, so
+    they stop where they are rather than finish their work first; the failure is
+    raised once they all have."""
     import threading
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     done = [0] * len(tasks)
-    mutex = threading.Lock()
+    guard = threading.Lock()
+    stop = threading.Event()
 
     def reporter(k: int) -> Report:
         def report(n: int) -> None:
-            with mutex:
+            if stop.is_set():
+                raise Stopped("stopped: another worker failed")
+            with guard:
                 done[k] += n
                 if progress:
                     progress(list(done))
         return report
 
-    if len(tasks) <= 1:
-        return [fn(t, reporter(k)) for k, t in enumerate(tasks)]
-    with ThreadPoolExecutor(len(tasks), thread_name_prefix="cbt-worker") as pool:
+    pool = ThreadPoolExecutor(max(1, len(tasks)))
+    try:
         futures = [pool.submit(fn, t, reporter(k)) for k, t in enumerate(tasks)]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f.done() and f.exception() is not None]
+        if failed:
+            stop.set()
+            wait(futures)
+            first = failed[0].exception()
+            assert first is not None
+            raise first
         return [f.result() for f in futures]
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Forked(Generic[R]):

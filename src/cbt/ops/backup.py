@@ -328,8 +328,11 @@ def backup_locked(vault: Vault, request: BackupRequest) -> PointRecord:
 
 def _clean_leftovers(vault: Vault) -> None:
     """Remove what killed runs left: only what is older than every live holder of the
-    vault (this run among them), so never what another running backup is writing."""
-    vault.clean_leftovers(vault.leftovers(before=objects_before(vault.storage)))
+    vault (this run among them), so never what another running backup is writing; in
+    the storage's clock (an S3 server's: :meth:`~cbt.repo.storage.Storage.clock_offset`)."""
+    before = objects_before(vault.storage)
+    if before > 0.0:
+        vault.clean_leftovers(vault.leftovers(before=before + vault.storage.clock_offset()))
 
 
 # -- 2. plan ---------------------------------------------------------------------------
@@ -1407,7 +1410,7 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
         _write_segment(vault, point_id, new, index)
         record.seconds = round(time.perf_counter() - started, 6)
         commit_point(vault, point_id, record.to_json())
-        _maybe_merge_segments(vault)
+        _maybe_merge_segments(vault)  # (under the gc lock: see there)
     return record
 
 
@@ -1623,8 +1626,10 @@ def _write_segment(vault: Vault, point_id: str, new: dict[str, Any],
 
 
 def _maybe_merge_segments(vault: Vault) -> None:
-    """Merge many segments into one (after the commit, under the gc lock: two merges never
-    overlap, nor a merge and gc's rewrite; duplicates are harmless)."""
+    """Merge many segments into one (after the commit; duplicates are harmless).  Under
+    the gc lock: a gc between its reading the index and its writing the merged segment
+    would trash a dead pack that segment then names again (a later backup would
+    deduplicate against it, and a later gc empty the trash under it)."""
     segments = vault.segment_names()
     if len(segments) < index_mod.MERGE_AT:
         return

@@ -4,7 +4,9 @@ Runs under its own lock, beside any number of backups (which share the vault:
 :mod:`cbt.repo.lock`).  Mark, then sweep with a margin covering the running ones:
 
 1. Cutoff = the earliest start of the live holders of the vault (from their locks),
-   else now; on S3 less a clock margin (the server's times are whole seconds).
+   else now; on S3 less a clock margin, and moved into the storage's clock (an S3
+   server's may be behind this host's, and its mtimes are whole seconds:
+   ``Storage.clock_offset``).
 2. Mark: resolve every visible point (through hidden bases where its deltas
    need them) and mark the index entries they reference.  A point whose record
    cannot be read (damaged), or whose manifests cannot be resolved (a damaged
@@ -15,11 +17,13 @@ Runs under its own lock, beside any number of backups (which share the vault:
    manifest left), gc frees nothing at all and says why.  So a damaged record
    or manifest costs space until ``verify --repair`` sets its point aside,
    never a block it might reference.
-3. Per pack older than the cutoff (a newer one may hold blocks of a running
-   backup's uncommitted point): no live entry -> dead; live bytes under half
-   the pack -> rewritten (live blobs copied as they are into new packs; a
-   sealed blob's associated data does not name its pack, so an encrypted
-   vault's blobs move without being opened).
+3. A pack a point uses that is in the trash only (named again by a writer
+   that read the index before a gc trashed it) is moved back.  Per pack older
+   than the cutoff (a newer one may hold blocks of the running backup's
+   uncommitted point): no live entry -> dead; some dead, and live bytes
+   under half the pack -> rewritten (live blobs copied as they are into new
+   packs; a sealed blob's associated data does not name its pack, so an
+   encrypted vault's blobs move without being opened).
 4. Write one merged index segment of every live entry (rewritten ones at
    their new place; sealed in an encrypted vault), then remove the segments it
    replaces.
@@ -28,7 +32,7 @@ Runs under its own lock, beside any number of backups (which share the vault:
    backup that deduplicated against a block gc just declared dead moves its
    pack back when it commits (see ``rescue``).
 6. Empty the trash of what was put there before the cutoff and longer ago
-   than the grace period.
+   than the grace period (so never what this run trashed: the next run's).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from cbt.format.records import CorruptPointError, is_point_id
 from cbt.repo import index as index_mod
 from cbt.repo.index import Index, IndexEntry
 from cbt.repo.lock import check_held, gc_lock, objects_before
-from cbt.repo.trash import DEFAULT_GRACE, empty_trash, move_to_trash
+from cbt.repo.trash import DEFAULT_GRACE, empty_trash, move_to_trash, trash_name
 from cbt.repo.vault import Vault
 
 REWRITE_BELOW = 0.5  # rewrite a pack when less than this share of it is live
@@ -91,7 +95,9 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
     which a backup holds only while it commits, or another gc while it runs."""
     result = GcResult(dry_run)
     with gc_lock(vault.storage, wait, reveal_command=not vault.encrypted):
-        cutoff = _cutoff(vault)
+        # (an S3 server's clock, whole seconds; measured by a write: not in a dry run)
+        offset = vault.storage.clock_offset(measure=not dry_run)
+        cutoff = _cutoff(vault, offset)
         index = vault.load_index(result.warnings)
         live, sure = _referenced(vault, index, result.warnings)
         if not sure:
@@ -105,14 +111,19 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
             for pid in sweep.trash:
                 move_to_trash(vault.storage, pid)
         if not dry_run:
-            result.trash_emptied = empty_trash(vault.storage, min(cutoff, time.time() - grace))
+            result.trash_emptied = empty_trash(vault.storage,
+                                               min(cutoff, time.time() + offset - grace))
     return result
 
 
-def _cutoff(vault: Vault) -> float:
+def _cutoff(vault: Vault, offset: float) -> float:
     """Step 1: packs written since then may hold blocks of a running backup (a holder
-    that cannot say since when: sweep nothing)."""
-    return max(0.0, objects_before(vault.storage))
+    that cannot say since when: sweep nothing); in the storage's mtimes (``offset``:
+    :meth:`~cbt.repo.storage.Storage.clock_offset`, so a server whose clock is behind, or
+    whose mtimes are whole seconds, never has a running backup's first packs look older
+    than its start)."""
+    before = objects_before(vault.storage)
+    return 0.0 if before <= 0.0 else before + offset
 
 
 def _referenced(vault: Vault, index: Index, warnings: list[str]
@@ -193,14 +204,17 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
         except CbtIOError as exc:
             if exc.errno != errno.ENOENT:
                 raise
+            if live[index.pack == k].any():
+                _bring_back(vault, pid, result)
             continue
         if st.mtime >= cutoff:
             continue
         entries = np.nonzero(index.pack == k)[0]
         live_entries = entries[live[entries]]
         live_bytes = int((index.stored[live_entries].astype(np.int64) + BLOB.size).sum())
-        if len(live_entries) and live_bytes >= REWRITE_BELOW * st.size:
-            continue
+        if len(live_entries) and (len(live_entries) == len(entries)
+                                  or live_bytes >= REWRITE_BELOW * st.size):
+            continue  # (all live: a rewrite would give the same pack, gc after gc)
         sweep.keep[entries] = False
         sweep.trash.append(pid)
         if len(live_entries):
@@ -211,6 +225,19 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
             result.packs_removed += 1
             result.bytes_freed += st.size
     return sweep
+
+
+def _bring_back(vault: Vault, pid: str, result: GcResult) -> None:
+    """A pack a point uses found in the trash only (the index named it again after a gc
+    had trashed it: a writer that read the index before that gc): moved back to
+    ``packs/``, never emptied from under its point.  (Missing altogether: verify says
+    so.)"""
+    if not vault.storage.exists(trash_name(pid)):
+        return
+    result.warnings.append(f"pack {pid} is in use but was in the trash: "
+                           + ("it would be moved back" if result.dry_run else "moved back"))
+    if not result.dry_run:
+        vault.storage.rename(trash_name(pid), pack_name(pid))
 
 
 def _write_index(vault: Vault, index: Index, sweep: _Sweep) -> None:

@@ -96,14 +96,13 @@ from cbt.format.pack import (
     blobs_match,
     decode_blob,
     decompress,
-    pack_name,
 )
 from cbt.format.records import NAME_RE, PointRecord
 from cbt.ops.diff import changed_blocks
 from cbt.repo.index import Index
 from cbt.repo.registry import kept_snapshots
 from cbt.repo.storage import Storage, StorageSpec
-from cbt.repo.trash import trash_name
+from cbt.repo.trash import pack_places
 from cbt.repo.uploader import read_ahead
 from cbt.repo.vault import Vault, VaultSpec
 from cbt.source.scan import default_workers, scan
@@ -500,15 +499,16 @@ def _spans(job: _Job) -> list[tuple[int, int]]:
 
 
 def _map_pack(storage: Storage, pack: str, spans: list[tuple[int, int]]) -> Any:
-    """Map a pack (or read it, where storage cannot map), from the trash if a gc moved it;
-    only ``spans`` of it are read (faulted in) now."""
-    for name in (pack_name(pack), trash_name(pack)):
+    """Map a pack (or read it, where storage cannot map), from the trash if a gc moved it
+    (:func:`~cbt.repo.trash.pack_places`); only ``spans`` of it are read (faulted in) now."""
+    *first, last = pack_places(pack)
+    for name in first:
         try:
             return storage.map(name, spans)
         except OSError as exc:
-            if exc.errno != errno.ENOENT or name != pack_name(pack):
+            if exc.errno != errno.ENOENT:
                 raise
-    raise AssertionError("unreachable")
+    return storage.map(last, spans)
 
 
 # -- 1. plan --------------------------------------------------------------------

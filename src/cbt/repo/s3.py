@@ -8,7 +8,12 @@ Where the server is and who cbt is come only from the standard AWS settings:
 (``AWS_SHARED_CREDENTIALS_FILE``, ``AWS_CONFIG_FILE``); a variable wins over
 a file, but the credentials are one set, never half of each: the variables'
 (key id, secret and token) when a key id or secret is set there, else the
-profile's.  Nothing cbt-specific.
+profile's.  Nothing cbt-specific, and nothing else: obstore's own reading of
+every ``AWS_*`` variable is overridden (:func:`_store`), so no other variable
+changes a request (a stale ``AWS_SESSION_TOKEN`` beside a profile's keys,
+``AWS_SKIP_SIGNATURE``, ``AWS_CONDITIONAL_PUT``, ``AWS_ENDPOINT_URL_S3``...);
+no credentials at all are unsigned requests, never a question to the instance
+metadata service.  An endpoint must be an ASCII ``http(s)://`` URL.
 
 Why obstore (``bench/s3_clients.py --runs 3 --size 128M`` against SeaweedFS
 here, medians): gets of 8 MiB objects at 306/489 MiB/s (1/8 in flight) where
@@ -37,7 +42,11 @@ What object storage gives, and what it costs:
 
 Every reply is untrusted: a body of another length than the size the reply
 gives, a range reply other than asked, a listed key outside the prefix or
-not a valid name is an error naming it; listings follow every page.  Errors
+not a valid name is an error naming it; listings follow every page.  Folder
+markers (``p/packs/``, as a console's "create folder", ``pyarrow.fs`` or a
+file-system view of the bucket make them; the client lists them without
+their ``/``) are no objects: the prefix's own, and those of names under them,
+are left out of a listing.  Errors
 are one :class:`~cbt.core.errors.CbtIOError` line naming ``s3://bucket/key``.
 A request times out after :data:`TIMEOUT` (connecting: :data:`CONNECT_TIMEOUT`)
 and is retried 3 times within 120 s.  Not :attr:`Storage.forkable`: obstore's
@@ -67,6 +76,7 @@ from __future__ import annotations
 import configparser
 import contextlib
 import errno
+import functools
 import json
 import mmap
 import os
@@ -86,7 +96,7 @@ from obstore.store import S3Store
 
 if TYPE_CHECKING:
     from obstore import PutMode
-    from obstore.store import S3Config
+    from obstore.store import S3Config, S3Credential
 
 from cbt.core.errors import CbtIOError, CbtValueError
 from cbt.repo.storage import (
@@ -118,9 +128,10 @@ def aws_settings(env: dict[str, str] | None = None) -> dict[str, str]:
     home = Path(env.get("HOME") or Path.home())
     files: dict[str, str] = {}
     for path, section in (
-            (env.get("AWS_CONFIG_FILE") or home / ".aws/config",
+            (_in_home(env.get("AWS_CONFIG_FILE"), home, ".aws/config"),
              profile if profile == "default" else f"profile {profile}"),
-            (env.get("AWS_SHARED_CREDENTIALS_FILE") or home / ".aws/credentials", profile)):
+            (_in_home(env.get("AWS_SHARED_CREDENTIALS_FILE"), home, ".aws/credentials"),
+             profile)):
         parser = configparser.RawConfigParser()
         try:
             parser.read(path)
@@ -139,8 +150,37 @@ def aws_settings(env: dict[str, str] | None = None) -> dict[str, str]:
             or files.get(file_key)
         if value:
             out[key] = value
+    if "endpoint" in out:
+        _check_endpoint(out["endpoint"])
     out.setdefault("region", "us-east-1")
     return out
+
+
+def _in_home(value: str | None, home: Path, default: str) -> Path:
+    """A settings file: the variable's (``~/`` is the home folder, as the AWS tools read
+    it), else the default in the home folder."""
+    if not value:
+        return home / default
+    return home / value[2:] if value.startswith("~/") else Path(value)
+
+
+def _check_endpoint(url: str) -> None:
+    """An endpoint is ``http(s)://HOST[:PORT][/PATH]`` (the client panics at the first
+    request on anything else)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        parts, port_ok = None, False
+    if (parts is None or not port_ok or parts.scheme not in ("http", "https")
+            or not url.isascii() or not parts.hostname or parts.query or parts.fragment
+            or parts.username
+            or any(c.isspace() or not c.isprintable() or c in "\\\"<>^`{|}" for c in url)):
+        raise CbtValueError(f"the S3 endpoint {url!r} (AWS_ENDPOINT_URL, or endpoint_url in "
+                            "the AWS profile) is not an http:// or https:// URL of a host "
+                            "(in ASCII: an IDN host in its xn-- form)")
 
 
 _CREDENTIALS = (("access_key_id", "AWS_ACCESS_KEY_ID", "aws_access_key_id"),
@@ -168,26 +208,76 @@ def _credentials(env: dict[str, str], files: dict[str, str], profile: str) -> di
     return out
 
 
+# obstore reads every AWS_* variable itself (object_store's from_env) and lets a given
+# setting override it: these are set here, so that no variable cbt does not take
+# changes what a request is (unsigned, S3 Express, no conditional put: no lock)
+_PINNED: S3Config = {
+    "virtual_hosted_style_request": False, "skip_signature": False, "s3_express": False,
+    "conditional_put": "etag", "request_payer": False, "unsigned_payload": False}
+
+
 def _store(bucket: str, settings: dict[str, str]) -> S3Store:
+    """The client: the settings :func:`aws_settings` took and nothing else.  The
+    credentials come through a provider, which obstore prefers to any it would find
+    itself (a variable's session token beside a profile's keys: half of each; the
+    instance metadata service, off this host, when there are none): no credentials at
+    all are anonymous (unsigned) requests.  A client that cannot be made (an endpoint
+    that is no URL) is one line."""
     endpoint = settings.get("endpoint", "")
-    config: S3Config = {"virtual_hosted_style_request": False, "region": settings["region"]}
-    for key in ("access_key_id", "secret_access_key", "session_token", "endpoint"):
-        if key in settings:
-            config[key] = settings[key]
-    return S3Store(bucket, config=config,
-                   client_options={"timeout": TIMEOUT, "connect_timeout": CONNECT_TIMEOUT,
-                                   "allow_http": endpoint.startswith("http://")},
-                   retry_config={"max_retries": 3, "retry_timeout": timedelta(seconds=120)})
+    config: S3Config = {**_PINNED, "region": settings["region"]}
+    if endpoint:
+        config["endpoint"] = endpoint
+        config["aws_endpoint_url_s3"] = endpoint  # (else AWS_ENDPOINT_URL_S3 would win)
+    provider = None
+    if "access_key_id" in settings:
+        credential: S3Credential = {
+            "access_key_id": settings["access_key_id"],
+            "secret_access_key": settings["secret_access_key"],
+            "token": settings.get("session_token"), "expires_at": None}
+        provider = _Static(credential)
+    else:
+        config["skip_signature"] = True
+    try:
+        return S3Store(bucket, config=config, credential_provider=provider,
+                       client_options={"timeout": TIMEOUT, "connect_timeout": CONNECT_TIMEOUT,
+                                       "allow_http": endpoint.startswith("http://")},
+                       retry_config={"max_retries": 3, "retry_timeout": timedelta(seconds=120)})
+    except (obx.BaseError, ValueError, RuntimeError) as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        raise CbtValueError(f"cannot use s3://{bucket} with these AWS settings "
+                            f"(endpoint {endpoint or 'the AWS default'}): "
+                            f"{_printable(first[:300])}"
+                            ) from None
+
+
+class _Static:
+    """A credential provider of one set that never expires."""
+
+    def __init__(self, credential: S3Credential) -> None:
+        self._credential = credential
+
+    def __call__(self) -> S3Credential:
+        return self._credential
 
 
 _STATUS = re.compile(r"status code: (\d{3}[^:<]*)")
 _S3_CODE = re.compile(r"<Code>([^<]{1,80})</Code>")
 
 
+def _printable(text: str) -> str:
+    """``text`` with what a terminal would act on (escape sequences, control characters)
+    spelt out: what a server says is untrusted."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _reason(exc: BaseException, endpoint: str | None) -> str:
     """One line saying why a request failed: the HTTP status and S3's error code when the
     server answered (a refused one: check the credentials), the endpoint when it could not
-    be reached, else the client's first line."""
+    be reached, else the client's first line; printable (:func:`_printable`)."""
+    return _printable(_why(exc, endpoint))
+
+
+def _why(exc: BaseException, endpoint: str | None) -> str:
     text = str(exc)
     if "error sending request" in text or ("connection" in text.lower() and "status" not in text):
         return (f"cannot reach the S3 endpoint {endpoint or '(the AWS default)'} (retried; "
@@ -201,6 +291,14 @@ def _reason(exc: BaseException, endpoint: str | None) -> str:
         return why
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
     return first[:300]
+
+
+def _exists(store: S3Store, key: str) -> bool:
+    try:
+        obstore.head(store, key)
+    except _NOT_FOUND:
+        return False
+    return True
 
 
 class S3Storage(Storage):
@@ -219,13 +317,24 @@ class S3Storage(Storage):
         self._s = _store(self.bucket, self._settings)
 
     @classmethod
-    def create(cls, location: str) -> S3Storage:
-        """A storage at an empty location, its bucket made when missing."""
+    def create(cls, location: str, marker: str = "config") -> S3Storage:
+        """A storage at an empty location, its bucket made when missing.  Not inside
+        another vault (an enclosing prefix holding ``marker``, a vault's config): that
+        vault would take the new one's objects for its own (a backup there removes
+        ``manifests/...`` no point of its owns)."""
         storage = cls(location)
         storage._make_bucket()
-        if storage._list_keys(storage._key_prefix(""), limit=1):
+        head = storage._key_prefix("")
+        if [k for k in storage._list_keys(head, limit=2) if k + "/" != head]:  # (a marker)
             raise CbtIOError(errno.ENOTEMPTY, f"not empty: {storage.root} (cbt init needs a "
                              "new or empty location)")
+        parts = storage.prefix.split("/") if storage.prefix else []
+        for n in range(len(parts)):
+            outer = "/".join([*parts[:n], marker])
+            if storage._call("stat", "", functools.partial(_exists, storage._s, outer)):
+                where = f"s3://{storage.bucket}" + "".join(f"/{p}" for p in parts[:n])
+                raise CbtIOError(errno.EEXIST, f"{storage.root} is inside the vault {where} "
+                                 "(a vault cannot hold another: choose a prefix beside it)")
         return storage
 
     def _make_bucket(self) -> None:
@@ -253,7 +362,7 @@ class S3Storage(Storage):
                                  "credentials do not allow it (make the bucket by hand, or "
                                  "use credentials that may)") from None
             raise CbtIOError(errno.EIO, f"cannot create bucket s3://{self.bucket}: "
-                             f"{first[:300]}") from None
+                             f"{_printable(first[:300])}") from None
 
     def spec(self) -> StorageSpec:
         return StorageSpec("s3", self.root)
@@ -292,6 +401,33 @@ class S3Storage(Storage):
         except CbtIOError as exc:
             return self._no_bucket() if self._no_bucket() in str(exc) else None
         return None
+
+    def clock_offset(self, measure: bool = True) -> float:
+        """The server's clock against this host's, measured: a probe object written (and
+        removed) here, its mtime taken.  The server gives whole seconds, truncated: an
+        mtime ``m`` of a probe written between host times ``t0`` and ``t1`` bounds the
+        server's lead from below by ``m - t1``, and an object written later has an mtime
+        more than its server time - 1 s: so ``m - t1 - 1``.  (A probe some other process's
+        leftovers clean removed meanwhile: measured again.)  Not ``measure`` (nothing
+        written: a dry run, maybe with credentials that may only read): -1 s, the whole
+        seconds alone."""
+        if not measure:
+            return -1.0
+        for _attempt in range(3):
+            probe = f".clock.tmp-{secrets.token_hex(8)}"  # (a killed run's: Vault.leftovers)
+            self.put(probe, b"")
+            t1 = time.time()
+            try:
+                m = self.stat(probe).mtime
+            except CbtIOError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                continue
+            finally:
+                self.delete(probe)
+            return m - t1 - 1.0
+        raise CbtIOError(errno.EIO, f"cannot read the clock of {self.root}: a probe object "
+                         "vanished as it was written, three times")
 
     def _call(self, verb: str, name: str, fn: Callable[[], _T]) -> _T:
         try:
@@ -388,17 +524,22 @@ class S3Storage(Storage):
         mine = self._key_prefix("")
         names: list[str] = []
         for key in self._list_keys(head, name=prefix):
+            if key + "/" == head:
+                continue  # the prefix's own folder marker
             if not key.startswith(head):
                 raise CbtIOError(errno.EIO, f"cannot list {self.root}/{prefix}: the server "
                                  f"listed {key!r}, outside the prefix")
             name = key[len(mine):]
             try:
                 name_parts(name)
+                if not name.isprintable():
+                    raise CbtValueError(name)
             except CbtValueError:
                 raise CbtIOError(errno.EIO, f"cannot list {self.root}/{prefix}: the server "
                                  f"listed an invalid name {key!r}") from None
             names.append(name)
-        return sorted(set(names))
+        folders = {n[:i] for n in names for i, c in enumerate(n) if c == "/"}
+        return sorted(set(names) - folders)  # (folder markers of the names under them)
 
     def delete(self, name: str) -> None:
         key = self._key(name)

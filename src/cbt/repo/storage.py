@@ -248,6 +248,16 @@ class Storage(ABC):
         not exist), for messages; else None."""
         return None
 
+    def clock_offset(self, measure: bool = True) -> float:
+        """How far the mtimes this storage gives are ahead of this host's ``time.time()``,
+        at least (negative: behind): an object written at this host's time ``t`` or later
+        has an mtime of ``t + clock_offset()`` or more.  0.0 where the mtimes are this
+        host's clock (a directory, memory); an S3 server's clock is its own, and its mtimes
+        are whole seconds (:meth:`cbt.repo.s3.S3Storage.clock_offset` measures it, by a
+        write: not ``measure``, as if the clocks agreed).  gc compares mtimes with this
+        host's times through it."""
+        return 0.0
+
 
 # -- names -----------------------------------------------------------------------------
 
@@ -304,6 +314,9 @@ def parse_location(location: str) -> tuple[str, str]:
         except CbtValueError:
             raise CbtValueError(f"invalid S3 prefix {prefix!r} in {location!r} (no empty, "
                                 "'.' or '..' part)") from None
+        if not prefix.isprintable() or len(prefix.encode("utf-8", "replace")) > 512:
+            raise CbtValueError(f"invalid S3 prefix {prefix!r} in {location!r} (no control "
+                                "character, at most 512 bytes: a key is at most 1024)")
     return bucket, prefix
 
 

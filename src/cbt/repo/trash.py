@@ -34,7 +34,10 @@ delete: not atomic, and a crash between them leaves both names):
   is touched before the move, so a crash between them leaves it in ``packs/``
   (newer than gc's cutoff: kept this time) and never in the trash with its
   old time (deleted at the next gc, inside the grace period).  On S3 the
-  copy sets it (the server's clock: the grace period absorbs a skew).
+  copy sets it, in the server's clock, in whole seconds: gc compares it with
+  its own times through ``Storage.clock_offset`` (measured each run), so a
+  server behind this host never has a pack look trashed, or written, earlier
+  than it was.
 """
 
 from __future__ import annotations
@@ -73,21 +76,24 @@ def move_to_trash(storage: Storage, pid: str) -> None:
             raise
 
 
+def pack_places(pack_id: str) -> tuple[str, str, str]:
+    """Where a reader looks for a pack, in order: ``packs/``, else the trash where a gc
+    running meanwhile moved it (a reader that loaded the index before that gc), else
+    ``packs/`` again: a :func:`rescue` meanwhile copied it back there before it deleted
+    the trash's (each move copies before it deletes, so one of the three finds it)."""
+    return pack_name(pack_id), trash_name(pack_id), pack_name(pack_id)
+
+
 def read_pack_range(storage: Storage, pack_id: str, offset: int, length: int) -> bytes:
-    """``length`` bytes at ``offset`` of a pack: in ``packs/``, else in the trash where a
-    gc running meanwhile moved it (a reader that loaded the index before that gc)."""
-    try:
-        return storage.read_range(pack_name(pack_id), offset, length)
-    except CbtIOError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
-    try:
-        return storage.read_range(trash_name(pack_id), offset, length)
-    except CbtIOError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
-        raise CbtIOError(errno.ENOENT, f"missing from vault: "
-                         f"{storage.where(pack_name(pack_id))} (nor in its trash)") from None
+    """``length`` bytes at ``offset`` of a pack, wherever it is (:func:`pack_places`)."""
+    for name in pack_places(pack_id):
+        try:
+            return storage.read_range(name, offset, length)
+        except CbtIOError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+    raise CbtIOError(errno.ENOENT, f"missing from vault: {storage.where(pack_name(pack_id))} "
+                     "(nor in its trash)")
 
 
 def empty_trash(storage: Storage, before: float) -> int:
