@@ -170,3 +170,30 @@ def test_dst_writer_lock_held_and_src_untouched(pristine: History3, tmp_path: Pa
     copy(src, dst, progress=lambda done, total: seen.append((done, total)))
     assert seen[-1][0] == seen[-1][1] == pristine.bs  # point 2: one block read
     assert vault_state(pristine.vault) == before  # SRC only read
+
+
+def test_copy_holds_each_vms_lock_in_dst(pristine: History3, tmp_path: Path) -> None:
+    """A copy of VM vm's points into DST never runs beside a backup of vm there (that
+    backup's parent would fork): refused naming the holder, or waited for."""
+    import threading
+
+    from cbt.repo.lock import vm_lock
+
+    src = cbt_api.Vault.open(pristine.vault)
+    dst = _plain(tmp_path / "dst")
+    with vm_lock(dst, "vm"), pytest.raises(VaultLockedError, match=r"^\[Errno 11\] VM vm of "):
+        copy(src, dst)
+    assert dst.point_ids() == []
+    held, go = threading.Event(), threading.Event()
+
+    def backup_of_vm() -> None:
+        with vm_lock(dst, "vm"):
+            held.set()
+            go.wait(30)
+    t = threading.Thread(target=backup_of_vm)
+    t.start()
+    held.wait(30)
+    threading.Timer(0.5, go.set).start()
+    res = copy(src, dst, wait=30)
+    t.join()
+    assert [p.id for p in res.points] == pristine.points

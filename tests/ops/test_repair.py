@@ -184,3 +184,19 @@ def test_repair_of_a_truncated_pack_names_what_was_cut(vh: History3, tmp_path: P
     assert out["repair"]["damaged_points"] == sorted({pid for pid, _lb in owners})
     _grouped_as(out["problems"], owners)
     _restores(vh, 0, tmp_path / "out0")
+
+
+def test_repair_never_runs_beside_gc(vh: History3) -> None:
+    """Both rewrite the index (and gc trashes packs repair would index): repair waits for a
+    running gc, or refuses naming it."""
+    from cbt.ops.verify import repair
+    from cbt.repo.lock import VaultLockedError, gc_lock
+    from cbt.repo.vault import Vault
+
+    vault = Vault.open(vh.vault)
+    before = sorted(vault.segment_names())
+    with gc_lock(vault.storage), \
+            pytest.raises(VaultLockedError, match=r"^\[Errno 11\] vault .* is locked by pid"):
+        repair(vault)
+    assert sorted(vault.segment_names()) == before
+    assert not repair(vault).verify.problems  # free again

@@ -42,7 +42,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch, fail: BaseException | None) -> list[st
     guard = threading.Lock()
     real = restore_mod._read_job
 
-    def read_job(vault: Any, job: Any, scratch: Any = None) -> Any:
+    def read_job(vault: Any, job: Any, *rest: Any) -> Any:
         with guard:
             calls.append(job.pack)
             first = len(calls) == 1
@@ -50,7 +50,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch, fail: BaseException | None) -> list[st
             raise fail
         if first:
             os.kill(os.getpid(), signal.SIGINT)
-        return real(vault, job, scratch)
+        return real(vault, job, *rest)
     monkeypatch.setattr(restore_mod, "_read_job", read_job)
     return calls
 

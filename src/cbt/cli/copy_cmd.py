@@ -12,7 +12,8 @@ Resumable: the point record is written last, so a copy killed at any moment
 leaves no half point, and running it again reuses what it already stored.
 Points DST holds already are skipped; a different point under the same id is
 an error.  DST is shared with backups while copying (a prune, repair or key change there
-refuses meanwhile); SRC is only read.
+refuses meanwhile), but a VM's points are copied only while no backup of that VM runs
+in DST (one of them fails naming the other, or waits with --wait); SRC is only read.
 
 SRC's passphrase as for every command (--password-file, CBT_PASSWORD_FILE,
 CBT_PASSWORD); DST's from --to-password-file, CBT_TO_PASSWORD_FILE or
@@ -55,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="points to copy (id, unique id prefix or VM.latest; default: all)")
     p.add_argument("--vm", metavar="NAME", help="copy only this VM's points")
     p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
-                   help="how long to wait while DST is held alone (default: fail at once)")
+                   help="how long to wait while DST is held alone, or a VM copied is being backed "
+                        "up there (default: fail at once)")
     add_password_file(p)
     p.add_argument("--to-password-file", metavar="FILE",
                    help=f"read DST's passphrase from the first line of FILE (else "

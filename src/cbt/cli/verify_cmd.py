@@ -9,7 +9,7 @@ block and counting them all.  A damaged index segment is a problem, but what it
 indexed is read from the packs' trailers meanwhile.  Data left by a killed
 backup is reported as unreferenced (not a problem, exit 0).
 
---repair (needs the vault alone) rebuilds the index from the packs themselves,
+--repair (needs the vault alone, and no gc running) rebuilds the index from the packs themselves,
 indexing only blobs whose content matches their digest, without touching
 healthy data, moves damaged point records (with their manifests) to
 quarantine/ naming the points lost with them, then verifies and reports which

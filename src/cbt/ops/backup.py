@@ -97,7 +97,14 @@ from cbt.format.pack import TARGET_PACK_SIZE, PackWriter, block_id, pack_name
 from cbt.format.records import DiskRecord, PointRecord, check_name
 from cbt.ops.diff import changed_blocks
 from cbt.repo import index as index_mod
-from cbt.repo.lock import commit_point, gc_lock, objects_before, shared_lock, vm_lock
+from cbt.repo.lock import (
+    check_held,
+    commit_point,
+    gc_lock,
+    objects_before,
+    shared_lock,
+    vm_lock,
+)
 from cbt.repo.storage import Storage, StorageSpec
 from cbt.repo.uploader import Uploader, shared_uploader
 from cbt.repo.vault import Vault, VaultSpec
@@ -1405,6 +1412,7 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
         slot=request.slot)
     # a gc in progress (or another run's commit) finishes first
     with gc_lock(vault.storage, None, not vault.encrypted):
+        check_held(vault.storage)  # (a holder that lost its lease writes no segment)
         index = _after_gc(vault, planned, new["digests"])
         _check_held(index, read, new["digests"])
         _write_segment(vault, point_id, new, index)

@@ -23,14 +23,16 @@ either side.  For each point, parents first:
    written last: a copy killed at any moment leaves no half point, and running it
    again reuses the packs already written (they are indexed from their trailers).
 
-DST is shared with backups (:func:`cbt.repo.lock.shared_lock`) throughout; SRC is
-only read.
+DST is shared with backups (:func:`cbt.repo.lock.shared_lock`) throughout, and each
+VM's points are copied holding that VM's lock in DST (:func:`cbt.repo.lock.vm_lock`), as
+a backup of it does: a copy and a backup of one VM never run at once; SRC is only read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import itertools
 import os
 import uuid
 from collections import deque
@@ -51,7 +53,7 @@ from cbt.format.pack import BLOB, TARGET_PACK_SIZE, PackWriter, block_id, decode
 from cbt.format.records import DiskRecord, PointRecord, id_order
 from cbt.repo import index as index_mod
 from cbt.repo.index import Index
-from cbt.repo.lock import commit_point, gc_lock, shared_lock
+from cbt.repo.lock import check_held, commit_point, gc_lock, shared_lock, vm_lock
 from cbt.repo.trash import read_pack_range
 from cbt.repo.uploader import read_ahead, shared_uploader
 from cbt.repo.vault import Vault
@@ -99,13 +101,16 @@ def copy(src: Vault, dst: Vault, vm: str | None = None, refs: Sequence[str] = ()
         raise CbtValueError(f"source and destination are the same vault ({src.root})")
     result = CopyResult()
     points = select_points(src, vm, refs, result.warnings)
-    with shared_lock(dst.storage, wait, not dst.encrypted):  # beside backups
-        ids = IdMap(src, dst)
-        for point in points:
-            done = _copy_point(src, dst, point, ids, progress)
-            result.points.append(done)
-            if on_point is not None:
-                on_point(done)
+    ids = IdMap(src, dst)
+    for name, group in itertools.groupby(points, key=lambda p: p.vm):
+        # a VM's points never beside a backup of it in DST (whose parent they would
+        # fork); as a backup does: the VM's lock, then the vault shared with backups
+        with vm_lock(dst, name, wait), shared_lock(dst.storage, wait, not dst.encrypted):
+            for point in group:
+                done = _copy_point(src, dst, point, ids, progress)
+                result.points.append(done)
+                if on_point is not None:
+                    on_point(done)
     return result
 
 
@@ -176,6 +181,7 @@ def _copy_point(src: Vault, dst: Vault, point: PointRecord, ids: IdMap,
     record = dataclasses.replace(point, disks=disks, hidden=False,
                                  copied_from=str(src.config["id"]))
     with gc_lock(dst.storage, None, not dst.encrypted):  # a gc in progress finishes first
+        check_held(dst.storage)  # (a holder that lost its lease writes no segment)
         fresh = _after_gc(dst, index, manifests, ids, store.stored_digests())
         _write_segment(dst, store.entries, fresh)
         commit_point(dst, point.id, record.to_json())

@@ -105,8 +105,9 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
                                    "cannot all be named (run cbt verify)")
             cutoff = 0.0  # sweep nothing, empty nothing from the trash
         sweep = _plan_sweep(vault, index, live, cutoff, result)
+        if not dry_run:
+            check_held(vault.storage)  # (an S3 lease renewed in time: else nothing moves)
         if not dry_run and sweep.trash:
-            check_held(vault.storage)  # (an S3 lease renewed in time)
             _write_index(vault, index, sweep)
             for pid in sweep.trash:
                 move_to_trash(vault.storage, pid)

@@ -31,7 +31,7 @@ from typing import Any
 
 from cbt.core.errors import CbtError
 from cbt.format.records import KeptSnapshots, PointRecord, is_point_id
-from cbt.repo.lock import exclusive_lock
+from cbt.repo.lock import check_held, exclusive_lock
 from cbt.repo.registry import kept_snapshots, remove_kept
 from cbt.repo.vault import Vault
 from cbt.source.snapshot import is_snapshot_path, remove_snapshot
@@ -137,10 +137,14 @@ def _plan(vault: Vault, request: PruneRequest, warnings: list[str]) -> _Plan:
 
 def _apply(vault: Vault, plan: _Plan) -> None:
     """Steps 2 to 4: hide, delete records (the commit, made durable), then manifests,
-    then expired snapshots."""
+    then expired snapshots; each change only while the vault is surely still this
+    run's alone (:func:`check_held`: an S3 lease not renewed in time, say after a
+    freeze, may have been broken by a backup based on a point this would delete)."""
     for r in plan.hide:
+        check_held(vault.storage)
         vault.put_sealed("point", vault.point_name(r.id), replace(r, hidden=True).to_json())
     for r in plan.delete:
+        check_held(vault.storage)
         vault.storage.delete(vault.point_name(r.id))
     if plan.delete:
         vault.storage.sync("points")

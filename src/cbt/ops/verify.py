@@ -56,7 +56,7 @@ from cbt.format.pack import (
 from cbt.format.records import PointRecord
 from cbt.repo import index as index_mod
 from cbt.repo.index import Index, IndexEntry
-from cbt.repo.lock import exclusive_lock
+from cbt.repo.lock import check_held, exclusive_lock, gc_lock
 from cbt.repo.vault import Vault
 
 MAX_PROBLEMS = 1000
@@ -342,7 +342,9 @@ def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
     stats = RepairStats()
     healthy: list[IndexEntry] = []
     quarantined: list[str] = []
-    with exclusive_lock(vault.storage, wait, reveal_command=not vault.encrypted):
+    reveal = not vault.encrypted
+    # alone (no backup), and no gc beside it: both rewrite the index, gc trashes packs
+    with exclusive_lock(vault.storage, wait, reveal), gc_lock(vault.storage, wait, reveal):
         for name in vault.storage.list("packs"):
             if not is_pack_name(name):
                 continue  # not laid out as a pack: neither read nor moved
@@ -357,9 +359,11 @@ def repair(vault: Vault, wait: float = 0.0) -> RepairResult:
                 # trailer: set it aside instead
                 quarantined.append(name)
             healthy.extend(found)
+        check_held(vault.storage)  # (still alone: an S3 lease renewed in time)
         _replace_segments(vault, healthy)
         for q in quarantined:
             vault.storage.rename(q, f"{QUARANTINE}/{q.rsplit('/', 1)[-1]}")
+        check_held(vault.storage)
         stats.records_quarantined, stats.lost_points = _quarantine_records(vault)
     stats.blobs_indexed = len(healthy)
     stats.packs_quarantined = len(quarantined)

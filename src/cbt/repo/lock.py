@@ -217,9 +217,13 @@ def _live(storage: Storage, own: str | None,
         lock = storage.lock(name, remove=True)
         holder = lock.holder()
         if holder is None:
+            gone = False
             with contextlib.suppress(OSError):
-                lock.clear_dead()
-            continue
+                gone = lock.clear_dead()
+            # not removed: renewed meanwhile (a holder thawed just in time) is alive
+            holder = None if gone else lock.holder()
+            if holder is None:
+                continue
         yield name, holder
 
 

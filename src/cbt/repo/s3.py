@@ -60,8 +60,9 @@ ETag it wrote last (``If-Match``; SeaweedFS honours both, as a test against it
 shows), so a renewal never overwrites a lock someone else took.  A lock is dead
 when its object was last written (the server's ``Last-Modified``) more than its
 lease ago, or when its holder is a process of this host that is gone (restic's
-rule); a dead lock is broken by overwriting it conditionally on the ETag read,
-so of two breakers one wins, and a holder that renews late finds its lock gone.
+rule; and of this boot and pid namespace, :func:`node_id`: host names repeat); a
+dead lock is broken by overwriting it conditionally on the ETag read, so of two
+breakers one wins, and a holder that renews late finds its lock gone.
 The lease is :data:`LEASE` seconds, ``CBT_LOCK_LEASE`` overriding it (tests).
 A holder stops before its lease can be broken: :meth:`_ObjectLock.check` (called
 right before a commit) fails when the last renewal that succeeded began more
@@ -77,6 +78,7 @@ import configparser
 import contextlib
 import errno
 import functools
+import hashlib
 import json
 import mmap
 import os
@@ -113,6 +115,12 @@ from cbt.repo.storage import (
 
 LEASE = 300.0  # seconds a lock object lives without renewal (CBT_LOCK_LEASE overrides)
 MAX_LEASE = 86400.0
+# What a breaker writes over a dead lock before it deletes it: of two breakers one wins
+# (If-Match).  Its short lease: a breaker killed in between leaves it in the way for
+# moments, not a whole lease (one that stalls longer may delete a lock taken meanwhile,
+# whose holder then finds it lost at its next renewal and commits nothing).
+_BROKEN = b'{"broken": true, "lease": 5}'
+LOCK_READ = 4096  # bytes of a lock object read (a holder's record is far smaller)
 TIMEOUT = "60s"  # one request, after which obstore retries, then gives up
 CONNECT_TIMEOUT = "5s"
 _T = TypeVar("_T")
@@ -598,9 +606,13 @@ class S3Storage(Storage):
         def fetch() -> _Seen:
             result = obstore.get(self._s, key)
             meta = result.meta
-            data = bytes(result.bytes())
+            data = bytearray()
+            for chunk in result.stream(min_chunk_size=LOCK_READ):  # a huge one: its head
+                data += bytes(chunk)
+                if len(data) >= LOCK_READ:
+                    break
             modified = meta.get("last_modified")
-            return _Seen(data[:4096], str(meta.get("e_tag") or ""),
+            return _Seen(bytes(data[:LOCK_READ]), str(meta.get("e_tag") or ""),
                          modified.timestamp() if modified is not None else 0.0)
         try:
             return fetch()
@@ -652,15 +664,33 @@ class _Seen(NamedTuple):
         if time.time() - self.modified > lease:
             return True
         pid = info.get("pid")
-        return (info.get("host") == socket.gethostname() and isinstance(pid, int)
-                and pid > 0 and not _alive(pid))
+        return (info.get("host") == socket.gethostname() and info.get("node") == node_id()
+                and isinstance(pid, int) and pid > 0 and not _alive(pid))
+
+
+@functools.cache
+def node_id() -> str:
+    """Where this process's pids mean something: this boot of this machine and this pid
+    namespace (hashed).  Two machines (or containers) may well share a host name, and a
+    pid of one says nothing of the other: a lock's pid is checked only where its node is
+    this one, else its lease decides."""
+    parts = []
+    for path, read in (("/proc/sys/kernel/random/boot_id", Path.read_text),
+                       ("/proc/self/ns/pid", lambda p: os.readlink(p))):
+        try:
+            parts.append(str(read(Path(path))).strip())
+        except OSError:
+            parts.append("?")
+    if "?" in parts:  # cannot tell: a pid is never taken for dead
+        return "unknown-" + secrets.token_hex(8)
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+    except (ProcessLookupError, OverflowError):
+        return False  # (a pid too large for any process)
     except OSError:
         return True  # another user's: alive
     return True
@@ -686,7 +716,7 @@ class _ObjectLock(StorageLock):
     def _body(self) -> bytes:
         info = json.loads(self._holder.to_json())
         self._count += 1
-        info.update(token=self._token, lease=self._lease, renewal=self._count,
+        info.update(token=self._token, lease=self._lease, renewal=self._count, node=node_id(),
                     renewed_ts=time.time())  # (a new body: a new ETag each renewal)
         return json.dumps(info).encode()
 
@@ -777,7 +807,7 @@ class _ObjectLock(StorageLock):
         seen = self._storage.read_lock(self._name)
         if seen is None or not seen.dead():
             return False
-        if self._storage.put_if(self._name, b'{"broken": true}', {"e_tag": seen.etag}) is None:
+        if self._storage.put_if(self._name, _BROKEN, {"e_tag": seen.etag}) is None:
             return False  # renewed or broken meanwhile
         self._storage.delete(self._name)
         return True

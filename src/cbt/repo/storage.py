@@ -40,6 +40,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import mmap
 import os
 import re
@@ -89,24 +90,40 @@ class LockHolder:
 
     @classmethod
     def from_json(cls, raw: bytes) -> LockHolder:
+        """The holder a lock says (written by anyone who can write the vault: checked).
+        A field of the wrong type is None; text loses its control characters; a start
+        that is no number (NaN) is None, one in the future is now (nobody started later:
+        a later start would let gc sweep the blocks of backups starting meanwhile)."""
         try:
             info = json.loads(raw or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             return cls()
         if not isinstance(info, dict):
             return cls()
         try:
-            since_ts: float | None = float(info.get("since_ts", 0.0))
-        except (ValueError, TypeError):
+            since_ts: float | None = float(info["since_ts"]) if "since_ts" in info else None
+        except (ValueError, TypeError, OverflowError):
             since_ts = None
-        return cls(pid=info.get("pid"), host=info.get("host"), command=info.get("command"),
-                   since=info.get("since"), since_ts=since_ts)
+        if since_ts is not None:
+            since_ts = None if math.isnan(since_ts) else min(since_ts, time.time())
+        pid = info.get("pid")
+        return cls(pid=pid if type(pid) is int and 0 < pid < 1 << 31 else None,
+                   host=_text(info.get("host")), command=_text(info.get("command")),
+                   since=_text(info.get("since")), since_ts=since_ts)
 
     def describe(self) -> str:
         if self == LockHolder():
             return "another process"
         command = f" ({self.command})" if self.command is not None else ""
         return f"pid {self.pid} on {self.host}{command} since {self.since}"
+
+
+def _text(value: object, limit: int = 256) -> str | None:
+    """``value`` when it is a string, printable (no control character: a message stays one
+    line and sends the terminal nothing) and at most ``limit`` characters; else None."""
+    if not isinstance(value, str):
+        return None
+    return "".join(c if c.isprintable() else "?" for c in value[:limit])
 
 
 class LockBusyError(CbtError, BlockingIOError):
