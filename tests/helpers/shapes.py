@@ -31,7 +31,8 @@ PROBLEM_KEYS = {"point", "disk", "block", "pack", "problem", "count"}
 
 # issue 5: config check, jobs, and a job's error line
 CHECK_KEYS = {"vault", "vms", "warnings"}
-CHECK_VM_KEYS = {"name", "policy", "disks", "qmp", "guest_agent", "nbd"}  # issue 14: QEMU VMs
+CHECK_VM_KEYS = {"name", "policy", "disks", "qmp", "guest_agent", "nbd",  # issue 14: QEMU VMs
+                 "host"}  # issue 15: a VM on another host (Dask)
 CHECK_DISK_KEYS = {"label", "path", "snapshot"}
 JOBS_KEYS = {"jobs", "warnings"}
 JOB_KEYS = {"id", "vm", "policy", "start", "end", "status", "consistency", "recovery_point",

@@ -105,7 +105,7 @@ def test_full_example_resolves_against_the_config_folder(tmp_path: Path) -> None
         "vms": [{"name": "web", "policy": "daily", "disks": [
             {"label": "os", "path": str(cfgdir / "disks" / "os.img"), "snapshot": auto},
             {"label": "db", "path": str(cfgdir / "disks" / "db.img"), "snapshot": auto}],
-            "qmp": None, "guest_agent": None, "nbd": None}],
+            "qmp": None, "guest_agent": None, "nbd": None, "host": None}],
         "warnings": [],
     }
     # human output too
@@ -159,7 +159,7 @@ def test_inline_hooks_and_programs_on_path(tmp_path: Path,
     obj = check_json(cfg, env={"PATH": os.environ["PATH"]})
     assert obj["vms"] == [{"name": "db", "policy": "nightly", "disks": [
         {"label": "data", "path": str(cfgdir / "images" / "data.raw"), "snapshot": "copy"}],
-        "qmp": None, "guest_agent": None, "nbd": None}]
+        "qmp": None, "guest_agent": None, "nbd": None, "host": None}]
 
     # the same hooks as a table mean the same thing
     table = INLINE.replace(

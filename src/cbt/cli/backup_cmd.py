@@ -173,9 +173,16 @@ def _executor(args: argparse.Namespace) -> Iterator[Any]:
     if args.executor is None:
         yield None
         return
+    import logging
+
     from cbt.jobs.dask_executor import connect
 
     executor = connect(args.executor)
+    # (a lost scheduler is one line of cbt's, not Dask's reconnect log and tracebacks:
+    # distributed sets the levels of its loggers as it is imported)
+    for name in ["distributed", *logging.root.manager.loggerDict]:
+        if name.split(".", 1)[0] == "distributed":
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     try:
         yield executor
     finally:

@@ -14,9 +14,10 @@ every writable, non-removable disk of the VM is backed up.  Nothing connects to
 QEMU here.
 
 --json prints {"vault","vms":[{"name","policy","disks":[{"label","path",
-"snapshot"}],"qmp","guest_agent","nbd"}],"warnings"}; "qmp", "guest_agent" and
-"nbd" are null for a VM of image files; a QEMU disk's "path" is its node name or
-device id.
+"snapshot"}],"qmp","guest_agent","nbd","host"}],"warnings"}; "qmp", "guest_agent"
+and "nbd" are null for a VM of image files; a QEMU disk's "path" is its node name or
+device id; "host" is the host that holds a VM's disks (config key ``host``: read
+there by a Dask cluster's workers), null for this one.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         vms.append({"name": vm.name, "policy": vm.policy,
                     "disks": [{"label": label, "path": path, "snapshot": providers[label]}
                               for label, path in vm.disks.items()],
-                    "qmp": vm.qmp, "guest_agent": vm.guest_agent, "nbd": vm.nbd})
+                    "qmp": vm.qmp, "guest_agent": vm.guest_agent, "nbd": vm.nbd,
+                    "host": vm.host})
     if args.json:
         print_json({"vault": config.vault, "vms": vms, "warnings": config.warnings})
         return EXIT_OK
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     for name, policy in config.policies.items():
         print(f"  policy {name}: {policy.schedule.text} ({policy.timezone})")
     for plan in vms:
-        print(f"  vm {plan['name']} (policy {plan['policy']})")
+        host = f" on host {plan['host']}" if plan["host"] is not None else ""
+        print(f"  vm {plan['name']} (policy {plan['policy']}){host}")
         _print_qemu(plan)
         for d in plan["disks"]:
             print(f"    {d['label']:<12} {d['snapshot']:<8} {d['path']}")

@@ -25,7 +25,7 @@ Shape (everything but ``vault``, ``policy.*.schedule``, ``vm.*.policy`` and
     block_size = "16K"
     change_tracking = "auto"      # or "hash": always read every allocated block
     verify_fraction = 0.03125     # 0 to 1: the unchanged blocks re-hashed each run (1/32)
-    host = ""                     # the host that holds the disks (default: this one)
+    host = ""                     # the host that holds the disks ("": this one)
     [vm.web.hooks]
     pre = ["/usr/local/bin/quiesce"]
     post = ["/usr/local/bin/resume"]
@@ -332,6 +332,8 @@ def _host(where: _Where, path: str, pre: str, table: dict[str, Any]) -> str | No
     if "host" not in table:
         return None
     host: str = _typed(where, path, pre + "host", table["host"], str, "a host name (string)")
+    if host == "":  # (the default the shape shows: this host)
+        return None
     if not HOST_RE.fullmatch(host):
         raise _err(where, path, pre + "host", f"{host!r} is not a host name")
     if "qmp" in table:

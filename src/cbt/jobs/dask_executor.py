@@ -6,7 +6,13 @@ the cluster's workers instead of forked ones.  The coordinator (the command) pla
 takes the locks and commits; each worker reopens the vault from its spec (its keys
 included: use ``tls://`` between hosts), reads its shard of the disk where the disk
 lies, and writes its packs straight to the vault's storage.  What comes back is
-small: the shard's digests and flags and the index entries of the blocks it stored.
+small: the shard's digests and flags and the index entries of the blocks it stored,
+checked by the coordinator as input (:func:`cbt.ops.backup.check_result`; at the
+commit, every pack they name is stat'ed and every block read must be in the vault).
+When the run ends, done or failed, every worker drops the vault's spec it was handed
+(:meth:`DaskExecutor.release`): a long-lived worker keeps no vault's keys.  A shard
+that fails is logged by its worker with the task's repr (the shard: its disk and
+ranges; never a key).
 
 Where a disk's shards run (pinning): a disk with a host (the VM's ``host`` config
 key, ``BackupRequest.hosts``) runs on the workers that serve that host: those
@@ -63,6 +69,8 @@ __all__ = ["DASK_SCHEME", "DaskExecutor", "as_executor", "connect", "host_resour
 DASK_SCHEME = "dask://"
 CONNECT_TIMEOUT = 10.0  # seconds to reach the scheduler
 WATCH_EVERY = 0.25  # seconds between looks at the cluster's workers while shards run
+RELEASE_WAIT = 10.0  # seconds the end of a run waits for the workers to drop its vault
+LIVE_CLIENT = frozenset({"running", "newly-created"})  # a Client's status while connected
 HOST_RESOURCE = "host-"  # a worker serves host NAME when it has the resource host-NAME
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 # glibc's mallopt: the thresholds a worker process is given (see the module doc)
@@ -136,7 +144,11 @@ class DaskExecutor(PlacedExecutor):
     # -- where -------------------------------------------------------------------------
 
     def _workers(self) -> dict[str, dict[str, Any]]:
-        info: dict[str, Any] = self.client.scheduler_info(n_workers=-1)
+        """Every worker of the cluster, asked of the scheduler now (not
+        ``client.scheduler_info()``, whose answer the client's periodic refresh may
+        replace meanwhile with one of no worker at all: every worker 'gone')."""
+        client = self.client
+        info: dict[str, Any] = client.sync(client.scheduler.identity, n_workers=-1)
         workers: dict[str, dict[str, Any]] = info.get("workers", {})
         return workers
 
@@ -249,13 +261,15 @@ class DaskExecutor(PlacedExecutor):
                     self._watcher = None
                     return
                 eligible = set().union(*(w for w, _ in self._pending.values()))
-            try:
-                alive = set(self._workers())
+            gone_text = ("the Dask scheduler went away during the backup (connection "
+                         "lost): nothing committed; run it again")
+            try:  # (the client's view: lost at once when the scheduler's connection is)
+                connected = self.client.status in LIVE_CLIENT
+                alive = set(self._workers()) if connected else set()
             except Exception:  # (the scheduler itself is gone: say so)
                 alive = set()
-                gone_text = "the Dask scheduler stopped answering during the backup"
             else:
-                gone_text = ""
+                gone_text = "" if connected else gone_text
             gone = sorted(eligible - alive)
             if not gone:
                 continue
@@ -269,6 +283,21 @@ class DaskExecutor(PlacedExecutor):
                     f.set_exception(CbtIOError(0, message))
             for _, (_, task) in pending:
                 task.cancel()  # (Dask would run it again on another worker)
+
+    def release(self) -> None:
+        """Every worker drops what the run handed it (:func:`_forget`): the vault's
+        spec, its keys among them, are not left in long-lived workers.  A worker that
+        cannot be reached is passed over (gone, it holds nothing)."""
+        if self.client.status not in LIVE_CLIENT:  # (the scheduler is gone: nothing to ask)
+            return
+
+        def forget() -> None:
+            with contextlib.suppress(Exception):
+                self.client.run(_forget, on_error="ignore")
+
+        asking = threading.Thread(target=forget, name="cbt-dask-release", daemon=True)
+        asking.start()
+        asking.join(RELEASE_WAIT)  # (a worker that does not answer holds up no command)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._closed.set()
@@ -305,6 +334,16 @@ def _on_worker(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     return fn(*args, **kwargs)
 
 
+def _forget() -> None:
+    """On a worker: drop the WorkerVaults of cbt's runs (keys included), and collect."""
+    import gc
+
+    from cbt.ops.backup import forget_runs
+
+    forget_runs()
+    gc.collect()
+
+
 def _tune_malloc() -> None:
     """Give back glibc the thresholds Dask's ``MALLOC_TRIM_THRESHOLD_`` pinned low (only
     where it is set: a worker started otherwise keeps its own)."""
@@ -317,11 +356,12 @@ def _tune_malloc() -> None:
 
 
 def _worker_error(exc: BaseException | None) -> BaseException:
-    """A worker's failure as cbt reports it: cbt's own errors as they are; a worker that
-    died under a task (KilledWorker) or a lost connection as one line."""
+    """A worker's failure as cbt reports it: cbt's own errors (and OSErrors) as they are;
+    a worker that died under a task (KilledWorker), a lost connection, or anything else
+    as one line."""
     if exc is None:
         return CbtIOError(0, "a Dask task failed without an error")
-    if isinstance(exc, CbtError | OSError | KeyboardInterrupt):
+    if isinstance(exc, CbtError | OSError):
         return exc
     name = type(exc).__name__
     if name == "KilledWorker":
@@ -329,5 +369,10 @@ def _worker_error(exc: BaseException | None) -> BaseException:
                              "run the backup again")
     if name == "FutureCancelledError" or "cancel" in name.lower():
         return CbtIOError(0, f"Dask cancelled a shard ({' '.join(str(exc).split())})")
-    return exc
+    # anything else a worker raised (its traceback is in the worker's log): one line here,
+    # never the worker's exception itself (a KeyboardInterrupt or SystemExit would pass
+    # for this process's own)
+    text = " ".join(str(exc).split())
+    return CbtIOError(0, f"a Dask worker failed: {name}"
+                         f"{': ' + text[:200] if text else ''}: nothing committed")
 

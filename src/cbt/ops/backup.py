@@ -35,14 +35,20 @@ A :class:`BackupRequest` says what to back up and how; :func:`backup` runs it:
    the coordinator's), which also open and map a disk of another host for the
    plan; a host no worker serves fails the run before anything is written.  The
    early scan is not used there: its digests live in the coordinator's shared
-   memory, which only forked workers see.
+   memory, which only forked workers see.  What a worker sends back is input
+   (:func:`check_result`): the shard's own, one digest and flag per block, only
+   blocks it read stored; what a worker of another host says of its disk too
+   (:func:`_checked_disk`).
 4. Commit (:func:`commit`): assemble each disk's manifest; count the blocks
    that differ from the disk's previous point (``cbt diff`` rules); write a
    full manifest (first backup) or a delta against the skip-chain base (see
    ``vault.points``); then, under the gc lock, an index segment for the new
    packs (one entry per digest, however many workers raced to store it) and
-   the point record: its rename is the commit.  A crash anywhere before
-   leaves earlier points untouched.
+   the point record: its rename is the commit.  Before it, every pack the new
+   entries name is stat'ed (there, and long enough: :func:`_check_packs`) and
+   every DATA block read must be in the index or stored now (:func:`_check_held`):
+   no point names a block the vault lacks, whatever a worker claimed.  A crash
+   anywhere before leaves earlier points untouched.
 
 In an encrypted vault a block's id (its digest everywhere: manifests, index,
 packs) is its keyed BLAKE3 under the vault's id key, also when a block read
@@ -160,6 +166,10 @@ class PlacedExecutor(Executor):
         """The executor whose tasks run on ``host`` (None: the coordinator's host), and
         how many workers serve it; :class:`CbtValueError` naming the host when none does."""
 
+    def release(self) -> None:  # (a hook: nothing to release by default)
+        """The run is over (done or failed): its workers drop what it handed them (the
+        vault's spec, its keys among them: :func:`forget_runs`)."""
+
 
 @dataclass(frozen=True)
 class BackupRequest:
@@ -266,10 +276,13 @@ def backup(vault: Vault, request: BackupRequest) -> PointRecord:
 def _offline_images(request: BackupRequest) -> tuple[dict[str, str], list[str]]:
     """The disks that are qcow2 images read where they lie (label -> path): each is read
     through ``qemu-nbd`` as the guest sees it (:mod:`cbt.source.qcow2`); and a warning for
-    each disk that starts with a qcow2 header but is not named so (read raw)."""
+    each disk that starts with a qcow2 header but is not named so (read raw).  A disk of
+    another host (``request.hosts``) is never looked at here: its path names a file there,
+    not the one this host may have at that path (:func:`_open_disk_there`)."""
     from cbt.source.qcow2 import is_qcow2, unnamed_qcow2_warnings
 
-    files = {d.label: d.path for d in request.disks if d.nbd is None and d.read_from is None}
+    files = {d.label: d.path for d in request.disks
+             if d.nbd is None and d.read_from is None and d.label not in request.hosts}
     return ({lb: p for lb, p in files.items() if is_qcow2(p)},
             unnamed_qcow2_warnings(files))
 
@@ -305,10 +318,14 @@ def backup_locked(vault: Vault, request: BackupRequest) -> PointRecord:
     request.check()
     placed = placements(request)  # (before anything is written: a disk no worker serves)
     _clean_leftovers(vault)
-    planned = plan(vault, request, placed)
-    results = transfer(vault, request, planned)
-    _fill(planned.disks, planned.shards, results)
-    results += verify_hints(vault, request, planned)
+    try:
+        planned = plan(vault, request, placed)
+        results = transfer(vault, request, planned)
+        _fill(planned.disks, planned.shards, results)
+        results += verify_hints(vault, request, planned)
+    finally:
+        if isinstance(request.executor, PlacedExecutor):
+            request.executor.release()
     if request.before_commit is not None:
         planned.warnings += request.before_commit()
     # (last before the commit: a base kept now names what this point was made from)
@@ -343,6 +360,7 @@ class PlannedDisk:
     digests: npt.NDArray[np.uint8]
     flags: npt.NDArray[np.uint8]
     early: BlockScan | None = None  # the disk's early scan, when one matches
+    host: str | None = None  # the host that holds it (None: this one)
     # change tracking: what the source said, and what the run found of it
     hint: ChangeHint = field(default_factory=ChangeHint.hash)
     previous: Manifest | None = None  # the disk's manifest at the point this run follows
@@ -402,6 +420,14 @@ class ShardTask:
     @property
     def blocks(self) -> int:
         return sum(hi - lo for lo, hi in self.ranges)
+
+    @property
+    def key(self) -> str:
+        """The shard's identity, echoed by its result (one for another shard is refused)."""
+        import blake3
+
+        return blake3.blake3(repr((self.disk, self.label, self.block_size,
+                                   self.ranges)).encode()).hexdigest()[:32]
 
     @property
     def name(self) -> str:
@@ -555,8 +581,9 @@ def _plan_disk(vault: Vault, request: BackupRequest, prev: PointRecord | None, s
     parent = prev.disk(spec.label) if prev else None
     block_size = request.block_size
     bs = parent.block_size if parent else (block_size or DEFAULT_BACKUP_BLOCK_SIZE)
-    source, ranges = (_open_disk(spec, bs) if remote is None else
-                      _labelled(remote.submit(_open_disk, spec, bs).result, spec.label))
+    source, ranges = (_open_disk(spec, bs) if remote is None else _checked_disk(
+        spec.label, bs, _labelled(remote.submit(_open_disk_there, spec, bs).result,
+                                  spec.label)))
     if parent and block_size and block_size != parent.block_size:
         raise CbtValueError(
             f"disk {spec.label}: block size is fixed at {format_size(parent.block_size)} "
@@ -567,7 +594,7 @@ def _plan_disk(vault: Vault, request: BackupRequest, prev: PointRecord | None, s
     d = PlannedDisk(spec=spec, source=source, block_size=bs, parent=parent,
                     seq=parent.seq + 1 if parent else 0, ranges=ranges, rows=range_rows(ranges),
                     digests=np.zeros(0, dtype=np.uint8), flags=np.zeros(0, dtype=np.uint8),
-                    hint=hint)
+                    hint=hint, host=request.hosts.get(spec.label) if remote else None)
     d.previous = _previous_manifest(vault, prev, d, warnings)
     if hint.tracked and d.previous is None:  # (said so: a full baseline of this disk)
         d.hint = ChangeHint.hash("previous point unreadable")
@@ -584,6 +611,44 @@ def _open_disk(spec: DiskSpec, block_size: int) -> tuple[SourceSpec, list[BlockR
     """Open a disk where it lies: its source's spec, and its data's block ranges."""
     with spec.open() as source:
         return source.spec(), source.block_ranges(block_size)
+
+
+def _open_disk_there(spec: DiskSpec, block_size: int) -> tuple[SourceSpec, list[BlockRange]]:
+    """:func:`_open_disk` on the disk's host (a cluster's worker there).  A qcow2 image
+    there is refused: it is read through ``qemu-nbd``, which cbt runs on the coordinator's
+    host only (read raw, its container file would be backed up, not the guest's disk)."""
+    from cbt.source.qcow2 import is_qcow2
+
+    if spec.nbd is None and spec.read_from is None and is_qcow2(spec.path):
+        raise CbtValueError(f"disk {spec.label}: {spec.path} is a qcow2 image on another "
+                            "host: cbt reads qcow2 images through qemu-nbd on its own host "
+                            "only (run the backup there)")
+    return _open_disk(spec, block_size)
+
+
+def _checked_disk(label: str, block_size: int,
+                  got: object) -> tuple[SourceSpec, list[BlockRange]]:
+    """What a worker of another host says of a disk, taken as input: a source of a known
+    kind and a size, and block ranges sorted, apart and inside the disk."""
+    def bad(why: str) -> CbtIOError:
+        return CbtIOError(errno.EIO, f"disk {label}: its host's worker sent {why}")
+
+    if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], SourceSpec)
+            and isinstance(got[1], list)):
+        raise bad("no source and ranges")
+    source, ranges = got
+    if source.kind not in ("image", "nbd") or not isinstance(source.size, int) \
+            or isinstance(source.size, bool) or not 0 <= source.size < 1 << 62:
+        raise bad(f"a source of kind {source.kind!r}, size {source.size!r}")
+    end, last, out = -(-source.size // block_size), 0, []
+    for r in ranges:
+        if not (isinstance(r, tuple) and len(r) == 2
+                and all(isinstance(x, int | np.integer) and not isinstance(x, bool)
+                        for x in r) and last <= r[0] < r[1] <= end):
+            raise bad(f"block range {r!r}, not sorted, apart and inside its {end} blocks")
+        last = int(r[1])
+        out.append((int(r[0]), last))
+    return source, out
 
 
 def _labelled(call: Callable[[], _T], label: str) -> _T:
@@ -795,6 +860,15 @@ class WorkerVault:
 # an input: a worker that finds nothing loads the index itself.
 _LOADED: weakref.WeakValueDictionary[tuple[StorageSpec, tuple[str, ...]], WorkerVault] = (
     weakref.WeakValueDictionary())
+
+
+def forget_runs() -> None:
+    """Drop the runs' WorkerVaults this process keeps (a cluster's worker, after a run:
+    their vaults' keys go with them)."""
+    _worker_vault.cache_clear()
+    _LOADED.clear()
+
+
 @functools.lru_cache(maxsize=1)
 def _worker_vault(spec: VaultSpec, token: tuple[str, ...]) -> WorkerVault:
     """A worker process's copy of a run's WorkerVault: one per (vault, index), so the
@@ -804,7 +878,8 @@ def _worker_vault(spec: VaultSpec, token: tuple[str, ...]) -> WorkerVault:
 
 
 def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardResult]:
-    """Run every shard (forked workers, or the request's Executor); results in shard order."""
+    """Run every shard (forked workers, or the request's Executor); results in shard order,
+    each checked (:func:`check_result`)."""
     worker_vault = WorkerVault.of(vault, planned.index)
     report = _progress_report(request, planned)
     if request.executor is None and not vault.storage.forkable:
@@ -814,9 +889,10 @@ def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardR
                                 report)
     if request.executor is None:
         try:  # (isolated: a disk page that cannot be read kills the reader, not cbt)
-            return fork_map(functools.partial(_labelled_shard, worker_vault), planned.shards,
-                            report, ignore_stop_signals=request.ignore_stop_signals,
-                            isolate=True)
+            results = fork_map(functools.partial(_labelled_shard, worker_vault),
+                               planned.shards, report,
+                               ignore_stop_signals=request.ignore_stop_signals, isolate=True)
+            return [check_result(s, r) for s, r in zip(planned.shards, results, strict=True)]
         except WorkerError as exc:
             if exc.task is None:
                 raise
@@ -863,7 +939,7 @@ def _on_executor(executors: list[Executor], worker_vault: WorkerVault, shards: l
     try:
         for fut in as_completed(futures):
             k = futures[fut]
-            result = results[k] = fut.result()
+            result = results[k] = check_result(shards[k], fut.result())
             done[k] = result.bytes_read
             if report:
                 report(done)
@@ -903,6 +979,67 @@ class ShardResult:
     stored: npt.NDArray[np.uint32]
     raw: npt.NDArray[np.uint32]
     seconds: float
+    shard: str = ""  # the shard's key (:attr:`ShardTask.key`)
+
+
+_RESULT_SHAPES = {"block_digests": (np.uint8, 32), "block_flags": (np.uint8, 0),
+                  "digests": (np.uint8, 32), "pack_uuid": (np.uint8, 16),
+                  "offset": (np.uint64, 0), "stored": (np.uint32, 0), "raw": (np.uint32, 0)}
+
+
+def check_result(shard: ShardTask, r: object) -> ShardResult:
+    """A worker's result as the coordinator takes it: the shard's own (its key and disk),
+    one digest and flag per block of it, entries of equal lengths, each a block of at most
+    the block size that the shard found DATA.  A worker elsewhere (an Executor, a
+    cluster) is not cbt's own process: what it sends is input, and nothing it got wrong
+    reaches a point (:func:`_check_packs` and :func:`_check_held` at the commit)."""
+    def bad(why: str) -> CbtIOError:
+        return CbtIOError(errno.EIO, f"disk {shard.name}: a worker's result {why}: "
+                                     "nothing committed")
+
+    if not isinstance(r, ShardResult):
+        raise bad(f"is a {type(r).__name__}, not a shard's")
+    if r.shard != shard.key or r.disk != shard.disk:
+        raise bad("is another shard's")
+    k = len(r.offset) if isinstance(r.offset, np.ndarray) else -1
+    for name, (dtype, width) in _RESULT_SHAPES.items():
+        a = getattr(r, name)
+        rows = shard.blocks if name.startswith("block_") else k
+        if not isinstance(a, np.ndarray) or a.dtype != dtype or \
+                a.shape != ((rows, width) if width else (rows,)):
+            raise bad(f"has {name} of the wrong shape or type")
+    if (r.block_flags > fast.FLAG_HOLE).any():
+        raise bad("has unknown block flags")
+    if k and ((r.raw == 0) | (r.raw > shard.block_size) | (r.stored == 0)).any():
+        raise bad("has impossible block lengths")
+    if r.bytes_read != bytes_to_read(shard.ranges, shard.block_size, shard.source.size):
+        raise bad(f"says {r.bytes_read} bytes read")
+    data = r.block_digests[r.block_flags == fast.FLAG_DATA]
+    if k and not _among(r.digests, data).all():
+        raise bad("stored blocks the shard did not read")
+    return r
+
+
+def _among(needles: npt.NDArray[np.uint8], hay: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    """Which digests (rows) of ``needles`` are rows of ``hay``: by their first 8 bytes,
+    sorted and searched, then the whole digest (several times faster than ``np.isin`` of
+    32-byte rows); a prefix that two rows of ``hay`` share is settled by ``np.isin``."""
+    out = np.zeros(len(needles), dtype=bool)
+    if not len(needles) or not len(hay):
+        return out
+    hay = np.ascontiguousarray(hay)
+    needles = np.ascontiguousarray(needles)
+    keys = hay[:, :8].copy().view(np.uint64).ravel()
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    want = needles[:, :8].copy().view(np.uint64).ravel()
+    pos = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+    cand = keys[pos] == want
+    out[cand] = (hay[order[pos[cand]]] == needles[cand]).all(axis=1)
+    shared = cand & ~out  # (the prefix is there but not this digest at its first row)
+    if shared.any():
+        out[shared] = np.isin(needles[shared].view("V32").ravel(), hay.view("V32").ravel())
+    return out
 
 
 # (digest, pack uuid, offset, stored length, raw length) of a block a shard stored
@@ -946,6 +1083,7 @@ def _transfer_shard(worker_vault: WorkerVault, shard: ShardTask, report: Report)
         stored=np.array([e[3] for e in entries], dtype=np.uint32),
         raw=np.array([e[4] for e in entries], dtype=np.uint32),
         seconds=time.perf_counter() - started,
+        shard=shard.key,
     )
 
 
@@ -1255,9 +1393,12 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
     """
     created = request.created or utc_now()
     point_id = request.point_id or vault.unused_point_id(request.vm, created)
+    # (the DATA blocks read this run, before the rows the previous point holds join them)
+    read = _read_data(planned.disks)
     for d in planned.disks:
         _manifest_rows(d)
     new = _gather(planned, results)
+    _check_packs(vault.storage, new)
     tracking = tracking or {}
     disks = [_commit_disk(vault, request.vm, planned.prev, d, point_id, created,
                           tracking.get(d.spec.label)) for d in planned.disks]
@@ -1273,11 +1414,61 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
     with gc_lock(vault.storage, None, not vault.encrypted):
         check_held(vault.storage)  # (a holder that lost its lease writes no segment)
         index = _after_gc(vault, planned, new["digests"])
+        _check_held(index, read, new["digests"])
         _write_segment(vault, point_id, new, index)
         record.seconds = round(time.perf_counter() - started, 6)
         commit_point(vault, point_id, record.to_json())
         _maybe_merge_segments(vault)  # (under the gc lock: see there)
     return record
+
+
+def _read_data(disks: list[PlannedDisk]) -> npt.NDArray[np.uint8]:
+    """The digests of the DATA blocks the run's workers read."""
+    parts = [d.digests[d.flags == fast.FLAG_DATA] for d in disks]
+    return np.ascontiguousarray(np.concatenate(parts) if parts else
+                                np.zeros((0, fast.DIGEST_SIZE), np.uint8))
+
+
+def _check_packs(storage: Storage, new: dict[str, Any]) -> None:
+    """Each pack the run's new index entries name is in the vault and long enough for its
+    entries' blobs: a worker's claim of a pack it never wrote is never committed."""
+    if not len(new["offset"]):
+        return
+    ids, where = np.unique(np.ascontiguousarray(new["pack_uuid"]).view("V16").ravel(),
+                           return_inverse=True)
+    ends = np.zeros(len(ids), dtype=np.uint64)
+    np.maximum.at(ends, where.ravel(), new["offset"] + new["stored"].astype(np.uint64))
+    names = [pack_name(uuid.UUID(bytes=i.tobytes()).hex) for i in ids]
+
+    def size(name: str) -> int:
+        try:
+            return storage.stat(name).size
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            return -1
+
+    with ThreadPoolExecutor(max(1, min(16, storage.in_flight))) as pool:
+        sizes = list(pool.map(size, names))
+    for name, got, end in zip(names, sizes, ends.tolist(), strict=True):
+        if got < end:
+            raise CbtIOError(errno.EIO, f"a worker's result names blocks in {name}, which the "
+                             "vault " + ("lacks" if got < 0 else f"holds shorter ({got} "
+                             f"bytes, not {end})") + ": nothing committed")
+
+
+def _check_held(index: index_mod.Index, read: npt.NDArray[np.uint8],
+                stored: npt.NDArray[np.uint8]) -> None:
+    """Every DATA block read this run is in the vault: in its index, or stored by a worker
+    now (a worker's digest of a block it neither found nor stored fails the commit)."""
+    missing = read[index.lookup(read) < 0]
+    if not len(missing):
+        return
+    lost = ~_among(missing, stored)
+    if lost.any():
+        raise CbtIOError(errno.EIO, f"{int(lost.sum())} blocks of the point are neither in the "
+                         "vault nor stored by its workers (a worker's result names blocks it "
+                         "did not store?): nothing committed")
 
 
 def _fill(disks: list[PlannedDisk], shards: list[ShardTask],
@@ -1328,7 +1519,8 @@ def _commit_disk(vault: Vault, vm: str, prev: PointRecord | None, d: PlannedDisk
     """Write one disk's manifest (full, or a delta against its chain base)."""
     import blake3
 
-    path = str(Path(d.spec.path).absolute())
+    # (a path of another host is recorded as given: this host's directory means nothing there)
+    path = d.spec.path if d.host is not None else str(Path(d.spec.path).absolute())
     manifest = Manifest.sparse(d.block_size, d.size, d.rows, d.digests, d.flags, source=path,
                                created=created)
     previous = d.previous
