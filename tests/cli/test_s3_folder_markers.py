@@ -11,20 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.fs as pafs
-import pytest
 from helpers import MIB
 from helpers.cli import cbt, cbt_json, one_error_line
 from helpers.images import assert_same_bytes, write_random_disk
 from helpers.s3 import REGION, S3Server, fresh_bucket
-from helpers.vaults import PASSWORD
-
-
-@pytest.fixture
-def env(s3: S3Server, tmp_path: Path) -> dict[str, str]:
-    pw = tmp_path / "password"
-    pw.write_text(PASSWORD + "\n")
-    pw.chmod(0o600)
-    return {**s3.env, "CBT_PASSWORD_FILE": str(pw)}
 
 
 def _folders(s3: S3Server, bucket: str, *keys: str) -> None:

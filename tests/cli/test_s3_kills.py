@@ -20,24 +20,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from helpers import MIB
 from helpers.cli import cbt, result_lines, start_cbt
 from helpers.images import assert_same_bytes, write_at, write_random_disk
-from helpers.s3 import S3Server, fresh_bucket
+from helpers.s3 import fresh_bucket
 from helpers.vaults import PASSWORD
 
 ROUNDS = 4
 MAX_ROUNDS = 8  # the backup test goes on until a kill has landed after a finished pack
 DISK = 24 * MIB  # three packs of 8 MiB: a kill lands between finished packs
-
-
-@pytest.fixture
-def env(s3: S3Server, tmp_path: Path) -> dict[str, str]:
-    pw = tmp_path / "password"
-    pw.write_text(PASSWORD + "\n")
-    pw.chmod(0o600)
-    return {**s3.env, "CBT_PASSWORD_FILE": str(pw)}
 
 
 def ok(*args: object, env: dict[str, str]) -> list[dict[str, Any]]:

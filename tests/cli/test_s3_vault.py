@@ -10,21 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 from helpers import MIB
 from helpers.cli import cbt, cbt_json, one_error_line, result_lines
 from helpers.images import assert_same_bytes, write_at, write_random_disk
 from helpers.s3 import S3Server, fresh_bucket
 from helpers.vaults import PASSWORD
-
-
-@pytest.fixture
-def env(s3: S3Server, tmp_path: Path) -> dict[str, str]:
-    """The server's AWS variables and a password file opening the tests' vaults."""
-    pw = tmp_path / "password"
-    pw.write_text(PASSWORD + "\n")
-    pw.chmod(0o600)
-    return {**s3.env, "CBT_PASSWORD_FILE": str(pw)}
 
 
 def run_json(*args: object, env: dict[str, str]) -> dict[str, object]:

@@ -11,22 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
-from helpers.s3 import S3Server, fresh_bucket
-
 import cbt as cbt_api
 from cbt.ops.gc import gc
-
-
-@pytest.fixture(params=["dir", "s3"])
-def location(request: pytest.FixtureRequest, tmp_path: Path,
-             monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "dir":
-        return str(tmp_path / "v")
-    server: S3Server = request.getfixturevalue("s3")
-    for key, value in server.env.items():
-        monkeypatch.setenv(key, value)
-    return f"s3://{fresh_bucket()}/settles"
 
 
 def test_a_pack_all_live_is_left_alone(location: str, tmp_path: Path) -> None:

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from helpers import MIB
 from helpers.images import assert_same_bytes, write_random_disk
-from helpers.s3 import S3Server, fresh_bucket
 
 import cbt as cbt_api
 from cbt.core.errors import CbtError
@@ -27,17 +26,6 @@ from cbt.ops import backup as backup_mod
 from cbt.ops.gc import gc
 from cbt.repo import index as index_mod
 from cbt.repo.vault import Vault
-
-
-@pytest.fixture(params=["dir", "s3"])
-def location(request: pytest.FixtureRequest, tmp_path: Path,
-             monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "dir":
-        return str(tmp_path / "v")
-    server: S3Server = request.getfixturevalue("s3")
-    for key, value in server.env.items():
-        monkeypatch.setenv(key, value)
-    return f"s3://{fresh_bucket()}/merge"
 
 
 def _gc_during_merges(monkeypatch: pytest.MonkeyPatch, v: cbt_api.Vault) -> list[str]:
