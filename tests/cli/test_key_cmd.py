@@ -14,7 +14,7 @@ from helpers.cli import cbt, cbt_json, one_error_line
 from helpers.vaults import vault_state
 from test_encryption_cli import init_encrypted, on_pty, password_file
 
-from cbt.repo.lock import writer_lock
+from cbt.repo.lock import exclusive_lock
 from cbt.repo.storage import LocalStorage
 
 
@@ -124,7 +124,7 @@ def test_key_refusals_change_nothing(tmp_path: Path, vault: Path) -> None:
 def test_key_edits_take_the_writer_lock(tmp_path: Path, vault: Path) -> None:
     b = password_file(tmp_path / "b", "passphrase B")
     before = slots(vault)
-    with writer_lock(LocalStorage(vault)):
+    with exclusive_lock(LocalStorage(vault)):
         line = one_error_line(cbt("key", "add", vault, "--password-file", tmp_path / "a",
                                   "--new-password-file", b, "--kdf-log-n", 10))
         assert "retry later or pass --wait SECONDS" in line

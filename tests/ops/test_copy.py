@@ -14,7 +14,7 @@ import cbt as cbt_api
 from cbt.core.errors import CbtValueError
 from cbt.ops.copy import CopyError, copy
 from cbt.ops.gc import gc
-from cbt.repo.lock import VaultLockedError, writer_lock
+from cbt.repo.lock import VaultLockedError, exclusive_lock
 
 OTHER = "another passphrase 22"
 FORMAT1 = Path(__file__).parent.parent / "fixtures" / "vault-format1"
@@ -163,7 +163,7 @@ def test_dst_writer_lock_held_and_src_untouched(pristine: History3, tmp_path: Pa
     src = cbt_api.Vault.open(pristine.vault)
     dst = _plain(tmp_path / "dst")
     before = vault_state(pristine.vault)
-    with writer_lock(dst.storage), pytest.raises(VaultLockedError, match="is locked by"):
+    with exclusive_lock(dst.storage), pytest.raises(VaultLockedError, match="is locked by"):
         copy(src, dst)
     assert dst.point_ids() == []
     seen: list[tuple[int, int]] = []

@@ -194,9 +194,9 @@ def test_early_scan_dropped_after_a_long_wait_for_the_lock(tmp_path: Path) -> No
     scans = start_scan([(disk, BS)]).wait()
     _write(disk, data, 0, 4 * BS, 60)  # after the scan, before the backup
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom cbt.repo.lock import writer_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom cbt.repo.lock import exclusive_lock\n"
          "from cbt.repo.storage import LocalStorage\n"
-         "with writer_lock(LocalStorage(sys.argv[1]), 0):\n    print('locked', flush=True)\n"
+         "with exclusive_lock(LocalStorage(sys.argv[1]), 0):\n    print('locked', flush=True)\n"
          "    time.sleep(2.0)\n", vault.root], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"

@@ -23,7 +23,7 @@ from helpers.s3 import S3Server, fresh_bucket
 import cbt as cbt_api
 from cbt.format.pack import PackWriter, pack_name
 from cbt.ops.gc import gc
-from cbt.repo.lock import writer_lock
+from cbt.repo.lock import exclusive_lock
 from cbt.repo.storage import LocalStorage
 from cbt.repo.trash import trash_name
 
@@ -64,7 +64,7 @@ def test_a_backups_first_pack_in_its_first_second_is_kept(s3_env: S3Server) -> N
     v = _vault()
     while not 0.1 < time.time() % 1 < 0.4:
         time.sleep(0.02)
-    with writer_lock(v.storage):
+    with exclusive_lock(v.storage):
         pid = _write_pack(v)
         assert v.storage.stat(pack_name(pid)).mtime < time.time() - 0.05  # (the premise)
         gc(v)
@@ -77,7 +77,7 @@ def test_a_server_behind_this_host_keeps_a_running_backups_packs(
     neither trashed nor (two hours being past the grace period) deleted."""
     v = _vault()
     _host_ahead(monkeypatch, 2 * HOURS)
-    with writer_lock(v.storage):
+    with exclusive_lock(v.storage):
         pid = _write_pack(v)
         result = gc(v)
         assert v.storage.exists(pack_name(pid)), f"gc took the running backup's pack: {result}"

@@ -24,7 +24,7 @@ import pytest
 from helpers.s3 import S3Server, fresh_bucket
 
 from cbt.core.errors import CbtIOError, CbtValueError
-from cbt.repo.lock import VaultLockedError, gc_lock, writer_lock, writer_since
+from cbt.repo.lock import VaultLockedError, exclusive_lock, gc_lock, writers_since
 from cbt.repo.storage import (
     LocalStorage,
     LockBusyError,
@@ -270,19 +270,19 @@ def test_lock_wait_times_out_or_succeeds(storage: Storage) -> None:
 
 
 def test_vault_locks_on_any_storage(storage: Storage) -> None:
-    assert writer_since(storage) is None
+    assert writers_since(storage) is None
     t0 = time.time()
-    with writer_lock(storage):
-        since = writer_since(storage)
+    with exclusive_lock(storage):
+        since = writers_since(storage)
         assert since is not None and t0 - 1 <= since <= time.time()
-        with pytest.raises(VaultLockedError) as info, writer_lock(storage, 0.2):
+        with pytest.raises(VaultLockedError) as info, exclusive_lock(storage, 0.2):
             pass
         assert f"vault {storage.root} is locked by pid {os.getpid()} on " in str(info.value)
         assert str(info.value).endswith("; retry later or pass --wait SECONDS")
         with gc_lock(storage), pytest.raises(VaultLockedError, match=r"; retry later$"), \
                 gc_lock(storage, 0):  # another lock, held here
             pass
-    assert writer_since(storage) is None
+    assert writers_since(storage) is None
 
 
 def test_local_lock_file_holds_the_holder_json(tmp_path: Path) -> None:
@@ -290,7 +290,7 @@ def test_local_lock_file_holds_the_holder_json(tmp_path: Path) -> None:
     ``locks/shared-<random>``), with one JSON object (pid, host, command, since,
     since_ts); removed on release.  (Before many writers: the file ``lock``, kept.)"""
     s = LocalStorage(tmp_path)
-    with writer_lock(s):
+    with exclusive_lock(s):
         [f] = (tmp_path / "locks").iterdir()
         assert f.name.startswith("alone-")
         info = json.loads(f.read_bytes())

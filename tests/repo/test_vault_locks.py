@@ -3,7 +3,7 @@ waiting while a holder has it, readers never blocked, a dead holder never blocks
 running backup shares the vault with another VM's but not with a command needing it alone.
 
 The holder is a real process: either a small Python process holding
-``cbt.repo.lock.writer_lock`` while it sleeps, or a real ``cbt backup`` frozen
+``cbt.repo.lock.exclusive_lock`` while it sleeps, or a real ``cbt backup`` frozen
 with SIGSTOP while it holds the lock.
 """
 
@@ -35,9 +35,9 @@ HOLDER = """
 import sys, time
 root, hold = sys.argv[1], float(sys.argv[2])
 sys.argv = ["cbt", "backup", "holder-of-the-lock"]
-from cbt.repo.lock import writer_lock
+from cbt.repo.lock import exclusive_lock
 from cbt.repo.storage import LocalStorage
-with writer_lock(LocalStorage(root)):
+with exclusive_lock(LocalStorage(root)):
     print("locked", flush=True)
     time.sleep(hold)
 print("released", flush=True)

@@ -91,9 +91,6 @@ def exclusive_lock(storage: Storage, wait: float | None = 0.0,
         yield
 
 
-writer_lock = exclusive_lock  # (its name before many writers: the vault alone)
-
-
 @contextlib.contextmanager
 def vm_lock(vault: Vault, vm: str, wait: float | None = 0.0) -> Iterator[None]:
     """One run of ``vm`` at a time in this vault: fail at once (or after ``wait`` seconds)
@@ -123,8 +120,6 @@ def writers_since(storage: Storage) -> float | None:
         earliest = since if earliest is None else min(earliest, since)
     return earliest
 
-
-writer_since = writers_since
 
 # How far an object's time (its mtime; on S3 the server's Last-Modified, in whole
 # seconds) may fall before the clock of the holder that wrote it: what is compared
