@@ -74,13 +74,23 @@ def _free_ports(n: int) -> list[int]:
             s.bind(("127.0.0.1", 0))
             p = s.getsockname()[1]
             socks.append(s)
-            if p + 10000 > 65535 or p in ports:
+            if (p + 10000 > 65535 or p in ports or p - 10000 in ports or p + 10000 in ports
+                    or not _bindable(p + 10000)):
                 continue
             ports.append(p)
     finally:
         for s in socks:
             s.close()
     return ports
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _identity(path: Path, secret: str) -> None:
