@@ -128,6 +128,15 @@ def fork_map(
     return Forked(fn, tasks, ignore_stop_signals=ignore_stop_signals).wait(progress, interval)
 
 
+def stop_others(report: Report) -> None:
+    """A :func:`thread_map` worker that is failing tells the others to stop now, before its
+    own clean-up (which may wait on I/O) lets the failure reach :func:`thread_map`; a
+    ``report`` of any other kind (forked workers: the parent kills them) ignores it."""
+    stop = getattr(report, "stop_others", None)
+    if stop is not None:
+        stop()
+
+
 class Stopped(CbtError, RuntimeError):
     """A :func:`thread_map` worker told to stop: another one failed, or the caller was
     interrupted."""
@@ -157,19 +166,28 @@ def thread_map(fn: Callable[[T, Report], R], tasks: Sequence[T],
                 done[k] += n
                 if progress:
                     progress(list(done))
+        report.stop_others = stop.set  # type: ignore[attr-defined]  # (see stop_others)
         return report
+
+    def run(k: int, task: T) -> R:
+        try:
+            return fn(task, reporter(k))
+        except BaseException:
+            stop.set()  # (at once, from the failing thread: the others stop at their next report)
+            raise
 
     pool = ThreadPoolExecutor(max(1, len(tasks)))
     try:
-        futures = [pool.submit(fn, t, reporter(k)) for k, t in enumerate(tasks)]
-        wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in futures if f.done() and f.exception() is not None]
-        if failed:
-            stop.set()
+        futures = [pool.submit(run, k, t) for k, t in enumerate(tasks)]
+        # (in short waits: a SIGINT the kernel gave a worker thread is only acted on by the
+        # main thread when it runs, so a wait until the end would never be interrupted)
+        while wait(futures, timeout=0.1, return_when=FIRST_EXCEPTION).not_done \
+                and not stop.is_set():
+            pass
+        if stop.is_set():
             wait(futures)
-            first = failed[0].exception()
-            assert first is not None
-            raise first
+            errors = [e for e in (f.exception() for f in futures) if e is not None]
+            raise next((e for e in errors if not isinstance(e, Stopped)), errors[0])
         return [f.result() for f in futures]
     except BaseException:
         stop.set()

@@ -83,7 +83,7 @@ from cbt.core.crypto import OVERHEAD, Cipher
 from cbt.core.durable import fsync_dir, fsync_file, pid_alive, temp_name
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 from cbt.core.native import fast
-from cbt.core.parallel import Report, fork_map, thread_map
+from cbt.core.parallel import Report, fork_map, stop_others, thread_map
 from cbt.format.manifest import Manifest, union_rows
 from cbt.format.pack import (
     BLOB,
@@ -309,6 +309,9 @@ def _restore_packs(jobs: list[_Job], report: Report, ahead: int = 1
             report(int(job.lengths.sum()))
         for run in runs.values():
             run.flush()
+    except BaseException:
+        stop_others(report)  # (threads: they stop now, not after this one's clean-up)
+        raise
     finally:
         packs.close()  # (an error: the packs fetched ahead are dropped)
         try:
@@ -342,14 +345,11 @@ def _fetch_pack(vault: Vault, job: _Job) -> memoryview:
                                 f"{int(job.blocks[0])} pack {job.pack}: {exc}") from None
 
 
-def _read_job(vault: Vault, job: _Job, scratch: _Scratch | None = None,
-              pack: memoryview | None = None
+def _read_job(vault: Vault, job: _Job, scratch: _Scratch, pack: memoryview
               ) -> tuple[list[bytes | memoryview], npt.NDArray[np.bool_]]:
-    """The content of every block of a job, from its pack (``pack``: fetched already),
+    """The content of every block of a job, from its pack (fetched by :func:`_fetch_pack`),
     and which of them were already checked against their digests."""
     where = f"point {job.point} disk {job.label} block {{}} pack {job.pack}"
-    if pack is None:
-        pack = _fetch_pack(vault, job)
     if vault.keys is None:
         return _job_data(job, pack, where)
     return _job_data(job, pack, where, vault.keys.cipher, vault.id_key, scratch)
@@ -785,7 +785,7 @@ def _unlock(t: _Target) -> None:
 
 def _write(jobs: list[_Job], workers: int | None,
            progress: Callable[[int, int], None] | None,
-           storage: Storage | None = None) -> dict[str, tuple[int, int]]:
+           storage: Storage) -> dict[str, tuple[int, int]]:
     """Run the pack jobs on forked workers (:func:`_balance`); label -> (written, verified).
 
     Storage a forked child cannot use (S3: :attr:`Storage.forkable`) gets threads
@@ -795,10 +795,9 @@ def _write(jobs: list[_Job], workers: int | None,
               if g]
     total = sum(int(j.lengths.sum()) for j in jobs)
     report = (lambda done: progress(sum(done), total)) if progress else None
-    in_flight = storage.in_flight if storage is not None else 1
-    ahead = -(-in_flight // max(1, len(groups))) if in_flight > 1 else 1
+    ahead = -(-storage.in_flight // max(1, len(groups)))  # (1 where in_flight is 1)
     work = functools.partial(_restore_packs, ahead=ahead)
-    threads = storage is not None and not storage.forkable
+    threads = not storage.forkable
     per_disk: dict[str, tuple[int, int]] = {}
     for stats in (thread_map(work, groups, report) if threads else
                   fork_map(work, groups, report)):
