@@ -113,6 +113,109 @@ def vault_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+VAULT_ENV = "CBT_VAULT"
+VAULT_HELP = ("the vault: a directory or s3://BUCKET/PREFIX (or -r VAULT, or $CBT_VAULT; "
+              "with either, leave this out)")
+
+
+def add_vault(p: argparse.ArgumentParser, help: str = "the vault") -> None:
+    """The vault of a command that takes one: the positional ``VAULT`` (first), or
+    ``-r/--vault VAULT``, or ``$CBT_VAULT`` (like restic's ``RESTIC_REPOSITORY``).
+
+    The positional is optional to argparse; :func:`resolve_vault` (run by
+    ``cbt.cli.main`` after parsing) moves the other positionals over when the vault
+    came from the option or the environment, and refuses a command left without one.
+    """
+    p.add_argument("vault", nargs="?", type=vault_arg, metavar="VAULT",
+                   help=f"{help} (or -r VAULT, or $CBT_VAULT)")
+    p.add_argument("-r", "--vault", dest="vault_option", type=vault_arg, metavar="VAULT",
+                   help=f"{help}, instead of the positional VAULT (default: ${VAULT_ENV})")
+
+
+def _looks_like_vault(text: str) -> bool:
+    """A first positional read as a vault although ``$CBT_VAULT`` is set: a URL or an
+    existing directory (a point id, a disk label or a key id is neither)."""
+    import os
+
+    return "://" in text or os.path.isdir(text)
+
+
+def resolve_vault(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  needed: bool) -> None:
+    """Settle ``args.vault`` of a command that took :func:`add_vault`.
+
+    ``-r VAULT``: the positionals argparse filled from the left move one place
+    right (the first was not the vault).  No option, ``$CBT_VAULT`` set: the
+    first positional is the vault only when every positional was given or it
+    looks like one (:func:`_looks_like_vault`); else they move and the
+    environment's vault is used.  ``needed``: no vault at all is an error.
+    """
+    import os
+
+    option = args.vault_option
+    del args.vault_option
+    slots = [a for a in parser._actions if not a.option_strings]
+    slots = slots[[a.dest for a in slots].index("vault"):]  # key ACTION VAULT [ID]
+    if option is not None and args.vault is not None and _all_filled(args, slots) \
+            and slots[-1].nargs not in ("*", "+"):
+        parser.error(f"two vaults given: {args.vault} and -r {option}")
+    if option is None:
+        env = os.environ.get(VAULT_ENV) or None
+        first = args.vault
+        if env is None or (first is not None and (_all_filled(args, slots)
+                                                   or _looks_like_vault(first))):
+            if needed and args.vault is None:
+                parser.error(f"no vault given: name one (VAULT, -r VAULT or ${VAULT_ENV})")
+            return
+        option = vault_arg_or_error(parser, env, f"${VAULT_ENV}")
+    _shift(parser, args, slots, option)
+
+
+def vault_arg_or_error(parser: argparse.ArgumentParser, text: str, where: str) -> str:
+    try:
+        return vault_arg(text)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"{where}: {exc}")
+        raise  # not reached: error() exits
+
+
+def _all_filled(args: argparse.Namespace, slots: list[argparse.Action]) -> bool:
+    return all(getattr(args, a.dest) not in (None, []) for a in slots)
+
+
+def _shift(parser: argparse.ArgumentParser, args: argparse.Namespace,
+           slots: list[argparse.Action], vault: str) -> None:
+    """Put ``vault`` in the first slot and move each filled positional one slot right
+    (into a list slot at its front); one too many is an error."""
+    carry: str | None = vault
+    for a in slots:
+        value = getattr(args, a.dest)
+        if isinstance(value, list):
+            if carry is not None:
+                setattr(args, a.dest, [_typed(parser, a, carry), *value])
+            return
+        setattr(args, a.dest, carry if a.dest == "vault" else
+                (None if carry is None else _typed(parser, a, carry)))
+        carry = value
+        if carry is None:
+            return
+    if carry is not None:
+        parser.error(f"unrecognized arguments: {carry}")
+
+
+def _typed(parser: argparse.ArgumentParser, a: argparse.Action, text: str) -> object:
+    """``text`` as the slot ``a`` would have taken it (its type and choices)."""
+    value: object = text
+    if a.type is not None and callable(a.type):
+        try:
+            value = a.type(text)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            parser.error(f"argument {a.metavar or a.dest}: {exc}")
+    if a.choices is not None and value not in a.choices:
+        parser.error(f"argument {a.metavar or a.dest}: invalid choice: {text!r}")
+    return value
+
+
 def local_path_arg(text: str) -> str:
     """argparse type of a local file or folder cbt writes (restore's ``--to``, ``-o``): a
     URL (``s3://b/x``: a folder ``s3:`` made here, silently) is refused."""
@@ -124,6 +227,33 @@ def local_path_arg(text: str) -> str:
             f"{text!r} is a URL ({m.group(1)}://): cbt writes this to a local path only "
             f"(write ./{text} for a local one)")
     return text
+
+
+# -- how much to say: -q/--quiet, -v/--verbose (every command) ---------------------------
+
+VERBOSITY = 0  # -1 quiet, 0 normal, 1 verbose; set by cbt.cli.main from the options
+
+
+def add_verbosity(p: argparse.ArgumentParser) -> None:
+    """``-q/--quiet`` and ``-v/--verbose``: cbt.cli.main adds them to every command."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="say only what was asked for and errors: no progress, no "
+                            "summaries of what was done")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="say more: the details behind each step")
+
+
+def say(text: str) -> None:
+    """A line of human output on stdout, unless ``--quiet``."""
+    if VERBOSITY >= 0:
+        print(text)
+
+
+def detail(text: str) -> None:
+    """A line on stderr only with ``--verbose``."""
+    if VERBOSITY > 0:
+        sys.stderr.write(f"cbt: {text}\n")
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:
@@ -259,8 +389,9 @@ ProgressFn = Callable[[int, int], None]
 
 @contextlib.contextmanager
 def progress_bar(description: str) -> Iterator[ProgressFn | None]:
-    """A rich progress bar on stderr when it is a terminal; else no callback at all."""
-    if not sys.stderr.isatty():
+    """A rich progress bar on stderr when it is a terminal (and not ``--quiet``); else no
+    callback at all."""
+    if VERBOSITY < 0 or not sys.stderr.isatty():
         yield None
         return
     from rich.console import Console

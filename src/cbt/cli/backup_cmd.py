@@ -68,6 +68,7 @@ from cbt.cli._common import (
     MAX_WAIT,
     add_json,
     add_password_file,
+    add_vault,
     change_source_text,
     finder,
     now_arg,
@@ -75,14 +76,12 @@ from cbt.cli._common import (
     print_json,
     seconds_arg,
     size_arg,
-    vault_arg,
     workers_arg,
 )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vault", nargs="?", type=vault_arg, metavar="VAULT",
-                   help="the vault (made with cbt init)")
+    add_vault(p, "the vault (made with cbt init)")
     p.add_argument("disks", nargs="*", metavar="DISK", help="PATH or LABEL=PATH")
     p.add_argument("--vm", metavar="NAME",
                    help="the VM these disks belong to (with --config: only this VM)")

@@ -20,16 +20,16 @@ from cbt.cli._common import (
     MAX_WAIT,
     add_json,
     add_password_file,
+    add_vault,
     emit_warnings,
     open_vault,
     print_json,
     seconds_arg,
-    vault_arg,
 )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vault", type=vault_arg, metavar="VAULT", help="the vault")
+    add_vault(p, "the vault")
     p.add_argument("--dry-run", action="store_true", help="say what would be freed")
     p.add_argument("--grace", type=seconds_arg(MAX_GRACE), default=3600.0, metavar="SECONDS",
                    help="how long trashed packs stay readable (default 3600)")

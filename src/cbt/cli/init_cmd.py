@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_OK, PassphraseFinder, add_json, print_json, vault_arg
+from cbt.cli._common import EXIT_OK, PassphraseFinder, add_json, add_vault, print_json
 
 KDF_LOG_N_MIN, KDF_LOG_N_MAX = 10, 20  # 20: 1 GiB, the most a key slot may ask
 
@@ -51,8 +51,7 @@ def add_kdf_log_n(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from cbt.core.crypto import ALGORITHMS
 
-    p.add_argument("vault", type=vault_arg, metavar="VAULT",
-                   help="directory or s3://BUCKET/PREFIX for the new vault")
+    add_vault(p, "directory or s3://BUCKET/PREFIX for the new vault")
     p.add_argument("--encryption", choices=["none", *ALGORITHMS], default=ALGORITHMS[0],
                    help=f"the AEAD sealing blocks and records (default {ALGORITHMS[0]}, the "
                         "faster here); none: an unencrypted vault, no passphrase")

@@ -33,12 +33,12 @@ from cbt.cli._common import (
     MAX_WAIT,
     add_json,
     add_password_file,
+    add_vault,
     on_terminal,
     open_vault,
     print_json,
     prompt_passphrase,
     seconds_arg,
-    vault_arg,
 )
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("action", choices=ACTIONS, metavar="ACTION",
                    help="list, add, remove or passwd")
-    p.add_argument("vault", type=vault_arg, metavar="VAULT", help="the vault")
+    add_vault(p, "the vault")
     p.add_argument("id", nargs="?", metavar="ID", help="remove: the key slot to remove")
     add_password_file(p)
     p.add_argument("--new-password-file", metavar="FILE",

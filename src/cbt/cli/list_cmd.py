@@ -18,15 +18,15 @@ from cbt.cli._common import (
     EXIT_OK,
     add_json,
     add_password_file,
+    add_vault,
     emit_warnings,
     open_vault,
     print_json,
-    vault_arg,
 )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vault", type=vault_arg, metavar="VAULT", help="the vault")
+    add_vault(p, "the vault")
     p.add_argument("--vm", metavar="NAME", help="only this VM's points")
     add_password_file(p)
     add_json(p)

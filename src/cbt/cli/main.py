@@ -79,6 +79,9 @@ def command_parser(name: str) -> tuple[argparse.ArgumentParser, str]:
     p = _Parser(prog=f"cbt {name}", description=mod.__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mod.add_arguments(p)
+    from cbt.cli._common import add_verbosity
+
+    add_verbosity(p)
     return p, module
 
 
@@ -124,6 +127,7 @@ def _main(argv: Sequence[str] | None) -> int:
     # intermixed: options may stand between positionals (cbt backup VAULT --vm web DISK ...)
     args = parser.parse_intermixed_args(argv[1:])
     args._module = module
+    _settle_common(parser, args)
     from cbt.core.errors import CbtError
 
     as_json = bool(getattr(args, "json", False))
@@ -136,6 +140,19 @@ def _main(argv: Sequence[str] | None) -> int:
         if isinstance(exc, OSError) and _stdout_gone(exc):
             return _quiet_exit()
         return fail(_one_line(exc), as_json)
+
+
+def _settle_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What every command shares: how much to say, and the vault (-r, $CBT_VAULT)."""
+    from cbt.cli import _common
+
+    _common.VERBOSITY = -1 if args.quiet else 1 if args.verbose else 0
+    if not hasattr(args, "vault_option"):
+        return
+    if getattr(args, "config", None) and args.vault_option is None:
+        del args.vault_option  # the config names the vault (backup refuses a VAULT too)
+        return
+    _common.resolve_vault(parser, args, needed=True)
 
 
 def _stdout_gone(exc: OSError) -> bool:

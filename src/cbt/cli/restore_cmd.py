@@ -39,17 +39,17 @@ from cbt.cli._common import (
     EXIT_OK,
     add_json,
     add_password_file,
+    add_vault,
     emit_warnings,
     local_path_arg,
     open_vault,
     print_json,
-    vault_arg,
     workers_arg,
 )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vault", type=vault_arg, metavar="VAULT", help="the vault")
+    add_vault(p, "the vault")
     p.add_argument("point", metavar="POINT", help="point id, unique prefix, or VM.latest")
     p.add_argument("--to", required=True, type=local_path_arg, metavar="PATH",
                    help="directory for the disk images; with --disk, a file or block device")

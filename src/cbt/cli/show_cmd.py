@@ -32,11 +32,11 @@ from cbt.cli._common import (
     EXIT_OK,
     add_json,
     add_password_file,
+    add_vault,
     change_source_text,
     local_path_arg,
     open_vault,
     print_json,
-    vault_arg,
 )
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vault", type=vault_arg, metavar="VAULT", help="the vault")
+    add_vault(p, "the vault")
     p.add_argument("point", metavar="POINT", help="point id, unique prefix, or VM.latest")
     p.add_argument("--manifest", metavar="LABEL",
                    help="write this disk's resolved manifest to the -o file")

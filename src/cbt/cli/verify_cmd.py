@@ -30,15 +30,15 @@ from cbt.cli._common import (
     EXIT_OK,
     add_json,
     add_password_file,
+    add_vault,
     emit_warnings,
     open_vault,
     print_json,
-    vault_arg,
 )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vault", type=vault_arg, metavar="VAULT", help="the vault")
+    add_vault(p, "the vault")
     p.add_argument("point", nargs="?", metavar="POINT", help="only this point (default: all)")
     p.add_argument("--data", action="store_true",
                    help="also read and re-hash every stored block")
