@@ -256,6 +256,23 @@ def detail(text: str) -> None:
         sys.stderr.write(f"cbt: {text}\n")
 
 
+def print_table(headers: list[str], rows: list[list[str]], right: set[int] | None = None,
+                indent: str = "") -> None:
+    """A table for people on stdout: a header line, then one line per row, columns
+    padded to their widest cell; the columns in ``right`` (numbers) aligned right."""
+    right = right or set()
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        out = [c.rjust(w) if i in right else c.ljust(w)
+               for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return (indent + "  ".join(out)).rstrip()
+
+    print(line(headers))
+    for r in rows:
+        print(line(r))
+
+
 def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="machine-readable output: one JSON object on stdout")
