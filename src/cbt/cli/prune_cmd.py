@@ -1,8 +1,10 @@
 """Remove the recovery points the policies no longer keep (the config's vault).
 
-Per VM, buckets are calendar days, ISO weeks, months and years in the policy's
-time zone; each count keeps the newest point of that many most recent buckets
-that have one; the newest point of each VM is always kept ("latest"); a
+Per VM (restic's --keep-*): last = N keeps the N newest; buckets are wall-clock
+hours, calendar days, ISO weeks, months and years in the policy's time zone;
+each count keeps the newest point of that many most recent buckets that have
+one; within = "1y2m3d4h" keeps the points newer than the VM's newest point less
+that duration; the newest point of each VM is always kept ("latest"); a
 missing count is 0; no retention table keeps everything; points of VMs not in
 the config are kept ("no policy").  A removed point that kept points are based
 on is hidden instead (it still resolves for them).  Kept snapshots older than

@@ -16,6 +16,7 @@ Shape (everything but ``vault``, ``policy.*.schedule``, ``vm.*.policy`` and
     schedule = "daily 02:00"
     timezone = "UTC"
     retention = { daily = 7, weekly = 4, monthly = 12, yearly = 3 }   # absent: keep all
+                  # also last = N, hourly = N, within = "1y2m3d4h" (restic's --keep-*)
     instant_restore_days = 0
     [vm.web]
     policy = "daily"
@@ -72,7 +73,7 @@ from typing import Any, Literal
 
 from cbt.core.errors import CbtError, CbtValueError
 from cbt.core.sizes import parse_size
-from cbt.jobs.policy import Policy, Retention, parse_schedule
+from cbt.jobs.policy import Policy, Retention, parse_schedule, parse_within
 from cbt.repo.storage import check_location, is_url
 from cbt.source.changes import DEFAULT_VERIFY_FRACTION, TRACKING_MODES
 
@@ -254,20 +255,36 @@ def _policy(where: _Where, path: str, name: str, table: Any) -> Policy:
         raise _err(where, path, pre + "timezone", f"unknown time zone {tz!r}") from None
     retention = Retention(keep_all=True)
     if "retention" in table:
-        r = _typed(where, path, pre + "retention", table["retention"], dict, "a table")
-        _check_keys(where, path, pre + "retention.", r, {"daily", "weekly", "monthly", "yearly"})
-        counts = {}
-        for k, v in r.items():
-            _typed(where, path, f"{pre}retention.{k}", v, int, "a whole number")
-            if not 0 <= v <= MAX_KEEP:
-                raise _err(where, path, f"{pre}retention.{k}", f"must be from 0 to {MAX_KEEP}")
-            counts[k] = v
-        retention = Retention(**counts)
+        retention = _retention(where, path, pre + "retention",
+                               _typed(where, path, pre + "retention", table["retention"], dict,
+                                      "a table"))
     days = _typed(where, path, pre + "instant_restore_days",
                   table.get("instant_restore_days", 0), int, "a whole number")
     if not 0 <= days <= 30:
         raise _err(where, path, pre + "instant_restore_days", "must be from 0 to 30")
     return Policy(name, schedule, tz, retention, days)
+
+
+RETENTION_COUNTS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+
+def _retention(where: _Where, path: str, dotted: str, r: dict[str, Any]) -> Retention:
+    """A policy's retention table: whole-number counts, and ``within`` (a duration)."""
+    _check_keys(where, path, dotted + ".", r, {*RETENTION_COUNTS, "within"})
+    counts: dict[str, Any] = {}
+    for k, v in r.items():
+        key = f"{dotted}.{k}"
+        if k == "within":
+            try:
+                counts[k] = parse_within(_typed(where, path, key, v, str, "a string"))
+            except CbtValueError as exc:
+                raise _err(where, path, key, str(exc)) from None
+            continue
+        _typed(where, path, key, v, int, "a whole number")
+        if not 0 <= v <= MAX_KEEP:
+            raise _err(where, path, key, f"must be from 0 to {MAX_KEEP}")
+        counts[k] = v
+    return Retention(**counts)
 
 
 def _argv(where: _Where, path: str, dotted: str, value: Any) -> tuple[str, ...]:

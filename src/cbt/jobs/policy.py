@@ -6,8 +6,14 @@ Schedule grammar (times in the policy's time zone, default UTC)::
     weekly mon..sun[,...] HH:MM[,HH:MM...]
     every Nh                 N divides 24: local 00:00 + k*N hours
 
-Retention counts (``daily``, ``weekly``, ``monthly``, ``yearly``) keep the
-newest point of that many most recent calendar buckets that have one.
+Retention (restic's ``--keep-*``): ``last`` keeps that many newest points; the
+counts ``hourly``, ``daily``, ``weekly``, ``monthly``, ``yearly`` keep the newest
+point of that many most recent calendar buckets that have one (wall-clock hours,
+days, ISO weeks, months, years in the policy's time zone); ``within = "1y2m3d4h"``
+keeps every point newer than the VM's newest point less that duration (restic's
+``--keep-within``: relative to the latest point, not to now; years, months and
+days are calendar steps in the time zone, a day past a month's end rolls over as
+Go's ``AddDate`` does, then hours are subtracted as elapsed time).
 """
 
 from __future__ import annotations
@@ -69,12 +75,40 @@ def parse_schedule(text: str) -> Schedule:
                         "'weekly mon..sun[,..] HH:MM[,..]' or 'every Nh')")
 
 
+_WITHIN = re.compile(r"^(?:(\d{1,6})y)?(?:(\d{1,6})m)?(?:(\d{1,6})d)?(?:(\d{1,7})h)?$")
+
+
+@dataclass(frozen=True)
+class Within:
+    """A ``within`` duration: calendar years, months, days, then hours (restic's)."""
+
+    years: int = 0
+    months: int = 0
+    days: int = 0
+    hours: int = 0
+    text: str = ""
+
+
+def parse_within(text: str) -> Within:
+    """``1y2m3d4h`` (each part optional, in that order, at least one above zero);
+    ``CbtValueError`` says what is wrong."""
+    m = _WITHIN.match(text.strip().lower())
+    if not m or not text.strip() or not any(int(g or 0) for g in m.groups()):
+        raise CbtValueError(f"not a duration: {text!r} (use e.g. \"14d\" or \"1y2m3d4h\": "
+                            "y years, m months, d days, h hours, more than zero)")
+    y, mo, d, h = (int(g or 0) for g in m.groups())
+    return Within(y, mo, d, h, text.strip())
+
+
 @dataclass(frozen=True)
 class Retention:
+    last: int = 0
+    hourly: int = 0
     daily: int = 0
     weekly: int = 0
     monthly: int = 0
     yearly: int = 0
+    within: Within | None = None
     keep_all: bool = False  # no retention table: keep everything
 
 
@@ -172,10 +206,14 @@ def next_slot(schedule: Schedule, timezone: str, now: _dt.datetime) -> _dt.datet
 
 # -- retention -------------------------------------------------------------------------
 
-_BUCKETS = ("daily", "weekly", "monthly", "yearly")
+_BUCKETS = ("hourly", "daily", "weekly", "monthly", "yearly")
 
 
 def _bucket(rule: str, t: _dt.datetime) -> tuple[int, ...]:
+    """The calendar bucket of a local time (``hourly``: the wall-clock hour, so the two
+    02:00 hours of a night the clocks go back are one bucket, as in restic)."""
+    if rule == "hourly":
+        return (t.year, t.month, t.day, t.hour)
     if rule == "daily":
         return (t.year, t.month, t.day)
     if rule == "weekly":
@@ -187,6 +225,8 @@ def _bucket(rule: str, t: _dt.datetime) -> tuple[int, ...]:
 
 
 def _bucket_label(rule: str, b: tuple[int, ...]) -> str:
+    if rule == "hourly":
+        return f"{b[0]:04d}-{b[1]:02d}-{b[2]:02d}T{b[3]:02d}"
     if rule == "daily":
         return f"{b[0]:04d}-{b[1]:02d}-{b[2]:02d}"
     if rule == "weekly":
@@ -196,13 +236,34 @@ def _bucket_label(rule: str, b: tuple[int, ...]) -> str:
     return f"{b[0]:04d}"
 
 
+def within_cutoff(latest: _dt.datetime, within: Within, tz: _dt.tzinfo) -> _dt.datetime | None:
+    """restic's ``latest.AddDate(-y, -m, -d).Add(-h hours)`` in ``tz``: the calendar step
+    on the local date (a day past the month's end rolls into the next month, as Go
+    normalises), the same wall time (:func:`local_to_utc` where it repeats or is
+    skipped), then the hours as elapsed time.  None: before year 1 (keeps everything)."""
+    local = latest.astimezone(tz)
+    months = local.year * 12 + (local.month - 1) - within.years * 12 - within.months
+    year, month = divmod(months, 12)
+    if year < 1:
+        return None
+    try:
+        day = _dt.date(year, month + 1, 1) + _dt.timedelta(days=local.day - 1 - within.days)
+        at = local_to_utc(day, local.hour, local.minute, tz)
+        return at.replace(second=local.second, microsecond=local.microsecond) \
+            - _dt.timedelta(hours=within.hours)
+    except OverflowError:
+        return None
+
+
 def apply_retention(created: list[tuple[str, _dt.datetime]], retention: Retention,
                     timezone: str) -> dict[str, list[str]]:
     """Point id -> reasons to keep it (empty: remove), restic's ``--keep-*`` semantics.
 
-    ``created`` lists (point id, creation time) of one VM.  Each count keeps the
-    newest point of that many most recent calendar buckets (in ``timezone``)
-    that have one; the newest point is always kept (``latest``); no retention
+    ``created`` lists (point id, creation time) of one VM.  ``last`` keeps that
+    many newest (``last N``); each count keeps the newest point of that many most
+    recent calendar buckets (in ``timezone``) that have one (``daily 2026-01-13``);
+    ``within`` keeps the points strictly newer than the newest less the duration
+    (``within 14d``); the newest point is always kept (``latest``); no retention
     table keeps everything.
     """
     from cbt.format.records import id_order
@@ -218,6 +279,8 @@ def apply_retention(created: list[tuple[str, _dt.datetime]], retention: Retentio
             if "latest" not in reasons[pid]:
                 reasons[pid].append("no retention")
         return reasons
+    for pid, _t in newest_first[:retention.last]:
+        reasons[pid].append(f"last {retention.last}")
     for rule in _BUCKETS:
         count = getattr(retention, rule)
         seen: set[tuple[int, ...]] = set()
@@ -229,4 +292,9 @@ def apply_retention(created: list[tuple[str, _dt.datetime]], retention: Retentio
                 continue
             seen.add(b)
             reasons[pid].append(f"{rule} {_bucket_label(rule, b)}")
+    if retention.within is not None:
+        cutoff = within_cutoff(newest_first[0][1], retention.within, tz)
+        for pid, t in newest_first:
+            if cutoff is None or t > cutoff:
+                reasons[pid].append(f"within {retention.within.text}")
     return reasons
