@@ -37,6 +37,7 @@ COMMANDS = {
     "run-due": ("cbt.cli.run_due_cmd", "run the backup jobs whose schedule slot is due"),
     "daemon": ("cbt.cli.daemon_cmd", "run due backup jobs in a loop until stopped"),
     "prune": ("cbt.cli.prune_cmd", "remove the points the retention policies do not keep"),
+    "forget": ("cbt.cli.forget_cmd", "remove named recovery points (as prune does)"),
     "gc": ("cbt.cli.gc_cmd", "free the blocks no recovery point references"),
     "scan": ("cbt.cli.scan_cmd", "hash every block of a disk image or device"),
     "diff": ("cbt.cli.diff_cmd", "list the blocks that differ between two images or manifests"),

@@ -15,6 +15,10 @@
 4. Kept snapshots (instant restore) older than the policy's
    ``instant_restore_days`` are removed (never a disk's tracking base).
 
+:func:`forget` is the same with a plan that names the points to remove
+(``cbt forget``): every other point is kept, and a named point that kept points
+are based on is hidden, as above.
+
 A point record that cannot be read (damaged) is left where it is, and so is
 every point based on it and every base those need, and the points its own
 deltas are based on (its manifests name them); each is named in a warning
@@ -47,6 +51,7 @@ class PruneRequest:
     expired: Callable[[str, str], bool]
     dry_run: bool = False
     wait: float = 0.0
+    removed_why: str = "not kept by any rule"  # the reason given for a point that goes
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,22 @@ def prune(vault: Vault, request: PruneRequest) -> PruneResult:
                        warnings=warnings)
 
 
+def forget(vault: Vault, refs: list[str], dry_run: bool = False,
+           wait: float = 0.0) -> PruneResult:
+    """Remove the named points (ids, unique id prefixes, ``VM.latest``), with the vault
+    alone, as :func:`prune` removes what a plan does not keep; the result lists the
+    named points only.  A name that is no visible point raises before anything changes
+    (it is resolved under the lock, so a prune meanwhile cannot make it another)."""
+    def keep(points: list[PointRecord]) -> dict[str, list[str]]:
+        named = {vault.point(ref).id for ref in refs}
+        return {p.id: [] if p.id in named else ["not named"] for p in points}
+
+    result = prune(vault, PruneRequest(keep=keep, expired=lambda _vm, _created: False,
+                                       dry_run=dry_run, wait=wait, removed_why="named"))
+    result.points = [p for p in result.points if not p.keep]
+    return result
+
+
 def _plan(vault: Vault, request: PruneRequest, warnings: list[str]) -> _Plan:
     """Steps 1 and 2: keep, hide (a base kept points need) or delete each point."""
     records = vault.records()
@@ -125,10 +146,10 @@ def _plan(vault: Vault, request: PruneRequest, warnings: list[str]) -> _Plan:
             continue
         if r.id in needed or not known:
             plan.hide.append(r)
-            why = ["not kept by any rule; hidden, as kept points are based on it"]
+            why = [f"{request.removed_why}; hidden, as kept points are based on it"]
         else:
             plan.delete.append(r)
-            why = ["not kept by any rule"]
+            why = [request.removed_why]
         plan.verdicts.append(PointVerdict(r.id, r.vm, False, why))
     plan.expired = _expired_snapshots(kept_snapshots(vault, warnings), request.expired,
                                       {r.id for r in plan.delete} | {r.id for r in plan.hide})

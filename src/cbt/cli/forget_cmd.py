@@ -1,0 +1,56 @@
+"""Remove named recovery points from a vault (ids, unique id prefixes, or VM.latest).
+
+Works as prune does, with the vault alone (a running backup makes it fail, or
+wait with --wait): a named point that points kept are based on is hidden
+instead (it no longer lists, but still resolves for them), and each named
+point says which happened.  A name that matches no point (or several) is one
+error line, and nothing is removed.  Kept snapshots of removed points go too.
+The blocks are freed later by 'cbt gc'.
+
+--json prints {"dry_run","points":[{"recovery_point","vm","keep","reasons"}],
+"snapshots_expired","warnings"} (prune's shape; "points" lists the named points).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cbt.cli._common import (
+    EXIT_OK,
+    MAX_WAIT,
+    add_json,
+    add_password_file,
+    add_vault,
+    emit_warnings,
+    open_vault,
+    print_json,
+    say,
+    seconds_arg,
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_vault(p, "the vault")
+    p.add_argument("points", nargs="+", metavar="POINT",
+                   help="a point to remove: its id, a unique prefix of it, or VM.latest")
+    p.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
+    p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
+                   help="wait this long for running backups to finish (default: fail)")
+    add_password_file(p)
+    add_json(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cbt.ops.prune import forget
+
+    result = forget(open_vault(args), list(args.points), args.dry_run, args.wait)
+    if args.json:
+        print_json(result.to_dict())
+        return EXIT_OK
+    emit_warnings(result.warnings)
+    for p in result.points:
+        print(f"remove {p.recovery_point:<40} {', '.join(p.reasons)}")
+    verb = "would remove" if args.dry_run else "removed"
+    say(f"{verb} {len(result.points)} points, {result.snapshots_expired} kept snapshots; "
+        "run 'cbt gc' to free their blocks")
+    return EXIT_OK

@@ -1,0 +1,126 @@
+"""`cbt forget VAULT POINT...` (issue 16): remove named points as prune does.
+
+A vault holds five points of VM ``web`` (disk seqs 0..4: seq 1 and 2 are deltas
+on 0, seq 3 on 2, seq 4 on 0) and one of VM ``db``.  Which point is a base of which
+is read from the point records' files here, not from cbt.  Forgetting a point a
+kept one is based on hides it ("named; hidden, ..."), the others are deleted
+("named"); every point left restores bit for bit; an unknown name, or a backup
+holding the vault, removes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers.cli import cbt, cbt_json, one_error_line
+from helpers.images import assert_same_bytes, copy_disk, random_bytes, scribble, write_disk
+from helpers.shapes import PRUNE_KEYS, PRUNE_POINT_KEYS
+from helpers.vaults import listed_ids, vault_state
+
+from cbt.api import Vault
+from cbt.repo.lock import shared_lock
+from cbt.repo.stores import storage_at
+from cbt.source.disks import DiskSpec
+
+HIDDEN = "named; hidden, as kept points are based on it"
+
+
+@pytest.fixture
+def history(tmp_path: Path) -> tuple[Path, list[str], str, dict[str, Path]]:
+    disk = write_disk(tmp_path / "os.img", random_bytes(256 << 10, seed=1))
+    vault = Vault.init(tmp_path / "vault")
+    truth: dict[str, Path] = {}
+    web = []
+    for day in range(1, 6):
+        if day > 1:
+            scribble(disk, seed=day, pages=3)
+        pid = vault.backup("web", [DiskSpec("os", str(disk))], workers=1,
+                           created=f"2026-04-0{day}T10:00:00Z").id
+        truth[pid] = copy_disk(disk, tmp_path / "truth" / f"{pid}.img")
+        web.append(pid)
+    db = vault.backup("db", [DiskSpec("os", str(disk))], workers=1,
+                      created="2026-04-06T10:00:00Z").id
+    truth[db] = copy_disk(disk, tmp_path / "truth" / f"{db}.img")
+    return tmp_path / "vault", web, db, truth
+
+
+def _record(vault: Path, pid: str) -> dict[str, object]:
+    return dict(json.loads((vault / "points" / f"{pid}.json").read_text()))
+
+
+def _base(vault: Path, pid: str) -> str | None:
+    disks = _record(vault, pid)["disks"]
+    assert isinstance(disks, list)
+    return disks[0]["base"]
+
+
+def _forget(vault: Path, *args: object) -> dict[str, object]:
+    out = cbt_json("forget", vault, *args)
+    assert set(out) == PRUNE_KEYS, out
+    for p in out["points"]:
+        assert set(p) == PRUNE_POINT_KEYS and p["keep"] is False, p
+    return out
+
+
+def test_forget_hides_bases_deletes_the_rest(
+        history: tuple[Path, list[str], str, dict[str, Path]], tmp_path: Path) -> None:
+    vault, web, db, truth = history
+    # the skip chain, from the records: 1, 2 and 4 on 0; 3 on 2
+    assert [_base(vault, p) for p in web] == [None, web[0], web[0], web[2], web[0]]
+    before = vault_state(vault)
+    dry = _forget(vault, web[1], web[2][:-3], "db.latest", web[0], "--dry-run")
+    assert vault_state(vault) == before, "--dry-run changed the vault"
+    out = _forget(vault, web[1], web[2][:-3], "db.latest", web[0])
+    assert {k: v for k, v in dry.items() if k != "dry_run"} == {
+        k: v for k, v in out.items() if k != "dry_run"}
+    got = {p["recovery_point"]: p["reasons"] for p in out["points"]}  # type: ignore[union-attr]
+    # web[0]: web[3] and web[4] are kept and based on it (web[3] through web[2])
+    assert got == {web[1]: ["named"], web[2]: [HIDDEN], db: ["named"], web[0]: [HIDDEN]}
+    assert sorted(listed_ids(vault)) == sorted([web[3], web[4]])
+    assert not (vault / "points" / f"{web[1]}.json").exists()
+    assert not list((vault / "manifests").glob(f"{web[1]}/*")), "its manifests stay"
+    assert _record(vault, web[2])["hidden"] is True
+    for pid in (web[3], web[4]):
+        r = cbt("restore", vault, pid, "--to", tmp_path / "out" / pid)
+        assert r.returncode == 0, r.stderr
+        assert_same_bytes(tmp_path / "out" / pid / "os.img", truth[pid])
+    # forgetting the bases' dependants too: the hidden bases go with them
+    out = _forget(vault, web[3], "web.latest")
+    assert {p["recovery_point"] for p in out["points"]} == {web[3], web[4]}  # type: ignore[union-attr]
+    assert listed_ids(vault) == []
+    assert sorted(p.name for p in (vault / "points").iterdir()) == []
+
+
+def test_forget_human_output_and_quiet(
+        history: tuple[Path, list[str], str, dict[str, Path]]) -> None:
+    vault, web, _db, _truth = history
+    r = cbt("forget", vault, web[4])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["remove", web[4], "named"]
+    assert "cbt gc" in lines[-1] and len(lines) == 2
+    r = cbt("forget", vault, web[3], "-q")
+    assert r.returncode == 0 and r.stdout.split() == ["remove", web[3], "named"], r.stdout
+
+
+@pytest.mark.parametrize("name", ["nosuch", "web.", "2026-04", "nosuch.latest"])
+def test_unknown_point_removes_nothing(
+        history: tuple[Path, list[str], str, dict[str, Path]], name: str) -> None:
+    vault, web, _db, _truth = history
+    before = vault_state(vault)
+    line = one_error_line(cbt("forget", vault, web[1], name))
+    assert name.removesuffix(".latest") in line, line
+    assert vault_state(vault) == before
+
+
+def test_forget_needs_the_vault_alone(
+        history: tuple[Path, list[str], str, dict[str, Path]]) -> None:
+    vault, web, _db, _truth = history
+    before = vault_state(vault)
+    with shared_lock(storage_at(str(vault))):  # a backup holds the vault
+        line = one_error_line(cbt("forget", vault, web[1]))
+    assert "--wait" in line, line
+    assert vault_state(vault) == before
+    assert web[1] in listed_ids(vault)
