@@ -75,7 +75,7 @@ def test_forget_hides_bases_deletes_the_rest(
     out = _forget(vault, web[1], web[2][:-3], "db.latest", web[0])
     assert {k: v for k, v in dry.items() if k != "dry_run"} == {
         k: v for k, v in out.items() if k != "dry_run"}
-    got = {p["recovery_point"]: p["reasons"] for p in out["points"]}  # type: ignore[union-attr]
+    got = {p["recovery_point"]: p["reasons"] for p in out["points"]}
     # web[0]: web[3] and web[4] are kept and based on it (web[3] through web[2])
     assert got == {web[1]: ["named"], web[2]: [HIDDEN], db: ["named"], web[0]: [HIDDEN]}
     assert sorted(listed_ids(vault)) == sorted([web[3], web[4]])
@@ -88,7 +88,7 @@ def test_forget_hides_bases_deletes_the_rest(
         assert_same_bytes(tmp_path / "out" / pid / "os.img", truth[pid])
     # forgetting the bases' dependants too: the hidden bases go with them
     out = _forget(vault, web[3], "web.latest")
-    assert {p["recovery_point"] for p in out["points"]} == {web[3], web[4]}  # type: ignore[union-attr]
+    assert {p["recovery_point"] for p in out["points"]} == {web[3], web[4]}
     assert listed_ids(vault) == []
     assert sorted(p.name for p in (vault / "points").iterdir()) == []
 

@@ -38,6 +38,7 @@ COMMANDS = {
     "daemon": ("cbt.cli.daemon_cmd", "run due backup jobs in a loop until stopped"),
     "prune": ("cbt.cli.prune_cmd", "remove the points the retention policies do not keep"),
     "forget": ("cbt.cli.forget_cmd", "remove named recovery points (as prune does)"),
+    "stats": ("cbt.cli.stats_cmd", "where the space goes: sizes, ratios, unique bytes per point"),
     "gc": ("cbt.cli.gc_cmd", "free the blocks no recovery point references"),
     "scan": ("cbt.cli.scan_cmd", "hash every block of a disk image or device"),
     "diff": ("cbt.cli.diff_cmd", "list the blocks that differ between two images or manifests"),

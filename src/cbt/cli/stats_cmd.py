@@ -1,0 +1,167 @@
+"""Where a vault's space goes: sizes, ratios, per VM and per point.
+
+Logical bytes: the disks' sizes; data: their DATA blocks (no holes, no zero
+blocks); stored: the blobs in the packs (compressed, sealed when encrypted),
+blocks awaiting 'cbt gc' included; referenced: those some point uses.  A
+point's stored bytes are the blocks it references, new those no earlier point
+of its VM does, unique those no other point does (what forgetting it, then
+'cbt gc', frees).  dedup_ratio = data bytes / raw bytes of the distinct
+referenced blocks; compression_ratio = those raw bytes / their stored bytes.
+The totals are the whole vault's; --vm and POINT only limit what is listed.
+Takes no lock (it only reads).
+
+--map draws each VM's stored and new bytes per point over time on the
+terminal; --map FILE.svg or FILE.png writes a chart (needs matplotlib:
+pip install 'cbt[plot]').
+
+--json prints {"logical_bytes","data_bytes","stored_bytes","referenced_bytes",
+"dedup_ratio","compression_ratio","vms":[{"vm","points","logical_bytes",
+"data_bytes","unique_bytes"}],"points":[{"recovery_point","vm","created",
+"logical_bytes","data_bytes","stored_bytes","new_bytes","unique_bytes"}],
+"warnings"} (a ratio is null when nothing is stored).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from cbt.cli._common import (
+    EXIT_OK,
+    add_json,
+    add_password_file,
+    add_vault,
+    emit_warnings,
+    local_path_arg,
+    open_vault,
+    print_json,
+    print_table,
+    say,
+)
+
+if TYPE_CHECKING:
+    from cbt.ops.stats import Stats
+
+MAP_WIDTH = 40  # cells of the longest bar on the terminal
+PLOT_HINT = "pip install 'cbt[plot]'"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_vault(p, "the vault")
+    p.add_argument("points", nargs="*", metavar="POINT",
+                   help="list only these points (id, unique prefix, or VM.latest)")
+    p.add_argument("--vm", metavar="NAME", help="list only this VM and its points")
+    p.add_argument("--map", nargs="?", const="-", type=_map_arg, metavar="FILE",
+                   help="draw each VM's stored and new bytes per point over time: on the "
+                        "terminal, or into FILE.svg / FILE.png (needs matplotlib)")
+    add_password_file(p)
+    add_json(p)
+
+
+def _map_arg(text: str) -> str:
+    if text == "-":
+        return text
+    text = local_path_arg(text)
+    if not text.lower().endswith((".svg", ".png")):
+        raise argparse.ArgumentTypeError(f"{text!r}: a chart is written as FILE.svg or "
+                                         "FILE.png")
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    from cbt.ops.stats import stats
+
+    result = stats(open_vault(args), args.vm, list(args.points))
+    if args.map not in (None, "-"):
+        write_chart(result, args.map)
+    if args.json:
+        print_json(result.to_dict())
+        return EXIT_OK
+    emit_warnings(result.warnings)
+    if args.map == "-":
+        for line in text_map(result):
+            print(line)
+    elif args.map is None:
+        _print_tables(result)
+    else:
+        say(f"wrote {args.map}")
+    return EXIT_OK
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _print_tables(s: Stats) -> None:
+    from cbt.core.sizes import human_bytes as hb
+
+    print(f"logical {hb(s.logical_bytes)}, data {hb(s.data_bytes)}, stored "
+          f"{hb(s.stored_bytes)} ({hb(s.referenced_bytes)} referenced); dedup "
+          f"{_ratio(s.dedup_ratio)}, compression {_ratio(s.compression_ratio)}")
+    print()
+    print_table(["VM", "POINTS", "LOGICAL", "DATA", "UNIQUE"],
+                [[v.vm, str(v.points), hb(v.logical_bytes), hb(v.data_bytes),
+                  hb(v.unique_bytes)] for v in s.vms], right={1, 2, 3, 4})
+    print()
+    print_table(["POINT", "CREATED", "LOGICAL", "DATA", "STORED", "NEW", "UNIQUE"],
+                [[p.recovery_point, p.created, hb(p.logical_bytes), hb(p.data_bytes),
+                  hb(p.stored_bytes), hb(p.new_bytes), hb(p.unique_bytes)]
+                 for p in s.points], right={2, 3, 4, 5, 6})
+
+
+def text_map(s: Stats) -> list[str]:
+    """Per VM, one line per point (oldest first): a bar as long as its stored bytes,
+    the new part in full blocks, the rest shaded; all bars on one scale."""
+    from cbt.core.sizes import human_bytes as hb
+
+    top = max([p.stored_bytes for p in s.points], default=0)
+    lines: list[str] = []
+    for vm in sorted({p.vm for p in s.points}):
+        lines.append(f"{vm}  (\u2588 new, \u2592 stored before)")
+        for p in (q for q in s.points if q.vm == vm):
+            cells = _cells(p.stored_bytes, top)
+            new = min(cells, _cells(p.new_bytes, top))
+            bar = "\u2588" * new + "\u2592" * (cells - new)
+            lines.append(f"  {p.created}  {bar:<{MAP_WIDTH}}  stored {hb(p.stored_bytes)}, "
+                         f"new {hb(p.new_bytes)}")
+    return lines
+
+
+def _cells(value: int, top: int) -> int:
+    """Cells of a bar for ``value`` on a scale where ``top`` fills :data:`MAP_WIDTH`
+    (anything above zero shows)."""
+    if value <= 0 or top <= 0:
+        return 0
+    return max(1, round(value * MAP_WIDTH / top))
+
+
+def write_chart(s: Stats, path: str) -> None:
+    """A chart per VM of stored and new bytes per point over time, into ``path`` (SVG or
+    PNG by its suffix); matplotlib is imported only here."""
+    import datetime as dt
+
+    from cbt.core.errors import CbtValueError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CbtValueError(f"--map {path}: drawing a chart needs matplotlib: "
+                            f"{PLOT_HINT}") from None
+    vms = sorted({p.vm for p in s.points}) or ["(no points)"]
+    fig, axes = plt.subplots(len(vms), 1, figsize=(9, 2.6 * len(vms)), squeeze=False)
+    for ax, vm in zip(axes[:, 0], vms, strict=True):
+        pts = [p for p in s.points if p.vm == vm]
+        when = [dt.datetime.fromisoformat(p.created.replace("Z", "+00:00")) for p in pts]
+        ax.plot(when, [p.stored_bytes / 2**20 for p in pts], marker="o", label="stored")
+        ax.bar(when, [p.new_bytes / 2**20 for p in pts], width=0.3, color="tab:orange",
+               label="new")
+        ax.set_title(vm)
+        ax.set_ylabel("MiB")
+        ax.legend(loc="upper left")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

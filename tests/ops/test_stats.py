@@ -1,0 +1,224 @@
+"""`cbt stats` (issue 16): sizes, ratios and unique bytes, against truth computed here.
+
+The truth comes from the images each point was made from (copies kept by the
+test): the BLAKE3 of every non-zero 64 KiB block (a plain vault names blocks by
+it), and each block's stored length from the packs' own trailers (read by
+``helpers.packs``, not through cbt's index).  From those: per point the set of
+blocks it holds; unique = the blocks no other visible point holds; new = the
+blocks no earlier point of its VM holds; per VM likewise.  Then forgetting a
+point with unique bytes and running gc lowers the referenced bytes by exactly
+that much.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers.cli import cbt, cbt_json, one_error_line
+from helpers.images import copy_disk, read, write_at, write_disk
+from helpers.packs import _BLOB, pack_files, trailer_entries
+from helpers.truth import block_digests, data_bytes
+
+from cbt.api import Vault
+from cbt.ops.prune import forget
+from cbt.ops.stats import stats
+from cbt.source.disks import DiskSpec
+
+BS = 64 << 10
+TOP = {"logical_bytes", "data_bytes", "stored_bytes", "referenced_bytes", "dedup_ratio",
+       "compression_ratio", "vms", "points", "warnings"}
+VM_KEYS = {"vm", "points", "logical_bytes", "data_bytes", "unique_bytes"}
+POINT_KEYS = {"recovery_point", "vm", "created", "logical_bytes", "data_bytes",
+              "stored_bytes", "new_bytes", "unique_bytes"}
+
+
+def _block(seed: int, compressible: bool = False) -> bytes:
+    rng = np.random.default_rng(seed)
+    if compressible:  # a few distinct bytes repeated: zstd shrinks it
+        return bytes(rng.integers(0, 4, BS, dtype=np.uint8))
+    return rng.integers(0, 256, BS, dtype=np.uint8).tobytes()
+
+
+@pytest.fixture
+def history(tmp_path: Path) -> tuple[Path, dict[str, Path], list[str]]:
+    """web: 4 points (blocks changed each day; a zero block; a short last block); db: a
+    copy of web's last disk plus one block of its own; solo: its own data."""
+    web = tmp_path / "web.img"
+    data = b"".join(_block(i, compressible=i % 2 == 0) for i in range(8))
+    write_disk(web, np.frombuffer(data + bytes(BS) + _block(99)[:5000], dtype=np.uint8))
+    vault = Vault.init(tmp_path / "vault")
+    truth: dict[str, Path] = {}
+    order = []
+
+    def backup(vm: str, disk: Path, day: int) -> None:
+        pid = vault.backup(vm, [DiskSpec("os", str(disk))], block_size=BS, workers=1,
+                           created=f"2026-05-{day:02d}T10:00:00Z").id
+        truth[pid] = copy_disk(disk, tmp_path / "truth" / f"{pid}.img")
+        order.append(pid)
+
+    backup("web", web, 1)
+    for day in (2, 3, 4):
+        write_at(web, day * BS, _block(100 + day))
+        backup("web", web, day)
+    db = copy_disk(web, tmp_path / "db.img")
+    write_at(db, 0, _block(200))
+    backup("db", db, 5)
+    solo = write_disk(tmp_path / "solo.img",
+                      np.frombuffer(_block(300) + _block(301, True), dtype=np.uint8))
+    backup("solo", solo, 6)
+    return tmp_path / "vault", truth, order
+
+
+def _stored_sizes(vault: Path) -> dict[bytes, tuple[int, int]]:
+    """Digest -> (blob bytes in its pack, raw bytes), from the packs' trailers."""
+    out = {}
+    for pack in pack_files(vault):
+        for digest, _off, stored, raw in trailer_entries(pack):
+            out[digest] = (_BLOB.size + stored, raw)
+    return out
+
+
+def _truth(vault: Path, truth: dict[str, Path], visible: list[str]) -> dict[str, object]:
+    sizes = _stored_sizes(vault)
+    blocks = {p: set(block_digests(read(truth[p]), BS)) for p in visible}
+    vm_of = {p: p.split(".")[0] for p in visible}
+    points = {}
+    for p in visible:
+        others = set().union(*(blocks[q] for q in visible if q != p))
+        earlier = set().union(*(blocks[q] for q in visible[:visible.index(p)]
+                                if vm_of[q] == vm_of[p]))
+        points[p] = {"logical_bytes": truth[p].stat().st_size,
+                     "data_bytes": data_bytes(read(truth[p]), BS),
+                     "stored_bytes": sum(sizes[b][0] for b in blocks[p]),
+                     "new_bytes": sum(sizes[b][0] for b in blocks[p] - earlier),
+                     "unique_bytes": sum(sizes[b][0] for b in blocks[p] - others)}
+    vms = {}
+    for vm in sorted(set(vm_of.values())):
+        mine = set().union(*(blocks[p] for p in visible if vm_of[p] == vm))
+        theirs = set().union(*(blocks[p] for p in visible if vm_of[p] != vm))
+        vms[vm] = {"points": sum(vm_of[p] == vm for p in visible),
+                   "unique_bytes": sum(sizes[b][0] for b in mine - theirs)}
+    referenced = set().union(*blocks.values())
+    raw = sum(sizes[b][1] for b in referenced)
+    return {"points": points, "vms": vms,
+            "stored_bytes": sum(s for s, _ in sizes.values()),
+            "referenced_bytes": sum(sizes[b][0] for b in referenced),
+            "data_bytes": sum(v["data_bytes"] for v in points.values()),
+            "raw": raw}
+
+
+def _check(got: dict[str, object], want: dict[str, object]) -> None:
+    assert set(got) == TOP, got
+    rows = {p["recovery_point"]: p for p in got["points"]}
+    for p in got["points"]:
+        assert set(p) == POINT_KEYS, p
+    assert list(rows) == list(want["points"])
+    for pid, w in want["points"].items():
+        assert {k: rows[pid][k] for k in w} == w, pid
+    vms = {v["vm"]: v for v in got["vms"]}
+    for v in got["vms"]:
+        assert set(v) == VM_KEYS, v
+    for vm, w in want["vms"].items():
+        assert {k: vms[vm][k] for k in w} == w, vm
+    for k in ("stored_bytes", "referenced_bytes", "data_bytes"):
+        assert got[k] == want[k], k
+    assert got["dedup_ratio"] == pytest.approx(want["data_bytes"] / want["raw"])
+    assert got["compression_ratio"] == pytest.approx(
+        want["raw"] / want["referenced_bytes"])
+    assert got["compression_ratio"] > 1.0, "half the blocks compress"
+    assert got["dedup_ratio"] > 1.0
+
+
+def test_stats_against_truth(history: tuple[Path, dict[str, Path], list[str]]) -> None:
+    vault, truth, order = history
+    want = _truth(vault, truth, order)
+    got = cbt_json("stats", vault)
+    _check(got, want)
+    assert got["warnings"] == []
+    assert got["logical_bytes"] == sum(truth[p].stat().st_size for p in order)
+    # the first web point alone holds the original block 2 (3 and 4 live on in the
+    # points of days 2 and 3); db is a copy of web's last point but for block 0
+    uniques = [want["points"][p]["unique_bytes"] for p in order]
+    assert uniques[0] > 0 and uniques[1:4] == [0, 0, 0] and uniques[4] > 0 and uniques[5] > 0
+
+
+def test_forgetting_frees_its_unique_bytes(
+        history: tuple[Path, dict[str, Path], list[str]]) -> None:
+    """Forget the first web point (a base the others need: hidden), gc: the referenced
+    bytes drop by its unique bytes; the new figures match the truth of what is left."""
+    vault, truth, order = history
+    before = stats(Vault.open(vault))
+    unique = next(p.unique_bytes for p in before.points if p.recovery_point == order[0])
+    forget(Vault.open(vault), [order[0]])
+    r = cbt("gc", vault, "--grace", "0")
+    assert r.returncode == 0, r.stderr
+    after = cbt_json("stats", vault)
+    assert after["referenced_bytes"] == before.referenced_bytes - unique
+    _check(after, _truth(vault, truth, order[1:]))
+
+
+def test_filters_human_output_and_map(history: tuple[Path, dict[str, Path], list[str]],
+                                      tmp_path: Path) -> None:
+    vault, _t, order = history
+    whole = cbt_json("stats", vault)
+    some = cbt_json("stats", vault, "--vm", "web", order[1][:-3], "web.latest")
+    assert [p["recovery_point"] for p in some["points"]] == [order[1], order[3]]
+    assert [v["vm"] for v in some["vms"]] == ["web"]
+    assert {k: some[k] for k in TOP - {"vms", "points"}} == {
+        k: whole[k] for k in TOP - {"vms", "points"}}, "totals are the whole vault's"
+    r = cbt("stats", vault)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[2].split() == ["VM", "POINTS", "LOGICAL", "DATA", "UNIQUE"]
+    assert any(line.split()[:1] == [order[0]] for line in lines)
+    r = cbt("stats", vault, "--map")
+    assert r.returncode == 0, r.stderr
+    bars = [line for line in r.stdout.splitlines() if "stored" in line and "new" in line
+            and line.startswith("  ")]
+    assert len(bars) == len(order)
+    # web's first point: all new (full blocks only); its later ones mostly stored before
+    first = next(b for b in bars if "2026-05-01" in b)
+    assert "\u2592" not in first and "\u2588" in first
+    assert "\u2592" in next(b for b in bars if "2026-05-02" in b)
+    svg = tmp_path / "map.svg"
+    r = cbt("stats", vault, "--map", svg)
+    assert r.returncode == 0, r.stderr
+    assert svg.read_text().lstrip().startswith(("<?xml", "<svg"))
+    png = tmp_path / "map.png"
+    assert cbt("stats", vault, "--map", png, "-q").stdout == ""
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_map_file_without_matplotlib_says_how(
+        history: tuple[Path, dict[str, Path], list[str]], tmp_path: Path) -> None:
+    """A matplotlib that cannot be imported (a stub package that raises ImportError, first
+    on PYTHONPATH): one line naming the extra; no file."""
+    vault, _t, _order = history
+    stub = tmp_path / "stub" / "matplotlib"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    r = cbt("stats", vault, "--map", tmp_path / "m.png",
+            env={"PYTHONPATH": str(tmp_path / "stub")})
+    line = one_error_line(r)
+    assert "pip install 'cbt[plot]'" in line, line
+    assert not (tmp_path / "m.png").exists()
+    # the terminal map and plain stats never load it
+    assert cbt("stats", vault, "--map", env={"PYTHONPATH": str(tmp_path / "stub")}
+               ).returncode == 0
+
+
+def test_bad_input(history: tuple[Path, dict[str, Path], list[str]], tmp_path: Path) -> None:
+    vault, _t, order = history
+    assert "nosuch" in one_error_line(cbt("stats", vault, "nosuch"))
+    assert "FILE.svg" in one_error_line(cbt("stats", vault, "--map", tmp_path / "m.txt"))
+    assert "URL" in one_error_line(cbt("stats", vault, "--map", "s3://b/m.svg"))
+    # a damaged point record: a warning, the rest counted
+    rec = vault / "points" / f"{order[4]}.json"
+    rec.write_text(rec.read_text()[:-20])
+    got = cbt_json("stats", vault)
+    assert any(str(rec) in w for w in got["warnings"]), got["warnings"]
+    assert order[4] not in {p["recovery_point"] for p in got["points"]}
+    assert json.dumps(got)  # still one JSON object
