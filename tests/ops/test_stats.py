@@ -44,12 +44,15 @@ def _block(seed: int, compressible: bool = False) -> bytes:
 
 @pytest.fixture
 def history(tmp_path: Path) -> tuple[Path, dict[str, Path], list[str]]:
+    return _build(tmp_path, Vault.init(tmp_path / "vault"))
+
+
+def _build(tmp_path: Path, vault: Vault) -> tuple[Path, dict[str, Path], list[str]]:
     """web: 4 points (blocks changed each day; a zero block; a short last block); db: a
     copy of web's last disk plus one block of its own; solo: its own data."""
     web = tmp_path / "web.img"
     data = b"".join(_block(i, compressible=i % 2 == 0) for i in range(8))
     write_disk(web, np.frombuffer(data + bytes(BS) + _block(99)[:5000], dtype=np.uint8))
-    vault = Vault.init(tmp_path / "vault")
     truth: dict[str, Path] = {}
     order = []
 
@@ -69,7 +72,7 @@ def history(tmp_path: Path) -> tuple[Path, dict[str, Path], list[str]]:
     solo = write_disk(tmp_path / "solo.img",
                       np.frombuffer(_block(300) + _block(301, True), dtype=np.uint8))
     backup("solo", solo, 6)
-    return tmp_path / "vault", truth, order
+    return Path(vault.root), truth, order
 
 
 def _stored_sizes(vault: Path) -> dict[bytes, tuple[int, int]]:
@@ -222,3 +225,30 @@ def test_bad_input(history: tuple[Path, dict[str, Path], list[str]], tmp_path: P
     assert any(str(rec) in w for w in got["warnings"]), got["warnings"]
     assert order[4] not in {p["recovery_point"] for p in got["points"]}
     assert json.dumps(got)  # still one JSON object
+
+
+def test_encrypted_vault_and_no_lock(history: tuple[Path, dict[str, Path], list[str]],
+                                     tmp_path: Path) -> None:
+    """The same history in an encrypted vault: the same logical and data bytes, ratios
+    of dedup, points with unique bytes; more stored (each sealed blob carries its nonce
+    and tag).  Stats runs while another command has the vault alone (it takes no lock)."""
+    from helpers.vaults import PASSWORD, encrypted_env, fast_kdf
+
+    from cbt.repo.lock import exclusive_lock
+    from cbt.repo.stores import storage_at
+
+    plain = cbt_json("stats", history[0])
+    enc_root = tmp_path / "enc"
+    enc_root.mkdir()
+    vault = Vault.init(enc_root / "vault", encryption="aes-256-gcm",
+                       passphrase=PASSWORD.encode(), kdf=fast_kdf())
+    root, _truth, order = _build(enc_root, vault)
+    env = encrypted_env(tmp_path)
+    with exclusive_lock(storage_at(str(root))):  # (a prune, a key change: alone)
+        enc = cbt_json("stats", root, env=env)
+    for k in ("logical_bytes", "data_bytes", "dedup_ratio"):
+        assert enc[k] == plain[k], k
+    assert [p["recovery_point"] for p in enc["points"]] == order
+    assert [p["unique_bytes"] > 0 for p in enc["points"]] == [
+        p["unique_bytes"] > 0 for p in plain["points"]]
+    assert enc["stored_bytes"] > plain["stored_bytes"]

@@ -1,8 +1,9 @@
 """Retention of a config applied to a vault: which points to keep, and why.
 
 1. For each VM of the config, apply its policy's retention to its points
-   (calendar buckets in the policy's time zone; the newest point is always
-   kept).  Points of VMs the config does not name are kept (``no policy``);
+   (``last``, calendar buckets in the policy's time zone, ``within`` relative
+   to the VM's newest point: :func:`cbt.jobs.policy.apply_retention`; the
+   newest point is always kept).  Points of VMs the config does not name are kept (``no policy``);
    points newer than ``now`` are kept (``newer than --now``).
 2. A kept snapshot (instant restore) expires when it is older than its VM's
    policy's ``instant_restore_days``.
