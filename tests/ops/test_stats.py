@@ -223,6 +223,7 @@ def test_bad_input(history: tuple[Path, dict[str, Path], list[str]], tmp_path: P
     rec.write_text(rec.read_text()[:-20])
     got = cbt_json("stats", vault)
     assert any(str(rec) in w for w in got["warnings"]), got["warnings"]
+    assert any("may be too high" in w for w in got["warnings"]), got["warnings"]
     assert order[4] not in {p["recovery_point"] for p in got["points"]}
     assert json.dumps(got)  # still one JSON object
 
@@ -252,3 +253,14 @@ def test_encrypted_vault_and_no_lock(history: tuple[Path, dict[str, Path], list[
     assert [p["unique_bytes"] > 0 for p in enc["points"]] == [
         p["unique_bytes"] > 0 for p in plain["points"]]
     assert enc["stored_bytes"] > plain["stored_bytes"]
+
+
+def test_empty_vault(tmp_path: Path) -> None:
+    Vault.init(tmp_path / "v")
+    got = cbt_json("stats", tmp_path / "v")
+    assert got == {"logical_bytes": 0, "data_bytes": 0, "stored_bytes": 0,
+                   "referenced_bytes": 0, "dedup_ratio": None, "compression_ratio": None,
+                   "vms": [], "points": [], "warnings": []}
+    for extra in ([], ["--map"]):
+        r = cbt("stats", tmp_path / "v", *extra)
+        assert r.returncode == 0 and r.stdout.splitlines()[-1] == "no recovery points", r

@@ -98,6 +98,9 @@ def _print_tables(s: Stats) -> None:
     print(f"logical {hb(s.logical_bytes)}, data {hb(s.data_bytes)}, stored "
           f"{hb(s.stored_bytes)} ({hb(s.referenced_bytes)} referenced); dedup "
           f"{_ratio(s.dedup_ratio)}, compression {_ratio(s.compression_ratio)}")
+    if not s.points:
+        print("no recovery points")
+        return
     print()
     print_table(["VM", "POINTS", "LOGICAL", "DATA", "UNIQUE"],
                 [[v.vm, str(v.points), hb(v.logical_bytes), hb(v.data_bytes),
@@ -115,7 +118,7 @@ def text_map(s: Stats) -> list[str]:
     from cbt.core.sizes import human_bytes as hb
 
     top = max([p.stored_bytes for p in s.points], default=0)
-    lines: list[str] = []
+    lines: list[str] = [] if s.points else ["no recovery points"]
     for vm in sorted({p.vm for p in s.points}):
         lines.append(f"{vm}  (\u2588 new, \u2592 stored before)")
         for p in (q for q in s.points if q.vm == vm):

@@ -95,6 +95,9 @@ def stats(vault: Vault, vm: str | None = None, refs: list[str] | None = None) ->
     out = Stats()
     index = vault.load_index(out.warnings)
     points = vault.points(warnings=out.warnings)
+    if out.warnings:
+        out.warnings.append("the blocks of points that cannot be read are not counted: the "
+                            "unique bytes of others may be too high (gc keeps those blocks)")
     blob = index.stored.astype(np.int64) + BLOB.size
     held = [_positions(vault, index, p, out.warnings) for p in points]
     out.stored_bytes = int(blob.sum())
