@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     for p in result.points:
         print(f"remove {p.recovery_point:<40} {', '.join(p.reasons)}")
     verb = "would remove" if args.dry_run else "removed"
-    say(f"{verb} {len(result.points)} points, {result.snapshots_expired} kept snapshots; "
-        "run 'cbt gc' to free their blocks")
+    n = len(result.points)
+    say(f"{verb} {n} point{'s' if n != 1 else ''}, {result.snapshots_expired} kept "
+        "snapshots; run 'cbt gc' to free their blocks")
     return EXIT_OK
