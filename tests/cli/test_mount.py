@@ -256,3 +256,10 @@ def test_an_unknown_point_is_one_line(tmp_path: Path) -> None:
     msg = one_error_line(cbt("mount", tmp_path / "v", "nope.latest", tmp_path / "mnt"))
     assert "nope" in msg
     assert not _in_mounts(tmp_path / "mnt")
+
+
+def test_a_bad_cache_size_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    msg = one_error_line(cbt("mount", tmp_path, "x.latest", tmp_path / "mnt", "--cache",
+                             "lots"))
+    assert "--cache" in msg and "lots" in msg, msg

@@ -87,14 +87,12 @@ def _check_mountpoint(path: str) -> str:
         raise CbtIOError(errno.ENOTDIR, f"mount point {path} is not a directory")
     if os.listdir(path):
         raise CbtIOError(errno.ENOTEMPTY, f"mount point {path} is not empty")
-    if os.path.ismount(path) and not os.access(path, os.R_OK):
-        raise CbtIOError(errno.EBUSY, f"mount point {path} is a mount already")
     return os.path.abspath(path)
 
 
 def run(args: argparse.Namespace) -> int:
     from cbt.core.errors import CbtError
-    from cbt.ops.mount import DEFAULT_CACHE, BlockCache, Shared, mount_tree
+    from cbt.ops.mount import DEFAULT_CACHE, READ_AHEAD, BlockCache, Shared, mount_tree
     from cbt.repo.lock import shared_lock
 
     mountpoint = _check_mountpoint(args.mountpoint)
@@ -116,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     cache = DEFAULT_CACHE if args.cache is None else args.cache
     with shared_lock(vault.storage, reveal_command=not vault.encrypted):
         index = vault.load_index(warnings, headers=True)
-        shared = Shared(vault, index, BlockCache(cache))
+        # (read-ahead into a cache too small to keep it would only fetch blocks twice)
+        shared = Shared(vault, index, BlockCache(cache), read_ahead=min(READ_AHEAD, cache // 4))
         files = mount_tree(shared, points, one=args.point is not None)
         ops = MountFs(shared, files, mountpoint, args.json, warnings)
         try:
@@ -132,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     if not ops.mounted:
         raise CbtError(f"could not mount on {mountpoint} (is /dev/fuse there, and "
                        "fusermount3?)")
-    say(f"unmounted {mountpoint}")
+    if not args.json:  # (--json: the one object printed once mounted)
+        say(f"unmounted {mountpoint}")
     return EXIT_OK
 
 

@@ -122,6 +122,7 @@ class Shared:
     packs_read: int = 0  # pack jobs fetched (a job: the blocks one fetch needs of one pack)
     blocks_read: int = 0  # blocks fetched from the vault and verified
     _count: threading.Lock = field(default_factory=threading.Lock)
+    resolving: threading.Lock = field(default_factory=threading.Lock)  # (one at a time)
 
     def __post_init__(self) -> None:
         self.spec = self.vault.spec()  # (what a pack job names: its storage and keys)
@@ -154,17 +155,17 @@ class DiskReader:
         self._ahead_busy = False
 
     def manifest(self) -> Manifest:
-        with self._lock:
+        with self.shared.resolving:  # (the vault's manifest cache: one resolve at a time)
             if self._manifest is None:
                 self._manifest = self.shared.vault.resolve(self.point, self.label)
             return self._manifest
 
     def read(self, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` (fewer at the end of the disk; none past it)."""
-        m = self.manifest()
-        end = min(offset + size, m.disk_size)
         if offset < 0 or size < 0:
             raise CbtValueError(f"read of {size} bytes at {offset}: out of range")
+        m = self.manifest()
+        end = min(offset + size, m.disk_size)
         if offset >= end:
             return b""
         bs = m.block_size
