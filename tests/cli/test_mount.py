@@ -263,3 +263,38 @@ def test_a_bad_cache_size_is_one_line(tmp_path: Path) -> None:
     msg = one_error_line(cbt("mount", tmp_path, "x.latest", tmp_path / "mnt", "--cache",
                              "lots"))
     assert "--cache" in msg and "lots" in msg, msg
+
+
+def test_gc_while_mounted_keeps_what_the_mount_reads(tmp_path: Path) -> None:
+    """The mount holds the shared lock from its start: a gc run meanwhile may rewrite the
+    packs it reads (into gc's trash), but no later gc empties that trash while it is
+    mounted, so every block still reads back (without the lock, the second gc with
+    --grace 0 would remove the old pack and the read would fail)."""
+    _need_fuse()
+    from cbt.ops.prune import PruneRequest, prune
+
+    vault = cbt_api.Vault.init(tmp_path / "v")
+    first = fast_random(MIB, 31)
+    second = first[:2 * BS] + fast_random(MIB - 2 * BS, 32)  # 14 of 16 blocks new
+    (tmp_path / "d.img").write_bytes(first)
+    old = vault.backup("web", [f"os={tmp_path / 'd.img'}"], block_size=BS, workers=1,
+                       created="2026-01-01T02:00:00Z").id
+    (tmp_path / "d.img").write_bytes(second)
+    new = vault.backup("web", [f"os={tmp_path / 'd.img'}"], block_size=BS, workers=1,
+                       created="2026-01-02T02:00:00Z").id
+    prune(vault, PruneRequest(keep=lambda pts: {p.id: [] if p.id == old else ["kept"]
+                                                for p in pts},
+                              expired=lambda _vm, _created: False))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with _serving(tmp_path / "v", new, mnt, mnt=mnt) as (p, _out):
+        runs = []
+        for _ in range(2):
+            r = cbt("gc", tmp_path / "v", "--grace", "0", "--json")
+            assert r.returncode == 0, r.stderr
+            runs.append(json.loads(r.stdout))
+        assert runs[0]["packs_rewritten"] + runs[0]["packs_removed"] >= 1, runs
+        assert runs[1]["trash_emptied"] == 0, runs
+        assert (mnt / "os.img").read_bytes() == second
+        p.send_signal(signal.SIGTERM)
+        _stopped(p, mnt)

@@ -163,3 +163,23 @@ def test_tree_layouts(tmp_path: Path) -> None:
                                             for d in ("os", "db")]
     finally:
         shared.close()
+
+
+def test_many_threads_read_at_once(point: tuple[cbt_api.Vault, Any, SparseImage]) -> None:
+    """Four threads over one cache (as libfuse's threads call it), with read-ahead and a
+    cache smaller than the disk: every read right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    vault, p, img = point
+    r = _reader(vault, p, cache=40 * BS, ahead=8 * BS)
+    rng = np.random.default_rng(9)
+    spans = [(int(rng.integers(0, SIZE)), int(rng.integers(1, 6 * BS))) for _ in range(200)]
+    spans += [(off, 4096) for off in range(0, SIZE, 4096)]  # one sequential reader too
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda s: r.read(*s), spans))
+        for (off, n), data in zip(spans, got, strict=True):
+            assert data == img.content[off:min(off + n, SIZE)].tobytes(), (off, n)
+        assert r.shared.cache.used <= 40 * BS
+    finally:
+        r.shared.close()

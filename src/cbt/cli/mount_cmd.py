@@ -23,8 +23,9 @@ mount point must be an empty directory.  Needs /dev/fuse and libfuse3
 (apt-get install fuse3).
 
 While mounted it holds the vault's shared lock (as a backup does): prune and
-other commands that need the vault alone wait, and gc keeps every pack that
-existed when the mount started, so a long mount holds gc back.
+other commands that need the vault alone wait (or fail), and gc may move packs
+the mount reads into its trash but empties none of what it trashed since the
+mount started (the mount reads them there): a long mount holds gc's space back.
 
 Once mounted it prints a line (with --json one object: {"mountpoint","points",
 "files":[{"path","size"}],"cache_bytes","warnings"}).
