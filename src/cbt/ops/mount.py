@@ -87,25 +87,25 @@ class BlockCache:
         """Of ``keys`` (not cached), the positions this caller must fetch (now marked as
         being fetched) and the events of those another caller is fetching already."""
         mine, theirs = [], []
+        ours = threading.Event()  # (one for the whole claim: set once, when released)
         with self._lock:
             for i, key in enumerate(keys):
                 if key in self._blocks:
                     continue
                 event = self._pending.get(key)
                 if event is None:
-                    self._pending[key] = threading.Event()
+                    self._pending[key] = ours
                     mine.append(i)
-                elif event not in theirs:
+                elif event is not ours and event not in theirs:
                     theirs.append(event)
         return mine, theirs
 
     def release(self, keys: list[bytes]) -> None:
         """The fetch of ``keys`` is over (done or failed): wake whoever waits for them."""
         with self._lock:
-            for key in keys:
-                event = self._pending.pop(key, None)
-                if event is not None:
-                    event.set()
+            events = {id(e): e for key in keys if (e := self._pending.pop(key, None))}
+        for event in events.values():
+            event.set()
 
 
 @dataclass
@@ -137,6 +137,7 @@ class Shared:
 
 
 _scratch = threading.local()
+_ZEROS = memoryview(bytes(4 << 20))  # what a hole or zero block reads as (blocks are <= 4M)
 
 
 class DiskReader:
@@ -172,13 +173,14 @@ class DiskReader:
         first, last = offset // bs, (end - 1) // bs
         rows = np.arange(first, last + 1, dtype=np.int64)
         blocks = self._blocks(m, rows)
-        out = bytearray(end - offset)
-        for blk, data in blocks.items():
+        pieces: list[memoryview] = []
+        for blk in range(first, last + 1):
             lo = blk * bs
-            a, b = max(lo, offset), min(lo + len(data), end)
-            out[a - offset:b - offset] = data[a - lo:b - lo]
+            a, b = max(lo, offset), min(lo + bs, end)
+            data = blocks.get(blk)
+            pieces.append(_ZEROS[:b - a] if data is None else memoryview(data)[a - lo:b - lo])
         self._maybe_read_ahead(m, first, last + 1)
-        return bytes(out)
+        return b"".join(pieces)  # (the one copy)
 
     def _blocks(self, m: Manifest, rows: npt.NDArray[np.int64]) -> dict[int, bytes]:
         """2-4: the DATA blocks among ``rows`` (block number -> content); the others are
