@@ -18,13 +18,16 @@ thread.  A read of ``size`` bytes at ``offset`` (:meth:`DiskReader.read`):
    encrypted vault), then kept in the cache.  A block that fails is a
    :class:`~cbt.ops.restore.DamagedPointError` for this read only (never wrong
    data); the cache keeps nothing of it.
-5. Read-ahead: a read that starts where the last read of the same file ended is
-   sequential; the DATA blocks of the next :data:`READ_AHEAD` bytes not cached
-   yet are fetched on the read-ahead thread (one window per file at a time), so
-   the next reads find them in the cache.  Its failures are dropped: the read
-   that needs the block fetches it again and reports the error itself.
+5. The read is joined from views of its blocks and of a zeros buffer (one copy).
+6. Read-ahead: a read that starts where the last read of the same file ended (or
+   in its last block) is sequential; once less than half a window lies read
+   ahead of it, the DATA blocks of the next window (``Shared.read_ahead`` bytes,
+   :data:`READ_AHEAD` by default) not cached yet are fetched on the read-ahead
+   thread (one window per file at a time), so the next reads find them in the
+   cache.  Its failures are dropped: the read that needs the block fetches it
+   again and reports the error itself.
 
-The cache holds at most ``cache_bytes`` of blocks, least recently used out first.
+The cache holds at most its ``limit`` of block bytes, least recently used out first.
 Readers are safe to call from many threads at once.
 """
 
