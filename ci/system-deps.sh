@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System tools the tests use (never needed to build cbt): loop devices and
+# System tools the tests use (never needed to build cbt): fuse3 (libfuse3 and
+# fusermount3) for the cbt mount tests, loop devices and
 # mkfs for the block-device and file-system tests, strace for the fsync-order
 # test, qemu-img/qemu-nbd/qemu-io (qemu-utils), qemu-storage-daemon
 # (qemu-system-common) and qemu-system-x86 for the NBD and QMP tests, qemu-ga
@@ -10,7 +11,7 @@
 # loads (libglib2.0-0, libnuma1, liburing2, libudev1).  Needs root; a no-op for what
 # is already installed.
 set -euo pipefail
-pkgs=(util-linux strace xfsprogs btrfs-progs e2fsprogs qemu-utils qemu-system-common
+pkgs=(util-linux fuse3 strace xfsprogs btrfs-progs e2fsprogs qemu-utils qemu-system-common
       qemu-system-x86 qemu-guest-agent libglib2.0-0 libnuma1 liburing2 libudev1)
 missing=()
 for p in "${pkgs[@]}"; do

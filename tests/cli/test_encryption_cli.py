@@ -116,7 +116,7 @@ def test_every_command_that_opens_a_vault_takes_a_password_file() -> None:
     from cbt.cli.main import COMMANDS
 
     opens = {"init", "backup", "list", "show", "restore", "verify", "jobs", "run-due", "daemon",
-             "prune", "gc", "diff", "key", "copy", "forget", "stats"}
+             "prune", "gc", "diff", "key", "copy", "forget", "stats", "mount"}
     assert opens <= set(COMMANDS)
     for name in COMMANDS:
         r = cbt(name, "--help")

@@ -46,3 +46,7 @@ SKIPPED_KEYS = {"vm", "reason"}
 PRUNE_KEYS = {"dry_run", "points", "snapshots_expired", "warnings"}
 PRUNE_POINT_KEYS = {"recovery_point", "vm", "keep", "reasons"}
 GC_KEYS = {"dry_run", "packs_removed", "packs_rewritten", "bytes_freed", "warnings"}
+
+# issue 16: cbt mount (its one line once mounted)
+MOUNT_KEYS = {"mountpoint", "points", "files", "cache_bytes", "warnings"}
+MOUNT_FILE_KEYS = {"path", "size"}

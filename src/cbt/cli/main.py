@@ -31,6 +31,8 @@ COMMANDS = {
     "list": ("cbt.cli.list_cmd", "list the recovery points of a vault"),
     "show": ("cbt.cli.show_cmd", "show one recovery point"),
     "restore": ("cbt.cli.restore_cmd", "restore every disk of a recovery point"),
+    "mount": ("cbt.cli.mount_cmd", "serve recovery points' disks as read-only image files "
+              "(FUSE)"),
     "verify": ("cbt.cli.verify_cmd", "check that recovery points can be restored"),
     "jobs": ("cbt.cli.jobs_cmd", "list the backup jobs recorded in a vault"),
     "config": ("cbt.cli.config_cmd", "check a configuration file and show its plan"),

@@ -355,6 +355,28 @@ def _read_job(vault: Vault, job: _Job, scratch: _Scratch, pack: memoryview
     return _job_data(job, pack, where, vault.keys.cipher, vault.id_key, scratch)
 
 
+def read_verified(vault: Vault, job: _Job, scratch: _Scratch | None = None
+                  ) -> list[bytes | memoryview]:
+    """The content of every block of a job, each checked against its digest (keyed in an
+    encrypted vault): what ``cbt mount`` serves.  Restore's own steps 3-4 for a reader that
+    keeps the blocks instead of writing them: :func:`_fetch_pack`, :func:`_read_job`, then
+    the blocks it did not check hashed at once.  A view may point into the mapped pack or
+    ``scratch``: copy what is kept.  A block that fails is a :class:`DamagedPointError`
+    naming the point, disk, block and pack."""
+    pack = _fetch_pack(vault, job)
+    views, checked = _read_job(vault, job, scratch or _Scratch(), pack)
+    todo = np.flatnonzero(~checked)
+    if len(todo):
+        got = np.empty((len(todo), fast.DIGEST_SIZE), dtype=np.uint8)
+        fast.hash_each([views[i] for i in todo.tolist()], got, vault.id_key)
+        bad = (got != job.digests[todo]).any(axis=1)
+        if bad.any():
+            blk = int(job.blocks[todo[int(np.argmax(bad))]])
+            raise DamagedPointError(f"point {job.point} disk {job.label} block {blk} pack "
+                                    f"{job.pack}: content does not match its digest")
+    return views
+
+
 def _job_data(job: _Job, pack: memoryview, where: str, cipher: Cipher | None = None,
               id_key: bytes | None = None, scratch: _Scratch | None = None
               ) -> tuple[list[bytes | memoryview], npt.NDArray[np.bool_]]:
