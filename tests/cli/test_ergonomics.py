@@ -169,3 +169,59 @@ def test_backup_and_restore_bars_show_binary_speed_and_eta(tmp_path: Path) -> No
         assert not re.search(r"\d MB\b|MB/s", term), term
     code, term = _on_a_terminal(["backup", vault, "--vm", "web", disk, "-q"], tmp_path)
     assert code == 0 and "MiB" not in term, term
+
+
+def _auto_truth(folder: Path) -> tuple[str, str]:
+    """(provider auto must choose, file system name) for disks in ``folder``, probed here:
+    btrfs, else a reflink clone that cp can make, else none."""
+    kind = subprocess.run(["stat", "-f", "-c", "%T", str(folder)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    if kind == "btrfs":
+        return "btrfs", kind
+    probe, clone = folder / "probe", folder / "probe.clone"
+    probe.write_bytes(b"x" * 4096)
+    cloned = subprocess.run(["cp", "--reflink=always", str(probe), str(clone)],
+                            capture_output=True, check=False).returncode == 0
+    probe.unlink()
+    clone.unlink(missing_ok=True)
+    return ("reflink" if cloned else "none"), kind
+
+
+def test_demo_tells_what_happened_and_where_its_files_are(tmp_path: Path) -> None:
+    d = tmp_path / "demo"
+    r = cbt("demo", "--dir", d, "--size", "8M")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    # the first backup is the full baseline, not "N blocks changed"
+    days = cbt_json("list", d / "vault", env={"CBT_PASSWORD_FILE": str(d / "password")})
+    blocks = [sum(-(-x["size"] // x["block_size"]) for x in p["disks"])
+              for p in days["points"]]
+    assert re.search(rf"day 1: .*\n\s+full baseline: {blocks[0]} blocks read "
+                     r"\([\d.]+ [KM]iB\), all new", out), out
+    assert re.search(rf"day 2: .*\n\s+\d+ of {blocks[1]} blocks changed since day 1", out), out
+    want, kind = _auto_truth(d / "disks")
+    assert f'snapshot "auto" chose {want}: ' in out and f"({kind})" in out, out
+    # where the files are, how big (as du counts), how to remove them
+    du = int(subprocess.run(["du", "-sB1", str(d)], capture_output=True, text=True,
+                            check=True).stdout.split()[0])
+    from cbt.core.sizes import human_bytes
+
+    assert f"The demo's files take {human_bytes(du)} on disk" in out, (du, out)
+    assert f"    rm -rf -- {d}\n" in out
+    subprocess.run(["rm", "-rf", "--", str(d)], check=True)
+    assert not d.exists()
+
+
+def test_demo_json_and_quiet(tmp_path: Path) -> None:
+    report = cbt_json("demo", "--dir", tmp_path / "j", "--size", "8M")
+    want, kind = _auto_truth(tmp_path / "j" / "disks")
+    assert set(report["days"][0]["snapshots"].values()) == {want}
+    assert kind in report["snapshot_reason"]
+    day1 = report["days"][0]
+    assert day1["changed_blocks"] == day1["blocks"] and day1["bytes_new"] > 0
+    du = int(subprocess.run(["du", "-sB1", str(tmp_path / "j")], capture_output=True,
+                            text=True, check=True).stdout.split()[0])
+    assert report["bytes_on_disk"] == du
+    assert report["remove_command"] == f"rm -rf -- {tmp_path / 'j'}"
+    r = cbt("demo", "--dir", tmp_path / "q", "--size", "8M", "-q")
+    assert r.returncode == 0 and r.stdout == "", r.stdout
