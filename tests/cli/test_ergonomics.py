@@ -59,6 +59,15 @@ def test_quiet_keeps_what_was_asked_for(two_points: tuple[Path, list[str]]) -> N
     assert diff.returncode == 1 and "db" in diff.stdout
 
 
+def test_quiet_scan_keeps_its_result_not_its_notice(tmp_path: Path) -> None:
+    disk = fs_image(tmp_path / "os.img", MIB, 1)
+    loud = cbt("scan", disk, "-o", tmp_path / "m.arrow").stdout.splitlines()
+    quiet = cbt("scan", disk, "-o", tmp_path / "m2.arrow", "-q").stdout.splitlines()
+    assert loud[-1] == f"  manifest written to {tmp_path / 'm.arrow'}"
+    assert [x.split(" in ")[0] for x in quiet] == [x.split(" in ")[0] for x in loud[:-1]]
+    assert (tmp_path / "m2.arrow").exists()
+
+
 def test_list_is_a_table_with_headers(two_points: tuple[Path, list[str]]) -> None:
     vault, ids = two_points
     lines = cbt("list", vault).stdout.splitlines()
