@@ -476,12 +476,16 @@ def progress_bars(names: list[str]) -> Iterator[Callable[[str, int, int], None] 
 
     def update(name: str, done: int, total: int) -> None:
         now = time.monotonic()
+        if name not in ids:  # a disk found only as the job ran (a QEMU VM's)
+            ids[name] = bar.add_task(name, total=None, start=False)
         if name not in last:
             bar.start_task(ids[name])
         elif now - last[name] < 0.1 and done < total:
             return
         last[name] = now
         bar.update(ids[name], completed=done, total=total)
+        if done >= total:  # its clock stops: a finished disk's speed stays what it was
+            bar.stop_task(ids[name])
 
     with bar:
         yield update
