@@ -8,11 +8,13 @@
 # the guest agent protocol tests.  The TCG guest of the VM tests
 # (tests/helpers/guest.py) is built from .debs that `apt-get download` fetches (so
 # apt's package lists must be there) plus the host's copies of the libraries qemu-ga
-# loads (libglib2.0-0, libnuma1, liburing2, libudev1).  Needs root; a no-op for what
-# is already installed.
+# loads (libglib2.0-0, libnuma1, liburing2, libudev1).  zsh parses the completion
+# script cbt generates; man-db and groff-base render its man page.  Needs root; a
+# no-op for what is already installed.
 set -euo pipefail
 pkgs=(util-linux fuse3 strace xfsprogs btrfs-progs e2fsprogs qemu-utils qemu-system-common
-      qemu-system-x86 qemu-guest-agent libglib2.0-0 libnuma1 liburing2 libudev1)
+      qemu-system-x86 qemu-guest-agent libglib2.0-0 libnuma1 liburing2 libudev1
+      zsh man-db groff-base)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

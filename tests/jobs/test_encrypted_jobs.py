@@ -151,7 +151,8 @@ def test_a_job_refused_its_passphrase_touches_nothing(tmp_path: Path,
 
 DEMO_KEYS = {"dir", "vault", "config", "password_file", "days", "restored",
              "restore_bit_identical", "diff", "diff_truth_changed_blocks", "agrees_with_truth",
-             "seconds", "warnings"}
+             "seconds", "warnings", "snapshot_reason", "bytes_on_disk", "vault_bytes_on_disk",
+             "remove_command"}
 
 
 def test_the_demo_generates_its_passphrase_into_a_private_file(

@@ -250,6 +250,11 @@ def say(text: str) -> None:
         print(text)
 
 
+def quiet() -> bool:
+    """Whether ``--quiet`` was given (summaries and notices are left out)."""
+    return VERBOSITY < 0
+
+
 def detail(text: str) -> None:
     """A line on stderr only with ``--verbose``."""
     if VERBOSITY > 0:
@@ -404,34 +409,98 @@ def fail(message: str, as_json: bool) -> int:
 ProgressFn = Callable[[int, int], None]
 
 
+def rate_text(done: float, seconds: float | None) -> str:
+    """A speed for people in the one unit system (``12.3 MiB/s``); ``?`` before any."""
+    if not seconds or seconds <= 0:
+        return "?/s"
+    from cbt.core.sizes import human_bytes
+
+    return f"{human_bytes(done / seconds)}/s"
+
+
+def eta_text(done: float, total: float | None, seconds: float | None) -> str:
+    """Time left at the speed so far (``0:01:05``), ``-:--:--`` while unknown."""
+    if not total or not seconds or done <= 0 or seconds <= 0:
+        return "-:--:--"
+    left = max(0, math.ceil((total - done) * seconds / done))
+    return f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+
+
+def bytes_text(done: float, total: float | None) -> str:
+    """``1.5 MiB / 64.0 MiB`` (binary units, as every summary)."""
+    from cbt.core.sizes import human_bytes
+
+    return f"{human_bytes(done)} / {'?' if total is None else human_bytes(total)}"
+
+
+def _bars(tasks: list[str]) -> tuple[Any, dict[str, Any]]:
+    """A rich Progress on stderr of one bar per name: bytes, speed and ETA in binary units
+    (rich's own columns count in MB: not the unit of cbt's summaries)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn
+    from rich.text import Text
+
+    class _Bytes(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            return Text(bytes_text(task.completed, task.total), style="progress.download")
+
+    class _Speed(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            return Text(rate_text(task.completed, task.elapsed), style="progress.data.speed")
+
+    class _Eta(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            return Text("eta " + eta_text(task.completed, task.total, task.elapsed),
+                        style="progress.remaining")
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), _Bytes(), _Speed(), _Eta(),
+                   console=Console(stderr=True), transient=True)
+    # started at its first update: a disk waiting its turn does not count as slow
+    return bar, {name: bar.add_task(name, total=None, start=False) for name in tasks}
+
+
+def bars_on() -> bool:
+    """Whether progress bars are drawn: stderr a terminal, and not ``--quiet``."""
+    return VERBOSITY >= 0 and sys.stderr.isatty()
+
+
 @contextlib.contextmanager
-def progress_bar(description: str) -> Iterator[ProgressFn | None]:
-    """A rich progress bar on stderr when it is a terminal (and not ``--quiet``); else no
-    callback at all."""
-    if VERBOSITY < 0 or not sys.stderr.isatty():
+def progress_bars(names: list[str]) -> Iterator[Callable[[str, int, int], None] | None]:
+    """One bar per name (backup: per disk) on stderr when :func:`bars_on`; the callback
+    takes ``(name, done, total)``.  None when off."""
+    if not bars_on():
         yield None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    bar, ids = _bars(names)
+    last: dict[str, float] = {}
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                   TransferSpeedColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True), transient=True)
-    task = bar.add_task(description, total=None)
-    last = [0.0]
-
-    def update(done: int, total: int) -> None:
+    def update(name: str, done: int, total: int) -> None:
         now = time.monotonic()
-        if now - last[0] >= 0.1 or done >= total:
-            last[0] = now
-            bar.update(task, completed=done, total=total)
+        if name not in ids:  # a disk found only as the job ran (a QEMU VM's)
+            ids[name] = bar.add_task(name, total=None, start=False)
+        if name not in last:
+            bar.start_task(ids[name])
+        elif now - last[name] < 0.1 and done < total:
+            return
+        last[name] = now
+        bar.update(ids[name], completed=done, total=total)
+        if done >= total:  # its clock stops: a finished disk's speed stays what it was
+            bar.stop_task(ids[name])
 
     with bar:
         yield update
+
+
+@contextlib.contextmanager
+def progress_bar(description: str) -> Iterator[ProgressFn | None]:
+    """A progress bar on stderr when :func:`bars_on`: bytes, speed (MiB/s) and time left;
+    else no callback at all."""
+    with progress_bars([description]) as update:
+        if update is None:
+            yield None
+            return
+
+        def one(done: int, total: int) -> None:
+            update(description, done, total)
+
+        yield one

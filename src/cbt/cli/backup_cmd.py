@@ -70,10 +70,16 @@ from cbt.cli._common import (
     add_password_file,
     add_vault,
     change_source_text,
+    detail,
+    emit_warnings,
     finder,
     now_arg,
     open_vault,
     print_json,
+    print_table,
+    progress_bars,
+    quiet,
+    say,
     seconds_arg,
     size_arg,
     workers_arg,
@@ -282,41 +288,40 @@ def _progress(args: argparse.Namespace, labels: list[str]) -> Iterator[Any]:
                             "bytes_total": total})
 
         yield json_progress
-    elif sys.stderr.isatty():
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
-
-        bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                        console=Console(stderr=True), transient=True)
-        ids = {label: bars.add_task(label, total=None) for label in labels}
-
-        def bar_progress(vm: str, disk: str, done: int, total: int) -> None:
-            bars.update(ids[disk], completed=done, total=total)
-
-        with bars:
-            yield bar_progress
     else:
-        yield None
+        with progress_bars(labels) as bars:
+            if bars is None:
+                yield None
+                return
+
+            def bar_progress(vm: str, disk: str, done: int, total: int) -> None:
+                bars(disk, done, total)
+
+            yield bar_progress
 
 
 def _print_point(point: Any, snapshots: dict[str, str] | None = None) -> None:
+    """The point made: its id, a table of its disks, what it cost (not with -q); with -v
+    how each disk's change source was chosen."""
     from cbt.core.sizes import human_bytes
 
-    for w in point.warnings:
-        sys.stderr.write(f"cbt: warning: {w}\n")
-    print(f"recovery point {point.id} ({point.consistency}: {point.consistency_reason})")
-    from cbt.format.records import CHANGE_SOURCES
-
-    wide = max(map(len, CHANGE_SOURCES))  # qemu-bitmap: 11
-    print(f"  {'disk':<12} {'size':>10} {'changed':>9} {'read':>10} {'new':>10} {'stored':>10}"
-          f"  {'source':<{wide}}" + ("  snapshot" if snapshots else ""))
+    emit_warnings(point.warnings)
+    first = "" if point.parent else " (the VM's first point: every block read)"
     for d in point.disks:
-        print(f"  {d.label:<12} {human_bytes(d.size):>10} {d.changed_blocks:>9} "
-              f"{human_bytes(d.bytes_read):>10} {human_bytes(d.bytes_new):>10} "
-              f"{human_bytes(d.bytes_stored):>10}  {d.change_source:<{wide}}"
-              + (f"  {snapshots.get(d.label, 'none')}" if snapshots else ""))
+        detail(f"disk {d.label}: {d.path}, change source {change_source_text(d)}{first}; "
+               f"{d.changed_blocks} of {d.blocks} blocks changed, read "
+               f"{human_bytes(d.bytes_read)} in {d.seconds:.2f} s")
+    if quiet():
+        return
+    say(f"recovery point {point.id} ({point.consistency}: {point.consistency_reason})")
+    headers = ["disk", "size", "changed", "read", "new", "stored", "source"]
+    rows = [[d.label, human_bytes(d.size), str(d.changed_blocks), human_bytes(d.bytes_read),
+             human_bytes(d.bytes_new), human_bytes(d.bytes_stored), d.change_source]
+            + ([snapshots.get(d.label, "none")] if snapshots else []) for d in point.disks]
+    print_table(headers + (["snapshot"] if snapshots else []), rows, right={1, 2, 3, 4, 5},
+                indent="  ")
     for d in point.disks:
         if d.change_source_reason or d.verified_blocks:
-            print(f"  {d.label}: {change_source_text(d)}")
-    print(f"  new data {human_bytes(point.bytes_new)}, stored {human_bytes(point.bytes_stored)}"
-          f" in {point.seconds:.2f} s")
+            say(f"  {d.label}: {change_source_text(d)}")
+    say(f"  new data {human_bytes(point.bytes_new)}, stored {human_bytes(point.bytes_stored)}"
+        f" in {point.seconds:.2f} s")

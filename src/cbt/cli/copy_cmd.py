@@ -41,6 +41,7 @@ from cbt.cli._common import (
     print_json,
     progress_bar,
     prompt_passphrase,
+    say,
     seconds_arg,
     vault_arg,
 )
@@ -97,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print_json(p.to_dict())
         elif p.skipped:
-            print(f"{p.id}: already in {args.dst}, skipped")
+            say(f"{p.id}: already in {args.dst}, skipped")
         else:
-            print(f"{p.id}: copied, {p.blocks_new} new blocks, {human_bytes(p.bytes_sent)} sent")
+            say(f"{p.id}: copied, {p.blocks_new} new blocks, {human_bytes(p.bytes_sent)} sent")
 
     with progress_bar("copying") as progress:
         result = copy(src, dst, args.vm, args.points, args.wait, progress, said)
@@ -108,6 +109,6 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary)
         return EXIT_OK
     emit_warnings(result.warnings)
-    print(f"copy: {summary['points_copied']} points copied, {summary['points_skipped']} "
+    say(f"copy: {summary['points_copied']} points copied, {summary['points_skipped']} "
           f"skipped, {human_bytes(summary['bytes_sent'])} sent")
     return EXIT_OK

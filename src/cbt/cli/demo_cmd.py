@@ -7,14 +7,38 @@ them, the pre hook succeeding on days 1 and 3 and failing on day 2 (that point
 falls back to crash consistency and says why); restores the last point and
 checks it bit for bit; and diffs the points of days 2 and 3, checking the
 answer against an independent numpy comparison.  Exit code 2 if any check
-fails.  Afterwards, try the printed commands on the demo's vault.
+fails.  It says what each day did (day 1 is the full baseline: every block
+read, all new; later days read and store only what changed), why the config's
+snapshot = "auto" chose the provider it did on this file system, where its
+files are, how much room they take and how to remove them.  Afterwards, try
+the printed commands on the demo's vault.
+
+--json prints {"dir","vault","config","password_file","days":[{"day",
+"recovery_point","consistency","consistency_reason","changed_blocks","blocks",
+"bytes_read","bytes_new","bytes_stored","snapshots","changes"}],"restored",
+"restore_bit_identical","diff","diff_truth_changed_blocks","agrees_with_truth",
+"seconds","snapshot_reason","bytes_on_disk","vault_bytes_on_disk",
+"remove_command","warnings"}.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from typing import TYPE_CHECKING
 
-from cbt.cli._common import EXIT_ERROR, EXIT_OK, add_json, demo_size_arg, now_arg, print_json
+from cbt.cli._common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    add_json,
+    demo_size_arg,
+    now_arg,
+    print_json,
+    say,
+)
+
+if TYPE_CHECKING:
+    from cbt.jobs.demo import DemoDay, DemoReport
 
 
 def dir_arg(text: str) -> str:
@@ -41,7 +65,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbt.core.sizes import human_bytes
     from cbt.core.timefmt import parse_now
     from cbt.jobs.demo import run_demo
 
@@ -50,21 +73,44 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report.to_dict())
         return code
-    print(f"cbt demo in {report.dir}")
+    _tell(report, args.size)
+    return code
+
+
+def _tell(report: DemoReport, size: int) -> None:
+    """What happened, day by day, and where it all is (nothing with -q: the exit code
+    says whether every check passed)."""
+    from cbt.core.sizes import human_bytes
+
+    say(f"cbt demo in {report.dir}: VM web with disks os ({human_bytes(size)}, a "
+        f"file-system-like image) and db ({human_bytes(size // 2)}, a database-like file), "
+        f"backed up once a day by the job in {os.path.basename(report.config)}")
+    chosen = sorted(set(report.days[0].snapshots.values()))
+    say(f"  snapshot \"auto\" chose {' and '.join(chosen)}: {report.snapshot_reason}")
+    previous: DemoDay | None = None
     for day in report.days:
-        snaps = ", ".join(f"{k}: {v}" for k, v in day.snapshots.items())
-        print(f"  day {day.day}: {day.recovery_point}  {day.consistency} "
-              f"({day.consistency_reason})")
-        print(f"         {day.changed_blocks} blocks changed, {human_bytes(day.bytes_new)}"
-              f" new, {human_bytes(day.bytes_stored)} stored; snapshots {snaps}")
+        say(f"  day {day.day}: {day.recovery_point}  {day.consistency} "
+            f"({day.consistency_reason})")
+        cost = f"{human_bytes(day.bytes_new)} new, {human_bytes(day.bytes_stored)} stored"
+        if previous is None:
+            say(f"         full baseline: {day.changed_blocks} blocks read "
+                f"({human_bytes(day.bytes_read)}), all new; {cost}")
+        else:
+            say(f"         {day.changed_blocks} of {day.blocks} blocks changed since day "
+                f"{previous.day} ({day.changes} writes, zeroings and holes made); "
+                f"read {human_bytes(day.bytes_read)}, {cost}")
+        previous = day
     ok = "bit-identical" if report.restore_bit_identical else "DIFFERENT"
-    print(f"  restore of day 3 into {report.restored}: {ok}")
+    say(f"  restore of day 3 into {report.restored}: {ok}")
     for label, _, cs in report.diff.disks:
         truth = report.diff_truth_changed_blocks[label]
-        print(f"  diff day 2 -> day 3, disk {label}: {cs.changed_blocks} blocks "
-              f"changed ({human_bytes(cs.changed_bytes)}); numpy comparison: {truth}")
-    print(f"  {'all checks passed' if code == EXIT_OK else 'A CHECK FAILED'} in "
-          f"{report.seconds:.1f} s.  Look around:")
+        say(f"  diff day 2 -> day 3, disk {label}: {cs.changed_blocks} blocks "
+            f"changed ({human_bytes(cs.changed_bytes)}); numpy comparison: {truth}")
+    say(f"  {'all checks passed' if report.agrees_with_truth else 'A CHECK FAILED'} in "
+        f"{report.seconds:.1f} s.")
+    say(f"  The demo's files take {human_bytes(report.bytes_on_disk)} on disk (the vault "
+        f"{human_bytes(report.vault_bytes_on_disk)}); remove them all with:")
+    say(f"    {report.remove_command()}")
+    say("  Look around:")
     for command in report.suggested_commands():
-        print(f"    {command}")
-    return code
+        say(f"    {command}")

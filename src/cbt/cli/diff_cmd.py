@@ -9,6 +9,14 @@ scanned with the manifest's block size.  Content decides: a hole equals a block
 of zeros.  When the sizes differ, the block holding the shorter input's end and
 every block after it count as changed.
 
+--map draws where the disks changed: on the terminal one line per disk, a strip
+of cells (the terminal's width, or --width N) each standing for a run of
+blocks, shaded by the share of them changed (' ' none, then '░' '▒' '▓' '█' by
+quarters), the disk's offsets at both ends.  --map FILE.svg or --map FILE.png
+draws the same as a picture, offsets on its axis (needs matplotlib: pip
+install 'cbt[plot]'); on a terminal the strip is printed too.  Give --map
+FILE anywhere, or a bare --map after A and B.
+
 Exit code 0 when identical, 1 when they differ, 2 on error (like cmp).
 --json prints {"block_size","size_a","size_b","blocks","changed_blocks",
 "changed_bytes","ranges":[[offset,length],...],"warnings"}; for two whole points
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import TYPE_CHECKING
 
 from cbt.cli._common import (
@@ -31,6 +40,7 @@ from cbt.cli._common import (
     emit_warnings,
     print_json,
     progress_bar,
+    say,
     size_arg,
     workers_arg,
 )
@@ -48,14 +58,71 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="processes comparing in parallel (default: number of cores)")
     p.add_argument("--ranges", action="store_true",
                    help="list every changed run (offset, length) in the human output")
+    p.add_argument("--map", nargs="?", const="", default=None, metavar="FILE",
+                   help="draw where the disk changed: a strip on the terminal, or a picture "
+                        "FILE.svg / FILE.png (pip install 'cbt[plot]')")
+    p.add_argument("--width", type=_width_arg, default=None, metavar="N",
+                   help="cells of the --map strip (default: the terminal's width)")
     add_password_file(p)
     add_json(p)
+
+
+def _width_arg(text: str) -> int:
+    from cbt.cli.diffmap import MAX_CELLS
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 8 <= value <= MAX_CELLS:
+        raise argparse.ArgumentTypeError(f"not a number of cells from 8 to {MAX_CELLS}: "
+                                         f"{text!r}")
+    return value
+
+
+def _check_map(args: argparse.Namespace) -> None:
+    """Refuse a bad --map before any work: a picture's name, the strip with --json."""
+    from cbt.core.errors import CbtValueError
+
+    if args.map:
+        from cbt.cli.diffmap import check_picture_path
+
+        check_picture_path(args.map)
+    elif args.map == "" and args.json:
+        raise CbtValueError("--map without FILE draws on the terminal: not with --json "
+                            "(give --map FILE.svg or FILE.png)")
+    if args.width is not None and args.map is None:
+        raise CbtValueError("--width is the width of the --map strip: give --map too")
+
+
+def _draw(args: argparse.Namespace, disks: list[tuple[str, ChangeSet]], indent: str) -> None:
+    """The --map of these disks: the picture FILE, the strips (no FILE, or a terminal)."""
+    from cbt.cli.diffmap import legend, strip_line, terminal_cells, write_picture
+
+    if args.map is None:
+        return
+    if args.map:
+        total = sum(cs.changed_blocks for _, cs in disks)
+        blocks = sum(cs.blocks for _, cs in disks)
+        write_picture(args.map, disks, f"cbt diff {args.a} {args.b}: {total} of {blocks} "
+                                       "blocks changed", args.width or 1000)
+        if args.json:
+            return
+        say(f"{indent}map written to {args.map}")
+        if not sys.stdout.isatty():
+            return
+    wide = max(len(label) for label, _ in disks)
+    for label, cs in disks:
+        cells = terminal_cells(args.width, max(cs.size_a, cs.size_b), len(indent) + wide + 1)
+        print(f"{indent}{label:<{wide}} {strip_line(cs, cells)}".rstrip())
+    say(f"{indent}{legend(disks[0][1], cells)}")
 
 
 def run(args: argparse.Namespace) -> int:
     from cbt.core.sizes import format_size, human_bytes
     from cbt.ops.diff import PointDiff, diff
 
+    _check_map(args)
     check_digest_kinds(args.a, args.b)
     with progress_bar("diff") as progress:
         cs = diff(args.a, args.b, args.block_size, args.workers, progress,
@@ -64,11 +131,13 @@ def run(args: argparse.Namespace) -> int:
         return _print_points(cs, args)
     code = EXIT_OK if cs.identical else EXIT_DIFFERENT
     if args.json:
+        _draw(args, [("disk", cs)], "")
         print_json(cs.to_dict())
         return code
     emit_warnings(cs.warnings)
     if cs.identical:
         print(f"identical: {cs.blocks} blocks of {format_size(cs.block_size)}")
+        _draw(args, [("disk", cs)], "")
         return code
     sizes = "" if cs.size_a == cs.size_b else f" (sizes {cs.size_a} and {cs.size_b} bytes)"
     print(f"differ: {cs.changed_blocks} of {cs.blocks} blocks of {format_size(cs.block_size)} "
@@ -76,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
           f"{len(cs.ranges)} runs{sizes}")
     if args.ranges:
         _print_ranges(cs, "  ")
+    _draw(args, [("disk", cs)], "")
     return code
 
 
@@ -90,7 +160,9 @@ def _print_points(pd: object, args: argparse.Namespace) -> int:
 
     assert isinstance(pd, PointDiff)
     code = EXIT_OK if pd.identical else EXIT_DIFFERENT
+    disks = [(label, cs) for label, _, cs in pd.disks]
     if args.json:
+        _draw(args, disks, "")
         print_json(pd.to_dict())
         return code
     emit_warnings(pd.warnings)
@@ -100,6 +172,7 @@ def _print_points(pd: object, args: argparse.Namespace) -> int:
               f"{human_bytes(cs.changed_bytes)}")
         if args.ranges:
             _print_ranges(cs, "    ")
+    _draw(args, disks, "  ")
     return code
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 
-from cbt.cli._common import EXIT_OK, PassphraseFinder, add_json, add_vault, print_json
+from cbt.cli._common import EXIT_OK, PassphraseFinder, add_json, add_vault, print_json, say
 
 KDF_LOG_N_MIN, KDF_LOG_N_MAX = 10, 20  # 20: 1 GiB, the most a key slot may ask
 
@@ -78,10 +78,10 @@ def run(args: argparse.Namespace) -> int:
                     "encryption": v.config["encryption"], "id_key": v.config["id_key"],
                     "key": key, "warnings": []})
     elif key is None:
-        print(f"initialised cbt vault (format {v.config['format_version']}, unencrypted) in "
+        say(f"initialised cbt vault (format {v.config['format_version']}, unencrypted) in "
               f"{v.root}")
     else:
-        print(f"initialised cbt vault (format {v.config['format_version']}, encrypted with "
+        say(f"initialised cbt vault (format {v.config['format_version']}, encrypted with "
               f"{v.config['encryption']}, key {key}) in {v.root}")
-        print("  keep the passphrase safe: without it the vault cannot be read")
+        say("  keep the passphrase safe: without it the vault cannot be read")
     return EXIT_OK

@@ -26,6 +26,8 @@ from cbt.cli._common import (
     add_vault,
     open_vault,
     print_json,
+    print_table,
+    say,
     warn,
 )
 
@@ -48,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
     for w in warnings:
         warn(w)
     if not jobs:
-        print("no jobs")
-    for j in jobs:
-        what = j["recovery_point"] or j["error"] or ""
-        print(f"{j['start']}  {j['vm']:<16} {j['status']:<12} {j['consistency'] or '-':<12} "
-              f"{what}")
+        say("no jobs")
+        return EXIT_OK
+    rows = [[j["start"], j["vm"], j["status"], j["consistency"] or "-",
+             j["recovery_point"] or j["error"] or ""] for j in jobs]
+    print_table(["start", "vm", "status", "consistency", "point or error"], rows)
     return EXIT_OK

@@ -38,6 +38,7 @@ from cbt.cli._common import (
     open_vault,
     print_json,
     prompt_passphrase,
+    say,
     seconds_arg,
 )
 
@@ -98,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
         print_json(out)
         return EXIT_OK
     if added is not None:
-        print(f"added key {added}")
+        say(f"added key {added}")
     if removed is not None:
-        print(f"removed key {removed}")
+        say(f"removed key {removed}")
     return EXIT_OK
 
 

@@ -22,6 +22,8 @@ from cbt.cli._common import (
     emit_warnings,
     open_vault,
     print_json,
+    print_table,
+    say,
 )
 
 
@@ -43,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
                     "warnings": warnings})
         return EXIT_OK
     if not points:
-        print("no recovery points")
-    for p in points:
-        disks = ", ".join(f"{d.label} {human_bytes(d.size)}" for d in p.disks)
-        copied = f"  (copied from vault {p.copied_from})" if p.copied_from else ""
-        print(f"{p.id:<40} {p.created}  {p.consistency:<12} new {human_bytes(p.bytes_new):>10}"
-              f"  [{disks}]{copied}")
+        say("no recovery points")
+        return EXIT_OK
+    rows = [[p.id, p.vm, p.created, p.consistency, human_bytes(p.bytes_new),
+             ", ".join(f"{d.label} {human_bytes(d.size)}" for d in p.disks)
+             + (f" (copied from vault {p.copied_from})" if p.copied_from else "")]
+            for p in points]
+    print_table(["point", "vm", "created", "consistency", "new", "disks"], rows, right={4})
     return EXIT_OK

@@ -26,15 +26,19 @@ EXIT_PIPE = 141
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "init": ("cbt.cli.init_cmd", "create a vault in a new or empty directory"),
-    "backup": ("cbt.cli.backup_cmd", "back up a VM's disks into a vault (a recovery point)"),
-    "list": ("cbt.cli.list_cmd", "list the recovery points of a vault"),
-    "show": ("cbt.cli.show_cmd", "show one recovery point"),
-    "restore": ("cbt.cli.restore_cmd", "restore every disk of a recovery point"),
+    "init": ("cbt.cli.init_cmd", "create a vault (encrypted) in a directory or an "
+                                 "s3:// prefix"),
+    "backup": ("cbt.cli.backup_cmd", "back up a VM's disks as a new recovery point"),
+    "list": ("cbt.cli.list_cmd", "list the recovery points of a vault, oldest first"),
+    "show": ("cbt.cli.show_cmd", "show one recovery point (or export a disk's "
+                                 "manifest)"),
+    "restore": ("cbt.cli.restore_cmd", "restore a point's disks, every block verified"),
     "mount": ("cbt.cli.mount_cmd", "serve recovery points' disks as read-only image files "
               "(FUSE)"),
-    "verify": ("cbt.cli.verify_cmd", "check that recovery points can be restored"),
-    "jobs": ("cbt.cli.jobs_cmd", "list the backup jobs recorded in a vault"),
+    "verify": ("cbt.cli.verify_cmd", "check that recovery points can be restored "
+                                     "(--repair)"),
+    "jobs": ("cbt.cli.jobs_cmd", "list the backup jobs a vault recorded (status, "
+                                 "errors)"),
     "config": ("cbt.cli.config_cmd", "check a configuration file and show its plan"),
     "run-due": ("cbt.cli.run_due_cmd", "run the backup jobs whose schedule slot is due"),
     "daemon": ("cbt.cli.daemon_cmd", "run due backup jobs in a loop until stopped"),
@@ -42,11 +46,16 @@ COMMANDS = {
     "forget": ("cbt.cli.forget_cmd", "remove named recovery points (as prune does)"),
     "stats": ("cbt.cli.stats_cmd", "where the space goes: sizes, ratios, unique bytes per point"),
     "gc": ("cbt.cli.gc_cmd", "free the blocks no recovery point references"),
-    "scan": ("cbt.cli.scan_cmd", "hash every block of a disk image or device"),
-    "diff": ("cbt.cli.diff_cmd", "list the blocks that differ between two images or manifests"),
+    "scan": ("cbt.cli.scan_cmd", "hash every block of a disk image or device "
+                                 "(-o: a manifest)"),
+    "diff": ("cbt.cli.diff_cmd", "blocks that differ between images, manifests, "
+                                 "points (--map)"),
     "copy": ("cbt.cli.copy_cmd", "copy recovery points to another vault (only missing blocks)"),
     "key": ("cbt.cli.key_cmd", "list, add or remove the passphrases of an encrypted vault"),
-    "demo": ("cbt.cli.demo_cmd", "generate two disk images with realistic changes and diff them"),
+    "demo": ("cbt.cli.demo_cmd", "back up, restore and diff a generated VM, "
+                                 "explaining each step"),
+    "completion": ("cbt.cli.completion_cmd", "print a bash or zsh completion script"),
+    "man": ("cbt.cli.man_cmd", "print cbt's manual page (cbt man | man -l -)"),
 }
 
 

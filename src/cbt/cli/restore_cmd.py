@@ -40,10 +40,12 @@ from cbt.cli._common import (
     add_json,
     add_password_file,
     add_vault,
+    detail,
     emit_warnings,
     local_path_arg,
     open_vault,
     print_json,
+    say,
     workers_arg,
 )
 
@@ -103,9 +105,12 @@ def run(args: argparse.Namespace) -> int:
         print_json(result.to_dict())
         return EXIT_OK
     emit_warnings(result.warnings)
-    print(f"restored {result.recovery_point} in {result.seconds:.2f} s")
     for d in result.disks:
-        print(f"  {d.label} -> {d.to}: {human_bytes(d.size)}, "
+        detail(f"disk {d.label}: read from {d.source or 'the vault'}, "
+               f"{d.blocks_verified} blocks verified against the manifest")
+    say(f"restored {result.recovery_point} in {result.seconds:.2f} s")
+    for d in result.disks:
+        say(f"  {d.label} -> {d.to}: {human_bytes(d.size)}, "
               f"{d.blocks_verified} blocks verified, {human_bytes(d.bytes_written)} "
               f"written{', from ' + d.source if d.source is not None else ''}")
     return EXIT_OK

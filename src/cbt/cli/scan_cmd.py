@@ -18,6 +18,8 @@ from cbt.cli._common import (
     local_path_arg,
     print_json,
     progress_bar,
+    rate_text,
+    say,
     size_arg,
     workers_arg,
 )
@@ -48,11 +50,11 @@ def run(args: argparse.Namespace) -> int:
         print_json(result.to_dict())
         return EXIT_OK
     s = result.summary()
-    rate = s["bytes_read"] / s["seconds"] / 1e9 if s["seconds"] else 0.0
     print(f"{s['path']}: {human_bytes(s['size'])} ({s['size']} bytes), {s['blocks']} blocks "
           f"of {format_size(bs)}")
     print(f"  data {s['data_blocks']}, zero {s['zero_blocks']}, hole {s['hole_blocks']}")
-    print(f"  read {human_bytes(s['bytes_read'])} in {s['seconds']:.2f} s ({rate:.2f} GB/s)")
+    print(f"  read {human_bytes(s['bytes_read'])} in {s['seconds']:.2f} s "
+          f"({rate_text(s['bytes_read'], s['seconds'])})")
     if args.output:
-        print(f"  manifest written to {args.output}")
+        say(f"  manifest written to {args.output}")
     return EXIT_OK

@@ -37,6 +37,7 @@ from cbt.cli._common import (
     local_path_arg,
     open_vault,
     print_json,
+    say,
 )
 
 if TYPE_CHECKING:
@@ -107,6 +108,6 @@ def _export(vault: Vault, point: PointRecord, args: argparse.Namespace) -> int:
                     "disk_size": out.disk_size, "digest_kind": kind,
                     "vault_id": vault.config["id"], "warnings": []})
     else:
-        print(f"wrote the manifest of disk {args.manifest} of {point.id} to {args.output}: "
+        say(f"wrote the manifest of disk {args.manifest} of {point.id} to {args.output}: "
               f"{out.blocks} blocks, digests {kind}")
     return EXIT_OK

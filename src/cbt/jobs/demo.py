@@ -16,6 +16,9 @@
 5. Restore the last point and check it bit for bit against the disks; diff
    the points of day 2 and day 3 (metadata only) and check the answer against
    an independent numpy comparison of the disks' day-2 and day-3 contents.
+6. Explain: why the config's ``snapshot = "auto"`` chose the provider it did
+   (the file system's kind, probed as cbt.source.snapshot probes it), and how
+   much room the demo's directory takes (du: allocated blocks, holes free).
 """
 
 from __future__ import annotations
@@ -92,11 +95,14 @@ class DemoDay:
     bytes_stored: int
     snapshots: dict[str, str]  # label -> provider used
     changes: int  # change operations applied to the disks that day
+    blocks: int = 0  # the disks' blocks, changed or not
+    bytes_read: int = 0  # what the backup read from the disks
 
     def to_dict(self) -> dict[str, Any]:
         return {"day": self.day, "recovery_point": self.recovery_point,
                 "consistency": self.consistency, "consistency_reason": self.consistency_reason,
-                "changed_blocks": self.changed_blocks, "bytes_new": self.bytes_new,
+                "changed_blocks": self.changed_blocks, "blocks": self.blocks,
+                "bytes_read": self.bytes_read, "bytes_new": self.bytes_new,
                 "bytes_stored": self.bytes_stored, "snapshots": self.snapshots,
                 "changes": self.changes}
 
@@ -119,6 +125,14 @@ class DemoReport:
     # the vault's passphrase file: the one the demo wrote, or CBT_PASSWORD_FILE's
     # (None: the passphrase came from CBT_PASSWORD)
     password_file: str | None = None
+    # why snapshot = "auto" chose the provider it did (step 6)
+    snapshot_reason: str = ""
+    bytes_on_disk: int = 0  # what the demo's directory takes (du), vault included
+    vault_bytes_on_disk: int = 0
+
+    def remove_command(self) -> str:
+        """The command that removes everything the demo made."""
+        return f"rm -rf -- {shlex.quote(self.dir)}"
 
     def suggested_commands(self) -> list[str]:
         """Commands to try on the demo's vault (naming the demo's passphrase file)."""
@@ -137,7 +151,9 @@ class DemoReport:
                 "diff": self.diff.to_dict(),
                 "diff_truth_changed_blocks": self.diff_truth_changed_blocks,
                 "agrees_with_truth": self.agrees_with_truth, "seconds": self.seconds,
-                "warnings": self.warnings}
+                "snapshot_reason": self.snapshot_reason, "bytes_on_disk": self.bytes_on_disk,
+                "vault_bytes_on_disk": self.vault_bytes_on_disk,
+                "remove_command": self.remove_command(), "warnings": self.warnings}
 
 
 def new_demo_dir(directory: str | os.PathLike[str] | None) -> Path:
@@ -188,6 +204,8 @@ def run_demo(directory: str | os.PathLike[str] | None = None,
                 copy_sparse(path, day2_copies[label])
     report = _check(d, disks, day2_copies, days, passphrase)
     report.password_file = password_file
+    report.snapshot_reason = auto_reason(days[0].snapshots, disks)
+    report.bytes_on_disk, report.vault_bytes_on_disk = disk_usage(d), disk_usage(d / "vault")
     report.seconds = round(time.perf_counter() - started, 3)
     return report
 
@@ -252,7 +270,54 @@ def _run_day(d: Path, config: Config, day: int, size: int, disks: dict[str, Path
     p = result.point
     return DemoDay(day, p.id, p.consistency, p.consistency_reason,
                    sum(x.changed_blocks for x in p.disks), p.bytes_new, p.bytes_stored,
-                   result.snapshots, len(changes))
+                   result.snapshots, len(changes), sum(x.blocks for x in p.disks),
+                   sum(x.bytes_read for x in p.disks))
+
+
+def auto_reason(providers: dict[str, str], disks: dict[str, Path]) -> str:
+    """Step 6: why ``auto`` chose ``providers`` for these disks, in words (its rule:
+    cbt.source.snapshot's docstring; the same probes)."""
+    from cbt.source.snapshot import btrfs_subvolume
+
+    where = disks[next(iter(disks))].parent
+    kind = _fs_kind(where)
+    chosen = set(providers.values())
+    if chosen == {"btrfs"}:
+        return (f"every disk lies in one btrfs subvolume ({btrfs_subvolume(str(where))}): "
+                "one read-only snapshot of it holds all the disks at a single moment")
+    if chosen == {"reflink"}:
+        return (f"the file system of {where} ({kind}) clones files (reflink): each disk is "
+                "cloned in an instant and read from the clone while the VM goes on")
+    if chosen == {"none"}:
+        return (f"the file system of {where} ({kind}) can neither snapshot nor clone a "
+                "file, and auto never makes a full copy (as slow as reading the disk): the "
+                "disks are read live while the hooks keep the application quiesced")
+    return f"per disk, as each disk's file system allows ({kind} at {where})"
+
+
+def _fs_kind(path: Path) -> str:
+    """The name of the file system holding ``path`` (``ext2/ext3``, ``xfs``, ``tmpfs``)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True,
+                              text=True, check=True).stdout.strip() or "unknown"
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def disk_usage(root: Path) -> int:
+    """Bytes ``root`` takes on disk, as du counts them (allocated blocks: holes are free;
+    a file linked twice counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            st = os.lstat(os.path.join(folder, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total + os.lstat(root).st_blocks * 512
 
 
 def _check(d: Path, disks: dict[str, Path], day2_copies: dict[str, Path],

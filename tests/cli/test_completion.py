@@ -1,0 +1,132 @@
+"""Shell completion (bash run for real on the generated script; zsh parses it) and the man
+page (rendered by man), all generated from the parsers: every command and option is in them."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import pytest
+from helpers.cli import cbt
+from helpers.system import need
+
+COMMANDS = ["init", "backup", "list", "show", "restore", "verify", "jobs", "config", "run-due",
+            "daemon", "prune", "gc", "scan", "diff", "copy", "key", "demo", "completion", "man"]
+
+
+@cache
+def _script(shell: str) -> str:
+    r = cbt("completion", shell)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    return r.stdout
+
+
+def _parsers() -> dict[str, set[str]]:
+    """Every command's option strings, straight from its parser (the truth)."""
+    from cbt.cli.main import COMMANDS as TABLE
+    from cbt.cli.main import command_parser
+
+    return {name: {s for a in command_parser(name)[0]._actions for s in a.option_strings}
+            for name in TABLE}
+
+
+def complete(words: list[str], tmp_path: Path) -> list[str]:
+    """What bash offers for the last of ``words`` (the line ``cbt WORDS...<TAB>``), run in
+    ``tmp_path``."""
+    script = tmp_path / "cbt.bash"
+    script.write_text(_script("bash"))
+    line = " ".join(["cbt", *words])
+    quoted = " ".join(f"'{w}'" for w in ["cbt", *words])
+    probe = (f"source {script}\nCOMP_WORDS=({quoted})\nCOMP_CWORD={len(words)}\n"
+             f"COMP_LINE='{line}'\nCOMP_POINT={len(line)}\n_cbt\n"
+             "printf '%s\\n' \"${COMPREPLY[@]}\"\n")
+    r = subprocess.run(["bash", "--norc", "--noprofile", "-c", probe], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=30, check=False)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    return [w for w in r.stdout.splitlines() if w]
+
+
+def test_the_parsers_have_the_commands_listed_here() -> None:
+    assert sorted(_parsers()) == sorted(COMMANDS)
+
+
+def test_bash_completes_commands(tmp_path: Path) -> None:
+    assert complete(["ba"], tmp_path) == ["backup"]
+    assert complete(["d"], tmp_path) == ["daemon", "diff", "demo"]
+    assert sorted(complete([""], tmp_path)) == sorted([*COMMANDS, "--help", "--version"])
+
+
+def test_bash_completes_every_option_of_every_command(tmp_path: Path) -> None:
+    for name, options in _parsers().items():
+        assert set(complete([name, "-"], tmp_path)) == options, name
+    assert "--vm" in complete(["backup", "--"], tmp_path)
+    assert complete(["backup", "--ful"], tmp_path) == ["--full-scan"]
+
+
+def test_bash_completes_choices_and_paths(tmp_path: Path) -> None:
+    assert complete(["key", ""], tmp_path) == ["list", "add", "remove", "passwd"]
+    assert complete(["key", "pa"], tmp_path) == ["passwd"]
+    assert complete(["completion", ""], tmp_path) == ["bash", "zsh"]
+    assert sorted(complete(["restore", "v", "p", "--format", ""], tmp_path)) == ["qcow2", "raw"]
+    (tmp_path / "vault-a").mkdir()
+    (tmp_path / "vm.toml").write_text("")
+    (tmp_path / "os.img").write_text("")
+    # a vault is a directory; a disk, a config a file; a VM name is nothing to complete
+    assert complete(["list", "va"], tmp_path) == ["vault-a"]
+    assert complete(["list", "v"], tmp_path) == ["vault-a"]
+    assert complete(["backup", "--config", "vm"], tmp_path) == ["vm.toml"]
+    assert complete(["backup", "vault-a", "--vm", "web", "o"], tmp_path) == ["os.img"]
+    assert complete(["backup", "vault-a", "--vm", "v"], tmp_path) == []
+    # key's second positional is the vault (a directory), the action before it
+    assert complete(["key", "list", "v"], tmp_path) == ["vault-a"]
+
+
+def test_zsh_script_defines_every_command_and_option(tmp_path: Path) -> None:
+    text = _script("zsh")
+    assert text.startswith("#compdef cbt\n") and "_cbt() {" in text
+    described = re.findall(r"^        '([a-z-]+):", text, re.M)
+    assert described == COMMANDS
+    for name, options in _parsers().items():
+        body = text.split(f"\n        {name})\n", 1)[1].split("\n            ;;", 1)[0]
+        for opt in options:
+            assert re.search(rf"[{{',]{re.escape(opt)}[,}}\[]", body), (name, opt)
+    assert "'1:ACTION:(list add remove passwd)'" in text
+    need(shutil.which("zsh") is not None, "needs zsh (ci/system-deps.sh installs it)")
+    script = tmp_path / "_cbt"
+    script.write_text(text)
+    r = subprocess.run(["zsh", "-n", str(script)], capture_output=True, text=True, timeout=30,
+                       check=False)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_man_page_renders_without_warnings_and_names_everything(tmp_path: Path) -> None:
+    r = cbt("man")
+    assert r.returncode == 0 and r.stderr == ""
+    page = r.stdout
+    for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "COMMANDS", "EXIT STATUS",
+                    "ENVIRONMENT"):
+        assert f"\n.SH {section}\n" in page, section
+    for var in ("CBT_VAULT", "CBT_PASSWORD_FILE", "CBT_PASSWORD", "CBT_TO_PASSWORD_FILE"):
+        assert var in page
+    need(shutil.which("man") is not None, "needs man (man-db; ci/system-deps.sh installs it)")
+    (tmp_path / "cbt.1").write_text(page)
+    env = {**os.environ, "MANWIDTH": "80", "LC_ALL": "C.UTF-8", "MAN_KEEP_FORMATTING": ""}
+    shown = subprocess.run(["man", "--warnings", "-l", str(tmp_path / "cbt.1")],
+                           capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert shown.returncode == 0 and shown.stderr == "", shown.stderr
+    text = re.sub(r".\x08", "", shown.stdout)  # overstrike bold
+    for name, options in _parsers().items():
+        assert f"cbt {name}" in text, name
+        section = text.split(f"\n   cbt {name}\n", 1)[1]
+        for opt in options - {"-h", "--help"}:
+            assert opt in section, (name, opt)
+
+
+@pytest.mark.parametrize("shell", ["fish", ""])
+def test_an_unknown_shell_is_one_error_line(shell: str) -> None:
+    r = cbt("completion", *([shell] if shell else []))
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
