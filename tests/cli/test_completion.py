@@ -14,8 +14,9 @@ import pytest
 from helpers.cli import cbt
 from helpers.system import need
 
-COMMANDS = ["init", "backup", "list", "show", "restore", "verify", "jobs", "config", "run-due",
-            "daemon", "prune", "gc", "scan", "diff", "copy", "key", "demo", "completion", "man"]
+COMMANDS = ["init", "backup", "list", "show", "restore", "mount", "verify", "jobs", "config",
+            "run-due", "daemon", "prune", "forget", "stats", "gc", "scan", "diff", "copy", "key",
+            "demo", "completion", "man"]
 
 
 @cache
