@@ -1,0 +1,247 @@
+"""`cbt daemon` maintenance (issue 16): prune then gc at the config's maintenance slot,
+after the due backups, once a slot (a state record survives a restart); prune waits
+behind a running backup in short steps, so SIGTERM still stops the daemon at once, and
+gives up after ``wait`` seconds until the next slot.  The daemon is a real process on
+the real clock; what was removed is judged from the points made and the pack files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers.cli import cbt, cleanup_group, start_cbt, wait_for
+from helpers.images import write_random_disk
+from helpers.jobs import run_due, write_config
+from helpers.packs import pack_set
+from helpers.prom import get as _get
+from helpers.prom import parse_textfile
+from helpers.vaults import listed, listed_ids
+
+from cbt.jobs.config import ConfigError, load
+from cbt.repo.lock import shared_lock
+from cbt.repo.vault import Vault
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (DEBUG|INFO|WARNING|ERROR) \S.*")
+
+
+def _lines(path: Path) -> list[str]:
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    for ln in lines:
+        assert LOG_LINE.fullmatch(ln), lines
+    return lines
+
+
+def _maintenance_slot(now: dt.datetime) -> tuple[str, str]:
+    """A daily maintenance time two hours ago (UTC), and the slot that is latest now."""
+    at = now - dt.timedelta(hours=2)
+    slot = at.replace(second=0, microsecond=0)
+    return at.strftime("%H:%M"), slot.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _config(tmp_path: Path, maintenance: str) -> Path:
+    cfg = write_config(tmp_path / "cbt.toml",
+                       {"p": {"schedule": "every 1h", "retention": {"daily": 1}}},
+                       {"web": {"policy": "p", "disks": {"os": "disks/os.img"},
+                                "snapshot": "none"}})
+    cfg.write_text(cfg.read_text() + "\n[maintenance]\n" + maintenance)
+    return cfg
+
+
+def _stop(proc: subprocess.Popen[str], log: Path) -> float:
+    """SIGTERM; exit 0; seconds it took."""
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=60)
+    took = time.monotonic() - t0
+    assert rc == 0, log.read_text()
+    return took
+
+
+@pytest.mark.slow
+def test_daemon_prunes_then_collects_once_a_slot(tmp_path: Path) -> None:
+    """Three old points, each of its own random data; retention keeps one a day.  The
+    daemon backs up the current slot, then prunes (the three old points go), then gc
+    (every pack from before is gone: their blocks are dead), records the slot, says so
+    in its log and metrics; restarted in the same slot, it does not run it again."""
+    disk = tmp_path / "disks" / "os.img"
+    now = dt.datetime.now(dt.UTC)
+    at, mslot = _maintenance_slot(now)
+    cfg = _config(tmp_path, f'schedule = "daily {at}"\ngc_grace = 0\nstate_dir = "state"\n')
+    vault = tmp_path / "vault"
+    assert cbt("init", "--encryption", "none", vault).returncode == 0
+    for days in (3, 2, 1):
+        write_random_disk(disk, 512 << 10, seed=days)
+        when = (now - dt.timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        r = cbt("backup", "--config", cfg, "--now", when)
+        assert r.returncode == 0, r.stderr
+    old = listed_ids(vault)
+    assert len(old) == 3
+    packs_before = pack_set(vault)
+    write_random_disk(disk, 512 << 10, seed=4)
+
+    log, metrics = tmp_path / "daemon.log", tmp_path / "cbt.prom"
+    with open(log, "w") as err:
+        proc = start_cbt("daemon", "-v", "--config", cfg, "--metrics", metrics, stderr=err)
+    with cleanup_group(proc):
+        wait_for(lambda: any(" maintenance: slot " in ln and " ended " in ln
+                             for ln in _lines(log)) or proc.poll() is not None,
+                 timeout=120, what="the maintenance run")
+        assert proc.poll() is None, log.read_text()
+        wait_for(lambda: any("sleeping until" in ln for ln in _lines(log)), what="sleep")
+        _stop(proc, log)
+    lines = _lines(log)
+    points = listed(vault)
+    assert len(points) == 1 and points[0]["recovery_point"] not in old, points
+    new = points[0]["recovery_point"]
+    assert not pack_set(vault) & packs_before  # every old pack swept
+    assert pack_set(vault)
+
+    def index(text: str) -> int:
+        return next(i for i, ln in enumerate(lines) if text in ln)
+
+    assert index(f"INFO backup web: point {new} ") < index(
+        f"INFO maintenance: slot {mslot} started (prune then gc)")
+    assert index("INFO prune: removed 3 of 4 points") < index("INFO gc: ")
+    assert re.search(r"INFO gc: [1-9]\d* packs removed", lines[index("INFO gc: ")])
+    assert index(f"INFO maintenance: slot {mslot} ended (done)") < index("sleeping until")
+    assert not [ln for ln in lines if " ERROR " in ln or " WARNING " in ln], lines
+
+    states = list((tmp_path / "state").iterdir())
+    assert len(states) == 1 and states[0].name.startswith("maintenance-")
+    rec = json.loads(states[0].read_text())
+    assert rec["slot"] == mslot and rec["ok"] is True and rec["last_success"] == rec["ended"]
+    assert rec["steps"]["prune"].startswith("ok: removed 3 of 4 points")
+    assert rec["vault"] == str(vault.resolve())
+    samples, _ = parse_textfile(metrics.read_text())
+    ended = dt.datetime.fromisoformat(rec["ended"].replace("Z", "+00:00")).timestamp()
+    assert _get(samples, "cbt_maintenance_last_run_timestamp_seconds") == ended
+    assert _get(samples, "cbt_maintenance_last_run_success") == 1.0
+    assert _get(samples, "cbt_maintenance_last_success_timestamp_seconds") == ended
+    assert _get(samples, "cbt_slot_missed", vm="web") == 0.0
+
+    # restarted in the same slot: no backup, no maintenance
+    log2 = tmp_path / "daemon2.log"
+    with open(log2, "w") as err:
+        proc = start_cbt("daemon", "-v", "--config", cfg, stderr=err)
+    with cleanup_group(proc):
+        wait_for(lambda: any("sleeping until" in ln for ln in _lines(log2))
+                 or proc.poll() is not None, what="sleep")
+        _stop(proc, log2)
+    lines2 = _lines(log2)
+    assert not [ln for ln in lines2 if "started (" in ln or ": point " in ln], lines2
+    assert any(f"DEBUG maintenance: slot {mslot} done at {rec['ended']}" in ln
+               for ln in lines2), lines2
+    assert json.loads(states[0].read_text()) == rec
+    assert listed_ids(vault) == [new]
+
+
+@pytest.fixture
+def backup_running(tmp_path: Path) -> Iterator[Path]:
+    """A vault whose web VM has its current slot's point, and a backup running into it
+    (a holder of the shared lock, as every backup holds it while it runs)."""
+    write_random_disk(tmp_path / "disks" / "os.img", 256 << 10, seed=9)
+    vault = tmp_path / "vault"
+    assert cbt("init", "--encryption", "none", vault).returncode == 0
+    with shared_lock(Vault.open(vault).storage):
+        yield vault
+
+
+@pytest.mark.slow
+def test_prune_waits_behind_a_backup_stops_at_once_and_gives_up(
+        tmp_path: Path, backup_running: Path) -> None:
+    """Prune (the vault alone) waits while a backup runs; SIGTERM stops the daemon at
+    once (no state recorded: the slot is tried again).  With ``wait = 1`` prune gives
+    up (a WARNING, the slot recorded as not all done: tried at the next slot), gc runs
+    beside the backup; with -q only WARNING and ERROR lines are written."""
+    now = dt.datetime.now(dt.UTC)
+    at, mslot = _maintenance_slot(now)
+    cfg = _config(tmp_path, f'schedule = "daily {at}"\nstate_dir = "state"\n')
+    rc, s, _, _ = run_due(cfg)  # the backup slot filled: the daemon only maintains
+    assert rc == 0 and len(s["ran"]) == 1
+    points = listed_ids(backup_running)
+
+    log = tmp_path / "daemon.log"
+    with open(log, "w") as err:
+        proc = start_cbt("daemon", "--config", cfg, stderr=err)
+    with cleanup_group(proc):
+        wait_for(lambda: any("INFO prune: waiting (up to " in ln for ln in _lines(log))
+                 or proc.poll() is not None, what="prune to wait")
+        assert proc.poll() is None, log.read_text()
+        took = _stop(proc, log)
+    assert took < 5.0, f"took {took:.1f} s to stop"
+    lines = _lines(log)
+    assert any("INFO prune: not run: stopping" in ln for ln in lines), lines
+    assert any(f"maintenance: slot {mslot} stopped before its end" in ln for ln in lines)
+    assert not (tmp_path / "state").exists() or not list((tmp_path / "state").iterdir())
+    assert lines[-1].endswith("INFO daemon stopped")
+
+    cfg = _config(tmp_path, f'schedule = "daily {at}"\nstate_dir = "state"\nwait = 1\n')
+    log = tmp_path / "daemon-q.log"
+    with open(log, "w") as err:
+        proc = start_cbt("daemon", "-q", "--config", cfg, stderr=err)
+    with cleanup_group(proc):
+        wait_for(lambda: list((tmp_path / "state").glob("maintenance-*.json"))
+                 or proc.poll() is not None, what="the state record")
+        assert proc.poll() is None, log.read_text()
+        _stop(proc, log)
+    lines = _lines(log)
+    assert lines and all(" WARNING " in ln or " ERROR " in ln for ln in lines), lines
+    assert any(" WARNING prune: gave up waiting for the vault " in ln for ln in lines), lines
+    assert any(f" WARNING maintenance: slot {mslot} ended (not all done)" in ln
+               for ln in lines), lines
+    rec = json.loads(next((tmp_path / "state").glob("maintenance-*.json")).read_text())
+    assert rec["slot"] == mslot and rec["ok"] is False and rec["last_success"] is None
+    assert rec["steps"]["prune"].startswith("gave up: ")
+    assert rec["steps"]["gc"].startswith("ok: ")
+    assert listed_ids(backup_running) == points
+
+
+@pytest.mark.parametrize(("table", "key", "message"), [
+    ('schedule = "hourly"\n', "maintenance.schedule", "not a schedule"),
+    ('timezone = "Mars/Base"\nschedule = "daily 03:00"\n', "maintenance.timezone",
+     "unknown time zone"),
+    ('schedule = "daily 03:00"\nprune = "yes"\n', "maintenance.prune", "true or false"),
+    ('schedule = "daily 03:00"\nwait = -1\n', "maintenance.wait", "seconds from 0"),
+    ('schedule = "daily 03:00"\ngc_grace = inf\n', "maintenance.gc_grace", "seconds from 0"),
+    ('schedule = "daily 03:00"\nmax_unused = 5\n', "maintenance.max_unused", "unknown key"),
+    ('gc = true\n', "maintenance", "missing required key 'schedule'"),
+])
+def test_bad_maintenance_keys_are_named(tmp_path: Path, table: str, key: str,
+                                        message: str) -> None:
+    cfg = tmp_path / "cbt.toml"
+    cfg.write_text('vault = "v"\n\n[maintenance]\n' + table)
+    with pytest.raises(ConfigError) as exc:
+        load(cfg)
+    text = str(exc.value)
+    assert re.match(rf"{re.escape(str(cfg))}:[345]: {re.escape(key)}: ", text), text
+    assert message in text, text
+
+
+def test_maintenance_defaults_and_state_dir(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from cbt.jobs.scheduler import state_path
+
+    cfg = tmp_path / "cbt.toml"
+    cfg.write_text('vault = "v"\n[maintenance]\nschedule = "daily 03:00"\n')
+    m = load(cfg).maintenance
+    assert m is not None
+    assert (m.prune, m.gc, m.gc_grace, m.wait, m.state_dir, m.timezone) == (
+        True, True, 3600.0, 3600.0, None, "UTC")
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "sd"))
+    assert state_path(load(cfg)).parent == tmp_path / "sd"
+    monkeypatch.delenv("STATE_DIRECTORY")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert state_path(load(cfg)).parent == tmp_path / "xdg" / "cbt"
+    cfg.write_text('vault = "v"\n[maintenance]\nschedule = "daily 03:00"\nstate_dir = "s"\n')
+    assert state_path(load(cfg)).parent == tmp_path / "s"
+    cfg.write_text('vault = "v"\n')
+    assert load(cfg).maintenance is None
+    assert os.path.basename(state_path(load(cfg))).startswith("maintenance-")
