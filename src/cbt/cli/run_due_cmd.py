@@ -32,6 +32,7 @@ from cbt.cli._common import (
     finder,
     now_arg,
     print_json,
+    say,
     workers_arg,
 )
 
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary.to_dict())
         return code
     for r in summary.ran:
-        print(f"{r.vm}: slot {r.slot} {r.status} {r.recovery_point or ''}")
+        say(f"{r.vm}: slot {r.slot} {r.status} {r.recovery_point or ''}")
     for s in summary.skipped:
-        print(f"{s.vm}: skipped, {s.reason}")
+        say(f"{s.vm}: skipped, {s.reason}")
     return code

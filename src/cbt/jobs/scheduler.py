@@ -426,10 +426,20 @@ class _Daemon:
     stop: threading.Event = field(default_factory=threading.Event)
     failures: dict[str, int] = field(default_factory=dict)
 
+    signalled: list[str] = field(default_factory=list)
+    rounds: int = 0
+
     def on_signal(self, signum: int, _frame: object) -> None:
-        self.log(INFO, f"received {signal.Signals(signum).name}: stopping after the job in "
-                       "flight")
+        # (no writing here: the main thread may be inside a write to stderr; the
+        # watcher thread says it, at once, even while a job runs)
+        self.signalled.append(signal.Signals(signum).name)
         self.stop.set()
+
+    def watch(self) -> None:
+        """The watcher thread: logs the stop signal as soon as it comes."""
+        self.stop.wait()
+        if self.signalled:
+            self.log(INFO, f"received {self.signalled[0]}: stopping after the job in flight")
 
     def started(self, vm: str, slot: str) -> None:
         self.log(INFO, f"backup {vm}: started (slot {slot})")
@@ -449,8 +459,10 @@ class _Daemon:
         now = _dt.datetime.now(_dt.UTC)
         summary = run_due(self.config, now, self.request, on_result=self.report,
                           stop=self.stop, on_start=self.started)
-        for sk in summary.skipped:
-            self.log(INFO, f"backup {sk.vm}: skipped, {sk.reason}")
+        for sk in summary.skipped:  # (a slot done already: said at start, then with -v)
+            done = sk.reason.startswith("slot ") and self.rounds > 0
+            self.log(DEBUG if done else INFO, f"backup {sk.vm}: skipped, {sk.reason}")
+        self.rounds += 1
         slot = None if self.stop.is_set() else maintenance_due(self.config, now, self.log)
         if slot is not None:
             run_maintenance(self.config, slot, self.stop, self.log, self.request.passphrase)
@@ -482,6 +494,8 @@ def daemon(config: Config, log: Log, workers: int | None = None,
                                         passphrase=asked_once(passphrase)), metrics)
     Vault.open(config.vault, d.request.passphrase)  # a wrong passphrase fails now, not later
     old = {s: signal.signal(s, d.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    watcher = threading.Thread(target=d.watch, name="cbt-daemon-signals", daemon=True)
+    watcher.start()
     try:
         m = config.maintenance
         log(INFO, f"daemon started: {len(config.vms)} VMs, vault {config.vault}, "
@@ -491,8 +505,10 @@ def daemon(config: Config, log: Log, workers: int | None = None,
             d.once()
             if not d.stop.is_set():
                 d.sleep()
+        watcher.join()  # (its line comes before the last one)
         log(INFO, "daemon stopped")
         return 0
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        d.stop.set()  # (the watcher ends, also after an error)
