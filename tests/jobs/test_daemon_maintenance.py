@@ -17,13 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.cli import cbt, cleanup_group, start_cbt, wait_for
+from helpers.cli import cbt, cbt_json, cleanup_group, start_cbt, wait_for
 from helpers.images import write_random_disk
 from helpers.jobs import run_due, write_config
 from helpers.packs import pack_set
 from helpers.prom import get as _get
 from helpers.prom import parse_textfile
-from helpers.vaults import listed, listed_ids
+from helpers.vaults import init_cli_vault, listed, listed_ids
 
 from cbt.jobs.config import ConfigError, load
 from cbt.repo.lock import shared_lock
@@ -245,3 +245,37 @@ def test_maintenance_defaults_and_state_dir(tmp_path: Path,
     cfg.write_text('vault = "v"\n')
     assert load(cfg).maintenance is None
     assert os.path.basename(state_path(load(cfg))).startswith("maintenance-")
+
+
+@pytest.mark.slow
+def test_an_encrypted_vault_is_maintained_and_measured(tmp_path: Path) -> None:
+    """An encrypted vault opened with CBT_PASSWORD_FILE: the daemon backs up, prunes the
+    old point (retention: one a day), collects, and its metrics name the new point."""
+    disk = tmp_path / "disks" / "os.img"
+    now = dt.datetime.now(dt.UTC)
+    at, mslot = _maintenance_slot(now)
+    cfg = _config(tmp_path, f'schedule = "daily {at}"\ngc_grace = 0\nstate_dir = "state"\n')
+    vault = tmp_path / "vault"
+    env = init_cli_vault(vault, True, tmp_path)
+    write_random_disk(disk, 256 << 10, seed=1)
+    old = (now - dt.timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert cbt("backup", "--config", cfg, "--now", old, env=env).returncode == 0
+    write_random_disk(disk, 256 << 10, seed=2)
+    log, metrics = tmp_path / "daemon.log", tmp_path / "cbt.prom"
+    with open(log, "w") as err:
+        proc = start_cbt("daemon", "--config", cfg, "--metrics", metrics, stderr=err, env=env)
+    with cleanup_group(proc):
+        wait_for(lambda: metrics.exists() or proc.poll() is not None, timeout=120,
+                 what="the metrics")
+        assert proc.poll() is None, log.read_text()
+        _stop(proc, log)
+    lines = _lines(log)
+    assert any(f"INFO maintenance: slot {mslot} ended (done)" in ln for ln in lines), lines
+    assert any("INFO prune: removed 1 of 2 points" in ln for ln in lines), lines
+    points = cbt_json("list", vault, env=env)["points"]
+    assert len(points) == 1 and points[0]["created"] != old
+    samples, _ = parse_textfile(metrics.read_text())
+    created = dt.datetime.fromisoformat(points[0]["created"].replace("Z", "+00:00"))
+    assert _get(samples, "cbt_last_success_timestamp_seconds", vm="web") == created.timestamp()
+    assert _get(samples, "cbt_last_read_bytes", vm="web") == 256 << 10
+    assert _get(samples, "cbt_maintenance_last_run_success") == 1.0

@@ -179,3 +179,8 @@ def test_a_manual_backup_counts_for_its_slot(tmp_path: Path) -> None:
     rc, s, _, _ = run_due(cfg, "2026-05-05T00:30:00Z")
     assert sorted((r["vm"], r["slot"]) for r in s["ran"]) == [
         ("db", "2026-05-05T00:00:00Z"), ("web", "2026-05-05T00:00:00Z")]
+    # the summary lines are for people: -q leaves them out (exit code as before)
+    r = cbt("run-due", "--config", cfg, "--now", "2026-05-05T00:31:00Z")
+    assert r.returncode == 0 and r.stdout.count("skipped, slot 2026-05-05T00:00:00Z") == 2
+    r = cbt("run-due", "-q", "--config", cfg, "--now", "2026-05-05T00:32:00Z")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", (r.stdout, r.stderr)
