@@ -279,3 +279,99 @@ def test_an_encrypted_vault_is_maintained_and_measured(tmp_path: Path) -> None:
     assert _get(samples, "cbt_last_success_timestamp_seconds", vm="web") == created.timestamp()
     assert _get(samples, "cbt_last_read_bytes", vm="web") == 256 << 10
     assert _get(samples, "cbt_maintenance_last_run_success") == 1.0
+
+
+@pytest.mark.slow
+def test_failures_are_logged_and_the_daemon_goes_on(tmp_path: Path) -> None:
+    """VM a's pre hook moves the vault away: the round fails (ERROR lines; retried in
+    ten minutes, not at the next slot), and so does maintenance.  Then, the vault back,
+    maintenance whose record cannot be written (its state_dir is a file): gc runs, an
+    ERROR says the record is not written.  The daemon keeps running, stops cleanly."""
+    vault = tmp_path / "vault"
+    away = tmp_path / "vault-away"
+    for name in ("a", "b"):
+        write_random_disk(tmp_path / "disks" / f"{name}.img", 64 << 10, seed=len(name))
+    hour_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).strftime("%H:%M")
+    cfg = write_config(tmp_path / "cbt.toml", {"p": {"schedule": f"daily {hour_ago}"}}, {
+        "a": {"policy": "p", "disks": {"d": "disks/a.img"}, "snapshot": "none",
+              "hooks": {"pre": ["/bin/mv", str(vault), str(away)],
+                        "on_pre_failure": "fail"}},
+        "b": {"policy": "p", "disks": {"d": "disks/b.img"}, "snapshot": "none"}})
+    (tmp_path / "state-file").write_text("not a folder")
+    at, _ = _maintenance_slot(dt.datetime.now(dt.UTC))
+    cfg.write_text(cfg.read_text() + f'\n[maintenance]\nschedule = "daily {at}"\n'
+                   'prune = false\nstate_dir = "state-file"\n')
+    assert cbt("init", "--encryption", "none", vault).returncode == 0
+    log = tmp_path / "daemon.log"
+    with open(log, "w") as err:
+        proc = start_cbt("daemon", "-v", "--config", cfg, stderr=err)
+    with cleanup_group(proc):
+        wait_for(lambda: any("sleeping until" in ln for ln in _lines(log))
+                 or proc.poll() is not None, timeout=120, what="the round's end")
+        assert proc.poll() is None, log.read_text()
+        _stop(proc, log)
+    lines = _lines(log)
+    errors = [ln for ln in lines if " ERROR " in ln]
+    assert away.is_dir() and not vault.exists()
+    assert any(" ERROR backup a: failed " in ln or " ERROR backups failed " in ln
+               for ln in errors), lines
+    assert any(" ERROR backups failed (tried again in 600 s): " in ln for ln in errors), lines
+    assert not any(": point " in ln for ln in lines), lines
+    assert lines[-1].endswith("INFO daemon stopped")
+    # the retry is in ten minutes, not at the next slot (in about a day)
+    sleep = next(ln for ln in lines if "sleeping until" in ln)
+    t_log = dt.datetime.fromisoformat(sleep.split()[0].replace("Z", "+00:00"))
+    until = dt.datetime.fromisoformat(sleep.split()[-1].replace("Z", "+00:00"))
+    assert dt.timedelta(seconds=590) <= until - t_log <= dt.timedelta(seconds=601), sleep
+
+    assert any(" ERROR maintenance failed (tried again in 600 s): not a cbt vault: " in ln
+               for ln in errors), lines
+
+    away.rename(vault)
+    cfg.write_text(f'vault = "vault"\n[maintenance]\nschedule = "daily {at}"\n'
+                   'prune = false\nstate_dir = "state-file"\n')
+    log = tmp_path / "daemon2.log"
+    with open(log, "w") as err:
+        proc = start_cbt("daemon", "--config", cfg, stderr=err)
+    with cleanup_group(proc):
+        wait_for(lambda: any(" maintenance: slot " in ln and " ended " in ln
+                             for ln in _lines(log)) or proc.poll() is not None,
+                 timeout=120, what="maintenance")
+        assert proc.poll() is None, log.read_text()
+        _stop(proc, log)
+    lines = _lines(log)
+    assert any(" INFO gc: 0 packs removed" in ln for ln in lines), lines
+    assert any(" ERROR maintenance: cannot write its state record " in ln for ln in lines)
+    assert (tmp_path / "state-file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"\xff\xfe", b"[]", b'{"vault": 1}',
+    b'{"vault": "V", "slot": "yesterday", "ended": "2026-01-01T00:00:00Z", "ok": true, '
+    b'"last_success": null, "steps": {}}',
+    b'{"vault": "elsewhere", "slot": "2026-05-04T03:00:00Z", "ended": '
+    b'"2026-05-04T03:01:00Z", "ok": true, "last_success": null, "steps": {}}',
+])
+def test_a_bad_state_record_is_said_and_maintenance_runs(tmp_path: Path,
+                                                         content: bytes) -> None:
+    """A record that is not one (or another vault's) is named in a WARNING; the slot
+    is due (one extra run, never a missed one).  A good record of the slot: not due."""
+    from cbt.jobs.scheduler import maintenance_due, state_path
+
+    cfg = tmp_path / "cbt.toml"
+    cfg.write_text('vault = "v"\n[maintenance]\nschedule = "daily 03:00"\nstate_dir = "s"\n')
+    config = load(cfg)
+    path = state_path(config)
+    path.parent.mkdir()
+    path.write_bytes(content.replace(b'"V"', json.dumps(config.vault).encode()))
+    logged: list[tuple[str, str]] = []
+    now = dt.datetime(2026, 5, 4, 4, tzinfo=dt.UTC)
+    assert maintenance_due(config, now, lambda lv, t: logged.append((lv, t))) == \
+        "2026-05-04T03:00:00Z"
+    assert [lv for lv, _ in logged] == ["WARNING"] and str(path) in logged[0][1], logged
+    good = {"vault": config.vault, "slot": "2026-05-04T03:00:00Z",
+            "ended": "2026-05-04T03:01:00Z", "ok": False, "last_success": None, "steps": {}}
+    path.write_text(json.dumps(good))
+    assert maintenance_due(config, now, lambda lv, t: None) is None
+    assert maintenance_due(config, now + dt.timedelta(days=1), lambda lv, t: None) == \
+        "2026-05-05T03:00:00Z"

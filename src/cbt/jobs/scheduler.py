@@ -23,7 +23,9 @@ The daemon:
    local state folder (systemd's ``StateDirectory``).  Why a local file: the
    vault's layout stays as it is, and a lost or damaged record costs one extra
    maintenance run (prune and gc are idempotent), never a missed one.
-4. Writes the metrics file (``--metrics``: :mod:`cbt.jobs.metrics`).
+4. Writes the metrics file (``--metrics``: :mod:`cbt.jobs.metrics`).  A step
+   that fails (the vault out of reach) is logged, and the round is tried again
+   after ten minutes instead of at the next slot; the daemon goes on.
 5. Sleeps until the next slot of any VM or of maintenance (no polling), waking
    for the stop flag; then again from 2, until stopped.
 
@@ -67,6 +69,7 @@ from cbt.repo.vault import Vault
 Log = Callable[[str, str], None]  # (level, text)
 DEBUG, INFO, WARNING, ERROR = "DEBUG", "INFO", "WARNING", "ERROR"
 LOCK_STEP = 5.0  # seconds between tries of a lock maintenance waits for
+RETRY = 600.0  # seconds until a round that failed (the vault out of reach) is tried again
 T = TypeVar("T")
 
 
@@ -317,7 +320,7 @@ def _retrying(step: Callable[[], T], wait: float, stop: threading.Event, log: Lo
             if left <= 0 or stop.is_set():
                 raise
             if not said:
-                log(INFO, f"{what}: waiting (up to {left:.0f} s): {exc}")
+                log(INFO, f"{what}: waiting (up to {left:.0f} s): {_text(exc)}")
                 said = True
             stop.wait(min(LOCK_STEP, left))
 
@@ -356,6 +359,15 @@ def run_maintenance(config: Config, slot: str, stop: threading.Event, log: Log,
     return _record(config, slot, steps, log)
 
 
+def _text(exc: BaseException) -> str:
+    """An error as the command line says it (an OSError without its ``[Errno N]``)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        name = exc.filename
+        return exc.strerror if name is None or str(name) in exc.strerror \
+            else f"{exc.strerror}: {name}"
+    return str(exc)
+
+
 def _what(prune: bool, gc: bool) -> str:
     return " then ".join(n for n, on in (("prune", prune), ("gc", gc)) if on) or "nothing"
 
@@ -374,11 +386,11 @@ def _step(log: Log, what: str, step: Callable[[], str], stop: threading.Event) -
             log(INFO, f"{what}: not run: stopping")
             return "stopping"
         log(WARNING, f"{what}: gave up waiting for the vault (tried again at the next "
-                     f"slot): {exc}")
-        return f"gave up: {exc}"
+                     f"slot): {_text(exc)}")
+        return f"gave up: {_text(exc)}"
     except (CbtError, OSError) as exc:
-        log(ERROR, f"{what} failed: {exc}")
-        return f"failed: {exc}"
+        log(ERROR, f"{what} failed: {_text(exc)}")
+        return f"failed: {_text(exc)}"
     log(INFO, f"{what}: {text}")
     return f"ok: {text}"
 
@@ -394,13 +406,13 @@ def _record(config: Config, slot: str, steps: dict[str, str], log: Log) -> Maint
         old = None
     rec = MaintenanceState(config.vault, slot, ended, ok,
                            ended if ok else (old.last_success if old else None), steps)
-    log(INFO if ok else WARNING, f"maintenance: slot {slot} ended "
-        f"({'done' if ok else 'not all done'})")
     try:
         _write_state(path, rec)
     except OSError as exc:
         log(ERROR, f"maintenance: cannot write its state record {path}: "
-                   f"{exc.strerror or exc} (it runs again after a restart)")
+                   f"{_text(exc)} (it runs again after a restart)")
+    log(INFO if ok else WARNING, f"maintenance: slot {slot} ended "
+        f"({'done' if ok else 'not all done'})")
     return rec
 
 
@@ -428,6 +440,7 @@ class _Daemon:
 
     signalled: list[str] = field(default_factory=list)
     rounds: int = 0
+    retry: bool = False  # the last round failed: try again after RETRY seconds
 
     def on_signal(self, signum: int, _frame: object) -> None:
         # (no writing here: the main thread may be inside a write to stderr; the
@@ -455,27 +468,44 @@ class _Daemon:
                        f"{p.seconds:.1f} s ({p.consistency}: {p.consistency_reason})")
 
     def once(self) -> None:
-        """Steps 2 to 4: the due jobs, maintenance, the metrics."""
+        """Steps 2 to 4: the due jobs, maintenance, the metrics; a step that fails (the
+        vault out of reach) is logged, and the round tried again after :data:`RETRY`."""
         now = _dt.datetime.now(_dt.UTC)
-        summary = run_due(self.config, now, self.request, on_result=self.report,
-                          stop=self.stop, on_start=self.started)
-        for sk in summary.skipped:  # (a slot done already: said at start, then with -v)
-            done = sk.reason.startswith("slot ") and self.rounds > 0
-            self.log(DEBUG if done else INFO, f"backup {sk.vm}: skipped, {sk.reason}")
+        self.retry = False
+        try:
+            summary = run_due(self.config, now, self.request, on_result=self.report,
+                              stop=self.stop, on_start=self.started)
+        except (CbtError, OSError) as exc:
+            self.failed("backups", exc)
+        else:
+            for sk in summary.skipped:  # (a slot done already: said at start, then with -v)
+                done = sk.reason.startswith("slot ") and self.rounds > 0
+                self.log(DEBUG if done else INFO, f"backup {sk.vm}: skipped, {sk.reason}")
         self.rounds += 1
-        slot = None if self.stop.is_set() else maintenance_due(self.config, now, self.log)
-        if slot is not None:
-            run_maintenance(self.config, slot, self.stop, self.log, self.request.passphrase)
+        try:
+            slot = None if self.stop.is_set() else maintenance_due(self.config, now, self.log)
+            if slot is not None:
+                run_maintenance(self.config, slot, self.stop, self.log,
+                                self.request.passphrase)
+        except (CbtError, OSError) as exc:
+            self.failed("maintenance", exc)
         if self.metrics is not None:
             try:
                 write_metrics(self.metrics, self.config, _dt.datetime.now(_dt.UTC),
                               self.failures, self.request.passphrase)
             except (CbtError, OSError) as exc:
-                self.log(ERROR, f"metrics: cannot write {self.metrics}: {exc}")
+                self.log(ERROR, f"metrics: cannot write {self.metrics}: {_text(exc)}")
+
+    def failed(self, what: str, exc: CbtError | OSError) -> None:
+        self.log(ERROR, f"{what} failed (tried again in {RETRY:.0f} s): {_text(exc)}")
+        self.retry = True
 
     def sleep(self) -> None:
-        """Step 5: until the next slot, or the stop flag."""
-        wake = next_wakeup(self.config, _dt.datetime.now(_dt.UTC))
+        """Step 5: until the next slot (or the retry of a failed round), or the stop flag."""
+        now = _dt.datetime.now(_dt.UTC)
+        wake = next_wakeup(self.config, now)
+        if self.retry:
+            wake = min(wake, now + _dt.timedelta(seconds=RETRY))
         self.log(DEBUG, f"sleeping until {rfc3339(wake)}")
         while not self.stop.is_set():
             left = (wake - _dt.datetime.now(_dt.UTC)).total_seconds()
