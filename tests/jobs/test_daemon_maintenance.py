@@ -375,3 +375,20 @@ def test_a_bad_state_record_is_said_and_maintenance_runs(tmp_path: Path,
     assert maintenance_due(config, now, lambda lv, t: None) is None
     assert maintenance_due(config, now + dt.timedelta(days=1), lambda lv, t: None) == \
         "2026-05-05T03:00:00Z"
+
+
+def test_config_check_shows_maintenance(tmp_path: Path) -> None:
+    cfg = tmp_path / "cbt.toml"
+    cfg.write_text('vault = "v"\n[maintenance]\nschedule = "daily 03:00"\n'
+                   'timezone = "Europe/Berlin"\ngc = false\nwait = 60\nstate_dir = "s"\n')
+    out = cbt_json("config", "check", cfg)
+    state = out["maintenance"].pop("state_file")
+    assert out["maintenance"] == {"schedule": "daily 03:00", "timezone": "Europe/Berlin",
+                                  "prune": True, "gc": False, "gc_grace": 3600.0,
+                                  "wait": 60.0}
+    assert Path(state).parent == tmp_path / "s" and Path(state).name.startswith("maintenance-")
+    r = cbt("config", "check", cfg)
+    assert r.returncode == 0
+    assert f"  maintenance: daily 03:00 (Europe/Berlin): prune; state {state}" in r.stdout
+    cfg.write_text('vault = "v"\n')
+    assert cbt_json("config", "check", cfg)["maintenance"] is None
