@@ -92,3 +92,12 @@ def test_the_run_due_command_line_runs(tmp_path: Path) -> None:
             for a in _exec_argv("cbt-daemon.service")]
     r = subprocess.run([*argv, "--help"], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "--metrics" in r.stdout, r.stderr
+
+
+def test_the_example_config_loads() -> None:
+    from cbt.jobs.config import load
+
+    config = load(CONTRIB / "cbt.toml.example")
+    assert sorted(config.vms) == ["db", "web"]
+    m = config.maintenance
+    assert m is not None and m.schedule.text == "daily 04:00" and m.prune and m.gc
