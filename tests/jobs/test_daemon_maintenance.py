@@ -116,6 +116,7 @@ def test_daemon_prunes_then_collects_once_a_slot(tmp_path: Path) -> None:
 
     states = list((tmp_path / "state").iterdir())
     assert len(states) == 1 and states[0].name.startswith("maintenance-")
+    assert states[0].stat().st_mode & 0o777 == 0o600
     rec = json.loads(states[0].read_text())
     assert rec["slot"] == mslot and rec["ok"] is True and rec["last_success"] == rec["ended"]
     assert rec["steps"]["prune"].startswith("ok: removed 3 of 4 points")
@@ -163,7 +164,7 @@ def test_prune_waits_behind_a_backup_stops_at_once_and_gives_up(
     beside the backup; with -q only WARNING and ERROR lines are written."""
     now = dt.datetime.now(dt.UTC)
     at, mslot = _maintenance_slot(now)
-    cfg = _config(tmp_path, f'schedule = "daily {at}"\nstate_dir = "state"\n')
+    cfg = _config(tmp_path, f'schedule = "daily {at}"\nstate_dir = "state"\ngc = false\n')
     rc, s, _, _ = run_due(cfg)  # the backup slot filled: the daemon only maintains
     assert rc == 0 and len(s["ran"]) == 1
     points = listed_ids(backup_running)

@@ -5,6 +5,7 @@ checked against the JSON lines of the same run."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 import pytest
@@ -44,9 +45,14 @@ def test_run_due_metrics_match_the_run(tmp_path: Path) -> None:
                 "snapshot": "none", "hooks": {"pre": argv}},
         "db": {"policy": "p", "disks": {"db": "disks/db.img"}, "snapshot": "none",
                "hooks": {"pre": hooks_db, "on_pre_failure": "fail"}}})
-    r = cbt("run-due", "--config", cfg, "--now", "2026-05-04T03:00:00Z", "--json",
-            "--metrics", metrics)
+    umask = os.umask(0o077)  # (as cbt's systemd units set it)
+    try:
+        r = cbt("run-due", "--config", cfg, "--now", "2026-05-04T03:00:00Z", "--json",
+                "--metrics", metrics)
+    finally:
+        os.umask(umask)
     assert r.returncode == 2, r.stderr
+    assert metrics.stat().st_mode & 0o777 == 0o644  # the exporter runs as another user
     lines = json_lines(r.stdout)
     point = next(x for x in lines if x["type"] == "point")
     assert point["vm"] == "web"

@@ -12,7 +12,9 @@ For node_exporter's textfile collector (``--collector.textfile.directory``):
    label values escaped as the exposition format says (backslash, double quote,
    newline).
 4. Write to a hidden temporary file in the same folder (the collector reads only
-   ``*.prom``), fsync, rename over FILE: a scrape never sees half a file.
+   ``*.prom``), fsync, rename over FILE (:func:`cbt.core.durable.atomic_file`): a
+   scrape never sees half a file.  Mode 0644, whatever the umask: the exporter
+   runs as another user.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
+from cbt.core.durable import atomic_file
 from cbt.core.timefmt import parse_now
 from cbt.format.records import PointRecord
 
@@ -124,15 +126,8 @@ def _maintenance(m: MaintenanceMetrics) -> list[str]:
 
 
 def write_textfile(path: str | os.PathLike[str], text: str) -> None:
-    """Step 4: ``text`` into ``path``, whole or not at all."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Step 4: ``text`` into ``path``, whole or not at all; readable by everyone (the
+    exporter runs as another user; cbt's units set a umask of 077)."""
+    with atomic_file(path) as f:
+        os.fchmod(f.fileno(), 0o644)
+        f.write(text.encode())

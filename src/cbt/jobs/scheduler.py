@@ -54,6 +54,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cbt.core.durable import atomic_file
 from cbt.core.errors import CbtError
 from cbt.core.sizes import human_bytes
 from cbt.core.timefmt import parse_now, rfc3339
@@ -267,23 +268,11 @@ def read_state(path: Path, vault: str | None = None) -> MaintenanceState | None:
 
 
 def _write_state(path: Path, rec: MaintenanceState) -> None:
-    """The record, whole or not at all: a temporary file, fsync, rename, fsync the folder."""
+    """The record, whole or not at all (:func:`cbt.core.durable.atomic_file`), root's
+    (or the user's) alone."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(rec.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_file(path, mode=0o600) as f:
+        f.write(rec.to_json())
 
 
 def maintenance_due(config: Config, now: _dt.datetime, log: Log) -> str | None:
@@ -353,7 +342,7 @@ def run_maintenance(config: Config, slot: str, stop: threading.Event, log: Log,
             return (f"{r.packs_removed} packs removed, {r.packs_rewritten} rewritten, freed "
                     f"{human_bytes(r.bytes_freed)}; {r.trash_emptied} trashed packs deleted")
         steps["gc"] = _step(log, "gc", lambda: _retrying(do_gc, m.wait, stop, log, "gc"), stop)
-    if stop.is_set() and len(steps) < m.prune + m.gc:
+    if "stopping" in steps.values() or (stop.is_set() and len(steps) < m.prune + m.gc):
         log(INFO, f"maintenance: slot {slot} stopped before its end (tried again at start)")
         return None
     return _record(config, slot, steps, log)
