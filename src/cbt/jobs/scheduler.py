@@ -58,6 +58,7 @@ from cbt.core.durable import atomic_file
 from cbt.core.errors import CbtError
 from cbt.core.sizes import human_bytes
 from cbt.core.timefmt import parse_now, rfc3339
+from cbt.format.records import PointRecord
 from cbt.jobs.config import Config
 from cbt.jobs.job import JobRequest, JobResult
 from cbt.jobs.metrics import MaintenanceMetrics, VMMetrics, render, write_textfile
@@ -117,16 +118,27 @@ class RunDueSummary:
                 "skipped": [s.to_dict() for s in self.skipped], "warnings": self.warnings}
 
 
-def _slot_states(config: Config, vault: Vault, now: _dt.datetime
-                 ) -> dict[str, tuple[str | None, str | None]]:
-    """VM -> (its latest slot at or before ``now``, a point recording it), None for none."""
-    out: dict[str, tuple[str | None, str | None]] = {}
+@dataclass(frozen=True)
+class _SlotState:
+    slot: str | None  # the VM's latest slot at or before now (None: none yet)
+    done: str | None  # a point recording it
+    latest: PointRecord | None  # the VM's newest point
+
+
+def _slot_states(config: Config, vault: Vault, now: _dt.datetime) -> dict[str, _SlotState]:
+    """Each VM's latest slot, whether a point records it, its newest point (one listing
+    of the vault for all VMs)."""
+    by_vm: dict[str, list[PointRecord]] = {}
+    for p in vault.points():  # (oldest first)
+        by_vm.setdefault(p.vm, []).append(p)
+    out = {}
     for name, vmc in config.vms.items():
         policy = config.policies[vmc.policy]
         slot = latest_slot(policy.schedule, policy.timezone, now)
         s = rfc3339(slot) if slot is not None else None
-        done = [p.id for p in vault.points(name) if s is not None and p.slot == s]
-        out[name] = (s, done[0] if done else None)
+        points = by_vm.get(name, [])
+        done = [p.id for p in points if s is not None and p.slot == s]
+        out[name] = _SlotState(s, done[0] if done else None, points[-1] if points else None)
     return out
 
 
@@ -136,14 +148,13 @@ def due(config: Config, now: _dt.datetime, passphrase: Passphrase | None = None
     opens an encrypted vault (None: ``CBT_PASSWORD_FILE``, then ``CBT_PASSWORD``)."""
     run: list[tuple[str, str]] = []
     skipped: list[Skipped] = []
-    for name, (slot, done) in _slot_states(config, Vault.open(config.vault, passphrase),
-                                           now).items():
-        if slot is None:
+    for name, st in _slot_states(config, Vault.open(config.vault, passphrase), now).items():
+        if st.slot is None:
             skipped.append(Skipped(name, "no slot of its schedule yet"))
-        elif done is not None:
-            skipped.append(Skipped(name, f"slot {slot} already has point {done}"))
+        elif st.done is not None:
+            skipped.append(Skipped(name, f"slot {st.slot} already has point {st.done}"))
         else:
-            run.append((name, slot))
+            run.append((name, st.slot))
     return run, skipped
 
 
@@ -181,10 +192,9 @@ def write_metrics(path: str | os.PathLike[str], config: Config, now: _dt.datetim
     the vault at ``now``, ``failures`` of this process per VM, and the maintenance
     state record (if the config has maintenance)."""
     vault = Vault.open(config.vault, passphrase)
-    vms = []
-    for name, (slot, done) in _slot_states(config, vault, now).items():
-        vms.append(VMMetrics(name, vault.latest(name), slot is not None and done is None,
-                             failures.get(name, 0)))
+    vms = [VMMetrics(name, st.latest, st.slot is not None and st.done is None,
+                     failures.get(name, 0))
+           for name, st in _slot_states(config, vault, now).items()]
     maintenance = None
     if config.maintenance is not None:
         try:
