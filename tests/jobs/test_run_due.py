@@ -184,3 +184,6 @@ def test_a_manual_backup_counts_for_its_slot(tmp_path: Path) -> None:
     assert r.returncode == 0 and r.stdout.count("skipped, slot 2026-05-05T00:00:00Z") == 2
     r = cbt("run-due", "-q", "--config", cfg, "--now", "2026-05-05T00:32:00Z")
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "", (r.stdout, r.stderr)
+    r = cbt("run-due", "-q", "--config", cfg, "--now", "2026-05-06T00:32:00Z")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", (r.stdout, r.stderr)
+    assert len(listed_ids(vault, "db")) == 3  # (it did run)

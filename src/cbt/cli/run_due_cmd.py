@@ -29,6 +29,7 @@ from cbt.cli._common import (
     EXIT_OK,
     add_json,
     add_password_file,
+    emit_warnings,
     finder,
     now_arg,
     print_json,
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from collections import Counter
     from dataclasses import replace
 
+    from cbt.cli import _common
     from cbt.cli.backup_cmd import _print_point, _progress, point_json
     from cbt.core.timefmt import parse_now
     from cbt.jobs.config import load
@@ -83,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
                             "warnings": []})
         elif args.json:
             print_json(point_json(result.point, result.snapshots))
+        elif _common.VERBOSITY < 0:  # -q: its warnings only
+            emit_warnings(result.point.warnings)
         else:
             _print_point(result.point, result.snapshots)
 
