@@ -5,7 +5,8 @@
 # test, qemu-img/qemu-nbd/qemu-io (qemu-utils), qemu-storage-daemon
 # (qemu-system-common) and qemu-system-x86 for the NBD and QMP tests, qemu-ga
 # (qemu-guest-agent, run on the host with every rpc that could touch it blocked) for
-# the guest agent protocol tests.  The TCG guest of the VM tests
+# the guest agent protocol tests, systemd (systemd-analyze) for the test of the units
+# in contrib/.  The TCG guest of the VM tests
 # (tests/helpers/guest.py) is built from .debs that `apt-get download` fetches (so
 # apt's package lists must be there) plus the host's copies of the libraries qemu-ga
 # loads (libglib2.0-0, libnuma1, liburing2, libudev1).  zsh parses the completion
@@ -14,7 +15,7 @@
 set -euo pipefail
 pkgs=(util-linux fuse3 strace xfsprogs btrfs-progs e2fsprogs qemu-utils qemu-system-common
       qemu-system-x86 qemu-guest-agent libglib2.0-0 libnuma1 liburing2 libudev1
-      zsh man-db groff-base)
+      zsh man-db groff-base systemd)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -64,12 +64,14 @@ def _nothing_left_in_tempdir(session_tempdir: Path) -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _scrub_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No CBT_* variable leaks in; config and cache directories live in tmp_path."""
+    """No CBT_* variable leaks in; config, cache and state directories live in tmp_path."""
     for key in list(os.environ):
         if key.startswith("CBT_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))  # (daemon maintenance)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
     yield
 
 

@@ -30,7 +30,7 @@ VERIFY_KEYS = {"points", "blocks_checked", "data", "problems", "unreferenced_byt
 PROBLEM_KEYS = {"point", "disk", "block", "pack", "problem", "count"}
 
 # issue 5: config check, jobs, and a job's error line
-CHECK_KEYS = {"vault", "vms", "warnings"}
+CHECK_KEYS = {"vault", "vms", "maintenance", "warnings"}
 CHECK_VM_KEYS = {"name", "policy", "disks", "qmp", "guest_agent", "nbd",  # issue 14: QEMU VMs
                  "host"}  # issue 15: a VM on another host (Dask)
 CHECK_DISK_KEYS = {"label", "path", "snapshot"}

@@ -106,7 +106,7 @@ def test_full_example_resolves_against_the_config_folder(tmp_path: Path) -> None
             {"label": "os", "path": str(cfgdir / "disks" / "os.img"), "snapshot": auto},
             {"label": "db", "path": str(cfgdir / "disks" / "db.img"), "snapshot": auto}],
             "qmp": None, "guest_agent": None, "nbd": None, "host": None}],
-        "warnings": [],
+        "maintenance": None, "warnings": [],
     }
     # human output too
     r = cbt("config", "check", cfg, cwd=elsewhere)

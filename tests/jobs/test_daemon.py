@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -21,9 +22,15 @@ from helpers.vaults import listed, point_record, restore
 
 from cbt.core.parallel import WorkerError, fork_map
 
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (DEBUG|INFO|WARNING|ERROR) \S.*")
+
 
 def _log_lines(path: Path) -> list[str]:
-    return [ln for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    """The daemon's log (its stderr): every line "TIME LEVEL text"."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    for ln in lines:
+        assert LOG_LINE.fullmatch(ln), lines
+    return lines
 
 
 def _hour_floor(t: dt.datetime) -> str:
@@ -54,7 +61,7 @@ def test_daemon_runs_the_due_job_and_finishes_it_on_sigterm(tmp_path: Path) -> N
     log = tmp_path / "daemon.log"
     before = dt.datetime.now(dt.UTC)
     with open(log, "w") as out:
-        proc = start_cbt("daemon", "--config", cfg, stdout=out)
+        proc = start_cbt("daemon", "--config", cfg, stderr=out)
     with cleanup_group(proc):
         wait_for(lambda: any(ln.startswith("pre web") for ln in hook_lines(state))
                  or proc.poll() is not None, what="the pre hook")
@@ -88,12 +95,14 @@ def test_daemon_runs_the_due_job_and_finishes_it_on_sigterm(tmp_path: Path) -> N
     assert web_phases == ["pre", "post"], hooks_seen
 
     lines = _log_lines(log)
-    for p in points:  # one line per job
+    for p in points:  # one line per job's end, one per its start
         job_lines = [ln for ln in lines if p["recovery_point"] in ln]
         assert len(job_lines) == 1, lines
-        assert p["vm"] in job_lines[0] and "succeeded" in job_lines[0], job_lines
-    assert "stopped" in lines[-1], lines
-    assert not any("failed" in ln for ln in lines), lines
+        assert f" INFO backup {p['vm']}: point {p['recovery_point']} " in job_lines[0], lines
+        assert len([ln for ln in lines if f" INFO backup {p['vm']}: started " in ln]) == 1
+    assert "received SIGTERM" in "\n".join(lines)
+    assert lines[-1].endswith(" INFO daemon stopped"), lines
+    assert not any(" ERROR " in ln or "failed" in ln for ln in lines), lines
 
 
 @pytest.mark.slow
@@ -114,7 +123,7 @@ def test_idle_daemon_sleeps_without_polling_and_stops_promptly(tmp_path: Path) -
 
     log = tmp_path / "daemon.log"
     with open(log, "w") as out:
-        proc = start_cbt("daemon", "--config", cfg, stdout=out)
+        proc = start_cbt("daemon", "--config", cfg, stderr=out)
     with cleanup_group(proc):
         # let it start up (imports, config, the due check): until its CPU time settles
         last = [-1.0]
@@ -139,8 +148,9 @@ def test_idle_daemon_sleeps_without_polling_and_stops_promptly(tmp_path: Path) -
     assert rc == 0, (log.read_text(), err)
     assert took < 3.0, f"took {took:.1f} s to stop"
     lines = _log_lines(log)
-    assert "stopped" in lines[-1], lines
-    assert not any("succeeded" in ln or "failed" in ln for ln in lines), lines
+    assert lines[-1].endswith(" INFO daemon stopped"), lines
+    assert not any(": point " in ln or ": started " in ln or "ERROR" in ln for ln in lines), lines
+    assert any(" INFO backup web: skipped, slot " in ln for ln in lines), lines  # at start
     assert len(listed(vault)) == 1
 
 

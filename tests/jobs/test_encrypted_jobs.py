@@ -131,7 +131,8 @@ def test_the_daemon_refuses_a_wrong_passphrase_before_it_starts(
     cfg, v = _setup(tmp_path)
     logged: list[str] = []
     with pytest.raises(WrongPassphraseError):
-        daemon(load(cfg), logged.append, workers=1, passphrase="not it")
+        daemon(load(cfg), lambda level, text: logged.append(text), workers=1,
+               passphrase="not it")
     assert logged == [] and v.points() == []
 
 

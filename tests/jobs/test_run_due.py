@@ -144,3 +144,46 @@ def test_a_failing_job_exits_2_and_is_retried_once_fixed(tmp_path: Path) -> None
     assert [(r["vm"], r["slot"], r["status"]) for r in s["ran"]] == [
         ("gone", "2026-07-01T08:00:00Z", "succeeded")]
     assert len(listed_ids(vault)) == 1
+
+
+@pytest.mark.slow
+def test_a_manual_backup_counts_for_its_slot(tmp_path: Path) -> None:
+    """`cbt backup --config` records the slot its time falls in (the latest at or before
+    it, in the policy's time zone): run-due right after does not back that VM up again,
+    but does the VM the manual run left out, and the next slot runs as usual."""
+    cfg, vault = _setup(tmp_path, {"p": {"schedule": "daily 02:00",
+                                         "timezone": "Europe/Berlin"}},
+                        {"web": {"policy": "p", "disks": {"os": "disks/os.img"},
+                                 "snapshot": "none"},
+                         "db": {"policy": "p", "disks": {"d": "disks/db.img"},
+                                "snapshot": "none"}})
+    # 03:30 CEST on May 4th: the slot is 02:00 CEST = 00:00Z
+    r = cbt("backup", "--config", cfg, "--vm", "web", "--now", "2026-05-04T01:30:00Z",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    manual = listed_ids(vault, "web")
+    assert len(manual) == 1
+    assert point_record(vault, manual[0])["slot"] == "2026-05-04T00:00:00Z"
+    rc, s, _, _ = run_due(cfg, "2026-05-04T01:31:00Z")
+    assert rc == 0
+    assert [(r["vm"], r["slot"]) for r in s["ran"]] == [("db", "2026-05-04T00:00:00Z")]
+    assert [x["vm"] for x in s["skipped"]] == ["web"]
+    assert manual[0] in s["skipped"][0]["reason"]
+    assert listed_ids(vault, "web") == manual
+    # 01:30 CEST on May 5th, before that day's 02:00: still the slot of May 4th
+    r = cbt("backup", "--config", cfg, "--vm", "web", "--now", "2026-05-04T23:30:00Z")
+    assert r.returncode == 0, r.stderr
+    second = [p for p in listed_ids(vault, "web") if p not in manual]
+    assert point_record(vault, second[0])["slot"] == "2026-05-04T00:00:00Z"
+    # the next slot (02:00 CEST on May 5th) runs both
+    rc, s, _, _ = run_due(cfg, "2026-05-05T00:30:00Z")
+    assert sorted((r["vm"], r["slot"]) for r in s["ran"]) == [
+        ("db", "2026-05-05T00:00:00Z"), ("web", "2026-05-05T00:00:00Z")]
+    # the summary lines are for people: -q leaves them out (exit code as before)
+    r = cbt("run-due", "--config", cfg, "--now", "2026-05-05T00:31:00Z")
+    assert r.returncode == 0 and r.stdout.count("skipped, slot 2026-05-05T00:00:00Z") == 2
+    r = cbt("run-due", "-q", "--config", cfg, "--now", "2026-05-05T00:32:00Z")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", (r.stdout, r.stderr)
+    r = cbt("run-due", "-q", "--config", cfg, "--now", "2026-05-06T00:32:00Z")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", (r.stdout, r.stderr)
+    assert len(listed_ids(vault, "db")) == 3  # (it did run)

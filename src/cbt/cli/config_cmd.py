@@ -17,7 +17,9 @@ QEMU here.
 "snapshot"}],"qmp","guest_agent","nbd","host"}],"warnings"}; "qmp", "guest_agent"
 and "nbd" are null for a VM of image files; a QEMU disk's "path" is its node name or
 device id; "host" is the host that holds a VM's disks (config key ``host``: read
-there by a Dask cluster's workers), null for this one.
+there by a Dask cluster's workers), null for this one; "maintenance" is
+{"schedule","timezone","prune","gc","gc_grace","wait","state_file"} (the daemon's
+prune and gc, and the file recording the slot done), null without the table.
 """
 
 from __future__ import annotations
@@ -48,12 +50,18 @@ def run(args: argparse.Namespace) -> int:
                               for label, path in vm.disks.items()],
                     "qmp": vm.qmp, "guest_agent": vm.guest_agent, "nbd": vm.nbd,
                     "host": vm.host})
+    m = _maintenance(config)
     if args.json:
-        print_json({"vault": config.vault, "vms": vms, "warnings": config.warnings})
+        print_json({"vault": config.vault, "vms": vms, "maintenance": m,
+                    "warnings": config.warnings})
         return EXIT_OK
     print(f"{args.file}: ok; vault {config.vault}")
     for name, policy in config.policies.items():
         print(f"  policy {name}: {policy.schedule.text} ({policy.timezone})")
+    if m is not None:
+        steps = " then ".join(k for k in ("prune", "gc") if m[k]) or "nothing"
+        print(f"  maintenance: {m['schedule']} ({m['timezone']}): {steps}; "
+              f"state {m['state_file']}")
     for plan in vms:
         host = f" on host {plan['host']}" if plan["host"] is not None else ""
         print(f"  vm {plan['name']} (policy {plan['policy']}){host}")
@@ -61,6 +69,18 @@ def run(args: argparse.Namespace) -> int:
         for d in plan["disks"]:
             print(f"    {d['label']:<12} {d['snapshot']:<8} {d['path']}")
     return EXIT_OK
+
+
+def _maintenance(config: Any) -> dict[str, Any] | None:
+    """The ``[maintenance]`` table as ``--json`` says it (None without it)."""
+    from cbt.jobs.scheduler import state_path
+
+    m = config.maintenance
+    if m is None:
+        return None
+    return {"schedule": m.schedule.text, "timezone": m.timezone, "prune": m.prune,
+            "gc": m.gc, "gc_grace": m.gc_grace, "wait": m.wait,
+            "state_file": str(state_path(config))}
 
 
 def _print_qemu(plan: dict[str, Any]) -> None:

@@ -33,6 +33,15 @@ Shape (everything but ``vault``, ``policy.*.schedule``, ``vm.*.policy`` and
     timeout = 60
     on_pre_failure = "fallback"   # or "fail"
     provides = "application"      # or "file-system"
+    [maintenance]                 # absent: the daemon never prunes nor collects garbage
+    schedule = "daily 03:00"      # required in the table; the syntax of policy schedules
+    timezone = "UTC"
+    prune = true                  # remove the points the policies' retention no longer keeps
+    gc = true                     # then free the blocks no point references
+    gc_grace = 3600               # seconds trashed packs stay readable (gc --grace)
+    wait = 3600                   # seconds prune waits for running backups (then next slot)
+    state_dir = ""                # where the daemon records the slot done (default: systemd's
+                                  # $STATE_DIRECTORY, else $XDG_STATE_HOME/cbt, ~/.local/state/cbt)
 
 A VM whose disks lie on another host names it (``host = "hv1"``): its backup runs on a
 Dask cluster (``cbt backup --config F --executor dask://HOST:PORT``), each disk opened,
@@ -73,7 +82,7 @@ from typing import Any, Literal
 
 from cbt.core.errors import CbtError, CbtValueError
 from cbt.core.sizes import parse_size
-from cbt.jobs.policy import Policy, Retention, parse_schedule, parse_within
+from cbt.jobs.policy import Policy, Retention, Schedule, parse_schedule, parse_within
 from cbt.repo.storage import check_location, is_url
 from cbt.source.changes import DEFAULT_VERIFY_FRACTION, TRACKING_MODES
 
@@ -131,12 +140,26 @@ class VMConfig:
 
 
 @dataclass(frozen=True)
+class Maintenance:
+    """``[maintenance]``: when ``cbt daemon`` runs prune and gc (:mod:`cbt.jobs.scheduler`)."""
+
+    schedule: Schedule
+    timezone: str = "UTC"
+    prune: bool = True
+    gc: bool = True
+    gc_grace: float = 3600.0
+    wait: float = 3600.0  # for prune's exclusive lock (and gc's): then the next slot
+    state_dir: str | None = None  # absolute; None: $STATE_DIRECTORY, $XDG_STATE_HOME/cbt, ...
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     vault: str
     policies: dict[str, Policy]
     vms: dict[str, VMConfig]
     warnings: list[str] = field(default_factory=list)
+    maintenance: Maintenance | None = None
 
 
 class _Where:
@@ -218,7 +241,7 @@ def load(path: str | os.PathLike[str]) -> Config:
 def parse(doc: dict[str, Any], text: str, path: str) -> Config:
     where = _Where(text)
     base = Path(path).resolve().parent
-    _check_keys(where, path, "", doc, {"vault", "policy", "vm"}, {"vault"})
+    _check_keys(where, path, "", doc, {"vault", "policy", "vm", "maintenance"}, {"vault"})
     vault = _typed(where, path, "vault", doc["vault"], str,
                    "a path or s3://BUCKET/PREFIX (string)")
     try:
@@ -233,16 +256,45 @@ def parse(doc: dict[str, Any], text: str, path: str) -> Config:
     for name, table in _typed(where, path, "vm", doc.get("vm", {}), dict,
                               "a table of VMs").items():
         vms[name] = _vm(where, path, base, name, table, policies)
+    maintenance = (_maintenance(where, path, base, doc["maintenance"])
+                   if "maintenance" in doc else None)
     if not is_url(vault):  # (an s3:// location is where it says, not under the file's folder)
         vault = str((base / vault).resolve())
-    return Config(path=path, vault=vault, policies=policies, vms=vms)
+    return Config(path=path, vault=vault, policies=policies, vms=vms, maintenance=maintenance)
 
 
-def _policy(where: _Where, path: str, name: str, table: Any) -> Policy:
-    pre = f"policy.{name}."
-    _typed(where, path, pre[:-1], table, dict, "a table")
-    _check_keys(where, path, pre, table,
-                {"schedule", "timezone", "retention", "instant_restore_days"}, {"schedule"})
+MAX_MAINTENANCE_SECONDS = 7 * 86400.0  # gc_grace and wait: up to a week
+
+
+def _maintenance(where: _Where, path: str, base: Path, table: Any) -> Maintenance:
+    """The ``[maintenance]`` table."""
+    pre = "maintenance."
+    _typed(where, path, "maintenance", table, dict, "a table")
+    _check_keys(where, path, pre, table, {"schedule", "timezone", "prune", "gc", "gc_grace",
+                                          "wait", "state_dir"}, {"schedule"})
+    schedule, tz = _schedule(where, path, pre, table)
+    flags = {k: _typed(where, path, pre + k, table.get(k, True), bool, "true or false")
+             for k in ("prune", "gc")}
+    seconds = {}
+    for key in ("gc_grace", "wait"):
+        value = _typed(where, path, pre + key, table.get(key, 3600), (int, float),
+                       "a number of seconds")
+        if not 0 <= value <= MAX_MAINTENANCE_SECONDS:  # nan and inf too
+            raise _err(where, path, pre + key, f"must be a number of seconds from 0 to "
+                       f"{MAX_MAINTENANCE_SECONDS:.0f} (a week)")
+        seconds[key] = float(value)
+    state_dir = None
+    if table.get("state_dir", ""):
+        sd = _typed(where, path, pre + "state_dir", table["state_dir"], str, "a path")
+        if "\0" in sd:
+            raise _err(where, path, pre + "state_dir", "must be a path")
+        state_dir = str((base / sd).absolute())
+    return Maintenance(schedule, tz, flags["prune"], flags["gc"], seconds["gc_grace"],
+                       seconds["wait"], state_dir)
+
+
+def _schedule(where: _Where, path: str, pre: str, table: dict[str, Any]) -> tuple[Schedule, str]:
+    """A table's ``schedule`` and ``timezone`` (a policy's, or maintenance's)."""
     try:
         schedule = parse_schedule(_typed(where, path, pre + "schedule", table["schedule"], str,
                                          "a string"))
@@ -253,6 +305,15 @@ def _policy(where: _Where, path: str, name: str, table: Any) -> Policy:
         zoneinfo.ZoneInfo(tz)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise _err(where, path, pre + "timezone", f"unknown time zone {tz!r}") from None
+    return schedule, tz
+
+
+def _policy(where: _Where, path: str, name: str, table: Any) -> Policy:
+    pre = f"policy.{name}."
+    _typed(where, path, pre[:-1], table, dict, "a table")
+    _check_keys(where, path, pre, table,
+                {"schedule", "timezone", "retention", "instant_restore_days"}, {"schedule"})
+    schedule, tz = _schedule(where, path, pre, table)
     retention = Retention(keep_all=True)
     if "retention" in table:
         retention = _retention(where, path, pre + "retention",

@@ -13,15 +13,17 @@ from __future__ import annotations
 import contextlib
 import os
 from concurrent.futures import Executor
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cbt.core.timefmt import utc_now
+from cbt.core.timefmt import parse_now, rfc3339, utc_now
 from cbt.jobs.config import Config, VMConfig
 from cbt.jobs.config import load as load_config
 from cbt.jobs.dask_executor import as_executor
 from cbt.jobs.hooks import run_hook
 from cbt.jobs.job import Job, JobFailed, JobRequest, JobResult, abort_on_signals
+from cbt.jobs.policy import latest_slot
 from cbt.jobs.qemu import QemuJob, thaw_interrupted
 from cbt.ops.backup import BackupProgress
 from cbt.repo.keys import Passphrase
@@ -33,7 +35,7 @@ from cbt.source.snapshot import SNAPSHOT_DIR, btrfs_subvolume, remove_snapshot, 
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["asked_once", "recover", "run", "run_vm"]
+__all__ = ["asked_once", "recover", "run", "run_vm", "slot_at"]
 
 
 # -- step 1: recover ----------------------------------------------------------------------
@@ -84,8 +86,13 @@ def _job_snapshots(vmc: VMConfig, job_id: str) -> list[str]:
 
 
 def run_vm(config: Config, vm: str, request: JobRequest | None = None) -> JobResult:
-    """Run the backup job of one VM now; the result carries the point or the error."""
+    """Run the backup job of one VM now; the result carries the point or the error.
+    A request without a slot (a manual run) records the slot its time falls in (the
+    latest of the VM's schedule at or before it), so that slot is not due again."""
     request = request or JobRequest()
+    if request.slot is None and vm in config.vms:
+        created = request.created or utc_now()
+        request = replace(request, created=created, slot=slot_at(config, vm, created))
     vault = Vault.open(config.vault, request.passphrase)
     signals = (contextlib.nullcontext() if request.finish_on_stop_signal
                else abort_on_signals())
@@ -94,6 +101,14 @@ def run_vm(config: Config, vm: str, request: JobRequest | None = None) -> JobRes
             shared_lock(vault.storage, request.wait, not vault.encrypted), signals:
         warnings = recover(vault, config.vms[vm])
         return _job_class(config.vms[vm]).start(config, vault, vm, request, warnings).run()
+
+
+def slot_at(config: Config, vm: str, created: str) -> str | None:
+    """The slot of ``vm``'s schedule a job created at ``created`` fulfils: the latest at
+    or before it (None: none in the two weeks before)."""
+    policy = config.policies[config.vms[vm].policy]
+    slot = latest_slot(policy.schedule, policy.timezone, parse_now(created))
+    return rfc3339(slot) if slot is not None else None
 
 
 def _job_class(vmc: VMConfig) -> type[Job]:
