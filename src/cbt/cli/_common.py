@@ -405,9 +405,9 @@ ProgressFn = Callable[[int, int], None]
 
 
 @contextlib.contextmanager
-def progress_bar(description: str) -> Iterator[ProgressFn | None]:
+def progress_bar(description: str, counts: str | None = None) -> Iterator[ProgressFn | None]:
     """A rich progress bar on stderr when it is a terminal (and not ``--quiet``); else no
-    callback at all."""
+    callback at all.  It counts bytes, or (``counts``, say "points") things."""
     if VERBOSITY < 0 or not sys.stderr.isatty():
         yield None
         return
@@ -415,15 +415,19 @@ def progress_bar(description: str) -> Iterator[ProgressFn | None]:
     from rich.progress import (
         BarColumn,
         DownloadColumn,
+        MofNCompleteColumn,
         Progress,
+        ProgressColumn,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                   TransferSpeedColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True), transient=True)
+    columns: list[ProgressColumn] = (
+        [DownloadColumn(), TransferSpeedColumn()] if counts is None
+        else [MofNCompleteColumn(), TextColumn(counts)])
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), *columns,
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
     task = bar.add_task(description, total=None)
     last = [0.0]
 
