@@ -15,13 +15,14 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
 from helpers import KIB, MIB
 from helpers.images import assert_same_bytes, copy_disk, write_random_disk
 from helpers.packs import pack_files, trailer_entries
-from helpers.vaults import dir_bytes
+from helpers.vaults import dir_bytes, vault_state
 
 import cbt.ops.backup as backup_mod
 from cbt.api import Vault
@@ -142,9 +143,9 @@ def test_gc_reports_what_it_freed_trashed_and_kept(history: History) -> None:
 
 def test_dry_run_says_the_same_and_changes_nothing(history: History) -> None:
     v = history.dir
-    before = {p: p.stat().st_size for p in v.rglob("*") if p.is_file()}
+    before = vault_state(v)
     dry = gc(history.vault, dry_run=True, max_unused=0.0)
-    assert {p: p.stat().st_size for p in v.rglob("*") if p.is_file()} == before
+    assert vault_state(v) == before
     assert dry.vault_bytes_before == _vault_bytes(v) and dry.vault_bytes_after is None
     real = gc(history.vault, max_unused=0.0)
     for k in ("packs_removed", "packs_rewritten", "bytes_freed", "bytes_trashed",
@@ -203,3 +204,23 @@ def test_progress_of_mark_sweep_and_rewrite(history: History) -> None:
         assert mine[-1][0] == mine[-1][1] > 0, mine
     assert [t for p, _d, t in seen if p == "mark"][-1] == records
     assert [t for p, _d, t in seen if p == "sweep"][-1] == n_packs
+
+
+def test_s3_vault_size_from_one_listing(s3_env: Any, tmp_path: Path) -> None:
+    """On S3 the sizes come from the listing; they agree with a HEAD of each object, and
+    gc's vault size is their sum (locks aside)."""
+    from helpers.s3 import fresh_bucket
+
+    from cbt.repo.storage import Storage
+
+    vault = Vault.init(f"s3://{fresh_bucket()}/v")
+    disk = write_random_disk(tmp_path / "d.img", MIB, seed=3)
+    vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1)
+    listed = vault.storage.sizes("")
+    headed = Storage.sizes(vault.storage, "")  # (the generic way: a HEAD each)
+    assert listed == headed and len(listed) >= 4, (listed, headed)
+    assert vault.storage.sizes("packs") == {k: n for k, n in listed.items()
+                                            if k.startswith("packs/")}
+    r = gc(vault, grace=0.0)
+    data = {k: n for k, n in listed.items() if k != "gc.lock" and not k.startswith("locks/")}
+    assert r.vault_bytes_before == sum(data.values()) > MIB, (r, listed)

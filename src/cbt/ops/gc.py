@@ -194,15 +194,10 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
 
 
 def storage_bytes(storage: Storage, prefix: str = "") -> int:
-    """The sum of the sizes of the objects under ``prefix`` (one gone meanwhile: 0), locks
+    """The sum of the sizes of the objects under ``prefix`` (:meth:`Storage.sizes`), locks
     left out (they hold who runs, not the vault's data)."""
-    total = 0
-    for name in storage.list(prefix):
-        if name == GC_LOCK or name.startswith(f"{LOCKS}/"):
-            continue
-        with contextlib.suppress(CbtIOError):
-            total += storage.size(name)
-    return total
+    return sum(n for name, n in storage.sizes(prefix).items()
+               if name != GC_LOCK and not name.startswith(f"{LOCKS}/"))
 
 
 def _trash_left(vault: Vault, grace: float, offset: float, result: GcResult) -> None:
