@@ -1,8 +1,10 @@
 """Check that recovery points can be restored.
 
 Every index segment, point record and manifest must pass its checksum and
-every referenced block must be in the index and inside an existing pack.
-With --data every stored block is also read, decompressed and re-hashed.
+every referenced block must be in the index and inside an existing pack
+whose trailer lists it (only each pack's header and trailer are read).
+With --data every stored block is also read, decompressed and re-hashed
+(a read error inside a pack's data shows only then).
 Problems are listed with point, disk, block and pack (exit 2), one per damaged
 file: the blocks of a disk one pack fails are one problem, naming the first
 block and counting them all.  A damaged index segment is a problem, but what it
