@@ -346,7 +346,8 @@ def _check_packs(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_],
     bounds = np.nonzero(np.diff(packs.astype(np.int64)))[0] + 1
     runs = [(index.pack_ids[int(packs[s])], positions[s:e])
             for s, e in zip(np.r_[0, bounds], np.r_[bounds, len(positions)], strict=True)]
-    sizes = {pid: _size(vault, pid) for pid, _pos in runs}
+    listed = vault.storage.sizes("packs")  # (one listing on S3; 0: not there)
+    sizes = {pid: listed.get(pack_name(pid), 0) for pid, _pos in runs}
     if reading.data and reading.subset is not None:
         reading.chosen = reading.subset.choose(sizes, reading.day)
     total, done = sum(sizes.values()), 0
@@ -357,27 +358,23 @@ def _check_packs(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_],
         if whole:
             reading.packs += 1
             reading.bytes += sizes[pid]
-        _check_pack(vault, index, pid, pos, whole, bad)
+        if whole or not _trailer_agrees(vault, index, pid, pos, sizes[pid]):
+            _check_pack(vault, index, pid, pos, whole, bad)
         done += sizes[pid]
     if reading.progress is not None:
         reading.progress(total, total)
     return bad
 
 
-def _size(vault: Vault, pid: str) -> int:
-    """A pack's size (0 when it cannot be known: step 3 then says what is wrong)."""
-    try:
-        return vault.storage.size(pack_name(pid))
-    except OSError:
-        return 0
-
-
-def _trailer_agrees(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64]) -> bool:
-    """Step 3 from the pack's header and trailer alone: every entry of ``pos`` is listed
-    there, inside the pack.  False (read the whole pack) on any doubt."""
+def _trailer_agrees(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64],
+                    size: int) -> bool:
+    """Step 3 from the pack's header and trailer alone (``size``: the pack's, as listed):
+    every entry of ``pos`` is listed there, inside the pack.  False (read the whole pack:
+    its errors, or its blob headers, say what is wrong) on any doubt."""
     name = pack_name(pid)
+    if size <= 0:
+        return False
     try:
-        size = vault.storage.size(name)
         trailer = read_pack_trailer(lambda off, n: vault.storage.read_range(name, off, n),
                                     size, f"pack {pid}")
     except (OSError, CorruptPackError):
@@ -391,9 +388,7 @@ def _trailer_agrees(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.in
 
 def _check_pack(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64], data: bool,
                 bad: dict[int, str]) -> None:
-    """Steps 3 and 4 for the entries ``pos`` of one pack, into ``bad``."""
-    if not data and _trailer_agrees(vault, index, pid, pos):
-        return
+    """Steps 3 and 4 for the entries ``pos`` of one pack (read whole), into ``bad``."""
     try:
         blob = vault.storage.get(pack_name(pid))
     except OSError as exc:  # (there but unreadable is not missing: the error says what)
