@@ -91,13 +91,15 @@ class _Plan:
     expired: list[tuple[str, list[str]]] = field(default_factory=list)  # point id, paths
 
 
-def prune(vault: Vault, request: PruneRequest) -> PruneResult:
-    """Steps 1 to 4 of the module doc, with the vault alone (no backup runs)."""
+def prune(vault: Vault, request: PruneRequest,
+          progress: Callable[[int, int], None] | None = None) -> PruneResult:
+    """Steps 1 to 4 of the module doc, with the vault alone (no backup runs);
+    ``progress(done, total)``: points hidden or deleted, of those to."""
     warnings: list[str] = []
     with exclusive_lock(vault.storage, request.wait, reveal_command=not vault.encrypted):
         plan = _plan(vault, request, warnings)
         if not request.dry_run:
-            _apply(vault, plan)
+            _apply(vault, plan, progress or (lambda _done, _total: None))
     return PruneResult(dry_run=request.dry_run, points=plan.verdicts,
                        snapshots_expired=sum(len(paths) for _, paths in plan.expired),
                        warnings=warnings)
@@ -156,17 +158,21 @@ def _plan(vault: Vault, request: PruneRequest, warnings: list[str]) -> _Plan:
     return plan
 
 
-def _apply(vault: Vault, plan: _Plan) -> None:
+def _apply(vault: Vault, plan: _Plan, progress: Callable[[int, int], None]) -> None:
     """Steps 2 to 4: hide, delete records (the commit, made durable), then manifests,
     then expired snapshots; each change only while the vault is surely still this
     run's alone (:func:`check_held`: an S3 lease not renewed in time, say after a
     freeze, may have been broken by a backup based on a point this would delete)."""
-    for r in plan.hide:
+    total = len(plan.hide) + len(plan.delete)
+    for n, r in enumerate(plan.hide):
+        progress(n, total)
         check_held(vault.storage)
         vault.put_sealed("point", vault.point_name(r.id), replace(r, hidden=True).to_json())
-    for r in plan.delete:
+    for n, r in enumerate(plan.delete, start=len(plan.hide)):
+        progress(n, total)
         check_held(vault.storage)
         vault.storage.delete(vault.point_name(r.id))
+    progress(total, total)
     if plan.delete:
         vault.storage.sync("points")
     for r in plan.delete:
