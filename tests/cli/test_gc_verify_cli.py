@@ -79,6 +79,6 @@ def test_progress_on_a_terminal_does_not_disturb(tmp_path: Path) -> None:
     assert b"gc: marking" in seen and b"gc: sweeping" in seen, seen
     code, out, seen = _on_a_terminal("verify", v, "--read-data-subset", "1/2")
     assert code == 0 and "with the data of part 1/2" in out, out
-    assert b"verify" in seen and b"bytes" in seen, seen
+    assert b"verify" in seen and b"iB / " in seen, seen  # binary units, as every summary
     code, out, seen = _on_a_terminal("gc", v, "-q")
     assert code == 0 and out == "" and b"gc:" not in seen, seen
