@@ -11,7 +11,10 @@
 3. A point is deleted by removing its record first (that is the commit), then
    its manifests (named by the vault's layout from the point's id and disk
    labels, never by what the record says); a crash in between leaves manifests that the next backup
-   cleans up as leftovers.  The blocks are freed later by ``cbt gc``.
+   cleans up as leftovers.  Records go dependents first (a point before the
+   points its deltas are based on), so a crash part way never leaves a record
+   whose base is gone (an unavailable point).  The blocks are freed later by
+   ``cbt gc``.
 4. Kept snapshots (instant restore) older than the policy's
    ``instant_restore_days`` are removed (never a disk's tracking base).
 
@@ -164,7 +167,7 @@ def _apply(vault: Vault, plan: _Plan) -> None:
     for r in plan.hide:
         check_held(vault.storage)
         vault.put_sealed("point", vault.point_name(r.id), replace(r, hidden=True).to_json())
-    for r in plan.delete:
+    for r in _dependents_first(plan.delete):
         check_held(vault.storage)
         vault.storage.delete(vault.point_name(r.id))
     if plan.delete:
@@ -176,6 +179,29 @@ def _apply(vault: Vault, plan: _Plan) -> None:
         for path in paths:
             remove_snapshot(path)
         remove_kept(vault, pid)
+
+
+def _dependents_first(records: list[PointRecord]) -> list[PointRecord]:
+    """``records`` ordered so that each comes before every one of them its deltas are
+    based on (a topological order of the base links; any left in a loop, which a
+    vault never holds, come last in their order)."""
+    by_id = {r.id: r for r in records}
+    below = {r.id: {d.base for d in r.disks if d.base in by_id} - {r.id} for r in records}
+    above = {r.id: 0 for r in records}  # how many of ``records`` are based on each
+    for bases in below.values():
+        for b in bases:
+            above[b] += 1
+    ready = [r.id for r in records if above[r.id] == 0]
+    out: list[PointRecord] = []
+    while ready:
+        pid = ready.pop()
+        out.append(by_id[pid])
+        for b in sorted(below[pid]):
+            above[b] -= 1
+            if above[b] == 0:
+                ready.append(b)
+    done = {r.id for r in out}
+    return out + [r for r in records if r.id not in done]
 
 
 def _damaged_bases(vault: Vault) -> tuple[list[str], bool]:
