@@ -183,3 +183,16 @@ def test_forget_killed_at_any_step_leaves_a_sound_vault(
             r = cbt("restore", v, pid, "--to", tmp_path / f"out{k}" / pid)
             assert r.returncode == 0, (k, r.stderr)
             assert_same_bytes(tmp_path / f"out{k}" / pid / "os.img", truth[pid])
+
+
+def test_forgetting_an_unavailable_point_says_so(
+        history: tuple[Path, list[str], str, dict[str, Path]]) -> None:
+    """web[3] is based on web[2], whose record is damaged here: naming web[3] is one
+    error line, and nothing changes (it used to say 'removed 0 points', exit 0)."""
+    vault, web, _db, _truth = history
+    rec = vault / "points" / f"{web[2]}.json"
+    rec.write_text(rec.read_text()[:-20])
+    before = vault_state(vault)
+    line = one_error_line(cbt("forget", vault, web[1], web[3]))
+    assert web[3] in line and "unavailable" in line, line
+    assert vault_state(vault) == before

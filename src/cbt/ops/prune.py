@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cbt.core.errors import CbtError
+from cbt.core.errors import CbtError, CbtValueError
 from cbt.format.records import KeptSnapshots, PointRecord, is_point_id
 from cbt.repo.lock import check_held, exclusive_lock
 from cbt.repo.registry import kept_snapshots, remove_kept
@@ -110,10 +110,16 @@ def forget(vault: Vault, refs: list[str], dry_run: bool = False,
            wait: float = 0.0) -> PruneResult:
     """Remove the named points (ids, unique id prefixes, ``VM.latest``), with the vault
     alone, as :func:`prune` removes what a plan does not keep; the result lists the
-    named points only.  A name that is no visible point raises before anything changes
-    (it is resolved under the lock, so a prune meanwhile cannot make it another)."""
+    named points only.  A name that is no visible point, or one that is unavailable
+    (based on a damaged record), raises before anything changes (it is resolved under
+    the lock, so a prune meanwhile cannot make it another)."""
     def keep(points: list[PointRecord]) -> dict[str, list[str]]:
         named = {vault.point(ref).id for ref in refs}
+        lost = sorted(named - {p.id for p in points})
+        if lost:  # (prune leaves such a point, and the bases it names, as they are)
+            raise CbtValueError(f"point {lost[0]} is unavailable (it is based on a point "
+                                "whose record is damaged or gone: cbt verify names it); "
+                                "nothing was removed")
         return {p.id: [] if p.id in named else ["not named"] for p in points}
 
     result = prune(vault, PruneRequest(keep=keep, expired=lambda _vm, _created: False,
