@@ -264,3 +264,33 @@ def test_empty_vault(tmp_path: Path) -> None:
     for extra in ([], ["--map"]):
         r = cbt("stats", tmp_path / "v", *extra)
         assert r.returncode == 0 and r.stdout.splitlines()[-1] == "no recovery points", r
+
+
+def test_a_backup_committing_meanwhile_is_no_warning(
+        history: tuple[Path, dict[str, Path], list[str]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stats takes no lock: a backup that commits while it runs (here: right after stats
+    has loaded the index) is either counted whole or not at all, never 'blocks not in
+    the index'."""
+    vault, _truth, order = history
+    disk = write_disk(tmp_path / "late.img",
+                      np.frombuffer(_block(400) + _block(401), dtype=np.uint8))
+    real = Vault.load_index
+    late: list[str] = []
+
+    def load_then_backup(self: Vault, *args: object, **kw: object) -> object:
+        index = real(self, *args, **kw)  # type: ignore[arg-type]
+        if not late:
+            late.append("")  # (the backup loads the index too)
+            late[0] = Vault.open(vault).backup("late", [DiskSpec("os", str(disk))],
+                                               block_size=BS, workers=1).id
+        return index
+
+    monkeypatch.setattr(Vault, "load_index", load_then_backup)
+    got = stats(Vault.open(vault))
+    assert late and got.warnings == [], got.warnings
+    assert [p.recovery_point for p in got.points] == order
+    monkeypatch.setattr(Vault, "load_index", real)
+    again = stats(Vault.open(vault))
+    assert [p.recovery_point for p in again.points] == [*order, late[0]]
+    assert again.warnings == []

@@ -21,7 +21,8 @@ Definitions (bytes):
 
 Algorithm (no lock: it only reads, and never holds up a backup):
 
-1. Load the index and the visible points (a damaged record: a warning).
+1. Load the visible points (a damaged record: a warning), then the index (a
+   backup's segment is written before its record, so it covers every point).
 2. Resolve each disk's manifest, look its DATA digests up in the index (one
    ``searchsorted`` per disk) and keep each point's distinct index positions.
 3. Reference counts: a ``bincount`` over every point's positions (per block,
@@ -93,8 +94,11 @@ def stats(vault: Vault, vm: str | None = None, refs: list[str] | None = None) ->
     """Steps 1 to 4 of the module doc.  The totals are the whole vault's; ``vm`` and
     ``refs`` (point ids, prefixes, ``VM.latest``) only limit the VMs and points listed."""
     out = Stats()
-    index = vault.load_index(out.warnings)
+    # points first: a backup commits its index segment before its record, so every
+    # block of a point listed here is in the index loaded after (the other way round,
+    # a backup committing in between was "blocks not in the index")
     points = vault.points(warnings=out.warnings)
+    index = vault.load_index(out.warnings)
     if out.warnings:
         out.warnings.append("the blocks of points that cannot be read are not counted: the "
                             "unique bytes of others may be too high (gc keeps those blocks)")
