@@ -294,3 +294,32 @@ def test_a_backup_committing_meanwhile_is_no_warning(
     again = stats(Vault.open(vault))
     assert [p.recovery_point for p in again.points] == [*order, late[0]]
     assert again.warnings == []
+
+
+def test_a_chart_that_cannot_be_written_whole_leaves_nothing(
+        history: tuple[Path, dict[str, Path], list[str]], tmp_path: Path) -> None:
+    """Files may grow to 4 KiB only (RLIMIT_FSIZE: the write fails with EFBIG part way):
+    one error line, no half-written chart, and a chart already there is untouched."""
+    import resource
+    import subprocess
+
+    from helpers.cli import cbt_argv, clean_env
+
+    vault, _t, _order = history
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    mpl = {"MPLCONFIGDIR": str(tmp_path / "mpl")}
+    old = tmp_path / "old.png"
+    assert cbt("stats", vault, "--map", old, env=mpl).returncode == 0  # (font cache too)
+    before = old.read_bytes()
+    assert len(before) > 4096
+    for path in (tmp_path / "new.png", old):
+        r = subprocess.run(cbt_argv("stats", vault, "--map", path), capture_output=True,
+                           text=True, env=clean_env(mpl), preexec_fn=small_files)
+        line = one_error_line(r)
+        assert line == f"cbt: error: File too large: {path}", line
+    assert not (tmp_path / "new.png").exists()
+    assert old.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if "png" in p.name) == ["old.png"]

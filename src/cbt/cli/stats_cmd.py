@@ -140,10 +140,11 @@ def _cells(value: int, top: int) -> int:
 
 def write_chart(s: Stats, path: str) -> None:
     """A chart per VM of stored and new bytes per point over time, into ``path`` (SVG or
-    PNG by its suffix); matplotlib is imported only here."""
+    PNG by its suffix; whole or not at all); matplotlib is imported only here."""
     import datetime as dt
 
-    from cbt.core.errors import CbtValueError
+    from cbt.core.durable import atomic_file
+    from cbt.core.errors import CbtIOError, CbtValueError
 
     try:
         import matplotlib
@@ -166,5 +167,10 @@ def write_chart(s: Stats, path: str) -> None:
         ax.legend(loc="upper left")
     fig.autofmt_xdate()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:  # (a temporary file renamed when whole: a failed write leaves nothing behind)
+        with atomic_file(path) as f:
+            fig.savefig(f, format=path.rsplit(".", 1)[-1].lower())
+    except OSError as exc:  # (named by the chart's path, not the temporary file's)
+        raise CbtIOError(exc.errno, exc.strerror or str(exc), path) from None
+    finally:
+        plt.close(fig)
