@@ -4,8 +4,9 @@ Logical bytes: the disks' sizes; data: their DATA blocks (no holes, no zero
 blocks); stored: the blobs in the packs (compressed, sealed when encrypted),
 blocks awaiting 'cbt gc' included; referenced: those some point uses.  A
 point's stored bytes are the blocks it references, new those no earlier point
-of its VM does, unique those no other point does (what forgetting it, then
-'cbt gc', frees).  dedup_ratio = data bytes / raw bytes of the distinct
+of its VM does, unique those no other point does (what forgetting it leaves
+unreferenced: 'cbt gc' frees them from packs mostly dead; a pack still at least
+half live keeps them until more of it dies).  dedup_ratio = data bytes / raw bytes of the distinct
 referenced blocks; compression_ratio = those raw bytes / their stored bytes.
 The totals are the whole vault's; --vm and POINT only limit what is listed.
 Takes no lock (it only reads).

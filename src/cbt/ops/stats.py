@@ -7,14 +7,18 @@ Definitions (bytes):
   excluded; a disk's last block counts its real length).
 - *stored* of the vault: every blob the index names, as it lies in the packs
   (blob header plus compressed, and in an encrypted vault sealed, bytes), blocks no
-  point references any more included (``cbt gc`` frees those).
+  point references any more included (``cbt gc`` frees those, pack by pack: see
+  *unique*).  Not the packs' trailers, nor files the index does not name.
 - *referenced*: the stored bytes of the distinct blocks some visible point
   references (a hidden base's blocks count only where a visible point uses them).
 - *stored* of a point: the stored bytes of the distinct blocks it references (what
   restoring it reads); *new*: of those, the blocks no earlier point of its VM
   references; *unique*: the blocks no other visible point references (what
-  forgetting it, then ``cbt gc``, frees: a block a later point of the chain still
+  forgetting it leaves unreferenced: a block a later point of the chain still
   uses is not unique).  A VM's unique bytes: the blocks only its points reference.
+  ``cbt gc`` then frees them from packs it removes or rewrites; a pack still at
+  least half live keeps its dead blobs (its *stored* bytes stay, its *referenced*
+  ones go), so the space freed at once may be less.
 - ``dedup_ratio`` = data bytes of all points / raw bytes of the distinct referenced
   blocks; ``compression_ratio`` = those raw bytes / their stored bytes
   (referenced, so blocks awaiting gc do not skew it).  None where nothing is stored.
