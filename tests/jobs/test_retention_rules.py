@@ -180,3 +180,12 @@ def test_prune_with_last_and_within_on_a_vault(tmp_path: Path) -> None:
     assert reasons == {made[13]: ["latest", "last 2", "within 3d"],
                        made[12]: ["last 2", "within 3d"], made[11]: ["within 3d"]}
     assert set(listed_ids(tmp_path / "vault")) == {made[11], made[12], made[13]}
+
+
+def test_within_at_the_end_of_the_calendar() -> None:
+    """A newest point in the last hour of year 9999, in a zone east of UTC (its local time
+    is in year 10000): no traceback; the cutoff cannot be worked out, so everything is
+    kept (as for a duration reaching before year 1)."""
+    got = _apply({"new": "9999-12-31T23:30:00Z", "old": "2026-01-01T00:00:00Z"},
+                 Retention(within=parse_within("1h")), "Asia/Tokyo")
+    assert got == {"new": ["latest", "within 1h"], "old": ["within 1h"]}
