@@ -323,3 +323,14 @@ def test_a_chart_that_cannot_be_written_whole_leaves_nothing(
     assert not (tmp_path / "new.png").exists()
     assert old.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if "png" in p.name) == ["old.png"]
+
+
+def test_map_before_the_vault_says_how(
+        history: tuple[Path, dict[str, Path], list[str]]) -> None:
+    """'cbt stats --map VAULT' takes VAULT for the chart's file: the error line says how to
+    ask for the terminal map; '--map -' before the vault draws it."""
+    vault, _t, _order = history
+    line = one_error_line(cbt("stats", "--map", vault))
+    assert "'--map -'" in line, line
+    r = cbt("stats", "--map", "-", vault)
+    assert r.returncode == 0 and r.stdout.startswith("db  ("), r.stdout

@@ -65,7 +65,8 @@ def _map_arg(text: str) -> str:
     text = local_path_arg(text)
     if not text.lower().endswith((".svg", ".png")):
         raise argparse.ArgumentTypeError(f"{text!r}: a chart is written as FILE.svg or "
-                                         "FILE.png")
+                                         "FILE.png (the map on the terminal: '--map -', "
+                                         "or --map after VAULT)")
     return text
 
 
