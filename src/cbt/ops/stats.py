@@ -180,9 +180,17 @@ def _point_row(vault: Vault, point: PointRecord, held: Positions, blob: Position
 
 def _new_bytes(rows: list[PointStats], held: list[Positions], blob: Positions,
                n: int) -> None:
-    """Step 4: per VM, oldest first (``rows`` is), the bytes of blocks not seen before."""
-    seen: dict[str, npt.NDArray[np.bool_]] = {}
-    for row, pos in zip(rows, held, strict=True):
-        mask = seen.setdefault(row.vm, np.zeros(n, dtype=bool))
-        row.new_bytes = int(blob[pos[~mask[pos]]].sum())
-        mask[pos] = True
+    """Step 4: per VM, oldest first (``rows`` is), the bytes of blocks not seen before.
+    One mask over the index for all VMs, cleared where a VM set it before the next
+    (a mask per VM was VMs x index entries bytes)."""
+    seen = np.zeros(n, dtype=bool)
+    by_vm: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_vm.setdefault(row.vm, []).append(i)
+    for mine in by_vm.values():
+        for i in mine:
+            pos = held[i]
+            rows[i].new_bytes = int(blob[pos[~seen[pos]]].sum())
+            seen[pos] = True
+        for i in mine:
+            seen[held[i]] = False
