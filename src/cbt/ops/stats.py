@@ -34,7 +34,8 @@ Algorithm (no lock: it only reads, and never holds up a backup):
 4. A point's unique bytes are the blob sizes of its positions whose count is 1;
    a VM's likewise with the VM counts.  New bytes: each VM's points oldest first,
    against a mask of the blocks seen so far.  Linear in the number of
-   (point, block) references: no pair of points is ever compared.
+   (point, block) references: no pair of points (nor of VM and point) is ever
+   compared.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def stats(vault: Vault, vm: str | None = None, refs: list[str] | None = None) ->
     """Steps 1 to 4 of the module doc.  The totals are the whole vault's; ``vm`` and
     ``refs`` (point ids, prefixes, ``VM.latest``) only limit the VMs and points listed."""
     out = Stats()
+    # (names first: an unknown one fails before the work, and VM.latest is a point listed)
+    wanted = {vault.point(ref).id for ref in refs} if refs else None
     # points first: a backup commits its index segment before its record, so every
     # block of a point listed here is in the index loaded after (the other way round,
     # a backup committing in between was "blocks not in the index")
@@ -111,13 +114,15 @@ def stats(vault: Vault, vm: str | None = None, refs: list[str] | None = None) ->
     out.stored_bytes = int(blob.sum())
     per_point = np.bincount(np.concatenate([np.zeros(0, np.int64), *held]),
                             minlength=len(index))
-    vms = sorted({p.vm for p in points})
-    by_vm = {name: np.unique(np.concatenate([np.zeros(0, np.int64), *(
-        h for p, h in zip(points, held, strict=True) if p.vm == name)])) for name in vms}
+    groups: dict[str, list[int]] = {}  # VM -> its points' places in ``points``
+    for i, p in enumerate(points):
+        groups.setdefault(p.vm, []).append(i)
+    by_vm = {name: np.unique(np.concatenate([np.zeros(0, np.int64), *(held[i] for i in mine)]))
+             for name, mine in groups.items()}
     per_vm = np.bincount(np.concatenate([np.zeros(0, np.int64), *by_vm.values()]),
                          minlength=len(index))
     rows = [_point_row(vault, p, h, blob, per_point) for p, h in zip(points, held, strict=True)]
-    _new_bytes(rows, held, blob, len(index))
+    _new_bytes(rows, held, blob, groups)
     referenced = np.nonzero(per_point)[0]
     raw = int(index.raw[referenced].astype(np.int64).sum())
     out.referenced_bytes = int(blob[referenced].sum())
@@ -125,12 +130,10 @@ def stats(vault: Vault, vm: str | None = None, refs: list[str] | None = None) ->
     out.data_bytes = sum(r.data_bytes for r in rows)
     out.dedup_ratio = out.data_bytes / raw if raw else None
     out.compression_ratio = raw / out.referenced_bytes if out.referenced_bytes else None
-    out.vms = [VmStats(name, sum(r.vm == name for r in rows),
-                       sum(r.logical_bytes for r in rows if r.vm == name),
-                       sum(r.data_bytes for r in rows if r.vm == name),
+    out.vms = [VmStats(name, len(mine), sum(rows[i].logical_bytes for i in mine),
+                       sum(rows[i].data_bytes for i in mine),
                        int(blob[by_vm[name][per_vm[by_vm[name]] == 1]].sum()))
-               for name in vms if vm is None or name == vm]
-    wanted = {vault.point(ref).id for ref in refs} if refs else None
+               for name, mine in sorted(groups.items()) if vm is None or name == vm]
     out.points = [r for r in rows if (vm is None or r.vm == vm)
                   and (wanted is None or r.recovery_point in wanted)]
     return out
@@ -179,15 +182,12 @@ def _point_row(vault: Vault, point: PointRecord, held: Positions, blob: Position
 
 
 def _new_bytes(rows: list[PointStats], held: list[Positions], blob: Positions,
-               n: int) -> None:
-    """Step 4: per VM, oldest first (``rows`` is), the bytes of blocks not seen before.
-    One mask over the index for all VMs, cleared where a VM set it before the next
-    (a mask per VM was VMs x index entries bytes)."""
-    seen = np.zeros(n, dtype=bool)
-    by_vm: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_vm.setdefault(row.vm, []).append(i)
-    for mine in by_vm.values():
+               groups: dict[str, list[int]]) -> None:
+    """Step 4: per VM (``groups``: its rows, oldest first), the bytes of blocks not seen
+    before.  One mask over the index for all VMs, cleared where a VM set it before the
+    next (a mask per VM was VMs x index entries bytes)."""
+    seen = np.zeros(len(blob), dtype=bool)
+    for mine in groups.values():
         for i in mine:
             pos = held[i]
             rows[i].new_bytes = int(blob[pos[~seen[pos]]].sum())
