@@ -233,3 +233,39 @@ def test_forget_and_stats_on_s3(env: dict[str, str], tmp_path: Path) -> None:
     r = cbt("restore", vault, ids[2], "--to", tmp_path / "out", env=env)
     assert r.returncode == 0, r.stderr
     assert_same_bytes(tmp_path / "out" / "os.img", truth)
+
+
+def test_naming_more_points_reads_the_records_no_more_often(
+        history: tuple[Path, list[str], str, dict[str, Path]], tmp_path: Path) -> None:
+    """Forgetting one point or four (ids, a prefix, VM.latest) reads the record of a point
+    it keeps equally often: the names are resolved from one reading of the records (each
+    name read every record again: on S3, a request per point per name)."""
+    import shutil
+    import subprocess
+    import sys
+
+    vault, web, _db, _truth = history
+    count = r"""
+import sys
+from cbt.api import Vault
+from cbt.ops.prune import forget
+from cbt.repo.storage import LocalStorage
+reads = [0]
+real = LocalStorage.get
+def get(self, name, *args, **kw):
+    reads[0] += name == sys.argv[2]
+    return real(self, name, *args, **kw)
+LocalStorage.get = get
+forget(Vault.open(sys.argv[1]), sys.argv[3:])
+print(reads[0])
+"""
+    seen = []
+    for names in ([web[1]], [web[1], web[3][:-3], "db.latest", web[2]]):
+        v = tmp_path / f"v{len(names)}"
+        shutil.copytree(vault, v)
+        r = subprocess.run([sys.executable, "-c", count, str(v), f"points/{web[4]}.json",
+                            *names], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        seen.append(int(r.stdout))
+        assert web[4] in listed_ids(v)
+    assert seen[0] > 0 and seen[1] == seen[0], seen

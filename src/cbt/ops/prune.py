@@ -114,7 +114,7 @@ def forget(vault: Vault, refs: list[str], dry_run: bool = False,
     (based on a damaged record), raises before anything changes (it is resolved under
     the lock, so a prune meanwhile cannot make it another)."""
     def keep(points: list[PointRecord]) -> dict[str, list[str]]:
-        named = {vault.point(ref).id for ref in refs}
+        named = {p.id for p in vault.points_named(refs)}
         lost = sorted(named - {p.id for p in points})
         if lost:  # (prune leaves such a point, and the bases it names, as they are)
             raise CbtValueError(f"point {lost[0]} is unavailable (it is based on a point "

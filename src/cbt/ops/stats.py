@@ -100,7 +100,7 @@ def stats(vault: Vault, vm: str | None = None, refs: list[str] | None = None) ->
     ``refs`` (point ids, prefixes, ``VM.latest``) only limit the VMs and points listed."""
     out = Stats()
     # (names first: an unknown one fails before the work, and VM.latest is a point listed)
-    wanted = {vault.point(ref).id for ref in refs} if refs else None
+    wanted = {p.id for p in vault.points_named(refs)} if refs else None
     # points first: a backup commits its index segment before its record, so every
     # block of a point listed here is in the index loaded after (the other way round,
     # a backup committing in between was "blocks not in the index")
