@@ -389,3 +389,22 @@ def test_vm_latest_names_a_point_listed_when_a_backup_commits_meanwhile(
     monkeypatch.setattr(Vault, "load_index", load_then_backup)
     got = stats(Vault.open(vault), refs=["web.latest"])
     assert done and [p.recovery_point for p in got.points] == [order[3]]
+
+
+@pytest.mark.parametrize(("columns", "longest"), [("1", 10), ("80", None), ("10000", 40)])
+def test_terminal_map_fits_the_width(history: tuple[Path, dict[str, Path], list[str]],
+                                     columns: str, longest: int | None) -> None:
+    """$COLUMNS sets the bars' scale: 80 columns, every line fits; 1, the shortest bars
+    (10 cells for the largest point; the lines wrap); 10000, at most 40 cells."""
+    vault, _t, order = history
+    r = cbt("stats", vault, "--map", env={"COLUMNS": columns})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    bars = [ln for ln in lines if ln.startswith("  ")]
+    assert len(bars) == len(order)
+    cells = [sum(ln.count(c) for c in "\u2588\u2592") for ln in bars]
+    if longest is None:
+        assert max(len(ln) for ln in lines) <= 80, lines
+        assert 10 <= max(cells) <= 40
+    else:
+        assert max(cells) == longest, lines
