@@ -269,3 +269,20 @@ print(reads[0])
         seen.append(int(r.stdout))
         assert web[4] in listed_ids(v)
     assert seen[0] > 0 and seen[1] == seen[0], seen
+
+
+def test_forgetting_the_latest_point_warns_about_change_hints(
+        history: tuple[Path, list[str], str, dict[str, Path]]) -> None:
+    """prune always keeps a VM's newest point, forget may remove it: then the next backup
+    is made against the point before, and a --changed-ranges hint (changes since the
+    last backup) would miss what changed in between: one warning per such VM, also with
+    --dry-run; none when the latest stays."""
+    vault, web, db, _truth = history
+    r = cbt("forget", vault, "web.latest", "db.latest", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    warned = [ln for ln in r.stderr.splitlines() if "--changed-ranges" in ln]
+    assert len(warned) == 2, r.stderr
+    assert f"({web[4]})" in warned[1] and f"against {web[3]}" in warned[1], warned
+    assert f"({db})" in warned[0] and "full baseline" in warned[0], warned
+    out = _forget(vault, web[1])
+    assert out["warnings"] == []

@@ -113,6 +113,8 @@ def forget(vault: Vault, refs: list[str], dry_run: bool = False,
     named points only.  A name that is no visible point, or one that is unavailable
     (based on a damaged record), raises before anything changes (it is resolved under
     the lock, so a prune meanwhile cannot make it another)."""
+    notes: list[str] = []
+
     def keep(points: list[PointRecord]) -> dict[str, list[str]]:
         named = {p.id for p in vault.points_named(refs)}
         lost = sorted(named - {p.id for p in points})
@@ -120,12 +122,32 @@ def forget(vault: Vault, refs: list[str], dry_run: bool = False,
             raise CbtValueError(f"point {lost[0]} is unavailable (it is based on a point "
                                 "whose record is damaged or gone: cbt verify names it); "
                                 "nothing was removed")
+        notes.extend(_latest_removed(points, named))
         return {p.id: [] if p.id in named else ["not named"] for p in points}
 
     result = prune(vault, PruneRequest(keep=keep, expired=lambda _vm, _created: False,
                                        dry_run=dry_run, wait=wait, removed_why="named"))
     result.points = [p for p in result.points if not p.keep]
+    result.warnings += notes
     return result
+
+
+def _latest_removed(points: list[PointRecord], named: set[str]) -> list[str]:
+    """A warning per VM whose latest point is named (prune always keeps it): the next
+    backup is made against an older point, and a change hint a tool keeps since the
+    last backup (--changed-ranges) says nothing of the changes in between."""
+    latest: dict[str, PointRecord] = {}
+    for p in points:  # (oldest first)
+        latest[p.vm] = p
+    out = []
+    for vm, p in sorted(latest.items()):
+        if p.id in named:
+            left = [q.id for q in points if q.vm == vm and q.id not in named]
+            after = f"against {left[-1]}" if left else "as a full baseline"
+            out.append(f"the latest point of VM {vm} ({p.id}) is removed: its next backup is "
+                       f"made {after}, so a --changed-ranges hint must name the changes "
+                       "since that point, not since the last backup")
+    return out
 
 
 def _plan(vault: Vault, request: PruneRequest, warnings: list[str]) -> _Plan:
