@@ -25,6 +25,8 @@ from cbt.repo.stores import storage_at
 from cbt.source.disks import DiskSpec
 
 HIDDEN = "named; hidden, as kept points are based on it"
+LAST = ("named; hidden until VM db's next point (so that backup uses no change hint made "
+        "since this one)")
 
 
 @pytest.fixture
@@ -77,7 +79,8 @@ def test_forget_hides_bases_deletes_the_rest(
         k: v for k, v in out.items() if k != "dry_run"}
     got = {p["recovery_point"]: p["reasons"] for p in out["points"]}
     # web[0]: web[3] and web[4] are kept and based on it (web[3] through web[2])
-    assert got == {web[1]: ["named"], web[2]: [HIDDEN], db: ["named"], web[0]: [HIDDEN]}
+    # db's only point goes: hidden until db's next point (no change hint since it then)
+    assert got == {web[1]: ["named"], web[2]: [HIDDEN], db: [LAST], web[0]: [HIDDEN]}
     assert sorted(listed_ids(vault)) == sorted([web[3], web[4]])
     assert not (vault / "points" / f"{web[1]}.json").exists()
     assert not list((vault / "manifests").glob(f"{web[1]}/*")), "its manifests stay"
@@ -86,20 +89,22 @@ def test_forget_hides_bases_deletes_the_rest(
         r = cbt("restore", vault, pid, "--to", tmp_path / "out" / pid)
         assert r.returncode == 0, r.stderr
         assert_same_bytes(tmp_path / "out" / pid / "os.img", truth[pid])
-    # forgetting the bases' dependants too: the hidden bases go with them
+    # forgetting the bases' dependants too: the hidden bases go with them (web's newest
+    # point, and db's, stay hidden until their VMs' next points)
     out = _forget(vault, web[3], "web.latest")
     assert {p["recovery_point"] for p in out["points"]} == {web[3], web[4]}
     assert listed_ids(vault) == []
-    assert sorted(p.name for p in (vault / "points").iterdir()) == []
+    assert sorted(p.name for p in (vault / "points").iterdir()) == [
+        f"{db}.json", f"{web[4]}.json"]
 
 
 def test_forget_human_output_and_quiet(
         history: tuple[Path, list[str], str, dict[str, Path]]) -> None:
     vault, web, _db, _truth = history
-    r = cbt("forget", vault, web[4])
+    r = cbt("forget", vault, web[1])
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["remove", web[4], "named"]
+    assert lines[0].split() == ["remove", web[1], "named"]
     assert "cbt gc" in lines[-1] and len(lines) == 2
     r = cbt("forget", vault, web[3], "-q")
     assert r.returncode == 0 and r.stdout.split() == ["remove", web[3], "named"], r.stdout
@@ -271,18 +276,44 @@ print(reads[0])
     assert seen[0] > 0 and seen[1] == seen[0], seen
 
 
-def test_forgetting_the_latest_point_warns_about_change_hints(
-        history: tuple[Path, list[str], str, dict[str, Path]]) -> None:
-    """prune always keeps a VM's newest point, forget may remove it: then the next backup
-    is made against the point before, and a --changed-ranges hint (changes since the
-    last backup) would miss what changed in between: one warning per such VM, also with
-    --dry-run; none when the latest stays."""
-    vault, web, db, _truth = history
-    r = cbt("forget", vault, "web.latest", "db.latest", "--dry-run")
+def test_forgetting_the_latest_point_leaves_no_change_hint_wrong(tmp_path: Path) -> None:
+    """prune always keeps a VM's newest point; forget may remove it.  Then the next backup
+    is made against the point before, and a --changed-ranges hint kept since the last
+    backup misses what changed in between (the restore differed from the disk): the
+    removed newest point stays as a hidden record until a newer point exists, and that
+    backup reads every block instead.  Forgetting another point meanwhile keeps the
+    hidden record; once a newer point exists, the next forget deletes it."""
+    size = 1 << 20
+    disk = write_disk(tmp_path / "os.img", random_bytes(size, seed=3))
+    vault = tmp_path / "v"
+    assert cbt("init", vault, "--encryption", "none").returncode == 0
+    ids = []
+    for k in range(3):
+        if k:
+            with disk.open("r+b") as f:  # block k changes before point k
+                f.seek(k * 65536)
+                f.write(bytes([k]) * 65536)
+        r = cbt("backup", vault, "--vm", "web", f"os={disk}", "--json")
+        assert r.returncode == 0, r.stderr
+        ids.append(json.loads(r.stdout.splitlines()[-1])["recovery_point"])
+    out = _forget(vault, "web.latest")
+    assert out["points"][0]["reasons"][0].startswith("named; hidden until VM web's next")
+    assert _record(vault, ids[2])["hidden"] is True
+    _forget(vault, ids[0])  # (another forget keeps the hidden record)
+    assert _record(vault, ids[2])["hidden"] is True
+    with disk.open("r+b") as f:  # changed since the forgotten point: the hint says so
+        f.seek(512 << 10)
+        f.write(b"B" * 65536)
+    hint = tmp_path / "hint.json"
+    hint.write_text(json.dumps({"block_size": 65536, "size_a": size, "size_b": size,
+                                "ranges": [[512 << 10, 65536]]}))
+    r = cbt("backup", vault, "--vm", "web", f"os={disk}", "--changed-ranges", f"os={hint}",
+            "--json")
     assert r.returncode == 0, r.stderr
-    warned = [ln for ln in r.stderr.splitlines() if "--changed-ranges" in ln]
-    assert len(warned) == 2, r.stderr
-    assert f"({web[4]})" in warned[1] and f"against {web[3]}" in warned[1], warned
-    assert f"({db})" in warned[0] and "full baseline" in warned[0], warned
-    out = _forget(vault, web[1])
-    assert out["warnings"] == []
+    assert "was forgotten" in r.stdout, r.stdout  # (the disk's change_source_reason)
+    r = cbt("restore", vault, "web.latest", "--to", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert_same_bytes(tmp_path / "out" / "os.img", disk)
+    _forget(vault, ids[1])  # a newer point exists: the hidden record goes now
+    assert not (vault / "points" / f"{ids[2]}.json").exists()
+    assert cbt("verify", vault).returncode == 0

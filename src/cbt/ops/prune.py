@@ -6,8 +6,12 @@
 2. A removed point that a kept point's manifests are based on (the skip chain
    of deltas, see ``vault.points``) is *hidden* instead: its record is
    rewritten with ``hidden = true`` (a durable rename), so it no longer lists
-   but still resolves.  Hidden points no kept point needs any more are
-   deleted.  In an encrypted vault the rewritten record is sealed again.
+   but still resolves.  So is a VM's newest point that goes when it is newer
+   than every point that stays (only ``forget`` removes a latest point): the
+   VM's next backup finds that record newer than the point it is made against,
+   and uses no change hint (one kept since the last backup would miss what
+   changed in between).  Hidden points no kept point needs, and no such newer
+   one, are deleted.  In an encrypted vault the rewritten record is sealed again.
 3. A point is deleted by removing its record first (that is the commit), then
    its manifests (named by the vault's layout from the point's id and disk
    labels, never by what the record says); a crash in between leaves manifests that the next backup
@@ -20,7 +24,7 @@
 
 :func:`forget` is the same with a plan that names the points to remove
 (``cbt forget``): every other point is kept, and a named point that kept points
-are based on is hidden, as above.
+are based on is hidden, as above, and so is a VM's newest point.
 
 A point record that cannot be read (damaged) is left where it is, and so is
 every point based on it and every base those need, and the points its own
@@ -113,8 +117,6 @@ def forget(vault: Vault, refs: list[str], dry_run: bool = False,
     named points only.  A name that is no visible point, or one that is unavailable
     (based on a damaged record), raises before anything changes (it is resolved under
     the lock, so a prune meanwhile cannot make it another)."""
-    notes: list[str] = []
-
     def keep(points: list[PointRecord]) -> dict[str, list[str]]:
         named = {p.id for p in vault.points_named(refs)}
         lost = sorted(named - {p.id for p in points})
@@ -122,32 +124,12 @@ def forget(vault: Vault, refs: list[str], dry_run: bool = False,
             raise CbtValueError(f"point {lost[0]} is unavailable (it is based on a point "
                                 "whose record is damaged or gone: cbt verify names it); "
                                 "nothing was removed")
-        notes.extend(_latest_removed(points, named))
         return {p.id: [] if p.id in named else ["not named"] for p in points}
 
     result = prune(vault, PruneRequest(keep=keep, expired=lambda _vm, _created: False,
                                        dry_run=dry_run, wait=wait, removed_why="named"))
     result.points = [p for p in result.points if not p.keep]
-    result.warnings += notes
     return result
-
-
-def _latest_removed(points: list[PointRecord], named: set[str]) -> list[str]:
-    """A warning per VM whose latest point is named (prune always keeps it): the next
-    backup is made against an older point, and a change hint a tool keeps since the
-    last backup (--changed-ranges) says nothing of the changes in between."""
-    latest: dict[str, PointRecord] = {}
-    for p in points:  # (oldest first)
-        latest[p.vm] = p
-    out = []
-    for vm, p in sorted(latest.items()):
-        if p.id in named:
-            left = [q.id for q in points if q.vm == vm and q.id not in named]
-            after = f"against {left[-1]}" if left else "as a full baseline"
-            out.append(f"the latest point of VM {vm} ({p.id}) is removed: its next backup is "
-                       f"made {after}, so a --changed-ranges hint must name the changes "
-                       "since that point, not since the last backup")
-    return out
 
 
 def _plan(vault: Vault, request: PruneRequest, warnings: list[str]) -> _Plan:
@@ -163,12 +145,13 @@ def _plan(vault: Vault, request: PruneRequest, warnings: list[str]) -> _Plan:
     if not known:
         warnings.append("a damaged point record's manifests cannot be read, so the points it "
                         "is based on are not known: prune hides what it would delete")
+    tombs = _tombstones(records, reasons, lost)
     plan = _Plan()
     for r in records:
         if r.id in lost:
             continue
         if r.hidden:
-            if r.id not in needed and known:
+            if r.id not in needed and known and r.id not in tombs:
                 plan.delete.append(r)
             continue
         why = reasons.get(r.id, [])
@@ -178,6 +161,10 @@ def _plan(vault: Vault, request: PruneRequest, warnings: list[str]) -> _Plan:
         if r.id in needed or not known:
             plan.hide.append(r)
             why = [f"{request.removed_why}; hidden, as kept points are based on it"]
+        elif r.id in tombs:
+            plan.hide.append(r)
+            why = [f"{request.removed_why}; hidden until VM {r.vm}'s next point (so that "
+                   "backup uses no change hint made since this one)"]
         else:
             plan.delete.append(r)
             why = [request.removed_why]
@@ -185,6 +172,24 @@ def _plan(vault: Vault, request: PruneRequest, warnings: list[str]) -> _Plan:
     plan.expired = _expired_snapshots(kept_snapshots(vault, warnings), request.expired,
                                       {r.id for r in plan.delete} | {r.id for r in plan.hide})
     return plan
+
+
+def _tombstones(records: list[PointRecord], reasons: dict[str, list[str]],
+                lost: set[str]) -> set[str]:
+    """Per VM, the newest point that goes (or went: hidden) when it is newer than every
+    point that stays: kept hidden, a record the VM's next backup finds newer than the
+    point it is made against (then it uses no change hint: one made since the last
+    backup misses what changed in between).  ``records`` is oldest first."""
+    top: dict[str, int] = {}  # VM -> place of its newest point that stays
+    for k, r in enumerate(records):
+        if not r.hidden and (reasons.get(r.id) or r.id in lost):
+            top[r.vm] = k
+    tomb: dict[str, str] = {}
+    for k, r in enumerate(records):
+        if (r.hidden or r.id not in lost) and not reasons.get(r.id) \
+                and k > top.get(r.vm, -1):
+            tomb[r.vm] = r.id
+    return set(tomb.values())
 
 
 def _apply(vault: Vault, plan: _Plan) -> None:
