@@ -5,9 +5,10 @@ wait with --wait): a named point that points kept are based on is hidden
 instead (it no longer lists, but still resolves for them); so is a VM's
 newest point when it goes, until the VM's next point (that backup then uses no
 change hint: one kept since the last backup would miss what changed in
-between); each named point says which happened.  A name that matches no point (or several) is one
-error line, and nothing is removed.  Kept snapshots of removed points go too.
-The blocks are freed later by 'cbt gc'.
+between); each named point says which happened.  A name that matches no
+point (or several), or an unavailable one, is one error line, and nothing is
+removed.  Kept snapshots of removed points go too.  The blocks are freed later
+by 'cbt gc'.
 
 --json prints {"dry_run","points":[{"recovery_point","vm","keep","reasons"}],
 "snapshots_expired","warnings"} (prune's shape; "points" lists the named points).
