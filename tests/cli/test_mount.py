@@ -298,3 +298,27 @@ def test_gc_while_mounted_keeps_what_the_mount_reads(tmp_path: Path) -> None:
         assert (mnt / "os.img").read_bytes() == second
         p.send_signal(signal.SIGTERM)
         _stopped(p, mnt)
+
+
+def test_a_killed_mount_leaves_a_dead_mount_named_in_one_line(tmp_path: Path) -> None:
+    """SIGKILL leaves the kernel's side of the mount with no server ('Transport endpoint
+    is not connected'): a new cbt mount there is one line saying how to release it, and
+    'fusermount3 -u' does; then it mounts again."""
+    _need_fuse()
+    vault, truth = _plain_history(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with _serving(vault, "db.latest", mnt, mnt=mnt) as (p, _out):
+        kill_group(p)
+        assert _in_mounts(mnt)
+        with pytest.raises(OSError) as exc:
+            os.listdir(mnt)
+        assert exc.value.errno == errno.ENOTCONN
+        msg = one_error_line(cbt("mount", vault, "db.latest", mnt))
+        assert str(mnt) in msg and "fusermount3 -u" in msg, msg
+        assert subprocess.run(["fusermount3", "-u", str(mnt)], check=False).returncode == 0
+        assert not _in_mounts(mnt)
+    data = next(d for pid, disks in truth.items() if pid.startswith("db.")
+                for d in disks.values())
+    with _serving(vault, "db.latest", mnt, mnt=mnt) as (p, _out):
+        assert (mnt / "data.img").read_bytes() == data

@@ -20,7 +20,9 @@ ahead.  Requests are served on several threads.
 It runs in the foreground until SIGINT (Ctrl-C), SIGTERM, or 'umount
 MOUNTPOINT' ('fusermount3 -u MOUNTPOINT'), then unmounts and exits 0.  The
 mount point must be an empty directory.  Needs /dev/fuse and libfuse3
-(apt-get install fuse3).
+(apt-get install fuse3).  Killed (SIGKILL), it leaves a dead mount behind
+('Transport endpoint is not connected'): 'fusermount3 -u MOUNTPOINT' (or
+'umount -l MOUNTPOINT') releases it.
 
 While mounted it holds the vault's shared lock (as a backup does): prune and
 other commands that need the vault alone wait (or fail), and gc may move packs
@@ -84,6 +86,13 @@ def _check_mountpoint(path: str) -> str:
     except FileNotFoundError:
         raise CbtIOError(errno.ENOENT, f"mount point {path} does not exist (make an empty "
                          "directory)") from None
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        # (a FUSE mount whose server is gone: a cbt mount killed with SIGKILL, say)
+        raise CbtIOError(errno.ENOTCONN, f"mount point {path} is a dead FUSE mount (its "
+                         f"server was killed): release it with 'fusermount3 -u {path}' (or "
+                         f"'umount -l {path}'), then mount again") from None
     if not stat.S_ISDIR(st.st_mode):
         raise CbtIOError(errno.ENOTDIR, f"mount point {path} is not a directory")
     if os.listdir(path):
