@@ -183,3 +183,47 @@ def test_many_threads_read_at_once(point: tuple[cbt_api.Vault, Any, SparseImage]
         assert r.shared.cache.used <= 40 * BS
     finally:
         r.shared.close()
+
+
+def test_a_block_id_of_another_length_is_refused_from_the_cache(tmp_path: Path) -> None:
+    """A forged manifest (plain vault: anyone can rewrite it and the record's checksums)
+    names, for a full block of disk db, the id of os's short tail block: that content
+    checks against the id but is 5 KiB, not 16.  Read from the vault it is refused (the
+    length is checked); read from the cache, where os's tail put it, it must be refused
+    too, never served as a short or shifted block."""
+    import blake3 as b3
+    from helpers.vaults import forge_record
+
+    from cbt.format.manifest import read_manifest_bytes
+
+    img = _disk(tmp_path / "os.img")
+    vault = cbt_api.Vault.init(tmp_path / "vault")
+    pid = vault.backup("web", [f"os={img.path}", f"db={img.path}"], block_size=BS,
+                       workers=1).id
+    path = tmp_path / "vault" / "manifests" / pid / "db.arrow"
+    m = read_manifest_bytes(path.read_bytes(), str(path))
+    tail = b3.blake3(img.content[(SIZE // BS) * BS:].tobytes()).digest()
+    assert m.rows[0] == 0
+    m.row_digests[0] = np.frombuffer(tail, dtype=np.uint8)
+    path.write_bytes(m.to_bytes())
+    digest = b3.blake3(path.read_bytes()).hexdigest()
+
+    def change(body: dict[str, Any]) -> None:
+        next(d for d in body["disks"] if d["label"] == "db")["manifest_checksum"] = digest
+
+    forge_record(tmp_path / "vault", pid, change)
+    vault = cbt_api.Vault.open(tmp_path / "vault")
+    p = vault.point(pid)
+    shared = Shared(vault, vault.load_index(headers=True), BlockCache(64 * MIB), read_ahead=0)
+    os_, db = DiskReader(shared, p, "os"), DiskReader(shared, p, "db")
+    try:
+        with pytest.raises(DamagedPointError, match=r"block 0[ :].*length"):
+            db.read(0, 4096)  # from the vault
+        assert os_.read(SIZE - 100, 100) == img.content[SIZE - 100:].tobytes()
+        assert shared.cache.get(tail) is not None  # os's tail block, cached
+        for off, n in ((0, 4096), (0, 2 * BS), (4 * KIB, 8 * KIB)):
+            with pytest.raises(DamagedPointError, match=r"block 0[ :].*length"):
+                db.read(off, n)  # from the cache
+        assert db.read(BS, BS) == img.content[BS:2 * BS].tobytes()
+    finally:
+        shared.close()

@@ -44,7 +44,7 @@ import numpy.typing as npt
 
 from cbt.core.errors import CbtValueError
 from cbt.core.native import fast
-from cbt.ops.restore import _Scratch, image_name, plan_disk, read_verified
+from cbt.ops.restore import DamagedPointError, _Scratch, image_name, plan_disk, read_verified
 
 if TYPE_CHECKING:
     from cbt.format.manifest import Manifest
@@ -181,6 +181,11 @@ class DiskReader:
             lo = blk * bs
             a, b = max(lo, offset), min(lo + bs, end)
             data = blocks.get(blk)
+            if data is not None and len(data) != min(bs, m.disk_size - lo):
+                # (a cached block is keyed by its id alone: a forged manifest may name,
+                # for a full block, the id of a short one another disk's tail cached)
+                raise DamagedPointError(f"point {self.point.id} disk {self.label} block "
+                                        f"{blk}: content has the wrong length")
             pieces.append(_ZEROS[:b - a] if data is None else memoryview(data)[a - lo:b - lo])
         self._maybe_read_ahead(m, first, last + 1)
         return b"".join(pieces)  # (the one copy)
