@@ -13,6 +13,7 @@ import os
 import select
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,11 @@ from helpers import KIB, MIB
 from helpers.cli import cbt, kill_group, one_error_line, start_cbt
 from helpers.images import fast_random
 from helpers.packs import pack_files, walk_pack
+from helpers.s3 import S3Server, fresh_bucket
 from helpers.shapes import MOUNT_FILE_KEYS, MOUNT_KEYS
 from helpers.system import need, need_root_tools
 from helpers.truth import tree_hashes
-from helpers.vaults import encrypted_env
+from helpers.vaults import PASSWORD, encrypted_env
 
 import cbt as cbt_api
 
@@ -322,3 +324,40 @@ def test_a_killed_mount_leaves_a_dead_mount_named_in_one_line(tmp_path: Path) ->
                 for d in disks.values())
     with _serving(vault, "db.latest", mnt, mnt=mnt) as (p, _out):
         assert (mnt / "data.img").read_bytes() == data
+
+
+def test_an_s3_vault_mounts_and_keeps_its_lease(s3_env: S3Server, tmp_path: Path) -> None:
+    """An encrypted vault in S3 (SeaweedFS on 127.0.0.1): the image reads back as the
+    disk was; the mount's shared lock (a lease of 3 s here) is renewed while it is
+    mounted, so a forget long after the lease still finds it and fails, naming it, and
+    removes nothing; stopped, the mount leaves no lock object."""
+    _need_fuse()
+    env = {**encrypted_env(tmp_path), **s3_env.env}
+    url = f"s3://{fresh_bucket()}/m"
+    data = bytearray(3 * MIB + 5 * KIB)
+    data[:MIB] = fast_random(MIB, 41)
+    data[-5 * KIB:] = fast_random(5 * KIB, 42)
+    (tmp_path / "d.img").write_bytes(bytes(data))
+    assert cbt("init", url, "--kdf-log-n", "10", env=env).returncode == 0
+    r = cbt("backup", url, f"os={tmp_path / 'd.img'}", "--vm", "web", "--block-size", "16K",
+            env=env)
+    assert r.returncode == 0, r.stderr
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with _serving(url, "web.latest", mnt, mnt=mnt, env={**env, "CBT_LOCK_LEASE": "3"}
+                  ) as (p, _out):
+        assert (mnt / "os.img").read_bytes() == bytes(data)
+        # (past two leases: only renewals keep the lock alive; a lease is measured from
+        # the server's Last-Modified, in whole seconds, so one of 1 s is too short)
+        time.sleep(7)
+        msg = one_error_line(cbt("forget", url, "web.latest", env=env))
+        assert "locked by pid" in msg, msg
+        with open(mnt / "os.img", "rb") as f:
+            f.seek(3 * MIB)
+            assert f.read() == bytes(data[3 * MIB:])
+        p.send_signal(signal.SIGTERM)
+        _stopped(p, mnt)
+    listed = cbt("list", url, "--json", env=env)
+    assert listed.returncode == 0 and "web." in listed.stdout, listed.stderr
+    vault = cbt_api.Vault.open(url, passphrase=PASSWORD)
+    assert vault.storage.list_locks("locks") == []
