@@ -361,3 +361,51 @@ def test_an_s3_vault_mounts_and_keeps_its_lease(s3_env: S3Server, tmp_path: Path
     assert listed.returncode == 0 and "web." in listed.stdout, listed.stderr
     vault = cbt_api.Vault.open(url, passphrase=PASSWORD)
     assert vault.storage.list_locks("locks") == []
+
+
+def test_nothing_changes_mmap_reads_and_other_users_see_nothing(tmp_path: Path) -> None:
+    """As root: every call that would change the mount fails (EROFS, or EACCES/EBUSY where
+    the kernel answers first); a read-only mmap of the image is its bytes, a shared
+    writable one is refused.  Another user cannot even look (no allow_other: the images
+    hold every file of the guest, whatever its own permissions say)."""
+    import mmap
+
+    _need_fuse()
+    vault, truth = _plain_history(tmp_path)
+    pid = next(i for i in truth if i.startswith("db."))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with _serving(vault, pid, mnt, mnt=mnt) as (p, _out):
+        f = mnt / "data.img"
+        calls = {"chmod": lambda: os.chmod(f, 0o644), "chown": lambda: os.chown(f, 1, 1),
+                 "unlink": lambda: os.unlink(f), "rename": lambda: os.rename(f, mnt / "x"),
+                 "mkdir": lambda: os.mkdir(mnt / "d"), "rmdir": lambda: os.rmdir(mnt),
+                 "create": lambda: os.close(os.open(mnt / "n", os.O_CREAT | os.O_WRONLY)),
+                 "symlink": lambda: os.symlink("data.img", mnt / "l"),
+                 "link": lambda: os.link(f, mnt / "l"), "truncate": lambda: os.truncate(f, 0),
+                 "setxattr": lambda: os.setxattr(f, "user.x", b"1"),
+                 "utime": lambda: os.utime(f, (1, 1))}
+        for name, call in calls.items():
+            with pytest.raises(OSError) as exc:
+                call()
+            assert exc.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.EBUSY), \
+                (name, exc.value)
+        assert sorted(os.listdir(mnt)) == ["data.img"]
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mm:
+                assert mm[:] == truth[pid]["data"]
+            with pytest.raises(OSError):
+                mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+
+        def nobody() -> None:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+        r = subprocess.run(["cat", str(f)], preexec_fn=nobody, capture_output=True,
+                           check=False)
+        assert r.returncode != 0 and r.stdout == b"" and b"denied" in r.stderr, r
+        p.send_signal(signal.SIGTERM)
+        _stopped(p, mnt)
