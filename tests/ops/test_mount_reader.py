@@ -227,3 +227,65 @@ def test_a_block_id_of_another_length_is_refused_from_the_cache(tmp_path: Path) 
         assert db.read(BS, BS) == img.content[BS:2 * BS].tobytes()
     finally:
         shared.close()
+
+
+def test_readers_of_one_block_at_once_fetch_it_once(
+        point: tuple[cbt_api.Vault, Any, SparseImage], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight threads read the same block at the same moment (the vault read slowed, so
+    they all arrive while the first fetch runs): one fetch, eight right answers."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cbt.ops import mount as mount_mod
+
+    vault, p, img = point
+    real = mount_mod.read_verified
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.3)
+        return real(*args)
+    monkeypatch.setattr(mount_mod, "read_verified", slow)
+    r = _reader(vault, p)
+    go = threading.Barrier(8)
+
+    def read(k: int) -> bytes:
+        go.wait()
+        return r.read(BS + k * 100, 1000)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(read, range(8)))
+        for k, data in enumerate(got):
+            assert data == img.content[BS + k * 100:BS + k * 100 + 1000].tobytes()
+        assert (r.shared.packs_read, r.shared.blocks_read) == (1, 1)
+    finally:
+        r.shared.close()
+
+
+def test_read_ahead_of_a_damaged_block_leaves_the_error_to_the_read(tmp_path: Path) -> None:
+    """A sequential reader's read-ahead fetches a window holding a damaged block: the
+    read-ahead fails quietly, the read of that block fails naming it (again on a second
+    try: nothing of it cached), and the blocks before it read right."""
+    img = _disk(tmp_path / "os.img")
+    vault = cbt_api.Vault.init(tmp_path / "vault")
+    p = vault.point(vault.backup("web", [f"os={img.path}"], block_size=BS, workers=1).id)
+    digests = {blake3.blake3(img.content[i * BS:(i + 1) * BS].tobytes()).digest(): i
+               for i in range(4, 700 * KIB // BS)}
+    pack = pack_files(tmp_path / "vault")[0]
+    blob = next(b for b in walk_pack(pack) if b.digest in digests)
+    bad = digests[blob.digest]
+    raw = bytearray(pack.read_bytes())
+    raw[blob.offset + 48 + blob.stored // 2] ^= 0xFF
+    pack.chmod(0o644)
+    pack.write_bytes(bytes(raw))
+    r = _reader(vault, p, ahead=64 * BS)
+    try:
+        for off in range(0, bad * BS, 4096):  # sequential: the window ahead holds ``bad``
+            assert r.read(off, 4096) == img.content[off:off + 4096].tobytes()
+        r.shared.ahead.submit(lambda: None).result()  # (after the read-ahead)
+        for _ in range(2):
+            with pytest.raises(DamagedPointError, match=f"block {bad} "):
+                r.read(bad * BS, 4096)
+        assert r.shared.cache.get(blob.digest) is None
+    finally:
+        r.shared.close()
