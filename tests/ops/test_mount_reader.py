@@ -289,3 +289,33 @@ def test_read_ahead_of_a_damaged_block_leaves_the_error_to_the_read(tmp_path: Pa
         assert r.shared.cache.get(blob.digest) is None
     finally:
         r.shared.close()
+
+
+def test_resolved_manifests_are_kept_within_their_bound(tmp_path: Path) -> None:
+    """Three points, the later ones deltas on the first: a mount of every point keeps at
+    most ``manifest_limit`` bytes of resolved manifests (here: room for one, so only the
+    last read), the vault none of its own (bases included); each disk still reads as it
+    was, again after its manifest went; with room for all, all are kept."""
+    img = _disk(tmp_path / "os.img")
+    vault = cbt_api.Vault.init(tmp_path / "vault")
+    truth = {}
+    for day in (1, 2, 3):
+        img.write_random(day * 64 * KIB, 16 * KIB, 10 + day)
+        pid = vault.backup("web", [f"os={img.path}"], block_size=BS, workers=1,
+                           created=f"2026-01-0{day}T02:00:00Z").id
+        truth[pid] = img.content.tobytes()
+    for limit, kept in ((1, 1), (64 * MIB, 3)):
+        shared = Shared(vault, vault.load_index(headers=True), BlockCache(MIB),
+                        read_ahead=0, manifest_limit=limit)
+        try:
+            files = mount_tree(shared, vault.points(), one=False)
+            for _ in range(2):
+                for f in files:
+                    data = truth[f.parts[1]]
+                    assert f.reader.read(0, 200 * KIB) == data[:200 * KIB]
+                    assert f.reader.read(SIZE - 10, 10) == data[-10:]
+            assert len(shared.manifests) == kept
+            assert list(shared.manifests)[-1] == (files[-1].parts[1], "os")
+            assert vault._manifest_cache == {}
+        finally:
+            shared.close()
