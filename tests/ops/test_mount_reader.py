@@ -319,3 +319,52 @@ def test_resolved_manifests_are_kept_within_their_bound(tmp_path: Path) -> None:
             assert vault._manifest_cache == {}
         finally:
             shared.close()
+
+
+def _bomb(size: int, seed: int) -> bytes:
+    """A zstd frame of exactly ``size`` bytes that says nothing of its content size and
+    inflates to 16 MiB and more: written by hand (RFC 8878), a raw block of random bytes
+    to fill it out, then 128 RLE blocks of 128 KiB of zeros, 4 bytes each."""
+    import struct
+
+    def block(last: int, kind: int, n: int) -> bytes:
+        return struct.pack("<I", last | kind << 1 | n << 3)[:3]
+
+    rle = 128
+    fill = size - 4 - 2 - 3 - 4 * rle
+    assert 0 <= fill <= 128 * KIB
+    frame = [struct.pack("<I", 0xFD2FB528), bytes([0x00, 7 << 3])]  # no size; 128K window
+    frame += [block(0, 0, fill), np.random.default_rng(seed).bytes(fill)]
+    frame += [block(int(i == rle - 1), 1, 128 * KIB) + b"\0" for i in range(rle)]
+    out = b"".join(frame)
+    assert len(out) == size
+    return out
+
+
+def test_a_blob_that_inflates_to_a_bomb_fails_its_reads(tmp_path: Path) -> None:
+    """A compressed blob's payload replaced by a zstd frame of the same length that
+    inflates to 16 MiB (and does not say so up front): the read fails naming the block,
+    nothing larger than a block is made of it, and the other blocks read right."""
+    img = SparseImage(tmp_path / "os.img", 1 * MIB)
+    for k in range(16):
+        img.write_random(k * 64 * KIB, 8 * KIB, 50 + k)  # half of each block: compressible
+    vault = cbt_api.Vault.init(tmp_path / "vault")
+    p = vault.point(vault.backup("web", [f"os={img.path}"], block_size=BS, workers=1).id)
+    digests = {blake3.blake3(img.content[i * BS:(i + 1) * BS].tobytes()).digest(): i
+               for i in range(1 * MIB // BS)}
+    pack = pack_files(tmp_path / "vault")[0]
+    blob = next(b for b in walk_pack(pack) if b.digest in digests and b.codec == 1)
+    bad = digests[blob.digest]
+    raw = bytearray(pack.read_bytes())
+    raw[blob.offset + 48:blob.offset + 48 + blob.stored] = _bomb(blob.stored, bad)
+    pack.chmod(0o644)
+    pack.write_bytes(bytes(raw))
+    r = _reader(vault, p)
+    try:
+        for _ in range(2):
+            with pytest.raises(DamagedPointError, match=f"block {bad}[ :]"):
+                r.read(bad * BS, 4096)
+        other = (bad + 4) % (MIB // BS)
+        assert r.read(other * BS, BS) == img.content[other * BS:(other + 1) * BS].tobytes()
+    finally:
+        r.shared.close()
