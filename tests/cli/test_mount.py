@@ -409,3 +409,42 @@ def test_nothing_changes_mmap_reads_and_other_users_see_nothing(tmp_path: Path) 
         assert r.returncode != 0 and r.stdout == b"" and b"denied" in r.stderr, r
         p.send_signal(signal.SIGTERM)
         _stopped(p, mnt)
+
+
+def test_a_vault_held_alone_fails_at_once_or_is_waited_for(tmp_path: Path) -> None:
+    """While a prune (here: the lock it takes) has the vault alone, cbt mount fails at
+    once in one line naming the holder and --wait; with --wait it mounts once the
+    vault is free."""
+    from cbt.repo.lock import exclusive_lock
+
+    _need_fuse()
+    vault, truth = _plain_history(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    held = cbt_api.Vault.open(vault)
+    with exclusive_lock(held.storage):
+        msg = one_error_line(cbt("mount", vault, "db.latest", mnt))
+        assert "locked by" in msg and "--wait" in msg, msg
+        assert not _in_mounts(mnt)
+    data = next(d for pid, disks in truth.items() if pid.startswith("db.")
+                for d in disks.values())
+    with exclusive_lock(held.storage):
+        p = start_cbt("mount", vault, "db.latest", mnt, "--wait", "60", "--json")
+        try:
+            assert p.stdout is not None
+            ready, _, _ = select.select([p.stdout], [], [], 1)
+            assert not ready and p.poll() is None  # (waiting for the lock, released below)
+        except BaseException:
+            kill_group(p)
+            raise
+    try:
+        ready, _, _ = select.select([p.stdout], [], [], 60)
+        assert ready and json.loads(p.stdout.readline())["mountpoint"] == str(mnt)
+        assert (mnt / "data.img").read_bytes() == data
+        p.send_signal(signal.SIGTERM)
+        _stopped(p, mnt)
+    finally:
+        if p.poll() is None:
+            kill_group(p)
+        if _in_mounts(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)

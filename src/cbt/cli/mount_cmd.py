@@ -25,9 +25,10 @@ mount point must be an empty directory.  Needs /dev/fuse and libfuse3
 'umount -l MOUNTPOINT') releases it.
 
 While mounted it holds the vault's shared lock (as a backup does): prune and
-other commands that need the vault alone wait (or fail), and gc may move packs
-the mount reads into its trash but empties none of what it trashed since the
-mount started (the mount reads them there): a long mount holds gc's space back.
+other commands that need the vault alone wait (or fail); while one of them runs,
+cbt mount fails at once (or waits, --wait).  gc may move packs the mount reads
+into its trash but empties none of what it trashed since the mount started (the
+mount reads them there): a long mount holds gc's space back.
 
 Once mounted it prints a line (with --json one object: {"mountpoint","points",
 "files":[{"path","size"}],"cache_bytes","warnings"}).
@@ -42,12 +43,14 @@ import stat
 
 from cbt.cli._common import (
     EXIT_OK,
+    MAX_WAIT,
     add_json,
     add_password_file,
     add_vault,
     local_path_arg,
     open_vault,
     say,
+    seconds_arg,
 )
 
 
@@ -60,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="an empty directory to mount on")
     p.add_argument("--cache", type=_cache_arg, default=None, metavar="SIZE",
                    help="memory for blocks read (e.g. 64M, 1G; default 256M; 0: none)")
+    p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
+                   help="wait up to this long while a prune, repair or key change holds "
+                        "the vault alone (default: fail)")
     add_password_file(p)
     add_json(p)
 
@@ -122,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if not points:
         raise CbtError(f"no recovery point in {vault.root} to mount")
     cache = DEFAULT_CACHE if args.cache is None else args.cache
-    with shared_lock(vault.storage, reveal_command=not vault.encrypted):
+    with shared_lock(vault.storage, args.wait, reveal_command=not vault.encrypted):
         index = vault.load_index(warnings, headers=True)
         # (read-ahead into a cache too small to keep it would only fetch blocks twice)
         shared = Shared(vault, index, BlockCache(cache), read_ahead=min(READ_AHEAD, cache // 4))
