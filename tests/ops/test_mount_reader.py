@@ -368,3 +368,41 @@ def test_a_blob_that_inflates_to_a_bomb_fails_its_reads(tmp_path: Path) -> None:
         assert r.read(other * BS, BS) == img.content[other * BS:(other + 1) * BS].tobytes()
     finally:
         r.shared.close()
+
+
+def test_a_slow_resolve_holds_back_no_other_disk(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one disk's manifest is being resolved (held here until the test lets it go,
+    as a stalled server would), a disk whose manifest is kept reads at once."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    img = _disk(tmp_path / "os.img")
+    vault = cbt_api.Vault.init(tmp_path / "vault")
+    p = vault.point(vault.backup("web", [f"os={img.path}", f"db={img.path}"], block_size=BS,
+                                 workers=1).id)
+    shared = Shared(vault, vault.load_index(headers=True), BlockCache(MIB), read_ahead=0)
+    os_, db = DiskReader(shared, p, "os"), DiskReader(shared, p, "db")
+    real, entered, go = vault.resolve, threading.Event(), threading.Event()
+
+    def stalled(point: Any, label: str, *rest: Any) -> Any:
+        if label == "db":
+            entered.set()
+            go.wait(60)
+        return real(point, label, *rest)
+    monkeypatch.setattr(vault, "resolve", stalled)
+    try:
+        assert os_.read(0, 4096) == img.content[:4096].tobytes()  # os: resolved, kept
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(db.read, 0, 4096)
+            assert entered.wait(60)
+            fast = pool.submit(os_.read, BS, 4096)
+            try:
+                assert fast.result(timeout=30) == img.content[BS:BS + 4096].tobytes()
+                assert not slow.done()
+            finally:
+                go.set()
+            assert slow.result() == img.content[:4096].tobytes()
+    finally:
+        go.set()
+        shared.close()

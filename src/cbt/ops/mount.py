@@ -127,7 +127,7 @@ class Shared:
         1, thread_name_prefix="cbt-read-ahead"))
     packs_read: int = 0  # pack jobs fetched (a job: the blocks one fetch needs of one pack)
     blocks_read: int = 0  # blocks fetched from the vault and verified
-    _count: threading.Lock = field(default_factory=threading.Lock)
+    _guard: threading.Lock = field(default_factory=threading.Lock)  # (counters, manifests)
     resolving: threading.Lock = field(default_factory=threading.Lock)  # (one at a time)
     manifest_limit: int = MANIFESTS
     manifests: OrderedDict[tuple[str, str], Manifest] = field(default_factory=OrderedDict)
@@ -137,24 +137,37 @@ class Shared:
 
     def manifest(self, point: PointRecord, label: str) -> Manifest:
         """1: the resolved manifest of one disk, kept among the last ``manifest_limit``
-        bytes of them (the vault's own cache of every one it resolved is dropped)."""
+        bytes of them (the vault's own cache of every one it resolved is dropped).  A
+        kept one is had at once, even while another is being resolved (slowly, from a
+        stalled server, say)."""
         key = (point.id, label)
+        m = self._kept(key)
+        if m is not None:
+            return m
         with self.resolving:  # (the vault's manifest cache: one resolve at a time)
+            m = self._kept(key)  # (resolved meanwhile by another reader)
+            if m is not None:
+                return m
+            try:
+                m = self.vault.resolve(point, label)
+            finally:
+                self.vault.forget_manifests()
+            with self._guard:
+                self.manifests[key] = m
+                used = sum(map(_manifest_bytes, self.manifests.values()))
+                while used > self.manifest_limit and len(self.manifests) > 1:
+                    used -= _manifest_bytes(self.manifests.popitem(last=False)[1])
+            return m
+
+    def _kept(self, key: tuple[str, str]) -> Manifest | None:
+        with self._guard:
             m = self.manifests.get(key)
             if m is not None:
                 self.manifests.move_to_end(key)
-                return m
-            try:
-                m = self.manifests[key] = self.vault.resolve(point, label)
-            finally:
-                self.vault.forget_manifests()
-            used = sum(map(_manifest_bytes, self.manifests.values()))
-            while used > self.manifest_limit and len(self.manifests) > 1:
-                used -= _manifest_bytes(self.manifests.popitem(last=False)[1])
             return m
 
     def counted(self, packs: int, blocks: int) -> None:
-        with self._count:
+        with self._guard:
             self.packs_read += packs
             self.blocks_read += blocks
 
