@@ -599,6 +599,11 @@ class Vault:
                                     "from the one its point recorded (checksum)")
         return read_manifest_bytes(raw, self.storage.where(name))
 
+    def forget_manifests(self) -> None:
+        """Drop the manifests :meth:`resolve` keeps (every one it resolved, bases too): a
+        long-lived reader (``cbt mount``) keeps its own, bounded."""
+        self._manifest_cache.clear()
+
     def resolve(self, point: PointRecord, label: str, opened: list[str] | None = None) -> Manifest:
         """The full manifest of one disk of a point (full file plus its deltas)."""
         key = (point.id, label)
