@@ -41,6 +41,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import blake3
@@ -105,17 +106,25 @@ class DataSubset:
 
     def choose(self, sizes: dict[str, int], day: int) -> set[str]:
         """The pack ids (of ``sizes``: id -> bytes) this part reads on ``day`` (days since
-        1970-01-01, UTC)."""
+        1970-01-01, UTC).
+
+        ``N%``: a pack is read when the middle of its span on the ring (the packs by
+        place, each as long as its bytes) falls in the day's window.  In whole numbers
+        (the ring ``2 * total * 100 * den`` long for ``N`` = num/den), so that one day's
+        window ends exactly where the next one's starts: every pack once in 100/N days
+        (floats left gaps and overlaps at the windows' edges)."""
         if self.parts:
             return {p for p in sizes if _place(p) * self.parts // 2**64 == self.part - 1}
-        ring = sorted(sizes, key=_place)
-        total = sum(sizes.values()) or 1
-        start, width = (day * self.percent / 100.0) % 1.0, self.percent / 100.0
+        pc = Fraction(repr(self.percent))  # (the decimal given, exactly)
+        total = 2 * (sum(sizes.values()) or 1)
+        ring = total * 100 * pc.denominator
+        width = total * pc.numerator
+        start = day * width % ring
         out, done = set(), 0
-        for p in ring:
-            mid = (done + sizes[p] / 2) / total  # the middle of its span on the ring
+        for p in sorted(sizes, key=_place):
+            mid = (2 * done + sizes[p]) * 100 * pc.denominator
             done += sizes[p]
-            if (mid - start) % 1.0 < width:
+            if (mid - start) % ring < width:
                 out.add(p)
         return out
 
