@@ -36,6 +36,8 @@ def test_gc_says_what_it_did(tmp_path: Path) -> None:
     assert any(ln.startswith("  freed now: ") for ln in lines), lines
     assert any(ln.startswith("  in the trash: ") and "after 20" in ln for ln in lines), lines
     assert lines[-1].startswith(f"  vault: {human_bytes(before)} -> "), lines
+    dry = cbt("gc", v, "--dry-run")
+    assert dry.returncode == 0 and "\n  would free now: " in dry.stdout, dry
     quiet = cbt("gc", v, "-q")
     assert quiet.returncode == 0 and quiet.stdout == "", quiet
     out = cbt_json("gc", v, "--dry-run", "--max-unused", "2.5%")

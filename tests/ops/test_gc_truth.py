@@ -224,3 +224,30 @@ def test_s3_vault_size_from_one_listing(s3_env: Any, tmp_path: Path) -> None:
     r = gc(vault, grace=0.0)
     data = {k: n for k, n in listed.items() if k != "gc.lock" and not k.startswith("locks/")}
     assert r.vault_bytes_before == sum(data.values()) > MIB, (r, listed)
+
+
+def test_dry_run_figures_are_what_the_run_then_does(history: History) -> None:
+    """Every figure of a dry run is the run's "would": the packs and segment it would
+    write, the trash it would empty and the segments it would replace, the trash left
+    (a dry run once said it would write 0 B, delete nothing)."""
+    v = history.dir
+    gc(history.vault, grace=3600.0)  # the mostly dead packs to the trash, 3 mostly live kept
+    time.sleep(0.05)  # (trashed before the next runs' clocks)
+    before = vault_state(v)
+    dry = gc(history.vault, dry_run=True, grace=0.0, max_unused=0.0)
+    assert vault_state(v) == before
+    real = gc(history.vault, grace=0.0, max_unused=0.0)
+    assert real.packs_rewritten == 3 and real.trash_emptied == 4, real
+    for k in ("packs_removed", "packs_rewritten", "bytes_freed", "bytes_trashed",
+              "dead_kept_bytes", "dead_kept_packs", "trash_emptied", "bytes_deleted",
+              "bytes_written", "trash_bytes", "vault_bytes_before"):
+        assert getattr(dry, k) == getattr(real, k), (k, dry, real)
+    assert dry.vault_bytes_before - dry.bytes_deleted + dry.bytes_written \
+        == real.vault_bytes_after == _vault_bytes(v)
+    assert abs(_when(dry.trash_free_after) - _when(real.trash_free_after)) <= 2
+    history.restores(v.parent / "r")
+    # nothing to do: nothing would be written, nor deleted
+    time.sleep(0.05)
+    calm = gc(history.vault, dry_run=True, grace=3600.0)
+    assert calm.bytes_written == calm.bytes_deleted == calm.trash_emptied == 0, calm
+    assert calm.trash_bytes == dir_bytes(v / "trash") > 0, calm

@@ -24,7 +24,9 @@ less than half of it is live.
 bytes taken out of packs/ into the trash),"trash_emptied","bytes_deleted"
 (freed now),"bytes_trashed","bytes_written","trash_bytes","trash_free_after"
 (ISO 8601 or null),"dead_kept_bytes","dead_kept_packs","max_unused",
-"vault_bytes_before","vault_bytes_after" (null when dry),"warnings"}.
+"vault_bytes_before","vault_bytes_after" (null when dry),"warnings"}; with
+--dry-run each is what the run would do (the vault's size after it: before, less
+bytes_deleted, plus bytes_written).
 """
 
 from __future__ import annotations
@@ -115,13 +117,16 @@ def run(args: argparse.Namespace) -> int:
         say(f"gc (dry run): would remove {r.packs_removed} packs and rewrite "
             f"{r.packs_rewritten}, moving {hb(r.bytes_trashed)} to the trash "
             f"({hb(r.bytes_freed)} of it dead) and writing {hb(r.bytes_written)} anew")
+        say(f"  would free now: {hb(r.bytes_deleted)} deleted ({r.trash_emptied} trashed "
+            "packs whose grace period is over, and replaced index segments)")
     else:
         say(f"gc: removed {r.packs_removed} packs, rewrote {r.packs_rewritten}: "
             f"{hb(r.bytes_freed)} of dead blocks out of use")
         say(f"  freed now: {hb(r.bytes_deleted)} deleted ({r.trash_emptied} trashed packs "
             "whose grace period was over, and replaced index segments)")
     if r.trash_bytes:
-        say(f"  in the trash: {hb(r.trash_bytes)}, deleted by a gc after "
+        would = "would be " if args.dry_run else ""
+        say(f"  {would}in the trash: {hb(r.trash_bytes)}, deleted by a gc after "
             f"{r.trash_free_after} (the grace period)")
     if r.dead_kept_bytes:
         why = (f"within --max-unused {r.max_unused:g}%" if r.max_unused is not None
