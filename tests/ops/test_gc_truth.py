@@ -251,3 +251,21 @@ def test_dry_run_figures_are_what_the_run_then_does(history: History) -> None:
     calm = gc(history.vault, dry_run=True, grace=3600.0)
     assert calm.bytes_written == calm.bytes_deleted == calm.trash_emptied == 0, calm
     assert calm.trash_bytes == dir_bytes(v / "trash") > 0, calm
+
+
+def test_max_unused_says_what_it_could_not_judge(history: History) -> None:
+    """Packs written since a running backup started (here: every pack, their mtimes in
+    the future) are not judged: --max-unused 0 cannot reach its target, ends, and says
+    why (it once said nothing: 0 dead kept, as if the vault were clean)."""
+    later = time.time() + 3600
+    files = pack_files(history.dir)
+    for f in files:
+        os.utime(f, (later, later))
+    before = vault_state(history.dir)
+    r = gc(history.vault, grace=3600.0, max_unused=0.0)
+    assert r.packs_rewritten == r.packs_removed == r.dead_kept_packs == 0, r
+    assert vault_state(history.dir) == before  # (nothing to do, nothing done)
+    assert len(r.warnings) == 1 and r.warnings[0].startswith(
+        f"{len(files)} packs ("), r.warnings
+    assert "not judged" in r.warnings[0] and "--max-unused 0%" in r.warnings[0], r.warnings
+    history.restores(history.dir.parent / "r")

@@ -59,6 +59,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
+from cbt.core.sizes import human_bytes
 from cbt.format.index_segment import segment_bytes
 from cbt.format.pack import (
     BLOB,
@@ -334,6 +335,7 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
     ``result``."""
     sweep = _Sweep(keep=np.ones(len(index), dtype=bool))
     packs: list[_Pack] = []
+    newer = [0, 0]  # packs not judged (written since the cutoff), their bytes
     order = np.argsort(index.pack, kind="stable")
     bounds = np.searchsorted(index.pack[order], np.arange(len(index.pack_ids) + 1))
     for k, pid in enumerate(index.pack_ids):
@@ -348,6 +350,7 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
                 _bring_back(vault, pid, result)
             continue
         if st.mtime >= cutoff:
+            newer[0], newer[1] = newer[0] + 1, newer[1] + st.size
             continue
         entries = order[bounds[k]:bounds[k + 1]].astype(np.int64)
         live_entries = entries[live[entries]]
@@ -372,6 +375,11 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
     kept = [p for p in packs if p.pid not in gone and p.dead_bytes]
     result.dead_kept_packs = len(kept)
     result.dead_kept_bytes = sum(p.dead_bytes for p in kept)
+    if newer[0] and result.max_unused is not None:
+        result.warnings.append(
+            f"{newer[0]} packs ({human_bytes(newer[1])}) written since a running backup "
+            f"started (or too recently) were not judged: --max-unused "
+            f"{result.max_unused:g}% counts the others only (a later gc judges them)")
     return sweep
 
 
