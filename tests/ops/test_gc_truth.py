@@ -269,3 +269,14 @@ def test_max_unused_says_what_it_could_not_judge(history: History) -> None:
         f"{len(files)} packs ("), r.warnings
     assert "not judged" in r.warnings[0] and "--max-unused 0%" in r.warnings[0], r.warnings
     history.restores(history.dir.parent / "r")
+
+
+@pytest.mark.parametrize("max_unused", [None, 0.0])
+def test_bytes_freed_is_what_packs_loses(history: History, max_unused: float | None) -> None:
+    """``bytes_freed``: what ``packs/`` holds less, once the trash is emptied (the trashed
+    packs out, the rewritten ones in: a new pack's own header and trailer are not
+    freed)."""
+    packs = dir_bytes(history.dir / "packs")
+    r = gc(history.vault, grace=3600.0, max_unused=max_unused)
+    assert r.packs_rewritten > 0, r
+    assert r.bytes_freed == packs - dir_bytes(history.dir / "packs"), r

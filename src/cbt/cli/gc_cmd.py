@@ -20,13 +20,13 @@ the most dead bytes first, until at most PERCENT of the packs' bytes are dead;
 0 rewrites every pack with a dead block.  Default: a pack is rewritten when
 less than half of it is live.
 
---json prints {"dry_run","packs_removed","packs_rewritten","bytes_freed" (dead
-bytes taken out of packs/ into the trash),"trash_emptied","bytes_deleted"
-(freed now),"bytes_trashed","bytes_written","trash_bytes","trash_free_after"
-(ISO 8601 or null),"dead_kept_bytes","dead_kept_packs","max_unused",
-"vault_bytes_before","vault_bytes_after" (null when dry),"warnings"}; with
---dry-run each is what the run would do (the vault's size after it: before, less
-bytes_deleted, plus bytes_written).
+--json prints {"dry_run","packs_removed","packs_rewritten","bytes_freed" (what
+packs/ holds less: packs trashed, less those written of their live blocks),
+"trash_emptied","bytes_deleted" (freed now),"bytes_trashed","bytes_written",
+"trash_bytes","trash_free_after" (ISO 8601 or null),"dead_kept_bytes",
+"dead_kept_packs","max_unused","vault_bytes_before","vault_bytes_after" (null when
+dry),"warnings"}; with --dry-run each is what the run would do (the vault's size
+after it: before, less bytes_deleted, plus bytes_written).
 """
 
 from __future__ import annotations

@@ -96,8 +96,8 @@ class GcResult:
     - ``bytes_trashed``: whole packs this run moved to the trash (dead ones, and rewritten
       ones whose live blocks were copied first, ``bytes_written``); they still take space
       until a gc after ``trash_free_after`` (ISO 8601, UTC) deletes them.
-    - ``bytes_freed``: the dead bytes this run took out of ``packs/`` (the trashed bytes
-      less the live ones copied out of them): freed from the storage once in the trash
+    - ``bytes_freed``: the bytes this run took out of ``packs/`` (the trashed packs less
+      the packs written of their live blobs): freed from the storage once in the trash
       no longer.
     - ``trash_bytes``: all that is in the trash after the run.
     - ``dead_kept_bytes`` (in ``dead_kept_packs`` packs): dead blocks inside packs that stay
@@ -367,7 +367,7 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
             result.packs_rewritten += 1
             sweep.rewrite.append((p.pid, p.live))
             sweep.pack_bytes += p.rewritten_size
-            result.bytes_freed += p.size - p.live_bytes
+            result.bytes_freed += p.size - p.rewritten_size
         else:
             result.packs_removed += 1
             result.bytes_freed += p.size
