@@ -46,7 +46,7 @@ def test_gc_says_what_it_did(tmp_path: Path) -> None:
 
 
 def test_gc_refuses_bad_percentages(tmp_path: Path) -> None:
-    for bad in ("101", "-1", "x", "nan"):
+    for bad in ("101", "-1", "x", "nan", "inf", "", "1_0", "1e2", "5%%", "\u0665"):
         line = one_error_line(cbt("gc", tmp_path / "none", "--max-unused", bad))
         assert "not a percentage from 0 to 100" in line, line
 
@@ -95,3 +95,11 @@ def test_progress_on_a_terminal_does_not_disturb(tmp_path: Path) -> None:
     for columns in ("1", "5", "20"):
         code, out, seen = _on_a_terminal("gc", v, "--max-unused", "0", columns=columns)
         assert code == 0 and out.startswith("gc: removed "), (columns, out, seen)
+
+
+def test_gc_percentages_it_takes() -> None:
+    from cbt.cli.gc_cmd import percent_arg
+
+    for text, want in (("0", 0.0), ("100", 100.0), ("5.5", 5.5), ("5%", 5.0), (" 7 ", 7.0),
+                       ("2.5 %", 2.5), (".5", 0.5)):
+        assert percent_arg(text) == want, text

@@ -146,10 +146,20 @@ def test_progress_counts_the_pack_bytes(counted: Counted) -> None:
 
 
 @pytest.mark.parametrize("text", ["0%", "100.5%", "-5%", "0/3", "4/3", "1/0", "a/b", "x",
-                                  "%", "1/2/3", "nan%"])
+                                  "%", "1/2/3", "nan%", "inf%", "1_0/20", "1e-320%",
+                                  "\u0661/\u0662", "1/1000001", "50", "-0%", "0.0%"])
 def test_bad_subsets_are_refused(text: str) -> None:
     with pytest.raises(CbtValueError, match="not a data subset"):
         DataSubset.parse(text)
+
+
+@pytest.mark.parametrize(("text", "want"), [("1/2", (1, 2, 0.0)), (" 3 / 4 ", (3, 4, 0.0)),
+                                          ("1000000/1000000", (10**6, 10**6, 0.0)),
+                                          ("12.5%", (0, 0, 12.5)), (".5 %", (0, 0, 0.5)),
+                                          ("100%", (0, 0, 100.0))])
+def test_good_subsets(text: str, want: tuple[int, int, float]) -> None:
+    s = DataSubset.parse(text)
+    assert (s.part, s.parts, s.percent) == want
 
 
 def test_cli_subset_and_its_errors(counted: Counted) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import re
 from collections.abc import Callable, Iterator
 
 from cbt.cli._common import (
@@ -52,14 +53,15 @@ from cbt.cli._common import (
     seconds_arg,
 )
 
+_PERCENT = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+) *%?")
+
 
 def percent_arg(text: str) -> float:
-    """argparse type of a percentage from 0 to 100 (``5``, ``2.5``, ``10%``)."""
-    try:
-        value = float(text.strip().removesuffix("%"))
-    except ValueError:
-        value = math.nan
-    if not 0.0 <= value <= 100.0:  # nan, inf, out of range
+    """argparse type of a percentage from 0 to 100 (``5``, ``2.5``, ``10%``), in plain
+    decimal digits (not ``1_0``, ``1e2`` nor ``nan``)."""
+    m = _PERCENT.fullmatch(text.strip())
+    value = float(m[1]) if m is not None else math.nan
+    if not 0.0 <= value <= 100.0:  # not a number, out of range
         raise argparse.ArgumentTypeError(f"not a percentage from 0 to 100: {text!r}")
     return value
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -73,6 +74,10 @@ MAX_PROBLEMS = 1000
 QUARANTINE = "quarantine"
 DAY = 86400
 
+MAX_PARTS = 1_000_000
+_SUBSET_PERCENT = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+) *%")
+_SUBSET_PART = re.compile(r"([0-9]+) */ *([0-9]+)")
+
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: bytes of the packs checked (read whole or by trailer)."""
 
@@ -88,21 +93,19 @@ class DataSubset:
 
     @classmethod
     def parse(cls, text: str) -> DataSubset:
-        """``"n/m"`` (1 <= n <= m) or ``"N%"`` (0 < N <= 100, may be fractional)."""
+        """``"n/m"`` (1 <= n <= m <= 1000000) or ``"N%"`` (0 < N <= 100, may be
+        fractional), in plain decimal digits (not ``1_0/20``, ``1e-3%`` nor ``nan%``)."""
         t = text.strip()
-        try:
-            if t.endswith("%"):
-                pc = float(t[:-1])
-                if 0.0 < pc <= 100.0:
-                    return cls(percent=pc)
-            elif "/" in t:
-                n, m = (int(x) for x in t.split("/"))
-                if 1 <= n <= m <= 1_000_000:
-                    return cls(part=n, parts=m)
-        except ValueError:
-            pass
+        if (m := _SUBSET_PERCENT.fullmatch(t)) is not None:
+            pc = float(m[1])
+            if 0.0 < pc <= 100.0:
+                return cls(percent=pc)
+        elif (m := _SUBSET_PART.fullmatch(t)) is not None:
+            n, parts = int(m[1]), int(m[2])
+            if 1 <= n <= parts <= MAX_PARTS:
+                return cls(part=n, parts=parts)
         raise CbtValueError(f"not a data subset: {text!r} (use N% with 0 < N <= 100, or n/m "
-                            "with 1 <= n <= m)")
+                            f"with 1 <= n <= m <= {MAX_PARTS})")
 
     def choose(self, sizes: dict[str, int], day: int) -> set[str]:
         """The pack ids (of ``sizes``: id -> bytes) this part reads on ``day`` (days since
