@@ -335,3 +335,30 @@ def test_s3_figures_are_the_listings_difference(s3_env: Any, tmp_path: Path,
     assert r.trash_emptied > 0 and r.bytes_deleted > 0, r  # (the second run emptied it)
     vault.restore(point, tmp_path / "r", workers=1)
     assert_same_bytes(tmp_path / "r" / "d.img", truth)
+
+
+def test_max_unused_zero_settles_on_compressible_packs(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Highly compressible blocks (a pack holds hundreds): --max-unused 0 rewrites once,
+    then has nothing to do (issue 15's gc rewrote an all-live pack on every run)."""
+    monkeypatch.setattr(backup_mod, "TARGET_PACK_SIZE", MIB)
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"".join((f"block {i} " * 8000).encode()[:BS] for i in range(512)))
+    vault = Vault.init(tmp_path / "v")
+    first = vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
+    for i in range(0, 512, 3):
+        _pwrite(disk, i * BS, (f"new {i} " * 10000).encode()[:BS])
+    point = vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
+    prune(vault, PruneRequest(keep=lambda pts: {p.id: [] if p.id == first else ["kept"]
+                                                for p in pts},
+                              expired=lambda _vm, _created: False))
+    assert len(pack_files(tmp_path / "v")) < 5  # (hundreds of blocks a pack)
+    first_run = gc(vault, grace=0.0, max_unused=0.0)
+    assert first_run.packs_rewritten + first_run.packs_removed > 0, first_run
+    for _ in range(2):
+        time.sleep(0.05)
+        again = gc(vault, grace=0.0, max_unused=0.0)
+        assert again.packs_rewritten == again.packs_removed == again.dead_kept_bytes == 0
+        assert again.bytes_written == 0, again
+    vault.restore(point, tmp_path / "r", workers=1)
+    assert (tmp_path / "r" / "d.img").read_bytes() == disk.read_bytes()
