@@ -95,6 +95,7 @@ def test_progress_on_a_terminal_does_not_disturb(tmp_path: Path) -> None:
     for columns in ("1", "5", "20"):
         code, out, seen = _on_a_terminal("gc", v, "--max-unused", "0", columns=columns)
         assert code == 0 and out.startswith("gc: removed "), (columns, out, seen)
+        assert "\x1b" not in out and "\r" not in out, out  # (bars never on stdout)
 
 
 def test_gc_percentages_it_takes() -> None:
