@@ -4,6 +4,7 @@ bad values are one error line; on a terminal (a real pty) the progress bars run.
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import subprocess
@@ -36,6 +37,8 @@ def test_gc_says_what_it_did(tmp_path: Path) -> None:
     assert any(ln.startswith("  freed now: ") for ln in lines), lines
     assert any(ln.startswith("  in the trash: ") and "after 20" in ln for ln in lines), lines
     assert lines[-1].startswith(f"  vault: {human_bytes(before)} -> "), lines
+    dry = cbt("gc", v, "--dry-run")
+    assert dry.returncode == 0 and "\n  would free now: " in dry.stdout, dry
     quiet = cbt("gc", v, "-q")
     assert quiet.returncode == 0 and quiet.stdout == "", quiet
     out = cbt_json("gc", v, "--dry-run", "--max-unused", "2.5%")
@@ -43,18 +46,18 @@ def test_gc_says_what_it_did(tmp_path: Path) -> None:
 
 
 def test_gc_refuses_bad_percentages(tmp_path: Path) -> None:
-    for bad in ("101", "-1", "x", "nan"):
+    for bad in ("101", "-1", "x", "nan", "inf", "", "1_0", "1e2", "5%%", "\u0665"):
         line = one_error_line(cbt("gc", tmp_path / "none", "--max-unused", bad))
         assert "not a percentage from 0 to 100" in line, line
 
 
-def _on_a_terminal(*args: object) -> tuple[int, str, bytes]:
+def _on_a_terminal(*args: object, columns: str = "100") -> tuple[int, str, bytes]:
     """Run cbt with stderr on a pty (a terminal: progress bars on); exit code, stdout, and
     what the terminal got."""
     master, slave = pty.openpty()
     try:
         proc = subprocess.Popen(cbt_argv(*args), stdout=subprocess.PIPE, stderr=slave,
-                                text=True, env=clean_env({"COLUMNS": "100"}))
+                                text=True, env=clean_env({"COLUMNS": columns}))
         os.close(slave)
         seen = b""
         while True:
@@ -82,3 +85,22 @@ def test_progress_on_a_terminal_does_not_disturb(tmp_path: Path) -> None:
     assert b"verify" in seen and b"iB / " in seen, seen  # binary units, as every summary
     code, out, seen = _on_a_terminal("gc", v, "-q")
     assert code == 0 and out == "" and b"gc:" not in seen, seen
+    for json_args in (("gc", v, "--max-unused", "0", "--json"),
+                      ("verify", v, "--read-data-subset", "1/2", "--json")):
+        code, out, seen = _on_a_terminal(*json_args)
+        assert code == 0 and json.loads(out), out
+        assert seen == b"", seen  # no bar with --json: a script reads it
+    code, out, seen = _on_a_terminal("verify", v, "--data")
+    assert code == 0 and b"verify" in seen, seen
+    for columns in ("1", "5", "20"):
+        code, out, seen = _on_a_terminal("gc", v, "--max-unused", "0", columns=columns)
+        assert code == 0 and out.startswith("gc: removed "), (columns, out, seen)
+        assert "\x1b" not in out and "\r" not in out, out  # (bars never on stdout)
+
+
+def test_gc_percentages_it_takes() -> None:
+    from cbt.cli.gc_cmd import percent_arg
+
+    for text, want in (("0", 0.0), ("100", 100.0), ("5.5", 5.5), ("5%", 5.0), (" 7 ", 7.0),
+                       ("2.5 %", 2.5), (".5", 0.5)):
+        assert percent_arg(text) == want, text

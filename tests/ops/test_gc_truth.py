@@ -224,3 +224,141 @@ def test_s3_vault_size_from_one_listing(s3_env: Any, tmp_path: Path) -> None:
     r = gc(vault, grace=0.0)
     data = {k: n for k, n in listed.items() if k != "gc.lock" and not k.startswith("locks/")}
     assert r.vault_bytes_before == sum(data.values()) > MIB, (r, listed)
+
+
+def test_dry_run_figures_are_what_the_run_then_does(history: History) -> None:
+    """Every figure of a dry run is the run's "would": the packs and segment it would
+    write, the trash it would empty and the segments it would replace, the trash left
+    (a dry run once said it would write 0 B, delete nothing)."""
+    v = history.dir
+    gc(history.vault, grace=3600.0)  # the mostly dead packs to the trash, 3 mostly live kept
+    time.sleep(0.05)  # (trashed before the next runs' clocks)
+    before = vault_state(v)
+    dry = gc(history.vault, dry_run=True, grace=0.0, max_unused=0.0)
+    assert vault_state(v) == before
+    real = gc(history.vault, grace=0.0, max_unused=0.0)
+    assert real.packs_rewritten == 3 and real.trash_emptied == 4, real
+    for k in ("packs_removed", "packs_rewritten", "bytes_freed", "bytes_trashed",
+              "dead_kept_bytes", "dead_kept_packs", "trash_emptied", "bytes_deleted",
+              "bytes_written", "trash_bytes", "vault_bytes_before"):
+        assert getattr(dry, k) == getattr(real, k), (k, dry, real)
+    assert dry.vault_bytes_before - dry.bytes_deleted + dry.bytes_written \
+        == real.vault_bytes_after == _vault_bytes(v)
+    assert abs(_when(dry.trash_free_after) - _when(real.trash_free_after)) <= 2
+    history.restores(v.parent / "r")
+    # nothing to do: nothing would be written, nor deleted
+    time.sleep(0.05)
+    calm = gc(history.vault, dry_run=True, grace=3600.0)
+    assert calm.bytes_written == calm.bytes_deleted == calm.trash_emptied == 0, calm
+    assert calm.trash_bytes == dir_bytes(v / "trash") > 0, calm
+
+
+def test_max_unused_says_what_it_could_not_judge(history: History) -> None:
+    """Packs written since a running backup started (here: every pack, their mtimes in
+    the future) are not judged: --max-unused 0 cannot reach its target, ends, and says
+    why (it once said nothing: 0 dead kept, as if the vault were clean)."""
+    later = time.time() + 3600
+    files = pack_files(history.dir)
+    for f in files:
+        os.utime(f, (later, later))
+    before = vault_state(history.dir)
+    r = gc(history.vault, grace=3600.0, max_unused=0.0)
+    assert r.packs_rewritten == r.packs_removed == r.dead_kept_packs == 0, r
+    assert vault_state(history.dir) == before  # (nothing to do, nothing done)
+    assert len(r.warnings) == 1 and r.warnings[0].startswith(
+        f"{len(files)} packs ("), r.warnings
+    assert "not judged" in r.warnings[0] and "--max-unused 0%" in r.warnings[0], r.warnings
+    history.restores(history.dir.parent / "r")
+
+
+@pytest.mark.parametrize("max_unused", [None, 0.0])
+def test_bytes_freed_is_what_packs_loses(history: History, max_unused: float | None) -> None:
+    """``bytes_freed``: what ``packs/`` holds less, once the trash is emptied (the trashed
+    packs out, the rewritten ones in: a new pack's own header and trailer are not
+    freed)."""
+    packs = dir_bytes(history.dir / "packs")
+    r = gc(history.vault, grace=3600.0, max_unused=max_unused)
+    assert r.packs_rewritten > 0, r
+    assert r.bytes_freed == packs - dir_bytes(history.dir / "packs"), r
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_s3_figures_are_the_listings_difference(s3_env: Any, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                encrypted: bool) -> None:
+    """On S3 (plain and encrypted): the object listing before and after each run differs
+    by exactly what gc says it deleted and wrote; the trash holds what it says; its dry
+    run says the same as the run."""
+    from helpers.s3 import fresh_bucket
+    from helpers.vaults import PASSWORD, fast_kdf
+
+    monkeypatch.setattr(backup_mod, "TARGET_PACK_SIZE", MIB)
+    url = f"s3://{fresh_bucket()}/v"
+    vault = (Vault.init(url, encryption="aes-256-gcm", passphrase=PASSWORD, kdf=fast_kdf())
+             if encrypted else Vault.init(url))
+    disk = write_random_disk(tmp_path / "d.img", 4 * MIB, seed=5)
+    first = vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
+    for i in range(4):
+        for j in range(3 * i):
+            _pwrite(disk, (i * PER_PACK + j) * BS, os.urandom(BS))
+    point = vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
+    truth = copy_disk(disk, tmp_path / "truth.img")
+    prune(vault, PruneRequest(keep=lambda pts: {p.id: [] if p.id == first else ["k"]
+                                                for p in pts},
+                              expired=lambda _vm, _created: False))
+
+    def data() -> dict[str, int]:
+        return {k: n for k, n in vault.storage.sizes("").items()
+                if k != "gc.lock" and not k.startswith("locks/")}
+
+    runs = []
+    for grace, max_unused in ((3600.0, 0.0), (0.0, None)):
+        time.sleep(1.1)  # (S3 times are whole seconds: trashed before this run's clock)
+        before = data()
+        dry = gc(vault, dry_run=True, grace=grace, max_unused=max_unused)
+        assert data() == before
+        r = gc(vault, grace=grace, max_unused=max_unused)
+        after = data()
+        gone, new = set(before) - set(after), set(after) - set(before)
+        assert r.vault_bytes_before == sum(before.values())
+        assert r.vault_bytes_after == sum(after.values())
+        assert r.bytes_deleted == sum(before[k] for k in gone if not k.startswith("packs/"))
+        assert r.bytes_written == sum(after[k] for k in new if not k.startswith("trash/"))
+        assert r.bytes_trashed == sum(after[k] for k in new if k.startswith("trash/"))
+        assert r.trash_bytes == sum(n for k, n in after.items() if k.startswith("trash/"))
+        for k in ("packs_removed", "packs_rewritten", "bytes_freed", "bytes_trashed",
+                  "trash_emptied", "bytes_deleted", "bytes_written", "trash_bytes",
+                  "dead_kept_bytes"):
+            assert getattr(dry, k) == getattr(r, k), (k, dry, r)
+        runs.append(r)
+    assert runs[0].packs_rewritten > 0 and runs[0].bytes_trashed > 0, runs
+    assert r.trash_emptied > 0 and r.bytes_deleted > 0, r  # (the second run emptied it)
+    vault.restore(point, tmp_path / "r", workers=1)
+    assert_same_bytes(tmp_path / "r" / "d.img", truth)
+
+
+def test_max_unused_zero_settles_on_compressible_packs(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Highly compressible blocks (a pack holds hundreds): --max-unused 0 rewrites once,
+    then has nothing to do (issue 15's gc rewrote an all-live pack on every run)."""
+    monkeypatch.setattr(backup_mod, "TARGET_PACK_SIZE", MIB)
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"".join((f"block {i} " * 8000).encode()[:BS] for i in range(512)))
+    vault = Vault.init(tmp_path / "v")
+    first = vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
+    for i in range(0, 512, 3):
+        _pwrite(disk, i * BS, (f"new {i} " * 10000).encode()[:BS])
+    point = vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
+    prune(vault, PruneRequest(keep=lambda pts: {p.id: [] if p.id == first else ["kept"]
+                                                for p in pts},
+                              expired=lambda _vm, _created: False))
+    assert len(pack_files(tmp_path / "v")) < 5  # (hundreds of blocks a pack)
+    first_run = gc(vault, grace=0.0, max_unused=0.0)
+    assert first_run.packs_rewritten + first_run.packs_removed > 0, first_run
+    for _ in range(2):
+        time.sleep(0.05)
+        again = gc(vault, grace=0.0, max_unused=0.0)
+        assert again.packs_rewritten == again.packs_removed == again.dead_kept_bytes == 0
+        assert again.bytes_written == 0, again
+    vault.restore(point, tmp_path / "r", workers=1)
+    assert (tmp_path / "r" / "d.img").read_bytes() == disk.read_bytes()

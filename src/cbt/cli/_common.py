@@ -232,6 +232,7 @@ def local_path_arg(text: str) -> str:
 # -- how much to say: -q/--quiet, -v/--verbose (every command) ---------------------------
 
 VERBOSITY = 0  # -1 quiet, 0 normal, 1 verbose; set by cbt.cli.main from the options
+JSON_OUT = False  # --json: stdout is for a script, stderr for its warnings (no bars)
 
 
 def add_verbosity(p: argparse.ArgumentParser) -> None:
@@ -467,8 +468,9 @@ def _bars(tasks: list[str], counts: str | None = None) -> tuple[Any, dict[str, A
 
 
 def bars_on() -> bool:
-    """Whether progress bars are drawn: stderr a terminal, and not ``--quiet``."""
-    return VERBOSITY >= 0 and sys.stderr.isatty()
+    """Whether progress bars are drawn: stderr a terminal, and neither ``--quiet`` nor
+    ``--json``."""
+    return VERBOSITY >= 0 and not JSON_OUT and sys.stderr.isatty()
 
 
 @contextlib.contextmanager

@@ -20,11 +20,13 @@ the most dead bytes first, until at most PERCENT of the packs' bytes are dead;
 0 rewrites every pack with a dead block.  Default: a pack is rewritten when
 less than half of it is live.
 
---json prints {"dry_run","packs_removed","packs_rewritten","bytes_freed" (dead
-bytes taken out of packs/ into the trash),"trash_emptied","bytes_deleted"
-(freed now),"bytes_trashed","bytes_written","trash_bytes","trash_free_after"
-(ISO 8601 or null),"dead_kept_bytes","dead_kept_packs","max_unused",
-"vault_bytes_before","vault_bytes_after" (null when dry),"warnings"}.
+--json prints {"dry_run","packs_removed","packs_rewritten","bytes_freed" (what
+packs/ holds less: packs trashed, less those written of their live blocks),
+"trash_emptied","bytes_deleted" (freed now),"bytes_trashed","bytes_written",
+"trash_bytes","trash_free_after" (ISO 8601 or null),"dead_kept_bytes",
+"dead_kept_packs","max_unused","vault_bytes_before","vault_bytes_after" (null when
+dry),"warnings"}; with --dry-run each is what the run would do (the vault's size
+after it: before, less bytes_deleted, plus bytes_written).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import re
 from collections.abc import Callable, Iterator
 
 from cbt.cli._common import (
@@ -50,14 +53,15 @@ from cbt.cli._common import (
     seconds_arg,
 )
 
+_PERCENT = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+) *%?")
+
 
 def percent_arg(text: str) -> float:
-    """argparse type of a percentage from 0 to 100 (``5``, ``2.5``, ``10%``)."""
-    try:
-        value = float(text.strip().removesuffix("%"))
-    except ValueError:
-        value = math.nan
-    if not 0.0 <= value <= 100.0:  # nan, inf, out of range
+    """argparse type of a percentage from 0 to 100 (``5``, ``2.5``, ``10%``), in plain
+    decimal digits (not ``1_0``, ``1e2`` nor ``nan``)."""
+    m = _PERCENT.fullmatch(text.strip())
+    value = float(m[1]) if m is not None else math.nan
+    if not 0.0 <= value <= 100.0:  # not a number, out of range
         raise argparse.ArgumentTypeError(f"not a percentage from 0 to 100: {text!r}")
     return value
 
@@ -115,13 +119,16 @@ def run(args: argparse.Namespace) -> int:
         say(f"gc (dry run): would remove {r.packs_removed} packs and rewrite "
             f"{r.packs_rewritten}, moving {hb(r.bytes_trashed)} to the trash "
             f"({hb(r.bytes_freed)} of it dead) and writing {hb(r.bytes_written)} anew")
+        say(f"  would free now: {hb(r.bytes_deleted)} deleted ({r.trash_emptied} trashed "
+            "packs whose grace period is over, and replaced index segments)")
     else:
         say(f"gc: removed {r.packs_removed} packs, rewrote {r.packs_rewritten}: "
             f"{hb(r.bytes_freed)} of dead blocks out of use")
         say(f"  freed now: {hb(r.bytes_deleted)} deleted ({r.trash_emptied} trashed packs "
             "whose grace period was over, and replaced index segments)")
     if r.trash_bytes:
-        say(f"  in the trash: {hb(r.trash_bytes)}, deleted by a gc after "
+        would = "would be " if args.dry_run else ""
+        say(f"  {would}in the trash: {hb(r.trash_bytes)}, deleted by a gc after "
             f"{r.trash_free_after} (the grace period)")
     if r.dead_kept_bytes:
         why = (f"within --max-unused {r.max_unused:g}%" if r.max_unused is not None

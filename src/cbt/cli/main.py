@@ -160,6 +160,7 @@ def _settle_common(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     from cbt.cli import _common
 
     _common.VERBOSITY = -1 if args.quiet else 1 if args.verbose else 0
+    _common.JSON_OUT = bool(getattr(args, "json", False))
     if not hasattr(args, "vault_option"):
         return
     if getattr(args, "config", None) and args.vault_option is None:

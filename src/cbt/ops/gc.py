@@ -59,6 +59,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
+from cbt.core.sizes import human_bytes
 from cbt.format.index_segment import segment_bytes
 from cbt.format.pack import (
     BLOB,
@@ -95,8 +96,8 @@ class GcResult:
     - ``bytes_trashed``: whole packs this run moved to the trash (dead ones, and rewritten
       ones whose live blocks were copied first, ``bytes_written``); they still take space
       until a gc after ``trash_free_after`` (ISO 8601, UTC) deletes them.
-    - ``bytes_freed``: the dead bytes this run took out of ``packs/`` (the trashed bytes
-      less the live ones copied out of them): freed from the storage once in the trash
+    - ``bytes_freed``: the bytes this run took out of ``packs/`` (the trashed packs less
+      the packs written of their live blobs): freed from the storage once in the trash
       no longer.
     - ``trash_bytes``: all that is in the trash after the run.
     - ``dead_kept_bytes`` (in ``dead_kept_packs`` packs): dead blocks inside packs that stay
@@ -135,6 +136,7 @@ class _Sweep:
     keep: npt.NDArray[np.bool_]  # per index entry: still indexed where it is
     trash: list[str] = field(default_factory=list)  # pack ids
     rewrite: list[tuple[str, npt.NDArray[np.int64]]] = field(default_factory=list)
+    pack_bytes: int = 0  # the sizes of the packs the rewrite writes
 
 
 @dataclass(frozen=True)
@@ -182,12 +184,13 @@ def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
             _write_index(vault, index, sweep, result, tick)
             for pid in sweep.trash:
                 move_to_trash(vault.storage, pid)
-        if not dry_run:
-            deleted: list[int] = []
-            result.trash_emptied = empty_trash(
-                vault.storage, min(cutoff, time.time() + offset - grace), deleted)
-            result.bytes_deleted += sum(deleted)
+        deleted: list[int] = []
+        result.trash_emptied = empty_trash(
+            vault.storage, min(cutoff, time.time() + offset - grace), deleted, dry_run)
+        result.bytes_deleted += sum(deleted)
         _trash_left(vault, grace, offset, result)
+        if dry_run:
+            _would(vault, index, sweep, grace, result)
     if not dry_run:
         result.vault_bytes_after = storage_bytes(vault.storage)
     return result
@@ -198,6 +201,36 @@ def storage_bytes(storage: Storage, prefix: str = "") -> int:
     left out (they hold who runs, not the vault's data)."""
     return sum(n for name, n in storage.sizes(prefix).items()
                if name != GC_LOCK and not name.startswith(f"{LOCKS}/"))
+
+
+def _would(vault: Vault, index: Index, sweep: _Sweep, grace: float, result: GcResult) -> None:
+    """A dry run's figures as the run would make them: the packs and the segment it would
+    write (a segment's size depends on its number of entries only), the segments it would
+    replace, and the trash it would leave (what it would empty gone, what it would trash
+    there, the latest from now)."""
+    result.trash_bytes += result.bytes_trashed - result.bytes_deleted  # (trash only, so far)
+    if not result.trash_bytes:
+        result.trash_free_after = None
+    if not sweep.trash:
+        return
+    result.bytes_written += sweep.pack_bytes + _segment_size(vault, index, sweep)
+    for s in index.segments:
+        with contextlib.suppress(CbtIOError):
+            result.bytes_deleted += vault.storage.size(s)
+    when = dt.datetime.fromtimestamp(time.time() + grace, dt.UTC)
+    result.trash_free_after = when.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _segment_size(vault: Vault, index: Index, sweep: _Sweep) -> int:
+    """The size of the segment step 4 would write: as many entries as it keeps and moves
+    (the moved ones where they are now: the same size)."""
+    keep = sweep.keep.copy()
+    for _pid, live in sweep.rewrite:
+        keep[live] = True
+    everything = index_mod.entries_for_packs(index, set(index.pack_ids))
+    name = vault.segment_name("gc-dry-run")
+    return len(vault.seal("index", name, segment_bytes({k: v[keep] for k, v in
+                                                        everything.items()})))
 
 
 def _trash_left(vault: Vault, grace: float, offset: float, result: GcResult) -> None:
@@ -302,6 +335,7 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
     ``result``."""
     sweep = _Sweep(keep=np.ones(len(index), dtype=bool))
     packs: list[_Pack] = []
+    newer = [0, 0]  # packs not judged (written since the cutoff), their bytes
     order = np.argsort(index.pack, kind="stable")
     bounds = np.searchsorted(index.pack[order], np.arange(len(index.pack_ids) + 1))
     for k, pid in enumerate(index.pack_ids):
@@ -316,6 +350,7 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
                 _bring_back(vault, pid, result)
             continue
         if st.mtime >= cutoff:
+            newer[0], newer[1] = newer[0] + 1, newer[1] + st.size
             continue
         entries = order[bounds[k]:bounds[k + 1]].astype(np.int64)
         live_entries = entries[live[entries]]
@@ -331,7 +366,8 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
         if len(p.live):
             result.packs_rewritten += 1
             sweep.rewrite.append((p.pid, p.live))
-            result.bytes_freed += p.size - p.live_bytes
+            sweep.pack_bytes += p.rewritten_size
+            result.bytes_freed += p.size - p.rewritten_size
         else:
             result.packs_removed += 1
             result.bytes_freed += p.size
@@ -339,6 +375,11 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
     kept = [p for p in packs if p.pid not in gone and p.dead_bytes]
     result.dead_kept_packs = len(kept)
     result.dead_kept_bytes = sum(p.dead_bytes for p in kept)
+    if newer[0] and result.max_unused is not None:
+        result.warnings.append(
+            f"{newer[0]} packs ({human_bytes(newer[1])}) written since a running backup "
+            f"started (or too recently) were not judged: --max-unused "
+            f"{result.max_unused:g}% counts the others only (a later gc judges them)")
     return sweep
 
 

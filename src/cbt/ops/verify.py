@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import blake3
@@ -72,6 +74,10 @@ MAX_PROBLEMS = 1000
 QUARANTINE = "quarantine"
 DAY = 86400
 
+MAX_PARTS = 1_000_000
+_SUBSET_PERCENT = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+) *%")
+_SUBSET_PART = re.compile(r"([0-9]+) */ *([0-9]+)")
+
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: bytes of the packs checked (read whole or by trailer)."""
 
@@ -87,35 +93,41 @@ class DataSubset:
 
     @classmethod
     def parse(cls, text: str) -> DataSubset:
-        """``"n/m"`` (1 <= n <= m) or ``"N%"`` (0 < N <= 100, may be fractional)."""
+        """``"n/m"`` (1 <= n <= m <= 1000000) or ``"N%"`` (0 < N <= 100, may be
+        fractional), in plain decimal digits (not ``1_0/20``, ``1e-3%`` nor ``nan%``)."""
         t = text.strip()
-        try:
-            if t.endswith("%"):
-                pc = float(t[:-1])
-                if 0.0 < pc <= 100.0:
-                    return cls(percent=pc)
-            elif "/" in t:
-                n, m = (int(x) for x in t.split("/"))
-                if 1 <= n <= m <= 1_000_000:
-                    return cls(part=n, parts=m)
-        except ValueError:
-            pass
+        if (m := _SUBSET_PERCENT.fullmatch(t)) is not None:
+            pc = float(m[1])
+            if 0.0 < pc <= 100.0:
+                return cls(percent=pc)
+        elif (m := _SUBSET_PART.fullmatch(t)) is not None:
+            n, parts = int(m[1]), int(m[2])
+            if 1 <= n <= parts <= MAX_PARTS:
+                return cls(part=n, parts=parts)
         raise CbtValueError(f"not a data subset: {text!r} (use N% with 0 < N <= 100, or n/m "
-                            "with 1 <= n <= m)")
+                            f"with 1 <= n <= m <= {MAX_PARTS})")
 
     def choose(self, sizes: dict[str, int], day: int) -> set[str]:
         """The pack ids (of ``sizes``: id -> bytes) this part reads on ``day`` (days since
-        1970-01-01, UTC)."""
+        1970-01-01, UTC).
+
+        ``N%``: a pack is read when the middle of its span on the ring (the packs by
+        place, each as long as its bytes) falls in the day's window.  In whole numbers
+        (the ring ``2 * total * 100 * den`` long for ``N`` = num/den), so that one day's
+        window ends exactly where the next one's starts: every pack once in 100/N days
+        (floats left gaps and overlaps at the windows' edges)."""
         if self.parts:
             return {p for p in sizes if _place(p) * self.parts // 2**64 == self.part - 1}
-        ring = sorted(sizes, key=_place)
-        total = sum(sizes.values()) or 1
-        start, width = (day * self.percent / 100.0) % 1.0, self.percent / 100.0
+        pc = Fraction(repr(self.percent))  # (the decimal given, exactly)
+        total = 2 * (sum(sizes.values()) or 1)
+        ring = total * 100 * pc.denominator
+        width = total * pc.numerator
+        start = day * width % ring
         out, done = set(), 0
-        for p in ring:
-            mid = (done + sizes[p] / 2) / total  # the middle of its span on the ring
+        for p in sorted(sizes, key=_place):
+            mid = (2 * done + sizes[p]) * 100 * pc.denominator
             done += sizes[p]
-            if (mid - start) % 1.0 < width:
+            if (mid - start) % ring < width:
                 out.add(p)
         return out
 

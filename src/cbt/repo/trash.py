@@ -96,9 +96,10 @@ def read_pack_range(storage: Storage, pack_id: str, offset: int, length: int) ->
                      "(nor in its trash)")
 
 
-def empty_trash(storage: Storage, before: float, deleted: list[int] | None = None) -> int:
+def empty_trash(storage: Storage, before: float, deleted: list[int] | None = None,
+                dry_run: bool = False) -> int:
     """Delete the packs trashed before ``before`` (epoch seconds); returns how many (and
-    appends the size of each to ``deleted``)."""
+    appends the size of each to ``deleted``).  ``dry_run``: count them, delete nothing."""
     n = 0
     for name in storage.list(TRASH):
         if not is_trash_name(name):
@@ -110,7 +111,8 @@ def empty_trash(storage: Storage, before: float, deleted: list[int] | None = Non
                 raise
             continue
         if st.mtime < before:
-            storage.delete(name)
+            if not dry_run:
+                storage.delete(name)
             n += 1
             if deleted is not None:
                 deleted.append(st.size)

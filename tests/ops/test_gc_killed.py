@@ -1,0 +1,146 @@
+"""A ``gc --max-unused 0`` killed (SIGKILL) after each step that changes the vault
+(every put, rename, delete and touch of its storage, the locks' included) loses no
+point: every point restores bit for bit, ``verify --data`` finds nothing, and a rerun
+finishes the job (the run after it has nothing left to do).  On a directory and on S3
+(where a move is a copy, then a delete).
+
+The run rewrites three mostly live packs and empties a trash an earlier gc filled, so
+the steps cover the rewritten packs, the new index segment, the old segments' removal,
+the moves to the trash and the trash's emptying.  Plain and encrypted vaults.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import KIB, MIB
+from helpers.images import assert_same_bytes, copy_disk, write_random_disk
+from helpers.vaults import PASSWORD, fast_kdf
+
+import cbt.ops.backup as backup_mod
+from cbt.api import Vault
+from cbt.ops.gc import gc
+from cbt.ops.prune import PruneRequest, prune
+from cbt.repo.stores import storage_at
+
+BS = 64 * KIB
+
+_CHILD = r"""
+import os, signal, sys
+from cbt.api import Vault
+from cbt.ops.gc import gc
+
+path, kill_at, password = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None
+vault = Vault.open(path, passphrase=password) if password else Vault.open(path)
+storage, steps = vault.storage, [0]
+
+
+def killing(method):
+    def step(*args, **kwargs):
+        out = method(*args, **kwargs)
+        steps[0] += 1
+        if steps[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    return step
+
+
+for name in ("put", "rename", "delete", "touch"):
+    setattr(storage, name, killing(getattr(storage, name)))
+r = gc(vault, grace=0.0, max_unused=0.0)
+print("finished", steps[0], r.packs_rewritten, r.trash_emptied)
+"""
+
+
+def _open(path: Path | str, encrypted: bool) -> Vault:
+    return Vault.open(path, passphrase=PASSWORD) if encrypted else Vault.open(path)
+
+
+def _copy(src: Path | str, dst: Path | str) -> None:
+    """The vault at ``src`` copied to ``dst`` (a directory's with its files' times; an
+    S3 vault's object by object, its times then the copy's)."""
+    if isinstance(src, Path):
+        shutil.copytree(src, dst)
+        return
+    a, b = storage_at(src), storage_at(dst)
+    for name in a.list(""):
+        b.put(name, a.get(name))
+
+
+@pytest.mark.parametrize(("kind", "encrypted"), [
+    ("dir", False), ("dir", True),
+    pytest.param("s3", True, marks=pytest.mark.slow)],  # (~1.5 min: 16 runs on S3)
+    ids=["plain", "encrypted", "s3-encrypted"])
+def test_gc_killed_at_each_step_loses_no_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               request: pytest.FixtureRequest, kind: str,
+                                               encrypted: bool) -> None:
+    monkeypatch.setattr(backup_mod, "TARGET_PACK_SIZE", MIB)
+    src: Path | str = tmp_path / "src"
+    if kind == "s3":
+        from helpers.s3 import fresh_bucket
+
+        request.getfixturevalue("s3_env")  # (its variables reach the killed runs too)
+        src = f"s3://{fresh_bucket()}/src"
+    vault = (Vault.init(src, encryption="aes-256-gcm", passphrase=PASSWORD, kdf=fast_kdf())
+             if encrypted else Vault.init(src))
+    disk = write_random_disk(tmp_path / "d.img", 8 * MIB, seed=21)
+    first = vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
+    truths: dict[str, Path] = {}
+    for n in range(2):
+        with disk.open("r+b") as f:
+            for i in range(8):  # 2*i+n blocks of pack i changed
+                for j in range(2 * i + n):
+                    f.seek((i * 16 + j) * BS)
+                    f.write(os.urandom(BS))
+        point = vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
+        truths[point] = copy_disk(disk, tmp_path / f"truth-{n}.img")
+    prune(vault, PruneRequest(keep=lambda pts: {p.id: [] if p.id == first else ["kept"]
+                                                for p in pts},
+                              expired=lambda _vm, _created: False))
+    gc(vault, grace=3600.0)  # the mostly dead packs to the trash, the mostly live kept
+    pause = 1.1 if kind == "s3" else 0.05  # (S3 times are whole seconds)
+
+    def check(path: Path | str, to: Path) -> Vault:
+        v = _open(path, encrypted)
+        for point, truth in truths.items():
+            v.restore(point, to / point, workers=1)
+            assert_same_bytes(to / point / "d.img", truth)
+        assert v.verify(data=True).problems == []
+        return v
+
+    finished = False
+    kill_at = 0
+    while not finished:
+        kill_at += 1
+        assert kill_at < 200, "gc never finished"
+        path: Path | str = (tmp_path / f"v{kill_at}" if kind == "dir"
+                            else f"{src[:-len('src')]}v{kill_at}")
+        _copy(src, path)
+        time.sleep(pause)  # (trashed before the killed run's clock)
+        run = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(kill_at),
+                              PASSWORD if encrypted else ""],
+                             capture_output=True, text=True, timeout=300)
+        finished = run.returncode == 0
+        assert finished or run.returncode == -signal.SIGKILL, run
+        if finished:
+            assert run.stdout.split()[2:] == ["3", "4"], run.stdout  # (what it had to do)
+        v = check(path, tmp_path / f"r{kill_at}")
+        time.sleep(pause)
+        again = gc(v, grace=0.0, max_unused=0.0)  # the rerun finishes the job
+        assert not again.warnings, again
+        settled = gc(v, grace=0.0, max_unused=0.0)
+        assert settled.packs_rewritten == settled.packs_removed == 0, (kill_at, settled)
+        assert settled.dead_kept_bytes == 0, (kill_at, settled)
+        check(path, tmp_path / f"s{kill_at}")
+        if isinstance(path, Path):
+            shutil.rmtree(path)
+        shutil.rmtree(tmp_path / f"r{kill_at}")
+        shutil.rmtree(tmp_path / f"s{kill_at}")
+    assert kill_at > 10, kill_at  # (the run took that many steps: each was a place to die)
