@@ -16,9 +16,12 @@
    an encrypted vault).  With a ``subset`` (:class:`DataSubset`), only the
    packs of that part: ``n/m`` is the nth of m parts of the packs by pack id
    (each pack in one part, for good: m runs cover every pack once); ``N%``
-   the packs whose place falls in a window of N% of the packs' bytes that
-   moves on by N% each day (so daily runs cover every pack in 100/N days,
-   with no state kept anywhere).
+   the packs whose place (its id's first 64 bits: ids are random) falls in a
+   window of N% of the ids that moves on by N% each day, so daily runs read
+   every pack in 100/N days, however the vault grows meanwhile (a place by the
+   packs' bytes would shift old packs past the window as new ones come), with
+   no state kept anywhere; a day reads about N% of the bytes, a whole cycle
+   exactly all of them.
 5. Index entries no point references (left by a killed run) and files a killed
    run left are *unreferenced*: reported in bytes, not a problem.
 
@@ -111,31 +114,24 @@ class DataSubset:
         """The pack ids (of ``sizes``: id -> bytes) this part reads on ``day`` (days since
         1970-01-01, UTC).
 
-        ``N%``: a pack is read when the middle of its span on the ring (the packs by
-        place, each as long as its bytes) falls in the day's window.  In whole numbers
-        (the ring ``2 * total * 100 * den`` long for ``N`` = num/den), so that one day's
-        window ends exactly where the next one's starts: every pack once in 100/N days
-        (floats left gaps and overlaps at the windows' edges)."""
+        ``N%``: a pack is read when its place falls in the day's window of the ring of
+        places (``2**64``).  In whole numbers (the ring ``2**64 * 100 * den`` long for
+        ``N`` = num/den), so that one day's window ends exactly where the next one's
+        starts: every pack once in 100/N days (floats left gaps and overlaps)."""
         if self.parts:
             return {p for p in sizes if _place(p) * self.parts // 2**64 == self.part - 1}
         pc = Fraction(repr(self.percent))  # (the decimal given, exactly)
-        total = 2 * (sum(sizes.values()) or 1)
-        ring = total * 100 * pc.denominator
-        width = total * pc.numerator
+        ring = 2**64 * 100 * pc.denominator
+        width = 2**64 * pc.numerator
         start = day * width % ring
-        out, done = set(), 0
-        for p in sorted(sizes, key=_place):
-            mid = (2 * done + sizes[p]) * 100 * pc.denominator
-            done += sizes[p]
-            if (mid - start) % ring < width:
-                out.add(p)
-        return out
+        return {p for p in sizes
+                if (_place(p) * 100 * pc.denominator - start) % ring < width}
 
     def describe(self, day: int) -> str:
         if self.parts:
             return f"{self.part}/{self.parts}"
         start = (day * self.percent / 100.0) % 1.0
-        return f"{self.percent:g}% (day {day}: from {100 * start:.4g}% of the packs' bytes)"
+        return f"{self.percent:g}% (day {day}: from {100 * start:.4g}% of the pack ids)"
 
 
 def _place(pack_id: str) -> int:
