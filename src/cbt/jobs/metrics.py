@@ -10,7 +10,9 @@ For node_exporter's textfile collector (``--collector.textfile.directory``):
    (:mod:`cbt.jobs.scheduler`).
 3. Format: ``# HELP`` and ``# TYPE`` lines, then samples; names start with ``cbt_``;
    label values escaped as the exposition format says (backslash, double quote,
-   newline).
+   newline), valid UTF-8 (a lone surrogate, which a JSON record from an untrusted
+   vault may hold, becomes U+FFFD) and at most :data:`MAX_LABEL` characters (a
+   crafted consistency level neither breaks the file nor bloats it).
 4. Write to a hidden temporary file in the same folder (the collector reads only
    ``*.prom``), fsync, rename over FILE (:func:`cbt.core.durable.atomic_file`): a
    scrape never sees half a file.  Mode 0644, whatever the umask: the exporter
@@ -20,6 +22,7 @@ For node_exporter's textfile collector (``--collector.textfile.directory``):
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -28,6 +31,8 @@ from cbt.core.timefmt import parse_now
 from cbt.format.records import PointRecord
 
 LEVELS = ("application", "file-system", "crash")
+MAX_LABEL = 128  # characters of a label value (the longest VM name is 64)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,8 @@ class MaintenanceMetrics:
 
 
 def escape_label(value: str) -> str:
-    """A label value as the text exposition format writes it."""
+    """A label value as the text exposition format writes it (step 3)."""
+    value = _SURROGATE.sub("\ufffd", value[:MAX_LABEL])
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
