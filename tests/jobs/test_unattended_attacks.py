@@ -5,9 +5,11 @@ tests' own parser (:mod:`helpers.prom`) or the file system."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers.cli import cbt
 from helpers.images import write_random_disk
 from helpers.jobs import write_config
@@ -53,3 +55,69 @@ def test_a_crafted_consistency_level_neither_breaks_the_metrics_nor_bloats_them(
     label = level[:128].replace("\ud800", "\ufffd")
     assert _get(samples, "cbt_last_consistency", vm="web", consistency=label) == 1.0
     assert _get(samples, "cbt_last_consistency", vm="web", consistency="crash") == 0.0
+
+
+def _maintained(tmp_path: Path) -> tuple[Any, Path]:
+    """A config with [maintenance] (no prune, no gc: only its record) and its state path."""
+    from cbt.jobs.config import load
+    from cbt.jobs.scheduler import state_path
+
+    cfg = _one_vm(tmp_path, '\n[maintenance]\nschedule = "daily 03:00"\nprune = false\n'
+                            'gc = false\nstate_dir = "s"\n')
+    config = load(cfg)
+    path = state_path(config)
+    path.parent.mkdir()
+    return config, path
+
+
+def _plant(how: str, path: Path, tmp_path: Path) -> None:
+    if how == "deep":
+        path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    elif how == "huge":
+        with open(path, "wb") as f:  # (sparse: takes no room)
+            f.truncate(1 << 30)
+    elif how == "fifo":
+        os.mkfifo(path)
+    elif how == "link-zero":
+        path.symlink_to("/dev/zero")
+    else:  # a link to another file (a victim): read as a record, written through
+        (tmp_path / "victim").write_text("root:x:0:0:root:/root:/bin/bash\n")
+        path.symlink_to(tmp_path / "victim")
+
+
+@pytest.mark.parametrize("how", ["deep", "huge", "fifo", "link-zero", "link-file"])
+def test_a_hostile_state_record_costs_a_warning_and_one_run(tmp_path: Path,
+                                                            how: str) -> None:
+    """A state record that is JSON nested 100 000 deep, a 1 GiB file, a FIFO, or a
+    symbolic link (to /dev/zero, to another file): the maintenance slot is due, with one
+    WARNING naming the record (no crash, no hang, no 1 GiB read); the run writes a
+    regular 0600 record in its place and leaves the link's target as it was."""
+    import datetime as dt
+    import stat
+    import threading
+
+    from cbt.jobs.scheduler import maintenance_due, run_maintenance
+
+    config, path = _maintained(tmp_path)
+    _plant(how, path, tmp_path)
+    now = dt.datetime(2026, 5, 4, 4, tzinfo=dt.UTC)
+    logged: list[tuple[str, str]] = []
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(
+        maintenance_due(config, now, lambda lv, text: logged.append((lv, text)))))
+    t.start()
+    t.join(60)
+    if t.is_alive():  # blocked opening the FIFO: let it go, then fail
+        with open(path, "wb"):
+            pass
+        t.join()
+        raise AssertionError("reading the state record hung")
+    assert out == ["2026-05-04T03:00:00Z"]
+    assert [lv for lv, _ in logged] == ["WARNING"] and str(path) in logged[0][1], logged
+    rec = run_maintenance(config, out[0], threading.Event(), lambda lv, text: None)
+    assert rec is not None and rec.slot == out[0]
+    st = path.lstat()
+    assert stat.S_ISREG(st.st_mode) and st.st_mode & 0o777 == 0o600
+    assert maintenance_due(config, now, lambda lv, text: None) is None
+    if how == "link-file":
+        assert (tmp_path / "victim").read_text() == "root:x:0:0:root:/root:/bin/bash\n"

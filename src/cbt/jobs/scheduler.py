@@ -43,10 +43,12 @@ so a wrong passphrase stops it at once.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -72,6 +74,7 @@ Log = Callable[[str, str], None]  # (level, text)
 DEBUG, INFO, WARNING, ERROR = "DEBUG", "INFO", "WARNING", "ERROR"
 LOCK_STEP = 5.0  # seconds between tries of a lock maintenance waits for
 RETRY = 600.0  # seconds until a round that failed (the vault out of reach) is tried again
+MAX_STATE = 64 << 10  # bytes of a maintenance state record (one is a few hundred)
 T = TypeVar("T")
 
 
@@ -231,7 +234,7 @@ class MaintenanceState:
         """Parse a record; ``ValueError`` says what is wrong with it."""
         try:
             doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ValueError(f"not JSON: {exc}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("vault"), str) \
                 or not isinstance(doc.get("ok"), bool) or not isinstance(doc.get("steps"), dict):
@@ -262,12 +265,9 @@ def state_path(config: Config) -> Path:
 def read_state(path: Path, vault: str | None = None) -> MaintenanceState | None:
     """The state record at ``path`` (None: there is none); ``ValueError`` for a record
     that cannot be read or parsed, or is another vault's."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    raw = _read_record(path)
+    if raw is None:
         return None
-    except OSError as exc:
-        raise ValueError(f"{path}: {exc.strerror or exc}") from None
     try:
         rec = MaintenanceState.from_json(raw)
     except ValueError as exc:
@@ -275,6 +275,30 @@ def read_state(path: Path, vault: str | None = None) -> MaintenanceState | None:
     if vault is not None and rec.vault != vault:
         raise ValueError(f"{path}: the record of another vault ({rec.vault})")
     return rec
+
+
+def _read_record(path: Path) -> bytes | None:
+    """The bytes of the state record (None: there is none): a regular file of at most
+    :data:`MAX_STATE` bytes, not a symbolic link (cbt writes it by a rename, never as a
+    link), so a link planted to ``/dev/zero``, a FIFO or a huge file costs a warning
+    (and one extra maintenance run), never the daemon's memory nor a hang."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        why = "a symbolic link" if exc.errno == errno.ELOOP else _text(exc)
+        raise ValueError(f"{path}: {why}") from None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError(f"{path}: not a regular file")
+            raw = f.read(MAX_STATE + 1)
+        except OSError as exc:
+            raise ValueError(f"{path}: {_text(exc)}") from None
+    if len(raw) > MAX_STATE:
+        raise ValueError(f"{path}: larger than {human_bytes(MAX_STATE)}")
+    return raw
 
 
 def _write_state(path: Path, rec: MaintenanceState) -> None:
