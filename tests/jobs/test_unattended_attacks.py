@@ -121,3 +121,32 @@ def test_a_hostile_state_record_costs_a_warning_and_one_run(tmp_path: Path,
     assert maintenance_due(config, now, lambda lv, text: None) is None
     if how == "link-file":
         assert (tmp_path / "victim").read_text() == "root:x:0:0:root:/root:/bin/bash\n"
+
+
+@pytest.mark.slow
+def test_daemon_log_lines_stay_one_printable_line(tmp_path: Path) -> None:
+    """A job whose error names a disk path holding a newline, an escape sequence and a
+    right-to-left override: the daemon's log has one line for it, every character
+    printable (journald would keep a line with control characters as a blob), the
+    characters written as their escapes."""
+    import signal
+
+    from helpers.cli import cleanup_group, start_cbt, wait_for
+
+    cfg = _one_vm(tmp_path)
+    text = cfg.read_text().replace('"disks/os.img"', '"disks/o\\n\\u001b[31ms\\u202e.img"')
+    assert text != cfg.read_text()
+    cfg.write_text(text)
+    log = tmp_path / "daemon.log"
+    with open(log, "w") as err:
+        proc = start_cbt("daemon", "-v", "--config", cfg, stderr=err)
+    with cleanup_group(proc):
+        wait_for(lambda: "sleeping until" in log.read_text() or proc.poll() is not None,
+                 timeout=120, what="the round's end")
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    lines = log.read_text().split("\n")
+    assert lines[-1] == "" and all(ln.isprintable() for ln in lines), lines
+    [failed] = [ln for ln in lines if " ERROR backup web: failed " in ln]
+    assert failed.endswith("disks/o \\x1b[31ms\\u202e.img"), failed

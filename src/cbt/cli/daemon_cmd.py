@@ -56,6 +56,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 LEVELS = {"DEBUG": 1, "INFO": 0, "WARNING": -1, "ERROR": -1}  # the least VERBOSITY to show
 
 
+def one_line(text: str) -> str:
+    """A log line of ``text``, whatever it holds (a hook's or a server's words, a path
+    from the config): its runs of white space (newlines too) one space, and every other
+    character that does not print (an escape sequence, a bidi override, a lone
+    surrogate) written as its Python escape, ``\\x1b``: journald keeps the line as
+    text (it shows a line with control characters as "[blob data]") and a terminal
+    reading it is not driven by it."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in " ".join(text.split()))
+
+
 def run(args: argparse.Namespace) -> int:
     import datetime as dt
     import sys
@@ -69,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     def log(level: str, text: str) -> None:
         if LEVELS[level] <= _common.VERBOSITY:
-            line = " ".join(text.split())  # one line, whatever a message holds
-            sys.stderr.write(f"{rfc3339(dt.datetime.now(dt.UTC))} {level} {line}\n")
+            sys.stderr.write(f"{rfc3339(dt.datetime.now(dt.UTC))} {level} {one_line(text)}\n")
             sys.stderr.flush()
 
     return daemon(config, log, workers=args.workers, passphrase=finder(args, config.vault),
