@@ -150,3 +150,38 @@ def test_daemon_log_lines_stay_one_printable_line(tmp_path: Path) -> None:
     assert lines[-1] == "" and all(ln.isprintable() for ln in lines), lines
     [failed] = [ln for ln in lines if " ERROR backup web: failed " in ln]
     assert failed.endswith("disks/o \\x1b[31ms\\u202e.img"), failed
+
+
+
+@pytest.mark.slow
+def test_a_failed_job_is_tried_again_in_ten_minutes(tmp_path: Path) -> None:
+    """A daily VM whose job fails (its pre hook fails, on_pre_failure = "fail": a guest
+    busy for a moment, the network): the daemon sleeps ten minutes, not until the next
+    slot a day away (a timer's run-due would try again in fifteen minutes; a vault
+    locked by another host's prune was already retried in ten)."""
+    import datetime as dt
+    import signal
+
+    from helpers.cli import cleanup_group, start_cbt, wait_for
+
+    hour_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).strftime("%H:%M")
+    cfg = _one_vm(tmp_path)
+    text = cfg.read_text().replace('"every 1h"', f'"daily {hour_ago}"')
+    cfg.write_text(text + '\n[vm.web.hooks]\npre = ["/bin/false"]\non_pre_failure = "fail"\n')
+    log = tmp_path / "daemon.log"
+    with open(log, "w") as err:
+        proc = start_cbt("daemon", "-v", "--config", cfg, stderr=err)
+    with cleanup_group(proc):
+        wait_for(lambda: "sleeping until" in log.read_text() or proc.poll() is not None,
+                 timeout=120, what="the round's end")
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    lines = log.read_text().splitlines()
+    assert any(" ERROR backup web: failed (slot " in ln and "tried again in 600 s" in ln
+               and "pre hook failed" in ln for ln in lines), lines
+    sleep = next(ln for ln in lines if "sleeping until" in ln)
+    t_log = dt.datetime.fromisoformat(sleep.split()[0].replace("Z", "+00:00"))
+    until = dt.datetime.fromisoformat(sleep.split()[-1].replace("Z", "+00:00"))
+    assert dt.timedelta(seconds=590) <= until - t_log <= dt.timedelta(seconds=601), sleep
+    assert listed_ids(tmp_path / "vault") == []

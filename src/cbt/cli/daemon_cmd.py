@@ -14,8 +14,10 @@ Without that table it never prunes nor collects.  Maintenance runs once a slot:
 the slot tried is recorded in a state folder (state_dir, else $STATE_DIRECTORY,
 $XDG_STATE_HOME/cbt, ~/.local/state/cbt), so a restart does not run it again and
 a daemon down at the slot runs it when it starts; a step that failed or gave up
-is tried at the next slot.  A round that fails as a whole (the vault out of
-reach) is logged and tried again in ten minutes; the daemon goes on.
+is tried at the next slot.  A job that fails (its vault locked by a prune
+elsewhere, a hook, the network), or a round that fails as a whole (the vault
+out of reach), is logged and tried again in ten minutes (what is still due);
+the daemon goes on.
 
 Logs one line per event on stderr (journald collects it): "TIME LEVEL text",
 for example "2026-11-30T12:00:00Z INFO backup web: point web.2026... 12.3 MiB new

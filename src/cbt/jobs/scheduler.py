@@ -24,8 +24,10 @@ The daemon:
    vault's layout stays as it is, and a lost or damaged record costs one extra
    maintenance run (prune and gc are idempotent), never a missed one.
 4. Writes the metrics file (``--metrics``: :mod:`cbt.jobs.metrics`).  A step
-   that fails (the vault out of reach) is logged, and the round is tried again
-   after ten minutes instead of at the next slot; the daemon goes on.
+   that fails (the vault out of reach), or a job that fails (its vault locked by a
+   prune elsewhere, a hook, the network), is logged, and the round is tried again
+   after ten minutes instead of at the next slot (which may be a day away); only
+   what is still due runs then.  The daemon goes on.
 5. Sleeps until the next slot of any VM or of maintenance (no polling), waking
    for the stop flag; then again from 2, until stopped.
 
@@ -484,7 +486,9 @@ class _Daemon:
         p = result.point
         if p is None:
             self.failures[result.vm] = self.failures.get(result.vm, 0) + 1
-            self.log(ERROR, f"backup {result.vm}: failed (slot {slot}): {result.error}")
+            self.log(ERROR, f"backup {result.vm}: failed (slot {slot}; tried again in "
+                            f"{RETRY:.0f} s): {result.error}")
+            self.retry = True  # (as a timer's run-due would: not a whole slot later)
             return
         _warn(self.log, f"backup {result.vm}", p.warnings)
         self.log(INFO, f"backup {result.vm}: point {p.id} {human_bytes(p.bytes_new)} new in "
