@@ -185,3 +185,42 @@ def test_a_failed_job_is_tried_again_in_ten_minutes(tmp_path: Path) -> None:
     until = dt.datetime.fromisoformat(sleep.split()[-1].replace("Z", "+00:00"))
     assert dt.timedelta(seconds=590) <= until - t_log <= dt.timedelta(seconds=601), sleep
     assert listed_ids(tmp_path / "vault") == []
+
+
+@pytest.mark.slow
+def test_metrics_on_a_full_file_system_keep_the_old_file_and_the_daemon_goes_on(
+        tmp_path: Path) -> None:
+    """--metrics in a 1 MiB tmpfs: a first run-due writes the file; the file system
+    then filled, the daemon's round backs up, logs one ERROR for the metrics and goes
+    on to sleep; the old file is whole (the same bytes), no temporary file is left."""
+    import signal
+
+    from helpers.cli import cleanup_group, start_cbt, wait_for
+    from helpers.system import fill, tmpfs
+
+    cfg = _one_vm(tmp_path)
+    with tmpfs(tmp_path / "prom", 1) as mnt:
+        metrics = mnt / "cbt.prom"
+        r = cbt("run-due", "--config", cfg, "--now", "2026-05-04T03:00:00Z",
+                "--metrics", metrics)
+        assert r.returncode == 0, r.stderr
+        old = metrics.read_bytes()
+        fill(mnt / "ballast", 0)
+        log = tmp_path / "daemon.log"
+        with open(log, "w") as err:
+            proc = start_cbt("daemon", "-v", "--config", cfg, "--metrics", metrics,
+                             stderr=err)
+        with cleanup_group(proc):
+            wait_for(lambda: "sleeping until" in log.read_text() or proc.poll() is not None,
+                     timeout=120, what="the round's end")
+            assert proc.poll() is None, log.read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, log.read_text()
+        lines = log.read_text().splitlines()
+        assert any(" INFO backup web: point " in ln for ln in lines), lines
+        errors = [ln for ln in lines if " ERROR " in ln]
+        assert len(errors) == 1 and "metrics: cannot write" in errors[0], lines
+        assert "No space left on device" in errors[0], errors
+        assert metrics.read_bytes() == old
+        assert sorted(p.name for p in mnt.iterdir()) == ["ballast", "cbt.prom"]
+    assert len(listed_ids(tmp_path / "vault")) == 2
