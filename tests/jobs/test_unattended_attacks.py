@@ -224,3 +224,39 @@ def test_metrics_on_a_full_file_system_keep_the_old_file_and_the_daemon_goes_on(
         assert metrics.read_bytes() == old
         assert sorted(p.name for p in mnt.iterdir()) == ["ballast", "cbt.prom"]
     assert len(listed_ids(tmp_path / "vault")) == 2
+
+
+@pytest.mark.slow
+def test_an_unwritable_state_record_costs_no_maintenance_run_at_each_round(
+        tmp_path: Path) -> None:
+    """state_dir is a file, so the record cannot be written (an ERROR says so).  The
+    VM's schedule has a second slot a minute or two on: at that round the daemon backs
+    up again but does not prune and collect again (before: at every round)."""
+    import datetime as dt
+    import signal
+
+    from helpers.cli import cleanup_group, start_cbt, wait_for
+
+    now = dt.datetime.now(dt.UTC)
+    t1 = (now - dt.timedelta(hours=1)).strftime("%H:%M")
+    t2 = (now.replace(second=0, microsecond=0) + dt.timedelta(minutes=2)).strftime("%H:%M")
+    at = (now - dt.timedelta(hours=2)).strftime("%H:%M")
+    cfg = _one_vm(tmp_path, f'\n[maintenance]\nschedule = "daily {at}"\nprune = false\n'
+                            'state_dir = "state-file"\n')
+    cfg.write_text(cfg.read_text().replace('"every 1h"', f'"daily {t1},{t2}"'))
+    (tmp_path / "state-file").write_text("not a folder")
+    log = tmp_path / "daemon.log"
+    with open(log, "w") as err:
+        proc = start_cbt("daemon", "-v", "--config", cfg, stderr=err)
+    with cleanup_group(proc):
+        wait_for(lambda: log.read_text().count("sleeping until") >= 2
+                 or proc.poll() is not None, timeout=300, what="the second round")
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    lines = log.read_text().splitlines()
+    assert len([ln for ln in lines if " INFO backup web: point " in ln]) == 2, lines
+    assert len([ln for ln in lines if " maintenance: slot " in ln and " started " in ln]) \
+        == 1, lines
+    assert any(" ERROR maintenance: cannot write its state record " in ln for ln in lines)
+    assert len(listed_ids(tmp_path / "vault")) == 2

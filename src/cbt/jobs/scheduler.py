@@ -20,7 +20,9 @@ The daemon:
    signal is acted on at once; then it gives up until the next slot), then gc.
    The slot is recorded once tried (whatever the outcome: a failure is retried at
    the next slot, not in a loop), in a small JSON file written atomically in a
-   local state folder (systemd's ``StateDirectory``).  Why a local file: the
+   local state folder (systemd's ``StateDirectory``), and in the daemon's memory
+   (a record that cannot be written costs one more run after a restart, not one
+   at every round).  Why a local file: the
    vault's layout stays as it is, and a lost or damaged record costs one extra
    maintenance run (prune and gc are idempotent), never a missed one.
 4. Writes the metrics file (``--metrics``: :mod:`cbt.jobs.metrics`).  A step
@@ -466,6 +468,8 @@ class _Daemon:
     signalled: list[str] = field(default_factory=list)
     rounds: int = 0
     retry: bool = False  # the last round failed: try again after RETRY seconds
+    maintained: str | None = None  # the maintenance slot this process ran to its end (its
+    # state record may be unwritable: then it is not run again at every round)
 
     def on_signal(self, signum: int, _frame: object) -> None:
         # (no writing here: the main thread may be inside a write to stderr; the
@@ -511,9 +515,9 @@ class _Daemon:
         self.rounds += 1
         try:
             slot = None if self.stop.is_set() else maintenance_due(self.config, now, self.log)
-            if slot is not None:
-                run_maintenance(self.config, slot, self.stop, self.log,
-                                self.request.passphrase)
+            if slot is not None and slot != self.maintained and run_maintenance(
+                    self.config, slot, self.stop, self.log, self.request.passphrase):
+                self.maintained = slot
         except (CbtError, OSError) as exc:
             self.failed("maintenance", exc)
         if self.metrics is not None:
