@@ -260,3 +260,26 @@ def test_an_unwritable_state_record_costs_no_maintenance_run_at_each_round(
         == 1, lines
     assert any(" ERROR maintenance: cannot write its state record " in ln for ln in lines)
     assert len(listed_ids(tmp_path / "vault")) == 2
+
+
+def test_a_point_from_the_future_does_not_hide_stopped_backups(tmp_path: Path) -> None:
+    """A manual backup with --now a year ahead (or a writer whose clock is ahead): the
+    metrics' newest point of the VM is the newest created by the metrics' now, so
+    cbt_last_success_timestamp_seconds ages when backups stop (an alert can fire)."""
+    import datetime as dt
+
+    from helpers.vaults import listed
+
+    cfg = _one_vm(tmp_path)
+    assert cbt("run-due", "--config", cfg, "--now", "2026-05-04T03:00:00Z").returncode == 0
+    r = cbt("backup", "--config", cfg, "--now", "2027-05-04T03:00:00Z")
+    assert r.returncode == 0, r.stderr
+    metrics = tmp_path / "cbt.prom"
+    r = cbt("run-due", "--config", cfg, "--now", "2026-05-04T03:30:00Z", "--metrics", metrics)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p["created"] for p in listed(tmp_path / "vault")) == [
+        "2026-05-04T03:00:00Z", "2027-05-04T03:00:00Z"]
+    samples, _ = parse_textfile(metrics.read_text())
+    assert _get(samples, "cbt_last_success_timestamp_seconds", vm="web") == dt.datetime(
+        2026, 5, 4, 3, tzinfo=dt.UTC).timestamp()
+    assert _get(samples, "cbt_slot_missed", vm="web") == 0.0

@@ -3,9 +3,10 @@
 For node_exporter's textfile collector (``--collector.textfile.directory``):
 
 1. Per VM of the config, from the vault (so a one-shot ``run-due`` and a restarted
-   daemon say the same): its newest visible point (creation time, how long it took,
-   bytes read, new and stored, consistency level) and whether the latest slot of its
-   schedule has a point.  From this process: how many of its jobs failed.
+   daemon say the same): its newest visible point created at or before now (one
+   from the future would hide that backups stopped): its creation time, how long it
+   took, bytes read, new and stored, consistency level; and whether the latest slot
+   of its schedule has a point.  From this process: how many of its jobs failed.
 2. Maintenance (the daemon's prune and gc): from its state record
    (:mod:`cbt.jobs.scheduler`).
 3. Format: ``# HELP`` and ``# TYPE`` lines, then samples; names start with ``cbt_``;

@@ -129,12 +129,14 @@ class RunDueSummary:
 class _SlotState:
     slot: str | None  # the VM's latest slot at or before now (None: none yet)
     done: str | None  # a point recording it
-    latest: PointRecord | None  # the VM's newest point
+    latest: PointRecord | None  # the VM's newest point created at or before now
 
 
 def _slot_states(config: Config, vault: Vault, now: _dt.datetime) -> dict[str, _SlotState]:
     """Each VM's latest slot, whether a point records it, its newest point (one listing
-    of the vault for all VMs)."""
+    of the vault for all VMs).  A point created after ``now`` (``backup --now`` ahead,
+    a writer's clock ahead, a forged record) is not the newest: it would hide from the
+    metrics that backups stopped, until its time comes."""
     by_vm: dict[str, list[PointRecord]] = {}
     for p in vault.points():  # (oldest first)
         by_vm.setdefault(p.vm, []).append(p)
@@ -145,7 +147,8 @@ def _slot_states(config: Config, vault: Vault, now: _dt.datetime) -> dict[str, _
         s = rfc3339(slot) if slot is not None else None
         points = by_vm.get(name, [])
         done = [p.id for p in points if s is not None and p.slot == s]
-        out[name] = _SlotState(s, done[0] if done else None, points[-1] if points else None)
+        past = [p for p in points if parse_now(p.created) <= now]
+        out[name] = _SlotState(s, done[0] if done else None, past[-1] if past else None)
     return out
 
 
