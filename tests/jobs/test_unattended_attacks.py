@@ -283,3 +283,46 @@ def test_a_point_from_the_future_does_not_hide_stopped_backups(tmp_path: Path) -
     assert _get(samples, "cbt_last_success_timestamp_seconds", vm="web") == dt.datetime(
         2026, 5, 4, 3, tzinfo=dt.UTC).timestamp()
     assert _get(samples, "cbt_slot_missed", vm="web") == 0.0
+
+
+@pytest.mark.slow
+def test_sighup_reads_the_config_again_and_keeps_a_bad_one_out(tmp_path: Path) -> None:
+    """SIGHUP (systemctl reload) while the daemon sleeps: it reads its config again and
+    backs up the VM added there; a config that does not load then is one ERROR and the
+    daemon goes on with the one in use; SIGTERM stops it (exit 0).  Before: SIGHUP
+    killed it, the job in flight with it."""
+    import signal
+
+    from helpers.cli import cleanup_group, start_cbt, wait_for
+
+    cfg = _one_vm(tmp_path)
+    write_random_disk(tmp_path / "disks" / "db.img", 64 << 10, seed=2)
+    log = tmp_path / "daemon.log"
+    with open(log, "w") as err:
+        proc = start_cbt("daemon", "-v", "--config", cfg, stderr=err)
+    with cleanup_group(proc):
+        def sleeps(n: int) -> None:
+            wait_for(lambda: log.read_text().count("sleeping until") >= n
+                     or proc.poll() is not None, timeout=120, what=f"sleep {n}")
+            assert proc.poll() is None, log.read_text()
+
+        sleeps(1)
+        good = cfg.read_text() + ('\n[vm.db]\npolicy = "p"\nsnapshot = "none"\n'
+                                  'disks = { db = "disks/db.img" }\n')
+        cfg.write_text(good)
+        proc.send_signal(signal.SIGHUP)
+        sleeps(2)
+        cfg.write_text(good + "\n[vm.broken]\n")
+        proc.send_signal(signal.SIGHUP)
+        sleeps(3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    lines = log.read_text().splitlines()
+    assert any(" INFO received SIGHUP: config " in ln and "read again: 2 VMs" in ln
+               for ln in lines), lines
+    assert any(" INFO backup db: point " in ln for ln in lines), lines
+    bad = [ln for ln in lines if " ERROR " in ln]
+    assert len(bad) == 1 and "received SIGHUP: keeping the config in use: " in bad[0], lines
+    assert "vm.broken" in bad[0], bad
+    assert lines[-1].endswith("INFO daemon stopped")
+    assert sorted(p.split(".")[0] for p in listed_ids(tmp_path / "vault")) == ["db", "web"]

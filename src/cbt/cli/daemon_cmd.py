@@ -35,7 +35,10 @@ started); cbt_maintenance_last_run_timestamp_seconds,
 cbt_maintenance_last_run_success, cbt_maintenance_last_success_timestamp_seconds.
 
 SIGTERM or SIGINT stops it after the job in flight has finished (exit 0); a
-maintenance step waiting for the vault stops at once.
+maintenance step waiting for the vault stops at once.  SIGHUP (systemctl
+reload cbt-daemon) reads the config file again once the round in flight ends,
+then runs what is due by it; a config that does not load is said (ERROR) and
+the one in use is kept.
 """
 
 from __future__ import annotations

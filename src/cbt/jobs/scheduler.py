@@ -31,7 +31,9 @@ The daemon:
    after ten minutes instead of at the next slot (which may be a day away); only
    what is still due runs then.  The daemon goes on.
 5. Sleeps until the next slot of any VM or of maintenance (no polling), waking
-   for the stop flag; then again from 2, until stopped.
+   for the stop flag or SIGHUP; after SIGHUP (``systemctl reload``) the config file
+   is read again (one that does not load is said, and the one in use kept); then
+   again from 2, until stopped.
 
 It logs one line per event through ``log(level, text)``: start and stop, each
 job's start and end (its point, or its error; its warnings), VMs skipped,
@@ -65,7 +67,7 @@ from cbt.core.errors import CbtError
 from cbt.core.sizes import human_bytes
 from cbt.core.timefmt import parse_now, rfc3339
 from cbt.format.records import PointRecord
-from cbt.jobs.config import Config
+from cbt.jobs.config import Config, load
 from cbt.jobs.job import JobRequest, JobResult
 from cbt.jobs.metrics import MaintenanceMetrics, VMMetrics, render, write_textfile
 from cbt.jobs.policy import Schedule, latest_slot, next_slot
@@ -473,12 +475,36 @@ class _Daemon:
     retry: bool = False  # the last round failed: try again after RETRY seconds
     maintained: str | None = None  # the maintenance slot this process ran to its end (its
     # state record may be unwritable: then it is not run again at every round)
+    hup: threading.Event = field(default_factory=threading.Event)  # SIGHUP: read the config
+    wake: threading.Event = field(default_factory=threading.Event)  # ends a sleep: a signal
 
     def on_signal(self, signum: int, _frame: object) -> None:
         # (no writing here: the main thread may be inside a write to stderr; the
         # watcher thread says it, at once, even while a job runs)
-        self.signalled.append(signal.Signals(signum).name)
-        self.stop.set()
+        if signum == signal.SIGHUP:
+            self.hup.set()
+        else:
+            self.signalled.append(signal.Signals(signum).name)
+            self.stop.set()
+        self.wake.set()
+
+    def reread(self) -> None:
+        """After SIGHUP: the config file read again; one that does not load is said
+        (ERROR) and the one in use is kept."""
+        if not self.stop.is_set():
+            self.wake.clear()  # (before the flag: a SIGHUP from now on wakes the next sleep)
+        if not self.hup.is_set():
+            return
+        self.hup.clear()
+        try:
+            config = load(self.config.path)
+        except (CbtError, OSError) as exc:
+            self.log(ERROR, f"received SIGHUP: keeping the config in use: {_text(exc)}")
+            return
+        self.config = config
+        self.maintained = None  # (another state record, if the vault changed)
+        self.log(INFO, f"received SIGHUP: config {config.path} read again: "
+                       f"{len(config.vms)} VMs, vault {config.vault}")
 
     def watch(self) -> None:
         """The watcher thread: logs the stop signal as soon as it comes."""
@@ -535,29 +561,31 @@ class _Daemon:
         self.retry = True
 
     def sleep(self) -> None:
-        """Step 5: until the next slot (or the retry of a failed round), or the stop flag."""
+        """Step 5: until the next slot (or the retry of a failed round), or a signal."""
         now = _dt.datetime.now(_dt.UTC)
         wake = next_wakeup(self.config, now)
         if self.retry:
             wake = min(wake, now + _dt.timedelta(seconds=RETRY))
         self.log(DEBUG, f"sleeping until {rfc3339(wake)}")
-        while not self.stop.is_set():
+        while not self.wake.is_set():
             left = (wake - _dt.datetime.now(_dt.UTC)).total_seconds()
             if left <= 0:
                 break
-            self.stop.wait(min(left, 3600))
+            self.wake.wait(min(left, 3600))
 
 
 def daemon(config: Config, log: Log, workers: int | None = None,
            passphrase: Passphrase | None = None, metrics: str | None = None) -> int:
     """Run due jobs (and maintenance), sleep until the next slot, repeat; stop on
-    SIGTERM/SIGINT.  ``log(level, text)`` gets one line per event; ``passphrase`` opens
-    an encrypted vault (a finder is asked once, at the first slot); ``metrics``: the
-    Prometheus textfile written after each round."""
+    SIGTERM/SIGINT; on SIGHUP read the config again (when the round in flight ends).
+    ``log(level, text)`` gets one line per event; ``passphrase`` opens an encrypted
+    vault (a finder is asked once, at the first slot); ``metrics``: the Prometheus
+    textfile written after each round."""
     d = _Daemon(config, log, JobRequest(workers=workers, finish_on_stop_signal=True,
                                         passphrase=asked_once(passphrase)), metrics)
     Vault.open(config.vault, d.request.passphrase)  # a wrong passphrase fails now, not later
-    old = {s: signal.signal(s, d.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, d.on_signal)
+           for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     watcher = threading.Thread(target=d.watch, name="cbt-daemon-signals", daemon=True)
     watcher.start()
     try:
@@ -569,6 +597,7 @@ def daemon(config: Config, log: Log, workers: int | None = None,
             d.once()
             if not d.stop.is_set():
                 d.sleep()
+            d.reread()
         watcher.join()  # (its line comes before the last one)
         log(INFO, "daemon stopped")
         return 0
