@@ -326,3 +326,35 @@ def test_sighup_reads_the_config_again_and_keeps_a_bad_one_out(tmp_path: Path) -
     assert "vm.broken" in bad[0], bad
     assert lines[-1].endswith("INFO daemon stopped")
     assert sorted(p.split(".")[0] for p in listed_ids(tmp_path / "vault")) == ["db", "web"]
+
+
+def test_a_vm_locked_by_a_manual_run_fails_alone(tmp_path: Path) -> None:
+    """A manual backup of web runs (its VM lock, taken here) when run-due comes: web's
+    job fails naming the lock, z-db's (after it in the config) still runs, the summary
+    and the metrics come (before: run-due ended at web with one error line, z-db not
+    tried, no summary, no metrics)."""
+    import json
+
+    from cbt.repo.lock import vm_lock
+    from cbt.repo.vault import Vault
+
+    cfg = _one_vm(tmp_path)
+    write_random_disk(tmp_path / "disks" / "db.img", 64 << 10, seed=2)
+    cfg.write_text(cfg.read_text() + '\n[vm.z-db]\npolicy = "p"\nsnapshot = "none"\n'
+                                     'disks = { db = "disks/db.img" }\n')
+    metrics = tmp_path / "cbt.prom"
+    with vm_lock(Vault.open(tmp_path / "vault"), "web"):
+        r = cbt("run-due", "--config", cfg, "--json", "--metrics", metrics)
+    assert r.returncode == 2, r.stderr
+    lines = [json.loads(ln) for ln in r.stdout.splitlines()]
+    summary = lines[-1]
+    assert summary["type"] == "summary", r.stdout
+    status = {x["vm"]: x["status"] for x in summary["ran"]}
+    assert status == {"web": "failed", "z-db": "succeeded"}, summary
+    [error] = [x for x in lines if x["type"] == "error"]
+    assert error["vm"] == "web" and "locked" in error["message"], error
+    samples, _ = parse_textfile(metrics.read_text())
+    assert _get(samples, "cbt_slot_missed", vm="web") == 1.0
+    assert _get(samples, "cbt_job_failures_total", vm="web") == 1.0
+    assert _get(samples, "cbt_slot_missed", vm="z-db") == 0.0
+    assert sorted(p.split(".")[0] for p in listed_ids(tmp_path / "vault")) == ["z-db"]

@@ -176,7 +176,8 @@ def run_due(config: Config, now: _dt.datetime, request: JobRequest | None = None
             on_start: Callable[[str, str], None] | None = None) -> RunDueSummary:
     """Run every due VM once, each job as ``request`` says (its created time and slot
     set here; its passphrase opens the vault); ``on_start`` sees each (vm, slot) as its
-    job starts, ``on_result`` each result as it comes; ``stop`` skips the rest."""
+    job starts, ``on_result`` each result as it comes; ``stop`` skips the rest.  A job
+    whose VM or vault is locked by another run fails alone: the others still run."""
     request = request or JobRequest()
     request = replace(request, passphrase=asked_once(request.passphrase))
     todo, skipped = due(config, now, request.passphrase)
@@ -187,7 +188,10 @@ def run_due(config: Config, now: _dt.datetime, request: JobRequest | None = None
             continue
         if on_start:
             on_start(vm, slot)
-        result = run_vm(config, vm, replace(request, created=rfc3339(now), slot=slot))
+        try:
+            result = run_vm(config, vm, replace(request, created=rfc3339(now), slot=slot))
+        except VaultLockedError as exc:  # (a manual run of this VM, a prune elsewhere:
+            result = JobResult(vm, "", None, str(exc))  # this job fails, not the others)
         if on_result:
             on_result(result, slot)
         summary.ran.append(DueJob(vm, slot, "succeeded" if result.point else "failed",
