@@ -5,8 +5,8 @@
 # test, qemu-img/qemu-nbd/qemu-io (qemu-utils), qemu-storage-daemon
 # (qemu-system-common) and qemu-system-x86 for the NBD and QMP tests, qemu-ga
 # (qemu-guest-agent, run on the host with every rpc that could touch it blocked) for
-# the guest agent protocol tests, systemd (systemd-analyze) for the test of the units
-# in contrib/.  The TCG guest of the VM tests
+# the guest agent protocol tests, systemd (systemd-analyze) and procps (/bin/kill of the
+# daemon's ExecReload) for the test of the units in contrib/.  The TCG guest of the VM tests
 # (tests/helpers/guest.py) is built from .debs that `apt-get download` fetches (so
 # apt's package lists must be there) plus the host's copies of the libraries qemu-ga
 # loads (libglib2.0-0, libnuma1, liburing2, libudev1).  zsh parses the completion

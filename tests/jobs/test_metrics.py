@@ -113,6 +113,8 @@ def test_label_values_are_escaped() -> None:
 
 
 def test_a_metrics_file_in_a_missing_folder_is_refused_first(tmp_path: Path) -> None:
+    """A folder that does not exist, or a folder given as the file: refused before any
+    job runs (it would fail only at the end, after the backups)."""
     write_random_disk(tmp_path / "disks" / "os.img", 64 << 10, seed=1)
     cfg = write_config(tmp_path / "cbt.toml", {"p": {"schedule": "every 1h"}},
                        {"web": {"policy": "p", "disks": {"os": "disks/os.img"},
@@ -122,4 +124,7 @@ def test_a_metrics_file_in_a_missing_folder_is_refused_first(tmp_path: Path) -> 
         r = cbt(cmd, "--config", cfg, "--metrics", tmp_path / "nowhere" / "cbt.prom")
         assert r.returncode != 0
         assert "--metrics" in one_error_line(r) and "nowhere" in one_error_line(r)
+        r = cbt(cmd, "--config", cfg, "--metrics", tmp_path / "disks")  # the folder itself
+        assert r.returncode != 0
+        assert "--metrics" in one_error_line(r) and "disks" in one_error_line(r)
     assert listed(tmp_path / "vault") == []

@@ -66,6 +66,7 @@ def test_the_units_say_what_they_promise() -> None:
     assert (svc["Restart"], svc["KillSignal"], svc["KillMode"]) == (
         "on-failure", "SIGTERM", "mixed")
     assert svc["TimeoutStopSec"] == "6h"
+    assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"  # (the daemon reads its config)
     assert svc["StateDirectory"] == "cbt"  # $STATE_DIRECTORY: the maintenance record
     assert daemon["Install"]["WantedBy"] == "multi-user.target"
     for name in ("cbt-run-due.service", "cbt-daemon.service"):

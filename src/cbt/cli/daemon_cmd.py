@@ -14,8 +14,10 @@ Without that table it never prunes nor collects.  Maintenance runs once a slot:
 the slot tried is recorded in a state folder (state_dir, else $STATE_DIRECTORY,
 $XDG_STATE_HOME/cbt, ~/.local/state/cbt), so a restart does not run it again and
 a daemon down at the slot runs it when it starts; a step that failed or gave up
-is tried at the next slot.  A round that fails as a whole (the vault out of
-reach) is logged and tried again in ten minutes; the daemon goes on.
+is tried at the next slot.  A job that fails (its vault locked by a prune
+elsewhere, a hook, the network), or a round that fails as a whole (the vault
+out of reach), is logged and tried again in ten minutes (what is still due);
+the daemon goes on.
 
 Logs one line per event on stderr (journald collects it): "TIME LEVEL text",
 for example "2026-11-30T12:00:00Z INFO backup web: point web.2026... 12.3 MiB new
@@ -33,7 +35,10 @@ started); cbt_maintenance_last_run_timestamp_seconds,
 cbt_maintenance_last_run_success, cbt_maintenance_last_success_timestamp_seconds.
 
 SIGTERM or SIGINT stops it after the job in flight has finished (exit 0); a
-maintenance step waiting for the vault stops at once.
+maintenance step waiting for the vault stops at once.  SIGHUP (systemctl
+reload cbt-daemon) reads the config file again once the round in flight ends,
+then runs what is due by it; a config that does not load is said (ERROR) and
+the one in use is kept.
 """
 
 from __future__ import annotations
@@ -56,6 +61,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 LEVELS = {"DEBUG": 1, "INFO": 0, "WARNING": -1, "ERROR": -1}  # the least VERBOSITY to show
 
 
+def one_line(text: str) -> str:
+    """A log line of ``text``, whatever it holds (a hook's or a server's words, a path
+    from the config): its runs of white space (newlines too) one space, and every other
+    character that does not print (an escape sequence, a bidi override, a lone
+    surrogate) written as its Python escape, ``\\x1b``: journald keeps the line as
+    text (it shows a line with control characters as "[blob data]") and a terminal
+    reading it is not driven by it."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in " ".join(text.split()))
+
+
 def run(args: argparse.Namespace) -> int:
     import datetime as dt
     import sys
@@ -69,8 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     def log(level: str, text: str) -> None:
         if LEVELS[level] <= _common.VERBOSITY:
-            line = " ".join(text.split())  # one line, whatever a message holds
-            sys.stderr.write(f"{rfc3339(dt.datetime.now(dt.UTC))} {level} {line}\n")
+            sys.stderr.write(f"{rfc3339(dt.datetime.now(dt.UTC))} {level} {one_line(text)}\n")
             sys.stderr.flush()
 
     return daemon(config, log, workers=args.workers, passphrase=finder(args, config.vault),

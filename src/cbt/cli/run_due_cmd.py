@@ -56,7 +56,7 @@ def metrics_arg(text: str) -> str:
     import os
 
     folder = os.path.dirname(os.path.abspath(text)) if text else ""
-    if not text or text.endswith("/") or not os.path.isdir(folder):
+    if not text or text.endswith("/") or not os.path.isdir(folder) or os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"not a file in an existing folder: {text!r}")
     return text
 

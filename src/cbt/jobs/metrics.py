@@ -3,14 +3,17 @@
 For node_exporter's textfile collector (``--collector.textfile.directory``):
 
 1. Per VM of the config, from the vault (so a one-shot ``run-due`` and a restarted
-   daemon say the same): its newest visible point (creation time, how long it took,
-   bytes read, new and stored, consistency level) and whether the latest slot of its
-   schedule has a point.  From this process: how many of its jobs failed.
+   daemon say the same): its newest visible point created at or before now (one
+   from the future would hide that backups stopped): its creation time, how long it
+   took, bytes read, new and stored, consistency level; and whether the latest slot
+   of its schedule has a point.  From this process: how many of its jobs failed.
 2. Maintenance (the daemon's prune and gc): from its state record
    (:mod:`cbt.jobs.scheduler`).
 3. Format: ``# HELP`` and ``# TYPE`` lines, then samples; names start with ``cbt_``;
    label values escaped as the exposition format says (backslash, double quote,
-   newline).
+   newline), valid UTF-8 (a lone surrogate, which a JSON record from an untrusted
+   vault may hold, becomes U+FFFD) and at most :data:`MAX_LABEL` characters (a
+   crafted consistency level neither breaks the file nor bloats it).
 4. Write to a hidden temporary file in the same folder (the collector reads only
    ``*.prom``), fsync, rename over FILE (:func:`cbt.core.durable.atomic_file`): a
    scrape never sees half a file.  Mode 0644, whatever the umask: the exporter
@@ -20,6 +23,7 @@ For node_exporter's textfile collector (``--collector.textfile.directory``):
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -28,6 +32,8 @@ from cbt.core.timefmt import parse_now
 from cbt.format.records import PointRecord
 
 LEVELS = ("application", "file-system", "crash")
+MAX_LABEL = 128  # characters of a label value (the longest VM name is 64)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,8 @@ class MaintenanceMetrics:
 
 
 def escape_label(value: str) -> str:
-    """A label value as the text exposition format writes it."""
+    """A label value as the text exposition format writes it (step 3)."""
+    value = _SURROGATE.sub("\ufffd", value[:MAX_LABEL])
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 

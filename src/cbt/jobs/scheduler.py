@@ -20,14 +20,20 @@ The daemon:
    signal is acted on at once; then it gives up until the next slot), then gc.
    The slot is recorded once tried (whatever the outcome: a failure is retried at
    the next slot, not in a loop), in a small JSON file written atomically in a
-   local state folder (systemd's ``StateDirectory``).  Why a local file: the
+   local state folder (systemd's ``StateDirectory``), and in the daemon's memory
+   (a record that cannot be written costs one more run after a restart, not one
+   at every round).  Why a local file: the
    vault's layout stays as it is, and a lost or damaged record costs one extra
    maintenance run (prune and gc are idempotent), never a missed one.
 4. Writes the metrics file (``--metrics``: :mod:`cbt.jobs.metrics`).  A step
-   that fails (the vault out of reach) is logged, and the round is tried again
-   after ten minutes instead of at the next slot; the daemon goes on.
+   that fails (the vault out of reach), or a job that fails (its vault locked by a
+   prune elsewhere, a hook, the network), is logged, and the round is tried again
+   after ten minutes instead of at the next slot (which may be a day away); only
+   what is still due runs then.  The daemon goes on.
 5. Sleeps until the next slot of any VM or of maintenance (no polling), waking
-   for the stop flag; then again from 2, until stopped.
+   for the stop flag or SIGHUP; after SIGHUP (``systemctl reload``) the config file
+   is read again (one that does not load is said, and the one in use kept); then
+   again from 2, until stopped.
 
 It logs one line per event through ``log(level, text)``: start and stop, each
 job's start and end (its point, or its error; its warnings), VMs skipped,
@@ -43,10 +49,12 @@ so a wrong passphrase stops it at once.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -59,7 +67,7 @@ from cbt.core.errors import CbtError
 from cbt.core.sizes import human_bytes
 from cbt.core.timefmt import parse_now, rfc3339
 from cbt.format.records import PointRecord
-from cbt.jobs.config import Config
+from cbt.jobs.config import Config, load
 from cbt.jobs.job import JobRequest, JobResult
 from cbt.jobs.metrics import MaintenanceMetrics, VMMetrics, render, write_textfile
 from cbt.jobs.policy import Schedule, latest_slot, next_slot
@@ -72,6 +80,7 @@ Log = Callable[[str, str], None]  # (level, text)
 DEBUG, INFO, WARNING, ERROR = "DEBUG", "INFO", "WARNING", "ERROR"
 LOCK_STEP = 5.0  # seconds between tries of a lock maintenance waits for
 RETRY = 600.0  # seconds until a round that failed (the vault out of reach) is tried again
+MAX_STATE = 64 << 10  # bytes of a maintenance state record (one is a few hundred)
 T = TypeVar("T")
 
 
@@ -122,12 +131,14 @@ class RunDueSummary:
 class _SlotState:
     slot: str | None  # the VM's latest slot at or before now (None: none yet)
     done: str | None  # a point recording it
-    latest: PointRecord | None  # the VM's newest point
+    latest: PointRecord | None  # the VM's newest point created at or before now
 
 
 def _slot_states(config: Config, vault: Vault, now: _dt.datetime) -> dict[str, _SlotState]:
     """Each VM's latest slot, whether a point records it, its newest point (one listing
-    of the vault for all VMs)."""
+    of the vault for all VMs).  A point created after ``now`` (``backup --now`` ahead,
+    a writer's clock ahead, a forged record) is not the newest: it would hide from the
+    metrics that backups stopped, until its time comes."""
     by_vm: dict[str, list[PointRecord]] = {}
     for p in vault.points():  # (oldest first)
         by_vm.setdefault(p.vm, []).append(p)
@@ -138,7 +149,8 @@ def _slot_states(config: Config, vault: Vault, now: _dt.datetime) -> dict[str, _
         s = rfc3339(slot) if slot is not None else None
         points = by_vm.get(name, [])
         done = [p.id for p in points if s is not None and p.slot == s]
-        out[name] = _SlotState(s, done[0] if done else None, points[-1] if points else None)
+        past = [p for p in points if parse_now(p.created) <= now]
+        out[name] = _SlotState(s, done[0] if done else None, past[-1] if past else None)
     return out
 
 
@@ -164,7 +176,8 @@ def run_due(config: Config, now: _dt.datetime, request: JobRequest | None = None
             on_start: Callable[[str, str], None] | None = None) -> RunDueSummary:
     """Run every due VM once, each job as ``request`` says (its created time and slot
     set here; its passphrase opens the vault); ``on_start`` sees each (vm, slot) as its
-    job starts, ``on_result`` each result as it comes; ``stop`` skips the rest."""
+    job starts, ``on_result`` each result as it comes; ``stop`` skips the rest.  A job
+    whose VM or vault is locked by another run fails alone: the others still run."""
     request = request or JobRequest()
     request = replace(request, passphrase=asked_once(request.passphrase))
     todo, skipped = due(config, now, request.passphrase)
@@ -175,7 +188,10 @@ def run_due(config: Config, now: _dt.datetime, request: JobRequest | None = None
             continue
         if on_start:
             on_start(vm, slot)
-        result = run_vm(config, vm, replace(request, created=rfc3339(now), slot=slot))
+        try:
+            result = run_vm(config, vm, replace(request, created=rfc3339(now), slot=slot))
+        except VaultLockedError as exc:  # (a manual run of this VM, a prune elsewhere:
+            result = JobResult(vm, "", None, str(exc))  # this job fails, not the others)
         if on_result:
             on_result(result, slot)
         summary.ran.append(DueJob(vm, slot, "succeeded" if result.point else "failed",
@@ -231,7 +247,7 @@ class MaintenanceState:
         """Parse a record; ``ValueError`` says what is wrong with it."""
         try:
             doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ValueError(f"not JSON: {exc}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("vault"), str) \
                 or not isinstance(doc.get("ok"), bool) or not isinstance(doc.get("steps"), dict):
@@ -262,12 +278,9 @@ def state_path(config: Config) -> Path:
 def read_state(path: Path, vault: str | None = None) -> MaintenanceState | None:
     """The state record at ``path`` (None: there is none); ``ValueError`` for a record
     that cannot be read or parsed, or is another vault's."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    raw = _read_record(path)
+    if raw is None:
         return None
-    except OSError as exc:
-        raise ValueError(f"{path}: {exc.strerror or exc}") from None
     try:
         rec = MaintenanceState.from_json(raw)
     except ValueError as exc:
@@ -275,6 +288,30 @@ def read_state(path: Path, vault: str | None = None) -> MaintenanceState | None:
     if vault is not None and rec.vault != vault:
         raise ValueError(f"{path}: the record of another vault ({rec.vault})")
     return rec
+
+
+def _read_record(path: Path) -> bytes | None:
+    """The bytes of the state record (None: there is none): a regular file of at most
+    :data:`MAX_STATE` bytes, not a symbolic link (cbt writes it by a rename, never as a
+    link), so a link planted to ``/dev/zero``, a FIFO or a huge file costs a warning
+    (and one extra maintenance run), never the daemon's memory nor a hang."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        why = "a symbolic link" if exc.errno == errno.ELOOP else _text(exc)
+        raise ValueError(f"{path}: {why}") from None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError(f"{path}: not a regular file")
+            raw = f.read(MAX_STATE + 1)
+        except OSError as exc:
+            raise ValueError(f"{path}: {_text(exc)}") from None
+    if len(raw) > MAX_STATE:
+        raise ValueError(f"{path}: larger than {human_bytes(MAX_STATE)}")
+    return raw
 
 
 def _write_state(path: Path, rec: MaintenanceState) -> None:
@@ -440,12 +477,38 @@ class _Daemon:
     signalled: list[str] = field(default_factory=list)
     rounds: int = 0
     retry: bool = False  # the last round failed: try again after RETRY seconds
+    maintained: str | None = None  # the maintenance slot this process ran to its end (its
+    # state record may be unwritable: then it is not run again at every round)
+    hup: threading.Event = field(default_factory=threading.Event)  # SIGHUP: read the config
+    wake: threading.Event = field(default_factory=threading.Event)  # ends a sleep: a signal
 
     def on_signal(self, signum: int, _frame: object) -> None:
         # (no writing here: the main thread may be inside a write to stderr; the
         # watcher thread says it, at once, even while a job runs)
-        self.signalled.append(signal.Signals(signum).name)
-        self.stop.set()
+        if signum == signal.SIGHUP:
+            self.hup.set()
+        else:
+            self.signalled.append(signal.Signals(signum).name)
+            self.stop.set()
+        self.wake.set()
+
+    def reread(self) -> None:
+        """After SIGHUP: the config file read again; one that does not load is said
+        (ERROR) and the one in use is kept."""
+        if not self.stop.is_set():
+            self.wake.clear()  # (before the flag: a SIGHUP from now on wakes the next sleep)
+        if not self.hup.is_set():
+            return
+        self.hup.clear()
+        try:
+            config = load(self.config.path)
+        except (CbtError, OSError) as exc:
+            self.log(ERROR, f"received SIGHUP: keeping the config in use: {_text(exc)}")
+            return
+        self.config = config
+        self.maintained = None  # (another state record, if the vault changed)
+        self.log(INFO, f"received SIGHUP: config {config.path} read again: "
+                       f"{len(config.vms)} VMs, vault {config.vault}")
 
     def watch(self) -> None:
         """The watcher thread: logs the stop signal as soon as it comes."""
@@ -460,7 +523,9 @@ class _Daemon:
         p = result.point
         if p is None:
             self.failures[result.vm] = self.failures.get(result.vm, 0) + 1
-            self.log(ERROR, f"backup {result.vm}: failed (slot {slot}): {result.error}")
+            self.log(ERROR, f"backup {result.vm}: failed (slot {slot}; tried again in "
+                            f"{RETRY:.0f} s): {result.error}")
+            self.retry = True  # (as a timer's run-due would: not a whole slot later)
             return
         _warn(self.log, f"backup {result.vm}", p.warnings)
         self.log(INFO, f"backup {result.vm}: point {p.id} {human_bytes(p.bytes_new)} new in "
@@ -483,9 +548,9 @@ class _Daemon:
         self.rounds += 1
         try:
             slot = None if self.stop.is_set() else maintenance_due(self.config, now, self.log)
-            if slot is not None:
-                run_maintenance(self.config, slot, self.stop, self.log,
-                                self.request.passphrase)
+            if slot is not None and slot != self.maintained and run_maintenance(
+                    self.config, slot, self.stop, self.log, self.request.passphrase):
+                self.maintained = slot
         except (CbtError, OSError) as exc:
             self.failed("maintenance", exc)
         if self.metrics is not None:
@@ -500,29 +565,31 @@ class _Daemon:
         self.retry = True
 
     def sleep(self) -> None:
-        """Step 5: until the next slot (or the retry of a failed round), or the stop flag."""
+        """Step 5: until the next slot (or the retry of a failed round), or a signal."""
         now = _dt.datetime.now(_dt.UTC)
         wake = next_wakeup(self.config, now)
         if self.retry:
             wake = min(wake, now + _dt.timedelta(seconds=RETRY))
         self.log(DEBUG, f"sleeping until {rfc3339(wake)}")
-        while not self.stop.is_set():
+        while not self.wake.is_set():
             left = (wake - _dt.datetime.now(_dt.UTC)).total_seconds()
             if left <= 0:
                 break
-            self.stop.wait(min(left, 3600))
+            self.wake.wait(min(left, 3600))
 
 
 def daemon(config: Config, log: Log, workers: int | None = None,
            passphrase: Passphrase | None = None, metrics: str | None = None) -> int:
     """Run due jobs (and maintenance), sleep until the next slot, repeat; stop on
-    SIGTERM/SIGINT.  ``log(level, text)`` gets one line per event; ``passphrase`` opens
-    an encrypted vault (a finder is asked once, at the first slot); ``metrics``: the
-    Prometheus textfile written after each round."""
+    SIGTERM/SIGINT; on SIGHUP read the config again (when the round in flight ends).
+    ``log(level, text)`` gets one line per event; ``passphrase`` opens an encrypted
+    vault (a finder is asked once, at the first slot); ``metrics``: the Prometheus
+    textfile written after each round."""
     d = _Daemon(config, log, JobRequest(workers=workers, finish_on_stop_signal=True,
                                         passphrase=asked_once(passphrase)), metrics)
     Vault.open(config.vault, d.request.passphrase)  # a wrong passphrase fails now, not later
-    old = {s: signal.signal(s, d.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, d.on_signal)
+           for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     watcher = threading.Thread(target=d.watch, name="cbt-daemon-signals", daemon=True)
     watcher.start()
     try:
@@ -534,6 +601,7 @@ def daemon(config: Config, log: Log, workers: int | None = None,
             d.once()
             if not d.stop.is_set():
                 d.sleep()
+            d.reread()
         watcher.join()  # (its line comes before the last one)
         log(INFO, "daemon stopped")
         return 0
