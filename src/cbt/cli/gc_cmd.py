@@ -24,6 +24,7 @@ from cbt.cli._common import (
     emit_warnings,
     open_vault,
     print_json,
+    say,
     seconds_arg,
 )
 
@@ -49,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     emit_warnings(result.warnings)
     verb = "would free" if args.dry_run else "freed"
-    print(f"gc: {result.packs_removed} packs removed, {result.packs_rewritten} rewritten, "
-          f"{verb} {human_bytes(result.bytes_freed)}; {result.trash_emptied} trashed "
-          "packs deleted")
+    # a dry run's answer is what was asked; a run's summary is left out with -q
+    out = print if args.dry_run else say
+    out(f"gc: {result.packs_removed} packs removed, {result.packs_rewritten} rewritten, "
+        f"{verb} {human_bytes(result.bytes_freed)}; {result.trash_emptied} trashed "
+        "packs deleted")
     return EXIT_OK
