@@ -164,3 +164,39 @@ def test_matplotlib_is_loaded_only_for_a_picture(
                            capture_output=True, text=True, env=clean_env(), timeout=120,
                            check=False)
         assert r.stderr.endswith(loaded), (extra, r.stderr)
+
+
+def test_review_huge_columns_is_capped(tmp_path: Path) -> None:
+    """$COLUMNS of a billion: the strip has at most --width's most cells (it drew one cell
+    per block, 16 M of them for a 1 TiB disk)."""
+    from cbt.cli.diffmap import MAX_CELLS
+
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    for p in (a, b):
+        with open(p, "wb") as f:
+            f.truncate(2 * MAX_CELLS * BS)  # sparse: twice as many blocks as cells
+    with open(b, "r+b") as f:
+        f.write(b"x")
+    r = subprocess.run([*_cbt_argv(), "diff", a, b, "--map"], capture_output=True, text=True,
+                       env=clean_env({"COLUMNS": str(10**9)}), timeout=120, check=False)
+    assert r.returncode == 1, r.stderr
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("disk ")]
+    strip = line.split("|")[1]
+    # cell 0 holds blocks 0 and 1, one of them changed: half
+    assert len(strip) == MAX_CELLS and strip[0] == SHADES[2] and not strip[1:].strip()
+
+
+def test_review_map_onto_a_directory(tmp_path: Path) -> None:
+    """--map NAME.svg that is a directory: refused before the diff, naming it."""
+    a = write_disk(tmp_path / "a.img", random_bytes(MIB, 2))
+    (tmp_path / "pic.svg").mkdir()
+    r = cbt("diff", a, a, "--map", tmp_path / "pic.svg")
+    line = one_error_line(r)
+    assert "pic.svg: is a directory" in line and r.stdout == "", r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.img", "pic.svg"]
+
+
+def _cbt_argv() -> list[str]:
+    from helpers.cli import cbt_argv
+
+    return cbt_argv()

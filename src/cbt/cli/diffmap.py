@@ -81,13 +81,14 @@ def strip_line(cs: ChangeSet, cells: int) -> str:
 
 def terminal_cells(width: int | None, size: int, taken: int = 0) -> int:
     """Cells of a strip: ``--width``, else what fits the terminal (or $COLUMNS, or 80)
-    beside the two offsets and ``taken`` columns (a label)."""
+    beside the two offsets and ``taken`` columns (a label), at most :data:`MAX_CELLS`
+    (as ``--width``: a huge $COLUMNS must not draw a 1 TiB disk block by block)."""
     if width is not None:
         return width
     import shutil
 
     columns = shutil.get_terminal_size((80, 24)).columns
-    return max(8, columns - taken - len("0 B || ") - len(human_bytes(size)))
+    return min(MAX_CELLS, max(8, columns - taken - len("0 B || ") - len(human_bytes(size))))
 
 
 def legend(cs: ChangeSet, cells: int) -> str:
@@ -98,14 +99,16 @@ def legend(cs: ChangeSet, cells: int) -> str:
 
 
 def check_picture_path(path: str) -> None:
-    """A picture's file name must end in .svg or .png, in a folder that exists (one line
-    otherwise)."""
+    """A picture's file name must end in .svg or .png, in a folder that exists, and not be
+    a directory (one line otherwise)."""
     if not path.lower().endswith(PICTURE_SUFFIXES):
         raise CbtValueError(f"--map {path}: a picture is FILE.svg or FILE.png (or give --map "
                             "alone for the terminal)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CbtValueError(f"--map {path}: no such folder {folder}")
+    if os.path.isdir(path):  # else found only after the diff, naming the temporary file
+        raise CbtValueError(f"--map {path}: is a directory, not a picture file")
 
 
 def write_picture(path: str, disks: list[tuple[str, ChangeSet]], title: str,
