@@ -86,6 +86,18 @@ def test_bash_completes_choices_and_paths(tmp_path: Path) -> None:
     assert complete(["key", "list", "v"], tmp_path) == ["vault-a"]
 
 
+def test_bash_counts_the_vault_of_r(tmp_path: Path) -> None:
+    """Review: after ``-r VAULT`` the next word is the point (or key's id), not a vault:
+    directory names were offered there."""
+    (tmp_path / "vault-a").mkdir()
+    assert complete(["list", "va"], tmp_path) == ["vault-a"]
+    assert complete(["show", "-r", "vault-a", "va"], tmp_path) == []
+    assert complete(["restore", "--vault=vault-a", "va"], tmp_path) == []
+    assert complete(["key", "remove", "-r", "vault-a", "va"], tmp_path) == []
+    assert complete(["key", "-r", "vault-a", "re"], tmp_path) == ["remove"]
+    assert complete(["mount", "-r", "vault-a", "P", "va"], tmp_path) == ["vault-a"]
+
+
 def test_zsh_script_defines_every_command_and_option(tmp_path: Path) -> None:
     text = _script("zsh")
     assert text.startswith("#compdef cbt\n") and "_cbt() {" in text
@@ -102,6 +114,23 @@ def test_zsh_script_defines_every_command_and_option(tmp_path: Path) -> None:
     r = subprocess.run(["zsh", "-n", str(script)], capture_output=True, text=True, timeout=30,
                        check=False)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_zsh_script_registers_sourced_or_from_fpath(tmp_path: Path) -> None:
+    """Review: ``source <(cbt completion zsh)`` after compinit registered nothing (the
+    script ran _cbt outside a completion instead of calling compdef); from $fpath too."""
+    need(shutil.which("zsh") is not None, "needs zsh (ci/system-deps.sh installs it)")
+    (tmp_path / "fp").mkdir()
+    script = tmp_path / "fp" / "_cbt"
+    script.write_text(_script("zsh"))
+    home = {"HOME": str(tmp_path), "ZDOTDIR": str(tmp_path)}
+    for setup in (f"autoload -U compinit; compinit -u -D; source {script}",
+                  f"fpath=({tmp_path / 'fp'} $fpath); autoload -U compinit; compinit -u -D"):
+        r = subprocess.run(["zsh", "-f", "-c", f"{setup}; print -r -- ${{_comps[cbt]}}"],
+                           capture_output=True, text=True, timeout=30, check=False,
+                           env={**os.environ, **home}, cwd=tmp_path)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        assert r.stdout.strip() == "_cbt", (setup, r.stdout)
 
 
 def test_man_page_renders_without_warnings_and_names_everything(tmp_path: Path) -> None:

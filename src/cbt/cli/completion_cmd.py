@@ -3,6 +3,7 @@
   bash: source <(cbt completion bash)      (or save it in
         ~/.local/share/bash-completion/completions/cbt)
   zsh:  cbt completion zsh > ~/.zfunc/_cbt  (a directory in $fpath; then compinit)
+        or, after compinit in ~/.zshrc: source <(cbt completion zsh)
 
 The script completes the commands, each command's options, the values of an
 option or argument with fixed choices (key's ACTION, restore --format), and
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from cbt.cli._common import EXIT_OK
 
 SHELLS = ("bash", "zsh")
-_DIRS = {"VAULT", "DIR", "D", "SRC", "DST"}
+_DIRS = {"VAULT", "DIR", "D", "SRC", "DST", "MOUNTPOINT"}
 _FILES = {"FILE", "PATH", "DISK", "IMAGE", "A", "B", "FILE.arrow", "LABEL=FILE"}
 
 
@@ -108,7 +109,7 @@ _cbt() {
         COMPREPLY=($(compgen -W "%(commands)s --help --version" -- "$cur"))
         return
     fi
-    local cmd="${COMP_WORDS[1]}" opts="" valued="" n=0 i w
+    local cmd="${COMP_WORDS[1]}" opts="" valued="" vault_at=-1 r=0 n=0 i w
     case "$cmd" in
 """
 _BASH_TAIL = """\
@@ -121,11 +122,14 @@ _BASH_TAIL = """\
     for ((i = 2; i < COMP_CWORD; i++)); do
         w="${COMP_WORDS[i]}"
         if [[ "$w" == -* ]]; then
+            [[ "$w" == -r || "$w" == --vault || "$w" == --vault=* ]] && r=1
             [[ " $valued " == *" $w "* ]] && ((i++))
         else
             ((n++))
         fi
     done
+    # -r VAULT took the vault's slot: the words typed fill the slots after it
+    if ((r && vault_at >= 0 && n >= vault_at)); then ((n++)); fi
     _cbt_positional "$cmd" "$n"
 }
 _cbt_values() {  # the completions of a value: fixed words, a file or a directory
@@ -156,6 +160,9 @@ def bash_script(specs: list[Command]) -> str:
         out.append(f"        {c.name})\n")
         out.append(f'            opts="{" ".join(flags)}"\n')
         out.append(f'            valued="{" ".join(valued)}"\n')
+        at = [i for i, p in enumerate(c.positionals) if p.metavar == "VAULT"]
+        if at:
+            out.append(f"            vault_at={at[0]}\n")
         out.append('            case "$prev" in\n')
         for o in c.options:
             if o.takes_value:
@@ -222,5 +229,12 @@ def zsh_script(specs: list[Command]) -> str:
             lines.append(f"                '{where}:{_zsh_text(p.metavar)}:{_zsh_action(p)}' \\")
         lines.append("                && return")
         lines.append("            ;;")
-    lines += ["    esac", "}", '_cbt "$@"', ""]
+    # autoloaded from $fpath the file is _cbt's body (run it); sourced after compinit
+    # (source <(cbt completion zsh)) it registers the function instead
+    lines += ["    esac", "}",
+              'if [[ "${funcstack[1]:-}" == _cbt ]]; then',
+              '    _cbt "$@"',
+              "else",
+              "    compdef _cbt cbt",
+              "fi", ""]
     return "\n".join(lines)
