@@ -109,3 +109,18 @@ def test_key_remove_parses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert (args.vault, args.id) == ("V", "ID")
     args = _parse(["key", "remove", "V2", "ID"])
     assert (args.vault, args.id) == ("V2", "ID")
+
+
+def test_copy_names_both_vaults(two_points: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """copy takes SRC DST only: $CBT_VAULT does not move them, -r is refused, --help says
+    why (restic's -r is a copy's destination, cbt's would be the source)."""
+    vault, ids = two_points
+    dst = tmp_path / "dst"
+    assert cbt("init", "--encryption", "none", dst).returncode == 0
+    r = cbt("copy", vault, dst, ids[0], "-q", env={"CBT_VAULT": str(tmp_path / "nope")})
+    assert r.returncode == 0, r.stderr
+    r = cbt("copy", "-r", vault, dst)
+    assert "unrecognized arguments: -r" in one_error_line(r)
+    assert [p["recovery_point"] for p in cbt_json("list", dst)["points"]] == [ids[0]]
+    text = " ".join(cbt("copy", "--help").stdout.split())
+    assert "copy takes no -r/--vault and does not read $CBT_VAULT" in text
