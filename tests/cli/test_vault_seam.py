@@ -67,6 +67,9 @@ def test_two_vaults_refused(two_points: tuple[Path, list[str]], tmp_path: Path) 
                  ["verify", "-r", other, vault]):
         r = cbt(*argv)
         assert "two vaults given" in one_error_line(r), argv
+    r = cbt("list", "-r", vault, "--vault", other)
+    assert "two vaults given" in one_error_line(r)
+    assert cbt_json("list", "-r", vault, "--vault", vault)["points"]
     # -r and one argument too many: named as such, not as a second vault
     r = cbt("show", "-r", vault, ids[0], "--", "extra")
     assert "unrecognized arguments: extra" in one_error_line(r)
@@ -124,3 +127,12 @@ def test_copy_names_both_vaults(two_points: tuple[Path, list[str]], tmp_path: Pa
     assert [p["recovery_point"] for p in cbt_json("list", dst)["points"]] == [ids[0]]
     text = " ".join(cbt("copy", "--help").stdout.split())
     assert "copy takes no -r/--vault and does not read $CBT_VAULT" in text
+
+
+def test_blank_vault_refused(tmp_path: Path) -> None:
+    """CBT_VAULT=" " (or -r " "): one line; no folder " " made by init."""
+    r = cbt("init", "--encryption", "none", env={"CBT_VAULT": "  "}, cwd=tmp_path)
+    assert "$CBT_VAULT: the vault location '  ' is only blanks" in one_error_line(r)
+    r = cbt("list", "-r", " ", cwd=tmp_path)
+    assert "only blanks" in one_error_line(r)
+    assert list(tmp_path.iterdir()) == []

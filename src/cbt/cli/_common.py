@@ -107,6 +107,8 @@ def vault_arg(text: str) -> str:
     ``scheme://``, or what reads as another host's, is refused)."""
     from cbt.repo.storage import check_location
 
+    if text and not text.strip():  # CBT_VAULT=" ": a folder named " " made or looked for
+        raise argparse.ArgumentTypeError(f"the vault location {text!r} is only blanks")
     try:
         return check_location(text)
     except CbtValueError as exc:
@@ -129,7 +131,20 @@ def add_vault(p: argparse.ArgumentParser, help: str = "the vault") -> None:
     p.add_argument("vault", nargs="?", type=vault_arg, metavar="VAULT",
                    help=f"{help} (or -r VAULT, or $CBT_VAULT)")
     p.add_argument("-r", "--vault", dest="vault_option", type=vault_arg, metavar="VAULT",
+                   action=_OneVault,
                    help=f"{help}, instead of the positional VAULT (default: ${VAULT_ENV})")
+
+
+class _OneVault(argparse.Action):
+    """``-r``'s store: a second, other vault (``-r A ... -r B``) is an error, not the last
+    one silently (a script adding its own -r to a user's)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        before = getattr(namespace, self.dest, None)
+        if before is not None and before != values:
+            parser.error(f"two vaults given: -r {before} and {option_string} {values}")
+        setattr(namespace, self.dest, values)
 
 
 def _looks_like_vault(text: str) -> bool:
