@@ -200,3 +200,43 @@ def _cbt_argv() -> list[str]:
     from helpers.cli import cbt_argv
 
     return cbt_argv()
+
+
+def _small_files() -> None:
+    """In the child: files may not grow past 4 KiB (a full disk, at the first write)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+@pytest.mark.parametrize("suffix", ["svg", "png"])
+@pytest.mark.parametrize("what", ["diff", "stats"])
+def test_review_picture_never_half_written(what: str, suffix: str,
+                                           two_points: tuple[Path, list[str]],
+                                           tmp_path: Path) -> None:
+    """A picture whose write fails (the disk full: files capped at 4 KiB) leaves no file
+    (stats --map FILE.svg wrote in place: a 4 KiB stump stayed), nor a temporary one."""
+    vault, ids = two_points
+    argv = (["diff", f"{vault}::{ids[0]}", f"{vault}::{ids[1]}"] if what == "diff"
+            else ["stats", vault])
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    out = pics / f"pic.{suffix}"
+    # matplotlib's font cache: here (its write fails too, with a warning), not in ~/.cache
+    env = clean_env({"MPLCONFIGDIR": str(tmp_path / "mpl")})
+    r = subprocess.run([*_cbt_argv(), *argv, "--map", out], capture_output=True, text=True,
+                       env=env, timeout=120, check=False, preexec_fn=_small_files)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.splitlines()[-1] == "cbt: error: File too large", r.stderr
+    assert list(pics.iterdir()) == []
+
+
+def test_review_stats_map_onto_a_directory(two_points: tuple[Path, list[str]],
+                                           tmp_path: Path) -> None:
+    """stats --map NAME.svg that is a directory: refused before the work, naming it."""
+    vault, _ = two_points
+    (tmp_path / "pic.svg").mkdir()
+    r = cbt("stats", vault, "--map", tmp_path / "pic.svg")
+    assert "pic.svg: is a directory" in one_error_line(r) and r.stdout == ""

@@ -140,10 +140,10 @@ def write_picture(path: str, disks: list[tuple[str, ChangeSet]], title: str,
     axes[0].set_title(title, fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="share changed", fraction=0.03, pad=0.01)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig: object, path: str) -> None:
+def save_figure(fig: object, path: str) -> None:
     """Write under a temporary name beside ``path``, then rename (no half-written file)."""
     import tempfile
 

@@ -71,6 +71,10 @@ def _map_arg(text: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from cbt.ops.stats import stats
 
+    if args.map not in (None, "-"):
+        from cbt.cli.diffmap import check_picture_path
+
+        check_picture_path(args.map)  # before the work: its folder, not a directory
     result = stats(open_vault(args), args.vm, list(args.points))
     if args.map not in (None, "-"):
         write_chart(result, args.map)
@@ -166,5 +170,9 @@ def write_chart(s: Stats, path: str) -> None:
         ax.legend(loc="upper left")
     fig.autofmt_xdate()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    from cbt.cli.diffmap import save_figure
+
+    try:
+        save_figure(fig, path)  # under a temporary name, then renamed: never half-written
+    finally:
+        plt.close(fig)
