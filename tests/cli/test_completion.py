@@ -42,7 +42,8 @@ def complete(words: list[str], tmp_path: Path) -> list[str]:
     script.write_text(_script("bash"))
     line = " ".join(["cbt", *words])
     quoted = " ".join(f"'{w}'" for w in ["cbt", *words])
-    probe = (f"source {script}\nCOMP_WORDS=({quoted})\nCOMP_CWORD={len(words)}\n"
+    # set -u: a user's strict shell must not see an unbound variable from the script
+    probe = (f"set -u\nsource {script}\nCOMP_WORDS=({quoted})\nCOMP_CWORD={len(words)}\n"
              f"COMP_LINE='{line}'\nCOMP_POINT={len(line)}\n_cbt\n"
              "printf '%s\\n' \"${COMPREPLY[@]}\"\n")
     r = subprocess.run(["bash", "--norc", "--noprofile", "-c", probe], capture_output=True,
