@@ -136,3 +136,19 @@ def test_blank_vault_refused(tmp_path: Path) -> None:
     r = cbt("list", "-r", " ", cwd=tmp_path)
     assert "only blanks" in one_error_line(r)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_options_before_the_command(two_points: tuple[Path, list[str]],
+                                    tmp_path: Path) -> None:
+    """``cbt -r VAULT list`` (restic's order) and ``cbt -q ...``: as after the command
+    (they were 'invalid choice' errors naming the vault as a command)."""
+    vault, ids = two_points
+    want = cbt_json("list", vault)
+    assert cbt_json("-r", vault, "list") == want
+    assert cbt_json(f"--vault={vault}", "-q", "list") == want
+    assert cbt_json("-r", vault, "show", ids[0]) == cbt_json("show", vault, ids[0])
+    r = cbt("-q", "--vault", vault, "verify")
+    assert r.returncode == 0 and r.stdout == cbt("verify", vault, "-q").stdout
+    r = cbt("-r", vault, "copy", vault, tmp_path / "x")
+    assert "unrecognized arguments: -r" in one_error_line(r)
+    assert cbt("-r", vault).returncode == 2
