@@ -59,7 +59,9 @@ def test_the_parsers_have_the_commands_listed_here() -> None:
 def test_bash_completes_commands(tmp_path: Path) -> None:
     assert complete(["ba"], tmp_path) == ["backup"]
     assert complete(["d"], tmp_path) == ["daemon", "diff", "demo"]
-    assert sorted(complete([""], tmp_path)) == sorted([*COMMANDS, "--help", "--version"])
+    shared = ["-r", "--vault", "-q", "--quiet", "-v", "--verbose"]  # also before COMMAND
+    assert sorted(complete([""], tmp_path)) == sorted([*COMMANDS, "--help", "--version",
+                                                      *shared])
 
 
 def test_bash_completes_every_option_of_every_command(tmp_path: Path) -> None:
@@ -97,6 +99,17 @@ def test_bash_counts_the_vault_of_r(tmp_path: Path) -> None:
     assert complete(["key", "remove", "-r", "vault-a", "va"], tmp_path) == []
     assert complete(["key", "-r", "vault-a", "re"], tmp_path) == ["remove"]
     assert complete(["mount", "-r", "vault-a", "P", "va"], tmp_path) == ["vault-a"]
+
+
+def test_bash_after_leading_shared_options(tmp_path: Path) -> None:
+    """``cbt -r VAULT <TAB>``: the commands, then the command's own completions."""
+    (tmp_path / "vault-a").mkdir()
+    assert complete(["-r", "va"], tmp_path) == ["vault-a"]
+    assert complete(["-r", "vault-a", "ba"], tmp_path) == ["backup"]
+    assert complete(["-q", "--vault=vault-a", "ba"], tmp_path) == ["backup"]
+    assert complete(["-r", "vault-a", "key", "re"], tmp_path) == ["remove"]
+    assert complete(["-r", "vault-a", "show", "va"], tmp_path) == []
+    assert complete(["-r", "vault-a", "list", "--j"], tmp_path) == ["--json"]
 
 
 def test_zsh_script_defines_every_command_and_option(tmp_path: Path) -> None:
