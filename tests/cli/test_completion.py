@@ -147,6 +147,25 @@ def test_zsh_script_registers_sourced_or_from_fpath(tmp_path: Path) -> None:
         assert r.stdout.strip() == "_cbt", (setup, r.stdout)
 
 
+def test_zsh_after_leading_shared_options(tmp_path: Path) -> None:
+    """``cbt -r VAULT show <TAB>`` in zsh: _arguments sees the words of ``cbt show -r
+    VAULT <TAB>`` (the function run with _describe and _arguments replaced by probes)."""
+    need(shutil.which("zsh") is not None, "needs zsh (ci/system-deps.sh installs it)")
+    script = tmp_path / "_cbt"
+    script.write_text(_script("zsh"))
+    probe = (f"compdef() {{ : }}\nsource {script}\n"
+             "_describe() { print -r -- \"commands $CURRENT\" }\n"
+             "_arguments() { print -r -- \"$CURRENT ${(j:|:)words}\" }\n"
+             "t() { words=(\"$@\"); CURRENT=$#; _cbt }\n"
+             "t cbt -r v ''\nt cbt -r v show ''\nt cbt show -r v ''\n"
+             "t cbt -q --vault=v key remove ''\n")
+    r = subprocess.run(["zsh", "-f", "-c", probe], capture_output=True, text=True,
+                       timeout=30, check=False, cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.splitlines() == ["commands 2", "4 show|-r|v|", "4 show|-r|v|",
+                                     "5 key|-q|--vault=v|remove|"]
+
+
 def test_man_page_renders_without_warnings_and_names_everything(tmp_path: Path) -> None:
     r = cbt("man")
     assert r.returncode == 0 and r.stderr == ""
