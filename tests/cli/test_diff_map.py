@@ -240,3 +240,18 @@ def test_review_stats_map_onto_a_directory(two_points: tuple[Path, list[str]],
     (tmp_path / "pic.svg").mkdir()
     r = cbt("stats", vault, "--map", tmp_path / "pic.svg")
     assert "pic.svg: is a directory" in one_error_line(r) and r.stdout == ""
+
+
+def test_review_legend_of_disks_of_different_sizes(two_points: tuple[Path, list[str]]) -> None:
+    """Two whole points whose disks differ in size: the legend says each disk's cell (it
+    gave the first disk's for all)."""
+    vault, ids = two_points
+    show = json.loads(cbt("show", vault, ids[1], "--json").stdout)
+    sizes = {d["label"]: (d["blocks"], d["block_size"]) for d in show["disks"]}
+    assert len(set(sizes.values())) == 2
+    from cbt.core.sizes import human_bytes
+
+    r = cbt("diff", f"{vault}::{ids[0]}", f"{vault}::{ids[1]}", "--map", "--width", "8")
+    want = ", ".join(f"{label} ~{n // 8} blocks ({human_bytes(n // 8 * bs)})"
+                     for label, (n, bs) in sizes.items())
+    assert f"each cell: {want}; changed:" in r.stdout, r.stdout

@@ -91,11 +91,19 @@ def terminal_cells(width: int | None, size: int, taken: int = 0) -> int:
     return min(MAX_CELLS, max(8, columns - taken - len("0 B || ") - len(human_bytes(size))))
 
 
-def legend(cs: ChangeSet, cells: int) -> str:
-    per = max(1, cs.blocks // max(1, min(cells, cs.blocks)))
-    return (f"each cell ~{per} blocks ({human_bytes(per * cs.block_size)}); "
-            f"changed: '{SHADES[1]}' up to 1/4, '{SHADES[2]}' 1/2, '{SHADES[3]}' 3/4, "
-            f"'{SHADES[4]}' more, ' ' none")
+def legend(disks: list[tuple[str, ChangeSet, int]]) -> str:
+    """What a cell stands for and what its shades mean; per disk (label, change set,
+    cells) when their cells differ (a point's disks of different sizes)."""
+    each = []
+    for label, cs, cells in disks:
+        per = max(1, cs.blocks // max(1, min(cells, cs.blocks)))
+        each.append((label, f"~{per} blocks ({human_bytes(per * cs.block_size)})"))
+    if len({text for _, text in each}) == 1:
+        head = f"each cell {each[0][1]}"
+    else:
+        head = "each cell: " + ", ".join(f"{label} {text}" for label, text in each)
+    return (f"{head}; changed: '{SHADES[1]}' up to 1/4, '{SHADES[2]}' 1/2, "
+            f"'{SHADES[3]}' 3/4, '{SHADES[4]}' more, ' ' none")
 
 
 def check_picture_path(path: str) -> None:
