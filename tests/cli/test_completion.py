@@ -166,6 +166,27 @@ def test_zsh_after_leading_shared_options(tmp_path: Path) -> None:
                                      "5 key|-q|--vault=v|remove|"]
 
 
+def test_zsh_descriptions_keep_quotes_and_colons(tmp_path: Path) -> None:
+    """Review: zsh showed "print cbts manual page" and "s3//BUCKET" (quotes and colons
+    dropped); as zsh reads the script, they are there."""
+    need(shutil.which("zsh") is not None, "needs zsh (ci/system-deps.sh installs it)")
+    script = tmp_path / "_cbt"
+    script.write_text(_script("zsh"))
+    probe = (f"compdef() {{ : }}\nsource {script}\n"
+             "_describe() { print -rl -- ${(P)4} }\n"
+             "_arguments() { print -rl -- \"$@\" }\n"
+             "words=(cbt ''); CURRENT=2; _cbt\nwords=(cbt init ''); CURRENT=3; _cbt\n")
+    r = subprocess.run(["zsh", "-f", "-c", probe], capture_output=True, text=True,
+                       timeout=30, check=False, cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    lines = r.stdout.splitlines()
+    assert "man:print cbt's manual page" in lines
+    assert "--password-file[read the new vault's passphrase from the first line of " \
+           "FILE]:FILE:_files" in lines
+    assert any(x.startswith("(-r --vault)--vault[directory or s3://BUCKET/PREFIX for the "
+                            "new vault") for x in lines), lines
+
+
 def test_man_page_renders_without_warnings_and_names_everything(tmp_path: Path) -> None:
     r = cbt("man")
     assert r.returncode == 0 and r.stderr == ""

@@ -200,9 +200,14 @@ def bash_script(specs: list[Command]) -> str:
 # -- zsh ----------------------------------------------------------------------------------
 
 def _zsh_text(text: str) -> str:
-    """A help as one short, quote-free line for an _arguments description."""
+    """A help as one short line for a description in single quotes: its first sentence,
+    quotes and brackets escaped (not dropped: "cbt's", "s3://"), backquotes and $ left
+    out, cut at a word."""
     first = re.split(r"(?<=[.;])\s|\s\(", " ".join(text.split()), maxsplit=1)[0]
-    return re.sub(r"[\[\]:'\\`$]", "", first).rstrip(".;")[:70]
+    first = re.sub(r"[`$\\]", "", first).rstrip(".;")
+    if len(first) > 70:
+        first = first[:70].rsplit(" ", 1)[0]
+    return (first.replace("'", "'\\''").replace("[", "\\[").replace("]", "\\]"))
 
 
 def _zsh_action(arg: Arg) -> str:
