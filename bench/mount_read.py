@@ -19,7 +19,7 @@ Usage (root: FUSE)::
      4 KiB-aligned offsets (``--seed``).
    Mount start-up (to the line it prints once mounted) is timed apart (``mount_s``).
    The vault's files are in the page cache for every reader (read in before).
-4. Throughput in MB/s (1e6 bytes) of the disk's size (restore, sequential; and the
+4. Throughput in MiB/s (2**20 bytes) of the disk's size (restore, sequential; and the
    sequential read with the mount's start-up counted, as restore's is) or of the bytes
    read (random); medians of the runs; ratios against restore.
 """
@@ -160,9 +160,9 @@ def _one_run(cbt: str, vault: Path, vm: str, size: int, offsets: list[int], work
         rand_s = _random(mnt / "disk.img", offsets)
     finally:
         _unmount(p)
-    return {"restore_mb_s": size / restore_s / 1e6, "sequential_mb_s": size / seq_s / 1e6,
-            "sequential_with_start_mb_s": size / (mount_s + seq_s) / 1e6,
-            "random_mb_s": len(offsets) * 4096 / rand_s / 1e6,
+    return {"restore_mib_s": size / restore_s / 2**20, "sequential_mib_s": size / seq_s / 2**20,
+            "sequential_with_start_mib_s": size / (mount_s + seq_s) / 2**20,
+            "random_mib_s": len(offsets) * 4096 / rand_s / 2**20,
             "random_iops": len(offsets) / rand_s, "mount_s": mount_s}
 
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[vm].append(_one_run(cbt, vault, vm, size, offsets, work, env))
     shutil.rmtree(work / "restored", ignore_errors=True)
     host["loadavg_after"] = list(os.getloadavg())
-    keys = ["restore_mb_s", "sequential_mb_s", "sequential_with_start_mb_s", "random_mb_s",
+    keys = ["restore_mib_s", "sequential_mib_s", "sequential_with_start_mib_s", "random_mib_s",
             "random_iops", "mount_s"]
     result: dict[str, Any] = {
         "machine": host, "size": size, "encrypted": not args.plain,
@@ -211,14 +211,14 @@ def main(argv: list[str] | None = None) -> int:
                   for vm, rs in runs.items()}}
 
     def report() -> str:
-        rows = [["disk", "restore MB/s", "mount seq MB/s", "seq/restore", "seq+start MB/s",
-                 "mount 4K rand MB/s", "rand/restore", "4K IOPS", "mount start s"]]
+        rows = [["disk", "restore MiB/s", "mount seq MiB/s", "seq/restore", "seq+start MiB/s",
+                 "mount 4K rand MiB/s", "rand/restore", "4K IOPS", "mount start s"]]
         for vm, d in result["disks"].items():
-            rows.append([vm, f"{d['restore_mb_s']:.0f}", f"{d['sequential_mb_s']:.0f}",
-                         f"{d['sequential_mb_s'] / d['restore_mb_s']:.2f}",
-                         f"{d['sequential_with_start_mb_s']:.0f}",
-                         f"{d['random_mb_s']:.1f}",
-                         f"{d['random_mb_s'] / d['restore_mb_s']:.3f}",
+            rows.append([vm, f"{d['restore_mib_s']:.0f}", f"{d['sequential_mib_s']:.0f}",
+                         f"{d['sequential_mib_s'] / d['restore_mib_s']:.2f}",
+                         f"{d['sequential_with_start_mib_s']:.0f}",
+                         f"{d['random_mib_s']:.1f}",
+                         f"{d['random_mib_s'] / d['restore_mib_s']:.3f}",
                          f"{d['random_iops']:.0f}", f"{d['mount_s']:.2f}"])
         head = (f"{machine_line(result['machine'])}\n{size >> 20} MiB disks, "
                 f"{'encrypted' if not args.plain else 'plain'} vault, medians of {args.runs}")

@@ -13,6 +13,7 @@ import os
 import select
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,11 @@ from helpers import KIB, MIB
 from helpers.cli import cbt, kill_group, one_error_line, start_cbt
 from helpers.images import fast_random
 from helpers.packs import pack_files, walk_pack
+from helpers.s3 import S3Server, fresh_bucket
 from helpers.shapes import MOUNT_FILE_KEYS, MOUNT_KEYS
 from helpers.system import need, need_root_tools
 from helpers.truth import tree_hashes
-from helpers.vaults import encrypted_env
+from helpers.vaults import PASSWORD, encrypted_env
 
 import cbt as cbt_api
 
@@ -298,3 +300,152 @@ def test_gc_while_mounted_keeps_what_the_mount_reads(tmp_path: Path) -> None:
         assert (mnt / "os.img").read_bytes() == second
         p.send_signal(signal.SIGTERM)
         _stopped(p, mnt)
+
+
+def test_a_killed_mount_leaves_a_dead_mount_named_in_one_line(tmp_path: Path) -> None:
+    """SIGKILL leaves the kernel's side of the mount with no server ('Transport endpoint
+    is not connected'): a new cbt mount there is one line saying how to release it, and
+    'fusermount3 -u' does; then it mounts again."""
+    _need_fuse()
+    vault, truth = _plain_history(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with _serving(vault, "db.latest", mnt, mnt=mnt) as (p, _out):
+        kill_group(p)
+        assert _in_mounts(mnt)
+        with pytest.raises(OSError) as exc:
+            os.listdir(mnt)
+        assert exc.value.errno == errno.ENOTCONN
+        msg = one_error_line(cbt("mount", vault, "db.latest", mnt))
+        assert str(mnt) in msg and "fusermount3 -u" in msg, msg
+        assert subprocess.run(["fusermount3", "-u", str(mnt)], check=False).returncode == 0
+        assert not _in_mounts(mnt)
+    data = next(d for pid, disks in truth.items() if pid.startswith("db.")
+                for d in disks.values())
+    with _serving(vault, "db.latest", mnt, mnt=mnt) as (p, _out):
+        assert (mnt / "data.img").read_bytes() == data
+
+
+def test_an_s3_vault_mounts_and_keeps_its_lease(s3_env: S3Server, tmp_path: Path) -> None:
+    """An encrypted vault in S3 (SeaweedFS on 127.0.0.1): the image reads back as the
+    disk was; the mount's shared lock (a lease of 5 s here) is renewed while it is
+    mounted, so a forget long after the lease still finds it and fails, naming it, and
+    removes nothing; stopped, the mount leaves no lock object."""
+    _need_fuse()
+    env = {**encrypted_env(tmp_path), **s3_env.env}
+    url = f"s3://{fresh_bucket()}/m"
+    data = bytearray(3 * MIB + 5 * KIB)
+    data[:MIB] = fast_random(MIB, 41)
+    data[-5 * KIB:] = fast_random(5 * KIB, 42)
+    (tmp_path / "d.img").write_bytes(bytes(data))
+    assert cbt("init", url, "--kdf-log-n", "10", env=env).returncode == 0
+    r = cbt("backup", url, f"os={tmp_path / 'd.img'}", "--vm", "web", "--block-size", "16K",
+            env=env)
+    assert r.returncode == 0, r.stderr
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with _serving(url, "web.latest", mnt, mnt=mnt, env={**env, "CBT_LOCK_LEASE": "5"}
+                  ) as (p, _out):
+        assert (mnt / "os.img").read_bytes() == bytes(data)
+        # (past two leases: only renewals keep the lock alive; a lease is measured from
+        # the server's Last-Modified, in whole seconds, so one of 1 s is too short; renewals
+        # come every third of a lease, and a loaded machine may delay one)
+        time.sleep(11)
+        msg = one_error_line(cbt("forget", url, "web.latest", env=env))
+        assert "locked by pid" in msg, msg
+        with open(mnt / "os.img", "rb") as f:
+            f.seek(3 * MIB)
+            assert f.read() == bytes(data[3 * MIB:])
+        p.send_signal(signal.SIGTERM)
+        _stopped(p, mnt)
+    listed = cbt("list", url, "--json", env=env)
+    assert listed.returncode == 0 and "web." in listed.stdout, listed.stderr
+    vault = cbt_api.Vault.open(url, passphrase=PASSWORD)
+    assert vault.storage.list_locks("locks") == []
+
+
+def test_nothing_changes_mmap_reads_and_other_users_see_nothing(tmp_path: Path) -> None:
+    """As root: every call that would change the mount fails (EROFS, or EACCES/EBUSY where
+    the kernel answers first); a read-only mmap of the image is its bytes, a shared
+    writable one is refused.  Another user cannot even look (no allow_other: the images
+    hold every file of the guest, whatever its own permissions say)."""
+    import mmap
+
+    _need_fuse()
+    vault, truth = _plain_history(tmp_path)
+    pid = next(i for i in truth if i.startswith("db."))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with _serving(vault, pid, mnt, mnt=mnt) as (p, _out):
+        f = mnt / "data.img"
+        calls = {"chmod": lambda: os.chmod(f, 0o644), "chown": lambda: os.chown(f, 1, 1),
+                 "unlink": lambda: os.unlink(f), "rename": lambda: os.rename(f, mnt / "x"),
+                 "mkdir": lambda: os.mkdir(mnt / "d"), "rmdir": lambda: os.rmdir(mnt),
+                 "create": lambda: os.close(os.open(mnt / "n", os.O_CREAT | os.O_WRONLY)),
+                 "symlink": lambda: os.symlink("data.img", mnt / "l"),
+                 "link": lambda: os.link(f, mnt / "l"), "truncate": lambda: os.truncate(f, 0),
+                 "setxattr": lambda: os.setxattr(f, "user.x", b"1"),
+                 "utime": lambda: os.utime(f, (1, 1))}
+        for name, call in calls.items():
+            with pytest.raises(OSError) as exc:
+                call()
+            assert exc.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.EBUSY), \
+                (name, exc.value)
+        assert sorted(os.listdir(mnt)) == ["data.img"]
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mm:
+                assert mm[:] == truth[pid]["data"]
+            with pytest.raises(OSError):
+                mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+
+        def nobody() -> None:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+        r = subprocess.run(["cat", str(f)], preexec_fn=nobody, capture_output=True,
+                           check=False)
+        assert r.returncode != 0 and r.stdout == b"" and b"denied" in r.stderr, r
+        p.send_signal(signal.SIGTERM)
+        _stopped(p, mnt)
+
+
+def test_a_vault_held_alone_fails_at_once_or_is_waited_for(tmp_path: Path) -> None:
+    """While a prune (here: the lock it takes) has the vault alone, cbt mount fails at
+    once in one line naming the holder and --wait; with --wait it mounts once the
+    vault is free."""
+    from cbt.repo.lock import exclusive_lock
+
+    _need_fuse()
+    vault, truth = _plain_history(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    held = cbt_api.Vault.open(vault)
+    with exclusive_lock(held.storage):
+        msg = one_error_line(cbt("mount", vault, "db.latest", mnt))
+        assert "locked by" in msg and "--wait" in msg, msg
+        assert not _in_mounts(mnt)
+    data = next(d for pid, disks in truth.items() if pid.startswith("db.")
+                for d in disks.values())
+    with exclusive_lock(held.storage):
+        p = start_cbt("mount", vault, "db.latest", mnt, "--wait", "60", "--json")
+        try:
+            assert p.stdout is not None
+            ready, _, _ = select.select([p.stdout], [], [], 1)
+            assert not ready and p.poll() is None  # (waiting for the lock, released below)
+        except BaseException:
+            kill_group(p)
+            raise
+    try:
+        ready, _, _ = select.select([p.stdout], [], [], 60)
+        assert ready and json.loads(p.stdout.readline())["mountpoint"] == str(mnt)
+        assert (mnt / "data.img").read_bytes() == data
+        p.send_signal(signal.SIGTERM)
+        _stopped(p, mnt)
+    finally:
+        if p.poll() is None:
+            kill_group(p)
+        if _in_mounts(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)

@@ -1,6 +1,6 @@
 """Review of -q on the commands that remove: with -q a run names only the points it removed
 (prune listed every point kept, and its summary, as forget does not) and gc says nothing
-(its figures are a summary of what was done); a dry run still answers in full."""
+(its figures are a summary of what was done); prune's dry run still answers in full."""
 
 from __future__ import annotations
 
@@ -45,8 +45,7 @@ def test_removing_quietly(tmp_path: Path) -> None:
     dry = cbt("forget", vault, point, "--dry-run", "-q")
     assert dry.returncode == 0 and point in dry.stdout, dry.stdout
     r = cbt("forget", vault, point, "-q")
-    assert r.returncode == 0 and r.stdout.split() == ["remove", point, "named"], r.stdout
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 1 and lines[0].split()[:2] == ["remove", point]
     assert cbt("list", vault).stdout.splitlines()[1:] == []
-    dry = cbt("gc", vault, "--dry-run", "-q")
-    assert dry.returncode == 0 and "would free" in dry.stdout, dry.stdout
     _quiet("gc", vault, "--grace", "0")

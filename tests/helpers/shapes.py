@@ -25,7 +25,8 @@ LIST_DISK_KEYS = {"label", "size", "block_size"}
 RESTORE_KEYS = {"recovery_point", "disks", "seconds", "warnings"}
 RESTORE_DISK_KEYS = {"label", "to", "size", "bytes_written", "blocks_verified"}
 VERIFY_KEYS = {"points", "blocks_checked", "data", "problems", "unreferenced_bytes",
-               "warnings"}
+               "warnings",
+               "data_subset", "packs_data_checked", "bytes_data_checked"}  # issue 16
 # issue 12: problems grouped per damaged file, each counting the blocks it affects
 PROBLEM_KEYS = {"point", "disk", "block", "pack", "problem", "count"}
 
@@ -45,7 +46,11 @@ RAN_KEYS = {"vm", "slot", "status", "recovery_point"}
 SKIPPED_KEYS = {"vm", "reason"}
 PRUNE_KEYS = {"dry_run", "points", "snapshots_expired", "warnings"}
 PRUNE_POINT_KEYS = {"recovery_point", "vm", "keep", "reasons"}
-GC_KEYS = {"dry_run", "packs_removed", "packs_rewritten", "bytes_freed", "warnings"}
+GC_KEYS = {"dry_run", "packs_removed", "packs_rewritten", "bytes_freed", "warnings",
+           # issue 16: what was deleted, trashed, written and kept; the vault's size
+           "trash_emptied", "bytes_deleted", "bytes_trashed", "bytes_written", "trash_bytes",
+           "trash_free_after", "dead_kept_bytes", "dead_kept_packs", "max_unused",
+           "vault_bytes_before", "vault_bytes_after"}
 
 # issue 16: cbt mount (its one line once mounted)
 MOUNT_KEYS = {"mountpoint", "points", "files", "cache_bytes", "warnings"}

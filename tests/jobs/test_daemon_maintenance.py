@@ -74,7 +74,8 @@ def test_daemon_prunes_then_collects_once_a_slot(tmp_path: Path) -> None:
     disk = tmp_path / "disks" / "os.img"
     now = dt.datetime.now(dt.UTC)
     at, mslot = _maintenance_slot(now)
-    cfg = _config(tmp_path, f'schedule = "daily {at}"\ngc_grace = 0\nstate_dir = "state"\n')
+    cfg = _config(tmp_path, f'schedule = "daily {at}"\ngc_grace = 0\nstate_dir = "state"\n'
+                            'max_unused = 0\n')
     vault = tmp_path / "vault"
     assert cbt("init", "--encryption", "none", vault).returncode == 0
     for days in (3, 2, 1):
@@ -110,7 +111,8 @@ def test_daemon_prunes_then_collects_once_a_slot(tmp_path: Path) -> None:
     assert index(f"INFO backup web: point {new} ") < index(
         f"INFO maintenance: slot {mslot} started (prune then gc)")
     assert index("INFO prune: removed 3 of 4 points") < index("INFO gc: ")
-    assert re.search(r"INFO gc: [1-9]\d* packs removed", lines[index("INFO gc: ")])
+    assert re.search(r"INFO gc: [1-9]\d* packs removed, \d+ rewritten; deleted .* now, .* in "
+                     r"the trash, 0 B dead kept in live packs", lines[index("INFO gc: ")])
     assert index(f"INFO maintenance: slot {mslot} ended (done)") < index("sleeping until")
     assert not [ln for ln in lines if " ERROR " in ln or " WARNING " in ln], lines
 
@@ -212,7 +214,13 @@ def test_prune_waits_behind_a_backup_stops_at_once_and_gives_up(
     ('schedule = "daily 03:00"\nprune = "yes"\n', "maintenance.prune", "true or false"),
     ('schedule = "daily 03:00"\nwait = -1\n', "maintenance.wait", "seconds from 0"),
     ('schedule = "daily 03:00"\ngc_grace = inf\n', "maintenance.gc_grace", "seconds from 0"),
-    ('schedule = "daily 03:00"\nmax_unused = 5\n', "maintenance.max_unused", "unknown key"),
+    ('schedule = "daily 03:00"\nmax_unused = 101\n', "maintenance.max_unused",
+     "percentage from 0 to 100"),
+    ('schedule = "daily 03:00"\nmax_unused = nan\n', "maintenance.max_unused",
+     "percentage from 0 to 100"),
+    ('schedule = "daily 03:00"\nmax_unused = "5%"\n', "maintenance.max_unused",
+     "a percentage"),
+    ('schedule = "daily 03:00"\nmaxunused = 5\n', "maintenance.maxunused", "unknown key"),
     ('gc = true\n', "maintenance", "missing required key 'schedule'"),
 ])
 def test_bad_maintenance_keys_are_named(tmp_path: Path, table: str, key: str,
@@ -234,8 +242,10 @@ def test_maintenance_defaults_and_state_dir(tmp_path: Path,
     cfg.write_text('vault = "v"\n[maintenance]\nschedule = "daily 03:00"\n')
     m = load(cfg).maintenance
     assert m is not None
-    assert (m.prune, m.gc, m.gc_grace, m.wait, m.state_dir, m.timezone) == (
-        True, True, 3600.0, 3600.0, None, "UTC")
+    assert (m.prune, m.gc, m.gc_grace, m.wait, m.state_dir, m.timezone, m.max_unused) == (
+        True, True, 3600.0, 3600.0, None, "UTC", None)
+    cfg.write_text('vault = "v"\n[maintenance]\nschedule = "daily 03:00"\nmax_unused = 5\n')
+    assert load(cfg).maintenance.max_unused == 5.0  # type: ignore[union-attr]
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "sd"))
     assert state_path(load(cfg)).parent == tmp_path / "sd"
     monkeypatch.delenv("STATE_DIRECTORY")
@@ -255,7 +265,8 @@ def test_an_encrypted_vault_is_maintained_and_measured(tmp_path: Path) -> None:
     disk = tmp_path / "disks" / "os.img"
     now = dt.datetime.now(dt.UTC)
     at, mslot = _maintenance_slot(now)
-    cfg = _config(tmp_path, f'schedule = "daily {at}"\ngc_grace = 0\nstate_dir = "state"\n')
+    cfg = _config(tmp_path, f'schedule = "daily {at}"\ngc_grace = 0\nstate_dir = "state"\n'
+                            'max_unused = 0\n')
     vault = tmp_path / "vault"
     env = init_cli_vault(vault, True, tmp_path)
     write_random_disk(disk, 256 << 10, seed=1)

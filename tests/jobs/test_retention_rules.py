@@ -98,6 +98,30 @@ TABLES = [
      Retention(within=parse_within("1d")), "UTC",
      {"new": ["latest", "within 1d"], "in": ["within 1d"], "out": ["within 1d"]},
      "the same in UTC: 24 hours, both kept"),
+    # wall times the clocks skip or repeat resolve as Go's time.Date does (restic's AddDate):
+    # latest 03-30 00:30Z = 02:30 CEST; 03-29 02:30 is skipped: 02:30 "as UTC" is in
+    # CEST (+2), 00:30Z is not, so CET's +1: 01:30Z (the first instant after the gap,
+    # 01:00Z, kept 'out' too)
+    ({"new": "2026-03-30T00:30:00Z", "in": "2026-03-29T01:40:00Z",
+      "out": "2026-03-29T01:20:00Z"},
+     Retention(within=parse_within("1d")), "Europe/Berlin",
+     {"new": ["latest", "within 1d"], "in": ["within 1d"], "out": []},
+     "Berlin: a skipped wall time as Go resolves it"),
+    # latest 10-26 01:30Z = 02:30 CET; 10-25 02:30 happens twice (00:30Z, 01:30Z): Go
+    # takes CET's, 01:30Z (the first occurrence kept 'out' too)
+    ({"new": "2026-10-26T01:30:00Z", "in": "2026-10-25T01:40:00Z",
+      "out": "2026-10-25T01:00:00Z"},
+     Retention(within=parse_within("1d")), "Europe/Berlin",
+     {"new": ["latest", "within 1d"], "in": ["within 1d"], "out": []},
+     "Berlin: a repeated wall time as Go resolves it"),
+    # latest 03-09 06:30Z = 02:30 EDT; 03-08 02:30 is skipped: 02:30Z is in EST (-5),
+    # 07:30Z is not, so EDT's -4: 06:30Z (the first instant after the gap, 07:00Z,
+    # removed 'in': fewer kept than restic keeps)
+    ({"new": "2026-03-09T06:30:00Z", "in": "2026-03-08T06:45:00Z",
+      "out": "2026-03-08T06:20:00Z"},
+     Retention(within=parse_within("1d")), "America/New_York",
+     {"new": ["latest", "within 1d"], "in": ["within 1d"], "out": []},
+     "New York: a skipped wall time as Go resolves it"),
     ({"new": "2026-03-29T12:00:00Z", "old": "1970-01-01T00:00:00Z"},
      Retention(within=parse_within("999999y")), "UTC",
      {"new": ["latest", "within 999999y"], "old": ["within 999999y"]},
@@ -156,3 +180,12 @@ def test_prune_with_last_and_within_on_a_vault(tmp_path: Path) -> None:
     assert reasons == {made[13]: ["latest", "last 2", "within 3d"],
                        made[12]: ["last 2", "within 3d"], made[11]: ["within 3d"]}
     assert set(listed_ids(tmp_path / "vault")) == {made[11], made[12], made[13]}
+
+
+def test_within_at_the_end_of_the_calendar() -> None:
+    """A newest point in the last hour of year 9999, in a zone east of UTC (its local time
+    is in year 10000): no traceback; the cutoff cannot be worked out, so everything is
+    kept (as for a duration reaching before year 1)."""
+    got = _apply({"new": "9999-12-31T23:30:00Z", "old": "2026-01-01T00:00:00Z"},
+                 Retention(within=parse_within("1h")), "Asia/Tokyo")
+    assert got == {"new": ["latest", "within 1h"], "old": ["within 1h"]}

@@ -183,3 +183,226 @@ def test_many_threads_read_at_once(point: tuple[cbt_api.Vault, Any, SparseImage]
         assert r.shared.cache.used <= 40 * BS
     finally:
         r.shared.close()
+
+
+def test_a_block_id_of_another_length_is_refused_from_the_cache(tmp_path: Path) -> None:
+    """A forged manifest (plain vault: anyone can rewrite it and the record's checksums)
+    names, for a full block of disk db, the id of os's short tail block: that content
+    checks against the id but is 5 KiB, not 16.  Read from the vault it is refused (the
+    length is checked); read from the cache, where os's tail put it, it must be refused
+    too, never served as a short or shifted block."""
+    import blake3 as b3
+    from helpers.vaults import forge_record
+
+    from cbt.format.manifest import read_manifest_bytes
+
+    img = _disk(tmp_path / "os.img")
+    vault = cbt_api.Vault.init(tmp_path / "vault")
+    pid = vault.backup("web", [f"os={img.path}", f"db={img.path}"], block_size=BS,
+                       workers=1).id
+    path = tmp_path / "vault" / "manifests" / pid / "db.arrow"
+    m = read_manifest_bytes(path.read_bytes(), str(path))
+    tail = b3.blake3(img.content[(SIZE // BS) * BS:].tobytes()).digest()
+    assert m.rows[0] == 0
+    m.row_digests[0] = np.frombuffer(tail, dtype=np.uint8)
+    path.write_bytes(m.to_bytes())
+    digest = b3.blake3(path.read_bytes()).hexdigest()
+
+    def change(body: dict[str, Any]) -> None:
+        next(d for d in body["disks"] if d["label"] == "db")["manifest_checksum"] = digest
+
+    forge_record(tmp_path / "vault", pid, change)
+    vault = cbt_api.Vault.open(tmp_path / "vault")
+    p = vault.point(pid)
+    shared = Shared(vault, vault.load_index(headers=True), BlockCache(64 * MIB), read_ahead=0)
+    os_, db = DiskReader(shared, p, "os"), DiskReader(shared, p, "db")
+    try:
+        with pytest.raises(DamagedPointError, match=r"block 0[ :].*length"):
+            db.read(0, 4096)  # from the vault
+        assert os_.read(SIZE - 100, 100) == img.content[SIZE - 100:].tobytes()
+        assert shared.cache.get(tail) is not None  # os's tail block, cached
+        for off, n in ((0, 4096), (0, 2 * BS), (4 * KIB, 8 * KIB)):
+            with pytest.raises(DamagedPointError, match=r"block 0[ :].*length"):
+                db.read(off, n)  # from the cache
+        assert db.read(BS, BS) == img.content[BS:2 * BS].tobytes()
+    finally:
+        shared.close()
+
+
+def test_readers_of_one_block_at_once_fetch_it_once(
+        point: tuple[cbt_api.Vault, Any, SparseImage], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight threads read the same block at the same moment (the vault read slowed, so
+    they all arrive while the first fetch runs): one fetch, eight right answers."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cbt.ops import mount as mount_mod
+
+    vault, p, img = point
+    real = mount_mod.read_verified
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.3)
+        return real(*args)
+    monkeypatch.setattr(mount_mod, "read_verified", slow)
+    r = _reader(vault, p)
+    go = threading.Barrier(8)
+
+    def read(k: int) -> bytes:
+        go.wait()
+        return r.read(BS + k * 100, 1000)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(read, range(8)))
+        for k, data in enumerate(got):
+            assert data == img.content[BS + k * 100:BS + k * 100 + 1000].tobytes()
+        assert (r.shared.packs_read, r.shared.blocks_read) == (1, 1)
+    finally:
+        r.shared.close()
+
+
+def test_read_ahead_of_a_damaged_block_leaves_the_error_to_the_read(tmp_path: Path) -> None:
+    """A sequential reader's read-ahead fetches a window holding a damaged block: the
+    read-ahead fails quietly, the read of that block fails naming it (again on a second
+    try: nothing of it cached), and the blocks before it read right."""
+    img = _disk(tmp_path / "os.img")
+    vault = cbt_api.Vault.init(tmp_path / "vault")
+    p = vault.point(vault.backup("web", [f"os={img.path}"], block_size=BS, workers=1).id)
+    digests = {blake3.blake3(img.content[i * BS:(i + 1) * BS].tobytes()).digest(): i
+               for i in range(4, 700 * KIB // BS)}
+    pack = pack_files(tmp_path / "vault")[0]
+    blob = next(b for b in walk_pack(pack) if b.digest in digests)
+    bad = digests[blob.digest]
+    raw = bytearray(pack.read_bytes())
+    raw[blob.offset + 48 + blob.stored // 2] ^= 0xFF
+    pack.chmod(0o644)
+    pack.write_bytes(bytes(raw))
+    r = _reader(vault, p, ahead=64 * BS)
+    try:
+        for off in range(0, bad * BS, 4096):  # sequential: the window ahead holds ``bad``
+            assert r.read(off, 4096) == img.content[off:off + 4096].tobytes()
+        r.shared.ahead.submit(lambda: None).result()  # (after the read-ahead)
+        for _ in range(2):
+            with pytest.raises(DamagedPointError, match=f"block {bad} "):
+                r.read(bad * BS, 4096)
+        assert r.shared.cache.get(blob.digest) is None
+    finally:
+        r.shared.close()
+
+
+def test_resolved_manifests_are_kept_within_their_bound(tmp_path: Path) -> None:
+    """Three points, the later ones deltas on the first: a mount of every point keeps at
+    most ``manifest_limit`` bytes of resolved manifests (here: room for one, so only the
+    last read), the vault none of its own (bases included); each disk still reads as it
+    was, again after its manifest went; with room for all, all are kept."""
+    img = _disk(tmp_path / "os.img")
+    vault = cbt_api.Vault.init(tmp_path / "vault")
+    truth = {}
+    for day in (1, 2, 3):
+        img.write_random(day * 64 * KIB, 16 * KIB, 10 + day)
+        pid = vault.backup("web", [f"os={img.path}"], block_size=BS, workers=1,
+                           created=f"2026-01-0{day}T02:00:00Z").id
+        truth[pid] = img.content.tobytes()
+    for limit, kept in ((1, 1), (64 * MIB, 3)):
+        shared = Shared(vault, vault.load_index(headers=True), BlockCache(MIB),
+                        read_ahead=0, manifest_limit=limit)
+        try:
+            files = mount_tree(shared, vault.points(), one=False)
+            for _ in range(2):
+                for f in files:
+                    data = truth[f.parts[1]]
+                    assert f.reader.read(0, 200 * KIB) == data[:200 * KIB]
+                    assert f.reader.read(SIZE - 10, 10) == data[-10:]
+            assert len(shared.manifests) == kept
+            assert list(shared.manifests)[-1] == (files[-1].parts[1], "os")
+            assert vault._manifest_cache == {}
+        finally:
+            shared.close()
+
+
+def _bomb(size: int, seed: int) -> bytes:
+    """A zstd frame of exactly ``size`` bytes that says nothing of its content size and
+    inflates to 16 MiB and more: written by hand (RFC 8878), a raw block of random bytes
+    to fill it out, then 128 RLE blocks of 128 KiB of zeros, 4 bytes each."""
+    import struct
+
+    def block(last: int, kind: int, n: int) -> bytes:
+        return struct.pack("<I", last | kind << 1 | n << 3)[:3]
+
+    rle = 128
+    fill = size - 4 - 2 - 3 - 4 * rle
+    assert 0 <= fill <= 128 * KIB
+    frame = [struct.pack("<I", 0xFD2FB528), bytes([0x00, 7 << 3])]  # no size; 128K window
+    frame += [block(0, 0, fill), np.random.default_rng(seed).bytes(fill)]
+    frame += [block(int(i == rle - 1), 1, 128 * KIB) + b"\0" for i in range(rle)]
+    out = b"".join(frame)
+    assert len(out) == size
+    return out
+
+
+def test_a_blob_that_inflates_to_a_bomb_fails_its_reads(tmp_path: Path) -> None:
+    """A compressed blob's payload replaced by a zstd frame of the same length that
+    inflates to 16 MiB (and does not say so up front): the read fails naming the block,
+    nothing larger than a block is made of it, and the other blocks read right."""
+    img = SparseImage(tmp_path / "os.img", 1 * MIB)
+    for k in range(16):
+        img.write_random(k * 64 * KIB, 8 * KIB, 50 + k)  # half of each block: compressible
+    vault = cbt_api.Vault.init(tmp_path / "vault")
+    p = vault.point(vault.backup("web", [f"os={img.path}"], block_size=BS, workers=1).id)
+    digests = {blake3.blake3(img.content[i * BS:(i + 1) * BS].tobytes()).digest(): i
+               for i in range(1 * MIB // BS)}
+    pack = pack_files(tmp_path / "vault")[0]
+    blob = next(b for b in walk_pack(pack) if b.digest in digests and b.codec == 1)
+    bad = digests[blob.digest]
+    raw = bytearray(pack.read_bytes())
+    raw[blob.offset + 48:blob.offset + 48 + blob.stored] = _bomb(blob.stored, bad)
+    pack.chmod(0o644)
+    pack.write_bytes(bytes(raw))
+    r = _reader(vault, p)
+    try:
+        for _ in range(2):
+            with pytest.raises(DamagedPointError, match=f"block {bad}[ :]"):
+                r.read(bad * BS, 4096)
+        other = (bad + 4) % (MIB // BS)
+        assert r.read(other * BS, BS) == img.content[other * BS:(other + 1) * BS].tobytes()
+    finally:
+        r.shared.close()
+
+
+def test_a_slow_resolve_holds_back_no_other_disk(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one disk's manifest is being resolved (held here until the test lets it go,
+    as a stalled server would), a disk whose manifest is kept reads at once."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    img = _disk(tmp_path / "os.img")
+    vault = cbt_api.Vault.init(tmp_path / "vault")
+    p = vault.point(vault.backup("web", [f"os={img.path}", f"db={img.path}"], block_size=BS,
+                                 workers=1).id)
+    shared = Shared(vault, vault.load_index(headers=True), BlockCache(MIB), read_ahead=0)
+    os_, db = DiskReader(shared, p, "os"), DiskReader(shared, p, "db")
+    real, entered, go = vault.resolve, threading.Event(), threading.Event()
+
+    def stalled(point: Any, label: str, *rest: Any) -> Any:
+        if label == "db":
+            entered.set()
+            go.wait(60)
+        return real(point, label, *rest)
+    monkeypatch.setattr(vault, "resolve", stalled)
+    try:
+        assert os_.read(0, 4096) == img.content[:4096].tobytes()  # os: resolved, kept
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(db.read, 0, 4096)
+            assert entered.wait(60)
+            fast = pool.submit(os_.read, BS, 4096)
+            try:
+                assert fast.result(timeout=30) == img.content[BS:BS + 4096].tobytes()
+                assert not slow.done()
+            finally:
+                go.set()
+            assert slow.result() == img.content[:4096].tobytes()
+    finally:
+        go.set()
+        shared.close()

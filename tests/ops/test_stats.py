@@ -264,3 +264,147 @@ def test_empty_vault(tmp_path: Path) -> None:
     for extra in ([], ["--map"]):
         r = cbt("stats", tmp_path / "v", *extra)
         assert r.returncode == 0 and r.stdout.splitlines()[-1] == "no recovery points", r
+
+
+def test_a_backup_committing_meanwhile_is_no_warning(
+        history: tuple[Path, dict[str, Path], list[str]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stats takes no lock: a backup that commits while it runs (here: right after stats
+    has loaded the index) is either counted whole or not at all, never 'blocks not in
+    the index'."""
+    vault, _truth, order = history
+    disk = write_disk(tmp_path / "late.img",
+                      np.frombuffer(_block(400) + _block(401), dtype=np.uint8))
+    real = Vault.load_index
+    late: list[str] = []
+
+    def load_then_backup(self: Vault, *args: object, **kw: object) -> object:
+        index = real(self, *args, **kw)  # type: ignore[arg-type]
+        if not late:
+            late.append("")  # (the backup loads the index too)
+            late[0] = Vault.open(vault).backup("late", [DiskSpec("os", str(disk))],
+                                               block_size=BS, workers=1).id
+        return index
+
+    monkeypatch.setattr(Vault, "load_index", load_then_backup)
+    got = stats(Vault.open(vault))
+    assert late and got.warnings == [], got.warnings
+    assert [p.recovery_point for p in got.points] == order
+    monkeypatch.setattr(Vault, "load_index", real)
+    again = stats(Vault.open(vault))
+    assert [p.recovery_point for p in again.points] == [*order, late[0]]
+    assert again.warnings == []
+
+
+def test_a_chart_that_cannot_be_written_whole_leaves_nothing(
+        history: tuple[Path, dict[str, Path], list[str]], tmp_path: Path) -> None:
+    """Files may grow to 4 KiB only (RLIMIT_FSIZE: the write fails with EFBIG part way):
+    one error line, no half-written chart, and a chart already there is untouched."""
+    import resource
+    import subprocess
+
+    from helpers.cli import cbt_argv, clean_env
+
+    vault, _t, _order = history
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    mpl = {"MPLCONFIGDIR": str(tmp_path / "mpl")}
+    old = tmp_path / "old.png"
+    assert cbt("stats", vault, "--map", old, env=mpl).returncode == 0  # (font cache too)
+    before = old.read_bytes()
+    assert len(before) > 4096
+    for path in (tmp_path / "new.png", old):
+        r = subprocess.run(cbt_argv("stats", vault, "--map", path), capture_output=True,
+                           text=True, env=clean_env(mpl), preexec_fn=small_files)
+        line = one_error_line(r)
+        assert line == f"cbt: error: File too large: {path}", line
+    assert not (tmp_path / "new.png").exists()
+    assert old.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if "png" in p.name) == ["old.png"]
+
+
+def test_map_before_the_vault_says_how(
+        history: tuple[Path, dict[str, Path], list[str]]) -> None:
+    """'cbt stats --map VAULT' takes VAULT for the chart's file: the error line says how to
+    ask for the terminal map; '--map -' before the vault draws it."""
+    vault, _t, _order = history
+    line = one_error_line(cbt("stats", "--map", vault))
+    assert "'--map -'" in line, line
+    r = cbt("stats", "--map", "-", vault)
+    assert r.returncode == 0 and r.stdout.startswith("db  ("), r.stdout
+
+
+def test_new_bytes_memory_does_not_grow_with_vms() -> None:
+    """Step 4 on 200 VMs of two points each over an index of 4M entries: the new bytes
+    match a set computation, and the peak memory is not one mask per VM (that was 200 x
+    4 MB)."""
+    import tracemalloc
+
+    from cbt.ops.stats import PointStats, _new_bytes
+
+    n = 4 << 20
+    rng = np.random.default_rng(5)
+    blob = rng.integers(1, 1000, n).astype(np.int64)
+    rows, held = [], []
+    groups: dict[str, list[int]] = {}
+    for k in range(400):
+        rows.append(PointStats(f"vm{k // 2}.p{k}", f"vm{k // 2}", "", 0, 0))
+        held.append(np.unique(rng.integers(0, n, 50)))
+        groups.setdefault(f"vm{k // 2}", []).append(k)
+    tracemalloc.start()
+    try:
+        _new_bytes(rows, held, blob, groups)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * n, peak
+    for k in range(0, 400, 2):
+        first, second = set(held[k].tolist()), set(held[k + 1].tolist())
+        assert rows[k].new_bytes == sum(int(blob[b]) for b in first)
+        assert rows[k + 1].new_bytes == sum(int(blob[b]) for b in second - first)
+
+
+def test_vm_latest_names_a_point_listed_when_a_backup_commits_meanwhile(
+        history: tuple[Path, dict[str, Path], list[str]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """'web.latest' is the newest web point stats counts, even when another web backup
+    commits while it runs (it used to be resolved last: that new point, listed nowhere,
+    so nothing was listed)."""
+    vault, truth, order = history
+    disk = copy_disk(truth[order[3]], tmp_path / "web-now.img")
+    write_at(disk, 0, _block(500))
+    real = Vault.load_index
+    done: list[bool] = []
+
+    def load_then_backup(self: Vault, *args: object, **kw: object) -> object:
+        index = real(self, *args, **kw)  # type: ignore[arg-type]
+        if not done:
+            done.append(True)  # (the backup loads the index too)
+            Vault.open(vault).backup("web", [DiskSpec("os", str(disk))], block_size=BS,
+                                     workers=1)
+        return index
+
+    monkeypatch.setattr(Vault, "load_index", load_then_backup)
+    got = stats(Vault.open(vault), refs=["web.latest"])
+    assert done and [p.recovery_point for p in got.points] == [order[3]]
+
+
+@pytest.mark.parametrize(("columns", "longest"), [("1", 10), ("80", None), ("10000", 40)])
+def test_terminal_map_fits_the_width(history: tuple[Path, dict[str, Path], list[str]],
+                                     columns: str, longest: int | None) -> None:
+    """$COLUMNS sets the bars' scale: 80 columns, every line fits; 1, the shortest bars
+    (10 cells for the largest point; the lines wrap); 10000, at most 40 cells."""
+    vault, _t, order = history
+    r = cbt("stats", vault, "--map", env={"COLUMNS": columns})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    bars = [ln for ln in lines if ln.startswith("  ")]
+    assert len(bars) == len(order)
+    cells = [sum(ln.count(c) for c in "\u2588\u2592") for ln in bars]
+    if longest is None:
+        assert max(len(ln) for ln in lines) <= 80, lines
+        assert 10 <= max(cells) <= 40
+    else:
+        assert max(cells) == longest, lines

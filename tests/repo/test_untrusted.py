@@ -65,10 +65,29 @@ def test_restore_refuses_a_label_that_is_no_plain_name() -> None:
                       "manifests/web.20260101T020000Z/x.arrow", "0" * 64, 0, None)
     point = PointRecord("web.20260101T020000Z", "web", "2026-01-01T02:00:00Z", "crash", "",
                         None, [disk], 0, 0, 0.0)
-    for bad in ("../../x", "/abs", "a/b", "..", "", "a\0b"):
+    for bad in ("../../x", "/abs", "a/b", "..", "", "a\0b", "os\n"):
         with pytest.raises(CbtError, match=r"web\.20260101T020000Z"):
             image_name(point, bad)
     assert image_name(point, "os") == "os.img"
+
+
+def test_a_name_with_a_final_newline_is_no_plain_name() -> None:
+    """A label, a VM name or a point id ending in a newline (which a pattern ending in
+    ``$`` lets through) makes the record damaged: no file ``os\n.img`` is restored or
+    mounted, no folder named so."""
+    disk = DiskRecord("os", "/d", 4096, 4096, 1, 1, 0, 0, 0, 0.0,
+                      "manifests/web.20260101T020000Z/os.arrow", "0" * 64, 0, None)
+    point = PointRecord("web.20260101T020000Z", "web", "2026-01-01T02:00:00Z", "crash", "",
+                        None, [disk], 0, 0, 0.0)
+    assert point.problem() is None
+    disk.label = "os\n"
+    assert "invalid disk label" in (point.problem() or "")
+    disk.label = "os"
+    point.vm = "web\n"
+    assert point.problem() is not None
+    point.vm, point.id = "web", "web.20260101T020000Z\n"
+    assert "is not <vm>" in (point.problem() or "")
+    assert not records.is_point_id("web.20260101T020000Z\n")
 
 
 # -- attack 2: prune deletes any file ---------------------------------------------------------

@@ -454,9 +454,10 @@ def bytes_text(done: float, total: float | None) -> str:
     return f"{human_bytes(done)} / {'?' if total is None else human_bytes(total)}"
 
 
-def _bars(tasks: list[str]) -> tuple[Any, dict[str, Any]]:
+def _bars(tasks: list[str], counts: str | None = None) -> tuple[Any, dict[str, Any]]:
     """A rich Progress on stderr of one bar per name: bytes, speed and ETA in binary units
-    (rich's own columns count in MB: not the unit of cbt's summaries)."""
+    (rich's own columns count in MB: not the unit of cbt's summaries); with ``counts``
+    (say "points") things counted instead of bytes."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn
     from rich.text import Text
@@ -474,7 +475,13 @@ def _bars(tasks: list[str]) -> tuple[Any, dict[str, Any]]:
             return Text("eta " + eta_text(task.completed, task.total, task.elapsed),
                         style="progress.remaining")
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), _Bytes(), _Speed(), _Eta(),
+    class _Count(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            total = "?" if task.total is None else f"{task.total:.0f}"
+            return Text(f"{task.completed:.0f}/{total} {counts}", style="progress.download")
+
+    amount: list[ProgressColumn] = [_Bytes(), _Speed()] if counts is None else [_Count()]
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), *amount, _Eta(),
                    console=Console(stderr=True), transient=True)
     # started at its first update: a disk waiting its turn does not count as slow
     return bar, {name: bar.add_task(name, total=None, start=False) for name in tasks}
@@ -486,13 +493,14 @@ def bars_on() -> bool:
 
 
 @contextlib.contextmanager
-def progress_bars(names: list[str]) -> Iterator[Callable[[str, int, int], None] | None]:
+def progress_bars(names: list[str], counts: str | None = None
+                  ) -> Iterator[Callable[[str, int, int], None] | None]:
     """One bar per name (backup: per disk) on stderr when :func:`bars_on`; the callback
-    takes ``(name, done, total)``.  None when off."""
+    takes ``(name, done, total)``.  None when off.  ``counts``: as :func:`_bars`."""
     if not bars_on():
         yield None
         return
-    bar, ids = _bars(names)
+    bar, ids = _bars(names, counts)
     last: dict[str, float] = {}
 
     def update(name: str, done: int, total: int) -> None:
@@ -513,10 +521,10 @@ def progress_bars(names: list[str]) -> Iterator[Callable[[str, int, int], None] 
 
 
 @contextlib.contextmanager
-def progress_bar(description: str) -> Iterator[ProgressFn | None]:
-    """A progress bar on stderr when :func:`bars_on`: bytes, speed (MiB/s) and time left;
-    else no callback at all."""
-    with progress_bars([description]) as update:
+def progress_bar(description: str, counts: str | None = None) -> Iterator[ProgressFn | None]:
+    """A progress bar on stderr when :func:`bars_on`: bytes, speed (MiB/s) and time left
+    (with ``counts``, say "points": things counted); else no callback at all."""
+    with progress_bars([description], counts) as update:
         if update is None:
             yield None
             return

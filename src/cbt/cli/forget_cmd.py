@@ -2,10 +2,13 @@
 
 Works as prune does, with the vault alone (a running backup makes it fail, or
 wait with --wait): a named point that points kept are based on is hidden
-instead (it no longer lists, but still resolves for them), and each named
-point says which happened.  A name that matches no point (or several) is one
-error line, and nothing is removed.  Kept snapshots of removed points go too.
-The blocks are freed later by 'cbt gc'.
+instead (it no longer lists, but still resolves for them); so is a VM's
+newest point when it goes, until the VM's next point (that backup then uses no
+change hint: one kept since the last backup would miss what changed in
+between); each named point says which happened.  A name that matches no
+point (or several), or an unavailable one, is one error line, and nothing is
+removed.  Kept snapshots of removed points go too.  The blocks are freed later
+by 'cbt gc'.
 
 --json prints {"dry_run","points":[{"recovery_point","vm","keep","reasons"}],
 "snapshots_expired","warnings"} (prune's shape; "points" lists the named points).

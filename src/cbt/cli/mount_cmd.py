@@ -20,12 +20,15 @@ ahead.  Requests are served on several threads.
 It runs in the foreground until SIGINT (Ctrl-C), SIGTERM, or 'umount
 MOUNTPOINT' ('fusermount3 -u MOUNTPOINT'), then unmounts and exits 0.  The
 mount point must be an empty directory.  Needs /dev/fuse and libfuse3
-(apt-get install fuse3).
+(apt-get install fuse3).  Killed (SIGKILL), it leaves a dead mount behind
+('Transport endpoint is not connected'): 'fusermount3 -u MOUNTPOINT' (or
+'umount -l MOUNTPOINT') releases it.
 
 While mounted it holds the vault's shared lock (as a backup does): prune and
-other commands that need the vault alone wait (or fail), and gc may move packs
-the mount reads into its trash but empties none of what it trashed since the
-mount started (the mount reads them there): a long mount holds gc's space back.
+other commands that need the vault alone wait (or fail); while one of them runs,
+cbt mount fails at once (or waits, --wait).  gc may move packs the mount reads
+into its trash but empties none of what it trashed since the mount started (the
+mount reads them there): a long mount holds gc's space back.
 
 Once mounted it prints a line (with --json one object: {"mountpoint","points",
 "files":[{"path","size"}],"cache_bytes","warnings"}).
@@ -40,12 +43,14 @@ import stat
 
 from cbt.cli._common import (
     EXIT_OK,
+    MAX_WAIT,
     add_json,
     add_password_file,
     add_vault,
     local_path_arg,
     open_vault,
     say,
+    seconds_arg,
 )
 
 
@@ -58,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="an empty directory to mount on")
     p.add_argument("--cache", type=_cache_arg, default=None, metavar="SIZE",
                    help="memory for blocks read (e.g. 64M, 1G; default 256M; 0: none)")
+    p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
+                   help="wait up to this long while a prune, repair or key change holds "
+                        "the vault alone (default: fail)")
     add_password_file(p)
     add_json(p)
 
@@ -84,6 +92,13 @@ def _check_mountpoint(path: str) -> str:
     except FileNotFoundError:
         raise CbtIOError(errno.ENOENT, f"mount point {path} does not exist (make an empty "
                          "directory)") from None
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        # (a FUSE mount whose server is gone: a cbt mount killed with SIGKILL, say)
+        raise CbtIOError(errno.ENOTCONN, f"mount point {path} is a dead FUSE mount (its "
+                         f"server was killed): release it with 'fusermount3 -u {path}' (or "
+                         f"'umount -l {path}'), then mount again") from None
     if not stat.S_ISDIR(st.st_mode):
         raise CbtIOError(errno.ENOTDIR, f"mount point {path} is not a directory")
     if os.listdir(path):
@@ -113,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if not points:
         raise CbtError(f"no recovery point in {vault.root} to mount")
     cache = DEFAULT_CACHE if args.cache is None else args.cache
-    with shared_lock(vault.storage, reveal_command=not vault.encrypted):
+    with shared_lock(vault.storage, args.wait, reveal_command=not vault.encrypted):
         index = vault.load_index(warnings, headers=True)
         # (read-ahead into a cache too small to keep it would only fetch blocks twice)
         shared = Shared(vault, index, BlockCache(cache), read_ahead=min(READ_AHEAD, cache // 4))

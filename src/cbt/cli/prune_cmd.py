@@ -27,6 +27,7 @@ from cbt.cli._common import (
     now_arg,
     open_vault,
     print_json,
+    progress_bar,
     say,
     seconds_arg,
 )
@@ -48,11 +49,14 @@ def run(args: argparse.Namespace) -> int:
 
     from cbt.core.timefmt import parse_now
     from cbt.jobs.config import load
-    from cbt.jobs.retention import prune
+    from cbt.jobs.retention import prune_request
+    from cbt.ops.prune import prune
 
     config = load(args.config)
     now = parse_now(args.now) if args.now else dt.datetime.now(dt.UTC)
-    result = prune(open_vault(args, config.vault), config, now, args.dry_run, args.wait)
+    vault = open_vault(args, config.vault)
+    with progress_bar("prune", "points") as progress:
+        result = prune(vault, prune_request(config, now, args.dry_run, args.wait), progress)
     if args.json:
         print_json(result.to_dict())
         return EXIT_OK

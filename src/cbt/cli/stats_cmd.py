@@ -4,8 +4,9 @@ Logical bytes: the disks' sizes; data: their DATA blocks (no holes, no zero
 blocks); stored: the blobs in the packs (compressed, sealed when encrypted),
 blocks awaiting 'cbt gc' included; referenced: those some point uses.  A
 point's stored bytes are the blocks it references, new those no earlier point
-of its VM does, unique those no other point does (what forgetting it, then
-'cbt gc', frees).  dedup_ratio = data bytes / raw bytes of the distinct
+of its VM does, unique those no other point does (what forgetting it leaves
+unreferenced: 'cbt gc' frees them from packs mostly dead; a pack still at least
+half live keeps them until more of it dies).  dedup_ratio = data bytes / raw bytes of the distinct
 referenced blocks; compression_ratio = those raw bytes / their stored bytes.
 The totals are the whole vault's; --vm and POINT only limit what is listed.
 Takes no lock (it only reads).
@@ -42,7 +43,8 @@ from cbt.cli._common import (
 if TYPE_CHECKING:
     from cbt.ops.stats import Stats
 
-MAP_WIDTH = 40  # cells of the longest bar on the terminal
+MAP_WIDTH = 40  # cells of the longest bar on a wide terminal
+MIN_MAP_WIDTH = 10  # ... and on a narrow one (the lines wrap)
 PLOT_HINT = "pip install 'cbt[plot]'"
 
 
@@ -64,7 +66,8 @@ def _map_arg(text: str) -> str:
     text = local_path_arg(text)
     if not text.lower().endswith((".svg", ".png")):
         raise argparse.ArgumentTypeError(f"{text!r}: a chart is written as FILE.svg or "
-                                         "FILE.png")
+                                         "FILE.png (the map on the terminal: '--map -', "
+                                         "or --map after VAULT)")
     return text
 
 
@@ -116,38 +119,50 @@ def _print_tables(s: Stats) -> None:
                  for p in s.points], right={2, 3, 4, 5, 6})
 
 
-def text_map(s: Stats) -> list[str]:
+def text_map(s: Stats, columns: int | None = None) -> list[str]:
     """Per VM, one line per point (oldest first): a bar as long as its stored bytes,
-    the new part in full blocks, the rest shaded; all bars on one scale."""
+    the new part in full blocks, the rest shaded; all bars on one scale, as wide as
+    fits the terminal's ``columns`` (``$COLUMNS``, else the terminal's width) from
+    :data:`MIN_MAP_WIDTH` to :data:`MAP_WIDTH` cells."""
+    import shutil
+
     from cbt.core.sizes import human_bytes as hb
 
     top = max([p.stored_bytes for p in s.points], default=0)
+    text = [(f"  {p.created}  ", f"  stored {hb(p.stored_bytes)}, new {hb(p.new_bytes)}")
+            for p in s.points]
+    if columns is None:
+        columns = shutil.get_terminal_size((80, 24)).columns
+    width = max(MIN_MAP_WIDTH, min(MAP_WIDTH, columns - 1 - max(
+        (len(a) + len(b) for a, b in text), default=0)))
     lines: list[str] = [] if s.points else ["no recovery points"]
     for vm in sorted({p.vm for p in s.points}):
         lines.append(f"{vm}  (\u2588 new, \u2592 stored before)")
-        for p in (q for q in s.points if q.vm == vm):
-            cells = _cells(p.stored_bytes, top)
-            new = min(cells, _cells(p.new_bytes, top))
+        for p, (head, tail) in zip(s.points, text, strict=True):
+            if p.vm != vm:
+                continue
+            cells = _cells(p.stored_bytes, top, width)
+            new = min(cells, _cells(p.new_bytes, top, width))
             bar = "\u2588" * new + "\u2592" * (cells - new)
-            lines.append(f"  {p.created}  {bar:<{MAP_WIDTH}}  stored {hb(p.stored_bytes)}, "
-                         f"new {hb(p.new_bytes)}")
+            lines.append(f"{head}{bar:<{width}}{tail}")
     return lines
 
 
-def _cells(value: int, top: int) -> int:
-    """Cells of a bar for ``value`` on a scale where ``top`` fills :data:`MAP_WIDTH`
-    (anything above zero shows)."""
+def _cells(value: int, top: int, width: int) -> int:
+    """Cells of a bar for ``value`` on a scale where ``top`` fills ``width`` (anything
+    above zero shows)."""
     if value <= 0 or top <= 0:
         return 0
-    return max(1, round(value * MAP_WIDTH / top))
+    return max(1, round(value * width / top))
 
 
 def write_chart(s: Stats, path: str) -> None:
     """A chart per VM of stored and new bytes per point over time, into ``path`` (SVG or
-    PNG by its suffix); matplotlib is imported only here."""
+    PNG by its suffix; whole or not at all); matplotlib is imported only here."""
     import datetime as dt
 
-    from cbt.core.errors import CbtValueError
+    from cbt.core.durable import atomic_file
+    from cbt.core.errors import CbtIOError, CbtValueError
 
     try:
         import matplotlib
@@ -170,9 +185,10 @@ def write_chart(s: Stats, path: str) -> None:
         ax.legend(loc="upper left")
     fig.autofmt_xdate()
     fig.tight_layout()
-    from cbt.cli.diffmap import save_figure
-
-    try:
-        save_figure(fig, path)  # under a temporary name, then renamed: never half-written
+    try:  # (a temporary file renamed when whole: a failed write leaves nothing behind)
+        with atomic_file(path) as f:
+            fig.savefig(f, format=path.rsplit(".", 1)[-1].lower())
+    except OSError as exc:  # (named by the chart's path, not the temporary file's)
+        raise CbtIOError(exc.errno, exc.strerror or str(exc), path) from None
     finally:
         plt.close(fig)

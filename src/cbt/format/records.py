@@ -36,11 +36,12 @@ POINT_VERSION = 1
 # and written by :mod:`cbt.repo.vault`, which should take them from here).
 VAULT_MAGIC = "cbt-vault"
 VAULT_VERSION = 1
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# (\Z, not $: $ matches before a final newline too, and "os\n" is no plain name)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 # ``<vm>.<YYYYMMDDTHHMMSSZ>``, with ``-N`` (N >= 2) when that second was taken.
 POINT_ID_RE = re.compile(r"^(?P<vm>[A-Za-z0-9][A-Za-z0-9_-]{0,63})\.[0-9]{8}T[0-9]{6}Z"
-                         r"(?:-[1-9][0-9]{0,8})?$")
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.[0-9]{8}T[0-9]{6}Z\.[0-9a-f]{6}$")
+                         r"(?:-[1-9][0-9]{0,8})?\Z")
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.[0-9]{8}T[0-9]{6}Z\.[0-9a-f]{6}\Z")
 # Bounds a record read from a vault must keep (the core's block sizes: a test checks
 # them against ``cbt.core.native.fast``; this module stays free of the compiled core).
 MIN_BLOCK = 4096

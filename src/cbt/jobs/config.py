@@ -150,6 +150,7 @@ class Maintenance:
     gc_grace: float = 3600.0
     wait: float = 3600.0  # for prune's exclusive lock (and gc's): then the next slot
     state_dir: str | None = None  # absolute; None: $STATE_DIRECTORY, $XDG_STATE_HOME/cbt, ...
+    max_unused: float | None = None  # gc --max-unused (percent); None: gc's default
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,7 @@ def _maintenance(where: _Where, path: str, base: Path, table: Any) -> Maintenanc
     pre = "maintenance."
     _typed(where, path, "maintenance", table, dict, "a table")
     _check_keys(where, path, pre, table, {"schedule", "timezone", "prune", "gc", "gc_grace",
-                                          "wait", "state_dir"}, {"schedule"})
+                                          "wait", "state_dir", "max_unused"}, {"schedule"})
     schedule, tz = _schedule(where, path, pre, table)
     flags = {k: _typed(where, path, pre + k, table.get(k, True), bool, "true or false")
              for k in ("prune", "gc")}
@@ -289,8 +290,14 @@ def _maintenance(where: _Where, path: str, base: Path, table: Any) -> Maintenanc
         if "\0" in sd:
             raise _err(where, path, pre + "state_dir", "must be a path")
         state_dir = str((base / sd).absolute())
+    max_unused = None
+    if "max_unused" in table:
+        max_unused = float(_typed(where, path, pre + "max_unused", table["max_unused"],
+                                  (int, float), "a percentage"))
+        if not 0 <= max_unused <= 100:  # nan too
+            raise _err(where, path, pre + "max_unused", "must be a percentage from 0 to 100")
     return Maintenance(schedule, tz, flags["prune"], flags["gc"], seconds["gc_grace"],
-                       seconds["wait"], state_dir)
+                       seconds["wait"], state_dir, max_unused)
 
 
 def _schedule(where: _Where, path: str, pre: str, table: dict[str, Any]) -> tuple[Schedule, str]:

@@ -239,20 +239,31 @@ def _bucket_label(rule: str, b: tuple[int, ...]) -> str:
 def within_cutoff(latest: _dt.datetime, within: Within, tz: _dt.tzinfo) -> _dt.datetime | None:
     """restic's ``latest.AddDate(-y, -m, -d).Add(-h hours)`` in ``tz``: the calendar step
     on the local date (a day past the month's end rolls into the next month, as Go
-    normalises), the same wall time (:func:`local_to_utc` where it repeats or is
-    skipped), then the hours as elapsed time.  None: before year 1 (keeps everything)."""
-    local = latest.astimezone(tz)
-    months = local.year * 12 + (local.month - 1) - within.years * 12 - within.months
-    year, month = divmod(months, 12)
-    if year < 1:
-        return None
+    normalises), the same wall time (:func:`_go_date`: where it repeats or is skipped,
+    as Go's ``time.Date`` picks), then the hours as elapsed time.  None: before year 1
+    (keeps everything)."""
     try:
+        local = latest.astimezone(tz)
+        months = local.year * 12 + (local.month - 1) - within.years * 12 - within.months
+        year, month = divmod(months, 12)
+        if year < 1:
+            return None
         day = _dt.date(year, month + 1, 1) + _dt.timedelta(days=local.day - 1 - within.days)
-        at = local_to_utc(day, local.hour, local.minute, tz)
-        return at.replace(second=local.second, microsecond=local.microsecond) \
-            - _dt.timedelta(hours=within.hours)
+        wall = _dt.datetime.combine(day, local.time().replace(tzinfo=None))
+        return _go_date(wall, tz) - _dt.timedelta(hours=within.hours)
     except OverflowError:
         return None
+
+
+def _go_date(wall: _dt.datetime, tz: _dt.tzinfo) -> _dt.datetime:
+    """The UTC instant of the naive local time ``wall`` in ``tz`` as Go's ``time.Date``
+    finds it: the zone's offset at ``wall`` read as if UTC, and if ``wall`` less that
+    offset lies in another offset's span, that one.  Where the wall time repeats or is
+    skipped this picks as Go does: in Berlin a skipped 02:30 is 03:30 CEST and a repeated
+    one its CET (later) occurrence; in New York a skipped 02:30 is 01:30 EST."""
+    as_utc = wall.replace(tzinfo=UTC)
+    guess = as_utc - (as_utc.astimezone(tz).utcoffset() or _dt.timedelta())
+    return as_utc - (guess.astimezone(tz).utcoffset() or _dt.timedelta())
 
 
 def apply_retention(created: list[tuple[str, _dt.datetime]], retention: Retention,

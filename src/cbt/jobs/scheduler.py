@@ -346,11 +346,11 @@ def run_maintenance(config: Config, slot: str, stop: threading.Event, log: Log,
                                                                  "prune"), stop)
     if m.gc and not stop.is_set():
         def do_gc() -> str:
-            # (part of issue 16 adds gc's max_unused: pass it here from the config)
-            r = gc(vault, dry_run=False, grace=m.gc_grace, wait=0.0)
+            r = gc(vault, dry_run=False, grace=m.gc_grace, wait=0.0, max_unused=m.max_unused)
             _warn(log, "gc", r.warnings)
-            return (f"{r.packs_removed} packs removed, {r.packs_rewritten} rewritten, freed "
-                    f"{human_bytes(r.bytes_freed)}; {r.trash_emptied} trashed packs deleted")
+            return (f"{r.packs_removed} packs removed, {r.packs_rewritten} rewritten; deleted "
+                    f"{human_bytes(r.bytes_deleted)} now, {human_bytes(r.trash_bytes)} in the "
+                    f"trash, {human_bytes(r.dead_kept_bytes)} dead kept in live packs")
         steps["gc"] = _step(log, "gc", lambda: _retrying(do_gc, m.wait, stop, log, "gc"), stop)
     if "stopping" in steps.values() or (stop.is_set() and len(steps) < m.prune + m.gc):
         log(INFO, f"maintenance: slot {slot} stopped before its end (tried again at start)")

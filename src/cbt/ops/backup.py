@@ -531,10 +531,11 @@ def _newer_point_lost(vault: Vault, vm: str, prev: PointRecord | None,
     """Why no change hint may be used against ``prev``: a point of the VM was committed
     after it, so what a source says changed since the disk's latest point says nothing
     of the changes between ``prev`` and that one.  That point is based on ``prev`` but
-    created before it (``--now``, a clock set back), or is lost (its record damaged, or
-    moved to ``quarantine/`` by ``verify --repair``).  None: ``prev`` is the last point
-    committed.  A lost record's point is known by its name (unencrypted vault), else by
-    its file's time against ``prev``'s record."""
+    created before it (``--now``, a clock set back), or was forgotten (``cbt forget``
+    keeps the newest point it removes as a hidden record until a newer point exists),
+    or is lost (its record damaged, or moved to ``quarantine/`` by ``verify --repair``).
+    None: ``prev`` is the last point committed.  A lost record's point is known by its
+    name (unencrypted vault), else by its file's time against ``prev``'s record."""
     import re
 
     from cbt.format.records import id_order, is_point_id
@@ -542,6 +543,11 @@ def _newer_point_lost(vault: Vault, vm: str, prev: PointRecord | None,
     if prev is None:
         return None
     records, damaged = vault.scan_records()
+    gone = [r.id for r in records if r.vm == vm and r.hidden
+            and (r.created, id_order(r.id)) > (prev.created, id_order(prev.id))]
+    if gone:  # (cbt forget keeps the newest point it removes hidden until the next backup)
+        return (f"point {gone[-1]}, newer than {prev.id}, was forgotten: what the change "
+                "source says changed since the disk's latest point cannot be used")
     after = [r.id for r in records if r.parent == prev.id]
     if after:
         return (f"point {after[0]} was committed after {prev.id} (created before it): what "

@@ -20,10 +20,13 @@ Runs under its own lock, beside any number of backups (which share the vault:
 3. A pack a point uses that is in the trash only (named again by a writer
    that read the index before a gc trashed it) is moved back.  Per pack older
    than the cutoff (a newer one may hold blocks of the running backup's
-   uncommitted point): no live entry -> dead; some dead, and live bytes
-   under half the pack -> rewritten (live blobs copied as they are into new
-   packs; a sealed blob's associated data does not name its pack, so an
-   encrypted vault's blobs move without being opened).
+   uncommitted point): no live entry -> dead; some dead -> rewritten when
+   chosen (live blobs copied as they are into new packs; a sealed blob's
+   associated data does not name its pack, so an encrypted vault's blobs move
+   without being opened).  Chosen by default: those whose live bytes are under
+   half the pack, so a mostly live pack stays whole with its dead blocks (the
+   "dead but kept" bytes gc reports); with ``max_unused`` P: those with the
+   most dead bytes first, until at most P% of the packs' bytes are dead.
 4. Write one merged index segment of every live entry (rewritten ones at
    their new place; sealed in an encrypted vault), then remove the segments it
    replaces.
@@ -33,23 +36,35 @@ Runs under its own lock, beside any number of backups (which share the vault:
    pack back when it commits (see ``rescue``).
 6. Empty the trash of what was put there before the cutoff and longer ago
    than the grace period (so never what this run trashed: the next run's).
+
+So a run frees from the storage only what an earlier run trashed (and the
+index segments it replaces), while it writes the rewritten packs and a new
+segment first: the vault can grow during a gc that takes dead blocks out of
+use.  The result says each part, measured from the storage's object sizes
+(:class:`GcResult`), never the dead bytes as "freed" before they are deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import errno
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from cbt.core.errors import CbtError, CbtIOError
+from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 from cbt.format.index_segment import segment_bytes
 from cbt.format.pack import (
     BLOB,
+    ENTRY,
+    FOOTER,
+    HEADER,
     PackWriter,
     blob_length,
     pack_name,
@@ -57,22 +72,55 @@ from cbt.format.pack import (
 from cbt.format.records import CorruptPointError, is_point_id
 from cbt.repo import index as index_mod
 from cbt.repo.index import Index, IndexEntry
-from cbt.repo.lock import check_held, gc_lock, objects_before
-from cbt.repo.trash import DEFAULT_GRACE, empty_trash, move_to_trash, trash_name
+from cbt.repo.lock import GC_LOCK, LOCKS, check_held, gc_lock, objects_before
+from cbt.repo.storage import Storage
+from cbt.repo.trash import DEFAULT_GRACE, TRASH, empty_trash, move_to_trash, trash_name
 from cbt.repo.vault import Vault
 
-REWRITE_BELOW = 0.5  # rewrite a pack when less than this share of it is live
+REWRITE_BELOW = 0.5  # default: rewrite a pack when less than this share of it is live
+
+Progress = Callable[[str, int, int], None]
+"""``progress(phase, done, total)``: phase "mark" (points resolved of all points), "sweep"
+(packs judged of the index's packs) or "rewrite" (bytes copied of those to copy)."""
 
 
 @dataclass
 class GcResult:
-    """What a gc did (or, dry, would do)."""
+    """What a gc did (or, dry, would do).
+
+    Bytes, each measured from the storage (sizes of the objects themselves):
+
+    - ``bytes_deleted``: deleted this run (freed now): packs emptied from the trash,
+      index segments replaced.
+    - ``bytes_trashed``: whole packs this run moved to the trash (dead ones, and rewritten
+      ones whose live blocks were copied first, ``bytes_written``); they still take space
+      until a gc after ``trash_free_after`` (ISO 8601, UTC) deletes them.
+    - ``bytes_freed``: the dead bytes this run took out of ``packs/`` (the trashed bytes
+      less the live ones copied out of them): freed from the storage once in the trash
+      no longer.
+    - ``trash_bytes``: all that is in the trash after the run.
+    - ``dead_kept_bytes`` (in ``dead_kept_packs`` packs): dead blocks inside packs that stay
+      because most of each is live (``REWRITE_BELOW``) or, with ``max_unused``, because the
+      vault's dead share is within it.  Packs newer than a running backup are not judged.
+    - ``vault_bytes_before``/``vault_bytes_after``: every object of the vault (None after
+      a dry run).
+    """
 
     dry_run: bool
     packs_removed: int = 0
     packs_rewritten: int = 0
     bytes_freed: int = 0
     trash_emptied: int = 0
+    bytes_deleted: int = 0
+    bytes_trashed: int = 0
+    bytes_written: int = 0
+    trash_bytes: int = 0
+    trash_free_after: str | None = None
+    dead_kept_bytes: int = 0
+    dead_kept_packs: int = 0
+    max_unused: float | None = None
+    vault_bytes_before: int = 0
+    vault_bytes_after: int | None = None
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,32 +137,83 @@ class _Sweep:
     rewrite: list[tuple[str, npt.NDArray[np.int64]]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Pack:
+    """One pack older than the cutoff, as step 3 judges it."""
+
+    pid: str
+    size: int
+    entries: npt.NDArray[np.int64]  # its index entries
+    live: npt.NDArray[np.int64]  # those a point references
+    live_bytes: int
+    dead_bytes: int  # its unreferenced blobs (headers included)
+
+    @property
+    def rewritten_size(self) -> int:
+        """The size of the pack of its live blobs only (what a rewrite writes)."""
+        return HEADER.size + self.live_bytes + len(self.live) * ENTRY.size + FOOTER.size
+
+
 def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
-       wait: float = 600.0) -> GcResult:
+       wait: float = 600.0, max_unused: float | None = None,
+       progress: Progress | None = None) -> GcResult:
     """Mark and sweep (see the module doc).  Waits up to ``wait`` seconds for the gc lock,
-    which a backup holds only while it commits, or another gc while it runs."""
-    result = GcResult(dry_run)
+    which a backup holds only while it commits, or another gc while it runs.
+    ``max_unused``: a percentage (0 to 100), see :func:`_choose`."""
+    if max_unused is not None and not 0.0 <= max_unused <= 100.0:
+        raise CbtValueError(f"--max-unused must be a percentage from 0 to 100, not {max_unused}")
+    result = GcResult(dry_run, max_unused=max_unused)
+    tick = progress or (lambda _phase, _done, _total: None)
     with gc_lock(vault.storage, wait, reveal_command=not vault.encrypted):
+        result.vault_bytes_before = storage_bytes(vault.storage)
         # (an S3 server's clock, whole seconds; measured by a write: not in a dry run)
         offset = vault.storage.clock_offset(measure=not dry_run)
         cutoff = _cutoff(vault, offset)
         index = vault.load_index(result.warnings)
-        live, sure = _referenced(vault, index, result.warnings)
+        live, sure = _referenced(vault, index, result.warnings, tick)
         if not sure:
             result.warnings.append("gc frees nothing this time: the blocks of a damaged point "
                                    "cannot all be named (run cbt verify)")
             cutoff = 0.0  # sweep nothing, empty nothing from the trash
-        sweep = _plan_sweep(vault, index, live, cutoff, result)
+        sweep = _plan_sweep(vault, index, live, cutoff, result, tick)
         if not dry_run:
             check_held(vault.storage)  # (an S3 lease renewed in time: else nothing moves)
         if not dry_run and sweep.trash:
-            _write_index(vault, index, sweep)
+            _write_index(vault, index, sweep, result, tick)
             for pid in sweep.trash:
                 move_to_trash(vault.storage, pid)
         if not dry_run:
-            result.trash_emptied = empty_trash(vault.storage,
-                                               min(cutoff, time.time() + offset - grace))
+            deleted: list[int] = []
+            result.trash_emptied = empty_trash(
+                vault.storage, min(cutoff, time.time() + offset - grace), deleted)
+            result.bytes_deleted += sum(deleted)
+        _trash_left(vault, grace, offset, result)
+    if not dry_run:
+        result.vault_bytes_after = storage_bytes(vault.storage)
     return result
+
+
+def storage_bytes(storage: Storage, prefix: str = "") -> int:
+    """The sum of the sizes of the objects under ``prefix`` (:meth:`Storage.sizes`), locks
+    left out (they hold who runs, not the vault's data)."""
+    return sum(n for name, n in storage.sizes(prefix).items()
+               if name != GC_LOCK and not name.startswith(f"{LOCKS}/"))
+
+
+def _trash_left(vault: Vault, grace: float, offset: float, result: GcResult) -> None:
+    """What the trash holds after the run, and from when a gc may empty all of it (the
+    latest trash time plus the grace period, in this host's clock)."""
+    latest = None
+    for name in vault.storage.list(TRASH):
+        try:
+            st = vault.storage.stat(name)
+        except CbtIOError:
+            continue
+        result.trash_bytes += st.size
+        latest = st.mtime if latest is None else max(latest, st.mtime)
+    if latest is not None:
+        when = dt.datetime.fromtimestamp(latest - offset + grace, dt.UTC)
+        result.trash_free_after = when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _cutoff(vault: Vault, offset: float) -> float:
@@ -127,7 +226,7 @@ def _cutoff(vault: Vault, offset: float) -> float:
     return 0.0 if before <= 0.0 else before + offset
 
 
-def _referenced(vault: Vault, index: Index, warnings: list[str]
+def _referenced(vault: Vault, index: Index, warnings: list[str], tick: Progress
                 ) -> tuple[npt.NDArray[np.bool_], bool]:
     """Step 2: per index entry, whether a point references it; and whether every point's
     blocks could be named (False: sweep nothing)."""
@@ -137,7 +236,8 @@ def _referenced(vault: Vault, index: Index, warnings: list[str]
     sure = True
     # hidden points (pruned bases) only lend their manifests to the resolution of
     # visible ones; the blocks only they hold are dead
-    for point in records:
+    for n, point in enumerate(records):
+        tick("mark", n, len(records))
         if point.hidden:
             continue
         for disk in point.disks:
@@ -158,6 +258,7 @@ def _referenced(vault: Vault, index: Index, warnings: list[str]
     for d in damaged:
         warnings.append(f"{d.warning()}; gc keeps every block its manifests name")
         sure &= _mark_folders(vault, index, vault.manifest_dir_of(d.name), live, True)
+    tick("mark", len(records), len(records))
     return live, sure
 
 
@@ -196,10 +297,16 @@ def _mark_folders(vault: Vault, index: Index, folder: str, live: npt.NDArray[np.
 
 
 def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff: float,
-                result: GcResult) -> _Sweep:
-    """Step 3: dead packs and mostly dead ones, counted into ``result``."""
+                result: GcResult, tick: Progress | None = None) -> _Sweep:
+    """Step 3: dead packs and those :func:`_choose` picks to rewrite, counted into
+    ``result``."""
     sweep = _Sweep(keep=np.ones(len(index), dtype=bool))
+    packs: list[_Pack] = []
+    order = np.argsort(index.pack, kind="stable")
+    bounds = np.searchsorted(index.pack[order], np.arange(len(index.pack_ids) + 1))
     for k, pid in enumerate(index.pack_ids):
+        if tick is not None:
+            tick("sweep", k, len(index.pack_ids))
         try:
             st = vault.storage.stat(pack_name(pid))
         except CbtIOError as exc:
@@ -210,22 +317,60 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
             continue
         if st.mtime >= cutoff:
             continue
-        entries = np.nonzero(index.pack == k)[0]
+        entries = order[bounds[k]:bounds[k + 1]].astype(np.int64)
         live_entries = entries[live[entries]]
-        live_bytes = int((index.stored[live_entries].astype(np.int64) + BLOB.size).sum())
-        if len(live_entries) and (len(live_entries) == len(entries)
-                                  or live_bytes >= REWRITE_BELOW * st.size):
-            continue  # (all live: a rewrite would give the same pack, gc after gc)
-        sweep.keep[entries] = False
-        sweep.trash.append(pid)
-        if len(live_entries):
+        dead_entries = entries[~live[entries]]
+        packs.append(_Pack(pid, st.size, entries, live_entries, _blob_bytes(index, live_entries),
+                           _blob_bytes(index, dead_entries)))
+    if tick is not None:
+        tick("sweep", len(index.pack_ids), len(index.pack_ids))
+    for p in _choose(packs, result.max_unused):
+        sweep.keep[p.entries] = False
+        sweep.trash.append(p.pid)
+        result.bytes_trashed += p.size
+        if len(p.live):
             result.packs_rewritten += 1
-            sweep.rewrite.append((pid, live_entries))
-            result.bytes_freed += st.size - live_bytes
+            sweep.rewrite.append((p.pid, p.live))
+            result.bytes_freed += p.size - p.live_bytes
         else:
             result.packs_removed += 1
-            result.bytes_freed += st.size
+            result.bytes_freed += p.size
+    gone = set(sweep.trash)
+    kept = [p for p in packs if p.pid not in gone and p.dead_bytes]
+    result.dead_kept_packs = len(kept)
+    result.dead_kept_bytes = sum(p.dead_bytes for p in kept)
     return sweep
+
+
+def _blob_bytes(index: Index, entries: npt.NDArray[np.int64]) -> int:
+    """The bytes the blobs of ``entries`` take in their pack (headers included)."""
+    return int((index.stored[entries].astype(np.int64) + BLOB.size).sum())
+
+
+def _choose(packs: list[_Pack], max_unused: float | None) -> list[_Pack]:
+    """The packs to take away: every one with no live blob; then, of those partly dead,
+
+    - without ``max_unused``: each whose live blobs are under ``REWRITE_BELOW`` of it
+      (a pack mostly live stays whole: its dead blocks are kept);
+    - with ``max_unused`` = P (restic's meaning): the packs with the most dead bytes
+      first, until the dead bytes left are at most P% of the packs' bytes after the
+      run (live L, dead D left: D <= P/100 * (L + D)); 0 rewrites every pack with a dead
+      block, 100 none.
+    """
+    out = [p for p in packs if not len(p.live)]
+    partly = [p for p in packs if len(p.live) and p.dead_bytes]
+    if max_unused is None:
+        return out + [p for p in partly if p.live_bytes < REWRITE_BELOW * p.size]
+    partly.sort(key=lambda p: p.dead_bytes, reverse=True)
+    dead = sum(p.dead_bytes for p in partly)
+    stored = sum(p.size for p in packs if len(p.live))
+    for p in partly:
+        if dead <= max_unused / 100.0 * stored:
+            break
+        out.append(p)
+        dead -= p.dead_bytes
+        stored -= p.size - p.rewritten_size
+    return out
 
 
 def _bring_back(vault: Vault, pid: str, result: GcResult) -> None:
@@ -241,28 +386,42 @@ def _bring_back(vault: Vault, pid: str, result: GcResult) -> None:
         vault.storage.rename(trash_name(pid), pack_name(pid))
 
 
-def _write_index(vault: Vault, index: Index, sweep: _Sweep) -> None:
+def _write_index(vault: Vault, index: Index, sweep: _Sweep, result: GcResult,
+                 tick: Progress) -> None:
     """Step 4: rewrite the mostly dead packs, then one segment of every live entry."""
-    moved = [e for pid, live in sweep.rewrite for e in _rewrite(vault, index, pid, live)]
+    moved: list[IndexEntry] = []
+    total = sum(len(live) for _pid, live in sweep.rewrite)
+    for pid, live in sweep.rewrite:
+        tick("rewrite", len(moved), total)
+        entries, written = _rewrite(vault, index, pid, live)
+        moved += entries
+        result.bytes_written += written
+    tick("rewrite", total, total)
     everything = index_mod.entries_for_packs(index, set(index.pack_ids))  # index order
     merged = {k: v[sweep.keep] for k, v in everything.items()}
     if moved:
         part = index_mod.segment_entries(moved)
         merged = {k: np.concatenate([merged[k], part[k]]) for k in merged}
-    vault.put_sealed("index", vault.segment_name(f"gc-{uuid.uuid4().hex}"),
-                     segment_bytes(merged))
+    name = vault.segment_name(f"gc-{uuid.uuid4().hex}")
+    vault.put_sealed("index", name, segment_bytes(merged))
+    with contextlib.suppress(CbtIOError):
+        result.bytes_written += vault.storage.size(name)
     for s in index.segments:
+        with contextlib.suppress(CbtIOError):
+            result.bytes_deleted += vault.storage.size(s)
         vault.storage.delete(s)
 
 
 def _rewrite(vault: Vault, index: Index, pid: str,
-             live_entries: npt.NDArray[np.int64]) -> list[IndexEntry]:
-    """Copy the live blobs of a pack, byte for byte, into a new pack; their new entries."""
+             live_entries: npt.NDArray[np.int64]) -> tuple[list[IndexEntry], int]:
+    """Copy the live blobs of a pack, byte for byte, into a new pack; their new entries,
+    and the new pack's size."""
     data = memoryview(vault.storage.get(pack_name(pid)))
     writer = PackWriter()
     old = [index.entry(p) for p in live_entries.tolist()]
     offsets = [writer.add_blob(e.digest, data[e.offset:e.offset + blob_length(e.stored)],
                                e.stored, e.raw) for e in old]
-    vault.storage.put(pack_name(writer.pack_id), writer.finish())
-    return [e._replace(pack=writer.pack_id, offset=off) for e, off in zip(old, offsets,
-                                                                           strict=True)]
+    content = writer.finish()
+    vault.storage.put(pack_name(writer.pack_id), content)
+    return [e._replace(pack=writer.pack_id, offset=off)
+            for e, off in zip(old, offsets, strict=True)], sum(len(b) for b in content)

@@ -7,7 +7,9 @@ here knows of FUSE).  :func:`mount_tree` lays out the files: one point's disks a
 thread.  A read of ``size`` bytes at ``offset`` (:meth:`DiskReader.read`):
 
 1. Clip it to the disk; the blocks it touches, and their rows in the point's
-   manifest (resolved when the file is first read).
+   manifest (resolved when the file is read; the manifests resolved last are kept,
+   at most ``Shared.manifest_limit`` bytes of them, least recently used out first,
+   so a mount of many points does not keep every manifest it ever read).
 2. A hole or an all-zero block reads as zeros: the vault is not touched.
 3. A DATA block is looked up in the cache by its block id (content-addressed: a
    block shared by disks or points is read once); one a read-ahead is fetching
@@ -44,7 +46,7 @@ import numpy.typing as npt
 
 from cbt.core.errors import CbtValueError
 from cbt.core.native import fast
-from cbt.ops.restore import _Scratch, image_name, plan_disk, read_verified
+from cbt.ops.restore import DamagedPointError, _Scratch, image_name, plan_disk, read_verified
 
 if TYPE_CHECKING:
     from cbt.format.manifest import Manifest
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CACHE = 256 << 20  # bytes of blocks the cache keeps (``cbt mount --cache``)
 READ_AHEAD = 4 << 20  # bytes fetched ahead of a sequential reader
+MANIFESTS = 512 << 20  # bytes of resolved manifests kept (the one in use always is)
 
 
 class BlockCache:
@@ -124,19 +127,56 @@ class Shared:
         1, thread_name_prefix="cbt-read-ahead"))
     packs_read: int = 0  # pack jobs fetched (a job: the blocks one fetch needs of one pack)
     blocks_read: int = 0  # blocks fetched from the vault and verified
-    _count: threading.Lock = field(default_factory=threading.Lock)
+    _guard: threading.Lock = field(default_factory=threading.Lock)  # (counters, manifests)
     resolving: threading.Lock = field(default_factory=threading.Lock)  # (one at a time)
+    manifest_limit: int = MANIFESTS
+    manifests: OrderedDict[tuple[str, str], Manifest] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.spec = self.vault.spec()  # (what a pack job names: its storage and keys)
 
+    def manifest(self, point: PointRecord, label: str) -> Manifest:
+        """1: the resolved manifest of one disk, kept among the last ``manifest_limit``
+        bytes of them (the vault's own cache of every one it resolved is dropped).  A
+        kept one is had at once, even while another is being resolved (slowly, from a
+        stalled server, say)."""
+        key = (point.id, label)
+        m = self._kept(key)
+        if m is not None:
+            return m
+        with self.resolving:  # (the vault's manifest cache: one resolve at a time)
+            m = self._kept(key)  # (resolved meanwhile by another reader)
+            if m is not None:
+                return m
+            try:
+                m = self.vault.resolve(point, label)
+            finally:
+                self.vault.forget_manifests()
+            with self._guard:
+                self.manifests[key] = m
+                used = sum(map(_manifest_bytes, self.manifests.values()))
+                while used > self.manifest_limit and len(self.manifests) > 1:
+                    used -= _manifest_bytes(self.manifests.popitem(last=False)[1])
+            return m
+
+    def _kept(self, key: tuple[str, str]) -> Manifest | None:
+        with self._guard:
+            m = self.manifests.get(key)
+            if m is not None:
+                self.manifests.move_to_end(key)
+            return m
+
     def counted(self, packs: int, blocks: int) -> None:
-        with self._count:
+        with self._guard:
             self.packs_read += packs
             self.blocks_read += blocks
 
     def close(self) -> None:
         self.ahead.shutdown(wait=True, cancel_futures=True)
+
+
+def _manifest_bytes(m: Manifest) -> int:
+    return int(m.rows.nbytes + m.row_digests.nbytes + m.row_flags.nbytes)
 
 
 _scratch = threading.local()
@@ -152,17 +192,13 @@ class DiskReader:
             raise CbtValueError(f"point {point.id} has no disk {label!r}")
         self.shared, self.point, self.label = shared, point, label
         self.size = disk.size
-        self._manifest: Manifest | None = None
         self._lock = threading.Lock()
         self._last_end = -1  # the block after the last one read (sequential reads)
         self._ahead_to = 0  # the block after the last one read ahead
         self._ahead_busy = False
 
     def manifest(self) -> Manifest:
-        with self.shared.resolving:  # (the vault's manifest cache: one resolve at a time)
-            if self._manifest is None:
-                self._manifest = self.shared.vault.resolve(self.point, self.label)
-            return self._manifest
+        return self.shared.manifest(self.point, self.label)
 
     def read(self, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` (fewer at the end of the disk; none past it)."""
@@ -181,6 +217,11 @@ class DiskReader:
             lo = blk * bs
             a, b = max(lo, offset), min(lo + bs, end)
             data = blocks.get(blk)
+            if data is not None and len(data) != min(bs, m.disk_size - lo):
+                # (a cached block is keyed by its id alone: a forged manifest may name,
+                # for a full block, the id of a short one another disk's tail cached)
+                raise DamagedPointError(f"point {self.point.id} disk {self.label} block "
+                                        f"{blk}: content has the wrong length")
             pieces.append(_ZEROS[:b - a] if data is None else memoryview(data)[a - lo:b - lo])
         self._maybe_read_ahead(m, first, last + 1)
         return b"".join(pieces)  # (the one copy)

@@ -7,21 +7,26 @@ Definitions (bytes):
   excluded; a disk's last block counts its real length).
 - *stored* of the vault: every blob the index names, as it lies in the packs
   (blob header plus compressed, and in an encrypted vault sealed, bytes), blocks no
-  point references any more included (``cbt gc`` frees those).
+  point references any more included (``cbt gc`` frees those, pack by pack: see
+  *unique*).  Not the packs' trailers, nor files the index does not name.
 - *referenced*: the stored bytes of the distinct blocks some visible point
   references (a hidden base's blocks count only where a visible point uses them).
 - *stored* of a point: the stored bytes of the distinct blocks it references (what
   restoring it reads); *new*: of those, the blocks no earlier point of its VM
   references; *unique*: the blocks no other visible point references (what
-  forgetting it, then ``cbt gc``, frees: a block a later point of the chain still
+  forgetting it leaves unreferenced: a block a later point of the chain still
   uses is not unique).  A VM's unique bytes: the blocks only its points reference.
+  ``cbt gc`` then frees them from packs it removes or rewrites; a pack still at
+  least half live keeps its dead blobs (its *stored* bytes stay, its *referenced*
+  ones go), so the space freed at once may be less.
 - ``dedup_ratio`` = data bytes of all points / raw bytes of the distinct referenced
   blocks; ``compression_ratio`` = those raw bytes / their stored bytes
   (referenced, so blocks awaiting gc do not skew it).  None where nothing is stored.
 
 Algorithm (no lock: it only reads, and never holds up a backup):
 
-1. Load the index and the visible points (a damaged record: a warning).
+1. Load the visible points (a damaged record: a warning), then the index (a
+   backup's segment is written before its record, so it covers every point).
 2. Resolve each disk's manifest, look its DATA digests up in the index (one
    ``searchsorted`` per disk) and keep each point's distinct index positions.
 3. Reference counts: a ``bincount`` over every point's positions (per block,
@@ -29,7 +34,8 @@ Algorithm (no lock: it only reads, and never holds up a backup):
 4. A point's unique bytes are the blob sizes of its positions whose count is 1;
    a VM's likewise with the VM counts.  New bytes: each VM's points oldest first,
    against a mask of the blocks seen so far.  Linear in the number of
-   (point, block) references: no pair of points is ever compared.
+   (point, block) references: no pair of points (nor of VM and point) is ever
+   compared.
 """
 
 from __future__ import annotations
@@ -93,8 +99,13 @@ def stats(vault: Vault, vm: str | None = None, refs: list[str] | None = None) ->
     """Steps 1 to 4 of the module doc.  The totals are the whole vault's; ``vm`` and
     ``refs`` (point ids, prefixes, ``VM.latest``) only limit the VMs and points listed."""
     out = Stats()
-    index = vault.load_index(out.warnings)
+    # (names first: an unknown one fails before the work, and VM.latest is a point listed)
+    wanted = {p.id for p in vault.points_named(refs)} if refs else None
+    # points first: a backup commits its index segment before its record, so every
+    # block of a point listed here is in the index loaded after (the other way round,
+    # a backup committing in between was "blocks not in the index")
     points = vault.points(warnings=out.warnings)
+    index = vault.load_index(out.warnings)
     if out.warnings:
         out.warnings.append("the blocks of points that cannot be read are not counted: the "
                             "unique bytes of others may be too high (gc keeps those blocks)")
@@ -103,13 +114,15 @@ def stats(vault: Vault, vm: str | None = None, refs: list[str] | None = None) ->
     out.stored_bytes = int(blob.sum())
     per_point = np.bincount(np.concatenate([np.zeros(0, np.int64), *held]),
                             minlength=len(index))
-    vms = sorted({p.vm for p in points})
-    by_vm = {name: np.unique(np.concatenate([np.zeros(0, np.int64), *(
-        h for p, h in zip(points, held, strict=True) if p.vm == name)])) for name in vms}
+    groups: dict[str, list[int]] = {}  # VM -> its points' places in ``points``
+    for i, p in enumerate(points):
+        groups.setdefault(p.vm, []).append(i)
+    by_vm = {name: np.unique(np.concatenate([np.zeros(0, np.int64), *(held[i] for i in mine)]))
+             for name, mine in groups.items()}
     per_vm = np.bincount(np.concatenate([np.zeros(0, np.int64), *by_vm.values()]),
                          minlength=len(index))
     rows = [_point_row(vault, p, h, blob, per_point) for p, h in zip(points, held, strict=True)]
-    _new_bytes(rows, held, blob, len(index))
+    _new_bytes(rows, held, blob, groups)
     referenced = np.nonzero(per_point)[0]
     raw = int(index.raw[referenced].astype(np.int64).sum())
     out.referenced_bytes = int(blob[referenced].sum())
@@ -117,12 +130,10 @@ def stats(vault: Vault, vm: str | None = None, refs: list[str] | None = None) ->
     out.data_bytes = sum(r.data_bytes for r in rows)
     out.dedup_ratio = out.data_bytes / raw if raw else None
     out.compression_ratio = raw / out.referenced_bytes if out.referenced_bytes else None
-    out.vms = [VmStats(name, sum(r.vm == name for r in rows),
-                       sum(r.logical_bytes for r in rows if r.vm == name),
-                       sum(r.data_bytes for r in rows if r.vm == name),
+    out.vms = [VmStats(name, len(mine), sum(rows[i].logical_bytes for i in mine),
+                       sum(rows[i].data_bytes for i in mine),
                        int(blob[by_vm[name][per_vm[by_vm[name]] == 1]].sum()))
-               for name in vms if vm is None or name == vm]
-    wanted = {vault.point(ref).id for ref in refs} if refs else None
+               for name, mine in sorted(groups.items()) if vm is None or name == vm]
     out.points = [r for r in rows if (vm is None or r.vm == vm)
                   and (wanted is None or r.recovery_point in wanted)]
     return out
@@ -171,10 +182,15 @@ def _point_row(vault: Vault, point: PointRecord, held: Positions, blob: Position
 
 
 def _new_bytes(rows: list[PointStats], held: list[Positions], blob: Positions,
-               n: int) -> None:
-    """Step 4: per VM, oldest first (``rows`` is), the bytes of blocks not seen before."""
-    seen: dict[str, npt.NDArray[np.bool_]] = {}
-    for row, pos in zip(rows, held, strict=True):
-        mask = seen.setdefault(row.vm, np.zeros(n, dtype=bool))
-        row.new_bytes = int(blob[pos[~mask[pos]]].sum())
-        mask[pos] = True
+               groups: dict[str, list[int]]) -> None:
+    """Step 4: per VM (``groups``: its rows, oldest first), the bytes of blocks not seen
+    before.  One mask over the index for all VMs, cleared where a VM set it before the
+    next (a mask per VM was VMs x index entries bytes)."""
+    seen = np.zeros(len(blob), dtype=bool)
+    for mine in groups.values():
+        for i in mine:
+            pos = held[i]
+            rows[i].new_bytes = int(blob[pos[~seen[pos]]].sum())
+            seen[pos] = True
+        for i in mine:
+            seen[held[i]] = False

@@ -8,10 +8,17 @@
 3. For each pack the index points into: the pack exists, is long enough for
    every entry, and its own trailer agrees with the index (same digest at the
    same offset and length), so an index that disagrees with the packs is
-   found without reading any data.
+   found without reading any data (only the pack's header and trailer are
+   read, unless the trailer is damaged or disagrees: then the whole pack, whose
+   blob headers are the truth).
 4. With ``data``: every referenced blob is read (pack by pack, sequentially),
    opened (an encrypted vault's), decompressed and re-hashed (keyed BLAKE3 in
-   an encrypted vault).
+   an encrypted vault).  With a ``subset`` (:class:`DataSubset`), only the
+   packs of that part: ``n/m`` is the nth of m parts of the packs by pack id
+   (each pack in one part, for good: m runs cover every pack once); ``N%``
+   the packs whose place falls in a window of N% of the packs' bytes that
+   moves on by N% each day (so daily runs cover every pack in 100/N days,
+   with no state kept anywhere).
 5. Index entries no point references (left by a killed run) and files a killed
    run left are *unreferenced*: reported in bytes, not a problem.
 
@@ -32,6 +39,7 @@ import contextlib
 import errno
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cbt.core.crypto import Cipher
-from cbt.core.errors import CbtError
+from cbt.core.errors import CbtError, CbtValueError
 from cbt.format.index_segment import segment_bytes
 from cbt.format.pack import (
     BLOB,
@@ -50,6 +58,7 @@ from cbt.format.pack import (
     is_pack_name,
     pack_id_of,
     pack_name,
+    read_pack_trailer,
     read_trailer,
     scan_blobs,
 )
@@ -61,6 +70,65 @@ from cbt.repo.vault import Vault
 
 MAX_PROBLEMS = 1000
 QUARANTINE = "quarantine"
+DAY = 86400
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: bytes of the packs checked (read whole or by trailer)."""
+
+
+@dataclass(frozen=True)
+class DataSubset:
+    """A part of the packs to read for ``verify --read-data-subset``: ``n/m`` (``part`` of
+    ``parts``, 1-based) or ``N%`` (``percent``).  See the module doc, step 4."""
+
+    part: int = 0
+    parts: int = 0
+    percent: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> DataSubset:
+        """``"n/m"`` (1 <= n <= m) or ``"N%"`` (0 < N <= 100, may be fractional)."""
+        t = text.strip()
+        try:
+            if t.endswith("%"):
+                pc = float(t[:-1])
+                if 0.0 < pc <= 100.0:
+                    return cls(percent=pc)
+            elif "/" in t:
+                n, m = (int(x) for x in t.split("/"))
+                if 1 <= n <= m <= 1_000_000:
+                    return cls(part=n, parts=m)
+        except ValueError:
+            pass
+        raise CbtValueError(f"not a data subset: {text!r} (use N% with 0 < N <= 100, or n/m "
+                            "with 1 <= n <= m)")
+
+    def choose(self, sizes: dict[str, int], day: int) -> set[str]:
+        """The pack ids (of ``sizes``: id -> bytes) this part reads on ``day`` (days since
+        1970-01-01, UTC)."""
+        if self.parts:
+            return {p for p in sizes if _place(p) * self.parts // 2**64 == self.part - 1}
+        ring = sorted(sizes, key=_place)
+        total = sum(sizes.values()) or 1
+        start, width = (day * self.percent / 100.0) % 1.0, self.percent / 100.0
+        out, done = set(), 0
+        for p in ring:
+            mid = (done + sizes[p] / 2) / total  # the middle of its span on the ring
+            done += sizes[p]
+            if (mid - start) % 1.0 < width:
+                out.add(p)
+        return out
+
+    def describe(self, day: int) -> str:
+        if self.parts:
+            return f"{self.part}/{self.parts}"
+        start = (day * self.percent / 100.0) % 1.0
+        return f"{self.percent:g}% (day {day}: from {100 * start:.4g}% of the packs' bytes)"
+
+
+def _place(pack_id: str) -> int:
+    """Where a pack sits among all (its id's first 64 bits: ids are random)."""
+    return int(pack_id[:16], 16)
 
 
 @dataclass(frozen=True)
@@ -93,13 +161,18 @@ class VerifyResult:
     unreferenced_bytes: int
     seconds: float
     warnings: list[str]
+    data_subset: str | None = None  # the part read (``DataSubset.describe``)
+    packs_data_checked: int = 0  # packs whose blocks were read and re-hashed
+    bytes_data_checked: int = 0  # their bytes
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of ``cbt verify --json``, plus ``seconds`` (which the command drops)."""
         return {"points": self.points, "blocks_checked": self.blocks_checked,
                 "data": self.data, "problems": [p.to_dict() for p in self.problems],
                 "unreferenced_bytes": self.unreferenced_bytes, "seconds": self.seconds,
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings), "data_subset": self.data_subset,
+                "packs_data_checked": self.packs_data_checked,
+                "bytes_data_checked": self.bytes_data_checked}
 
     def __getitem__(self, key: str) -> Any:
         """``result["problems"]``: the keys of :meth:`to_dict`, for scripts written when
@@ -160,8 +233,12 @@ class _Checked:
     blocks: int = 0
 
 
-def verify(vault: Vault, ref: str | None = None, data: bool = False) -> VerifyResult:
-    """Steps 1 to 5 of the module doc, over every point or the point ``ref``."""
+def verify(vault: Vault, ref: str | None = None, data: bool = False,
+           subset: DataSubset | None = None, day: int | None = None,
+           progress: Progress | None = None) -> VerifyResult:
+    """Steps 1 to 5 of the module doc, over every point or the point ``ref``; with a
+    ``subset`` the data of its packs only (``day``: for ``N%``, days since 1970-01-01 UTC,
+    default today)."""
     started = time.perf_counter()
     problems: list[Problem] = []
     warnings: list[str] = []
@@ -174,14 +251,34 @@ def verify(vault: Vault, ref: str | None = None, data: bool = False) -> VerifyRe
                  for why in index.damaged.values()]
     points = _load_points(vault, ref, problems)
     checked = _check_manifests(vault, index, points, problems)
-    bad = _check_packs(vault, index, checked.referenced, data)
+    when = int(time.time() // DAY) if day is None else day
+    reading = _Reading(data or subset is not None, subset, when, progress)
+    bad = _check_packs(vault, index, checked.referenced, reading)
     if bad:
         problems.extend(_name_bad_blocks(index, bad, checked.disks))
     unreferenced = 0 if ref is not None else _unreferenced(vault, index, checked.referenced)
     return VerifyResult(
-        points=sum(not p.hidden for p in points), blocks_checked=checked.blocks, data=data,
-        problems=problems[:MAX_PROBLEMS], unreferenced_bytes=unreferenced,
-        seconds=round(time.perf_counter() - started, 6), warnings=warnings)
+        points=sum(not p.hidden for p in points), blocks_checked=checked.blocks,
+        data=reading.data, problems=problems[:MAX_PROBLEMS], unreferenced_bytes=unreferenced,
+        seconds=round(time.perf_counter() - started, 6), warnings=warnings,
+        data_subset=None if subset is None else subset.describe(when),
+        packs_data_checked=reading.packs, bytes_data_checked=reading.bytes)
+
+
+@dataclass
+class _Reading:
+    """Which packs step 4 reads, and what it read."""
+
+    data: bool
+    subset: DataSubset | None
+    day: int
+    progress: Progress | None
+    chosen: set[str] | None = None  # (None: every pack, when ``data``)
+    packs: int = 0
+    bytes: int = 0
+
+    def wants(self, pid: str) -> bool:
+        return self.data and (self.chosen is None or pid in self.chosen)
 
 
 def _load_points(vault: Vault, ref: str | None, problems: list[Problem]) -> list[PointRecord]:
@@ -236,7 +333,7 @@ def _cipher(vault: Vault) -> Cipher | None:
 
 
 def _check_packs(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_],
-                 data: bool) -> dict[int, str]:
+                 reading: _Reading) -> dict[int, str]:
     """Steps 3 and 4: index position -> what is wrong with its blob, for every referenced
     entry, pack by pack."""
     bad: dict[int, str] = {}
@@ -247,14 +344,51 @@ def _check_packs(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_],
     order = np.argsort(packs, kind="stable")
     positions, packs = positions[order], packs[order]
     bounds = np.nonzero(np.diff(packs.astype(np.int64)))[0] + 1
-    for s, e in zip(np.r_[0, bounds], np.r_[bounds, len(positions)], strict=True):
-        _check_pack(vault, index, index.pack_ids[int(packs[s])], positions[s:e], data, bad)
+    runs = [(index.pack_ids[int(packs[s])], positions[s:e])
+            for s, e in zip(np.r_[0, bounds], np.r_[bounds, len(positions)], strict=True)]
+    listed = vault.storage.sizes("packs")  # (one listing on S3; 0: not there)
+    sizes = {pid: listed.get(pack_name(pid), 0) for pid, _pos in runs}
+    if reading.data and reading.subset is not None:
+        reading.chosen = reading.subset.choose(sizes, reading.day)
+    total, done = sum(sizes.values()), 0
+    for pid, pos in runs:
+        if reading.progress is not None:
+            reading.progress(done, total)
+        whole = reading.wants(pid)
+        if whole:
+            reading.packs += 1
+            reading.bytes += sizes[pid]
+        if whole or not _trailer_agrees(vault, index, pid, pos, sizes[pid]):
+            _check_pack(vault, index, pid, pos, whole, bad)
+        done += sizes[pid]
+    if reading.progress is not None:
+        reading.progress(total, total)
     return bad
+
+
+def _trailer_agrees(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64],
+                    size: int) -> bool:
+    """Step 3 from the pack's header and trailer alone (``size``: the pack's, as listed):
+    every entry of ``pos`` is listed there, inside the pack.  False (read the whole pack:
+    its errors, or its blob headers, say what is wrong) on any doubt."""
+    name = pack_name(pid)
+    if size <= 0:
+        return False
+    try:
+        trailer = read_pack_trailer(lambda off, n: vault.storage.read_range(name, off, n),
+                                    size, f"pack {pid}")
+    except (OSError, CorruptPackError):
+        return False
+    if (index.offset[pos].astype(np.int64) + blob_length(index.stored[pos]) > size).any():
+        return False
+    listed = {(bytes(t["digest"]), int(t["offset"]), int(t["stored"])) for t in trailer}
+    return all((e.digest, e.offset, e.stored) in listed
+               for e in (index.entry(p) for p in pos.tolist()))
 
 
 def _check_pack(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64], data: bool,
                 bad: dict[int, str]) -> None:
-    """Steps 3 and 4 for the entries ``pos`` of one pack, into ``bad``."""
+    """Steps 3 and 4 for the entries ``pos`` of one pack (read whole), into ``bad``."""
     try:
         blob = vault.storage.get(pack_name(pid))
     except OSError as exc:  # (there but unreadable is not missing: the error says what)

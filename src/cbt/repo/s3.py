@@ -527,6 +527,19 @@ class S3Storage(Storage):
             return out
         return self._call("list", name.rstrip("/"), run)
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """One listing, whose entries say each object's size (folder markers, and keys a
+        hostile server lists outside the prefix, left out: these are sizes to add up,
+        never names to act on)."""
+        head, mine = self._key_prefix(prefix), self._key_prefix("")
+
+        def run() -> dict[str, int]:
+            return {str(m["path"])[len(mine):]: max(0, int(m["size"]))
+                    for batch in obstore.list(self._s, head or None, chunk_size=1000)
+                    for m in batch
+                    if str(m["path"]).startswith(head) and not str(m["path"]).endswith("/")}
+        return self._call("list", prefix.rstrip("/"), run)
+
     def list(self, prefix: str) -> list[str]:
         head = self._key_prefix(prefix)
         mine = self._key_prefix("")

@@ -229,6 +229,18 @@ class Storage(ABC):
     def list(self, prefix: str) -> list[str]:
         """Names of the objects under ``prefix`` (a ``/`` boundary; recursively), sorted."""
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """The size of each object under ``prefix`` (as :meth:`list`; one gone meanwhile is
+        left out).  A stat each here; one listing where the storage's says sizes (S3)."""
+        out = {}
+        for name in self.list(prefix):
+            try:
+                out[name] = self.size(name)
+            except CbtIOError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+        return out
+
     @abstractmethod
     def delete(self, name: str) -> None:
         """Remove ``name``; a missing one is no error.  Durable after :meth:`sync`."""

@@ -96,21 +96,24 @@ def read_pack_range(storage: Storage, pack_id: str, offset: int, length: int) ->
                      "(nor in its trash)")
 
 
-def empty_trash(storage: Storage, before: float) -> int:
-    """Delete the packs trashed before ``before`` (epoch seconds); returns how many."""
+def empty_trash(storage: Storage, before: float, deleted: list[int] | None = None) -> int:
+    """Delete the packs trashed before ``before`` (epoch seconds); returns how many (and
+    appends the size of each to ``deleted``)."""
     n = 0
     for name in storage.list(TRASH):
         if not is_trash_name(name):
             continue  # not a pack gc trashed: never removed
         try:
-            old = storage.stat(name).mtime < before
+            st = storage.stat(name)
         except CbtIOError as exc:
             if exc.errno != errno.ENOENT:
                 raise
             continue
-        if old:
+        if st.mtime < before:
             storage.delete(name)
             n += 1
+            if deleted is not None:
+                deleted.append(st.size)
     return n
 
 

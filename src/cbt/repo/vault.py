@@ -527,21 +527,33 @@ class Vault:
     def point(self, ref: str) -> PointRecord:
         """A point by id, unique id prefix, or ``<vm>.latest``; a point whose record is
         damaged is an error naming the file."""
-        if ref.endswith(".latest"):
-            latest = self.latest(ref[: -len(".latest")])
-            if latest is None:
-                raise NoSuchPointError(f"no recovery point of VM {ref[:-7]!r} in {self.root}")
-            return latest
+        return self.points_named([ref])[0]
+
+    def points_named(self, refs: list[str]) -> list[PointRecord]:
+        """:meth:`point` of each of ``refs``, from one reading of the records (not one
+        per name: on S3 each is a request per point)."""
         good, damaged = self.scan_records()
-        ids = [p.id for p in good if not p.hidden]
-        if ref in ids:
-            return self.load_point(ref)
+        return [self._named(ref, good, damaged) for ref in refs]
+
+    def _named(self, ref: str, good: list[PointRecord],
+               damaged: list[DamagedRecord]) -> PointRecord:
+        if ref.endswith(".latest"):
+            vm = ref[: -len(".latest")]
+            mine = sorted((r for r in good if r.vm == vm), key=_point_order)
+            lost = self.unavailable(mine)
+            pts = [r for r in mine if not r.hidden and r.id not in lost]
+            if not pts:
+                raise NoSuchPointError(f"no recovery point of VM {vm!r} in {self.root}")
+            return pts[-1]
+        by_id = {p.id: p for p in good if not p.hidden}
+        if ref in by_id:
+            return by_id[ref]
         for d in damaged:
             if d.point == ref or (is_point_id(ref) and d.name == self.point_name(ref)):
                 raise CorruptPointError(f"point {ref} is unavailable: {d.message}")
-        matches = [i for i in ids if i.startswith(ref)]
+        matches = [i for i in by_id if i.startswith(ref)]
         if len(matches) == 1:
-            return self.load_point(matches[0])
+            return by_id[matches[0]]
         if not matches:
             raise NoSuchPointError(f"no recovery point {ref!r} in {self.root}")
         raise NoSuchPointError(f"{ref!r} matches {len(matches)} points in {self.root}; "
@@ -586,6 +598,11 @@ class Vault:
             raise CorruptPointError(f"corrupt manifest {self.storage.where(name)}: it differs "
                                     "from the one its point recorded (checksum)")
         return read_manifest_bytes(raw, self.storage.where(name))
+
+    def forget_manifests(self) -> None:
+        """Drop the manifests :meth:`resolve` keeps (every one it resolved, bases too): a
+        long-lived reader (``cbt mount``) keeps its own, bounded."""
+        self._manifest_cache.clear()
 
     def resolve(self, point: PointRecord, label: str, opened: list[str] | None = None) -> Manifest:
         """The full manifest of one disk of a point (full file plus its deltas)."""

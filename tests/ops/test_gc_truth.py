@@ -1,0 +1,226 @@
+"""gc tells the truth (issue 16): what it deleted, what waits in the trash, what dead data
+it keeps and why, the vault's size before and after; ``max_unused`` repacks partly used
+packs, the most dead first.
+
+The truth is computed apart from cbt: file sizes under the vault, the packs' trailers
+read by :mod:`helpers.packs`, and the ids of the blocks the kept point holds (BLAKE3 of
+the disk's blocks: a plain vault's block ids).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import blake3
+import pytest
+from helpers import KIB, MIB
+from helpers.images import assert_same_bytes, copy_disk, write_random_disk
+from helpers.packs import pack_files, trailer_entries
+from helpers.vaults import dir_bytes, vault_state
+
+import cbt.ops.backup as backup_mod
+from cbt.api import Vault
+from cbt.ops.gc import gc
+from cbt.ops.prune import PruneRequest, prune
+
+BS = 64 * KIB
+PER_PACK = 16  # blocks of a pack (packs of 1 MiB)
+PACKS = 8
+BLOB_HEADER = struct.calcsize("<4s32sBBHII")  # documented blob header
+
+
+def _pwrite(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+class History:
+    """Point 1 of a random 8 MiB disk (8 packs of 16 blocks), then point 2 with 2*i blocks
+    of pack i changed; point 1 pruned: pack i holds 2*i dead blocks."""
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(backup_mod, "TARGET_PACK_SIZE", MIB)
+        self.dir = root / "vault"
+        disk = write_random_disk(root / "d.img", PACKS * PER_PACK * BS, seed=16)
+        self.vault = Vault.init(self.dir)
+        first = self.vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
+        for i in range(PACKS):
+            for j in range(2 * i):
+                _pwrite(disk, (i * PER_PACK + j) * BS, os.urandom(BS))
+        self.point = self.vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
+        self.truth = copy_disk(disk, root / "truth.img")
+        data = disk.read_bytes()
+        self.live = {blake3.blake3(data[o:o + BS]).digest() for o in range(0, len(data), BS)}
+        prune(self.vault, PruneRequest(
+            keep=lambda pts: {p.id: ([] if p.id == first else ["kept"]) for p in pts},
+            expired=lambda _vm, _created: False))
+
+    def dead_per_pack(self) -> dict[Path, tuple[int, int, int]]:
+        """Per pack file: (dead bytes, live bytes, file size), from its trailer."""
+        out = {}
+        for f in pack_files(self.dir):
+            dead = live = 0
+            for digest, _off, stored, _raw in trailer_entries(f):
+                if digest in self.live:
+                    live += BLOB_HEADER + stored
+                else:
+                    dead += BLOB_HEADER + stored
+            out[f] = (dead, live, f.stat().st_size)
+        return out
+
+    def restores(self, to: Path) -> None:
+        self.vault.restore(self.point, to, workers=1)
+        assert_same_bytes(to / "d.img", self.truth)
+
+
+@pytest.fixture
+def history(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[History]:
+    yield History(tmp_path, monkeypatch)
+
+
+def _vault_bytes(v: Path) -> int:
+    """The vault's files but its locks."""
+    lock = v / "gc.lock"
+    return dir_bytes(v) - dir_bytes(v / "locks") - (lock.stat().st_size if lock.exists() else 0)
+
+
+def _when(text: str | None) -> float:
+    assert text is not None and text.endswith("Z"), text
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def test_gc_reports_what_it_freed_trashed_and_kept(history: History) -> None:
+    """The first run deletes only the index segments it replaces (the vault grows by the
+    rewritten packs: "freed" before was the dead bytes it trashed); the next run past the
+    grace period deletes the trash, and the vault shrinks by exactly that."""
+    v = history.dir
+    packs = history.dead_per_pack()
+    dead = {f: d for f, (d, _lv, _sz) in packs.items() if d}
+    assert len(dead) == PACKS - 1, packs  # (pack 0 lost nothing)
+    # today's rule: rewritten when the live blobs are under half the pack, else kept whole
+    kept = {f: d for f, (d, lv, sz) in packs.items() if d and lv >= sz / 2}
+    gone = {f for f in dead if f not in kept}
+    assert len(kept) == 3 and len(gone) == 4, packs
+    segments = dir_bytes(v / "index")
+    before = _vault_bytes(v)
+    started = time.time()
+    r = gc(history.vault, grace=3600.0)
+    ended = time.time()
+    assert r.vault_bytes_before == before
+    assert r.vault_bytes_after == _vault_bytes(v)
+    assert r.packs_rewritten == len(gone) and r.packs_removed == 0, r
+    assert r.dead_kept_packs == len(kept) and r.dead_kept_bytes == sum(kept.values()), r
+    assert r.bytes_trashed == sum(packs[f][2] for f in gone) == dir_bytes(v / "trash") \
+        == r.trash_bytes
+    assert r.trash_emptied == 0 and r.bytes_deleted == segments, r
+    new_packs = sum(f.stat().st_size for f in pack_files(v) if f not in packs)
+    assert r.bytes_written == new_packs + dir_bytes(v / "index"), r
+    assert _vault_bytes(v) == before - r.bytes_deleted + r.bytes_written > before  # it grew
+    assert started + 3600 - 1 <= _when(r.trash_free_after) <= ended + 3600 + 1
+    history.restores(v.parent / "r1")
+
+    time.sleep(0.05)  # (trashed before the next run's clock)
+    trash = dir_bytes(v / "trash")
+    before = _vault_bytes(v)
+    again = gc(history.vault, grace=0.0)
+    assert again.trash_emptied == len(gone) and again.packs_rewritten == 0, again
+    assert again.bytes_deleted == trash and again.bytes_written == 0, again  # (same index)
+    assert dir_bytes(v / "trash") == again.trash_bytes == 0 and again.trash_free_after is None
+    assert again.vault_bytes_before == before and again.vault_bytes_after == _vault_bytes(v)
+    assert _vault_bytes(v) == before - again.bytes_deleted + again.bytes_written < before
+    assert again.dead_kept_bytes == sum(kept.values()), again  # still kept: mostly live
+    history.restores(v.parent / "r2")
+
+
+def test_dry_run_says_the_same_and_changes_nothing(history: History) -> None:
+    v = history.dir
+    before = vault_state(v)
+    dry = gc(history.vault, dry_run=True, max_unused=0.0)
+    assert vault_state(v) == before
+    assert dry.vault_bytes_before == _vault_bytes(v) and dry.vault_bytes_after is None
+    real = gc(history.vault, max_unused=0.0)
+    for k in ("packs_removed", "packs_rewritten", "bytes_freed", "bytes_trashed",
+              "dead_kept_bytes", "dead_kept_packs"):
+        assert getattr(dry, k) == getattr(real, k), (k, dry, real)
+
+
+def test_max_unused_zero_repacks_every_pack_with_dead_blocks(history: History) -> None:
+    r = gc(history.vault, grace=3600.0, max_unused=0.0)
+    assert r.packs_rewritten == PACKS - 1 and r.dead_kept_bytes == 0, r
+    after = history.dead_per_pack()
+    assert sum(d for d, _lv, _sz in after.values()) == 0, after  # no dead blob left in packs/
+    history.restores(history.dir.parent / "r")
+    again = gc(history.vault, grace=3600.0, max_unused=0.0)
+    assert again.packs_rewritten == again.packs_removed == 0, again  # settled
+
+
+@pytest.mark.parametrize("percent", [10.0, 30.0])
+def test_max_unused_repacks_the_most_dead_first_until_within(history: History,
+                                                            percent: float) -> None:
+    packs = history.dead_per_pack()
+    total_dead = sum(d for d, _lv, _sz in packs.values())
+    assert total_dead > 0.3 * dir_bytes(history.dir / "packs")  # (both cases repack)
+    r = gc(history.vault, grace=3600.0, max_unused=percent)
+    after = history.dead_per_pack()
+    left = sum(d for d, _lv, _sz in after.values())
+    assert left == r.dead_kept_bytes and left <= percent / 100 * dir_bytes(history.dir / "packs")
+    rewritten = [d for f, (d, _lv, _sz) in packs.items() if d and f not in after]
+    kept = [d for f, (d, _lv, _sz) in packs.items() if d and f in after]
+    assert len(rewritten) == r.packs_rewritten and kept, (packs, after)
+    assert max(kept) <= min(rewritten)  # the most dead went first
+    # minimal: leaving out the last one rewritten would have left too much dead
+    assert left + min(rewritten) > percent / 100 * (dir_bytes(history.dir / "packs")
+                                                    + min(rewritten))
+    history.restores(history.dir.parent / "r")
+
+
+def test_max_unused_out_of_range_is_refused(history: History) -> None:
+    from cbt.core.errors import CbtValueError
+
+    with pytest.raises(CbtValueError, match="percentage"):
+        gc(history.vault, max_unused=101.0)
+
+
+def test_progress_of_mark_sweep_and_rewrite(history: History) -> None:
+    seen: list[tuple[str, int, int]] = []
+    records, n_packs = len(history.vault.records()), len(pack_files(history.dir))
+    gc(history.vault, grace=3600.0, max_unused=0.0,
+       progress=lambda phase, done, total: seen.append((phase, done, total)))
+    phases = [p for p, _d, _t in seen]
+    assert phases.index("mark") < phases.index("sweep") < phases.index("rewrite")
+    for phase in ("mark", "sweep", "rewrite"):
+        mine = [(d, t) for p, d, t in seen if p == phase]
+        assert all(0 <= d <= t for d, t in mine), mine
+        assert [d for d, _t in mine] == sorted(d for d, _t in mine)
+        assert mine[-1][0] == mine[-1][1] > 0, mine
+    assert [t for p, _d, t in seen if p == "mark"][-1] == records
+    assert [t for p, _d, t in seen if p == "sweep"][-1] == n_packs
+
+
+def test_s3_vault_size_from_one_listing(s3_env: Any, tmp_path: Path) -> None:
+    """On S3 the sizes come from the listing; they agree with a HEAD of each object, and
+    gc's vault size is their sum (locks aside)."""
+    from helpers.s3 import fresh_bucket
+
+    from cbt.repo.storage import Storage
+
+    vault = Vault.init(f"s3://{fresh_bucket()}/v")
+    disk = write_random_disk(tmp_path / "d.img", MIB, seed=3)
+    vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1)
+    listed = vault.storage.sizes("")
+    headed = Storage.sizes(vault.storage, "")  # (the generic way: a HEAD each)
+    assert listed == headed and len(listed) >= 4, (listed, headed)
+    assert vault.storage.sizes("packs") == {k: n for k, n in listed.items()
+                                            if k.startswith("packs/")}
+    r = gc(vault, grace=0.0)
+    data = {k: n for k, n in listed.items() if k != "gc.lock" and not k.startswith("locks/")}
+    assert r.vault_bytes_before == sum(data.values()) > MIB, (r, listed)
