@@ -164,3 +164,94 @@ def test_matplotlib_is_loaded_only_for_a_picture(
                            capture_output=True, text=True, env=clean_env(), timeout=120,
                            check=False)
         assert r.stderr.endswith(loaded), (extra, r.stderr)
+
+
+def test_review_huge_columns_is_capped(tmp_path: Path) -> None:
+    """$COLUMNS of a billion: the strip has at most --width's most cells (it drew one cell
+    per block, 16 M of them for a 1 TiB disk)."""
+    from cbt.cli.diffmap import MAX_CELLS
+
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    for p in (a, b):
+        with open(p, "wb") as f:
+            f.truncate(2 * MAX_CELLS * BS)  # sparse: twice as many blocks as cells
+    with open(b, "r+b") as f:
+        f.write(b"x")
+    r = subprocess.run([*_cbt_argv(), "diff", a, b, "--map"], capture_output=True, text=True,
+                       env=clean_env({"COLUMNS": str(10**9)}), timeout=120, check=False)
+    assert r.returncode == 1, r.stderr
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("disk ")]
+    strip = line.split("|")[1]
+    # cell 0 holds blocks 0 and 1, one of them changed: half
+    assert len(strip) == MAX_CELLS and strip[0] == SHADES[2] and not strip[1:].strip()
+
+
+def test_review_map_onto_a_directory(tmp_path: Path) -> None:
+    """--map NAME.svg that is a directory: refused before the diff, naming it."""
+    a = write_disk(tmp_path / "a.img", random_bytes(MIB, 2))
+    (tmp_path / "pic.svg").mkdir()
+    r = cbt("diff", a, a, "--map", tmp_path / "pic.svg")
+    line = one_error_line(r)
+    assert "pic.svg: is a directory" in line and r.stdout == "", r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.img", "pic.svg"]
+
+
+def _cbt_argv() -> list[str]:
+    from helpers.cli import cbt_argv
+
+    return cbt_argv()
+
+
+def _small_files() -> None:
+    """In the child: files may not grow past 4 KiB (a full disk, at the first write)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+@pytest.mark.parametrize("suffix", ["svg", "png"])
+@pytest.mark.parametrize("what", ["diff", "stats"])
+def test_review_picture_never_half_written(what: str, suffix: str,
+                                           two_points: tuple[Path, list[str]],
+                                           tmp_path: Path) -> None:
+    """A picture whose write fails (the disk full: files capped at 4 KiB) leaves no file
+    (stats --map FILE.svg wrote in place: a 4 KiB stump stayed), nor a temporary one."""
+    vault, ids = two_points
+    argv = (["diff", f"{vault}::{ids[0]}", f"{vault}::{ids[1]}"] if what == "diff"
+            else ["stats", vault])
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    out = pics / f"pic.{suffix}"
+    # matplotlib's font cache: here (its write fails too, with a warning), not in ~/.cache
+    env = clean_env({"MPLCONFIGDIR": str(tmp_path / "mpl")})
+    r = subprocess.run([*_cbt_argv(), *argv, "--map", out], capture_output=True, text=True,
+                       env=env, timeout=120, check=False, preexec_fn=_small_files)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.splitlines()[-1].startswith("cbt: error: File too large"), r.stderr
+    assert list(pics.iterdir()) == []
+
+
+def test_review_stats_map_onto_a_directory(two_points: tuple[Path, list[str]],
+                                           tmp_path: Path) -> None:
+    """stats --map NAME.svg that is a directory: refused before the work, naming it."""
+    vault, _ = two_points
+    (tmp_path / "pic.svg").mkdir()
+    r = cbt("stats", vault, "--map", tmp_path / "pic.svg")
+    assert "pic.svg: is a directory" in one_error_line(r) and r.stdout == ""
+
+
+def test_review_legend_of_disks_of_different_sizes(two_points: tuple[Path, list[str]]) -> None:
+    """Two whole points whose disks differ in size: the legend says each disk's cell (it
+    gave the first disk's for all)."""
+    vault, ids = two_points
+    show = json.loads(cbt("show", vault, ids[1], "--json").stdout)
+    sizes = {d["label"]: (d["blocks"], d["block_size"]) for d in show["disks"]}
+    assert len(set(sizes.values())) == 2
+    from cbt.core.sizes import human_bytes
+
+    r = cbt("diff", f"{vault}::{ids[0]}", f"{vault}::{ids[1]}", "--map", "--width", "8")
+    want = ", ".join(f"{label} ~{n // 8} blocks ({human_bytes(n // 8 * bs)})"
+                     for label, (n, bs) in sizes.items())
+    assert f"each cell: {want}; changed:" in r.stdout, r.stdout

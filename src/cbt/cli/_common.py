@@ -107,6 +107,8 @@ def vault_arg(text: str) -> str:
     ``scheme://``, or what reads as another host's, is refused)."""
     from cbt.repo.storage import check_location
 
+    if text and not text.strip():  # CBT_VAULT=" ": a folder named " " made or looked for
+        raise argparse.ArgumentTypeError(f"the vault location {text!r} is only blanks")
     try:
         return check_location(text)
     except CbtValueError as exc:
@@ -129,26 +131,46 @@ def add_vault(p: argparse.ArgumentParser, help: str = "the vault") -> None:
     p.add_argument("vault", nargs="?", type=vault_arg, metavar="VAULT",
                    help=f"{help} (or -r VAULT, or $CBT_VAULT)")
     p.add_argument("-r", "--vault", dest="vault_option", type=vault_arg, metavar="VAULT",
+                   action=_OneVault,
                    help=f"{help}, instead of the positional VAULT (default: ${VAULT_ENV})")
 
 
+class _OneVault(argparse.Action):
+    """``-r``'s store: a second, other vault (``-r A ... -r B``) is an error, not the last
+    one silently (a script adding its own -r to a user's)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        before = getattr(namespace, self.dest, None)
+        if before is not None and before != values:
+            parser.error(f"two vaults given: -r {before} and {option_string} {values}")
+        setattr(namespace, self.dest, values)
+
+
 def _looks_like_vault(text: str) -> bool:
-    """A first positional read as a vault although ``$CBT_VAULT`` is set: a URL or an
-    existing directory (a point id, a disk label or a key id is neither)."""
+    """A positional read as the vault although ``-r`` or ``$CBT_VAULT`` names one: a URL,
+    or a directory holding a vault's config (a point id, a disk or a key id is none, even
+    when a directory of that name stands in the current one, say a restore's)."""
     import os
 
-    return "://" in text or os.path.isdir(text)
+    from cbt.repo.vault import CONFIG
+
+    return "://" in text or os.path.isfile(os.path.join(text, CONFIG))
 
 
 def resolve_vault(parser: argparse.ArgumentParser, args: argparse.Namespace,
                   needed: bool) -> None:
     """Settle ``args.vault`` of a command that took :func:`add_vault`.
 
-    ``-r VAULT``: the positionals argparse filled from the left move one place
-    right (the first was not the vault).  No option, ``$CBT_VAULT`` set: the
-    first positional is the vault only when every positional was given or it
-    looks like one (:func:`_looks_like_vault`); else they move and the
-    environment's vault is used.  ``needed``: no vault at all is an error.
+    1. ``-r VAULT`` and a first positional that looks like a vault
+       (:func:`_looks_like_vault`): two vaults, an error.
+    2. ``-r VAULT``: the positionals argparse filled from the left move one place
+       right (the first was not the vault); one too many is an error.
+    3. No option, ``$CBT_VAULT`` set: the first positional is the vault when it
+       looks like one, or when every slot was filled and none takes a list (the
+       count tells: ``show V P``); else they move and the environment's vault is used
+       (``backup --vm w D1 D2``: D1 is a disk, ``forget P1 P2``: P1 a point).
+    4. ``needed``: no vault at all is an error.
     """
     import os
 
@@ -156,15 +178,14 @@ def resolve_vault(parser: argparse.ArgumentParser, args: argparse.Namespace,
     del args.vault_option
     slots = [a for a in parser._actions if not a.option_strings]
     slots = slots[[a.dest for a in slots].index("vault"):]  # key ACTION VAULT [ID]
-    if option is not None and args.vault is not None and _all_filled(args, slots) \
-            and slots[-1].nargs not in ("*", "+"):
-        parser.error(f"two vaults given: {args.vault} and -r {option}")
+    first = args.vault
+    if option is not None and first is not None and _looks_like_vault(first):
+        parser.error(f"two vaults given: {first} and -r {option}")
     if option is None:
         env = os.environ.get(VAULT_ENV) or None
-        first = args.vault
-        if env is None or (first is not None and (_all_filled(args, slots)
-                                                   or _looks_like_vault(first))):
-            if needed and args.vault is None:
+        counted = _all_filled(args, slots) and slots[-1].nargs not in ("*", "+")
+        if env is None or (first is not None and (counted or _looks_like_vault(first))):
+            if needed and first is None:
                 parser.error(f"no vault given: name one (VAULT, -r VAULT or ${VAULT_ENV})")
             return
         option = vault_arg_or_error(parser, env, f"${VAULT_ENV}")

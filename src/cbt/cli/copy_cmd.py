@@ -15,6 +15,10 @@ an error.  DST is shared with backups while copying (a prune, repair or key chan
 refuses meanwhile), but a VM's points are copied only while no backup of that VM runs
 in DST (one of them fails naming the other, or waits with --wait); SRC is only read.
 
+Both vaults are named here, SRC then DST: copy takes no -r/--vault and does not read
+$CBT_VAULT (restic's and borg's -r names a copy's destination, where cbt's would name
+the source: neither is guessed, so a vault is never written by mistake).
+
 SRC's passphrase as for every command (--password-file, CBT_PASSWORD_FILE,
 CBT_PASSWORD); DST's from --to-password-file, CBT_TO_PASSWORD_FILE or
 CBT_TO_PASSWORD (or a prompt on a terminal).

@@ -8,7 +8,7 @@ falls back to crash consistency and says why); restores the last point and
 checks it bit for bit; and diffs the points of days 2 and 3, checking the
 answer against an independent numpy comparison.  Exit code 2 if any check
 fails.  It says what each day did (day 1 is the full baseline: every block
-read, all new; later days read and store only what changed), why the config's
+taken, all but holes read; later days read and store only what changed), why the config's
 snapshot = "auto" chose the provider it did on this file system, where its
 files are, how much room they take and how to remove them.  Afterwards, try
 the printed commands on the demo's vault.
@@ -93,8 +93,9 @@ def _tell(report: DemoReport, size: int) -> None:
             f"({day.consistency_reason})")
         cost = f"{human_bytes(day.bytes_new)} new, {human_bytes(day.bytes_stored)} stored"
         if previous is None:
-            say(f"         full baseline: {day.changed_blocks} blocks read "
-                f"({human_bytes(day.bytes_read)}), all new; {cost}")
+            # every block is in the point, but holes are not read: "N blocks read" was not
+            say(f"         full baseline: all {day.changed_blocks} blocks taken, "
+                f"{human_bytes(day.bytes_read)} read (holes are not); {cost}")
         else:
             say(f"         {day.changed_blocks} of {day.blocks} blocks changed since day "
                 f"{previous.day} ({day.changes} writes, zeroings and holes made); "

@@ -112,10 +112,12 @@ def _draw(args: argparse.Namespace, disks: list[tuple[str, ChangeSet]], indent: 
         if not sys.stdout.isatty():
             return
     wide = max(len(label) for label, _ in disks)
+    drawn = []
     for label, cs in disks:
         cells = terminal_cells(args.width, max(cs.size_a, cs.size_b), len(indent) + wide + 1)
         print(f"{indent}{label:<{wide}} {strip_line(cs, cells)}".rstrip())
-    say(f"{indent}{legend(disks[0][1], cells)}")
+        drawn.append((label, cs, cells))
+    say(f"{indent}{legend(drawn)}")
 
 
 def run(args: argparse.Namespace) -> int:

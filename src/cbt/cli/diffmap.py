@@ -81,31 +81,42 @@ def strip_line(cs: ChangeSet, cells: int) -> str:
 
 def terminal_cells(width: int | None, size: int, taken: int = 0) -> int:
     """Cells of a strip: ``--width``, else what fits the terminal (or $COLUMNS, or 80)
-    beside the two offsets and ``taken`` columns (a label)."""
+    beside the two offsets and ``taken`` columns (a label), at most :data:`MAX_CELLS`
+    (as ``--width``: a huge $COLUMNS must not draw a 1 TiB disk block by block)."""
     if width is not None:
         return width
     import shutil
 
     columns = shutil.get_terminal_size((80, 24)).columns
-    return max(8, columns - taken - len("0 B || ") - len(human_bytes(size)))
+    return min(MAX_CELLS, max(8, columns - taken - len("0 B || ") - len(human_bytes(size))))
 
 
-def legend(cs: ChangeSet, cells: int) -> str:
-    per = max(1, cs.blocks // max(1, min(cells, cs.blocks)))
-    return (f"each cell ~{per} blocks ({human_bytes(per * cs.block_size)}); "
-            f"changed: '{SHADES[1]}' up to 1/4, '{SHADES[2]}' 1/2, '{SHADES[3]}' 3/4, "
-            f"'{SHADES[4]}' more, ' ' none")
+def legend(disks: list[tuple[str, ChangeSet, int]]) -> str:
+    """What a cell stands for and what its shades mean; per disk (label, change set,
+    cells) when their cells differ (a point's disks of different sizes)."""
+    each = []
+    for label, cs, cells in disks:
+        per = max(1, cs.blocks // max(1, min(cells, cs.blocks)))
+        each.append((label, f"~{per} blocks ({human_bytes(per * cs.block_size)})"))
+    if len({text for _, text in each}) == 1:
+        head = f"each cell {each[0][1]}"
+    else:
+        head = "each cell: " + ", ".join(f"{label} {text}" for label, text in each)
+    return (f"{head}; changed: '{SHADES[1]}' up to 1/4, '{SHADES[2]}' 1/2, "
+            f"'{SHADES[3]}' 3/4, '{SHADES[4]}' more, ' ' none")
 
 
 def check_picture_path(path: str) -> None:
-    """A picture's file name must end in .svg or .png, in a folder that exists (one line
-    otherwise)."""
+    """A picture's file name must end in .svg or .png, in a folder that exists, and not be
+    a directory (one line otherwise)."""
     if not path.lower().endswith(PICTURE_SUFFIXES):
         raise CbtValueError(f"--map {path}: a picture is FILE.svg or FILE.png (or give --map "
                             "alone for the terminal)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CbtValueError(f"--map {path}: no such folder {folder}")
+    if os.path.isdir(path):  # else found only after the diff, naming the temporary file
+        raise CbtValueError(f"--map {path}: is a directory, not a picture file")
 
 
 def write_picture(path: str, disks: list[tuple[str, ChangeSet]], title: str,
@@ -137,10 +148,10 @@ def write_picture(path: str, disks: list[tuple[str, ChangeSet]], title: str,
     axes[0].set_title(title, fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="share changed", fraction=0.03, pad=0.01)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig: object, path: str) -> None:
+def save_figure(fig: object, path: str) -> None:
     """Write under a temporary name beside ``path``, then rename (no half-written file)."""
     import tempfile
 

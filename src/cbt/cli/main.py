@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Changed-block tracker and incremental disk-image backup engine.",
         epilog="Exit codes: 0 success, 1 differences found (diff), 2 error, 141 stdout "
                "closed by its reader (cbt ... | head). "
-               "Run 'cbt COMMAND --help' for a command's options.",
+               "Run 'cbt COMMAND --help' for a command's options; -r/--vault VAULT, -q "
+               "and -v may also come before COMMAND (cbt -r VAULT list).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"cbt {__version__}")
@@ -129,8 +130,27 @@ def _open_std_streams() -> None:
             setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
 
 
+def _hoist(argv: list[str]) -> list[str]:
+    """``cbt -r VAULT list`` (restic's and borg's order) as ``cbt list -r VAULT``: the
+    options every command shares (-r/--vault VAULT, -q, -v) moved from before the
+    command to after it; a command that takes no vault then refuses -r itself."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-r", "--vault") and i + 1 < len(argv):
+            i += 2
+        elif a in ("-q", "--quiet", "-v", "--verbose") or a.startswith("--vault=") \
+                or (a.startswith("-r") and len(a) > 2):
+            i += 1
+        else:
+            break
+    if 0 < i < len(argv) and argv[i] in COMMANDS:
+        return [argv[i], *argv[:i], *argv[i + 1:]]
+    return argv
+
+
 def _main(argv: Sequence[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _hoist(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0].startswith("-") or argv[0] not in COMMANDS:
         parser = build_parser()
         parser.parse_args(argv)  # --help, --version, or an error for an unknown command

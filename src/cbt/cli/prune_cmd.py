@@ -28,6 +28,7 @@ from cbt.cli._common import (
     open_vault,
     print_json,
     progress_bar,
+    say,
     seconds_arg,
 )
 
@@ -60,10 +61,12 @@ def run(args: argparse.Namespace) -> int:
         print_json(result.to_dict())
         return EXIT_OK
     verb = "would remove" if args.dry_run else "removed"
+    # with -q a run names what it removed (as forget does); a dry run answers in full
     for p in result.points:
-        print(f"{'keep  ' if p.keep else 'remove'} {p.recovery_point:<40} "
-              f"{', '.join(p.reasons)}")
+        (say if p.keep and not args.dry_run else print)(
+            f"{'keep  ' if p.keep else 'remove'} {p.recovery_point:<40} "
+            f"{', '.join(p.reasons)}")
     gone = sum(not p.keep for p in result.points)
-    print(f"{verb} {gone} of {len(result.points)} points; "
-          f"{result.snapshots_expired} kept snapshots expired")
+    (print if args.dry_run else say)(f"{verb} {gone} of {len(result.points)} points; "
+                                     f"{result.snapshots_expired} kept snapshots expired")
     return EXIT_OK

@@ -74,6 +74,10 @@ def _map_arg(text: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from cbt.ops.stats import stats
 
+    if args.map not in (None, "-"):
+        from cbt.cli.diffmap import check_picture_path
+
+        check_picture_path(args.map)  # before the work: its folder, not a directory
     result = stats(open_vault(args), args.vm, list(args.points))
     if args.map not in (None, "-"):
         write_chart(result, args.map)

@@ -296,9 +296,32 @@ def auto_reason(providers: dict[str, str], disks: dict[str, Path]) -> str:
 
 
 def _fs_kind(path: Path) -> str:
-    """The name of the file system holding ``path`` (``ext2/ext3``, ``xfs``, ``tmpfs``)."""
+    """The type of the file system holding ``path`` as mounted (``ext4``, ``xfs``,
+    ``tmpfs``): the /proc/self/mountinfo line of its device, else of the longest mount
+    point above it (a btrfs subvolume's own device is in no line); ``stat -f`` only where
+    there is no mountinfo (it says ``ext2/ext3`` of an ext4)."""
     import subprocess
 
+    try:
+        st, real = os.stat(path), os.path.realpath(path)
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = [line.split() for line in f]
+    except OSError:
+        lines, st, real = [], None, str(path)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}" if st is not None else ""
+    best: tuple[int, str] | None = None
+    for fields in lines:
+        if "-" not in fields[6:] or len(fields) < 5:
+            continue
+        fstype = fields[fields.index("-", 6) + 1]
+        if fields[2] == dev:
+            return fstype
+        mount = fields[4].replace("\\040", " ")
+        if (real == mount or real.startswith(mount.rstrip("/") + "/")) and \
+                (best is None or len(mount) > best[0]):
+            best = (len(mount), fstype)
+    if best is not None:
+        return best[1]
     try:
         return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True,
                               text=True, check=True).stdout.strip() or "unknown"
