@@ -175,7 +175,7 @@ def test_filters_human_output_and_map(history: tuple[Path, dict[str, Path], list
     r = cbt("stats", vault)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[2].split() == ["VM", "POINTS", "LOGICAL", "DATA", "UNIQUE"]
+    assert lines[2].split() == ["vm", "points", "logical", "data", "unique"]
     assert any(line.split()[:1] == [order[0]] for line in lines)
     r = cbt("stats", vault, "--map")
     assert r.returncode == 0, r.stderr

@@ -109,11 +109,11 @@ def _print_tables(s: Stats) -> None:
         print("no recovery points")
         return
     print()
-    print_table(["VM", "POINTS", "LOGICAL", "DATA", "UNIQUE"],
+    print_table(["vm", "points", "logical", "data", "unique"],
                 [[v.vm, str(v.points), hb(v.logical_bytes), hb(v.data_bytes),
                   hb(v.unique_bytes)] for v in s.vms], right={1, 2, 3, 4})
     print()
-    print_table(["POINT", "CREATED", "LOGICAL", "DATA", "STORED", "NEW", "UNIQUE"],
+    print_table(["point", "created", "logical", "data", "stored", "new", "unique"],
                 [[p.recovery_point, p.created, hb(p.logical_bytes), hb(p.data_bytes),
                   hb(p.stored_bytes), hb(p.new_bytes), hb(p.unique_bytes)]
                  for p in s.points], right={2, 3, 4, 5, 6})
