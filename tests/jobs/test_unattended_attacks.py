@@ -6,11 +6,12 @@ tests' own parser (:mod:`helpers.prom`) or the file system."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.cli import cbt
+from helpers.cli import cbt, cleanup_group, start_cbt, wait_for
 from helpers.images import write_random_disk
 from helpers.jobs import write_config
 from helpers.prom import get as _get
@@ -27,6 +28,21 @@ def _one_vm(tmp_path: Path, extra: str = "") -> Path:
         cfg.write_text(cfg.read_text() + extra)
     assert cbt("init", "--encryption", "none", tmp_path / "vault").returncode == 0
     return cfg
+
+
+def _daemon_rounds(cfg: Path, tmp_path: Path, rounds: int) -> Path:
+    """``cbt daemon -v`` of ``cfg`` until it has slept ``rounds`` times, then SIGTERM (exit
+    0); its log (stderr)."""
+    log = tmp_path / "daemon.log"
+    with open(log, "w") as err:
+        proc = start_cbt("daemon", "-v", "--config", cfg, stderr=err)
+    with cleanup_group(proc):
+        wait_for(lambda: log.read_text().count("sleeping until") >= rounds
+                 or proc.poll() is not None, timeout=120 * rounds, what=f"round {rounds}")
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    return log
 
 
 def test_a_crafted_consistency_level_neither_breaks_the_metrics_nor_bloats_them(
@@ -129,23 +145,13 @@ def test_daemon_log_lines_stay_one_printable_line(tmp_path: Path) -> None:
     right-to-left override: the daemon's log has one line for it, every character
     printable (journald would keep a line with control characters as a blob), the
     characters written as their escapes."""
-    import signal
 
-    from helpers.cli import cleanup_group, start_cbt, wait_for
 
     cfg = _one_vm(tmp_path)
     text = cfg.read_text().replace('"disks/os.img"', '"disks/o\\n\\u001b[31ms\\u202e.img"')
     assert text != cfg.read_text()
     cfg.write_text(text)
-    log = tmp_path / "daemon.log"
-    with open(log, "w") as err:
-        proc = start_cbt("daemon", "-v", "--config", cfg, stderr=err)
-    with cleanup_group(proc):
-        wait_for(lambda: "sleeping until" in log.read_text() or proc.poll() is not None,
-                 timeout=120, what="the round's end")
-        assert proc.poll() is None, log.read_text()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, log.read_text()
+    log = _daemon_rounds(cfg, tmp_path, 1)
     lines = log.read_text().split("\n")
     assert lines[-1] == "" and all(ln.isprintable() for ln in lines), lines
     [failed] = [ln for ln in lines if " ERROR backup web: failed " in ln]
@@ -160,23 +166,13 @@ def test_a_failed_job_is_tried_again_in_ten_minutes(tmp_path: Path) -> None:
     slot a day away (a timer's run-due would try again in fifteen minutes; a vault
     locked by another host's prune was already retried in ten)."""
     import datetime as dt
-    import signal
 
-    from helpers.cli import cleanup_group, start_cbt, wait_for
 
     hour_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).strftime("%H:%M")
     cfg = _one_vm(tmp_path)
     text = cfg.read_text().replace('"every 1h"', f'"daily {hour_ago}"')
     cfg.write_text(text + '\n[vm.web.hooks]\npre = ["/bin/false"]\non_pre_failure = "fail"\n')
-    log = tmp_path / "daemon.log"
-    with open(log, "w") as err:
-        proc = start_cbt("daemon", "-v", "--config", cfg, stderr=err)
-    with cleanup_group(proc):
-        wait_for(lambda: "sleeping until" in log.read_text() or proc.poll() is not None,
-                 timeout=120, what="the round's end")
-        assert proc.poll() is None, log.read_text()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, log.read_text()
+    log = _daemon_rounds(cfg, tmp_path, 1)
     lines = log.read_text().splitlines()
     assert any(" ERROR backup web: failed (slot " in ln and "tried again in 600 s" in ln
                and "pre hook failed" in ln for ln in lines), lines
@@ -233,9 +229,7 @@ def test_an_unwritable_state_record_costs_no_maintenance_run_at_each_round(
     VM's schedule has a second slot a minute or two on: at that round the daemon backs
     up again but does not prune and collect again (before: at every round)."""
     import datetime as dt
-    import signal
 
-    from helpers.cli import cleanup_group, start_cbt, wait_for
 
     now = dt.datetime.now(dt.UTC)
     t1 = (now - dt.timedelta(hours=1)).strftime("%H:%M")
@@ -245,15 +239,7 @@ def test_an_unwritable_state_record_costs_no_maintenance_run_at_each_round(
                             'state_dir = "state-file"\n')
     cfg.write_text(cfg.read_text().replace('"every 1h"', f'"daily {t1},{t2}"'))
     (tmp_path / "state-file").write_text("not a folder")
-    log = tmp_path / "daemon.log"
-    with open(log, "w") as err:
-        proc = start_cbt("daemon", "-v", "--config", cfg, stderr=err)
-    with cleanup_group(proc):
-        wait_for(lambda: log.read_text().count("sleeping until") >= 2
-                 or proc.poll() is not None, timeout=300, what="the second round")
-        assert proc.poll() is None, log.read_text()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, log.read_text()
+    log = _daemon_rounds(cfg, tmp_path, 2)
     lines = log.read_text().splitlines()
     assert len([ln for ln in lines if " INFO backup web: point " in ln]) == 2, lines
     assert len([ln for ln in lines if " maintenance: slot " in ln and " started " in ln]) \

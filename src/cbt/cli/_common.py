@@ -62,16 +62,29 @@ def demo_size_arg(text: str) -> int:
     return value
 
 
-def workers_arg(text: str) -> int:
-    """argparse type of ``--workers``: a whole number from 1 to :data:`MAX_WORKERS`."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_WORKERS:
-        raise argparse.ArgumentTypeError(f"not a number of workers from 1 to {MAX_WORKERS}: "
-                                         f"{text!r}")
-    return value
+def whole_arg(least: int, most: int, what: str) -> Callable[[str], int]:
+    """argparse type of a whole number of ``what`` from ``least`` to ``most``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"not a number of {what} from {least} to {most}: "
+                                             f"{text!r}")
+        return value
+
+    return parse
+
+
+workers_arg = whole_arg(1, MAX_WORKERS, "workers")  # --workers
+
+
+def add_removal_options(p: argparse.ArgumentParser) -> None:
+    """``--dry-run`` and ``--wait`` of the commands that remove points (prune, forget)."""
+    p.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
+    p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
+                   help="wait this long for running backups to finish (default: fail)")
 
 
 def seconds_arg(most: float) -> Callable[[str], float]:

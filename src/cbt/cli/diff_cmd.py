@@ -68,16 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _width_arg(text: str) -> int:
+    from cbt.cli._common import whole_arg
     from cbt.cli.diffmap import MAX_CELLS
 
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 8 <= value <= MAX_CELLS:
-        raise argparse.ArgumentTypeError(f"not a number of cells from 8 to {MAX_CELLS}: "
-                                         f"{text!r}")
-    return value
+    return whole_arg(8, MAX_CELLS, "cells")(text)
 
 
 def _check_map(args: argparse.Namespace) -> None:

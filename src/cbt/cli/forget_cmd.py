@@ -20,15 +20,14 @@ import argparse
 
 from cbt.cli._common import (
     EXIT_OK,
-    MAX_WAIT,
     add_json,
     add_password_file,
+    add_removal_options,
     add_vault,
     emit_warnings,
     open_vault,
     print_json,
     say,
-    seconds_arg,
 )
 
 
@@ -36,9 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_vault(p, "the vault")
     p.add_argument("points", nargs="+", metavar="POINT",
                    help="a point to remove: its id, a unique prefix of it, or VM.latest")
-    p.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
-    p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
-                   help="wait this long for running backups to finish (default: fail)")
+    add_removal_options(p)
     add_password_file(p)
     add_json(p)
 

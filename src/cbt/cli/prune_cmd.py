@@ -21,15 +21,14 @@ import argparse
 
 from cbt.cli._common import (
     EXIT_OK,
-    MAX_WAIT,
     add_json,
     add_password_file,
+    add_removal_options,
     now_arg,
     open_vault,
     print_json,
     progress_bar,
     say,
-    seconds_arg,
 )
 
 
@@ -37,9 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, metavar="FILE", help="the configuration file")
     p.add_argument("--now", type=now_arg, metavar="ISO8601",
                    help="the time to judge ages at (default: now)")
-    p.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
-    p.add_argument("--wait", type=seconds_arg(MAX_WAIT), default=0.0, metavar="SECONDS",
-                   help="wait this long for running backups to finish (default: fail)")
+    add_removal_options(p)
     add_password_file(p)
     add_json(p)
 
