@@ -95,22 +95,29 @@ def test_holes_and_zero_blocks_read_without_the_vault(
         shutil.move(tmp_path / "packs-away", tmp_path / "vault" / "packs")
 
 
-def test_a_damaged_block_fails_only_its_reads(tmp_path: Path) -> None:
-    """Plain vault, uncompressed random blocks: one blob's payload flipped in its pack
-    (found with the independent pack reader); reads touching it fail naming the block,
-    the rest read right, and nothing of it is cached."""
+def _damaged_one_block(tmp_path: Path, first: int) -> tuple[Any, Any, Any, int, Any]:
+    """A plain vault of one point of ``_disk``: the payload of one blob holding a block
+    from ``first`` on flipped in its pack (found with the independent pack reader).
+    Returns the image, the vault, the point, the damaged block and its blob."""
     img = _disk(tmp_path / "os.img")
     vault = cbt_api.Vault.init(tmp_path / "vault")
     p = vault.point(vault.backup("web", [f"os={img.path}"], block_size=BS, workers=1).id)
     digests = {blake3.blake3(img.content[i * BS:(i + 1) * BS].tobytes()).digest(): i
-               for i in range(0, 700 * KIB // BS)}
+               for i in range(first, 700 * KIB // BS)}
     pack = pack_files(tmp_path / "vault")[0]
     blob = next(b for b in walk_pack(pack) if b.digest in digests)
-    bad = digests[blob.digest]
     raw = bytearray(pack.read_bytes())
     raw[blob.offset + 48 + blob.stored // 2] ^= 0xFF  # (a blob header is 48 bytes)
     pack.chmod(0o644)
     pack.write_bytes(bytes(raw))
+    return img, vault, p, digests[blob.digest], blob
+
+
+def test_a_damaged_block_fails_only_its_reads(tmp_path: Path) -> None:
+    """Plain vault, uncompressed random blocks: one blob's payload flipped in its pack
+    (found with the independent pack reader); reads touching it fail naming the block,
+    the rest read right, and nothing of it is cached."""
+    img, vault, p, bad, blob = _damaged_one_block(tmp_path, first=0)
     r = _reader(vault, p)
     try:
         with pytest.raises(DamagedPointError, match=f"block {bad}"):
@@ -266,18 +273,7 @@ def test_read_ahead_of_a_damaged_block_leaves_the_error_to_the_read(tmp_path: Pa
     """A sequential reader's read-ahead fetches a window holding a damaged block: the
     read-ahead fails quietly, the read of that block fails naming it (again on a second
     try: nothing of it cached), and the blocks before it read right."""
-    img = _disk(tmp_path / "os.img")
-    vault = cbt_api.Vault.init(tmp_path / "vault")
-    p = vault.point(vault.backup("web", [f"os={img.path}"], block_size=BS, workers=1).id)
-    digests = {blake3.blake3(img.content[i * BS:(i + 1) * BS].tobytes()).digest(): i
-               for i in range(4, 700 * KIB // BS)}
-    pack = pack_files(tmp_path / "vault")[0]
-    blob = next(b for b in walk_pack(pack) if b.digest in digests)
-    bad = digests[blob.digest]
-    raw = bytearray(pack.read_bytes())
-    raw[blob.offset + 48 + blob.stored // 2] ^= 0xFF
-    pack.chmod(0o644)
-    pack.write_bytes(bytes(raw))
+    img, vault, p, bad, blob = _damaged_one_block(tmp_path, first=4)
     r = _reader(vault, p, ahead=64 * BS)
     try:
         for off in range(0, bad * BS, 4096):  # sequential: the window ahead holds ``bad``
