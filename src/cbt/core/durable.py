@@ -131,3 +131,35 @@ def atomic_write(target: str | os.PathLike[str], writer: Callable[[BinaryIO], No
     file it is given."""
     with atomic_file(target, mode) as f:
         writer(f)
+
+
+def read_small_file(path: str | os.PathLike[str], limit: int, where: str,
+                    follow: bool = True) -> bytes:
+    """The bytes of a small file cbt reads whole (a hint file, a state record): a regular
+    file of at most ``limit`` bytes, opened without blocking (a FIFO costs no hang) and,
+    unless ``follow``, not through a symbolic link.  ``FileNotFoundError`` as is; anything
+    else wrong is a :class:`CbtValueError` of one line starting with ``where``."""
+    import errno
+    import stat
+
+    from cbt.core.errors import CbtValueError
+
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CbtValueError(f"{where}: not a regular file")
+            if st.st_size > limit:
+                raise CbtValueError(f"{where}: larger than {limit} bytes")
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        why = ("a symbolic link" if not follow and exc.errno == errno.ELOOP
+               else f"cannot read it ({exc.strerror or exc})")
+        raise CbtValueError(f"{where}: {why}") from None
+    if len(data) > limit:  # (grew since the fstat)
+        raise CbtValueError(f"{where}: larger than {limit} bytes")
+    return data

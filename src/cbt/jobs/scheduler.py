@@ -49,12 +49,10 @@ so a wrong passphrase stops it at once.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import hashlib
 import json
 import os
 import signal
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -62,7 +60,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cbt.core.durable import atomic_file
+from cbt.core.durable import atomic_file, read_small_file
 from cbt.core.errors import CbtError
 from cbt.core.sizes import human_bytes
 from cbt.core.timefmt import parse_now, rfc3339
@@ -296,22 +294,9 @@ def _read_record(path: Path) -> bytes | None:
     link), so a link planted to ``/dev/zero``, a FIFO or a huge file costs a warning
     (and one extra maintenance run), never the daemon's memory nor a hang."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_small_file(path, MAX_STATE, str(path), follow=False)
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        why = "a symbolic link" if exc.errno == errno.ELOOP else _text(exc)
-        raise ValueError(f"{path}: {why}") from None
-    with os.fdopen(fd, "rb") as f:
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ValueError(f"{path}: not a regular file")
-            raw = f.read(MAX_STATE + 1)
-        except OSError as exc:
-            raise ValueError(f"{path}: {_text(exc)}") from None
-    if len(raw) > MAX_STATE:
-        raise ValueError(f"{path}: larger than {human_bytes(MAX_STATE)}")
-    return raw
 
 
 def _write_state(path: Path, rec: MaintenanceState) -> None:

@@ -21,10 +21,9 @@ run can refuse a base that was replaced, rewritten or resized.
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass
 
+from cbt.core.durable import read_small_file
 from cbt.core.errors import CbtValueError
 from cbt.format.records import CHANGE_SOURCES, TrackingBase
 from cbt.source.plan import BlockRange
@@ -98,18 +97,9 @@ def read_hint_file(path: str, block_size: int, size: int) -> HintFile:
 
     where = f"hint file {path}"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CbtValueError(f"{where}: not a regular file")
-            if st.st_size > MAX_HINT_FILE_BYTES:
-                raise CbtValueError(f"{where}: larger than {MAX_HINT_FILE_BYTES} bytes")
-            data = f.read(MAX_HINT_FILE_BYTES + 1)
-    except OSError as exc:
+        data = read_small_file(path, MAX_HINT_FILE_BYTES, where)
+    except FileNotFoundError as exc:
         raise CbtValueError(f"{where}: cannot read it ({exc.strerror or exc})") from None
-    if len(data) > MAX_HINT_FILE_BYTES:
-        raise CbtValueError(f"{where}: larger than {MAX_HINT_FILE_BYTES} bytes")
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as exc:
