@@ -31,8 +31,10 @@ import contextlib
 import mmap
 import os
 import pickle
+import select
 import selectors
 import signal
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -151,7 +153,6 @@ def thread_map(fn: Callable[[T, Report], R], tasks: Sequence[T],
     Ctrl-C) makes every other worker's next ``report`` raise :class:`Stopped`, so
     they stop where they are rather than finish their work first; the failure is
     raised once they all have."""
-    import threading
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     done = [0] * len(tasks)
@@ -176,24 +177,71 @@ def thread_map(fn: Callable[[T, Report], R], tasks: Sequence[T],
             stop.set()  # (at once, from the failing thread: the others stop at their next report)
             raise
 
-    pool = ThreadPoolExecutor(max(1, len(tasks)))
-    try:
-        futures = [pool.submit(run, k, t) for k, t in enumerate(tasks)]
-        # (in short waits: a SIGINT the kernel gave a worker thread is only acted on by the
-        # main thread when it runs, so a wait until the end would never be interrupted)
-        while wait(futures, timeout=0.1, return_when=FIRST_EXCEPTION).not_done \
-                and not stop.is_set():
-            pass
-        if stop.is_set():
-            wait(futures)
-            errors = [e for e in (f.exception() for f in futures) if e is not None]
-            raise next((e for e in errors if not isinstance(e, Stopped)), errors[0])
-        return [f.result() for f in futures]
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    with _Waker() as waker:  # (closed once every worker, and so every callback, is done)
+        pool = ThreadPoolExecutor(max(1, len(tasks)))
+        try:
+            futures = [pool.submit(run, k, t) for k, t in enumerate(tasks)]
+            for f in futures:
+                f.add_done_callback(waker.wake)
+            while wait(futures, timeout=0, return_when=FIRST_EXCEPTION).not_done \
+                    and not stop.is_set():
+                waker.sleep()
+            if stop.is_set():
+                wait(futures)
+                errors = [e for e in (f.exception() for f in futures) if e is not None]
+                raise next((e for e in errors if not isinstance(e, Stopped)), errors[0])
+            return [f.result() for f in futures]
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Waker:
+    """What the main thread of :func:`thread_map` sleeps on: woken when a worker ends,
+    and at once by a signal (a Ctrl-C), wherever the kernel delivered it.
+
+    A signal's Python handler runs only in the main thread, and only when it runs; one
+    the kernel gave a worker thread (``kill`` of the process: any thread may get it)
+    would wait for the main thread's next wake-up, while the workers go on.  So the main
+    thread sleeps in ``select`` on a pipe that is also the signal wake-up fd
+    (:func:`signal.set_wakeup_fd`: the C handler writes to it from any thread).  Off
+    the main thread, or where a wake-up fd is already set (an event loop's), it wakes
+    every 0.1 s as well."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._old: int | None = None
+        self._step = 0.1
+        if threading.current_thread() is threading.main_thread():
+            try:
+                old = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+            except ValueError:
+                return
+            if old == -1:
+                self._old, self._step = old, 1.0
+            else:  # (someone else's: theirs stays)
+                signal.set_wakeup_fd(old)
+
+    def wake(self, _done: object = None) -> None:
+        with contextlib.suppress(OSError):  # (full: awake already; closed: all done)
+            os.write(self._w, b"\0")
+
+    def sleep(self) -> None:
+        select.select([self._r], [], [], self._step)
+        with contextlib.suppress(OSError):
+            while os.read(self._r, 4096):
+                pass
+
+    def __enter__(self) -> _Waker:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._old is not None:
+            signal.set_wakeup_fd(self._old)
+        os.close(self._r)
+        os.close(self._w)
 
 
 class Forked(Generic[R]):
