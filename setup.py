@@ -1,14 +1,26 @@
-"""Builds the compiled core only; all metadata lives in pyproject.toml."""
+"""Builds the compiled core only; all metadata lives in pyproject.toml.
+
+The core is one extension: the Cython module and cbt's BLAKE3 in C
+(src/cbt/core/blake3/: the portable kernel, and on x86 the SSE4.1, AVX2 and
+AVX-512 ones, each compiled for its instruction set by a target attribute in
+its own file and chosen at run time, so the build runs on any x86-64).
+"""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+
+B3 = "src/cbt/core/blake3"
 
 setup(
     ext_modules=cythonize(
         [
             Extension(
                 "cbt.core._fast",
-                ["src/cbt/core/_fast.pyx"],
+                ["src/cbt/core/_fast.pyx"]
+                + [f"{B3}/{name}.c" for name in ("portable", "dispatch", "sse41", "avx2",
+                                                 "avx512")],
+                include_dirs=[B3],
+                depends=[f"{B3}/cbt_blake3.h", f"{B3}/lanes_simd.h"],
                 extra_compile_args=["-O3"],
             )
         ],

@@ -94,6 +94,9 @@ def test_version() -> None:
     r = run_cli("--version")
     assert r.returncode == 0
     assert cbt.__version__ in r.stdout
+    from cbt.core.native import fast
+
+    assert f"BLAKE3 kernel: {fast.kernel}" in r.stdout
 
 
 # -- scan --------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: ``cbt --help`` lists the commands."""
     from cbt import __version__
+    from cbt.core.native import fast
 
     parser = _Parser(
         prog="cbt",
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                "and -v may also come before COMMAND (cbt -r VAULT list).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"cbt {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"cbt {__version__} (BLAKE3 kernel: {fast.kernel})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -3,10 +3,13 @@
 
 1. ``zero_flags`` marks every all-zero block (memcmp against itself shifted by
    one byte, which glibc runs with SIMD; random data exits on the first word).
-2. ``hash_blocks`` runs the zero pass with the GIL released, then hashes each
-   non-zero block with BLAKE3.  The per-block call into the ``blake3`` package
-   is the one Python-level operation in the loop; it takes a memoryview built
-   straight from the block's pointer, so no slice object or copy is made.
+2. ``hash_blocks`` runs the zero pass, gathers the non-zero blocks' pointers and
+   hands them all to cbt's own many-input BLAKE3 (``blake3/``, C: one SIMD lane
+   per 1024-byte chunk, 16/8/4 chunks of any blocks at once, then the parents
+   level by level), all with the GIL released.  ``hash_each`` takes the pointers
+   of a list of buffers under the GIL (holding the buffers) and hashes them the
+   same way without it.  The kernel (AVX-512, AVX2, SSE4.1 or portable) is picked
+   at import for this CPU, or by ``CBT_KERNEL``; ``kernel`` names it.
 3. ``compare_digests`` / ``compare_buffers`` turn two digest arrays or two
    buffers into a changed-block bitmap (one uint8 per block, 0 or 1).
 4. ``bitmap_runs`` merges set bits into (offset, length) byte runs.
@@ -16,16 +19,23 @@ that turns a code into an exception.
 """
 
 from libc.stdint cimport uint8_t, uint64_t
-from libc.string cimport memcmp, memcpy, memset
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcmp, memset
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 
-from blake3 import blake3 as _blake3
+import os as _os
 
 from cbt.core.errors import CbtValueError
 
-cdef extern from "Python.h":
-    object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
-    int PyBUF_READ
+cdef extern from "cbt_blake3.h":
+    int CBT_B3_NKERNELS
+    const char *cbt_b3_kernel_name(int kernel)
+    int cbt_b3_kernel_supported(int kernel)
+    int cbt_b3_best_kernel()
+    int cbt_b3_use_kernel(int kernel)
+    int cbt_b3_current_kernel()
+    int cbt_b3_hash_many(const uint8_t **inputs, const size_t *lens, uint8_t **outs,
+                         size_t n, const uint8_t *key) nogil
 
 # Bumped whenever a signature or an output changes; cbt/__init__ refuses a
 # compiled core whose API_VERSION differs from the one it was written for.
@@ -46,7 +56,63 @@ FLAG_HOLE = C_FLAG_HOLE
 MIN_BLOCK = C_MIN_BLOCK
 MAX_BLOCK = C_MAX_BLOCK
 
-kernel = "blake3-package"
+# -- the BLAKE3 kernel ---------------------------------------------------------
+
+ALL_KERNELS = tuple(cbt_b3_kernel_name(i).decode() for i in range(CBT_B3_NKERNELS))
+kernel = ""  # the running kernel's name, set below
+cdef object _kernel_error = None  # a bad CBT_KERNEL: raised on first use
+
+
+def kernels():
+    """The BLAKE3 kernels this CPU can run, fastest last (``portable`` always)."""
+    return [name for i, name in enumerate(ALL_KERNELS) if cbt_b3_kernel_supported(i)]
+
+
+def use_kernel(str name):
+    """Hash with the kernel ``name`` from now on (tests, benchmarks); ``CbtValueError``
+    if it is unknown or this CPU cannot run it."""
+    global kernel, _kernel_error
+    if name not in ALL_KERNELS:
+        raise CbtValueError(f"unknown BLAKE3 kernel {name!r}; this CPU supports: "
+                            f"{', '.join(kernels())}")
+    if cbt_b3_use_kernel(ALL_KERNELS.index(name)) != 0:
+        raise CbtValueError(f"this CPU cannot run the BLAKE3 kernel {name!r}; it supports: "
+                            f"{', '.join(kernels())}")
+    kernel = name
+    _kernel_error = None
+
+
+def _select_kernel():
+    """At import: $CBT_KERNEL if set, else the best this CPU runs.  A bad value is kept
+    as an error raised by the first hash (``cbt`` prints it as one line)."""
+    global kernel, _kernel_error
+    want = _os.environ.get("CBT_KERNEL", "")
+    if not want:
+        use_kernel(ALL_KERNELS[cbt_b3_best_kernel()])
+        return
+    try:
+        use_kernel(want)
+    except CbtValueError as exc:
+        kernel = "none"
+        _kernel_error = f"CBT_KERNEL={want}: {exc}"
+
+
+_select_kernel()
+
+
+cdef inline void _ready() except *:
+    if _kernel_error is not None:
+        raise CbtValueError(_kernel_error)
+
+
+cdef bytes _key_bytes(key):
+    """The 32-byte key of keyed hashing (an encrypted vault's block ids), or None."""
+    if key is None:
+        return None
+    k = bytes(key)
+    if len(k) != 32:
+        raise CbtValueError(f"BLAKE3 key must be 32 bytes, not {len(k)}")
+    return k
 
 cdef enum:
     OK = 0
@@ -196,33 +262,48 @@ def hash_blocks(const uint8_t[::1] data, Py_ssize_t block_size,
     ``blake3.blake3(block, key=key).digest()``, an encrypted vault's block ids).
     Returns the number of hashed (DATA) blocks.
     """
-    cdef Py_ssize_t length = data.shape[0], n, i, off, ln, zeros = 0, hashed = 0
+    cdef Py_ssize_t length = data.shape[0], n, i, off, zeros = 0, hashed = 0
     cdef const uint8_t *base
-    cdef bytes d
+    cdef const uint8_t *kp = NULL
+    cdef const uint8_t **ins
+    cdef size_t *lens
+    cdef uint8_t **outs
+    cdef int rc = 0
+    _ready()
     _check(_valid_block_size(block_size), "hash_blocks")
     n = _nblocks(length, block_size)
     if digests.shape[0] != n or digests.shape[1] != C_DIGEST_SIZE or flags.shape[0] != n:
         _check(E_SHAPE, "hash_blocks")
     if n == 0:
         return 0
+    kb = _key_bytes(key)
+    if kb is not None:
+        kp = <const uint8_t *><char *>kb
     base = &data[0]
-    with nogil:
-        _zero_kernel(base, length, block_size, &flags[0], &zeros)
-    h = _blake3() if key is None else _blake3(key=key)
-    upd = h.update
-    dig = h.digest
-    rst = h.reset
-    for i in range(n):
-        if flags[i] == C_FLAG_ZERO:
-            memset(&digests[i, 0], 0, C_DIGEST_SIZE)
-            continue
-        off = i * block_size
-        ln = block_size if off + block_size <= length else length - off
-        upd(PyMemoryView_FromMemory(<char *>(base + off), ln, PyBUF_READ))
-        d = dig()
-        rst()
-        memcpy(&digests[i, 0], PyBytes_AS_STRING(d), C_DIGEST_SIZE)
-        hashed += 1
+    ins = <const uint8_t **>malloc(n * sizeof(uint8_t *))
+    lens = <size_t *>malloc(n * sizeof(size_t))
+    outs = <uint8_t **>malloc(n * sizeof(uint8_t *))
+    try:
+        if ins == NULL or lens == NULL or outs == NULL:
+            raise MemoryError()
+        with nogil:
+            _zero_kernel(base, length, block_size, &flags[0], &zeros)
+            for i in range(n):
+                if flags[i] == C_FLAG_ZERO:
+                    memset(&digests[i, 0], 0, C_DIGEST_SIZE)
+                    continue
+                off = i * block_size
+                ins[hashed] = base + off
+                lens[hashed] = block_size if off + block_size <= length else length - off
+                outs[hashed] = &digests[i, 0]
+                hashed += 1
+            rc = cbt_b3_hash_many(ins, lens, outs, hashed, kp)
+        if rc != 0:
+            raise MemoryError()
+    finally:
+        free(ins)
+        free(lens)
+        free(outs)
     return hashed
 
 
@@ -230,22 +311,49 @@ def hash_each(list buffers, uint8_t[:, ::1] digests, key=None):
     """BLAKE3 of each buffer of a list (blocks scattered in memory) into ``digests[i]``.
 
     Used by restore, which checks blocks where they lie (in a mapped pack, or
-    just decompressed) before writing them, without gathering them first.
-    ``key`` as for :func:`hash_blocks`.
+    just decompressed) before writing them, without gathering them first.  The
+    buffers (contiguous, any lengths) are held while they are hashed with the GIL
+    released.  ``key`` as for :func:`hash_blocks`.
     """
-    cdef Py_ssize_t i, n = len(buffers)
-    cdef bytes d
+    cdef Py_ssize_t i, n = len(buffers), got = 0
+    cdef const uint8_t *kp = NULL
+    cdef Py_buffer *views
+    cdef const uint8_t **ins
+    cdef size_t *lens
+    cdef uint8_t **outs
+    cdef int rc = 0
+    _ready()
     if digests.shape[0] != n or (n and digests.shape[1] != C_DIGEST_SIZE):
         _check(E_SHAPE, "hash_each")
-    h = _blake3() if key is None else _blake3(key=key)
-    upd = h.update
-    dig = h.digest
-    rst = h.reset
-    for i in range(n):
-        upd(buffers[i])
-        d = dig()
-        rst()
-        memcpy(&digests[i, 0], PyBytes_AS_STRING(d), C_DIGEST_SIZE)
+    if n == 0:
+        return 0
+    kb = _key_bytes(key)
+    if kb is not None:
+        kp = <const uint8_t *><char *>kb
+    views = <Py_buffer *>calloc(n, sizeof(Py_buffer))
+    ins = <const uint8_t **>malloc(n * sizeof(uint8_t *))
+    lens = <size_t *>malloc(n * sizeof(size_t))
+    outs = <uint8_t **>malloc(n * sizeof(uint8_t *))
+    try:
+        if views == NULL or ins == NULL or lens == NULL or outs == NULL:
+            raise MemoryError()
+        for i in range(n):
+            PyObject_GetBuffer(buffers[i], &views[i], PyBUF_SIMPLE)
+            got += 1
+            ins[i] = <const uint8_t *>views[i].buf
+            lens[i] = <size_t>views[i].len
+            outs[i] = &digests[i, 0]
+        with nogil:
+            rc = cbt_b3_hash_many(ins, lens, outs, n, kp)
+        if rc != 0:
+            raise MemoryError()
+    finally:
+        for i in range(got):
+            PyBuffer_Release(&views[i])
+        free(views)
+        free(ins)
+        free(lens)
+        free(outs)
     return n
 
 
