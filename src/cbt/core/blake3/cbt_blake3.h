@@ -37,7 +37,19 @@ enum {
 };
 
 extern const uint32_t cbt_b3_iv[8];
-extern const uint8_t cbt_b3_schedule[7][16];
+
+/* Row r: the message word order of round r (the permutation 2, 6, 3, 10, 7, 0, 4, 13,
+ * 1, 11, 12, 5, 9, 14, 15, 8 applied r times).  Static, so that the rounds' message
+ * indices are compile-time constants in every kernel. */
+__attribute__((unused)) static const uint8_t CBT_B3_SCHEDULE[7][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8},
+    {3, 4, 10, 12, 13, 2, 7, 14, 6, 5, 9, 0, 11, 15, 8, 1},
+    {10, 7, 12, 9, 14, 3, 13, 15, 4, 0, 11, 2, 5, 8, 1, 6},
+    {12, 13, 9, 11, 15, 10, 14, 8, 7, 2, 5, 3, 0, 1, 6, 4},
+    {9, 14, 11, 5, 8, 12, 15, 1, 13, 3, 0, 10, 2, 6, 4, 7},
+    {11, 15, 5, 0, 1, 9, 8, 6, 14, 10, 2, 12, 3, 4, 7, 13},
+};
 
 typedef void (*cbt_b3_lanes_fn)(const uint8_t *const *in, const uint64_t *counter,
                                 const uint32_t *last_flags, uint8_t *const *out,

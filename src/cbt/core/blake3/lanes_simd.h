@@ -8,6 +8,10 @@
  * vector instruction does one step of the compression function in all W lanes.
  */
 
+#ifndef PREFETCH
+#define PREFETCH (W * CBT_B3_CHUNK)
+#endif
+
 #define G(a, b, c, d, x, y)                                                        \
     do {                                                                           \
         v[a] = v_add(v_add(v[a], v[b]), (x));                                      \
@@ -22,14 +26,14 @@
 
 #define ROUND(r)                                                                   \
     do {                                                                           \
-        G(0, 4, 8, 12, m[cbt_b3_schedule[r][0]], m[cbt_b3_schedule[r][1]]);        \
-        G(1, 5, 9, 13, m[cbt_b3_schedule[r][2]], m[cbt_b3_schedule[r][3]]);        \
-        G(2, 6, 10, 14, m[cbt_b3_schedule[r][4]], m[cbt_b3_schedule[r][5]]);       \
-        G(3, 7, 11, 15, m[cbt_b3_schedule[r][6]], m[cbt_b3_schedule[r][7]]);       \
-        G(0, 5, 10, 15, m[cbt_b3_schedule[r][8]], m[cbt_b3_schedule[r][9]]);       \
-        G(1, 6, 11, 12, m[cbt_b3_schedule[r][10]], m[cbt_b3_schedule[r][11]]);     \
-        G(2, 7, 8, 13, m[cbt_b3_schedule[r][12]], m[cbt_b3_schedule[r][13]]);      \
-        G(3, 4, 9, 14, m[cbt_b3_schedule[r][14]], m[cbt_b3_schedule[r][15]]);      \
+        G(0, 4, 8, 12, m[CBT_B3_SCHEDULE[r][0]], m[CBT_B3_SCHEDULE[r][1]]);        \
+        G(1, 5, 9, 13, m[CBT_B3_SCHEDULE[r][2]], m[CBT_B3_SCHEDULE[r][3]]);        \
+        G(2, 6, 10, 14, m[CBT_B3_SCHEDULE[r][4]], m[CBT_B3_SCHEDULE[r][5]]);       \
+        G(3, 7, 11, 15, m[CBT_B3_SCHEDULE[r][6]], m[CBT_B3_SCHEDULE[r][7]]);       \
+        G(0, 5, 10, 15, m[CBT_B3_SCHEDULE[r][8]], m[CBT_B3_SCHEDULE[r][9]]);       \
+        G(1, 6, 11, 12, m[CBT_B3_SCHEDULE[r][10]], m[CBT_B3_SCHEDULE[r][11]]);     \
+        G(2, 7, 8, 13, m[CBT_B3_SCHEDULE[r][12]], m[CBT_B3_SCHEDULE[r][13]]);      \
+        G(3, 4, 9, 14, m[CBT_B3_SCHEDULE[r][14]], m[CBT_B3_SCHEDULE[r][15]]);      \
     } while (0)
 
 KTARGET void LANES_FN(const uint8_t *const *in, const uint64_t *counter,
@@ -58,6 +62,9 @@ KTARGET void LANES_FN(const uint8_t *const *in, const uint64_t *counter,
         V f = v_set1(flags | (b == 0 ? first_flags : 0));
         if (b + 1 == nblocks)
             f = v_or(f, last);
+        if (nblocks > 1)  /* chunks: the same block of the next batch, if contiguous */
+            for (int l = 0; l < W; l++)
+                _mm_prefetch((const char *)(in[l] + b * CBT_B3_BLOCK + PREFETCH), _MM_HINT_T0);
         load_msg(in, b * CBT_B3_BLOCK, m);
         for (int i = 0; i < 8; i++)
             v[i] = h[i];

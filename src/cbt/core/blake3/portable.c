@@ -3,7 +3,7 @@
  * Straight from the specification: the state is 16 words (the chaining value,
  * four IV words, the counter's two halves, the block length and the flags); seven
  * rounds of eight G mixes (four on the columns, four on the diagonals), the message
- * words permuted between rounds (cbt_b3_schedule holds the seven orders); the new
+ * words permuted between rounds (CBT_B3_SCHEDULE holds the seven orders); the new
  * chaining value is state[i] ^ state[i + 8].
  */
 #include <string.h>
@@ -13,17 +13,6 @@
 const uint32_t cbt_b3_iv[8] = {
     0x6A09E667u, 0xBB67AE85u, 0x3C6EF372u, 0xA54FF53Au,
     0x510E527Fu, 0x9B05688Cu, 0x1F83D9ABu, 0x5BE0CD19u,
-};
-
-/* Row r: the message word order of round r (the permutation applied r times). */
-const uint8_t cbt_b3_schedule[7][16] = {
-    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
-    {2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8},
-    {3, 4, 10, 12, 13, 2, 7, 14, 6, 5, 9, 0, 11, 15, 8, 1},
-    {10, 7, 12, 9, 14, 3, 13, 15, 4, 0, 11, 2, 5, 8, 1, 6},
-    {12, 13, 9, 11, 15, 10, 14, 8, 7, 2, 5, 3, 0, 1, 6, 4},
-    {9, 14, 11, 5, 8, 12, 15, 1, 13, 3, 0, 10, 2, 6, 4, 7},
-    {11, 15, 5, 0, 1, 9, 8, 6, 14, 10, 2, 12, 3, 4, 7, 13},
 };
 
 static inline uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
@@ -64,7 +53,7 @@ void cbt_b3_compress(uint32_t cv[8], const uint8_t block[CBT_B3_BLOCK], uint32_t
     v[14] = block_len;
     v[15] = flags;
     for (int r = 0; r < 7; r++) {
-        const uint8_t *s = cbt_b3_schedule[r];
+        const uint8_t *s = CBT_B3_SCHEDULE[r];
         G(0, 4, 8, 12, m[s[0]], m[s[1]]);
         G(1, 5, 9, 13, m[s[2]], m[s[3]]);
         G(2, 6, 10, 14, m[s[4]], m[s[5]]);
