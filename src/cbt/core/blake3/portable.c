@@ -38,6 +38,20 @@ static inline void store_le(uint8_t *p, uint32_t w)
         v[c] += v[d];       v[b] = rotr(v[b] ^ v[c], 7);                           \
     } while (0)
 
+/* Unrolled, so that every message index is a constant (words stay in registers). */
+#define ROUND(r)                                                                   \
+    do {                                                                           \
+        const uint8_t *s = CBT_B3_SCHEDULE[r];                                     \
+        G(0, 4, 8, 12, m[s[0]], m[s[1]]);                                          \
+        G(1, 5, 9, 13, m[s[2]], m[s[3]]);                                          \
+        G(2, 6, 10, 14, m[s[4]], m[s[5]]);                                         \
+        G(3, 7, 11, 15, m[s[6]], m[s[7]]);                                         \
+        G(0, 5, 10, 15, m[s[8]], m[s[9]]);                                         \
+        G(1, 6, 11, 12, m[s[10]], m[s[11]]);                                       \
+        G(2, 7, 8, 13, m[s[12]], m[s[13]]);                                        \
+        G(3, 4, 9, 14, m[s[14]], m[s[15]]);                                        \
+    } while (0)
+
 void cbt_b3_compress(uint32_t cv[8], const uint8_t block[CBT_B3_BLOCK], uint32_t block_len,
                      uint64_t counter, uint32_t flags)
 {
@@ -52,17 +66,13 @@ void cbt_b3_compress(uint32_t cv[8], const uint8_t block[CBT_B3_BLOCK], uint32_t
     v[13] = (uint32_t)(counter >> 32);
     v[14] = block_len;
     v[15] = flags;
-    for (int r = 0; r < 7; r++) {
-        const uint8_t *s = CBT_B3_SCHEDULE[r];
-        G(0, 4, 8, 12, m[s[0]], m[s[1]]);
-        G(1, 5, 9, 13, m[s[2]], m[s[3]]);
-        G(2, 6, 10, 14, m[s[4]], m[s[5]]);
-        G(3, 7, 11, 15, m[s[6]], m[s[7]]);
-        G(0, 5, 10, 15, m[s[8]], m[s[9]]);
-        G(1, 6, 11, 12, m[s[10]], m[s[11]]);
-        G(2, 7, 8, 13, m[s[12]], m[s[13]]);
-        G(3, 4, 9, 14, m[s[14]], m[s[15]]);
-    }
+    ROUND(0);
+    ROUND(1);
+    ROUND(2);
+    ROUND(3);
+    ROUND(4);
+    ROUND(5);
+    ROUND(6);
     for (int i = 0; i < 8; i++)
         cv[i] = v[i] ^ v[i + 8];
 }
