@@ -14,7 +14,13 @@ buffer (beyond L2 and most L3 caches, though not every server's L3; lscpu
 tells), so memory bandwidth counts much as it does for a disk image read from
 the page cache:
 
-- ``hash_blocks``: BLAKE3 of every block (zero pass first), one thread.
+- ``hash_blocks``: BLAKE3 of every block (zero pass first), one thread, once
+  per BLAKE3 kernel this CPU runs (``fast.kernels()``: portable, sse41, avx2,
+  avx512), at 4K, 16K, 64K and 1M blocks.  Beside it, on the same buffer:
+  ``blake3_package`` (``blake3.blake3(buf, max_threads=1)``, one hash of the
+  whole buffer: the best the package does on one thread) and
+  ``per_block_package`` (one ``blake3`` package call per block, the core's
+  path before its own kernel; from Python here, so slightly slower than it was).
 - ``compare_buffers``: two buffers, equal except for one byte at the end of
   1% of the blocks, so every byte is compared (the worst case).
 - ``compare_digests``: two digest arrays of the same blocks (1% differ); the
@@ -29,8 +35,10 @@ the median round time; ``conftest.py`` prints it after the timing table.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import blake3
 import numpy as np
 import pytest
 
@@ -39,6 +47,8 @@ from cbt.core.native import fast
 BUFFER = 64 << 20
 BLOCK_SIZES = [4 << 10, 64 << 10, 1 << 20]
 IDS = ["4K", "64K", "1M"]
+HASH_SIZES = [4 << 10, 16 << 10, 64 << 10, 1 << 20]
+HASH_IDS = ["4K", "16K", "64K", "1M"]
 CHANGED = 0.01
 
 
@@ -77,15 +87,46 @@ def _record(benchmark: Any, nbytes: int, what: str) -> None:
         benchmark.extra_info["GB/s"] = round(nbytes / stats.median / 1e9, 3)
 
 
-@pytest.mark.parametrize("block_size", BLOCK_SIZES, ids=IDS)
-def test_hash_blocks(benchmark: Any, data: np.ndarray, block_size: int) -> None:
+@pytest.fixture(params=fast.kernels())
+def kernel(request: pytest.FixtureRequest) -> Iterator[str]:
+    before = fast.kernel
+    fast.use_kernel(request.param)
+    yield request.param
+    fast.use_kernel(before)
+
+
+@pytest.mark.parametrize("block_size", HASH_SIZES, ids=HASH_IDS)
+def test_hash_blocks(benchmark: Any, data: np.ndarray, kernel: str, block_size: int) -> None:
     n = fast.nblocks(BUFFER, block_size)
     digests = np.empty((n, fast.DIGEST_SIZE), dtype=np.uint8)
     flags = np.empty(n, dtype=np.uint8)
     benchmark.group = "hash_blocks"
     hashed = benchmark(fast.hash_blocks, data, block_size, digests, flags)
     assert hashed == n
-    _record(benchmark, BUFFER, "BLAKE3 of every block, 1 thread")
+    _record(benchmark, BUFFER, f"BLAKE3 of every block, 1 thread, kernel {kernel}")
+
+
+def test_blake3_package(benchmark: Any, data: np.ndarray) -> None:
+    benchmark.group = "hash_blocks"
+    benchmark(lambda: blake3.blake3(data.data, max_threads=1).digest())
+    _record(benchmark, BUFFER, "blake3 package, the whole buffer as one input, 1 thread")
+
+
+@pytest.mark.parametrize("block_size", HASH_SIZES, ids=HASH_IDS)
+def test_per_block_package(benchmark: Any, data: np.ndarray, block_size: int) -> None:
+    view = data.data
+    digests = np.empty((fast.nblocks(BUFFER, block_size), fast.DIGEST_SIZE), dtype=np.uint8)
+
+    def per_block() -> None:
+        h = blake3.blake3()
+        for i, off in enumerate(range(0, BUFFER, block_size)):
+            h.update(view[off:off + block_size])
+            digests[i] = np.frombuffer(h.digest(), dtype=np.uint8)
+            h.reset()
+
+    benchmark.group = "hash_blocks"
+    benchmark(per_block)
+    _record(benchmark, BUFFER, "one blake3 package call per block (the old path)")
 
 
 @pytest.mark.parametrize("block_size", BLOCK_SIZES, ids=IDS)
