@@ -36,19 +36,21 @@ seeds.
       size) into ``home/user/dayN/``, plus one incompressible download
       (:data:`DOWNLOAD` of the image's size);
    e. copies in a directory tree: the next held-back files (:data:`TREE` of
-      the image's size, in walk order, so whole directories) into
-      ``opt/dayN/``.
+      the image's size, in walk order, so whole directories; a file too big
+      for what is left of the share is passed over) into ``opt/dayN/``.
    Then ``sync``, unmount and detach (always, in ``finally``), and ``e2fsck
    -fn``.
-4. Day 0 database: tables ``customers``, ``orders`` and ``events`` (text and
-   numbers from the seed, a few indexes) filled in batches until the file
-   reaches its size, then ``VACUUM`` (as a database last vacuumed some days
-   ago).
+4. Day 0 database: tables ``documents`` (long text, an archive that only
+   grows: first in the file, so a VACUUM leaves its pages where they were),
+   ``customers``, ``orders`` and ``events`` (text, JSON and numbers from the
+   seed; four indexes) filled in batches until the file reaches 90% of its
+   size, then ``VACUUM`` (as a database last vacuumed some days ago).
 5. Day n database: a copy of day n-1, then, in one transaction: updates
    (:data:`DB_UPDATE` of the orders, a status and total, and of the customers,
    their email), deletes (the oldest :data:`DB_PRUNE` of the events, as log
    retention does, and :data:`DB_DELETE` of the orders at random), inserts
-   (:data:`DB_INSERT` new events, orders and customers); then ``VACUUM``.
+   (:data:`DB_INSERT` new rows in every table); then ``VACUUM``, which
+   rewrites every page after the first changed row (about half of the file).
    The exact numbers are in ``ROOT/dayN/changes.json``.
 
 Needs root (loop devices, mount), ``mke2fs``, ``e2fsck``, ``losetup``,
@@ -75,7 +77,7 @@ from typing import Any
 
 from cbt.source.synth import copy_sparse
 
-FORMAT = 1  # bump when the way the set is made changes
+FORMAT = 2  # bump when the way the set is made changes
 ROOTS = ("/usr/share", "/usr/lib")
 FILL = 0.55  # share of the image's size taken by day 0's files
 DELETE, MODIFY, APPEND = 0.01, 0.01, 0.005  # shares of the image's files, per day
@@ -121,7 +123,7 @@ def tree(fs_size: int, days: int) -> tuple[list[str], list[str]]:
     day0: list[str] = []
     held: list[str] = []
     share = int(fs_size * FILL) // len(roots)
-    spare = int(fs_size * (ADD + TREE) * days * 1.2) // len(roots) + (1 << 20)
+    spare = int(fs_size * (ADD + TREE) * days * 3) // len(roots) + (1 << 20)
     for r in roots:
         used = 0
         for p, n in _walk(r):
@@ -250,11 +252,14 @@ def _files_in(mnt: Path) -> list[Path]:
 
 
 def _take(held: list[str], start: int, budget: int) -> tuple[list[str], int]:
-    """The held-back files from ``start`` up to ``budget`` bytes; the next start."""
+    """The held-back files from ``start`` that fit in ``budget`` bytes (one too big
+    for what is left is passed over); the next start."""
     out, used, i = [], 0, start
-    while i < len(held) and used < budget:
-        out.append(held[i])
-        used += os.lstat(held[i]).st_size
+    while i < len(held) and used < budget * 0.95:
+        n = os.lstat(held[i]).st_size
+        if used + n <= budget:
+            out.append(held[i])
+            used += n
         i += 1
     return out, i
 
