@@ -461,6 +461,9 @@ def build(root: Path, r: dict[str, Any]) -> None:
     check_machine()
     try:
         _build(root, r)
+    except (OSError, sqlite3.Error) as exc:  # a file gone from the tree, a full disk
+        shutil.rmtree(root, ignore_errors=True)
+        raise SetError(f"making the ext4db set in {root}: {exc}") from exc
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise

@@ -1,9 +1,9 @@
 """The ext4db bench set (bench/realset.py): day 1 differs from day 0 as its recipe says.
 
-Built at a tiny size (a 32 MiB image, a 4 MiB database) in seconds; needs root for the
-loop device.  The truth is read independently of the builder: the images are mounted
-read-only here and compared with the machine's own files, the databases are read with
-plain SQL, and the shares come from the module's constants.
+Built by bench/race.py at a tiny size (a 32 MiB image, a 16 MiB database) in seconds;
+needs root for the loop device.  The truth is read independently of the builder: the
+images are mounted read-only here and compared with the machine's own files, the
+databases are read with plain SQL, and the shares come from the module's constants.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import race
 import realset
 from helpers.system import loop_device, need_root_tools
 
 pytestmark = pytest.mark.root
-FS, DB = 32 << 20, 4 << 20
+FS = 32 << 20  # the image; the database is about FS / 2
 
 
 @contextlib.contextmanager
@@ -58,11 +59,29 @@ def rows(path: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def made(tmp_path_factory: pytest.TempPathFactory) -> race.DataSet:
+    """The set as bench/race.py makes it, at --size 64M."""
     need_root_tools("mke2fs", "e2fsck", "losetup", "mount")
-    root = tmp_path_factory.mktemp("ext4db") / "set"
-    realset.build(root, realset.recipe(FS, DB))
-    return root
+    ds = race.ext4db_set(tmp_path_factory.mktemp("race"), 2 * FS)
+    race.build(ds)
+    return ds
+
+
+@pytest.fixture
+def built(made: race.DataSet) -> Path:
+    return made.root
+
+
+def test_race_reuses_the_set_until_its_recipe_changes(made: race.DataSet) -> None:
+    assert made.recipe["fs_size"] == FS and made.recipe["db_size"] == FS // 2
+    assert [d.label for d in made.disks] == ["ext4", "db"]
+    stamps = [p.stat().st_mtime_ns for p in made.files()]
+    assert race._is_current(made)
+    race.build(made)  # reused: nothing rewritten
+    assert [p.stat().st_mtime_ns for p in made.files()] == stamps
+    other = race.DataSet(made.key, made.title, made.root, made.disks,
+                         {**made.recipe, "seed": made.recipe["seed"] + 1})
+    assert not race._is_current(other)
 
 
 def test_images_are_clean_ext4_and_nothing_stays_attached(built: Path) -> None:
