@@ -28,8 +28,8 @@ seeds.
    (``losetup``) and mounted; then, with the day's seed, as a system would
    change it in a day:
    a. deletes :data:`DELETE` of its files;
-   b. modifies :data:`MODIFY` of its files in place: one to four 4 KiB pages
-      each rewritten with text, the size unchanged;
+   b. modifies :data:`MODIFY` of its files (non-empty ones) in place: one to
+      four 4 KiB pages each rewritten with log text, the size unchanged;
    c. appends log lines to :data:`APPEND` of its files and to a growing
       ``var/log/syslog``;
    d. adds new files: the next held-back files (:data:`ADD` of the image's
@@ -77,7 +77,7 @@ from typing import Any
 
 from cbt.source.synth import copy_sparse
 
-FORMAT = 2  # bump when the way the set is made changes
+FORMAT = 3  # bump when the way the set is made changes
 ROOTS = ("/usr/share", "/usr/lib")
 FILL = 0.55  # share of the image's size taken by day 0's files
 DELETE, MODIFY, APPEND = 0.01, 0.01, 0.005  # shares of the image's files, per day
@@ -270,11 +270,11 @@ def change_image(mnt: Path, day: int, rng: random.Random, fs_size: int,
     done and where the held-back files continue."""
     files = _files_in(mnt)
     k = len(files)
-    picks = rng.sample(files, min(k, round(k * DELETE) + round(k * MODIFY)
-                                  + round(k * APPEND)))
-    deleted = picks[:round(k * DELETE)]
-    modified = picks[len(deleted):len(deleted) + round(k * MODIFY)]
-    appended = picks[len(deleted) + len(modified):]
+    picks = rng.sample(files, min(k, round(k * DELETE) + round(k * APPEND)))
+    deleted, appended = picks[:round(k * DELETE)], picks[round(k * DELETE):]
+    taken = set(picks)  # an empty file has no page to rewrite:
+    rest = [p for p in files if p not in taken and p.stat().st_size > 0]
+    modified = rng.sample(rest, min(len(rest), round(k * MODIFY)))
     for p in deleted:
         p.unlink()
     pages = 0
@@ -282,8 +282,8 @@ def change_image(mnt: Path, day: int, rng: random.Random, fs_size: int,
         size = p.stat().st_size
         with open(p, "r+b") as f:
             for _ in range(rng.randint(1, 4)):
-                at = rng.randrange(0, max(size, 1)) // PAGE * PAGE
-                data = _log_lines(rng, min(PAGE, max(size - at, 0)))
+                at = rng.randrange(0, size) // PAGE * PAGE
+                data = _log_lines(rng, min(PAGE, size - at))
                 f.seek(at)
                 f.write(data)
                 pages += 1
