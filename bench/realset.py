@@ -68,12 +68,13 @@ import random
 import shutil
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import harness
 
 from cbt.source.synth import copy_sparse
 
@@ -91,10 +92,6 @@ PAGE = 4096
 
 class SetError(Exception):
     """A tool failed or the machine lacks what the set needs: one line."""
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True, file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- the tree
@@ -469,6 +466,13 @@ def build(root: Path, r: dict[str, Any]) -> None:
         raise
 
 
+def _finish(day: Path, changes: dict[str, Any]) -> None:
+    """The day's disks on disk (fsync), and what was done to them."""
+    for p in (day / IMAGE, day / DATABASE):
+        harness.fsync_path(p)
+    (day / "changes.json").write_text(json.dumps(changes, indent=1) + "\n")
+
+
 def _build(root: Path, r: dict[str, Any]) -> None:
     day0, held = tree(r["fs_size"], r["days"])
     if _digest(day0 + held) != r["tree"]["digest"]:
@@ -479,9 +483,9 @@ def _build(root: Path, r: dict[str, Any]) -> None:
     started = time.perf_counter()
     make_image(d0 / IMAGE, r["fs_size"], day0)
     counts = make_database(d0 / DATABASE, r["db_size"], random.Random(r["seed"]))
-    (d0 / "changes.json").write_text(json.dumps({"rows": counts}, indent=1) + "\n")
-    log(f"  day 0: {len(day0)} files in {IMAGE}, {counts} rows in {DATABASE} "
-        f"({time.perf_counter() - started:.1f} s)")
+    _finish(d0, {"rows": counts})
+    harness.log(f"  day 0: {len(day0)} files in {IMAGE}, {counts} rows in {DATABASE} "
+                f"({time.perf_counter() - started:.1f} s)")
     start = 0
     for day in range(1, r["days"] + 1):
         prev, cur = root / f"day{day - 1}", root / f"day{day}"
@@ -493,11 +497,5 @@ def _build(root: Path, r: dict[str, Any]) -> None:
         fsck(cur / IMAGE)
         shutil.copyfile(prev / DATABASE, cur / DATABASE)
         db = change_database(cur / DATABASE, rng)
-        for p in (cur / IMAGE, cur / DATABASE):
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        (cur / "changes.json").write_text(json.dumps({"ext4": fs, "db": db}, indent=1) + "\n")
-        log(f"  day {day}: {fs}; {db['rows_after']} rows")
+        _finish(cur, {"ext4": fs, "db": db})
+        harness.log(f"  day {day}: {fs}; {db['rows_after']} rows")
