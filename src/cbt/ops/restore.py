@@ -59,7 +59,6 @@ import functools
 import os
 import re
 import stat
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -68,7 +67,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import zstandard
 
 from cbt.core.blockio import (
     Writeback,
@@ -98,6 +96,7 @@ from cbt.format.pack import (
     blob_length,
     blobs_match,
     decode_blob,
+    decompress,
 )
 from cbt.format.records import NAME_RE, PointRecord
 from cbt.ops.diff import changed_blocks
@@ -452,7 +451,7 @@ def _inflate_plain(job: _Job, pack: memoryview, zstd: npt.NDArray[np.bool_],
         batch: list[bytes | memoryview] = []
         for j in range(a, b):
             try:  # (the message names the block only when there is one to give)
-                data = _inflate(pack[starts[j]:ends[j]], sizes[j])
+                data = decompress(pack[starts[j]:ends[j]], sizes[j])
             except CorruptPackError as exc:
                 raise DamagedPointError(f"{where.format(int(job.blocks[idx[j]]))}{exc}"
                                         ) from None
@@ -468,27 +467,6 @@ def _inflate_plain(job: _Job, pack: memoryview, zstd: npt.NDArray[np.bool_],
                                 "content does not match its digest")
     checked[idx] = True
     return opened, checked
-
-
-_local = threading.local()
-
-
-def _inflate(payload: bytes | memoryview, raw: int) -> bytes:
-    """A zstd blob's content (``raw`` bytes expected; the caller checks the length), by
-    this thread's own decompression context, made once and reused: pyarrow's codec
-    (:func:`cbt.format.pack.decompress`) makes and frees one for every blob, which costs
-    more than decompressing 16 KiB.  A frame that says it holds more than ``raw`` bytes
-    is refused before anything is allocated for it; bytes after the frame are an error."""
-    dctx = getattr(_local, "dctx", None)
-    if dctx is None:
-        dctx = _local.dctx = zstandard.ZstdDecompressor()
-    try:
-        if zstandard.frame_content_size(payload) > raw:
-            raise CorruptPackError(": content has the wrong length")
-        return dctx.decompress(payload, max_output_size=raw,
-                               allow_extra_data=False)
-    except zstandard.ZstdError as exc:
-        raise CorruptPackError(f": cannot decompress ({exc})") from None
 
 
 # Blocks opened, then hashed, at a time: small enough that the plaintext is
@@ -560,7 +538,7 @@ def _decompress_opened(job: _Job, idx: npt.NDArray[np.intp], is_raw: npt.NDArray
             opened[i] = outs[j]
             continue
         try:  # (the message names the block only when there is one to give)
-            data = _inflate(outs[j], int(want[i]))
+            data = decompress(outs[j], int(want[i]))
         except CorruptPackError as exc:
             raise DamagedPointError(f"{where.format(int(job.blocks[i]))}{exc}") from None
         if len(data) != int(want[i]):
