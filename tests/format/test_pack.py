@@ -138,3 +138,61 @@ def test_blob_aads_are_blob_aad_row_by_row() -> None:
     assert rows.shape == (5, BLOB_AAD_SIZE)
     for i in range(5):
         assert rows[i].tobytes() == blob_aad(digests[i].tobytes(), 1, int(raw[i]))
+
+
+def test_decompress_keeps_one_context_per_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every block read back is decompressed by its thread's own ``zstandard`` context,
+    made once (a context made per block costs more than 16 KiB of decompression), and
+    the content is the block's."""
+    import threading
+
+    import zstandard
+
+    import cbt.format.pack as pack_mod
+
+    made: list[int] = []
+    real = zstandard.ZstdDecompressor
+
+    def counting() -> zstandard.ZstdDecompressor:
+        made.append(threading.get_ident())
+        return real()
+
+    monkeypatch.setattr(zstandard, "ZstdDecompressor", counting)
+    monkeypatch.setattr(pack_mod, "_local", threading.local())
+    blocks = _blocks()
+    frames = [zstandard.ZstdCompressor(level=3).compress(b) for b in blocks]
+
+    def run() -> None:
+        for b, f in zip(blocks, frames, strict=True):
+            assert pack_mod.decompress(f, len(b)) == b
+
+    run()
+    run()
+    assert len(made) == 1
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert len(made) == 2 and made[0] != made[1]
+
+
+def test_decompress_names_where_and_refuses_what_is_not_a_frame_of_raw_bytes() -> None:
+    import zstandard
+
+    from cbt.format.pack import CorruptPackError, decompress
+
+    data = bytes(range(256)) * 64
+    frame = zstandard.ZstdCompressor(level=3).compress(data)
+    with pytest.raises(CorruptPackError, match=r"^pack p blob 3: cannot decompress"):
+        decompress(frame + b"x", len(data), "pack p blob 3")
+    with pytest.raises(CorruptPackError, match=r"^pack p blob 3: content has the wrong"):
+        decompress(frame, len(data) - 1, "pack p blob 3")
+
+
+def test_blocks_are_decompressed_in_one_place_only() -> None:
+    """One function decompresses blocks (``cbt.format.pack.decompress``): no other module
+    makes a decompressor of its own."""
+    src = Path(__file__).resolve().parents[2] / "src" / "cbt"
+    found = [str(p.relative_to(src)) for p in src.rglob("*.py")
+             if ("ZstdDecompressor(" in p.read_text() or ".decompress(" in p.read_text())
+             and p != src / "format" / "pack.py"]
+    assert found == [], found

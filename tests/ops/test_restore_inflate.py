@@ -18,8 +18,9 @@ from cbt.format.pack import (
     CODEC_ZSTD,
     ENCRYPTION_NONE,
     CorruptPackError,
+    decompress,
 )
-from cbt.ops.restore import OPEN_BATCH, DamagedPointError, _inflate, _Job, _job_data
+from cbt.ops.restore import OPEN_BATCH, DamagedPointError, _Job, _job_data
 
 BS = 16 << 10
 ZSTD = pa.Codec("zstd", compression_level=3)
@@ -48,19 +49,19 @@ def _pack(blobs: list[tuple[bytes, int, bytes]], size: int
     return memoryview(bytes(out)), job
 
 
-def test_inflate_reads_a_frame_and_refuses_what_is_not_the_block() -> None:
+def test_decompress_reads_a_frame_and_refuses_what_is_not_the_block() -> None:
     data = _block(1)
     frame = ZSTD.compress(data, asbytes=True)
-    assert _inflate(memoryview(frame), BS) == data
+    assert decompress(memoryview(frame), BS) == data
     with pytest.raises(CorruptPackError, match="cannot decompress"):
-        _inflate(frame + b"more", BS)  # bytes after the frame
+        decompress(frame + b"more", BS)  # bytes after the frame
     with pytest.raises(CorruptPackError, match="cannot decompress"):
-        _inflate(frame[:-4], BS)  # a frame cut short
+        decompress(frame[:-4], BS)  # a frame cut short
     with pytest.raises(CorruptPackError, match="cannot decompress"):
-        _inflate(os.urandom(64), BS)  # no frame at all
+        decompress(os.urandom(64), BS)  # no frame at all
     big = ZSTD.compress(bytes(64 << 20), asbytes=True)  # says 64 MiB: refused unread
     with pytest.raises(CorruptPackError, match="wrong length"):
-        _inflate(big, BS)
+        decompress(big, BS)
 
 
 def test_compressed_and_raw_blocks_of_a_job_come_back_in_order_all_checked() -> None:

@@ -57,6 +57,7 @@ import errno
 import fcntl
 import functools
 import os
+import queue
 import re
 import stat
 import threading
@@ -68,7 +69,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import zstandard
 
 from cbt.core.blockio import (
     Writeback,
@@ -98,6 +98,7 @@ from cbt.format.pack import (
     blob_length,
     blobs_match,
     decode_blob,
+    decompress,
 )
 from cbt.format.records import NAME_RE, PointRecord
 from cbt.ops.diff import changed_blocks
@@ -218,9 +219,9 @@ IOV_MAX = 1024
 class _Run:
     """Consecutive blocks of one target on their way to disk."""
 
-    def __init__(self, fd: int, job: _Job, writeback: Writeback,
+    def __init__(self, fd: int, job: _Job, writer: _Writer,
                  id_key: bytes | None = None) -> None:
-        self.fd, self.bs, self.writeback = fd, job.block_size, writeback
+        self.fd, self.bs, self.writer = fd, job.block_size, writer
         self.id_key = id_key  # an encrypted vault's block ids are keyed BLAKE3
         self.where = f"point {job.point} disk {job.label} block {{}} pack {{}}"
         self.used = 0
@@ -244,30 +245,112 @@ class _Run:
         self.checked.append(checked)
 
     def flush(self) -> None:
-        n = len(self.blocks)
-        if not n:
-            return
-        todo = [i for i, c in enumerate(self.checked) if not c]
-        if todo:
-            got = np.empty((len(todo), fast.DIGEST_SIZE), dtype=np.uint8)
-            fast.hash_each([self.views[i] for i in todo] if len(todo) < n else self.views,
-                           got, self.id_key)
-            bad = (got != np.stack([self.digests[i] for i in todo])).any(axis=1)
-            if bad.any():
-                i = todo[int(np.argmax(bad))]
-                raise DamagedPointError(self.where.format(self.blocks[i], self.packs[i])
-                                        + ": content does not match its digest")
-        offset = self.blocks[0] * self.bs
-        for k in range(0, n, IOV_MAX):
-            chunk = self.views[k:k + IOV_MAX]
-            want = sum(len(v) for v in chunk)
-            done = os.pwritev(self.fd, chunk, offset)
-            if done < want:  # a short write: finish it plainly
-                write_all(self.fd, offset + done, b"".join(bytes(v) for v in chunk)[done:])
-            self.writeback.written(self.fd, offset, want)
-            offset += want
+        """Hand the run to the writer thread (which checks, then writes it) and start anew."""
+        if self.blocks:
+            self.writer.put(functools.partial(
+                _check_and_write, self.fd, self.bs, self.writer.writeback, self.id_key,
+                self.where, self.views, self.blocks, self.digests, self.packs, self.checked))
         self.used = 0
         self.views, self.blocks, self.digests, self.packs, self.checked = [], [], [], [], []
+
+
+def _check_and_write(fd: int, bs: int, writeback: Writeback, id_key: bytes | None,
+                     where: str, views: list[bytes | memoryview], blocks: list[int],
+                     digests: list[np.ndarray], packs: list[str], checked: list[bool]
+                     ) -> None:
+    """A run of consecutive blocks: those not checked yet hashed in one call into the
+    core and compared with their digests (a block that fails is an error naming it,
+    before anything of the run is written), then written with one ``pwritev`` (per
+    :data:`IOV_MAX` blocks) straight from where they lie."""
+    n = len(blocks)
+    todo = [i for i, c in enumerate(checked) if not c]
+    if todo:
+        got = np.empty((len(todo), fast.DIGEST_SIZE), dtype=np.uint8)
+        fast.hash_each([views[i] for i in todo] if len(todo) < n else views, got, id_key)
+        bad = (got != np.stack([digests[i] for i in todo])).any(axis=1)
+        if bad.any():
+            i = todo[int(np.argmax(bad))]
+            raise DamagedPointError(where.format(blocks[i], packs[i])
+                                    + ": content does not match its digest")
+    offset = blocks[0] * bs
+    for k in range(0, n, IOV_MAX):
+        chunk = views[k:k + IOV_MAX]
+        want = sum(len(v) for v in chunk)
+        done = os.pwritev(fd, chunk, offset)
+        if done < want:  # a short write: finish it plainly
+            write_all(fd, offset + done, b"".join(bytes(v) for v in chunk)[done:])
+        writeback.written(fd, offset, want)
+        offset += want
+
+
+# Runs handed to a worker's writer thread and not written yet, at most.
+WRITE_AHEAD = 2
+
+
+class _Writer:
+    """A worker's verify-and-write thread: the runs handed to it (:meth:`put`, as calls)
+    are checked and written in order while the worker reads, opens and decompresses
+    what comes next (``pwritev``, the kernel's copy into the page cache, lets go of the
+    GIL; so does the core's batch hash).
+
+    At most :data:`WRITE_AHEAD` runs wait (the worker waits for room: memory stays
+    bounded).  The first error stops the writing (the rest is dropped) and is raised
+    by the worker's next :meth:`put`, :meth:`wait` or :meth:`close`.  :meth:`put`
+    returns a ticket: :meth:`wait` of it returns once that run is written (a buffer
+    it points into may then be reused)."""
+
+    def __init__(self, writeback: Writeback) -> None:
+        self.writeback = writeback
+        self._todo: queue.Queue[Callable[[], None] | None] = queue.Queue(WRITE_AHEAD)
+        self._cond = threading.Condition()
+        self._sent = self._done = 0
+        self._error: BaseException | None = None
+        self._abort = False
+        self._thread = threading.Thread(target=self._run, name="cbt-restore-write",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (task := self._todo.get()) is not None:
+            if self._error is None and not self._abort:
+                try:
+                    task()
+                except BaseException as exc:  # raised in the worker
+                    self._error = exc
+            del task  # (its buffers let go before the worker hears it is done)
+            with self._cond:
+                self._done += 1
+                self._cond.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, task: Callable[[], None]) -> int:
+        self._raise()
+        self._todo.put(task)
+        self._sent += 1
+        return self._sent
+
+    @property
+    def sent(self) -> int:
+        return self._sent
+
+    def wait(self, ticket: int) -> None:
+        with self._cond:
+            while self._done < ticket and self._thread.is_alive():
+                self._cond.wait()
+        self._raise()
+
+    def close(self, abort: bool = False) -> None:
+        """Write what is left (or drop it: ``abort``), end the thread; then raise the
+        first error, unless aborting.  Once closed, a no-op."""
+        self._abort = self._abort or abort
+        if self._thread.is_alive():
+            self._todo.put(None)
+            self._thread.join()
+        if not abort:
+            self._raise()
 
 
 # -- 3-4. write and verify (in the workers) -----------------------------------
@@ -279,7 +362,10 @@ def _restore_packs(jobs: list[_Job], report: Report, ahead: int = 1
 
     ``ahead``: packs fetched ahead of the one being written, on threads (storage
     worth several requests in flight: :attr:`Storage.in_flight`); written in order,
-    each pack's memory let go once written."""
+    each pack's memory let go once written.  The runs are checked and written by the
+    worker's :class:`_Writer` thread while it opens and decompresses the next pack; an
+    encrypted vault's blocks are opened into two scratch buffers in turn, each reused
+    once the writer is done with the runs that point into it."""
     stats: dict[str, tuple[int, int]] = {}
     runs: dict[str, _Run] = {}
     vaults: dict[StorageSpec, Vault] = {}
@@ -287,34 +373,40 @@ def _restore_packs(jobs: list[_Job], report: Report, ahead: int = 1
         if job.vault.storage not in vaults:
             vaults[job.vault.storage] = Vault.from_spec(job.vault)
     writeback = Writeback()  # the disk starts writing while this worker still works
-    scratch = _Scratch()  # where an encrypted vault's blocks are opened, job after job
+    writer = _Writer(writeback)
+    scratch = (_Scratch(), _Scratch())  # where an encrypted vault's blocks are opened
+    tickets = [0, 0]  # the last run pointing into each scratch buffer
     packs = read_ahead(lambda j: _fetch_pack(vaults[j.vault.storage], j), jobs, ahead)
     try:
-        for job, pack in packs:
+        for k, (job, pack) in enumerate(packs):
             vault = vaults[job.vault.storage]
             run = runs.get(job.target)
             if run is None:
-                run = runs[job.target] = _Run(os.open(job.target, os.O_WRONLY), job, writeback,
+                run = runs[job.target] = _Run(os.open(job.target, os.O_WRONLY), job, writer,
                                               vault.id_key)
-            views, checked = _read_job(vault, job, scratch, pack)
+            writer.wait(tickets[k % 2])
+            views, checked = _read_job(vault, job, scratch[k % 2], pack)
             del pack
             for blk, dig, data, ok in zip(job.blocks.tolist(), job.digests, views,
                                           checked.tolist(), strict=True):
-                run.add(blk, dig, data, job.pack, ok)  # the rest checked when flushed
+                run.add(blk, dig, data, job.pack, ok)  # the rest checked when written
             if vault.keys is not None:
-                run.flush()  # no view of the scratch buffer outlives its job
+                run.flush()  # no run points into this scratch buffer and the next one
+                tickets[k % 2] = writer.sent
             w, v = stats.get(job.label, (0, 0))
             stats[job.label] = (w + sum(len(d) for d in views), v + len(views))
-            del views  # the pack is unmapped once its runs are flushed
+            del views  # the pack is unmapped once its runs are written
             report(int(job.lengths.sum()))
         for run in runs.values():
             run.flush()
+        writer.close()
     except BaseException:
         stop_others(report)  # (threads: they stop now, not after this one's clean-up)
         raise
     finally:
         packs.close()  # (an error: the packs fetched ahead are dropped)
         try:
+            writer.close(abort=True)  # (a no-op once closed)
             for run in runs.values():
                 writeback.forget(run.fd)
                 os.close(run.fd)
@@ -452,7 +544,7 @@ def _inflate_plain(job: _Job, pack: memoryview, zstd: npt.NDArray[np.bool_],
         batch: list[bytes | memoryview] = []
         for j in range(a, b):
             try:  # (the message names the block only when there is one to give)
-                data = _inflate(pack[starts[j]:ends[j]], sizes[j])
+                data = decompress(pack[starts[j]:ends[j]], sizes[j])
             except CorruptPackError as exc:
                 raise DamagedPointError(f"{where.format(int(job.blocks[idx[j]]))}{exc}"
                                         ) from None
@@ -468,27 +560,6 @@ def _inflate_plain(job: _Job, pack: memoryview, zstd: npt.NDArray[np.bool_],
                                 "content does not match its digest")
     checked[idx] = True
     return opened, checked
-
-
-_local = threading.local()
-
-
-def _inflate(payload: bytes | memoryview, raw: int) -> bytes:
-    """A zstd blob's content (``raw`` bytes expected; the caller checks the length), by
-    this thread's own decompression context, made once and reused: pyarrow's codec
-    (:func:`cbt.format.pack.decompress`) makes and frees one for every blob, which costs
-    more than decompressing 16 KiB.  A frame that says it holds more than ``raw`` bytes
-    is refused before anything is allocated for it; bytes after the frame are an error."""
-    dctx = getattr(_local, "dctx", None)
-    if dctx is None:
-        dctx = _local.dctx = zstandard.ZstdDecompressor()
-    try:
-        if zstandard.frame_content_size(payload) > raw:
-            raise CorruptPackError(": content has the wrong length")
-        return dctx.decompress(payload, max_output_size=raw,
-                               allow_extra_data=False)
-    except zstandard.ZstdError as exc:
-        raise CorruptPackError(f": cannot decompress ({exc})") from None
 
 
 # Blocks opened, then hashed, at a time: small enough that the plaintext is
@@ -560,7 +631,7 @@ def _decompress_opened(job: _Job, idx: npt.NDArray[np.intp], is_raw: npt.NDArray
             opened[i] = outs[j]
             continue
         try:  # (the message names the block only when there is one to give)
-            data = _inflate(outs[j], int(want[i]))
+            data = decompress(outs[j], int(want[i]))
         except CorruptPackError as exc:
             raise DamagedPointError(f"{where.format(int(job.blocks[i]))}{exc}") from None
         if len(data) != int(want[i]):

@@ -1,0 +1,111 @@
+"""Restore's writer thread: each worker's runs are checked and written on a thread of
+their own while the worker opens and decompresses the next pack.
+
+Truth: the disk's own bytes (a copy kept at backup time), and which thread called
+``pwritev``.  The writer is slowed down (a sleep before each run) to make the worker
+run ahead of it: an encrypted vault's scratch buffers must not be reused under a run
+that is not written yet.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import KIB, MIB
+from helpers.images import fs_image, keep_copy, read
+from helpers.vaults import PASSWORD, fast_kdf, file_tree
+
+import cbt as cbt_api
+import cbt.ops.backup as backup_mod
+import cbt.ops.restore as restore_mod
+from cbt.ops.restore import DamagedPointError, _Writer
+
+BS = 16 * KIB
+
+
+def _vault(tmp_path: Path, encrypted: bool, monkeypatch: pytest.MonkeyPatch
+           ) -> tuple[cbt_api.Vault, str, Path]:
+    """A vault holding one 6 MiB disk in many small packs (so a worker has many jobs)."""
+    monkeypatch.setattr(backup_mod, "TARGET_PACK_SIZE", 128 * KIB)
+    disk = fs_image(tmp_path / "os.img", 6 * MIB, 21)
+    v = (cbt_api.Vault.init(tmp_path / "v", encryption="aes-256-gcm", passphrase=PASSWORD,
+                            kdf=fast_kdf()) if encrypted else cbt_api.Vault.init(tmp_path / "v"))
+    point = v.backup("vm", [disk], block_size=BS, workers=1).id
+    return v, point, keep_copy(disk, tmp_path / "os.copy")
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_runs_are_written_by_the_writer_thread_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encrypted: bool) -> None:
+    v, point, truth = _vault(tmp_path, encrypted, monkeypatch)
+    packs = sum(1 for _ in (tmp_path / "v").rglob("*.pack"))
+    assert packs >= 8
+    writers: list[str] = []
+    real_pwritev, real_write = os.pwritev, restore_mod._check_and_write
+
+    def pwritev(fd: int, buffers: list[bytes], offset: int) -> int:
+        writers.append(threading.current_thread().name)
+        return real_pwritev(fd, buffers, offset)
+
+    def slow(*args: object) -> None:
+        time.sleep(0.005)  # the worker opens the next packs meanwhile
+        real_write(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(restore_mod, "_check_and_write", slow)
+    out = tmp_path / "out"
+    r = v.restore(point, out, workers=1)  # (one worker: in this process)
+    assert read(out / "os.img").tobytes() == read(truth).tobytes()
+    assert writers and set(writers) == {"cbt-restore-write"}
+    assert r.disks[0].blocks_verified > 0
+
+
+def test_writer_raises_the_first_error_and_drops_the_rest() -> None:
+    done: list[int] = []
+    w = _Writer(restore_mod.Writeback())
+    try:
+        w.put(lambda: done.append(1))
+
+        def fail() -> None:
+            raise DamagedPointError("point p disk d block 7 pack k: content does not match")
+
+        ticket = w.put(fail)
+        w.put(lambda: done.append(3))  # (after the error: never run)
+        with pytest.raises(DamagedPointError, match="block 7"):
+            w.wait(ticket)
+        with pytest.raises(DamagedPointError, match="block 7"):
+            w.put(lambda: done.append(4))
+        with pytest.raises(DamagedPointError, match="block 7"):
+            w.close()
+        assert done == [1]
+        w.close(abort=True)  # (closed: nothing more)
+    finally:
+        w.writeback.close()
+
+
+def test_a_block_that_fails_on_the_writer_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run the writer finds damaged fails the restore, naming the block, and no
+    temporary file is left (the worker stops at its next hand-over)."""
+    v, point, _ = _vault(tmp_path, False, monkeypatch)
+    real = restore_mod._check_and_write
+    calls = [0]
+
+    def damaging(fd: int, bs: int, wb: object, key: object, where: str,
+                 views: list[bytes], *rest: object) -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            views = [b"\x01" * len(views[0]), *views[1:]]
+            rest = (rest[0], rest[1], rest[2], [False] * len(views))  # hash them all
+        real(fd, bs, wb, key, where, views, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(restore_mod, "_check_and_write", damaging)
+    out = tmp_path / "out"
+    with pytest.raises(DamagedPointError, match=r"^point \S+ disk os block \d+ pack \w+: "
+                                                "content does not match its digest"):
+        v.restore(point, out, workers=1)
+    assert file_tree(out) == {}
