@@ -146,6 +146,9 @@ PREFETCH_AHEAD = 32 << 20  # bytes of a shard asked of the kernel ahead of its r
 BATCH_BLOCKS, BATCH_BYTES = 4096, 32 << 20  # windows a shard looks up in one call
 SAMPLE_RUN = 256 << 10  # bytes: the verification sample is taken in runs this long
 CODE_RUN = 64  # blocks a coding thread compresses (and seals) in one task
+# coding threads of a shard: up to one per core, but at most this many (a machine of many
+# cores runs as many shards: a lone shard left with new blocks takes 4 cores, not 1)
+CODE_THREADS = 4
 CODE_RUNS_IN_FLIGHT = 2  # runs per coding thread queued or coded, not yet appended
 
 _T = TypeVar("_T")
@@ -1296,7 +1299,7 @@ class _PackSink:
         self._pending = storage.in_flight if shared else PACKS_IN_FLIGHT
         self._in_flight: deque[tuple[Future[None], PackWriter]] = deque()
         self._entries: list[_Entry] = []
-        self._threads = threads or default_workers()
+        self._threads = threads or min(CODE_THREADS, default_workers())
         self._coders = ThreadPoolExecutor(self._threads, thread_name_prefix="cbt-code")
         self._coding: deque[Future[list[Coded]]] = deque()
 
