@@ -196,3 +196,57 @@ def test_blocks_are_decompressed_in_one_place_only() -> None:
              if ("ZstdDecompressor(" in p.read_text() or ".decompress(" in p.read_text())
              and p != src / "format" / "pack.py"]
     assert found == [], found
+
+
+# -- the compression side: coded on threads, appended in order --------------------------
+
+
+def _coded_pack(tmp_path: Path, blocks: list[bytes], threads: int) -> Path:
+    """A pack of ``blocks`` coded by :func:`encode_blocks` in runs of 7 on ``threads``
+    threads at once, appended in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cbt.format.pack import encode_blocks
+
+    pairs = [(blake3.blake3(b).digest(), b) for b in blocks]
+    runs = [pairs[k:k + 7] for k in range(0, len(pairs), 7)]
+    w = PackWriter()
+    with ThreadPoolExecutor(threads) as pool:
+        for coded in pool.map(encode_blocks, runs):
+            for blob in coded:
+                w.add_coded(blob)
+    path = tmp_path / f"{w.pack_id}.pack"
+    path.write_bytes(b"".join(bytes(b) for b in w.finish()))
+    return path
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_blocks_coded_on_threads_decode_in_order(tmp_path: Path, threads: int) -> None:
+    """Blocks compressed on several threads at once (a context each) land in the pack in
+    the order given, each decoding (the helpers' own reader: pyarrow's zstd) to itself."""
+    blocks = _blocks() * 3
+    truth = walk_pack(_coded_pack(tmp_path, blocks, threads))
+    assert [b.digest for b in truth] == [blake3.blake3(b).digest() for b in blocks]
+    assert [b.raw for b in truth] == [len(b) for b in blocks]
+    assert {b.codec for b in truth} == {0, 1}
+    assert all(b.stored < b.raw for b in truth if b.codec == 1)
+
+
+def test_coder_backs_off_after_incompressible_blocks() -> None:
+    """After a block that does not shrink, the next 1, 2, 4, then 8 are stored raw
+    untried; a block that compresses resets it (what ``PackWriter.add`` does too)."""
+    from cbt.format.pack import CODEC_NONE, CODEC_ZSTD, Coder
+
+    rng = np.random.default_rng(3)
+    noise = [rng.integers(0, 256, 1024, dtype=np.uint8).tobytes() for _ in range(40)]
+    tried = []
+    coder = Coder()
+    for b in noise:
+        before = coder.skip
+        codec, payload = coder.code(b)
+        assert codec == CODEC_NONE and bytes(payload) == b
+        tried.append(before == 0)
+    assert [i for i, t in enumerate(tried) if t] == [0, 2, 5, 10, 19, 28, 37]
+    assert coder.code(b"\0" * 1024)[0] == CODEC_NONE  # still skipping: 38, 39...
+    coder.skip = 0
+    assert coder.code(b"\0" * 1024)[0] == CODEC_ZSTD and coder.backoff == 0

@@ -17,12 +17,16 @@ digest is the block's keyed BLAKE3 id; the pack header and trailer are the same.
 A pack can be indexed from its trailer alone, or rebuilt blob by blob from the
 headers if the trailer is lost.
 
-A block is compressed with zstd (level 3); when that does not make it smaller
-it is stored raw (codec none), so incompressible data costs no decompression.
-After a block that did not compress, the next few are stored raw without
-trying (1, 2, 4, then 8 blocks, reset by the next block that compresses):
-a disk of random data costs one compression attempt in 9 blocks, and a
-compressible region after an incompressible one loses at most 8 blocks.
+A block is compressed with zstd (level 1, :data:`ZSTD_LEVEL`); when that does
+not make it smaller it is stored raw (codec none), so incompressible data costs
+no decompression.  After a block that did not compress, the next few are stored
+raw without trying (1, 2, 4, then 8 blocks, reset by the next block that
+compresses: :class:`Coder`): a disk of random data costs one compression
+attempt in 9 blocks, and a compressible region after an incompressible one
+loses at most 8 blocks.  Each thread compresses with a zstd context of its own,
+made once and reused block after block (:func:`compressor`), so blocks can be
+coded on several threads at once (:func:`encode_blocks`, which releases the GIL
+while it compresses and seals) and appended in order (:meth:`PackWriter.add_coded`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import re
 import struct
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import overload
 
@@ -66,7 +70,11 @@ ENTRY_DTYPE = np.dtype([("digest", "V32"), ("offset", "<u8"), ("stored", "<u4"),
                         ("raw", "<u4")])
 assert BLOB_DTYPE.itemsize == BLOB.size and ENTRY_DTYPE.itemsize == ENTRY.size
 
-ZSTD_LEVEL = 3
+# zstd level 1, chosen by measurement on an ext4 image of /usr/share and a SQLite
+# database (16 KiB blocks, CPU time, zstandard contexts reused): level 1 compressed
+# 1.35x faster than level 3 (db 259 vs 193 MB/s, fs 455 vs 362) and stored 1.3% more
+# (db 249.3 vs 246.1 MB, fs 118.0 vs 116.4); level -1 stored 13-15% more.
+ZSTD_LEVEL = 1
 TARGET_PACK_SIZE = 8 << 20
 MAX_BACKOFF = 8
 
@@ -78,6 +86,7 @@ class CorruptPackError(CbtError, ValueError):
 
 
 _codec = None
+_local = threading.local()
 
 
 def _zstd() -> object:
@@ -87,6 +96,60 @@ def _zstd() -> object:
 
         _codec = pa.Codec("zstd", compression_level=ZSTD_LEVEL)
     return _codec
+
+
+def compressor() -> zstandard.ZstdCompressor:
+    """This thread's zstd compressor at :data:`ZSTD_LEVEL`: one context, made once and
+    reused (pyarrow's codec made a context per block: 5% of an incremental backup)."""
+    c: zstandard.ZstdCompressor | None = getattr(_local, "zstd", None)
+    if c is None:
+        c = _local.zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
+
+
+@dataclass
+class Coder:
+    """Compresses blocks one after another, storing raw what does not shrink, and
+    backing off after it: the next 1, 2, 4, then 8 blocks are stored raw untried."""
+
+    skip: int = 0  # blocks left to store raw without trying to compress
+    backoff: int = 0
+
+    def code(self, data: memoryview | bytes) -> tuple[int, bytes | memoryview]:
+        """(codec, payload) of one block: zstd when that made it smaller, else as it is."""
+        if self.skip:
+            self.skip -= 1
+            return CODEC_NONE, data
+        packed = compressor().compress(data)
+        if len(packed) < len(data):
+            self.backoff = 0
+            return CODEC_ZSTD, packed
+        self.backoff = min(2 * self.backoff or 1, MAX_BACKOFF)
+        self.skip = self.backoff
+        return CODEC_NONE, data
+
+
+# (digest, codec, encryption, payload, raw length): a blob ready to append
+Coded = tuple[bytes, int, int, "bytes | memoryview", int]
+
+
+def encode_block(coder: Coder, cipher: Cipher | None, digest: bytes,
+                 data: memoryview | bytes) -> Coded:
+    """One block as a blob's fields: compressed by ``coder``, sealed with ``cipher``."""
+    raw = len(data)
+    codec, payload = coder.code(data)
+    if cipher is None:
+        return digest, codec, ENCRYPTION_NONE, payload, raw
+    return digest, codec, ENCRYPTION_AEAD, cipher.seal(payload, blob_aad(digest, codec, raw)), raw
+
+
+def encode_blocks(blocks: Sequence[tuple[bytes, bytes]], cipher: Cipher | None = None
+                  ) -> list[Coded]:
+    """Blocks ``(digest, data)`` as blobs' fields, in order, with a :class:`Coder` of their
+    own: what a thread of a backup worker runs on a batch (zstd and the cipher release
+    the GIL), while the worker goes on reading and hashing."""
+    coder = Coder()
+    return [encode_block(coder, cipher, d, data) for d, data in blocks]
 
 
 def pack_name(pack_id: str) -> str:
@@ -112,34 +175,21 @@ class PackWriter:
     pack_id: str = field(default_factory=new_pack_id)
     buf: bytearray = field(default_factory=bytearray)
     entries: list[tuple[bytes, int, int, int]] = field(default_factory=list)
-    skip: int = 0  # blocks left to store raw without trying to compress
-    backoff: int = 0
     cipher: Cipher | None = None  # an encrypted vault's blob cipher
+    coder: Coder = field(default_factory=Coder)
 
     def __post_init__(self) -> None:
         self.buf += HEADER.pack(PACK_MAGIC, PACK_VERSION, 0)
 
     def add(self, digest: bytes, data: memoryview | bytes) -> tuple[int, int]:
         """Append one block; returns (offset of its blob header, stored length)."""
-        raw = len(data)
-        packed = b""
-        if self.skip:
-            self.skip -= 1
-        else:
-            packed = _zstd().compress(data, asbytes=True)  # type: ignore[attr-defined]
-            if len(packed) < raw:
-                self.backoff = 0
-            else:
-                self.backoff = min(2 * self.backoff or 1, MAX_BACKOFF)
-                self.skip = self.backoff
-                packed = b""
+        return self.add_coded(encode_block(self.coder, self.cipher, digest, data))
+
+    def add_coded(self, coded: Coded) -> tuple[int, int]:
+        """Append one block coded already (:func:`encode_blocks`); returns (offset of its
+        blob header, stored length)."""
+        digest, codec, encryption, payload, raw = coded
         offset = len(self.buf)
-        codec = CODEC_ZSTD if packed else CODEC_NONE  # incompressible: stored as it is
-        payload: bytes | memoryview = packed or data
-        encryption = ENCRYPTION_NONE
-        if self.cipher is not None:
-            payload = self.cipher.seal(payload, blob_aad(digest, codec, raw))
-            encryption = ENCRYPTION_AEAD
         stored = len(payload)
         self.buf += BLOB.pack(BLOB_MAGIC, digest, codec, encryption, 0, raw, stored)
         self.buf += payload

@@ -93,7 +93,7 @@ from cbt.core.timefmt import utc_now
 from cbt.format.index_segment import segment_bytes
 from cbt.format.manifest import Manifest, range_rows
 from cbt.format.manifest import row_runs as manifest_row_runs
-from cbt.format.pack import TARGET_PACK_SIZE, PackWriter, block_id, pack_name
+from cbt.format.pack import TARGET_PACK_SIZE, Coded, PackWriter, encode_blocks, pack_name
 from cbt.format.records import DiskRecord, PointRecord, check_name
 from cbt.ops.diff import changed_blocks
 from cbt.repo import index as index_mod
@@ -145,6 +145,11 @@ CLUSTER_SHARDS_PER_WORKER = 1
 PREFETCH_AHEAD = 32 << 20  # bytes of a shard asked of the kernel ahead of its reader
 BATCH_BLOCKS, BATCH_BYTES = 4096, 32 << 20  # windows a shard looks up in one call
 SAMPLE_RUN = 256 << 10  # bytes: the verification sample is taken in runs this long
+CODE_RUN = 64  # blocks a coding thread compresses (and seals) in one task
+# coding threads of a shard: up to one per core, but at most this many (a machine of many
+# cores runs as many shards: a lone shard left with new blocks takes 4 cores, not 1)
+CODE_THREADS = 4
+CODE_RUNS_IN_FLIGHT = 2  # runs per coding thread queued or coded, not yet appended
 
 _T = TypeVar("_T")
 
@@ -1191,56 +1196,88 @@ class _Store:
     def missing(self, sink: _PackSink, digests: npt.NDArray[np.uint8],
                 flags: npt.NDArray[np.uint8], windows: Sequence[tuple[int, memoryview]]) -> None:
         """Store the missing blocks of consecutive windows, looked up in one call
-        (``digests``/``flags``: their rows; each window: its first row, and its bytes)."""
+        (``digests``/``flags``: their rows; each window: its first row, and its bytes).
+        Each is copied (the sink codes it on a thread of its own, after the windows are
+        gone); a live disk's copies are hashed again, all at once (:func:`_as_copied`)."""
         data_rows = np.nonzero(flags == fast.FLAG_DATA)[0]
         if not len(data_rows):
             return
+        rows = data_rows[self.index.lookup(digests[data_rows]) < 0].tolist()
+        while rows:
+            picked, again = self._pick(digests, windows, rows)
+            if self.rehash:
+                copied = _as_copied(digests, flags, picked, self.id_key)
+                lost = {d for _, d, _ in picked} - {d for _, d, _ in copied}
+                self.seen -= lost  # changed under us: not stored, unless a later row holds it
+                picked = copied
+                self.seen.update(d for _, d, _ in picked)
+                rows = [r for r in again if digests[r].tobytes() in lost]
+            else:
+                rows = []
+            sink.add_many([(d, block) for _, d, block in picked])
+
+    def _pick(self, digests: npt.NDArray[np.uint8], windows: Sequence[tuple[int, memoryview]],
+              rows: list[int]) -> tuple[list[tuple[int, bytes, bytes]], list[int]]:
+        """The first row of each digest not stored yet, copied, as (row, digest, bytes);
+        and the rows skipped as a copy of one picked here."""
         bs = self.block_size
         starts = [first for first, _ in windows]
-        for row in data_rows[self.index.lookup(digests[data_rows]) < 0].tolist():
+        picked: list[tuple[int, bytes, bytes]] = []
+        again: list[int] = []
+        now: set[bytes] = set()
+        for row in rows:
             d = digests[row].tobytes()
             if d in self.seen:
+                if d in now:
+                    again.append(row)
                 continue
             self.seen.add(d)
+            now.add(d)
             first, view = windows[bisect.bisect_right(starts, row) - 1]
-            block = view[(row - first) * bs:(row - first + 1) * bs]
-            if not self.rehash:
-                with block:
-                    sink.add(d, block)
-                continue
-            actual = _add_live(sink, digests, flags, row, block, d, self.id_key)
-            if actual != d:  # changed under us: d itself was not stored
-                self.seen.discard(d)
-                self.seen.add(actual)
+            with view[(row - first) * bs:(row - first + 1) * bs] as block:
+                picked.append((row, d, bytes(block)))
+        return picked, again
 
 
-def _add_live(sink: _PackSink, digests: npt.NDArray[np.uint8], flags: npt.NDArray[np.uint8],
-              row: int, block_view: memoryview, digest: bytes,
-              id_key: bytes | None = None) -> bytes:
-    """Store a block of a disk read live: copy it, and record what the copy holds.
+def _as_copied(digests: npt.NDArray[np.uint8], flags: npt.NDArray[np.uint8],
+               picked: list[tuple[int, bytes, bytes]],
+               id_key: bytes | None = None) -> list[tuple[int, bytes, bytes]]:
+    """Blocks of a disk read live, copied: record what each copy holds.
 
     The disk may have been written since the window was hashed; the point then
     records the block as copied (a live read is crash-consistent at best), so
     the stored bytes always match the manifest's digest (the block's id: keyed
-    with ``id_key`` in an encrypted vault).
+    with ``id_key`` in an encrypted vault).  The copies are hashed in one call;
+    a copy that is all zeros now is a ZERO row, not stored.  Returns the blocks to
+    store, each under the digest of its copy.
     """
-    with block_view:
-        block = bytes(block_view)
-    actual = block_id(block, id_key)
-    if actual != digest:
-        if block.count(0) == len(block):
-            digests[row] = 0
-            flags[row] = fast.FLAG_ZERO
-            return actual
-        digests[row] = np.frombuffer(actual, dtype=np.uint8)
-    sink.add(actual, block)
-    return actual
+    if not picked:
+        return picked
+    actual = np.empty((len(picked), fast.DIGEST_SIZE), dtype=np.uint8)
+    fast.hash_each([block for _, _, block in picked], actual, key=id_key)
+    out = []
+    for (row, digest, block), got in zip(picked, actual, strict=True):
+        d = got.tobytes()
+        if d != digest:
+            if block.count(0) == len(block):
+                digests[row] = 0
+                flags[row] = fast.FLAG_ZERO
+                continue
+            digests[row] = got
+        out.append((row, d, block))
+    return out
 
 
 class _PackSink:
-    """A shard's packs: filled here, each written durably by a thread.
+    """A shard's packs: blocks coded by threads, packs filled here, each written
+    durably by a thread.
 
-    The writing threads work while this one goes on hashing and compressing.
+    Blocks come in batches (:meth:`add_many`), cut into runs of :data:`CODE_RUN`
+    that the sink's coding threads compress and seal (:func:`encode_blocks`: zstd
+    and the cipher release the GIL) while this thread goes on reading and hashing;
+    the coded runs are appended in order, at most :data:`CODE_RUNS_IN_FLIGHT` per
+    thread waiting.  A shard of new blocks then uses every core, not one, when the
+    other shards are done.  The writing threads work while this one goes on.
     Storage with one request in flight (a disk): one thread of this sink's,
     at most PACKS_IN_FLIGHT full packs waiting in memory for it.  Storage worth
     more (S3: :attr:`Storage.in_flight`): the process's shared uploader, whose
@@ -1250,7 +1287,8 @@ class _PackSink:
     error is the shard's, and nothing is committed.
     """
 
-    def __init__(self, storage: Storage, cipher: Cipher | None = None) -> None:
+    def __init__(self, storage: Storage, cipher: Cipher | None = None,
+                 threads: int | None = None) -> None:
         self._storage = storage
         self._cipher = cipher  # an encrypted vault's: every blob sealed
         self._writer = PackWriter(cipher=cipher)
@@ -1261,14 +1299,28 @@ class _PackSink:
         self._pending = storage.in_flight if shared else PACKS_IN_FLIGHT
         self._in_flight: deque[tuple[Future[None], PackWriter]] = deque()
         self._entries: list[_Entry] = []
+        self._threads = threads or min(CODE_THREADS, default_workers())
+        self._coders = ThreadPoolExecutor(self._threads, thread_name_prefix="cbt-code")
+        self._coding: deque[Future[list[Coded]]] = deque()
 
-    def add(self, digest: bytes, block: memoryview | bytes) -> None:
-        self._writer.add(digest, block)
-        if len(self._writer) >= TARGET_PACK_SIZE:
-            self._flush()
+    def add_many(self, blocks: list[tuple[bytes, bytes]]) -> None:
+        """Store blocks ``(digest, data)``, in this order, coded on the sink's threads."""
+        for k in range(0, len(blocks), CODE_RUN):
+            self._coding.append(self._coders.submit(encode_blocks, blocks[k:k + CODE_RUN],
+                                                    self._cipher))
+            while len(self._coding) > CODE_RUNS_IN_FLIGHT * self._threads:
+                self._append(self._coding.popleft().result())
+
+    def _append(self, coded: list[Coded]) -> None:
+        for blob in coded:
+            self._writer.add_coded(blob)
+            if len(self._writer) >= TARGET_PACK_SIZE:
+                self._flush()
 
     def finish(self) -> list[_Entry]:
         """Write the last pack, wait for every write; the stored blocks' entries."""
+        while self._coding:
+            self._append(self._coding.popleft().result())
         self._flush()
         self._settle(0)
         return self._entries
@@ -1293,6 +1345,8 @@ class _PackSink:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._coders.shutdown(wait=True, cancel_futures=True)
+        self._coding.clear()
         for put, _ in self._in_flight:
             put.cancel()
         if self._own:
