@@ -7,9 +7,24 @@ Truth comes from the ``blake3`` package; each test runs every kernel this CPU ha
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import subprocess
 import sys
 import textwrap
+
+import blake3
+import numpy as np
+import pytest
+
+from cbt.core.native import fast
+
+PAGE = mmap.PAGESIZE
+KEY = bytes(range(32))
+
+
+def oracle(data: bytes, key: bytes | None) -> bytes:
+    return (blake3.blake3(data) if key is None else blake3.blake3(data, key=key)).digest()
 
 
 def test_list_changed_by_the_call_itself_is_no_crash() -> None:
@@ -53,3 +68,54 @@ def test_list_changed_by_the_call_itself_is_no_crash() -> None:
                        check=False, timeout=120)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert len(r.stdout.splitlines()) == 2, r.stdout
+
+
+class _Guarded:
+    """``pages`` readable pages of random bytes followed by one that cannot be read."""
+
+    def __init__(self, pages: int) -> None:
+        self.size = pages * PAGE
+        self.map = mmap.mmap(-1, self.size + PAGE)
+        self.map[:self.size] = np.random.default_rng(pages).integers(
+            0, 256, self.size, dtype=np.uint8).tobytes()
+        holder = (ctypes.c_char * (self.size + PAGE)).from_buffer(self.map)
+        addr = ctypes.addressof(holder)
+        del holder
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        assert libc.mprotect(addr + self.size, PAGE, 0) == 0, ctypes.get_errno()
+
+    def tail(self, n: int) -> memoryview:
+        """The last ``n`` readable bytes: the input ends where the unreadable page starts."""
+        return memoryview(self.map)[self.size - n:self.size]
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "keyed"])
+def test_no_read_past_an_input_that_ends_at_an_unreadable_page(key: bytes | None) -> None:
+    """Every length around blocks and chunks, each input's last byte just before a
+    PROT_NONE page: a load past the end would fault (SIGSEGV) instead of passing."""
+    g = _Guarded(16)
+    lengths = sorted(set(range(0, 2200)) | {c * 1024 + d for c in range(2, 65)
+                                            for d in (-65, -64, -1, 0, 1, 63, 64)})
+    lengths = [n for n in lengths if n <= g.size]
+    before = fast.kernel
+    try:
+        for name in fast.kernels():
+            fast.use_kernel(name)
+            views = [g.tail(n) for n in lengths]
+            digests = np.zeros((len(views), 32), dtype=np.uint8)
+            fast.hash_each(views, digests, key)
+            for v, row in zip(views, digests, strict=True):
+                assert row.tobytes() == oracle(bytes(v), key), (name, len(v))
+            for bs in (4096, 16384, 65536):
+                for extra in (0, 1, 64, 1023, 1025, bs - 1):
+                    data = np.frombuffer(g.tail(bs + extra), dtype=np.uint8)
+                    n = -(-len(data) // bs)
+                    out = np.zeros((n, 32), dtype=np.uint8)
+                    fast.hash_blocks(data, bs, out, np.zeros(n, dtype=np.uint8), key)
+                    for i in range(n):
+                        assert out[i].tobytes() == oracle(
+                            data[i * bs:(i + 1) * bs].tobytes(), key), (name, bs, extra, i)
+            del views, data
+    finally:
+        fast.use_kernel(before)
