@@ -119,3 +119,24 @@ def test_no_read_past_an_input_that_ends_at_an_unreadable_page(key: bytes | None
             del views, data
     finally:
         fast.use_kernel(before)
+
+
+@pytest.mark.parametrize("key", [32, [7] * 32, "k" * 32], ids=["int", "list", "str"])
+def test_a_key_that_is_not_bytes_is_refused(key: object) -> None:
+    """``bytes(32)`` is 32 zero bytes: an int key must not hash under an all-zero key
+    (nor a list of ints under those bytes); the blake3 package refuses both as well."""
+    digests = np.zeros((1, 32), dtype=np.uint8)
+    with pytest.raises(TypeError):
+        fast.hash_each([b"data"], digests, key=key)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        fast.hash_blocks(b"d" * 4096, 4096, digests, np.zeros(1, dtype=np.uint8),
+                         key)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        blake3.blake3(b"data", key=key)  # type: ignore[arg-type]
+
+
+def test_a_key_may_be_any_bytes_like_object() -> None:
+    digests = np.zeros((1, 32), dtype=np.uint8)
+    for key in (bytearray(KEY), memoryview(KEY), np.frombuffer(KEY, dtype=np.uint8)):
+        fast.hash_each([b"data"], digests, key=key)  # type: ignore[arg-type]
+        assert digests[0].tobytes() == oracle(b"data", KEY)

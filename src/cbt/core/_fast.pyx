@@ -109,7 +109,7 @@ cdef bytes _key_bytes(key):
     """The 32-byte key of keyed hashing (an encrypted vault's block ids), or None."""
     if key is None:
         return None
-    k = bytes(key)
+    k = bytes(memoryview(key))  # a bytes-like object: bytes(32) would be 32 zero bytes
     if len(k) != 32:
         raise CbtValueError(f"BLAKE3 key must be 32 bytes, not {len(k)}")
     return k
