@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import platform
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +18,7 @@ import textwrap
 import blake3
 import numpy as np
 import pytest
+from helpers.system import need
 
 from cbt.core.native import fast
 
@@ -140,3 +143,46 @@ def test_a_key_may_be_any_bytes_like_object() -> None:
     for key in (bytearray(KEY), memoryview(KEY), np.frombuffer(KEY, dtype=np.uint8)):
         fast.hash_each([b"data"], digests, key=key)  # type: ignore[arg-type]
         assert digests[0].tobytes() == oracle(b"data", KEY)
+
+
+_LOW_CPU_CHILD = textwrap.dedent("""
+    import os, sys, blake3
+    import cbt.core._fast as fast  # no numpy: it needs more than the oldest CPUs have
+    print(",".join(fast.kernels()), fast.kernel)
+    bufs = [(bytes(range(251)) * 300)[:n] for n in (0, 1, 64, 1024, 1025, 5000, 70001)]
+    for name in fast.kernels():
+        fast.use_kernel(name)
+        for key in (None, bytes(range(32))):
+            out = bytearray(32 * len(bufs))
+            fast.hash_each(bufs, memoryview(out).cast("B", (len(bufs), 32)), key)
+            want = b"".join((blake3.blake3(b) if key is None else
+                             blake3.blake3(b, key=key)).digest() for b in bufs)
+            assert bytes(out) == want, name
+    os.environ["CBT_KERNEL"] = sys.argv[1]
+    fast._select_kernel()
+    try:
+        fast.hash_each([b"x"], memoryview(bytearray(32)).cast("B", (1, 32)))
+        print("ran", fast.kernel)
+    except ValueError as exc:
+        print(exc)
+""")
+
+
+@pytest.mark.parametrize(("cpu", "runs"), [("qemu64", "portable"), ("Nehalem", "portable,sse41"),
+                                           ("Haswell", "portable,sse41,avx2")])
+def test_older_cpus_run_their_best_kernel_and_never_a_newer_one(cpu: str, runs: str) -> None:
+    """Under qemu-user's emulation of an older CPU: the core imports and hashes exactly
+    with every kernel that CPU has (no SIGILL: no instruction of a newer set outside the
+    kernels chosen at run time), picks the best one, and CBT_KERNEL=avx512 is refused in
+    one line naming what the CPU runs."""
+    qemu = shutil.which("qemu-x86_64")
+    need(qemu is not None and platform.machine() == "x86_64",
+         "needs qemu-x86_64 (apt-get install qemu-user; ci/system-deps.sh does)")
+    assert qemu is not None
+    r = subprocess.run([qemu, "-cpu", cpu, sys.executable, "-c", _LOW_CPU_CHILD, "avx512"],
+                       capture_output=True, text=True, check=False, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"{runs} {runs.split(',')[-1]}"
+    assert lines[1] == (f"CBT_KERNEL=avx512: this CPU cannot run the BLAKE3 kernel 'avx512'; "
+                        f"it supports: {runs.replace(',', ', ')}")
