@@ -10,12 +10,13 @@
 # (tests/helpers/guest.py) is built from .debs that `apt-get download` fetches (so
 # apt's package lists must be there) plus the host's copies of the libraries qemu-ga
 # loads (libglib2.0-0, libnuma1, liburing2, libudev1).  zsh parses the completion
-# script cbt generates; man-db and groff-base render its man page.  Needs root; a
-# no-op for what is already installed.
+# script cbt generates; man-db and groff-base render its man page.  qemu-user
+# (qemu-x86_64) runs the compiled core on emulated older CPUs (no AVX-512, AVX2 or
+# SSE4.1) in the BLAKE3 dispatch test.  Needs root; a no-op for what is already installed.
 set -euo pipefail
 pkgs=(util-linux fuse3 strace xfsprogs btrfs-progs e2fsprogs qemu-utils qemu-system-common
       qemu-system-x86 qemu-guest-agent libglib2.0-0 libnuma1 liburing2 libudev1
-      zsh man-db groff-base systemd)
+      zsh man-db groff-base systemd qemu-user)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -109,7 +109,7 @@ cdef bytes _key_bytes(key):
     """The 32-byte key of keyed hashing (an encrypted vault's block ids), or None."""
     if key is None:
         return None
-    k = bytes(key)
+    k = bytes(memoryview(key))  # a bytes-like object: bytes(32) would be 32 zero bytes
     if len(k) != 32:
         raise CbtValueError(f"BLAKE3 key must be 32 bytes, not {len(k)}")
     return k
@@ -315,7 +315,10 @@ def hash_each(list buffers, uint8_t[:, ::1] digests, key=None):
     buffers (contiguous, any lengths) are held while they are hashed with the GIL
     released.  ``key`` as for :func:`hash_blocks`.
     """
-    cdef Py_ssize_t i, n = len(buffers), got = 0
+    # A snapshot: the key's conversion or a buffer's export (Python >= 3.12: __buffer__)
+    # may run code that changes the list while it is read.
+    cdef tuple seq = tuple(buffers)
+    cdef Py_ssize_t i, n = len(seq), got = 0
     cdef const uint8_t *kp = NULL
     cdef Py_buffer *views
     cdef const uint8_t **ins
@@ -338,7 +341,7 @@ def hash_each(list buffers, uint8_t[:, ::1] digests, key=None):
         if views == NULL or ins == NULL or lens == NULL or outs == NULL:
             raise MemoryError()
         for i in range(n):
-            PyObject_GetBuffer(buffers[i], &views[i], PyBUF_SIMPLE)
+            PyObject_GetBuffer(seq[i], &views[i], PyBUF_SIMPLE)
             got += 1
             ins[i] = <const uint8_t *>views[i].buf
             lens[i] = <size_t>views[i].len
