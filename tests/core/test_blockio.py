@@ -122,3 +122,23 @@ def test_copy_sparse_of_an_unreadable_source(tmp_path: Path) -> None:
         else:
             got = "copied"
     assert got == f"read error on {src} at byte {page}: Input/output error", got
+
+
+def test_small_gaps_are_taken_into_one_range(tmp_path: Path) -> None:
+    """Writes with holes between them (a restore skips zero blocks) make one range per
+    batch, not one per write: a gap of less than a batch ahead is taken in."""
+    fd = os.open(tmp_path / "a.img", os.O_RDWR | os.O_CREAT, 0o644)
+    wb = Recording(batch=4 * MIB)
+    try:
+        for k in range(12):  # 64 KiB written every 512 KiB: 6 MiB spanned
+            wb.written(fd, k * 512 * 1024, 64 * 1024)
+        end = 11 * 512 * 1024 + 64 * 1024
+        assert wb.handed == [(fd, 0, 4 * MIB + 64 * 1024)]  # the first batch
+        wb.written(fd, 20 * MIB, MIB)  # a gap of a batch or more: the rest goes
+        assert wb.handed[1:] == [(fd, 4 * MIB + 64 * 1024, end)]
+        wb.written(fd, 10 * MIB, MIB)  # backwards: what was pending goes too
+        assert wb.handed[2:] == [(fd, 20 * MIB, 21 * MIB)]
+    finally:
+        wb.forget(fd)
+        os.close(fd)
+        wb.close()

@@ -167,8 +167,9 @@ class Writeback:
     """Start writeback of written ranges in the background, a batch at a time.
 
     ``written(fd, offset, length)`` is called after each write; once ``batch``
-    bytes of a descriptor have piled up, a thread asks the kernel to start
-    writing them out.  Only a hint: errors are ignored here (the fsync that
+    bytes of a descriptor have piled up (a range, gaps of less than ``batch``
+    between its writes taken in), a thread asks the kernel to start writing
+    them out.  Only a hint: errors are ignored here (the fsync that
     makes the data durable reports them), and nothing waits for the disk but
     the thread.  Measured on this project's machine: a 4 GiB restore with an
     fsync at the end finishes 10-15% sooner than without it.
@@ -186,7 +187,9 @@ class Writeback:
 
     def written(self, fd: int, offset: int, length: int) -> None:
         lo, hi = self._pending.get(fd, (offset, offset))
-        if offset != hi:  # not contiguous: hand over what there is, start anew
+        # a gap of less than a batch ahead (holes a restore leaves) is taken in: the
+        # kernel skips what is not dirty, and the thread is woken once, not per range
+        if not hi <= offset < hi + self.batch:  # else: hand over what there is, start anew
             self._hand_over(fd, lo, hi)
             lo = offset
         hi = offset + length
