@@ -25,13 +25,17 @@
 3. Write (:func:`_write`): each worker gets whole packs (:func:`_balance`),
    reopens the vault from its spec (storage and keys: no passphrase asked),
    maps each pack, checks all its blob headers at once
-   (:func:`cbt.format.pack.blob_headers`), and writes runs of consecutive
-   blocks with one ``pwritev`` each, straight from the mapped pack.  An
-   encrypted vault's blobs are each opened (authenticated) first: a blob that
-   fails is an error naming its pack, before its block is written.
-4. Verify, as it writes: every run is hashed in one call into the core (keyed
-   BLAKE3 with the vault's id key in an encrypted vault) and checked against
-   the manifest's digests before it is written.
+   (:func:`cbt.format.pack.blob_headers`), decompresses what is compressed
+   (:func:`cbt.format.pack.decompress`), and hands runs of consecutive blocks
+   to its writer thread (:class:`_Writer`), which writes each with one
+   ``pwritev``, straight from the mapped pack or the decompressed blocks, while
+   the worker goes on with the next pack.  An encrypted vault's blobs are each
+   opened (authenticated) first: a blob that fails is an error naming its
+   pack, before its block is written.
+4. Verify, before it writes: blocks are hashed many at a time in one call into
+   the core (keyed BLAKE3 with the vault's id key in an encrypted vault) and
+   checked against the manifest's digests: a batch as it is decompressed or
+   opened (while it is in cache), the rest run by run on the writer thread.
 5. Finish (:func:`_finish_target`): zero what must read as zeros, fsync.
 6. Commit (:func:`_commit_targets`): a new file is renamed into place and its
    directory fsynced.  On any error temporary files are removed
