@@ -145,6 +145,7 @@ CLUSTER_SHARDS_PER_WORKER = 1
 PREFETCH_AHEAD = 32 << 20  # bytes of a shard asked of the kernel ahead of its reader
 BATCH_BLOCKS, BATCH_BYTES = 4096, 32 << 20  # windows a shard looks up in one call
 SAMPLE_RUN = 256 << 10  # bytes: the verification sample is taken in runs this long
+PICK_BYTES = 4 << 20  # new blocks copied at once, before they are handed to the sink
 CODE_RUN = 64  # blocks a coding thread compresses (and seals) in one task
 # coding threads of a shard: up to one per core, but at most this many (a machine of many
 # cores runs as many shards: a lone shard left with new blocks takes 4 cores, not 1)
@@ -1202,7 +1203,15 @@ class _Store:
         data_rows = np.nonzero(flags == fast.FLAG_DATA)[0]
         if not len(data_rows):
             return
-        rows = data_rows[self.index.lookup(digests[data_rows]) < 0].tolist()
+        absent = data_rows[self.index.lookup(digests[data_rows]) < 0].tolist()
+        step = max(1, PICK_BYTES // self.block_size)  # (copies held at once: a few MiB)
+        for k in range(0, len(absent), step):
+            self._store(sink, digests, flags, windows, absent[k:k + step])
+
+    def _store(self, sink: _PackSink, digests: npt.NDArray[np.uint8],
+               flags: npt.NDArray[np.uint8], windows: Sequence[tuple[int, memoryview]],
+               rows: list[int]) -> None:
+        """Copy the blocks of ``rows`` not stored yet, and hand them to the sink."""
         while rows:
             picked, again = self._pick(digests, windows, rows)
             if self.rehash:
