@@ -28,9 +28,13 @@ A :class:`BackupRequest` says what to back up and how; :func:`backup` runs it:
    keys included: no passphrase, no key derivation) and the run's index
    (:class:`WorkerVault`), reopens its disk from the source's spec, runs the
    one hash loop (:func:`cbt.source.read.hash_shard`), looks each window's
-   digests up in the index in one vectorised call, and appends the missing
-   blocks, compressed, to packs of a few MiB that a thread of its own writes
-   durably as they fill.  On a :class:`PlacedExecutor` (a Dask cluster) each
+   digests up in the index in one vectorised call, and copies the missing
+   blocks (a disk read live: hashed again, all at once, so what is stored is
+   what its digest says); a few threads of the worker's own compress (and seal)
+   them in runs (:class:`_PackSink`: zstd releases the GIL, so a shard left
+   alone with new blocks uses every core), and they are appended in order to
+   packs of a few MiB that a thread of its own writes durably as they fill.
+   On a :class:`PlacedExecutor` (a Dask cluster) each
    disk's shards run on the workers of its host (``BackupRequest.hosts``; none:
    the coordinator's), which also open and map a disk of another host for the
    plan; a host no worker serves fails the run before anything is written.  The
