@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import blake3
 import numpy as np
+import pytest
 
 from cbt.core.native import fast
 from cbt.ops.backup import _Store
@@ -31,11 +32,14 @@ def _block(byte: int) -> bytes:
     return bytes([byte]) * (BS - 1) + b"\1"
 
 
-def test_a_live_block_changed_under_the_read_is_stored_as_copied() -> None:
+@pytest.mark.parametrize("pick_blocks", [1, 2, 64])
+def test_a_live_block_changed_under_the_read_is_stored_as_copied(
+        monkeypatch: pytest.MonkeyPatch, pick_blocks: int) -> None:
     """Rows 0 and 2 held A when hashed; row 0 now holds C (changed under the read), row 2
     still A; row 1 held B, row 3 now holds zeros.  The store keeps what it copies:
     C for row 0, A for row 2 (it is no longer stored by row 0), B, and row 3 is a ZERO
     row; each block is stored once, under its own BLAKE3."""
+    monkeypatch.setattr("cbt.ops.backup.PICK_BYTES", pick_blocks * BS)
     a, b, c, d = _block(1), _block(2), _block(3), _block(4)
     zero = bytes(BS)
     hashed = [a, b, a, d]  # what the digests were taken of

@@ -28,9 +28,13 @@ A :class:`BackupRequest` says what to back up and how; :func:`backup` runs it:
    keys included: no passphrase, no key derivation) and the run's index
    (:class:`WorkerVault`), reopens its disk from the source's spec, runs the
    one hash loop (:func:`cbt.source.read.hash_shard`), looks each window's
-   digests up in the index in one vectorised call, and appends the missing
-   blocks, compressed, to packs of a few MiB that a thread of its own writes
-   durably as they fill.  On a :class:`PlacedExecutor` (a Dask cluster) each
+   digests up in the index in one vectorised call, and copies the missing
+   blocks (a disk read live: hashed again, all at once, so what is stored is
+   what its digest says); a few threads of the worker's own compress (and seal)
+   them in runs (:class:`_PackSink`: zstd releases the GIL, so a shard left
+   alone with new blocks uses every core), and they are appended in order to
+   packs of a few MiB that a thread of its own writes durably as they fill.
+   On a :class:`PlacedExecutor` (a Dask cluster) each
    disk's shards run on the workers of its host (``BackupRequest.hosts``; none:
    the coordinator's), which also open and map a disk of another host for the
    plan; a host no worker serves fails the run before anything is written.  The
@@ -145,6 +149,7 @@ CLUSTER_SHARDS_PER_WORKER = 1
 PREFETCH_AHEAD = 32 << 20  # bytes of a shard asked of the kernel ahead of its reader
 BATCH_BLOCKS, BATCH_BYTES = 4096, 32 << 20  # windows a shard looks up in one call
 SAMPLE_RUN = 256 << 10  # bytes: the verification sample is taken in runs this long
+PICK_BYTES = 4 << 20  # new blocks copied at once, before they are handed to the sink
 CODE_RUN = 64  # blocks a coding thread compresses (and seals) in one task
 # coding threads of a shard: up to one per core, but at most this many (a machine of many
 # cores runs as many shards: a lone shard left with new blocks takes 4 cores, not 1)
@@ -1202,7 +1207,15 @@ class _Store:
         data_rows = np.nonzero(flags == fast.FLAG_DATA)[0]
         if not len(data_rows):
             return
-        rows = data_rows[self.index.lookup(digests[data_rows]) < 0].tolist()
+        absent = data_rows[self.index.lookup(digests[data_rows]) < 0].tolist()
+        step = max(1, PICK_BYTES // self.block_size)  # (copies held at once: a few MiB)
+        for k in range(0, len(absent), step):
+            self._store(sink, digests, flags, windows, absent[k:k + step])
+
+    def _store(self, sink: _PackSink, digests: npt.NDArray[np.uint8],
+               flags: npt.NDArray[np.uint8], windows: Sequence[tuple[int, memoryview]],
+               rows: list[int]) -> None:
+        """Copy the blocks of ``rows`` not stored yet, and hand them to the sink."""
         while rows:
             picked, again = self._pick(digests, windows, rows)
             if self.rehash:
