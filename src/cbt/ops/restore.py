@@ -508,7 +508,10 @@ def _job_data(job: _Job, pack: memoryview, where: str, cipher: Cipher | None = N
     else:
         opened, checked = _inflate_plain(job, pack, sound & (codecs == CODEC_ZSTD), want,
                                          where)
-    direct = sound & (codecs == CODEC_NONE) if cipher is None else checked
+    # (a raw blob is viewed only if it is exactly the block: a longer one would be written
+    # past the block's end; decode_blob names it)
+    direct = (sound & (codecs == CODEC_NONE) & (lengths - BLOB.size == want)
+              if cipher is None else checked)
     out: list[bytes | memoryview] = []
     for i, (blk, off, ln, view) in enumerate(zip(job.blocks.tolist(), offs.tolist(),
                                                  lengths.tolist(), direct.tolist(),

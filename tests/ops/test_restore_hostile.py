@@ -1,0 +1,52 @@
+"""Restore against a crafted plain vault and a hostile target: what it reads is checked
+for what it is (a raw block is exactly its length), and what it cannot write is named.
+
+Truth: the block's length from the disk's size (``want``), BLAKE3 from the ``blake3``
+package, and the target file as the kernel reports it.
+"""
+
+from __future__ import annotations
+
+import blake3
+import numpy as np
+import pytest
+
+from cbt.format.pack import BLOB, BLOB_MAGIC, CODEC_NONE, ENCRYPTION_NONE
+from cbt.ops.restore import DamagedPointError, _Job, _job_data
+
+BS = 16 << 10
+WHERE = "point p disk d block {} pack k"
+
+
+def _raw_pack(payloads: list[bytes], raw: list[int], size: int) -> tuple[memoryview, _Job]:
+    """A pack of raw blobs of blocks 0.. whose headers (and the index: the job's lengths)
+    say ``stored = len(payload)`` and ``raw``; each digest is the payload's BLAKE3."""
+    out, offsets, lengths = bytearray(), [], []
+    for payload, r in zip(payloads, raw, strict=True):
+        offsets.append(len(out))
+        out += BLOB.pack(BLOB_MAGIC, blake3.blake3(payload).digest(), CODEC_NONE,
+                         ENCRYPTION_NONE, 0, r, len(payload))
+        out += payload
+        lengths.append(BLOB.size + len(payload))
+    n = len(payloads)
+    job = _Job(vault=None, point="p", label="d", target="t", block_size=BS,  # type: ignore[arg-type]
+               pack="k", blocks=np.arange(n, dtype=np.int64),
+               digests=np.frombuffer(b"".join(blake3.blake3(p).digest() for p in payloads),
+                                     np.uint8).reshape(n, 32),
+               offsets=np.array(offsets, np.int64), lengths=np.array(lengths, np.int64),
+               disk_size=size)
+    return memoryview(bytes(out)), job
+
+
+@pytest.mark.parametrize("last", [BS, 5000], ids=["whole", "short-last"])
+def test_a_raw_blob_longer_than_its_block_is_refused(last: int) -> None:
+    """A raw blob whose header and index agree on a stored length longer than the block
+    (its header's raw length is the block's) and whose digest is that of all its bytes
+    (a crafted plain vault): refused, naming the block, not handed on to be written past
+    the block's end (past the disk's end, for the last one)."""
+    size = BS + last
+    payloads = [bytes(range(256)) * (BS // 256), b"\x07" * (last + 300)]
+    pack, job = _raw_pack(payloads, [BS, last], size)
+    with pytest.raises(DamagedPointError, match=r"^point p disk d block 1 pack k: "):
+        views, _ = _job_data(job, pack, WHERE)
+        assert [len(v) for v in views] == [BS, last]  # (what would be written)
