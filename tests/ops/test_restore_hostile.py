@@ -7,10 +7,18 @@ package, and the target file as the kernel reports it.
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import blake3
 import numpy as np
 import pytest
+from helpers import KIB, MIB
+from helpers.cli import cbt, one_error_line
+from helpers.system import small_fs
+from helpers.vaults import file_tree
 
+import cbt as cbt_api
 from cbt.format.pack import BLOB, BLOB_MAGIC, CODEC_NONE, ENCRYPTION_NONE
 from cbt.ops.restore import DamagedPointError, _Job, _job_data
 
@@ -50,3 +58,27 @@ def test_a_raw_blob_longer_than_its_block_is_refused(last: int) -> None:
     with pytest.raises(DamagedPointError, match=r"^point p disk d block 1 pack k: "):
         views, _ = _job_data(job, pack, WHERE)
         assert [len(v) for v in views] == [BS, last]  # (what would be written)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_restore_that_runs_out_of_space_names_the_disk_and_the_file(
+        tmp_path: Path, workers: int) -> None:
+    """ENOSPC on the writer thread: one line naming the disk, the block, the file written
+    and the lack of space; exit 2, nothing left in the directory; no thread left (API)."""
+    disk = tmp_path / "os.img"
+    disk.write_bytes(np.random.default_rng(3).integers(0, 256, 12 * MIB, np.uint8).tobytes())
+    v = cbt_api.Vault.init(tmp_path / "v")
+    point = v.backup("vm", [disk], block_size=64 * KIB, workers=1).id
+    with small_fs("tmpfs", 4, tmp_path) as mnt:
+        out = mnt / "out"
+        r = cbt("restore", tmp_path / "v", point, "--to", out, "--workers", workers)
+        line = one_error_line(r)
+        assert f"point {point} disk os block " in line, line
+        assert str(out) in line and "No space left on device" in line, line
+        assert file_tree(out) == {}
+        before = threading.active_count()
+        with pytest.raises(OSError, match="No space left on device"):
+            v.restore(point, out, workers=workers)
+        assert threading.active_count() == before
+        assert file_tree(out) == {}

@@ -280,11 +280,22 @@ def _check_and_write(fd: int, bs: int, writeback: Writeback, id_key: bytes | Non
     for k in range(0, n, IOV_MAX):
         chunk = views[k:k + IOV_MAX]
         want = sum(len(v) for v in chunk)
-        done = os.pwritev(fd, chunk, offset)
-        if done < want:  # a short write: finish it plainly
-            write_all(fd, offset + done, b"".join(bytes(v) for v in chunk)[done:])
+        try:
+            done = os.pwritev(fd, chunk, offset)
+            if done < want:  # a short write: finish it plainly
+                write_all(fd, offset + done, b"".join(bytes(v) for v in chunk)[done:])
+        except OSError as exc:  # (ENOSPC, EIO: say what and where, in one line)
+            raise _write_error(fd, where.format(blocks[k], packs[k]), exc) from None
         writeback.written(fd, offset, want)
         offset += want
+
+
+def _write_error(fd: int, what: str, exc: OSError) -> CbtIOError:
+    """A write that failed, naming the block and the file (as the kernel names ``fd``)."""
+    with contextlib.suppress(OSError):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        return CbtIOError(exc.errno, f"{what}: cannot write it to {path}: {exc.strerror}")
+    return CbtIOError(exc.errno, f"{what}: cannot write it: {exc.strerror}")
 
 
 # Runs handed to a worker's writer thread and not written yet, at most.
