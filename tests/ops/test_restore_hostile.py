@@ -13,13 +13,15 @@ from pathlib import Path
 import blake3
 import numpy as np
 import pytest
+import zstandard
 from helpers import KIB, MIB
 from helpers.cli import cbt, one_error_line
 from helpers.system import small_fs
 from helpers.vaults import file_tree
 
 import cbt as cbt_api
-from cbt.format.pack import BLOB, BLOB_MAGIC, CODEC_NONE, ENCRYPTION_NONE
+import cbt.format.pack as pack_mod
+from cbt.format.pack import BLOB, BLOB_MAGIC, CODEC_NONE, CODEC_ZSTD, ENCRYPTION_NONE
 from cbt.ops.restore import DamagedPointError, _Job, _job_data
 
 BS = 16 << 10
@@ -58,6 +60,35 @@ def test_a_raw_blob_longer_than_its_block_is_refused(last: int) -> None:
     with pytest.raises(DamagedPointError, match=r"^point p disk d block 1 pack k: "):
         views, _ = _job_data(job, pack, WHERE)
         assert [len(v) for v in views] == [BS, last]  # (what would be written)
+
+
+def test_a_frame_whose_header_claims_a_huge_block_is_refused_unread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain vault's compressed blob whose header says 64 MiB (its frame too: 64 MiB
+    of zeros is 2 KiB of zstd) for a 16 KiB block: refused naming the block, and never
+    decompressed past the block's length (a 4 GiB claim was 4 GiB allocated, per blob)."""
+    huge = 64 << 20
+    frame = zstandard.ZstdCompressor(level=1).compress(bytes(huge))
+    digest = blake3.blake3(bytes(BS)).digest()
+    pack = memoryview(BLOB.pack(BLOB_MAGIC, digest, CODEC_ZSTD, ENCRYPTION_NONE, 0, huge,
+                                len(frame)) + frame)
+    job = _Job(vault=None, point="p", label="d", target="t", block_size=BS,  # type: ignore[arg-type]
+               pack="k", blocks=np.zeros(1, np.int64),
+               digests=np.frombuffer(digest, np.uint8).reshape(1, 32),
+               offsets=np.zeros(1, np.int64), lengths=np.array([len(pack)], np.int64),
+               disk_size=BS)
+    asked: list[int] = []
+    real = pack_mod.decompress
+
+    def spy(payload: bytes | memoryview, raw: int, where: str = "") -> bytes:
+        asked.append(raw)
+        return real(payload, raw, where)
+
+    monkeypatch.setattr(pack_mod, "decompress", spy)
+    with pytest.raises(DamagedPointError, match=r"^point p disk d block 0 pack k: content "
+                                                "has the wrong length$"):
+        _job_data(job, pack, WHERE)
+    assert all(raw <= BS for raw in asked), asked
 
 
 @pytest.mark.slow

@@ -532,7 +532,7 @@ def _job_data(job: _Job, pack: memoryview, where: str, cipher: Cipher | None = N
             continue
         try:
             data = decode_blob(pack[off:off + ln], job.digests[i].tobytes(), where.format(blk),
-                               check=False, cipher=cipher)
+                               check=False, cipher=cipher, want=int(want[i]))
         except CorruptPackError as exc:
             raise DamagedPointError(str(exc)) from None
         if len(data) != int(want[i]):
