@@ -17,10 +17,11 @@ import zstandard
 from helpers import KIB, MIB
 from helpers.cli import cbt, one_error_line
 from helpers.system import small_fs
-from helpers.vaults import file_tree
+from helpers.vaults import PASSWORD, fast_kdf, file_tree
 
 import cbt as cbt_api
 import cbt.format.pack as pack_mod
+import cbt.ops.restore as restore_mod
 from cbt.format.pack import BLOB, BLOB_MAGIC, CODEC_NONE, CODEC_ZSTD, ENCRYPTION_NONE
 from cbt.ops.restore import DamagedPointError, _Job, _job_data
 
@@ -113,3 +114,36 @@ def test_a_restore_that_runs_out_of_space_names_the_disk_and_the_file(
             v.restore(point, out, workers=workers)
         assert threading.active_count() == before
         assert file_tree(out) == {}
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_a_block_repeated_over_a_disk_is_opened_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encrypted: bool) -> None:
+    """A disk of one block written 512 times (a pattern-filled region: one blob, so every
+    copy in one job): the blob is opened and decompressed once, not once a copy (memory
+    was a copy per block: a 100 GiB region of one pattern was 100 GiB of RAM); restored
+    bit for bit."""
+    block = (b"one pattern " * BS)[:BS]  # (compressible: decompressed in both vaults)
+    disk = tmp_path / "os.img"
+    disk.write_bytes(block * 512)
+    v = (cbt_api.Vault.init(tmp_path / "v", encryption="aes-256-gcm", passphrase=PASSWORD,
+                            kdf=fast_kdf()) if encrypted else cbt_api.Vault.init(tmp_path / "v"))
+    point = v.backup("vm", [disk], block_size=BS, workers=1).id
+    taken: list[int] = []
+    inflated: list[int] = []
+    real_take, real_decompress = restore_mod._Scratch.take, restore_mod.decompress
+
+    def take(self: restore_mod._Scratch, nbytes: int) -> memoryview:
+        taken.append(nbytes)
+        return real_take(self, nbytes)
+
+    def decompress(payload: bytes | memoryview, raw: int, where: str = "") -> bytes:
+        inflated.append(raw)
+        return real_decompress(payload, raw, where)
+
+    monkeypatch.setattr(restore_mod._Scratch, "take", take)
+    monkeypatch.setattr(restore_mod, "decompress", decompress)
+    v.restore(point, tmp_path / "out", workers=1)  # (one worker: in this process)
+    assert (tmp_path / "out" / "os.img").read_bytes() == disk.read_bytes()
+    assert inflated == [BS]
+    assert max(taken, default=0) <= BS

@@ -457,6 +457,14 @@ def _read_job(vault: Vault, job: _Job, scratch: _Scratch, pack: memoryview
     """The content of every block of a job, from its pack (fetched by :func:`_fetch_pack`),
     and which of them were already checked against their digests."""
     where = f"point {job.point} disk {job.label} block {{}} pack {job.pack}"
+    same = _repeats(job)
+    if same is not None:  # each blob opened once, its content shared by every copy
+        keep = np.r_[True, ~same]
+        views, checked = _read_job(vault, replace(
+            job, blocks=job.blocks[keep], digests=job.digests[keep],
+            offsets=job.offsets[keep], lengths=job.lengths[keep]), scratch, pack)
+        at = (np.cumsum(keep) - 1).tolist()
+        return [views[i] for i in at], checked[at]
     if vault.keys is None:
         return _job_data(job, pack, where)
     return _job_data(job, pack, where, vault.keys.cipher, vault.id_key, scratch)
@@ -539,6 +547,19 @@ def _job_data(job: _Job, pack: memoryview, where: str, cipher: Cipher | None = N
             raise DamagedPointError(f"{where.format(blk)}: content has the wrong length")
         out.append(data)
     return out, checked
+
+
+def _repeats(job: _Job) -> npt.NDArray[np.bool_] | None:
+    """Which blocks of a job are the same blob as the one before them (a block written
+    many times over a disk: one blob, so all its copies are in one job, side by side in
+    offset order): same offset, length, digest and block length; None if none is."""
+    same = job.offsets[1:] == job.offsets[:-1]
+    if not same.any():
+        return None
+    want = np.minimum(job.block_size, job.disk_size - job.blocks.astype(np.int64) * job.block_size)
+    same &= ((job.lengths[1:] == job.lengths[:-1]) & (want[1:] == want[:-1])
+             & (job.digests[1:] == job.digests[:-1]).all(axis=1))
+    return same if same.any() else None
 
 
 def _inflate_plain(job: _Job, pack: memoryview, zstd: npt.NDArray[np.bool_],
