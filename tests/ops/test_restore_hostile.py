@@ -147,3 +147,33 @@ def test_a_block_repeated_over_a_disk_is_opened_once(
     assert (tmp_path / "out" / "os.img").read_bytes() == disk.read_bytes()
     assert inflated == [BS]
     assert max(taken, default=0) <= BS
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_a_pack_of_blocks_that_compress_well_is_opened_a_part_at_a_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encrypted: bool) -> None:
+    """8 MiB of distinct blocks of a few bytes each (the rest zeros) are one small pack:
+    a worker opens at most :data:`JOB_BYTES` of it at once (it was all of it: a pack of
+    100,000 such blocks was 6 GiB in memory at once); restored bit for bit."""
+    monkeypatch.setattr(restore_mod, "JOB_BYTES", 1 * MIB, raising=False)
+    n = 512
+    blocks = np.zeros((n, BS), np.uint8)
+    blocks[:, :8] = np.arange(1, n + 1, dtype=np.uint64).view(np.uint8).reshape(n, 8)
+    disk = tmp_path / "os.img"
+    disk.write_bytes(blocks.tobytes())
+    v = (cbt_api.Vault.init(tmp_path / "v", encryption="aes-256-gcm", passphrase=PASSWORD,
+                            kdf=fast_kdf()) if encrypted else cbt_api.Vault.init(tmp_path / "v"))
+    point = v.backup("vm", [disk], block_size=BS, workers=1).id
+    assert sum(1 for _ in (tmp_path / "v").rglob("*.pack")) == 1
+    opened: list[int] = []
+    real = restore_mod._read_job
+
+    def read_job(*args: object) -> tuple[list[memoryview], object]:
+        views, checked = real(*args)  # type: ignore[arg-type]
+        opened.append(sum(len(x) for x in views))
+        return views, checked
+
+    monkeypatch.setattr(restore_mod, "_read_job", read_job)
+    v.restore(point, tmp_path / "out", workers=1)  # (one worker: in this process)
+    assert (tmp_path / "out" / "os.img").read_bytes() == disk.read_bytes()
+    assert sum(opened) == n * BS and max(opened) <= MIB, opened

@@ -865,13 +865,20 @@ def plan_disk(vault: VaultSpec, index: Index, point_id: str, label: str,
     lengths = blob_length(index.stored[pos][order])
     jobs = []
     bounds = np.nonzero(np.diff(packs.astype(np.int64)))[0] + 1
+    step = max(1, JOB_BYTES // manifest.block_size)
     for s, e in zip(np.r_[0, bounds], np.r_[bounds, len(rows)], strict=True):
-        if s == e:
-            continue
-        jobs.append(_Job(vault, point_id, label, target, manifest.block_size,
-                         index.pack_ids[int(packs[s])], rows[s:e], digests[s:e],
-                         offsets[s:e], lengths[s:e], manifest.disk_size))
+        for a in range(int(s), int(e), step):  # (a pack of blocks that compress well: parts)
+            b = min(a + step, int(e))
+            jobs.append(_Job(vault, point_id, label, target, manifest.block_size,
+                             index.pack_ids[int(packs[a])], rows[a:b], digests[a:b],
+                             offsets[a:b], lengths[a:b], manifest.disk_size))
     return jobs
+
+
+# A job's blocks, at most (its pack's blocks beyond are the next job's): what a worker holds
+# opened at once.  A pack is 8 MiB stored, but blocks that compress 1000:1 (a few bytes
+# each, the rest zeros) are 100,000 of them: 6 GiB opened at once, were it one job.
+JOB_BYTES = 64 << 20
 
 
 # -- 2. create, 3. write, 5. finish, 6. commit ----------------------------------
