@@ -287,13 +287,15 @@ def blobs_match(headers: npt.NDArray[np.void], digests: npt.NDArray[np.uint8],
 
 def decode_blob(data: bytes | memoryview, digest: bytes, where: str,
                 check: bool = True, cipher: Cipher | None = None,
-                id_key: bytes | None = None) -> bytes | memoryview:
+                id_key: bytes | None = None, want: int | None = None) -> bytes | memoryview:
     """Check a blob's header, open (``cipher``) and decompress it, and check its
     BLAKE3 (keyed with ``id_key`` in an encrypted vault) against ``digest``.
 
     With ``check=False`` the caller re-hashes the content itself (restore does it
     for many blocks at once in the core); a raw blob then comes back as a view.
     A vault with a ``cipher`` accepts only sealed blobs, one without only plain.
+    ``want``: the block's length, where the caller knows it; a header that says another
+    is refused before anything is decompressed (a frame of 4 GiB of zeros is 128 KiB).
     """
     if len(data) < BLOB.size:
         raise CorruptPackError(f"{where}: blob truncated")
@@ -302,6 +304,8 @@ def decode_blob(data: bytes | memoryview, digest: bytes, where: str,
         raise CorruptPackError(f"{where}: no blob header at this offset")
     if d != digest:
         raise CorruptPackError(f"{where}: blob holds another block")
+    if want is not None and raw != want:
+        raise CorruptPackError(f"{where}: content has the wrong length")
     payload = memoryview(data)[BLOB.size:BLOB.size + stored]
     if len(payload) != stored:
         raise CorruptPackError(f"{where}: blob truncated")

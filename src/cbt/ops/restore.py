@@ -280,11 +280,22 @@ def _check_and_write(fd: int, bs: int, writeback: Writeback, id_key: bytes | Non
     for k in range(0, n, IOV_MAX):
         chunk = views[k:k + IOV_MAX]
         want = sum(len(v) for v in chunk)
-        done = os.pwritev(fd, chunk, offset)
-        if done < want:  # a short write: finish it plainly
-            write_all(fd, offset + done, b"".join(bytes(v) for v in chunk)[done:])
+        try:
+            done = os.pwritev(fd, chunk, offset)
+            if done < want:  # a short write: finish it plainly
+                write_all(fd, offset + done, b"".join(bytes(v) for v in chunk)[done:])
+        except OSError as exc:  # (ENOSPC, EIO: say what and where, in one line)
+            raise _write_error(fd, where.format(blocks[k], packs[k]), exc) from None
         writeback.written(fd, offset, want)
         offset += want
+
+
+def _write_error(fd: int, what: str, exc: OSError) -> CbtIOError:
+    """A write that failed, naming the block and the file (as the kernel names ``fd``)."""
+    with contextlib.suppress(OSError):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        return CbtIOError(exc.errno, f"{what}: cannot write it to {path}: {exc.strerror}")
+    return CbtIOError(exc.errno, f"{what}: cannot write it: {exc.strerror}")
 
 
 # Runs handed to a worker's writer thread and not written yet, at most.
@@ -446,6 +457,14 @@ def _read_job(vault: Vault, job: _Job, scratch: _Scratch, pack: memoryview
     """The content of every block of a job, from its pack (fetched by :func:`_fetch_pack`),
     and which of them were already checked against their digests."""
     where = f"point {job.point} disk {job.label} block {{}} pack {job.pack}"
+    same = _repeats(job)
+    if same is not None:  # each blob opened once, its content shared by every copy
+        keep = np.r_[True, ~same]
+        views, checked = _read_job(vault, replace(
+            job, blocks=job.blocks[keep], digests=job.digests[keep],
+            offsets=job.offsets[keep], lengths=job.lengths[keep]), scratch, pack)
+        at = (np.cumsum(keep) - 1).tolist()
+        return [views[i] for i in at], checked[at]
     if vault.keys is None:
         return _job_data(job, pack, where)
     return _job_data(job, pack, where, vault.keys.cipher, vault.id_key, scratch)
@@ -508,7 +527,10 @@ def _job_data(job: _Job, pack: memoryview, where: str, cipher: Cipher | None = N
     else:
         opened, checked = _inflate_plain(job, pack, sound & (codecs == CODEC_ZSTD), want,
                                          where)
-    direct = sound & (codecs == CODEC_NONE) if cipher is None else checked
+    # (a raw blob is viewed only if it is exactly the block: a longer one would be written
+    # past the block's end; decode_blob names it)
+    direct = (sound & (codecs == CODEC_NONE) & (lengths - BLOB.size == want)
+              if cipher is None else checked)
     out: list[bytes | memoryview] = []
     for i, (blk, off, ln, view) in enumerate(zip(job.blocks.tolist(), offs.tolist(),
                                                  lengths.tolist(), direct.tolist(),
@@ -518,13 +540,26 @@ def _job_data(job: _Job, pack: memoryview, where: str, cipher: Cipher | None = N
             continue
         try:
             data = decode_blob(pack[off:off + ln], job.digests[i].tobytes(), where.format(blk),
-                               check=False, cipher=cipher)
+                               check=False, cipher=cipher, want=int(want[i]))
         except CorruptPackError as exc:
             raise DamagedPointError(str(exc)) from None
         if len(data) != int(want[i]):
             raise DamagedPointError(f"{where.format(blk)}: content has the wrong length")
         out.append(data)
     return out, checked
+
+
+def _repeats(job: _Job) -> npt.NDArray[np.bool_] | None:
+    """Which blocks of a job are the same blob as the one before them (a block written
+    many times over a disk: one blob, so all its copies are in one job, side by side in
+    offset order): same offset, length, digest and block length; None if none is."""
+    same = job.offsets[1:] == job.offsets[:-1]
+    if not same.any():
+        return None
+    want = np.minimum(job.block_size, job.disk_size - job.blocks.astype(np.int64) * job.block_size)
+    same &= ((job.lengths[1:] == job.lengths[:-1]) & (want[1:] == want[:-1])
+             & (job.digests[1:] == job.digests[:-1]).all(axis=1))
+    return same if same.any() else None
 
 
 def _inflate_plain(job: _Job, pack: memoryview, zstd: npt.NDArray[np.bool_],
@@ -830,13 +865,20 @@ def plan_disk(vault: VaultSpec, index: Index, point_id: str, label: str,
     lengths = blob_length(index.stored[pos][order])
     jobs = []
     bounds = np.nonzero(np.diff(packs.astype(np.int64)))[0] + 1
+    step = max(1, JOB_BYTES // manifest.block_size)
     for s, e in zip(np.r_[0, bounds], np.r_[bounds, len(rows)], strict=True):
-        if s == e:
-            continue
-        jobs.append(_Job(vault, point_id, label, target, manifest.block_size,
-                         index.pack_ids[int(packs[s])], rows[s:e], digests[s:e],
-                         offsets[s:e], lengths[s:e], manifest.disk_size))
+        for a in range(int(s), int(e), step):  # (a pack of blocks that compress well: parts)
+            b = min(a + step, int(e))
+            jobs.append(_Job(vault, point_id, label, target, manifest.block_size,
+                             index.pack_ids[int(packs[a])], rows[a:b], digests[a:b],
+                             offsets[a:b], lengths[a:b], manifest.disk_size))
     return jobs
+
+
+# A job's blocks, at most (its pack's blocks beyond are the next job's): what a worker holds
+# opened at once.  A pack is 8 MiB stored, but blocks that compress 1000:1 (a few bytes
+# each, the rest zeros) are 100,000 of them: 6 GiB opened at once, were it one job.
+JOB_BYTES = 64 << 20
 
 
 # -- 2. create, 3. write, 5. finish, 6. commit ----------------------------------
