@@ -97,3 +97,19 @@ def test_a_frame_that_is_not_its_block_is_named(how: str) -> None:
     msg = str(exc.value)
     assert msg.startswith(f"point p disk d block {bad} pack k: "), msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("after", [b"more", b"\0", "skippable", "frame"])
+def test_bytes_after_a_frame_are_refused_with_the_block_named(after: bytes | str) -> None:
+    """zstandard's many-frame call takes bytes after a frame: restore reads each frame's
+    own length first, and a blob holding more than its frame fails, named."""
+    frames = [ZSTD.compress(_block(i), asbytes=True) for i in range(OPEN_BATCH + 3)]
+    bad = OPEN_BATCH + 2
+    extra = {"skippable": (0x184D2A50).to_bytes(4, "little") + (2).to_bytes(4, "little")
+             + b"ab", "frame": frames[0]}.get(after, after)  # type: ignore[call-overload]
+    frames[bad] += extra
+    blobs = [(blake3.blake3(_block(i)).digest(), CODEC_ZSTD, f) for i, f in enumerate(frames)]
+    pack, job = _pack(blobs, len(blobs) * BS)
+    with pytest.raises(DamagedPointError) as exc:
+        _job_data(job, pack, WHERE)
+    assert str(exc.value).startswith(f"point p disk d block {bad} pack k: cannot decompress")

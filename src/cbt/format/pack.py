@@ -331,6 +331,14 @@ def decode_blob(data: bytes | memoryview, digest: bytes, where: str,
 _local = threading.local()
 
 
+def _dctx() -> zstandard.ZstdDecompressor:
+    """This thread's zstd decompression context, made once and reused."""
+    dctx: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
 def decompress(payload: bytes | memoryview, raw: int, where: str = "") -> bytes:
     """A zstd blob's content (``raw`` bytes expected; the caller checks the length).
 
@@ -340,9 +348,7 @@ def decompress(payload: bytes | memoryview, raw: int, where: str = "") -> bytes:
     makes and frees a context for every call), 41 against 47 for 64 KiB.  A frame that
     says it holds more than ``raw`` bytes is refused before anything is allocated for
     it; bytes after the frame are an error.  The message starts with ``where``."""
-    dctx = getattr(_local, "dctx", None)
-    if dctx is None:
-        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    dctx = _dctx()
     try:
         if zstandard.frame_content_size(payload) > raw:
             raise CorruptPackError(f"{where}: content has the wrong length")
@@ -350,6 +356,134 @@ def decompress(payload: bytes | memoryview, raw: int, where: str = "") -> bytes:
         return out
     except zstandard.ZstdError as exc:
         raise CorruptPackError(f"{where}: cannot decompress ({exc})") from None
+
+
+# zstd's frame format (RFC 8878, section 3.1.1), as far as decompress_many reads it
+ZSTD_MAGIC = 0xFD2FB528
+ZSTD_BLOCK_MAX = 128 << 10  # a block's content, at most: a frame of n bytes has >= n/128K
+_DID_SIZE = np.array([0, 1, 2, 4], dtype=np.int64)  # by Dictionary_ID_flag
+_FCS_SIZE = np.array([0, 2, 4, 8], dtype=np.int64)  # by Frame_Content_Size_flag (0: see SS)
+
+
+def exact_frames(data: bytes | memoryview, starts: npt.NDArray[np.int64],
+                 ends: npt.NDArray[np.int64], raw: npt.NDArray[np.int64]
+                 ) -> npt.NDArray[np.bool_]:
+    """Which of the spans ``data[starts[i]:ends[i]]`` are each exactly one zstd frame (no
+    byte before or after it) whose header says it holds ``raw[i]`` bytes: all at once, no
+    Python per frame.
+
+    1. The frame header: the magic number; the descriptor (its reserved bit clear; the
+       sizes of the window, dictionary id and content size fields it implies); the
+       content size, which must be given and equal ``raw``.
+    2. The blocks, every frame a step at a time together: a block header (3 bytes: last
+       flag, type, size), its content (one byte for an RLE block, none past the span;
+       type 3 is reserved, refused) until the last block.  A frame with more blocks than
+       its content needs (128 KiB each), and one that fails a check, is not exact.
+    3. The checksum (4 bytes) when the descriptor says there is one, then the span's end.
+
+    Not exact says nothing of why: :func:`decompress` of that frame names the problem (or
+    decompresses a sound frame this does not take, such as one without a content size).
+    """
+    arr = np.frombuffer(data, dtype=np.uint8)
+    starts = np.asarray(starts, dtype=np.int64)
+    ends = np.asarray(ends, dtype=np.int64)
+    raw = np.asarray(raw, dtype=np.int64)
+    if not len(starts):
+        return np.zeros(0, dtype=bool)
+    last = len(arr) - 1
+    ok = (starts >= 0) & (ends <= len(arr)) & (ends - starts >= 8) & (last >= 0)
+
+    def le(pos: npt.NDArray[np.int64], width: int | npt.NDArray[np.int64]
+           ) -> npt.NDArray[np.int64]:  # little-endian integers of ``width`` bytes at pos
+        out = np.zeros(len(pos), dtype=np.int64)
+        for k in range(int(np.max(width))):
+            byte = arr[np.clip(pos + k, 0, last)].astype(np.int64)
+            out |= np.where(k < width, byte, 0) << (8 * k)
+        return out
+
+    ok &= le(starts, 4) == ZSTD_MAGIC  # 1.
+    desc = le(starts + 4, 1)
+    fcs_flag, single = desc >> 6, (desc >> 5) & 1
+    ok &= ((desc >> 3) & 1 == 0) & ((fcs_flag > 0) | (single == 1))
+    fcs_size = np.where(fcs_flag == 0, 1, _FCS_SIZE[fcs_flag])
+    pos = starts + 5 + (1 - single) + _DID_SIZE[desc & 3]
+    ok &= pos + fcs_size <= ends
+    ok &= le(pos, fcs_size) + np.where(fcs_size == 2, 256, 0) == raw
+    pos = pos + fcs_size
+    done = np.zeros(len(starts), dtype=bool)
+    for _ in range(int(raw.max()) // ZSTD_BLOCK_MAX + 1):  # 2.
+        active = ok & ~done
+        if not active.any():
+            break
+        ok &= ~active | (pos + 3 <= ends)
+        head = le(pos, 3)
+        kind = (head >> 1) & 3
+        ok &= ~active | (kind != 3)
+        pos = np.where(active, pos + 3 + np.where(kind == 1, 1, head >> 3), pos)
+        ok &= ~active | (pos <= ends)
+        done |= active & (head & 1 == 1)
+    pos = pos + 4 * ((desc >> 2) & 1)  # 3.
+    exact: npt.NDArray[np.bool_] = ok & done & (pos == ends)
+    return exact
+
+
+class FrameError(CorruptPackError):
+    """A frame of :func:`decompress_many` that fails; ``item`` is its position."""
+
+    def __init__(self, message: str, item: int) -> None:
+        super().__init__(message)
+        self.item = item
+
+
+def decompress_many(data: bytes | memoryview, starts: npt.NDArray[np.int64],
+                    ends: npt.NDArray[np.int64], raw: npt.NDArray[np.int64],
+                    exact: npt.NDArray[np.bool_] | None = None
+                    ) -> list[memoryview | bytes]:
+    """The content of the zstd frames ``data[starts[i]:ends[i]]`` (``raw[i]`` bytes each),
+    in order: what restore decompresses, a pack's worth of blocks at a time.
+
+    1. The frames that are each exactly one frame of ``raw`` bytes
+       (:func:`exact_frames`) are decompressed by one call into zstandard
+       (``multi_decompress_to_buffer``, which lets go of the GIL for all of them and
+       decompresses into one buffer allocated for all: no Python, no allocation per
+       frame).  It takes bytes after a frame, hence the check first.
+    2. Any other frame, or all of them if that call fails, goes through
+       :func:`decompress` one by one: it decompresses what is sound, and the first
+       frame that is not (or whose content is not ``raw`` bytes) raises
+       :class:`FrameError` naming its position.
+
+    ``exact``: :func:`exact_frames` of these frames, when the caller has it (one call
+    for a whole pack costs less than one per batch).  A view points into the buffer
+    of step 1 (which it keeps alive).
+    """
+    n = len(starts)
+    out: list[memoryview | bytes | None] = [None] * n
+    take = np.flatnonzero(exact_frames(data, starts, ends, raw) if exact is None else exact)
+    if len(take):
+        segs = np.empty((len(take), 2), dtype="<u8")
+        segs[:, 0] = starts[take]
+        segs[:, 1] = ends[take] - starts[take]
+        dctx = _dctx()
+        try:
+            got = dctx.multi_decompress_to_buffer(
+                zstandard.BufferWithSegments(data, segs.tobytes()),
+                decompressed_sizes=np.asarray(raw, dtype="<u8")[take].tobytes(), threads=0)
+        except zstandard.ZstdError:
+            pass  # (step 2 finds which frame, and says why)
+        else:
+            for i, j in enumerate(take.tolist()):
+                out[j] = memoryview(got[i])  # type: ignore[arg-type]
+    done: list[memoryview | bytes] = []
+    for j, got_j in enumerate(out):
+        if got_j is None:
+            try:
+                got_j = decompress(data[int(starts[j]):int(ends[j])], int(raw[j]))
+            except CorruptPackError as exc:
+                raise FrameError(str(exc), j) from None
+            if len(got_j) != int(raw[j]):
+                raise FrameError(": content has the wrong length", j)
+        done.append(got_j)
+    return done
 
 
 def block_id(data: bytes | memoryview, id_key: bytes | None) -> bytes:
