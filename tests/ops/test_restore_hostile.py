@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import blake3
 import numpy as np
@@ -131,18 +132,18 @@ def test_a_block_repeated_over_a_disk_is_opened_once(
     point = v.backup("vm", [disk], block_size=BS, workers=1).id
     taken: list[int] = []
     inflated: list[int] = []
-    real_take, real_decompress = restore_mod._Scratch.take, restore_mod.decompress
+    real_take, real_many = restore_mod._Scratch.take, restore_mod.decompress_many
 
     def take(self: restore_mod._Scratch, nbytes: int) -> memoryview:
         taken.append(nbytes)
         return real_take(self, nbytes)
 
-    def decompress(payload: bytes | memoryview, raw: int, where: str = "") -> bytes:
-        inflated.append(raw)
-        return real_decompress(payload, raw, where)
+    def decompress_many(data: Any, starts: Any, ends: Any, raw: Any, exact: Any = None) -> Any:
+        inflated.extend(raw.tolist())
+        return real_many(data, starts, ends, raw, exact)
 
     monkeypatch.setattr(restore_mod._Scratch, "take", take)
-    monkeypatch.setattr(restore_mod, "decompress", decompress)
+    monkeypatch.setattr(restore_mod, "decompress_many", decompress_many)
     v.restore(point, tmp_path / "out", workers=1)  # (one worker: in this process)
     assert (tmp_path / "out" / "os.img").read_bytes() == disk.read_bytes()
     assert inflated == [BS]
@@ -177,3 +178,34 @@ def test_a_pack_of_blocks_that_compress_well_is_opened_a_part_at_a_time(
     v.restore(point, tmp_path / "out", workers=1)  # (one worker: in this process)
     assert (tmp_path / "out" / "os.img").read_bytes() == disk.read_bytes()
     assert sum(opened) == n * BS and max(opened) <= MIB, opened
+
+
+def test_a_blob_claiming_more_than_the_largest_block_is_refused_unread_by_every_reader(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``verify --data`` and ``copy`` decode blobs without knowing their block's length:
+    a header claiming more than the largest block (4 MiB) is refused before anything is
+    decompressed (a frame of 64 MiB of zeros is 2 KiB; 4 GiB would be 4 GiB allocated)."""
+    from cbt.format.pack import CorruptPackError, decode_blob
+    from cbt.format.records import MAX_BLOCK
+
+    huge = 64 << 20
+    frame = zstandard.ZstdCompressor(level=1).compress(bytes(huge))
+    digest = blake3.blake3(bytes(huge)).digest()
+    blob = BLOB.pack(BLOB_MAGIC, digest, CODEC_ZSTD, ENCRYPTION_NONE, 0, huge, len(frame)) + frame
+    asked: list[int] = []
+    real = pack_mod.decompress
+
+    def spy(payload: bytes | memoryview, raw: int, where: str = "") -> bytes:
+        asked.append(raw)
+        return real(payload, raw, where)
+
+    monkeypatch.setattr(pack_mod, "decompress", spy)
+    with pytest.raises(CorruptPackError, match=r"^pack k blob 0: content has the wrong length$"):
+        decode_blob(blob, digest, "pack k blob 0")
+    assert asked == []
+    small = bytes(range(256)) * 16  # (a block of the largest size or less still decodes)
+    ok = zstandard.ZstdCompressor(level=1).compress(small)
+    d = blake3.blake3(small).digest()
+    assert bytes(decode_blob(BLOB.pack(BLOB_MAGIC, d, CODEC_ZSTD, ENCRYPTION_NONE, 0, len(small),
+                                       len(ok)) + ok, d, "pack k blob 1")) == small
+    assert MAX_BLOCK == 4 << 20

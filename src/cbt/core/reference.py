@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from cbt.core.errors import CbtValueError
 
-API_VERSION = 3
+API_VERSION = 4
 DIGEST_SIZE = 32
 FLAG_DATA = 0
 FLAG_ZERO = 1

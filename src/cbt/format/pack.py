@@ -47,6 +47,7 @@ import zstandard
 
 from cbt.core.crypto import AuthenticationError, Cipher
 from cbt.core.errors import CbtError
+from cbt.format.records import MAX_BLOCK
 
 # Do not modify: these magics, versions, layouts and codes identify and decode
 # every pack ever written (vault format 1).
@@ -85,17 +86,7 @@ class CorruptPackError(CbtError, ValueError):
     """A pack or a blob in it fails its checks."""
 
 
-_codec = None
 _local = threading.local()
-
-
-def _zstd() -> object:
-    global _codec
-    if _codec is None:
-        import pyarrow as pa
-
-        _codec = pa.Codec("zstd", compression_level=ZSTD_LEVEL)
-    return _codec
 
 
 def compressor() -> zstandard.ZstdCompressor:
@@ -304,7 +295,7 @@ def decode_blob(data: bytes | memoryview, digest: bytes, where: str,
         raise CorruptPackError(f"{where}: no blob header at this offset")
     if d != digest:
         raise CorruptPackError(f"{where}: blob holds another block")
-    if want is not None and raw != want:
+    if (want is not None and raw != want) or raw > MAX_BLOCK:  # (no block is larger)
         raise CorruptPackError(f"{where}: content has the wrong length")
     payload = memoryview(data)[BLOB.size:BLOB.size + stored]
     if len(payload) != stored:
