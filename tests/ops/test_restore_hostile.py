@@ -64,6 +64,19 @@ def test_a_raw_blob_longer_than_its_block_is_refused(last: int) -> None:
         assert [len(v) for v in views] == [BS, last]  # (what would be written)
 
 
+def _spy_decompress(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The lengths ``cbt.format.pack.decompress`` is asked for, from now on."""
+    asked: list[int] = []
+    real = pack_mod.decompress
+
+    def spy(payload: bytes | memoryview, raw: int, where: str = "") -> bytes:
+        asked.append(raw)
+        return real(payload, raw, where)
+
+    monkeypatch.setattr(pack_mod, "decompress", spy)
+    return asked
+
+
 def test_a_frame_whose_header_claims_a_huge_block_is_refused_unread(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A plain vault's compressed blob whose header says 64 MiB (its frame too: 64 MiB
@@ -79,14 +92,7 @@ def test_a_frame_whose_header_claims_a_huge_block_is_refused_unread(
                digests=np.frombuffer(digest, np.uint8).reshape(1, 32),
                offsets=np.zeros(1, np.int64), lengths=np.array([len(pack)], np.int64),
                disk_size=BS)
-    asked: list[int] = []
-    real = pack_mod.decompress
-
-    def spy(payload: bytes | memoryview, raw: int, where: str = "") -> bytes:
-        asked.append(raw)
-        return real(payload, raw, where)
-
-    monkeypatch.setattr(pack_mod, "decompress", spy)
+    asked = _spy_decompress(monkeypatch)
     with pytest.raises(DamagedPointError, match=r"^point p disk d block 0 pack k: content "
                                                 "has the wrong length$"):
         _job_data(job, pack, WHERE)
@@ -192,14 +198,7 @@ def test_a_blob_claiming_more_than_the_largest_block_is_refused_unread_by_every_
     frame = zstandard.ZstdCompressor(level=1).compress(bytes(huge))
     digest = blake3.blake3(bytes(huge)).digest()
     blob = BLOB.pack(BLOB_MAGIC, digest, CODEC_ZSTD, ENCRYPTION_NONE, 0, huge, len(frame)) + frame
-    asked: list[int] = []
-    real = pack_mod.decompress
-
-    def spy(payload: bytes | memoryview, raw: int, where: str = "") -> bytes:
-        asked.append(raw)
-        return real(payload, raw, where)
-
-    monkeypatch.setattr(pack_mod, "decompress", spy)
+    asked = _spy_decompress(monkeypatch)
     with pytest.raises(CorruptPackError, match=r"^pack k blob 0: content has the wrong length$"):
         decode_blob(blob, digest, "pack k blob 0")
     assert asked == []

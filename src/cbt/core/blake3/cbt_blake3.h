@@ -51,6 +51,18 @@ __attribute__((unused)) static const uint8_t CBT_B3_SCHEDULE[7][16] = {
     {11, 15, 5, 0, 1, 9, 8, 6, 14, 10, 2, 12, 3, 4, 7, 13},
 };
 
+/* The seven rounds of a compression, R(r) being round r (every kernel unrolls them). */
+#define CBT_B3_ROUNDS(R) \
+    do {                 \
+        R(0);            \
+        R(1);            \
+        R(2);            \
+        R(3);            \
+        R(4);            \
+        R(5);            \
+        R(6);            \
+    } while (0)
+
 typedef void (*cbt_b3_lanes_fn)(const uint8_t *const *in, const uint64_t *counter,
                                 const uint32_t *last_flags, uint8_t *const *out,
                                 size_t nblocks, const uint32_t cv[8], uint32_t flags,

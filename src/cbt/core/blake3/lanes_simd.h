@@ -81,13 +81,7 @@ KTARGET void LANES_FN(const uint8_t *const *in, const uint64_t *counter,
         v[13] = chi;
         v[14] = blen;
         v[15] = f;
-        ROUND(0);
-        ROUND(1);
-        ROUND(2);
-        ROUND(3);
-        ROUND(4);
-        ROUND(5);
-        ROUND(6);
+        CBT_B3_ROUNDS(ROUND);
         for (int i = 0; i < 8; i++)
             h[i] = v_xor(v[i], v[i + 8]);
     }

@@ -66,13 +66,7 @@ void cbt_b3_compress(uint32_t cv[8], const uint8_t block[CBT_B3_BLOCK], uint32_t
     v[13] = (uint32_t)(counter >> 32);
     v[14] = block_len;
     v[15] = flags;
-    ROUND(0);
-    ROUND(1);
-    ROUND(2);
-    ROUND(3);
-    ROUND(4);
-    ROUND(5);
-    ROUND(6);
+    CBT_B3_ROUNDS(ROUND);
     for (int i = 0; i < 8; i++)
         cv[i] = v[i] ^ v[i + 8];
 }
