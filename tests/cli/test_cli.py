@@ -99,6 +99,17 @@ def test_version() -> None:
     assert f"BLAKE3 kernel: {fast.kernel}" in r.stdout
 
 
+def test_version_says_why_a_forced_kernel_does_not_run() -> None:
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "cbt.cli.main", "--version"], capture_output=True,
+                       text=True, env={**os.environ, "CBT_KERNEL": "bogus"}, timeout=60)
+    assert r.returncode == 0, r
+    assert "BLAKE3 kernel: none: CBT_KERNEL=bogus: unknown BLAKE3 kernel 'bogus'" in r.stdout
+
+
 # -- scan --------------------------------------------------------------------------------
 
 

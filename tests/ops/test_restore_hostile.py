@@ -150,7 +150,8 @@ def test_a_block_repeated_over_a_disk_is_opened_once(
 
     monkeypatch.setattr(restore_mod._Scratch, "take", take)
     monkeypatch.setattr(restore_mod, "decompress_many", decompress_many)
-    v.restore(point, tmp_path / "out", workers=1)  # (one worker: in this process)
+    monkeypatch.setattr(restore_mod, "ISOLATE", False)  # (one worker: in this process)
+    v.restore(point, tmp_path / "out", workers=1)
     assert (tmp_path / "out" / "os.img").read_bytes() == disk.read_bytes()
     assert inflated == [BS]
     assert max(taken, default=0) <= BS
@@ -181,7 +182,8 @@ def test_a_pack_of_blocks_that_compress_well_is_opened_a_part_at_a_time(
         return views, checked
 
     monkeypatch.setattr(restore_mod, "_read_job", read_job)
-    v.restore(point, tmp_path / "out", workers=1)  # (one worker: in this process)
+    monkeypatch.setattr(restore_mod, "ISOLATE", False)  # (one worker: in this process)
+    v.restore(point, tmp_path / "out", workers=1)
     assert (tmp_path / "out" / "os.img").read_bytes() == disk.read_bytes()
     assert sum(opened) == n * BS and max(opened) <= MIB, opened
 
@@ -208,3 +210,37 @@ def test_a_blob_claiming_more_than_the_largest_block_is_refused_unread_by_every_
     assert bytes(decode_blob(BLOB.pack(BLOB_MAGIC, d, CODEC_ZSTD, ENCRYPTION_NONE, 0, len(small),
                                        len(ok)) + ok, d, "pack k blob 1")) == small
     assert MAX_BLOCK == 4 << 20
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_pack_cut_short_while_it_is_read_fails_the_restore_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    """Packs are mapped: one cut short by someone else writing the vault, after it was
+    mapped and before its blocks are read, is a SIGBUS.  It killed a one-worker restore
+    (run in this process), leaving the target half-written; now every worker runs in a
+    child, and the restore fails with the pack named, nothing left at the target."""
+    import os
+
+    from helpers.images import write_random_disk
+
+    monkeypatch.setattr("cbt.ops.backup.TARGET_PACK_SIZE", MIB)
+    disk = write_random_disk(tmp_path / "os.img", 4 * MIB, seed=3)
+    v = cbt_api.Vault.init(tmp_path / "v")
+    point = v.backup("vm", [disk], block_size=64 * KIB, workers=1).id
+    real = restore_mod._fetch_pack
+    cut: list[str] = []
+
+    def cutting(vault: Any, job: Any) -> memoryview:
+        view = real(vault, job)
+        if not cut:  # (in the worker: the first pack it maps)
+            cut.append(job.pack)
+            path = next(p for p in (tmp_path / "v").rglob("*.pack") if job.pack in p.name)
+            os.truncate(path, 64)
+        return view
+
+    monkeypatch.setattr(restore_mod, "_fetch_pack", cutting)
+    out = tmp_path / "out"
+    with pytest.raises(DamagedPointError, match=r"^point \S+ disk os block \d+ pack \w+: cannot "
+                                                r"be read \(.*SIGBUS.*cut short"):
+        v.restore(point, out, workers=workers)
+    assert file_tree(out) == {} if out.exists() else True

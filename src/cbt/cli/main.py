@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version",
-                        version=f"cbt {__version__} (BLAKE3 kernel: {fast.kernel})")
+                        version=f"cbt {__version__} (BLAKE3 kernel: {fast.kernel}"
+                        + (f": {fast.kernel_error()})" if fast.kernel_error() else ")"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)

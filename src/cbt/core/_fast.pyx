@@ -100,6 +100,11 @@ def _select_kernel():
 _select_kernel()
 
 
+def kernel_error():
+    """Why no kernel runs (a bad ``CBT_KERNEL``: the line the first hash raises), else None."""
+    return _kernel_error
+
+
 cdef inline void _ready() except *:
     if _kernel_error is not None:
         raise CbtValueError(_kernel_error)

@@ -87,7 +87,7 @@ from cbt.core.crypto import OVERHEAD, Cipher
 from cbt.core.durable import fsync_dir, fsync_file, pid_alive, temp_name
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 from cbt.core.native import fast
-from cbt.core.parallel import Report, fork_map, stop_others, thread_map
+from cbt.core.parallel import Report, WorkerError, fork_map, stop_others, thread_map, working_on
 from cbt.format.manifest import Manifest, union_rows
 from cbt.format.pack import (
     BLOB,
@@ -407,6 +407,7 @@ def _restore_packs(jobs: list[_Job], report: Report, ahead: int = 1
                 run = runs[job.target] = _Run(os.open(job.target, os.O_WRONLY), job, writer,
                                               vault.id_key)
             writer.wait(tickets[k % 2])
+            working_on(k, k + 1)  # (the job a SIGBUS of a mapped pack is reported against)
             views, checked = _read_job(vault, job, scratch[k % 2], pack)
             del pack
             for blk, dig, data, ok in zip(job.blocks.tolist(), job.digests, views,
@@ -939,6 +940,27 @@ def _unlock(t: _Target) -> None:
         t.lock = None
 
 
+ISOLATE = True  # (a test that spies on one worker in this process sets it False)
+
+
+def _forked(work: Callable[[list[_Job], Report], dict[str, tuple[int, int]]],
+            groups: list[list[_Job]], report: Callable[[list[int]], None] | None
+            ) -> list[dict[str, tuple[int, int]]]:
+    """:func:`fork_map` of the workers, a lone one included (``isolate``): packs are
+    mapped, and a pack cut short while it is read (by whoever else writes the vault)
+    is a SIGBUS, which would kill this process and leave the target half-written.  A
+    worker that dies so is a :class:`DamagedPointError` naming the pack it was on."""
+    try:
+        return fork_map(work, groups, report, isolate=ISOLATE)
+    except WorkerError as exc:
+        if exc.task is None or exc.span is None:
+            raise
+        job = groups[exc.task][exc.span[0]]
+        raise DamagedPointError(
+            f"point {job.point} disk {job.label} block {int(job.blocks[0])} pack {job.pack}: "
+            f"cannot be read ({exc}; cut short while it was read?)") from None
+
+
 def _write(jobs: list[_Job], workers: int | None,
            progress: Callable[[int, int], None] | None,
            storage: Storage) -> dict[str, tuple[int, int]]:
@@ -956,7 +978,7 @@ def _write(jobs: list[_Job], workers: int | None,
     threads = not storage.forkable
     per_disk: dict[str, tuple[int, int]] = {}
     for stats in (thread_map(work, groups, report) if threads else
-                  fork_map(work, groups, report)):
+                  _forked(work, groups, report)):
         for label, (w, v) in stats.items():
             w0, v0 = per_disk.get(label, (0, 0))
             per_disk[label] = (w0 + w, v0 + v)

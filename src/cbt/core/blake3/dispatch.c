@@ -46,7 +46,7 @@ static const kernel_t KERNELS[CBT_B3_NKERNELS] = {
 #endif
 };
 
-static int current = -1;
+static _Atomic int current = -1; /* (set by use_kernel while other threads may hash) */
 
 const char *cbt_b3_kernel_name(int kernel)
 {
