@@ -298,7 +298,9 @@ def test_a_worker_killed_mid_backup_fails_the_run_and_the_next_succeeds(
     from cbt.jobs import dask_executor
 
     monkeypatch.setattr(dask_executor, "WATCH_EVERY", 0.05)
-    disk = make_disk(tmp_path / "big.img", 48 << 20, seed=13)
+    size = 160 << 20  # (long enough a shard that the kill lands while it runs: the hash
+    # kernel made a 48 MiB one finish before the first progress report could kill it)
+    disk = make_disk(tmp_path / "big.img", size, seed=13)
     v = _s3_vault("kill")
     client = cluster.client
     pids = client.run(os.getpid, workers=cluster.local_workers())
@@ -324,7 +326,7 @@ def test_a_worker_killed_mid_backup_fails_the_run_and_the_next_succeeds(
     client.wait_for_workers(3, timeout=60)  # (the nanny starts it again)
     point = v.backup("vm", [disk], block_size=BS, executor=client)
     assert v.point_ids() == [point.id]
-    assert point.disks[0].bytes_read == 48 << 20
+    assert point.disks[0].bytes_read == size
     assert not v.verify(data=True).problems
 
 

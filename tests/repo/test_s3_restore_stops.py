@@ -66,8 +66,11 @@ def test_one_worker_failing_stops_the_others(s3_env: S3Server, tmp_path: Path,
         calls = _spy(m, fail)
         with pytest.raises(KeyboardInterrupt if fail is None else type(fail)):
             v.restore(point, out, workers=4)
-    # each of the 3 others may finish the pack it had begun, and no more
-    assert len(calls) <= 1 + 3 * 2, f"{len(calls)} packs read after the failure"
+    # each of the 3 others may finish the pack it had begun, and no more; a Ctrl-C is acted
+    # on by the main thread, woken at once but scheduled when the kernel runs it, during
+    # which each may begin one more (of 32: without the stop, all are read)
+    assert len(calls) <= 1 + 3 * (2 if fail is not None else 3), \
+        f"{len(calls)} packs read after the failure"
     assert not out.exists() or list(out.iterdir()) == [], list(out.iterdir())
     v.restore(point, out, workers=4)  # (and then it works)
     assert_same_bytes(out / "os.img", disk)
