@@ -360,7 +360,8 @@ def _worker_error(exc: BaseException | None) -> BaseException:
     a worker that died under a task (KilledWorker), a lost connection, or anything else
     as one line."""
     if exc is None:
-        return CbtIOError(0, "a Dask task failed without an error")
+        return CbtIOError(0, "a Dask shard failed without an error (its worker died?): "
+                             "nothing committed; run the backup again")
     if isinstance(exc, CbtError | OSError):
         return exc
     name = type(exc).__name__
