@@ -787,6 +787,16 @@ def test_a_workers_odd_exception_is_one_line_here(cluster: Cluster) -> None:
         assert isinstance(got, CbtError)
         assert str(got) == f"a Dask worker failed: {type(exc).__name__}" + \
             (": 0" if isinstance(exc, SystemExit) else "") + ": nothing committed"
+    # the client's fetch of a result over a connection the scheduler's death reset: an
+    # OSError of Dask's, said as the connection lost (not "in <TCP (closed) ...>")
+    from distributed.comm.core import CommClosedError
+
+    lost = _worker_error(CommClosedError("in <TCP (closed) ConnectionPool.gather local=tcp:"
+                                         "//127.0.0.1:1 remote=tcp://127.0.0.1:2>: "
+                                         "ConnectionResetError: [Errno 104] reset"))
+    assert isinstance(lost, CbtError) and "TCP" not in str(lost)
+    assert str(lost).endswith("(connection lost): nothing committed; run it again")
+    assert _worker_error(OSError(28, "No space left")).errno == 28  # (cbt's own: as it is)
 
 
 def test_the_workers_are_asked_of_the_scheduler_not_of_a_cache(cluster: Cluster) -> None:

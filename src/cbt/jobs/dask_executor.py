@@ -362,6 +362,10 @@ def _worker_error(exc: BaseException | None) -> BaseException:
     if exc is None:
         return CbtIOError(0, "a Dask shard failed without an error (its worker died?): "
                              "nothing committed; run the backup again")
+    if type(exc).__module__.split(".")[0] == "distributed" and isinstance(exc, OSError):
+        # (CommClosedError is an OSError: the scheduler or a worker went away mid-fetch)
+        return CbtIOError(0, "the Dask scheduler or a worker went away during the backup "
+                             "(connection lost): nothing committed; run it again")
     if isinstance(exc, CbtError | OSError):
         return exc
     name = type(exc).__name__

@@ -55,6 +55,7 @@ from cbt.core.errors import CbtError
 from cbt.format.records import DiskRecord
 from cbt.source.changes import ChangeHint
 from cbt.source.disks import DiskSpec, NbdExport
+from cbt.source.nbd import NBDMAGIC
 from cbt.source.plan import BlockRange
 from cbt.source.qemu import bitmap_name
 
@@ -594,16 +595,31 @@ def _start(d: OfflineDisk, workdir: str) -> None:
             if _locked(err):
                 raise Qcow2Error(f"{d.path}: in use by a running QEMU ({_first_line(err)})")
             raise Qcow2Error(f"{d.path}: qemu-nbd failed: {_first_line(err)}")
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(d.socket)
-                return
-            except OSError:
-                pass
+        if _greets(d.socket):
+            return
         if time.monotonic() > deadline:
             _stop(d)
             raise Qcow2Error(f"{d.path}: qemu-nbd did not listen in {START_TIMEOUT:g} s")
         time.sleep(0.02)
+
+
+def _greets(path: str) -> bool:
+    """Whether the NBD server on ``path`` sends its greeting: it listens before it opens
+    the image, so a bare connect succeeds even when the open is about to fail (locked);
+    the greeting comes only once the image is open and the server serves."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+            got = b""
+            while len(got) < 8:
+                part = s.recv(8 - len(got))
+                if not part:
+                    return False
+                got += part
+        except OSError:  # (not listening yet, reset, or no greeting within the timeout)
+            return False
+    return int.from_bytes(got, "big") == NBDMAGIC
 
 
 def _stop(d: OfflineDisk) -> None:
