@@ -1,0 +1,112 @@
+"""Index compaction: sorted runs of index entries merged into one, streamed.
+
+Every index segment holds its entries sorted by digest, so many segments (or any
+sorted streams of entries: gc's survivors, a repaired pack's blobs) become one by a
+k-way merge that never holds more than a chunk of each input:
+
+1. Each input is an iterator of *chunks* (dicts of equal-length arrays: ``digests``
+   (n, 32) uint8, ``pack_uuid`` (n, 16) uint8, ``offset``, ``stored``, ``raw``), its
+   digests strictly ascending across its chunks.
+2. Each round takes, from every input, the entries up to the *cut*: the smallest
+   last-buffered digest among the inputs with more to come (nothing after the cut can
+   come before it), sorts them by digest, keeps the first copy of a digest (earlier
+   inputs win: both copies are valid places of the same block), and hands them on.
+3. An input whose buffer ran dry is refilled, and the rounds go on until every input
+   is exhausted.  Memory: one chunk per input and one round's output.
+
+Digests are compared as 32-byte strings (numpy ``S32``: bytewise, the order
+segments are written in), never by a prefix: ids that share 8 or 16 bytes (a
+crafted vault's) merge in the right order too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+KEYS = ("digests", "pack_uuid", "offset", "stored", "raw")
+
+Chunk = dict[str, Any]
+
+
+def _as_s32(digests: npt.NDArray[np.uint8]) -> npt.NDArray[Any]:
+    """Digests as one ``S32`` value each (a view: no copy when contiguous)."""
+    return np.ascontiguousarray(digests, dtype=np.uint8).reshape(-1, 32).view("S32").ravel()
+
+
+class _Input:
+    """One sorted stream and the part of its current chunk not yet merged."""
+
+    def __init__(self, chunks: Iterator[Chunk]) -> None:
+        self._chunks = chunks
+        self.buf: Chunk | None = None
+        self.keys: npt.NDArray[Any] = np.zeros(0, "S32")
+        self.done = False
+        self._last: bytes | None = None
+        self.fill()
+
+    def fill(self) -> None:
+        """Load the next non-empty chunk when the buffer is empty."""
+        while not self.done and len(self.keys) == 0:
+            try:
+                chunk = next(self._chunks)
+            except StopIteration:
+                self.done, self.buf = True, None
+                return
+            keys = _as_s32(chunk["digests"])
+            if len(keys) == 0:
+                continue
+            if (len(keys) > 1 and not (keys[1:] > keys[:-1]).all()) or \
+                    (self._last is not None and keys[0] <= self._last):
+                raise ValueError("compaction input is not sorted by digest")
+            self._last = bytes(keys[-1])
+            self.buf, self.keys = chunk, keys
+
+    def take(self, cut: bytes) -> Chunk | None:
+        """The buffered entries up to ``cut``, removed from the buffer."""
+        if self.buf is None or len(self.keys) == 0:
+            return None
+        n = int(np.searchsorted(self.keys, np.array(cut, "S32"), "right"))
+        if n == 0:
+            return None
+        out = {k: self.buf[k][:n] for k in KEYS}
+        self.buf = {k: self.buf[k][n:] for k in KEYS}
+        self.keys = self.keys[n:]
+        self.fill()
+        return out
+
+
+def merge(inputs: Sequence[Iterator[Chunk]], add: Callable[[Chunk], None]) -> int:
+    """Merge sorted streams of entries into ``add`` (called with sorted chunks, no
+    digest twice); the number of entries handed on."""
+    streams = [_Input(it) for it in inputs]
+    total = 0
+    while True:
+        live = [s for s in streams if s.buf is not None and len(s.keys)]
+        if not live:
+            return total
+        # the cut: the smallest last buffered digest (an input yet to be refilled may
+        # hold anything after its own last one, never anything before it)
+        cut = min(bytes(s.keys[-1]) for s in live)
+        parts = [p for p in (s.take(cut) for s in live) if p is not None]
+        out = _sorted_unique(parts)
+        if len(out["offset"]):
+            add(out)
+            total += len(out["offset"])
+
+
+def _sorted_unique(parts: list[Chunk]) -> Chunk:
+    """One round's entries sorted by digest, the first copy of each kept."""
+    if len(parts) == 1:
+        return parts[0]
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
+    keys = _as_s32(cols["digests"])
+    order = np.argsort(keys, kind="stable")  # (stable: the earlier input's copy first)
+    keys = keys[order]
+    keep = np.ones(len(order), dtype=bool)
+    keep[1:] = keys[1:] != keys[:-1]
+    order = order[keep]
+    return {k: v[order] for k, v in cols.items()}

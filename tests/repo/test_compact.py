@@ -1,0 +1,94 @@
+"""The k-way merge of sorted index streams against a plain reference (sorted, first copy
+of each digest kept), with chunkings of every size and ids sharing long prefixes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cbt.repo.compact import KEYS, merge
+
+
+def _entries(digests: list[bytes], tag: int) -> dict[str, Any]:
+    n = len(digests)
+    return {"digests": np.frombuffer(b"".join(digests), np.uint8).reshape(n, 32).copy(),
+            "pack_uuid": np.full((n, 16), tag, np.uint8),
+            "offset": np.arange(n, dtype=np.uint64) + tag * 1000,
+            "stored": np.full(n, tag, np.uint32), "raw": np.full(n, tag, np.uint32)}
+
+
+def _chunked(e: dict[str, Any], sizes: list[int]) -> Iterator[dict[str, Any]]:
+    at, k = 0, 0
+    n = len(e["offset"])
+    while at < n:
+        step = sizes[k % len(sizes)]
+        k += 1
+        yield {key: v[at:at + step] for key, v in e.items()}
+        at += step
+
+
+def _ids(rng: np.random.Generator, n: int, prefix: bytes = b"") -> list[bytes]:
+    return [prefix + rng.bytes(32 - len(prefix)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("sizes", [[1], [3, 7], [1000], [64, 1, 5]])
+def test_merge_equals_sorted_first_copies(sizes: list[int]) -> None:
+    rng = np.random.default_rng(len(sizes) + sizes[0])
+    shared = _ids(rng, 50)
+    # adversarial: ids that share 8, 16 and 31 bytes with each other, and zero tails
+    crafted = _ids(rng, 40, b"\x07" * 8) + _ids(rng, 40, b"\x07" * 16) + \
+        [b"\x09" * 31 + bytes([i]) for i in range(0, 256, 17)] + [b"\x05" + b"\0" * 31]
+    inputs: list[list[bytes]] = []
+    for k in range(4):
+        own = _ids(rng, int(rng.integers(0, 300)))
+        pick = [shared[i] for i in rng.choice(50, 20, replace=False)]
+        cpick = [crafted[i] for i in rng.choice(len(crafted), 30, replace=False)]
+        inputs.append(sorted(set(own + pick + cpick)))
+    inputs.append([])  # an empty input
+    reference: dict[bytes, tuple[int, int]] = {}
+    for tag, ids in enumerate(inputs):
+        for row, d in enumerate(ids):
+            reference.setdefault(d, (tag, row))
+    got: list[dict[str, Any]] = []
+    total = merge([_chunked(_entries(ids, tag), sizes) for tag, ids in enumerate(inputs)],
+                  got.append)
+    out = {k: np.concatenate([g[k] for g in got]) for k in KEYS}
+    digests = [bytes(r) for r in out["digests"]]
+    assert total == len(digests) == len(reference)
+    assert digests == sorted(reference)
+    for i, d in enumerate(digests):  # the first input's copy, its own row
+        tag, row = reference[d]
+        assert out["pack_uuid"][i, 0] == tag and out["offset"][i] == row + tag * 1000
+
+
+def test_merge_refuses_unsorted_input() -> None:
+    rng = np.random.default_rng(1)
+    ids = sorted(_ids(rng, 10))
+    ids[3], ids[4] = ids[4], ids[3]
+    with pytest.raises(ValueError, match="not sorted"):
+        merge([_chunked(_entries(ids, 0), [2])], lambda c: None)
+    dup = sorted(_ids(rng, 5))
+    with pytest.raises(ValueError, match="not sorted"):
+        merge([_chunked(_entries(dup + dup[-1:], 0), [3])], lambda c: None)
+
+
+def test_merge_holds_a_chunk_per_input() -> None:
+    """The merge asks an input for its next chunk only once the last one is used up."""
+    rng = np.random.default_rng(2)
+    pulled: list[int] = []
+
+    def lazy(e: dict[str, Any], tag: int) -> Iterator[dict[str, Any]]:
+        for c in _chunked(e, [10]):
+            pulled.append(tag)
+            yield c
+
+    a, b = sorted(_ids(rng, 100)), sorted(_ids(rng, 100))
+    seen = []
+
+    def add(c: dict[str, Any]) -> None:
+        seen.append(len(pulled))
+    merge([lazy(_entries(a, 0), 0), lazy(_entries(b, 1), 1)], add)
+    assert len(pulled) == 20 and seen[0] <= 3
