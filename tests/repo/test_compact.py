@@ -42,7 +42,7 @@ def test_merge_equals_sorted_first_copies(sizes: list[int]) -> None:
     crafted = _ids(rng, 40, b"\x07" * 8) + _ids(rng, 40, b"\x07" * 16) + \
         [b"\x09" * 31 + bytes([i]) for i in range(0, 256, 17)] + [b"\x05" + b"\0" * 31]
     inputs: list[list[bytes]] = []
-    for k in range(4):
+    for _ in range(4):
         own = _ids(rng, int(rng.integers(0, 300)))
         pick = [shared[i] for i in rng.choice(50, 20, replace=False)]
         cpick = [crafted[i] for i in rng.choice(len(crafted), 30, replace=False)]
@@ -52,9 +52,9 @@ def test_merge_equals_sorted_first_copies(sizes: list[int]) -> None:
     for tag, ids in enumerate(inputs):
         for row, d in enumerate(ids):
             reference.setdefault(d, (tag, row))
-    got: list[dict[str, Any]] = []
-    total = merge([_chunked(_entries(ids, tag), sizes) for tag, ids in enumerate(inputs)],
-                  got.append)
+    got = list(merge([_chunked(_entries(ids, tag), sizes)
+                      for tag, ids in enumerate(inputs)]))
+    total = sum(len(g["offset"]) for g in got)
     out = {k: np.concatenate([g[k] for g in got]) for k in KEYS}
     digests = [bytes(r) for r in out["digests"]]
     assert total == len(digests) == len(reference)
@@ -69,10 +69,10 @@ def test_merge_refuses_unsorted_input() -> None:
     ids = sorted(_ids(rng, 10))
     ids[3], ids[4] = ids[4], ids[3]
     with pytest.raises(ValueError, match="not sorted"):
-        merge([_chunked(_entries(ids, 0), [2])], lambda c: None)
+        list(merge([_chunked(_entries(ids, 0), [2])]))
     dup = sorted(_ids(rng, 5))
     with pytest.raises(ValueError, match="not sorted"):
-        merge([_chunked(_entries(dup + dup[-1:], 0), [3])], lambda c: None)
+        list(merge([_chunked(_entries(dup + dup[-1:], 0), [3])]))
 
 
 def test_merge_holds_a_chunk_per_input() -> None:
@@ -86,9 +86,5 @@ def test_merge_holds_a_chunk_per_input() -> None:
             yield c
 
     a, b = sorted(_ids(rng, 100)), sorted(_ids(rng, 100))
-    seen = []
-
-    def add(c: dict[str, Any]) -> None:
-        seen.append(len(pulled))
-    merge([lazy(_entries(a, 0), 0), lazy(_entries(b, 1), 1)], add)
+    seen = [len(pulled) for _ in merge([lazy(_entries(a, 0), 0), lazy(_entries(b, 1), 1)])]
     assert len(pulled) == 20 and seen[0] <= 3

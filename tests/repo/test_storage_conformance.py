@@ -88,6 +88,33 @@ def test_put_get_and_buffers(storage: Storage) -> None:
     assert bytes(storage.map("empty")) == b""
 
 
+def test_put_stream_writes_all_or_nothing(storage: Storage) -> None:
+    """A streamed put: the chunks in order (more than one S3 part of them); a generator
+    that fails half-way leaves no object, and an older version whole."""
+    from cbt.repo import s3
+
+    part = s3.STREAM_PART
+    chunks = [bytes([i]) * (part // 3 + i) for i in range(7)]  # (over two parts)
+    storage.put_stream("big", iter(chunks))
+    assert storage.get("big") == b"".join(chunks)
+    storage.put_stream("small", iter([b"ab", memoryview(b"cd"), bytearray(b"e")]))
+    assert storage.get("small") == b"abcde"
+    storage.put_stream("none", iter([]))
+    assert storage.get("none") == b""
+
+    def failing() -> Iterator[bytes]:
+        yield b"x" * part
+        yield b"y" * part
+        raise RuntimeError("the writer failed")
+
+    for name in ("fresh", "small"):
+        with pytest.raises((RuntimeError, CbtIOError)):
+            storage.put_stream(name, failing())
+    assert not storage.exists("fresh")
+    assert storage.get("small") == b"abcde"
+    assert sorted(storage.list("")) == ["big", "none", "small"]  # (no temporary left)
+
+
 def test_missing_names_raise_enoent(storage: Storage) -> None:
     storage.put("there", b"x")
     for call in (lambda: storage.get("nope"), lambda: storage.read_range("nope", 0, 1),

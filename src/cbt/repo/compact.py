@@ -12,7 +12,8 @@ k-way merge that never holds more than a chunk of each input:
    come before it), sorts them by digest, keeps the first copy of a digest (earlier
    inputs win: both copies are valid places of the same block), and hands them on.
 3. An input whose buffer ran dry is refilled, and the rounds go on until every input
-   is exhausted.  Memory: one chunk per input and one round's output.
+   is exhausted.  Memory: one chunk per input and one round's output (the merge is a
+   generator: the consumer, a segment writer, takes each round before the next).
 
 Digests are compared as 32-byte strings (numpy ``S32``: bytewise, the order
 segments are written in), never by a prefix: ids that share 8 or 16 bytes (a
@@ -21,7 +22,7 @@ crafted vault's) merge in the right order too.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -79,23 +80,20 @@ class _Input:
         return out
 
 
-def merge(inputs: Sequence[Iterator[Chunk]], add: Callable[[Chunk], None]) -> int:
-    """Merge sorted streams of entries into ``add`` (called with sorted chunks, no
-    digest twice); the number of entries handed on."""
+def merge(inputs: Sequence[Iterator[Chunk]]) -> Iterator[Chunk]:
+    """Sorted streams of entries merged: sorted chunks, no digest twice."""
     streams = [_Input(it) for it in inputs]
-    total = 0
     while True:
         live = [s for s in streams if s.buf is not None and len(s.keys)]
         if not live:
-            return total
+            return
         # the cut: the smallest last buffered digest (an input yet to be refilled may
         # hold anything after its own last one, never anything before it)
         cut = min(bytes(s.keys[-1]) for s in live)
         parts = [p for p in (s.take(cut) for s in live) if p is not None]
         out = _sorted_unique(parts)
         if len(out["offset"]):
-            add(out)
-            total += len(out["offset"])
+            yield out
 
 
 def _sorted_unique(parts: list[Chunk]) -> Chunk:

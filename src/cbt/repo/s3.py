@@ -87,7 +87,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
@@ -123,6 +123,7 @@ _BROKEN = b'{"broken": true, "lease": 5}'
 LOCK_READ = 4096  # bytes of a lock object read (a holder's record is far smaller)
 TIMEOUT = "60s"  # one request, after which obstore retries, then gives up
 CONNECT_TIMEOUT = "5s"
+STREAM_PART = 8 << 20  # bytes of each part of a streamed upload (S3 wants 5 MiB or more)
 _T = TypeVar("_T")
 # obstore says "not found" with its own error or with FileNotFoundError
 _NOT_FOUND = (obx.NotFoundError, FileNotFoundError)
@@ -447,6 +448,13 @@ class S3Storage(Storage):
         key = self._key(name)
         body = b"".join(data) if isinstance(data, list) else bytes(data)
         self._call("write", name, lambda: obstore.put(self._s, key, body))
+
+    def put_stream(self, name: str, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        """In parts (a multipart upload, completed at the end: readers see the whole object
+        or none; a failure aborts it)."""
+        key = self._key(name)
+        self._call("write", name, lambda: obstore.put(self._s, key, (bytes(c) for c in chunks),
+                                                      chunk_size=STREAM_PART))
 
     def get(self, name: str) -> bytes:
         key = self._key(name)

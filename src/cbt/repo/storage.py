@@ -50,7 +50,7 @@ import time
 import uuid
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -197,6 +197,12 @@ class Storage(ABC):
     @abstractmethod
     def put(self, name: str, data: Buffers) -> None:
         """Durably create or replace ``name`` with ``data`` (a buffer, or buffers to join)."""
+
+    def put_stream(self, name: str, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        """:meth:`put` of the bytes ``chunks`` yields, in order, without holding them all
+        where the storage can stream (a directory; S3 in parts); all or nothing, as put.
+        An exception from ``chunks`` leaves nothing written."""
+        self.put(name, [bytes(c) for c in chunks])
 
     @abstractmethod
     def get(self, name: str) -> bytes: ...
@@ -498,8 +504,10 @@ class LocalStorage(Storage):
         return fd
 
     def put(self, name: str, data: Buffers) -> None:
+        self.put_stream(name, data if isinstance(data, list) else [data])
+
+    def put_stream(self, name: str, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
         parts = name_parts(name)
-        chunks = data if isinstance(data, list) else [data]
         base, tmp = parts[-1], f".{parts[-1]}.tmp-{os.getpid()}"
         try:
             with self._dir(parts[:-1], create=True) as dfd:
