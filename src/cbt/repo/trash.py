@@ -1,5 +1,9 @@
 """The trash of a vault: packs gc has declared dead, kept readable for a while.
 
+Index segments a merge, gc or repair replaced go there too
+(``trash/index/<name>``, :func:`retire_segment`): segments are searched where they
+lie, so a reader that opened one before still reads its pages from the trash.
+
 1. gc moves a dead or rewritten pack to ``trash/<pack id>.pack``; its mtime
    there is when it was trashed (set before a move that keeps it, by the
    move itself where the storage's rename is a copy).
@@ -58,11 +62,45 @@ def trash_name(pack_id: str) -> str:
 
 
 _TRASHED = re.compile(r"^trash/[0-9a-f]{32}\.pack$")
+_TRASHED_SEGMENT = re.compile(r"^trash/index/[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
 
 def is_trash_name(name: str) -> bool:
-    """Whether ``name`` is where :func:`trash_name` puts a pack (the only names gc removes)."""
-    return _TRASHED.match(name) is not None
+    """Whether ``name`` is where :func:`trash_name` puts a pack or
+    :func:`retire_segment` an index segment (the only names gc removes)."""
+    return _TRASHED.match(name) is not None or _TRASHED_SEGMENT.match(name) is not None
+
+
+def segment_trash_name(name: str) -> str:
+    """Where :func:`retire_segment` puts the index segment ``name`` (``index/X``)."""
+    return f"{TRASH}/{name}"
+
+
+def retire_segment(storage: Storage, name: str) -> None:
+    """Move an index segment a merge, gc or repair replaced to the trash, its mtime then
+    being now: a reader that opened it before (it is searched where it lies, page by
+    page) still finds it there for the grace period (:func:`read_segment_range`)."""
+    try:
+        if storage.rename_keeps_mtime:
+            storage.touch(name)
+        storage.rename(name, segment_trash_name(name))
+    except CbtIOError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+
+
+def read_segment_range(storage: Storage, name: str, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` of an index segment: where it was listed, else in
+    the trash where a merge meanwhile retired it."""
+    for where in (name, segment_trash_name(name)):
+        try:
+            return storage.read_range(where, offset, length)
+        except CbtIOError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+    raise CbtIOError(errno.ENOENT, f"missing from vault: {storage.where(name)} (nor in its "
+                     "trash: replaced longer ago than gc's grace period; run the command "
+                     "again)")
 
 
 def move_to_trash(storage: Storage, pid: str) -> None:
@@ -98,8 +136,9 @@ def read_pack_range(storage: Storage, pack_id: str, offset: int, length: int) ->
 
 def empty_trash(storage: Storage, before: float, deleted: list[int] | None = None,
                 dry_run: bool = False) -> int:
-    """Delete the packs trashed before ``before`` (epoch seconds); returns how many (and
-    appends the size of each to ``deleted``).  ``dry_run``: count them, delete nothing."""
+    """Delete the packs (and retired index segments) trashed before ``before`` (epoch
+    seconds); returns how many (and appends the size of each to ``deleted``).
+    ``dry_run``: count them, delete nothing."""
     n = 0
     for name in storage.list(TRASH):
         if not is_trash_name(name):
@@ -127,7 +166,7 @@ def rescue(storage: Storage, missing: set[bytes]) -> set[bytes]:
     """
     still = set(missing)
     for name in storage.list(TRASH):
-        if not still or not is_trash_name(name):
+        if not still or _TRASHED.match(name) is None:
             continue
         try:
             entries = read_trailer(storage.get(name), name)
