@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cbt.repo.compact import KEYS, merge
+from cbt.repo.compact import BASE, KEYS, TIER, WIDTH, choose, merge, tier
 
 
 def _entries(digests: list[bytes], tag: int) -> dict[str, Any]:
@@ -88,3 +88,26 @@ def test_merge_holds_a_chunk_per_input() -> None:
     a, b = sorted(_ids(rng, 100)), sorted(_ids(rng, 100))
     seen = [len(pulled) for _ in merge([lazy(_entries(a, 0), 0), lazy(_entries(b, 1), 1)])]
     assert len(pulled) == 20 and seen[0] <= 3
+
+
+def test_tiers_keep_few_segments_and_rewrite_each_entry_few_times() -> None:
+    """Backups each adding a small segment, merged as choose() says: the segment count
+    stays within (WIDTH - 1) per tier, and an entry is rewritten about log_TIER(N) times."""
+    assert [tier(n) for n in (0, 1, BASE, BASE + 1, BASE * TIER, BASE * TIER + 1)] == \
+        [0, 0, 0, 1, 1, 2]
+    segments: dict[str, int] = {}
+    rewrites = 0
+    for run in range(2000):
+        segments[f"run{run}"] = 3000  # (a backup's new blocks)
+        while picked := choose(sorted(segments.items())):
+            assert len(picked) >= WIDTH
+            merged = sum(segments.pop(p) for p in picked)
+            rewrites += merged
+            segments[f"merged{run}-{len(segments)}"] = merged
+        total = sum(segments.values())
+        tiers = max(tier(n) for n in segments.values()) + 1
+        assert len(segments) <= (WIDTH - 1) * tiers, segments
+    assert total == 2000 * 3000
+    assert rewrites / total <= 1 + np.log(total / BASE) / np.log(TIER)
+    assert choose([("a", 1), ("b", 2)], legacy=["index/x.arrow"]) == ["index/x.arrow"]
+    assert choose([("a", 1), ("b", 2), ("c", 3)]) == []

@@ -15,6 +15,14 @@ k-way merge that never holds more than a chunk of each input:
    is exhausted.  Memory: one chunk per input and one round's output (the merge is a
    generator: the consumer, a segment writer, takes each round before the next).
 
+Which segments merge (:func:`choose`) is size-tiered: a segment's *tier* is how many
+times TIER its entry count is above BASE; when WIDTH segments share the lowest
+crowded tier they merge into one of the next tier.  A vault of N entries so keeps at
+most (WIDTH - 1) segments a tier, about (WIDTH - 1) * log_TIER(N / BASE) in all, and
+each entry is rewritten about log_TIER(N / BASE) times over its life: a backup's
+small segment never drags the whole index through memory or the network.
+Segments of the older Arrow format (read whole) merge as soon as there are any.
+
 Digests are compared as 32-byte strings (numpy ``S32``: bytewise, the order
 segments are written in), never by a prefix: ids that share 8 or 16 bytes (a
 crafted vault's) merge in the right order too.
@@ -29,8 +37,32 @@ import numpy as np
 import numpy.typing as npt
 
 KEYS = ("digests", "pack_uuid", "offset", "stored", "raw")
+BASE = 4096  # entries: segments up to this size share the lowest tier
+TIER = 4  # a tier spans entry counts within this factor
+WIDTH = 4  # segments of one tier that merge together
 
 Chunk = dict[str, Any]
+
+
+def tier(entries: int) -> int:
+    """The tier of a segment of ``entries`` entries (0 up to BASE)."""
+    t, size = 0, BASE
+    while entries > size:
+        t, size = t + 1, size * TIER
+    return t
+
+
+def choose(segments: Sequence[tuple[str, int]], legacy: Sequence[str] = ()) -> list[str]:
+    """The segments to merge now, given each paged segment's (name, entries) and the
+    names of the legacy (Arrow) ones: all the legacy ones when there are any, else the
+    segments of the lowest tier holding WIDTH or more, else none."""
+    if legacy:
+        return list(legacy)
+    tiers: dict[int, list[str]] = {}
+    for name, n in segments:
+        tiers.setdefault(tier(n), []).append(name)
+    crowded = [t for t, names in tiers.items() if len(names) >= WIDTH]
+    return sorted(tiers[min(crowded)]) if crowded else []
 
 
 def _as_s32(digests: npt.NDArray[np.uint8]) -> npt.NDArray[Any]:
