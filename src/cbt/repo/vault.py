@@ -93,6 +93,7 @@ CONFIG = "config"
 ENCRYPTED_VERSION = 2  # config format_version of an encrypted vault
 ID_KEY = "blake3-keyed"
 SEALED = ".sealed"
+PAGED = ".cbtidx"  # a paged index segment (sealed page by page in an encrypted vault)
 DEFAULT_ENCRYPTION = ALGORITHMS[0]
 MAX_KEY_SLOTS = 32  # unlocking tries each: a vault has a few
 
@@ -314,10 +315,21 @@ class Vault:
         """The suffix of point, job and kept-snapshot records."""
         return ".json" if self.keys is None else SEALED
 
+    def paged_segment_name(self, run: str) -> str:
+        """A paged index segment's name for ``run`` (:mod:`cbt.format.paged_index`)."""
+        if self.keys is None:
+            return f"index/{run}{PAGED}"
+        return f"index/{self._tag('index', run)}{PAGED}"
+
+    @staticmethod
+    def is_paged_segment(name: str) -> bool:
+        return name.endswith(PAGED)
+
     def segment_names(self) -> list[str]:
+        """Every index segment: the legacy Arrow ones and the paged ones."""
         suffix = ".arrow" if self.keys is None else SEALED
         return [s for s in self.storage.list("index")
-                if s.endswith(suffix) and not _base(s).startswith(".")]
+                if (s.endswith(suffix) or s.endswith(PAGED)) and not _base(s).startswith(".")]
 
     # -- sealed files: plain in an unencrypted vault ---------------------------------
 

@@ -1,0 +1,149 @@
+"""Paged index segments in a vault: opened to be searched in place, written streamed,
+compacted in tiers.
+
+1. Open (:func:`open_paged`): only the segment's trailer and head are read and checked
+   (:class:`cbt.format.paged_index.PagedSegment`); its pages are read when a lookup
+   needs them, from ``index/`` or, once a merge retired it, from the trash
+   (:func:`cbt.repo.trash.read_segment_range`).
+2. Write (:func:`write_paged`): sorted chunks of entries stream through a
+   :class:`~cbt.format.paged_index.PagedWriter` into :meth:`Storage.put_stream`: the
+   segment is never whole in memory, and it appears whole or not at all.
+3. Compact (:func:`compact`, after a backup's commit, under the gc lock):
+   :func:`cbt.repo.compact.choose` picks the segments of a crowded tier (or the legacy
+   Arrow ones), :func:`cbt.repo.compact.merge` streams them into one new segment, and
+   then the inputs are retired to the trash.  A kill before the new segment is whole
+   leaves nothing; after, the entries twice until the next compaction: harmless (both
+   copies name the same blob).
+"""
+
+from __future__ import annotations
+
+import errno
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cbt.core.errors import CbtIOError
+from cbt.format import paged_index
+from cbt.format.paged_index import PagedSegment, PagedWriter
+from cbt.repo import compact
+from cbt.repo.trash import read_segment_range, retire_segment
+
+if TYPE_CHECKING:
+    from cbt.core.crypto import Cipher
+    from cbt.repo.storage import Storage
+    from cbt.repo.vault import Vault
+
+Chunk = dict[str, Any]
+CHUNK = 16384  # entries a merge reads of each input at a time (about 1 MiB)
+
+
+def open_paged(storage: Storage, name: str, cipher: Cipher | None) -> PagedSegment:
+    """The segment ``name``, its head read and checked, its pages left where they lie."""
+    size = _size(storage, name)
+    return PagedSegment.open(lambda offset, length: read_segment_range(storage, name, offset,
+                                                                       length),
+                             size, name=name, where=storage.where(name), cipher=cipher)
+
+
+def _size(storage: Storage, name: str) -> int:
+    try:
+        return storage.size(name)
+    except CbtIOError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+    from cbt.repo.trash import segment_trash_name
+
+    return storage.size(segment_trash_name(name))
+
+
+def write_paged(storage: Storage, name: str, chunks: Iterable[Chunk], total: int,
+                cipher: Cipher | None) -> int:
+    """Write the sorted ``chunks`` (at most ``total`` entries) as the segment ``name``;
+    the number of entries written."""
+    written = [0]
+
+    def stream() -> Iterator[bytes]:
+        out: list[bytes] = []
+        writer = PagedWriter(lambda b: out.append(bytes(b)), total=total, name=name,
+                             cipher=cipher)
+        for chunk in chunks:
+            if len(chunk["offset"]):
+                writer.add(chunk["digests"], chunk["pack_uuid"], chunk["offset"],
+                           chunk["stored"], chunk["raw"])
+                written[0] += len(chunk["offset"])
+                yield from out
+                out.clear()
+        writer.finish()
+        yield from out
+
+    storage.put_stream(name, stream())
+    return written[0]
+
+
+def paged_chunks(segment: PagedSegment, entries: int = CHUNK) -> Iterator[Chunk]:
+    """A paged segment's entries in order, as chunks with pack uuids."""
+    uuids = _uuids(segment.pack_ids)
+    for part in segment.chunks(entries):
+        yield {"digests": part["digests"], "pack_uuid": uuids[part["pack"]],
+               "offset": part["offset"], "stored": part["stored"], "raw": part["raw"]}
+
+
+def _uuids(pack_ids: list[str]) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    if not pack_ids:
+        return np.zeros((0, 16), np.uint8)
+    return np.frombuffer(b"".join(uuid.UUID(hex=p).bytes for p in pack_ids),
+                         np.uint8).reshape(-1, 16)
+
+
+def legacy_chunks(part: dict[str, Any], entries: int = CHUNK) -> Iterator[Chunk]:
+    """A legacy (Arrow) segment's entries (read whole: :func:`cbt.repo.index.read_segment`)
+    in digest order, as chunks with pack uuids."""
+    keys = np.ascontiguousarray(part["digests"]).reshape(-1, 32).view("S32").ravel()
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    keep = np.ones(len(order), dtype=bool)  # (a legacy segment may hold a digest twice)
+    keep[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    order = order[keep]
+    uuids = _uuids(part["pack_ids"])
+    for at in range(0, len(order), entries):
+        rows = order[at:at + entries]
+        yield {"digests": part["digests"][rows], "pack_uuid": uuids[part["pack"][rows]],
+               "offset": part["offset"][rows], "stored": part["stored"][rows],
+               "raw": part["raw"][rows]}
+
+
+def compact(vault: Vault) -> str | None:
+    """One compaction step if :func:`cbt.repo.compact.choose` picks any segments: the
+    merged segment's name, or None.  Call under the gc lock."""
+    from cbt.repo.index import read_segment
+
+    names = vault.segment_names()
+    cipher = vault.keys.cipher if vault.keys is not None else None
+    paged = [n for n in names if vault.is_paged_segment(n)]
+    legacy = [n for n in names if not vault.is_paged_segment(n)]
+    opened = {n: open_paged(vault.storage, n, cipher) for n in paged}
+    picked = compact.choose([(n, s.n) for n, s in opened.items()], legacy)
+    if not picked:
+        return None
+    inputs: list[Iterator[Chunk]] = []
+    total = 0
+    for n in picked:
+        if n in opened:
+            inputs.append(paged_chunks(opened[n]))
+            total += opened[n].n
+        else:
+            part = read_segment(vault.get_sealed("index", n), vault.storage.where(n))
+            inputs.append(legacy_chunks(part))
+            total += len(part["offset"])
+    name = vault.segment_name(f"merged-{uuid.uuid4().hex}")
+    write_paged(vault.storage, name, compact.merge(inputs), total, cipher)
+    for n in picked:
+        retire_segment(vault.storage, n)
+    return name
+
+
+__all__ = ["compact", "legacy_chunks", "open_paged", "paged_chunks", "paged_index",
+           "write_paged"]
