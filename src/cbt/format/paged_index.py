@@ -60,13 +60,14 @@ Reading (:class:`PagedSegment`):
 5. :meth:`~PagedSegment.chunks`: every entry in order, a bounded number of pages
    at a time.
 
-The last :data:`CACHE_PAGES` decoded pages are kept (about 430 KB).
+The plaintexts of the last :data:`CACHE_PAGES` pages read are kept (about 430 KB).
 """
 
 from __future__ import annotations
 
 import struct
 import sys
+import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -313,16 +314,11 @@ def _counts(sealed: bool, n: int, npacks: int, nblocks: int, head_offset: int,
 class _Pages:
     """Decoded pages, concatenated in ascending page order (a sorted run)."""
 
-    def __init__(self, pages: npt.NDArray[np.int64], cols: list[tuple[npt.NDArray[Any], ...]],
-                 per: int) -> None:
+    def __init__(self, pages: npt.NDArray[np.int64], sizes: npt.NDArray[np.int64],
+                 cols: tuple[npt.NDArray[Any], ...], per: int) -> None:
         self.pages = pages
-        sizes = np.array([len(c[2]) for c in cols], dtype=np.int64)
         self.start = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
-        self.digests = np.concatenate([c[0] for c in cols])
-        self.pack = np.concatenate([c[1] for c in cols])
-        self.offset = np.concatenate([c[2] for c in cols])
-        self.stored = np.concatenate([c[3] for c in cols])
-        self.raw = np.concatenate([c[4] for c in cols])
+        self.digests, self.pack, self.offset, self.stored, self.raw = cols
         # the segment row of each position
         self.rows = (np.repeat(pages * per - self.start, sizes)
                      + np.arange(int(sizes.sum()), dtype=np.int64))
@@ -348,7 +344,8 @@ class PagedSegment:
     _where: str
     _name: str
     _cipher: Cipher | None
-    _cache: OrderedDict[int, tuple[npt.NDArray[Any], ...]]
+    _cache: OrderedDict[int, bytes]  # page -> checked plaintext
+    _lock: threading.Lock
     _per: int
     _sealed: bool
     _npages: int
@@ -356,7 +353,7 @@ class PagedSegment:
     _uuids: npt.NDArray[np.uint8]
     _fences: npt.NDArray[np.uint64]
     _spans: npt.NDArray[np.bool_]
-    _checks: npt.NDArray[np.uint8]
+    _checks_bytes: bytes  # the page checks, CHECK_SIZE bytes each
     _filter: npt.NDArray[np.uint8]
 
     def __init__(self) -> None:  # use open()
@@ -372,6 +369,7 @@ class PagedSegment:
         self._name = name
         self._cipher = cipher
         self._cache = OrderedDict()
+        self._lock = threading.Lock()
         if size < TRAILER_SIZE:
             self._fail(f"{size} bytes, too short for a paged index segment")
         trailer = self._read(size - TRAILER_SIZE, TRAILER_SIZE, "the trailer")
@@ -446,10 +444,11 @@ class PagedSegment:
         self._uuids = uuids
         self._fences = fences
         self._spans = spans.astype(bool)
-        self._checks = checks
+        self._checks_bytes = checks.tobytes()  # (slices of bytes compare fastest)
         self.pack_ids = [uuid.UUID(bytes=u.tobytes()).hex for u in uuids]
-        self.head_bytes = (uuids.nbytes + fences.nbytes + self._spans.nbytes + checks.nbytes
-                           + self._filter.nbytes + sys.getsizeof(self.pack_ids)
+        self.head_bytes = (uuids.nbytes + fences.nbytes + self._spans.nbytes
+                           + len(self._checks_bytes) + self._filter.nbytes
+                           + sys.getsizeof(self.pack_ids)
                            + sum(sys.getsizeof(p) for p in self.pack_ids))
         return self
 
@@ -485,82 +484,114 @@ class PagedSegment:
         """(offset, stored length) of a page."""
         extra = OVERHEAD if self._sealed else 0
         full = self._per * ENTRY_SIZE + extra
-        k = min(self._per, self.n - page * self._per)
+        k = self._page_size(page)
         return page * full, k * ENTRY_SIZE + extra
 
-    def _decode(self, page: int, data: memoryview) -> tuple[npt.NDArray[Any], ...]:
-        """A page's checked columns (digests, pack, offset, stored, raw)."""
-        if _check(data) != self._checks[page].tobytes():
+    def _plain(self, page: int, data: memoryview) -> bytes:
+        """A page's plaintext, once its check against the head (and its seal) hold."""
+        if _check(data) != self._checks_bytes[page * CHECK_SIZE:(page + 1) * CHECK_SIZE]:
             self._fail("checksum mismatch", page)
-        if self._cipher is not None:
-            try:
-                plain = self._cipher.open(data, _page_aad(self._name, page))
-            except AuthenticationError:
-                self._fail("fails authentication (altered, moved, or not of this vault)", page)
-        else:
-            plain = bytes(data)  # (a copy of its own: cached pages must not pin a batch)
-        k = min(self._per, self.n - page * self._per)
+        if self._cipher is None:
+            return bytes(data)  # (a copy of its own: a cached page must not pin a batch)
+        try:
+            plain = self._cipher.open(data, _page_aad(self._name, page))
+        except AuthenticationError:
+            self._fail("fails authentication (altered, moved, or not of this vault)", page)
+        k = self._page_size(page)
         if len(plain) != k * ENTRY_SIZE:
             self._fail(f"{len(plain)} bytes, not {k * ENTRY_SIZE}", page)
-        at = 0
+        return plain
 
-        def col(dtype: str, width: int) -> npt.NDArray[Any]:
-            nonlocal at
-            a = np.frombuffer(plain, dtype=dtype, count=k * width // np.dtype(dtype).itemsize,
-                              offset=at)
-            at += k * width
-            return a
+    def _page_size(self, page: int) -> int:
+        return min(self._per, self.n - page * self._per)
 
-        digests = col("u1", 32).reshape(k, 32)
-        pack = col("<u4", 4).astype(np.uint32)
-        offset = col("<u8", 8).astype(np.uint64)
-        stored = col("<u4", 4).astype(np.uint32)
-        raw = col("<u4", 4).astype(np.uint32)
-        s = _sortable(digests)
-        if k > 1 and not (s[1:] > s[:-1]).all():
-            self._fail("digests not strictly ascending", page)
-        first = int(prefix_keys(digests[:1])[0])
-        if first != int(self._fences[page]):
-            self._fail("first digest differs from its fence", page)
-        if page + 1 < self._npages:
-            last = int(prefix_keys(digests[-1:])[0])
-            bound = int(self._fences[page + 1])
-            if last > bound or (last == bound and not self._spans[page + 1]):
-                self._fail("digests beyond the next page's fence", page)
-        if k and int(pack.max()) >= len(self._uuids):
-            self._fail(f"pack number {int(pack.max())} of {len(self._uuids)} packs", page)
+    def _decode(self, pages: npt.NDArray[np.int64], plain: bytes, k: int
+                ) -> tuple[npt.NDArray[Any], ...]:
+        """Columns (digests, pack, offset, stored, raw) of pages of ``k`` entries each,
+        their plaintexts concatenated; checked all at once: digests strictly ascending
+        in each page and within its fences, pack numbers in the table."""
+        r = len(pages)
+        buf = np.frombuffer(plain, dtype=np.uint8).reshape(r, k * ENTRY_SIZE)
+        at = [0]
+
+        def col(width: int, dtype: str) -> npt.NDArray[Any]:
+            part = buf[:, at[0]:at[0] + k * width]
+            at[0] += k * width
+            return np.ascontiguousarray(part).view(dtype).reshape(-1)
+
+        digests = col(32, "u1").reshape(r * k, 32)
+        pack = col(4, "<u4").astype(np.uint32, copy=False)
+        offset = col(8, "<u8").astype(np.uint64, copy=False)
+        stored = col(4, "<u4").astype(np.uint32, copy=False)
+        raw = col(4, "<u4").astype(np.uint32, copy=False)
+        s = _sortable(digests).reshape(r, k)
+        bad = ~(s[:, 1:] > s[:, :-1]).all(axis=1)
+        if bad.any():
+            self._fail("digests not strictly ascending", int(pages[np.argmax(bad)]))
+        keys = prefix_keys(digests).reshape(r, k)
+        bad = keys[:, 0] != self._fences[pages]
+        if bad.any():
+            self._fail("first digest differs from its fence", int(pages[np.argmax(bad)]))
+        nxt = np.minimum(pages + 1, self._npages - 1)
+        bound = self._fences[nxt]
+        # the last digest stays below the next page's fence, or equal to it when a run
+        # of one 8-byte prefix crosses the boundary (the next page's span flag)
+        bad = (pages + 1 < self._npages) & (
+            (keys[:, -1] > bound) | ((keys[:, -1] == bound) & ~self._spans[nxt]))
+        if bad.any():
+            self._fail("digests beyond the next page's fence", int(pages[np.argmax(bad)]))
+        if r and int(pack.max()) >= len(self._uuids):
+            worst = int(np.argmax(pack.reshape(r, k).max(axis=1) >= len(self._uuids)))
+            self._fail(f"pack number {int(pack.reshape(r, k)[worst].max())} of "
+                       f"{len(self._uuids)} packs", int(pages[worst]))
         return digests, pack, offset, stored, raw
 
     def _load(self, pages: npt.NDArray[np.int64], cache: bool = True) -> _Pages:
         """These pages (ascending, distinct), decoded and checked: cached ones from the
         cache, the rest read with adjacent pages in one read."""
-        got: dict[int, tuple[npt.NDArray[Any], ...]] = {}
+        got: dict[int, bytes] = {}
         todo: list[int] = []
-        for p in pages.tolist():
-            hit = self._cache.get(p) if cache else None
-            if hit is not None:
-                self._cache.move_to_end(p)
-                got[p] = hit
-            else:
-                todo.append(p)
-        i = 0
-        while i < len(todo):
-            j = i + 1
-            while j < len(todo) and todo[j] == todo[j - 1] + 1:
-                j += 1
-            start, _ = self._page_span(todo[i])
-            end_off, end_len = self._page_span(todo[j - 1])
-            data = memoryview(self._read(start, end_off + end_len - start,
-                                         f"pages {todo[i]}-{todo[j - 1]}"))
-            for p in todo[i:j]:
-                off, length = self._page_span(p)
-                got[p] = self._decode(p, data[off - start:off - start + length])
-                if cache:
-                    self._cache[p] = got[p]
+        with self._lock:  # (threads may share a segment: the cache is its one state)
+            for p in pages.tolist():
+                hit = self._cache.get(p) if cache else None
+                if hit is not None:
+                    self._cache.move_to_end(p)
+                    got[p] = hit
+                else:
+                    todo.append(p)
+        if todo:
+            want = np.array(todo, dtype=np.int64)
+            stride = self._per * ENTRY_SIZE + (OVERHEAD if self._sealed else 0)
+            ends = (want + 1) * stride
+            ends[-1] = sum(self._page_span(todo[-1]))
+            # runs of adjacent pages: one read each
+            cuts = np.flatnonzero(np.diff(want) != 1) + 1
+            for lo, hi in zip(np.concatenate(([0], cuts)).tolist(),
+                              np.concatenate((cuts, [len(todo)])).tolist(), strict=True):
+                start = todo[lo] * stride
+                data = memoryview(self._read(start, int(ends[hi - 1]) - start,
+                                             f"pages {todo[lo]}-{todo[hi - 1]}"))
+                for p, end in zip(todo[lo:hi], ends[lo:hi].tolist(), strict=True):
+                    got[p] = self._plain(p, data[p * stride - start:end - start])
+            if cache:
+                with self._lock:
+                    for p in todo[-CACHE_PAGES:]:
+                        self._cache[p] = got[p]
                     while len(self._cache) > CACHE_PAGES:
                         self._cache.popitem(last=False)
-            i = j
-        return _Pages(pages, [got[p] for p in pages.tolist()], self._per)
+        # every page is full but the segment's last: decode the full ones at once
+        plist = pages.tolist()
+        short = bool(plist) and self._page_size(plist[-1]) < self._per
+        full = pages[:-1] if short else pages
+        parts = [self._decode(full, b"".join(got[p] for p in plist[:len(full)]), self._per)]
+        if short:
+            parts.append(self._decode(pages[-1:], got[plist[-1]], self._page_size(plist[-1])))
+        cols = tuple(np.concatenate([part[c] for part in parts]) if len(parts) > 1
+                     else parts[0][c] for c in range(5))
+        sizes = np.full(len(pages), self._per, dtype=np.int64)
+        if short:
+            sizes[-1] = self._page_size(plist[-1])
+        return _Pages(pages, sizes, cols, self._per)
 
     def _batches(self, pages: npt.NDArray[np.int64], size: int, cache: bool = True
                  ) -> Iterator[tuple[int, int, _Pages]]:
