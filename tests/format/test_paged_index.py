@@ -118,6 +118,14 @@ def check_all(seg: PagedSegment, e: Entries, queries: list[bytes]) -> None:
     assert seg.pack_ids == [p.hex for p in seg_packs(e)]
     got = seg.lookup(as_array(queries)) if queries else seg.lookup(np.zeros((0, 32), np.uint8))
     assert got.tolist() == [e.row.get(q, -1) for q in queries]
+    rows_found, entries = seg.find(as_array(queries) if queries else np.zeros((0, 32), np.uint8))
+    assert rows_found.tolist() == got.tolist()
+    hit = got >= 0
+    assert [bytes(d) for d in entries["digests"][hit]] == [q for q in queries if q in e.row]
+    assert not entries["digests"][~hit].any() and not entries["offset"][~hit].any()
+    assert entries["offset"][hit].tolist() == [e.offset[r] for r in got[hit].tolist()]
+    assert [seg.pack_ids[p] for p in entries["pack"][hit].tolist()] == [
+        e.packs[e.pack_of[r]].hex for r in got[hit].tolist()]
     rows = [r for r in got.tolist() if r >= 0][::-1]
     g = seg.gather(np.array(rows, dtype=np.int64))
     assert [bytes(d) for d in g["digests"]] == [e.list[r] for r in rows]

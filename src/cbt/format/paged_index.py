@@ -56,7 +56,8 @@ Reading (:class:`PagedSegment`):
    within its fences, pack numbers known) before use.  The pages of a batch are
    consecutive slices of one sorted run, so one ``searchsorted`` over their
    concatenated digests finds every id of the batch.
-4. :meth:`~PagedSegment.gather`: the entries at given rows, reading each page once.
+4. :meth:`~PagedSegment.gather`: the entries at given rows, reading each page once
+   (:meth:`~PagedSegment.find`: a lookup that returns the entries too).
 5. :meth:`~PagedSegment.chunks`: every entry in order, a bounded number of pages
    at a time.
 
@@ -179,7 +180,7 @@ class PagedWriter:
     entries (it sizes the filter); more is a :class:`ValueError`.
     """
 
-    def __init__(self, write: Callable[[bytes | memoryview], None], *, total: int, name: str,
+    def __init__(self, write: Callable[[bytes | memoryview], object], *, total: int, name: str,
                  cipher: Cipher | None = None) -> None:
         if total < 0:
             raise ValueError("total must be >= 0")
@@ -603,7 +604,18 @@ class PagedSegment:
 
     def lookup(self, digests: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """The row of each digest, -1 where it is absent."""
+        return self._search(_as_digests(digests), None)
+
+    def find(self, digests: npt.ArrayLike
+             ) -> tuple[npt.NDArray[np.int64], dict[str, npt.NDArray[Any]]]:
+        """:meth:`lookup` and :meth:`gather` in one pass (each page read once): the row of
+        each digest (-1 absent) and the entry of each (zeros where absent)."""
         q = _as_digests(digests)
+        entries = _empty_entries(len(q))
+        return self._search(q, entries), entries
+
+    def _search(self, q: npt.NDArray[np.uint8], entries: dict[str, npt.NDArray[Any]] | None
+                ) -> npt.NDArray[np.int64]:
         out = np.full(len(q), -1, dtype=np.int64)
         if len(q) == 0 or self.n == 0:
             return out
@@ -639,7 +651,11 @@ class PagedSegment:
             run = _sortable(batch.digests)
             pos = np.minimum(np.searchsorted(run, want), len(run) - 1)
             found = run[pos] == want
-            out[qi[lo:hi][found]] = batch.rows[pos[found]]
+            at = qi[lo:hi][found]
+            out[at] = batch.rows[pos[found]]
+            if entries is not None:
+                for c, a in batch.select(pos[found]).items():
+                    entries[c][at] = a
         return out
 
     def gather(self, rows: npt.ArrayLike) -> dict[str, npt.NDArray[Any]]:
