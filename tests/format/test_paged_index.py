@@ -453,8 +453,7 @@ def test_sealed_page_moved_within_segment_fails_authentication() -> None:
     data = write(e, cipher=cipher)
     page = P * ENTRY_SIZE + OVERHEAD
     seg = open_bytes(data, cipher=cipher)
-    c = seg._checks_bytes  # as if the head had been re-sealed so
-    seg._checks_bytes = c[16:32] + c[:16] + c[32:]
+    seg._checks[[0, 1]] = seg._checks[[1, 0]]  # as if the head had been re-sealed so
     swapped = data[page:2 * page] + data[:page] + data[2 * page:]
     seg._read_range = lambda o, n: swapped[o:o + n]
     with pytest.raises(PagedIndexError, match="authentication"):

@@ -79,6 +79,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cbt.core.crypto import OVERHEAD, AuthenticationError, Cipher
+from cbt.core.native import fast
 from cbt.format.index_segment import CorruptIndexError
 
 # Do not modify: this magic, version and layout identify and decode every paged
@@ -354,7 +355,7 @@ class PagedSegment:
     _uuids: npt.NDArray[np.uint8]
     _fences: npt.NDArray[np.uint64]
     _spans: npt.NDArray[np.bool_]
-    _checks_bytes: bytes  # the page checks, CHECK_SIZE bytes each
+    _checks: npt.NDArray[np.uint8]  # (pages, CHECK_SIZE): BLAKE3 of each page as stored
     _filter: npt.NDArray[np.uint8]
 
     def __init__(self) -> None:  # use open()
@@ -445,10 +446,10 @@ class PagedSegment:
         self._uuids = uuids
         self._fences = fences
         self._spans = spans.astype(bool)
-        self._checks_bytes = checks.tobytes()  # (slices of bytes compare fastest)
+        self._checks = checks
         self.pack_ids = [uuid.UUID(bytes=u.tobytes()).hex for u in uuids]
         self.head_bytes = (uuids.nbytes + fences.nbytes + self._spans.nbytes
-                           + len(self._checks_bytes) + self._filter.nbytes
+                           + checks.nbytes + self._filter.nbytes
                            + sys.getsizeof(self.pack_ids)
                            + sum(sys.getsizeof(p) for p in self.pack_ids))
         return self
@@ -488,12 +489,9 @@ class PagedSegment:
         k = self._page_size(page)
         return page * full, k * ENTRY_SIZE + extra
 
-    def _plain(self, page: int, data: memoryview) -> bytes:
-        """A page's plaintext, once its check against the head (and its seal) hold."""
-        if _check(data) != self._checks_bytes[page * CHECK_SIZE:(page + 1) * CHECK_SIZE]:
-            self._fail("checksum mismatch", page)
-        if self._cipher is None:
-            return bytes(data)  # (a copy of its own: a cached page must not pin a batch)
+    def _unseal(self, page: int, data: memoryview) -> bytes:
+        """A sealed page's plaintext (its check against the head already held)."""
+        assert self._cipher is not None
         try:
             plain = self._cipher.open(data, _page_aad(self._name, page))
         except AuthenticationError:
@@ -506,7 +504,7 @@ class PagedSegment:
     def _page_size(self, page: int) -> int:
         return min(self._per, self.n - page * self._per)
 
-    def _decode(self, pages: npt.NDArray[np.int64], plain: bytes, k: int
+    def _decode(self, pages: npt.NDArray[np.int64], plain: bytes | memoryview, k: int
                 ) -> tuple[npt.NDArray[Any], ...]:
         """Columns (digests, pack, offset, stored, raw) of pages of ``k`` entries each,
         their plaintexts concatenated; checked all at once: digests strictly ascending
@@ -550,7 +548,7 @@ class PagedSegment:
     def _load(self, pages: npt.NDArray[np.int64], cache: bool = True) -> _Pages:
         """These pages (ascending, distinct), decoded and checked: cached ones from the
         cache, the rest read with adjacent pages in one read."""
-        got: dict[int, bytes] = {}
+        got: dict[int, bytes | memoryview] = {}
         todo: list[int] = []
         with self._lock:  # (threads may share a segment: the cache is its one state)
             for p in pages.tolist():
@@ -565,6 +563,7 @@ class PagedSegment:
             stride = self._per * ENTRY_SIZE + (OVERHEAD if self._sealed else 0)
             ends = (want + 1) * stride
             ends[-1] = sum(self._page_span(todo[-1]))
+            views: list[memoryview] = []
             # runs of adjacent pages: one read each
             cuts = np.flatnonzero(np.diff(want) != 1) + 1
             for lo, hi in zip(np.concatenate(([0], cuts)).tolist(),
@@ -572,12 +571,24 @@ class PagedSegment:
                 start = todo[lo] * stride
                 data = memoryview(self._read(start, int(ends[hi - 1]) - start,
                                              f"pages {todo[lo]}-{todo[hi - 1]}"))
-                for p, end in zip(todo[lo:hi], ends[lo:hi].tolist(), strict=True):
-                    got[p] = self._plain(p, data[p * stride - start:end - start])
+                views += [data[p * stride - start:end - start]
+                          for p, end in zip(todo[lo:hi], ends[lo:hi].tolist(), strict=True)]
+            # every page's BLAKE3 in one call (the core's, GIL released), then against
+            # the head's checks all at once
+            sums = np.empty((len(views), 32), dtype=np.uint8)
+            fast.hash_each(views, sums)
+            bad = (sums[:, :CHECK_SIZE] != self._checks[want]).any(axis=1)
+            if bad.any():
+                self._fail("checksum mismatch", todo[int(np.argmax(bad))])
+            if self._cipher is None:
+                got.update(zip(todo, views, strict=True))
+            else:
+                got.update((p, self._unseal(p, v)) for p, v in zip(todo, views, strict=True))
             if cache:
                 with self._lock:
                     for p in todo[-CACHE_PAGES:]:
-                        self._cache[p] = got[p]
+                        # (bytes of its own: a cached page must not pin the whole read)
+                        self._cache[p] = bytes(got[p])
                     while len(self._cache) > CACHE_PAGES:
                         self._cache.popitem(last=False)
         # every page is full but the segment's last: decode the full ones at once
