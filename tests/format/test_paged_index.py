@@ -212,6 +212,21 @@ def test_streamed_in_odd_calls_same_bytes() -> None:
         assert write(e, sizes=sizes) == one
 
 
+def test_writer_keeps_no_view_of_the_callers_arrays() -> None:
+    """A caller that reuses its buffers between add() calls (a reader filling one
+    array again and again) gets the same segment."""
+    e = random_entries(3 * P + 10)
+    out = bytearray()
+    w = PagedWriter(out.extend, total=e.n, name=NAME)
+    for lo in range(0, e.n, 50):
+        arrays = [a.copy() for a in e.arrays(lo, lo + 50)]
+        w.add(*arrays)
+        for a in arrays:
+            a[...] = 0xFF  # overwritten before the page is written
+    w.finish()
+    assert bytes(out) == write(e)
+
+
 def test_golden_bytes() -> None:
     """Future changes must not alter the layout of segments already written."""
     rng = np.random.default_rng(2026)

@@ -242,6 +242,8 @@ class PagedWriter:
         self._npending += m
         while self._npending >= PAGE_ENTRIES:
             self._page(PAGE_ENTRIES)
+        # what waits for the next page is copied: the caller may reuse its arrays
+        self._pending = [{c: a.copy() for c, a in part.items()} for part in self._pending]
 
     def _take(self, k: int) -> dict[str, npt.NDArray[Any]]:
         """The first ``k`` pending entries, removed from the pending list."""
