@@ -433,6 +433,55 @@ def test_crafted_pages_with_valid_checksums() -> None:
     one_error(lambda: use_all(recheck(pack)), "page 0 of 3", "pack number")
 
 
+def test_crafted_heads_with_valid_checksums() -> None:
+    """A head rewritten with its checks recomputed: fences out of order, bad span
+    flags, a pack listed twice, a fence that is not its page's first digest."""
+    e = random_entries(3 * P)
+    data = write(e)
+    pages_end = e.n * ENTRY_SIZE
+    npacks = len(seg_packs(e))
+    fences_at = pages_end + npacks * 16
+    spans_at = fences_at + 3 * 8
+
+    def rehead(edit: Callable[[bytearray], None]) -> bytes:
+        body = bytearray(data)
+        edit(body)
+        t = body[-TRAILER_SIZE:]
+        t[64:80] = blake3.blake3(bytes(body[pages_end:-TRAILER_SIZE])).digest(16)
+        t[80:96] = blake3.blake3(bytes(t[:80])).digest(16)
+        body[-TRAILER_SIZE:] = t
+        return bytes(body)
+
+    def swap_fences(b: bytearray) -> None:
+        b[fences_at:fences_at + 16] = b[fences_at + 8:fences_at + 16] + b[fences_at:fences_at + 8]
+
+    def span(page: int, value: int) -> Callable[[bytearray], None]:
+        return lambda b: b.__setitem__(spans_at + page, value)
+
+    def twice(b: bytearray) -> None:
+        b[pages_end + 16:pages_end + 32] = b[pages_end:pages_end + 16]
+
+    def lower_fence(b: bytearray) -> None:  # page 1's fence lowered: still in order
+        at = fences_at + 8
+        v = int.from_bytes(b[at:at + 8], "big")
+        b[at:at + 8] = (v - 1).to_bytes(8, "big")
+
+    one_error(lambda: open_bytes(rehead(swap_fences)), "fences out of order")
+    one_error(lambda: open_bytes(rehead(span(0, 1))), "span")
+    one_error(lambda: open_bytes(rehead(span(2, 2))), "span")
+    one_error(lambda: open_bytes(rehead(twice)), "pack listed twice")
+    one_error(lambda: use_all(rehead(lower_fence)), "page 1 of 3", "fence")
+    # no filter at all (it would answer "certainly absent" for every id)
+    nblocks = struct.unpack_from("<Q", data, len(data) - TRAILER_SIZE + 40)[0]
+    body = bytearray(data[:len(data) - TRAILER_SIZE - nblocks * 64])
+    head = bytes(body[pages_end:])
+    counts = bytearray(data[-TRAILER_SIZE:-16])
+    struct.pack_into("<QQQ", counts, 40, 0, pages_end, len(head))
+    counts[64:80] = blake3.blake3(head).digest(16)
+    no_filter = bytes(body) + bytes(counts) + blake3.blake3(bytes(counts)).digest(16)
+    one_error(lambda: open_bytes(no_filter), "no filter")
+
+
 def test_sealed_pages_and_heads_are_bound_to_their_place() -> None:
     cipher = cipher_of("aes-256-gcm")
     assert cipher is not None
