@@ -351,6 +351,7 @@ class PagedSegment:
     pack_ids: list[str]  # uuid hex of each pack number
     head_bytes: int  # memory the open segment holds (not counting the page cache)
     _read_range: Callable[[int, int], bytes]
+    _read_many: Callable[[list[tuple[int, int]]], Sequence[bytes]]
     _where: str
     _name: str
     _cipher: Cipher | None
@@ -372,15 +373,20 @@ class PagedSegment:
 
     @classmethod
     def open(cls, read_range: Callable[[int, int], bytes], size: int, *, name: str,
-             where: str, cipher: Cipher | None = None,
-             cache_pages: int = CACHE_PAGES) -> PagedSegment:
+             where: str, cipher: Cipher | None = None, cache_pages: int = CACHE_PAGES,
+             read_many: Callable[[list[tuple[int, int]]], Sequence[bytes]] | None = None
+             ) -> PagedSegment:
         """Read and check the trailer and head (nothing else).
 
         ``read_range(offset, length)`` returns those bytes of the segment (fewer: it
         is truncated); an ``OSError`` it raises (the segment gone) is the caller's.
-        ``cache_pages`` bounds the decoded pages kept (6.6 KB each; 0: none).
+        ``read_many(ranges)``, when given, reads several (offset, length) ranges and
+        returns their bytes in order (concurrently, for an object store); by default
+        one ``read_range`` after the other.  ``cache_pages`` bounds the decoded pages
+        kept (6.6 KB each; 0: none).
         """
         self = object.__new__(cls)
+        self._read_many = read_many or (lambda ranges: [read_range(o, k) for o, k in ranges])
         self._cache_pages = cache_pages
         self._read_range = read_range
         self._where = where
@@ -579,14 +585,20 @@ class PagedSegment:
             ends = (want + 1) * stride
             ends[-1] = sum(self._page_span(todo[-1]))
             views: list[memoryview] = []
-            # runs of adjacent pages: one read each
+            # runs of adjacent pages: one read each (all of a batch's reads handed over
+            # at once: an object store's reader may run them concurrently)
             cuts = np.flatnonzero(np.diff(want) != 1) + 1
-            for lo, hi in zip(np.concatenate(([0], cuts)).tolist(),
-                              np.concatenate((cuts, [len(todo)])).tolist(), strict=True):
-                start = todo[lo] * stride
-                data = memoryview(self._read(start, int(ends[hi - 1]) - start,
-                                             f"pages {todo[lo]}-{todo[hi - 1]}"))
-                views += [data[p * stride - start:end - start]
+            runs = list(zip(np.concatenate(([0], cuts)).tolist(),
+                            np.concatenate((cuts, [len(todo)])).tolist(), strict=True))
+            ranges = [(todo[lo] * stride, int(ends[hi - 1]) - todo[lo] * stride)
+                      for lo, hi in runs]
+            datas = self._read_many(ranges)
+            for (lo, hi), (start, length), data in zip(runs, ranges, datas, strict=True):
+                if len(data) != length:
+                    self._fail(f"pages {todo[lo]}-{todo[hi - 1]} truncated (read {len(data)} "
+                               f"of {length} bytes at {start})")
+                view = memoryview(data)
+                views += [view[p * stride - start:end - start]
                           for p, end in zip(todo[lo:hi], ends[lo:hi].tolist(), strict=True)]
             # every page's BLAKE3 in one call (the core's, GIL released), then against
             # the head's checks all at once
