@@ -16,6 +16,8 @@ page cache; the file itself is in the page cache, as a recently used segment):
 - ``gather``: the rows of the hits (after their lookup: pages partly cached);
 - ``find``: lookup and gather of 10k hits in one pass;
 - ``chunks``: every entry in order;
+- ``merge``: the segment merged with itself (compaction: 2n entries in, n out),
+  its speed and tracemalloc peak;
 - memory: the open segment's ``head_bytes`` and the tracemalloc peak of opening
   it and looking up 10k hits.
 """
@@ -36,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cbt.core.crypto import Cipher
-from cbt.format.paged_index import PagedSegment, PagedWriter
+from cbt.format.paged_index import PagedSegment, PagedWriter, merge
 
 
 def synthetic(n: int, seed: int, chunk: int = 1 << 16) -> Iterator[tuple[Any, ...]]:
@@ -118,6 +120,16 @@ def main() -> None:
             t0 = time.perf_counter()
             total = sum(len(c["offset"]) for c in segment().chunks())
             out["chunks_entries_per_s"] = total / (time.perf_counter() - t0)
+            # compaction: the segment merged with itself (every entry twice, one kept)
+            merged = PagedWriter(lambda b: None, total=2 * n, name="merged", cipher=cipher)
+            gc.collect()
+            tracemalloc.start()
+            t0 = time.perf_counter()
+            kept_n = merge([segment(), segment()], merged)
+            out["merge_entries_per_s"] = 2 * n / (time.perf_counter() - t0)
+            out["merge_peak"] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert kept_n == n
         finally:
             os.close(fd)
     if args.json:
