@@ -64,7 +64,12 @@ Reading (:class:`PagedSegment`):
 Compaction (:func:`merge`) streams the union of several segments into a writer,
 one entry per digest, with bounded memory (a k-way merge of their chunks).
 
-The plaintexts of the last :data:`CACHE_PAGES` pages read are kept (about 430 KB).
+Memory: an open segment holds its head, 1.72 bytes an entry (the filter 1.5, the
+fences, span flags and checks 0.2, 16 bytes a pack), and at most
+:data:`CACHE_PAGES` pages' plaintexts (426 KB); a lookup adds one batch of
+pages (read, checked, decoded: a few MB) and the filter's temporaries for
+:data:`FILTER_STEP` ids.  A writer holds the head it is building and the
+entries of one unfinished page, besides what its caller hands it.
 """
 
 from __future__ import annotations
@@ -104,8 +109,8 @@ PAGE_ENTRIES = 128
 # 12 bits an entry: measured 0.40% false positives on random ids at 7 probes
 # (10 bits: 0.98%), 1.5 MB per million entries.
 FILTER_BITS = 12
-BATCH_PAGES = 128  # pages decoded at once by lookup/gather: ~850 KB
-CACHE_PAGES = 64  # decoded pages kept: ~430 KB
+BATCH_PAGES = 128  # pages read and decoded at once by lookup/gather: 852 KB of pages
+CACHE_PAGES = 64  # plaintexts of the pages read last, kept: 64 x 6.6 KB = 426 KB
 MIN_PAGE_ENTRIES, MAX_PAGE_ENTRIES = 64, 1024
 # ids a filter pass takes at once: bounds its temporaries (about 60 bytes an id per
 # probe array: 8192 ids -> ~3.5 MB) while keeping the per-call overhead negligible
