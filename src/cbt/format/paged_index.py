@@ -530,7 +530,7 @@ class PagedSegment:
     def _page_size(self, page: int) -> int:
         return min(self._per, self.n - page * self._per)
 
-    def _decode(self, pages: npt.NDArray[np.int64], plain: bytes | memoryview, k: int
+    def _decode(self, pages: npt.NDArray[np.int64], plain: bytes, k: int
                 ) -> tuple[npt.NDArray[Any], ...]:
         """Columns (digests, pack, offset, stored, raw) of pages of ``k`` entries each,
         their plaintexts concatenated; checked all at once: digests strictly ascending
@@ -627,9 +627,12 @@ class PagedSegment:
         plist = pages.tolist()
         short = bool(plist) and self._page_size(plist[-1]) < self._per
         full = pages[:-1] if short else pages
+        # (bytes of their own: the columns returned must not point into a caller's
+        # buffer, a mapped file that may be closed)
         parts = [self._decode(full, b"".join(got[p] for p in plist[:len(full)]), self._per)]
         if short:
-            parts.append(self._decode(pages[-1:], got[plist[-1]], self._page_size(plist[-1])))
+            last = plist[-1]
+            parts.append(self._decode(pages[-1:], bytes(got[last]), self._page_size(last)))
         cols = tuple(np.concatenate([part[c] for part in parts]) if len(parts) > 1
                      else parts[0][c] for c in range(5))
         sizes = np.full(len(pages), self._per, dtype=np.int64)
