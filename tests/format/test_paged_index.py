@@ -729,3 +729,26 @@ def test_merge_memory_is_bounded() -> None:
 
 
 MERGE_PEAK = 8 << 20  # measured 4.2 MB (entries=65536: 20 MB, ~300 B an entry)
+
+
+def test_reads_from_a_mapped_file(tmp_path: Path) -> None:
+    """A reader handing out views of a mapped file: answers as from bytes, and nothing
+    returned points into the mapping (it can be closed while they are in use)."""
+    import mmap
+
+    e = random_entries(2 * P + 9)
+    path = tmp_path / "segment"
+    path.write_bytes(write(e))
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        views = [memoryview(m)]
+        seg = PagedSegment.open(lambda o, k: views[0][o:o + k], len(m), name=NAME,
+                                where="x", cache_pages=0)
+        chunks = list(seg.chunks(entries=P))
+        found = seg.find(as_array(e.list[-3:]))
+        del seg
+        views.pop().release()
+        m.close()  # BufferError if anything still pointed into it
+    assert [bytes(d) for c in chunks for d in c["digests"]] == e.list
+    assert found[0].tolist() == [e.n - 3, e.n - 2, e.n - 1]
+    assert found[1]["offset"].tolist() == e.offset[-3:]
