@@ -415,43 +415,59 @@ def test_crafted_trailer_is_one_error(claim: dict[str, int]) -> None:
         assert "newer cbt" in msg
 
 
+def recheck(body: bytearray, n: int) -> bytes:
+    """A plain segment's page checks, head check and trailer check recomputed (what a
+    crafted file would carry: only the structural checks can refuse it)."""
+    pages_end = n * ENTRY_SIZE
+    npages = -(-n // P)
+    t = body[-TRAILER_SIZE:]
+    npacks = struct.unpack_from("<Q", t, 32)[0]
+    checks_at = pages_end + npacks * 16 + npages * 9
+    for p in range(npages):
+        page = bytes(body[p * P * ENTRY_SIZE:min(n, (p + 1) * P) * ENTRY_SIZE])
+        body[checks_at + 16 * p:checks_at + 16 * (p + 1)] = blake3.blake3(page).digest(16)
+    head = bytes(body[pages_end:-TRAILER_SIZE])
+    t[64:80] = blake3.blake3(head).digest(16)
+    t[80:96] = blake3.blake3(bytes(t[:80])).digest(16)
+    body[-TRAILER_SIZE:] = t
+    return bytes(body)
+
+
 def test_crafted_pages_with_valid_checksums() -> None:
     """A page whose checks were recomputed (a crafted file, not a flipped bit) is still
     refused when its digests are out of order, outside its fences, or its pack unknown."""
     e = random_entries(3 * P)
     data = write(e)
-    pages_end = e.n * ENTRY_SIZE
-
-    def recheck(body: bytearray) -> bytes:
-        """Recompute every page check, the head check and the trailer check."""
-        t = body[-TRAILER_SIZE:]
-        npacks = struct.unpack_from("<Q", t, 32)[0]
-        checks_at = pages_end + npacks * 16 + 3 * 8 + 3
-        for p in range(3):
-            page = bytes(body[p * P * ENTRY_SIZE:(p + 1) * P * ENTRY_SIZE])
-            body[checks_at + 16 * p:checks_at + 16 * (p + 1)] = blake3.blake3(page).digest(16)
-        head = bytes(body[pages_end:-TRAILER_SIZE])
-        t[64:80] = blake3.blake3(head).digest(16)
-        t[80:96] = blake3.blake3(bytes(t[:80])).digest(16)
-        body[-TRAILER_SIZE:] = t
-        return bytes(body)
-
-    assert recheck(bytearray(data)) == data
+    assert recheck(bytearray(data), e.n) == data
     swap = bytearray(data)  # entries 5 and 6 of page 1 swapped
     swap[P * ENTRY_SIZE + 5 * 32:P * ENTRY_SIZE + 7 * 32] = (
         data[P * ENTRY_SIZE + 6 * 32:P * ENTRY_SIZE + 7 * 32]
         + data[P * ENTRY_SIZE + 5 * 32:P * ENTRY_SIZE + 6 * 32])
-    one_error(lambda: use_all(recheck(swap)), "page 1 of 3", "ascending")
+    one_error(lambda: use_all(recheck(swap, e.n)), "page 1 of 3", "ascending")
     fence = bytearray(data)  # page 2's first digest changed: no longer its fence
     fence[2 * P * ENTRY_SIZE] ^= 1
-    one_error(lambda: use_all(recheck(fence)), "page 2 of 3")
+    one_error(lambda: use_all(recheck(fence, e.n)), "page 2 of 3")
     beyond = bytearray(data)  # page 0's last digest above page 1's fence (still in order)
     beyond[(P - 1) * 32:P * 32] = b"\xff" * 32
-    one_error(lambda: use_all(recheck(beyond)), "page 0 of 3", "fence")
+    one_error(lambda: use_all(recheck(beyond, e.n)), "page 0 of 3", "fence")
     pack = bytearray(data)  # a pack number past the table
     at = P * 32 + 3 * 4
     pack[at:at + 4] = struct.pack("<I", 1000)
-    one_error(lambda: use_all(recheck(pack)), "page 0 of 3", "pack number")
+    one_error(lambda: use_all(recheck(pack, e.n)), "page 0 of 3", "pack number")
+
+
+def test_crafted_order_across_a_page_boundary() -> None:
+    """Two digests of one 8-byte prefix exchanged across a page boundary: each page is
+    still in order and matches its fence, only the order across pages is wrong."""
+    e = colliding_entries()
+    data = write(e)
+    cut = next(i for i in range(P, e.n, P) if e.list[i - 1][:8] == e.list[i][:8])
+    body = bytearray(data)
+    page = cut // P
+    last = (page - 1) * P * ENTRY_SIZE + (P - 1) * 32  # digest column of the page before
+    first = page * P * ENTRY_SIZE
+    body[last:last + 32], body[first:first + 32] = e.list[cut], e.list[cut - 1]
+    one_error(lambda: use_all(recheck(body, e.n)), f"page {page} of", "page before")
 
 
 def test_crafted_heads_with_valid_checksums() -> None:

@@ -638,7 +638,15 @@ class PagedSegment:
         sizes = np.full(len(pages), self._per, dtype=np.int64)
         if short:
             sizes[-1] = self._page_size(plist[-1])
-        return _Pages(pages, sizes, cols, self._per)
+        loaded = _Pages(pages, sizes, cols, self._per)
+        # Pages join into one sorted run: each page's first digest above the last one
+        # before it (fences see 8 bytes: a run of one prefix across pages needs this)
+        if len(pages) > 1:
+            s = _sortable(loaded.digests)
+            bad = ~(s[loaded.start[1:]] > s[loaded.start[1:] - 1])
+            if bad.any():
+                self._fail("digests not above the page before", int(pages[1:][np.argmax(bad)]))
+        return loaded
 
     def _batches(self, pages: npt.NDArray[np.int64], size: int, cache: bool = True
                  ) -> Iterator[tuple[int, int, _Pages]]:
