@@ -468,6 +468,9 @@ def test_crafted_order_across_a_page_boundary() -> None:
     first = page * P * ENTRY_SIZE
     body[last:last + 32], body[first:first + 32] = e.list[cut], e.list[cut - 1]
     one_error(lambda: use_all(recheck(body, e.n)), f"page {page} of", "page before")
+    # streamed one page at a time (the two pages in different chunks)
+    seg = open_bytes(recheck(body, e.n))
+    one_error(lambda: list(seg.chunks(entries=P)), f"page {page} of", "page before")
 
 
 def test_crafted_heads_with_valid_checksums() -> None:

@@ -739,9 +739,13 @@ class PagedSegment:
     def chunks(self, entries: int = 65536) -> Iterator[dict[str, npt.NDArray[Any]]]:
         """Every entry in row order, about ``entries`` at a time (whole pages)."""
         per_chunk = max(1, entries // self._per)
+        last = b""  # the digest before this chunk: the order holds across chunks too
         for start in range(0, self._npages, per_chunk):
             pages = np.arange(start, min(start + per_chunk, self._npages), dtype=np.int64)
             batch = self._load(pages, cache=False)
+            if not batch.digests[0].tobytes() > last:
+                self._fail("digests not above the page before", start)
+            last = batch.digests[-1].tobytes()
             yield {"digests": batch.digests, "pack": batch.pack, "offset": batch.offset,
                    "stored": batch.stored, "raw": batch.raw}
 
