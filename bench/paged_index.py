@@ -38,7 +38,8 @@ import numpy as np
 import numpy.typing as npt
 
 from cbt.core.crypto import Cipher
-from cbt.format.paged_index import PagedSegment, PagedWriter, merge
+from cbt.format.paged_index import PagedSegment, PagedWriter
+from cbt.repo.segments import merge_paged
 
 
 def synthetic(n: int, seed: int, chunk: int = 1 << 16) -> Iterator[tuple[Any, ...]]:
@@ -125,7 +126,7 @@ def main() -> None:
             gc.collect()
             tracemalloc.start()
             t0 = time.perf_counter()
-            kept_n = merge([segment(), segment()], merged)
+            kept_n = merge_paged([segment(), segment()], merged)
             out["merge_entries_per_s"] = 2 * n / (time.perf_counter() - t0)
             out["merge_peak"] = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()

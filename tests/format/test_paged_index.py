@@ -33,8 +33,8 @@ from cbt.format.paged_index import (
     PagedIndexError,
     PagedSegment,
     PagedWriter,
-    merge,
 )
+from cbt.repo.segments import merge_paged
 
 P = PAGE_ENTRIES
 NAME = "index/0123abcd"
@@ -698,7 +698,7 @@ def test_merge_against_reference(kind: str | None, entries: int) -> None:
     out = bytearray()
     w = PagedWriter(out.extend, total=sum(s.n for s in segs), name="index/merged",
                     cipher=cipher)
-    added = merge(segs, w, entries=entries, drop_packs=dropped)
+    added = merge_paged(segs, w, entries=entries, drop_packs=dropped)
     w.finish()
     truth: dict[bytes, tuple[str, int, int, int]] = {}
     for e in sources:
@@ -740,7 +740,7 @@ def test_merge_memory_is_bounded() -> None:
     w = PagedWriter(count, total=400_000, name="merged")  # its head: 0.6 MB
     gc.collect()
     tracemalloc.start()
-    added = merge(segs, w, entries=8192)
+    added = merge_paged(segs, w, entries=8192)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert added == 400_000

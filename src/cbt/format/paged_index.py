@@ -61,8 +61,8 @@ Reading (:class:`PagedSegment`):
 5. :meth:`~PagedSegment.chunks`: every entry in order, a bounded number of pages
    at a time.
 
-Compaction (:func:`merge`) streams the union of several segments into a writer,
-one entry per digest, with bounded memory (a k-way merge of their chunks).
+Compaction streams the union of several segments' :meth:`~PagedSegment.chunks`
+into a writer (:func:`cbt.repo.segments.merge_paged`).
 
 Memory: an open segment holds its head, 1.72 bytes an entry (the filter 1.5, the
 fences, span flags and checks 0.2, 16 bytes a pack), and at most
@@ -79,7 +79,7 @@ import sys
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import blake3
@@ -748,67 +748,3 @@ class PagedSegment:
             last = batch.digests[-1].tobytes()
             yield {"digests": batch.digests, "pack": batch.pack, "offset": batch.offset,
                    "stored": batch.stored, "raw": batch.raw}
-
-
-# -- merging ---------------------------------------------------------------------
-
-
-def merge(segments: Sequence[PagedSegment], writer: PagedWriter, *, entries: int = 1 << 15,
-          drop_packs: Collection[str] = ()) -> int:
-    """Stream the union of ``segments`` into ``writer``: ascending, one entry per digest
-    (where several segments list a digest, the first of them wins), leaving out the
-    entries of the packs in ``drop_packs``.  The number of entries added; the writer
-    is not finished (its ``total``: at most the sum of the segments' entries).
-
-    A k-way merge of sorted runs, many entries at a time: each segment streams its
-    pages (:meth:`PagedSegment.chunks`, about ``entries / len(segments)`` at a time);
-    everything up to the smallest of the segments' last buffered digests is final,
-    so it is sorted (a stable sort: ties keep the segments' order), deduplicated and
-    written; the rest waits for the next round.  Memory: about 300 bytes per entry of
-    ``entries`` (the chunks as read, decoded, merged and sorted): 10 MB by default,
-    whatever the segments' sizes.
-    """
-    per_segment = max(PAGE_ENTRIES, entries // max(1, len(segments)))
-    drop = set(drop_packs)
-    sources = []
-    for seg in segments:
-        keep = np.array([p not in drop for p in seg.pack_ids], dtype=bool)
-        sources.append((seg.chunks(per_segment), seg._uuids, keep))
-    # each segment's buffered entries ({} once it is exhausted)
-    buffers: list[dict[str, npt.NDArray[Any]]] = [{} for _ in sources]
-    done = [False] * len(sources)
-    added = 0
-    while True:
-        for i, (chunks, uuids, keep) in enumerate(sources):
-            while not done[i] and not len(buffers[i].get("offset", ())):
-                chunk = next(chunks, None)
-                if chunk is None:
-                    done[i], buffers[i] = True, {}
-                else:
-                    # (a segment's pages were checked: its pack numbers are in its table)
-                    pack = chunk.pop("pack")
-                    chunk["pack_uuid"], chunk["keep"] = uuids[pack], keep[pack]
-                    buffers[i] = chunk
-        live = [i for i, b in enumerate(buffers) if len(b.get("offset", ()))]
-        if not live:
-            return added
-        frontier = np.array(min(buffers[i]["digests"][-1].tobytes() for i in live), "S32")
-        parts = []
-        for i in live:
-            b = buffers[i]
-            cut = int(np.searchsorted(_sortable(b["digests"]), frontier, side="right"))
-            parts.append({c: a[:cut] for c, a in b.items()})
-            buffers[i] = {c: a[cut:] for c, a in b.items()}
-        cols = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
-        # entries of dropped packs go first: a copy of the block in a kept pack, listed
-        # by a later segment, then stands
-        live_rows = np.flatnonzero(cols["keep"])
-        s = _sortable(cols["digests"][live_rows])
-        order = np.argsort(s, kind="stable")  # ties: the earlier segment first
-        s = s[order]
-        first = np.ones(len(order), dtype=bool)
-        first[1:] = s[1:] != s[:-1]
-        order = live_rows[order[first]]
-        writer.add(cols["digests"][order], cols["pack_uuid"][order], cols["offset"][order],
-                   cols["stored"][order], cols["raw"][order])
-        added += len(order)

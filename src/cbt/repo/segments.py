@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import errno
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +28,7 @@ import numpy as np
 from cbt.core.errors import CbtIOError
 from cbt.format import paged_index
 from cbt.format.paged_index import PagedSegment, PagedWriter
-from cbt.repo import compact
+from cbt.repo import compact as tiers
 from cbt.repo.trash import read_segment_range, retire_segment
 
 if TYPE_CHECKING:
@@ -83,12 +83,34 @@ def write_paged(storage: Storage, name: str, chunks: Iterable[Chunk], total: int
     return written[0]
 
 
-def paged_chunks(segment: PagedSegment, entries: int = CHUNK) -> Iterator[Chunk]:
-    """A paged segment's entries in order, as chunks with pack uuids."""
+def paged_chunks(segment: PagedSegment, entries: int = CHUNK,
+                 drop_packs: Collection[str] = ()) -> Iterator[Chunk]:
+    """A paged segment's entries in order, as chunks with pack uuids, leaving out the
+    entries of the packs in ``drop_packs``."""
     uuids = _uuids(segment.pack_ids)
+    keep = np.array([p not in drop_packs for p in segment.pack_ids], dtype=bool)
     for part in segment.chunks(entries):
+        rows = keep[part["pack"]] if len(keep) else np.zeros(0, dtype=bool)
+        if not rows.all():
+            part = {k: v[rows] for k, v in part.items()}
         yield {"digests": part["digests"], "pack_uuid": uuids[part["pack"]],
                "offset": part["offset"], "stored": part["stored"], "raw": part["raw"]}
+
+
+def merge_paged(segments: Sequence[PagedSegment], writer: PagedWriter, *,
+                entries: int = 1 << 15, drop_packs: Collection[str] = ()) -> int:
+    """Stream the union of ``segments`` into ``writer`` (not finished here): one entry per
+    digest, the first segment listing it winning, the entries of ``drop_packs`` left
+    out; the number added.  Memory: about ``entries`` entries in flight, whatever the
+    segments' sizes (each streams ``entries / len(segments)`` at a time)."""
+    per = max(paged_index.PAGE_ENTRIES, entries // max(1, len(segments)))
+    drop = set(drop_packs)
+    added = 0
+    for chunk in tiers.merge([paged_chunks(s, per, drop) for s in segments]):
+        writer.add(chunk["digests"], chunk["pack_uuid"], chunk["offset"], chunk["stored"],
+                   chunk["raw"])
+        added += len(chunk["offset"])
+    return added
 
 
 def _uuids(pack_ids: list[str]) -> np.ndarray[Any, np.dtype[np.uint8]]:
@@ -125,7 +147,7 @@ def compact(vault: Vault) -> str | None:
     paged = [n for n in names if vault.is_paged_segment(n)]
     legacy = [n for n in names if not vault.is_paged_segment(n)]
     opened = {n: open_paged(vault.storage, n, cipher) for n in paged}
-    picked = compact.choose([(n, s.n) for n, s in opened.items()], legacy)
+    picked = tiers.choose([(n, s.n) for n, s in opened.items()], legacy)
     if not picked:
         return None
     inputs: list[Iterator[Chunk]] = []
@@ -139,11 +161,11 @@ def compact(vault: Vault) -> str | None:
             inputs.append(legacy_chunks(part))
             total += len(part["offset"])
     name = vault.segment_name(f"merged-{uuid.uuid4().hex}")
-    write_paged(vault.storage, name, compact.merge(inputs), total, cipher)
+    write_paged(vault.storage, name, tiers.merge(inputs), total, cipher)
     for n in picked:
         retire_segment(vault.storage, n)
     return name
 
 
-__all__ = ["compact", "legacy_chunks", "open_paged", "paged_chunks", "paged_index",
+__all__ = ["compact", "legacy_chunks", "merge_paged", "open_paged", "paged_chunks",
            "write_paged"]
