@@ -47,8 +47,10 @@ the vault's size, not of the work asked for.
 
 ``--profile`` instead opens each scale's vault in a fresh process and loads its
 index step by step as ``cbt.repo.index.load`` does (read the segments, parse
-and check them, number their packs, ``Index.build``), printing the RSS after
-each step and the peak within it (``/proc/self/clear_refs`` resets the peak).
+and check them, number their packs, ``Index.build``), printing after each step
+the RSS, the peak within it (``/proc/self/clear_refs`` resets the peak), what
+Arrow's memory pool holds and what tracemalloc traces (Python and numpy), then
+the RSS once both allocators return what they keep of freed memory.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ from cbt.repo.vault import Vault
 PACK_ENTRIES = 2000  # entries per synthetic pack (a pack of ~8 MiB of 4 KiB blocks)
 RAW = 4096  # each synthetic block's size before compression
 MAX_SEGMENTS = MERGE_AT - 3  # the run's two backups add two segments: no merge
+SEGMENT_ENTRIES = 1_000_000  # per segment: 16M entries are never in memory at once
 PASSPHRASE = "scale-bench"
 SEED = 18
 VM = "scale"
@@ -117,7 +120,7 @@ def segment_size(n: int, per_segment: int) -> int:
 
 
 def write_entries(vault: Vault, n: int, seed: int = SEED,
-                  per_segment: int = 1 << 20) -> list[str]:
+                  per_segment: int = SEGMENT_ENTRIES) -> list[str]:
     """Store ``n`` synthetic entries in ``vault``'s index, as segments of
     :func:`segment_size` entries (chunk ``i`` is ``synthetic_chunk(seed, i, ...)``);
     the segments' names.  The one step that knows the segment format."""
@@ -136,8 +139,8 @@ def recipe(n: int, encrypted: bool, per_segment: int) -> dict[str, Any]:
             "segment_entries": segment_size(n, per_segment), "index_version": INDEX_VERSION}
 
 
-def build_vault(where: Path, n: int, encrypted: bool = False, per_segment: int = 1 << 20,
-                kdf: Any = None) -> Path:
+def build_vault(where: Path, n: int, encrypted: bool = False,
+                per_segment: int = SEGMENT_ENTRIES, kdf: Any = None) -> Path:
     """The vault ``where/vault`` holding ``n`` synthetic stored blocks, made unless
     ``where/recipe.json`` says it is made already with this recipe."""
     want = recipe(n, encrypted, per_segment)
@@ -358,17 +361,31 @@ def _reset_peak() -> None:
 
 def profile_load(path: Path) -> list[dict[str, Any]]:
     """Step by step what ``cbt.repo.index.load`` does for ``path``'s vault, in this
-    process: the RSS after each step and the peak within it."""
+    process: after each step the RSS, its peak within the step, what Arrow's memory pool
+    holds and what numpy holds (tracemalloc: numpy reports its buffers there); at the
+    end, the RSS once both allocators give back what they keep of freed memory."""
+    import ctypes
+    import gc
+    import tracemalloc
+
+    import pyarrow as pa
+
     from cbt.format import index_segment
     from cbt.repo import index as index_mod
 
     steps = []
 
     def step(what: str) -> None:
+        gc.collect()
         now, peak = _rss()
-        steps.append({"step": what, "rss": now, "peak": peak})
+        steps.append({"step": what, "rss": now, "peak": peak,
+                      "arrow": pa.total_allocated_bytes(),
+                      "traced": tracemalloc.get_traced_memory()[0],
+                      "traced_peak": tracemalloc.get_traced_memory()[1]})
         _reset_peak()
+        tracemalloc.reset_peak()
 
+    tracemalloc.start()
     _reset_peak()
     vault = Vault.open(path, PASSPHRASE)
     step("open the vault (imports, config, keys)")
@@ -386,10 +403,13 @@ def profile_load(path: Path) -> list[dict[str, Any]]:
     step(f"Index.build ({len(index):,} entries)")
     del parts
     step("drop the parts (the Index alone)")
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    step("allocators give freed memory back (release_unused, malloc_trim)")
     sizes = {k: getattr(index, k).nbytes for k in ("digests", "keys", "pack", "offset",
                                                    "stored", "raw")}
-    steps.append({"step": "the Index's arrays", "rss": sum(sizes.values()), "peak": 0,
-                  "arrays": sizes})
+    steps.append({"step": "the Index's arrays", "rss": sum(sizes.values()), "arrays": sizes})
     return steps
 
 
@@ -409,13 +429,18 @@ def profile(args: argparse.Namespace, scales: list[int], cbt: str) -> int:
         print(json.dumps(out, indent=1))
         return 0
     for p in out:
-        print(f"\nloading the index of a vault of {label(p['scale'])} stored blocks:")
-        print("| step | RSS after | peak within |\n|---|---|---|")
+        print(f"\nloading the index of a vault of {label(p['scale'])} stored blocks (MB):")
+        print("| step | RSS after | peak within | Arrow pool | traced (Python, numpy) "
+              "| traced peak |")
+        print("|---|---|---|---|---|---|")
         for s in p["steps"]:
-            print(f"| {s['step']} | {s['rss'] / 1e6:,.0f} MB | "
-                  f"{s['peak'] / 1e6:,.0f} MB |" if s["peak"] else
-                  f"| {s['step']} | {s['rss'] / 1e6:,.0f} MB "
-                  f"({', '.join(f'{k} {v / 1e6:,.0f}' for k, v in s['arrays'].items())}) | |")
+            if "arrays" in s:
+                print(f"| {s['step']}: " + ", ".join(f"{k} {v / 1e6:,.0f}"
+                                                    for k, v in s["arrays"].items())
+                      + f" | {s['rss'] / 1e6:,.0f} | | | | |")
+                continue
+            print(f"| {s['step']} | " + " | ".join(f"{s[k] / 1e6:,.0f}" for k in (
+                "rss", "peak", "arrow", "traced", "traced_peak")) + " |")
     return 0
 
 

@@ -67,7 +67,7 @@ def test_a_tiny_run_reports_every_command_at_every_scale(
     assert rows[(0, "backup_full")]["processes"] >= 1
     cached = tmp_path / "50k" / "vault"
     vault = Vault.open(cached)
-    check_entries(vault, 50_000, 1 << 20)
+    check_entries(vault, 50_000, scale.SEGMENT_ENTRIES)
     # the runs worked on clones: the cached vault holds no point, only its segments
     assert vault.points() == [] and [p.name for p in (cached / "index").iterdir()] == [
         "synthetic-0000.arrow"]
@@ -101,3 +101,14 @@ def test_an_encrypted_vault_holds_them_sealed(tmp_path: Path) -> None:
     assert len(names) == 2 and all(n.endswith(".sealed") and "synthetic" not in n
                                    for n in names)
     check_entries(vault, 3000, 2000)
+
+
+def test_profile_names_each_step_of_loading_the_index(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert scale.main(["--profile", "--scales", "5k", "--dir", str(tmp_path), "--json"]) == 0
+    (got,) = json.loads(capsys.readouterr().out)
+    steps = {s["step"]: s for s in got["steps"]}
+    assert "Index.build (5,000 entries)" in steps
+    # the Index holds 60 bytes an entry: digest 32, key 8, pack 4, offset 8, stored 4, raw 4
+    assert steps["the Index's arrays"]["rss"] == 60 * 5000
+    assert all(s["rss"] > 0 for s in got["steps"])
