@@ -89,9 +89,9 @@ class IndexPart(Protocol):
     in-memory arrays (:class:`MemoryPart`) or a segment searched where it lies.  Rows
     are numbered 0..n-1; a row's ``pack`` is a number into the part's own ``pack_ids``.
     ``gather`` and ``lookup`` answer row i for the i-th item asked (any order, repeats
-    allowed); ``chunks`` yields every row once, in row order, ``entries`` at most at a
-    time.  The dicts carry ``digests`` (k, 32) uint8, ``pack`` uint32, ``offset``
-    uint64, ``stored`` and ``raw`` uint32."""
+    allowed); ``chunks`` yields every row once, in row order, about ``entries`` at a
+    time (a paged segment rounds to whole pages).  The dicts carry ``digests`` (k, 32)
+    uint8, ``pack`` uint32, ``offset`` uint64, ``stored`` and ``raw`` uint32."""
 
     @property
     def n(self) -> int: ...
@@ -294,8 +294,8 @@ class Index:
         return Located(d["digests"], pack, d["offset"], d["stored"], d["raw"])
 
     def chunks(self, entries: int | None = None) -> Iterator[tuple[int, Located]]:
-        """Every entry of every part once, in position order, ``entries`` (default
-        :data:`CHUNK`) at most at a time, each chunk with the position of its first entry.
+        """Every entry of every part once, in position order, about ``entries`` (default
+        :data:`CHUNK`) at a time, each chunk with the position of its first entry.
         An entry in two parts comes twice (its copy in the later part is one
         :meth:`lookup` never finds)."""
         size = CHUNK if entries is None else entries  # (read at the call: tests lower it)
