@@ -274,9 +274,12 @@ class Index:
         k = len(pos)
         out = Located(np.empty((k, 32), np.uint8), np.empty(k, np.uint32),
                       np.empty(k, np.uint64), np.empty(k, np.uint32), np.empty(k, np.uint32))
+        # group the positions by part (one sort, not a pass per part: segments are many)
         which = np.searchsorted(self._bases, pos, side="right") - 1
+        order = np.argsort(which, kind="stable")
+        bounds = np.searchsorted(which[order], np.arange(len(self.parts) + 1))
         for i, base in enumerate(self._bases[:-1].tolist()):
-            sel = np.nonzero(which == i)[0]
+            sel = order[bounds[i]:bounds[i + 1]]
             if len(sel) == 0:
                 continue
             got = self._located(i, self.parts[i].gather(pos[sel] - base))
