@@ -95,7 +95,7 @@ def test_block_ids_are_keyed_blake3_never_plain(history: tuple[cbt_api.Vault, li
     assert not set(stored) & set(plain)
     # the index the vault loads and the manifests it resolves say the same
     index = v.load_index()
-    assert {index.digests[i].tobytes() for i in range(len(index))} == set(keyed)
+    assert {index.entry(i).digest for i in range(len(index))} == set(keyed)
     m = v.resolve(v.point(_ids_[1]), "os")
     data_rows = m.digests[m.flags == 0]
     assert {r.tobytes() for r in data_rows} == set(_ids(read(copies[1]), BS, key))
@@ -162,7 +162,7 @@ def test_memory_storage_encrypted_vault(tmp_path: Path) -> None:
     assert p2.bytes_new == 3 * BS
     assert p1.bytes_new == sum(_ids(read(copy0), BS, v.id_key).values())
     index = v.load_index()
-    assert {index.digests[i].tobytes() for i in range(len(index))} == (
+    assert {index.entry(i).digest for i in range(len(index))} == (
         set(_ids(read(copy0), BS, v.id_key)) | set(_ids(read(disk), BS, v.id_key)))
     v.restore(p2.id, tmp_path / "out")
     assert sha256(tmp_path / "out" / "os.img") == sha256(disk)

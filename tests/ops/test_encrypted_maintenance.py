@@ -120,12 +120,12 @@ def test_verify_data_names_a_sealed_blob_that_fails_authentication(tmp_path: Pat
     index = v.load_index()
     pack = Path(v.root, "packs")
     e = index.entry(0)
-    victim = next(pack.rglob(f"{index.pack_ids[int(index.pack[0])]}.pack"))
+    victim = next(pack.rglob(f"{e.pack}.pack"))
     _flip(victim, e.offset + 48 + e.stored // 2)  # inside the sealed payload
     assert verify(v).problems == []  # headers and trailers agree: only --data opens blobs
     problems = verify(v, data=True).problems
     assert problems and {p.problem for p in problems} == {"blob fails authentication"}
-    assert {p.pack for p in problems} == {index.pack_ids[int(index.pack[0])]}
+    assert {p.pack for p in problems} == {e.pack}
     # repair indexes every blob but that one, and names the points that use it
     out = repair(v)
     assert out.repair.blobs_damaged == 1

@@ -554,7 +554,8 @@ def _packs(place: Place) -> _Packs:
     storage = place.storage()
     index = place.vault().load_index()
     names = storage.list("packs")
-    return _Packs(set(index.pack_ids), {index.pack_ids[k] for k in set(index.pack.tolist())},
+    used = {int(k) for _base, got in index.chunks() for k in np.unique(got.pack)}
+    return _Packs(set(index.pack_ids), {index.pack_ids[k] for k in used},
                   sum(storage.size(n) for n in names))
 
 

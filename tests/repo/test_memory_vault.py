@@ -78,10 +78,9 @@ def _read_back(vault: Vault, point: PointRecord, data: np.ndarray) -> None:
     pos = index.lookup(m.digests)
     assert (pos >= 0).all()
     for blk, p in enumerate(pos.tolist()):
-        pack = index.pack_ids[int(index.pack[p])]
-        blob = vault.storage.read_range(pack_name(pack), int(index.offset[p]),
-                                        BLOB.size + int(index.stored[p]))
-        got = bytes(decode_blob(blob, index.digests[p].tobytes(), pack))
+        e = index.entry(p)
+        blob = vault.storage.read_range(pack_name(e.pack), e.offset, BLOB.size + e.stored)
+        got = bytes(decode_blob(blob, e.digest, e.pack))
         want = data[blk * BS:(blk + 1) * BS].tobytes()
         assert got == want and blake3.blake3(want).digest() == m.digests[blk].tobytes()
 

@@ -115,7 +115,7 @@ def test_parallel_identical_disks_keep_one_index_entry_per_digest(tmp_path: Path
     assert point.bytes_new == sum(truth.values()), "bytes_new counts each digest once"
     assert sum(d.bytes_new for d in point.disks) == point.bytes_new
     index = cbt.Vault.open(tmp_path / "v").load_index()
-    digests = [bytes(d) for d in index.digests]
+    digests = [d.tobytes() for _base, got in index.chunks() for d in got.digests]
     assert len(set(digests)) == len(digests)
     assert set(digests) == set(truth)
     entries = _segment_digests(tmp_path / "v")

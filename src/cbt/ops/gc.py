@@ -144,16 +144,16 @@ class _Pack:
     """One pack older than the cutoff, as step 3 judges it."""
 
     pid: str
+    number: int  # in the index's pack_ids
     size: int
-    entries: npt.NDArray[np.int64]  # its index entries
-    live: npt.NDArray[np.int64]  # those a point references
+    live: int  # its index entries a point references
     live_bytes: int
     dead_bytes: int  # its unreferenced blobs (headers included)
 
     @property
     def rewritten_size(self) -> int:
         """The size of the pack of its live blobs only (what a rewrite writes)."""
-        return HEADER.size + self.live_bytes + len(self.live) * ENTRY.size + FOOTER.size
+        return HEADER.size + self.live_bytes + self.live * ENTRY.size + FOOTER.size
 
 
 def gc(vault: Vault, dry_run: bool = False, grace: float = DEFAULT_GRACE,
@@ -227,10 +227,9 @@ def _segment_size(vault: Vault, index: Index, sweep: _Sweep) -> int:
     keep = sweep.keep.copy()
     for _pid, live in sweep.rewrite:
         keep[live] = True
-    everything = index_mod.entries_for_packs(index, set(index.pack_ids))
+    kept = index_mod.select_entries(index, lambda base, got: keep[base:base + len(got.offset)])
     name = vault.segment_name("gc-dry-run")
-    return len(vault.seal("index", name, segment_bytes({k: v[keep] for k, v in
-                                                        everything.items()})))
+    return len(vault.seal("index", name, segment_bytes(kept)))
 
 
 def _trash_left(vault: Vault, grace: float, offset: float, result: GcResult) -> None:
@@ -332,12 +331,13 @@ def _mark_folders(vault: Vault, index: Index, folder: str, live: npt.NDArray[np.
 def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff: float,
                 result: GcResult, tick: Progress | None = None) -> _Sweep:
     """Step 3: dead packs and those :func:`_choose` picks to rewrite, counted into
-    ``result``."""
+    ``result``.  Two passes over the index a chunk at a time (never all its columns at
+    once): one tallies each pack's live and dead blobs, one takes the chosen packs'
+    entries out of ``keep`` and finds the live ones a rewrite copies."""
     sweep = _Sweep(keep=np.ones(len(index), dtype=bool))
+    n_live, live_bytes, dead_bytes = _tally(index, live)
     packs: list[_Pack] = []
     newer = [0, 0]  # packs not judged (written since the cutoff), their bytes
-    order = np.argsort(index.pack, kind="stable")
-    bounds = np.searchsorted(index.pack[order], np.arange(len(index.pack_ids) + 1))
     for k, pid in enumerate(index.pack_ids):
         if tick is not None:
             tick("sweep", k, len(index.pack_ids))
@@ -346,31 +346,29 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
         except CbtIOError as exc:
             if exc.errno != errno.ENOENT:
                 raise
-            if live[index.pack == k].any():
+            if n_live[k]:
                 _bring_back(vault, pid, result)
             continue
         if st.mtime >= cutoff:
             newer[0], newer[1] = newer[0] + 1, newer[1] + st.size
             continue
-        entries = order[bounds[k]:bounds[k + 1]].astype(np.int64)
-        live_entries = entries[live[entries]]
-        dead_entries = entries[~live[entries]]
-        packs.append(_Pack(pid, st.size, entries, live_entries, _blob_bytes(index, live_entries),
-                           _blob_bytes(index, dead_entries)))
+        packs.append(_Pack(pid, k, st.size, int(n_live[k]), int(live_bytes[k]),
+                           int(dead_bytes[k])))
     if tick is not None:
         tick("sweep", len(index.pack_ids), len(index.pack_ids))
-    for p in _choose(packs, result.max_unused):
-        sweep.keep[p.entries] = False
+    chosen = _choose(packs, result.max_unused)
+    for p in chosen:
         sweep.trash.append(p.pid)
         result.bytes_trashed += p.size
-        if len(p.live):
+        if p.live:
             result.packs_rewritten += 1
-            sweep.rewrite.append((p.pid, p.live))
             sweep.pack_bytes += p.rewritten_size
             result.bytes_freed += p.size - p.rewritten_size
         else:
             result.packs_removed += 1
             result.bytes_freed += p.size
+    moving = _take_out(index, live, chosen, sweep.keep)
+    sweep.rewrite = [(p.pid, moving[p.number]) for p in chosen if p.live]
     gone = set(sweep.trash)
     kept = [p for p in packs if p.pid not in gone and p.dead_bytes]
     result.dead_kept_packs = len(kept)
@@ -383,9 +381,44 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
     return sweep
 
 
-def _blob_bytes(index: Index, entries: npt.NDArray[np.int64]) -> int:
-    """The bytes the blobs of ``entries`` take in their pack (headers included)."""
-    return int((index.stored[entries].astype(np.int64) + BLOB.size).sum())
+def _tally(index: Index, live: npt.NDArray[np.bool_]
+           ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Per pack number: its live entries, and the bytes of its live and of its dead blobs
+    (headers included), a chunk of the index at a time."""
+    size = len(index.pack_ids)
+    n_live = np.zeros(size, dtype=np.int64)
+    blob_bytes = [np.zeros(size, dtype=np.int64), np.zeros(size, dtype=np.int64)]
+    for base, got in index.chunks():
+        lv = live[base:base + len(got.pack)]
+        blob = got.stored.astype(np.int64) + BLOB.size
+        n_live += np.bincount(got.pack[lv], minlength=size)
+        for which, mask in ((0, lv), (1, ~lv)):
+            # (float sums are exact here: a chunk's bytes are far below 2**53)
+            blob_bytes[which] += np.rint(np.bincount(got.pack[mask], weights=blob[mask],
+                                                     minlength=size)).astype(np.int64)
+    return n_live, blob_bytes[0], blob_bytes[1]
+
+
+def _take_out(index: Index, live: npt.NDArray[np.bool_], chosen: list[_Pack],
+              keep: npt.NDArray[np.bool_]) -> dict[int, npt.NDArray[np.int64]]:
+    """Clear ``keep`` at the entries of the ``chosen`` packs; the positions of the live
+    ones, ascending, per pack number (the blobs a rewrite copies)."""
+    if not chosen:
+        return {}
+    gone = np.zeros(len(index.pack_ids), dtype=bool)
+    gone[[p.number for p in chosen]] = True
+    found: dict[int, list[npt.NDArray[np.int64]]] = {p.number: [np.zeros(0, np.int64)]
+                                                     for p in chosen if p.live}
+    for base, got in index.chunks():
+        taken = gone[got.pack]
+        if not taken.any():
+            continue
+        end = base + len(got.pack)
+        keep[base:end] &= ~taken
+        at = np.nonzero(taken & live[base:end])[0]
+        for k in np.unique(got.pack[at]).tolist():  # (per pack in the chunk, not per entry)
+            found[k].append(base + at[got.pack[at] == k])
+    return {k: np.concatenate(v) for k, v in found.items()}
 
 
 def _choose(packs: list[_Pack], max_unused: float | None) -> list[_Pack]:
@@ -398,13 +431,13 @@ def _choose(packs: list[_Pack], max_unused: float | None) -> list[_Pack]:
       run (live L, dead D left: D <= P/100 * (L + D)); 0 rewrites every pack with a dead
       block, 100 none.
     """
-    out = [p for p in packs if not len(p.live)]
-    partly = [p for p in packs if len(p.live) and p.dead_bytes]
+    out = [p for p in packs if not p.live]
+    partly = [p for p in packs if p.live and p.dead_bytes]
     if max_unused is None:
         return out + [p for p in partly if p.live_bytes < REWRITE_BELOW * p.size]
     partly.sort(key=lambda p: p.dead_bytes, reverse=True)
     dead = sum(p.dead_bytes for p in partly)
-    stored = sum(p.size for p in packs if len(p.live))
+    stored = sum(p.size for p in packs if p.live)
     for p in partly:
         if dead <= max_unused / 100.0 * stored:
             break
@@ -438,8 +471,8 @@ def _write_index(vault: Vault, index: Index, sweep: _Sweep, result: GcResult,
         moved += entries
         result.bytes_written += written
     tick("rewrite", total, total)
-    everything = index_mod.entries_for_packs(index, set(index.pack_ids))  # index order
-    merged = {k: v[sweep.keep] for k, v in everything.items()}
+    merged = index_mod.select_entries(  # (index order)
+        index, lambda base, got: sweep.keep[base:base + len(got.offset)])
     if moved:
         part = index_mod.segment_entries(moved)
         merged = {k: np.concatenate([merged[k], part[k]]) for k in merged}
@@ -459,7 +492,10 @@ def _rewrite(vault: Vault, index: Index, pid: str,
     and the new pack's size."""
     data = memoryview(vault.storage.get(pack_name(pid)))
     writer = PackWriter()
-    old = [index.entry(p) for p in live_entries.tolist()]
+    at = index.locate(live_entries)
+    old = [IndexEntry(d.tobytes(), pid, off, stored, raw) for d, off, stored, raw
+           in zip(at.digests, at.offset.tolist(), at.stored.tolist(), at.raw.tolist(),
+                  strict=True)]
     offsets = [writer.add_blob(e.digest, data[e.offset:e.offset + blob_length(e.stored)],
                                e.stored, e.raw) for e in old]
     content = writer.finish()

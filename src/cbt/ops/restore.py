@@ -876,11 +876,11 @@ def plan_disk(vault: VaultSpec, index: Index, point_id: str, label: str,
         blk = int(rows[np.argmax(pos < 0)])
         raise DamagedPointError(f"point {point_id} disk {label} block {blk}: not in the vault "
                                 f"({int((pos < 0).sum())} blocks missing; run cbt verify)")
-    packs = index.pack[pos]
-    offsets = index.offset[pos]
+    at = index.locate(pos)
+    packs, offsets = at.pack, at.offset
     order = np.lexsort((offsets, packs))
     rows, digests, packs, offsets = rows[order], digests[order], packs[order], offsets[order]
-    lengths = blob_length(index.stored[pos][order])
+    lengths = blob_length(at.stored[order])
     jobs = []
     bounds = np.nonzero(np.diff(packs.astype(np.int64)))[0] + 1
     step = max(1, JOB_BYTES // manifest.block_size)

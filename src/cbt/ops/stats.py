@@ -29,8 +29,10 @@ Algorithm (no lock: it only reads, and never holds up a backup):
    backup's segment is written before its record, so it covers every point).
 2. Resolve each disk's manifest, look its DATA digests up in the index (one
    ``searchsorted`` per disk) and keep each point's distinct index positions.
-3. Reference counts: a ``bincount`` over every point's positions (per block,
-   how many points hold it), and one over every VM's (how many VMs).
+3. Number the distinct referenced blocks (their sizes read from the index
+   once); reference counts: a ``bincount`` over every point's numbers (per
+   block, how many points hold it), and one over every VM's (how many VMs).
+   Nothing is as long as the index: only the stored total streams through it.
 4. A point's unique bytes are the blob sizes of its positions whose count is 1;
    a VM's likewise with the VM counts.  New bytes: each VM's points oldest first,
    against a mask of the blocks seen so far.  Linear in the number of
@@ -109,22 +111,28 @@ def stats(vault: Vault, vm: str | None = None, refs: list[str] | None = None) ->
     if out.warnings:
         out.warnings.append("the blocks of points that cannot be read are not counted: the "
                             "unique bytes of others may be too high (gc keeps those blocks)")
-    blob = index.stored.astype(np.int64) + BLOB.size
+    out.stored_bytes = sum(int(got.stored.astype(np.int64).sum()) + BLOB.size * len(got.stored)
+                           for _base, got in index.chunks())
     held = [_positions(vault, index, p, out.warnings) for p in points]
-    out.stored_bytes = int(blob.sum())
+    # from here on a block is its number among the referenced ones, not its index position:
+    # the counts and masks below are as long as what the points hold, not the whole index
+    every = np.unique(np.concatenate([np.zeros(0, np.int64), *held]))
+    at = index.locate(every)
+    blob = at.stored.astype(np.int64) + BLOB.size
+    held = [np.searchsorted(every, h) for h in held]
     per_point = np.bincount(np.concatenate([np.zeros(0, np.int64), *held]),
-                            minlength=len(index))
+                            minlength=len(every))
     groups: dict[str, list[int]] = {}  # VM -> its points' places in ``points``
     for i, p in enumerate(points):
         groups.setdefault(p.vm, []).append(i)
     by_vm = {name: np.unique(np.concatenate([np.zeros(0, np.int64), *(held[i] for i in mine)]))
              for name, mine in groups.items()}
     per_vm = np.bincount(np.concatenate([np.zeros(0, np.int64), *by_vm.values()]),
-                         minlength=len(index))
+                         minlength=len(every))
     rows = [_point_row(vault, p, h, blob, per_point) for p, h in zip(points, held, strict=True)]
     _new_bytes(rows, held, blob, groups)
     referenced = np.nonzero(per_point)[0]
-    raw = int(index.raw[referenced].astype(np.int64).sum())
+    raw = int(at.raw[referenced].astype(np.int64).sum())
     out.referenced_bytes = int(blob[referenced].sum())
     out.logical_bytes = sum(r.logical_bytes for r in rows)
     out.data_bytes = sum(r.data_bytes for r in rows)

@@ -69,7 +69,7 @@ from cbt.format.pack import (
 )
 from cbt.format.records import PointRecord
 from cbt.repo import index as index_mod
-from cbt.repo.index import Index, IndexEntry
+from cbt.repo.index import Index, IndexEntry, Located
 from cbt.repo.lock import check_held, exclusive_lock, gc_lock
 from cbt.repo.vault import Vault
 
@@ -348,7 +348,7 @@ def _check_packs(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_],
     positions = np.nonzero(referenced)[0]
     if len(positions) == 0:
         return bad
-    packs = index.pack[positions]
+    packs = index.locate(positions).pack
     order = np.argsort(packs, kind="stable")
     positions, packs = positions[order], packs[order]
     bounds = np.nonzero(np.diff(packs.astype(np.int64)))[0] + 1
@@ -387,11 +387,17 @@ def _trailer_agrees(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.in
                                     size, f"pack {pid}")
     except (OSError, CorruptPackError):
         return False
-    if (index.offset[pos].astype(np.int64) + blob_length(index.stored[pos]) > size).any():
+    at = index.locate(pos)
+    if (at.offset.astype(np.int64) + blob_length(at.stored) > size).any():
         return False
     listed = {(bytes(t["digest"]), int(t["offset"]), int(t["stored"])) for t in trailer}
-    return all((e.digest, e.offset, e.stored) in listed
-               for e in (index.entry(p) for p in pos.tolist()))
+    return all(e in listed for e in _triples(at))
+
+
+def _triples(at: Located) -> list[tuple[bytes, int, int]]:
+    """(digest, offset, stored) of each entry, as a pack's trailer lists its blobs."""
+    return list(zip([d.tobytes() for d in at.digests], at.offset.tolist(), at.stored.tolist(),
+                    strict=True))
 
 
 def _check_pack(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64], data: bool,
@@ -406,7 +412,8 @@ def _check_pack(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64]
                else f"pack unreadable: {said}")
         bad.update((int(p), why) for p in pos)
         return
-    ends = index.offset[pos].astype(np.int64) + blob_length(index.stored[pos])
+    at = index.locate(pos)
+    ends = at.offset.astype(np.int64) + blob_length(at.stored)
     short = pos[ends > len(blob)]
     bad.update((int(p), "pack truncated before this block") for p in short)
     try:
@@ -415,7 +422,8 @@ def _check_pack(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64]
     except CorruptPackError:
         # trailer lost (a cut pack): the blob headers still say what is where
         listed = {(d, off, stored) for d, off, stored, _raw in scan_blobs(blob)}
-    entries = {p: index.entry(p) for p in pos.tolist()}
+    entries = {p: IndexEntry(d, pid, off, stored, raw) for p, (d, off, stored), raw
+               in zip(pos.tolist(), _triples(at), at.raw.tolist(), strict=True)}
     if any((e.digest, e.offset, e.stored) not in listed for e in entries.values()):
         # a trailer can lie (its checksum is unkeyed): the blob headers are the truth
         listed |= {(d, off, stored) for d, off, stored, _raw in scan_blobs(blob)}
@@ -439,12 +447,14 @@ def _name_bad_blocks(index: Index, bad: dict[int, str], disks: list[_Disk]) -> l
     """The bad blobs as problems of the points, disks and blocks that use them: one per
     point, disk, pack and kind of damage, naming its first block and counting them all."""
     where = np.fromiter(bad, dtype=np.int64, count=len(bad))
+    packs = [index.pack_ids[k] for k in index.locate(where).pack.tolist()]
+    pack_of = dict(zip(where.tolist(), packs, strict=True))
     out = []
     for d in disks:
         hit = np.isin(d.pos, where)
         groups: dict[tuple[str, str], list[int]] = {}
         for r, p in zip(d.rows[hit].tolist(), d.pos[hit].tolist(), strict=True):
-            key = (index.pack_ids[int(index.pack[p])], bad[p])
+            key = (pack_of[p], bad[p])
             groups.setdefault(key, []).append(int(r))
         out += [Problem(d.point, d.label, min(rows), pack, problem, len(rows))
                 for (pack, problem), rows in groups.items()]
@@ -453,8 +463,10 @@ def _name_bad_blocks(index: Index, bad: dict[int, str], disks: list[_Disk]) -> l
 
 def _unreferenced(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_]) -> int:
     """Step 5: bytes of entries no point references, and of what killed runs left."""
-    dead = ~referenced
-    unreferenced = int((index.stored[dead].astype(np.int64) + BLOB.size).sum())
+    unreferenced = 0
+    for base, got in index.chunks():  # (streamed: a chunk of the index at a time)
+        dead = ~referenced[base:base + len(got.stored)]
+        unreferenced += int(got.stored[dead].astype(np.int64).sum()) + BLOB.size * int(dead.sum())
     try:
         leftovers = vault.leftovers()  # temporary files, manifests of uncommitted points
     except CbtError:
