@@ -105,25 +105,14 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return two_point_vault(tmp_path_factory.mktemp("plain"))[0]
 
 
-def _rewrite_arrow(path: Path, meta_key: bytes, value: bytes) -> None:
-    import pyarrow as pa
-
-    table = pa.ipc.open_file(path.read_bytes()).read_all()
-    meta = dict(table.schema.metadata)
-    meta[meta_key] = value
-    table = table.replace_schema_metadata(meta)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as w:
-        w.write_table(table)
-    path.write_bytes(sink.getvalue().to_pybytes())
-
-
 def test_a_segment_whose_version_is_no_number_is_named_not_a_traceback(plain: Path,
                                                                        tmp_path: Path) -> None:
     vault = tmp_path / "vault"
     shutil.copytree(plain, vault)
-    segment = sorted((vault / "index").glob("*.arrow"))[0]
-    _rewrite_arrow(segment, b"cbt.format_version", b"x")
+    segment = sorted((vault / "index").glob("*.cbtidx"))[0]
+    data = bytearray(segment.read_bytes())  # (the trailer's version: 96 bytes from the end)
+    data[-96 + 8:-96 + 12] = b"\xff\xff\xff\x7f"
+    segment.write_bytes(bytes(data))
     # issue 12: a damaged segment is named, and restore reads the packs' trailers instead
     r = cbt("restore", vault, "web.latest", "--to", tmp_path / "out")
     assert r.returncode == 0, r.stderr

@@ -1,12 +1,12 @@
 """A backup's merge of the index segments (after its commit) and a gc beside it.
 
-The merge reads the index, writes one segment of all of it, and removes the
-segments it read.  A gc running in between trashed a dead pack and rewrote the
+The merge opens the segments of a crowded tier, writes one segment of them, and
+retires the segments it read.  A gc running in between trashed a dead pack and rewrote the
 index without it: the merged segment named that pack again, from the trash; a
 later backup deduplicated against it (no gc had run during that one: nothing to
 rescue), and the next gc emptied the trash under it: its point lost blocks.  The
 merge now runs under the gc lock.  The interleaving is made certain (gc starts
-in another thread while the merge has read the index), on a directory and on S3.
+in another thread while the merge has opened a segment), on a directory and on S3.
 """
 
 from __future__ import annotations
@@ -24,17 +24,18 @@ import cbt as cbt_api
 from cbt.core.errors import CbtError
 from cbt.ops import backup as backup_mod
 from cbt.ops.gc import gc
-from cbt.repo import index as index_mod
-from cbt.repo.vault import Vault
+from cbt.repo import compact as compact_mod
+from cbt.repo import segments as segments_mod
 
 
 def _gc_during_merges(monkeypatch: pytest.MonkeyPatch, v: cbt_api.Vault) -> list[str]:
-    """Every backup merges; a gc is started (and waited for) in another thread once the
-    merge has read the index.  Returns what each such gc did (or why it did not run)."""
+    """Every backup merges (two segments make a crowded tier); a gc is started (and
+    waited for) in another thread once the merge has opened a segment.  Returns what each
+    such gc did (or why it did not run)."""
     did: list[str] = []
     merging = threading.Event()
     real_merge = backup_mod._maybe_merge_segments
-    real_load = Vault.load_index
+    real_open = segments_mod.open_paged
 
     def merge(vault: Any) -> None:
         merging.set()
@@ -43,8 +44,8 @@ def _gc_during_merges(monkeypatch: pytest.MonkeyPatch, v: cbt_api.Vault) -> list
         finally:
             merging.clear()
 
-    def load_index(self: Any, *args: Any, **kwargs: Any) -> Any:
-        index = real_load(self, *args, **kwargs)
+    def open_paged(*args: Any, **kwargs: Any) -> Any:
+        segment = real_open(*args, **kwargs)
         if merging.is_set() and threading.current_thread() is threading.main_thread():
             def run() -> None:
                 try:
@@ -54,10 +55,10 @@ def _gc_during_merges(monkeypatch: pytest.MonkeyPatch, v: cbt_api.Vault) -> list
             t = threading.Thread(target=run)
             t.start()
             t.join()
-        return index
-    monkeypatch.setattr(index_mod, "MERGE_AT", 1)
+        return segment
+    monkeypatch.setattr(compact_mod, "WIDTH", 2)
     monkeypatch.setattr(backup_mod, "_maybe_merge_segments", merge)
-    monkeypatch.setattr(Vault, "load_index", load_index)
+    monkeypatch.setattr(segments_mod, "open_paged", open_paged)
     return did
 
 

@@ -141,6 +141,14 @@ def _layout(n: int, per: int, npacks: int, nblocks: int, sealed: bool) -> tuple[
     return pages, head
 
 
+def segment_size(n: int, npacks: int, sealed: bool, total: int | None = None) -> int:
+    """Bytes of a segment of ``n`` entries in ``npacks`` packs (its filter sized for
+    ``total``, default ``n``), as :class:`PagedWriter` writes it."""
+    pages, head = _layout(n, PAGE_ENTRIES, npacks, filter_blocks(n if total is None else total),
+                          sealed)
+    return pages + head + TRAILER_SIZE
+
+
 def _page_aad(name: str, page: int) -> bytes:
     return PAGED_MAGIC + b"page\0" + name.encode() + b"\0" + page.to_bytes(8, "little")
 

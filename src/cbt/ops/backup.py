@@ -94,13 +94,13 @@ from cbt.core.native import fast
 from cbt.core.parallel import Report, WorkerError, fork_map
 from cbt.core.sizes import format_size
 from cbt.core.timefmt import utc_now
-from cbt.format.index_segment import segment_bytes
 from cbt.format.manifest import Manifest, range_rows
 from cbt.format.manifest import row_runs as manifest_row_runs
 from cbt.format.pack import TARGET_PACK_SIZE, Coded, PackWriter, encode_blocks, pack_name
 from cbt.format.records import DiskRecord, PointRecord, check_name
 from cbt.ops.diff import changed_blocks
 from cbt.repo import index as index_mod
+from cbt.repo import segments
 from cbt.repo.lock import (
     check_held,
     commit_point,
@@ -137,6 +137,7 @@ from cbt.source.scan import BlockScan, PendingScan
 # less than 64K (and 4K only 3.5x less again, at 4x the metadata and twice the scan
 # time); on a file-system image changed in longer runs 16K stores the same as 64K.
 DEFAULT_BACKUP_BLOCK_SIZE = 16 << 10
+COMPACT_STEPS = 8  # compactions after a commit at most (each merges a crowded tier)
 PACKS_IN_FLIGHT = 2  # full packs of a worker queued for its writing thread
 EARLY_SCAN_MAX_WAIT = 1.0  # seconds waited for the lock after which an early scan is dropped
 # shards per worker on an Executor: more shards than workers, so progress moves as they finish
@@ -1702,21 +1703,15 @@ def _write_segment(vault: Vault, point_id: str, new: dict[str, Any],
             parts[k].append(adopted[k])
     if not any(len(v) for v in parts["offset"]):
         return
-    entries = {k: np.concatenate(v) for k, v in parts.items()}
-    vault.put_sealed("index", vault.segment_name(point_id), segment_bytes(entries))
+    segments.write_entries(vault, point_id, {k: np.concatenate(v) for k, v in parts.items()})
 
 
 def _maybe_merge_segments(vault: Vault) -> None:
-    """Merge many segments into one (after the commit; duplicates are harmless).  Under
-    the gc lock: a gc between its reading the index and its writing the merged segment
-    would trash a dead pack that segment then names again (a later backup would
-    deduplicate against it, and a later gc empty the trash under it)."""
-    segments = vault.segment_names()
-    if len(segments) < index_mod.MERGE_AT:
-        return
-    index = vault.load_index()
-    entries = index_mod.entries_for_packs(index, set(index.pack_ids))
-    vault.put_sealed("index", vault.segment_name(f"merged-{uuid.uuid4().hex}"),
-                     segment_bytes(entries))
-    for s in segments:
-        vault.storage.delete(s)
+    """Compact the index's segments in tiers (:func:`cbt.repo.segments.compact`: a merge
+    streams, whatever the vault's size), after the commit.  Under the gc lock: a gc
+    between a merge's reading segments and its writing the merged one would trash a
+    dead pack that segment then names again (a later backup would deduplicate against
+    it, and a later gc empty the trash under it)."""
+    for _step in range(COMPACT_STEPS):
+        if segments.compact(vault) is None:
+            return

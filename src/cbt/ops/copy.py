@@ -47,11 +47,11 @@ import numpy.typing as npt
 
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 from cbt.core.native import fast
-from cbt.format.index_segment import segment_bytes
 from cbt.format.manifest import Manifest
 from cbt.format.pack import BLOB, TARGET_PACK_SIZE, PackWriter, block_id, decode_blob, pack_name
 from cbt.format.records import DiskRecord, PointRecord, id_order
 from cbt.repo import index as index_mod
+from cbt.repo import segments
 from cbt.repo.index import Index
 from cbt.repo.lock import check_held, commit_point, gc_lock, shared_lock, vm_lock
 from cbt.repo.trash import read_pack_range
@@ -451,6 +451,5 @@ def _write_segment(dst: Vault, entries: list[index_mod.IndexEntry], index: Index
         parts.append(index_mod.entries_for_packs(index, {pack_id_of(n) for n in index.orphans}))
     if not sum(len(p["offset"]) for p in parts):
         return
-    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    dst.put_sealed("index", dst.segment_name(f"copy-{uuid.uuid4().hex}"),
-                   segment_bytes(merged))
+    segments.write_entries(dst, f"copy-{uuid.uuid4().hex}",
+                           {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})

@@ -60,7 +60,7 @@ import numpy.typing as npt
 
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 from cbt.core.sizes import human_bytes
-from cbt.format.index_segment import segment_bytes
+from cbt.format import paged_index
 from cbt.format.pack import (
     BLOB,
     ENTRY,
@@ -72,10 +72,19 @@ from cbt.format.pack import (
 )
 from cbt.format.records import CorruptPointError, is_point_id
 from cbt.repo import index as index_mod
+from cbt.repo import segments
+from cbt.repo.compact import merge
 from cbt.repo.index import Index, IndexEntry
 from cbt.repo.lock import GC_LOCK, LOCKS, check_held, gc_lock, objects_before
 from cbt.repo.storage import Storage
-from cbt.repo.trash import DEFAULT_GRACE, TRASH, empty_trash, move_to_trash, trash_name
+from cbt.repo.trash import (
+    DEFAULT_GRACE,
+    TRASH,
+    empty_trash,
+    move_to_trash,
+    retire_segment,
+    trash_name,
+)
 from cbt.repo.vault import Vault
 
 REWRITE_BELOW = 0.5  # default: rewrite a pack when less than this share of it is live
@@ -214,9 +223,9 @@ def _would(vault: Vault, index: Index, sweep: _Sweep, grace: float, result: GcRe
     if not sweep.trash:
         return
     result.bytes_written += sweep.pack_bytes + _segment_size(vault, index, sweep)
-    for s in index.segments:
+    for s in index.segments:  # (retired to the trash, as the run would)
         with contextlib.suppress(CbtIOError):
-            result.bytes_deleted += vault.storage.size(s)
+            result.bytes_trashed += vault.storage.size(s)
     when = dt.datetime.fromtimestamp(time.time() + grace, dt.UTC)
     result.trash_free_after = when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -227,9 +236,10 @@ def _segment_size(vault: Vault, index: Index, sweep: _Sweep) -> int:
     keep = sweep.keep.copy()
     for _pid, live in sweep.rewrite:
         keep[live] = True
-    kept = index_mod.select_entries(index, lambda base, got: keep[base:base + len(got.offset)])
-    name = vault.segment_name("gc-dry-run")
-    return len(vault.seal("index", name, segment_bytes(kept)))
+    packs: set[int] = set()
+    for base, got in index.chunks():
+        packs.update(np.unique(got.pack[keep[base:base + len(got.offset)]]).tolist())
+    return paged_index.segment_size(int(keep.sum()), len(packs), vault.cipher is not None)
 
 
 def _trash_left(vault: Vault, grace: float, offset: float, result: GcResult) -> None:
@@ -471,19 +481,19 @@ def _write_index(vault: Vault, index: Index, sweep: _Sweep, result: GcResult,
         moved += entries
         result.bytes_written += written
     tick("rewrite", total, total)
-    merged = index_mod.select_entries(  # (index order)
-        index, lambda base, got: sweep.keep[base:base + len(got.offset)])
+    # every part's kept entries and the moved ones, merged as streams into one segment
+    inputs = index.sorted_streams(sweep.keep)
     if moved:
-        part = index_mod.segment_entries(moved)
-        merged = {k: np.concatenate([merged[k], part[k]]) for k in merged}
+        inputs.append(iter([segments.first_copies(index_mod.segment_entries(moved))]))
     name = vault.segment_name(f"gc-{uuid.uuid4().hex}")
-    vault.put_sealed("index", name, segment_bytes(merged))
+    segments.write_paged(vault.storage, name, merge(inputs), int(sweep.keep.sum()) + len(moved),
+                         vault.cipher)
     with contextlib.suppress(CbtIOError):
         result.bytes_written += vault.storage.size(name)
     for s in index.segments:
         with contextlib.suppress(CbtIOError):
-            result.bytes_deleted += vault.storage.size(s)
-        vault.storage.delete(s)
+            result.bytes_trashed += vault.storage.size(s)
+        retire_segment(vault.storage, s)  # (a reader searching it finds it in the trash)
 
 
 def _rewrite(vault: Vault, index: Index, pid: str,

@@ -54,7 +54,6 @@ import numpy.typing as npt
 
 from cbt.core.crypto import Cipher
 from cbt.core.errors import CbtError, CbtValueError
-from cbt.format.index_segment import segment_bytes
 from cbt.format.pack import (
     BLOB,
     CorruptPackError,
@@ -69,8 +68,10 @@ from cbt.format.pack import (
 )
 from cbt.format.records import PointRecord
 from cbt.repo import index as index_mod
+from cbt.repo import segments
 from cbt.repo.index import Index, IndexEntry, Located
 from cbt.repo.lock import check_held, exclusive_lock, gc_lock
+from cbt.repo.trash import retire_segment
 from cbt.repo.vault import Vault
 
 MAX_PROBLEMS = 1000
@@ -665,9 +666,8 @@ def _sound_blobs(vault: Vault, content: bytes, name: str,
 def _replace_segments(vault: Vault, healthy: list[IndexEntry]) -> None:
     """Step 2: the new segment first (when any blob is healthy), then the old ones go."""
     old = vault.segment_names()
-    name = vault.segment_name(f"repaired-{uuid.uuid4().hex}")
-    if healthy:
-        vault.put_sealed("index", name, segment_bytes(index_mod.segment_entries(healthy)))
+    name = segments.write_entries(vault, f"repaired-{uuid.uuid4().hex}",
+                                  index_mod.segment_entries(healthy)) if healthy else None
     for s in old:
         if s != name:
-            vault.storage.delete(s)
+            retire_segment(vault.storage, s)

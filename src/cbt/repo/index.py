@@ -309,6 +309,40 @@ class Index:
                 yield at, got
                 at += len(got.offset)
 
+    def sorted_streams(self, keep: npt.NDArray[np.bool_] | None = None,
+                       entries: int | None = None) -> list[Iterator[dict[str, Any]]]:
+        """Per part, its entries (those ``keep``, over positions, marks) in digest order
+        as chunks in segment form (digests, pack_uuid, offset, stored, raw): the inputs
+        of :func:`cbt.repo.compact.merge`.  A paged part streams; the in-memory part,
+        sorted by 8 bytes only, is sorted whole (it is in memory already)."""
+        size = CHUNK if entries is None else entries
+        uuids = uuid_table(self.pack_ids)
+        return [self._sorted_stream(i, keep, size, uuids) for i in range(len(self.parts))]
+
+    def _sorted_stream(self, i: int, keep: npt.NDArray[np.bool_] | None, size: int,
+                       uuids: npt.NDArray[np.uint8]) -> Iterator[dict[str, Any]]:
+        part, at = self.parts[i], int(self._bases[i])
+        held: list[dict[str, Any]] = []
+        for d in part.chunks(size):
+            got = self._located(i, d)
+            n = len(got.offset)
+            mask = np.ones(n, dtype=bool) if keep is None else keep[at:at + n]
+            at += n
+            chunk = {"digests": got.digests[mask], "pack_uuid": uuids[got.pack[mask]],
+                     "offset": got.offset[mask], "stored": got.stored[mask],
+                     "raw": got.raw[mask]}
+            if isinstance(part, MemoryPart):
+                held.append(chunk)
+            elif n:
+                yield chunk
+        if held:
+            whole = {k: np.concatenate([c[k] for c in held]) for k in held[0]}
+            keys = whole["digests"].reshape(-1, 32).view("S32").ravel()
+            order = np.argsort(keys, kind="stable")
+            for a in range(0, len(order), size):
+                rows = order[a:a + size]
+                yield {k: v[rows] for k, v in whole.items()}
+
     def entry(self, pos: int) -> IndexEntry:
         """The entry at a position :meth:`lookup` returned."""
         e = self.locate(np.array([pos], dtype=np.int64))
@@ -396,11 +430,16 @@ def trailer_part(storage: Storage, name: str) -> dict[str, Any]:
 
 def load(storage: Storage, warnings: list[str] | None = None,
          segment_names: Callable[[], list[str]] | None = None,
-         read: Callable[[str], bytes] | None = None, headers: bool = False) -> Index:
-    """Read every segment, then index packs no segment covers from their trailers.
+         read: Callable[[str], bytes] | None = None, headers: bool = False,
+         open_paged: Callable[[str], IndexPart] | None = None) -> Index:
+    """Open every segment, then index packs no segment covers from their trailers.
 
-    ``segment_names`` lists the segments and ``read`` reads one (an encrypted
-    vault's unseal them); by default, plain ``index/*.arrow`` files.
+    ``segment_names`` lists the segments and ``read`` reads a legacy (Arrow) one whole
+    (an encrypted vault's unseal them); by default, plain ``index/*.arrow`` files.
+    ``open_paged`` opens a paged segment (its name ends in ``.cbtidx``): only its head
+    is read, its pages stay where they lie, each a part of the index.  The legacy
+    segments and the orphan packs' trailers are merged into one :class:`MemoryPart`,
+    asked last.
     Readers take no lock: when a writer merges segments under our feet (the
     merged one is written before the old ones go), a segment listed a moment
     ago can vanish; then we list again.
@@ -409,13 +448,14 @@ def load(storage: Storage, warnings: list[str] | None = None,
     the packs it covered are indexed from their own trailers like any pack no
     segment covers, and with ``headers`` a pack whose trailer is lost too from
     its blob headers (a reader that checks every block it reads: restore,
-    verify), as repair does.
+    verify), as repair does.  (A paged segment's page found damaged later, by
+    the lookup that reads it, is an error naming the segment and page.)
     """
     names = segment_names or (lambda: [s for s in storage.list("index") if s.endswith(".arrow")])
     get = read or storage.get
     for _attempt in range(20):
         try:
-            segments, parts, damaged = _read_segments(storage, names(), get)
+            segments, parts, paged, damaged = _read_segments(storage, names(), get, open_paged)
             break
         except OSError as exc:
             if exc.errno != errno.ENOENT:
@@ -427,6 +467,7 @@ def load(storage: Storage, warnings: list[str] | None = None,
             warnings.append(f"ignoring damaged index segment: {why}; its packs are indexed "
                             "from their own trailers")
     covered = {p for part in parts for p in part["pack_ids"]}
+    covered.update(p for seg in paged for p in seg.pack_ids)
     orphans = []
     for name in storage.list("packs"):
         if not is_pack_name(name) or pack_id_of(name) in covered:
@@ -441,19 +482,31 @@ def load(storage: Storage, warnings: list[str] | None = None,
                 orphans.append(name)
             elif warnings is not None:
                 warnings.append(f"ignoring unreadable pack: {exc}")
-    index = Index.build(parts, segments, orphans)
-    index.damaged = damaged
-    return index
+    memory: list[IndexPart] = [MemoryPart.build(parts)] if parts or not paged else []
+    # (the paged segments first: a digest both in one and in an orphan pack, a racing
+    # worker's spare copy, resolves to the segment's entry, and gc drops the spare)
+    return Index([*paged, *memory], segments, orphans, damaged)
 
 
-def _read_segments(storage: Storage, names: list[str], get: Callable[[str], bytes]
-                   ) -> tuple[list[str], list[dict[str, Any]], dict[str, str]]:
-    """The segments that read, their parts, and the damaged ones (name -> why); a segment
-    gone meanwhile raises ENOENT (the caller lists again)."""
-    segments, parts, damaged = [], [], {}
+PAGED_SUFFIX = ".cbtidx"  # a paged segment's name ends so (cbt.repo.vault.PAGED)
+
+
+def _read_segments(storage: Storage, names: list[str], get: Callable[[str], bytes],
+                   open_paged: Callable[[str], IndexPart] | None
+                   ) -> tuple[list[str], list[dict[str, Any]], list[IndexPart], dict[str, str]]:
+    """The segments that opened, the legacy ones' entries, the paged ones, and the
+    damaged ones (name -> why); a segment gone meanwhile raises ENOENT (the caller
+    lists again)."""
+    segments, parts, paged, damaged = [], [], [], {}
     for name in names:
         try:
-            parts.append(read_segment(get(name), storage.where(name)))
+            if name.endswith(PAGED_SUFFIX):
+                if open_paged is None:
+                    raise CorruptIndexError(f"{storage.where(name)}: a paged index segment, "
+                                            "and no way to open it given")
+                paged.append(open_paged(name))
+            else:
+                parts.append(read_segment(get(name), storage.where(name)))
             segments.append(name)
         except OSError as exc:
             if exc.errno == errno.ENOENT:
@@ -461,7 +514,7 @@ def _read_segments(storage: Storage, names: list[str], get: Callable[[str], byte
             damaged[name] = str(exc)
         except CbtError as exc:
             damaged[name] = str(exc)
-    return segments, parts, damaged
+    return segments, parts, paged, damaged
 
 
 def header_part(storage: Storage, name: str) -> dict[str, Any] | None:
@@ -498,13 +551,18 @@ def segment_entries(entries: Sequence[IndexEntry]) -> dict[str, Any]:
     }
 
 
+def uuid_table(pack_ids: list[str]) -> npt.NDArray[np.uint8]:
+    """Pack uuids as rows of 16 bytes, one per pack number."""
+    return np.frombuffer(b"".join(uuid.UUID(hex=p).bytes for p in pack_ids) or b"",
+                         dtype=np.uint8).reshape(-1, 16)
+
+
 def select_entries(index: Index,
                    pick: Callable[[int, Located], npt.NDArray[np.bool_]]) -> dict[str, Any]:
     """The entries ``pick`` keeps, in segment form and index order: it is given each chunk
     of :meth:`Index.chunks` (its first position and entries) and says which to keep, so
     only a chunk and the kept entries are held at once."""
-    uuids = np.frombuffer(b"".join(uuid.UUID(hex=p).bytes for p in index.pack_ids) or b"",
-                          dtype=np.uint8).reshape(-1, 16)
+    uuids = uuid_table(index.pack_ids)
     cols: dict[str, list[Any]] = {"digests": [np.zeros((0, 32), np.uint8)],
                                   "pack_uuid": [np.zeros((0, 16), np.uint8)],
                                   "offset": [np.zeros(0, np.uint64)],

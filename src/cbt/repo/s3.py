@@ -451,10 +451,19 @@ class S3Storage(Storage):
 
     def put_stream(self, name: str, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
         """In parts (a multipart upload, completed at the end: readers see the whole object
-        or none; a failure aborts it)."""
+        or none; a failure aborts it).  The chunks are taken here, between writes, not
+        inside obstore's runtime: making them may read the vault (a compaction's merge)."""
         key = self._key(name)
-        self._call("write", name, lambda: obstore.put(self._s, key, (bytes(c) for c in chunks),
-                                                      chunk_size=STREAM_PART))
+        writer = self._call("write", name, lambda: obstore.open_writer(
+            self._s, key, buffer_size=STREAM_PART))
+        try:
+            for chunk in chunks:
+                if len(chunk):
+                    self._call("write", name, functools.partial(writer.write, chunk))
+        except BaseException:
+            del writer  # (never closed: the upload is not completed, no object appears)
+            raise
+        self._call("write", name, writer.close)
 
     def get(self, name: str) -> bytes:
         key = self._key(name)

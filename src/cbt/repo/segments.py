@@ -24,11 +24,13 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from cbt.core.errors import CbtIOError
 from cbt.format import paged_index
 from cbt.format.paged_index import PagedSegment, PagedWriter
 from cbt.repo import compact as tiers
+from cbt.repo.index import uuid_table
 from cbt.repo.trash import read_segment_range, retire_segment
 
 if TYPE_CHECKING:
@@ -83,11 +85,41 @@ def write_paged(storage: Storage, name: str, chunks: Iterable[Chunk], total: int
     return written[0]
 
 
+def first_copies(entries: Chunk) -> Chunk:
+    """Entries in segment form (digests, pack_uuid: rows or flat bytes; offset, stored,
+    raw) sorted by digest, the first copy of a digest kept."""
+    n = len(entries["offset"])
+    cols: dict[str, npt.NDArray[Any]] = {
+        "digests": np.ascontiguousarray(entries["digests"], dtype=np.uint8).reshape(n, 32),
+        "pack_uuid": np.ascontiguousarray(entries["pack_uuid"], dtype=np.uint8).reshape(n, 16),
+        "offset": np.asarray(entries["offset"], dtype=np.uint64),
+        "stored": np.asarray(entries["stored"], dtype=np.uint32),
+        "raw": np.asarray(entries["raw"], dtype=np.uint32)}
+    keys = cols["digests"].view("S32").ravel()
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    keep = np.ones(len(order), dtype=bool)
+    keep[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    order = order[keep]
+    return {k: v[order] for k, v in cols.items()}
+
+
+def write_entries(vault: Vault, run: str, entries: Chunk) -> str | None:
+    """The entries (any order, copies allowed) as the new segment of ``run``; its name,
+    or None when there are none."""
+    if not len(entries["offset"]):
+        return None
+    kept = first_copies(entries)
+    name = vault.segment_name(run)
+    write_paged(vault.storage, name, [kept], len(kept["offset"]), vault.cipher)
+    return name
+
+
 def paged_chunks(segment: PagedSegment, entries: int = CHUNK,
                  drop_packs: Collection[str] = ()) -> Iterator[Chunk]:
     """A paged segment's entries in order, as chunks with pack uuids, leaving out the
     entries of the packs in ``drop_packs``."""
-    uuids = _uuids(segment.pack_ids)
+    uuids = uuid_table(segment.pack_ids)
     keep = np.array([p not in drop_packs for p in segment.pack_ids], dtype=bool)
     for part in segment.chunks(entries):
         rows = keep[part["pack"]] if len(keep) else np.zeros(0, dtype=bool)
@@ -113,28 +145,15 @@ def merge_paged(segments: Sequence[PagedSegment], writer: PagedWriter, *,
     return added
 
 
-def _uuids(pack_ids: list[str]) -> np.ndarray[Any, np.dtype[np.uint8]]:
-    if not pack_ids:
-        return np.zeros((0, 16), np.uint8)
-    return np.frombuffer(b"".join(uuid.UUID(hex=p).bytes for p in pack_ids),
-                         np.uint8).reshape(-1, 16)
-
-
 def legacy_chunks(part: dict[str, Any], entries: int = CHUNK) -> Iterator[Chunk]:
     """A legacy (Arrow) segment's entries (read whole: :func:`cbt.repo.index.read_segment`)
-    in digest order, as chunks with pack uuids."""
-    keys = np.ascontiguousarray(part["digests"]).reshape(-1, 32).view("S32").ravel()
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    keep = np.ones(len(order), dtype=bool)  # (a legacy segment may hold a digest twice)
-    keep[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    order = order[keep]
-    uuids = _uuids(part["pack_ids"])
-    for at in range(0, len(order), entries):
-        rows = order[at:at + entries]
-        yield {"digests": part["digests"][rows], "pack_uuid": uuids[part["pack"][rows]],
-               "offset": part["offset"][rows], "stored": part["stored"][rows],
-               "raw": part["raw"][rows]}
+    in digest order (a legacy segment is sorted by 8 bytes only, and may hold a digest
+    twice), as chunks with pack uuids."""
+    kept = first_copies({"digests": part["digests"], "pack_uuid": uuid_table(part["pack_ids"])
+                          [part["pack"]], "offset": part["offset"], "stored": part["stored"],
+                          "raw": part["raw"]})
+    for at in range(0, len(kept["offset"]), entries):
+        yield {k: v[at:at + entries] for k, v in kept.items()}
 
 
 def compact(vault: Vault) -> str | None:
@@ -143,7 +162,7 @@ def compact(vault: Vault) -> str | None:
     from cbt.repo.index import read_segment
 
     names = vault.segment_names()
-    cipher = vault.keys.cipher if vault.keys is not None else None
+    cipher = vault.cipher
     paged = [n for n in names if vault.is_paged_segment(n)]
     legacy = [n for n in names if not vault.is_paged_segment(n)]
     opened = {n: open_paged(vault.storage, n, cipher) for n in paged}

@@ -82,6 +82,7 @@ from cbt.repo.storage import Storage, StorageSpec
 from cbt.repo.stores import open_storage, storage_at
 
 if TYPE_CHECKING:
+    from cbt.core.crypto import Cipher
     from cbt.format.manifest import Delta, Manifest
     from cbt.repo.index import Index
 
@@ -294,8 +295,9 @@ class Vault:
         leaf = self._tag("manifest", point_id + "/" + label)
         return f"{self.manifest_dir(point_id)}/{leaf}{SEALED}"
 
-    def segment_name(self, run: str) -> str:
-        """An index segment's name for ``run`` (a point id, ``merged-<uuid>``...)."""
+    def legacy_segment_name(self, run: str) -> str:
+        """A legacy (Arrow) index segment's name for ``run``: what cbt wrote before paged
+        segments, still read (and merged into a paged one by the next compaction)."""
         if self.keys is None:
             return f"index/{run}.arrow"
         return f"index/{self._tag('index', run)}{SEALED}"
@@ -315,8 +317,9 @@ class Vault:
         """The suffix of point, job and kept-snapshot records."""
         return ".json" if self.keys is None else SEALED
 
-    def paged_segment_name(self, run: str) -> str:
-        """A paged index segment's name for ``run`` (:mod:`cbt.format.paged_index`)."""
+    def segment_name(self, run: str) -> str:
+        """An index segment's name for ``run`` (a point id, ``merged-<uuid>``...): a paged
+        segment (:mod:`cbt.format.paged_index`)."""
         if self.keys is None:
             return f"index/{run}{PAGED}"
         return f"index/{self._tag('index', run)}{PAGED}"
@@ -347,6 +350,11 @@ class Vault:
 
     def get_sealed(self, kind: str, name: str) -> bytes:
         return self.unseal(kind, name, self.storage.get(name))
+
+    @property
+    def cipher(self) -> Cipher | None:
+        """The cipher of sealed files and segment pages (None: an unencrypted vault)."""
+        return self.keys.cipher if self.keys is not None else None
 
     @property
     def id_key(self) -> bytes | None:
@@ -688,9 +696,11 @@ class Vault:
         """The index (:func:`cbt.repo.index.load`: a damaged segment's packs are indexed from
         their trailers, and with ``headers`` from their blob headers when that is lost)."""
         from cbt.repo.index import load
+        from cbt.repo.segments import open_paged
 
         return load(self.storage, warnings, self.segment_names,
-                    lambda name: self.get_sealed("index", name), headers)
+                    lambda name: self.get_sealed("index", name), headers,
+                    lambda name: open_paged(self.storage, name, self.cipher))
 
     def manifest_dir_of(self, record_name: str) -> str:
         """The folder of the manifests of the point whose record is ``record_name`` (known
