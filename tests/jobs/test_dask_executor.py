@@ -797,6 +797,15 @@ def test_a_workers_odd_exception_is_one_line_here(cluster: Cluster) -> None:
     assert isinstance(lost, CbtError) and "TCP" not in str(lost)
     assert str(lost).endswith("(connection lost): nothing committed; run it again")
     assert _worker_error(OSError(28, "No space left")).errno == 28  # (cbt's own: as it is)
+    # a shard the client cancelled when its connection to the scheduler was lost
+    from distributed.client import FutureCancelledError
+
+    cancelled = _worker_error(FutureCancelledError(
+        "_run_shard-7a0d", reason="scheduler-connection-lost",
+        msg="Client lost the connection to the scheduler."))
+    assert str(cancelled).endswith("(connection lost): nothing committed; run it again")
+    other = _worker_error(FutureCancelledError("_run_shard-7a0d", reason="x", msg="y"))
+    assert str(other).startswith("Dask cancelled a shard (") and "nothing committed" in str(other)
 
 
 def test_the_workers_are_asked_of_the_scheduler_not_of_a_cache(cluster: Cluster) -> None:

@@ -373,7 +373,12 @@ def _worker_error(exc: BaseException | None) -> BaseException:
         return CbtIOError(0, "a Dask worker died while running a shard: nothing committed; "
                              "run the backup again")
     if name == "FutureCancelledError" or "cancel" in name.lower():
-        return CbtIOError(0, f"Dask cancelled a shard ({' '.join(str(exc).split())})")
+        text = " ".join(str(exc).split())
+        if "connection-lost" in text or "lost the connection" in text:
+            return CbtIOError(0, "the Dask scheduler went away during the backup (connection "
+                                 "lost): nothing committed; run it again")
+        return CbtIOError(0, f"Dask cancelled a shard ({text[:200]}): nothing committed; "
+                             "run the backup again")
     # anything else a worker raised (its traceback is in the worker's log): one line here,
     # never the worker's exception itself (a KeyboardInterrupt or SystemExit would pass
     # for this process's own)

@@ -40,12 +40,12 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from cbt.core.errors import CbtError
+from cbt.core.errors import CbtError, CbtIOError
 from cbt.format import index_segment
 from cbt.format.index_segment import CorruptIndexError, prefix_keys
 from cbt.format.pack import (
@@ -55,7 +55,12 @@ from cbt.format.pack import (
     read_pack_trailer,
     scan_blobs,
 )
+from cbt.format.paged_index import PagedSegment
 from cbt.repo.storage import Storage
+from cbt.repo.trash import read_segment_range, segment_trash_name
+
+if TYPE_CHECKING:
+    from cbt.core.crypto import Cipher
 
 MERGE_AT = 16  # segments before a backup merges them into one
 CHUNK = 65536  # entries :meth:`Index.chunks` hands out at a time (about 3 MB)
@@ -486,6 +491,23 @@ def load(storage: Storage, warnings: list[str] | None = None,
     # (the paged segments first: a digest both in one and in an orphan pack, a racing
     # worker's spare copy, resolves to the segment's entry, and gc drops the spare)
     return Index([*paged, *memory], segments, orphans, damaged)
+
+
+def open_paged(storage: Storage, name: str, cipher: Cipher | None) -> PagedSegment:
+    """The segment ``name``, its head read and checked, its pages left where they lie."""
+    size = _size(storage, name)
+    return PagedSegment.open(lambda offset, length: read_segment_range(storage, name, offset,
+                                                                       length),
+                             size, name=name, where=storage.where(name), cipher=cipher)
+
+
+def _size(storage: Storage, name: str) -> int:
+    try:
+        return storage.size(name)
+    except CbtIOError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+    return storage.size(segment_trash_name(name))
 
 
 PAGED_SUFFIX = ".cbtidx"  # a paged segment's name ends so (cbt.repo.vault.PAGED)

@@ -18,7 +18,6 @@ compacted in tiers.
 
 from __future__ import annotations
 
-import errno
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,12 +25,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from cbt.core.errors import CbtIOError
 from cbt.format import paged_index
 from cbt.format.paged_index import PagedSegment, PagedWriter
 from cbt.repo import compact as tiers
-from cbt.repo.index import uuid_table
-from cbt.repo.trash import read_segment_range, retire_segment
+from cbt.repo.index import open_paged, read_segment, uuid_table
+from cbt.repo.trash import retire_segment
 
 if TYPE_CHECKING:
     from cbt.core.crypto import Cipher
@@ -40,25 +38,6 @@ if TYPE_CHECKING:
 
 Chunk = dict[str, Any]
 CHUNK = 16384  # entries a merge reads of each input at a time (about 1 MiB)
-
-
-def open_paged(storage: Storage, name: str, cipher: Cipher | None) -> PagedSegment:
-    """The segment ``name``, its head read and checked, its pages left where they lie."""
-    size = _size(storage, name)
-    return PagedSegment.open(lambda offset, length: read_segment_range(storage, name, offset,
-                                                                       length),
-                             size, name=name, where=storage.where(name), cipher=cipher)
-
-
-def _size(storage: Storage, name: str) -> int:
-    try:
-        return storage.size(name)
-    except CbtIOError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
-    from cbt.repo.trash import segment_trash_name
-
-    return storage.size(segment_trash_name(name))
 
 
 def write_paged(storage: Storage, name: str, chunks: Iterable[Chunk], total: int,
@@ -159,8 +138,6 @@ def legacy_chunks(part: dict[str, Any], entries: int = CHUNK) -> Iterator[Chunk]
 def compact(vault: Vault) -> str | None:
     """One compaction step if :func:`cbt.repo.compact.choose` picks any segments: the
     merged segment's name, or None.  Call under the gc lock."""
-    from cbt.repo.index import read_segment
-
     names = vault.segment_names()
     cipher = vault.cipher
     paged = [n for n in names if vault.is_paged_segment(n)]

@@ -695,8 +695,7 @@ class Vault:
     def load_index(self, warnings: list[str] | None = None, headers: bool = False) -> Index:
         """The index (:func:`cbt.repo.index.load`: a damaged segment's packs are indexed from
         their trailers, and with ``headers`` from their blob headers when that is lost)."""
-        from cbt.repo.index import load
-        from cbt.repo.segments import open_paged
+        from cbt.repo.index import load, open_paged
 
         return load(self.storage, warnings, self.segment_names,
                     lambda name: self.get_sealed("index", name), headers,
