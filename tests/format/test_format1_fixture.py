@@ -439,10 +439,14 @@ def test_new_backup_extends_the_old_vault(vault: Path, tmp_path: Path) -> None:
         assert {k.decode() for k in meta} >= DELTA_KEYS
         assert meta[b"cbt.kind"] == b"delta" and meta[b"cbt.format_version"] == b"1"
 
-    # Nothing old was rewritten: only new files (and the lock holder lines) differ.
+    # Nothing old was rewritten: only new files (and the lock holder lines) differ; the
+    # old Arrow index segments were merged into a paged one, and moved whole to the trash.
     after = vault_files(vault)
-    assert {k: after[k] for k in old if k not in LOCK_FILES} == {
-        k: v for k, v in old.items() if k not in LOCK_FILES}
+    moved = {k for k in old if k.startswith("index/")}
+    assert moved and all(f"trash/{k}" in after and k not in after for k in moved)
+    assert {k: after[k] for k in old if k not in LOCK_FILES | moved} == {
+        k: v for k, v in old.items() if k not in LOCK_FILES | moved}
+    assert {k: after[f"trash/{k}"] for k in moved} == {k: old[k] for k in moved}
 
     to = tmp_path / "restored" / new_id
     cbt_json("restore", vault, new_id, "--to", to, "--workers", "1")

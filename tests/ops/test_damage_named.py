@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from helpers import KIB, MIB
+from helpers import KIB, MIB, segments
 from helpers.cli import cbt, one_error_line
 from helpers.images import assert_same_disk, read, read_device
 from helpers.packs import trailer_entries
@@ -27,8 +27,6 @@ from helpers.system import loop_device
 from helpers.vaults import History3, day1_blob, temp_files
 
 import cbt as cbt_api
-from cbt.format.index_segment import segment_bytes
-from cbt.repo.index import read_segment
 
 BS = 64 * KIB
 
@@ -236,13 +234,10 @@ def test_point_record_names_a_missing_manifest(vh: History3, tmp_path: Path) -> 
 
 def _rewrite_entry(vh: History3, digest: bytes, how: str) -> str:
     """Rewrite the index segment holding ``digest``; returns the pack the entry now names."""
-    for seg in sorted((vh.vault / "index").glob("*.arrow")):
-        part = read_segment(seg.read_bytes(), str(seg))
-        hit = np.flatnonzero((part["digests"] == np.frombuffer(digest, np.uint8)).all(axis=1))
-        if len(hit):
-            break
-    else:
-        raise AssertionError("digest in no segment")
+    vault = cbt_api.Vault.open(vh.vault)
+    name = segments.holding(vault, digest)
+    part = segments.read_paged(vault, name)
+    hit = np.flatnonzero((part["digests"] == np.frombuffer(digest, np.uint8)).all(axis=1))
     i = int(hit[0])
     uuids = np.array([np.frombuffer(uuid.UUID(hex=p).bytes, np.uint8)
                       for p in part["pack_ids"]])
@@ -258,7 +253,7 @@ def _rewrite_entry(vh: History3, digest: bytes, how: str) -> str:
         other = vh.pack_path(vh.packs[0][0])
         entries["pack_uuid"][i] = np.frombuffer(uuid.UUID(hex=other.stem).bytes, np.uint8)
         entries["offset"][i] = trailer_entries(other)[1][1]
-    seg.write_bytes(segment_bytes(entries))
+    segments.rewrite(vault, name, entries)
     return uuid.UUID(bytes=entries["pack_uuid"][i].tobytes()).hex
 
 

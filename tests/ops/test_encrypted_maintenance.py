@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -137,14 +138,14 @@ def test_repair_after_losing_an_index_segment(tmp_path: Path) -> None:
     v, ids, copies = _history(tmp_path)
     before = v.load_index()
     segments = v.segment_names()
-    assert segments and all(s.endswith(".sealed") for s in segments)
+    assert segments and all(re.fullmatch(r"index/[0-9a-f]{32}\.cbtidx", s) for s in segments)
     Path(v.root, segments[0]).unlink()
     out = repair(v)
     assert out.problems == []
     assert out.repair.blobs_indexed == len(before) and out.repair.blobs_damaged == 0
     after = v.segment_names()
     assert len(after) == 1 and after[0] not in segments
-    assert after[0].startswith("index/") and after[0].endswith(".sealed")
+    assert re.fullmatch(r"index/[0-9a-f]{32}\.cbtidx", after[0])
     assert "repaired" not in after[0]
     assert os.listdir(Path(v.root, "index")) == [after[0].split("/")[1]]
     assert verify(v, data=True).problems == []
@@ -212,7 +213,7 @@ def test_prune_hides_and_deletes_then_gc_frees_and_restore_still_works(tmp_path:
     assert out.packs_removed + out.packs_rewritten > 0 and out.bytes_freed > 0
     assert sorted(p.name for p in Path(v.root, "packs").rglob("*.pack")) != packs_before
     segments = v.segment_names()
-    assert len(segments) == 1 and segments[0].endswith(".sealed") and "gc-" not in segments[0]
+    assert len(segments) == 1 and re.fullmatch(r"index/[0-9a-f]{32}\.cbtidx", segments[0])
     assert verify(v, data=True).problems == []
     _restores(v, ids[0], copies[0], tmp_path / "r0")
     _restores(v, ids[2], copies[2], tmp_path / "r2")

@@ -120,7 +120,12 @@ assert TRAILER_SIZE == 96
 
 
 class PagedIndexError(CorruptIndexError):
-    """A paged index segment fails its checks (truncated, altered, crafted, or not one)."""
+    """A paged index segment fails its checks (truncated, altered, crafted, or not one);
+    ``segment`` is its name in the vault, when known (a reader may then set it aside)."""
+
+    def __init__(self, message: str, segment: str | None = None) -> None:
+        super().__init__(message)
+        self.segment = segment
 
 
 def filter_blocks(total: int) -> int:
@@ -493,7 +498,7 @@ class PagedSegment:
 
     def _fail(self, what: str, page: int | None = None) -> Any:
         at = f" page {page} of {self._npages}" if page is not None else ""
-        raise PagedIndexError(f"corrupt index segment {self._where}{at}: {what}")
+        raise PagedIndexError(f"corrupt index segment {self._where}{at}: {what}", self._name)
 
     def _read(self, offset: int, length: int, what: str) -> bytes:
         data = self._read_range(offset, length)

@@ -1492,7 +1492,10 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
         _write_segment(vault, point_id, new, index)
         record.seconds = round(time.perf_counter() - started, 6)
         commit_point(vault, point_id, record.to_json())
-        _maybe_merge_segments(vault)  # (under the gc lock: see there)
+        try:
+            _maybe_merge_segments(vault)  # (under the gc lock: see there)
+        except CbtError as exc:  # (the point is committed: a merge left for later)
+            record.warnings = [*record.warnings, f"index segments not merged: {exc}"]
     return record
 
 

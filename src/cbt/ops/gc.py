@@ -225,7 +225,9 @@ def _would(vault: Vault, index: Index, sweep: _Sweep, grace: float, result: GcRe
     result.bytes_written += sweep.pack_bytes + _segment_size(vault, index, sweep)
     for s in index.segments:  # (retired to the trash, as the run would)
         with contextlib.suppress(CbtIOError):
-            result.bytes_trashed += vault.storage.size(s)
+            size = vault.storage.size(s)
+            result.bytes_trashed += size
+            result.trash_bytes += size
     when = dt.datetime.fromtimestamp(time.time() + grace, dt.UTC)
     result.trash_free_after = when.isoformat(timespec="seconds").replace("+00:00", "Z")
 

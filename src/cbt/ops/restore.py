@@ -108,7 +108,7 @@ from cbt.format.pack import (
 )
 from cbt.format.records import NAME_RE, PointRecord
 from cbt.ops.diff import changed_blocks
-from cbt.repo.index import Index
+from cbt.repo.index import Index, skipping_damaged
 from cbt.repo.registry import kept_snapshots
 from cbt.repo.storage import Storage, StorageSpec
 from cbt.repo.trash import pack_places
@@ -1214,14 +1214,23 @@ def restore(vault: Vault, request: RestoreRequest) -> RestoreResult:
     point = vault.point(request.point)
     finals, out_dirs = _plan_targets(point, request)
     warnings = remove_stale_temps(finals, request.disk is not None)
-    index = vault.load_index(warnings, headers=True)  # (every block read is checked)
     manifests = {label: vault.resolve(point, label) for label in finals}
+    loaded: list[str] = []
+
+    def load(exclude: dict[str, str]) -> Index:
+        loaded.clear()
+        return vault.load_index(loaded, headers=True, exclude=exclude)  # (blocks are checked)
+
+    def plan(index: Index) -> list[tuple[_Target, list[_Job]]]:
+        return [_plan_target(vault, index, point.id, label, manifests[label], final, request)
+                for label, final in finals.items()]
+
+    planned = skipping_damaged(load, plan)  # (a damaged index page: its segment set aside)
+    warnings += loaded
     targets: list[_Target] = []
     jobs: list[_Job] = []
     try:
-        for label, final in finals.items():
-            target, disk_jobs = _plan_target(vault, index, point.id, label, manifests[label],
-                                             final, request)
+        for target, disk_jobs in planned:
             targets.append(target)
             jobs += disk_jobs
             _create_target(target)

@@ -69,7 +69,7 @@ from cbt.format.pack import (
 from cbt.format.records import PointRecord
 from cbt.repo import index as index_mod
 from cbt.repo import segments
-from cbt.repo.index import Index, IndexEntry, Located
+from cbt.repo.index import Index, IndexEntry, Located, skipping_damaged
 from cbt.repo.lock import check_held, exclusive_lock, gc_lock
 from cbt.repo.trash import retire_segment
 from cbt.repo.vault import Vault
@@ -249,23 +249,34 @@ def verify(vault: Vault, ref: str | None = None, data: bool = False,
     ``subset`` the data of its packs only (``day``: for ``N%``, days since 1970-01-01 UTC,
     default today)."""
     started = time.perf_counter()
+    when = int(time.time() // DAY) if day is None else day
     problems: list[Problem] = []
     warnings: list[str] = []
-    try:
-        index = vault.load_index(warnings, headers=True)
-    except CbtError as exc:
-        problems.append(Problem(None, None, None, None, str(exc)))
-        index = Index.empty()
-    problems += [Problem(None, None, None, None, f"damaged index segment: {why}")
-                 for why in index.damaged.values()]
-    points = _load_points(vault, ref, problems)
-    checked = _check_manifests(vault, index, points, problems)
-    when = int(time.time() // DAY) if day is None else day
-    reading = _Reading(data or subset is not None, subset, when, progress)
-    bad = _check_packs(vault, index, checked.referenced, reading)
-    if bad:
-        problems.extend(_name_bad_blocks(index, bad, checked.disks))
-    unreferenced = 0 if ref is not None else _unreferenced(vault, index, checked.referenced)
+
+    def load(exclude: dict[str, str]) -> Index:
+        problems.clear()
+        warnings.clear()
+        try:
+            return vault.load_index(warnings, headers=True, exclude=exclude)
+        except CbtError as exc:
+            problems.append(Problem(None, None, None, None, str(exc)))
+            return Index.empty()
+
+    def check(index: Index) -> tuple[list[PointRecord], _Checked, _Reading, int]:
+        # (again from the start when a page of a segment turns out damaged: that segment
+        # is then one of the damaged ones, its packs indexed from their trailers)
+        problems.extend(Problem(None, None, None, None, f"damaged index segment: {why}")
+                        for why in index.damaged.values())
+        points = _load_points(vault, ref, problems)
+        checked = _check_manifests(vault, index, points, problems)
+        reading = _Reading(data or subset is not None, subset, when, progress)
+        bad = _check_packs(vault, index, checked.referenced, reading)
+        if bad:
+            problems.extend(_name_bad_blocks(index, bad, checked.disks))
+        unreferenced = 0 if ref is not None else _unreferenced(vault, index, checked.referenced)
+        return points, checked, reading, unreferenced
+
+    points, checked, reading, unreferenced = skipping_damaged(load, check)
     return VerifyResult(
         points=sum(not p.hidden for p in points), blocks_checked=checked.blocks,
         data=reading.data, problems=problems[:MAX_PROBLEMS], unreferenced_bytes=unreferenced,

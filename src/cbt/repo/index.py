@@ -38,9 +38,9 @@ from __future__ import annotations
 import errno
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -55,7 +55,7 @@ from cbt.format.pack import (
     read_pack_trailer,
     scan_blobs,
 )
-from cbt.format.paged_index import PagedSegment
+from cbt.format.paged_index import PagedIndexError, PagedSegment
 from cbt.repo.storage import Storage
 from cbt.repo.trash import read_segment_range, segment_trash_name
 
@@ -436,7 +436,8 @@ def trailer_part(storage: Storage, name: str) -> dict[str, Any]:
 def load(storage: Storage, warnings: list[str] | None = None,
          segment_names: Callable[[], list[str]] | None = None,
          read: Callable[[str], bytes] | None = None, headers: bool = False,
-         open_paged: Callable[[str], IndexPart] | None = None) -> Index:
+         open_paged: Callable[[str], IndexPart] | None = None,
+         exclude: Mapping[str, str] | None = None) -> Index:
     """Open every segment, then index packs no segment covers from their trailers.
 
     ``segment_names`` lists the segments and ``read`` reads a legacy (Arrow) one whole
@@ -453,14 +454,19 @@ def load(storage: Storage, warnings: list[str] | None = None,
     the packs it covered are indexed from their own trailers like any pack no
     segment covers, and with ``headers`` a pack whose trailer is lost too from
     its blob headers (a reader that checks every block it reads: restore,
-    verify), as repair does.  (A paged segment's page found damaged later, by
-    the lookup that reads it, is an error naming the segment and page.)
+    verify), as repair does.  A paged segment's page is checked when a lookup reads
+    it: a damaged one raises :class:`PagedIndexError` naming the segment, and
+    :func:`skipping_damaged` loads again with it in ``exclude`` (name -> why), so
+    it is set aside like a segment damaged at its head.
     """
     names = segment_names or (lambda: [s for s in storage.list("index") if s.endswith(".arrow")])
     get = read or storage.get
     for _attempt in range(20):
         try:
-            segments, parts, paged, damaged = _read_segments(storage, names(), get, open_paged)
+            listed = names()
+            segments, parts, paged, damaged = _read_segments(
+                storage, [n for n in listed if n not in (exclude or {})], get, open_paged)
+            damaged.update({n: why for n, why in (exclude or {}).items() if n in listed})
             break
         except OSError as exc:
             if exc.errno != errno.ENOENT:
@@ -508,6 +514,26 @@ def _size(storage: Storage, name: str) -> int:
         if exc.errno != errno.ENOENT:
             raise
     return storage.size(segment_trash_name(name))
+
+
+_T = TypeVar("_T")
+SKIP_AT_MOST = 64  # damaged segments a command sets aside before it gives up
+
+
+def skipping_damaged(load_index: Callable[[dict[str, str]], Index],
+                     run: Callable[[Index], _T]) -> _T:
+    """``run`` on the index ``load_index`` loads (given the segments to set aside); when a
+    paged segment's page turns out damaged, again on an index without that segment (its
+    packs then indexed from their trailers), as if it had been damaged at its head."""
+    exclude: dict[str, str] = {}
+    while True:
+        index = load_index(dict(exclude))
+        try:
+            return run(index)
+        except PagedIndexError as exc:
+            if exc.segment is None or exc.segment in exclude or len(exclude) >= SKIP_AT_MOST:
+                raise
+            exclude[exc.segment] = str(exc)
 
 
 PAGED_SUFFIX = ".cbtidx"  # a paged segment's name ends so (cbt.repo.vault.PAGED)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from cbt.core.errors import CbtError
 from cbt.format import paged_index
 from cbt.format.paged_index import PagedSegment, PagedWriter
 from cbt.repo import compact as tiers
@@ -142,20 +143,33 @@ def compact(vault: Vault) -> str | None:
     cipher = vault.cipher
     paged = [n for n in names if vault.is_paged_segment(n)]
     legacy = [n for n in names if not vault.is_paged_segment(n)]
-    opened = {n: open_paged(vault.storage, n, cipher) for n in paged}
+    opened = {}
+    for n in paged:
+        try:
+            opened[n] = open_paged(vault.storage, n, cipher)
+        except CbtError:  # (damaged: left out of merges, for verify --repair; gone: moved)
+            continue
     picked = tiers.choose([(n, s.n) for n, s in opened.items()], legacy)
     if not picked:
         return None
     inputs: list[Iterator[Chunk]] = []
     total = 0
+    legacy_read: set[str] = set()
     for n in picked:
         if n in opened:
             inputs.append(paged_chunks(opened[n]))
             total += opened[n].n
         else:
-            part = read_segment(vault.get_sealed("index", n), vault.storage.where(n))
+            try:
+                part = read_segment(vault.get_sealed("index", n), vault.storage.where(n))
+            except CbtError:  # (damaged: left for verify --repair)
+                continue
             inputs.append(legacy_chunks(part))
+            legacy_read.add(n)
             total += len(part["offset"])
+    picked = [n for n in picked if n in opened or n in legacy_read]
+    if not picked:
+        return None
     name = vault.segment_name(f"merged-{uuid.uuid4().hex}")
     write_paged(vault.storage, name, tiers.merge(inputs), total, cipher)
     for n in picked:

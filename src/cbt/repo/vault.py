@@ -48,7 +48,7 @@ import errno
 import json
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from cbt.core.crypto import ALGORITHMS, AuthenticationError, KdfParams
@@ -692,14 +692,15 @@ class Vault:
 
     # -- index -----------------------------------------------------------------------
 
-    def load_index(self, warnings: list[str] | None = None, headers: bool = False) -> Index:
+    def load_index(self, warnings: list[str] | None = None, headers: bool = False,
+                   exclude: Mapping[str, str] | None = None) -> Index:
         """The index (:func:`cbt.repo.index.load`: a damaged segment's packs are indexed from
         their trailers, and with ``headers`` from their blob headers when that is lost)."""
         from cbt.repo.index import load, open_paged
 
         return load(self.storage, warnings, self.segment_names,
                     lambda name: self.get_sealed("index", name), headers,
-                    lambda name: open_paged(self.storage, name, self.cipher))
+                    lambda name: open_paged(self.storage, name, self.cipher), exclude)
 
     def manifest_dir_of(self, record_name: str) -> str:
         """The folder of the manifests of the point whose record is ``record_name`` (known
