@@ -9,9 +9,10 @@ compacted in tiers.
    :class:`~cbt.format.paged_index.PagedWriter` into :meth:`Storage.put_stream`: the
    segment is never whole in memory, and it appears whole or not at all.
 3. Compact (:func:`compact`, after a backup's commit, under the gc lock):
-   :func:`cbt.repo.compact.choose` picks the segments of a crowded tier (or the legacy
-   Arrow ones), :func:`cbt.repo.compact.merge` streams them into one new segment, and
-   then the inputs are retired to the trash.  A kill before the new segment is whole
+   :func:`cbt.repo.compact.choose` picks, from each segment's entry count (its
+   trailer only), the segments of a crowded tier (or the legacy Arrow ones);
+   :func:`cbt.repo.compact.merge` streams them into one new segment, and then the
+   inputs are retired to the trash.  A kill before the new segment is whole
    leaves nothing; after, the entries twice until the next compaction: harmless (both
    copies name the same blob).
 """
@@ -59,6 +60,13 @@ def _size(storage: Storage, name: str) -> int:
     from cbt.repo.trash import segment_trash_name
 
     return storage.size(segment_trash_name(name))
+
+
+def _entries(storage: Storage, name: str) -> int:
+    """The entries of the paged segment ``name`` (its trailer alone is read and checked)."""
+    return paged_index.trailer_entries(
+        lambda offset, length: read_segment_range(storage, name, offset, length),
+        _size(storage, name), where=storage.where(name))
 
 
 def write_paged(storage: Storage, name: str, chunks: Iterable[Chunk], total: int,
@@ -165,10 +173,13 @@ def compact(vault: Vault) -> str | None:
     cipher = vault.cipher
     paged = [n for n in names if vault.is_paged_segment(n)]
     legacy = [n for n in names if not vault.is_paged_segment(n)]
-    opened = {n: open_paged(vault.storage, n, cipher) for n in paged}
-    picked = tiers.choose([(n, s.n) for n, s in opened.items()], legacy)
+    # choosing needs each segment's entry count only: its trailer, not its head (a
+    # backup still holds its own index's heads here: reading them all again would
+    # double what the index costs in memory, and read every filter once more)
+    picked = tiers.choose([(n, _entries(vault.storage, n)) for n in paged], legacy)
     if not picked:
         return None
+    opened = {n: open_paged(vault.storage, n, cipher) for n in picked if n in paged}
     inputs: list[Iterator[Chunk]] = []
     total = 0
     for n in picked:
