@@ -6,7 +6,8 @@ same against a vault of 1.5 million stored blocks as against an empty one (issue
    segments through the product's own streaming writer
    (:func:`cbt.repo.segments.write_paged`), as the vault's backups would have left them.
 2. In each, as real ``cbt`` processes: a backup of the same small random disk, a
-   restore of its point (checked byte for byte against the disk), a verify.
+   restore of its point (checked byte for byte against the disk), a verify, a
+   verify --data and a gc (which stream: the same bound holds for them here).
 3. Each process's peak RSS is what ``wait4`` reports (the ``ru_maxrss`` GNU time's
    ``%M`` prints: the largest of the process and every child it waited for, so a
    backup's forked worker counts too).
@@ -74,13 +75,16 @@ def peak_rss(*args: object) -> int:
 
 
 def run_commands(vault: Path, disk: Path, restored: Path) -> dict[str, int]:
-    """Backup, restore (checked), verify of ``disk`` in ``vault``: each one's peak RSS."""
+    """Backup, restore (checked), verify (with and without data), gc of ``disk`` in
+    ``vault``: each one's peak RSS."""
     got = {"backup": peak_rss("backup", vault, "--vm", "m", f"d={disk}", "--block-size",
                               BLOCK, "-q")}
     got["restore"] = peak_rss("restore", vault, "m.latest", "--disk", "d", "--to", restored,
                               "-q")
     assert restored.read_bytes() == disk.read_bytes()
     got["verify"] = peak_rss("verify", vault, "-q")
+    got["verify --data"] = peak_rss("verify", "--data", vault, "-q")
+    got["gc"] = peak_rss("gc", vault, "-q")
     return got
 
 
