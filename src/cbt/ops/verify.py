@@ -79,6 +79,7 @@ MAX_PROBLEMS = 1000
 # entries step 5 streams at a time: the index's default chunk (65,536) decodes into
 # about 15 MB of transient arrays, a step in every verify's peak whatever the vault
 UNREFERENCED_CHUNK = 8192
+LOCATE_STEP = 1 << 16  # index positions step 3 locates the referenced entries of at once
 QUARANTINE = "quarantine"
 DAY = 86400
 
@@ -350,10 +351,18 @@ def _check_packs(vault: Vault, index: Index, referenced: Marks,
     """Steps 3 and 4: index position -> what is wrong with its blob, for every referenced
     entry, pack by pack."""
     bad: dict[int, str] = {}
-    positions = np.concatenate([np.zeros(0, np.int64), *referenced.positions()])
+    # each referenced entry's pack number, located a bounded range at a time: a locate
+    # returns whole entries (digest included, ~60 bytes each); only the 4-byte pack
+    # number is kept of them
+    pos_parts, pack_parts = [np.zeros(0, np.int64)], [np.zeros(0, np.uint32)]
+    for got in referenced.positions(LOCATE_STEP):
+        if len(got):
+            pos_parts.append(got)
+            pack_parts.append(index.locate(got).pack.copy())
+    positions, packs = np.concatenate(pos_parts), np.concatenate(pack_parts)
+    del pos_parts, pack_parts
     if len(positions) == 0:
         return bad
-    packs = index.locate(positions).pack
     order = np.argsort(packs, kind="stable")
     positions, packs = positions[order], packs[order]
     bounds = np.nonzero(np.diff(packs.astype(np.int64)))[0] + 1
