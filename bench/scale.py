@@ -6,6 +6,7 @@ Usage::
     python bench/scale.py [--scales 0,1M,4M,16M] [--disk-size 64M] [--block-size 64K]
                           [--dir /var/tmp/cbt-bench/scale] [--encrypted] [--runs 1]
                           [--segment-entries 1M] [--keep] [--json] [--cbt PATH]
+    python bench/scale.py --legacy ...   (the Arrow segments of before: the baseline)
     python bench/scale.py --profile [--scales 4M] ...   (where a backup's memory goes)
 
 Every command works on the same small disk; only the number of blocks the vault
@@ -14,19 +15,35 @@ the vault's size, not of the work asked for.
 
 1. Vaults: one per scale (and encryption) in ``--dir``, made once and reused
    while its recipe holds (``recipe.json``, written last: a vault without it,
-   or with another recipe, is made again).  Its stored blocks are synthetic
-   index entries (:func:`write_entries`): random 32-byte ids in packs of
-   :data:`PACK_ENTRIES` entries with plausible offsets and lengths, written as
-   index segments by cbt's own writer (``segment_bytes``) through the vault's
-   own API (``Vault.put_sealed`` under ``Vault.segment_name``, so sealed in an
-   encrypted vault), ``--segment-entries`` per segment, so that 16M entries
-   are never in memory at once.  The packs they name do not exist: no point
-   references them, so backup, restore, list, show, diff and verify never
-   open them (verify counts them as unreferenced bytes; gc skips a pack it
-   cannot find).  The segments are fewer than the backup's merge threshold
-   less the two a run adds (:data:`MAX_SEGMENTS`: a larger segment then), so
-   no backup of the run merges them, as a vault of that size would have been
-   merged long ago.
+   or with another recipe (another segment format version too), is made
+   again).  Its stored blocks are synthetic index entries
+   (:func:`write_paged_entries`) written as *paged* index segments by cbt's own
+   streaming writer (:func:`cbt.repo.segments.write_paged` under
+   ``Vault.segment_name``, with the vault's cipher: sealed page by page in an
+   encrypted vault), so that 16M entries are never in memory at once:
+
+   a. The segment sizes are those size-tiered compaction leaves behind
+      (:func:`paged_layout`): the entry count in base ``TIER`` of ``BASE``
+      entries, at most ``WIDTH - 1`` segments a tier, so no backup of the run
+      merges them (a vault of that size would have been compacted so long ago).
+   b. Segment ``i`` of ``m`` entries: numpy's generator seeded ``[seed, i]``
+      draws ``m`` uint64 and sorts them: the ids' first 8 bytes (big-endian;
+      one more than the one before where two collide, so strictly ascending);
+      then ``ceil(m / PACK_ENTRIES) * 16`` bytes: the packs' uuids, entry ``j``
+      in pack ``j // PACK_ENTRIES``.  The other 24 id bytes are words 1..3 of
+      :func:`mix` (splitmix64's finalizer) of ``prefix + w``, the stored
+      length ``RAW // 3 + mix(prefix + 4) % (RAW - RAW // 3 + 1)``, the raw
+      length ``RAW``, the offset the pack header plus the blobs (and their
+      headers) before it in its pack.  Entries go to the writer
+      :data:`WRITE_CHUNK` at a time.
+
+   ``--legacy`` writes the older Arrow segments instead (:func:`write_entries`:
+   random ids, ``--segment-entries`` a segment, fewer than the old merge
+   threshold), the baseline before paged segments: today's backup merges those
+   into a paged segment on its first run.  The packs either kind names do not
+   exist: no point references them, so backup, restore, list, show, diff and
+   verify never open them (verify counts them as unreferenced bytes; gc skips a
+   pack it cannot find).
 2. Each run works on a clone of the vault: a new directory of hard links to
    its files (cbt never writes into an existing file: it writes a new name and
    renames), so the backups, gc and lock files of a run never change the
@@ -45,12 +62,12 @@ the vault's size, not of the work asked for.
 5. Report: a markdown table (scale, command, peak RSS, time, and the RSS
    above the empty vault's per million stored blocks), or ``--json``.
 
-``--profile`` instead opens each scale's vault in a fresh process and loads its
-index step by step as ``cbt.repo.index.load`` does (read the segments, parse
-and check them, number their packs, ``Index.build``), printing after each step
-the RSS, the peak within it (``/proc/self/clear_refs`` resets the peak), what
-Arrow's memory pool holds and what tracemalloc traces (Python and numpy), then
-the RSS once both allocators return what they keep of freed memory.
+``--profile`` instead opens each scale's vault in a fresh process and steps
+through what a command does with its index (open it: each segment's head;
+look up new ids; stream every entry, as verify and gc do), printing after each
+step the RSS, the peak within it (``/proc/self/clear_refs`` resets the peak),
+what Arrow's memory pool holds and what tracemalloc traces (Python and numpy),
+then the bytes the open segments' heads hold.
 """
 
 from __future__ import annotations
@@ -66,21 +83,27 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import harness
 import numpy as np
+import numpy.typing as npt
 
 from cbt.format.index_segment import INDEX_VERSION, segment_bytes
 from cbt.format.pack import BLOB, HEADER
+from cbt.format.paged_index import PAGED_VERSION
+from cbt.repo import compact
 from cbt.repo.index import MERGE_AT
-from cbt.repo.vault import Vault
+from cbt.repo.segments import write_paged
+from cbt.repo.vault import PAGED, Vault
 
 PACK_ENTRIES = 2000  # entries per synthetic pack (a pack of ~8 MiB of 4 KiB blocks)
 RAW = 4096  # each synthetic block's size before compression
 MAX_SEGMENTS = MERGE_AT - 3  # the run's two backups add two segments: no merge
-SEGMENT_ENTRIES = 1_000_000  # per segment: 16M entries are never in memory at once
+SEGMENT_ENTRIES = 1_000_000  # per legacy segment: 16M entries are never in memory at once
+WRITE_CHUNK = 64 * PACK_ENTRIES  # entries handed to a paged writer at once (whole packs)
 PASSPHRASE = "scale-bench"
 SEED = 18
 VM = "scale"
@@ -119,6 +142,13 @@ def segment_size(n: int, per_segment: int) -> int:
     return max(per_segment, -(-n // MAX_SEGMENTS), 1)
 
 
+def legacy_name(vault: Vault, run: str) -> str:
+    """The name a legacy (Arrow) segment of ``run`` had: ``Vault.segment_name`` names
+    paged ones now."""
+    name = vault.segment_name(run)
+    return name[:-len(PAGED)] + (".sealed" if vault.encrypted else ".arrow")
+
+
 def write_entries(vault: Vault, n: int, seed: int = SEED,
                   per_segment: int = SEGMENT_ENTRIES) -> list[str]:
     """Store ``n`` synthetic entries in ``vault``'s index, as segments of
@@ -127,23 +157,94 @@ def write_entries(vault: Vault, n: int, seed: int = SEED,
     size = segment_size(n, per_segment)
     names = []
     for i, start in enumerate(range(0, n, size)):
-        name = vault.segment_name(f"synthetic-{i:04d}")
+        name = legacy_name(vault, f"synthetic-{i:04d}")
         vault.put_sealed("index", name, segment_bytes(synthetic_chunk(seed, i, min(size,
                                                                              n - start))))
         names.append(name)
     return names
 
 
-def recipe(n: int, encrypted: bool, per_segment: int) -> dict[str, Any]:
+def mix(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """splitmix64's finalizer: 64 well-mixed bits of each ``x`` (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def paged_layout(n: int) -> list[int]:
+    """Segment sizes for ``n`` entries as size-tiered compaction leaves them: ``n`` in
+    base ``compact.TIER``, a segment per unit of a digit of tier 1 and up (so at most
+    ``WIDTH - 1`` a tier), what is left below tier 1 added to the largest (which so stays
+    alone in its tier, or moves one up, alone too); largest first.  Tier 0 is left
+    empty: the run's two backups add a segment each there, and merge nothing."""
+    if n <= 0:
+        return []
+    unit = compact.BASE * compact.TIER  # the entries of the smallest tier-1 segment
+    units, sizes, size = n // unit, [], unit
+    while units:
+        sizes += [size] * (units % compact.TIER)
+        units //= compact.TIER
+        size *= compact.TIER
+    sizes = sorted(sizes, reverse=True) or [0]
+    sizes[0] += n % unit
+    return sizes
+
+
+def paged_chunks(seed: int, segment: int, count: int) -> Iterator[dict[str, Any]]:
+    """The synthetic entries of paged segment ``segment`` (``count`` of them, step 1b of
+    the module doc), ascending by id, :data:`WRITE_CHUNK` at a time."""
+    rng = np.random.default_rng([seed, segment])
+    prefix = np.sort(rng.integers(0, 2**64, count, dtype=np.uint64, endpoint=False))
+    for j in np.nonzero(prefix[1:] <= prefix[:-1])[0].tolist():  # (almost never any)
+        prefix[j + 1] = prefix[j] + np.uint64(1)
+    uuids = np.frombuffer(rng.bytes(-(-count // PACK_ENTRIES) * 16),
+                          dtype=np.uint8).reshape(-1, 16)
+    for at in range(0, count, WRITE_CHUNK):  # (a multiple of PACK_ENTRIES: whole packs)
+        p = prefix[at:at + WRITE_CHUNK]
+        k = len(p)
+        words = [p] + [mix(p + np.uint64(w)) for w in (1, 2, 3)]
+        digests = np.stack(words, axis=1).astype(">u8").view(np.uint8).reshape(k, 32)
+        stored = (RAW // 3 + mix(p + np.uint64(4)) % np.uint64(RAW - RAW // 3 + 1)
+                  ).astype(np.uint32)
+        which = (at + np.arange(k)) // PACK_ENTRIES
+        ends = np.cumsum(stored.astype(np.uint64) + BLOB.size)
+        starts = np.concatenate(([0], ends[:-1])).astype(np.uint64)
+        first = starts[np.arange(k) // PACK_ENTRIES * PACK_ENTRIES]  # its pack's first
+        yield {"digests": digests, "pack_uuid": uuids[which],
+               "offset": starts - first + np.uint64(HEADER.size), "stored": stored,
+               "raw": np.full(k, RAW, dtype=np.uint32)}
+
+
+def write_paged_entries(vault: Vault, n: int, seed: int = SEED) -> list[str]:
+    """Store ``n`` synthetic entries in ``vault``'s index as paged segments laid out by
+    :func:`paged_layout`, each streamed through cbt's own writer; their names."""
+    names = []
+    for i, count in enumerate(paged_layout(n)):
+        name = vault.segment_name(f"synthetic-{i:04d}")
+        write_paged(vault.storage, name, paged_chunks(seed, i, count), count, vault.cipher)
+        names.append(name)
+    return names
+
+
+def recipe(n: int, encrypted: bool, per_segment: int, legacy: bool = False) -> dict[str, Any]:
+    if legacy:
+        return {"entries": n, "seed": SEED, "encrypted": encrypted,
+                "pack_entries": PACK_ENTRIES, "segment_entries": segment_size(n, per_segment),
+                "index_version": INDEX_VERSION}
     return {"entries": n, "seed": SEED, "encrypted": encrypted, "pack_entries": PACK_ENTRIES,
-            "segment_entries": segment_size(n, per_segment), "index_version": INDEX_VERSION}
+            "format": "paged", "paged_version": PAGED_VERSION, "layout": paged_layout(n),
+            "recipe": 1}
 
 
 def build_vault(where: Path, n: int, encrypted: bool = False,
-                per_segment: int = SEGMENT_ENTRIES, kdf: Any = None) -> Path:
-    """The vault ``where/vault`` holding ``n`` synthetic stored blocks, made unless
-    ``where/recipe.json`` says it is made already with this recipe."""
-    want = recipe(n, encrypted, per_segment)
+                per_segment: int = SEGMENT_ENTRIES, kdf: Any = None,
+                legacy: bool = False) -> Path:
+    """The vault ``where/vault`` holding ``n`` synthetic stored blocks (in paged segments,
+    or legacy ones), made unless ``where/recipe.json`` says it is made already with this
+    recipe."""
+    want = recipe(n, encrypted, per_segment, legacy)
     stamp = where / "recipe.json"
     with contextlib.suppress(OSError, ValueError):
         if json.loads(stamp.read_text()) == want:
@@ -152,10 +253,18 @@ def build_vault(where: Path, n: int, encrypted: bool = False,
     where.mkdir(parents=True)
     vault = Vault.init(where / "vault", "aes-256-gcm" if encrypted else "none",
                        PASSPHRASE if encrypted else None, kdf)
-    for name in write_entries(vault, n, SEED, per_segment):
+    names = (write_entries(vault, n, SEED, per_segment) if legacy
+             else write_paged_entries(vault, n, SEED))
+    for name in names:
         os.chmod(where / "vault" / name, 0o444)  # (a clone's hard link must stay as is)
     stamp.write_text(json.dumps(want))
     return where / "vault"
+
+
+def vault_dir(n: int, args: argparse.Namespace) -> str:
+    """The directory (in ``--dir``) of the vault of ``n`` stored blocks for ``args``."""
+    return (f"{label(n)}{'-enc' if args.encrypted else ''}"
+            f"{'-legacy' if args.legacy else ''}")
 
 
 def clone(src: Path, dst: Path) -> None:
@@ -360,18 +469,14 @@ def _reset_peak() -> None:
 
 
 def profile_load(path: Path) -> list[dict[str, Any]]:
-    """Step by step what ``cbt.repo.index.load`` does for ``path``'s vault, in this
-    process: after each step the RSS, its peak within the step, what Arrow's memory pool
-    holds and what numpy holds (tracemalloc: numpy reports its buffers there); at the
-    end, the RSS once both allocators give back what they keep of freed memory."""
-    import ctypes
+    """Step by step what a command does with ``path``'s index, in this process: after
+    each step the RSS, its peak within the step, what Arrow's memory pool holds and what
+    numpy holds (tracemalloc: numpy reports its buffers there); then what the open
+    index holds (each paged segment's head: filter, fences, checks, pack table)."""
     import gc
     import tracemalloc
 
     import pyarrow as pa
-
-    from cbt.format import index_segment
-    from cbt.repo import index as index_mod
 
     steps = []
 
@@ -389,27 +494,17 @@ def profile_load(path: Path) -> list[dict[str, Any]]:
     _reset_peak()
     vault = Vault.open(path, PASSPHRASE)
     step("open the vault (imports, config, keys)")
-    names = vault.segment_names()
-    blobs = [vault.get_sealed("index", s) for s in names]
-    step(f"read the {len(names)} segments' bytes (unsealed)")
-    raw = [index_segment.read_segment(b, s) for b, s in zip(blobs, names, strict=True)]
-    step("parse and check them (Arrow, checksum)")
-    del blobs
-    step("drop the segments' bytes")
-    parts = [{**p, **index_mod._pack_numbers(p.pop("packs"))} for p in raw]
-    del raw
-    step("number each row's pack (_pack_numbers)")
-    index = index_mod.Index.build(parts, names, [])
-    step(f"Index.build ({len(index):,} entries)")
-    del parts
-    step("drop the parts (the Index alone)")
-    pa.default_memory_pool().release_unused()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    step("allocators give freed memory back (release_unused, malloc_trim)")
-    sizes = {k: getattr(index, k).nbytes for k in ("digests", "keys", "pack", "offset",
-                                                   "stored", "raw")}
-    steps.append({"step": "the Index's arrays", "rss": sum(sizes.values()), "arrays": sizes})
+    index = vault.load_index()
+    step(f"load the index ({len(index.parts)} parts, {len(index):,} entries)")
+    rng = np.random.default_rng(SEED)
+    absent = np.frombuffer(rng.bytes(1024 * 32), dtype=np.uint8).reshape(1024, 32)
+    index.lookup(absent)
+    step("look up 1,024 new ids")
+    total = sum(len(got.stored) for _base, got in index.chunks())
+    step(f"stream every entry (Index.chunks: {total:,})")
+    held = sum(getattr(part, "head_bytes", 0) for part in index.parts)
+    steps.append({"step": "what the open segments' heads hold", "rss": held,
+                  "arrays": {"heads": held, "per entry": held / max(1, len(index))}})
     return steps
 
 
@@ -417,8 +512,9 @@ def profile(args: argparse.Namespace, scales: list[int], cbt: str) -> int:
     """``--profile``: :func:`profile_load` of each scale's vault, each in a new process."""
     out = []
     for n in scales:
-        where = Path(args.dir).absolute() / f"{label(n)}{'-enc' if args.encrypted else ''}"
-        vault = build_vault(where, n, args.encrypted, parse_count(args.segment_entries))
+        where = Path(args.dir).absolute() / vault_dir(n, args)
+        vault = build_vault(where, n, args.encrypted, parse_count(args.segment_entries),
+                            legacy=args.legacy)
         code = ("import json, sys, scale; from pathlib import Path; "
                 "print(json.dumps(scale.profile_load(Path(sys.argv[1]))))")
         proc = subprocess.run([sys.executable, "-c", code, str(vault)], check=True,
@@ -435,9 +531,8 @@ def profile(args: argparse.Namespace, scales: list[int], cbt: str) -> int:
         print("|---|---|---|---|---|---|")
         for s in p["steps"]:
             if "arrays" in s:
-                print(f"| {s['step']}: " + ", ".join(f"{k} {v / 1e6:,.0f}"
-                                                    for k, v in s["arrays"].items())
-                      + f" | {s['rss'] / 1e6:,.0f} | | | | |")
+                print(f"| {s['step']} ({s['arrays']['per entry']:.2f} bytes an entry) "
+                      f"| {s['rss'] / 1e6:,.1f} | | | | |")
                 continue
             print(f"| {s['step']} | " + " | ".join(f"{s[k] / 1e6:,.0f}" for k in (
                 "rss", "peak", "arrow", "traced", "traced_peak")) + " |")
@@ -456,9 +551,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the vaults are kept, by scale, and the runs work")
     p.add_argument("--encrypted", action="store_true", help="encrypted vaults (aes-256-gcm)")
     p.add_argument("--runs", type=int, default=1, help="runs per scale (the median)")
+    p.add_argument("--legacy", action="store_true",
+                   help="vaults of the older Arrow index segments (the baseline), not paged")
     p.add_argument("--segment-entries", default="1M",
-                   help="synthetic entries per index segment (default 1M; more when that "
-                        f"would make over {MAX_SEGMENTS} segments)")
+                   help="with --legacy: synthetic entries per index segment (default 1M; "
+                        f"more when that would make over {MAX_SEGMENTS} segments)")
     p.add_argument("--keep", action="store_true",
                    help="keep the last run's vault clone and disk in --dir/runs")
     p.add_argument("--profile", action="store_true",
@@ -491,8 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in scales:
             started = time.perf_counter()
             harness.log(f"vault of {label(n)} stored blocks ...")
-            where = top / f"{label(n)}{'-enc' if args.encrypted else ''}"
-            cached = build_vault(where, n, args.encrypted, per_segment)
+            where = top / vault_dir(n, args)
+            cached = build_vault(where, n, args.encrypted, per_segment, legacy=args.legacy)
             built[n] = round(time.perf_counter() - started, 1)
             runs[n] = []
             for r in range(args.runs):
@@ -513,15 +610,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = summarize(runs)
     result = {"disk_size": size, "block_size": block, "encrypted": args.encrypted,
-              "runs": args.runs, "segment_entries": {n: segment_size(n, per_segment)
-                                                     for n in scales},
+              "runs": args.runs, "legacy": args.legacy,
+              "segments": {n: ([segment_size(n, per_segment)] * -(-n // segment_size(
+                  n, per_segment)) if args.legacy else paged_layout(n)) for n in scales},
               "vault_ready_seconds": built, "machine": host, "rows": rows}
 
     def report() -> str:
         return (f"{harness.machine_line(host)}\n"
                 f"a {size >> 20} MiB disk ({block >> 10} KiB blocks) against vaults of "
                 f"{', '.join(label(n) for n in scales)} stored blocks "
-                f"({'encrypted' if args.encrypted else 'unencrypted'}); median of "
+                f"({'encrypted' if args.encrypted else 'unencrypted'}, "
+                f"{'legacy Arrow' if args.legacy else 'paged'} index segments); median of "
                 f"{args.runs} run(s); peak RSS of the largest process (GNU time %M, or the "
                 f"sampled process tree when larger)\n\n{markdown(rows)}\n\n"
                 f"vaults made or found in (s): "

@@ -1,9 +1,12 @@
 """bench/scale.py: its vaults hold the synthetic entries it says, and a tiny run reports
 every command at every scale.
 
-The truth is computed here from the recipe the module documents (numpy's generator
-seeded with ``[seed, segment]``: 32 bytes an id, then 16 bytes a pack of 2000), not by
-the builder's own function, and read back through the vault's own index loader.
+The truth is computed here from the recipes the module documents, not by the builder's
+own functions, and read back through the vault's own index loader: for paged segments
+(the default) numpy's generator seeded ``[seed, segment]`` draws the sorted 8-byte id
+prefixes, then 16 bytes a pack of 2000; the rest of each entry is splitmix64 of the
+prefix (computed here in plain Python integers); for ``--legacy`` segments 32 random
+bytes an id, then 16 bytes a pack of 2000.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import pytest
 import scale
 
 from cbt.core.crypto import KdfParams
-from cbt.format.pack import HEADER
+from cbt.format.pack import BLOB, HEADER
+from cbt.repo import compact
 from cbt.repo.vault import Vault
 
 
@@ -30,6 +34,54 @@ def expected(seed: int, chunk: int, count: int) -> tuple[np.ndarray, list[str]]:
     packs = rng.bytes(npacks * 16)
     return ids, [uuid.UUID(bytes=packs[16 * (i // 2000):16 * (i // 2000) + 16]).hex
                  for i in range(count)]
+
+
+M64 = (1 << 64) - 1
+
+
+def splitmix(x: int) -> int:
+    """splitmix64's finalizer of ``x``, in Python integers."""
+    z = (x * 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def expected_paged(seed: int, segment: int, count: int, rows: list[int]
+                   ) -> list[tuple[bytes, str, int, int]]:
+    """(id, pack id, offset, stored) of the given rows of one synthetic paged segment."""
+    rng = np.random.default_rng([seed, segment])
+    prefix = sorted(int(x) for x in rng.integers(0, 2**64, count, dtype=np.uint64))
+    for j in range(1, count):  # strictly ascending
+        prefix[j] = max(prefix[j], prefix[j - 1] + 1)
+    packs = rng.bytes(-(-count // 2000) * 16)
+
+    def stored(j: int) -> int:
+        return 4096 // 3 + splitmix(prefix[j] + 4) % (4096 - 4096 // 3 + 1)
+
+    out = []
+    for j in rows:
+        digest = b"".join(((prefix[j] + w) & M64 if w == 0 else splitmix(prefix[j] + w))
+                          .to_bytes(8, "big") for w in range(4))
+        first = j - j % 2000
+        offset = HEADER.size + sum(stored(i) + BLOB.size for i in range(first, j))
+        out.append((digest, uuid.UUID(bytes=packs[16 * (j // 2000):16 * (j // 2000) + 16]).hex,
+                    offset, stored(j)))
+    return out
+
+
+def check_paged_entries(vault: Vault, n: int) -> None:
+    """The vault's index holds exactly the ``n`` documented paged entries."""
+    index = vault.load_index()
+    assert len(index) == n and not index.damaged and not index.orphans
+    rng = np.random.default_rng(7)
+    for segment, count in enumerate(scale.paged_layout(n)):
+        rows = sorted({0, count - 1, 1999 % count, *rng.integers(0, count, 20).tolist()})
+        for digest, pack, offset, stored in expected_paged(scale.SEED, segment, count, rows):
+            e = index.find(digest)
+            assert e == (digest, pack, offset, stored, 4096)
+    for absent in rng.bytes(32 * 50), bytes(32) * 50:
+        assert (index.lookup(np.frombuffer(absent, np.uint8).reshape(50, 32)) == -1).all()
 
 
 def check_entries(vault: Vault, n: int, per_segment: int) -> None:
@@ -67,48 +119,67 @@ def test_a_tiny_run_reports_every_command_at_every_scale(
     assert rows[(0, "backup_full")]["processes"] >= 1
     cached = tmp_path / "50k" / "vault"
     vault = Vault.open(cached)
-    check_entries(vault, 50_000, scale.SEGMENT_ENTRIES)
+    check_paged_entries(vault, 50_000)
     # the runs worked on clones: the cached vault holds no point, only its segments
-    assert vault.points() == [] and [p.name for p in (cached / "index").iterdir()] == [
-        "synthetic-0000.arrow"]
+    assert vault.points() == [] and sorted(p.name for p in (cached / "index").iterdir()) == [
+        f"synthetic-{i:04d}.cbtidx" for i in range(3)]
     assert not (tmp_path / "runs").exists()
 
 
 def test_build_vault_reuses_or_remakes_by_recipe(tmp_path: Path) -> None:
-    made = scale.build_vault(tmp_path / "s", 5000, per_segment=2000)
+    made = scale.build_vault(tmp_path / "s", 5000)
+    check_paged_entries(Vault.open(made), 5000)
+    stamp = (tmp_path / "s" / "recipe.json").stat().st_mtime_ns
+    assert scale.build_vault(tmp_path / "s", 5000) == made
+    assert (tmp_path / "s" / "recipe.json").stat().st_mtime_ns == stamp  # reused
+    assert json.loads((tmp_path / "s" / "recipe.json").read_text())["paged_version"] == 1
+    scale.build_vault(tmp_path / "s", 40_000)  # another recipe: remade
+    check_paged_entries(Vault.open(made), 40_000)
+    scale.build_vault(tmp_path / "s", 5000, per_segment=2000, legacy=True)  # legacy: remade
     check_entries(Vault.open(made), 5000, 2000)
     assert len(Vault.open(made).segment_names()) == 3
-    stamp = (tmp_path / "s" / "recipe.json").stat().st_mtime_ns
-    assert scale.build_vault(tmp_path / "s", 5000, per_segment=2000) == made
-    assert (tmp_path / "s" / "recipe.json").stat().st_mtime_ns == stamp  # reused
-    scale.build_vault(tmp_path / "s", 4000, per_segment=2000)  # another recipe: remade
-    check_entries(Vault.open(made), 4000, 2000)
 
 
-def test_segments_stay_below_the_merge_threshold(tmp_path: Path) -> None:
-    made = scale.build_vault(tmp_path / "s", 100, per_segment=1)
+@pytest.mark.parametrize("n", [1, 4095, 16_384, 70_000, 1_000_000, 16_000_000, 10**9])
+def test_the_paged_layout_is_one_compaction_leaves(n: int) -> None:
+    sizes = scale.paged_layout(n)
+    assert sum(sizes) == n and sizes == sorted(sizes, reverse=True)
+    tiers = [compact.tier(s) for s in sizes]
+    # at most WIDTH - 1 a tier (so nothing merges), none in tier 0 but a vault under
+    # one tier-1 segment (so the run's two backups, tier 0, merge nothing either)
+    assert all(tiers.count(t) < compact.WIDTH for t in tiers)
+    assert compact.choose([(str(i), s) for i, s in enumerate([*sizes, 1024, 1024])]) == []
+    assert 0 not in tiers or len(sizes) == 1
+
+
+def test_legacy_segments_stay_below_the_merge_threshold(tmp_path: Path) -> None:
+    made = scale.build_vault(tmp_path / "s", 100, per_segment=1, legacy=True)
     per = scale.segment_size(100, 1)
     assert len(Vault.open(made).segment_names()) == -(-100 // per) <= scale.MAX_SEGMENTS
     check_entries(Vault.open(made), 100, per)
 
 
 def test_an_encrypted_vault_holds_them_sealed(tmp_path: Path) -> None:
-    made = scale.build_vault(tmp_path / "e", 3000, encrypted=True, per_segment=2000,
-                             kdf=KdfParams(log_n=10))
+    made = scale.build_vault(tmp_path / "e", 40_000, encrypted=True, kdf=KdfParams(log_n=10))
     vault = Vault.open(made, scale.PASSPHRASE)
     assert vault.encrypted
     names = vault.segment_names()
-    assert len(names) == 2 and all(n.endswith(".sealed") and "synthetic" not in n
-                                   for n in names)
-    check_entries(vault, 3000, 2000)
+    assert len(names) == len(scale.paged_layout(40_000)) == 2 and all(
+        n.endswith(".cbtidx") and "synthetic" not in n for n in names)
+    check_paged_entries(vault, 40_000)
+    legacy = scale.build_vault(tmp_path / "l", 3000, encrypted=True, per_segment=2000,
+                               kdf=KdfParams(log_n=10), legacy=True)
+    check_entries(Vault.open(legacy, scale.PASSPHRASE), 3000, 2000)
 
 
-def test_profile_names_each_step_of_loading_the_index(
+def test_profile_names_each_step_of_using_the_index(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert scale.main(["--profile", "--scales", "5k", "--dir", str(tmp_path), "--json"]) == 0
+    assert scale.main(["--profile", "--scales", "40k", "--dir", str(tmp_path), "--json"]) == 0
     (got,) = json.loads(capsys.readouterr().out)
     steps = {s["step"]: s for s in got["steps"]}
-    assert "Index.build (5,000 entries)" in steps
-    # the Index holds 60 bytes an entry: digest 32, key 8, pack 4, offset 8, stored 4, raw 4
-    assert steps["the Index's arrays"]["rss"] == 60 * 5000
+    assert "load the index (2 parts, 40,000 entries)" in steps
+    assert "stream every entry (Index.chunks: 40,000)" in steps
+    # a paged segment's head: 1.5 bytes an entry of filter, then fences and checks
+    held = steps["what the open segments' heads hold"]["arrays"]["per entry"]
+    assert 1.5 < held < 4
     assert all(s["rss"] > 0 for s in got["steps"])

@@ -33,6 +33,7 @@ from cbt.format.paged_index import (
     PagedIndexError,
     PagedSegment,
     PagedWriter,
+    trailer_entries,
 )
 from cbt.repo.segments import merge_paged
 
@@ -771,3 +772,38 @@ def test_reads_from_a_mapped_file(tmp_path: Path) -> None:
     assert [bytes(d) for c in chunks for d in c["digests"]] == e.list
     assert found[0].tolist() == [e.n - 3, e.n - 2, e.n - 1]
     assert found[1]["offset"].tolist() == e.offset[-3:]
+
+
+def count_of(data: bytes, reads: list[tuple[int, int]] | None = None) -> int:
+    def read_range(offset: int, length: int) -> bytes:
+        if reads is not None:
+            reads.append((offset, length))
+        return data[offset:offset + length]
+
+    return trailer_entries(read_range, len(data), where=f"vault:{NAME}")
+
+
+@pytest.mark.parametrize("kind", CIPHERS)
+@pytest.mark.parametrize("n", [0, 1, P, 3 * P + 7])
+def test_trailer_entries_reads_the_trailer_alone(kind: str | None, n: int) -> None:
+    data = write(random_entries(n), cipher=cipher_of(kind), total=n + 5)
+    reads: list[tuple[int, int]] = []
+    assert count_of(data, reads) == n == open_bytes(data, cipher=cipher_of(kind)).n
+    assert reads == [(len(data) - TRAILER_SIZE, TRAILER_SIZE)]  # no head, no page
+    # the head damaged: the count still reads (opening then fails, naming the segment)
+    bad = damaged(data, len(data) - TRAILER_SIZE - 1)
+    assert count_of(bad) == n
+    one_error(lambda: open_bytes(bad, cipher=cipher_of(kind)))
+
+
+def test_trailer_entries_refuses_a_damaged_or_crafted_trailer() -> None:
+    data = write(random_entries(2 * P + 1))
+    for at in range(len(data) - TRAILER_SIZE, len(data)):  # every trailer byte
+        one_error(lambda at=at: count_of(damaged(data, at)))
+    for cut in (1, TRAILER_SIZE, len(data) - 10):
+        one_error(lambda b=data[:-cut]: count_of(b))
+    one_error(lambda: count_of(b"\0" * 10))
+    # a count the size cannot hold, under a valid checksum
+    one_error(lambda: count_of(bytes(625) + trailer(1 << 60, 1, 1, 0, 89)), "do not fit")
+    assert "newer cbt" in one_error(lambda: count_of(bytes(625) + trailer(10, 1, 3, 520, 105,
+                                                                          version=9)))

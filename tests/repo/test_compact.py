@@ -4,12 +4,17 @@ of each digest kept), with chunkings of every size and ids sharing long prefixes
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from cbt.format.paged_index import TRAILER_SIZE
 from cbt.repo.compact import BASE, KEYS, TIER, WIDTH, choose, merge, tier
+from cbt.repo.segments import compact as compact_vault
+from cbt.repo.segments import open_paged, write_paged
+from cbt.repo.vault import Vault
 
 
 def _entries(digests: list[bytes], tag: int) -> dict[str, Any]:
@@ -111,3 +116,27 @@ def test_tiers_keep_few_segments_and_rewrite_each_entry_few_times() -> None:
     assert rewrites / total <= 1 + np.log(total / BASE) / np.log(TIER)
     assert choose([("a", 1), ("b", 2)], legacy=["index/x.arrow"]) == ["index/x.arrow"]
     assert choose([("a", 1), ("b", 2), ("c", 3)]) == []
+
+
+def test_compaction_reads_only_the_segments_it_merges(tmp_path: Path) -> None:
+    """Choosing reads each segment's trailer only: a segment it does not merge is never
+    opened (here its head is damaged, and the merge of the crowded tier goes on), and the
+    merged segment holds exactly the union of the ones merged."""
+    vault = Vault.init(tmp_path / "v", "none")
+    rng = np.random.default_rng(5)
+    small = [sorted(_ids(rng, 50)) for _ in range(WIDTH)]  # a crowded tier 0
+    for i, ids in enumerate(small):
+        write_paged(vault.storage, vault.segment_name(f"small-{i}"), [_entries(ids, i + 1)],
+                    len(ids), None)
+    big_ids = sorted(_ids(rng, BASE * TIER + 1))  # alone in tier 2
+    big = vault.segment_name("big")
+    write_paged(vault.storage, big, [_entries(big_ids, 9)], len(big_ids), None)
+    path = tmp_path / "v" / big
+    data = bytearray(path.read_bytes())
+    data[-TRAILER_SIZE - 1] ^= 0x40  # the head's last byte
+    path.write_bytes(bytes(data))
+    merged = compact_vault(vault)
+    assert merged is not None and sorted(vault.segment_names()) == sorted([big, merged])
+    seg = open_paged(vault.storage, merged, None)
+    got = [bytes(d) for c in seg.chunks() for d in c["digests"]]
+    assert got == sorted(d for ids in small for d in ids)

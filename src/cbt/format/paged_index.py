@@ -362,6 +362,34 @@ def _empty_entries(k: int = 0) -> dict[str, npt.NDArray[Any]]:
             "raw": np.zeros(k, np.uint32)}
 
 
+def trailer_entries(read_range: Callable[[int, int], bytes], size: int, *, where: str) -> int:
+    """The entry count a segment's trailer gives (trailer read and checked: checksum,
+    magic, version, the count bounded by the size), without reading its head: what
+    choosing segments to merge needs of each (:func:`cbt.repo.segments.compact`), so
+    that choosing does not hold every segment's filter beside the index's own."""
+    def fail(what: str) -> Any:
+        raise PagedIndexError(f"corrupt index segment {where}: {what}")
+
+    if size < TRAILER_SIZE:
+        fail(f"{size} bytes, too short for a paged index segment")
+    trailer = read_range(size - TRAILER_SIZE, TRAILER_SIZE)
+    if len(trailer) != TRAILER_SIZE:
+        fail(f"the trailer truncated (read {len(trailer)} of {TRAILER_SIZE} bytes)")
+    magic, version, *_counts, trailer_check = TRAILER.unpack(trailer)
+    n = _counts[3]  # (flags, page entries, probes, then the entries)
+    if magic != PAGED_MAGIC:
+        fail("not a paged index segment (bad magic)")
+    if _check(trailer[:80]) != trailer_check:
+        fail("trailer checksum mismatch")
+    if version > PAGED_VERSION:
+        raise PagedIndexError(f"index segment {where} is from a newer cbt (format {version})")
+    if version != PAGED_VERSION:
+        fail(f"unknown format version {version}")
+    if n > size // ENTRY_SIZE:
+        fail(f"counts do not fit its size ({n} entries in {size} bytes)")
+    return int(n)
+
+
 class PagedSegment:
     """An open paged segment: its head in memory, its pages read when needed."""
 

@@ -71,6 +71,7 @@ from cbt.format.pack import (
     pack_name,
 )
 from cbt.format.records import CorruptPointError, is_point_id
+from cbt.ops.marks import Marks
 from cbt.repo import index as index_mod
 from cbt.repo import segments
 from cbt.repo.compact import merge
@@ -88,6 +89,9 @@ from cbt.repo.trash import (
 from cbt.repo.vault import Vault
 
 REWRITE_BELOW = 0.5  # default: rewrite a pack when less than this share of it is live
+# entries the passes over the whole index take at a time: the index's default (65,536)
+# decodes into about 15 MB of transient arrays, a step in every gc's peak
+CHUNK = 8192
 
 Progress = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: phase "mark" (points resolved of all points), "sweep"
@@ -239,7 +243,7 @@ def _segment_size(vault: Vault, index: Index, sweep: _Sweep) -> int:
     for _pid, live in sweep.rewrite:
         keep[live] = True
     packs: set[int] = set()
-    for base, got in index.chunks():
+    for base, got in index.chunks(CHUNK):
         packs.update(np.unique(got.pack[keep[base:base + len(got.offset)]]).tolist())
     return paged_index.segment_size(int(keep.sum()), len(packs), vault.cipher is not None)
 
@@ -271,10 +275,10 @@ def _cutoff(vault: Vault, offset: float) -> float:
 
 
 def _referenced(vault: Vault, index: Index, warnings: list[str], tick: Progress
-                ) -> tuple[npt.NDArray[np.bool_], bool]:
-    """Step 2: per index entry, whether a point references it; and whether every point's
-    blocks could be named (False: sweep nothing)."""
-    live = np.zeros(len(index), dtype=bool)
+                ) -> tuple[Marks, bool]:
+    """Step 2: per index entry (a bit each), whether a point references it; and whether
+    every point's blocks could be named (False: sweep nothing)."""
+    live = Marks(len(index))
     records, damaged = vault.scan_records()
     lost = vault.unavailable(records)
     sure = True
@@ -298,7 +302,7 @@ def _referenced(vault: Vault, index: Index, warnings: list[str], tick: Progress
             if (pos < 0).any():
                 warnings.append(f"point {point.id} disk {disk.label}: "
                                 f"{int((pos < 0).sum())} blocks not in the index (run verify)")
-            live[pos[pos >= 0]] = True
+            live.set(pos[pos >= 0])
     for d in damaged:
         warnings.append(f"{d.warning()}; gc keeps every block its manifests name")
         sure &= _mark_folders(vault, index, vault.manifest_dir_of(d.name), live, True)
@@ -306,7 +310,7 @@ def _referenced(vault: Vault, index: Index, warnings: list[str], tick: Progress
     return live, sure
 
 
-def _mark_folders(vault: Vault, index: Index, folder: str, live: npt.NDArray[np.bool_],
+def _mark_folders(vault: Vault, index: Index, folder: str, live: Marks,
                   damaged: bool) -> bool:
     """Mark every DATA block that any manifest in ``folder`` names, and those of the
     folders of the points its deltas are based on (a superset of what the point holds,
@@ -330,7 +334,7 @@ def _mark_folders(vault: Vault, index: Index, folder: str, live: npt.NDArray[np.
                 ok = False
                 continue
             pos = index.lookup(m.data_rows()[1])
-            live[pos[pos >= 0]] = True
+            live.set(pos[pos >= 0])
             base = m.metadata.get("cbt.base")
             if base is not None:
                 if not is_point_id(base):
@@ -340,7 +344,7 @@ def _mark_folders(vault: Vault, index: Index, folder: str, live: npt.NDArray[np.
     return ok
 
 
-def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff: float,
+def _plan_sweep(vault: Vault, index: Index, live: Marks, cutoff: float,
                 result: GcResult, tick: Progress | None = None) -> _Sweep:
     """Step 3: dead packs and those :func:`_choose` picks to rewrite, counted into
     ``result``.  Two passes over the index a chunk at a time (never all its columns at
@@ -393,15 +397,15 @@ def _plan_sweep(vault: Vault, index: Index, live: npt.NDArray[np.bool_], cutoff:
     return sweep
 
 
-def _tally(index: Index, live: npt.NDArray[np.bool_]
+def _tally(index: Index, live: Marks
            ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Per pack number: its live entries, and the bytes of its live and of its dead blobs
     (headers included), a chunk of the index at a time."""
     size = len(index.pack_ids)
     n_live = np.zeros(size, dtype=np.int64)
     blob_bytes = [np.zeros(size, dtype=np.int64), np.zeros(size, dtype=np.int64)]
-    for base, got in index.chunks():
-        lv = live[base:base + len(got.pack)]
+    for base, got in index.chunks(CHUNK):
+        lv = live.get(base, base + len(got.pack))
         blob = got.stored.astype(np.int64) + BLOB.size
         n_live += np.bincount(got.pack[lv], minlength=size)
         for which, mask in ((0, lv), (1, ~lv)):
@@ -411,7 +415,7 @@ def _tally(index: Index, live: npt.NDArray[np.bool_]
     return n_live, blob_bytes[0], blob_bytes[1]
 
 
-def _take_out(index: Index, live: npt.NDArray[np.bool_], chosen: list[_Pack],
+def _take_out(index: Index, live: Marks, chosen: list[_Pack],
               keep: npt.NDArray[np.bool_]) -> dict[int, npt.NDArray[np.int64]]:
     """Clear ``keep`` at the entries of the ``chosen`` packs; the positions of the live
     ones, ascending, per pack number (the blobs a rewrite copies)."""
@@ -421,13 +425,13 @@ def _take_out(index: Index, live: npt.NDArray[np.bool_], chosen: list[_Pack],
     gone[[p.number for p in chosen]] = True
     found: dict[int, list[npt.NDArray[np.int64]]] = {p.number: [np.zeros(0, np.int64)]
                                                      for p in chosen if p.live}
-    for base, got in index.chunks():
+    for base, got in index.chunks(CHUNK):
         taken = gone[got.pack]
         if not taken.any():
             continue
         end = base + len(got.pack)
         keep[base:end] &= ~taken
-        at = np.nonzero(taken & live[base:end])[0]
+        at = np.nonzero(taken & live.get(base, end))[0]
         for k in np.unique(got.pack[at]).tolist():  # (per pack in the chunk, not per entry)
             found[k].append(base + at[got.pack[at] == k])
     return {k: np.concatenate(v) for k, v in found.items()}

@@ -67,6 +67,7 @@ from cbt.format.pack import (
     scan_blobs,
 )
 from cbt.format.records import PointRecord
+from cbt.ops.marks import Marks
 from cbt.repo import index as index_mod
 from cbt.repo import segments
 from cbt.repo.index import Index, IndexEntry, Located, skipping_damaged
@@ -75,6 +76,10 @@ from cbt.repo.trash import retire_segment
 from cbt.repo.vault import Vault
 
 MAX_PROBLEMS = 1000
+# entries step 5 streams at a time: the index's default chunk (65,536) decodes into
+# about 15 MB of transient arrays, a step in every verify's peak whatever the vault
+UNREFERENCED_CHUNK = 8192
+LOCATE_STEP = 1 << 16  # index positions step 3 locates the referenced entries of at once
 QUARANTINE = "quarantine"
 DAY = 86400
 
@@ -237,7 +242,7 @@ class _Disk:
 class _Checked:
     """Step 2's findings: the entries points reference, and where."""
 
-    referenced: npt.NDArray[np.bool_]
+    referenced: Marks  # (a bit per index position)
     disks: list[_Disk] = field(default_factory=list)
     blocks: int = 0
 
@@ -314,7 +319,7 @@ def _load_points(vault: Vault, ref: str | None, problems: list[Problem]) -> list
 def _check_manifests(vault: Vault, index: Index, points: list[PointRecord],
                      problems: list[Problem]) -> _Checked:
     """Step 2: manifests match their records; every DATA block is in the index."""
-    checked = _Checked(referenced=np.zeros(len(index), dtype=bool))
+    checked = _Checked(referenced=Marks(len(index)))
     for point in points:
         for disk in point.disks:
             name = vault.manifest_name(point.id, disk.label)
@@ -342,7 +347,7 @@ def _check_manifests(vault: Vault, index: Index, points: list[PointRecord],
             if len(absent):
                 problems.append(Problem(point.id, disk.label, int(absent[0]), None,
                                         "block missing from the vault index", len(absent)))
-            checked.referenced[pos[pos >= 0]] = True
+            checked.referenced.set(pos[pos >= 0])
             checked.disks.append(_Disk(point.id, disk.label, rows[pos >= 0], pos[pos >= 0]))
             checked.blocks += len(rows)
     return checked
@@ -352,15 +357,23 @@ def _cipher(vault: Vault) -> Cipher | None:
     return vault.keys.cipher if vault.keys is not None else None
 
 
-def _check_packs(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_],
+def _check_packs(vault: Vault, index: Index, referenced: Marks,
                  reading: _Reading) -> dict[int, str]:
     """Steps 3 and 4: index position -> what is wrong with its blob, for every referenced
     entry, pack by pack."""
     bad: dict[int, str] = {}
-    positions = np.nonzero(referenced)[0]
+    # each referenced entry's pack number, located a bounded range at a time: a locate
+    # returns whole entries (digest included, ~60 bytes each); only the 4-byte pack
+    # number is kept of them
+    pos_parts, pack_parts = [np.zeros(0, np.int64)], [np.zeros(0, np.uint32)]
+    for got in referenced.positions(LOCATE_STEP):
+        if len(got):
+            pos_parts.append(got)
+            pack_parts.append(index.locate(got).pack.copy())
+    positions, packs = np.concatenate(pos_parts), np.concatenate(pack_parts)
+    del pos_parts, pack_parts
     if len(positions) == 0:
         return bad
-    packs = index.locate(positions).pack
     order = np.argsort(packs, kind="stable")
     positions, packs = positions[order], packs[order]
     bounds = np.nonzero(np.diff(packs.astype(np.int64)))[0] + 1
@@ -473,11 +486,12 @@ def _name_bad_blocks(index: Index, bad: dict[int, str], disks: list[_Disk]) -> l
     return out
 
 
-def _unreferenced(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_]) -> int:
+def _unreferenced(vault: Vault, index: Index, referenced: Marks) -> int:
     """Step 5: bytes of entries no point references, and of what killed runs left."""
     unreferenced = 0
-    for base, got in index.chunks():  # (streamed: a chunk of the index at a time)
-        dead = ~referenced[base:base + len(got.stored)]
+    # (streamed: a small chunk of the index at a time, whatever its size)
+    for base, got in index.chunks(UNREFERENCED_CHUNK):
+        dead = ~referenced.get(base, base + len(got.stored))
         unreferenced += int(got.stored[dead].astype(np.int64).sum()) + BLOB.size * int(dead.sum())
     try:
         leftovers = vault.leftovers()  # temporary files, manifests of uncommitted points

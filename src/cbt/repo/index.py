@@ -501,13 +501,14 @@ def load(storage: Storage, warnings: list[str] | None = None,
 
 def open_paged(storage: Storage, name: str, cipher: Cipher | None) -> PagedSegment:
     """The segment ``name``, its head read and checked, its pages left where they lie."""
-    size = _size(storage, name)
+    size = stored_size(storage, name)
     return PagedSegment.open(lambda offset, length: read_segment_range(storage, name, offset,
                                                                        length),
                              size, name=name, where=storage.where(name), cipher=cipher)
 
 
-def _size(storage: Storage, name: str) -> int:
+def stored_size(storage: Storage, name: str) -> int:
+    """The size of segment ``name``, where it was listed or in the trash."""
     try:
         return storage.size(name)
     except CbtIOError as exc:

@@ -9,9 +9,10 @@ compacted in tiers.
    :class:`~cbt.format.paged_index.PagedWriter` into :meth:`Storage.put_stream`: the
    segment is never whole in memory, and it appears whole or not at all.
 3. Compact (:func:`compact`, after a backup's commit, under the gc lock):
-   :func:`cbt.repo.compact.choose` picks the segments of a crowded tier (or the legacy
-   Arrow ones), :func:`cbt.repo.compact.merge` streams them into one new segment, and
-   then the inputs are retired to the trash.  A kill before the new segment is whole
+   :func:`cbt.repo.compact.choose` picks, from each segment's entry count (its
+   trailer only), the segments of a crowded tier (or the legacy Arrow ones);
+   :func:`cbt.repo.compact.merge` streams them into one new segment, and then the
+   inputs are retired to the trash.  A kill before the new segment is whole
    leaves nothing; after, the entries twice until the next compaction: harmless (both
    copies name the same blob).
 """
@@ -29,8 +30,8 @@ from cbt.core.errors import CbtError
 from cbt.format import paged_index
 from cbt.format.paged_index import PagedSegment, PagedWriter
 from cbt.repo import compact as tiers
-from cbt.repo.index import open_paged, read_segment, uuid_table
-from cbt.repo.trash import retire_segment
+from cbt.repo.index import open_paged, read_segment, stored_size, uuid_table
+from cbt.repo.trash import read_segment_range, retire_segment
 
 if TYPE_CHECKING:
     from cbt.core.crypto import Cipher
@@ -39,6 +40,13 @@ if TYPE_CHECKING:
 
 Chunk = dict[str, Any]
 CHUNK = 16384  # entries a merge reads of each input at a time (about 1 MiB)
+
+
+def _entries(storage: Storage, name: str) -> int:
+    """The entries of the paged segment ``name`` (its trailer alone is read and checked)."""
+    return paged_index.trailer_entries(
+        lambda offset, length: read_segment_range(storage, name, offset, length),
+        stored_size(storage, name), where=storage.where(name))
 
 
 def write_paged(storage: Storage, name: str, chunks: Iterable[Chunk], total: int,
@@ -143,15 +151,25 @@ def compact(vault: Vault) -> str | None:
     cipher = vault.cipher
     paged = [n for n in names if vault.is_paged_segment(n)]
     legacy = [n for n in names if not vault.is_paged_segment(n)]
-    opened = {}
+    # choosing needs each segment's entry count only: its trailer, not its head (a
+    # backup still holds its own index's heads here: reading them all again would
+    # double what the index costs in memory, and read every filter once more)
+    counts = {}
     for n in paged:
         try:
-            opened[n] = open_paged(vault.storage, n, cipher)
+            counts[n] = _entries(vault.storage, n)
         except CbtError:  # (damaged: left out of merges, for verify --repair; gone: moved)
             continue
-    picked = tiers.choose([(n, s.n) for n, s in opened.items()], legacy)
+    picked = tiers.choose(sorted(counts.items()), legacy)
     if not picked:
         return None
+    opened = {}
+    for n in picked:
+        if n in counts:
+            try:
+                opened[n] = open_paged(vault.storage, n, cipher)
+            except CbtError:  # (a damaged head: left out, for verify --repair)
+                continue
     inputs: list[Iterator[Chunk]] = []
     total = 0
     legacy_read: set[str] = set()
