@@ -197,7 +197,7 @@ def test_corrupt_point_record_and_index_segment(dv: Damaged) -> None:
     record.write_text(json.dumps(body))
     code, out = _verify(dv.vault)
     assert code == 2 and any(p["point"] == dv.points[1] for p in out["problems"])
-    seg = sorted((dv.vault / "index").glob("*.arrow"))[0]
+    seg = sorted((dv.vault / "index").glob("*.cbtidx"))[0]
     seg.write_bytes(seg.read_bytes()[:100])
     code, out = _verify(dv.vault)
     assert code == 2 and any(seg.name in p["problem"] for p in out["problems"])
