@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from helpers import MIB
 from helpers.cli import cleanup_group, crash_env, run_in_session, start_cbt, wait_for
-from helpers.images import assert_same_bytes, copy_disk, fast_random, write_random_disk
+from helpers.images import assert_same_bytes, copy_disk, fast_random, write_at, write_random_disk
 from helpers.jobs import write_config
 from helpers.packs import pack_set
 from helpers.vaults import (
@@ -51,15 +51,6 @@ def _stopped(proc: subprocess.Popen[str]) -> Iterator[None]:
         yield
     finally:
         os.killpg(proc.pid, signal.SIGCONT)
-
-
-def _pwrite(path: Path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _config(tmp_path: Path, retention: dict[str, int], disks: dict[str, str],
@@ -94,8 +85,8 @@ def test_prune_then_gc_frees_the_dead_and_keeps_the_rest(tmp_path: Path, dead_in
     days = {"first": [unique, zeros, None, None], "middle": [None, unique, zeros, None]}[dead_in]
     for day, region in enumerate(days, start=1):
         if region is not None:
-            _pwrite(disk, 4 * MIB, region)
-        _pwrite(disk, day * 4096, fast_random(4096, seed=100 + day))  # a small change
+            write_at(disk, 4 * MIB, region)
+        write_at(disk, day * 4096, fast_random(4096, seed=100 + day))  # a small change
         pid = vault.backup("v", [DiskSpec("os", str(disk))],
                            created=f"2026-04-0{day}T12:00:00Z", workers=1).id
         truth[pid] = copy_disk(disk, tmp_path / "truth" / f"{pid}.img")

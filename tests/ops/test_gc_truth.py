@@ -20,7 +20,7 @@ from typing import Any
 import blake3
 import pytest
 from helpers import KIB, MIB
-from helpers.images import assert_same_bytes, copy_disk, write_random_disk
+from helpers.images import assert_same_bytes, copy_disk, write_at, write_random_disk
 from helpers.packs import pack_files, trailer_entries
 from helpers.vaults import dir_bytes, vault_state
 
@@ -35,14 +35,6 @@ PACKS = 8
 BLOB_HEADER = struct.calcsize("<4s32sBBHII")  # documented blob header
 
 
-def _pwrite(path: Path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-
-
 class History:
     """Point 1 of a random 8 MiB disk (8 packs of 16 blocks), then point 2 with 2*i blocks
     of pack i changed; point 1 pruned: pack i holds 2*i dead blocks."""
@@ -55,7 +47,7 @@ class History:
         first = self.vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
         for i in range(PACKS):
             for j in range(2 * i):
-                _pwrite(disk, (i * PER_PACK + j) * BS, os.urandom(BS))
+                write_at(disk, (i * PER_PACK + j) * BS, os.urandom(BS))
         self.point = self.vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
         self.truth = copy_disk(disk, root / "truth.img")
         data = disk.read_bytes()
@@ -304,7 +296,7 @@ def test_s3_figures_are_the_listings_difference(s3_env: Any, tmp_path: Path,
     first = vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
     for i in range(4):
         for j in range(3 * i):
-            _pwrite(disk, (i * PER_PACK + j) * BS, os.urandom(BS))
+            write_at(disk, (i * PER_PACK + j) * BS, os.urandom(BS))
     point = vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
     truth = copy_disk(disk, tmp_path / "truth.img")
     prune(vault, PruneRequest(keep=lambda pts: {p.id: [] if p.id == first else ["k"]
@@ -352,7 +344,7 @@ def test_max_unused_zero_settles_on_compressible_packs(tmp_path: Path,
     vault = Vault.init(tmp_path / "v")
     first = vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
     for i in range(0, 512, 3):
-        _pwrite(disk, i * BS, (f"new {i} " * 10000).encode()[:BS])
+        write_at(disk, i * BS, (f"new {i} " * 10000).encode()[:BS])
     point = vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
     prune(vault, PruneRequest(keep=lambda pts: {p.id: [] if p.id == first else ["kept"]
                                                 for p in pts},

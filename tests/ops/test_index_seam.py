@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import KIB, MIB
-from helpers.images import assert_same_bytes, copy_disk, write_random_disk
+from helpers.images import assert_same_bytes, copy_disk, write_at, write_random_disk
 from helpers.packs import pack_files, trailer_entries
 
 import cbt.ops.backup as backup_mod
@@ -39,14 +39,6 @@ PER_PACK = 16
 PACKS = 6
 
 
-def _pwrite(path: Path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-
-
 def _history(root: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str, Path]:
     """A vault whose packs hold dead blocks (pack i: 2*i of 16)."""
     monkeypatch.setattr(backup_mod, "TARGET_PACK_SIZE", MIB)
@@ -56,7 +48,7 @@ def _history(root: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str, Pa
     first = vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
     for i in range(PACKS):
         for j in range(2 * i):
-            _pwrite(disk, (i * PER_PACK + j) * BS, os.urandom(BS))
+            write_at(disk, (i * PER_PACK + j) * BS, os.urandom(BS))
     point = vault.backup("vm", [f"d={disk}"], block_size=BS, workers=1).id
     prune(vault, PruneRequest(
         keep=lambda pts: {p.id: ([] if p.id == first else ["kept"]) for p in pts},

@@ -92,15 +92,21 @@ def retire_segment(storage: Storage, name: str) -> None:
 def read_segment_range(storage: Storage, name: str, offset: int, length: int) -> bytes:
     """``length`` bytes at ``offset`` of an index segment: where it was listed, else in
     the trash where a merge meanwhile retired it."""
-    for where in (name, segment_trash_name(name)):
+    return _read_first(storage, (name, segment_trash_name(name)), offset, length,
+                       f"missing from vault: {storage.where(name)} (nor in its trash: replaced "
+                       "longer ago than gc's grace period; run the command again)")
+
+
+def _read_first(storage: Storage, places: tuple[str, ...], offset: int, length: int,
+                missing: str) -> bytes:
+    """The range of the first of ``places`` that exists; ENOENT saying ``missing``."""
+    for where in places:
         try:
             return storage.read_range(where, offset, length)
         except CbtIOError as exc:
             if exc.errno != errno.ENOENT:
                 raise
-    raise CbtIOError(errno.ENOENT, f"missing from vault: {storage.where(name)} (nor in its "
-                     "trash: replaced longer ago than gc's grace period; run the command "
-                     "again)")
+    raise CbtIOError(errno.ENOENT, missing)
 
 
 def move_to_trash(storage: Storage, pid: str) -> None:
@@ -124,14 +130,9 @@ def pack_places(pack_id: str) -> tuple[str, str, str]:
 
 def read_pack_range(storage: Storage, pack_id: str, offset: int, length: int) -> bytes:
     """``length`` bytes at ``offset`` of a pack, wherever it is (:func:`pack_places`)."""
-    for name in pack_places(pack_id):
-        try:
-            return storage.read_range(name, offset, length)
-        except CbtIOError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-    raise CbtIOError(errno.ENOENT, f"missing from vault: {storage.where(pack_name(pack_id))} "
-                     "(nor in its trash)")
+    return _read_first(storage, pack_places(pack_id), offset, length,
+                       f"missing from vault: {storage.where(pack_name(pack_id))} (nor in its "
+                       "trash)")
 
 
 def empty_trash(storage: Storage, before: float, deleted: list[int] | None = None,
