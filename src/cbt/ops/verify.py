@@ -230,12 +230,12 @@ class RepairResult:
 
 @dataclass
 class _Disk:
-    """A visible point's disk whose DATA blocks (manifest ``rows``) are indexed at ``pos``."""
+    """A visible point's disk whose manifest resolved: its blocks are looked up again only
+    to name bad blobs (keeping every point's rows and positions until then cost 16 bytes
+    per block of every point)."""
 
-    point: str
+    point: PointRecord
     label: str
-    rows: npt.NDArray[np.int64]
-    pos: npt.NDArray[np.int64]
 
 
 @dataclass
@@ -277,7 +277,7 @@ def verify(vault: Vault, ref: str | None = None, data: bool = False,
         reading = _Reading(data or subset is not None, subset, when, progress)
         bad = _check_packs(vault, index, checked.referenced, reading)
         if bad:
-            problems.extend(_name_bad_blocks(index, bad, checked.disks))
+            problems.extend(_name_bad_blocks(vault, index, bad, checked.disks))
         unreferenced = 0 if ref is not None else _unreferenced(vault, index, checked.referenced)
         return points, checked, reading, unreferenced
 
@@ -348,7 +348,7 @@ def _check_manifests(vault: Vault, index: Index, points: list[PointRecord],
                 problems.append(Problem(point.id, disk.label, int(absent[0]), None,
                                         "block missing from the vault index", len(absent)))
             checked.referenced.set(pos[pos >= 0])
-            checked.disks.append(_Disk(point.id, disk.label, rows[pos >= 0], pos[pos >= 0]))
+            checked.disks.append(_Disk(point, disk.label))
             checked.blocks += len(rows)
     return checked
 
@@ -468,20 +468,24 @@ def _check_pack(vault: Vault, index: Index, pid: str, pos: npt.NDArray[np.int64]
             bad[p] = str(exc).removeprefix(f"pack {pid}: ")
 
 
-def _name_bad_blocks(index: Index, bad: dict[int, str], disks: list[_Disk]) -> list[Problem]:
+def _name_bad_blocks(vault: Vault, index: Index, bad: dict[int, str],
+                     disks: list[_Disk]) -> list[Problem]:
     """The bad blobs as problems of the points, disks and blocks that use them: one per
-    point, disk, pack and kind of damage, naming its first block and counting them all."""
+    point, disk, pack and kind of damage, naming its first block and counting them all
+    (each disk's blocks looked up again: one manifest at a time in memory)."""
     where = np.fromiter(bad, dtype=np.int64, count=len(bad))
     packs = [index.pack_ids[k] for k in index.locate(where).pack.tolist()]
     pack_of = dict(zip(where.tolist(), packs, strict=True))
     out = []
     for d in disks:
-        hit = np.isin(d.pos, where)
+        blocks, digests = vault.resolve(d.point, d.label).data_rows()
+        pos = index.lookup(digests)
+        hit = np.isin(pos, where)
         groups: dict[tuple[str, str], list[int]] = {}
-        for r, p in zip(d.rows[hit].tolist(), d.pos[hit].tolist(), strict=True):
+        for r, p in zip(blocks[hit].tolist(), pos[hit].tolist(), strict=True):
             key = (pack_of[p], bad[p])
             groups.setdefault(key, []).append(int(r))
-        out += [Problem(d.point, d.label, min(rows), pack, problem, len(rows))
+        out += [Problem(d.point.id, d.label, min(rows), pack, problem, len(rows))
                 for (pack, problem), rows in groups.items()]
     return out
 
