@@ -18,6 +18,7 @@ compacted in tiers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from cbt.core.errors import CbtIOError
+from cbt.core.errors import CbtError, CbtIOError
 from cbt.format import paged_index
 from cbt.format.paged_index import PagedSegment, PagedWriter
 from cbt.repo import compact as tiers
@@ -165,8 +166,18 @@ def compact(vault: Vault) -> str | None:
     cipher = vault.cipher
     paged = [n for n in names if vault.is_paged_segment(n)]
     legacy = [n for n in names if not vault.is_paged_segment(n)]
-    opened = {n: open_paged(vault.storage, n, cipher) for n in paged}
-    picked = tiers.choose([(n, s.n) for n, s in opened.items()], legacy)
+    # A segment that does not open (damaged, crafted, gone) is left where it is, out of
+    # the merge: the index names it damaged and covers its packs from their trailers,
+    # and verify --repair replaces it; a merge must not stop every later commit.
+    opened: dict[str, PagedSegment] = {}
+    for n in paged:
+        with contextlib.suppress(CbtError):
+            opened[n] = open_paged(vault.storage, n, cipher)
+    read: dict[str, dict[str, Any]] = {}
+    for n in legacy:
+        with contextlib.suppress(CbtError):
+            read[n] = read_segment(vault.get_sealed("index", n), vault.storage.where(n))
+    picked = tiers.choose([(n, s.n) for n, s in opened.items()], list(read))
     if not picked:
         return None
     inputs: list[Iterator[Chunk]] = []
@@ -176,9 +187,8 @@ def compact(vault: Vault) -> str | None:
             inputs.append(paged_chunks(opened[n]))
             total += opened[n].n
         else:
-            part = read_segment(vault.get_sealed("index", n), vault.storage.where(n))
-            inputs.append(legacy_chunks(part))
-            total += len(part["offset"])
+            inputs.append(legacy_chunks(read[n]))
+            total += len(read[n]["offset"])
     name = vault.segment_name(f"merged-{uuid.uuid4().hex}")
     write_paged(vault.storage, name, tiers.merge(inputs), total, cipher)
     for n in picked:
