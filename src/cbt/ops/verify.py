@@ -467,6 +467,7 @@ def _unreferenced(vault: Vault, index: Index, referenced: npt.NDArray[np.bool_])
     unreferenced = 0
     for base, got in index.chunks():  # (streamed: a chunk of the index at a time)
         dead = ~referenced[base:base + len(got.stored)]
+        dead &= ~index.copies(base, got, dead)  # (a blob listed twice: counted once)
         unreferenced += int(got.stored[dead].astype(np.int64).sum()) + BLOB.size * int(dead.sum())
     try:
         leftovers = vault.leftovers()  # temporary files, manifests of uncommitted points

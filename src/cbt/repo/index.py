@@ -309,6 +309,32 @@ class Index:
                 yield at, got
                 at += len(got.offset)
 
+    def copies(self, base: int, got: Located, among: npt.NDArray[np.bool_]
+               ) -> npt.NDArray[np.bool_]:
+        """Which entries of a chunk of :meth:`chunks` (``among`` them) are copies of an entry
+        at an earlier position: the same digest, pack and offset.  A merge killed after
+        its segment was written, before its inputs were retired, leaves every entry of
+        those inputs twice; :meth:`lookup` finds the first copy only, so a count of the
+        entries no point references must leave the other out (it is not a dead blob:
+        gc and verify would count the same blob live and dead).  Only ``among`` is
+        looked up (the unreferenced ones: few, normally)."""
+        out = np.zeros(len(got.offset), dtype=bool)
+        if len(self.parts) < 2 or base < int(self._bases[1]):
+            return out  # (no copy in the first part: one entry per digest there)
+        cand = np.nonzero(among)[0]
+        if not len(cand):
+            return out
+        pos = self.lookup(np.ascontiguousarray(got.digests[cand]))
+        own = base + cand
+        elsewhere = (pos >= 0) & (pos != own)
+        if not elsewhere.any():
+            return out
+        cand, pos = cand[elsewhere], pos[elsewhere]
+        first = self.locate(pos)
+        same = (first.pack == got.pack[cand]) & (first.offset == got.offset[cand])
+        out[cand[same]] = True
+        return out
+
     def sorted_streams(self, keep: npt.NDArray[np.bool_] | None = None,
                        entries: int | None = None) -> list[Iterator[dict[str, Any]]]:
         """Per part, its entries (those ``keep``, over positions, marks) in digest order
