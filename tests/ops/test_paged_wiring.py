@@ -196,3 +196,32 @@ def test_a_reader_finishes_when_its_segments_are_retired(
     assert len(retired) >= compact_mod.WIDTH, retired  # (read from the trash)
     assert all(v.storage.exists(f"trash/{n}") for n in retired)
     _restores(_open(tmp_path / "v", encrypted), truths, tmp_path / "r")
+
+
+def test_a_segment_copied_from_another_vault_is_ignored(tmp_path: Path) -> None:
+    """A plain vault's index segment copied into another (nothing authenticates it),
+    naming the same blocks in packs that vault does not hold, under a name searched
+    first: it is ignored and named, so every point restores, a backup of the same
+    blocks deduplicates against the vault's own packs, and its merge leaves the copy
+    out (it merged it into a segment of the vault for good: a point of every later
+    backup unrestorable, and the vault's own points too)."""
+    v = cbt_api.Vault.init(tmp_path / "v")
+    truths = _points(v, tmp_path, WIDTH - 1, seed=60)
+    other = cbt_api.Vault.init(tmp_path / "other")
+    _points(other, tmp_path, 1, seed=60)  # (the first disk again: the same blocks)
+    (segment,) = other.storage.list("index")
+    v.storage.put("index/0-copied.cbtidx", other.storage.get(segment))
+    disk = next(iter(truths.values()))
+    point = v.backup("again", [f"d={disk}"], block_size=BS, workers=1)
+    assert point.bytes_new == 0  # (the vault holds these blocks)
+    assert any("0-copied.cbtidx" in w and "another vault" in w for w in point.warnings)
+    truths[point.id] = disk
+    assert "index/0-copied.cbtidx" in v.storage.list("index")  # (named, left for repair)
+    _restores(v, truths, tmp_path / "r")
+    report = v.verify(data=True)
+    assert [p.problem for p in report.problems] == [
+        f"damaged index segment: {v.storage.where('index/0-copied.cbtidx')} names 1 packs, "
+        "none of them in this vault (copied from another vault?)"], report
+    assert repair(v).problems == []
+    assert "index/0-copied.cbtidx" not in v.storage.list("index")
+    _restores(v, truths, tmp_path / "r2")

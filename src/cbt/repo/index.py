@@ -488,6 +488,8 @@ def load(storage: Storage, warnings: list[str] | None = None,
                 raise
     else:
         raise CorruptIndexError(f"index segments of {storage.root} keep changing; retry")
+    pack_names = storage.list("packs")
+    paged = _own_segments(storage, pack_names, paged, segments, damaged)
     for why in damaged.values():
         if warnings is not None:
             warnings.append(f"ignoring damaged index segment: {why}; its packs are indexed "
@@ -495,7 +497,7 @@ def load(storage: Storage, warnings: list[str] | None = None,
     covered = {p for part in parts for p in part["pack_ids"]}
     covered.update(p for seg in paged for p in seg.pack_ids)
     orphans = []
-    for name in storage.list("packs"):
+    for name in pack_names:
         if not is_pack_name(name) or pack_id_of(name) in covered:
             continue
         try:
@@ -512,6 +514,42 @@ def load(storage: Storage, warnings: list[str] | None = None,
     # (the paged segments first: a digest both in one and in an orphan pack, a racing
     # worker's spare copy, resolves to the segment's entry, and gc drops the spare)
     return Index([*paged, *memory], segments, orphans, damaged)
+
+
+def _own_segments(storage: Storage, pack_names: list[str], paged: list[IndexPart],
+                  segments: list[str], damaged: dict[str, str]) -> list[IndexPart]:
+    """The paged segments that name a pack of this vault (:func:`foreign_segments`); the
+    others are moved from ``segments`` to ``damaged``."""
+    names = [n for n in segments if n.endswith(PAGED_SUFFIX)]
+    if len(names) != len(paged):
+        return paged  # (not ours to judge: a caller's own segment names)
+    foreign = foreign_segments(storage, pack_names, dict(zip(names, paged, strict=True)))
+    for name in foreign:
+        segments.remove(name)
+    damaged.update(foreign)
+    return [seg for name, seg in zip(names, paged, strict=True) if name not in foreign]
+
+
+def foreign_segments(storage: Storage, pack_names: list[str], paged: dict[str, IndexPart]
+                     ) -> dict[str, str]:
+    """The paged segments (name -> why) none of whose packs the vault holds (in
+    ``packs/``, listed as ``pack_names``, or in its trash): a plain vault's segment
+    copied from another vault (nothing authenticates it).  Searched, such a segment
+    would answer for the blocks it lists with packs that are not here: a backup would
+    deduplicate against them (its point unrestorable), a restore of a point whose
+    blocks the vault does hold would fail, and a merge would make its entries part of
+    a segment of this vault.  (A segment some of whose packs are missing is kept:
+    those packs are lost, and verify names them.)"""
+    present = {pack_id_of(n) for n in pack_names if is_pack_name(n)}
+    foreign = [n for n, seg in paged.items()
+               if seg.pack_ids and not any(p in present for p in seg.pack_ids)]
+    if foreign:
+        from cbt.repo.trash import TRASH
+
+        trashed = {n.rsplit("/", 1)[-1].removesuffix(".pack") for n in storage.list(TRASH)}
+        foreign = [n for n in foreign if not any(p in trashed for p in paged[n].pack_ids)]
+    return {n: f"{storage.where(n)} names {len(paged[n].pack_ids)} packs, none of them in "
+               "this vault (copied from another vault?)" for n in foreign}
 
 
 PAGED_SUFFIX = ".cbtidx"  # a paged segment's name ends so (cbt.repo.vault.PAGED)

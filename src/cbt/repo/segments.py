@@ -31,7 +31,7 @@ from cbt.core.errors import CbtError, CbtIOError
 from cbt.format import paged_index
 from cbt.format.paged_index import PagedSegment, PagedWriter
 from cbt.repo import compact as tiers
-from cbt.repo.index import uuid_table
+from cbt.repo.index import foreign_segments, uuid_table
 from cbt.repo.trash import read_segment_range, retire_segment
 
 if TYPE_CHECKING:
@@ -173,6 +173,8 @@ def compact(vault: Vault) -> str | None:
     for n in paged:
         with contextlib.suppress(CbtError):
             opened[n] = open_paged(vault.storage, n, cipher)
+    for n in foreign_segments(vault.storage, vault.storage.list("packs"), dict(opened)):
+        del opened[n]  # (as the index ignores it: never merged into one of ours)
     read: dict[str, dict[str, Any]] = {}
     for n in legacy:
         with contextlib.suppress(CbtError):
