@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from helpers import KIB, MIB
+from helpers.cli import cbt
 from helpers.images import assert_same_bytes, write_random_disk
 from helpers.vaults import PASSWORD, fast_kdf
 
@@ -222,6 +223,10 @@ def test_a_segment_copied_from_another_vault_is_ignored(tmp_path: Path) -> None:
     assert [p.problem for p in report.problems] == [
         f"damaged index segment: {v.storage.where('index/0-copied.cbtidx')} names 1 packs, "
         "none of them in this vault (copied from another vault?)"], report
+    r = cbt("verify", tmp_path / "v")  # (one line, no empty place before the problem)
+    assert r.returncode == 2
+    assert any(line.startswith("cbt: problem: damaged index segment: ")
+               for line in r.stderr.splitlines()), r.stderr
     assert repair(v).problems == []
     assert "index/0-copied.cbtidx" not in v.storage.list("index")
     _restores(v, truths, tmp_path / "r2")
