@@ -173,8 +173,6 @@ def compact(vault: Vault) -> str | None:
     for n in paged:
         with contextlib.suppress(CbtError):
             opened[n] = open_paged(vault.storage, n, cipher)
-    for n in foreign_segments(vault.storage, vault.storage.list("packs"), dict(opened)):
-        del opened[n]  # (as the index ignores it: never merged into one of ours)
     read: dict[str, dict[str, Any]] = {}
     for n in legacy:
         with contextlib.suppress(CbtError):
@@ -182,6 +180,15 @@ def compact(vault: Vault) -> str | None:
     picked = tiers.choose([(n, s.n) for n, s in opened.items()], list(read))
     if not picked:
         return None
+    # (the packs listed only now, when there is a merge to make: not at every commit)
+    foreign = foreign_segments(vault.storage, vault.storage.list("packs"),
+                               {n: opened[n] for n in picked if n in opened})
+    if foreign:
+        for n in foreign:
+            del opened[n]  # (as the index ignores it: never merged into one of ours)
+        picked = tiers.choose([(n, s.n) for n, s in opened.items()], list(read))
+        if not picked:
+            return None
     inputs: list[Iterator[Chunk]] = []
     total = 0
     for n in picked:
