@@ -105,6 +105,7 @@ def test_a_merge_killed_at_each_step_loses_nothing(tmp_path: Path, kind: str,
         points = dict(truths)
         points.update({p: today for p in vault.point_ids() if p.startswith("today.")})
         check(path, tmp_path / f"r{kill_at}", points)
+        time.sleep(pause)  # (what the killed run left is older than the next one)
         follow = vault.backup("next", [f"d={today}"], block_size=BS, workers=1)
         points[follow.id] = today
         time.sleep(pause)
@@ -115,8 +116,16 @@ def test_a_merge_killed_at_each_step_loses_nothing(tmp_path: Path, kind: str,
         assert settled.packs_rewritten == settled.packs_removed == 0, (kill_at, settled)
         assert settled.dead_kept_bytes == 0, (kill_at, settled)
         vault = check(path, tmp_path / f"s{kill_at}", points)
-        assert vault.verify().unreferenced_bytes == 0, kill_at
-        assert vault.leftovers() == [], (kill_at, vault.leftovers())
+        # nothing of the index unreferenced; what a killed run left outside it (its
+        # manifests, S3's clock probe: removed by a backup once older than its start, in
+        # the server's whole seconds less a margin: later than this one on S3) is all
+        # the verify counts
+        left = vault.leftovers()
+        assert all(n.startswith(("manifests/", ".clock.tmp-")) for n in left), left
+        if kind == "dir":
+            assert left == [], (kill_at, left)
+        extra = sum(vault.storage.size(n) for n in left)
+        assert vault.verify().unreferenced_bytes == extra, (kill_at, left)
         if isinstance(path, Path):
             shutil.rmtree(path)
         shutil.rmtree(tmp_path / f"r{kill_at}")
