@@ -40,6 +40,7 @@ from helpers.truth import distinct_raw
 from helpers.vaults import temp_files
 
 import cbt as cbt_api
+from cbt.ops.gc import gc
 from cbt.source.synth import make_db_file, mutate
 
 BS = 64 * KIB
@@ -149,8 +150,10 @@ def _two_disk_scenario(root: Path) -> Scenario:
 
 
 def _many_segments_scenario(root: Path) -> Scenario:
-    """15 earlier points, each with an index segment: the next run merges the index."""
-    from cbt.repo.index import MERGE_AT
+    """WIDTH - 1 earlier points, each with a small (lowest tier) paged index segment: the
+    next run's segment crowds the tier, and the run merges the WIDTH of them into one
+    after its commit, then retires them to the trash."""
+    from cbt.repo.compact import WIDTH
 
     disks, copies = root / "disks", root / "copies"
     disks.mkdir()
@@ -159,19 +162,20 @@ def _many_segments_scenario(root: Path) -> Scenario:
     img.write_bytes(np.random.default_rng(60).integers(0, 256, 1 * MIB, np.uint8).tobytes())
     vault = cbt_api.Vault.init(root / "base")
     scn = Scenario(root, root / "base", "small", [str(img)], [])
-    for day in range(MERGE_AT):
+    for day in range(WIDTH):
         if day:
             mutate(img, seed=60 + day, page_writes=3, runs=0, zero_runs=0, holes=0)
         snap = {"small": keep_copy(img, copies / f"small.{day}.img")}
-        if day < MERGE_AT - 1:
+        if day < WIDTH - 1:
             point = vault.backup(scn.vm, scn.disk_args, block_size=BS)
             scn.earlier.append((point.id, snap))
         else:
             scn.today = snap
-    assert len(list((root / "base" / "index").glob("*.arrow"))) == MERGE_AT - 1
+    assert len(list((root / "base" / "index").glob("*.cbtidx"))) == WIDTH - 1
     _count_clean_run(scn)
-    merged = list((root / "clean" / "index").glob("*.arrow"))
-    assert len(merged) < MERGE_AT - 1, "the clean run was to merge the index segments"
+    merged = list((root / "clean" / "index").glob("*.cbtidx"))
+    assert len(merged) == 1 and merged[0].name.startswith("merged-"), merged
+    assert len(list((root / "clean" / "trash" / "index").iterdir())) == WIDTH
     return scn
 
 
@@ -264,13 +268,25 @@ def test_crash_at_every_durable_step(two_disks: Scenario, tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_crash_while_merging_the_index(many_segments: Scenario, tmp_path: Path) -> None:
-    """The run that brings the index to MERGE_AT segments merges them after its commit."""
+    """The run whose segment crowds the lowest tier merges the tier after its commit:
+    killed at each durable step from its first to its last (the merged segment's
+    write, each input's retirement), nothing is lost (see :func:`_check_after_kill`),
+    and a gc then finds every block it must keep (each point restores again)."""
     scn = many_segments
-    for n in range(max(1, scn.steps - 3), scn.steps + 1):
+    outcomes = []
+    for n in range(1, scn.steps + 1):
         work = tmp_path / f"n{n}"
         work.mkdir()
-        _kill_at_step(scn, n, work)
+        outcomes.append(_kill_at_step(scn, n, work))
+        v = cbt_api.Vault.open(work / "vault")
+        gc(v, grace=0)
+        for pid, snap in scn.earlier:
+            v.restore(pid, work / f"g-{pid}")
+            for lb, copy in snap.items():
+                assert_same_disk(work / f"g-{pid}" / f"{lb}.img", copy, BS)
+        assert v.verify()["problems"] == [], f"step {n}: after gc"
         shutil.rmtree(work)
+    assert outcomes.count("killed") >= scn.steps - 1, outcomes
 
 
 @pytest.mark.slow

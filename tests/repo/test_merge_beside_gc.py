@@ -37,10 +37,10 @@ def _gc_during_merges(monkeypatch: pytest.MonkeyPatch, v: cbt_api.Vault) -> list
     real_merge = backup_mod._maybe_merge_segments
     real_open = segments_mod.open_paged
 
-    def merge(vault: Any) -> None:
+    def merge(vault: Any) -> list[str]:
         merging.set()
         try:
-            real_merge(vault)
+            return real_merge(vault)
         finally:
             merging.clear()
 

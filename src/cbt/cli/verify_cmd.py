@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
                                                   ("block", p.block), ("pack", p.pack))
                           if v is not None)
         many = f" ({p.count} blocks)" if p.count is not None and p.count > 1 else ""
-        sys.stderr.write(f"cbt: problem: {where}: {p.problem}{many}\n")
+        # (a problem of the vault as a whole, a damaged index segment, names no point)
+        sys.stderr.write(f"cbt: problem: {where + ': ' if where else ''}{p.problem}{many}\n")
     if isinstance(result, RepairResult):
         r = result.repair
         say(f"repair: {r.packs_read} packs read, {r.blobs_indexed} blocks indexed, "

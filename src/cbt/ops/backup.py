@@ -1492,10 +1492,9 @@ def commit(vault: Vault, request: BackupRequest, planned: Plan, results: list[Sh
         _write_segment(vault, point_id, new, index)
         record.seconds = round(time.perf_counter() - started, 6)
         commit_point(vault, point_id, record.to_json())
-        try:
-            _maybe_merge_segments(vault)  # (under the gc lock: see there)
-        except CbtError as exc:  # (the point is committed: a merge left for later)
-            record.warnings = [*record.warnings, f"index segments not merged: {exc}"]
+        # (under the gc lock: see there; the point is committed: a failed merge is a
+        # warning of this run, never its failure)
+        record.warnings.extend(_maybe_merge_segments(vault))
     return record
 
 
@@ -1709,12 +1708,20 @@ def _write_segment(vault: Vault, point_id: str, new: dict[str, Any],
     segments.write_entries(vault, point_id, {k: np.concatenate(v) for k, v in parts.items()})
 
 
-def _maybe_merge_segments(vault: Vault) -> None:
+def _maybe_merge_segments(vault: Vault) -> list[str]:
     """Compact the index's segments in tiers (:func:`cbt.repo.segments.compact`: a merge
-    streams, whatever the vault's size), after the commit.  Under the gc lock: a gc
+    streams, whatever the vault's size), after the commit; the warnings (a merge that
+    failed: a damaged page of a segment it read, a full disk).  Under the gc lock: a gc
     between a merge's reading segments and its writing the merged one would trash a
     dead pack that segment then names again (a later backup would deduplicate against
     it, and a later gc empty the trash under it)."""
     for _step in range(COMPACT_STEPS):
-        if segments.compact(vault) is None:
-            return
+        try:
+            if segments.compact(vault) is None:
+                return []
+        except CbtError as exc:
+            # (a merge that fails leaves nothing: its segment is written whole or not
+            # at all, and its inputs are retired only after)
+            return [f"index segments not merged: {exc} (the point is committed; "
+                    "cbt verify --repair rebuilds a damaged index)"]
+    return []

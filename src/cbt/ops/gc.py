@@ -406,9 +406,12 @@ def _tally(index: Index, live: Marks
     blob_bytes = [np.zeros(size, dtype=np.int64), np.zeros(size, dtype=np.int64)]
     for base, got in index.chunks(CHUNK):
         lv = live.get(base, base + len(got.pack))
+        # an entry listed twice (a merge killed before it retired its inputs) is one blob:
+        # its later copy is neither live nor dead (the write of the index drops it)
+        dead = ~lv & ~index.copies(base, got, ~lv)
         blob = got.stored.astype(np.int64) + BLOB.size
         n_live += np.bincount(got.pack[lv], minlength=size)
-        for which, mask in ((0, lv), (1, ~lv)):
+        for which, mask in ((0, lv), (1, dead)):
             # (float sums are exact here: a chunk's bytes are far below 2**53)
             blob_bytes[which] += np.rint(np.bincount(got.pack[mask], weights=blob[mask],
                                                      minlength=size)).astype(np.int64)

@@ -111,12 +111,18 @@ def stats(vault: Vault, vm: str | None = None, refs: list[str] | None = None) ->
     if out.warnings:
         out.warnings.append("the blocks of points that cannot be read are not counted: the "
                             "unique bytes of others may be too high (gc keeps those blocks)")
-    out.stored_bytes = sum(int(got.stored.astype(np.int64).sum()) + BLOB.size * len(got.stored)
-                           for _base, got in index.chunks())
     held = [_positions(vault, index, p, out.warnings) for p in points]
     # from here on a block is its number among the referenced ones, not its index position:
     # the counts and masks below are as long as what the points hold, not the whole index
     every = np.unique(np.concatenate([np.zeros(0, np.int64), *held]))
+    referenced = np.zeros(len(index), dtype=bool)
+    referenced[every] = True
+    for base, got in index.chunks():
+        # (a blob listed twice, by a merge killed before it retired its inputs, is one)
+        one = ~index.copies(base, got, ~referenced[base:base + len(got.stored)])
+        out.stored_bytes += int(got.stored[one].astype(np.int64).sum()) + BLOB.size * int(
+            one.sum())
+    del referenced
     at = index.locate(every)
     blob = at.stored.astype(np.int64) + BLOB.size
     held = [np.searchsorted(every, h) for h in held]

@@ -496,6 +496,7 @@ def _unreferenced(vault: Vault, index: Index, referenced: Marks) -> int:
     # (streamed: a small chunk of the index at a time, whatever its size)
     for base, got in index.chunks(UNREFERENCED_CHUNK):
         dead = ~referenced.get(base, base + len(got.stored))
+        dead &= ~index.copies(base, got, dead)  # (a blob listed twice: counted once)
         unreferenced += int(got.stored[dead].astype(np.int64).sum()) + BLOB.size * int(dead.sum())
     try:
         leftovers = vault.leftovers()  # temporary files, manifests of uncommitted points

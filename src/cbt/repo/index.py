@@ -314,6 +314,32 @@ class Index:
                 yield at, got
                 at += len(got.offset)
 
+    def copies(self, base: int, got: Located, among: npt.NDArray[np.bool_]
+               ) -> npt.NDArray[np.bool_]:
+        """Which entries of a chunk of :meth:`chunks` (``among`` them) are copies of an entry
+        at an earlier position: the same digest, pack and offset.  A merge killed after
+        its segment was written, before its inputs were retired, leaves every entry of
+        those inputs twice; :meth:`lookup` finds the first copy only, so a count of the
+        entries no point references must leave the other out (it is not a dead blob:
+        gc and verify would count the same blob live and dead).  Only ``among`` is
+        looked up (the unreferenced ones: few, normally)."""
+        out = np.zeros(len(got.offset), dtype=bool)
+        if len(self.parts) < 2 or base < int(self._bases[1]):
+            return out  # (no copy in the first part: one entry per digest there)
+        cand = np.nonzero(among)[0]
+        if not len(cand):
+            return out
+        pos = self.lookup(np.ascontiguousarray(got.digests[cand]))
+        own = base + cand
+        elsewhere = (pos >= 0) & (pos != own)
+        if not elsewhere.any():
+            return out
+        cand, pos = cand[elsewhere], pos[elsewhere]
+        first = self.locate(pos)
+        same = (first.pack == got.pack[cand]) & (first.offset == got.offset[cand])
+        out[cand[same]] = True
+        return out
+
     def sorted_streams(self, keep: npt.NDArray[np.bool_] | None = None,
                        entries: int | None = None) -> list[Iterator[dict[str, Any]]]:
         """Per part, its entries (those ``keep``, over positions, marks) in digest order
@@ -473,6 +499,8 @@ def load(storage: Storage, warnings: list[str] | None = None,
                 raise
     else:
         raise CorruptIndexError(f"index segments of {storage.root} keep changing; retry")
+    pack_names = storage.list("packs")
+    paged = _own_segments(storage, pack_names, paged, segments, damaged)
     for why in damaged.values():
         if warnings is not None:
             warnings.append(f"ignoring damaged index segment: {why}; its packs are indexed "
@@ -480,7 +508,7 @@ def load(storage: Storage, warnings: list[str] | None = None,
     covered = {p for part in parts for p in part["pack_ids"]}
     covered.update(p for seg in paged for p in seg.pack_ids)
     orphans = []
-    for name in storage.list("packs"):
+    for name in pack_names:
         if not is_pack_name(name) or pack_id_of(name) in covered:
             continue
         try:
@@ -535,6 +563,42 @@ def skipping_damaged(load_index: Callable[[dict[str, str]], Index],
             if exc.segment is None or exc.segment in exclude or len(exclude) >= SKIP_AT_MOST:
                 raise
             exclude[exc.segment] = str(exc)
+
+
+def _own_segments(storage: Storage, pack_names: list[str], paged: list[IndexPart],
+                  segments: list[str], damaged: dict[str, str]) -> list[IndexPart]:
+    """The paged segments that name a pack of this vault (:func:`foreign_segments`); the
+    others are moved from ``segments`` to ``damaged``."""
+    names = [n for n in segments if n.endswith(PAGED_SUFFIX)]
+    if len(names) != len(paged):
+        return paged  # (not ours to judge: a caller's own segment names)
+    foreign = foreign_segments(storage, pack_names, dict(zip(names, paged, strict=True)))
+    for name in foreign:
+        segments.remove(name)
+    damaged.update(foreign)
+    return [seg for name, seg in zip(names, paged, strict=True) if name not in foreign]
+
+
+def foreign_segments(storage: Storage, pack_names: list[str], paged: dict[str, IndexPart]
+                     ) -> dict[str, str]:
+    """The paged segments (name -> why) none of whose packs the vault holds (in
+    ``packs/``, listed as ``pack_names``, or in its trash): a plain vault's segment
+    copied from another vault (nothing authenticates it).  Searched, such a segment
+    would answer for the blocks it lists with packs that are not here: a backup would
+    deduplicate against them (its point unrestorable), a restore of a point whose
+    blocks the vault does hold would fail, and a merge would make its entries part of
+    a segment of this vault.  (A segment some of whose packs are missing is kept:
+    those packs are lost, and verify names them.)"""
+    present = {pack_id_of(n) for n in pack_names if is_pack_name(n)}
+    foreign = [n for n, seg in paged.items()
+               if seg.pack_ids and not any(p in present for p in seg.pack_ids)]
+    if foreign:
+        from cbt.repo.trash import TRASH
+
+        trashed = {n.rsplit("/", 1)[-1].removesuffix(".pack") for n in storage.list(TRASH)}
+        foreign = [n for n in foreign if not any(p in trashed for p in paged[n].pack_ids)]
+    return {n: f"{storage.where(n)} names {len(paged[n].pack_ids)} packs, none of them in "
+               "this vault (copied from another vault?)" for n in foreign}
 
 
 PAGED_SUFFIX = ".cbtidx"  # a paged segment's name ends so (cbt.repo.vault.PAGED)

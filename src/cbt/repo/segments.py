@@ -19,6 +19,7 @@ compacted in tiers.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ from cbt.core.errors import CbtError
 from cbt.format import paged_index
 from cbt.format.paged_index import PagedSegment, PagedWriter
 from cbt.repo import compact as tiers
-from cbt.repo.index import open_paged, read_segment, stored_size, uuid_table
+from cbt.repo.index import foreign_segments, open_paged, read_segment, stored_size, uuid_table
 from cbt.repo.trash import read_segment_range, retire_segment
 
 if TYPE_CHECKING:
@@ -153,41 +154,46 @@ def compact(vault: Vault) -> str | None:
     legacy = [n for n in names if not vault.is_paged_segment(n)]
     # choosing needs each segment's entry count only: its trailer, not its head (a
     # backup still holds its own index's heads here: reading them all again would
-    # double what the index costs in memory, and read every filter once more)
-    counts = {}
+    # double what the index costs in memory, and read every filter once more).  A
+    # segment that does not open (damaged, crafted, gone) is left where it is, out of
+    # the merge: the index names it damaged and covers its packs from their trailers,
+    # and verify --repair replaces it; a merge must not stop every later commit.
+    counts: dict[str, int] = {}
     for n in paged:
-        try:
+        with contextlib.suppress(CbtError):
             counts[n] = _entries(vault.storage, n)
-        except CbtError:  # (damaged: left out of merges, for verify --repair; gone: moved)
-            continue
-    picked = tiers.choose(sorted(counts.items()), legacy)
-    if not picked:
-        return None
-    opened = {}
-    for n in picked:
-        if n in counts:
-            try:
-                opened[n] = open_paged(vault.storage, n, cipher)
-            except CbtError:  # (a damaged head: left out, for verify --repair)
-                continue
+    read: dict[str, dict[str, Any]] = {}
+    for n in legacy:
+        with contextlib.suppress(CbtError):
+            read[n] = read_segment(vault.get_sealed("index", n), vault.storage.where(n))
+    opened: dict[str, PagedSegment] = {}
+    left_out: set[str] = set()
+    while True:
+        picked = tiers.choose(sorted((n, c) for n, c in counts.items() if n not in left_out),
+                              [n for n in read if n not in left_out])
+        if not picked:
+            return None
+        for n in picked:
+            if n in counts and n not in opened:
+                try:
+                    opened[n] = open_paged(vault.storage, n, cipher)
+                except CbtError:
+                    left_out.add(n)
+        # (the packs listed only now, when there is a merge to make: not at every commit;
+        # a segment naming none of this vault's packs is never merged into one of ours)
+        left_out.update(foreign_segments(vault.storage, vault.storage.list("packs"),
+                                         {n: opened[n] for n in picked if n in opened}))
+        if not left_out & set(picked):
+            break
     inputs: list[Iterator[Chunk]] = []
     total = 0
-    legacy_read: set[str] = set()
     for n in picked:
         if n in opened:
             inputs.append(paged_chunks(opened[n]))
             total += opened[n].n
         else:
-            try:
-                part = read_segment(vault.get_sealed("index", n), vault.storage.where(n))
-            except CbtError:  # (damaged: left for verify --repair)
-                continue
-            inputs.append(legacy_chunks(part))
-            legacy_read.add(n)
-            total += len(part["offset"])
-    picked = [n for n in picked if n in opened or n in legacy_read]
-    if not picked:
-        return None
+            inputs.append(legacy_chunks(read[n]))
+            total += len(read[n]["offset"])
     name = vault.segment_name(f"merged-{uuid.uuid4().hex}")
     write_paged(vault.storage, name, tiers.merge(inputs), total, cipher)
     for n in picked:
