@@ -224,8 +224,20 @@ def write_paged_entries(vault: Vault, n: int, seed: int = SEED) -> list[str]:
     for i, count in enumerate(paged_layout(n)):
         name = vault.segment_name(f"synthetic-{i:04d}")
         write_paged(vault.storage, name, paged_chunks(seed, i, count), count, vault.cipher)
+        hold_a_pack(vault, name)
         names.append(name)
     return names
+
+
+def hold_a_pack(vault: Vault, segment: str) -> None:
+    """An empty file under the name of the segment's first pack: the index ignores a
+    segment none of whose packs the vault holds (one copied from another vault), and the
+    synthetic packs are never written (no point references them)."""
+    from cbt.format.pack import pack_name
+    from cbt.repo.index import open_paged
+
+    vault.storage.put(pack_name(open_paged(vault.storage, segment, vault.cipher).pack_ids[0]),
+                      b"")
 
 
 def recipe(n: int, encrypted: bool, per_segment: int, legacy: bool = False) -> dict[str, Any]:
@@ -235,6 +247,7 @@ def recipe(n: int, encrypted: bool, per_segment: int, legacy: bool = False) -> d
                 "index_version": INDEX_VERSION}
     return {"entries": n, "seed": SEED, "encrypted": encrypted, "pack_entries": PACK_ENTRIES,
             "format": "paged", "paged_version": PAGED_VERSION, "layout": paged_layout(n),
+            "holds_a_pack": True,
             "recipe": 1}
 
 

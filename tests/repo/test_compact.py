@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cbt.format.pack import pack_name
 from cbt.format.paged_index import TRAILER_SIZE
 from cbt.repo.compact import BASE, KEYS, TIER, WIDTH, choose, merge, tier
 from cbt.repo.segments import compact as compact_vault
@@ -128,6 +129,8 @@ def test_compaction_reads_only_the_segments_it_merges(tmp_path: Path) -> None:
     for i, ids in enumerate(small):
         write_paged(vault.storage, vault.segment_name(f"small-{i}"), [_entries(ids, i + 1)],
                     len(ids), None)
+        # (the vault holds its pack: a segment naming none of the vault's is ignored)
+        vault.storage.put(pack_name(bytes([i + 1]).hex() * 16), b"")
     big_ids = sorted(_ids(rng, BASE * TIER + 1))  # alone in tier 2
     big = vault.segment_name("big")
     write_paged(vault.storage, big, [_entries(big_ids, 9)], len(big_ids), None)

@@ -491,7 +491,7 @@ def _write_index(vault: Vault, index: Index, sweep: _Sweep, result: GcResult,
         result.bytes_written += written
     tick("rewrite", total, total)
     # every part's kept entries and the moved ones, merged as streams into one segment
-    inputs = index.sorted_streams(sweep.keep)
+    inputs = index.sorted_streams(sweep.keep, CHUNK)  # (a round: CHUNK a part)
     if moved:
         inputs.append(iter([segments.first_copies(index_mod.segment_entries(moved))]))
     name = vault.segment_name(f"gc-{uuid.uuid4().hex}")

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from cbt.repo.vault import Vault
 
 Chunk = dict[str, Any]
-CHUNK = 16384  # entries a merge reads of each input at a time (about 1 MiB)
+CHUNK = 4096  # entries a merge reads of each input at a time (a round: ~0.25 MB an input)
 
 
 def _entries(storage: Storage, name: str) -> int:
