@@ -17,12 +17,12 @@ from helpers import KIB
 from helpers.cli import cbt, one_error_line
 from helpers.images import assert_same_disk
 from helpers.packs import pack_files, trailer_entries
+from helpers.segments import read_paged
 from helpers.shapes import VERIFY_KEYS
 from helpers.truth import sha256, tree_hashes
 from helpers.vaults import History3, day1_blob
 
 import cbt as cbt_api
-from cbt.repo.index import read_segment
 
 BS = 64 * KIB
 REPAIR_KEYS = {"packs_read", "blobs_indexed", "blobs_damaged", "packs_quarantined",
@@ -74,7 +74,7 @@ def _flip(pack: Path, offset: int, stored: int) -> None:
 def test_repair_rebuilds_a_deleted_index(vh: History3, tmp_path: Path) -> None:
     entries = _all_entries(vh.vault)
     packs = tree_hashes(vh.vault / "packs")
-    for seg in (vh.vault / "index").glob("*.arrow"):
+    for seg in (vh.vault / "index").glob("*.cbtidx"):
         seg.unlink()
     code, out = _repair(vh.vault)
     assert code == 0 and out["problems"] == []
@@ -82,9 +82,9 @@ def test_repair_rebuilds_a_deleted_index(vh: History3, tmp_path: Path) -> None:
                              "blobs_indexed": len(entries), "blobs_damaged": 0,
                              "packs_quarantined": 0, "damaged_points": [],
                              "records_quarantined": [], "lost_points": []}
-    segments = sorted((vh.vault / "index").glob("*.arrow"))
+    segments = sorted((vh.vault / "index").glob("*.cbtidx"))
     assert len(segments) == 1
-    part = read_segment(segments[0].read_bytes(), str(segments[0]))
+    part = read_paged(cbt_api.Vault.open(vh.vault), f"index/{segments[0].name}")
     rebuilt = {(bytes(part["digests"][i]), part["pack_ids"][int(part["pack"][i])],
                 int(part["offset"][i]), int(part["stored"][i]), int(part["raw"][i]))
                for i in range(len(part["offset"]))}

@@ -179,21 +179,22 @@ def test_readers_racing_an_index_merge(tmp_path: Path) -> None:
     Readers take no lock, so a backup may run while they read.  The reader's open
     of an index segment is held back by strace (fault injection: a delay on
     entry, only for that file) while a backup merges the segments into one and
-    deletes the old ones.  The reader must still succeed with a consistent view.
+    retires the old ones to the trash.  The reader must still succeed with a consistent
+    view (the pages of a retired segment are read from the trash).
     """
     need_root_tools("strace")
-    from cbt.repo.index import MERGE_AT
+    from cbt.repo.compact import WIDTH
 
     img = tmp_path / "d.img"
     img.write_bytes(np.random.default_rng(83).integers(0, 256, 1 * MIB, np.uint8).tobytes())
     vault = tmp_path / "v"
     v = cbt_api.Vault.init(vault)
-    for day in range(MERGE_AT - 1):
+    for day in range(WIDTH - 1):  # (a tier one short of a merge)
         if day:
             mutate(img, seed=830 + day, page_writes=2, runs=0, zero_runs=0, holes=0)
         v.backup("vm", [img], block_size=64 * KIB)
     keep_copy(img, tmp_path / "then.img")
-    first = sorted((vault / "index").glob("*.arrow"))[0]
+    first = sorted((vault / "index").glob("*.cbtidx"))[0]
     readers = {}
     for name, args in (("verify", ["verify", vault]),
                        ("restore", ["restore", vault, "vm.latest", "--to", tmp_path / "out"])):
@@ -213,7 +214,7 @@ def test_readers_racing_an_index_merge(tmp_path: Path) -> None:
             time.sleep(0.01)
         assert proc.poll() is None
     mutate(img, seed=899, page_writes=2, runs=0, zero_runs=0, holes=0)
-    v.backup("vm", [img])  # the MERGE_AT-th segment: merged, old segments deleted
+    v.backup("vm", [img])  # the WIDTH-th segment: merged, old segments retired to the trash
     assert not first.exists(), "the backup was to merge the index"
     failed = []
     for name, (_log, proc) in readers.items():

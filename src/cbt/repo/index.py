@@ -62,7 +62,7 @@ from cbt.repo.trash import read_segment_range, segment_trash_name
 if TYPE_CHECKING:
     from cbt.core.crypto import Cipher
 
-MERGE_AT = 16  # segments before a backup merges them into one
+MERGE_AT = 16  # Arrow segments at which cbt before issue 18 merged them (bench --legacy)
 CHUNK = 65536  # entries :meth:`Index.chunks` hands out at a time (about 3 MB)
 
 
