@@ -555,7 +555,10 @@ def _packs(place: Place) -> _Packs:
     storage = place.storage()
     index = place.vault().load_index()
     names = storage.list("packs")
-    used = {int(k) for _base, got in index.chunks() for k in np.unique(got.pack)}
+    # (the packs lookups resolve to: an entry listed in two segments, two writers' copies
+    # of one block, is found in the first; the other copy's pack is a spare for gc)
+    used = {int(k) for _base, got in index.chunks()
+            for k in np.unique(index.locate(index.lookup(got.digests)).pack)}
     return _Packs(set(index.pack_ids), {index.pack_ids[k] for k in used},
                   sum(storage.size(n) for n in names))
 
