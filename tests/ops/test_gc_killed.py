@@ -22,38 +22,23 @@ from pathlib import Path
 import pytest
 from helpers import KIB, MIB
 from helpers.images import assert_same_bytes, copy_disk, write_random_disk
+from helpers.kills import KILLING, copy_vault
 from helpers.vaults import PASSWORD, fast_kdf
 
 import cbt.ops.backup as backup_mod
 from cbt.api import Vault
 from cbt.ops.gc import gc
 from cbt.ops.prune import PruneRequest, prune
-from cbt.repo.stores import storage_at
 
 BS = 64 * KIB
 
-_CHILD = r"""
-import os, signal, sys
+_CHILD = KILLING + r"""
 from cbt.api import Vault
 from cbt.ops.gc import gc
 
 path, kill_at, password = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None
 vault = Vault.open(path, passphrase=password) if password else Vault.open(path)
-storage, steps = vault.storage, [0]
-
-
-def killing(method):
-    def step(*args, **kwargs):
-        out = method(*args, **kwargs)
-        steps[0] += 1
-        if steps[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return out
-    return step
-
-
-for name in ("put", "rename", "delete", "touch"):
-    setattr(storage, name, killing(getattr(storage, name)))
+killing(vault.storage, ("put", "rename", "delete", "touch"), kill_at)
 r = gc(vault, grace=0.0, max_unused=0.0)
 print("finished", steps[0], r.packs_rewritten, r.trash_emptied)
 """
@@ -61,17 +46,6 @@ print("finished", steps[0], r.packs_rewritten, r.trash_emptied)
 
 def _open(path: Path | str, encrypted: bool) -> Vault:
     return Vault.open(path, passphrase=PASSWORD) if encrypted else Vault.open(path)
-
-
-def _copy(src: Path | str, dst: Path | str) -> None:
-    """The vault at ``src`` copied to ``dst`` (a directory's with its files' times; an
-    S3 vault's object by object, its times then the copy's)."""
-    if isinstance(src, Path):
-        shutil.copytree(src, dst)
-        return
-    a, b = storage_at(src), storage_at(dst)
-    for name in a.list(""):
-        b.put(name, a.get(name))
 
 
 @pytest.mark.parametrize(("kind", "encrypted"), [
@@ -128,7 +102,7 @@ def test_gc_killed_at_each_step_loses_no_point(tmp_path: Path, monkeypatch: pyte
         assert kill_at < 200, "gc never finished"
         path: Path | str = (tmp_path / f"v{kill_at}" if kind == "dir"
                             else f"{src[:-len('src')]}v{kill_at}")
-        _copy(src, path)
+        copy_vault(src, path)
         time.sleep(pause)  # (trashed before the killed run's clock)
         run = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(kill_at),
                               PASSWORD if encrypted else ""],

@@ -20,47 +20,23 @@ from pathlib import Path
 import pytest
 from helpers import KIB, MIB
 from helpers.images import assert_same_bytes, write_random_disk
+from helpers.kills import KILLING, copy_vault
 
 import cbt as cbt_api
 from cbt.ops.gc import gc
 from cbt.repo import compact as compact_mod
-from cbt.repo.stores import storage_at
 
 BS = 64 * KIB
 
-_CHILD = r"""
-import os, signal, sys
+_CHILD = KILLING + r"""
 import cbt as cbt_api
 
 path, kill_at, disk = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 vault = cbt_api.Vault.open(path)
-storage, steps = vault.storage, [0]
-
-
-def killing(method):
-    def step(*args, **kwargs):
-        out = method(*args, **kwargs)
-        steps[0] += 1
-        if steps[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return out
-    return step
-
-
-for name in ("put", "put_stream", "rename", "delete", "touch"):
-    setattr(storage, name, killing(getattr(storage, name)))
+killing(vault.storage, ("put", "put_stream", "rename", "delete", "touch"), kill_at)
 point = vault.backup("today", [f"d={disk}"], block_size=64 * 1024, workers=1)
 print("finished", steps[0], point.id, len(point.warnings))
 """
-
-
-def _copy(src: Path | str, dst: Path | str) -> None:
-    if isinstance(src, Path):
-        shutil.copytree(src, dst)
-        return
-    a, b = storage_at(src), storage_at(dst)
-    for name in a.list(""):
-        b.put(name, a.get(name))
 
 
 @pytest.mark.parametrize("kind", ["dir", pytest.param("s3", marks=pytest.mark.slow)])
@@ -94,7 +70,7 @@ def test_a_merge_killed_at_each_step_loses_nothing(tmp_path: Path, kind: str,
         assert kill_at < 100, "the backup never finished"
         path: Path | str = (tmp_path / f"v{kill_at}" if kind == "dir"
                             else f"{src[:-len('src')]}v{kill_at}")
-        _copy(src, path)
+        copy_vault(src, path)
         run = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(kill_at),
                               str(today)], capture_output=True, text=True, timeout=300)
         finished = run.returncode == 0
