@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scale
+from helpers.system import need
 
 from cbt.core.crypto import KdfParams
 from cbt.format.pack import BLOB, HEADER
@@ -102,10 +103,10 @@ def check_entries(vault: Vault, n: int, per_segment: int) -> None:
         assert (index.lookup(np.frombuffer(absent, np.uint8).reshape(50, 32)) == -1).all()
 
 
-@pytest.mark.skipif(not os.access(scale.GNU_TIME, os.X_OK), reason="needs GNU time (apt "
-                    "package time), what the benchmark measures with")
 def test_a_tiny_run_reports_every_command_at_every_scale(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    need(os.access(scale.GNU_TIME, os.X_OK), "needs GNU time (apt package time; "
+         "ci/system-deps.sh installs it), what the benchmark measures with")
     assert scale.main(["--scales", "0,50k", "--disk-size", "4M", "--dir", str(tmp_path),
                        "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

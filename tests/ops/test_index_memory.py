@@ -24,14 +24,15 @@ same against a vault of 1.5 million stored blocks as against an empty one (issue
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import numpy as np
-import pytest
 from helpers.cli import cbt_argv, clean_env
+from helpers.system import need
 
 from cbt.format.pack import pack_name
 from cbt.repo.segments import write_paged
@@ -104,9 +105,10 @@ def run_commands(vault: Path, disk: Path, restored: Path) -> dict[str, int]:
     return got
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's wait4")
 def test_a_vault_of_millions_of_blocks_costs_the_commands_little_memory(
         tmp_path: Path) -> None:
+    need(hasattr(os, "wait4") and Path("/proc/self/status").exists(),
+         "needs Linux's wait4 (the peak RSS of each cbt process)")
     disk = tmp_path / "disk.img"
     disk.write_bytes(np.random.default_rng(1).bytes(DISK))
     Vault.init(tmp_path / "empty", "none")
