@@ -132,9 +132,14 @@ def _sorted_unique(parts: list[Chunk]) -> Chunk:
     """One round's entries sorted by digest, the first copy of each kept."""
     if len(parts) == 1:
         return parts[0]
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
+    return sorted_unique({k: np.concatenate([p[k] for p in parts]) for k in KEYS})
+
+
+def sorted_unique(cols: Chunk) -> Chunk:
+    """Entries (digests as (n, 32) rows) sorted by digest, the first copy of each kept
+    (a stable sort: the earlier copy first)."""
     keys = _as_s32(cols["digests"])
-    order = np.argsort(keys, kind="stable")  # (stable: the earlier input's copy first)
+    order = np.argsort(keys, kind="stable")
     keys = keys[order]
     keep = np.ones(len(order), dtype=bool)
     keep[1:] = keys[1:] != keys[:-1]

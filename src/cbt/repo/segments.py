@@ -84,13 +84,7 @@ def first_copies(entries: Chunk) -> Chunk:
         "offset": np.asarray(entries["offset"], dtype=np.uint64),
         "stored": np.asarray(entries["stored"], dtype=np.uint32),
         "raw": np.asarray(entries["raw"], dtype=np.uint32)}
-    keys = cols["digests"].view("S32").ravel()
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    keep = np.ones(len(order), dtype=bool)
-    keep[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    order = order[keep]
-    return {k: v[order] for k, v in cols.items()}
+    return tiers.sorted_unique(cols)
 
 
 def write_entries(vault: Vault, run: str, entries: Chunk) -> str | None:
