@@ -223,7 +223,7 @@ def write_paged_entries(vault: Vault, n: int, seed: int = SEED) -> list[str]:
     names = []
     for i, count in enumerate(paged_layout(n)):
         name = vault.segment_name(f"synthetic-{i:04d}")
-        write_paged(vault.storage, name, paged_chunks(seed, i, count), count, vault.cipher)
+        write_paged(vault, name, paged_chunks(seed, i, count), count)
         hold_a_pack(vault, name)
         names.append(name)
     return names

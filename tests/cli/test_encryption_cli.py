@@ -70,10 +70,10 @@ def disk(tmp_path: Path) -> Path:
 def test_init_is_encrypted_by_default(tmp_path: Path, pw: Path) -> None:
     out = init_encrypted(tmp_path / "v", pw)
     assert set(out) == {"vault", "format_version", "encryption", "id_key", "key", "warnings"}
-    assert out["encryption"] == "aes-256-gcm" and out["format_version"] == 2
+    assert out["encryption"] == "aes-256-gcm" and out["format_version"] == 3
     assert out["id_key"] == "blake3-keyed"
     config = json.loads((tmp_path / "v" / "config").read_text())
-    assert (config["encryption"], config["format_version"]) == ("aes-256-gcm", 2)
+    assert (config["encryption"], config["format_version"]) == ("aes-256-gcm", 3)
     assert sorted(p.name for p in (tmp_path / "v" / "keys").iterdir()) == [f"{out['key']}.json"]
     slot = json.loads((tmp_path / "v" / "keys" / f"{out['key']}.json").read_text())
     assert (slot["kdf"], slot["log_n"]) == ("scrypt", 10)
@@ -81,7 +81,7 @@ def test_init_is_encrypted_by_default(tmp_path: Path, pw: Path) -> None:
     out = init_encrypted(tmp_path / "c", pw, "--encryption", "chacha20-poly1305")
     assert out["encryption"] == "chacha20-poly1305"
     out = cbt_json("init", tmp_path / "plain", "--encryption", "none")
-    assert (out["encryption"], out["format_version"], out["key"]) == ("none", 1, None)
+    assert (out["encryption"], out["format_version"], out["key"]) == ("none", 3, None)
     assert not (tmp_path / "plain" / "keys").exists()
 
 

@@ -26,7 +26,7 @@ def test_the_whole_cycle_on_s3(env: dict[str, str], tmp_path: Path) -> None:
     verify --data, restore bit for bit, gc: all at s3://."""
     vault = f"s3://{fresh_bucket()}/vaults/web"
     made = run_json("init", vault, "--kdf-log-n", "10", env=env)
-    assert made["vault"] == vault and made["format_version"] == 2, made
+    assert made["vault"] == vault and made["format_version"] == 3, made
     assert made["encryption"] != "none" and made["key"], made
     disk = write_random_disk(tmp_path / "os.img", 4 * MIB, seed=1)
     truth1 = tmp_path / "truth1.img"

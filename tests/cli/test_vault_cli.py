@@ -73,7 +73,7 @@ def test_init_refuses_a_non_empty_directory(tmp_path: Path) -> None:
     one_error_line(cbt("init", "--encryption", "none", tmp_path / "empty"))
     assert cbt("init", "--encryption", "none", tmp_path / "new" / "nested").returncode == 0
     config = json.loads((tmp_path / "new" / "nested" / "config").read_text())
-    assert (config["format_version"], config["encryption"], config["id_key"]) == (1, "none",
+    assert (config["format_version"], config["encryption"], config["id_key"]) == (3, "none",
                                                                                  "none")
 
 

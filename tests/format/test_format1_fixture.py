@@ -441,11 +441,15 @@ def test_new_backup_extends_the_old_vault(vault: Path, tmp_path: Path) -> None:
 
     # Nothing old was rewritten: only new files (and the lock holder lines) differ; the
     # old Arrow index segments were merged into a paged one, and moved whole to the trash.
+    # The config alone is rewritten: format 3 (cbt before paged segments refuses the vault
+    # now, rather than misread an index it cannot see), every other field as it was.
     after = vault_files(vault)
     moved = {k for k in old if k.startswith("index/")}
     assert moved and all(f"trash/{k}" in after and k not in after for k in moved)
-    assert {k: after[k] for k in old if k not in LOCK_FILES | moved} == {
-        k: v for k, v in old.items() if k not in LOCK_FILES | moved}
+    assert {k: after[k] for k in old if k not in LOCK_FILES | moved | {"config"}} == {
+        k: v for k, v in old.items() if k not in LOCK_FILES | moved | {"config"}}
+    config = json.loads((vault / "config").read_text())
+    assert config == {**json.loads((COMMITTED / "config").read_text()), "format_version": 3}
     assert {k: after[f"trash/{k}"] for k in moved} == {k: old[k] for k in moved}
 
     to = tmp_path / "restored" / new_id

@@ -50,7 +50,7 @@ def rewrite(vault: Vault, name: str, entries: dict[str, Any]) -> None:
     """Write ``entries`` (segment form: digests, pack_uuid, offset, stored, raw) as the
     segment ``name``, replacing it: a well-formed segment saying what the test wants."""
     kept = first_copies(entries)
-    write_paged(vault.storage, name, [kept], len(kept["offset"]), vault.cipher)
+    write_paged(vault, name, [kept], len(kept["offset"]))
 
 
 def head_fraction(path: Path) -> float:

@@ -61,8 +61,7 @@ def fill_index(vault: Vault, n: int, seed: int) -> None:
                    "stored": np.full(min(CHUNK, k - a), 2000, dtype=np.uint32),
                    "raw": np.full(min(CHUNK, k - a), 4096, dtype=np.uint32)}
                   for a in range(0, k, CHUNK))
-        write_paged(vault.storage, vault.segment_name(f"synthetic-{part}"), chunks, k,
-                    vault.cipher)
+        write_paged(vault, vault.segment_name(f"synthetic-{part}"), chunks, k)
         # (an empty file for one of its packs: a segment none of whose packs the vault
         # holds is ignored as another vault's; the synthetic packs are never read)
         vault.storage.put(pack_name(uuid.UUID(bytes=packs[0].tobytes()).hex), b"")

@@ -68,8 +68,8 @@ def _split(where: Path, pieces: int) -> None:
         vault.storage.delete(name)
     cuts = [n * i // pieces for i in range(pieces + 1)]
     for i, (a, b) in enumerate(itertools.pairwise(cuts)):
-        write_paged(vault.storage, vault.segment_name(f"piece-{i}"),
-                    [{k: v[a:b] for k, v in whole.items()}], b - a, vault.cipher)
+        write_paged(vault, vault.segment_name(f"piece-{i}"),
+                    [{k: v[a:b] for k, v in whole.items()}], b - a)
 
 
 def _run(where: Path, point: str, truth: Path, out: Path) -> dict[str, Any]:

@@ -127,13 +127,12 @@ def test_compaction_reads_only_the_segments_it_merges(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     small = [sorted(_ids(rng, 50)) for _ in range(WIDTH)]  # a crowded tier 0
     for i, ids in enumerate(small):
-        write_paged(vault.storage, vault.segment_name(f"small-{i}"), [_entries(ids, i + 1)],
-                    len(ids), None)
+        write_paged(vault, vault.segment_name(f"small-{i}"), [_entries(ids, i + 1)], len(ids))
         # (the vault holds its pack: a segment naming none of the vault's is ignored)
         vault.storage.put(pack_name(bytes([i + 1]).hex() * 16), b"")
     big_ids = sorted(_ids(rng, BASE * TIER + 1))  # alone in tier 2
     big = vault.segment_name("big")
-    write_paged(vault.storage, big, [_entries(big_ids, 9)], len(big_ids), None)
+    write_paged(vault, big, [_entries(big_ids, 9)], len(big_ids))
     path = tmp_path / "v" / big
     data = bytearray(path.read_bytes())
     data[-TRAILER_SIZE - 1] ^= 0x40  # the head's last byte

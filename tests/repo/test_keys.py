@@ -30,7 +30,7 @@ def make(tmp_path: Path, pw: str = "correct horse") -> Vault:
 
 def test_encrypted_vault_opens_with_its_passphrase_only(tmp_path: Path) -> None:
     v = make(tmp_path)
-    assert v.encrypted and v.config["format_version"] == 2
+    assert v.encrypted and v.config["format_version"] == 3
     again = Vault.open(tmp_path / "v", passphrase="correct horse")
     assert again.keys is not None and v.keys is not None
     assert again.keys.master == v.keys.master
@@ -65,7 +65,7 @@ def test_unencrypted_vault_ignores_any_passphrase(tmp_path: Path) -> None:
     Vault.init(tmp_path / "v")
     v = Vault.open(tmp_path / "v", passphrase=lambda: pytest.fail("asked for a passphrase"))
     assert not v.encrypted
-    assert json.loads((tmp_path / "v" / "config").read_bytes())["format_version"] == 1
+    assert json.loads((tmp_path / "v" / "config").read_bytes())["format_version"] == 3
 
 
 def test_key_slots_add_remove_and_the_last_stays(tmp_path: Path) -> None:
@@ -136,3 +136,53 @@ def test_names_are_opaque_and_files_sealed(tmp_path: Path) -> None:
         v.get_sealed("point", other)
     assert v.id_key is not None
     assert v.id_key != blake3.blake3(b"").digest()
+
+
+def test_a_format_2_vault_is_raised_to_3_by_its_first_paged_segment_only(
+        tmp_path: Path) -> None:
+    """cbt before paged index segments reads formats 1 and 2 only: an encrypted vault that
+    old cbt wrote (format 2) becomes format 3 when a paged segment is first written into
+    it, its ``check`` sealed anew (it covers the version); reading does not change it, and
+    a version edited without the key fails authentication."""
+    from helpers.images import make_disk, scribble
+
+    import cbt
+    from cbt.repo.vault import _config_check
+
+    v = make(tmp_path)
+    assert v.keys is not None
+    cfg_path = tmp_path / "v" / "config"
+
+    def as_format_2() -> bytes:
+        """The config as cbt before paged segments wrote it."""
+        cfg = {k: val for k, val in json.loads(cfg_path.read_bytes()).items() if k != "check"}
+        cfg["format_version"] = 2
+        cfg["check"] = _config_check(cfg, v.keys)  # type: ignore[arg-type]
+        data = (json.dumps(cfg, indent=1) + "\n").encode()
+        cfg_path.write_bytes(data)
+        return data
+
+    as_format_2()
+    disk = make_disk(tmp_path / "d.img", 1 << 20, 3)
+    opened = cbt.Vault.open(tmp_path / "v", passphrase="correct horse")
+    assert opened.config["format_version"] == 2
+    point = opened.backup("vm", [disk], block_size=16384, workers=1).id
+    assert json.loads(cfg_path.read_bytes())["format_version"] == 3
+    assert Vault.open(tmp_path / "v", passphrase="correct horse").config["format_version"] == 3
+
+    before = as_format_2()  # reading (list, restore, verify): the config stays as it is
+    again = cbt.Vault.open(tmp_path / "v", passphrase="correct horse")
+    assert [p.id for p in again.points()] == [point]
+    again.restore(point, tmp_path / "out", workers=1)
+    assert (tmp_path / "out" / "d.img").read_bytes() == disk.read_bytes()
+    assert again.verify(data=True).problems == []
+    assert cfg_path.read_bytes() == before
+
+    scribble(disk, 4)
+    again.backup("vm", [disk], block_size=16384, workers=1)  # (a new segment: format 3)
+    assert json.loads(cfg_path.read_bytes())["format_version"] == 3
+    cfg = json.loads(cfg_path.read_bytes())
+    cfg["format_version"] = 2  # edited without the key
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(VaultVersionError, match="fails authentication"):
+        Vault.open(tmp_path / "v", passphrase="correct horse")

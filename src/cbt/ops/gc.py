@@ -495,8 +495,7 @@ def _write_index(vault: Vault, index: Index, sweep: _Sweep, result: GcResult,
     if moved:
         inputs.append(iter([segments.first_copies(index_mod.segment_entries(moved))]))
     name = vault.segment_name(f"gc-{uuid.uuid4().hex}")
-    segments.write_paged(vault.storage, name, merge(inputs), int(sweep.keep.sum()) + len(moved),
-                         vault.cipher)
+    segments.write_paged(vault, name, merge(inputs), int(sweep.keep.sum()) + len(moved))
     with contextlib.suppress(CbtIOError):
         result.bytes_written += vault.storage.size(name)
     for s in index.segments:

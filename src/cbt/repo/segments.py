@@ -35,7 +35,6 @@ from cbt.repo.index import foreign_segments, open_paged, read_segment, stored_si
 from cbt.repo.trash import read_segment_range, retire_segment
 
 if TYPE_CHECKING:
-    from cbt.core.crypto import Cipher
     from cbt.repo.storage import Storage
     from cbt.repo.vault import Vault
 
@@ -50,10 +49,12 @@ def _entries(storage: Storage, name: str) -> int:
         stored_size(storage, name), where=storage.where(name))
 
 
-def write_paged(storage: Storage, name: str, chunks: Iterable[Chunk], total: int,
-                cipher: Cipher | None) -> int:
-    """Write the sorted ``chunks`` (at most ``total`` entries) as the segment ``name``;
-    the number of entries written."""
+def write_paged(vault: Vault, name: str, chunks: Iterable[Chunk], total: int) -> int:
+    """Write the sorted ``chunks`` (at most ``total`` entries) as the segment ``name`` of
+    ``vault`` (raised to the format that says it holds paged segments first); the number
+    of entries written."""
+    vault.allow_paged_segments()
+    cipher = vault.cipher
     written = [0]
 
     def stream() -> Iterator[bytes]:
@@ -70,7 +71,7 @@ def write_paged(storage: Storage, name: str, chunks: Iterable[Chunk], total: int
         writer.finish()
         yield from out
 
-    storage.put_stream(name, stream())
+    vault.storage.put_stream(name, stream())
     return written[0]
 
 
@@ -94,7 +95,7 @@ def write_entries(vault: Vault, run: str, entries: Chunk) -> str | None:
         return None
     kept = first_copies(entries)
     name = vault.segment_name(run)
-    write_paged(vault.storage, name, [kept], len(kept["offset"]), vault.cipher)
+    write_paged(vault, name, [kept], len(kept["offset"]))
     return name
 
 
@@ -189,7 +190,7 @@ def compact(vault: Vault) -> str | None:
             inputs.append(legacy_chunks(read[n]))
             total += len(read[n]["offset"])
     name = vault.segment_name(f"merged-{uuid.uuid4().hex}")
-    write_paged(vault.storage, name, tiers.merge(inputs), total, cipher)
+    write_paged(vault, name, tiers.merge(inputs), total)
     for n in picked:
         retire_segment(vault.storage, n)
     return name

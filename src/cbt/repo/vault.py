@@ -8,11 +8,14 @@ for :class:`~cbt.repo.storage.LocalStorage`)::
     gc.lock                gc's lock (and each commit's)
     points/<id>.json       recovery point records; the rename of one is its commit
     manifests/<id>/<label>.arrow   full manifest or delta of each disk of a point
-    index/<run>.arrow      index segments (digest -> pack, offset, length)
+    index/<run>.cbtidx     index segments (digest -> pack, offset, length), paged
+                           (cbt.format.paged_index); <run>.arrow: legacy ones, still read
     packs/<xx>/<id>.pack   pack files of compressed blocks
 
 Format 1 stores blocks unencrypted (``encryption = "none"``) and names them by
-their plain BLAKE3 digest (``id_key = "none"``).
+their plain BLAKE3 digest (``id_key = "none"``).  Format 3 is format 1 or 2 (its
+``encryption`` says which) whose index may hold paged segments: what cbt creates now,
+and what a format 1 or 2 vault becomes when cbt first writes a segment into it.
 
 Format 2 is encrypted (:mod:`cbt.repo.keys` for the key model):
 
@@ -91,7 +94,13 @@ if TYPE_CHECKING:
 # scan from them before anything heavy is imported).
 
 CONFIG = "config"
-ENCRYPTED_VERSION = 2  # config format_version of an encrypted vault
+ENCRYPTED_VERSION = 2  # config format_version of an encrypted vault (Arrow index segments)
+# config format_version of a vault that may hold paged index segments, encrypted or not (its
+# ``encryption`` says which).  cbt before paged segments reads up to 2 and refuses 3: it
+# would take a vault whose index it cannot see for one with no index, and its gc would
+# rewrite packs that the paged segments still name.  A vault of format 1 or 2 is raised to
+# 3 just before its first paged segment is written (:meth:`Vault.allow_paged_segments`).
+PAGED_VERSION = 3
 ID_KEY = "blake3-keyed"
 SEALED = ".sealed"
 PAGED = ".cbtidx"  # a paged index segment (sealed page by page in an encrypted vault)
@@ -194,12 +203,11 @@ class Vault:
         from cbt.core.timefmt import utc_now
 
         config: dict[str, Any] = {
-            "magic": VAULT_MAGIC, "format_version": VAULT_VERSION, "encryption": "none",
+            "magic": VAULT_MAGIC, "format_version": PAGED_VERSION, "encryption": "none",
             "id_key": "none", "id": uuid.uuid4().hex, "created": utc_now()}
         keys = None
         if encryption != "none":
-            config.update(format_version=ENCRYPTED_VERSION, encryption=encryption,
-                          id_key=ID_KEY)
+            config.update(encryption=encryption, id_key=ID_KEY)
             keys = VaultKeys(encryption, new_master_key())
             config["check"] = _config_check(config, keys)
             storage.make_prefix(KEYS_DIR)
@@ -255,13 +263,13 @@ class Vault:
             raise NotAVaultError(errno.ENOENT, f"{damaged}: {why}") from None
         if magic != VAULT_MAGIC:
             raise NotAVaultError(errno.ENOENT, f"{damaged}: its magic is not cbt's")
-        if version > ENCRYPTED_VERSION:
+        if version > PAGED_VERSION:
             raise VaultVersionError(f"vault {where} has format version {version}; this cbt reads "
-                                    f"up to {ENCRYPTED_VERSION} (upgrade cbt)")
-        plain = (version == VAULT_VERSION and config.get("encryption") == "none"
+                                    f"up to {PAGED_VERSION} (upgrade cbt)")
+        plain = (version in (VAULT_VERSION, PAGED_VERSION) and config.get("encryption") == "none"
                  and config.get("id_key") == "none")
-        sealed = (version == ENCRYPTED_VERSION and config.get("encryption") in ALGORITHMS
-                  and config.get("id_key") == ID_KEY)
+        sealed = (version in (ENCRYPTED_VERSION, PAGED_VERSION)
+                  and config.get("encryption") in ALGORITHMS and config.get("id_key") == ID_KEY)
         if not (plain or sealed):
             raise VaultVersionError(f"vault {where}: config names an unknown encryption "
                                     f"{config.get('encryption')!r} or block ids "
@@ -273,6 +281,20 @@ class Vault:
         if not isinstance(config.get("id"), str):
             raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where} (config has no id)")
         return config
+
+    def allow_paged_segments(self) -> None:
+        """Raise a format 1 or 2 vault to format 3 (:data:`PAGED_VERSION`) before a paged
+        segment is written into it, so that a cbt that cannot read them refuses the vault
+        instead of misreading it.  The config is replaced whole, in one put (an encrypted
+        vault's ``check`` sealed anew: it covers the version); a no-op once done."""
+        if int(self.config["format_version"]) >= PAGED_VERSION:
+            return
+        config = {k: v for k, v in self.config.items() if k != "check"}
+        config["format_version"] = PAGED_VERSION
+        if self.keys is not None:
+            config["check"] = _config_check(config, self.keys)
+        self.storage.put(CONFIG, (json.dumps(config, indent=1) + "\n").encode())
+        self.config = config
 
     # -- names: every name in the vault comes from here -----------------------------
 
