@@ -8,6 +8,7 @@ prefixes with stored ones (the fences see 8 bytes, the filter bytes 8..24).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import os
@@ -25,6 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cbt.core.crypto import OVERHEAD, Cipher
+from cbt.format import paged_index
 from cbt.format.index_segment import CorruptIndexError
 from cbt.format.paged_index import (
     ENTRY_SIZE,
@@ -39,6 +41,26 @@ from cbt.repo.segments import merge_paged
 
 P = PAGE_ENTRIES
 NAME = "index/0123abcd"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def paged_only() -> Iterator[None]:
+    """The tests here are of the paged reads: no segment is made resident (its whole
+    decoded once) unless a test says so (:func:`resident_budget`)."""
+    kept = paged_index.RESIDENT
+    paged_index.RESIDENT = paged_index._Budget(0)
+    yield
+    paged_index.RESIDENT = kept
+
+
+@contextlib.contextmanager
+def resident_budget(nbytes: int) -> Iterator[paged_index._Budget]:
+    kept = paged_index.RESIDENT
+    paged_index.RESIDENT = budget = paged_index._Budget(nbytes)
+    try:
+        yield budget
+    finally:
+        paged_index.RESIDENT = kept
 
 
 class Entries:
@@ -169,22 +191,34 @@ def cipher_of(kind: str | None) -> Cipher | None:
 # -- answers ----------------------------------------------------------------------
 
 
+MODES = ["paged", "resident"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", CIPHERS)
 @pytest.mark.parametrize("n", [0, 1, 2, P - 1, P, P + 1, 3 * P - 1, 3 * P, 3 * P + 1, 1000])
-def test_lookup_gather_chunks_match_reference(n: int, kind: str | None) -> None:
+def test_lookup_gather_chunks_match_reference(n: int, kind: str | None, mode: str) -> None:
     cipher = cipher_of(kind)
     e = random_entries(n, seed=n)
-    seg = open_bytes(write(e, cipher=cipher), cipher=cipher)
     rng = np.random.default_rng(99)
     edges = [e.list[i] for i in {0, n - 1, P - 1, P, 2 * P - 1, 2 * P} if 0 <= i < n]
     present = [e.list[int(i)] for i in rng.integers(0, n, 200)] if n else []
-    check_all(seg, e, edges + present + absent(e, rng, 300))
+    with resident_budget(1 << 30 if mode == "resident" else 0):
+        seg = open_bytes(write(e, cipher=cipher), cipher=cipher)
+        check_all(seg, e, edges + present + absent(e, rng, 300))
+        assert (seg._resident is not None) == (mode == "resident" and n > 0)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", CIPHERS)
-def test_prefix_collisions(kind: str | None) -> None:
+def test_prefix_collisions(kind: str | None, mode: str) -> None:
     """Ids sharing 8, 16 or 24 bytes with stored ones (24: the filter cannot tell them
     apart, only the page search can), runs of one 8-byte prefix across pages."""
+    with resident_budget(1 << 30 if mode == "resident" else 0):
+        _prefix_collisions(kind)
+
+
+def _prefix_collisions(kind: str | None) -> None:
     cipher = cipher_of(kind)
     e = colliding_entries()
     seg = open_bytes(write(e, cipher=cipher), cipher=cipher)
@@ -295,6 +329,57 @@ def test_writer_refuses_bad_order() -> None:
     w = PagedWriter(lambda b: None, total=19, name=NAME)
     with pytest.raises(ValueError, match="total"):
         w.add(d, p, o, s, r)
+
+
+def test_a_resident_segment_is_read_once_within_its_budget() -> None:
+    """A lookup asking about a quarter of a segment's pages or more reads and decodes it
+    whole, once; later lookups, finds and gathers read nothing.  The process's budget
+    bounds what is kept: a segment that does not fit in what is left stays paged, and
+    a segment let go gives its share back."""
+    from cbt.format.paged_index import RESIDENT_ENTRY
+
+    a, b = random_entries(8 * P, seed=1), random_entries(8 * P, seed=2)
+    reads_a: list[tuple[int, int]] = []
+    reads_b: list[tuple[int, int]] = []
+    with resident_budget(8 * P * RESIDENT_ENTRY + 100) as budget:  # room for one
+        seg_a = open_bytes(write(a), reads=reads_a)
+        seg_b = open_bytes(write(b), reads=reads_b)
+        seg_a.lookup(as_array(a.list[::P]))  # 8 ids, one a page: asks for every page
+        assert budget.used == 8 * P * RESIDENT_ENTRY
+        reads_a.clear()
+        q = a.list[::-7] + absent(a, np.random.default_rng(1), 50)
+        assert seg_a.lookup(as_array(q)).tolist() == [a.row.get(d, -1) for d in q]
+        rows, got = seg_a.find(as_array(q))
+        assert rows.tolist() == [a.row.get(d, -1) for d in q]
+        assert [bytes(d) for d in got["digests"][rows >= 0]] == [d for d in q if d in a.row]
+        g = seg_a.gather(np.array([5, 3 * P + 1], dtype=np.int64))
+        assert [bytes(d) for d in g["digests"]] == [a.list[5], a.list[3 * P + 1]]
+        assert reads_a == []
+        reads_b.clear()
+        seg_b.lookup(as_array(b.list[::P]))  # no room left: paged, read as it is asked
+        assert budget.used == 8 * P * RESIDENT_ENTRY and seg_b._resident is None
+        assert reads_b == [(0, 8 * P * ENTRY_SIZE)]  # (the pages asked for, in one read)
+        assert seg_b.lookup(as_array(b.list[:3])).tolist() == [0, 1, 2]
+        del seg_a
+        gc.collect()
+        assert budget.used == 0
+        few = open_bytes(write(b))  # a few ids of many pages: stays paged
+        few.lookup(as_array(b.list[:3]))
+        assert budget.used == 0 and few._resident is None
+
+
+def test_a_damaged_page_keeps_a_segment_paged() -> None:
+    """A segment with a damaged page is not made resident (the whole read fails on that
+    page): lookups that need other pages answer, one that needs it is one error naming
+    it, as before; nothing of the budget is kept."""
+    e = random_entries(8 * P)
+    data = damaged(write(e), 5 * P * ENTRY_SIZE + 77)
+    with resident_budget(1 << 30) as budget:
+        seg = open_bytes(data)
+        q = [e.list[p * P + 3] for p in range(8) if p != 5]
+        assert seg.lookup(as_array(q)).tolist() == [e.row[d] for d in q]
+        assert budget.used == 0 and seg._resident is None
+        one_error(lambda: seg.lookup(as_array([e.list[5 * P + 3]])), "page 5 of 8")
 
 
 def test_lookup_reads_each_page_once_and_coalesces() -> None:
