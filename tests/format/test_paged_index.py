@@ -892,3 +892,20 @@ def test_trailer_entries_refuses_a_damaged_or_crafted_trailer() -> None:
     one_error(lambda: count_of(bytes(625) + trailer(1 << 60, 1, 1, 0, 89)), "do not fit")
     assert "newer cbt" in one_error(lambda: count_of(bytes(625) + trailer(10, 1, 3, 520, 105,
                                                                           version=9)))
+
+
+def test_warm_makes_resident_what_that_many_queries_would() -> None:
+    """``warm(k)``: resident now if a lookup of ``k`` ids would make it so (a quarter of
+    the pages or more), and within the budget; lookups then read nothing."""
+    e = random_entries(16 * P)
+    reads: list[tuple[int, int]] = []
+    with resident_budget(1 << 30) as budget:
+        seg = open_bytes(write(e), reads=reads)
+        assert not seg.warm(3) and budget.used == 0  # 3 of 16 pages: stays paged
+        assert seg.warm(4) and budget.used > 0
+        reads.clear()
+        q = e.list[::5]
+        assert seg.lookup(as_array(q)).tolist() == [e.row[d] for d in q]
+        assert reads == []
+    with resident_budget(100):
+        assert not open_bytes(write(e)).warm(10**6)  # past the budget: paged

@@ -110,3 +110,23 @@ def test_a_block_that_fails_on_the_writer_leaves_nothing(
                                                 "content does not match its digest"):
         v.restore(point, out, workers=1)
     assert file_tree(out) == {}
+
+
+def test_a_disk_is_planned_in_the_order_of_its_blocks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The jobs of a disk go pack by pack in the order of each pack's first block on the
+    disk, not of the pack's number in the index (a paged segment numbers packs in digest
+    order): a worker's share is then one stretch of the disk, written front to back.
+    Truth: where each pack's blocks lie, from the jobs themselves."""
+    from cbt.ops.restore import plan_disk
+
+    v, point, _ = _vault(tmp_path, False, monkeypatch)
+    index = v.load_index()
+    record = v.point(point)
+    manifest = v.resolve(record, record.disks[0].label)
+    jobs = plan_disk(v.spec(), index, point, record.disks[0].label, manifest, "/dev/null")
+    packs = list(dict.fromkeys(j.pack for j in jobs))
+    assert len(packs) >= 8
+    first = [min(int(j.blocks.min()) for j in jobs if j.pack == p) for p in packs]
+    assert first == sorted(first)
+    assert [j.pack for j in jobs] == sorted((j.pack for j in jobs), key=packs.index)

@@ -821,6 +821,12 @@ class PagedSegment:
             for c, a in batch.select(pos[found]).items():
                 entries[c][at] = a
 
+    def warm(self, queries: int) -> bool:
+        """Make the segment resident now if ``queries`` ids asked at once would (a process
+        about to fork workers that will ask them: they inherit it, decoded once); whether
+        it is resident."""
+        return self._whole(min(queries, self._npages)) is not None
+
     def _whole(self, pages: int) -> _Pages | None:
         """Every page decoded, if this segment is resident, or becomes so now: asked for
         ``pages`` pages at once, at least a quarter of them, and within the process's

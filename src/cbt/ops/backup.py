@@ -905,6 +905,9 @@ def transfer(vault: Vault, request: BackupRequest, planned: Plan) -> list[ShardR
             return _on_executor([pool] * len(planned.shards), worker_vault, planned.shards,
                                 report)
     if request.executor is None:
+        # (the workers' batched lookups would each decode the small segments whole: once
+        # here instead, inherited)
+        planned.index.warm(sum(s.blocks for s in planned.shards))
         try:  # (isolated: a disk page that cannot be read kills the reader, not cbt)
             results = fork_map(functools.partial(_labelled_shard, worker_vault),
                                planned.shards, report,

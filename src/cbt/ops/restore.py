@@ -878,7 +878,13 @@ def plan_disk(vault: VaultSpec, index: Index, point_id: str, label: str,
                                 f"({int((pos < 0).sum())} blocks missing; run cbt verify)")
     at = index.locate(pos)
     packs, offsets = at.pack, at.offset
-    order = np.lexsort((offsets, packs))
+    # by pack, offset order within each, the packs in the order of their first block on
+    # the disk (a pack's number in the index is no order at all: a paged segment numbers
+    # packs in digest order): a worker's share of a disk is then one stretch of it
+    # (:func:`_balance`), written front to back
+    first = np.full(len(index.pack_ids), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, packs, rows)
+    order = np.lexsort((offsets, first[packs]))
     rows, digests, packs, offsets = rows[order], digests[order], packs[order], offsets[order]
     lengths = blob_length(at.stored[order])
     jobs = []

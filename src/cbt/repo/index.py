@@ -269,6 +269,14 @@ class Index:
             todo = todo[~hit]
         return out
 
+    def warm(self, queries: int) -> None:
+        """Before forking workers that will look up about ``queries`` ids in batches: the
+        paged segments they would each decode whole (:meth:`PagedSegment.warm`) decoded
+        here once, inherited by every worker."""
+        for part in self.parts:
+            if isinstance(part, PagedSegment):
+                part.warm(queries)
+
     def locate(self, positions: npt.NDArray[np.int64]) -> Located:
         """The entries at ``positions`` (as :meth:`lookup` gives them), row i for the i-th."""
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
