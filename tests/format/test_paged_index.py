@@ -382,6 +382,33 @@ def test_a_damaged_page_keeps_a_segment_paged() -> None:
         one_error(lambda: seg.lookup(as_array([e.list[5 * P + 3]])), "page 5 of 8")
 
 
+def test_a_page_the_storage_cannot_read_keeps_a_segment_paged() -> None:
+    """An I/O error reading one page (EIO on a disk, a failed object-store read) while a
+    segment is made resident: it stays paged; lookups of other pages answer, one that
+    needs that page gets the error; warm() never raises."""
+    e = random_entries(8 * P)
+    data = write(e)
+    bad = 5 * P * ENTRY_SIZE
+
+    def read_range(offset: int, length: int) -> bytes:
+        if offset <= bad < offset + length:
+            raise OSError(5, "Input/output error")
+        return data[offset:offset + length]
+
+    def opened() -> PagedSegment:
+        return PagedSegment.open(read_range, len(data), name=NAME, where="x", cache_pages=0)
+
+    with resident_budget(1 << 30) as budget:
+        seg = opened()
+        q = [e.list[p * P + 3] for p in range(8) if p != 5]
+        assert seg.lookup(as_array(q)).tolist() == [e.row[d] for d in q]
+        assert budget.used == 0 and seg._resident is None
+        with pytest.raises(OSError, match="Input/output"):
+            seg.lookup(as_array([e.list[5 * P + 3]]))
+        assert not opened().warm(100) and budget.used == 0
+        assert not open_bytes(write(random_entries(0))).warm(100)  # (empty: nothing to keep)
+
+
 def test_lookup_reads_each_page_once_and_coalesces() -> None:
     e = random_entries(10 * P + 7)
     data = write(e)

@@ -824,14 +824,15 @@ class PagedSegment:
     def warm(self, queries: int) -> bool:
         """Make the segment resident now if ``queries`` ids asked at once would (a process
         about to fork workers that will ask them: they inherit it, decoded once); whether
-        it is resident."""
+        it is resident (never an error: a page that cannot be read is the lookups')."""
         return self._whole(min(queries, self._npages)) is not None
 
     def _whole(self, pages: int) -> _Pages | None:
         """Every page decoded, if this segment is resident, or becomes so now: asked for
         ``pages`` pages at once, at least a quarter of them, and within the process's
         :data:`RESIDENT` budget (tried once: a segment that does not fit stays paged)."""
-        if self._resident is not None or self._resident_tried or pages * 4 < self._npages:
+        if (self._resident is not None or self._resident_tried or self.n == 0
+                or pages * 4 < self._npages):
             return self._resident
         with self._lock:
             if self._resident_tried:
@@ -842,7 +843,9 @@ class PagedSegment:
                 return None
         try:
             whole = self._load(np.arange(self._npages, dtype=np.int64), cache=False)
-        except PagedIndexError:  # (a damaged page: paged, a lookup fails only if it needs it)
+        except (PagedIndexError, OSError):
+            # (a damaged page, or one the storage cannot read: paged, as before, a lookup
+            # fails only if it needs that page)
             RESIDENT.give(cost)
             return None
         except BaseException:

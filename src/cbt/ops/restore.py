@@ -882,9 +882,11 @@ def plan_disk(vault: VaultSpec, index: Index, point_id: str, label: str,
     # the disk (a pack's number in the index is no order at all: a paged segment numbers
     # packs in digest order): a worker's share of a disk is then one stretch of it
     # (:func:`_balance`), written front to back
-    first = np.full(len(index.pack_ids), np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(first, packs, rows)
-    order = np.lexsort((offsets, first[packs]))
+    # (per pack the disk holds, not per pack of the vault: ``cbt mount`` plans every read)
+    held, which = np.unique(packs, return_inverse=True)
+    first = np.full(len(held), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, which, rows)
+    order = np.lexsort((offsets, packs, first[which]))
     rows, digests, packs, offsets = rows[order], digests[order], packs[order], offsets[order]
     lengths = blob_length(at.stored[order])
     jobs = []

@@ -190,9 +190,9 @@ class Vault:
                passphrase: Passphrase | None = None, kdf: KdfParams | None = None) -> Self:
         """Create a vault on an empty storage (any kind: local, memory).
 
-        ``encryption`` is ``"none"`` (format 1) or an AEAD of
-        :data:`cbt.core.crypto.ALGORITHMS` (format 2; then ``passphrase`` opens its
-        first key slot, stretched with ``kdf``).
+        ``encryption`` is ``"none"`` or an AEAD of :data:`cbt.core.crypto.ALGORITHMS`
+        (then ``passphrase`` opens its first key slot, stretched with ``kdf``); either is
+        format 3 (:data:`PAGED_VERSION`).
         """
         if encryption != "none":
             _check_algorithm(encryption)
