@@ -384,8 +384,8 @@ class _Pages:
                  cols: tuple[npt.NDArray[Any], ...], per: int) -> None:
         self.pages = pages
         self.start = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
-        self.digests, self.pack, self.offset, self.stored, self.raw = cols
-        self.keys = prefix_keys(self.digests)
+        # (keys: each digest's 8-byte prefix as an integer, as the decode checked them)
+        self.digests, self.pack, self.offset, self.stored, self.raw, self.keys = cols
         # the segment row of each position
         self.rows = (np.repeat(pages * per - self.start, sizes)
                      + np.arange(int(sizes.sum()), dtype=np.int64))
@@ -616,7 +616,8 @@ class PagedSegment:
 
     def _decode(self, pages: npt.NDArray[np.int64], plain: bytes, k: int
                 ) -> tuple[npt.NDArray[Any], ...]:
-        """Columns (digests, pack, offset, stored, raw) of pages of ``k`` entries each,
+        """Columns (digests, pack, offset, stored, raw, and the digests' 8-byte prefix keys)
+        of pages of ``k`` entries each,
         their plaintexts concatenated; checked all at once: digests strictly ascending
         in each page and within its fences, pack numbers in the table."""
         r = len(pages)
@@ -653,7 +654,7 @@ class PagedSegment:
             worst = int(np.argmax(pack.reshape(r, k).max(axis=1) >= len(self._uuids)))
             self._fail(f"pack number {int(pack.reshape(r, k)[worst].max())} of "
                        f"{len(self._uuids)} packs", int(pages[worst]))
-        return digests, pack, offset, stored, raw
+        return digests, pack, offset, stored, raw, keys.reshape(-1)
 
     def _load(self, pages: npt.NDArray[np.int64], cache: bool = True) -> _Pages:
         """These pages (ascending, distinct), decoded and checked: cached ones from the
@@ -718,7 +719,7 @@ class PagedSegment:
             last = plist[-1]
             parts.append(self._decode(pages[-1:], bytes(got[last]), self._page_size(last)))
         cols = tuple(np.concatenate([part[c] for part in parts]) if len(parts) > 1
-                     else parts[0][c] for c in range(5))
+                     else parts[0][c] for c in range(6))
         sizes = np.full(len(pages), self._per, dtype=np.int64)
         if short:
             sizes[-1] = self._page_size(plist[-1])
@@ -726,8 +727,8 @@ class PagedSegment:
         # Pages join into one sorted run: each page's first digest above the last one
         # before it (fences see 8 bytes: a run of one prefix across pages needs this)
         if len(pages) > 1:
-            s = _sortable(loaded.digests)
-            bad = ~(s[loaded.start[1:]] > s[loaded.start[1:] - 1])
+            firsts = loaded.start[1:]
+            bad = ~(_sortable(loaded.digests[firsts]) > _sortable(loaded.digests[firsts - 1]))
             if bad.any():
                 self._fail("digests not above the page before", int(pages[1:][np.argmax(bad)]))
         return loaded
@@ -783,7 +784,7 @@ class PagedSegment:
         qkeys = prefix_keys(q)
         whole = self._whole(len(np.unique(page)))
         if whole is not None:  # (every page decoded already: one search over them all)
-            self._match(whole, q, qkeys, np.sort(qi), out, entries)
+            self._match(whole, q, qkeys, qi, out, entries)
             return out
         order = np.argsort(page, kind="stable")
         qi, page = qi[order], page[order]

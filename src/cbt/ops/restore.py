@@ -881,8 +881,8 @@ def plan_disk(vault: VaultSpec, index: Index, point_id: str, label: str,
     # by pack, offset order within each, the packs in the order of their first block on
     # the disk (a pack's number in the index is no order at all: a paged segment numbers
     # packs in digest order): a worker's share of a disk is then one stretch of it
-    # (:func:`_balance`), written front to back
-    # (per pack the disk holds, not per pack of the vault: ``cbt mount`` plans every read)
+    # (:func:`_balance`), written front to back.  Counted per pack the disk holds, not
+    # per pack of the vault: ``cbt mount`` plans every read.
     held, which = np.unique(packs, return_inverse=True)
     first = np.full(len(held), np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(first, which, rows)

@@ -216,7 +216,7 @@ class Vault:
             storage.put(slot_name(slot.id), slot.to_json())
         for sub in ("points", "manifests", "index", "packs"):
             storage.make_prefix(sub)
-        storage.put(CONFIG, (json.dumps(config, indent=1) + "\n").encode())
+        storage.put(CONFIG, _config_bytes(config))
         return cls(storage, config, keys)
 
     @classmethod
@@ -293,7 +293,7 @@ class Vault:
         config["format_version"] = PAGED_VERSION
         if self.keys is not None:
             config["check"] = _config_check(config, self.keys)
-        self.storage.put(CONFIG, (json.dumps(config, indent=1) + "\n").encode())
+        self.storage.put(CONFIG, _config_bytes(config))
         self.config = config
 
     # -- names: every name in the vault comes from here -----------------------------
@@ -767,6 +767,11 @@ def _check_algorithm(encryption: str) -> None:
     if encryption not in ALGORITHMS:
         raise CbtValueError(f"unknown encryption {encryption!r}: use none or "
                             f"{' or '.join(ALGORITHMS)}")
+
+
+def _config_bytes(config: dict[str, Any]) -> bytes:
+    """The config as the vault stores it."""
+    return (json.dumps(config, indent=1) + "\n").encode()
 
 
 def _config_aad(config: dict[str, Any]) -> bytes:
