@@ -51,3 +51,17 @@ def test_race_targets() -> None:
 
 def test_race_judges_the_targets_on_ext4db() -> None:
     assert race.JUDGED == "ext4db" and race.JUDGED in race.SETS
+
+
+def test_race_targets_of_an_lz4_vault() -> None:
+    """cbt-lz4 (a vault of --compression lz4) is judged against the peers on its own
+    times and bytes, beside cbt's."""
+    lz4 = [{**r, "tool": "cbt-lz4", "median": r["median"] / 2, "stored": 150}
+           for r in rows(5.0, 0.8, 3.0) if r["tool"] == "cbt"]
+    got = {t["what"]: (t["value"], t["pass"])
+           for t in race.targets(rows(5.0, 0.8, 3.0) + lz4, None)}
+    assert got["restore (day 1) + sync: cp s / cbt s"] == (0.8, True)
+    assert got["restore (day 1) + sync: cp s / cbt-lz4 s"] == (1.6, True)
+    assert got["incremental backup (day 1): borg s / cbt-lz4 s"] == (10.0, True)
+    assert got["incremental backup (day 1): bytes stored, cbt-lz4 vs borg"][1] is False
+    assert got["incremental backup (day 1): bytes stored, cbt vs borg"][1] is True

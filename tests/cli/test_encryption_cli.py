@@ -69,8 +69,10 @@ def disk(tmp_path: Path) -> Path:
 
 def test_init_is_encrypted_by_default(tmp_path: Path, pw: Path) -> None:
     out = init_encrypted(tmp_path / "v", pw)
-    assert set(out) == {"vault", "format_version", "encryption", "id_key", "key", "warnings"}
+    assert set(out) == {"vault", "format_version", "encryption", "compression", "id_key", "key",
+                        "warnings"}
     assert out["encryption"] == "aes-256-gcm" and out["format_version"] == 3
+    assert out["compression"] == "zstd"
     assert out["id_key"] == "blake3-keyed"
     config = json.loads((tmp_path / "v" / "config").read_text())
     assert (config["encryption"], config["format_version"]) == ("aes-256-gcm", 3)

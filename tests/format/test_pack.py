@@ -201,9 +201,9 @@ def test_blocks_are_decompressed_in_one_place_only() -> None:
 # -- the compression side: coded on threads, appended in order --------------------------
 
 
-def _coded_pack(tmp_path: Path, blocks: list[bytes], threads: int) -> Path:
-    """A pack of ``blocks`` coded by :func:`encode_blocks` in runs of 7 on ``threads``
-    threads at once, appended in order."""
+def _coded_pack(tmp_path: Path, blocks: list[bytes], threads: int, codec: int = 1) -> Path:
+    """A pack of ``blocks`` coded by :func:`encode_blocks` (``codec``) in runs of 7 on
+    ``threads`` threads at once, appended in order."""
     from concurrent.futures import ThreadPoolExecutor
 
     from cbt.format.pack import encode_blocks
@@ -212,7 +212,7 @@ def _coded_pack(tmp_path: Path, blocks: list[bytes], threads: int) -> Path:
     runs = [pairs[k:k + 7] for k in range(0, len(pairs), 7)]
     w = PackWriter()
     with ThreadPoolExecutor(threads) as pool:
-        for coded in pool.map(encode_blocks, runs):
+        for coded in pool.map(lambda run: encode_blocks(run, None, codec), runs):
             for blob in coded:
                 w.add_coded(blob)
     path = tmp_path / f"{w.pack_id}.pack"
@@ -220,16 +220,19 @@ def _coded_pack(tmp_path: Path, blocks: list[bytes], threads: int) -> Path:
     return path
 
 
+@pytest.mark.parametrize("codec", [1, 2], ids=["zstd", "lz4"])
 @pytest.mark.parametrize("threads", [1, 4])
-def test_blocks_coded_on_threads_decode_in_order(tmp_path: Path, threads: int) -> None:
+def test_blocks_coded_on_threads_decode_in_order(tmp_path: Path, threads: int,
+                                                  codec: int) -> None:
     """Blocks compressed on several threads at once (a context each) land in the pack in
-    the order given, each decoding (the helpers' own reader: pyarrow's zstd) to itself."""
+    the order given, each decoding (the helpers' own reader: pyarrow's zstd and lz4_raw)
+    to itself."""
     blocks = _blocks() * 3
-    truth = walk_pack(_coded_pack(tmp_path, blocks, threads))
+    truth = walk_pack(_coded_pack(tmp_path, blocks, threads, codec))
     assert [b.digest for b in truth] == [blake3.blake3(b).digest() for b in blocks]
     assert [b.raw for b in truth] == [len(b) for b in blocks]
-    assert {b.codec for b in truth} == {0, 1}
-    assert all(b.stored < b.raw for b in truth if b.codec == 1)
+    assert {b.codec for b in truth} == {0, codec}
+    assert all(b.stored < b.raw for b in truth if b.codec == codec)
 
 
 def test_coder_backs_off_after_incompressible_blocks() -> None:

@@ -63,9 +63,10 @@ def walk_pack(pack: Path) -> list[Blob]:
         assert enc == 0, "format 1 is unencrypted"
         if codec == 0:
             content = payload
-        else:
-            assert codec == 1, f"unknown codec {codec}"
-            content = pa.Codec("zstd").decompress(payload, decompressed_size=raw, asbytes=True)
+        else:  # (1 zstd, 2 an lz4 block: pyarrow's lz4_raw, not the lz4 package cbt uses)
+            assert codec in (1, 2), f"unknown codec {codec}"
+            content = pa.Codec("zstd" if codec == 1 else "lz4_raw").decompress(
+                payload, decompressed_size=raw, asbytes=True)
         assert len(content) == raw and blake3.blake3(content).digest() == digest
         blobs.append(Blob(digest, offset, codec, enc, raw, stored))
     return blobs

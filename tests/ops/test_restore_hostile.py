@@ -144,9 +144,10 @@ def test_a_block_repeated_over_a_disk_is_opened_once(
         taken.append(nbytes)
         return real_take(self, nbytes)
 
-    def decompress_many(data: Any, starts: Any, ends: Any, raw: Any, exact: Any = None) -> Any:
+    def decompress_many(data: Any, starts: Any, ends: Any, raw: Any, exact: Any = None,
+                        codecs: Any = None) -> Any:
         inflated.extend(raw.tolist())
-        return real_many(data, starts, ends, raw, exact)
+        return real_many(data, starts, ends, raw, exact, codecs)
 
     monkeypatch.setattr(restore_mod._Scratch, "take", take)
     monkeypatch.setattr(restore_mod, "decompress_many", decompress_many)

@@ -14,16 +14,19 @@ import pytest
 from cbt.format.pack import (
     BLOB,
     BLOB_MAGIC,
+    CODEC_LZ4,
     CODEC_NONE,
     CODEC_ZSTD,
     ENCRYPTION_NONE,
     CorruptPackError,
     decompress,
+    decompress_lz4,
 )
 from cbt.ops.restore import OPEN_BATCH, DamagedPointError, _Job, _job_data
 
 BS = 16 << 10
 ZSTD = pa.Codec("zstd", compression_level=3)
+LZ4 = pa.Codec("lz4_raw")  # an lz4 block, as cbt stores it (written here by pyarrow)
 WHERE = "point p disk d block {} pack k"
 
 
@@ -113,3 +116,54 @@ def test_bytes_after_a_frame_are_refused_with_the_block_named(after: bytes | str
     with pytest.raises(DamagedPointError) as exc:
         _job_data(job, pack, WHERE)
     assert str(exc.value).startswith(f"point p disk d block {bad} pack k: cannot decompress")
+
+
+# -- lz4 (a vault of --compression lz4): blocks with no frame, lengths in the blob header
+
+
+def test_decompress_lz4_gives_exactly_the_block_or_names_the_problem() -> None:
+    data = _block(2)
+    payload = LZ4.compress(data, asbytes=True)
+    assert decompress_lz4(memoryview(payload), BS) == data
+    for bad in (payload[:-3], os.urandom(300), b"", LZ4.compress(data + b"x", asbytes=True)):
+        with pytest.raises(CorruptPackError, match=r"^pack p blob 3: cannot decompress"):
+            decompress_lz4(bad, BS, "pack p blob 3")  # (more than BS bytes: never written)
+    with pytest.raises(CorruptPackError, match=r"^pack p blob 3: content has the wrong"):
+        decompress_lz4(LZ4.compress(data[:-1], asbytes=True), BS, "pack p blob 3")
+
+
+def test_lz4_zstd_and_raw_blocks_of_one_job_come_back_in_order_all_checked() -> None:
+    """A pack may hold both codecs (a vault copied into, or one whose blocks came from
+    another): each block decompressed by its own codec, in order, each checked."""
+    n = 2 * OPEN_BATCH + 7
+    blobs = []
+    for i in range(n):
+        data = _block(i) if i % 5 else os.urandom(BS)
+        codec, payload = ((CODEC_NONE, data) if i % 5 == 0 else
+                          (CODEC_LZ4, LZ4.compress(data, asbytes=True)) if i % 2 else
+                          (CODEC_ZSTD, ZSTD.compress(data, asbytes=True)))
+        blobs.append((blake3.blake3(data).digest(), codec, payload))
+    pack, job = _pack(blobs, n * BS)
+    views, checked = _job_data(job, pack, WHERE)
+    assert [bytes(v) for v in views] == [_block(i) if i % 5 else p
+                                         for i, (_, _, p) in enumerate(blobs)]
+    assert checked.tolist() == [i % 5 != 0 for i in range(n)]
+
+
+@pytest.mark.parametrize("how", ["other content", "longer", "shorter", "not lz4", "cut"])
+def test_an_lz4_block_that_is_not_its_block_is_named(how: str) -> None:
+    blobs = [(blake3.blake3(_block(i)).digest(), CODEC_LZ4,
+              LZ4.compress(_block(i), asbytes=True)) for i in range(OPEN_BATCH + 3)]
+    bad = OPEN_BATCH + 1
+    good = blobs[bad][2]
+    payload = {"other content": LZ4.compress(_block(999), asbytes=True),
+               "longer": LZ4.compress(_block(bad) + b"x", asbytes=True),
+               "shorter": LZ4.compress(_block(bad)[:-1], asbytes=True),
+               "not lz4": os.urandom(200), "cut": good[:len(good) // 2]}[how]
+    blobs[bad] = (blobs[bad][0], CODEC_LZ4, payload)
+    pack, job = _pack(blobs, len(blobs) * BS)
+    with pytest.raises(DamagedPointError) as exc:
+        _job_data(job, pack, WHERE)
+    msg = str(exc.value)
+    assert msg.startswith(f"point p disk d block {bad} pack k: "), msg
+    assert "\n" not in msg

@@ -96,7 +96,14 @@ from cbt.core.sizes import format_size
 from cbt.core.timefmt import utc_now
 from cbt.format.manifest import Manifest, range_rows
 from cbt.format.manifest import row_runs as manifest_row_runs
-from cbt.format.pack import TARGET_PACK_SIZE, Coded, PackWriter, encode_blocks, pack_name
+from cbt.format.pack import (
+    CODEC_ZSTD,
+    TARGET_PACK_SIZE,
+    Coded,
+    PackWriter,
+    encode_blocks,
+    pack_name,
+)
 from cbt.format.records import DiskRecord, PointRecord, check_name
 from cbt.ops.diff import changed_blocks
 from cbt.repo import index as index_mod
@@ -1079,7 +1086,8 @@ def _transfer_shard(worker_vault: WorkerVault, shard: ShardTask, report: Report)
     # stored block is hashed again as it is copied, as on a live disk)
     store = _Store(index, bs, rehash=shard.source.live or shard.prehash is not None,
                    id_key=vault.id_key)
-    with open_source(shard.source) as source, _PackSink(vault.storage, cipher) as sink:
+    with open_source(shard.source) as source, \
+            _PackSink(vault.storage, cipher, vault.codec) as sink:
         ahead = _Prefetch(getattr(source, "fd", -1) if shard.prehash is None else -1,
                           shard.ranges, bs)
         rows = hash_shard(source, bs, shard.ranges, digests.reshape(-1).data, flags.data, report,
@@ -1305,10 +1313,11 @@ class _PackSink:
     """
 
     def __init__(self, storage: Storage, cipher: Cipher | None = None,
-                 threads: int | None = None) -> None:
+                 codec: int = CODEC_ZSTD, threads: int | None = None) -> None:
         self._storage = storage
         self._cipher = cipher  # an encrypted vault's: every blob sealed
-        self._writer = PackWriter(cipher=cipher)
+        self._codec = codec  # the vault's compression
+        self._writer = PackWriter(cipher=cipher, codec=codec)
         shared = storage.in_flight > 1
         self._uploader = (shared_uploader(storage.in_flight) if shared
                           else Uploader(PACKS_IN_FLIGHT, threads=1))
@@ -1324,7 +1333,7 @@ class _PackSink:
         """Store blocks ``(digest, data)``, in this order, coded on the sink's threads."""
         for k in range(0, len(blocks), CODE_RUN):
             self._coding.append(self._coders.submit(encode_blocks, blocks[k:k + CODE_RUN],
-                                                    self._cipher))
+                                                    self._cipher, self._codec))
             while len(self._coding) > CODE_RUNS_IN_FLIGHT * self._threads:
                 self._append(self._coding.popleft().result())
 
@@ -1343,7 +1352,7 @@ class _PackSink:
         return self._entries
 
     def _flush(self) -> None:
-        writer, self._writer = self._writer, PackWriter(cipher=self._cipher)
+        writer, self._writer = self._writer, PackWriter(cipher=self._cipher, codec=self._codec)
         if writer.entries:
             self._settle(self._pending - 1)
             put = self._uploader.put(self._storage, pack_name(writer.pack_id), writer.finish())

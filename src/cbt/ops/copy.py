@@ -258,7 +258,8 @@ class _BlockStore:
         self.done = done
         self.new: set[bytes] = set()
         self.entries: list[index_mod.IndexEntry] = []
-        self.writer = PackWriter(cipher=dst.keys.cipher if dst.keys is not None else None)
+        self.writer = PackWriter(cipher=dst.keys.cipher if dst.keys is not None else None,
+                                 codec=dst.codec)
         self.puts: deque[Future[None]] = deque()  # packs on their way to DST
 
     def run(self, manifests: dict[str, Manifest], progress: CopyProgress | None) -> None:
@@ -344,7 +345,7 @@ class _BlockStore:
         writer = self.writer
         if not writer.entries:
             return
-        self.writer = PackWriter(cipher=writer.cipher)
+        self.writer = PackWriter(cipher=writer.cipher, codec=writer.codec)
         data = writer.finish()
         storage = self.dst.storage
         if storage.in_flight > 1:  # (several puts in flight, settled before the index)

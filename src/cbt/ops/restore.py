@@ -92,8 +92,8 @@ from cbt.format.manifest import Manifest, union_rows
 from cbt.format.pack import (
     BLOB,
     BLOB_AAD_SIZE,
+    CODEC_LZ4,
     CODEC_NONE,
-    CODEC_ZSTD,
     ENCRYPTION_AEAD,
     ENCRYPTION_NONE,
     CorruptPackError,
@@ -533,8 +533,8 @@ def _job_data(job: _Job, pack: memoryview, where: str, cipher: Cipher | None = N
         opened, checked = _open_sealed(cipher, id_key, job, pack, sound, codecs, want, where,
                                        scratch or _Scratch())
     else:
-        opened, checked = _inflate_plain(job, pack, sound & (codecs == CODEC_ZSTD), want,
-                                         where)
+        opened, checked = _inflate_plain(job, pack, sound & (codecs != CODEC_NONE), codecs,
+                                         want, where)
     # (a raw blob is viewed only if it is exactly the block: a longer one would be written
     # past the block's end; decode_blob names it)
     direct = (sound & (codecs == CODEC_NONE) & (lengths - BLOB.size == want)
@@ -570,16 +570,17 @@ def _repeats(job: _Job) -> npt.NDArray[np.bool_] | None:
     return same if same.any() else None
 
 
-def _inflate_plain(job: _Job, pack: memoryview, zstd: npt.NDArray[np.bool_],
-                   want: npt.NDArray[np.int64], where: str
+def _inflate_plain(job: _Job, pack: memoryview, packed: npt.NDArray[np.bool_],
+                   codecs: npt.NDArray[np.uint8], want: npt.NDArray[np.int64], where: str
                    ) -> tuple[dict[int, bytes | memoryview], npt.NDArray[np.bool_]]:
-    """A plain vault's compressed blobs whose headers checked (``zstd``): decompressed
+    """A plain vault's compressed blobs whose headers checked (``packed``; their
+    ``codecs``): decompressed
     straight from the pack (no per-blob parse of :func:`decode_blob`), and each batch of
     :data:`INFLATE_BATCH` decompressed by one call (:func:`_inflate`) and hashed against
     its digests at once, while it is in cache.  Returns
     the blocks (by position in the job) and which of them were checked (all of them)."""
-    checked = np.zeros(len(zstd), dtype=bool)
-    idx = np.flatnonzero(zstd)
+    checked = np.zeros(len(packed), dtype=bool)
+    idx = np.flatnonzero(packed)
     if not len(idx):
         return {}, checked
     starts = job.offsets[idx].astype(np.int64) + BLOB.size
@@ -587,7 +588,7 @@ def _inflate_plain(job: _Job, pack: memoryview, zstd: npt.NDArray[np.bool_],
     sizes = want[idx]
     opened: dict[int, bytes | memoryview] = {}
     got = np.empty((len(idx), fast.DIGEST_SIZE), dtype=np.uint8)
-    batches = _inflate(job, pack, idx, starts, ends, sizes, where)
+    batches = _inflate(job, pack, idx, starts, ends, sizes, codecs[idx], where)
     for a, batch in zip(range(0, len(idx), INFLATE_BATCH), batches, strict=True):
         b = a + len(batch)
         fast.hash_each(batch, got[a:b])
@@ -611,17 +612,21 @@ INFLATE_BATCH = 64
 
 def _inflate(job: _Job, data: memoryview, idx: npt.NDArray[np.intp],
              starts: npt.NDArray[np.int64], ends: npt.NDArray[np.int64],
-             sizes: npt.NDArray[np.int64], where: str) -> Iterator[list[bytes | memoryview]]:
-    """The blocks ``idx`` of a job, their zstd frames at ``data[starts:ends]``, decompressed
-    by :func:`~cbt.format.pack.decompress_many`, :data:`INFLATE_BATCH` a call, yielded
-    batch by batch (to be hashed while in cache); the frames are checked all at once
-    first (:func:`~cbt.format.pack.exact_frames`).  A frame that fails is an error naming
-    its block (the message names it only when there is one to give)."""
-    exact = exact_frames(data, starts, ends, sizes)
+             sizes: npt.NDArray[np.int64], codecs: npt.NDArray[np.uint8],
+             where: str) -> Iterator[list[bytes | memoryview]]:
+    """The blocks ``idx`` of a job, compressed (``codecs``) at ``data[starts:ends]``,
+    decompressed by :func:`~cbt.format.pack.decompress_many`, :data:`INFLATE_BATCH` a
+    call, yielded batch by batch (to be hashed while in cache); zstd frames are checked
+    all at once first (:func:`~cbt.format.pack.exact_frames`).  A payload that fails is
+    an error naming its block (the message names it only when there is one to give)."""
+    lz4 = codecs == CODEC_LZ4
+    exact = (np.zeros(len(idx), dtype=bool) if lz4.all()
+             else exact_frames(data, starts, ends, sizes) & ~lz4)
     for a in range(0, len(idx), INFLATE_BATCH):
         b = a + INFLATE_BATCH
         try:
-            yield decompress_many(data, starts[a:b], ends[a:b], sizes[a:b], exact[a:b])
+            yield decompress_many(data, starts[a:b], ends[a:b], sizes[a:b], exact[a:b],
+                                  codecs[a:b])
         except FrameError as exc:
             blk = int(job.blocks[idx[a + exc.item]])
             raise DamagedPointError(f"{where.format(blk)}{exc}") from None
@@ -677,11 +682,11 @@ def _open_sealed(cipher: Cipher, id_key: bytes | None, job: _Job, pack: memoryvi
         raise DamagedPointError(f"{where.format(int(job.blocks[i]))}: content does not match "
                                 "its digest")
     checked[idx[is_raw]] = True
-    return _decompress_opened(job, idx, is_raw, buf, ends, want, where), checked
+    return _decompress_opened(job, idx, is_raw, codecs[idx], buf, ends, want, where), checked
 
 
 def _decompress_opened(job: _Job, idx: npt.NDArray[np.intp], is_raw: npt.NDArray[np.bool_],
-                       buf: memoryview, ends: npt.NDArray[np.int64],
+                       codecs: npt.NDArray[np.uint8], buf: memoryview, ends: npt.NDArray[np.int64],
                        want: npt.NDArray[np.int64], where: str
                        ) -> dict[int, bytes | memoryview]:
     """The opened blocks by position in the job (block ``j`` of ``idx`` opened into
@@ -693,7 +698,7 @@ def _decompress_opened(job: _Job, idx: npt.NDArray[np.intp], is_raw: npt.NDArray
                                        ends[is_raw].tolist(), strict=True)}
     packed = np.flatnonzero(~is_raw)
     got = _inflate(job, buf, idx[packed], starts[packed], ends[packed], want[idx[packed]],
-                   where)
+                   codecs[packed], where)
     opened.update(zip(idx[packed].tolist(), (v for batch in got for v in batch), strict=True))
     return opened
 

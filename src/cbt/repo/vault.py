@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Self
 from cbt.core.crypto import ALGORITHMS, AuthenticationError, KdfParams
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError
 from cbt.format import records
+from cbt.format.pack import COMPRESSION
 from cbt.format.records import (
     VAULT_MAGIC,
     VAULT_VERSION,
@@ -101,6 +102,11 @@ ENCRYPTED_VERSION = 2  # config format_version of an encrypted vault (Arrow inde
 # rewrite packs that the paged segments still name.  A vault of format 1 or 2 is raised to
 # 3 just before its first paged segment is written (:meth:`Vault.allow_paged_segments`).
 PAGED_VERSION = 3
+# config format_version of a vault whose backups write lz4 blobs (its ``compression`` is
+# "lz4", chosen at ``cbt init``): cbt before lz4 reads up to 3 and refuses 4, as it would
+# take every lz4 blob for a damaged one (and ``verify --repair`` would drop them).
+LZ4_VERSION = 4
+COMPRESSIONS = tuple(COMPRESSION)  # a config's ``compression``: zstd (the default) or lz4
 ID_KEY = "blake3-keyed"
 SEALED = ".sealed"
 PAGED = ".cbtidx"  # a paged index segment (sealed page by page in an encrypted vault)
@@ -161,6 +167,11 @@ class Vault:
     def encrypted(self) -> bool:
         return self.keys is not None
 
+    @property
+    def codec(self) -> int:
+        """The codec its backups compress new blocks with (:data:`COMPRESSION`)."""
+        return COMPRESSION[self.config.get("compression", "zstd")]
+
     def spec(self) -> VaultSpec:
         return VaultSpec(self.storage.spec(), json.dumps(self.config, sort_keys=True), self.keys)
 
@@ -177,23 +188,29 @@ class Vault:
 
     @classmethod
     def init(cls, path: str | os.PathLike[str], encryption: str = "none",
-             passphrase: Passphrase | None = None, kdf: KdfParams | None = None) -> Self:
+             passphrase: Passphrase | None = None, kdf: KdfParams | None = None,
+             compression: str = "zstd") -> Self:
         """Create a vault in a new or empty directory, or at a new or empty
         ``s3://BUCKET/PREFIX`` (its bucket made when missing), see :meth:`create`."""
+        _check_compression(compression)
         if encryption != "none":
             _check_algorithm(encryption)
             passphrase = resolve_passphrase(passphrase, f"the new vault {os.fspath(path)}")
-        return cls.create(storage_at(path, create=True), encryption, passphrase, kdf)
+        return cls.create(storage_at(path, create=True), encryption, passphrase, kdf,
+                          compression)
 
     @classmethod
     def create(cls, storage: Storage, encryption: str = "none",
-               passphrase: Passphrase | None = None, kdf: KdfParams | None = None) -> Self:
+               passphrase: Passphrase | None = None, kdf: KdfParams | None = None,
+               compression: str = "zstd") -> Self:
         """Create a vault on an empty storage (any kind: local, memory).
 
         ``encryption`` is ``"none"`` or an AEAD of :data:`cbt.core.crypto.ALGORITHMS`
-        (then ``passphrase`` opens its first key slot, stretched with ``kdf``); either is
-        format 3 (:data:`PAGED_VERSION`).
+        (then ``passphrase`` opens its first key slot, stretched with ``kdf``);
+        ``compression`` (:data:`COMPRESSIONS`) the codec its backups write.  Format 3
+        (:data:`PAGED_VERSION`), or 4 (:data:`LZ4_VERSION`) for lz4.
         """
+        _check_compression(compression)
         if encryption != "none":
             _check_algorithm(encryption)
             secret = resolve_passphrase(passphrase, f"the new vault {storage.root}")
@@ -203,8 +220,10 @@ class Vault:
         from cbt.core.timefmt import utc_now
 
         config: dict[str, Any] = {
-            "magic": VAULT_MAGIC, "format_version": PAGED_VERSION, "encryption": "none",
-            "id_key": "none", "id": uuid.uuid4().hex, "created": utc_now()}
+            "magic": VAULT_MAGIC,
+            "format_version": LZ4_VERSION if compression == "lz4" else PAGED_VERSION,
+            "encryption": "none", "id_key": "none", "compression": compression,
+            "id": uuid.uuid4().hex, "created": utc_now()}
         keys = None
         if encryption != "none":
             config.update(encryption=encryption, id_key=ID_KEY)
@@ -263,13 +282,17 @@ class Vault:
             raise NotAVaultError(errno.ENOENT, f"{damaged}: {why}") from None
         if magic != VAULT_MAGIC:
             raise NotAVaultError(errno.ENOENT, f"{damaged}: its magic is not cbt's")
-        if version > PAGED_VERSION:
+        if version > LZ4_VERSION:
             raise VaultVersionError(f"vault {where} has format version {version}; this cbt reads "
-                                    f"up to {PAGED_VERSION} (upgrade cbt)")
-        plain = (version in (VAULT_VERSION, PAGED_VERSION) and config.get("encryption") == "none"
-                 and config.get("id_key") == "none")
-        sealed = (version in (ENCRYPTED_VERSION, PAGED_VERSION)
+                                    f"up to {LZ4_VERSION} (upgrade cbt)")
+        plain = (version in (VAULT_VERSION, PAGED_VERSION, LZ4_VERSION)
+                 and config.get("encryption") == "none" and config.get("id_key") == "none")
+        sealed = (version in (ENCRYPTED_VERSION, PAGED_VERSION, LZ4_VERSION)
                   and config.get("encryption") in ALGORITHMS and config.get("id_key") == ID_KEY)
+        compression = config.get("compression", "zstd")
+        if compression not in COMPRESSIONS or (compression == "lz4") != (version == LZ4_VERSION):
+            raise VaultVersionError(f"vault {where}: config names compression {compression!r} "
+                                    f"at format version {version} (altered config?)")
         if not (plain or sealed):
             raise VaultVersionError(f"vault {where}: config names an unknown encryption "
                                     f"{config.get('encryption')!r} or block ids "
@@ -772,6 +795,12 @@ def _check_algorithm(encryption: str) -> None:
 def _config_bytes(config: dict[str, Any]) -> bytes:
     """The config as the vault stores it."""
     return (json.dumps(config, indent=1) + "\n").encode()
+
+
+def _check_compression(compression: str) -> None:
+    if compression not in COMPRESSIONS:
+        raise CbtValueError(f"unknown compression {compression!r} (one of "
+                            f"{', '.join(COMPRESSIONS)})")
 
 
 def _config_aad(config: dict[str, Any]) -> bytes:
