@@ -373,7 +373,7 @@ def decompress_lz4(payload: bytes | memoryview, raw: int, where: str = "") -> by
     cannot write past (lz4's safe decoder); one that decodes to fewer bytes is refused."""
     try:
         out: bytes = lz4.block.decompress(payload, uncompressed_size=raw)
-    except lz4.block.LZ4BlockError as exc:
+    except (lz4.block.LZ4BlockError, ValueError) as exc:  # (ValueError: older releases)
         raise CorruptPackError(f"{where}: cannot decompress ({exc})") from None
     if len(out) != raw:
         raise CorruptPackError(f"{where}: content has the wrong length")
