@@ -19,8 +19,8 @@ headers if the trailer is lost.
 
 A block is compressed with the vault's codec (its config's ``compression``):
 zstd (level 1, :data:`ZSTD_LEVEL`, the default) or lz4 (an lz4 *block*, no frame:
-the blob header has both lengths already; about 3x faster to compress and 5x to
-decompress than zstd level 1 on file-system and database content, for 40-45% more
+the blob header has both lengths already; about 1.7x faster to compress and 3.2x
+to decompress than zstd level 1 on file-system and database content, for 44% more
 stored: a vault of format 4).  When that does not make it smaller it is stored
 raw (codec none), so incompressible data costs no decompression.  After a
 block that did not compress, the next few are stored raw without trying (1, 2,
