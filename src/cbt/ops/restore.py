@@ -573,12 +573,12 @@ def _repeats(job: _Job) -> npt.NDArray[np.bool_] | None:
 def _inflate_plain(job: _Job, pack: memoryview, packed: npt.NDArray[np.bool_],
                    codecs: npt.NDArray[np.uint8], want: npt.NDArray[np.int64], where: str
                    ) -> tuple[dict[int, bytes | memoryview], npt.NDArray[np.bool_]]:
-    """A plain vault's compressed blobs whose headers checked (``packed``; their
-    ``codecs``): decompressed
-    straight from the pack (no per-blob parse of :func:`decode_blob`), and each batch of
-    :data:`INFLATE_BATCH` decompressed by one call (:func:`_inflate`) and hashed against
-    its digests at once, while it is in cache.  Returns
-    the blocks (by position in the job) and which of them were checked (all of them)."""
+    """A plain vault's compressed blobs whose headers checked (``packed``; the job's
+    ``codecs``): decompressed straight from the pack (no per-blob parse of
+    :func:`decode_blob`), and each batch of :data:`INFLATE_BATCH` decompressed by one
+    call (:func:`_inflate`) and hashed against its digests at once, while it is in
+    cache.  Returns the blocks (by position in the job) and which of them were checked
+    (all of them)."""
     checked = np.zeros(len(packed), dtype=bool)
     idx = np.flatnonzero(packed)
     if not len(idx):
