@@ -130,3 +130,82 @@ def test_a_disk_is_planned_in_the_order_of_its_blocks(
     first = [min(int(j.blocks.min()) for j in jobs if j.pack == p) for p in packs]
     assert first == sorted(first)
     assert [j.pack for j in jobs] == sorted((j.pack for j in jobs), key=packs.index)
+
+
+class _Capture:
+    """A stand-in writer that keeps what each run would write (no thread, no disk)."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[list[int], list[bytes], list[bytes], list[str], list[bool]]] = []
+        self.writeback = None
+
+    def put(self, task: object) -> int:
+        args = task.args  # type: ignore[attr-defined]
+        views, blocks, digests, packs, checked = args[5:]
+        self.runs.append((list(blocks), [bytes(v) for v in views],
+                          [bytes(d) for d in digests], list(packs), list(checked)))
+        return len(self.runs)
+
+
+def _reference_runs(jobs: list[tuple[list[int], list[bytes], list[bool], str]]
+                    ) -> list[tuple[list[int], list[bytes], list[bytes], list[str], list[bool]]]:
+    """The runs cut block by block: a new run where a block does not follow the last one,
+    or once the run holds RUN_BYTES (what restore did before add_many)."""
+    runs: list[tuple[list[int], list[bytes], list[bytes], list[str], list[bool]]] = []
+    cur: tuple[list[int], list[bytes], list[bytes], list[str], list[bool]] | None = None
+    used = 0
+    for blocks, views, checked, pack in jobs:
+        for b, v, c in zip(blocks, views, checked, strict=True):
+            if cur is not None and (b != cur[0][-1] + 1 or used >= restore_mod.RUN_BYTES):
+                runs.append(cur)
+                cur, used = None, 0
+            if cur is None:
+                cur = ([], [], [], [], [])
+            cur[0].append(b)
+            cur[1].append(v)
+            cur[2].append(_digest(b))
+            cur[3].append(pack)
+            cur[4].append(c)
+            used += len(v)
+    if cur is not None:
+        runs.append(cur)
+    return runs
+
+
+def _digest(block: int) -> bytes:
+    return block.to_bytes(32, "little")
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_jobs_blocks_are_cut_into_the_runs_block_by_block_queuing_makes(seed: int) -> None:
+    """add_many cuts a job's blocks with one search per run: the runs (blocks, bytes,
+    digests, packs, checked flags) are exactly those of a block-by-block reference, across
+    jobs that continue a run, gaps, short last blocks and blocks of any size."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    jobs = []
+    nxt = 0
+    for j in range(int(rng.integers(1, 6))):
+        n = int(rng.integers(0, 400))
+        blocks = []
+        for _ in range(n):
+            nxt += 1 if rng.random() < 0.9 else int(rng.integers(2, 50))
+            blocks.append(nxt)
+        sizes = [1, 4096, 16384, 65536, 300000]
+        one = int(rng.choice(sizes[1:4]))  # (a job of one size fills a run exactly)
+        views = [bytes([b % 251]) * (one if j % 2 else int(rng.choice(sizes))) for b in blocks]
+        checked = [bool(x) for x in rng.random(n) < 0.5]
+        jobs.append((blocks, views, checked, f"pack{j}"))
+    cap = _Capture()
+    run = restore_mod._Run.__new__(restore_mod._Run)
+    run.__init__(0, _JobStub(), cap)  # type: ignore[misc, arg-type]
+    for blocks, views, checked, pack in jobs:
+        digests = np.frombuffer(b"".join(_digest(b) for b in blocks), np.uint8).reshape(-1, 32)
+        run.add_many(blocks, digests, views, pack, checked)
+    run.flush()
+    assert cap.runs == _reference_runs(jobs)
+
+
+class _JobStub:
+    point, label, block_size = "p", "d", BS

@@ -56,17 +56,19 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
 import functools
+import itertools
 import os
 import queue
 import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -238,37 +240,52 @@ class _Run:
         self.used = 0
         self.views: list[bytes | memoryview] = []
         self.blocks: list[int] = []
-        self.digests: list[np.ndarray] = []
+        self.digests: list[np.ndarray] = []  # (rows of the run, a job's part at a time)
         self.packs: list[str] = []
         self.checked: list[bool] = []
 
-    def add(self, block: int, digest: np.ndarray, data: bytes | memoryview, pack: str,
-            checked: bool = False) -> None:
-        """Queue a block; ``checked``: its content was already hashed against
-        ``digest`` (:func:`_open_sealed` does it for raw blobs, while they are in cache)."""
-        if self.blocks and (block != self.blocks[-1] + 1 or self.used >= RUN_BYTES):
-            self.flush()
-        self.views.append(data)
-        self.used += len(data)
-        self.blocks.append(block)
-        self.digests.append(digest)
-        self.packs.append(pack)
-        self.checked.append(checked)
+    def add_many(self, blocks: list[int], digests: np.ndarray,
+                 views: Sequence[bytes | memoryview], pack: str, checked: list[bool]) -> None:
+        """Queue a job's blocks, in its order; ``checked[i]``: block ``i``'s content was
+        already hashed against its digest (decompressed or opened blocks are, while they
+        are in cache).  A run ends where the next block is not the one after its last, or
+        once it holds :data:`RUN_BYTES`: the same runs as queuing block by block, cut by
+        one search per run in the job's cumulative lengths (not a test per block)."""
+        n = len(blocks)
+        if not n:
+            return
+        ends = list(itertools.accumulate(map(len, views)))
+        gaps = (np.flatnonzero(np.diff(np.asarray(blocks, dtype=np.int64)) != 1) + 1).tolist()
+        for s, e in zip([0, *gaps], [*gaps, n], strict=True):  # stretches of consecutive blocks
+            i = s
+            while i < e:
+                if self.blocks and (blocks[i] != self.blocks[-1] + 1 or self.used >= RUN_BYTES):
+                    self.flush()
+                base = ends[i - 1] if i else 0
+                # block j > i joins while the run holds less than RUN_BYTES before it
+                k = bisect.bisect_left(ends, RUN_BYTES - self.used + base, i, e - 1) + 1
+                self.views += views[i:k]
+                self.blocks += blocks[i:k]
+                self.digests.append(digests[i:k])
+                self.packs += [pack] * (k - i)
+                self.checked += checked[i:k]
+                self.used += ends[k - 1] - base
+                i = k
 
     def flush(self) -> None:
         """Hand the run to the writer thread (which checks, then writes it) and start anew."""
         if self.blocks:
             self.writer.put(functools.partial(
                 _check_and_write, self.fd, self.bs, self.writer.writeback, self.id_key,
-                self.where, self.views, self.blocks, self.digests, self.packs, self.checked))
+                self.where, self.views, self.blocks, np.concatenate(self.digests), self.packs,
+                self.checked))
         self.used = 0
         self.views, self.blocks, self.digests, self.packs, self.checked = [], [], [], [], []
 
 
 def _check_and_write(fd: int, bs: int, writeback: Writeback, id_key: bytes | None,
                      where: str, views: list[bytes | memoryview], blocks: list[int],
-                     digests: list[np.ndarray], packs: list[str], checked: list[bool]
-                     ) -> None:
+                     digests: np.ndarray, packs: list[str], checked: list[bool]) -> None:
     """A run of consecutive blocks: those not checked yet hashed in one call into the
     core and compared with their digests (a block that fails is an error naming it,
     before anything of the run is written), then written with one ``pwritev`` (per
@@ -278,7 +295,7 @@ def _check_and_write(fd: int, bs: int, writeback: Writeback, id_key: bytes | Non
     if todo:
         got = np.empty((len(todo), fast.DIGEST_SIZE), dtype=np.uint8)
         fast.hash_each([views[i] for i in todo] if len(todo) < n else views, got, id_key)
-        bad = (got != np.stack([digests[i] for i in todo])).any(axis=1)
+        bad = (got != (digests[todo] if len(todo) < n else digests)).any(axis=1)
         if bad.any():
             i = todo[int(np.argmax(bad))]
             raise DamagedPointError(where.format(blocks[i], packs[i])
@@ -410,9 +427,8 @@ def _restore_packs(jobs: list[_Job], report: Report, ahead: int = 1
             working_on(k, k + 1)  # (the job a SIGBUS of a mapped pack is reported against)
             views, checked = _read_job(vault, job, scratch[k % 2], pack)
             del pack
-            for blk, dig, data, ok in zip(job.blocks.tolist(), job.digests, views,
-                                          checked.tolist(), strict=True):
-                run.add(blk, dig, data, job.pack, ok)  # the rest checked when written
+            # (the blocks not checked yet are checked when written)
+            run.add_many(job.blocks.tolist(), job.digests, views, job.pack, checked.tolist())
             if vault.keys is not None:
                 run.flush()  # no run points into this scratch buffer and the next one
                 tickets[k % 2] = writer.sent
