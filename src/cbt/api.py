@@ -56,16 +56,19 @@ class Vault(_RepoVault):
         it.  See :class:`cbt.ops.backup.BackupRequest` for the arguments.
         """
         from cbt.format.records import check_point_time
-        from cbt.jobs.dask_executor import as_executor
         from cbt.ops.backup import BackupRequest, backup
         from cbt.source.changes import DEFAULT_VERIFY_FRACTION
 
         if created is not None:  # before any work: the point's id carries its time
             check_point_time(created)
         specs = [d if isinstance(d, DiskSpec) else parse_disk_arg(os.fspath(d)) for d in disks]
+        if executor is not None:  # (a Dask client made an Executor; not imported otherwise)
+            from cbt.jobs.dask_executor import as_executor
+
+            executor = as_executor(executor)
         return backup(self, BackupRequest(
             vm, specs, block_size=block_size, workers=workers, progress=progress, wait=wait,
-            created=created, consistency=consistency, executor=as_executor(executor), slot=slot,
+            created=created, consistency=consistency, executor=executor, slot=slot,
             early=early, full_scan=full_scan,
             verify_fraction=DEFAULT_VERIFY_FRACTION if verify_fraction is None else verify_fraction,
             hints={k: os.fspath(v) for k, v in (hints or {}).items()}, hosts=hosts or {}))

@@ -57,7 +57,6 @@ from cbt.source.changes import ChangeHint
 from cbt.source.disks import DiskSpec, NbdExport
 from cbt.source.nbd import NBDMAGIC
 from cbt.source.plan import BlockRange
-from cbt.source.qemu import bitmap_name
 
 __all__ = [
     "QCOW2_MAGIC", "ChangesFn", "ImageBitmap", "OfflineDisk", "OfflineSet", "Pinned",
@@ -639,6 +638,9 @@ def _stop(d: OfflineDisk) -> None:
 
 def _prepare(label: str, path: str, point_id: str, previous_point: str | None,
              scope: str) -> OfflineDisk:
+    from cbt.source.qemu import bitmap_name  # (not at import: it brings asyncio, ~30 ms
+    # of every backup's start-up that reads no qcow2 image)
+
     info, image = pin(path)
     try:
         new = bitmap_name(point_id, scope)
