@@ -11,6 +11,7 @@ from pathlib import Path
 
 import blake3
 import numpy as np
+import pyarrow as pa
 import pytest
 from helpers.packs import trailer_entries, walk_pack
 
@@ -253,3 +254,43 @@ def test_coder_backs_off_after_incompressible_blocks() -> None:
     assert coder.code(b"\0" * 1024)[0] == CODEC_NONE  # still skipping: 38, 39...
     coder.skip = 0
     assert coder.code(b"\0" * 1024)[0] == CODEC_ZSTD and coder.backoff == 0
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "sealed"])
+def test_a_run_that_starts_compressible_is_coded_in_one_call_each_block_as_it_shrinks(
+        encrypted: bool) -> None:
+    """encode_blocks with zstd: a run whose first block compresses has the rest coded by
+    one call, each block zstd only if that made it smaller (incompressible ones raw, no
+    back-off); a run whose first block does not compress goes block by block, backing off
+    (Coder's own order).  Every payload opens and decodes to its block."""
+    from cbt.core.crypto import Cipher
+    from cbt.format.pack import (
+        CODEC_NONE,
+        CODEC_ZSTD,
+        ENCRYPTION_AEAD,
+        ENCRYPTION_NONE,
+        Coder,
+        blob_aad,
+        encode_blocks,
+    )
+
+    cipher = Cipher("aes-256-gcm", bytes(range(32))) if encrypted else None
+    blocks = _blocks()  # (every third block incompressible, starting with the first)
+    pairs = [(blake3.blake3(b).digest(), b) for b in blocks]
+    for run in (pairs[1:30], pairs[:30]):
+        coded = encode_blocks(run, cipher)
+        assert [c[0] for c in coded] == [d for d, _ in run]
+        if run[0][1] == blocks[1]:  # compressible first: every block as it shrinks
+            want = [CODEC_NONE if (i + 1) % 3 == 0 else CODEC_ZSTD for i in range(len(run))]
+        else:  # block by block with the back-off, exactly as a Coder
+            coder = Coder()
+            want = [coder.code(b)[0] for _, b in run]
+        assert [c[1] for c in coded] == want
+        for (digest, data), (_, codec, enc, payload, raw) in zip(run, coded, strict=True):
+            assert raw == len(data)
+            assert enc == (ENCRYPTION_AEAD if encrypted else ENCRYPTION_NONE)
+            if cipher is not None:
+                payload = cipher.open(payload, blob_aad(digest, codec, raw))
+            got = (bytes(payload) if codec == CODEC_NONE else
+                   pa.Codec("zstd").decompress(payload, decompressed_size=raw, asbytes=True))
+            assert got == data

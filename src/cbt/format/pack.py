@@ -26,7 +26,9 @@ raw (codec none), so incompressible data costs no decompression.  After a
 block that did not compress, the next few are stored raw without trying (1, 2,
 4, then 8 blocks, reset by the next block that compresses: :class:`Coder`): a
 disk of random data costs one compression attempt in 9 blocks, and a
-compressible region after an incompressible one loses at most 8 blocks.  Each
+compressible region after an incompressible one loses at most 8 blocks.  A run
+of blocks whose first one compresses is coded by one zstd call for the rest
+(:func:`encode_blocks`), each tried.  Each
 thread compresses with a zstd context of its own, made once and reused block
 after block (:func:`compressor`), so blocks can be coded on several threads at
 once (:func:`encode_blocks`, which releases the GIL while it compresses and
@@ -139,8 +141,13 @@ Coded = tuple[bytes, int, int, "bytes | memoryview", int]
 def encode_block(coder: Coder, cipher: Cipher | None, digest: bytes,
                  data: memoryview | bytes) -> Coded:
     """One block as a blob's fields: compressed by ``coder``, sealed with ``cipher``."""
-    raw = len(data)
     codec, payload = coder.code(data)
+    return _sealed(cipher, digest, codec, payload, len(data))
+
+
+def _sealed(cipher: Cipher | None, digest: bytes, codec: int, payload: bytes | memoryview,
+            raw: int) -> Coded:
+    """A coded block's blob fields, its payload sealed with ``cipher`` (if any)."""
     if cipher is None:
         return digest, codec, ENCRYPTION_NONE, payload, raw
     return digest, codec, ENCRYPTION_AEAD, cipher.seal(payload, blob_aad(digest, codec, raw)), raw
@@ -150,9 +157,31 @@ def encode_blocks(blocks: Sequence[tuple[bytes, bytes]], cipher: Cipher | None =
                   codec: int = CODEC_ZSTD) -> list[Coded]:
     """Blocks ``(digest, data)`` as blobs' fields, in order, with a :class:`Coder` of their
     own (``codec``): what a thread of a backup worker runs on a batch (zstd, lz4 and the
-    cipher release the GIL), while the worker goes on reading and hashing."""
+    cipher release the GIL), while the worker goes on reading and hashing.
+
+    With zstd, when the first block compresses, the rest are compressed by one call
+    (``multi_compress_to_buffer``: the same frames as one call each, the GIL let go once
+    for all, not once a block: a thread that must take the GIL back after every block
+    waits on the worker's own Python each time), each kept raw if it did not shrink.  A
+    first block that does not compress means data that may not: block by block, backing
+    off as :class:`Coder` does."""
     coder = Coder(codec)
-    return [encode_block(coder, cipher, d, data) for d, data in blocks]
+    if codec != CODEC_ZSTD or len(blocks) < 2:
+        return [encode_block(coder, cipher, d, data) for d, data in blocks]
+    first = encode_block(coder, cipher, *blocks[0])
+    if first[1] != CODEC_ZSTD:
+        return [first, *(encode_block(coder, cipher, d, data) for d, data in blocks[1:])]
+    frames = compressor().multi_compress_to_buffer([data for _, data in blocks[1:]],
+                                                   threads=0)
+    out = [first]
+    for k, (digest, data) in enumerate(blocks[1:]):
+        frame = frames[k]
+        if len(frame) < len(data):
+            out.append(_sealed(cipher, digest, CODEC_ZSTD, memoryview(frame),  # type: ignore[arg-type]
+                               len(data)))
+        else:
+            out.append(_sealed(cipher, digest, CODEC_NONE, data, len(data)))
+    return out
 
 
 def pack_name(pack_id: str) -> str:
