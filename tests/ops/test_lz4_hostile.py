@@ -192,3 +192,35 @@ def test_a_damaged_blob_of_an_encrypted_lz4_vault_is_refused_by_every_reader(
     _rewrite(pack, offset + BLOB.size + stored // 2,
              bytes([raw[offset + BLOB.size + stored // 2] ^ 0x40]))
     _readers_refuse(tmp_path, vault, point, 0, pack.stem, env=encrypted_env(tmp_path))
+
+
+@pytest.mark.parametrize("forgery", ["not lz4", "decodes to more", "decodes to less",
+                                     "other content of its length"])
+def test_an_lz4_blob_a_key_holder_sealed_over_other_bytes_is_refused_by_every_reader(
+        lz4_vaults: dict[str, Any], tmp_path: Path, forgery: str) -> None:
+    """Authentication is not enough: sealed with the right associated data (the blob's
+    id, codec lz4 and length) over bytes that are not the block's lz4 block, it is
+    still refused everywhere: by the decoder, the length or the keyed digest."""
+    from helpers.packs import trailer_entries
+
+    from cbt.format.pack import CODEC_LZ4, blob_aad
+
+    vault = tmp_path / "v"
+    shutil.copytree(lz4_vaults["encrypted"][0], vault)
+    point = lz4_vaults["encrypted"][1]
+    (pack,) = pack_files(vault)
+    digest, offset, stored, raw = trailer_entries(pack)[4]
+    data = pack.read_bytes()
+    assert BLOB.unpack_from(data, offset)[2] == CODEC_LZ4 and raw == BS
+    keys = cbt_api.Vault.open(vault, passphrase=PASSWORD).keys
+    assert keys is not None
+    aad = blob_aad(digest, CODEC_LZ4, raw)
+    size = len(keys.cipher.open(data[offset + BLOB.size:offset + BLOB.size + stored], aad))
+    payload = {"not lz4": lambda: os.urandom(size),
+               "decodes to more": lambda: crafted(raw + 700, size),
+               "decodes to less": lambda: crafted(raw - 100, size),
+               "other content of its length": lambda: crafted(raw, size)}[forgery]()
+    sealed = keys.cipher.seal(payload, aad)
+    assert len(sealed) == stored
+    _rewrite(pack, offset + BLOB.size, sealed)
+    _readers_refuse(tmp_path, vault, point, 4, pack.stem, env=encrypted_env(tmp_path))
