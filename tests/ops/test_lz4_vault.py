@@ -134,3 +134,20 @@ def test_an_unknown_compression_is_one_line_and_makes_nothing(tmp_path: Path) ->
     with pytest.raises(cbt_api.CbtError, match="unknown compression 'brotli'"):
         cbt_api.Vault.init(tmp_path / "w", compression="brotli")
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("version", ["4", 4.5, True, None], ids=["string", "float", "bool",
+                                                                   "null"])
+@pytest.mark.parametrize("compression", ["zstd", "lz4"])
+def test_a_format_version_that_is_not_an_integer_is_a_damaged_config(
+        tmp_path: Path, compression: str, version: object) -> None:
+    """cbt writes the format version as a JSON integer: "4" or 4.5 at lz4, or true at zstd
+    (taken for format 1 before), is a config someone altered, refused as damaged by name
+    and read no further."""
+    vault = tmp_path / "v"
+    cbt_json("init", "--encryption", "none", "--compression", compression, vault)
+    config = json.loads((vault / "config").read_text())
+    (vault / "config").write_text(json.dumps({**config, "format_version": version}))
+    line = one_error_line(cbt("list", vault))
+    assert f"its config {vault / 'config'} is damaged" in line, line
+    assert f"format_version {version!r} is not an integer" in line, line

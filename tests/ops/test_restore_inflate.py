@@ -167,3 +167,13 @@ def test_an_lz4_block_that_is_not_its_block_is_named(how: str) -> None:
     msg = str(exc.value)
     assert msg.startswith(f"point p disk d block {bad} pack k: "), msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("raw", [-1, (4 << 20) + 1, 1 << 31, (1 << 32) - 1])
+def test_decompress_lz4_refuses_a_length_no_block_has_before_allocating_it(raw: int) -> None:
+    """decompress_lz4 allocates ``raw`` bytes before it decodes: a length that is no
+    block's (over 4 MiB, or negative, which lz4 would read from the payload's first bytes:
+    here 2 GiB) is a damaged blob, named, whoever the caller is."""
+    payload = b"\xff\xff\xff\x7f" + LZ4.compress(_block(1), asbytes=True)
+    with pytest.raises(CorruptPackError, match=r"^pack p blob 3: content has the wrong length"):
+        decompress_lz4(payload, raw, "pack p blob 3")

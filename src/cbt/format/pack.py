@@ -399,7 +399,11 @@ def decompress_lz4(payload: bytes | memoryview, raw: int, where: str = "") -> by
 
     The payload is one lz4 block with no size before it (the blob header has it):
     decompressed into a buffer of ``raw`` bytes, which a malformed or hostile block
-    cannot write past (lz4's safe decoder); one that decodes to fewer bytes is refused."""
+    cannot write past (lz4's safe decoder); one that decodes to fewer bytes is refused.
+    ``raw`` is allocated before a byte is decoded: no more than a block's (a negative one
+    would have lz4 allocate what the payload's first 4 bytes say, up to 2 GiB)."""
+    if not 0 <= raw <= MAX_BLOCK:
+        raise CorruptPackError(f"{where}: content has the wrong length")
     try:
         out: bytes = lz4.block.decompress(payload, uncompressed_size=raw)
     except (lz4.block.LZ4BlockError, ValueError) as exc:  # (ValueError: older releases)

@@ -3,7 +3,8 @@
 Layout of a vault (names in its :class:`~cbt.repo.storage.Storage`; a directory
 for :class:`~cbt.repo.storage.LocalStorage`)::
 
-    config                 JSON: magic, format_version, encryption, id_key, id, created
+    config                 JSON: magic, format_version, encryption, id_key, compression
+                           (zstd, or lz4 at format 4; none: zstd), id, created
     locks/                 the holders of the vault, of each VM's runs (cbt.repo.lock)
     gc.lock                gc's lock (and each commit's)
     points/<id>.json       recovery point records; the rename of one is its commit
@@ -276,7 +277,9 @@ class Vault:
         damaged = f"not a cbt vault: {where}: its config {storage.where(CONFIG)} is damaged"
         try:
             config: dict[str, Any] = json.loads(raw)
-            magic, version = config["magic"], int(config["format_version"])
+            magic, version = config["magic"], config["format_version"]
+            if type(version) is not int:  # ("4", 4.5, true: no cbt writes them)
+                raise TypeError(f"format_version {version!r} is not an integer")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             why = "empty" if not raw else f"not a cbt config ({type(exc).__name__}: {exc})"
             raise NotAVaultError(errno.ENOENT, f"{damaged}: {why}") from None
