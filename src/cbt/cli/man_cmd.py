@@ -45,10 +45,13 @@ def run(args: argparse.Namespace) -> int:
 
 def roff(text: str) -> str:
     """Text as roff source: backslashes escaped, a line starting with . or ' made safe, a
-    break allowed after each comma (a JSON shape is one long word)."""
+    break allowed after each comma (a JSON shape is one long word), every character
+    beyond ASCII as its named escape (``\\[u2591]``: groff without preconv, or a page
+    installed where man does not run preconv, read UTF-8 bytes as Latin-1 garbage)."""
     out = []
-    for line in (text.replace("\\", "\\e").replace("-", "\\-").replace(",", ",\\:")
-                 .splitlines()):
+    text = "".join(c if c.isascii() else f"\\[u{ord(c):04X}]" for c in
+                   text.replace("\\", "\\e"))
+    for line in text.replace("-", "\\-").replace(",", ",\\:").splitlines():
         out.append("\\&" + line if line.startswith((".", "'")) else line)
     return "\n".join(out)
 
