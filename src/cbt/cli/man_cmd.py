@@ -18,7 +18,7 @@ from cbt.cli._common import EXIT_OK
 # (variable, what it does); every one cbt reads
 ENVIRONMENT = [
     ("CBT_VAULT", "the vault of a command that takes one, when neither VAULT nor -r VAULT "
-                  "is given (not cbt copy's: it names SRC and DST)"),
+                  "is given; cbt diff's ::POINT (not cbt copy's: it names SRC and DST)"),
     ("CBT_PASSWORD_FILE", "a file whose first line is the passphrase of an encrypted vault"),
     ("CBT_PASSWORD", "the passphrase of an encrypted vault itself (CBT_PASSWORD_FILE wins)"),
     ("CBT_TO_PASSWORD_FILE", "cbt copy: the file holding the destination vault's passphrase"),
