@@ -175,6 +175,14 @@ def test_cli_subset_and_its_errors(counted: Counted) -> None:
         assert f"goes with neither {other}" in line, line
 
 
+
+def test_help_says_the_window_is_of_pack_ids() -> None:
+    """verify --help (and so the man page) says what choose() does: a window of the pack
+    ids, not of the packs' bytes (what an earlier version did, and --help still said)."""
+    text = " ".join(cbt("verify", "--help").stdout.split())
+    assert "a window of N% of the pack ids that moves on by N% each day" in text, text
+    assert "packs' bytes" not in text
+
 # -- coverage, for any packs (hypothesis) ------------------------------------------------------
 
 _IDS = st.uuids().map(lambda u: u.hex)

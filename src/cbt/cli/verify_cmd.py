@@ -14,9 +14,11 @@ backup is reported as unreferenced (not a problem, exit 0).
 --read-data-subset N% or n/m reads and re-hashes the blocks of a part of the
 packs only (restic's meaning): n/m the nth of m parts of the packs by pack id
 (m runs, 1/m to m/m, cover every pack once); N% (may be fractional) a window
-of N% of the packs' bytes that moves on by N% each day (UTC), so daily runs
-cover the whole vault in 100/N days with no state kept.  The other packs get
-the checks without --data (their trailers against the index).
+of N% of the pack ids that moves on by N% each day (UTC), so daily runs read
+every pack in 100/N days however the vault grows, with no state kept (ids are
+random: about N% of the packs and of their bytes a day; two runs in one day
+read the same part).  The other packs get the checks without --data (their
+trailers against the index).
 
 --repair (needs the vault alone, and no gc running) rebuilds the index from the packs themselves,
 indexing only blobs whose content matches their digest, without touching
