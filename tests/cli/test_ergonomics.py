@@ -270,3 +270,13 @@ def test_top_level_help_says_what_each_command_does_now() -> None:
               "man": ("manual",)}
     for name, words in wanted.items():
         assert all(w in listed[name] for w in words), (name, listed[name])
+
+
+def test_help_and_man_page_use_binary_units_only() -> None:
+    """Issue 16: one unit system everywhere.  The text a user reads about sizes (every
+    command's --help, all of them in the man page) says KiB/MiB/GiB, never kB/MB/GB."""
+    page = cbt("man").stdout
+    assert "MiB" in page
+    decimal = re.compile(r"\d ?[kKMGTP]B\b|\b[kKMGTP]B/s\b|\s[MGTP]B\b")
+    assert not decimal.findall(page), [line for line in page.splitlines()
+                                       if decimal.search(line)]
