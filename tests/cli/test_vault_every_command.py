@@ -111,9 +111,10 @@ def test_diff_points_of_the_vault_of_r_or_the_environment(
     assert _differ(f"::{a}", f"::{b}", env=env) == want
     one = _differ(f"{vault}::{a}/db", f"{vault}::{b}/db")
     assert _differ("-r", vault, f"::{a}/db", f"::{b}/db") == one
-    # a VAULT:: written out is that vault's, whatever $CBT_VAULT says
+    # a VAULT:: written out is that vault's, whatever $CBT_VAULT or -r say
     assert _differ(f"{vault}::{a}", f"{vault}::{b}",
-               env={"CBT_VAULT": str(tmp_path / "elsewhere")}) == want
+                   env={"CBT_VAULT": str(tmp_path / "elsewhere")}) == want
+    assert _differ("-r", vault, f"{vault}::{a}", f"{vault}::{b}") == want
 
 
 def test_diff_vault_errors_are_one_line(two_points: tuple[Path, list[str]],
@@ -125,7 +126,7 @@ def test_diff_vault_errors_are_one_line(two_points: tuple[Path, list[str]],
     x.write_bytes(bytes(4096))
     y.write_bytes(bytes(4096))
     r = cbt("diff", "-r", vault, x, y)
-    assert r.returncode == 2 and "neither A nor B is a point of it" in one_error_line(r)
+    assert r.returncode == 2 and "neither A nor B is a point" in one_error_line(r)
     # images under $CBT_VAULT: the environment names no operand, nothing to refuse
     r = cbt("diff", x, y, env={"CBT_VAULT": str(vault)})
     assert r.returncode == 0 and r.stdout.startswith("identical"), r

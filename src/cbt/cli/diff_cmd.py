@@ -156,10 +156,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _in_vault(a: str, b: str, option: str | None) -> tuple[str, str]:
     """A and B with ``::POINT[/LABEL]`` made ``VAULT::POINT[/LABEL]``: the vault of -r,
-    else of $CBT_VAULT (a ``VAULT::`` written out keeps its own).  -r that no operand
-    uses is refused (a script meaning a point would compare files of those names)."""
+    else of $CBT_VAULT (a ``VAULT::`` written out keeps its own).  -r with two
+    operands neither of which is a point is refused (a script meaning points would
+    compare files of those names)."""
     from cbt.core.errors import CbtValueError
     from cbt.ops.diff import POINT_SEPARATOR as SEP
+    from cbt.ops.diff import parse_point_ref
 
     bare = [x for x in (a, b) if x.startswith(SEP)]
     if option is None and bare:
@@ -171,8 +173,8 @@ def _in_vault(a: str, b: str, option: str | None) -> tuple[str, str]:
             option = vault_arg(env)
         except argparse.ArgumentTypeError as exc:
             raise CbtValueError(f"${VAULT_ENV}: {exc}") from None
-    elif option is not None and not bare:
-        raise CbtValueError(f"-r {option}: neither A nor B is a point of it (write "
+    elif option is not None and not bare and not any(map(parse_point_ref, (a, b))):
+        raise CbtValueError(f"-r {option}: neither A nor B is a point (write "
                             f"{SEP}POINT[/LABEL])")
 
     def full(x: str) -> str:
