@@ -29,6 +29,10 @@ ENVIRONMENT = [
      "where else those credentials are read from (a profile of the AWS settings files)"),
     ("AWS_REGION, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL",
      "the region and endpoint of an s3:// vault (an S3-compatible server)"),
+    ("STATE_DIRECTORY, XDG_STATE_HOME",
+     "where cbt daemon records its maintenance slot and cbt verify the window its last "
+     "--read-data-subset N% run read (systemd's $STATE_DIRECTORY, else $XDG_STATE_HOME/cbt, "
+     "else ~/.local/state/cbt)"),
     ("CBT_LOCK_LEASE", "seconds a lock on an s3:// vault lives without renewal (default 300)"),
     ("CBT_POINT", "set by cbt for a job's hooks: the id of the point being made"),
 ]
