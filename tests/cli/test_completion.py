@@ -214,3 +214,17 @@ def test_man_page_renders_without_warnings_and_names_everything(tmp_path: Path) 
 def test_an_unknown_shell_is_one_error_line(shell: str) -> None:
     r = cbt("completion", *([shell] if shell else []))
     assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_man_page_is_ascii_roff_that_groff_reads_without_preconv() -> None:
+    """The page's text beyond ASCII (diff --map's shades) is written as roff escapes:
+    groff fed the page directly (no preconv, as some man setups and mandoc-like readers
+    do) has no warning, and renders the shades."""
+    page = cbt("man").stdout
+    assert page.isascii() and "\\[u2591]" in page
+    need(shutil.which("groff") is not None, "needs groff (ci/system-deps.sh installs it)")
+    r = subprocess.run(["groff", "-man", "-ww", "-Tutf8"], input=page.encode(),
+                       capture_output=True, timeout=60, check=False)
+    assert r.returncode == 0 and r.stderr == b"", r.stderr
+    text = re.sub(r".\x08", "", r.stdout.decode())
+    assert "'\u2591' '\u2592' '\u2593' '\u2588'" in text

@@ -240,3 +240,43 @@ def test_demo_json_and_quiet(tmp_path: Path) -> None:
     assert report["remove_command"] == f"rm -rf -- {tmp_path / 'j'}"
     r = cbt("demo", "--dir", tmp_path / "q", "--size", "8M", "-q")
     assert r.returncode == 0 and r.stdout == "", r.stdout
+
+
+def test_top_level_help_says_what_each_command_does_now() -> None:
+    """`cbt --help` (issue 16: its lines had fallen behind the commands): every command on
+    one line of 80 columns, and the lines name what the issue added (the daemon's
+    maintenance, verify's subsets, the maps, mount, completion, man)."""
+    from cbt.cli.main import COMMANDS
+
+    r = cbt("--help", env={"COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    start = lines.index("  COMMAND") + 1
+    section = lines[start:lines.index("", start)]
+    listed: dict[str, str] = {}
+    name = ""
+    for line in section:
+        if line.startswith(" " * 5):  # a description below its long name, never a 2nd line
+            assert name and not listed[name], (name, line)
+            listed[name] = line.strip()
+        else:
+            name, _, text = line.strip().partition(" ")
+            listed[name] = text.strip()
+        assert len(line) <= 80, line
+    assert list(listed) == list(COMMANDS)
+    wanted = {"daemon": ("prune", "gc", "maintenance"), "verify": ("--read-data-subset",
+              "--data"), "stats": ("--map",), "diff": ("--map",), "mount": ("FUSE",),
+              "forget": ("named",), "demo": ("explaining",), "completion": ("bash", "zsh"),
+              "man": ("manual",)}
+    for name, words in wanted.items():
+        assert all(w in listed[name] for w in words), (name, listed[name])
+
+
+def test_help_and_man_page_use_binary_units_only() -> None:
+    """Issue 16: one unit system everywhere.  The text a user reads about sizes (every
+    command's --help, all of them in the man page) says KiB/MiB/GiB, never kB/MB/GB."""
+    page = cbt("man").stdout
+    assert "MiB" in page
+    decimal = re.compile(r"\d ?[kKMGTP]B\b|\b[kKMGTP]B/s\b|\s[MGTP]B\b")
+    assert not decimal.findall(page), [line for line in page.splitlines()
+                                       if decimal.search(line)]

@@ -5,12 +5,9 @@ bad values are one error line; on a terminal (a real pty) the progress bars run.
 from __future__ import annotations
 
 import json
-import os
-import pty
-import subprocess
 from pathlib import Path
 
-from helpers.cli import cbt, cbt_argv, cbt_json, clean_env, one_error_line
+from helpers.cli import cbt, cbt_json, on_a_terminal, one_error_line
 from helpers.vaults import dir_bytes, two_point_vault
 
 from cbt.api import Vault
@@ -51,49 +48,25 @@ def test_gc_refuses_bad_percentages(tmp_path: Path) -> None:
         assert "not a percentage from 0 to 100" in line, line
 
 
-def _on_a_terminal(*args: object, columns: str = "100") -> tuple[int, str, bytes]:
-    """Run cbt with stderr on a pty (a terminal: progress bars on); exit code, stdout, and
-    what the terminal got."""
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(cbt_argv(*args), stdout=subprocess.PIPE, stderr=slave,
-                                text=True, env=clean_env({"COLUMNS": columns}))
-        os.close(slave)
-        seen = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # (EIO: the last writer closed the pty)
-                break
-            if not chunk:
-                break
-            seen += chunk
-        out = proc.communicate(timeout=120)[0]
-    finally:
-        os.close(master)
-    assert b"Traceback" not in seen, seen.decode(errors="replace")
-    return proc.returncode, out, seen
-
-
 def test_progress_on_a_terminal_does_not_disturb(tmp_path: Path) -> None:
     v = _dead_vault(tmp_path)
-    code, out, seen = _on_a_terminal("gc", v, "--max-unused", "0")
+    code, out, seen = on_a_terminal("gc", v, "--max-unused", "0")
     assert code == 0 and out.startswith("gc: removed "), out
     assert b"gc: marking" in seen and b"gc: sweeping" in seen, seen
-    code, out, seen = _on_a_terminal("verify", v, "--read-data-subset", "1/2")
+    code, out, seen = on_a_terminal("verify", v, "--read-data-subset", "1/2")
     assert code == 0 and "with the data of part 1/2" in out, out
     assert b"verify" in seen and b"iB / " in seen, seen  # binary units, as every summary
-    code, out, seen = _on_a_terminal("gc", v, "-q")
+    code, out, seen = on_a_terminal("gc", v, "-q")
     assert code == 0 and out == "" and b"gc:" not in seen, seen
     for json_args in (("gc", v, "--max-unused", "0", "--json"),
                       ("verify", v, "--read-data-subset", "1/2", "--json")):
-        code, out, seen = _on_a_terminal(*json_args)
+        code, out, seen = on_a_terminal(*json_args)
         assert code == 0 and json.loads(out), out
         assert seen == b"", seen  # no bar with --json: a script reads it
-    code, out, seen = _on_a_terminal("verify", v, "--data")
+    code, out, seen = on_a_terminal("verify", v, "--data")
     assert code == 0 and b"verify" in seen, seen
     for columns in ("1", "5", "20"):
-        code, out, seen = _on_a_terminal("gc", v, "--max-unused", "0", columns=columns)
+        code, out, seen = on_a_terminal("gc", v, "--max-unused", "0", columns=columns)
         assert code == 0 and out.startswith("gc: removed "), (columns, out, seen)
         assert "\x1b" not in out and "\r" not in out, out  # (bars never on stdout)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -195,3 +196,27 @@ def run_measured(argv: list[str], env: Mapping[str, str] | None = None,
                        check=True)
     got = json.loads(r.stdout)
     return int(got["rc"]), str(got["out"]), str(got["err"]), int(got["maxrss_kib"]) * 1024
+
+
+def on_a_terminal(*args: object, columns: str = "100") -> tuple[int, str, bytes]:
+    """Run cbt with stderr on a pty (a terminal: progress bars on); exit code, stdout, and
+    what the terminal got."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(cbt_argv(*args), stdout=subprocess.PIPE, stderr=slave,
+                                text=True, env=clean_env({"COLUMNS": columns}))
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # (EIO: the last writer closed the pty)
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        os.close(master)
+    assert b"Traceback" not in seen, seen.decode(errors="replace")
+    return proc.returncode, out, seen

@@ -404,3 +404,20 @@ def test_config_check_shows_maintenance(tmp_path: Path) -> None:
     assert f"  maintenance: daily 03:00 (Europe/Berlin): prune; state {state}" in r.stdout
     cfg.write_text('vault = "v"\n')
     assert cbt_json("config", "check", cfg)["maintenance"] is None
+
+
+def test_the_help_example_is_a_config_that_loads(tmp_path: Path) -> None:
+    """`cbt daemon --help` shows a [maintenance] table: every key of it is one the config
+    takes (with the value it shows), max_unused included."""
+    import cbt.cli.daemon_cmd
+
+    doc = cbt.cli.daemon_cmd.__doc__ or ""
+    table = doc[doc.index("    [maintenance]"):].split("\n\n", 1)[0]
+    example = "\n".join(line.split("#", 1)[0].strip() for line in table.splitlines())
+    cfg = tmp_path / "cbt.toml"
+    cfg.write_text('vault = "v"\n' + example + "\n")
+    m = load(cfg).maintenance
+    assert m is not None
+    keys = {line.split("=")[0].strip() for line in example.splitlines() if "=" in line}
+    assert keys == {"schedule", "prune", "gc", "max_unused", "wait"}, keys
+    assert (m.prune, m.gc, m.max_unused, m.wait) == (True, True, 5.0, 3600.0)

@@ -9,7 +9,7 @@ import pytest
 from helpers.vaults import two_point_vault
 
 from cbt.api import Vault
-from cbt.ops.prune import PruneRequest, prune
+from cbt.ops.prune import PruneRequest, forget, prune
 
 
 @pytest.mark.parametrize(("kept", "changed"), [("second", 1), ("none", 2)])
@@ -36,3 +36,14 @@ def test_dry_prune_reports_no_progress(tmp_path: Path) -> None:
                                               expired=lambda _vm, _c: False, dry_run=True),
           progress=lambda d, t: seen.append((d, t)))
     assert seen == [] and len(Vault.open(vault_dir).records()) == 2
+
+
+def test_forget_progress_counts_the_named_points(tmp_path: Path) -> None:
+    """forget is prune on named points: the same progress over what it hides or deletes
+    (both points named: the older deleted, the newer hidden until the VM's next one)."""
+    vault_dir, ids = two_point_vault(tmp_path)
+    seen: list[tuple[int, int]] = []
+    result = forget(Vault.open(vault_dir), list(ids), progress=lambda d, t: seen.append((d, t)))
+    assert sorted(p.recovery_point for p in result.points) == sorted(ids)
+    assert seen == [(0, 2), (1, 2), (2, 2)], seen
+    assert {r.id: r.hidden for r in Vault.open(vault_dir).records()} == {ids[1]: True}

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.cli import cbt, cbt_json, one_error_line
-from helpers.images import copy_disk, read, write_at, write_disk
+from helpers.images import copy_disk, random_bytes, read, write_at, write_disk
 from helpers.packs import _BLOB, pack_files, trailer_entries
 from helpers.truth import block_digests, data_bytes
 
@@ -408,3 +408,54 @@ def test_terminal_map_fits_the_width(history: tuple[Path, dict[str, Path], list[
         assert 10 <= max(cells) <= 40
     else:
         assert max(cells) == longest, lines
+
+
+@pytest.mark.parametrize(("days", "want"), [
+    ([0.0], 1 / 3),
+    ([], 1 / 3),
+    ([h / 24 for h in range(6)], 0.7 / 24),  # hourly
+    # daily, and a manual point 5 min after one: gaps 1, 5 min, 1 - 5 min, 1
+    ([0.0, 1.0, 1.0 + 5 / 1440, 2.0, 3.0], 0.7 * (2 - 5 / 1440) / 2),
+    ([2.0, 0.0, 1.0, 1.0], 0.7),  # unsorted, two at one time
+])
+def test_bar_width_follows_the_points_spacing(days: list[float], want: float) -> None:
+    from cbt.cli.stats_cmd import bar_width
+
+    assert bar_width(days) == pytest.approx(want)
+
+
+def test_chart_of_hourly_points_has_bars_that_do_not_overlap(tmp_path: Path) -> None:
+    """stats --map FILE for points an hour apart (an 'every 1h' schedule): one bar a point,
+    each centred on its point's time, none covering the next (they were a third of a
+    day wide: seven points under each), heights the points' new bytes; the byte axis
+    in binary units."""
+    pytest.importorskip("matplotlib")  # (the 'test' extra installs it)
+    import datetime as dt
+    import itertools
+
+    from matplotlib.dates import date2num
+
+    from cbt.cli.stats_cmd import chart
+
+    disk = write_disk(tmp_path / "os.img", random_bytes(256 << 10, 1))
+    vault = Vault.init(tmp_path / "vault")
+    hours = [0, 1, 2, 3, 5]
+    for h in hours:
+        write_at(disk, (h % 4) * (64 << 10), random_bytes(64 << 10, 10 + h).tobytes())
+        vault.backup("web", [DiskSpec("os", str(disk))], workers=1,
+                     created=f"2026-03-01T{h:02d}:00:00Z")
+    s = stats(Vault.open(tmp_path / "vault"))
+    fig = chart(s)
+    ax = fig.axes[0]
+    bars = sorted(ax.patches, key=lambda r: r.get_x())
+    assert len(bars) == len(hours)
+    at = [float(date2num(dt.datetime(2026, 3, 1, h, tzinfo=dt.UTC))) for h in hours]
+    for bar, t in zip(bars, at, strict=True):
+        assert bar.get_x() + bar.get_width() / 2 == pytest.approx(t)
+        assert bar.get_width() == pytest.approx(0.7 / 24)
+    for left, right in itertools.pairwise(bars):
+        assert left.get_x() + left.get_width() < right.get_x()
+    assert [b.get_height() for b in bars] == [p.new_bytes for p in s.points]
+    fig.draw_without_rendering()  # (tick labels are made when drawn)
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert labels and all(x.endswith("iB") or x == "0 B" for x in labels), labels

@@ -1,6 +1,7 @@
 """``verify --read-data-subset`` (issue 16): ``n/m`` parts cover every pack once, ``N%``
-reads about N% of the packs' bytes and moves on each day; packs outside the part are
-checked by their trailers only.  Bytes are counted at the vault's storage.
+reads about N% of the packs' bytes and moves on each window (by default each day; cbt
+verify's runs: tests/cli/test_verify_rotation.py); packs outside the part are checked
+by their trailers only.  Bytes are counted at the vault's storage.
 
 A damaged block (a byte of its stored data flipped, its pack's trailer intact) is found
 only by reading its data: exactly one of the m parts, and one of 100/N daily runs, finds
@@ -174,6 +175,14 @@ def test_cli_subset_and_its_errors(counted: Counted) -> None:
         line = one_error_line(cbt("verify", counted.dir, "--read-data-subset", "1/2", other))
         assert f"goes with neither {other}" in line, line
 
+
+
+def test_help_says_the_window_is_of_pack_ids() -> None:
+    """verify --help (and so the man page) says what choose() does: a window of the pack
+    ids, not of the packs' bytes (what an earlier version did, and --help still said)."""
+    text = " ".join(cbt("verify", "--help").stdout.split())
+    assert "a window of N% of the pack ids that moves on by N% each run" in text, text
+    assert "packs' bytes" not in text
 
 # -- coverage, for any packs (hypothesis) ------------------------------------------------------
 

@@ -7,6 +7,7 @@ prune and gc when the config's [maintenance] slot comes, for example::
     schedule = "daily 03:00"   # the syntax of policy schedules; timezone = "UTC"
     prune = true               # retention of the policies (as 'cbt prune --config')
     gc = true                  # then 'cbt gc'; gc_grace = 3600 (seconds)
+    max_unused = 5             # gc --max-unused (percent; default: gc's own rule)
     wait = 3600                # prune waits this long for running backups, then
                                # gives up until the next slot
 

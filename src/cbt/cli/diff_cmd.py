@@ -3,7 +3,9 @@
 A and B are image files, block devices, manifests written by 'cbt scan -o', or
 one disk of a recovery point as VAULT::POINT/LABEL, in any mix (a file starting
 with Arrow's magic ARROW1 is a manifest).  VAULT::POINT against another whole
-point compares them disk by disk, reading only metadata.  Two
+point compares them disk by disk, reading only metadata.  With -r VAULT (or
+$CBT_VAULT), ::POINT[/LABEL] is a point of that vault: cbt diff -r /srv/vault
+::web.20261129T020000Z ::web.latest.  Two
 images are compared directly, without hashing; an image against a manifest is
 scanned with the manifest's block size.  Content decides: a hole equals a block
 of zeros.  When the sizes differ, the block holding the shorter input's end and
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING
 from cbt.cli._common import (
     EXIT_DIFFERENT,
     EXIT_OK,
+    VAULT_ENV,
     PassphraseFinder,
     add_json,
     add_password_file,
@@ -42,6 +45,7 @@ from cbt.cli._common import (
     progress_bar,
     say,
     size_arg,
+    vault_arg,
     workers_arg,
 )
 
@@ -50,8 +54,12 @@ if TYPE_CHECKING:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("a", metavar="A", help="image, block device or manifest")
-    p.add_argument("b", metavar="B", help="image, block device or manifest")
+    p.add_argument("a", metavar="A", help="image, block device, manifest, or VAULT::POINT[/LABEL]"
+                                          " (::POINT: the vault of -r or $CBT_VAULT)")
+    p.add_argument("b", metavar="B", help="as A")
+    p.add_argument("-r", "--vault", dest="diff_vault", type=vault_arg, metavar="VAULT",
+                   help=f"the vault of an A or B written ::POINT[/LABEL] (default: "
+                        f"${VAULT_ENV})")
     p.add_argument("--block-size", type=size_arg, default=None, metavar="SIZE",
                    help="block size for images (default 64K); a manifest's own wins")
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N",
@@ -119,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from cbt.ops.diff import PointDiff, diff
 
     _check_map(args)
+    args.a, args.b = _in_vault(args.a, args.b, args.diff_vault)
     check_digest_kinds(args.a, args.b)
     with progress_bar("diff") as progress:
         cs = diff(args.a, args.b, args.block_size, args.workers, progress,
@@ -143,6 +152,35 @@ def run(args: argparse.Namespace) -> int:
         _print_ranges(cs, "  ")
     _draw(args, [("disk", cs)], "")
     return code
+
+
+def _in_vault(a: str, b: str, option: str | None) -> tuple[str, str]:
+    """A and B with ``::POINT[/LABEL]`` made ``VAULT::POINT[/LABEL]``: the vault of -r,
+    else of $CBT_VAULT (a ``VAULT::`` written out keeps its own).  -r with two
+    operands neither of which is a point is refused (a script meaning points would
+    compare files of those names)."""
+    from cbt.core.errors import CbtValueError
+    from cbt.ops.diff import POINT_SEPARATOR as SEP
+    from cbt.ops.diff import parse_point_ref
+
+    bare = [x for x in (a, b) if x.startswith(SEP)]
+    if option is None and bare:
+        env = os.environ.get(VAULT_ENV) or None
+        if env is None:
+            raise CbtValueError(f"{bare[0]}: a point of which vault? give -r VAULT or set "
+                                f"${VAULT_ENV} (or write VAULT{bare[0]})")
+        try:
+            option = vault_arg(env)
+        except argparse.ArgumentTypeError as exc:
+            raise CbtValueError(f"${VAULT_ENV}: {exc}") from None
+    elif option is not None and not bare and not any(map(parse_point_ref, (a, b))):
+        raise CbtValueError(f"-r {option}: neither A nor B is a point (write "
+                            f"{SEP}POINT[/LABEL])")
+
+    def full(x: str) -> str:
+        return f"{option}{x}" if x.startswith(SEP) else x
+
+    return full(a), full(b)
 
 
 def _print_ranges(cs: ChangeSet, indent: str) -> None:

@@ -125,7 +125,6 @@ def write_picture(path: str, disks: list[tuple[str, ChangeSet]], title: str,
     check_picture_path(path)
     try:
         from matplotlib.figure import Figure
-        from matplotlib.ticker import FuncFormatter, MultipleLocator
     except ImportError:
         raise CbtValueError(f"--map {path}: drawing a picture needs matplotlib: "
                             f"{PLOT_HINT}") from None
@@ -141,9 +140,7 @@ def write_picture(path: str, disks: list[tuple[str, ChangeSet]], title: str,
         ax.set_xlim(0, max(size, 1))
         ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center")
-        step = 2.0 ** np.floor(np.log2(max(size, 8) / 8))  # about 8 ticks, binary steps
-        ax.xaxis.set_major_locator(MultipleLocator(step))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: human_bytes(v)))
+        binary_axis(ax.xaxis, size)
         ax.tick_params(axis="x", labelsize=8)
     axes[0].set_title(title, fontsize=9)
     if image is not None:
@@ -152,20 +149,28 @@ def write_picture(path: str, disks: list[tuple[str, ChangeSet]], title: str,
 
 
 def save_figure(fig: object, path: str) -> None:
-    """Write under a temporary name beside ``path``, then rename (no half-written file)."""
-    import tempfile
+    """Write a picture (diff's strips, stats' chart) to ``path``, SVG or PNG by its suffix:
+    under a temporary name beside it, synced, then renamed (a failed write, the disk
+    full, leaves nothing, and a picture already there untouched); an error names
+    ``path``, not the temporary file."""
+    from cbt.core.durable import atomic_file
+    from cbt.core.errors import CbtIOError
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".cbt-map-", suffix=os.path.splitext(path)[1],
-                               dir=folder)
+    kind = os.path.splitext(path)[1][1:].lower()
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as any new file (mkstemp makes it 0600)
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=os.path.splitext(path)[1][1:].lower(),  # type: ignore[attr-defined]
-                        dpi=100, metadata={"Software": "cbt"} if path.endswith(".png") else None)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        with atomic_file(path) as f:
+            fig.savefig(f, format=kind, dpi=100,  # type: ignore[attr-defined]
+                        metadata={"Software": "cbt"} if kind == "png" else None)
+    except OSError as exc:
+        raise CbtIOError(exc.errno, exc.strerror or str(exc), path) from None
+
+
+def binary_axis(axis: object, top: float, ticks: int = 8) -> None:
+    """Ticks of ``axis`` (matplotlib's) at about ``ticks`` binary steps up to ``top``
+    bytes, labelled in binary units (4.0 MiB, not 4194304 or 4.2 MB)."""
+    from matplotlib.ticker import FuncFormatter, MultipleLocator
+
+    step = 2.0 ** np.floor(np.log2(max(top, ticks) / ticks))
+    axis.set_major_locator(MultipleLocator(step))  # type: ignore[attr-defined]
+    axis.set_major_formatter(FuncFormatter(  # type: ignore[attr-defined]
+        lambda v, _pos: human_bytes(v)))

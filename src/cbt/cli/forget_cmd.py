@@ -27,6 +27,7 @@ from cbt.cli._common import (
     emit_warnings,
     open_vault,
     print_json,
+    progress_bar,
     say,
 )
 
@@ -43,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cbt.ops.prune import forget
 
-    result = forget(open_vault(args), list(args.points), args.dry_run, args.wait)
+    vault = open_vault(args)
+    with progress_bar("forget", "points") as progress:
+        result = forget(vault, list(args.points), args.dry_run, args.wait, progress)
     if args.json:
         print_json(result.to_dict())
         return EXIT_OK

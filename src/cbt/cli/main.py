@@ -35,16 +35,18 @@ COMMANDS = {
     "restore": ("cbt.cli.restore_cmd", "restore a point's disks, every block verified"),
     "mount": ("cbt.cli.mount_cmd", "serve recovery points' disks as read-only image files "
               "(FUSE)"),
-    "verify": ("cbt.cli.verify_cmd", "check that recovery points can be restored "
-                                     "(--repair)"),
+    "verify": ("cbt.cli.verify_cmd", "check recovery points (--data, "
+                                     "--read-data-subset, --repair)"),
     "jobs": ("cbt.cli.jobs_cmd", "list the backup jobs a vault recorded (status, "
                                  "errors)"),
     "config": ("cbt.cli.config_cmd", "check a configuration file and show its plan"),
     "run-due": ("cbt.cli.run_due_cmd", "run the backup jobs whose schedule slot is due"),
-    "daemon": ("cbt.cli.daemon_cmd", "run due backup jobs in a loop until stopped"),
+    "daemon": ("cbt.cli.daemon_cmd", "run due backups in a loop, with prune and gc "
+                                     "as maintenance"),
     "prune": ("cbt.cli.prune_cmd", "remove the points the retention policies do not keep"),
     "forget": ("cbt.cli.forget_cmd", "remove named recovery points (as prune does)"),
-    "stats": ("cbt.cli.stats_cmd", "where the space goes: sizes, ratios, unique bytes per point"),
+    "stats": ("cbt.cli.stats_cmd", "where the space goes: sizes, ratios, unique "
+                                   "bytes (--map)"),
     "gc": ("cbt.cli.gc_cmd", "free the blocks no recovery point references"),
     "scan": ("cbt.cli.scan_cmd", "hash every block of a disk image or device "
                                  "(-o: a manifest)"),

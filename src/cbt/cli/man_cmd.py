@@ -18,7 +18,7 @@ from cbt.cli._common import EXIT_OK
 # (variable, what it does); every one cbt reads
 ENVIRONMENT = [
     ("CBT_VAULT", "the vault of a command that takes one, when neither VAULT nor -r VAULT "
-                  "is given (not cbt copy's: it names SRC and DST)"),
+                  "is given; cbt diff's ::POINT (not cbt copy's: it names SRC and DST)"),
     ("CBT_PASSWORD_FILE", "a file whose first line is the passphrase of an encrypted vault"),
     ("CBT_PASSWORD", "the passphrase of an encrypted vault itself (CBT_PASSWORD_FILE wins)"),
     ("CBT_TO_PASSWORD_FILE", "cbt copy: the file holding the destination vault's passphrase"),
@@ -29,6 +29,10 @@ ENVIRONMENT = [
      "where else those credentials are read from (a profile of the AWS settings files)"),
     ("AWS_REGION, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL",
      "the region and endpoint of an s3:// vault (an S3-compatible server)"),
+    ("STATE_DIRECTORY, XDG_STATE_HOME",
+     "where cbt daemon records its maintenance slot and cbt verify the window its last "
+     "--read-data-subset N% run read (systemd's $STATE_DIRECTORY, else $XDG_STATE_HOME/cbt, "
+     "else ~/.local/state/cbt)"),
     ("CBT_LOCK_LEASE", "seconds a lock on an s3:// vault lives without renewal (default 300)"),
     ("CBT_POINT", "set by cbt for a job's hooks: the id of the point being made"),
 ]
@@ -45,10 +49,13 @@ def run(args: argparse.Namespace) -> int:
 
 def roff(text: str) -> str:
     """Text as roff source: backslashes escaped, a line starting with . or ' made safe, a
-    break allowed after each comma (a JSON shape is one long word)."""
+    break allowed after each comma (a JSON shape is one long word), every character
+    beyond ASCII as its named escape (``\\[u2591]``: groff without preconv, or a page
+    installed where man does not run preconv, read UTF-8 bytes as Latin-1 garbage)."""
     out = []
-    for line in (text.replace("\\", "\\e").replace("-", "\\-").replace(",", ",\\:")
-                 .splitlines()):
+    text = "".join(c if c.isascii() else f"\\[u{ord(c):04X}]" for c in
+                   text.replace("\\", "\\e"))
+    for line in text.replace("-", "\\-").replace(",", ",\\:").splitlines():
         out.append("\\&" + line if line.startswith((".", "'")) else line)
     return "\n".join(out)
 

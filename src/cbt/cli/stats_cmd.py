@@ -41,11 +41,12 @@ from cbt.cli._common import (
 )
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from cbt.ops.stats import Stats
 
 MAP_WIDTH = 40  # cells of the longest bar on a wide terminal
 MIN_MAP_WIDTH = 10  # ... and on a narrow one (the lines wrap)
-PLOT_HINT = "pip install 'cbt[plot]'"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -157,38 +158,54 @@ def _cells(value: int, top: int, width: int) -> int:
 
 
 def write_chart(s: Stats, path: str) -> None:
-    """A chart per VM of stored and new bytes per point over time, into ``path`` (SVG or
-    PNG by its suffix; whole or not at all); matplotlib is imported only here."""
-    import datetime as dt
-
-    from cbt.core.durable import atomic_file
-    from cbt.core.errors import CbtIOError, CbtValueError
+    """:func:`chart` into ``path`` (SVG or PNG by its suffix; whole or not at all)."""
+    from cbt.cli.diffmap import PLOT_HINT, save_figure
+    from cbt.core.errors import CbtValueError
 
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        fig = chart(s)
     except ImportError:
         raise CbtValueError(f"--map {path}: drawing a chart needs matplotlib: "
                             f"{PLOT_HINT}") from None
+    save_figure(fig, path)
+
+
+def chart(s: Stats) -> Figure:
+    """A chart per VM of stored and new bytes per point over time (matplotlib's Figure,
+    imported only here): the bars as wide as the VM's points are apart
+    (:func:`bar_width`), the byte axis in binary units."""
+    import datetime as dt
+
+    from matplotlib.figure import Figure
+
+    from cbt.cli.diffmap import binary_axis
+
     vms = sorted({p.vm for p in s.points}) or ["(no points)"]
-    fig, axes = plt.subplots(len(vms), 1, figsize=(9, 2.6 * len(vms)), squeeze=False)
-    for ax, vm in zip(axes[:, 0], vms, strict=True):
+    fig = Figure(figsize=(9, 2.6 * len(vms)), layout="constrained")
+    axes = fig.subplots(len(vms), 1, squeeze=False)[:, 0]
+    for ax, vm in zip(axes, vms, strict=True):
         pts = [p for p in s.points if p.vm == vm]
         when = [dt.datetime.fromisoformat(p.created.replace("Z", "+00:00")) for p in pts]
-        ax.plot(when, [p.stored_bytes / 2**20 for p in pts], marker="o", label="stored")
-        ax.bar(when, [p.new_bytes / 2**20 for p in pts], width=0.3, color="tab:orange",
-               label="new")
+        ax.plot(when, [p.stored_bytes for p in pts], marker="o", label="stored")
+        ax.bar(when, [p.new_bytes for p in pts], color="tab:orange", label="new",
+               width=bar_width([w.timestamp() / 86400 for w in when]))
+        binary_axis(ax.yaxis, max((p.stored_bytes for p in pts), default=0), ticks=4)
+        ax.set_ylim(bottom=0)
         ax.set_title(vm)
-        ax.set_ylabel("MiB")
-        ax.legend(loc="upper left")
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    try:  # (a temporary file renamed when whole: a failed write leaves nothing behind)
-        with atomic_file(path) as f:
-            fig.savefig(f, format=path.rsplit(".", 1)[-1].lower())
-    except OSError as exc:  # (named by the chart's path, not the temporary file's)
-        raise CbtIOError(exc.errno, exc.strerror or str(exc), path) from None
-    finally:
-        plt.close(fig)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # (beside: bars under it)
+        for label in ax.get_xticklabels():
+            label.set(rotation=30, horizontalalignment="right")
+    return fig
+
+
+def bar_width(days: list[float]) -> float:
+    """The width of a point's bar, in days (matplotlib's unit of dates): 70% of the
+    median gap between the VM's points, so bars of hourly points do not cover each
+    other (a fixed third of a day covered seven), and a point made minutes after a
+    daily one (a manual backup) does not make every bar a sliver; a lone point, a
+    third of a day."""
+    import itertools
+    import statistics
+
+    gaps = [b - a for a, b in itertools.pairwise(sorted(days)) if b > a]
+    return 0.7 * statistics.median(gaps) if gaps else 1 / 3

@@ -14,9 +14,14 @@ backup is reported as unreferenced (not a problem, exit 0).
 --read-data-subset N% or n/m reads and re-hashes the blocks of a part of the
 packs only (restic's meaning): n/m the nth of m parts of the packs by pack id
 (m runs, 1/m to m/m, cover every pack once); N% (may be fractional) a window
-of N% of the packs' bytes that moves on by N% each day (UTC), so daily runs
-cover the whole vault in 100/N days with no state kept.  The other packs get
-the checks without --data (their trailers against the index).
+of N% of the pack ids that moves on by N% each run, so any 100/N runs of the
+same N read every pack once however the vault grows (ids are random: about N%
+of the packs and of their bytes a run).  Where the last run's window was is a
+small record per vault in cbt's state folder ($STATE_DIRECTORY,
+$XDG_STATE_HOME/cbt or ~/.local/state/cbt); without one (the first run,
+another N) a run starts at the window of the day (days since 1970, UTC), so
+daily runs read as a window moving by the day would.  The other packs get the
+checks without --data (their trailers against the index).
 
 --repair (needs the vault alone, and no gc running) rebuilds the index from the packs themselves,
 indexing only blobs whose content matches their digest, without touching
@@ -60,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also read and re-hash every stored block")
     p.add_argument("--read-data-subset", type=_subset, default=None, metavar="SUBSET",
                    help="read and re-hash the blocks of a part of the packs: N%% of them "
-                        "(a part that moves on each day), or n/m: the nth of m parts")
+                        "(a part that moves on each run), or n/m: the nth of m parts")
     p.add_argument("--repair", action="store_true",
                    help="rebuild the index from the packs, then verify")
     add_password_file(p)
@@ -80,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from cbt.core.sizes import human_bytes
+    from cbt.jobs.verify_record import next_window, save_window
     from cbt.ops.verify import RepairResult, VerifyResult, repair, verify
 
     if args.read_data_subset is not None and (args.data or args.repair):
@@ -93,9 +99,15 @@ def run(args: argparse.Namespace) -> int:
         result = repair(vault)
         checked = result.verify
     else:
+        subset = args.read_data_subset
+        window, notes = (next_window(args.vault, subset.percent) if subset and subset.percent
+                         else (None, []))
         with progress_bar("verify") as progress:
-            result = checked = verify(vault, args.point, data=args.data,
-                                      subset=args.read_data_subset, progress=progress)
+            result = checked = verify(vault, args.point, data=args.data, subset=subset,
+                                      day=window, progress=progress)
+        if window is not None:
+            notes += save_window(args.vault, subset.percent, window)
+        checked.warnings[:0] = notes
     code = EXIT_ERROR if checked.problems else EXIT_OK
     if args.json:
         print_json({k: v for k, v in result.to_dict().items() if k != "seconds"})

@@ -265,12 +265,18 @@ def state_path(config: Config) -> Path:
     config's ``state_dir``, else systemd's ``$STATE_DIRECTORY``, ``$XDG_STATE_HOME/cbt``
     or ``~/.local/state/cbt``; one file per vault."""
     m = config.maintenance
-    folder = (m.state_dir if m is not None and m.state_dir else None) \
-        or os.environ.get("STATE_DIRECTORY", "").split(":")[0] \
-        or str(Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-               / "cbt")
+    folder = (m.state_dir if m is not None and m.state_dir else None) or state_folder()
     digest = hashlib.sha256(config.vault.encode()).hexdigest()[:16]
     return Path(folder) / f"maintenance-{digest}.json"
+
+
+def state_folder() -> str:
+    """Where cbt keeps its small local records (the daemon's maintenance slot, verify's
+    data-subset window): systemd's ``$STATE_DIRECTORY``, else ``$XDG_STATE_HOME/cbt``,
+    else ``~/.local/state/cbt``."""
+    return os.environ.get("STATE_DIRECTORY", "").split(":")[0] \
+        or str(Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+               / "cbt")
 
 
 def read_state(path: Path, vault: str | None = None) -> MaintenanceState | None:

@@ -112,13 +112,14 @@ def prune(vault: Vault, request: PruneRequest,
                        warnings=warnings)
 
 
-def forget(vault: Vault, refs: list[str], dry_run: bool = False,
-           wait: float = 0.0) -> PruneResult:
+def forget(vault: Vault, refs: list[str], dry_run: bool = False, wait: float = 0.0,
+           progress: Callable[[int, int], None] | None = None) -> PruneResult:
     """Remove the named points (ids, unique id prefixes, ``VM.latest``), with the vault
     alone, as :func:`prune` removes what a plan does not keep; the result lists the
     named points only.  A name that is no visible point, or one that is unavailable
     (based on a damaged record), raises before anything changes (it is resolved under
-    the lock, so a prune meanwhile cannot make it another)."""
+    the lock, so a prune meanwhile cannot make it another).  ``progress`` as
+    :func:`prune`'s."""
     def keep(points: list[PointRecord]) -> dict[str, list[str]]:
         named = {p.id for p in vault.points_named(refs)}
         lost = sorted(named - {p.id for p in points})
@@ -129,7 +130,8 @@ def forget(vault: Vault, refs: list[str], dry_run: bool = False,
         return {p.id: [] if p.id in named else ["not named"] for p in points}
 
     result = prune(vault, PruneRequest(keep=keep, expired=lambda _vm, _created: False,
-                                       dry_run=dry_run, wait=wait, removed_why="named"))
+                                       dry_run=dry_run, wait=wait, removed_why="named"),
+                   progress)
     result.points = [p for p in result.points if not p.keep]
     return result
 

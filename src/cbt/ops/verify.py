@@ -17,11 +17,12 @@
    packs of that part: ``n/m`` is the nth of m parts of the packs by pack id
    (each pack in one part, for good: m runs cover every pack once); ``N%``
    the packs whose place (its id's first 64 bits: ids are random) falls in a
-   window of N% of the ids that moves on by N% each day, so daily runs read
-   every pack in 100/N days, however the vault grows meanwhile (a place by the
-   packs' bytes would shift old packs past the window as new ones come), with
-   no state kept anywhere; a day reads about N% of the bytes, a whole cycle
-   exactly all of them.
+   window of N% of the ids; window w+1 starts where window w ends, so windows
+   w .. w+100/N-1 read every pack once, however the vault grows meanwhile (a
+   place by the packs' bytes would shift old packs past the window as new ones
+   come); a window reads about N% of the bytes, a whole cycle exactly all of
+   them.  The window is the caller's (``day``; default: days since 1970-01-01
+   UTC); ``cbt verify`` takes the next one a run (:mod:`cbt.jobs.verify_record`).
 5. Index entries no point references (left by a killed run) and files a killed
    run left are *unreferenced*: reported in bytes, not a problem.
 
@@ -117,13 +118,13 @@ class DataSubset:
                             f"with 1 <= n <= m <= {MAX_PARTS})")
 
     def choose(self, sizes: dict[str, int], day: int) -> set[str]:
-        """The pack ids (of ``sizes``: id -> bytes) this part reads on ``day`` (days since
-        1970-01-01, UTC).
+        """The pack ids (of ``sizes``: id -> bytes) this part reads in window ``day`` (the
+        day by default: days since 1970-01-01, UTC; cbt verify's run count goes on from it).
 
-        ``N%``: a pack is read when its place falls in the day's window of the ring of
+        ``N%``: a pack is read when its place falls in the window ``day`` of the ring of
         places (``2**64``).  In whole numbers (the ring ``2**64 * 100 * den`` long for
-        ``N`` = num/den), so that one day's window ends exactly where the next one's
-        starts: every pack once in 100/N days (floats left gaps and overlaps)."""
+        ``N`` = num/den), so that one window ends exactly where the next one starts:
+        every pack once in 100/N windows (floats left gaps and overlaps)."""
         if self.parts:
             return {p for p in sizes if _place(p) * self.parts // 2**64 == self.part - 1}
         pc = Fraction(repr(self.percent))  # (the decimal given, exactly)
@@ -137,7 +138,7 @@ class DataSubset:
         if self.parts:
             return f"{self.part}/{self.parts}"
         start = (day * self.percent / 100.0) % 1.0
-        return f"{self.percent:g}% (day {day}: from {100 * start:.4g}% of the pack ids)"
+        return f"{self.percent:g}% (window {day}: from {100 * start:.4g}% of the pack ids)"
 
 
 def _place(pack_id: str) -> int:
@@ -251,8 +252,8 @@ def verify(vault: Vault, ref: str | None = None, data: bool = False,
            subset: DataSubset | None = None, day: int | None = None,
            progress: Progress | None = None) -> VerifyResult:
     """Steps 1 to 5 of the module doc, over every point or the point ``ref``; with a
-    ``subset`` the data of its packs only (``day``: for ``N%``, days since 1970-01-01 UTC,
-    default today)."""
+    ``subset`` the data of its packs only (``day``: for ``N%``, the window, by default
+    the day: days since 1970-01-01 UTC)."""
     started = time.perf_counter()
     when = int(time.time() // DAY) if day is None else day
     problems: list[Problem] = []
