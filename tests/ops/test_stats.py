@@ -29,7 +29,7 @@ from cbt.source.disks import DiskSpec
 
 BS = 64 << 10
 TOP = {"logical_bytes", "data_bytes", "stored_bytes", "referenced_bytes", "dedup_ratio",
-       "compression_ratio", "vms", "points", "warnings"}
+       "compression_ratio", "compression", "vms", "points", "warnings"}
 VM_KEYS = {"vm", "points", "logical_bytes", "data_bytes", "unique_bytes"}
 POINT_KEYS = {"recovery_point", "vm", "created", "logical_bytes", "data_bytes",
               "stored_bytes", "new_bytes", "unique_bytes"}
@@ -255,12 +255,13 @@ def test_encrypted_vault_and_no_lock(history: tuple[Path, dict[str, Path], list[
     assert enc["stored_bytes"] > plain["stored_bytes"]
 
 
-def test_empty_vault(tmp_path: Path) -> None:
-    Vault.init(tmp_path / "v")
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+def test_empty_vault(tmp_path: Path, codec: str) -> None:
+    Vault.init(tmp_path / "v", compression=codec)
     got = cbt_json("stats", tmp_path / "v")
     assert got == {"logical_bytes": 0, "data_bytes": 0, "stored_bytes": 0,
                    "referenced_bytes": 0, "dedup_ratio": None, "compression_ratio": None,
-                   "vms": [], "points": [], "warnings": []}
+                   "compression": codec, "vms": [], "points": [], "warnings": []}
     for extra in ([], ["--map"]):
         r = cbt("stats", tmp_path / "v", *extra)
         assert r.returncode == 0 and r.stdout.splitlines()[-1] == "no recovery points", r

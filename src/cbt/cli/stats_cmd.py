@@ -16,7 +16,8 @@ terminal; --map FILE.svg or FILE.png writes a chart (needs matplotlib:
 pip install 'cbt[plot]').
 
 --json prints {"logical_bytes","data_bytes","stored_bytes","referenced_bytes",
-"dedup_ratio","compression_ratio","vms":[{"vm","points","logical_bytes",
+"dedup_ratio","compression_ratio","compression" (the codec new blocks are stored
+with: zstd or lz4, chosen at 'cbt init'),"vms":[{"vm","points","logical_bytes",
 "data_bytes","unique_bytes"}],"points":[{"recovery_point","vm","created",
 "logical_bytes","data_bytes","stored_bytes","new_bytes","unique_bytes"}],
 "warnings"} (a ratio is null when nothing is stored).
@@ -105,7 +106,8 @@ def _print_tables(s: Stats) -> None:
 
     print(f"logical {hb(s.logical_bytes)}, data {hb(s.data_bytes)}, stored "
           f"{hb(s.stored_bytes)} ({hb(s.referenced_bytes)} referenced); dedup "
-          f"{_ratio(s.dedup_ratio)}, compression {_ratio(s.compression_ratio)}")
+          f"{_ratio(s.dedup_ratio)}, compression {_ratio(s.compression_ratio)} "
+          f"({s.compression})")
     if not s.points:
         print("no recovery points")
         return

@@ -88,6 +88,7 @@ class Stats:
     referenced_bytes: int = 0
     dedup_ratio: float | None = None
     compression_ratio: float | None = None
+    compression: str = "zstd"  # the codec the vault's backups write (its config's)
     vms: list[VmStats] = field(default_factory=list)
     points: list[PointStats] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -100,7 +101,7 @@ class Stats:
 def stats(vault: Vault, vm: str | None = None, refs: list[str] | None = None) -> Stats:
     """Steps 1 to 4 of the module doc.  The totals are the whole vault's; ``vm`` and
     ``refs`` (point ids, prefixes, ``VM.latest``) only limit the VMs and points listed."""
-    out = Stats()
+    out = Stats(compression=str(vault.config.get("compression", "zstd")))
     # (names first: an unknown one fails before the work, and VM.latest is a point listed)
     wanted = {p.id for p in vault.points_named(refs)} if refs else None
     # points first: a backup commits its index segment before its record, so every
