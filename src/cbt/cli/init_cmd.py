@@ -14,8 +14,8 @@ terminal.  --encryption none makes a vault whose blocks are compressed but
 unencrypted, named by their plain BLAKE3.
 
 --compression is the codec every backup into the vault compresses new blocks
-with, for good: zstd (level 1, the default) stores least; lz4 takes about 40%
-less CPU to compress and 70% less to decompress, for about 44% more stored on
+with, for good: zstd (level 1, the default) stores least; lz4 takes about 45%
+less CPU to compress and 55% less to decompress, for about 45% more stored on
 file-system and database content (what borg stores with its default lz4).
 Restores and backups that are bound by the CPU, not the disk or the network,
 are faster with lz4.  A vault is format 3, or 4 with lz4 (a cbt older than lz4

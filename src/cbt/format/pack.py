@@ -19,20 +19,20 @@ headers if the trailer is lost.
 
 A block is compressed with the vault's codec (its config's ``compression``):
 zstd (level 1, :data:`ZSTD_LEVEL`, the default) or lz4 (an lz4 *block*, no frame:
-the blob header has both lengths already; about 1.7x faster to compress and 3.2x
-to decompress than zstd level 1 on file-system and database content, for 44% more
-stored: a vault of format 4).  When that does not make it smaller it is stored
-raw (codec none), so incompressible data costs no decompression.  After a
-block that did not compress, the next few are stored raw without trying (1, 2,
-4, then 8 blocks, reset by the next block that compresses: :class:`Coder`): a
-disk of random data costs one compression attempt in 9 blocks, and a
-compressible region after an incompressible one loses at most 8 blocks.  A run
-of blocks whose first one compresses is coded by one zstd call for the rest
-(:func:`encode_blocks`), each tried.  Each
-thread compresses with a zstd context of its own, made once and reused block
-after block (:func:`compressor`), so blocks can be coded on several threads at
-once (:func:`encode_blocks`, which releases the GIL while it compresses and
-seals) and appended in order (:meth:`PackWriter.add_coded`).
+the blob header has both lengths already; about 1.8x faster to compress and 2.3x
+to decompress than zstd level 1 on file-system and database content, for 45% more
+stored, by bench/codec_speed.py: a vault of format 4).  When that does not make it
+smaller it is stored raw (codec none), so incompressible data costs no
+decompression.  After a block that did not compress, the next few are stored raw
+without trying (1, 2, 4, then 8 blocks, reset by the next block that compresses:
+:class:`Coder`): a disk of random data costs one compression attempt in 9 blocks,
+and a compressible region after an incompressible one loses at most 8 blocks.  A
+run of blocks whose first one compresses is coded by one zstd call for the rest
+(:func:`encode_blocks`), each tried.  Each thread compresses with a zstd context
+of its own, made once and reused block after block (:func:`compressor`), so
+blocks can be coded on several threads at once (:func:`encode_blocks`, which
+releases the GIL while it compresses and seals) and appended in order
+(:meth:`PackWriter.add_coded`).
 """
 
 from __future__ import annotations

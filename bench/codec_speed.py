@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""The two codecs of a vault, zstd (level 1) and lz4, on real blocks: CPU time and bytes.
+
+Usage::
+
+    python bench/codec_speed.py [--vault /var/tmp/cbt-bench/kept/ext4db-cbt-vault] [--blocks 40000]
+                           [--runs 3] [--json]
+
+1. Reads the compressible blocks of a vault (default: the ext4db set's vault that
+   ``bench/race.py --keep`` leaves, an ext4 image's and a SQLite database's blocks),
+   each decompressed back to its content with cbt's own reader, the first ``--blocks``.
+2. Compresses every block with each codec as cbt does (zstd level 1 through one reused
+   ``zstandard`` context; lz4 as a block with no size prefix), then decompresses them
+   as restore does (zstd: 64 frames a call through ``multi_decompress_to_buffer``; lz4:
+   a call a block).  Each step is timed as this process's CPU time, best of ``--runs``:
+   CPU time, not wall, so that other work on the machine weighs less.
+3. Prints bytes stored and MB/s of each step for each codec, and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lz4.block
+import numpy as np
+import zstandard
+
+from cbt.format import pack
+
+BATCH = 64  # frames a restore decompresses per call
+
+
+def blocks_of(vault: Path, limit: int) -> list[bytes]:
+    """The content of the vault's compressed blocks (plain vault), pack by pack."""
+    out: list[bytes] = []
+    for path in sorted((vault / "packs").rglob("*.pack")):
+        data = path.read_bytes()
+        for e in pack.read_trailer(data, str(path)):
+            start = int(e["offset"]) + pack.BLOB.size
+            stored, raw = int(e["stored"]), int(e["raw"])
+            if stored < raw:
+                out.append(pack.decompress(data[start:start + stored], raw, str(path)))
+                if len(out) == limit:
+                    return out
+    return out
+
+
+def best(runs: int, fn: Callable[[], Any]) -> tuple[float, Any]:
+    """The least CPU time of ``runs`` calls of ``fn``, and its last result."""
+    times, got = [], None
+    for _ in range(runs):
+        t = time.process_time()
+        got = fn()
+        times.append(time.process_time() - t)
+    return min(times), got
+
+
+def measure(raws: list[bytes], runs: int) -> dict[str, Any]:
+    mb = sum(map(len, raws)) / 1e6
+    cz = zstandard.ZstdCompressor(level=pack.ZSTD_LEVEL)
+    dz = zstandard.ZstdDecompressor()
+    tz, zs = best(runs, lambda: [cz.compress(b) for b in raws])
+    tl, ls = best(runs, lambda: [lz4.block.compress(b, store_size=False) for b in raws])
+    sizes = np.array([len(b) for b in raws], dtype="<u8")
+
+    def zdec() -> None:
+        for a in range(0, len(zs), BATCH):
+            dz.multi_decompress_to_buffer(zs[a:a + BATCH],
+                                          decompressed_sizes=sizes[a:a + BATCH].tobytes())
+
+    tzd, _ = best(runs, zdec)
+    tld, _ = best(runs, lambda: [lz4.block.decompress(x, uncompressed_size=len(r))
+                                 for x, r in zip(ls, raws, strict=True)])
+    return {"blocks": len(raws), "mb": round(mb, 1),
+            "stored_mb": {"zstd": round(sum(map(len, zs)) / 1e6, 1),
+                          "lz4": round(sum(map(len, ls)) / 1e6, 1)},
+            "compress_cpu_s": {"zstd": round(tz, 3), "lz4": round(tl, 3)},
+            "decompress_cpu_s": {"zstd": round(tzd, 3), "lz4": round(tld, 3)}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="zstd against lz4 on a vault's blocks")
+    p.add_argument("--vault", default="/var/tmp/cbt-bench/kept/ext4db-cbt-vault", type=Path)
+    p.add_argument("--blocks", type=int, default=40000)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if not (args.vault / "packs").is_dir():
+        print(f"codec_speed.py: no vault at {args.vault} (make it with bench/race.py --keep)",
+              file=sys.stderr)
+        return 2
+    raws = blocks_of(args.vault, args.blocks)
+    if not raws:
+        print(f"codec_speed.py: {args.vault} holds no compressed block", file=sys.stderr)
+        return 2
+    r = measure(raws, max(1, args.runs))
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    mb, st, c, d = r["mb"], r["stored_mb"], r["compress_cpu_s"], r["decompress_cpu_s"]
+    print(f"{r['blocks']} blocks, {mb} MB, CPU time (best of {args.runs})")
+    for codec in ("zstd", "lz4"):
+        print(f"  {codec:4}: stored {st[codec]} MB; compress {mb / c[codec]:.0f} MB/s; "
+              f"decompress {mb / d[codec]:.0f} MB/s")
+    print(f"  lz4 against zstd: stores {st['lz4'] / st['zstd']:.2f}x, compresses "
+          f"{c['zstd'] / c['lz4']:.2f}x and decompresses {d['zstd'] / d['lz4']:.2f}x faster")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
