@@ -6,14 +6,17 @@ Usage::
     python bench/codec_speed.py [--vault /var/tmp/cbt-bench/kept/ext4db-cbt-vault] [--blocks 40000]
                            [--runs 3] [--json]
 
-1. Reads the compressible blocks of a vault (default: the ext4db set's vault that
-   ``bench/race.py --keep`` leaves, an ext4 image's and a SQLite database's blocks),
-   each decompressed back to its content with cbt's own reader, the first ``--blocks``.
-2. Compresses every block with each codec as cbt does (zstd level 1 through one reused
-   ``zstandard`` context; lz4 as a block with no size prefix), then decompresses them
-   as restore does (zstd: 64 frames a call through ``multi_decompress_to_buffer``; lz4:
-   a call a block).  Each step is timed as this process's CPU time, best of ``--runs``:
-   CPU time, not wall, so that other work on the machine weighs less.
+1. Reads the compressible blocks of a plain vault (default: the ext4db set's vault that
+   ``bench/race.py --keep`` leaves, an ext4 image's and a SQLite database's blocks; its
+   lz4 vault serves as well), each decoded back to its content with cbt's own reader
+   (which checks it), the first ``--blocks``.
+2. Compresses every block with each codec at cbt's settings, one call a block (zstd
+   level 1 through one reused ``zstandard`` context; lz4 as a block with no size
+   prefix; a backup codes a zstd run of 64 blocks by one call),
+   then decompresses them as restore does (zstd: 64 frames a call through
+   ``multi_decompress_to_buffer``; lz4: a call a block).  Each step is timed as this
+   process's CPU time, best of ``--runs``: CPU time, not wall, so that other work on
+   the machine weighs less.
 3. Prints bytes stored and MB/s of each step for each codec, and the ratios.
 """
 
@@ -37,15 +40,15 @@ BATCH = 64  # frames a restore decompresses per call
 
 
 def blocks_of(vault: Path, limit: int) -> list[bytes]:
-    """The content of the vault's compressed blocks (plain vault), pack by pack."""
+    """The content of a plain vault's compressed blocks (zstd or lz4), pack by pack."""
     out: list[bytes] = []
     for path in sorted((vault / "packs").rglob("*.pack")):
         data = path.read_bytes()
         for e in pack.read_trailer(data, str(path)):
-            start = int(e["offset"]) + pack.BLOB.size
-            stored, raw = int(e["stored"]), int(e["raw"])
-            if stored < raw:
-                out.append(pack.decompress(data[start:start + stored], raw, str(path)))
+            start, stored = int(e["offset"]), int(e["stored"])
+            if stored < int(e["raw"]):
+                out.append(bytes(pack.decode_blob(data[start:start + pack.blob_length(stored)],
+                                                  e["digest"].tobytes(), str(path))))
                 if len(out) == limit:
                     return out
     return out

@@ -833,15 +833,17 @@ def _choice(p: argparse.ArgumentParser, option: str, text: str, known: Any,
     return tuple(k for k in known if k in names)
 
 
-def estimate_disk_use(sets: tuple[str, ...], size: int, keep: bool) -> int:
-    """Bytes at the peak: the sets' two days, one repository and one restore of a set."""
+def estimate_disk_use(sets: tuple[str, ...], size: int, keep: bool,
+                      kept_tools: int = 1) -> int:
+    """Bytes at the peak: the sets' two days, one repository and one restore of a set,
+    and with ``keep`` the last vault of each set and each cbt tool (``kept_tools``)."""
     day = {"random": 2 * size,
            "realistic": size * 8 // 10 + size // 2 * 7 // 8,  # holes
            "ext4db": size * 6 // 10}  # the image half full, the database; staging
     per_set = [day[k] for k in sets]
     data = 2 * sum(per_set)
     work = 2 * max(per_set) * 102 // 100
-    kept = max(per_set) if keep else 0
+    kept = sum(per_set) * kept_tools if keep else 0
     return data + work + kept
 
 
@@ -878,7 +880,8 @@ def main(argv: list[str] | None = None) -> int:
 
         work.mkdir(parents=True, exist_ok=True)
         sets = [make(work, size) for key, make in SETS.items() if key in args.sets]
-        need = estimate_disk_use(args.sets, size, args.keep)
+        need = estimate_disk_use(args.sets, size, args.keep,
+                                 sum(1 for t in args.tools if t.startswith("cbt")))
         have = shutil.disk_usage(work).free + sum(
             p.stat().st_size for ds in sets if _is_current(ds) for p in ds.files())
         harness.log(f"disk use at the peak: about {human_bytes(need)} "

@@ -132,3 +132,6 @@ def test_diff_vault_errors_are_one_line(two_points: tuple[Path, list[str]],
     assert r.returncode == 0 and r.stdout.startswith("identical"), r
     r = cbt("diff", f"::{ids[0]}", f"::{ids[1]}", env={"CBT_VAULT": "ftp://host/x"})
     assert r.returncode == 2 and "$CBT_VAULT" in one_error_line(r)
+    # two vaults by -r (before and after the command) are refused, as by every command
+    r = cbt("-r", vault, "diff", "-r", tmp_path, f"::{ids[0]}", f"::{ids[1]}")
+    assert r.returncode == 2 and "two vaults given" in r.stderr, r.stderr

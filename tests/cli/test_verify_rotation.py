@@ -95,14 +95,16 @@ def test_the_record_is_the_users_and_says_where_the_cycle_is(
         vault: tuple[Path, dict[str, int], str]) -> None:
     where, _packs, _damaged = vault
     out, _err = _run(where, "25%")
-    path = record_path(str(where))
+    path = record_path(str(where), 25.0)
     assert path.parent == Path(os.environ["XDG_STATE_HOME"]) / "cbt"
     assert path.stat().st_mode & 0o777 == 0o600
     rec = json.loads(path.read_text())
     assert (rec["vault"], rec["percent"], rec["window"]) == (str(where), 25.0, _window(out))
-    # another N starts a cycle of its own at the day; n/m and --data leave the record be
+    # another N starts a cycle of its own at the day, in a record of its own; n/m and
+    # --data leave the records be
     other, _ = _run(where, "50%")
     assert _window(other) in _today()
+    assert record_path(str(where), 50.0) != path
     before = path.read_bytes()
     assert cbt("verify", where, "--read-data-subset", "1/3", "-q").returncode in (0, 2)
     assert cbt("verify", where, "--data", "-q").returncode in (0, 2)
@@ -112,16 +114,17 @@ def test_the_record_is_the_users_and_says_where_the_cycle_is(
 def test_a_run_that_fails_records_nothing(tmp_path: Path) -> None:
     r = cbt("verify", tmp_path / "none", "--read-data-subset", "25%")
     assert r.returncode == 2
-    assert not record_path(str(tmp_path / "none")).exists()
+    assert not record_path(str(tmp_path / "none"), 25.0).exists()
 
 
 @pytest.mark.parametrize("damage", ["garbage", "array", "negative", "bool", "symlink",
-                                    "fifo", "huge"])
+                                    "fifo", "huge", "percent too large", "percent nan",
+                                    "nested"])
 def test_a_damaged_record_is_a_warning_and_the_day_window(
         vault: tuple[Path, dict[str, int], str], tmp_path: Path, damage: str) -> None:
     where, _packs, _damaged = vault
     _run(where, "25%")
-    path = record_path(str(where))
+    path = record_path(str(where), 25.0)
     good = json.loads(path.read_text())
     path.unlink()
     if damage == "garbage":
@@ -135,6 +138,12 @@ def test_a_damaged_record_is_a_warning_and_the_day_window(
         path.symlink_to(tmp_path / "elsewhere.json")
     elif damage == "fifo":
         os.mkfifo(path)
+    elif damage == "percent too large":  # (a float of it overflows)
+        path.write_text(json.dumps(good)[:-1] + ', "percent": 1' + "0" * 400 + "}")
+    elif damage == "percent nan":
+        path.write_text(json.dumps(good)[:-1] + ', "percent": NaN}')
+    elif damage == "nested":  # (json's parser recurses)
+        path.write_text("[" * 2000 + "]" * 2000)  # (under the 4 KiB cap)
     else:
         path.write_text(" " * 100_000 + json.dumps(good))
     out, err = _run(where, "25%")
@@ -147,3 +156,17 @@ def test_a_damaged_record_is_a_warning_and_the_day_window(
         assert json.loads((tmp_path / "elsewhere.json").read_text()) == good
     assert _window(_run(where, "25%")[0]) == _window(out) + 1
     assert "Traceback" not in err
+
+
+def test_two_percentages_of_one_vault_each_keep_their_cycle(
+        vault: tuple[Path, dict[str, int], str]) -> None:
+    """A daily 10% and a weekly 25% of one vault: each N's runs move on from its own last
+    window, whatever the other ran in between."""
+    where, _packs, _damaged = vault
+    ten = [_window(_run(where, "10%")[0])]
+    quarter = [_window(_run(where, "25%")[0])]
+    for _ in range(3):
+        ten.append(_window(_run(where, "10%")[0]))
+        quarter.append(_window(_run(where, "25%")[0]))
+    assert ten == list(range(ten[0], ten[0] + 4))
+    assert quarter == list(range(quarter[0], quarter[0] + 4))

@@ -294,3 +294,16 @@ def test_a_run_that_starts_compressible_is_coded_in_one_call_each_block_as_it_sh
             got = (bytes(payload) if codec == CODEC_NONE else
                    pa.Codec("zstd").decompress(payload, decompressed_size=raw, asbytes=True))
             assert got == data
+
+
+def test_a_zstd_run_with_an_empty_block_is_coded_block_by_block() -> None:
+    """zstandard's many-input call refuses an empty input: a run holding one (no backup
+    makes it, a caller might) is coded one block at a time, each decoding to itself."""
+    from cbt.format.pack import CODEC_NONE, encode_blocks
+
+    blocks = [b"a" * 4096, b"", b"b" * 4096]
+    coded = encode_blocks([(blake3.blake3(b).digest(), b) for b in blocks])
+    for data, (_, codec, _, payload, raw) in zip(blocks, coded, strict=True):
+        got = (bytes(payload) if codec == CODEC_NONE else
+               pa.Codec("zstd").decompress(payload, decompressed_size=raw, asbytes=True))
+        assert got == data

@@ -410,3 +410,12 @@ def test_hook_program_found_on_path_at_check_time(tmp_path: Path) -> None:
     assert f"{cfg}:{_expected_line(INLINE, 'hooks = {')}:" in msg
     ok = cbt("config", "check", cfg, env={"PATH": f"{bindir}{os.pathsep}{bare['PATH']}"})
     assert ok.returncode == 0, ok.stderr
+
+
+def test_a_config_nested_too_deeply_is_one_line(tmp_path: Path) -> None:
+    """tomllib recurses into nested arrays: a config of 5,000 of them is an error naming
+    the file, not a RecursionError's traceback."""
+    cfg = tmp_path / "deep.toml"
+    cfg.write_text("vault = " + "[" * 5000 + "]" * 5000 + "\n")
+    msg = one_error_line(cbt("config", "check", cfg))
+    assert str(cfg) in msg and "nested too deeply" in msg, msg

@@ -177,3 +177,18 @@ def test_decompress_lz4_refuses_a_length_no_block_has_before_allocating_it(raw: 
     payload = b"\xff\xff\xff\x7f" + LZ4.compress(_block(1), asbytes=True)
     with pytest.raises(CorruptPackError, match=r"^pack p blob 3: content has the wrong length"):
         decompress_lz4(payload, raw, "pack p blob 3")
+
+
+@pytest.mark.parametrize("raw", [-1, -(1 << 20), (4 << 20) + 1])
+def test_decompress_many_refuses_an_lz4_length_no_block_has_before_allocating(raw: int) -> None:
+    """A negative length made the lz4 binding take the size from the payload's first four
+    bytes (here 1 GiB) and allocate it; no block is longer than MAX_BLOCK either."""
+    import numpy as np
+
+    from cbt.format.pack import FrameError, decompress_many
+
+    payload = (1 << 30).to_bytes(4, "little") + LZ4.compress(_block(1), asbytes=True)
+    with pytest.raises(FrameError) as exc:
+        decompress_many(payload, np.array([0]), np.array([len(payload)]), np.array([raw]),
+                        np.array([False]), np.array([CODEC_LZ4], dtype=np.uint8))
+    assert exc.value.item == 0

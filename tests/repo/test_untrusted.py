@@ -22,7 +22,9 @@ from helpers import KIB
 from helpers.images import fs_image
 from helpers.system import loop_xfs, need_root_tools
 from helpers.vaults import (
+    PASSWORD,
     clone_two_points,
+    fast_kdf,
     forge_record,
     make_two_points,
     set_disk,
@@ -369,3 +371,36 @@ def _snapshot_modes(tmp_path: Path, provider: str) -> None:
             assert stat.S_IMODE(os.stat(snaps.read_paths["os"]).st_mode) == mode
         finally:
             snaps.discard()
+
+
+# -- JSON nested too deeply for the parser ----------------------------------------------------
+
+DEEP = b"[" * 2000 + b"]" * 2000  # (json recurses: past ~1000 levels a RecursionError)
+
+
+def test_json_nested_too_deeply_is_damage_named_by_every_reader_of_a_vault(
+        vault: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """A point record, a key slot, a lock holder's record and the config itself, each a
+    JSON document nested 2,000 deep: each is damage named by its file, not a traceback."""
+    from helpers.cli import cbt, one_error_line
+
+    v, ids = vault
+    record = v / "points" / f"{ids[1]}.json"
+    record.chmod(0o600)
+    record.write_bytes(DEEP)
+    with pytest.raises(CorruptPointError, match=f"points/{ids[1]}.json"):
+        cbt_api.Vault.open(v).load_point(ids[1])
+    r = cbt("list", v)
+    assert r.returncode == 0 and f"points/{ids[1]}.json" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    (v / "config").chmod(0o600)
+    (v / "config").write_bytes(DEEP)
+    line = one_error_line(cbt("list", v))
+    assert "config" in line and "damaged" in line, line
+    enc = tmp_path / "enc"
+    cbt_api.Vault.init(enc, encryption="aes-256-gcm", passphrase=PASSWORD, kdf=fast_kdf())
+    (slot,) = (enc / "keys").iterdir()
+    slot.chmod(0o600)
+    slot.write_bytes(DEEP)
+    with pytest.raises(CbtError, match=slot.name):
+        cbt_api.Vault.open(enc, passphrase=PASSWORD)

@@ -144,11 +144,11 @@ def add_vault(p: argparse.ArgumentParser, help: str = "the vault") -> None:
     p.add_argument("vault", nargs="?", type=vault_arg, metavar="VAULT",
                    help=f"{help} (or -r VAULT, or $CBT_VAULT)")
     p.add_argument("-r", "--vault", dest="vault_option", type=vault_arg, metavar="VAULT",
-                   action=_OneVault,
+                   action=OneVault,
                    help=f"{help}, instead of the positional VAULT (default: ${VAULT_ENV})")
 
 
-class _OneVault(argparse.Action):
+class OneVault(argparse.Action):
     """``-r``'s store: a second, other vault (``-r A ... -r B``) is an error, not the last
     one silently (a script adding its own -r to a user's)."""
 

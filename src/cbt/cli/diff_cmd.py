@@ -37,6 +37,7 @@ from cbt.cli._common import (
     EXIT_DIFFERENT,
     EXIT_OK,
     VAULT_ENV,
+    OneVault,
     PassphraseFinder,
     add_json,
     add_password_file,
@@ -58,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                           " (::POINT: the vault of -r or $CBT_VAULT)")
     p.add_argument("b", metavar="B", help="as A")
     p.add_argument("-r", "--vault", dest="diff_vault", type=vault_arg, metavar="VAULT",
+                   action=OneVault,
                    help=f"the vault of an A or B written ::POINT[/LABEL] (default: "
                         f"${VAULT_ENV})")
     p.add_argument("--block-size", type=size_arg, default=None, metavar="SIZE",

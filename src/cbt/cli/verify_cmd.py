@@ -17,9 +17,9 @@ packs only (restic's meaning): n/m the nth of m parts of the packs by pack id
 of N% of the pack ids that moves on by N% each run, so any 100/N runs of the
 same N read every pack once however the vault grows (ids are random: about N%
 of the packs and of their bytes a run).  Where the last run's window was is a
-small record per vault in cbt's state folder ($STATE_DIRECTORY,
-$XDG_STATE_HOME/cbt or ~/.local/state/cbt); without one (the first run,
-another N) a run starts at the window of the day (days since 1970, UTC), so
+small record per vault and N in cbt's state folder ($STATE_DIRECTORY,
+$XDG_STATE_HOME/cbt or ~/.local/state/cbt); without one (the first run of
+that N) a run starts at the window of the day (days since 1970, UTC), so
 daily runs read as a window moving by the day would.  The other packs get the
 checks without --data (their trailers against the index).
 

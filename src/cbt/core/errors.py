@@ -8,6 +8,8 @@ exit code 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CbtError(Exception):
     """Base class of every error cbt raises deliberately."""
@@ -48,3 +50,16 @@ class SourceReadError(CbtIOError):
 
     def __reduce__(self) -> tuple[object, ...]:  # (sent back from a forked worker)
         return (type(self), (self.errno, self.strerror, self.path, self.offset))
+
+
+def untrusted_json(data: bytes | str) -> Any:
+    """``json.loads`` of bytes cbt did not write itself (a vault's records and config, a
+    hint file, a state record, a guest's or QEMU tool's reply): a document nested too
+    deeply for the parser, which recurses, is a ``ValueError`` like any other that is not
+    JSON (it was a ``RecursionError``, a traceback past every reader's checks)."""
+    import json
+
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

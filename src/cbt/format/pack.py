@@ -166,7 +166,8 @@ def encode_blocks(blocks: Sequence[tuple[bytes, bytes]], cipher: Cipher | None =
     first block that does not compress means data that may not: block by block, backing
     off as :class:`Coder` does."""
     coder = Coder(codec)
-    if codec != CODEC_ZSTD or len(blocks) < 2:
+    # (zstandard's many-input call refuses empty inputs: no block is empty, but be sure)
+    if codec != CODEC_ZSTD or len(blocks) < 2 or not all(len(data) for _, data in blocks):
         return [encode_block(coder, cipher, d, data) for d, data in blocks]
     first = encode_block(coder, cipher, *blocks[0])
     if first[1] != CODEC_ZSTD:
@@ -423,6 +424,8 @@ def _lz4_many(data: bytes | memoryview, starts: npt.NDArray[np.int64],
     dec = lz4.block.decompress
     for j, a, b, n in zip(take.tolist(), starts[take].tolist(), ends[take].tolist(),
                           raw[take].tolist(), strict=True):
+        if not 0 <= n <= MAX_BLOCK:
+            continue  # (no block has that length: the careful path names it)
         try:
             got = dec(view[a:b], uncompressed_size=n)
         except (lz4.block.LZ4BlockError, ValueError):

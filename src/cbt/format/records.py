@@ -26,7 +26,7 @@ from typing import Any
 
 import blake3
 
-from cbt.core.errors import CbtError, CbtValueError
+from cbt.core.errors import CbtError, CbtValueError, untrusted_json
 from cbt.core.timefmt import parse_now
 
 # Do not modify: identifies every point record ever written.
@@ -233,7 +233,7 @@ class PointRecord:
     @classmethod
     def from_json(cls, data: bytes, where: str) -> PointRecord:
         try:
-            body = json.loads(data)
+            body = untrusted_json(data)
             checksum = body.pop("checksum")
         except (ValueError, KeyError, AttributeError, TypeError):
             raise CorruptPointError(f"corrupt point record {where}: not JSON with a checksum") \
@@ -405,7 +405,7 @@ def _dump(body: dict[str, Any]) -> bytes:
 
 
 def _object(data: bytes) -> dict[str, Any]:
-    body = json.loads(data)
+    body = untrusted_json(data)
     if not isinstance(body, dict):
         raise ValueError("not a JSON object")
     return body

@@ -236,6 +236,8 @@ def load(path: str | os.PathLike[str]) -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except RecursionError:  # (tomllib recurses into nested arrays and tables)
+        raise ConfigError(f"{p}: not valid TOML: nested too deeply") from None
     return parse(doc, text, str(p))
 
 

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cbt.core.durable import atomic_file, read_small_file
-from cbt.core.errors import CbtError
+from cbt.core.errors import CbtError, untrusted_json
 from cbt.core.sizes import human_bytes
 from cbt.core.timefmt import parse_now, rfc3339
 from cbt.format.records import PointRecord
@@ -244,8 +244,8 @@ class MaintenanceState:
     def from_json(cls, raw: bytes) -> MaintenanceState:
         """Parse a record; ``ValueError`` says what is wrong with it."""
         try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            doc = untrusted_json(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"not JSON: {exc}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("vault"), str) \
                 or not isinstance(doc.get("ok"), bool) or not isinstance(doc.get("steps"), dict):

@@ -5,11 +5,12 @@ a day: a part that rotates per run (issue 16).  Moved by the day, runs at a peri
 that is a multiple of 100/N days read one part for ever (every 2 days at 50%, every
 10 or 30 days at 10%), and runs several times a day read the same part each time.
 
-1. The record, ``verify-<16 hex of sha256(VAULT)>.json`` in cbt's state folder (the
-   daemon's: :func:`cbt.jobs.scheduler.state_folder`), holds the vault, N and the
-   window of the last run.
+1. The record, ``verify-<16 hex of sha256(VAULT and N)>.json`` in cbt's state folder
+   (:func:`cbt.jobs.scheduler.state_folder`), holds the vault, N and the window of the
+   last run: one record per vault and N, so a daily 10% and a weekly 25% of one vault
+   each keep their own cycle.
 2. A run of the same N on the same vault reads the window after it.  With no record
-   (the first run, another N, a record lost) it reads window *today* (days since
+   (the first run of that N, a record lost) it reads window *today* (days since
    1970-01-01 UTC), the one the day-by-day window read, so daily runs go on as before.
 3. The record is untrusted input: read without following a link, a regular file of
    at most :data:`MAX_RECORD` bytes, checked field by field; one that is not right is a
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 from cbt.core.durable import atomic_file, read_small_file
-from cbt.core.errors import CbtError
+from cbt.core.errors import CbtError, untrusted_json
 from cbt.core.timefmt import rfc3339
 from cbt.jobs.scheduler import state_folder
 
@@ -38,9 +39,9 @@ DAY = 86400
 MAX_WINDOW = 2**62  # (a forged window far beyond any day number is not a window)
 
 
-def record_path(vault: str) -> Path:
-    """Step 1: the record of ``vault`` (a local path made absolute, or a URL)."""
-    digest = hashlib.sha256(_key(vault).encode()).hexdigest()[:16]
+def record_path(vault: str, percent: float) -> Path:
+    """Step 1: the record of ``vault`` (a local path made absolute, or a URL) and N."""
+    digest = hashlib.sha256(f"{_key(vault)}\0{percent!r}".encode()).hexdigest()[:16]
     return Path(state_folder()) / f"verify-{digest}.json"
 
 
@@ -48,7 +49,7 @@ def next_window(vault: str, percent: float, now: float | None = None
                 ) -> tuple[int, list[str]]:
     """Step 2 and 3: the window this run of ``percent``% reads, and any warning."""
     today = int((time.time() if now is None else now) // DAY)
-    path = record_path(vault)
+    path = record_path(vault, percent)
     try:
         raw = read_small_file(path, MAX_RECORD, str(path), follow=False)
     except FileNotFoundError:
@@ -57,15 +58,16 @@ def next_window(vault: str, percent: float, now: float | None = None
         return today, [f"verify's record {path} ignored ({_why(exc)}): this run reads "
                        f"window {today}"]
     try:
-        rec = json.loads(raw)
+        rec = untrusted_json(raw)
         if not isinstance(rec, dict):
             raise ValueError("not a JSON object")
-        window = rec["window"]
-        if not (isinstance(rec["vault"], str) and isinstance(rec["percent"], float | int)
+        window, pct = rec["window"], rec["percent"]
+        if not (isinstance(rec["vault"], str) and isinstance(pct, float | int)
+                and not isinstance(pct, bool) and 0 < float(pct) <= 100
                 and isinstance(window, int) and not isinstance(window, bool)
                 and 0 <= window < MAX_WINDOW):
             raise ValueError("not a record of verify's window")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:
         return today, [f"verify's record {path} ignored (damaged: {_why(exc)}): this run "
                        f"reads window {today}"]
     if rec["vault"] != _key(vault) or float(rec["percent"]) != percent:
@@ -76,7 +78,7 @@ def next_window(vault: str, percent: float, now: float | None = None
 def save_window(vault: str, percent: float, window: int, now: float | None = None
                 ) -> list[str]:
     """Step 4: record ``window`` as the last one read; a warning if it cannot be."""
-    path = record_path(vault)
+    path = record_path(vault, percent)
     record = {"vault": _key(vault), "percent": percent, "window": window,
               "at": rfc3339(dt.datetime.fromtimestamp(time.time() if now is None else now,
                                                       dt.UTC))}

@@ -101,7 +101,7 @@ class Stats:
 def stats(vault: Vault, vm: str | None = None, refs: list[str] | None = None) -> Stats:
     """Steps 1 to 4 of the module doc.  The totals are the whole vault's; ``vm`` and
     ``refs`` (point ids, prefixes, ``VM.latest``) only limit the VMs and points listed."""
-    out = Stats(compression=str(vault.config.get("compression", "zstd")))
+    out = Stats(compression=vault.compression)
     # (names first: an unknown one fails before the work, and VM.latest is a point listed)
     wanted = {p.id for p in vault.points_named(refs)} if refs else None
     # points first: a backup commits its index segment before its record, so every

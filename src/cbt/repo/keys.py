@@ -37,7 +37,7 @@ from cbt.core.crypto import (
     stretch,
     tag,
 )
-from cbt.core.errors import CbtError, CbtValueError
+from cbt.core.errors import CbtError, CbtValueError, untrusted_json
 from cbt.format.sealed import seal, unseal
 
 KEYS_DIR = "keys"
@@ -189,7 +189,7 @@ class KeySlot:
     @classmethod
     def from_json(cls, data: bytes, where: str) -> KeySlot:
         try:
-            body: Any = json.loads(data)
+            body: Any = untrusted_json(data)
             if not isinstance(body, dict) or body.get("magic") != KEY_MAGIC:
                 raise ValueError("not a cbt key slot")
             if body.get("kdf") != "scrypt" or body.get("wrap") != WRAP_ALGORITHM:

@@ -100,7 +100,7 @@ if TYPE_CHECKING:
     from obstore import PutMode
     from obstore.store import S3Config, S3Credential
 
-from cbt.core.errors import CbtIOError, CbtValueError
+from cbt.core.errors import CbtIOError, CbtValueError, untrusted_json
 from cbt.repo.storage import (
     Buffers,
     LockBusyError,
@@ -676,7 +676,7 @@ class _Seen(NamedTuple):
 
     def info(self) -> dict[str, Any]:
         try:
-            info = json.loads(self.body or b"{}")
+            info = untrusted_json(self.body or b"{}")
         except ValueError:
             return {}
         return info if isinstance(info, dict) else {}

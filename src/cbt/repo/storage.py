@@ -57,7 +57,7 @@ from typing import NamedTuple
 
 from cbt.core.blockio import first_unreadable, populate
 from cbt.core.durable import durable_step, fsync_file
-from cbt.core.errors import CbtError, CbtIOError, CbtValueError
+from cbt.core.errors import CbtError, CbtIOError, CbtValueError, untrusted_json
 
 Buffers = bytes | bytearray | memoryview | list[bytes | bytearray]
 
@@ -95,8 +95,8 @@ class LockHolder:
         that is no number (NaN) is None, one in the future is now (nobody started later:
         a later start would let gc sweep the blocks of backups starting meanwhile)."""
         try:
-            info = json.loads(raw or b"{}")
-        except (ValueError, RecursionError):
+            info = untrusted_json(raw or b"{}")
+        except ValueError:
             return cls()
         if not isinstance(info, dict):
             return cls()

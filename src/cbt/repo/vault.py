@@ -56,7 +56,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from cbt.core.crypto import ALGORITHMS, AuthenticationError, KdfParams
-from cbt.core.errors import CbtError, CbtIOError, CbtValueError
+from cbt.core.errors import CbtError, CbtIOError, CbtValueError, untrusted_json
 from cbt.format import records
 from cbt.format.pack import COMPRESSION
 from cbt.format.records import (
@@ -169,9 +169,15 @@ class Vault:
         return self.keys is not None
 
     @property
+    def compression(self) -> str:
+        """Its config's ``compression`` (:data:`COMPRESSIONS`; a vault made before the
+        choice has none: zstd)."""
+        return str(_compression(self.config))
+
+    @property
     def codec(self) -> int:
         """The codec its backups compress new blocks with (:data:`COMPRESSION`)."""
-        return COMPRESSION[self.config.get("compression", "zstd")]
+        return COMPRESSION[self.compression]
 
     def spec(self) -> VaultSpec:
         return VaultSpec(self.storage.spec(), json.dumps(self.config, sort_keys=True), self.keys)
@@ -276,7 +282,7 @@ class Vault:
             raise NotAVaultError(errno.ENOENT, f"not a cbt vault: {where}{why}") from None
         damaged = f"not a cbt vault: {where}: its config {storage.where(CONFIG)} is damaged"
         try:
-            config: dict[str, Any] = json.loads(raw)
+            config: dict[str, Any] = untrusted_json(raw)
             magic, version = config["magic"], config["format_version"]
             if type(version) is not int:  # ("4", 4.5, true: no cbt writes them)
                 raise TypeError(f"format_version {version!r} is not an integer")
@@ -292,7 +298,7 @@ class Vault:
                  and config.get("encryption") == "none" and config.get("id_key") == "none")
         sealed = (version in (ENCRYPTED_VERSION, PAGED_VERSION, LZ4_VERSION)
                   and config.get("encryption") in ALGORITHMS and config.get("id_key") == ID_KEY)
-        compression = config.get("compression", "zstd")
+        compression = _compression(config)
         if compression not in COMPRESSIONS or (compression == "lz4") != (version == LZ4_VERSION):
             raise VaultVersionError(f"vault {where}: config names compression {compression!r} "
                                     f"at format version {version} (altered config?)")
@@ -798,6 +804,10 @@ def _check_algorithm(encryption: str) -> None:
 def _config_bytes(config: dict[str, Any]) -> bytes:
     """The config as the vault stores it."""
     return (json.dumps(config, indent=1) + "\n").encode()
+
+
+def _compression(config: dict[str, Any]) -> Any:
+    return config.get("compression", "zstd")  # (checked when the config was read)
 
 
 def _check_compression(compression: str) -> None:

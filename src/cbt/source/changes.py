@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cbt.core.durable import read_small_file
-from cbt.core.errors import CbtValueError
+from cbt.core.errors import CbtValueError, untrusted_json
 from cbt.format.records import CHANGE_SOURCES, TrackingBase
 from cbt.source.plan import BlockRange
 
@@ -93,7 +93,6 @@ def read_hint_file(path: str, block_size: int, size: int) -> HintFile:
     now) raises :class:`CbtValueError`: one line
     naming the file.
     """
-    import json
 
     where = f"hint file {path}"
     try:
@@ -101,8 +100,8 @@ def read_hint_file(path: str, block_size: int, size: int) -> HintFile:
     except FileNotFoundError as exc:
         raise CbtValueError(f"{where}: cannot read it ({exc.strerror or exc})") from None
     try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as exc:
+        doc = untrusted_json(data)
+    except ValueError as exc:
         raise CbtValueError(f"{where}: not JSON ({str(exc).splitlines()[0][:200]})") from None
     if not isinstance(doc, dict):
         raise CbtValueError(f"{where}: not a JSON object")

@@ -24,7 +24,7 @@ import socket as _socket
 import time
 from typing import Any
 
-from cbt.core.errors import CbtError
+from cbt.core.errors import CbtError, untrusted_json
 
 __all__ = ["DEFAULT_TIMEOUT", "MAX_LINE", "GuestAgent", "GuestAgentError"]
 
@@ -182,8 +182,8 @@ class GuestAgent:
     def _reply(self, command: str) -> Any:
         line = self._line(command)
         try:
-            msg = json.loads(line)
-        except (ValueError, RecursionError):
+            msg = untrusted_json(line)
+        except ValueError:
             raise self._error(command, "reply is not JSON: "
                               f"{_printable(line.decode(errors='replace'))}") from None
         if isinstance(msg, dict) and "return" in msg:

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from cbt.core.durable import pid_alive
-from cbt.core.errors import CbtError
+from cbt.core.errors import CbtError, untrusted_json
 from cbt.format.records import DiskRecord
 from cbt.source.changes import ChangeHint
 from cbt.source.disks import DiskSpec, NbdExport
@@ -297,7 +297,7 @@ def _info(path: str, fd: int, fmt: str, pinned: Pinned) -> dict[str, object]:
     if len(out) > _MAX_INFO:
         raise Qcow2Error(f"{path}: qemu-img info said too much")
     try:
-        doc = json.loads(out)
+        doc = untrusted_json(out)
     except ValueError:
         raise Qcow2Error(f"{path}: qemu-img info is not JSON") from None
     if not isinstance(doc, dict):
