@@ -430,7 +430,6 @@ def test_chart_of_hourly_points_has_bars_that_do_not_overlap(tmp_path: Path) -> 
     each centred on its point's time, none covering the next (they were a third of a
     day wide: seven points under each), heights the points' new bytes; the byte axis
     in binary units."""
-    pytest.importorskip("matplotlib")  # (the 'test' extra installs it)
     import datetime as dt
     import itertools
 
