@@ -33,9 +33,9 @@ from cbt.core.durable import atomic_file, read_small_file
 from cbt.core.errors import CbtError, untrusted_json
 from cbt.core.timefmt import rfc3339
 from cbt.jobs.scheduler import state_folder
+from cbt.ops.verify import DAY
 
 MAX_RECORD = 4096
-DAY = 86400
 MAX_WINDOW = 2**62  # (a forged window far beyond any day number is not a window)
 
 
