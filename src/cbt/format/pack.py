@@ -216,6 +216,10 @@ class PackWriter:
         self.coder = Coder(self.codec)
         self.buf += HEADER.pack(PACK_MAGIC, PACK_VERSION, 0)
 
+    def fresh(self) -> PackWriter:
+        """A new, empty pack writer of the same vault (its cipher and codec)."""
+        return PackWriter(cipher=self.cipher, codec=self.codec)
+
     def add(self, digest: bytes, data: memoryview | bytes) -> tuple[int, int]:
         """Append one block; returns (offset of its blob header, stored length)."""
         return self.add_coded(encode_block(self.coder, self.cipher, digest, data))

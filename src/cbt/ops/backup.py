@@ -1352,7 +1352,7 @@ class _PackSink:
         return self._entries
 
     def _flush(self) -> None:
-        writer, self._writer = self._writer, PackWriter(cipher=self._cipher, codec=self._codec)
+        writer, self._writer = self._writer, self._writer.fresh()
         if writer.entries:
             self._settle(self._pending - 1)
             put = self._uploader.put(self._storage, pack_name(writer.pack_id), writer.finish())

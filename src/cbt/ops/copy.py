@@ -345,7 +345,7 @@ class _BlockStore:
         writer = self.writer
         if not writer.entries:
             return
-        self.writer = PackWriter(cipher=writer.cipher, codec=writer.codec)
+        self.writer = writer.fresh()
         data = writer.finish()
         storage = self.dst.storage
         if storage.in_flight > 1:  # (several puts in flight, settled before the index)
