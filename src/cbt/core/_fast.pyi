@@ -38,3 +38,17 @@ def compare_buffers(
 def bitmap_runs(
     bitmap: ReadableBuffer, block_size: int, total_size: int
 ) -> npt.NDArray[np.uint64]: ...
+
+STORED_RAW: Final[int]
+STORED_LZ4: Final[int]
+DECODE_OK: Final[int]
+DECODE_BAD_CODEC: Final[int]
+DECODE_BAD_PAYLOAD: Final[int]
+DECODE_BAD_DIGEST: Final[int]
+
+def lz4_decode(src: ReadableBuffer, out: WritableBuffer) -> bool: ...
+def decode_check(
+    src: ReadableBuffer, starts: ReadableBuffer, ends: ReadableBuffer, codecs: ReadableBuffer,
+    sizes: ReadableBuffer, out: WritableBuffer, digests: ReadableBuffer,
+    key: bytes | None = None,
+) -> tuple[int, int]: ...

@@ -13,14 +13,18 @@
 3. ``compare_digests`` / ``compare_buffers`` turn two digest arrays or two
    buffers into a changed-block bitmap (one uint8 per block, 0 or 1).
 4. ``bitmap_runs`` merges set bits into (offset, length) byte runs.
+5. ``decode_check`` is a restore's inner loop for blocks stored as they are or as
+   lz4 blocks: each decoded (cbt's own LZ4 block decoder, ``lz4/``, C) or copied
+   into one buffer, one after another, and every 16 of them hashed against their
+   digests while in cache, all with the GIL released.  ``lz4_decode`` decodes one.
 
 Kernels are ``cdef ... nogil`` and return a code; ``_check`` is the one place
 that turns a code into an exception.
 """
 
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcmp, memset
+from libc.string cimport memcmp, memcpy, memset
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 
 import os as _os
@@ -37,9 +41,12 @@ cdef extern from "cbt_blake3.h":
     int cbt_b3_hash_many(const uint8_t **inputs, const size_t *lens, uint8_t **outs,
                          size_t n, const uint8_t *key) nogil
 
+cdef extern from "cbt_lz4.h":
+    int cbt_lz4_decode(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) nogil
+
 # Bumped whenever a signature or an output changes; cbt/__init__ refuses a
 # compiled core whose API_VERSION differs from the one it was written for.
-API_VERSION = 4
+API_VERSION = 5
 
 cdef enum:
     C_DIGEST_SIZE = 32
@@ -416,3 +423,127 @@ def bitmap_runs(const uint8_t[::1] bitmap, Py_ssize_t block_size, uint64_t total
         with nogil:
             _fill_runs(&bitmap[0], n, <uint64_t>block_size, total_size, &view[0, 0])
     return out
+
+
+# -- restore's inner loop: decode, check ----------------------------------------
+
+cdef enum:
+    # the stored forms decode_check takes (cbt.format.pack's CODEC_NONE and CODEC_LZ4)
+    C_STORED_RAW = 0
+    C_STORED_LZ4 = 2
+    # what decode_check says of the first block that fails
+    C_DECODE_OK = 0
+    C_DECODE_BAD_CODEC = 1  # stored in a form this loop does not decode
+    C_DECODE_BAD_PAYLOAD = 2  # outside the source, a raw one of another size, or bad lz4
+    C_DECODE_BAD_DIGEST = 3  # decoded, but its content does not match its digest
+    C_GROUP = 16  # blocks decoded, then hashed at once (one per AVX-512 lane)
+
+STORED_RAW = C_STORED_RAW
+STORED_LZ4 = C_STORED_LZ4
+DECODE_OK = C_DECODE_OK
+DECODE_BAD_CODEC = C_DECODE_BAD_CODEC
+DECODE_BAD_PAYLOAD = C_DECODE_BAD_PAYLOAD
+DECODE_BAD_DIGEST = C_DECODE_BAD_DIGEST
+
+
+def lz4_decode(const uint8_t[::1] src, uint8_t[::1] out):
+    """Decode the lz4 block ``src`` into exactly ``out``: True, or False if it is
+    malformed or does not decode to exactly ``len(out)`` bytes (``out`` is then garbage).
+    Nothing outside ``src`` and ``out`` is ever read or written, whatever ``src`` holds."""
+    cdef size_t n = src.shape[0], cap = out.shape[0]
+    cdef const uint8_t *sp = &src[0] if n else NULL
+    cdef uint8_t *op = &out[0] if cap else NULL
+    cdef int rc
+    if n == 0:
+        return False
+    with nogil:
+        rc = cbt_lz4_decode(sp, n, op, cap)
+    return rc == 0
+
+
+cdef int _decode_one(const uint8_t *src, Py_ssize_t srclen, int64_t a, int64_t b,
+                     uint8_t codec, uint8_t *dst, int64_t size) noexcept nogil:
+    if a < 0 or b < a or b > srclen:
+        return C_DECODE_BAD_PAYLOAD
+    if codec == C_STORED_RAW:
+        if b - a != size:
+            return C_DECODE_BAD_PAYLOAD
+        memcpy(dst, src + a, <size_t>size)
+        return C_DECODE_OK
+    if codec == C_STORED_LZ4:
+        if cbt_lz4_decode(src + a, <size_t>(b - a), dst, <size_t>size) != 0:
+            return C_DECODE_BAD_PAYLOAD
+        return C_DECODE_OK
+    return C_DECODE_BAD_CODEC
+
+
+def decode_check(const uint8_t[::1] src, const int64_t[::1] starts, const int64_t[::1] ends,
+                 const uint8_t[::1] codecs, const int64_t[::1] sizes, uint8_t[::1] out,
+                 const uint8_t[:, ::1] digests, key=None):
+    """Decode blocks into ``out`` and check each against its digest: a restore's work.
+
+    Block ``i`` is ``src[starts[i]:ends[i]]``, stored as it is (``codecs[i]`` =
+    STORED_RAW: exactly ``sizes[i]`` bytes, copied) or as an lz4 block (STORED_LZ4:
+    decoded, to exactly ``sizes[i]`` bytes); it goes into ``out`` right after block
+    ``i - 1`` (at the sum of the sizes before it), and its BLAKE3 (keyed with ``key``)
+    must be ``digests[i]``.  Every 16 blocks are decoded, then hashed while in cache,
+    with the GIL released.  Returns ``(-1, DECODE_OK)``, or ``(i, why)`` for the first
+    block that fails (DECODE_BAD_CODEC, DECODE_BAD_PAYLOAD or DECODE_BAD_DIGEST); the
+    blocks before it are sound.  ``CbtValueError`` if the arrays disagree in length or
+    ``out`` is shorter than the sizes' sum.
+    """
+    cdef Py_ssize_t n = starts.shape[0], srclen = src.shape[0], i, j, g, k
+    cdef Py_ssize_t bad = -1
+    cdef int why = C_DECODE_OK, rc = 0, code
+    cdef int64_t pos = 0, total = 0
+    cdef const uint8_t *sp
+    cdef uint8_t *op
+    cdef const uint8_t *kp = NULL
+    cdef const uint8_t *ins[C_GROUP]
+    cdef size_t lens[C_GROUP]
+    cdef uint8_t *outs[C_GROUP]
+    cdef uint8_t got[C_GROUP][C_DIGEST_SIZE]
+    _ready()
+    if (ends.shape[0] != n or codecs.shape[0] != n or sizes.shape[0] != n
+            or digests.shape[0] != n or (n and digests.shape[1] != C_DIGEST_SIZE)):
+        _check(E_SHAPE, "decode_check")
+    for i in range(n):
+        if sizes[i] < 0:
+            raise CbtValueError(f"decode_check: block {i} has a negative size")
+        total += sizes[i]
+    if total > out.shape[0]:
+        raise CbtValueError(f"decode_check: {total} bytes do not fit in {out.shape[0]}")
+    if n == 0:
+        return -1, C_DECODE_OK
+    kb = _key_bytes(key)
+    if kb is not None:
+        kp = <const uint8_t *><char *>kb
+    sp = &src[0] if srclen else NULL
+    op = &out[0] if out.shape[0] else NULL
+    for k in range(C_GROUP):
+        outs[k] = got[k]
+    with nogil:
+        i = 0
+        while i < n and bad < 0:
+            g = C_GROUP if n - i > C_GROUP else n - i
+            for j in range(g):
+                code = _decode_one(sp, srclen, starts[i + j], ends[i + j], codecs[i + j],
+                                   op + pos, sizes[i + j])
+                if code != C_DECODE_OK:
+                    bad, why, g = i + j, code, j  # (the blocks before it are still checked)
+                    break
+                ins[j] = op + pos
+                lens[j] = <size_t>sizes[i + j]
+                pos += sizes[i + j]
+            if g:
+                rc = cbt_b3_hash_many(ins, lens, outs, g, kp)
+                if rc != 0:
+                    break
+                for j in range(g):
+                    if memcmp(got[j], &digests[i + j, 0], C_DIGEST_SIZE) != 0:
+                        bad, why = i + j, C_DECODE_BAD_DIGEST
+                        break
+            i += C_GROUP
+    if rc != 0:
+        raise MemoryError()
+    return bad, why

@@ -12,7 +12,7 @@ from types import ModuleType
 from cbt.core.errors import CbtError
 
 # The API_VERSION of _fast.pyx this Python code was written against.
-EXPECTED_API_VERSION = 4
+EXPECTED_API_VERSION = 5
 
 
 class CoreMissingError(ImportError, CbtError):

@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import blake3
+import lz4.block
 import numpy as np
 import numpy.typing as npt
 
 from cbt.core.errors import CbtValueError
 
-API_VERSION = 4
+API_VERSION = 5
 DIGEST_SIZE = 32
 FLAG_DATA = 0
 FLAG_ZERO = 1
@@ -145,3 +146,62 @@ def bitmap_runs(bitmap: Any, block_size: int, total_size: int) -> npt.NDArray[np
         lo, hi = start * block_size, min(i * block_size, total_size)
         runs.append((lo, hi - lo))
     return np.array(runs, dtype=np.uint64).reshape(-1, 2)
+
+
+STORED_RAW = 0
+STORED_LZ4 = 2
+DECODE_OK = 0
+DECODE_BAD_CODEC = 1
+DECODE_BAD_PAYLOAD = 2
+DECODE_BAD_DIGEST = 3
+
+
+def _lz4(src: bytes, size: int) -> bytes | None:
+    """The ``lz4`` package's decoding of a block to exactly ``size`` bytes, or None."""
+    if not src:
+        return None
+    try:
+        out: bytes = lz4.block.decompress(src, uncompressed_size=size)
+    except (lz4.block.LZ4BlockError, ValueError):
+        return None
+    return out if len(out) == size else None
+
+
+def lz4_decode(src: Any, out: Any) -> bool:
+    view = memoryview(out).cast("B")
+    got = _lz4(_bytes(src), len(view))
+    if got is None:
+        return False
+    view[:] = got
+    return True
+
+
+def decode_check(src: Any, starts: Any, ends: Any, codecs: Any, sizes: Any, out: Any,
+                 digests: Any, key: bytes | None = None) -> tuple[int, int]:
+    data = _bytes(src)
+    n = len(starts)
+    dig = np.asarray(digests)
+    if (len(ends) != n or len(codecs) != n or len(sizes) != n or len(dig) != n
+            or (n and dig.shape[1] != DIGEST_SIZE)):
+        raise CbtValueError("decode_check: output array has the wrong shape")
+    if any(int(x) < 0 for x in sizes):
+        raise CbtValueError("decode_check: a block has a negative size")
+    view = memoryview(out).cast("B")
+    if sum(int(x) for x in sizes) > len(view):
+        raise CbtValueError("decode_check: the blocks do not fit")
+    pos = 0
+    for i in range(n):
+        a, b, size, codec = int(starts[i]), int(ends[i]), int(sizes[i]), int(codecs[i])
+        if codec not in (STORED_RAW, STORED_LZ4):
+            return i, DECODE_BAD_CODEC
+        if not 0 <= a <= b <= len(data):
+            return i, DECODE_BAD_PAYLOAD
+        got = (data[a:b] if b - a == size else None) if codec == STORED_RAW else _lz4(
+            data[a:b], size)
+        if got is None:
+            return i, DECODE_BAD_PAYLOAD
+        view[pos:pos + size] = got
+        pos += size
+        if _hash(got, key) != bytes(dig[i]):
+            return i, DECODE_BAD_DIGEST
+    return -1, DECODE_OK
