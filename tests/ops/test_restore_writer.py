@@ -140,10 +140,11 @@ class _Capture:
         self.writeback = None
 
     def put(self, task: object) -> int:
-        args = task.args  # type: ignore[attr-defined]
-        views, blocks, digests, packs, checked = args[5:]
-        self.runs.append((list(blocks), [bytes(v) for v in views],
-                          [bytes(d) for d in digests], list(packs), list(checked)))
+        assert task.func is restore_mod._each  # type: ignore[attr-defined]
+        for run in task.args[0]:  # type: ignore[attr-defined]  # (the runs handed over at once)
+            views, blocks, digests, packs, checked = run.args[5:]
+            self.runs.append((list(blocks), [bytes(v) for v in views],
+                              [bytes(d) for d in digests], list(packs), list(checked)))
         return len(self.runs)
 
 
