@@ -13,11 +13,16 @@ Usage::
 2. Compresses every block with each codec at cbt's settings, one call a block (zstd
    level 1 through one reused ``zstandard`` context; lz4 as a block with no size
    prefix; a backup codes a zstd run of 64 blocks by one call),
-   then decompresses them as restore does (zstd: 64 frames a call through
+   then decompresses them (zstd: 64 frames a call through
    ``multi_decompress_to_buffer``; lz4: a call a block).  Each step is timed as this
    process's CPU time, best of ``--runs``: CPU time, not wall, so that other work on
    the machine weighs less.
-3. Prints bytes stored and MB/s of each step for each codec, and the ratios.
+3. Times a restore's work on the lz4 blocks, decoding and checking each against its
+   digest, both ways: the ``lz4`` package a block a call and the core's batch BLAKE3 on
+   every 64 (what restore did before), and the core's ``decode_check`` (cbt's own LZ4
+   decoder and the batch BLAKE3, all blocks in one call, into one reused buffer: what
+   an lz4 vault's restore runs now).
+4. Prints bytes stored and MB/s of each step for each codec, and the ratios.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import lz4.block
 import numpy as np
 import zstandard
 
+from cbt.core.native import fast
 from cbt.format import pack
 
 BATCH = 64  # frames a restore decompresses per call
@@ -84,7 +90,40 @@ def measure(raws: list[bytes], runs: int) -> dict[str, Any]:
             "stored_mb": {"zstd": round(sum(map(len, zs)) / 1e6, 1),
                           "lz4": round(sum(map(len, ls)) / 1e6, 1)},
             "compress_cpu_s": {"zstd": round(tz, 3), "lz4": round(tl, 3)},
-            "decompress_cpu_s": {"zstd": round(tzd, 3), "lz4": round(tld, 3)}}
+            "decompress_cpu_s": {"zstd": round(tzd, 3), "lz4": round(tld, 3)},
+            "lz4_decode_verify_cpu_s": decode_verify(raws, ls, runs)}
+
+
+def decode_verify(raws: list[bytes], ls: list[bytes], runs: int) -> dict[str, float]:
+    """A restore's work on lz4 blocks ``ls`` (of ``raws``), CPU seconds, both ways; a block
+    that does not decode to its own content is an error (the figures would be void)."""
+    digests = np.empty((len(raws), fast.DIGEST_SIZE), dtype=np.uint8)
+    fast.hash_each(list(raws), digests)
+    sizes = [len(r) for r in raws]
+
+    def package() -> None:
+        got = np.empty((BATCH, fast.DIGEST_SIZE), dtype=np.uint8)
+        for a in range(0, len(ls), BATCH):
+            outs = [lz4.block.decompress(x, uncompressed_size=n)
+                    for x, n in zip(ls[a:a + BATCH], sizes[a:a + BATCH], strict=True)]
+            fast.hash_each(outs, got[:len(outs)])
+            if (got[:len(outs)] != digests[a:a + len(outs)]).any():
+                raise SystemExit("codec_speed.py: an lz4 block does not decode to itself")
+
+    src = b"".join(ls)
+    ends = np.cumsum([len(x) for x in ls], dtype=np.int64)
+    starts = ends - np.array([len(x) for x in ls], dtype=np.int64)
+    out = np.empty(sum(sizes), dtype=np.uint8)
+    codecs = np.full(len(ls), fast.STORED_LZ4, dtype=np.uint8)
+    sizes64 = np.array(sizes, dtype=np.int64)
+
+    def core() -> None:
+        bad, why = fast.decode_check(src, starts, ends, codecs, sizes64, out, digests)
+        if bad >= 0:
+            raise SystemExit(f"codec_speed.py: the core refused lz4 block {bad} ({why})")
+
+    return {"lz4 package": round(best(runs, package)[0], 3),
+            "cbt core": round(best(runs, core)[0], 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
               f"decompress {mb / d[codec]:.0f} MB/s")
     print(f"  lz4 against zstd: stores {st['lz4'] / st['zstd']:.2f}x, compresses "
           f"{c['zstd'] / c['lz4']:.2f}x and decompresses {d['zstd'] / d['lz4']:.2f}x faster")
+    v = r["lz4_decode_verify_cpu_s"]
+    print(f"  restore's work on the lz4 blocks (decode, then BLAKE3 against the digest): "
+          f"lz4 package + batch hash {mb / v['lz4 package']:.0f} MB/s, the core's "
+          f"decode_check {mb / v['cbt core']:.0f} MB/s "
+          f"({v['lz4 package'] / v['cbt core']:.2f}x)")
     return 0
 
 

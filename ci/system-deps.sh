@@ -13,11 +13,12 @@
 # script cbt generates; man-db and groff-base render its man page.  qemu-user
 # (qemu-x86_64) runs the compiled core on emulated older CPUs (no AVX-512, AVX2 or
 # SSE4.1) in the BLAKE3 dispatch test.  time (GNU time) measures bench/scale.py's peak
-# RSS.  Needs root; a no-op for what is already installed.
+# RSS.  liblz4-1 is the LZ4 library bench/lz4_decoder.py times cbt's decoder against.
+# Needs root; a no-op for what is already installed.
 set -euo pipefail
 pkgs=(util-linux fuse3 strace xfsprogs btrfs-progs e2fsprogs qemu-utils qemu-system-common
       qemu-system-x86 qemu-guest-agent libglib2.0-0 libnuma1 liburing2 libudev1
-      zsh man-db groff-base systemd qemu-user time)
+      zsh man-db groff-base systemd qemu-user time liblz4-1)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -32,6 +32,8 @@ def test_the_blocks_measured_are_the_disks_compressible_blocks(
     r = json.loads(capsys.readouterr().out)
     assert r["blocks"] == len(got) and r["mb"] == round(len(got) * BS / 1e6, 1)
     assert 0 < r["stored_mb"]["zstd"] < r["mb"] and 0 < r["stored_mb"]["lz4"] < r["mb"]
+    # (both ways of a restore's work checked every block against its digest, or exited)
+    assert set(r["lz4_decode_verify_cpu_s"]) == {"lz4 package", "cbt core"}
 
 
 def test_no_vault_is_one_line_and_exit_2(tmp_path: Path,
