@@ -348,6 +348,11 @@ def test_wrong_arguments_are_refused(impl: ModuleType) -> None:
     with pytest.raises(CbtValueError):
         impl.decode_check(job["src"], job["starts"], job["ends"], job["codecs"], neg,
                           np.zeros(1 << 16, np.uint8), job["digests"])
+    huge = np.array([1 << 62] * 4, np.int64)  # (their sum overflows to 0)
+    with pytest.raises(CbtValueError):
+        impl.decode_check(b"\x00" * 4, np.zeros(4, np.int64), np.ones(4, np.int64),
+                          np.full(4, CODEC_LZ4, np.uint8), huge, np.zeros(1 << 16, np.uint8),
+                          np.zeros((4, 32), np.uint8))
 
 
 @pytest.mark.parametrize("name", FAST.kernels())

@@ -507,12 +507,13 @@ def decode_check(const uint8_t[::1] src, const int64_t[::1] starts, const int64_
     if (ends.shape[0] != n or codecs.shape[0] != n or sizes.shape[0] != n
             or digests.shape[0] != n or (n and digests.shape[1] != C_DIGEST_SIZE)):
         _check(E_SHAPE, "decode_check")
-    for i in range(n):
+    for i in range(n):  # (each size against what is left: a sum could overflow)
         if sizes[i] < 0:
             raise CbtValueError(f"decode_check: block {i} has a negative size")
+        if sizes[i] > out.shape[0] - total:
+            raise CbtValueError(f"decode_check: block {i} does not fit in the "
+                                f"{out.shape[0]} bytes given")
         total += sizes[i]
-    if total > out.shape[0]:
-        raise CbtValueError(f"decode_check: {total} bytes do not fit in {out.shape[0]}")
     if n == 0:
         return -1, C_DECODE_OK
     kb = _key_bytes(key)
