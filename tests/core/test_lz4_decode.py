@@ -355,6 +355,41 @@ def test_wrong_arguments_are_refused(impl: ModuleType) -> None:
                           np.zeros((4, 32), np.uint8))
 
 
+# Blocks the lz4 package (liblz4 1.9.4) decodes to exactly their size but the format
+# forbids (found by fuzzing against the system's liblz4): offset 0 (liblz4 copies the output
+# onto itself), and a last match ending 3 bytes before the end (liblz4's shortcut for short
+# sequences skips the end rules).  cbt's decoder refuses both; so must the reference.
+_OFFSET_0 = bytes.fromhex("1f08000006500000010000")  # -> 31 bytes
+_LOOSE_END = bytes.fromhex("dd") + b"abcdefghijklm" + bytes.fromhex("0d00") + b"\x30xyz"
+
+
+@pytest.mark.parametrize(("src", "size"), [(_OFFSET_0, 31), (_LOOSE_END, 33)])
+def test_blocks_the_format_forbids_are_refused_by_both(impl: ModuleType, src: bytes,
+                                                       size: int) -> None:
+    assert len(_package(src, size)) == size  # (the package decodes it)
+    data = _package(src, size)
+    digest = np.frombuffer(blake3.blake3(data).digest(), np.uint8).reshape(1, 32)
+    assert not impl.lz4_decode(src, bytearray(size))
+    assert impl.decode_check(src, np.array([0]), np.array([len(src)]),
+                             np.array([CODEC_LZ4], np.uint8), np.array([size]),
+                             bytearray(size), digest) == (0, impl.DECODE_BAD_PAYLOAD)
+
+
+def test_an_unknown_codec_is_named_whatever_its_bounds(impl: ModuleType) -> None:
+    assert impl.decode_check(b"abc", np.array([-1]), np.array([2]), np.array([7], np.uint8),
+                             np.array([1]), bytearray(1), np.zeros((1, 32), np.uint8)
+                             ) == (0, impl.DECODE_BAD_CODEC)
+
+
+def test_none_is_refused() -> None:
+    job = _job(1)
+    with pytest.raises(TypeError):
+        FAST.lz4_decode(None, bytearray(4))
+    with pytest.raises(TypeError):
+        FAST.decode_check(job["src"], job["starts"], job["ends"], job["codecs"], job["sizes"],
+                          None, job["digests"])
+
+
 @pytest.mark.parametrize("name", FAST.kernels())
 def test_every_blake3_kernel_checks_the_same(name: str) -> None:
     """decode_check hashes with the running BLAKE3 kernel: each this CPU runs."""

@@ -446,7 +446,7 @@ DECODE_BAD_PAYLOAD = C_DECODE_BAD_PAYLOAD
 DECODE_BAD_DIGEST = C_DECODE_BAD_DIGEST
 
 
-def lz4_decode(const uint8_t[::1] src, uint8_t[::1] out):
+def lz4_decode(const uint8_t[::1] src not None, uint8_t[::1] out not None):
     """Decode the lz4 block ``src`` into exactly ``out``: True, or False if it is
     malformed or does not decode to exactly ``len(out)`` bytes (``out`` is then garbage).
     Nothing outside ``src`` and ``out`` is ever read or written, whatever ``src`` holds."""
@@ -463,6 +463,10 @@ def lz4_decode(const uint8_t[::1] src, uint8_t[::1] out):
 
 cdef int _decode_one(const uint8_t *src, Py_ssize_t srclen, int64_t a, int64_t b,
                      uint8_t codec, uint8_t *dst, int64_t size) noexcept nogil:
+    # (the codec first, as the reference does: an unknown codec is BAD_CODEC whatever its
+    # bounds)
+    if codec != C_STORED_RAW and codec != C_STORED_LZ4:
+        return C_DECODE_BAD_CODEC
     if a < 0 or b < a or b > srclen:
         return C_DECODE_BAD_PAYLOAD
     if codec == C_STORED_RAW:
@@ -470,16 +474,15 @@ cdef int _decode_one(const uint8_t *src, Py_ssize_t srclen, int64_t a, int64_t b
             return C_DECODE_BAD_PAYLOAD
         memcpy(dst, src + a, <size_t>size)
         return C_DECODE_OK
-    if codec == C_STORED_LZ4:
-        if cbt_lz4_decode(src + a, <size_t>(b - a), dst, <size_t>size) != 0:
-            return C_DECODE_BAD_PAYLOAD
-        return C_DECODE_OK
-    return C_DECODE_BAD_CODEC
+    if cbt_lz4_decode(src + a, <size_t>(b - a), dst, <size_t>size) != 0:
+        return C_DECODE_BAD_PAYLOAD
+    return C_DECODE_OK
 
 
-def decode_check(const uint8_t[::1] src, const int64_t[::1] starts, const int64_t[::1] ends,
-                 const uint8_t[::1] codecs, const int64_t[::1] sizes, uint8_t[::1] out,
-                 const uint8_t[:, ::1] digests, key=None):
+def decode_check(const uint8_t[::1] src not None, const int64_t[::1] starts not None,
+                 const int64_t[::1] ends not None, const uint8_t[::1] codecs not None,
+                 const int64_t[::1] sizes not None, uint8_t[::1] out not None,
+                 const uint8_t[:, ::1] digests not None, key=None):
     """Decode blocks into ``out`` and check each against its digest: a restore's work.
 
     Block ``i`` is ``src[starts[i]:ends[i]]``, stored as it is (``codecs[i]`` =
@@ -499,11 +502,13 @@ def decode_check(const uint8_t[::1] src, const int64_t[::1] starts, const int64_
     cdef const uint8_t *sp
     cdef uint8_t *op
     cdef const uint8_t *kp = NULL
+    cdef uint8_t empty = 0  # (src or out of no bytes: a pointer, never NULL + offset)
     cdef const uint8_t *ins[C_GROUP]
     cdef size_t lens[C_GROUP]
     cdef uint8_t *outs[C_GROUP]
     cdef uint8_t got[C_GROUP][C_DIGEST_SIZE]
     _ready()
+    kb = _key_bytes(key)  # (checked even when there is no block)
     if (ends.shape[0] != n or codecs.shape[0] != n or sizes.shape[0] != n
             or digests.shape[0] != n or (n and digests.shape[1] != C_DIGEST_SIZE)):
         _check(E_SHAPE, "decode_check")
@@ -516,11 +521,10 @@ def decode_check(const uint8_t[::1] src, const int64_t[::1] starts, const int64_
         total += sizes[i]
     if n == 0:
         return -1, C_DECODE_OK
-    kb = _key_bytes(key)
     if kb is not None:
         kp = <const uint8_t *><char *>kb
-    sp = &src[0] if srclen else NULL
-    op = &out[0] if out.shape[0] else NULL
+    sp = &src[0] if srclen else &empty
+    op = &out[0] if out.shape[0] else &empty
     for k in range(C_GROUP):
         outs[k] = got[k]
     with nogil:

@@ -156,9 +156,46 @@ DECODE_BAD_PAYLOAD = 2
 DECODE_BAD_DIGEST = 3
 
 
+def _lz4_rules_kept(src: bytes, size: int) -> bool:
+    """The rules cbt's decoder keeps and the ``lz4`` package (liblz4 1.9.4) does not
+    always: no offset 0, a match starts at least 12 bytes before the end of the output
+    and ends at least 5 before it, and the block ends with literals.  (Lengths only: the
+    package decodes; a block that breaks other rules it refuses itself.)"""
+    ip, op, n = 0, 0, len(src)
+    while ip < n:
+        token = src[ip]
+        ip += 1
+        lit = token >> 4
+        if lit == 15:
+            while ip < n:
+                lit += src[ip]
+                ip += 1
+                if src[ip - 1] != 255:
+                    break
+        ip, op = ip + lit, op + lit
+        if ip >= n:
+            return True  # the last sequence (the package checks its length)
+        if n - ip < 2 or src[ip] | src[ip + 1] << 8 == 0:
+            return False
+        ip += 2
+        match = token & 15
+        if match == 15:
+            while ip < n:
+                match += src[ip]
+                ip += 1
+                if src[ip - 1] != 255:
+                    break
+        match += 4
+        if size - op < 12 or match > size - op - 5 or ip >= n:
+            return False
+        op += match
+    return True
+
+
 def _lz4(src: bytes, size: int) -> bytes | None:
-    """The ``lz4`` package's decoding of a block to exactly ``size`` bytes, or None."""
-    if not src:
+    """The ``lz4`` package's decoding of a block to exactly ``size`` bytes, or None (also
+    where it breaks a rule cbt's decoder keeps: :func:`_lz4_rules_kept`)."""
+    if not src or (size and not _lz4_rules_kept(src, size)):
         return None
     try:
         out: bytes = lz4.block.decompress(src, uncompressed_size=size)

@@ -65,15 +65,16 @@ static void tail_match(uint8_t *op, const uint8_t *m, size_t off, size_t len,
 
 int cbt_lz4_decode(const uint8_t *src, size_t n, uint8_t *dst, size_t cap)
 {
-    const uint8_t *ip = src;
-    const uint8_t *const iend = src + n;
-    uint8_t *op = dst;
-    uint8_t *const oend = dst + cap;
-
     if (n == 0)
         return -1;
     if (cap == 0)
         return n == 1 && src[0] == 0 ? 0 : -1;  /* the empty block: one token, no literals */
+
+    /* (only now: src or dst may be NULL with n or cap 0, and NULL + 0 is undefined in C) */
+    const uint8_t *ip = src;
+    const uint8_t *const iend = src + n;
+    uint8_t *op = dst;
+    uint8_t *const oend = dst + cap;
     for (;;) {
         /* The common sequence, far from both ends: fewer than 15 literals and a match
          * of at most 18 bytes (neither length has more bytes), copied in whole 16 or
