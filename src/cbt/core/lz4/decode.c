@@ -1,13 +1,15 @@
 /* The LZ4 block decoder (see cbt_lz4.h for the format and the rules it keeps).
  *
- * Speed comes from copying 16 bytes at a time wherever both buffers have room for
- * it past the bytes that matter ("wild" copies: what they write past the end of a
- * run of literals or a match is overwritten by the next sequence, and the output
- * must be filled exactly, so nothing of it is left).  A match whose offset is under
- * 16 bytes (a repeated pattern: runs of zeros in a file system's blocks) is first
- * laid down byte by byte to a whole number of its periods of at least 16 bytes; from
- * there it copies itself 16 bytes at a time, from that many periods back (8 bytes
- * at a time for periods under 8, laid down to 8 to 14 bytes).
+ * Speed comes from copying 16 or 8 bytes at a time wherever both buffers have room
+ * for it past the bytes that matter ("wild" copies: what they write past the end of a
+ * run of literals or a match is overwritten by the next sequence, and the output must
+ * be filled exactly, so nothing of it is left).  A match copies itself from its offset
+ * back, 16 bytes at a time when that is 16 or more, 8 when it is 8 or more (each copy
+ * then reads only bytes already written); a shorter period (a run of zeros, say) is
+ * laid down to 8 bytes, which are stored again every whole number of periods
+ * (repeat_short: no load of a byte just stored, which would wait for the store).  Near
+ * the end of the output, where no whole copy fits, tail_match lays a short period down
+ * to 16 bytes or more byte by byte, then copies while there is room, then bytes.
  */
 #include <string.h>
 
@@ -63,6 +65,21 @@ static void tail_match(uint8_t *op, const uint8_t *m, size_t off, size_t len,
         *op++ = *m++;
 }
 
+/* A match whose period (offset) is under 8 bytes, with room for 8 bytes past its end:
+ * its first 8 bytes laid down byte by byte, then that 8-byte pattern stored every whole
+ * number of periods up to 8 bytes (no load of what was just stored: a load that overlaps
+ * a store still in flight waits for it). */
+static inline void repeat_short(uint8_t *op, const uint8_t *m, size_t off, size_t len)
+{
+    uint64_t pat;
+    for (size_t i = 0; i < 8; i++)
+        op[i] = m[i];
+    memcpy(&pat, op, 8);
+    size_t step = off * (8 / off);
+    for (size_t done = step; done < len; done += step)
+        memcpy(op + done, &pat, 8);
+}
+
 int cbt_lz4_decode(const uint8_t *src, size_t n, uint8_t *dst, size_t cap)
 {
     if (n == 0)
@@ -95,11 +112,11 @@ int cbt_lz4_decode(const uint8_t *src, size_t n, uint8_t *dst, size_t cap)
                 if (off >= 8) {
                     copy8(op, m);
                     copy8(op + 8, m + 8);
-                    copy8(op + 16, m + 16);
+                    memcpy(op + 16, m + 16, 2);  /* (no more than the 18 bytes it can be) */
                     op += len;
                     continue;
                 }
-                tail_match(op, m, off, len, oend);
+                repeat_short(op, m, off, len);
                 op += len;
                 continue;
             }
@@ -162,17 +179,8 @@ int cbt_lz4_decode(const uint8_t *src, size_t n, uint8_t *dst, size_t cap)
                 op += 8;
                 m += 8;
             } while (op < mend);
-        } else {  /* a period under 8: laid down to whole periods of 8 to 14 bytes first */
-            size_t period = off * ((8 + off - 1) / off);
-            for (size_t i = 0; i < period; i++)
-                op[i] = m[i];
-            op += period;
-            m = op - period;
-            while (op < mend) {
-                copy8(op, m);
-                op += 8;
-                m += 8;
-            }
+        } else {
+            repeat_short(op, m, off, len);
         }
         op = mend;  /* (a whole copy may have gone past it) */
     }
