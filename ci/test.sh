@@ -5,7 +5,10 @@
 # any failing test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pytest "$@"
+# Four pytest-xdist workers (more than the 2 cores of CI: many slow tests only wait);
+# the slow tests start first (tests/conftest.py).  `-n 0` in the arguments runs it in
+# one process.
+python -m pytest -n 4 "$@"
 ruff check .
 mypy
 lint-imports
