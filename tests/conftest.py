@@ -30,11 +30,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``-n``), the ``slow`` tests first: the first quarter of the tests
-    is dealt to the workers in turn, so the long ones (many of them waiting on S3's
-    whole-second times, a daemon's schedule or a guest) start at once, side by side,
-    instead of one of them being the last to finish.  A plain run keeps the files' order
-    (a module's tests together, each module's S3 server started once)."""
+    """Under pytest-xdist (``-n``), the ``slow`` tests first: with ``--maxschedchunk 1``
+    (ci/test.sh) each worker takes the next test as it frees up, so the long ones (many
+    of them waiting on S3's whole-second times, a daemon's schedule or a guest) start at
+    once, side by side, and none of them is left to finish last.  A plain run keeps the
+    files' order (a module's tests together, each module's S3 server started once)."""
     if hasattr(config, "workerinput"):  # (set in pytest-xdist's workers only)
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # (stable)
 
