@@ -29,6 +29,16 @@ settings.register_profile("dev", max_examples=30, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n``), the ``slow`` tests first: with ``--maxschedchunk 1``
+    (ci/test.sh) each worker takes the next test as it frees up, so the long ones (many
+    of them waiting on S3's whole-second times, a daemon's schedule or a guest) start at
+    once, side by side, and none of them is left to finish last.  A plain run keeps the
+    files' order (a module's tests together, each module's S3 server started once)."""
+    if hasattr(config, "workerinput"):  # (set in pytest-xdist's workers only)
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # (stable)
+
+
 @pytest.fixture(scope="session")
 def session_tempdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """This session's system temp directory: TMPDIR of the tests and of what they start."""

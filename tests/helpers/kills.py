@@ -3,7 +3,9 @@ the vault it is let loose on (the kill-at-every-step tests of gc and index merge
 
 from __future__ import annotations
 
+import itertools
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from cbt.repo.stores import storage_at
@@ -29,6 +31,15 @@ def killing(storage, names, kill_at):
     for name in names:
         setattr(storage, name, wrap(getattr(storage, name)))
 """
+
+
+def kill_steps(shard: int = 0, shards: int = 1) -> Iterator[int]:
+    """The steps one shard of a kill-at-every-step test kills its child at: ``shard + 1``,
+    ``shard + 1 + shards``, ... until that test stops at its first child that finishes.
+    The ``shards`` tests together kill at every step of the run (each step is tried by
+    exactly one of them), and run side by side under pytest-xdist: on S3 each step
+    waits out whole-second times, so one test trying them all took minutes."""
+    return itertools.count(shard + 1, shards)
 
 
 def copy_vault(src: Path | str, dst: Path | str) -> None:

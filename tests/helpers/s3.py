@@ -43,6 +43,7 @@ class S3Server:
     access_key: str
     secret_key: str
     startup_s: float  # how long it took to answer
+    ports: tuple[int, ...] = ()  # every port it was given (its gRPC ones are each + 10000)
 
     @property
     def limited_env(self) -> dict[str, str]:
@@ -160,7 +161,8 @@ def s3_server(base: Path) -> Iterator[S3Server]:
                 raise RuntimeError(f"weed mini did not answer within {START_TIMEOUT:.0f} s: "
                                    f"{_tail(base / 'weed.log')}")
             time.sleep(0.1)
-        yield S3Server(endpoint, ACCESS_KEY, secret, time.monotonic() - started)
+        yield S3Server(endpoint, ACCESS_KEY, secret, time.monotonic() - started,
+                       (master, volume, filer, s3, admin, webdav, debug, metrics))
     finally:
         _stop(proc)
         log.close()

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from helpers import KIB, MIB
 from helpers.images import assert_same_bytes, copy_disk, write_random_disk
-from helpers.kills import KILLING, copy_vault
+from helpers.kills import KILLING, copy_vault, kill_steps
 from helpers.vaults import PASSWORD, fast_kdf
 
 import cbt.ops.backup as backup_mod
@@ -31,6 +31,10 @@ from cbt.ops.gc import gc
 from cbt.ops.prune import PruneRequest, prune
 
 BS = 64 * KIB
+# The S3 run's steps are split over this many tests (each kills at every SHARDS-th step,
+# :func:`helpers.kills.kill_steps`) that pytest-xdist runs side by side: every step
+# waits out S3's whole-second times, ~5 s, so one test of them all took over 2 minutes.
+SHARDS = 4
 
 _CHILD = KILLING + r"""
 from cbt.api import Vault
@@ -48,13 +52,13 @@ def _open(path: Path | str, encrypted: bool) -> Vault:
     return Vault.open(path, passphrase=PASSWORD) if encrypted else Vault.open(path)
 
 
-@pytest.mark.parametrize(("kind", "encrypted"), [
-    ("dir", False), ("dir", True),
-    pytest.param("s3", True, marks=pytest.mark.slow)],  # (~3 min: 28 runs on S3)
-    ids=["plain", "encrypted", "s3-encrypted"])
+@pytest.mark.parametrize(("kind", "encrypted", "shard"), [
+    pytest.param("dir", False, 0, id="plain"), pytest.param("dir", True, 0, id="encrypted"),
+    *(pytest.param("s3", True, n, marks=pytest.mark.slow, id=f"s3-encrypted-{n + 1}of{SHARDS}")
+      for n in range(SHARDS))])  # (28 runs on S3, ~7 a shard)
 def test_gc_killed_at_each_step_loses_no_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                request: pytest.FixtureRequest, kind: str,
-                                               encrypted: bool) -> None:
+                                               encrypted: bool, shard: int) -> None:
     monkeypatch.setattr(backup_mod, "TARGET_PACK_SIZE", MIB)
     src: Path | str = tmp_path / "src"
     if kind == "s3":
@@ -96,9 +100,10 @@ def test_gc_killed_at_each_step_loses_no_point(tmp_path: Path, monkeypatch: pyte
         return v
 
     finished = False
-    kill_at = 0
+    kill_at = total = 0
+    steps = kill_steps(shard, 1 if kind == "dir" else SHARDS)
     while not finished:
-        kill_at += 1
+        kill_at = next(steps)
         assert kill_at < 200, "gc never finished"
         path: Path | str = (tmp_path / f"v{kill_at}" if kind == "dir"
                             else f"{src[:-len('src')]}v{kill_at}")
@@ -112,6 +117,7 @@ def test_gc_killed_at_each_step_loses_no_point(tmp_path: Path, monkeypatch: pyte
         if finished:
             # (what it had to do: rewrite 3 packs, empty the trash of 4 and the segments)
             assert run.stdout.split()[2:] == ["3", str(4 + retired)], run.stdout
+            total = int(run.stdout.split()[1])  # (its steps: each one a place to die)
         v = check(path, tmp_path / f"r{kill_at}")
         time.sleep(pause)
         again = gc(v, grace=0.0, max_unused=0.0)  # the rerun finishes the job
@@ -124,4 +130,6 @@ def test_gc_killed_at_each_step_loses_no_point(tmp_path: Path, monkeypatch: pyte
             shutil.rmtree(path)
         shutil.rmtree(tmp_path / f"r{kill_at}")
         shutil.rmtree(tmp_path / f"s{kill_at}")
-    assert kill_at > 10, kill_at  # (the run took that many steps: each was a place to die)
+    # (the run took that many steps: each was a place where a run was killed, by this
+    # test or another shard of it)
+    assert total >= 10, run.stdout

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+from cbt.jobs.signals import signals_deferred
+
 STDERR_TAIL = 300  # characters of stderr in a failure's description
 TAIL_BYTES = 64 << 10  # kept of each stream while reading
 RECORD_TAIL = 4 << 10  # of each kept tail, what the job record stores
@@ -74,13 +76,16 @@ def run_hook(argv: Sequence[str], phase: str, vm: str, point: str,
              timeout: float, cwd: str | None = None) -> HookResult:
     env = dict(os.environ, CBT_VM=vm, CBT_PHASE=phase, CBT_POINT=point)
     started = time.monotonic()
-    try:
-        proc = subprocess.Popen(list(argv), env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, cwd=cwd)
-    except OSError as exc:
-        return HookResult(phase, False, None, False, "", 0.0, error=str(exc))
-    tails = _Tails(proc)
+    # (a job's abort by SIGTERM waits until the hook is started and known here: raised
+    # inside Popen or before the try below, it left the hook running, unkilled)
+    with signals_deferred():
+        try:
+            proc = subprocess.Popen(list(argv), env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True, cwd=cwd)
+        except OSError as exc:
+            return HookResult(phase, False, None, False, "", 0.0, error=str(exc))
+        tails = _Tails(proc)
     try:
         timed_out = not tails.read_until_exit(started + timeout)
         if timed_out:

@@ -47,19 +47,18 @@ import contextlib
 import os
 import secrets
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from functools import partial
-from types import FrameType
 
 from cbt.core.errors import CbtError
 from cbt.core.timefmt import utc_now
 from cbt.format.records import DiskRecord, JobDisk, JobRecord, KeptSnapshots, PointRecord
 from cbt.jobs.config import Config, VMConfig
 from cbt.jobs.hooks import HookResult, run_hook
+from cbt.jobs.signals import handling, signals_deferred
 from cbt.ops.backup import BackupProgress, BackupRequest, backup_locked
 from cbt.repo.keys import Passphrase
 from cbt.repo.registry import register_snapshots, save_job
@@ -127,42 +126,8 @@ def abort_on_signals() -> Iterator[None]:
     def handler(signum: int, _frame: object) -> None:
         raise JobAborted(f"aborted by {signal.Signals(signum).name}")
 
-    with _handling(handler):
+    with handling(handler):
         yield
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """SIGTERM and SIGINT wait until the block is done, then are delivered (to the
-    handler in place then: the job's abort).  For what must finish once begun: the
-    job's end record (a write cut short fails the next), a QEMU VM's thaw and QEMU's
-    teardown (a copy-before-write filter left in the VM's write path, its overlay
-    growing, until the next run).  Each step inside is bounded by its timeout."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-
-    def defer(signum: int, _frame: object) -> None:
-        got.append(signum)
-
-    try:
-        with _handling(defer):
-            yield
-    finally:
-        if got:
-            signal.raise_signal(got[0])
-
-
-@contextlib.contextmanager
-def _handling(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
-    """``handler`` for SIGTERM and SIGINT while the block runs; the previous ones after."""
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 # -- steps 2 to 8: the job ----------------------------------------------------------------

@@ -39,7 +39,7 @@ big, busy VMs.
 
 Two vaults may back up one VM: what each makes in QEMU is scoped by the vault and
 the VM (:func:`cbt.source.qemu.scope_of`).  SIGTERM and SIGINT wait while the thaw,
-QEMU's teardown and the session's close run (:func:`cbt.jobs.job.signals_deferred`).
+QEMU's teardown and the session's close run (:func:`cbt.jobs.signals.signals_deferred`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ from typing import Any, TypeVar
 from cbt.format.records import NAME_RE, DiskRecord, JobRecord, PointRecord
 from cbt.jobs.config import VMConfig
 from cbt.jobs.hooks import HookResult
-from cbt.jobs.job import Job, JobFailed, signals_deferred
+from cbt.jobs.job import Job, JobFailed
+from cbt.jobs.signals import signals_deferred
 from cbt.ops.backup import BackupRequest, backup_locked
 from cbt.repo.registry import save_job
 from cbt.source.changes import ChangeHint
