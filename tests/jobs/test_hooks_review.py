@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from cbt.jobs.hooks import run_hook
 
 
@@ -80,3 +82,37 @@ def test_a_pre_hook_cut_short_by_sigterm_is_in_the_job_record(tmp_path: Path) ->
     assert [(h["phase"], h["ok"]) for h in job["hooks"]] == [("pre", False), ("post", True)]
     pre = job["hooks"][0]
     assert "SIGTERM" in pre["error"] and pre["exit_code"] is None and not pre["timed_out"]
+
+
+def test_sigterm_while_the_hook_is_being_started_kills_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's SIGTERM that lands inside ``Popen`` (the hook started, its process not yet
+    known to cbt): the abort waits until it is known, then kills it (was: raised inside
+    Popen, the hook was left running).  The signal is sent from within Popen itself."""
+    from helpers.cli import process_gone
+
+    import cbt.jobs.hooks as hooks_mod
+    from cbt.jobs.job import JobAborted, abort_on_signals
+
+    real = subprocess.Popen
+    started: list[int] = []
+
+    def popen(*a: object, **kw: object) -> subprocess.Popen[bytes]:
+        proc = real(*a, **kw)  # type: ignore[call-overload]
+        started.append(proc.pid)
+        os.kill(os.getpid(), signal.SIGTERM)  # (Python runs the handler at once: here)
+        time.sleep(0.2)
+        return proc  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(hooks_mod.subprocess, "Popen", popen)
+    with abort_on_signals(), pytest.raises(JobAborted, match="SIGTERM"):
+        run_hook(["sh", "-c", "sleep 60"], "pre", "web", "web.x", 120)
+    (pid,) = started
+    deadline = time.monotonic() + 10
+    while not process_gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert process_gone(pid), "the hook was left running"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)

@@ -76,17 +76,21 @@ def run_hook(argv: Sequence[str], phase: str, vm: str, point: str,
              timeout: float, cwd: str | None = None) -> HookResult:
     env = dict(os.environ, CBT_VM=vm, CBT_PHASE=phase, CBT_POINT=point)
     started = time.monotonic()
-    # (a job's abort by SIGTERM waits until the hook is started and known here: raised
-    # inside Popen or before the try below, it left the hook running, unkilled)
-    with signals_deferred():
-        try:
-            proc = subprocess.Popen(list(argv), env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True, cwd=cwd)
-        except OSError as exc:
-            return HookResult(phase, False, None, False, "", 0.0, error=str(exc))
-        tails = _Tails(proc)
+    proc: subprocess.Popen[bytes] | None = None
+    tails: _Tails | None = None
     try:
+        # (a job's abort by SIGTERM waits until the hook is started and known here, and
+        # is delivered as the block ends, inside this try: raised inside Popen, it left
+        # the hook running, unkilled)
+        with signals_deferred():
+            try:
+                proc = subprocess.Popen(list(argv), env=env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        start_new_session=True, cwd=cwd)
+            except OSError as exc:
+                return HookResult(phase, False, None, False, "", 0.0, error=str(exc))
+            tails = _Tails(proc)
+        assert proc is not None and tails is not None  # (set in the block, or it raised)
         timed_out = not tails.read_until_exit(started + timeout)
         if timed_out:
             _kill_group(proc.pid)
@@ -95,12 +99,14 @@ def run_hook(argv: Sequence[str], phase: str, vm: str, point: str,
         tails.drain(time.monotonic() + DRAIN_SECONDS)
         tails.hand_off()
     except BaseException:
-        _kill_group(proc.pid)
-        proc.kill()
-        proc.wait()
+        if proc is not None:
+            _kill_group(proc.pid)
+            proc.kill()
+            proc.wait()
         raise
     finally:
-        tails.close()
+        if tails is not None:
+            tails.close()
     seconds = time.monotonic() - started
     ok = not timed_out and proc.returncode == 0
     return HookResult(phase, ok, None if timed_out else proc.returncode, timed_out,
