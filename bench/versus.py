@@ -5,7 +5,7 @@ slower?
 Usage::
 
     python bench/versus.py --cbt-b /path/to/other/bin/cbt [--cbt PATH] [--dir /var/tmp/cbt-bench]
-                           [--size 2G] [--pairs 10] [--json]
+                           [--size 2G] [--pairs 10] [--compression zstd|lz4] [--json]
 
 ``--cbt`` (A, default: the ``cbt`` next to this Python) and ``--cbt-b`` (B: typically a
 virtual environment with the code before a change, ``pip install .`` of a ``git worktree``
@@ -13,13 +13,13 @@ of it).  The set is bench/race.py's ext4db set (made there, or here the same way
 ``--dir``).
 
 Each pair runs A and B once each, in turn A B then B A (ABBA: neither always goes first);
-each run: a fresh unencrypted vault, the full backup of day 0 (not timed), the timed
-incremental backup of day 1, then the timed restore of day 1 followed by ``sync`` of the
-restored files.  A vault is a build's own: a change to the vault's formats is measured
-with it.  The figures: for each of the two timed steps, the median of A/B over the pairs
-(wall and CPU; CPU is user + sys of the process and its workers) with its smallest and
-largest, and each build's median seconds.  A pair's ratio scatters by 10-20% on a shared
-machine: judge the median of many pairs, not one.
+each run: a fresh unencrypted vault (of ``--compression``, default zstd), the full backup
+of day 0 (not timed), the timed incremental backup of day 1, then the timed restore of
+day 1 followed by ``sync`` of the restored files.  A vault is a build's own: a change to
+the vault's formats is measured with it.  The figures: for each of the two timed steps,
+the median of A/B over the pairs (wall and CPU; CPU is user + sys of the process and its
+workers) with its smallest and largest, and each build's median seconds.  A pair's ratio
+scatters by 10-20% on a shared machine: judge the median of many pairs, not one.
 """
 
 from __future__ import annotations
@@ -38,13 +38,15 @@ import race
 STEPS = ("incremental backup (day 1)", "restore (day 1) + sync")
 
 
-def one_run(cbt: str, ds: race.DataSet, work: Path) -> tuple[tuple[float, float], ...]:
+def one_run(cbt: str, ds: race.DataSet, work: Path, compression: str = "zstd"
+            ) -> tuple[tuple[float, float], ...]:
     """(wall, cpu) of the incremental and of the restore + sync, in a fresh vault."""
     vault, out = work / "vault", work / "restore"
     shutil.rmtree(vault, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    harness.run_timed([cbt, "init", "--encryption", "none", str(vault)])
+    harness.run_timed([cbt, "init", "--encryption", "none", "--compression", compression,
+                       str(vault)])
     backup = [cbt, "backup", "--vm", "ext4db", "--block-size", "16K", "--json", str(vault)]
     harness.run_timed(backup + [f"{d.label}={d.day0}" for d in ds.disks])
     harness.ensure_cached(ds.files())
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cbt-b", required=True, metavar="PATH",
                    help="build B, the one A (--cbt) is held against")
     p.add_argument("--pairs", type=int, default=10, help="ABBA pairs (default 10, at least 2)")
+    p.add_argument("--compression", choices=("zstd", "lz4"), default="zstd",
+                   help="the vaults' codec (both builds must know it; default zstd)")
     harness.add_output_options(p)
     args, size = harness.parse(p, argv)
     if args.pairs < 2:
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i in range(args.pairs):
             for who in ("AB" if i % 2 == 0 else "BA"):
-                runs[who].append(one_run(a if who == "A" else b, ds, scratch))
+                runs[who].append(one_run(a if who == "A" else b, ds, scratch,
+                                         args.compression))
             harness.log(f"pair {i + 1} of {args.pairs}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -104,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{w[1]:.3f} ({w[0]:.2f}-{w[2]:.2f})", f"{f['a_cpu']:.2f}",
                          f"{f['b_cpu']:.2f}", f"{c[1]:.3f} ({c[0]:.2f}-{c[2]:.2f})"])
         return "\n".join([f"A = {a}", f"B = {b}",
-                          f"{args.pairs} ABBA pairs on {ds.title}; medians",
+                          f"{args.pairs} ABBA pairs on {ds.title}, {args.compression} vaults; "
+                          "medians",
                           *harness.table(rows, {1, 2, 3, 4, 5, 6}),
                           "A/B above 1: A is slower"])
 
