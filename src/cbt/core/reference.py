@@ -164,32 +164,31 @@ def _lz4_rules_kept(src: bytes, size: int) -> bool:
     ip, op, n = 0, 0, len(src)
     while ip < n:
         token = src[ip]
-        ip += 1
-        lit = token >> 4
-        if lit == 15:
-            while ip < n:
-                lit += src[ip]
-                ip += 1
-                if src[ip - 1] != 255:
-                    break
+        lit, ip = _length(src, ip + 1, token >> 4)
         ip, op = ip + lit, op + lit
         if ip >= n:
             return True  # the last sequence (the package checks its length)
         if n - ip < 2 or src[ip] | src[ip + 1] << 8 == 0:
             return False
-        ip += 2
-        match = token & 15
-        if match == 15:
-            while ip < n:
-                match += src[ip]
-                ip += 1
-                if src[ip - 1] != 255:
-                    break
+        match, ip = _length(src, ip + 2, token & 15)
         match += 4
         if size - op < 12 or match > size - op - 5 or ip >= n:
             return False
         op += match
     return True
+
+
+def _length(src: bytes, ip: int, nibble: int) -> tuple[int, int]:
+    """A token's length (its nibble, plus the bytes after it while they are 255 when it
+    is 15) and where reading goes on."""
+    length = nibble
+    if nibble == 15:
+        while ip < len(src):
+            length += src[ip]
+            ip += 1
+            if src[ip - 1] != 255:
+                break
+    return length, ip
 
 
 def _lz4(src: bytes, size: int) -> bytes | None:
