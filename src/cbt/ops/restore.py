@@ -542,18 +542,15 @@ def _job_data(job: _Job, pack: memoryview, where: str, cipher: Cipher | None = N
     """The content of every block of a job, from the mapped pack.
 
     The blob headers are checked all at once (:func:`blobs_match`).  A plain vault's
-    job whose blobs are all sound and stored raw or as lz4 blocks is decoded into
-    ``scratch`` and checked by one call into the core (:func:`_decode_plain`); if a
-    block fails there, the job takes the careful path, which names it.  There, a sound raw
-    blob comes back as a view into the pack, anything else goes through
-    :func:`decode_blob` (which decompresses, or names the problem).  An
-    encrypted vault's blobs (``cipher``) are all sealed, never viewed raw: every
-    sound one is opened (authenticated) at once by :func:`_open_sealed`, and
-    decompressed if it is compressed; any other goes through :func:`decode_blob`.
-    The content itself is checked later, run by run, except the raw blobs
-    :func:`_open_sealed` opened: it checks them as it opens them (the second
-    array says which blocks).
-    """
+    job of sound raw and lz4 blobs is decoded and checked by one call into the core
+    (:func:`_decode_plain`); else (or if a block fails there) a sound raw blob comes
+    back as a view into the pack, anything else goes through :func:`decode_blob`
+    (which decompresses, or names the problem).  An encrypted vault's blobs
+    (``cipher``) are all sealed, never viewed raw: every sound one is opened
+    (authenticated) at once by :func:`_open_sealed`, and decompressed if it is
+    compressed; any other goes through :func:`decode_blob`.  The content itself is
+    checked later, run by run, except what was checked as it was decoded or opened
+    (the second array says which blocks)."""
     n = len(job.blocks)
     offs = job.offsets.astype(np.int64)
     lengths = job.lengths.astype(np.int64)
@@ -566,11 +563,10 @@ def _job_data(job: _Job, pack: memoryview, where: str, cipher: Cipher | None = N
         codecs = headers["codec"]
         sound = blobs_match(headers, job.digests, lengths - BLOB.size, want,
                             ENCRYPTION_NONE if cipher is None else ENCRYPTION_AEAD)
-    if (cipher is None and n and sound.all()
-            and ((codecs == CODEC_NONE) | (codecs == CODEC_LZ4)).all()):
-        decoded = _decode_plain(job, pack, offs, lengths, codecs, want, scratch or _Scratch())
-        if decoded is not None:
-            return decoded
+    decoded = (_decode_plain(job, pack, offs, lengths, codecs, want, sound, scratch)
+               if cipher is None else None)
+    if decoded is not None:
+        return decoded
     checked = np.zeros(n, dtype=bool)
     opened: dict[int, bytes | memoryview] = {}
     if cipher is not None:
@@ -603,17 +599,21 @@ def _job_data(job: _Job, pack: memoryview, where: str, cipher: Cipher | None = N
 
 def _decode_plain(job: _Job, pack: memoryview, offs: npt.NDArray[np.int64],
                   lengths: npt.NDArray[np.int64], codecs: npt.NDArray[np.uint8],
-                  want: npt.NDArray[np.int64], scratch: _Scratch
+                  want: npt.NDArray[np.int64], sound: npt.NDArray[np.bool_],
+                  scratch: _Scratch | None
                   ) -> tuple[list[bytes | memoryview], npt.NDArray[np.bool_]] | None:
-    """A plain vault's job whose blobs all checked and are stored raw or as lz4 blocks
-    (an lz4 vault's, or incompressible ones): every block decoded (or copied) into the
-    worker's ``scratch`` buffer, one after another, and checked against its digest, by
-    one call into the core (:func:`~cbt.core._fast.decode_check`: cbt's own LZ4 decoder,
-    then the batch BLAKE3 while the blocks are in cache, the GIL released).  The blocks
-    as views of ``scratch`` (every one checked), or None if any block fails: the
-    careful path then decodes the job again and names the block and its problem."""
+    """A plain vault's job whose blobs all checked (``sound``) and are stored raw or as
+    lz4 blocks (an lz4 vault's, or incompressible ones): every block decoded (or copied)
+    into the worker's ``scratch`` buffer, one after another, and checked against its
+    digest, by one call into the core (:func:`~cbt.core._fast.decode_check`: cbt's own
+    LZ4 decoder, then the batch BLAKE3 while the blocks are in cache, the GIL released).
+    The blocks as views of ``scratch`` (every one checked); None for any other job, or if
+    any block fails: the careful path then decodes the job and names the block."""
+    if not (len(want) and sound.all()
+            and ((codecs == CODEC_NONE) | (codecs == CODEC_LZ4)).all()):
+        return None
     ends = np.cumsum(want)
-    buf = scratch.take(int(ends[-1]))
+    buf = (scratch or _Scratch()).take(int(ends[-1]))
     bad, _ = fast.decode_check(pack, offs + BLOB.size, offs + lengths,
                                np.ascontiguousarray(codecs, dtype=np.uint8), want, buf,
                                np.ascontiguousarray(job.digests))
