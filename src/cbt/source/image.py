@@ -36,7 +36,6 @@ from cbt.core.errors import CbtIOError, SourceReadError
 from cbt.core.extents import data_extents
 from cbt.core.parallel import WorkerError, working_on
 from cbt.source.base import BlockSource, SourceSpec, Window
-from cbt.source.nbd import open_nbd
 
 # Bytes mapped at once: large enough that the per-window cost vanishes, small
 # enough that a worker's mapped footprint stays bounded whatever the disk size.
@@ -121,6 +120,8 @@ def open_source(spec: SourceSpec) -> BlockSource:
     turned elsewhere): a point would mix two disks.
     """
     if spec.kind == "nbd":
+        from cbt.source.nbd import open_nbd  # (here: a file's scan does not pay for it)
+
         return open_nbd(spec)
     if spec.kind != "image":
         raise CbtIOError(errno.EINVAL, f"unknown block source kind {spec.kind!r}")
