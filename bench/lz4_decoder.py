@@ -37,6 +37,8 @@ from typing import Any
 
 import lz4.block
 
+from cbt.core.sizes import parse_size
+
 ROOT = Path(__file__).resolve().parents[1]
 DECODER = ROOT / "src" / "cbt" / "core" / "lz4"
 DATA = [Path("/var/tmp/cbt-bench/ext4db/day1/ext4.img"),
@@ -91,11 +93,6 @@ int main(int argc, char **argv)
     return 0;
 }
 """
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20}
-    return int(text[:-1]) * units[text[-1].upper()] if text[-1:].upper() in units else int(text)
 
 
 def write_blocks(files: list[Path], bs: int, out: Path) -> tuple[int, int, int]:
