@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from cbt.api import DEFAULT_BLOCK_SIZE, Vault, diff, scan
     from cbt.core.sizes import parse_size
     from cbt.format.manifest import Manifest
-    from cbt.ops.diff import ChangeSet, PointDiff, diff_images, diff_manifests
+    from cbt.ops.changeset import ChangeSet, diff_images
+    from cbt.ops.diff import PointDiff, diff_manifests
 
 __version__ = "0.1.0"
 
@@ -45,8 +46,8 @@ __version__ = "0.1.0"
 # the vault at start-up (a whole process is what races b3sum).
 _API = {
     "scan": "cbt.api", "diff": "cbt.api", "Vault": "cbt.api", "DEFAULT_BLOCK_SIZE": "cbt.api",
-    "diff_images": "cbt.ops.diff", "diff_manifests": "cbt.ops.diff",
-    "ChangeSet": "cbt.ops.diff", "PointDiff": "cbt.ops.diff",
+    "diff_images": "cbt.ops.changeset", "diff_manifests": "cbt.ops.diff",
+    "ChangeSet": "cbt.ops.changeset", "PointDiff": "cbt.ops.diff",
     "Manifest": "cbt.format.manifest", "parse_size": "cbt.core.sizes",
 }
 

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from cbt.format.manifest import Manifest
     from cbt.format.records import PointRecord
     from cbt.ops.backup import BackupProgress
+    from cbt.ops.changeset import ChangeSet
     from cbt.ops.copy import CopyResult
-    from cbt.ops.diff import ChangeSet, PointDiff, Source
+    from cbt.ops.diff import PointDiff, Source
     from cbt.ops.restore import RestoreResult
     from cbt.ops.verify import VerifyResult
     from cbt.source.scan import PendingScan

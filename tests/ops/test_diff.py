@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -215,6 +217,9 @@ def _source(path: Path, kind: str, bs: int) -> Path:
 def check(cs: cbt.ChangeSet, a: Path, b: Path, bs: int) -> None:
     x, y = read_image(a), read_image(b)
     want = truth_diff(x, y, bs)
+    # first the counts (an image diff makes them from its bitmap's bytes, before any array)
+    assert (cs.changed_blocks, cs.changed_bytes, cs.runs) == (
+        want["changed_blocks"], want["changed_bytes"], len(want["ranges"]))
     got = cs.to_dict()
     assert set(got) == DIFF_KEYS
     assert got == want
@@ -326,6 +331,30 @@ def test_cli_diff_against_truth(pairs: Callable[[str], tuple[Path, Path]], case:
     assert r.stderr == ""
     assert json.loads(r.stdout) == want
     assert len(r.stdout.splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", ["straddling-writes", "db-file-shrinks", "fs-image-grows",
+                                  "identical", "first-and-last-byte"])
+def test_cli_image_diff_loads_neither_numpy_nor_pyarrow(
+        pairs: Callable[[str], tuple[Path, Path]], case: str) -> None:
+    """Start-up counts against ``b3sum``: ``cbt diff`` of two images (human output) loads
+    no numpy, pyarrow or rich, and its counts are the truth's (tail block, sizes that differ)."""
+    a, b = pairs(case)
+    want = truth_diff(read_image(a), read_image(b), 64 * KIB)
+    probe = ("import sys; from cbt.cli.main import main; code = main(sys.argv[1:]); "
+             "print(code, sorted(m for m in ('numpy', 'pyarrow', 'rich', 'cbt.repo.vault') "
+             "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", probe, "diff", str(a), str(b)],
+                       capture_output=True, text=True)
+    assert r.stderr == "", r.stderr
+    *said, loaded = r.stdout.splitlines()
+    assert loaded == f"{1 if want['changed_blocks'] else 0} []"
+    if not want["changed_blocks"]:
+        assert said == [f"identical: {want['blocks']} blocks of 64K"]
+        return
+    assert said[0].startswith(
+        f"differ: {want['changed_blocks']} of {want['blocks']} blocks of 64K changed, ")
+    assert f"({want['changed_bytes']} bytes) in {len(want['ranges'])} runs" in said[0]
 
 
 # -- property-based: random sizes, patches, resizes ---------------------------------------

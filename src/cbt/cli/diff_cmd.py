@@ -51,7 +51,9 @@ from cbt.cli._common import (
 )
 
 if TYPE_CHECKING:
-    from cbt.ops.diff import ChangeSet
+    from cbt.cli._common import ProgressFn
+    from cbt.ops.changeset import ChangeSet
+    from cbt.ops.diff import PointDiff
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,10 +103,10 @@ def _check_map(args: argparse.Namespace) -> None:
 
 def _draw(args: argparse.Namespace, disks: list[tuple[str, ChangeSet]], indent: str) -> None:
     """The --map of these disks: the picture FILE, the strips (no FILE, or a terminal)."""
-    from cbt.cli.diffmap import legend, strip_line, terminal_cells, write_picture
-
     if args.map is None:
         return
+    from cbt.cli.diffmap import legend, strip_line, terminal_cells, write_picture
+
     if args.map:
         total = sum(cs.changed_blocks for _, cs in disks)
         blocks = sum(cs.blocks for _, cs in disks)
@@ -126,15 +128,14 @@ def _draw(args: argparse.Namespace, disks: list[tuple[str, ChangeSet]], indent: 
 
 def run(args: argparse.Namespace) -> int:
     from cbt.core.sizes import format_size, human_bytes
-    from cbt.ops.diff import PointDiff, diff
+    from cbt.ops.changeset import ChangeSet
 
     _check_map(args)
     args.a, args.b = _in_vault(args.a, args.b, args.diff_vault)
     check_digest_kinds(args.a, args.b)
     with progress_bar("diff") as progress:
-        cs = diff(args.a, args.b, args.block_size, args.workers, progress,
-                  passphrase=PassphraseFinder(_vault_of(args), args.password_file))
-    if isinstance(cs, PointDiff):
+        cs = _diff(args, progress)
+    if not isinstance(cs, ChangeSet):
         return _print_points(cs, args)
     code = EXIT_OK if cs.identical else EXIT_DIFFERENT
     if args.json:
@@ -149,11 +150,27 @@ def run(args: argparse.Namespace) -> int:
     sizes = "" if cs.size_a == cs.size_b else f" (sizes {cs.size_a} and {cs.size_b} bytes)"
     print(f"differ: {cs.changed_blocks} of {cs.blocks} blocks of {format_size(cs.block_size)} "
           f"changed, {human_bytes(cs.changed_bytes)} ({cs.changed_bytes} bytes) in "
-          f"{len(cs.ranges)} runs{sizes}")
+          f"{cs.runs} runs{sizes}")
     if args.ranges:
         _print_ranges(cs, "  ")
     _draw(args, [("disk", cs)], "")
     return code
+
+
+def _diff(args: argparse.Namespace, progress: ProgressFn | None) -> ChangeSet | PointDiff:
+    """Two images are compared without loading numpy or a vault (a whole ``cbt diff`` is
+    timed against ``b3sum``); a manifest or a point goes through :func:`cbt.ops.diff.diff`."""
+    from cbt.format.magic import is_manifest_path
+    from cbt.ops.changeset import diff_images, parse_point_ref
+    from cbt.source.scan import DEFAULT_BLOCK_SIZE
+
+    if not any(parse_point_ref(x) or is_manifest_path(x) for x in (args.a, args.b)):
+        return diff_images(args.a, args.b, args.block_size or DEFAULT_BLOCK_SIZE,
+                           args.workers, progress)
+    from cbt.ops.diff import diff
+
+    return diff(args.a, args.b, args.block_size, args.workers, progress,
+                passphrase=PassphraseFinder(_vault_of(args), args.password_file))
 
 
 def _in_vault(a: str, b: str, option: str | None) -> tuple[str, str]:
@@ -162,8 +179,8 @@ def _in_vault(a: str, b: str, option: str | None) -> tuple[str, str]:
     operands neither of which is a point is refused (a script meaning points would
     compare files of those names)."""
     from cbt.core.errors import CbtValueError
-    from cbt.ops.diff import POINT_SEPARATOR as SEP
-    from cbt.ops.diff import parse_point_ref
+    from cbt.ops.changeset import POINT_SEPARATOR as SEP
+    from cbt.ops.changeset import parse_point_ref
 
     bare = [x for x in (a, b) if x.startswith(SEP)]
     if option is None and bare:
@@ -214,16 +231,12 @@ def _print_points(pd: object, args: argparse.Namespace) -> int:
 
 def _digest_kind(src: str) -> tuple[str, str] | None:
     """(digest kind, vault id) of a manifest file; None for anything else."""
-    from cbt.format.manifest import (
-        DIGEST_KIND,
-        PLAIN_DIGESTS,
-        VAULT_ID,
-        is_manifest_file,
-        manifest_file_metadata,
-    )
+    from cbt.format.magic import is_manifest_path
 
-    if not os.path.isfile(src) or not is_manifest_file(src):
+    if not is_manifest_path(src):
         return None
+    from cbt.format.manifest import DIGEST_KIND, PLAIN_DIGESTS, VAULT_ID, manifest_file_metadata
+
     meta = manifest_file_metadata(src)
     return meta.get(DIGEST_KIND, PLAIN_DIGESTS), meta.get(VAULT_ID, "")
 
@@ -237,11 +250,13 @@ def check_digest_kinds(a: str, b: str) -> None:
     BLAKE3 digests (an image, a ``cbt scan -o`` manifest), where every block
     would differ.
     """
+    kinds = {src: _digest_kind(src) for src in (a, b)}
+    if not any(kinds.values()):  # no manifest (and nothing heavy imported)
+        return
     from cbt.core.errors import CbtValueError
     from cbt.format.manifest import PLAIN_DIGESTS
-    from cbt.ops.diff import parse_point_ref
+    from cbt.ops.changeset import parse_point_ref
 
-    kinds = {src: _digest_kind(src) for src in (a, b)}
     for src, other in ((a, b), (b, a)):
         kind = kinds[src]
         if kind is None or kind[0] == PLAIN_DIGESTS:
@@ -258,7 +273,7 @@ def check_digest_kinds(a: str, b: str) -> None:
 
 def _vault_of(args: argparse.Namespace) -> str:
     """The vault a ``VAULT::POINT`` argument names (for the prompt and messages)."""
-    from cbt.ops.diff import parse_point_ref
+    from cbt.ops.changeset import parse_point_ref
 
     for src in (args.a, args.b):
         ref = parse_point_ref(src)

@@ -28,7 +28,7 @@ from cbt.core.errors import CbtValueError
 from cbt.core.sizes import human_bytes
 
 if TYPE_CHECKING:
-    from cbt.ops.diff import ChangeSet
+    from cbt.ops.changeset import ChangeSet
 
 SHADES = " ░▒▓█"
 PICTURE_SUFFIXES = (".svg", ".png")

@@ -40,7 +40,6 @@ Writes go through :mod:`cbt.durable` (temporary name, fsync, rename).
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,14 +50,13 @@ import numpy as np
 import numpy.typing as npt
 
 from cbt.core.durable import atomic_write
-from cbt.core.errors import CbtIOError, CorruptManifestError
+from cbt.core.errors import CorruptManifestError
 from cbt.core.native import fast
 
 # Do not modify: these identify every manifest ever written.
 MAGIC = "cbt-manifest"
 FORMAT_VERSION = 2  # the newest this cbt reads and writes
 DENSE_VERSION = 1  # one row per block (``cbt scan -o``, exports, a full manifest without holes)
-ARROW_FILE_MAGIC = b"ARROW1"
 ROWS_PER_BATCH = 1 << 20
 MAX_DISK_SIZE = 2**63  # bytes, exclusive: as a point record's sizes
 
@@ -715,17 +713,3 @@ def manifest_file_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     except (pa.ArrowException, OSError) as exc:
         raise CorruptManifestError(f"corrupt manifest {p}: {exc}") from None
     return schema_metadata(reader, p)
-
-
-def is_manifest_file(path: str | os.PathLike[str]) -> bool:
-    """True when the file starts with Arrow's file magic (``ARROW1``).
-
-    A first page that cannot be read (a disk image with a read error) is a
-    :class:`CbtIOError` naming the file, the byte and the error, as a disk read names it.
-    """
-    with open(path, "rb") as f:
-        try:
-            return f.read(len(ARROW_FILE_MAGIC)) == ARROW_FILE_MAGIC
-        except OSError as exc:
-            raise CbtIOError(exc.errno or errno.EIO, f"read error on {os.fspath(path)} at "
-                             f"byte 0: {exc.strerror or exc}") from None

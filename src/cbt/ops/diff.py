@@ -13,7 +13,9 @@ How the bytes are compared depends on the inputs:
 
 - two images: opened as block sources and compared directly, window by window
   with ``memcmp`` in the core (:func:`cbt.source.read.compare_shard`), no
-  hashing, in shards over the workers; blocks that are holes in both are never read;
+  hashing, in shards over the workers; blocks that are holes in both are never read
+  (:func:`cbt.ops.changeset.diff_images`: ``cbt diff`` of two images imports
+  neither numpy nor this module);
 - an image and a manifest: the image is scanned with the manifest's block size,
   then digests are compared;
 - two manifests: digests only (same block size required).
@@ -37,105 +39,16 @@ import numpy.typing as npt
 
 from cbt.core.errors import CbtValueError
 from cbt.core.native import fast
-from cbt.core.parallel import Report, WorkerError, fork_map, shared_array
 from cbt.core.sizes import format_size
-from cbt.format.manifest import (
-    Manifest,
-    digest_records,
-    is_manifest_file,
-    row_runs,
-    union_rows,
-)
+from cbt.format.magic import is_manifest_path
+from cbt.format.manifest import Manifest, digest_records, row_runs, union_rows
 from cbt.format.records import PointRecord
+from cbt.ops.changeset import ChangeSet, common_blocks, diff_images, parse_point_ref
 from cbt.repo.keys import Passphrase
 from cbt.repo.vault import Vault
-from cbt.source.base import BlockSource
-from cbt.source.image import explain_death, open_image
-from cbt.source.plan import BlockRange, DiskPlan, block_ranges, default_workers, plan_shards
-from cbt.source.read import compare_shard
 from cbt.source.scan import DEFAULT_BLOCK_SIZE, Progress, scan
 
 Source = str | os.PathLike[str] | Manifest
-
-
-class ChangeSet:
-    """The changed blocks between A and B.
-
-    ``bitmap`` has one uint8 (0/1) per block; ``ranges`` is an ``(k, 2) uint64``
-    array of merged changed runs, ``[offset, length]`` in bytes, sorted.  A diff
-    of manifests or points is held sparse (the changed blocks below ``common``,
-    and every block from ``common`` on): its ``bitmap`` is made on first use.
-    """
-
-    def __init__(self, block_size: int, size_a: int, size_b: int,
-                 bitmap: npt.NDArray[np.uint8] | None, ranges: npt.NDArray[np.uint64],
-                 warnings: list[str] | None = None, *,
-                 changed: tuple[npt.NDArray[np.uint64], int] | None = None) -> None:
-        self.block_size = block_size
-        self.size_a = size_a
-        self.size_b = size_b
-        self.ranges = ranges
-        self.warnings: list[str] = list(warnings or [])
-        self._bitmap = bitmap
-        self._changed = changed  # (changed blocks below common, common)
-        if bitmap is None and changed is None:
-            raise ValueError("a ChangeSet needs its bitmap or its changed blocks")
-
-    @property
-    def blocks(self) -> int:
-        return int(fast.nblocks(max(self.size_a, self.size_b), self.block_size))
-
-    @property
-    def bitmap(self) -> npt.NDArray[np.uint8]:
-        if self._bitmap is None:
-            assert self._changed is not None
-            rows, common = self._changed
-            bitmap = np.zeros(self.blocks, dtype=np.uint8)
-            bitmap[rows.astype(np.int64)] = 1
-            bitmap[common:] = 1
-            self._bitmap = bitmap
-        return self._bitmap
-
-    @property
-    def changed_blocks(self) -> int:
-        if self._changed is not None:
-            return len(self._changed[0]) + self.blocks - self._changed[1]
-        return int(np.count_nonzero(self.bitmap))
-
-    @property
-    def changed_bytes(self) -> int:
-        return int(self.ranges[:, 1].sum()) if len(self.ranges) else 0
-
-    @property
-    def identical(self) -> bool:
-        return self.changed_blocks == 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """The keys of ``cbt diff --json``."""
-        return {
-            "block_size": self.block_size,
-            "size_a": self.size_a,
-            "size_b": self.size_b,
-            "blocks": self.blocks,
-            "changed_blocks": self.changed_blocks,
-            "changed_bytes": self.changed_bytes,
-            "ranges": self.ranges.tolist(),
-            "warnings": list(self.warnings),
-        }
-
-
-def common_blocks(size_a: int, size_b: int, block_size: int) -> int:
-    """Blocks compared by content; every block from here on is changed (rule 2)."""
-    if size_a == size_b:
-        return int(fast.nblocks(size_a, block_size))
-    return min(size_a, size_b) // block_size
-
-
-def _finish(bitmap: npt.NDArray[np.uint8], common: int, size_a: int, size_b: int,
-            block_size: int, warnings: list[str]) -> ChangeSet:
-    bitmap[common:] = 1
-    ranges = fast.bitmap_runs(bitmap, block_size, max(size_a, size_b))
-    return ChangeSet(block_size, size_a, size_b, bitmap, ranges, warnings)
 
 
 def _check_same_block_size(a: Manifest, b: Manifest) -> None:
@@ -206,57 +119,6 @@ def diff_manifests(a: Manifest, b: Manifest) -> ChangeSet:
     return ChangeSet(bs, a.disk_size, b.disk_size, None, ranges, [], changed=(rows, common))
 
 
-@dataclass(frozen=True)
-class _CompareTask:
-    a: BlockSource
-    b: BlockSource
-    block_size: int
-    ranges: list[BlockRange]
-    bitmap: memoryview  # shared: forked workers only
-
-
-def _compare_shard(task: _CompareTask, report: Report) -> None:
-    compare_shard(task.a, task.b, task.block_size, task.ranges, task.bitmap, report)
-
-
-def diff_images(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str],
-                block_size: int = DEFAULT_BLOCK_SIZE, workers: int | None = None,
-                progress: Progress | None = None) -> ChangeSet:
-    """Compare two images or devices byte for byte, block by block, without hashing."""
-    fast.check_block_size(block_size)
-    workers = workers or default_workers()
-    with open_image(path_a) as a, open_image(path_b) as b:
-        n = fast.nblocks(max(a.size, b.size), block_size)
-        common = common_blocks(a.size, b.size, block_size)
-        # compared bytes: the common blocks, clipped to the disk end
-        size = min(common * block_size, a.size, b.size)
-        extents = [(lo, min(hi, size)) for lo, hi in a.extents() + b.extents() if lo < size]
-        plan = DiskPlan(block_ranges(extents, block_size), block_size, size)
-        bitmap = shared_array((n,), np.uint8)
-        tasks = [_CompareTask(a, b, block_size, shard.ranges, bitmap.data)
-                 for shard in plan_shards([plan], workers) if shard.ranges]
-        to_read = 2 * plan.to_read
-        report = (lambda done: progress(sum(done), to_read)) if progress else None
-        try:  # (isolated: a page that cannot be read kills the reader, not cbt)
-            fork_map(_compare_shard, tasks, report, isolate=True)
-        except WorkerError as exc:
-            raise explain_death(exc, (a.path, a.size), (b.path, b.size)) from None
-        result = np.array(bitmap)  # out of shared memory
-    return _finish(result, common, a.size, b.size, block_size, [])
-
-
-POINT_SEPARATOR = "::"
-
-
-def parse_point_ref(text: str) -> tuple[str, str, str | None] | None:
-    """``VAULT::POINT[/LABEL]`` -> (vault, point, label or None); anything else -> None."""
-    vault, sep, ref = text.rpartition(POINT_SEPARATOR)
-    if not sep or not vault or not ref:
-        return None
-    point, slash, label = ref.partition("/")
-    return vault, point, (label if slash else None)
-
-
 @dataclass
 class _Side:
     """One side of a diff as loaded: a manifest, an image's path, or a whole point."""
@@ -281,7 +143,7 @@ def _load(src: Source, passphrase: Passphrase | None, opened: dict[str, Vault]) 
         value: Manifest | PointRef = (PointRef(vault, point) if ref[2] is None
                                       else vault.resolve(point, ref[2]))
         return _Side(value, p, vault.id_key, ref[0])
-    if os.path.isfile(p) and is_manifest_file(p):
+    if is_manifest_path(p):
         return _Side(Manifest.read(p), p)
     return _Side(p, p)
 
