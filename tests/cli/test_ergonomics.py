@@ -3,11 +3,13 @@ system (binary) in summaries and progress bars, bars with speed and time left.""
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
 import select
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -280,3 +282,35 @@ def test_help_and_man_page_use_binary_units_only() -> None:
     decimal = re.compile(r"\d ?[kKMGTP]B\b|\b[kKMGTP]B/s\b|\s[MGTP]B\b")
     assert not decimal.findall(page), [line for line in page.splitlines()
                                        if decimal.search(line)]
+
+
+def test_entry_collects_garbage_only_while_the_command_works(tmp_path: Path) -> None:
+    """The console script (``entry``) keeps the cyclic collector off through start-up
+    (parsing), on while the command runs, and freezes what is left at the end; a process
+    that calls ``main`` itself keeps its collector as it was."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(3 * 64 * KIB))
+    probe = (
+        "import gc, json, sys\n"
+        "import cbt.cli.scan_cmd as m\n"
+        "add, run = m.add_arguments, m.run\n"
+        "def spy_add(p):\n"
+        "    print('parsing', gc.isenabled()); add(p)\n"
+        "def spy_run(args):\n"
+        "    print('running', gc.isenabled()); return run(args)\n"
+        "m.add_arguments, m.run = spy_add, spy_run\n"
+        "from cbt.cli.main import entry, main\n"
+        "mode, sys.argv = sys.argv[1], ['cbt', 'scan', '--json', sys.argv[2]]\n"
+        "if mode == 'main':\n"
+        "    gc.disable()\n"
+        "code = entry() if mode == 'entry' else main()\n"
+        "print('after', code, gc.isenabled(), gc.get_freeze_count() > 0)\n")
+    said = {}
+    for mode in ("entry", "main"):
+        r = subprocess.run([sys.executable, "-c", probe, mode, str(img)], capture_output=True,
+                           text=True, env=clean_env(), check=True)
+        lines = r.stdout.splitlines()
+        assert json.loads(lines[2])["data_blocks"] == 3, r.stdout
+        said[mode] = [lines[0], lines[1], lines[3]]
+    assert said["entry"] == ["parsing False", "running True", "after 0 True True"]
+    assert said["main"] == ["parsing False", "running False", "after 0 False False"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import sys
 import time
@@ -420,6 +419,8 @@ def change_source_text(d: Any) -> str:
 
 
 def print_json(obj: dict[str, Any]) -> None:
+    import json  # (here: a command without --json need not load it)
+
     sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
     sys.stdout.flush()
 

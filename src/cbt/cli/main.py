@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import importlib
 import os
 import select
@@ -117,6 +118,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+# entry() turned the collector off for start-up; _main turns it on for the command's work
+_COLLECTOR_OFF_AT_START = False
+
+
+def entry() -> int:
+    """The ``cbt`` command (console script): :func:`main` in a process that ends with it.
+
+    The cyclic garbage collector is off through start-up (imports, parsing: nothing
+    there is garbage, yet its passes over every new object cost ``cbt scan`` about 4 ms)
+    and on while the command works (:func:`_main`); at the end everything is frozen
+    (:func:`gc.freeze`), so the interpreter's collections at exit pass over nothing
+    (about 5 ms).  A process that calls :func:`main` itself keeps its collector as it is.
+    """
+    global _COLLECTOR_OFF_AT_START
+    _COLLECTOR_OFF_AT_START = gc.isenabled()
+    gc.disable()
+    try:
+        return main()
+    finally:
+        gc.freeze()
+
+
 def _open_std_streams() -> None:
     """A standard stream the caller closed (``>&-``, ``2>&-``: cron, daemons) is opened on
     /dev/null: the command runs as with its output thrown away, keeps its exit codes, and
@@ -170,7 +193,11 @@ def _main(argv: Sequence[str] | None) -> int:
 
     as_json = bool(getattr(args, "json", False))
     try:
-        code: int = importlib.import_module(args._module).run(args)
+        command = importlib.import_module(args._module)
+        if _COLLECTOR_OFF_AT_START:  # (entry()): start-up's objects live to the end anyway
+            gc.freeze()
+            gc.enable()
+        code: int = command.run(args)
         return code
     except KeyboardInterrupt:
         return fail("interrupted", as_json)
@@ -229,4 +256,4 @@ def _one_line(exc: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -23,6 +23,11 @@ from cbt.cli._common import (
     size_arg,
     workers_arg,
 )
+from cbt.core.sizes import format_size, human_bytes
+
+# scan_blocks, not scan: without -o nothing needs numpy or pyarrow (start-up time); imported
+# here, with the command, while the collector is off (cbt.cli.main)
+from cbt.source.scan import DEFAULT_BLOCK_SIZE, scan_blocks
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,10 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # scan_blocks, not scan: without -o nothing needs numpy or pyarrow (start-up time)
-    from cbt.core.sizes import format_size, human_bytes
-    from cbt.source.scan import DEFAULT_BLOCK_SIZE, scan_blocks
-
     bs = args.block_size or DEFAULT_BLOCK_SIZE
     with progress_bar(f"scan {args.image}") as progress:
         result = scan_blocks(args.image, bs, args.workers, progress)

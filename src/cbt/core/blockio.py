@@ -16,14 +16,15 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import stat
 import struct
 import threading
+from typing import Any
 
 from cbt.core.errors import CbtIOError
 from cbt.core.extents import data_extents
@@ -32,12 +33,20 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 SECTOR = 512
-# dlopen(NULL): libc is already loaded (ctypes.util.find_library would run ldconfig)
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_WRITE = 2
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
+
+
+@functools.cache
+def _libc() -> Any:
+    """libc through ctypes, loaded on first use (``cbt scan`` never needs it: start-up)."""
+    import ctypes
+
+    # dlopen(NULL): libc is already loaded (ctypes.util.find_library would run ldconfig)
+    lib = ctypes.CDLL(None, use_errno=True)
+    lib.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return lib
 
 
 def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
@@ -45,7 +54,9 @@ def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
     ``renameat2(RENAME_NOREPLACE)``; where the kernel or file system lacks it, a hard
     link then an unlink (as atomic); where hard links are refused too, a rename after a
     last look."""
-    rename2 = getattr(_libc, "renameat2", None)
+    import ctypes
+
+    rename2 = getattr(_libc(), "renameat2", None)
     if rename2 is not None:
         rc = rename2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
                      ctypes.c_uint(_RENAME_NOREPLACE))
@@ -73,7 +84,9 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate ``[offset, offset+length)`` of a file; it reads back as zeros."""
     if length <= 0:
         return
-    rc = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+    import ctypes
+
+    rc = _libc().fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
                          ctypes.c_long(offset), ctypes.c_long(length))
     if rc != 0:
         err = ctypes.get_errno()
@@ -229,7 +242,7 @@ class Writeback:
                 fd, lo, hi = self._queue.pop(0)
                 self._busy = fd
             try:
-                _libc.sync_file_range(fd, lo, hi - lo, _SYNC_FILE_RANGE_WRITE)  # GIL released
+                _libc().sync_file_range(fd, lo, hi - lo, _SYNC_FILE_RANGE_WRITE)  # GIL released
             finally:
                 with self._wake:
                     self._busy = -1
