@@ -54,6 +54,9 @@ import zstandard
 
 from cbt.core.crypto import AuthenticationError, Cipher
 from cbt.core.errors import CbtError
+from cbt.format.codecs import CODEC_LZ4 as CODEC_LZ4  # (the codes: there; here too)
+from cbt.format.codecs import CODEC_NONE as CODEC_NONE
+from cbt.format.codecs import CODEC_ZSTD as CODEC_ZSTD
 from cbt.format.records import MAX_BLOCK
 
 # Do not modify: these magics, versions, layouts and codes identify and decode
@@ -66,11 +69,6 @@ HEADER = struct.Struct("<8sII")
 BLOB = struct.Struct("<4s32sBBHII")
 ENTRY = struct.Struct("<32sQII")
 FOOTER = struct.Struct("<Q32s8s")
-CODEC_NONE = 0
-CODEC_ZSTD = 1
-CODEC_LZ4 = 2  # vault format 4: an lz4 block (no frame, no size prefix)
-# a vault config's ``compression`` -> the codec its backups write
-COMPRESSION = {"zstd": CODEC_ZSTD, "lz4": CODEC_LZ4}
 ENCRYPTION_NONE = 0
 ENCRYPTION_AEAD = 1  # format 2: sealed with the vault's AEAD (its config names it)
 # The same layouts as numpy records, to read many at once (same bytes as BLOB, ENTRY).

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Self
 from cbt.core.crypto import ALGORITHMS, AuthenticationError, KdfParams
 from cbt.core.errors import CbtError, CbtIOError, CbtValueError, untrusted_json
 from cbt.format import records
-from cbt.format.pack import COMPRESSION
+from cbt.format.codecs import COMPRESSION
 from cbt.format.records import (
     VAULT_MAGIC,
     VAULT_VERSION,
