@@ -18,7 +18,7 @@ start-up time counts).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 BlockRange = tuple[int, int]  # [first block, end block)
@@ -55,18 +55,28 @@ def split_ranges(ranges: list[BlockRange], parts: int) -> list[list[BlockRange]]
     if parts == 1:
         return [ranges] if total else []
     quota = -(-total // parts)
+    return split_ranges_at(ranges, range(quota, total, quota))
+
+
+def split_ranges_at(ranges: list[BlockRange], cuts: Iterable[int]) -> list[list[BlockRange]]:
+    """Cut ``ranges`` before each of the rows ``cuts`` (increasing positions among the
+    blocks of ``ranges``, counted from 0): ``len(cuts) + 1`` shards, none empty (a cut at
+    0, at the end or repeated makes none)."""
     shards: list[list[BlockRange]] = [[]]
-    room = quota
+    at = 0  # the row of ``lo``
+    upcoming = iter(cuts)
+    cut = next(upcoming, None)
     for lo, hi in ranges:
         while lo < hi:
-            if room == 0:
-                shards.append([])
-                room = quota
-            take = min(room, hi - lo)
+            while cut is not None and cut <= at:  # (a cut here, or one already passed)
+                if shards[-1]:
+                    shards.append([])
+                cut = next(upcoming, None)
+            take = hi - lo if cut is None else min(hi - lo, cut - at)
             shards[-1].append((lo, lo + take))
             lo += take
-            room -= take
-    return shards
+            at += take
+    return shards if shards[-1] else shards[:-1]
 
 
 class DiskPlan(NamedTuple):
