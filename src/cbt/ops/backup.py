@@ -19,7 +19,8 @@ A :class:`BackupRequest` says what to back up and how; :func:`backup` runs it:
    tracked disk reads only the hint's blocks, those its previous point held
    as holes, and a rotating sample of the rest (:func:`sample_mask`); its
    other blocks keep their previous digests.  Cut the blocks read into
-   shards of about equal bytes (:func:`cbt.source.plan.plan_shards`).
+   shards of about equal bytes (:func:`cbt.source.plan.plan_shards`), or,
+   after an early scan, of about equal work: what changed (:func:`_row_costs`).
 3b. Verify (:func:`verify_hints`): a sample block that differs from the
    previous point means the source lied: the disk is hash-scanned in the
    same run (the rest of its blocks read now), and the point says so.
