@@ -322,3 +322,23 @@ def set_disk(key: str, value: object, disk: int = 0) -> Callable[[dict[str, Any]
     def change(body: dict[str, Any]) -> None:
         body["disks"][disk][key] = value
     return change
+
+
+class FinishedScan:
+    """An early scan that finished before the backup takes it (so a test can change the disk
+    after it, or look at how the backup uses it): plain BLAKE3 digests, as an unencrypted
+    vault names blocks.  Stands for :class:`cbt.source.scan.PendingScan`."""
+
+    key = None
+
+    def __init__(self, scans: list[Any]) -> None:
+        self.scans = scans
+
+    def disks(self) -> list[tuple[str, int, int]]:
+        return [(s.source, s.block_size, s.disk_size) for s in self.scans]
+
+    def wait(self, **_: Any) -> list[Any]:
+        return self.scans
+
+    def cancel(self) -> None:
+        pass

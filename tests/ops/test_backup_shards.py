@@ -7,11 +7,11 @@ Truth is numpy over the disks' bytes; the backups and restores are the real ones
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from helpers import KIB, MIB
 from helpers.images import read
+from helpers.vaults import FinishedScan
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,27 +19,9 @@ import cbt
 from cbt.ops.backup import BackupRequest, backup, plan
 from cbt.source.disks import DiskSpec
 from cbt.source.plan import split_ranges_at
-from cbt.source.scan import BlockScan, start_scan
+from cbt.source.scan import start_scan
 
 BS = 16 * KIB
-
-
-class _Finished:
-    """An early scan that has finished."""
-
-    key = None  # plain BLAKE3 digests, as the unencrypted vault here names blocks
-
-    def __init__(self, scans: list[BlockScan]) -> None:
-        self.scans = scans
-
-    def disks(self) -> list[tuple[str, int, int]]:
-        return [(s.source, s.block_size, s.disk_size) for s in self.scans]
-
-    def wait(self, **_: Any) -> list[BlockScan]:
-        return self.scans
-
-    def cancel(self) -> None:
-        pass
 
 
 def _two_disks(tmp_path: Path) -> tuple[cbt.Vault, list[DiskSpec], dict[str, np.ndarray],
@@ -69,7 +51,7 @@ def test_changes_in_one_disk_are_shared_by_the_workers(tmp_path: Path) -> None:
     already by the early scan, unchanged) one cheap shard.  The point is exact."""
     vault, specs, data, changed = _two_disks(tmp_path)
     scans = start_scan([(s.path, BS) for s in specs]).wait()
-    planned = plan(vault, BackupRequest("vm", specs, early=_Finished(scans), workers=2))
+    planned = plan(vault, BackupRequest("vm", specs, early=FinishedScan(scans), workers=2))
     shards = {label: [s for s in planned.shards if s.label == label] for label in ("a", "b")}
     assert [s.ranges for s in shards["a"]] == [[(0, 8 * MIB // BS)]]
     assert len(shards["b"]) == 2
@@ -79,7 +61,7 @@ def test_changes_in_one_disk_are_shared_by_the_workers(tmp_path: Path) -> None:
     assert sum(each) == changed.sum()
     assert all(abs(k - changed.sum() / 2) <= 2 for k in each), each
 
-    point = backup(vault, BackupRequest("vm", specs, early=_Finished(scans), workers=2))
+    point = backup(vault, BackupRequest("vm", specs, early=FinishedScan(scans), workers=2))
     assert {d.label: d.changed_blocks for d in point.disks} == {"a": 0, "b": changed.sum()}
     vault.restore(point.id, tmp_path / "out")
     for label in ("a", "b"):

@@ -20,13 +20,14 @@ from helpers import KIB, MIB
 from helpers.cli import backup_cli, cbt_json
 from helpers.images import read
 from helpers.truth import truth_changed
+from helpers.vaults import FinishedScan
 
 import cbt
 from cbt.format.records import PointRecord
 from cbt.ops.backup import BackupRequest, backup
 from cbt.ops.early_scan import start_early_scan
 from cbt.source.disks import DiskSpec
-from cbt.source.scan import BlockScan, start_scan
+from cbt.source.scan import start_scan
 
 BS = 16 * KIB
 
@@ -64,24 +65,6 @@ def _first_backup(tmp_path: Path, size: int, seed: int) -> tuple[cbt.Vault, Path
 
 def _backup(vault: cbt.Vault, spec: DiskSpec, early: Any, wait: float = 0.0) -> PointRecord:
     return backup(vault, BackupRequest("vm", [spec], wait=wait, early=early))
-
-
-class _Finished:
-    """An early scan that has already finished (so a test can change the disk after it)."""
-
-    key = None  # plain BLAKE3 digests, as the unencrypted vaults here name blocks
-
-    def __init__(self, scans: list[BlockScan]) -> None:
-        self.scans = scans
-
-    def disks(self) -> list[tuple[str, int, int]]:
-        return [(s.source, s.block_size, s.disk_size) for s in self.scans]
-
-    def wait(self, **_: Any) -> list[BlockScan]:
-        return self.scans
-
-    def cancel(self) -> None:
-        pass
 
 
 def test_started_only_for_disks_with_a_previous_point(tmp_path: Path) -> None:
@@ -140,7 +123,7 @@ def test_disk_written_after_the_early_scan(tmp_path: Path) -> None:
     day1 = data.copy()
     scans = start_scan([(disk, BS)]).wait()
     _write(disk, data, BS, 3 * BS, 31)  # after the scan: blocks 1-3 (1, 2 new; 3 old)
-    point = _backup(vault, DiskSpec("d", str(disk)), _Finished(scans))
+    point = _backup(vault, DiskSpec("d", str(disk)), FinishedScan(scans))
     want = day1.copy()
     want[BS:3 * BS] = data[BS:3 * BS]  # stored blocks: read again, as they are now
     got = vault.resolve(point, "d")
@@ -155,7 +138,7 @@ def test_disk_resized_after_the_early_scan_is_hashed_again(tmp_path: Path) -> No
     scans = start_scan([(disk, BS)]).wait()
     grown = np.concatenate([data, np.random.default_rng(7).integers(0, 256, MIB, np.uint8)])
     grown.tofile(disk)
-    point = _backup(vault, DiskSpec("d", str(disk)), _Finished(scans))
+    point = _backup(vault, DiskSpec("d", str(disk)), FinishedScan(scans))
     assert np.array_equal(vault.resolve(point, "d").digests, _digests(grown, BS))
     assert point.disks[0].changed_blocks == truth_changed(data, grown, BS)
 
@@ -171,7 +154,7 @@ def test_snapshot_changed_after_the_early_scan(tmp_path: Path) -> None:
     data.tofile(snap)
     scans = start_scan([(snap, BS)]).wait()
     _write(snap, data, 5 * BS, 2 * BS, 41)  # the snapshot changes after the scan
-    point = _backup(vault, DiskSpec("d", str(disk), read_from=str(snap)), _Finished(scans))
+    point = _backup(vault, DiskSpec("d", str(disk), read_from=str(snap)), FinishedScan(scans))
     assert np.array_equal(vault.resolve(point, "d").digests, _digests(data, BS))
     assert vault.verify(data=True)["problems"] == []
 
@@ -202,7 +185,7 @@ def test_early_scan_dropped_after_a_long_wait_for_the_lock(tmp_path: Path) -> No
          "    time.sleep(2.0)\n", vault.root], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        point = _backup(vault, DiskSpec("d", str(disk)), _Finished(scans), wait=30)
+        point = _backup(vault, DiskSpec("d", str(disk)), FinishedScan(scans), wait=30)
     finally:
         holder.wait(timeout=30)
     assert np.array_equal(vault.resolve(point, "d").digests, _digests(data, BS))

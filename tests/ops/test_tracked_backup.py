@@ -14,12 +14,11 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from helpers.truth import data_block_mask
-from helpers.vaults import PASSWORD, fast_kdf
+from helpers.vaults import PASSWORD, FinishedScan, fast_kdf
 
 import cbt
 from cbt.core.errors import CbtValueError
@@ -294,31 +293,13 @@ def test_hint_for_an_unknown_disk_is_refused(tmp_path: Path) -> None:
     assert h.vault.points() == []
 
 
-class _Finished:
-    """An early scan that finished before the backup (plain BLAKE3 digests)."""
-
-    key = None
-
-    def __init__(self, scans: list[Any]) -> None:
-        self.scans = scans
-
-    def disks(self) -> list[tuple[str, int, int]]:
-        return [(s.source, s.block_size, s.disk_size) for s in self.scans]
-
-    def wait(self, **_: Any) -> list[Any]:
-        return self.scans
-
-    def cancel(self) -> None:
-        pass
-
-
 def test_early_scan_is_not_taken_for_a_tracked_disk(tmp_path: Path) -> None:
     h = History(tmp_path, False)
     h.backup()
     scans = start_scan([(h.disk, BS)]).wait()  # (the disk as it is before the change)
     _write(h.disk, 12 * BS, os.urandom(2 * BS))
     req = BackupRequest("vm", [DiskSpec("d", str(h.disk))], workers=1,
-                        early=_Finished(scans),  # type: ignore[arg-type]
+                        early=FinishedScan(scans),  # type: ignore[arg-type]
                         hints={"d": str(_hint(tmp_path / "h.json", [(12 * BS, 2 * BS)]))},
                         verify_fraction=0)
     p = backup(h.vault, req)
