@@ -301,16 +301,27 @@ def test_entry_collects_garbage_only_while_the_command_works(tmp_path: Path) -> 
         "m.add_arguments, m.run = spy_add, spy_run\n"
         "from cbt.cli.main import entry, main\n"
         "mode, sys.argv = sys.argv[1], ['cbt', 'scan', '--json', sys.argv[2]]\n"
-        "if mode == 'main':\n"
+        "if mode == 'entry, then main':\n"
+        "    sys.argv[1] = 'no-such-command'\n"
+        "    try:\n"
+        "        entry()\n"
+        "    except SystemExit as exc:\n"
+        "        print('entry', exc.code, gc.isenabled())\n"
+        "    sys.argv[1] = 'scan'\n"
+        "if mode != 'entry':\n"
         "    gc.disable()\n"
         "code = entry() if mode == 'entry' else main()\n"
-        "print('after', code, gc.isenabled(), gc.get_freeze_count() > 0)\n")
+        "print('after', code, gc.isenabled())\n")
     said = {}
-    for mode in ("entry", "main"):
+    for mode in ("entry", "main", "entry, then main"):
         r = subprocess.run([sys.executable, "-c", probe, mode, str(img)], capture_output=True,
                            text=True, env=clean_env(), check=True)
-        lines = r.stdout.splitlines()
-        assert json.loads(lines[2])["data_blocks"] == 3, r.stdout
-        said[mode] = [lines[0], lines[1], lines[3]]
-    assert said["entry"] == ["parsing False", "running True", "after 0 True True"]
-    assert said["main"] == ["parsing False", "running False", "after 0 False False"]
+        lines = [x for x in r.stdout.splitlines() if not x.startswith("{")]
+        assert json.loads(r.stdout.splitlines()[-2])["data_blocks"] == 3, r.stdout
+        said[mode] = lines
+    assert said["entry"] == ["parsing False", "running True", "after 0 True"]
+    assert said["main"] == ["parsing False", "running False", "after 0 False"]
+    # an entry() that ends before any command ran leaves the collector on as it found it,
+    # and a main() after it in the same process leaves it off as its caller set it
+    assert said["entry, then main"] == ["entry 2 True", "parsing False", "running False",
+                                        "after 0 False"]

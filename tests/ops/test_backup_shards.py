@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers import KIB, MIB
 from helpers.images import read
 from helpers.vaults import FinishedScan
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 import cbt
 from cbt.ops.backup import BackupRequest, backup, plan
+from cbt.ops.early_scan import start_early_scan
 from cbt.source.disks import DiskSpec
 from cbt.source.plan import split_ranges_at
 from cbt.source.scan import start_scan
@@ -93,3 +95,29 @@ def test_split_ranges_at_cuts_exactly_there(gaps: list[tuple[int, int]],
     assert all(rows) and all(lo < hi for s in shards for lo, hi in s)
     starts = [sum(len(r) for r in rows[:i]) for i in range(1, len(rows))]
     assert starts == sorted({c for c in cuts if 0 < c < len(blocks)})
+
+
+@pytest.mark.parametrize("size", [0, 1 << 30], ids=["empty", "all-holes"])
+def test_a_disk_with_no_data_beside_one_that_changed(tmp_path: Path, size: int) -> None:
+    """A disk with nothing to read (an empty file, or one never written) has no rows for the
+    work estimate: its incremental after an early scan is one empty shard, and the point
+    restores both disks exactly."""
+    data = tmp_path / "data.img"
+    day0 = np.random.default_rng(0).integers(0, 256, MIB, np.uint8)
+    day0.tofile(data)
+    empty = tmp_path / "empty.img"
+    with open(empty, "wb") as f:
+        f.truncate(size)
+    specs = [DiskSpec("data", str(data)), DiskSpec("empty", str(empty))]
+    vault = cbt.Vault.init(tmp_path / "v")
+    vault.backup("vm", specs, block_size=BS)
+    day1 = day0.copy()
+    day1[5 * BS:9 * BS] = np.random.default_rng(1).integers(0, 256, 4 * BS, np.uint8)
+    day1.tofile(data)
+    early = start_early_scan(vault.root, "vm", specs)
+    point = backup(vault, BackupRequest("vm", specs, early=early, workers=2))
+    assert {d.label: d.changed_blocks for d in point.disks} == {"data": 4, "empty": 0}
+    vault.restore(point.id, tmp_path / "out")
+    assert np.array_equal(read(tmp_path / "out" / "data.img"), day1)
+    assert (tmp_path / "out" / "empty.img").stat().st_size == size
+    assert not read(tmp_path / "out" / "empty.img").any()

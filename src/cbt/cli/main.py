@@ -132,12 +132,15 @@ def entry() -> int:
     (about 5 ms).  A process that calls :func:`main` itself keeps its collector as it is.
     """
     global _COLLECTOR_OFF_AT_START
-    _COLLECTOR_OFF_AT_START = gc.isenabled()
+    was_on = _COLLECTOR_OFF_AT_START = gc.isenabled()
     gc.disable()
     try:
         return main()
-    finally:
+    finally:  # (as it was: a process that goes on, calling main() say, finds it so)
+        _COLLECTOR_OFF_AT_START = False
         gc.freeze()
+        if was_on:
+            gc.enable()
 
 
 def _open_std_streams() -> None:

@@ -567,7 +567,8 @@ def _changed_rows(d: PlannedDisk, early: BlockScan, previous: Manifest) -> npt.N
     """Which rows of ``d`` the early scan found changed since ``previous`` (a block the
     previous manifest does not hold was a hole: its digest is zeros, as a zero block's)."""
     n = len(d.rows)
-    now = np.frombuffer(early.digests, np.uint64, n * fast.DIGEST_SIZE // 8).reshape(n, -1)
+    words = fast.DIGEST_SIZE // 8  # (a disk with no data: zero rows of 4 words)
+    now = np.frombuffer(early.digests, np.uint64, n * words).reshape(n, words)
     before = np.zeros_like(now)
     if len(previous.rows):
         at = np.minimum(np.searchsorted(previous.rows, d.rows), len(previous.rows) - 1)
