@@ -220,9 +220,10 @@ def check(cs: cbt.ChangeSet, a: Path, b: Path, bs: int) -> None:
     # first the counts (an image diff makes them from its bitmap's bytes, before any array)
     assert (cs.changed_blocks, cs.changed_bytes, cs.runs) == (
         want["changed_blocks"], want["changed_bytes"], len(want["ranges"]))
-    got = cs.to_dict()
+    got = cs.to_dict()  # (an image diff lists its runs from the bitmap's bytes)
     assert set(got) == DIFF_KEYS
     assert got == want
+    assert cs.ranges.tolist() == want["ranges"]  # the array, made now
     assert np.array_equal(cs.bitmap, truth_bitmap(x, y, bs))
     assert cs.identical == (want["changed_blocks"] == 0)
 
@@ -337,24 +338,30 @@ def test_cli_diff_against_truth(pairs: Callable[[str], tuple[Path, Path]], case:
                                   "identical", "first-and-last-byte"])
 def test_cli_image_diff_loads_neither_numpy_nor_pyarrow(
         pairs: Callable[[str], tuple[Path, Path]], case: str) -> None:
-    """Start-up counts against ``b3sum``: ``cbt diff`` of two images (human output) loads
-    no numpy, pyarrow or rich, and its counts are the truth's (tail block, sizes that differ)."""
+    """Start-up counts against ``b3sum``: ``cbt diff`` of two images (``--ranges``, ``--json``)
+    loads no numpy, pyarrow or rich, and what it says is the truth (tail block, sizes that
+    differ)."""
     a, b = pairs(case)
     want = truth_diff(read_image(a), read_image(b), 64 * KIB)
     probe = ("import sys; from cbt.cli.main import main; code = main(sys.argv[1:]); "
              "print(code, sorted(m for m in ('numpy', 'pyarrow', 'rich', 'cbt.repo.vault') "
              "if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", probe, "diff", str(a), str(b)],
-                       capture_output=True, text=True)
-    assert r.stderr == "", r.stderr
-    *said, loaded = r.stdout.splitlines()
-    assert loaded == f"{1 if want['changed_blocks'] else 0} []"
+    said = {}
+    for how in ("--ranges", "--json"):
+        r = subprocess.run([sys.executable, "-c", probe, "diff", how, str(a), str(b)],
+                           capture_output=True, text=True)
+        assert r.stderr == "", r.stderr
+        *said[how], loaded = r.stdout.splitlines()
+        assert loaded == f"{1 if want['changed_blocks'] else 0} []"
+    assert json.loads(said["--json"][0]) == want
     if not want["changed_blocks"]:
-        assert said == [f"identical: {want['blocks']} blocks of 64K"]
+        assert said["--ranges"] == [f"identical: {want['blocks']} blocks of 64K"]
         return
-    assert said[0].startswith(
+    first, *runs = said["--ranges"]
+    assert first.startswith(
         f"differ: {want['changed_blocks']} of {want['blocks']} blocks of 64K changed, ")
-    assert f"({want['changed_bytes']} bytes) in {len(want['ranges'])} runs" in said[0]
+    assert f"({want['changed_bytes']} bytes) in {len(want['ranges'])} runs" in first
+    assert [[int(x) for x in line.split()] for line in runs] == want["ranges"]
 
 
 # -- property-based: random sizes, patches, resizes ---------------------------------------

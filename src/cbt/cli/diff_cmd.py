@@ -203,7 +203,7 @@ def _in_vault(a: str, b: str, option: str | None) -> tuple[str, str]:
 
 
 def _print_ranges(cs: ChangeSet, indent: str) -> None:
-    for off, length in cs.ranges.tolist():
+    for off, length in cs.range_list():
         print(f"{indent}{off:>16} {length:>12}")
 
 

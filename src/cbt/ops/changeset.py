@@ -4,8 +4,8 @@ The rules of a diff are in :mod:`cbt.ops.diff`.  This module holds what ``cbt
 diff A B`` of two images needs and nothing heavier: no numpy, no pyarrow, no
 vault at import.  Those imports alone were more than half of a whole ``cbt diff`` of
 a 1 GiB image (timed against ``b3sum``: 0.18 s, now 0.08); numpy loads here only when
-asked for an array (``ranges``, ``bitmap``: ``--json``, ``--ranges``, ``--map``,
-the Python API).
+asked for an array (``ranges``, ``bitmap``: ``--map``, the Python API); ``--json``
+and ``--ranges`` list the runs from the bitmap's bytes.
 """
 
 from __future__ import annotations
@@ -123,6 +123,22 @@ class ChangeSet:
     def identical(self) -> bool:
         return self.changed_blocks == 0
 
+    def range_list(self) -> list[list[int]]:
+        """``ranges`` as ``[offset, length]`` lists (what ``--json`` prints); an image
+        diff's straight from its bitmap's bytes, without numpy."""
+        if self._ranges is not None or not isinstance(self._bitmap, bytearray):
+            listed: list[list[int]] = self.ranges.tolist()
+            return listed
+        bits, bs, end = self._bitmap, self.block_size, max(self.size_a, self.size_b)
+        out = []
+        at = bits.find(1)
+        while at >= 0:  # (a run's ends found by the bytes' own search: C speed)
+            stop = bits.find(0, at)
+            stop = len(bits) if stop < 0 else stop
+            out.append([at * bs, min(stop * bs, end) - at * bs])
+            at = bits.find(1, stop)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """The keys of ``cbt diff --json``."""
         return {
@@ -132,7 +148,7 @@ class ChangeSet:
             "blocks": self.blocks,
             "changed_blocks": self.changed_blocks,
             "changed_bytes": self.changed_bytes,
-            "ranges": self.ranges.tolist(),
+            "ranges": self.range_list(),
             "warnings": list(self.warnings),
         }
 
